@@ -1,0 +1,45 @@
+"""Reference kernels of the quant family: FP8/FP4 activation quant and the packed FP8 KV record."""
+
+from __future__ import annotations
+
+import torch
+
+from seahal.hal.ops.quant import kv_record_bytes
+
+from .formats import decode_scale, fp4_quantize, fp8_quantize
+
+
+def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m0"):
+    """FP8 e4m3 quant in 1 x block_size tiles: ``s = max(amax, 1e-4)/448`` (ue8m0: rounded up to
+    a power of two), ``q = e4m3_rne(clamp(x/s, -448, 448))``. Returns (q, s)."""
+    return fp8_quantize(x, block_size, scale_fmt)
+
+
+def fp4_quant(x: torch.Tensor, block_size: int = 32):
+    """FP4 e2m1 quant in 1 x block_size tiles with ue8m0 scales, packed low nibble first."""
+    return fp4_quantize(x, block_size)
+
+
+def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
+    """``[e4m3 nope | bf16 rope bytes | e8m0 tile scales | pad]`` per vector (584 B for V4)."""
+    dim = kv.shape[-1]
+    nope = dim - rope_dim
+    q, scale = fp8_quantize(kv[..., :nope], tile)
+    exponent = (torch.log2(scale) + 127).to(torch.uint8)  # exact: ue8m0 scales are powers of two
+    rope_bytes = kv[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    out = torch.zeros(*kv.shape[:-1], kv_record_bytes(dim, rope_dim, tile), dtype=torch.uint8, device=kv.device)
+    out[..., :nope] = q.view(torch.uint8)
+    out[..., nope : nope + 2 * rope_dim] = rope_bytes
+    out[..., nope + 2 * rope_dim : nope + 2 * rope_dim + nope // tile] = exponent
+    return out
+
+
+def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
+    """Decode ``kv_cache_pack`` records to bf16 vectors."""
+    nope = dim - rope_dim
+    q = packed[..., :nope].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
+    exponent = packed[..., nope + 2 * rope_dim : nope + 2 * rope_dim + nope // tile]
+    scale = decode_scale(exponent.contiguous())
+    nope_values = (q.reshape(*q.shape[:-1], nope // tile, tile) * scale.unsqueeze(-1)).reshape(q.shape)
+    rope = packed[..., nope : nope + 2 * rope_dim].contiguous().view(torch.bfloat16)
+    return torch.cat((nope_values.to(torch.bfloat16), rope), dim=-1)

@@ -1,0 +1,133 @@
+"""Argument validation for operator contracts.
+
+Every helper raises :class:`SpecError` with the op name, the argument name, what was expected and
+what was given, e.g. ``fp8_block_gemm: a must be [M, K] float8_e4m3fn, got [2, 7, 64] float32 on
+cpu``. They only read metadata, so they work on real, fake and meta tensors alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .errors import SpecError
+
+Dim = int | str | None
+"""A dimension in an expected shape: an int (must match), a name (bound on first sight and must
+match later uses of the same name), or None (anything)."""
+
+
+def describe(t: torch.Tensor) -> str:
+    """``[2, 7, 64] bfloat16 on cpu`` for error messages."""
+    return f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Contract:
+    """Collects dimension bindings while the arguments of one call are checked.
+
+    ``c = Contract("fp8_block_gemm"); c.tensor("a", a, ["M", "K"], dtypes=FP8)`` binds M and K;
+    a later ``c.tensor("b", b, ["N", "K"], ...)`` then requires the same K.
+    """
+
+    def __init__(self, op: str):
+        self.op = op
+        self.dims: dict[str, int] = {}
+        self.device: torch.device | None = None
+        self._device_arg: str | None = None
+
+    def fail(self, message: str) -> SpecError:
+        return SpecError(f"{self.op}: {message}")
+
+    def tensor(
+        self,
+        name: str,
+        t: object,
+        shape: Sequence[Dim] | None = None,
+        dtypes: Iterable[torch.dtype] | None = None,
+        *,
+        min_rank: int | None = None,
+        contiguous: bool = False,
+        same_device: bool = True,
+    ) -> torch.Tensor:
+        """Check one tensor argument and bind its named dimensions."""
+        if not isinstance(t, torch.Tensor):
+            raise self.fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        dtypes = tuple(dtypes) if dtypes is not None else None
+        expect = self._expected(shape, dtypes)
+        if dtypes is not None and t.dtype not in dtypes:
+            raise self.fail(f"{name} must be {expect}, got {describe(t)}")
+        if min_rank is not None and t.dim() < min_rank:
+            raise self.fail(f"{name} must have at least {min_rank} dims, got {describe(t)}")
+        if shape is not None:
+            if t.dim() != len(shape):
+                raise self.fail(f"{name} must be {expect}, got {describe(t)}")
+            for dim, size in zip(shape, t.shape):
+                if isinstance(dim, int) and size != dim:
+                    raise self.fail(f"{name} must be {expect}, got {describe(t)}")
+                if isinstance(dim, str):
+                    bound = self.dims.setdefault(dim, int(size))
+                    if bound != size:
+                        raise self.fail(
+                            f"{name} must be {self._expected(shape, dtypes)} "
+                            f"(with {dim}={bound} from an earlier argument), got {describe(t)}"
+                        )
+        if contiguous and not t.is_contiguous():
+            raise self.fail(f"{name} must be contiguous, got strides {list(t.stride())}")
+        if same_device and t.device.type != "meta":
+            if self.device is None:
+                self.device, self._device_arg = t.device, name
+            elif t.device != self.device:
+                raise self.fail(
+                    f"{name} must be on {self.device} like {self._device_arg}, got {describe(t)}"
+                )
+        return t
+
+    def optional(self, name: str, t: object, *args, **kwargs) -> torch.Tensor | None:
+        return None if t is None else self.tensor(name, t, *args, **kwargs)
+
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise self.fail(message)
+
+    def divisible(self, dim: str, by: int, why: str = "") -> None:
+        value = self.dims[dim]
+        if value % by:
+            hint = f" ({why})" if why else ""
+            raise self.fail(f"{dim} must be a multiple of {by}{hint}, got {dim}={value}")
+
+    def choice(self, name: str, value: object, allowed: Iterable[object]) -> None:
+        allowed = tuple(allowed)
+        if value not in allowed:
+            raise self.fail(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+    def positive(self, name: str, value: int) -> None:
+        if not isinstance(value, int) or value <= 0:
+            raise self.fail(f"{name} must be a positive int, got {value!r}")
+
+    def _expected(self, shape: Sequence[Dim] | None, dtypes: tuple[torch.dtype, ...] | None) -> str:
+        parts = []
+        if shape is not None:
+            dims = []
+            for d in shape:
+                if isinstance(d, str) and d in self.dims:
+                    dims.append(f"{d}={self.dims[d]}")
+                else:
+                    dims.append("*" if d is None else str(d))
+            parts.append("[" + ", ".join(dims) + "]")
+        if dtypes is not None:
+            parts.append(" or ".join(dtype_name(d) for d in dtypes))
+        return " ".join(parts) if parts else "a tensor"
+
+
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+FLOAT_HIGH = (torch.bfloat16, torch.float32, torch.float64)
+FP8 = (torch.float8_e4m3fn,)
+E8M0 = (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ()
+SCALES = (torch.float32,) + E8M0
+"""Block scales: fp32 (any value, or powers of two for ue8m0) or the raw e8m0 exponent byte."""
+INDEX = (torch.int32, torch.int64)

@@ -1,0 +1,143 @@
+"""What ``seahal info`` reports: torch, devices, backends with reasons, plugin failures, and the
+op x backend coverage matrix generated from the kernels' declared capabilities."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+from .registry import REGISTRY, backends, plugin_failures
+from .spec import specs
+
+_DEVICE_MODULES = ("cuda", "npu", "mlu", "xpu", "mps")
+
+
+def _devices() -> dict[str, int]:
+    found = {"cpu": 1}
+    for name in _DEVICE_MODULES:
+        module = getattr(torch, name, None)
+        try:
+            count = module.device_count() if module is not None and hasattr(module, "device_count") else 0
+        except Exception:
+            count = 0
+        if count:
+            found[name] = int(count)
+    return found
+
+
+def coverage() -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """op -> backend -> kernels (name, priority, portable, capabilities)."""
+    backends()  # discovery
+    table: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for op in specs():
+        row: dict[str, list[dict[str, Any]]] = {}
+        for k in REGISTRY.kernels_for(op):
+            row.setdefault(k.backend, []).append(
+                {
+                    "kernel": k.name,
+                    "priority": k.priority,
+                    "portable": k.portable,
+                    "capabilities": {key: list(v) for key, v in k.capabilities.items()},
+                }
+            )
+        table[op] = row
+    return table
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``seahal info --json`` prints."""
+    result: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "devices": _devices(),
+        "backends": {},
+        "plugin_failures": [
+            {"entry_point": f.entry_point, "error": f.error, "traceback": f.traceback} for f in plugin_failures()
+        ],
+        "coverage": coverage(),
+    }
+    for name, b in sorted(backends().items()):
+        avail = b.availability()
+        result["backends"][name] = {
+            "device_type": b.device_type,
+            "aliases": list(b.aliases),
+            "available": avail.ok,
+            "reason": avail.reason,
+            "chip": avail.chip,
+            "source": b.source,
+            "verified_with": dict(b.verified_with),
+            "verified_on_hardware": b.verified_on_hardware,
+            "description": b.description,
+        }
+    return result
+
+
+def _cell(kernels: list[dict[str, Any]]) -> str:
+    parts = []
+    for k in kernels:
+        caps = "; ".join(f"{key}: {', '.join(map(str, v))}" for key, v in k["capabilities"].items())
+        parts.append(k["kernel"] + (f" ({caps})" if caps else ""))
+    return "<br>".join(parts) if parts else "-"
+
+
+def support_matrix_markdown() -> str:
+    """The op x backend matrix as markdown; ``seahal support-matrix --write`` puts it in docs/."""
+    table = coverage()
+    names = sorted(backends())
+    lines = [
+        "# Support matrix",
+        "",
+        "Generated from the registry by `seahal support-matrix --write docs/support-matrix.md`;",
+        "do not edit by hand. Each cell lists the backend's kernels for the op with their declared",
+        "capabilities; `portable` kernels run on any device and are the fallback of every plan.",
+        "",
+        "| op | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for op, row in table.items():
+        cells = []
+        for b in names:
+            ks = row.get(b, [])
+            text = _cell(ks)
+            if any(k["portable"] for k in ks):
+                text += " [portable]"
+            cells.append(text)
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_text(info: dict[str, Any]) -> str:
+    """The human-readable ``seahal info``."""
+    out = [f"seahal: torch {info['torch']}, python {info['python']}"]
+    out.append("devices: " + ", ".join(f"{k} x{v}" for k, v in info["devices"].items()))
+    out.append("")
+    out.append("backends:")
+    for name, b in info["backends"].items():
+        state = "available" if b["available"] else "unavailable"
+        chip = f", chip {b['chip']}" if b["chip"] else ""
+        hw = "" if b["verified_on_hardware"] else " [NOT verified on hardware]"
+        out.append(f"  {name:<10} device '{b['device_type']}': {state}{chip}{hw}")
+        if b["reason"]:
+            out.append(f"  {'':<10} {b['reason']}")
+        out.append(f"  {'':<10} source: {b['source']}")
+        if b["verified_with"]:
+            out.append(f"  {'':<10} verified with: " + ", ".join(f"{k} {v}" for k, v in b["verified_with"].items()))
+    if info["plugin_failures"]:
+        out.append("")
+        out.append("plugin failures (skipped):")
+        for f in info["plugin_failures"]:
+            out.append(f"  {f['entry_point']}: {f['error']}")
+            out.extend("    " + line for line in f["traceback"].rstrip().splitlines())
+    out.append("")
+    out.append("coverage (op x backend: kernels, highest priority first):")
+    names = list(info["backends"])
+    rows = [["op", *names]]
+    for op, row in info["coverage"].items():
+        rows.append([op, *(",".join(k["kernel"] + ("*" if k["portable"] else "") for k in row.get(b, [])) or "-" for b in names)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    out.append("  (* = portable: runs on any device, used as fallback)")
+    return "\n".join(out)

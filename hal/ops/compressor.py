@@ -1,0 +1,73 @@
+"""KV compressor: gated softmax pooling of m tokens per entry (CSA overlapped, HCA plain)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import Contract
+from ..spec import Out, define_op
+
+F32 = (torch.float32, torch.float64)
+
+
+def compressor_width(ratio: int, overlap: bool) -> int:
+    """coff: 2 for the overlapped CSA compressor (a and b halves), else 1."""
+    return 2 if overlap else 1
+
+
+def compressor_state(batch: int, ratio: int, dim: int, overlap: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh (reset) streaming state: ``kv_state`` zeros and ``score_state`` -inf, both
+    ``[batch, coff*ratio, coff*dim]`` fp32."""
+    coff = compressor_width(ratio, overlap)
+    shape = (batch, coff * ratio, coff * dim)
+    kv = torch.zeros(shape, dtype=torch.float32, device=device)
+    score = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
+    return kv, score
+
+
+def new_entries(start_pos: int, seq_len: int, ratio: int) -> int:
+    """Entries completed by tokens [start_pos, start_pos + seq_len): floor((start+S)/m) - floor(start/m)."""
+    return (start_pos + seq_len) // ratio - start_pos // ratio
+
+
+@define_op(
+    "kv_compress",
+    family="compressor",
+    schema=(
+        "(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor rope_freqs, "
+        "Tensor(a!) kv_state, Tensor(b!) score_state, int ratio, bool overlap, int start_pos, "
+        "float norm_eps=1e-6) -> Tensor"
+    ),
+    mutates=("kv_state", "score_state"),
+)
+def kv_compress(kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps=1e-6):
+    """Compress tokens [start_pos, start_pos + S) into the entries their blocks complete.
+
+    kv, score: [B, S, coff*d] fp32 (the projections ``x Wkv^T`` and ``x Wgate^T``),
+    ape: [m, coff*d] fp32, norm_weight: [d], rope_freqs: [r/2] fp32 (r = rope dims, the last r of d),
+    kv_state, score_state: [B, coff*m, coff*d] fp32, updated in place
+    -> entries: [B, new_entries(start_pos, S, m), d] bf16
+
+    Token t has gate score ``z_t = score_t + ape[t mod m]``. Entry j pools per channel with a
+    softmax over its slots: plain (HCA) over the m tokens of block j; overlapped (CSA, coff=2) over
+    the a-halves of block j-1 (zero weight for j=0) and the b-halves of block j. Each pooled
+    vector is cast to bf16, RMS-normed with norm_weight, and its last r dims are rotated
+    (interleaved pairs) at position ``j*m``. The state keeps the incomplete block (slots
+    ``[coff*m - m + t mod m]``) and, when overlapped, the previous complete block (slots [0, m));
+    ``start_pos == 0`` ignores the incoming state (a reset). Empty slots are kv=0, score=-inf.
+    """
+    c = Contract("kv_compress")
+    c.positive("ratio", ratio)
+    c.require(start_pos >= 0, f"start_pos must be >= 0, got {start_pos}")
+    coff = compressor_width(ratio, overlap)
+    c.tensor("kv", kv, ["B", "S", "C"], F32)
+    c.tensor("score", score, ["B", "S", "C"], F32)
+    c.require(c.dims["C"] % coff == 0, f"kv's last dim must be {coff}*d, got {c.dims['C']}")
+    d = c.dims["C"] // coff
+    c.tensor("ape", ape, [ratio, "C"], F32)
+    c.tensor("norm_weight", norm_weight, [d], (torch.float32, torch.bfloat16, torch.float64))
+    c.tensor("rope_freqs", rope_freqs, ["R"], F32)
+    c.require(2 * c.dims["R"] <= d, f"rope_freqs covers {2 * c.dims['R']} dims, more than d={d}")
+    c.tensor("kv_state", kv_state, ["B", coff * ratio, "C"], (torch.float32,))
+    c.tensor("score_state", score_state, ["B", coff * ratio, "C"], (torch.float32,))
+    return Out((c.dims["B"], new_entries(start_pos, c.dims["S"], ratio), d), torch.bfloat16)

@@ -1,0 +1,84 @@
+"""mHC, manifold-constrained hyper-connections: pre (with Sinkhorn), post and head."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import Contract
+from ..spec import Out, define_op
+
+STREAM_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+PARAM_DTYPES = (torch.float32, torch.float64)
+
+
+def _streams(c: Contract, x) -> None:
+    c.tensor("x", x, ["B", "S", "n", "D"], STREAM_DTYPES)
+
+
+@define_op(
+    "hc_pre",
+    family="mhc",
+    schema=(
+        "(Tensor x, Tensor fn, Tensor base, Tensor scale, int sinkhorn_iters=20, float eps=1e-6, "
+        "float norm_eps=1e-6) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def hc_pre(x, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6):
+    """Collapse n residual streams into one sub-layer input; emit the post and mixing weights.
+
+    x: [B, S, n, D], fn: [(2+n)*n, n*D] fp32, base: [(2+n)*n] fp32, scale: [3] fp32
+    -> y: [B, S, D] in x's dtype, post: [B, S, n] fp32, comb: [B, S, n, n] fp32
+
+    ``mix = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + norm_eps)``;
+    ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps``; ``post_i = 2 sigmoid(mix_{n+i} scale_1 + base_{n+i})``;
+    ``comb = Sinkhorn(mix_{2n+i*n+j} scale_2 + base_{2n+i*n+j})``: softmax over j, +eps, divide by
+    column sums (+eps), then ``iters-1`` times rows then columns; ``y = sum_i pre_i x_i``.
+    """
+    c = Contract("hc_pre")
+    _streams(c, x)
+    n, d = c.dims["n"], c.dims["D"]
+    c.tensor("fn", fn, [(2 + n) * n, n * d], PARAM_DTYPES)
+    c.tensor("base", base, [(2 + n) * n], PARAM_DTYPES)
+    c.tensor("scale", scale, [3], PARAM_DTYPES)
+    c.positive("sinkhorn_iters", sinkhorn_iters)
+    b, s = c.dims["B"], c.dims["S"]
+    return Out((b, s, d), x.dtype), Out((b, s, n), torch.float32), Out((b, s, n, n), torch.float32)
+
+
+@define_op(
+    "hc_post",
+    family="mhc",
+    schema="(Tensor f, Tensor x, Tensor post, Tensor comb) -> Tensor",
+)
+def hc_post(f, x, post, comb):
+    """Expand a sub-layer output back into n streams mixed with the old ones.
+
+    f: [B, S, D], x: [B, S, n, D], post: [B, S, n] fp32, comb: [B, S, n, n] fp32
+    -> [B, S, n, D] in x's dtype: ``x'_j = post_j f + sum_i comb[i, j] x_i`` (fp32 math).
+    """
+    c = Contract("hc_post")
+    _streams(c, x)
+    c.tensor("f", f, ["B", "S", "D"], STREAM_DTYPES)
+    c.tensor("post", post, ["B", "S", "n"], PARAM_DTYPES)
+    c.tensor("comb", comb, ["B", "S", "n", "n"], PARAM_DTYPES)
+    return Out(tuple(x.shape), x.dtype)
+
+
+@define_op(
+    "hc_head",
+    family="mhc",
+    schema="(Tensor x, Tensor fn, Tensor base, Tensor scale, float eps=1e-6, float norm_eps=1e-6) -> Tensor",
+)
+def hc_head(x, fn, base, scale, eps=1e-6, norm_eps=1e-6):
+    """Collapse the streams before the final norm (no Sinkhorn, no post).
+
+    x: [B, S, n, D], fn: [n, n*D], base: [n], scale: [1] -> [B, S, D] in x's dtype;
+    ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps`` with mix as in hc_pre; ``y = sum_i pre_i x_i``.
+    """
+    c = Contract("hc_head")
+    _streams(c, x)
+    n, d = c.dims["n"], c.dims["D"]
+    c.tensor("fn", fn, [n, n * d], PARAM_DTYPES)
+    c.tensor("base", base, [n], PARAM_DTYPES)
+    c.tensor("scale", scale, [1], PARAM_DTYPES)
+    return Out((c.dims["B"], c.dims["S"], d), x.dtype)

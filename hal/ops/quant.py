@@ -1,0 +1,116 @@
+"""Number formats: FP8 e4m3 activation quant, FP4 e2m1 quant, and the packed FP8 KV record.
+
+Formats (v4_ops.md §11): e4m3 saturates at ±448; e2m1 holds {0, .5, 1, 1.5, 2, 3, 4, 6} and
+negatives, two codes per byte with the even (first) element in the low nibble; ue8m0 scales are
+powers of two ``2^(e-127)``. Scales are returned as fp32 tensors whose values are those powers of
+two (``scale_fmt="ue8m0"``) or plain ``amax/448`` (``scale_fmt="fp32"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import FLOAT_HIGH, FLOATS, Contract
+from ..spec import Out, define_op
+
+SCALE_FORMATS = ("ue8m0", "fp32")
+
+
+@define_op(
+    "fp8_act_quant",
+    family="quant",
+    schema="(Tensor x, int block_size=128, str scale_fmt='ue8m0') -> (Tensor, Tensor)",
+)
+def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m0"):
+    """Quantise activations to FP8 e4m3 in 1 x block_size tiles along the last dim.
+
+    x: [..., K] bf16/fp16/fp32/fp64, K % block_size == 0
+    -> q: [..., K] float8_e4m3fn, scale: [..., K/block_size] fp32
+
+    Per tile: ``amax = max(max|x|, 1e-4)``; ``s = amax/448`` (fp32) or, for ue8m0,
+    ``s = 2^ceil(log2(amax/448))``; ``q = e4m3_rne(clamp(x/s, -448, 448))``. ``q * s`` approximates x.
+    """
+    c = Contract("fp8_act_quant")
+    c.tensor("x", x, dtypes=FLOAT_HIGH + (torch.float16,), min_rank=1)
+    c.positive("block_size", block_size)
+    c.choice("scale_fmt", scale_fmt, SCALE_FORMATS)
+    k = x.shape[-1]
+    c.require(k % block_size == 0, f"x's last dim must be a multiple of block_size={block_size}, got {k}")
+    return Out(tuple(x.shape), torch.float8_e4m3fn), Out((*x.shape[:-1], k // block_size), torch.float32)
+
+
+@define_op(
+    "fp4_quant",
+    family="quant",
+    schema="(Tensor x, int block_size=32) -> (Tensor, Tensor)",
+)
+def fp4_quant(x: torch.Tensor, block_size: int = 32):
+    """Quantise to FP4 e2m1 with 1 x block_size ue8m0 scales and pack two codes per byte.
+
+    x: [..., K] float, K % block_size == 0, block_size even
+    -> codes: [..., K/2] uint8 (element 2i in the low nibble, 2i+1 in the high nibble),
+       scale: [..., K/block_size] fp32 (powers of two)
+
+    Per block: ``amax = max(max|x|, 6 * 2^-126)``; ``s = 2^ceil(log2(amax/6))``;
+    ``code = e2m1_rne(clamp(x/s, -6, 6))`` with code = sign<<3 | magnitude index.
+    """
+    c = Contract("fp4_quant")
+    c.tensor("x", x, dtypes=FLOAT_HIGH + (torch.float16,), min_rank=1)
+    c.positive("block_size", block_size)
+    c.require(block_size % 2 == 0, f"block_size must be even, got {block_size}")
+    k = x.shape[-1]
+    c.require(k % block_size == 0, f"x's last dim must be a multiple of block_size={block_size}, got {k}")
+    return Out((*x.shape[:-1], k // 2), torch.uint8), Out((*x.shape[:-1], k // block_size), torch.float32)
+
+
+def kv_record_bytes(dim: int, rope_dim: int = 64, tile: int = 64) -> int:
+    """Bytes of one packed KV record: nope e4m3 + rope bf16 + one e8m0 per tile, padded to 8.
+
+    For V4 (dim 512, rope 64, tile 64): 448 + 128 + 7 + 1 = 584 (v4_ops.md §12).
+    """
+    nope = dim - rope_dim
+    n_tiles = nope // tile
+    return nope + 2 * rope_dim + (n_tiles + 7) // 8 * 8
+
+
+def _kv_geometry(c: Contract, dim: int, rope_dim: int, tile: int) -> None:
+    c.positive("tile", tile)
+    c.require(0 <= rope_dim < dim and rope_dim % 2 == 0, f"rope_dim must be even and in [0, {dim}), got {rope_dim}")
+    c.require((dim - rope_dim) % tile == 0, f"dim - rope_dim = {dim - rope_dim} must be a multiple of tile={tile}")
+
+
+@define_op(
+    "kv_cache_pack",
+    family="quant",
+    schema="(Tensor kv, int rope_dim=64, int tile=64) -> Tensor",
+)
+def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64):
+    """Pack KV vectors into the FP8 cache record (FlashMLA MODEL1_FP8Sparse per-token layout).
+
+    kv: [..., dim] bf16/fp32 -> [..., kv_record_bytes(dim)] uint8, each record
+    ``[e4m3(nope / s_t) for each tile t | rope as bf16 bytes | e8m0(s_t) per tile | zero pad]``
+    where nope = kv[..., :dim-rope_dim] in 1 x tile tiles with ue8m0 scales as fp8_act_quant.
+    """
+    c = Contract("kv_cache_pack")
+    c.tensor("kv", kv, dtypes=FLOATS, min_rank=1)
+    _kv_geometry(c, kv.shape[-1], rope_dim, tile)
+    return Out((*kv.shape[:-1], kv_record_bytes(kv.shape[-1], rope_dim, tile)), torch.uint8)
+
+
+@define_op(
+    "kv_cache_unpack",
+    family="quant",
+    schema="(Tensor packed, int dim, int rope_dim=64, int tile=64) -> Tensor",
+)
+def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: int = 64):
+    """Decode packed FP8 KV records back to bf16 vectors (inverse layout of kv_cache_pack).
+
+    packed: [..., kv_record_bytes(dim)] uint8 -> [..., dim] bf16; nope = e4m3 * 2^(e-127).
+    """
+    c = Contract("kv_cache_unpack")
+    c.positive("dim", dim)
+    _kv_geometry(c, dim, rope_dim, tile)
+    c.tensor("packed", packed, dtypes=(torch.uint8,), min_rank=1)
+    width = kv_record_bytes(dim, rope_dim, tile)
+    c.require(packed.shape[-1] == width, f"packed's last dim must be {width} bytes for dim={dim}, got {packed.shape[-1]}")
+    return Out((*packed.shape[:-1], dim), torch.bfloat16)

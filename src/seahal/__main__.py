@@ -1,0 +1,5 @@
+import sys
+
+from seahal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""The ``seahal`` command line: ``info``, ``support-matrix``, ``conformance``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _info(args: argparse.Namespace) -> int:
+    from seahal.hal import info
+
+    data = info.collect()
+    print(json.dumps(data, indent=2) if args.json else info.format_text(data))
+    return 0
+
+
+def _support_matrix(args: argparse.Namespace) -> int:
+    from seahal.hal.info import support_matrix_markdown
+
+    text = support_matrix_markdown()
+    if args.check:
+        current = Path(args.check).read_text() if Path(args.check).exists() else ""
+        if current != text:
+            print(f"{args.check} is out of date: run `seahal support-matrix --write {args.check}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(text)
+        print(f"wrote {args.write}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from seahal.testing.conformance import main as conformance_main
+
+    return conformance_main(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from seahal.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seahal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="torch, devices, backends (with reasons), plugin errors, op coverage")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("support-matrix", help="the op x backend matrix as markdown (docs/support-matrix.md)")
+    p.add_argument("--write", metavar="PATH", help="write the markdown to PATH")
+    p.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the generated matrix")
+    p.set_defaults(func=_support_matrix)
+
+    p = sub.add_parser("conformance", help="check a backend's kernels against the CPU reference")
+    p.add_argument("--backend", required=True, help="backend name (cpu, cuda, ascend, cambricon, a plugin)")
+    p.add_argument("--ops", help="comma-separated ops (default: all)")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--device", help="device to run on (default: the backend's device type)")
+    p.add_argument("--interpret", action="store_true", help="Triton interpreter on CPU tensors (cuda backend)")
+    p.add_argument("--kernel", help="only this kernel name of the backend (default: every kernel)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every case")
+    p.set_defaults(func=_conformance)
+
+    p = sub.add_parser("bench", help="benchmark kernels; writes JSON with achieved and peak figures")
+    p.add_argument("--backend", default="cpu")
+    p.add_argument("--ops", help="comma-separated ops (default: the backend's benchmarked ops)")
+    p.add_argument("--json", metavar="PATH", help="write results as JSON")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
