@@ -13,23 +13,28 @@ from seahal.hal import Availability, register_backend, register_kernel
 
 _REF = "seahal.backends.cpu.reference"
 
-# op -> module of backends/cpu/reference holding the reference kernel of the same name
+_FLOATS = ("bfloat16", "float32", "float64")
+_SCALES = ("float32", "float8_e8m0fnu")
+
+# op -> (module of backends/cpu/reference holding the kernel of the same name, capabilities).
+# Capabilities are data: the support matrix is generated from them and plans match requirements
+# against them. The reference accepts everything its op's contract accepts.
 REFERENCE_KERNELS = {
-    "fp8_act_quant": "quant",
-    "fp4_quant": "quant",
-    "kv_cache_pack": "quant",
-    "kv_cache_unpack": "quant",
-    "fp8_gemm": "gemm",
-    "fp4_gemm": "gemm",
-    "moe_gate": "moe",
-    "moe_experts": "moe",
-    "kv_compress": "compressor",
-    "indexer_topk": "indexer",
-    "sparse_attention": "attention",
-    "hc_pre": "mhc",
-    "hc_post": "mhc",
-    "hc_head": "mhc",
-    "rope": "rope",
+    "fp8_act_quant": ("quant", {"dtype": _FLOATS, "scale_fmt": ("ue8m0", "fp32")}),
+    "fp4_quant": ("quant", {"dtype": _FLOATS, "format": ("e2m1/ue8m0",)}),
+    "kv_cache_pack": ("quant", {"dtype": ("bfloat16", "float32"), "format": ("e4m3+bf16 rope",)}),
+    "kv_cache_unpack": ("quant", {"format": ("e4m3+bf16 rope",)}),
+    "fp8_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),
+    "fp4_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),
+    "moe_gate": ("moe", {"score_func": ("sqrtsoftplus", "sigmoid", "softmax"), "routing": ("score", "hash", "group-limited")}),
+    "moe_experts": ("moe", {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")}),
+    "kv_compress": ("compressor", {"ratio": ("any",), "overlap": (True, False)}),
+    "indexer_topk": ("indexer", {"dtype": _FLOATS}),
+    "sparse_attention": ("attention", {"dtype": _FLOATS, "kv_format": ("dense",)}),
+    "hc_pre": ("mhc", {"dtype": _FLOATS}),
+    "hc_post": ("mhc", {"dtype": _FLOATS}),
+    "hc_head": ("mhc", {"dtype": _FLOATS}),
+    "rope": ("rope", {"dtype": _FLOATS}),
 }
 
 
@@ -46,8 +51,10 @@ def register() -> None:
         description="reference (pure PyTorch) + native C++ fast paths",
         verified_with={"torch": "2.13.0"},
     )
-    for op, module in REFERENCE_KERNELS.items():
-        register_kernel(op, "cpu", "reference", f"{_REF}.{module}:{op}", priority=0, portable=True)
+    for op, (module, capabilities) in REFERENCE_KERNELS.items():
+        register_kernel(
+            op, "cpu", "reference", f"{_REF}.{module}:{op}", priority=0, capabilities=capabilities, portable=True
+        )
     from .native import register_native_kernels
 
     register_native_kernels()

@@ -36,22 +36,25 @@ def new_entries(start_pos: int, seq_len: int, ratio: int) -> int:
     schema=(
         "(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor rope_freqs, "
         "Tensor(a!) kv_state, Tensor(b!) score_state, int ratio, bool overlap, int start_pos, "
-        "float norm_eps=1e-6) -> Tensor"
+        "float norm_eps=1e-6, ScalarType? out_dtype=None) -> Tensor"
     ),
     mutates=("kv_state", "score_state"),
 )
-def kv_compress(kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps=1e-6):
+def kv_compress(
+    kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps=1e-6,
+    out_dtype=None,
+):
     """Compress tokens [start_pos, start_pos + S) into the entries their blocks complete.
 
     kv, score: [B, S, coff*d] fp32 (the projections ``x Wkv^T`` and ``x Wgate^T``),
     ape: [m, coff*d] fp32, norm_weight: [d], rope_freqs: [r/2] fp32 (r = rope dims, the last r of d),
     kv_state, score_state: [B, coff*m, coff*d] fp32, updated in place
-    -> entries: [B, new_entries(start_pos, S, m), d] bf16
+    -> entries: [B, new_entries(start_pos, S, m), d] in out_dtype (default bf16, the official precision)
 
     Token t has gate score ``z_t = score_t + ape[t mod m]``. Entry j pools per channel with a
     softmax over its slots: plain (HCA) over the m tokens of block j; overlapped (CSA, coff=2) over
     the a-halves of block j-1 (zero weight for j=0) and the b-halves of block j. Each pooled
-    vector is cast to bf16, RMS-normed with norm_weight, and its last r dims are rotated
+    vector is cast to out_dtype, RMS-normed with norm_weight, and its last r dims are rotated
     (interleaved pairs) at position ``j*m``. The state keeps the incomplete block (slots
     ``[coff*m - m + t mod m]``) and, when overlapped, the previous complete block (slots [0, m));
     ``start_pos == 0`` ignores the incoming state (a reset). Empty slots are kv=0, score=-inf.
@@ -70,4 +73,6 @@ def kv_compress(kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, 
     c.require(2 * c.dims["R"] <= d, f"rope_freqs covers {2 * c.dims['R']} dims, more than d={d}")
     c.tensor("kv_state", kv_state, ["B", coff * ratio, "C"], (torch.float32,))
     c.tensor("score_state", score_state, ["B", coff * ratio, "C"], (torch.float32,))
-    return Out((c.dims["B"], new_entries(start_pos, c.dims["S"], ratio), d), torch.bfloat16)
+    dtype = torch.bfloat16 if out_dtype is None else out_dtype
+    c.choice("out_dtype", dtype, (torch.bfloat16, torch.float32, torch.float64))
+    return Out((c.dims["B"], new_entries(start_pos, c.dims["S"], ratio), d), dtype)

@@ -45,6 +45,8 @@ def moe_gate(
     c.positive("n_groups", n_groups)
     c.require(c.dims["E"] % n_groups == 0, f"E={c.dims['E']} must be a multiple of n_groups={n_groups}")
     c.require(1 <= topk_groups <= n_groups, f"topk_groups must be in [1, n_groups={n_groups}], got {topk_groups}")
+    kept = topk_groups * (c.dims["E"] // n_groups)
+    c.require(top_k <= kept, f"top_k={top_k} must be <= the {kept} experts of the topk_groups={topk_groups} kept groups")
     c.require((input_ids is None) == (tid2eid is None), "input_ids and tid2eid must be given together (hash routing)")
     if tid2eid is not None:
         c.tensor("input_ids", input_ids, ["T"], INDEX)

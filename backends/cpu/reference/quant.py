@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from seahal.hal.formats import decode_scale, fp4_quantize, fp8_quantize, ue8m0_encode
 from seahal.hal.ops.quant import kv_record_bytes
-
-from .formats import decode_scale, fp4_quantize, fp8_quantize
 
 
 def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m0"):
@@ -25,12 +24,11 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
     dim = kv.shape[-1]
     nope = dim - rope_dim
     q, scale = fp8_quantize(kv[..., :nope], tile)
-    exponent = (torch.log2(scale) + 127).to(torch.uint8)  # exact: ue8m0 scales are powers of two
     rope_bytes = kv[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
     out = torch.zeros(*kv.shape[:-1], kv_record_bytes(dim, rope_dim, tile), dtype=torch.uint8, device=kv.device)
     out[..., :nope] = q.view(torch.uint8)
     out[..., nope : nope + 2 * rope_dim] = rope_bytes
-    out[..., nope + 2 * rope_dim : nope + 2 * rope_dim + nope // tile] = exponent
+    out[..., nope + 2 * rope_dim : nope + 2 * rope_dim + nope // tile] = ue8m0_encode(scale)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Number-format codecs shared by the reference kernels (v4_ops.md §11).
+"""Number-format codecs: FP8 e4m3, e8m0 (ue8m0) scales, FP4 e2m1, Hadamard (v4_ops.md §11).
 
 Every function is pure torch on the input's device, with no host synchronisation.
 """
@@ -34,12 +34,19 @@ def block_scales(amax: torch.Tensor, qmax: float, floor: float, scale_fmt: str) 
 
 
 def decode_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Block scales as fp32: fp32/fp64 pass through; e8m0 bytes e become ``2^(e-127)``."""
+    """Block scales as fp32: fp32/fp64 pass through; e8m0 bytes e become ``2^(e-127)``, 255 is NaN."""
     if scale.dtype in (torch.float32, torch.float64):
         return scale.float() if scale.dtype == torch.float32 else scale
     if scale.dtype == torch.uint8 or str(scale.dtype) == "torch.float8_e8m0fnu":
-        return torch.exp2(scale.view(torch.uint8).to(torch.float32) - 127.0)
+        exponent = scale.view(torch.uint8).to(torch.float32)
+        return torch.where(exponent == 255, torch.nan, torch.exp2(exponent - 127.0))
     raise TypeError(f"unsupported scale dtype {scale.dtype}")
+
+
+def ue8m0_encode(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two fp32 scales ``2^k`` -> e8m0 bytes ``k + 127`` (uint8), exactly via frexp."""
+    _, exponent = torch.frexp(scale)
+    return (exponent + 126).to(torch.uint8)
 
 
 def _tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -121,9 +128,30 @@ def fp4_quant_dequant(x: torch.Tensor, tile: int = 32) -> torch.Tensor:
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard rotation of the last dim (a power of two): ``x @ H / sqrt(n)``."""
+    """Orthonormal Sylvester Hadamard rotation of the last dim (a power of two): ``x @ H / sqrt(n)``.
+
+    fp32 math (fp64 when x is fp64), output in x's dtype.
+    """
     n = x.shape[-1]
-    h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = torch.ones(1, 1, dtype=dtype, device=x.device)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (x.to(torch.float32) @ h * n**-0.5).to(x.dtype)
+    return (x.to(dtype) @ h * n**-0.5).to(x.dtype)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a reference kernel computes in: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A stored weight [rows, cols] as floats: FP8 e4m3 with [ceil(rows/128), cols/128] block
+    scales, packed FP4 e2m1 [rows, cols/2] with [rows, cols/32] scales, or dense (cast only)."""
+    if weight.dtype == torch.float8_e4m3fn:
+        rows = weight.shape[-2]
+        row_scales = decode_scale(scale).repeat_interleave(128, dim=-2)[..., :rows, :]
+        return fp8_dequantize(weight, row_scales, 128, dtype)
+    if weight.dtype == torch.uint8:
+        return fp4_dequantize(weight, scale, 32, dtype)
+    return weight.to(dtype)

@@ -1,0 +1,36 @@
+"""Reference kernel of the indexer family: lightning-indexer scores and causal top-k (v4_ops.md §8)."""
+
+from __future__ import annotations
+
+import torch
+
+from seahal.hal.formats import compute_dtype
+
+
+def indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int, topk: int
+) -> torch.Tensor:
+    """Select, for every query token, the top-k visible compressed entries by indexer score.
+
+    q: [B, S, H, d], weights: [B, S, H] fp32, keys: [B, N, d] -> indices: [B, S, topk] int32.
+
+    ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32 (fp64 for fp64 inputs), for query
+    ``t = start_pos + s`` and the entries it sees, ``j < min(N, floor((t+1)/m))``. Indices are
+    ordered by score descending, ties to the smaller index (a stable sort); slots beyond the
+    visible entries are -1.
+    """
+    dtype = compute_dtype(q, weights, keys)
+    batch, seq_len, _, _ = q.shape
+    n_entries = keys.shape[1]
+    logits = torch.einsum("bshd,bnd->bshn", q.to(dtype), keys.to(dtype))
+    scores = (torch.relu(logits) * weights.to(dtype)[..., None]).sum(dim=2)
+
+    query_pos = torch.arange(start_pos, start_pos + seq_len, device=q.device)
+    visible = torch.arange(n_entries, device=q.device) < ((query_pos + 1) // ratio)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    picked = torch.where(visible.expand(batch, -1, -1).gather(-1, order), order, -1)
+
+    indices = torch.full((batch, seq_len, topk), -1, dtype=torch.int32, device=q.device)
+    indices[..., : picked.shape[-1]] = picked.to(torch.int32)
+    return indices
