@@ -78,7 +78,7 @@ class Contract:
                         )
         if contiguous and not t.is_contiguous():
             raise self.fail(f"{name} must be contiguous, got strides {list(t.stride())}")
-        if same_device and t.device.type != "meta":
+        if same_device:
             if self.device is None:
                 self.device, self._device_arg = t.device, name
             elif t.device != self.device:

@@ -43,8 +43,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> tuple[torch.de
         return torch.device(ranked[0].device_type), ranked[0]
 
     text = str(device)
-    name, _, index_text = text.partition(":")
-    if index_text and not index_text.isdigit():
+    name, colon, index_text = text.partition(":")
+    if colon and not index_text.isdigit():
         raise DeviceError(f"device {text!r}: the index after ':' must be a non-negative integer")
     index = int(index_text) if index_text else None
     candidates = _candidates(name)

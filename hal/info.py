@@ -78,7 +78,7 @@ def _cell(kernels: list[dict[str, Any]]) -> str:
     parts = []
     for k in kernels:
         caps = "; ".join(f"{key}: {', '.join(map(str, v))}" for key, v in k["capabilities"].items())
-        parts.append(k["kernel"] + (f" ({caps})" if caps else ""))
+        parts.append(k["kernel"] + (f" ({caps})" if caps else "") + (" [portable]" if k["portable"] else ""))
     return "<br>".join(parts) if parts else "-"
 
 
@@ -97,14 +97,7 @@ def support_matrix_markdown() -> str:
         "|---|" + "---|" * len(names),
     ]
     for op, row in table.items():
-        cells = []
-        for b in names:
-            ks = row.get(b, [])
-            text = _cell(ks)
-            if any(k["portable"] for k in ks):
-                text += " [portable]"
-            cells.append(text)
-        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        lines.append(f"| {op} | " + " | ".join(_cell(row.get(b, [])) for b in names) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -131,7 +131,7 @@ def _parse_overrides(environ: Mapping[str, str]) -> dict[str, str]:
     overrides: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         op, sep, target = item.partition("=")
-        if not sep or not target:
+        if not (op.strip() and sep and target.strip()):
             raise PlanError(f"SEAHAL_OPS entry {item!r} must look like op=backend or op=backend.kernel")
         get_spec(op.strip())
         overrides[op.strip()] = target.strip()
@@ -174,12 +174,14 @@ def _resolve_op(
         chosen, rest = native[0], native[1:]
         reason = f"override {forced}" if forced else f"highest priority ({chosen.priority}) for {device.type}"
         rejected += [(k.qualified_name, f"lower priority ({k.priority})") for k in rest]
+        rejected += [(k.qualified_name, f"portable fallback, not needed on {device.type}") for k in portable]
         return PlanEntry(op, chosen, reason, rejected)
     if portable and (policy == "fallback" or forced is not None):
         chosen = portable[0]
         reason = f"override {forced}" if forced else f"no {device.type} kernel: portable fallback"
+        rejected += [(k.qualified_name, f"lower priority ({k.priority})") for k in portable[1:]]
         return PlanEntry(op, chosen, reason, rejected, fallback=forced is None)
-    details = "; ".join(f"{k}: {r}" for k, r in rejected) or "no kernel registered"
+    details = "; ".join(f"{k}: {r}" for k, r in rejected) or f"no {device.type} kernel registered"
     if policy == "strict" and portable:
         raise PlanError(
             f"policy='strict': no {device.type} kernel for {op!r} ({details}); "

@@ -144,6 +144,8 @@ class Registry:
     # -- registration -------------------------------------------------------------------------
     def add_backend(self, backend: Backend) -> Backend:
         with self._lock:
+            if backend.source == "built-in":
+                backend.source = self._current_source
             existing = self.backends.get(backend.name)
             if existing is not None:
                 if (existing.device_type, existing.source) == (backend.device_type, backend.source):
@@ -152,8 +154,6 @@ class Registry:
                     f"backend {backend.name!r} is already registered by {existing.source} "
                     f"(device type {existing.device_type!r})"
                 )
-            if backend.source == "built-in":
-                backend.source = self._current_source
             self.backends[backend.name] = backend
             return backend
 
@@ -188,11 +188,18 @@ class Registry:
     def load_entry_point(self, name: str, value: str, load: Callable[[], Any], dist: str | None) -> bool:
         builtin = value.startswith("seahal.backends.")
         self._current_source = "built-in" if builtin else f"plugin {dist or name} ({value})"
+        backends_before = dict(self.backends)
+        kernels_before = {op: list(kernels) for op, kernels in self.kernels.items()}
         try:
             register = load()
             register()
             return True
         except Exception as exc:
+            # skipped means skipped: drop whatever the plugin registered before it failed
+            self.backends.clear()
+            self.backends.update(backends_before)
+            self.kernels.clear()
+            self.kernels.update(kernels_before)
             failure = PluginFailure(f"{name} = {value}", f"{type(exc).__name__}: {exc}", traceback.format_exc())
             self.failures.append(failure)
             warnings.warn(

@@ -110,22 +110,33 @@ def _first_device(args: tuple, kwargs: dict) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 _LIB = torch.library.Library("seahal", "FRAGMENT")
-_TORCH_OPS: dict[str, Any] = {}
+_TORCH_OPS: dict[str, tuple[Callable[..., Any], Any]] = {}
 
 
 def torch_op_name(op: str, backend: str, kernel: str) -> str:
-    """``fp8_gemm__cpu_native``: a valid, unique torch op name for one kernel."""
+    """``fp8_gemm__cpu_native``: a valid torch op name for one kernel."""
     raw = f"{op}__{backend}_{kernel}"
     return re.sub(r"[^0-9A-Za-z_]", "_", raw)
 
 
 def as_torch_op(spec: OpSpec, backend: str, kernel: str, fn: Callable[..., Any]):
-    """Register ``fn`` as the torch op ``seahal::<op>__<backend>_<kernel>`` (once) and return
-    its overload packet. The op's fake is the spec's contract."""
-    name = torch_op_name(spec.name, backend, kernel)
-    if name not in _TORCH_OPS:
-        _LIB.define(name + spec.schema)
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"seahal::{name}", spec.fake, lib=_LIB)
-        _TORCH_OPS[name] = getattr(torch.ops.seahal, name).default
-    return _TORCH_OPS[name]
+    """Register ``fn`` as the torch op ``seahal::<op>__<backend>_<kernel>`` and return its overload.
+
+    The op's fake is the spec's contract. torch ops cannot be redefined, so a kernel re-registered
+    under the same name with a different function gets a fresh name (``..._v2``) instead of
+    silently running the first function.
+    """
+    base = torch_op_name(spec.name, backend, kernel)
+    name, version = base, 1
+    while name in _TORCH_OPS:
+        known_fn, op = _TORCH_OPS[name]
+        if known_fn is fn:
+            return op
+        version += 1
+        name = f"{base}_v{version}"
+    _LIB.define(name + spec.schema)
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"seahal::{name}", spec.fake, lib=_LIB)
+    op = getattr(torch.ops.seahal, name).default
+    _TORCH_OPS[name] = (fn, op)
+    return op

@@ -28,7 +28,7 @@ REFERENCE_KERNELS = {
     "fp4_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),
     "moe_gate": ("moe", {"score_func": ("sqrtsoftplus", "sigmoid", "softmax"), "routing": ("score", "hash", "group-limited")}),
     "moe_experts": ("moe", {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")}),
-    "kv_compress": ("compressor", {"ratio": ("any",), "overlap": (True, False)}),
+    "kv_compress": ("compressor", {"overlap": (True, False), "out_dtype": _FLOATS}),
     "indexer_topk": ("indexer", {"dtype": _FLOATS}),
     "sparse_attention": ("attention", {"dtype": _FLOATS, "kv_format": ("dense",)}),
     "hc_pre": ("mhc", {"dtype": _FLOATS}),

@@ -1,0 +1,247 @@
+"""Small, valid argument sets for every op, built from each contract's shapes.
+
+``args, kwargs = example_args("fp8_gemm")`` gives arguments that pass the op's contract, so
+``plan.ops.fp8_gemm(*args, **kwargs)`` runs; tests perturb them to build invalid calls, and the
+conformance suite feeds them to every backend. Shapes are tiny but exercise the awkward cases
+(N not a multiple of 128, -1 slots in index tensors, queries that see fewer entries than top-k).
+
+``dtype`` is the precision of the op's float data (activations, dense weights). Inputs that the
+contract keeps in fp32 (scales, gate bias, mHC parameters, RoPE frequencies...) are float64 when
+``dtype`` is float64 and float32 otherwise; the compressor state is always fp32 and quantised
+operands always come from the reference codecs. A dtype the op does not accept raises the op's
+:class:`~seahal.hal.SpecError` (e.g. ``kv_cache_pack`` has no float64 form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from seahal.backends.cpu.reference.quant import kv_cache_pack
+from seahal.hal import get_spec
+from seahal.hal.formats import fp4_quantize, fp8_quantize
+from seahal.hal.ops.compressor import compressor_state
+from seahal.hal.ops.rope import rope_frequencies
+
+WEIGHT_FORMATS = ("dense", "fp8", "fp4")
+FP8_BLOCK = 128
+
+
+@dataclass
+class _Draw:
+    """Seeded random tensors in the dtypes an example asks for (built on the CPU)."""
+
+    gen: torch.Generator
+    dtype: torch.dtype
+    weight_format: str
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def data(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        """Standard normal times ``scale`` in the example's dtype."""
+        return self.normal(shape, scale, self.dtype)
+
+    def param(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        """Standard normal times ``scale`` in the parameter dtype (fp32, or fp64 for fp64 examples)."""
+        return self.normal(shape, scale, self.param_dtype)
+
+    def normal(self, shape: tuple[int, ...], scale: float, dtype: torch.dtype) -> torch.Tensor:
+        return (torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale).to(dtype)
+
+    def ints(self, low: int, high: int, *shape: int) -> torch.Tensor:
+        """int32 uniform in [low, high)."""
+        return torch.randint(low, high, shape, generator=self.gen, dtype=torch.int32)
+
+
+def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a weight in 128x128 blocks with ue8m0 scales (the reference fp8 codec per block).
+
+    w: [..., R, C] float, C % 128 == 0 -> (e4m3 [..., R, C], fp32 [..., ceil(R/128), C/128]).
+    Rows are zero-padded to whole blocks, which leaves every block's amax unchanged.
+    """
+    *lead, rows, cols = w.shape
+    row_blocks, col_blocks = -(-rows // FP8_BLOCK), cols // FP8_BLOCK
+    padded = torch.nn.functional.pad(w.to(torch.float32), (0, 0, 0, row_blocks * FP8_BLOCK - rows))
+    tiles = padded.reshape(*lead, row_blocks, FP8_BLOCK, col_blocks, FP8_BLOCK).transpose(-3, -2)
+    q, scale = fp8_quantize(tiles.reshape(*lead, row_blocks, col_blocks, FP8_BLOCK**2), FP8_BLOCK**2)
+    q = q.reshape(*lead, row_blocks, col_blocks, FP8_BLOCK, FP8_BLOCK).transpose(-3, -2)
+    return q.reshape(*lead, row_blocks * FP8_BLOCK, cols)[..., :rows, :].contiguous(), scale.squeeze(-1)
+
+
+Builder = Callable[[_Draw], tuple[tuple, dict]]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def _example(op: str) -> Callable[[Builder], Builder]:
+    def register(builder: Builder) -> Builder:
+        _BUILDERS[op] = builder
+        return builder
+
+    return register
+
+
+@_example("fp8_act_quant")
+def _fp8_act_quant(d: _Draw):
+    return (d.data(3, 256),), {}
+
+
+@_example("fp4_quant")
+def _fp4_quant(d: _Draw):
+    return (d.data(3, 64),), {}
+
+
+@_example("kv_cache_pack")
+def _kv_cache_pack(d: _Draw):
+    """dim 96 = 64 nope (two 32-wide tiles) + 32 rope."""
+    return (d.data(2, 3, 96), 32, 32), {}
+
+
+@_example("kv_cache_unpack")
+def _kv_cache_unpack(d: _Draw):
+    """Records of the kv_cache_pack example, packed by the reference."""
+    return (kv_cache_pack(d.normal((2, 3, 96), 1.0, torch.float32), 32, 32), 96, 32, 32), {}
+
+
+def _fp8_activation(d: _Draw, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8_quantize(d.normal((rows, k), 1.0, torch.float32), FP8_BLOCK)
+
+
+@_example("fp8_gemm")
+def _fp8_gemm(d: _Draw):
+    """M=3, N=130 (two row blocks, the second partial), K=256."""
+    a, a_scale = _fp8_activation(d, 3, 256)
+    b, b_scale = fp8_block_quantize(d.normal((130, 256), 0.1, torch.float32))
+    return (a, a_scale, b, b_scale), {}
+
+
+@_example("fp4_gemm")
+def _fp4_gemm(d: _Draw):
+    """M=3, N=130, K=256."""
+    a, a_scale = _fp8_activation(d, 3, 256)
+    b, b_scale = fp4_quantize(d.normal((130, 256), 0.1, torch.float32))
+    return (a, a_scale, b, b_scale), {}
+
+
+@_example("moe_gate")
+def _moe_gate(d: _Draw):
+    """T=5 tokens, D=16, E=8 experts, top-2."""
+    return (d.data(5, 16), d.data(8, 16, scale=0.25), d.param(8, scale=0.1), 2), {}
+
+
+def _expert_weight(d: _Draw, experts: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = d.normal((experts, rows, cols), cols**-0.5, torch.float32)
+    if d.weight_format == "fp8":
+        return fp8_block_quantize(w)
+    if d.weight_format == "fp4":
+        return fp4_quantize(w)
+    return w.to(d.dtype), None
+
+
+@_example("moe_experts")
+def _moe_experts(d: _Draw):
+    """T=4 tokens, top-2 of E=3 experts (one slot -1); D=I=16 dense, 128 when quantised."""
+    dim = 16 if d.weight_format == "dense" else 128
+    ids = d.ints(0, 3, 4, 2)
+    ids[1, 1] = -1
+    w1, w1_scale = _expert_weight(d, 3, dim, dim)
+    w3, w3_scale = _expert_weight(d, 3, dim, dim)
+    w2, w2_scale = _expert_weight(d, 3, dim, dim)
+    weights = torch.softmax(d.param(4, 2), dim=-1)
+    return (d.data(4, dim), weights, ids, w1, w1_scale, w3, w3_scale, w2, w2_scale), {}
+
+
+@_example("kv_compress")
+def _kv_compress(d: _Draw):
+    """Overlapped (CSA) compressor, m=4, d=16 with 8 rope dims; 9 tokens from a reset state."""
+    batch, tokens, ratio, dim = 2, 9, 4, 16
+    kv_state, score_state = compressor_state(batch, ratio, dim, overlap=True)
+    args = (
+        d.param(batch, tokens, 2 * dim),
+        d.param(batch, tokens, 2 * dim),
+        d.param(ratio, 2 * dim, scale=0.1),
+        1.0 + d.param(dim, scale=0.1),
+        rope_frequencies(8, 10000.0).to(d.param_dtype),
+        kv_state,
+        score_state,
+        ratio,
+        True,
+        0,
+    )
+    return args, {}
+
+
+@_example("indexer_topk")
+def _indexer_topk(d: _Draw):
+    """Queries at positions 8..12 with m=4 see 2 or 3 of N=4 entries; top-3 leaves -1 slots."""
+    return (d.data(2, 5, 3, 16), d.param(2, 5, 3, scale=0.25), d.data(2, 4, 16), 4, 8, 3), {}
+
+
+@_example("sparse_attention")
+def _sparse_attention(d: _Draw):
+    """B=2, S=3 queries, H=4 heads of D=16, N=6 keys, K=4 slots (some -1)."""
+    indices = d.ints(-1, 6, 2, 3, 4)
+    return (d.data(2, 3, 4, 16), d.data(2, 6, 16), indices, d.param(4), 16**-0.5), {}
+
+
+@_example("hc_pre")
+def _hc_pre(d: _Draw):
+    """B=2, S=3, n=4 streams of D=8."""
+    n, dim = 4, 8
+    return (d.data(2, 3, n, dim), d.param((2 + n) * n, n * dim, scale=0.1), d.param((2 + n) * n), d.param(3)), {}
+
+
+@_example("hc_post")
+def _hc_post(d: _Draw):
+    n = 4
+    comb = torch.softmax(d.param(2, 3, n, n), dim=-1)
+    return (d.data(2, 3, 8), d.data(2, 3, n, 8), torch.sigmoid(d.param(2, 3, n)) * 2, comb), {}
+
+
+@_example("hc_head")
+def _hc_head(d: _Draw):
+    n, dim = 4, 8
+    return (d.data(2, 3, n, dim), d.param(n, n * dim, scale=0.1), d.param(n), d.param(1)), {}
+
+
+@_example("rope")
+def _rope(d: _Draw):
+    """B=2, S=3, H=4, D=16 with the last 8 dims rotated."""
+    positions = torch.randint(0, 1000, (2, 3), generator=d.gen)
+    return (d.data(2, 3, 4, 16), positions, rope_frequencies(8, 10000.0).to(d.param_dtype)), {}
+
+
+def example_args(
+    op: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    weight_format: str = "dense",
+) -> tuple[tuple, dict]:
+    """A small valid ``(args, kwargs)`` for ``op``, checked against its contract.
+
+    ``dtype``: precision of the float data (see the module docstring); ``device``: where every
+    tensor is placed; ``seed``: the random draw; ``weight_format``: ``"dense"``, ``"fp8"`` or
+    ``"fp4"`` expert weights (``moe_experts`` only). Fresh tensors on every call, so a kernel may
+    mutate them (``kv_compress`` updates its state in place).
+    """
+    if op not in _BUILDERS:
+        raise KeyError(f"no example for op {op!r}; examples exist for: {', '.join(_BUILDERS)}")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {list(WEIGHT_FORMATS)}, got {weight_format!r}")
+    if weight_format != "dense" and op != "moe_experts":
+        raise ValueError(f"weight_format applies to moe_experts only, got {weight_format!r} for {op!r}")
+    draw = _Draw(torch.Generator().manual_seed(seed), dtype, weight_format)
+    args, kwargs = _BUILDERS[op](draw)
+    args = tuple(_to(a, device) for a in args)
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    get_spec(op).check(*args, **kwargs)
+    return args, kwargs
+
+
+def _to(value: object, device: str | torch.device) -> object:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
