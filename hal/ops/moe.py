@@ -103,11 +103,12 @@ def moe_experts(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_sc
       fp4:   uint8 [E, rows, cols/2] packed e2m1, scales [E, rows, cols/32] (1x32)
     -> [T, D] in x's dtype.
 
-    ``y_t = sum_k E_{id_k}(x_t; w_k)`` with
-    ``E(x; w) = W2( bf16( w * min(x W1^T, L) .. silu .. * clamp(x W3^T, -L, L) ) )``, i.e.
-    ``h = silu(min(g, L)) * clamp(u, -L, L)`` in fp32, multiplied by the routing weight *before*
-    the down projection (official inference code); for quantised weights each GEMM input is first
-    FP8-quantised in 1x128 ue8m0 tiles. L = swiglu_limit (<= 0 disables the clamp).
+    ``y_t = sum_k E_{id_k}(x_t; w_k)`` accumulated in fp32, with
+    ``E(x; w) = x.dtype(W2 x.dtype(w * h))`` and ``h = silu(min(x W1^T, L)) * clamp(x W3^T, -L, L)``
+    in fp32: the routing weight multiplies *before* the down projection (official inference
+    code), and each expert's output is rounded to x's dtype (bf16 in the model) before the sum;
+    for quantised weights each GEMM input is first FP8-quantised in 1x128 ue8m0 tiles.
+    L = swiglu_limit (<= 0 disables the clamp).
     """
     c = Contract("moe_experts")
     c.tensor("x", x, ["T", "D"], (torch.bfloat16, torch.float32, torch.float64))

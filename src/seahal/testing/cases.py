@@ -1,0 +1,845 @@
+"""Conformance cases: deterministic inputs for every op, edge cases first, plus hypothesis strategies.
+
+A :class:`Case` is a name and the positional arguments of one or more calls (schema order). A
+stateful op (``kv_compress``) gets a sequence of calls that share their state tensors (the same
+objects), e.g. a prefill followed by single-token decode steps; every call's outputs are compared,
+then the final states. All values come from a seeded CPU generator, so ``cases_for(op)`` is the
+same everywhere; the runner moves them to the device under test.
+
+Edge cases covered where they apply: sequence lengths that are not a multiple of the compression
+ratio m, shorter than the window, shorter than m (no entry yet); decode after a prefill ending at
+every offset mod m; top-k larger than the visible entries (``-1`` slots); batch > 1 with different
+contents; exact ties in routing / indexer scores; every token routed to one expert and experts that
+receive no token; FP8 saturation (codes at ±448, quotients that round past 448); zero and tiny
+tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided views); bf16 and
+fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales.
+
+:func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
+values drawn, tensors built from a drawn seed by the same builders).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from seahal.hal.ops.compressor import compressor_state, compressor_width
+from seahal.hal.ops.moe import expert_weight_format
+from seahal.hal.ops.quant import kv_record_bytes
+from seahal.hal.ops.rope import Yarn, rope_frequencies
+from seahal.hal.spec import get_spec, specs
+
+BF16, F32 = torch.bfloat16, torch.float32
+E4M3, E8M0 = torch.float8_e4m3fn, torch.float8_e8m0fnu
+FP8_MAX = 448.0
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case: ``calls`` are positional argument tuples in schema order; stateful ops
+    thread their state tensors (the same objects) through successive calls."""
+
+    op: str
+    name: str
+    calls: tuple[tuple, ...]
+    requirements: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Case({self.op}: {self.name}, {len(self.calls)} call(s))"
+
+
+# --------------------------------------------------------------------------------------------
+# Values and layouts
+# --------------------------------------------------------------------------------------------
+
+
+class _Rand:
+    """Seeded CPU tensors: the only source of case values."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def normal(self, *shape: int, std: float = 1.0, dtype: torch.dtype = F32) -> torch.Tensor:
+        return (torch.randn(shape, generator=self.gen) * std).to(dtype)
+
+    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=self.gen, dtype=F32)
+
+    def ints(self, low: int, high: int, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self.gen, dtype=dtype)
+
+    def e4m3(self, *shape: int, saturate: bool = True) -> torch.Tensor:
+        """e4m3 codes of all magnitudes; with ``saturate`` every 7th is ±448, the largest code."""
+        values = self.normal(*shape, std=96.0).clamp(-FP8_MAX, FP8_MAX)
+        if saturate:
+            flat = values.view(-1)
+            flat[::7] = FP8_MAX * torch.sign(flat[::7] + 0.5)
+        return values.to(E4M3)
+
+    def scales(self, *shape: int, fmt: str, log2_center: int) -> torch.Tensor:
+        """Block scales around ``2^log2_center``: fp32 (any positive value) or e8m0 (powers of two)."""
+        if fmt == "e8m0":
+            exponent = self.ints(log2_center - 2, log2_center + 3, *shape)
+            return (exponent + 127).to(torch.uint8).view(E8M0)
+        return self.uniform(*shape, low=0.6, high=1.6) * 2.0**log2_center
+
+
+def strided(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values in another memory layout.
+
+    ``"contiguous"``: t itself; ``"transposed"``: the last two dims stored swapped; ``"sliced"``:
+    a view of the first half of rows twice as wide (as when slicing one projection out of a fused
+    one); ``"strided"``: every other element of the last dim (works for 1-D tensors too).
+    """
+    if layout == "contiguous":
+        return t
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    width = t.shape[-1]
+    wide = torch.zeros((*t.shape[:-1], 2 * width), dtype=t.dtype)
+    if layout == "sliced":
+        wide[..., :width] = t
+        return wide[..., :width]
+    if layout == "strided":
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# Requirements: what a case asks of a kernel, in the vocabulary of declared capabilities
+# --------------------------------------------------------------------------------------------
+
+_DATA_ARG = {
+    "fp8_act_quant": "x",
+    "fp4_quant": "x",
+    "kv_cache_pack": "kv",
+    "moe_gate": "x",
+    "moe_experts": "x",
+    "indexer_topk": "q",
+    "sparse_attention": "q",
+    "hc_pre": "x",
+    "hc_post": "x",
+    "hc_head": "x",
+    "rope": "x",
+}
+
+
+def named_args(op: str, args: tuple, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A call's arguments by name in schema order, defaults filled in."""
+    bound = inspect.signature(get_spec(op).contract).bind(*args, **(kwargs or {}))
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def requirements(op: str, args: tuple) -> dict[str, Any]:
+    """What a call needs from a kernel, as a plan would ask: ``{"dtype": "bfloat16",
+    "weight_format": "fp4", "scale_dtype": "float8_e8m0fnu", ...}`` (matched against capabilities)."""
+    a = named_args(op, args)
+    req: dict[str, Any] = {}
+    if op in _DATA_ARG:
+        req["dtype"] = _dtype_name(a[_DATA_ARG[op]].dtype)
+    if op == "fp8_act_quant":
+        req["scale_fmt"] = a["scale_fmt"]
+    elif op in ("fp8_gemm", "fp4_gemm"):
+        req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
+        req["scale_dtype"] = _dtype_name(a["b_scale"].dtype)
+    elif op == "moe_gate":
+        req["score_func"] = a["score_func"]
+        req["routing"] = "hash" if a["tid2eid"] is not None else "group-limited" if a["n_groups"] > 1 else "score"
+    elif op == "moe_experts":
+        req["weight_format"] = expert_weight_format(a["w1"])
+        if a["w1_scale"] is not None:
+            req["scale_dtype"] = _dtype_name(a["w1_scale"].dtype)
+    elif op == "kv_compress":
+        req["ratio"] = a["ratio"]
+        req["overlap"] = a["overlap"]
+        req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
+    elif op == "sparse_attention":
+        req["head_dim"] = a["q"].shape[-1]
+        req["kv_format"] = "dense"
+    return req
+
+
+def _case(op: str, name: str, *calls: tuple) -> Case:
+    for call in calls:
+        get_spec(op).check(*call)  # a case that violates its contract is a bug in this module
+    return Case(op, name, tuple(calls), requirements(op, calls[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Builders: one per op, parameters chosen by the fixed cases and by the hypothesis strategies
+# --------------------------------------------------------------------------------------------
+
+
+def _tile_values(r: _Rand, shape: tuple[int, ...], tile: int, values: str, std: float = 4.0) -> torch.Tensor:
+    """fp32 data in ``[..., K]`` tiles: ``normal``; ``zero-tiny`` (tile 0 zero, tile 1 below the
+    1e-4 amax floor); ``saturate`` (each tile's largest element replaced by a random amax so that
+    amax / fp32(amax/448) may round past 448); ``huge`` (1e30)."""
+    x = r.normal(*shape, std=std)
+    tiles = x.view(*shape[:-1], shape[-1] // tile, tile)
+    if values == "zero-tiny":
+        tiles[..., 0, :] = 0.0
+        if tiles.shape[-2] > 1:
+            tiles[..., 1, :] *= 1e-7
+    elif values == "saturate":
+        at = tiles.abs().argmax(-1, keepdim=True)
+        amax = r.uniform(*tiles.shape[:-1], 1, low=1.0, high=1000.0)
+        tiles.scatter_(-1, at, amax * torch.sign(tiles.gather(-1, at) + 1e-30))
+    elif values == "huge":
+        tiles *= 1e30
+    return x
+
+
+def fp8_act_quant_case(
+    name: str, seed: int, shape: tuple[int, ...], dtype=BF16, block: int = 128, fmt: str = "ue8m0",
+    values: str = "normal", layout: str = "contiguous",
+) -> Case:
+    x = _tile_values(_Rand(seed), shape, block, values).to(dtype)
+    return _case("fp8_act_quant", name, (strided(x, layout), block, fmt))
+
+
+def fp4_quant_case(
+    name: str, seed: int, shape: tuple[int, ...], dtype=BF16, block: int = 32, values: str = "normal",
+    layout: str = "contiguous",
+) -> Case:
+    r = _Rand(seed)
+    if values == "ties":
+        # every block holds ±6 (so its scale is exactly 2^k) and e2m1 midpoints times 2^k: RNE ties
+        choices = torch.tensor(E2M1_MIDPOINTS + tuple(-v for v in E2M1_MIDPOINTS) + (6.0, -6.0, 0.0))
+        x = choices[r.ints(0, len(choices), *shape)]
+        x.view(-1, block)[:, 0] = 6.0
+        x = x * 2.0 ** r.ints(-3, 4, *shape[:-1], 1).float()
+    else:
+        x = _tile_values(r, shape, block, values)
+    return _case("fp4_quant", name, (strided(x.to(dtype), layout), block))
+
+
+def kv_cache_pack_case(
+    name: str, seed: int, lead: tuple[int, ...], dim: int = 512, rope_dim: int = 64, tile: int = 64,
+    dtype=BF16, values: str = "normal", layout: str = "contiguous",
+) -> Case:
+    r = _Rand(seed)
+    kv = r.normal(*lead, dim, std=2.0)
+    if values == "zero-tiny" and dim > rope_dim:
+        kv[..., :tile] = 0.0
+        kv[..., tile : 2 * tile] *= 1e-6
+    return _case("kv_cache_pack", name, (strided(kv.to(dtype), layout), rope_dim, tile))
+
+
+def kv_cache_unpack_case(
+    name: str, seed: int, lead: tuple[int, ...], dim: int = 512, rope_dim: int = 64, tile: int = 64,
+    layout: str = "contiguous",
+) -> Case:
+    """Records assembled byte by byte: random e4m3 codes, bf16 rope bytes, e8m0 exponents in
+    [117, 137], zero padding (independent of any packer)."""
+    r = _Rand(seed)
+    nope = dim - rope_dim
+    record = torch.zeros(*lead, kv_record_bytes(dim, rope_dim, tile), dtype=torch.uint8)
+    record[..., :nope] = r.e4m3(*lead, nope).view(torch.uint8)
+    record[..., nope : nope + 2 * rope_dim] = r.normal(*lead, rope_dim, dtype=BF16).view(torch.uint8)
+    exponents = r.ints(117, 138, *lead, nope // tile).to(torch.uint8)
+    record[..., nope + 2 * rope_dim : nope + 2 * rope_dim + nope // tile] = exponents
+    return _case("kv_cache_unpack", name, (strided(record, layout), dim, rope_dim, tile))
+
+
+def _activation(r: _Rand, m: int, k: int, values: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 activation codes [M, K] and fp32 1x128 scales; ``zero-tile`` zeroes row 0's first tile."""
+    a = r.e4m3(m, k)
+    scale = r.scales(m, k // 128, fmt="fp32", log2_center=-6)
+    if values == "zero-tile":
+        a[0, :128] = 0.0
+        scale[0, 0] = 1e-4 / FP8_MAX  # the clamped scale of an all-zero tile
+    return a, scale
+
+
+def gemm_case(
+    name: str, seed: int, op: str, m: int, n: int, k: int, out_dtype=None, scale_fmt: str = "fp32",
+    values: str = "normal", a_layout: str = "contiguous", b_layout: str = "contiguous",
+) -> Case:
+    """``fp8_gemm`` (b e4m3, 128x128 scales) or ``fp4_gemm`` (b packed e2m1, 1x32 scales)."""
+    r = _Rand(seed)
+    a, a_scale = _activation(r, m, k, values)
+    if op == "fp8_gemm":
+        b = r.e4m3(n, k)
+        b_scale = r.scales(-(-n // 128), k // 128, fmt=scale_fmt, log2_center=-8)
+    else:
+        b = r.ints(0, 256, n, k // 2).to(torch.uint8)
+        b_scale = r.scales(n, k // 32, fmt=scale_fmt, log2_center=-4)
+    args = (strided(a, a_layout), a_scale, strided(b, b_layout), b_scale, out_dtype)
+    return _case(op, name, args)
+
+
+def moe_gate_case(
+    name: str, seed: int, t: int = 8, d: int = 64, e: int = 16, top_k: int = 6, score_func: str = "sqrtsoftplus",
+    bias: bool = True, route_scale: float = 1.5, n_groups: int = 1, topk_groups: int = 1, hash_vocab: int = 0,
+    dtype=BF16, variant: str = "random", layout: str = "contiguous",
+) -> Case:
+    """Variants: ``random``; ``tied-experts`` (experts 1, 5, 9 share weights and bias: exact ties);
+    ``zero-token`` (token 0 is zero: every logit ties); ``one-expert`` (a huge bias on expert 3
+    sends every token there); ``dead-experts`` (experts 0 and 1 never win)."""
+    r = _Rand(seed)
+    x = r.normal(t, d)
+    weight = r.normal(e, d, std=d**-0.5)
+    b = r.normal(e, std=0.1) if bias or variant in ("one-expert", "dead-experts") else None
+    if variant == "tied-experts":
+        weight[5] = weight[9] = weight[1]
+        if b is not None:
+            b[5] = b[9] = b[1]
+    elif variant == "zero-token":
+        x[0] = 0.0
+    elif variant == "one-expert":
+        b[3] = 100.0
+    elif variant == "dead-experts":
+        b[:2] = -100.0
+    input_ids = tid2eid = None
+    if hash_vocab:
+        input_ids = r.ints(0, hash_vocab, t)
+        tid2eid = torch.stack([torch.randperm(e, generator=r.gen)[:top_k] for _ in range(hash_vocab)]).to(torch.int32)
+    x_layout, w_layout = ("sliced", "transposed") if layout != "contiguous" else (layout, layout)
+    args = (
+        strided(x.to(dtype), x_layout), strided(weight, w_layout), b, top_k, score_func, route_scale,
+        n_groups, topk_groups, input_ids, tid2eid,
+    )
+    return _case("moe_gate", name, args)
+
+
+def _expert_weights(
+    r: _Rand, e: int, rows: int, cols: int, fmt: str, scale_fmt: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stacked expert weights [E, rows, cols] with std ~ cols^-1/2 in format ``fmt``."""
+    if fmt == "fp8":  # codes ~ 96 * N(0,1), scales ~ 2^-10: values ~ 0.1
+        return r.e4m3(e, rows, cols), r.scales(e, -(-rows // 128), cols // 128, fmt=scale_fmt, log2_center=-10)
+    if fmt == "fp4":  # e2m1 magnitudes ~ 2.5, scales ~ 2^-5
+        codes = r.ints(0, 256, e, rows, cols // 2).to(torch.uint8)
+        return codes, r.scales(e, rows, cols // 32, fmt=scale_fmt, log2_center=-5)
+    return r.normal(e, rows, cols, std=cols**-0.5, dtype=dtype), None
+
+
+def moe_experts_case(
+    name: str, seed: int, t: int = 6, d: int = 128, inter: int = 128, e: int = 4, k: int = 2, fmt: str = "dense",
+    scale_fmt: str = "fp32", dtype=BF16, limit: float = 10.0, routing: str = "random", values: str = "normal",
+    layout: str = "contiguous",
+) -> Case:
+    """Routing: ``random``; ``empty-slots`` (some ids -1); ``one-expert`` (every token to expert
+    e-1, other slots -1); ``unused-experts`` (only experts 1 and e-2 receive tokens). Values:
+    ``normal`` (std 2); ``clamp`` (std 20: the SwiGLU clamp at ``limit`` is active); ``zero-token``
+    (token 0 is zero: the FP8 scale clamp)."""
+    r = _Rand(seed)
+    x = r.normal(t, d, std=20.0 if values == "clamp" else 2.0, dtype=dtype)
+    if values == "zero-token":
+        x[0] = 0.0
+    weights = r.uniform(t, k, low=0.1, high=1.0)
+    ids = torch.stack([torch.randperm(e, generator=r.gen)[:k] for _ in range(t)])
+    if routing == "empty-slots":
+        ids[::2, -1] = -1
+        ids[t // 2, :] = -1
+    elif routing == "one-expert":
+        ids[:, 0] = e - 1
+        ids[:, 1:] = -1
+    elif routing == "unused-experts":
+        ids = torch.where(r.ints(0, 2, t, k) > 0, 1, e - 2)
+        ids[:, 1] = torch.where(ids[:, 0] == 1, e - 2, 1)
+    w1, s1 = _expert_weights(r, e, inter, d, fmt, scale_fmt, dtype)
+    w3, s3 = _expert_weights(r, e, inter, d, fmt, scale_fmt, dtype)
+    w2, s2 = _expert_weights(r, e, d, inter, fmt, scale_fmt, dtype)
+    ids = ids.to(torch.int32)
+    if layout != "contiguous":
+        x, ids, w1 = strided(x, "sliced"), strided(ids, "transposed"), strided(w1, "transposed")
+    args = (x, weights, ids, w1, s1, w3, s3, w2, s2, limit)
+    return _case("moe_experts", name, args)
+
+
+def kv_compress_case(
+    name: str, seed: int, chunks: tuple[int, ...], ratio: int = 4, overlap: bool = True, b: int = 2, d: int = 32,
+    rope: int = 16, norm_dtype=F32, out_dtype=None, stale_state: bool = False, layout: str = "contiguous",
+) -> Case:
+    """Successive calls over chunks of one token stream (a prefill then decode steps, or chunked
+    prefill), sharing the state. ``stale_state`` fills the state with garbage before the first
+    call (start_pos 0 must ignore it); ``layout="sliced"`` takes kv and score as the two halves of
+    one fused projection (non-contiguous)."""
+    r = _Rand(seed)
+    coff = compressor_width(ratio, overlap)
+    total = sum(chunks)
+    projection = r.normal(b, total, 2 * coff * d)
+    kv, score = projection[..., : coff * d], projection[..., coff * d :]
+    ape = r.normal(ratio, coff * d, std=0.5)
+    norm_weight = (1 + r.normal(d, std=0.1)).to(norm_dtype)
+    freqs = rope_frequencies(rope, 160000.0, Yarn(factor=4, original_seq_len=64))
+    kv_state, score_state = compressor_state(b, ratio, d, overlap)
+    if stale_state:
+        kv_state.copy_(r.normal(*kv_state.shape))
+        score_state.copy_(r.normal(*score_state.shape))
+    calls, start = [], 0
+    for size in chunks:
+        kv_chunk, score_chunk = kv[:, start : start + size], score[:, start : start + size]
+        if layout == "contiguous":
+            kv_chunk, score_chunk = kv_chunk.contiguous(), score_chunk.contiguous()
+        state = (kv_state, score_state, ratio, overlap, start, 1e-6, out_dtype)
+        calls.append((kv_chunk, score_chunk, ape, norm_weight, freqs, *state))
+        start += size
+    return _case("kv_compress", name, *calls)
+
+
+def indexer_topk_case(
+    name: str, seed: int, s: int, n: int, start_pos: int = 0, topk: int = 4, b: int = 2, h: int = 4, d: int = 32,
+    ratio: int = 4, dtype=BF16, variant: str = "random", layout: str = "contiguous",
+) -> Case:
+    """Variants: ``random``; ``tied-keys`` (entries 0, 2 and 3 equal: exact score ties);
+    ``zero-query`` (query 0 is zero: all its scores tie at 0); ``negative-weights``."""
+    r = _Rand(seed)
+    q = r.normal(b, s, h, d)
+    keys = r.normal(b, n, d)
+    weights = r.normal(b, s, h, std=(h * d) ** -0.5)
+    if variant == "tied-keys" and n > 3:
+        keys[:, 2] = keys[:, 3] = keys[:, 0]
+    elif variant == "zero-query":
+        q[:, 0] = 0.0
+    elif variant == "negative-weights":
+        weights = -weights.abs()
+    q = q.to(dtype)
+    if layout != "contiguous":  # heads and tokens swapped in memory
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    return _case("indexer_topk", name, (q, weights, keys.to(dtype), ratio, start_pos, topk))
+
+
+def _window_indices(s: int, window: int, n_entries: int, ratio: int) -> torch.Tensor:
+    """Prefill indices like the model builds them: the window ``max(0, t-W+1)..t`` padded with -1,
+    then the compressed entries ``S + j`` visible to t (``j < floor((t+1)/m)``), padded with -1."""
+    rows = []
+    for t in range(s):
+        window_slots = [p for p in range(t - window + 1, t + 1) if p >= 0]
+        entries = [s + j for j in range(min(n_entries, (t + 1) // ratio))]
+        rows.append(window_slots + [-1] * (window - len(window_slots)) + entries + [-1] * (n_entries - len(entries)))
+    return torch.tensor(rows)
+
+
+def sparse_attention_case(
+    name: str, seed: int, b: int = 2, s: int = 5, h: int = 4, d: int = 64, n: int = 16, k: int = 8, dtype=BF16,
+    indices: str = "random", sink: str = "normal", window: int = 8, n_entries: int = 0, ratio: int = 4,
+    index_dtype=torch.int32, layout: str = "contiguous",
+) -> Case:
+    """Indices: ``random`` (a quarter -1); ``window`` (the model's prefill layout: raw tokens then
+    compressed entries, n = s + n_entries); ``empty-query`` (query 0 has no valid slot);
+    ``duplicates`` (repeated keys). Sinks: ``normal``; ``dominant`` (+6); ``neg-inf`` (head 0)."""
+    r = _Rand(seed)
+    if indices == "window":
+        n = s + n_entries
+        idx = _window_indices(s, window, n_entries, ratio).expand(b, s, -1).clone()
+    else:
+        idx = r.ints(0, n, b, s, k)
+        if indices == "duplicates":
+            idx[..., 1::2] = idx[..., 0::2][..., : idx[..., 1::2].shape[-1]]
+        else:
+            idx = torch.where(r.uniform(b, s, k) < 0.25, -1, idx)
+        if indices == "empty-query":
+            idx[:, 0] = -1
+    q = r.normal(b, s, h, d)
+    kv = r.normal(b, n, d)
+    sinks = r.normal(h)
+    if sink == "dominant":
+        sinks += 6.0
+    elif sink == "neg-inf":
+        sinks[0] = float("-inf")
+    if layout != "contiguous":
+        q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        kv = torch.cat((kv, r.normal(b, 3, d)), dim=1).to(dtype)[:, :n]  # a prefix of a longer cache
+    args = (q.to(dtype), kv.to(dtype), idx.to(index_dtype), sinks, d**-0.5)
+    return _case("sparse_attention", name, args)
+
+
+def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str) -> torch.Tensor:
+    x = r.normal(b, s, n, d)
+    if values == "zero-token":
+        x[0, 0] = 0.0
+    return x
+
+
+def hc_case(
+    name: str, seed: int, op: str, b: int = 2, s: int = 3, n: int = 4, d: int = 32, dtype=BF16, iters: int = 20,
+    values: str = "normal", layout: str = "contiguous",
+) -> Case:
+    """``hc_pre`` / ``hc_head`` (streams + mix parameters) or ``hc_post`` (sub-layer output,
+    streams, post in [0, 2] and a column-normalised comb)."""
+    r = _Rand(seed)
+    x = strided(_streams(r, b, s, n, d, values).to(dtype), layout)
+    if op == "hc_post":
+        f = r.normal(b, s, d, dtype=dtype)
+        post = 2 * torch.sigmoid(r.normal(b, s, n))
+        comb = torch.softmax(r.normal(b, s, n, n), dim=-2)
+        return _case(op, name, (f, x, post, strided(comb, layout)))
+    mixes = (2 + n) * n if op == "hc_pre" else n
+    fn = r.normal(mixes, n * d, std=(n * d) ** -0.5)
+    base = r.normal(mixes, std=0.5)
+    scale = r.uniform(3 if op == "hc_pre" else 1, low=0.5, high=2.0)
+    if op == "hc_pre":
+        return _case(op, name, (x, fn, base, scale, iters, 1e-6, 1e-6))
+    return _case(op, name, (x, fn, base, scale, 1e-6, 1e-6))
+
+
+def rope_case(
+    name: str, seed: int, b: int = 2, s: int = 5, h: int = 3, d: int = 32, rope: int = 16, dtype=BF16,
+    inverse: bool = False, yarn: bool = False, pos_dtype=torch.int64, layout: str = "contiguous",
+) -> Case:
+    """Positions random in [0, 1000) per batch row (|theta| < 2^10, see tolerances)."""
+    r = _Rand(seed)
+    x = r.normal(b, s, h, d, dtype=dtype)
+    positions = r.ints(0, 1000, b, s, dtype=pos_dtype)
+    freqs = rope_frequencies(rope, 160000.0, Yarn(4, 64)) if yarn else rope_frequencies(rope, 10000.0)
+    return _case("rope", name, (strided(x, layout), positions, freqs, inverse))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed cases per op
+# --------------------------------------------------------------------------------------------
+
+
+def _fp8_act_quant_cases(seed: int) -> list[Case]:
+    c = fp8_act_quant_case
+    return [
+        c("bf16 [4,256] ue8m0", seed, (4, 256)),
+        c("fp32 [2,3,128] fp32 scales", seed + 1, (2, 3, 128), dtype=F32, fmt="fp32"),
+        c("bf16 block 64, one row", seed + 2, (1, 192), block=64),
+        c("fp32 zero and tiny tiles (scale clamp)", seed + 3, (3, 384), dtype=F32, values="zero-tiny"),
+        c("bf16 zero and tiny tiles, fp32 scales", seed + 4, (2, 256), fmt="fp32", values="zero-tiny"),
+        c("fp32 saturation: x/s rounds past 448", seed + 5, (16, 128), dtype=F32, fmt="fp32", values="saturate"),
+        c("fp32 huge values", seed + 6, (2, 256), dtype=F32, values="huge"),
+        c("bf16 transposed view", seed + 7, (3, 256), layout="transposed"),
+        c("fp32 sliced view", seed + 8, (2, 256), dtype=F32, layout="sliced"),
+    ]
+
+
+def _fp4_quant_cases(seed: int) -> list[Case]:
+    c = fp4_quant_case
+    return [
+        c("bf16 [4,128]", seed, (4, 128)),
+        c("fp32 [2,3,64] block 16", seed + 1, (2, 3, 64), dtype=F32, block=16),
+        c("fp32 e2m1 midpoints (ties to even)", seed + 2, (4, 64), dtype=F32, values="ties"),
+        c("fp32 zero and tiny blocks (scale clamp)", seed + 3, (2, 96), dtype=F32, values="zero-tiny"),
+        c("bf16 block 64", seed + 4, (3, 128), block=64),
+        c("bf16 strided view", seed + 5, (2, 64), layout="strided"),
+        c("fp32 transposed view", seed + 6, (3, 64), dtype=F32, layout="transposed"),
+    ]
+
+
+def _kv_cache_pack_cases(seed: int) -> list[Case]:
+    c = kv_cache_pack_case
+    return [
+        c("bf16 V4 record (512 = 448 + 64)", seed, (2, 3)),
+        c("fp32 dim 128, one nope tile", seed + 1, (5,), dim=128, dtype=F32),
+        c("bf16 zero and tiny tiles", seed + 2, (2, 2), values="zero-tiny"),
+        c("fp32 dim 96, tile 32, rope 32", seed + 3, (3,), dim=96, rope_dim=32, tile=32, dtype=F32),
+        c("bf16 sliced view", seed + 4, (4,), dim=128, layout="sliced"),
+    ]
+
+
+def _kv_cache_unpack_cases(seed: int) -> list[Case]:
+    c = kv_cache_unpack_case
+    return [
+        c("V4 record (584 bytes)", seed, (2, 3)),
+        c("dim 128 record", seed + 1, (5,), dim=128),
+        c("dim 96, tile 32, rope 32", seed + 2, (3,), dim=96, rope_dim=32, tile=32),
+        c("sliced rows", seed + 3, (4,), dim=128, layout="sliced"),
+    ]
+
+
+def _gemm_cases(op: str, seed: int) -> list[Case]:
+    def c(name: str, offset: int, *args, **kwargs) -> Case:
+        return gemm_case(name, seed + offset, op, *args, **kwargs)
+
+    return [
+        c("M4 N256 K256 bf16 out, fp32 scales", 0, 4, 256, 256),
+        c("M1 N80 K128 e8m0 scales (decode, N % 128 != 0)", 1, 1, 80, 128, scale_fmt="e8m0"),
+        c("M5 N200 K384 fp32 out, e8m0 scales", 2, 5, 200, 384, out_dtype=F32, scale_fmt="e8m0"),
+        c("M3 N130 K256 zero tile, saturated codes", 3, 3, 130, 256, values="zero-tile"),
+        c("M4 N96 K256 sliced a, transposed b", 4, 4, 96, 256, a_layout="sliced", b_layout="transposed"),
+    ]
+
+
+def _moe_gate_cases(seed: int) -> list[Case]:
+    c = moe_gate_case
+    return [
+        c("sqrtsoftplus, bias, top-6 of 16, bf16", seed),
+        c("sigmoid, 4 groups keep 2, fp32", seed + 1, score_func="sigmoid", n_groups=4, topk_groups=2, top_k=4,
+          dtype=F32),
+        c("softmax, no bias, top-2", seed + 2, score_func="softmax", bias=False, top_k=2, route_scale=1.0),
+        c("hash routing", seed + 3, t=7, top_k=2, hash_vocab=32),
+        c("exact ties: experts sharing weights", seed + 4, variant="tied-experts"),
+        c("exact ties: zero token, no bias", seed + 5, bias=False, variant="zero-token"),
+        c("all tokens to one expert", seed + 6, top_k=2, variant="one-expert"),
+        c("experts that never win", seed + 7, top_k=4, variant="dead-experts"),
+        c("one token (decode)", seed + 8, t=1),
+        c("top-k = E", seed + 9, e=8, top_k=8),
+        c("sliced x, transposed weight", seed + 10, layout="strided"),
+    ]
+
+
+def _moe_experts_cases(seed: int) -> list[Case]:
+    c = moe_experts_case
+    return [
+        c("dense bf16", seed),
+        c("dense fp32", seed + 1, dtype=F32),
+        c("fp8 weights, fp32 scales", seed + 2, fmt="fp8"),
+        c("fp8 weights, e8m0 scales", seed + 3, fmt="fp8", scale_fmt="e8m0"),
+        c("fp4 weights, fp32 scales", seed + 4, fmt="fp4"),
+        c("fp4 weights, e8m0 scales", seed + 5, fmt="fp4", scale_fmt="e8m0"),
+        c("fp4 weights, fp32 activations", seed + 6, fmt="fp4", scale_fmt="e8m0", dtype=F32),
+        c("fp8, I=256 (two blocks), zero token (scale clamp)", seed + 7, fmt="fp8", inter=256, values="zero-token"),
+        c("empty slots (-1)", seed + 8, routing="empty-slots"),
+        c("all tokens to one expert", seed + 9, fmt="fp4", scale_fmt="e8m0", routing="one-expert"),
+        c("experts without tokens", seed + 10, e=8, routing="unused-experts"),
+        c("SwiGLU clamp active", seed + 11, values="clamp"),
+        c("SwiGLU clamp disabled (limit 0)", seed + 12, values="clamp", limit=0.0),
+        c("one token, top-1", seed + 13, t=1, k=1, fmt="fp8", scale_fmt="e8m0"),
+        c("sliced x, transposed ids and w1", seed + 14, layout="strided"),
+    ]
+
+
+def _kv_compress_cases(seed: int) -> list[Case]:
+    c = kv_compress_case
+    cases = []
+    for overlap in (True, False):
+        kind = "overlapped m=4" if overlap else "plain m=4"
+        for prefill in range(1, 8):  # shorter than m, then every offset mod m, then decode m+1 steps
+            chunks = (prefill,) + (1,) * 5
+            cases.append(c(f"{kind}: prefill {prefill} + 5 decode steps", seed + prefill, chunks, overlap=overlap))
+    return cases + [
+        c("overlapped m=4: prefill 19 (several entries)", seed + 20, (19, 1, 1)),
+        c("plain m=8: prefill 13 + 4 decode steps", seed + 21, (13, 1, 1, 1, 1), ratio=8, overlap=False),
+        c("plain m=16: prefill 5 (no entry) + 12 (completes one)", seed + 22, (5, 12), ratio=16, overlap=False),
+        c("overlapped: chunked prefill 3+3+5+2", seed + 23, (3, 3, 5, 2)),
+        c("start_pos 0 ignores a stale state", seed + 24, (6, 1), stale_state=True),
+        c("kv/score as halves of one projection (sliced)", seed + 25, (7, 1, 1), layout="sliced"),
+        c("bf16 norm weight", seed + 26, (9, 1), norm_dtype=BF16),
+        c("fp32 entries (out_dtype)", seed + 27, (10, 1, 1), out_dtype=F32),
+    ]
+
+
+def _indexer_topk_cases(seed: int) -> list[Case]:
+    c = indexer_topk_case
+    return [
+        c("prefill 11, top-4 > 2 visible (-1 slots)", seed, s=11, n=2),
+        c("prefill 24, top-3 of up to 6", seed + 1, s=24, n=6, topk=3),
+        c("prefill 3 < m: nothing visible", seed + 2, s=3, n=1),
+        c("decode t=37, N=9", seed + 3, s=1, n=9, start_pos=37),
+        c("decode with future entries in the cache", seed + 4, s=1, n=12, start_pos=21),
+        c("chunk at start_pos 5", seed + 5, s=6, n=5, start_pos=5, topk=2),
+        c("exact ties: equal keys", seed + 6, s=16, n=4, topk=2, variant="tied-keys"),
+        c("exact ties: zero query", seed + 7, s=12, n=3, variant="zero-query"),
+        c("negative weights", seed + 8, s=13, n=3, topk=2, variant="negative-weights"),
+        c("fp32", seed + 9, s=9, n=2, dtype=F32),
+        c("transposed q", seed + 10, s=10, n=2, topk=1, layout="transposed"),
+    ]
+
+
+def _sparse_attention_cases(seed: int) -> list[Case]:
+    c = sparse_attention_case
+    return [
+        c("prefill 5 shorter than window 8", seed, s=5, indices="window"),
+        c("prefill 11: window 8 + 2 compressed entries (m=4)", seed + 1, s=11, indices="window", n_entries=2),
+        c("random slots with -1", seed + 2),
+        c("query without valid slots", seed + 3, indices="empty-query"),
+        c("duplicate indices", seed + 4, indices="duplicates"),
+        c("dominant sinks", seed + 5, sink="dominant"),
+        c("-inf sink", seed + 6, sink="neg-inf"),
+        c("fp32", seed + 7, dtype=F32),
+        c("head_dim 512", seed + 8, b=1, s=2, h=2, d=512, n=12, k=6),
+        c("transposed q, kv prefix of a cache, int64 indices", seed + 9, layout="transposed", index_dtype=torch.int64),
+    ]
+
+
+def _hc_cases(op: str, seed: int) -> list[Case]:
+    cases = [
+        hc_case("bf16", seed, op),
+        hc_case("fp32", seed + 1, op, dtype=F32),
+        hc_case("bf16 zero token", seed + 2, op, values="zero-token"),
+        hc_case("fp32 transposed streams", seed + 3, op, dtype=F32, layout="transposed"),
+        hc_case("n=2, one token", seed + 4, op, b=1, s=1, n=2, d=16),
+    ]
+    if op == "hc_pre":
+        cases.append(hc_case("one Sinkhorn iteration", seed + 5, op, iters=1))
+    return cases
+
+
+def _rope_cases(seed: int) -> list[Case]:
+    c = rope_case
+    return [
+        c("bf16 last 16 of 32 dims", seed),
+        c("fp32 full rotation", seed + 1, dtype=F32, rope=32),
+        c("inverse", seed + 2, inverse=True),
+        c("YaRN frequencies, fp32", seed + 3, dtype=F32, yarn=True),
+        c("int32 positions", seed + 4, pos_dtype=torch.int32),
+        c("transposed view", seed + 5, dtype=F32, layout="transposed"),
+    ]
+
+
+_FIXED: dict[str, Callable[[int], list[Case]]] = {
+    "fp8_act_quant": _fp8_act_quant_cases,
+    "fp4_quant": _fp4_quant_cases,
+    "kv_cache_pack": _kv_cache_pack_cases,
+    "kv_cache_unpack": _kv_cache_unpack_cases,
+    "fp8_gemm": lambda seed: _gemm_cases("fp8_gemm", seed),
+    "fp4_gemm": lambda seed: _gemm_cases("fp4_gemm", seed),
+    "moe_gate": _moe_gate_cases,
+    "moe_experts": _moe_experts_cases,
+    "kv_compress": _kv_compress_cases,
+    "indexer_topk": _indexer_topk_cases,
+    "sparse_attention": _sparse_attention_cases,
+    "hc_pre": lambda seed: _hc_cases("hc_pre", seed),
+    "hc_post": lambda seed: _hc_cases("hc_post", seed),
+    "hc_head": lambda seed: _hc_cases("hc_head", seed),
+    "rope": _rope_cases,
+}
+
+
+def _example_cases(op: str, seed: int) -> list[Case]:
+    """The shared example arguments of :mod:`seahal.testing.examples` (bf16 and fp32 data; every
+    expert weight format), so the suite also covers what other tools feed the ops."""
+    from seahal.hal.errors import SpecError
+
+    from .examples import example_args
+
+    variants = [(dtype, "dense") for dtype in (BF16, F32)]
+    if op == "moe_experts":
+        variants += [(BF16, "fp8"), (BF16, "fp4")]
+    cases = []
+    for dtype, fmt in variants:
+        try:
+            formats = {"weight_format": fmt} if op == "moe_experts" else {}
+            args, kwargs = example_args(op, dtype=dtype, seed=seed, **formats)
+        except SpecError:
+            continue  # the op has no form in this dtype
+        label = f"example {_dtype_name(dtype)}" + (f" {fmt}" if fmt != "dense" else "")
+        cases.append(_case(op, label, tuple(named_args(op, args, kwargs).values())))
+    return cases
+
+
+def cases_for(op: str, seed: int = 0) -> list[Case]:
+    """The fixed conformance cases of ``op``, deterministic for a seed."""
+    if op not in _FIXED:
+        raise KeyError(f"no conformance cases for op {op!r}; known ops: {', '.join(sorted(specs()))}")
+    return _example_cases(op, seed) + _FIXED[op](seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Property-based cases (hypothesis)
+# --------------------------------------------------------------------------------------------
+
+
+def strategy(op: str):
+    """A hypothesis strategy of random :class:`Case` s for ``op`` within its contract: shapes,
+    dtypes, formats, layouts and edge-value variants are drawn; values come from a drawn seed."""
+    from hypothesis import strategies as st
+
+    seeds = st.integers(0, 2**16)
+    dtypes = st.sampled_from([BF16, F32])
+    layouts = st.sampled_from(["contiguous", "transposed", "sliced", "strided"])
+    builders: dict[str, Callable[[Any], Case]] = {
+        "fp8_act_quant": lambda draw: fp8_act_quant_case(
+            "property", draw(seeds), (draw(st.integers(1, 5)), 64 * draw(st.integers(1, 4))),
+            dtype=draw(dtypes), block=64, fmt=draw(st.sampled_from(["ue8m0", "fp32"])),
+            values=draw(st.sampled_from(["normal", "zero-tiny", "saturate"])), layout=draw(layouts)),
+        "fp4_quant": lambda draw: fp4_quant_case(
+            "property", draw(seeds), (draw(st.integers(1, 5)), 32 * draw(st.integers(1, 4))), dtype=draw(dtypes),
+            values=draw(st.sampled_from(["normal", "zero-tiny", "ties"])), layout=draw(layouts)),
+        "kv_cache_pack": lambda draw: kv_cache_pack_case(
+            "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
+            tile=32, dtype=draw(dtypes), values=draw(st.sampled_from(["normal", "zero-tiny"])),
+            layout=draw(st.sampled_from(["contiguous", "sliced"]))),
+        "kv_cache_unpack": lambda draw: kv_cache_unpack_case(
+            "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
+            tile=32, layout=draw(st.sampled_from(["contiguous", "sliced"]))),
+        "moe_gate": _draw_moe_gate,
+        "moe_experts": lambda draw: moe_experts_case(
+            "property", draw(seeds), t=draw(st.integers(1, 5)), e=draw(st.integers(2, 5)), k=draw(st.integers(1, 2)),
+            fmt=draw(st.sampled_from(["dense", "fp8", "fp4"])), scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])),
+            dtype=draw(dtypes), routing=draw(st.sampled_from(["random", "empty-slots", "one-expert"])),
+            values=draw(st.sampled_from(["normal", "clamp", "zero-token"])), d=128, inter=128),
+        "kv_compress": _draw_kv_compress,
+        "indexer_topk": _draw_indexer_topk,
+        "sparse_attention": lambda draw: sparse_attention_case(
+            "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 6)), h=draw(st.integers(1, 3)),
+            d=16 * draw(st.integers(1, 4)), n=draw(st.integers(1, 12)), k=draw(st.integers(1, 10)), dtype=draw(dtypes),
+            indices=draw(st.sampled_from(["random", "empty-query", "duplicates"])),
+            sink=draw(st.sampled_from(["normal", "dominant", "neg-inf"]))),
+        "hc_pre": lambda draw: _draw_hc(draw, "hc_pre"),
+        "hc_post": lambda draw: _draw_hc(draw, "hc_post"),
+        "hc_head": lambda draw: _draw_hc(draw, "hc_head"),
+        "rope": lambda draw: rope_case(
+            "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 4)), h=draw(st.integers(1, 3)),
+            d=32, rope=2 * draw(st.integers(1, 16)), dtype=draw(dtypes), inverse=draw(st.booleans()),
+            yarn=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "transposed"]))),
+    }
+    for gemm in ("fp8_gemm", "fp4_gemm"):
+        builders[gemm] = lambda draw, gemm=gemm: gemm_case(
+            "property", draw(seeds), gemm, draw(st.integers(1, 6)), draw(st.integers(1, 160)),
+            128 * draw(st.integers(1, 3)), out_dtype=draw(st.sampled_from([None, F32])),
+            scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])), values=draw(st.sampled_from(["normal", "zero-tile"])),
+            a_layout=draw(st.sampled_from(["contiguous", "sliced"])),
+            b_layout=draw(st.sampled_from(["contiguous", "transposed"])))
+    if op not in builders:
+        raise KeyError(f"no strategy for op {op!r}")
+    return st.composite(lambda draw: builders[op](draw))()
+
+
+def _draw_moe_gate(draw) -> Case:
+    from hypothesis import strategies as st
+
+    n_groups = draw(st.sampled_from([1, 2, 4]))
+    e = n_groups * draw(st.integers(2, 4))
+    topk_groups = draw(st.integers(1, n_groups))
+    top_k = draw(st.integers(1, topk_groups * e // n_groups))
+    hashed = n_groups == 1 and draw(st.booleans())
+    return moe_gate_case(
+        "property", draw(st.integers(0, 2**16)), t=draw(st.integers(1, 6)), d=draw(st.integers(1, 48)), e=e,
+        top_k=top_k, score_func=draw(st.sampled_from(["sqrtsoftplus", "sigmoid", "softmax"])), bias=draw(st.booleans()),
+        route_scale=draw(st.sampled_from([1.0, 1.5, 2.5])), n_groups=n_groups, topk_groups=topk_groups,
+        hash_vocab=8 if hashed else 0, dtype=draw(st.sampled_from([BF16, F32])),
+        variant=draw(st.sampled_from(["random", "tied-experts", "zero-token", "one-expert"])) if e >= 10 else "random",
+    )
+
+
+def _draw_kv_compress(draw) -> Case:
+    from hypothesis import strategies as st
+
+    overlap = draw(st.booleans())
+    chunks = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=5)))
+    return kv_compress_case(
+        "property", draw(st.integers(0, 2**16)), chunks, ratio=4 if overlap else draw(st.sampled_from([2, 4, 8])),
+        overlap=overlap, b=draw(st.integers(1, 2)), d=8 * draw(st.integers(1, 4)), rope=8,
+        stale_state=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "sliced"])),
+    )
+
+
+def _draw_indexer_topk(draw) -> Case:
+    from hypothesis import strategies as st
+
+    start_pos = draw(st.integers(0, 40))
+    s = draw(st.integers(1, 12))
+    return indexer_topk_case(
+        "property", draw(st.integers(0, 2**16)), s=s, n=draw(st.integers(1, (start_pos + s) // 4 + 3)),
+        start_pos=start_pos, topk=draw(st.integers(1, 8)), b=draw(st.integers(1, 2)), h=draw(st.integers(1, 4)),
+        d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
+        variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed"])),
+    )
+
+
+def _draw_hc(draw, op: str) -> Case:
+    from hypothesis import strategies as st
+
+    return hc_case(
+        "property", draw(st.integers(0, 2**16)), op, b=draw(st.integers(1, 2)), s=draw(st.integers(1, 3)),
+        n=draw(st.integers(1, 4)), d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
+        iters=draw(st.integers(1, 20)), values=draw(st.sampled_from(["normal", "zero-token"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed"])),
+    )

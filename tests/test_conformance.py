@@ -1,0 +1,176 @@
+"""The conformance suite itself: the cpu backend conforms; broken kernels are reported as failures
+naming the op and case; unavailable backends and rejected capabilities are unsupported with the
+reason; the CLI report, the pytest plugin and the documented tolerance table are what they claim."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from seahal.backends.cpu.reference import attention, moe, rope
+from seahal.cli import main as cli_main
+from seahal.hal.registry import REGISTRY, Availability, register_backend, register_kernel
+from seahal.hal.spec import specs
+from seahal.testing import tolerances
+from seahal.testing.cases import cases_for
+from seahal.testing.compare import Selection
+from seahal.testing.conformance import run_conformance
+
+pytest_plugins = ["pytester"]
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
+TIED_GATE_CASES = {"exact ties: experts sharing weights", "exact ties: zero token, no bias"}
+_fake_ids = itertools.count()
+
+
+def _fake_backend(available: bool = True, reason: str = "fake test backend") -> str:
+    name = f"conformancefake{next(_fake_ids)}"  # a fresh name: torch ops of earlier fakes stay bound
+    register_backend(name, device_type="cpu", probe=lambda: Availability(available, reason))
+    return name
+
+
+def test_cpu_backend_conforms():
+    """Every cpu kernel (reference, and native where built) passes every case of every op."""
+    report = run_conformance("cpu", property_examples=2)
+    expected = {k.qualified_name for op in specs() for k in REGISTRY.kernels_for(op) if k.backend == "cpu"}
+    assert {r.kernel for r in report.results} == expected
+    assert report.ok, report.summary()
+    reference = [r for r in report.results if r.kernel == "cpu.reference"]
+    assert all(r.status == "pass" for r in reference), [r for r in reference if r.status != "pass"]
+    assert set(report.counts()) == set(specs())
+    assert sum(r.kernel == "cpu.reference" for r in report.results) == sum(len(cases_for(op)) + 1 for op in specs())
+
+
+def test_case_names_are_unique_and_deterministic():
+    for op in specs():
+        names = [c.name for c in cases_for(op)]
+        assert len(set(names)) == len(names), op
+    first, again = cases_for("kv_compress")[3], cases_for("kv_compress")[3]
+    assert all(torch.equal(a, b) for a, b in zip(first.calls[0][:5], again.calls[0][:5]))
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    assert cli_main(["conformance", "--backend", "nosuchbackend"]) == 2
+    assert "unknown backend 'nosuchbackend'" in capsys.readouterr().err
+
+
+def test_cli_summary_and_json_report(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    args = ["conformance", "--backend", "cpu", "--kernel", "reference", "--ops", "rope,fp4_quant", "--json", str(path)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "rope [cpu.reference]" in out and "0 failed" in out and f"wrote {path}" in out
+    report = json.loads(path.read_text())
+    assert report["backend"] == "cpu" and report["device"] == "cpu" and report["ok"] is True
+    assert set(report["counts"]) == {"rope", "fp4_quant"}
+    assert report["counts"]["rope"] == {"pass": len(cases_for("rope")) + 1, "fail": 0, "unsupported": 0}
+    first = report["results"][0]
+    assert set(first) >= {"op", "kernel", "case", "status", "detail", "max_abs", "max_rel", "worst", "tolerance"}
+    assert {r["status"] for r in report["results"]} == {"pass"}
+
+
+def _sinkless_attention(q, kv, indices, sink, softmax_scale):
+    return attention.sparse_attention(q, kv, indices, torch.full_like(sink, float("-inf")), softmax_scale)
+
+
+def test_dropped_sink_fails_with_op_and_case_named(isolated_registry, capsys):
+    backend = _fake_backend()
+    register_kernel("sparse_attention", backend, "nosink", _sinkless_attention)
+    assert cli_main(["conformance", "--backend", backend, "--ops", "sparse_attention"]) == 1
+    out = capsys.readouterr().out
+    assert f"sparse_attention [{backend}.nosink]" in out and "failures:" in out
+    assert f"sparse_attention [{backend}.nosink] dominant sinks:" in out
+    assert "out of tolerance" in out
+
+
+def _gate_ties_to_larger_index(x, weight, bias, top_k, score_func="sqrtsoftplus", route_scale=1.0, n_groups=1,
+                               topk_groups=1, input_ids=None, tid2eid=None):
+    """The reference gate run on the experts in reverse order: ties go to the larger expert."""
+    last = weight.shape[0] - 1
+    flipped = moe.moe_gate(x, weight.flip(0), None if bias is None else bias.flip(0), top_k, score_func, route_scale,
+                           n_groups, topk_groups, input_ids, None if tid2eid is None else last - tid2eid)
+    return flipped[0], (last - flipped[1]).to(torch.int32)
+
+
+def test_wrong_tie_order_fails_only_on_ties(isolated_registry):
+    backend = _fake_backend()
+    register_kernel("moe_gate", backend, "tieshigh", _gate_ties_to_larger_index)
+    report = run_conformance(backend, ["moe_gate"], property_examples=0)
+    failed = {r.case for r in report.failures}
+    assert failed == TIED_GATE_CASES, report.summary()
+    assert all("not broken to the smaller index" in r.detail for r in report.failures)
+    assert all(r.op == "moe_gate" and r.kernel == f"{backend}.tieshigh" for r in report.failures)
+
+
+def _aliasing_rope(x, positions, freqs, inverse=False):
+    return x.copy_(rope.rope(x, positions, freqs, inverse))
+
+
+def test_kernel_that_writes_its_input_fails(isolated_registry):
+    backend = _fake_backend()
+    register_kernel("rope", backend, "inplace", _aliasing_rope)
+    report = run_conformance(backend, ["rope"], property_examples=0)
+    assert report.results and all(r.status == "fail" for r in report.results)
+    assert all("aliases an input" in r.detail for r in report.results)
+
+
+def test_unavailable_backend_is_unsupported_with_reason(isolated_registry):
+    backend = _fake_backend(available=False, reason="no such chip in this machine")
+    register_kernel("rope", backend, "k", rope.rope)
+    report = run_conformance(backend, ["rope", "hc_post"], property_examples=2)
+    assert report.ok and report.results
+    assert {r.status for r in report.results} == {"unsupported"}
+    rope_results = [r for r in report.results if r.op == "rope"]
+    assert len(rope_results) == len(cases_for("rope")) + 1
+    assert all("no such chip in this machine" in r.detail for r in rope_results)
+    no_kernel = [r.detail for r in report.results if r.op == "hc_post"]
+    assert no_kernel == [f"backend {backend} registers no kernel for hc_post"]
+
+
+def test_capability_rejection_is_unsupported(isolated_registry):
+    backend = _fake_backend()
+    register_kernel("rope", backend, "bf16only", rope.rope, capabilities={"dtype": ("bfloat16",)})
+    report = run_conformance(backend, ["rope"], property_examples=4)
+    by_status = {s: [r for r in report.results if r.status == s] for s in ("pass", "unsupported", "fail")}
+    assert not by_status["fail"] and by_status["pass"] and by_status["unsupported"]
+    assert all(r.detail == "capabilities: dtype='float32' not in ['bfloat16']" for r in by_status["unsupported"])
+
+
+def test_interpret_flag_runs(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = ["conformance", "--backend", "cpu", "--ops", "fp8_act_quant", "--kernel", "reference", "--interpret"]
+    assert cli_main(args) == 0
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert "fp8_act_quant [cpu.reference]" in capsys.readouterr().out
+
+
+def test_selection_accepts_near_ties_and_rejects_wrong_exact_ties():
+    scores = torch.tensor([[1.0, 1.0 + 1e-9, 0.5, 1.0, float("-inf")]], dtype=torch.float64)  # entry 4 not eligible
+    check = Selection(scores, torch.tensor([1e-6], dtype=torch.float64))
+    want = torch.tensor([[1, 0, 3, 2, -1]])
+    assert check.compare(torch.tensor([[1, 0, 3, 2, -1]]), want).ok
+    assert check.compare(torch.tensor([[0, 1, 3, 2, -1]]), want).ok  # a near-tie may go either way
+    assert not check.compare(torch.tensor([[1, 3, 0, 2, -1]]), want).ok  # 0 and 3 tie exactly: 0 first
+    assert not check.compare(torch.tensor([[1, 0, 3, 4, -1]]), want).ok  # 4 is not eligible
+    assert not check.compare(torch.tensor([[1, 0, 3, -1, -1]]), want).ok  # 4 eligible entries, top-5
+    assert check.compare(torch.tensor([[1, 0, 3]]), want[:, :3]).ok
+    assert not check.compare(torch.tensor([[1, 0, 2]]), want[:, :3]).ok  # 2 scores 0.5 below the missed 3
+    assert check.compare(torch.tensor([[1, 0]]), want[:, :2]).ok
+    assert not check.compare(torch.tensor([[1, 3]]), want[:, :2]).ok  # exact tie at the cut: 0 before 3
+
+
+def test_pytest_plugin_generates_one_test_per_case(pytester):
+    result = pytester.runpytest(
+        "-p", "seahal.testing.pytest_plugin", "--pyargs", "seahal.testing.suite", "--seahal-backend", "cpu",
+        "--seahal-ops", "fp4_quant", "--seahal-kernel", "reference", "-q",
+    )
+    result.assert_outcomes(passed=len(cases_for("fp4_quant")) + 1)
+
+
+def test_docs_tolerance_table_matches_tolerances():
+    assert tolerances.markdown_table() in DOCS.read_text(), "regenerate the table in docs/conformance.md"
