@@ -1,0 +1,173 @@
+"""Attention of one layer: sliding window, plus compressed entries (HCA) or indexer-selected
+compressed entries (CSA), in one softmax with per-head sinks (v4_ops.md §6-§9)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from seahal.hal.ops.rope import rope_frequencies
+
+from .cache import LayerCache
+from .config import CSA_RATIO, ModelConfig
+from .layers import Linear, RMSNorm, rms_norm
+from .quant_sim import fp4_indexer_precision, fp8_kv_precision
+
+
+class Compressor(nn.Module):
+    """Gated pooling of ``ratio`` tokens per entry: projections here, pooling in ``kv_compress``.
+
+    ``wkv, wgate: [coff*d, D]``, ``ape: [m, coff*d]``, ``norm: [d]``; coff = 2 when overlapped (CSA).
+    """
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, ops: SimpleNamespace, eps: float):
+        super().__init__()
+        coff = 2 if overlap else 1
+        self.ratio, self.overlap, self.ops, self.eps = ratio, overlap, ops, eps
+        self.wkv = Linear(dim, coff * head_dim, ops)
+        self.wgate = Linear(dim, coff * head_dim, ops)
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim), requires_grad=False)
+        self.norm = RMSNorm(head_dim, eps)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int, freqs: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype."""
+        xf = x.float()
+        kv, score = self.wkv(xf), self.wgate(xf)
+        return self.ops.kv_compress(
+            kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
+            self.ratio, self.overlap, start_pos, self.eps, x.dtype,
+        )
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores compressed keys per query, keeps the top-k (CSA layers)."""
+
+    def __init__(self, config: ModelConfig, ops: SimpleNamespace):
+        super().__init__()
+        self.config, self.ops = config, ops
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops)
+        self.weights_proj = Linear(config.dim, self.n_heads, ops)
+        self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
+        start_pos: int, freqs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (top-k compressed-entry indices [B, S, index_topk] with -1 gaps, this chunk's new keys)."""
+        b, s, _ = x.shape
+        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
+        q = self.ops.rope(q, positions, freqs)
+        keys = self.compressor(x, cache.index_state, start_pos, freqs)
+        if self.config.simulate_fp4_indexer:
+            q, keys = fp4_indexer_precision(q, self.ops), fp4_indexer_precision(keys, self.ops)
+        weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        all_keys = torch.cat((cache.index_keys.read(cache.n_compressed), keys), dim=1)
+        top = self.ops.indexer_topk(q, weights, all_keys, CSA_RATIO, start_pos, self.config.index_topk)
+        return top, keys
+
+
+class Attention(nn.Module):
+    """Shared-KV MQA over ``window ∪ compressed`` with sinks, inverse RoPE, grouped output."""
+
+    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace):
+        super().__init__()
+        self.config, self.ops = config, ops
+        self.ratio = config.compress_ratios[layer]
+        c = config
+        self.n_heads, self.head_dim, self.rope_dim = c.n_heads, c.head_dim, c.rope_head_dim
+        self.wq_a = Linear(c.dim, c.q_lora_rank, ops)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
+        self.wq_b = Linear(c.q_lora_rank, c.n_heads * c.head_dim, ops)
+        self.wkv = Linear(c.dim, c.head_dim, ops)
+        self.kv_norm = RMSNorm(c.head_dim, c.norm_eps)
+        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank, ops, dense_only=True)
+        self.wo_b = Linear(c.o_groups * c.o_lora_rank, c.dim, ops)
+        self.attn_sink = nn.Parameter(torch.zeros(c.n_heads), requires_grad=False)
+        self.compressor = None
+        self.indexer = None
+        if self.ratio:
+            self.compressor = Compressor(c.dim, c.head_dim, self.ratio, self.ratio == CSA_RATIO, ops, c.norm_eps)
+        if self.ratio == CSA_RATIO:
+            self.indexer = Indexer(c, ops)
+        # SWA-only layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta + YaRN.
+        freqs = (
+            rope_frequencies(c.rope_head_dim, c.rope_theta)
+            if not self.ratio
+            else rope_frequencies(c.rope_head_dim, c.compress_rope_theta, c.yarn)
+        )
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:
+        """x: [B, S, D] (attn-normed), tokens at positions [start_pos, start_pos+S) -> [B, S, D]."""
+        b, s, _ = x.shape
+        positions = torch.arange(start_pos, start_pos + s, device=x.device).expand(b, s)
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_norm(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
+        q = self.ops.rope(q, positions, self.freqs)
+        kv = self.kv_norm(self.wkv(x))
+        kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
+        if self.config.simulate_fp8_kv:
+            kv = fp8_kv_precision(kv, self.ops, self.rope_dim)
+
+        compressed_idx = None
+        if self.compressor is not None:
+            entries = self.compressor(x, cache.compress_state, start_pos, self.freqs)
+            if self.config.simulate_fp8_kv:
+                entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
+            index_keys = None
+            if self.indexer is not None:
+                compressed_idx, index_keys = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
+            cache.append_compressed(entries, index_keys)
+
+        keys, indices = self._gather_keys(kv, cache, start_pos, compressed_idx)
+        o = self.ops.sparse_attention(q, keys, indices, self.attn_sink, self.head_dim**-0.5)
+        o = self.ops.rope(o, positions, self.freqs, inverse=True)
+        self._update_window(kv, cache, start_pos)
+        return self._project_out(o)
+
+    def _gather_keys(
+        self, kv: torch.Tensor, cache: LayerCache, start_pos: int, compressed_idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[window ring | this chunk | compressed entries]`` and each query's indices into them.
+
+        Query t sees raw tokens t-W+1..t (ring slot p mod W before this chunk, else the chunk) and
+        compressed entry j when j < floor((t+1)/m): all of them (HCA) or the indexer's pick (CSA).
+        """
+        b, s, _ = kv.shape
+        w = cache.window.rows
+        t = torch.arange(start_pos, start_pos + s, device=kv.device)
+        p = t[:, None] - torch.arange(w, device=kv.device)[None, :]  # [S, W] key positions
+        window_idx = torch.where(p < start_pos, p % w, w + p - start_pos)
+        window_idx = torch.where(p < 0, -1, window_idx)
+        parts = [window_idx.expand(b, s, w)]
+        if self.ratio:
+            base = w + s
+            if compressed_idx is not None:
+                parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
+            else:
+                j = torch.arange(cache.n_compressed, device=kv.device)
+                visible = j[None, :] < ((t + 1) // self.ratio)[:, None]
+                parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
+        keys = [cache.window.read(), kv]
+        if self.ratio:
+            keys.append(cache.compressed.read(cache.n_compressed))
+        return torch.cat(keys, dim=1), torch.cat(parts, dim=2).to(torch.int32)
+
+    def _update_window(self, kv: torch.Tensor, cache: LayerCache, start_pos: int) -> None:
+        w, s = cache.window.rows, kv.shape[1]
+        keep = torch.arange(max(s - w, 0), s, device=kv.device)
+        cache.window.write((keep + start_pos) % w, kv[:, keep])
+
+    def _project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g``; then ``Wo_b z``."""
+        b, s = o.shape[:2]
+        g = self.config.o_groups
+        groups = o.reshape(b, s, g, -1)
+        wo_a = self.wo_a.weight.to(o.dtype).view(g, self.config.o_lora_rank, -1)
+        z = torch.einsum("bsgi,gri->bsgr", groups, wo_a).reshape(b, s, -1)
+        return self.wo_b(z)

@@ -1,0 +1,173 @@
+"""The decode cache: per layer a window ring of raw KV, compressed entries, indexer keys and the
+compressors' streaming states; one position counter for the batch.
+
+Vectors are stored in one of two formats (``ModelConfig.cache_format``):
+``"dense"`` keeps them in the model dtype; ``"fp8"`` is the production layout of v4_ops.md §12:
+584-byte records (448 e4m3 + 64 bf16 RoPE dims + 7 ue8m0 scales + pad) for KV and, when the
+indexer simulates FP4, 68-byte indexer keys (64 bytes of e2m1 codes + 4 ue8m0 scales).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from seahal.hal.formats import decode_scale, fp4_dequantize, ue8m0_encode
+from seahal.hal.ops.compressor import compressor_state
+from seahal.hal.ops.quant import kv_record_bytes
+
+from .config import CSA_RATIO, ModelConfig
+
+FP4_BLOCK = 32
+KV_TILE = 64
+
+
+class VectorStore:
+    """``rows`` vectors of size ``dim`` per sequence, in a storage format.
+
+    ``"dense"``: [B, rows, dim] in dtype; ``"fp8"``: [B, rows, 584] packed KV records;
+    ``"fp4"``: [B, rows, dim/2] e2m1 codes + [B, rows, dim/32] e8m0 scales.
+    """
+
+    def __init__(
+        self, batch: int, rows: int, dim: int, fmt: str, dtype: torch.dtype, device, ops: SimpleNamespace,
+        rope_dim: int,
+    ):
+        self.dim, self.fmt, self.dtype, self.ops, self.rope_dim = dim, fmt, dtype, ops, rope_dim
+        self.scales = None
+        if fmt == "dense":
+            self.data = torch.zeros(batch, rows, dim, dtype=dtype, device=device)
+        elif fmt == "fp8":
+            width = kv_record_bytes(dim, rope_dim, KV_TILE)
+            self.data = torch.zeros(batch, rows, width, dtype=torch.uint8, device=device)
+        elif fmt == "fp4":
+            self.data = torch.zeros(batch, rows, dim // 2, dtype=torch.uint8, device=device)
+            self.scales = torch.zeros(batch, rows, dim // FP4_BLOCK, dtype=torch.uint8, device=device)
+        else:
+            raise ValueError(f"unknown cache storage format {fmt!r}")
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes of one vector."""
+        width = self.data.shape[2] * self.data.element_size()
+        return width + (self.scales.shape[2] if self.scales is not None else 0)
+
+    def write(self, slots: torch.Tensor | slice, vectors: torch.Tensor) -> None:
+        """Store vectors [B, n, dim] at row ``slots``."""
+        if self.fmt == "dense":
+            self.data[:, slots] = vectors.to(self.dtype)
+        elif self.fmt == "fp8":
+            self.data[:, slots] = self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
+        else:
+            codes, scale = self.ops.fp4_quant(vectors, FP4_BLOCK)
+            self.data[:, slots] = codes
+            self.scales[:, slots] = ue8m0_encode(scale)
+
+    def read(self, rows: int | None = None) -> torch.Tensor:
+        """The first ``rows`` (default all) vectors as [B, rows, dim] in the model dtype."""
+        data = self.data[:, :rows]
+        if self.fmt == "dense":
+            return data
+        if self.fmt == "fp8":
+            return self.ops.kv_cache_unpack(data, self.dim, self.rope_dim, KV_TILE).to(self.dtype)
+        scale = decode_scale(self.scales[:, :rows])
+        return fp4_dequantize(data, scale, FP4_BLOCK, self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.data, self.scales) if t is not None]
+
+
+@dataclass
+class LayerCache:
+    """One attention layer's cache for a batch: ``window`` ring (token p in slot p mod W),
+    ``compressed`` entries (first ``n_compressed`` valid), CSA ``index_keys``, compressor states."""
+
+    window: VectorStore
+    compressed: VectorStore | None = None
+    compress_state: tuple[torch.Tensor, torch.Tensor] | None = None
+    index_keys: VectorStore | None = None
+    index_state: tuple[torch.Tensor, torch.Tensor] | None = None
+    n_compressed: int = 0
+
+    def append_compressed(self, entries: torch.Tensor, index_entries: torch.Tensor | None) -> None:
+        n = entries.shape[1]
+        if self.n_compressed + n > self.compressed.rows:
+            raise RuntimeError(
+                f"cache capacity exceeded: {self.n_compressed + n} compressed entries > {self.compressed.rows}; "
+                "create the cache with a larger max_seq_len"
+            )
+        rows = slice(self.n_compressed, self.n_compressed + n)
+        self.compressed.write(rows, entries)
+        if index_entries is not None:
+            self.index_keys.write(rows, index_entries)
+        self.n_compressed += n
+
+    def tensors(self) -> list[torch.Tensor]:
+        found = []
+        for store in (self.window, self.compressed, self.index_keys):
+            if store is not None:
+                found.extend(store.tensors())
+        for state in (self.compress_state, self.index_state):
+            if state is not None:
+                found.extend(state)
+        return found
+
+
+@dataclass
+class Cache:
+    """All layers' caches and the number of tokens consumed so far (``pos``)."""
+
+    config: ModelConfig
+    layers: list[LayerCache]
+    capacity: int
+    pos: int = 0
+
+    @classmethod
+    def new(
+        cls, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device, ops: SimpleNamespace
+    ) -> Cache:
+        c = config
+        kv_format = "fp8" if c.cache_format == "fp8" else "dense"
+        index_format = "fp4" if c.cache_format == "fp8" and c.simulate_fp4_indexer else "dense"
+
+        def store(rows: int, dim: int, fmt: str) -> VectorStore:
+            return VectorStore(batch, rows, dim, fmt, dtype, device, ops, c.rope_head_dim)
+
+        layers = []
+        for layer in range(c.n_layers):
+            ratio = c.compress_ratios[layer]
+            lc = LayerCache(window=store(c.window_size, c.head_dim, kv_format))
+            if ratio:
+                lc.compressed = store(capacity // ratio, c.head_dim, kv_format)
+                lc.compress_state = compressor_state(batch, ratio, c.head_dim, ratio == CSA_RATIO, device)
+            if ratio == CSA_RATIO:
+                lc.index_keys = store(capacity // ratio, c.index_head_dim, index_format)
+                lc.index_state = compressor_state(batch, ratio, c.index_head_dim, True, device)
+            layers.append(lc)
+        return cls(config, layers, capacity)
+
+    def check_room(self, n_tokens: int) -> None:
+        if self.pos + n_tokens > self.capacity:
+            raise RuntimeError(f"cache holds {self.capacity} tokens; {self.pos} used, {n_tokens} more requested")
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds now (all layers, all sequences)."""
+        return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
+
+    def bytes_per_token(self) -> float:
+        """Amortised bytes one sequence adds per token: compressed entries and indexer keys
+        (``bytes_per_row / ratio`` each). The window ring and compressor states are a constant per
+        sequence, not per token."""
+        total = 0.0
+        for layer, lc in enumerate(self.layers):
+            ratio = self.config.compress_ratios[layer]
+            for store in (lc.compressed, lc.index_keys):
+                if store is not None:
+                    total += store.bytes_per_row / ratio
+        return total

@@ -1,0 +1,198 @@
+"""Checkpoint reading: official DeepSeek-V4 layout (also what transformers' save_pretrained writes).
+
+Tensors are read lazily, shard by shard, from memory-mapped safetensors and moved straight to the
+target device. Weights keep their stored format: bf16/fp32, FP8 e4m3 with ``.scale`` block scales
+(e8m0 or fp32), FP4 e2m1 experts (packed bytes + 1x32 e8m0 scales).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .layers import Linear
+from .moe import Experts
+
+_ALIASES = (
+    (re.compile(r"^model\."), ""),
+    (re.compile(r"^embed_tokens\."), "embed."),
+    (re.compile(r"^lm_head\."), "head."),
+    (re.compile(r"^hc_head\.hc_(fn|base|scale)$"), r"hc_head_\1"),
+    (re.compile(r"^(layers\.\d+\.attn)\.norm\."), r"\1.kv_norm."),
+    (re.compile(r"\.weight_scale_inv$"), ".scale"),
+)
+"""transformers' save_pretrained and older exports spell a few names differently."""
+
+_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
+_SHARED = re.compile(r"^(layers\.\d+\.ffn)\.shared_experts\.(w[123])\.(weight|scale)$")
+
+
+class CheckpointError(RuntimeError):
+    """A tensor is missing, truncated or does not match the model."""
+
+
+def canonical_name(name: str) -> str:
+    for pattern, replacement in _ALIASES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    return files
+
+
+def iter_tensors(path: Path, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(canonical name, file, tensor on device) for every tensor, one shard at a time."""
+    for file in shard_files(path):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {file}: {exc} (truncated or not a safetensors file?)") from exc
+        with handle as f:
+            for name in f.keys():
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as exc:
+                    raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
+                yield canonical_name(name), file.name, tensor.to(device)
+
+
+def _expected_scale_shape(weight_shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
+    rows, cols = weight_shape[-2], weight_shape[-1]
+    return (-(-rows // 128), cols // 128) if fmt == "fp8" else (rows, cols * 2 // 32)
+
+
+def _format(t: torch.Tensor) -> str:
+    return "fp8" if t.dtype == torch.float8_e4m3fn else "fp4" if t.dtype == torch.uint8 else "dense"
+
+
+def _check_weight(name: str, file: str, t: torch.Tensor, rows: int, cols: int) -> None:
+    fmt = _format(t)
+    expected = (rows, cols // 2) if fmt == "fp4" else (rows, cols)
+    if tuple(t.shape) != expected:
+        raise CheckpointError(
+            f"tensor {name!r} in {file}: expected shape {list(expected)} ({fmt}), got {list(t.shape)} {t.dtype}"
+        )
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Install every checkpoint tensor into ``model``; raise CheckpointError naming what is wrong."""
+    modules = dict(model.named_modules())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    linear_parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    expert_parts: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
+    seen: set[str] = set()
+
+    for name, file, tensor in iter_tensors(path, device):
+        if name.startswith("mtp."):
+            continue  # the MTP block is not used for generation here
+        expert = _EXPERT.match(name) or _SHARED.match(name)
+        if expert:
+            groups = expert.groups()
+            module, e, w, kind = (groups[0], int(groups[1]), groups[2], groups[3]) if len(groups) == 4 else (
+                groups[0], 0, groups[1], groups[2])
+            container = "experts" if len(groups) == 4 else "shared_experts"
+            expert_parts.setdefault((f"{module}.{container}", w), {}).setdefault(e, {})[kind] = tensor
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if isinstance(modules.get(owner), Linear):
+            linear_parts.setdefault(owner, {})[leaf] = (file, tensor)
+            continue
+        if name not in params:
+            raise CheckpointError(f"tensor {name!r} in {file} does not belong to this model (config mismatch?)")
+        target = params[name]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"tensor {name!r} in {file}: expected shape {list(target.shape)}, got {list(tensor.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype) if target.dtype.is_floating_point or tensor.dtype != target.dtype else tensor)
+        seen.add(name)
+
+    for owner, parts in linear_parts.items():
+        linear: Linear = modules[owner]
+        if "weight" not in parts:
+            raise CheckpointError(f"tensor {owner + '.weight'!r} is missing (found only its scale)")
+        file, weight = parts["weight"]
+        _check_weight(owner + ".weight", file, weight, linear.out_features, linear.in_features)
+        scale = _linear_scale(owner, parts, weight)
+        linear.set_weight(weight, scale, dtype)
+        seen.add(owner + ".weight")
+
+    for (owner, w), per_expert in expert_parts.items():
+        experts: Experts = modules[owner]
+        _install_experts(owner, w, per_expert, experts, dtype)
+        seen.add(f"{owner}.{w}")
+
+    _check_complete(model, seen)
+
+
+def _linear_scale(owner: str, parts: dict, weight: torch.Tensor) -> torch.Tensor | None:
+    fmt = _format(weight)
+    if fmt == "dense":
+        return None
+    if "scale" not in parts:
+        raise CheckpointError(f"tensor {owner + '.scale'!r} is missing for the {fmt} weight {owner + '.weight'!r}")
+    file, scale = parts["scale"]
+    expected = _expected_scale_shape(tuple(weight.shape), fmt)
+    if tuple(scale.shape) != expected:
+        raise CheckpointError(f"tensor {owner + '.scale'!r} in {file}: expected shape {list(expected)}, got {list(scale.shape)}")
+    return scale
+
+
+def _install_experts(owner: str, w: str, per_expert: dict, experts: Experts, dtype: torch.dtype) -> None:
+    target = getattr(experts, w)
+    n = target.shape[0]
+    missing = [e for e in range(n) if e not in per_expert or "weight" not in per_expert[e]]
+    if missing:
+        raise CheckpointError(f"tensor {owner}.{missing[0]}.{w}.weight is missing ({len(missing)} of {n} experts)")
+    rows, cols = target.shape[1], target.shape[2]
+    weights = []
+    scales = []
+    for e in range(n):
+        weight = per_expert[e]["weight"]
+        name = f"{owner}.{e}.{w}.weight" if n > 1 or "shared" not in owner else f"{owner}.{w}.weight"
+        _check_weight(name, "checkpoint", weight, rows, cols)
+        fmt = _format(weight)
+        weights.append(weight if fmt != "dense" else weight.to(dtype))
+        if fmt != "dense":
+            scale = per_expert[e].get("scale")
+            if scale is None:
+                raise CheckpointError(f"tensor {name[:-len('weight')]}scale is missing for the {fmt} weight {name}")
+            scales.append(scale)
+    experts.set_weights(w, torch.stack(weights), torch.stack(scales) if scales else None)
+
+
+def _expected_names(model: torch.nn.Module) -> set[str]:
+    """Every tensor the checkpoint must provide: one per Linear weight, per stacked expert
+    weight, and per other persistent parameter or buffer."""
+    expected, owned = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            expected.add(f"{name}.weight")
+            owned.add(name)
+        elif isinstance(module, Experts):
+            expected.update(f"{name}.{w}" for w in ("w1", "w2", "w3"))
+            owned.add(name)
+    for name in model.state_dict():
+        if name.rpartition(".")[0] not in owned:
+            expected.add(name)
+    return expected
+
+
+def _check_complete(model: torch.nn.Module, seen: set[str]) -> None:
+    missing = sorted(_expected_names(model) - seen)
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint, first: {missing[0]!r}")

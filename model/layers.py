@@ -1,0 +1,84 @@
+"""Plain building blocks: RMSNorm and a Linear that holds dense, FP8 or FP4 weights.
+
+Dense math is ordinary device-agnostic PyTorch; quantised weights go through the plan's ops.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from seahal.hal.formats import dequantize_weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``w * x * rsqrt(mean(x^2) + eps)`` in fp32, cast back to x's dtype (weight None: unweighted)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Linear(nn.Module):
+    """``y = x W^T`` for W [out, in] stored dense (bf16/fp32), FP8 e4m3 with 128x128 block scales
+    (``scale``: [ceil(out/128), in/128]) or FP4 e2m1 (uint8 [out, in/2], ``scale``: [out, in/32]).
+
+    Quantised weights quantise x to FP8 in 1x128 tiles first (``fp8_act_quant``), as the official
+    inference code does, then run ``fp8_gemm`` / ``fp4_gemm``; the output takes x's dtype.
+    ``dense_only`` weights are dequantised when installed (the official code does so for wo_a,
+    which is used as a grouped einsum rather than a GEMM).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ops: SimpleNamespace,
+        dtype: torch.dtype = torch.float32,
+        dense_only: bool = False,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.ops, self.dense_only = ops, dense_only
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.scale: torch.Tensor | None = None
+
+    def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Install a checkpoint weight in its own format (shapes are checked by the loader);
+        dense weights, and every weight of a ``dense_only`` layer, are stored in ``dtype``."""
+        if self.dense_only or scale is None:
+            weight, scale = dequantize_weight(weight, scale, dtype), None
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if scale is None:
+            self.scale = None
+        else:
+            self.register_buffer("scale", scale, persistent=False)
+
+    @property
+    def format(self) -> str:
+        if self.weight.dtype == torch.float8_e4m3fn:
+            return "fp8"
+        return "fp4" if self.weight.dtype == torch.uint8 else "dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "dense":
+            return nn.functional.linear(x, self.weight.to(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        q, s = self.ops.fp8_act_quant(flat)
+        gemm = self.ops.fp8_gemm if self.format == "fp8" else self.ops.fp4_gemm
+        out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+        y = gemm(q, s, self.weight, self.scale, out_dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

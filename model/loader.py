@@ -1,0 +1,48 @@
+"""``load(path_or_config, device, dtype, policy)``: config -> plan -> graph -> weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from seahal import hal
+
+from .checkpoint import load_weights
+from .config import ModelConfig
+from .transformer import MODEL_OPS, Transformer
+
+
+def load(
+    path_or_config: str | Path | ModelConfig | dict,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    policy: str = "fallback",
+    announce: bool = True,
+    **overrides,
+) -> Transformer:
+    """Build a DeepSeek-V4 model with every specialised op bound once through a HAL plan.
+
+    ``path_or_config``: a checkpoint folder (config.json + safetensors shards) or a config
+    (zero weights, for tests and planning). ``dtype``: the activation dtype (default bf16 on
+    accelerators, fp32 on CPU). ``overrides`` replace config fields, e.g.
+    ``simulate_fp8_kv=False`` or ``max_seq_len=8192``. The plan is ``model.plan``.
+    """
+    path = None
+    if isinstance(path_or_config, ModelConfig):
+        config = path_or_config
+    elif isinstance(path_or_config, dict):
+        config = ModelConfig.from_dict(path_or_config)
+    else:
+        path = Path(path_or_config)
+        config = ModelConfig.from_file(path)
+    if overrides:
+        config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+    plan = hal.plan(device, ops=MODEL_OPS, policy=policy, announce=announce)
+    if dtype is None:
+        dtype = torch.float32 if plan.device.type == "cpu" else torch.bfloat16
+    with torch.device(plan.device):
+        model = Transformer(config, plan, dtype)
+    if path is not None:
+        load_weights(model, path, plan.device, dtype)
+    return model.eval()

@@ -1,0 +1,68 @@
+"""The decode cache: storage formats, bytes per token, capacity, and checkpoint errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from seahal.model import ModelConfig, load
+from seahal.model.cache import Cache
+from seahal.model.checkpoint import CheckpointError
+
+from v4_checkpoints import CSA, HCA, SWA, make_hf_model, save_hf_checkpoint
+
+V32_BYTES_PER_TOKEN = 61 * (656 + 132)
+"""DeepSeek-V3.2: a 656-byte FP8 MLA entry and a 132-byte FP8 indexer key per token, 61 layers."""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_hf_checkpoint(make_hf_model([SWA, CSA, HCA, CSA], seed=3), tmp_path_factory.mktemp("ckpt"))
+
+
+def test_v4_flash_fp8_cache_is_7_percent_of_v32():
+    flash = ModelConfig(compress_ratios=[0, 0] + [4, 128] * 20 + [4], cache_format="fp8")
+    cache = Cache.new(flash, 1, 1 << 20, torch.bfloat16, "meta", ops=None)
+    # 21 CSA layers: (584 B KV record + 68 B FP4 indexer key) / 4; 20 HCA layers: 584 B / 128.
+    assert cache.bytes_per_token() == pytest.approx(21 * (584 + 68) / 4 + 20 * 584 / 128)
+    assert 0.070 < cache.bytes_per_token() / V32_BYTES_PER_TOKEN < 0.075
+
+
+def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
+    dense = load(checkpoint, device="cpu", announce=False)
+    fp8 = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    full = dense(ids)
+    for model, bound in ((dense, 1e-5), (fp8, 1e-2)):
+        cache = model.new_cache(2, 64)
+        outs = [model(ids[:, :9], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(9, 40)]
+        error = (torch.cat(outs, 1) - full).abs().max() / full.abs().max()
+        # dense: the same fp32 math in another order. fp8: the KV values are already FP8-rounded
+        # (simulation), so the records only add the bf16 rounding of the 64 RoPE dims
+        # (2^-9 relative), which a few layers amplify to well under 1e-2 of the logit scale.
+        assert error <= bound, (model.config.cache_format, error)
+    # head_dim 128 (64 RoPE), index_head_dim 128, ratios [0, 4, 16, 4]. dense fp32: KV 512 B and
+    # indexer key 512 B per entry; fp8: a 64 + 128 + 1 (+7 pad) = 200 B record and a 64 + 4 = 68 B key.
+    assert dense.new_cache(1, 64).bytes_per_token() == 2 * (512 + 512) / 4 + 512 / 16
+    assert fp8.new_cache(1, 64).bytes_per_token() == 2 * (200 + 68) / 4 + 200 / 16
+
+
+def test_cache_capacity_is_enforced(checkpoint):
+    model = load(checkpoint, device="cpu", announce=False)
+    cache = model.new_cache(1, 16)
+    model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.raises(RuntimeError, match="cache holds 16 tokens"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_missing_and_misshaped_tensors_are_named(checkpoint, tmp_path):
+    tensors = load_file(checkpoint / "model.safetensors")
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    name = "model.layers.1.attn.wq_b.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.attn\.wq_b\.weight"):
+        load(tmp_path, device="cpu", announce=False)
+    save_file({**tensors, name: tensors[name][:, :64].contiguous()}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"wq_b\.weight.*expected shape \[512, 128\]"):
+        load(tmp_path, device="cpu", announce=False)
