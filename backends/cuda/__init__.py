@@ -6,7 +6,14 @@ import importlib.util
 
 import torch
 
-from seahal.hal import Availability, register_backend
+from seahal.hal import Availability, register_backend, register_kernel
+
+_GEMM_CAPABILITIES = {
+    "chip": ("sm90",),
+    "out_dtype": ("bfloat16", "float32"),
+    "scale_dtype": ("float32", "float8_e8m0fnu"),
+}
+"""Triton GEMMs: verified (and their launch configs tuned) on sm90 (H100) only."""
 
 
 def _probe() -> Availability:
@@ -26,6 +33,11 @@ def register() -> None:
         device_type="cuda",
         probe=_probe,
         description="Triton kernels for NVIDIA GPUs",
-        verified_with={"torch": "2.13.0", "triton": "3.6"},
+        verified_with={"torch": "2.11.0+cu130", "triton": "3.6.0"},
         priority=30,
     )
+    # "module:qualname" strings: importing the backend never imports triton.
+    for op in ("fp8_gemm", "fp4_gemm"):
+        register_kernel(
+            op, "cuda", "triton", f"seahal.backends.cuda.{op}:{op}", priority=10, capabilities=_GEMM_CAPABILITIES
+        )

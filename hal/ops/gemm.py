@@ -53,7 +53,9 @@ def fp4_gemm(a, a_scale, b, b_scale, out_dtype=None):
     """FP8 x FP4 GEMM: activations e4m3 (1x128 scales), weights e2m1 packed (1x32 e8m0 scales).
 
     a: [M, K] e4m3, a_scale: [M, K/128] fp32,
-    b: [N, K/2] uint8 (two e2m1 codes per byte, low nibble first), b_scale: [N, K/32] fp32 or e8m0
+    b: [N, K/2] uint8 (two e2m1 codes per byte, low nibble first), b_scale: [N, K/32] e8m0, or
+    fp32 holding the same powers of two (FP4 block scales are ue8m0 by definition, §11.4;
+    kernels may rely on ``e2m1 * scale`` being exact in bf16)
     -> [M, N] bf16 (or fp32).
 
     ``C[m, n] = sum_k A[m, k] sA[m, k/128] * e2m1(B[n, k]) sB[n, k/32]`` accumulated in fp32.

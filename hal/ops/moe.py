@@ -100,7 +100,7 @@ def moe_experts(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_sc
     w1, w3: [E, I, D], w2: [E, D, I] in one of three formats, picked by dtype:
       dense: bf16/fp32, scales None;
       fp8:   e4m3, scales [E, ceil(rows/128), cols/128] (128x128 blocks);
-      fp4:   uint8 [E, rows, cols/2] packed e2m1, scales [E, rows, cols/32] (1x32)
+      fp4:   uint8 [E, rows, cols/2] packed e2m1, scales [E, rows, cols/32] (1x32, powers of two)
     -> [T, D] in x's dtype.
 
     ``y_t = sum_k E_{id_k}(x_t; w_k)`` accumulated in fp32, with

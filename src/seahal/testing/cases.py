@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from seahal.hal.formats import ue8m0_ceil
 from seahal.hal.ops.compressor import compressor_state, compressor_width
 from seahal.hal.ops.moe import expert_weight_format
 from seahal.hal.ops.quant import kv_record_bytes
@@ -262,6 +263,13 @@ def _activation(r: _Rand, m: int, k: int, values: str) -> tuple[torch.Tensor, to
     return a, scale
 
 
+def _fp4_scales(r: _Rand, *shape: int, scale_fmt: str, log2_center: int) -> torch.Tensor:
+    """FP4 block scales are ue8m0 by definition (v4_ops.md §11.4): e8m0 bytes, or fp32 tensors
+    holding the same powers of two."""
+    scale = r.scales(*shape, fmt=scale_fmt, log2_center=log2_center)
+    return ue8m0_ceil(scale) if scale_fmt == "fp32" else scale
+
+
 def gemm_case(
     name: str, seed: int, op: str, m: int, n: int, k: int, out_dtype=None, scale_fmt: str = "fp32",
     values: str = "normal", a_layout: str = "contiguous", b_layout: str = "contiguous",
@@ -274,7 +282,7 @@ def gemm_case(
         b_scale = r.scales(-(-n // 128), k // 128, fmt=scale_fmt, log2_center=-8)
     else:
         b = r.ints(0, 256, n, k // 2).to(torch.uint8)
-        b_scale = r.scales(n, k // 32, fmt=scale_fmt, log2_center=-4)
+        b_scale = _fp4_scales(r, n, k // 32, scale_fmt=scale_fmt, log2_center=-4)
     args = (strided(a, a_layout), a_scale, strided(b, b_layout), b_scale, out_dtype)
     return _case(op, name, args)
 
@@ -321,7 +329,7 @@ def _expert_weights(
         return r.e4m3(e, rows, cols), r.scales(e, -(-rows // 128), cols // 128, fmt=scale_fmt, log2_center=-10)
     if fmt == "fp4":  # e2m1 magnitudes ~ 2.5, scales ~ 2^-5
         codes = r.ints(0, 256, e, rows, cols // 2).to(torch.uint8)
-        return codes, r.scales(e, rows, cols // 32, fmt=scale_fmt, log2_center=-5)
+        return codes, _fp4_scales(r, e, rows, cols // 32, scale_fmt=scale_fmt, log2_center=-5)
     return r.normal(e, rows, cols, std=cols**-0.5, dtype=dtype), None
 
 

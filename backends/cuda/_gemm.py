@@ -1,0 +1,225 @@
+"""What the block-scaled GEMM kernels share: launch configs, tile order, the split-K epilogue.
+
+Configs are never autotuned at import or at call time: each kernel module commits a table measured
+once on the chip (``(m_class, N, K) -> GemmConfig``, see TUNING.md), and shapes the table lacks get
+:func:`heuristic_config`. The choice is a pure function of the shape and the chip, so runs repeat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+K_BLOCK = 128
+"""K width of one scaled partial product (the 1x128 activation / 128x128 weight scale block)."""
+
+M_CLASSES = (1, 16, 64, 512, 4096, 16384)
+"""Row counts the config tables are measured at; a shape uses the smallest class >= its M."""
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration: output tile, warps, pipeline depth, K splits, tile grouping."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    group_m: int = 8
+    tma: bool = False
+    """Load A and B tiles through tensor descriptors (the Hopper bulk copy engine)."""
+
+
+ConfigTable = Mapping[tuple[int, int, int], GemmConfig]
+
+
+def m_class(m: int) -> int:
+    """The smallest of :data:`M_CLASSES` that is >= m (the largest for bigger m)."""
+    return next((c for c in M_CLASSES if m <= c), M_CLASSES[-1])
+
+
+def heuristic_config(m: int, n: int, k: int, sm_count: int) -> GemmConfig:
+    """A reasonable config for shapes no table covers.
+
+    Small M streams the weight: narrow tiles and, when the tiles alone cannot fill the chip, K
+    splits (each keeping >= 4 K blocks). Large M is math-bound: 128x128 tiles, 8 warps, 4 stages.
+    Pointer loads only: the TMA path is chosen per shape by the tables (TUNING.md).
+    """
+    if m <= 16:
+        block_m, block_n, warps, stages = 16, 64, 4, 5
+    elif m <= 64:
+        block_m, block_n, warps, stages = 64, 64, 4, 5
+    elif m <= 512:
+        block_m, block_n, warps, stages = 64, 128, 4, 4
+    else:
+        block_m, block_n, warps, stages = 128, 128, 8, 4
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_blocks = k // K_BLOCK
+    split = 1
+    while tiles * split < sm_count and k_blocks // (2 * split) >= 4 and m <= 64:
+        split *= 2
+    return GemmConfig(block_m, block_n, warps, stages, split)
+
+
+def chip(device: torch.device) -> str:
+    """``"sm90"`` for an H100: the key of the committed config tables."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def select_config(tables: Mapping[str, ConfigTable], m: int, n: int, k: int, device: torch.device) -> GemmConfig:
+    """The committed config for (chip, m class, N, K), else :func:`heuristic_config`."""
+    if device.type != "cuda":  # the Triton interpreter on CPU tensors
+        return heuristic_config(m, n, k, sm_count=8)
+    table = tables.get(chip(device), {})
+    found = table.get((m_class(m), n, k))
+    if found is not None:
+        return found
+    return heuristic_config(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_k_workspace(
+    config: GemmConfig, m: int, n: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fp32 partial sums ``[split_k, M, N]`` and per-tile arrival counters for a split-K launch.
+
+    The counters start at zero and the kernel resets each to zero after use, so one buffer per
+    (device, stream) serves every launch on that stream. To capture a split-K launch in a CUDA
+    graph, run it once on the capture stream first (as torch recommends for any warm-up), so the
+    buffer exists before the capture.
+    """
+    if config.split_k == 1:
+        return None, None
+    partial = torch.empty((config.split_k, m, n), dtype=torch.float32, device=device)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return partial, counters
+
+
+def launch(
+    kernel, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
+    config: GemmConfig,
+) -> torch.Tensor:
+    """Run a block-scaled GEMM kernel with an explicit config into ``out`` [M, N]; returns ``out``.
+
+    Both kernels take (A, sA, B, sB, C, workspace, M, N, K, strides) and e8m0 weight scales as bytes.
+    """
+    m, k = a.shape
+    n = b.shape[0]
+    if config.split_k > 1 and config.split_k * m * n >= 2**31:  # workspace offsets are int32
+        config = dataclasses.replace(config, split_k=1)
+    e8m0 = b_scale.dtype != torch.float32
+    if e8m0:
+        b_scale = b_scale.view(torch.uint8)
+    partial, counters = split_k_workspace(config, m, n, a.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+    a_arg, b_arg = (_descriptor(a, config.block_m), _descriptor(b, config.block_n)) if config.tma else (a, b)
+    kernel[grid](
+        a_arg, a_scale, b_arg, b_scale, out, partial, counters,
+        m, n, k,
+        a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1),
+        b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=config.split_k,
+        B_SCALE_E8M0=e8m0, num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"TMA": True} if config.tma else {}),
+    )
+    return out
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """A tensor descriptor loading [rows, 128] tiles of a K-contiguous 2-D tensor (copied if not)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        t = t.contiguous()
+    return TensorDescriptor.from_tensor(t, [rows, K_BLOCK])
+
+
+def gemm(
+    kernel, tables: Mapping[str, ConfigTable], a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+    b_scale: torch.Tensor, out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Allocate C [M, N] (bf16 unless out_dtype) and run ``kernel`` with the committed config."""
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype or torch.bfloat16, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    return launch(kernel, a, a_scale, b, b_scale, out, select_config(tables, m, n, k, a.device))
+
+
+@triton.jit
+def tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile column), GROUP_M tile rows at a time so B tiles stay in L2."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def k_block_range(K, pid_k, SPLIT_K: tl.constexpr, K_STEP: tl.constexpr):
+    """The K blocks [lo, hi) that split ``pid_k`` of SPLIT_K accumulates."""
+    k_blocks = K // K_STEP
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    lo = pid_k * per_split
+    return lo, tl.minimum(lo + per_split, k_blocks)
+
+
+@triton.jit
+def decode_e8m0(e):
+    """e8m0 bytes -> fp32 ``2^(e-127)`` exactly (e = 0 is the subnormal 2^-127, 255 is NaN)."""
+    bits = e.to(tl.int32) << 23
+    bits = tl.where(e == 0, 0x00400000, bits)
+    bits = tl.where(e == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_tile(
+    acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Write the fp32 tile ``acc`` to C in C's dtype; with SPLIT_K > 1, through the workspace.
+
+    Split-K: each split stores its partial tile, then bumps the tile's counter; the split that
+    arrives last sums all partials in split order (deterministic) and writes C, then resets the
+    counter to zero for the next launch.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tile_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(tile_ptrs + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()
+        counter = counter_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(tile_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0)

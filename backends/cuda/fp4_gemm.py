@@ -1,0 +1,104 @@
+"""Triton FP8 x FP4 GEMM (op ``fp4_gemm``): e2m1 weights decoded in registers to bf16.
+
+Per 128-wide K block: the packed e2m1 codes of B are unpacked, decoded and multiplied by their
+1x32 power-of-two scales (exact in bf16: e2m1 has 2 significant bits), A's e4m3 codes are widened
+to bf16 (exact), the bf16 tensor cores form the block product in fp32, and ``sA[m, kb]`` scales it
+into a separate fp32 accumulator. Equal to the reference's per-32-step sum up to fp32 rounding
+order (v4_ops.md §11.5).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._gemm import ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords
+
+SM90_CONFIGS: ConfigTable = {
+    (1, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_up 18.6 us
+    (16, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_up 18.5 us
+    (64, 2048, 4096): GemmConfig(64, 32, 4, 6, 4, 8),  # exp_up 23.8 us
+    (512, 2048, 4096): GemmConfig(64, 128, 4, 4, 2, 8),  # exp_up 93.7 us
+    (4096, 2048, 4096): GemmConfig(128, 128, 8, 3, 1, 16),  # exp_up 448.7 us
+    (1, 4096, 2048): GemmConfig(16, 128, 4, 4, 8, 8),  # exp_down 17.5 us
+    (16, 4096, 2048): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_down 17.7 us
+    (64, 4096, 2048): GemmConfig(64, 64, 4, 5, 4, 8),  # exp_down 22.1 us
+    (512, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 63.8 us
+    (4096, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 442.9 us
+}
+"""(m class, N, K) -> config, measured on an H100 SXM by ``python -m seahal.bench.cuda_gemm --tune --write-tables``."""
+
+CONFIGS = {"sm90": SM90_CONFIGS}
+
+
+@triton.jit
+def _decode_e2m1(code):
+    """e2m1 codes (sign<<3 | exponent<<1 | mantissa) -> fp32 {0, .5, 1, 1.5, 2, 3, 4, 6} with sign."""
+    c = code.to(tl.int32)
+    exponent = (c >> 1) & 3
+    mantissa = c & 1
+    normal = ((exponent + 126) << 23) | (mantissa << 22)
+    bits = tl.where(exponent > 0, normal, mantissa * (126 << 23)) | ((c & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["M", "stride_asm", "stride_bsn"])
+def _fp4_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_bn, stride_bk, stride_bsn, stride_bsk,
+    stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr,
+):
+    """C[m, n] = sum_kb sA[m, kb] * sum_{k in kb} A[m, k] * e2m1(B[n, k]) * sB[n, k // 32]."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    kb_lo, kb_hi = k_block_range(K, pid_k, SPLIT_K, 128)
+    rows_a = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    rows_b = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + (kb_lo * 128 + tl.arange(0, 128))[None, :] * stride_ak
+    b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kb_lo * 64 + tl.arange(0, 64))[None, :] * stride_bk
+    a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
+    b_scale_ptrs = b_scale_ptr + rows_b[:, None] * stride_bsn + (kb_lo * 4 + tl.arange(0, 4))[None, :] * stride_bsk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(kb_lo, kb_hi):
+        packed = tl.load(b_ptrs)
+        codes = tl.join(packed & 0xF, packed >> 4).reshape(BLOCK_N, 128)  # element 2i = low nibble
+        b_scale = tl.load(b_scale_ptrs)
+        if B_SCALE_E8M0:
+            b_scale = decode_e8m0(b_scale)
+        b_scale = tl.broadcast_to(b_scale[:, :, None], (BLOCK_N, 4, 32)).reshape(BLOCK_N, 128)
+        b = (_decode_e2m1(codes) * b_scale).to(tl.bfloat16)
+        partial = tl.dot(tl.load(a_ptrs).to(tl.bfloat16), tl.trans(b))
+        acc += partial * tl.load(a_scale_ptrs)[:, None]
+        a_ptrs += 128 * stride_ak
+        b_ptrs += 64 * stride_bk
+        a_scale_ptrs += stride_ask
+        b_scale_ptrs += 4 * stride_bsk
+    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+               BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+def launch_fp4_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
+    config: GemmConfig,
+) -> torch.Tensor:
+    """:func:`fp4_gemm` into a given ``out`` with an explicit config (tuning, benchmarks, tests)."""
+    return launch(_fp4_gemm_kernel, a, a_scale, b, b_scale, out, config)
+
+
+def fp4_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """FP8 x FP4 GEMM ``C = (A sA) @ (e2m1(B) sB)^T`` with fp32 accumulation.
+
+    a: [M, K] e4m3, a_scale: [M, K/128] fp32, b: [N, K/2] uint8 (two e2m1 codes per byte, low
+    nibble first), b_scale: [N, K/32] fp32 or e8m0 -> [M, N] bf16 (or out_dtype fp32).
+
+    ``C[m, n] = sum_k A[m, k] sA[m, k/128] * e2m1(B[n, k]) sB[n, k/32]``
+    """
+    return gemm(_fp4_gemm_kernel, CONFIGS, a, a_scale, b, b_scale, out_dtype)

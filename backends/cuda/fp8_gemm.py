@@ -1,0 +1,141 @@
+"""Triton FP8 block-scaled GEMM (op ``fp8_gemm``) with DeepSeek's two-level accumulation.
+
+Each 128-wide K block's product ``A_kb @ B_kb^T`` runs on the FP8 tensor cores into a fresh fp32
+tile, which is scaled by ``sA[m, kb] * sB[n // 128, kb]`` and added to a separate fp32
+accumulator (v4_ops.md §11.2). Launch configs come from a committed table (TUNING.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._gemm import ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords
+
+SM90_CONFIGS: ConfigTable = {
+    (1, 1024, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # q_a 10.1 us
+    (16, 1024, 4096): GemmConfig(16, 32, 4, 6, 4, 8),  # q_a 9.9 us
+    (64, 1024, 4096): GemmConfig(64, 32, 4, 6, 4, 8),  # q_a 11.2 us
+    (512, 1024, 4096): GemmConfig(64, 64, 4, 5, 1, 8),  # q_a 15.3 us
+    (4096, 1024, 4096): GemmConfig(128, 128, 8, 4, 1, 8, tma=True),  # q_a 44.0 us
+    (16384, 1024, 4096): GemmConfig(128, 128, 8, 3, 1, 16, tma=True),  # q_a 160.5 us
+    (1, 32768, 1024): GemmConfig(16, 64, 4, 5, 1, 8, tma=True),  # q_b 18.0 us
+    (16, 32768, 1024): GemmConfig(16, 128, 4, 4, 1, 8, tma=True),  # q_b 17.7 us
+    (64, 32768, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # q_b 17.9 us
+    (512, 32768, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # q_b 53.0 us
+    (4096, 32768, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # q_b 380.8 us
+    (16384, 32768, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # q_b 1539.4 us
+    (1, 512, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # wkv 9.3 us
+    (16, 512, 4096): GemmConfig(16, 32, 4, 6, 8, 8),  # wkv 8.8 us
+    (64, 512, 4096): GemmConfig(64, 32, 4, 6, 4, 8),  # wkv 10.5 us
+    (512, 512, 4096): GemmConfig(64, 64, 4, 5, 1, 8),  # wkv 14.9 us
+    (4096, 512, 4096): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # wkv 22.4 us
+    (16384, 512, 4096): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # wkv 84.3 us
+    (1, 4096, 8192): GemmConfig(16, 64, 4, 5, 4, 8),  # wo_b 19.9 us
+    (16, 4096, 8192): GemmConfig(16, 64, 4, 5, 4, 8),  # wo_b 20.4 us
+    (64, 4096, 8192): GemmConfig(64, 64, 4, 5, 2, 8, tma=True),  # wo_b 21.7 us
+    (512, 4096, 8192): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # wo_b 37.1 us
+    (4096, 4096, 8192): GemmConfig(128, 128, 8, 4, 1, 8, tma=True),  # wo_b 295.7 us
+    (16384, 4096, 8192): GemmConfig(128, 128, 8, 4, 1, 8, tma=True),  # wo_b 1222.8 us
+    (1, 8192, 1024): GemmConfig(16, 64, 4, 5, 1, 8, tma=True),  # idx_wq_b 9.6 us
+    (16, 8192, 1024): GemmConfig(16, 32, 4, 6, 1, 8),  # idx_wq_b 9.8 us
+    (64, 8192, 1024): GemmConfig(64, 64, 4, 5, 1, 8),  # idx_wq_b 9.2 us
+    (512, 8192, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # idx_wq_b 16.6 us
+    (4096, 8192, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # idx_wq_b 95.7 us
+    (16384, 8192, 1024): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # idx_wq_b 360.2 us
+    (1, 2048, 4096): GemmConfig(16, 128, 4, 4, 8, 8),  # shexp_up 10.9 us
+    (16, 2048, 4096): GemmConfig(16, 32, 4, 6, 4, 8),  # shexp_up 11.4 us
+    (64, 2048, 4096): GemmConfig(64, 32, 4, 6, 2, 8),  # shexp_up 12.5 us
+    (512, 2048, 4096): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # shexp_up 16.6 us
+    (4096, 2048, 4096): GemmConfig(128, 128, 8, 3, 1, 8, tma=True),  # shexp_up 81.4 us
+    (16384, 2048, 4096): GemmConfig(128, 128, 8, 3, 1, 8, tma=True),  # shexp_up 307.5 us
+    (1, 4096, 2048): GemmConfig(16, 128, 4, 4, 4, 8),  # shexp_down 11.0 us
+    (16, 4096, 2048): GemmConfig(16, 32, 4, 6, 1, 8),  # shexp_down 10.8 us
+    (64, 4096, 2048): GemmConfig(64, 64, 4, 5, 1, 8),  # shexp_down 11.1 us
+    (512, 4096, 2048): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # shexp_down 14.3 us
+    (4096, 4096, 2048): GemmConfig(64, 128, 4, 4, 1, 8, tma=True),  # shexp_down 88.3 us
+    (16384, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8, tma=True),  # shexp_down 333.2 us
+}
+"""(m class, N, K) -> config, measured on an H100 SXM by ``python -m seahal.bench.cuda_gemm --tune --write-tables``."""
+
+CONFIGS = {"sm90": SM90_CONFIGS}
+
+
+@triton.jit
+def _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0: tl.constexpr, ONE_SCALE_BLOCK: tl.constexpr):
+    """sA[m, kb] * sB[n // 128, kb] for the tile: [BLOCK_M, 1] when one sB covers it, else [BLOCK_M, BLOCK_N]."""
+    a_scale = tl.load(a_scale_ptrs)
+    b_scale = tl.load(b_scale_ptrs)
+    if B_SCALE_E8M0:
+        b_scale = decode_e8m0(b_scale)
+    if ONE_SCALE_BLOCK:
+        return (a_scale * b_scale)[:, None]
+    return a_scale[:, None] * b_scale[None, :]
+
+
+@triton.jit(do_not_specialize=["M", "stride_asm", "stride_bsn"])
+def _fp8_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_bn, stride_bk, stride_bsn, stride_bsk,
+    stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False,
+):
+    """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sA[m, kb] * sB[n // 128, kb] for one output tile."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    kb_lo, kb_hi = k_block_range(K, pid_k, SPLIT_K, 128)
+    rows_a = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    rows_b = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    if not TMA:
+        # Rows past the edge re-read valid rows (the store masks them): no masks in the K loop.
+        offs_k = kb_lo * 128 + tl.arange(0, 128)
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
+    ONE_SCALE_BLOCK: tl.constexpr = 128 % BLOCK_N == 0  # the tile's columns share one sB row
+    if ONE_SCALE_BLOCK:
+        b_scale_ptrs = b_scale_ptr + (pid_n * BLOCK_N // 128) * stride_bsn + kb_lo * stride_bsk
+    else:
+        b_scale_ptrs = b_scale_ptr + (rows_b // 128) * stride_bsn + kb_lo * stride_bsk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        if TMA:  # a_ptr, b_ptr are tensor descriptors; rows past the edge load as zeros
+            a = a_ptr.load([pid_m * BLOCK_M, kb * 128])
+            b = b_ptr.load([pid_n * BLOCK_N, kb * 128]).T
+        else:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            a_ptrs += 128 * stride_ak
+            b_ptrs += 128 * stride_bk
+        acc += tl.dot(a, b) * _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
+        a_scale_ptrs += stride_ask
+        b_scale_ptrs += stride_bsk
+    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+               BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+def launch_fp8_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
+    config: GemmConfig,
+) -> torch.Tensor:
+    """:func:`fp8_gemm` into a given ``out`` with an explicit config (tuning, benchmarks, tests)."""
+    return launch(_fp8_gemm_kernel, a, a_scale, b, b_scale, out, config)
+
+
+def fp8_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """FP8 block-scaled GEMM ``C = (A sA) @ (B sB)^T``, fp32 accumulation per 128-wide K block.
+
+    a: [M, K] e4m3, a_scale: [M, K/128] fp32, b: [N, K] e4m3, b_scale: [ceil(N/128), K/128]
+    fp32 or e8m0 -> [M, N] bf16 (or out_dtype fp32).
+
+    ``C[m, n] = sum_kb (sum_{k in kb} A[m, k] B[n, k]) * sA[m, kb] * sB[n // 128, kb]``
+    """
+    return gemm(_fp8_gemm_kernel, CONFIGS, a, a_scale, b, b_scale, out_dtype)
+
