@@ -54,7 +54,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.ops, self.dense_only = ops, dense_only
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.scale: torch.Tensor | None = None
+        self.register_buffer("scale", None, persistent=False)
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
         """Install a checkpoint weight in its own format (shapes are checked by the loader);
@@ -62,10 +62,7 @@ class Linear(nn.Module):
         if self.dense_only or scale is None:
             weight, scale = dequantize_weight(weight, scale, dtype), None
         self.weight = nn.Parameter(weight, requires_grad=False)
-        if scale is None:
-            self.scale = None
-        else:
-            self.register_buffer("scale", scale, persistent=False)
+        self.scale = scale
 
     @property
     def format(self) -> str:

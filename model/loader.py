@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,13 +20,15 @@ def load(
     dtype: torch.dtype | None = None,
     policy: str = "fallback",
     announce: bool = True,
+    environ: Mapping[str, str] | None = None,
     **overrides,
 ) -> Transformer:
     """Build a DeepSeek-V4 model with every specialised op bound once through a HAL plan.
 
     ``path_or_config``: a checkpoint folder (config.json + safetensors shards) or a config
     (zero weights, for tests and planning). ``dtype``: the activation dtype (default bf16 on
-    accelerators, fp32 on CPU). ``overrides`` replace config fields, e.g.
+    accelerators, fp32 on CPU). ``environ`` replaces os.environ for the plan's overrides
+    (``SEAHAL_OPS``, ``SEAHAL_BACKEND``). ``overrides`` replace config fields, e.g.
     ``simulate_fp8_kv=False`` or ``max_seq_len=8192``. The plan is ``model.plan``.
     """
     path = None
@@ -38,7 +41,7 @@ def load(
         config = ModelConfig.from_file(path)
     if overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides})
-    plan = hal.plan(device, ops=MODEL_OPS, policy=policy, announce=announce)
+    plan = hal.plan(device, ops=MODEL_OPS, policy=policy, announce=announce, environ=environ)
     if dtype is None:
         dtype = torch.float32 if plan.device.type == "cpu" else torch.bfloat16
     with torch.device(plan.device):

@@ -12,6 +12,7 @@ from seahal import hal
 from .attention import Attention
 from .cache import Cache
 from .config import CSA_RATIO, ModelConfig
+from .generate import generate as _generate
 from .layers import RMSNorm
 from .moe import MoE
 
@@ -81,6 +82,10 @@ class Transformer(nn.Module):
         """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
         capacity = max_seq_len or self.config.max_seq_len
         return Cache.new(self.config, batch_size, capacity, self.dtype, self.device, self.ops)
+
+    def generate(self, prompts, max_new_tokens: int, **kwargs):
+        """Continue prompts token by token; see :func:`seahal.model.generate.generate`."""
+        return _generate(self, prompts, max_new_tokens, **kwargs)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:

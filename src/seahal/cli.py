@@ -1,4 +1,4 @@
-"""The ``seahal`` command line: ``info``, ``support-matrix``, ``conformance``, ``bench``."""
+"""The ``seahal`` command line: ``run``, ``convert``, ``info``, ``support-matrix``, ``conformance``, ``bench``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write results as JSON")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.set_defaults(func=_bench)
+
+    from seahal.run import add_parsers as add_model_parsers
+
+    add_model_parsers(sub)
     return parser
 
 

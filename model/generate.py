@@ -1,0 +1,168 @@
+"""Autoregressive generation on a :class:`Transformer`: prefill, then one token per step.
+
+The ops take one start position for the whole batch, so prompts are grouped by length: each
+group shares one cache and is prefilled in one call; the groups then decode in lockstep, one
+step per group per token. Prompts of n different lengths cost n prefills and n decode calls
+per step (a limitation until the ops take per-sequence positions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import Cache
+
+if TYPE_CHECKING:
+    from .transformer import Transformer
+
+
+@dataclass
+class GenerationStats:
+    """Token counts and wall-clock seconds of one :func:`generate` call (all groups together)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    decoded_tokens: int = 0
+    """New tokens produced by decode steps (each sequence's first new token comes from its prefill)."""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    cache_bytes: int = 0
+    """``nbytes()`` of every group's cache, as allocated."""
+    cached_tokens: int = 0
+    """Token positions those caches hold, summed over sequences."""
+    cache_bytes_per_token: float = 0.0
+    """Growing part of the cache per token (compressed entries and indexer keys)."""
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decoded_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Generation(list):
+    """The generated tokens per prompt (``list[list[int]]``, prompts excluded), plus ``stats``."""
+
+    stats: GenerationStats
+
+
+def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next tokens from logits [B, vocab] (computed in fp32 on the CPU) -> [B] int64.
+
+    Greedy (or temperature 0): ``argmax`` (first maximum). Otherwise ``p = softmax(logits / T)``,
+    restricted to the smallest set of most likely tokens whose mass reaches ``top_p`` (ties in
+    index order, the most likely token always kept), renormalised, sampled with ``generator``.
+    """
+    logits = logits.float().cpu()
+    if greedy or temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p
+        keep[:, 0] = True
+        sorted_probs = torch.where(keep, sorted_probs, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Group:
+    """Prompts of one length sharing a cache; ``rows`` index the caller's prompt list."""
+
+    def __init__(self, model: Transformer, rows: list[int], prompts: list[list[int]], max_new_tokens: int):
+        self.rows = rows
+        self.inputs = torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=model.device)
+        """The tokens the next forward consumes: the prompts, then the last sampled tokens."""
+        self.cache: Cache = model.new_cache(len(rows), self.inputs.shape[1] + max_new_tokens)
+        self.done = [False] * len(rows)
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    eos_token_id: int | Sequence[int] | None = None,
+    stream: Callable[[int, int], None] | None = None,
+    seed: int | None = None,
+) -> Generation:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    prompts: lists of token ids (any lengths) or a [B, S] tensor -> the new tokens per prompt,
+    in order (an ``eos_token_id`` that stops a sequence is included; None: never stop early).
+    ``stream(i, token)`` is called for each token of prompt i as it is produced. Sampling is in
+    fp32 with a ``torch.Generator`` seeded by ``seed`` (see :func:`sample`). Timing and cache
+    figures are in the result's ``stats``.
+    """
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_prompts(prompts, model.config.vocab_size)
+    longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+    if longest > model.config.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds max_seq_len={model.config.max_seq_len}")
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    result = Generation([] for _ in prompts)
+    stats = result.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
+    if max_new_tokens == 0:
+        return result
+    by_length: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(row)
+    groups = [_Group(model, rows, prompts, max_new_tokens) for _, rows in sorted(by_length.items())]
+
+    def step(group: _Group, decoding: bool) -> None:
+        tokens = sample(model(group.inputs, cache=group.cache)[:, -1], temperature, top_p, greedy, generator).tolist()
+        for i, (row, token) in enumerate(zip(group.rows, tokens)):
+            if group.done[i]:
+                continue
+            result[row].append(token)
+            stats.new_tokens += 1
+            stats.decoded_tokens += decoding
+            if stream is not None:
+                stream(row, token)
+            group.done[i] = token in stops or len(result[row]) == max_new_tokens
+        group.inputs = torch.tensor(tokens, dtype=torch.long, device=model.device).unsqueeze(1)
+
+    for group in groups:
+        start = time.perf_counter()
+        step(group, decoding=False)
+        stats.prefill_seconds += time.perf_counter() - start
+    while active := [g for g in groups if not all(g.done)]:
+        start = time.perf_counter()
+        for group in active:
+            step(group, decoding=True)
+        stats.decode_seconds += time.perf_counter() - start
+
+    stats.cache_bytes = sum(g.cache.nbytes() for g in groups)
+    stats.cached_tokens = sum(g.cache.pos * len(g.rows) for g in groups)
+    stats.cache_bytes_per_token = groups[0].cache.bytes_per_token()
+    return result
