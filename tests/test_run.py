@@ -3,21 +3,17 @@ generation figures and, with --compare-reference, the logit difference to the CP
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
 import pytest
 import torch
 
-from seahal.run import add_parsers
+from seahal.cli import main
 
 
 def _seahal(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="seahal")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(list(argv))
 
 
 @pytest.fixture
