@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,9 +55,14 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(path: Path, device: torch.device) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(canonical name, file, tensor on device) for every tensor, one shard at a time."""
-    for file in shard_files(path):
+def iter_tensors(path: Path, device: torch.device, progress: bool = False) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(canonical name, file, tensor on device) for every tensor, one shard at a time;
+    ``progress`` prints a line per shard to stderr (long loads of many shards)."""
+    files = shard_files(path)
+    start = time.perf_counter()
+    for i, file in enumerate(files):
+        if progress and len(files) > 1:
+            print(f"\rloading shard {i + 1}/{len(files)} ({time.perf_counter() - start:.0f} s)", end="", file=sys.stderr)
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as exc:
@@ -67,6 +74,8 @@ def iter_tensors(path: Path, device: torch.device) -> Iterator[tuple[str, str, t
                 except Exception as exc:
                     raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
                 yield canonical_name(name), file.name, tensor.to(device)
+    if progress and len(files) > 1:
+        print(f"\rloaded {len(files)} shards in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
 def _expected_scale_shape(weight_shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
@@ -87,7 +96,9 @@ def _check_weight(name: str, file: str, t: torch.Tensor, rows: int, cols: int) -
         )
 
 
-def load_weights(model: torch.nn.Module, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(
+    model: torch.nn.Module, path: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> None:
     """Install every checkpoint tensor into ``model``; raise CheckpointError naming what is wrong."""
     modules = dict(model.named_modules())
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -95,7 +106,7 @@ def load_weights(model: torch.nn.Module, path: Path, device: torch.device, dtype
     expert_parts: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
     seen: set[str] = set()
 
-    for name, file, tensor in iter_tensors(path, device):
+    for name, file, tensor in iter_tensors(path, device, progress):
         if name.startswith("mtp."):
             continue  # the MTP block is not used for generation here
         expert = _EXPERT.match(name) or _SHARED.match(name)

@@ -140,7 +140,7 @@ def generate(
     groups = [_Group(model, rows, prompts, max_new_tokens) for _, rows in sorted(by_length.items())]
 
     def step(group: _Group, decoding: bool) -> None:
-        tokens = sample(model(group.inputs, cache=group.cache)[:, -1], temperature, top_p, greedy, generator).tolist()
+        tokens = sample(model(group.inputs, cache=group.cache, last_only=True)[:, -1], temperature, top_p, greedy, generator).tolist()
         for i, (row, token) in enumerate(zip(group.rows, tokens)):
             if group.done[i]:
                 continue

@@ -47,5 +47,5 @@ def load(
     with torch.device(plan.device):
         model = Transformer(config, plan, dtype)
     if path is not None:
-        load_weights(model, path, plan.device, dtype)
+        load_weights(model, path, plan.device, dtype, progress=announce)
     return model.eval()

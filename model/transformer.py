@@ -88,8 +88,8 @@ class Transformer(nn.Module):
         return _generate(self, prompts, max_new_tokens, **kwargs)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids: [B, S] -> logits [B, S, vocab] fp32."""
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids: [B, S] -> logits [B, S, vocab] fp32 ([B, 1, vocab] with ``last_only``)."""
         b, s = input_ids.shape
         if cache is None:
             cache = self.new_cache(b, _round_up(s, max(self.config.compress_ratios + [CSA_RATIO])))
@@ -100,6 +100,8 @@ class Transformer(nn.Module):
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, input_ids, layer_cache, start_pos)
         cache.pos += s
+        if last_only:
+            h = h[:, -1:]
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
         return nn.functional.linear(self.norm(z).float(), self.head.weight.float())
 
