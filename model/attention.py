@@ -94,13 +94,14 @@ class Attention(nn.Module):
             self.compressor = Compressor(c.dim, c.head_dim, self.ratio, self.ratio == CSA_RATIO, ops, c.norm_eps)
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(c, ops)
-        # SWA-only layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta + YaRN.
-        freqs = (
-            rope_frequencies(c.rope_head_dim, c.rope_theta)
-            if not self.ratio
-            else rope_frequencies(c.rope_head_dim, c.compress_rope_theta, c.yarn)
-        )
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", self.rope_frequencies(), persistent=False)
+
+    def rope_frequencies(self) -> torch.Tensor:
+        """SWA-only layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta + YaRN."""
+        c = self.config
+        if not self.ratio:
+            return rope_frequencies(c.rope_head_dim, c.rope_theta)
+        return rope_frequencies(c.rope_head_dim, c.compress_rope_theta, c.yarn)
 
     def forward(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:
         """x: [B, S, D] (attn-normed), tokens at positions [start_pos, start_pos+S) -> [B, S, D]."""

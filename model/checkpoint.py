@@ -96,12 +96,36 @@ def _check_weight(name: str, file: str, t: torch.Tensor, rows: int, cols: int) -
         )
 
 
+def _expert_key(name: str) -> tuple[str, int, str, str] | None:
+    """``layers.3.ffn.experts.7.w1.weight`` -> ("layers.3.ffn.experts", 7, "w1", "weight");
+    the shared expert is expert 0 of ``layers.N.ffn.shared_experts``."""
+    if match := _EXPERT.match(name):
+        ffn, e, w, kind = match.groups()
+        return f"{ffn}.experts", int(e), w, kind
+    if match := _SHARED.match(name):
+        ffn, w, kind = match.groups()
+        return f"{ffn}.shared_experts", 0, w, kind
+    return None
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` by ``tensor`` cast to the dtype the model declares."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        declared = module._parameters[leaf].dtype
+        module._parameters[leaf] = torch.nn.Parameter(tensor.to(declared), requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor.to(module._buffers[leaf].dtype)
+
+
 def load_weights(
     model: torch.nn.Module, path: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
 ) -> None:
-    """Install every checkpoint tensor into ``model``; raise CheckpointError naming what is wrong."""
+    """Install every checkpoint tensor into ``model`` (typically built on the meta device, so no
+    placeholder memory is ever allocated); raise CheckpointError naming what is wrong."""
     modules = dict(model.named_modules())
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    targets = dict(model.state_dict(keep_vars=True))
     linear_parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     expert_parts: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
     seen: set[str] = set()
@@ -109,27 +133,21 @@ def load_weights(
     for name, file, tensor in iter_tensors(path, device, progress):
         if name.startswith("mtp."):
             continue  # the MTP block is not used for generation here
-        expert = _EXPERT.match(name) or _SHARED.match(name)
-        if expert:
-            groups = expert.groups()
-            module, e, w, kind = (groups[0], int(groups[1]), groups[2], groups[3]) if len(groups) == 4 else (
-                groups[0], 0, groups[1], groups[2])
-            container = "experts" if len(groups) == 4 else "shared_experts"
-            expert_parts.setdefault((f"{module}.{container}", w), {}).setdefault(e, {})[kind] = tensor
+        if key := _expert_key(name):
+            container, e, w, kind = key
+            expert_parts.setdefault((container, w), {}).setdefault(e, {})[kind] = tensor
             continue
         owner, _, leaf = name.rpartition(".")
         if isinstance(modules.get(owner), Linear):
             linear_parts.setdefault(owner, {})[leaf] = (file, tensor)
             continue
-        if name not in params:
+        if name not in targets:
             raise CheckpointError(f"tensor {name!r} in {file} does not belong to this model (config mismatch?)")
-        target = params[name]
-        if tuple(target.shape) != tuple(tensor.shape):
+        if tuple(targets[name].shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"tensor {name!r} in {file}: expected shape {list(target.shape)}, got {list(tensor.shape)}"
+                f"tensor {name!r} in {file}: expected shape {list(targets[name].shape)}, got {list(tensor.shape)}"
             )
-        with torch.no_grad():
-            target.copy_(tensor.to(target.dtype) if target.dtype.is_floating_point or tensor.dtype != target.dtype else tensor)
+        _assign(model, name, tensor)
         seen.add(name)
 
     for owner, parts in linear_parts.items():

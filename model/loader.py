@@ -11,6 +11,7 @@ from seahal import hal
 
 from .checkpoint import load_weights
 from .config import ModelConfig
+from .attention import Attention
 from .transformer import MODEL_OPS, Transformer
 
 
@@ -44,8 +45,14 @@ def load(
     plan = hal.plan(device, ops=MODEL_OPS, policy=policy, announce=announce, environ=environ)
     if dtype is None:
         dtype = torch.float32 if plan.device.type == "cpu" else torch.bfloat16
-    with torch.device(plan.device):
+    if path is None:
+        with torch.device(plan.device):
+            return Transformer(config, plan, dtype).eval()
+    # Built on the meta device: every weight is then replaced by the checkpoint's tensor in its
+    # stored format, so no placeholder is ever allocated (V4-Flash would need 1 TB of fp32 zeros).
+    with torch.device("meta"):
         model = Transformer(config, plan, dtype)
-    if path is not None:
-        load_weights(model, path, plan.device, dtype, progress=announce)
+    load_weights(model, path, plan.device, dtype, progress=announce)
+    for attention in (m for m in model.modules() if isinstance(m, Attention)):
+        attention.freqs = attention.rope_frequencies().to(plan.device)
     return model.eval()

@@ -66,11 +66,11 @@ class Transformer(nn.Module):
         ops = plan.ops
         self.ops = ops
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.embed = nn.Embedding(c.vocab_size, c.dim, dtype=dtype)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(c, i, ops) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.head = nn.Linear(c.dim, c.vocab_size, bias=False, dtype=dtype)
         self.head.weight.requires_grad_(False)
         _hc_params(c.hc_mult, c.dim, c.hc_mult, "hc_head", self, 1)
 
