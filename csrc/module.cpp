@@ -5,6 +5,7 @@
 namespace py = pybind11;
 
 void bind_codecs(py::module_& m);
+void bind_gemm(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "seahal native CPU kernels (number-format codecs, FP8/FP4 GEMMs)";
@@ -14,4 +15,5 @@ PYBIND11_MODULE(_native, m) {
     m.attr("openmp") = false;
 #endif
     bind_codecs(m);
+    bind_gemm(m);
 }

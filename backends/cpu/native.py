@@ -1,15 +1,25 @@
 """Native CPU fast paths from ``seahal._native`` (C++17, pybind11, OpenMP).
 
-The C++ functions take raw data pointers and sizes; this module is the thin, typed wrapper that
-checks layout and hands them contiguous tensors.
+The C++ functions take raw data pointers and sizes, so the extension depends on pybind11 only;
+this module is the thin, typed wrapper: it checks the call against the op's contract, makes the
+inputs contiguous, allocates the output and hands the pointers over. Weights and their scales
+are read as stored (1 byte per FP8 weight, half a byte per FP4 weight, fp32 or e8m0 scales),
+never expanded to a float copy.
 """
 
 from __future__ import annotations
 
-from seahal.hal import register_kernel
+from types import ModuleType
+
+import torch
+
+from seahal.hal import get_spec, register_kernel
+
+_GEMM_CAPABILITIES = {"out_dtype": ("bfloat16", "float32"), "scale_dtype": ("float32", "float8_e8m0fnu")}
+_CODEC_FORMATS = ("e4m3", "e8m0", "e2m1")
 
 
-def native_module():
+def native_module() -> ModuleType | None:
     """``seahal._native``, or None when the package was not built with it."""
     try:
         from seahal import _native
@@ -18,7 +28,85 @@ def native_module():
     return _native
 
 
+def _native() -> ModuleType:
+    module = native_module()
+    if module is None:
+        raise RuntimeError("seahal._native is not built: reinstall seahal with a C++17 compiler (pip install -e .)")
+    return module
+
+
+def _block_scaled_gemm(op: str, a, a_scale, b, b_scale, out_dtype) -> torch.Tensor:
+    """Check the call against ``op``'s contract, then run the native kernel of the same op."""
+    meta = get_spec(op).check(a, a_scale, b, b_scale, out_dtype)
+    devices = {t.device.type for t in (a, a_scale, b, b_scale)}
+    if devices != {"cpu"}:
+        raise ValueError(f"{op} (native cpu kernel) needs cpu tensors, got {sorted(devices)}")
+    kernel = _native().fp8_block_gemm if op == "fp8_gemm" else _native().fp4_gemm
+    out = torch.empty(meta.shape, dtype=meta.dtype)
+    a, a_scale, b, b_scale = (t.contiguous() for t in (a, a_scale, b, b_scale))
+    e8m0 = b_scale.dtype != torch.float32
+    m, k = a.shape
+    kernel(
+        a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), e8m0, out.data_ptr(),
+        m, out.shape[1], k, out.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype=None):
+    """FP8 block-scaled GEMM ``C = (A sA) @ (B sB)^T`` with fp32 accumulation per 128-wide K block.
+
+    a: [M, K] e4m3, a_scale: [M, K/128] fp32, b: [N, K] e4m3, b_scale: [ceil(N/128), K/128]
+    fp32 or e8m0 -> [M, N] bf16 (or out_dtype fp32).
+
+    ``C[m, n] = sum_kb (sum_{k in kb} A[m, k] B[n, k]) * sA[m, kb] * sB[n // 128, kb]``, the
+    same fp32 arithmetic as the reference up to summation order (csrc/gemm.cpp).
+    """
+    return _block_scaled_gemm("fp8_gemm", a, a_scale, b, b_scale, out_dtype)
+
+
+def fp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype=None):
+    """FP8 x FP4 GEMM ``C = (A sA) @ (e2m1(B) sB)^T`` accumulated in fp32.
+
+    a: [M, K] e4m3, a_scale: [M, K/128] fp32, b: [N, K/2] uint8 packed e2m1 (low nibble first),
+    b_scale: [N, K/32] fp32 or e8m0 -> [M, N] bf16 (or out_dtype fp32).
+
+    ``C[m, n] = sum_kb (sum_{k in kb} A[m, k] e2m1(B[n, k]) sB[n, k/32]) * sA[m, kb]``: the weight
+    scale is applied while decoding, exact for e8m0 scales, so the result equals the reference's
+    per-32-step sums up to summation order (csrc/gemm.cpp).
+    """
+    return _block_scaled_gemm("fp4_gemm", a, a_scale, b, b_scale, out_dtype)
+
+
+def encode(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """fp32 values -> one code byte each (uint8, same shape) in ``fmt``: e4m3, e8m0 or e2m1.
+
+    e4m3: round to nearest even, saturating at ±448, NaN kept; e8m0: as ``torch.float8_e8m0fnu``;
+    e2m1: nearest with ties to the even code, saturating at ±6, the sign kept (code 0..15).
+    """
+    return _codec(fmt, "encode", x.to(torch.float32).contiguous(), torch.uint8)
+
+
+def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Code bytes (uint8, or the float8 dtype viewed as bytes) in ``fmt`` -> fp32 values, same shape."""
+    return _codec(fmt, "decode", codes.contiguous().view(torch.uint8), torch.float32)
+
+
+def _codec(fmt: str, direction: str, src: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if fmt not in _CODEC_FORMATS:
+        raise ValueError(f"fmt must be one of {_CODEC_FORMATS}, got {fmt!r}")
+    if src.device.type != "cpu":
+        raise ValueError(f"native codecs need a cpu tensor, got {src.device}")
+    out = torch.empty(src.shape, dtype=out_dtype)
+    getattr(_native(), f"{fmt}_{direction}")(src.data_ptr(), out.data_ptr(), src.numel())
+    return out
+
+
 def register_native_kernels() -> None:
-    """Register the native kernels above the reference (priority 10) when the module is built."""
+    """Register the native GEMMs above the reference (priority 10) when the module is built."""
     if native_module() is None:
         return
+    for op in ("fp8_gemm", "fp4_gemm"):
+        register_kernel(
+            op, "cpu", "native", f"{__name__}:{op}", priority=10, capabilities=_GEMM_CAPABILITIES
+        )  # fmt: skip

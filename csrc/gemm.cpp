@@ -1,0 +1,430 @@
+// Block-scaled quantised GEMMs on the CPU: C[M, N] = A[M, K] @ B[N, K]^T (v4_ops.md §11.2, §11.5).
+//
+// A is e4m3 with 1x128 fp32 scales sA. B is e4m3 with 128x128 scales (fp8_block_gemm) or packed
+// e2m1 with 1x32 scales (fp4_gemm). K is walked in 128-wide blocks kb; for each, the fp32 dot
+// product of the block is multiplied by sA[m, kb] * sB and added to an fp32 accumulator:
+//
+//   C[m, n] = sum_kb (sum_{k in kb} A[m, k] B'[n, k]) * (sA[m, kb] * sB'[n, kb])
+//
+// For FP8, B' = B and sB' is the 128x128 block scale: the reference's arithmetic. For FP4 the
+// 1x32 scales vary inside a block, so they are applied while decoding (B' = e2m1(B) * sB[n, k/32],
+// sB' = 1). With e8m0 (power-of-two) scales that product is exact and the result equals the
+// reference's per-32-step sums up to summation order; with arbitrary fp32 scales each weight
+// picks up one rounding (2^-24 relative) more.
+//
+// Each dot product runs in 8 independent fp32 lanes, each scaled and accumulated on its own, the
+// lanes summed at the end (again only the summation order differs from the reference).
+//
+// Work items are tiles of up to 64 weight rows times passes of up to 256 activation rows (OpenMP,
+// static schedule). For each 128-wide K block a tile's weight bytes (and e8m0 or fp32 scales, as
+// stored) are decoded into a small fp32 panel (64 x 128 floats, about L1) that serves every
+// activation row of the pass, 4 rows at a time: the weight is read once per pass and never
+// expanded in full. The activations are decoded once up front. Hot loops use GCC vector
+// extensions (8 fp32 lanes) and are compiled twice on x86-64: for the baseline ISA and, with
+// AVX2+FMA+F16C weight decoders, for CPUs that have those (picked at run time). Each output
+// element is summed by one work item in a fixed order: the result does not depend on the thread
+// count.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "formats.hpp"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#ifdef SEAHAL_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace seahal {
+namespace {
+
+#define SEAHAL_INLINE inline __attribute__((always_inline))
+
+constexpr int kBlock = 128;              // activation scale block along K
+constexpr int kFp4Step = 32;             // FP4 weight scale step along K
+constexpr int kLanes = 8;                // independent fp32 accumulation lanes per dot product
+constexpr int64_t kRowGroup = 8;         // tile rows come in groups of 8 (the M=1 kernel's width)
+constexpr int64_t kMaxTileRows = 64;     // panel: 64 rows x 128 x 4 B = 32 KiB
+constexpr int64_t kTilesPerThread = 4;   // keeps threads balanced when N is small
+constexpr int64_t kRowsPerPass = 256;    // activation rows per work item (bounds the accumulators)
+constexpr int64_t kPrefetchBlocks = 1;   // weight prefetch distance, in K blocks
+
+struct GemmArgs {
+    const uint8_t* a;      // [M, K] e4m3
+    const float* a_scale;  // [M, K/128]
+    const uint8_t* b;      // fp8: [N, K] e4m3; fp4: [N, K/2] packed e2m1
+    const void* b_scale;   // fp8: [ceil(N/128), K/128]; fp4: [N, K/32]; fp32, or e8m0 bytes
+    void* out;             // [M, N] bf16 or fp32
+    int64_t m, n, k;
+    bool b_scale_e8m0;
+    bool out_bf16;
+};
+
+// Weight scale number i, from fp32 or e8m0 storage.
+SEAHAL_INLINE float weight_scale(const GemmArgs& g, int64_t i) {
+    return g.b_scale_e8m0 ? e8m0_decode(static_cast<const uint8_t*>(g.b_scale)[i])
+                          : static_cast<const float*>(g.b_scale)[i];
+}
+
+// Weight-byte decoders, one per instruction set, writing fp32 values.
+// e4m3(src, dst): 128 e4m3 bytes -> 128 exact values.
+// e2m1(src, scales, dst): 64 packed bytes (128 codes) -> values * scales[k / 32], each 32-element
+// step as its 16 even elements (low nibbles) then its 16 odd ones (high nibbles). The code -0 may
+// come out as +0, which no sum can tell apart once the accumulator starts at +0.
+struct BaselineDecoder {
+    static SEAHAL_INLINE void e4m3(const uint8_t* src, float* dst) {
+        for (int i = 0; i < kBlock; ++i) dst[i] = e4m3_decode(src[i]);
+    }
+    static SEAHAL_INLINE void e2m1(const uint8_t* src, const float* scales, float* dst) {
+        for (int s = 0; s < kBlock; s += kFp4Step)
+            for (int i = 0; i < kFp4Step / 2; ++i) {
+                const uint8_t byte = src[s / 2 + i];
+                dst[s + i] = e2m1_decode(byte & 0x0Fu) * scales[s / kFp4Step];
+                dst[s + kFp4Step / 2 + i] = e2m1_decode(byte >> 4) * scales[s / kFp4Step];
+            }
+    }
+};
+
+#if defined(__x86_64__)
+#define SEAHAL_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+struct Avx2Decoder {
+    // e4m3 -> fp16 bits -> fp32 (F16C): the byte's 7 magnitude bits shifted left by 7 are the fp16
+    // of value * 2^-8 (e4m3 and fp16 subnormals line up, and F16C converts fp16 subnormals exactly
+    // whatever the MXCSR flush modes); doubling bit 14 moves the sign up to bit 15. Magnitude 0x7F
+    // (NaN in e4m3fn) becomes the fp16 NaN 0x7E00.
+    static SEAHAL_AVX2 void e4m3(const uint8_t* src, float* dst) {
+        const __m256i sign_at_14 = _mm256_set1_epi16(0x4000), magnitude = _mm256_set1_epi16(0x7F);
+        const __m256i fp16_nan = _mm256_set1_epi16(0x7E00);
+        const __m256 rescale = _mm256_set1_ps(256.0f);
+        for (int i = 0; i < kBlock; i += 16) {
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+            __m256i half = _mm256_slli_epi16(bytes, 7);
+            half = _mm256_add_epi16(half, _mm256_and_si256(half, sign_at_14));
+            const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(bytes, magnitude), magnitude);
+            half = _mm256_or_si256(half, _mm256_and_si256(nan, fp16_nan));
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), rescale));
+            _mm256_storeu_ps(dst + i + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), rescale));
+        }
+    }
+    // e2m1 via a 16-entry byte shuffle to 2 * value (integers in [-12, 12]), int -> fp32, then one
+    // multiply by scale / 2 (the same real product as value * scale, so the same rounding).
+    static SEAHAL_AVX2 void e2m1(const uint8_t* src, const float* scales, float* dst) {
+        const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        const __m128i nibble = _mm_set1_epi8(0x0F);
+        for (int s = 0; s < kBlock; s += kFp4Step) {
+            const __m256 half_scale = _mm256_set1_ps(0.5f * scales[s / kFp4Step]);
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s / 2));
+            const __m128i even = _mm_shuffle_epi8(twice, _mm_and_si128(bytes, nibble));
+            const __m128i odd = _mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+            const __m128i parts[4] = {even, _mm_srli_si128(even, 8), odd, _mm_srli_si128(odd, 8)};
+            for (int q = 0; q < 4; ++q)
+                _mm256_storeu_ps(dst + s + 8 * q,
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[q])), half_scale));
+        }
+    }
+};
+#endif
+
+// A tile walks kMaxTileRows weight rows block by block, more concurrent streams than the hardware
+// prefetchers follow, so each block asks for the same row's bytes kPrefetchBlocks blocks ahead.
+// bytes: one block's bytes in the row; left: bytes from src to the row's end.
+SEAHAL_INLINE void prefetch_ahead(const uint8_t* src, int64_t bytes, int64_t left) {
+    const int64_t ahead = kPrefetchBlocks * bytes;
+    if (ahead >= left) return;
+    for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(src + ahead + line);
+}
+
+SEAHAL_INLINE void prefetch_scale(const GemmArgs& g, int64_t i) {
+    __builtin_prefetch(g.b_scale_e8m0 ? static_cast<const void*>(static_cast<const uint8_t*>(g.b_scale) + i)
+                                      : static_cast<const void*>(static_cast<const float*>(g.b_scale) + i));
+}
+
+// FP8 weights: one e4m3 byte per element, one scale per 128x128 block.
+struct Fp8Weights {
+    static constexpr bool kDeinterleaved = false;
+
+    // Row `row`, K block kb -> dst[128]; returns the scale that multiplies the block's dot product.
+    template <class Decoder>
+    static SEAHAL_INLINE float decode(const GemmArgs& g, int64_t row, int64_t kb, float* dst) {
+        const uint8_t* src = g.b + row * g.k + kb * kBlock;
+        prefetch_ahead(src, kBlock, g.k - kb * kBlock);
+        Decoder::e4m3(src, dst);
+        return weight_scale(g, (row / kBlock) * (g.k / kBlock) + kb);
+    }
+};
+
+// FP4 weights: two e2m1 codes per byte (even element in the low nibble), one scale per 1x32,
+// applied while decoding. Each 32-element step is decoded as its even elements then its odd ones
+// and the activations are laid out in the same order (kDeinterleaved), so the decode needs no
+// interleaving shuffle.
+struct Fp4Weights {
+    static constexpr bool kDeinterleaved = true;
+
+    template <class Decoder>
+    static SEAHAL_INLINE float decode(const GemmArgs& g, int64_t row, int64_t kb, float* dst) {
+        const uint8_t* src = g.b + row * (g.k / 2) + kb * (kBlock / 2);
+        prefetch_ahead(src, kBlock / 2, (g.k - kb * kBlock) / 2);
+        constexpr int steps = kBlock / kFp4Step;
+        const int64_t first = row * (g.k / kFp4Step) + kb * steps;
+        if (kb + kPrefetchBlocks < g.k / kBlock) prefetch_scale(g, first + kPrefetchBlocks * steps);
+        float scales[steps];
+        for (int s = 0; s < steps; ++s) scales[s] = weight_scale(g, first + s);
+        Decoder::e2m1(src, scales, dst);
+        return 1.0f;
+    }
+};
+
+// fp32 buffer aligned to a cache line, so that no 8-lane load straddles two lines.
+using AlignedFloats = std::unique_ptr<float[], decltype(&std::free)>;
+
+AlignedFloats aligned_floats(int64_t n) {
+    const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
+    float* data = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (data == nullptr) throw std::bad_alloc();
+    return AlignedFloats(data, &std::free);
+}
+
+// One thread's buffers: a tile's decoded weight block and its block scales, and the lane
+// accumulators of every (activation row, tile row) pair.
+struct Scratch {
+    AlignedFloats panel;        // [kMaxTileRows, 128]
+    AlignedFloats panel_scale;  // [kMaxTileRows]
+    AlignedFloats acc;          // [M, tile rows, kLanes]
+};
+
+// Eight fp32 lanes (GCC vector extension: one AVX register, or two SSE registers on the baseline).
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+SEAHAL_INLINE Lanes load_lanes(const float* p) {
+    Lanes v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+SEAHAL_INLINE void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+
+// For MR activation rows i and NR panel rows j of one K block:
+// acc[i][j] += (lane partial dot of a_i and b_j) * (sa_i * sb_j).
+// a: activation rows (stride lda), sa: their block scales (stride lds); b: panel rows (stride
+// 128), sb: their block scales; acc: each (i, j) pair's lanes at acc[i * acc_stride + j * kLanes].
+template <int MR, int NR>
+SEAHAL_INLINE void dot_block(const float* a, int64_t lda, const float* sa, int64_t lds, const float* b,
+                             const float* sb, float* acc, int64_t acc_stride) {
+    Lanes part[MR][NR] = {};
+    for (int k = 0; k < kBlock; k += kLanes) {
+        Lanes av[MR], bv[NR];
+        for (int i = 0; i < MR; ++i) av[i] = load_lanes(a + i * lda + k);
+        for (int j = 0; j < NR; ++j) bv[j] = load_lanes(b + j * kBlock + k);
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) part[i][j] += av[i] * bv[j];
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            float* lanes = acc + i * acc_stride + j * kLanes;
+            store_lanes(lanes, load_lanes(lanes) + part[i][j] * (sa[i * lds] * sb[j]));
+        }
+}
+
+SEAHAL_INLINE float sum_lanes(const float* lanes) {
+    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
+// One work item: output rows [m0, m0 + rows_m) x columns [n0, n0 + tile_rows). tile_rows is a
+// multiple of 8, at most kMaxTileRows; weight rows past N are decoded as zeros and not written.
+struct Tile {
+    int64_t m0, rows_m, n0, tile_rows;
+};
+
+// af: decoded activations [M, K]; activation scales are g.a_scale [M, K/128].
+template <class W, class Decoder>
+SEAHAL_INLINE void gemm_tile(const GemmArgs& g, const float* af, Tile tile, Scratch& scratch) {
+    const int64_t rows_n = std::min(tile.tile_rows, g.n - tile.n0);
+    const int64_t k_blocks = g.k / kBlock, acc_stride = tile.tile_rows * kLanes;
+    const float* a_rows = af + tile.m0 * g.k;
+    const float* sa_rows = g.a_scale + tile.m0 * k_blocks;
+    float* panel = scratch.panel.get();
+    float* panel_scale = scratch.panel_scale.get();
+    float* acc = scratch.acc.get();
+    std::fill(acc, acc + tile.rows_m * acc_stride, 0.0f);
+    std::fill(panel + rows_n * kBlock, panel + tile.tile_rows * kBlock, 0.0f);
+    std::fill(panel_scale + rows_n, panel_scale + tile.tile_rows, 0.0f);
+
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        for (int64_t j = 0; j < rows_n; ++j)
+            panel_scale[j] = W::template decode<Decoder>(g, tile.n0 + j, kb, panel + j * kBlock);
+        const float* a_block = a_rows + kb * kBlock;
+        int64_t m = 0;
+        for (; m + 4 <= tile.rows_m; m += 4)
+            for (int64_t j = 0; j < tile.tile_rows; j += 2)
+                dot_block<4, 2>(a_block + m * g.k, g.k, sa_rows + m * k_blocks + kb, k_blocks, panel + j * kBlock,
+                                panel_scale + j, acc + m * acc_stride + j * kLanes, acc_stride);
+        for (; m < tile.rows_m; ++m)
+            for (int64_t j = 0; j < tile.tile_rows; j += 8)
+                dot_block<1, 8>(a_block + m * g.k, g.k, sa_rows + m * k_blocks + kb, k_blocks, panel + j * kBlock,
+                                panel_scale + j, acc + m * acc_stride + j * kLanes, acc_stride);
+    }
+
+    for (int64_t m = 0; m < tile.rows_m; ++m)
+        for (int64_t j = 0; j < rows_n; ++j) {
+            const float c = sum_lanes(acc + m * acc_stride + j * kLanes);
+            const int64_t at = (tile.m0 + m) * g.n + tile.n0 + j;
+            if (g.out_bf16)
+                static_cast<uint16_t*>(g.out)[at] = bf16_encode(c);
+            else
+                static_cast<float*>(g.out)[at] = c;
+        }
+}
+
+template <class W>
+void gemm_tile_baseline(const GemmArgs& g, const float* af, Tile tile, Scratch& s) {
+    gemm_tile<W, BaselineDecoder>(g, af, tile, s);
+}
+
+#if defined(__x86_64__)
+template <class W>
+SEAHAL_AVX2 void gemm_tile_avx2(const GemmArgs& g, const float* af, Tile tile, Scratch& s) {
+    gemm_tile<W, Avx2Decoder>(g, af, tile, s);
+}
+
+bool cpu_has_avx2() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+std::atomic<bool> g_simd_enabled{true};
+
+bool use_avx2() {
+#if defined(__x86_64__)
+    static const bool supported = cpu_has_avx2();
+    return supported && g_simd_enabled.load();
+#else
+    return false;
+#endif
+}
+
+using TileKernel = void (*)(const GemmArgs&, const float*, Tile, Scratch&);
+
+template <class W>
+TileKernel tile_kernel() {
+#if defined(__x86_64__)
+    if (use_avx2()) return gemm_tile_avx2<W>;
+#endif
+    return gemm_tile_baseline<W>;
+}
+
+// Activation row m decoded into af[m] (each 32-element step as even then odd elements when the
+// weights are decoded that way).
+template <class W>
+void decode_activation_row(const GemmArgs& g, int64_t m, float* af) {
+    const uint8_t* src = g.a + m * g.k;
+    float* dst = af + m * g.k;
+    for (int64_t s = 0; s < g.k; s += kFp4Step)
+        for (int i = 0; i < kFp4Step; ++i) {
+            const int pos = W::kDeinterleaved ? (i % 2) * (kFp4Step / 2) + i / 2 : i;
+            dst[s + pos] = e4m3_decode(src[s + i]);
+        }
+}
+
+int thread_index() {
+#ifdef SEAHAL_HAVE_OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// Weight rows per tile: as many as fit the panel, but at least kTilesPerThread tiles per thread.
+int64_t tile_rows_for(int64_t n, int threads) {
+    const int64_t tiles = int64_t(threads) * kTilesPerThread;
+    const int64_t rows = (n + tiles - 1) / tiles;
+    return std::clamp<int64_t>((rows + kRowGroup - 1) / kRowGroup * kRowGroup, kRowGroup, kMaxTileRows);
+}
+
+// Decode the activations (rows split over the threads), then run the work items: weight tiles
+// times passes of at most kRowsPerPass activation rows (each weight tile is decoded once per pass).
+template <class W>
+void block_scaled_gemm(const GemmArgs& g, int threads) {
+    threads = std::max(threads, 1);
+    const TileKernel kernel = tile_kernel<W>();
+    AlignedFloats af = aligned_floats(g.m * g.k);
+    const int64_t tile_rows = tile_rows_for(g.n, threads), rows_m = std::min(g.m, kRowsPerPass);
+    const int64_t n_tiles = (g.n + tile_rows - 1) / tile_rows;
+    const int64_t passes = rows_m == 0 ? 0 : (g.m + rows_m - 1) / rows_m;
+    std::vector<Scratch> scratch;  // allocated here: nothing may throw inside the parallel region
+    for (int t = 0; t < threads; ++t)
+        scratch.push_back(Scratch{aligned_floats(kMaxTileRows * kBlock), aligned_floats(kMaxTileRows),
+                                  aligned_floats(rows_m * tile_rows * kLanes)});
+#ifdef SEAHAL_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        Scratch& mine = scratch[thread_index()];
+#ifdef SEAHAL_HAVE_OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t m = 0; m < g.m; ++m) decode_activation_row<W>(g, m, af.get());
+#ifdef SEAHAL_HAVE_OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t item = 0; item < passes * n_tiles; ++item) {
+            const int64_t m0 = item / n_tiles * rows_m;
+            kernel(g, af.get(), Tile{m0, std::min(rows_m, g.m - m0), item % n_tiles * tile_rows, tile_rows}, mine);
+        }
+    }
+}
+
+template <class W>
+void gemm_entry(uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, bool b_scale_e8m0, uintptr_t out,
+                int64_t m, int64_t n, int64_t k, bool out_bf16, int threads) {
+    if (m < 0 || n < 0 || k % kBlock != 0) throw std::invalid_argument("need M, N >= 0 and K a multiple of 128");
+    GemmArgs g{reinterpret_cast<const uint8_t*>(a), reinterpret_cast<const float*>(a_scale),
+               reinterpret_cast<const uint8_t*>(b), reinterpret_cast<const void*>(b_scale),
+               reinterpret_cast<void*>(out), m, n, k, b_scale_e8m0, out_bf16};
+    py::gil_scoped_release release;
+    block_scaled_gemm<W>(g, threads);
+}
+
+}  // namespace
+
+std::string simd_variant() { return use_avx2() ? "avx2+fma+f16c" : "baseline"; }
+
+void set_simd(bool enabled) { g_simd_enabled.store(enabled); }
+
+}  // namespace seahal
+
+void bind_gemm(py::module_& m) {
+    using namespace seahal;
+#define SEAHAL_GEMM_ARGS                                                                              \
+    "; a, a_scale, b, b_scale, out: data pointers of contiguous buffers; b_scale holds e8m0 bytes when " \
+    "b_scale_e8m0, else fp32; out is bf16 when out_bf16, else fp32; threads: OpenMP threads"
+    m.def("fp8_block_gemm", &gemm_entry<Fp8Weights>,
+          "C[M,N] = A[M,K] @ B[N,K]^T: A e4m3 with fp32 scales [M,K/128], B e4m3 with scales "
+          "[ceil(N/128),K/128]" SEAHAL_GEMM_ARGS,
+          py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("b_scale"), py::arg("b_scale_e8m0"), py::arg("out"),
+          py::arg("m"),
+          py::arg("n"), py::arg("k"), py::arg("out_bf16"), py::arg("threads"));
+    m.def("fp4_gemm", &gemm_entry<Fp4Weights>,
+          "C[M,N] = A[M,K] @ B[N,K]^T: A e4m3 with fp32 scales [M,K/128], B packed e2m1 [N,K/2] (low "
+          "nibble first) with scales [N,K/32]" SEAHAL_GEMM_ARGS,
+          py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("b_scale"), py::arg("b_scale_e8m0"), py::arg("out"),
+          py::arg("m"),
+          py::arg("n"), py::arg("k"), py::arg("out_bf16"), py::arg("threads"));
+    m.def("simd_variant", &simd_variant, "the instruction-set variant the GEMM kernels use now");
+    m.def("set_simd", &set_simd, "allow (default) or forbid the AVX2 variant, e.g. to test the baseline",
+          py::arg("enabled"));
+}
