@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from seahal.backends.cpu.reference import attention, moe, rope
