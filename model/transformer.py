@@ -70,7 +70,9 @@ class Transformer(nn.Module):
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(c, i, ops) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False, dtype=dtype)
+        # fp32 like the official code: logits are computed in fp32, and converting a bf16 head
+        # on every call would copy vocab x dim floats per step.
+        self.head = nn.Linear(c.dim, c.vocab_size, bias=False, dtype=torch.float32)
         self.head.weight.requires_grad_(False)
         _hc_params(c.hc_mult, c.dim, c.hc_mult, "hc_head", self, 1)
 
@@ -103,7 +105,7 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
-        return nn.functional.linear(self.norm(z).float(), self.head.weight.float())
+        return nn.functional.linear(self.norm(z).float(), self.head.weight)
 
 
 def _round_up(n: int, multiple: int) -> int:
