@@ -9,10 +9,12 @@ from .registry import Backend, backends
 
 
 def _candidates(name: str) -> list[Backend]:
-    """Backends a name refers to: by backend name, alias, or torch device type."""
-    found = [b for b in backends().values() if name == b.name or name in b.aliases]
-    found += [b for b in backends().values() if b.device_type == name and b not in found]
-    return sorted(found, key=lambda b: -b.priority)
+    """Backends a name refers to: those it names (or aliases) first, then those serving a torch
+    device type of that name, each group by priority. ``"cpu"`` is the cpu backend even when a
+    plugin serving cpu tensors has a higher priority."""
+    named = [b for b in backends().values() if name == b.name or name in b.aliases]
+    by_type = [b for b in backends().values() if b.device_type == name and b not in named]
+    return sorted(named, key=lambda b: -b.priority) + sorted(by_type, key=lambda b: -b.priority)
 
 
 def _report(exclude: Backend | None = None) -> str:

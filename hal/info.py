@@ -107,16 +107,17 @@ def format_text(info: dict[str, Any]) -> str:
     out.append("devices: " + ", ".join(f"{k} x{v}" for k, v in info["devices"].items()))
     out.append("")
     out.append("backends:")
+    width = max([10, *map(len, info["backends"])])
     for name, b in info["backends"].items():
         state = "available" if b["available"] else "unavailable"
         chip = f", chip {b['chip']}" if b["chip"] else ""
         hw = "" if b["verified_on_hardware"] else " [NOT verified on hardware]"
-        out.append(f"  {name:<10} device '{b['device_type']}': {state}{chip}{hw}")
+        out.append(f"  {name:<{width}} device '{b['device_type']}': {state}{chip}{hw}")
         if b["reason"]:
-            out.append(f"  {'':<10} {b['reason']}")
-        out.append(f"  {'':<10} source: {b['source']}")
+            out.append(f"  {'':<{width}} {b['reason']}")
+        out.append(f"  {'':<{width}} source: {b['source']}")
         if b["verified_with"]:
-            out.append(f"  {'':<10} verified with: " + ", ".join(f"{k} {v}" for k, v in b["verified_with"].items()))
+            out.append(f"  {'':<{width}} verified with: " + ", ".join(f"{k} {v}" for k, v in b["verified_with"].items()))
     if info["plugin_failures"]:
         out.append("")
         out.append("plugin failures (skipped):")
