@@ -14,6 +14,13 @@ _GEMM_CAPABILITIES = {
     "scale_dtype": ("float32", "float8_e8m0fnu"),
 }
 """Triton GEMMs: verified (and their launch configs tuned) on sm90 (H100) only."""
+_MOE_GATE_CAPABILITIES = {
+    "chip": ("sm90",),
+    "dtype": ("bfloat16", "float32"),
+    "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
+    "routing": ("score", "hash"),
+}
+"""Triton router: fp32 math, top_k <= 8; no group-limited routing (the reference serves it)."""
 
 
 def _probe() -> Availability:
@@ -41,3 +48,7 @@ def register() -> None:
         register_kernel(
             op, "cuda", "triton", f"seahal.backends.cuda.{op}:{op}", priority=10, capabilities=_GEMM_CAPABILITIES
         )
+    register_kernel(
+        "moe_gate", "cuda", "triton", "seahal.backends.cuda.moe_gate:moe_gate", priority=10,
+        capabilities=_MOE_GATE_CAPABILITIES,
+    )

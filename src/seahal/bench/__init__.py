@@ -11,11 +11,13 @@ import sys
 
 BENCHMARKS = {"cpu": "seahal.bench.cpu_gemm", "cuda": "seahal.bench.cuda_gemm"}
 """backend -> module whose ``main(args)`` benchmarks that backend's kernels."""
+OP_BENCHMARKS = {("cuda", "moe_gate"): "seahal.bench.cuda_moe_gate"}
+"""(backend, --ops) -> module with its own benchmark for that op."""
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark of ``args.backend`` (args also carries .ops, .json, .quick)."""
-    module = BENCHMARKS.get(args.backend)
+    module = OP_BENCHMARKS.get((args.backend, getattr(args, "ops", None))) or BENCHMARKS.get(args.backend)
     if module is None:
         print(f"no benchmark for backend {args.backend!r}; have: {', '.join(sorted(BENCHMARKS))}", file=sys.stderr)
         return 2
