@@ -10,7 +10,6 @@ see the variable.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from seahal.hal.formats import (  # noqa: E402
     ue8m0_encode,
 )
 from seahal.hal import get_spec  # noqa: E402
+from seahal.testing import triton_interpreter  # noqa: E402
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
@@ -52,41 +52,12 @@ BF16_TOL = 2**-8
 """bf16 output: 8 significant bits, so each element is within 2^-9 relative of the fp32 result."""
 
 
-@contextlib.contextmanager
-def _interpreter_bf16_dot():
-    """Make the interpreter's dot accept bf16 operands (it multiplies their raw uint16 bits).
-
-    A test-only shim for a Triton interpreter bug (seen in 3.6 and 3.9): bf16 tensors are stored
-    as uint16 and ``create_dot`` feeds them to numpy unconverted. The GPU path is unaffected.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
-
-    def as_fp32(handle):
-        if handle.dtype.scalar.name != "bf16":
-            return handle
-        bits = handle.data.astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), triton.language.float32)
-
-    def create_dot(self, a, b, d, *args):
-        return original(self, as_fp32(a), as_fp32(b), d, *args)
-
-    builder.create_dot = create_dot
-    try:
-        yield
-    finally:
-        builder.create_dot = original
-
-
 @pytest.fixture(scope="module")
 def kernels():
     """(fp8_gemm module, fp4_gemm module), imported under the interpreter."""
     from seahal.backends.cuda import fp4_gemm, fp8_gemm
 
-    with _interpreter_bf16_dot():
+    with triton_interpreter.bf16_dot_fix():
         yield fp8_gemm, fp4_gemm
 
 

@@ -15,12 +15,11 @@ that is unavailable here, is reported *unsupported* with the reason. Property-ba
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
-import os
 import sys
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from seahal.hal.plan import BoundOp
 from seahal.hal.registry import REGISTRY, Kernel, PlanContext, backends
 from seahal.hal.spec import OpSpec, Out, get_spec, specs
 
+from . import triton_interpreter
 from .cases import Case, cases_for, strategy
 from .compare import Verdict, bit_pattern
 from .tolerances import checks_for, reference_in_float64
@@ -173,7 +173,7 @@ def targets(
     b = known[backend]
     op_names = list(specs()) if ops is None else [get_spec(op).name for op in ops]
     torch_device = torch.device("cpu") if interpret else torch.device(device or b.device_type)
-    availability = b.availability()
+    availability = triton_interpreter.availability() if interpret else b.availability()
     unavailable = None if availability else f"backend {backend} unavailable: {availability.reason}"
     found = []
     for op in op_names:
@@ -470,17 +470,6 @@ def run_property(target: Target, examples: int = PROPERTY_EXAMPLES) -> CaseResul
 # --------------------------------------------------------------------------------------------
 
 
-def enable_triton_interpreter() -> None:
-    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors. Must precede importing triton."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "triton" in sys.modules:
-        warnings.warn(
-            "triton was imported before TRITON_INTERPRET=1 was set; the interpreter may be inactive",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
 def run_conformance(
     backend: str,
     ops: Iterable[str] | None = None,
@@ -498,30 +487,44 @@ def run_conformance(
     ``property_examples`` hypothesis examples per kernel (0: none); ``progress(result)`` is called
     after each result."""
     if interpret:
-        enable_triton_interpreter()
+        triton_interpreter.enable()
     found = targets(backend, ops, device, kernel, interpret=interpret)
     report = Report(backend, str(found[0].device) if found else str(device or backend))
     cases_by_op: dict[str, list[Case]] = {}
     reference = ReferenceCache()
-    for target in found:
-        if target.kernel is None:
-            results = [CaseResult(target.op, target.label, "(all cases)", "unsupported", target.unavailable or "")]
-        else:
-            cases = cases_by_op.setdefault(target.op, cases_for(target.op, seed))
-            results = [run_case(target, case, reference) for case in cases]
-            if property_examples:
-                results.append(run_property(target, property_examples))
-        for r in results:
-            report.results.append(r)
-            if progress is not None:
-                progress(r)
+    with triton_interpreter.bf16_dot_fix() if interpret else contextlib.nullcontext():
+        for target in found:
+            _run_target(target, cases_by_op, reference, report, property_examples, seed, progress)
     return report
+
+
+def _run_target(
+    target: Target,
+    cases_by_op: dict[str, list[Case]],
+    reference: ReferenceCache,
+    report: Report,
+    property_examples: int,
+    seed: int,
+    progress: Any,
+) -> None:
+    """Append ``target``'s results (one per case, plus the property run) to ``report``."""
+    if target.kernel is None:
+        results = [CaseResult(target.op, target.label, "(all cases)", "unsupported", target.unavailable or "")]
+    else:
+        cases = cases_by_op.setdefault(target.op, cases_for(target.op, seed))
+        results = [run_case(target, case, reference) for case in cases]
+        if property_examples:
+            results.append(run_property(target, property_examples))
+    for r in results:
+        report.results.append(r)
+        if progress is not None:
+            progress(r)
 
 
 def main(args: Any) -> int:
     """``seahal conformance``: print the summary, write ``--json``; exit 1 if any case failed."""
     if args.interpret:
-        enable_triton_interpreter()
+        triton_interpreter.enable()
     ops = [op.strip() for op in args.ops.split(",") if op.strip()] if args.ops else None
     try:
         report = run_conformance(args.backend, ops, args.device, args.kernel, interpret=args.interpret)

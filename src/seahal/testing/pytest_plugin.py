@@ -18,7 +18,8 @@ import pytest
 from hypothesis import settings
 
 from .cases import cases_for
-from .conformance import ReferenceCache, enable_triton_interpreter, targets
+from . import triton_interpreter
+from .conformance import ReferenceCache, targets
 
 
 QUICK_PROFILE = "seahal-quick"
@@ -38,7 +39,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--seahal-interpret"):
-        enable_triton_interpreter()
+        triton_interpreter.enable()
+        fix = triton_interpreter.bf16_dot_fix()
+        fix.__enter__()
+        config.add_cleanup(lambda: fix.__exit__(None, None, None))
 
 
 def _targets(config: pytest.Config):

@@ -1,0 +1,68 @@
+"""Running Triton kernels on CPU tensors (``TRITON_INTERPRET=1``) for conformance without a GPU.
+
+Two facts make this more than setting a variable: Triton reads ``TRITON_INTERPRET`` when it is
+imported (and when each kernel is decorated), so it must be set first; and the interpreter's dot
+misreads bf16 operands (seen in Triton 3.6 and 3.9: bf16 tensors are held as uint16 and
+``create_dot`` hands the raw bits to numpy), which :func:`bf16_dot_fix` corrects for the duration
+of a run. Neither touches the GPU path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+from seahal.hal.registry import Availability
+
+
+def enable() -> None:
+    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors. Must precede importing triton."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        warnings.warn(
+            "triton was imported before TRITON_INTERPRET=1 was set; the interpreter may be inactive",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def availability() -> Availability:
+    """Under the interpreter a backend's Triton kernels need Triton, not the backend's device (whose
+    probe would report no GPU). No chip: capability chips are not checked."""
+    if importlib.util.find_spec("triton") is None:
+        return Availability(False, "the Triton interpreter needs triton: pip install triton")
+    return Availability(True, "Triton interpreter on CPU tensors")
+
+
+@contextlib.contextmanager
+def bf16_dot_fix() -> Iterator[None]:
+    """Make the interpreter's ``tl.dot`` widen bf16 operands to fp32 (exactly) instead of
+    multiplying their raw bits. A no-op context where triton is missing."""
+    if importlib.util.find_spec("triton") is None:
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+
+    def as_fp32(handle):
+        if handle.dtype.scalar.name != "bf16":
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return original(self, as_fp32(a), as_fp32(b), d, *args)
+
+    builder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        builder.create_dot = original
