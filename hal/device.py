@@ -33,7 +33,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> tuple[torch.de
     name, ``"auto"`` (the best available) or a :class:`torch.device` to ``(torch.device, backend)``.
 
     Raises :class:`DeviceError` that lists every backend with its availability when the name is
-    unknown or its backend is unavailable here.
+    unknown or its backend is unavailable here. A backend whose vendor package is a test emulation
+    resolves to the device its tensors really live on (``Availability.emulated_on``, e.g. cpu).
     """
     if device is None or device == "auto":
         ranked = sorted(
@@ -42,7 +43,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> tuple[torch.de
         )
         if not ranked:
             raise DeviceError("device='auto': no backend is available here:\n" + _report())
-        return torch.device(ranked[0].device_type), ranked[0]
+        return torch.device(ranked[0].tensor_device_type()), ranked[0]
 
     text = str(device)
     name, colon, index_text = text.partition(":")
@@ -60,7 +61,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> tuple[torch.de
             "Backends on this machine:\n" + _report()
         )
     backend = available[0]
-    torch_device = torch.device(backend.device_type, index) if index is not None else torch.device(backend.device_type)
+    device_type = backend.tensor_device_type()
+    torch_device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     _check_index(text, torch_device)
     return torch_device, backend
 

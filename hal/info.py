@@ -66,10 +66,12 @@ def collect() -> dict[str, Any]:
             "available": avail.ok,
             "reason": avail.reason,
             "chip": avail.chip,
+            "emulated_on": avail.emulated_on,
             "source": b.source,
             "verified_with": dict(b.verified_with),
             "verified_on_hardware": b.verified_on_hardware,
             "description": b.description,
+            "collective_backend": b.collective_backend,
         }
     return result
 
@@ -112,10 +114,14 @@ def format_text(info: dict[str, Any]) -> str:
         state = "available" if b["available"] else "unavailable"
         chip = f", chip {b['chip']}" if b["chip"] else ""
         hw = "" if b["verified_on_hardware"] else " [NOT verified on hardware]"
+        if b["emulated_on"]:
+            hw += f" [EMULATED: test emulation of the vendor package, tensors on {b['emulated_on']}]"
         out.append(f"  {name:<{width}} device '{b['device_type']}': {state}{chip}{hw}")
         if b["reason"]:
             out.append(f"  {'':<{width}} {b['reason']}")
         out.append(f"  {'':<{width}} source: {b['source']}")
+        if b["collective_backend"]:
+            out.append(f"  {'':<{width}} collectives: torch.distributed {b['collective_backend']!r}")
         if b["verified_with"]:
             out.append(f"  {'':<{width}} verified with: " + ", ".join(f"{k} {v}" for k, v in b["verified_with"].items()))
     if info["plugin_failures"]:

@@ -6,6 +6,11 @@ records why every other kernel was passed over. Under ``policy="fallback"`` an o
 kernel runs on a portable kernel (the CPU reference's pure-torch code runs on any device), with a
 warning; under ``policy="strict"`` that is an error. The environment can override choices for
 debugging: ``SEAHAL_BACKEND=name`` (every op) and ``SEAHAL_OPS="fp8_gemm=cpu,moe_gate=cpu.reference"``.
+
+Kernels are matched against the device type the plan's backend *serves* (``npu`` for Ascend). That
+is also the tensors' device type, except under a test emulation of the vendor package, where the
+tensors live on ``Plan.emulated_on`` (cpu) and the plan says so. A plan also carries the backend's
+load-time weight conversions for the chip (``Plan.weight_conversions``).
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ class Plan:
     backend: Backend
     policy: str
     entries: dict[str, PlanEntry]
+    weight_conversions: dict[str, str] = field(default_factory=dict)
+    """``{op: dtype}``: quantised weights for ``op`` are dequantised to ``dtype`` at load (the
+    backend has no kernel for their format on this chip); see ``Backend.weight_conversions``."""
     ops: SimpleNamespace = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,11 +90,24 @@ class Plan:
     def fallbacks(self) -> list[str]:
         return [op for op, e in self.entries.items() if e.fallback]
 
+    @property
+    def emulated_on(self) -> str | None:
+        """The tensors' device type when the backend runs on a test emulation of its vendor
+        package, else None."""
+        return self.backend.availability().emulated_on
+
+    @property
+    def placement(self) -> str:
+        """``cuda:0``, or ``npu emulated on cpu`` under a test emulation."""
+        if self.emulated_on:
+            return f"{self.backend.device_type} emulated on {self.device}"
+        return str(self.device)
+
     def summary(self) -> str:
         """One line: ``plan(cuda): 9 ops cuda.triton, 1 op cpu.reference [fallback: fp4_gemm]``."""
         counts = Counter(e.label for e in self.entries.values())
         parts = [f"{n} op{'s' if n != 1 else ''} {label}" for label, n in counts.most_common()]
-        line = f"plan({self.device}): " + ", ".join(parts)
+        line = f"plan({self.placement}): " + ", ".join(parts)
         if self.fallbacks:
             line += f" [fallback: {', '.join(self.fallbacks)}]"
         return line
@@ -103,13 +124,17 @@ class Plan:
             for r in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 10)
+        for op, dtype in self.weight_conversions.items():
+            lines.append(f"weights converted at load: quantised {op} weights -> {dtype} (no {op} kernel for their format here)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": str(self.device),
             "backend": self.backend.name,
+            "emulated_on": self.emulated_on,
             "policy": self.policy,
+            "weight_conversions": dict(self.weight_conversions),
             "ops": {
                 op: {
                     "kernel": e.label,
@@ -145,7 +170,7 @@ def _matches(kernel: Kernel, target: str) -> bool:
 
 def _resolve_op(
     op: str,
-    device: torch.device,
+    device_type: str,
     ctx: PlanContext,
     policy: str,
     forced: str | None,
@@ -155,10 +180,12 @@ def _resolve_op(
     portable: list[Kernel] = []
     for kernel in REGISTRY.kernels_for(op):
         backend = REGISTRY.backends[kernel.backend]
+        if backend.opt_in and backend.name != ctx.backend and not (forced and _matches(kernel, forced)):
+            continue  # an opt-in backend's kernel: only its own plans, or an override naming it
         if forced is not None and not _matches(kernel, forced):
             rejected.append((kernel.qualified_name, f"override selects {forced}"))
             continue
-        serves_device = backend.device_type == device.type
+        serves_device = backend.device_type == device_type
         if not serves_device and not kernel.portable:
             continue  # another device's kernel: not a candidate, not worth listing
         if serves_device and not backend.availability():
@@ -172,22 +199,22 @@ def _resolve_op(
 
     if native:
         chosen, rest = native[0], native[1:]
-        reason = f"override {forced}" if forced else f"highest priority ({chosen.priority}) for {device.type}"
+        reason = f"override {forced}" if forced else f"highest priority ({chosen.priority}) for {device_type}"
         rejected += [(k.qualified_name, f"lower priority ({k.priority})") for k in rest]
-        rejected += [(k.qualified_name, f"portable fallback, not needed on {device.type}") for k in portable]
+        rejected += [(k.qualified_name, f"portable fallback, not needed on {device_type}") for k in portable]
         return PlanEntry(op, chosen, reason, rejected)
     if portable and (policy == "fallback" or forced is not None):
         chosen = portable[0]
-        reason = f"override {forced}" if forced else f"no {device.type} kernel: portable fallback"
+        reason = f"override {forced}" if forced else f"no {device_type} kernel: portable fallback"
         rejected += [(k.qualified_name, f"lower priority ({k.priority})") for k in portable[1:]]
         return PlanEntry(op, chosen, reason, rejected, fallback=forced is None)
-    details = "; ".join(f"{k}: {r}" for k, r in rejected) or f"no {device.type} kernel registered"
+    details = "; ".join(f"{k}: {r}" for k, r in rejected) or f"no {device_type} kernel registered"
     if policy == "strict" and portable:
         raise PlanError(
-            f"policy='strict': no {device.type} kernel for {op!r} ({details}); "
+            f"policy='strict': no {device_type} kernel for {op!r} ({details}); "
             f"policy='fallback' would run {portable[0].qualified_name}"
         )
-    raise PlanError(f"no kernel can run {op!r} on {device}: {details}")
+    raise PlanError(f"no kernel can run {op!r} on {device_type}: {details}")
 
 
 def plan(
@@ -224,14 +251,14 @@ def plan(
     entries = {}
     for op, requirements in requested.items():
         get_spec(op)
-        ctx = PlanContext(device_type=torch_device.type, chip=chip, requirements=dict(requirements))
+        ctx = PlanContext(backend.device_type, chip, dict(requirements), backend=backend.name)
         forced = overrides.get(op, forced_backend)
-        entries[op] = _resolve_op(op, torch_device, ctx, policy, forced)
+        entries[op] = _resolve_op(op, backend.device_type, ctx, policy, forced)
 
-    result = Plan(torch_device, backend, policy, entries)
+    result = Plan(torch_device, backend, policy, entries, backend.conversions(chip))
     if result.fallbacks:
         warnings.warn(
-            f"seahal: {len(result.fallbacks)} op(s) have no {torch_device.type} kernel and run on a "
+            f"seahal: {len(result.fallbacks)} op(s) have no {backend.device_type} kernel and run on a "
             f"portable fallback: {', '.join(result.fallbacks)}",
             RuntimeWarning,
             stacklevel=2,

@@ -32,9 +32,24 @@ class Availability:
     reason: str = ""
     chip: str | None = None
     """The chip family found (``"sm90"``, ``"ascend910b"``...), matched against kernel capabilities."""
+    emulated_on: str | None = None
+    """Set only when the probe found a *test emulation* of the vendor package (see
+    :func:`emulated_placement`): the torch device type the backend's tensors really live on
+    (``"cpu"``) instead of its ``device_type``. Plans, ``seahal info`` and conformance reports say so."""
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+EMULATION_MARKER = "__seahal_emulated_on__"
+"""Module attribute by which a test emulation of a vendor package (``tests/vendor_packages``)
+declares itself and the torch device type its tensors live on. No real package has it."""
+
+
+def emulated_placement(vendor_module: Any) -> str | None:
+    """The torch device type a test emulation of ``vendor_module`` keeps tensors on, or None for
+    the real package. Probes pass it on as ``Availability(..., emulated_on=...)``."""
+    return getattr(vendor_module, EMULATION_MARKER, None)
 
 
 @dataclass
@@ -52,6 +67,17 @@ class Backend:
     source: str = "built-in"
     priority: int = 0
     """Among available backends serving the same device type, ``device="auto"`` prefers higher."""
+    collective_backend: str | None = None
+    """The ``torch.distributed`` backend its devices communicate through (``"nccl"``, ``"hccl"``,
+    ``"cncl"``, ``"gloo"``); None: this backend cannot run a model split over processes."""
+    weight_conversions: Callable[[str | None], Mapping[str, str]] | None = None
+    """For a chip, ``{op: dtype}``: quantised weights a model would feed to ``op`` are dequantised
+    to ``dtype`` at load instead, because the backend has no kernel for that format on that chip
+    (e.g. ``{"fp8_gemm": "bfloat16"}`` on an Ascend 910B, which has no FP8 GEMM)."""
+    opt_in: bool = False
+    """Its kernels serve only plans made for this backend by name (or an override naming it): an
+    alternative implementation of a device type another backend serves (onnxruntime for cpu
+    tensors) never enters, nor is listed in, that backend's plans."""
 
     _availability: Availability | None = field(default=None, repr=False)
 
@@ -64,6 +90,15 @@ class Backend:
                 self._availability = Availability(False, f"availability probe raised {exc!r}")
         return self._availability
 
+    def tensor_device_type(self) -> str:
+        """The torch device type this backend's tensors live on: ``device_type``, or where a test
+        emulation of its vendor package places them (:attr:`Availability.emulated_on`)."""
+        return self.availability().emulated_on or self.device_type
+
+    def conversions(self, chip: str | None) -> dict[str, str]:
+        """:attr:`weight_conversions` for ``chip`` (none if the backend declares none)."""
+        return dict(self.weight_conversions(chip)) if self.weight_conversions is not None else {}
+
 
 @dataclass(frozen=True)
 class PlanContext:
@@ -72,6 +107,8 @@ class PlanContext:
     device_type: str
     chip: str | None
     requirements: Mapping[str, Any]
+    backend: str | None = None
+    """The backend the plan is made for (None outside plans, e.g. in conformance runs)."""
 
 
 Predicate = Callable[[PlanContext], "str | None"]
@@ -95,18 +132,28 @@ class Kernel:
     portable: bool = False
     """Runs on tensors of any device type (pure torch, no host sync): the fallback of every plan."""
 
+    _resolved: Callable[..., Any] | None = field(default=None, repr=False)
+
     @property
     def qualified_name(self) -> str:
         return f"{self.backend}.{self.name}"
 
     def resolve(self) -> Callable[..., Any]:
-        if isinstance(self.impl, str):
-            module, _, attr = self.impl.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            self.impl = obj
-        return self.impl
+        """The kernel function, importing ``"module:qualname"`` on first use."""
+        if self._resolved is None:
+            obj: Any = self.impl
+            if isinstance(obj, str):
+                module, _, attr = obj.partition(":")
+                obj = importlib.import_module(module)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            self._resolved = obj
+        return self._resolved
+
+    def unresolve(self) -> None:
+        """Forget the imported function: the next :meth:`resolve` imports ``impl`` again (tests
+        that swap a vendor package in and out re-import the kernel modules)."""
+        self._resolved = None
 
     def rejection(self, ctx: PlanContext) -> str | None:
         """Why this kernel cannot serve ``ctx``, or None if it can."""
@@ -239,8 +286,17 @@ def register_backend(
     verified_with: Mapping[str, str] | None = None,
     verified_on_hardware: bool = True,
     priority: int = 0,
+    collective_backend: str | None = None,
+    weight_conversions: Callable[[str | None], Mapping[str, str]] | None = None,
+    opt_in: bool = False,
 ) -> Backend:
-    """Declare a backend. Call from the zero-argument callable your entry point names."""
+    """Declare a backend. Call from the zero-argument callable your entry point names.
+
+    ``collective_backend`` names the ``torch.distributed`` backend that tensor and expert
+    parallelism initialise their process group with on this backend's devices.
+    ``weight_conversions(chip)`` says which ops' quantised weights a model dequantises at load
+    on that chip (:attr:`Backend.weight_conversions`). ``opt_in``: see :attr:`Backend.opt_in`.
+    """
     return REGISTRY.add_backend(
         Backend(
             name=name,
@@ -251,6 +307,9 @@ def register_backend(
             verified_with=dict(verified_with or {}),
             verified_on_hardware=verified_on_hardware,
             priority=priority,
+            collective_backend=collective_backend,
+            weight_conversions=weight_conversions,
+            opt_in=opt_in,
         )
     )
 

@@ -49,6 +49,7 @@ def register() -> None:
         device_type="cpu",
         probe=_probe,
         description="reference (pure PyTorch) + native C++ fast paths",
+        collective_backend="gloo",
         verified_with={"torch": "2.13.0"},
     )
     for op, (module, capabilities) in REFERENCE_KERNELS.items():

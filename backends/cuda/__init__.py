@@ -40,6 +40,7 @@ def register() -> None:
         device_type="cuda",
         probe=_probe,
         description="Triton kernels for NVIDIA GPUs",
+        collective_backend="nccl",
         verified_with={"torch": "2.11.0+cu130", "triton": "3.6.0"},
         priority=30,
     )

@@ -172,8 +172,8 @@ def targets(
         raise SeahalError(f"unknown backend {backend!r}; registered backends: {', '.join(sorted(known))}")
     b = known[backend]
     op_names = list(specs()) if ops is None else [get_spec(op).name for op in ops]
-    torch_device = torch.device("cpu") if interpret else torch.device(device or b.device_type)
     availability = triton_interpreter.availability() if interpret else b.availability()
+    torch_device = torch.device("cpu") if interpret else torch.device(device or b.tensor_device_type())
     unavailable = None if availability else f"backend {backend} unavailable: {availability.reason}"
     found = []
     for op in op_names:
@@ -183,7 +183,7 @@ def targets(
             why = f"backend {backend} registers no {what} for {op}"
             found.append(Target(op, backend, None, torch_device, unavailable=why))
         for k in kernels:
-            why = unavailable or _device_mismatch(k, b.device_type, torch_device, interpret)
+            why = unavailable or _device_mismatch(k, b.tensor_device_type(), torch_device, interpret)
             found.append(Target(op, backend, k, torch_device, availability.chip, why, interpret))
     return found
 
