@@ -13,6 +13,7 @@ from seahal.hal.ops.rope import rope_frequencies
 from .cache import LayerCache
 from .config import CSA_RATIO, ModelConfig
 from .layers import Linear, RMSNorm, rms_norm
+from .parallel import SINGLE_PROCESS, Parallel
 from .quant_sim import fp4_indexer_precision, fp8_kv_precision
 
 
@@ -72,22 +73,28 @@ class Indexer(nn.Module):
 
 
 class Attention(nn.Module):
-    """Shared-KV MQA over ``window ∪ compressed`` with sinks, inverse RoPE, grouped output."""
+    """Shared-KV MQA over ``window ∪ compressed`` with sinks, inverse RoPE, grouped output.
 
-    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace):
+    Tensor parallel: this rank holds ``n_heads / tp`` query heads and ``o_groups / tp`` output
+    groups (the heads of a group stay together); ``wo_b``'s partial sums are all-reduced over the
+    TP group. ``wq_a``, the KV projection, the compressor and the indexer are replicated.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace, parallel: Parallel = SINGLE_PROCESS):
         super().__init__()
-        self.config, self.ops = config, ops
+        self.config, self.ops, self.parallel = config, ops, parallel
         self.ratio = config.compress_ratios[layer]
         c = config
-        self.n_heads, self.head_dim, self.rope_dim = c.n_heads, c.head_dim, c.rope_head_dim
+        self.n_heads, self.head_dim, self.rope_dim = c.n_heads // parallel.tp, c.head_dim, c.rope_head_dim
+        self.o_groups = c.o_groups // parallel.tp
         self.wq_a = Linear(c.dim, c.q_lora_rank, ops)
         self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
-        self.wq_b = Linear(c.q_lora_rank, c.n_heads * c.head_dim, ops)
+        self.wq_b = Linear(c.q_lora_rank, self.n_heads * c.head_dim, ops)
         self.wkv = Linear(c.dim, c.head_dim, ops)
         self.kv_norm = RMSNorm(c.head_dim, c.norm_eps)
-        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank, ops, dense_only=True)
-        self.wo_b = Linear(c.o_groups * c.o_lora_rank, c.dim, ops)
-        self.attn_sink = nn.Parameter(torch.zeros(c.n_heads), requires_grad=False)
+        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops, dense_only=True)
+        self.wo_b = Linear(self.o_groups * c.o_lora_rank, c.dim, ops)
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads), requires_grad=False)
         self.compressor = None
         self.indexer = None
         if self.ratio:
@@ -165,10 +172,11 @@ class Attention(nn.Module):
         cache.window.write((keep + start_pos) % w, kv[:, keep])
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
-        """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g``; then ``Wo_b z``."""
+        """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g``; then ``Wo_b z``
+        (summed over the TP group, each rank holding some of the groups)."""
         b, s = o.shape[:2]
-        g = self.config.o_groups
+        g = self.o_groups
         groups = o.reshape(b, s, g, -1)
         wo_a = self.wo_a.weight.to(o.dtype).view(g, self.config.o_lora_rank, -1)
         z = torch.einsum("bsgi,gri->bsgr", groups, wo_a).reshape(b, s, -1)
-        return self.wo_b(z)
+        return self.parallel.tp_all_reduce(self.wo_b(z))

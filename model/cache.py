@@ -9,7 +9,9 @@ indexer simulates FP4, 68-byte indexer keys (64 bytes of e2m1 codes + 4 ue8m0 sc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -79,9 +81,6 @@ class VectorStore:
         scale = decode_scale(self.scales[:, :rows])
         return fp4_dequantize(data, scale, FP4_BLOCK, self.dtype)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.data, self.scales) if t is not None]
-
 
 @dataclass
 class LayerCache:
@@ -109,14 +108,42 @@ class LayerCache:
         self.n_compressed += n
 
     def tensors(self) -> list[torch.Tensor]:
-        found = []
-        for store in (self.window, self.compressed, self.index_keys):
+        return list(self.named_tensors().values())
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the layer by name, in a fixed order: ``window``, ``compressed``,
+        ``index_keys`` (then ``index_keys_scales`` for FP4 keys), ``compress_kv_state``,
+        ``compress_score_state``, ``index_kv_state``, ``index_score_state`` (those the layer has)."""
+        named = {}
+        for name in ("window", "compressed", "index_keys"):
+            store = getattr(self, name)
             if store is not None:
-                found.extend(store.tensors())
-        for state in (self.compress_state, self.index_state):
+                named[name] = store.data
+                if store.scales is not None:
+                    named[f"{name}_scales"] = store.scales
+        for name in ("compress", "index"):
+            state = getattr(self, f"{name}_state")
             if state is not None:
-                found.extend(state)
-        return found
+                named[f"{name}_kv_state"], named[f"{name}_score_state"] = state
+        return named
+
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor], n_compressed: int) -> LayerCache:
+        """A cache of this layout holding ``tensors`` (keyed as :meth:`named_tensors`), with the
+        first ``n_compressed`` compressed entries valid. The tensors are used, not copied."""
+        stores = {}
+        for name in ("window", "compressed", "index_keys"):
+            store = getattr(self, name)
+            if store is not None:
+                store = stores[name] = copy.copy(store)
+                store.data = tensors[name]
+                if store.scales is not None:
+                    store.scales = tensors[f"{name}_scales"]
+        states = {
+            f"{name}_state": (tensors[f"{name}_kv_state"], tensors[f"{name}_score_state"])
+            for name in ("compress", "index")
+            if getattr(self, f"{name}_state") is not None
+        }
+        return replace(self, **stores, **states, n_compressed=n_compressed)
 
 
 @dataclass
@@ -151,6 +178,31 @@ class Cache:
                 lc.index_state = compressor_state(batch, ratio, c.index_head_dim, True, device)
             layers.append(lc)
         return cls(config, layers, capacity)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the cache as ``layers.<i>.<name>`` (see :meth:`LayerCache.named_tensors`)."""
+        return {f"layers.{i}.{name}": t for i, lc in enumerate(self.layers) for name, t in lc.named_tensors().items()}
+
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor], pos: int) -> Cache:
+        """A cache of this layout (same names, shapes and dtypes) holding ``tensors`` after ``pos``
+        tokens. The tensors are used, not copied: the new cache's writes go to them."""
+        expected = self.named_tensors()
+        if set(tensors) != set(expected):
+            missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise ValueError(f"cache tensors do not match the layout: missing {missing}, unknown {unknown}")
+        for name, like in expected.items():
+            t = tensors[name]
+            if t.shape != like.shape or t.dtype != like.dtype:
+                raise ValueError(
+                    f"cache tensor {name} must be {list(like.shape)} {like.dtype}, got {list(t.shape)} {t.dtype}"
+                )
+        if not 0 <= pos <= self.capacity:
+            raise ValueError(f"pos must be in [0, {self.capacity}], got {pos}")
+        layers = []
+        for i, (lc, ratio) in enumerate(zip(self.layers, self.config.compress_ratios)):
+            own = {name: tensors[f"layers.{i}.{name}"] for name in lc.named_tensors()}
+            layers.append(lc.with_tensors(own, pos // ratio if ratio else 0))
+        return Cache(self.config, layers, self.capacity, pos)
 
     def check_room(self, n_tokens: int) -> None:
         if self.pos + n_tokens > self.capacity:

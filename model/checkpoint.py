@@ -11,14 +11,20 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
+from seahal.hal.formats import dequantize_weight
+
 from .layers import Linear
 from .moe import Experts
+
+if TYPE_CHECKING:
+    from .sharding import ShardPlan
 
 _ALIASES = (
     (re.compile(r"^model\."), ""),
@@ -55,9 +61,18 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(path: Path, device: torch.device, progress: bool = False) -> Iterator[tuple[str, str, torch.Tensor]]:
+def iter_tensors(
+    path: Path,
+    device: torch.device,
+    progress: bool = False,
+    select: Callable[[str], tuple[slice, ...] | str | None] | None = None,
+) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(canonical name, file, tensor on device) for every tensor, one shard at a time;
-    ``progress`` prints a line per shard to stderr (long loads of many shards)."""
+    ``progress`` prints a line per shard to stderr (long loads of many shards).
+
+    ``select(canonical name)`` (a rank's :meth:`ShardPlan.select`) makes it read only part of
+    each tensor: a tuple of slices (read through ``get_slice``, the rest of the tensor is never
+    read), None (all of it) or ``"skip"`` (nothing, and the tensor is not yielded)."""
     files = shard_files(path)
     start = time.perf_counter()
     for i, file in enumerate(files):
@@ -69,8 +84,11 @@ def iter_tensors(path: Path, device: torch.device, progress: bool = False) -> It
             raise CheckpointError(f"cannot read {file}: {exc} (truncated or not a safetensors file?)") from exc
         with handle as f:
             for name in f.keys():
+                part = select(canonical_name(name)) if select is not None else None
+                if part == "skip":
+                    continue
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(name) if part is None else f.get_slice(name)[part]
                 except Exception as exc:
                     raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
                 yield canonical_name(name), file.name, tensor.to(device)
@@ -96,7 +114,7 @@ def _check_weight(name: str, file: str, t: torch.Tensor, rows: int, cols: int) -
         )
 
 
-def _expert_key(name: str) -> tuple[str, int, str, str] | None:
+def expert_key(name: str) -> tuple[str, int, str, str] | None:
     """``layers.3.ffn.experts.7.w1.weight`` -> ("layers.3.ffn.experts", 7, "w1", "weight");
     the shared expert is expert 0 of ``layers.N.ffn.shared_experts``."""
     if match := _EXPERT.match(name):
@@ -120,21 +138,36 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(
-    model: torch.nn.Module, path: Path, device: torch.device, dtype: torch.dtype, progress: bool = False
+    model: torch.nn.Module,
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    conversions: Mapping[str, str] | None = None,
+    shards: ShardPlan | None = None,
 ) -> None:
     """Install every checkpoint tensor into ``model`` (typically built on the meta device, so no
-    placeholder memory is ever allocated); raise CheckpointError naming what is wrong."""
+    placeholder memory is ever allocated); raise CheckpointError naming what is wrong.
+
+    ``conversions`` (a plan's ``weight_conversions``, ``{op: dtype}``) dequantises the quantised
+    weights that would feed ``op`` (``fp8_gemm``/``fp4_gemm`` for linears, ``moe_experts`` for
+    experts) to that dtype as they are installed. ``shards`` (one rank of a tensor/expert-parallel
+    model, see model/sharding.py) reads only that rank's slices and experts."""
+    conversions = dict(conversions or {})
     modules = dict(model.named_modules())
     targets = dict(model.state_dict(keep_vars=True))
     linear_parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     expert_parts: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
     seen: set[str] = set()
 
-    for name, file, tensor in iter_tensors(path, device, progress):
+    select = shards.select if shards is not None else None
+    for name, file, tensor in iter_tensors(path, device, progress, select):
         if name.startswith("mtp."):
             continue  # the MTP block is not used for generation here
-        if key := _expert_key(name):
+        if key := expert_key(name):
             container, e, w, kind = key
+            if shards is not None and container.endswith(".experts"):
+                e = shards.local_expert(e)  # iter_tensors skipped the experts other ranks hold
             expert_parts.setdefault((container, w), {}).setdefault(e, {})[kind] = tensor
             continue
         owner, _, leaf = name.rpartition(".")
@@ -157,12 +190,15 @@ def load_weights(
         file, weight = parts["weight"]
         _check_weight(owner + ".weight", file, weight, linear.out_features, linear.in_features)
         scale = _linear_scale(owner, parts, weight)
+        gemm = {"fp8": "fp8_gemm", "fp4": "fp4_gemm"}.get(_format(weight))
+        if gemm in conversions:
+            weight, scale = dequantize_weight(weight, scale, getattr(torch, conversions[gemm])), None
         linear.set_weight(weight, scale, dtype)
         seen.add(owner + ".weight")
 
     for (owner, w), per_expert in expert_parts.items():
         experts: Experts = modules[owner]
-        _install_experts(owner, w, per_expert, experts, dtype)
+        _install_experts(owner, w, per_expert, experts, dtype, conversions.get("moe_experts"))
         seen.add(f"{owner}.{w}")
 
     _check_complete(model, seen)
@@ -181,7 +217,11 @@ def _linear_scale(owner: str, parts: dict, weight: torch.Tensor) -> torch.Tensor
     return scale
 
 
-def _install_experts(owner: str, w: str, per_expert: dict, experts: Experts, dtype: torch.dtype) -> None:
+def _install_experts(
+    owner: str, w: str, per_expert: dict, experts: Experts, dtype: torch.dtype, convert_to: str | None = None
+) -> None:
+    """Stack one expert weight of every expert; quantised ones are dequantised to ``convert_to``
+    when given (a plan's conversion for ``moe_experts``)."""
     target = getattr(experts, w)
     n = target.shape[0]
     missing = [e for e in range(n) if e not in per_expert or "weight" not in per_expert[e]]
@@ -195,11 +235,16 @@ def _install_experts(owner: str, w: str, per_expert: dict, experts: Experts, dty
         name = f"{owner}.{e}.{w}.weight" if n > 1 or "shared" not in owner else f"{owner}.{w}.weight"
         _check_weight(name, "checkpoint", weight, rows, cols)
         fmt = _format(weight)
-        weights.append(weight if fmt != "dense" else weight.to(dtype))
-        if fmt != "dense":
-            scale = per_expert[e].get("scale")
-            if scale is None:
-                raise CheckpointError(f"tensor {name[:-len('weight')]}scale is missing for the {fmt} weight {name}")
+        if fmt == "dense":
+            weights.append(weight.to(dtype))
+            continue
+        scale = per_expert[e].get("scale")
+        if scale is None:
+            raise CheckpointError(f"tensor {name[:-len('weight')]}scale is missing for the {fmt} weight {name}")
+        if convert_to is not None:
+            weights.append(dequantize_weight(weight, scale, getattr(torch, convert_to)))
+        else:
+            weights.append(weight)
             scales.append(scale)
     experts.set_weights(w, torch.stack(weights), torch.stack(scales) if scales else None)
 

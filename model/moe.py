@@ -1,4 +1,11 @@
-"""Mixture of experts: score- or hash-routed gate, routed experts, one shared expert (v4_ops §10)."""
+"""Mixture of experts: score- or hash-routed gate, routed experts, one shared expert (v4_ops §10).
+
+Expert parallel: each EP rank holds ``E / ep`` consecutive experts; tokens reach them by
+all-to-all (each (token, expert) pair sent to the expert's rank and its output sent back) or, for
+small batches, by running every rank's experts on every token of the EP group and reducing the
+partial sums. Tensor parallel: every expert's (and the shared expert's) intermediate dimension is
+split over the TP group and the partial outputs are all-reduced.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .parallel import SINGLE_PROCESS, Parallel, TokenLayout, pad_rows, split_sizes
 
 
 class Gate(nn.Module):
@@ -40,7 +48,7 @@ class Experts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, swiglu_limit: float, ops: SimpleNamespace):
         super().__init__()
-        self.ops, self.swiglu_limit = ops, swiglu_limit
+        self.ops, self.swiglu_limit, self.n_experts = ops, swiglu_limit, n_experts
         self.w1 = nn.Parameter(torch.zeros(n_experts, inter_dim, dim), requires_grad=False)
         self.w3 = nn.Parameter(torch.zeros(n_experts, inter_dim, dim), requires_grad=False)
         self.w2 = nn.Parameter(torch.zeros(n_experts, dim, inter_dim), requires_grad=False)
@@ -51,6 +59,9 @@ class Experts(nn.Module):
         setattr(self, f"{name}_scale", scale)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, D], weights: [T, k] fp32, ids: [T, k] local expert ids (-1: none) -> [T, D]."""
+        if x.shape[0] == 0:
+            return x
         return self.ops.moe_experts(
             x, weights, ids, self.w1, self.w1_scale, self.w3, self.w3_scale, self.w2, self.w2_scale,
             self.swiglu_limit,
@@ -60,18 +71,76 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """``y = sum_k w_k Expert_{id_k}(x) + Shared(x)``."""
 
-    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace):
+    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace, parallel: Parallel = SINGLE_PROCESS):
         super().__init__()
-        c = config
+        c, p = config, parallel
+        self.parallel = p
+        self.first_expert = p.ep_range(c.n_routed_experts)[0]
         self.gate = Gate(c, layer < c.n_hash_layers, ops)
-        self.experts = Experts(c.n_routed_experts, c.dim, c.moe_inter_dim, c.swiglu_limit, ops)
-        self.shared_experts = Experts(1, c.dim, c.moe_inter_dim * c.n_shared_experts, c.swiglu_limit, ops)
+        self.experts = Experts(c.n_routed_experts // p.ep, c.dim, c.moe_inter_dim // p.tp, c.swiglu_limit, ops)
+        shared_dim = c.moe_inter_dim * c.n_shared_experts // p.tp
+        self.shared_experts = Experts(1, c.dim, shared_dim, c.swiglu_limit, ops)
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, D], input_ids: [B, S] -> [B, S, D]."""
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
+        """x: [B, S, D], input_ids: [B, S] -> [B, S, D]; ``layout``: where the EP group's tokens
+        are (default: the same tokens on every rank)."""
         flat, ids = x.reshape(-1, x.shape[-1]), input_ids.reshape(-1)
         weights, experts = self.gate(flat, ids)
-        y = self.experts(flat, weights, experts)
+        if self.parallel.ep == 1:
+            y = self.experts(flat, weights, experts)
+        else:
+            layout = layout or TokenLayout((flat.shape[0],) * self.parallel.ep, False)
+            y = self._expert_parallel(flat, weights, experts, layout)
         ones = torch.ones(flat.shape[0], 1, dtype=torch.float32, device=x.device)
         shared = self.shared_experts(flat, ones, torch.zeros_like(ones, dtype=torch.int32))
-        return (y.float() + shared.float()).to(x.dtype).view_as(x)
+        return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x)
+
+    def _expert_parallel(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layout: TokenLayout
+    ) -> torch.Tensor:
+        """Routed experts of the whole EP group on this rank's tokens x: [T, D] -> [T, D] fp32."""
+        p = self.parallel
+        if not p.use_all_to_all(layout):
+            return self._gathered(x, weights, ids, layout)
+        if layout.distinct:
+            return self._all_to_all(x, weights, ids)
+        # Every rank holds the same tokens: each dispatches its 1/ep share, then all shares are
+        # gathered back (otherwise each pair would be sent ep times).
+        sizes = split_sizes(x.shape[0], p.ep)
+        start = sum(sizes[: p.ep_rank])
+        mine = slice(start, start + sizes[p.ep_rank])
+        return p.ep_gather_rows(self._all_to_all(x[mine], weights[mine], ids[mine]), sizes)
+
+    def _local(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> this rank's expert index, -1 for experts held elsewhere."""
+        local = ids - self.first_expert
+        return torch.where((local >= 0) & (local < self.experts.n_experts), local, -1).to(torch.int32)
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Small batches: every rank runs its experts on all the group's tokens, partial sums reduced."""
+        p = self.parallel
+        if not layout.distinct:
+            return p.ep_all_reduce(self.experts(x, weights, self._local(ids)).float())
+        rows = max(layout.counts)  # equal-size collectives: pad to the largest share
+        meta = p.ep_all_gather(pad_rows(torch.cat((weights, ids.float()), dim=1), rows, -1))
+        k = weights.shape[1]
+        y = self.experts(p.ep_all_gather(pad_rows(x, rows)), meta[:, :k], self._local(meta[:, k:].long()))
+        return p.ep_reduce_scatter(y.float())[: x.shape[0]]
+
+    def _all_to_all(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Send each (token, expert) pair to the expert's EP rank, run it there, send the weighted
+        output back and sum each token's k outputs: x [T, D] -> [T, D] fp32."""
+        p, n = self.parallel, self.experts.n_experts
+        k = ids.shape[1]
+        dest = ids.reshape(-1).long() // n
+        order = torch.argsort(dest, stable=True)
+        token = order // k
+        send_counts = torch.bincount(dest, minlength=p.ep)
+        send, recv = send_counts.tolist(), p.ep_exchange_counts(send_counts).tolist()
+        meta = torch.stack((weights.reshape(-1)[order], (ids.reshape(-1)[order] % n).float()), dim=1)
+        received = p.ep_all_to_all(x[token], send, recv)
+        received_meta = p.ep_all_to_all(meta, send, recv)
+        out = self.experts(received, received_meta[:, :1].contiguous(), received_meta[:, 1:].to(torch.int32))
+        back = p.ep_all_to_all(out, recv, send)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return y.index_add_(0, token, back.float())

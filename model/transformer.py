@@ -15,6 +15,7 @@ from .config import CSA_RATIO, ModelConfig
 from .generate import generate as _generate
 from .layers import RMSNorm
 from .moe import MoE
+from .parallel import SINGLE_PROCESS, Parallel, TokenLayout
 
 MODEL_OPS = tuple(hal.specs())
 
@@ -28,14 +29,14 @@ def _hc_params(n: int, dim: int, rows: int, prefix: str, module: nn.Module, n_sc
 class Block(nn.Module):
     """One layer: ``h = hc_post(Attention(norm(hc_pre(h))), h)``, then the same with the MoE."""
 
-    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace):
+    def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace, parallel: Parallel = SINGLE_PROCESS):
         super().__init__()
         c = config
         self.config, self.ops = c, ops
         self.attn_norm = RMSNorm(c.dim, c.norm_eps)
-        self.attn = Attention(c, layer, ops)
+        self.attn = Attention(c, layer, ops, parallel)
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
-        self.ffn = MoE(c, layer, ops)
+        self.ffn = MoE(c, layer, ops, parallel)
         rows = (2 + c.hc_mult) * c.hc_mult
         _hc_params(c.hc_mult, c.dim, rows, "hc_attn", self, 3)
         _hc_params(c.hc_mult, c.dim, rows, "hc_ffn", self, 3)
@@ -45,12 +46,14 @@ class Block(nn.Module):
         fn, base, scale = (getattr(self, f"{prefix}_{p}") for p in ("fn", "base", "scale"))
         return self.ops.hc_pre(h, fn, base, scale, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
 
-    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, cache, start_pos: int) -> torch.Tensor:
-        """h: [B, S, n, D] residual streams -> [B, S, n, D]."""
+    def forward(
+        self, h: torch.Tensor, input_ids: torch.Tensor, cache, start_pos: int, layout: TokenLayout | None = None
+    ) -> torch.Tensor:
+        """h: [B, S, n, D] residual streams -> [B, S, n, D]; ``layout``: see :class:`MoE`."""
         y, post, comb = self._hc_pre(h, "hc_attn")
         h = self.ops.hc_post(self.attn(self.attn_norm(y), cache, start_pos), h, post, comb)
         y, post, comb = self._hc_pre(h, "hc_ffn")
-        return self.ops.hc_post(self.ffn(self.ffn_norm(y), input_ids), h, post, comb)
+        return self.ops.hc_post(self.ffn(self.ffn_norm(y), input_ids, layout), h, post, comb)
 
 
 class Transformer(nn.Module):
@@ -58,21 +61,29 @@ class Transformer(nn.Module):
 
     ``model(input_ids)`` is a stateless forward -> logits [B, S, vocab] fp32;
     ``model(input_ids, cache=cache)`` consumes the tokens, advances the cache and returns the same.
+
+    Split over processes (``parallel``, see model/parallel.py), every rank is called with the same
+    input_ids and returns the same logits; the embedding and head are vocabulary-parallel.
     """
 
-    def __init__(self, config: ModelConfig, plan: hal.Plan, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, config: ModelConfig, plan: hal.Plan, dtype: torch.dtype = torch.float32,
+        parallel: Parallel = SINGLE_PROCESS,
+    ):
         super().__init__()
-        self.config, self.plan, self.dtype = config, plan, dtype
+        self.config, self.plan, self.dtype, self.parallel = config, plan, dtype, parallel
         ops = plan.ops
         self.ops = ops
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.dim, dtype=dtype)
+        parallel.config.check(c)
+        self.vocab_start, vocab_end = parallel.tp_range(c.vocab_size)
+        self.embed = nn.Embedding(vocab_end - self.vocab_start, c.dim, dtype=dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(c, i, ops) for i in range(c.n_layers))
+        self.layers = nn.ModuleList(Block(c, i, ops, parallel) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         # fp32 like the official code: logits are computed in fp32, and converting a bf16 head
         # on every call would copy vocab x dim floats per step.
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False, dtype=torch.float32)
+        self.head = nn.Linear(c.dim, vocab_end - self.vocab_start, bias=False, dtype=torch.float32)
         self.head.weight.requires_grad_(False)
         _hc_params(c.hc_mult, c.dim, c.hc_mult, "hc_head", self, 1)
 
@@ -81,9 +92,11 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> Cache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens (under
+        dp_attention, for this rank's share of them)."""
         capacity = max_seq_len or self.config.max_seq_len
-        return Cache.new(self.config, batch_size, capacity, self.dtype, self.device, self.ops)
+        batch = self.parallel.local_batch_size(batch_size)
+        return Cache.new(self.config, batch, capacity, self.dtype, self.device, self.ops)
 
     def generate(self, prompts, max_new_tokens: int, **kwargs):
         """Continue prompts token by token; see :func:`seahal.model.generate.generate`."""
@@ -92,20 +105,34 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
         """input_ids: [B, S] -> logits [B, S, vocab] fp32 ([B, 1, vocab] with ``last_only``)."""
-        b, s = input_ids.shape
+        batch, s = input_ids.shape
         if cache is None:
-            cache = self.new_cache(b, _round_up(s, max(self.config.compress_ratios + [CSA_RATIO])))
+            cache = self.new_cache(batch, _round_up(s, max(self.config.compress_ratios + [CSA_RATIO])))
         cache.check_room(s)
         start_pos = cache.pos
-        c = self.config
-        h = self.embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim).contiguous()
+        c, p = self.config, self.parallel
+        layout = p.token_layout(batch, s) if p.ep > 1 else None
+        input_ids = p.local_batch(input_ids)
+        b = input_ids.shape[0]
+        h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim).contiguous()
         for block, layer_cache in zip(self.layers, cache.layers):
-            h = block(h, input_ids, layer_cache, start_pos)
+            h = block(h, input_ids, layer_cache, start_pos, layout)
         cache.pos += s
         if last_only:
             h = h[:, -1:]
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
-        return nn.functional.linear(self.norm(z).float(), self.head.weight)
+        logits = p.tp_all_gather(nn.functional.linear(self.norm(z).float(), self.head.weight), dim=-1)
+        return p.gather_batch(logits, batch)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, S, D]; vocabulary-parallel: each TP rank looks up the ids in its
+        range, zeros elsewhere, and the TP group sums (exact: one non-zero term per token)."""
+        if self.parallel.tp == 1:
+            return self.embed(input_ids)
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < self.embed.num_embeddings)
+        rows = self.embed(torch.where(inside, local, 0)).masked_fill(~inside.unsqueeze(-1), 0)
+        return self.parallel.tp_all_reduce(rows)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -58,3 +58,37 @@ def save_hf_checkpoint(model, path: Path) -> Path:
         warnings.simplefilter("ignore")
         model.save_pretrained(path)
     return path
+
+
+def write_random_checkpoint(path: Path, quantise: bool = False, seed: int = 0, **config) -> Path:
+    """A seahal-made random checkpoint (no transformers): model/tiny.py's tensors for the tiny
+    config with ``config`` keys replaced; FP8 linears and FP4 experts when ``quantise``."""
+    import json
+
+    from seahal.model.config import ModelConfig
+    from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint
+    from seahal.model.tiny import TINY_CONFIG, random_tensors
+
+    raw = {**TINY_CONFIG, **config}
+    tensors = random_tensors(ModelConfig.from_dict(raw), seed).items()
+    if quantise:
+        tensors = convert_tensors(tensors)
+        raw = quantised_config(raw, "fp4", "fp8")
+    write_checkpoint(tensors, Path(path))
+    (Path(path) / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return Path(path)
+
+
+SPLIT_4_WAYS = dict(
+    vocab_size=256, dim=128, n_heads=4, o_groups=4, o_lora_rank=32, q_lora_rank=64, window_size=8,
+    index_n_heads=4, index_head_dim=64, index_topk=4, n_routed_experts=8, moe_inter_dim=64, max_seq_len=64,
+)
+"""A tiny V4 (SWA, CSA, HCA, CSA layers) whose heads, output groups, experts, expert dims and
+vocabulary split 2 or 4 ways (dense weights: no block constraints)."""
+
+SPLIT_2_WAYS_QUANTISED = dict(
+    vocab_size=256, dim=128, n_heads=4, o_groups=4, o_lora_rank=64, q_lora_rank=128, window_size=8,
+    index_n_heads=4, index_head_dim=64, index_topk=4, n_routed_experts=8, moe_inter_dim=256, max_seq_len=64,
+)
+"""Like SPLIT_4_WAYS, sized so that tp=2 cuts FP8 weights on 128x128 block boundaries and FP4
+expert columns on whole 128-element activation tiles."""

@@ -1,4 +1,5 @@
-"""The ``seahal`` command line: ``run``, ``convert``, ``info``, ``support-matrix``, ``conformance``, ``bench``."""
+"""The ``seahal`` command line: ``run``, ``convert``, ``info``, ``support-matrix``, ``conformance``, ``bench``,
+``plan-memory``, ``export-onnx``."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from seahal.onnx.export import main as export_main
+
+    return export_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seahal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,9 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.set_defaults(func=_bench)
 
+    p = sub.add_parser("export-onnx", help="export a prefill or decode step to ONNX, HAL ops as seahal functions")
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the built-in tiny V4, cached)")
+    p.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write")
+    p.add_argument(
+        "--mode", choices=("prefill", "decode"), default="prefill",
+        help="prefill: --prompt-len tokens from an empty cache; decode: one token at position --prompt-len",
+    )
+    p.add_argument("--prompt-len", type=int, default=16, metavar="N", help="prompt length (default 16)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="sequences per call (default 1)")
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="cache capacity (default: the model's max_seq_len)")
+    p.add_argument("--cache-format", choices=("dense", "fp8"), help="cache storage (default: the model's)")
+    p.add_argument("--last-only", action="store_true", help="logits of the last token only")
+    p.add_argument("--external-data", action="store_true", help="weights in a file beside the model (auto over 2 GB)")
+    p.set_defaults(func=_export_onnx)
+
+    from seahal.plan_memory import add_parser as add_plan_memory_parser
     from seahal.run import add_parsers as add_model_parsers
 
     add_model_parsers(sub)
+    add_plan_memory_parser(sub)
     return parser
 
 

@@ -4,11 +4,17 @@
 weights in the release's FP8/FP4 layout), built and cached on first use under
 ``$SEAHAL_CACHE`` (default ``~/.cache/seahal``). This module imports torch only when a
 command runs, so registering the commands costs nothing.
+
+Split over processes, ``torchrun --nproc-per-node N -m seahal run --tp T --ep E`` (N = T x E) runs
+the same command on every rank; rank 0 prints (the plan, a per-rank placement table, the figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +41,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compare-reference", action="store_true",
         help="rerun with every op on the CPU reference kernels and print the max logit difference",
+    )
+    p.add_argument("--tp", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun; see docs/scale-out.md)")
+    p.add_argument("--ep", type=int, metavar="E", help="expert-parallel ranks (torchrun --nproc-per-node T*E)")
+    p.add_argument("--dp-attention", action="store_true", help="each TP group runs attention on its share of the batch")
+    p.add_argument(
+        "--moe-comm", choices=("auto", "all_to_all", "gather"), default="auto",
+        help="how tokens reach the experts' ranks (default: all-to-all for large batches, gather for small)",
     )
     p.set_defaults(func=run)
 
@@ -78,16 +91,45 @@ def _checkpoint(path: str | None) -> Path:
     return folder
 
 
+def _parallel(args: argparse.Namespace):
+    """This rank's placement when the run is split (--tp/--ep given or launched by torchrun), else None."""
+    if args.tp is None and args.ep is None and not args.dp_attention and "WORLD_SIZE" not in os.environ:
+        return None
+    from seahal.model.parallel import ParallelConfig, init_parallel
+
+    config = ParallelConfig(args.tp or 1, args.ep or 1, args.dp_attention, args.moe_comm)
+    return init_parallel(config, args.device)
+
+
 def run(args: argparse.Namespace) -> int:
+    parallel = _parallel(args)
+    if parallel is None or parallel.rank == 0:
+        return _run(args, parallel)
+    with contextlib.redirect_stdout(io.StringIO()):  # every rank computes, rank 0 reports
+        return _run(args, parallel)
+
+
+def _run(args: argparse.Namespace, parallel) -> int:
     from seahal.model import load
     from seahal.model.generate import generate
     from seahal.model.tokenizer import load_tokenizer
 
-    path = _checkpoint(args.model)
+    if parallel is None:
+        path = _checkpoint(args.model)
+    else:  # rank 0 builds the default checkpoint (if needed) before the others read it
+        import torch.distributed as dist
+
+        path = _checkpoint(args.model) if parallel.rank == 0 else None
+        dist.barrier()
+        path = path or _checkpoint(args.model)
     start = time.perf_counter()
-    model = load(path, device=args.device, policy=args.policy, announce=False)
+    model = load(path, device=args.device, policy=args.policy, announce=False, parallel=parallel)
     print(f"loaded {path} on {model.device} in {time.perf_counter() - start:.1f} s")
     print(model.plan)
+    if parallel is not None:
+        from seahal.model.parallel import placement_table
+
+        print(placement_table(model, parallel))
 
     tokenizer = load_tokenizer(path)
     prompt = _prompt_ids(args.prompt, tokenizer)
