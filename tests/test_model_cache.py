@@ -56,6 +56,23 @@ def test_cache_capacity_is_enforced(checkpoint):
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
+def test_cache_rebuilt_from_its_tensors_continues_the_same(checkpoint):
+    """named_tensors / with_tensors (the ONNX export's explicit cache state) lose nothing."""
+    model = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(2, 32)
+    model(ids[:, :9], cache=cache)
+    named = cache.named_tensors()
+    assert "layers.1.index_keys_scales" in named and named["layers.1.compress_score_state"].dtype == torch.float32
+    rebuilt = cache.with_tensors({name: t.clone() for name, t in named.items()}, cache.pos)
+    assert torch.equal(model(ids[:, 9:], cache=rebuilt), model(ids[:, 9:], cache=cache))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.named_tensors().values(), cache.named_tensors().values()))
+    with pytest.raises(ValueError, match=r"cache tensor layers.0.window must be \[2, 16, 200\] torch.uint8"):
+        cache.with_tensors({**named, "layers.0.window": named["layers.0.window"][:, :1]}, 9)
+    with pytest.raises(ValueError, match=r"missing \['layers.0.window'\]"):
+        cache.with_tensors({n: t for n, t in named.items() if n != "layers.0.window"}, 9)
+
+
 def test_missing_and_misshaped_tensors_are_named(checkpoint, tmp_path):
     tensors = load_file(checkpoint / "model.safetensors")
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())

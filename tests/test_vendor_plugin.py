@@ -108,7 +108,10 @@ PLANS_AND_MODEL = textwrap.dedent(
     on_cpu, cpu_plan, cpu_ran = logits("cpu")
     os.environ[seahal_examplechip.DISABLE_VARIABLE] = "1"
     disabled = seahal_examplechip.probe()
-    others = [b.name for b in hal.backends().values() if b.availability() and b.name not in ("cpu", "examplechip")]
+    others = [  # backends device="auto" could rank above examplechip (priority 10)
+        b.name for b in hal.backends().values()
+        if b.availability() and b.priority >= 10 and b.name not in ("cpu", "examplechip")
+    ]
     json.dump({
         "examplechip": plan("examplechip"),
         "alias_strict": hal.plan("exchip", announce=False, environ={}, policy="strict").to_dict(),

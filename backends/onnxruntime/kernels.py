@@ -1,0 +1,46 @@
+"""The onnxruntime backend's kernels: every HAL op, run as its ``seahal`` ONNX function.
+
+Each kernel takes the op's arguments as its contract names them and hands them, by name, to
+:func:`seahal.backends.onnxruntime.session.run`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from seahal.hal.spec import get_spec
+
+from .session import run
+
+
+def _kernel(op: str) -> Callable[..., Any]:
+    signature = inspect.signature(get_spec(op).contract)
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return run(op, bound.arguments)
+
+    kernel.__name__ = kernel.__qualname__ = op
+    kernel.__signature__ = signature
+    kernel.__doc__ = f"{op} through onnxruntime (ONNX function seahal::{op}; see seahal.onnx.functions)."
+    return kernel
+
+
+fp8_act_quant = _kernel("fp8_act_quant")
+fp4_quant = _kernel("fp4_quant")
+kv_cache_pack = _kernel("kv_cache_pack")
+kv_cache_unpack = _kernel("kv_cache_unpack")
+fp8_gemm = _kernel("fp8_gemm")
+fp4_gemm = _kernel("fp4_gemm")
+moe_gate = _kernel("moe_gate")
+moe_experts = _kernel("moe_experts")
+kv_compress = _kernel("kv_compress")
+indexer_topk = _kernel("indexer_topk")
+sparse_attention = _kernel("sparse_attention")
+hc_pre = _kernel("hc_pre")
+hc_post = _kernel("hc_post")
+hc_head = _kernel("hc_head")
+rope = _kernel("rope")

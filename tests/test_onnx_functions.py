@@ -1,0 +1,156 @@
+"""The HAL ops as ONNX functions (seahal.onnx.functions): calling convention, model validity, and
+the places where a formulation in standard ONNX ops could silently differ from the reference —
+power-of-two scales derived through Log, ties in TopK, bit patterns built arithmetically.
+
+Each function runs here as a one-node model in onnxruntime (CPU), independently of the
+onnxruntime backend; the conformance suite (tests/test_ort_backend.py) covers every op's math.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto
+
+from seahal import hal
+from seahal.backends.cpu.reference import indexer as ref_indexer
+from seahal.backends.cpu.reference import moe as ref_moe
+from seahal.backends.cpu.reference import quant as ref_quant
+from seahal.onnx import functions as F
+
+
+def _run(name: str, inputs: dict[str, np.ndarray], **attributes) -> list[np.ndarray]:
+    """Run function ``name`` on numpy inputs (fp32 / int / uint8) as a one-node model."""
+    fn = F.FUNCTIONS[name]
+    in_types = [(onnx.helper.np_dtype_to_tensor_dtype(inputs[n].dtype), inputs[n].ndim) for n in fn.inputs]
+    out_types = attributes.pop("out_types")
+    model = F.node_model(fn, in_types, out_types, attributes)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {n: inputs[n] for n in fn.inputs})
+
+
+def test_every_op_has_functions_taking_its_arguments_in_hal_order():
+    assert set(F.OPS) == set(hal.specs())
+    for name, fn in F.FUNCTIONS.items():
+        hal_names = list(inspect.signature(hal.get_spec(fn.op).contract).parameters)
+        assert name in F.OPS[fn.op] and fn.name == name
+        for group in (fn.inputs, fn.attributes):  # each a subsequence of the HAL signature
+            assert [n for n in hal_names if n in group] == list(group), (name, group)
+        taken = set(fn.inputs) | set(fn.attributes)
+        assert all(n not in taken for n in hal_names if n not in fn.inputs + fn.attributes)
+    assert F.FUNCTIONS["kv_compress"].inputs[-1] == "start_pos"  # a run-time input, not an attribute
+    assert F.FUNCTIONS["kv_compress"].n_outputs == 3 and F.FUNCTIONS["kv_compress"].mutates == ("kv_state", "score_state")
+    assert "top_k" in F.FUNCTIONS["moe_gate_hash"].attributes and "bias" not in F.FUNCTIONS["moe_gate_hash"].inputs
+
+
+def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
+    x = torch.zeros(2, 8)
+    assert F.select("moe_gate", {"bias": torch.zeros(4), "tid2eid": None}).name == "moe_gate"
+    assert F.select("moe_gate", {"bias": None, "tid2eid": None}).name == "moe_gate_unbiased"
+    assert F.select("moe_gate", {"bias": None, "tid2eid": torch.zeros(9, 2, dtype=torch.int32)}).name == "moe_gate_hash"
+    weights = {
+        "moe_experts": (x, SimpleNamespace(dtype=ir.DataType.BFLOAT16)),
+        "moe_experts_fp8": (x.to(torch.float8_e4m3fn), SimpleNamespace(dtype=ir.DataType.FLOAT8E4M3FN)),
+        "moe_experts_fp4": (x.to(torch.uint8), SimpleNamespace(dtype=ir.DataType.UINT8)),
+    }
+    for name, (tensor, exported_value) in weights.items():  # torch tensors and onnx_ir values alike
+        assert F.select("moe_experts", {"w1": tensor}).name == name
+        assert F.select("moe_experts", {"w1": exported_value}).name == name
+    assert F.select("rope", {}).name == "rope"
+    with pytest.raises(KeyError, match="no ONNX function for 'nosuch'"):
+        F.select("nosuch", {})
+
+
+def test_attribute_values_follow_the_convention():
+    kv_compress = F.FUNCTIONS["kv_compress"]
+    args = {"ratio": 4, "overlap": True, "start_pos": 7, "norm_eps": 1e-6, "out_dtype": None}
+    assert kv_compress.attribute_values(args) == {"ratio": 4, "overlap": 1, "norm_eps": 1e-6, "out_dtype": TensorProto.BFLOAT16}
+    assert kv_compress.attribute_values({"out_dtype": torch.float32}) == {"out_dtype": TensorProto.FLOAT}
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        kv_compress.attribute_values({"out_dtype": torch.int8})
+
+
+def test_complete_model_adds_functions_and_imports_and_refuses_another_opset():
+    graph = onnx.helper.make_graph([], "empty", [], [])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", F.OPSET)], ir_version=10)
+    F.complete_model(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain: o.version for o in model.opset_import} == {"": F.OPSET, "seahal": 1, "seahal.lib": 1}
+    names = {(f.domain, f.name) for f in model.functions}
+    assert {("seahal", name) for name in F.FUNCTIONS} <= names and ("seahal.lib", "fp8_quantize") in names
+    assert len(F.complete_model(model).functions) == len(names)  # idempotent
+    older = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    with pytest.raises(ValueError, match="imports the default ONNX domain at 18; seahal functions need 21"):
+        F.complete_model(older)
+
+
+def test_power_of_two_scales_are_exact_across_the_exponent_range():
+    """ue8m0 scales come from Log, corrected against a table of powers of two. Tiles whose amax
+    is exactly ``qmax * 2^k`` (scale must stay 2^k) or one fp32 ulp above it (must become 2^(k+1))
+    probe the correction at every exponent; the reference computes exponents with frexp."""
+    k = np.arange(-126, 100, dtype=np.float32)
+    for op, qmax, tile in (("fp4_quant", 6.0, 32), ("fp8_act_quant", 448.0, 128)):
+        exact = (qmax * np.exp2(k)).astype(np.float32)
+        amax = np.concatenate([exact, np.nextafter(exact, np.float32(np.inf)), np.nextafter(exact, np.float32(0))])
+        x = np.zeros((amax.size, tile), np.float32)
+        x[:, 3], x[:, 7] = amax, -amax / 3
+        if op == "fp4_quant":
+            codes, scale = _run(op, {"x": x}, block_size=tile, out_types=[(TensorProto.UINT8, 2), (TensorProto.FLOAT, 2)])
+            want_codes, want_scale = ref_quant.fp4_quant(torch.from_numpy(x), tile)
+            np.testing.assert_array_equal(codes, want_codes.numpy())
+        else:
+            q, scale = _run(op, {"x": x}, block_size=tile, scale_fmt="ue8m0",
+                            out_types=[(TensorProto.FLOAT8E4M3FN, 2), (TensorProto.FLOAT, 2)])
+            want_q, want_scale = ref_quant.fp8_act_quant(torch.from_numpy(x), tile)
+            np.testing.assert_array_equal(q.view(np.uint8), want_q.view(torch.uint8).numpy())  # ORT hands e4m3 out as bits
+        np.testing.assert_array_equal(scale, want_scale.numpy())
+
+
+def test_top_k_ties_go_to_the_smaller_index():
+    """ONNX TopK specifies the lower index first among equal values; indexer and router rely on
+    it. All-equal scores must select 0, 1, 2, ... exactly as the reference's stable sort does."""
+    q = np.ones((1, 3, 2, 4), np.float32)
+    keys = np.ones((1, 10, 4), np.float32)
+    weights = np.ones((1, 3, 2), np.float32)
+    start = np.array(37, np.int64)  # queries at 37..39 see 9 or 10 of the 10 entries
+    (got,) = _run("indexer_topk", {"q": q, "weights": weights, "keys": keys, "start_pos": start},
+                  ratio=4, topk=6, out_types=[(TensorProto.INT32, 3)])
+    want = ref_indexer.indexer_topk(*(torch.from_numpy(a) for a in (q, weights, keys)), 4, 37, 6)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+    x = np.ones((2, 8), np.float32)
+    gate = np.tile(np.linspace(-1, 1, 8, dtype=np.float32), (6, 1))  # 6 experts, equal logits
+    w, idx = _run("moe_gate_unbiased", {"x": x, "weight": gate}, top_k=3,
+                  out_types=[(TensorProto.FLOAT, 2), (TensorProto.INT32, 2)])
+    want_w, want_idx = ref_moe.moe_gate(torch.from_numpy(x), torch.from_numpy(gate), None, 3)
+    np.testing.assert_array_equal(idx, want_idx.numpy())
+    np.testing.assert_array_equal(idx[0], [0, 1, 2])
+    np.testing.assert_allclose(w, want_w.numpy(), rtol=2**-22)  # three equal weights renormalised: 1/3 each
+
+
+def test_kv_record_bytes_of_special_values_match_the_reference():
+    """The record's e4m3 codes and bf16 rope bytes are built arithmetically (opset 21 has no
+    BitCast): signed zeros, bf16 subnormals, the largest values and tiny tiles must give the
+    reference's bytes exactly, and unpacking must return the reference's vectors bit for bit."""
+    rope = torch.tensor([0.0, -0.0, 2.0**-130, -(2.0**-133), 2.0**-126, 3.3895e38, -1.5, 1e-40]).repeat(8)
+    kv = torch.cat((torch.randn(4, 64) * torch.tensor([1e-9, 1.0, 300.0, 0.0])[:, None], rope.expand(4, 64)), dim=-1)
+    (packed,) = _run("kv_cache_pack", {"kv": kv.numpy()}, rope_dim=64, tile=64, out_types=[(TensorProto.UINT8, 2)])
+    want = ref_quant.kv_cache_pack(kv, 64, 64)
+    np.testing.assert_array_equal(packed, want.numpy())
+    fn = F.FUNCTIONS["kv_cache_unpack"]
+    model = F.node_model(fn, [(TensorProto.UINT8, 2)], [(TensorProto.BFLOAT16, 2)], {"dim": 128})
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.empty(4, 128, dtype=torch.bfloat16)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("packed", ort.OrtValue.ortvalue_from_numpy(packed))
+    binding.bind_ortvalue_output("out0", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(got.view(torch.int16).numpy(), TensorProto.BFLOAT16))
+    session.run_with_iobinding(binding)
+    assert torch.equal(got.view(torch.int16), ref_quant.kv_cache_unpack(want, 128).view(torch.int16))
