@@ -182,12 +182,12 @@ def _resolve_op(
         backend = REGISTRY.backends[kernel.backend]
         if backend.opt_in and backend.name != ctx.backend and not (forced and _matches(kernel, forced)):
             continue  # an opt-in backend's kernel: only its own plans, or an override naming it
-        if forced is not None and not _matches(kernel, forced):
-            rejected.append((kernel.qualified_name, f"override selects {forced}"))
-            continue
         serves_device = backend.device_type == device_type
         if not serves_device and not kernel.portable:
             continue  # another device's kernel: not a candidate, not worth listing
+        if forced is not None and not _matches(kernel, forced):
+            rejected.append((kernel.qualified_name, f"override selects {forced}"))
+            continue
         if serves_device and not backend.availability():
             rejected.append((kernel.qualified_name, f"backend unavailable: {backend.availability().reason}"))
             continue
