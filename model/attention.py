@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import LayerCache
@@ -33,7 +34,8 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, eps)
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int, freqs: torch.Tensor
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor,
+        freqs: torch.Tensor,
     ) -> torch.Tensor:
         """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype."""
         xf = x.float()
@@ -57,7 +59,7 @@ class Indexer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
-        start_pos: int, freqs: torch.Tensor,
+        start_pos: int | torch.Tensor, freqs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (top-k compressed-entry indices [B, S, index_topk] with -1 gaps, this chunk's new keys)."""
         b, s, _ = x.shape
@@ -67,7 +69,7 @@ class Indexer(nn.Module):
         if self.config.simulate_fp4_indexer:
             q, keys = fp4_indexer_precision(q, self.ops), fp4_indexer_precision(keys, self.ops)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        all_keys = torch.cat((cache.index_keys.read(cache.n_compressed), keys), dim=1)
+        all_keys = cache.index_keys_with(keys)
         top = self.ops.indexer_topk(q, weights, all_keys, CSA_RATIO, start_pos, self.config.index_topk)
         return top, keys
 
@@ -110,10 +112,10 @@ class Attention(nn.Module):
             return rope_frequencies(c.rope_head_dim, c.rope_theta)
         return rope_frequencies(c.rope_head_dim, c.compress_rope_theta, c.yarn)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor) -> torch.Tensor:
         """x: [B, S, D] (attn-normed), tokens at positions [start_pos, start_pos+S) -> [B, S, D]."""
         b, s, _ = x.shape
-        positions = torch.arange(start_pos, start_pos + s, device=x.device).expand(b, s)
+        positions = token_positions(start_pos, s, x.device).expand(b, s)
         qr = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
@@ -130,7 +132,7 @@ class Attention(nn.Module):
             index_keys = None
             if self.indexer is not None:
                 compressed_idx, index_keys = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
-            cache.append_compressed(entries, index_keys)
+            cache.append_compressed(entries, index_keys, new_entries(start_pos, s, self.ratio))
 
         keys, indices = self._gather_keys(kv, cache, start_pos, compressed_idx)
         o = self.ops.sparse_attention(q, keys, indices, self.attn_sink, self.head_dim**-0.5)
@@ -148,25 +150,24 @@ class Attention(nn.Module):
         """
         b, s, _ = kv.shape
         w = cache.window.rows
-        t = torch.arange(start_pos, start_pos + s, device=kv.device)
+        t = token_positions(start_pos, s, kv.device)
         p = t[:, None] - torch.arange(w, device=kv.device)[None, :]  # [S, W] key positions
         window_idx = torch.where(p < start_pos, p % w, w + p - start_pos)
         window_idx = torch.where(p < 0, -1, window_idx)
         parts = [window_idx.expand(b, s, w)]
+        keys = [cache.window.read(), kv]
         if self.ratio:
             base = w + s
+            keys.append(cache.compressed_entries())
             if compressed_idx is not None:
                 parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
             else:
-                j = torch.arange(cache.n_compressed, device=kv.device)
+                j = torch.arange(keys[-1].shape[1], device=kv.device)
                 visible = j[None, :] < ((t + 1) // self.ratio)[:, None]
                 parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
-        keys = [cache.window.read(), kv]
-        if self.ratio:
-            keys.append(cache.compressed.read(cache.n_compressed))
         return torch.cat(keys, dim=1), torch.cat(parts, dim=2).to(torch.int32)
 
-    def _update_window(self, kv: torch.Tensor, cache: LayerCache, start_pos: int) -> None:
+    def _update_window(self, kv: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor) -> None:
         w, s = cache.window.rows, kv.shape[1]
         keep = torch.arange(max(s - w, 0), s, device=kv.device)
         cache.window.write((keep + start_pos) % w, kv[:, keep])
@@ -180,3 +181,11 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.to(o.dtype).view(g, self.config.o_lora_rank, -1)
         z = torch.einsum("bsgi,gri->bsgr", groups, wo_a).reshape(b, s, -1)
         return self.parallel.tp_all_reduce(self.wo_b(z))
+
+
+def token_positions(start_pos: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """Positions ``[start_pos, start_pos + n)`` as int64 [n]; ``start_pos`` an int, or a 0-d tensor
+    when tracing a position-generic graph (see :class:`seahal.model.cache.TracedLayerCache`)."""
+    if isinstance(start_pos, torch.Tensor):
+        return start_pos + torch.arange(n, device=device)
+    return torch.arange(start_pos, start_pos + n, device=device)

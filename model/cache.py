@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -60,16 +60,30 @@ class VectorStore:
         width = self.data.shape[2] * self.data.element_size()
         return width + (self.scales.shape[2] if self.scales is not None else 0)
 
+    def encode(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vectors [B, n, dim] in the storage format: (rows like ``data``, rows like ``scales`` or None)."""
+        if self.fmt == "dense":
+            return vectors.to(self.dtype), None
+        if self.fmt == "fp8":
+            return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE), None
+        codes, scale = self.ops.fp4_quant(vectors, FP4_BLOCK)
+        return codes, ue8m0_encode(scale)
+
     def write(self, slots: torch.Tensor | slice, vectors: torch.Tensor) -> None:
         """Store vectors [B, n, dim] at row ``slots``."""
-        if self.fmt == "dense":
-            self.data[:, slots] = vectors.to(self.dtype)
-        elif self.fmt == "fp8":
-            self.data[:, slots] = self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
-        else:
-            codes, scale = self.ops.fp4_quant(vectors, FP4_BLOCK)
-            self.data[:, slots] = codes
-            self.scales[:, slots] = ue8m0_encode(scale)
+        data, scales = self.encode(vectors)
+        self.data[:, slots] = data
+        if scales is not None:
+            self.scales[:, slots] = scales
+
+    def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (0-d int64 tensors; the
+        rows of vectors [B, n, dim] past ``count`` are ignored). Shapes do not depend on the
+        values: every row is rewritten, with its old value outside the span."""
+        take, source = span(first, count, self.rows, vectors.shape[1], vectors.device)
+        for stored, new in zip((self.data, self.scales), self.encode(vectors)):
+            if stored is not None:
+                stored.copy_(torch.where(take[:, None], new[:, source], stored))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) vectors as [B, rows, dim] in the model dtype."""
@@ -92,20 +106,30 @@ class LayerCache:
     compress_state: tuple[torch.Tensor, torch.Tensor] | None = None
     index_keys: VectorStore | None = None
     index_state: tuple[torch.Tensor, torch.Tensor] | None = None
-    n_compressed: int = 0
+    n_compressed: int | torch.Tensor = 0
 
-    def append_compressed(self, entries: torch.Tensor, index_entries: torch.Tensor | None) -> None:
-        n = entries.shape[1]
-        if self.n_compressed + n > self.compressed.rows:
+    def compressed_entries(self) -> torch.Tensor:
+        """The compressed entries [B, N, d] in the model dtype: entry j in row j, N >= the valid
+        ones (a query masks what it cannot see)."""
+        return self.compressed.read(self.n_compressed)
+
+    def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
+        """The indexer keys [B, N, d_i] with this step's keys [B, n, d_i] as entries
+        ``n_compressed, ...``: the stored ones, then the new ones."""
+        return torch.cat((self.index_keys.read(self.n_compressed), new_keys), dim=1)
+
+    def append_compressed(self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: int) -> None:
+        """Store the ``count`` entries [B, count, d] (and indexer keys [B, count, d_i]) a step completed."""
+        if self.n_compressed + count > self.compressed.rows:
             raise RuntimeError(
-                f"cache capacity exceeded: {self.n_compressed + n} compressed entries > {self.compressed.rows}; "
+                f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.compressed.rows}; "
                 "create the cache with a larger max_seq_len"
             )
-        rows = slice(self.n_compressed, self.n_compressed + n)
+        rows = slice(self.n_compressed, self.n_compressed + count)
         self.compressed.write(rows, entries)
         if index_entries is not None:
             self.index_keys.write(rows, index_entries)
-        self.n_compressed += n
+        self.n_compressed += count
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.named_tensors().values())
@@ -143,17 +167,55 @@ class LayerCache:
             for name in ("compress", "index")
             if getattr(self, f"{name}_state") is not None
         }
-        return replace(self, **stores, **states, n_compressed=n_compressed)
+        kind = TracedLayerCache if isinstance(n_compressed, torch.Tensor) else LayerCache
+        return kind(**{**vars(self), **stores, **states, "n_compressed": n_compressed})
+
+
+class TracedLayerCache(LayerCache):
+    """A layer cache whose position is a 0-d int64 tensor (``n_compressed`` too), for tracing one
+    graph that serves every position (ONNX export). Nothing depends on the position's value: the
+    whole compressed store is read (queries mask the entries they cannot see) and written
+    through a mask, where :class:`LayerCache` slices to ``n_compressed``."""
+
+    def compressed_entries(self) -> torch.Tensor:
+        return self.compressed.read()
+
+    def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
+        """The whole store with rows ``n_compressed, ...`` replaced by ``new_keys``, padding
+        included: rows past this step's entries are beyond what any of its queries sees."""
+        keys = self.index_keys.read()
+        n = new_keys.shape[1]
+        take, source = span(self.n_compressed, n, keys.shape[1], n, keys.device)
+        return torch.where(take[:, None], new_keys[:, source], keys)
+
+    def append_compressed(
+        self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: torch.Tensor
+    ) -> None:
+        """Store the first ``count`` (a tensor) of ``entries`` [B, n, d] (padded past it)."""
+        self.compressed.write_span(self.n_compressed, count, entries)
+        if index_entries is not None:
+            self.index_keys.write_span(self.n_compressed, count, index_entries)
+        self.n_compressed = self.n_compressed + count
+
+
+def span(
+    first: torch.Tensor, count: torch.Tensor | int, rows: int, width: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[first, first + count)`` of a ``rows``-row store filled from a ``width``-row source:
+    (take [rows] bool, source row [rows] int64, clamped into [0, width))."""
+    offset = torch.arange(rows, device=device) - first
+    return (offset >= 0) & (offset < count), offset.clamp(0, width - 1)
 
 
 @dataclass
 class Cache:
-    """All layers' caches and the number of tokens consumed so far (``pos``)."""
+    """All layers' caches and the number of tokens consumed so far (``pos``: an int, or a 0-d
+    tensor while tracing, see :meth:`with_tensors`)."""
 
     config: ModelConfig
     layers: list[LayerCache]
     capacity: int
-    pos: int = 0
+    pos: int | torch.Tensor = 0
 
     @classmethod
     def new(
@@ -183,9 +245,12 @@ class Cache:
         """Every tensor of the cache as ``layers.<i>.<name>`` (see :meth:`LayerCache.named_tensors`)."""
         return {f"layers.{i}.{name}": t for i, lc in enumerate(self.layers) for name, t in lc.named_tensors().items()}
 
-    def with_tensors(self, tensors: Mapping[str, torch.Tensor], pos: int) -> Cache:
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor], pos: int | torch.Tensor) -> Cache:
         """A cache of this layout (same names, shapes and dtypes) holding ``tensors`` after ``pos``
-        tokens. The tensors are used, not copied: the new cache's writes go to them."""
+        tokens. The tensors are used, not copied: the new cache's writes go to them.
+
+        ``pos`` a 0-d int64 tensor gives a cache for tracing a position-generic graph (its layers
+        are :class:`TracedLayerCache`); its range is then the caller's to check."""
         expected = self.named_tensors()
         if set(tensors) != set(expected):
             missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -196,7 +261,7 @@ class Cache:
                 raise ValueError(
                     f"cache tensor {name} must be {list(like.shape)} {like.dtype}, got {list(t.shape)} {t.dtype}"
                 )
-        if not 0 <= pos <= self.capacity:
+        if not isinstance(pos, torch.Tensor) and not 0 <= pos <= self.capacity:
             raise ValueError(f"pos must be in [0, {self.capacity}], got {pos}")
         layers = []
         for i, (lc, ratio) in enumerate(zip(self.layers, self.config.compress_ratios)):
@@ -205,6 +270,8 @@ class Cache:
         return Cache(self.config, layers, self.capacity, pos)
 
     def check_room(self, n_tokens: int) -> None:
+        if isinstance(self.pos, torch.Tensor):  # tracing: the position is a run-time value
+            return
         if self.pos + n_tokens > self.capacity:
             raise RuntimeError(f"cache holds {self.capacity} tokens; {self.pos} used, {n_tokens} more requested")
 

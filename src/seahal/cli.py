@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write")
     p.add_argument(
         "--mode", choices=("prefill", "decode"), default="prefill",
-        help="prefill: --prompt-len tokens from an empty cache; decode: one token at position --prompt-len",
+        help="prefill: --prompt-len tokens from an empty cache; decode: one token at the position the "
+        "graph input start_pos gives (one graph for every step)",
     )
-    p.add_argument("--prompt-len", type=int, default=16, metavar="N", help="prompt length (default 16)")
+    p.add_argument("--prompt-len", type=int, default=16, metavar="N", help="prefill prompt length (default 16)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="sequences per call (default 1)")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="cache capacity (default: the model's max_seq_len)")
     p.add_argument("--cache-format", choices=("dense", "fp8"), help="cache storage (default: the model's)")

@@ -1,11 +1,11 @@
 """Export the DeepSeek-V4 graph to ONNX, every HAL operator a ``seahal``-domain function node.
 
 The exported graph is one forward step with the decode cache as explicit state: ``input_ids``
-[B, S] and, unless the step starts from an empty cache, every cache tensor (``past.<name>``) in;
-``logits`` [B, S, vocab] fp32 (or [B, 1, vocab]) and every updated cache tensor
-(``present.<name>``) out. ``<name>`` is :meth:`seahal.model.cache.Cache.named_tensors`'s
-``layers.<i>.<tensor>``. Two steps are offered: ``prefill`` (``prompt_len`` tokens from an empty
-cache) and ``decode`` (one token at position ``prompt_len``, after such a prefill).
+[B, S] and, for a decode step, the position ``start_pos`` (int64 scalar) and every cache tensor
+(``past.<name>``) in; ``logits`` [B, S, vocab] fp32 (or [B, 1, vocab]) and every updated cache
+tensor (``present.<name>``) out. ``<name>`` is :meth:`seahal.model.cache.Cache.named_tensors`'s
+``layers.<i>.<tensor>``. Two steps are offered: ``prefill`` (``prompt_len`` tokens from an
+empty cache) and ``decode`` (one token at any position: one graph serves a generation loop).
 
 The graph is traced by ``torch.export``: each HAL op is the opaque torch op its plan bound
 (``seahal::<op>__<backend>_<kernel>``; a mutating op through a pure twin that returns the new
@@ -14,10 +14,11 @@ state), translated through ``custom_translation_table`` into a node calling the 
 by the model. Everything else (embedding, norms, dense projections, cache reads and writes) is
 ordinary PyTorch and becomes standard ONNX ops.
 
-Shapes and positions are static: the model's Python code around the ops (window ring slots,
-how many compressed entries exist and are written) is traced at one position, so a graph serves
-one step; batch size, position and cache capacity are in the model's ``metadata_props``
-(``seahal.*``).
+A decode step is traced with the position as a 0-d tensor: the ops taking ``start_pos`` are
+called through twins that take it as a tensor (kv_compress's entries padded to the most a step
+can complete), and the cache (:class:`seahal.model.cache.TracedLayerCache`) reads and writes its
+whole compressed store through masks, so no shape or traced value depends on the position.
+Batch size and cache capacity are static (``metadata_props``, ``seahal.*``).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ class ExportedGraph:
 
     path: Path
     mode: str
-    start_pos: int
-    """Position of the first input token (0 for prefill)."""
+    start_pos: int | None
+    """Position of the first input token: 0 for prefill, None for decode (the graph input
+    ``start_pos``)."""
     n_tokens: int
     batch_size: int
     cache_capacity: int
@@ -90,8 +92,9 @@ def export_onnx(
 
     ``model_or_path``: a loaded model (traced with its own plan and dtype) or a checkpoint folder
     (loaded on the CPU in fp32, every op on the ``cpu.reference`` kernel). ``mode``: ``"prefill"``
-    (``prompt_len`` tokens from an empty cache) or ``"decode"`` (one token at position
-    ``prompt_len``, the cache holding ``prompt_len`` tokens). ``max_seq_len``: the cache capacity
+    (``prompt_len`` tokens from an empty cache) or ``"decode"`` (one token at the position the
+    graph input ``start_pos`` gives, the cache holding the tokens before it: one graph serves
+    every step; ``prompt_len`` is unused). ``max_seq_len``: the cache capacity
     (default the model's ``max_seq_len``), which fixes the cache tensors' shapes; steps meant to
     feed each other must share it and the batch size. ``last_only``: logits of the last token
     only. ``external_data``: store the weights beside the model (default: when over 2 GB).
@@ -102,20 +105,22 @@ def export_onnx(
         raise ValueError(f"prompt_len and batch_size must be >= 1, got {prompt_len} and {batch_size}")
     model = model_or_path if isinstance(model_or_path, Transformer) else reference_model(model_or_path)
     capacity = max_seq_len or model.config.max_seq_len
-    start, n_tokens = (0, prompt_len) if mode == "prefill" else (prompt_len, 1)
-    if start + n_tokens > capacity:
-        raise ValueError(f"a {mode} step at position {start} needs max_seq_len >= {start + n_tokens}, got {capacity}")
+    decode = mode == "decode"
+    start, n_tokens = (None, 1) if decode else (0, prompt_len)
+    if n_tokens > capacity:
+        raise ValueError(f"a {mode} step of {n_tokens} tokens needs max_seq_len >= {n_tokens}, got {capacity}")
 
     layout = Cache.new(model.config, batch_size, capacity, model.dtype, "meta", model.ops)
     names = list(layout.named_tensors())
-    inputs = ["input_ids"] + ([f"past.{n}" for n in names] if start else [])
+    inputs = ["input_ids"] + (["start_pos", *(f"past.{n}" for n in names)] if decode else [])
     outputs = ["logits"] + [f"present.{n}" for n in names]
     example = [torch.zeros(batch_size, n_tokens, dtype=torch.long, device=model.device)]
-    if start:
+    if decode:  # the position's value is irrelevant: nothing traced depends on it
+        example.append(torch.zeros((), dtype=torch.long, device=model.device))
         example += [torch.zeros(t.shape, dtype=t.dtype, device=model.device) for t in layout.named_tensors().values()]
 
-    with _pure_bindings(model.plan) as bindings, _decoded_scales(model):
-        program = torch.export.export(_Step(model, layout, start, last_only), tuple(example))
+    with _pure_bindings(model.plan, positional=decode) as bindings, _decoded_scales(model):
+        program = torch.export.export(_Step(model, layout, decode, last_only), tuple(example))
     hal_nodes = _hal_nodes(program, bindings)
     table = {torch_op: _translation(op, torch_op) for torch_op, op in bindings.items() if op in hal_nodes}
     table.update(_ATEN_FIXES)
@@ -127,7 +132,7 @@ def export_onnx(
     props = onnx_program.model.metadata_props
     props.update({
         "seahal.mode": mode,
-        "seahal.start_pos": str(start),
+        **({} if decode else {"seahal.start_pos": str(start)}),
         "seahal.n_tokens": str(n_tokens),
         "seahal.batch_size": str(batch_size),
         "seahal.cache_capacity": str(capacity),
@@ -160,8 +165,9 @@ def main(args: argparse.Namespace) -> int:
     )
     ops = ", ".join(f"{op} x{n}" for op, n in sorted(graph.hal_nodes.items()))
     print(f"wrote {graph.path} ({graph.path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    where = "the position input start_pos" if graph.start_pos is None else f"position {graph.start_pos}"
     print(
-        f"{graph.mode}: {graph.n_tokens} token(s) at position {graph.start_pos}, batch {graph.batch_size}, "
+        f"{graph.mode}: {graph.n_tokens} token(s) at {where}, batch {graph.batch_size}, "
         f"cache capacity {graph.cache_capacity}; {len(graph.inputs)} inputs, {len(graph.outputs)} outputs"
     )
     print(f"seahal nodes: {ops}")
@@ -169,20 +175,22 @@ def main(args: argparse.Namespace) -> int:
 
 
 class _Step(nn.Module):
-    """One forward step with explicit cache state: ``input_ids`` (and the past cache tensors,
-    unless ``start_pos`` is 0) -> logits and the present cache tensors.
+    """One forward step with explicit cache state -> logits and the present cache tensors.
 
-    The past tensors are cloned before the model writes them, so the traced graph is pure.
+    Prefill: ``input_ids`` from an empty cache. Decode: ``input_ids``, ``start_pos`` (0-d int64)
+    and the past cache tensors, cloned before the model writes them (the traced graph is pure)
+    into a cache whose position is that tensor (:class:`seahal.model.cache.TracedLayerCache`).
     """
 
-    def __init__(self, model: Transformer, layout: Cache, start_pos: int, last_only: bool):
+    def __init__(self, model: Transformer, layout: Cache, decode: bool, last_only: bool):
         super().__init__()
-        self.model, self.layout, self.start_pos, self.last_only = model, layout, start_pos, last_only
+        self.model, self.layout, self.decode, self.last_only = model, layout, decode, last_only
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.start_pos:
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.decode:
+            start_pos, *past = state
             named = dict(zip(self.layout.named_tensors(), (t.clone() for t in past)))
-            cache = self.layout.with_tensors(named, self.start_pos)
+            cache = self.layout.with_tensors(named, start_pos)
         else:
             cache = self.model.new_cache(input_ids.shape[0], self.layout.capacity)
         logits = self.model(input_ids, cache=cache, last_only=self.last_only)
@@ -213,20 +221,31 @@ def _decoded_scales(model: nn.Module) -> Iterator[None]:
 _PURE_LIB = torch.library.Library("seahal_pure", "FRAGMENT")
 _PURE_OPS: dict[str, torch._ops.OpOverload] = {}
 
+_PADDED_ROWS = {"kv_compress": lambda call: -(-call["kv"].shape[1] // call["ratio"])}
+"""HAL ops whose first output's row count depends on ``start_pos``, and its maximum over all
+positions, to which a position-generic graph pads it with zero rows (kv_compress: tokens
+[p, p+S) complete floor((p+S)/m) - floor(p/m) <= ceil(S/m) entries)."""
 
-def _pure_op(bound: BoundOp) -> torch._ops.OpOverload:
-    """``seahal_pure::<kernel op>``: a mutating kernel op as a pure one, returning its outputs and
-    then the new value of each argument in ``spec.mutates`` (the inputs are left untouched).
+
+def _pure_op(bound: BoundOp, positional: bool) -> torch._ops.OpOverload:
+    """``seahal_pure::<kernel op>``: a kernel op as a pure one, returning its outputs and then the
+    new value of each argument in ``spec.mutates`` (the inputs are left untouched).
 
     ONNX values are immutable, so the op's ONNX function returns the updated state the same way.
+    ``positional`` (``seahal_pure::<kernel op>_at``): ``int start_pos`` becomes a 0-d int64
+    tensor, so the traced graph takes the position as data, and an output whose rows depend on
+    it is padded to the most (:data:`_PADDED_ROWS`).
     """
     spec, kernel_op = bound.spec, bound.torch_op
-    name = kernel_op._schema.name.split("::")[1]
+    name = kernel_op._schema.name.split("::")[1] + ("_at" if positional else "")
     if name in _PURE_OPS:
         return _PURE_OPS[name]
     arg_names = [a.name for a in kernel_op._schema.arguments]
     outs = [str(r.type) for r in kernel_op._schema.returns] + ["Tensor"] * len(spec.mutates)
     signature = re.sub(r"\(\w!\)", "", spec.schema.rpartition("->")[0]).strip()
+    pad = _PADDED_ROWS.get(spec.name) if positional else None
+    if positional:
+        signature = signature.replace("int start_pos", "Tensor start_pos")
 
     def named(args: tuple, kwargs: dict) -> dict[str, Any]:
         return {**dict(zip(arg_names, args)), **kwargs}
@@ -234,11 +253,24 @@ def _pure_op(bound: BoundOp) -> torch._ops.OpOverload:
     def impl(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         call = named(args, kwargs)
         call.update({m: call[m].clone() for m in spec.mutates})
-        return (*_as_tuple(kernel_op(**call)), *(call[m] for m in spec.mutates))
+        if positional:
+            call["start_pos"] = int(call["start_pos"])
+        results = _as_tuple(kernel_op(**call))
+        if pad:
+            first = results[0]
+            zeros = first.new_zeros(first.shape[0], pad(call) - first.shape[1], *first.shape[2:])
+            results = (torch.cat((first, zeros), dim=1), *results[1:])
+        return _single_or_tuple((*results, *(call[m] for m in spec.mutates)))
 
     def fake(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         call = named(args, kwargs)
-        return (*_as_tuple(spec.fake(**call)), *(torch.empty_like(call[m]) for m in spec.mutates))
+        if positional:
+            call["start_pos"] = 0
+        results = _as_tuple(spec.fake(**call))
+        if pad:
+            first = results[0]
+            results = (first.new_empty(first.shape[0], pad(call), *first.shape[2:]), *results[1:])
+        return _single_or_tuple((*results, *(torch.empty_like(call[m]) for m in spec.mutates)))
 
     _PURE_LIB.define(f"{name}{signature} -> ({', '.join(outs)})")
     _PURE_LIB.impl(name, impl, "CompositeExplicitAutograd")
@@ -251,18 +283,24 @@ def _as_tuple(out: Any) -> tuple:
     return () if out is None else out if isinstance(out, tuple) else (out,)
 
 
-class _PureCall:
-    """Calls a mutating op through its pure form, then copies the new state into the arguments:
-    ``torch.export`` functionalises the copies, so the traced graph holds only the pure op."""
+def _single_or_tuple(results: tuple) -> Any:
+    """What an op with ``len(results)`` returns: a schema's one ``(Tensor)`` is a bare tensor."""
+    return results[0] if len(results) == 1 else results
 
-    def __init__(self, bound: BoundOp):
-        self.bound, self.pure_op = bound, _pure_op(bound)
+
+class _PureCall:
+    """Calls an op through its pure form (:func:`_pure_op`), then copies the new state into the
+    arguments: ``torch.export`` functionalises the copies, so the traced graph holds only the pure
+    op. ``positional``: ``start_pos`` is a 0-d tensor (the contract is checked at position 0)."""
+
+    def __init__(self, bound: BoundOp, positional: bool):
+        self.bound, self.positional, self.pure_op = bound, positional, _pure_op(bound, positional)
         self.arg_names = [a.name for a in bound.torch_op._schema.arguments]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.bound.spec.contract(*args, **kwargs)
         call = {**dict(zip(self.arg_names, args)), **kwargs}
-        results = self.pure_op(**call)
+        self.bound.spec.contract(**{**call, "start_pos": 0} if self.positional else call)
+        results = _as_tuple(self.pure_op(**call))
         mutates = self.bound.spec.mutates
         for name, value in zip(mutates, results[len(results) - len(mutates) :]):
             call[name].copy_(value)
@@ -271,15 +309,17 @@ class _PureCall:
 
 
 @contextlib.contextmanager
-def _pure_bindings(plan: Plan) -> Iterator[dict[torch._ops.OpOverload, str]]:
-    """While tracing, bind the plan's mutating ops to :class:`_PureCall`; yields {torch op: HAL op}
-    for every op the traced graph may call."""
+def _pure_bindings(plan: Plan, positional: bool) -> Iterator[dict[torch._ops.OpOverload, str]]:
+    """While tracing, bind the plan's mutating ops (and, ``positional``, those taking
+    ``start_pos``) to :class:`_PureCall`; yields {torch op: HAL op} for every op the traced graph
+    may call."""
     bindings, saved = {}, {}
     for op in plan.entries:
         bound = plan[op]
-        if bound.spec.mutates:
+        takes_position = positional and any(a.name == "start_pos" for a in bound.torch_op._schema.arguments)
+        if bound.spec.mutates or takes_position:
             saved[op] = bound
-            pure = _PureCall(bound)
+            pure = _PureCall(bound, takes_position)
             setattr(plan.ops, op, pure)
             bindings[pure.pure_op] = op
         else:
@@ -320,12 +360,17 @@ def _translation(op: str, torch_op: torch._ops.OpOverload) -> Callable[..., Any]
     schema = torch_op._schema
     names = [a.name for a in schema.arguments]
     defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    positional = any(a.name == "start_pos" and str(a.type) == "Tensor" for a in schema.arguments)
+    pad = _PADDED_ROWS.get(op) if positional else None
 
     def translate(*args: Any, **kwargs: Any) -> Any:
         call = {**defaults, **dict(zip(names, args)), **kwargs}
         function = hal_functions.select(op, call)
         node = _node_op(function, schema)
-        return node(*(call[name] for name in function.inputs), **function.attribute_values(call))
+        outputs = node(*(call[name] for name in function.inputs), **function.attribute_values(call))
+        if pad:
+            outputs = (_pad_rows(outputs[0], pad(call)), *outputs[1:])
+        return outputs
 
     translate.__name__ = f"seahal_{op}"
     return translate
@@ -368,6 +413,17 @@ def _custom_op(
         attributes=[OpSchema.Attribute(n, t, required=False) for n, t in attributes],
     )
     return onnxscript.values.Op(onnxscript.values.Opset(domain, 1), name, op_schema)
+
+
+def _pad_rows(x: Any, rows: int) -> Any:
+    """x [B, n, ...] with n <= rows, zero rows appended to [B, rows, ...] (what the positional
+    twin of a :data:`_PADDED_ROWS` op returns)."""
+    fill = opset.Expand(
+        opset.CastLike(opset.Constant(value_float=0.0), x),
+        opset.Concat(opset.Shape(x, end=1), opset.Constant(value_ints=[rows]), opset.Shape(x, start=2), axis=0),
+    )
+    bounds = (opset.Constant(value_ints=[0]), opset.Constant(value_ints=[rows]), opset.Constant(value_ints=[1]))
+    return opset.Slice(opset.Concat(x, fill, axis=1), *bounds)
 
 
 def _right_shift(x: Any, shift: int) -> Any:
