@@ -36,14 +36,7 @@ interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_
 
 
 def test_under_interpreter():
-    if IN_INTERPRETER:
-        pytest.skip("this is the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed, 2 skipped" in summary and "failed" not in summary, result.stdout[-2000:]  # skipped: the parent-only tests
+    triton_interpreter.rerun_test_file(__file__, skipped=2)
 
 
 FP32_TOL = 1e-5
@@ -178,3 +171,26 @@ def test_registration_does_not_import_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
+    """A kernel never run on a GPU is rejected for an sm90 plan (with the reason and the switch),
+    accepted with SEAHAL_CUDA_UNVERIFIED=1 and under the interpreter (no chip); GPU-verified
+    kernels are never gated."""
+    from seahal.backends import cuda
+    from seahal.hal import PlanContext
+    from seahal.hal.registry import REGISTRY
+
+    monkeypatch.delenv(cuda.UNVERIFIED_VARIABLE, raising=False)
+    on_h100 = PlanContext("cuda", "sm90", {})
+    kernels = {op: next(k for k in REGISTRY.kernels_for(op) if k.backend == "cuda") for op in cuda.KERNELS}
+    for op, (_, _, gpu_verified) in cuda.KERNELS.items():
+        why = kernels[op].rejection(on_h100)
+        if gpu_verified:
+            assert why is None, op
+        else:
+            assert why is not None and cuda.UNVERIFIED_VARIABLE in why, (op, why)
+            assert kernels[op].rejection(PlanContext("cuda", None, {})) is None, op
+    assert {op for op, (_, _, verified) in cuda.KERNELS.items() if verified} == {"fp8_gemm", "fp4_gemm", "moe_gate"}
+    monkeypatch.setenv(cuda.UNVERIFIED_VARIABLE, "1")
+    assert all(k.rejection(on_h100) is None for k in kernels.values())

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+
+from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference.moe import moe_gate as reference
 
@@ -30,14 +30,7 @@ and the renormalisation add a few ulp; 1e-6 absolute on weights <= route_scale =
 
 
 def test_under_interpreter():
-    if IN_INTERPRETER:
-        pytest.skip("this is the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, result.stdout[-2000:]
+    triton_interpreter.rerun_test_file(__file__)
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,66 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
-from seahal.hal import Availability, register_backend, register_kernel
+from seahal.hal import Availability, PlanContext, register_backend, register_kernel
 
-_GEMM_CAPABILITIES = {
-    "chip": ("sm90",),
-    "out_dtype": ("bfloat16", "float32"),
-    "scale_dtype": ("float32", "float8_e8m0fnu"),
+_SM90 = ("sm90",)
+_FLOAT = ("bfloat16", "float32")
+_SCALES = ("float32", "float8_e8m0fnu")
+_QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"), "scale_fmt": ("ue8m0", "fp32")}
+
+# op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
+# model's requirements against them and docs/support-matrix.md is generated from them.
+KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
+    # GEMMs: verified and tuned on an H100 (TUNING.md).
+    "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
+    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
+    # Router: fp32 math, top_k <= 8; group-limited routing stays on the reference. H100-verified.
+    "moe_gate": (
+        "moe_gate:moe_gate",
+        {
+            "chip": _SM90,
+            "dtype": _FLOAT,
+            "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
+            "routing": ("score", "hash"),
+        },
+        True,
+    ),
+    # The rest: verified (bitwise where the op is a codec) under the Triton interpreter only.
+    "moe_experts": (
+        "moe_experts:moe_experts",
+        {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
+        False,
+    ),
+    "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, False),
+    "fp4_quant": ("quant:fp4_quant", _QUANT, False),
+    "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, False),
+    "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, False),
+    "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
+    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),  # no FP8/FP4 keys yet
+    "sparse_attention": (  # dense kv rows; the FP8 584-byte cache read is not written yet
+        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, False
+    ),
+    "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, False),
 }
-"""Triton GEMMs: verified (and their launch configs tuned) on sm90 (H100) only."""
-_MOE_GATE_CAPABILITIES = {
-    "chip": ("sm90",),
-    "dtype": ("bfloat16", "float32"),
-    "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
-    "routing": ("score", "hash"),
-}
-"""Triton router: fp32 math, top_k <= 8; no group-limited routing (the reference serves it)."""
+
+UNVERIFIED_VARIABLE = "SEAHAL_CUDA_UNVERIFIED"
+"""Set to 1 to let plans on a GPU use kernels not yet run on one (see :func:`_verified_or_opted_in`)."""
+
+
+def _verified_or_opted_in(ctx: PlanContext) -> str | None:
+    """Kernels verified only under the Triton interpreter serve GPU plans only on request: they
+    have passed the conformance suite on CPU tensors and compile for sm_90, but have never run on
+    a GPU. Under the interpreter (``chip`` None) they always serve."""
+    if ctx.chip is None or os.environ.get(UNVERIFIED_VARIABLE) == "1":
+        return None
+    return f"not yet run on a GPU (interpreter-verified); {UNVERIFIED_VARIABLE}=1 enables it"
 
 
 def _probe() -> Availability:
@@ -45,11 +87,8 @@ def register() -> None:
         priority=30,
     )
     # "module:qualname" strings: importing the backend never imports triton.
-    for op in ("fp8_gemm", "fp4_gemm"):
+    for op, (function, capabilities, gpu_verified) in KERNELS.items():
         register_kernel(
-            op, "cuda", "triton", f"seahal.backends.cuda.{op}:{op}", priority=10, capabilities=_GEMM_CAPABILITIES
+            op, "cuda", "triton", f"seahal.backends.cuda.{function}", priority=10, capabilities=capabilities,
+            supports=None if gpu_verified else _verified_or_opted_in,
         )
-    register_kernel(
-        "moe_gate", "cuda", "triton", "seahal.backends.cuda.moe_gate:moe_gate", priority=10,
-        capabilities=_MOE_GATE_CAPABILITIES,
-    )

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._numerics import cast_rne
+
 K_BLOCK = 128
 """K width of one scaled partial product (the 1x128 activation / 128x128 weight scale block)."""
 
@@ -200,7 +202,8 @@ def store_tile(
     acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Write the fp32 tile ``acc`` to C in C's dtype; with SPLIT_K > 1, through the workspace.
+    """Write the fp32 tile ``acc`` to C in C's dtype (rounded to nearest even); with SPLIT_K > 1,
+    through the workspace.
 
     Split-K: each split stores its partial tile, then bumps the tile's counter; the split that
     arrives last sums all partials in split order (deterministic) and writes C, then resets the
@@ -211,7 +214,7 @@ def store_tile(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     if SPLIT_K == 1:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=mask)
     else:
         tile_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(tile_ptrs + pid_k * M * N, acc, mask=mask)
@@ -221,5 +224,5 @@ def store_tile(
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(tile_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptrs, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter, 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -66,3 +67,25 @@ def bf16_dot_fix() -> Iterator[None]:
         yield
     finally:
         builder.create_dot = original
+
+
+def rerun_test_file(path: str, skipped: int | None = None, timeout: float = 600) -> None:
+    """Run the pytest file ``path`` again in a fresh interpreter with ``TRITON_INTERPRET=1`` and
+    assert that it passed (``skipped``: the exact number of tests it must skip there, if given).
+
+    Triton reads the variable when it is imported and when each kernel is decorated, so a test file
+    whose kernels must run interpreted re-runs itself in a subprocess from one parent test; called
+    inside that subprocess, this skips.
+    """
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this is the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, result.stdout[-2000:]
+    if skipped is not None:
+        assert f" {skipped} skipped" in summary, summary

@@ -1,0 +1,381 @@
+"""Triton routed experts (op ``moe_experts``): permute by expert, two grouped GEMMs, un-permute.
+
+Layout: *contiguous grouped*. The T*k (token, slot) pairs are sorted by expert on the device
+(``torch.sort`` + ``searchsorted``, no host synchronisation), so each expert's rows are consecutive
+in one [S = T*k] order. A row tile never straddles two experts: expert e owns ``ceil(n_e / BLOCK_M)``
+tiles and its last tile masks the rows past ``n_e``. The grid is sized by the bound
+``ceil(S / BLOCK_M) + min(E, S)`` (no data-dependent launch shape, so a call can be captured in a
+CUDA graph); tiles past the real count exit at once. The same layout serves decode (S small: one
+masked tile per touched expert, and experts without tokens cost nothing) and prefill. There is no
+separate padded [E, max_rows] decode layout.
+
+Three launches after the routing tables:
+
+1. gate-up: ``h = w * silu(min(x W1^T, L)) * clamp(x W3^T, -L, L)`` for a row tile and a column
+   tile of both W1 and W3 (one A load, two fp32 accumulators), rows of x gathered by slot // k (x
+   is never copied into the permuted order). ``h`` is rounded to x's dtype; when W2 is FP8/FP4 the
+   epilogue then FP8-quantises it in its 1x128 ue8m0 tile (BLOCK_N = 128), so h only exists as e4m3.
+2. down: ``y_s = x.dtype(h_s W2^T)`` per sorted row, the same kernel with one weight.
+3. combine: ``out_t = sum_k fp32(y_{pos(t, k)})`` in ascending expert order (the reference's order).
+
+Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
+scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
+scales decoded to bf16 in registers (as ``fp4_gemm``). The activations of FP8/FP4 GEMMs are
+FP8-quantised in 1x128 ue8m0 tiles (x by ``hal.formats.fp8_quantize`` on the device, h in the
+gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
+reference applies the summed weight once. Verified under the Triton interpreter only (TUNING.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from seahal.hal.formats import fp8_quantize
+from seahal.hal.ops.moe import expert_weight_format
+
+from ._gemm import K_BLOCK, decode_e8m0
+from ._numerics import cast_rne, fp8_quantize_tiles
+from .fp4_gemm import _decode_e2m1
+
+_FORMATS = {"dense": 0, "fp8": 1, "fp4": 2}
+"""Weight format -> the kernels' FORMAT code."""
+_DENSE_WEIGHT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Launch configuration of both grouped GEMMs (BLOCK_K follows each GEMM's weight format)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsConfig:
+    """Tiles for ``rows`` = T*k routed rows. Untuned heuristic (no GPU measurements yet, TUNING.md).
+
+    With FP8/FP4 weights BLOCK_N = 128: one weight scale row per tile, and the gate-up epilogue
+    quantises whole 1x128 tiles of h. Few rows (decode) take 16-row tiles, since each touched
+    expert has only a handful; many take 64.
+    """
+    if device.type != "cuda":  # the interpreter: small tiles, so tests see edge and masked tiles
+        return ExpertsConfig(16, 128 if quantised else 64)
+    if rows <= 256:
+        return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
+    return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
+
+
+def _block_k(fmt: str) -> int:
+    """K step: one 128-wide scale block for FP8/FP4 weights, 64 (masked) for dense."""
+    return K_BLOCK if fmt != "dense" else 64
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The permutation of the S = T*k routed rows into expert order (all on the device).
+
+    tiles: [3, max_tiles] int32: per row tile its expert (-1: unused), first and end sorted row.
+    slots: [S] int32, the (token * k + j) slot of each sorted row (dropped slots sort last).
+    weights: [S] fp32, the routing weight of each sorted row (duplicates of an expert summed).
+    positions: [T, k] int32, the sorted rows of each token in ascending expert order.
+    n_valid: [1] int32, the number of routed rows (the rest of the S rows are dropped slots).
+    """
+
+    tiles: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+    positions: torch.Tensor
+    n_valid: torch.Tensor
+
+
+def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
+    """Sort the (token, slot) pairs by expert and cut each expert's rows into BLOCK_M tiles.
+
+    topk_weights: [T, k] float, topk_ids: [T, k] int (ids outside [0, E) route nowhere).
+    A slot repeating an earlier slot's expert is dropped and its weight added to that slot's.
+    """
+    t, k = topk_ids.shape
+    rows = t * k
+    device = topk_ids.device
+    ids = topk_ids.long()
+    same = ids[:, :, None] == ids[:, None, :]
+    weights = torch.where(same, topk_weights.float()[:, None, :], 0.0).sum(-1)
+    repeat = (same & torch.ones(k, k, dtype=torch.bool, device=device).tril(-1)).any(-1)
+    keep = (ids >= 0) & (ids < n_experts) & ~repeat
+    sorted_ids, slots = torch.sort(torch.where(keep, ids, n_experts).flatten(), stable=True)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(n_experts + 1, device=device))
+    n_tiles = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m
+    tiles_end = n_tiles.cumsum(0)
+    max_tiles = triton.cdiv(rows, block_m) + min(n_experts, rows)
+    tile = torch.arange(max_tiles, device=device)
+    expert = torch.searchsorted(tiles_end, tile, right=True)
+    e = expert.clamp(max=n_experts - 1)
+    first = bounds[e] + (tile - tiles_end[e] + n_tiles[e]) * block_m
+    tiles = torch.stack([torch.where(expert < n_experts, expert, -1), first, bounds[e + 1]]).to(torch.int32)
+    positions = torch.empty(rows, dtype=torch.long, device=device)
+    positions.scatter_(0, slots, torch.arange(rows, device=device))
+    return Routing(
+        tiles=tiles.contiguous(),
+        slots=slots.to(torch.int32),
+        weights=weights.flatten()[slots].contiguous(),
+        positions=positions.view(t, k).sort(dim=1).values.to(torch.int32),
+        n_valid=bounds[n_experts:].to(torch.int32),
+    )
+
+
+@triton.jit
+def _weight_block(
+    w_ptr, ws_ptr, cols, col0, kb, K, stride_wn, stride_wk, stride_wsn, stride_wsk,
+    FORMAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_E8M0: tl.constexpr,
+):
+    """K block ``kb`` of one expert's weight as the dot's B [BLOCK_K, BLOCK_N], and its scale.
+
+    dense: the stored values (K masked), scale 1; fp8: e4m3 codes and the tile's one 128x128
+    block scale; fp4: codes decoded and multiplied by their 1x32 scales, in bf16 (exact), scale 1.
+    """
+    if FORMAT == 0:
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        b_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K, other=0.0)
+        return b, 1.0
+    elif FORMAT == 1:
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        b = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk)
+        scale = tl.load(ws_ptr + (col0 // 128) * stride_wsn + kb * stride_wsk)
+        if SCALE_E8M0:
+            scale = decode_e8m0(scale)
+        return b, scale
+    else:  # a constexpr if does not end the function: the fp4 path must not be compiled for fp8
+        offs_byte = kb * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + cols[:, None] * stride_wn + offs_byte[None, :] * stride_wk)
+        codes = tl.join(packed & 0xF, packed >> 4).reshape(BLOCK_N, BLOCK_K)  # element 2i = low nibble
+        offs_s = kb * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        scale = tl.load(ws_ptr + cols[:, None] * stride_wsn + offs_s[None, :] * stride_wsk)
+        if SCALE_E8M0:
+            scale = decode_e8m0(scale)
+        scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)).reshape(BLOCK_N, BLOCK_K)
+        return tl.trans((_decode_e2m1(codes) * scale).to(tl.bfloat16)), 1.0
+
+
+@triton.jit
+def _accumulate(acc, a, a_scale, b, b_scale, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc + A B`` with the block's scales: fp32 accumulation in every format."""
+    if FORMAT == 0:
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+    elif FORMAT == 1:
+        return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
+    else:
+        return acc + tl.dot(a.to(tl.bfloat16), b) * a_scale[:, None]
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, out_ptr, out_scale_ptr,
+    tiles_ptr, slots_ptr, weights_ptr,
+    N, K, max_tiles, limit,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+    stride_ve, stride_vn, stride_vk, stride_vse, stride_vsn, stride_vsk,
+    stride_om, stride_on, stride_osm, stride_osn,
+    TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
+    QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
+    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (row tile, column tile) of an expert's GEMM over its consecutive sorted rows.
+
+    GATE_UP: A rows are x[slot // k]; C = h = w * silu(min(A W1^T, L)) * clamp(A W3^T, -L, L)
+    (W1 = w, W3 = v), stored in C's dtype or, with QUANT_OUT, rounded to bf16 if ROUND_BF16 and
+    stored as e4m3 codes + 1x128 scales. Else (down): A rows are the sorted rows, C = A W2^T.
+    """
+    tile = tl.program_id(0)
+    expert = tl.load(tiles_ptr + tile)
+    if expert < 0:
+        return
+    row_lo = tl.load(tiles_ptr + max_tiles + tile)
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    row_mask = rows < tl.load(tiles_ptr + 2 * max_tiles + tile)
+    if GATE_UP:
+        a_rows = (tl.load(slots_ptr + rows, mask=row_mask, other=0) // TOP_K).to(tl.int64)
+    else:
+        a_rows = tl.where(row_mask, rows, row_lo).to(tl.int64)  # masked rows re-read a valid one
+    col0 = tl.program_id(1) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    w_cols = (cols % N).to(tl.int64)  # columns past N re-read valid ones; the store masks them
+    expert = expert.to(tl.int64)
+    w_ptr += expert * stride_we
+    w_scale_ptr += expert * stride_wse
+    v_ptr += expert * stride_ve
+    v_scale_ptr += expert * stride_vse
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        if FORMAT == 0:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0.0)
+            a_scale = 1.0
+        else:
+            a = tl.load(a_ptrs)
+            a_scale = tl.load(a_scale_ptr + a_rows * stride_asm + kb * stride_ask)
+        b, b_scale = _weight_block(w_ptr, w_scale_ptr, w_cols, col0, kb, K, stride_wn, stride_wk, stride_wsn,
+                                   stride_wsk, FORMAT, BLOCK_K, BLOCK_N, W_SCALE_E8M0)
+        acc_w = _accumulate(acc_w, a, a_scale, b, b_scale, FORMAT, DOT_FP32)
+        if GATE_UP:
+            b, b_scale = _weight_block(v_ptr, v_scale_ptr, w_cols, col0, kb, K, stride_vn, stride_vk, stride_vsn,
+                                       stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0)
+            acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32)
+    out = acc_w
+    if GATE_UP:
+        gate = acc_w
+        up = acc_v
+        if CLAMP:
+            gate = tl.minimum(gate, limit)
+            up = tl.clamp(up, -limit, limit)
+        weight = tl.load(weights_ptr + rows, mask=row_mask, other=0.0)
+        out = gate / (1.0 + tl.exp(-gate)) * up * weight[:, None]
+    out_rows = rows.to(tl.int64)
+    c_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on
+    mask = row_mask[:, None] & (cols[None, :] < N)
+    if QUANT_OUT:
+        if ROUND_BF16:
+            out = cast_rne(out, tl.bfloat16).to(tl.float32)
+        q, s = fp8_quantize_tiles(out, True)
+        tl.store(c_ptrs, q, mask=mask)
+        tl.store(out_scale_ptr + out_rows * stride_osm + tl.program_id(1) * stride_osn, s, mask=row_mask)
+    else:
+        tl.store(c_ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, positions_ptr, n_valid_ptr, out_ptr, D, stride_ym, stride_yd, stride_om, stride_od,
+    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[t] = sum_j fp32(y[positions[t, j]]) over the token's routed rows, in expert order."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    n_valid = tl.load(n_valid_ptr)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(positions_ptr + token * TOP_K + j)
+        routed = (tl.zeros_like(cols) + row) < n_valid  # dropped slots sort past the routed rows
+        y = tl.load(y_ptr + row.to(tl.int64) * stride_ym + cols * stride_yd, mask=col_mask & routed, other=0.0)
+        acc += y.to(tl.float32)
+    out_ptrs = out_ptr + token.to(tl.int64) * stride_om + cols * stride_od
+    tl.store(out_ptrs, cast_rne(acc, out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _strides(t: torch.Tensor | None, dims: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * dims
+
+
+def _as_kernel_scale(scale: torch.Tensor | None) -> torch.Tensor | None:
+    """e8m0 scales as their bytes (the kernels decode them); fp32 unchanged."""
+    return scale if scale is None or scale.dtype == torch.float32 else scale.view(torch.uint8)
+
+
+def _is_e8m0(scale: torch.Tensor | None) -> bool:
+    return scale is not None and scale.dtype == torch.uint8
+
+
+def _grouped_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
+    v: torch.Tensor | None, v_scale: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor | None,
+    routing: Routing, top_k: int, fmt: str, limit: float, round_bf16: bool, config: ExpertsConfig,
+) -> None:
+    """Launch :func:`_grouped_gemm_kernel`: gate-up when ``v`` (W3) is given, else down."""
+    n = w.shape[1]
+    k = a.shape[1]
+    max_tiles = routing.tiles.shape[1]
+    w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
+    gate_up = v is not None
+    dot_fp32 = fmt == "dense" and torch.float32 in (a.dtype, w.dtype, (v if gate_up else w).dtype)
+    grid = (max_tiles, triton.cdiv(n, config.block_n))
+    _grouped_gemm_kernel[grid](
+        a, a if a_scale is None else a_scale, w, w if w_scale is None else w_scale,
+        w if v is None else v, w if v_scale is None else v_scale, out, out if out_scale is None else out_scale,
+        routing.tiles, routing.slots, routing.weights,
+        n, k, max_tiles, float(limit),
+        *a.stride(), *_strides(a_scale, 2),
+        *w.stride(), *_strides(w_scale, 3),
+        *_strides(v, 3), *_strides(v_scale, 3),
+        *out.stride(), *_strides(out_scale, 2),
+        TOP_K=top_k, GATE_UP=gate_up, FORMAT=_FORMATS[fmt], CLAMP=gate_up and limit > 0,
+        QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
+        W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(fmt),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _check_dense_dtypes(**weights: torch.Tensor) -> None:
+    for name, w in weights.items():
+        if w.dtype not in _DENSE_WEIGHT_DTYPES:
+            raise TypeError(
+                f"moe_experts (cuda.triton): dense {name} must be bfloat16 or float32, got {w.dtype}; "
+                "float64 calls are served by the reference kernel"
+            )
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w1_scale: torch.Tensor | None,
+    w3: torch.Tensor,
+    w3_scale: torch.Tensor | None,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor | None,
+    swiglu_limit: float = 10.0,
+) -> torch.Tensor:
+    """Weighted sum of clamped-SwiGLU experts over each token's routed experts.
+
+    x: [T, D] bf16/fp32, topk_weights: [T, k] fp32, topk_ids: [T, k] int (-1 = none),
+    w1, w3: [E, I, D], w2: [E, D, I] dense bf16/fp32, fp8 e4m3 (+ [E, ceil(rows/128), cols/128]
+    scales) or packed fp4 (+ [E, rows, cols/32] scales), scales fp32 or e8m0 -> [T, D] in x's dtype.
+
+    ``y_t = sum_k x.dtype(W2 x.dtype(w_k * silu(min(x W1^T, L)) * clamp(x W3^T, -L, L)))`` with fp32
+    accumulation; FP8/FP4 GEMM inputs FP8-quantised in 1x128 ue8m0 tiles. Computes in fp32: fp64
+    routing weights are rounded to fp32 (the reference computes such calls in fp64).
+    """
+    fmt_up, fmt_down = expert_weight_format(w1), expert_weight_format(w2)
+    if fmt_up == "dense":
+        _check_dense_dtypes(w1=w1, w3=w3)
+    if fmt_down == "dense":
+        _check_dense_dtypes(w2=w2)
+    t, d = x.shape
+    top_k = topk_ids.shape[1]
+    n_experts, inter = w1.shape[:2]
+    out = torch.empty((t, d), dtype=x.dtype, device=x.device)
+    if t == 0 or top_k == 0 or n_experts == 0:
+        return out.zero_()
+    rows = t * top_k
+    config = experts_config(rows, (fmt_up, fmt_down) != ("dense", "dense"), x.device)
+    routing = route(topk_weights, topk_ids, n_experts, config.block_m)
+    a, a_scale = (x, None) if fmt_up == "dense" else fp8_quantize(x, K_BLOCK)
+    if fmt_down == "dense":
+        h, h_scale = torch.empty((rows, inter), dtype=x.dtype, device=x.device), None
+    else:  # the gate-up epilogue writes h FP8-quantised for the down GEMM
+        h = torch.empty((rows, inter), dtype=torch.float8_e4m3fn, device=x.device)
+        h_scale = torch.empty((rows, inter // K_BLOCK), dtype=torch.float32, device=x.device)
+    round_bf16 = x.dtype == torch.bfloat16
+    _grouped_gemm(a, a_scale, w1, w1_scale, w3, w3_scale, h, h_scale, routing, top_k, fmt_up, swiglu_limit,
+                  round_bf16, config)
+    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+    _grouped_gemm(h, h_scale, w2, w2_scale, None, None, y, None, routing, top_k, fmt_down, swiglu_limit,
+                  round_bf16, config)
+    block_d = min(triton.next_power_of_2(d), 1024)
+    _combine_kernel[(t, triton.cdiv(d, block_d))](
+        y, routing.positions, routing.n_valid, out, d, *y.stride(), *out.stride(), TOP_K=top_k, BLOCK_D=block_d,
+    )
+    return out

@@ -1,0 +1,226 @@
+"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``; v4_ops.md §11-12).
+
+Memory-bound and elementwise within a tile: each program loads a [BLOCK_M rows, TILES tiles,
+block] brick (tiles padded to a power of two and masked), reduces ``amax`` per tile, and writes
+codes and scales. No host synchronisation; launch shapes come from :func:`quant_launch`.
+
+The arithmetic is the reference's, bit for bit: fp32 ``s = max(amax, floor) / qmax`` by a correctly
+rounded division (``div_rn``; Triton's ``/`` is approximate on the GPU), a ue8m0 scale rounded up
+to a power of two by its bits, ``x / s`` as ``x * 2^-k`` (exact for a power of two) or by
+``div_rn`` for fp32 scales, then round to nearest even. The FP8 tile quantiser and the RNE casts
+(the hardware's on a GPU, integer arithmetic under the Triton interpreter, whose casts do not
+round) are shared with the other kernels in :mod:`._numerics`. NaN inputs are not handled
+(``tl.max`` drops them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seahal.hal.ops.quant import kv_record_bytes
+
+from ._numerics import cast_rne, fp8_quantize_tiles, pow2_ceil
+
+FP4_MAX = tl.constexpr(6.0)
+FP4_AMAX_FLOOR = tl.constexpr(6.0 * 2.0**-126)
+
+ELEMENTS_PER_PROGRAM = 4096
+"""Target brick size: 8 KB of bf16 (16 KB of fp32) in flight per program, 32 elements per thread
+at 4 warps — enough outstanding 16-byte loads per SM to approach HBM bandwidth, with many
+programs per SM for latency hiding. Not measured yet (TUNING.md)."""
+MAX_COLUMNS = 1024
+"""At most this many columns per program, so that few-row calls (decode) still spread over SMs."""
+
+
+def quant_launch(rows: int, n_tiles: int, block: int) -> tuple[int, int, int]:
+    """(BLOCK_M, TILES, grid) for ``rows`` x ``n_tiles`` tiles of ``block`` elements.
+
+    TILES = tiles per program (a power of two, up to MAX_COLUMNS columns), BLOCK_M = rows per program
+    filling ELEMENTS_PER_PROGRAM; grid = (row blocks, tile groups).
+    """
+    width = triton.next_power_of_2(block)
+    tiles = min(triton.next_power_of_2(n_tiles), max(1, MAX_COLUMNS // width))
+    block_m = min(triton.next_power_of_2(rows), max(1, ELEMENTS_PER_PROGRAM // (tiles * width)))
+    return block_m, tiles, (triton.cdiv(rows, block_m), triton.cdiv(n_tiles, tiles))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, K] with unit stride along K: a view when the leading dims collapse, else a copy."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 quant in 1 x block_size tiles along the last dim.
+
+    x: [..., K] bf16/fp16/fp32/fp64 -> q: [..., K] float8_e4m3fn, scale: [..., K/block_size] fp32.
+    Per tile: ``s = max(amax, 1e-4) / 448`` (ue8m0: ``2^ceil(log2 s)``),
+    ``q = e4m3_rne(clamp(x / s, -448, 448))``.
+    """
+    k = x.shape[-1]
+    n_tiles = k // block_size
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], n_tiles), dtype=torch.float32, device=x.device)
+    x2 = _rows(x)
+    if x2.numel() == 0:
+        return q, scale
+    block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
+    _fp8_act_quant_kernel[grid](
+        x2, q, scale, x2.shape[0], n_tiles, x2.stride(0),
+        BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
+        UE8M0=scale_fmt == "ue8m0",
+    )
+    return q, scale
+
+
+def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4 e2m1 quant in 1 x block_size tiles with ue8m0 scales, two codes per byte.
+
+    x: [..., K] float -> codes: [..., K/2] uint8 (element 2i in the low nibble), scale:
+    [..., K/block_size] fp32. Per tile: ``s = 2^ceil(log2(max(amax, 6·2^-126) / 6))``,
+    ``code = e2m1_rne(clamp(x / s, -6, 6))``, ties to the even code.
+    """
+    k = x.shape[-1]
+    n_tiles = k // block_size
+    codes = torch.empty((*x.shape[:-1], k // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((*x.shape[:-1], n_tiles), dtype=torch.float32, device=x.device)
+    x2 = _rows(x)
+    if x2.numel() == 0:
+        return codes, scale
+    block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
+    _fp4_quant_kernel[grid](
+        x2, codes, scale, x2.shape[0], n_tiles, x2.stride(0),
+        BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
+    )
+    return codes, scale
+
+
+def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
+    """Pack KV vectors into FP8 cache records (584 bytes for V4's dim 512, rope 64, tile 64).
+
+    kv: [..., dim] bf16/fp16/fp32 -> [..., record] uint8, each record
+    ``[e4m3(nope / s_t) per tile t | rope as bf16 bytes | e8m0(s_t) per tile | zero pad to 8]``,
+    nope = kv[..., :dim - rope_dim] quantised as fp8_act_quant with ue8m0 scales.
+    One program packs BLOCK_M whole records.
+    """
+    dim = kv.shape[-1]
+    nope = dim - rope_dim
+    n_tiles = nope // tile
+    record = kv_record_bytes(dim, rope_dim, tile)
+    out = torch.empty((*kv.shape[:-1], record), dtype=torch.uint8, device=kv.device)
+    kv2 = _rows(kv)
+    if kv2.shape[0] == 0:
+        return out
+    scale_bytes = record - nope - 2 * rope_dim
+    slots = triton.next_power_of_2(scale_bytes)  # >= n_tiles: one lane per scale byte and per tile
+    block_m = min(triton.next_power_of_2(kv2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // triton.next_power_of_2(dim)))
+    _kv_cache_pack_kernel[(triton.cdiv(kv2.shape[0], block_m),)](
+        kv2, out, kv2.shape[0], kv2.stride(0),
+        N_TILES=n_tiles, TILE=tile, TILE_P2=triton.next_power_of_2(tile), SLOTS=slots,
+        SCALE_BYTES=scale_bytes, ROPE=rope_dim, ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
+        RECORD=record, BLOCK_M=block_m,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Device functions
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_brick(rows, tiles, M, N_TILES, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr):
+    """Element offsets [BLOCK_M, TILES, BLOCK_P2] within a row of tiles, and the in-bounds mask."""
+    cols = tl.arange(0, BLOCK_P2)
+    k = tiles[None, :, None] * BLOCK + cols[None, None, :]
+    mask = (rows < M)[:, None, None] & (tiles < N_TILES)[None, :, None] & (cols < BLOCK)[None, None, :]
+    return k, mask
+
+
+@triton.jit
+def _e2m1_codes(v):
+    """e2m1 codes 0..15 (int32, sign << 3 | magnitude index) of v in [-6, 6]: the index counts the
+    midpoints below |v|, a midpoint itself going to the even index (ties to even)."""
+    a = tl.abs(v)
+    index = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+             + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+             + (a > 5.0).to(tl.int32))
+    return index | ((v.to(tl.int32, bitcast=True) >> 28) & 0x8)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp8_act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, M, N_TILES, stride_xm,
+    BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
+    UE8M0: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
+    rows64 = rows.to(tl.int64)[:, None, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    q, s = fp8_quantize_tiles(x, UE8M0)
+    tl.store(q_ptr + rows64 * (N_TILES * BLOCK) + k, q, mask=mask)
+    scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * N_TILES + tiles[None, :], s, mask=scale_mask)
+
+
+@triton.jit
+def _fp4_quant_kernel(
+    x_ptr, codes_ptr, s_ptr, M, N_TILES, stride_xm,
+    BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
+    rows64 = rows.to(tl.int64)[:, None, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    s, inv = pow2_ceil(tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=2), FP4_AMAX_FLOOR), FP4_MAX))
+    code = _e2m1_codes(tl.clamp(x * inv[:, :, None], -FP4_MAX, FP4_MAX))
+    # element pairs (2i, 2i+1) of a tile -> one byte; block_size is even, so padding pairs up too
+    even, odd = tl.split(tl.reshape(code, (BLOCK_M, TILES, BLOCK_P2 // 2, 2)))
+    byte = (even | (odd << 4)).to(tl.uint8)
+    half, half_mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK // 2, BLOCK_P2 // 2)
+    tl.store(codes_ptr + rows64 * (N_TILES * BLOCK // 2) + half, byte, mask=half_mask)
+    scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * N_TILES + tiles[None, :], s, mask=scale_mask)
+
+
+@triton.jit
+def _kv_cache_pack_kernel(
+    kv_ptr, out_ptr, M, stride_km,
+    N_TILES: tl.constexpr, TILE: tl.constexpr, TILE_P2: tl.constexpr, SLOTS: tl.constexpr,
+    SCALE_BYTES: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, RECORD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    NOPE: tl.constexpr = N_TILES * TILE
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    kv_row = kv_ptr + rows.to(tl.int64) * stride_km
+    out_row = out_ptr + rows.to(tl.int64) * RECORD
+    # nope: e4m3 codes with one ue8m0 scale per tile (slots >= N_TILES lanes, the rest masked)
+    slots = tl.arange(0, SLOTS)
+    k, mask = _tile_brick(rows, slots, M, N_TILES, TILE, TILE_P2)
+    x = tl.load(kv_row[:, None, None] + k, mask=mask, other=0.0).to(tl.float32)
+    q, s = fp8_quantize_tiles(x, True)
+    tl.store(out_row[:, None, None] + k, q.to(tl.uint8, bitcast=True), mask=mask)
+    # rope: bf16 bytes, little-endian
+    j = tl.arange(0, ROPE_P2)
+    rope_mask = row_ok[:, None] & (j < ROPE)[None, :]
+    rope = tl.load(kv_row[:, None] + NOPE + j[None, :], mask=rope_mask, other=0.0).to(tl.float32)
+    byte = tl.arange(0, 2)[None, None, :]
+    bits = cast_rne(rope, tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+    rope_bytes = ((bits[:, :, None] >> (8 * byte)) & 0xFF).to(tl.uint8)
+    tl.store(out_row[:, None, None] + NOPE + 2 * j[None, :, None] + byte, rope_bytes, mask=rope_mask[:, :, None])
+    # scales as e8m0 bytes (the biased exponent of 2^k), then zero padding to a multiple of 8
+    e8m0 = tl.where((slots < N_TILES)[None, :], s.to(tl.int32, bitcast=True) >> 23, 0).to(tl.uint8)
+    scale_mask = row_ok[:, None] & (slots < SCALE_BYTES)[None, :]
+    tl.store(out_row[:, None] + NOPE + 2 * ROPE + slots[None, :], e8m0, mask=scale_mask)

@@ -1,0 +1,169 @@
+"""Triton sparse attention (op ``sparse_attention``): one softmax over gathered keys, K = V, per-head sinks.
+
+One program per (batch, query, head block, output slice). The program walks the query's index row
+BLOCK_N slots at a time, gathers those kv rows once and uses each for all BLOCK_H heads of its
+block (the point of V4's single shared K = V vector): the logits ``q_h . kv[idx]`` come from a dot
+over D in BLOCK_D chunks (registers stay bounded at D = 512), then an online softmax in fp32
+(running max and sum) and ``acc += p @ kv[idx][:, slice]`` for the program's BLOCK_DV output
+columns. The sink joins the denominator at the end, ``o = acc / (l + exp(sink - m))``, which is the
+reference's ratio with the max taken over the keys only. Programs of the other output slices of
+the same heads recompute the logits (the rows come from L2); for D <= BLOCK_DV there is one slice.
+
+Dense ``kv`` only (bf16 or fp32 rows, any strides); reading the FP8 584-byte cache of v4_ops.md §12
+with its tile scales is not implemented, and the registration says ``kv_format: dense``.
+Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._numerics import cast_rne
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One launch: heads per program, index slots per step, D chunk of the logits, output slice."""
+
+    block_h: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def attention_config(h: int, d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> AttentionConfig:
+    """The launch for H heads of dimension D.
+
+    GPU (untuned, TUNING.md): up to 64 heads per program, so that V4-Flash's 64 heads read each
+    gathered row once per output slice; 256-column output slices (a [64, 256] fp32 accumulator is
+    64 registers a thread at 8 warps). On CPU (the interpreter) small tiles, so the tests cross
+    head blocks, D chunks and output slices.
+    """
+    if device.type != "cuda":
+        return AttentionConfig(16, 16, 32, 64)
+    block_h = min(64, max(16, triton.next_power_of_2(h)))
+    block_dv = min(256, max(16, triton.next_power_of_2(d)))
+    # fp32 rows double the gathered tiles: two stages of them need 238 KB of shared memory at
+    # H = 64, D = 512, over sm_90's 227 KB (tests/test_cuda_compile.py), so fp32 takes one.
+    stages = 1 if dtype == torch.float32 else 2
+    return AttentionConfig(
+        block_h, 32, 64, block_dv, num_warps=8 if block_h * block_dv >= 64 * 256 else 4, num_stages=stages
+    )
+
+
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, softmax_scale: float
+) -> torch.Tensor:
+    """One softmax over the keys each query selects, K = V shared, a sink in the denominator.
+
+    q: [B, S, H, D] bf16/fp32, kv: [B, N, D] q's dtype, indices: [B, S, K] int32/int64 (-1 = empty
+    slot), sink: [H] fp32 -> o: [B, S, H, D] in q's dtype.
+
+    ``s_j = softmax_scale * q_h . kv[idx_j]`` (a repeated index counts each time), ``m = max_j s_j``,
+    ``o_h = sum_j exp(s_j - m) kv[idx_j] / (sum_j exp(s_j - m) + exp(sink_h - m))``; a query with no
+    valid slot gets 0. Logits, max and sums in fp32; bf16 inputs round the probabilities to bf16
+    for the PV product (as FlashMLA). Indices >= N are not checked (that would cost a host sync)
+    and read as empty slots.
+    """
+    if q.dtype not in (torch.bfloat16, torch.float32):
+        raise NotImplementedError(f"cuda.triton sparse_attention takes bf16 or fp32 q and kv, got {q.dtype}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch_sparse_attention(q, kv, indices, sink, softmax_scale, out)
+    return out
+
+
+def launch_sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    out: torch.Tensor,
+    config: AttentionConfig | None = None,
+) -> None:
+    """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides)."""
+    b, s, h, d = q.shape
+    if out.numel() == 0:
+        return
+    config = config or attention_config(h, d, q.device, q.dtype)
+    grid = (b * s, triton.cdiv(h, config.block_h), triton.cdiv(d, config.block_dv))
+    _sparse_attention_kernel[grid](
+        q, kv, indices, sink, out, s, h, kv.shape[1], indices.shape[-1], float(softmax_scale),
+        *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
+        HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        BLOCK_DV=config.block_dv, LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and q.device.type == "cuda",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+@triton.jit
+def _dot(a, b, acc, LOW_PRECISION_DOT: tl.constexpr):
+    """acc + a @ b with fp32 sums. bf16 operands go straight into the MMA (exact products) on the
+    GPU; otherwise both are widened to fp32 (the same products: the interpreter's dot misreads
+    bf16) and multiplied in IEEE fp32, never TF32."""
+    if LOW_PRECISION_DOT:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, S, H, N, K, softmax_scale,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_ib, stride_is, stride_ik,
+    stride_sink,
+    stride_ob, stride_os, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+):
+    """out[b, s, heads, cols] for one (b, s), BLOCK_H heads and BLOCK_DV output columns."""
+    pid_bs = tl.program_id(0)
+    bat = (pid_bs // S).to(tl.int64)
+    seq = (pid_bs % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    head_ok = heads < H
+    q_rows = q_ptr + bat * stride_qb + seq * stride_qs + heads[:, None] * stride_qh
+    kv_base = kv_ptr + bat * stride_kb
+    idx_row = idx_ptr + bat * stride_ib + seq * stride_is
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max of the logits
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp(s - m_i)
+    acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+    for start in range(0, K, BLOCK_N):
+        slots = start + offs_n
+        idx = tl.load(idx_row + slots * stride_ik, mask=slots < K, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < N)
+        rows = kv_base + idx[:, None] * stride_kn
+        logits = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+        for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
+            cols = d0 + offs_d
+            in_d = cols[None, :] < HEAD_DIM
+            q = tl.load(q_rows + cols[None, :] * stride_qd, mask=head_ok[:, None] & in_d, other=0.0)
+            k = tl.load(rows + cols[None, :] * stride_kd, mask=valid[:, None] & in_d, other=0.0)
+            logits = _dot(q, tl.trans(k), logits, LOW_PRECISION_DOT)
+        logits = tl.where(valid[None, :], logits * softmax_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: nothing to shift
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(logits - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(rows + cols_v[None, :] * stride_kd, mask=valid[:, None] & (cols_v[None, :] < HEAD_DIM), other=0.0)
+        acc = _dot(cast_rne(p, v.dtype), v, acc * alpha[:, None], LOW_PRECISION_DOT)
+        m_i = m_new
+
+    sink = tl.load(sink_ptr + heads * stride_sink, mask=head_ok, other=float("-inf")).to(tl.float32)
+    denominator = l_i + tl.exp(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
+    o = tl.where(denominator[:, None] > 0, acc / tl.where(denominator > 0, denominator, 1.0)[:, None], 0.0)
+    out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols_v[None, :] * stride_od
+    tl.store(out, cast_rne(o, out_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols_v[None, :] < HEAD_DIM))

@@ -1,0 +1,210 @@
+"""The cuda backend's Triton ``kv_cache_unpack`` and ``kv_compress`` against the CPU reference.
+
+Unpacking is exact (an e4m3 code times a power of two, rounded to bf16; the rope bytes copied), so
+those checks are bitwise, plus a decode of the §12 layout by hand in float64. The compressor
+differs from the reference only in fp32 rounding order and in cos/sin, so its entries are held
+to a tolerance derived from the bf16 output format (below) and its streaming state is bitwise.
+The same tests run under the Triton interpreter on CPU tensors (in test_under_interpreter's
+subprocess) and, on a machine with a GPU, on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seahal.testing import triton_interpreter  # noqa: E402
+
+from seahal.backends.cpu.reference import compressor as ref_compressor
+from seahal.backends.cpu.reference import quant as ref_quant
+from seahal.hal.ops.compressor import compressor_state
+from seahal.hal.ops.quant import kv_record_bytes
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if IN_INTERPRETER else "cuda"
+kernels = pytest.mark.skipif(
+    not IN_INTERPRETER and not torch.cuda.is_available(),
+    reason="no CUDA device: runs in test_under_interpreter's subprocess",
+)
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__)
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    from seahal.backends.cuda import compressor, kv_unpack, quant
+
+    return kv_unpack.kv_cache_unpack, compressor.kv_compress, quant.kv_cache_pack
+
+
+# --------------------------------------------------------------------------------------------
+# kv_cache_unpack
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_same_bf16(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bitwise equal, except that NaN need only be NaN (payloads differ: 0x7FC0 vs torch's 0xFFFF)."""
+    assert ours.dtype == ref.dtype == torch.bfloat16 and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.shape)
+    ours, ref = ours.cpu(), ref.cpu()
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(ours), nan)
+    differ = (ours.view(torch.int16) != ref.view(torch.int16)) & ~nan
+    assert not differ.any(), f"{differ.sum().item()} of {ref.numel()} differ, first at {differ.nonzero()[0].tolist()}"
+
+
+def _random_records(lead: tuple[int, ...], dim: int, rope_dim: int, tile: int, seed: int) -> torch.Tensor:
+    """Records of random bytes: every e4m3 code (NaN too), every exponent 0..255, random rope bits."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (*lead, kv_record_bytes(dim, rope_dim, tile)), dtype=torch.uint8, generator=gen)
+
+
+@kernels
+def test_unpack_v4_record_by_hand(cuda_ops):
+    # independent decode of §12: codes 0..255 in every tile, exponents 120..126 (one per tile)
+    unpack = cuda_ops[0]
+    record = torch.zeros(256, 584, dtype=torch.uint8)
+    record[:, :448] = ((torch.arange(256)[:, None] + torch.arange(448)[None, :]) % 256).to(torch.uint8)
+    record[:, 448:576] = torch.randn(256, 64).bfloat16().view(torch.uint8)
+    record[:, 576:583] = torch.arange(120, 127, dtype=torch.uint8)
+    out = unpack(record.to(DEVICE), 512).cpu()
+    e4m3 = record[:, :448].view(torch.float8_e4m3fn).double()
+    expected = e4m3 * torch.exp2(torch.arange(120, 127).double() - 127).repeat_interleave(64)
+    finite = ~torch.isnan(expected)
+    assert torch.equal(out[:, :448].double()[finite], expected[finite])  # e4m3 x 2^-7..2^-1 fits bf16
+    assert torch.isnan(out[:, :448][~finite].float()).all()
+    assert torch.equal(out[:, 448:], record[:, 448:576].view(torch.bfloat16))
+
+
+@kernels
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # 448 * 2^127 -> inf
+@pytest.mark.parametrize(
+    ("dim", "rope_dim", "tile"),
+    [(512, 64, 64), (96, 32, 32), (320, 0, 32), (72, 24, 16), (200, 8, 96)],
+)
+def test_unpack_every_byte_value(cuda_ops, dim, rope_dim, tile):
+    # random bytes hit exponent 0 (2^-127: fp32 subnormal products, rounded to bf16), 255 (NaN),
+    # products past fp32 (inf) and the NaN codes; (320, 0, 32): no rope; (200, 8, 96): tile 96
+    unpack = cuda_ops[0]
+    records = _random_records((9, 5), dim, rope_dim, tile, seed=dim).to(DEVICE)
+    _assert_same_bf16(unpack(records, dim, rope_dim, tile), ref_quant.kv_cache_unpack(records, dim, rope_dim, tile))
+
+
+@kernels
+@pytest.mark.parametrize("layout", ["sliced rows", "permuted leading dims", "strided last dim", "empty"])
+def test_unpack_layouts(cuda_ops, layout):
+    unpack = cuda_ops[0]
+    base = _random_records((4, 6), 128, 64, 64, seed=1).to(DEVICE)  # 136-byte records
+    records = {
+        "sliced rows": base[:, ::2],
+        "permuted leading dims": base.transpose(0, 1),
+        "strided last dim": base.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "empty": base[:, :0],
+    }[layout]
+    out = unpack(records, 128)
+    assert out.shape == (*records.shape[:-1], 128)
+    _assert_same_bf16(out, ref_quant.kv_cache_unpack(records, 128))
+
+
+@kernels
+def test_unpack_inverts_pack(cuda_ops):
+    # cuda pack then cuda unpack == the reference's quant-dequant of §11.3 (7 FP8 tiles, bf16 rope)
+    unpack, _, pack = cuda_ops
+    kv = (torch.randn(33, 512, generator=torch.Generator().manual_seed(5)) * 3).bfloat16().to(DEVICE)
+    _assert_same_bf16(unpack(pack(kv), 512), ref_quant.kv_cache_unpack(ref_quant.kv_cache_pack(kv), 512))
+
+
+# --------------------------------------------------------------------------------------------
+# kv_compress
+# --------------------------------------------------------------------------------------------
+
+
+def _stream(b: int, total: int, ratio: int, d: int, rope: int, overlap: bool, seed: int):
+    """A token stream's projections (kv, score as the two halves of one [.., 2·coff·d] tensor), ape,
+    a strided norm weight and rope frequencies ``160000^(-2i/r)`` (magnitude <= 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    coff = 2 if overlap else 1
+    projection = torch.randn(b, total, 2 * coff * d, generator=gen)
+    ape = torch.randn(ratio, coff * d, generator=gen) * 0.5
+    weight = (1 + torch.randn(2 * d, generator=gen) * 0.1)[::2]  # strided: the kernel must use its stride
+    freqs = 160000.0 ** (-torch.arange(rope // 2, dtype=torch.float32) * 2 / rope)
+    return projection[..., : coff * d], projection[..., coff * d :], ape, weight, freqs
+
+
+def _assert_entries_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Entries within a few output ulps of each vector's scale (max |ref| over its d dims).
+
+    bf16: the pooled and the normed vector are each rounded to bf16, so an fp32 difference of a
+    few ulp (softmax order, RMS sum, cos/sin) can flip either rounding by one bf16 ulp (2^-8
+    relative); the flip passes through the norm and the rotation mixes a pair: <= 4 ulp of the
+    scale, and most elements must be identical. fp32: no such rounding; pooling and the RMS sum
+    over <= 2m + d terms and the angle j·m·f (<= 60 here) rounded to fp32 give < 1e-5 of the scale.
+    """
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.shape)
+    if ref.numel() == 0:
+        return
+    ours, ref, bf16 = ours.cpu().float(), ref.cpu().float(), ref.dtype == torch.bfloat16
+    error = (ours - ref).abs() / ref.abs().amax(-1, keepdim=True)
+    assert error.max() <= (4 * 2.0**-8 if bf16 else 1e-5), error.max()
+    if bf16:
+        assert (ours == ref).float().mean() > 0.9, (ours == ref).float().mean()
+
+
+def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=False, out_dtype=None, seed=0):
+    """Feed the chunks to the kernel and to the reference, each with its own state; compare the
+    entries of every call and the final states (bitwise)."""
+    kv, score, ape, weight, freqs = _stream(b, sum(chunks), ratio, d, rope, overlap, seed)
+    states = [compressor_state(b, ratio, d, overlap) for _ in range(2)]
+    if stale:
+        for kv_state, score_state in states:
+            kv_state.normal_(generator=torch.Generator().manual_seed(1))
+            score_state.normal_(generator=torch.Generator().manual_seed(2))
+    ours_state = tuple(s.to(DEVICE) for s in states[0])
+    params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
+    start = 0
+    for size in chunks:
+        window = slice(start, start + size)
+        ours = kv_compress(kv[:, window].to(DEVICE), score[:, window].to(DEVICE), *params, *ours_state, ratio, overlap,
+                           start, 1e-6, out_dtype)
+        ref = ref_compressor.kv_compress(kv[:, window], score[:, window], ape, weight, freqs, *states[1], ratio,
+                                         overlap, start, 1e-6, out_dtype)
+        _assert_entries_close(ours, ref)
+        start += size
+    for mine, theirs in zip(ours_state, states[1], strict=True):
+        assert torch.equal(mine.cpu(), theirs)
+
+
+@kernels
+@pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "plain"])
+def test_compress_prefill_then_decode(cuda_ops, overlap):
+    # every prefill offset mod m, then decode steps through two block boundaries
+    for prefill in (1, 3, 4, 6):
+        _run_stream(cuda_ops[1], (prefill,) + (1,) * 6, 4, overlap, seed=prefill)
+
+
+@kernels
+def test_compress_v4_csa_and_hca_shapes(cuda_ops):
+    # V4 main compressor: d 512, rope 64; CSA m=4 (8 slots, one chunk) and HCA m=128 (16 slot chunks)
+    _run_stream(cuda_ops[1], (19, 1, 1), 4, True, d=512, rope=64, b=1, seed=3)
+    _run_stream(cuda_ops[1], (130, 125, 1, 1), 128, False, d=512, rope=64, b=1, seed=4)
+
+
+@kernels
+def test_compress_chunked_prefill_stale_state_fp32(cuda_ops):
+    _run_stream(cuda_ops[1], (3, 3, 5, 2, 9), 4, True, seed=5)  # chunks across block boundaries
+    _run_stream(cuda_ops[1], (6, 1), 4, True, stale=True, seed=6)  # start_pos 0 ignores the state
+    _run_stream(cuda_ops[1], (13, 1, 1, 1), 8, False, stale=True, seed=7)
+    _run_stream(cuda_ops[1], (10, 1, 1), 4, True, out_dtype=torch.float32, seed=8)
+
+
+@kernels
+def test_compress_rejects_float64(cuda_ops):
+    kv, score, ape, weight, freqs = _stream(1, 4, 4, 8, 4, False, seed=0)
+    with pytest.raises(NotImplementedError, match="kv must be float32"):
+        cuda_ops[1](kv.double().to(DEVICE), score.to(DEVICE), ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE),
+                    *(s.to(DEVICE) for s in compressor_state(1, 4, 8, False)), 4, False, 0)

@@ -1,0 +1,260 @@
+"""The cuda backend's Triton mHC (hc_pre, hc_head, hc_post) and RoPE kernels, under the Triton interpreter.
+
+Two independent figures per op: the CPU reference kernel and a float64 brute force of the
+formula written out here. Tolerances are the conformance rules of ``seahal.testing.tolerances``
+(derived there from fp32 accumulation and the output format), applied to the float64 brute force;
+RoPE is also checked bit for bit where the op order fixes every rounding. Interpreter tests run
+in a subprocess with TRITON_INTERPRET=1 (see test_cuda_interpret.py for why).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seahal.testing import triton_interpreter  # noqa: E402
+
+from seahal.backends.cpu.reference import mhc as reference_mhc
+from seahal.backends.cpu.reference import rope as reference_rope
+from seahal.hal.ops.rope import Yarn, rope_frequencies
+
+from seahal.testing.tolerances import checks_for
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__, skipped=1)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """(mhc module, rope module), imported under the interpreter."""
+    from seahal.backends.cuda import mhc, rope
+
+    return mhc, rope
+
+
+def _assert_within_rules(op: str, args: tuple, got, want) -> None:
+    """Each output of ``op`` within its conformance tolerance of ``want`` (float64)."""
+    got, want = (got,) if isinstance(got, torch.Tensor) else got, (want,) if isinstance(want, torch.Tensor) else want
+    for compared in checks_for(op, args):
+        verdict = compared.check.compare(got[compared.outputs], want[compared.outputs])
+        assert verdict.ok, f"{op} {compared.label}: {verdict.detail} (worst {verdict.worst})"
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dims stored transposed (non-unit last stride)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+# --------------------------------------------------------------------------------------------
+# rope
+# --------------------------------------------------------------------------------------------
+
+
+def _rope_same_order(x, positions, freqs, inverse):
+    """The reference's arithmetic with numpy's fp32 cos/sin (the interpreter's): fp32 angle, then
+    each product and difference rounded to fp32, then one cast to x's dtype."""
+    r = freqs.shape[0]
+    theta = positions.to(F32)[:, :, None, None] * freqs.to(F32)
+    theta = -theta if inverse else theta
+    cos, sin = torch.from_numpy(np.cos(theta.numpy())), torch.from_numpy(np.sin(theta.numpy()))
+    a, b = x[..., -2 * r :: 2].to(F32), x[..., -2 * r + 1 :: 2].to(F32)
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., : x.shape[-1] - 2 * r], rotated.to(x.dtype)), dim=-1)
+
+
+def _rope_float64(x, positions, freqs, inverse):
+    """Exact rotation in float64 of the fp32 frequencies (pair by pair)."""
+    x64 = x.to(torch.float64)
+    out = x64.clone()
+    nope = x.shape[-1] - 2 * freqs.shape[0]
+    sign = -1.0 if inverse else 1.0
+    for i, f in enumerate(freqs.tolist()):
+        theta = sign * positions.to(torch.float64)[:, :, None] * f
+        a, b = x64[..., nope + 2 * i], x64[..., nope + 2 * i + 1]
+        out[..., nope + 2 * i] = a * theta.cos() - b * theta.sin()
+        out[..., nope + 2 * i + 1] = a * theta.sin() + b * theta.cos()
+    return out
+
+
+# (dtype, heads, dim, rope dims, inverse, layout, positions dtype): 18 heads = two head blocks, the
+# second partial; 40 - 16 = 24 pass-through dims (padded to 32 in the kernel); full rotation.
+ROPE_CASES = [
+    (F32, 3, 32, 16, False, "contiguous", torch.int64),
+    (BF16, 18, 40, 16, True, "contiguous", torch.int32),
+    (F32, 2, 32, 32, True, "transposed", torch.int64),
+    (BF16, 1, 64, 24, False, "transposed", torch.int64),
+]
+
+
+def _rope_inputs(dtype, h, d, r, layout, pos_dtype, seed, max_pos=1000, yarn=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, h, d, generator=gen).to(dtype)
+    x = _transposed(x) if layout == "transposed" else x
+    positions = torch.randint(0, max_pos, (2, 5), generator=gen, dtype=pos_dtype)
+    freqs = rope_frequencies(r, 160000.0, Yarn(16, 4096)) if yarn else rope_frequencies(r, 10000.0)
+    return x, positions, freqs
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, h, d, r, inverse, layout, pos_dtype", ROPE_CASES)
+def test_rope_bitwise_in_the_reference_order(kernels, dtype, h, d, r, inverse, layout, pos_dtype):
+    _, rope = kernels
+    x, positions, freqs = _rope_inputs(dtype, h, d, r, layout, pos_dtype, seed=h + d + r)
+    out = rope.rope(x, positions, freqs, inverse)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, _rope_same_order(x, positions, freqs, inverse))
+    assert torch.equal(out[..., : d - r], x[..., : d - r])
+    # Against the reference itself only cos/sin differ (torch's vs numpy's, an ulp or so).
+    _assert_within_rules("rope", (x, positions, freqs, inverse), out, reference_rope.rope(x, positions, freqs, inverse))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rope_against_float64_at_long_positions(kernels, dtype):
+    """Positions up to 2^16 with YaRN frequencies: the error grows with the angle as the rule says."""
+    _, rope = kernels
+    x, positions, freqs = _rope_inputs(dtype, 4, 64, 64, "contiguous", torch.int64, seed=3, max_pos=2**16, yarn=True)
+    for inverse in (False, True):
+        args = (x, positions, freqs, inverse)
+        _assert_within_rules("rope", args, rope.rope(*args), _rope_float64(*args))
+
+
+@interpreted
+def test_rope_inverse_undoes_forward(kernels):
+    _, rope = kernels
+    x, positions, freqs = _rope_inputs(F32, 3, 32, 16, "contiguous", torch.int64, seed=5)
+    back = rope.rope(rope.rope(x, positions, freqs), positions, freqs, inverse=True)
+    # two fp32 rotations of the same angle: a few ulp of max|x| (|x| <= ~4 here)
+    torch.testing.assert_close(back, x, rtol=0, atol=8 * 2**-24 * float(x.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------
+# mHC
+# --------------------------------------------------------------------------------------------
+
+
+def _mix64(x, fn, base, scale, n_groups):
+    """float64 logits ``mix * scale_g + base`` per group of the mix index, and the streams [T, n, D]."""
+    t = x.shape[0] * x.shape[1]
+    streams = x.to(torch.float64).reshape(t, x.shape[2], x.shape[3])
+    flat = streams.reshape(t, -1)
+    mix = flat @ fn.to(torch.float64).T / (flat.square().mean(-1, keepdim=True) + 1e-6).sqrt()
+    return [mix[:, lo:hi] * float(scale[g]) + base[lo:hi].to(torch.float64) for g, (lo, hi) in enumerate(n_groups)], streams
+
+
+def _sigmoid64(z):
+    return 1.0 / (1.0 + torch.exp(-z))
+
+
+def _hc_pre_float64(x, fn, base, scale, iters, eps=1e-6):
+    """(y, post, comb) in float64, the Sinkhorn loop written per token."""
+    b, s, n, d = x.shape
+    (pre_z, post_z, comb_z), streams = _mix64(x, fn, base, scale, [(0, n), (n, 2 * n), (2 * n, (2 + n) * n)])
+    pre = _sigmoid64(pre_z) + eps
+    combs = []
+    for logits in comb_z.reshape(-1, n, n):
+        c = logits.exp() / logits.exp().sum(1, keepdim=True) + eps
+        c = c / (c.sum(0, keepdim=True) + eps)
+        for _ in range(iters - 1):
+            c = c / (c.sum(1, keepdim=True) + eps)
+            c = c / (c.sum(0, keepdim=True) + eps)
+        combs.append(c)
+    y = (pre[:, :, None] * streams).sum(1)
+    return y.reshape(b, s, d), (2 * _sigmoid64(post_z)).reshape(b, s, n), torch.stack(combs).reshape(b, s, n, n)
+
+
+def _hc_inputs(b, s, n, d, dtype, seed, layout="contiguous", mixes=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, n, d, generator=gen).to(dtype)
+    x = _transposed(x) if layout == "transposed" else x
+    mixes = mixes or (2 + n) * n
+    fn = torch.randn(mixes, n * d, generator=gen) * (n * d) ** -0.5
+    base = torch.randn(mixes, generator=gen) * 0.5
+    scale = torch.rand(3 if mixes == (2 + n) * n else 1, generator=gen) * 1.5 + 0.5
+    return x, fn, base, scale
+
+
+# (batch, seq, n, D, dtype, Sinkhorn iters, K slices, layout): 37 tokens = three token tiles of 16,
+# the last partial; n = 3 pads the 3 x 3 matrix to 4 x 4; D = 40 ends in a partial column block;
+# 1 and 4 K slices besides the default 2 (with n*D = 60, slice 3 of 4 is empty).
+HC_PRE_CASES = [
+    (2, 3, 4, 32, F32, 20, 2, "contiguous"),
+    (1, 37, 4, 16, BF16, 20, 1, "contiguous"),
+    (2, 2, 3, 20, F32, 20, 4, "transposed"),
+    (1, 2, 2, 40, BF16, 1, 2, "contiguous"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("b, s, n, d, dtype, iters, split, layout", HC_PRE_CASES)
+def test_hc_pre(kernels, monkeypatch, b, s, n, d, dtype, iters, split, layout):
+    mhc, _ = kernels
+    monkeypatch.setattr(mhc, "mix_config", lambda t, k, device: mhc.MixConfig(16, 32, split))
+    x, fn, base, scale = _hc_inputs(b, s, n, d, dtype, seed=s + n + d, layout=layout)
+    args = (x, fn, base, scale, iters, 1e-6, 1e-6)
+    y, post, comb = mhc.hc_pre(*args)
+    assert (y.dtype, post.dtype, comb.dtype) == (dtype, F32, F32)
+    _assert_within_rules("hc_pre", args, (y, post, comb), _hc_pre_float64(x, fn, base, scale, iters))
+    _assert_within_rules("hc_pre", args, (y, post, comb), reference_mhc.hc_pre(*args))
+    # Sinkhorn ends on a column normalisation: columns sum to 1 - eps / (colsum + eps), fp32-rounded
+    torch.testing.assert_close(comb.sum(-2), torch.ones(b, s, n), rtol=0, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("b, s, n, d, dtype, layout, param_dtype", [
+    (2, 3, 4, 32, BF16, "contiguous", F32), (1, 19, 3, 24, F32, "transposed", torch.float64),
+])
+def test_hc_head(kernels, b, s, n, d, dtype, layout, param_dtype):
+    mhc, _ = kernels
+    x, fn, base, scale = (t.to(param_dtype) for t in _hc_inputs(b, s, n, d, dtype, seed=d, layout=layout, mixes=n))
+    x = x.to(dtype)
+    args = (x, fn, base, scale, 1e-6, 1e-6)
+    y = mhc.hc_head(*args)
+    (pre_z,), streams = _mix64(x, fn, base, scale, [(0, n)])
+    y64 = ((_sigmoid64(pre_z) + 1e-6)[:, :, None] * streams).sum(1).reshape(b, s, d)
+    _assert_within_rules("hc_head", args, y, y64)
+    _assert_within_rules("hc_head", args, y, reference_mhc.hc_head(*args))
+
+
+# (n, D, dtype, comb layout, post/comb dtype): D = 40 ends in a partial column block; n = 3 pads the stream axis.
+@interpreted
+@pytest.mark.parametrize("n, d, dtype, layout, param_dtype", [
+    (4, 32, F32, "contiguous", F32), (3, 40, BF16, "transposed", F32), (4, 16, BF16, "contiguous", torch.float64),
+])
+def test_hc_post(kernels, n, d, dtype, layout, param_dtype):
+    mhc, _ = kernels
+    gen = torch.Generator().manual_seed(n * d)
+    f = torch.randn(2, 3, d, generator=gen).to(dtype)
+    x = torch.randn(2, 3, n, d, generator=gen).to(dtype)
+    post = 2 * torch.sigmoid(torch.randn(2, 3, n, generator=gen))
+    comb = torch.softmax(torch.randn(2, 3, n, n, generator=gen), dim=-2)
+    comb = _transposed(comb) if layout == "transposed" else comb
+    post, comb = post.to(param_dtype), comb.to(param_dtype)
+    out = mhc.hc_post(f, x, post, comb)
+    assert out.dtype == dtype and out.shape == x.shape
+    exact = post.double()[..., None] * f.double()[..., None, :] + torch.einsum("bsij,bsid->bsjd", comb.double(), x.double())
+    _assert_within_rules("hc_post", (f, x, post, comb), out, exact)
+    _assert_within_rules("hc_post", (f, x, post, comb), out, reference_mhc.hc_post(f, x, post, comb))
+
+
+@interpreted
+def test_empty_and_float64(kernels):
+    mhc, rope = kernels
+    x, fn, base, scale = _hc_inputs(0, 3, 4, 16, F32, seed=0)
+    y, post, comb = mhc.hc_pre(x, fn, base, scale)
+    assert (y.shape, post.shape, comb.shape) == ((0, 3, 16), (0, 3, 4), (0, 3, 4, 4))
+    with pytest.raises(NotImplementedError, match="x must be bfloat16 or float32, got torch.float64"):
+        mhc.hc_post(torch.zeros(1, 1, 8, dtype=torch.float64), torch.zeros(1, 1, 4, 8, dtype=torch.float64),
+                    torch.zeros(1, 1, 4), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(NotImplementedError, match="cuda.triton rope"):
+        rope.rope(torch.zeros(1, 1, 1, 8, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64), torch.ones(2))

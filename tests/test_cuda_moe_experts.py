@@ -1,0 +1,229 @@
+"""The cuda backend's Triton grouped experts (``moe_experts``), run by the Triton interpreter on CPU.
+
+Checked against the CPU reference (per-expert masked loop over all tokens: different code, same
+rounding points) and a float64 brute force that walks each token's distinct experts. As in
+test_cuda_interpret.py, ``test_under_interpreter`` re-runs this file in a subprocess with
+TRITON_INTERPRET=1; the kernel tests run there and are skipped in the parent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from seahal.backends.cpu.reference import moe as reference  # noqa: E402
+from seahal.hal import get_spec  # noqa: E402
+from seahal.hal.formats import (  # noqa: E402
+    dequantize_weight,
+    fp4_quantize,
+    fp8_dequantize,
+    fp8_quantize,
+    ue8m0_encode,
+)
+from seahal.hal.ops.moe import expert_weight_format  # noqa: E402
+from seahal.testing import triton_interpreter  # noqa: E402
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+
+E, TOP_K, D, I = 8, 2, 256, 256
+EMPTY_EXPERT = 3
+"""No token routes to this expert: it must own no row tile."""
+LIMIT = 10.0
+
+FP32_TOL = 1e-5
+"""fp32 output: same rounding points as the reference, only the fp32 accumulation order of the
+GEMMs differs (~2^-24 * sqrt(K) relative, K <= 256)."""
+BF16_TOL = 2**-8
+"""bf16 output: h and each expert output are rounded to bf16 (2^-9 relative), so a different fp32
+accumulation order may flip a rounding by one bf16 ulp (2^-8 relative of that element)."""
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__, skipped=1)
+
+
+@pytest.fixture(scope="module")
+def experts():
+    """The moe_experts module, imported under the interpreter with its bf16 dot fix."""
+    from seahal.backends.cuda import moe_experts
+
+    with triton_interpreter.bf16_dot_fix():
+        yield moe_experts
+
+
+def _weights(rows: int, cols: int, fmt: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stacked expert weights [E, rows, cols] with entries ~ cols^-1/2, in ``fmt``:
+    ``bf16``, ``fp32``, ``fp8`` / ``fp8-e8m0`` (random non-power-of-two / power-of-two 128x128
+    block scales), ``fp4-e8m0`` (1x32 scales)."""
+    if fmt in ("bf16", "fp32"):
+        dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+        return (torch.randn(E, rows, cols, generator=gen) * cols**-0.5).to(dtype), None
+    if fmt.startswith("fp8"):
+        codes = (torch.randn(E, rows, cols, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scale = (torch.rand(E, -(-rows // 128), cols // 128, generator=gen) + 0.5) * (cols**-0.5 / 100)
+        if fmt == "fp8-e8m0":
+            scale = ue8m0_encode(torch.exp2(torch.round(torch.log2(scale)))).view(torch.float8_e8m0fnu)
+        return codes, scale
+    codes, scale = fp4_quantize(torch.randn(E, rows, cols, generator=gen) * cols**-0.5)
+    return codes, ue8m0_encode(scale).view(torch.float8_e8m0fnu)
+
+
+def _routing(t: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two distinct experts per token, never EMPTY_EXPERT; with t >= 5 token 1 routes nowhere
+    (both ids -1) and token 2 has one empty slot."""
+    allowed = torch.tensor([e for e in range(E) if e != EMPTY_EXPERT])
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:TOP_K]] for _ in range(t)])
+    if t >= 5:
+        ids[1] = -1
+        ids[2, 1] = -1
+    return torch.rand(t, TOP_K, generator=gen) * 0.9 + 0.1, ids.to(torch.int32)
+
+
+def _case(t: int, fmt: str, dtype: torch.dtype, seed: int) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, D, generator=gen) * 4).to(dtype)  # gate ~ N(0, 4): the clamp at 10 is hit
+    topk_weights, topk_ids = _routing(t, gen)
+    w1, s1 = _weights(I, D, fmt, gen)
+    w3, s3 = _weights(I, D, fmt, gen)
+    w2, s2 = _weights(D, I, fmt, gen)
+    return x, topk_weights, topk_ids, w1, s1, w3, s3, w2, s2, LIMIT
+
+
+if IN_INTERPRETER:  # a kernel of the test's own around the kernels' shared cast
+    import triton.language as tl
+
+    from seahal.backends.cuda._numerics import cast_rne
+
+    @triton.jit
+    def _cast_kernel(v_ptr, b_ptr, q_ptr, n):
+        offs = tl.arange(0, 4096)
+        v = tl.load(v_ptr + offs, mask=offs < n)
+        tl.store(b_ptr + offs, cast_rne(v, tl.bfloat16), mask=offs < n)
+        tl.store(q_ptr + offs, cast_rne(tl.clamp(v, -448.0, 448.0), tl.float8e4nv), mask=offs < n)
+
+
+def _fp8_roundtrip(v: torch.Tensor) -> torch.Tensor:
+    """v as the FP8 GEMM sees it: 1x128 ue8m0 tiles, back to float64."""
+    q, s = fp8_quantize(v, 128)
+    return fp8_dequantize(q, s, 128, torch.float64)
+
+
+def _brute_force(x, topk_weights, topk_ids, w1, s1, w3, s3, w2, s2, limit) -> torch.Tensor:
+    """float64 token by token over its distinct experts (a repeated expert's weights summed):
+    ``sum_e x.dtype(W2 q(x.dtype(w_e silu(min(q(x) W1^T, L)) clamp(q(x) W3^T, -L, L))))``, q the
+    1x128 FP8 round trip of the input of a GEMM with FP8/FP4 weights (identity for dense)."""
+    def q(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _fp8_roundtrip(v) if expert_weight_format(w) != "dense" else v.double()
+
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for e in sorted({int(i) for i in topk_ids[t] if 0 <= i < E}):
+            w = float(topk_weights[t][topk_ids[t] == e].double().sum())
+            xt = q(x[t : t + 1], w1)
+            gate = xt @ dequantize_weight(w1[e], None if s1 is None else s1[e], torch.float64).T
+            up = xt @ dequantize_weight(w3[e], None if s3 is None else s3[e], torch.float64).T
+            h = (w * F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)).to(x.dtype)
+            y = q(h, w2) @ dequantize_weight(w2[e], None if s2 is None else s2[e], torch.float64).T
+            out[t] += y.to(x.dtype).double()[0]
+    return out
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@interpreted
+@pytest.mark.parametrize("t", [1, 5, 33])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-e8m0", "fp4-e8m0", "bf16"])
+def test_bf16_activations_match_reference_and_brute_force(experts, fmt, t):
+    args = _case(t, fmt, torch.bfloat16, seed=t)
+    out = experts.moe_experts(*args)
+    assert get_spec("moe_experts").check(*args) == (tuple(out.shape), out.dtype)
+    assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
+    assert _rel(out, _brute_force(*args)) < BF16_TOL
+    if t >= 5:
+        assert not out[1].any(), "a token routed nowhere must come out zero"
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["fp8", "fp32"])
+def test_fp32_activations(experts, fmt):
+    args = _case(33, fmt, torch.float32, seed=7)
+    out = experts.moe_experts(*args)
+    assert out.dtype == torch.float32
+    assert _rel(out, reference.moe_experts(*args)) < FP32_TOL
+    assert _rel(out, _brute_force(*args)) < FP32_TOL
+
+
+@interpreted
+@pytest.mark.parametrize("up_fmt, down_fmt", [("fp8", "bf16"), ("bf16", "fp8-e8m0")])
+def test_mixed_weight_formats(experts, up_fmt, down_fmt):
+    """W1/W3 and W2 in different formats: h is FP8-quantised exactly when W2 is quantised."""
+    args = list(_case(5, up_fmt, torch.bfloat16, seed=1))
+    args[7], args[8] = _weights(D, I, down_fmt, torch.Generator().manual_seed(2))
+    out = experts.moe_experts(*args)
+    assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
+    assert _rel(out, _brute_force(*args)) < BF16_TOL
+
+
+@interpreted
+def test_repeated_expert_in_a_token_and_edge_tiles(experts):
+    """Dense bf16 with D = 160, I = 96 (edge tiles and masked K blocks); token 0 picks expert 5
+    twice: one row with the summed weight, as the reference applies it."""
+    gen = torch.Generator().manual_seed(11)
+    d, inter = 160, 96
+    x = (torch.randn(6, d, generator=gen) * 4).to(torch.bfloat16)
+    ids = torch.randint(0, E, (6, 3), generator=gen, dtype=torch.int32)
+    ids[0] = torch.tensor([5, 2, 5])
+    weights = torch.rand(6, 3, generator=gen)
+    shapes = ((inter, d), (inter, d), (d, inter))
+    w = [(torch.randn(E, r, c, generator=gen) * c**-0.5).to(torch.bfloat16) for r, c in shapes]
+    args = (x, weights, ids, w[0], None, w[1], None, w[2], None, LIMIT)
+    out = experts.moe_experts(*args)
+    assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
+    assert _rel(out, _brute_force(*args)) < BF16_TOL
+
+
+@interpreted
+def test_routing_tables(experts):
+    """Sorted rows grouped by expert; each expert's rows cut into BLOCK_M tiles that never straddle
+    experts; the empty expert owns no tile; unused tiles are marked -1."""
+    block_m = 4
+    ids = torch.tensor([[0, 2], [2, 0], [2, -1], [-1, -1], [7, 2], [2, 2]], dtype=torch.int32)
+    weights = torch.arange(12, dtype=torch.float32).view(6, 2) / 16
+    r = experts.route(weights, ids, E, block_m)
+    assert int(r.n_valid) == 8  # 12 slots: three -1 and one repeat (token 5's second 2) dropped
+    assert r.slots[:8].tolist() == [0, 3, 1, 2, 4, 9, 10, 8]  # expert 0, then 2 (stable), then 7
+    assert r.weights[:8].tolist() == [w / 16 for w in (0, 3, 1, 2, 4, 9, 10 + 11, 8)]
+    expert, first, end = r.tiles.tolist()
+    used = [(e, f, n) for e, f, n in zip(expert, first, end) if e >= 0]
+    assert used == [(0, 0, 2), (2, 2, 7), (2, 6, 7), (7, 7, 8)]
+    assert expert[len(used):] == [-1] * (len(expert) - len(used))
+    assert r.tiles.shape[1] == 3 + 8  # the bound ceil(12 / 4) + min(E, 12)
+    assert r.positions.tolist()[0] == [0, 2]  # token 0: expert 0's row, then expert 2's
+    assert (r.positions[3] >= 8).all()  # token 3 routes nowhere
+
+
+@interpreted
+def test_cast_rounds_to_nearest_even():
+    """The kernels' fp32 -> bf16 / e4m3 casts equal torch's, carries and subnormals included
+    (the interpreter's own casts truncate or drop the carry)."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(4000, generator=gen) * torch.exp2(torch.randint(-12, 9, (4000,), generator=gen).float())
+    v[:6] = torch.tensor([31.9, -31.9, 2.0**-10 * 1.5, 2.0**-9 * 2.5, 0.0, 447.9])  # carry, subnormal ties
+    # a tie to even, a bf16 carry into inf, inf, NaN, a bf16 subnormal
+    v[6:11] = torch.tensor([1 + 2.0**-8, 3.4e38, float("inf"), float("nan"), 2.0**-130 * 1.3])
+    b = torch.empty(4000, dtype=torch.bfloat16)
+    q = torch.empty(4000, dtype=torch.float8_e4m3fn)
+    _cast_kernel[(1,)](v, b, q, 4000)
+    nan = v.isnan()  # NaN payloads differ between torch, the GPU and the kernels: NaN-ness only
+    assert b[nan].isnan().all()
+    assert torch.equal(b.view(torch.int16)[~nan], v.to(torch.bfloat16).view(torch.int16)[~nan])
+    codes = v.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(q.view(torch.uint8)[~nan], codes[~nan])  # e4m3 of [-448, 448] only

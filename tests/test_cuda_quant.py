@@ -1,0 +1,211 @@
+"""The cuda backend's Triton quantisers (``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``).
+
+Quantisers are deterministic functions of their input (v4_ops.md §11: fp32 scale arithmetic,
+power-of-two ue8m0 scales, round to nearest even), so every check is bitwise: codes, scales and
+record bytes against the CPU reference kernels, plus the record layout of §12 decoded by hand.
+The same tests run under the Triton interpreter on CPU tensors (in test_under_interpreter's
+subprocess, see test_cuda_interpret.py for why) and, on a machine with a GPU, on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seahal.testing import triton_interpreter  # noqa: E402
+
+from seahal.backends.cpu.reference import quant as reference
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if IN_INTERPRETER else "cuda"
+kernels = pytest.mark.skipif(
+    not IN_INTERPRETER and not torch.cuda.is_available(),
+    reason="no CUDA device: runs in test_under_interpreter's subprocess",
+)
+E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+"""Every e4m3 value by code (codes 0x7F and 0xFF are NaN)."""
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__)
+
+
+@pytest.fixture(scope="module")
+def quant():
+    from seahal.backends.cuda import quant
+
+    return quant
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _assert_bitwise(ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> None:
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+        a, b = _bits(a).cpu(), _bits(b).cpu()
+        assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} differ, first at {(a != b).nonzero()[0].tolist()}"
+
+
+def _edge_tiles(rows: int, k: int, block: int, qmax: float, seed: int) -> torch.Tensor:
+    """fp32 [rows, k], one kind of tile per column block: normal, zero, below the amax floor, signed
+    zeros only, huge, and a tile whose amax makes ``amax / fp32(amax / qmax)`` round past qmax."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen) * 3.0
+    tiles = x.view(rows, k // block, block)
+    kinds = tiles.shape[1]
+    tiles[:, 1 % kinds] = 0.0
+    tiles[:, 2 % kinds] *= 1e-9  # amax far below the 1e-4 floor: the floor sets the scale
+    tiles[:, 3 % kinds] = -0.0
+    tiles[:, 4 % kinds] *= 1e30
+    tiles[:, 5 % kinds, 0] = -qmax * 1.37  # fp32 scale: x/s lands within an ulp of -qmax
+    return x
+
+
+def _value_ladder(values: torch.Tensor, block: int, qmax: float) -> torch.Tensor:
+    """Tiles holding ±qmax (so the ue8m0 scale is exactly 1) and every given value, positive and
+    negative, plus the midpoints between neighbours: each rounding tie, normal and subnormal."""
+    v = values[torch.isfinite(values) & (values >= 0)].unique()
+    mids = (v[1:] + v[:-1]) / 2
+    ladder = torch.cat((v, mids, -v, -mids, torch.tensor([-0.0])))
+    per_tile = block - 1
+    n = -(-ladder.numel() // per_tile) * per_tile
+    ladder = torch.cat((ladder, torch.zeros(n - ladder.numel()))).view(-1, per_tile)
+    return torch.cat((torch.full((ladder.shape[0], 1), qmax), ladder), dim=1).reshape(1, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# fp8_act_quant
+# --------------------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_fp8_edge_tiles(quant, dtype, scale_fmt):
+    # 9 rows x 12 tiles of 128: 3 row blocks and 2 tile groups, both partial (quant_launch: 4 x 8)
+    x = _edge_tiles(9, 12 * 128, 128, 448.0, seed=3).to(dtype)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    x = x.to(DEVICE)
+    _assert_bitwise(quant.fp8_act_quant(x, 128, scale_fmt), reference.fp8_act_quant(x, 128, scale_fmt))
+
+
+@kernels
+def test_fp8_every_code_and_tie(quant):
+    # scale 1: codes are e4m3_rne(x) directly, so each of the 254 finite codes and each midpoint
+    # between neighbours (ties to the even code, subnormal and normal) is hit exactly once
+    x = _value_ladder(E4M3, 128, 448.0).to(DEVICE)
+    q, scale = quant.fp8_act_quant(x, 128, "ue8m0")
+    assert torch.equal(scale.cpu(), torch.ones_like(scale.cpu()))
+    codes = _bits(q).cpu()
+    assert set(codes.unique().tolist()) == set(range(256)) - {0x7F, 0xFF}
+    _assert_bitwise((q, scale), reference.fp8_act_quant(x, 128, "ue8m0"))
+
+
+@kernels
+@pytest.mark.parametrize("block", [32, 64, 96, 128])
+def test_fp8_block_sizes(quant, block):
+    # 96: a tile width that is not a power of two (padded lanes must not leak into amax)
+    x = _edge_tiles(3, 6 * block, block, 448.0, seed=block).bfloat16().to(DEVICE)
+    for fmt in ("ue8m0", "fp32"):
+        _assert_bitwise(quant.fp8_act_quant(x, block, fmt), reference.fp8_act_quant(x, block, fmt))
+
+
+@kernels
+@pytest.mark.parametrize("layout", ["sliced rows", "permuted leading dims", "strided last dim", "empty"])
+def test_fp8_layouts(quant, layout):
+    base = _edge_tiles(24, 256, 128, 448.0, seed=7).view(4, 6, 256).to(DEVICE)
+    x = {
+        "sliced rows": base[:, ::2],  # leading dims collapse to one row stride: no copy
+        "permuted leading dims": base.transpose(0, 1),  # rows need two strides: copied first
+        "strided last dim": base.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "empty": base[:, :0],
+    }[layout]
+    q, scale = quant.fp8_act_quant(x)
+    assert q.shape == x.shape and scale.shape == (*x.shape[:-1], 2)
+    _assert_bitwise((q, scale), reference.fp8_act_quant(x))
+
+
+# --------------------------------------------------------------------------------------------
+# fp4_quant
+# --------------------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [16, 32, 48])
+def test_fp4_edge_tiles(quant, dtype, block):
+    x = _edge_tiles(5, 40 * block, block, 6.0, seed=block).to(dtype)
+    x = x.to(DEVICE)
+    _assert_bitwise(quant.fp4_quant(x, block), reference.fp4_quant(x, block))
+
+
+@kernels
+def test_fp4_every_code_and_tie(quant):
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    x = _value_ladder(e2m1, 32, 6.0).to(DEVICE)
+    codes, scale = quant.fp4_quant(x, 32)
+    assert torch.equal(scale.cpu(), torch.ones_like(scale.cpu()))
+    nibbles = torch.stack((codes.cpu() & 0xF, codes.cpu() >> 4), -1)
+    assert set(nibbles.unique().tolist()) == set(range(16))
+    _assert_bitwise((codes, scale), reference.fp4_quant(x, 32))
+
+
+@kernels
+def test_fp4_strided_leading_dims(quant):
+    x = _edge_tiles(12, 128, 32, 6.0, seed=1).view(3, 4, 128).to(DEVICE).transpose(0, 1)
+    _assert_bitwise(quant.fp4_quant(x), reference.fp4_quant(x))
+
+
+# --------------------------------------------------------------------------------------------
+# kv_cache_pack
+# --------------------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kv_v4_record(quant, dtype):
+    # 19 records: 3 programs of 8 (quant_launch for dim 512), the last partial
+    kv = _edge_tiles(19, 512, 64, 448.0, seed=2)
+    kv[:, 448:] = torch.randn(19, 64) * 10.0
+    kv[0, 448:] = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -0.0, 3.0e38] * 16)  # bf16 ties, -0, overflow
+    kv = kv.clamp(-6e4, 6e4) if dtype == torch.float16 else kv
+    kv = kv.to(dtype).view(19, 1, 512).to(DEVICE)
+    record = quant.kv_cache_pack(kv)
+    assert record.shape == (19, 1, 584) and record.dtype == torch.uint8
+    _assert_bitwise((record,), (reference.kv_cache_pack(kv),))
+    # the §12 layout by hand: e4m3 nope | bf16 rope bytes | 7 e8m0 tile exponents | 1 zero byte
+    record, kv = record.cpu().view(19, 584), kv.cpu().view(19, 512)
+    q, scale = reference.fp8_act_quant(kv[:, :448], 64)
+    assert torch.equal(record[:, :448], q.view(torch.uint8))
+    assert torch.equal(record[:, 448:576], kv[:, 448:].bfloat16().contiguous().view(torch.uint8))
+    assert torch.equal(record[:, 576:583].double(), torch.log2(scale.double()) + 127)
+    assert torch.equal(record[:, 583], torch.zeros(19, dtype=torch.uint8))
+
+
+@kernels
+@pytest.mark.parametrize(
+    ("dim", "rope_dim", "tile"),
+    [(96, 32, 32), (128, 64, 64), (320, 0, 32), (72, 24, 16), (200, 8, 96)],
+)
+def test_kv_geometries(quant, dim, rope_dim, tile):
+    # (320, 0, 32): no rope, 10 tiles -> 16 scale bytes; (72, 24, 16): 3 tiles, 8 scale bytes > slots
+    # of 4 tiles; (200, 8, 96): tiles of 96 (not a power of two)
+    kv = (torch.randn(5, dim, generator=torch.Generator().manual_seed(dim)) * 4.0).to(DEVICE)
+    kv[1, :tile] = 0.0
+    kv[2, :tile] *= 1e-8
+    _assert_bitwise((quant.kv_cache_pack(kv, rope_dim, tile),), (reference.kv_cache_pack(kv, rope_dim, tile),))
+
+
+@kernels
+def test_kv_sliced_and_empty(quant):
+    wide = torch.randn(6, 1024).bfloat16().to(DEVICE)
+    kv = wide[:, :512]
+    _assert_bitwise((quant.kv_cache_pack(kv),), (reference.kv_cache_pack(kv),))
+    assert quant.kv_cache_pack(wide[:0, :512]).shape == (0, 584)

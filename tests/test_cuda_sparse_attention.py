@@ -1,0 +1,179 @@
+"""The cuda backend's Triton sparse attention (op ``sparse_attention``): under the Triton interpreter on CPU.
+
+Two independent figures: the CPU reference kernel (the same formula in fp32, keys gathered then
+dense) and a float64 brute force written out here (one query at a time, a softmax over the valid
+logits and the sink). Interpreter tests run in a subprocess with TRITON_INTERPRET=1 (see
+test_cuda_interpret.py for why); the GPU test needs a CUDA device (not run in this repository's CI).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seahal.backends.cpu.reference.attention import sparse_attention as reference
+from seahal.hal import get_spec
+
+from seahal.testing import triton_interpreter
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+
+FP32_TOL = (0.0, 2**-16)
+"""(rtol, atol / max|kv|) for fp32: logits (|s| <= ~10 here) summed over D <= 128 in another order
+are off by ~2^-24 sqrt(D) |s| ~ 2^-17; exp makes that a relative error of each probability, in the
+numerator and the denominator; the output is a sub-convex mix of kv rows, so errors scale with max|kv|."""
+BF16_TOL = (2**-7, 2**-8 + FP32_TOL[1])
+"""bf16 (unit roundoff 2^-8): the probabilities are rounded to nearest bf16 before the PV product (as
+FlashMLA; under the interpreter too, by ``_numerics.cast_rne``), each within 2^-8 relative, which
+moves the output by <= 2^-8 max|kv| on top of fp32's error; the output and the reference's are each
+rounded to bf16, so they may land on neighbours: one ulp, <= 2^-7 relative."""
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__)
+
+
+@pytest.fixture(scope="module")
+def attention():
+    """The kernel module, imported under the interpreter, with its bf16 dot corrected."""
+    from seahal.backends.cuda import sparse_attention
+
+    with triton_interpreter.bf16_dot_fix():
+        yield sparse_attention
+
+
+def _brute_force(q, kv, indices, sink, softmax_scale) -> torch.Tensor:
+    """float64 [B, S, H, D]: per query, softmax over (valid logits, sink) applied to the valid rows."""
+    batch, seq_len, heads, dim = q.shape
+    out = torch.zeros(batch, seq_len, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        for s in range(seq_len):
+            rows = kv[b, indices[b, s][indices[b, s] >= 0].long()].double()  # [n_valid, D]
+            if rows.shape[0] == 0:
+                continue
+            logits = q[b, s].double() @ rows.T * softmax_scale  # [H, n_valid]
+            with_sink = torch.cat((logits, sink.double()[:, None]), dim=1)
+            out[b, s] = torch.softmax(with_sink, dim=1)[:, :-1] @ rows
+    return out
+
+
+def _inputs(b, s, h, d, n, k, dtype, gen, empty=0.25):
+    """Normal q [B, S, H, D] and kv [B, N, D] in dtype, int32 indices with a fraction -1, sinks [H]."""
+    q = torch.randn(b, s, h, d, generator=gen).to(dtype)
+    kv = torch.randn(b, n, d, generator=gen).to(dtype)
+    indices = torch.randint(0, n, (b, s, k), generator=gen, dtype=torch.int32)
+    indices = torch.where(torch.rand(b, s, k, generator=gen) < empty, -1, indices)
+    return q, kv, indices, torch.randn(h, generator=gen)
+
+
+def _check(attention, q, kv, indices, sink, config=None) -> torch.Tensor:
+    """Run the kernel into a NaN-poisoned output and hold it against the reference and the brute force."""
+    scale = q.shape[-1] ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    attention.launch_sparse_attention(q, kv, indices, sink, scale, out, config)
+    assert not out.isnan().any(), "some output elements were not written"
+    assert get_spec("sparse_attention").check(q, kv, indices, sink, scale) == (tuple(out.shape), out.dtype)
+    rtol, atol = BF16_TOL if q.dtype == torch.bfloat16 else FP32_TOL
+    atol *= float(kv.double().abs().max()) if kv.numel() else 0.0
+    for want in (reference(q, kv, indices, sink, scale), _brute_force(q, kv, indices, sink, scale)):
+        torch.testing.assert_close(out.double(), want.double(), rtol=rtol, atol=atol)
+    return out
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_many_heads_many_slots(attention, dtype):
+    # S = 1; H = 20: a full and a partial block of 16 heads; K = 37: three index blocks, the last partial.
+    gen = torch.Generator().manual_seed(0)
+    _check(attention, *_inputs(3, 1, 20, 64, 50, 37, dtype, gen))
+
+
+@interpreted
+def test_prefill_window_and_compressed_layout(attention):
+    # The model's prefill layout (v4_ops.md §9): window of 4 raw tokens padded with -1, then the
+    # compressed entries S + j with j < (t + 1) // 4, padded with -1. fp32, D = 128: four D chunks.
+    s, window, entries = 9, 4, 2
+    gen = torch.Generator().manual_seed(1)
+    q, kv, _, sink = _inputs(2, s, 5, 128, s + entries, 1, torch.float32, gen)
+    rows = []
+    for t in range(s):
+        raw = [p for p in range(t - window + 1, t + 1) if p >= 0]
+        compressed = [s + j for j in range((t + 1) // 4)]
+        rows.append(raw + [-1] * (window - len(raw)) + compressed + [-1] * (entries - len(compressed)))
+    indices = torch.tensor(rows, dtype=torch.int32).expand(2, s, -1).contiguous()
+    _check(attention, q, kv, indices, sink)
+
+
+@interpreted
+def test_empty_queries_repeated_keys_and_infinite_sinks(attention):
+    gen = torch.Generator().manual_seed(2)
+    q, kv, indices, sink = _inputs(2, 4, 3, 64, 10, 6, torch.bfloat16, gen)
+    indices[0, 0] = -1  # no valid slot, finite sink: 0
+    indices[1, 2] = -1  # no valid slot, and head 0's sink is -inf: 0, not 0/0
+    indices[1, 1] = 7  # one key six times: six equal logits, o = 6 e kv / (6 e + e^sink)
+    indices[0, 3, 3:] = indices[0, 3, :3]
+    sink[0] = float("-inf")
+    sink[2] = 30.0  # dominates every logit: o ~ 0
+    out = _check(attention, q, kv, indices, sink)
+    assert out[0, 0].abs().max() == 0 and out[1, 2].abs().max() == 0
+
+
+@interpreted
+def test_head_dim_512_few_keys(attention):
+    gen = torch.Generator().manual_seed(3)
+    _check(attention, *_inputs(1, 2, 3, 512, 8, 5, torch.bfloat16, gen))
+
+
+@interpreted
+def test_strided_inputs_and_int64_indices(attention):
+    # q with heads outermost in memory, kv a prefix of a longer cache, indices a column slice, fp64 sinks.
+    gen = torch.Generator().manual_seed(4)
+    q, kv, indices, sink = _inputs(2, 3, 4, 64, 14, 11, torch.float32, gen)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kv = torch.cat((kv, torch.randn(2, 5, 64, generator=gen)), dim=1)[:, :9]
+    indices = torch.where(indices < 9, indices, -1).long()[..., 2:]
+    _check(attention, q, kv, indices, sink.double())
+
+
+@interpreted
+@pytest.mark.parametrize("block_h, block_n, block_d, block_dv", [(32, 16, 16, 16), (16, 32, 64, 128)])
+def test_launch_configs(attention, block_h, block_n, block_d, block_dv):
+    # D = 80: a partial last D chunk and output slice in every config.
+    gen = torch.Generator().manual_seed(block_d)
+    config = attention.AttentionConfig(block_h, block_n, block_d, block_dv)
+    _check(attention, *_inputs(2, 2, 17, 80, 40, 33, torch.bfloat16, gen), config=config)
+
+
+@interpreted
+def test_rejects_float64(attention):
+    q, kv, indices, sink = _inputs(1, 1, 1, 16, 2, 2, torch.float64, torch.Generator().manual_seed(5))
+    with pytest.raises(NotImplementedError, match="bf16 or fp32"):
+        attention.sparse_attention(q, kv, indices, sink, 0.25)
+
+
+def test_registered_for_dense_kv_only():
+    if IN_INTERPRETER:
+        pytest.skip("checked by the parent run")
+    from seahal.hal.registry import REGISTRY
+
+    (kernel,) = [k for k in REGISTRY.kernels_for("sparse_attention") if k.qualified_name == "cuda.triton"]
+    assert kernel.capabilities["kv_format"] == ("dense",)
+    assert set(kernel.capabilities["dtype"]) == {"bfloat16", "float32"}
+
+
+@on_gpu
+def test_v4_flash_decode_shape_on_gpu():
+    from seahal.backends.cuda.sparse_attention import sparse_attention
+
+    gen = torch.Generator().manual_seed(6)
+    q, kv, indices, sink = (t.cuda() for t in _inputs(4, 1, 64, 512, 4096, 640, torch.bfloat16, gen, empty=0.05))
+    out = sparse_attention(q, kv, indices, sink, 512**-0.5)
+    want = reference(q, kv, indices, sink, 512**-0.5)
+    rtol, atol = BF16_TOL
+    torch.testing.assert_close(out.double(), want.double(), rtol=rtol, atol=atol * float(kv.abs().max()))
