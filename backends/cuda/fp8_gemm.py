@@ -69,9 +69,11 @@ def _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0: tl.constexpr, ONE_SCAL
     b_scale = tl.load(b_scale_ptrs)
     if B_SCALE_E8M0:
         b_scale = decode_e8m0(b_scale)
-    if ONE_SCALE_BLOCK:
-        return (a_scale * b_scale)[:, None]
-    return a_scale[:, None] * b_scale[None, :]
+    if ONE_SCALE_BLOCK:  # a constexpr if does not end the function: the other return needs the else
+        scale = (a_scale * b_scale)[:, None]
+    else:
+        scale = a_scale[:, None] * b_scale[None, :]
+    return scale
 
 
 @triton.jit(do_not_specialize=["M", "stride_asm", "stride_bsn"])

@@ -1,0 +1,172 @@
+"""Compiling Triton kernels for a GPU on a machine without one: the launches a wrapper makes, to PTX.
+
+The interpreter (:mod:`seahal.testing.triton_interpreter`) checks what a kernel computes, not that
+it compiles: it accepts code the GPU compiler rejects (and runs kernels with the interpreter's
+small CPU launch configs). This module closes that gap in two steps:
+
+1. :func:`capture_launches` runs a backend's Python wrappers as if on an H100: tensors made for
+   ``"cuda"`` are meta tensors that report ``cuda:0``, the CUDA device queries answer for an H100,
+   and each ``kernel[grid](...)`` is recorded instead of run. The wrappers pick their GPU launch
+   configs; no memory is allocated and nothing is launched.
+2. :func:`compile_launch` hands a recorded launch to Triton's compiler for a :class:`GPUTarget`
+   (default sm_90) with the same specialisation a real launch would get (argument types, 16-byte
+   alignment, integer constants), through to ptxas, and returns the PTX or the compiler's error.
+
+Triton's wheel bundles ptxas (``triton/backends/nvidia/bin``), so this runs on any CPU machine with
+``pip install triton``. It relies on two private pieces of Triton's launcher (the binder from
+``create_function_from_signature`` and ``JITFunction._pack_args``), checked with Triton 3.9.
+Meta tensors have data pointer 0: every argument counts as 16-byte aligned, as fresh CUDA
+allocations are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import types
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+H100_SMS = 132
+"""Multiprocessors of an H100 SXM: what the wrappers' launch heuristics see while capturing."""
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: Any
+    """The ``triton.runtime.jit.JITFunction``."""
+    args: tuple
+    kwargs: dict
+    grid: Any
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def describe(self) -> str:
+        """The kernel and its constexprs / launch options, e.g. ``_kernel(BLOCK_M=64, num_warps=4)``."""
+        options = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.name}({options})"
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """What compiling one launch gave: PTX and the kernel's shared memory bytes, or the compiler's error."""
+
+    launch: Launch
+    ptx: str | None = None
+    error: str | None = None
+    shared_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def toolchain_missing() -> str | None:
+    """Why kernels cannot be compiled here (no triton, no NVIDIA backend, no ptxas), else None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        from triton import knobs
+
+        ptxas = knobs.nvidia.ptxas.path
+    except Exception as error:  # the NVIDIA backend or its bundled tools are missing
+        return f"triton's NVIDIA backend has no ptxas: {error}"
+    return None if ptxas else "no ptxas found (triton's bundled binary or TRITON_PTXAS_PATH)"
+
+
+class _CudaAsMeta(TorchFunctionMode):
+    """Tensors requested on a CUDA device are made on ``meta``; outside torch's own code they
+    report ``cuda:0`` (see :func:`capture_launches`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "meta"
+        self.depth += 1  # torch's own code (meta kernels, decompositions) must see "meta"
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.depth -= 1
+
+
+@contextlib.contextmanager
+def capture_launches(sms: int = H100_SMS, capability: tuple[int, int] = (9, 0)) -> Iterator[list[Launch]]:
+    """Within the context, Triton launches are recorded into the yielded list instead of run, and
+    code sees a CUDA device of ``capability`` with ``sms`` multiprocessors.
+
+    Make inputs with ``torch.empty(..., device="cuda")``; they (and everything derived from them)
+    are meta tensors whose ``.device`` reads ``cuda:0``. Only shapes, dtypes and strides exist, so
+    a wrapper that reads tensor values on the host cannot be captured.
+    """
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    mode = _CudaAsMeta()
+    meta_device = torch.Tensor.device
+
+    def device(t: torch.Tensor) -> torch.device:
+        found = meta_device.__get__(t)
+        return torch.device("cuda", 0) if found.type == "meta" and mode.depth == 0 else found
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid))
+
+    properties = types.SimpleNamespace(multi_processor_count=sms, name="captured", major=capability[0],
+                                       minor=capability[1])
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(JITFunction, "run", run))
+        stack.enter_context(mock.patch.object(torch.Tensor, "device", property(device)))
+        stack.enter_context(mock.patch("torch.cuda.get_device_capability", lambda *_: capability))
+        stack.enter_context(mock.patch("torch.cuda.get_device_properties", lambda *_: properties))
+        stack.enter_context(mock.patch("torch.cuda.current_stream", lambda *_: types.SimpleNamespace(cuda_stream=0)))
+        stack.enter_context(mode)
+        yield launches
+
+
+def sm90():
+    """``GPUTarget("cuda", 90, 32)``: Hopper (H100 / H200)."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
+def compile_launch(launch: Launch, target=None) -> CompileResult:
+    """Compile ``launch`` for ``target`` (default :func:`sm90`) as Triton would before running it.
+
+    Argument types, alignment and integer specialisation come from Triton's own launch binder;
+    constexprs and options (num_warps, num_stages, ...) from the launch's keyword arguments.
+    """
+    import triton
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = target or sm90()
+    kernel = launch.kernel
+    backend = make_backend(target)
+    try:
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*launch.args, **launch.kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            backend, launch.kwargs, bound, specialization, options
+        )
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+        )
+    except Exception as error:  # the compiler's diagnostics are the result
+        cause = f"\n{type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ else ""
+        return CompileResult(launch, error=f"{type(error).__name__}: {error}{cause}")
+    return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared)

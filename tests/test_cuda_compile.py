@@ -1,0 +1,233 @@
+"""Every Triton kernel of the cuda backend compiles for sm_90 (H100) with the launches its wrappers make.
+
+The interpreter tests (tests/test_cuda_*.py) check the numbers but not that the GPU compiler accepts
+the code, nor the GPU launch configs. Here each wrapper runs at V4-Flash shapes (dim 4096, 64 heads of
+512, indexer 64 x 128, 256 experts of 2048, hc_mult 4), decode and prefill, with its launches
+captured instead of run (:mod:`seahal.testing.triton_compile`); each distinct launch is compiled to
+PTX for sm_90 with Triton's bundled ptxas. No GPU is needed.
+
+The compiling runs in a child process: the interpreter tests set ``TRITON_INTERPRET=1`` for this
+process, and a kernel module imported under it never compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+B = 1
+DIM, HEADS, HEAD_DIM, ROPE_DIM = 4096, 64, 512, 64
+INDEX_HEADS, INDEX_DIM, INDEX_TOPK = 64, 128, 512
+EXPERTS, INTER, TOP_K, HC = 256, 2048, 6, 4
+EXPERTS_BUILT = 8
+"""Expert count of the weight tensors handed to moe_experts: the kernels do not depend on it."""
+TOKENS = {"decode": 1, "prefill": 4096}
+
+
+def _empty(*shape, dtype=None):
+    import torch
+
+    return torch.empty(shape, dtype=dtype or torch.float32, device="cuda")
+
+
+def _gemms():
+    """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it."""
+    import torch
+
+    from seahal.backends.cuda import _gemm, fp4_gemm, fp8_gemm
+
+    for module, launch, b_cols, b_dtype, sb_cols in (
+        (fp8_gemm, fp8_gemm.launch_fp8_gemm, lambda k: k, torch.float8_e4m3fn, lambda k: k // 128),
+        (fp4_gemm, fp4_gemm.launch_fp4_gemm, lambda k: k // 2, torch.uint8, lambda k: k // 32),
+    ):
+        table = {**module.CONFIGS["sm90"], (1, 7168, 2048): _gemm.heuristic_config(1, 7168, 2048, 132)}
+        chosen = {}  # one config per code shape: num_stages and group_m only change the pipelining
+        for key, c in table.items():
+            chosen.setdefault((c.block_m, c.block_n, c.num_warps, c.split_k > 1, c.tma), (c, key))
+        for config, (m, n, k) in chosen.values():
+            a, sa = _empty(m, k, dtype=torch.float8_e4m3fn), _empty(m, k // 128)
+            b = _empty(n, b_cols(k), dtype=b_dtype)
+            sb_rows = -(-n // 128) if module is fp8_gemm else n
+            for scale_dtype, out_dtype in ((torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32)):
+                sb = _empty(sb_rows, sb_cols(k), dtype=scale_dtype)
+                launch(a, sa, b, sb, _empty(m, n, dtype=out_dtype), config)
+                if config.split_k == 1:
+                    break  # the e8m0 / fp32-output variant with the split-K configs only
+
+
+def _moe(t: int):
+    import torch
+
+    from seahal.backends.cuda import moe_experts, moe_gate
+
+    x = _empty(t, DIM, dtype=torch.bfloat16)
+    moe_gate.moe_gate(x, _empty(EXPERTS, DIM, dtype=torch.bfloat16), _empty(EXPERTS), TOP_K)
+    ids = torch.empty((t,), dtype=torch.int64, device="cuda")
+    moe_gate.moe_gate(x, _empty(EXPERTS, DIM, dtype=torch.bfloat16), None, TOP_K, input_ids=ids,
+                      tid2eid=torch.empty((129280, TOP_K), dtype=torch.int32, device="cuda"))
+    weights, top = _empty(t, TOP_K), torch.empty((t, TOP_K), dtype=torch.int64, device="cuda")
+    e = EXPERTS_BUILT
+    fp8 = torch.float8_e4m3fn
+    moe_experts.moe_experts(  # FP8 weights, e8m0 scales
+        x, weights, top,
+        _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
+        _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
+        _empty(e, DIM, INTER, dtype=fp8), _empty(e, DIM // 128, INTER // 128, dtype=torch.float8_e8m0fnu),
+    )
+    moe_experts.moe_experts(  # FP4 weights, fp32 scales
+        x, weights, top,
+        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32),
+        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32),
+        _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32),
+    )
+    dense = torch.bfloat16
+    moe_experts.moe_experts(
+        x, weights, top, _empty(e, INTER, DIM, dtype=dense), None, _empty(e, INTER, DIM, dtype=dense), None,
+        _empty(e, DIM, INTER, dtype=dense), None,
+    )
+
+
+def _quant(t: int):
+    import torch
+
+    from seahal.backends.cuda import kv_unpack, quant
+
+    x = _empty(t, DIM, dtype=torch.bfloat16)
+    quant.fp8_act_quant(x, 128, "ue8m0")
+    quant.fp8_act_quant(_empty(t, DIM), 128, "fp32")
+    quant.fp4_quant(_empty(t, INTER, dtype=torch.bfloat16), 32)
+    quant.kv_cache_pack(_empty(B, t, HEAD_DIM, dtype=torch.bfloat16))
+    kv_unpack.kv_cache_unpack(_empty(B, t, 584, dtype=torch.uint8), HEAD_DIM)
+
+
+def _attention(t: int):
+    import torch
+
+    from seahal.backends.cuda import compressor, indexer, sparse_attention
+
+    start = 0 if t > 1 else 8191
+    for ratio, overlap in ((4, True), (128, False)):
+        coff = 2 if overlap else 1
+        compressor.kv_compress(
+            _empty(B, t, coff * HEAD_DIM), _empty(B, t, coff * HEAD_DIM), _empty(ratio, coff * HEAD_DIM),
+            _empty(HEAD_DIM, dtype=torch.bfloat16), _empty(ROPE_DIM // 2),
+            _empty(B, coff * ratio, coff * HEAD_DIM), _empty(B, coff * ratio, coff * HEAD_DIM),
+            ratio, overlap, start,
+        )
+    entries = (start + t) // 4
+    for dtype in (torch.bfloat16, torch.float32):
+        indexer.indexer_topk(
+            _empty(B, t, INDEX_HEADS, INDEX_DIM, dtype=dtype), _empty(B, t, INDEX_HEADS),
+            _empty(B, entries, INDEX_DIM, dtype=dtype), 4, start, INDEX_TOPK,
+        )
+        sparse_attention.sparse_attention(
+            _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
+            torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
+        )
+
+
+def _mhc_rope(t: int):
+    import torch
+
+    from seahal.backends.cuda import mhc, rope
+
+    x = _empty(B, t, HC, DIM, dtype=torch.bfloat16)
+    mix = (2 + HC) * HC
+    mhc.hc_pre(x, _empty(mix, HC * DIM), _empty(mix), _empty(3))
+    mhc.hc_head(x, _empty(HC, HC * DIM), _empty(HC), _empty(1))
+    mhc.hc_post(_empty(B, t, DIM, dtype=torch.bfloat16), x, _empty(B, t, HC), _empty(B, t, HC, HC))
+    positions = torch.empty((B, t), dtype=torch.int64, device="cuda")
+    for inverse in (False, True):
+        rope.rope(_empty(B, t, HEADS, HEAD_DIM, dtype=torch.bfloat16), positions, _empty(ROPE_DIM // 2), inverse)
+
+
+def _signature(launch) -> str:
+    """The kernel, its constexprs/options and argument dtypes: launches that compile alike."""
+    dtypes = ",".join(str(getattr(a, "dtype", type(a).__name__)) for a in launch.args)
+    return f"{launch.describe()}[{dtypes}]"
+
+
+def _compile_all() -> list[dict]:
+    """Capture every wrapper's launches, compile each distinct one for sm_90: one record per launch."""
+    from seahal.testing.triton_compile import capture_launches, compile_launch
+
+    with capture_launches() as launches:
+        _gemms()
+        for t in TOKENS.values():
+            _moe(t)
+            _quant(t)
+            _attention(t)
+            _mhc_rope(t)
+    distinct = {_signature(launch): launch for launch in launches}
+    results = []
+    for key, launch in distinct.items():
+        result = compile_launch(launch)
+        ptx = result.ptx or ""
+        results.append({
+            "kernel": launch.name, "launch": key, "error": result.error, "shared": result.shared_bytes,
+            "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
+        })
+    return results
+
+
+def _kernels_in_backend() -> set[str]:
+    """Names of the cuda backend's launched kernels: every @triton.jit function whose name ends in ``_kernel``."""
+    import ast
+    import pathlib
+
+    import seahal.backends.cuda as cuda
+
+    names = set()
+    for path in pathlib.Path(cuda.__file__).parent.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and ast.unparse(
+                node.decorator_list[0] if node.decorator_list else ast.Constant(None)
+            ).startswith("triton.jit"):
+                names.add(node.name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    pytest.importorskip("triton", reason="compiling the cuda backend's kernels needs triton")
+    from seahal.testing.triton_compile import toolchain_missing
+
+    missing = toolchain_missing()
+    if missing:
+        pytest.skip(f"cannot compile for sm_90 here: {missing}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_every_kernel_compiles_for_sm90(compiled):
+    failures = [f"{r['launch']}:\n{r['error']}" for r in compiled if r["error"]]
+    assert not failures, "\n\n".join(failures)
+    assert {r["kernel"] for r in compiled} == _kernels_in_backend()
+
+
+def test_kernels_fit_sm90_shared_memory(compiled):
+    """No launch asks for more shared memory than an sm_90 block may have (227 KiB): it would fail."""
+    too_big = [(r["launch"], r["shared"]) for r in compiled if r["shared"] and r["shared"] > 227 * 1024]
+    assert not too_big, too_big
+
+
+def test_gemms_use_hopper_tensor_cores(compiled):
+    """The block-scaled GEMMs issue wgmma (sm_90's warp-group MMA, M >= 64 tiles) or else mma.sync
+    (16-row decode tiles), and the TMA configs load through bulk tensor copies."""
+    gemms = [r for r in compiled if r["kernel"] in ("_fp8_gemm_kernel", "_fp4_gemm_kernel")]
+    assert gemms
+    for r in gemms:
+        wide = "BLOCK_M=16," not in r["launch"]
+        assert (r["wgmma"], r["mma"]) == (wide, not wide), r
+        assert r["tma"] == ("TMA=True" in r["launch"]), r
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    print(json.dumps(_compile_all()))
