@@ -78,10 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_conformance)
 
     p = sub.add_parser("bench", help="benchmark kernels; writes JSON with achieved and peak figures")
-    p.add_argument("--backend", default="cpu")
-    p.add_argument("--ops", help="comma-separated ops (default: the backend's benchmarked ops)")
-    p.add_argument("--json", metavar="PATH", help="write results as JSON")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    from seahal.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("export-onnx", help="export a prefill or decode step to ONNX, HAL ops as seahal functions")

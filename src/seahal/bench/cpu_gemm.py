@@ -33,7 +33,15 @@ import torch
 
 from seahal.backends.cpu import native
 from seahal.backends.cpu.reference import gemm as reference
-from seahal.hal.formats import FP8_AMAX_FLOOR, FP8_MAX, block_scales, dequantize_weight, fp4_quantize, fp8_dequantize, fp8_quantize
+from seahal.hal.formats import (
+    FP8_AMAX_FLOOR,
+    FP8_MAX,
+    block_scales,
+    dequantize_weight,
+    fp4_quantize,
+    fp8_dequantize,
+    fp8_quantize,
+)
 
 SHAPES = {  # op -> {name: (N, K)}
     "fp8_gemm": {"q_a": (1024, 4096), "wo_b_like": (4096, 1024), "shexp_up": (2048, 4096), "shexp_down": (4096, 2048)},

@@ -3,7 +3,7 @@
 Per (weight shape, M) row: our Triton kernel; ``torch._scaled_mm`` with DeepSeek blockwise scales
 (1x128 activation, 128x128 weight; checked against a float64 dequantised product before timing);
 ``torch._scaled_mm`` rowwise; bf16 ``torch.matmul``. Times are medians of
-``triton.testing.do_bench`` (CUDA events, L2 flushed before every call). TFLOP/s = 2MNK/t,
+CUDA-graph replays timed with CUDA events, L2 flushed before every call (``common.time_cuda``). TFLOP/s = 2MNK/t,
 GB/s = bytes(A + B + scales + C)/t, against 1979 FP8 TFLOP/s and 3.0 TB/s.
 
     python -m seahal.bench.cuda_gemm [--ops fp8_gemm,fp4_gemm] [--quick] [--tune] [--json PATH]
@@ -22,8 +22,8 @@ from dataclasses import asdict
 
 import torch
 
-PEAK_FP8_TFLOPS = 1979.0
-PEAK_TBPS = 3.0
+from seahal.bench.common import PEAK_FP8_TFLOPS, PEAK_TBPS
+from seahal.bench.common import time_cuda as _bench
 
 FP8_SHAPES = {  # V4-Flash FP8 linears, name -> (N, K)
     "q_a": (1024, 4096),
@@ -127,37 +127,6 @@ def tune_candidates(op: str, m: int):
     return configs + tma if op == "fp8_gemm" else configs
 
 
-_FLUSH: list[torch.Tensor] = []
-
-
-def _bench(fn: Callable, quick: bool) -> float:
-    """Median microseconds of ``fn`` replayed from a CUDA graph, timed with CUDA events, L2 flushed
-    before every replay by reading 256 MB (a read leaves no dirty lines to write back during the
-    timed call, unlike a memset flush; the replay's host cost hides behind the flush)."""
-    import statistics
-
-    if not _FLUSH:
-        _FLUSH.append(torch.ones(64 << 20, dtype=torch.float32, device="cuda"))
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # compile, and allocate the stream's split-K counters, outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10 if quick else 30)]
-    for start, end in events:
-        _FLUSH[0].sum()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    del graph
-    return 1e3 * statistics.median(start.elapsed_time(end) for start, end in events)
-
-
 def _checked(op: str, config, a, a_scale, b, b_scale, ref) -> float:
     """Relative error of one launch into a NaN-poisoned output (unwritten elements show as inf)."""
     out = torch.full((a.shape[0], b.shape[0]), float("nan"), dtype=torch.bfloat16, device=a.device)
@@ -206,7 +175,9 @@ def precompile(op: str, configs, n: int, k: int) -> None:
     if workers <= 1:
         return
     t0 = time.time()
-    from seahal.bench import cuda_gemm  # by its import name, so spawned workers can find _compile
+    from seahal.bench import (
+        cuda_gemm,  # by its import name, so spawned workers can find _compile
+    )
 
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         errors = list(pool.map(cuda_gemm._compile, [op] * len(unique), unique, [n] * len(unique), [k] * len(unique)))
@@ -253,7 +224,7 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     ref = dequantised_product(op, a, a_scale, b, b_scale)
     weight_bytes = b.numel() + b_scale.numel() * b_scale.element_size()
     total_bytes = a.numel() + a_scale.numel() * 4 + weight_bytes + m * n * 2
-    row: dict = {"op": op, "shape": name, "N": n, "K": k, "M": m, "weight_MB": weight_bytes / 1e6}
+    row: dict = {"op": op, "shape": name, "N": n, "K": k, "M": m, "weight_MB": weight_bytes / 1e6, "bytes": total_bytes}
 
     out = torch.empty((m, n), dtype=torch.bfloat16, device=device)
     if tune:
@@ -384,6 +355,24 @@ def run(ops: list[str], quick: bool = False, tune: bool = False, json_path: str 
     print(json.dumps(env))
     print(format_table(rows))
     return rows
+
+
+_PEERS = {"cublas_blockwise": "cublas_block_us", "cublas_rowwise": "cublas_row_us", "bf16_matmul": "bf16_us"}
+"""Peer name in the common schema -> its key in this module's rows."""
+
+
+def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
+    """:func:`run`'s rows (its own table printed too) in the common schema of ``seahal bench``."""
+    from seahal.bench.common import Case, new_row, record
+
+    out = []
+    for r in run(ops, quick=quick):
+        case = Case(r["op"], f"{r['shape']} M={r['M']} N={r['N']} K={r['K']}", 2 * r["M"] * r["N"] * r["K"], r["bytes"],
+                    PEAK_FP8_TFLOPS, params={"M": r["M"], "N": r["N"], "K": r["K"], "config": r["config"]})
+        row = new_row(case, "triton")
+        row["check"] = {"err": r["err"], "passed": r["err"] <= MAX_REL_ERR}
+        out.append(record(row, case, r["us"], {name: r[key] for name, key in _PEERS.items() if r.get(key)}))
+    return out
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several tok
 routing stage alone from fp32 logits [T, 256] (what the anchors' "16384 x 256" goal counts: 16.8 MB
 read -> 5.6 us at 3.0 TB/s); hash routing. The peer is the CPU reference kernel's code on the same
 GPU tensors (fp32 matmul, torch.sort). Each row is checked (indices vs the peer) before timing;
-times are medians of CUDA-graph replays, L2 flushed before each (``cuda_gemm._bench``).
+times are medians of CUDA-graph replays, L2 flushed before each (``common.time_cuda``).
 
     python -m seahal.bench.cuda_moe_gate [--quick] [--json PATH]
     seahal bench --backend cuda --ops moe_gate
@@ -21,7 +21,8 @@ from functools import partial
 
 import torch
 
-from seahal.bench.cuda_gemm import PEAK_TBPS, _bench
+from seahal.bench.common import PEAK_TBPS
+from seahal.bench.common import time_cuda as _bench
 
 E, TOP_K, D = 256, 6, 4096
 FULL_TOKENS = (1, 16, 64, 256, 4001, 16384)
@@ -49,7 +50,7 @@ def _peer_route(logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor,
 def _row(name: str, t: int, ours: Callable, peer: Callable, nbytes: int, quick: bool) -> dict:
     (w, idx), (ref_w, ref_idx) = ours(), peer()
     same = (idx == ref_idx).all(dim=1)
-    row = {"row": name, "T": t, "same_indices": float(same.float().mean()),
+    row = {"row": name, "T": t, "bytes": nbytes, "same_indices": float(same.float().mean()),
            "max_w_err": float((w[same] - ref_w[same]).abs().max()) if same.any() else float("nan")}
     row["us"] = _bench(ours, quick)
     row["peer_us"] = _bench(peer, quick)
@@ -102,6 +103,27 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['row']} | {r['T']} | {r['us']:.1f} | {r['peer_us']:.1f} | {r['speedup']:.1f}x | "
                      f"{r['GB/s']:.0f} | {r['%peak_bw']:.0f} | {r['same_indices']:.4f} | {r['max_w_err']:.1e} |")
     return "\n".join(lines)
+
+
+MIN_SAME_INDICES = 0.99
+"""Tokens whose expert set must match the reference's: fp32 logits summed in another order can swap
+near-tied experts of a few tokens, nothing more."""
+
+
+def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
+    """:func:`run`'s rows (its own table printed too) in the common schema of ``seahal bench``;
+    FLOPs are the gate GEMM's ``2 * T * D * E`` on the rows that include it."""
+    from seahal.bench.common import PEAK_BF16_TFLOPS, Case, new_row, record
+
+    out = []
+    for r in run(quick=quick):
+        flops = 2 * r["T"] * D * E if r["row"].startswith("full") else 0
+        case = Case("moe_gate", f"{r['row']} T={r['T']} E={E} top{TOP_K}", flops, r["bytes"], PEAK_BF16_TFLOPS,
+                    params={"tokens": r["T"]})
+        row = new_row(case, "triton")
+        row["check"] = {"err": 1 - r["same_indices"], "passed": r["same_indices"] >= MIN_SAME_INDICES}
+        out.append(record(row, case, r["us"], {"reference": r["peer_us"]}))
+    return out
 
 
 def main(args: argparse.Namespace) -> int:

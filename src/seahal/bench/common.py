@@ -1,0 +1,357 @@
+"""What every ``seahal bench`` module shares: the H100 limits, one timer, one row schema, the table,
+the JSON document and the roofline plot.
+
+A benchmark module describes each measurement as a :class:`Case` (its FLOPs and the fewest bytes it
+must move, computed from the shape alone, and a ``build`` that allocates inputs on a device and
+returns the kernel, the peer and a checker); :func:`measure` turns a case into a row:
+
+    {op, shape, kernel, <shape parameters>, flops, bytes, bound, us, tflops, gbps, fraction_of_limit,
+     check: {err, passed}, peer: {name: {us, tflops, gbps}}, speedup, timing, note}
+
+``fraction_of_limit`` is the roofline fraction ``max(flops / peak, bytes / bandwidth) / time``: 1.0
+means the row runs at the H100's limit for its arithmetic intensity. A kernel whose result fails its
+check is reported with ``us`` None and not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+PEAK_BF16_TFLOPS = 989.0
+"""H100 SXM dense bf16 tensor-core spec."""
+PEAK_FP8_TFLOPS = 1979.0
+"""H100 SXM dense FP8 tensor-core spec."""
+PEAK_TBPS = 3.0
+"""HBM3 copy bandwidth measured on an H100 (../shared/perf/h100_peers.json), not the 3.35 spec."""
+SKIP_ON_OOM = "out of device memory: not run"
+
+
+@dataclass
+class Workload:
+    """One case's tensors, bound into calls: ``kernel()`` and each peer return the op's outputs;
+    ``check(out, ref) -> (error, passed)`` compares the kernel's outputs with the first peer's."""
+
+    kernel: Callable[[], object]
+    peers: dict[str, Callable[[], object]]
+    check: Callable[[object, object], tuple[float, bool]]
+
+
+@dataclass
+class Case:
+    """One benchmark row before it runs: ``flops`` and ``nbytes`` are the work a perfect kernel
+    must do (every input read once, every output written once), ``peak_tflops`` the tensor-core
+    rate the op's operands allow; ``build(device)`` allocates the inputs."""
+
+    op: str
+    shape: str
+    flops: float
+    nbytes: float
+    peak_tflops: float
+    build: Callable[[torch.device], Workload] | None = None
+    """None for rows a module measured its own way (the GEMM, gate and quantiser benchmarks)."""
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The dimensions the benchmarks take from a V4 model (v4_ops.md §1)."""
+
+    name: str
+    dim: int
+    heads: int
+    index_topk: int
+    experts: int
+    inter: int
+    top_k: int = 6
+    head_dim: int = 512
+    rope_dim: int = 64
+    window: int = 128
+    index_heads: int = 64
+    index_dim: int = 128
+    hc: int = 4
+
+
+V4_FLASH = ModelDims("V4-Flash", dim=4096, heads=64, index_topk=512, experts=256, inter=2048)
+V4_PRO = ModelDims("V4-Pro", dim=7168, heads=128, index_topk=1024, experts=384, inter=3072)
+TINY = ModelDims("tiny", dim=128, heads=4, index_topk=8, experts=8, inter=128, top_k=2, head_dim=64, rope_dim=16,
+                 window=8, index_heads=4, index_dim=32)
+"""CPU smoke mode: every dimension small, the same code paths."""
+
+
+def models(device: torch.device) -> tuple[ModelDims, ...]:
+    """V4-Flash and V4-Pro on a GPU; the tiny model in CPU smoke mode."""
+    return (V4_FLASH, V4_PRO) if device.type == "cuda" else (TINY,)
+
+
+CONTEXTS = (4096, 65536, 262144, 1 << 20)
+QUICK_CONTEXTS = (4096, 1 << 20)
+BATCHES = (1, 64)
+
+
+def decode_grid(device: torch.device, quick: bool) -> list[tuple[int, int]]:
+    """(batch, context) pairs of the decode rows: 4k-1M tokens at batch 1 and 64 on a GPU, tiny on CPU."""
+    if device.type != "cuda":
+        return [(1, 64), (2, 256)]
+    return [(b, ctx) for ctx in (QUICK_CONTEXTS if quick else CONTEXTS) for b in BATCHES]
+
+
+def token_counts(device: torch.device, quick: bool) -> tuple[int, ...]:
+    """Token counts of the per-token ops: decode batches 1 and 64, prefill 4k and 16k (tiny on CPU)."""
+    if device.type != "cuda":
+        return (1, 16)
+    return (1, 4096) if quick else (1, 64, 4096, 16384)
+
+
+def kernel_label(device: torch.device) -> str:
+    """What the rows' ``kernel`` column names: ``triton`` on a GPU, ``reference`` in CPU smoke mode."""
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def implementation(op: str, cuda_module: str, reference_module: str, device: torch.device) -> Callable:
+    """The function under test: ``seahal.backends.cuda.<cuda_module>.<op>`` (Triton) on a GPU, called
+    directly so that kernels not yet verified on a GPU run without SEAHAL_CUDA_UNVERIFIED (each row
+    is checked against the reference before it is timed); in CPU smoke mode the reference itself."""
+    import importlib
+
+    if device.type == "cuda":
+        return getattr(importlib.import_module(f"seahal.backends.cuda.{cuda_module}"), op)
+    return reference(op, reference_module)
+
+
+def reference(op: str, module: str) -> Callable:
+    """``seahal.backends.cpu.reference.<module>.<op>``: the peer, run on the benchmark's device."""
+    import importlib
+
+    return getattr(importlib.import_module(f"seahal.backends.cpu.reference.{module}"), op)
+
+
+# -- timing ---------------------------------------------------------------------------------------
+_FLUSH: list[torch.Tensor] = []
+
+
+def time_cuda(fn: Callable[[], object], quick: bool) -> float:
+    """Median microseconds of ``fn`` replayed from a CUDA graph, timed with CUDA events, L2 flushed
+    before every replay by reading 256 MB (a read leaves no dirty lines to write back during the
+    timed call, unlike a memset flush; the replay's host cost hides behind the flush)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # compile, and allocate workspaces, outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    us = _median_cuda_events(graph.replay, quick)
+    del graph
+    return us
+
+
+def _median_cuda_events(launch: Callable[[], object], quick: bool) -> float:
+    """Median microseconds of ``launch`` between CUDA events, the L2 flushed (a 256 MB read) before each."""
+    if not _FLUSH:
+        _FLUSH.append(torch.ones(64 << 20, dtype=torch.float32, device="cuda"))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10 if quick else 30)]
+    for start, end in events:
+        _FLUSH[0].sum()
+        start.record()
+        launch()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _time_host(fn: Callable[[], object], quick: bool) -> float:
+    """Median microseconds of ``fn`` by the host clock after one warm-up call (CPU smoke mode)."""
+    fn()
+    times = []
+    for _ in range(3 if quick else 10):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def time_us(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[float, str]:
+    """Median microseconds of one call of ``fn`` on ``device`` and how it was timed: ``graph``
+    (:func:`time_cuda`); ``eager`` where capture fails (code that syncs with the host, e.g. the
+    reference's data-dependent indexing: launch gaps then count); ``host`` (CPU smoke mode)."""
+    if device.type != "cuda":
+        return _time_host(fn, quick), "host"
+    try:
+        return time_cuda(fn, quick), "graph"
+    except RuntimeError:  # capture refused a host sync; the error is not sticky
+        torch.cuda.synchronize()
+        fn()
+        return _median_cuda_events(fn, quick), "eager"
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf when out holds a NaN or inf."""
+    diff = torch.linalg.vector_norm(out.double() - ref.double()) / torch.linalg.vector_norm(ref.double()).clamp(min=1e-300)
+    return float(diff) if torch.isfinite(diff) else float("inf")
+
+
+def close(tolerance: float) -> Callable[[object, object], tuple[float, bool]]:
+    """Checker: the largest relative error over the output tensors, within ``tolerance``."""
+
+    def check(out, ref) -> tuple[float, bool]:
+        pairs = zip(out, ref, strict=True) if isinstance(out, tuple) else [(out, ref)]
+        err = max(rel_err(o, r) for o, r in pairs)
+        return err, err <= tolerance
+
+    return check
+
+
+# -- rows -------------------------------------------------------------------------------------------
+def figures(case: Case, us: float) -> dict:
+    """Throughput of ``case`` run in ``us`` microseconds: TFLOP/s, GB/s and the roofline fraction."""
+    floor_us = max(case.flops / (case.peak_tflops * 1e6), case.nbytes / (PEAK_TBPS * 1e6))
+    return {"us": us, "tflops": case.flops / us / 1e6, "gbps": case.nbytes / us / 1e3, "fraction_of_limit": floor_us / us}
+
+
+def bound(case: Case) -> str:
+    """Which roof limits ``case``: ``compute`` or ``memory``."""
+    return "compute" if case.flops / (case.peak_tflops * 1e6) > case.nbytes / (PEAK_TBPS * 1e6) else "memory"
+
+
+def new_row(case: Case, kernel: str) -> dict:
+    """A row of ``case`` with nothing measured yet: the schema every module's rows share."""
+    return {"op": case.op, "shape": case.shape, "kernel": kernel, **case.params, "flops": case.flops, "bytes": case.nbytes,
+            "bound": bound(case), "us": None, "tflops": None, "gbps": None, "fraction_of_limit": None, "check": None,
+            "peer": {}}
+
+
+def record(row: dict, case: Case, us: float | None, peers_us: dict[str, float]) -> dict:
+    """Fill ``row`` with the kernel's time (None: not timed) and each peer's; speedup over the first peer."""
+    if us is not None:
+        row.update(figures(case, us))
+    for name, peer_us in peers_us.items():
+        row["peer"][name] = {k: v for k, v in figures(case, peer_us).items() if k != "fraction_of_limit"}
+    if us is not None and peers_us:
+        row["speedup"] = next(iter(peers_us.values())) / us
+    return row
+
+
+def measure(case: Case, device: torch.device, quick: bool) -> dict:
+    """Build ``case`` on ``device``, check the kernel against the first peer, time both (the
+    kernel only when its check passed). Out-of-memory shapes come back as a row with a note."""
+    row = new_row(case, kernel_label(device))
+    try:
+        work = case.build(device)
+        err, passed = work.check(work.kernel(), next(iter(work.peers.values()))())
+        row["check"] = {"err": err, "passed": passed}
+        if not passed:
+            row["note"] = "wrong result: not timed"
+        timing = {"kernel": time_us(work.kernel, device, quick)} if passed else {}
+        timing.update({name: time_us(fn, device, quick) for name, fn in work.peers.items()})
+        row["timing"] = {name: method for name, (_, method) in timing.items()}
+        record(row, case, timing["kernel"][0] if passed else None,
+               {name: timing[name][0] for name in work.peers})
+    except torch.OutOfMemoryError:
+        row["note"] = SKIP_ON_OOM
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding, not the end of the run
+        row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    finally:
+        work = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def unavailable_row(op: str, why: str) -> dict:
+    """A row saying why ``op`` was not measured."""
+    return {**new_row(Case(op, "-", 0, 0, PEAK_BF16_TFLOPS), "-"), "bound": None, "note": why}
+
+
+def measure_all(cases: Iterable[Case], device: torch.device, quick: bool) -> list[dict]:
+    """:func:`measure` each case, printing one progress line per row."""
+    rows = []
+    for case in cases:
+        rows.append(measure(case, device, quick))
+        r = rows[-1]
+        print(f"{r['op']} {r['shape']}: {_fmt(r['us'], '.1f')} us, check {r['check']} {r.get('note', '')}", flush=True)
+    return rows
+
+
+# -- output ---------------------------------------------------------------------------------------
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: ours beside each peer, the roofline fraction and the check."""
+    lines = ["| op | shape | kernel | us | TFLOP/s | GB/s | % of limit | bound | peer us | speedup | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peers = ", ".join(f"{name} {_fmt(p.get('us'), '.1f')}" for name, p in r["peer"].items()) or "-"
+        check = "-" if r["check"] is None else f"{'ok' if r['check']['passed'] else 'FAIL'} {r['check']['err']:.1e}"
+        fraction = None if r["fraction_of_limit"] is None else 100 * r["fraction_of_limit"]
+        lines.append(f"| {r['op']} | {r['shape']} | {r['kernel']} | {_fmt(r['us'], '.1f')} | {_fmt(r['tflops'], '.1f')} | "
+                     f"{_fmt(r['gbps'], '.0f')} | {_fmt(fraction, '.0f')} | {r['bound']} | {peers} | "
+                     f"{_fmt(r.get('speedup'), '.2f')} | {r.get('note') or check} |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    """Device name and the torch / triton versions the rows were measured with."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
+            "limits": {"bf16_tflops": PEAK_BF16_TFLOPS, "fp8_tflops": PEAK_FP8_TFLOPS, "tbps": PEAK_TBPS}}
+
+
+def write_json(path: str, device: torch.device, rows: list[dict]) -> None:
+    """One document: ``{device, torch, triton, limits, rows}``."""
+    with open(path, "w") as f:
+        json.dump({**environment(device), "rows": rows}, f, indent=1)
+
+
+def plot_roofline(rows: list[dict], path: str, title: str) -> bool:
+    """Draw every timed row (dots) and its peers (crosses) at its arithmetic intensity against the
+    H100 rooflines (bf16 and FP8 compute roofs over the 3.0 TB/s slope); False, with a message, when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot drawn")
+        return False
+    placed = [r for r in rows if r["flops"] and r["bytes"]]
+    intensities = [r["flops"] / r["bytes"] for r in placed] or [1.0]
+    low, high = math.log10(min(intensities) / 4), math.log10(max(4 * max(intensities), 2e3))
+    x = [10 ** (low + (high - low) * i / 199) for i in range(200)]
+    fig, ax = plt.subplots(figsize=(10, 7))
+    for peak, style in ((PEAK_FP8_TFLOPS, "--"), (PEAK_BF16_TFLOPS, "-")):
+        ax.plot(x, [min(peak, PEAK_TBPS * i) for i in x], "k" + style, lw=1, label=f"roof {peak:.0f} TFLOP/s, {PEAK_TBPS} TB/s")
+    colors = {op: plt.cm.tab20(i % 20) for i, op in enumerate(dict.fromkeys(r["op"] for r in placed))}
+    for r in placed:
+        intensity = r["flops"] / r["bytes"]
+        if r["tflops"] is not None:
+            ax.scatter(intensity, r["tflops"], color=colors[r["op"]], marker="o", s=25)
+        for peer in r["peer"].values():
+            ax.scatter(intensity, peer["tflops"], color=colors[r["op"]], marker="x", s=20)
+    for op, color in colors.items():
+        ax.scatter([], [], color=color, marker="o", label=op)
+    ax.scatter([], [], color="gray", marker="x", label="peer")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte)", ylabel="achieved TFLOP/s", title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, which="both", lw=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True

@@ -1,0 +1,121 @@
+"""Benchmarks of the per-token ops around each sub-layer: ``hc_pre``, ``hc_post``, ``hc_head`` (mHC,
+n = 4 streams) and ``rope`` (the last 64 of each 512-d query head), at V4-Flash and V4-Pro widths.
+
+Rows at 1 and 64 tokens (decode batches) and 4096 and 16384 (prefill). All are memory-bound
+(hc_pre's stream-mix GEMM has 24 outputs per token: ~24 FLOP/byte); the peer is the CPU reference's
+code on the GPU tensors.
+
+    seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from seahal.bench.common import (
+    PEAK_BF16_TFLOPS,
+    Case,
+    ModelDims,
+    Workload,
+    close,
+    implementation,
+    measure_all,
+    models,
+    reference,
+    token_counts,
+)
+
+OPS = ("hc_pre", "hc_post", "hc_head", "rope")
+BF16_TOL = 1e-2
+"""bf16 stream outputs from fp32 math (2^-9 rounding); hc_pre's fp32 post and comb come from a
+stream-mix GEMM whose dot may run in tf32 (~3e-4) and 20 Sinkhorn steps that do not amplify it."""
+
+
+def hc_pre_cost(tokens: int, n: int, dim: int, head: bool = False) -> tuple[int, int]:
+    """FLOPs and bytes of hc_pre (``head``: hc_head) over T tokens of n streams of width D, with m
+    mixes: ``(2 + n) * n`` for hc_pre, n for hc_head.
+
+    FLOPs ``2 * T * n * D * (m + 2)``: the [T, nD] x [nD, m] mix GEMM, the sum of squares of the
+    RMS factor and the n-way collapse (Sinkhorn's ~T * 20 * n^2 terms left out). Bytes: bf16 x
+    read (``2 * T * n * D``) and y written (``2 * T * D``); fp32 fn (``4 * m * n * D``); base and
+    the scales (``4 * (m + 3)``, one scale for hc_head); hc_pre's post and comb written
+    (``4 * T * (n + n^2)``).
+    """
+    m = n if head else (2 + n) * n
+    outputs = 0 if head else 4 * tokens * (n + n * n)
+    params = 4 * (m + (1 if head else 3))
+    return 2 * tokens * n * dim * (m + 2), 2 * tokens * n * dim + 2 * tokens * dim + 4 * m * n * dim + outputs + params
+
+
+def hc_post_cost(tokens: int, n: int, dim: int) -> tuple[int, int]:
+    """FLOPs ``2 * T * n * D * (n + 1)`` (``post_j f + sum_i comb_ij x_i`` per output element);
+    bytes: bf16 f read (``2 * T * D``), x read and x' written (``2 * 2 * T * n * D``), fp32 post
+    and comb read (``4 * T * (n + n^2)``)."""
+    return 2 * tokens * n * dim * (n + 1), 2 * tokens * dim + 4 * tokens * n * dim + 4 * tokens * (n + n * n)
+
+
+def rope_cost(tokens: int, heads: int, head_dim: int, rope_dim: int) -> tuple[int, int]:
+    """FLOPs ``3 * T * H * r`` (4 multiplies and 2 adds per rotated pair; the angles' sin/cos left
+    out); bytes: the bf16 heads read and written whole (``2 * 2 * T * H * head_dim``: the output is a
+    new tensor), int64 positions (``8 * T``) and fp32 frequencies (``4 * r / 2``)."""
+    return 3 * tokens * heads * rope_dim, 4 * tokens * heads * head_dim + 8 * tokens + 2 * rope_dim
+
+
+def _hc_pre(op: str, dims: ModelDims, tokens: int, device: torch.device) -> Workload:
+    """hc_pre or hc_head (the same stream mix with n outputs and one scale)."""
+    torch.manual_seed(tokens)
+    n = dims.hc
+    m, n_scales = (n, 1) if op == "hc_head" else ((2 + n) * n, 3)
+    x = torch.randn(1, tokens, n, dims.dim, device=device, dtype=torch.bfloat16)
+    fn = torch.randn(m, n * dims.dim, device=device) * (n * dims.dim) ** -0.5
+    base, scale = torch.randn(m, device=device) * 0.1, torch.rand(n_scales, device=device) + 0.5
+    args = (x, fn, base, scale)
+    return Workload(partial(implementation(op, "mhc", "mhc", device), *args),
+                    {"reference": partial(reference(op, "mhc"), *args)}, close(BF16_TOL))
+
+
+def _hc_post(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
+    torch.manual_seed(tokens)
+    n = dims.hc
+    f = torch.randn(1, tokens, dims.dim, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, tokens, n, dims.dim, device=device, dtype=torch.bfloat16)
+    post = 2 * torch.rand(1, tokens, n, device=device)
+    comb = torch.rand(1, tokens, n, n, device=device).softmax(-1)
+    args = (f, x, post, comb)
+    return Workload(partial(implementation("hc_post", "mhc", "mhc", device), *args),
+                    {"reference": partial(reference("hc_post", "mhc"), *args)}, close(BF16_TOL))
+
+
+def _rope(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
+    torch.manual_seed(tokens)
+    x = torch.randn(1, tokens, dims.heads, dims.head_dim, device=device, dtype=torch.bfloat16)
+    positions = torch.randint(0, 1 << 20, (1, tokens), device=device)
+    freqs = 10000.0 ** -(torch.arange(0, dims.rope_dim, 2, device=device).float() / dims.rope_dim)
+    args = (x, positions, freqs)
+    return Workload(partial(implementation("rope", "rope", "rope", device), *args),
+                    {"reference": partial(reference("rope", "rope"), *args)}, close(BF16_TOL))
+
+
+def cases(ops: list[str], device: torch.device, quick: bool) -> list[Case]:
+    out = []
+    for op in ops:
+        for dims in models(device):
+            for tokens in token_counts(device, quick):
+                shape = f"{dims.name} n={dims.hc} D={dims.dim} T={tokens}"
+                if op == "rope":
+                    cost = rope_cost(tokens, dims.heads, dims.head_dim, dims.rope_dim)
+                    shape, build = f"{dims.name} q {dims.heads}x{dims.head_dim} T={tokens}", _rope
+                elif op == "hc_post":
+                    cost, build = hc_post_cost(tokens, dims.hc, dims.dim), _hc_post
+                else:
+                    cost, build = hc_pre_cost(tokens, dims.hc, dims.dim, head=op == "hc_head"), partial(_hc_pre, op)
+                out.append(Case(op, shape, *cost, PEAK_BF16_TFLOPS, partial(build, dims, tokens),
+                                {"model": dims.name, "tokens": tokens}))
+    return out
+
+
+def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
+    """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
+    return measure_all(cases(ops, device, quick), device, quick)

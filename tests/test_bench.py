@@ -1,0 +1,172 @@
+"""``seahal bench``'s plumbing without a GPU: the CPU smoke mode of the cuda benchmarks (reference
+kernels at tiny shapes), the merged JSON document and table, the roofline plot, and each op's FLOP
+and byte formula against numbers worked out by hand for one V4 shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from seahal.bench import CUDA_OPS, GPU_ONLY, common, expand_ops, main, run_cuda
+from seahal.bench.cuda_attention import attention_cases, indexer_cases
+from seahal.bench.cuda_compressor import cases as compressor_cases
+from seahal.bench.cuda_mhc_rope import cases as mhc_rope_cases
+from seahal.bench.cuda_moe_experts import cases as experts_cases
+
+GPU = torch.device("cuda")  # only the shape tables are read: no tensor is made on it
+SMOKE_OPS = [op for op, module in CUDA_OPS.items() if module not in GPU_ONLY]
+ROW_KEYS = {"op", "shape", "kernel", "flops", "bytes", "bound", "us", "tflops", "gbps", "fraction_of_limit", "check", "peer"}
+
+
+def _case(cases: list[common.Case], shape: str) -> common.Case:
+    (case,) = [c for c in cases if c.shape == shape]
+    return case
+
+
+def test_smoke_mode_writes_one_document_for_every_op(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rows = run_cuda(SMOKE_OPS + ["fp8_gemm"], "cpu", quick=True, json_path=str(path))
+    doc = json.loads(path.read_text())
+    assert doc["device"].startswith("cpu") and doc["torch"] == torch.__version__
+    assert doc["rows"] == json.loads(json.dumps(rows))
+    assert [r["op"] for r in rows if r["op"] != "fp8_gemm"] == sorted(
+        (r["op"] for r in rows if r["op"] != "fp8_gemm"), key=SMOKE_OPS.index)
+    for row in rows:
+        assert ROW_KEYS <= row.keys(), row
+        if row["op"] == "fp8_gemm":  # no CPU smoke mode: a row that says so
+            assert row["us"] is None and "CUDA" in row["note"]
+            continue
+        assert row["check"] == {"err": 0.0, "passed": True}  # the reference against itself
+        assert row["us"] > 0 and row["flops"] > 0 and row["bytes"] > 0
+        assert row["gbps"] == pytest.approx(row["bytes"] / row["us"] / 1e3)
+        assert row["tflops"] == pytest.approx(row["flops"] / row["us"] / 1e6)
+        (peer,) = row["peer"].values()
+        assert peer["us"] > 0 and row["speedup"] == pytest.approx(peer["us"] / row["us"])
+    assert {r["op"] for r in rows} == set(SMOKE_OPS) | {"fp8_gemm"}
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == len(rows) + 1  # header separator + one line per row
+
+
+def test_plot_draws_or_says_why(tmp_path, capsys):
+    rows = run_cuda(["rope"], "cpu", quick=True)
+    path = tmp_path / "roofline.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not common.plot_roofline(rows, str(path), "smoke")
+        assert "matplotlib is not installed" in capsys.readouterr().out and not path.exists()
+        return
+    assert common.plot_roofline(rows, str(path), "smoke")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_result_is_reported_not_timed():
+    x = torch.randn(64)
+    work = common.Workload(lambda: x + 1, {"reference": lambda: x}, common.close(1e-2))
+    case = common.Case("rope", "wrong", 100, 1000, common.PEAK_BF16_TFLOPS, lambda device: work)
+    row = common.measure(case, torch.device("cpu"), quick=True)
+    assert not row["check"]["passed"] and row["check"]["err"] > 0.5
+    assert row["us"] is None and row["note"] == "wrong result: not timed"
+    assert row["peer"]["reference"]["us"] > 0 and "speedup" not in row
+
+
+def test_fraction_of_limit_is_the_roofline_fraction():
+    compute = common.Case("x", "compute", 1979e6, 3e3, common.PEAK_FP8_TFLOPS)  # 1 us of FP8 peak, 1 ns of HBM
+    memory = common.Case("x", "memory", 989e3, 3e6, common.PEAK_BF16_TFLOPS)  # 1 ns of bf16 peak, 1 us of HBM
+    assert common.figures(compute, 2.0)["fraction_of_limit"] == pytest.approx(0.5)
+    assert common.figures(memory, 4.0)["fraction_of_limit"] == pytest.approx(0.25)
+    assert (common.bound(compute), common.bound(memory)) == ("compute", "memory")
+
+
+# Hand-worked FLOPs and bytes, one V4 shape per op (the tables' own cases, so the wiring is checked too).
+def test_sparse_attention_formula():
+    # V4-Flash CSA decode, batch 1, 64k: 128 window + 512 top-k slots, 64 heads of 512.
+    case = _case(attention_cases(GPU, quick=False), "V4-Flash CSA decode B=1 ctx=65536")
+    assert case.flops == 4 * 64 * 512 * 640 == 83_886_080
+    # q + o: 2*64*512*2 = 131072; 640 rows * 1024 B = 655360; indices 640*4 = 2560; sinks 256
+    assert case.nbytes == 131_072 + 655_360 + 2_560 + 256
+    # V4-Pro HCA decode, batch 64, 1M: window 128 + 8192 entries, 128 heads.
+    case = _case(attention_cases(GPU, quick=False), "V4-Pro HCA decode B=64 ctx=1048576")
+    assert case.flops == 4 * 64 * 128 * 512 * 8320
+    assert case.nbytes == 4 * 64 * 128 * 512 + 2 * 64 * 8320 * 512 + 4 * 64 * 8320 + 4 * 128
+    # Prefill 4096 tokens: window slots 1+2+...+128 then 128 each, plus 512 top-k per query.
+    case = _case(attention_cases(GPU, quick=False), "V4-Flash CSA prefill S=4096")
+    assert case.flops == 4 * 64 * 512 * (8_256 + 3_968 * 128 + 4_096 * 512)
+
+
+def test_indexer_formula():
+    # V4-Pro decode, batch 64, 1M: 262144 entries of 128 dims, 64 heads, top-1024.
+    case = _case(indexer_cases(GPU, quick=False), "V4-Pro decode B=64 ctx=1048576")
+    assert case.flops == 277_025_390_592  # 2 * 64 * 64 * 262144 * (128 + 1)
+    # keys 4294967296 + q 1048576 + weights 16384 + indices 262144
+    assert case.nbytes == 4_296_294_400
+
+
+def test_moe_experts_formula():
+    # V4-Flash FP4 prefill: 8192 tokens x top-6 of 256 experts (all touched), D 4096, I 2048.
+    case = _case(experts_cases(GPU, quick=False), "V4-Flash fp4 prefill T=8192 top6/256")
+    assert case.params["touched_experts"] == 256
+    assert case.flops == 2_473_901_162_496  # 6 * 8192 * 6 * 4096 * 2048
+    # per expert 12582912 B of e2m1 + 786432 B of e8m0; x and y 134217728; ids and weights 393216
+    assert case.nbytes == 256 * 13_369_344 + 134_217_728 + 393_216 == 3_557_163_008
+
+
+def test_kv_compress_formula():
+    # CSA main compressor decode step at position 4095, batch 64: coff 2, width 1024, one new entry.
+    case = _case(compressor_cases(GPU, quick=False), "CSA main (m=4, d=512) decode pos=4095 B=64")
+    assert case.flops == 2 * 64 * 1 * 2 * 4 * 512 == 524_288
+    # fp32: tokens 2*64*1024, held state 2*64*7*1024, state written 2*64*8*1024, ape 4*1024,
+    # norm 512, freqs 32 -> 2101792 values; bf16 entries 64*512*2 = 65536
+    assert case.nbytes == 4 * 2_101_792 + 65_536 == 8_472_704
+
+
+def test_mhc_and_rope_formulas():
+    cases = mhc_rope_cases(["hc_pre", "hc_post", "hc_head", "rope"], GPU, quick=False)
+    hc_pre = _case([c for c in cases if c.op == "hc_pre"], "V4-Pro n=4 D=7168 T=4096")
+    assert hc_pre.flops == 6_106_906_624  # 2 * 4096 * 4 * 7168 * (24 + 2)
+    # x 234881024 + y 58720256 + fn 2752512 + post/comb 327680 + base/scales 108
+    assert hc_pre.nbytes == 296_681_580
+    hc_post = _case([c for c in cases if c.op == "hc_post"], "V4-Flash n=4 D=4096 T=64")
+    assert (hc_post.flops, hc_post.nbytes) == (10_485_760, 524_288 + 4_194_304 + 5_120)
+    hc_head = _case([c for c in cases if c.op == "hc_head"], "V4-Flash n=4 D=4096 T=1")
+    assert (hc_head.flops, hc_head.nbytes) == (196_608, 32_768 + 8_192 + 262_144 + 20)
+    rope = _case([c for c in cases if c.op == "rope"], "V4-Pro q 128x512 T=16384")
+    assert (rope.flops, rope.nbytes) == (402_653_184, 4_294_967_296 + 131_072 + 128)
+
+
+def test_ops_list_and_errors(capsys):
+    assert expand_ops("indexer, mhc,rope,rope") == ["indexer_topk", "hc_pre", "hc_post", "hc_head", "rope"]
+    args = argparse.Namespace(backend="cuda", ops="rope,flash_attn", json=None, quick=True, plot=None, device="cpu")
+    assert main(args) == 2
+    assert "no cuda benchmark for flash_attn" in capsys.readouterr().err
+
+
+def test_gpu_only_modules_rows_convert_to_the_common_schema(monkeypatch):
+    """The GEMM, gate and quantiser benchmarks keep their own measurement (GPU only); their rows,
+    as they produce them, come out in the common schema with their peers."""
+    from seahal.bench import cuda_gemm, cuda_moe_gate, cuda_quant
+
+    gemm = {"op": "fp8_gemm", "shape": "wo_b", "N": 4096, "K": 8192, "M": 4096, "bytes": 2e8, "err": 3e-3,
+            "config": {}, "us": 200.0, "cublas_block_us": 220.0, "bf16_us": 400.0}
+    monkeypatch.setattr(cuda_gemm, "run", lambda ops, quick: [gemm])
+    (row,) = cuda_gemm.rows(["fp8_gemm"], GPU, quick=True)
+    assert row["tflops"] == pytest.approx(2 * 4096 * 4096 * 8192 / 200.0 / 1e6)
+    assert row["fraction_of_limit"] == pytest.approx(2 * 4096 * 4096 * 8192 / 1979e6 / 200.0)
+    assert set(row["peer"]) == {"cublas_blockwise", "bf16_matmul"} and row["speedup"] == pytest.approx(1.1)
+    assert row["check"] == {"err": 3e-3, "passed": True}
+
+    gate = {"row": "full", "T": 16384, "bytes": 1.6e7, "same_indices": 0.5, "us": 10.0, "peer_us": 100.0}
+    monkeypatch.setattr(cuda_moe_gate, "run", lambda quick: [gate])
+    (row,) = cuda_moe_gate.rows(["moe_gate"], GPU, quick=True)
+    assert row["flops"] == 2 * 16384 * 4096 * 256 and row["gbps"] == pytest.approx(1600.0)
+    assert row["check"] == {"err": 0.5, "passed": False}
+
+    quant = {"op": "fp8_act_quant", "shape": [4096, 7168], "scale_fmt": "fp32", "bytes": 3e7, "bitwise": True,
+             "us": 15.0, "peer_us": 60.0}
+    monkeypatch.setattr(cuda_quant, "run", lambda ops, quick: [quant])
+    (row,) = cuda_quant.rows(["fp8_act_quant"], GPU, quick=True)
+    assert (row["shape"], row["bound"], row["gbps"]) == ("4096x7168 fp32", "memory", pytest.approx(2000.0))
+    assert row["fraction_of_limit"] == pytest.approx(2 / 3) and row["peer"]["reference"]["us"] == 60.0
