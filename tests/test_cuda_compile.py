@@ -128,6 +128,10 @@ def _attention(t: int):
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
         )
+        sparse_attention.sparse_attention_fp8(  # the same kernel reading the 584-byte FP8 records
+            _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, 584, dtype=torch.uint8),
+            torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
+        )
 
 
 def _mhc_rope(t: int):

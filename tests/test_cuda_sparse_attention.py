@@ -16,6 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from seahal.backends.cpu.reference.attention import sparse_attention as reference
+from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_unpack
 from seahal.hal import get_spec
 
 from seahal.testing import triton_interpreter
@@ -157,6 +158,64 @@ def test_rejects_float64(attention):
         attention.sparse_attention(q, kv, indices, sink, 0.25)
 
 
+def _records(b, n, d, rope_dim, tile, gen) -> torch.Tensor:
+    """FP8 records [B, N, kv_record_bytes] of normal vectors whose nope tiles are scaled by 2^-12..2^12
+    (tile exponents 115..139 and subnormal codes), packed by the CPU reference."""
+    kv = torch.randn(b, n, d, generator=gen)
+    tiles = (d - rope_dim) // tile
+    scale = 2.0 ** torch.randint(-12, 13, (b, n, tiles), generator=gen).float()
+    kv[..., : d - rope_dim] *= scale.repeat_interleave(tile, dim=-1)
+    return kv_cache_pack(kv, rope_dim, tile)
+
+
+def _check_fp8(attention, q, records, indices, sink, rope_dim, tile, config=None) -> None:
+    """The FP8 read equals the dense kernel on the reference-decoded rows bit for bit (same launch:
+    the decode is exact and the rest is the same code), and hence meets the dense tolerances
+    against the reference and the brute force on those rows (checked by :func:`_check`)."""
+    scale = q.shape[-1] ** -0.5
+    kv = kv_cache_unpack(records, q.shape[-1], rope_dim, tile).to(q.dtype)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    attention.launch_sparse_attention(q, records, indices, sink, scale, out, config, rope_dim=rope_dim, tile=tile)
+    dense = _check(attention, q, kv, indices, sink, config)
+    assert torch.equal(out, dense), (out - dense).abs().max()
+    if config is None:
+        assert torch.equal(attention.sparse_attention_fp8(q, records, indices, sink, scale, rope_dim, tile), dense)
+
+
+@interpreted
+def test_fp8_records_v4_layout(attention):
+    # The 584-byte records of V4 (D = 512, rope 64, tile 64), decode shape (S = 1) with three heads.
+    gen = torch.Generator().manual_seed(7)
+    q, _, indices, sink = _inputs(2, 1, 3, 512, 9, 6, torch.bfloat16, gen)
+    records = _records(2, 9, 512, 64, 64, gen)
+    assert records.shape[-1] == 584
+    _check_fp8(attention, q, records, indices, sink, 64, 64)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_records_rope_boundary_inside_chunks(attention, dtype):
+    # D = 80, rope 24, tile 8: the nope / rope boundary (column 56) falls inside a 32-wide D chunk and
+    # a 64-wide output slice; seven tile scales and a pad byte (112-byte records). Records are every
+    # other row of a longer buffer (row stride 224 bytes).
+    gen = torch.Generator().manual_seed(8)
+    q, _, indices, sink = _inputs(2, 3, 5, 80, 12, 13, dtype, gen)
+    records = _records(2, 24, 80, 24, 8, gen)[:, ::2]
+    assert records.shape[-1] == 112 and records.stride(1) == 224
+    _check_fp8(attention, q, records, indices, sink, 24, 8, attention.AttentionConfig(16, 8, 32, 64))
+
+
+@interpreted
+def test_fp8_records_rejected_with_their_shape(attention):
+    gen = torch.Generator().manual_seed(9)
+    q, _, indices, sink = _inputs(1, 1, 2, 128, 4, 3, torch.bfloat16, gen)
+    records = _records(1, 4, 128, 64, 64, gen)  # 64 + 128 + 8 = 200 bytes
+    with pytest.raises(ValueError, match=r"uint8 \[B=1, N, 200\].*torch.uint8 \[1, 4, 199\]"):
+        attention.sparse_attention_fp8(q, records[..., :199], indices, sink, 0.1)
+    with pytest.raises(ValueError, match="do not split q's head dim 128"):
+        attention.sparse_attention_fp8(q, records, indices, sink, 0.1, rope_dim=64, tile=48)
+
+
 def test_registered_for_dense_kv_only():
     if IN_INTERPRETER:
         pytest.skip("checked by the parent run")
@@ -176,4 +235,22 @@ def test_v4_flash_decode_shape_on_gpu():
     out = sparse_attention(q, kv, indices, sink, 512**-0.5)
     want = reference(q, kv, indices, sink, 512**-0.5)
     rtol, atol = BF16_TOL
+    torch.testing.assert_close(out.double(), want.double(), rtol=rtol, atol=atol * float(kv.abs().max()))
+
+
+@on_gpu
+def test_v4_flash_decode_fp8_records_on_gpu():
+    from seahal.backends.cuda.sparse_attention import (
+        sparse_attention,
+        sparse_attention_fp8,
+    )
+
+    gen = torch.Generator().manual_seed(10)
+    q, _, indices, sink = (t.cuda() for t in _inputs(4, 1, 64, 512, 4096, 640, torch.bfloat16, gen, empty=0.05))
+    records = _records(4, 4096, 512, 64, 64, gen).cuda()
+    kv = kv_cache_unpack(records, 512)
+    out = sparse_attention_fp8(q, records, indices, sink, 512**-0.5)
+    assert torch.equal(out, sparse_attention(q, kv, indices, sink, 512**-0.5))
+    rtol, atol = BF16_TOL
+    want = reference(q, kv, indices, sink, 512**-0.5)
     torch.testing.assert_close(out.double(), want.double(), rtol=rtol, atol=atol * float(kv.abs().max()))

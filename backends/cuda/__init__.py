@@ -43,7 +43,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, False),
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
     "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),  # no FP8/FP4 keys yet
-    "sparse_attention": (  # dense kv rows; the FP8 584-byte cache read is not written yet
+    "sparse_attention": (  # dense kv rows (sparse_attention_fp8 reads 584-byte records; not an op yet)
         "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, False
     ),
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, False),

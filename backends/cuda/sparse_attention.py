@@ -9,8 +9,13 @@ columns. The sink joins the denominator at the end, ``o = acc / (l + exp(sink - 
 reference's ratio with the max taken over the keys only. Programs of the other output slices of
 the same heads recompute the logits (the rows come from L2); for D <= BLOCK_DV there is one slice.
 
-Dense ``kv`` only (bf16 or fp32 rows, any strides); reading the FP8 584-byte cache of v4_ops.md §12
-with its tile scales is not implemented, and the registration says ``kv_format: dense``.
+``kv`` is dense rows (bf16 or fp32, any strides) or, through :func:`sparse_attention_fp8`, the FP8
+records of v4_ops.md §12 (``[B, N, 584]`` uint8 for V4): the program then decodes each gathered
+chunk in registers, ``e4m3(code) * 2^(e_t - 127)`` rounded to bf16 for the nope columns and the
+bf16 rope bytes as bits, exactly the values :func:`..kv_unpack.kv_cache_unpack` writes, so the
+dense cache is never materialised. The HAL contract of ``sparse_attention`` takes dense kv only,
+so the FP8 entry point is cuda-internal and the registration says ``kv_format: dense`` (TUNING.md
+says what would route the model's FP8 cache to it).
 Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
 """
 
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from seahal.hal.ops.quant import kv_record_bytes
 
 from ._numerics import cast_rne
+from .kv_unpack import _e4m3_value, _e8m0_scale
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,48 @@ def sparse_attention(
     return out
 
 
+def sparse_attention_fp8(
+    q: torch.Tensor,
+    records: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    rope_dim: int = 64,
+    tile: int = 64,
+) -> torch.Tensor:
+    """:func:`sparse_attention` over keys stored as packed FP8 records, decoded in registers.
+
+    q: [B, S, H, D] bf16/fp32, records: [B, N, kv_record_bytes(D, rope_dim, tile)] uint8 (584 bytes
+    for V4's D = 512, rope 64, tile 64; any strides), indices: [B, S, K] int32/int64 (-1 = empty),
+    sink: [H] fp32 -> o: [B, S, H, D] in q's dtype.
+
+    Row j's key is ``kv_cache_unpack(records[:, j], D, rope_dim, tile)`` (bf16; exact in fp32 for
+    fp32 q): the output equals ``sparse_attention(q, kv_cache_unpack(records).to(q.dtype), ...)``
+    bit for bit under the same launch. Cuda-internal: the HAL ``sparse_attention`` contract takes
+    dense kv only.
+    """
+    if q.dtype not in (torch.bfloat16, torch.float32):
+        raise NotImplementedError(f"cuda.triton sparse_attention_fp8 takes bf16 or fp32 q, got {q.dtype}")
+    d = q.shape[-1]
+    if not (tile > 0 and 0 <= rope_dim < d and rope_dim % 2 == 0 and (d - rope_dim) % tile == 0):
+        raise ValueError(
+            f"rope_dim={rope_dim}, tile={tile} do not split q's head dim {d}: need an even rope_dim < {d} "
+            f"and (D - rope_dim) % tile == 0"
+        )
+    width = kv_record_bytes(d, rope_dim, tile)
+    batch_and_width = (records.shape[0], records.shape[-1]) if records.dim() == 3 else None
+    if records.dtype != torch.uint8 or batch_and_width != (q.shape[0], width):
+        raise ValueError(
+            f"records must be uint8 [B={q.shape[0]}, N, {width}] for head dim {d}, got "
+            f"{records.dtype} {list(records.shape)}"
+        )
+    if records.device != q.device:
+        raise ValueError(f"records must be on q's device {q.device}, got {records.device}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch_sparse_attention(q, records, indices, sink, softmax_scale, out, rope_dim=rope_dim, tile=tile)
+    return out
+
+
 def launch_sparse_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -86,8 +135,15 @@ def launch_sparse_attention(
     softmax_scale: float,
     out: torch.Tensor,
     config: AttentionConfig | None = None,
+    *,
+    rope_dim: int = 64,
+    tile: int = 64,
 ) -> None:
-    """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides)."""
+    """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
+
+    ``kv`` is dense rows in q's dtype, or uint8 FP8 records of geometry (``rope_dim``, ``tile``)
+    (:func:`sparse_attention_fp8`; the geometry is unused for dense rows).
+    """
     b, s, h, d = q.shape
     if out.numel() == 0:
         return
@@ -98,6 +154,7 @@ def launch_sparse_attention(
         *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         BLOCK_DV=config.block_dv, LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and q.device.type == "cuda",
+        KV_FP8=kv.dtype == torch.uint8, ROPE_DIM=rope_dim, TILE=tile,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -113,6 +170,30 @@ def _dot(a, b, acc, LOW_PRECISION_DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(rows, cols, mask, stride_kd, dtype: tl.constexpr, KV_FP8: tl.constexpr, HEAD_DIM: tl.constexpr,
+             ROPE_DIM: tl.constexpr, TILE: tl.constexpr):
+    """Columns ``cols`` [C] of the gathered rows (pointers [R, 1]) as [R, C] ``dtype``, 0 where masked.
+
+    Dense rows are loaded as they are. An FP8 record ``[e4m3 nope | bf16 rope bytes | e8m0 per
+    tile | pad]`` (v4_ops.md §12) is decoded as :func:`..kv_unpack.kv_cache_unpack` does: nope
+    column c is ``e4m3(byte c) * 2^(e - 127)`` with e the byte of tile c // TILE, rounded to bf16;
+    rope column NOPE + j is the little-endian bf16 at bytes NOPE + 2j, NOPE + 2j + 1, as bits.
+    """
+    if not KV_FP8:
+        return tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0.0)
+    NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
+    nope = cols[None, :] < NOPE
+    codes = tl.load(rows + cols[None, :] * stride_kd, mask=mask & nope, other=0).to(tl.int32)
+    exponent = tl.load(rows + (NOPE + 2 * ROPE_DIM + cols // TILE)[None, :] * stride_kd, mask=mask & nope, other=127)
+    nope_values = cast_rne(_e4m3_value(codes) * _e8m0_scale(exponent.to(tl.int32)), tl.bfloat16)
+    rope_bytes = rows + (NOPE + 2 * (cols - NOPE))[None, :] * stride_kd
+    low = tl.load(rope_bytes, mask=mask & ~nope, other=0).to(tl.int32)
+    high = tl.load(rope_bytes + stride_kd, mask=mask & ~nope, other=0).to(tl.int32)
+    rope_values = ((high << 8) | low).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tl.where(nope, nope_values, rope_values).to(dtype)
+
+
+@triton.jit
 def _sparse_attention_kernel(
     q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, S, H, N, K, softmax_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -121,9 +202,11 @@ def _sparse_attention_kernel(
     stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+    BLOCK_DV: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    """out[b, s, heads, cols] for one (b, s), BLOCK_H heads and BLOCK_DV output columns."""
+    """out[b, s, heads, cols] for one (b, s), BLOCK_H heads and BLOCK_DV output columns; kv rows
+    dense, or FP8 records decoded by :func:`_load_kv` (KV_FP8)."""
     pid_bs = tl.program_id(0)
     bat = (pid_bs // S).to(tl.int64)
     seq = (pid_bs % S).to(tl.int64)
@@ -149,7 +232,8 @@ def _sparse_attention_kernel(
             cols = d0 + offs_d
             in_d = cols[None, :] < HEAD_DIM
             q = tl.load(q_rows + cols[None, :] * stride_qd, mask=head_ok[:, None] & in_d, other=0.0)
-            k = tl.load(rows + cols[None, :] * stride_kd, mask=valid[:, None] & in_d, other=0.0)
+            k_mask = valid[:, None] & in_d
+            k = _load_kv(rows, cols, k_mask, stride_kd, q_ptr.dtype.element_ty, KV_FP8, HEAD_DIM, ROPE_DIM, TILE)
             logits = _dot(q, tl.trans(k), logits, LOW_PRECISION_DOT)
         logits = tl.where(valid[None, :], logits * softmax_scale, float("-inf"))
 
@@ -158,7 +242,8 @@ def _sparse_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(rows + cols_v[None, :] * stride_kd, mask=valid[:, None] & (cols_v[None, :] < HEAD_DIM), other=0.0)
+        v_mask = valid[:, None] & (cols_v[None, :] < HEAD_DIM)
+        v = _load_kv(rows, cols_v, v_mask, stride_kd, q_ptr.dtype.element_ty, KV_FP8, HEAD_DIM, ROPE_DIM, TILE)
         acc = _dot(cast_rne(p, v.dtype), v, acc * alpha[:, None], LOW_PRECISION_DOT)
         m_i = m_new
 
