@@ -14,6 +14,7 @@ import importlib.metadata
 import threading
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,6 +263,25 @@ class Registry:
     def kernels_for(self, op: str) -> list[Kernel]:
         self.discover()
         return list(self.kernels.get(op, []))
+
+
+def portable_fallback(backend: str, op: str, reason: str) -> Callable[..., Any]:
+    """The best portable kernel of ``op`` (the CPU reference's device-resident code runs on any
+    device), for one call that ``backend``'s own kernel cannot take (a shape outside a vendor
+    operator's documented limits, say: rules plans have no vocabulary for). Warns once per
+    (backend, op, reason); :data:`PORTABLE_CALLS` counts every such call."""
+    if (backend, op, reason) not in PORTABLE_CALLS:
+        message = f"seahal: {backend} runs {op} on the portable kernel for this call: {reason}"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    PORTABLE_CALLS[(backend, op, reason)] += 1
+    kernel = next((k for k in REGISTRY.kernels_for(op) if k.portable), None)
+    if kernel is None:
+        raise RegistryError(f"{backend}: no portable kernel is registered for {op!r} to fall back to ({reason})")
+    return kernel.resolve()
+
+
+PORTABLE_CALLS: Counter[tuple[str, str, str]] = Counter()
+"""(backend, op, reason) -> calls a backend sent to the portable kernel (:func:`portable_fallback`)."""
 
 
 def _entry_points():

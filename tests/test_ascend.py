@@ -87,7 +87,7 @@ def test_seahal_info_marks_the_emulation_and_the_missing_hardware_verification()
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:seahal. ascend.torch_npu .* ran the portable kernel:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:seahal. ascend.torch_npu runs .* on the portable kernel:RuntimeWarning")
 @pytest.mark.parametrize("soc", [A2, A5])
 def test_conformance_on_the_emulation(soc):
     with emulated("torch_npu", backend="ascend", settings={"soc_version": soc}):

@@ -124,7 +124,7 @@ def npu_ops(wheel):
     library._destroy()
 
 
-def _no_fallback(op: str, module: str, reason: str, *args):
+def _no_fallback(op: str, reason: str, *args):
     raise AssertionError(f"{op} took the portable fallback ({reason}); these tests check the vendor call")
 
 

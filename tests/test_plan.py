@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,18 @@ def test_hal_sources_import_no_backend_and_no_model():
     for path in files:
         bad = [m for m in _imported_modules(path) if m.startswith(("seahal.backends", "seahal.model"))]
         assert not bad, f"{path.relative_to(HAL_DIR.parent)} imports {bad}"
+
+
+def test_portable_fallback_runs_the_portable_kernel_warns_once_and_counts(reference_registry):
+    """A backend's per-call escape hatch gets the op's portable kernel (the reference's function
+    itself), one warning per (backend, op, reason), and every call counted."""
+    from seahal.backends.cpu.reference.rope import rope
+    from seahal.hal.registry import PORTABLE_CALLS, portable_fallback
+
+    before = PORTABLE_CALLS[("vendor.k", "rope", "head dim 80 > 64")]
+    with pytest.warns(RuntimeWarning, match="vendor.k runs rope on the portable kernel for this call: head dim 80"):
+        assert portable_fallback("vendor.k", "rope", "head dim 80 > 64") is rope
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert portable_fallback("vendor.k", "rope", "head dim 80 > 64") is rope
+    assert PORTABLE_CALLS[("vendor.k", "rope", "head dim 80 > 64")] == before + 2

@@ -81,7 +81,7 @@ def indexer_topk(
     n = keys.shape[1]
     if d != INDEXER_HEAD_DIM or h > INDEXER_MAX_HEADS or topk not in INDEXER_SPARSE_COUNTS:
         limits = f"head dim {INDEXER_HEAD_DIM}, <= {INDEXER_MAX_HEADS} heads, top-k 1..2048 or 3072..8192"
-        return portable("indexer_topk", "indexer", f"npu_lightning_indexer's limits: {limits}", q, weights, keys, ratio, start_pos, topk)
+        return portable("indexer_topk", f"npu_lightning_indexer's limits: {limits}", q, weights, keys, ratio, start_pos, topk)
     if n == 0:
         return torch.full((b, s, topk), -1, dtype=torch.int32, device=q.device)
     device = q.device

@@ -65,7 +65,7 @@ def hc_pre(
         beyond = f"1..100 Sinkhorn iterations (got {sinkhorn_iters})"
     if beyond is not None:
         args = (x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
-        return portable("hc_pre", "mhc", f"npu_mhc_pre/npu_mhc_sinkhorn need {beyond}", *args)
+        return portable("hc_pre", f"npu_mhc_pre/npu_mhc_sinkhorn need {beyond}", *args)
     y, post, comb_logits = _mhc_pre(x, fn, scale, base, eps, norm_eps)
     comb, _, _ = torch_npu.npu_mhc_sinkhorn(comb_logits, eps=eps, num_iters=sinkhorn_iters, out_flag=0)
     return y, post, comb
@@ -88,7 +88,7 @@ def hc_head(
     """
     beyond = _pre_limits(x)
     if beyond is not None:
-        return portable("hc_head", "mhc", f"npu_mhc_pre needs {beyond}", x, fn, base, scale, eps, norm_eps)
+        return portable("hc_head", f"npu_mhc_pre needs {beyond}", x, fn, base, scale, eps, norm_eps)
     n = x.shape[2]
     rows = (2 + n) * n
     phi = torch.cat((fn.float(), fn.new_zeros(rows - n, fn.shape[1], dtype=torch.float32)))
@@ -108,5 +108,5 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     n = x.shape[2]
     if x.dtype not in _HALF or f.dtype != x.dtype or n not in STREAMS:
         reason = f"bf16/fp16 x and f of one dtype, n in {sorted(STREAMS)} (got x {x.dtype}, f {f.dtype}, n={n})"
-        return portable("hc_post", "mhc", f"npu_mhc_post needs {reason}", f, x, post, comb)
+        return portable("hc_post", f"npu_mhc_post needs {reason}", f, x, post, comb)
     return torch_npu.npu_mhc_post(x, h_res=comb.float(), h_out=f, h_post=post.float())

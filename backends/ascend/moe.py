@@ -59,7 +59,7 @@ def moe_gate(
     beyond = _gating_limits(weight.shape[0], n_groups)
     if beyond is not None:
         args = (x, weight, bias, top_k, score_func, route_scale, n_groups, topk_groups, input_ids, tid2eid)
-        return portable("moe_gate", "moe", f"npu_moe_gating_top_k needs {beyond}", *args)
+        return portable("moe_gate", f"npu_moe_gating_top_k needs {beyond}", *args)
     logits = x.float() @ weight.float().T
     hashed = tid2eid is not None
     weights, indices, _ = torch_npu.npu_moe_gating_top_k(

@@ -33,7 +33,7 @@ def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m
         )
     if x.dtype not in (torch.bfloat16, torch.float16) or block_size not in BLOCK_SIZES:
         reason = f"bf16/fp16 x and a block size in {sorted(BLOCK_SIZES)} (got {x.dtype}, {block_size})"
-        return portable("fp8_act_quant", "quant", f"npu_dynamic_block_quant needs {reason}", x, block_size, scale_fmt)
+        return portable("fp8_act_quant", f"npu_dynamic_block_quant needs {reason}", x, block_size, scale_fmt)
     k = x.shape[-1]
     q, scale = torch_npu.npu_dynamic_block_quant(
         x.reshape(-1, k),

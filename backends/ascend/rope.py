@@ -31,7 +31,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
     r = 2 * freqs.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float32) or not 0 < r < MAX_ROTARY_DIM or h >= MAX_HEADS:
         reason = f"bf16/fp32 x, 0 < rope dims < {MAX_ROTARY_DIM}, < {MAX_HEADS} heads (got {x.dtype}, r={r}, H={h})"
-        return portable("rope", "rope", f"npu_rotary_mul needs {reason}", x, positions, freqs, inverse)
+        return portable("rope", f"npu_rotary_mul needs {reason}", x, positions, freqs, inverse)
     angles = positions.to(torch.float32)[..., None] * freqs.to(torch.float32)
     if inverse:
         angles = -angles
