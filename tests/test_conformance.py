@@ -201,3 +201,12 @@ def test_pytest_plugin_generates_one_test_per_case(pytester):
 
 def test_docs_tolerance_table_matches_tolerances():
     assert tolerances.markdown_table() in DOCS.read_text(), "regenerate the table in docs/conformance.md"
+
+
+def test_a_vendor_backend_without_its_package_is_reported_not_crashed(capsys):
+    """torch has no 'mlu' device type until torch_mlu is imported: the suite must still report the
+    Cambricon backend's kernels as unsupported, naming what is missing, on the device it serves."""
+    assert cli_main(["conformance", "--backend", "cambricon", "--ops", "rope"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("seahal conformance: backend cambricon on mlu")
+    assert "unsupported  (backend cambricon unavailable: torch_mlu is not installed" in out

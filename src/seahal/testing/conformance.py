@@ -173,8 +173,13 @@ def targets(
     b = known[backend]
     op_names = list(specs()) if ops is None else [get_spec(op).name for op in ops]
     availability = triton_interpreter.availability() if interpret else b.availability()
-    torch_device = torch.device("cpu") if interpret else torch.device(device or b.tensor_device_type())
     unavailable = None if availability else f"backend {backend} unavailable: {availability.reason}"
+    if interpret:
+        torch_device = torch.device("cpu")
+    elif unavailable is None or device is not None:
+        torch_device = torch.device(device or b.tensor_device_type())
+    else:  # nothing will run; the type may be unknown to torch without the vendor's package (mlu)
+        torch_device = torch.device("meta")
     found = []
     for op in op_names:
         kernels = [k for k in REGISTRY.kernels_for(op) if k.backend == backend and kernel in (None, k.name)]
@@ -489,7 +494,8 @@ def run_conformance(
     if interpret:
         triton_interpreter.enable()
     found = targets(backend, ops, device, kernel, interpret=interpret)
-    report = Report(backend, str(found[0].device) if found else str(device or backend))
+    where = "cpu" if interpret else device or backends()[backend].tensor_device_type()
+    report = Report(backend, str(where))
     cases_by_op: dict[str, list[Case]] = {}
     reference = ReferenceCache()
     with triton_interpreter.bf16_dot_fix() if interpret else contextlib.nullcontext():
