@@ -337,3 +337,11 @@ def test_seahal_run_on_cambricon_end_to_end(tmp_path, monkeypatch, capsys):
     assert re.search(r"generated: [12] tokens \[", out)
     assert {"moe_softplus_topk", "scaled_matmul", "single_query_cached_kv_attn", "hc_split_sinkhorn",
             "fused_compress_multi_kv", "apply_rotary"} <= called
+
+
+def test_the_emulation_leaves_nothing_behind():
+    """After the emulation (settings included), torch_mlu is gone and the backend unavailable again."""
+    with mlu(chip="MLU370-X8", device_count=0):
+        assert "torch_mlu" in __import__("sys").modules
+    assert "torch_mlu" not in __import__("sys").modules and not hasattr(torch, "mlu")
+    assert not hal.backends()["cambricon"].availability().ok

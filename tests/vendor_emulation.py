@@ -101,9 +101,9 @@ def emulated(
     sys.path.insert(0, str(PACKAGES))
     try:
         fresh = _import_fresh(names)
-        if settings:
-            fresh[names[0]]._emulation.configure(**settings)
         with installed_modules(fresh, backend):
+            if settings:  # inside: configuring may import the other emulated packages
+                fresh[names[0]]._emulation.configure(**settings)
             yield fresh[names[0]] if len(names) == 1 else {n: fresh[n] for n in names}
     finally:
         sys.path.remove(str(PACKAGES))
