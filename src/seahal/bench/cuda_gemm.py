@@ -200,6 +200,15 @@ def cublas_rowwise(a, b) -> Callable[[], torch.Tensor]:
     return lambda: torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
 
 
+def _reference(op: str, a, a_scale, b, b_scale) -> Callable[[], torch.Tensor]:
+    """The CPU reference's code on the GPU tensors: the spec's semantics ported naively (per-block
+    dequantise, then matmul), the peer that shows what a plain-torch port would get."""
+    from seahal.backends.cpu.reference import gemm
+
+    kernel = getattr(gemm, op)
+    return lambda: kernel(a, a_scale, b, b_scale)
+
+
 def _peer(name: str, make: Callable, ref, quick: bool, check: bool, row: dict) -> None:
     """Time one peer into ``row[name + '_us']``, after checking its error when ``check``."""
     try:
@@ -247,6 +256,7 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     a16 = a.to(torch.bfloat16)
     b16 = (b if op == "fp8_gemm" else torch.randn(n, k, device=device)).to(torch.bfloat16)
     _peer("bf16", lambda: (lambda: torch.matmul(a16, b16.t())), ref, quick, False, row)
+    _peer("reference", lambda: _reference(op, a, a_scale, b, b_scale), ref, quick, True, row)
     if row.get("cublas_block_us"):
         row["speedup_vs_cublas_block"] = row["cublas_block_us"] / row["us"]
     del a, b, ref
@@ -262,7 +272,7 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'op':8} {'shape':10} {'M':>5} {'us':>8} {'TFLOP/s':>8} {'GB/s':>6} {'%1979':>5} {'%3TB':>5} "
-            f"{'blk_us':>8} {'row_us':>8} {'bf16_us':>8} {'x_blk':>5} {'err':>7} {'blk_err':>7}  config")
+            f"{'blk_us':>8} {'row_us':>8} {'bf16_us':>8} {'ref_us':>8} {'x_blk':>5} {'err':>7} {'blk_err':>7}  config")
     lines = [head]
     for r in rows:
         c = r["config"]
@@ -272,7 +282,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['op'][:8]:8} {r['shape']:10} {r['M']:>5} {_fmt(r['us'], '8.1f')} {_fmt(r['tflops'], '8.1f')} "
             f"{_fmt(r['gbps'], '6.0f')} {_fmt(100 * r['frac_fp8_peak'], '5.1f')} {_fmt(100 * r['frac_hbm'], '5.1f')} "
             f"{_fmt(r.get('cublas_block_us'), '8.1f')} {_fmt(r.get('cublas_row_us'), '8.1f')} "
-            f"{_fmt(r.get('bf16_us'), '8.1f')} {_fmt(r.get('speedup_vs_cublas_block'), '5.2f')} "
+            f"{_fmt(r.get('bf16_us'), '8.1f')} {_fmt(r.get('reference_us'), '8.1f')} "
+            f"{_fmt(r.get('speedup_vs_cublas_block'), '5.2f')} "
             f"{_fmt(r['err'], '7.1e')} {_fmt(r.get('cublas_block_err'), '7.1e')}  {cfg}"
         )
     return "\n".join(lines)
@@ -357,7 +368,12 @@ def run(ops: list[str], quick: bool = False, tune: bool = False, json_path: str 
     return rows
 
 
-_PEERS = {"cublas_blockwise": "cublas_block_us", "cublas_rowwise": "cublas_row_us", "bf16_matmul": "bf16_us"}
+_PEERS = {
+    "cublas_blockwise": "cublas_block_us",
+    "cublas_rowwise": "cublas_row_us",
+    "bf16_matmul": "bf16_us",
+    "reference": "reference_us",
+}
 """Peer name in the common schema -> its key in this module's rows."""
 
 
