@@ -317,6 +317,14 @@ def init_parallel(config: ParallelConfig, device: str | torch.device = "auto") -
     return parallel
 
 
+def shutdown_parallel() -> None:
+    """Leave the process group :func:`init_parallel` joined. Without it the collective backend's
+    threads are still running at interpreter exit, which can abort the process (gloo:
+    "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _check_agreement(parallel: Parallel) -> None:
     """Fail on every rank (not hang on some) when ranks were started with different settings.
 

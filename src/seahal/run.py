@@ -103,10 +103,17 @@ def _parallel(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     parallel = _parallel(args)
-    if parallel is None or parallel.rank == 0:
-        return _run(args, parallel)
-    with contextlib.redirect_stdout(io.StringIO()):  # every rank computes, rank 0 reports
-        return _run(args, parallel)
+    if parallel is None:
+        return _run(args, None)
+    from seahal.model.parallel import shutdown_parallel
+
+    try:
+        if parallel.rank == 0:
+            return _run(args, parallel)
+        with contextlib.redirect_stdout(io.StringIO()):  # every rank computes, rank 0 reports
+            return _run(args, parallel)
+    finally:
+        shutdown_parallel()
 
 
 def _run(args: argparse.Namespace, parallel) -> int:
