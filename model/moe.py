@@ -52,7 +52,8 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.zeros(n_experts, inter_dim, dim), requires_grad=False)
         self.w3 = nn.Parameter(torch.zeros(n_experts, inter_dim, dim), requires_grad=False)
         self.w2 = nn.Parameter(torch.zeros(n_experts, dim, inter_dim), requires_grad=False)
-        self.w1_scale = self.w3_scale = self.w2_scale = None
+        for name in ("w1", "w3", "w2"):  # buffers, so they count, move and show like the weights
+            self.register_buffer(f"{name}_scale", None)
 
     def set_weights(self, name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
         setattr(self, name, nn.Parameter(weight, requires_grad=False))
