@@ -35,7 +35,10 @@ def _empty(*shape, dtype=None):
 
 
 def _gemms():
-    """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it."""
+    """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it,
+    and the persistent variant of each prefill (M >= 512) config: a tuner candidate, in no table yet."""
+    import dataclasses
+
     import torch
 
     from seahal.backends.cuda import _gemm, fp4_gemm, fp8_gemm
@@ -47,7 +50,8 @@ def _gemms():
         table = {**module.CONFIGS["sm90"], (1, 7168, 2048): _gemm.heuristic_config(1, 7168, 2048, 132)}
         chosen = {}  # one config per code shape: num_stages and group_m only change the pipelining
         for key, c in table.items():
-            chosen.setdefault((c.block_m, c.block_n, c.num_warps, c.split_k > 1, c.tma), (c, key))
+            for v in (c, dataclasses.replace(c, persistent=1)) if key[0] >= 512 else (c,):
+                chosen.setdefault((v.block_m, v.block_n, v.num_warps, v.split_k > 1, v.tma, v.persistent > 0), (v, key))
         for config, (m, n, k) in chosen.values():
             a, sa = _empty(m, k, dtype=torch.float8_e4m3fn), _empty(m, k // 128)
             b = _empty(n, b_cols(k), dtype=b_dtype)
@@ -226,6 +230,8 @@ def test_gemms_use_hopper_tensor_cores(compiled):
     (16-row decode tiles), and the TMA configs load through bulk tensor copies."""
     gemms = [r for r in compiled if r["kernel"] in ("_fp8_gemm_kernel", "_fp4_gemm_kernel")]
     assert gemms
+    persistent = {(r["kernel"], "TMA=True" in r["launch"]) for r in gemms if "PERSISTENT=True" in r["launch"]}
+    assert persistent == {("_fp8_gemm_kernel", False), ("_fp8_gemm_kernel", True), ("_fp4_gemm_kernel", False)}
     for r in gemms:
         wide = "BLOCK_M=16," not in r["launch"]
         assert (r["wgmma"], r["mma"]) == (wide, not wide), r

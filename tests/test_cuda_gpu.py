@@ -81,6 +81,33 @@ def test_fp8_tma_matches_pointer_loads(block_m, block_n, split_k):
     assert _rel(outs[1], outs[0]) < 1e-6  # same block products and scales
 
 
+@pytest.mark.parametrize("op, block_m, block_n, warps, split_k, tma", [
+    ("fp8_gemm", 64, 128, 4, 1, True), ("fp8_gemm", 128, 128, 8, 1, False), ("fp8_gemm", 64, 64, 4, 2, False),
+    ("fp4_gemm", 64, 128, 4, 1, False), ("fp4_gemm", 128, 128, 8, 1, False),
+])
+def test_persistent_launch_is_bitwise_equal(op, block_m, block_n, warps, split_k, tma):
+    """A persistent grid runs the same tile code, >= 2 tiles per program at 2000 x 2000 (edge tiles
+    in both): the same bits as one program per tile."""
+    from seahal.backends.cuda.fp4_gemm import launch_fp4_gemm
+
+    torch.manual_seed(block_n)
+    m, n, k = 2000, 2000, 1024
+    a, a_scale = fp8_quantize(torch.randn(m, k, device="cuda"), 128)
+    if op == "fp8_gemm":
+        b, b_scale = fp8_weight(2048, k, torch.device("cuda"))
+        b, launch = b[:n], launch_fp8_gemm
+    else:
+        b, b_scale = fp4_quantize(torch.randn(n, k, device="cuda"))
+        launch = launch_fp4_gemm
+    outs = []
+    for persistent in (0, 1):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        config = GemmConfig(block_m, block_n, warps, 3, split_k, tma=tma, persistent=persistent)
+        outs.append(launch(a, a_scale, b, b_scale, out, config))
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("m, n, k", [(1, 2048, 4096), (70, 4096, 2048), (1000, 512, 1024)])
 def test_fp4_gemm_plan(plan, m, n, k):
     torch.manual_seed(m)

@@ -147,6 +147,49 @@ def test_fp4_gemm_default_config_bf16(kernels):
     assert _rel(out, reference.fp4_gemm(a, a_scale, b, b_scale, torch.float32)) < BF16_TOL
 
 
+# (op, block_m, block_n, split_k, tma, e8m0) on M=37, N=200, K=384: partial tiles in M and N and
+# 8-24 work items for the 3 persistent programs of the interpreter (INTERPRETER_SMS x 1), with
+# split-K (its counters and fixed-order sum), TMA loads and e8m0 scales.
+PERSISTENT_CONFIGS = [
+    ("fp8_gemm", 16, 64, 1, False, False),
+    ("fp8_gemm", 16, 64, 2, True, False),
+    ("fp8_gemm", 32, 32, 3, False, True),
+    ("fp4_gemm", 16, 64, 1, False, True),
+    ("fp4_gemm", 32, 32, 2, False, False),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("op, block_m, block_n, split_k, tma, e8m0", PERSISTENT_CONFIGS)
+def test_persistent_launch_is_bitwise_equal(kernels, op, block_m, block_n, split_k, tma, e8m0):
+    """A persistent program runs the same per-tile code over several tiles: the same bits as one
+    program per tile, and the reference's numbers."""
+    from seahal.backends.cuda._gemm import GemmConfig, launch_grid
+
+    fp8, fp4 = kernels
+    gen = torch.Generator().manual_seed(block_n + split_k)
+    m, n, k = 37, 200, 384
+    a, a_scale = _activation(m, k, gen)
+    if op == "fp8_gemm":
+        b, b_scale = _fp8_weight(n, k, gen)
+        launch_gemm = fp8.launch_fp8_gemm
+    else:
+        b, b_scale = fp4_quantize(torch.randn(n, k, generator=gen))
+        launch_gemm = fp4.launch_fp4_gemm
+    if e8m0:
+        b_scale = ue8m0_encode(b_scale).view(torch.float8_e8m0fnu)
+    config = GemmConfig(block_m, block_n, 4, 2, split_k, tma=tma)
+    persistent = GemmConfig(block_m, block_n, 4, 2, split_k, tma=tma, persistent=1)
+    programs, _ = launch_grid(persistent, m, n, a.device)
+    assert programs < -(-m // block_m) * -(-n // block_n) * split_k, "every program must loop"
+    out, out_persistent = torch.full((m, n), float("nan")), torch.full((m, n), float("nan"))
+    launch_gemm(a, a_scale, b, b_scale, out, config)
+    launch_gemm(a, a_scale, b, b_scale, out_persistent, persistent)
+    assert not out_persistent.isnan().any(), "some output elements were not written"
+    assert torch.equal(out_persistent, out)
+    assert _rel(out_persistent, getattr(reference, op)(a, a_scale, b, b_scale, torch.float32)) < FP32_TOL
+
+
 @interpreted
 def test_config_selection(kernels):
     from seahal.backends.cuda._gemm import GemmConfig, heuristic_config, m_class, select_config

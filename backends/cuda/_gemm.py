@@ -26,7 +26,7 @@ M_CLASSES = (1, 16, 64, 512, 4096, 16384)
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration: output tile, warps, pipeline depth, K splits, tile grouping."""
+    """One launch configuration: output tile, warps, pipeline depth, K splits, tile grouping, loads, grid."""
 
     block_m: int
     block_n: int
@@ -36,6 +36,9 @@ class GemmConfig:
     group_m: int = 8
     tma: bool = False
     """Load A and B tiles through tensor descriptors (the Hopper bulk copy engine)."""
+    persistent: int = 0
+    """Programs per SM of a persistent launch: min(work items, SMs x persistent) programs, each
+    looping over (output tile, K split) work items in launch order; 0: one program per work item."""
 
 
 ConfigTable = Mapping[tuple[int, int, int], GemmConfig]
@@ -86,30 +89,52 @@ def select_config(tables: Mapping[str, ConfigTable], m: int, n: int, k: int, dev
     return heuristic_config(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+INTERPRETER_SMS = 3
+"""SMs a persistent launch assumes on CPU tensors (the Triton interpreter): few, and prime, so
+programs loop over several, unequal numbers of tiles."""
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
+    """At least ``count`` int32 zeros: the arrival counters of a fixed-order "last one reduces" epilogue.
+
+    The kernels that use them (split-K here, the one-launch MoE gate) reset each counter to zero
+    after use, so one buffer per (device, stream) serves every launch on that stream, one after
+    another. To capture such a launch in a CUDA graph, run it once on the capture stream first (as
+    torch recommends for any warm-up), so the buffer exists before the capture.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
 
 
 def split_k_workspace(
     config: GemmConfig, m: int, n: int, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """fp32 partial sums ``[split_k, M, N]`` and per-tile arrival counters for a split-K launch.
-
-    The counters start at zero and the kernel resets each to zero after use, so one buffer per
-    (device, stream) serves every launch on that stream. To capture a split-K launch in a CUDA
-    graph, run it once on the capture stream first (as torch recommends for any warm-up), so the
-    buffer exists before the capture.
-    """
+    """fp32 partial sums ``[split_k, M, N]`` and per-tile arrival counters for a split-K launch."""
     if config.split_k == 1:
         return None, None
     partial = torch.empty((config.split_k, m, n), dtype=torch.float32, device=device)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = counters
-    return partial, counters
+    return partial, arrival_counters(tiles, device)
+
+
+def launch_grid(config: GemmConfig, m: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(programs along tiles, along K splits): one per (tile, split), or a persistent grid of
+    min(tiles x splits, SMs x ``config.persistent``) programs on one axis.
+
+    The SM count is read from the device at each launch (:data:`INTERPRETER_SMS` on CPU tensors).
+    """
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    if not config.persistent:
+        return tiles, config.split_k
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
+    return min(tiles * config.split_k, sms * config.persistent), 1
 
 
 def launch(
@@ -128,17 +153,18 @@ def launch(
     if e8m0:
         b_scale = b_scale.view(torch.uint8)
     partial, counters = split_k_workspace(config, m, n, a.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
     a_arg, b_arg = (_descriptor(a, config.block_m), _descriptor(b, config.block_n)) if config.tma else (a, b)
-    kernel[grid](
+    options = {"TMA": True} if config.tma else {}  # only the fp8 kernel has a TMA path
+    if config.persistent:
+        options["PERSISTENT"] = True
+    kernel[launch_grid(config, m, n, a.device)](
         a_arg, a_scale, b_arg, b_scale, out, partial, counters,
         m, n, k,
         a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1),
         b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=config.split_k,
-        B_SCALE_E8M0=e8m0, num_warps=config.num_warps, num_stages=config.num_stages,
-        **({"TMA": True} if config.tma else {}),
+        B_SCALE_E8M0=e8m0, num_warps=config.num_warps, num_stages=config.num_stages, **options,
     )
     return out
 

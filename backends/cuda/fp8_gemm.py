@@ -84,11 +84,39 @@ def _fp8_gemm_kernel(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
-    """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sA[m, kb] * sB[n // 128, kb] for one output tile."""
-    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
+    """:func:`_fp8_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
+    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for w in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0)):
+            _fp8_gemm_tile(
+                w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
+                M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
+            )
+    else:
+        _fp8_gemm_tile(
+            tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
+            counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
+        )
+
+
+@triton.jit
+def _fp8_gemm_tile(
+    tile, pid_k, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_bn, stride_bk, stride_bsn, stride_bsk,
+    stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr,
+):
+    """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sA[m, kb] * sB[n // 128, kb] for output tile ``tile``
+    (in GROUP_M order), K blocks of split ``pid_k``."""
+    pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     kb_lo, kb_hi = k_block_range(K, pid_k, SPLIT_K, 128)
     rows_a = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     rows_b = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -124,6 +124,11 @@ def tune_candidates(op: str, m: int):
                    C(256, 128, 8, 3), C(128, 64, 4, 4), C(64, 128, 4, 4), C(64, 256, 8, 3), C(128, 128, 8, 3, 1, 16)]
         tma = [C(128, 128, 8, 3, tma=True), C(128, 128, 8, 4, tma=True), C(64, 128, 4, 4, tma=True),
                C(128, 256, 8, 3, tma=True), C(128, 128, 8, 3, 1, 16, tma=True)]
+    if m >= 512:  # persistent grids of the tile shapes that won these rows (not yet measured); programs
+        # per SM: 2 where two fit by shared memory and registers (64x128 w4 s4: 96 KB), else 1
+        persistent = [C(64, 128, 4, 4, persistent=2), C(128, 128, 8, 3, persistent=1), C(128, 128, 8, 4, persistent=1)]
+        configs += persistent
+        tma += [replace(c, tma=True) for c in persistent]
     return configs + tma if op == "fp8_gemm" else configs
 
 
@@ -277,7 +282,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         c = r["config"]
         cfg = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} k{c['split_k']} g{c['group_m']}"
-        cfg += " tma" * bool(c.get("tma"))
+        cfg += " tma" * bool(c.get("tma")) + (f" p{c['persistent']}" if c.get("persistent") else "")
         lines.append(
             f"{r['op'][:8]:8} {r['shape']:10} {r['M']:>5} {_fmt(r['us'], '8.1f')} {_fmt(r['tflops'], '8.1f')} "
             f"{_fmt(r['gbps'], '6.0f')} {_fmt(100 * r['frac_fp8_peak'], '5.1f')} {_fmt(100 * r['frac_hbm'], '5.1f')} "
@@ -297,6 +302,7 @@ def config_table_source(rows: list[dict]) -> str:
     for r in rows:
         c = r["config"]
         flag = ", tma=True" if c.get("tma") else ""
+        flag += f", persistent={c['persistent']}" if c.get("persistent") else ""
         lines.append(f"    ({m_class(r['M'])}, {r['N']}, {r['K']}): GemmConfig({c['block_m']}, {c['block_n']}, "
                      f"{c['num_warps']}, {c['num_stages']}, {c['split_k']}, {c['group_m']}{flag}),  "
                      f"# {r['shape']} {r['us']:.1f} us")
