@@ -1,10 +1,12 @@
 """GPU benchmark of the cuda backend's MoE router (op ``moe_gate``) beside the reference run in torch.
 
-Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts; the
-routing stage alone from fp32 logits [T, 256] (what the anchors' "16384 x 256" goal counts: 16.8 MB
-read -> 5.6 us at 3.0 TB/s); hash routing. The peer is the CPU reference kernel's code on the same
-GPU tensors (fp32 matmul, torch.sort). Each row is checked (indices vs the peer) before timing;
-times are medians of CUDA-graph replays, L2 flushed before each (``common.time_cuda``).
+Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts, by the
+two launches and, for T <= 512, by the one-launch gate (``fused_gate``, which ``moe_gate`` takes only
+with SEAHAL_CUDA_UNVERIFIED=1); the routing stage alone from fp32 logits [T, 256] (what the anchors'
+"16384 x 256" goal counts: 16.8 MB read -> 5.6 us at 3.0 TB/s); hash routing. The peer is the CPU
+reference kernel's code on the same GPU tensors (fp32 matmul, torch.sort). Each row is checked
+(indices vs the peer) before timing; times are medians of CUDA-graph replays, L2 flushed before each
+(``common.time_cuda``).
 
     python -m seahal.bench.cuda_moe_gate [--quick] [--json PATH]
     seahal bench --backend cuda --ops moe_gate
@@ -47,6 +49,14 @@ def _peer_route(logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor,
     return weights / (weights.sum(-1, keepdim=True) + 1e-20) * 1.5, indices.int()
 
 
+def _two_launch(x, weight, bias, top_k, score_func, route_scale, n_groups=1, topk_groups=1, input_ids=None,
+               tid2eid=None):
+    """``moe_gate`` by its two launches, whatever SEAHAL_CUDA_UNVERIFIED says."""
+    from seahal.backends.cuda.moe_gate import gate_logits, route
+
+    return route(gate_logits(x, weight), bias, top_k, score_func, route_scale, input_ids, tid2eid)
+
+
 def _row(name: str, t: int, ours: Callable, peer: Callable, nbytes: int, quick: bool) -> dict:
     (w, idx), (ref_w, ref_idx) = ours(), peer()
     same = (idx == ref_idx).all(dim=1)
@@ -65,15 +75,19 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("seahal bench --backend cuda needs a CUDA device")
     from seahal.backends.cpu.reference.moe import moe_gate as reference
-    from seahal.backends.cuda.moe_gate import gate_logits, moe_gate, route
+    from seahal.backends.cuda.moe_gate import FUSED_MAX_TOKENS, fused_gate, gate_logits, route
 
     rows = []
     for t in QUICK_FULL_TOKENS if quick else FULL_TOKENS:
         x, weight, bias = _inputs(t)
         nbytes = x.nbytes + weight.nbytes + bias.nbytes + t * TOP_K * 8
         args = (x, weight, bias, TOP_K, "sqrtsoftplus", 1.5)
-        rows.append(_row("full", t, partial(moe_gate, *args), partial(reference, *args), nbytes, quick))
+        rows.append(_row("full", t, partial(_two_launch, *args), partial(reference, *args), nbytes, quick))
         print(rows[-1], flush=True)
+        if t <= FUSED_MAX_TOKENS:
+            one_launch = partial(fused_gate, *args)
+            rows.append(_row("full, one launch", t, one_launch, partial(reference, *args), nbytes, quick))
+            print(rows[-1], flush=True)
     for t in ROUTE_TOKENS:
         x, weight, bias = _inputs(t)
         logits = gate_logits(x, weight).sum(0)
@@ -85,7 +99,7 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     tid2eid = torch.stack([torch.randperm(E, device="cuda")[:TOP_K] for _ in range(4096)]).int()
     ids = torch.randint(0, 4096, (256,), device="cuda")
     args = (x, weight, bias, TOP_K, "sqrtsoftplus", 1.5, 1, 1, ids, tid2eid)
-    rows.append(_row("full, hash routing", 256, partial(moe_gate, *args), partial(reference, *args),
+    rows.append(_row("full, hash routing", 256, partial(_two_launch, *args), partial(reference, *args),
                      x.nbytes + weight.nbytes + 256 * TOP_K * 12, quick))
     path = json_path or (os.path.join(os.environ["OUT"], "cuda_moe_gate.json") if os.environ.get("OUT") else None)
     if path:
