@@ -11,14 +11,19 @@ import pytest
 import torch
 
 from seahal.bench import CUDA_OPS, GPU_ONLY, common, expand_ops, main, run_cuda
-from seahal.bench.cuda_attention import attention_cases, indexer_cases
+from seahal.bench.cuda_attention import attention_cases, attention_fp8_cases, causal_pairs, indexer_cases
 from seahal.bench.cuda_compressor import cases as compressor_cases
+from seahal.bench.cuda_kv_cache import cases as kv_cache_cases
 from seahal.bench.cuda_mhc_rope import cases as mhc_rope_cases
 from seahal.bench.cuda_moe_experts import cases as experts_cases
 
 GPU = torch.device("cuda")  # only the shape tables are read: no tensor is made on it
-SMOKE_OPS = [op for op, module in CUDA_OPS.items() if module not in GPU_ONLY]
+SMOKE_OPS = [op for op, module in CUDA_OPS.items() if module not in GPU_ONLY and op != "model"]
+"""Every kernel benchmark with a CPU smoke mode (``model``, the end-to-end comparison with
+transformers, is not a kernel row: it loads whole models and has its own checks)."""
 ROW_KEYS = {"op", "shape", "kernel", "flops", "bytes", "bound", "us", "tflops", "gbps", "fraction_of_limit", "check", "peer"}
+CODECS = {"kv_cache_unpack"}
+"""Ops with no arithmetic worth counting (FLOPs 0: memory-bound by definition)."""
 
 
 def _case(cases: list[common.Case], shape: str) -> common.Case:
@@ -40,7 +45,7 @@ def test_smoke_mode_writes_one_document_for_every_op(tmp_path, capsys):
             assert row["us"] is None and "CUDA" in row["note"]
             continue
         assert row["check"] == {"err": 0.0, "passed": True}  # the reference against itself
-        assert row["us"] > 0 and row["flops"] > 0 and row["bytes"] > 0
+        assert row["us"] > 0 and row["bytes"] > 0 and (row["flops"] > 0 or row["op"] in CODECS)
         assert row["gbps"] == pytest.approx(row["bytes"] / row["us"] / 1e3)
         assert row["tflops"] == pytest.approx(row["flops"] / row["us"] / 1e6)
         (peer,) = row["peer"].values()
@@ -97,12 +102,76 @@ def test_sparse_attention_formula():
     assert case.flops == 4 * 64 * 512 * (8_256 + 3_968 * 128 + 4_096 * 512)
 
 
+def test_sparse_attention_fp8_formula_and_goals():
+    # V4-Flash CSA decode over 584-byte records, batch 64, 64k: 640 records a sequence.
+    case = _case(attention_fp8_cases(GPU, quick=False), "V4-Flash CSA decode B=64 ctx=65536 fp8")
+    assert case.flops == 4 * 64 * 64 * 512 * 640 == 5_368_709_120
+    # q + o 8388608; records 64 * 640 * 584 = 23920640; indices 163840; sinks 256
+    assert case.nbytes == 8_388_608 + 23_920_640 + 163_840 + 256 == 32_473_344
+    assert case.params["goal_us"] == pytest.approx(32_473_344 / 1.95e6)  # 65% of 3.0 TB/s, over 30 MB
+    # V4-Pro batch 1, 4k: 1024 entries, all picked: 1152 records; goal 300 TFLOP/s (1.0 us) is
+    # under the small-transfer allowance bytes / 3.0 TB/s + 5 us.
+    case = _case(attention_fp8_cases(GPU, quick=False), "V4-Pro CSA decode B=1 ctx=4096 fp8")
+    assert case.flops == 4 * 128 * 512 * 1152 == 301_989_888
+    assert case.nbytes == 262_144 + 1152 * 584 + 4 * 1152 + 512 == 940_032
+    assert case.params["goal_us"] == pytest.approx(940_032 / 3e6 + 5)
+    # V4-Pro batch 64, 1M: 60 MB, compute goal 19.3 GFLOP / 300 TFLOP/s.
+    case = _case(attention_fp8_cases(GPU, quick=False), "V4-Pro CSA decode B=64 ctx=1048576 fp8")
+    assert case.nbytes == 16_777_216 + 64 * 1152 * 584 + 4 * 64 * 1152 + 512 == 60_129_792
+    assert case.params["goal_us"] == pytest.approx(19_327_352_832 / 300e6)
+    assert {c.params["context"] for c in attention_fp8_cases(GPU, quick=False)} == {4096, 65536, 262144, 1 << 20}
+
+
+def test_slow_calls_are_timed_fewer_times():
+    # 2 s of timed calls at most, never fewer than 3, never more than 30 (10 quick)
+    assert [common.repeats(us, quick=False) for us in (5.0, 1e5, 1e6)] == [30, 20, 3]
+    assert common.repeats(5.0, quick=True) == 10
+
+
+def test_goal_is_reported():
+    case = common.Case("sparse_attention_fp8", "goal", 1e6, 3e6, common.PEAK_BF16_TFLOPS, params={"goal_us": 2.0})
+    met, missed = (common.record(common.new_row(case, "triton"), case, us, {}) for us in (1.5, 2.5))
+    assert (met["goal_met"], missed["goal_met"]) == (True, False)
+    assert "goal 2.0 us MISSED" in common.format_table([missed])
+
+
 def test_indexer_formula():
     # V4-Pro decode, batch 64, 1M: 262144 entries of 128 dims, 64 heads, top-1024.
     case = _case(indexer_cases(GPU, quick=False), "V4-Pro decode B=64 ctx=1048576")
     assert case.flops == 277_025_390_592  # 2 * 64 * 64 * 262144 * (128 + 1)
     # keys 4294967296 + q 1048576 + weights 16384 + indices 262144
     assert case.nbytes == 4_296_294_400
+
+
+def test_indexer_prefill_formula():
+    # Query t sees floor((t+1)/4) entries: 1+1+1+1 (t=3..6), ..., brute force at S = 37.
+    assert causal_pairs(37, 4) == sum((t + 1) // 4 for t in range(37)) == 162
+    # 64k tokens: sum over k = 1..16383 of 4k, plus 16384 at t = 65535.
+    assert causal_pairs(65536, 4) == 4 * 16383 * 16384 // 2 + 16384 == 536_854_528
+    case = _case(indexer_cases(GPU, quick=False), "V4-Flash prefill S=65536")
+    assert case.flops == 2 * 536_854_528 * 64 * 129
+    # keys 16384*128*2 + q 65536*64*128*2 + weights 65536*64*4 + top-512 indices 65536*512*4
+    assert case.nbytes == 4_194_304 + 1_073_741_824 + 16_777_216 + 134_217_728
+    assert [c.shape for c in indexer_cases(GPU, quick=True) if "prefill" in c.shape] == [
+        "V4-Flash prefill S=4096", "V4-Pro prefill S=4096"]
+
+
+def test_indexer_reference_peer_in_query_blocks_is_one_call(monkeypatch):
+    # the 64k prefill's peer runs the reference over query blocks; 5 queries a block here, the
+    # first blocks seeing no entry at all
+    from seahal.backends.cpu.reference.indexer import indexer_topk
+    from seahal.bench import cuda_attention
+
+    work = cuda_attention._prefill_indexer(common.TINY, 64, torch.device("cpu"))
+    monkeypatch.setattr(cuda_attention, "REFERENCE_SCORES", 5 * common.TINY.index_heads * 16)
+    blocked = work.peers["reference, query blocks"]()
+    assert torch.equal(blocked, indexer_topk(*work.kernel.args))
+    assert (blocked[0, :3] == -1).all() and (blocked[0, -1] >= 0).all()
+
+
+def test_kv_cache_unpack_formula():
+    (case,) = [c for c in kv_cache_cases(GPU, quick=False) if c.params["tokens"] == 65536]
+    assert (case.flops, case.nbytes) == (0, 65536 * 584 + 65536 * 512 * 2)
 
 
 def test_moe_experts_formula():
@@ -139,6 +208,10 @@ def test_mhc_and_rope_formulas():
 
 def test_ops_list_and_errors(capsys):
     assert expand_ops("indexer, mhc,rope,rope") == ["indexer_topk", "hc_pre", "hc_post", "hc_head", "rope"]
+    # issue #6's names
+    assert expand_ops("kv_compress,indexer,sparse_attention,mhc") == [
+        "kv_compress", "indexer_topk", "sparse_attention", "sparse_attention_fp8", "hc_pre", "hc_post", "hc_head"]
+    assert all(op in CUDA_OPS for op in expand_ops("kv_compress,indexer,sparse_attention,mhc,kv_cache_unpack"))
     args = argparse.Namespace(backend="cuda", ops="rope,flash_attn", json=None, quick=True, plot=None, device="cpu")
     assert main(args) == 2
     assert "no cuda benchmark for flash_attn" in capsys.readouterr().err
@@ -170,3 +243,17 @@ def test_gpu_only_modules_rows_convert_to_the_common_schema(monkeypatch):
     (row,) = cuda_quant.rows(["fp8_act_quant"], GPU, quick=True)
     assert (row["shape"], row["bound"], row["gbps"]) == ("4096x7168 fp32", "memory", pytest.approx(2000.0))
     assert row["fraction_of_limit"] == pytest.approx(2 / 3) and row["peer"]["reference"]["us"] == 60.0
+
+
+def test_seahal_bench_command_passes_device_and_plot(tmp_path, capsys):
+    from seahal.cli import main as seahal
+
+    path = tmp_path / "bench.json"
+    plot = tmp_path / "roofline.png"
+    argv = ["bench", "--backend", "cuda", "--device", "cpu", "--quick", "--ops", "kv_cache_unpack", "--json", str(path),
+            "--plot", str(plot)]
+    assert seahal(argv) == 0
+    doc = json.loads(path.read_text())
+    assert doc["device"].startswith("cpu") and {r["op"] for r in doc["rows"]} == {"kv_cache_unpack"}
+    out = capsys.readouterr().out
+    assert "roofline written to" in out or "matplotlib is not installed" in out

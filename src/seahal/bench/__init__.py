@@ -27,15 +27,18 @@ CUDA_OPS = {
     "moe_experts": "cuda_moe_experts",
     "sparse_attention": "cuda_attention",
     "indexer_topk": "cuda_attention",
+    "sparse_attention_fp8": "cuda_attention",
     "kv_compress": "cuda_compressor",
+    "kv_cache_unpack": "cuda_kv_cache",
     "hc_pre": "cuda_mhc_rope",
     "hc_post": "cuda_mhc_rope",
     "hc_head": "cuda_mhc_rope",
     "rope": "cuda_mhc_rope",
 }
 """op -> module of seahal.bench with ``rows(ops, device, quick)`` for it."""
-ALIASES = {"indexer": ("indexer_topk",), "mhc": ("hc_pre", "hc_post", "hc_head")}
-"""Names the issues use for groups of ops."""
+ALIASES = {"indexer": ("indexer_topk",), "mhc": ("hc_pre", "hc_post", "hc_head"),
+           "sparse_attention": ("sparse_attention", "sparse_attention_fp8")}
+"""Names the issues use for groups of ops (issue #6's ``sparse_attention`` covers dense rows and FP8 records)."""
 GPU_ONLY = {"cuda_gemm", "cuda_moe_gate", "cuda_quant"}
 """Modules with no CPU smoke mode (they measure on CUDA tensors only)."""
 DEFAULT_CUDA_OPS = "fp8_gemm"
@@ -60,7 +63,8 @@ def expand_ops(spec: str) -> list[str]:
 def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None = None,
              plot_path: str | None = None) -> list[dict]:
     """Rows of ``ops`` on ``device`` from each op's module, in one table (printed last), one JSON
-    document at ``json_path`` and one roofline plot at ``plot_path``."""
+    document at ``json_path`` (rewritten after each module, so a run cut short keeps what it
+    measured) and one roofline plot at ``plot_path``."""
     import torch
 
     from seahal.bench import common
@@ -73,10 +77,10 @@ def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None 
     for module, module_ops in groups.items():
         if device.type != "cuda" and module in GPU_ONLY:
             rows += [common.unavailable_row(op, "needs a CUDA device (no CPU smoke mode)") for op in module_ops]
-            continue
-        rows += importlib.import_module(f"seahal.bench.{module}").rows(module_ops, device, quick)
-    if json_path:
-        common.write_json(json_path, device, rows)
+        else:
+            rows += importlib.import_module(f"seahal.bench.{module}").rows(module_ops, device, quick)
+        if json_path:
+            common.write_json(json_path, device, rows)
     if plot_path and common.plot_roofline(rows, plot_path, f"seahal bench on {common.environment(device)['device']}"):
         print(f"roofline written to {plot_path}")
     print(common.environment(device))

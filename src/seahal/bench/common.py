@@ -10,7 +10,8 @@ returns the kernel, the peer and a checker); :func:`measure` turns a case into a
 
 ``fraction_of_limit`` is the roofline fraction ``max(flops / peak, bytes / bandwidth) / time``: 1.0
 means the row runs at the H100's limit for its arithmetic intensity. A kernel whose result fails its
-check is reported with ``us`` None and not timed.
+check is reported with ``us`` None and not timed. A case whose issue states a goal carries
+``goal_us`` (the time the goal allows) in its parameters; its row then says ``goal_met``.
 """
 
 from __future__ import annotations
@@ -76,12 +77,14 @@ class ModelDims:
     index_heads: int = 64
     index_dim: int = 128
     hc: int = 4
+    kv_tile: int = 64
+    """Width of the FP8 cache records' nope tiles (one e8m0 scale each, v4_ops.md §12)."""
 
 
 V4_FLASH = ModelDims("V4-Flash", dim=4096, heads=64, index_topk=512, experts=256, inter=2048)
 V4_PRO = ModelDims("V4-Pro", dim=7168, heads=128, index_topk=1024, experts=384, inter=3072)
 TINY = ModelDims("tiny", dim=128, heads=4, index_topk=8, experts=8, inter=128, top_k=2, head_dim=64, rope_dim=16,
-                 window=8, index_heads=4, index_dim=32)
+                 window=8, index_heads=4, index_dim=32, kv_tile=16)
 """CPU smoke mode: every dimension small, the same code paths."""
 
 
@@ -154,16 +157,34 @@ def time_cuda(fn: Callable[[], object], quick: bool) -> float:
     return us
 
 
+TIMING_BUDGET_US = 2e6
+"""Timed calls of one function stop at about this much device time (at least 3 calls): what keeps
+the slow rows (the 64k-token prefills' reference peers, ~1 s a call) inside a device session."""
+
+
+def repeats(first_us: float, quick: bool) -> int:
+    """Timed calls after a first one of ``first_us``: 10 (quick) or 30, fewer when that would
+    overrun :data:`TIMING_BUDGET_US`, never under 3."""
+    return max(3, min(10 if quick else 30, int(TIMING_BUDGET_US // max(first_us, 1.0))))
+
+
 def _median_cuda_events(launch: Callable[[], object], quick: bool) -> float:
-    """Median microseconds of ``launch`` between CUDA events, the L2 flushed (a 256 MB read) before each."""
+    """Median microseconds of ``launch`` between CUDA events, the L2 flushed (a 256 MB read) before
+    each; the first call's time sets the number of calls (:func:`repeats`)."""
     if not _FLUSH:
         _FLUSH.append(torch.ones(64 << 20, dtype=torch.float32, device="cuda"))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10 if quick else 30)]
-    for start, end in events:
+
+    def timed() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         _FLUSH[0].sum()
         start.record()
         launch()
         end.record()
+        return start, end
+
+    first = timed()
+    torch.cuda.synchronize()
+    events = [first] + [timed() for _ in range(repeats(1e3 * first[0].elapsed_time(first[1]), quick) - 1)]
     torch.cuda.synchronize()
     return 1e3 * statistics.median(start.elapsed_time(end) for start, end in events)
 
@@ -231,9 +252,12 @@ def new_row(case: Case, kernel: str) -> dict:
 
 
 def record(row: dict, case: Case, us: float | None, peers_us: dict[str, float]) -> dict:
-    """Fill ``row`` with the kernel's time (None: not timed) and each peer's; speedup over the first peer."""
+    """Fill ``row`` with the kernel's time (None: not timed) and each peer's; speedup over the first
+    peer; ``goal_met`` where the case states a ``goal_us`` (the time an issue's goal allows)."""
     if us is not None:
         row.update(figures(case, us))
+        if "goal_us" in case.params:
+            row["goal_met"] = us <= case.params["goal_us"]
     for name, peer_us in peers_us.items():
         row["peer"][name] = {k: v for k, v in figures(case, peer_us).items() if k != "fraction_of_limit"}
     if us is not None and peers_us:
@@ -295,6 +319,8 @@ def format_table(rows: list[dict]) -> str:
         peers = ", ".join(f"{name} {_fmt(p.get('us'), '.1f')}" for name, p in r["peer"].items()) or "-"
         check = "-" if r["check"] is None else f"{'ok' if r['check']['passed'] else 'FAIL'} {r['check']['err']:.1e}"
         fraction = None if r["fraction_of_limit"] is None else 100 * r["fraction_of_limit"]
+        if "goal_met" in r:
+            check += f"; goal {r['goal_us']:.1f} us {'met' if r['goal_met'] else 'MISSED'}"
         lines.append(f"| {r['op']} | {r['shape']} | {r['kernel']} | {_fmt(r['us'], '.1f')} | {_fmt(r['tflops'], '.1f')} | "
                      f"{_fmt(r['gbps'], '.0f')} | {_fmt(fraction, '.0f')} | {r['bound']} | {peers} | "
                      f"{_fmt(r.get('speedup'), '.2f')} | {r.get('note') or check} |")

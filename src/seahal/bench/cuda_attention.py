@@ -1,13 +1,20 @@
-"""Benchmarks of the attention path's kernels: ``sparse_attention`` and ``indexer_topk``.
+"""Benchmarks of the attention path's kernels: ``sparse_attention``, ``sparse_attention_fp8`` and
+``indexer_topk``.
 
 Decode rows (one query per sequence) at contexts 4k-1M, batch 1 and 64, with V4-Flash and V4-Pro
-head counts; sparse attention also at a 4096-token CSA prefill. Per CSA layer (m = 4) a query
-attends to the 128-slot window ring plus ``index_topk`` compressed entries; per HCA layer (m = 128)
-to the window and every compressed entry. The cache is dense bf16 rows (the kernel does not read
-the FP8 584-byte layout yet). The peer is the CPU reference's code on the GPU tensors: for decode
-the selected rows are gathered first, then attended densely.
+head counts; sparse attention also at a 4096-token CSA prefill, the indexer at 4k- and 64k-token
+prefills (causal visibility). Per CSA layer (m = 4) a query attends to the 128-slot window ring
+plus ``index_topk`` compressed entries; per HCA layer (m = 128) to the window and every compressed
+entry. ``sparse_attention`` reads dense bf16 rows; ``sparse_attention_fp8`` reads the 584-byte FP8
+records of v4_ops.md §12 (CSA decode rows, with issue #6's goal as ``goal_us``: V4-Flash at 65% of
+3.0 TB/s over the unique bytes, V4-Pro at 300 TFLOP/s, transfers under ~30 MB within bytes / 3.0
+TB/s + 5 us). The peer is the CPU reference's code on the GPU tensors: for decode the selected
+rows are gathered first (FP8 records then decoded by the reference ``kv_cache_unpack``), then
+attended densely; for the indexer's long prefills the reference runs over blocks of queries.
 
-    seahal bench --backend cuda --ops sparse_attention,indexer_topk [--quick] [--json out.json]
+    seahal bench --backend cuda --ops sparse_attention,indexer [--quick] [--json out.json]
+
+(``sparse_attention`` names both attention ops, ``indexer`` the indexer: :data:`seahal.bench.ALIASES`.)
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from seahal.bench.common import (
     PEAK_BF16_TFLOPS,
+    PEAK_TBPS,
     Case,
     ModelDims,
     Workload,
@@ -28,8 +36,9 @@ from seahal.bench.common import (
     models,
     reference,
 )
+from seahal.hal.ops.quant import kv_record_bytes
 
-OPS = ("sparse_attention", "indexer_topk")
+OPS = ("sparse_attention", "indexer_topk", "sparse_attention_fp8")
 CSA, HCA = 4, 128
 BF16_TOL = 1e-2
 """bf16 inputs and output, fp32 softmax and accumulation: the output's rounding alone is ~2^-9."""
@@ -39,17 +48,40 @@ order can swap near-tied entries at the top-k boundary, nothing more."""
 
 
 # -- sparse attention -----------------------------------------------------------------------------
-def attention_cost(batch: int, seq: int, heads: int, dim: int, slots: int, valid: int, unique_rows: int) -> tuple[int, int]:
-    """FLOPs and bytes of sparse attention with K = V rows of ``dim`` bf16.
+def attention_cost(batch: int, seq: int, heads: int, dim: int, slots: int, valid: int, unique_rows: int,
+                   row_bytes: int | None = None) -> tuple[int, int]:
+    """FLOPs and bytes of sparse attention with K = V rows of ``dim``, bf16 q and o.
 
     FLOPs: ``4 * batch * heads * dim * valid`` (q.k and p.v over ``valid`` = the valid slots summed
     over one sequence's queries). Bytes: q read and o written (``2 * batch * seq * heads * dim * 2``),
-    each of the ``unique_rows`` kv rows of a sequence once (``batch * unique_rows * dim * 2``), the
-    int32 indices (``batch * seq * slots * 4``) and the fp32 sinks (``heads * 4``).
+    each of the ``unique_rows`` kv rows of a sequence once (``batch * unique_rows * row_bytes``:
+    ``2 * dim`` for dense bf16 rows, the record size for FP8 records), the int32 indices
+    (``batch * seq * slots * 4``) and the fp32 sinks (``heads * 4``).
     """
+    row_bytes = 2 * dim if row_bytes is None else row_bytes
     flops = 4 * batch * heads * dim * valid
-    nbytes = 4 * batch * seq * heads * dim + 2 * batch * unique_rows * dim + 4 * batch * seq * slots + 4 * heads
+    nbytes = 4 * batch * seq * heads * dim + batch * unique_rows * row_bytes + 4 * batch * seq * slots + 4 * heads
     return flops, nbytes
+
+
+FP8_GOALS = {"V4-Flash": ("GB/s", 0.65 * PEAK_TBPS * 1e3), "V4-Pro": ("TFLOP/s", 300.0)}
+"""Issue #6's goals for decode over FP8 records, per model: a rate over the row's bytes or FLOPs."""
+SMALL_TRANSFER = 30e6
+LATENCY_US = 5.0
+"""Issue #6: a transfer under ~30 MB may take ``bytes / 3.0 TB/s + 5 us`` (launch and latency)."""
+
+
+def fp8_decode_goal_us(model: str, flops: int, nbytes: int) -> float | None:
+    """The time issue #6 allows an FP8-record decode row: V4-Flash moving its bytes at 65% of
+    3.0 TB/s, V4-Pro doing its FLOPs at 300 TFLOP/s; under :data:`SMALL_TRANSFER` bytes the
+    latency allowance ``bytes / 3.0 TB/s + 5 us`` where that is longer. None for other models."""
+    if model not in FP8_GOALS:
+        return None
+    unit, rate = FP8_GOALS[model]
+    goal = nbytes / (rate * 1e3) if unit == "GB/s" else flops / (rate * 1e6)
+    if nbytes < SMALL_TRANSFER:
+        goal = max(goal, nbytes / (PEAK_TBPS * 1e6) + LATENCY_US)
+    return goal
 
 
 def _decode_layout(dims: ModelDims, ratio: int, ctx: int) -> tuple[int, int]:
@@ -60,12 +92,14 @@ def _decode_layout(dims: ModelDims, ratio: int, ctx: int) -> tuple[int, int]:
     return dims.window + entries, dims.window + entries
 
 
-def _decode_attention(dims: ModelDims, ratio: int, batch: int, ctx: int, device: torch.device) -> Workload:
+def _decode_inputs(dims: ModelDims, ratio: int, batch: int, ctx: int, device: torch.device):
+    """Decode at context ``ctx``: bf16 q [B, 1, H, D], int32 indices [B, 1, slots] into a cache of
+    ``window + ctx / m`` rows (the window rows, then the CSA pick or every entry; -1 pads) and fp32
+    sinks [H]; returns them and the cache's row count."""
     torch.manual_seed(ctx + batch)
     entries = ctx // ratio
     slots, valid = _decode_layout(dims, ratio, ctx)
     q = torch.randn(batch, 1, dims.heads, dims.head_dim, device=device, dtype=torch.bfloat16)
-    kv = torch.randn(batch, dims.window + entries, dims.head_dim, device=device, dtype=torch.bfloat16)
     window = torch.arange(dims.window, device=device).expand(batch, -1)
     if ratio == CSA:
         picked = torch.rand(batch, entries, device=device).argsort(dim=-1)[:, : valid - dims.window] + dims.window
@@ -73,16 +107,62 @@ def _decode_attention(dims: ModelDims, ratio: int, batch: int, ctx: int, device:
         picked = torch.arange(dims.window, dims.window + entries, device=device).expand(batch, -1)
     indices = torch.full((batch, 1, slots), -1, dtype=torch.int32, device=device)
     indices[:, 0, :valid] = torch.cat((window, picked), dim=-1).int()
-    sink = torch.randn(dims.heads, device=device)
+    return q, indices, torch.randn(dims.heads, device=device), dims.window + entries
+
+
+def _decode_attention(dims: ModelDims, ratio: int, batch: int, ctx: int, device: torch.device) -> Workload:
+    q, indices, sink, rows = _decode_inputs(dims, ratio, batch, ctx, device)
+    kv = torch.randn(batch, rows, dims.head_dim, device=device, dtype=torch.bfloat16)
     args = (q, kv, indices, sink, dims.head_dim**-0.5)
     kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
     return Workload(partial(kernel, *args), {"reference, gathered": partial(_gathered_reference, *args)}, close(BF16_TOL))
 
 
-def _gathered_reference(q, kv, indices, sink, softmax_scale):
-    """The reference on each sequence's selected rows only: gather [B, K, D], then attend densely."""
+RECORD_POOL = 4096
+"""Distinct records packed per FP8 row; the cache buffer repeats them at random rows."""
+
+
+def _records(dims: ModelDims, batch: int, rows: int, device: torch.device) -> torch.Tensor:
+    """A cache of FP8 records [B, rows, kv_record_bytes]: up to :data:`RECORD_POOL` normal bf16
+    vectors packed by the reference ``kv_cache_pack``, placed at random rows (packing a 1M-token
+    batch-64 cache whole would need 17 GB of bf16 first; the kernel reads only the selected rows,
+    each a full record wherever it lies)."""
+    kv = torch.randn(min(rows, RECORD_POOL), dims.head_dim, device=device, dtype=torch.bfloat16)
+    pool = reference("kv_cache_pack", "quant")(kv, dims.rope_dim, dims.kv_tile)
+    return pool[torch.randint(0, pool.shape[0], (batch, rows), device=device)]
+
+
+def _decode_attention_fp8(dims: ModelDims, batch: int, ctx: int, device: torch.device) -> Workload:
+    q, indices, sink, rows = _decode_inputs(dims, CSA, batch, ctx, device)
+    args = (q, _records(dims, batch, rows, device), indices, sink, dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
+    return Workload(partial(_fp8_attention(device), *args), {"reference, gathered": partial(_gathered_reference, *args)},
+                    close(BF16_TOL))
+
+
+def _fp8_attention(device: torch.device):
+    """The function under test for FP8 records: ``cuda.sparse_attention.sparse_attention_fp8`` on a
+    GPU; in CPU smoke mode the op's semantics by the reference (decode every record, then attend)."""
+    if device.type == "cuda":
+        from seahal.backends.cuda.sparse_attention import sparse_attention_fp8
+
+        return sparse_attention_fp8
+    return _unpacked_reference
+
+
+def _unpacked_reference(q, records, indices, sink, softmax_scale, rope_dim, tile):
+    """``sparse_attention(q, kv_cache_unpack(records), ...)`` with the reference kernels."""
+    kv = reference("kv_cache_unpack", "quant")(records, q.shape[-1], rope_dim, tile).to(q.dtype)
+    return reference("sparse_attention", "attention")(q, kv, indices, sink, softmax_scale)
+
+
+def _gathered_reference(q, kv, indices, sink, softmax_scale, *geometry):
+    """The reference on each sequence's selected rows only: gather [B, K, D] (FP8 records: gather
+    the records, then decode them with the reference ``kv_cache_unpack`` at ``geometry`` = (rope_dim,
+    tile)), then attend densely."""
     flat = indices[:, 0].long()
     gathered = kv[torch.arange(kv.shape[0], device=kv.device)[:, None], flat.clamp(min=0)]
+    if geometry:
+        gathered = reference("kv_cache_unpack", "quant")(gathered, q.shape[-1], *geometry).to(q.dtype)
     dense = torch.where(flat >= 0, torch.arange(flat.shape[1], device=kv.device), -1)[:, None]
     return reference("sparse_attention", "attention")(q, gathered, dense, sink, softmax_scale)
 
@@ -128,15 +208,36 @@ def attention_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-# -- indexer --------------------------------------------------------------------------------------
-def indexer_cost(batch: int, seq: int, heads: int, dim: int, entries: int, topk: int) -> tuple[int, int]:
-    """FLOPs and bytes of the lightning indexer with bf16 keys, every query seeing ``entries`` keys.
+def attention_fp8_cases(device: torch.device, quick: bool) -> list[Case]:
+    """CSA decode over FP8 records (the layer kind whose reads the records shrink: 584 instead of
+    1024 bytes a row); the bytes count each selected record once."""
+    cases = []
+    for dims in models(device):
+        record = kv_record_bytes(dims.head_dim, dims.rope_dim, dims.kv_tile)
+        for batch, ctx in decode_grid(device, quick):
+            slots, valid = _decode_layout(dims, CSA, ctx)
+            flops, nbytes = attention_cost(batch, 1, dims.heads, dims.head_dim, slots, valid, valid, record)
+            params = {"model": dims.name, "layer": "CSA", "batch": batch, "context": ctx, "kv": f"fp8 {record} B"}
+            goal = fp8_decode_goal_us(dims.name, flops, nbytes)
+            if goal is not None:
+                params["goal_us"] = goal
+            cases.append(Case("sparse_attention_fp8", f"{dims.name} CSA decode B={batch} ctx={ctx} fp8", flops, nbytes,
+                              PEAK_BF16_TFLOPS, partial(_decode_attention_fp8, dims, batch, ctx), params))
+    return cases
 
-    FLOPs: ``2 * batch * seq * heads * entries * (dim + 1)`` (q.k per head, then the weighted head
-    sum). Bytes: the keys (``batch * entries * dim * 2``), bf16 q (``batch * seq * heads * dim * 2``),
+
+# -- indexer --------------------------------------------------------------------------------------
+def indexer_cost(batch: int, seq: int, heads: int, dim: int, entries: int, topk: int,
+                 pairs: int | None = None) -> tuple[int, int]:
+    """FLOPs and bytes of the lightning indexer with bf16 keys over ``entries`` keys, of which a
+    sequence's queries see ``pairs`` (query, entry) pairs in all (default ``seq * entries``: decode).
+
+    FLOPs: ``2 * batch * pairs * heads * (dim + 1)`` (q.k per head, then the weighted head sum).
+    Bytes: the keys (``batch * entries * dim * 2``), bf16 q (``batch * seq * heads * dim * 2``),
     fp32 head weights (``batch * seq * heads * 4``) and the int32 indices written (``batch * seq * topk * 4``).
     """
-    flops = 2 * batch * seq * heads * entries * (dim + 1)
+    pairs = seq * entries if pairs is None else pairs
+    flops = 2 * batch * pairs * heads * (dim + 1)
     nbytes = 2 * batch * entries * dim + 2 * batch * seq * heads * dim + 4 * batch * seq * heads + 4 * batch * seq * topk
     return flops, nbytes
 
@@ -159,6 +260,49 @@ def _decode_indexer(dims: ModelDims, batch: int, ctx: int, device: torch.device)
     return Workload(partial(kernel, *args), {"reference": partial(reference("indexer_topk", "indexer"), *args)}, _overlap)
 
 
+def causal_pairs(seq: int, ratio: int) -> int:
+    """(query, entry) pairs a prefill of ``seq`` tokens from position 0 scores: query t sees
+    ``floor((t + 1) / m)`` entries, and with ``S = q m + r``, ``sum_{u=1..S} floor(u / m) =
+    m q (q - 1) / 2 + q (r + 1)``."""
+    q, r = divmod(seq, ratio)
+    return ratio * q * (q - 1) // 2 + q * (r + 1)
+
+
+REFERENCE_SCORES = 1 << 28
+"""fp32 scores the reference indexer peer holds at once (1 GiB): the reference forms every
+(query, head, entry) logit, 275 GB at a 64k-token prefill, so the peer feeds it blocks of queries."""
+
+
+def _reference_in_query_blocks(q, weights, keys, ratio, start_pos, topk):
+    """The reference indexer over blocks of queries, each at its own positions: the same
+    selection as one call (every query's row depends only on its position), bounded memory."""
+    step = max(1, REFERENCE_SCORES // (q.shape[2] * max(keys.shape[1], 1)))
+    indexer = reference("indexer_topk", "indexer")
+    blocks = [indexer(q[:, s : s + step], weights[:, s : s + step], keys, ratio, start_pos + s, topk)
+              for s in range(0, q.shape[1], step)]
+    return torch.cat(blocks, dim=1)
+
+
+def _prefill_indexer(dims: ModelDims, seq: int, device: torch.device) -> Workload:
+    """A CSA prefill of ``seq`` tokens from position 0: its ``seq / 4`` entries' keys, every query
+    seeing the entries its position completed."""
+    torch.manual_seed(seq)
+    q = torch.randn(1, seq, dims.index_heads, dims.index_dim, device=device, dtype=torch.bfloat16)
+    weights = torch.randn(1, seq, dims.index_heads, device=device) * dims.index_heads**-0.5
+    keys = torch.randn(1, seq // CSA, dims.index_dim, device=device, dtype=torch.bfloat16)
+    args = (q, weights, keys, CSA, 0, dims.index_topk)
+    kernel = implementation("indexer_topk", "indexer", "indexer", device)
+    return Workload(partial(kernel, *args), {"reference, query blocks": partial(_reference_in_query_blocks, *args)},
+                    _overlap)
+
+
+def prefill_lengths(device: torch.device, quick: bool) -> tuple[int, ...]:
+    """Token counts of the indexer's prefill rows: 4k and 64k on a GPU (4k when quick), 64 on CPU."""
+    if device.type != "cuda":
+        return (64,)
+    return (4096,) if quick else (4096, 65536)
+
+
 def indexer_cases(device: torch.device, quick: bool) -> list[Case]:
     cases = []
     for dims in models(device):
@@ -166,10 +310,16 @@ def indexer_cases(device: torch.device, quick: bool) -> list[Case]:
             flops, nbytes = indexer_cost(batch, 1, dims.index_heads, dims.index_dim, ctx // CSA, dims.index_topk)
             cases.append(Case("indexer_topk", f"{dims.name} decode B={batch} ctx={ctx}", flops, nbytes, PEAK_BF16_TFLOPS,
                               partial(_decode_indexer, dims, batch, ctx), {"model": dims.name, "batch": batch, "context": ctx}))
+        for seq in prefill_lengths(device, quick):
+            flops, nbytes = indexer_cost(1, seq, dims.index_heads, dims.index_dim, seq // CSA, dims.index_topk,
+                                         causal_pairs(seq, CSA))
+            cases.append(Case("indexer_topk", f"{dims.name} prefill S={seq}", flops, nbytes, PEAK_BF16_TFLOPS,
+                              partial(_prefill_indexer, dims, seq), {"model": dims.name, "batch": 1, "tokens": seq}))
     return cases
 
 
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
-    cases = {"sparse_attention": attention_cases, "indexer_topk": indexer_cases}
+    cases = {"sparse_attention": attention_cases, "indexer_topk": indexer_cases,
+             "sparse_attention_fp8": attention_fp8_cases}
     return [row for op in ops for row in measure_all(cases[op](device, quick), device, quick)]

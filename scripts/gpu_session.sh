@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# One prepared GPU session for the cuda backend: the GPU tests, full-shape conformance, then the
+# benchmarks, in priority order, each step under its own time limit and all of them under one
+# budget (default 540 s: one device command may run 600 s). A failing or timed-out step does not
+# stop the next; steps that no longer fit the budget are reported as skipped. Results go to
+# $OUT (default ./out), at most 8 files (what the device tool brings back):
+#
+#   summary.txt         the steps' status, seconds and last line, then a digest of every result file
+#   session.log         every step's full output
+#   conformance.json    SEAHAL_CUDA_UNVERIFIED=1 seahal conformance --backend cuda
+#   bench-quick.json    every new kernel's rows once (quick shapes), checked before timing
+#   bench-attention.json, bench-indexer.json, bench-rest.json   the full issue #6 rows
+#   bench-gemm-gate.json  the GEMM and router rows (measured before; last, for the tuning follow-ups)
+#
+# Usage (on the device, from the repository root):
+#   bash scripts/gpu_session.sh [--dry-run] [--budget SECONDS] [--only STEP,STEP]
+# --dry-run prints the steps and their limits and runs nothing; --only runs the named steps (to
+# finish a session that ran out of budget). Estimates per step (H100, not yet measured) are in
+# backends/cuda/TUNING.md.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+RESULTS="${OUT:-$ROOT/out}"
+BUDGET=540
+ONLY=""
+DRY_RUN=0
+MIN_STEP=20  # a step gets at least this many seconds, or is skipped
+
+while (($#)); do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --budget) BUDGET="$2"; shift ;;
+    --only) ONLY=",$2,"; shift ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_session.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# name | cap in seconds | command (run from the repository root with bash -c)
+STEPS=(
+  "setup|30|print_environment"
+  "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py"
+  "conformance|180|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
+  "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack --json \$RESULTS/bench-quick.json"
+  "bench-attention|150|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
+  "bench-indexer|120|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
+  "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts --json \$RESULTS/bench-rest.json"
+  "bench-gemm-gate|150|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,fp4_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
+)
+
+xdist_args() {  # 4 workers, one file each at a time (kernel compiles overlap; the 64k tests need ~12 GB each)
+  "$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile"
+}
+
+timeout_args() {  # a hung kernel fails its test instead of the step
+  "$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150"
+}
+
+print_environment() {
+  nvidia-smi -L || true
+  "$PYTHON" -c "import sys, torch, triton, seahal; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(), 'seahal from', seahal.__file__)"
+}
+
+make_importable() {
+  # The device machine starts bare. Rather than build seahal there (scikit-build, the C++ module),
+  # lay out its packages as installed (src/seahal, hal, backends, model -> seahal.*) with symlinks
+  # and the entry points of pyproject.toml (backends register through them). The optional native
+  # CPU module is absent; nothing here needs it.
+  "$PYTHON" -c "import seahal.backends.cuda" 2>/dev/null && return 0
+  local site="$SCRATCH/site"
+  mkdir -p "$site/seahal" "$site/seahal-0.1.0.dist-info"
+  for entry in "$ROOT"/src/seahal/*; do ln -sfn "$entry" "$site/seahal/"; done
+  for package in hal backends model; do ln -sfn "$ROOT/$package" "$site/seahal/$package"; done
+  printf 'Metadata-Version: 2.1\nName: seahal\nVersion: 0.1.0\n' >"$site/seahal-0.1.0.dist-info/METADATA"
+  "$PYTHON" - "$ROOT/pyproject.toml" >"$site/seahal-0.1.0.dist-info/entry_points.txt" <<'EOF'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+for group, entries in {"console_scripts": project.get("scripts", {}), **project.get("entry-points", {})}.items():
+    print(f"[{group}]", *(f"{name} = {target}" for name, target in entries.items()), "", sep="\n")
+EOF
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+selected() { [[ -z "$ONLY" || "$ONLY" == *",$1,"* ]]; }
+
+cd "$ROOT" || exit 2
+if ((DRY_RUN)); then
+  printf 'budget %ss, results in %s\n' "$BUDGET" "$RESULTS"
+  for step in "${STEPS[@]}"; do
+    IFS='|' read -r name cap command <<<"$step"
+    selected "$name" && printf '%-16s <= %4ss  %s\n' "$name" "$cap" "$command"
+  done
+  exit 0
+fi
+
+mkdir -p "$RESULTS"
+SCRATCH="$(mktemp -d)"
+LOG="$RESULTS/session.log"
+SUMMARY="$RESULTS/summary.txt"
+: >"$LOG"
+export PYTHON RESULTS PYTHONUNBUFFERED=1
+export OUT="$SCRATCH"  # bench modules that write $OUT/<module>.json on their own write there, not into the 8 files
+export -f print_environment xdist_args timeout_args
+make_importable
+DEADLINE=$((SECONDS + BUDGET))
+printf '%-16s %-10s %7s %6s  %s\n' step status seconds limit "last line" >"$SUMMARY"
+not_ok=0
+
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name cap command <<<"$step"
+  selected "$name" || continue
+  left=$((DEADLINE - SECONDS))
+  if ((left < MIN_STEP)); then
+    printf '%-16s %-10s %7s %6s  %s\n' "$name" skipped - - "out of budget" | tee -a "$SUMMARY"
+    not_ok=$((not_ok + 1))
+    continue
+  fi
+  limit=$((cap < left ? cap : left))
+  echo "=== $name (limit ${limit}s): $command" | tee -a "$LOG"
+  start=$SECONDS
+  timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1
+  rc=$?
+  cat "$SCRATCH/$name.log" >>"$LOG"
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status=timeout ;;
+    *) status="failed($rc)" ;;
+  esac
+  ((rc == 0)) || not_ok=$((not_ok + 1))
+  last="$(grep -v '^\s*$' "$SCRATCH/$name.log" | tail -n 1 | cut -c1-160)"
+  printf '%-16s %-10s %7s %6s  %s\n' "$name" "$status" $((SECONDS - start)) "$limit" "$last" | tee -a "$SUMMARY"
+done
+
+shopt -s nullglob
+benches=("$RESULTS"/bench-*.json)
+{
+  echo
+  grep -E '^(total:|  [a-z_0-9]+ \[)' "$SCRATCH/conformance.log" 2>/dev/null
+  ((${#benches[@]})) && "$PYTHON" "$ROOT/scripts/bench_digest.py" "${benches[@]}"
+} >>"$SUMMARY" 2>&1
+echo
+cat "$SUMMARY"
+rm -rf "$SCRATCH"
+exit $((not_ok > 0))
