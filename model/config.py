@@ -106,6 +106,41 @@ class ModelConfig:
         """Build from either key spelling; unknown keys are ignored."""
         return cls(**_normalise(raw))
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """This architecture as a transformers ``config.json`` (``model_type`` deepseek_v4), so a
+        checkpoint folder loads in transformers as is; :meth:`from_dict` reads it back to the same
+        config (``max_seq_len`` capped at 4096 as for any transformers config). Run-time options
+        (``simulate_*``, ``cache_format``) are not architecture and are left out. ValueError for
+        what transformers' V4 cannot express: two different HCA ratios, or grouped routing."""
+        hca = sorted({r for r in self.compress_ratios if r and r != CSA_RATIO})
+        if len(hca) > 1 or self.n_groups != 1 or self.topk_groups != 1:
+            raise ValueError(f"transformers' DeepSeek-V4 has one HCA ratio and no routing groups; got HCA ratios "
+                             f"{hca}, n_groups={self.n_groups}, topk_groups={self.topk_groups}")
+        ours = self.to_dict()
+        renamed = {hf: ours[name] for hf, name in _HF_TO_OFFICIAL.items() if name not in _HF_DERIVED}
+        layer_type = {0: "sliding_attention", CSA_RATIO: "compressed_sparse_attention"}
+        yarn = {} if self.yarn is None else {
+            "rope_type": "yarn", "factor": self.rope_factor, "original_max_position_embeddings": self.original_seq_len,
+            "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "attention_factor": 1.0,
+        }
+        rotary = self.rope_head_dim / self.head_dim
+        return {
+            "model_type": "deepseek_v4",
+            **renamed,
+            **{name: ours[name] for name in _SAME_NAME},
+            "layer_types": [layer_type.get(r, "heavily_compressed_attention") for r in self.compress_ratios],
+            "compress_rates": {"compressed_sparse_attention": CSA_RATIO,
+                               "heavily_compressed_attention": hca[0] if hca else 128},
+            "mlp_layer_types": ["hash_moe" if i < self.n_hash_layers else "moe" for i in range(self.n_layers)],
+            "partial_rotary_factor": rotary,
+            "rope_parameters": {
+                "main": {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": rotary},
+                "compress": {"rope_type": "default", **yarn, "rope_theta": self.compress_rope_theta,
+                             "partial_rotary_factor": rotary},
+            },
+            "num_nextn_predict_layers": 0,
+        }
+
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
@@ -130,6 +165,14 @@ _HF_TO_OFFICIAL = {
     "topk_group": "topk_groups",
     "max_position_embeddings": "max_seq_len",
 }
+
+_HF_DERIVED = {"rope_head_dim", "n_hash_layers", "n_groups", "topk_groups"}
+"""Official fields transformers' V4 config spells another way (partial_rotary_factor,
+mlp_layer_types) or lacks (routing groups): :meth:`ModelConfig.to_hf_dict` writes them itself."""
+_SAME_NAME = ("vocab_size", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim",
+              "index_topk", "n_routed_experts", "n_shared_experts", "swiglu_limit", "hc_mult", "hc_sinkhorn_iters",
+              "hc_eps", "rope_theta", "compress_rope_theta", "bos_token_id", "eos_token_id")
+"""Official fields transformers' V4 config names alike."""
 
 
 def _normalise(raw: dict[str, Any]) -> dict[str, Any]:

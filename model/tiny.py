@@ -79,11 +79,11 @@ def _random_tensor(name: str, shape: tuple[int, ...], config: ModelConfig, g: to
     """
 
     def normal(std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (torch.randn(shape, generator=g) * std).to(dtype)
+        return (torch.randn(shape, generator=g, device=g.device) * std).to(dtype)
 
     leaf = name.rpartition(".")[2]
     if leaf == "tid2eid":
-        order = torch.rand(config.vocab_size, config.n_routed_experts, generator=g).argsort(dim=-1)
+        order = torch.rand(config.vocab_size, config.n_routed_experts, generator=g, device=g.device).argsort(dim=-1)
         return order[:, : shape[1]].to(torch.int32)
     if name.endswith("norm.weight"):
         return (1 + normal(0.1)).to(torch.bfloat16)
@@ -92,7 +92,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], config: ModelConfig, g: to
     if leaf.endswith("_base") or leaf in ("ape", "bias"):
         return normal(0.1)
     if leaf.endswith("_scale"):
-        return torch.ones(shape)
+        return torch.ones(shape, device=g.device)
     if leaf == "attn_sink":
         return normal(0.5)
     if name == "embed.weight":
@@ -103,18 +103,28 @@ def _random_tensor(name: str, shape: tuple[int, ...], config: ModelConfig, g: to
     return normal(scale / math.sqrt(shape[-1]), torch.bfloat16)
 
 
-def random_tensors(config: ModelConfig, seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
-    """Every tensor of ``config``'s checkpoint, by official name, dense (bf16 / fp32 / int32)."""
-    g = torch.Generator().manual_seed(seed)
+def random_tensors(
+    config: ModelConfig, seed: int = DEFAULT_SEED, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``config``'s checkpoint, by official name, dense (bf16 / fp32 / int32),
+    drawn on ``device`` (a GPU draws a V4-Flash-sized model in seconds; each device type has its
+    own random stream, so the values depend on it)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     return {name: _random_tensor(name, shape, config, g) for name, shape in sorted(official_shapes(config).items())}
 
 
-def write_tiny_checkpoint(path: str | Path, seed: int = DEFAULT_SEED, quantise: bool = True) -> Path:
+def write_tiny_checkpoint(
+    path: str | Path, seed: int = DEFAULT_SEED, quantise: bool = True, device: str | torch.device = "cpu", **config
+) -> Path:
     """Write the tiny checkpoint to ``path``: quantised like the release (FP8 linears, FP4
-    experts), or dense (bf16 matrices, fp32 mHC/ape/sinks/bias) when ``quantise`` is False."""
+    experts), or dense (bf16 matrices, fp32 mHC/ape/sinks/bias) when ``quantise`` is False.
+
+    ``config`` keys replace the tiny config's (any V4 size: test splits, or V4-Flash's dimensions
+    for ``seahal bench --ops model``); ``device`` is where the weights are drawn and quantised.
+    """
     path = Path(path)
-    raw = dict(TINY_CONFIG)
-    tensors = random_tensors(ModelConfig.from_dict(raw), seed).items()
+    raw = {**TINY_CONFIG, **config}
+    tensors = random_tensors(ModelConfig.from_dict(raw), seed, device).items()
     if quantise:
         tensors = convert_tensors(tensors)
         raw = quantised_config(raw, "fp4", "fp8")

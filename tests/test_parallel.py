@@ -30,9 +30,10 @@ from seahal.model import load
 from seahal.model import checkpoint as checkpoint_module
 from seahal.model.parallel import Parallel, ParallelConfig, init_parallel
 from seahal.model.sharding import EP, TP, ShardingError, read_headers, shard_rules
+from seahal.model.tiny import write_tiny_checkpoint
 
 from parallel_run import logits, spawn
-from v4_checkpoints import SPLIT_2_WAYS_QUANTISED, SPLIT_4_WAYS, write_random_checkpoint
+from v4_checkpoints import SPLIT_2_WAYS_QUANTISED, SPLIT_4_WAYS
 
 RELATIVE = 1e-5
 FP8_RELATIVE = 1e-3
@@ -59,8 +60,8 @@ CASES = {
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parallel")
     return {
-        "dense": write_random_checkpoint(root / "dense", **SPLIT_4_WAYS),
-        "quantised": write_random_checkpoint(root / "quantised", quantise=True, **SPLIT_2_WAYS_QUANTISED),
+        "dense": write_tiny_checkpoint(root / "dense", quantise=False, **SPLIT_4_WAYS),
+        "quantised": write_tiny_checkpoint(root / "quantised", **SPLIT_2_WAYS_QUANTISED),
     }
 
 
@@ -201,7 +202,7 @@ def test_shard_rules_and_splits_that_would_cut_a_block(tmp_path):
     assert shard_rules("layers.1.attn.indexer.wq_b.weight") == ()  # the indexer is replicated
     assert shard_rules("layers.1.attn.wkv.weight") == ()
     # The tiny default: 128-wide FP4 expert inputs cannot be cut in two 1x128 activation tiles.
-    path = write_random_checkpoint(tmp_path / "tiny", quantise=True)
+    path = write_tiny_checkpoint(tmp_path / "tiny")
     with pytest.raises(ShardingError, match=r"experts\.0\.w2\.weight' \(fp4, dim 1 of 128\) cannot be split over tp=2"):
         load(path, device="cpu", announce=False, parallel=Parallel(ParallelConfig(tp=2), 0))
     with pytest.raises(ValueError, match="n_heads=4 is not a multiple of tp=3"):

@@ -3,6 +3,8 @@
 ``DeepseekV4ForCausalLM.save_pretrained`` writes the official layout, so a random transformers
 model is also a valid seahal checkpoint. Parameters get seeded normal noise (transformers' own
 init leaves some at zero or one, which would hide wiring mistakes).
+Checkpoints made without transformers (any size, dense or quantised):
+``seahal.model.tiny.write_tiny_checkpoint``.
 """
 
 from __future__ import annotations
@@ -58,25 +60,6 @@ def save_hf_checkpoint(model, path: Path) -> Path:
         warnings.simplefilter("ignore")
         model.save_pretrained(path)
     return path
-
-
-def write_random_checkpoint(path: Path, quantise: bool = False, seed: int = 0, **config) -> Path:
-    """A seahal-made random checkpoint (no transformers): model/tiny.py's tensors for the tiny
-    config with ``config`` keys replaced; FP8 linears and FP4 experts when ``quantise``."""
-    import json
-
-    from seahal.model.config import ModelConfig
-    from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint
-    from seahal.model.tiny import TINY_CONFIG, random_tensors
-
-    raw = {**TINY_CONFIG, **config}
-    tensors = random_tensors(ModelConfig.from_dict(raw), seed).items()
-    if quantise:
-        tensors = convert_tensors(tensors)
-        raw = quantised_config(raw, "fp4", "fp8")
-    write_checkpoint(tensors, Path(path))
-    (Path(path) / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    return Path(path)
 
 
 SPLIT_4_WAYS = dict(

@@ -6,7 +6,8 @@
 For the cuda backend each op's rows come from its own module (:data:`CUDA_OPS`) in the schema of
 :mod:`seahal.bench.common`, merged into one table and one JSON document. ``--device cpu`` is a smoke
 mode: the modules that support it run the CPU reference at tiny shapes (no Triton, no GPU), which
-exercises the shape tables, the FLOP/byte formulas, the JSON and the plot.
+exercises the shape tables, the FLOP/byte formulas, the JSON and the plot. ``--ops model`` is the
+whole model end to end against transformers (:mod:`seahal.bench.model_e2e`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CUDA_OPS = {
     "hc_post": "cuda_mhc_rope",
     "hc_head": "cuda_mhc_rope",
     "rope": "cuda_mhc_rope",
+    "model": "model_e2e",
 }
 """op -> module of seahal.bench with ``rows(ops, device, quick)`` for it."""
 ALIASES = {"indexer": ("indexer_topk",), "mhc": ("hc_pre", "hc_post", "hc_head"),

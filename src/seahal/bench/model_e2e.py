@@ -1,0 +1,442 @@
+"""``seahal bench --backend cuda --ops model``: the model graph end to end against transformers.
+
+The model: 4 layers with V4-Flash dimensions (hidden 4096; 64 heads of 512 with 64 RoPE dims;
+q LoRA 1024, output 8 groups x 1024; indexer 64 heads x 128, top-512; window 128; mHC x4; vocab
+129280) and the release's first four layers: SWA, SWA, CSA (m=4), HCA (m=128), the first three
+hash-routed; 64 routed experts of 2048 (top-6) plus one shared. 8.1 B parameters (16 GB in
+bf16), drawn at random once (``seahal.model.tiny``'s trained-model scales) and written in the
+official layout with a transformers ``config.json``: seahal and transformers'
+``DeepseekV4ForCausalLM`` load the same folder. ``seahal convert`` quantises it into the release
+layout (FP8 linears, FP4 experts).
+
+Rows, batch 1, for each context (1k and 4k tokens):
+
+- ``prefill <ctx>``: one forward over the prompt into an empty cache; ``tokens_per_s`` = ctx / time;
+- ``decode @<ctx>``: one token after the prompt, the median over ``decode_steps`` steps (``us`` is
+  the time per token).
+
+Each row is one seahal model on the device's plan (the HAL picks the kernels): ``seahal bf16`` (the
+dense folder) or ``seahal fp8+fp4`` (the release layout, with the official FP8-rounded KV), beside
+the peer: transformers eager on the dense folder in bf16 with its default experts implementation
+(``speedup`` = transformers' time / seahal's). On a GPU each row carries the issue's goal
+(``goal_us``): 25x transformers' decode speed, 5x its prefill. transformers is the peer in bf16
+because that is what it runs from this folder; given the release layout it would dequantise the
+FP8/FP4 weights to bf16 on a CPU (or a GPU older than sm_89) and run its own FP8/FP4 Triton kernels
+on newer GPUs, neither the eager bf16 model the issue measured (42 ms/token, 16-18k tokens/s).
+
+Checked before timing: each model's last-position prefill logits for three prompts against an
+oracle, transformers' fp32 full forward on the same folder (the peer upcast in place, which is exact,
+its experts as the plain per-expert loop; ``check.err``: the median over the prompts of
+``||logits - oracle|| / ||oracle||``, see :func:`check_error`; the peer's own error is in
+``peer.transformers.err``). Never transformers' decode: its incremental CSA decode does not
+reproduce its own full forward, so its decode is reported only as a speed. The oracle is fp32, not
+the bf16 peer: transformers' bf16 forward can be far off its own fp32 forward (0.23 on a tiny model
+with an HCA ratio of 16, where bf16 index scores reorder its indexer's top-k). A model whose check
+fails is not timed.
+
+Timing: eager. On a GPU each call is bracketed by CUDA events after a synchronize and waited for,
+so launch gaps and host work count, as they do for a served token; warm-up calls first (Triton
+compiles and autotunes there); median. On the CPU, ``time.perf_counter``.
+
+The plan is the one ``seahal.model.load`` makes for the device; the cuda backend's kernels not
+yet run on a GPU serve it only with ``SEAHAL_CUDA_UNVERIFIED=1`` (otherwise those ops run the
+portable reference; each row's ``plan.fallbacks`` lists them).
+
+Known limit: no CUDA graphs. The model's ops take ``start_pos`` as a host int (cache offsets,
+compression boundaries and masks are computed on the host per step), so one captured decode graph
+cannot serve every position; decode here pays every launch.
+
+``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
+and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import json
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from seahal.bench import common
+from seahal.model import load
+from seahal.model.config import ModelConfig
+from seahal.model.convert import ROUTED_EXPERT, convert, official_shapes
+from seahal.model.presets import preset
+from seahal.model.tiny import write_tiny_checkpoint
+
+FLASH = preset("V4-Flash")
+FIRST_LAYERS = 4
+V4_FLASH_4_LAYERS = {**FLASH, "n_layers": FIRST_LAYERS, "compress_ratios": FLASH["compress_ratios"][:FIRST_LAYERS],
+                     "n_routed_experts": 64}
+"""V4-Flash with its first four layers (SWA, SWA, CSA, HCA; three hash-routed) and 64 experts."""
+TINY_4_LAYERS = {"n_layers": FIRST_LAYERS, "compress_ratios": FLASH["compress_ratios"][:FIRST_LAYERS],
+                 "n_hash_layers": FLASH["n_hash_layers"]}
+"""The tiny model's dimensions with V4-Flash's first four layers: the CPU smoke scale."""
+
+DENSE_TOLERANCE = 0.03
+"""``seahal bf16`` against the fp32 oracle (:func:`check_error`). bf16 keeps 8 significant bits
+(unit roundoff 2^-8 = 0.004) and every op rounds its output to it; over the 4-layer graph the
+roundings mostly average out: measured 0.004-0.006 at the CPU scale (transformers' own bf16: 0.006).
+0.03 leaves other kernels' accumulation orders several times that; a wiring mistake is larger: one
+sublayer's output projection 20% too large moves these logits by 0.03, a negated one by 0.44."""
+RELEASE_TOLERANCE = 0.25
+"""``seahal fp8+fp4`` against the fp32 oracle of the bf16 weights: the bound of
+tests/test_convert.py, whose reasoning holds here (FP4 e2m1 experts round each weight by ~12% RMS,
+FP8 linears and activations by ~4%; measured 0.13-0.15 at the logits there, 0.08-0.10 at the CPU
+scale here with the FP8-rounded KV and FP4 indexer on); unrelated logits would be ~1.4 off."""
+GOALS = {"prefill": 5.0, "decode": 25.0}
+"""Issue #6: seahal's prefill >= 5x and decode >= 25x transformers' eager speed (on a GPU)."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What one run builds and measures."""
+
+    name: str
+    config: dict
+    """Official config keys replacing the tiny config's (see ``write_tiny_checkpoint``)."""
+    contexts: tuple[int, ...]
+    decode_steps: int
+    prefill_repeats: int
+    warmup: int = 2
+    """Untimed calls before the timed ones (prefills, then decode steps)."""
+    check_prompts: int = 3
+    """Prompts the check compares (the first is also the timed one)."""
+
+    def capacity(self, context: int) -> int:
+        """Cache rows a context needs: the prompt, then warm-up and timed decode steps."""
+        return context + self.warmup + self.decode_steps
+
+
+def scale(device: torch.device, quick: bool) -> Scale:
+    """The 4-layer V4-Flash model at 1k and 4k tokens on a GPU (quick: 1k only); tiny on the CPU."""
+    if device.type == "cuda":
+        contexts = (1024,) if quick else (1024, 4096)
+        return Scale("4-layer V4-Flash, 64 experts", V4_FLASH_4_LAYERS, contexts, 16 if quick else 32, 3)
+    return Scale("tiny, V4-Flash layer pattern", TINY_4_LAYERS, (128, 256), 4 if quick else 8, 1 if quick else 3,
+                 warmup=1)
+
+
+# -- the checkpoint ---------------------------------------------------------------------------------
+def write_checkpoints(folder: Path, s: Scale, device: torch.device, seed: int = 0) -> tuple[Path, Path]:
+    """Random weights for ``s`` drawn on ``device`` -> (dense folder, release-layout folder).
+
+    dense: bf16 matrices (fp32 mHC, sinks, ape, gate bias) with a transformers config.json, which
+    seahal reads as well; release: the same weights through ``seahal convert`` (FP8 e4m3 linears
+    with 128x128 ue8m0 scales, FP4 e2m1 experts with 1x32 scales).
+    """
+    capacity = max(s.capacity(ctx) for ctx in s.contexts)
+    dense = write_tiny_checkpoint(folder / "bf16", seed, quantise=False, device=device,
+                                  **{**s.config, "max_seq_len": capacity})
+    config = ModelConfig.from_file(dense)
+    # The YaRN length as max_position_embeddings, as the release's config has it (transformers
+    # warns when the two disagree); seahal's caches are sized by the benchmark, not by this.
+    yarn_length = int(config.original_seq_len * config.rope_factor)
+    hf = config.to_hf_dict() | {"max_position_embeddings": max(capacity, yarn_length)}
+    (dense / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return dense, convert(dense, folder / "release", device=device)
+
+
+def _prompts(vocab: int, s: Scale, context: int, device: torch.device) -> torch.Tensor:
+    """[check_prompts, capacity] random token ids: each row a prompt, then (first row) the tokens
+    the decode steps feed."""
+    g = torch.Generator().manual_seed(context)
+    return torch.randint(0, vocab, (s.check_prompts, s.capacity(context)), generator=g).to(device)
+
+
+def check_error(logits: torch.Tensor, oracle: torch.Tensor) -> float:
+    """The median over prompts of ``||logits - oracle|| / ||oracle||`` (logits, oracle: [prompts, vocab]).
+
+    The median, because the last position's logits jump where the two implementations' roundings
+    put a near-tie on different sides of a discrete choice: the score-routed layer's top-k experts,
+    the indexer's top-k keys (measured at the CPU scale: 0.044 once in 12 prompts, 0.004-0.006 else).
+    One such prompt in three then cannot fail the check; a wrong model fails on every prompt.
+    """
+    return statistics.median(common.rel_err(a, b) for a, b in zip(logits, oracle, strict=True))
+
+
+# -- the two implementations --------------------------------------------------------------------------
+class _Seahal:
+    """seahal's model on the device's plan; ``prefill`` fills a new cache, ``decode`` adds one token."""
+
+    def __init__(self, path: Path, device: torch.device, capacity: int, **overrides):
+        self.model = load(path, device=device, dtype=torch.bfloat16, announce=False, **overrides)
+        self.capacity = capacity
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+        cache = self.model.new_cache(1, self.capacity)
+        return self.model(ids, cache=cache, last_only=True)[0, -1], cache
+
+    def decode(self, cache, token: torch.Tensor) -> None:
+        self.model(token, cache=cache, last_only=True)
+
+
+class _Transformers:
+    """transformers' DeepseekV4ForCausalLM in bf16 (eager attention, its default experts implementation)."""
+
+    def __init__(self, path: Path, device: torch.device):
+        from transformers import DeepseekV4ForCausalLM
+
+        placement = {"device_map": str(device)} if importlib.util.find_spec("accelerate") else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = DeepseekV4ForCausalLM.from_pretrained(
+                path, dtype=torch.bfloat16, attn_implementation="eager", **placement
+            )
+        self.model = model.to(device).eval()
+        self.experts = model.config._experts_implementation
+        # Newer transformers name the cache argument `cache` (past_key_values is deprecated there).
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def as_oracle(self) -> _Transformers:
+        """The same model in fp32, in place: bf16 -> fp32 is exact, so it is what an fp32 load of the
+        folder gives (the same state dict and logits, checked with transformers 5.24); the experts
+        switched to the plain per-expert loop (grouped GEMMs may lack fp32 kernels)."""
+        self.model.float()
+        self.model.set_experts_implementation("eager")
+        return self
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+        out = self.model(ids, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float(), out.past_key_values
+
+    @torch.inference_mode()
+    def decode(self, cache, token: torch.Tensor) -> None:
+        self.model(token, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- timing -------------------------------------------------------------------------------------------
+def _elapsed_us(fn: Callable[[], object], device: torch.device) -> float:
+    """Microseconds of one call of ``fn``, waited for: CUDA events on a GPU, the host clock on the CPU."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - start)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return 1e3 * begin.elapsed_time(end)
+
+
+def _last_logits(model, ids: torch.Tensor, context: int) -> torch.Tensor:
+    """[prompts, vocab] fp32 on the host: the last-position logits of each prompt ``ids[p, :context]``."""
+    return torch.stack([model.prefill(ids[p : p + 1, :context])[0].float().cpu() for p in range(len(ids))])
+
+
+@dataclass
+class _Measured:
+    """One model at one context: last-position prefill logits [prompts, vocab], and the median
+    prefill / decode microseconds of the first prompt."""
+
+    logits: torch.Tensor
+    prefill_us: float | None = None
+    decode_us: float | None = None
+    details: dict = field(default_factory=dict)
+    """What the row says about the model (the peer's dtype and implementations)."""
+
+
+def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.device,
+             oracle: torch.Tensor | None = None, tolerance: float = math.inf) -> _Measured:
+    """Prefill each prompt ``ids[p, :context]`` once; then, unless the logits are more than
+    ``tolerance`` off ``oracle`` (:func:`check_error`), time the first prompt's prefill and decode."""
+    measured = _Measured(_last_logits(model, ids, context))
+    if oracle is not None and check_error(measured.logits, oracle) > tolerance:
+        return measured
+    prompt = ids[:1, :context]
+    for _ in range(s.warmup - 1):
+        model.prefill(prompt)
+    measured.prefill_us = statistics.median(_elapsed_us(lambda: model.prefill(prompt), device)
+                                            for _ in range(s.prefill_repeats))
+    _, cache = model.prefill(prompt)
+    steps = [ids[:1, i : i + 1] for i in range(context, s.capacity(context))]
+    for token in steps[: s.warmup]:
+        model.decode(cache, token)
+    measured.decode_us = statistics.median(_elapsed_us(lambda t=t: model.decode(cache, t), device)
+                                           for t in steps[s.warmup :])
+    return measured
+
+
+# -- rows ----------------------------------------------------------------------------------------------
+def _work(model: torch.nn.Module, tokens: int) -> tuple[float, float]:
+    """(FLOPs, bytes) a perfect implementation spends on ``tokens`` new tokens of batch 1.
+
+    FLOPs: ``2 (tokens (W + k/E W_routed) + W_head)`` over the dense matmul weights (the head runs
+    on the last token only); attention and index scores are left out, so this is a lower bound.
+    Bytes: every tensor of ``model`` read once, the routed experts by the share its tokens hit
+    (``1 - (1 - k/E)^tokens``), the embedding by its rows; the cache is left out (< 0.1% here).
+    """
+    config = model.config
+    share = config.n_activated_experts / config.n_routed_experts
+    routed = head = other = 0
+    for name, shape in official_shapes(config).items():
+        if name == "head.weight":
+            head = math.prod(shape)
+        elif ROUTED_EXPERT.search(name):
+            routed += math.prod(shape)
+        elif len(shape) == 2 and name != "embed.weight" and not name.endswith((".ape", ".tid2eid")):
+            other += math.prod(shape)
+    flops = 2 * (tokens * (other + share * routed) + head)
+    hit = 1 - (1 - share) ** tokens
+    nbytes = 0.0
+    for name, tensor in model.state_dict().items():
+        size = tensor.numel() * tensor.element_size()
+        if ".ffn.experts." in name:
+            size *= hit
+        elif name == "embed.weight":
+            size *= min(tokens, config.vocab_size) / config.vocab_size
+        nbytes += size
+    return flops, nbytes
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one seahal row loads the model."""
+
+    folder: str
+    """``dense`` or ``release`` (see :func:`write_checkpoints`)."""
+    tolerance: float
+    peak_tflops: float
+    """Tensor-core rate of its GEMMs' operands (the roofline of the row)."""
+    overrides: dict
+    """Config fields replaced at load."""
+
+
+LAYOUTS = {
+    # Parity with transformers needs the dense weights computed as transformers does: no FP8 rounding
+    # of the cached KV, no FP4 simulation in the indexer. The release layout runs as shipped.
+    "bf16": Layout("dense", DENSE_TOLERANCE, common.PEAK_BF16_TFLOPS,
+                   {"simulate_fp8_kv": False, "simulate_fp4_indexer": False}),
+    "fp8+fp4": Layout("release", RELEASE_TOLERANCE, common.PEAK_FP8_TFLOPS, {}),
+}
+
+
+def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _Measured, peer: _Measured | None,
+         oracle: torch.Tensor | None) -> dict:
+    """One ``model`` row: ``phase`` (prefill / decode) of seahal's ``layout`` at ``context`` beside
+    transformers (``peer``, None when not installed), checked against ``oracle`` logits."""
+    device = model.device
+    tokens = context if phase == "prefill" else 1
+    flops, nbytes = _work(model, tokens)
+    us, peer_us = getattr(ours, f"{phase}_us"), None if peer is None else getattr(peer, f"{phase}_us")
+    params = {"batch": 1, "context": context, "tokens": tokens, "layout": layout}
+    if device.type == "cuda" and peer_us is not None:
+        params.update(goal=f">= {GOALS[phase]:g}x transformers", goal_us=peer_us / GOALS[phase])
+    shape = f"prefill {_tokens(context)}" if phase == "prefill" else f"decode @{_tokens(context)}"
+    case = common.Case("model", shape, flops, nbytes, LAYOUTS[layout].peak_tflops, params=params)
+    row = common.new_row(case, f"seahal {layout}")
+    common.record(row, case, us, {} if peer_us is None else {"transformers": peer_us})
+    row["tokens_per_s"] = None if us is None else tokens / us * 1e6
+    row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
+                   "weight_conversions": dict(model.plan.weight_conversions)}
+    timing = "eager" if device.type == "cuda" else "host"
+    row["timing"] = {"seahal": timing}
+    if peer is None:
+        row["note"] = "transformers is not installed: no oracle (unchecked), no peer"
+        return row
+    row["timing"]["transformers"] = timing
+    row["peer"]["transformers"].update(tokens_per_s=tokens / peer_us * 1e6, **peer.details,
+                                       err=check_error(peer.logits, oracle))
+    err = check_error(ours.logits, oracle)
+    tolerance = LAYOUTS[layout].tolerance
+    row["check"] = {"err": err, "passed": err <= tolerance, "tolerance": tolerance, "prompts": len(oracle),
+                    "oracle": "transformers fp32 full forward, last prefill position"}
+    if us is None:
+        row["note"] = "wrong result: not timed"
+    return row
+
+
+def _transformers(dense: Path, oracle_folder: Path | None, prompts: dict[int, torch.Tensor], s: Scale,
+                  device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, _Measured]]:
+    """transformers' bf16 figures and fp32 oracle logits by context (empty when transformers is not
+    installed). The oracle is the peer's model made :meth:`_Transformers.as_oracle`, which saves a
+    load of the 8 B model; or, with ``oracle_folder``, that folder's."""
+    if importlib.util.find_spec("transformers") is None:
+        return {}, {}
+    start = time.perf_counter()
+    model = _Transformers(dense, device)
+    details = {"dtype": "bf16", "attention": "eager", "experts": model.experts}
+    peer = {ctx: replace(_measure(model, ids, ctx, s, device), details=details) for ctx, ids in prompts.items()}
+    _log(f"transformers bf16 peer (experts implementation {details['experts']!r})", start)
+    start = time.perf_counter()
+    if oracle_folder is not None:
+        del model
+        _free(device)
+        model = _Transformers(oracle_folder, device)
+    model.as_oracle()
+    oracle = {ctx: _last_logits(model, ids, ctx) for ctx, ids in prompts.items()}
+    del model
+    _free(device)
+    _log("transformers fp32 oracle", start)
+    return oracle, peer
+
+
+def _log(stage: str, start: float) -> None:
+    print(f"model: {stage} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def measure(
+    dense: Path, release: Path, s: Scale, device: torch.device, oracle_folder: Path | None = None
+) -> list[dict]:
+    """The rows of ``s`` for the folders of :func:`write_checkpoints`; the oracle (transformers fp32)
+    is the dense folder's model, or ``oracle_folder``'s (a test hands it a perturbed copy)."""
+    vocab = ModelConfig.from_file(dense).vocab_size
+    prompts = {ctx: _prompts(vocab, s, ctx, device) for ctx in s.contexts}
+    oracle, peer = _transformers(dense, oracle_folder, prompts, s, device)
+    capacity = max(s.capacity(ctx) for ctx in s.contexts)
+    found = []
+    for name, layout in LAYOUTS.items():
+        start, ours = time.perf_counter(), None
+        try:
+            ours = _Seahal(dense if layout.folder == "dense" else release, device, capacity, **layout.overrides)
+            plan = ours.model.plan
+            print(f"model: seahal {name} on the {plan.backend.name} plan; ops on the portable reference: "
+                  f"{', '.join(plan.fallbacks) or 'none'}", flush=True)
+            for ctx, ids in prompts.items():
+                measured = _measure(ours, ids, ctx, s, device, oracle.get(ctx), layout.tolerance)
+                found += [_row(phase, ctx, name, ours.model, measured, peer.get(ctx), oracle.get(ctx))
+                          for phase in ("prefill", "decode")]
+        except torch.OutOfMemoryError:
+            found.append(common.unavailable_row("model", f"seahal {name}: {common.SKIP_ON_OOM}"))
+        except Exception as exc:  # noqa: BLE001 - a layout that fails to load or run is a finding, not the end
+            found.append(common.unavailable_row("model", f"seahal {name}: {type(exc).__name__}: {str(exc)[:160]}"))
+        finally:
+            ours = None
+            _free(device)
+        _log(f"seahal {name}", start)
+    return found
+
+
+def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
+    """``model`` rows on ``device``; the checkpoints live in a temporary folder, removed at the end."""
+    s = scale(device, quick)
+    print(f"model: {s.name}, contexts {', '.join(map(_tokens, s.contexts))}, {s.decode_steps} decode steps", flush=True)
+    with tempfile.TemporaryDirectory(prefix="seahal-bench-model-") as folder:
+        start = time.perf_counter()
+        dense, release = write_checkpoints(Path(folder), s, device)
+        _free(device)
+        _log("checkpoints", start)
+        return measure(dense, release, s, device)

@@ -1,0 +1,100 @@
+"""``seahal bench --backend cuda --ops model --device cpu --quick``: the end-to-end rows at the tiny scale.
+
+The same code as the GPU run (seahal/bench/model_e2e.py): one random checkpoint that seahal and
+transformers both load, seahal's bf16 and release layouts checked against transformers' fp32 full
+forward, then timed beside transformers' bf16 eager model; rows in the bench schema and JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from seahal.bench import model_e2e, run_cuda
+from seahal.model.config import ModelConfig
+from seahal.model.tiny import TINY_CONFIG
+
+pytest.importorskip("transformers")
+
+CPU = torch.device("cpu")
+SCALE = model_e2e.scale(CPU, quick=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return model_e2e.write_checkpoints(tmp_path_factory.mktemp("model"), SCALE, CPU)
+
+
+def test_cpu_quick_rows_agree_with_transformers_and_carry_both_timings(tmp_path):
+    path = tmp_path / "bench.json"
+    rows = run_cuda(["model"], "cpu", quick=True, json_path=str(path))
+    assert [(r["shape"], r["kernel"]) for r in rows] == [
+        (shape, f"seahal {layout}") for layout in ("bf16", "fp8+fp4")
+        for shape in ("prefill 128", "decode @128", "prefill 256", "decode @256")
+    ]
+    for r in rows:
+        assert "note" not in r, r["note"]
+        assert r["op"] == "model" and r["batch"] == 1
+        assert r["tokens"] == (r["context"] if r["shape"].startswith("prefill") else 1)
+        check = r["check"]
+        assert check["passed"] and check["err"] <= check["tolerance"] and check["prompts"] == SCALE.check_prompts
+        tolerance = model_e2e.DENSE_TOLERANCE if r["layout"] == "bf16" else model_e2e.RELEASE_TOLERANCE
+        assert check["tolerance"] == tolerance
+        assert r["us"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["us"] * 1e6)
+        peer = r["peer"]["transformers"]
+        assert peer["us"] > 0 and r["speedup"] == pytest.approx(peer["us"] / r["us"])
+        assert peer["dtype"] == "bf16" and peer["attention"] == "eager" and 0 < peer["err"] < model_e2e.DENSE_TOLERANCE
+        assert r["timing"] == {"seahal": "host", "transformers": "host"}
+        assert r["flops"] > 0 and r["bytes"] > 0 and r["plan"]["backend"] == "cpu"
+        assert "goal_us" not in r  # the issue's goals are GPU figures
+    # The bf16 weights agree with the fp32 oracle to bf16 rounding (measured ~0.005); the release
+    # layout's FP8/FP4 weights move the logits further (measured ~0.1): it did load quantised.
+    errors = {(r["layout"], r["context"]): r["check"]["err"] for r in rows}
+    assert all(errors["bf16", ctx] < errors["fp8+fp4", ctx] / 4 for ctx in SCALE.contexts)
+    document = json.loads(path.read_text())
+    assert document["rows"] == json.loads(json.dumps(rows))
+
+
+def _negate(folder, name: str) -> None:
+    """Flip the sign of checkpoint tensor ``name`` in place."""
+    for file in folder.glob("*.safetensors"):
+        tensors = load_file(file)
+        if name in tensors:
+            tensors[name] = -tensors[name]
+            save_file(tensors, file, metadata={"format": "pt"})
+            return
+    raise KeyError(name)
+
+
+def test_an_oracle_with_one_weight_changed_fails_every_check_and_nothing_of_seahal_is_timed(checkpoints, tmp_path):
+    dense, release = checkpoints
+    perturbed = shutil.copytree(dense, tmp_path / "perturbed")
+    # One sublayer's output projection negated: the logits move by ~0.4 on every prompt.
+    _negate(perturbed, "layers.1.attn.wo_b.weight")
+    rows = model_e2e.measure(dense, release, dataclasses.replace(SCALE, contexts=(128,)), CPU, oracle_folder=perturbed)
+    assert len(rows) == 4
+    for r in rows:
+        assert not r["check"]["passed"] and r["check"]["err"] > model_e2e.RELEASE_TOLERANCE
+        assert r["us"] is None and r["note"] == "wrong result: not timed"
+        assert r["peer"]["transformers"]["us"] > 0  # the peer's speed does not depend on the oracle
+
+
+@pytest.mark.parametrize("raw", [TINY_CONFIG, model_e2e.V4_FLASH_4_LAYERS], ids=["tiny", "v4-flash-4-layers"])
+def test_the_transformers_config_reads_back_as_the_same_architecture_in_both_libraries(raw):
+    from transformers import DeepseekV4Config
+
+    config = ModelConfig.from_dict(raw)
+    hf = config.to_hf_dict()
+    assert ModelConfig.from_dict(hf) == config
+    theirs = DeepseekV4Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    assert ModelConfig.from_dict(theirs.to_dict()) == config
+
+
+def test_a_config_transformers_cannot_express_is_refused():
+    with pytest.raises(ValueError, match=r"one HCA ratio .* got HCA ratios \[16, 128\]"):
+        ModelConfig.from_dict({**TINY_CONFIG, "compress_ratios": [0, 4, 16, 128]}).to_hf_dict()
