@@ -1,4 +1,5 @@
-"""Number-format codecs: FP8 e4m3, e8m0 (ue8m0) scales, FP4 e2m1, Hadamard (v4_ops.md §11).
+"""Number-format codecs: FP8 e4m3, e8m0 (ue8m0) scales, FP4 e2m1, packed indexer keys, Hadamard
+(v4_ops.md §11, §12).
 
 Every function is pure torch on the input's device, with no host synchronisation.
 """
@@ -125,6 +126,83 @@ def fp4_quant_dequant(x: torch.Tensor, tile: int = 32) -> torch.Tensor:
     """The stored precision of an FP4-simulated vector (indexer q and keys), in x's dtype."""
     packed, s = fp4_quantize(x, tile)
     return fp4_dequantize(packed, s, tile, x.dtype)
+
+
+INDEX_KEY_FORMATS = ("fp4", "fp8")
+"""Packed indexer-key formats (v4_ops.md §12): MXFP4 (68 bytes at d = 128) and FP8 (132 bytes)."""
+FP4_TILE = 32
+"""Elements per ue8m0 scale of an FP4 (MXFP4) vector."""
+
+
+def index_key_bytes(d: int, fmt: str) -> int:
+    """Bytes of one packed indexer key of d elements in format ``fmt``.
+
+    ``"fp4"``: d/2 bytes of e2m1 codes + d/32 ue8m0 scale bytes (68 at d = 128: DeepGEMM's and
+    vLLM's FP4 indexer cache); ``"fp8"``: d e4m3 codes + one fp32 scale (132 at d = 128: the
+    DeepSeek-V3.2 layout, vLLM's default indexer cache).
+    """
+    if fmt == "fp4":
+        if d <= 0 or d % FP4_TILE:
+            raise ValueError(f"fp4 index keys need d to be a positive multiple of {FP4_TILE}, got {d}")
+        return d // 2 + d // FP4_TILE
+    if fmt == "fp8":
+        if d <= 0:
+            raise ValueError(f"fp8 index keys need d > 0, got {d}")
+        return d + 4
+    raise ValueError(f"index key format must be one of {list(INDEX_KEY_FORMATS)}, got {fmt!r}")
+
+
+def index_key_pack(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Indexer keys [..., d] (any float dtype) -> packed records [..., index_key_bytes(d, fmt)] uint8.
+
+    ``"fp4"``: ``[e2m1 codes, element 2i in the low nibble of byte i | e8m0 byte of each 32-block]``,
+    quantised as ``fp4_quant``: ``s = 2^ceil(log2(max(amax, 6*2^-126) / 6))`` per block,
+    ``code = e2m1_rne(clamp(x / s, -6, 6))`` (what the model's FP4 indexer simulation rounds to).
+
+    ``"fp8"``: ``[e4m3 codes | fp32 scale, 4 bytes little-endian]``, one scale per key:
+    ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``, ``code = e4m3_rne(clamp(x / s, -448, 448))``.
+    The scale rule follows vLLM's ``indexer_k_quant_and_cache`` (``csrc/cache_kernels.cu``:
+    ``scale = max(amax, 1e-4) / 448``, rounded up to a power of two when ``use_ue8m0``), which
+    vLLM's DeepSeek-V3.2 and V4 indexers call with ``scale_fmt="ue8m0"`` and a 128-element quant
+    block (one block per 128-d key), as V3.2's own inference code does (``act_quant(k, 128,
+    scale_fmt)`` with ``scale_fmt = "ue8m0"``): ue8m0-rounded values, stored as fp32.
+    """
+    d = keys.shape[-1]
+    index_key_bytes(d, fmt)  # validates fmt and d
+    quantised = fp4_quantize(keys, FP4_TILE) if fmt == "fp4" else fp8_quantize(keys, d, "ue8m0")
+    return index_key_records(*quantised, fmt)
+
+
+def index_key_records(codes: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Packed indexer keys from quantised ones: ``"fp4"``: packed e2m1 codes [..., d/2] uint8 and
+    power-of-two scales [..., d/32] fp32 (``fp4_quant``'s outputs); ``"fp8"``: e4m3 codes [..., d]
+    and one fp32 scale [..., 1] (``fp8_act_quant``'s with block d) -> [..., index_key_bytes(d, fmt)]."""
+    if fmt == "fp4":
+        return torch.cat((codes, ue8m0_encode(scale)), dim=-1)
+    # fp32 bytes in memory order: little-endian on every platform torch supports. (The [..., 1]
+    # scale is made dense with a unit last stride, which a size-1 dim need not have.)
+    scale_bytes = scale.squeeze(-1).contiguous().unsqueeze(-1).view(torch.uint8)
+    return torch.cat((codes.view(torch.uint8), scale_bytes), dim=-1)
+
+
+def index_key_unpack(records: torch.Tensor, d: int, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed indexer keys [..., index_key_bytes(d, fmt)] uint8 -> [..., d] in dtype.
+
+    Each value is decoded in fp32, ``e2m1(code) * 2^(e - 127)`` (fp4; e = 255 is NaN) or
+    ``e4m3(code) * s`` (fp8), then rounded to dtype: exact for power-of-two scales, which is
+    what :func:`index_key_pack` writes (an fp8 record may hold any fp32 scale).
+    """
+    width = index_key_bytes(d, fmt)
+    if records.dtype != torch.uint8 or records.shape[-1] != width:
+        raise ValueError(
+            f"{fmt} index keys of d={d} must be [..., {width}] uint8, got {list(records.shape)} {records.dtype}"
+        )
+    if fmt == "fp4":
+        codes, exponents = records[..., : d // 2], records[..., d // 2 :]
+        return fp4_dequantize(codes, decode_scale(exponents), FP4_TILE, dtype)
+    codes = records[..., :d].contiguous().view(torch.float8_e4m3fn)
+    scale = records[..., d:].contiguous().view(torch.float32)
+    return fp8_dequantize(codes, scale, d, dtype)
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:

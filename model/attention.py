@@ -11,7 +11,7 @@ from torch import nn
 from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
-from .cache import LayerCache
+from .cache import KV_TILE, LayerCache
 from .config import CSA_RATIO, ModelConfig
 from .layers import Linear, RMSNorm, rms_norm
 from .parallel import SINGLE_PROCESS, Parallel
@@ -69,8 +69,12 @@ class Indexer(nn.Module):
         if self.config.simulate_fp4_indexer:
             q, keys = fp4_indexer_precision(q, self.ops), fp4_indexer_precision(keys, self.ops)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        all_keys = cache.index_keys_with(keys)
-        top = self.ops.indexer_topk(q, weights, all_keys, CSA_RATIO, start_pos, self.config.index_topk)
+        stored = cache.index_keys_with(keys)  # dense keys, or the packed records themselves
+        fmt, topk = self.config.index_key_format, self.config.index_topk
+        if fmt == "dense":
+            top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, start_pos, topk)
+        else:
+            top = self.ops.indexer_topk_packed(q, weights, stored, fmt, CSA_RATIO, start_pos, topk)
         return top, keys
 
 
@@ -134,43 +138,56 @@ class Attention(nn.Module):
                 compressed_idx, index_keys = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
             cache.append_compressed(entries, index_keys, new_entries(start_pos, s, self.ratio))
 
-        keys, indices = self._gather_keys(kv, cache, start_pos, compressed_idx)
-        o = self.ops.sparse_attention(q, keys, indices, self.attn_sink, self.head_dim**-0.5)
+        rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
+        decode = s == 1
+        if decode:  # its ring slot held token p - W, which query p no longer sees
+            cache.write_window(start_pos, rows)
+        keys, indices = self._gather_keys(rows, cache, start_pos, compressed_idx, decode)
+        o = self._attend(q, keys, indices, cache)
         o = self.ops.rope(o, positions, self.freqs, inverse=True)
-        self._update_window(kv, cache, start_pos)
+        if not decode:
+            cache.write_window(start_pos, rows)
         return self._project_out(o)
 
     def _gather_keys(
-        self, kv: torch.Tensor, cache: LayerCache, start_pos: int, compressed_idx: torch.Tensor | None
+        self, rows: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor,
+        compressed_idx: torch.Tensor | None, decode: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys ``[window ring | this chunk | compressed entries]`` and each query's indices into them.
+        """The stored-format key rows the queries attend and each query's indices into them.
 
-        Query t sees raw tokens t-W+1..t (ring slot p mod W before this chunk, else the chunk) and
-        compressed entry j when j < floor((t+1)/m): all of them (HCA) or the indexer's pick (CSA).
+        Query t sees raw tokens t-W+1..t and compressed entry j when j < floor((t+1)/m): all of
+        them (HCA) or the indexer's pick (CSA). Decode (one token, already in its ring slot): the
+        layer's buffer ``[ring | compressed entries]`` itself, token p in row p mod W, entry j in
+        row W + j; nothing is copied. A chunk of S > 1 tokens: ``[ring | chunk | compressed
+        entries]`` concatenated (its later tokens would overwrite ring slots its earlier queries
+        see), token p in ring slot p mod W before the chunk and in row W + p - start_pos within it.
         """
-        b, s, _ = kv.shape
-        w = cache.window.rows
-        t = token_positions(start_pos, s, kv.device)
-        p = t[:, None] - torch.arange(w, device=kv.device)[None, :]  # [S, W] key positions
-        window_idx = torch.where(p < start_pos, p % w, w + p - start_pos)
-        window_idx = torch.where(p < 0, -1, window_idx)
-        parts = [window_idx.expand(b, s, w)]
-        keys = [cache.window.read(), kv]
-        if self.ratio:
-            base = w + s
-            keys.append(cache.compressed_entries())
-            if compressed_idx is not None:
-                parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
-            else:
-                j = torch.arange(keys[-1].shape[1], device=kv.device)
-                visible = j[None, :] < ((t + 1) // self.ratio)[:, None]
-                parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
-        return torch.cat(keys, dim=1), torch.cat(parts, dim=2).to(torch.int32)
+        b, s, _ = rows.shape
+        w = cache.window
+        t = token_positions(start_pos, s, rows.device)
+        p = t[:, None] - torch.arange(w, device=rows.device)[None, :]  # [S, W] key positions
+        entries = cache.compressed_rows()
+        if decode:
+            keys, window_idx, base = cache.kv.data, p % w, w
+        else:
+            keys = torch.cat((cache.ring(), rows, entries), dim=1)
+            window_idx, base = torch.where(p < start_pos, p % w, w + p - start_pos), w + s
+        parts = [torch.where(p < 0, -1, window_idx).expand(b, s, w)]
+        if compressed_idx is not None:
+            parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
+        elif self.ratio:
+            j = torch.arange(entries.shape[1], device=rows.device)
+            visible = j[None, :] < ((t + 1) // self.ratio)[:, None]
+            parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
+        return keys, torch.cat(parts, dim=2).to(torch.int32)
 
-    def _update_window(self, kv: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor) -> None:
-        w, s = cache.window.rows, kv.shape[1]
-        keep = torch.arange(max(s - w, 0), s, device=kv.device)
-        cache.window.write((keep + start_pos) % w, kv[:, keep])
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Sparse attention over key rows in the cache's format: dense rows, or FP8 records read
+        by ``sparse_attention_fp8`` (only the records the indices select are decoded)."""
+        scale = self.head_dim**-0.5
+        if cache.kv.fmt == "fp8":
+            return self.ops.sparse_attention_fp8(q, keys, indices, self.attn_sink, scale, self.rope_dim, KV_TILE)
+        return self.ops.sparse_attention(q, keys, indices, self.attn_sink, scale)
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g``; then ``Wo_b z``

@@ -1,10 +1,12 @@
-"""The decode cache: per layer a window ring of raw KV, compressed entries, indexer keys and the
-compressors' streaming states; one position counter for the batch.
+"""The decode cache: per layer one KV buffer (the window ring of raw KV, then the compressed
+entries), indexer keys and the compressors' streaming states; one position counter for the batch.
 
-Vectors are stored in one of two formats (``ModelConfig.cache_format``):
-``"dense"`` keeps them in the model dtype; ``"fp8"`` is the production layout of v4_ops.md §12:
-584-byte records (448 e4m3 + 64 bf16 RoPE dims + 7 ue8m0 scales + pad) for KV and, when the
-indexer simulates FP4, 68-byte indexer keys (64 bytes of e2m1 codes + 4 ue8m0 scales).
+KV vectors are stored in one of two formats (``ModelConfig.cache_format``): ``"dense"`` keeps
+them in the model dtype; ``"fp8"`` is the production layout of v4_ops.md §12: 584-byte records
+(448 e4m3 + 64 bf16 RoPE dims + 7 ue8m0 scales + pad). Indexer keys have their own format
+(``ModelConfig.index_key_format``): dense, or packed records that ``indexer_topk_packed`` scores
+as they are, 68-byte FP4 (64 bytes of e2m1 codes + 4 ue8m0 scales) or 132-byte FP8 (128 e4m3 +
+an fp32 scale) at d = 128.
 """
 
 from __future__ import annotations
@@ -16,21 +18,19 @@ from types import SimpleNamespace
 
 import torch
 
-from seahal.hal.formats import decode_scale, fp4_dequantize, ue8m0_encode
+from seahal.hal.formats import FP4_TILE, index_key_bytes, index_key_records
 from seahal.hal.ops.compressor import compressor_state
 from seahal.hal.ops.quant import kv_record_bytes
 
 from .config import CSA_RATIO, ModelConfig
 
-FP4_BLOCK = 32
 KV_TILE = 64
 
 
 class VectorStore:
-    """``rows`` vectors of size ``dim`` per sequence, in a storage format.
-
-    ``"dense"``: [B, rows, dim] in dtype; ``"fp8"``: [B, rows, 584] packed KV records;
-    ``"fp4"``: [B, rows, dim/2] e2m1 codes + [B, rows, dim/32] e8m0 scales.
+    """``rows`` KV vectors of size ``dim`` per sequence, in a storage format: ``"dense"``:
+    [B, rows, dim] in dtype; ``"fp8"``: [B, rows, 584] packed KV records. Attention reads the
+    stored rows as they are (``sparse_attention`` / ``sparse_attention_fp8``); nothing decodes them.
     """
 
     def __init__(
@@ -38,15 +38,11 @@ class VectorStore:
         rope_dim: int,
     ):
         self.dim, self.fmt, self.dtype, self.ops, self.rope_dim = dim, fmt, dtype, ops, rope_dim
-        self.scales = None
         if fmt == "dense":
             self.data = torch.zeros(batch, rows, dim, dtype=dtype, device=device)
         elif fmt == "fp8":
             width = kv_record_bytes(dim, rope_dim, KV_TILE)
             self.data = torch.zeros(batch, rows, width, dtype=torch.uint8, device=device)
-        elif fmt == "fp4":
-            self.data = torch.zeros(batch, rows, dim // 2, dtype=torch.uint8, device=device)
-            self.scales = torch.zeros(batch, rows, dim // FP4_BLOCK, dtype=torch.uint8, device=device)
         else:
             raise ValueError(f"unknown cache storage format {fmt!r}")
 
@@ -57,76 +53,122 @@ class VectorStore:
     @property
     def bytes_per_row(self) -> int:
         """Stored bytes of one vector."""
-        width = self.data.shape[2] * self.data.element_size()
-        return width + (self.scales.shape[2] if self.scales is not None else 0)
+        return self.data.shape[2] * self.data.element_size()
 
-    def encode(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Vectors [B, n, dim] in the storage format: (rows like ``data``, rows like ``scales`` or None)."""
+    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors [B, n, dim] in the storage format (rows like ``data``)."""
         if self.fmt == "dense":
-            return vectors.to(self.dtype), None
-        if self.fmt == "fp8":
-            return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE), None
-        codes, scale = self.ops.fp4_quant(vectors, FP4_BLOCK)
-        return codes, ue8m0_encode(scale)
+            return vectors.to(self.dtype)
+        return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
 
     def write(self, slots: torch.Tensor | slice, vectors: torch.Tensor) -> None:
         """Store vectors [B, n, dim] at row ``slots``."""
-        data, scales = self.encode(vectors)
-        self.data[:, slots] = data
-        if scales is not None:
-            self.scales[:, slots] = scales
+        self.data[:, slots] = self.encode(vectors)
 
     def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor) -> None:
         """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (0-d int64 tensors; the
         rows of vectors [B, n, dim] past ``count`` are ignored). Shapes do not depend on the
         values: every row is rewritten, with its old value outside the span."""
         take, source = span(first, count, self.rows, vectors.shape[1], vectors.device)
-        for stored, new in zip((self.data, self.scales), self.encode(vectors)):
-            if stored is not None:
-                stored.copy_(torch.where(take[:, None], new[:, source], stored))
+        self.data.copy_(torch.where(take[:, None], self.encode(vectors)[:, source], self.data))
+
+
+class IndexKeyStore:
+    """``rows`` indexer keys of size ``dim`` per sequence: [B, rows, dim] in dtype (``"dense"``),
+    or packed records [B, rows, index_key_bytes(dim, fmt)] uint8 (``"fp4"``, ``"fp8"``), which the
+    indexer scores as they are (``indexer_topk_packed``)."""
+
+    def __init__(self, batch: int, rows: int, dim: int, fmt: str, dtype: torch.dtype, device, ops: SimpleNamespace):
+        self.dim, self.fmt, self.dtype, self.ops = dim, fmt, dtype, ops
+        width, stored = (dim, dtype) if fmt == "dense" else (index_key_bytes(dim, fmt), torch.uint8)
+        self.data = torch.zeros(batch, rows, width, dtype=stored, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes of one key."""
+        return self.data.shape[2] * self.data.element_size()
+
+    def encode(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys [B, n, dim] as stored rows: cast to dtype, or quantised by the plan's ``fp4_quant``
+        (1x32 ue8m0) / ``fp8_act_quant`` (one ue8m0 scale per key) and packed as
+        ``seahal.hal.formats.index_key_pack`` packs."""
+        if self.fmt == "dense":
+            return keys.to(self.dtype)
+        if self.fmt == "fp4":
+            return index_key_records(*self.ops.fp4_quant(keys, FP4_TILE), "fp4")
+        return index_key_records(*self.ops.fp8_act_quant(keys, self.dim, "ue8m0"), "fp8")
+
+    def write(self, slots: torch.Tensor | slice, keys: torch.Tensor) -> None:
+        """Store keys [B, n, dim] at row ``slots``."""
+        self.data[:, slots] = self.encode(keys)
+
+    def write_span(self, first: torch.Tensor, count: torch.Tensor, keys: torch.Tensor) -> None:
+        """Store ``keys[:, i]`` at row ``first + i`` for ``i < count`` (as VectorStore.write_span)."""
+        take, source = span(first, count, self.rows, keys.shape[1], keys.device)
+        self.data.copy_(torch.where(take[:, None], self.encode(keys)[:, source], self.data))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
-        """The first ``rows`` (default all) vectors as [B, rows, dim] in the model dtype."""
-        data = self.data[:, :rows]
-        if self.fmt == "dense":
-            return data
-        if self.fmt == "fp8":
-            return self.ops.kv_cache_unpack(data, self.dim, self.rope_dim, KV_TILE).to(self.dtype)
-        scale = decode_scale(self.scales[:, :rows])
-        return fp4_dequantize(data, scale, FP4_BLOCK, self.dtype)
+        """The first ``rows`` (default all) stored rows as they are: keys, or packed records."""
+        return self.data[:, :rows]
 
 
 @dataclass
 class LayerCache:
-    """One attention layer's cache for a batch: ``window`` ring (token p in slot p mod W),
-    ``compressed`` entries (first ``n_compressed`` valid), CSA ``index_keys``, compressor states."""
+    """One attention layer's cache for a batch: ``kv`` rows ``[window ring | compressed entries]``
+    (token p in row p mod ``window``, compressed entry j in row ``window + j``, the first
+    ``n_compressed`` valid), CSA ``index_keys``, compressor states.
 
-    window: VectorStore
-    compressed: VectorStore | None = None
+    One buffer, so that attention at decode reads the selected rows of the stored buffer itself
+    (``sparse_attention`` / ``sparse_attention_fp8`` over ``kv.data``), never a copy of the store.
+    """
+
+    kv: VectorStore
+    window: int
     compress_state: tuple[torch.Tensor, torch.Tensor] | None = None
-    index_keys: VectorStore | None = None
+    index_keys: IndexKeyStore | None = None
     index_state: tuple[torch.Tensor, torch.Tensor] | None = None
     n_compressed: int | torch.Tensor = 0
 
-    def compressed_entries(self) -> torch.Tensor:
-        """The compressed entries [B, N, d] in the model dtype: entry j in row j, N >= the valid
-        ones (a query masks what it cannot see)."""
-        return self.compressed.read(self.n_compressed)
+    @property
+    def capacity(self) -> int:
+        """Compressed entries the buffer holds."""
+        return self.kv.rows - self.window
+
+    def ring(self) -> torch.Tensor:
+        """The window ring's stored rows [B, W, row] (a view)."""
+        return self.kv.data[:, : self.window]
+
+    def compressed_rows(self) -> torch.Tensor:
+        """The compressed entries' stored rows [B, N, row] (a view): entry j in row j, N >= the
+        valid ones (a query masks what it cannot see)."""
+        return self.kv.data[:, self.window : self.window + self.n_compressed]
+
+    def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor) -> None:
+        """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` in their ring slots
+        (token p in slot p mod W; of more than W tokens, the last W)."""
+        n = rows.shape[1]
+        keep = torch.arange(max(n - self.window, 0), n, device=rows.device)
+        self.kv.data[:, (keep + start_pos) % self.window] = rows[:, keep]
 
     def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
-        """The indexer keys [B, N, d_i] with this step's keys [B, n, d_i] as entries
-        ``n_compressed, ...``: the stored ones, then the new ones."""
-        return torch.cat((self.index_keys.read(self.n_compressed), new_keys), dim=1)
+        """The indexer keys as stored ([B, N, d_i] dense, or packed records [B, N, bytes]) with
+        this step's keys [B, n, d_i] as entries ``n_compressed, ...``: the stored ones, then the
+        new ones in the same format (so a key scores the same whichever step completed it)."""
+        return torch.cat((self.index_keys.read(self.n_compressed), self.index_keys.encode(new_keys)), dim=1)
 
     def append_compressed(self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: int) -> None:
         """Store the ``count`` entries [B, count, d] (and indexer keys [B, count, d_i]) a step completed."""
-        if self.n_compressed + count > self.compressed.rows:
+        if self.n_compressed + count > self.capacity:
             raise RuntimeError(
-                f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.compressed.rows}; "
+                f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.capacity}; "
                 "create the cache with a larger max_seq_len"
             )
         rows = slice(self.n_compressed, self.n_compressed + count)
-        self.compressed.write(rows, entries)
+        self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries)
         if index_entries is not None:
             self.index_keys.write(rows, index_entries)
         self.n_compressed += count
@@ -135,16 +177,14 @@ class LayerCache:
         return list(self.named_tensors().values())
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the layer by name, in a fixed order: ``window``, ``compressed``,
-        ``index_keys`` (then ``index_keys_scales`` for FP4 keys), ``compress_kv_state``,
+        """Every tensor of the layer by name, in a fixed order: ``kv`` (window ring, then compressed
+        entries), ``index_keys`` (dense keys or packed records), ``compress_kv_state``,
         ``compress_score_state``, ``index_kv_state``, ``index_score_state`` (those the layer has)."""
         named = {}
-        for name in ("window", "compressed", "index_keys"):
+        for name in ("kv", "index_keys"):
             store = getattr(self, name)
             if store is not None:
                 named[name] = store.data
-                if store.scales is not None:
-                    named[f"{name}_scales"] = store.scales
         for name in ("compress", "index"):
             state = getattr(self, f"{name}_state")
             if state is not None:
@@ -155,13 +195,11 @@ class LayerCache:
         """A cache of this layout holding ``tensors`` (keyed as :meth:`named_tensors`), with the
         first ``n_compressed`` compressed entries valid. The tensors are used, not copied."""
         stores = {}
-        for name in ("window", "compressed", "index_keys"):
+        for name in ("kv", "index_keys"):
             store = getattr(self, name)
             if store is not None:
                 store = stores[name] = copy.copy(store)
                 store.data = tensors[name]
-                if store.scales is not None:
-                    store.scales = tensors[f"{name}_scales"]
         states = {
             f"{name}_state": (tensors[f"{name}_kv_state"], tensors[f"{name}_score_state"])
             for name in ("compress", "index")
@@ -173,26 +211,27 @@ class LayerCache:
 
 class TracedLayerCache(LayerCache):
     """A layer cache whose position is a 0-d int64 tensor (``n_compressed`` too), for tracing one
-    graph that serves every position (ONNX export). Nothing depends on the position's value: the
-    whole compressed store is read (queries mask the entries they cannot see) and written
-    through a mask, where :class:`LayerCache` slices to ``n_compressed``."""
+    graph that serves every position (ONNX export). Nothing depends on the position's value: every
+    compressed row is offered (queries mask the entries they cannot see) and written through a
+    mask, where :class:`LayerCache` slices to ``n_compressed``."""
 
-    def compressed_entries(self) -> torch.Tensor:
-        return self.compressed.read()
+    def compressed_rows(self) -> torch.Tensor:
+        return self.kv.data[:, self.window :]
 
     def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
-        """The whole store with rows ``n_compressed, ...`` replaced by ``new_keys``, padding
-        included: rows past this step's entries are beyond what any of its queries sees."""
+        """The whole store with rows ``n_compressed, ...`` replaced by ``new_keys`` (in the stored
+        format), padding included: rows past this step's entries are beyond what any of its
+        queries sees."""
         keys = self.index_keys.read()
         n = new_keys.shape[1]
         take, source = span(self.n_compressed, n, keys.shape[1], n, keys.device)
-        return torch.where(take[:, None], new_keys[:, source], keys)
+        return torch.where(take[:, None], self.index_keys.encode(new_keys)[:, source], keys)
 
     def append_compressed(
         self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: torch.Tensor
     ) -> None:
         """Store the first ``count`` (a tensor) of ``entries`` [B, n, d] (padded past it)."""
-        self.compressed.write_span(self.n_compressed, count, entries)
+        self.kv.write_span(self.window + self.n_compressed, count, entries)
         if index_entries is not None:
             self.index_keys.write_span(self.n_compressed, count, index_entries)
         self.n_compressed = self.n_compressed + count
@@ -223,20 +262,16 @@ class Cache:
     ) -> Cache:
         c = config
         kv_format = "fp8" if c.cache_format == "fp8" else "dense"
-        index_format = "fp4" if c.cache_format == "fp8" and c.simulate_fp4_indexer else "dense"
-
-        def store(rows: int, dim: int, fmt: str) -> VectorStore:
-            return VectorStore(batch, rows, dim, fmt, dtype, device, ops, c.rope_head_dim)
-
         layers = []
         for layer in range(c.n_layers):
             ratio = c.compress_ratios[layer]
-            lc = LayerCache(window=store(c.window_size, c.head_dim, kv_format))
+            entries = capacity // ratio if ratio else 0
+            kv = VectorStore(batch, c.window_size + entries, c.head_dim, kv_format, dtype, device, ops, c.rope_head_dim)
+            lc = LayerCache(kv=kv, window=c.window_size)
             if ratio:
-                lc.compressed = store(capacity // ratio, c.head_dim, kv_format)
                 lc.compress_state = compressor_state(batch, ratio, c.head_dim, ratio == CSA_RATIO, device)
             if ratio == CSA_RATIO:
-                lc.index_keys = store(capacity // ratio, c.index_head_dim, index_format)
+                lc.index_keys = IndexKeyStore(batch, entries, c.index_head_dim, c.index_key_format, dtype, device, ops)
                 lc.index_state = compressor_state(batch, ratio, c.index_head_dim, True, device)
             layers.append(lc)
         return cls(config, layers, capacity)
@@ -286,7 +321,7 @@ class Cache:
         total = 0.0
         for layer, lc in enumerate(self.layers):
             ratio = self.config.compress_ratios[layer]
-            for store in (lc.compressed, lc.index_keys):
+            for store in (lc.kv if ratio else None, lc.index_keys):
                 if store is not None:
                     total += store.bytes_per_row / ratio
         return total

@@ -66,6 +66,12 @@ class ModelConfig:
     cache_format: str = "dense"
     """``"dense"``: cached vectors in the model dtype; ``"fp8"``: the production layout (584-byte
     FP8 KV records, 68-byte FP4 indexer keys), see model/cache.py."""
+    index_cache_format: str | None = None
+    """How the cache stores indexer keys: ``"dense"`` (model dtype), ``"fp4"`` (68-byte MXFP4
+    records at d = 128, DeepGEMM's / vLLM's FP4 indexer cache) or ``"fp8"`` (132-byte e4m3 + fp32
+    scale records, V3.2's layout and vLLM's default); packed keys are scored by
+    ``indexer_topk_packed``. None: ``"fp4"`` when ``cache_format == "fp8"`` and the indexer
+    simulates FP4, else ``"dense"`` (see :attr:`index_key_format`)."""
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
 
@@ -84,6 +90,12 @@ class ModelConfig:
             problems.append("n_activated_experts must be <= n_routed_experts")
         if self.cache_format not in ("dense", "fp8"):
             problems.append(f"cache_format must be 'dense' or 'fp8', got {self.cache_format!r}")
+        if self.index_cache_format not in (None, "dense", "fp4", "fp8"):
+            problems.append(
+                f"index_cache_format must be None, 'dense', 'fp4' or 'fp8', got {self.index_cache_format!r}"
+            )
+        elif self.index_key_format == "fp4" and self.index_head_dim % 32:
+            problems.append(f"fp4 indexer keys need index_head_dim to be a multiple of 32, got {self.index_head_dim}")
         if problems:
             raise ValueError("invalid DeepSeek-V4 config: " + "; ".join(problems))
 
@@ -94,17 +106,19 @@ class ModelConfig:
             return None
         return Yarn(self.rope_factor, self.original_seq_len, self.beta_fast, self.beta_slow)
 
+    @property
+    def index_key_format(self) -> str:
+        """The storage format of the cached indexer keys: :attr:`index_cache_format`, resolved."""
+        if self.index_cache_format is not None:
+            return self.index_cache_format
+        return "fp4" if self.cache_format == "fp8" and self.simulate_fp4_indexer else "dense"
+
     def layer_kind(self, layer: int) -> str:
         ratio = self.compress_ratios[layer]
         return "swa" if ratio == 0 else "csa" if ratio == CSA_RATIO else "hca"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Build from either key spelling; unknown keys are ignored."""
-        return cls(**_normalise(raw))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """This architecture as a transformers ``config.json`` (``model_type`` deepseek_v4), so a
@@ -140,6 +154,11 @@ class ModelConfig:
             },
             "num_nextn_predict_layers": 0,
         }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Build from either key spelling; unknown keys are ignored."""
+        return cls(**_normalise(raw))
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:

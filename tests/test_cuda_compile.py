@@ -133,6 +133,11 @@ def _attention(t: int):
             _empty(B, t, INDEX_HEADS, INDEX_DIM, dtype=dtype), _empty(B, t, INDEX_HEADS),
             _empty(B, entries, INDEX_DIM, dtype=dtype), 4, start, INDEX_TOPK,
         )
+        for key_format, record_bytes in (("fp4", 68), ("fp8", 132)):  # the packed key records, decoded in registers
+            indexer.indexer_topk_packed(
+                _empty(B, t, INDEX_HEADS, INDEX_DIM, dtype=dtype), _empty(B, t, INDEX_HEADS),
+                _empty(B, entries, record_bytes, dtype=torch.uint8), key_format, 4, start, INDEX_TOPK,
+            )
         sparse_attention.sparse_attention(
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,

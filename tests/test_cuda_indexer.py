@@ -1,9 +1,12 @@
-"""The cuda backend's Triton lightning indexer (op ``indexer_topk``): under the Triton interpreter on CPU.
+"""The cuda backend's Triton lightning indexer (ops ``indexer_topk``, ``indexer_topk_packed``): under
+the Triton interpreter on CPU.
 
 Three independent judges: the CPU reference kernel (the selection must equal it: these seeded
 cases have no near-ties), a float64 brute force of the formula (per query, visible entries sorted
 by (-score, index)) written out here, and the conformance suite's selection check (near-ties may
-differ, exact ties must go to the smaller index). Interpreter tests run in a subprocess with
+differ, exact ties must go to the smaller index). Packed FP4 / FP8 keys: the in-register decode
+equals ``index_key_unpack`` bit for bit on every code and scale byte, and the packed kernel's
+ranking keys equal the dense kernel's on the unpacked keys bit for bit. Interpreter tests run in a subprocess with
 TRITON_INTERPRET=1 (see test_cuda_interpret.py for why); the GPU test needs a CUDA device.
 """
 
@@ -17,6 +20,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from seahal.backends.cpu.reference.indexer import indexer_topk as reference
+from seahal.backends.cpu.reference.indexer import indexer_topk_packed as reference_packed
+from seahal.hal.formats import index_key_bytes, index_key_pack, index_key_unpack
 
 from seahal.testing import triton_interpreter
 from seahal.testing.tolerances import checks_for
@@ -156,6 +161,109 @@ def test_select_chunk_must_hold_twice_top_k(indexer):
     ranking = torch.zeros(1, 40, dtype=torch.int64)
     with pytest.raises(ValueError, match="chunk"):
         indexer.select_topk(ranking, 8, torch.empty(1, 1, 8, dtype=torch.int32), 8)
+
+
+# -- packed FP4 / FP8 keys -------------------------------------------------------------------------
+
+if IN_INTERPRETER:  # a kernel of the test's own around the scores kernel's key decode
+    import triton.language as tl
+
+    from seahal.backends.cuda.indexer import _key_tile
+
+    @triton.jit
+    def _key_tile_kernel(rec_ptr, out_ptr, n, stride_rn, stride_rb, HEAD_DIM: tl.constexpr, KEY_FORMAT: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        entries = tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, HEAD_DIM)
+        tile = _key_tile(rec_ptr + entries[:, None] * stride_rn, cols, entries[:, None] < n, cols[None, :] < HEAD_DIM,
+                         stride_rb, out_ptr.dtype.element_ty, KEY_FORMAT, HEAD_DIM)
+        tl.store(out_ptr + entries[:, None] * HEAD_DIM + cols[None, :], tile, mask=entries[:, None] < n)
+
+
+def _every_byte(fmt: str, d: int, n: int = 128) -> torch.Tensor:
+    """n records [n, index_key_bytes(d, fmt)]: every code byte (both nibbles of each) at several
+    columns and, as scales, every e8m0 byte (fp4: d/32 per record, n * d/32 >= 256) or fp32 scales
+    from 2^-140 (subnormal) to 2^126, then inf (fp8)."""
+    code_bytes = d // 2 if fmt == "fp4" else d
+    records = torch.zeros(n, index_key_bytes(d, fmt), dtype=torch.uint8)
+    records[:, :code_bytes] = (torch.arange(n * code_bytes) % 256).to(torch.uint8).view(n, code_bytes)
+    if fmt == "fp4":
+        records[:, code_bytes:] = (torch.arange(n * (d // 32)) % 256).to(torch.uint8).view(n, d // 32)
+    else:
+        scale = torch.exp2(torch.linspace(-140, 126, n)) * torch.linspace(1, 1.9, n)
+        scale[-1] = float("inf")
+        records[:, code_bytes:] = scale[:, None].view(torch.uint8)
+    return records
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # scales near 2^127: inf
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_decode_is_index_key_unpack_on_every_byte(fmt, dtype):
+    """The in-register decode of the scores kernel against the reference codec: every code byte,
+    every e8m0 exponent (255: NaN) / fp32 scales across the exponent range, rounded to q's dtype."""
+    d = 64
+    records = _every_byte(fmt, d)
+    out = torch.empty(records.shape[0], d, dtype=dtype)
+    _key_tile_kernel[(1,)](records, out, records.shape[0], *records.stride(), HEAD_DIM=d, KEY_FORMAT=fmt,
+                           BLOCK_N=records.shape[0])
+    want = index_key_unpack(records, d, fmt, dtype)
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    both_nan = out.isnan() & want.isnan()
+    assert both_nan.any() and want.isinf().any() and (want != 0).sum() > want.numel() // 2
+    assert ((out.view(bits) == want.view(bits)) | both_nan).all()  # NaN payloads aside
+
+
+def _packed_inputs(fmt, b, s, h, d, n, seed, dtype):
+    """Indexer inputs with keys of varied magnitudes (per key and per 32-block), a zero key, packed."""
+    q, weights, keys = _inputs(b, s, h, d, n, seed, torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    keys = keys.view(b, n, d // 32, 32) * torch.exp2(torch.randint(-8, 9, (b, n, d // 32, 1), generator=gen).float())
+    keys = keys.view(b, n, d)
+    keys[:, 1] = 0.0
+    return q.to(dtype), weights, index_key_pack(keys, fmt)
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s, n, start_pos", [(1, 100, 700), (9, 12, 30)])
+def test_packed_keys_rank_as_their_unpacked_values(indexer, fmt, dtype, s, n, start_pos):
+    """Bit for bit: the ranking keys (fp32 scores) of packed keys equal those of the dense kernel on
+    index_key_unpack(keys, d, fmt, q.dtype) under the same launch (and the top-k code after them is
+    shared); the indices equal the reference's and the brute force's. Decode over 100 entries:
+    four score splits and several merge rounds; prefill: causal visibility, -1 slots."""
+    q, weights, packed = _packed_inputs(fmt, 2, s, 4, 64, n, seed=n + s, dtype=dtype)
+    dense = index_key_unpack(packed, 64, fmt, dtype)
+    visible = min(n, (start_pos + s) // 4)
+    config = indexer.indexer_config(s, 4, visible, 8, 2 * s, q.device)
+    ranked = indexer.ranking_keys(q, weights, packed, 4, start_pos, visible, config, fmt)
+    assert torch.equal(ranked, indexer.ranking_keys(q, weights, dense, 4, start_pos, visible, config))
+    args = (q, weights, packed, fmt, 4, start_pos, 8)
+    got = indexer.indexer_topk_packed(*args)
+    assert torch.equal(got, reference_packed(*args))
+    assert torch.equal(got.long(), _brute_force(q, weights, dense, 4, start_pos, 8))
+    (compared,) = checks_for("indexer_topk_packed", args)
+    assert compared.check.compare(got, reference_packed(*args)).ok
+
+
+@interpreted
+def test_packed_strided_records(indexer):
+    """Records as a column slice of wider rows (a paged layout's view) and a transposed q."""
+    q, weights, packed = _packed_inputs("fp8", 2, 6, 4, 32, 10, seed=7, dtype=torch.bfloat16)
+    wide = torch.zeros(2, 10, 3 * packed.shape[-1], dtype=torch.uint8)[:, :, 5 : 5 + packed.shape[-1]]
+    wide.copy_(packed)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    got = indexer.indexer_topk_packed(q_t, weights, wide, "fp8", 4, 20, 4)
+    assert torch.equal(got, reference_packed(q, weights, packed, "fp8", 4, 20, 4))
+
+
+@interpreted
+def test_packed_rejects_float64_q(indexer):
+    q, weights, packed = _packed_inputs("fp4", 1, 2, 2, 32, 3, seed=8, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="indexer_topk_packed takes bf16 or fp32 q"):
+        indexer.indexer_topk_packed(q, weights, packed, "fp4", 4, 8, 2)
 
 
 # -- GPU ------------------------------------------------------------------------------------------

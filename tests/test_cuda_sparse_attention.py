@@ -226,6 +226,17 @@ def test_registered_for_dense_kv_only():
     assert set(kernel.capabilities["dtype"]) == {"bfloat16", "float32"}
 
 
+def test_fp8_records_registered_as_the_fp8_op():
+    if IN_INTERPRETER:
+        pytest.skip("checked by the parent run")
+    from seahal.hal.registry import REGISTRY
+
+    (kernel,) = [k for k in REGISTRY.kernels_for("sparse_attention_fp8") if k.qualified_name == "cuda.triton"]
+    assert kernel.impl == "seahal.backends.cuda.sparse_attention:sparse_attention_fp8"
+    assert kernel.capabilities["kv_format"] == ("fp8",)
+    assert set(kernel.capabilities["dtype"]) == {"bfloat16", "float32"}
+
+
 @on_gpu
 def test_v4_flash_decode_shape_on_gpu():
     from seahal.backends.cuda.sparse_attention import sparse_attention

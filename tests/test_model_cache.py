@@ -33,14 +33,15 @@ def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
     dense = load(checkpoint, device="cpu", announce=False)
     fp8 = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
-    full = dense(ids)
-    for model, bound in ((dense, 1e-5), (fp8, 1e-2)):
+    for model, bound in ((dense, 1e-5), (fp8, 1e-4)):
+        full = model(ids)
         cache = model.new_cache(2, 64)
         outs = [model(ids[:, :9], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(9, 40)]
         error = (torch.cat(outs, 1) - full).abs().max() / full.abs().max()
-        # dense: the same fp32 math in another order. fp8: the KV values are already FP8-rounded
-        # (simulation), so the records only add the bf16 rounding of the 64 RoPE dims
-        # (2^-9 relative), which a few layers amplify to well under 1e-2 of the logit scale.
+        # Prefill and decode attend the same keys (fp8: every key is its stored record, the query's
+        # own token included), so only the fp32 order differs: ~4e-7 of the logit scale dense. fp8
+        # adds e4m3 rounding of activations and KV: an fp32 input a last bit apart at a rounding
+        # boundary moves one element by a code step (2^-3 of it); observed 2.3e-5.
         assert error <= bound, (model.config.cache_format, error)
     # head_dim 128 (64 RoPE), index_head_dim 128, ratios [0, 4, 16, 4]. dense fp32: KV 512 B and
     # indexer key 512 B per entry; fp8: a 64 + 128 + 1 (+7 pad) = 200 B record and a 64 + 4 = 68 B key.
@@ -63,14 +64,15 @@ def test_cache_rebuilt_from_its_tensors_continues_the_same(checkpoint):
     cache = model.new_cache(2, 32)
     model(ids[:, :9], cache=cache)
     named = cache.named_tensors()
-    assert "layers.1.index_keys_scales" in named and named["layers.1.compress_score_state"].dtype == torch.float32
+    assert named["layers.1.index_keys"].shape[-1] == 68  # packed FP4 records: 64 code bytes + 4 e8m0 scales
+    assert named["layers.1.compress_score_state"].dtype == torch.float32
     rebuilt = cache.with_tensors({name: t.clone() for name, t in named.items()}, cache.pos)
     assert torch.equal(model(ids[:, 9:], cache=rebuilt), model(ids[:, 9:], cache=cache))
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.named_tensors().values(), cache.named_tensors().values()))
-    with pytest.raises(ValueError, match=r"cache tensor layers.0.window must be \[2, 16, 200\] torch.uint8"):
-        cache.with_tensors({**named, "layers.0.window": named["layers.0.window"][:, :1]}, 9)
-    with pytest.raises(ValueError, match=r"missing \['layers.0.window'\]"):
-        cache.with_tensors({n: t for n, t in named.items() if n != "layers.0.window"}, 9)
+    with pytest.raises(ValueError, match=r"cache tensor layers.0.kv must be \[2, 16, 200\] torch.uint8"):
+        cache.with_tensors({**named, "layers.0.kv": named["layers.0.kv"][:, :1]}, 9)
+    with pytest.raises(ValueError, match=r"missing \['layers.0.kv'\]"):
+        cache.with_tensors({n: t for n, t in named.items() if n != "layers.0.kv"}, 9)
 
 
 def test_missing_and_misshaped_tensors_are_named(checkpoint, tmp_path):

@@ -128,10 +128,15 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
         assert [i.name for i in proto.graph.input] == ["input_ids", *past]
         assert [o.name for o in proto.graph.output] == ["logits", *(f"present.{n}" for n in cache_names)]
     hal_ops = set(prefill.hal_nodes)
-    assert {"hc_pre", "hc_post", "hc_head", "rope", "kv_compress", "indexer_topk", "sparse_attention"} <= hal_ops
+    attention = "sparse_attention_fp8" if variant == "release" else "sparse_attention"
+    indexer = "indexer_topk_packed" if variant == "release" else "indexer_topk"  # release: 68-byte FP4 key records
+    assert {"hc_pre", "hc_post", "hc_head", "rope", "kv_compress", indexer, attention} <= hal_ops
+    assert indexer in decode.hal_nodes
     assert {"moe_gate", "moe_experts"} <= hal_ops
-    if variant == "release":
-        assert {"fp8_act_quant", "fp8_gemm", "fp4_quant", "kv_cache_pack", "kv_cache_unpack"} <= hal_ops
+    assert attention in decode.hal_nodes
+    if variant == "release":  # the FP8 KV records are attended as stored: nothing decodes the cache
+        assert {"fp8_act_quant", "fp8_gemm", "fp4_quant", "kv_cache_pack"} <= hal_ops
+        assert not {"sparse_attention", "kv_cache_unpack"} & (hal_ops | set(decode.hal_nodes))
     meta = {p.key: p.value for p in onnx.load(decode.path).metadata_props}
     assert (meta["seahal.mode"], meta["seahal.cache_capacity"]) == ("decode", "32")
     assert "seahal.start_pos" not in meta  # a graph input

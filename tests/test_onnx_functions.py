@@ -154,3 +154,29 @@ def test_kv_record_bytes_of_special_values_match_the_reference():
     binding.bind_ortvalue_output("out0", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(got.view(torch.int16).numpy(), TensorProto.BFLOAT16))
     session.run_with_iobinding(binding)
     assert torch.equal(got.view(torch.int16), ref_quant.kv_cache_unpack(want, 128).view(torch.int16))
+
+
+def test_fp32_scale_bytes_decode_exactly():
+    """FP8 indexer keys carry their fp32 scale as 4 little-endian bytes, decoded arithmetically
+    (opset 21 has no BitCast): random bit patterns plus signed zeros, the subnormal range, the
+    largest finite value, infinities and NaN must come back bit for bit (NaN as NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.randint(0, 2**32, (4000,), generator=gen, dtype=torch.int64)
+    special = [0, 0x80000000, 1, 0x807FFFFF, 0x00800000, 0x3F800000, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00001]
+    patterns = torch.cat((patterns, torch.tensor(special)))
+    values = torch.where(patterns >= 2**31, patterns - 2**32, patterns).to(torch.int32).view(torch.float32)
+    quads = values.view(torch.uint8).view(-1, 4).long().numpy()
+    helper = onnx.helper
+    node = helper.make_node("fp32_from_bytes", ["quads"], ["out"], domain=F.LIB_DOMAIN)
+    graph = helper.make_graph(
+        [node], "decode", [helper.make_tensor_value_info("quads", TensorProto.INT64, ["n", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"])],
+    )
+    model = F.complete_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.OPSET)], ir_version=10))
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"quads": quads})
+    got = torch.from_numpy(got)
+    both_nan = got.isnan() & values.isnan()
+    assert both_nan.sum() == values.isnan().sum() > 0
+    assert ((got.view(torch.int32) == values.view(torch.int32)) | both_nan).all()

@@ -24,7 +24,7 @@ def _labels(plan: hal.Plan) -> dict[str, str]:
 
 def test_conformance_passes_on_every_op():
     """Every op's fixed cases plus one hypothesis example, against the float64 CPU reference with
-    the suite's tolerances (docs/conformance.md); none may be unsupported: all 15 ops are here."""
+    the suite's tolerances (docs/conformance.md); none may be unsupported: every op is here."""
     report = run_conformance("onnxruntime", property_examples=1)
     assert report.ok, report.summary()
     counts = report.counts()

@@ -42,9 +42,16 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, False),
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, False),
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
-    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),  # no FP8/FP4 keys yet
-    "sparse_attention": (  # dense kv rows (sparse_attention_fp8 reads 584-byte records; not an op yet)
+    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
+        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False
+    ),
+    # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
+    "sparse_attention": (
         "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, False
+    ),
+    "sparse_attention_fp8": (
+        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, False
     ),
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, False),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, False),

@@ -1,4 +1,5 @@
-"""Triton lightning indexer (op ``indexer_topk``): ReLU-weighted multi-head scores, exact causal top-k.
+"""Triton lightning indexer (ops ``indexer_topk``, ``indexer_topk_packed``): ReLU-weighted
+multi-head scores, exact causal top-k.
 
 Two kernels, one job each (v4_ops.md §8).
 
@@ -6,7 +7,11 @@ Two kernels, one job each (v4_ops.md §8).
 entries). It loads its queries' q rows once, every head stacked on the M side of one matrix
 [BLOCK_S * H_PAD, d] (decode with V4's 64 heads: an M = 64 MMA), then walks its split BLOCK_N
 entries at a time: each key tile is loaded once and serves all heads in one dot; ``relu``, times
-the head weights, summed over each query's heads gives fp32 scores [BLOCK_S, BLOCK_N]. A score is
+the head weights, summed over each query's heads gives fp32 scores [BLOCK_S, BLOCK_N]. Packed keys
+(``indexer_topk_packed``, v4_ops.md §12: 68-byte FP4 or 132-byte FP8 records at d = 128) are
+decoded in registers as each tile is loaded (a constexpr KEY_FORMAT), to exactly the values
+``index_key_unpack`` gives in q's dtype; the dot and everything after are the dense path's, so
+packed keys rank bit for bit as the dense kernel ranks their unpacked values. A score is
 stored as one int64 ranking key, ``(order-preserving bits of the score) << 32 | (2^31 - 1 - j)``
 (moe_gate's ``_packed_key``): a larger key is a higher score or, at an equal score, the smaller
 entry j. Entries a query does not see (``j >= floor((t+1)/m)``) get INT64_MIN, and tiles past the
@@ -20,9 +25,9 @@ that last round decodes the entry indices, INT64_MIN -> -1. Decode at a 1M-token
 entries, k = 1024, CHUNK = 4096): 64 chunk programs, then 16, 4, 1.
 
 The ranking keys take 8 bytes per (query, visible entry) of workspace next to the key rows' 256
-(bf16, d = 128); prefill processes the queries in passes that bound that workspace. bf16 or fp32
-q and keys; fp32 math throughout (q . k, relu, weights, head sum). Verified under the Triton
-interpreter only; launch choices are untuned (TUNING.md).
+(bf16, d = 128; 68 or 132 packed); prefill processes the queries in passes that bound that
+workspace. bf16 or fp32 q and keys; fp32 math throughout (q . k, relu, weights, head sum).
+Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._numerics import cast_rne
+from .fp4_gemm import _decode_e2m1
+from .kv_unpack import _e4m3_value, _e8m0_scale
 from .moe_gate import _packed_key
 from .sparse_attention import _dot
 
@@ -91,9 +99,31 @@ def indexer_topk(
     the entries it sees, ``j < min(N, floor((t+1)/m))``; indices ordered by score descending,
     ties to the smaller index.
     """
-    for name, t in (("q", q), ("keys", keys)):
-        if t.dtype not in (torch.bfloat16, torch.float32):
-            raise NotImplementedError(f"cuda.triton indexer_topk takes bf16 or fp32 {name}, got {t.dtype}")
+    _check_float("indexer_topk", "keys", keys)
+    return _indexer(q, weights, keys, "dense", ratio, start_pos, topk)
+
+
+def indexer_topk_packed(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int, start_pos: int,
+    topk: int,
+) -> torch.Tensor:
+    """:func:`indexer_topk` over packed keys [B, N, index_key_bytes(d, key_format)] uint8, decoded
+    in registers to q's dtype: ``"fp4"`` e2m1 codes times one e8m0 scale per 32 elements, ``"fp8"``
+    e4m3 codes times the key's fp32 scale (``seahal.hal.formats.index_key_unpack``)."""
+    return _indexer(q, weights, keys, key_format, ratio, start_pos, topk)
+
+
+def _check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.bfloat16, torch.float32):
+        raise NotImplementedError(f"cuda.triton {op} takes bf16 or fp32 {name}, got {t.dtype}")
+
+
+def _indexer(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int, start_pos: int,
+    topk: int,
+) -> torch.Tensor:
+    """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8"."""
+    _check_float("indexer_topk" if key_format == "dense" else "indexer_topk_packed", "q", q)
     b, s, _, _ = q.shape
     out = torch.full((b, s, topk), -1, dtype=torch.int32, device=q.device)
     n_max = min(keys.shape[1], (start_pos + s) // ratio)
@@ -104,7 +134,9 @@ def indexer_topk(
         if n_entries == 0:
             continue  # nothing visible yet: the slots stay -1
         config = indexer_config(last - first, q.shape[2], n_entries, topk, b * (last - first), q.device)
-        ranking = ranking_keys(q[:, first:last], weights[:, first:last], keys, ratio, start_pos + first, n_entries, config)
+        ranking = ranking_keys(
+            q[:, first:last], weights[:, first:last], keys, ratio, start_pos + first, n_entries, config, key_format
+        )
         select_topk(ranking, topk, out[:, first:last], config.chunk)
     return out
 
@@ -117,21 +149,24 @@ def ranking_keys(
     start_pos: int,
     n_entries: int,
     config: IndexerConfig,
+    key_format: str = "dense",
 ) -> torch.Tensor:
     """Packed ranking keys [B * S, n_entries] int64 of the first n_entries entries (rows b * S + s).
 
     Key = order-preserving fp32 score bits << 32 | (2^31 - 1 - j), INT64_MIN where query
-    ``start_pos + s`` does not see entry j.
+    ``start_pos + s`` does not see entry j. ``key_format``: keys [B, N, d] floats (``"dense"``) or
+    packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
     """
     b, s, h, d = q.shape
+    key_dtype = keys.dtype if key_format == "dense" else q.dtype  # packed keys decode to q's dtype
     ranking = torch.empty((b * s, n_entries), dtype=torch.int64, device=q.device)
     grid = (b * triton.cdiv(s, config.block_s), triton.cdiv(n_entries, config.split_len))
     _scores_kernel[grid](
         q, weights, keys, ranking, s, h, n_entries, start_pos, ratio, config.split_len,
         *q.stride(), *weights.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
         HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
-        BLOCK_S=config.block_s, BLOCK_N=config.block_n,
-        LOW_PRECISION_DOT=q.dtype == keys.dtype == torch.bfloat16 and q.device.type == "cuda",
+        BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format,
+        LOW_PRECISION_DOT=q.dtype == key_dtype == torch.bfloat16 and q.device.type == "cuda",
         MAX_ENTRIES=MAX_ENTRIES, num_warps=config.num_warps,
     )
     return ranking
@@ -167,9 +202,10 @@ def _scores_kernel(
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, MAX_ENTRIES: tl.constexpr,
 ):
-    """Ranking keys of BLOCK_S queries (all heads) over the entries of one split."""
+    """Ranking keys of BLOCK_S queries (all heads) over the entries of one split; key rows dense,
+    or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8")."""
     s_blocks = tl.cdiv(S, BLOCK_S)
     bat = (tl.program_id(0) // s_blocks).to(tl.int64)
     first = (tl.program_id(0) % s_blocks) * BLOCK_S
@@ -196,14 +232,45 @@ def _scores_kernel(
         entries = start + offs_n
         ranked = tl.full((BLOCK_S, BLOCK_N), NOT_VISIBLE, tl.int64)
         if start < block_visible:
-            k_mask = (entries[:, None] < block_visible) & in_d
-            k = tl.load(k_base + entries[:, None] * stride_kn + cols[None, :] * stride_kd, mask=k_mask, other=0.0)
+            key_rows = k_base + entries[:, None] * stride_kn
+            k = _key_tile(key_rows, cols, entries[:, None] < block_visible, in_d, stride_kd, q_ptr.dtype.element_ty,
+                          KEY_FORMAT, HEAD_DIM)
             logits = _dot(q, tl.trans(k), tl.zeros((BLOCK_S * H_PAD, BLOCK_N), tl.float32), LOW_PRECISION_DOT)
             weighted = tl.maximum(logits, 0.0) * w[:, None]
             scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_N)), axis=1)
             seen = entries[None, :] < visible[:, None]
             ranked = tl.where(seen, _packed_key(scores, entries, MAX_ENTRIES), NOT_VISIBLE)
         tl.store(out_rows + entries[None, :], ranked, mask=(queries[:, None] < S) & (entries[None, :] < hi))
+
+
+@triton.jit
+def _key_tile(rows, cols, row_ok, in_d, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    """Columns ``cols`` [C] of the key rows (pointers [R, 1]) as [R, C] ``dtype``, 0 where masked.
+
+    ``"dense"``: loaded as they are. Packed records decode as ``index_key_unpack`` does, in fp32,
+    then rounded to dtype by :func:`cast_rne`: ``"fp4"`` column c is ``e2m1(nibble c % 2 of byte
+    c // 2) * 2^(e - 127)``, e the byte HEAD_DIM/2 + c // 32; ``"fp8"`` column c is ``e4m3(byte c)
+    * s``, s the little-endian fp32 at bytes HEAD_DIM..HEAD_DIM+3 (codes decoded in integer
+    arithmetic: the interpreter's float8 cast reads the NaN codes as 480).
+    """
+    mask = row_ok & in_d
+    if KEY_FORMAT == "fp4":
+        byte = tl.load(rows + (cols // 2)[None, :] * stride_kd, mask=mask, other=0).to(tl.int32)
+        code = (byte >> (4 * (cols % 2))[None, :]) & 0xF
+        exponent = tl.load(rows + (HEAD_DIM // 2 + cols // 32)[None, :] * stride_kd, mask=mask, other=127)
+        tile = cast_rne(tl.where(mask, _decode_e2m1(code) * _e8m0_scale(exponent.to(tl.int32)), 0.0), dtype)
+    elif KEY_FORMAT == "fp8":
+        codes = tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0).to(tl.int32)
+        bits = tl.load(rows + HEAD_DIM * stride_kd, mask=row_ok, other=0).to(tl.uint32)
+        for i in tl.static_range(1, 4):  # the scale's other bytes, least significant first
+            byte = tl.load(rows + (HEAD_DIM + i) * stride_kd, mask=row_ok, other=0).to(tl.uint32)
+            bits = bits | (byte << (8 * i))
+        scale = bits.to(tl.float32, bitcast=True)
+        tile = cast_rne(tl.where(mask, _e4m3_value(codes) * scale, 0.0), dtype)
+    else:
+        tile = tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""Triton sparse attention (op ``sparse_attention``): one softmax over gathered keys, K = V, per-head sinks.
+"""Triton sparse attention (ops ``sparse_attention`` and ``sparse_attention_fp8``): one softmax over
+gathered keys, K = V, per-head sinks.
 
 One program per (batch, query, head block, output slice). The program walks the query's index row
 BLOCK_N slots at a time, gathers those kv rows once and uses each for all BLOCK_H heads of its
@@ -9,13 +10,12 @@ columns. The sink joins the denominator at the end, ``o = acc / (l + exp(sink - 
 reference's ratio with the max taken over the keys only. Programs of the other output slices of
 the same heads recompute the logits (the rows come from L2); for D <= BLOCK_DV there is one slice.
 
-``kv`` is dense rows (bf16 or fp32, any strides) or, through :func:`sparse_attention_fp8`, the FP8
-records of v4_ops.md §12 (``[B, N, 584]`` uint8 for V4): the program then decodes each gathered
-chunk in registers, ``e4m3(code) * 2^(e_t - 127)`` rounded to bf16 for the nope columns and the
-bf16 rope bytes as bits, exactly the values :func:`..kv_unpack.kv_cache_unpack` writes, so the
-dense cache is never materialised. The HAL contract of ``sparse_attention`` takes dense kv only,
-so the FP8 entry point is cuda-internal and the registration says ``kv_format: dense`` (TUNING.md
-says what would route the model's FP8 cache to it).
+``kv`` is dense rows (bf16 or fp32, any strides; op ``sparse_attention``) or the FP8 records of
+v4_ops.md §12 (``[B, N, 584]`` uint8 for V4; op ``sparse_attention_fp8``, the model's FP8 cache):
+the program then decodes each gathered chunk in registers, ``e4m3(code) * 2^(e_t - 127)`` rounded
+to bf16 for the nope columns and the bf16 rope bytes as bits, exactly the values
+:func:`..kv_unpack.kv_cache_unpack` writes, so only the selected records are read and no decoded
+copy of the cache is ever written.
 Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
 """
 
@@ -102,8 +102,7 @@ def sparse_attention_fp8(
 
     Row j's key is ``kv_cache_unpack(records[:, j], D, rope_dim, tile)`` (bf16; exact in fp32 for
     fp32 q): the output equals ``sparse_attention(q, kv_cache_unpack(records).to(q.dtype), ...)``
-    bit for bit under the same launch. Cuda-internal: the HAL ``sparse_attention`` contract takes
-    dense kv only.
+    bit for bit under the same launch (the HAL op ``sparse_attention_fp8``).
     """
     if q.dtype not in (torch.bfloat16, torch.float32):
         raise NotImplementedError(f"cuda.triton sparse_attention_fp8 takes bf16 or fp32 q, got {q.dtype}")

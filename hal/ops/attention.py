@@ -1,4 +1,5 @@
-"""Sparse attention over gathered keys (window + compressed entries) with per-head sinks."""
+"""Sparse attention over gathered keys (window + compressed entries) with per-head sinks, the keys
+given as dense rows (``sparse_attention``) or as the packed FP8 cache records (``sparse_attention_fp8``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import torch
 
 from ..checks import INDEX, Contract
 from ..spec import Out, define_op
+from .quant import kv_geometry, kv_record_bytes
 
 DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+def _selection(c: Contract, indices, sink, softmax_scale) -> None:
+    """The arguments both forms share after the keys: indices [B, S, K], sink [H], the scale."""
+    c.tensor("indices", indices, ["B", "S", "K"], INDEX)
+    c.tensor("sink", sink, ["H"], (torch.float32, torch.float64))
+    c.require(softmax_scale > 0, f"softmax_scale must be > 0, got {softmax_scale}")
 
 
 @define_op(
@@ -28,7 +37,33 @@ def sparse_attention(q, kv, indices, sink, softmax_scale):
     c = Contract("sparse_attention")
     c.tensor("q", q, ["B", "S", "H", "D"], DTYPES)
     c.tensor("kv", kv, ["B", "N", "D"], (q.dtype,))
-    c.tensor("indices", indices, ["B", "S", "K"], INDEX)
-    c.tensor("sink", sink, ["H"], (torch.float32, torch.float64))
-    c.require(softmax_scale > 0, f"softmax_scale must be > 0, got {softmax_scale}")
+    _selection(c, indices, sink, softmax_scale)
+    return Out(tuple(q.shape), q.dtype)
+
+
+@define_op(
+    "sparse_attention_fp8",
+    family="attention",
+    schema=(
+        "(Tensor q, Tensor records, Tensor indices, Tensor sink, float softmax_scale, int rope_dim=64, "
+        "int tile=64) -> Tensor"
+    ),
+)
+def sparse_attention_fp8(q, records, indices, sink, softmax_scale, rope_dim=64, tile=64):
+    """:func:`sparse_attention` over keys stored as packed FP8 KV records (v4_ops.md §12).
+
+    q: [B, S, H, D], records: [B, N, kv_record_bytes(D, rope_dim, tile)] uint8 (584 bytes for V4's
+    D = 512, rope_dim 64, tile 64), indices: [B, S, K] int (-1 = empty slot), sink: [H] fp32
+    -> o: [B, S, H, D] in q's dtype.
+
+    ``o = sparse_attention(q, kv_cache_unpack(records, D, rope_dim, tile).to(q.dtype), indices,
+    sink, softmax_scale)``: key j is record j decoded (nope ``e4m3 * 2^(e_t - 127)`` per tile t,
+    RoPE dims the stored bf16), exactly, so only the records the indices name need be read.
+    """
+    c = Contract("sparse_attention_fp8")
+    c.tensor("q", q, ["B", "S", "H", "D"], DTYPES)
+    head_dim = c.dims["D"]
+    kv_geometry(c, "q's head dim D", head_dim, rope_dim, tile)
+    c.tensor("records", records, ["B", "N", kv_record_bytes(head_dim, rope_dim, tile)], (torch.uint8,))
+    _selection(c, indices, sink, softmax_scale)
     return Out(tuple(q.shape), q.dtype)

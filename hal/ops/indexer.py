@@ -5,9 +5,19 @@ from __future__ import annotations
 import torch
 
 from ..checks import Contract
+from ..formats import FP4_TILE, INDEX_KEY_FORMATS, index_key_bytes
 from ..spec import Out, define_op
 
 Q_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+WEIGHT_DTYPES = (torch.float32, torch.float64)
+
+
+def _selection(c: Contract, ratio: int, start_pos: int, topk: int) -> Out:
+    """Check the selection arguments both indexer ops share; the indices' metadata."""
+    c.positive("ratio", ratio)
+    c.positive("topk", topk)
+    c.require(start_pos >= 0, f"start_pos must be >= 0, got {start_pos}")
+    return Out((c.dims["B"], c.dims["S"], topk), torch.int32)
 
 
 @define_op(
@@ -27,9 +37,40 @@ def indexer_topk(q, weights, keys, ratio, start_pos, topk):
     """
     c = Contract("indexer_topk")
     c.tensor("q", q, ["B", "S", "H", "d"], Q_DTYPES)
-    c.tensor("weights", weights, ["B", "S", "H"], (torch.float32, torch.float64))
+    c.tensor("weights", weights, ["B", "S", "H"], WEIGHT_DTYPES)
     c.tensor("keys", keys, ["B", "N", "d"], Q_DTYPES)
-    c.positive("ratio", ratio)
-    c.positive("topk", topk)
-    c.require(start_pos >= 0, f"start_pos must be >= 0, got {start_pos}")
-    return Out((c.dims["B"], c.dims["S"], topk), torch.int32)
+    return _selection(c, ratio, start_pos, topk)
+
+
+@define_op(
+    "indexer_topk_packed",
+    family="indexer",
+    schema="(Tensor q, Tensor weights, Tensor keys, str key_format, int ratio, int start_pos, int topk) -> Tensor",
+)
+def indexer_topk_packed(q, weights, keys, key_format, ratio, start_pos, topk):
+    """``indexer_topk`` over packed FP4 or FP8 indexer keys (the production key cache, v4_ops.md §12).
+
+    q: [B, S, H, d] bf16/fp32, weights: [B, S, H] fp32, keys: [B, N, index_key_bytes(d, key_format)]
+    uint8 -> indices: [B, S, topk] int32, -1 in slots beyond the visible entries.
+
+    Equal to ``indexer_topk(q, weights, index_key_unpack(keys, d, key_format, q.dtype), ratio,
+    start_pos, topk)``. Key j decodes in fp32, then rounds to q's dtype (exact for ue8m0 scales):
+    ``"fp4"`` (d/2 + d/32 bytes, 68 at d = 128): ``K_jc = e2m1(code_jc) * 2^(e_j,c/32 - 127)``, codes
+    two per byte with element 2i in the low nibble, then one e8m0 byte per 32 elements;
+    ``"fp8"`` (d + 4 bytes, 132 at d = 128): ``K_jc = e4m3(code_jc) * s_j``, d e4m3 codes then the
+    key's fp32 scale s_j (little-endian).
+    """
+    c = Contract("indexer_topk_packed")
+    c.tensor("q", q, ["B", "S", "H", "d"], Q_DTYPES)
+    c.tensor("weights", weights, ["B", "S", "H"], WEIGHT_DTYPES)
+    c.tensor("keys", keys, ["B", "N", None], (torch.uint8,))
+    c.choice("key_format", key_format, INDEX_KEY_FORMATS)
+    if key_format == "fp4":
+        c.divisible("d", FP4_TILE, "fp4 keys carry one e8m0 scale per 32 elements")
+    width = index_key_bytes(c.dims["d"], key_format)
+    c.require(
+        keys.shape[-1] == width,
+        f"keys's last dim must be {width} bytes for {key_format} keys of d={c.dims['d']} (q's head dim), "
+        f"got {keys.shape[-1]}",
+    )
+    return _selection(c, ratio, start_pos, topk)

@@ -73,7 +73,9 @@ def kv_record_bytes(dim: int, rope_dim: int = 64, tile: int = 64) -> int:
     return nope + 2 * rope_dim + (n_tiles + 7) // 8 * 8
 
 
-def _kv_geometry(c: Contract, dim_name: str, dim: int, rope_dim: int, tile: int) -> None:
+def kv_geometry(c: Contract, dim_name: str, dim: int, rope_dim: int, tile: int) -> None:
+    """Check that (``rope_dim``, ``tile``) split vectors of ``dim`` (named ``dim_name`` in errors)
+    into whole nope tiles and an even RoPE tail: the geometry of a packed KV record."""
     c.positive("tile", tile)
     c.require(0 <= rope_dim < dim and rope_dim % 2 == 0, f"rope_dim must be even and in [0, {dim}), got {rope_dim}")
     c.require(
@@ -96,7 +98,7 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64):
     """
     c = Contract("kv_cache_pack")
     c.tensor("kv", kv, dtypes=FLOATS, min_rank=1)
-    _kv_geometry(c, "kv's last dim", kv.shape[-1], rope_dim, tile)
+    kv_geometry(c, "kv's last dim", kv.shape[-1], rope_dim, tile)
     return Out((*kv.shape[:-1], kv_record_bytes(kv.shape[-1], rope_dim, tile)), torch.uint8)
 
 
@@ -112,7 +114,7 @@ def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: in
     """
     c = Contract("kv_cache_unpack")
     c.positive("dim", dim)
-    _kv_geometry(c, "dim", dim, rope_dim, tile)
+    kv_geometry(c, "dim", dim, rope_dim, tile)
     c.tensor("packed", packed, dtypes=(torch.uint8,), min_rank=1)
     width = kv_record_bytes(dim, rope_dim, tile)
     c.require(packed.shape[-1] == width, f"packed's last dim must be {width} bytes for dim={dim}, got {packed.shape[-1]}")

@@ -267,8 +267,10 @@ def workspace_bytes(config: ModelConfig, seqs: int, context: int, chunk: int, tp
     Layers run one after another, so this is the largest one layer needs, taken over the layer
     kinds (ratio m: ``n = context // m`` compressed entries), as the reference graph allocates it:
 
-    - keys: the concatenated ``[window | chunk | entries]`` set and its fp32 copy in attention:
-      ``seqs * (W + chunk + n) * head_dim * (act_bytes + 4)``;
+    - keys: a chunk of several tokens attends ``[window | chunk | entries]`` concatenated in the
+      cache's storage format (``row`` bytes: ``head_dim * act_bytes`` dense, the packed record for
+      FP8): ``seqs * (W + chunk + n) * row``; a one-token decode step attends the layer's stored
+      buffer in place (nothing);
     - attention over the selected ``K = W + (min(top-k, n) for CSA, n for HCA)`` keys: gathered
       fp32 values and fp32 logits and probabilities for the device's ``n_heads / tp`` heads:
       ``seqs * chunk * K * (4 * head_dim + 8 * n_heads / tp)``;
@@ -279,14 +281,17 @@ def workspace_bytes(config: ModelConfig, seqs: int, context: int, chunk: int, tp
     (O(chunk * dim)) are small beside these and not counted; a fused attention kernel needs
     less, a long prefill chunk more (the indexer term grows as chunk * context).
     """
+    from seahal.hal.ops.quant import kv_record_bytes
+
     c = config
     act = dtype.itemsize
+    row = kv_record_bytes(c.head_dim, c.rope_head_dim) if c.cache_format == "fp8" else c.head_dim * act
     peak = 0
     for ratio in set(c.compress_ratios):
         n = context // ratio if ratio else 0
         csa = ratio == 4
         selected = c.window_size + (min(c.index_topk, n) if csa else n)
-        layer = seqs * (c.window_size + chunk + n) * c.head_dim * (act + 4)
+        layer = seqs * (c.window_size + chunk + n) * row if chunk > 1 else 0
         layer += seqs * chunk * selected * (4 * c.head_dim + 8 * c.n_heads // tp)
         if csa:
             layer += seqs * chunk * c.index_n_heads * n * 8

@@ -1,10 +1,13 @@
-"""Reference kernel of the attention family: sparse attention over gathered keys with sinks (v4_ops.md §9)."""
+"""Reference kernels of the attention family: sparse attention over gathered keys with sinks (v4_ops.md §9),
+the keys dense rows or packed FP8 cache records."""
 
 from __future__ import annotations
 
 import torch
 
 from seahal.hal.formats import compute_dtype
+
+from .quant import kv_cache_unpack
 
 
 def sparse_attention(
@@ -18,14 +21,44 @@ def sparse_attention(
     time); ``o_h = sum_j exp(s_j - m) kv[idx_j] / (sum_j exp(s_j - m) + exp(sink_h - m))``, i.e. a
     softmax in which the sink is one more key whose value is zero. Here m is the max over the keys
     and the sink (the ratio does not depend on m). fp32 math (fp64 for fp64 inputs); a query with
-    no valid key gets 0, also when its sink is -inf.
+    no valid key gets 0, also when its sink is -inf. Only the selected rows are read.
     """
-    dtype = compute_dtype(q, kv, sink)
-    batch, seq_len, heads, _ = q.shape
-    valid = indices >= 0
-    rows = torch.arange(batch, device=kv.device)[:, None, None]
-    values = kv.to(dtype)[rows, indices.clamp(min=0).long()]  # [B, S, K, D]
+    return _attend(q, _gather(kv, indices), indices >= 0, sink, softmax_scale)
 
+
+def sparse_attention_fp8(
+    q: torch.Tensor,
+    records: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    rope_dim: int = 64,
+    tile: int = 64,
+) -> torch.Tensor:
+    """:func:`sparse_attention` over packed FP8 KV records [B, N, kv_record_bytes(D)] uint8.
+
+    Gathers the [B, S, K] records the indices name (K x 584 bytes per query for V4, whatever N is),
+    decodes those with ``kv_cache_unpack`` and casts them to q's dtype: exactly
+    ``sparse_attention(q, kv_cache_unpack(records).to(q.dtype), ...)``, bit for bit.
+    """
+    rows = kv_cache_unpack(_gather(records, indices), q.shape[-1], rope_dim, tile).to(q.dtype)
+    return _attend(q, rows, indices >= 0, sink, softmax_scale)
+
+
+def _gather(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``rows[b, indices[b, s, k]]`` for rows [B, N, W] -> [B, S, K, W] (row 0 in empty slots)."""
+    batch = torch.arange(rows.shape[0], device=rows.device)[:, None, None]
+    return rows[batch, indices.clamp(min=0).long()]
+
+
+def _attend(
+    q: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, softmax_scale: float
+) -> torch.Tensor:
+    """The softmax with sink over each query's gathered keys: q [B, S, H, D], values [B, S, K, D]
+    (q's dtype), valid [B, S, K] bool -> [B, S, H, D] in q's dtype."""
+    dtype = compute_dtype(q, values, sink)
+    batch, seq_len, heads, _ = q.shape
+    values = values.to(dtype)
     logits = torch.einsum("bshd,bskd->bshk", q.to(dtype), values) * softmax_scale
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     sink_logits = sink.to(dtype)[None, None, :, None].expand(batch, seq_len, heads, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from seahal.hal.formats import compute_dtype
+from seahal.hal.formats import compute_dtype, index_key_unpack
 
 
 def indexer_topk(
@@ -34,3 +34,11 @@ def indexer_topk(
     indices = torch.full((batch, seq_len, topk), -1, dtype=torch.int32, device=q.device)
     indices[..., : picked.shape[-1]] = picked.to(torch.int32)
     return indices
+
+
+def indexer_topk_packed(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int, start_pos: int, topk: int
+) -> torch.Tensor:
+    """:func:`indexer_topk` over packed indexer keys [B, N, index_key_bytes(d, key_format)] uint8,
+    decoded to q's dtype first (``fp4``: e2m1 x ue8m0 per 32; ``fp8``: e4m3 x the key's fp32 scale)."""
+    return indexer_topk(q, weights, index_key_unpack(keys, q.shape[-1], key_format, q.dtype), ratio, start_pos, topk)

@@ -16,8 +16,9 @@ ordinary PyTorch and becomes standard ONNX ops.
 
 A decode step is traced with the position as a 0-d tensor: the ops taking ``start_pos`` are
 called through twins that take it as a tensor (kv_compress's entries padded to the most a step
-can complete), and the cache (:class:`seahal.model.cache.TracedLayerCache`) reads and writes its
-whole compressed store through masks, so no shape or traced value depends on the position.
+can complete), and the cache (:class:`seahal.model.cache.TracedLayerCache`) offers every
+compressed row to attention (masked by index) and writes through masks, so no shape or traced
+value depends on the position.
 Batch size and cache capacity are static (``metadata_props``, ``seahal.*``).
 """
 

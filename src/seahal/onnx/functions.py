@@ -9,11 +9,12 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
 * :data:`FUNCTIONS` maps a *function name* to an :class:`OpFunction`. Most ops have one function,
   named like the op. Where an op's optional tensors or weight format change the graph, each case
   is its own function: ``moe_gate`` (with bias), ``moe_gate_unbiased``, ``moe_gate_hash``
-  (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``.
+  (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``,
+  ``indexer_topk_packed_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
-  function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress,
-  indexer_topk) is an input too, an int64 scalar, not an attribute: decode steps advance it at run
+  function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
+  indexer ops) is an input too, an int64 scalar, not an attribute: decode steps advance it at run
   time, and a graph or session must not be rebuilt per position.
 * Node attributes: the other non-tensor arguments under their HAL names (``OpFunction.attributes``):
   int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
@@ -76,6 +77,7 @@ NAN = float("nan")
 E4M3_MIN_NORMAL = 2.0**-6
 FP32_MIN_NORMAL = 2.0**-126
 FP32_MIN_NORMAL_INV = 2.0**126
+FP32_MANTISSA_STEP = 2.0**-23
 POW2_MIN = -149
 """Smallest exponent of the power-of-two table: 2^-149 is the smallest fp32 subnormal."""
 
@@ -346,6 +348,79 @@ def bf16_from_bytes(pairs):
     return op.Cast(mag * sign, to=BFLOAT16)  # a product keeps the sign of zero (selecting Neg(mag) lost it in ORT)
 
 
+@onnxscript.script(LIB, default_opset=op)
+def fp32_from_bytes(quads):
+    """[..., 4] int64 little-endian bytes -> [...] fp32 with those bits (normals, subnormals, inf,
+    NaN), exactly: ``2^(e-127) * (1 + m 2^-23)``, subnormals ``m 2^-149``."""
+    b0, b1 = op.Gather(quads, 0, axis=-1), op.Gather(quads, 1, axis=-1)
+    b2, b3 = op.Gather(quads, 2, axis=-1), op.Gather(quads, 3, axis=-1)
+    exponent = op.Mod(b3, 128) * 2 + b2 / 128
+    mantissa = op.Cast(op.Mod(b2, 128) * 65536 + b1 * 256 + b0, to=FLOAT)
+    normal = pow2(exponent - 127) * (1.0 + mantissa * FP32_MANTISSA_STEP)
+    subnormal = mantissa * FP32_MIN_NORMAL * FP32_MANTISSA_STEP
+    special = op.Where(mantissa == 0.0, POS_INF, NAN)
+    mag = op.Where(exponent == 0, subnormal, op.Where(exponent == 255, special, normal))
+    return mag * (1.0 - 2.0 * op.Cast(b3 >= 128, to=FLOAT))
+
+
+@onnxscript.script(LIB, default_opset=op)
+def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+    """The lightning-indexer top-k of :func:`indexer_topk` (its docstring has the math), keys given
+    as floats [B, N, d]."""
+    logits = op.Einsum(op.Cast(q, to=FLOAT), op.Cast(keys, to=FLOAT), equation="bshd,bnd->bshn")
+    scores = op.ReduceSum(op.Relu(logits) * op.Unsqueeze(op.Cast(weights, to=FLOAT), [-1]), [2], keepdims=0)
+    m = op.Constant(value_int=ratio)
+    k = op.Reshape(op.Constant(value_int=topk), [1])
+    start = op.Cast(start_pos, to=TensorProto.INT64)
+    seq = op.Squeeze(op.Shape(q, start=1, end=2), [0])
+    limit = op.Unsqueeze((op.Range(0, seq, 1) + start + 1) / m, [-1])  # [S, 1]: entries query s sees
+    entries = op.Shape(keys, start=1, end=2)
+    visible = op.Range(0, op.Squeeze(entries, [0]), 1) < limit  # [S, N]
+    masked = op.Where(visible, scores, NEG_INF)
+    padding = op.Expand(op.Constant(value_float=NEG_INF), op.Concat(op.Shape(q, end=2), k, axis=0))
+    _, order = op.TopK(op.Concat(masked, padding, axis=-1), k, axis=-1)
+    valid = op.And(order < entries, order < limit)
+    return op.Cast(op.Where(valid, order, -1), to=TensorProto.INT32)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def unpack_records(packed, nope, rope_dim: int, tile: int):
+    """Decode KV records: packed [..., record] uint8 with ``nope`` ([1] int64) e4m3 dims ->
+    [..., nope + rope_dim] bf16; nope = e4m3 * 2^(e_t - 127) per tile t (e = 255: NaN), rope = the
+    stored bf16."""
+    rope_bytes = 2 * op.Reshape(op.Constant(value_int=rope_dim), [1])
+    data = op.Cast(packed, to=TensorProto.INT64)
+    values = op.Gather(op.Constant(value=_E4M3), op.Slice(data, [0], nope, [-1]))
+    n_tiles = nope / op.Reshape(op.Constant(value_int=tile), [1])
+    exponents = op.Slice(data, nope + rope_bytes, nope + rope_bytes + n_tiles, [-1])
+    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
+    nope_values = op.Reshape(tiles(values, tile=tile) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+    rope = bf16_from_bytes(op.Slice(data, nope, nope + rope_bytes, [-1]))
+    return op.Concat(op.Cast(nope_values, to=BFLOAT16), rope, axis=-1)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def attend(q, values, valid, sink, softmax_scale: float):
+    """The softmax with sink over each query's gathered keys: q [B, S, H, D], values [B, S, K, D],
+    valid [B, S, K] bool, sink [H] -> [B, S, H, D] in q's dtype.
+
+    ``s_j = scale q_h . v_j``; ``o_h = sum_j exp(s_j - m) v_j / (sum_j exp(s_j - m) + exp(sink_h - m))``
+    in fp32 over the valid j, m the max over keys and sink; 0 for a query with no valid key.
+    """
+    values = op.Cast(values, to=FLOAT)
+    logits = op.Einsum(op.Cast(q, to=FLOAT), values, equation="bshd,bskd->bshk") * op.Constant(value_float=softmax_scale)
+    logits = op.Where(op.Unsqueeze(valid, [2]), logits, NEG_INF)
+    sink_logits = op.Expand(op.Reshape(op.Cast(sink, to=FLOAT), [1, 1, -1, 1]), op.Concat(op.Shape(logits, end=3), [1], axis=0))
+    logits = op.Concat(logits, sink_logits, axis=-1)
+    peak = op.ReduceMax(logits, [-1], keepdims=1)
+    peak = op.Where(op.Or(op.IsInf(peak), op.IsNaN(peak)), 0.0, peak)
+    probs = op.Exp(logits - peak)
+    denominator = op.ReduceSum(probs, [-1], keepdims=1)
+    keys = op.Shape(values, start=2, end=3)
+    out = op.Einsum(op.Slice(probs, [0], keys, [-1]), values, equation="bshk,bskd->bshd")
+    return op.CastLike(op.Where(denominator > 0.0, out / denominator, 0.0), q)
+
+
 # --------------------------------------------------------------------------------------------
 # The operators (domain seahal), in the order the model uses them
 # --------------------------------------------------------------------------------------------
@@ -596,20 +671,31 @@ def indexer_topk(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
     entries ``j < min(N, floor((t+1)/m))``; top-k by score (ties to the smaller j) over the scores
     padded with topk -inf columns, so fewer visible entries leave -1 slots.
     """
-    logits = op.Einsum(op.Cast(q, to=FLOAT), op.Cast(keys, to=FLOAT), equation="bshd,bnd->bshn")
-    scores = op.ReduceSum(op.Relu(logits) * op.Unsqueeze(op.Cast(weights, to=FLOAT), [-1]), [2], keepdims=0)
-    m = op.Constant(value_int=ratio)
-    k = op.Reshape(op.Constant(value_int=topk), [1])
-    start = op.Cast(start_pos, to=TensorProto.INT64)
-    seq = op.Squeeze(op.Shape(q, start=1, end=2), [0])
-    limit = op.Unsqueeze((op.Range(0, seq, 1) + start + 1) / m, [-1])  # [S, 1]: entries query s sees
-    entries = op.Shape(keys, start=1, end=2)
-    visible = op.Range(0, op.Squeeze(entries, [0]), 1) < limit  # [S, N]
-    masked = op.Where(visible, scores, NEG_INF)
-    padding = op.Expand(op.Constant(value_float=NEG_INF), op.Concat(op.Shape(q, end=2), k, axis=0))
-    _, order = op.TopK(op.Concat(masked, padding, axis=-1), k, axis=-1)
-    valid = op.And(order < entries, order < limit)
-    return op.Cast(op.Where(valid, order, -1), to=TensorProto.INT32)
+    return indexer_select(q, weights, keys, start_pos, ratio=ratio, topk=topk)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def indexer_topk_packed_fp4(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+    """indexer_topk over packed FP4 keys [B, N, d/2 + d/32] uint8 (d from q): ``K = e2m1(codes) *
+    2^(e-127)`` per 32 elements (e = 255: NaN), rounded to q's dtype, then :func:`indexer_topk`."""
+    d = op.Shape(q, start=-1)
+    half = d / 2
+    values = e2m1_decode(op.Slice(keys, [0], half, [-1]))
+    exponents = op.Cast(op.Slice(keys, half, half + d / 32, [-1]), to=TensorProto.INT64)
+    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
+    dense = op.Reshape(tiles(values, tile=32) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+    return indexer_select(q, weights, op.CastLike(dense, q), start_pos, ratio=ratio, topk=topk)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def indexer_topk_packed_fp8(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+    """indexer_topk over packed FP8 keys [B, N, d + 4] uint8 (d from q): ``K = e4m3(codes) * s``
+    with s the key's little-endian fp32 scale, in fp32, rounded to q's dtype, then :func:`indexer_topk`."""
+    d = op.Shape(q, start=-1)
+    data = op.Cast(keys, to=TensorProto.INT64)
+    values = op.Gather(op.Constant(value=_E4M3), op.Slice(data, [0], d, [-1]))
+    dense = values * op.Unsqueeze(fp32_from_bytes(op.Slice(data, d, d + 4, [-1])), [-1])
+    return indexer_select(q, weights, op.CastLike(dense, q), start_pos, ratio=ratio, topk=topk)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -621,18 +707,22 @@ def sparse_attention(q, kv, indices, sink, softmax_scale: float):
     exp(sink_h - m))`` in fp32, m the max over keys and sink; 0 for a query with no valid key.
     """
     idx = op.Cast(indices, to=TensorProto.INT64)
-    values = op.GatherND(op.Cast(kv, to=FLOAT), op.Unsqueeze(op.Max(idx, 0), [-1]), batch_dims=1)  # [B, S, K, D]
-    logits = op.Einsum(op.Cast(q, to=FLOAT), values, equation="bshd,bskd->bshk") * op.Constant(value_float=softmax_scale)
-    logits = op.Where(op.Unsqueeze(idx >= 0, [2]), logits, NEG_INF)
-    sink_logits = op.Expand(op.Reshape(op.Cast(sink, to=FLOAT), [1, 1, -1, 1]), op.Concat(op.Shape(logits, end=3), [1], axis=0))
-    logits = op.Concat(logits, sink_logits, axis=-1)
-    peak = op.ReduceMax(logits, [-1], keepdims=1)
-    peak = op.Where(op.Or(op.IsInf(peak), op.IsNaN(peak)), 0.0, peak)
-    probs = op.Exp(logits - peak)
-    denominator = op.ReduceSum(probs, [-1], keepdims=1)
-    keys = op.Shape(values, start=2, end=3)
-    out = op.Einsum(op.Slice(probs, [0], keys, [-1]), values, equation="bshk,bskd->bshd")
-    return op.CastLike(op.Where(denominator > 0.0, out / denominator, 0.0), q)
+    values = op.GatherND(kv, op.Unsqueeze(op.Max(idx, 0), [-1]), batch_dims=1)  # [B, S, K, D]
+    return attend(q, values, idx >= 0, sink, softmax_scale=softmax_scale)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def sparse_attention_fp8(q, records, indices, sink, softmax_scale: float, rope_dim: int = 64, tile: int = 64):
+    """sparse_attention over packed FP8 KV records: q [B, S, H, D], records [B, N, record] uint8,
+    indices [B, S, K] (-1 = empty), sink [H] -> [B, S, H, D] in q's dtype.
+
+    ``sparse_attention(q, kv_cache_unpack(records, D, rope_dim, tile), indices, sink, scale)``,
+    decoding only the K records each query selects (D - rope_dim = q's last dim - rope_dim)."""
+    idx = op.Cast(indices, to=TensorProto.INT64)
+    picked = op.GatherND(records, op.Unsqueeze(op.Max(idx, 0), [-1]), batch_dims=1)  # [B, S, K, record]
+    nope = op.Shape(q, start=-1) - op.Reshape(op.Constant(value_int=rope_dim), [1])
+    values = op.CastLike(unpack_records(picked, nope, rope_dim=rope_dim, tile=tile), q)
+    return attend(q, values, idx >= 0, sink, softmax_scale=softmax_scale)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -654,16 +744,8 @@ def kv_cache_pack(kv, rope_dim: int = 64, tile: int = 64):
 def kv_cache_unpack(packed, dim: int, rope_dim: int = 64, tile: int = 64):
     """Decode kv_cache_pack records: packed [..., record] uint8 -> [..., dim] bf16;
     nope = e4m3 * 2^(e-127) (e = 255: NaN), rope = the stored bf16."""
-    rope_bytes = 2 * op.Reshape(op.Constant(value_int=rope_dim), [1])
-    nope = op.Reshape(op.Constant(value_int=dim), [1]) - rope_bytes / 2
-    data = op.Cast(packed, to=TensorProto.INT64)
-    values = op.Gather(op.Constant(value=_E4M3), op.Slice(data, [0], nope, [-1]))
-    n_tiles = nope / op.Reshape(op.Constant(value_int=tile), [1])
-    exponents = op.Slice(data, nope + rope_bytes, nope + rope_bytes + n_tiles, [-1])
-    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
-    nope_values = op.Reshape(tiles(values, tile=tile) * op.Unsqueeze(scale, [-1]), op.Shape(values))
-    rope = bf16_from_bytes(op.Slice(data, nope, nope + rope_bytes, [-1]))
-    return op.Concat(op.Cast(nope_values, to=BFLOAT16), rope, axis=-1)
+    nope = op.Reshape(op.Constant(value_int=dim), [1]) - op.Reshape(op.Constant(value_int=rope_dim), [1])
+    return unpack_records(packed, nope, rope_dim=rope_dim, tile=tile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +763,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "moe_experts": ("moe_experts", "moe_experts_fp8", "moe_experts_fp4"),
     "kv_compress": ("kv_compress",),
     "indexer_topk": ("indexer_topk",),
+    "indexer_topk_packed": ("indexer_topk_packed_fp4", "indexer_topk_packed_fp8"),
     "sparse_attention": ("sparse_attention",),
+    "sparse_attention_fp8": ("sparse_attention_fp8",),
     "hc_pre": ("hc_pre",),
     "hc_post": ("hc_post",),
     "hc_head": ("hc_head",),
@@ -779,7 +863,8 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate) and the weights' format (moe_experts) pick it."""
+    optional tensors are given (moe_gate), the weights' format (moe_experts) or the key format
+    (indexer_topk_packed) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -787,6 +872,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     elif op == "moe_experts":
         fmt = weight_format(args["w1"])
         name = "moe_experts" if fmt == "dense" else f"moe_experts_{fmt}"
+    elif op == "indexer_topk_packed":
+        name = f"indexer_topk_packed_{args['key_format']}"
     elif op in OPS:
         name = op
     else:

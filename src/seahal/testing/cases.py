@@ -12,7 +12,8 @@ every offset mod m; top-k larger than the visible entries (``-1`` slots); batch 
 contents; exact ties in routing / indexer scores; every token routed to one expert and experts that
 receive no token; FP8 saturation (codes at ±448, quotients that round past 448); zero and tiny
 tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided views); bf16 and
-fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales.
+fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8 indexer
+keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from seahal.hal.formats import ue8m0_ceil
+from seahal.backends.cpu.reference.quant import kv_cache_pack
+from seahal.hal.formats import FP4_TILE, index_key_pack, ue8m0_ceil
 from seahal.hal.ops.compressor import compressor_state, compressor_width
 from seahal.hal.ops.moe import expert_weight_format
 from seahal.hal.ops.quant import kv_record_bytes
@@ -127,7 +129,9 @@ _DATA_ARG = {
     "moe_gate": "x",
     "moe_experts": "x",
     "indexer_topk": "q",
+    "indexer_topk_packed": "q",
     "sparse_attention": "q",
+    "sparse_attention_fp8": "q",
     "hc_pre": "x",
     "hc_post": "x",
     "hc_head": "x",
@@ -165,9 +169,11 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["ratio"] = a["ratio"]
         req["overlap"] = a["overlap"]
         req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
-    elif op == "sparse_attention":
+    elif op == "indexer_topk_packed":
+        req["key_format"] = a["key_format"]
+    elif op in ("sparse_attention", "sparse_attention_fp8"):
         req["head_dim"] = a["q"].shape[-1]
-        req["kv_format"] = "dense"
+        req["kv_format"] = "fp8" if op == "sparse_attention_fp8" else "dense"
     return req
 
 
@@ -404,9 +410,45 @@ def indexer_topk_case(
 ) -> Case:
     """Variants: ``random``; ``tied-keys`` (entries 0, 2 and 3 equal: exact score ties);
     ``zero-query`` (query 0 is zero: all its scores tie at 0); ``negative-weights``."""
+    q, weights, keys = _indexer_inputs(_Rand(seed), s, n, b, h, d, dtype, variant, layout)
+    return _case("indexer_topk", name, (q, weights, keys.to(dtype), ratio, start_pos, topk))
+
+
+def indexer_topk_packed_case(
+    name: str, seed: int, key_format: str, s: int, n: int, start_pos: int = 0, topk: int = 4, b: int = 2,
+    h: int = 4, d: int = 64, ratio: int = 4, dtype=BF16, variant: str = "random", keys: str = "varied",
+    layout: str = "contiguous",
+) -> Case:
+    """indexer_topk's inputs (``variant``, ``layout`` as there) with fp32 keys packed by
+    ``index_key_pack``. Keys: ``varied`` (each key scaled by 2^[-12, 12] and each 32-block of it
+    by 2^[-6, 6]: FP4 block scales far apart, FP8 subnormal codes beside large ones in one key);
+    ``zero`` (every third key zero as well: scales at their floor, exact score ties at 0);
+    ``plain-scale`` (fp8 only: each key's scale times a factor in [0.6, 1.6), a non-power-of-two
+    fp32 scale as vLLM's non-ue8m0 mode writes, so the decoded values round to q's dtype)."""
     r = _Rand(seed)
+    q, weights, dense = _indexer_inputs(r, s, n, b, h, d, dtype, variant, layout, varied_keys=True)
+    if keys == "zero":
+        dense[:, ::3] = 0.0
+    packed = index_key_pack(dense, key_format)
+    if keys == "plain-scale":
+        if key_format != "fp8":
+            raise ValueError(f"plain-scale keys are fp8 keys, got key_format={key_format!r}")
+        scale = packed[..., d:].contiguous().view(F32) * r.uniform(b, n, 1, low=0.6, high=1.6)
+        packed[..., d:] = scale.view(torch.uint8)
+    return _case("indexer_topk_packed", name, (q, weights, packed, key_format, ratio, start_pos, topk))
+
+
+def _indexer_inputs(
+    r: _Rand, s: int, n: int, b: int, h: int, d: int, dtype: torch.dtype, variant: str, layout: str,
+    varied_keys: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [B, S, H, d] in dtype and layout, weights [B, S, H] fp32, keys [B, N, d] fp32) of an
+    indexer case; ``varied_keys`` scales keys and their 32-blocks by powers of two (see above)."""
     q = r.normal(b, s, h, d)
     keys = r.normal(b, n, d)
+    if varied_keys:
+        blocks = keys.view(b, n, -1, min(d, FP4_TILE))
+        blocks *= torch.exp2(r.ints(-12, 13, b, n, 1, 1).float() + r.ints(-6, 7, b, n, blocks.shape[2], 1).float())
     weights = r.normal(b, s, h, std=(h * d) ** -0.5)
     if variant == "tied-keys" and n > 3:
         keys[:, 2] = keys[:, 3] = keys[:, 0]
@@ -417,7 +459,7 @@ def indexer_topk_case(
     q = q.to(dtype)
     if layout != "contiguous":  # heads and tokens swapped in memory
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    return _case("indexer_topk", name, (q, weights, keys.to(dtype), ratio, start_pos, topk))
+    return q, weights, keys
 
 
 def _window_indices(s: int, window: int, n_entries: int, ratio: int) -> torch.Tensor:
@@ -431,15 +473,12 @@ def _window_indices(s: int, window: int, n_entries: int, ratio: int) -> torch.Te
     return torch.tensor(rows)
 
 
-def sparse_attention_case(
-    name: str, seed: int, b: int = 2, s: int = 5, h: int = 4, d: int = 64, n: int = 16, k: int = 8, dtype=BF16,
-    indices: str = "random", sink: str = "normal", window: int = 8, n_entries: int = 0, ratio: int = 4,
-    index_dtype=torch.int32, layout: str = "contiguous",
-) -> Case:
-    """Indices: ``random`` (a quarter -1); ``window`` (the model's prefill layout: raw tokens then
-    compressed entries, n = s + n_entries); ``empty-query`` (query 0 has no valid slot);
-    ``duplicates`` (repeated keys). Sinks: ``normal``; ``dominant`` (+6); ``neg-inf`` (head 0)."""
-    r = _Rand(seed)
+def _attention_inputs(
+    r: _Rand, b: int, s: int, h: int, d: int, n: int, k: int, indices: str, sink: str, window: int, n_entries: int,
+    ratio: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 q [B, S, H, D], keys [B, N, D] and sinks [H], int64 indices [B, S, K] (the variants of
+    :func:`sparse_attention_case`; ``indices="window"`` makes N = S + n_entries)."""
     if indices == "window":
         n = s + n_entries
         idx = _window_indices(s, window, n_entries, ratio).expand(b, s, -1).clone()
@@ -458,11 +497,55 @@ def sparse_attention_case(
         sinks += 6.0
     elif sink == "neg-inf":
         sinks[0] = float("-inf")
+    return q, kv, idx, sinks
+
+
+def sparse_attention_case(
+    name: str, seed: int, b: int = 2, s: int = 5, h: int = 4, d: int = 64, n: int = 16, k: int = 8, dtype=BF16,
+    indices: str = "random", sink: str = "normal", window: int = 8, n_entries: int = 0, ratio: int = 4,
+    index_dtype=torch.int32, layout: str = "contiguous",
+) -> Case:
+    """Indices: ``random`` (a quarter -1); ``window`` (the model's prefill layout: raw tokens then
+    compressed entries, n = s + n_entries); ``empty-query`` (query 0 has no valid slot);
+    ``duplicates`` (repeated keys). Sinks: ``normal``; ``dominant`` (+6); ``neg-inf`` (head 0)."""
+    r = _Rand(seed)
+    q, kv, idx, sinks = _attention_inputs(r, b, s, h, d, n, k, indices, sink, window, n_entries, ratio)
+    n = kv.shape[1]
     if layout != "contiguous":
         q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
         kv = torch.cat((kv, r.normal(b, 3, d)), dim=1).to(dtype)[:, :n]  # a prefix of a longer cache
     args = (q.to(dtype), kv.to(dtype), idx.to(index_dtype), sinks, d**-0.5)
     return _case("sparse_attention", name, args)
+
+
+def sparse_attention_fp8_case(
+    name: str, seed: int, b: int = 2, s: int = 5, h: int = 4, d: int = 64, n: int = 16, k: int = 8,
+    rope_dim: int = 16, tile: int = 16, dtype=BF16, indices: str = "random", sink: str = "normal", window: int = 8,
+    n_entries: int = 0, ratio: int = 4, tile_spread: int = 4, subnormal: bool = False, q_std: float = 1.0,
+    index_dtype=torch.int32, layout: str = "contiguous",
+) -> Case:
+    """:func:`sparse_attention_case`'s inputs with the keys packed into FP8 records by the reference
+    ``kv_cache_pack``: each nope tile scaled by ``2^u``, u uniform in [-tile_spread, tile_spread], so
+    the ue8m0 tile exponents spread over 2 tile_spread + 1 values; ``subnormal`` shrinks every 7th
+    nope element by 2^-14 (below 2^-6 of its tile's scale: subnormal e4m3 codes); ``q_std`` keeps
+    the logits moderate under wide spreads. ``layout="strided"``: q transposed in memory, the
+    records every other row of a longer buffer."""
+    r = _Rand(seed)
+    q, kv, idx, sinks = _attention_inputs(r, b, s, h, d, n, k, indices, sink, window, n_entries, ratio)
+    n, nope = kv.shape[1], d - rope_dim
+    exponents = r.ints(-tile_spread, tile_spread + 1, b, n, nope // tile).float()
+    kv[..., :nope] *= torch.exp2(exponents).repeat_interleave(tile, dim=-1)
+    if subnormal:
+        kv[..., :nope:7] *= 2.0**-14
+    records = kv_cache_pack(kv, rope_dim, tile)
+    q = (q * q_std).to(dtype)
+    if layout != "contiguous":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        buffer = torch.zeros(b, 2 * n, records.shape[-1], dtype=torch.uint8)
+        buffer[:, ::2] = records
+        records = buffer[:, ::2]
+    args = (q, records, idx.to(index_dtype), sinks, d**-0.5, rope_dim, tile)
+    return _case("sparse_attention_fp8", name, args)
 
 
 def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str) -> torch.Tensor:
@@ -649,6 +732,26 @@ def _indexer_topk_cases(seed: int) -> list[Case]:
     ]
 
 
+def _indexer_topk_packed_cases(seed: int) -> list[Case]:
+    c = indexer_topk_packed_case
+    cases = []
+    for i, fmt in enumerate(("fp4", "fp8")):
+        first = seed + 10 * i
+        cases += [
+            c(f"{fmt}: prefill 11, top-4 > 2 visible (-1 slots)", first, fmt, s=11, n=2),
+            c(f"{fmt}: decode t=37, N=9", first + 1, fmt, s=1, n=9, start_pos=37),
+            c(f"{fmt}: chunk at start_pos 5, zero keys", first + 2, fmt, s=6, n=5, start_pos=5, topk=3, keys="zero"),
+            c(f"{fmt}: exact ties: equal keys", first + 3, fmt, s=16, n=4, topk=2, variant="tied-keys"),
+            c(f"{fmt}: negative weights, transposed q", first + 4, fmt, s=13, n=3, topk=2,
+              variant="negative-weights", layout="transposed"),
+            c(f"{fmt}: fp32, head dim 128", first + 5, fmt, s=9, n=4, d=128, dtype=F32),
+        ]
+    return cases + [
+        c("fp8: non-power-of-two scales", seed + 20, "fp8", s=10, n=3, keys="plain-scale"),
+        c("fp8: non-power-of-two scales, fp32", seed + 21, "fp8", s=10, n=3, dtype=F32, keys="plain-scale"),
+    ]
+
+
 def _sparse_attention_cases(seed: int) -> list[Case]:
     c = sparse_attention_case
     return [
@@ -662,6 +765,26 @@ def _sparse_attention_cases(seed: int) -> list[Case]:
         c("fp32", seed + 7, dtype=F32),
         c("head_dim 512", seed + 8, b=1, s=2, h=2, d=512, n=12, k=6),
         c("transposed q, kv prefix of a cache, int64 indices", seed + 9, layout="transposed", index_dtype=torch.int64),
+    ]
+
+
+def _sparse_attention_fp8_cases(seed: int) -> list[Case]:
+    c = sparse_attention_fp8_case
+    return [
+        c("V4 record (584 B: 448 e4m3 + 64 bf16 + 7 scales + pad), decode", seed, s=1, h=3, d=512, rope_dim=64,
+          tile=64, n=12, k=6),
+        c("prefill 11: window 8 + 2 compressed entries (m=4), 200 B records", seed + 1, s=11, d=128, rope_dim=64,
+          tile=64, indices="window", n_entries=2),
+        c("random slots with -1, 88 B records (3 tiles of 16, rope 16)", seed + 2),
+        c("query without valid slots", seed + 3, indices="empty-query"),
+        c("duplicate indices", seed + 4, indices="duplicates"),
+        c("dominant sinks", seed + 5, sink="dominant"),
+        c("-inf sink", seed + 6, sink="neg-inf"),
+        c("fp32 q", seed + 7, dtype=F32),
+        c("D=80, rope 24, tile 8: 7 tile scales, 112 B records", seed + 8, d=80, rope_dim=24, tile=8),
+        c("tile exponents 2^-12..2^12 apart (e8m0 108..132), subnormal codes", seed + 9, tile_spread=12,
+          subnormal=True, q_std=2.0**-10),
+        c("transposed q, records every other row, int64 indices", seed + 10, layout="strided", index_dtype=torch.int64),
     ]
 
 
@@ -701,7 +824,9 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "moe_experts": _moe_experts_cases,
     "kv_compress": _kv_compress_cases,
     "indexer_topk": _indexer_topk_cases,
+    "indexer_topk_packed": _indexer_topk_packed_cases,
     "sparse_attention": _sparse_attention_cases,
+    "sparse_attention_fp8": _sparse_attention_fp8_cases,
     "hc_pre": lambda seed: _hc_cases("hc_pre", seed),
     "hc_post": lambda seed: _hc_cases("hc_post", seed),
     "hc_head": lambda seed: _hc_cases("hc_head", seed),
@@ -774,11 +899,18 @@ def strategy(op: str):
             values=draw(st.sampled_from(["normal", "clamp", "zero-token"])), d=128, inter=128),
         "kv_compress": _draw_kv_compress,
         "indexer_topk": _draw_indexer_topk,
+        "indexer_topk_packed": _draw_indexer_topk_packed,
         "sparse_attention": lambda draw: sparse_attention_case(
             "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 6)), h=draw(st.integers(1, 3)),
             d=16 * draw(st.integers(1, 4)), n=draw(st.integers(1, 12)), k=draw(st.integers(1, 10)), dtype=draw(dtypes),
             indices=draw(st.sampled_from(["random", "empty-query", "duplicates"])),
             sink=draw(st.sampled_from(["normal", "dominant", "neg-inf"]))),
+        "sparse_attention_fp8": lambda draw: sparse_attention_fp8_case(
+            "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 6)), h=draw(st.integers(1, 3)),
+            d=16 + 16 * draw(st.integers(1, 3)), n=draw(st.integers(1, 12)), k=draw(st.integers(1, 10)),
+            dtype=draw(dtypes), indices=draw(st.sampled_from(["random", "empty-query", "duplicates"])),
+            sink=draw(st.sampled_from(["normal", "dominant", "neg-inf"])), tile_spread=draw(st.integers(0, 6)),
+            subnormal=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "strided"]))),
         "hc_pre": lambda draw: _draw_hc(draw, "hc_pre"),
         "hc_post": lambda draw: _draw_hc(draw, "hc_post"),
         "hc_head": lambda draw: _draw_hc(draw, "hc_head"),
@@ -838,6 +970,22 @@ def _draw_indexer_topk(draw) -> Case:
         start_pos=start_pos, topk=draw(st.integers(1, 8)), b=draw(st.integers(1, 2)), h=draw(st.integers(1, 4)),
         d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed"])),
+    )
+
+
+def _draw_indexer_topk_packed(draw) -> Case:
+    from hypothesis import strategies as st
+
+    start_pos = draw(st.integers(0, 40))
+    s = draw(st.integers(1, 12))
+    key_format = draw(st.sampled_from(["fp4", "fp8"]))
+    return indexer_topk_packed_case(
+        "property", draw(st.integers(0, 2**16)), key_format, s=s, n=draw(st.integers(1, (start_pos + s) // 4 + 3)),
+        start_pos=start_pos, topk=draw(st.integers(1, 8)), b=draw(st.integers(1, 2)), h=draw(st.integers(1, 4)),
+        d=32 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
+        variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
+        keys=draw(st.sampled_from(["varied", "zero"] + (["plain-scale"] if key_format == "fp8" else []))),
         layout=draw(st.sampled_from(["contiguous", "transposed"])),
     )
 

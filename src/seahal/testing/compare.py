@@ -1,9 +1,10 @@
 """How one output of a kernel is judged against the reference: exactly, closely, or as a selection.
 
 The numbers (which rtol, which atol, why) live in :mod:`seahal.testing.tolerances`; this module
-holds the comparison mechanics and the ranking keys of the two selection ops (``moe_gate`` and
-``indexer_topk``), whose index outputs are judged by the scores they select rather than as exact
-sets, because near-ties may legitimately resolve either way in a different accumulation order.
+holds the comparison mechanics and the ranking keys of the selection ops (``moe_gate``,
+``indexer_topk``, ``indexer_topk_packed``), whose index outputs are judged by the scores they
+select rather than as exact sets, because near-ties may legitimately resolve either way in a
+different accumulation order.
 """
 
 from __future__ import annotations

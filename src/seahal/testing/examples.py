@@ -21,7 +21,7 @@ import torch
 
 from seahal.backends.cpu.reference.quant import kv_cache_pack
 from seahal.hal import get_spec
-from seahal.hal.formats import fp4_quantize, fp8_quantize
+from seahal.hal.formats import fp4_quantize, fp8_quantize, index_key_pack
 from seahal.hal.ops.compressor import compressor_state
 from seahal.hal.ops.rope import rope_frequencies
 
@@ -180,11 +180,27 @@ def _indexer_topk(d: _Draw):
     return (d.data(2, 5, 3, 16), d.param(2, 5, 3, scale=0.25), d.data(2, 4, 16), 4, 8, 3), {}
 
 
+@_example("indexer_topk_packed")
+def _indexer_topk_packed(d: _Draw):
+    """As indexer_topk with d=32 and the keys packed as FP4 (4 x 17-byte records)."""
+    keys = index_key_pack(d.normal((2, 4, 32), 1.0, torch.float32), "fp4")
+    return (d.data(2, 5, 3, 32), d.param(2, 5, 3, scale=0.25), keys, "fp4", 4, 8, 3), {}
+
+
 @_example("sparse_attention")
 def _sparse_attention(d: _Draw):
     """B=2, S=3 queries, H=4 heads of D=16, N=6 keys, K=4 slots (some -1)."""
     indices = d.ints(-1, 6, 2, 3, 4)
     return (d.data(2, 3, 4, 16), d.data(2, 6, 16), indices, d.param(4), 16**-0.5), {}
+
+
+@_example("sparse_attention_fp8")
+def _sparse_attention_fp8(d: _Draw):
+    """The sparse_attention example's queries over FP8 records of D=16 keys: 8 e4m3 dims (one
+    8-wide tile) + 8 bf16 RoPE dims + one scale byte padded to 8 = 32 bytes."""
+    indices = d.ints(-1, 6, 2, 3, 4)
+    records = kv_cache_pack(d.normal((2, 6, 16), 1.0, torch.float32), 8, 8)
+    return (d.data(2, 3, 4, 16), records, indices, d.param(4), 16**-0.5, 8, 8), {}
 
 
 @_example("hc_pre")

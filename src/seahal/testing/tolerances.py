@@ -17,7 +17,7 @@ differ. Every tolerance is derived from a number format with p significant bits:
   where it is cheap, else against max|reference| — random-order rounding errors grow like sqrt(n),
   which leaves the same factor of room as the ratio sum|terms| / |sum| of zero-mean data.
 
-Index outputs of the two selection ops are compared by the scores they select (see
+Index outputs of the selection ops (router, indexer) are compared by the scores they select (see
 :class:`seahal.testing.compare.Selection`), with the score rounding bound as tolerance.
 """
 
@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from seahal.hal.formats import index_key_unpack
+
+from seahal.backends.cpu.reference.quant import kv_cache_unpack
 
 from .cases import named_args
 from .compare import (
@@ -184,15 +188,31 @@ def _indexer_topk(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("indices", 0, Selection(scores, tol)),)
 
 
+def _indexer_topk_packed(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # the op is indexer_topk on the keys decoded to q's dtype: judge the selection on those keys.
+    keys = index_key_unpack(a["keys"], a["q"].shape[-1], a["key_format"], a["q"].dtype)
+    return _indexer_topk({**a, "keys": keys})
+
+
 def _sparse_attention(a: Mapping[str, Any]) -> tuple[Compared, ...]:
-    q, kv, indices = a["q"], a["kv"], a["indices"]
+    return _attention(a["q"], a["kv"], a["indices"], a["softmax_scale"])
+
+
+def _sparse_attention_fp8(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # the keys are the records decoded (exactly, so both sides attend identical rows): the dense rule on them.
+    q = a["q"]
+    kv = kv_cache_unpack(a["records"], q.shape[-1], a["rope_dim"], a["tile"])
+    return _attention(q, kv, a["indices"], a["softmax_scale"])
+
+
+def _attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, softmax_scale: float) -> tuple[Compared, ...]:
     q_norm = float(q.to(torch.float64).norm(dim=-1).max()) if q.numel() else 0.0
     kv_norm = float(kv.to(torch.float64).norm(dim=-1).max()) if kv.numel() else 0.0
     # a logit is off by gamma_D * |q| |k| * scale (Cauchy-Schwarz); exp turns that into a relative
     # error of each probability, twice (numerator and denominator); the PV sum adds gamma_K; the
     # output is a sub-convex combination of kv rows, so errors scale with max|kv|. Low-precision
     # inputs may round the probabilities to bf16 before PV (REF, FlashMLA): u_bf16 each.
-    logit_err = gamma(q.shape[-1] + 8) * a["softmax_scale"] * q_norm * kv_norm
+    logit_err = gamma(q.shape[-1] + 8) * softmax_scale * q_norm * kv_norm
     prob_err = unit_roundoff(torch.bfloat16) if _low_precision(q) else 0.0
     atol = (2 * logit_err + gamma(indices.shape[-1] + 8) + prob_err) * _max_abs(kv)
     return (Compared("out", 0, Close(rtol=ulp(q.dtype), atol=atol)),)
@@ -312,11 +332,23 @@ RULES: dict[str, Rule] = {
           "(recall), exact ties to the smaller entry, -1 beyond the visible entries"),),
         _indexer_topk,
     ),
+    "indexer_topk_packed": Rule(
+        (("indices", "as indexer_topk, on the keys decoded to q's dtype",
+          "decoding is exact for ue8m0 scales and one rounding to q's dtype otherwise, fixed by the "
+          "contract; the scores are then indexer_topk's"),),
+        _indexer_topk_packed,
+    ),
     "sparse_attention": Rule(
         (("out", "rtol ulp(q), atol (2·γ(D+8)·scale·\\|q\\|\\|k\\| + γ(K+8) + u_bf16 if bf16)·max\\|kv\\|",
           "logit error (Cauchy-Schwarz) becomes a relative probability error twice; PV sum over K keys; "
           "bf16 kernels may round probabilities to bf16; output is a sub-convex mix of kv rows"),),
         _sparse_attention,
+    ),
+    "sparse_attention_fp8": Rule(
+        (("out", "as sparse_attention, on the decoded records",
+          "key j is record j decoded exactly (e4m3·2^k and the stored bf16 RoPE dims fit bf16), so the "
+          "kernel and the reference attend identical rows and only the attention's own rounding differs"),),
+        _sparse_attention_fp8,
     ),
     "hc_pre": Rule(
         (
