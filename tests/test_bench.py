@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from seahal.bench import CUDA_OPS, GPU_ONLY, common, expand_ops, main, run_cuda
-from seahal.bench.cuda_attention import attention_cases, attention_fp8_cases, causal_pairs, indexer_cases
+from seahal.bench.cuda_attention import (
+    attention_cases,
+    attention_fp8_cases,
+    causal_pairs,
+    indexer_cases,
+    packed_indexer_cases,
+)
 from seahal.bench.cuda_compressor import cases as compressor_cases
 from seahal.bench.cuda_kv_cache import cases as kv_cache_cases
 from seahal.bench.cuda_mhc_rope import cases as mhc_rope_cases
@@ -143,6 +149,18 @@ def test_indexer_formula():
     assert case.nbytes == 4_296_294_400
 
 
+def test_packed_indexer_formula():
+    # The dense V4-Pro 1M decode row with 68-byte (fp4) or 132-byte (fp8) keys instead of 256-byte
+    # bf16 ones: the same FLOPs, keys 262144 * 64 sequences * 68 or 132 bytes.
+    cases = packed_indexer_cases(GPU, quick=False)
+    for fmt, key_bytes in (("fp4", 68), ("fp8", 132)):
+        case = _case(cases, f"V4-Pro decode B=64 ctx=1048576 {fmt} keys")
+        assert case.op == "indexer_topk_packed" and case.flops == 277_025_390_592
+        assert case.nbytes == 64 * 262144 * key_bytes + 1_048_576 + 16_384 + 262_144
+    dense = [c.shape for c in indexer_cases(GPU, quick=False) if "S=65536" not in c.shape]
+    assert [c.shape for c in cases] == [f"{shape} {fmt} keys" for fmt in ("fp4", "fp8") for shape in dense]
+
+
 def test_indexer_prefill_formula():
     # Query t sees floor((t+1)/4) entries: 1+1+1+1 (t=3..6), ..., brute force at S = 37.
     assert causal_pairs(37, 4) == sum((t + 1) // 4 for t in range(37)) == 162
@@ -162,7 +180,7 @@ def test_indexer_reference_peer_in_query_blocks_is_one_call(monkeypatch):
     from seahal.backends.cpu.reference.indexer import indexer_topk
     from seahal.bench import cuda_attention
 
-    work = cuda_attention._prefill_indexer(common.TINY, 64, torch.device("cpu"))
+    work = cuda_attention._prefill_indexer(common.TINY, 64, None, torch.device("cpu"))
     monkeypatch.setattr(cuda_attention, "REFERENCE_SCORES", 5 * common.TINY.index_heads * 16)
     blocked = work.peers["reference, query blocks"]()
     assert torch.equal(blocked, indexer_topk(*work.kernel.args))
@@ -207,10 +225,12 @@ def test_mhc_and_rope_formulas():
 
 
 def test_ops_list_and_errors(capsys):
-    assert expand_ops("indexer, mhc,rope,rope") == ["indexer_topk", "hc_pre", "hc_post", "hc_head", "rope"]
+    assert expand_ops("indexer, mhc,rope,rope") == [
+        "indexer_topk", "indexer_topk_packed", "hc_pre", "hc_post", "hc_head", "rope"]
     # issue #6's names
     assert expand_ops("kv_compress,indexer,sparse_attention,mhc") == [
-        "kv_compress", "indexer_topk", "sparse_attention", "sparse_attention_fp8", "hc_pre", "hc_post", "hc_head"]
+        "kv_compress", "indexer_topk", "indexer_topk_packed", "sparse_attention", "sparse_attention_fp8",
+        "hc_pre", "hc_post", "hc_head"]
     assert all(op in CUDA_OPS for op in expand_ops("kv_compress,indexer,sparse_attention,mhc,kv_cache_unpack"))
     args = argparse.Namespace(backend="cuda", ops="rope,flash_attn", json=None, quick=True, plot=None, device="cpu")
     assert main(args) == 2

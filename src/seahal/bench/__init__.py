@@ -29,6 +29,7 @@ CUDA_OPS = {
     "sparse_attention": "cuda_attention",
     "indexer_topk": "cuda_attention",
     "sparse_attention_fp8": "cuda_attention",
+    "indexer_topk_packed": "cuda_attention",
     "kv_compress": "cuda_compressor",
     "kv_cache_unpack": "cuda_kv_cache",
     "hc_pre": "cuda_mhc_rope",
@@ -38,7 +39,7 @@ CUDA_OPS = {
     "model": "model_e2e",
 }
 """op -> module of seahal.bench with ``rows(ops, device, quick)`` for it."""
-ALIASES = {"indexer": ("indexer_topk",), "mhc": ("hc_pre", "hc_post", "hc_head"),
+ALIASES = {"indexer": ("indexer_topk", "indexer_topk_packed"), "mhc": ("hc_pre", "hc_post", "hc_head"),
            "sparse_attention": ("sparse_attention", "sparse_attention_fp8")}
 """Names the issues use for groups of ops (issue #6's ``sparse_attention`` covers dense rows and FP8 records)."""
 GPU_ONLY = {"cuda_gemm", "cuda_moe_gate", "cuda_quant"}

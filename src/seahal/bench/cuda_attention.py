@@ -1,9 +1,10 @@
-"""Benchmarks of the attention path's kernels: ``sparse_attention``, ``sparse_attention_fp8`` and
-``indexer_topk``.
+"""Benchmarks of the attention path's kernels: ``sparse_attention``, ``sparse_attention_fp8``,
+``indexer_topk`` and ``indexer_topk_packed``.
 
 Decode rows (one query per sequence) at contexts 4k-1M, batch 1 and 64, with V4-Flash and V4-Pro
 head counts; sparse attention also at a 4096-token CSA prefill, the indexer at 4k- and 64k-token
-prefills (causal visibility). Per CSA layer (m = 4) a query attends to the 128-slot window ring
+prefills (causal visibility), over bf16 keys and over FP4 (68-byte) and FP8 (132-byte) packed keys.
+Per CSA layer (m = 4) a query attends to the 128-slot window ring
 plus ``index_topk`` compressed entries; per HCA layer (m = 128) to the window and every compressed
 entry. ``sparse_attention`` reads dense bf16 rows; ``sparse_attention_fp8`` reads the 584-byte FP8
 records of v4_ops.md §12 (CSA decode rows, with issue #6's goal as ``goal_us``: V4-Flash at 65% of
@@ -14,11 +15,12 @@ attended densely; for the indexer's long prefills the reference runs over blocks
 
     seahal bench --backend cuda --ops sparse_attention,indexer [--quick] [--json out.json]
 
-(``sparse_attention`` names both attention ops, ``indexer`` the indexer: :data:`seahal.bench.ALIASES`.)
+(``sparse_attention`` names both attention ops, ``indexer`` both indexer ops: :data:`seahal.bench.ALIASES`.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -36,9 +38,10 @@ from seahal.bench.common import (
     models,
     reference,
 )
+from seahal.hal.formats import INDEX_KEY_FORMATS, index_key_bytes, index_key_pack, index_key_unpack
 from seahal.hal.ops.quant import kv_record_bytes
 
-OPS = ("sparse_attention", "indexer_topk", "sparse_attention_fp8")
+OPS = ("sparse_attention", "indexer_topk", "sparse_attention_fp8", "indexer_topk_packed")
 CSA, HCA = 4, 128
 BF16_TOL = 1e-2
 """bf16 inputs and output, fp32 softmax and accumulation: the output's rounding alone is ~2^-9."""
@@ -228,17 +231,21 @@ def attention_fp8_cases(device: torch.device, quick: bool) -> list[Case]:
 
 # -- indexer --------------------------------------------------------------------------------------
 def indexer_cost(batch: int, seq: int, heads: int, dim: int, entries: int, topk: int,
-                 pairs: int | None = None) -> tuple[int, int]:
-    """FLOPs and bytes of the lightning indexer with bf16 keys over ``entries`` keys, of which a
-    sequence's queries see ``pairs`` (query, entry) pairs in all (default ``seq * entries``: decode).
+                 pairs: int | None = None, key_format: str | None = None) -> tuple[int, int]:
+    """FLOPs and bytes of the lightning indexer over ``entries`` keys, bf16 or packed in
+    ``key_format``, of which a sequence's queries see ``pairs`` (query, entry) pairs in all
+    (default ``seq * entries``: decode).
 
     FLOPs: ``2 * batch * pairs * heads * (dim + 1)`` (q.k per head, then the weighted head sum).
-    Bytes: the keys (``batch * entries * dim * 2``), bf16 q (``batch * seq * heads * dim * 2``),
-    fp32 head weights (``batch * seq * heads * 4``) and the int32 indices written (``batch * seq * topk * 4``).
+    Bytes: the keys (``batch * entries * key_bytes``: ``dim * 2`` in bf16, ``index_key_bytes(dim,
+    key_format)`` packed: 68 for fp4 and 132 for fp8 at dim 128), bf16 q (``batch * seq * heads *
+    dim * 2``), fp32 head weights (``batch * seq * heads * 4``) and the int32 indices written
+    (``batch * seq * topk * 4``).
     """
     pairs = seq * entries if pairs is None else pairs
+    key_bytes = 2 * dim if key_format is None else index_key_bytes(dim, key_format)
     flops = 2 * batch * pairs * heads * (dim + 1)
-    nbytes = 2 * batch * entries * dim + 2 * batch * seq * heads * dim + 4 * batch * seq * heads + 4 * batch * seq * topk
+    nbytes = batch * entries * key_bytes + 2 * batch * seq * heads * dim + 4 * batch * seq * heads + 4 * batch * seq * topk
     return flops, nbytes
 
 
@@ -250,14 +257,38 @@ def _overlap(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
     return 1 - found, found >= MIN_OVERLAP
 
 
-def _decode_indexer(dims: ModelDims, batch: int, ctx: int, device: torch.device) -> Workload:
+def _indexer_kernel(key_format: str | None, device: torch.device) -> Callable:
+    """The indexer under test with the dense op's arguments ``(q, weights, keys, ratio, start_pos,
+    topk)``: ``indexer_topk``, or ``indexer_topk_packed`` with ``key_format`` bound."""
+    if key_format is None:
+        return implementation("indexer_topk", "indexer", "indexer", device)
+    packed = implementation("indexer_topk_packed", "indexer", "indexer", device)
+    return lambda q, weights, keys, *rest: packed(q, weights, keys, key_format, *rest)
+
+
+def _indexer_peer(key_format: str | None, reference_indexer: Callable) -> Callable:
+    """The reference semantics with the dense op's arguments: packed keys decoded to q's dtype by
+    the reference codec first (part of the peer's time), then ``reference_indexer``."""
+    if key_format is None:
+        return reference_indexer
+    return lambda q, weights, keys, *rest: reference_indexer(
+        q, weights, index_key_unpack(keys, q.shape[-1], key_format, q.dtype), *rest
+    )
+
+
+def _index_keys(batch: int, entries: int, dims: ModelDims, key_format: str | None, device: torch.device) -> torch.Tensor:
+    """Random indexer keys [batch, entries, d]: bf16, or packed in ``key_format``."""
+    keys = torch.randn(batch, entries, dims.index_dim, device=device, dtype=torch.bfloat16)
+    return keys if key_format is None else index_key_pack(keys, key_format)
+
+
+def _decode_indexer(dims: ModelDims, batch: int, ctx: int, key_format: str | None, device: torch.device) -> Workload:
     torch.manual_seed(ctx + batch)
     q = torch.randn(batch, 1, dims.index_heads, dims.index_dim, device=device, dtype=torch.bfloat16)
     weights = torch.randn(batch, 1, dims.index_heads, device=device) * dims.index_heads**-0.5
-    keys = torch.randn(batch, ctx // CSA, dims.index_dim, device=device, dtype=torch.bfloat16)
-    args = (q, weights, keys, CSA, ctx - 1, dims.index_topk)
-    kernel = implementation("indexer_topk", "indexer", "indexer", device)
-    return Workload(partial(kernel, *args), {"reference": partial(reference("indexer_topk", "indexer"), *args)}, _overlap)
+    args = (q, weights, _index_keys(batch, ctx // CSA, dims, key_format, device), CSA, ctx - 1, dims.index_topk)
+    peer = _indexer_peer(key_format, reference("indexer_topk", "indexer"))
+    return Workload(partial(_indexer_kernel(key_format, device), *args), {"reference": partial(peer, *args)}, _overlap)
 
 
 def causal_pairs(seq: int, ratio: int) -> int:
@@ -283,16 +314,15 @@ def _reference_in_query_blocks(q, weights, keys, ratio, start_pos, topk):
     return torch.cat(blocks, dim=1)
 
 
-def _prefill_indexer(dims: ModelDims, seq: int, device: torch.device) -> Workload:
+def _prefill_indexer(dims: ModelDims, seq: int, key_format: str | None, device: torch.device) -> Workload:
     """A CSA prefill of ``seq`` tokens from position 0: its ``seq / 4`` entries' keys, every query
     seeing the entries its position completed."""
     torch.manual_seed(seq)
     q = torch.randn(1, seq, dims.index_heads, dims.index_dim, device=device, dtype=torch.bfloat16)
     weights = torch.randn(1, seq, dims.index_heads, device=device) * dims.index_heads**-0.5
-    keys = torch.randn(1, seq // CSA, dims.index_dim, device=device, dtype=torch.bfloat16)
-    args = (q, weights, keys, CSA, 0, dims.index_topk)
-    kernel = implementation("indexer_topk", "indexer", "indexer", device)
-    return Workload(partial(kernel, *args), {"reference, query blocks": partial(_reference_in_query_blocks, *args)},
+    args = (q, weights, _index_keys(1, seq // CSA, dims, key_format, device), CSA, 0, dims.index_topk)
+    peer = _indexer_peer(key_format, _reference_in_query_blocks)
+    return Workload(partial(_indexer_kernel(key_format, device), *args), {"reference, query blocks": partial(peer, *args)},
                     _overlap)
 
 
@@ -303,23 +333,38 @@ def prefill_lengths(device: torch.device, quick: bool) -> tuple[int, ...]:
     return (4096,) if quick else (4096, 65536)
 
 
-def indexer_cases(device: torch.device, quick: bool) -> list[Case]:
+def indexer_cases(device: torch.device, quick: bool, key_format: str | None = None) -> list[Case]:
+    """Decode and prefill rows of ``indexer_topk`` (bf16 keys) or, with ``key_format``, of
+    ``indexer_topk_packed`` over keys packed in that format (the shape names it)."""
+    op = "indexer_topk" if key_format is None else "indexer_topk_packed"
+    keys = "" if key_format is None else f" {key_format} keys"
+    # Packed keys matter where the keys dominate the bytes (decode); their prefill rows stop at the
+    # shortest length, as the 64k ones (~10-15 s each with the peer) would triple the step's time.
+    prefills = prefill_lengths(device, quick)[: None if key_format is None else 1]
     cases = []
     for dims in models(device):
         for batch, ctx in decode_grid(device, quick):
-            flops, nbytes = indexer_cost(batch, 1, dims.index_heads, dims.index_dim, ctx // CSA, dims.index_topk)
-            cases.append(Case("indexer_topk", f"{dims.name} decode B={batch} ctx={ctx}", flops, nbytes, PEAK_BF16_TFLOPS,
-                              partial(_decode_indexer, dims, batch, ctx), {"model": dims.name, "batch": batch, "context": ctx}))
-        for seq in prefill_lengths(device, quick):
+            flops, nbytes = indexer_cost(batch, 1, dims.index_heads, dims.index_dim, ctx // CSA, dims.index_topk,
+                                         key_format=key_format)
+            cases.append(Case(op, f"{dims.name} decode B={batch} ctx={ctx}{keys}", flops, nbytes, PEAK_BF16_TFLOPS,
+                              partial(_decode_indexer, dims, batch, ctx, key_format),
+                              {"model": dims.name, "batch": batch, "context": ctx, "key_format": key_format}))
+        for seq in prefills:
             flops, nbytes = indexer_cost(1, seq, dims.index_heads, dims.index_dim, seq // CSA, dims.index_topk,
-                                         causal_pairs(seq, CSA))
-            cases.append(Case("indexer_topk", f"{dims.name} prefill S={seq}", flops, nbytes, PEAK_BF16_TFLOPS,
-                              partial(_prefill_indexer, dims, seq), {"model": dims.name, "batch": 1, "tokens": seq}))
+                                         causal_pairs(seq, CSA), key_format)
+            cases.append(Case(op, f"{dims.name} prefill S={seq}{keys}", flops, nbytes, PEAK_BF16_TFLOPS,
+                              partial(_prefill_indexer, dims, seq, key_format),
+                              {"model": dims.name, "batch": 1, "tokens": seq, "key_format": key_format}))
     return cases
+
+
+def packed_indexer_cases(device: torch.device, quick: bool) -> list[Case]:
+    """:func:`indexer_cases` for every packed key format (fp4: 68 bytes a key, fp8: 132)."""
+    return [case for fmt in INDEX_KEY_FORMATS for case in indexer_cases(device, quick, fmt)]
 
 
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
     cases = {"sparse_attention": attention_cases, "indexer_topk": indexer_cases,
-             "sparse_attention_fp8": attention_fp8_cases}
+             "sparse_attention_fp8": attention_fp8_cases, "indexer_topk_packed": packed_indexer_cases}
     return [row for op in ops for row in measure_all(cases[op](device, quick), device, quick)]
