@@ -27,24 +27,12 @@ from .config import CSA_RATIO, ModelConfig
 KV_TILE = 64
 
 
-class VectorStore:
-    """``rows`` KV vectors of size ``dim`` per sequence, in a storage format: ``"dense"``:
-    [B, rows, dim] in dtype; ``"fp8"``: [B, rows, 584] packed KV records. Attention reads the
-    stored rows as they are (``sparse_attention`` / ``sparse_attention_fp8``); nothing decodes them.
-    """
+class RowStore:
+    """``rows`` stored rows per sequence, ``data`` [B, rows, width] (vectors in the model dtype,
+    or packed uint8 records); subclasses say how vectors become rows (:meth:`encode`)."""
 
-    def __init__(
-        self, batch: int, rows: int, dim: int, fmt: str, dtype: torch.dtype, device, ops: SimpleNamespace,
-        rope_dim: int,
-    ):
-        self.dim, self.fmt, self.dtype, self.ops, self.rope_dim = dim, fmt, dtype, ops, rope_dim
-        if fmt == "dense":
-            self.data = torch.zeros(batch, rows, dim, dtype=dtype, device=device)
-        elif fmt == "fp8":
-            width = kv_record_bytes(dim, rope_dim, KV_TILE)
-            self.data = torch.zeros(batch, rows, width, dtype=torch.uint8, device=device)
-        else:
-            raise ValueError(f"unknown cache storage format {fmt!r}")
+    def __init__(self, batch: int, rows: int, width: int, stored: torch.dtype, device):
+        self.data = torch.zeros(batch, rows, width, dtype=stored, device=device)
 
     @property
     def rows(self) -> int:
@@ -56,10 +44,8 @@ class VectorStore:
         return self.data.shape[2] * self.data.element_size()
 
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Vectors [B, n, dim] in the storage format (rows like ``data``)."""
-        if self.fmt == "dense":
-            return vectors.to(self.dtype)
-        return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
+        """Vectors [B, n, dim] as stored rows [B, n, width]."""
+        raise NotImplementedError
 
     def write(self, slots: torch.Tensor | slice, vectors: torch.Tensor) -> None:
         """Store vectors [B, n, dim] at row ``slots``."""
@@ -72,25 +58,44 @@ class VectorStore:
         take, source = span(first, count, self.rows, vectors.shape[1], vectors.device)
         self.data.copy_(torch.where(take[:, None], self.encode(vectors)[:, source], self.data))
 
+    def read(self, rows: int | None = None) -> torch.Tensor:
+        """The first ``rows`` (default all) stored rows as they are."""
+        return self.data[:, :rows]
 
-class IndexKeyStore:
-    """``rows`` indexer keys of size ``dim`` per sequence: [B, rows, dim] in dtype (``"dense"``),
-    or packed records [B, rows, index_key_bytes(dim, fmt)] uint8 (``"fp4"``, ``"fp8"``), which the
-    indexer scores as they are (``indexer_topk_packed``)."""
+
+class VectorStore(RowStore):
+    """KV vectors of size ``dim``: ``"dense"``: [B, rows, dim] in dtype; ``"fp8"``: [B, rows, 584]
+    packed KV records. Attention reads the stored rows as they are (``sparse_attention`` /
+    ``sparse_attention_fp8``); nothing decodes them.
+    """
+
+    def __init__(
+        self, batch: int, rows: int, dim: int, fmt: str, dtype: torch.dtype, device, ops: SimpleNamespace,
+        rope_dim: int,
+    ):
+        if fmt not in ("dense", "fp8"):
+            raise ValueError(f"unknown cache storage format {fmt!r}")
+        self.dim, self.fmt, self.dtype, self.ops, self.rope_dim = dim, fmt, dtype, ops, rope_dim
+        width, stored = (dim, dtype) if fmt == "dense" else (kv_record_bytes(dim, rope_dim, KV_TILE), torch.uint8)
+        super().__init__(batch, rows, width, stored, device)
+
+    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors [B, n, dim] in the storage format: cast to dtype, or packed by the plan's
+        ``kv_cache_pack``."""
+        if self.fmt == "dense":
+            return vectors.to(self.dtype)
+        return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
+
+
+class IndexKeyStore(RowStore):
+    """Indexer keys of size ``dim``: [B, rows, dim] in dtype (``"dense"``), or packed records
+    [B, rows, index_key_bytes(dim, fmt)] uint8 (``"fp4"``, ``"fp8"``), which the indexer scores as
+    they are (``indexer_topk_packed``)."""
 
     def __init__(self, batch: int, rows: int, dim: int, fmt: str, dtype: torch.dtype, device, ops: SimpleNamespace):
         self.dim, self.fmt, self.dtype, self.ops = dim, fmt, dtype, ops
         width, stored = (dim, dtype) if fmt == "dense" else (index_key_bytes(dim, fmt), torch.uint8)
-        self.data = torch.zeros(batch, rows, width, dtype=stored, device=device)
-
-    @property
-    def rows(self) -> int:
-        return self.data.shape[1]
-
-    @property
-    def bytes_per_row(self) -> int:
-        """Stored bytes of one key."""
-        return self.data.shape[2] * self.data.element_size()
+        super().__init__(batch, rows, width, stored, device)
 
     def encode(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys [B, n, dim] as stored rows: cast to dtype, or quantised by the plan's ``fp4_quant``
@@ -101,19 +106,6 @@ class IndexKeyStore:
         if self.fmt == "fp4":
             return index_key_records(*self.ops.fp4_quant(keys, FP4_TILE), "fp4")
         return index_key_records(*self.ops.fp8_act_quant(keys, self.dim, "ue8m0"), "fp8")
-
-    def write(self, slots: torch.Tensor | slice, keys: torch.Tensor) -> None:
-        """Store keys [B, n, dim] at row ``slots``."""
-        self.data[:, slots] = self.encode(keys)
-
-    def write_span(self, first: torch.Tensor, count: torch.Tensor, keys: torch.Tensor) -> None:
-        """Store ``keys[:, i]`` at row ``first + i`` for ``i < count`` (as VectorStore.write_span)."""
-        take, source = span(first, count, self.rows, keys.shape[1], keys.device)
-        self.data.copy_(torch.where(take[:, None], self.encode(keys)[:, source], self.data))
-
-    def read(self, rows: int | None = None) -> torch.Tensor:
-        """The first ``rows`` (default all) stored rows as they are: keys, or packed records."""
-        return self.data[:, :rows]
 
 
 @dataclass
