@@ -17,6 +17,9 @@ from seahal.bench.cuda_attention import (
     causal_pairs,
     indexer_cases,
     packed_indexer_cases,
+    paged_contexts,
+    paged_decode_cost,
+    paged_fp8_cases,
 )
 from seahal.bench.cuda_compressor import cases as compressor_cases
 from seahal.bench.cuda_kv_cache import cases as kv_cache_cases
@@ -126,6 +129,31 @@ def test_sparse_attention_fp8_formula_and_goals():
     assert case.nbytes == 16_777_216 + 64 * 1152 * 584 + 4 * 64 * 1152 + 512 == 60_129_792
     assert case.params["goal_us"] == pytest.approx(19_327_352_832 / 300e6)
     assert {c.params["context"] for c in attention_fp8_cases(GPU, quick=False)} == {4096, 65536, 262144, 1 << 20}
+
+
+def test_paged_sparse_attention_fp8_formula_and_goals():
+    # V4-Flash, contexts 1k, 4k, 64k: 256, 1024, 16384 entries -> 128 + 256, 128 + 512, 128 + 512 = 1664
+    # records; the block table has ceil((128 + 16384) / 64) = 258 pages a sequence.
+    flops, nbytes = paged_decode_cost(common.V4_FLASH, [1024, 4096, 65536], 64, translate=True)
+    assert flops == 4 * 64 * 512 * 1664 == 218_103_808
+    # q + o 3*64*512*4 = 393216; records 1664 * 584 = 971776; indices 3 * 640 * 4; sinks 256; table 3 * 258 * 4
+    assert nbytes == 393_216 + 971_776 + 7_680 + 256 + 3_096
+    assert paged_decode_cost(common.V4_FLASH, [1024, 4096, 65536], 64, translate=False) == (flops, nbytes - 3_096)
+    # The rows: 64 sequences uniform in [1k, 64k] (seed 6 draws 5357..64976 tokens), pages of 64 rows.
+    contexts = paged_contexts(GPU)
+    assert len(contexts) == 64 and all(1024 <= c <= 65536 for c in contexts)
+    records = sum(128 + min(512, c // 4) for c in contexts)
+    table = 64 * -(-(128 + max(contexts) // 4) // 64) * 4
+    cases = paged_fp8_cases(GPU, quick=True)
+    assert len(cases) == 4 and all(c.op == "sparse_attention_fp8" and c.params["page_rows"] == 64 for c in cases)
+    paged = _case(cases, "V4-Flash CSA decode B=64 ctx=1024..65536 paged fp8")
+    assert paged.flops == 4 * 64 * 512 * records
+    assert paged.nbytes == 64 * 64 * 512 * 4 + records * 584 + 64 * 640 * 4 + 256 + table
+    assert paged.params["goal_us"] == pytest.approx(paged.nbytes / 1.95e6)  # over 30 MB: 65% of 3.0 TB/s
+    pool_rows = _case(cases, "V4-Flash CSA decode B=64 ctx=1024..65536 paged fp8, pool rows")
+    assert (pool_rows.flops, pool_rows.nbytes) == (paged.flops, paged.nbytes - table)
+    pro = _case(cases, "V4-Pro CSA decode B=64 ctx=1024..65536 paged fp8")
+    assert pro.params["goal_us"] == pytest.approx(pro.flops / 300e6)  # 300 TFLOP/s
 
 
 def test_slow_calls_are_timed_fewer_times():

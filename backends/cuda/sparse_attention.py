@@ -15,7 +15,9 @@ v4_ops.md §12 (``[B, N, 584]`` uint8 for V4; op ``sparse_attention_fp8``, the m
 the program then decodes each gathered chunk in registers, ``e4m3(code) * 2^(e_t - 127)`` rounded
 to bf16 for the nope columns and the bf16 rope bytes as bits, exactly the values
 :func:`..kv_unpack.kv_cache_unpack` writes, so only the selected records are read and no decoded
-copy of the cache is ever written.
+copy of the cache is ever written. Rows are addressed through kv's strides, so one pool of rows
+expanded over the batch (batch stride 0) with pool-row indices serves a paged cache
+(``seahal.hal.paging``) as it is; nothing here makes kv contiguous.
 Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
 """
 

@@ -7,7 +7,9 @@ wrapped as OrtValues (IOBinding), outputs are preallocated from the op's contrac
 ORT in place. Types numpy lacks travel as same-width views tagged with their ONNX type: bf16 as
 int16 bits (BFLOAT16), FP8 e4m3 as uint8 bits (FLOAT8E4M3FN). e8m0 block scales are decoded to
 fp32 first (``2^(e-127)``, exact), since the functions' opset (21) predates the e8m0 type.
-Tensors on an accelerator are staged through host memory (correct, not fast).
+Tensors on an accelerator are staged through host memory (correct, not fast). A pool of cache
+rows expanded over the batch (attention's kv or records with batch stride 0: a paged cache) is
+handed over once, not copied per sequence (``OpFunction.shared_batch``).
 """
 
 from __future__ import annotations
@@ -63,9 +65,14 @@ def providers(device_type: str, environ: Mapping[str, str] | None = None) -> tup
     return wanted
 
 
-def _host(value: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor with an ONNX-representable dtype (e8m0 scales decoded to fp32)."""
+def _host(value: torch.Tensor, shared_batch: bool = False) -> torch.Tensor:
+    """A contiguous CPU tensor with an ONNX-representable dtype (e8m0 scales decoded to fp32).
+    ``shared_batch`` (an input the function also takes with batch 1): a batch of views of one
+    tensor (batch stride 0, e.g. a pool of cache rows expanded over the batch) becomes that one
+    tensor, not B contiguous copies."""
     t = value.detach()
+    if shared_batch and t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+        t = t[:1]
     if t.dtype == torch.float8_e8m0fnu:
         t = decode_scale(t)
     return t.cpu().contiguous()
@@ -109,7 +116,8 @@ def run(op: str, args: Mapping[str, Any]) -> torch.Tensor | tuple[torch.Tensor, 
     function = select(op, args)
     device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
     feeds = {
-        name: _host(args[name]) if isinstance(args[name], torch.Tensor) else torch.tensor(args[name], dtype=torch.int64)
+        name: _host(args[name], name in function.shared_batch) if isinstance(args[name], torch.Tensor)
+        else torch.tensor(args[name], dtype=torch.int64)
         for name in function.inputs
     }
     attributes = tuple(sorted(function.attribute_values(args).items()))

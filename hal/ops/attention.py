@@ -33,6 +33,11 @@ def sparse_attention(q, kv, indices, sink, softmax_scale):
     ``s_j = softmax_scale * q_h . kv[idx_j]``; ``m = max_j s_j``;
     ``o_h = sum_j exp(s_j - m) kv[idx_j] / (sum_j exp(s_j - m) + exp(sink_h - m))``;
     a query with no valid index gets 0.
+
+    kv may have batch stride 0: one pool of rows shared by the batch (``pool.expand(B, -1, -1)``),
+    which with pool-row indices is a paged cache of sequences of any lengths (``seahal.hal.paging``);
+    indices may point anywhere in N. A kernel reads the rows the indices name and never copies kv
+    (a contiguous copy of an expanded pool is B pools).
     """
     c = Contract("sparse_attention")
     c.tensor("q", q, ["B", "S", "H", "D"], DTYPES)
@@ -59,6 +64,8 @@ def sparse_attention_fp8(q, records, indices, sink, softmax_scale, rope_dim=64, 
     ``o = sparse_attention(q, kv_cache_unpack(records, D, rope_dim, tile).to(q.dtype), indices,
     sink, softmax_scale)``: key j is record j decoded (nope ``e4m3 * 2^(e_t - 127)`` per tile t,
     RoPE dims the stored bf16), exactly, so only the records the indices name need be read.
+    As for :func:`sparse_attention`'s kv, records may have batch stride 0 (a pool of records
+    shared by the batch: a paged FP8 cache) and indices may point anywhere in N.
     """
     c = Contract("sparse_attention_fp8")
     c.tensor("q", q, ["B", "S", "H", "D"], DTYPES)

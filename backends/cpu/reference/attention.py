@@ -21,7 +21,8 @@ def sparse_attention(
     time); ``o_h = sum_j exp(s_j - m) kv[idx_j] / (sum_j exp(s_j - m) + exp(sink_h - m))``, i.e. a
     softmax in which the sink is one more key whose value is zero. Here m is the max over the keys
     and the sink (the ratio does not depend on m). fp32 math (fp64 for fp64 inputs); a query with
-    no valid key gets 0, also when its sink is -inf. Only the selected rows are read.
+    no valid key gets 0, also when its sink is -inf. Only the selected rows are read, through
+    kv's strides: a pool shared by the batch (batch stride 0, a paged cache) is never copied.
     """
     return _attend(q, _gather(kv, indices), indices >= 0, sink, softmax_scale)
 
@@ -46,7 +47,8 @@ def sparse_attention_fp8(
 
 
 def _gather(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``rows[b, indices[b, s, k]]`` for rows [B, N, W] -> [B, S, K, W] (row 0 in empty slots)."""
+    """``rows[b, indices[b, s, k]]`` for rows [B, N, W] (any strides, batch stride 0 included)
+    -> [B, S, K, W] (row 0 in empty slots)."""
     batch = torch.arange(rows.shape[0], device=rows.device)[:, None, None]
     return rows[batch, indices.clamp(min=0).long()]
 
@@ -58,7 +60,9 @@ def _attend(
     (q's dtype), valid [B, S, K] bool -> [B, S, H, D] in q's dtype."""
     dtype = compute_dtype(q, values, sink)
     batch, seq_len, heads, _ = q.shape
-    values = values.to(dtype)
+    # Empty slots gathered row 0, which may be anything (a free page of a paged pool: NaN bytes);
+    # zeroed, so that their zero weights give 0 and not 0 * NaN.
+    values = torch.where(valid[..., None], values.to(dtype), 0.0)
     logits = torch.einsum("bshd,bskd->bshk", q.to(dtype), values) * softmax_scale
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     sink_logits = sink.to(dtype)[None, None, :, None].expand(batch, seq_len, heads, 1)

@@ -9,7 +9,10 @@ plus ``index_topk`` compressed entries; per HCA layer (m = 128) to the window an
 entry. ``sparse_attention`` reads dense bf16 rows; ``sparse_attention_fp8`` reads the 584-byte FP8
 records of v4_ops.md §12 (CSA decode rows, with issue #6's goal as ``goal_us``: V4-Flash at 65% of
 3.0 TB/s over the unique bytes, V4-Pro at 300 TFLOP/s, transfers under ~30 MB within bytes / 3.0
-TB/s + 5 us). The peer is the CPU reference's code on the GPU tensors: for decode the selected
+TB/s + 5 us), and for a batch of 64 sequences of mixed lengths (1k-64k) in one paged pool of
+records (pages of 64 rows scattered at random; the op on the pool expanded over the batch),
+timed with and without the index translation ``seahal.hal.paging.paged_rows``. The peer is the
+CPU reference's code on the GPU tensors: for decode the selected
 rows are gathered first (FP8 records then decoded by the reference ``kv_cache_unpack``), then
 attended densely; for the indexer's long prefills the reference runs over blocks of queries.
 
@@ -20,6 +23,7 @@ attended densely; for the indexer's long prefills the reference runs over blocks
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from functools import partial
 
@@ -40,6 +44,7 @@ from seahal.bench.common import (
 )
 from seahal.hal.formats import INDEX_KEY_FORMATS, index_key_bytes, index_key_pack, index_key_unpack
 from seahal.hal.ops.quant import kv_record_bytes
+from seahal.hal.paging import paged_rows
 
 OPS = ("sparse_attention", "indexer_topk", "sparse_attention_fp8", "indexer_topk_packed")
 CSA, HCA = 4, 128
@@ -229,6 +234,113 @@ def attention_fp8_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+# -- paged decode: sequences of mixed lengths in one pool ------------------------------------------
+PAGE_ROWS = 64
+"""Rows per page of the paged rows' pool: FlashMLA's block size."""
+PAGED_BATCH, PAGED_CONTEXTS, PAGED_SEED = 64, (1024, 65536), 6
+"""The paged rows' batch: 64 sequences at contexts uniform in [1k, 64k], drawn with a fixed seed."""
+
+
+def _paged_setup(device: torch.device) -> tuple[int, tuple[int, int], int]:
+    """(sequences, range of their contexts, rows per page) of the paged rows: :data:`PAGED_BATCH`,
+    :data:`PAGED_CONTEXTS`, :data:`PAGE_ROWS` on a GPU; 3, [8, 200], 4 in CPU smoke mode."""
+    return (PAGED_BATCH, PAGED_CONTEXTS, PAGE_ROWS) if device.type == "cuda" else (3, (8, 200), 4)
+
+
+def paged_contexts(device: torch.device) -> list[int]:
+    """Contexts of the paged rows' sequences, drawn uniformly from their range with a fixed seed
+    (the same on every machine)."""
+    batch, (low, high), _ = _paged_setup(device)
+    return torch.randint(low, high + 1, (batch,), generator=torch.Generator().manual_seed(PAGED_SEED)).tolist()
+
+
+def paged_decode_cost(dims: ModelDims, contexts: list[int], page_rows: int, translate: bool) -> tuple[int, int]:
+    """FLOPs and bytes of one CSA decode step over FP8 records for sequences at ``contexts`` (each
+    >= the window) whose layer buffers ``[W ring | ctx / m entries]`` share one paged pool.
+
+    Sequence b attends ``v_b = W + min(top-k, ctx_b / m)`` of its ``K = W + top-k`` slots, distinct
+    records. FLOPs: ``4 H D sum_b v_b``. Bytes: q and o (``4 B H D``, bf16), each attended record
+    once (``record_bytes * sum_b v_b``), the int32 indices (``4 B K``), the fp32 sinks (``4 H``)
+    and, with ``translate`` (logical indices mapped to pool rows in the call), the int32 block
+    table (``4 B max_pages``, ``max_pages = ceil((W + max_b ctx_b / m) / page_rows)``).
+    """
+    valid = sum(_decode_layout(dims, CSA, ctx)[1] for ctx in contexts)
+    batch, slots = len(contexts), dims.window + dims.index_topk
+    record = kv_record_bytes(dims.head_dim, dims.rope_dim, dims.kv_tile)
+    flops = 4 * dims.heads * dims.head_dim * valid
+    nbytes = 4 * batch * dims.heads * dims.head_dim + record * valid + 4 * batch * slots + 4 * dims.heads
+    if translate:
+        nbytes += 4 * batch * -(-(dims.window + max(contexts) // CSA) // page_rows)
+    return flops, nbytes
+
+
+def _paged_logical(dims: ModelDims, contexts: list[int], device: torch.device) -> torch.Tensor:
+    """Each sequence's decode query's indices into its own layer buffer ``[W ring | entries]``,
+    [B, 1, W + top-k] int32: the W ring slots, then ``W + j`` for top-k distinct random entries
+    ``j < ctx / m``, -1 where a sequence has fewer."""
+    batch = len(contexts)
+    entries = torch.tensor([ctx // CSA for ctx in contexts], device=device)[:, None]
+    scores = torch.rand(batch, max(contexts) // CSA, device=device)
+    scores = torch.where(torch.arange(scores.shape[1], device=device) < entries, scores, -1.0)
+    picked = scores.topk(min(dims.index_topk, scores.shape[1]), dim=-1).indices
+    picked = torch.where(picked < entries, picked + dims.window, -1)
+    pad = torch.full((batch, dims.index_topk - picked.shape[1]), -1, device=device)
+    window = torch.arange(dims.window, device=device).expand(batch, -1)
+    return torch.cat((window, picked, pad), dim=-1).int()[:, None]
+
+
+def _paged_decode_fp8(dims: ModelDims, contexts: list[int], page_rows: int, translate: bool,
+                      device: torch.device) -> Workload:
+    """The sequences' layer buffers in pages scattered at random over one pool of FP8 records
+    ``[1, P, 584]``; ``sparse_attention_fp8`` on the pool expanded over the batch (no copy), with
+    the logical indices mapped by ``paged_rows`` in the call (``translate``) or beforehand."""
+    torch.manual_seed(len(contexts))
+    batch = len(contexts)
+    pages = [-(-(dims.window + ctx // CSA) // page_rows) for ctx in contexts]
+    order = torch.randperm(sum(pages), device=device).int()
+    table = torch.full((batch, max(pages)), -1, dtype=torch.int32, device=device)
+    for b, (first, n) in enumerate(zip(itertools.accumulate([0] + pages), pages)):
+        table[b, :n] = order[first : first + n]
+    records = _records(dims, 1, sum(pages) * page_rows, device).expand(batch, -1, -1)
+    logical = _paged_logical(dims, contexts, device)
+    rows = paged_rows(table, logical, page_rows)
+    q = torch.randn(batch, 1, dims.heads, dims.head_dim, device=device, dtype=torch.bfloat16)
+    rest = (torch.randn(dims.heads, device=device), dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
+    attention = implementation("sparse_attention_fp8", "sparse_attention", "attention", device)
+
+    def kernel() -> torch.Tensor:
+        return attention(q, records, paged_rows(table, logical, page_rows) if translate else rows, *rest)
+
+    return Workload(kernel, {"reference, gathered": partial(_gathered_reference, q, records, rows, *rest)},
+                    close(BF16_TOL))
+
+
+def paged_fp8_cases(device: torch.device, quick: bool) -> list[Case]:
+    """CSA decode over FP8 records for :func:`paged_contexts`' batch of mixed lengths in one paged
+    pool, with issue #6's goal as the other FP8 decode rows: timed with the index translation
+    ``paged_rows`` (``paged fp8``: logical indices and the block table in, what a caller holding
+    the indexer's picks runs) and without it (``pool rows``: the kernel alone; the difference is
+    the translation's cost)."""
+    contexts = paged_contexts(device)
+    _, (low, high), page_rows = _paged_setup(device)
+    cases = []
+    for dims in models(device):
+        record = kv_record_bytes(dims.head_dim, dims.rope_dim, dims.kv_tile)
+        for translate in (True, False):
+            flops, nbytes = paged_decode_cost(dims, contexts, page_rows, translate)
+            params = {"model": dims.name, "layer": "CSA", "batch": len(contexts),
+                      "contexts": f"uniform {low}..{high}, seed {PAGED_SEED}", "page_rows": page_rows,
+                      "indices": "logical + block table" if translate else "pool rows", "kv": f"fp8 {record} B"}
+            goal = fp8_decode_goal_us(dims.name, flops, nbytes)
+            if goal is not None:
+                params["goal_us"] = goal
+            shape = f"{dims.name} CSA decode B={len(contexts)} ctx={low}..{high} paged fp8"
+            shape += "" if translate else ", pool rows"
+            cases.append(Case("sparse_attention_fp8", shape, flops, nbytes, PEAK_BF16_TFLOPS,
+                              partial(_paged_decode_fp8, dims, contexts, page_rows, translate), params))
+    return cases
+
+
 # -- indexer --------------------------------------------------------------------------------------
 def indexer_cost(batch: int, seq: int, heads: int, dim: int, entries: int, topk: int,
                  pairs: int | None = None, key_format: str | None = None) -> tuple[int, int]:
@@ -366,5 +478,6 @@ def packed_indexer_cases(device: torch.device, quick: bool) -> list[Case]:
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
     cases = {"sparse_attention": attention_cases, "indexer_topk": indexer_cases,
-             "sparse_attention_fp8": attention_fp8_cases, "indexer_topk_packed": packed_indexer_cases}
+             "sparse_attention_fp8": lambda device, quick: attention_fp8_cases(device, quick) + paged_fp8_cases(device, quick),
+             "indexer_topk_packed": packed_indexer_cases}
     return [row for op in ops for row in measure_all(cases[op](device, quick), device, quick)]

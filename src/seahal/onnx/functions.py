@@ -21,6 +21,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
 * Outputs: the op's outputs in order, then the new values of the arguments the op mutates in place
   (kv_compress: ``entries, kv_state, score_state``).
+* Shared rows: ``sparse_attention``'s kv and ``sparse_attention_fp8``'s records may have batch 1,
+  one pool of cache rows that every sequence indexes (a paged cache; :data:`SHARED_BATCH`). A
+  caller holding the pool expanded over the batch (batch stride 0) passes that one copy.
 * Types: float inputs may be bf16, fp16, fp32 or fp64; the math is fp32 as the contracts say
   (the CPU reference upgrades to fp64 for fp64 inputs, these functions do not); outputs take the
   dtype the contract gives. FP8 codes are FLOAT8E4M3FN tensors, packed FP4 codes and KV records
@@ -400,6 +403,20 @@ def unpack_records(packed, nope, rope_dim: int, tile: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def gather_rows(rows, indices):
+    """``rows[b mod R, max(i, 0)]`` for each index ``i = indices[b, s, k]``: rows [R, N, W] with
+    R = B, or R = 1 (one pool of rows shared by the batch: a paged cache), int64 indices [B, S, K]
+    -> [B, S, K, W]. A GatherND of (batch row, index) pairs, so an index >= N fails as it would
+    per sequence."""
+    safe = op.Max(indices, 0)
+    batch = op.Squeeze(op.Shape(indices, start=0, end=1), [0])
+    row_batch = op.Mod(op.Range(0, batch, 1), op.Shape(rows, start=0, end=1))
+    row_batch = op.Expand(op.Reshape(row_batch, [-1, 1, 1]), op.Shape(safe))
+    pairs = op.Concat(op.Unsqueeze(row_batch, [-1]), op.Unsqueeze(safe, [-1]), axis=-1)
+    return op.GatherND(rows, pairs, batch_dims=0)
+
+
+@onnxscript.script(LIB, default_opset=op)
 def attend(q, values, valid, sink, softmax_scale: float):
     """The softmax with sink over each query's gathered keys: q [B, S, H, D], values [B, S, K, D],
     valid [B, S, K] bool, sink [H] -> [B, S, H, D] in q's dtype.
@@ -407,7 +424,7 @@ def attend(q, values, valid, sink, softmax_scale: float):
     ``s_j = scale q_h . v_j``; ``o_h = sum_j exp(s_j - m) v_j / (sum_j exp(s_j - m) + exp(sink_h - m))``
     in fp32 over the valid j, m the max over keys and sink; 0 for a query with no valid key.
     """
-    values = op.Cast(values, to=FLOAT)
+    values = op.Where(op.Unsqueeze(valid, [-1]), op.Cast(values, to=FLOAT), 0.0)  # empty slots: whatever row they read
     logits = op.Einsum(op.Cast(q, to=FLOAT), values, equation="bshd,bskd->bshk") * op.Constant(value_float=softmax_scale)
     logits = op.Where(op.Unsqueeze(valid, [2]), logits, NEG_INF)
     sink_logits = op.Expand(op.Reshape(op.Cast(sink, to=FLOAT), [1, 1, -1, 1]), op.Concat(op.Shape(logits, end=3), [1], axis=0))
@@ -700,26 +717,27 @@ def indexer_topk_packed_fp8(q, weights, keys, start_pos: INT64, ratio: int, topk
 
 @onnxscript.script(SEAHAL, default_opset=op)
 def sparse_attention(q, kv, indices, sink, softmax_scale: float):
-    """Sparse MQA with sinks: q [B, S, H, D], kv [B, N, D], indices [B, S, K] (-1 = empty),
-    sink [H] -> [B, S, H, D] in q's dtype.
+    """Sparse MQA with sinks: q [B, S, H, D], kv [B, N, D] (or [1, N, D]: a pool of rows the batch
+    shares), indices [B, S, K] (-1 = empty), sink [H] -> [B, S, H, D] in q's dtype.
 
     ``s_j = scale q_h . kv[idx_j]``; ``o_h = sum_j exp(s_j - m) kv[idx_j] / (sum_j exp(s_j - m) +
     exp(sink_h - m))`` in fp32, m the max over keys and sink; 0 for a query with no valid key.
     """
     idx = op.Cast(indices, to=TensorProto.INT64)
-    values = op.GatherND(kv, op.Unsqueeze(op.Max(idx, 0), [-1]), batch_dims=1)  # [B, S, K, D]
+    values = gather_rows(kv, idx)  # [B, S, K, D]
     return attend(q, values, idx >= 0, sink, softmax_scale=softmax_scale)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
 def sparse_attention_fp8(q, records, indices, sink, softmax_scale: float, rope_dim: int = 64, tile: int = 64):
-    """sparse_attention over packed FP8 KV records: q [B, S, H, D], records [B, N, record] uint8,
-    indices [B, S, K] (-1 = empty), sink [H] -> [B, S, H, D] in q's dtype.
+    """sparse_attention over packed FP8 KV records: q [B, S, H, D], records [B, N, record] uint8
+    (or [1, N, record]: a pool the batch shares), indices [B, S, K] (-1 = empty), sink [H]
+    -> [B, S, H, D] in q's dtype.
 
     ``sparse_attention(q, kv_cache_unpack(records, D, rope_dim, tile), indices, sink, scale)``,
     decoding only the K records each query selects (D - rope_dim = q's last dim - rope_dim)."""
     idx = op.Cast(indices, to=TensorProto.INT64)
-    picked = op.GatherND(records, op.Unsqueeze(op.Max(idx, 0), [-1]), batch_dims=1)  # [B, S, K, record]
+    picked = gather_rows(records, idx)  # [B, S, K, record]
     nope = op.Shape(q, start=-1) - op.Reshape(op.Constant(value_int=rope_dim), [1])
     values = op.CastLike(unpack_records(picked, nope, rope_dim=rope_dim, tile=tile), q)
     return attend(q, values, idx >= 0, sink, softmax_scale=softmax_scale)
@@ -773,6 +791,10 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 """HAL op -> the names of the functions that compute it (the first is the common case)."""
 
+SHARED_BATCH: dict[str, tuple[str, ...]] = {"sparse_attention": ("kv",), "sparse_attention_fp8": ("records",)}
+"""HAL op -> its inputs whose functions also take batch 1 for a tensor the whole batch shares (a
+pool of cache rows, expanded over the batch by the caller: a paged cache)."""
+
 _ONNX_DTYPES = {
     torch.bfloat16: TensorProto.BFLOAT16,
     torch.float16: TensorProto.FLOAT16,
@@ -804,7 +826,8 @@ class OpFunction:
     """One ONNX function of a HAL op and its calling convention (see the module docstring).
 
     ``inputs`` / ``attributes``: the HAL argument names the node takes as inputs / attributes, in
-    order; ``n_outputs``: node outputs, the op's outputs then the new values of ``mutates``.
+    order; ``n_outputs``: node outputs, the op's outputs then the new values of ``mutates``;
+    ``shared_batch``: inputs that may be given with batch 1 when the batch shares them.
     """
 
     op: str
@@ -813,6 +836,7 @@ class OpFunction:
     attributes: tuple[str, ...]
     n_outputs: int
     mutates: tuple[str, ...]
+    shared_batch: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -836,7 +860,7 @@ def _op_function(op: str, function: onnxscript.OnnxFunction) -> OpFunction:
     attributes = tuple(name for name, p in params.items() if p.annotation in _ATTRIBUTE_TYPES)
     inputs = tuple(name for name in params if name not in attributes)
     n_outputs = len(function.to_function_proto().output)
-    return OpFunction(op, function, inputs, attributes, n_outputs, spec.mutates)
+    return OpFunction(op, function, inputs, attributes, n_outputs, spec.mutates, SHARED_BATCH.get(op, ()))
 
 
 def _functions() -> dict[str, OpFunction]:

@@ -11,9 +11,10 @@ ratio m, shorter than the window, shorter than m (no entry yet); decode after a 
 every offset mod m; top-k larger than the visible entries (``-1`` slots); batch > 1 with different
 contents; exact ties in routing / indexer scores; every token routed to one expert and experts that
 receive no token; FP8 saturation (codes at ±448, quotients that round past 448); zero and tiny
-tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided views); bf16 and
-fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8 indexer
-keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
+tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided views, attention
+keys that are one pool expanded over the batch: a paged cache); bf16 and fp32 data; dense, fp8 and
+fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8 indexer keys of far-apart
+magnitudes, zero keys and non-power-of-two FP8 key scales.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -507,11 +508,14 @@ def sparse_attention_case(
 ) -> Case:
     """Indices: ``random`` (a quarter -1); ``window`` (the model's prefill layout: raw tokens then
     compressed entries, n = s + n_entries); ``empty-query`` (query 0 has no valid slot);
-    ``duplicates`` (repeated keys). Sinks: ``normal``; ``dominant`` (+6); ``neg-inf`` (head 0)."""
+    ``duplicates`` (repeated keys). Sinks: ``normal``; ``dominant`` (+6); ``neg-inf`` (head 0).
+    ``layout="pool"``: kv one pool of rows expanded over the batch (batch stride 0: a paged cache)."""
     r = _Rand(seed)
     q, kv, idx, sinks = _attention_inputs(r, b, s, h, d, n, k, indices, sink, window, n_entries, ratio)
     n = kv.shape[1]
-    if layout != "contiguous":
+    if layout == "pool":
+        kv = kv[:1].to(dtype).expand(b, -1, -1)
+    elif layout != "contiguous":
         q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
         kv = torch.cat((kv, r.normal(b, 3, d)), dim=1).to(dtype)[:, :n]  # a prefix of a longer cache
     args = (q.to(dtype), kv.to(dtype), idx.to(index_dtype), sinks, d**-0.5)
@@ -529,7 +533,8 @@ def sparse_attention_fp8_case(
     the ue8m0 tile exponents spread over 2 tile_spread + 1 values; ``subnormal`` shrinks every 7th
     nope element by 2^-14 (below 2^-6 of its tile's scale: subnormal e4m3 codes); ``q_std`` keeps
     the logits moderate under wide spreads. ``layout="strided"``: q transposed in memory, the
-    records every other row of a longer buffer."""
+    records every other row of a longer buffer; ``"pool"``: the records one pool expanded over the
+    batch (batch stride 0: a paged cache)."""
     r = _Rand(seed)
     q, kv, idx, sinks = _attention_inputs(r, b, s, h, d, n, k, indices, sink, window, n_entries, ratio)
     n, nope = kv.shape[1], d - rope_dim
@@ -539,7 +544,9 @@ def sparse_attention_fp8_case(
         kv[..., :nope:7] *= 2.0**-14
     records = kv_cache_pack(kv, rope_dim, tile)
     q = (q * q_std).to(dtype)
-    if layout != "contiguous":
+    if layout == "pool":
+        records = records[:1].expand(b, -1, -1)
+    elif layout != "contiguous":
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
         buffer = torch.zeros(b, 2 * n, records.shape[-1], dtype=torch.uint8)
         buffer[:, ::2] = records
@@ -765,6 +772,7 @@ def _sparse_attention_cases(seed: int) -> list[Case]:
         c("fp32", seed + 7, dtype=F32),
         c("head_dim 512", seed + 8, b=1, s=2, h=2, d=512, n=12, k=6),
         c("transposed q, kv prefix of a cache, int64 indices", seed + 9, layout="transposed", index_dtype=torch.int64),
+        c("kv one pool shared by a batch of 3 (batch stride 0: a paged cache)", seed + 10, b=3, layout="pool"),
     ]
 
 
@@ -785,6 +793,7 @@ def _sparse_attention_fp8_cases(seed: int) -> list[Case]:
         c("tile exponents 2^-12..2^12 apart (e8m0 108..132), subnormal codes", seed + 9, tile_spread=12,
           subnormal=True, q_std=2.0**-10),
         c("transposed q, records every other row, int64 indices", seed + 10, layout="strided", index_dtype=torch.int64),
+        c("records one pool shared by a batch of 3 (batch stride 0: a paged cache)", seed + 11, b=3, layout="pool"),
     ]
 
 

@@ -264,8 +264,9 @@ def float64_positions(op: str, args: tuple) -> frozenset[int]:
 
 
 def _materialise(calls: tuple[tuple, ...], device: torch.device, upcast: frozenset[int]) -> list[tuple]:
-    """The calls' arguments on ``device``, upcast positions as float64, strides kept, and a tensor
-    shared between calls (the state) still shared."""
+    """The calls' arguments on ``device``, upcast positions as float64, strides kept (a dim of
+    stride 0, e.g. a pool of cache rows expanded over the batch, stays an expansion of one copy),
+    and a tensor shared between calls (the state) still shared."""
     memo: dict[tuple[int, bool], torch.Tensor] = {}
 
     def place(i: int, value: Any) -> Any:
@@ -274,8 +275,12 @@ def _materialise(calls: tuple[tuple, ...], device: torch.device, upcast: frozens
         key = (id(value), i in upcast)
         if key not in memo:
             dtype = torch.float64 if i in upcast else value.dtype
-            copy = torch.empty_strided(value.shape, value.stride(), dtype=dtype, device=device)
-            memo[key] = copy.copy_(value)
+            source = value
+            for dim, stride in enumerate(value.stride()):
+                if stride == 0:
+                    source = source.narrow(dim, 0, min(1, value.shape[dim]))
+            copy = torch.empty_strided(source.shape, source.stride(), dtype=dtype, device=device).copy_(source)
+            memo[key] = copy if source is value else copy.expand(value.shape)
         return memo[key]
 
     return [tuple(place(i, a) for i, a in enumerate(args)) for args in calls]
