@@ -27,11 +27,12 @@ from seahal.testing.tolerances import checks_for
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
 F32, BF16 = torch.float32, torch.bfloat16
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=1)
+    triton_interpreter.rerun_test_file(__file__, skipped=5)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,13 @@ def _hc_pre_float64(x, fn, base, scale, iters, eps=1e-6):
     return y.reshape(b, s, d), (2 * _sigmoid64(post_z)).reshape(b, s, n), torch.stack(combs).reshape(b, s, n, n)
 
 
+def _hc_head_float64(x, fn, base, scale, eps=1e-6):
+    """y in float64."""
+    b, s, n, d = x.shape
+    (pre_z,), streams = _mix64(x, fn, base, scale, [(0, n)])
+    return ((_sigmoid64(pre_z) + eps)[:, :, None] * streams).sum(1).reshape(b, s, d)
+
+
 def _hc_inputs(b, s, n, d, dtype, seed, layout="contiguous", mixes=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, s, n, d, generator=gen).to(dtype)
@@ -220,10 +228,95 @@ def test_hc_head(kernels, b, s, n, d, dtype, layout, param_dtype):
     x = x.to(dtype)
     args = (x, fn, base, scale, 1e-6, 1e-6)
     y = mhc.hc_head(*args)
-    (pre_z,), streams = _mix64(x, fn, base, scale, [(0, n)])
-    y64 = ((_sigmoid64(pre_z) + 1e-6)[:, :, None] * streams).sum(1).reshape(b, s, d)
-    _assert_within_rules("hc_head", args, y, y64)
+    _assert_within_rules("hc_head", args, y, _hc_head_float64(x, fn, base, scale))
     _assert_within_rules("hc_head", args, y, reference_mhc.hc_head(*args))
+
+
+# (batch, seq, n, D, dtype, K slices, Sinkhorn iters): 1, 3 and 16 tokens (one tile of 16, full at
+# 16) and 37 (three tiles, each with its own counter and last program); D = 40 and 24 end in a
+# partial column block (BLOCK_D 16 on CPU), which the last program loops over; one K slice (the
+# first program is also the last) and four (32- or 64-wide slices of n*D = 96 or 160, the last one
+# empty). Few Sinkhorn steps at 16 and 37 tokens keep the interpreter quick.
+ONE_LAUNCH_CASES = [
+    (1, 1, 4, 40, F32, 2, 20), (1, 1, 4, 40, BF16, 2, 20),
+    (3, 1, 3, 24, F32, 1, 20), (1, 3, 4, 40, BF16, 1, 20),
+    (2, 8, 4, 40, F32, 4, 3), (2, 8, 3, 32, BF16, 4, 3),
+    (1, 37, 3, 24, F32, 2, 2), (1, 37, 4, 40, BF16, 2, 2),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("b, s, n, d, dtype, split, iters", ONE_LAUNCH_CASES)
+def test_one_launch_is_the_two_launches(kernels, monkeypatch, b, s, n, d, dtype, split, iters):
+    """hc_pre and hc_head in one launch: the two launches' bits, call after call on the arrival
+    counters it resets, and within the conformance rules of the float64 formula and the reference."""
+    from seahal.backends.cuda._gemm import arrival_counters
+
+    mhc, _ = kernels
+    monkeypatch.setattr(mhc, "mix_config", lambda t, k, device: mhc.MixConfig(16, 32, split))
+    x, fn, base, scale = _hc_inputs(b, s, n, d, dtype, seed=b * s + d)
+    _, head_fn, head_base, head_scale = _hc_inputs(b, s, n, d, dtype, seed=d, mixes=n)
+    pre_args = (x, fn, base, scale, iters, 1e-6, 1e-6)
+    head_args = (x, head_fn, head_base, head_scale, 1e-6, 1e-6)
+    collapse_args = {False: pre_args, True: (x, head_fn, head_base, head_scale, 1, 1e-6, 1e-6)}
+    one = {}
+    for head, args in collapse_args.items():
+        # One launch first, so that its workspaces are not the two launches' freed memory, where
+        # stale partials could stand in for unwritten ones. The third call counts on the counters
+        # the first one reset.
+        one[head] = mhc.collapse_streams(*args, head=head, one_launch=True)
+        two = mhc.collapse_streams(*args, head=head, one_launch=False)
+        again = mhc.collapse_streams(*args, head=head, one_launch=True)
+        assert not arrival_counters(1, x.device).any()
+        for first, second, third in zip(one[head], two, again, strict=True):
+            assert torch.equal(first, second) and torch.equal(first, third)
+    _assert_within_rules("hc_pre", pre_args, one[False], _hc_pre_float64(x, fn, base, scale, iters))
+    _assert_within_rules("hc_pre", pre_args, one[False], reference_mhc.hc_pre(*pre_args))
+    _assert_within_rules("hc_head", head_args, one[True][0], _hc_head_float64(x, head_fn, head_base, head_scale))
+    _assert_within_rules("hc_head", head_args, one[True][0], reference_mhc.hc_head(*head_args))
+
+
+class _Launches:
+    """A kernel stand-in that logs each launch's kernel name, then launches it."""
+
+    def __init__(self, kernel, log: list[str]):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.kernel.fn.__name__)
+        return self.kernel[grid]
+
+
+@interpreted
+def test_token_count_picks_one_or_two_launches(kernels, monkeypatch):
+    mhc, _ = kernels
+    log: list[str] = []
+    for name in ("_pre_kernel", "_mix_kernel", "_weights_kernel"):
+        monkeypatch.setattr(mhc, name, _Launches(getattr(mhc, name), log))
+    for t, launches in ((mhc.ONE_LAUNCH_MAX_TOKENS, ["_pre_kernel"]),
+                        (mhc.ONE_LAUNCH_MAX_TOKENS + 1, ["_mix_kernel", "_weights_kernel"])):
+        x, fn, base, scale = _hc_inputs(1, t, 4, 16, F32, seed=t)
+        _, head_fn, head_base, head_scale = _hc_inputs(1, t, 4, 16, F32, seed=t, mixes=4)
+        log.clear()
+        mhc.hc_pre(x, fn, base, scale)
+        mhc.hc_head(x, head_fn, head_base, head_scale)
+        assert log == 2 * launches
+
+
+@on_gpu
+@pytest.mark.parametrize("t", [1, 4, 16, 64])
+def test_gpu_one_launch_is_the_two_launches(t):
+    """Never run on a GPU yet: the same bits as the two launches at V4-Flash width (same partials,
+    same weights code on the same warps), launch after launch on the counters it resets."""
+    from seahal.backends.cuda import mhc
+
+    x, fn, base, scale = (v.cuda() for v in _hc_inputs(1, t, 4, 4096, BF16, seed=t))
+    _, head_fn, head_base, head_scale = (v.cuda() for v in _hc_inputs(1, t, 4, 4096, BF16, seed=t, mixes=4))
+    for _ in range(2):
+        for args, head in (((x, fn, base, scale, 20), False), ((x, head_fn, head_base, head_scale, 1), True)):
+            one = mhc.collapse_streams(*args, 1e-6, 1e-6, head=head, one_launch=True)
+            two = mhc.collapse_streams(*args, 1e-6, 1e-6, head=head, one_launch=False)
+            assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
 # (n, D, dtype, comb layout, post/comb dtype): D = 40 ends in a partial column block; n = 3 pads the stream axis.

@@ -3,7 +3,8 @@ n = 4 streams) and ``rope`` (the last 64 of each 512-d query head), at V4-Flash 
 
 Rows at 1 and 64 tokens (decode batches) and 4096 and 16384 (prefill). All are memory-bound
 (hc_pre's stream-mix GEMM has 24 outputs per token: ~24 FLOP/byte); the peer is the CPU reference's
-code on the GPU tensors.
+code on the GPU tensors. hc_pre and hc_head time the path the kernel picks for T (one launch up to
+``mhc.ONE_LAUNCH_MAX_TOKENS``, a guess); where that is one launch, the two launches are a second peer.
 
     seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope [--quick] [--json out.json]
 """
@@ -72,8 +73,14 @@ def _hc_pre(op: str, dims: ModelDims, tokens: int, device: torch.device) -> Work
     fn = torch.randn(m, n * dims.dim, device=device) * (n * dims.dim) ** -0.5
     base, scale = torch.randn(m, device=device) * 0.1, torch.rand(n_scales, device=device) + 0.5
     args = (x, fn, base, scale)
-    return Workload(partial(implementation(op, "mhc", "mhc", device), *args),
-                    {"reference": partial(reference(op, "mhc"), *args)}, close(BF16_TOL))
+    peers = {"reference": partial(reference(op, "mhc"), *args)}
+    if device.type == "cuda":
+        from seahal.backends.cuda import mhc
+
+        if tokens <= mhc.ONE_LAUNCH_MAX_TOKENS:
+            peers["two launches"] = partial(mhc.collapse_streams, *args, 1 if op == "hc_head" else 20, 1e-6, 1e-6,
+                                            head=op == "hc_head", one_launch=False)
+    return Workload(partial(implementation(op, "mhc", "mhc", device), *args), peers, close(BF16_TOL))
 
 
 def _hc_post(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
