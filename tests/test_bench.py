@@ -233,9 +233,10 @@ def test_kv_compress_formula():
     # CSA main compressor decode step at position 4095, batch 64: coff 2, width 1024, one new entry.
     case = _case(compressor_cases(GPU, quick=False), "CSA main (m=4, d=512) decode pos=4095 B=64")
     assert case.flops == 2 * 64 * 1 * 2 * 4 * 512 == 524_288
-    # fp32: tokens 2*64*1024, held state 2*64*7*1024, state written 2*64*8*1024, ape 4*1024,
-    # norm 512, freqs 32 -> 2101792 values; bf16 entries 64*512*2 = 65536
-    assert case.nbytes == 4 * 2_101_792 + 65_536 == 8_472_704
+    # fp32: tokens 2*64*1024, held state 2*64*7*1024, state slots that change 2*64*7*1024 (the
+    # kept block moved to [0, 4), the old slots [4, 7) emptied; slot 7 is empty already), ape
+    # 4*1024, norm 512, freqs 32 -> 1970720 values; bf16 entries 64*512*2 = 65536
+    assert case.nbytes == 4 * 1_970_720 + 65_536 == 7_948_416
 
 
 def test_mhc_and_rope_formulas():

@@ -119,12 +119,13 @@ def _attention(t: int):
     from seahal.backends.cuda import compressor, indexer, sparse_attention
 
     start = 0 if t > 1 else 8191
-    for ratio, overlap in ((4, True), (128, False)):
+    # the CSA and HCA main compressors and the indexer's (d 128); one launch each, state update included
+    for ratio, overlap, dim in ((4, True, HEAD_DIM), (128, False, HEAD_DIM), (4, True, INDEX_DIM)):
         coff = 2 if overlap else 1
         compressor.kv_compress(
-            _empty(B, t, coff * HEAD_DIM), _empty(B, t, coff * HEAD_DIM), _empty(ratio, coff * HEAD_DIM),
-            _empty(HEAD_DIM, dtype=torch.bfloat16), _empty(ROPE_DIM // 2),
-            _empty(B, coff * ratio, coff * HEAD_DIM), _empty(B, coff * ratio, coff * HEAD_DIM),
+            _empty(B, t, coff * dim), _empty(B, t, coff * dim), _empty(ratio, coff * dim),
+            _empty(dim, dtype=torch.bfloat16), _empty(ROPE_DIM // 2),
+            _empty(B, coff * ratio, coff * dim), _empty(B, coff * ratio, coff * dim),
             ratio, overlap, start,
         )
     entries = (start + t) // 4

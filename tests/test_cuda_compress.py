@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
@@ -124,12 +125,16 @@ def test_unpack_inverts_pack(cuda_ops):
 # --------------------------------------------------------------------------------------------
 
 
-def _stream(b: int, total: int, ratio: int, d: int, rope: int, overlap: bool, seed: int):
-    """A token stream's projections (kv, score as the two halves of one [.., 2·coff·d] tensor), ape,
-    a strided norm weight and rope frequencies ``160000^(-2i/r)`` (magnitude <= 1)."""
+def _stream(b: int, total: int, ratio: int, d: int, rope: int, overlap: bool, seed: int, token_major: bool = False):
+    """A token stream's projections (kv, score as the two halves of one [.., 2·coff·d] tensor; made
+    [total, b, ..] and transposed when token_major), ape, a strided norm weight and rope
+    frequencies ``160000^(-2i/r)`` (magnitude <= 1)."""
     gen = torch.Generator().manual_seed(seed)
     coff = 2 if overlap else 1
-    projection = torch.randn(b, total, 2 * coff * d, generator=gen)
+    if token_major:
+        projection = torch.randn(total, b, 2 * coff * d, generator=gen).transpose(0, 1)
+    else:
+        projection = torch.randn(b, total, 2 * coff * d, generator=gen)
     ape = torch.randn(ratio, coff * d, generator=gen) * 0.5
     weight = (1 + torch.randn(2 * d, generator=gen) * 0.1)[::2]  # strided: the kernel must use its stride
     freqs = 160000.0 ** (-torch.arange(rope // 2, dtype=torch.float32) * 2 / rope)
@@ -155,28 +160,41 @@ def _assert_entries_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
         assert (ours == ref).float().mean() > 0.9, (ours == ref).float().mean()
 
 
-def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=False, out_dtype=None, seed=0):
-    """Feed the chunks to the kernel and to the reference, each with its own state; compare the
-    entries of every call and the final states (bitwise)."""
-    kv, score, ape, weight, freqs = _stream(b, sum(chunks), ratio, d, rope, overlap, seed)
+def _device_state(state: tuple[torch.Tensor, torch.Tensor], fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state on DEVICE; fused: kv_state and score_state as the two halves of one buffer's last dim."""
+    if not fused:
+        return tuple(s.to(DEVICE) for s in state)
+    buffer = torch.cat(state, dim=-1).to(DEVICE)
+    width = state[0].shape[-1]
+    return buffer[..., :width], buffer[..., width:]
+
+
+def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=False, out_dtype=None, seed=0,
+                strided=False):
+    """Feed the chunks to the kernel and to the reference, each with its own state; after every
+    call compare the entries and the states (bitwise). strided: token-major kv and score, and the
+    two states halves of one buffer."""
+    kv, score, ape, weight, freqs = _stream(b, sum(chunks), ratio, d, rope, overlap, seed, token_major=strided)
     states = [compressor_state(b, ratio, d, overlap) for _ in range(2)]
     if stale:
         for kv_state, score_state in states:
             kv_state.normal_(generator=torch.Generator().manual_seed(1))
             score_state.normal_(generator=torch.Generator().manual_seed(2))
-    ours_state = tuple(s.to(DEVICE) for s in states[0])
+    ours_state = _device_state(states[0], fused=strided)
     params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
     start = 0
-    for size in chunks:
+    for call, size in enumerate(chunks):
         window = slice(start, start + size)
         ours = kv_compress(kv[:, window].to(DEVICE), score[:, window].to(DEVICE), *params, *ours_state, ratio, overlap,
                            start, 1e-6, out_dtype)
         ref = ref_compressor.kv_compress(kv[:, window], score[:, window], ape, weight, freqs, *states[1], ratio,
                                          overlap, start, 1e-6, out_dtype)
         _assert_entries_close(ours, ref)
+        for name, mine, theirs in zip(("kv_state", "score_state"), ours_state, states[1], strict=True):
+            differ = (mine.cpu() != theirs).any(-1)
+            where = f"call {call} (start_pos {start}, S {size})"
+            assert not differ.any(), f"{where}: {name} differs at [b, slot] {differ.nonzero().tolist()}"
         start += size
-    for mine, theirs in zip(ours_state, states[1], strict=True):
-        assert torch.equal(mine.cpu(), theirs)
 
 
 @kernels
@@ -200,6 +218,81 @@ def test_compress_chunked_prefill_stale_state_fp32(cuda_ops):
     _run_stream(cuda_ops[1], (6, 1), 4, True, stale=True, seed=6)  # start_pos 0 ignores the state
     _run_stream(cuda_ops[1], (13, 1, 1, 1), 8, False, stale=True, seed=7)
     _run_stream(cuda_ops[1], (10, 1, 1), 4, True, out_dtype=torch.float32, seed=8)
+
+
+@kernels
+@pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (128, False)], ids=["CSA", "HCA"])
+def test_compress_decode_steps_strided(cuda_ops, ratio, overlap):
+    # one token a call from position 0 through two block completions (2m calls), entries and states
+    # checked after every call: the in-launch state update at each offset mod m; B=2, strided
+    _run_stream(cuda_ops[1], (1,) * (2 * ratio), ratio, overlap, d=16, rope=8, strided=True, seed=9)
+
+
+@kernels
+@pytest.mark.parametrize(
+    ("ratio", "overlap", "chunks"),
+    [
+        # start_pos 3: 3 entries, the first 2 read the carried state; 12: S=0; 12, 16: carried block
+        # boundary (only entry 0 reads the state); 26: completes one entry, the kept slots move
+        # down and the rest of the old ones are emptied; 31: 2 entries reading the state
+        (4, True, (3, 9, 0, 4, 8, 2, 2, 3, 5)),
+        # 100: completes block 0; 128: carried state empty (held 0); 188: 2 entries, S=0 before;
+        # 384: a whole block from an empty state
+        (128, False, (100, 28, 60, 0, 196, 128, 3)),
+    ],
+    ids=["CSA", "HCA"],
+)
+def test_compress_prefill_chunks_across_blocks(cuda_ops, ratio, overlap, chunks):
+    _run_stream(cuda_ops[1], chunks, ratio, overlap, d=16, rope=8, strided=True, seed=10)
+
+
+@kernels
+def test_compress_slot_chunks_of_two(cuda_ops, monkeypatch):
+    # SLOT_BLOCK 2 (d=32): entries pool over 4 chunks of slots, the state is written one slot a
+    # chunk, in ascending order; at start_pos 3 and 15 (CSA) the kept block moves down by m
+    from seahal.backends.cuda import compressor
+
+    monkeypatch.setattr(compressor, "ELEMENTS_PER_CHUNK", 2 * 32)
+    _run_stream(cuda_ops[1], (3, 1, 2, 9, 1, 1), 4, True, d=32, rope=8, seed=11)
+    _run_stream(cuda_ops[1], (13, 1, 1, 1, 6), 8, False, d=32, rope=8, seed=12)
+
+
+class _AtenKernels(TorchDispatchMode):
+    """Records the aten ops dispatched inside it that would launch a device kernel: all but views
+    and allocations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided"):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="counts compiled Triton launches, which the interpreter does not make")
+@pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (128, False)], ids=["CSA", "HCA"])
+@pytest.mark.parametrize(("start_pos", "seq_len"), [(4094, 1), (4095, 1), (0, 8192), (4093, 300)],
+                         ids=["decode", "decode-entry", "prefill", "chunk"])
+def test_compress_is_one_launch(ratio, overlap, start_pos, seq_len):
+    # entries and the state update in one Triton launch, no other device kernel (the output is
+    # allocated): recorded as an H100 would see them (capture_launches), no GPU needed
+    from seahal.backends.cuda import compressor
+
+    from seahal.testing.triton_compile import capture_launches
+
+    coff, d = (2 if overlap else 1), 512
+    with capture_launches() as launches, _AtenKernels() as aten:
+        def empty(*shape):
+            return torch.empty(shape, device="cuda")
+
+        compressor.kv_compress(
+            empty(1, seq_len, coff * d), empty(1, seq_len, coff * d), empty(ratio, coff * d), empty(d), empty(32),
+            empty(1, coff * ratio, coff * d), empty(1, coff * ratio, coff * d), ratio, overlap, start_pos,
+        )
+    assert [launch.name for launch in launches] == ["_kv_compress_kernel"]
+    assert aten.ops == []
 
 
 @kernels

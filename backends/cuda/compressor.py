@@ -1,24 +1,35 @@
-"""Triton KV compressor (op ``kv_compress``; v4_ops.md §7): gated softmax pooling, RMSNorm, RoPE.
-
-One program per (sequence, completed entry). The entry's slots are read straight from where they
-live — the carried state for the first ``held`` slots of the timeline, the new tokens after it —
-so the token stream is never concatenated. Per channel, an online softmax over the slots (in
-chunks of SLOT_BLOCK, one chunk for CSA's 8 slots) pools the values; the d-vector stays in
-registers for the norm and the rotation.
+"""Triton KV compressor (op ``kv_compress``; v4_ops.md §7): gated softmax pooling, RMSNorm, RoPE,
+and the streaming state's update, in one launch.
 
 The timeline of a call (the reference's picture): the state's ``held = (coff-1)·m + start_pos mod m``
 slots (the previous complete block when overlapped, then the incomplete block), then the S tokens;
-it starts at a block boundary. Entry k of the call (global index ``j = start_pos // m + k``) pools
-timeline slots ``u = k·m + i`` for ``i < coff·m``, slot i reading channels ``[(i // m)·d, +d)``:
-the a-halves of block k and the b-halves of block k+1 when overlapped, the d channels of block k
-otherwise. Token slots get ``z = score + ape[i mod m]`` (``held ≡ start_pos mod m``). Then, as the
-reference: ``x = out(pooled)``, ``y = out(w · x · rsqrt(mean(x²) + eps))``, the last r dims of y
-rotated in interleaved pairs by ``fp32(j·m) · f``, cast to out_dtype (RNE, :func:`cast_rne`).
+it starts at a block boundary. A slot is read straight from where it lives — the carried state
+below ``held``, token ``u - held`` after it, with ``z = score + ape[u mod m]`` (``held ≡ start_pos
+mod m``) — so the token stream is never concatenated; ``start_pos == 0`` reads the state's slots as
+empty (kv 0, z -inf).
 
-The state update (at most coff·m rows per sequence) is torch slicing after the launch, on the
-same stream so the kernel has read the old state first. Numerics differ from the reference only
-in fp32 rounding order (online softmax, sum(p·kv)/sum(p) instead of normalised weights, the RMS
-sum) and in cos/sin: within the conformance tolerance of ``kv_compress``; the state is bitwise.
+Entry k of the call (global index ``j = start_pos // m + k``) pools timeline slots ``u = k·m + i``
+for ``i < coff·m``, slot i reading channels ``[(i // m)·d, +d)``: the a-halves of block k and the
+b-halves of block k+1 when overlapped, the d channels of block k otherwise. Per channel, an online
+softmax over the slots (in chunks of SLOT_BLOCK, one chunk for CSA's 8 slots) pools the values;
+the d-vector stays in registers for the norm and the rotation. Then, as the reference: ``x =
+out(pooled)``, ``y = out(w · x · rsqrt(mean(x²) + eps))``, the last r dims of y rotated in
+interleaved pairs by ``fp32(j·m) · f``, cast to out_dtype (RNE, :func:`cast_rne`).
+
+The new state is timeline slots ``n_new·m + s`` (the last ``coff - 1`` complete blocks and the
+incomplete one), then empty slots. Only the first ``lead = min(n_new, ceil(held / m))`` entries
+reach into a carried state (none from a reset), so one program per sequence computes those
+entries, then writes the state after a barrier: no other program reads the state, and within the
+program every slot is read before it is overwritten. The other ``n_new - lead`` programs of the
+sequence compute one entry each. A decode step is one program per sequence.
+
+Precondition of ``start_pos > 0``: the state's slots from ``held`` on are empty, as in every state
+this op or :func:`compressor_state` leaves. Only slots that change are written then (a decode step
+without a new entry writes one slot, not coff·m); the reference rewrites every slot, so a carried
+state with data in its unused slots would keep it here (entries are unaffected: no call reads
+them). Numerics differ from the reference only in fp32 rounding order (online softmax,
+sum(p·kv)/sum(p) instead of normalised weights, the RMS sum) and in cos/sin: within the
+conformance tolerance of ``kv_compress``; the state is bitwise (copies and one fp32 add).
 """
 
 from __future__ import annotations
@@ -31,8 +42,10 @@ from seahal.hal.ops.compressor import compressor_width
 from ._numerics import cast_rne
 
 ELEMENTS_PER_CHUNK = 4096
-"""Slot-chunk size in elements (slots x padded d): CSA's 8 x 512 in one chunk, HCA's 128 slots
-in 16. Not measured on a GPU yet (TUNING.md)."""
+"""Slot-chunk size in elements (slots x padded d) of the entries' pooling: CSA's 8 x 512 in one
+chunk, HCA's 128 slots in 16. The state is written in chunks of half as many slots: its loads stay
+live across a barrier (ptxas for sm_90, CSA d=512 from a reset: 186 registers a thread with whole
+chunks, 111 with halves, 90 without the state write). Not measured on a GPU yet (TUNING.md)."""
 
 
 def kv_compress(
@@ -63,59 +76,110 @@ def kv_compress(
     d = channels // coff
     if d % 2:
         raise NotImplementedError(f"cuda.triton kv_compress: d must be even (rope pairs), got {d}")
+    carried = start_pos > 0
     held = (coff - 1) * ratio + start_pos % ratio
     n_new = (held + seq_len) // ratio - (coff - 1)
+    lead = min(n_new, -(-held // ratio)) if carried else 0
     dtype = torch.bfloat16 if out_dtype is None else out_dtype
     out = torch.empty((batch, n_new, d), dtype=dtype, device=kv.device)
-    if batch * n_new > 0:
+    if batch > 0:
         d_p2 = triton.next_power_of_2(d)
-        _kv_compress_kernel[(batch * n_new,)](
+        slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // d_p2))
+        _kv_compress_kernel[(batch * (1 + n_new - lead),)](
             kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out,
-            n_new, held, start_pos // ratio, norm_eps,
+            n_new, lead, held, seq_len, start_pos // ratio,
+            *_changed_slots(held, seq_len, n_new, ratio, coff * ratio, carried), norm_eps,
             *kv.stride(), *score.stride(), *ape.stride(), norm_weight.stride(0), rope_freqs.stride(0),
             *kv_state.stride(), *score_state.stride(),
             RATIO=ratio, SLOTS=coff * ratio, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0],
-            SLOT_BLOCK=min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // d_p2)),
-            CARRIED=start_pos > 0,
+            SLOT_BLOCK=slot_block, STATE_BLOCK=max(1, slot_block // 2), CARRIED=carried,
         )
-    _advance_state(kv, score, ape, kv_state, score_state, ratio, coff, start_pos, held)
     return out
 
 
-def _advance_state(
-    kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor,
-    ratio: int, coff: int, start_pos: int, held: int,
-) -> None:
-    """Keep the timeline's last ``coff - 1`` complete blocks and its incomplete block, then empty
-    slots (kv 0, z -inf). Reads only the <= coff·m rows kept; ``start_pos == 0`` holds empty slots."""
-    seq_len = kv.shape[1]
-    first = ((held + seq_len) // ratio - (coff - 1)) * ratio  # first timeline slot kept
-    from_tokens = max(first - held, 0)
-    ape_rows = (torch.arange(from_tokens, seq_len, device=kv.device) + start_pos) % ratio
-    kept_tokens = (kv[:, from_tokens:], score[:, from_tokens:] + ape[ape_rows])
-    for state, tokens, fill in zip((kv_state, score_state), kept_tokens, (0.0, float("-inf")), strict=True):
-        batch, slots, channels = state.shape
-        if start_pos > 0:
-            kept = state[:, first:held]
-        else:
-            kept = state.new_full((batch, max(held - first, 0), channels), fill)
-        empty = state.new_full((batch, slots - kept.shape[1] - tokens.shape[1], channels), fill)
-        state.copy_(torch.cat((kept, tokens, empty), dim=1))
+def _changed_slots(held: int, seq_len: int, n_new: int, ratio: int, slots: int, carried: bool) -> tuple[int, int]:
+    """The state slots [lo, hi) a call rewrites.
+
+    The new state keeps ``held + S - n_new·m`` timeline slots, then empty ones. From a reset, all
+    ``slots``. A carried state is empty from ``held`` on (the precondition), so: with no new entry
+    slots [0, held) stay and the S tokens go to [held, held + S); otherwise the kept slots move
+    to the front and what is left of the old ``held`` slots is emptied.
+    """
+    if not carried:
+        return 0, slots
+    kept = held + seq_len - n_new * ratio
+    return (held, kept) if n_new == 0 else (0, max(kept, held))
+
+
+@triton.jit(do_not_specialize=["HELD", "FIRST_ENTRY", "STATE_LO", "STATE_HI"])
+def _kv_compress_kernel(
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr,
+    N_NEW, LEAD, HELD, SEQ, FIRST_ENTRY, STATE_LO, STATE_HI, eps,
+    stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
+    stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
+    RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr, CARRIED: tl.constexpr,
+):
+    """Program (b, 0): entries [0, LEAD) of sequence b (all that read its carried state), then its
+    state slots [STATE_LO, STATE_HI); program (b, q > 0): entry LEAD + q - 1.
+
+    The scalars that move with start_pos every decode step are not specialised on their values:
+    decode compiles two variants, with and without an entry (SEQ is 1, N_NEW and LEAD 0 or 1).
+    """
+    programs = N_NEW - LEAD + 1
+    b = (tl.program_id(0) // programs).to(tl.int64)
+    q = tl.program_id(0) % programs
+    first = tl.where(q == 0, 0, LEAD + q - 1)
+    last = tl.where(q == 0, LEAD, LEAD + q)
+    for k in tl.range(first, last):
+        _write_entry(
+            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr,
+            b, k, N_NEW, HELD, SEQ, FIRST_ENTRY, eps,
+            stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n,
+            stride_f, stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
+            RATIO, SLOTS, D, D_P2, PAIRS, SLOT_BLOCK, CARRIED,
+        )
+    if q == 0:
+        _write_state(
+            kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
+            b, N_NEW * RATIO, HELD, SEQ, STATE_LO, STATE_HI,
+            stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
+            stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
+            RATIO, SLOTS, D, D_P2, STATE_BLOCK, CARRIED,
+        )
 
 
 @triton.jit
-def _kv_compress_kernel(
+def _load_slots(
+    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, live, HELD, SEQ,
+    stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
+    stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
+    RATIO: tl.constexpr, CARRIED: tl.constexpr,
+):
+    """(kv, z) of timeline slots u ([n, 1] int64) at channels col where live: the carried state
+    below HELD, token u - HELD with z = score + ape[u mod m] below HELD + SEQ, else empty (0, -inf)."""
+    in_state = live & (u < HELD) & CARRIED  # start_pos 0: empty slots, whatever the state holds
+    in_tokens = live & (u >= HELD) & (u < HELD + SEQ)
+    t = u - HELD
+    kv_v = tl.load(kv_state_ptr + b * stride_vb + u * stride_vs + col * stride_vc, mask=in_state, other=0.0)
+    z_v = tl.load(score_state_ptr + b * stride_wb + u * stride_ws + col * stride_wc, mask=in_state,
+                  other=float("-inf"))
+    kv_t = tl.load(kv_ptr + b * stride_kb + t * stride_ks + col * stride_kc, mask=in_tokens, other=0.0)
+    z_t = tl.load(score_ptr + b * stride_zb + t * stride_zs + col * stride_zc, mask=in_tokens, other=0.0)
+    z_t += tl.load(ape_ptr + (u % RATIO) * stride_am + col * stride_ac, mask=in_tokens, other=0.0)
+    return tl.where(in_tokens, kv_t, kv_v), tl.where(in_tokens, z_t, z_v)
+
+
+@triton.jit
+def _write_entry(
     kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr,
-    N_NEW, HELD, FIRST_ENTRY, eps,
+    b, k, N_NEW, HELD, SEQ, FIRST_ENTRY, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
     SLOT_BLOCK: tl.constexpr, CARRIED: tl.constexpr,
 ):
-    """out[b, k] = rope(norm(pool(slots of entry k))); program = (b, k)."""
-    pid = tl.program_id(0)
-    b = (pid // N_NEW).to(tl.int64)
-    k = pid % N_NEW
+    """out[b, k] = rope(norm(pool(slots of entry k)))."""
     c = tl.arange(0, D_P2)
     c_ok = c < D
     run_max = tl.full((D_P2,), float("-inf"), tl.float32)
@@ -123,22 +187,14 @@ def _kv_compress_kernel(
     acc = tl.zeros((D_P2,), tl.float32)
     for s0 in tl.range(0, SLOTS, SLOT_BLOCK):
         i = s0 + tl.arange(0, SLOT_BLOCK)
-        u = (k * RATIO + i).to(tl.int64)  # timeline slot (64-bit: t * stride may pass 2^31 at 1M tokens)
+        u = (k * RATIO + i).to(tl.int64)[:, None]  # timeline slot (64-bit: t * stride may pass 2^31 at 1M tokens)
         col = (i // RATIO * D)[:, None] + c[None, :]  # a-half (i < m) or b-half channels
         live = (i < SLOTS)[:, None] & c_ok[None, :]
-        in_state = live & (u < HELD)[:, None] & CARRIED  # start_pos 0: empty slots, whatever the state holds
-        in_tokens = live & (u >= HELD)[:, None]
-        t = (u - HELD)[:, None]
-        slot = u[:, None]
-        kv_v = tl.load(kv_state_ptr + b * stride_vb + slot * stride_vs + col * stride_vc, mask=in_state, other=0.0)
-        z_v = tl.load(
-            score_state_ptr + b * stride_wb + slot * stride_ws + col * stride_wc, mask=in_state, other=float("-inf")
+        values, z = _load_slots(
+            kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, live, HELD, SEQ,
+            stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
+            stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO, CARRIED,
         )
-        kv_t = tl.load(kv_ptr + b * stride_kb + t * stride_ks + col * stride_kc, mask=in_tokens, other=0.0)
-        z_t = tl.load(score_ptr + b * stride_zb + t * stride_zs + col * stride_zc, mask=in_tokens, other=0.0)
-        z_t += tl.load(ape_ptr + (i % RATIO)[:, None] * stride_am + col * stride_ac, mask=in_tokens, other=0.0)
-        values = tl.where(in_tokens, kv_t, kv_v)
-        z = tl.where(in_tokens, z_t, z_v)
         # online softmax over slots, per channel; a channel with only empty slots so far keeps 0s
         new_max = tl.maximum(run_max, tl.max(z, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -161,4 +217,38 @@ def _kv_compress_kernel(
     sin = tl.sin(theta)
     a, bb = tl.where(rotated, a * cos - bb * sin, a), tl.where(rotated, a * sin + bb * cos, bb)
     entry = tl.reshape(tl.join(a, bb), (D_P2,))
-    tl.store(out_ptr + pid.to(tl.int64) * D + c, cast_rne(entry, out_dtype), mask=c_ok)
+    tl.store(out_ptr + (b * N_NEW + k) * D + c, cast_rne(entry, out_dtype), mask=c_ok)
+
+
+@triton.jit
+def _write_state(
+    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, SHIFT, HELD, SEQ, LO, HI,
+    stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
+    stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
+    RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
+    CARRIED: tl.constexpr,
+):
+    """State slots s in [LO, HI) <- timeline slot SHIFT + s (SHIFT = n_new·m), in ascending chunks
+    of BLOCK slots.
+
+    A chunk's sources (at or above its targets) are all read before the barrier, its targets
+    written after it; later chunks read only above this chunk's targets. The first barrier also
+    orders this program's entry reads before any write. The loop is not software-pipelined
+    (num_stages=1): an asynchronous copy still in flight would not be ordered by the barrier.
+    """
+    c = tl.arange(0, D_P2)
+    for s0 in tl.range(LO - LO % BLOCK, HI, BLOCK, num_stages=1):
+        s = s0 + tl.arange(0, BLOCK)
+        u = (SHIFT + s).to(tl.int64)[:, None]
+        rows = ((s >= LO) & (s < HI))[:, None] & (c < D)[None, :]
+        for half in tl.static_range(SLOTS // RATIO):  # coff halves of the channels
+            col = half * D + c[None, :]
+            kv_v, z = _load_slots(
+                kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, rows, HELD, SEQ,
+                stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
+                stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO, CARRIED,
+            )
+            tl.debug_barrier()
+            slot = s.to(tl.int64)[:, None]
+            tl.store(kv_state_ptr + b * stride_vb + slot * stride_vs + col * stride_vc, kv_v, mask=rows)
+            tl.store(score_state_ptr + b * stride_wb + slot * stride_ws + col * stride_wc, z, mask=rows)

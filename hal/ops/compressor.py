@@ -58,6 +58,8 @@ def kv_compress(
     (interleaved pairs) at position ``j*m``. The state keeps the incomplete block (slots
     ``[coff*m - m + t mod m]``) and, when overlapped, the previous complete block (slots [0, m));
     ``start_pos == 0`` ignores the incoming state (a reset). Empty slots are kv=0, score=-inf.
+    For ``start_pos > 0`` the incoming state must be one this op left (or a fresh one): the slots
+    past the held tokens empty. Kernels may rely on it and rewrite only the slots that change.
     """
     c = Contract("kv_compress")
     c.positive("ratio", ratio)

@@ -25,6 +25,7 @@ from seahal.bench.common import (
     measure_all,
     reference,
 )
+from seahal.hal.ops.compressor import compressor_state
 
 OPS = ("kv_compress",)
 BF16_TOL = 1e-2
@@ -40,16 +41,28 @@ def compress_cost(batch: int, seq: int, ratio: int, overlap: bool, dim: int, rop
     read (none from a reset state at start_pos 0, else ``(coff - 1) * m + start_pos mod m``):
     FLOPs ``2 * batch * n * coff * m * dim`` (each entry's softmax-weighted sum over coff*m slots);
     bytes, fp32 unless said: kv and score tokens ``2 * batch * seq * w``, held state read
-    ``2 * batch * held * w``, whole state written ``2 * batch * coff * m * w``, ape ``m * w``, bf16
-    entries ``batch * n * dim * 2``, norm weight ``dim`` and rope frequencies ``rope_dim / 2``.
+    ``2 * batch * held * w``, state slots that change written ``2 * batch * changed * w``, ape
+    ``m * w``, bf16 entries ``batch * n * dim * 2``, norm weight ``dim`` and rope frequencies
+    ``rope_dim / 2``. The slots that change: all coff*m from a reset; else the seq new ones when no
+    entry completes, or ``max(kept, held)`` (``kept = held + seq - n * m`` move to the front, the
+    rest of the old ones are emptied); the unused slots of a carried state are empty already.
     """
     coff = 2 if overlap else 1
     width = coff * dim
     n_new = (start_pos + seq) // ratio - start_pos // ratio
-    held = 0 if start_pos == 0 else (coff - 1) * ratio + start_pos % ratio
+    held = _held_slots(ratio, overlap, start_pos)
+    if start_pos == 0:
+        changed = coff * ratio
+    else:
+        changed = seq if n_new == 0 else max(held + seq - n_new * ratio, held)
     flops = 2 * batch * n_new * coff * ratio * dim
-    fp32_values = width * (2 * batch * seq + 2 * batch * held + 2 * batch * coff * ratio + ratio) + dim + rope_dim // 2
+    fp32_values = width * (2 * batch * seq + 2 * batch * held + 2 * batch * changed + ratio) + dim + rope_dim // 2
     return flops, 4 * fp32_values + 2 * batch * n_new * dim
+
+
+def _held_slots(ratio: int, overlap: bool, start_pos: int) -> int:
+    """State slots in use before tokens from start_pos: ``(coff - 1) * m + start_pos mod m``, none at 0."""
+    return 0 if start_pos == 0 else (1 if overlap else 0) * ratio + start_pos % ratio
 
 
 def _compress(ratio: int, overlap: bool, dim: int, rope_dim: int, batch: int, seq: int, start_pos: int,
@@ -61,7 +74,9 @@ def _compress(ratio: int, overlap: bool, dim: int, rope_dim: int, batch: int, se
     ape = torch.randn(ratio, coff * dim, device=device) * 0.1
     norm_weight = torch.rand(dim, device=device) + 0.5
     freqs = 10000.0 ** -(torch.arange(0, rope_dim, 2, device=device).float() / rope_dim)
-    state = (torch.randn(batch, coff * ratio, coff * dim, device=device), torch.randn(batch, coff * ratio, coff * dim, device=device))
+    state = compressor_state(batch, ratio, dim, overlap, device=device)
+    for values in state:  # as the op leaves it: data in the slots in use, empty after
+        values[:, : _held_slots(ratio, overlap, start_pos)].normal_()
 
     def call(function, states):  # each side owns its state: the op updates it in place
         return function(kv, score, ape, norm_weight, freqs, *states, ratio, overlap, start_pos)
