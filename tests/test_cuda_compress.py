@@ -10,7 +10,10 @@ subprocess) and, on a machine with a GPU, on CUDA tensors.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,28 +274,57 @@ class _AtenKernels(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(IN_INTERPRETER, reason="counts compiled Triton launches, which the interpreter does not make")
-@pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (128, False)], ids=["CSA", "HCA"])
-@pytest.mark.parametrize(("start_pos", "seq_len"), [(4094, 1), (4095, 1), (0, 8192), (4093, 300)],
-                         ids=["decode", "decode-entry", "prefill", "chunk"])
-def test_compress_is_one_launch(ratio, overlap, start_pos, seq_len):
-    # entries and the state update in one Triton launch, no other device kernel (the output is
-    # allocated): recorded as an H100 would see them (capture_launches), no GPU needed
-    from seahal.backends.cuda import compressor
+ONE_LAUNCH_CALLS = {
+    f"{step}-{kind}": (ratio, overlap, start_pos, seq_len)
+    for step, (start_pos, seq_len) in {"decode": (4094, 1), "decode-entry": (4095, 1), "prefill": (0, 8192),
+                                       "chunk": (4093, 300)}.items()
+    for kind, (ratio, overlap) in {"CSA": (4, True), "HCA": (128, False)}.items()
+}
+"""kv_compress calls whose launches are counted: decode with and without a completed entry, a
+prefill from position 0 and a carried chunk, for CSA and HCA at d = 512."""
 
+
+def launches_per_call() -> dict[str, tuple[list[str], list[str]]]:
+    """For each call of :data:`ONE_LAUNCH_CALLS`: (the Triton kernels it launches, the other aten
+    ops that would launch a device kernel), recorded as an H100 would see them (capture_launches,
+    meta tensors posing as cuda:0), no GPU needed. Needs compiled (not interpreted) kernels: run in
+    a process without TRITON_INTERPRET (:func:`test_compress_is_one_launch` starts one)."""
+    from seahal.backends.cuda import compressor
     from seahal.testing.triton_compile import capture_launches
 
-    coff, d = (2 if overlap else 1), 512
-    with capture_launches() as launches, _AtenKernels() as aten:
-        def empty(*shape):
-            return torch.empty(shape, device="cuda")
+    counts = {}
+    for name, (ratio, overlap, start_pos, seq_len) in ONE_LAUNCH_CALLS.items():
+        coff, d = (2 if overlap else 1), 512
+        with capture_launches() as launches, _AtenKernels() as aten:
+            def empty(*shape):
+                return torch.empty(shape, device="cuda")
 
-        compressor.kv_compress(
-            empty(1, seq_len, coff * d), empty(1, seq_len, coff * d), empty(ratio, coff * d), empty(d), empty(32),
-            empty(1, coff * ratio, coff * d), empty(1, coff * ratio, coff * d), ratio, overlap, start_pos,
-        )
-    assert [launch.name for launch in launches] == ["_kv_compress_kernel"]
-    assert aten.ops == []
+            compressor.kv_compress(
+                empty(1, seq_len, coff * d), empty(1, seq_len, coff * d), empty(ratio, coff * d), empty(d),
+                empty(32), empty(1, coff * ratio, coff * d), empty(1, coff * ratio, coff * d), ratio, overlap,
+                start_pos,
+            )
+        counts[name] = ([launch.name for launch in launches], aten.ops)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def recorded_launches() -> dict[str, list[list[str]]]:
+    """:func:`launches_per_call` in a fresh process: an earlier test of this session may have
+    imported the kernels under TRITON_INTERPRET, and Triton decides at import what a kernel is."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="runs in the main pytest process (it starts its own)")
+@pytest.mark.parametrize("call", ONE_LAUNCH_CALLS)
+def test_compress_is_one_launch(recorded_launches, call):
+    # entries and the state update in one Triton launch, no other device kernel (the output is allocated)
+    triton_kernels, other_kernels = recorded_launches[call]
+    assert triton_kernels == ["_kv_compress_kernel"]
+    assert other_kernels == []
 
 
 @kernels
@@ -301,3 +333,7 @@ def test_compress_rejects_float64(cuda_ops):
     with pytest.raises(NotImplementedError, match="kv must be float32"):
         cuda_ops[1](kv.double().to(DEVICE), score.to(DEVICE), ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE),
                     *(s.to(DEVICE) for s in compressor_state(1, 4, 8, False)), 4, False, 0)
+
+
+if __name__ == "__main__":
+    print(json.dumps(launches_per_call()))
