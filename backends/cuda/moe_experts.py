@@ -21,7 +21,7 @@ Three launches after the routing tables:
 Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
 scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
 scales decoded to bf16 in registers (as ``fp4_gemm``). The activations of FP8/FP4 GEMMs are
-FP8-quantised in 1x128 ue8m0 tiles (x by ``hal.formats.fp8_quantize`` on the device, h in the
+FP8-quantised in 1x128 ue8m0 tiles (x by the Triton ``fp8_act_quant``, one launch; h in the
 gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
 reference applies the summed weight once. Verified under the Triton interpreter only (TUNING.md).
 """
@@ -34,12 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from seahal.hal.formats import fp8_quantize
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._gemm import K_BLOCK, decode_e8m0
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .fp4_gemm import _decode_e2m1
+from .quant import fp8_act_quant
 
 _FORMATS = {"dense": 0, "fp8": 1, "fp4": 2}
 """Weight format -> the kernels' FORMAT code."""
@@ -362,7 +362,7 @@ def moe_experts(
     rows = t * top_k
     config = experts_config(rows, (fmt_up, fmt_down) != ("dense", "dense"), x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
-    a, a_scale = (x, None) if fmt_up == "dense" else fp8_quantize(x, K_BLOCK)
+    a, a_scale = (x, None) if fmt_up == "dense" else fp8_act_quant(x, K_BLOCK)
     if fmt_down == "dense":
         h, h_scale = torch.empty((rows, inter), dtype=x.dtype, device=x.device), None
     else:  # the gate-up epilogue writes h FP8-quantised for the down GEMM
