@@ -93,6 +93,8 @@ def _moe(t: int):
         _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32),
         _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32),
     )
+    tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
+    moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)
     dense = torch.bfloat16
     moe_experts.moe_experts(
         x, weights, top, _empty(e, INTER, DIM, dtype=dense), None, _empty(e, INTER, DIM, dtype=dense), None,

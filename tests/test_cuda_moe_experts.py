@@ -8,7 +8,10 @@ TRITON_INTERPRET=1; the kernel tests run there and are skipped in the parent.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,7 +48,7 @@ accumulation order may flip a rounding by one bf16 ulp (2^-8 relative of that el
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=1)
+    triton_interpreter.rerun_test_file(__file__, skipped=2)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +194,15 @@ def test_repeated_expert_in_a_token_and_edge_tiles(experts):
 
 
 @interpreted
+def test_many_rows_take_the_torch_routing(experts, monkeypatch):
+    """Past the one-launch routing's row limit the torch sort builds the tables: same result."""
+    args = _case(5, "fp8", torch.bfloat16, seed=3)
+    monkeypatch.setattr(experts, "ROUTE_KERNEL_MAX_ROWS", 4)
+    out = experts.moe_experts(*args)
+    assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
+
+
+@interpreted
 def test_routing_tables(experts):
     """Sorted rows grouped by expert; each expert's rows cut into BLOCK_M tiles that never straddle
     experts; the empty expert owns no tile; unused tiles are marked -1."""
@@ -227,3 +239,96 @@ def test_cast_rounds_to_nearest_even():
     assert torch.equal(b.view(torch.int16)[~nan], v.to(torch.bfloat16).view(torch.int16)[~nan])
     codes = v.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(q.view(torch.uint8)[~nan], codes[~nan])  # e4m3 of [-448, 448] only
+
+
+def _random_ids(t: int, k: int, n_experts: int, gen: torch.Generator) -> torch.Tensor:
+    """[t, k] int32 ids drawn from [-2, E + 2) (out of range routes nowhere), distinct within a token
+    but for pairs: slot j (odd) repeats slot j - 1 with probability 1/2, so no id appears more than
+    twice in a token (the merged weight is then the same in any summation order)."""
+    ids = torch.stack([torch.randperm(n_experts + 4, generator=gen)[:k] for _ in range(t)]) - 2
+    odd = torch.arange(1, k, 2)
+    repeat = torch.rand(t, len(odd), generator=gen) < 0.5
+    ids[:, odd] = torch.where(repeat, ids[:, odd - 1], ids[:, odd])
+    return ids.to(torch.int32)
+
+
+def _assert_same_routing(a, b) -> None:
+    for field in ("tiles", "slots", "weights", "positions", "n_valid"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and torch.equal(x, y), (field, x, y)
+
+
+@interpreted
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("n_experts", [8, 256])
+@pytest.mark.parametrize("k", [1, 6, 8])
+@pytest.mark.parametrize("t", [1, 3, 16, 64])
+def test_one_launch_routing_equals_torch_sort(experts, t, k, n_experts, block_m):
+    """The routing kernel's tables equal the torch path's (every field, weights bitwise): random ids
+    with out-of-range ids, repeated ids, empty experts and T*k not a multiple of BLOCK_M."""
+    gen = torch.Generator().manual_seed(t * 1000 + k * 10 + n_experts + block_m)
+    ids = _random_ids(t, k, n_experts, gen)
+    weights = torch.rand(t, k, generator=gen)
+    _assert_same_routing(experts.route_small(weights, ids, n_experts, block_m),
+                         experts.route_sorted(weights, ids, n_experts, block_m))
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [[-1, -1, 9]] * 5,  # nothing routed (a pair of -1 and an id past E): every tile unused
+        [[7, 7, 3]] * 5,  # every token repeats an expert; all rows on two experts
+        [[0, 1, 2]] * 11,  # 11 rows an expert: two tiles of 8 each, the second partial
+        [[2**40, -(2**40), 4]] * 2,  # int64 ids far outside [0, E)
+    ],
+    ids=["all-dropped", "repeats", "partial-tiles", "int64-out-of-range"],
+)
+def test_one_launch_routing_edge_cases(experts, ids):
+    ids = torch.tensor(ids)
+    weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _assert_same_routing(experts.route_small(weights, ids, E, 8), experts.route_sorted(weights, ids, E, 8))
+
+
+DECODE_CALL = {"t": 1, "k": 6, "experts": 256, "dim": 4096, "inter": 2048}
+"""V4-Flash decode, one token, FP4 experts: the call whose launches are counted."""
+
+
+def launches_per_call() -> tuple[list[str], list[str]]:
+    """(the Triton kernels, the other aten ops that would launch a device kernel) of a
+    :data:`DECODE_CALL` moe_experts call, recorded as an H100 would see them (capture_launches),
+    no GPU needed. Needs compiled kernels: run in a process without TRITON_INTERPRET."""
+    from test_cuda_compress import _AtenKernels
+
+    from seahal.backends.cuda import moe_experts
+    from seahal.testing.triton_compile import capture_launches
+
+    t, k, e, d, inter = DECODE_CALL.values()
+    with capture_launches() as launches, _AtenKernels() as aten:
+        def empty(*shape, dtype=torch.float32):
+            return torch.empty(shape, dtype=dtype, device="cuda")
+
+        def fp4(rows, cols):
+            return empty(e, rows, cols // 2, dtype=torch.uint8), empty(e, rows, cols // 32, dtype=torch.float8_e8m0fnu)
+
+        moe_experts.moe_experts(empty(t, d, dtype=torch.bfloat16), empty(t, k), empty(t, k, dtype=torch.int64),
+                                *fp4(inter, d), *fp4(inter, d), *fp4(d, inter))
+    return [launch.name for launch in launches], aten.ops
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="runs in the main pytest process (it starts its own)")
+def test_decode_call_launches_only_triton_kernels():
+    # a fresh process: an earlier test may have imported the kernels under TRITON_INTERPRET
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    triton_kernels, other_kernels = json.loads(done.stdout.splitlines()[-1])
+    # routing, x's FP8 quantisation, gate-up, down, combine; the torch routing was ~45 more kernels
+    assert triton_kernels == ["_route_kernel", "_fp8_act_quant_kernel", "_grouped_gemm_kernel",
+                              "_grouped_gemm_kernel", "_combine_kernel"]
+    assert other_kernels == []
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    print(json.dumps(launches_per_call()))

@@ -1,7 +1,8 @@
 """Triton routed experts (op ``moe_experts``): permute by expert, two grouped GEMMs, un-permute.
 
-Layout: *contiguous grouped*. The T*k (token, slot) pairs are sorted by expert on the device
-(``torch.sort`` + ``searchsorted``, no host synchronisation), so each expert's rows are consecutive
+Layout: *contiguous grouped*. The T*k (token, slot) pairs are sorted by expert on the device (no
+host synchronisation; one Triton launch of counting ranks for few rows, ``torch.sort`` +
+``searchsorted`` for many: :func:`route`), so each expert's rows are consecutive
 in one [S = T*k] order. A row tile never straddles two experts: expert e owns ``ceil(n_e / BLOCK_M)``
 tiles and its last tile masks the rows past ``n_e``. The grid is sized by the bound
 ``ceil(S / BLOCK_M) + min(E, S)`` (no data-dependent launch shape, so a call can be captured in a
@@ -93,12 +94,36 @@ class Routing:
     n_valid: torch.Tensor
 
 
+ROUTE_KERNEL_MAX_ROWS = 512
+"""Up to this many routed rows T*k, :func:`route` builds the tables in one Triton launch
+(:func:`route_small`); above, with torch's sort (:func:`route_sorted`)."""
+ROUTE_KERNEL_MAX_EXPERTS = 1024
+"""The one-launch routing holds per-expert counts in registers: beyond this E it takes the torch path."""
+_ROUTE_CHUNK = 32
+"""Slots, tiles and experts the routing kernel compares at a time (a [rows, 32] comparison tile)."""
+
+
 def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
     """Sort the (token, slot) pairs by expert and cut each expert's rows into BLOCK_M tiles.
 
     topk_weights: [T, k] float, topk_ids: [T, k] int (ids outside [0, E) route nowhere).
     A slot repeating an earlier slot's expert is dropped and its weight added to that slot's.
+    Few rows (decode) take one Triton launch (:func:`route_small`), many the torch sort
+    (:func:`route_sorted`); both give the same tables.
     """
+    rows = topk_ids.numel()
+    if 0 < rows <= ROUTE_KERNEL_MAX_ROWS and 0 < n_experts <= ROUTE_KERNEL_MAX_EXPERTS:
+        return route_small(topk_weights, topk_ids, n_experts, block_m)
+    return route_sorted(topk_weights, topk_ids, n_experts, block_m)
+
+
+def _max_tiles(rows: int, n_experts: int, block_m: int) -> int:
+    """Row tiles the tables hold: the bound ceil(S / BLOCK_M) + min(E, S) (one partial tile per expert)."""
+    return triton.cdiv(rows, block_m) + min(n_experts, rows)
+
+
+def route_sorted(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
+    """:func:`route` with torch ops: a stable sort of the slots by expert, searchsorted for the bounds."""
     t, k = topk_ids.shape
     rows = t * k
     device = topk_ids.device
@@ -111,8 +136,7 @@ def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, bl
     bounds = torch.searchsorted(sorted_ids, torch.arange(n_experts + 1, device=device))
     n_tiles = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m
     tiles_end = n_tiles.cumsum(0)
-    max_tiles = triton.cdiv(rows, block_m) + min(n_experts, rows)
-    tile = torch.arange(max_tiles, device=device)
+    tile = torch.arange(_max_tiles(rows, n_experts, block_m), device=device)
     expert = torch.searchsorted(tiles_end, tile, right=True)
     e = expert.clamp(max=n_experts - 1)
     first = bounds[e] + (tile - tiles_end[e] + n_tiles[e]) * block_m
@@ -126,6 +150,103 @@ def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, bl
         positions=positions.view(t, k).sort(dim=1).values.to(torch.int32),
         n_valid=bounds[n_experts:].to(torch.int32),
     )
+
+
+@triton.jit
+def _slot_key(ids_ptr, slot, mask, stride_t, stride_k, n_experts, TOP_K: tl.constexpr):
+    """The sort key of each (token * k + j) ``slot``: its expert id, or E when the id is outside
+    [0, E) or repeats one of the token's earlier slots (the slot is dropped and sorts last)."""
+    token = slot // TOP_K
+    j = slot % TOP_K
+    ids = tl.load(ids_ptr + token * stride_t + j * stride_k, mask=mask, other=-1)
+    repeat = tl.zeros_like(mask)
+    for jj in tl.static_range(TOP_K):
+        other = tl.load(ids_ptr + token * stride_t + jj * stride_k, mask=mask, other=-1)
+        repeat |= (jj < j) & (other == ids)
+    keep = (ids >= 0) & (ids < n_experts) & ~repeat
+    return tl.where(keep, ids, n_experts).to(tl.int32)
+
+
+@triton.jit
+def _route_kernel(
+    weights_ptr, ids_ptr, tiles_ptr, slots_ptr, sorted_weights_ptr, positions_ptr, n_valid_ptr,
+    rows, n_experts, max_tiles, stride_wt, stride_wk, stride_it, stride_ik,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_PAD: tl.constexpr, EXPERTS_PAD: tl.constexpr,
+    TILES_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The :class:`Routing` tables of ``rows`` = T*k slots in one program, without a sort.
+
+    Slot i's sorted row is its stable counting rank #{j : key_j < key_i or (key_j = key_i, j < i)};
+    its place among its token's rows the same rank over the token's k slots. Expert e's rows start
+    at bounds_e = #{key < e}; tile -> expert is #{e : tiles_end_e <= tile} (searchsorted, right).
+    The merged weight of a slot sums, in slot order, the weights of the token's slots with its id.
+    """
+    slot = tl.arange(0, ROWS_PAD)
+    valid = slot < rows
+    token = slot // TOP_K
+    j = slot % TOP_K
+    key = _slot_key(ids_ptr, slot, valid, stride_it, stride_ik, n_experts, TOP_K)
+    ids = tl.load(ids_ptr + token * stride_it + j * stride_ik, mask=valid, other=-1)
+    weight = tl.zeros((ROWS_PAD,), dtype=tl.float32)
+    order = tl.zeros((ROWS_PAD,), dtype=tl.int32)  # the slot's place among its token's rows
+    for jj in tl.static_range(TOP_K):
+        peer = tl.load(ids_ptr + token * stride_it + jj * stride_ik, mask=valid, other=-1)
+        w = tl.load(weights_ptr + token * stride_wt + jj * stride_wk, mask=valid, other=0.0).to(tl.float32)
+        weight += tl.where(peer == ids, w, 0.0)
+        peer_key = _slot_key(ids_ptr, token * TOP_K + jj, valid, stride_it, stride_ik, n_experts, TOP_K)
+        order += ((peer_key < key) | ((peer_key == key) & (jj < j))).to(tl.int32)
+    expert = tl.arange(0, EXPERTS_PAD)
+    rank = tl.zeros((ROWS_PAD,), dtype=tl.int32)
+    count = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)
+    below = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)  # bounds_e = #{key < e}
+    for c in range(0, ROWS_PAD, CHUNK):
+        other = c + tl.arange(0, CHUNK)
+        other_key = _slot_key(ids_ptr, other, other < rows, stride_it, stride_ik, n_experts, TOP_K)
+        tie = (other_key[None, :] == key[:, None]) & (other[None, :] < slot[:, None])
+        rank += tl.sum(((other_key[None, :] < key[:, None]) | tie).to(tl.int32), axis=1)
+        count += tl.sum((other_key[None, :] == expert[:, None]).to(tl.int32), axis=1)
+        below += tl.sum((other_key[None, :] < expert[:, None]).to(tl.int32), axis=1)
+    tl.store(slots_ptr + rank, slot, mask=valid)
+    tl.store(sorted_weights_ptr + rank, weight, mask=valid)
+    tl.store(positions_ptr + token * TOP_K + order, rank, mask=valid)
+    n_tiles = (count + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.where(expert < n_experts, tl.cumsum(n_tiles, axis=0), max_tiles)
+    row_lo = below - (tiles_end - n_tiles) * BLOCK_M  # tile's first row: row_lo_e + tile * BLOCK_M
+    row_hi = below + count
+    tl.store(n_valid_ptr, tl.sum((key < n_experts).to(tl.int32), axis=0))
+    for c in range(0, TILES_PAD, CHUNK):
+        tile = c + tl.arange(0, CHUNK)
+        owner = tl.sum((tiles_end[None, :] <= tile[:, None]).to(tl.int32), axis=1)
+        one_hot = expert[None, :] == tl.minimum(owner, n_experts - 1)[:, None]  # unused tiles: expert E - 1's
+        first = tl.sum(tl.where(one_hot, row_lo[None, :], 0), axis=1) + tile * BLOCK_M
+        end = tl.sum(tl.where(one_hot, row_hi[None, :], 0), axis=1)
+        mask = tile < max_tiles
+        tl.store(tiles_ptr + tile, tl.where(owner < n_experts, owner, -1), mask=mask)
+        tl.store(tiles_ptr + max_tiles + tile, first, mask=mask)
+        tl.store(tiles_ptr + 2 * max_tiles + tile, end, mask=mask)
+
+
+def route_small(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
+    """:func:`route` in one launch of :func:`_route_kernel`, for T*k <= :data:`ROUTE_KERNEL_MAX_ROWS`
+    and E <= :data:`ROUTE_KERNEL_MAX_EXPERTS`: decode, where the torch path's ~45 small kernels cost
+    more than the experts' GEMMs."""
+    t, k = topk_ids.shape
+    rows = t * k
+    device = topk_ids.device
+    max_tiles = _max_tiles(rows, n_experts, block_m)
+    tiles = torch.empty((3, max_tiles), dtype=torch.int32, device=device)
+    slots = torch.empty(rows, dtype=torch.int32, device=device)
+    weights = torch.empty(rows, dtype=torch.float32, device=device)
+    positions = torch.empty((t, k), dtype=torch.int32, device=device)
+    n_valid = torch.empty(1, dtype=torch.int32, device=device)
+    rows_pad = max(triton.next_power_of_2(rows), _ROUTE_CHUNK)
+    _route_kernel[(1,)](
+        topk_weights, topk_ids, tiles, slots, weights, positions, n_valid,
+        rows, n_experts, max_tiles, *topk_weights.stride(), *topk_ids.stride(),
+        TOP_K=k, BLOCK_M=block_m, ROWS_PAD=rows_pad, EXPERTS_PAD=max(triton.next_power_of_2(n_experts), _ROUTE_CHUNK),
+        TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK,
+    )
+    return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
 
 
 @triton.jit
