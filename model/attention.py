@@ -22,12 +22,17 @@ class Compressor(nn.Module):
     """Gated pooling of ``ratio`` tokens per entry: projections here, pooling in ``kv_compress``.
 
     ``wkv, wgate: [coff*d, D]``, ``ape: [m, coff*d]``, ``norm: [d]``; coff = 2 when overlapped (CSA).
+    ``records = (rope_dim, tile)``: a bf16 model's entries come packed as FP8 KV cache records
+    (``kv_compress_fp8``: the bf16 entries, then ``kv_cache_pack``, in one op).
     """
 
-    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, ops: SimpleNamespace, eps: float):
+    def __init__(
+        self, dim: int, head_dim: int, ratio: int, overlap: bool, ops: SimpleNamespace, eps: float,
+        records: tuple[int, int] | None = None,
+    ):
         super().__init__()
         coff = 2 if overlap else 1
-        self.ratio, self.overlap, self.ops, self.eps = ratio, overlap, ops, eps
+        self.ratio, self.overlap, self.ops, self.eps, self.records = ratio, overlap, ops, eps, records
         self.wkv = Linear(dim, coff * head_dim, ops)
         self.wgate = Linear(dim, coff * head_dim, ops)
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim), requires_grad=False)
@@ -37,13 +42,24 @@ class Compressor(nn.Module):
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor,
         freqs: torch.Tensor,
     ) -> torch.Tensor:
-        """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype."""
+        """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype,
+        or, when :meth:`packs` x, as FP8 records [B, n, record] uint8."""
         xf = x.float()
         kv, score = self.wkv(xf), self.wgate(xf)
+        if self.packs(x):
+            return self.ops.kv_compress_fp8(
+                kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
+                self.ratio, self.overlap, start_pos, self.eps, *self.records,
+            )
         return self.ops.kv_compress(
             kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
             self.ratio, self.overlap, start_pos, self.eps, x.dtype,
         )
+
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether entries come as FP8 records: with ``records`` set, for a bf16 model (the op packs
+        bf16 entries; an fp32 model keeps its fp32 entries, packed by the cache)."""
+        return self.records is not None and x.dtype == torch.bfloat16
 
 
 class Indexer(nn.Module):
@@ -104,7 +120,10 @@ class Attention(nn.Module):
         self.compressor = None
         self.indexer = None
         if self.ratio:
-            self.compressor = Compressor(c.dim, c.head_dim, self.ratio, self.ratio == CSA_RATIO, ops, c.norm_eps)
+            records = (self.rope_dim, KV_TILE) if c.cache_format == "fp8" else None
+            self.compressor = Compressor(
+                c.dim, c.head_dim, self.ratio, self.ratio == CSA_RATIO, ops, c.norm_eps, records
+            )
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(c, ops)
         self.register_buffer("freqs", self.rope_frequencies(), persistent=False)
@@ -131,12 +150,13 @@ class Attention(nn.Module):
         compressed_idx = None
         if self.compressor is not None:
             entries = self.compressor(x, cache.compress_state, start_pos, self.freqs)
-            if self.config.simulate_fp8_kv:
+            packed = self.compressor.packs(x)  # FP8 records as the cache stores them
+            if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             index_keys = None
             if self.indexer is not None:
                 compressed_idx, index_keys = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
-            cache.append_compressed(entries, index_keys, new_entries(start_pos, s, self.ratio))
+            cache.append_compressed(entries, index_keys, new_entries(start_pos, s, self.ratio), encoded=packed)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1

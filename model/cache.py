@@ -47,16 +47,17 @@ class RowStore:
         """Vectors [B, n, dim] as stored rows [B, n, width]."""
         raise NotImplementedError
 
-    def write(self, slots: torch.Tensor | slice, vectors: torch.Tensor) -> None:
-        """Store vectors [B, n, dim] at row ``slots``."""
-        self.data[:, slots] = self.encode(vectors)
+    def write(self, slots: torch.Tensor | slice, vectors: torch.Tensor, encoded: bool = False) -> None:
+        """Store vectors [B, n, dim] at row ``slots`` (``encoded``: already stored rows [B, n, width])."""
+        self.data[:, slots] = vectors if encoded else self.encode(vectors)
 
-    def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor) -> None:
+    def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
         """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (0-d int64 tensors; the
-        rows of vectors [B, n, dim] past ``count`` are ignored). Shapes do not depend on the
-        values: every row is rewritten, with its old value outside the span."""
+        rows of vectors [B, n, dim] past ``count`` are ignored; ``encoded``: already stored rows).
+        Shapes do not depend on the values: every row is rewritten, with its old value outside the span."""
         take, source = span(first, count, self.rows, vectors.shape[1], vectors.device)
-        self.data.copy_(torch.where(take[:, None], self.encode(vectors)[:, source], self.data))
+        rows = vectors if encoded else self.encode(vectors)
+        self.data.copy_(torch.where(take[:, None], rows[:, source], self.data))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""
@@ -152,15 +153,19 @@ class LayerCache:
         new ones in the same format (so a key scores the same whichever step completed it)."""
         return torch.cat((self.index_keys.read(self.n_compressed), self.index_keys.encode(new_keys)), dim=1)
 
-    def append_compressed(self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: int) -> None:
-        """Store the ``count`` entries [B, count, d] (and indexer keys [B, count, d_i]) a step completed."""
+    def append_compressed(
+        self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: int, encoded: bool = False
+    ) -> None:
+        """Store the ``count`` entries [B, count, d] (and indexer keys [B, count, d_i]) a step completed;
+        ``encoded``: the entries are already stored rows [B, count, row] (FP8 records from
+        ``kv_compress_fp8``), kept as they come."""
         if self.n_compressed + count > self.capacity:
             raise RuntimeError(
                 f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.capacity}; "
                 "create the cache with a larger max_seq_len"
             )
         rows = slice(self.n_compressed, self.n_compressed + count)
-        self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries)
+        self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries, encoded)
         if index_entries is not None:
             self.index_keys.write(rows, index_entries)
         self.n_compressed += count
@@ -220,10 +225,11 @@ class TracedLayerCache(LayerCache):
         return torch.where(take[:, None], self.index_keys.encode(new_keys)[:, source], keys)
 
     def append_compressed(
-        self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: torch.Tensor
+        self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: torch.Tensor, encoded: bool = False
     ) -> None:
-        """Store the first ``count`` (a tensor) of ``entries`` [B, n, d] (padded past it)."""
-        self.kv.write_span(self.window + self.n_compressed, count, entries)
+        """Store the first ``count`` (a tensor) of ``entries`` [B, n, d] (padded past it; ``encoded``:
+        stored rows, as :meth:`LayerCache.append_compressed`)."""
+        self.kv.write_span(self.window + self.n_compressed, count, entries, encoded)
         if index_entries is not None:
             self.index_keys.write_span(self.n_compressed, count, index_entries)
         self.n_compressed = self.n_compressed + count

@@ -130,6 +130,13 @@ def _attention(t: int):
             _empty(B, coff * ratio, coff * dim), _empty(B, coff * ratio, coff * dim),
             ratio, overlap, start,
         )
+        if dim == HEAD_DIM:  # the main compressors' entries packed into 584-byte FP8 records in the same launch
+            compressor.kv_compress_fp8(
+                _empty(B, t, coff * dim), _empty(B, t, coff * dim), _empty(ratio, coff * dim),
+                _empty(dim, dtype=torch.bfloat16), _empty(ROPE_DIM // 2),
+                _empty(B, coff * ratio, coff * dim), _empty(B, coff * ratio, coff * dim),
+                ratio, overlap, start,
+            )
     entries = (start + t) // 4
     for dtype in (torch.bfloat16, torch.float32):
         indexer.indexer_topk(

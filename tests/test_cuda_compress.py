@@ -260,6 +260,54 @@ def test_compress_slot_chunks_of_two(cuda_ops, monkeypatch):
     _run_stream(cuda_ops[1], (13, 1, 1, 1, 6), 8, False, d=32, rope=8, seed=12)
 
 
+# --------------------------------------------------------------------------------------------
+# kv_compress_fp8: the entries packed into FP8 records in the same launch
+# --------------------------------------------------------------------------------------------
+
+
+def _run_fp8_stream(chunks, ratio, overlap, d, rope, tile, seed):
+    """Feed the chunks to ``kv_compress_fp8`` and to ``kv_cache_pack(kv_compress(...))`` of this
+    backend, each with its own state (token-major kv, fused state buffers): records and states
+    bitwise equal after every call. The fused kernel rounds the entry to bf16 as kv_compress stores
+    it, then packs it with kv_cache_pack's device functions, so no rounding may differ. (Against the
+    CPU reference: ``seahal conformance --backend cuda --interpret --ops kv_compress_fp8``.)"""
+    from seahal.backends.cuda import compressor, quant
+
+    kv, score, ape, weight, freqs = _stream(2, sum(chunks), ratio, d, rope, overlap, seed, token_major=True)
+    fused_state, split_state = (_device_state(compressor_state(2, ratio, d, overlap), fused=True) for _ in range(2))
+    params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
+    start, completed = 0, 0
+    for call, size in enumerate(chunks):
+        tokens = (kv[:, start : start + size].to(DEVICE), score[:, start : start + size].to(DEVICE))
+        where = f"call {call} (start_pos {start}, S {size})"
+        records = compressor.kv_compress_fp8(*tokens, *params, *fused_state, ratio, overlap, start, 1e-6, rope, tile)
+        entries = compressor.kv_compress(*tokens, *params, *split_state, ratio, overlap, start, 1e-6)
+        want = quant.kv_cache_pack(entries, rope, tile)
+        assert records.dtype == torch.uint8 and records.shape == want.shape, (where, records.shape, want.shape)
+        differ = (records.cpu() != want.cpu()).any(-1)
+        assert not differ.any(), f"{where}: records differ at [b, entry] {differ.nonzero().tolist()}"
+        for name, mine, theirs in zip(("kv_state", "score_state"), fused_state, split_state, strict=True):
+            assert torch.equal(mine.cpu(), theirs.cpu()), f"{where}: {name} differs"
+        completed += records.shape[1]
+        start += size
+    assert completed == sum(chunks) // ratio  # the stream crossed entry completions
+
+
+@kernels
+@pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (16, False)], ids=["CSA", "HCA"])
+def test_compress_fp8_is_pack_of_entries(ratio, overlap):
+    # decode steps through two block completions, then prefill chunks across blocks; records of a
+    # small geometry (d 32: 2 nope tiles of 8 + 16 RoPE dims, 4 padding bytes)
+    _run_fp8_stream((1,) * (2 * ratio) + (3, 2 * ratio + 1, 0, 5), ratio, overlap, d=32, rope=16, tile=8, seed=13)
+
+
+@kernels
+@pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (128, False)], ids=["CSA", "HCA"])
+def test_compress_fp8_v4_records(ratio, overlap):
+    # V4's 584-byte records (d 512, rope 64, tile 64): a prefill, then decode steps
+    _run_fp8_stream((ratio + 3, 1, 1), ratio, overlap, d=512, rope=64, tile=64, seed=14)
+
+
 class _AtenKernels(TorchDispatchMode):
     """Records the aten ops dispatched inside it that would launch a device kernel: all but views
     and allocations."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from seahal.backends.cpu.reference.quant import kv_cache_unpack
 from seahal.model import ModelConfig, load
 from seahal.model.cache import Cache
 from seahal.model.checkpoint import CheckpointError
@@ -47,6 +48,50 @@ def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
     # indexer key 512 B per entry; fp8: a 64 + 128 + 1 (+7 pad) = 200 B record and a 64 + 4 = 68 B key.
     assert dense.new_cache(1, 64).bytes_per_token() == 2 * (512 + 512) / 4 + 512 / 16
     assert fp8.new_cache(1, 64).bytes_per_token() == 2 * (200 + 68) / 4 + 200 / 16
+
+
+def test_bf16_compressor_writes_fp8_records_as_packing_its_entries_did(checkpoint):
+    """A bf16 model with the FP8 cache takes its compressed entries as records from kv_compress_fp8;
+    before, kv_compress's bf16 entries went through fp8_kv_precision and the cache's kv_cache_pack.
+    Re-quantising fp8_kv_precision's output reproduces its codes up to a tile scale halving with
+    doubled codes (same values), so the stored entries decode identically and the logits are
+    bitwise the same, over a prefill and decode steps completing CSA (m=4) and HCA (m=16) entries."""
+    from seahal.model.attention import Compressor
+
+    fused = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format="fp8")
+    before = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format="fp8")
+    main = [m for m in before.modules() if isinstance(m, Compressor) and m.records is not None]
+    assert len(main) == 3  # CSA, HCA, CSA: the indexers' compressors keep dense keys
+    for module in main:
+        module.records = None  # the path before kv_compress_fp8
+    ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(2))
+    caches = [fused.new_cache(2, 48), before.new_cache(2, 48)]
+    for chunk in [slice(0, 9)] + [slice(t, t + 1) for t in range(9, 37)]:
+        logits = [model(ids[:, chunk], cache=cache) for model, cache in zip((fused, before), caches)]
+        assert torch.equal(logits[0], logits[1]), chunk
+    for mine, theirs in zip(caches[0].layers, caches[1].layers):
+        assert mine.n_compressed == theirs.n_compressed
+        stored = [layer.compressed_rows() for layer in (mine, theirs)]
+        decoded = [kv_cache_unpack(rows, 128, 64, 64) for rows in stored]
+        assert torch.equal(decoded[0], decoded[1])
+    assert [layer.n_compressed for layer in caches[0].layers] == [0, 9, 2, 9]
+
+
+def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
+    """The export's traced cache (tensor position, masked writes) keeps kv_compress_fp8's records
+    as they come, at the same rows as the eager cache: the first ``count`` of a padded batch."""
+    model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format="fp8")
+    cache = model.new_cache(2, 48)
+    model(torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4)), cache=cache)
+    eager = cache.layers[1]  # CSA: 2 entries so far
+    named = eager.named_tensors()
+    traced = eager.with_tensors({n: t.clone() for n, t in named.items()}, torch.tensor(eager.n_compressed))
+    eager = eager.with_tensors({n: t.clone() for n, t in named.items()}, eager.n_compressed)
+    records = torch.randint(0, 256, (2, 3, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    eager.append_compressed(records[:, :2], None, 2, encoded=True)
+    traced.append_compressed(records, None, torch.tensor(2), encoded=True)  # padded to 3 rows
+    assert torch.equal(traced.kv.data, eager.kv.data)
+    assert torch.equal(eager.compressed_rows()[:, -2:], records[:, :2]) and int(traced.n_compressed) == 4
 
 
 def test_cache_capacity_is_enforced(checkpoint):

@@ -29,6 +29,7 @@ REFERENCE_KERNELS = {
     "moe_gate": ("moe", {"score_func": ("sqrtsoftplus", "sigmoid", "softmax"), "routing": ("score", "hash", "group-limited")}),
     "moe_experts": ("moe", {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")}),
     "kv_compress": ("compressor", {"overlap": (True, False), "out_dtype": _FLOATS}),
+    "kv_compress_fp8": ("compressor", {"overlap": (True, False), "format": ("e4m3+bf16 rope",)}),
     "indexer_topk": ("indexer", {"dtype": _FLOATS}),
     "indexer_topk_packed": ("indexer", {"dtype": _FLOATS, "key_format": ("fp4", "fp8")}),
     "sparse_attention": ("attention", {"dtype": _FLOATS, "kv_format": ("dense",)}),

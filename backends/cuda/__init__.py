@@ -42,6 +42,9 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, False),
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, False),
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
+    "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
+        "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, False
+    ),
     "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
         "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False

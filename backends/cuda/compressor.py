@@ -30,16 +30,25 @@ state with data in its unused slots would keep it here (entries are unaffected: 
 them). Numerics differ from the reference only in fp32 rounding order (online softmax,
 sum(p·kv)/sum(p) instead of normalised weights, the RMS sum) and in cos/sin: within the
 conformance tolerance of ``kv_compress``; the state is bitwise (copies and one fp32 add).
+
+``kv_compress_fp8`` is the same launch with the record constexprs set: the entry, rounded to bf16
+as kv_compress would store it, is packed in registers into the FP8 KV record (v4_ops.md §12) by the
+device functions of :mod:`.quant`'s ``kv_cache_pack``, so it equals ``kv_cache_pack(kv_compress(
+..., out_dtype=bf16))`` of this backend bit for bit, without the bf16 round trip through memory.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from seahal.hal.ops.compressor import compressor_width
+from seahal.hal.ops.quant import kv_record_bytes
 
-from ._numerics import cast_rne
+from ._numerics import cast_rne, fp8_quantize_tiles
+from .quant import bf16_bytes, e8m0_bytes
 
 ELEMENTS_PER_CHUNK = 4096
 """Slot-chunk size in elements (slots x padded d) of the entries' pooling: CSA's 8 x 512 in one
@@ -68,20 +77,68 @@ def kv_compress(
     rope_freqs: [r/2] fp32, kv_state, score_state: [B, coff·m, coff·d] fp32 (updated in place)
     -> [B, new_entries, d] in out_dtype (bf16 or fp32; default bf16). Semantics: the module docstring.
     """
+    dtype = torch.bfloat16 if out_dtype is None else out_dtype
+    return _compress(
+        "kv_compress", (kv, score, ape, norm_weight, rope_freqs, kv_state, score_state), ratio, overlap, start_pos,
+        norm_eps, lambda d: (d, dtype), {},
+    )
+
+
+def kv_compress_fp8(
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rope_freqs: torch.Tensor,
+    kv_state: torch.Tensor,
+    score_state: torch.Tensor,
+    ratio: int,
+    overlap: bool,
+    start_pos: int,
+    norm_eps: float = 1e-6,
+    rope_dim: int = 64,
+    tile: int = 64,
+) -> torch.Tensor:
+    """kv_compress with its bf16 entries packed in registers into FP8 KV records, in the same launch.
+
+    Arguments as :func:`kv_compress`; -> [B, new_entries, kv_record_bytes(d, rope_dim, tile)] uint8,
+    bit for bit ``quant.kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: the entry is
+    rounded to bf16 as kv_compress stores it, then quantised by the same device functions. tile must
+    be a power of two (the entry is split into tiles by a register reshape).
+    """
+    if tile & (tile - 1):
+        raise NotImplementedError(f"cuda.triton kv_compress_fp8: tile must be a power of two, got {tile}")
+
+    def geometry(d: int) -> tuple[int, torch.dtype]:
+        return kv_record_bytes(d, rope_dim, tile), torch.uint8
+
+    return _compress(
+        "kv_compress_fp8", (kv, score, ape, norm_weight, rope_freqs, kv_state, score_state), ratio, overlap,
+        start_pos, norm_eps, geometry, {"ROPE": rope_dim, "TILE": tile},
+    )
+
+
+def _compress(
+    op: str, tensors: tuple[torch.Tensor, ...], ratio: int, overlap: bool, start_pos: int, norm_eps: float,
+    out_row: Callable[[int], tuple[int, torch.dtype]], record: dict[str, int],
+) -> torch.Tensor:
+    """Launch the kernel for ``op``: ``out_row(d)`` gives an output row's width and dtype; ``record``
+    (ROPE, TILE) asks for packed FP8 records instead of entries (empty: entries)."""
+    kv, score, ape, norm_weight, rope_freqs, kv_state, score_state = tensors
     for name, t in (("kv", kv), ("score", score), ("ape", ape), ("rope_freqs", rope_freqs)):
         if t.dtype != torch.float32:
-            raise NotImplementedError(f"cuda.triton kv_compress: {name} must be float32, got {t.dtype} (fp32 math)")
+            raise NotImplementedError(f"cuda.triton {op}: {name} must be float32, got {t.dtype} (fp32 math)")
     batch, seq_len, channels = kv.shape
     coff = compressor_width(ratio, overlap)
     d = channels // coff
     if d % 2:
-        raise NotImplementedError(f"cuda.triton kv_compress: d must be even (rope pairs), got {d}")
+        raise NotImplementedError(f"cuda.triton {op}: d must be even (rope pairs), got {d}")
     carried = start_pos > 0
     held = (coff - 1) * ratio + start_pos % ratio
     n_new = (held + seq_len) // ratio - (coff - 1)
     lead = min(n_new, -(-held // ratio)) if carried else 0
-    dtype = torch.bfloat16 if out_dtype is None else out_dtype
-    out = torch.empty((batch, n_new, d), dtype=dtype, device=kv.device)
+    width, dtype = out_row(d)
+    out = torch.empty((batch, n_new, width), dtype=dtype, device=kv.device)
     if batch > 0:
         d_p2 = triton.next_power_of_2(d)
         slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // d_p2))
@@ -93,6 +150,7 @@ def kv_compress(
             *kv_state.stride(), *score_state.stride(),
             RATIO=ratio, SLOTS=coff * ratio, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0],
             SLOT_BLOCK=slot_block, STATE_BLOCK=max(1, slot_block // 2), CARRIED=carried,
+            ROW=width, ROPE=record.get("ROPE", 0), TILE=record.get("TILE", 0),
         )
     return out
 
@@ -119,6 +177,7 @@ def _kv_compress_kernel(
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
     SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr, CARRIED: tl.constexpr,
+    ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
 ):
     """Program (b, 0): entries [0, LEAD) of sequence b (all that read its carried state), then its
     state slots [STATE_LO, STATE_HI); program (b, q > 0): entry LEAD + q - 1.
@@ -137,7 +196,7 @@ def _kv_compress_kernel(
             b, k, N_NEW, HELD, SEQ, FIRST_ENTRY, eps,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n,
             stride_f, stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-            RATIO, SLOTS, D, D_P2, PAIRS, SLOT_BLOCK, CARRIED,
+            RATIO, SLOTS, D, D_P2, PAIRS, SLOT_BLOCK, CARRIED, ROW, ROPE, TILE,
         )
     if q == 0:
         _write_state(
@@ -177,9 +236,10 @@ def _write_entry(
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr, CARRIED: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr, CARRIED: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """out[b, k] = rope(norm(pool(slots of entry k)))."""
+    """out[b, k] = rope(norm(pool(slots of entry k))): the entry in out's dtype, or (TILE > 0) its
+    bf16 rounding packed into a ROW-byte FP8 record."""
     c = tl.arange(0, D_P2)
     c_ok = c < D
     run_max = tl.full((D_P2,), float("-inf"), tl.float32)
@@ -203,7 +263,7 @@ def _write_entry(
         run_sum = run_sum * scale + tl.sum(p, axis=0)
         acc = acc * scale + tl.sum(p * values, axis=0)
         run_max = new_max
-    out_dtype = out_ptr.dtype.element_ty
+    out_dtype = tl.bfloat16 if TILE > 0 else out_ptr.dtype.element_ty  # records pack the bf16 entry
     x = cast_rne(acc / tl.where(c_ok, run_sum, 1.0), out_dtype).to(tl.float32)  # padding lanes: 0 / 1
     w = tl.load(w_ptr + c * stride_n, mask=c_ok, other=0.0).to(tl.float32)
     y = cast_rne(w * x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps), out_dtype).to(tl.float32)
@@ -216,8 +276,35 @@ def _write_entry(
     cos = tl.cos(theta)
     sin = tl.sin(theta)
     a, bb = tl.where(rotated, a * cos - bb * sin, a), tl.where(rotated, a * sin + bb * cos, bb)
-    entry = tl.reshape(tl.join(a, bb), (D_P2,))
-    tl.store(out_ptr + (b * N_NEW + k) * D + c, cast_rne(entry, out_dtype), mask=c_ok)
+    entry = cast_rne(tl.reshape(tl.join(a, bb), (D_P2,)), out_dtype)
+    row = out_ptr + (b * N_NEW + k) * ROW
+    if TILE > 0:
+        _store_record(row, entry.to(tl.float32), D, D_P2, ROPE, TILE, ROW)
+    else:
+        tl.store(row + c, entry, mask=c_ok)
+
+
+@triton.jit
+def _store_record(
+    row, x, D: tl.constexpr, D_P2: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr, ROW: tl.constexpr
+):
+    """x [D_P2] fp32 (bf16 values, padding lanes past D) as the kv_cache_pack record at row:
+    e4m3 codes of the nope dims in TILE-wide ue8m0 tiles, the RoPE dims as bf16 bytes, the tiles'
+    e8m0 scale bytes, zero padding to ROW. The tiles are a register reshape of x (TILE a power of
+    two); the lanes past the nope dims form tiles whose codes and scales are not stored."""
+    NOPE: tl.constexpr = D - ROPE
+    N_TILES: tl.constexpr = NOPE // TILE
+    c = tl.arange(0, D_P2)
+    nope = c < NOPE
+    q, s = fp8_quantize_tiles(tl.reshape(tl.where(nope, x, 0.0), (D_P2 // TILE, TILE)), True)
+    tl.store(row + c, tl.reshape(q, (D_P2,)).to(tl.uint8, bitcast=True), mask=nope)
+    rope = (c >= NOPE) & (c < D)
+    byte = tl.arange(0, 2)[None, :]
+    tl.store(row + NOPE + 2 * (c - NOPE)[:, None] + byte, bf16_bytes(x), mask=rope[:, None])
+    tiles = tl.arange(0, D_P2 // TILE)
+    tl.store(row + NOPE + 2 * ROPE + tiles, e8m0_bytes(s).to(tl.uint8), mask=tiles < N_TILES)
+    pad = N_TILES + tl.arange(0, 8)  # fewer than 8 padding bytes
+    tl.store(row + NOPE + 2 * ROPE + pad, tl.zeros((8,), tl.uint8), mask=NOPE + 2 * ROPE + pad < ROW)
 
 
 @triton.jit

@@ -141,6 +141,19 @@ def _tile_brick(rows, tiles, M, N_TILES, BLOCK: tl.constexpr, BLOCK_P2: tl.const
 
 
 @triton.jit
+def bf16_bytes(x):
+    """x [...] fp32 -> its RNE bf16 as little-endian bytes [..., 2] uint8 (a record's RoPE dims)."""
+    bits = cast_rne(x, tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+    return ((tl.expand_dims(bits, -1) >> (8 * tl.arange(0, 2))) & 0xFF).to(tl.uint8)
+
+
+@triton.jit
+def e8m0_bytes(s):
+    """Power-of-two fp32 scales -> their e8m0 codes (the biased exponent) as int32 (a record's scales)."""
+    return s.to(tl.int32, bitcast=True) >> 23
+
+
+@triton.jit
 def _e2m1_codes(v):
     """e2m1 codes 0..15 (int32, sign << 3 | magnitude index) of v in [-6, 6]: the index counts the
     midpoints below |v|, a midpoint itself going to the even index (ties to even)."""
@@ -217,10 +230,8 @@ def _kv_cache_pack_kernel(
     rope_mask = row_ok[:, None] & (j < ROPE)[None, :]
     rope = tl.load(kv_row[:, None] + NOPE + j[None, :], mask=rope_mask, other=0.0).to(tl.float32)
     byte = tl.arange(0, 2)[None, None, :]
-    bits = cast_rne(rope, tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-    rope_bytes = ((bits[:, :, None] >> (8 * byte)) & 0xFF).to(tl.uint8)
-    tl.store(out_row[:, None, None] + NOPE + 2 * j[None, :, None] + byte, rope_bytes, mask=rope_mask[:, :, None])
-    # scales as e8m0 bytes (the biased exponent of 2^k), then zero padding to a multiple of 8
-    e8m0 = tl.where((slots < N_TILES)[None, :], s.to(tl.int32, bitcast=True) >> 23, 0).to(tl.uint8)
+    tl.store(out_row[:, None, None] + NOPE + 2 * j[None, :, None] + byte, bf16_bytes(rope), mask=rope_mask[:, :, None])
+    # scales as e8m0 bytes, then zero padding to a multiple of 8
+    e8m0 = tl.where((slots < N_TILES)[None, :], e8m0_bytes(s), 0).to(tl.uint8)
     scale_mask = row_ok[:, None] & (slots < SCALE_BYTES)[None, :]
     tl.store(out_row[:, None] + NOPE + 2 * ROPE + slots[None, :], e8m0, mask=scale_mask)

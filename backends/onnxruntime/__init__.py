@@ -36,6 +36,7 @@ CAPABILITIES = {
     "moe_gate": {"score_func": ("sqrtsoftplus", "sigmoid", "softmax"), "routing": ("score", "hash", "group-limited")},
     "moe_experts": {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")},
     "kv_compress": {"overlap": (True, False), "out_dtype": _FLOATS},
+    "kv_compress_fp8": {"overlap": (True, False), "format": ("e4m3+bf16 rope",)},
     "indexer_topk": {"dtype": _FLOATS},
     "indexer_topk_packed": {"dtype": _FLOATS, "key_format": ("fp4", "fp8")},
     "sparse_attention": {"dtype": _FLOATS, "kv_format": ("dense",)},

@@ -6,6 +6,7 @@ import torch
 
 from ..checks import Contract
 from ..spec import Out, define_op
+from .quant import kv_geometry, kv_record_bytes
 
 F32 = (torch.float32, torch.float64)
 
@@ -62,6 +63,18 @@ def kv_compress(
     past the held tokens empty. Kernels may rely on it and rewrite only the slots that change.
     """
     c = Contract("kv_compress")
+    batch, n_new, d = _check_compress(
+        c, kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos
+    )
+    dtype = torch.bfloat16 if out_dtype is None else out_dtype
+    c.choice("out_dtype", dtype, (torch.bfloat16, torch.float32, torch.float64))
+    return Out((batch, n_new, d), dtype)
+
+
+def _check_compress(
+    c: Contract, kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos
+) -> tuple[int, int, int]:
+    """The checks kv_compress and kv_compress_fp8 share -> (B, new entries, d)."""
     c.positive("ratio", ratio)
     c.require(start_pos >= 0, f"start_pos must be >= 0, got {start_pos}")
     coff = compressor_width(ratio, overlap)
@@ -75,6 +88,37 @@ def kv_compress(
     c.require(2 * c.dims["R"] <= d, f"rope_freqs covers {2 * c.dims['R']} dims, more than d={d}")
     c.tensor("kv_state", kv_state, ["B", coff * ratio, "C"], (torch.float32,))
     c.tensor("score_state", score_state, ["B", coff * ratio, "C"], (torch.float32,))
-    dtype = torch.bfloat16 if out_dtype is None else out_dtype
-    c.choice("out_dtype", dtype, (torch.bfloat16, torch.float32, torch.float64))
-    return Out((c.dims["B"], new_entries(start_pos, c.dims["S"], ratio), d), dtype)
+    return c.dims["B"], new_entries(start_pos, c.dims["S"], ratio), d
+
+
+@define_op(
+    "kv_compress_fp8",
+    family="compressor",
+    schema=(
+        "(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor rope_freqs, "
+        "Tensor(a!) kv_state, Tensor(b!) score_state, int ratio, bool overlap, int start_pos, "
+        "float norm_eps=1e-6, int rope_dim=64, int tile=64) -> Tensor"
+    ),
+    mutates=("kv_state", "score_state"),
+)
+def kv_compress_fp8(
+    kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps=1e-6,
+    rope_dim=64, tile=64,
+):
+    """kv_compress whose new entries come as packed FP8 KV cache records (v4_ops.md §7 then §12).
+
+    Arguments and state update as :func:`kv_compress`; rope_dim, tile: the record geometry (V4:
+    64, 64) -> records: [B, new_entries(start_pos, S, m), kv_record_bytes(d, rope_dim, tile)] uint8
+    (584 bytes for d = 512)
+
+    ``records = kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: each entry is
+    rounded to bf16 (the official precision) at every step kv_compress rounds, then its first
+    ``d - rope_dim`` dims are quantised to e4m3 in 1 x tile ue8m0 tiles and its last rope_dim dims
+    stored as bf16 bytes. A kernel may fuse the two (the entry never leaves registers).
+    """
+    c = Contract("kv_compress_fp8")
+    batch, n_new, d = _check_compress(
+        c, kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos
+    )
+    kv_geometry(c, "d", d, rope_dim, tile)
+    return Out((batch, n_new, kv_record_bytes(d, rope_dim, tile)), torch.uint8)

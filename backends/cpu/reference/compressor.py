@@ -7,6 +7,7 @@ import torch
 from seahal.hal.formats import compute_dtype
 from seahal.hal.ops.compressor import compressor_state, compressor_width
 
+from .quant import kv_cache_pack
 from .rope import rotate_pairs
 
 
@@ -119,3 +120,27 @@ def kv_compress(
     kv_state.copy_(_next_state(timeline_kv, ratio, kept_blocks, fill=0.0))
     score_state.copy_(_next_state(timeline_score, ratio, kept_blocks, fill=float("-inf")))
     return entries
+
+
+def kv_compress_fp8(
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rope_freqs: torch.Tensor,
+    kv_state: torch.Tensor,
+    score_state: torch.Tensor,
+    ratio: int,
+    overlap: bool,
+    start_pos: int,
+    norm_eps: float = 1e-6,
+    rope_dim: int = 64,
+    tile: int = 64,
+) -> torch.Tensor:
+    """``kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: the new entries as
+    packed FP8 records [B, n_new, kv_record_bytes(d, rope_dim, tile)] uint8; states as kv_compress."""
+    entries = kv_compress(
+        kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps,
+        torch.bfloat16,
+    )
+    return kv_cache_pack(entries, rope_dim, tile)

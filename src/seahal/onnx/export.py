@@ -222,7 +222,7 @@ def _decoded_scales(model: nn.Module) -> Iterator[None]:
 _PURE_LIB = torch.library.Library("seahal_pure", "FRAGMENT")
 _PURE_OPS: dict[str, torch._ops.OpOverload] = {}
 
-_PADDED_ROWS = {"kv_compress": lambda call: -(-call["kv"].shape[1] // call["ratio"])}
+_PADDED_ROWS = {op: lambda call: -(-call["kv"].shape[1] // call["ratio"]) for op in ("kv_compress", "kv_compress_fp8")}
 """HAL ops whose first output's row count depends on ``start_pos``, and its maximum over all
 positions, to which a position-generic graph pads it with zero rows (kv_compress: tokens
 [p, p+S) complete floor((p+S)/m) - floor(p/m) <= ceil(S/m) entries)."""

@@ -759,6 +759,20 @@ def kv_cache_pack(kv, rope_dim: int = 64, tile: int = 64):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def kv_compress_fp8(
+    kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos: INT64,
+    ratio: int, overlap: int, norm_eps: float = 1e-6, rope_dim: int = 64, tile: int = 64,
+):
+    """kv_compress with the new entries as packed FP8 records -> (records [B, n_new, record] uint8,
+    kv_state', score_state'): ``kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``."""
+    entries, new_kv_state, new_score_state = kv_compress(
+        kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos,
+        ratio=ratio, overlap=overlap, norm_eps=norm_eps, out_dtype=BFLOAT16,
+    )
+    return kv_cache_pack(entries, rope_dim=rope_dim, tile=tile), new_kv_state, new_score_state
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def kv_cache_unpack(packed, dim: int, rope_dim: int = 64, tile: int = 64):
     """Decode kv_cache_pack records: packed [..., record] uint8 -> [..., dim] bf16;
     nope = e4m3 * 2^(e-127) (e = 255: NaN), rope = the stored bf16."""
@@ -780,6 +794,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "moe_gate": ("moe_gate", "moe_gate_unbiased", "moe_gate_hash"),
     "moe_experts": ("moe_experts", "moe_experts_fp8", "moe_experts_fp4"),
     "kv_compress": ("kv_compress",),
+    "kv_compress_fp8": ("kv_compress_fp8",),
     "indexer_topk": ("indexer_topk",),
     "indexer_topk_packed": ("indexer_topk_packed_fp4", "indexer_topk_packed_fp8"),
     "sparse_attention": ("sparse_attention",),

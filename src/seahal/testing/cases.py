@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -166,10 +167,11 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["weight_format"] = expert_weight_format(a["w1"])
         if a["w1_scale"] is not None:
             req["scale_dtype"] = _dtype_name(a["w1_scale"].dtype)
-    elif op == "kv_compress":
+    elif op in ("kv_compress", "kv_compress_fp8"):
         req["ratio"] = a["ratio"]
         req["overlap"] = a["overlap"]
-        req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
+        if op == "kv_compress":
+            req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
     elif op == "indexer_topk_packed":
         req["key_format"] = a["key_format"]
     elif op in ("sparse_attention", "sparse_attention_fp8"):
@@ -377,11 +379,13 @@ def moe_experts_case(
 def kv_compress_case(
     name: str, seed: int, chunks: tuple[int, ...], ratio: int = 4, overlap: bool = True, b: int = 2, d: int = 32,
     rope: int = 16, norm_dtype=F32, out_dtype=None, stale_state: bool = False, layout: str = "contiguous",
+    records: tuple[int, int] | None = None,
 ) -> Case:
     """Successive calls over chunks of one token stream (a prefill then decode steps, or chunked
     prefill), sharing the state. ``stale_state`` fills the state with garbage before the first
     call (start_pos 0 must ignore it); ``layout="sliced"`` takes kv and score as the two halves of
-    one fused projection (non-contiguous)."""
+    one fused projection (non-contiguous). ``records=(rope_dim, tile)``: the calls are of
+    ``kv_compress_fp8`` with that record geometry (out_dtype unused)."""
     r = _Rand(seed)
     coff = compressor_width(ratio, overlap)
     total = sum(chunks)
@@ -399,10 +403,10 @@ def kv_compress_case(
         kv_chunk, score_chunk = kv[:, start : start + size], score[:, start : start + size]
         if layout == "contiguous":
             kv_chunk, score_chunk = kv_chunk.contiguous(), score_chunk.contiguous()
-        state = (kv_state, score_state, ratio, overlap, start, 1e-6, out_dtype)
+        state = (kv_state, score_state, ratio, overlap, start, 1e-6) + (records or (out_dtype,))
         calls.append((kv_chunk, score_chunk, ape, norm_weight, freqs, *state))
         start += size
-    return _case("kv_compress", name, *calls)
+    return _case("kv_compress_fp8" if records else "kv_compress", name, *calls)
 
 
 def indexer_topk_case(
@@ -722,6 +726,20 @@ def _kv_compress_cases(seed: int) -> list[Case]:
     ]
 
 
+def _kv_compress_fp8_cases(seed: int) -> list[Case]:
+    c = partial(kv_compress_case, records=(16, 8))  # d=32: 2 nope tiles of 8, 16 bf16 RoPE dims
+    return [
+        c("overlapped m=4: prefill 6 + 5 decode steps", seed, (6,) + (1,) * 5),
+        c("plain m=4: prefill 3 + 5 decode steps", seed + 1, (3,) + (1,) * 5, overlap=False),
+        c("overlapped: chunked prefill 3+3+5+2", seed + 2, (3, 3, 5, 2)),
+        c("plain m=16: prefill 5 (no entry) + 12 (completes one)", seed + 3, (5, 12), ratio=16, overlap=False),
+        c("start_pos 0 ignores a stale state", seed + 4, (6, 1), stale_state=True),
+        c("sliced kv/score, bf16 norm weight", seed + 5, (7, 1, 1), norm_dtype=BF16, layout="sliced"),
+        c("V4 record geometry: d=512, rope 64, tile 64 (584 bytes)", seed + 6, (9, 1), b=1, d=512,
+          rope=64, records=(64, 64)),
+    ]
+
+
 def _indexer_topk_cases(seed: int) -> list[Case]:
     c = indexer_topk_case
     return [
@@ -832,6 +850,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "moe_gate": _moe_gate_cases,
     "moe_experts": _moe_experts_cases,
     "kv_compress": _kv_compress_cases,
+    "kv_compress_fp8": _kv_compress_fp8_cases,
     "indexer_topk": _indexer_topk_cases,
     "indexer_topk_packed": _indexer_topk_packed_cases,
     "sparse_attention": _sparse_attention_cases,
@@ -907,6 +926,7 @@ def strategy(op: str):
             dtype=draw(dtypes), routing=draw(st.sampled_from(["random", "empty-slots", "one-expert"])),
             values=draw(st.sampled_from(["normal", "clamp", "zero-token"])), d=128, inter=128),
         "kv_compress": _draw_kv_compress,
+        "kv_compress_fp8": lambda draw: _draw_kv_compress(draw, records=(8, 8)),
         "indexer_topk": _draw_indexer_topk,
         "indexer_topk_packed": _draw_indexer_topk_packed,
         "sparse_attention": lambda draw: sparse_attention_case(
@@ -957,15 +977,15 @@ def _draw_moe_gate(draw) -> Case:
     )
 
 
-def _draw_kv_compress(draw) -> Case:
+def _draw_kv_compress(draw, records: tuple[int, int] | None = None) -> Case:
     from hypothesis import strategies as st
 
     overlap = draw(st.booleans())
     chunks = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=5)))
     return kv_compress_case(
         "property", draw(st.integers(0, 2**16)), chunks, ratio=4 if overlap else draw(st.sampled_from([2, 4, 8])),
-        overlap=overlap, b=draw(st.integers(1, 2)), d=8 * draw(st.integers(1, 4)), rope=8,
-        stale_state=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        overlap=overlap, b=draw(st.integers(1, 2)), d=8 * draw(st.integers(2 if records else 1, 4)), rope=8,
+        stale_state=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "sliced"])), records=records,
     )
 
 

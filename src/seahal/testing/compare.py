@@ -9,7 +9,9 @@ different accumulation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,22 @@ class Close:
             f"|err| {float(err[at]):.3g} > allowed {float(allowed[at]):.3g}"
         )
         return Verdict(False, verdict.max_abs, verdict.max_rel, worst, detail)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """``check`` applied to both sides after ``decode`` (packed records compared by their values)."""
+
+    check: Any
+    decode: Callable[[torch.Tensor], torch.Tensor]
+
+    def describe(self) -> str:
+        return f"decoded: {self.check.describe()}"
+
+    def compare(self, got: torch.Tensor, want: torch.Tensor) -> Verdict:
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return Verdict(False, detail=f"got {list(got.shape)} {got.dtype}, want {list(want.shape)} {want.dtype}")
+        return self.check.compare(self.decode(got.cpu()), self.decode(want.cpu()))
 
 
 @dataclass(frozen=True)

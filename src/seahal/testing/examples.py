@@ -174,6 +174,14 @@ def _kv_compress(d: _Draw):
     return args, {}
 
 
+@_example("kv_compress_fp8")
+def _kv_compress_fp8(d: _Draw):
+    """The kv_compress example's entries as 32-byte FP8 records: 8 e4m3 dims (one 8-wide tile) +
+    8 bf16 RoPE dims + one scale byte padded to 8."""
+    args, _ = _kv_compress(d)
+    return (*args, 1e-6, 8, 8), {}
+
+
 @_example("indexer_topk")
 def _indexer_topk(d: _Draw):
     """Queries at positions 8..12 with m=4 see 2 or 3 of N=4 entries; top-3 leaves -1 slots."""

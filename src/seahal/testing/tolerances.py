@@ -36,6 +36,7 @@ from seahal.backends.cpu.reference.quant import kv_cache_unpack
 from .cases import named_args
 from .compare import (
     Close,
+    Decoded,
     Exact,
     RoundedCodes,
     RoutedWeights,
@@ -178,6 +179,19 @@ def _kv_compress(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # states hold copies of kv and one fp32 rounding of score + ape: one fp32 ulp.
     state = Close(rtol=ulp(torch.float32))
     return Compared("entries", 0, entries), Compared("kv_state", 1, state), Compared("score_state", 2, state)
+
+
+def _kv_compress_fp8(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    entries, *states = _kv_compress({**a, "out_dtype": torch.bfloat16})
+    d, rope_dim, tile = a["norm_weight"].shape[0], a["rope_dim"], a["tile"]
+    # records are compared decoded. Where the kernel's bf16 entry is an ulp off the reference's,
+    # its e4m3 code may be one e4m3 step off (2^-3 relative; a tile scale doubling or halving
+    # requantises the tile, each side still within half a step, 2^-4, of its own entry); subnormal
+    # codes add at most half a subnormal step, s·2^-10 <= 2^-17·max|entry|, on each side.
+    check = entries.check
+    close = Close(rtol=check.rtol + ulp(torch.float8_e4m3fn), atol_ref=check.atol_ref + 2.0**-16)
+    records = Decoded(close, lambda r: kv_cache_unpack(r, d, rope_dim, tile))
+    return (Compared("records", 0, records), *states)
 
 
 def _indexer_topk(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -325,6 +339,17 @@ RULES: dict[str, Rule] = {
              "copies of fp32 inputs and one fp32 rounding of score + ape: one fp32 ulp"),
         ),
         _kv_compress,
+    ),
+    "kv_compress_fp8": Rule(
+        (
+            ("records (every call, decoded)", "kv_compress's entries tolerance + one e4m3 step: rtol += 2^-3, "
+             "atol/max\\|ref\\| += 2^-16",
+             "entries are kv_compress's in bf16; where an entry is an ulp off, its e4m3 code may be one step off "
+             "(a tile scale change requantises the tile, each side within half a step); subnormal codes: half a "
+             "subnormal step, <= 2^-17·max\\|entry\\|"),
+            ("kv_state, score_state (final)", "rtol 2^-23", "as kv_compress"),
+        ),
+        _kv_compress_fp8,
     ),
     "indexer_topk": Rule(
         (("indices", "selection, tol 2·γ(d+H+8)·max_j Σ_h \\|w_h\\| Σ_c \\|q_hc K_jc\\|",
