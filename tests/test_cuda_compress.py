@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
@@ -308,20 +307,6 @@ def test_compress_fp8_v4_records(ratio, overlap):
     _run_fp8_stream((ratio + 3, 1, 1), ratio, overlap, d=512, rope=64, tile=64, seed=14)
 
 
-class _AtenKernels(TorchDispatchMode):
-    """Records the aten ops dispatched inside it that would launch a device kernel: all but views
-    and allocations."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided"):
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 ONE_LAUNCH_CALLS = {
     f"{step}-{kind}": (ratio, overlap, start_pos, seq_len)
     for step, (start_pos, seq_len) in {"decode": (4094, 1), "decode-entry": (4095, 1), "prefill": (0, 8192),
@@ -338,12 +323,12 @@ def launches_per_call() -> dict[str, tuple[list[str], list[str]]]:
     meta tensors posing as cuda:0), no GPU needed. Needs compiled (not interpreted) kernels: run in
     a process without TRITON_INTERPRET (:func:`test_compress_is_one_launch` starts one)."""
     from seahal.backends.cuda import compressor
-    from seahal.testing.triton_compile import capture_launches
+    from seahal.testing.triton_compile import AtenKernels, capture_launches
 
     counts = {}
     for name, (ratio, overlap, start_pos, seq_len) in ONE_LAUNCH_CALLS.items():
         coff, d = (2 if overlap else 1), 512
-        with capture_launches() as launches, _AtenKernels() as aten:
+        with capture_launches() as launches, AtenKernels() as aten:
             def empty(*shape):
                 return torch.empty(shape, device="cuda")
 

@@ -298,13 +298,11 @@ def launches_per_call() -> tuple[list[str], list[str]]:
     """(the Triton kernels, the other aten ops that would launch a device kernel) of a
     :data:`DECODE_CALL` moe_experts call, recorded as an H100 would see them (capture_launches),
     no GPU needed. Needs compiled kernels: run in a process without TRITON_INTERPRET."""
-    from test_cuda_compress import _AtenKernels
-
     from seahal.backends.cuda import moe_experts
-    from seahal.testing.triton_compile import capture_launches
+    from seahal.testing.triton_compile import AtenKernels, capture_launches
 
     t, k, e, d, inter = DECODE_CALL.values()
-    with capture_launches() as launches, _AtenKernels() as aten:
+    with capture_launches() as launches, AtenKernels() as aten:
         def empty(*shape, dtype=torch.float32):
             return torch.empty(shape, dtype=dtype, device="cuda")
 

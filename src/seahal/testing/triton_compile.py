@@ -31,6 +31,7 @@ from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 H100_SMS = 132
 """Multiprocessors of an H100 SXM: what the wrappers' launch heuristics see while capturing."""
@@ -135,6 +136,20 @@ def capture_launches(sms: int = H100_SMS, capability: tuple[int, int] = (9, 0)) 
         stack.enter_context(mock.patch("torch.cuda.current_stream", lambda *_: types.SimpleNamespace(cuda_stream=0)))
         stack.enter_context(mode)
         yield launches
+
+
+class AtenKernels(TorchDispatchMode):
+    """Records the aten ops dispatched inside it that would launch a device kernel: all but views
+    and allocations (with :func:`capture_launches`: what a call launches besides Triton kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided"):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def sm90():
