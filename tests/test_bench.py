@@ -239,6 +239,15 @@ def test_kv_compress_formula():
     assert case.nbytes == 4 * 1_970_720 + 65_536 == 7_948_416
 
 
+def test_kv_compress_fp8_formula():
+    # The same decode step writing 584-byte FP8 records instead of 1024-byte bf16 entries; the
+    # indexer's compressor (whose keys are not KV records) has no fp8 rows.
+    case = _case(compressor_cases(GPU, quick=False, op="kv_compress_fp8"), "CSA main (m=4, d=512) decode pos=4095 B=64")
+    assert case.op == "kv_compress_fp8" and case.flops == 524_288
+    assert case.nbytes == 4 * 1_970_720 + 64 * 584
+    assert not [c for c in compressor_cases(GPU, quick=False, op="kv_compress_fp8") if "indexer" in c.shape]
+
+
 def test_mhc_and_rope_formulas():
     cases = mhc_rope_cases(["hc_pre", "hc_post", "hc_head", "rope"], GPU, quick=False)
     hc_pre = _case([c for c in cases if c.op == "hc_pre"], "V4-Pro n=4 D=7168 T=4096")
@@ -258,8 +267,8 @@ def test_ops_list_and_errors(capsys):
         "indexer_topk", "indexer_topk_packed", "hc_pre", "hc_post", "hc_head", "rope"]
     # issue #6's names
     assert expand_ops("kv_compress,indexer,sparse_attention,mhc") == [
-        "kv_compress", "indexer_topk", "indexer_topk_packed", "sparse_attention", "sparse_attention_fp8",
-        "hc_pre", "hc_post", "hc_head"]
+        "kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed", "sparse_attention",
+        "sparse_attention_fp8", "hc_pre", "hc_post", "hc_head"]
     assert all(op in CUDA_OPS for op in expand_ops("kv_compress,indexer,sparse_attention,mhc,kv_cache_unpack"))
     args = argparse.Namespace(backend="cuda", ops="rope,flash_attn", json=None, quick=True, plot=None, device="cpu")
     assert main(args) == 2

@@ -31,6 +31,7 @@ CUDA_OPS = {
     "sparse_attention_fp8": "cuda_attention",
     "indexer_topk_packed": "cuda_attention",
     "kv_compress": "cuda_compressor",
+    "kv_compress_fp8": "cuda_compressor",
     "kv_cache_unpack": "cuda_kv_cache",
     "hc_pre": "cuda_mhc_rope",
     "hc_post": "cuda_mhc_rope",
@@ -40,8 +41,10 @@ CUDA_OPS = {
 }
 """op -> module of seahal.bench with ``rows(ops, device, quick)`` for it."""
 ALIASES = {"indexer": ("indexer_topk", "indexer_topk_packed"), "mhc": ("hc_pre", "hc_post", "hc_head"),
-           "sparse_attention": ("sparse_attention", "sparse_attention_fp8")}
-"""Names the issues use for groups of ops (issue #6's ``sparse_attention`` covers dense rows and FP8 records)."""
+           "sparse_attention": ("sparse_attention", "sparse_attention_fp8"),
+           "kv_compress": ("kv_compress", "kv_compress_fp8")}
+"""Names the issues use for groups of ops (issue #6's ``sparse_attention`` and ``kv_compress`` cover
+the dense and the FP8-record variants)."""
 GPU_ONLY = {"cuda_gemm", "cuda_moe_gate", "cuda_quant"}
 """Modules with no CPU smoke mode (they measure on CUDA tensors only)."""
 DEFAULT_CUDA_OPS = "fp8_gemm"
