@@ -148,6 +148,8 @@ def _attention(t: int):
                 _empty(B, t, INDEX_HEADS, INDEX_DIM, dtype=dtype), _empty(B, t, INDEX_HEADS),
                 _empty(B, entries, record_bytes, dtype=torch.uint8), key_format, 4, start, INDEX_TOPK,
             )
+        # decode (B * t = 1 query: 2 programs on 132 SMs) takes the split-K launch and its combine
+        # (attention_splits: 20 splits), prefill the unsplit one
         sparse_attention.sparse_attention(
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
@@ -263,6 +265,13 @@ def test_gemms_use_hopper_tensor_cores(compiled):
         wide = "BLOCK_M=16," not in r["launch"]
         assert (r["wgmma"], r["mma"]) == (wide, not wide), r
         assert r["tma"] == ("TMA=True" in r["launch"]), r
+
+
+def test_attention_compiles_split_and_unsplit(compiled):
+    """sparse_attention compiles both ways, dense rows and FP8 records: split-K (decode) and not (prefill)."""
+    launches = [r["launch"] for r in compiled if r["kernel"] == "_sparse_attention_kernel"]
+    ways = {("SPLIT=True" in launch, "KV_FP8=True" in launch) for launch in launches}
+    assert ways == {(True, False), (True, True), (False, False), (False, True)}, launches
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def _brute_force(q, kv, indices, sink, softmax_scale) -> torch.Tensor:
                 continue
             logits = q[b, s].double() @ rows.T * softmax_scale  # [H, n_valid]
             with_sink = torch.cat((logits, sink.double()[:, None]), dim=1)
-            out[b, s] = torch.softmax(with_sink, dim=1)[:, :-1] @ rows
+            probs = torch.softmax(with_sink, dim=1)[:, :-1]  # NaN for a +inf sink, whose limit is 0
+            out[b, s] = torch.where(sink[:, None] == float("inf"), 0.0, probs) @ rows
     return out
 
 
@@ -73,11 +74,11 @@ def _inputs(b, s, h, d, n, k, dtype, gen, empty=0.25):
     return q, kv, indices, torch.randn(h, generator=gen)
 
 
-def _check(attention, q, kv, indices, sink, config=None) -> torch.Tensor:
+def _check(attention, q, kv, indices, sink, config=None, splits=None) -> torch.Tensor:
     """Run the kernel into a NaN-poisoned output and hold it against the reference and the brute force."""
     scale = q.shape[-1] ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
-    attention.launch_sparse_attention(q, kv, indices, sink, scale, out, config)
+    attention.launch_sparse_attention(q, kv, indices, sink, scale, out, config, splits=splits)
     assert not out.isnan().any(), "some output elements were not written"
     assert get_spec("sparse_attention").check(q, kv, indices, sink, scale) == (tuple(out.shape), out.dtype)
     rtol, atol = BF16_TOL if q.dtype == torch.bfloat16 else FP32_TOL
@@ -168,17 +169,19 @@ def _records(b, n, d, rope_dim, tile, gen) -> torch.Tensor:
     return kv_cache_pack(kv, rope_dim, tile)
 
 
-def _check_fp8(attention, q, records, indices, sink, rope_dim, tile, config=None) -> None:
+def _check_fp8(attention, q, records, indices, sink, rope_dim, tile, config=None, splits=None) -> None:
     """The FP8 read equals the dense kernel on the reference-decoded rows bit for bit (same launch:
     the decode is exact and the rest is the same code), and hence meets the dense tolerances
     against the reference and the brute force on those rows (checked by :func:`_check`)."""
     scale = q.shape[-1] ** -0.5
     kv = kv_cache_unpack(records, q.shape[-1], rope_dim, tile).to(q.dtype)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
-    attention.launch_sparse_attention(q, records, indices, sink, scale, out, config, rope_dim=rope_dim, tile=tile)
-    dense = _check(attention, q, kv, indices, sink, config)
+    attention.launch_sparse_attention(
+        q, records, indices, sink, scale, out, config, rope_dim=rope_dim, tile=tile, splits=splits
+    )
+    dense = _check(attention, q, kv, indices, sink, config, splits)
     assert torch.equal(out, dense), (out - dense).abs().max()
-    if config is None:
+    if config is None and splits is None:
         assert torch.equal(attention.sparse_attention_fp8(q, records, indices, sink, scale, rope_dim, tile), dense)
 
 
@@ -203,6 +206,50 @@ def test_fp8_records_rope_boundary_inside_chunks(attention, dtype):
     records = _records(2, 24, 80, 24, 8, gen)[:, ::2]
     assert records.shape[-1] == 112 and records.stride(1) == 224
     _check_fp8(attention, q, records, indices, sink, 24, 8, attention.AttentionConfig(16, 8, 32, 64))
+
+
+@interpreted
+def _decode_rows(n, gen) -> torch.Tensor:
+    """int32 [1, 3, 640]: V4's decode row, a 128-slot window then 512 top-k slots, for three queries:
+    0 with -1 runs covering whole split chunks (slots 150..599), 1 whose only valid key is slot 639
+    (the last split's last slot), 2 with no valid key."""
+    rows = torch.randint(0, n, (3, 640), generator=gen, dtype=torch.int32)
+    rows[0, 150:600] = -1
+    rows[1, :639] = -1
+    rows[2] = -1
+    return rows[None]
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 3, 10])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_k_decode_640_slots(attention, dtype, splits):
+    # K = 640 in 40 blocks of 16: 3 splits are uneven chunks of 224, 224 and 192 slots, 10 are 64 each;
+    # sinks -inf, +inf, dominant and ordinary over the four heads.
+    gen = torch.Generator().manual_seed(11 + splits)
+    q, kv, _, sink = _inputs(1, 3, 4, 64, 700, 1, dtype, gen)
+    sink[:3] = torch.tensor([float("-inf"), float("inf"), 30.0])
+    out = _check(attention, q, kv, _decode_rows(700, gen), sink, splits=splits)
+    assert out[0, 2].abs().max() == 0 and out[:, :, 1].abs().max() == 0
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [3, 10])
+def test_split_k_fp8_records(attention, splits):
+    gen = torch.Generator().manual_seed(21 + splits)
+    q, _, _, sink = _inputs(1, 3, 3, 128, 700, 1, torch.bfloat16, gen)
+    records = _records(1, 700, 128, 64, 64, gen)
+    _check_fp8(attention, q, records, _decode_rows(700, gen), sink, 64, 64, splits=splits)
+
+
+def test_split_heuristic_decode_vs_prefill():
+    # V4-Flash (H = 64, D = 512, K = 128 + 512) on an H100's 132 SMs: at batch 1 decode the unsplit
+    # grid is 2 programs, so it splits (into 20 blocks of 32 slots); a 4096-query prefill does not.
+    from seahal.backends.cuda.sparse_attention import attention_config, attention_splits
+
+    config = attention_config(64, 512, torch.device("cuda"))
+    assert attention_splits(1, 64, 512, 640, config, 132) == 20
+    assert attention_splits(4096, 64, 512, 640, config, 132) == 1
 
 
 @interpreted

@@ -10,6 +10,13 @@ columns. The sink joins the denominator at the end, ``o = acc / (l + exp(sink - 
 reference's ratio with the max taken over the keys only. Programs of the other output slices of
 the same heads recompute the logits (the rows come from L2); for D <= BLOCK_DV there is one slice.
 
+Split-K (flash-decoding) when that grid is small against the chip (decode): each query's index row
+is cut into SPLITS contiguous chunks of whole BLOCK_N blocks, one program per (query, split, head
+block, output slice) runs the same loop over its chunk and writes its running max m_i, sum l_i and
+unnormalised accumulator acc_i in fp32 to a workspace, and a second launch merges the splits in
+split order: ``M = max_i m_i``, ``L = sum_i l_i e^(m_i - M) + e^(sink - M)``,
+``o = sum_i acc_i e^(m_i - M) / L`` (:func:`attention_splits` picks SPLITS).
+
 ``kv`` is dense rows (bf16 or fp32, any strides; op ``sparse_attention``) or the FP8 records of
 v4_ops.md §12 (``[B, N, 584]`` uint8 for V4; op ``sparse_attention_fp8``, the model's FP8 cache):
 the program then decodes each gathered chunk in registers, ``e4m3(code) * 2^(e_t - 127)`` rounded
@@ -64,6 +71,21 @@ def attention_config(h: int, d: int, device: torch.device, dtype: torch.dtype = 
     return AttentionConfig(
         block_h, 32, 64, block_dv, num_warps=8 if block_h * block_dv >= 64 * 256 else 4, num_stages=stages
     )
+
+
+def attention_splits(queries: int, h: int, d: int, k: int, config: AttentionConfig, sm_count: int) -> int:
+    """Split-K factor for ``queries`` (B * S) queries of H heads, D dims and K index slots.
+
+    Untuned heuristic (TUNING.md): none while the unsplit grid (queries x head blocks x output
+    slices) already holds two programs per SM; otherwise enough splits for two programs per SM,
+    at most one per BLOCK_N block of the index row (V4-Flash decode at batch 1 on 132 SMs: 2
+    programs, 640 slots in 20 blocks of 32 -> 20 splits). The workspace is SPLITS x H x D fp32 per
+    query (2.6 MB there), written once and read once, mostly from L2.
+    """
+    programs = queries * triton.cdiv(h, config.block_h) * triton.cdiv(d, config.block_dv)
+    if programs >= 2 * sm_count:
+        return 1
+    return max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(k, config.block_n)))
 
 
 def sparse_attention(
@@ -139,25 +161,51 @@ def launch_sparse_attention(
     *,
     rope_dim: int = 64,
     tile: int = 64,
+    splits: int | None = None,
 ) -> None:
     """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
 
     ``kv`` is dense rows in q's dtype, or uint8 FP8 records of geometry (``rope_dim``, ``tile``)
-    (:func:`sparse_attention_fp8`; the geometry is unused for dense rows).
+    (:func:`sparse_attention_fp8`; the geometry is unused for dense rows). ``splits`` forces the
+    split-K factor; chunks are whole BLOCK_N blocks, so fewer splits run when K has fewer blocks.
+    Default: :func:`attention_splits` on a GPU, 1 on CPU tensors (the interpreter: tests force
+    their splits, and launches that differ only in batch size stay bit-identical there). On a GPU
+    the split changes the fp32 summation order, so one query's output may differ in the last bits
+    between a small (split) and a large (unsplit) batch.
     """
     b, s, h, d = q.shape
     if out.numel() == 0:
         return
+    k = indices.shape[-1]
     config = config or attention_config(h, d, q.device, q.dtype)
-    grid = (b * s, triton.cdiv(h, config.block_h), triton.cdiv(d, config.block_dv))
-    _sparse_attention_kernel[grid](
-        q, kv, indices, sink, out, s, h, kv.shape[1], indices.shape[-1], float(softmax_scale),
+    if splits is None:
+        splits = 1
+        if q.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            splits = attention_splits(b * s, h, d, k, config, sms)
+    blocks = max(1, triton.cdiv(k, config.block_n))
+    split_slots = triton.cdiv(blocks, max(1, splits)) * config.block_n
+    splits = triton.cdiv(blocks * config.block_n, split_slots)  # no empty trailing split
+    head_blocks, slices = triton.cdiv(h, config.block_h), triton.cdiv(d, config.block_dv)
+    if splits > 1:  # fp32 partials [B*S, SPLITS, H, D] and their (max, sum) [2, B*S, SPLITS, H]
+        partial = torch.empty((b * s, splits, h, d), dtype=torch.float32, device=q.device)
+        stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
+    else:  # unused by the unsplit kernel
+        partial = stats = out
+    _sparse_attention_kernel[(b * s * splits, head_blocks, slices)](
+        q, kv, indices, sink, out, partial, stats, s, h, kv.shape[1], k, splits, split_slots,
+        float(softmax_scale),
         *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         BLOCK_DV=config.block_dv, LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and q.device.type == "cuda",
-        KV_FP8=kv.dtype == torch.uint8, ROPE_DIM=rope_dim, TILE=tile,
+        KV_FP8=kv.dtype == torch.uint8, ROPE_DIM=rope_dim, TILE=tile, SPLIT=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if splits > 1:
+        _combine_splits_kernel[(b * s, head_blocks, slices)](
+            partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
+            HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_DV=config.block_dv, num_warps=4,
+        )
 
 
 @triton.jit
@@ -196,7 +244,7 @@ def _load_kv(rows, cols, mask, stride_kd, dtype: tl.constexpr, KV_FP8: tl.conste
 
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, S, H, N, K, softmax_scale,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, part_ptr, stats_ptr, S, H, N, K, SPLITS, SPLIT_SLOTS, softmax_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kd,
     stride_ib, stride_is, stride_ik,
@@ -204,13 +252,19 @@ def _sparse_attention_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
-    TILE: tl.constexpr,
+    TILE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out[b, s, heads, cols] for one (b, s), BLOCK_H heads and BLOCK_DV output columns; kv rows
-    dense, or FP8 records decoded by :func:`_load_kv` (KV_FP8)."""
-    pid_bs = tl.program_id(0)
-    bat = (pid_bs // S).to(tl.int64)
-    seq = (pid_bs % S).to(tl.int64)
+    dense, or FP8 records decoded by :func:`_load_kv` (KV_FP8). With SPLIT, program (b, s, split)
+    walks index slots [split * SPLIT_SLOTS, (split + 1) * SPLIT_SLOTS) only and writes its fp32
+    acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running max and sum to ``stats_ptr`` [2, B*S,
+    SPLITS, H] for :func:`_combine_splits_kernel`."""
+    pid = tl.program_id(0).to(tl.int64)  # (b * S + s) * SPLITS + split
+    pid_bs = pid // SPLITS
+    first = (pid % SPLITS) * SPLIT_SLOTS
+    end = tl.minimum(K, first + SPLIT_SLOTS)
+    bat = pid_bs // S
+    seq = pid_bs % S
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
@@ -223,9 +277,9 @@ def _sparse_attention_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max of the logits
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp(s - m_i)
     acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-    for start in range(0, K, BLOCK_N):
+    for start in range(first, end, BLOCK_N):
         slots = start + offs_n
-        idx = tl.load(idx_row + slots * stride_ik, mask=slots < K, other=-1).to(tl.int64)
+        idx = tl.load(idx_row + slots * stride_ik, mask=slots < end, other=-1).to(tl.int64)
         valid = (idx >= 0) & (idx < N)
         rows = kv_base + idx[:, None] * stride_kn
         logits = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
@@ -248,8 +302,57 @@ def _sparse_attention_kernel(
         acc = _dot(cast_rne(p, v.dtype), v, acc * alpha[:, None], LOW_PRECISION_DOT)
         m_i = m_new
 
+    out_mask = head_ok[:, None] & (cols_v[None, :] < HEAD_DIM)
+    if SPLIT:
+        tl.store(part_ptr + (pid * H + heads[:, None]) * HEAD_DIM + cols_v[None, :], acc, mask=out_mask)
+        if tl.program_id(2) == 0:  # one output slice writes the (equal) statistics
+            tl.store(stats_ptr + pid * H + heads, m_i, mask=head_ok)
+            tl.store(stats_ptr + (tl.num_programs(0).to(tl.int64) + pid) * H + heads, l_i, mask=head_ok)
+    else:
+        out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols_v[None, :] * stride_od
+        _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
+
+
+@triton.jit
+def _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask):
+    """Store ``acc / (l + exp(sink - m))`` (0 where that denominator is 0: no key and a -inf sink)
+    through the pointers ``out``; m is the max over the keys only (-inf without any)."""
     sink = tl.load(sink_ptr + heads * stride_sink, mask=head_ok, other=float("-inf")).to(tl.float32)
     denominator = l_i + tl.exp(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
     o = tl.where(denominator[:, None] > 0, acc / tl.where(denominator > 0, denominator, 1.0)[:, None], 0.0)
+    tl.store(out, cast_rne(o, out.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_ptr, stats_ptr, sink_ptr, out_ptr, S, H, SPLITS, stride_sink,
+    stride_ob, stride_os, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """out[b, s, heads, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`, merged
+    in split order: ``M = max_i m_i``, ``acc = sum_i acc_i e^(m_i - M)``, ``l = sum_i l_i e^(m_i - M)``,
+    then normalised with the sink as the unsplit kernel does."""
+    pid_bs = tl.program_id(0)
+    bat = (pid_bs // S).to(tl.int64)
+    seq = (pid_bs % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    head_ok = heads < H
+    out_mask = head_ok[:, None] & (cols_v[None, :] < HEAD_DIM)
+    first = pid_bs.to(tl.int64) * SPLITS  # this query's first split row in the workspace
+    sum_rows = tl.num_programs(0).to(tl.int64) * SPLITS  # the running sums follow the maxima
+
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    for i in range(SPLITS):
+        m = tl.maximum(m, tl.load(stats_ptr + (first + i) * H + heads, mask=head_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no valid key in any split: every weight is 0
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+    for i in range(SPLITS):
+        m_i = tl.load(stats_ptr + (first + i) * H + heads, mask=head_ok, other=float("-inf"))
+        weight = tl.exp(m_i - m_safe)
+        l += tl.load(stats_ptr + (sum_rows + first + i) * H + heads, mask=head_ok, other=0.0) * weight
+        part = part_ptr + ((first + i) * H + heads[:, None]) * HEAD_DIM + cols_v[None, :]
+        acc += tl.load(part, mask=out_mask, other=0.0) * weight[:, None]
     out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols_v[None, :] * stride_od
-    tl.store(out, cast_rne(o, out_ptr.dtype.element_ty), mask=head_ok[:, None] & (cols_v[None, :] < HEAD_DIM))
+    _normalise_and_store(acc, m, l, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
