@@ -387,6 +387,14 @@ def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def e8m0_scaled(values, exponents, tile: int):
+    """values [..., n * tile] times ``2^(e_t - 127)`` per tile t of ``exponents`` [..., n] (int64
+    e8m0 bytes; 255 is NaN), in fp32."""
+    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
+    return op.Reshape(tiles(values, tile=tile) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+
+
+@onnxscript.script(LIB, default_opset=op)
 def unpack_records(packed, nope, rope_dim: int, tile: int):
     """Decode KV records: packed [..., record] uint8 with ``nope`` ([1] int64) e4m3 dims ->
     [..., nope + rope_dim] bf16; nope = e4m3 * 2^(e_t - 127) per tile t (e = 255: NaN), rope = the
@@ -396,8 +404,7 @@ def unpack_records(packed, nope, rope_dim: int, tile: int):
     values = op.Gather(op.Constant(value=_E4M3), op.Slice(data, [0], nope, [-1]))
     n_tiles = nope / op.Reshape(op.Constant(value_int=tile), [1])
     exponents = op.Slice(data, nope + rope_bytes, nope + rope_bytes + n_tiles, [-1])
-    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
-    nope_values = op.Reshape(tiles(values, tile=tile) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+    nope_values = e8m0_scaled(values, exponents, tile=tile)
     rope = bf16_from_bytes(op.Slice(data, nope, nope + rope_bytes, [-1]))
     return op.Concat(op.Cast(nope_values, to=BFLOAT16), rope, axis=-1)
 
@@ -699,8 +706,7 @@ def indexer_topk_packed_fp4(q, weights, keys, start_pos: INT64, ratio: int, topk
     half = d / 2
     values = e2m1_decode(op.Slice(keys, [0], half, [-1]))
     exponents = op.Cast(op.Slice(keys, half, half + d / 32, [-1]), to=TensorProto.INT64)
-    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
-    dense = op.Reshape(tiles(values, tile=32) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+    dense = e8m0_scaled(values, exponents, tile=32)
     return indexer_select(q, weights, op.CastLike(dense, q), start_pos, ratio=ratio, topk=topk)
 
 
