@@ -105,6 +105,17 @@ class Contract:
         if value not in allowed:
             raise self.fail(f"{name} must be one of {list(allowed)}, got {value!r}")
 
+    def position(self, name: str, value: object) -> int | None:
+        """A token position: an int >= 0 (returned), or a 0-d integer tensor on the op's device
+        (None returned). A tensor's value is data the kernel reads on the device: it is never read
+        here, so a range the contract would check is the caller's to keep."""
+        if isinstance(value, torch.Tensor):
+            self.tensor(name, value, [], INDEX)
+            return None
+        if not isinstance(value, int) or value < 0:
+            raise self.fail(f"{name} must be an int >= 0 or a 0-d int32/int64 tensor, got {value!r}")
+        return value
+
     def positive(self, name: str, value: int) -> None:
         if not isinstance(value, int) or value <= 0:
             raise self.fail(f"{name} must be a positive int, got {value!r}")

@@ -29,24 +29,47 @@ import torch
 from .device import resolve_device
 from .errors import PlanError
 from .registry import REGISTRY, Backend, Kernel, PlanContext
-from .spec import OpSpec, as_torch_op, get_spec, specs
+from .spec import OpSpec, as_torch_op, get_spec, position_on_host, specs
 
 POLICIES = ("fallback", "strict")
 
 
 class BoundOp:
-    """An op bound to one kernel: checks the contract, then makes one dispatcher call."""
+    """An op bound to one kernel: checks the contract, then makes one dispatcher call.
 
-    __slots__ = ("spec", "kernel", "torch_op")
+    An op with a position argument (:attr:`OpSpec.position`) called with the position as a tensor
+    goes to the kernel's tensor-position twin (``position_op``): the kernel itself when it declares
+    :attr:`Kernel.device_position`, else the kernel behind a host read of the position.
+    """
+
+    __slots__ = ("spec", "kernel", "torch_op", "position_op", "_position_index")
 
     def __init__(self, spec: OpSpec, kernel: Kernel):
         self.spec = spec
         self.kernel = kernel
-        self.torch_op = as_torch_op(spec, kernel.backend, kernel.name, kernel.resolve())
+        fn = kernel.resolve()
+        self.torch_op = as_torch_op(spec, kernel.backend, kernel.name, fn)
+        self.position_op = None
+        if spec.position is not None:
+            twin = fn if kernel.device_position else position_on_host(spec, fn)
+            self.position_op = as_torch_op(spec, kernel.backend, kernel.name, twin, positional=True)
+            self._position_index = spec.position_index()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.spec.contract(*args, **kwargs)
+        if self.position_op is not None and isinstance(self._position(args, kwargs), torch.Tensor):
+            return self.position_op(*args, **kwargs)
         return self.torch_op(*args, **kwargs)
+
+    @property
+    def reads_position_on_host(self) -> bool:
+        """Whether a tensor position is read on the host (a sync that breaks CUDA-graph capture)."""
+        return self.spec.position is not None and not self.kernel.device_position
+
+    def _position(self, args: tuple, kwargs: dict) -> Any:
+        if self.spec.position in kwargs:
+            return kwargs[self.spec.position]
+        return args[self._position_index] if len(args) > self._position_index else None
 
     def __repr__(self) -> str:
         return f"<{self.spec.name} -> {self.kernel.qualified_name}>"
@@ -85,6 +108,12 @@ class Plan:
 
     def __getitem__(self, op: str) -> BoundOp:
         return getattr(self.ops, op)
+
+    @property
+    def host_position_ops(self) -> list[str]:
+        """Ops whose kernel reads a tensor position on the host (:attr:`BoundOp.reads_position_on_host`):
+        a decode step through them cannot be captured in a CUDA graph."""
+        return [op for op in self.entries if self[op].reads_position_on_host]
 
     @property
     def fallbacks(self) -> list[str]:
@@ -135,6 +164,7 @@ class Plan:
             "emulated_on": self.emulated_on,
             "policy": self.policy,
             "weight_conversions": dict(self.weight_conversions),
+            "host_position_ops": self.host_position_ops,
             "ops": {
                 op: {
                     "kernel": e.label,

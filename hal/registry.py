@@ -132,6 +132,10 @@ class Kernel:
     supports: Predicate | None = None
     portable: bool = False
     """Runs on tensors of any device type (pure torch, no host sync): the fallback of every plan."""
+    device_position: bool = False
+    """Takes the op's position argument (:attr:`OpSpec.position`) as a 0-d device tensor as well
+    as an int, and never reads the tensor on the host: a decode step through it can be captured in
+    a CUDA graph. Other kernels get such a call with the position read on the host."""
 
     _resolved: Callable[..., Any] | None = field(default=None, repr=False)
 
@@ -344,12 +348,14 @@ def register_kernel(
     capabilities: Mapping[str, tuple] | None = None,
     supports: Predicate | None = None,
     portable: bool = False,
+    device_position: bool = False,
 ) -> Kernel:
     """Register ``impl`` as kernel ``backend.name`` of ``op``.
 
     ``impl`` must accept the op's arguments as its spec's schema names them and return what the
     spec's contract describes. Higher ``priority`` wins among kernels whose capabilities and
-    ``supports`` predicate accept the plan's context.
+    ``supports`` predicate accept the plan's context. ``device_position``: see
+    :attr:`Kernel.device_position`.
     """
     return REGISTRY.add_kernel(
         Kernel(
@@ -361,6 +367,7 @@ def register_kernel(
             capabilities={k: tuple(v) for k, v in (capabilities or {}).items()},
             supports=supports,
             portable=portable,
+            device_position=device_position,
         )
     )
 

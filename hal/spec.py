@@ -44,6 +44,11 @@ class OpSpec:
     schema: str
     contract: Callable[..., Any] = field(repr=False)
     mutates: tuple[str, ...] = ()
+    position: str | None = None
+    """The ``int`` argument holding a token position that may also be passed as a 0-d integer
+    tensor on the op's device (``start_pos``): the position as data, so that one captured CUDA
+    graph, or one traced graph, serves every position. The contract then describes outputs whose
+    row count depends on the position at its largest, valid rows first and zeros after."""
 
     @property
     def doc(self) -> str:
@@ -52,6 +57,18 @@ class OpSpec:
     @property
     def summary(self) -> str:
         return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
+
+    @property
+    def position_schema(self) -> str:
+        """The schema with the position argument a ``Tensor`` (see :attr:`position`)."""
+        if self.position is None:
+            raise RegistryError(f"op {self.name!r} has no position argument")
+        return self.schema.replace(f"int {self.position}", f"Tensor {self.position}")
+
+    def position_index(self) -> int:
+        """The position argument's index among the schema's arguments."""
+        arguments = torch._C.parse_schema(f"op{self.schema}").arguments
+        return [a.name for a in arguments].index(self.position)
 
     def check(self, *args: Any, **kwargs: Any) -> Any:
         """Validate a call; returns the output metadata."""
@@ -71,13 +88,19 @@ class OpSpec:
 _SPECS: dict[str, OpSpec] = {}
 
 
-def define_op(name: str, *, family: str, schema: str, mutates: tuple[str, ...] = ()):
+def define_op(
+    name: str, *, family: str, schema: str, mutates: tuple[str, ...] = (), position: str | None = None
+):
     """Decorator that turns a contract function into a registered :class:`OpSpec`."""
 
     def wrap(contract: Callable[..., Any]) -> OpSpec:
         if name in _SPECS:
             raise RegistryError(f"op {name!r} is defined twice")
-        spec = OpSpec(name=name, family=family, schema=schema, contract=contract, mutates=mutates)
+        if position is not None and f"int {position}" not in schema:
+            raise RegistryError(f"op {name!r}: position argument {position!r} is not an int of its schema")
+        spec = OpSpec(
+            name=name, family=family, schema=schema, contract=contract, mutates=mutates, position=position
+        )
         _SPECS[name] = spec
         return spec
 
@@ -119,14 +142,16 @@ def torch_op_name(op: str, backend: str, kernel: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", raw)
 
 
-def as_torch_op(spec: OpSpec, backend: str, kernel: str, fn: Callable[..., Any]):
+def as_torch_op(spec: OpSpec, backend: str, kernel: str, fn: Callable[..., Any], positional: bool = False):
     """Register ``fn`` as the torch op ``seahal::<op>__<backend>_<kernel>`` and return its overload.
 
-    The op's fake is the spec's contract. torch ops cannot be redefined, so a kernel re-registered
-    under the same name with a different function gets a fresh name (``..._v2``) instead of
-    silently running the first function.
+    ``positional``: the op's twin taking its position argument as a tensor
+    (``seahal::<op>__<backend>_<kernel>_at``, schema :attr:`OpSpec.position_schema`). The op's fake
+    is the spec's contract. torch ops cannot be redefined, so a kernel re-registered under the
+    same name with a different function gets a fresh name (``..._v2``) instead of silently running
+    the first function.
     """
-    base = torch_op_name(spec.name, backend, kernel)
+    base = torch_op_name(spec.name, backend, kernel) + ("_at" if positional else "")
     name, version = base, 1
     while name in _TORCH_OPS:
         known_fn, op = _TORCH_OPS[name]
@@ -134,9 +159,51 @@ def as_torch_op(spec: OpSpec, backend: str, kernel: str, fn: Callable[..., Any])
             return op
         version += 1
         name = f"{base}_v{version}"
-    _LIB.define(name + spec.schema)
+    _LIB.define(name + (spec.position_schema if positional else spec.schema))
     _LIB.impl(name, fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"seahal::{name}", spec.fake, lib=_LIB)
     op = getattr(torch.ops.seahal, name).default
     _TORCH_OPS[name] = (fn, op)
     return op
+
+
+_HOST_POSITION: dict[tuple[str, Callable[..., Any]], Callable[..., Any]] = {}
+
+
+def position_on_host(spec: OpSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, a kernel taking the position as an int, behind the tensor-position calling
+    convention: the position is read on the host (a device sync: such a call cannot be captured in
+    a CUDA graph) and outputs are zero-padded to the rows the contract gives a tensor position.
+    One wrapper per kernel function (its torch op is registered once)."""
+    key = (spec.name, fn)
+    if key not in _HOST_POSITION:
+        _HOST_POSITION[key] = _read_position_on_host(spec, fn)
+    return _HOST_POSITION[key]
+
+
+def _read_position_on_host(spec: OpSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
+    index = spec.position_index()
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        meta = spec.contract(*args, **kwargs)
+        if spec.position in kwargs:
+            kwargs = {**kwargs, spec.position: int(kwargs[spec.position])}
+        else:
+            args = (*args[:index], int(args[index]), *args[index + 1 :])
+        result = fn(*args, **kwargs)
+        if isinstance(result, torch.Tensor):
+            return _zero_padded(result, meta.shape)
+        if result is None:
+            return None
+        return tuple(_zero_padded(r, m.shape) for r, m in zip(result, meta))
+
+    call.__name__ = call.__qualname__ = f"{getattr(fn, '__name__', 'kernel')}_position_on_host"
+    return call
+
+
+def _zero_padded(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) == tuple(shape):
+        return t
+    padded = t.new_zeros(shape)
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    return padded

@@ -40,6 +40,10 @@ REFERENCE_KERNELS = {
     "rope": ("rope", {"dtype": _FLOATS}),
 }
 
+DEVICE_POSITION = {"indexer_topk", "indexer_topk_packed"}
+"""Reference kernels that take ``start_pos`` as a device tensor without reading it (the position is
+only computed with); the compressor's reads it on the host (its state slicing depends on it)."""
+
 
 def _probe() -> Availability:
     return Availability(True, f"{torch.get_num_threads()} threads")
@@ -57,7 +61,8 @@ def register() -> None:
     )
     for op, (module, capabilities) in REFERENCE_KERNELS.items():
         register_kernel(
-            op, "cpu", "reference", f"{_REF}.{module}:{op}", priority=0, capabilities=capabilities, portable=True
+            op, "cpu", "reference", f"{_REF}.{module}:{op}", priority=0, capabilities=capabilities, portable=True,
+            device_position=op in DEVICE_POSITION,
         )
     from .native import register_native_kernels
 

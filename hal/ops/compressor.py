@@ -26,9 +26,16 @@ def compressor_state(batch: int, ratio: int, dim: int, overlap: bool, device=Non
     return kv, score
 
 
-def new_entries(start_pos: int, seq_len: int, ratio: int) -> int:
-    """Entries completed by tokens [start_pos, start_pos + seq_len): floor((start+S)/m) - floor(start/m)."""
+def new_entries(start_pos: int | torch.Tensor, seq_len: int, ratio: int) -> int | torch.Tensor:
+    """Entries completed by tokens [start_pos, start_pos + seq_len): floor((start+S)/m) - floor(start/m)
+    (a tensor for a tensor start_pos)."""
     return (start_pos + seq_len) // ratio - start_pos // ratio
+
+
+def most_new_entries(seq_len: int, ratio: int) -> int:
+    """The most entries S tokens complete at any position: ceil(S/m) (a block boundary inside
+    every m tokens); the rows of kv_compress's output at a tensor start_pos."""
+    return -(-seq_len // ratio)
 
 
 @define_op(
@@ -40,6 +47,7 @@ def new_entries(start_pos: int, seq_len: int, ratio: int) -> int:
         "float norm_eps=1e-6, ScalarType? out_dtype=None) -> Tensor"
     ),
     mutates=("kv_state", "score_state"),
+    position="start_pos",
 )
 def kv_compress(
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps=1e-6,
@@ -51,6 +59,10 @@ def kv_compress(
     ape: [m, coff*d] fp32, norm_weight: [d], rope_freqs: [r/2] fp32 (r = rope dims, the last r of d),
     kv_state, score_state: [B, coff*m, coff*d] fp32, updated in place
     -> entries: [B, new_entries(start_pos, S, m), d] in out_dtype (default bf16, the official precision)
+
+    ``start_pos``: an int, or a 0-d integer tensor on the inputs' device (the position as data,
+    for captured or traced graphs): then entries has ``most_new_entries(S, m)`` rows, the
+    new_entries(start_pos, S, m) entries first and zeros after.
 
     Token t has gate score ``z_t = score_t + ape[t mod m]``. Entry j pools per channel with a
     softmax over its slots: plain (HCA) over the m tokens of block j; overlapped (CSA, coff=2) over
@@ -76,7 +88,6 @@ def _check_compress(
 ) -> tuple[int, int, int]:
     """The checks kv_compress and kv_compress_fp8 share -> (B, new entries, d)."""
     c.positive("ratio", ratio)
-    c.require(start_pos >= 0, f"start_pos must be >= 0, got {start_pos}")
     coff = compressor_width(ratio, overlap)
     c.tensor("kv", kv, ["B", "S", "C"], F32)
     c.tensor("score", score, ["B", "S", "C"], F32)
@@ -88,7 +99,10 @@ def _check_compress(
     c.require(2 * c.dims["R"] <= d, f"rope_freqs covers {2 * c.dims['R']} dims, more than d={d}")
     c.tensor("kv_state", kv_state, ["B", coff * ratio, "C"], (torch.float32,))
     c.tensor("score_state", score_state, ["B", coff * ratio, "C"], (torch.float32,))
-    return c.dims["B"], new_entries(start_pos, c.dims["S"], ratio), d
+    position = c.position("start_pos", start_pos)
+    seq_len = c.dims["S"]
+    rows = most_new_entries(seq_len, ratio) if position is None else new_entries(position, seq_len, ratio)
+    return c.dims["B"], rows, d
 
 
 @define_op(
@@ -100,6 +114,7 @@ def _check_compress(
         "float norm_eps=1e-6, int rope_dim=64, int tile=64) -> Tensor"
     ),
     mutates=("kv_state", "score_state"),
+    position="start_pos",
 )
 def kv_compress_fp8(
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps=1e-6,
@@ -109,7 +124,8 @@ def kv_compress_fp8(
 
     Arguments and state update as :func:`kv_compress`; rope_dim, tile: the record geometry (V4:
     64, 64) -> records: [B, new_entries(start_pos, S, m), kv_record_bytes(d, rope_dim, tile)] uint8
-    (584 bytes for d = 512)
+    (584 bytes for d = 512); at a tensor start_pos most_new_entries(S, m) rows, zero bytes after the
+    new ones.
 
     ``records = kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: each entry is
     rounded to bf16 (the official precision) at every step kv_compress rounds, then its first

@@ -12,11 +12,11 @@ Q_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_DTYPES = (torch.float32, torch.float64)
 
 
-def _selection(c: Contract, ratio: int, start_pos: int, topk: int) -> Out:
+def _selection(c: Contract, ratio: int, start_pos: int | torch.Tensor, topk: int) -> Out:
     """Check the selection arguments both indexer ops share; the indices' metadata."""
     c.positive("ratio", ratio)
     c.positive("topk", topk)
-    c.require(start_pos >= 0, f"start_pos must be >= 0, got {start_pos}")
+    c.position("start_pos", start_pos)
     return Out((c.dims["B"], c.dims["S"], topk), torch.int32)
 
 
@@ -24,6 +24,7 @@ def _selection(c: Contract, ratio: int, start_pos: int, topk: int) -> Out:
     "indexer_topk",
     family="indexer",
     schema="(Tensor q, Tensor weights, Tensor keys, int ratio, int start_pos, int topk) -> Tensor",
+    position="start_pos",
 )
 def indexer_topk(q, weights, keys, ratio, start_pos, topk):
     """Select, for every query token, the top-k visible compressed entries by indexer score.
@@ -31,7 +32,8 @@ def indexer_topk(q, weights, keys, ratio, start_pos, topk):
     q: [B, S, H, d] bf16/fp32, weights: [B, S, H] fp32 (already scaled), keys: [B, N, d]
     -> indices: [B, S, topk] int32, -1 in slots beyond the visible entries.
 
-    Query s sits at position ``t = start_pos + s`` and sees entries ``j < min(N, floor((t+1)/m))``;
+    Query s sits at position ``t = start_pos + s`` (start_pos an int, or a 0-d integer tensor on
+    q's device: the position as data) and sees entries ``j < min(N, floor((t+1)/m))``;
     ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32; indices are ordered by score
     descending, ties to the smaller index.
     """
@@ -46,6 +48,7 @@ def indexer_topk(q, weights, keys, ratio, start_pos, topk):
     "indexer_topk_packed",
     family="indexer",
     schema="(Tensor q, Tensor weights, Tensor keys, str key_format, int ratio, int start_pos, int topk) -> Tensor",
+    position="start_pos",
 )
 def indexer_topk_packed(q, weights, keys, key_format, ratio, start_pos, topk):
     """``indexer_topk`` over packed FP4 or FP8 indexer keys (the production key cache, v4_ops.md §12).

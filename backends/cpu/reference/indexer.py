@@ -8,7 +8,7 @@ from seahal.hal.formats import compute_dtype, index_key_unpack
 
 
 def indexer_topk(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int, topk: int
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor, topk: int
 ) -> torch.Tensor:
     """Select, for every query token, the top-k visible compressed entries by indexer score.
 
@@ -17,7 +17,7 @@ def indexer_topk(
     ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32 (fp64 for fp64 inputs), for query
     ``t = start_pos + s`` and the entries it sees, ``j < min(N, floor((t+1)/m))``. Indices are
     ordered by score descending, ties to the smaller index (a stable sort); slots beyond the
-    visible entries are -1.
+    visible entries are -1. ``start_pos`` may be a 0-d tensor on q's device: it is only computed with.
     """
     dtype = compute_dtype(q, weights, keys)
     batch, seq_len, _, _ = q.shape
@@ -25,7 +25,7 @@ def indexer_topk(
     logits = torch.einsum("bshd,bnd->bshn", q.to(dtype), keys.to(dtype))
     scores = (torch.relu(logits) * weights.to(dtype)[..., None]).sum(dim=2)
 
-    query_pos = torch.arange(start_pos, start_pos + seq_len, device=q.device)
+    query_pos = start_pos + torch.arange(seq_len, device=q.device)
     visible = torch.arange(n_entries, device=q.device) < ((query_pos + 1) // ratio)[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
@@ -37,7 +37,8 @@ def indexer_topk(
 
 
 def indexer_topk_packed(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int, start_pos: int, topk: int
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int,
+    start_pos: int | torch.Tensor, topk: int,
 ) -> torch.Tensor:
     """:func:`indexer_topk` over packed indexer keys [B, N, index_key_bytes(d, key_format)] uint8,
     decoded to q's dtype first (``fp4``: e2m1 x ue8m0 per 32; ``fp8``: e4m3 x the key's fp32 scale)."""

@@ -53,6 +53,7 @@ except ImportError as exc:  # the optional dependencies of the `onnx` extra
 
 from seahal.hal import Plan
 from seahal.hal.formats import decode_scale
+from seahal.hal.ops.compressor import most_new_entries
 from seahal.hal.plan import BoundOp
 from seahal.model import load
 from seahal.model.cache import Cache
@@ -222,10 +223,10 @@ def _decoded_scales(model: nn.Module) -> Iterator[None]:
 _PURE_LIB = torch.library.Library("seahal_pure", "FRAGMENT")
 _PURE_OPS: dict[str, torch._ops.OpOverload] = {}
 
-_PADDED_ROWS = {op: lambda call: -(-call["kv"].shape[1] // call["ratio"]) for op in ("kv_compress", "kv_compress_fp8")}
+_PADDED_ROWS = {op: lambda call: most_new_entries(call["kv"].shape[1], call["ratio"]) for op in ("kv_compress", "kv_compress_fp8")}
 """HAL ops whose first output's row count depends on ``start_pos``, and its maximum over all
-positions, to which a position-generic graph pads it with zero rows (kv_compress: tokens
-[p, p+S) complete floor((p+S)/m) - floor(p/m) <= ceil(S/m) entries)."""
+positions, to which the ONNX node's output is padded with zero rows as the op pads it at a tensor
+position (kv_compress: tokens [p, p+S) complete floor((p+S)/m) - floor(p/m) <= ceil(S/m) entries)."""
 
 
 def _pure_op(bound: BoundOp, positional: bool) -> torch._ops.OpOverload:
@@ -233,20 +234,18 @@ def _pure_op(bound: BoundOp, positional: bool) -> torch._ops.OpOverload:
     new value of each argument in ``spec.mutates`` (the inputs are left untouched).
 
     ONNX values are immutable, so the op's ONNX function returns the updated state the same way.
-    ``positional`` (``seahal_pure::<kernel op>_at``): ``int start_pos`` becomes a 0-d int64
-    tensor, so the traced graph takes the position as data, and an output whose rows depend on
-    it is padded to the most (:data:`_PADDED_ROWS`).
+    ``positional``: the op's tensor-position twin (``BoundOp.position_op``, ``..._at``), so the
+    traced graph takes the position as data (an output whose rows depend on it padded to the most).
     """
-    spec, kernel_op = bound.spec, bound.torch_op
-    name = kernel_op._schema.name.split("::")[1] + ("_at" if positional else "")
+    spec = bound.spec
+    kernel_op = bound.position_op if positional else bound.torch_op
+    name = kernel_op._schema.name.split("::")[1]
     if name in _PURE_OPS:
         return _PURE_OPS[name]
     arg_names = [a.name for a in kernel_op._schema.arguments]
     outs = [str(r.type) for r in kernel_op._schema.returns] + ["Tensor"] * len(spec.mutates)
-    signature = re.sub(r"\(\w!\)", "", spec.schema.rpartition("->")[0]).strip()
-    pad = _PADDED_ROWS.get(spec.name) if positional else None
-    if positional:
-        signature = signature.replace("int start_pos", "Tensor start_pos")
+    schema = spec.position_schema if positional else spec.schema
+    signature = re.sub(r"\(\w!\)", "", schema.rpartition("->")[0]).strip()
 
     def named(args: tuple, kwargs: dict) -> dict[str, Any]:
         return {**dict(zip(arg_names, args)), **kwargs}
@@ -254,23 +253,12 @@ def _pure_op(bound: BoundOp, positional: bool) -> torch._ops.OpOverload:
     def impl(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         call = named(args, kwargs)
         call.update({m: call[m].clone() for m in spec.mutates})
-        if positional:
-            call["start_pos"] = int(call["start_pos"])
         results = _as_tuple(kernel_op(**call))
-        if pad:
-            first = results[0]
-            zeros = first.new_zeros(first.shape[0], pad(call) - first.shape[1], *first.shape[2:])
-            results = (torch.cat((first, zeros), dim=1), *results[1:])
         return _single_or_tuple((*results, *(call[m] for m in spec.mutates)))
 
     def fake(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         call = named(args, kwargs)
-        if positional:
-            call["start_pos"] = 0
         results = _as_tuple(spec.fake(**call))
-        if pad:
-            first = results[0]
-            results = (first.new_empty(first.shape[0], pad(call), *first.shape[2:]), *results[1:])
         return _single_or_tuple((*results, *(torch.empty_like(call[m]) for m in spec.mutates)))
 
     _PURE_LIB.define(f"{name}{signature} -> ({', '.join(outs)})")
@@ -292,15 +280,15 @@ def _single_or_tuple(results: tuple) -> Any:
 class _PureCall:
     """Calls an op through its pure form (:func:`_pure_op`), then copies the new state into the
     arguments: ``torch.export`` functionalises the copies, so the traced graph holds only the pure
-    op. ``positional``: ``start_pos`` is a 0-d tensor (the contract is checked at position 0)."""
+    op. ``positional``: ``start_pos`` is a 0-d tensor."""
 
     def __init__(self, bound: BoundOp, positional: bool):
-        self.bound, self.positional, self.pure_op = bound, positional, _pure_op(bound, positional)
+        self.bound, self.pure_op = bound, _pure_op(bound, positional)
         self.arg_names = [a.name for a in bound.torch_op._schema.arguments]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = {**dict(zip(self.arg_names, args)), **kwargs}
-        self.bound.spec.contract(**{**call, "start_pos": 0} if self.positional else call)
+        self.bound.spec.contract(**call)
         results = _as_tuple(self.pure_op(**call))
         mutates = self.bound.spec.mutates
         for name, value in zip(mutates, results[len(results) - len(mutates) :]):
@@ -317,7 +305,7 @@ def _pure_bindings(plan: Plan, positional: bool) -> Iterator[dict[torch._ops.OpO
     bindings, saved = {}, {}
     for op in plan.entries:
         bound = plan[op]
-        takes_position = positional and any(a.name == "start_pos" for a in bound.torch_op._schema.arguments)
+        takes_position = positional and bound.spec.position is not None
         if bound.spec.mutates or takes_position:
             saved[op] = bound
             pure = _PureCall(bound, takes_position)

@@ -409,6 +409,15 @@ def kv_compress_case(
     return _case("kv_compress_fp8" if records else "kv_compress", name, *calls)
 
 
+def at_tensor_position(case: Case) -> Case:
+    """``case`` with the position of every call a 0-d int64 tensor (on the kernel's device once
+    materialised): the position as data, as a captured decode graph passes it. Kernels must return
+    what they return at the int position, rows a tensor position pads zero (``OpSpec.position``)."""
+    index = get_spec(case.op).position_index()
+    calls = tuple((*args[:index], torch.tensor(args[index]), *args[index + 1 :]) for args in case.calls)
+    return Case(case.op, f"{case.name} [start_pos a tensor]", calls, case.requirements)
+
+
 def indexer_topk_case(
     name: str, seed: int, s: int, n: int, start_pos: int = 0, topk: int = 4, b: int = 2, h: int = 4, d: int = 32,
     ratio: int = 4, dtype=BF16, variant: str = "random", layout: str = "contiguous",
@@ -723,6 +732,10 @@ def _kv_compress_cases(seed: int) -> list[Case]:
         c("kv/score as halves of one projection (sliced)", seed + 25, (7, 1, 1), layout="sliced"),
         c("bf16 norm weight", seed + 26, (9, 1), norm_dtype=BF16),
         c("fp32 entries (out_dtype)", seed + 27, (10, 1, 1), out_dtype=F32),
+        at_tensor_position(c("overlapped m=4: prefill 6 + 5 decode steps", seed + 28, (6,) + (1,) * 5)),
+        at_tensor_position(c("plain m=16: prefill 5 (no entry) + 12 (completes one)", seed + 29, (5, 12),
+                             ratio=16, overlap=False)),
+        at_tensor_position(c("start_pos 0 ignores a stale state", seed + 30, (6, 1), stale_state=True)),
     ]
 
 
@@ -737,6 +750,7 @@ def _kv_compress_fp8_cases(seed: int) -> list[Case]:
         c("sliced kv/score, bf16 norm weight", seed + 5, (7, 1, 1), norm_dtype=BF16, layout="sliced"),
         c("V4 record geometry: d=512, rope 64, tile 64 (584 bytes)", seed + 6, (9, 1), b=1, d=512,
           rope=64, records=(64, 64)),
+        at_tensor_position(c("plain m=4: prefill 3 + 5 decode steps", seed + 7, (3,) + (1,) * 5, overlap=False)),
     ]
 
 
@@ -754,6 +768,9 @@ def _indexer_topk_cases(seed: int) -> list[Case]:
         c("negative weights", seed + 8, s=13, n=3, topk=2, variant="negative-weights"),
         c("fp32", seed + 9, s=9, n=2, dtype=F32),
         c("transposed q", seed + 10, s=10, n=2, topk=1, layout="transposed"),
+        at_tensor_position(c("decode t=37, N=9", seed + 11, s=1, n=9, start_pos=37)),
+        at_tensor_position(c("chunk at start_pos 5", seed + 12, s=6, n=5, start_pos=5, topk=2)),
+        at_tensor_position(c("prefill 3 < m: nothing visible", seed + 13, s=3, n=1)),
     ]
 
 
@@ -774,6 +791,8 @@ def _indexer_topk_packed_cases(seed: int) -> list[Case]:
     return cases + [
         c("fp8: non-power-of-two scales", seed + 20, "fp8", s=10, n=3, keys="plain-scale"),
         c("fp8: non-power-of-two scales, fp32", seed + 21, "fp8", s=10, n=3, dtype=F32, keys="plain-scale"),
+        *(at_tensor_position(c(f"{fmt}: decode t=37, N=9", seed + 22 + i, fmt, s=1, n=9, start_pos=37))
+          for i, fmt in enumerate(("fp4", "fp8"))),
     ]
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from seahal.hal.formats import index_key_unpack
+from seahal.hal.spec import get_spec
 
 from seahal.backends.cpu.reference.quant import kv_cache_unpack
 
@@ -419,8 +420,13 @@ def reference_in_float64(op: str, args: tuple) -> bool:
 
 
 def checks_for(op: str, args: tuple) -> tuple[Compared, ...]:
-    """The comparisons of one call of ``op`` with these arguments (outputs, then mutated states)."""
-    return RULES[op].build(named_args(op, args))
+    """The comparisons of one call of ``op`` with these arguments (outputs, then mutated states);
+    a position given as a tensor (the case's CPU copy) counts as its value."""
+    named = named_args(op, args)
+    position = get_spec(op).position
+    if position is not None and isinstance(named.get(position), torch.Tensor):
+        named[position] = int(named[position])
+    return RULES[op].build(named)
 
 
 def markdown_table() -> str:
