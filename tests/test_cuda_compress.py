@@ -24,7 +24,7 @@ from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import quant as ref_quant
-from seahal.hal.ops.compressor import compressor_state
+from seahal.hal.ops.compressor import compressor_state, new_entries
 from seahal.hal.ops.quant import kv_record_bytes
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -305,6 +305,82 @@ def test_compress_fp8_is_pack_of_entries(ratio, overlap):
 def test_compress_fp8_v4_records(ratio, overlap):
     # V4's 584-byte records (d 512, rope 64, tile 64): a prefill, then decode steps
     _run_fp8_stream((ratio + 3, 1, 1), ratio, overlap, d=512, rope=64, tile=64, seed=14)
+
+
+# --------------------------------------------------------------------------------------------
+# start_pos as a 0-d device tensor (CUDA-graph decode): one launch for every position
+# --------------------------------------------------------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of t (bitwise comparison of any dtype: -0.0 differs from 0.0, -inf rows match)."""
+    return t.cpu().contiguous().view(torch.uint8)
+
+
+def _run_at_tensor_positions(op, chunks, ratio, overlap, d, rope, seed, reference=None, **options):
+    """Feed the chunks to ``op`` (a cuda compressor function) twice, each run with its own state,
+    at int start_pos and at ``torch.tensor(start_pos)``; both states start dirty (random), so the
+    first call (start_pos 0) must ignore them. After every call: the tensor run's output has
+    ceil(S / m) rows, its first new_entries equal the int run's bit for bit, the rest are zeros;
+    the states are equal bit for bit. reference: the CPU reference op, run beside with a third
+    state (entries within :func:`_assert_entries_close`, state bitwise)."""
+    kv, score, ape, weight, freqs = _stream(2, sum(chunks), ratio, d, rope, overlap, seed, token_major=True)
+    states = []
+    for run in range(3):
+        kv_state, score_state = compressor_state(2, ratio, d, overlap)
+        kv_state.normal_(generator=torch.Generator().manual_seed(1))
+        score_state.normal_(generator=torch.Generator().manual_seed(2))
+        states.append((kv_state, score_state) if run == 2 else _device_state((kv_state, score_state), fused=True))
+    params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
+    start = 0
+    for call, size in enumerate(chunks):
+        window = slice(start, start + size)
+        tokens = (kv[:, window].to(DEVICE), score[:, window].to(DEVICE))
+        where = f"call {call} (start_pos {start}, S {size})"
+        at_int = op(*tokens, *params, *states[0], ratio, overlap, start, 1e-6, **options)
+        position = torch.tensor(start, device=DEVICE)
+        at_tensor = op(*tokens, *params, *states[1], ratio, overlap, position, 1e-6, **options)
+        n_new = new_entries(start, size, ratio)
+        assert at_int.shape[1] == n_new, where
+        assert at_tensor.dtype == at_int.dtype, where
+        assert at_tensor.shape == (2, -(-size // ratio), at_int.shape[2]), (where, at_tensor.shape)
+        assert torch.equal(_bits(at_tensor[:, :n_new]), _bits(at_int)), f"{where}: entries differ"
+        assert not _bits(at_tensor[:, n_new:]).any(), f"{where}: rows past the new entries are not zero"
+        for name, mine, theirs in zip(("kv_state", "score_state"), states[1], states[0], strict=True):
+            assert torch.equal(_bits(mine), _bits(theirs)), f"{where}: {name} differs from the int position's"
+        if reference is not None:
+            want = reference(kv[:, window], score[:, window], ape, weight, freqs, *states[2], ratio, overlap, start,
+                             1e-6, **options)
+            _assert_entries_close(at_tensor[:, :n_new], want)
+            for name, mine, theirs in zip(("kv_state", "score_state"), states[1], states[2], strict=True):
+                assert torch.equal(_bits(mine), _bits(theirs)), f"{where}: {name} differs from the reference's"
+        start += size
+
+
+POSITION_CHUNKS = (6,) + (1,) * 9 + (3, 0, 5, 2)
+"""A prefill from position 0 (a dirty state: the reset), decode steps 6..14 across the block
+boundaries 8 and 12, then chunks at positions off a boundary: 15 (3 tokens, one entry), 18 (S=0),
+18 (5 tokens: one entry and one zero row), 23 (2 tokens, one entry)."""
+
+
+@kernels
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "plain"])
+def test_compress_at_tensor_positions(overlap, out_dtype):
+    from seahal.backends.cuda import compressor
+
+    _run_at_tensor_positions(compressor.kv_compress, POSITION_CHUNKS, 4, overlap, d=16, rope=8, seed=15,
+                             reference=ref_compressor.kv_compress, out_dtype=out_dtype)
+
+
+@kernels
+@pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "plain"])
+def test_compress_fp8_at_tensor_positions(overlap):
+    # zero rows are zero bytes: the records' width (d 32: 2 nope tiles of 8 + 16 RoPE dims, 4 padding)
+    from seahal.backends.cuda import compressor
+
+    _run_at_tensor_positions(compressor.kv_compress_fp8, POSITION_CHUNKS, 4, overlap, d=32, rope=16, seed=16,
+                             rope_dim=16, tile=8)
 
 
 ONE_LAUNCH_CALLS = {

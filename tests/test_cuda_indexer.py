@@ -266,6 +266,54 @@ def test_packed_rejects_float64_q(indexer):
         indexer.indexer_topk_packed(q, weights, packed, "fp4", 4, 8, 2)
 
 
+# -- start_pos as a 0-d device tensor (CUDA-graph decode) -----------------------------------------
+
+
+def _at_both_positions(op, args: tuple) -> torch.Tensor:
+    """``op(*args)`` at the int start_pos (args[-2]) and at ``torch.tensor(start_pos)``: the indices
+    must be equal bit for bit (the tensor run ranks all N keys, masked by the loaded position)."""
+    at_int = op(*args)
+    at_tensor = op(*args[:-2], torch.tensor(args[-2]), args[-1])
+    assert at_tensor.dtype == at_int.dtype and torch.equal(at_tensor, at_int), (at_tensor, at_int)
+    return at_tensor
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["dense", "fp4", "fp8"])
+@pytest.mark.parametrize(
+    "s, n, start_pos",
+    [
+        (1, 40, 2),  # nothing visible yet: all -1, though 40 masked keys pass three sort chunks
+        (1, 40, 3),  # exactly at the first visibility boundary: entry 0 only
+        (1, 40, 10),  # 2 of 40 visible: the masked rest spans two splits and the merge rounds
+        (1, 6, 40),  # past the key store: all 6 visible
+        (6, 40, 1),  # prefill chunk: queries at 1..6 see 0, 0, 1, 1, 1, 1 entries
+        (5, 6, 13),  # prefill chunk across the boundaries 15 and 19
+    ],
+)
+def test_position_as_tensor(indexer, fmt, s, n, start_pos):
+    if fmt == "dense":
+        q, weights, keys = _inputs(2, s, 2, 32, n, seed=s + n)
+        got = _at_both_positions(indexer.indexer_topk, (q, weights, keys, 4, start_pos, 4))
+        assert torch.equal(got, reference(q, weights, keys, 4, start_pos, 4))
+    else:
+        q, weights, packed = _packed_inputs(fmt, 2, s, 2, 32, n, seed=s + n, dtype=torch.float32)
+        got = _at_both_positions(indexer.indexer_topk_packed, (q, weights, packed, fmt, 4, start_pos, 4))
+        assert torch.equal(got, reference_packed(q, weights, packed, fmt, 4, start_pos, 4))
+    visible = torch.tensor([min(n, (start_pos + i + 1) // 4) for i in range(s)])
+    assert torch.equal((got >= 0).sum(-1), visible.clamp(max=4).expand(2, s))
+
+
+@interpreted
+def test_position_as_tensor_in_query_passes(indexer, monkeypatch):
+    # a workspace of 2 query rows of all N = 12 keys: 9 queries in 5 passes, each loading the
+    # position and adding its first query's offset (positions 30..38 see 7..9 entries)
+    q, weights, keys = _inputs(1, 9, 4, 16, 12, seed=6)
+    monkeypatch.setattr(indexer, "WORKSPACE_BYTES", 2 * 8 * 12)
+    got = _at_both_positions(indexer.indexer_topk, (q, weights, keys, 4, 30, 5))
+    assert torch.equal(got, reference(q, weights, keys, 4, 30, 5))
+
+
 # -- GPU ------------------------------------------------------------------------------------------
 
 

@@ -62,6 +62,10 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, False),
 }
 
+DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+"""Kernels that load a tensor ``start_pos`` in the kernel (never on the host): decode steps through
+them can be captured in a CUDA graph (``seahal.model.decode_graph``)."""
+
 UNVERIFIED_VARIABLE = "SEAHAL_CUDA_UNVERIFIED"
 """Set to 1 to let plans on a GPU use kernels not yet run on one (see :func:`_verified_or_opted_in`)."""
 
@@ -100,5 +104,5 @@ def register() -> None:
     for op, (function, capabilities, gpu_verified) in KERNELS.items():
         register_kernel(
             op, "cuda", "triton", f"seahal.backends.cuda.{function}", priority=10, capabilities=capabilities,
-            supports=None if gpu_verified else _verified_or_opted_in,
+            supports=None if gpu_verified else _verified_or_opted_in, device_position=op in DEVICE_POSITION,
         )

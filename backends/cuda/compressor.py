@@ -31,6 +31,16 @@ them). Numerics differ from the reference only in fp32 rounding order (online so
 sum(p·kv)/sum(p) instead of normalised weights, the RMS sum) and in cos/sin: within the
 conformance tolerance of ``kv_compress``; the state is bitwise (copies and one fp32 add).
 
+The position as data (CUDA-graph decode): ``start_pos`` may be a 0-d int64 tensor on kv's device,
+read only by the kernel (POS_FROM_PTR), so one captured launch serves every position. The host
+cannot know how many entries the call completes, so the output has ``ceil(S / m)`` rows (the most
+any position completes) and the grid one program per row plus the state's: rows past
+``new_entries(p, S, m)`` are zeros, the first ones and the state exactly the int path's. The lead,
+held and changed-slot scalars are computed in the kernel (:func:`_timeline`); the int path's launch
+is unchanged. Cost: one compiled variant serves every position (no reset-only variant without the
+state loads), and a decode step runs two programs a sequence instead of one: the second writes the
+zero row when no block completes and is idle when one does (the first computes that entry).
+
 ``kv_compress_fp8`` is the same launch with the record constexprs set: the entry, rounded to bf16
 as kv_compress would store it, is packed in registers into the FP8 KV record (v4_ops.md §12) by the
 device functions of :mod:`.quant`'s ``kv_cache_pack``, so it equals ``kv_cache_pack(kv_compress(
@@ -67,15 +77,17 @@ def kv_compress(
     score_state: torch.Tensor,
     ratio: int,
     overlap: bool,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     norm_eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Compress tokens [start_pos, start_pos + S) into the entries their blocks complete.
 
     kv, score: [B, S, coff·d] fp32 (any strides), ape: [m, coff·d] fp32, norm_weight: [d] fp32/bf16,
-    rope_freqs: [r/2] fp32, kv_state, score_state: [B, coff·m, coff·d] fp32 (updated in place)
-    -> [B, new_entries, d] in out_dtype (bf16 or fp32; default bf16). Semantics: the module docstring.
+    rope_freqs: [r/2] fp32, kv_state, score_state: [B, coff·m, coff·d] fp32 (updated in place),
+    start_pos: an int or a 0-d int64 tensor on kv's device -> [B, new_entries, d] in out_dtype (bf16
+    or fp32; default bf16), at a tensor position [B, ceil(S / m), d] with zero rows after the new
+    entries. Semantics: the module docstring.
     """
     dtype = torch.bfloat16 if out_dtype is None else out_dtype
     return _compress(
@@ -94,14 +106,15 @@ def kv_compress_fp8(
     score_state: torch.Tensor,
     ratio: int,
     overlap: bool,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     norm_eps: float = 1e-6,
     rope_dim: int = 64,
     tile: int = 64,
 ) -> torch.Tensor:
     """kv_compress with its bf16 entries packed in registers into FP8 KV records, in the same launch.
 
-    Arguments as :func:`kv_compress`; -> [B, new_entries, kv_record_bytes(d, rope_dim, tile)] uint8,
+    Arguments as :func:`kv_compress`; -> [B, new_entries, kv_record_bytes(d, rope_dim, tile)] uint8
+    (ceil(S / m) rows at a tensor position, zero bytes after the new entries),
     bit for bit ``quant.kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: the entry is
     rounded to bf16 as kv_compress stores it, then quantised by the same device functions. tile must
     be a power of two (the entry is split into tiles by a register reshape).
@@ -119,11 +132,12 @@ def kv_compress_fp8(
 
 
 def _compress(
-    op: str, tensors: tuple[torch.Tensor, ...], ratio: int, overlap: bool, start_pos: int, norm_eps: float,
-    out_row: Callable[[int], tuple[int, torch.dtype]], record: dict[str, int],
+    op: str, tensors: tuple[torch.Tensor, ...], ratio: int, overlap: bool, start_pos: int | torch.Tensor,
+    norm_eps: float, out_row: Callable[[int], tuple[int, torch.dtype]], record: dict[str, int],
 ) -> torch.Tensor:
     """Launch the kernel for ``op``: ``out_row(d)`` gives an output row's width and dtype; ``record``
-    (ROPE, TILE) asks for packed FP8 records instead of entries (empty: entries)."""
+    (ROPE, TILE) asks for packed FP8 records instead of entries (empty: entries). A tensor
+    ``start_pos`` is read by the kernel only (module docstring: the position as data)."""
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state = tensors
     for name, t in (("kv", kv), ("score", score), ("ape", ape), ("rope_freqs", rope_freqs)):
         if t.dtype != torch.float32:
@@ -133,24 +147,32 @@ def _compress(
     d = channels // coff
     if d % 2:
         raise NotImplementedError(f"cuda.triton {op}: d must be even (rope pairs), got {d}")
-    carried = start_pos > 0
-    held = (coff - 1) * ratio + start_pos % ratio
-    n_new = (held + seq_len) // ratio - (coff - 1)
-    lead = min(n_new, -(-held // ratio)) if carried else 0
+    if isinstance(start_pos, torch.Tensor):
+        # every position's launch: ceil(S / m) rows (the most a chunk completes), one program per row
+        pos_ptr, carried, rows = start_pos, False, triton.cdiv(seq_len, ratio)
+        lead = held = first_entry = lo = hi = 0  # derived in the kernel (_timeline)
+        programs = 1 + rows
+    else:
+        pos_ptr, carried = None, start_pos > 0
+        held = (coff - 1) * ratio + start_pos % ratio
+        rows = n_new = (held + seq_len) // ratio - (coff - 1)
+        lead = min(n_new, -(-held // ratio)) if carried else 0
+        lo, hi = _changed_slots(held, seq_len, n_new, ratio, coff * ratio, carried)
+        first_entry = start_pos // ratio
+        programs = 1 + n_new - lead
     width, dtype = out_row(d)
-    out = torch.empty((batch, n_new, width), dtype=dtype, device=kv.device)
+    out = torch.empty((batch, rows, width), dtype=dtype, device=kv.device)
     if batch > 0:
         d_p2 = triton.next_power_of_2(d)
         slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // d_p2))
-        _kv_compress_kernel[(batch * (1 + n_new - lead),)](
-            kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out,
-            n_new, lead, held, seq_len, start_pos // ratio,
-            *_changed_slots(held, seq_len, n_new, ratio, coff * ratio, carried), norm_eps,
+        _kv_compress_kernel[(batch * programs,)](
+            kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out, pos_ptr,
+            rows, lead, held, seq_len, first_entry, lo, hi, norm_eps,
             *kv.stride(), *score.stride(), *ape.stride(), norm_weight.stride(0), rope_freqs.stride(0),
             *kv_state.stride(), *score_state.stride(),
             RATIO=ratio, SLOTS=coff * ratio, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0],
             SLOT_BLOCK=slot_block, STATE_BLOCK=max(1, slot_block // 2), CARRIED=carried,
-            ROW=width, ROPE=record.get("ROPE", 0), TILE=record.get("TILE", 0),
+            POS_FROM_PTR=pos_ptr is not None, ROW=width, ROPE=record.get("ROPE", 0), TILE=record.get("TILE", 0),
         )
     return out
 
@@ -161,7 +183,8 @@ def _changed_slots(held: int, seq_len: int, n_new: int, ratio: int, slots: int, 
     The new state keeps ``held + S - n_new·m`` timeline slots, then empty ones. From a reset, all
     ``slots``. A carried state is empty from ``held`` on (the precondition), so: with no new entry
     slots [0, held) stay and the S tokens go to [held, held + S); otherwise the kept slots move
-    to the front and what is left of the old ``held`` slots is emptied.
+    to the front and what is left of the old ``held`` slots is emptied. (:func:`_timeline`: the same
+    in the kernel, from a position in memory.)
     """
     if not carried:
         return 0, slots
@@ -169,55 +192,90 @@ def _changed_slots(held: int, seq_len: int, n_new: int, ratio: int, slots: int, 
     return (held, kept) if n_new == 0 else (0, max(kept, held))
 
 
+@triton.jit
+def _timeline(start_pos, SEQ, RATIO: tl.constexpr, SLOTS: tl.constexpr):
+    """(carried, held, n_new, lead, first entry, state lo, state hi) of a call at start_pos: what
+    :func:`_compress` and :func:`_changed_slots` compute on the host for an int position."""
+    carried = start_pos > 0
+    held = SLOTS - RATIO + start_pos % RATIO
+    n_new = (held + SEQ) // RATIO - (SLOTS // RATIO - 1)
+    lead = tl.where(carried, tl.minimum(n_new, tl.cdiv(held, RATIO)), 0)
+    kept = held + SEQ - n_new * RATIO
+    lo = tl.where(carried & (n_new == 0), held, 0)
+    hi = tl.where(carried, tl.where(n_new == 0, kept, tl.maximum(kept, held)), SLOTS)
+    return carried, held, n_new, lead, start_pos // RATIO, lo, hi
+
+
 @triton.jit(do_not_specialize=["HELD", "FIRST_ENTRY", "STATE_LO", "STATE_HI"])
 def _kv_compress_kernel(
-    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr,
-    N_NEW, LEAD, HELD, SEQ, FIRST_ENTRY, STATE_LO, STATE_HI, eps,
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pos_ptr,
+    ROWS, LEAD, HELD, SEQ, FIRST_ENTRY, STATE_LO, STATE_HI, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr, CARRIED: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr, CARRIED: tl.constexpr, POS_FROM_PTR: tl.constexpr,
     ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Program (b, 0): entries [0, LEAD) of sequence b (all that read its carried state), then its
-    state slots [STATE_LO, STATE_HI); program (b, q > 0): entry LEAD + q - 1.
+    """Program (b, 0): entries [0, lead) of sequence b (all that read its carried state), then its
+    state slots [lo, hi); program (b, q > 0): entry lead + q - 1. Out has ROWS rows a sequence.
 
     The scalars that move with start_pos every decode step are not specialised on their values:
-    decode compiles two variants, with and without an entry (SEQ is 1, N_NEW and LEAD 0 or 1).
+    decode compiles two variants, with and without an entry (SEQ is 1, ROWS = n_new and LEAD 0 or
+    1). POS_FROM_PTR: they come from the position at pos_ptr instead (:func:`_timeline`; the
+    host's are unused) and ROWS is ceil(S / m): one variant for every position, and programs past
+    the n_new entries write zero rows.
     """
-    programs = N_NEW - LEAD + 1
+    if POS_FROM_PTR:
+        start_pos = tl.load(pos_ptr).to(tl.int32)  # 32-bit index math, as an int position < 2^31 gets
+        carried, held, n_new, lead, first_entry, lo, hi = _timeline(start_pos, SEQ, RATIO, SLOTS)
+        programs = ROWS + 1
+    else:
+        carried, held, n_new, lead, first_entry, lo, hi = CARRIED, HELD, ROWS, LEAD, FIRST_ENTRY, STATE_LO, STATE_HI
+        programs = ROWS - LEAD + 1
     b = (tl.program_id(0) // programs).to(tl.int64)
     q = tl.program_id(0) % programs
-    first = tl.where(q == 0, 0, LEAD + q - 1)
-    last = tl.where(q == 0, LEAD, LEAD + q)
+    first = tl.where(q == 0, 0, lead + q - 1)
+    last = tl.where(q == 0, lead, lead + q)
+    if POS_FROM_PTR:  # rows [n_new, ROWS): this position completes fewer entries than the most a chunk can
+        for k in tl.range(tl.maximum(first, n_new), tl.minimum(last, ROWS)):
+            _zero_row(out_ptr + (b * ROWS + k) * ROW, D_P2, ROW)
+        last = tl.minimum(last, n_new)
     for k in tl.range(first, last):
         _write_entry(
-            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr,
-            b, k, N_NEW, HELD, SEQ, FIRST_ENTRY, eps,
+            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr + (b * ROWS + k) * ROW,
+            b, k, held, SEQ, first_entry, carried, eps,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n,
             stride_f, stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-            RATIO, SLOTS, D, D_P2, PAIRS, SLOT_BLOCK, CARRIED, ROW, ROPE, TILE,
+            RATIO, SLOTS, D, D_P2, PAIRS, SLOT_BLOCK, ROW, ROPE, TILE,
         )
     if q == 0:
         _write_state(
             kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
-            b, N_NEW * RATIO, HELD, SEQ, STATE_LO, STATE_HI,
+            b, n_new * RATIO, held, SEQ, lo, hi, carried,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
             stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-            RATIO, SLOTS, D, D_P2, STATE_BLOCK, CARRIED,
+            RATIO, SLOTS, D, D_P2, STATE_BLOCK,
         )
 
 
 @triton.jit
+def _zero_row(row, D_P2: tl.constexpr, ROW: tl.constexpr):
+    """ROW zero elements (bytes of a record) of out's dtype at row, D_P2 at a time."""
+    for c0 in tl.static_range(0, ROW, D_P2):
+        c = c0 + tl.arange(0, D_P2)
+        tl.store(row + c, tl.zeros((D_P2,), row.dtype.element_ty), mask=c < ROW)
+
+
+@triton.jit
 def _load_slots(
-    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, live, HELD, SEQ,
+    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, live, HELD, SEQ, carried,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-    RATIO: tl.constexpr, CARRIED: tl.constexpr,
+    RATIO: tl.constexpr,
 ):
     """(kv, z) of timeline slots u ([n, 1] int64) at channels col where live: the carried state
     below HELD, token u - HELD with z = score + ape[u mod m] below HELD + SEQ, else empty (0, -inf)."""
-    in_state = live & (u < HELD) & CARRIED  # start_pos 0: empty slots, whatever the state holds
+    in_state = tl.where(carried, live & (u < HELD), False)  # start_pos 0: empty slots, whatever the state holds
     in_tokens = live & (u >= HELD) & (u < HELD + SEQ)
     t = u - HELD
     kv_v = tl.load(kv_state_ptr + b * stride_vb + u * stride_vs + col * stride_vc, mask=in_state, other=0.0)
@@ -231,15 +289,15 @@ def _load_slots(
 
 @triton.jit
 def _write_entry(
-    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr,
-    b, k, N_NEW, HELD, SEQ, FIRST_ENTRY, eps,
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, row,
+    b, k, HELD, SEQ, FIRST_ENTRY, carried, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr, CARRIED: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """out[b, k] = rope(norm(pool(slots of entry k))): the entry in out's dtype, or (TILE > 0) its
-    bf16 rounding packed into a ROW-byte FP8 record."""
+    """The output row at ``row`` (out[b, k]) = rope(norm(pool(slots of entry k))): the entry in
+    out's dtype, or (TILE > 0) its bf16 rounding packed into a ROW-byte FP8 record."""
     c = tl.arange(0, D_P2)
     c_ok = c < D
     run_max = tl.full((D_P2,), float("-inf"), tl.float32)
@@ -251,9 +309,9 @@ def _write_entry(
         col = (i // RATIO * D)[:, None] + c[None, :]  # a-half (i < m) or b-half channels
         live = (i < SLOTS)[:, None] & c_ok[None, :]
         values, z = _load_slots(
-            kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, live, HELD, SEQ,
+            kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, live, HELD, SEQ, carried,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
-            stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO, CARRIED,
+            stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO,
         )
         # online softmax over slots, per channel; a channel with only empty slots so far keeps 0s
         new_max = tl.maximum(run_max, tl.max(z, axis=0))
@@ -263,7 +321,7 @@ def _write_entry(
         run_sum = run_sum * scale + tl.sum(p, axis=0)
         acc = acc * scale + tl.sum(p * values, axis=0)
         run_max = new_max
-    out_dtype = tl.bfloat16 if TILE > 0 else out_ptr.dtype.element_ty  # records pack the bf16 entry
+    out_dtype = tl.bfloat16 if TILE > 0 else row.dtype.element_ty  # records pack the bf16 entry
     x = cast_rne(acc / tl.where(c_ok, run_sum, 1.0), out_dtype).to(tl.float32)  # padding lanes: 0 / 1
     w = tl.load(w_ptr + c * stride_n, mask=c_ok, other=0.0).to(tl.float32)
     y = cast_rne(w * x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps), out_dtype).to(tl.float32)
@@ -277,7 +335,6 @@ def _write_entry(
     sin = tl.sin(theta)
     a, bb = tl.where(rotated, a * cos - bb * sin, a), tl.where(rotated, a * sin + bb * cos, bb)
     entry = cast_rne(tl.reshape(tl.join(a, bb), (D_P2,)), out_dtype)
-    row = out_ptr + (b * N_NEW + k) * ROW
     if TILE > 0:
         _store_record(row, entry.to(tl.float32), D, D_P2, ROPE, TILE, ROW)
     else:
@@ -309,11 +366,10 @@ def _store_record(
 
 @triton.jit
 def _write_state(
-    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, SHIFT, HELD, SEQ, LO, HI,
+    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, SHIFT, HELD, SEQ, LO, HI, carried,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
-    CARRIED: tl.constexpr,
 ):
     """State slots s in [LO, HI) <- timeline slot SHIFT + s (SHIFT = n_new·m), in ascending chunks
     of BLOCK slots.
@@ -331,9 +387,9 @@ def _write_state(
         for half in tl.static_range(SLOTS // RATIO):  # coff halves of the channels
             col = half * D + c[None, :]
             kv_v, z = _load_slots(
-                kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, rows, HELD, SEQ,
+                kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, rows, HELD, SEQ, carried,
                 stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
-                stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO, CARRIED,
+                stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO,
             )
             tl.debug_barrier()
             slot = s.to(tl.int64)[:, None]

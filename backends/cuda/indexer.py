@@ -27,6 +27,14 @@ entries, k = 1024, CHUNK = 4096): 64 chunk programs, then 16, 4, 1.
 The ranking keys take 8 bytes per (query, visible entry) of workspace next to the key rows' 256
 (bf16, d = 128; 68 or 132 packed); prefill processes the queries in passes that bound that
 workspace. bf16 or fp32 q and keys; fp32 math throughout (q . k, relu, weights, head sum).
+
+The position as data (CUDA-graph decode): ``start_pos`` may be a 0-d int64 tensor on q's device,
+loaded by ``_scores_kernel`` (POS_FROM_PTR) and never read on the host, so one captured launch
+serves every position. The host then cannot bound the visible entries: the scores grid, the
+ranking rows, the query passes and the top-k rounds are sized by all N rows of the key store, and
+the kernel masks the entries a query does not see (INT64_MIN, tiles past the last visible one
+skip the dot but still store their masked keys). Same indices as the int path; the cost is the
+ranking of N keys a query instead of the visible ones (a store sized to the context pays little).
 Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
 """
 
@@ -88,7 +96,7 @@ def indexer_config(s: int, h: int, n_entries: int, topk: int, rows: int, device:
 
 
 def indexer_topk(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int, topk: int
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor, topk: int
 ) -> torch.Tensor:
     """Select, for every query token, the top-k visible compressed entries by indexer score.
 
@@ -97,15 +105,16 @@ def indexer_topk(
 
     ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32 for query ``t = start_pos + s`` and
     the entries it sees, ``j < min(N, floor((t+1)/m))``; indices ordered by score descending,
-    ties to the smaller index.
+    ties to the smaller index. start_pos: an int, or a 0-d int64 tensor on q's device that only the
+    kernel reads (module docstring: the position as data).
     """
     _check_float("indexer_topk", "keys", keys)
     return _indexer(q, weights, keys, "dense", ratio, start_pos, topk)
 
 
 def indexer_topk_packed(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int, start_pos: int,
-    topk: int,
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int,
+    start_pos: int | torch.Tensor, topk: int,
 ) -> torch.Tensor:
     """:func:`indexer_topk` over packed keys [B, N, index_key_bytes(d, key_format)] uint8, decoded
     in registers to q's dtype: ``"fp4"`` e2m1 codes times one e8m0 scale per 32 elements, ``"fp8"``
@@ -119,23 +128,30 @@ def _check_float(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def _indexer(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int, start_pos: int,
-    topk: int,
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int,
+    start_pos: int | torch.Tensor, topk: int,
 ) -> torch.Tensor:
     """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8"."""
     _check_float("indexer_topk" if key_format == "dense" else "indexer_topk_packed", "q", q)
     b, s, _, _ = q.shape
     out = torch.full((b, s, topk), -1, dtype=torch.int32, device=q.device)
-    n_max = min(keys.shape[1], (start_pos + s) // ratio)
-    per_pass = max(1, WORKSPACE_BYTES // (8 * b * max(n_max, 1)))
+
+    def entries_seen(queries: int) -> int:
+        """Ranking keys a row of the first ``queries`` queries needs: the visible entries of the last
+        one, or at a position in memory all N (the kernel masks those a query does not see)."""
+        if isinstance(start_pos, torch.Tensor):
+            return keys.shape[1]
+        return min(keys.shape[1], (start_pos + queries) // ratio)
+
+    per_pass = max(1, WORKSPACE_BYTES // (8 * b * max(entries_seen(s), 1)))
     for first in range(0, s, per_pass):
         last = min(s, first + per_pass)
-        n_entries = min(keys.shape[1], (start_pos + last) // ratio)  # the last query sees the most
+        n_entries = entries_seen(last)
         if n_entries == 0:
             continue  # nothing visible yet: the slots stay -1
         config = indexer_config(last - first, q.shape[2], n_entries, topk, b * (last - first), q.device)
         ranking = ranking_keys(
-            q[:, first:last], weights[:, first:last], keys, ratio, start_pos + first, n_entries, config, key_format
+            q[:, first:last], weights[:, first:last], keys, ratio, start_pos, n_entries, config, key_format, first
         )
         select_topk(ranking, topk, out[:, first:last], config.chunk)
     return out
@@ -146,28 +162,34 @@ def ranking_keys(
     weights: torch.Tensor,
     keys: torch.Tensor,
     ratio: int,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     n_entries: int,
     config: IndexerConfig,
     key_format: str = "dense",
+    offset: int = 0,
 ) -> torch.Tensor:
     """Packed ranking keys [B * S, n_entries] int64 of the first n_entries entries (rows b * S + s).
 
-    Key = order-preserving fp32 score bits << 32 | (2^31 - 1 - j), INT64_MIN where query
-    ``start_pos + s`` does not see entry j. ``key_format``: keys [B, N, d] floats (``"dense"``) or
-    packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
+    Key = order-preserving fp32 score bits << 32 | (2^31 - 1 - j), INT64_MIN where query s, at
+    position ``start_pos + offset + s``, does not see entry j. start_pos: an int or a 0-d int64
+    tensor on q's device (loaded by the kernel). ``key_format``: keys [B, N, d] floats
+    (``"dense"``) or packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
     """
     b, s, h, d = q.shape
     key_dtype = keys.dtype if key_format == "dense" else q.dtype  # packed keys decode to q's dtype
     ranking = torch.empty((b * s, n_entries), dtype=torch.int64, device=q.device)
     grid = (b * triton.cdiv(s, config.block_s), triton.cdiv(n_entries, config.split_len))
+    if isinstance(start_pos, torch.Tensor):
+        pos_ptr, position = start_pos, offset
+    else:
+        pos_ptr, position = None, start_pos + offset
     _scores_kernel[grid](
-        q, weights, keys, ranking, s, h, n_entries, start_pos, ratio, config.split_len,
+        q, weights, keys, ranking, s, h, n_entries, pos_ptr, position, ratio, config.split_len,
         *q.stride(), *weights.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
         HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
         BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format,
         LOW_PRECISION_DOT=q.dtype == key_dtype == torch.bfloat16 and q.device.type == "cuda",
-        MAX_ENTRIES=MAX_ENTRIES, num_warps=config.num_warps,
+        POS_FROM_PTR=pos_ptr is not None, MAX_ENTRIES=MAX_ENTRIES, num_warps=config.num_warps,
     )
     return ranking
 
@@ -197,15 +219,19 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, chunk: int)
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, w_ptr, k_ptr, rank_ptr, S, H, n_entries, start_pos, ratio, split_len,
+    q_ptr, w_ptr, k_ptr, rank_ptr, S, H, n_entries, pos_ptr, start_pos, ratio, split_len,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, POS_FROM_PTR: tl.constexpr,
+    MAX_ENTRIES: tl.constexpr,
 ):
     """Ranking keys of BLOCK_S queries (all heads) over the entries of one split; key rows dense,
-    or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8")."""
+    or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8"). Query s sits at
+    start_pos + s, plus the position at pos_ptr when POS_FROM_PTR."""
+    if POS_FROM_PTR:
+        start_pos += tl.load(pos_ptr).to(tl.int32)  # 32-bit, as an int position < 2^31 is passed
     s_blocks = tl.cdiv(S, BLOCK_S)
     bat = (tl.program_id(0) // s_blocks).to(tl.int64)
     first = (tl.program_id(0) % s_blocks) * BLOCK_S
