@@ -3,7 +3,9 @@
 The ops take one start position for the whole batch, so prompts are grouped by length: each
 group shares one cache and is prefilled in one call; the groups then decode in lockstep, one
 step per group per token. Prompts of n different lengths cost n prefills and n decode calls
-per step (a limitation until the ops take per-sequence positions).
+per step (a limitation until the ops take per-sequence positions). On a GPU whose plan keeps
+positions on the device, each group's decode step is captured once as a CUDA graph
+(:class:`seahal.model.decode_graph.DecodeGraph`) and replayed per token.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import Cache
+from .decode_graph import DecodeGraph
 
 if TYPE_CHECKING:
     from .transformer import Transformer
@@ -93,6 +96,16 @@ class _Group:
         """The tokens the next forward consumes: the prompts, then the last sampled tokens."""
         self.cache: Cache = model.new_cache(len(rows), self.inputs.shape[1] + max_new_tokens)
         self.done = [False] * len(rows)
+        self.graph: DecodeGraph | None = None
+        """The captured decode step, made at the group's first decode step (None: eager decode)."""
+
+    def logits(self, model: Transformer, decoding: bool) -> torch.Tensor:
+        """The last position's logits [B, vocab] of consuming ``inputs``: a prefill, or a decode
+        step (replaying the group's CUDA graph where the model allows one)."""
+        if decoding and DecodeGraph.capturable(model):
+            self.graph = self.graph or DecodeGraph(model, self.cache, capture=True)
+            return self.graph.step(self.inputs)[:, -1]
+        return model(self.inputs, cache=self.cache, last_only=True)[:, -1]
 
 
 def generate(
@@ -140,7 +153,7 @@ def generate(
     groups = [_Group(model, rows, prompts, max_new_tokens) for _, rows in sorted(by_length.items())]
 
     def step(group: _Group, decoding: bool) -> None:
-        tokens = sample(model(group.inputs, cache=group.cache, last_only=True)[:, -1], temperature, top_p, greedy, generator).tolist()
+        tokens = sample(group.logits(model, decoding), temperature, top_p, greedy, generator).tolist()
         for i, (row, token) in enumerate(zip(group.rows, tokens)):
             if group.done[i]:
                 continue

@@ -42,9 +42,9 @@ The plan is the one ``seahal.model.load`` makes for the device; the cuda backend
 yet run on a GPU serve it only with ``SEAHAL_CUDA_UNVERIFIED=1`` (otherwise those ops run the
 portable reference; each row's ``plan.fallbacks`` lists them).
 
-Known limit: no CUDA graphs. The model's ops take ``start_pos`` as a host int (cache offsets,
-compression boundaries and masks are computed on the host per step), so one captured decode graph
-cannot serve every position; decode here pays every launch.
+Decode on a GPU replays one CUDA graph per cache (:class:`seahal.model.decode_graph.DecodeGraph`,
+captured during the warm-up steps) when the plan keeps positions on the device; the row's
+``timing.seahal`` says ``cuda graph`` or ``eager``. Prefill is eager.
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -71,6 +71,7 @@ from seahal.bench import common
 from seahal.model import load
 from seahal.model.config import ModelConfig
 from seahal.model.convert import ROUTED_EXPERT, convert, official_shapes
+from seahal.model.decode_graph import DecodeGraph
 from seahal.model.presets import preset
 from seahal.model.tiny import write_tiny_checkpoint
 
@@ -172,13 +173,25 @@ class _Seahal:
     def __init__(self, path: Path, device: torch.device, capacity: int, **overrides):
         self.model = load(path, device=device, dtype=torch.bfloat16, announce=False, **overrides)
         self.capacity = capacity
+        self.graph: DecodeGraph | None = None
+        """The decode graph of the cache being decoded (captured at its first step)."""
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
         cache = self.model.new_cache(1, self.capacity)
         return self.model(ids, cache=cache, last_only=True)[0, -1], cache
 
+    @property
+    def decode_timing(self) -> str:
+        """How decode steps run: ``cuda graph`` (one captured step replayed) or ``eager``."""
+        return "cuda graph" if DecodeGraph.capturable(self.model) else "eager"
+
     def decode(self, cache, token: torch.Tensor) -> None:
-        self.model(token, cache=cache, last_only=True)
+        if not DecodeGraph.capturable(self.model):
+            self.model(token, cache=cache, last_only=True)
+            return
+        if self.graph is None or self.graph.cache is not cache:
+            self.graph = DecodeGraph(self.model, cache, capture=True)
+        self.graph.step(token)
 
 
 class _Transformers:
@@ -353,7 +366,7 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
                    "weight_conversions": dict(model.plan.weight_conversions)}
     timing = "eager" if device.type == "cuda" else "host"
-    row["timing"] = {"seahal": timing}
+    row["timing"] = {"seahal": ours.details.get("decode_timing", timing) if phase == "decode" else timing}
     if peer is None:
         row["note"] = "transformers is not installed: no oracle (unchecked), no peer"
         return row
@@ -417,6 +430,7 @@ def measure(
                   f"{', '.join(plan.fallbacks) or 'none'}", flush=True)
             for ctx, ids in prompts.items():
                 measured = _measure(ours, ids, ctx, s, device, oracle.get(ctx), layout.tolerance)
+                measured.details["decode_timing"] = ours.decode_timing if device.type == "cuda" else "host"
                 found += [_row(phase, ctx, name, ours.model, measured, peer.get(ctx), oracle.get(ctx))
                           for phase in ("prefill", "decode")]
         except torch.OutOfMemoryError:

@@ -1,0 +1,108 @@
+"""One decode step with the position as data, captured once as a CUDA graph and replayed per token.
+
+A decode step pays a launch for every kernel of every layer (about 30 per layer), which at batch 1
+costs more than the kernels themselves. A CUDA graph replays them all with one launch, but it
+replays the arguments of capture time, so the step must not depend on the position through a
+host value. Here it does not: the step reads its tokens and position from two device buffers,
+runs the model over the cache as :class:`seahal.model.cache.TracedLayerCache` sees it (every
+compressed row offered to attention and the indexer, masked by position; writes through masks),
+and the position-dependent HAL ops take the position as a 0-d device tensor
+(:attr:`seahal.hal.OpSpec.position`). The cache tensors are the graph's: a replay updates the
+caller's cache in place, and :meth:`DecodeGraph.step` advances its host bookkeeping.
+
+Cost of position-generic work: each layer scores and attends over the cache's capacity of
+compressed rows (masked), not only the valid ones, so size the cache for the context served.
+
+Capture needs a plan whose kernels keep the position on the device (``Plan.host_position_ops``
+empty) and no host synchronisation anywhere in the step; off a GPU (or with ``capture=False``)
+the same step runs eagerly, which is how the CPU tests check it against the ordinary decode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import Cache
+
+if TYPE_CHECKING:
+    from .transformer import Transformer
+
+
+class DecodeGraph:
+    """Decode steps of ``model`` over ``cache`` (B sequences at one position), one graph for all.
+
+    ``step(tokens [B, 1] int64) -> logits [B, 1, vocab] fp32`` consumes one token per sequence at
+    ``cache.pos`` and advances the cache, like ``model(tokens, cache=cache, last_only=True)``.
+    The logits tensor is the graph's output buffer, overwritten by the next step: copy what you
+    keep. ``capture``: None captures on CUDA only; True requires it (and raises if the plan cannot).
+    """
+
+    def __init__(self, model: Transformer, cache: Cache, capture: bool | None = None):
+        device = model.device
+        if capture is None:
+            capture = self.capturable(model)
+        if capture and device.type != "cuda":
+            raise ValueError(f"capture=True needs a CUDA model, got one on {device}")
+        if capture and model.plan.host_position_ops:
+            raise ValueError(
+                "these ops' kernels read the position on the host, which a CUDA graph cannot capture: "
+                f"{', '.join(model.plan.host_position_ops)}"
+            )
+        self.model, self.cache, self.captured = model, cache, capture
+        batch = cache.layers[0].kv.data.shape[0] if cache.layers else 1
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        if capture:
+            self._capture()
+
+    @staticmethod
+    def capturable(model: Transformer) -> bool:
+        """Whether decode steps of ``model`` can be captured: on CUDA, every position-taking op's
+        kernel keeping the position on the device."""
+        return model.device.type == "cuda" and not model.plan.host_position_ops
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, 1] int64 on the model's device -> logits [B, 1, vocab] fp32 (the output buffer)."""
+        cache = self.cache
+        if tokens.shape != self.tokens.shape:
+            raise ValueError(f"tokens must be {list(self.tokens.shape)}, got {list(tokens.shape)}")
+        cache.check_room(1)
+        self.tokens.copy_(tokens)
+        self.position.fill_(cache.pos)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self._forward(cache)
+        self._advance(cache.pos + 1)
+        return self.logits
+
+    def _forward(self, cache: Cache) -> torch.Tensor:
+        """The step over ``cache``'s tensors at the position buffer's value."""
+        traced = cache.with_tensors(cache.named_tensors(), self.position)
+        return self.model(self.tokens, cache=traced, last_only=True)
+
+    def _capture(self) -> None:
+        """Warm up on a scratch copy of the cache (Triton compiles, cuBLAS picks its algorithms;
+        the real cache must not see the warm-up's writes), then record one step over the real cache."""
+        scratch = self.cache.with_tensors({k: t.clone() for k, t in self.cache.named_tensors().items()}, 0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(scratch)
+        torch.cuda.current_stream().wait_stream(side)
+        del scratch
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(self.cache)
+
+    def _advance(self, pos: int) -> None:
+        """The host's view of the cache after a step: ``pos`` tokens, ``pos // m`` compressed entries."""
+        self.cache.pos = pos
+        for lc, ratio in zip(self.cache.layers, self.model.config.compress_ratios):
+            if ratio:
+                lc.n_compressed = pos // ratio

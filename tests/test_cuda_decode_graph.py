@@ -1,0 +1,57 @@
+"""The model's position-generic decode step (what a CUDA graph captures) through the cuda backend's
+position-taking kernels, run by the Triton interpreter on CPU tensors: the tensor position the
+kernels load themselves gives the ordinary decode's logits and cache, bit for bit.
+
+Only kv_compress(_fp8) and indexer_topk(_packed) run as Triton here (the ops whose position moves
+into the kernel); the rest of the tiny model stays on the CPU reference, which keeps it fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seahal.hal import get_spec  # noqa: E402
+from seahal.hal.plan import BoundOp  # noqa: E402
+from seahal.hal.registry import REGISTRY  # noqa: E402
+from seahal.model import load  # noqa: E402
+from seahal.model.decode_graph import DecodeGraph  # noqa: E402
+from seahal.model.tiny import write_tiny_checkpoint  # noqa: E402
+from seahal.testing import triton_interpreter  # noqa: E402
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+POSITION_OPS = ("kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed")
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__, timeout=900)
+
+
+def _on_cuda_kernels(model) -> None:
+    """Bind the model's position-taking ops to the cuda backend's Triton kernels."""
+    for op in POSITION_OPS:
+        kernel = next(k for k in REGISTRY.kernels_for(op) if k.backend == "cuda")
+        assert kernel.device_position
+        setattr(model.plan.ops, op, BoundOp(get_spec(op), kernel))
+
+
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+@pytest.mark.parametrize("cache_format", ["dense", "fp8"])
+def test_generic_decode_through_triton_kernels_equals_the_ordinary_decode(tmp_path, cache_format):
+    model = load(write_tiny_checkpoint(tmp_path), device="cpu", dtype=torch.bfloat16, announce=False,
+                 cache_format=cache_format)
+    _on_cuda_kernels(model)
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(2))
+    ordinary, generic = model.new_cache(1, 32), model.new_cache(1, 32)
+    for cache in (ordinary, generic):
+        model(ids[:, :7], cache=cache)
+    graph = DecodeGraph(model, generic, capture=False)
+    for t in range(7, 30):  # CSA (m=4) and HCA (m=16) entries completed, the window (16) wrapped
+        expected = model(ids[:, t : t + 1], cache=ordinary, last_only=True)
+        assert torch.equal(graph.step(ids[:, t : t + 1]), expected), t
+    for name, tensor in ordinary.named_tensors().items():
+        assert torch.equal(tensor, generic.named_tensors()[name]), name
