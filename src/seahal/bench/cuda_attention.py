@@ -143,8 +143,19 @@ def _records(dims: ModelDims, batch: int, rows: int, device: torch.device) -> to
 def _decode_attention_fp8(dims: ModelDims, batch: int, ctx: int, device: torch.device) -> Workload:
     q, indices, sink, rows = _decode_inputs(dims, CSA, batch, ctx, device)
     args = (q, _records(dims, batch, rows, device), indices, sink, dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
-    return Workload(partial(_fp8_attention(device), *args), {"reference, gathered": partial(_gathered_reference, *args)},
-                    close(BF16_TOL))
+    peers = {"reference, gathered": partial(_gathered_reference, *args)}
+    if device.type == "cuda":  # what split-K (flash-decoding) buys at this grid
+        peers["triton, splits=1"] = partial(_unsplit_fp8_attention, *args)
+    return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL))
+
+
+def _unsplit_fp8_attention(q, records, indices, sink, softmax_scale, rope_dim, tile):
+    """The cuda kernel with split-K off: one program walks a query's whole index row."""
+    from seahal.backends.cuda.sparse_attention import launch_sparse_attention
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch_sparse_attention(q, records, indices, sink, softmax_scale, out, rope_dim=rope_dim, tile=tile, splits=1)
+    return out
 
 
 def _fp8_attention(device: torch.device):
