@@ -105,12 +105,18 @@ class Contract:
         if value not in allowed:
             raise self.fail(f"{name} must be one of {list(allowed)}, got {value!r}")
 
-    def position(self, name: str, value: object) -> int | None:
-        """A token position: an int >= 0 (returned), or a 0-d integer tensor on the op's device
-        (None returned). A tensor's value is data the kernel reads on the device: it is never read
-        here, so a range the contract would check is the caller's to keep."""
+    def position(self, name: str, value: object, batch: str = "B") -> int | None:
+        """A token position: an int >= 0 (returned), or an integer tensor on the op's device, 0-d
+        (every sequence) or [batch] (one position per sequence; None returned). A tensor's value is
+        data the kernel reads on the device: it is never read here, so a range the contract would
+        check is the caller's to keep."""
         if isinstance(value, torch.Tensor):
-            self.tensor(name, value, [], INDEX)
+            self.tensor(name, value, None, INDEX)
+            if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != self.dims[batch]):
+                raise self.fail(
+                    f"{name} must be an int, a 0-d tensor or [{batch}={self.dims[batch]}] (a position per "
+                    f"sequence), got {describe(value)}"
+                )
             return None
         if not isinstance(value, int) or value < 0:
             raise self.fail(f"{name} must be an int >= 0 or a 0-d int32/int64 tensor, got {value!r}")

@@ -164,6 +164,8 @@ class Kernel:
         """Why this kernel cannot serve ``ctx``, or None if it can."""
         if ctx.chip is not None and "chip" in self.capabilities and ctx.chip not in self.capabilities["chip"]:
             return f"chip {ctx.chip} not in {list(self.capabilities['chip'])}"
+        if ctx.requirements.get("position") == "per-sequence" and not self.device_position:
+            return "takes one position for the batch (not registered device_position)"
         for key, value in ctx.requirements.items():
             allowed = self.capabilities.get(key)
             if allowed is not None and value not in allowed:

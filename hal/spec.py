@@ -45,9 +45,10 @@ class OpSpec:
     contract: Callable[..., Any] = field(repr=False)
     mutates: tuple[str, ...] = ()
     position: str | None = None
-    """The ``int`` argument holding a token position that may also be passed as a 0-d integer
-    tensor on the op's device (``start_pos``): the position as data, so that one captured CUDA
-    graph, or one traced graph, serves every position. The contract then describes outputs whose
+    """The ``int`` argument holding a token position that may also be passed as an integer tensor
+    on the op's device (``start_pos``), 0-d or one position per sequence ([B]): the position as
+    data, so that one captured CUDA graph, or one traced graph, serves every position, and
+    sequences at different positions run in one call. The contract then describes outputs whose
     row count depends on the position at its largest, valid rows first and zeros after."""
 
     @property
@@ -174,7 +175,8 @@ def position_on_host(spec: OpSpec, fn: Callable[..., Any]) -> Callable[..., Any]
     """``fn``, a kernel taking the position as an int, behind the tensor-position calling
     convention: the position is read on the host (a device sync: such a call cannot be captured in
     a CUDA graph) and outputs are zero-padded to the rows the contract gives a tensor position.
-    One wrapper per kernel function (its torch op is registered once)."""
+    Per-sequence positions must all be equal (one int serves the batch). One wrapper per kernel
+    function (its torch op is registered once)."""
     key = (spec.name, fn)
     if key not in _HOST_POSITION:
         _HOST_POSITION[key] = _read_position_on_host(spec, fn)
@@ -183,13 +185,23 @@ def position_on_host(spec: OpSpec, fn: Callable[..., Any]) -> Callable[..., Any]
 
 def _read_position_on_host(spec: OpSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
     index = spec.position_index()
+    kernel = getattr(fn, "__qualname__", "kernel")
+
+    def one_position(value: torch.Tensor) -> int:
+        positions = set(value.reshape(-1).tolist())
+        if len(positions) > 1:
+            raise NotImplementedError(
+                f"{spec.name}: kernel {kernel} takes one {spec.position} for the whole batch, got per-sequence "
+                f"positions {sorted(positions)[:8]}; a kernel registered with device_position=True takes them"
+            )
+        return positions.pop() if positions else 0
 
     def call(*args: Any, **kwargs: Any) -> Any:
         meta = spec.contract(*args, **kwargs)
         if spec.position in kwargs:
-            kwargs = {**kwargs, spec.position: int(kwargs[spec.position])}
+            kwargs = {**kwargs, spec.position: one_position(kwargs[spec.position])}
         else:
-            args = (*args[:index], int(args[index]), *args[index + 1 :])
+            args = (*args[:index], one_position(args[index]), *args[index + 1 :])
         result = fn(*args, **kwargs)
         if isinstance(result, torch.Tensor):
             return _zero_padded(result, meta.shape)

@@ -83,8 +83,10 @@ def test_indexer_at_a_tensor_position_selects_as_at_the_int_position(key_format)
     "start_pos, message",
     [
         (-1, "start_pos must be an int >= 0 or a 0-d int32/int64 tensor, got -1"),
-        (torch.tensor([3]), r"start_pos must be \[\] int32 or int64, got \[1\] int64 on cpu"),
-        (torch.tensor(3.0), r"start_pos must be \[\] int32 or int64, got \[\] float32 on cpu"),
+        (torch.tensor([3, 4]), r"start_pos must be an int, a 0-d tensor or \[B=1\] \(a position per sequence\), "
+                               r"got \[2\] int64 on cpu"),
+        (torch.tensor([[3]]), r"start_pos must be an int, a 0-d tensor or \[B=1\] .*, got \[1, 1\] int64"),
+        (torch.tensor(3.0), r"start_pos must be int32 or int64, got \[\] float32 on cpu"),
         (torch.tensor(3, device="meta"), "start_pos must be on cpu like q, got"),
     ],
 )
@@ -133,3 +135,60 @@ def test_the_tensor_position_twin_passes_opcheck(op):
     index = bound.spec.position_index()
     args = (*args[:index], torch.tensor(args[index]), *args[index + 1 :])
     torch.library.opcheck(bound.position_op, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("op", ["kv_compress", "kv_compress_fp8"])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_compressor_per_sequence_positions_are_each_sequence_alone(op, overlap):
+    """start_pos [B]: sequence b computes what a batch-1 call at start_pos[b] on its slice computes
+    (its own reset, state and entries, zero rows past them), bit for bit; through the plan, so
+    the contract takes the [B] tensor and the portable reference serves it without a host read."""
+    plan = _plan([op])
+    projections, scores, (ape, norm, freqs), d, m = _stream_inputs(overlap, seed=2)
+    extra = (1e-6, 8, 8) if op == "kv_compress_fp8" else ()
+    batch = projections[0].shape[0]
+    state = [t.clone().normal_() for t in compressor_state(batch, m, d, overlap)]  # dirty: position 0 resets it
+    alone = [[t[b : b + 1].clone() for t in state] for b in range(batch)]
+    positions = [0, 7]
+    assert not plan[op].reads_position_on_host
+    for kv, score in zip(projections, scores):
+        s = kv.shape[1]
+        together = plan[op](kv, score, ape, norm, freqs, *state, m, overlap, torch.tensor(positions), *extra)
+        assert together.shape[1] == most_new_entries(s, m)
+        for b, p in enumerate(positions):
+            one = plan[op](kv[b : b + 1], score[b : b + 1], ape, norm, freqs, *alone[b], m, overlap, p, *extra)
+            assert torch.equal(together[b : b + 1, : one.shape[1]], one), (op, b, p)
+            assert not together[b, one.shape[1] :].any()
+            assert all(torch.equal(t[b : b + 1], u) for t, u in zip(state, alone[b])), (op, b, p)
+        positions = [p + s for p in positions]
+
+
+@pytest.mark.parametrize("key_format", ["dense", "fp4"])
+def test_indexer_per_sequence_positions_are_each_sequence_alone(key_format):
+    g = torch.Generator().manual_seed(3)
+    q, weights, keys = torch.randn(3, 2, 4, 32, generator=g), torch.rand(3, 2, 4, generator=g), torch.randn(3, 9, 32, generator=g)
+    packed = key_format != "dense"
+    op = "indexer_topk_packed" if packed else "indexer_topk"
+    stored = (hal.formats.index_key_pack(keys, key_format), key_format) if packed else (keys,)
+    bound = _plan([op])[op]
+    positions = [1, 13, 40]  # nothing visible, a visibility boundary within the chunk, every key
+    together = bound(q, weights, *stored, 4, torch.tensor(positions), 5)
+    for b, p in enumerate(positions):
+        one = bound(q[b : b + 1], weights[b : b + 1], *(t[b : b + 1] if isinstance(t, torch.Tensor) else t for t in stored), 4, p, 5)
+        assert torch.equal(together[b : b + 1], one), (b, p)
+    assert (together[0] == -1).all() and (together[2] >= 0).all()
+
+
+def test_per_sequence_positions_need_a_device_position_kernel(reference_registry):
+    """A kernel taking one int for the batch gets per-sequence positions only when they agree;
+    otherwise the call fails naming the kernel, and such a kernel is not offered per-sequence cases."""
+    hal.register_backend("onevendor", device_type="cpu", probe=lambda: hal.Availability(True), priority=99)
+    kernel = hal.register_kernel("indexer_topk", "onevendor", "one", ref_indexer.indexer_topk, priority=50)
+    plan = hal.plan("onevendor", ops=["indexer_topk"], announce=False, environ=QUIET)
+    q, weights, keys = torch.randn(2, 1, 4, 32), torch.rand(2, 1, 4), torch.randn(2, 5, 32)
+    same = plan.ops.indexer_topk(q, weights, keys, 4, torch.tensor([9, 9]), 3)
+    assert torch.equal(same, plan.ops.indexer_topk(q, weights, keys, 4, 9, 3))
+    with pytest.raises(NotImplementedError, match=r"indexer_topk: kernel .*indexer_topk takes one start_pos .* \[3, 9\]"):
+        plan.ops.indexer_topk(q, weights, keys, 4, torch.tensor([9, 3]), 3)
+    per_sequence = hal.PlanContext("cpu", None, {"position": "per-sequence"})
+    assert kernel.rejection(per_sequence) == "takes one position for the batch (not registered device_position)"

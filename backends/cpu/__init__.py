@@ -40,9 +40,9 @@ REFERENCE_KERNELS = {
     "rope": ("rope", {"dtype": _FLOATS}),
 }
 
-DEVICE_POSITION = {"indexer_topk", "indexer_topk_packed"}
-"""Reference kernels that take ``start_pos`` as a device tensor without reading it (the position is
-only computed with); the compressor's reads it on the host (its state slicing depends on it)."""
+DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+"""Reference kernels that take ``start_pos`` as a device tensor (0-d or per sequence) and only
+compute with it, never reading it on the host: the portable fallback keeps decode capturable."""
 
 
 def _probe() -> Availability:

@@ -60,9 +60,10 @@ def kv_compress(
     kv_state, score_state: [B, coff*m, coff*d] fp32, updated in place
     -> entries: [B, new_entries(start_pos, S, m), d] in out_dtype (default bf16, the official precision)
 
-    ``start_pos``: an int, or a 0-d integer tensor on the inputs' device (the position as data,
-    for captured or traced graphs): then entries has ``most_new_entries(S, m)`` rows, the
-    new_entries(start_pos, S, m) entries first and zeros after.
+    ``start_pos``: an int, or an integer tensor on the inputs' device (the position as data, for
+    captured or traced graphs), 0-d or [B] (sequence b at start_pos[b], its own reset and state):
+    then entries has ``most_new_entries(S, m)`` rows, each sequence's new entries first and zeros
+    after.
 
     Token t has gate score ``z_t = score_t + ape[t mod m]``. Entry j pools per channel with a
     softmax over its slots: plain (HCA) over the m tokens of block j; overlapped (CSA, coff=2) over

@@ -32,8 +32,9 @@ def indexer_topk(q, weights, keys, ratio, start_pos, topk):
     q: [B, S, H, d] bf16/fp32, weights: [B, S, H] fp32 (already scaled), keys: [B, N, d]
     -> indices: [B, S, topk] int32, -1 in slots beyond the visible entries.
 
-    Query s sits at position ``t = start_pos + s`` (start_pos an int, or a 0-d integer tensor on
-    q's device: the position as data) and sees entries ``j < min(N, floor((t+1)/m))``;
+    Query s sits at position ``t = start_pos + s`` (start_pos an int, or an integer tensor on q's
+    device, 0-d or [B] for one position per sequence: the position as data) and sees entries
+    ``j < min(N, floor((t+1)/m))``;
     ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32; indices are ordered by score
     descending, ties to the smaller index.
     """

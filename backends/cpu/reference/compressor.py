@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from seahal.hal.formats import compute_dtype
-from seahal.hal.ops.compressor import compressor_state, compressor_width
+from seahal.hal.ops.compressor import compressor_width, most_new_entries, new_entries
 
 from .quant import kv_cache_pack
 from .rope import rotate_pairs
@@ -17,10 +17,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _pool_blocks(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
-    """Gated softmax pooling, per channel, of every complete block of a token timeline.
+    """Gated softmax pooling, per channel, of every block of a token timeline.
 
     kv, score: [B, n*m (+ tail), coff*d], the timeline starting at a block boundary, score already
-    including ape -> [B, n - (coff - 1), d], one entry per block that has all its slots.
+    including ape -> [B, n - (coff - 1), d], one entry per block (the caller keeps those whose
+    slots are all filled).
 
     Plain: entry k pools the m tokens of block k. Overlapped: entry k (for timeline block k+1)
     pools the a-halves (channels [0, d)) of block k and the b-halves (channels [d, 2d)) of block
@@ -47,24 +48,22 @@ def _finish_entries(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """pooled: [B, n, d] fp32/fp64 -> out_dtype -> RMSNorm -> out_dtype -> RoPE of the last dims at
-    positions -> out_dtype (bf16 in the official model: each cast is a rounding step)."""
+    positions [B, n] -> out_dtype (bf16 in the official model: each cast is a rounding step)."""
     dtype = pooled.dtype
     normed = _rms_norm(pooled.to(out_dtype).to(dtype), norm_weight, eps).to(out_dtype)
-    angles = positions.to(dtype)[:, None] * rope_freqs.to(dtype)
+    angles = positions.to(dtype)[..., None] * rope_freqs.to(dtype)
     return rotate_pairs(normed.to(dtype), angles).to(out_dtype)
 
 
-def _next_state(timeline: torch.Tensor, ratio: int, kept_blocks: int, fill: float) -> torch.Tensor:
-    """The state after a timeline: its last ``kept_blocks`` complete blocks, then the tokens of its
-    incomplete block, then ``fill`` up to ``(kept_blocks + 1) * ratio`` slots.
+def _completed(position: torch.Tensor, seq_len: int, ratio: int) -> torch.Tensor:
+    """position: [B, 1] -> [B, ceil(S/m)] bool: row k holds an entry the S tokens complete."""
+    k = torch.arange(most_new_entries(seq_len, ratio), device=position.device)[None, :]
+    return k < new_entries(position, seq_len, ratio)
 
-    timeline: [B, L, C] -> [B, (kept_blocks + 1) * ratio, C] fp32.
-    """
-    batch, length, channels = timeline.shape
-    kept = timeline[:, (length // ratio - kept_blocks) * ratio :]
-    state = timeline.new_full((batch, (kept_blocks + 1) * ratio, channels), fill, dtype=torch.float32)
-    state[:, : kept.shape[1]] = kept
-    return state
+
+def _gather_slots(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source: [B, L, C], index: [B, n] (into [0, L)) -> source[b, index[b, i]]: [B, n, C]."""
+    return source.gather(1, index[..., None].expand(-1, -1, source.shape[2]))
 
 
 def kv_compress(
@@ -77,49 +76,77 @@ def kv_compress(
     score_state: torch.Tensor,
     ratio: int,
     overlap: bool,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     norm_eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Compress tokens [start_pos, start_pos + S) into the entries their blocks complete.
 
     kv, score: [B, S, coff*d] fp32/fp64, ape: [m, coff*d], norm_weight: [d], rope_freqs: [r/2],
-    kv_state, score_state: [B, coff*m, coff*d] fp32 (updated in place) -> [B, n_new, d] in out_dtype
-    (default bf16).
+    kv_state, score_state: [B, coff*m, coff*d] fp32 (updated in place), start_pos: an int, or a
+    0-d / [B] integer tensor (per sequence) -> [B, n_new, d] in out_dtype (default bf16); at a
+    tensor position [B, ceil(S/m), d], each sequence's n_new entries first, then zero rows.
 
-    Token t gets ``z_t = score_t + ape[t mod m]``. The state's slots, followed by the new tokens,
-    form a timeline that starts at a block boundary: (overlapped) the previous complete block, then
-    the incomplete current block, then the S tokens. Entry j pools per channel with
-    ``softmax_slots(z) . kv`` over block j (plain) or over the a-halves of block j-1 and the b-halves
-    of block j (overlapped; an empty block j-1 is kv=0, z=-inf, weight 0). Each entry is cast to
-    out_dtype, RMS-normed, and rotated at position ``j*m``. Afterwards the state holds (overlapped) the
-    last complete block in slots [0, m) and the incomplete block's tokens from slot (coff-1)*m on;
-    unused slots are kv=0, z=-inf. ``start_pos == 0`` starts from a reset state.
+    Token t gets ``z_t = score_t + ape[t mod m]``. Per sequence, the state's slots followed by the
+    new tokens form a timeline that starts at a block boundary: (overlapped) the previous complete
+    block, then the incomplete current block (``held = (coff-1)*m + start_pos mod m`` slots in all),
+    then the S tokens; empty slots are kv=0, z=-inf. Entry j pools per channel with
+    ``softmax_slots(z) . kv`` over block j (plain) or over the a-halves of block j-1 and the
+    b-halves of block j (overlapped; an empty block j-1 has weight 0), for each block the tokens
+    complete. Each entry is cast to out_dtype, RMS-normed, and rotated at position ``j*m``.
+    Afterwards the state holds (overlapped) the last complete block in slots [0, m) and the
+    incomplete block's tokens from slot (coff-1)*m on, the rest empty. ``start_pos == 0`` starts
+    from a reset state.
+
+    Written for any position per sequence without reading it on the host: the timeline has the
+    fixed length ``coff*m + S`` (its slots past ``held + S`` empty) and every block is pooled, the
+    incomplete ones masked out.
     """
     dtype = compute_dtype(kv, score)
     batch, seq_len, channels = kv.shape
     coff = compressor_width(ratio, overlap)
+    slots = coff * ratio
     d = channels // coff
-    kept_blocks = coff - 1  # complete blocks the state carries: the previous one when overlapped
+    device = kv.device
 
-    if start_pos == 0:
-        kv_state_in, score_state_in = compressor_state(batch, ratio, d, overlap, device=kv.device)
-    else:
-        kv_state_in, score_state_in = kv_state, score_state
-    held = kept_blocks * ratio + start_pos % ratio  # slots in use: kept blocks, then the partial block
-    ape_rows = (torch.arange(seq_len, device=kv.device) + start_pos) % ratio
-    timeline_kv = torch.cat((kv_state_in[:, :held].to(dtype), kv.to(dtype)), dim=1)
-    timeline_score = torch.cat((score_state_in[:, :held].to(dtype), score.to(dtype) + ape.to(dtype)[ape_rows]), dim=1)
+    position = torch.as_tensor(start_pos, device=device).reshape(-1, 1).expand(batch, 1)  # [B, 1]
+    held = (coff - 1) * ratio + position % ratio  # state slots in use: kept blocks, then the partial block
+    filled = held + seq_len  # timeline slots holding a value
+    u = torch.arange(slots + seq_len, device=device)[None, :]  # [1, L] timeline slots
+    from_state = (u < held) & (position > 0)  # start_pos 0: a reset state, whatever it holds
+    from_tokens = (u >= held) & (u < filled)
+    token = (u - held).clamp(0, max(seq_len - 1, 0))
+    state_slot = u.clamp(max=slots - 1).expand(batch, -1)
 
-    pooled = _pool_blocks(timeline_kv, timeline_score, ratio, overlap)
-    first_entry = start_pos // ratio
-    entry_positions = torch.arange(first_entry, first_entry + pooled.shape[1], device=kv.device) * ratio
+    def timeline(state: torch.Tensor, tokens: torch.Tensor, empty: float) -> torch.Tensor:
+        if seq_len:
+            new = _gather_slots(tokens.to(dtype), token)
+        else:
+            new = torch.full((batch, u.shape[1], channels), empty, dtype=dtype, device=device)
+        held_values = _gather_slots(state.to(dtype), state_slot)
+        return torch.where(from_state[..., None], held_values,
+                           torch.where(from_tokens[..., None], new, torch.tensor(empty, dtype=dtype, device=device)))
+
+    ape_rows = (torch.arange(seq_len, device=device) + position) % ratio  # [B, S]
+    timeline_kv = timeline(kv_state, kv, 0.0)
+    timeline_score = timeline(score_state, score.to(dtype) + ape.to(dtype)[ape_rows], float("-inf"))
+
+    rows = most_new_entries(seq_len, ratio)
+    pooled = _pool_blocks(timeline_kv, timeline_score, ratio, overlap)[:, :rows]
+    k = torch.arange(rows, device=device)[None, :]
     out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
-    entries = _finish_entries(pooled, norm_weight, rope_freqs, entry_positions, norm_eps, out_dtype)
+    entries = _finish_entries(pooled, norm_weight, rope_freqs, (position // ratio + k) * ratio, norm_eps, out_dtype)
+    completed = _completed(position, seq_len, ratio)[..., None]
+    entries = torch.where(completed, entries, torch.zeros((), dtype=out_dtype, device=device))
 
-    kv_state.copy_(_next_state(timeline_kv, ratio, kept_blocks, fill=0.0))
-    score_state.copy_(_next_state(timeline_score, ratio, kept_blocks, fill=float("-inf")))
-    return entries
+    # the new state: the last (coff-1) complete blocks and the incomplete block's tokens, moved to the front
+    first = (filled // ratio - (coff - 1)) * ratio
+    source = first + torch.arange(slots, device=device)[None, :]  # [B, slots]
+    kept = (source < filled)[..., None]
+    source = source.clamp(max=slots + seq_len - 1)
+    kv_state.copy_(torch.where(kept, _gather_slots(timeline_kv, source), 0.0))
+    score_state.copy_(torch.where(kept, _gather_slots(timeline_score, source), float("-inf")))
+    return entries if isinstance(start_pos, torch.Tensor) else entries[:, : new_entries(start_pos, seq_len, ratio)]
 
 
 def kv_compress_fp8(
@@ -138,9 +165,14 @@ def kv_compress_fp8(
     tile: int = 64,
 ) -> torch.Tensor:
     """``kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: the new entries as
-    packed FP8 records [B, n_new, kv_record_bytes(d, rope_dim, tile)] uint8; states as kv_compress."""
+    packed FP8 records [B, n_new, kv_record_bytes(d, rope_dim, tile)] uint8 (at a tensor position
+    [B, ceil(S/m), ...], zero bytes past each sequence's entries); states as kv_compress."""
     entries = kv_compress(
         kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, norm_eps,
         torch.bfloat16,
     )
-    return kv_cache_pack(entries, rope_dim, tile)
+    records = kv_cache_pack(entries, rope_dim, tile)
+    if not isinstance(start_pos, torch.Tensor):
+        return records
+    position = start_pos.reshape(-1, 1).expand(kv.shape[0], 1)
+    return torch.where(_completed(position, kv.shape[1], ratio)[..., None], records, 0)  # zero bytes past the entries

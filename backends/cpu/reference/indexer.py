@@ -17,7 +17,8 @@ def indexer_topk(
     ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32 (fp64 for fp64 inputs), for query
     ``t = start_pos + s`` and the entries it sees, ``j < min(N, floor((t+1)/m))``. Indices are
     ordered by score descending, ties to the smaller index (a stable sort); slots beyond the
-    visible entries are -1. ``start_pos`` may be a 0-d tensor on q's device: it is only computed with.
+    visible entries are -1. ``start_pos`` may be a 0-d or [B] (per sequence) integer tensor on q's
+    device: it is only computed with, never read on the host.
     """
     dtype = compute_dtype(q, weights, keys)
     batch, seq_len, _, _ = q.shape
@@ -25,8 +26,9 @@ def indexer_topk(
     logits = torch.einsum("bshd,bnd->bshn", q.to(dtype), keys.to(dtype))
     scores = (torch.relu(logits) * weights.to(dtype)[..., None]).sum(dim=2)
 
-    query_pos = start_pos + torch.arange(seq_len, device=q.device)
-    visible = torch.arange(n_entries, device=q.device) < ((query_pos + 1) // ratio)[:, None]
+    first = start_pos.reshape(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
+    query_pos = first + torch.arange(seq_len, device=q.device)  # [S], or [1 or B, S]
+    visible = torch.arange(n_entries, device=q.device) < ((query_pos + 1) // ratio)[..., None]
     scores = scores.masked_fill(~visible, float("-inf"))
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
     picked = torch.where(visible.expand(batch, -1, -1).gather(-1, order), order, -1)

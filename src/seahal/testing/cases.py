@@ -174,6 +174,8 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
             req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
     elif op == "indexer_topk_packed":
         req["key_format"] = a["key_format"]
+    if isinstance(a.get("start_pos"), torch.Tensor) and a["start_pos"].dim() == 1:
+        req["position"] = "per-sequence"
     elif op in ("sparse_attention", "sparse_attention_fp8"):
         req["head_dim"] = a["q"].shape[-1]
         req["kv_format"] = "fp8" if op == "sparse_attention_fp8" else "dense"
@@ -379,13 +381,15 @@ def moe_experts_case(
 def kv_compress_case(
     name: str, seed: int, chunks: tuple[int, ...], ratio: int = 4, overlap: bool = True, b: int = 2, d: int = 32,
     rope: int = 16, norm_dtype=F32, out_dtype=None, stale_state: bool = False, layout: str = "contiguous",
-    records: tuple[int, int] | None = None,
+    records: tuple[int, int] | None = None, offsets: tuple[int, ...] | None = None,
 ) -> Case:
     """Successive calls over chunks of one token stream (a prefill then decode steps, or chunked
     prefill), sharing the state. ``stale_state`` fills the state with garbage before the first
     call (start_pos 0 must ignore it); ``layout="sliced"`` takes kv and score as the two halves of
     one fused projection (non-contiguous). ``records=(rope_dim, tile)``: the calls are of
-    ``kv_compress_fp8`` with that record geometry (out_dtype unused)."""
+    ``kv_compress_fp8`` with that record geometry (out_dtype unused). ``offsets``: sequence i's
+    stream starts at position offsets[i] (from the fresh state, as the contract allows), the calls
+    passing start_pos as a [B] tensor, one position per sequence."""
     r = _Rand(seed)
     coff = compressor_width(ratio, overlap)
     total = sum(chunks)
@@ -403,7 +407,8 @@ def kv_compress_case(
         kv_chunk, score_chunk = kv[:, start : start + size], score[:, start : start + size]
         if layout == "contiguous":
             kv_chunk, score_chunk = kv_chunk.contiguous(), score_chunk.contiguous()
-        state = (kv_state, score_state, ratio, overlap, start, 1e-6) + (records or (out_dtype,))
+        position = start if offsets is None else torch.tensor([start + o for o in offsets])
+        state = (kv_state, score_state, ratio, overlap, position, 1e-6) + (records or (out_dtype,))
         calls.append((kv_chunk, score_chunk, ape, norm_weight, freqs, *state))
         start += size
     return _case("kv_compress_fp8" if records else "kv_compress", name, *calls)
@@ -418,18 +423,24 @@ def at_tensor_position(case: Case) -> Case:
     return Case(case.op, f"{case.name} [start_pos a tensor]", calls, case.requirements)
 
 
+def _position(start_pos: int | tuple[int, ...]) -> int | torch.Tensor:
+    """A case's start_pos: an int, or a tuple of per-sequence positions as a [B] tensor."""
+    return torch.tensor(start_pos) if isinstance(start_pos, tuple) else start_pos
+
+
 def indexer_topk_case(
-    name: str, seed: int, s: int, n: int, start_pos: int = 0, topk: int = 4, b: int = 2, h: int = 4, d: int = 32,
-    ratio: int = 4, dtype=BF16, variant: str = "random", layout: str = "contiguous",
+    name: str, seed: int, s: int, n: int, start_pos: int | tuple[int, ...] = 0, topk: int = 4, b: int = 2,
+    h: int = 4, d: int = 32, ratio: int = 4, dtype=BF16, variant: str = "random", layout: str = "contiguous",
 ) -> Case:
     """Variants: ``random``; ``tied-keys`` (entries 0, 2 and 3 equal: exact score ties);
-    ``zero-query`` (query 0 is zero: all its scores tie at 0); ``negative-weights``."""
+    ``zero-query`` (query 0 is zero: all its scores tie at 0); ``negative-weights``. A tuple
+    start_pos gives each sequence its own position."""
     q, weights, keys = _indexer_inputs(_Rand(seed), s, n, b, h, d, dtype, variant, layout)
-    return _case("indexer_topk", name, (q, weights, keys.to(dtype), ratio, start_pos, topk))
+    return _case("indexer_topk", name, (q, weights, keys.to(dtype), ratio, _position(start_pos), topk))
 
 
 def indexer_topk_packed_case(
-    name: str, seed: int, key_format: str, s: int, n: int, start_pos: int = 0, topk: int = 4, b: int = 2,
+    name: str, seed: int, key_format: str, s: int, n: int, start_pos: int | tuple[int, ...] = 0, topk: int = 4, b: int = 2,
     h: int = 4, d: int = 64, ratio: int = 4, dtype=BF16, variant: str = "random", keys: str = "varied",
     layout: str = "contiguous",
 ) -> Case:
@@ -449,7 +460,7 @@ def indexer_topk_packed_case(
             raise ValueError(f"plain-scale keys are fp8 keys, got key_format={key_format!r}")
         scale = packed[..., d:].contiguous().view(F32) * r.uniform(b, n, 1, low=0.6, high=1.6)
         packed[..., d:] = scale.view(torch.uint8)
-    return _case("indexer_topk_packed", name, (q, weights, packed, key_format, ratio, start_pos, topk))
+    return _case("indexer_topk_packed", name, (q, weights, packed, key_format, ratio, _position(start_pos), topk))
 
 
 def _indexer_inputs(
@@ -736,6 +747,9 @@ def _kv_compress_cases(seed: int) -> list[Case]:
         at_tensor_position(c("plain m=16: prefill 5 (no entry) + 12 (completes one)", seed + 29, (5, 12),
                              ratio=16, overlap=False)),
         at_tensor_position(c("start_pos 0 ignores a stale state", seed + 30, (6, 1), stale_state=True)),
+        c("per-sequence positions 0, 3, 8: prefill 5 + 4 decode steps", seed + 31, (5, 1, 1, 1, 1), b=3,
+          offsets=(0, 3, 8)),
+        c("plain m=8, per-sequence positions 0, 13", seed + 32, (3, 1, 1, 6), ratio=8, overlap=False, offsets=(0, 13)),
     ]
 
 
@@ -751,6 +765,7 @@ def _kv_compress_fp8_cases(seed: int) -> list[Case]:
         c("V4 record geometry: d=512, rope 64, tile 64 (584 bytes)", seed + 6, (9, 1), b=1, d=512,
           rope=64, records=(64, 64)),
         at_tensor_position(c("plain m=4: prefill 3 + 5 decode steps", seed + 7, (3,) + (1,) * 5, overlap=False)),
+        c("per-sequence positions 0, 6: prefill 3 + 3 decode steps", seed + 8, (3, 1, 1, 1), offsets=(0, 6)),
     ]
 
 
@@ -771,6 +786,8 @@ def _indexer_topk_cases(seed: int) -> list[Case]:
         at_tensor_position(c("decode t=37, N=9", seed + 11, s=1, n=9, start_pos=37)),
         at_tensor_position(c("chunk at start_pos 5", seed + 12, s=6, n=5, start_pos=5, topk=2)),
         at_tensor_position(c("prefill 3 < m: nothing visible", seed + 13, s=3, n=1)),
+        c("decode, per-sequence positions 2 (nothing visible), 15, 37", seed + 14, s=1, n=9, b=3, start_pos=(2, 15, 37)),
+        c("chunk, per-sequence positions 5, 11", seed + 15, s=4, n=4, start_pos=(5, 11), topk=3),
     ]
 
 
@@ -793,6 +810,8 @@ def _indexer_topk_packed_cases(seed: int) -> list[Case]:
         c("fp8: non-power-of-two scales, fp32", seed + 21, "fp8", s=10, n=3, dtype=F32, keys="plain-scale"),
         *(at_tensor_position(c(f"{fmt}: decode t=37, N=9", seed + 22 + i, fmt, s=1, n=9, start_pos=37))
           for i, fmt in enumerate(("fp4", "fp8"))),
+        *(c(f"{fmt}: decode, per-sequence positions 3, 21, 37", seed + 24 + i, fmt, s=1, n=9, b=3,
+            start_pos=(3, 21, 37)) for i, fmt in enumerate(("fp4", "fp8"))),
     ]
 
 

@@ -317,7 +317,7 @@ def gate_ranking(
 
 
 def indexer_scores(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexer scores ``I(t, j) = sum_h w_h relu(q_h . K_j)`` in float64, -inf where entry j is not
     visible to query t (``j >= floor((t+1)/m)``), and per query the magnitude
@@ -328,6 +328,6 @@ def indexer_scores(
     q64, w64, k64 = q.to(F64), weights.to(F64), keys.to(F64)
     scores = torch.einsum("bsh,bshn->bsn", w64, torch.einsum("bshd,bnd->bshn", q64, k64).relu())
     magnitude = torch.einsum("bsh,bshn->bsn", w64.abs(), torch.einsum("bshd,bnd->bshn", q64.abs(), k64.abs()))
-    positions = torch.arange(start_pos, start_pos + q.shape[1])
-    visible = torch.arange(keys.shape[1]) < ((positions + 1) // ratio)[:, None]
+    positions = torch.as_tensor(start_pos).reshape(-1, 1) + torch.arange(q.shape[1])  # [1 or B, S]
+    visible = torch.arange(keys.shape[1]) < ((positions + 1) // ratio)[..., None]
     return scores.masked_fill(~visible, float("-inf")), magnitude.amax(-1)

@@ -174,7 +174,7 @@ def _kv_compress(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # contract and the rotation mixes each rope pair, so an element may move by one output ulp of
     # its pair's scale; in fp32 add the softmax pooling over <= 2m slots, the RMS over d and the
     # rotation angle j*m*f rounded to fp32 (as in rope).
-    theta = (a["start_pos"] + a["kv"].shape[1]) * _max_abs(a["rope_freqs"])
+    theta = (int(torch.as_tensor(a["start_pos"]).max()) + a["kv"].shape[1]) * _max_abs(a["rope_freqs"])
     tol = ulp(out) + gamma(2 * ratio + d + 8) + 2 * (theta + 4) * U32
     entries = Close(rtol=tol, atol_ref=tol)
     # states hold copies of kv and one fp32 rounding of score + ape: one fp32 ulp.
@@ -421,10 +421,10 @@ def reference_in_float64(op: str, args: tuple) -> bool:
 
 def checks_for(op: str, args: tuple) -> tuple[Compared, ...]:
     """The comparisons of one call of ``op`` with these arguments (outputs, then mutated states);
-    a position given as a tensor (the case's CPU copy) counts as its value."""
+    a 0-d position tensor (the case's CPU copy) counts as its value, a [B] one stays per sequence."""
     named = named_args(op, args)
     position = get_spec(op).position
-    if position is not None and isinstance(named.get(position), torch.Tensor):
+    if position is not None and isinstance(named[position], torch.Tensor) and named[position].dim() == 0:
         named[position] = int(named[position])
     return RULES[op].build(named)
 
