@@ -161,29 +161,35 @@ def _attention(t: int):
 
 
 def _position_as_data():
-    """Decode with start_pos as a 0-d int64 device tensor (a CUDA graph replays one launch at every
-    position): the compressors and the indexer load it in the kernel. A host read of it would fail
-    here (a meta tensor has no value)."""
+    """Decode with start_pos as a device tensor (a CUDA graph replays one launch at every position):
+    the compressors and the indexer load it in the kernel. A 0-d int64 position (every sequence),
+    and one int32 position per sequence of a batch of 4 ([B]: the kernels load ``pos_ptr + b *
+    stride``, the stride not specialised, so only the pointer's dtype makes it a variant of its
+    own). A host read of either would fail here (a meta tensor has no value)."""
     import torch
 
     from seahal.backends.cuda import compressor, indexer
 
-    position = torch.empty((), dtype=torch.int64, device="cuda")
-    for ratio, overlap in ((4, True), (128, False)):
-        coff = 2 if overlap else 1
-        args = (
-            _empty(B, 1, coff * HEAD_DIM), _empty(B, 1, coff * HEAD_DIM), _empty(ratio, coff * HEAD_DIM),
-            _empty(HEAD_DIM, dtype=torch.bfloat16), _empty(ROPE_DIM // 2),
-            _empty(B, coff * ratio, coff * HEAD_DIM), _empty(B, coff * ratio, coff * HEAD_DIM),
-            ratio, overlap, position,
-        )
-        compressor.kv_compress(*args)
-        compressor.kv_compress_fp8(*args)
-    q, weights = _empty(B, 1, INDEX_HEADS, INDEX_DIM, dtype=torch.bfloat16), _empty(B, 1, INDEX_HEADS)
-    indexer.indexer_topk(q, weights, _empty(B, 2048, INDEX_DIM, dtype=torch.bfloat16), 4, position, INDEX_TOPK)
-    for key_format, record_bytes in (("fp4", 68), ("fp8", 132)):
-        keys = _empty(B, 2048, record_bytes, dtype=torch.uint8)
-        indexer.indexer_topk_packed(q, weights, keys, key_format, 4, position, INDEX_TOPK)
+    for batch, position in (
+        (B, torch.empty((), dtype=torch.int64, device="cuda")),
+        (4, torch.empty((4,), dtype=torch.int32, device="cuda")),
+    ):
+        for ratio, overlap in ((4, True), (128, False)):
+            coff = 2 if overlap else 1
+            args = (
+                _empty(batch, 1, coff * HEAD_DIM), _empty(batch, 1, coff * HEAD_DIM), _empty(ratio, coff * HEAD_DIM),
+                _empty(HEAD_DIM, dtype=torch.bfloat16), _empty(ROPE_DIM // 2),
+                _empty(batch, coff * ratio, coff * HEAD_DIM), _empty(batch, coff * ratio, coff * HEAD_DIM),
+                ratio, overlap, position,
+            )
+            compressor.kv_compress(*args)
+            compressor.kv_compress_fp8(*args)
+        q, weights = _empty(batch, 1, INDEX_HEADS, INDEX_DIM, dtype=torch.bfloat16), _empty(batch, 1, INDEX_HEADS)
+        keys = _empty(batch, 2048, INDEX_DIM, dtype=torch.bfloat16)
+        indexer.indexer_topk(q, weights, keys, 4, position, INDEX_TOPK)
+        for key_format, record_bytes in (("fp4", 68), ("fp8", 132)):
+            keys = _empty(batch, 2048, record_bytes, dtype=torch.uint8)
+            indexer.indexer_topk_packed(q, weights, keys, key_format, 4, position, INDEX_TOPK)
 
 
 def _mhc_rope(t: int):
@@ -296,9 +302,11 @@ def test_gemms_use_hopper_tensor_cores(compiled):
 
 def test_positions_as_data_compile(compiled):
     """The launches that load start_pos from memory (CUDA-graph decode) compile: both compressor
-    kernels' variants (entries and FP8 records) and the indexer's scores kernel, dense and packed."""
+    kernels' variants (entries and FP8 records) and the indexer's scores kernel, dense and packed,
+    each with a 0-d int64 and a [B] int32 position."""
     launches = [(r["kernel"], r["launch"]) for r in compiled if "POS_FROM_PTR=True" in r["launch"]]
-    assert sorted(name for name, _ in launches) == ["_kv_compress_kernel"] * 4 + ["_scores_kernel"] * 3, launches
+    assert sorted(name for name, _ in launches) == ["_kv_compress_kernel"] * 8 + ["_scores_kernel"] * 6, launches
+    assert sum(",torch.int32," in launch for _, launch in launches) == 7, launches
 
 
 def test_attention_compiles_split_and_unsplit(compiled):

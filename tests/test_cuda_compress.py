@@ -383,6 +383,105 @@ def test_compress_fp8_at_tensor_positions(overlap):
                              rope_dim=16, tile=8)
 
 
+def _positions(values: list[int], dtype: torch.dtype, strided: bool) -> torch.Tensor:
+    """[B] positions on DEVICE; strided: every other element of a [2B] buffer (stride 2), the other
+    elements -1 (a kernel ignoring the stride would read them)."""
+    if not strided:
+        return torch.tensor(values, dtype=dtype, device=DEVICE)
+    return torch.tensor([[p, -1] for p in values], dtype=dtype, device=DEVICE)[:, 0]
+
+
+def _run_at_sequence_positions(op, offsets, chunks, ratio, overlap, d, rope, seed, positions, **options):
+    """Sequences b = 0..B-1 at different positions in one call with a [B] start_pos, against the int
+    path on each sequence's slice (kv[b:b+1], its state rows), bit for bit.
+
+    Every state starts dirty (random); sequence b is first brought to offsets[b] by int calls on
+    its slice (its first one from 0 ignores the dirt), so a sequence at offset 0 meets the batched
+    call with a dirty state it must reset. Then the chunks run at ``positions(p)`` (p the
+    sequences' positions): after every call sequence b's first new_entries(p_b, S, m) rows equal its
+    int call's, the rest of the ceil(S / m) rows are zeros, and the states equal bit for bit.
+    """
+    batch = len(offsets)
+    kv, score, ape, weight, freqs = _stream(batch, max(offsets) + sum(chunks), ratio, d, rope, overlap, seed,
+                                            token_major=True)
+    kv_state, score_state = compressor_state(batch, ratio, d, overlap)
+    kv_state.normal_(generator=torch.Generator().manual_seed(1))
+    score_state.normal_(generator=torch.Generator().manual_seed(2))
+    at_int = _device_state((kv_state, score_state), fused=True)  # sliced per sequence: views of these
+    params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
+
+    def int_call(b: int, start: int, size: int) -> torch.Tensor:
+        tokens = (kv[b : b + 1, start : start + size].to(DEVICE), score[b : b + 1, start : start + size].to(DEVICE))
+        state = (at_int[0][b : b + 1], at_int[1][b : b + 1])
+        return op(*tokens, *params, *state, ratio, overlap, start, 1e-6, **options)
+
+    for b, offset in enumerate(offsets):
+        if offset:
+            int_call(b, 0, offset)
+    at_tensor = tuple(s.clone() for s in at_int)
+    pos = list(offsets)
+    for call, size in enumerate(chunks):
+        where = f"call {call} (positions {pos}, S {size})"
+        tokens = torch.stack([kv[b, p : p + size] for b, p in enumerate(pos)]).to(DEVICE), torch.stack(
+            [score[b, p : p + size] for b, p in enumerate(pos)]
+        ).to(DEVICE)
+        got = op(*tokens, *params, *at_tensor, ratio, overlap, positions(pos), 1e-6, **options)
+        assert got.shape[:2] == (batch, -(-size // ratio)), (where, got.shape)
+        for b, p in enumerate(pos):
+            want, n_new = int_call(b, p, size), new_entries(p, size, ratio)
+            assert got.dtype == want.dtype and want.shape[1] == n_new, where
+            assert torch.equal(_bits(got[b, :n_new]), _bits(want[0])), f"{where}: sequence {b}'s entries differ"
+            assert not _bits(got[b, n_new:]).any(), f"{where}: sequence {b}'s rows past its entries are not zero"
+        for name, mine, theirs in zip(("kv_state", "score_state"), at_tensor, at_int, strict=True):
+            differ = (_bits(mine) != _bits(theirs)).flatten(-2).any(-1)
+            assert not differ.any(), f"{where}: {name} differs in sequences {differ.nonzero().flatten().tolist()}"
+        pos = [p + size for p in pos]
+
+
+SEQUENCE_OFFSETS = (0, 7, 8)
+"""Sequences at 0 (a dirty state: its own reset), mid-block (7 = 4 + 3) and a block boundary (8)."""
+SEQUENCE_CHUNKS = (6,) + (1,) * 4 + (2,)
+"""A 6-token chunk (the sequences complete 1, 2 and 1 entries of 2 rows), four decode steps from
+positions 6, 13, 14 (entries at 7; 15; 15: sequence 1 one step after the others), then a 2-token
+chunk at 10, 17, 18 (1, 0 and 1 entries of 1 row)."""
+
+
+@kernels
+@pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "plain"])
+def test_compress_at_sequence_positions(overlap):
+    from seahal.backends.cuda import compressor
+
+    _run_at_sequence_positions(
+        compressor.kv_compress, SEQUENCE_OFFSETS, SEQUENCE_CHUNKS, 4, overlap, d=16, rope=8, seed=17,
+        positions=lambda pos: _positions(pos, torch.int64, strided=False),
+    )
+
+
+@kernels
+@pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "plain"])
+def test_compress_fp8_at_sequence_positions(overlap):
+    # int32 positions, every other element of a buffer (stride 2)
+    from seahal.backends.cuda import compressor
+
+    _run_at_sequence_positions(
+        compressor.kv_compress_fp8, SEQUENCE_OFFSETS, SEQUENCE_CHUNKS, 4, overlap, d=32, rope=16, seed=18,
+        positions=lambda pos: _positions(pos, torch.int32, strided=True), rope_dim=16, tile=8,
+    )
+
+
+@kernels
+@pytest.mark.parametrize(
+    "start_pos",
+    [torch.zeros(3, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, dtype=torch.float32)],
+    ids=["3 positions for 2 sequences", "2-d", "float"],
+)
+def test_compress_rejects_position_shapes(cuda_ops, start_pos):
+    kv, score, ape, weight, freqs = _stream(2, 4, 4, 8, 4, False, seed=0)
+    with pytest.raises(ValueError, match=r"start_pos must be 0-d or \[B=2\] int32/int64"):
+        cuda_ops[1](kv.to(DEVICE), score.to(DEVICE), ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE),
+                    *(s.to(DEVICE) for s in compressor_state(2, 4, 8, False)), 4, False, start_pos.to(DEVICE))
+
+
 ONE_LAUNCH_CALLS = {
     f"{step}-{kind}": (ratio, overlap, start_pos, seq_len)
     for step, (start_pos, seq_len) in {"decode": (4094, 1), "decode-entry": (4095, 1), "prefill": (0, 8192),

@@ -314,6 +314,69 @@ def test_position_as_tensor_in_query_passes(indexer, monkeypatch):
     assert torch.equal(got, reference(q, weights, keys, 4, 30, 5))
 
 
+# -- one position per sequence: start_pos [B] ------------------------------------------------------
+
+
+def _at_sequence_positions(op, args: tuple, positions: list[int], judge) -> torch.Tensor:
+    """``op(*args)`` with start_pos (args[-2]) an int32 [B] tensor holding ``positions``, every other
+    element of a buffer (stride 2; the others -1), against the int path on each sequence's slice
+    (every tensor argument's [b:b+1]) at its position, bit for bit, and against ``judge`` (the CPU
+    reference) called the same way."""
+    buffer = torch.tensor([[p, -1] for p in positions], dtype=torch.int32)
+    got = op(*args[:-2], buffer[:, 0], args[-1])
+    for b, p in enumerate(positions):
+        one = tuple(a[b : b + 1] if torch.is_tensor(a) else a for a in args[:-2]) + (p, args[-1])
+        want = op(*one)
+        assert torch.equal(got[b : b + 1], want), (b, p, got[b], want[0])
+        assert torch.equal(want, judge(*one)), (b, p)
+    return got
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["dense", "fp4", "fp8"])
+@pytest.mark.parametrize(
+    "s, n, positions",
+    [
+        (1, 40, [2, 10, 40]),  # decode: nothing visible, 2 visible, all 10 of the first 40
+        (1, 6, [41, 3, 2]),  # past the key store (all 6), the first boundary (entry 0), nothing
+        (3, 40, [13, 0, 30]),  # prefill chunk: 3..4 visible, nothing (queries at 0..2), 7..8
+        (6, 12, [1, 17, 44]),  # prefill chunk: 0..1 visible (a partial query block), 4..5, 11..12
+    ],
+)
+def test_sequence_positions(indexer, fmt, s, n, positions):
+    if fmt == "dense":
+        q, weights, keys = _inputs(3, s, 2, 32, n, seed=s + n)
+        got = _at_sequence_positions(indexer.indexer_topk, (q, weights, keys, 4, None, 4), positions, reference)
+    else:
+        q, weights, packed = _packed_inputs(fmt, 3, s, 2, 32, n, seed=s + n, dtype=torch.float32)
+        got = _at_sequence_positions(
+            indexer.indexer_topk_packed, (q, weights, packed, fmt, 4, None, 4), positions, reference_packed
+        )
+    visible = torch.tensor([[min(n, (p + i + 1) // 4) for i in range(s)] for p in positions])
+    assert torch.equal((got >= 0).sum(-1), visible.clamp(max=4))
+
+
+@interpreted
+def test_sequence_positions_in_query_passes(indexer, monkeypatch):
+    # a workspace of 2 query rows of all N = 12 keys: 7 queries in passes, each adding its first
+    # query's offset to every sequence's loaded position (0..6 see 0..1 entries, 30..36 see 7..9)
+    q, weights, keys = _inputs(2, 7, 4, 16, 12, seed=7)
+    monkeypatch.setattr(indexer, "WORKSPACE_BYTES", 2 * 2 * 8 * 12)
+    _at_sequence_positions(indexer.indexer_topk, (q, weights, keys, 4, None, 5), [30, 0], reference)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "start_pos",
+    [torch.zeros(3, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, dtype=torch.int16)],
+    ids=["3 positions for 2 sequences", "2-d", "int16"],
+)
+def test_rejects_position_shapes(indexer, start_pos):
+    q, weights, keys = _inputs(2, 1, 2, 16, 8, seed=0)
+    with pytest.raises(ValueError, match=r"start_pos must be 0-d or \[B=2\] int32/int64"):
+        indexer.indexer_topk(q, weights, keys, 4, start_pos, 2)
+
+
 # -- GPU ------------------------------------------------------------------------------------------
 
 

@@ -31,11 +31,14 @@ them). Numerics differ from the reference only in fp32 rounding order (online so
 sum(p·kv)/sum(p) instead of normalised weights, the RMS sum) and in cos/sin: within the
 conformance tolerance of ``kv_compress``; the state is bitwise (copies and one fp32 add).
 
-The position as data (CUDA-graph decode): ``start_pos`` may be a 0-d int64 tensor on kv's device,
-read only by the kernel (POS_FROM_PTR), so one captured launch serves every position. The host
+The position as data (CUDA-graph decode): ``start_pos`` may be an int32/int64 tensor on kv's device,
+0-d (every sequence at that position) or [B] (sequence b at ``start_pos[b]``: sequences of
+different lengths decoding together), read only by the kernel (POS_FROM_PTR, at ``pos_ptr + b *
+stride``, stride 0 for a 0-d tensor), so one captured launch serves every position. The host
 cannot know how many entries the call completes, so the output has ``ceil(S / m)`` rows (the most
-any position completes) and the grid one program per row plus the state's: rows past
-``new_entries(p, S, m)`` are zeros, the first ones and the state exactly the int path's. The lead,
+any position completes) and the grid one program per row plus the state's: sequence b's rows past
+``new_entries(p_b, S, m)`` are zeros, its first ones and its state exactly the int path's on its
+slice at p_b (its own reset at p_b = 0). The lead,
 held and changed-slot scalars are computed in the kernel (:func:`_timeline`); the int path's launch
 is unchanged. Cost: one compiled variant serves every position (no reset-only variant without the
 state loads), and a decode step runs two programs a sequence instead of one: the second writes the
@@ -58,6 +61,7 @@ from seahal.hal.ops.compressor import compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._numerics import cast_rne, fp8_quantize_tiles
+from ._position import load_position, position_stride
 from .quant import bf16_bytes, e8m0_bytes
 
 ELEMENTS_PER_CHUNK = 4096
@@ -85,9 +89,10 @@ def kv_compress(
 
     kv, score: [B, S, coff·d] fp32 (any strides), ape: [m, coff·d] fp32, norm_weight: [d] fp32/bf16,
     rope_freqs: [r/2] fp32, kv_state, score_state: [B, coff·m, coff·d] fp32 (updated in place),
-    start_pos: an int or a 0-d int64 tensor on kv's device -> [B, new_entries, d] in out_dtype (bf16
-    or fp32; default bf16), at a tensor position [B, ceil(S / m), d] with zero rows after the new
-    entries. Semantics: the module docstring.
+    start_pos: an int, or an int32/int64 tensor on kv's device, 0-d or [B] (a position per
+    sequence) -> [B, new_entries, d] in out_dtype (bf16 or fp32; default bf16), at a tensor
+    position [B, ceil(S / m), d] with zero rows after each sequence's new entries. Semantics: the
+    module docstring.
     """
     dtype = torch.bfloat16 if out_dtype is None else out_dtype
     return _compress(
@@ -114,7 +119,7 @@ def kv_compress_fp8(
     """kv_compress with its bf16 entries packed in registers into FP8 KV records, in the same launch.
 
     Arguments as :func:`kv_compress`; -> [B, new_entries, kv_record_bytes(d, rope_dim, tile)] uint8
-    (ceil(S / m) rows at a tensor position, zero bytes after the new entries),
+    (ceil(S / m) rows at a tensor position, zero bytes after each sequence's new entries),
     bit for bit ``quant.kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``: the entry is
     rounded to bf16 as kv_compress stores it, then quantised by the same device functions. tile must
     be a power of two (the entry is split into tiles by a register reshape).
@@ -149,11 +154,12 @@ def _compress(
         raise NotImplementedError(f"cuda.triton {op}: d must be even (rope pairs), got {d}")
     if isinstance(start_pos, torch.Tensor):
         # every position's launch: ceil(S / m) rows (the most a chunk completes), one program per row
+        pos_stride = position_stride(op, start_pos, batch, kv.device)
         pos_ptr, carried, rows = start_pos, False, triton.cdiv(seq_len, ratio)
         lead = held = first_entry = lo = hi = 0  # derived in the kernel (_timeline)
         programs = 1 + rows
     else:
-        pos_ptr, carried = None, start_pos > 0
+        pos_ptr, pos_stride, carried = None, None, start_pos > 0
         held = (coff - 1) * ratio + start_pos % ratio
         rows = n_new = (held + seq_len) // ratio - (coff - 1)
         lead = min(n_new, -(-held // ratio)) if carried else 0
@@ -166,7 +172,7 @@ def _compress(
         d_p2 = triton.next_power_of_2(d)
         slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // d_p2))
         _kv_compress_kernel[(batch * programs,)](
-            kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out, pos_ptr,
+            kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out, pos_ptr, pos_stride,
             rows, lead, held, seq_len, first_entry, lo, hi, norm_eps,
             *kv.stride(), *score.stride(), *ape.stride(), norm_weight.stride(0), rope_freqs.stride(0),
             *kv_state.stride(), *score_state.stride(),
@@ -206,9 +212,9 @@ def _timeline(start_pos, SEQ, RATIO: tl.constexpr, SLOTS: tl.constexpr):
     return carried, held, n_new, lead, start_pos // RATIO, lo, hi
 
 
-@triton.jit(do_not_specialize=["HELD", "FIRST_ENTRY", "STATE_LO", "STATE_HI"])
+@triton.jit(do_not_specialize=["stride_pos", "HELD", "FIRST_ENTRY", "STATE_LO", "STATE_HI"])
 def _kv_compress_kernel(
-    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pos_ptr,
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pos_ptr, stride_pos,
     ROWS, LEAD, HELD, SEQ, FIRST_ENTRY, STATE_LO, STATE_HI, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
@@ -221,19 +227,18 @@ def _kv_compress_kernel(
 
     The scalars that move with start_pos every decode step are not specialised on their values:
     decode compiles two variants, with and without an entry (SEQ is 1, ROWS = n_new and LEAD 0 or
-    1). POS_FROM_PTR: they come from the position at pos_ptr instead (:func:`_timeline`; the
-    host's are unused) and ROWS is ceil(S / m): one variant for every position, and programs past
-    the n_new entries write zero rows.
+    1). POS_FROM_PTR: they come from sequence b's position at ``pos_ptr + b * stride_pos`` instead
+    (:func:`_timeline`; the host's are unused; stride 0: one position for all) and ROWS is
+    ceil(S / m): one variant for every position, and programs past the n_new entries write zero rows.
     """
-    if POS_FROM_PTR:
-        start_pos = tl.load(pos_ptr).to(tl.int32)  # 32-bit index math, as an int position < 2^31 gets
-        carried, held, n_new, lead, first_entry, lo, hi = _timeline(start_pos, SEQ, RATIO, SLOTS)
-        programs = ROWS + 1
-    else:
-        carried, held, n_new, lead, first_entry, lo, hi = CARRIED, HELD, ROWS, LEAD, FIRST_ENTRY, STATE_LO, STATE_HI
-        programs = ROWS - LEAD + 1
+    programs = ROWS + 1 if POS_FROM_PTR else ROWS - LEAD + 1
     b = (tl.program_id(0) // programs).to(tl.int64)
     q = tl.program_id(0) % programs
+    if POS_FROM_PTR:
+        start_pos = load_position(pos_ptr, stride_pos, b)
+        carried, held, n_new, lead, first_entry, lo, hi = _timeline(start_pos, SEQ, RATIO, SLOTS)
+    else:
+        carried, held, n_new, lead, first_entry, lo, hi = CARRIED, HELD, ROWS, LEAD, FIRST_ENTRY, STATE_LO, STATE_HI
     first = tl.where(q == 0, 0, lead + q - 1)
     last = tl.where(q == 0, lead, lead + q)
     if POS_FROM_PTR:  # rows [n_new, ROWS): this position completes fewer entries than the most a chunk can

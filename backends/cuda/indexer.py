@@ -28,13 +28,15 @@ The ranking keys take 8 bytes per (query, visible entry) of workspace next to th
 (bf16, d = 128; 68 or 132 packed); prefill processes the queries in passes that bound that
 workspace. bf16 or fp32 q and keys; fp32 math throughout (q . k, relu, weights, head sum).
 
-The position as data (CUDA-graph decode): ``start_pos`` may be a 0-d int64 tensor on q's device,
-loaded by ``_scores_kernel`` (POS_FROM_PTR) and never read on the host, so one captured launch
-serves every position. The host then cannot bound the visible entries: the scores grid, the
-ranking rows, the query passes and the top-k rounds are sized by all N rows of the key store, and
-the kernel masks the entries a query does not see (INT64_MIN, tiles past the last visible one
-skip the dot but still store their masked keys). Same indices as the int path; the cost is the
-ranking of N keys a query instead of the visible ones (a store sized to the context pays little).
+The position as data (CUDA-graph decode): ``start_pos`` may be an int32/int64 tensor on q's device,
+0-d (every sequence) or [B] (query s of sequence b at ``start_pos[b] + s``), loaded by
+``_scores_kernel`` (POS_FROM_PTR, at ``pos_ptr + b * stride``, stride 0 for a 0-d tensor) and never
+read on the host, so one captured launch serves every position. The host then cannot bound the
+visible entries: the scores grid, the ranking rows, the query passes and the top-k rounds are
+sized by all N rows of the key store, and the kernel masks the entries a query does not see
+(INT64_MIN, tiles past the last visible one skip the dot but still store their masked keys).
+Each sequence's indices equal the int path's at its position; the cost is the ranking of N keys
+a query instead of the visible ones (a store sized to the context pays little).
 Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
 """
 
@@ -47,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ._numerics import cast_rne
+from ._position import load_position, position_stride
 from .fp4_gemm import _decode_e2m1
 from .kv_unpack import _e4m3_value, _e8m0_scale
 from .moe_gate import _packed_key
@@ -105,8 +108,9 @@ def indexer_topk(
 
     ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32 for query ``t = start_pos + s`` and
     the entries it sees, ``j < min(N, floor((t+1)/m))``; indices ordered by score descending,
-    ties to the smaller index. start_pos: an int, or a 0-d int64 tensor on q's device that only the
-    kernel reads (module docstring: the position as data).
+    ties to the smaller index. start_pos: an int, or an int32/int64 tensor on q's device that only
+    the kernel reads, 0-d or [B] (sequence b's queries at ``start_pos[b] + s``; module docstring:
+    the position as data).
     """
     _check_float("indexer_topk", "keys", keys)
     return _indexer(q, weights, keys, "dense", ratio, start_pos, topk)
@@ -171,20 +175,21 @@ def ranking_keys(
     """Packed ranking keys [B * S, n_entries] int64 of the first n_entries entries (rows b * S + s).
 
     Key = order-preserving fp32 score bits << 32 | (2^31 - 1 - j), INT64_MIN where query s, at
-    position ``start_pos + offset + s``, does not see entry j. start_pos: an int or a 0-d int64
-    tensor on q's device (loaded by the kernel). ``key_format``: keys [B, N, d] floats
-    (``"dense"``) or packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
+    position ``start_pos + offset + s``, does not see entry j. start_pos: an int, or an int32/int64
+    tensor on q's device, 0-d or [B] (one a sequence), loaded by the kernel. ``key_format``: keys
+    [B, N, d] floats (``"dense"``) or packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
     """
     b, s, h, d = q.shape
     key_dtype = keys.dtype if key_format == "dense" else q.dtype  # packed keys decode to q's dtype
     ranking = torch.empty((b * s, n_entries), dtype=torch.int64, device=q.device)
     grid = (b * triton.cdiv(s, config.block_s), triton.cdiv(n_entries, config.split_len))
     if isinstance(start_pos, torch.Tensor):
-        pos_ptr, position = start_pos, offset
+        op = "indexer_topk" if key_format == "dense" else "indexer_topk_packed"
+        pos_ptr, pos_stride, position = start_pos, position_stride(op, start_pos, b, q.device), offset
     else:
-        pos_ptr, position = None, start_pos + offset
+        pos_ptr, pos_stride, position = None, None, start_pos + offset
     _scores_kernel[grid](
-        q, weights, keys, ranking, s, h, n_entries, pos_ptr, position, ratio, config.split_len,
+        q, weights, keys, ranking, s, h, n_entries, pos_ptr, pos_stride, position, ratio, config.split_len,
         *q.stride(), *weights.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
         HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
         BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format,
@@ -217,9 +222,9 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, chunk: int)
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pos"])
 def _scores_kernel(
-    q_ptr, w_ptr, k_ptr, rank_ptr, S, H, n_entries, pos_ptr, start_pos, ratio, split_len,
+    q_ptr, w_ptr, k_ptr, rank_ptr, S, H, n_entries, pos_ptr, stride_pos, start_pos, ratio, split_len,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn, stride_kd,
@@ -229,11 +234,12 @@ def _scores_kernel(
 ):
     """Ranking keys of BLOCK_S queries (all heads) over the entries of one split; key rows dense,
     or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8"). Query s sits at
-    start_pos + s, plus the position at pos_ptr when POS_FROM_PTR."""
-    if POS_FROM_PTR:
-        start_pos += tl.load(pos_ptr).to(tl.int32)  # 32-bit, as an int position < 2^31 is passed
+    start_pos + s, plus, when POS_FROM_PTR, sequence bat's position at ``pos_ptr + bat *
+    stride_pos`` (stride 0: one position for all)."""
     s_blocks = tl.cdiv(S, BLOCK_S)
     bat = (tl.program_id(0) // s_blocks).to(tl.int64)
+    if POS_FROM_PTR:
+        start_pos += load_position(pos_ptr, stride_pos, bat)
     first = (tl.program_id(0) % s_blocks) * BLOCK_S
     rows = tl.arange(0, BLOCK_S * H_PAD)  # row = query * H_PAD + head
     seq = first + rows // H_PAD
