@@ -184,20 +184,21 @@ class Attention(nn.Module):
         """
         b, s, _ = rows.shape
         w = cache.window
-        t = token_positions(start_pos, s, rows.device)
-        p = t[:, None] - torch.arange(w, device=rows.device)[None, :]  # [S, W] key positions
+        t = token_positions(start_pos, s, rows.device)  # [S], or [1 or B, S] for a tensor start_pos
+        p = t[..., None] - torch.arange(w, device=rows.device)  # [(B,) S, W] key positions
         entries = cache.compressed_rows()
         if decode:
             keys, window_idx, base = cache.kv.data, p % w, w
         else:
+            first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
             keys = torch.cat((cache.ring(), rows, entries), dim=1)
-            window_idx, base = torch.where(p < start_pos, p % w, w + p - start_pos), w + s
+            window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
         parts = [torch.where(p < 0, -1, window_idx).expand(b, s, w)]
         if compressed_idx is not None:
             parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
         elif self.ratio:
             j = torch.arange(entries.shape[1], device=rows.device)
-            visible = j[None, :] < ((t + 1) // self.ratio)[:, None]
+            visible = j < ((t + 1) // self.ratio)[..., None]
             parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
         return keys, torch.cat(parts, dim=2).to(torch.int32)
 
@@ -221,8 +222,9 @@ class Attention(nn.Module):
 
 
 def token_positions(start_pos: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """Positions ``[start_pos, start_pos + n)`` as int64 [n]; ``start_pos`` an int, or a 0-d tensor
-    when tracing a position-generic graph (see :class:`seahal.model.cache.TracedLayerCache`)."""
+    """Positions ``[start_pos, start_pos + n)`` as int64: [n] for an int start_pos; [1, n] for a 0-d
+    tensor, [B, n] for one position per sequence, as a position-generic step has them (see
+    :class:`seahal.model.cache.TracedLayerCache`)."""
     if isinstance(start_pos, torch.Tensor):
-        return start_pos + torch.arange(n, device=device)
+        return start_pos.reshape(-1, 1) + torch.arange(n, device=device)
     return torch.arange(start_pos, start_pos + n, device=device)

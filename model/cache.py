@@ -1,5 +1,6 @@
 """The decode cache: per layer one KV buffer (the window ring of raw KV, then the compressed
-entries), indexer keys and the compressors' streaming states; one position counter for the batch.
+entries), indexer keys and the compressors' streaming states; one position counter for the batch
+(a position-generic step, :class:`TracedLayerCache`, also takes one per sequence).
 
 KV vectors are stored in one of two formats (``ModelConfig.cache_format``): ``"dense"`` keeps
 them in the model dtype; ``"fp8"`` is the production layout of v4_ops.md §12: 584-byte records
@@ -52,12 +53,12 @@ class RowStore:
         self.data[:, slots] = vectors if encoded else self.encode(vectors)
 
     def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
-        """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (0-d int64 tensors; the
-        rows of vectors [B, n, dim] past ``count`` are ignored; ``encoded``: already stored rows).
-        Shapes do not depend on the values: every row is rewritten, with its old value outside the span."""
-        take, source = span(first, count, self.rows, vectors.shape[1], vectors.device)
+        """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (int64 tensors, 0-d or
+        [B] per sequence; the rows of vectors [B, n, dim] past ``count`` are ignored; ``encoded``:
+        already stored rows). Shapes do not depend on the values: every row is rewritten, with its
+        old value outside the span."""
         rows = vectors if encoded else self.encode(vectors)
-        self.data.copy_(torch.where(take[:, None], rows[:, source], self.data))
+        self.data.copy_(spliced(self.data, rows, first, count))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""
@@ -141,11 +142,16 @@ class LayerCache:
         return self.kv.data[:, self.window : self.window + self.n_compressed]
 
     def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor) -> None:
-        """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` in their ring slots
-        (token p in slot p mod W; of more than W tokens, the last W)."""
-        n = rows.shape[1]
+        """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
+        or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last W)."""
+        b, n = rows.shape[:2]
         keep = torch.arange(max(n - self.window, 0), n, device=rows.device)
-        self.kv.data[:, (keep + start_pos) % self.window] = rows[:, keep]
+        if isinstance(start_pos, torch.Tensor):
+            slots = (start_pos.reshape(-1, 1) + keep) % self.window  # [1 or B, kept]
+            sequences = torch.arange(b, device=rows.device)[:, None]
+            self.kv.data[sequences, slots] = rows[:, keep]
+        else:
+            self.kv.data[:, (keep + start_pos) % self.window] = rows[:, keep]
 
     def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
         """The indexer keys as stored ([B, N, d_i] dense, or packed records [B, N, bytes]) with
@@ -207,22 +213,20 @@ class LayerCache:
 
 
 class TracedLayerCache(LayerCache):
-    """A layer cache whose position is a 0-d int64 tensor (``n_compressed`` too), for tracing one
-    graph that serves every position (ONNX export). Nothing depends on the position's value: every
-    compressed row is offered (queries mask the entries they cannot see) and written through a
-    mask, where :class:`LayerCache` slices to ``n_compressed``."""
+    """A layer cache whose position is an int64 tensor, 0-d or [B] per sequence (``n_compressed``
+    too), for one graph that serves every position (a captured decode step, the ONNX export).
+    Nothing depends on the position's value: every compressed row is offered (queries mask the
+    entries they cannot see) and written through a mask, where :class:`LayerCache` slices to
+    ``n_compressed``."""
 
     def compressed_rows(self) -> torch.Tensor:
         return self.kv.data[:, self.window :]
 
     def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
-        """The whole store with rows ``n_compressed, ...`` replaced by ``new_keys`` (in the stored
-        format), padding included: rows past this step's entries are beyond what any of its
-        queries sees."""
-        keys = self.index_keys.read()
-        n = new_keys.shape[1]
-        take, source = span(self.n_compressed, n, keys.shape[1], n, keys.device)
-        return torch.where(take[:, None], self.index_keys.encode(new_keys)[:, source], keys)
+        """The whole store with rows ``n_compressed, ...`` (per sequence) replaced by ``new_keys``
+        (in the stored format), padding included: rows past this step's entries are beyond what any
+        of its queries sees."""
+        return spliced(self.index_keys.read(), self.index_keys.encode(new_keys), self.n_compressed, new_keys.shape[1])
 
     def append_compressed(
         self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: torch.Tensor, encoded: bool = False
@@ -235,13 +239,16 @@ class TracedLayerCache(LayerCache):
         self.n_compressed = self.n_compressed + count
 
 
-def span(
-    first: torch.Tensor, count: torch.Tensor | int, rows: int, width: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[first, first + count)`` of a ``rows``-row store filled from a ``width``-row source:
-    (take [rows] bool, source row [rows] int64, clamped into [0, width))."""
-    offset = torch.arange(rows, device=device) - first
-    return (offset >= 0) & (offset < count), offset.clamp(0, width - 1)
+def spliced(store: torch.Tensor, source: torch.Tensor, first: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """``store`` [B, rows, width] with rows ``[first, first + count)`` of each sequence replaced by
+    the leading rows of ``source`` [B, n, width] (first, count: int64 tensors, 0-d or [B] per
+    sequence): every row selected by value, so no shape depends on first or count."""
+    b, rows = store.shape[:2]
+    offset = torch.arange(rows, device=store.device) - torch.as_tensor(first).reshape(-1, 1)  # [1 or B, rows]
+    take = (offset >= 0) & (offset < torch.as_tensor(count, device=store.device).reshape(-1, 1))
+    index = offset.clamp(0, source.shape[1] - 1).expand(b, rows)
+    picked = source.gather(1, index[..., None].expand(b, rows, source.shape[2]))
+    return torch.where(take[..., None], picked, store)
 
 
 @dataclass
@@ -301,6 +308,16 @@ class Cache:
             own = {name: tensors[f"layers.{i}.{name}"] for name in lc.named_tensors()}
             layers.append(lc.with_tensors(own, pos // ratio if ratio else 0))
         return Cache(self.config, layers, self.capacity, pos)
+
+    def rows(self, first: int, stop: int) -> Cache:
+        """Sequences ``[first, stop)`` as a cache of their own at position 0 whose tensors are views
+        of this one's: what it stores lands in those rows here (a batch of prompts of different
+        lengths is prefilled group by group into one cache, then decoded together)."""
+        layers = [
+            lc.with_tensors({name: t[first:stop] for name, t in lc.named_tensors().items()}, 0)
+            for lc in self.layers
+        ]
+        return Cache(self.config, layers, self.capacity)
 
     def check_room(self, n_tokens: int) -> None:
         if isinstance(self.pos, torch.Tensor):  # tracing: the position is a run-time value

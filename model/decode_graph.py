@@ -1,14 +1,15 @@
-"""One decode step with the position as data, captured once as a CUDA graph and replayed per token.
+"""One decode step with the positions as data, captured once as a CUDA graph and replayed per token.
 
 A decode step pays a launch for every kernel of every layer (about 30 per layer), which at batch 1
 costs more than the kernels themselves. A CUDA graph replays them all with one launch, but it
-replays the arguments of capture time, so the step must not depend on the position through a
-host value. Here it does not: the step reads its tokens and position from two device buffers,
-runs the model over the cache as :class:`seahal.model.cache.TracedLayerCache` sees it (every
-compressed row offered to attention and the indexer, masked by position; writes through masks),
-and the position-dependent HAL ops take the position as a 0-d device tensor
+replays the arguments of capture time, so the step must not depend on the positions through a
+host value. Here it does not: the step reads its tokens and positions (one per sequence, so
+sequences of different lengths decode together) from device buffers and advances the positions
+itself, runs the model over the cache as :class:`seahal.model.cache.TracedLayerCache` sees it
+(every compressed row offered to attention and the indexer, masked by position; writes through
+masks), and the position-dependent HAL ops take the positions as a [B] device tensor
 (:attr:`seahal.hal.OpSpec.position`). The cache tensors are the graph's: a replay updates the
-caller's cache in place, and :meth:`DecodeGraph.step` advances its host bookkeeping.
+caller's cache in place, and :meth:`DecodeGraph.step` advances the host's bookkeeping.
 
 Cost of position-generic work: each layer scores and attends over the cache's capacity of
 compressed rows (masked), not only the valid ones, so size the cache for the context served.
@@ -20,6 +21,7 @@ the same step runs eagerly, which is how the CPU tests check it against the ordi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,15 +33,20 @@ if TYPE_CHECKING:
 
 
 class DecodeGraph:
-    """Decode steps of ``model`` over ``cache`` (B sequences at one position), one graph for all.
+    """Decode steps of ``model`` over ``cache``'s B sequences, one graph for every step.
 
-    ``step(tokens [B, 1] int64) -> logits [B, 1, vocab] fp32`` consumes one token per sequence at
-    ``cache.pos`` and advances the cache, like ``model(tokens, cache=cache, last_only=True)``.
-    The logits tensor is the graph's output buffer, overwritten by the next step: copy what you
-    keep. ``capture``: None captures on CUDA only; True requires it (and raises if the plan cannot).
+    ``step(tokens [B, 1] int64) -> logits [B, 1, vocab] fp32`` consumes one token per sequence
+    and advances it, like ``model(tokens, cache=cache, last_only=True)``. The sequences are at
+    ``positions`` (one per sequence, e.g. prompts of different lengths prefilled into
+    :meth:`Cache.rows`), by default all at ``cache.pos``; the cache's own ``pos`` follows only
+    while they are all equal, :attr:`positions` always. The logits tensor is the graph's output
+    buffer, overwritten by the next step: copy what you keep. ``capture``: None captures on CUDA
+    only; True requires it (and raises if the plan cannot).
     """
 
-    def __init__(self, model: Transformer, cache: Cache, capture: bool | None = None):
+    def __init__(
+        self, model: Transformer, cache: Cache, capture: bool | None = None, positions: Sequence[int] | None = None,
+    ):
         device = model.device
         if capture is None:
             capture = self.capturable(model)
@@ -52,8 +59,13 @@ class DecodeGraph:
             )
         self.model, self.cache, self.captured = model, cache, capture
         batch = cache.layers[0].kv.data.shape[0] if cache.layers else 1
+        self.positions = [cache.pos] * batch if positions is None else list(positions)
+        """Each sequence's position: tokens it holds."""
+        if len(self.positions) != batch:
+            raise ValueError(f"positions must give one position per sequence ({batch}), got {len(self.positions)}")
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.position = torch.tensor(self.positions, dtype=torch.long, device=device)
+        """The positions as the step reads them; the step itself advances them (no host write per step)."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         if capture:
@@ -67,23 +79,24 @@ class DecodeGraph:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, 1] int64 on the model's device -> logits [B, 1, vocab] fp32 (the output buffer)."""
-        cache = self.cache
         if tokens.shape != self.tokens.shape:
             raise ValueError(f"tokens must be {list(self.tokens.shape)}, got {list(tokens.shape)}")
-        cache.check_room(1)
+        if max(self.positions) + 1 > self.cache.capacity:
+            raise RuntimeError(f"cache holds {self.cache.capacity} tokens; a sequence is at {max(self.positions)}")
         self.tokens.copy_(tokens)
-        self.position.fill_(cache.pos)
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.logits = self._forward(cache)
-        self._advance(cache.pos + 1)
+            self.logits = self._forward(self.cache, self.position)
+        self._advance()
         return self.logits
 
-    def _forward(self, cache: Cache) -> torch.Tensor:
-        """The step over ``cache``'s tensors at the position buffer's value."""
-        traced = cache.with_tensors(cache.named_tensors(), self.position)
-        return self.model(self.tokens, cache=traced, last_only=True)
+    def _forward(self, cache: Cache, position: torch.Tensor) -> torch.Tensor:
+        """The step over ``cache``'s tensors at ``position`` [B], which it then advances."""
+        traced = cache.with_tensors(cache.named_tensors(), position)
+        logits = self.model(self.tokens, cache=traced, last_only=True)
+        position.add_(1)
+        return logits
 
     def _capture(self) -> None:
         """Warm up on a scratch copy of the cache (Triton compiles, cuBLAS picks its algorithms;
@@ -93,16 +106,20 @@ class DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(scratch)
+                self._forward(scratch, self.position.clone())
         torch.cuda.current_stream().wait_stream(side)
         del scratch
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward(self.cache)
+            self.logits = self._forward(self.cache, self.position)
 
-    def _advance(self, pos: int) -> None:
-        """The host's view of the cache after a step: ``pos`` tokens, ``pos // m`` compressed entries."""
-        self.cache.pos = pos
-        for lc, ratio in zip(self.cache.layers, self.model.config.compress_ratios):
-            if ratio:
-                lc.n_compressed = pos // ratio
+    def _advance(self) -> None:
+        """The host's view after a step: every sequence one token further; the cache's position and
+        compressed-entry counts (``pos // m``) while the sequences are all at one position."""
+        self.positions = [p + 1 for p in self.positions]
+        if len(set(self.positions)) == 1:
+            pos = self.positions[0]
+            self.cache.pos = pos
+            for lc, ratio in zip(self.cache.layers, self.model.config.compress_ratios):
+                if ratio:
+                    lc.n_compressed = pos // ratio

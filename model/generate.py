@@ -1,11 +1,10 @@
 """Autoregressive generation on a :class:`Transformer`: prefill, then one token per step.
 
-The ops take one start position for the whole batch, so prompts are grouped by length: each
-group shares one cache and is prefilled in one call; the groups then decode in lockstep, one
-step per group per token. Prompts of n different lengths cost n prefills and n decode calls
-per step (a limitation until the ops take per-sequence positions). On a GPU whose plan keeps
-positions on the device, each group's decode step is captured once as a CUDA graph
-(:class:`seahal.model.decode_graph.DecodeGraph`) and replayed per token.
+All prompts share one cache, a row each. Prompts are grouped by length and each group is
+prefilled in one call into its rows (:meth:`Cache.rows`). On a GPU whose plan keeps positions on
+the device, every sequence then decodes in one step at its own position, captured once as a CUDA
+graph and replayed per token (:class:`seahal.model.decode_graph.DecodeGraph`); otherwise the
+groups decode eagerly in lockstep, one call per group per token.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cache_bytes: int = 0
-    """``nbytes()`` of every group's cache, as allocated."""
+    """``nbytes()`` of the batch's cache, as allocated."""
     cached_tokens: int = 0
     """Token positions those caches hold, summed over sequences."""
     cache_bytes_per_token: float = 0.0
@@ -88,23 +87,26 @@ def sample(
 
 
 class _Group:
-    """Prompts of one length sharing a cache; ``rows`` index the caller's prompt list."""
+    """Prompts of one length, rows ``first ...`` of the batch's cache (``cache``: a view of those
+    rows, prefilled and decoded eagerly in one call each); ``rows`` index the caller's prompts.
+    Without a batch cache (data-parallel attention: each rank holds its own share of a batch's
+    rows), a cache of its own of ``capacity`` tokens."""
 
-    def __init__(self, model: Transformer, rows: list[int], prompts: list[list[int]], max_new_tokens: int):
+    def __init__(
+        self, model: Transformer, rows: list[int], prompts: list[list[int]], batch_cache: Cache | None, first: int,
+        capacity: int,
+    ):
         self.rows = rows
         self.inputs = torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=model.device)
         """The tokens the next forward consumes: the prompts, then the last sampled tokens."""
-        self.cache: Cache = model.new_cache(len(rows), self.inputs.shape[1] + max_new_tokens)
+        if batch_cache is None:
+            self.cache = model.new_cache(len(rows), capacity)
+        else:
+            self.cache = batch_cache.rows(first, first + len(rows))
         self.done = [False] * len(rows)
-        self.graph: DecodeGraph | None = None
-        """The captured decode step, made at the group's first decode step (None: eager decode)."""
 
-    def logits(self, model: Transformer, decoding: bool) -> torch.Tensor:
-        """The last position's logits [B, vocab] of consuming ``inputs``: a prefill, or a decode
-        step (replaying the group's CUDA graph where the model allows one)."""
-        if decoding and DecodeGraph.capturable(model):
-            self.graph = self.graph or DecodeGraph(model, self.cache, capture=True)
-            return self.graph.step(self.inputs)[:, -1]
+    def logits(self, model: Transformer) -> torch.Tensor:
+        """The last position's logits [n, vocab] of consuming ``inputs``."""
         return model(self.inputs, cache=self.cache, last_only=True)[:, -1]
 
 
@@ -150,10 +152,14 @@ def generate(
     by_length: dict[int, list[int]] = {}
     for row, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(row)
-    groups = [_Group(model, rows, prompts, max_new_tokens) for _, rows in sorted(by_length.items())]
+    cache = None if model.parallel.config.dp_attention else model.new_cache(len(prompts), longest)
+    groups, first = [], 0
+    for _, rows in sorted(by_length.items()):
+        groups.append(_Group(model, rows, prompts, cache, first, longest))
+        first += len(rows)
 
-    def step(group: _Group, decoding: bool) -> None:
-        tokens = sample(group.logits(model, decoding), temperature, top_p, greedy, generator).tolist()
+    def consume(group: _Group, logits: torch.Tensor, decoding: bool) -> None:
+        tokens = sample(logits, temperature, top_p, greedy, generator).tolist()
         for i, (row, token) in enumerate(zip(group.rows, tokens)):
             if group.done[i]:
                 continue
@@ -167,15 +173,25 @@ def generate(
 
     for group in groups:
         start = time.perf_counter()
-        step(group, decoding=False)
+        consume(group, group.logits(model), decoding=False)
         stats.prefill_seconds += time.perf_counter() - start
+    graph = None
+    if cache is not None and DecodeGraph.capturable(model):  # every sequence in one replayed step, at its position
+        graph = DecodeGraph(model, cache, capture=True, positions=[len(prompts[r]) for g in groups for r in g.rows])
     while active := [g for g in groups if not all(g.done)]:
         start = time.perf_counter()
-        for group in active:
-            step(group, decoding=True)
+        if graph is not None:
+            logits = graph.step(torch.cat([g.inputs for g in groups]))[:, -1]
+            for group, rows in zip(groups, logits.split([len(g.rows) for g in groups])):
+                consume(group, rows, decoding=True)
+        else:
+            for group in active:
+                consume(group, group.logits(model), decoding=True)
         stats.decode_seconds += time.perf_counter() - start
 
-    stats.cache_bytes = sum(g.cache.nbytes() for g in groups)
-    stats.cached_tokens = sum(g.cache.pos * len(g.rows) for g in groups)
-    stats.cache_bytes_per_token = groups[0].cache.bytes_per_token()
+    caches = [cache] if cache is not None else [g.cache for g in groups]
+    stats.cache_bytes = sum(c.nbytes() for c in caches)
+    held = graph.positions if graph is not None else [g.cache.pos for g in groups for _ in g.rows]
+    stats.cached_tokens = sum(held)
+    stats.cache_bytes_per_token = caches[0].bytes_per_token()
     return result

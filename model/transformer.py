@@ -117,7 +117,7 @@ class Transformer(nn.Module):
         h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim).contiguous()
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, input_ids, layer_cache, start_pos, layout)
-        cache.pos += s
+        cache.pos = cache.pos + s  # not in place: a traced cache's position is the caller's tensor
         if last_only:
             h = h[:, -1:]
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
