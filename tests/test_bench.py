@@ -54,7 +54,8 @@ def test_smoke_mode_writes_one_document_for_every_op(tmp_path, capsys):
             assert row["us"] is None and "CUDA" in row["note"]
             continue
         assert row["check"] == {"err": 0.0, "passed": True}  # the reference against itself
-        assert row["us"] > 0 and row["bytes"] > 0 and (row["flops"] > 0 or row["op"] in CODECS)
+        no_arithmetic = row["op"] in CODECS or " route " in row["shape"]  # moe_experts' routing tables alone
+        assert row["us"] > 0 and row["bytes"] > 0 and (row["flops"] > 0 or no_arithmetic)
         assert row["gbps"] == pytest.approx(row["bytes"] / row["us"] / 1e3)
         assert row["tflops"] == pytest.approx(row["flops"] / row["us"] / 1e6)
         (peer,) = row["peer"].values()
