@@ -28,7 +28,7 @@ def _devices() -> dict[str, int]:
 
 
 def coverage() -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """op -> backend -> kernels (name, priority, portable, capabilities)."""
+    """op -> backend -> kernels (name, priority, portable, device_position, capabilities)."""
     backends()  # discovery
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for op in specs():
@@ -39,6 +39,7 @@ def coverage() -> dict[str, dict[str, list[dict[str, Any]]]]:
                     "kernel": k.name,
                     "priority": k.priority,
                     "portable": k.portable,
+                    "device_position": k.device_position,
                     "capabilities": {key: list(v) for key, v in k.capabilities.items()},
                 }
             )
@@ -80,7 +81,8 @@ def _cell(kernels: list[dict[str, Any]]) -> str:
     parts = []
     for k in kernels:
         caps = "; ".join(f"{key}: {', '.join(map(str, v))}" for key, v in k["capabilities"].items())
-        parts.append(k["kernel"] + (f" ({caps})" if caps else "") + (" [portable]" if k["portable"] else ""))
+        flags = [flag for flag in ("portable", "device_position") if k[flag]]
+        parts.append(k["kernel"] + (f" ({caps})" if caps else "") + "".join(f" [{flag}]" for flag in flags))
     return "<br>".join(parts) if parts else "-"
 
 
@@ -93,7 +95,9 @@ def support_matrix_markdown() -> str:
         "",
         "Generated from the registry by `seahal support-matrix --write docs/support-matrix.md`;",
         "do not edit by hand. Each cell lists the backend's kernels for the op with their declared",
-        "capabilities; `portable` kernels run on any device and are the fallback of every plan.",
+        "capabilities; `portable` kernels run on any device and are the fallback of every plan;",
+        "`device_position` kernels take the position as a device tensor (0-d or per sequence) without",
+        "reading it on the host, so a decode step through them can be captured in a CUDA graph.",
         "",
         "| op | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -135,9 +139,14 @@ def format_text(info: dict[str, Any]) -> str:
     names = list(info["backends"])
     rows = [["op", *names]]
     for op, row in info["coverage"].items():
-        rows.append([op, *(",".join(k["kernel"] + ("*" if k["portable"] else "") for k in row.get(b, [])) or "-" for b in names)])
+        rows.append([op, *(",".join(_marked(k) for k in row.get(b, [])) or "-" for b in names)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
-    out.append("  (* = portable: runs on any device, used as fallback)")
+    out.append("  (* = portable: runs on any device, used as fallback; ^ = takes the position as a device tensor:")
+    out.append("   decode through it can be captured in a CUDA graph)")
     return "\n".join(out)
+
+
+def _marked(kernel: dict[str, Any]) -> str:
+    return kernel["kernel"] + ("*" if kernel["portable"] else "") + ("^" if kernel["device_position"] else "")

@@ -161,7 +161,7 @@ def test_plugin_in_info(plugin):
         "collective_backend": None,
     }
     assert data["coverage"]["rope"]["fakevendor"] == [
-        {"kernel": "fast", "priority": 10, "portable": False, "capabilities": {"dtype": ["float32"]}}
+        {"kernel": "fast", "priority": 10, "portable": False, "device_position": False, "capabilities": {"dtype": ["float32"]}}
     ]
     assert data["coverage"]["hc_post"]["fakevendor"][0]["portable"] is True
 
