@@ -146,7 +146,9 @@ def kv_compress(
     source = source.clamp(max=slots + seq_len - 1)
     kv_state.copy_(torch.where(kept, _gather_slots(timeline_kv, source), 0.0))
     score_state.copy_(torch.where(kept, _gather_slots(timeline_score, source), float("-inf")))
-    return entries if isinstance(start_pos, torch.Tensor) else entries[:, : new_entries(start_pos, seq_len, ratio)]
+    if isinstance(start_pos, torch.Tensor):
+        return entries
+    return entries[:, : new_entries(start_pos, seq_len, ratio)].contiguous()  # the int position's rows, dense
 
 
 def kv_compress_fp8(
