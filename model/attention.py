@@ -76,8 +76,9 @@ class Indexer(nn.Module):
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
         start_pos: int | torch.Tensor, freqs: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (top-k compressed-entry indices [B, S, index_topk] with -1 gaps, this chunk's new keys)."""
+    ) -> torch.Tensor:
+        """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
+        are stored in the cache as entries ``n_compressed, ...``."""
         b, s, _ = x.shape
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
         q = self.ops.rope(q, positions, freqs)
@@ -85,13 +86,13 @@ class Indexer(nn.Module):
         if self.config.simulate_fp4_indexer:
             q, keys = fp4_indexer_precision(q, self.ops), fp4_indexer_precision(keys, self.ops)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        stored = cache.index_keys_with(keys)  # dense keys, or the packed records themselves
+        stored = cache.store_index_keys(keys, new_entries(start_pos, s, CSA_RATIO))  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk
         if fmt == "dense":
             top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, start_pos, topk)
         else:
             top = self.ops.indexer_topk_packed(q, weights, stored, fmt, CSA_RATIO, start_pos, topk)
-        return top, keys
+        return top
 
 
 class Attention(nn.Module):
@@ -153,10 +154,9 @@ class Attention(nn.Module):
             packed = self.compressor.packs(x)  # FP8 records as the cache stores them
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
-            index_keys = None
             if self.indexer is not None:
-                compressed_idx, index_keys = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
-            cache.append_compressed(entries, index_keys, new_entries(start_pos, s, self.ratio), encoded=packed)
+                compressed_idx = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
+            cache.append_compressed(entries, new_entries(start_pos, s, self.ratio), encoded=packed)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1

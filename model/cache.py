@@ -55,10 +55,15 @@ class RowStore:
     def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
         """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (int64 tensors, 0-d or
         [B] per sequence; the rows of vectors [B, n, dim] past ``count`` are ignored; ``encoded``:
-        already stored rows). Shapes do not depend on the values: every row is rewritten, with its
-        old value outside the span."""
+        already stored rows). Nothing depends on the values: the n rows ``(first + i) mod rows`` are
+        rewritten, those past ``count`` with their old value (distinct rows, so no write races)."""
         rows = vectors if encoded else self.encode(vectors)
-        self.data.copy_(spliced(self.data, rows, first, count))
+        b, n = rows.shape[:2]
+        i = torch.arange(n, device=rows.device)
+        target = ((first.reshape(-1, 1) + i) % self.rows).expand(b, n)
+        sequences = torch.arange(b, device=rows.device)[:, None]
+        keep = (i < torch.as_tensor(count, device=rows.device).reshape(-1, 1))[..., None]
+        self.data[sequences, target] = torch.where(keep, rows, self.data[sequences, target])
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""
@@ -153,18 +158,24 @@ class LayerCache:
         else:
             self.kv.data[:, (keep + start_pos) % self.window] = rows[:, keep]
 
-    def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
-        """The indexer keys as stored ([B, N, d_i] dense, or packed records [B, N, bytes]) with
-        this step's keys [B, n, d_i] as entries ``n_compressed, ...``: the stored ones, then the
-        new ones in the same format (so a key scores the same whichever step completed it)."""
-        return torch.cat((self.index_keys.read(self.n_compressed), self.index_keys.encode(new_keys)), dim=1)
+    def store_index_keys(self, new_keys: torch.Tensor, count: int) -> torch.Tensor:
+        """Store this step's indexer keys [B, count, d_i] as entries ``n_compressed, ...`` and return
+        the keys as the indexer scores them, stored ones and new ones alike in the stored format
+        (so a key scores the same whichever step completed it): [B, N, d_i] dense or packed
+        records [B, N, bytes], N >= the entries a query may see (it masks the others)."""
+        self._check_room(count)
+        self.index_keys.write(slice(self.n_compressed, self.n_compressed + count), new_keys)
+        return self.index_keys.read(self.n_compressed + count)
 
-    def append_compressed(
-        self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: int, encoded: bool = False
-    ) -> None:
-        """Store the ``count`` entries [B, count, d] (and indexer keys [B, count, d_i]) a step completed;
-        ``encoded``: the entries are already stored rows [B, count, row] (FP8 records from
-        ``kv_compress_fp8``), kept as they come."""
+    def append_compressed(self, entries: torch.Tensor, count: int, encoded: bool = False) -> None:
+        """Store the ``count`` entries [B, count, d] a step completed (after its indexer keys, see
+        :meth:`store_index_keys`); ``encoded``: the entries are already stored rows [B, count, row]
+        (FP8 records from ``kv_compress_fp8``), kept as they come."""
+        self._check_room(count)
+        self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries, encoded)
+        self.n_compressed += count
+
+    def _check_room(self, count: int) -> None:
         if self.n_compressed + count > self.capacity:
             raise RuntimeError(
                 f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.capacity}; "
@@ -222,33 +233,17 @@ class TracedLayerCache(LayerCache):
     def compressed_rows(self) -> torch.Tensor:
         return self.kv.data[:, self.window :]
 
-    def index_keys_with(self, new_keys: torch.Tensor) -> torch.Tensor:
-        """The whole store with rows ``n_compressed, ...`` (per sequence) replaced by ``new_keys``
-        (in the stored format), padding included: rows past this step's entries are beyond what any
-        of its queries sees."""
-        return spliced(self.index_keys.read(), self.index_keys.encode(new_keys), self.n_compressed, new_keys.shape[1])
+    def store_index_keys(self, new_keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Store the first ``count`` (per sequence) of this step's keys [B, n, d_i] (padded past it)
+        as entries ``n_compressed, ...``; return the whole store (queries mask the rows they do not see)."""
+        self.index_keys.write_span(self.n_compressed, count, new_keys)
+        return self.index_keys.read()
 
-    def append_compressed(
-        self, entries: torch.Tensor, index_entries: torch.Tensor | None, count: torch.Tensor, encoded: bool = False
-    ) -> None:
-        """Store the first ``count`` (a tensor) of ``entries`` [B, n, d] (padded past it; ``encoded``:
-        stored rows, as :meth:`LayerCache.append_compressed`)."""
+    def append_compressed(self, entries: torch.Tensor, count: torch.Tensor, encoded: bool = False) -> None:
+        """Store the first ``count`` (per sequence) of ``entries`` [B, n, d] (padded past it;
+        ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`)."""
         self.kv.write_span(self.window + self.n_compressed, count, entries, encoded)
-        if index_entries is not None:
-            self.index_keys.write_span(self.n_compressed, count, index_entries)
         self.n_compressed = self.n_compressed + count
-
-
-def spliced(store: torch.Tensor, source: torch.Tensor, first: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
-    """``store`` [B, rows, width] with rows ``[first, first + count)`` of each sequence replaced by
-    the leading rows of ``source`` [B, n, width] (first, count: int64 tensors, 0-d or [B] per
-    sequence): every row selected by value, so no shape depends on first or count."""
-    b, rows = store.shape[:2]
-    offset = torch.arange(rows, device=store.device) - torch.as_tensor(first).reshape(-1, 1)  # [1 or B, rows]
-    take = (offset >= 0) & (offset < torch.as_tensor(count, device=store.device).reshape(-1, 1))
-    index = offset.clamp(0, source.shape[1] - 1).expand(b, rows)
-    picked = source.gather(1, index[..., None].expand(b, rows, source.shape[2]))
-    return torch.where(take[..., None], picked, store)
 
 
 @dataclass

@@ -88,8 +88,8 @@ def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
     traced = eager.with_tensors({n: t.clone() for n, t in named.items()}, torch.tensor(eager.n_compressed))
     eager = eager.with_tensors({n: t.clone() for n, t in named.items()}, eager.n_compressed)
     records = torch.randint(0, 256, (2, 3, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    eager.append_compressed(records[:, :2], None, 2, encoded=True)
-    traced.append_compressed(records, None, torch.tensor(2), encoded=True)  # padded to 3 rows
+    eager.append_compressed(records[:, :2], 2, encoded=True)
+    traced.append_compressed(records, torch.tensor(2), encoded=True)  # padded to 3 rows
     assert torch.equal(traced.kv.data, eager.kv.data)
     assert torch.equal(eager.compressed_rows()[:, -2:], records[:, :2]) and int(traced.n_compressed) == 4
 
