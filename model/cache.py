@@ -181,11 +181,6 @@ class LayerCache:
                 f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.capacity}; "
                 "create the cache with a larger max_seq_len"
             )
-        rows = slice(self.n_compressed, self.n_compressed + count)
-        self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries, encoded)
-        if index_entries is not None:
-            self.index_keys.write(rows, index_entries)
-        self.n_compressed += count
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.named_tensors().values())
@@ -313,6 +308,23 @@ class Cache:
             for lc in self.layers
         ]
         return Cache(self.config, layers, self.capacity)
+
+    def truncated(self, tokens: int) -> Cache:
+        """This cache as far as positions below ``tokens`` reach: per layer the window ring, the
+        first ``tokens // m`` compressed entries and indexer keys, and the states, all views (what
+        is written lands here). A position-generic step over it offers its queries ``tokens``
+        positions' rows instead of the capacity's."""
+        if not 0 < tokens <= self.capacity:
+            raise ValueError(f"tokens must be in [1, {self.capacity}], got {tokens}")
+        layers = []
+        for lc, ratio in zip(self.layers, self.config.compress_ratios):
+            entries = tokens // ratio if ratio else 0
+            named = lc.named_tensors()
+            named["kv"] = named["kv"][:, : lc.window + entries]
+            if "index_keys" in named:
+                named["index_keys"] = named["index_keys"][:, :entries]
+            layers.append(lc.with_tensors(named, lc.n_compressed))
+        return Cache(self.config, layers, tokens, self.pos)
 
     def check_room(self, n_tokens: int) -> None:
         if isinstance(self.pos, torch.Tensor):  # tracing: the position is a run-time value

@@ -11,8 +11,9 @@ masks), and the position-dependent HAL ops take the positions as a [B] device te
 (:attr:`seahal.hal.OpSpec.position`). The cache tensors are the graph's: a replay updates the
 caller's cache in place, and :meth:`DecodeGraph.step` advances the host's bookkeeping.
 
-Cost of position-generic work: each layer scores and attends over the cache's capacity of
-compressed rows (masked), not only the valid ones, so size the cache for the context served.
+Cost of position-generic work: each layer scores and attends over every compressed row of the
+step's bucket (masked), not only the valid ones; buckets double from ``min_bucket`` positions, so
+that is at most twice the rows the longest sequence has (or ``min_bucket``'s).
 
 Capture needs a plan whose kernels keep the position on the device (``Plan.host_position_ops``
 empty) and no host synchronisation anywhere in the step; off a GPU (or with ``capture=False``)
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 
 class DecodeGraph:
-    """Decode steps of ``model`` over ``cache``'s B sequences, one graph for every step.
+    """Decode steps of ``model`` over ``cache``'s B sequences, one graph per context bucket.
 
     ``step(tokens [B, 1] int64) -> logits [B, 1, vocab] fp32`` consumes one token per sequence
     and advances it, like ``model(tokens, cache=cache, last_only=True)``. The sequences are at
@@ -42,10 +43,17 @@ class DecodeGraph:
     while they are all equal, :attr:`positions` always. The logits tensor is the graph's output
     buffer, overwritten by the next step: copy what you keep. ``capture``: None captures on CUDA
     only; True requires it (and raises if the plan cannot).
+
+    A step runs over :meth:`Cache.truncated` to its *bucket*, the smallest of ``min_bucket * 2^i``
+    (and the capacity) above every sequence's position: its work follows the context served,
+    within 2x, not the capacity. Each bucket's graph is captured the first time a step needs it
+    (a capture costs two warm-up steps on a scratch copy and the recording), all of them in one
+    memory pool.
     """
 
     def __init__(
         self, model: Transformer, cache: Cache, capture: bool | None = None, positions: Sequence[int] | None = None,
+        min_bucket: int = 1024,
     ):
         device = model.device
         if capture is None:
@@ -57,7 +65,9 @@ class DecodeGraph:
                 "these ops' kernels read the position on the host, which a CUDA graph cannot capture: "
                 f"{', '.join(model.plan.host_position_ops)}"
             )
-        self.model, self.cache, self.captured = model, cache, capture
+        if min_bucket <= 0:
+            raise ValueError(f"min_bucket must be positive, got {min_bucket}")
+        self.model, self.cache, self.captured, self.min_bucket = model, cache, capture, min_bucket
         batch = cache.layers[0].kv.data.shape[0] if cache.layers else 1
         self.positions = [cache.pos] * batch if positions is None else list(positions)
         """Each sequence's position: tokens it holds."""
@@ -66,10 +76,9 @@ class DecodeGraph:
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.position = torch.tensor(self.positions, dtype=torch.long, device=device)
         """The positions as the step reads them; the step itself advances them (no host write per step)."""
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        if capture:
-            self._capture()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        """Captured steps by bucket: the graph and its logits buffer."""
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     @staticmethod
     def capturable(model: Transformer) -> bool:
@@ -77,19 +86,32 @@ class DecodeGraph:
         kernel keeping the position on the device."""
         return model.device.type == "cuda" and not model.plan.host_position_ops
 
+    def bucket(self, tokens: int) -> int:
+        """The cache extent a step reaching ``tokens`` positions runs over: the smallest
+        ``min_bucket * 2^i`` holding them, at most the capacity."""
+        extent = min(self.min_bucket, self.cache.capacity)
+        while extent < tokens:
+            extent = min(2 * extent, self.cache.capacity)
+        return extent
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, 1] int64 on the model's device -> logits [B, 1, vocab] fp32 (the output buffer)."""
         if tokens.shape != self.tokens.shape:
             raise ValueError(f"tokens must be {list(self.tokens.shape)}, got {list(tokens.shape)}")
-        if max(self.positions) + 1 > self.cache.capacity:
+        reach = max(self.positions) + 1
+        if reach > self.cache.capacity:
             raise RuntimeError(f"cache holds {self.cache.capacity} tokens; a sequence is at {max(self.positions)}")
         self.tokens.copy_(tokens)
-        if self.graph is not None:
-            self.graph.replay()
+        extent = self.bucket(reach)
+        if not self.captured:
+            logits = self._forward(self.cache.truncated(extent), self.position)
         else:
-            self.logits = self._forward(self.cache, self.position)
+            if extent not in self.graphs:
+                self.graphs[extent] = self._capture(self.cache.truncated(extent))
+            graph, logits = self.graphs[extent]
+            graph.replay()
         self._advance()
-        return self.logits
+        return logits
 
     def _forward(self, cache: Cache, position: torch.Tensor) -> torch.Tensor:
         """The step over ``cache``'s tensors at ``position`` [B], which it then advances."""
@@ -98,10 +120,11 @@ class DecodeGraph:
         position.add_(1)
         return logits
 
-    def _capture(self) -> None:
-        """Warm up on a scratch copy of the cache (Triton compiles, cuBLAS picks its algorithms;
-        the real cache must not see the warm-up's writes), then record one step over the real cache."""
-        scratch = self.cache.with_tensors({k: t.clone() for k, t in self.cache.named_tensors().items()}, 0)
+    def _capture(self, view: Cache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a scratch copy of ``view`` (same strides: Triton compiles the variants the
+        graph launches, cuBLAS picks its algorithms; the real cache must not see the warm-up's
+        writes), then record one step over ``view`` itself."""
+        scratch = view.with_tensors({k: _same_layout_copy(t) for k, t in view.named_tensors().items()}, view.pos)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -109,9 +132,10 @@ class DecodeGraph:
                 self._forward(scratch, self.position.clone())
         torch.cuda.current_stream().wait_stream(side)
         del scratch
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward(self.cache, self.position)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(view, self.position)
+        return graph, logits
 
     def _advance(self) -> None:
         """The host's view after a step: every sequence one token further; the cache's position and
@@ -123,3 +147,8 @@ class DecodeGraph:
             for lc, ratio in zip(self.cache.layers, self.model.config.compress_ratios):
                 if ratio:
                     lc.n_compressed = pos // ratio
+
+
+def _same_layout_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its strides (a view into a larger store keeps that store's row pitch)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)

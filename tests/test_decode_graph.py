@@ -22,13 +22,15 @@ def checkpoint(tmp_path_factory):
     return save_hf_checkpoint(make_hf_model([SWA, CSA, HCA, CSA], seed=3), tmp_path_factory.mktemp("ckpt"))
 
 
-def _decode_both_ways(model, ids: torch.Tensor, capture: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
+def _decode_both_ways(
+    model, ids: torch.Tensor, capture: bool, min_bucket: int = 1024
+) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
     """Logits of each decode step of ``ids[:, PROMPT:]`` after a prefill, through the ordinary call
-    and through :class:`DecodeGraph`, each on its own cache; and the two caches."""
+    and through :class:`DecodeGraph`, each on its own cache (64 positions); and the two caches."""
     ordinary, generic = model.new_cache(ids.shape[0], 64), model.new_cache(ids.shape[0], 64)
     for cache in (ordinary, generic):
         model(ids[:, :PROMPT], cache=cache)
-    graph = DecodeGraph(model, generic, capture=capture)
+    graph = DecodeGraph(model, generic, capture=capture, min_bucket=min_bucket)
     expected, got = [], []
     for t in range(PROMPT, PROMPT + STEPS):
         expected.append(model(ids[:, t : t + 1], cache=ordinary, last_only=True))
@@ -40,13 +42,16 @@ def _decode_both_ways(model, ids: torch.Tensor, capture: bool) -> tuple[list[tor
 
 @pytest.mark.parametrize("cache_format", ["dense", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_position_generic_step_equals_the_ordinary_decode(checkpoint, cache_format, dtype):
-    """Bit for bit: the generic step offers attention every compressed row (masked by position)
-    and the indexer every key row (invisible ones masked), which selects and weighs exactly the
-    ordinary step's rows; the compressor's padded row is written only when it holds an entry."""
+@pytest.mark.parametrize("min_bucket", [1024, 16])
+def test_position_generic_step_equals_the_ordinary_decode(checkpoint, cache_format, dtype, min_bucket):
+    """Bit for bit: the generic step offers attention every compressed row of its bucket (masked
+    by position) and the indexer every key row (invisible ones masked), which selects and weighs
+    exactly the ordinary step's rows; the compressor's padded row is written only when it holds
+    an entry. min_bucket 1024: one bucket, the whole cache (64 positions); 16: buckets of 16 and
+    then 32 positions as the sequences grow from 10 to 32 tokens."""
     model = load(checkpoint, device="cpu", dtype=dtype, announce=False, cache_format=cache_format)
     ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(0))
-    expected, got, (ordinary, generic) = _decode_both_ways(model, ids, capture=False)
+    expected, got, (ordinary, generic) = _decode_both_ways(model, ids, capture=False, min_bucket=min_bucket)
     for step, (a, b) in enumerate(zip(expected, got)):
         assert torch.equal(a, b), (cache_format, dtype, step)
     for name, tensor in ordinary.named_tensors().items():
@@ -58,8 +63,9 @@ def test_capture_is_refused_where_it_cannot_work(checkpoint):
     with pytest.raises(ValueError, match="capture=True needs a CUDA model, got one on cpu"):
         DecodeGraph(model, model.new_cache(1, 32), capture=True)
     assert not DecodeGraph.capturable(model)
-    graph = DecodeGraph(model, model.new_cache(1, 32))
-    assert graph.graph is None  # off a GPU the step runs eagerly
+    graph = DecodeGraph(model, model.new_cache(1, 32), min_bucket=4)
+    assert not graph.captured  # off a GPU the step runs eagerly
+    assert [graph.bucket(n) for n in (1, 4, 5, 9, 17, 32)] == [4, 4, 8, 16, 32, 32]
     with pytest.raises(ValueError, match=r"tokens must be \[1, 1\], got \[2, 1\]"):
         graph.step(torch.zeros(2, 1, dtype=torch.long))
 
