@@ -60,6 +60,11 @@ def probe() -> Availability:
     return Availability(True, f"onnxruntime {onnxruntime.__version__}, providers: {found}")
 
 
+DEVICE_POSITION = {"indexer_topk", "indexer_topk_packed"}
+"""Ops whose ONNX function takes start_pos as a graph input, scalar or per sequence ([B]); the
+compressor's returns the entries an int position completes, so seahal reads its position."""
+
+
 def register() -> None:
     """Entry point ``seahal.backends: onnxruntime``."""
     register_backend(
@@ -80,4 +85,5 @@ def register() -> None:
             f"seahal.backends.onnxruntime.kernels:{op}",
             priority=KERNEL_PRIORITY,
             capabilities=CAPABILITIES.get(op, {}),
+            device_position=op in DEVICE_POSITION,
         )

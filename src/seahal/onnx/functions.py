@@ -15,7 +15,8 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
   indexer ops) is an input too, an int64 scalar, not an attribute: decode steps advance it at run
-  time, and a graph or session must not be rebuilt per position.
+  time, and a graph or session must not be rebuilt per position. The indexer functions also take
+  it as [B], one position per sequence.
 * Node attributes: the other non-tensor arguments under their HAL names (``OpFunction.attributes``):
   int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
   code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
@@ -369,16 +370,16 @@ def fp32_from_bytes(quads):
 @onnxscript.script(LIB, default_opset=op)
 def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
     """The lightning-indexer top-k of :func:`indexer_topk` (its docstring has the math), keys given
-    as floats [B, N, d]."""
+    as floats [B, N, d]; start_pos a scalar or [B], one position per sequence."""
     logits = op.Einsum(op.Cast(q, to=FLOAT), op.Cast(keys, to=FLOAT), equation="bshd,bnd->bshn")
     scores = op.ReduceSum(op.Relu(logits) * op.Unsqueeze(op.Cast(weights, to=FLOAT), [-1]), [2], keepdims=0)
     m = op.Constant(value_int=ratio)
     k = op.Reshape(op.Constant(value_int=topk), [1])
-    start = op.Cast(start_pos, to=TensorProto.INT64)
+    start = op.Reshape(op.Cast(start_pos, to=TensorProto.INT64), [-1, 1])  # [1 or B, 1]
     seq = op.Squeeze(op.Shape(q, start=1, end=2), [0])
-    limit = op.Unsqueeze((op.Range(0, seq, 1) + start + 1) / m, [-1])  # [S, 1]: entries query s sees
+    limit = op.Unsqueeze((op.Range(0, seq, 1) + start + 1) / m, [-1])  # [1 or B, S, 1]: entries query s sees
     entries = op.Shape(keys, start=1, end=2)
-    visible = op.Range(0, op.Squeeze(entries, [0]), 1) < limit  # [S, N]
+    visible = op.Range(0, op.Squeeze(entries, [0]), 1) < limit  # [1 or B, S, N]
     masked = op.Where(visible, scores, NEG_INF)
     padding = op.Expand(op.Constant(value_float=NEG_INF), op.Concat(op.Shape(q, end=2), k, axis=0))
     _, order = op.TopK(op.Concat(masked, padding, axis=-1), k, axis=-1)
