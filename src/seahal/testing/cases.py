@@ -1016,46 +1016,71 @@ def _draw_moe_gate(draw) -> Case:
     )
 
 
+POSITION_FORMS = ("int", "tensor", "per-sequence")
+"""How a drawn call passes start_pos: an int, a 0-d tensor, or a [B] tensor of positions drawn per
+sequence (see ``OpSpec.position``)."""
+
+
 def _draw_kv_compress(draw, records: tuple[int, int] | None = None) -> Case:
     from hypothesis import strategies as st
 
     overlap = draw(st.booleans())
     chunks = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=5)))
-    return kv_compress_case(
+    b = draw(st.integers(1, 2))
+    form = draw(st.sampled_from(POSITION_FORMS))
+    # per-sequence: each sequence's stream starts at its own position, from the fresh state
+    offsets = tuple(draw(st.lists(st.integers(0, 12), min_size=b, max_size=b))) if form == "per-sequence" else None
+    case = kv_compress_case(
         "property", draw(st.integers(0, 2**16)), chunks, ratio=4 if overlap else draw(st.sampled_from([2, 4, 8])),
-        overlap=overlap, b=draw(st.integers(1, 2)), d=8 * draw(st.integers(2 if records else 1, 4)), rope=8,
-        stale_state=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "sliced"])), records=records,
+        overlap=overlap, b=b, d=8 * draw(st.integers(2 if records else 1, 4)), rope=8,
+        stale_state=offsets is None and draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        records=records, offsets=offsets,
     )
+    return at_tensor_position(case) if form == "tensor" else case
+
+
+def _draw_position(draw, b: int) -> tuple[int | tuple[int, ...], int, str]:
+    """(start_pos for an indexer case, the largest position, its form)."""
+    from hypothesis import strategies as st
+
+    form = draw(st.sampled_from(POSITION_FORMS))
+    if form == "per-sequence":
+        positions = tuple(draw(st.lists(st.integers(0, 40), min_size=b, max_size=b)))
+        return positions, max(positions), form
+    start_pos = draw(st.integers(0, 40))
+    return start_pos, start_pos, form
 
 
 def _draw_indexer_topk(draw) -> Case:
     from hypothesis import strategies as st
 
-    start_pos = draw(st.integers(0, 40))
-    s = draw(st.integers(1, 12))
-    return indexer_topk_case(
-        "property", draw(st.integers(0, 2**16)), s=s, n=draw(st.integers(1, (start_pos + s) // 4 + 3)),
-        start_pos=start_pos, topk=draw(st.integers(1, 8)), b=draw(st.integers(1, 2)), h=draw(st.integers(1, 4)),
+    b, s = draw(st.integers(1, 2)), draw(st.integers(1, 12))
+    start_pos, last, form = _draw_position(draw, b)
+    case = indexer_topk_case(
+        "property", draw(st.integers(0, 2**16)), s=s, n=draw(st.integers(1, (last + s) // 4 + 3)),
+        start_pos=start_pos, topk=draw(st.integers(1, 8)), b=b, h=draw(st.integers(1, 4)),
         d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
         layout=draw(st.sampled_from(["contiguous", "transposed"])),
     )
+    return at_tensor_position(case) if form == "tensor" else case
 
 
 def _draw_indexer_topk_packed(draw) -> Case:
     from hypothesis import strategies as st
 
-    start_pos = draw(st.integers(0, 40))
-    s = draw(st.integers(1, 12))
+    b, s = draw(st.integers(1, 2)), draw(st.integers(1, 12))
+    start_pos, last, form = _draw_position(draw, b)
     key_format = draw(st.sampled_from(["fp4", "fp8"]))
-    return indexer_topk_packed_case(
-        "property", draw(st.integers(0, 2**16)), key_format, s=s, n=draw(st.integers(1, (start_pos + s) // 4 + 3)),
-        start_pos=start_pos, topk=draw(st.integers(1, 8)), b=draw(st.integers(1, 2)), h=draw(st.integers(1, 4)),
+    case = indexer_topk_packed_case(
+        "property", draw(st.integers(0, 2**16)), key_format, s=s, n=draw(st.integers(1, (last + s) // 4 + 3)),
+        start_pos=start_pos, topk=draw(st.integers(1, 8)), b=b, h=draw(st.integers(1, 4)),
         d=32 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
         keys=draw(st.sampled_from(["varied", "zero"] + (["plain-scale"] if key_format == "fp8" else []))),
         layout=draw(st.sampled_from(["contiguous", "transposed"])),
     )
+    return at_tensor_position(case) if form == "tensor" else case
 
 
 def _draw_hc(draw, op: str) -> Case:
