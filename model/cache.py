@@ -243,8 +243,8 @@ class TracedLayerCache(LayerCache):
 
 @dataclass
 class Cache:
-    """All layers' caches and the number of tokens consumed so far (``pos``: an int, or a 0-d
-    tensor while tracing, see :meth:`with_tensors`)."""
+    """All layers' caches and the number of tokens consumed so far (``pos``: an int, or in a
+    position-generic step a 0-d or [B] per-sequence tensor, see :meth:`with_tensors`)."""
 
     config: ModelConfig
     layers: list[LayerCache]
@@ -279,8 +279,9 @@ class Cache:
         """A cache of this layout (same names, shapes and dtypes) holding ``tensors`` after ``pos``
         tokens. The tensors are used, not copied: the new cache's writes go to them.
 
-        ``pos`` a 0-d int64 tensor gives a cache for tracing a position-generic graph (its layers
-        are :class:`TracedLayerCache`); its range is then the caller's to check."""
+        ``pos`` an int64 tensor, 0-d or [B] (one position per sequence), gives a cache for a
+        position-generic step (its layers are :class:`TracedLayerCache`); its range is then the
+        caller's to check."""
         expected = self.named_tensors()
         if set(tensors) != set(expected):
             missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
