@@ -18,8 +18,8 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "pytest-gpu", "conformance", "bench-quick", "bench-attention", "bench-indexer", "bench-rest",
-         "bench-gemm-gate"]
+STEPS = ["setup", "pytest-gpu", "conformance", "bench-attention", "bench-indexer", "bench-rest", "bench-gemm-gate",
+         "bench-quick"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
 
