@@ -130,3 +130,23 @@ def test_missing_and_misshaped_tensors_are_named(checkpoint, tmp_path):
     save_file({**tensors, name: tensors[name][:, :64].contiguous()}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"wq_b\.weight.*expected shape \[512, 128\]"):
         load(tmp_path, device="cpu", announce=False)
+
+
+def test_rows_and_truncated_views_write_into_the_cache(checkpoint):
+    """Cache.rows (a group's sequences) and Cache.truncated (a context bucket) are views: what a
+    forward stores through them lands in the cache's own tensors, in the right rows."""
+    model = load(checkpoint, device="cpu", announce=False)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(3, 64)
+    model(ids, cache=cache.rows(1, 2))
+    alone = model.new_cache(1, 64)
+    model(ids, cache=alone)
+    fresh = model.new_cache(3, 64).named_tensors()
+    for name, tensor in cache.named_tensors().items():
+        assert torch.equal(tensor[1:2], alone.named_tensors()[name]), name
+        assert torch.equal(tensor[0::2], fresh[name][0::2]), name  # the other sequences untouched
+    view = cache.truncated(32)
+    assert view.capacity == 32 and view.layers[2].kv.data.shape[1] == 16 + 32 // 16  # ring + HCA entries (m=16)
+    assert view.layers[2].kv.data.data_ptr() == cache.layers[2].kv.data.data_ptr()
+    with pytest.raises(ValueError, match=r"tokens must be in \[1, 64\], got 65"):
+        cache.truncated(65)
