@@ -20,10 +20,13 @@ import torch
 from onnx import TensorProto
 
 from seahal import hal
+from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import indexer as ref_indexer
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
+from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.onnx import functions as F
+from seahal.testing.tolerances import checks_for
 
 
 def _run(name: str, inputs: dict[str, np.ndarray], **attributes) -> list[np.ndarray]:
@@ -180,3 +183,36 @@ def test_fp32_scale_bytes_decode_exactly():
     both_nan = got.isnan() & values.isnan()
     assert both_nan.sum() == values.isnan().sum() > 0
     assert ((got.view(torch.int32) == values.view(torch.int32)) | both_nan).all()
+
+
+@pytest.mark.parametrize("op, overlap", [("kv_compress", True), ("kv_compress", False), ("kv_compress_fp8", True)])
+def test_compressor_per_sequence_positions_are_each_sequence_alone(op, overlap):
+    """start_pos [B] over a stream of calls: each sequence gets what a batch-1 reference call at
+    its own position gives from its own state (position 0 resets a stale one): its new entries
+    within the conformance tolerance, then exact zero rows (zero bytes for records) up to
+    ceil(S/m), and its state bit for bit (both sides copy fp32 values and round score + ape to
+    fp32 once; the reference runs in fp64 as in conformance, and 53 bits round that sum exactly)."""
+    g = torch.Generator().manual_seed(4)
+    m, d, batch, coff = 4, 32, 3, 2 if overlap else 1
+    ape, norm, freqs = torch.randn(m, coff * d, generator=g), torch.rand(d, generator=g) + 0.5, torch.rand(8, generator=g)
+    fp8 = op == "kv_compress_fp8"
+    tail = (1e-6, 16, 8) if fp8 else (1e-6, torch.float32)  # records: 16 bf16 rope dims, 2 e4m3 tiles of 8
+    attributes = {"ratio": m, "overlap": int(overlap), **({"rope_dim": 16, "tile": 8} if fp8 else {"out_dtype": TensorProto.FLOAT})}
+    out_types = [(TensorProto.UINT8 if fp8 else TensorProto.FLOAT, 3), (TensorProto.FLOAT, 3), (TensorProto.FLOAT, 3)]
+    state = [t.normal_(generator=g) for t in compressor_state(batch, m, d, overlap)]  # stale: position 0 resets it
+    alone = [[t[b : b + 1].clone() for t in state] for b in range(batch)]
+    positions = [0, 6, 11]  # chunks of 5, 1, 3 tokens complete 0 to 2 entries, per sequence differently
+    for s in (5, 1, 3):
+        kv, score = (torch.randn(batch, s, coff * d, generator=g) for _ in range(2))
+        tensors = (kv, score, ape, norm, freqs, *state)
+        inputs = {name: t.numpy() for name, t in zip(F.FUNCTIONS[op].inputs, tensors)} | {"start_pos": np.array(positions)}
+        got, *state = (torch.from_numpy(t) for t in _run(op, inputs, **attributes, out_types=out_types))
+        assert got.shape[1] == most_new_entries(s, m)
+        for b, p in enumerate(positions):
+            call = (kv[b : b + 1].double(), score[b : b + 1].double(), ape.double(), norm, freqs, *alone[b], m, overlap, p, *tail)
+            want = getattr(ref_compressor, op)(*call)
+            verdict = checks_for(op, call)[0].check.compare(got[b : b + 1, : want.shape[1]], want)
+            assert verdict.ok, (b, p, verdict.detail)
+            assert not got[b, want.shape[1] :].any(), (b, p)
+            assert all(torch.equal(t[b : b + 1], u) for t, u in zip(state, alone[b])), (b, p)
+        positions = [p + s for p in positions]

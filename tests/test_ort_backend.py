@@ -24,19 +24,14 @@ def _labels(plan: hal.Plan) -> dict[str, str]:
 
 def test_conformance_passes_on_every_op():
     """Every op's fixed cases plus one hypothesis example, against the float64 CPU reference with
-    the suite's tolerances (docs/conformance.md); none may be unsupported (every op is here) but
-    the compressors' per-sequence position cases: their ONNX functions take one start_pos for the
-    batch (the indexers' take one per sequence)."""
+    the suite's tolerances (docs/conformance.md); none may be unsupported: every op is here, and
+    the functions taking a position take one per sequence."""
     report = run_conformance("onnxruntime", property_examples=1)
     assert report.ok, report.summary()
     counts = report.counts()
     assert set(counts) == set(hal.specs())
     for op, row in counts.items():
-        assert row["pass"] >= 6, (op, row)
-    unsupported = [r for r in report.results if r.status == "unsupported"]
-    assert unsupported and all("per-sequence positions" in r.case and r.op.startswith("kv_compress")
-                               for r in unsupported), unsupported
-    assert all("takes one position for the batch" in r.detail for r in unsupported)
+        assert row["unsupported"] == 0 and row["pass"] >= 6, (op, row)
 
 
 @pytest.mark.parametrize("device", ["onnxruntime", "ort"])

@@ -60,9 +60,9 @@ def probe() -> Availability:
     return Availability(True, f"onnxruntime {onnxruntime.__version__}, providers: {found}")
 
 
-DEVICE_POSITION = {"indexer_topk", "indexer_topk_packed"}
-"""Ops whose ONNX function takes start_pos as a graph input, scalar or per sequence ([B]); the
-compressor's returns the entries an int position completes, so seahal reads its position."""
+DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+"""Ops whose ONNX function takes start_pos as a graph input, scalar or per sequence ([B]): the
+session reads a tensor position itself, seahal never does."""
 
 
 def register() -> None:

@@ -101,27 +101,39 @@ def _session(function: OpFunction, attributes: tuple, types: tuple[tuple[tuple[i
     return ort.InferenceSession(model.SerializeToString(), options, providers=list(eps))
 
 
-def _output_buffers(op: str, args: Mapping[str, Any], function: OpFunction) -> list[torch.Tensor]:
-    """Host tensors for the node's outputs: the op's outputs as its contract describes them, then
-    the new values of the arguments it mutates."""
+def _outputs(op: str, args: Mapping[str, Any]) -> list[Out]:
+    """The op's outputs as its contract describes them for ``args``."""
     meta = get_spec(op).check(**args)
-    outs = [meta] if isinstance(meta, Out) else list(meta)
-    buffers = [torch.empty(m.shape, dtype=m.dtype) for m in outs]
+    return [meta] if isinstance(meta, Out) else list(meta)
+
+
+def _output_buffers(op: str, args: Mapping[str, Any], function: OpFunction) -> list[torch.Tensor]:
+    """Host tensors for the node's outputs: the op's outputs, then the new values of the
+    arguments it mutates."""
+    buffers = [torch.empty(m.shape, dtype=m.dtype) for m in _outputs(op, args)]
     return buffers + [torch.empty(args[name].shape, dtype=args[name].dtype) for name in function.mutates]
 
 
 def run(op: str, args: Mapping[str, Any]) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Run HAL op ``op`` on ``args`` (every argument by name) through onnxruntime; mutated
-    arguments are updated in place, outputs are fresh tensors on the inputs' device."""
+    arguments are updated in place, outputs are fresh tensors on the inputs' device.
+
+    The functions take an op's position (``OpSpec.position``) as an input and return the rows a
+    tensor position gives (kv_compress: the most any position completes, zeros after the new
+    ones): an int position is fed as such, the outputs sized as for it as a tensor, then cut to
+    the shapes the int's contract gives."""
     function = select(op, args)
     device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
+    position = get_spec(op).position
+    int_position = position is not None and not isinstance(args[position], torch.Tensor)
     feeds = {
         name: _host(args[name], name in function.shared_batch) if isinstance(args[name], torch.Tensor)
         else torch.tensor(args[name], dtype=torch.int64)
         for name in function.inputs
     }
     attributes = tuple(sorted(function.attribute_values(args).items()))
-    buffers = _output_buffers(op, args, function)
+    as_tensor = {**args, position: torch.tensor(args[position], device=device)} if int_position else args
+    buffers = _output_buffers(op, as_tensor, function)
     types = tuple(tuple((_element_type(t), t.dim()) for t in group) for group in (feeds.values(), buffers))
     session = _session(function, attributes, types, providers(device.type))
 
@@ -135,5 +147,8 @@ def run(op: str, args: Mapping[str, Any]) -> torch.Tensor | tuple[torch.Tensor, 
     n_results = len(buffers) - len(function.mutates)
     for name, new in zip(function.mutates, buffers[n_results:]):
         args[name].copy_(new)
-    results = tuple(t.to(device) for t in buffers[:n_results])
+    results = buffers[:n_results]
+    if int_position:
+        results = [t[tuple(map(slice, out.shape))].contiguous() for t, out in zip(results, _outputs(op, args))]
+    results = tuple(t.to(device) for t in results)
     return results[0] if len(results) == 1 else results

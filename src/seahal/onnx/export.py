@@ -16,9 +16,10 @@ ordinary PyTorch and becomes standard ONNX ops.
 
 A decode step is traced with the position as a 0-d tensor: the ops taking ``start_pos`` are
 called through twins that take it as a tensor (kv_compress's entries padded to the most a step
-can complete), and the cache (:class:`seahal.model.cache.TracedLayerCache`) offers every
-compressed row to attention (masked by index) and writes through masks, so no shape or traced
-value depends on the position.
+can complete, as its ONNX function returns them), and the cache
+(:class:`seahal.model.cache.TracedLayerCache`) offers every compressed row to attention (masked
+by index) and writes through masks, so no shape or traced value depends on the position. A
+prefill step passes the int position 0 and keeps the first rows, the entries it completes.
 Batch size and cache capacity are static (``metadata_props``, ``seahal.*``).
 """
 
@@ -53,7 +54,7 @@ except ImportError as exc:  # the optional dependencies of the `onnx` extra
 
 from seahal.hal import Plan
 from seahal.hal.formats import decode_scale
-from seahal.hal.ops.compressor import most_new_entries
+from seahal.hal.ops.compressor import new_entries
 from seahal.hal.plan import BoundOp
 from seahal.model import load
 from seahal.model.cache import Cache
@@ -223,10 +224,14 @@ def _decoded_scales(model: nn.Module) -> Iterator[None]:
 _PURE_LIB = torch.library.Library("seahal_pure", "FRAGMENT")
 _PURE_OPS: dict[str, torch._ops.OpOverload] = {}
 
-_PADDED_ROWS = {op: lambda call: most_new_entries(call["kv"].shape[1], call["ratio"]) for op in ("kv_compress", "kv_compress_fp8")}
-"""HAL ops whose first output's row count depends on ``start_pos``, and its maximum over all
-positions, to which the ONNX node's output is padded with zero rows as the op pads it at a tensor
-position (kv_compress: tokens [p, p+S) complete floor((p+S)/m) - floor(p/m) <= ceil(S/m) entries)."""
+_INT_POSITION_ROWS = {
+    op: lambda call: new_entries(call["start_pos"], call["kv"].shape[1], call["ratio"])
+    for op in ("kv_compress", "kv_compress_fp8")
+}
+"""HAL ops whose first output's row count depends on ``start_pos``: their ONNX functions return
+the rows of a tensor position (the most any position gives, zeros after the new ones), of which a
+call at an int position keeps this many (kv_compress: tokens [p, p+S) complete
+floor((p+S)/m) - floor(p/m) <= ceil(S/m) entries)."""
 
 
 def _pure_op(bound: BoundOp, positional: bool) -> torch._ops.OpOverload:
@@ -350,15 +355,15 @@ def _translation(op: str, torch_op: torch._ops.OpOverload) -> Callable[..., Any]
     names = [a.name for a in schema.arguments]
     defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
     positional = any(a.name == "start_pos" and str(a.type) == "Tensor" for a in schema.arguments)
-    pad = _PADDED_ROWS.get(op) if positional else None
+    keep = None if positional else _INT_POSITION_ROWS.get(op)
 
     def translate(*args: Any, **kwargs: Any) -> Any:
         call = {**defaults, **dict(zip(names, args)), **kwargs}
         function = hal_functions.select(op, call)
         node = _node_op(function, schema)
         outputs = node(*(call[name] for name in function.inputs), **function.attribute_values(call))
-        if pad:
-            outputs = (_pad_rows(outputs[0], pad(call)), *outputs[1:])
+        if keep:
+            outputs = (_first_rows(outputs[0], keep(call)), *outputs[1:])
         return outputs
 
     translate.__name__ = f"seahal_{op}"
@@ -404,15 +409,10 @@ def _custom_op(
     return onnxscript.values.Op(onnxscript.values.Opset(domain, 1), name, op_schema)
 
 
-def _pad_rows(x: Any, rows: int) -> Any:
-    """x [B, n, ...] with n <= rows, zero rows appended to [B, rows, ...] (what the positional
-    twin of a :data:`_PADDED_ROWS` op returns)."""
-    fill = opset.Expand(
-        opset.CastLike(opset.Constant(value_float=0.0), x),
-        opset.Concat(opset.Shape(x, end=1), opset.Constant(value_ints=[rows]), opset.Shape(x, start=2), axis=0),
-    )
-    bounds = (opset.Constant(value_ints=[0]), opset.Constant(value_ints=[rows]), opset.Constant(value_ints=[1]))
-    return opset.Slice(opset.Concat(x, fill, axis=1), *bounds)
+def _first_rows(x: Any, rows: int) -> Any:
+    """x [B, n, ...] -> x[:, :rows] (what a :data:`_INT_POSITION_ROWS` op returns at an int position)."""
+    starts, ends, axes = (opset.Constant(value_ints=[v]) for v in (0, rows, 1))
+    return opset.Slice(x, starts, ends, axes)
 
 
 def _right_shift(x: Any, shift: int) -> Any:

@@ -14,14 +14,17 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
-  indexer ops) is an input too, an int64 scalar, not an attribute: decode steps advance it at run
-  time, and a graph or session must not be rebuilt per position. The indexer functions also take
-  it as [B], one position per sequence.
+  indexer ops) is an input too, an int64 scalar or [B] (one position per sequence), not an
+  attribute: decode steps advance it at run time, and a graph or session must not be rebuilt per
+  position.
 * Node attributes: the other non-tensor arguments under their HAL names (``OpFunction.attributes``):
   int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
   code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
 * Outputs: the op's outputs in order, then the new values of the arguments the op mutates in place
-  (kv_compress: ``entries, kv_state, score_state``).
+  (kv_compress: ``entries, kv_state, score_state``). An output whose rows depend on the position
+  has the rows the HAL contract gives a tensor ``start_pos``: kv_compress's entries (records) are
+  ``ceil(S/m)`` rows, each sequence's new entries first, zeros (zero bytes) after; a caller at an
+  int position keeps the first ``new_entries(start_pos, S, m)``.
 * Shared rows: ``sparse_attention``'s kv and ``sparse_attention_fp8``'s records may have batch 1,
   one pool of cache rows that every sequence indexes (a paged cache; :data:`SHARED_BATCH`). A
   caller holding the pool expanded over the batch (batch stride 0) passes that one copy.
@@ -36,9 +39,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``OPSET``, ``seahal`` and ``seahal.lib`` at 1, and carries every function of
   :func:`function_protos`; :func:`complete_model` adds the missing ones to an exported model.
 
-Data-dependent shapes (the entries a compressor call completes, the visible entries of a query)
-are computed in-graph from ``Shape`` and ``start_pos``; loops over experts or K blocks are batched
-into ``Einsum`` contractions, so nothing depends on Python-side values but attributes.
+No output shape depends on ``start_pos``: what depends on it (the entries a compressor call
+completes, the visible entries of a query) is masked in-graph; loops over experts or K blocks are
+batched into ``Einsum`` contractions, so nothing depends on Python-side values but attributes.
 """
 
 from __future__ import annotations
@@ -388,6 +391,30 @@ def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def take_slots(rows, index):
+    """``rows[b, index[b, i]]``: rows [B, L, C], int64 index [B, n] -> [B, n, C]."""
+    expanded = op.Expand(op.Unsqueeze(index, [-1]), op.Concat(op.Shape(index), op.Shape(rows, start=-1), axis=0))
+    return op.GatherElements(rows, expanded, axis=1)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def sequence_positions(start_pos, kv):
+    """start_pos, a scalar or [B] (one per sequence), as int64 [B, 1] for kv [B, S, C]."""
+    start = op.Reshape(op.Cast(start_pos, to=TensorProto.INT64), [-1, 1])
+    return op.Expand(start, op.Concat(op.Shape(kv, end=1), [1], axis=0))
+
+
+@onnxscript.script(LIB, default_opset=op)
+def completed_rows(position, kv, ratio: int):
+    """[B, ceil(S/m), 1] bool: row k holds an entry tokens [p_b, p_b + S) complete, i.e.
+    ``k < floor((p_b + S)/m) - floor(p_b/m)``; position [B, 1] int64, kv [B, S, C]."""
+    m = op.Constant(value_int=ratio)
+    seq = op.Squeeze(op.Shape(kv, start=1, end=2), [0])
+    count = (position + seq) / m - position / m
+    return op.Unsqueeze(op.Range(0, (seq + m - 1) / m, 1) < count, [-1])
+
+
+@onnxscript.script(LIB, default_opset=op)
 def e8m0_scaled(values, exponents, tile: int):
     """values [..., n * tile] times ``2^(e_t - 127)`` per tile t of ``exponents`` [..., n] (int64
     e8m0 bytes; 255 is NaN), in fp32."""
@@ -630,62 +657,73 @@ def kv_compress(
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos: INT64,
     ratio: int, overlap: int, norm_eps: float = 1e-6, out_dtype: int = BFLOAT16,
 ):
-    """Streaming KV compressor -> (entries [B, n_new, d] out_dtype, kv_state', score_state').
+    """Streaming KV compressor -> (entries [B, ceil(S/m), d] out_dtype, kv_state', score_state').
 
-    kv, score: [B, S, coff*d], ape: [m, coff*d], states: [B, coff*m, coff*d] fp32. The tokens
-    form a timeline after an m-slot previous block (the state's when overlapped and start_pos > 0,
-    else empty: kv 0, score -inf) and the state's incomplete block; entry k pools per channel, with
-    a softmax over 2m slots, the a-halves (channels [0, d)) of block k (empty unless overlapped) and
-    the b-halves (channels [C-d, C)) of block k+1. Entries are rounded to out_dtype, RMS-normed,
-    rounded, and rotated at ``j*m``. The new state: the last complete block when overlapped, then
-    the incomplete one's tokens, padded with empty slots.
+    kv, score: [B, S, coff*d], ape: [m, coff*d], states: [B, coff*m, coff*d] fp32, start_pos a
+    scalar or [B] (sequence b at p_b). Per sequence, a timeline of fixed length 2m + S starting at
+    a block boundary: an m-slot previous block (the state's slots [0, m) when overlapped and
+    p_b > 0), the incomplete block's ``p_b mod m`` tokens the state holds (none when p_b = 0: a
+    reset), the S tokens with gate scores ``score_t + ape[t mod m]``, then empty slots (kv 0,
+    score -inf); one GatherElements of an index per slot builds it from [state | empty | tokens].
+    Entry k pools per channel, with a softmax over 2m slots, the a-halves (channels [0, d)) of
+    timeline block k (empty unless overlapped) and the b-halves (channels [C-d, C)) of block k+1;
+    it is rounded to out_dtype, RMS-normed, rounded, and rotated at ``(p_b // m + k) * m``. Rows
+    past the ``new_entries(p_b, S, m)`` entries sequence b completes are zero. The new state: the
+    last complete block when overlapped, then the incomplete one's tokens, then empty slots.
     """
-    m = op.Reshape(op.Constant(value_int=ratio), [1])
+    m = op.Constant(value_int=ratio)
     overlapped = op.Cast(op.Constant(value_int=overlap), to=TensorProto.BOOL)
     coff = 1 + op.Cast(overlapped, to=TensorProto.INT64)
     channels = op.Shape(kv, start=-1)
     d = channels / coff
-    batch = op.Shape(kv, end=1)
-    start = op.Reshape(op.Cast(start_pos, to=TensorProto.INT64), [1])
-    held = op.Mod(start, m)
-    kept = (coff - 1) * m
+    seq = op.Squeeze(op.Shape(kv, start=1, end=2), [0])
+    position = sequence_positions(start_pos, kv)  # [B, 1]
 
-    carry = op.And(overlapped, start > 0)
-    previous_kv = op.Where(carry, op.Slice(kv_state, [0], m, [1]), 0.0)
-    previous_score = op.Where(carry, op.Slice(score_state, [0], m, [1]), NEG_INF)
-    slots = op.Squeeze(op.Shape(kv, start=1, end=2), [0])
-    ape_rows = op.Mod(op.Range(0, slots, 1) + start, m)
+    # the timeline as indices into [state (coff*m slots) | one empty slot | S tokens]
+    empty = coff * m
+    held = m + op.Mod(position, m)  # timeline slots before the tokens
+    slot = op.Range(0, 2 * m + seq, 1)
+    state_slot = slot + (coff - 2) * m  # the state's previous block (if overlapped), then its partial block
+    from_state = op.And(op.And(slot < held, state_slot >= 0), position > 0)
+    from_tokens = op.And(slot >= held, slot < held + seq)
+    timeline = op.Where(from_state, state_slot, op.Where(from_tokens, empty + 1 + slot - held, empty))  # [B, L]
+
+    empty_row = op.Concat(op.Shape(kv, end=1), [1], channels, axis=0)
+    ape_rows = op.Mod(op.Range(0, seq, 1) + position, m)  # [B, S]
     new_score = op.Cast(score, to=FLOAT) + op.Gather(op.Cast(ape, to=FLOAT), ape_rows)
-    timeline_kv = op.Concat(previous_kv, op.Slice(kv_state, kept, kept + held, [1]), op.Cast(kv, to=FLOAT), axis=1)
-    timeline_score = op.Concat(previous_score, op.Slice(score_state, kept, kept + held, [1]), new_score, axis=1)
+    kv_source = op.Concat(kv_state, op.Expand(op.Constant(value_float=0.0), empty_row), op.Cast(kv, to=FLOAT), axis=1)
+    score_source = op.Concat(score_state, op.Expand(op.Constant(value_float=NEG_INF), empty_row), new_score, axis=1)
+    timeline_kv = take_slots(kv_source, timeline)
+    timeline_score = take_slots(score_source, timeline)
 
-    length = op.Shape(timeline_kv, start=1, end=2)
-    blocks = length / m
-    block_shape = op.Concat(batch, blocks, m, channels, axis=0)
+    rows = (seq + m - 1) / m  # ceil(S/m): the most entries S tokens complete
+    blocks = op.Reshape(rows + 1, [1])
+    block_shape = op.Concat(op.Shape(kv, end=1), blocks, op.Reshape(m, [1]), channels, axis=0)
     kv_blocks = op.Reshape(op.Slice(timeline_kv, [0], blocks * m, [1]), block_shape)
     score_blocks = op.Reshape(op.Slice(timeline_score, [0], blocks * m, [1]), block_shape)
-    a_kv = op.Slice(kv_blocks, [0, 0], op.Concat(blocks - 1, d, axis=0), [1, 3])
-    a_score = op.Where(overlapped, op.Slice(score_blocks, [0, 0], op.Concat(blocks - 1, d, axis=0), [1, 3]), NEG_INF)
+    a_end = op.Concat(blocks - 1, d, axis=0)
+    a_kv = op.Slice(kv_blocks, [0, 0], a_end, [1, 3])
+    a_score = op.Where(overlapped, op.Slice(score_blocks, [0, 0], a_end, [1, 3]), NEG_INF)
     b_start = op.Concat([1], channels - d, axis=0)
     b_kv = op.Slice(kv_blocks, b_start, op.Concat(blocks, channels, axis=0), [1, 3])
     b_score = op.Slice(score_blocks, b_start, op.Concat(blocks, channels, axis=0), [1, 3])
     weights = op.Softmax(op.Concat(a_score, b_score, axis=2), axis=2)
-    pooled = op.ReduceSum(weights * op.Concat(a_kv, b_kv, axis=2), [2], keepdims=0)
+    pooled = op.ReduceSum(weights * op.Concat(a_kv, b_kv, axis=2), [2], keepdims=0)  # [B, rows, d]
 
     rounded = op.Cast(op.Cast(pooled, to=out_dtype), to=FLOAT)
     normed = op.Cast(op.Cast(rms_norm(rounded, norm_weight, eps=norm_eps), to=out_dtype), to=FLOAT)
-    first = start / m
-    entry = op.Range(op.Squeeze(first, [0]), op.Squeeze(first + blocks - 1, [0]), 1)
+    entry = position / m + op.Range(0, rows, 1)  # [B, rows]: the absolute entry index
     angles = op.Unsqueeze(op.Cast(entry * m, to=FLOAT), [-1]) * op.Cast(rope_freqs, to=FLOAT)
-    entries = op.Cast(rotate_pairs(normed, angles), to=out_dtype)
+    completed = completed_rows(position, kv, ratio=ratio)
+    entries = op.Cast(op.Where(completed, rotate_pairs(normed, angles), 0.0), to=out_dtype)
 
-    tail = (blocks - coff + 1) * m
-    kept_kv = op.Slice(timeline_kv, tail, length, [1])
-    kept_score = op.Slice(timeline_score, tail, length, [1])
-    pad = op.Concat(batch, coff * m - (length - tail), channels, axis=0)
-    new_kv_state = op.Concat(kept_kv, op.Expand(op.Constant(value_float=0.0), pad), axis=1)
-    new_score_state = op.Concat(kept_score, op.Expand(op.Constant(value_float=NEG_INF), pad), axis=1)
-    return entries, new_kv_state, new_score_state
+    # the new state: the last (coff-1) complete blocks and the incomplete block's tokens, moved to the front
+    filled = held + seq
+    first = (filled / m - coff + 1) * m
+    source = first + op.Range(0, coff * m, 1)  # [B, coff*m] timeline slots
+    kept = op.GatherElements(timeline, op.Min(source, 2 * m + seq - 1), axis=1)
+    state_index = op.Where(source < filled, kept, empty)
+    return entries, take_slots(kv_source, state_index), take_slots(score_source, state_index)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -770,13 +808,16 @@ def kv_compress_fp8(
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos: INT64,
     ratio: int, overlap: int, norm_eps: float = 1e-6, rope_dim: int = 64, tile: int = 64,
 ):
-    """kv_compress with the new entries as packed FP8 records -> (records [B, n_new, record] uint8,
-    kv_state', score_state'): ``kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim, tile)``."""
+    """kv_compress with the new entries as packed FP8 records -> (records [B, ceil(S/m), record]
+    uint8, kv_state', score_state'): ``kv_cache_pack(kv_compress(..., out_dtype=bf16), rope_dim,
+    tile)``, zero bytes in the rows past each sequence's new entries."""
     entries, new_kv_state, new_score_state = kv_compress(
         kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos,
         ratio=ratio, overlap=overlap, norm_eps=norm_eps, out_dtype=BFLOAT16,
     )
-    return kv_cache_pack(entries, rope_dim=rope_dim, tile=tile), new_kv_state, new_score_state
+    completed = completed_rows(sequence_positions(start_pos, kv), kv, ratio=ratio)
+    records = op.Where(completed, kv_cache_pack(entries, rope_dim=rope_dim, tile=tile), op.Cast(0, to=TensorProto.UINT8))
+    return records, new_kv_state, new_score_state
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
