@@ -58,6 +58,28 @@ def test_position_generic_step_equals_the_ordinary_decode(checkpoint, cache_form
         assert torch.equal(tensor, generic.named_tensors()[name]), name
 
 
+def test_the_step_traces_as_one_graph_at_per_sequence_positions(tmp_path):
+    """What a capture needs of the model's code, checked without a GPU: torch.export traces the
+    step over a bucket view with per-sequence positions as inputs, which fails on any host read of
+    a tensor (``.item()``, ``int()``, ``.tolist()``), value-dependent shape or Python branch on a
+    value. (The HAL ops are opaque there; their Triton wrappers are checked the same way by
+    tests/test_cuda_compile.py, on meta tensors posing as an H100.)"""
+    model = load(write_tiny_checkpoint(tmp_path), device="cpu", dtype=torch.bfloat16, announce=False,
+                 cache_format="fp8")
+    view = model.new_cache(3, 64).truncated(32)
+    names = list(view.named_tensors())
+
+    class Step(torch.nn.Module):
+        def forward(self, tokens, positions, *tensors):
+            return model(tokens, cache=view.with_tensors(dict(zip(names, tensors)), positions), last_only=True)
+
+    args = (torch.zeros(3, 1, dtype=torch.long), torch.tensor([3, 9, 14]), *view.named_tensors().values())
+    program = torch.export.export(Step(), args)
+    hal_calls = {str(n.target) for n in program.graph.nodes if str(n.target).startswith("seahal.")}
+    assert any("kv_compress" in t and t.endswith("_at.default") for t in hal_calls), hal_calls  # the tensor-position twins
+    assert any("indexer_topk" in t and t.endswith("_at.default") for t in hal_calls), hal_calls
+
+
 def test_capture_is_refused_where_it_cannot_work(checkpoint):
     model = load(checkpoint, device="cpu", announce=False)
     with pytest.raises(ValueError, match="capture=True needs a CUDA model, got one on cpu"):
