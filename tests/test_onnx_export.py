@@ -141,7 +141,7 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
     assert (meta["seahal.mode"], meta["seahal.cache_capacity"]) == ("decode", "32")
     assert "seahal.start_pos" not in meta  # a graph input
     start_pos = onnx.load(decode.path).graph.input[1].type.tensor_type
-    assert (start_pos.elem_type, len(start_pos.shape.dim)) == (onnx.TensorProto.INT64, 0)
+    assert (start_pos.elem_type, [d.dim_value for d in start_pos.shape.dim]) == (onnx.TensorProto.INT64, [BATCH])
 
 
 @VARIANTS
@@ -163,13 +163,42 @@ def test_onnxruntime_matches_pytorch_for_prefill_then_decode_steps(variant, requ
     output_names = [o.name for o in session.get_outputs()]
     for pos in range(PROMPT, CAPACITY):
         feed = {f"past.{name[len('present.'):]}": v for name, v in out.items() if name.startswith("present.")}
-        feed.update(input_ids=ids[:, pos : pos + 1].numpy(), start_pos=np.array(pos, dtype=np.int64))
+        feed.update(input_ids=ids[:, pos : pos + 1].numpy(), start_pos=np.full(BATCH, pos, dtype=np.int64))
         out = dict(zip(output_names, session.run(None, feed)))
         expected = model(ids[:, pos : pos + 1], cache=cache)
         _assert_close(out["logits"], expected, rtol, f"{variant} decode logits at {pos}")
         for name, tensor in cache.named_tensors().items():
             _assert_close(out[f"present.{name}"], tensor, rtol, f"{variant} decode {name} at {pos}")
     assert [lc.n_compressed for lc in cache.layers] == [0, CAPACITY // 4, CAPACITY // 16]
+
+
+@VARIANTS
+def test_sequences_at_different_positions_decode_in_one_graph(variant, request):
+    """The decode graph at per-sequence positions: two prompts of 7 and 19 tokens prefilled into the
+    rows of one cache, then steps of both together, against the PyTorch model's position-generic
+    step at the same positions (seahal.model.decode_graph.DecodeGraph), logits and whole cache."""
+    from seahal.model.decode_graph import DecodeGraph
+
+    case = request.getfixturevalue(variant)
+    model, rtol, decode = case.model, case.rtol, case.decode
+    ids = torch.randint(0, 512, (BATCH, CAPACITY), generator=torch.Generator().manual_seed(11))
+    lengths = [7, PROMPT]
+    cache = model.new_cache(BATCH, CAPACITY)
+    for b, n in enumerate(lengths):
+        model(ids[b : b + 1, :n], cache=cache.rows(b, b + 1))
+    feed = {f"past.{name}": t.clone().numpy() for name, t in cache.named_tensors().items()}
+    graph = DecodeGraph(model, cache, capture=False, positions=lengths)
+    session = ort.InferenceSession(str(decode.path), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+    for step in range(CAPACITY - PROMPT):
+        tokens = torch.stack([ids[b, n + step] for b, n in enumerate(lengths)])[:, None]
+        feed.update(input_ids=tokens.numpy(), start_pos=np.array([n + step for n in lengths], dtype=np.int64))
+        out = dict(zip(output_names, session.run(None, feed)))
+        expected = graph.step(tokens)
+        _assert_close(out["logits"], expected, rtol, f"{variant} logits at step {step}")
+        for name, tensor in cache.named_tensors().items():
+            _assert_close(out[f"present.{name}"], tensor, rtol, f"{variant} {name} at step {step}")
+        feed = {f"past.{name[len('present.'):]}": v for name, v in out.items() if name.startswith("present.")}
 
 
 def test_inlined_graph_gives_the_same_outputs(release):
@@ -181,7 +210,7 @@ def test_inlined_graph_gives_the_same_outputs(release):
     assert not inlined.functions and all(n.domain == "" for n in inlined.graph.node)
     ids = torch.randint(0, 512, (BATCH, 1), generator=torch.Generator().manual_seed(3))
     past = model.new_cache(BATCH, CAPACITY).named_tensors()
-    feed = {"input_ids": ids.numpy(), "start_pos": np.array(3, dtype=np.int64)}
+    feed = {"input_ids": ids.numpy(), "start_pos": np.array([3, 9], dtype=np.int64)}
     feed.update({f"past.{name}": t.numpy() for name, t in past.items()})
     with_functions = _run(decode.path, feed)
     session = ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"])

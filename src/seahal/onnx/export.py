@@ -1,7 +1,7 @@
 """Export the DeepSeek-V4 graph to ONNX, every HAL operator a ``seahal``-domain function node.
 
 The exported graph is one forward step with the decode cache as explicit state: ``input_ids``
-[B, S] and, for a decode step, the position ``start_pos`` (int64 scalar) and every cache tensor
+[B, S] and, for a decode step, each sequence's position ``start_pos`` ([B] int64) and every cache tensor
 (``past.<name>``) in; ``logits`` [B, S, vocab] fp32 (or [B, 1, vocab]) and every updated cache
 tensor (``present.<name>``) out. ``<name>`` is :meth:`seahal.model.cache.Cache.named_tensors`'s
 ``layers.<i>.<tensor>``. Two steps are offered: ``prefill`` (``prompt_len`` tokens from an
@@ -14,7 +14,8 @@ state), translated through ``custom_translation_table`` into a node calling the 
 by the model. Everything else (embedding, norms, dense projections, cache reads and writes) is
 ordinary PyTorch and becomes standard ONNX ops.
 
-A decode step is traced with the position as a 0-d tensor: the ops taking ``start_pos`` are
+A decode step is traced with the positions as a [B] tensor (sequences of different lengths step
+together): the ops taking ``start_pos`` are
 called through twins that take it as a tensor (kv_compress's entries padded to the most a step
 can complete, as its ONNX function returns them), and the cache
 (:class:`seahal.model.cache.TracedLayerCache`) offers every compressed row to attention (masked
@@ -96,8 +97,8 @@ def export_onnx(
     ``model_or_path``: a loaded model (traced with its own plan and dtype) or a checkpoint folder
     (loaded on the CPU in fp32, every op on the ``cpu.reference`` kernel). ``mode``: ``"prefill"``
     (``prompt_len`` tokens from an empty cache) or ``"decode"`` (one token at the position the
-    graph input ``start_pos`` gives, the cache holding the tokens before it: one graph serves
-    every step; ``prompt_len`` is unused). ``max_seq_len``: the cache capacity
+    graph input ``start_pos`` [B] gives per sequence, the cache holding the tokens before it:
+    one graph serves every step; ``prompt_len`` is unused). ``max_seq_len``: the cache capacity
     (default the model's ``max_seq_len``), which fixes the cache tensors' shapes; steps meant to
     feed each other must share it and the batch size. ``last_only``: logits of the last token
     only. ``external_data``: store the weights beside the model (default: when over 2 GB).
@@ -118,8 +119,8 @@ def export_onnx(
     inputs = ["input_ids"] + (["start_pos", *(f"past.{n}" for n in names)] if decode else [])
     outputs = ["logits"] + [f"present.{n}" for n in names]
     example = [torch.zeros(batch_size, n_tokens, dtype=torch.long, device=model.device)]
-    if decode:  # the position's value is irrelevant: nothing traced depends on it
-        example.append(torch.zeros((), dtype=torch.long, device=model.device))
+    if decode:  # the positions' values are irrelevant: nothing traced depends on them
+        example.append(torch.zeros(batch_size, dtype=torch.long, device=model.device))
         example += [torch.zeros(t.shape, dtype=t.dtype, device=model.device) for t in layout.named_tensors().values()]
 
     with _pure_bindings(model.plan, positional=decode) as bindings, _decoded_scales(model):
@@ -180,9 +181,9 @@ def main(args: argparse.Namespace) -> int:
 class _Step(nn.Module):
     """One forward step with explicit cache state -> logits and the present cache tensors.
 
-    Prefill: ``input_ids`` from an empty cache. Decode: ``input_ids``, ``start_pos`` (0-d int64)
+    Prefill: ``input_ids`` from an empty cache. Decode: ``input_ids``, ``start_pos`` ([B] int64)
     and the past cache tensors, cloned before the model writes them (the traced graph is pure)
-    into a cache whose position is that tensor (:class:`seahal.model.cache.TracedLayerCache`).
+    into a cache whose positions are that tensor (:class:`seahal.model.cache.TracedLayerCache`).
     """
 
     def __init__(self, model: Transformer, layout: Cache, decode: bool, last_only: bool):
@@ -285,7 +286,7 @@ def _single_or_tuple(results: tuple) -> Any:
 class _PureCall:
     """Calls an op through its pure form (:func:`_pure_op`), then copies the new state into the
     arguments: ``torch.export`` functionalises the copies, so the traced graph holds only the pure
-    op. ``positional``: ``start_pos`` is a 0-d tensor."""
+    op. ``positional``: ``start_pos`` is a tensor."""
 
     def __init__(self, bound: BoundOp, positional: bool):
         self.bound, self.pure_op = bound, _pure_op(bound, positional)
@@ -377,7 +378,7 @@ _ATTRIBUTE_TYPES = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLO
 @functools.cache
 def _node_op(function: hal_functions.OpFunction, schema: torch.FunctionSchema) -> onnxscript.values.Op:
     """``seahal::<function>`` as an onnxscript op following its calling convention: tensor inputs
-    of any type (an integer argument, e.g. start_pos, an int64 scalar), attributes typed as the
+    of any type (an integer argument, e.g. start_pos, an int64 scalar or [B]), attributes typed as the
     torch schema types them (bool and ScalarType as INT), ``n_outputs`` outputs."""
     arguments = {a.name: a for a in schema.arguments}
     inputs = [
