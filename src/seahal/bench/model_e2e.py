@@ -34,7 +34,8 @@ the bf16 peer: transformers' bf16 forward can be far off its own fp32 forward (0
 with an HCA ratio of 16, where bf16 index scores reorder its indexer's top-k). A model whose check
 fails is not timed.
 
-Timing: eager. On a GPU each call is bracketed by CUDA events after a synchronize and waited for,
+Timing: each call as a caller makes it (prefill eager, decode through the graph where there is
+one). On a GPU each call is bracketed by CUDA events after a synchronize and waited for,
 so launch gaps and host work count, as they do for a served token; warm-up calls first (Triton
 compiles and autotunes there); median. On the CPU, ``time.perf_counter``.
 
@@ -44,7 +45,8 @@ portable reference; each row's ``plan.fallbacks`` lists them).
 
 Decode on a GPU replays one CUDA graph per cache (:class:`seahal.model.decode_graph.DecodeGraph`,
 captured during the warm-up steps) when the plan keeps positions on the device; the row's
-``timing.seahal`` says ``cuda graph`` or ``eager``. Prefill is eager.
+``timing.seahal`` says ``cuda graph`` or ``eager``, and a graph row also carries the same steps
+run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager.
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -187,11 +189,15 @@ class _Seahal:
 
     def decode(self, cache, token: torch.Tensor) -> None:
         if not DecodeGraph.capturable(self.model):
-            self.model(token, cache=cache, last_only=True)
+            self.decode_eager(cache, token)
             return
         if self.graph is None or self.graph.cache is not cache:
             self.graph = DecodeGraph(self.model, cache, capture=True)
         self.graph.step(token)
+
+    def decode_eager(self, cache, token: torch.Tensor) -> None:
+        """A decode step without the graph: every launch from the host."""
+        self.model(token, cache=cache, last_only=True)
 
 
 class _Transformers:
@@ -286,6 +292,12 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
         model.decode(cache, token)
     measured.decode_us = statistics.median(_elapsed_us(lambda t=t: model.decode(cache, t), device)
                                            for t in steps[s.warmup :])
+    if getattr(model, "decode_timing", "eager") == "cuda graph":  # what the graph saves: the same steps eagerly
+        _, cache = model.prefill(prompt)
+        for token in steps[: s.warmup]:
+            model.decode_eager(cache, token)
+        measured.details["eager_decode_us"] = statistics.median(
+            _elapsed_us(lambda t=t: model.decode_eager(cache, t), device) for t in steps[s.warmup :])
     return measured
 
 
@@ -361,7 +373,10 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     shape = f"prefill {_tokens(context)}" if phase == "prefill" else f"decode @{_tokens(context)}"
     case = common.Case("model", shape, flops, nbytes, LAYOUTS[layout].peak_tflops, params=params)
     row = common.new_row(case, f"seahal {layout}")
-    common.record(row, case, us, {} if peer_us is None else {"transformers": peer_us})
+    peers = {} if peer_us is None else {"transformers": peer_us}
+    if phase == "decode" and "eager_decode_us" in ours.details:
+        peers["seahal eager (no graph)"] = ours.details["eager_decode_us"]
+    common.record(row, case, us, peers)
     row["tokens_per_s"] = None if us is None else tokens / us * 1e6
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
                    "weight_conversions": dict(model.plan.weight_conversions)}
