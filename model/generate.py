@@ -183,7 +183,8 @@ def generate(
         if graph is not None:
             logits = graph.step(torch.cat([g.inputs for g in groups]))[:, -1]
             for group, rows in zip(groups, logits.split([len(g.rows) for g in groups])):
-                consume(group, rows, decoding=True)
+                if group in active:  # a finished group's rows step along, unread (and draw no samples)
+                    consume(group, rows, decoding=True)
         else:
             for group in active:
                 consume(group, group.logits(model), decoding=True)

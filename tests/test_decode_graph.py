@@ -99,12 +99,14 @@ def test_generate_decodes_the_same_through_the_generic_step(checkpoint, monkeypa
     model = load(checkpoint, device="cpu", announce=False)
     prompts = [[5, 7, 11, 13, 17], [2, 3], [19, 23, 29, 31, 37], [41] * 9]
     ordinary = model.generate(prompts, 12, greedy=True)
-    sampled = model.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=4)
+    eos = model.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=4)[1][2]  # prompt 1 stops by its 3rd token
+    sampled = model.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=4, eos_token_id=eos)
     monkeypatch.setattr(DecodeGraph, "capturable", staticmethod(lambda model: True))
     monkeypatch.setattr(DecodeGraph, "__init__", _eager_init)
     generic = model.generate(prompts, 12, greedy=True)
     assert generic == ordinary and generic.stats.cached_tokens == ordinary.stats.cached_tokens
-    assert model.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=4) == sampled
+    assert model.generate(prompts, 12, temperature=0.8, top_p=0.9, seed=4, eos_token_id=eos) == sampled
+    assert len(sampled[1]) <= 3 and len(sampled[0]) == 12  # a group stopped early, and sampled no more
 
 
 _original_init = DecodeGraph.__init__
