@@ -113,19 +113,14 @@ def kv_compress(
     held = (coff - 1) * ratio + position % ratio  # state slots in use: kept blocks, then the partial block
     filled = held + seq_len  # timeline slots holding a value
     u = torch.arange(slots + seq_len, device=device)[None, :]  # [1, L] timeline slots
-    from_state = (u < held) & (position > 0)  # start_pos 0: a reset state, whatever it holds
-    from_tokens = (u >= held) & (u < filled)
-    token = (u - held).clamp(0, max(seq_len - 1, 0))
+    from_state = ((u < held) & (position > 0))[..., None]  # start_pos 0: a reset state, whatever it holds
     state_slot = u.clamp(max=slots - 1).expand(batch, -1)
+    token = torch.where((u >= held) & (u < filled), u - held, seq_len)  # seq_len: the empty row after the tokens
 
     def timeline(state: torch.Tensor, tokens: torch.Tensor, empty: float) -> torch.Tensor:
-        if seq_len:
-            new = _gather_slots(tokens.to(dtype), token)
-        else:
-            new = torch.full((batch, u.shape[1], channels), empty, dtype=dtype, device=device)
-        held_values = _gather_slots(state.to(dtype), state_slot)
-        return torch.where(from_state[..., None], held_values,
-                           torch.where(from_tokens[..., None], new, torch.tensor(empty, dtype=dtype, device=device)))
+        """[B, L, C]: slot u holds the state's slot u, token u - held, or is empty."""
+        padded = torch.cat((tokens.to(dtype), tokens.new_full((batch, 1, channels), empty, dtype=dtype)), dim=1)
+        return torch.where(from_state, _gather_slots(state.to(dtype), state_slot), _gather_slots(padded, token))
 
     ape_rows = (torch.arange(seq_len, device=device) + position) % ratio  # [B, S]
     timeline_kv = timeline(kv_state, kv, 0.0)
