@@ -16,7 +16,8 @@
 # Usage (on the device, from the repository root):
 #   bash scripts/gpu_session.sh [--dry-run] [--budget SECONDS] [--only STEP,STEP]
 # --dry-run prints the steps and their limits and runs nothing; --only runs the named steps (to
-# finish a session that ran out of budget). Estimates per step (H100, not yet measured) are in
+# finish a session that ran out of budget; `--only bench-model` runs the end-to-end model bench,
+# which no default run includes). Estimates per step (H100, not yet measured) are in
 # backends/cuda/TUNING.md.
 set -uo pipefail
 
@@ -33,7 +34,7 @@ while (($#)); do
     --dry-run) DRY_RUN=1 ;;
     --budget) BUDGET="$2"; shift ;;
     --only) ONLY=",$2,"; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_session.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -49,6 +50,11 @@ STEPS=(
   "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts --json \$RESULTS/bench-rest.json"
   "bench-gemm-gate|150|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,fp4_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack --json \$RESULTS/bench-quick.json"
+)
+# Run only when --only names them: the end-to-end model against transformers (minutes, 32 GB of
+# GPU memory, 22 GB of temporary disk); wheels carried in .whl/ (transformers >= 5.23) go first.
+OPT_IN_STEPS=(
+  "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
 )
 
 xdist_args() {  # 4 workers, one file each at a time (kernel compiles overlap; the 64k tests need ~12 GB each)
@@ -84,7 +90,14 @@ EOF
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+install_carried_wheels() {  # wheels the device image lacks, carried in .whl/ (TUNING.md)
+  compgen -G "$ROOT/.whl/*.whl" >/dev/null || return 0
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/wheels" "$ROOT"/.whl/*.whl \
+    && export PYTHONPATH="$SCRATCH/wheels:$PYTHONPATH"
+}
+
 selected() { [[ -z "$ONLY" || "$ONLY" == *",$1,"* ]]; }
+named() { [[ "$ONLY" == *",$1,"* ]]; }
 
 cd "$ROOT" || exit 2
 if ((DRY_RUN)); then
@@ -92,6 +105,10 @@ if ((DRY_RUN)); then
   for step in "${STEPS[@]}"; do
     IFS='|' read -r name cap command <<<"$step"
     selected "$name" && printf '%-16s <= %4ss  %s\n' "$name" "$cap" "$command"
+  done
+  for step in "${OPT_IN_STEPS[@]}"; do
+    IFS='|' read -r name cap command <<<"$step"
+    named "$name" && printf '%-16s <= %4ss  %s\n' "$name" "$cap" "$command"
   done
   exit 0
 fi
@@ -101,15 +118,19 @@ SCRATCH="$(mktemp -d)"
 LOG="$RESULTS/session.log"
 SUMMARY="$RESULTS/summary.txt"
 : >"$LOG"
-export PYTHON RESULTS PYTHONUNBUFFERED=1
+export PYTHON RESULTS ROOT SCRATCH PYTHONUNBUFFERED=1
 export OUT="$SCRATCH"  # bench modules that write $OUT/<module>.json on their own write there, not into the 8 files
-export -f print_environment xdist_args timeout_args
+export -f print_environment xdist_args timeout_args install_carried_wheels
 make_importable
 DEADLINE=$((SECONDS + BUDGET))
 printf '%-16s %-10s %7s %6s  %s\n' step status seconds limit "last line" >"$SUMMARY"
 not_ok=0
 
-for step in "${STEPS[@]}"; do
+RUN=("${STEPS[@]}")
+for step in "${OPT_IN_STEPS[@]}"; do
+  named "${step%%|*}" && RUN+=("$step")
+done
+for step in "${RUN[@]}"; do
   IFS='|' read -r name cap command <<<"$step"
   selected "$name" || continue
   left=$((DEADLINE - SECONDS))

@@ -57,6 +57,10 @@ def test_only_selects_steps_and_bad_arguments_are_refused():
     result = _run("--dry-run", "--only", "bench-indexer,conformance", "--budget", "300")
     assert result.stdout.splitlines()[0].startswith("budget 300s")
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["conformance", "bench-indexer"]
+    # the end-to-end model bench runs only when named, after the carried wheels are installed
+    result = _run("--dry-run", "--only", "bench-model")
+    (line,) = result.stdout.splitlines()[1:]
+    assert line.split()[0] == "bench-model" and "install_carried_wheels && " in line and "--ops model" in line
     result = _run("--frobnicate")
     assert result.returncode == 2 and "unknown argument --frobnicate" in result.stderr
 

@@ -383,7 +383,7 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     timing = "eager" if device.type == "cuda" else "host"
     row["timing"] = {"seahal": ours.details.get("decode_timing", timing) if phase == "decode" else timing}
     if peer is None:
-        row["note"] = "transformers is not installed: no oracle (unchecked), no peer"
+        row["note"] = "transformers with DeepseekV4ForCausalLM (>= 5.23) is not installed: no oracle (unchecked), no peer"
         return row
     row["timing"]["transformers"] = timing
     row["peer"]["transformers"].update(tokens_per_s=tokens / peer_us * 1e6, **peer.details,
@@ -397,12 +397,23 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     return row
 
 
+def has_deepseek_v4() -> bool:
+    """Whether the installed transformers has the model (5.23 on; a GPU image may hold an older one)."""
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    import transformers
+
+    return hasattr(transformers, "DeepseekV4ForCausalLM")
+
+
 def _transformers(dense: Path, oracle_folder: Path | None, prompts: dict[int, torch.Tensor], s: Scale,
                   device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, _Measured]]:
     """transformers' bf16 figures and fp32 oracle logits by context (empty when transformers is not
     installed). The oracle is the peer's model made :meth:`_Transformers.as_oracle`, which saves a
     load of the 8 B model; or, with ``oracle_folder``, that folder's."""
-    if importlib.util.find_spec("transformers") is None:
+    if not has_deepseek_v4():
+        print("model: transformers with DeepseekV4ForCausalLM (>= 5.23) is not installed: no oracle, no peer",
+              flush=True)
         return {}, {}
     start = time.perf_counter()
     model = _Transformers(dense, device)
