@@ -33,6 +33,8 @@ class GenerationStats:
     """New tokens produced by decode steps (each sequence's first new token comes from its prefill)."""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_mode: str = "eager"
+    """How decode steps ran: ``"cuda graph"`` (every sequence in one replayed step) or ``"eager"``."""
     cache_bytes: int = 0
     """``nbytes()`` of the batch's cache, as allocated."""
     cached_tokens: int = 0
@@ -178,6 +180,7 @@ def generate(
     graph = None
     if cache is not None and DecodeGraph.capturable(model):  # every sequence in one replayed step, at its position
         graph = DecodeGraph(model, cache, capture=True, positions=[len(prompts[r]) for g in groups for r in g.rows])
+        stats.decode_mode = "cuda graph"
     while active := [g for g in groups if not all(g.done)]:
         start = time.perf_counter()
         if graph is not None:

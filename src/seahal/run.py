@@ -153,7 +153,8 @@ def _run(args: argparse.Namespace, parallel) -> int:
     if tokenizer is not None:
         print(f"text: {tokenizer.decode(prompt + tokens)!r}")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prefill_seconds:.3f} s = {s.prefill_tokens_per_second:.1f} tok/s")
-    print(f"decode: {s.decoded_tokens} tokens in {s.decode_seconds:.3f} s = {s.decode_tokens_per_second:.1f} tok/s")
+    print(f"decode: {s.decoded_tokens} tokens in {s.decode_seconds:.3f} s = {s.decode_tokens_per_second:.1f} tok/s "
+          f"({s.decode_mode})")
     if s.cached_tokens:
         print(
             f"cache: {s.cache_bytes / s.cached_tokens:.0f} bytes/token ({s.cache_bytes} bytes allocated for "
