@@ -45,11 +45,12 @@ def test_generic_decode_through_triton_kernels_equals_the_ordinary_decode(tmp_pa
     model = load(write_tiny_checkpoint(tmp_path), device="cpu", dtype=torch.bfloat16, announce=False,
                  cache_format=cache_format)
     _on_cuda_kernels(model)
-    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(2))
-    ordinary, generic = model.new_cache(1, 32), model.new_cache(1, 32)
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    ordinary, generic = model.new_cache(2, 32), model.new_cache(2, 32)
     for cache in (ordinary, generic):
         model(ids[:, :7], cache=cache)
-    graph = DecodeGraph(model, generic, capture=False)
+    # buckets of 16 then 32 positions: the kernels read views of the stores with their batch stride
+    graph = DecodeGraph(model, generic, capture=False, min_bucket=16)
     for t in range(7, 30):  # CSA (m=4) and HCA (m=16) entries completed, the window (16) wrapped
         expected = model(ids[:, t : t + 1], cache=ordinary, last_only=True)
         assert torch.equal(graph.step(ids[:, t : t + 1]), expected), t
