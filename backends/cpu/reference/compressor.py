@@ -55,6 +55,11 @@ def _finish_entries(
     return rotate_pairs(normed.to(dtype), angles).to(out_dtype)
 
 
+def _sequence_positions(start_pos: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """start_pos (an int, a 0-d or a [B] tensor) as each sequence's position: [B, 1] int."""
+    return torch.as_tensor(start_pos, device=device).reshape(-1, 1).expand(batch, 1)
+
+
 def _completed(position: torch.Tensor, seq_len: int, ratio: int) -> torch.Tensor:
     """position: [B, 1] -> [B, ceil(S/m)] bool: row k holds an entry the S tokens complete."""
     k = torch.arange(most_new_entries(seq_len, ratio), device=position.device)[None, :]
@@ -109,7 +114,7 @@ def kv_compress(
     d = channels // coff
     device = kv.device
 
-    position = torch.as_tensor(start_pos, device=device).reshape(-1, 1).expand(batch, 1)  # [B, 1]
+    position = _sequence_positions(start_pos, batch, device)
     held = (coff - 1) * ratio + position % ratio  # state slots in use: kept blocks, then the partial block
     filled = held + seq_len  # timeline slots holding a value
     u = torch.arange(slots + seq_len, device=device)[None, :]  # [1, L] timeline slots
@@ -171,5 +176,5 @@ def kv_compress_fp8(
     records = kv_cache_pack(entries, rope_dim, tile)
     if not isinstance(start_pos, torch.Tensor):
         return records
-    position = start_pos.reshape(-1, 1).expand(kv.shape[0], 1)
+    position = _sequence_positions(start_pos, kv.shape[0], kv.device)
     return torch.where(_completed(position, kv.shape[1], ratio)[..., None], records, 0)  # zero bytes past the entries
