@@ -36,7 +36,8 @@ def _empty(*shape, dtype=None):
 
 def _gemms():
     """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it,
-    and the persistent variant of each prefill (M >= 512) config: a tuner candidate, in no table yet."""
+    the persistent variant of each prefill (M >= 512) config and the e4m3 form of each FP4 config
+    (e8m0 scales): tuner candidates, in no table yet."""
     import dataclasses
 
     import torch
@@ -50,13 +51,18 @@ def _gemms():
         table = {**module.CONFIGS["sm90"], (1, 7168, 2048): _gemm.heuristic_config(1, 7168, 2048, 132)}
         chosen = {}  # one config per code shape: num_stages and group_m only change the pipelining
         for key, c in table.items():
-            for v in (c, dataclasses.replace(c, persistent=1)) if key[0] >= 512 else (c,):
-                chosen.setdefault((v.block_m, v.block_n, v.num_warps, v.split_k > 1, v.tma, v.persistent > 0), (v, key))
+            variants = [c, dataclasses.replace(c, persistent=1)] if key[0] >= 512 else [c]
+            if module is fp4_gemm:
+                variants += [dataclasses.replace(v, fp4_as_e4m3=True) for v in variants]
+            for v in variants:
+                code_shape = (v.block_m, v.block_n, v.num_warps, v.split_k > 1, v.tma, v.persistent > 0, v.fp4_as_e4m3)
+                chosen.setdefault(code_shape, (v, key))
         for config, (m, n, k) in chosen.values():
             a, sa = _empty(m, k, dtype=torch.float8_e4m3fn), _empty(m, k // 128)
             b = _empty(n, b_cols(k), dtype=b_dtype)
             sb_rows = -(-n // 128) if module is fp8_gemm else n
-            for scale_dtype, out_dtype in ((torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32)):
+            formats = ((torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32))
+            for scale_dtype, out_dtype in formats[1:] if config.fp4_as_e4m3 else formats:  # e4m3: e8m0 only
                 sb = _empty(sb_rows, sb_cols(k), dtype=scale_dtype)
                 launch(a, sa, b, sb, _empty(m, n, dtype=out_dtype), config)
                 if config.split_k == 1:
@@ -87,12 +93,13 @@ def _moe(t: int):
         _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
         _empty(e, DIM, INTER, dtype=fp8), _empty(e, DIM // 128, INTER // 128, dtype=torch.float8_e8m0fnu),
     )
-    moe_experts.moe_experts(  # FP4 weights, fp32 scales
-        x, weights, top,
-        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32),
-        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32),
-        _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32),
-    )
+    for scale_dtype in (torch.float32, torch.float8_e8m0fnu):  # FP4 weights; e8m0: the e4m3 form too
+        moe_experts.moe_experts(
+            x, weights, top,
+            _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
+            _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
+            _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=scale_dtype),
+        )
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)
     dense = torch.bfloat16

@@ -118,3 +118,31 @@ def test_fp4_gemm_plan(plan, m, n, k):
     err_bf16 = _rel(plan.ops.fp4_gemm(a, a_scale, b, b_scale), ref)
     err_fp32 = _rel(plan.ops.fp4_gemm(a, a_scale, b, b_scale, torch.float32), ref)
     assert err_bf16 < BF16_TOL and err_fp32 < 1e-5, (err_bf16, err_fp32)  # bf16 MMA: exact products, fp32 sums
+
+
+@pytest.mark.parametrize("block_m, block_n, warps, split_k", [(16, 64, 4, 8), (64, 128, 4, 1), (128, 128, 8, 1)])
+@pytest.mark.parametrize("binades", [10, 40])
+def test_fp4_e4m3_form(block_m, block_n, warps, split_k, binades):
+    """``fp4_as_e4m3``: where a tile's scales allow (10 binades: all tiles) the FP8 MMA sums the same
+    exact products with ~14-bit block accumulation (FP32_TOL); where not (40: every tile) the bf16
+    form runs, whose products are exact and sums fp32."""
+    from seahal.backends.cuda.fp4_gemm import launch_fp4_gemm
+
+    torch.manual_seed(binades + block_m)
+    m, n, k = 300, 1000, 2048
+    a, a_scale = fp8_quantize(torch.randn(m, k, device="cuda"), 128)
+    half = binades // 2
+    groups = torch.exp2(torch.randint(-half, half + 1, (n, k // 32), device="cuda").float()).repeat_interleave(32, 1)
+    b, b_scale = fp4_quantize(torch.randn(n, k, device="cuda") * groups)
+    b_scale = ue8m0_encode(b_scale).view(torch.float8_e8m0fnu)
+    ref = reference.fp4_gemm(a, a_scale, b, b_scale, torch.float32)
+    out = {}
+    for e4m3 in (False, True):
+        out[e4m3] = torch.full((m, n), float("nan"), device="cuda")
+        launch_fp4_gemm(a, a_scale, b, b_scale, out[e4m3], GemmConfig(block_m, block_n, warps, 3, split_k, fp4_as_e4m3=e4m3))
+    assert not out[True].isnan().any()
+    assert _rel(out[False], ref) < 1e-5
+    if binades > 14:
+        assert _rel(out[True], out[False]) < 1e-6  # every tile fell back to the bf16 form (0 unless FMA contraction differs)
+    else:
+        assert _rel(out[True], ref) < FP32_TOL

@@ -63,7 +63,8 @@ def experts():
 def _weights(rows: int, cols: int, fmt: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stacked expert weights [E, rows, cols] with entries ~ cols^-1/2, in ``fmt``:
     ``bf16``, ``fp32``, ``fp8`` / ``fp8-e8m0`` (random non-power-of-two / power-of-two 128x128
-    block scales), ``fp4-e8m0`` (1x32 scales)."""
+    block scales), ``fp4-e8m0`` (1x32 scales), ``fp4-e8m0-wide`` (1x32 groups' magnitudes spread
+    over 2^-20 .. 2^20, so a K block's scales span more binades than the e4m3 form allows)."""
     if fmt in ("bf16", "fp32"):
         dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
         return (torch.randn(E, rows, cols, generator=gen) * cols**-0.5).to(dtype), None
@@ -73,7 +74,10 @@ def _weights(rows: int, cols: int, fmt: str, gen: torch.Generator) -> tuple[torc
         if fmt == "fp8-e8m0":
             scale = ue8m0_encode(torch.exp2(torch.round(torch.log2(scale)))).view(torch.float8_e8m0fnu)
         return codes, scale
-    codes, scale = fp4_quantize(torch.randn(E, rows, cols, generator=gen) * cols**-0.5)
+    w = torch.randn(E, rows, cols, generator=gen) * cols**-0.5
+    if fmt == "fp4-e8m0-wide":
+        w *= torch.exp2(torch.randint(-20, 21, (E, rows, cols // 32), generator=gen).float()).repeat_interleave(32, 2)
+    codes, scale = fp4_quantize(w)
     return codes, ue8m0_encode(scale).view(torch.float8_e8m0fnu)
 
 
@@ -171,6 +175,24 @@ def test_mixed_weight_formats(experts, up_fmt, down_fmt):
     args = list(_case(5, up_fmt, torch.bfloat16, seed=1))
     args[7], args[8] = _weights(D, I, down_fmt, torch.Generator().manual_seed(2))
     out = experts.moe_experts(*args)
+    assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
+    assert _rel(out, _brute_force(*args)) < BF16_TOL
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # "-wide" gates reach -1e5: silu's exp(-gate) is inf
+@pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp4-e8m0-wide"])
+def test_fp4_e4m3_form_is_the_bf16_form(experts, fmt):
+    """FP4 experts with e8m0 scales: tiles whose scales allow it take the e4m3 form (FP8 MMA),
+    the others bf16 ("-wide": all of them); both sum the same exact products, so the output is
+    the all-bf16 launch's bit for bit."""
+    import dataclasses
+
+    args = _case(5, fmt, torch.bfloat16, seed=4)
+    config = experts.experts_config(10, True, args[0].device)
+    assert config.fp4_as_e4m3, "the e4m3 form is the default"
+    out = experts.moe_experts(*args)
+    assert torch.equal(out, experts.moe_experts(*args, config=dataclasses.replace(config, fp4_as_e4m3=False)))
     assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
     assert _rel(out, _brute_force(*args)) < BF16_TOL
 

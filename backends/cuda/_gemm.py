@@ -39,6 +39,9 @@ class GemmConfig:
     persistent: int = 0
     """Programs per SM of a persistent launch: min(work items, SMs x persistent) programs, each
     looping over (output tile, K split) work items in launch order; 0: one program per work item."""
+    fp4_as_e4m3: bool = False
+    """FP4 weights with e8m0 scales: decode each K block to e4m3 for the FP8 tensor cores where that
+    is exact, else to bf16 (``_e2m1.fp4_block_dot``); fp32 scales always take bf16."""
 
 
 ConfigTable = Mapping[tuple[int, int, int], GemmConfig]
@@ -155,6 +158,8 @@ def launch(
     partial, counters = split_k_workspace(config, m, n, a.device)
     a_arg, b_arg = (_descriptor(a, config.block_m), _descriptor(b, config.block_n)) if config.tma else (a, b)
     options = {"TMA": True} if config.tma else {}  # only the fp8 kernel has a TMA path
+    if config.fp4_as_e4m3 and e8m0:  # only the fp4 kernel decodes
+        options["E4M3_MMA"] = True
     if config.persistent:
         options["PERSISTENT"] = True
     kernel[launch_grid(config, m, n, a.device)](

@@ -1,10 +1,10 @@
-"""Triton FP8 x FP4 GEMM (op ``fp4_gemm``): e2m1 weights decoded in registers to bf16.
+"""Triton FP8 x FP4 GEMM (op ``fp4_gemm``): e2m1 weights decoded in registers.
 
-Per 128-wide K block: the packed e2m1 codes of B are unpacked, decoded and multiplied by their
-1x32 power-of-two scales (exact in bf16: e2m1 has 2 significant bits), A's e4m3 codes are widened
-to bf16 (exact), the bf16 tensor cores form the block product in fp32, and ``sA[m, kb]`` scales it
-into a separate fp32 accumulator. Equal to the reference's per-32-step sum up to fp32 rounding
-order (v4_ops.md §11.5).
+Per 128-wide K block: the packed e2m1 codes of B are unpacked and decoded with their 1x32
+power-of-two scales, in bf16 for a bf16 MMA on A's widened codes, or (``GemmConfig.fp4_as_e4m3``,
+e8m0 scales) in e4m3 for an FP8 MMA with a per-row scale, both exact (:mod:`._e2m1`); ``sA[m, kb]``
+scales the block product into a separate fp32 accumulator. Equal to the reference's per-32-step
+sum up to fp32 rounding order (v4_ops.md §11.5).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords
+from ._e2m1 import e4m3_form_is_exact, fp4_block_dot
+from ._gemm import ConfigTable, GemmConfig, gemm, k_block_range, launch, store_tile, tile_coords
 
 SM90_CONFIGS: ConfigTable = {
     (1, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_up 18.6 us
@@ -32,17 +33,6 @@ SM90_CONFIGS: ConfigTable = {
 CONFIGS = {"sm90": SM90_CONFIGS}
 
 
-@triton.jit
-def _decode_e2m1(code):
-    """e2m1 codes (sign<<3 | exponent<<1 | mantissa) -> fp32 {0, .5, 1, 1.5, 2, 3, 4, 6} with sign."""
-    c = code.to(tl.int32)
-    exponent = (c >> 1) & 3
-    mantissa = c & 1
-    normal = ((exponent + 126) << 23) | (mantissa << 22)
-    bits = tl.where(exponent > 0, normal, mantissa * (126 << 23)) | ((c & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
-
-
 @triton.jit(do_not_specialize=["M", "stride_asm", "stride_bsn"])
 def _fp4_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
@@ -51,7 +41,7 @@ def _fp4_gemm_kernel(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, PERSISTENT: tl.constexpr = False,
+    B_SCALE_E8M0: tl.constexpr, E4M3_MMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     """:func:`_fp4_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
     program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
@@ -61,13 +51,13 @@ def _fp4_gemm_kernel(
             _fp4_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, E4M3_MMA,
             )
     else:
         _fp4_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, E4M3_MMA,
         )
 
 
@@ -79,7 +69,7 @@ def _fp4_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, E4M3_MMA: tl.constexpr,
 ):
     """C[m, n] = sum_kb sA[m, kb] * sum_{k in kb} A[m, k] * e2m1(B[n, k]) * sB[n, k // 32] for output
     tile ``tile`` (in GROUP_M order), K blocks of split ``pid_k``."""
@@ -92,22 +82,34 @@ def _fp4_gemm_tile(
     a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
     b_scale_ptrs = b_scale_ptr + rows_b[:, None] * stride_bsn + (kb_lo * 4 + tl.arange(0, 4))[None, :] * stride_bsk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(kb_lo, kb_hi):
-        packed = tl.load(b_ptrs)
-        codes = tl.join(packed & 0xF, packed >> 4).reshape(BLOCK_N, 128)  # element 2i = low nibble
-        b_scale = tl.load(b_scale_ptrs)
-        if B_SCALE_E8M0:
-            b_scale = decode_e8m0(b_scale)
-        b_scale = tl.broadcast_to(b_scale[:, :, None], (BLOCK_N, 4, 32)).reshape(BLOCK_N, 128)
-        b = (_decode_e2m1(codes) * b_scale).to(tl.bfloat16)
-        partial = tl.dot(tl.load(a_ptrs).to(tl.bfloat16), tl.trans(b))
-        acc += partial * tl.load(a_scale_ptrs)[:, None]
+    if E4M3_MMA:  # one form for the whole K range: see _e2m1.e4m3_form_is_exact
+        e4m3 = e4m3_form_is_exact(b_scale_ptr + rows_b * stride_bsn, kb_lo, kb_hi, stride_bsk, BLOCK_N)
+    else:
+        e4m3 = False
+    if e4m3:  # the form must be a literal constexpr in each call
+        acc = _k_loop(acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo, stride_ak, stride_ask,
+                      stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, True)
+    else:
+        acc = _k_loop(acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo, stride_ak, stride_ask,
+                      stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, False)
+    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+               BLOCK_M, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _k_loop(
+    acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, k_blocks, stride_ak, stride_ask, stride_bk, stride_bsk,
+    BLOCK_N: tl.constexpr, B_SCALE_E8M0: tl.constexpr, E4M3: tl.constexpr,
+):
+    """``acc`` plus ``k_blocks`` scaled 128-wide block products from the given tile pointers on."""
+    for _ in range(k_blocks):
+        acc = fp4_block_dot(acc, tl.load(a_ptrs), tl.load(a_scale_ptrs), tl.load(b_ptrs), tl.load(b_scale_ptrs),
+                            B_SCALE_E8M0, E4M3, BLOCK_N, 128)
         a_ptrs += 128 * stride_ak
         b_ptrs += 64 * stride_bk
         a_scale_ptrs += stride_ask
         b_scale_ptrs += 4 * stride_bsk
-    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
-               BLOCK_M, BLOCK_N, SPLIT_K)
+    return acc
 
 
 def launch_fp4_gemm(

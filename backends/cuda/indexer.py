@@ -50,7 +50,7 @@ import triton.language as tl
 
 from ._numerics import cast_rne
 from ._position import load_position, position_stride
-from .fp4_gemm import _decode_e2m1
+from ._e2m1 import decode_e2m1
 from .kv_unpack import _e4m3_value, _e8m0_scale
 from .moe_gate import _packed_key
 from .sparse_attention import _dot
@@ -291,7 +291,7 @@ def _key_tile(rows, cols, row_ok, in_d, stride_kd, dtype: tl.constexpr, KEY_FORM
         byte = tl.load(rows + (cols // 2)[None, :] * stride_kd, mask=mask, other=0).to(tl.int32)
         code = (byte >> (4 * (cols % 2))[None, :]) & 0xF
         exponent = tl.load(rows + (HEAD_DIM // 2 + cols // 32)[None, :] * stride_kd, mask=mask, other=127)
-        tile = cast_rne(tl.where(mask, _decode_e2m1(code) * _e8m0_scale(exponent.to(tl.int32)), 0.0), dtype)
+        tile = cast_rne(tl.where(mask, decode_e2m1(code) * _e8m0_scale(exponent.to(tl.int32)), 0.0), dtype)
     elif KEY_FORMAT == "fp8":
         codes = tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0).to(tl.int32)
         bits = tl.load(rows + HEAD_DIM * stride_kd, mask=row_ok, other=0).to(tl.uint32)

@@ -2,7 +2,8 @@
 
 Per (weight shape, M) row: our Triton kernel; ``torch._scaled_mm`` with DeepSeek blockwise scales
 (1x128 activation, 128x128 weight; checked against a float64 dequantised product before timing);
-``torch._scaled_mm`` rowwise; bf16 ``torch.matmul``. Times are medians of
+``torch._scaled_mm`` rowwise; bf16 ``torch.matmul``; for ``fp4_gemm`` the chosen config in the
+other FP4 form (bf16 or e4m3 decode, ``GemmConfig.fp4_as_e4m3``). Times are medians of
 CUDA-graph replays timed with CUDA events, L2 flushed before every call (``common.time_cuda``). TFLOP/s = 2MNK/t,
 GB/s = bytes(A + B + scales + C)/t, against 1979 FP8 TFLOP/s and 3.0 TB/s.
 
@@ -129,7 +130,9 @@ def tune_candidates(op: str, m: int):
         persistent = [C(64, 128, 4, 4, persistent=2), C(128, 128, 8, 3, persistent=1), C(128, 128, 8, 4, persistent=1)]
         configs += persistent
         tma += [replace(c, tma=True) for c in persistent]
-    return configs + tma if op == "fp8_gemm" else configs
+    if op == "fp8_gemm":
+        return configs + tma
+    return configs + [replace(c, fp4_as_e4m3=True) for c in configs]  # the FP8-MMA form of each
 
 
 def _checked(op: str, config, a, a_scale, b, b_scale, ref) -> float:
@@ -258,6 +261,10 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     if op == "fp8_gemm":
         _peer("cublas_block", lambda: cublas_blockwise(a, a_scale, b, b_scale), ref, quick, True, row)
         _peer("cublas_row", lambda: cublas_rowwise(a, b), ref, quick, False, row)
+    else:  # the chosen config in the other FP4 form (bf16 <-> e4m3 decode; fp4_as_e4m3 in GemmConfig)
+        other = replace(config, fp4_as_e4m3=not config.fp4_as_e4m3)
+        out_other = torch.empty_like(out)
+        _peer("other_form", lambda: (lambda: _launcher(op)(a, a_scale, b, b_scale, out_other, other)), ref, quick, True, row)
     a16 = a.to(torch.bfloat16)
     b16 = (b if op == "fp8_gemm" else torch.randn(n, k, device=device)).to(torch.bfloat16)
     _peer("bf16", lambda: (lambda: torch.matmul(a16, b16.t())), ref, quick, False, row)
@@ -283,6 +290,9 @@ def format_table(rows: list[dict]) -> str:
         c = r["config"]
         cfg = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} k{c['split_k']} g{c['group_m']}"
         cfg += " tma" * bool(c.get("tma")) + (f" p{c['persistent']}" if c.get("persistent") else "")
+        cfg += " e4m3" * bool(c.get("fp4_as_e4m3"))
+        if r.get("other_form_us"):
+            cfg += f" (other FP4 form: {r['other_form_us']:.1f} us)"
         lines.append(
             f"{r['op'][:8]:8} {r['shape']:10} {r['M']:>5} {_fmt(r['us'], '8.1f')} {_fmt(r['tflops'], '8.1f')} "
             f"{_fmt(r['gbps'], '6.0f')} {_fmt(100 * r['frac_fp8_peak'], '5.1f')} {_fmt(100 * r['frac_hbm'], '5.1f')} "
@@ -303,6 +313,7 @@ def config_table_source(rows: list[dict]) -> str:
         c = r["config"]
         flag = ", tma=True" if c.get("tma") else ""
         flag += f", persistent={c['persistent']}" if c.get("persistent") else ""
+        flag += ", fp4_as_e4m3=True" if c.get("fp4_as_e4m3") else ""
         lines.append(f"    ({m_class(r['M'])}, {r['N']}, {r['K']}): GemmConfig({c['block_m']}, {c['block_n']}, "
                      f"{c['num_warps']}, {c['num_stages']}, {c['split_k']}, {c['group_m']}{flag}),  "
                      f"# {r['shape']} {r['us']:.1f} us")

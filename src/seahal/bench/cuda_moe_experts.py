@@ -4,13 +4,16 @@ Rows: prefill, 8192 tokens routed top-6 (about 192 rows per expert of 256, the r
 45%-of-FP8-peak goal), and decode, 16 and 64 tokens (a few rows on each touched expert: the goal is
 70% of 3.0 TB/s over the touched experts' bytes); FP4 weights (the checkpoint's routed-expert
 format) for both models, FP8 for V4-Flash. Routing is uniform random, distinct experts per token.
-The peer is the CPU reference's code (a loop over experts: dequantise, matmul) on the GPU tensors.
+The peer is the CPU reference's code (a loop over experts: dequantise, matmul) on the GPU tensors;
+FP4 rows also time the same kernels with every FP4 block decoded to bf16 (``fp4_as_e4m3=False``),
+against the default e4m3 form (FP8 MMA).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -84,7 +87,13 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     w2, s2 = _random_weight(fmt, dims.experts, dims.dim, dims.inter, device)
     args = (x, weights, ids, w1, s1, w3, s3, w2, s2, SWIGLU_LIMIT)
     kernel = implementation("moe_experts", "moe_experts", "moe", device)
-    return Workload(partial(kernel, *args), {"reference": partial(reference("moe_experts", "moe"), *args)}, close(BF16_TOL))
+    peers = {"reference": partial(reference("moe_experts", "moe"), *args)}
+    if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks decoded to bf16
+        from seahal.backends.cuda.moe_experts import experts_config
+
+        config = experts_config(tokens * dims.top_k, True, device)
+        peers["triton, bf16 form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_as_e4m3=False))
+    return Workload(partial(kernel, *args), peers, close(BF16_TOL))
 
 
 def _token_counts(device: torch.device, quick: bool) -> tuple[tuple[str, int], ...]:
