@@ -205,16 +205,24 @@ def index_key_unpack(records: torch.Tensor, d: int, fmt: str, dtype: torch.dtype
     return fp8_dequantize(codes, scale, d, dtype)
 
 
-def hadamard(x: torch.Tensor) -> torch.Tensor:
+def sylvester_hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The n x n Sylvester Hadamard matrix (n a power of two) of +-1: ``H_2n = [[H, H], [H, -H]]``."""
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def hadamard(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """Orthonormal Sylvester Hadamard rotation of the last dim (a power of two): ``x @ H / sqrt(n)``.
 
-    fp32 math (fp64 when x is fp64), output in x's dtype.
+    fp32 math (fp64 when x is fp64), output in x's dtype. ``matrix``: H from
+    :func:`sylvester_hadamard` in that compute dtype, made once by a caller that rotates often
+    (building it is log2(n) rounds of small kernels).
     """
     n = x.shape[-1]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = torch.ones(1, 1, dtype=dtype, device=x.device)
-    while h.shape[0] < n:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    h = sylvester_hadamard(n, dtype, x.device) if matrix is None else matrix
     return (x.to(dtype) @ h * n**-0.5).to(x.dtype)
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from seahal.hal.formats import sylvester_hadamard
 from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
@@ -72,6 +73,8 @@ class Indexer(nn.Module):
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops)
         self.weights_proj = Linear(config.dim, self.n_heads, ops)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
+        # the FP4 simulation's rotation, a constant: made once, not on every call
+        self.register_buffer("rotation", sylvester_hadamard(self.head_dim), persistent=False)
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
@@ -84,7 +87,7 @@ class Indexer(nn.Module):
         q = self.ops.rope(q, positions, freqs)
         keys = self.compressor(x, cache.index_state, start_pos, freqs)
         if self.config.simulate_fp4_indexer:
-            q, keys = fp4_indexer_precision(q, self.ops), fp4_indexer_precision(keys, self.ops)
+            q, keys = (fp4_indexer_precision(t, self.ops, self.rotation) for t in (q, keys))
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
         stored = cache.store_index_keys(keys, new_entries(start_pos, s, CSA_RATIO))  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk

@@ -20,8 +20,9 @@ def fp8_kv_precision(kv: torch.Tensor, ops: SimpleNamespace, rope_dim: int) -> t
     return torch.cat((rounded.to(kv.dtype), kv[..., nope.shape[-1] :]), dim=-1)
 
 
-def fp4_indexer_precision(x: torch.Tensor, ops: SimpleNamespace) -> torch.Tensor:
-    """Hadamard-rotate, then round through FP4 e2m1 with 1x32 ue8m0 scales (indexer q and keys)."""
-    rotated = hadamard(x)
+def fp4_indexer_precision(x: torch.Tensor, ops: SimpleNamespace, rotation: torch.Tensor) -> torch.Tensor:
+    """Hadamard-rotate, then round through FP4 e2m1 with 1x32 ue8m0 scales (indexer q and keys);
+    ``rotation``: the fp32 Sylvester matrix of the last dim (``sylvester_hadamard``)."""
+    rotated = hadamard(x, rotation)
     codes, scale = ops.fp4_quant(rotated, FP4_BLOCK)
     return fp4_dequantize(codes, scale, FP4_BLOCK, x.dtype)
