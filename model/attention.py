@@ -14,7 +14,7 @@ from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import KV_TILE, LayerCache
 from .config import CSA_RATIO, ModelConfig
-from .layers import Linear, RMSNorm, rms_norm
+from .layers import Linear, RMSNorm
 from .parallel import SINGLE_PROCESS, Parallel
 from .quant_sim import fp4_indexer_precision, fp8_kv_precision
 
@@ -37,7 +37,7 @@ class Compressor(nn.Module):
         self.wkv = Linear(dim, coff * head_dim, ops)
         self.wgate = Linear(dim, coff * head_dim, ops)
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim), requires_grad=False)
-        self.norm = RMSNorm(head_dim, eps)
+        self.norm = RMSNorm(head_dim, eps, ops)
 
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor,
@@ -114,10 +114,10 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.rope_dim = c.n_heads // parallel.tp, c.head_dim, c.rope_head_dim
         self.o_groups = c.o_groups // parallel.tp
         self.wq_a = Linear(c.dim, c.q_lora_rank, ops)
-        self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps, ops)
         self.wq_b = Linear(c.q_lora_rank, self.n_heads * c.head_dim, ops)
         self.wkv = Linear(c.dim, c.head_dim, ops)
-        self.kv_norm = RMSNorm(c.head_dim, c.norm_eps)
+        self.kv_norm = RMSNorm(c.head_dim, c.norm_eps, ops)
         self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops, dense_only=True)
         self.wo_b = Linear(self.o_groups * c.o_lora_rank, c.dim, ops)
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads), requires_grad=False)
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         positions = token_positions(start_pos, s, x.device).expand(b, s)
         qr = self.q_norm(self.wq_a(x))
-        q = rms_norm(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
+        q = self.ops.rms_norm(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
         kv = self.kv_norm(self.wkv(x))
         kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)

@@ -13,23 +13,16 @@ from torch import nn
 from seahal.hal.formats import dequantize_weight
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``w * x * rsqrt(mean(x^2) + eps)`` in fp32, cast back to x's dtype (weight None: unweighted)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
-
-
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim: the plan's ``rms_norm`` op."""
+
+    def __init__(self, dim: int, eps: float, ops: SimpleNamespace):
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Module):

@@ -33,9 +33,9 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.config, self.ops = c, ops
-        self.attn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps, ops)
         self.attn = Attention(c, layer, ops, parallel)
-        self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.ffn_norm = RMSNorm(c.dim, c.norm_eps, ops)
         self.ffn = MoE(c, layer, ops, parallel)
         rows = (2 + c.hc_mult) * c.hc_mult
         _hc_params(c.hc_mult, c.dim, rows, "hc_attn", self, 3)
@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab_end - self.vocab_start, c.dim, dtype=dtype)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(c, i, ops, parallel) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.norm = RMSNorm(c.dim, c.norm_eps, ops)
         # fp32 like the official code: logits are computed in fp32, and converting a bf16 head
         # on every call would copy vocab x dim floats per step.
         self.head = nn.Linear(c.dim, vocab_end - self.vocab_start, bias=False, dtype=torch.float32)

@@ -221,6 +221,17 @@ def _mhc_rope(t: int):
         rope.rope(_empty(B, t, HEADS, HEAD_DIM, dtype=torch.bfloat16), positions, _empty(ROPE_DIM // 2), inverse)
 
 
+def _norm(t: int):
+    """The model's norms: attn / ffn (dim), q (q LoRA 1024), kv (head dim), per-head q (unweighted)."""
+    import torch
+
+    from seahal.backends.cuda import norm
+
+    for width, rows in ((DIM, t), (1024, t), (HEAD_DIM, t), (HEAD_DIM, t * HEADS)):
+        weight = _empty(width) if rows == t else None
+        norm.rms_norm(_empty(rows, width, dtype=torch.bfloat16), weight, 1e-6)
+
+
 def _signature(launch) -> str:
     """The kernel, its constexprs/options and argument dtypes: launches that compile alike."""
     dtypes = ",".join(str(getattr(a, "dtype", type(a).__name__)) for a in launch.args)
@@ -238,6 +249,7 @@ def _compile_all() -> list[dict]:
             _quant(t)
             _attention(t)
             _mhc_rope(t)
+            _norm(t)
         _position_as_data()
     distinct = {_signature(launch): launch for launch in launches}
     results = []

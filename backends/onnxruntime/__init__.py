@@ -45,6 +45,7 @@ CAPABILITIES = {
     "hc_post": {"dtype": _FLOATS},
     "hc_head": {"dtype": _FLOATS},
     "rope": {"dtype": _FLOATS},
+    "rms_norm": {"dtype": _FLOATS},
 }
 """Declared capabilities per op (math is fp32 throughout; fp64 inputs are accepted and computed in fp32)."""
 

@@ -11,3 +11,4 @@ from . import indexer  # noqa: F401
 from . import attention  # noqa: F401
 from . import mhc  # noqa: F401
 from . import rope  # noqa: F401
+from . import norm  # noqa: F401

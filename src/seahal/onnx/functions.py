@@ -8,7 +8,8 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
 ------------------------------------------------------------------------------------
 * :data:`FUNCTIONS` maps a *function name* to an :class:`OpFunction`. Most ops have one function,
   named like the op. Where an op's optional tensors or weight format change the graph, each case
-  is its own function: ``moe_gate`` (with bias), ``moe_gate_unbiased``, ``moe_gate_hash``
+  is its own function: ``rms_norm`` (with weight), ``rms_norm_unweighted``, ``moe_gate`` (with
+  bias), ``moe_gate_unbiased``, ``moe_gate_hash``
   (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``,
   ``indexer_topk_packed_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
@@ -219,10 +220,15 @@ def rotate_pairs(x, angles):
 
 
 @onnxscript.script(LIB, default_opset=op)
-def rms_norm(x, weight, eps: float):
-    """``w * x * rsqrt(mean(x^2) + eps)`` over the last dim of fp32 x."""
-    inv_rms = op.Reciprocal(op.Sqrt(op.ReduceMean(x * x, [-1], keepdims=1) + op.Constant(value_float=eps)))
-    return op.Cast(weight, to=FLOAT) * x * inv_rms
+def inverse_rms(x, eps: float):
+    """``rsqrt(mean(x^2) + eps)`` over the last dim of fp32 x, kept as a dim of 1."""
+    return op.Reciprocal(op.Sqrt(op.ReduceMean(x * x, [-1], keepdims=1) + op.Constant(value_float=eps)))
+
+
+@onnxscript.script(LIB, default_opset=op)
+def weighted_rms_norm(x, weight, eps: float):
+    """``w * x * rsqrt(mean(x^2) + eps)`` over the last dim of fp32 x (the compressor's order)."""
+    return op.Cast(weight, to=FLOAT) * x * inverse_rms(x, eps=eps)
 
 
 @onnxscript.script(LIB, default_opset=op)
@@ -490,6 +496,20 @@ def rope(x, positions, freqs, inverse: int = 0):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def rms_norm(x, weight, eps: float = 1e-6):
+    """RMSNorm of the last dim: x [..., D], weight [D] -> x's dtype, ``x * rsqrt(mean(x^2) + eps) * w`` in fp32."""
+    xf = op.Cast(x, to=FLOAT)
+    return op.CastLike(xf * inverse_rms(xf, eps=eps) * op.Cast(weight, to=FLOAT), x)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def rms_norm_unweighted(x, eps: float = 1e-6):
+    """:func:`rms_norm` without a weight (the per-head q norm): ``x * rsqrt(mean(x^2) + eps)``."""
+    xf = op.Cast(x, to=FLOAT)
+    return op.CastLike(xf * inverse_rms(xf, eps=eps), x)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def fp8_act_quant(x, block_size: int = 128, scale_fmt: str = "ue8m0"):
     """FP8 e4m3 in 1 x block_size tiles: x [..., K] -> (q [..., K] e4m3, scale [..., K/block_size] fp32)."""
     q, s = fp8_quantize(x, tile=block_size, scale_fmt=scale_fmt)
@@ -711,7 +731,7 @@ def kv_compress(
     pooled = op.ReduceSum(weights * op.Concat(a_kv, b_kv, axis=2), [2], keepdims=0)  # [B, rows, d]
 
     rounded = op.Cast(op.Cast(pooled, to=out_dtype), to=FLOAT)
-    normed = op.Cast(op.Cast(rms_norm(rounded, norm_weight, eps=norm_eps), to=out_dtype), to=FLOAT)
+    normed = op.Cast(op.Cast(weighted_rms_norm(rounded, norm_weight, eps=norm_eps), to=out_dtype), to=FLOAT)
     entry = position / m + op.Range(0, rows, 1)  # [B, rows]: the absolute entry index
     angles = op.Unsqueeze(op.Cast(entry * m, to=FLOAT), [-1]) * op.Cast(rope_freqs, to=FLOAT)
     completed = completed_rows(position, kv, ratio=ratio)
@@ -851,6 +871,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "hc_post": ("hc_post",),
     "hc_head": ("hc_head",),
     "rope": ("rope",),
+    "rms_norm": ("rms_norm", "rms_norm_unweighted"),
 }
 """HAL op -> the names of the functions that compute it (the first is the common case)."""
 
@@ -950,8 +971,8 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate), the weights' format (moe_experts) or the key format
-    (indexer_topk_packed) pick it."""
+    optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts) or the key
+    format (indexer_topk_packed) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -961,6 +982,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = "moe_experts" if fmt == "dense" else f"moe_experts_{fmt}"
     elif op == "indexer_topk_packed":
         name = f"indexer_topk_packed_{args['key_format']}"
+    elif op == "rms_norm":
+        name = "rms_norm" if args.get("weight") is not None else "rms_norm_unweighted"
     elif op in OPS:
         name = op
     else:

@@ -138,6 +138,7 @@ _DATA_ARG = {
     "hc_post": "x",
     "hc_head": "x",
     "rope": "x",
+    "rms_norm": "x",
 }
 
 
@@ -620,6 +621,20 @@ def rope_case(
     return _case("rope", name, (strided(x, layout), positions, freqs, inverse))
 
 
+def rms_norm_case(
+    name: str, seed: int, lead: tuple[int, ...] = (2, 3), d: int = 512, dtype=BF16, weighted: bool = True,
+    values: str = "normal", layout: str = "contiguous",
+) -> Case:
+    """Rows of N(0, 1) times a per-row magnitude in 2^-8..2^8 (``"normal"``); ``"zero-rows"``: every
+    other row all zeros (eps alone under the root); weight in [0.5, 1.5] or None."""
+    r = _Rand(seed)
+    x = r.normal(*lead, d) * torch.exp2(r.ints(-8, 9, *lead, 1).to(F32))
+    if values == "zero-rows":
+        x.view(-1, d)[::2] = 0.0
+    weight = r.uniform(d, low=0.5, high=1.5) if weighted else None
+    return _case("rms_norm", name, (strided(x.to(dtype), layout), weight, 1e-6))
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed cases per op
 # --------------------------------------------------------------------------------------------
@@ -878,6 +893,20 @@ def _rope_cases(seed: int) -> list[Case]:
     ]
 
 
+def _rms_norm_cases(seed: int) -> list[Case]:
+    c = rms_norm_case
+    return [
+        c("bf16 [2,3,512] weighted", seed),
+        c("fp32 unweighted per-head rows [2,4,8,128]", seed + 1, lead=(2, 4, 8), d=128, dtype=F32, weighted=False),
+        c("bf16 one row of 4096 (V4-Flash dim)", seed + 2, lead=(1,), d=4096),
+        c("fp32 one row of 7168 (V4-Pro dim)", seed + 3, lead=(1,), d=7168, dtype=F32),
+        c("bf16 zero rows", seed + 4, lead=(6,), d=256, values="zero-rows"),
+        c("fp32 odd width 5", seed + 5, lead=(7,), d=5, dtype=F32),
+        c("bf16 transposed view", seed + 6, lead=(3,), d=64, layout="transposed"),
+        c("fp32 strided view, unweighted", seed + 7, lead=(2, 5), d=96, dtype=F32, weighted=False, layout="strided"),
+    ]
+
+
 _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "fp8_act_quant": _fp8_act_quant_cases,
     "fp4_quant": _fp4_quant_cases,
@@ -897,6 +926,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "hc_post": lambda seed: _hc_cases("hc_post", seed),
     "hc_head": lambda seed: _hc_cases("hc_head", seed),
     "rope": _rope_cases,
+    "rms_norm": _rms_norm_cases,
 }
 
 
@@ -986,6 +1016,11 @@ def strategy(op: str):
             "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 4)), h=draw(st.integers(1, 3)),
             d=32, rope=2 * draw(st.integers(1, 16)), dtype=draw(dtypes), inverse=draw(st.booleans()),
             yarn=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "transposed"]))),
+        "rms_norm": lambda draw: rms_norm_case(
+            "property", draw(seeds), lead=tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))),
+            d=draw(st.integers(1, 600)), dtype=draw(dtypes), weighted=draw(st.booleans()),
+            values=draw(st.sampled_from(["normal", "zero-rows"])),
+            layout=draw(st.sampled_from(["contiguous", "transposed", "strided"]))),
     }
     for gemm in ("fp8_gemm", "fp4_gemm"):
         builders[gemm] = lambda draw, gemm=gemm: gemm_case(

@@ -238,6 +238,12 @@ def _rope(d: _Draw):
     return (d.data(2, 3, 4, 16), positions, rope_frequencies(8, 10000.0).to(d.param_dtype)), {}
 
 
+@_example("rms_norm")
+def _rms_norm(d: _Draw):
+    """x [2, 3, 16] with a per-channel weight."""
+    return (d.data(2, 3, 16), d.param(16).abs() + 0.5, 1e-6), {}
+
+
 def example_args(
     op: str,
     *,

@@ -280,6 +280,14 @@ def _rope(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(x.dtype) + gamma(4), atol=atol)),)
 
 
+def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # Every step is multiplicative: sum(x^2) of D positive terms errs by gamma(D) relative in any
+    # order, the mean, + eps and the product add an ulp each, rsqrt two (the GPU's approximation);
+    # the inverse root halves the sum's error. Then one rounding to x's dtype.
+    d = a["x"].shape[-1]
+    return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(d) / 2 + 8 * U32)),)
+
+
 RULES: dict[str, Rule] = {
     "fp8_act_quant": Rule(
         (
@@ -401,6 +409,12 @@ RULES: dict[str, Rule] = {
           "the angle pos·f rounded to fp32 errs by \\|θ\\|·u (cases keep \\|θ\\| < 2^10); cos/sin add u each; "
           "a rotated pair moves by \\|Δθ\\|·(\\|a\\| + \\|b\\|)"),),
         _rope,
+    ),
+    "rms_norm": Rule(
+        (("out", "rtol ulp(x) + γ(D)/2 + 8u",
+          "sum(x²) of positive terms errs by γ(D) relative in any order and rsqrt halves it; the mean, eps, "
+          "rsqrt (2 ulp on a GPU) and the products add a few u; all errors are relative"),),
+        _rms_norm,
     ),
 }
 
