@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from seahal.hal.formats import dequantize_weight
 
-from .layers import Linear
+from .layers import Head, Linear
 from .moe import Experts
 
 if TYPE_CHECKING:
@@ -180,7 +180,10 @@ def load_weights(
             raise CheckpointError(
                 f"tensor {name!r} in {file}: expected shape {list(targets[name].shape)}, got {list(tensor.shape)}"
             )
-        _assign(model, name, tensor)
+        if isinstance(modules.get(owner), Head):
+            modules[owner].set_weight(tensor)  # in its stored dtype, not the model's
+        else:
+            _assign(model, name, tensor)
         seen.add(name)
 
     for owner, parts in linear_parts.items():

@@ -72,3 +72,26 @@ class Linear(nn.Module):
         out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
         y = gemm(q, s, self.weight, self.scale, out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Head(nn.Module):
+    """Output head: fp32 logits ``x W^T`` (v4_ops §13) through the plan's ``head_logits``.
+
+    W keeps the checkpoint's bf16 (or fp32): both widen exactly, so the logits are the official
+    fp32 computation's while a decode step streams half the bytes of an fp32 copy.
+    """
+
+    STORED = (torch.bfloat16, torch.float32)
+
+    def __init__(self, dim: int, vocab: int, ops: SimpleNamespace, dtype: torch.dtype):
+        super().__init__()
+        self.ops = ops
+        self.weight = nn.Parameter(torch.zeros(vocab, dim, dtype=dtype), requires_grad=False)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Install a checkpoint weight: bf16 and fp32 as they are, other dtypes widened to fp32."""
+        self.weight = nn.Parameter(weight if weight.dtype in self.STORED else weight.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., D] -> logits [..., V] fp32."""
+        return self.ops.head_logits(x, self.weight)

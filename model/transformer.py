@@ -13,7 +13,7 @@ from .attention import Attention
 from .cache import Cache
 from .config import CSA_RATIO, ModelConfig
 from .generate import generate as _generate
-from .layers import RMSNorm
+from .layers import Head, RMSNorm
 from .moe import MoE
 from .parallel import SINGLE_PROCESS, Parallel, TokenLayout
 
@@ -81,10 +81,7 @@ class Transformer(nn.Module):
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(c, i, ops, parallel) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps, ops)
-        # fp32 like the official code: logits are computed in fp32, and converting a bf16 head
-        # on every call would copy vocab x dim floats per step.
-        self.head = nn.Linear(c.dim, vocab_end - self.vocab_start, bias=False, dtype=torch.float32)
-        self.head.weight.requires_grad_(False)
+        self.head = Head(c.dim, vocab_end - self.vocab_start, ops, dtype)
         _hc_params(c.hc_mult, c.dim, c.hc_mult, "hc_head", self, 1)
 
     @property
@@ -121,7 +118,7 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
-        logits = p.tp_all_gather(nn.functional.linear(self.norm(z).float(), self.head.weight), dim=-1)
+        logits = p.tp_all_gather(self.head(self.norm(z)), dim=-1)
         return p.gather_batch(logits, batch)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -232,6 +232,17 @@ def _norm(t: int):
         norm.rms_norm(_empty(rows, width, dtype=torch.bfloat16), weight, 1e-6)
 
 
+def _head():
+    """The output head at decode: V4's 129280 x 4096 bf16 head, 1, 2 and 4 tokens (bf16 and fp32 x)."""
+    import torch
+
+    from seahal.backends.cuda import head
+
+    weight = _empty(129280, DIM, dtype=torch.bfloat16)
+    for tokens, dtype in ((1, torch.bfloat16), (2, torch.float32), (4, torch.bfloat16)):
+        head.head_logits(_empty(tokens, DIM, dtype=dtype), weight)
+
+
 def _signature(launch) -> str:
     """The kernel, its constexprs/options and argument dtypes: launches that compile alike."""
     dtypes = ",".join(str(getattr(a, "dtype", type(a).__name__)) for a in launch.args)
@@ -250,6 +261,7 @@ def _compile_all() -> list[dict]:
             _attention(t)
             _mhc_rope(t)
             _norm(t)
+        _head()
         _position_as_data()
     distinct = {_signature(launch): launch for launch in launches}
     results = []

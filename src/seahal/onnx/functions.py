@@ -510,6 +510,12 @@ def rms_norm_unweighted(x, eps: float = 1e-6):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def head_logits(x, weight):
+    """Output head: x [..., D], weight [V, D] -> [..., V] fp32, ``x @ weight^T`` with both widened to fp32."""
+    return op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(op.Cast(weight, to=FLOAT), perm=[1, 0]))
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def fp8_act_quant(x, block_size: int = 128, scale_fmt: str = "ue8m0"):
     """FP8 e4m3 in 1 x block_size tiles: x [..., K] -> (q [..., K] e4m3, scale [..., K/block_size] fp32)."""
     q, s = fp8_quantize(x, tile=block_size, scale_fmt=scale_fmt)
@@ -872,6 +878,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "hc_head": ("hc_head",),
     "rope": ("rope",),
     "rms_norm": ("rms_norm", "rms_norm_unweighted"),
+    "head_logits": ("head_logits",),
 }
 """HAL op -> the names of the functions that compute it (the first is the common case)."""
 

@@ -139,6 +139,7 @@ _DATA_ARG = {
     "hc_head": "x",
     "rope": "x",
     "rms_norm": "x",
+    "head_logits": "x",
 }
 
 
@@ -175,6 +176,8 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
             req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
     elif op == "indexer_topk_packed":
         req["key_format"] = a["key_format"]
+    elif op == "head_logits":
+        req["weight_dtype"] = _dtype_name(a["weight"].dtype)
     if isinstance(a.get("start_pos"), torch.Tensor) and a["start_pos"].dim() == 1:
         req["position"] = "per-sequence"
     elif op in ("sparse_attention", "sparse_attention_fp8"):
@@ -635,6 +638,17 @@ def rms_norm_case(
     return _case("rms_norm", name, (strided(x.to(dtype), layout), weight, 1e-6))
 
 
+def head_logits_case(
+    name: str, seed: int, tokens: tuple[int, ...] = (1, 1), d: int = 256, v: int = 1000, dtype=F32,
+    weight_dtype=BF16, layout: str = "contiguous",
+) -> Case:
+    """x ~ N(0, 1) (the normalised hidden state), W ~ N(0, D^-1/2) rows."""
+    r = _Rand(seed)
+    x = r.normal(*tokens, d, dtype=dtype)
+    weight = r.normal(v, d, std=d**-0.5, dtype=weight_dtype)
+    return _case("head_logits", name, (strided(x, layout), weight))
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed cases per op
 # --------------------------------------------------------------------------------------------
@@ -907,6 +921,18 @@ def _rms_norm_cases(seed: int) -> list[Case]:
     ]
 
 
+def _head_logits_cases(seed: int) -> list[Case]:
+    c = head_logits_case
+    return [
+        c("decode: fp32 x, bf16 head", seed),
+        c("batch 4 decode, bf16 x", seed + 1, tokens=(4, 1), dtype=BF16),
+        c("3 tokens, fp32 head", seed + 2, tokens=(3,), weight_dtype=F32),
+        c("prefill logits: 37 tokens (a GEMM)", seed + 3, tokens=(1, 37), v=300),
+        c("odd sizes D=100, V=77", seed + 4, tokens=(2,), d=100, v=77),
+        c("sliced x", seed + 5, tokens=(2,), layout="sliced"),
+    ]
+
+
 _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "fp8_act_quant": _fp8_act_quant_cases,
     "fp4_quant": _fp4_quant_cases,
@@ -927,6 +953,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "hc_head": lambda seed: _hc_cases("hc_head", seed),
     "rope": _rope_cases,
     "rms_norm": _rms_norm_cases,
+    "head_logits": _head_logits_cases,
 }
 
 
@@ -1021,6 +1048,10 @@ def strategy(op: str):
             d=draw(st.integers(1, 600)), dtype=draw(dtypes), weighted=draw(st.booleans()),
             values=draw(st.sampled_from(["normal", "zero-rows"])),
             layout=draw(st.sampled_from(["contiguous", "transposed", "strided"]))),
+        "head_logits": lambda draw: head_logits_case(
+            "property", draw(seeds), tokens=(draw(st.integers(1, 6)),), d=draw(st.integers(1, 300)),
+            v=draw(st.integers(1, 200)), dtype=draw(dtypes), weight_dtype=draw(dtypes),
+            layout=draw(st.sampled_from(["contiguous", "sliced"]))),
     }
     for gemm in ("fp8_gemm", "fp4_gemm"):
         builders[gemm] = lambda draw, gemm=gemm: gemm_case(

@@ -244,6 +244,12 @@ def _rms_norm(d: _Draw):
     return (d.data(2, 3, 16), d.param(16).abs() + 0.5, 1e-6), {}
 
 
+@_example("head_logits")
+def _head_logits(d: _Draw):
+    """x [2, 1, 16], a [40, 16] head."""
+    return (d.data(2, 1, 16), d.param(40, 16, scale=0.25)), {}
+
+
 def example_args(
     op: str,
     *,

@@ -288,6 +288,14 @@ def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(d) / 2 + 8 * U32)),)
 
 
+def _head_logits(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # D exact products (bf16 and fp32 operands widen exactly; fp32 x fp32 products round once),
+    # summed in fp32 in any order: gamma(D + 1) relative to sum |x| |w| per logit.
+    x, w = a["x"].to(torch.float64), a["weight"].to(torch.float64)
+    n = x.shape[-1] + 1
+    return (Compared("out", 0, Close(rtol=gamma(n), atol=gamma(n) * _max_abs(x.abs() @ w.abs().T))),)
+
+
 RULES: dict[str, Rule] = {
     "fp8_act_quant": Rule(
         (
@@ -415,6 +423,11 @@ RULES: dict[str, Rule] = {
           "sum(x²) of positive terms errs by γ(D) relative in any order and rsqrt halves it; the mean, eps, "
           "rsqrt (2 ulp on a GPU) and the products add a few u; all errors are relative"),),
         _rms_norm,
+    ),
+    "head_logits": Rule(
+        (("out", "rtol γ(D+1), atol γ(D+1)·max(\\|x\\|·\\|W\\|ᵀ)",
+          "D products, exact for bf16 operands and rounded once for fp32 ones, summed in fp32 in any order"),),
+        _head_logits,
     ),
 }
 

@@ -1,0 +1,174 @@
+"""The cuda backend's dense helpers around the model's layers: RMSNorm (``rms_norm``) and the
+output head (``head_logits``), under the Triton interpreter and on a GPU.
+
+Each against a float64 brute force of its formula within the conformance rule
+(``seahal.testing.tolerances``) and against the CPU reference. Interpreter tests run in a
+subprocess with TRITON_INTERPRET=1 (see test_cuda_interpret.py for why).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from seahal.backends.cpu.reference.norm import rms_norm as reference  # noqa: E402
+from seahal.testing import triton_interpreter  # noqa: E402
+from seahal.testing.tolerances import checks_for  # noqa: E402
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def test_under_interpreter():
+    triton_interpreter.rerun_test_file(__file__, skipped=13)  # itself and the GPU tests
+
+
+@pytest.fixture(scope="module")
+def norm():
+    from seahal.backends.cuda import norm
+
+    return norm
+
+
+@pytest.fixture(scope="module")
+def head():
+    from seahal.backends.cuda import head
+
+    return head
+
+
+# -- rms_norm ----------------------------------------------------------------------------------
+
+
+def _brute_force(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xd = x.double()
+    y = xd / torch.sqrt((xd * xd).sum(-1, keepdim=True) / x.shape[-1] + eps)
+    return y * weight.double() if weight is not None else y
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor | None, out: torch.Tensor) -> None:
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for compared in checks_for("rms_norm", (x, weight, 1e-6)):
+        verdict = compared.check.compare(out, _brute_force(x, weight, 1e-6))
+        assert verdict.ok, f"rms_norm {compared.label}: {verdict.detail}"
+
+
+def _rows(lead: tuple[int, ...], d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """N(0, 1) rows, each times a magnitude in 2^-8..2^8."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.exp2(torch.randint(-8, 9, (*lead, 1), generator=gen).float())
+    return (torch.randn(*lead, d, generator=gen) * scale).to(dtype)
+
+
+SHAPES = [  # (leading dims, D, dtype, weighted): the model's norms and the kernel's edges
+    ((1,), 4096, BF16, True),  # attn / ffn norm at decode, V4-Flash
+    ((3, 7), 1024, BF16, True),  # q norm (q_lora 1024), several tokens
+    ((2, 3, 64), 512, BF16, False),  # per-head q norm: 64 heads of 512, unweighted (8 rows a program)
+    ((1,), 7168, F32, True),  # V4-Pro dim, fp32 model
+    ((9,), 5, F32, False),  # odd width: masked lanes
+    ((33,), 96, BF16, True),  # row count not a multiple of the rows per program
+]
+
+
+@interpreted
+@pytest.mark.parametrize("lead, d, dtype, weighted", SHAPES)
+def test_norm_matches_brute_force_and_reference(norm, lead, d, dtype, weighted):
+    x = _rows(lead, d, dtype, seed=d)
+    weight = torch.rand(d, generator=torch.Generator().manual_seed(1)) + 0.5 if weighted else None
+    out = norm.rms_norm(x, weight, 1e-6)
+    _check_norm(x, weight, out)
+    for compared in checks_for("rms_norm", (x, weight, 1e-6)):
+        assert compared.check.compare(out, reference(x, weight, 1e-6)).ok
+
+
+@interpreted
+def test_norm_strided_rows_and_zero_rows(norm):
+    """A transposed view (last dim not unit stride) is copied once; an all-zero row gives zeros
+    (eps alone under the root), not NaN."""
+    x = _rows((4,), 64, BF16, seed=3).T.contiguous().T
+    x[1] = 0
+    assert x.stride(-1) != 1
+    out = norm.rms_norm(x, None, 1e-6)
+    _check_norm(x, None, out)
+    assert not out[1].any() and not out.isnan().any()
+
+
+@interpreted
+def test_norm_refuses_what_it_does_not_compute(norm):
+    with pytest.raises(NotImplementedError, match="float64 runs on the reference"):
+        norm.rms_norm(torch.ones(2, 8, dtype=torch.float64), None, 1e-6)
+    with pytest.raises(NotImplementedError, match="at most 16384"):
+        norm.rms_norm(torch.ones(1, 16385), None, 1e-6)
+
+
+@on_gpu
+@pytest.mark.parametrize("lead, d, dtype, weighted", SHAPES + [((4096,), 4096, BF16, True)])
+def test_gpu_norm_matches_brute_force(lead, d, dtype, weighted):
+    from seahal.backends.cuda import norm
+
+    x = _rows(lead, d, dtype, seed=d).cuda()
+    weight = (torch.rand(d, generator=torch.Generator().manual_seed(1)) + 0.5).cuda() if weighted else None
+    _check_norm(x.cpu(), None if weight is None else weight.cpu(), norm.rms_norm(x, weight, 1e-6).cpu())
+
+
+# -- head_logits -------------------------------------------------------------------------------
+
+
+def _inputs(lead: tuple[int, ...], d: int, v: int, dtype, weight_dtype, device="cpu"):
+    g = torch.Generator().manual_seed(d + v)
+    x = torch.randn(*lead, d, generator=g).to(dtype)
+    return x.to(device), (torch.randn(v, d, generator=g) * d**-0.5).to(weight_dtype).to(device)
+
+
+def _check_logits(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    assert out.dtype == F32 and out.shape == (*x.shape[:-1], w.shape[0])
+    want = x.double() @ w.double().T
+    for compared in checks_for("head_logits", (x, w)):
+        verdict = compared.check.compare(out, want)
+        assert verdict.ok, f"head_logits {compared.label}: {verdict.detail}"
+
+
+CASES = [  # (leading dims, D, V, x dtype, weight dtype)
+    ((1, 1), 512, 200, F32, BF16),  # decode: one program per 16 rows, the last partial
+    ((2, 1), 300, 64, BF16, BF16),  # two sequences; D not a multiple of the 128-wide steps
+    ((3,), 256, 33, F32, F32),  # three tokens in a 4-token block; an fp32 head
+    ((4,), 100, 17, F32, BF16),  # the most tokens the GEMV takes
+]
+
+
+@interpreted
+@pytest.mark.parametrize("lead, d, v, dtype, weight_dtype", CASES)
+def test_gemv_matches_the_widened_product(head, lead, d, v, dtype, weight_dtype):
+    x, w = _inputs(lead, d, v, dtype, weight_dtype)
+    _check_logits(x, w, head.head_logits(x, w))
+
+
+@interpreted
+def test_more_tokens_take_the_widened_gemm(head, monkeypatch):
+    """Past GEMV_MAX_TOKENS the logits come from fp32 GEMMs on row blocks of W (no Triton launch)."""
+    x, w = _inputs((2, 3), 128, 50, F32, BF16)
+    monkeypatch.setattr(head._head_gemv_kernel, "run", lambda *a, **k: pytest.fail("the GEMV ran"))
+    _check_logits(x, w, head.head_logits(x, w))
+
+
+@interpreted
+def test_head_refuses_float64(head):
+    x, w = _inputs((1,), 16, 8, torch.float64, BF16)
+    with pytest.raises(NotImplementedError, match="float64 runs on the reference"):
+        head.head_logits(x, w)
+
+
+@on_gpu
+@pytest.mark.parametrize("lead, d, v, dtype, weight_dtype", CASES + [((1, 1), 4096, 129280, F32, BF16)])
+def test_gpu_matches_the_widened_product(lead, d, v, dtype, weight_dtype):
+    """Includes V4's head (129280 x 4096, 1.06 GB in bf16) at decode."""
+    from seahal.backends.cuda import head
+
+    x, w = _inputs(lead, d, v, dtype, weight_dtype, device="cuda")
+    _check_logits(x.cpu(), w.cpu(), head.head_logits(x, w).cpu())
