@@ -233,13 +233,15 @@ def _norm(t: int):
 
 
 def _head():
-    """The output head at decode: V4's 129280 x 4096 bf16 head, 1, 2 and 4 tokens (bf16 and fp32 x)."""
+    """The output head at decode: V4's 129280 x 4096 bf16 head; the GEMV at 1, 2 and 4 tokens, the
+    split-x tensor-core kernel at 8, 64 and 128 (bf16 and fp32 x)."""
     import torch
 
     from seahal.backends.cuda import head
 
     weight = _empty(129280, DIM, dtype=torch.bfloat16)
-    for tokens, dtype in ((1, torch.bfloat16), (2, torch.float32), (4, torch.bfloat16)):
+    for tokens, dtype in ((1, torch.bfloat16), (2, torch.float32), (4, torch.bfloat16), (8, torch.float32),
+                          (64, torch.bfloat16), (128, torch.float32)):
         head.head_logits(_empty(tokens, DIM, dtype=dtype), weight)
 
 

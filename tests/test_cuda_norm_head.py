@@ -26,7 +26,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=13)  # itself and the GPU tests
+    triton_interpreter.rerun_test_file(__file__, skipped=16)  # itself and the GPU tests
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,11 @@ def norm():
 
 @pytest.fixture(scope="module")
 def head():
+    """The head module, with the interpreter's bf16 dot fix (the split-x kernel's bf16 MMAs)."""
     from seahal.backends.cuda import head
 
-    return head
+    with triton_interpreter.bf16_dot_fix():
+        yield head
 
 
 # -- rms_norm ----------------------------------------------------------------------------------
@@ -135,10 +137,13 @@ def _check_logits(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 CASES = [  # (leading dims, D, V, x dtype, weight dtype)
-    ((1, 1), 512, 200, F32, BF16),  # decode: one program per 16 rows, the last partial
+    ((1, 1), 512, 200, F32, BF16),  # decode, GEMV: one program per 16 rows, the last partial
     ((2, 1), 300, 64, BF16, BF16),  # two sequences; D not a multiple of the 128-wide steps
     ((3,), 256, 33, F32, F32),  # three tokens in a 4-token block; an fp32 head
     ((4,), 100, 17, F32, BF16),  # the most tokens the GEMV takes
+    ((5, 1), 200, 150, F32, BF16),  # split x on the tensor cores: a 16-token block, 64-row blocks
+    ((100,), 130, 70, F32, BF16),  # two token blocks of 64, the last partial; D not a multiple of 64
+    ((9,), 96, 40, BF16, BF16),  # bf16 x: hi is x itself, mid and lo are zero
 ]
 
 
@@ -150,11 +155,20 @@ def test_gemv_matches_the_widened_product(head, lead, d, v, dtype, weight_dtype)
 
 
 @interpreted
-def test_more_tokens_take_the_widened_gemm(head, monkeypatch):
-    """Past GEMV_MAX_TOKENS the logits come from fp32 GEMMs on row blocks of W (no Triton launch)."""
-    x, w = _inputs((2, 3), 128, 50, F32, BF16)
-    monkeypatch.setattr(head._head_gemv_kernel, "run", lambda *a, **k: pytest.fail("the GEMV ran"))
+@pytest.mark.parametrize("tokens, weight_dtype, path", [
+    (1, BF16, "gemv"), (4, F32, "gemv"), (5, BF16, "split"), (128, BF16, "split"), (5, F32, "widened"),
+    (129, BF16, "widened"),
+])
+def test_token_count_and_head_dtype_pick_the_path(head, monkeypatch, tokens, weight_dtype, path):
+    """GEMV up to 4 tokens; split x on the tensor cores up to 128 with a bf16 head; else fp32
+    GEMMs on widened row blocks of W (no Triton launch)."""
+    ran = []
+    for name, kernel in (("gemv", head._head_gemv_kernel), ("split", head._head_split_kernel)):
+        run = kernel.run
+        monkeypatch.setattr(kernel, "run", lambda *a, name=name, run=run, **k: ran.append(name) or run(*a, **k))
+    x, w = _inputs((tokens,), 64, 20, F32, weight_dtype)
     _check_logits(x, w, head.head_logits(x, w))
+    assert ran == ([] if path == "widened" else [path])
 
 
 @interpreted

@@ -1,11 +1,20 @@
 """Triton output head (op ``head_logits``; v4_ops.md §13): fp32 logits streaming a bf16 head once.
 
-Decode (at most :data:`GEMV_MAX_TOKENS` tokens) is a GEMV bound by reading W: V4's head is 129280 x
-4096, 1.06 GB in bf16 and 2.1 GB as the fp32 copy the official code keeps, more than every FP8/FP4
-layer weight of a 4-layer model together. Each program widens BLOCK_V rows of W to fp32 in
-registers, BLOCK_D columns at a time, and keeps one fp32 running sum per (token, row, lane) on the
-CUDA cores (fp32 FMA, no tensor cores: TF32 would round x), reduced across lanes once at the end. More tokens turn it into a GEMM, which
-goes to cuBLAS in fp32 on BLOCK rows of W widened at a time (the reference's method).
+Decode is bound by reading W: V4's head is 129280 x 4096, 1.06 GB in bf16 and 2.1 GB as the fp32
+copy the official code keeps, more than every FP8/FP4 layer weight of a 4-layer model together.
+Three paths, by token count T:
+
+- T <= :data:`GEMV_MAX_TOKENS` (decode of a few sequences): a GEMV on the CUDA cores. Each program
+  widens BLOCK_V rows of W to fp32 in registers, BLOCK_D columns at a time, and keeps one fp32
+  running sum per (token, row, lane) (fp32 FMA: TF32 would round x), reduced once at the end.
+- T <= :data:`SPLIT_MAX_TOKENS` with a bf16 head (batched decode): tensor cores on a split x. Each
+  fp32 x is the exact sum of three bf16 parts (``hi = bf16(x)``, ``mid = bf16(x - hi)``, ``lo =
+  bf16(x - hi - mid)``: 24 significant bits in three 8-bit pieces), and bf16 x bf16 products are
+  exact in fp32, so three bf16 MMAs with fp32 accumulation sum the same exact products as fp32
+  math (3D terms instead of D; a bf16 x, the model's, is its own single part). W is read once,
+  and at T = 64 the 68 GFLOP of V4's head run at tensor-core rate rather than the CUDA cores'.
+- More tokens (prefill logits of every position) or an fp32 head: cuBLAS fp32 GEMMs on row blocks
+  of W widened at a time (the reference's method).
 """
 
 from __future__ import annotations
@@ -19,9 +28,13 @@ from seahal.backends.cpu.reference.head import head_logits as widened_gemm
 from .rope import check_dtype
 
 GEMV_MAX_TOKENS = 4
-"""Up to this many tokens the Triton GEMV runs; beyond, cuBLAS on widened row blocks."""
+"""Up to this many tokens the CUDA-core GEMV runs."""
+SPLIT_MAX_TOKENS = 128
+"""Up to this many tokens (and a bf16 head) the split-x tensor-core kernel runs; beyond, cuBLAS."""
 BLOCK_V = 16
-"""Head rows per program: V4's 129280 rows make 8080 programs, enough to keep every SM streaming."""
+"""GEMV: head rows per program (V4's 129280 rows make 8080 programs, enough to keep every SM streaming)."""
+SPLIT_BLOCK_V = 64
+"""Split-x kernel: head rows per program (the MMA's N; 2020 programs per token block for V4)."""
 
 
 @triton.jit
@@ -44,6 +57,37 @@ def _head_gemv_kernel(
     tl.store(out, tl.sum(partial, axis=2), mask=(tokens[:, None] < T) & (rows[None, :] < V))
 
 
+@triton.jit
+def _head_split_kernel(
+    x_ptr, w_ptr, out_ptr, T, V, D, stride_xt, stride_wv, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, X_BF16: tl.constexpr,
+):
+    """out[t, v] = sum_d x[t, d] W[v, d] for a (row block, token block): x split into three exact
+    bf16 parts (bf16 x: itself, X_BF16), each multiplied by the bf16 W tile on the tensor cores
+    into one fp32 accumulator."""
+    tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wv
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + cols[None, :],
+                    mask=(tokens[:, None] < T) & (cols[None, :] < D), other=0.0)
+        w = tl.trans(tl.load(w_rows + cols[None, :], mask=(rows[:, None] < V) & (cols[None, :] < D), other=0.0))
+        if X_BF16:
+            acc = tl.dot(x, w, acc)
+        else:
+            hi = x.to(tl.bfloat16)
+            rest = x - hi.to(tl.float32)  # exact, as is every step below, however the casts round
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(hi, w, acc)
+            acc = tl.dot(mid, w, acc)
+            acc = tl.dot(lo, w, acc)
+    out = out_ptr + tokens[:, None] * stride_ot + rows[None, :]
+    tl.store(out, acc, mask=(tokens[:, None] < T) & (rows[None, :] < V))
+
+
 def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ weight^T`` with both operands widened exactly and fp32 sums.
 
@@ -53,16 +97,24 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     check_dtype("head_logits", "weight", weight)
     d, v = x.shape[-1], weight.shape[0]
     tokens = x.reshape(-1, d)
-    if tokens.shape[0] > GEMV_MAX_TOKENS:
+    t = tokens.shape[0]
+    if t > SPLIT_MAX_TOKENS or (t > GEMV_MAX_TOKENS and weight.dtype != torch.bfloat16):
         return widened_gemm(x, weight)
-    out = torch.empty((tokens.shape[0], v), dtype=torch.float32, device=x.device)
+    out = torch.empty((t, v), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out.zero_().reshape(*x.shape[:-1], v)
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    block_t = triton.next_power_of_2(tokens.shape[0])
-    _head_gemv_kernel[(triton.cdiv(v, BLOCK_V),)](
-        tokens, weight, out, tokens.shape[0], v, d, tokens.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=256 // block_t, num_warps=4,
-    )
+    args = (tokens, weight, out, t, v, d, tokens.stride(0), weight.stride(0), out.stride(0))
+    if t <= GEMV_MAX_TOKENS:
+        block_t = triton.next_power_of_2(t)
+        _head_gemv_kernel[(triton.cdiv(v, BLOCK_V),)](
+            *args, BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=256 // block_t, num_warps=4,
+        )
+    else:
+        block_t = min(max(16, triton.next_power_of_2(t)), 64)
+        _head_split_kernel[(triton.cdiv(v, SPLIT_BLOCK_V), triton.cdiv(t, block_t))](
+            *args, BLOCK_T=block_t, BLOCK_V=SPLIT_BLOCK_V, BLOCK_D=64, X_BF16=x.dtype == torch.bfloat16,
+            num_warps=4, num_stages=4,
+        )
     return out.reshape(*x.shape[:-1], v)

@@ -1,7 +1,7 @@
 """Benchmark of the output head (``head_logits``) at decode: V4's 129280-row head streamed once.
 
-Rows: 1 and 4 tokens (one and four sequences decoding) at V4-Flash's and V4-Pro's dims, the head
-in bf16 as the checkpoint stores it. Memory-bound: bytes are the head read once plus x and the fp32
+Rows: 1, 4 and 64 tokens (sequences decoding; the GEMV, and the split-x tensor-core kernel at 64)
+at V4-Flash's and V4-Pro's dims, the head in bf16 as the checkpoint stores it, x in fp32. Memory-bound: bytes are the head read once plus x and the fp32
 logits, against 3.0 TB/s. Peers on the same GPU: ``F.linear`` on an fp32 copy of the head (what the
 official code keeps, twice the bytes) and the CPU reference's code (row blocks widened to fp32,
 then cuBLAS). The check: within the conformance rule's bound (fp32 sums), relative 1e-5.
@@ -31,7 +31,7 @@ from seahal.bench.common import (
 OPS = ("head_logits",)
 VOCAB = 129280
 """V4's vocabulary (v4_ops.md §1)."""
-TOKENS = (1, 4)
+TOKENS = (1, 4, 64)
 
 
 def head_cost(tokens: int, vocab: int, dim: int, weight_bytes: int = 2) -> tuple[int, int]:
