@@ -86,12 +86,14 @@ class _Rand:
             flat[::7] = FP8_MAX * torch.sign(flat[::7] + 0.5)
         return values.to(E4M3)
 
-    def scales(self, *shape: int, fmt: str, log2_center: int) -> torch.Tensor:
-        """Block scales around ``2^log2_center``: fp32 (any positive value) or e8m0 (powers of two)."""
+    def scales(self, *shape: int, fmt: str, log2_center: int, spread: int = 2) -> torch.Tensor:
+        """Block scales around ``2^log2_center``: fp32 (any positive value; with ``spread`` > 2 also
+        times 2^[-spread, spread]) or e8m0 (powers of two 2^[center - spread, center + spread])."""
         if fmt == "e8m0":
-            exponent = self.ints(log2_center - 2, log2_center + 3, *shape)
+            exponent = self.ints(log2_center - spread, log2_center + spread + 1, *shape)
             return (exponent + 127).to(torch.uint8).view(E8M0)
-        return self.uniform(*shape, low=0.6, high=1.6) * 2.0**log2_center
+        scale = self.uniform(*shape, low=0.6, high=1.6) * 2.0**log2_center
+        return scale if spread <= 2 else scale * torch.exp2(self.ints(-spread, spread + 1, *shape).to(F32))
 
 
 def strided(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -278,10 +280,12 @@ def _activation(r: _Rand, m: int, k: int, values: str) -> tuple[torch.Tensor, to
     return a, scale
 
 
-def _fp4_scales(r: _Rand, *shape: int, scale_fmt: str, log2_center: int) -> torch.Tensor:
+def _fp4_scales(r: _Rand, *shape: int, scale_fmt: str, log2_center: int, spread: int = 2) -> torch.Tensor:
     """FP4 block scales are ue8m0 by definition (v4_ops.md §11.4): e8m0 bytes, or fp32 tensors
-    holding the same powers of two."""
-    scale = r.scales(*shape, fmt=scale_fmt, log2_center=log2_center)
+    holding the same powers of two; 2^[center - spread, center + spread]. With a spread over 7 the
+    four 1x32 scales of a 128-wide block can lie more than 14 binades apart: the blocks that the
+    cuda backend's e4m3 form leaves to its bf16 form (``backends/cuda/_e2m1.py``)."""
+    scale = r.scales(*shape, fmt=scale_fmt, log2_center=log2_center, spread=spread)
     return ue8m0_ceil(scale) if scale_fmt == "fp32" else scale
 
 
@@ -289,7 +293,8 @@ def gemm_case(
     name: str, seed: int, op: str, m: int, n: int, k: int, out_dtype=None, scale_fmt: str = "fp32",
     values: str = "normal", a_layout: str = "contiguous", b_layout: str = "contiguous",
 ) -> Case:
-    """``fp8_gemm`` (b e4m3, 128x128 scales) or ``fp4_gemm`` (b packed e2m1, 1x32 scales)."""
+    """``fp8_gemm`` (b e4m3, 128x128 scales) or ``fp4_gemm`` (b packed e2m1, 1x32 scales; values
+    ``"wide-scales"``: 1x32 scales over 2^±12 around their center)."""
     r = _Rand(seed)
     a, a_scale = _activation(r, m, k, values)
     if op == "fp8_gemm":
@@ -297,7 +302,8 @@ def gemm_case(
         b_scale = r.scales(-(-n // 128), k // 128, fmt=scale_fmt, log2_center=-8)
     else:
         b = r.ints(0, 256, n, k // 2).to(torch.uint8)
-        b_scale = _fp4_scales(r, n, k // 32, scale_fmt=scale_fmt, log2_center=-4)
+        spread = 12 if values == "wide-scales" else 2
+        b_scale = _fp4_scales(r, n, k // 32, scale_fmt=scale_fmt, log2_center=-4, spread=spread)
     args = (strided(a, a_layout), a_scale, strided(b, b_layout), b_scale, out_dtype)
     return _case(op, name, args)
 
@@ -337,14 +343,15 @@ def moe_gate_case(
 
 
 def _expert_weights(
-    r: _Rand, e: int, rows: int, cols: int, fmt: str, scale_fmt: str, dtype: torch.dtype
+    r: _Rand, e: int, rows: int, cols: int, fmt: str, scale_fmt: str, dtype: torch.dtype, spread: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stacked expert weights [E, rows, cols] with std ~ cols^-1/2 in format ``fmt``."""
+    """Stacked expert weights [E, rows, cols] with std ~ cols^-1/2 in format ``fmt`` (fp4: 1x32
+    scales over 2^±spread, see :func:`_fp4_scales`)."""
     if fmt == "fp8":  # codes ~ 96 * N(0,1), scales ~ 2^-10: values ~ 0.1
         return r.e4m3(e, rows, cols), r.scales(e, -(-rows // 128), cols // 128, fmt=scale_fmt, log2_center=-10)
     if fmt == "fp4":  # e2m1 magnitudes ~ 2.5, scales ~ 2^-5
         codes = r.ints(0, 256, e, rows, cols // 2).to(torch.uint8)
-        return codes, _fp4_scales(r, e, rows, cols // 32, scale_fmt=scale_fmt, log2_center=-5)
+        return codes, _fp4_scales(r, e, rows, cols // 32, scale_fmt=scale_fmt, log2_center=-5, spread=spread)
     return r.normal(e, rows, cols, std=cols**-0.5, dtype=dtype), None
 
 
@@ -356,7 +363,7 @@ def moe_experts_case(
     """Routing: ``random``; ``empty-slots`` (some ids -1); ``one-expert`` (every token to expert
     e-1, other slots -1); ``unused-experts`` (only experts 1 and e-2 receive tokens). Values:
     ``normal`` (std 2); ``clamp`` (std 20: the SwiGLU clamp at ``limit`` is active); ``zero-token``
-    (token 0 is zero: the FP8 scale clamp)."""
+    (token 0 is zero: the FP8 scale clamp); ``wide-scales`` (fp4: 1x32 scales over 2^±12)."""
     r = _Rand(seed)
     x = r.normal(t, d, std=20.0 if values == "clamp" else 2.0, dtype=dtype)
     if values == "zero-token":
@@ -372,9 +379,10 @@ def moe_experts_case(
     elif routing == "unused-experts":
         ids = torch.where(r.ints(0, 2, t, k) > 0, 1, e - 2)
         ids[:, 1] = torch.where(ids[:, 0] == 1, e - 2, 1)
-    w1, s1 = _expert_weights(r, e, inter, d, fmt, scale_fmt, dtype)
-    w3, s3 = _expert_weights(r, e, inter, d, fmt, scale_fmt, dtype)
-    w2, s2 = _expert_weights(r, e, d, inter, fmt, scale_fmt, dtype)
+    spread = 12 if values == "wide-scales" else 2
+    w1, s1 = _expert_weights(r, e, inter, d, fmt, scale_fmt, dtype, spread)
+    w3, s3 = _expert_weights(r, e, inter, d, fmt, scale_fmt, dtype, spread)
+    w2, s2 = _expert_weights(r, e, d, inter, fmt, scale_fmt, dtype, spread)
     ids = ids.to(torch.int32)
     if layout != "contiguous":
         x, ids, w1 = strided(x, "sliced"), strided(ids, "transposed"), strided(w1, "transposed")
@@ -713,6 +721,8 @@ def _gemm_cases(op: str, seed: int) -> list[Case]:
         c("M5 N200 K384 fp32 out, e8m0 scales", 2, 5, 200, 384, out_dtype=F32, scale_fmt="e8m0"),
         c("M3 N130 K256 zero tile, saturated codes", 3, 3, 130, 256, values="zero-tile"),
         c("M4 N96 K256 sliced a, transposed b", 4, 4, 96, 256, a_layout="sliced", b_layout="transposed"),
+        c("M3 N64 K512 e8m0 scales over 2^±12 (fp4: 1x32 groups far apart)", 5, 3, 64, 512, scale_fmt="e8m0",
+          values="wide-scales"),
     ]
 
 
@@ -744,6 +754,7 @@ def _moe_experts_cases(seed: int) -> list[Case]:
         c("fp4 weights, fp32 scales", seed + 4, fmt="fp4"),
         c("fp4 weights, e8m0 scales", seed + 5, fmt="fp4", scale_fmt="e8m0"),
         c("fp4 weights, fp32 activations", seed + 6, fmt="fp4", scale_fmt="e8m0", dtype=F32),
+        c("fp4 weights, e8m0 scales over 2^±12", seed + 15, fmt="fp4", scale_fmt="e8m0", values="wide-scales"),
         c("fp8, I=256 (two blocks), zero token (scale clamp)", seed + 7, fmt="fp8", inter=256, values="zero-token"),
         c("empty slots (-1)", seed + 8, routing="empty-slots"),
         c("all tokens to one expert", seed + 9, fmt="fp4", scale_fmt="e8m0", routing="one-expert"),
@@ -1019,7 +1030,7 @@ def strategy(op: str):
             "property", draw(seeds), t=draw(st.integers(1, 5)), e=draw(st.integers(2, 5)), k=draw(st.integers(1, 2)),
             fmt=draw(st.sampled_from(["dense", "fp8", "fp4"])), scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])),
             dtype=draw(dtypes), routing=draw(st.sampled_from(["random", "empty-slots", "one-expert"])),
-            values=draw(st.sampled_from(["normal", "clamp", "zero-token"])), d=128, inter=128),
+            values=draw(st.sampled_from(["normal", "clamp", "zero-token", "wide-scales"])), d=128, inter=128),
         "kv_compress": _draw_kv_compress,
         "kv_compress_fp8": lambda draw: _draw_kv_compress(draw, records=(8, 8)),
         "indexer_topk": _draw_indexer_topk,
@@ -1057,7 +1068,8 @@ def strategy(op: str):
         builders[gemm] = lambda draw, gemm=gemm: gemm_case(
             "property", draw(seeds), gemm, draw(st.integers(1, 6)), draw(st.integers(1, 160)),
             128 * draw(st.integers(1, 3)), out_dtype=draw(st.sampled_from([None, F32])),
-            scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])), values=draw(st.sampled_from(["normal", "zero-tile"])),
+            scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])),
+            values=draw(st.sampled_from(["normal", "zero-tile", "wide-scales"])),
             a_layout=draw(st.sampled_from(["contiguous", "sliced"])),
             b_layout=draw(st.sampled_from(["contiguous", "transposed"])))
     if op not in builders:
