@@ -73,8 +73,13 @@ class Indexer(nn.Module):
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops)
         self.weights_proj = Linear(config.dim, self.n_heads, ops)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
-        # the FP4 simulation's rotation, a constant: made once, not on every call
-        self.register_buffer("rotation", sylvester_hadamard(self.head_dim), persistent=False)
+        self.register_buffer("rotation", None, persistent=False)
+        self.make_constants()
+
+    def make_constants(self, device: torch.device | None = None) -> None:
+        """The FP4 simulation's Hadamard matrix, made once rather than on every call (on ``device``,
+        else the ambient one; a meta-built model's loader remakes it on the model's device)."""
+        self.rotation = sylvester_hadamard(self.head_dim, device=device or torch.get_default_device())
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
@@ -130,7 +135,13 @@ class Attention(nn.Module):
             )
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(c, ops)
-        self.register_buffer("freqs", self.rope_frequencies(), persistent=False)
+        self.register_buffer("freqs", None, persistent=False)
+        self.make_constants()
+
+    def make_constants(self, device: torch.device | None = None) -> None:
+        """The layer's RoPE frequency table (on ``device``, else the ambient one; a meta-built
+        model's loader remakes it on the model's device)."""
+        self.freqs = self.rope_frequencies().to(device=device or torch.get_default_device())
 
     def rope_frequencies(self) -> torch.Tensor:
         """SWA-only layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta + YaRN."""

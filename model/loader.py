@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 
 from seahal import hal
-from seahal.hal.formats import sylvester_hadamard
 
 from .checkpoint import load_weights
 from .config import ModelConfig
-from .attention import Attention, Indexer
 from .parallel import SINGLE_PROCESS, Parallel, ParallelConfig, init_parallel
 from .sharding import ShardPlan, read_headers
 from .transformer import MODEL_OPS, Transformer
@@ -79,10 +77,8 @@ def load(
         model, path, plan.device, dtype, progress=announce, conversions=plan.weight_conversions, shards=shards
     )
     for module in model.modules():  # the constants the meta build left unmade
-        if isinstance(module, Attention):
-            module.freqs = module.rope_frequencies().to(plan.device)
-        elif isinstance(module, Indexer):
-            module.rotation = sylvester_hadamard(module.head_dim, device=plan.device)
+        if hasattr(module, "make_constants"):
+            module.make_constants(plan.device)
     return model.eval()
 
 

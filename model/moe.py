@@ -81,6 +81,17 @@ class MoE(nn.Module):
         self.experts = Experts(c.n_routed_experts // p.ep, c.dim, c.moe_inter_dim // p.tp, c.swiglu_limit, ops)
         shared_dim = c.moe_inter_dim * c.n_shared_experts // p.tp
         self.shared_experts = Experts(1, c.dim, shared_dim, c.swiglu_limit, ops)
+        self.register_buffer("shared_weight", None, persistent=False)
+        self.register_buffer("shared_id", None, persistent=False)
+        self.make_constants()
+
+    def make_constants(self, device: torch.device | None = None) -> None:
+        """Every token's routing to the shared expert (weight 1, local id 0) as [1, 1] tensors the
+        forward expands (no fill kernels per step); on ``device``, else the ambient one (a
+        meta-built model's loader remakes them on the model's device)."""
+        device = device or torch.get_default_device()
+        self.shared_weight = torch.ones(1, 1, dtype=torch.float32, device=device)
+        self.shared_id = torch.zeros(1, 1, dtype=torch.int32, device=device)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         """x: [B, S, D], input_ids: [B, S] -> [B, S, D]; ``layout``: where the EP group's tokens
@@ -92,8 +103,10 @@ class MoE(nn.Module):
         else:
             layout = layout or TokenLayout((flat.shape[0],) * self.parallel.ep, False)
             y = self._expert_parallel(flat, weights, experts, layout)
-        ones = torch.ones(flat.shape[0], 1, dtype=torch.float32, device=x.device)
-        shared = self.shared_experts(flat, ones, torch.zeros_like(ones, dtype=torch.int32))
+        tokens = flat.shape[0]
+        shared = self.shared_experts(flat, self.shared_weight.expand(tokens, 1), self.shared_id.expand(tokens, 1))
+        if self.parallel.tp == 1:  # one rounding of the fp32 sum: torch adds bf16 in fp32 as below
+            return (y + shared).to(x.dtype).view_as(x)
         return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x)
 
     def _expert_parallel(
