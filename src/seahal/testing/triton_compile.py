@@ -140,14 +140,21 @@ def capture_launches(sms: int = H100_SMS, capability: tuple[int, int] = (9, 0)) 
 
 class AtenKernels(TorchDispatchMode):
     """Records the aten ops dispatched inside it that would launch a device kernel: all but views
-    and allocations (with :func:`capture_launches`: what a call launches besides Triton kernels)."""
+    and allocations (with :func:`capture_launches`: what a call launches besides Triton kernels).
+
+    Under ``torch.inference_mode`` torch (2.13) does not show dtype conversions (``.to``) of
+    inference tensors to dispatch modes: count such code under ``torch.no_grad`` instead.
+    """
+
+    NOT_KERNELS = ("empty", "empty_strided", "_unsafe_view")
+    """Allocations, and the view that is not flagged as one (``reshape`` of a fresh result)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided"):
+        if not func.is_view and func.overloadpacket.__name__ not in self.NOT_KERNELS:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
