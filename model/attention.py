@@ -45,8 +45,8 @@ class Compressor(nn.Module):
     ) -> torch.Tensor:
         """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype,
         or, when :meth:`packs` x, as FP8 records [B, n, record] uint8."""
-        xf = x.float()
-        kv, score = self.wkv(xf), self.wgate(xf)
+        # fp32 projections of the checkpoint's bf16 weights (the official code's fp32 compressor)
+        kv, score = (self.ops.fp32_linear(x, w.weight) for w in (self.wkv, self.wgate))
         if self.packs(x):
             return self.ops.kv_compress_fp8(
                 kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],

@@ -75,7 +75,7 @@ class Linear(nn.Module):
 
 
 class Head(nn.Module):
-    """Output head: fp32 logits ``x W^T`` (v4_ops §13) through the plan's ``head_logits``.
+    """Output head: fp32 logits ``x W^T`` (v4_ops §13) through the plan's ``fp32_linear``.
 
     W keeps the checkpoint's bf16 (or fp32): both widen exactly, so the logits are the official
     fp32 computation's while a decode step streams half the bytes of an fp32 copy.
@@ -94,4 +94,4 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., D] -> logits [..., V] fp32."""
-        return self.ops.head_logits(x, self.weight)
+        return self.ops.fp32_linear(x, self.weight)

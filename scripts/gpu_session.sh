@@ -47,7 +47,7 @@ STEPS=(
   "conformance|180|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
   "bench-attention|150|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
   "bench-indexer|120|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
-  "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts,head_logits --json \$RESULTS/bench-rest.json"
+  "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts,fp32_linear --json \$RESULTS/bench-rest.json"
   "bench-gemm-gate|150|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,fp4_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack --json \$RESULTS/bench-quick.json"
 )

@@ -24,13 +24,15 @@ from collections import Counter
 import pytest
 
 DECODE_BUDGET = 270
-"""Kernels a decode step may launch: 260 when this was written (117 HAL op calls, 143 aten
-kernels), 482 before (95 HAL op calls, 387 aten kernels: eager RMSNorm, the Hadamard matrix rebuilt
-per call, the shared expert's routing filled per step)."""
+"""Kernels a decode step may launch: 252 when this was written (123 HAL op calls, 129 aten
+kernels), 483 before (95 HAL op calls, 388 aten kernels: eager RMSNorm, the Hadamard matrix rebuilt
+per call, bf16 compressor weights widened by a copy per call, the shared expert's routing filled
+per step)."""
 
 
 def _release_layout(model) -> None:
-    """FP8 weights (e8m0 128x128 scales) for the official FP8 linears, FP4 (e8m0 1x32) experts."""
+    """As a release checkpoint loads: FP8 weights (e8m0 128x128 scales) for the official FP8
+    linears, FP4 (e8m0 1x32) experts, the other linears' weights in bf16."""
     import torch
 
     from seahal.model.convert import FP8_LINEAR
@@ -38,11 +40,14 @@ def _release_layout(model) -> None:
     from seahal.model.moe import Experts
 
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and FP8_LINEAR.search(name + ".weight") and not module.dense_only:
+        if isinstance(module, Linear):
             rows, cols = module.weight.shape
-            module.set_weight(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device="cuda"),
-                              torch.empty(-(-rows // 128), cols // 128, dtype=torch.float8_e8m0fnu, device="cuda"),
-                              torch.bfloat16)
+            if FP8_LINEAR.search(name + ".weight") and not module.dense_only:
+                module.set_weight(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device="cuda"),
+                                  torch.empty(-(-rows // 128), cols // 128, dtype=torch.float8_e8m0fnu,
+                                              device="cuda"), torch.bfloat16)
+            else:
+                module.set_weight(torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda"), None, torch.bfloat16)
         elif isinstance(module, Experts):
             for w in ("w1", "w3", "w2"):
                 experts, rows, cols = getattr(module, w).shape
@@ -90,7 +95,7 @@ def test_a_decode_step_stays_within_its_kernel_budget():
     # every HAL op of the step runs the cuda backend's kernel (none fell back to the reference)
     assert all(op.endswith("__cuda_triton") for op in hal_ops), hal_ops
     assert hal_ops["seahal.rms_norm__cuda_triton"] == 21  # 5 per layer and the final norm, one launch each
-    assert hal_ops["seahal.head_logits__cuda_triton"] == 1
+    assert hal_ops["seahal.fp32_linear__cuda_triton"] == 7  # the head; wkv and wgate of 3 compressors
     total = sum(decode.values())
     assert total <= DECODE_BUDGET, f"{total} kernels a decode step (budget {DECODE_BUDGET}): {sorted(decode.items(), key=lambda kv: -kv[1])}"
 

@@ -39,7 +39,7 @@ REFERENCE_KERNELS = {
     "hc_head": ("mhc", {"dtype": _FLOATS}),
     "rope": ("rope", {"dtype": _FLOATS}),
     "rms_norm": ("norm", {"dtype": _FLOATS}),
-    "head_logits": ("head", {"dtype": _FLOATS, "weight_dtype": _FLOATS}),
+    "fp32_linear": ("linear", {"dtype": _FLOATS, "weight_dtype": _FLOATS}),
 }
 
 DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}

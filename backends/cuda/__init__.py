@@ -61,7 +61,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, False),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, False),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, False),
-    "head_logits": ("head:head_logits", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, False),
+    "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, False),
 }
 
 DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}

@@ -46,7 +46,7 @@ CAPABILITIES = {
     "hc_head": {"dtype": _FLOATS},
     "rope": {"dtype": _FLOATS},
     "rms_norm": {"dtype": _FLOATS},
-    "head_logits": {"dtype": _FLOATS, "weight_dtype": _FLOATS},
+    "fp32_linear": {"dtype": _FLOATS, "weight_dtype": _FLOATS},
 }
 """Declared capabilities per op (math is fp32 throughout; fp64 inputs are accepted and computed in fp32)."""
 

@@ -12,4 +12,4 @@ from . import attention  # noqa: F401
 from . import mhc  # noqa: F401
 from . import rope  # noqa: F401
 from . import norm  # noqa: F401
-from . import head  # noqa: F401
+from . import linear  # noqa: F401

@@ -37,7 +37,7 @@ CUDA_OPS = {
     "hc_post": "cuda_mhc_rope",
     "hc_head": "cuda_mhc_rope",
     "rope": "cuda_mhc_rope",
-    "head_logits": "cuda_head",
+    "fp32_linear": "cuda_linear",
     "model": "model_e2e",
 }
 """op -> module of seahal.bench with ``rows(ops, device, quick)`` for it."""

@@ -510,7 +510,7 @@ def rms_norm_unweighted(x, eps: float = 1e-6):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
-def head_logits(x, weight):
+def fp32_linear(x, weight):
     """Output head: x [..., D], weight [V, D] -> [..., V] fp32, ``x @ weight^T`` with both widened to fp32."""
     return op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(op.Cast(weight, to=FLOAT), perm=[1, 0]))
 
@@ -878,7 +878,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "hc_head": ("hc_head",),
     "rope": ("rope",),
     "rms_norm": ("rms_norm", "rms_norm_unweighted"),
-    "head_logits": ("head_logits",),
+    "fp32_linear": ("fp32_linear",),
 }
 """HAL op -> the names of the functions that compute it (the first is the common case)."""
 

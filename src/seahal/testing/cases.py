@@ -141,7 +141,7 @@ _DATA_ARG = {
     "hc_head": "x",
     "rope": "x",
     "rms_norm": "x",
-    "head_logits": "x",
+    "fp32_linear": "x",
 }
 
 
@@ -178,7 +178,7 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
             req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
     elif op == "indexer_topk_packed":
         req["key_format"] = a["key_format"]
-    elif op == "head_logits":
+    elif op == "fp32_linear":
         req["weight_dtype"] = _dtype_name(a["weight"].dtype)
     if isinstance(a.get("start_pos"), torch.Tensor) and a["start_pos"].dim() == 1:
         req["position"] = "per-sequence"
@@ -646,15 +646,15 @@ def rms_norm_case(
     return _case("rms_norm", name, (strided(x.to(dtype), layout), weight, 1e-6))
 
 
-def head_logits_case(
-    name: str, seed: int, tokens: tuple[int, ...] = (1, 1), d: int = 256, v: int = 1000, dtype=F32,
+def fp32_linear_case(
+    name: str, seed: int, tokens: tuple[int, ...] = (1, 1), d: int = 256, n: int = 1000, dtype=F32,
     weight_dtype=BF16, layout: str = "contiguous",
 ) -> Case:
-    """x ~ N(0, 1) (the normalised hidden state), W ~ N(0, D^-1/2) rows."""
+    """x ~ N(0, 1) (a normalised hidden state), W [n, d] ~ N(0, d^-1/2)."""
     r = _Rand(seed)
     x = r.normal(*tokens, d, dtype=dtype)
-    weight = r.normal(v, d, std=d**-0.5, dtype=weight_dtype)
-    return _case("head_logits", name, (strided(x, layout), weight))
+    weight = r.normal(n, d, std=d**-0.5, dtype=weight_dtype)
+    return _case("fp32_linear", name, (strided(x, layout), weight))
 
 
 # --------------------------------------------------------------------------------------------
@@ -932,14 +932,14 @@ def _rms_norm_cases(seed: int) -> list[Case]:
     ]
 
 
-def _head_logits_cases(seed: int) -> list[Case]:
-    c = head_logits_case
+def _fp32_linear_cases(seed: int) -> list[Case]:
+    c = fp32_linear_case
     return [
-        c("decode: fp32 x, bf16 head", seed),
+        c("decode: fp32 x, bf16 W", seed),
         c("batch 4 decode, bf16 x", seed + 1, tokens=(4, 1), dtype=BF16),
-        c("3 tokens, fp32 head", seed + 2, tokens=(3,), weight_dtype=F32),
-        c("prefill logits: 37 tokens (a GEMM)", seed + 3, tokens=(1, 37), v=300),
-        c("odd sizes D=100, V=77", seed + 4, tokens=(2,), d=100, v=77),
+        c("3 tokens, fp32 W", seed + 2, tokens=(3,), weight_dtype=F32),
+        c("prefill: 37 tokens", seed + 3, tokens=(1, 37), n=300),
+        c("odd sizes D=100, N=77", seed + 4, tokens=(2,), d=100, n=77),
         c("sliced x", seed + 5, tokens=(2,), layout="sliced"),
     ]
 
@@ -964,7 +964,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "hc_head": lambda seed: _hc_cases("hc_head", seed),
     "rope": _rope_cases,
     "rms_norm": _rms_norm_cases,
-    "head_logits": _head_logits_cases,
+    "fp32_linear": _fp32_linear_cases,
 }
 
 
@@ -1059,9 +1059,9 @@ def strategy(op: str):
             d=draw(st.integers(1, 600)), dtype=draw(dtypes), weighted=draw(st.booleans()),
             values=draw(st.sampled_from(["normal", "zero-rows"])),
             layout=draw(st.sampled_from(["contiguous", "transposed", "strided"]))),
-        "head_logits": lambda draw: head_logits_case(
+        "fp32_linear": lambda draw: fp32_linear_case(
             "property", draw(seeds), tokens=(draw(st.integers(1, 6)),), d=draw(st.integers(1, 300)),
-            v=draw(st.integers(1, 200)), dtype=draw(dtypes), weight_dtype=draw(dtypes),
+            n=draw(st.integers(1, 200)), dtype=draw(dtypes), weight_dtype=draw(dtypes),
             layout=draw(st.sampled_from(["contiguous", "sliced"]))),
     }
     for gemm in ("fp8_gemm", "fp4_gemm"):

@@ -244,9 +244,9 @@ def _rms_norm(d: _Draw):
     return (d.data(2, 3, 16), d.param(16).abs() + 0.5, 1e-6), {}
 
 
-@_example("head_logits")
-def _head_logits(d: _Draw):
-    """x [2, 1, 16], a [40, 16] head."""
+@_example("fp32_linear")
+def _fp32_linear(d: _Draw):
+    """x [2, 1, 16], W [40, 16]."""
     return (d.data(2, 1, 16), d.param(40, 16, scale=0.25)), {}
 
 

@@ -288,9 +288,9 @@ def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(d) / 2 + 8 * U32)),)
 
 
-def _head_logits(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+def _fp32_linear(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # D exact products (bf16 and fp32 operands widen exactly; fp32 x fp32 products round once),
-    # summed in fp32 in any order: gamma(D + 1) relative to sum |x| |w| per logit. A kernel may
+    # summed in fp32 in any order: gamma(D + 1) relative to sum |x| |w| per output. A kernel may
     # split each fp32 x into three exact bf16 parts for the tensor cores: 3D exact products.
     x, w = a["x"].to(torch.float64), a["weight"].to(torch.float64)
     n = 3 * x.shape[-1] + 1
@@ -425,11 +425,11 @@ RULES: dict[str, Rule] = {
           "rsqrt (2 ulp on a GPU) and the products add a few u; all errors are relative"),),
         _rms_norm,
     ),
-    "head_logits": Rule(
+    "fp32_linear": Rule(
         (("out", "rtol γ(3D+1), atol γ(3D+1)·max(\\|x\\|·\\|W\\|ᵀ)",
           "D products, exact for bf16 operands and rounded once for fp32 ones, summed in fp32 in any order; "
           "3D when a kernel splits fp32 x into three exact bf16 parts for the tensor cores"),),
-        _head_logits,
+        _fp32_linear,
     ),
 }
 

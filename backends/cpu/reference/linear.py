@@ -1,4 +1,4 @@
-"""Reference kernel of the head family: fp32 logits from a bf16 or fp32 head (v4_ops.md §13)."""
+"""Reference kernel of the linear family: fp32 linear layers over bf16 or fp32 weights."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ WIDEN_ROWS = 16384
 would otherwise need a 2 GB fp32 copy per call)."""
 
 
-def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` with both widened to fp32 (fp64 if either is fp64), fp32 sums.
 
-    x: [..., D], weight: [V, D] -> [..., V] fp32 (fp64).
+    x: [..., D], weight: [N, D] -> [..., N] fp32 (fp64).
     """
     dtype = compute_dtype(x, weight)
     xf = x.to(dtype)

@@ -1,5 +1,5 @@
-"""The output head (op ``head_logits``): reference against float64, its row blocks, the contract,
-and the model keeping a bf16 checkpoint's head in bf16."""
+"""``fp32_linear`` (the output head, the compressors' projections): the reference against float64,
+its row blocks, the contract, and the model keeping a bf16 checkpoint's head in bf16."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seahal import hal
-from seahal.backends.cpu.reference import head as reference
+from seahal.backends.cpu.reference import linear as reference
 from seahal.hal import SpecError
 from seahal.testing.tolerances import gamma
 
@@ -24,30 +24,30 @@ def test_reference_is_the_widened_product(dtype, weight_dtype, monkeypatch):
     """fp32 sums of exactly widened products, within gamma(D+1) of sum |x||w| (float64 formula);
     row blocks of 7 (V = 50: 8 blocks, the last partial) give the same logits as one block."""
     x, w = _inputs(3, 96, 50, dtype, weight_dtype)
-    out = reference.head_logits(x, w)
+    out = reference.fp32_linear(x, w)
     assert out.dtype == torch.float32 and out.shape == (3, 50)
     exact = x.double() @ w.double().T
     bound = gamma(97) * (x.double().abs() @ w.double().abs().T)
     assert ((out.double() - exact).abs() <= bound).all()
     monkeypatch.setattr(reference, "WIDEN_ROWS", 7)
-    torch.testing.assert_close(reference.head_logits(x, w), out, rtol=0, atol=float(bound.max()))
+    torch.testing.assert_close(reference.fp32_linear(x, w), out, rtol=0, atol=float(bound.max()))
 
 
 def test_float64_operands_compute_in_float64():
     x, w = _inputs(2, 32, 10, torch.float64, torch.bfloat16)
-    out = reference.head_logits(x, w)
+    out = reference.fp32_linear(x, w)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, x @ w.double().T, rtol=1e-15, atol=1e-15)
 
 
 def test_contract_names_the_argument():
-    plan = hal.plan("cpu", ops=["head_logits"], announce=False)
+    plan = hal.plan("cpu", ops=["fp32_linear"], announce=False)
     x, w = _inputs(2, 32, 10, torch.float32, torch.bfloat16)
-    with pytest.raises(SpecError, match=r"head_logits: weight must be \[V=10, D=32\] .*got \[10, 31\] bfloat16"):
-        plan.ops.head_logits(x, w[:, :31])
-    with pytest.raises(SpecError, match=r"head_logits: weight must be .*got \[10, 32\] float8_e4m3fn"):
-        plan.ops.head_logits(x, w.to(torch.float8_e4m3fn))
-    assert plan.ops.head_logits(x[None], w).shape == (1, 2, 10)
+    with pytest.raises(SpecError, match=r"fp32_linear: weight must be \[N=10, D=32\] .*got \[10, 31\] bfloat16"):
+        plan.ops.fp32_linear(x, w[:, :31])
+    with pytest.raises(SpecError, match=r"fp32_linear: weight must be .*got \[10, 32\] float8_e4m3fn"):
+        plan.ops.fp32_linear(x, w.to(torch.float8_e4m3fn))
+    assert plan.ops.fp32_linear(x[None], w).shape == (1, 2, 10)
 
 
 def test_model_keeps_a_bf16_head_in_bf16(tmp_path):

@@ -1,5 +1,5 @@
 """The cuda backend's dense helpers around the model's layers: RMSNorm (``rms_norm``) and the
-output head (``head_logits``), under the Triton interpreter and on a GPU.
+output head (``fp32_linear``), under the Triton interpreter and on a GPU.
 
 Each against a float64 brute force of its formula within the conformance rule
 (``seahal.testing.tolerances``) and against the CPU reference. Interpreter tests run in a
@@ -39,7 +39,7 @@ def norm():
 @pytest.fixture(scope="module")
 def head():
     """The head module, with the interpreter's bf16 dot fix (the split-x kernel's bf16 MMAs)."""
-    from seahal.backends.cuda import head
+    from seahal.backends.cuda import linear as head
 
     with triton_interpreter.bf16_dot_fix():
         yield head
@@ -119,7 +119,7 @@ def test_gpu_norm_matches_brute_force(lead, d, dtype, weighted):
     _check_norm(x.cpu(), None if weight is None else weight.cpu(), norm.rms_norm(x, weight, 1e-6).cpu())
 
 
-# -- head_logits -------------------------------------------------------------------------------
+# -- fp32_linear -------------------------------------------------------------------------------
 
 
 def _inputs(lead: tuple[int, ...], d: int, v: int, dtype, weight_dtype, device="cpu"):
@@ -131,9 +131,9 @@ def _inputs(lead: tuple[int, ...], d: int, v: int, dtype, weight_dtype, device="
 def _check_logits(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     assert out.dtype == F32 and out.shape == (*x.shape[:-1], w.shape[0])
     want = x.double() @ w.double().T
-    for compared in checks_for("head_logits", (x, w)):
+    for compared in checks_for("fp32_linear", (x, w)):
         verdict = compared.check.compare(out, want)
-        assert verdict.ok, f"head_logits {compared.label}: {verdict.detail}"
+        assert verdict.ok, f"fp32_linear {compared.label}: {verdict.detail}"
 
 
 CASES = [  # (leading dims, D, V, x dtype, weight dtype)
@@ -151,7 +151,7 @@ CASES = [  # (leading dims, D, V, x dtype, weight dtype)
 @pytest.mark.parametrize("lead, d, v, dtype, weight_dtype", CASES)
 def test_gemv_matches_the_widened_product(head, lead, d, v, dtype, weight_dtype):
     x, w = _inputs(lead, d, v, dtype, weight_dtype)
-    _check_logits(x, w, head.head_logits(x, w))
+    _check_logits(x, w, head.fp32_linear(x, w))
 
 
 @interpreted
@@ -163,11 +163,11 @@ def test_token_count_and_head_dtype_pick_the_path(head, monkeypatch, tokens, wei
     """GEMV up to 4 tokens; split x on the tensor cores up to 128 with a bf16 head; else fp32
     GEMMs on widened row blocks of W (no Triton launch)."""
     ran = []
-    for name, kernel in (("gemv", head._head_gemv_kernel), ("split", head._head_split_kernel)):
+    for name, kernel in (("gemv", head._fp32_gemv_kernel), ("split", head._split_x_kernel)):
         run = kernel.run
         monkeypatch.setattr(kernel, "run", lambda *a, name=name, run=run, **k: ran.append(name) or run(*a, **k))
     x, w = _inputs((tokens,), 64, 20, F32, weight_dtype)
-    _check_logits(x, w, head.head_logits(x, w))
+    _check_logits(x, w, head.fp32_linear(x, w))
     assert ran == ([] if path == "widened" else [path])
 
 
@@ -175,14 +175,14 @@ def test_token_count_and_head_dtype_pick_the_path(head, monkeypatch, tokens, wei
 def test_head_refuses_float64(head):
     x, w = _inputs((1,), 16, 8, torch.float64, BF16)
     with pytest.raises(NotImplementedError, match="float64 runs on the reference"):
-        head.head_logits(x, w)
+        head.fp32_linear(x, w)
 
 
 @on_gpu
 @pytest.mark.parametrize("lead, d, v, dtype, weight_dtype", CASES + [((1, 1), 4096, 129280, F32, BF16)])
 def test_gpu_matches_the_widened_product(lead, d, v, dtype, weight_dtype):
     """Includes V4's head (129280 x 4096, 1.06 GB in bf16) at decode."""
-    from seahal.backends.cuda import head
+    from seahal.backends.cuda import linear as head
 
     x, w = _inputs(lead, d, v, dtype, weight_dtype, device="cuda")
-    _check_logits(x.cpu(), w.cpu(), head.head_logits(x, w).cpu())
+    _check_logits(x.cpu(), w.cpu(), head.fp32_linear(x, w).cpu())

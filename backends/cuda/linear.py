@@ -1,20 +1,22 @@
-"""Triton output head (op ``head_logits``; v4_ops.md §13): fp32 logits streaming a bf16 head once.
+"""Triton fp32 linear layers over bf16 weights (op ``fp32_linear``): the output head and the
+compressors' projections, W streamed once in bf16 and widened in registers.
 
 Decode is bound by reading W: V4's head is 129280 x 4096, 1.06 GB in bf16 and 2.1 GB as the fp32
-copy the official code keeps, more than every FP8/FP4 layer weight of a 4-layer model together.
+copy the official code keeps, more than every FP8/FP4 layer weight of a 4-layer model together;
+the compressors' wkv / wgate (bf16 in the checkpoint, fp32 math) were widened by a copy per call.
 Three paths, by token count T:
 
 - T <= :data:`GEMV_MAX_TOKENS` (decode of a few sequences): a GEMV on the CUDA cores. Each program
   widens BLOCK_V rows of W to fp32 in registers, BLOCK_D columns at a time, and keeps one fp32
   running sum per (token, row, lane) (fp32 FMA: TF32 would round x), reduced once at the end.
-- T <= :data:`SPLIT_MAX_TOKENS` with a bf16 head (batched decode): tensor cores on a split x. Each
+- T <= :data:`SPLIT_MAX_TOKENS` with a bf16 W (batched decode): tensor cores on a split x. Each
   fp32 x is the exact sum of three bf16 parts (``hi = bf16(x)``, ``mid = bf16(x - hi)``, ``lo =
   bf16(x - hi - mid)``: 24 significant bits in three 8-bit pieces), and bf16 x bf16 products are
   exact in fp32, so three bf16 MMAs with fp32 accumulation sum the same exact products as fp32
   math (3D terms instead of D; a bf16 x, the model's, is its own single part). W is read once,
   and at T = 64 the 68 GFLOP of V4's head run at tensor-core rate rather than the CUDA cores'.
-- More tokens (prefill logits of every position) or an fp32 head: cuBLAS fp32 GEMMs on row blocks
-  of W widened at a time (the reference's method).
+- More tokens (prefill) or an fp32 W: cuBLAS fp32 GEMMs on row blocks of W widened at a time
+  (the reference's method).
 """
 
 from __future__ import annotations
@@ -23,22 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
-from seahal.backends.cpu.reference.head import head_logits as widened_gemm
+from seahal.backends.cpu.reference.linear import fp32_linear as widened_gemm
 
 from .rope import check_dtype
 
 GEMV_MAX_TOKENS = 4
 """Up to this many tokens the CUDA-core GEMV runs."""
 SPLIT_MAX_TOKENS = 128
-"""Up to this many tokens (and a bf16 head) the split-x tensor-core kernel runs; beyond, cuBLAS."""
+"""Up to this many tokens (and a bf16 W) the split-x tensor-core kernel runs; beyond, cuBLAS."""
 BLOCK_V = 16
-"""GEMV: head rows per program (V4's 129280 rows make 8080 programs, enough to keep every SM streaming)."""
+"""GEMV: rows of W per program (V4's 129280-row head makes 8080 programs, enough to keep every SM streaming)."""
 SPLIT_BLOCK_V = 64
-"""Split-x kernel: head rows per program (the MMA's N; 2020 programs per token block for V4)."""
+"""Split-x kernel: rows of W per program (the MMA's N; 2020 programs per token block for V4's head)."""
 
 
 @triton.jit
-def _head_gemv_kernel(
+def _fp32_gemv_kernel(
     x_ptr, w_ptr, out_ptr, T, V, D, stride_xt, stride_wv, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -58,7 +60,7 @@ def _head_gemv_kernel(
 
 
 @triton.jit
-def _head_split_kernel(
+def _split_x_kernel(
     x_ptr, w_ptr, out_ptr, T, V, D, stride_xt, stride_wv, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, X_BF16: tl.constexpr,
 ):
@@ -88,13 +90,13 @@ def _head_split_kernel(
     tl.store(out, acc, mask=(tokens[:, None] < T) & (rows[None, :] < V))
 
 
-def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ weight^T`` with both operands widened exactly and fp32 sums.
 
-    x: [..., D] bf16/fp32, weight: [V, D] bf16/fp32 -> [..., V] fp32.
+    x: [..., D] bf16/fp32, weight: [N, D] bf16/fp32 -> [..., N] fp32.
     """
-    check_dtype("head_logits", "x", x)
-    check_dtype("head_logits", "weight", weight)
+    check_dtype("fp32_linear", "x", x)
+    check_dtype("fp32_linear", "weight", weight)
     d, v = x.shape[-1], weight.shape[0]
     tokens = x.reshape(-1, d)
     t = tokens.shape[0]
@@ -108,12 +110,12 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     args = (tokens, weight, out, t, v, d, tokens.stride(0), weight.stride(0), out.stride(0))
     if t <= GEMV_MAX_TOKENS:
         block_t = triton.next_power_of_2(t)
-        _head_gemv_kernel[(triton.cdiv(v, BLOCK_V),)](
+        _fp32_gemv_kernel[(triton.cdiv(v, BLOCK_V),)](
             *args, BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=256 // block_t, num_warps=4,
         )
     else:
         block_t = min(max(16, triton.next_power_of_2(t)), 64)
-        _head_split_kernel[(triton.cdiv(v, SPLIT_BLOCK_V), triton.cdiv(t, block_t))](
+        _split_x_kernel[(triton.cdiv(v, SPLIT_BLOCK_V), triton.cdiv(t, block_t))](
             *args, BLOCK_T=block_t, BLOCK_V=SPLIT_BLOCK_V, BLOCK_D=64, X_BF16=x.dtype == torch.bfloat16,
             num_warps=4, num_stages=4,
         )
