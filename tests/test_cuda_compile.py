@@ -237,12 +237,12 @@ def _head():
     split-x tensor-core kernel at 8, 64 and 128 (bf16 and fp32 x)."""
     import torch
 
-    from seahal.backends.cuda import linear as head
+    from seahal.backends.cuda import linear
 
     weight = _empty(129280, DIM, dtype=torch.bfloat16)
     for tokens, dtype in ((1, torch.bfloat16), (2, torch.float32), (4, torch.bfloat16), (8, torch.float32),
                           (64, torch.bfloat16), (128, torch.float32)):
-        head.fp32_linear(_empty(tokens, DIM, dtype=dtype), weight)
+        linear.fp32_linear(_empty(tokens, DIM, dtype=dtype), weight)
 
 
 def _signature(launch) -> str:

@@ -1,5 +1,6 @@
 """The cuda backend's dense helpers around the model's layers: RMSNorm (``rms_norm``) and the
-output head (``fp32_linear``), under the Triton interpreter and on a GPU.
+fp32 linear layers of the head and the compressors (``fp32_linear``), under the Triton interpreter
+and on a GPU.
 
 Each against a float64 brute force of its formula within the conformance rule
 (``seahal.testing.tolerances``) and against the CPU reference. Interpreter tests run in a
@@ -37,12 +38,12 @@ def norm():
 
 
 @pytest.fixture(scope="module")
-def head():
-    """The head module, with the interpreter's bf16 dot fix (the split-x kernel's bf16 MMAs)."""
-    from seahal.backends.cuda import linear as head
+def linear():
+    """The linear module, with the interpreter's bf16 dot fix (the split-x kernel's bf16 MMAs)."""
+    from seahal.backends.cuda import linear
 
     with triton_interpreter.bf16_dot_fix():
-        yield head
+        yield linear
 
 
 # -- rms_norm ----------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def _check_logits(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 CASES = [  # (leading dims, D, V, x dtype, weight dtype)
     ((1, 1), 512, 200, F32, BF16),  # decode, GEMV: one program per 16 rows, the last partial
     ((2, 1), 300, 64, BF16, BF16),  # two sequences; D not a multiple of the 128-wide steps
-    ((3,), 256, 33, F32, F32),  # three tokens in a 4-token block; an fp32 head
+    ((3,), 256, 33, F32, F32),  # three tokens in a 4-token block; an fp32 W
     ((4,), 100, 17, F32, BF16),  # the most tokens the GEMV takes
     ((5, 1), 200, 150, F32, BF16),  # split x on the tensor cores: a 16-token block, 64-row blocks
     ((100,), 130, 70, F32, BF16),  # two token blocks of 64, the last partial; D not a multiple of 64
@@ -149,9 +150,9 @@ CASES = [  # (leading dims, D, V, x dtype, weight dtype)
 
 @interpreted
 @pytest.mark.parametrize("lead, d, v, dtype, weight_dtype", CASES)
-def test_gemv_matches_the_widened_product(head, lead, d, v, dtype, weight_dtype):
+def test_gemv_matches_the_widened_product(linear, lead, d, v, dtype, weight_dtype):
     x, w = _inputs(lead, d, v, dtype, weight_dtype)
-    _check_logits(x, w, head.fp32_linear(x, w))
+    _check_logits(x, w, linear.fp32_linear(x, w))
 
 
 @interpreted
@@ -159,30 +160,30 @@ def test_gemv_matches_the_widened_product(head, lead, d, v, dtype, weight_dtype)
     (1, BF16, "gemv"), (4, F32, "gemv"), (5, BF16, "split"), (128, BF16, "split"), (5, F32, "widened"),
     (129, BF16, "widened"),
 ])
-def test_token_count_and_head_dtype_pick_the_path(head, monkeypatch, tokens, weight_dtype, path):
-    """GEMV up to 4 tokens; split x on the tensor cores up to 128 with a bf16 head; else fp32
+def test_token_count_and_weight_dtype_pick_the_path(linear, monkeypatch, tokens, weight_dtype, path):
+    """GEMV up to 4 tokens; split x on the tensor cores up to 128 with a bf16 W; else fp32
     GEMMs on widened row blocks of W (no Triton launch)."""
     ran = []
-    for name, kernel in (("gemv", head._fp32_gemv_kernel), ("split", head._split_x_kernel)):
+    for name, kernel in (("gemv", linear._fp32_gemv_kernel), ("split", linear._split_x_kernel)):
         run = kernel.run
         monkeypatch.setattr(kernel, "run", lambda *a, name=name, run=run, **k: ran.append(name) or run(*a, **k))
     x, w = _inputs((tokens,), 64, 20, F32, weight_dtype)
-    _check_logits(x, w, head.fp32_linear(x, w))
+    _check_logits(x, w, linear.fp32_linear(x, w))
     assert ran == ([] if path == "widened" else [path])
 
 
 @interpreted
-def test_head_refuses_float64(head):
+def test_linear_refuses_float64(linear):
     x, w = _inputs((1,), 16, 8, torch.float64, BF16)
     with pytest.raises(NotImplementedError, match="float64 runs on the reference"):
-        head.fp32_linear(x, w)
+        linear.fp32_linear(x, w)
 
 
 @on_gpu
 @pytest.mark.parametrize("lead, d, v, dtype, weight_dtype", CASES + [((1, 1), 4096, 129280, F32, BF16)])
 def test_gpu_matches_the_widened_product(lead, d, v, dtype, weight_dtype):
     """Includes V4's head (129280 x 4096, 1.06 GB in bf16) at decode."""
-    from seahal.backends.cuda import linear as head
+    from seahal.backends.cuda import linear
 
     x, w = _inputs(lead, d, v, dtype, weight_dtype, device="cuda")
-    _check_logits(x.cpu(), w.cpu(), head.fp32_linear(x, w).cpu())
+    _check_logits(x.cpu(), w.cpu(), linear.fp32_linear(x, w).cpu())
