@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import Contract
+from ..checks import FLOAT_HIGH, Contract
 from ..spec import Out, define_op
-
-FLOATS = (torch.bfloat16, torch.float32, torch.float64)
 
 
 @define_op("fp32_linear", family="linear", schema="(Tensor x, Tensor weight) -> Tensor")
@@ -22,8 +20,8 @@ def fp32_linear(x, weight):
     (no fp32 copy: half the bytes a decode step streams, no widening pass per call).
     """
     c = Contract("fp32_linear")
-    c.tensor("x", x, None, FLOATS, min_rank=1)
+    c.tensor("x", x, None, FLOAT_HIGH, min_rank=1)
     c.dims["D"] = x.shape[-1]
-    c.tensor("weight", weight, ["N", "D"], FLOATS)
+    c.tensor("weight", weight, ["N", "D"], FLOAT_HIGH)
     dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
     return Out((*x.shape[:-1], c.dims["N"]), dtype)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import Contract
+from ..checks import FLOAT_HIGH, Contract
 from ..spec import Out, define_op
-
-FLOATS = (torch.bfloat16, torch.float32, torch.float64)
 
 
 @define_op("rms_norm", family="norm", schema="(Tensor x, Tensor? weight, float eps=1e-6) -> Tensor")
@@ -20,7 +18,7 @@ def rms_norm(x, weight=None, eps=1e-6):
     computed in fp32 (fp64 when x is fp64) and rounded once to x's dtype.
     """
     c = Contract("rms_norm")
-    c.tensor("x", x, None, FLOATS, min_rank=1)
+    c.tensor("x", x, None, FLOAT_HIGH, min_rank=1)
     c.dims["D"] = x.shape[-1]
     c.optional("weight", weight, ["D"], (torch.float32, torch.float64))
     c.require(isinstance(eps, float) and eps >= 0.0, f"eps must be a float >= 0, got {eps!r}")
