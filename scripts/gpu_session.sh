@@ -49,7 +49,7 @@ STEPS=(
   "bench-indexer|120|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
   "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts,fp32_linear --json \$RESULTS/bench-rest.json"
   "bench-gemm-gate|150|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,fp4_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
-  "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack --json \$RESULTS/bench-quick.json"
+  "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear --json \$RESULTS/bench-quick.json"
 )
 # Run only when --only names them: the end-to-end model against transformers (minutes, 32 GB of
 # GPU memory, 22 GB of temporary disk); wheels carried in .whl/ (transformers >= 5.23) go first.
