@@ -217,12 +217,12 @@ def hadamard(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tenso
     """Orthonormal Sylvester Hadamard rotation of the last dim (a power of two): ``x @ H / sqrt(n)``.
 
     fp32 math (fp64 when x is fp64), output in x's dtype. ``matrix``: H from
-    :func:`sylvester_hadamard` in that compute dtype, made once by a caller that rotates often
-    (building it is log2(n) rounds of small kernels).
+    :func:`sylvester_hadamard` (any float dtype: +-1 converts exactly), made once by a caller that
+    rotates often (building it is log2(n) rounds of small kernels).
     """
     n = x.shape[-1]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = sylvester_hadamard(n, dtype, x.device) if matrix is None else matrix
+    h = sylvester_hadamard(n, dtype, x.device) if matrix is None else matrix.to(dtype)
     return (x.to(dtype) @ h * n**-0.5).to(x.dtype)
 
 

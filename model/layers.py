@@ -82,16 +82,19 @@ class Head(nn.Module):
     """
 
     STORED = (torch.bfloat16, torch.float32)
+    """Weight dtypes kept as they are (both widen exactly); others are held in fp32."""
 
     def __init__(self, dim: int, vocab: int, ops: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
         self.ops = ops
+        dtype = dtype if dtype in self.STORED else torch.float32
         self.weight = nn.Parameter(torch.zeros(vocab, dim, dtype=dtype), requires_grad=False)
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Install a checkpoint weight: bf16 and fp32 as they are, other dtypes widened to fp32."""
+        """Install a checkpoint weight: bf16 and fp32 as they are, other dtypes converted to fp32."""
         self.weight = nn.Parameter(weight if weight.dtype in self.STORED else weight.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., D] -> logits [..., V] fp32."""
-        return self.ops.fp32_linear(x, self.weight)
+        """x: [..., D] -> logits [..., V] fp32 (a float64 model's x is rounded to fp32 first, as the
+        official head's ``x.float()`` does)."""
+        return self.ops.fp32_linear(x if x.dtype in self.STORED else x.float(), self.weight)

@@ -62,7 +62,23 @@ def test_model_keeps_a_bf16_head_in_bf16(tmp_path):
     ids = torch.randint(0, TINY_CONFIG["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(1))
     logits = model(ids, last_only=True)
     hidden = {}
-    model.head.register_forward_hook(lambda module, args, out: hidden.setdefault("x", args[0]))
+    model.head.register_forward_hook(lambda module, args, out: hidden.update(x=args[0]))  # returns None: output kept
     model(ids, last_only=True)
     fp32_head = torch.nn.functional.linear(hidden["x"].float(), model.head.weight.float())
     torch.testing.assert_close(logits, fp32_head, rtol=1e-6, atol=1e-6)
+
+
+def test_a_float64_model_gets_fp32_logits_from_its_head(tmp_path):
+    """A float64 model (a debugging precision) runs, its indexer rotating in fp64, and its head
+    rounds x to fp32 first, as the official ``x.float()`` does: fp32 logits of the fp32 product."""
+    from seahal.model import load
+    from seahal.model.tiny import TINY_CONFIG, write_tiny_checkpoint
+
+    model = load(write_tiny_checkpoint(tmp_path / "tiny", seed=0), device="cpu", dtype=torch.float64, announce=False)
+    hidden = {}
+    model.head.register_forward_hook(lambda module, args, out: hidden.update(x=args[0]))  # returns None: output kept
+    ids = torch.randint(0, TINY_CONFIG["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2))
+    logits = model(ids, last_only=True)
+    assert logits.dtype == torch.float32 and hidden["x"].dtype == torch.float64
+    expected = torch.nn.functional.linear(hidden["x"].float(), model.head.weight.float())
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ import torch
 from seahal import hal
 from seahal.backends.cpu.reference import quant
 from seahal.backends.cpu.reference.quant import fp4_quant, fp8_act_quant, kv_cache_pack, kv_cache_unpack
-from seahal.hal.formats import decode_scale, e2m1_encode, hadamard
+from seahal.hal.formats import decode_scale, e2m1_encode, hadamard, sylvester_hadamard
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.hal.spec import Out
 
@@ -348,6 +348,16 @@ def test_hadamard_matches_sylvester_and_is_orthonormal(n):
     assert y.dtype == torch.bfloat16
     want = x.to(torch.bfloat16).double() @ h / math.sqrt(n)
     torch.testing.assert_close(y.double(), want, rtol=2.0**-8, atol=2.0**-12)
+
+
+def test_hadamard_with_a_prepared_matrix_of_any_dtype():
+    """A caller's prepared H (the indexer keeps one fp32 copy) gives the same bits as building it,
+    for fp64 x too: +-1 converts exactly, and the math stays in x's compute dtype."""
+    h32 = sylvester_hadamard(128)
+    assert torch.equal(h32.double(), _sylvester(128))
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = torch.randn(3, 128, dtype=torch.float64).to(dtype)
+        assert torch.equal(hadamard(x, h32), hadamard(x))
 
 
 # ---- contracts and portability ----------------------------------------------------------------------------
