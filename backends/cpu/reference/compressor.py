@@ -161,7 +161,7 @@ def kv_compress_fp8(
     score_state: torch.Tensor,
     ratio: int,
     overlap: bool,
-    start_pos: int,
+    start_pos: int | torch.Tensor,
     norm_eps: float = 1e-6,
     rope_dim: int = 64,
     tile: int = 64,
