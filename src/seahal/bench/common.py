@@ -17,6 +17,7 @@ check is reported with ``us`` None and not timed. A case whose issue states a go
 from __future__ import annotations
 
 import json
+import functools
 import math
 import statistics
 import time
@@ -29,8 +30,19 @@ PEAK_BF16_TFLOPS = 989.0
 """H100 SXM dense bf16 tensor-core spec."""
 PEAK_FP8_TFLOPS = 1979.0
 """H100 SXM dense FP8 tensor-core spec."""
-PEAK_TBPS = 3.0
-"""HBM3 copy bandwidth measured on an H100 (../shared/perf/h100_peers.json), not the 3.35 spec."""
+COPY_TBPS = {"H200": 4.3, "H100": 3.0}
+"""Device-to-device copy bandwidth measured per chip (bytes read plus written; H100: ../shared/perf/
+h100_peers.json, H200: /work/.library/device/KINDS.md), not the 3.35 / 4.8 TB/s specs. The two
+chips share their tensor-core rates, so only the memory roof differs."""
+
+
+@functools.cache
+def peak_tbps() -> float:
+    """The memory roof of the visible GPU, from :data:`COPY_TBPS` by its name; the H100's where
+    the GPU is another or there is none (CPU rows are never compared with a roof)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((tbps for chip, tbps in COPY_TBPS.items() if chip in name), COPY_TBPS["H100"])
+
 SKIP_ON_OOM = "out of device memory: not run"
 
 
@@ -235,13 +247,13 @@ def close(tolerance: float) -> Callable[[object, object], tuple[float, bool]]:
 # -- rows -------------------------------------------------------------------------------------------
 def figures(case: Case, us: float) -> dict:
     """Throughput of ``case`` run in ``us`` microseconds: TFLOP/s, GB/s and the roofline fraction."""
-    floor_us = max(case.flops / (case.peak_tflops * 1e6), case.nbytes / (PEAK_TBPS * 1e6))
+    floor_us = max(case.flops / (case.peak_tflops * 1e6), case.nbytes / (peak_tbps() * 1e6))
     return {"us": us, "tflops": case.flops / us / 1e6, "gbps": case.nbytes / us / 1e3, "fraction_of_limit": floor_us / us}
 
 
 def bound(case: Case) -> str:
     """Which roof limits ``case``: ``compute`` or ``memory``."""
-    return "compute" if case.flops / (case.peak_tflops * 1e6) > case.nbytes / (PEAK_TBPS * 1e6) else "memory"
+    return "compute" if case.flops / (case.peak_tflops * 1e6) > case.nbytes / (peak_tbps() * 1e6) else "memory"
 
 
 def new_row(case: Case, kernel: str) -> dict:
@@ -337,7 +349,7 @@ def environment(device: torch.device) -> dict:
         triton_version = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "limits": {"bf16_tflops": PEAK_BF16_TFLOPS, "fp8_tflops": PEAK_FP8_TFLOPS, "tbps": PEAK_TBPS}}
+            "limits": {"bf16_tflops": PEAK_BF16_TFLOPS, "fp8_tflops": PEAK_FP8_TFLOPS, "tbps": peak_tbps()}}
 
 
 def write_json(path: str, device: torch.device, rows: list[dict]) -> None:
@@ -348,7 +360,7 @@ def write_json(path: str, device: torch.device, rows: list[dict]) -> None:
 
 def plot_roofline(rows: list[dict], path: str, title: str) -> bool:
     """Draw every timed row (dots) and its peers (crosses) at its arithmetic intensity against the
-    H100 rooflines (bf16 and FP8 compute roofs over the 3.0 TB/s slope); False, with a message, when
+    GPU's rooflines (bf16 and FP8 compute roofs over its copy-bandwidth slope, :func:`peak_tbps`); False, with a message, when
     matplotlib is missing."""
     try:
         import matplotlib
@@ -363,8 +375,9 @@ def plot_roofline(rows: list[dict], path: str, title: str) -> bool:
     low, high = math.log10(min(intensities) / 4), math.log10(max(4 * max(intensities), 2e3))
     x = [10 ** (low + (high - low) * i / 199) for i in range(200)]
     fig, ax = plt.subplots(figsize=(10, 7))
+    tbps = peak_tbps()
     for peak, style in ((PEAK_FP8_TFLOPS, "--"), (PEAK_BF16_TFLOPS, "-")):
-        ax.plot(x, [min(peak, PEAK_TBPS * i) for i in x], "k" + style, lw=1, label=f"roof {peak:.0f} TFLOP/s, {PEAK_TBPS} TB/s")
+        ax.plot(x, [min(peak, tbps * i) for i in x], "k" + style, lw=1, label=f"roof {peak:.0f} TFLOP/s, {tbps} TB/s")
     colors = {op: plt.cm.tab20(i % 20) for i, op in enumerate(dict.fromkeys(r["op"] for r in placed))}
     for r in placed:
         intensity = r["flops"] / r["bytes"]

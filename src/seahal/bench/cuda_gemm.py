@@ -23,7 +23,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from seahal.bench.common import PEAK_FP8_TFLOPS, PEAK_TBPS
+from seahal.bench.common import PEAK_FP8_TFLOPS, peak_tbps
 from seahal.bench.common import time_cuda as _bench
 
 FP8_SHAPES = {  # V4-Flash FP8 linears, name -> (N, K)
@@ -256,7 +256,7 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     row["tflops"] = 2 * m * n * k / row["us"] / 1e6
     row["gbps"] = total_bytes / row["us"] / 1e3
     row["frac_fp8_peak"] = row["tflops"] / PEAK_FP8_TFLOPS
-    row["frac_hbm"] = row["gbps"] / 1e3 / PEAK_TBPS
+    row["frac_hbm"] = row["gbps"] / 1e3 / peak_tbps()
 
     if op == "fp8_gemm":
         _peer("cublas_block", lambda: cublas_blockwise(a, a_scale, b, b_scale), ref, quick, True, row)
