@@ -40,11 +40,13 @@ while (($#)); do
   shift
 done
 
-# name | cap in seconds | command (run from the repository root with bash -c)
+# name | cap in seconds | command (run from the repository root with bash -c). A cap written "&N"
+# starts the step in the background, beside the next step, and the script waits for it after that
+# one: the conformance suite and the GPU tests check correctness, not speed, and share the GPU.
 STEPS=(
   "setup|30|print_environment"
+  "conformance|&200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
-  "conformance|180|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
   "bench-attention|150|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
   "bench-indexer|120|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
   "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts,fp32_linear --json \$RESULTS/bench-rest.json"
@@ -57,8 +59,11 @@ OPT_IN_STEPS=(
   "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
 )
 
-xdist_args() {  # 4 workers, one file each at a time (kernel compiles overlap; the 64k tests need ~12 GB each)
-  "$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile"
+xdist_args() {  # a worker per 16 GiB of GPU memory, 2 to 8 (H100: 4, H200: 8), one file each at a time
+  # (kernel compiles overlap; the 64k tests need ~12 GB each)
+  "$PYTHON" -c "import xdist" 2>/dev/null || return 0
+  "$PYTHON" -c "import torch; gib = torch.cuda.get_device_properties(0).total_memory / 2**30; print(f'-n {max(2, min(8, int(gib // 16)))} --dist loadfile')" 2>/dev/null \
+    || echo "-n 2 --dist loadfile"
 }
 
 timeout_args() {  # a hung kernel fails its test instead of the step
@@ -130,20 +135,8 @@ RUN=("${STEPS[@]}")
 for step in "${OPT_IN_STEPS[@]}"; do
   named "${step%%|*}" && RUN+=("$step")
 done
-for step in "${RUN[@]}"; do
-  IFS='|' read -r name cap command <<<"$step"
-  selected "$name" || continue
-  left=$((DEADLINE - SECONDS))
-  if ((left < MIN_STEP)); then
-    printf '%-16s %-10s %7s %6s  %s\n' "$name" skipped - - "out of budget" | tee -a "$SUMMARY"
-    not_ok=$((not_ok + 1))
-    continue
-  fi
-  limit=$((cap < left ? cap : left))
-  echo "=== $name (limit ${limit}s): $command" | tee -a "$LOG"
-  start=$SECONDS
-  timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1
-  rc=$?
+record() {  # name, limit, start second, exit status: the step's log into the session log, its line into the summary
+  local name="$1" limit="$2" start="$3" rc="$4" status last
   cat "$SCRATCH/$name.log" >>"$LOG"
   case $rc in
     0) status=ok ;;
@@ -153,7 +146,40 @@ for step in "${RUN[@]}"; do
   ((rc == 0)) || not_ok=$((not_ok + 1))
   last="$(grep -v '^\s*$' "$SCRATCH/$name.log" | tail -n 1 | cut -c1-160)"
   printf '%-16s %-10s %7s %6s  %s\n' "$name" "$status" $((SECONDS - start)) "$limit" "$last" | tee -a "$SUMMARY"
+}
+
+background=()  # name, limit, start second and pid of the step running beside the current one
+join_background() {
+  ((${#background[@]})) || return 0
+  wait "${background[3]}"
+  record "${background[@]:0:3}" $?
+  background=()
+}
+
+for step in "${RUN[@]}"; do
+  IFS='|' read -r name cap command <<<"$step"
+  selected "$name" || continue
+  beside=""
+  [[ "$cap" == "&"* ]] && beside=", beside the next step" && cap="${cap#&}"
+  left=$((DEADLINE - SECONDS))
+  if ((left < MIN_STEP)); then
+    printf '%-16s %-10s %7s %6s  %s\n' "$name" skipped - - "out of budget" | tee -a "$SUMMARY"
+    not_ok=$((not_ok + 1))
+    continue
+  fi
+  limit=$((cap < left ? cap : left))
+  echo "=== $name (limit ${limit}s$beside): $command" | tee -a "$LOG"
+  start=$SECONDS
+  if [[ -n "$beside" ]]; then
+    timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1 &
+    background=("$name" "$limit" "$start" $!)
+    continue
+  fi
+  timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1
+  record "$name" "$limit" "$start" $?
+  join_background
 done
+join_background
 
 shopt -s nullglob
 benches=("$RESULTS"/bench-*.json)
