@@ -6,6 +6,8 @@ Every function is pure torch on the input's device, with no host synchronisation
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_MAX = 448.0
@@ -84,10 +86,18 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     return code | sign
 
 
+@functools.cache
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=device)
+
+
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
-    """e2m1 codes (uint8 0..15) -> fp32 values."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=code.device)
-    return table[code.long()]
+    """e2m1 codes (uint8 0..15) -> fp32 values (:data:`E2M1_VALUES`, bit 3 the sign).
+
+    A lookup in a table made once per device: a table made per call would be a copy from the
+    host, which a CUDA graph cannot capture (a capture runs after a warm-up call, which makes it).
+    """
+    return _e2m1_table(code.device)[code.long()]
 
 
 def fp4_pack(code: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,29 @@ def capture_launches(sms: int = H100_SMS, capability: tuple[int, int] = (9, 0)) 
         yield launches
 
 
+class _HostData(TorchFunctionMode):
+    """Records tensors made on a device from host data (``torch.tensor(..., device=...)``): a copy
+    from the host that dispatch modes never see."""
+
+    FROM_HOST = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __init__(self, record: list[str]) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        device = (kwargs or {}).get("device")
+        if func in self.FROM_HOST and device is not None and torch.device(device).type != "cpu" \
+                and not isinstance(args[0], torch.Tensor):
+            self.record.append(f"{func.__module__}.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
 class AtenKernels(TorchDispatchMode):
     """Records the aten ops dispatched inside it that would launch a device kernel: all but views
-    and allocations (with :func:`capture_launches`: what a call launches besides Triton kernels).
+    and allocations (with :func:`capture_launches`: what a call launches besides Triton kernels),
+    and in ``host_transfers`` every copy from the host to a device (which a CUDA graph cannot
+    capture): ``.to(device)`` or ``copy_`` of a host tensor, and tensors made from host data.
 
     Under ``torch.inference_mode`` torch (2.13) does not show dtype conversions (``.to``) of
     inference tensors to dispatch modes: count such code under ``torch.no_grad`` instead.
@@ -152,11 +172,26 @@ class AtenKernels(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.host_transfers: list[str] = []
+        self._host_data = _HostData(self.host_transfers)
+
+    def __enter__(self):
+        self._host_data.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._host_data.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in self.NOT_KERNELS:
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self.NOT_KERNELS:
             self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        source = {"_to_copy": 0, "copy_": 1}.get(name)
+        if source is not None and args[source].is_cpu and not out.is_cpu:
+            self.host_transfers.append(str(func))
+        return out
 
 
 def sm90():
