@@ -31,8 +31,13 @@ def ue8m0_ceil(s: torch.Tensor) -> torch.Tensor:
 
 
 def block_scales(amax: torch.Tensor, qmax: float, floor: float, scale_fmt: str) -> torch.Tensor:
-    """fp32 scale per tile: ``max(amax, floor) / qmax``, rounded up to a power of two for ue8m0."""
-    s = amax.to(torch.float32).clamp(min=floor) / qmax
+    """fp32 scale per tile: ``max(amax, floor) / qmax``, rounded up to a power of two for ue8m0.
+
+    The division is by a tensor, not the Python number: on CUDA, torch divides by a host scalar as
+    a product with its reciprocal, which is not the correctly rounded quotient (the first GPU run
+    found fp32 scales one ulp off, and a power-of-two quotient can round past 2^k)."""
+    s = amax.to(torch.float32).clamp(min=floor)
+    s = s / s.new_full((), qmax)
     return ue8m0_ceil(s) if scale_fmt == "ue8m0" else s
 
 
