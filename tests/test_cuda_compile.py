@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,8 +37,9 @@ def _empty(*shape, dtype=None):
 
 def _gemms():
     """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it,
-    the persistent variant of each prefill (M >= 512) config and the e4m3 form of each FP4 config
-    (e8m0 scales): tuner candidates, in no table yet."""
+    the persistent variant of each prefill (M >= 512) config and, for FP4, each config with e8m0
+    scales both through ``tl.dot_scaled`` (the default) and decoded to bf16 (``fp4_mx=False``, also
+    what fp32 scales take): tuner candidates, in no table yet."""
     import dataclasses
 
     import torch
@@ -53,16 +55,17 @@ def _gemms():
         for key, c in table.items():
             variants = [c, dataclasses.replace(c, persistent=1)] if key[0] >= 512 else [c]
             if module is fp4_gemm:
-                variants += [dataclasses.replace(v, fp4_as_e4m3=True) for v in variants]
+                variants += [dataclasses.replace(v, fp4_mx=False) for v in variants]
             for v in variants:
-                code_shape = (v.block_m, v.block_n, v.num_warps, v.split_k > 1, v.tma, v.persistent > 0, v.fp4_as_e4m3)
+                code_shape = (v.block_m, v.block_n, v.num_warps, v.split_k > 1, v.tma, v.persistent > 0, v.fp4_mx)
                 chosen.setdefault(code_shape, (v, key))
         for config, (m, n, k) in chosen.values():
             a, sa = _empty(m, k, dtype=torch.float8_e4m3fn), _empty(m, k // 128)
             b = _empty(n, b_cols(k), dtype=b_dtype)
             sb_rows = -(-n // 128) if module is fp8_gemm else n
             formats = ((torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32))
-            for scale_dtype, out_dtype in formats[1:] if config.fp4_as_e4m3 else formats:  # e4m3: e8m0 only
+            bf16_form_of_e8m0 = module is fp4_gemm and not config.fp4_mx  # fp32 scales: the mx config compiles it
+            for scale_dtype, out_dtype in formats[1:] if bf16_form_of_e8m0 else formats:
                 sb = _empty(sb_rows, sb_cols(k), dtype=scale_dtype)
                 launch(a, sa, b, sb, _empty(m, n, dtype=out_dtype), config)
                 if config.split_k == 1:
@@ -93,7 +96,7 @@ def _moe(t: int):
         _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
         _empty(e, DIM, INTER, dtype=fp8), _empty(e, DIM // 128, INTER // 128, dtype=torch.float8_e8m0fnu),
     )
-    for scale_dtype in (torch.float32, torch.float8_e8m0fnu):  # FP4 weights; e8m0: the e4m3 form too
+    for scale_dtype in (torch.float32, torch.float8_e8m0fnu):  # FP4 weights; e8m0: the tl.dot_scaled form
         moe_experts.moe_experts(
             x, weights, top,
             _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
@@ -321,14 +324,17 @@ def test_kernels_fit_sm90_shared_memory(compiled):
 
 
 def test_gemms_use_hopper_tensor_cores(compiled):
-    """The block-scaled GEMMs issue wgmma (sm_90's warp-group MMA, M >= 64 tiles) or else mma.sync
-    (16-row decode tiles), and the TMA configs load through bulk tensor copies."""
+    """The block-scaled GEMMs issue wgmma (sm_90's warp-group MMA, 64-row MMA tiles) or else
+    mma.sync, and the TMA configs load through bulk tensor copies. The MMA's rows are the tile's
+    BLOCK_M rows of A, but BLOCK_N weight rows in FP4's ``tl.dot_scaled`` form (MX), which forms
+    the product transposed: there 16-token decode tiles run wgmma too."""
     gemms = [r for r in compiled if r["kernel"] in ("_fp8_gemm_kernel", "_fp4_gemm_kernel")]
     assert gemms
     persistent = {(r["kernel"], "TMA=True" in r["launch"]) for r in gemms if "PERSISTENT=True" in r["launch"]}
     assert persistent == {("_fp8_gemm_kernel", False), ("_fp8_gemm_kernel", True), ("_fp4_gemm_kernel", False)}
     for r in gemms:
-        wide = "BLOCK_M=16," not in r["launch"]
+        mma_rows = int(re.search(r"BLOCK_N=(\d+)" if "MX=True" in r["launch"] else r"BLOCK_M=(\d+)", r["launch"]).group(1))
+        wide = mma_rows >= 64
         assert (r["wgmma"], r["mma"]) == (wide, not wide), r
         assert r["tma"] == ("TMA=True" in r["launch"]), r
 

@@ -122,10 +122,10 @@ def test_fp4_gemm_plan(plan, m, n, k):
 
 @pytest.mark.parametrize("block_m, block_n, warps, split_k", [(16, 64, 4, 8), (64, 128, 4, 1), (128, 128, 8, 1)])
 @pytest.mark.parametrize("binades", [10, 40])
-def test_fp4_e4m3_form(block_m, block_n, warps, split_k, binades):
-    """``fp4_as_e4m3``: where a tile's scales allow (10 binades: all tiles) the FP8 MMA sums the same
-    exact products with ~14-bit block accumulation (FP32_TOL); where not (40: every tile) the bf16
-    form runs, whose products are exact and sums fp32."""
+def test_fp4_mx_form(block_m, block_n, warps, split_k, binades):
+    """``fp4_mx`` (``tl.dot_scaled``, the default) and the bf16 decode: both form exact products
+    and sum them in fp32, so each is the float64-exact reference's to fp32 accumulation order,
+    with 1x32 group scales over 2^±5 and 2^±20."""
     from seahal.backends.cuda.fp4_gemm import launch_fp4_gemm
 
     torch.manual_seed(binades + block_m)
@@ -136,13 +136,8 @@ def test_fp4_e4m3_form(block_m, block_n, warps, split_k, binades):
     b, b_scale = fp4_quantize(torch.randn(n, k, device="cuda") * groups)
     b_scale = ue8m0_encode(b_scale).view(torch.float8_e8m0fnu)
     ref = reference.fp4_gemm(a, a_scale, b, b_scale, torch.float32)
-    out = {}
-    for e4m3 in (False, True):
-        out[e4m3] = torch.full((m, n), float("nan"), device="cuda")
-        launch_fp4_gemm(a, a_scale, b, b_scale, out[e4m3], GemmConfig(block_m, block_n, warps, 3, split_k, fp4_as_e4m3=e4m3))
-    assert not out[True].isnan().any()
-    assert _rel(out[False], ref) < 1e-5
-    if binades > 14:
-        assert _rel(out[True], out[False]) < 1e-6  # every tile fell back to the bf16 form (0 unless FMA contraction differs)
-    else:
-        assert _rel(out[True], ref) < FP32_TOL
+    for mx in (False, True):
+        out = torch.full((m, n), float("nan"), device="cuda")
+        launch_fp4_gemm(a, a_scale, b, b_scale, out, GemmConfig(block_m, block_n, warps, 3, split_k, fp4_mx=mx))
+        assert not out.isnan().any()
+        assert _rel(out, ref) < 1e-5, mx

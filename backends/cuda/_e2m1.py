@@ -2,23 +2,22 @@
 
 A 128-wide K block of an FP4 weight row holds 64 bytes of codes (two per byte, low nibble first)
 and four 1x32 power-of-two scales ``2^(s_g - 127)`` (v4_ops.md §11.4). :func:`fp4_block_dot` forms
-``A_block · B_block^T`` for ``fp4_gemm`` and the FP4 experts of ``moe_experts`` in one of two ways:
+``A_block · B_block^T`` for ``fp4_gemm`` and the FP4 experts of ``moe_experts`` in one of two ways,
+both the same exact products summed in fp32 by a bf16 MMA:
 
-- **bf16**: each value ``e2m1(c) · 2^(s_g - 127)`` in bf16 (exact: 2 significant bits), A's e4m3
-  codes widened to bf16 (exact), a bf16 MMA.
-- **e4m3** (``E4M3_MMA``, e8m0 scales only): per weight row, ``base = max_g s_g - 6``; each value
-  is stored as the e4m3 ``e2m1(c) · 2^(s_g - base)`` and ``2^(base - 127)`` scales the row of the
-  product, an FP8 MMA on A's codes as they are. The e4m3 values are exact when the row's four scales
-  span at most 14 binades: ``s_g - base`` is then in [-8, 6], the largest value 6 · 2^6 = 384 <=
-  448 and every value a multiple of 0.5 · 2^-8 = 2^-9, e4m3's least subnormal. The form also needs
-  7 <= max s_g <= 252: the row scale stays a normal fp32 and no value overflows (the bf16 form's
-  inf and NaN cases, e8m0 255 included, keep the bf16 form). A block where any row misses either
-  takes the bf16 form, so both forms sum the same exact products. DeepSeek's checkpoints keep a
-  128x128 block's scales within 6 binades (its convert.py re-expresses them as FP8 on that
-  ground), so real weights stay in the e4m3 form.
+- **mx** (``MX``, e8m0 scales): Triton's microscaling product ``tl.dot_scaled`` with the weight as
+  the MMA's first operand (e2m1 codes with their e8m0 scales, k-packed as stored) and A's e4m3
+  codes as the second, so the product comes out transposed, ``[weight rows, A rows]``: the
+  accumulator of this form is kept that way round and transposed once after the K loop. On Hopper
+  Triton upcasts both operands to bf16 (exact: an e2m1 value times a power of two has two
+  significant bits, an e4m3 value four) with a byte-permute lookup in registers, and runs wgmma
+  with the decoded weight straight from registers (sm_90 PTX: ~1.3k instructions per 128x128
+  block and 16 rows, against ~2.6-3.0k for the hand-written decode below, which also ends in
+  mma.sync: the first GPU run measured that form at 250 GB/s streaming FP4 weights).
+- **bf16** (fp32 scales, or ``MX`` off): each value ``e2m1(c) · s_g`` decoded here in bf16, A's
+  codes widened to bf16, a bf16 MMA; accumulator ``[A rows, weight rows]``.
 
-The e4m3 form halves the decoded tile's shared-memory bytes, runs the FP8 tensor cores (twice the
-bf16 rate on Hopper) and skips widening A; what it costs is one compare of the block's scales.
+An e8m0 scale of 255 is NaN in both forms.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ import triton
 import triton.language as tl
 
 from ._gemm import decode_e8m0
-from ._numerics import cast_rne
-
-E4M3_SPREAD = tl.constexpr(14)
-"""Most binades between a row's largest and smallest 1x32 scale in a K block for the e4m3 form."""
 
 
 @triton.jit
@@ -58,12 +53,6 @@ def _per_element(group_values, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _pow2(exponent):
-    """``2^exponent`` as fp32 for int32 exponents in [-126, 127] (exact)."""
-    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def as_bf16(codes, scale, SCALE_E8M0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """``e2m1(codes) · scale`` in bf16: codes [ROWS, COLS], scale [ROWS, COLS / 32] (fp32, or e8m0 bytes)."""
     if SCALE_E8M0:
@@ -72,51 +61,38 @@ def as_bf16(codes, scale, SCALE_E8M0: tl.constexpr, ROWS: tl.constexpr, COLS: tl
 
 
 @triton.jit
-def e4m3_form_is_exact(scale_ptrs, kb_lo, kb_hi, stride_k, ROWS: tl.constexpr, KB_CHUNK: tl.constexpr = 8):
-    """Whether K blocks [kb_lo, kb_hi) of ROWS weight rows all allow the exact e4m3 form (a scalar).
-
-    scale_ptrs: [ROWS] pointers to each row's first e8m0 scale byte (column g of block kb at
-    ``(4 kb + g) * stride_k``). Reads the rows' scales KB_CHUNK blocks at a time, before the K loop
-    that then runs in one form: a branch inside the loop would stop Triton pipelining its loads.
-    """
-    cols = tl.arange(0, 4 * KB_CHUNK)
-    misses = 0
-    for kb in range(kb_lo, kb_hi, KB_CHUNK):
-        offs = 4 * kb + cols
-        exponents = tl.load(scale_ptrs[:, None] + offs[None, :] * stride_k, mask=offs[None, :] < 4 * kb_hi,
-                            other=127).to(tl.int32).reshape(ROWS, KB_CHUNK, 4)
-        hi = tl.max(exponents, axis=2)
-        fits = (hi - tl.min(exponents, axis=2) <= E4M3_SPREAD) & (hi >= 7) & (hi <= 252)
-        misses += tl.sum(tl.sum((~fits).to(tl.int32), axis=1), axis=0)
-    return misses == 0
-
-
-@triton.jit
-def as_e4m3(codes, exponents, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The e4m3 form: codes [ROWS, COLS], e8m0 scale bytes [ROWS, COLS / 32] as int32 ->
-    (``e4m3(e2m1(codes) · 2^(s_g - base))`` [ROWS, COLS], ``2^(base - 127)`` [ROWS] fp32),
-    ``base = max_g s_g - 6``; exact where :func:`e4m3_form_is_exact`."""
-    base = tl.max(exponents, axis=1) - 6
-    relative = _pow2(_per_element(exponents - base[:, None], ROWS, COLS))
-    values = cast_rne(decode_e2m1(codes) * relative, tl.float8e4nv)
-    return values, _pow2(base - 127)
-
-
-@triton.jit
 def fp4_block_dot(
-    acc, a, a_scale, packed, scale, SCALE_E8M0: tl.constexpr, E4M3: tl.constexpr,
+    acc, a, a_scale, packed, scale, SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """``acc + (A · B^T) · sA[:, None]`` over one 128-wide K block of an FP4 weight.
+    """``acc + (A · B^T) · sA`` over one 128-wide K block of an FP4 weight, in the form's orientation.
 
     a: [BLOCK_M, COLS] e4m3 codes, a_scale: [BLOCK_M] fp32, packed: [ROWS, COLS / 2] e2m1 bytes,
-    scale: [ROWS, COLS / 32] fp32 or e8m0 bytes; acc: [BLOCK_M, ROWS] fp32. E4M3 (e8m0 scales, the
-    block checked by :func:`e4m3_form_is_exact`): the e4m3 form, else the bf16 form.
+    scale: [ROWS, COLS / 32] e8m0 bytes (MX) or fp32 / e8m0 bytes. MX: acc is [ROWS, BLOCK_M] (the
+    product transposed, see the module docstring; the caller starts it with :func:`fp4_acc` and
+    ends with :func:`fp4_result`); else [BLOCK_M, ROWS].
     """
-    codes = unpack_codes(packed, ROWS, COLS)
-    if E4M3:
-        b, row_scale = as_e4m3(codes, scale.to(tl.int32), ROWS, COLS)
-        return acc + tl.dot(a, tl.trans(b)) * (a_scale[:, None] * row_scale[None, :])
+    if MX:
+        block = tl.dot_scaled(packed, scale, "e2m1", tl.trans(a), None, "e4m3")
+        return acc + block * a_scale[None, :]
     else:
-        b = as_bf16(codes, scale, SCALE_E8M0, ROWS, COLS)
+        b = as_bf16(unpack_codes(packed, ROWS, COLS), scale, SCALE_E8M0, ROWS, COLS)
         return acc + tl.dot(a.to(tl.bfloat16), tl.trans(b)) * a_scale[:, None]
+
+
+@triton.jit
+def fp4_acc(BLOCK_M: tl.constexpr, ROWS: tl.constexpr, MX: tl.constexpr):
+    """A zero fp32 accumulator for :func:`fp4_block_dot`: [ROWS, BLOCK_M] for MX, else [BLOCK_M, ROWS]."""
+    if MX:
+        return tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+
+
+@triton.jit
+def fp4_result(acc, MX: tl.constexpr):
+    """The [BLOCK_M, ROWS] product from a :func:`fp4_block_dot` accumulator."""
+    if MX:
+        return tl.trans(acc)
+    else:
+        return acc

@@ -39,9 +39,10 @@ class GemmConfig:
     persistent: int = 0
     """Programs per SM of a persistent launch: min(work items, SMs x persistent) programs, each
     looping over (output tile, K split) work items in launch order; 0: one program per work item."""
-    fp4_as_e4m3: bool = False
-    """FP4 weights with e8m0 scales: decode each K block to e4m3 for the FP8 tensor cores where that
-    is exact, else to bf16 (``_e2m1.fp4_block_dot``); fp32 scales always take bf16."""
+    fp4_mx: bool = True
+    """FP4 weights with e8m0 scales: each K block through Triton's microscaling ``tl.dot_scaled``
+    (the weight decoded in registers by the compiler, wgmma); off, or with fp32 scales, decoded to
+    bf16 by ``_e2m1.as_bf16`` (``_e2m1.fp4_block_dot``). Unused by the FP8 kernel."""
 
 
 ConfigTable = Mapping[tuple[int, int, int], GemmConfig]
@@ -158,8 +159,8 @@ def launch(
     partial, counters = split_k_workspace(config, m, n, a.device)
     a_arg, b_arg = (_descriptor(a, config.block_m), _descriptor(b, config.block_n)) if config.tma else (a, b)
     options = {"TMA": True} if config.tma else {}  # only the fp8 kernel has a TMA path
-    if config.fp4_as_e4m3 and e8m0:  # only the fp4 kernel decodes
-        options["E4M3_MMA"] = True
+    if config.fp4_mx and e8m0 and "MX" in kernel.arg_names:  # the FP4 kernel's microscaling form
+        options["MX"] = True
     if config.persistent:
         options["PERSISTENT"] = True
     kernel[launch_grid(config, m, n, a.device)](

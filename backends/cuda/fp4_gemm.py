@@ -1,10 +1,9 @@
 """Triton FP8 x FP4 GEMM (op ``fp4_gemm``): e2m1 weights decoded in registers.
 
-Per 128-wide K block: the packed e2m1 codes of B are unpacked and decoded with their 1x32
-power-of-two scales, in bf16 for a bf16 MMA on A's widened codes, or (``GemmConfig.fp4_as_e4m3``,
-e8m0 scales) in e4m3 for an FP8 MMA with a per-row scale, both exact (:mod:`._e2m1`); ``sA[m, kb]``
-scales the block product into a separate fp32 accumulator. Equal to the reference's per-32-step
-sum up to fp32 rounding order (v4_ops.md §11.5).
+Per 128-wide K block: B's packed e2m1 codes and 1x32 power-of-two scales go through Triton's
+microscaling product ``tl.dot_scaled`` (``GemmConfig.fp4_mx``, e8m0 scales) or are decoded to bf16
+here (fp32 scales), both exact (:mod:`._e2m1`); ``sA[m, kb]`` scales the block product into the
+fp32 accumulator. Equal to the reference's per-32-step sum up to fp32 rounding order (v4_ops.md §11.5).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._e2m1 import e4m3_form_is_exact, fp4_block_dot
+from ._e2m1 import fp4_acc, fp4_block_dot, fp4_result
 from ._gemm import ConfigTable, GemmConfig, gemm, k_block_range, launch, store_tile, tile_coords
 
 SM90_CONFIGS: ConfigTable = {
@@ -28,7 +27,9 @@ SM90_CONFIGS: ConfigTable = {
     (512, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 63.8 us
     (4096, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 442.9 us
 }
-"""(m class, N, K) -> config, measured on an H100 SXM by ``python -m seahal.bench.cuda_gemm --tune --write-tables``."""
+"""(m class, N, K) -> config, measured on an H100 SXM by ``python -m seahal.bench.cuda_gemm --tune --write-tables``,
+in the bf16-decode form (the times in the comments); they now run in the ``tl.dot_scaled`` form
+(``GemmConfig.fp4_mx``), not yet measured or re-tuned on a GPU (TUNING.md)."""
 
 CONFIGS = {"sm90": SM90_CONFIGS}
 
@@ -41,7 +42,7 @@ def _fp4_gemm_kernel(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, E4M3_MMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     """:func:`_fp4_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
     program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
@@ -51,13 +52,13 @@ def _fp4_gemm_kernel(
             _fp4_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, E4M3_MMA,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX,
             )
     else:
         _fp4_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, E4M3_MMA,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX,
         )
 
 
@@ -69,7 +70,7 @@ def _fp4_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, E4M3_MMA: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
 ):
     """C[m, n] = sum_kb sA[m, kb] * sum_{k in kb} A[m, k] * e2m1(B[n, k]) * sB[n, k // 32] for output
     tile ``tile`` (in GROUP_M order), K blocks of split ``pid_k``."""
@@ -81,30 +82,22 @@ def _fp4_gemm_tile(
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kb_lo * 64 + tl.arange(0, 64))[None, :] * stride_bk
     a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
     b_scale_ptrs = b_scale_ptr + rows_b[:, None] * stride_bsn + (kb_lo * 4 + tl.arange(0, 4))[None, :] * stride_bsk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if E4M3_MMA:  # one form for the whole K range: see _e2m1.e4m3_form_is_exact
-        e4m3 = e4m3_form_is_exact(b_scale_ptr + rows_b * stride_bsn, kb_lo, kb_hi, stride_bsk, BLOCK_N)
-    else:
-        e4m3 = False
-    if e4m3:  # the form must be a literal constexpr in each call
-        acc = _k_loop(acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo, stride_ak, stride_ask,
-                      stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, True)
-    else:
-        acc = _k_loop(acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo, stride_ak, stride_ask,
-                      stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, False)
-    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+    acc = _k_loop(fp4_acc(BLOCK_M, BLOCK_N, MX), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
+                  stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX)
+    store_tile(fp4_result(acc, MX), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 @triton.jit
 def _k_loop(
     acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, k_blocks, stride_ak, stride_ask, stride_bk, stride_bsk,
-    BLOCK_N: tl.constexpr, B_SCALE_E8M0: tl.constexpr, E4M3: tl.constexpr,
+    BLOCK_N: tl.constexpr, B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
 ):
-    """``acc`` plus ``k_blocks`` scaled 128-wide block products from the given tile pointers on."""
+    """``acc`` plus ``k_blocks`` scaled 128-wide block products from the given tile pointers on
+    (in :func:`._e2m1.fp4_block_dot`'s orientation for the form)."""
     for _ in range(k_blocks):
         acc = fp4_block_dot(acc, tl.load(a_ptrs), tl.load(a_scale_ptrs), tl.load(b_ptrs), tl.load(b_scale_ptrs),
-                            B_SCALE_E8M0, E4M3, BLOCK_N, 128)
+                            B_SCALE_E8M0, MX, BLOCK_N, 128)
         a_ptrs += 128 * stride_ak
         b_ptrs += 64 * stride_bk
         a_scale_ptrs += stride_ask

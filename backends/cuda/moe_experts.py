@@ -21,8 +21,8 @@ Three launches after the routing tables:
 
 Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
 scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
-scales decoded in registers (as ``fp4_gemm``: to e4m3 for an FP8 MMA where that is exact, else to
-bf16; ``ExpertsConfig.fp4_as_e4m3``). The activations of FP8/FP4 GEMMs are
+scales (as ``fp4_gemm``: Triton's microscaling ``tl.dot_scaled`` for e8m0 scales,
+``ExpertsConfig.fp4_mx``, else decoded to bf16 in registers). The activations of FP8/FP4 GEMMs are
 FP8-quantised in 1x128 ue8m0 tiles (x by the Triton ``fp8_act_quant``, one launch; h in the
 gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
 reference applies the summed weight once. Verified under the Triton interpreter only (TUNING.md).
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
-from ._e2m1 import e4m3_form_is_exact, fp4_block_dot
+from ._e2m1 import fp4_acc, fp4_block_dot, fp4_result
 from ._gemm import K_BLOCK, decode_e8m0
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .quant import fp8_act_quant
@@ -56,9 +56,8 @@ class ExpertsConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
-    fp4_as_e4m3: bool = True
-    """FP4 weights with e8m0 scales: each tile's K loop in the e4m3 form (FP8 MMA) where that is
-    exact, else bf16 (:mod:`._e2m1`)."""
+    fp4_mx: bool = True
+    """FP4 weights with e8m0 scales through ``tl.dot_scaled`` (:mod:`._e2m1`), else decoded to bf16."""
 
 
 def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsConfig:
@@ -285,10 +284,10 @@ def _weight_block(
 @triton.jit
 def _accumulate(
     acc, a, a_scale, b, b_scale, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_E8M0: tl.constexpr,
-    E4M3: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``acc + A B`` with the block's scales: fp32 accumulation in every format (fp4: b, b_scale
-    are the packed codes and 1x32 scales, formed as :func:`._e2m1.fp4_block_dot` says)."""
+    are the packed codes and 1x32 scales, formed, and acc oriented, as :func:`._e2m1.fp4_block_dot` says)."""
     if FORMAT == 0:
         if DOT_FP32:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -296,7 +295,7 @@ def _accumulate(
     elif FORMAT == 1:
         return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
     else:
-        return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, E4M3, BLOCK_N, BLOCK_K)
+        return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, MX, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -306,11 +305,12 @@ def _k_loop(
     stride_vn, stride_vk, stride_vsn, stride_vsk,
     GATE_UP: tl.constexpr, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, W_SCALE_E8M0: tl.constexpr,
     V_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    E4M3: tl.constexpr,
+    MX: tl.constexpr,
 ):
     """(A W^T, A V^T) over all of K for a row tile and column tile (A V^T zero unless GATE_UP)."""
-    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    fp4_mx: tl.constexpr = FORMAT == 2 and MX
+    acc_w = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
+    acc_v = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
     for kb in range(tl.cdiv(K, BLOCK_K)):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -322,13 +322,13 @@ def _k_loop(
             a_scale = tl.load(a_scale_ptr + a_rows * stride_asm + kb * stride_ask)
         b, b_scale = _weight_block(w_ptr, w_scale_ptr, w_cols, col0, kb, K, stride_wn, stride_wk, stride_wsn,
                                    stride_wsk, FORMAT, BLOCK_K, BLOCK_N, W_SCALE_E8M0)
-        acc_w = _accumulate(acc_w, a, a_scale, b, b_scale, FORMAT, DOT_FP32, W_SCALE_E8M0, E4M3, BLOCK_N, BLOCK_K)
+        acc_w = _accumulate(acc_w, a, a_scale, b, b_scale, FORMAT, DOT_FP32, W_SCALE_E8M0, fp4_mx, BLOCK_N, BLOCK_K)
         if GATE_UP:
             b, b_scale = _weight_block(v_ptr, v_scale_ptr, w_cols, col0, kb, K, stride_vn, stride_vk, stride_vsn,
                                        stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0)
-            acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, E4M3, BLOCK_N,
+            acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, fp4_mx, BLOCK_N,
                                 BLOCK_K)
-    return acc_w, acc_v
+    return fp4_result(acc_w, fp4_mx), fp4_result(acc_v, fp4_mx)
 
 
 @triton.jit
@@ -342,7 +342,7 @@ def _grouped_gemm_kernel(
     stride_om, stride_on, stride_osm, stride_osn,
     TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
-    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, E4M3_MMA: tl.constexpr,
+    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (row tile, column tile) of an expert's GEMM over its consecutive sorted rows.
@@ -370,27 +370,12 @@ def _grouped_gemm_kernel(
     w_scale_ptr += expert * stride_wse
     v_ptr += expert * stride_ve
     v_scale_ptr += expert * stride_vse
-    if E4M3_MMA:  # one form for the whole K range: see _e2m1.e4m3_form_is_exact
-        k_blocks = K // BLOCK_K
-        e4m3 = e4m3_form_is_exact(w_scale_ptr + w_cols * stride_wsn, 0, k_blocks, stride_wsk, BLOCK_N)
-        if GATE_UP:
-            e4m3 = e4m3 & e4m3_form_is_exact(v_scale_ptr + w_cols * stride_vsn, 0, k_blocks, stride_vsk, BLOCK_N)
-    else:
-        e4m3 = False
-    if e4m3:  # the form must be a literal constexpr in each call
-        acc_w, acc_v = _k_loop(
-            a_ptr, a_scale_ptr, a_rows, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, w_cols, col0, K,
-            stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
-            stride_vn, stride_vk, stride_vsn, stride_vsk,
-            GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, True,
-        )
-    else:
-        acc_w, acc_v = _k_loop(
-            a_ptr, a_scale_ptr, a_rows, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, w_cols, col0, K,
-            stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
-            stride_vn, stride_vk, stride_vsn, stride_vsk,
-            GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, False,
-        )
+    acc_w, acc_v = _k_loop(
+        a_ptr, a_scale_ptr, a_rows, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, w_cols, col0, K,
+        stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
+        stride_vn, stride_vk, stride_vsn, stride_vsk,
+        GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX,
+    )
     out = acc_w
     if GATE_UP:
         gate = acc_w
@@ -471,7 +456,7 @@ def _grouped_gemm(
         TOP_K=top_k, GATE_UP=gate_up, FORMAT=_FORMATS[fmt], CLAMP=gate_up and limit > 0,
         QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
-        E4M3_MMA=config.fp4_as_e4m3 and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
+        MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(fmt),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -3,9 +3,10 @@
 Per (weight shape, M) row: our Triton kernel; ``torch._scaled_mm`` with DeepSeek blockwise scales
 (1x128 activation, 128x128 weight; checked against a float64 dequantised product before timing);
 ``torch._scaled_mm`` rowwise; bf16 ``torch.matmul``; for ``fp4_gemm`` the chosen config in the
-other FP4 form (bf16 or e4m3 decode, ``GemmConfig.fp4_as_e4m3``). Times are medians of
+other FP4 form (``tl.dot_scaled`` or bf16 decode, ``GemmConfig.fp4_mx``). Times are medians of
 CUDA-graph replays timed with CUDA events, L2 flushed before every call (``common.time_cuda``). TFLOP/s = 2MNK/t,
-GB/s = bytes(A + B + scales + C)/t, against 1979 FP8 TFLOP/s and 3.0 TB/s.
+GB/s = bytes(A + B + scales + C)/t, against 1979 FP8 TFLOP/s and the GPU's copy bandwidth
+(``common.peak_tbps``).
 
     python -m seahal.bench.cuda_gemm [--ops fp8_gemm,fp4_gemm] [--quick] [--tune] [--json PATH]
     seahal bench --backend cuda --ops fp8_gemm
@@ -132,7 +133,7 @@ def tune_candidates(op: str, m: int):
         tma += [replace(c, tma=True) for c in persistent]
     if op == "fp8_gemm":
         return configs + tma
-    return configs + [replace(c, fp4_as_e4m3=True) for c in configs]  # the FP8-MMA form of each
+    return configs + [replace(c, fp4_mx=False) for c in configs]  # the bf16-decode form of each
 
 
 def _checked(op: str, config, a, a_scale, b, b_scale, ref) -> float:
@@ -261,8 +262,8 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     if op == "fp8_gemm":
         _peer("cublas_block", lambda: cublas_blockwise(a, a_scale, b, b_scale), ref, quick, True, row)
         _peer("cublas_row", lambda: cublas_rowwise(a, b), ref, quick, False, row)
-    else:  # the chosen config in the other FP4 form (bf16 <-> e4m3 decode; fp4_as_e4m3 in GemmConfig)
-        other = replace(config, fp4_as_e4m3=not config.fp4_as_e4m3)
+    else:  # the chosen config in the other FP4 form (tl.dot_scaled <-> bf16 decode; fp4_mx in GemmConfig)
+        other = replace(config, fp4_mx=not config.fp4_mx)
         out_other = torch.empty_like(out)
         _peer("other_form", lambda: (lambda: _launcher(op)(a, a_scale, b, b_scale, out_other, other)), ref, quick, True, row)
     a16 = a.to(torch.bfloat16)
@@ -290,7 +291,7 @@ def format_table(rows: list[dict]) -> str:
         c = r["config"]
         cfg = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} k{c['split_k']} g{c['group_m']}"
         cfg += " tma" * bool(c.get("tma")) + (f" p{c['persistent']}" if c.get("persistent") else "")
-        cfg += " e4m3" * bool(c.get("fp4_as_e4m3"))
+        cfg += " bf16-decode" * (r["op"] == "fp4_gemm" and not c.get("fp4_mx", True))
         if r.get("other_form_us"):
             cfg += f" (other FP4 form: {r['other_form_us']:.1f} us)"
         lines.append(
@@ -313,7 +314,7 @@ def config_table_source(rows: list[dict]) -> str:
         c = r["config"]
         flag = ", tma=True" if c.get("tma") else ""
         flag += f", persistent={c['persistent']}" if c.get("persistent") else ""
-        flag += ", fp4_as_e4m3=True" if c.get("fp4_as_e4m3") else ""
+        flag += ", fp4_mx=False" if not c.get("fp4_mx", True) else ""
         lines.append(f"    ({m_class(r['M'])}, {r['N']}, {r['K']}): GemmConfig({c['block_m']}, {c['block_n']}, "
                      f"{c['num_warps']}, {c['num_stages']}, {c['split_k']}, {c['group_m']}{flag}),  "
                      f"# {r['shape']} {r['us']:.1f} us")

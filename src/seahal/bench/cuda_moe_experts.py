@@ -5,8 +5,8 @@ Rows: prefill, 8192 tokens routed top-6 (about 192 rows per expert of 256, the r
 70% of 3.0 TB/s over the touched experts' bytes); FP4 weights (the checkpoint's routed-expert
 format) for both models, FP8 for V4-Flash. Routing is uniform random, distinct experts per token.
 The peer is the CPU reference's code (a loop over experts: dequantise, matmul) on the GPU tensors;
-FP4 rows also time the same kernels with every FP4 block decoded to bf16 (``fp4_as_e4m3=False``),
-against the default e4m3 form (FP8 MMA).
+FP4 rows also time the same kernels with every FP4 block decoded to bf16 (``fp4_mx=False``),
+against the default ``tl.dot_scaled`` form.
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
 """
@@ -92,7 +92,7 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
         from seahal.backends.cuda.moe_experts import experts_config
 
         config = experts_config(tokens * dims.top_k, True, device)
-        peers["triton, bf16 form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_as_e4m3=False))
+        peers["triton, bf16 form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=False))
     return Workload(partial(kernel, *args), peers, close(BF16_TOL))
 
 

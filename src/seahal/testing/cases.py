@@ -282,9 +282,9 @@ def _activation(r: _Rand, m: int, k: int, values: str) -> tuple[torch.Tensor, to
 
 def _fp4_scales(r: _Rand, *shape: int, scale_fmt: str, log2_center: int, spread: int = 2) -> torch.Tensor:
     """FP4 block scales are ue8m0 by definition (v4_ops.md §11.4): e8m0 bytes, or fp32 tensors
-    holding the same powers of two; 2^[center - spread, center + spread]. With a spread over 7 the
-    four 1x32 scales of a 128-wide block can lie more than 14 binades apart: the blocks that the
-    cuda backend's e4m3 form leaves to its bf16 form (``backends/cuda/_e2m1.py``)."""
+    holding the same powers of two; 2^[center - spread, center + spread]. A wide spread puts the
+    four 1x32 scales of a 128-wide block far apart, as a decoder that shares one exponent per
+    block could not represent (``backends/cuda/_e2m1.py`` keeps each group's scale)."""
     scale = r.scales(*shape, fmt=scale_fmt, log2_center=log2_center, spread=spread)
     return ue8m0_ceil(scale) if scale_fmt == "fp32" else scale
 
