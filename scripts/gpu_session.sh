@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session for the cuda backend: the GPU tests, full-shape conformance, then the
+# One prepared GPU session for the cuda backend: full-shape conformance, the GPU tests, then the
 # benchmarks, in priority order, each step under its own time limit and all of them under one
 # budget (default 540 s: one device command may run 600 s). A failing or timed-out step does not
 # stop the next; steps that no longer fit the budget are reported as skipped. Results go to
@@ -8,17 +8,16 @@
 #   summary.txt         the steps' status, seconds and last line, then a digest of every result file
 #   session.log         every step's full output
 #   conformance.json    SEAHAL_CUDA_UNVERIFIED=1 seahal conformance --backend cuda
-#   bench-attention.json, bench-indexer.json, bench-rest.json   the full issue #6 rows
-#   bench-gemm-gate.json  the GEMM and router rows (measured before; for the tuning follow-ups)
+#   bench-attention.json, bench-indexer.json, bench-fp4.json, bench-rest.json   the issues' rows
 #   bench-quick.json    every new kernel's rows once at quick shapes (last: the full rows above
 #                       check and time the same kernels; this is what is left when they fail)
 #
 # Usage (on the device, from the repository root):
 #   bash scripts/gpu_session.sh [--dry-run] [--budget SECONDS] [--only STEP,STEP]
 # --dry-run prints the steps and their limits and runs nothing; --only runs the named steps (to
-# finish a session that ran out of budget; `--only bench-model` runs the end-to-end model bench,
-# which no default run includes). Estimates per step (H100, not yet measured) are in
-# backends/cuda/TUNING.md.
+# finish in a second device call what the first had no budget for; `--only bench-gemm-gate` and
+# `--only bench-model` run the steps no default run includes). The measured time of each step is
+# in backends/cuda/TUNING.md.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,22 +39,27 @@ while (($#)); do
   shift
 done
 
-# name | cap in seconds | command (run from the repository root with bash -c). A cap written "&N"
-# starts the step in the background, beside the next step, and the script waits for it after that
-# one: the conformance suite and the GPU tests check correctness, not speed, and share the GPU.
+# name | cap in seconds | command (run from the repository root with bash -c). Measured on the
+# H200 on 2026-11-26: setup 7 s, conformance 51 s, pytest-gpu 120 s (8 workers), bench-attention
+# 18 s, bench-indexer 45 s, kv_compress + mhc + rope + kv_cache_unpack 150 s, fp8_gemm + fp4_gemm +
+# moe_gate 50 s; moe_experts over 215 s (its reference peer loops over 256-384 experts). Running
+# the conformance suite beside the GPU tests was tried that day: it timed out at 200 s (the
+# compiles of both share 16 cores), so the steps run one after another.
 STEPS=(
   "setup|30|print_environment"
-  "conformance|&200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
+  "conformance|120|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
-  "bench-attention|150|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
+  "bench-attention|90|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
   "bench-indexer|120|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
-  "bench-rest|150|\$PYTHON -m seahal bench --backend cuda --ops kv_compress,mhc,rope,kv_cache_unpack,moe_experts,fp32_linear --json \$RESULTS/bench-rest.json"
-  "bench-gemm-gate|150|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,fp4_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
+  "bench-fp4|240|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,moe_experts --json \$RESULTS/bench-fp4.json"
+  "bench-rest|180|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,fp32_linear,rope,kv_cache_unpack --json \$RESULTS/bench-rest.json"
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear --json \$RESULTS/bench-quick.json"
 )
-# Run only when --only names them: the end-to-end model against transformers (minutes, 32 GB of
-# GPU memory, 22 GB of temporary disk); wheels carried in .whl/ (transformers >= 5.23) go first.
+# Run only when --only names them: the FP8 GEMM and router rows (measured on the H200 on 2026-11-26,
+# unchanged since), and the end-to-end model against transformers (minutes, 32 GB of GPU memory,
+# 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first).
 OPT_IN_STEPS=(
+  "bench-gemm-gate|120|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
   "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
 )
 
@@ -135,8 +139,20 @@ RUN=("${STEPS[@]}")
 for step in "${OPT_IN_STEPS[@]}"; do
   named "${step%%|*}" && RUN+=("$step")
 done
-record() {  # name, limit, start second, exit status: the step's log into the session log, its line into the summary
-  local name="$1" limit="$2" start="$3" rc="$4" status last
+for step in "${RUN[@]}"; do
+  IFS='|' read -r name cap command <<<"$step"
+  selected "$name" || continue
+  left=$((DEADLINE - SECONDS))
+  if ((left < MIN_STEP)); then
+    printf '%-16s %-10s %7s %6s  %s\n' "$name" skipped - - "out of budget" | tee -a "$SUMMARY"
+    not_ok=$((not_ok + 1))
+    continue
+  fi
+  limit=$((cap < left ? cap : left))
+  echo "=== $name (limit ${limit}s): $command" | tee -a "$LOG"
+  start=$SECONDS
+  timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1
+  rc=$?
   cat "$SCRATCH/$name.log" >>"$LOG"
   case $rc in
     0) status=ok ;;
@@ -146,40 +162,7 @@ record() {  # name, limit, start second, exit status: the step's log into the se
   ((rc == 0)) || not_ok=$((not_ok + 1))
   last="$(grep -v '^\s*$' "$SCRATCH/$name.log" | tail -n 1 | cut -c1-160)"
   printf '%-16s %-10s %7s %6s  %s\n' "$name" "$status" $((SECONDS - start)) "$limit" "$last" | tee -a "$SUMMARY"
-}
-
-background=()  # name, limit, start second and pid of the step running beside the current one
-join_background() {
-  ((${#background[@]})) || return 0
-  wait "${background[3]}"
-  record "${background[@]:0:3}" $?
-  background=()
-}
-
-for step in "${RUN[@]}"; do
-  IFS='|' read -r name cap command <<<"$step"
-  selected "$name" || continue
-  beside=""
-  [[ "$cap" == "&"* ]] && beside=", beside the next step" && cap="${cap#&}"
-  left=$((DEADLINE - SECONDS))
-  if ((left < MIN_STEP)); then
-    printf '%-16s %-10s %7s %6s  %s\n' "$name" skipped - - "out of budget" | tee -a "$SUMMARY"
-    not_ok=$((not_ok + 1))
-    continue
-  fi
-  limit=$((cap < left ? cap : left))
-  echo "=== $name (limit ${limit}s$beside): $command" | tee -a "$LOG"
-  start=$SECONDS
-  if [[ -n "$beside" ]]; then
-    timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1 &
-    background=("$name" "$limit" "$start" $!)
-    continue
-  fi
-  timeout -k 10 "$limit" bash -c "$command" >"$SCRATCH/$name.log" 2>&1
-  record "$name" "$limit" "$start" $?
-  join_background
 done
-join_background
 
 shopt -s nullglob
 benches=("$RESULTS"/bench-*.json)

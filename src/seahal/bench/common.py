@@ -309,12 +309,15 @@ def unavailable_row(op: str, why: str) -> dict:
 
 
 def measure_all(cases: Iterable[Case], device: torch.device, quick: bool) -> list[dict]:
-    """:func:`measure` each case, printing one progress line per row."""
+    """:func:`measure` each case, printing one progress line per row (with the seconds it took:
+    compiles and slow peers are what a device session's budget goes on)."""
     rows = []
     for case in cases:
+        started = time.perf_counter()
         rows.append(measure(case, device, quick))
         r = rows[-1]
-        print(f"{r['op']} {r['shape']}: {_fmt(r['us'], '.1f')} us, check {r['check']} {r.get('note', '')}", flush=True)
+        print(f"{r['op']} {r['shape']}: {_fmt(r['us'], '.1f')} us, check {r['check']} {r.get('note', '')}"
+              f"({time.perf_counter() - started:.1f} s)", flush=True)
     return rows
 
 
