@@ -83,10 +83,6 @@ def _moe(t: int):
     gate_weight = _empty(EXPERTS, DIM, dtype=torch.bfloat16)
     moe_gate.moe_gate(x, gate_weight, _empty(EXPERTS), TOP_K)
     moe_gate.moe_gate(x, gate_weight, None, TOP_K, input_ids=ids, tid2eid=tid2eid)
-    if t <= moe_gate.FUSED_MAX_TOKENS:  # the one-launch gate (SEAHAL_CUDA_UNVERIFIED=1), 16- and 64-token tiles
-        moe_gate.fused_gate(x, gate_weight, None, TOP_K, input_ids=ids, tid2eid=tid2eid)
-        for tokens in (t, 256):
-            moe_gate.fused_gate(_empty(tokens, DIM, dtype=torch.bfloat16), gate_weight, _empty(EXPERTS), TOP_K)
     weights, top = _empty(t, TOP_K), torch.empty((t, TOP_K), dtype=torch.int64, device="cuda")
     e = EXPERTS_BUILT
     fp8 = torch.float8_e4m3fn

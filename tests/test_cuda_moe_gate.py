@@ -166,76 +166,6 @@ def test_group_limited_routing_is_refused(gate):
         gate.moe_gate(x, weight, bias, 2, "sigmoid", 1.0, 4, 2)
 
 
-# -- one launch (fused_gate) ----------------------------------------------------------------------
-
-def _hash_table(t: int, e: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [T] int32 into a 50-row tid2eid [50, 6] int64 of distinct experts per row."""
-    gen = torch.Generator().manual_seed(seed)
-    tid2eid = torch.stack([torch.randperm(e, generator=gen)[:6] for _ in range(50)])
-    return torch.randint(0, 50, (t,), generator=gen, dtype=torch.int32), tid2eid
-
-
-# (T, score_func, bias, hash routing) on D=96 (2 slices, the second partial), E=40 (3 expert tiles,
-# the last partial): the last-arriving of 6 programs routes each token block. T: one token, a
-# partial token tile, a whole one, and 17 tiles whose last holds one token (16-token tiles on CPU).
-FUSED_CASES = [
-    (1, "sqrtsoftplus", True, False),
-    (3, "sigmoid", False, False),
-    (3, "softmax", True, True),
-    (16, "softmax", True, False),
-    (16, "sigmoid", False, True),
-    (257, "sqrtsoftplus", True, False),
-]
-
-
-@interpreted
-@pytest.mark.parametrize("t, score_func, with_bias, hashed", FUSED_CASES)
-def test_one_launch_gate_is_the_two_launch_gate(gate, t, score_func, with_bias, hashed):
-    x, weight, bias = _inputs(t, 96, 40, seed=t, bias=with_bias)
-    hashing = _hash_table(t, 40, seed=t) if hashed else (None, None)
-    w, idx = gate.fused_gate(x, weight, bias, 6, score_func, 1.5, *hashing)
-    two_w, two_idx = gate.route(gate.gate_logits(x, weight), bias, 6, score_func, 1.5, *hashing)
-    assert torch.equal(idx, two_idx) and torch.equal(w, two_w)  # same partials, same code: same bits
-    ref_w, ref_idx = reference(x, weight, bias, 6, score_func, 1.5, 1, 1, *hashing)
-    assert torch.equal(idx, ref_idx)
-    assert (w - ref_w).abs().max() < WEIGHT_TOL
-
-
-@interpreted
-def test_one_launch_gate_resets_its_counters(gate):
-    """Each token block's counter is back at 0 after the launch, so the next launch on the same
-    counters routes every block again (a stale count would leave its outputs unwritten)."""
-    from seahal.backends.cuda._gemm import arrival_counters
-
-    for seed in (1, 2):
-        x, weight, bias = _inputs(40, 64, 24, seed=seed)
-        w, idx = gate.fused_gate(x, weight, bias, 6, "sigmoid", 1.0)
-        assert not arrival_counters(3, x.device).any()
-        ref_w, ref_idx = reference(x, weight, bias, 6, "sigmoid", 1.0)
-        assert torch.equal(idx, ref_idx)
-        assert (w - ref_w).abs().max() < WEIGHT_TOL
-
-
-@interpreted
-def test_moe_gate_takes_one_launch_only_on_request(gate, monkeypatch):
-    """The one-launch path has never run on a GPU: moe_gate uses it for T <= 512 only with
-    SEAHAL_CUDA_UNVERIFIED=1."""
-    from seahal.backends.cuda import UNVERIFIED_VARIABLE
-
-    calls = []
-    fused_gate = gate.fused_gate
-    monkeypatch.setattr(gate, "fused_gate", lambda x, *args: calls.append(len(x)) or fused_gate(x, *args))
-    x, weight, bias = _inputs(3, 64, 24, seed=9)
-    monkeypatch.delenv(UNVERIFIED_VARIABLE, raising=False)
-    two_launch = gate.moe_gate(x, weight, bias, 6, "sqrtsoftplus", 1.5)
-    assert calls == [] and not gate.use_fused_gate(1)
-    monkeypatch.setenv(UNVERIFIED_VARIABLE, "1")
-    one_launch = gate.moe_gate(x, weight, bias, 6, "sqrtsoftplus", 1.5)
-    assert calls == [3]
-    assert torch.equal(one_launch[0], two_launch[0]) and torch.equal(one_launch[1], two_launch[1])
-    assert gate.use_fused_gate(gate.FUSED_MAX_TOKENS) and not gate.use_fused_gate(gate.FUSED_MAX_TOKENS + 1)
-
-
 # -- GPU ------------------------------------------------------------------------------------------
 
 KEY_TOL = 1e-3
@@ -270,19 +200,6 @@ def test_gpu_plan(plan, t):
     same = (idx == ref_idx).all(dim=1)
     assert same.float().mean() > 0.995  # near-ties are rare
     assert (w[same] - ref_w[same]).abs().max() < 1e-5  # fp32 weights from logits within ~1e-5 relative
-
-
-@on_gpu
-@pytest.mark.parametrize("t, hashed", [(1, False), (16, True), (256, False)])
-def test_gpu_one_launch_gate_is_the_two_launch_gate(gate, t, hashed):
-    """Never run on a GPU yet: the same bits as the two launches (same partials, same routing code
-    on the same warps), launch after launch on the counters it resets."""
-    x, weight, bias = (v.cuda() for v in _inputs(t, 4096, 256, seed=t, dtype=torch.bfloat16))
-    hashing = tuple(v.cuda() for v in _hash_table(t, 256, seed=t)) if hashed else (None, None)
-    for _ in range(2):
-        w, idx = gate.fused_gate(x, weight, bias, 6, "sqrtsoftplus", 1.5, *hashing)
-        two_w, two_idx = gate.route(gate.gate_logits(x, weight), bias, 6, "sqrtsoftplus", 1.5, *hashing)
-        assert torch.equal(idx, two_idx) and torch.equal(w, two_w)
 
 
 @on_gpu

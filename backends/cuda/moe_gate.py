@@ -7,26 +7,18 @@ slices in slice order (deterministic), scores each token's whole expert row in r
 top k by k rounds of one int64 max over (key bits, reversed expert index) — ties go to the smaller
 expert — and writes the renormalised weights. Launch choices and timings: TUNING.md.
 
-One launch (:func:`fused_gate`, for T <= 512): ``_gate_kernel`` is the logits kernel whose last
-arriving program of each token block (an arrival counter per block, as the GEMMs' split-K) then
-routes that block with the routing kernel's code: bitwise the same result, one launch less. It has
-never run on a GPU, so :func:`moe_gate` takes it only with ``SEAHAL_CUDA_UNVERIFIED=1``.
-
 Group-limited routing (n_groups > 1) is not implemented: the capabilities say so, and plans fall
 back to the reference for it.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import UNVERIFIED_VARIABLE
-from ._gemm import arrival_counters
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 """score_func -> its code in the kernel (the index)."""
@@ -35,9 +27,7 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 RENORM_EPS = tl.constexpr(1e-20)
 MAX_TOP_K = 8
 ROUTE_WARPS = 4
-"""Warps of a routing program; the one-launch gate's token tiles for T <= 512 have as many."""
-FUSED_MAX_TOKENS = 512
-"""Token counts the one-launch gate is for (not yet measured: TUNING.md)."""
+"""Warps of a routing program."""
 
 
 @dataclass(frozen=True)
@@ -101,16 +91,8 @@ def moe_gate(
                                   "requirements {'routing': 'group-limited'} to get the reference")
     if top_k > MAX_TOP_K:
         raise NotImplementedError(f"cuda.triton moe_gate supports top_k <= {MAX_TOP_K}, got {top_k}")
-    if use_fused_gate(x.shape[0]):
-        return fused_gate(x, weight, bias, top_k, score_func, route_scale, input_ids, tid2eid)
     logits = gate_logits(x, weight)
     return route(logits, bias, top_k, score_func, route_scale, input_ids, tid2eid)
-
-
-def use_fused_gate(t: int) -> bool:
-    """Whether :func:`moe_gate` takes the one-launch path for T tokens: T <= :data:`FUSED_MAX_TOKENS`
-    and ``SEAHAL_CUDA_UNVERIFIED=1`` (it has run only under the Triton interpreter)."""
-    return t <= FUSED_MAX_TOKENS and os.environ.get(UNVERIFIED_VARIABLE) == "1"
 
 
 def gate_logits(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | None = None) -> torch.Tensor:
@@ -119,38 +101,6 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | None
     if x.shape[0]:
         _logits_kernel[grid](*args, **constexprs)
     return partial
-
-
-def fused_gate(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    top_k: int,
-    score_func: str = "sqrtsoftplus",
-    route_scale: float = 1.0,
-    input_ids: torch.Tensor | None = None,
-    tid2eid: torch.Tensor | None = None,
-    config: GateConfig | None = None,
-    route_t: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`moe_gate` (n_groups 1) in one launch: bitwise the result of :func:`gate_logits` then :func:`route`.
-
-    Each program of the logits grid stores its partial tile, then counts itself in its token
-    block's arrival counter; the last to arrive sums the block's SPLIT partials in slice order and
-    routes its tokens route_t (default :func:`route_block`) at a time with the routing kernel's
-    code, then resets the counter. Bitwise equal to :func:`route` with the same route_t where the
-    logits tiles have ROUTE_WARPS warps (those of :func:`gate_config` for T <= 512 do): the same
-    code on the same layouts.
-    """
-    partial, grid, args, constexprs = _logits_launch(x, weight, config)
-    weights, indices, route_args, route_constexprs = _route_launch(
-        partial, bias, top_k, score_func, route_scale, input_ids, tid2eid
-    )
-    if x.shape[0]:
-        counters = arrival_counters(grid[0], x.device)
-        _gate_kernel[grid](*args, counters, *route_args, **constexprs, **route_constexprs,
-                           ROUTE_T=route_t or route_block(x.shape[0]))
-    return weights, indices
 
 
 def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | None):
@@ -171,8 +121,7 @@ def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | N
 
 def route_block(t: int) -> int:
     """Tokens per routing program (H100, TUNING.md): 1 for T <= 512 (from 16 partials at T=1:
-    6.7 us vs 8.5 at 2, 10.9 at 8), else 4 (T=16384: 38.0 us vs 42.6 at 2, 62.0 at 1). The
-    one-launch gate routes its token blocks this many tokens at a time too (unmeasured)."""
+    6.7 us vs 8.5 at 2, 10.9 at 8), else 4 (T=16384: 38.0 us vs 42.6 at 2, 62.0 at 1)."""
     return 1 if t <= 512 else 4
 
 
@@ -236,46 +185,9 @@ def _logits_kernel(
     x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
-    """partial[s, t, e] = sum over d in slice s of x[t, d] * W[e, d], fp32 accumulation."""
-    _logits_tile(x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd,
-                 tl.program_id(0), tl.program_id(1), tl.program_id(2), BLOCK_T, BLOCK_E, BLOCK_D, BF16_DOT)
-
-
-@triton.jit
-def _gate_kernel(
-    x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd, counter_ptr,
-    bias_ptr, ids_ptr, tid2eid_ptr, w_out, i_out, route_scale, stride_hv, stride_hk, stride_ids,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BF16_DOT: tl.constexpr,
-    SPLIT: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROUTE_T: tl.constexpr,
-):
-    """:func:`_logits_kernel`, then the last program of each token block to arrive routes its tokens.
-
-    The partial tile is stored and the block's counter bumped after a barrier (release); the
-    program that sees the count reach (E tiles x SPLIT) - 1 reads the partials through L2 (.cg)
-    and runs :func:`_route_rows` ROUTE_T tokens at a time, then resets the counter to 0.
-    """
-    pid_t = tl.program_id(0)
-    _logits_tile(x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd,
-                 pid_t, tl.program_id(1), tl.program_id(2), BLOCK_T, BLOCK_E, BLOCK_D, BF16_DOT)
-    tl.debug_barrier()
-    counter = counter_ptr + pid_t
-    if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(1) * tl.num_programs(2) - 1:
-        for step in range(0, BLOCK_T, ROUTE_T):
-            first = pid_t * BLOCK_T + step
-            if first < T:
-                _route_rows(first, partial_ptr, T, E, bias_ptr, ids_ptr, tid2eid_ptr, w_out, i_out, route_scale,
-                            stride_hv, stride_hk, stride_ids, SPLIT, SCORE, HAS_BIAS, HASH, TOP_K, K_PAD, E_PAD,
-                            ROUTE_T, ".cg")
-        tl.atomic_xchg(counter, 0)
-
-
-@triton.jit
-def _logits_tile(
-    x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd, pid_t, pid_e, pid_s,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BF16_DOT: tl.constexpr,
-):
-    """partial[s, t, e] for the [BLOCK_T, BLOCK_E] tile (pid_t, pid_e) of slice pid_s."""
+    """partial[s, t, e] = sum over d in slice s of x[t, d] * W[e, d], fp32 accumulation, for the
+    [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2."""
+    pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
@@ -317,11 +229,11 @@ def _score(logits, row_max, row_sum, SCORE: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials(ptrs, mask, T, E, SPLIT: tl.constexpr, CACHE: tl.constexpr):
+def _sum_partials(ptrs, mask, T, E, SPLIT: tl.constexpr):
     """Sum of the SPLIT partial logits at ptrs (slice stride T * E), in slice order; loads unrolled."""
-    total = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=CACHE)
+    total = tl.load(ptrs, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT):
-        total += tl.load(ptrs + s * T * E, mask=mask, other=0.0, cache_modifier=CACHE)
+        total += tl.load(ptrs + s * T * E, mask=mask, other=0.0)
     return total
 
 
@@ -341,27 +253,13 @@ def _route_kernel(
     SPLIT: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROUTE_T: tl.constexpr,
 ):
-    """:func:`_route_rows` for this program's ROUTE_T tokens."""
-    _route_rows(tl.program_id(0) * ROUTE_T, partial_ptr, T, E, bias_ptr, ids_ptr, tid2eid_ptr, w_out, i_out,
-                route_scale, stride_hv, stride_hk, stride_ids, SPLIT, SCORE, HAS_BIAS, HASH, TOP_K, K_PAD, E_PAD,
-                ROUTE_T, "")
-
-
-@triton.jit
-def _route_rows(
-    first, partial_ptr, T, E, bias_ptr, ids_ptr, tid2eid_ptr, w_out, i_out, route_scale,
-    stride_hv, stride_hk, stride_ids,
-    SPLIT: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROUTE_T: tl.constexpr, CACHE: tl.constexpr,
-):
-    """Scores, top-k (ties to the smaller expert) or hash indices, and weights of tokens first ..
-    first + ROUTE_T - 1 (those < T).
+    """Scores, top-k (ties to the smaller expert) or hash indices, and weights of this program's
+    ROUTE_T tokens (those < T).
 
     Selection: TOP_K rounds of one int64 max over the packed (key, expert) row, the winner then
     masked out. The picked experts' scores are recomputed from their logits (same arithmetic).
-    CACHE: the partial logits' load cache modifier.
     """
-    offs_t = first + tl.arange(0, ROUTE_T)
+    offs_t = tl.program_id(0) * ROUTE_T + tl.arange(0, ROUTE_T)
     experts = tl.arange(0, E_PAD)
     rows = offs_t < T
     row_base = partial_ptr + offs_t.to(tl.int64) * E
@@ -369,7 +267,7 @@ def _route_rows(
     row_max = tl.zeros((ROUTE_T,), dtype=tl.float32)
     row_sum = tl.full((ROUTE_T,), 1.0, tl.float32)
     if SCORE == 2 or not HASH:
-        logits = _sum_partials(row_base[:, None] + experts[None, :], valid, T, E, SPLIT, CACHE)
+        logits = _sum_partials(row_base[:, None] + experts[None, :], valid, T, E, SPLIT)
         if SCORE == 2:
             row_max = tl.max(tl.where(valid, logits, float("-inf")), axis=1)
             row_sum = tl.maximum(tl.sum(tl.where(valid, tl.exp(logits - row_max[:, None]), 0.0), axis=1), 1.0)
@@ -390,7 +288,7 @@ def _route_rows(
             idx = (E_PAD - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
             picked = tl.where(slots[None, :] == j, idx[:, None], picked)
     mask = rows[:, None] & (slots[None, :] < TOP_K)
-    picked_logits = _sum_partials(row_base[:, None] + picked, mask, T, E, SPLIT, CACHE)
+    picked_logits = _sum_partials(row_base[:, None] + picked, mask, T, E, SPLIT)
     weights = tl.where(mask, _score(picked_logits, row_max[:, None], row_sum[:, None], SCORE), 0.0)
     if SCORE != 2:
         weights = tl.div_rn(weights, tl.sum(weights, axis=1)[:, None] + RENORM_EPS)

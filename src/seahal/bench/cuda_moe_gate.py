@@ -1,8 +1,7 @@
 """GPU benchmark of the cuda backend's MoE router (op ``moe_gate``) beside the reference run in torch.
 
-Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts, by the
-two launches and, for T <= 512, by the one-launch gate (``fused_gate``, which ``moe_gate`` takes only
-with SEAHAL_CUDA_UNVERIFIED=1); the routing stage alone from fp32 logits [T, 256] (what the anchors'
+Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts; the
+routing stage alone from fp32 logits [T, 256] (what the anchors'
 "16384 x 256" goal counts: 16.8 MB read -> 5.6 us at 3.0 TB/s); hash routing. The peer is the CPU
 reference kernel's code on the same GPU tensors (fp32 matmul, torch.sort). Each row is checked
 (indices vs the peer) before timing; times are medians of CUDA-graph replays, L2 flushed before each
@@ -75,7 +74,7 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("seahal bench --backend cuda needs a CUDA device")
     from seahal.backends.cpu.reference.moe import moe_gate as reference
-    from seahal.backends.cuda.moe_gate import FUSED_MAX_TOKENS, fused_gate, gate_logits, route
+    from seahal.backends.cuda.moe_gate import gate_logits, route
 
     rows = []
     for t in QUICK_FULL_TOKENS if quick else FULL_TOKENS:
@@ -84,10 +83,6 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
         args = (x, weight, bias, TOP_K, "sqrtsoftplus", 1.5)
         rows.append(_row("full", t, partial(_two_launch, *args), partial(reference, *args), nbytes, quick))
         print(rows[-1], flush=True)
-        if t <= FUSED_MAX_TOKENS:
-            one_launch = partial(fused_gate, *args)
-            rows.append(_row("full, one launch", t, one_launch, partial(reference, *args), nbytes, quick))
-            print(rows[-1], flush=True)
     for t in ROUTE_TOKENS:
         x, weight, bias = _inputs(t)
         logits = gate_logits(x, weight).sum(0)
