@@ -154,8 +154,8 @@ def _attention(t: int):
                 _empty(B, t, INDEX_HEADS, INDEX_DIM, dtype=dtype), _empty(B, t, INDEX_HEADS),
                 _empty(B, entries, record_bytes, dtype=torch.uint8), key_format, 4, start, INDEX_TOPK,
             )
-        # decode (B * t = 1 query: 2 programs on 132 SMs) takes the split-K launch and its combine
-        # (attention_splits: 20 splits), prefill the unsplit one
+        # decode (B * t = 1 query: 4 head blocks on 132 SMs) takes the split-K launch and its merge
+        # (attention_splits: 20 splits), prefill the unsplit one (dense bf16 rows: the WIDE tiles)
         sparse_attention.sparse_attention(
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
@@ -163,6 +163,11 @@ def _attention(t: int):
         sparse_attention.sparse_attention_fp8(  # the same kernel reading the 584-byte FP8 records
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, 584, dtype=torch.uint8),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
+        )
+    if t == 1:  # 32 sequences' decode over dense rows: the DECODE tiles, unsplit
+        sparse_attention.sparse_attention(
+            _empty(32, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(32, entries + 128, HEAD_DIM, dtype=torch.bfloat16),
+            torch.empty((32, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
         )
 
 

@@ -144,11 +144,11 @@ def test_strided_inputs_and_int64_indices(attention):
 
 
 @interpreted
-@pytest.mark.parametrize("block_h, block_n, block_d, block_dv", [(32, 16, 16, 16), (16, 32, 64, 128)])
-def test_launch_configs(attention, block_h, block_n, block_d, block_dv):
-    # D = 80: a partial last D chunk and output slice in every config.
-    gen = torch.Generator().manual_seed(block_d)
-    config = attention.AttentionConfig(block_h, block_n, block_d, block_dv)
+@pytest.mark.parametrize("block_h, block_n", [(32, 16), (16, 32)])
+def test_launch_configs(attention, block_h, block_n):
+    # D = 80: 48 padding columns in the 128-wide column space; H = 17 and K = 33 end in partial blocks.
+    gen = torch.Generator().manual_seed(block_h)
+    config = attention.AttentionConfig(block_h, block_n)
     _check(attention, *_inputs(2, 2, 17, 80, 40, 33, torch.bfloat16, gen), config=config)
 
 
@@ -197,15 +197,34 @@ def test_fp8_records_v4_layout(attention):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fp8_records_rope_boundary_inside_chunks(attention, dtype):
-    # D = 80, rope 24, tile 8: the nope / rope boundary (column 56) falls inside a 32-wide D chunk and
-    # a 64-wide output slice; seven tile scales and a pad byte (112-byte records). Records are every
-    # other row of a longer buffer (row stride 224 bytes).
+def test_fp8_records_rope_boundary_inside_tiles(attention, dtype):
+    # D = 80, rope 24, tile 8: a [16 tiles, 8] column brick whose tiles 7-9 are rope; seven tile
+    # scales and a pad byte (112-byte records). Records are every other row of a longer buffer (row
+    # stride 224 bytes: the rope read as 2-byte words).
     gen = torch.Generator().manual_seed(8)
     q, _, indices, sink = _inputs(2, 3, 5, 80, 12, 13, dtype, gen)
     records = _records(2, 24, 80, 24, 8, gen)[:, ::2]
-    assert records.shape[-1] == 112 and records.stride(1) == 224
-    _check_fp8(attention, q, records, indices, sink, 24, 8, attention.AttentionConfig(16, 8, 32, 64))
+    assert records.shape[-1] == 112 and records.stride(1) == 224 and attention._row_alignment(records) == 16
+    _check_fp8(attention, q, records, indices, sink, 24, 8, attention.AttentionConfig(16, 16))
+
+
+@interpreted
+@pytest.mark.parametrize("row_bytes, offset, align", [(123, 0, 1), (123, 1, 1), (122, 2, 2)])
+def test_fp8_records_odd_tile_and_unaligned_rows(attention, row_bytes, offset, align):
+    # D = 80, rope 32, tile 12 (not a power of two): four 12-wide nope tiles in 16-wide brick tiles,
+    # so the column space has padding columns between tiles; the rope (columns 48..79) starts in
+    # brick tile 4 and crosses into 5-6. 120-byte records inside longer rows, from byte `offset` of
+    # each: rows starting at odd bytes read the rope and the exponents byte by byte; at even ones
+    # the rope as 2-byte words and the exponents still bytewise (4-byte words need 4-byte rows).
+    gen = torch.Generator().manual_seed(30 + offset)
+    q, _, indices, sink = _inputs(2, 2, 3, 80, 9, 7, torch.bfloat16, gen)
+    packed = _records(2, 9, 80, 32, 12, gen)
+    assert packed.shape[-1] == 120
+    rows = torch.zeros(2, 9, row_bytes, dtype=torch.uint8)
+    rows[..., offset : offset + 120] = packed
+    records = rows[..., offset : offset + 120]
+    assert attention._row_alignment(records) == align
+    _check_fp8(attention, q, records, indices, sink, 32, 12)
 
 
 @interpreted
@@ -221,10 +240,11 @@ def _decode_rows(n, gen) -> torch.Tensor:
 
 
 @interpreted
-@pytest.mark.parametrize("splits", [1, 3, 10])
+@pytest.mark.parametrize("splits", [1, 3, 10, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_split_k_decode_640_slots(attention, dtype, splits):
-    # K = 640 in 40 blocks of 16: 3 splits are uneven chunks of 224, 224 and 192 slots, 10 are 64 each;
+    # K = 640 in 40 blocks of 16: 3 splits are uneven chunks of 224, 224 and 192 slots, 10 are 64 each,
+    # 40 are one block each (the merge sums them in two chunks of 32 splits);
     # sinks -inf, +inf, dominant and ordinary over the four heads.
     gen = torch.Generator().manual_seed(11 + splits)
     q, kv, _, sink = _inputs(1, 3, 4, 64, 700, 1, dtype, gen)
@@ -242,14 +262,55 @@ def test_split_k_fp8_records(attention, splits):
     _check_fp8(attention, q, records, _decode_rows(700, gen), sink, 64, 64, splits=splits)
 
 
-def test_split_heuristic_decode_vs_prefill():
-    # V4-Flash (H = 64, D = 512, K = 128 + 512) on an H100's 132 SMs: at batch 1 decode the unsplit
-    # grid is 2 programs, so it splits (into 20 blocks of 32 slots); a 4096-query prefill does not.
-    from seahal.backends.cuda.sparse_attention import attention_config, attention_splits
+@interpreted
+@pytest.mark.parametrize("name, splits", [("DECODE", 20), ("WIDE", 1)])
+@pytest.mark.parametrize("kv_format", ["dense", "fp8"])
+def test_gpu_launches_decode_640_slots(attention, name, splits, kv_format):
+    # The GPU's tiles on V4's decode row: DECODE (16 heads, 32 slots) in 20 one-block splits as at
+    # batch 1, WIDE (32 heads, 64 slots) unsplit as at batch 64; H = 40 ends in a partial head block.
+    gen = torch.Generator().manual_seed(40 + splits)
+    q, kv, _, sink = _inputs(1, 3, 40, 128, 700, 1, torch.bfloat16, gen)
+    indices, config = _decode_rows(700, gen), getattr(attention, name)
+    if kv_format == "dense":
+        _check(attention, q, kv, indices, sink, config, splits)
+    else:
+        _check_fp8(attention, q, _records(1, 700, 128, 64, 64, gen), indices, sink, 64, 64, config, splits)
 
-    config = attention_config(64, 512, torch.device("cuda"))
-    assert attention_splits(1, 64, 512, 640, config, 132) == 20
-    assert attention_splits(4096, 64, 512, 640, config, 132) == 1
+
+def test_launch_heuristic_decode_vs_prefill():
+    # On an H100's 132 SMs. Batch-1 decode: DECODE tiles (16 heads), split until two programs per
+    # SM: V4-Flash (64 heads, 128 + 512 slots) 4 head blocks x min(66, 20 blocks of 32) splits;
+    # V4-Pro (128 heads, 128 + 1024 slots) 8 x min(33, 36). Batch 64 and a 4096-query prefill over
+    # dense rows: WIDE tiles (32 heads), one program per (query, head block) and no split.
+    from seahal.backends.cuda.sparse_attention import (
+        DECODE,
+        WIDE,
+        attention_config,
+        attention_splits,
+    )
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert attention_config(1, 64, bf16, cuda, 132) == DECODE
+    assert attention_splits(1, 64, 640, DECODE, 132) == 20
+    assert attention_splits(1, 128, 1152, DECODE, 132) == 33
+    for queries, heads, slots in ((64, 64, 640), (64, 128, 1152), (4096, 64, 640)):
+        assert attention_config(queries, heads, bf16, cuda, 132) == WIDE
+        assert attention_splits(queries, heads, slots, WIDE, 132) == 1
+        # FP8 records keep 16-head programs (the decode spills at 32), which fill the chip unsplit
+        assert attention_config(queries, heads, bf16, cuda, 132, fp8=True) == DECODE
+        assert attention_splits(queries, heads, slots, DECODE, 132) == 1
+
+
+def test_row_alignment():
+    from seahal.backends.cuda.sparse_attention import _row_alignment
+
+    records = torch.zeros(2, 10, 584, dtype=torch.uint8)
+    assert _row_alignment(records) == 8  # 584 = 8 x 73
+    assert _row_alignment(records[:1, :1].expand(3, 10, -1)) == 16  # one row, batch stride 0: only the base counts
+    assert _row_alignment(records[:, 1:]) == 8
+    assert _row_alignment(records[..., 2:]) == 2
+    assert _row_alignment(torch.zeros(2, 10, 512, dtype=torch.bfloat16)) == 16
+    assert _row_alignment(torch.zeros(2, 512, 10, dtype=torch.bfloat16).transpose(1, 2)) == 1
 
 
 @interpreted
@@ -285,11 +346,13 @@ def test_fp8_records_registered_as_the_fp8_op():
 
 
 @on_gpu
-def test_v4_flash_decode_shape_on_gpu():
+@pytest.mark.parametrize("batch", [4, 64])
+def test_v4_flash_decode_shape_on_gpu(batch):
+    # batch 4: DECODE tiles split over the keys (and merged); batch 64: WIDE tiles, unsplit
     from seahal.backends.cuda.sparse_attention import sparse_attention
 
     gen = torch.Generator().manual_seed(6)
-    q, kv, indices, sink = (t.cuda() for t in _inputs(4, 1, 64, 512, 4096, 640, torch.bfloat16, gen, empty=0.05))
+    q, kv, indices, sink = (t.cuda() for t in _inputs(batch, 1, 64, 512, 1024, 640, torch.bfloat16, gen, empty=0.05))
     out = sparse_attention(q, kv, indices, sink, 512**-0.5)
     want = reference(q, kv, indices, sink, 512**-0.5)
     rtol, atol = BF16_TOL
@@ -297,18 +360,24 @@ def test_v4_flash_decode_shape_on_gpu():
 
 
 @on_gpu
-def test_v4_flash_decode_fp8_records_on_gpu():
+@pytest.mark.parametrize("batch", [4, 64])
+def test_v4_flash_decode_fp8_records_on_gpu(batch):
+    # FP8 records always take DECODE tiles: at batch 4 the dense call launches the same (split)
+    # grid, at 64 the dense call would take WIDE tiles, so it is given DECODE to compare bit for bit
     from seahal.backends.cuda.sparse_attention import (
-        sparse_attention,
+        DECODE,
+        launch_sparse_attention,
         sparse_attention_fp8,
     )
 
     gen = torch.Generator().manual_seed(10)
-    q, _, indices, sink = (t.cuda() for t in _inputs(4, 1, 64, 512, 4096, 640, torch.bfloat16, gen, empty=0.05))
-    records = _records(4, 4096, 512, 64, 64, gen).cuda()
+    q, _, indices, sink = (t.cuda() for t in _inputs(batch, 1, 64, 512, 1024, 640, torch.bfloat16, gen, empty=0.05))
+    records = _records(batch, 1024, 512, 64, 64, gen).cuda()
     kv = kv_cache_unpack(records, 512)
     out = sparse_attention_fp8(q, records, indices, sink, 512**-0.5)
-    assert torch.equal(out, sparse_attention(q, kv, indices, sink, 512**-0.5))
+    dense = torch.empty_like(q)
+    launch_sparse_attention(q, kv, indices, sink, 512**-0.5, dense, DECODE)
+    assert torch.equal(out, dense)
     rtol, atol = BF16_TOL
     want = reference(q, kv, indices, sink, 512**-0.5)
     torch.testing.assert_close(out.double(), want.double(), rtol=rtol, atol=atol * float(kv.abs().max()))

@@ -1,31 +1,39 @@
 """Triton sparse attention (ops ``sparse_attention`` and ``sparse_attention_fp8``): one softmax over
 gathered keys, K = V, per-head sinks.
 
-One program per (batch, query, head block, output slice). The program walks the query's index row
-BLOCK_N slots at a time, gathers those kv rows once and uses each for all BLOCK_H heads of its
-block (the point of V4's single shared K = V vector): the logits ``q_h . kv[idx]`` come from a dot
-over D in BLOCK_D chunks (registers stay bounded at D = 512), then an online softmax in fp32
-(running max and sum) and ``acc += p @ kv[idx][:, slice]`` for the program's BLOCK_DV output
-columns. The sink joins the denominator at the end, ``o = acc / (l + exp(sink - m))``, which is the
-reference's ratio with the max taken over the keys only. Programs of the other output slices of
-the same heads recompute the logits (the rows come from L2); for D <= BLOCK_DV there is one slice.
+All heads of a query attend to the same selected rows (V4 shares one K = V vector across heads:
+MQA-like), so a program owns a block of BLOCK_H heads of one query and every column of D, and
+gathers each selected row once for all of them: a step loads the kv rows of BLOCK_N index slots as
+one [BLOCK_N, D] tile (FP8 records decoded once, in registers), then ``s = q @ tile^T`` (heads are
+the M dimension of the MMA), an online softmax in fp32 (running max m and sum l) and
+``acc = acc * e^(m_old - m) + p @ tile``. The sink joins the denominator at the end,
+``o = acc / (l + exp(sink - m))``, the reference's ratio with the max taken over the keys only.
 
-Split-K (flash-decoding) when that grid is small against the chip (decode): each query's index row
-is cut into SPLITS contiguous chunks of whole BLOCK_N blocks, one program per (query, split, head
-block, output slice) runs the same loop over its chunk and writes its running max m_i, sum l_i and
-unnormalised accumulator acc_i in fp32 to a workspace, and a second launch merges the splits in
-split order: ``M = max_i m_i``, ``L = sum_i l_i e^(m_i - M) + e^(sink - M)``,
-``o = sum_i acc_i e^(m_i - M) / L`` (:func:`attention_splits` picks SPLITS).
+Decode (few queries) splits each index row into SPLITS chunks of whole BLOCK_N blocks so that the
+grid covers the chip (flash-decoding): program (query, split, head block) runs the same loop over
+its chunk and writes m_i, l_i and its unnormalised fp32 acc_i to a workspace, and a second launch
+merges them, ``M = max_i m_i``, ``L = sum_i l_i e^(m_i - M) + e^(sink - M)``,
+``o = sum_i acc_i e^(m_i - M) / L``, one program per (query, head, 64 columns) so that the merge
+is as parallel as the partials are many. :func:`attention_config` and :func:`attention_splits`
+pick the launch (the numbers for V4's shapes are in their docstrings); nothing depends on index
+values, so a CUDA graph replays it at every position.
 
 ``kv`` is dense rows (bf16 or fp32, any strides; op ``sparse_attention``) or the FP8 records of
 v4_ops.md §12 (``[B, N, 584]`` uint8 for V4; op ``sparse_attention_fp8``, the model's FP8 cache):
-the program then decodes each gathered chunk in registers, ``e4m3(code) * 2^(e_t - 127)`` rounded
-to bf16 for the nope columns and the bf16 rope bytes as bits, exactly the values
-:func:`..kv_unpack.kv_cache_unpack` writes, so only the selected records are read and no decoded
-copy of the cache is ever written. Rows are addressed through kv's strides, so one pool of rows
-expanded over the batch (batch stride 0) with pool-row indices serves a paged cache
-(``seahal.hal.paging``) as it is; nothing here makes kv contiguous.
-Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
+a record ``[e4m3 nope codes | bf16 rope | e8m0 per tile | pad]`` becomes
+``e4m3(code) * 2^(e_t - 127)`` rounded to bf16 for the nope columns and the rope bf16 as bits,
+exactly the values :func:`..kv_unpack.kv_cache_unpack` writes, so only the selected records are
+read and no decoded copy of the cache is ever written. Each program decodes a row once for its
+BLOCK_H heads, on a [BLOCK_N, tiles, tile] brick: the codes in vectors as wide as the rows'
+alignment allows (V4's 584-byte rows: 8 bytes), each tile's exponent once per row (in 4-byte
+words, so that the loads are prefetched with the codes), the rope as 2-byte words (byte pairs
+when rows start at odd bytes); the kernel's column space is that brick flattened, column
+``t * TILE_W + i`` being head-dim column ``t * tile + i`` (the identity for a power-of-two tile,
+as V4's 64; padding columns otherwise). Rows are addressed through kv's
+strides, so one pool of rows expanded over the batch (batch stride 0) with pool-row indices serves
+a paged cache (``seahal.hal.paging``) as it is; nothing here makes kv contiguous.
+Verified under the Triton interpreter and compiled for sm_90 offline (registers, spills and the
+SASS of each launch read there); launch choices are reasoned from those, not measured (TUNING.md).
 """
 
 from __future__ import annotations
@@ -37,53 +45,67 @@ import triton
 import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
-from ._numerics import cast_rne
+from ._numerics import INTERPRETED, cast_rne
 from .kv_unpack import _e4m3_value, _e8m0_scale
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """One launch: heads per program, index slots per step, D chunk of the logits, output slice."""
+    """One launch: heads per program (the MMA's M), index slots per step, warps and pipeline depth."""
 
     block_h: int
     block_n: int
-    block_d: int
-    block_dv: int
     num_warps: int = 4
     num_stages: int = 2
 
 
-def attention_config(h: int, d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> AttentionConfig:
-    """The launch for H heads of dimension D.
+DECODE = AttentionConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
+"""Few queries, and FP8 records at any count: 16 heads a program, acc [16, 512] fp32 in 64
+registers a thread; the four warps split the 32 slots of the logits and the 512 output columns.
+sm_90 (offline compile, Triton 3.9): 132 registers dense, 255 with the FP8 decode, no spills."""
+WIDE = AttentionConfig(block_h=32, block_n=64, num_warps=8, num_stages=2)
+"""Many queries over dense rows (batched decode, prefill): each gathered row serves 32 heads, half
+the rows' L2 reads and 35% fewer instructions per (row, head) than :data:`DECODE` (154 registers,
+100 KB of shared memory, no spills). FP8 records stay on DECODE: at 32 heads the decode spills."""
+FP32 = AttentionConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
+"""fp32 q and rows (accuracy checks, not speed): IEEE fp32 dots, small tiles."""
+INTERPRETER = AttentionConfig(block_h=16, block_n=16)
+"""CPU tensors (the Triton interpreter): small tiles, so that tests cross head and slot blocks."""
+MERGE_SPLITS, MERGE_COLUMNS = 32, 64
+"""The merge reads the partials of a (query, head) in [32 splits, 64 columns] fp32 tiles."""
 
-    GPU (untuned, TUNING.md): up to 64 heads per program, so that V4-Flash's 64 heads read each
-    gathered row once per output slice; 256-column output slices (a [64, 256] fp32 accumulator is
-    64 registers a thread at 8 warps). On CPU (the interpreter) small tiles, so the tests cross
-    head blocks, D chunks and output slices.
+
+def attention_config(queries: int, h: int, dtype: torch.dtype, device: torch.device, sm_count: int,
+                     fp8: bool = False) -> AttentionConfig:
+    """The launch for ``queries`` (B * S) queries of H heads in ``dtype`` (FP8 records if ``fp8``)
+    on a chip of ``sm_count`` SMs.
+
+    Dense rows take :data:`WIDE` once its unsplit grid (queries x ceil(H / 32) programs) fills
+    half the SMs (V4-Flash from batch 33, V4-Pro from 17, every prefill), else :data:`DECODE`,
+    which :func:`attention_splits` then splits over the keys; FP8 records always DECODE. fp32 q
+    takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
     """
     if device.type != "cuda":
-        return AttentionConfig(16, 16, 32, 64)
-    block_h = min(64, max(16, triton.next_power_of_2(h)))
-    block_dv = min(256, max(16, triton.next_power_of_2(d)))
-    # fp32 rows double the gathered tiles: two stages of them need 238 KB of shared memory at
-    # H = 64, D = 512, over sm_90's 227 KB (tests/test_cuda_compile.py), so fp32 takes one.
-    stages = 1 if dtype == torch.float32 else 2
-    return AttentionConfig(
-        block_h, 32, 64, block_dv, num_warps=8 if block_h * block_dv >= 64 * 256 else 4, num_stages=stages
-    )
+        return INTERPRETER
+    if dtype == torch.float32:
+        return FP32
+    if fp8:
+        return DECODE
+    return WIDE if 2 * queries * triton.cdiv(h, WIDE.block_h) >= sm_count else DECODE
 
 
-def attention_splits(queries: int, h: int, d: int, k: int, config: AttentionConfig, sm_count: int) -> int:
-    """Split-K factor for ``queries`` (B * S) queries of H heads, D dims and K index slots.
+def attention_splits(queries: int, h: int, k: int, config: AttentionConfig, sm_count: int) -> int:
+    """Split-K factor for ``queries`` queries of H heads and K index slots under ``config``.
 
-    Untuned heuristic (TUNING.md): none while the unsplit grid (queries x head blocks x output
-    slices) already holds two programs per SM; otherwise enough splits for two programs per SM,
-    at most one per BLOCK_N block of the index row (V4-Flash decode at batch 1 on 132 SMs: 2
-    programs, 640 slots in 20 blocks of 32 -> 20 splits). The workspace is SPLITS x H x D fp32 per
-    query (2.6 MB there), written once and read once, mostly from L2.
+    None while the unsplit grid (queries x head blocks) fills half the SMs; otherwise enough for
+    two programs per SM, at most one per BLOCK_N block. The workspace is SPLITS x H x D fp32 per
+    query, written once and read once by the merge, from L2. V4 decode at batch 1 on 132 SMs
+    (:data:`DECODE`): V4-Flash CSA (64 heads, 640 slots) 4 head blocks x 20 splits of 32 slots =
+    80 programs (2.6 MB of partials); V4-Pro (128 heads, 1152 slots) 8 x 18 splits of 64 = 144; an
+    HCA row of 8320 slots (1M context) 4 x 65 splits of 128 = 260.
     """
-    programs = queries * triton.cdiv(h, config.block_h) * triton.cdiv(d, config.block_dv)
-    if programs >= 2 * sm_count:
+    programs = queries * triton.cdiv(h, config.block_h)
+    if 2 * programs >= sm_count:
         return 1
     return max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(k, config.block_n)))
 
@@ -150,6 +172,21 @@ def sparse_attention_fp8(
     return out
 
 
+def _row_alignment(kv: torch.Tensor) -> int:
+    """The largest power of two <= 16 dividing every row's start address, in elements of kv, when
+    a row's elements are contiguous, else 1: the kernel's ``tl.multiple_of`` hint for vector loads
+    of FP8 records (584-byte rows: 8) and its licence to read their exponents as 4-byte and their
+    rope as 2-byte words."""
+    if kv.shape[-1] > 1 and kv.stride(-1) != 1:
+        return 1
+    starts = [kv.data_ptr() // kv.element_size()]
+    starts += [stride for size, stride in zip(kv.shape[:-1], kv.stride()[:-1]) if size > 1]
+    align = 16
+    while align > 1 and any(start % align for start in starts):
+        align //= 2
+    return align
+
+
 def launch_sparse_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -166,45 +203,48 @@ def launch_sparse_attention(
     """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
 
     ``kv`` is dense rows in q's dtype, or uint8 FP8 records of geometry (``rope_dim``, ``tile``)
-    (:func:`sparse_attention_fp8`; the geometry is unused for dense rows). ``splits`` forces the
-    split-K factor; chunks are whole BLOCK_N blocks, so fewer splits run when K has fewer blocks.
-    Default: :func:`attention_splits` on a GPU, 1 on CPU tensors (the interpreter: tests force
-    their splits, and launches that differ only in batch size stay bit-identical there). On a GPU
-    the split changes the fp32 summation order, so one query's output may differ in the last bits
-    between a small (split) and a large (unsplit) batch.
+    (:func:`sparse_attention_fp8`; the geometry is unused for dense rows). ``config`` and
+    ``splits`` override :func:`attention_config` and :func:`attention_splits` (on CPU tensors the
+    default is unsplit, so that launches differing only in batch size stay bit-identical in the
+    interpreter); chunks are whole BLOCK_N blocks, so fewer splits run when K has fewer blocks.
+    On a GPU the split changes the fp32 summation order, so one query's output may differ in the
+    last bits between a small (split) and a large (unsplit) batch.
     """
     b, s, h, d = q.shape
     if out.numel() == 0:
         return
     k = indices.shape[-1]
-    config = config or attention_config(h, d, q.device, q.dtype)
+    on_gpu = q.device.type == "cuda"
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else 1
+    fp8 = kv.dtype == torch.uint8
+    config = config or attention_config(b * s, h, q.dtype, q.device, sms, fp8)
     if splits is None:
-        splits = 1
-        if q.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            splits = attention_splits(b * s, h, d, k, config, sms)
+        splits = attention_splits(b * s, h, k, config, sms) if on_gpu else 1
     blocks = max(1, triton.cdiv(k, config.block_n))
     split_slots = triton.cdiv(blocks, max(1, splits)) * config.block_n
     splits = triton.cdiv(blocks * config.block_n, split_slots)  # no empty trailing split
-    head_blocks, slices = triton.cdiv(h, config.block_h), triton.cdiv(d, config.block_dv)
+    head_blocks = triton.cdiv(h, config.block_h)
+    # the column space: [tiles, tile] bricks for FP8 records, one power-of-two run for dense rows
+    tile_w = triton.next_power_of_2(tile) if fp8 else triton.next_power_of_2(d)
+    col_tiles = triton.next_power_of_2(triton.cdiv(d, tile)) if fp8 else 1
     if splits > 1:  # fp32 partials [B*S, SPLITS, H, D] and their (max, sum) [2, B*S, SPLITS, H]
         partial = torch.empty((b * s, splits, h, d), dtype=torch.float32, device=q.device)
         stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
     else:  # unused by the unsplit kernel
         partial = stats = out
-    _sparse_attention_kernel[(b * s * splits, head_blocks, slices)](
+    _sparse_attention_kernel[(b * s * splits * head_blocks,)](
         q, kv, indices, sink, out, partial, stats, s, h, kv.shape[1], k, splits, split_slots,
         float(softmax_scale),
         *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
-        HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-        BLOCK_DV=config.block_dv, LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and q.device.type == "cuda",
-        KV_FP8=kv.dtype == torch.uint8, ROPE_DIM=rope_dim, TILE=tile, SPLIT=splits > 1,
+        HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, COL_TILES=col_tiles, TILE_W=tile_w,
+        LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and on_gpu, KV_FP8=fp8, ROPE_DIM=rope_dim,
+        TILE=tile if fp8 else tile_w, ROW_ALIGN=_row_alignment(kv), SPLIT=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        _combine_splits_kernel[(b * s, head_blocks, slices)](
+        _combine_splits_kernel[(b * s * h, triton.cdiv(d, MERGE_COLUMNS))](
             partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
-            HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_DV=config.block_dv, num_warps=4,
+            HEAD_DIM=d, BLOCK_S=MERGE_SPLITS, BLOCK_D=MERGE_COLUMNS, num_warps=4,
         )
 
 
@@ -219,27 +259,95 @@ def _dot(a, b, acc, LOW_PRECISION_DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(rows, cols, mask, stride_kd, dtype: tl.constexpr, KV_FP8: tl.constexpr, HEAD_DIM: tl.constexpr,
-             ROPE_DIM: tl.constexpr, TILE: tl.constexpr):
-    """Columns ``cols`` [C] of the gathered rows (pointers [R, 1]) as [R, C] ``dtype``, 0 where masked.
+def _columns(HEAD_DIM: tl.constexpr, COL_TILES: tl.constexpr, TILE_W: tl.constexpr, TILE: tl.constexpr):
+    """The head-dim column of each of the kernel's COL_TILES * TILE_W columns (``t * TILE + i`` for
+    column ``t * TILE_W + i``) and whether it is one (i < TILE, column < HEAD_DIM)."""
+    c = tl.arange(0, COL_TILES * TILE_W)
+    if TILE_W == TILE:
+        return c, c < HEAD_DIM
+    cols = (c // TILE_W) * TILE + c % TILE_W
+    return cols, (c % TILE_W < TILE) & (cols < HEAD_DIM)
 
-    Dense rows are loaded as they are. An FP8 record ``[e4m3 nope | bf16 rope bytes | e8m0 per
-    tile | pad]`` (v4_ops.md §12) is decoded as :func:`..kv_unpack.kv_cache_unpack` does: nope
-    column c is ``e4m3(byte c) * 2^(e - 127)`` with e the byte of tile c // TILE, rounded to bf16;
-    rope column NOPE + j is the little-endian bf16 at bytes NOPE + 2j, NOPE + 2j + 1, as bits.
+
+@triton.jit
+def _e4m3_to_f32(codes):
+    """e4m3 codes (uint8) -> exact fp32: the hardware conversion on the GPU; integer arithmetic in
+    the interpreter (whose float8 cast decodes the NaN codes 0x7F / 0xFF as 480)."""
+    if INTERPRETED:
+        return _e4m3_value(codes.to(tl.int32))
+    return codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_rows(rows, valid, stride_kd, dtype: tl.constexpr, KV_FP8: tl.constexpr, HEAD_DIM: tl.constexpr,
+               ROPE_DIM: tl.constexpr, TILE: tl.constexpr, COL_TILES: tl.constexpr, TILE_W: tl.constexpr,
+               ROW_ALIGN: tl.constexpr):
+    """The rows at pointers ``rows`` [R] as an [R, COL_TILES * TILE_W] ``dtype`` tile in the
+    kernel's column space (:func:`_columns`); 0 in rows not ``valid`` and in padding columns.
+
+    Dense rows are loaded as they are. An FP8 record ``[e4m3 nope | bf16 rope | e8m0 per tile |
+    pad]`` (v4_ops.md §12) is decoded as :func:`..kv_unpack.kv_cache_unpack` does, on an [R,
+    COL_TILES, TILE_W] brick: column t * TILE + i < NOPE is ``e4m3(byte) * 2^(e_t - 127)`` (byte
+    ``t * TILE + i``, exponent byte ``NOPE + 2 ROPE + t``, one load per row and tile) rounded to
+    bf16; column NOPE + j is the little-endian bf16 at bytes NOPE + 2j, NOPE + 2j + 1, as bits.
     """
-    if not KV_FP8:
-        return tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0.0)
+    if KV_FP8:
+        tile = _decode_records(rows, valid, stride_kd, HEAD_DIM, ROPE_DIM, TILE, COL_TILES, TILE_W, ROW_ALIGN)
+    else:
+        cols, col_ok = _columns(HEAD_DIM, COL_TILES, TILE_W, TILE)
+        tile = tl.load(rows[:, None] + cols[None, :] * stride_kd, mask=valid[:, None] & col_ok[None, :], other=0.0)
+    return tile.to(dtype)
+
+
+@triton.jit
+def _decode_records(rows, valid, stride_kd, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, TILE: tl.constexpr,
+                    COL_TILES: tl.constexpr, TILE_W: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """The FP8 records at ``rows`` [R] decoded to bf16 [R, COL_TILES * TILE_W] (see :func:`_load_rows`)."""
     NOPE: tl.constexpr = HEAD_DIM - ROPE_DIM
-    nope = cols[None, :] < NOPE
-    codes = tl.load(rows + cols[None, :] * stride_kd, mask=mask & nope, other=0).to(tl.int32)
-    exponent = tl.load(rows + (NOPE + 2 * ROPE_DIM + cols // TILE)[None, :] * stride_kd, mask=mask & nope, other=127)
-    nope_values = cast_rne(_e4m3_value(codes) * _e8m0_scale(exponent.to(tl.int32)), tl.bfloat16)
-    rope_bytes = rows + (NOPE + 2 * (cols - NOPE))[None, :] * stride_kd
-    low = tl.load(rope_bytes, mask=mask & ~nope, other=0).to(tl.int32)
-    high = tl.load(rope_bytes + stride_kd, mask=mask & ~nope, other=0).to(tl.int32)
-    rope_values = ((high << 8) | low).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tl.where(nope, nope_values, rope_values).to(dtype)
+    N_TILES: tl.constexpr = NOPE // TILE
+    t = tl.arange(0, COL_TILES)
+    i = tl.arange(0, TILE_W)
+    col = t[:, None] * TILE + i[None, :]  # [COL_TILES, TILE_W] head-dim columns
+    is_nope = (t[:, None] < N_TILES) & (i[None, :] < TILE)
+    codes = tl.load(rows[:, None, None] + col[None] * stride_kd, mask=valid[:, None, None] & is_nope[None], other=0)
+    SCALES: tl.constexpr = NOPE + 2 * ROPE_DIM  # byte offset of the tile exponents
+    scale_mask = valid[:, None] & (t < N_TILES)[None, :]
+    if ROW_ALIGN % 4 == 0 and SCALES % 4 == 0:  # as 4-byte words, which the pipeliner can prefetch
+        words = (rows + SCALES).to(tl.pointer_type(tl.int32))
+        word = tl.load(words[:, None] + (t // 4)[None, :], mask=scale_mask, other=127 * 0x01010101)
+        exponent = (word >> (8 * (t % 4))[None, :]) & 0xFF
+    else:
+        exponent = tl.load(rows[:, None] + (SCALES + t)[None, :] * stride_kd, mask=scale_mask, other=127).to(tl.int32)
+    values = _e4m3_to_f32(codes) * _e8m0_scale(exponent)[:, :, None]
+    for r in tl.static_range((ROPE_DIM + TILE - 1) // TILE):  # the brick tiles holding rope (V4: one)
+        j = r * TILE + i  # rope columns of brick tile N_TILES + r
+        rope_mask = valid[:, None] & ((i < TILE) & (j < ROPE_DIM))[None, :]
+        if ROW_ALIGN % 2 == 0 and NOPE % 2 == 0:  # 2-byte aligned words: one load each
+            words = (rows + NOPE).to(tl.pointer_type(tl.int16))
+            bits = tl.load(words[:, None] + j[None, :], mask=rope_mask, other=0).to(tl.int32) & 0xFFFF
+        else:
+            rope_bytes = rows[:, None] + (NOPE + 2 * j)[None, :] * stride_kd
+            low = tl.load(rope_bytes, mask=rope_mask, other=0).to(tl.int32)
+            high = tl.load(rope_bytes + stride_kd, mask=rope_mask, other=0).to(tl.int32)
+            bits = (high << 8) | low
+        rope = (bits << 16).to(tl.float32, bitcast=True)[:, None, :]
+        values = tl.where((t == N_TILES + r)[None, :, None], rope, values)
+    return tl.reshape(_hide_byte_loads(cast_rne(values, tl.bfloat16)), [values.shape[0], COL_TILES * TILE_W])
+
+
+@triton.jit
+def _hide_byte_loads(x):
+    """bf16 ``x`` unchanged; on the GPU through an opaque register move.
+
+    Triton (seen in 3.9) lays a dot's operands out for the narrowest load in their elementwise
+    backward slice: the decoded tile's uint8 record loads would make both dots' bf16 operands
+    8-bit style (kWidth 4), read from shared memory by 64-bit loads plus register shuffles instead
+    of ldmatrix, with a second shared copy of the tile. The move (one per two values) ends that
+    slice: in the sm_90 SASS of a [32, 512] step, 1911 -> 1567 instructions, 102 -> 71 KB shared.
+    """
+    if INTERPRETED:
+        return x
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=False, pack=2)
 
 
 @triton.jit
@@ -250,46 +358,43 @@ def _sparse_attention_kernel(
     stride_ib, stride_is, stride_ik,
     stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
-    TILE: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr,
+    TILE_W: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
+    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """out[b, s, heads, cols] for one (b, s), BLOCK_H heads and BLOCK_DV output columns; kv rows
-    dense, or FP8 records decoded by :func:`_load_kv` (KV_FP8). With SPLIT, program (b, s, split)
-    walks index slots [split * SPLIT_SLOTS, (split + 1) * SPLIT_SLOTS) only and writes its fp32
-    acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running max and sum to ``stats_ptr`` [2, B*S,
-    SPLITS, H] for :func:`_combine_splits_kernel`."""
-    pid = tl.program_id(0).to(tl.int64)  # (b * S + s) * SPLITS + split
-    pid_bs = pid // SPLITS
-    first = (pid % SPLITS) * SPLIT_SLOTS
+    """out[b, s, heads] for one (b, s) and BLOCK_H heads, every column; kv rows dense, or FP8
+    records decoded by :func:`_load_rows` (KV_FP8). Program ids run over (b * S + s, split, head
+    block), the head block fastest, so a query's head blocks run together and share its rows in
+    L2. With SPLIT, program (b, s, split) walks index slots [split * SPLIT_SLOTS, (split + 1) *
+    SPLIT_SLOTS) only and writes its fp32 acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running
+    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`."""
+    pid = tl.program_id(0).to(tl.int64)
+    head_blocks = tl.cdiv(H, BLOCK_H)
+    row = pid // head_blocks  # (b * S + s) * SPLITS + split: the workspace row
+    pid_bs = row // SPLITS
+    first = (row % SPLITS) * SPLIT_SLOTS
     end = tl.minimum(K, first + SPLIT_SLOTS)
     bat = pid_bs // S
     seq = pid_bs % S
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    heads = (pid % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < H
+    cols, col_ok = _columns(HEAD_DIM, COL_TILES, TILE_W, TILE)
+    offs_n = tl.arange(0, BLOCK_N)
     q_rows = q_ptr + bat * stride_qb + seq * stride_qs + heads[:, None] * stride_qh
-    kv_base = kv_ptr + bat * stride_kb
+    q = tl.load(q_rows + cols[None, :] * stride_qd, mask=head_ok[:, None] & col_ok[None, :], other=0.0)
     idx_row = idx_ptr + bat * stride_ib + seq * stride_is
 
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max of the logits
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp(s - m_i)
-    acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, COL_TILES * TILE_W), dtype=tl.float32)
     for start in range(first, end, BLOCK_N):
         slots = start + offs_n
         idx = tl.load(idx_row + slots * stride_ik, mask=slots < end, other=-1).to(tl.int64)
         valid = (idx >= 0) & (idx < N)
-        rows = kv_base + idx[:, None] * stride_kn
-        logits = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-        for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
-            cols = d0 + offs_d
-            in_d = cols[None, :] < HEAD_DIM
-            q = tl.load(q_rows + cols[None, :] * stride_qd, mask=head_ok[:, None] & in_d, other=0.0)
-            k_mask = valid[:, None] & in_d
-            k = _load_kv(rows, cols, k_mask, stride_kd, q_ptr.dtype.element_ty, KV_FP8, HEAD_DIM, ROPE_DIM, TILE)
-            logits = _dot(q, tl.trans(k), logits, LOW_PRECISION_DOT)
+        rows = kv_ptr + tl.multiple_of(bat * stride_kb + idx * stride_kn, ROW_ALIGN)
+        kv = _load_rows(rows, valid, stride_kd, q_ptr.dtype.element_ty, KV_FP8, HEAD_DIM, ROPE_DIM, TILE,
+                        COL_TILES, TILE_W, ROW_ALIGN)
+        logits = _dot(q, tl.trans(kv), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), LOW_PRECISION_DOT)
         logits = tl.where(valid[None, :], logits * softmax_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -297,26 +402,24 @@ def _sparse_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_mask = valid[:, None] & (cols_v[None, :] < HEAD_DIM)
-        v = _load_kv(rows, cols_v, v_mask, stride_kd, q_ptr.dtype.element_ty, KV_FP8, HEAD_DIM, ROPE_DIM, TILE)
-        acc = _dot(cast_rne(p, v.dtype), v, acc * alpha[:, None], LOW_PRECISION_DOT)
+        acc = _dot(cast_rne(p, kv.dtype), kv, acc * alpha[:, None], LOW_PRECISION_DOT)
         m_i = m_new
 
-    out_mask = head_ok[:, None] & (cols_v[None, :] < HEAD_DIM)
+    out_mask = head_ok[:, None] & col_ok[None, :]
     if SPLIT:
-        tl.store(part_ptr + (pid * H + heads[:, None]) * HEAD_DIM + cols_v[None, :], acc, mask=out_mask)
-        if tl.program_id(2) == 0:  # one output slice writes the (equal) statistics
-            tl.store(stats_ptr + pid * H + heads, m_i, mask=head_ok)
-            tl.store(stats_ptr + (tl.num_programs(0).to(tl.int64) + pid) * H + heads, l_i, mask=head_ok)
+        tl.store(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], acc, mask=out_mask)
+        tl.store(stats_ptr + row * H + heads, m_i, mask=head_ok)
+        tl.store(stats_ptr + (tl.num_programs(0).to(tl.int64) // head_blocks + row) * H + heads, l_i, mask=head_ok)
     else:
-        out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols_v[None, :] * stride_od
+        out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols[None, :] * stride_od
         _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
 
 
 @triton.jit
 def _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask):
     """Store ``acc / (l + exp(sink - m))`` (0 where that denominator is 0: no key and a -inf sink)
-    through the pointers ``out``; m is the max over the keys only (-inf without any)."""
+    through the pointers ``out``; acc [X, C], m and l [X] for the heads ``heads`` [X]; m is the max
+    over the keys only (-inf without any)."""
     sink = tl.load(sink_ptr + heads * stride_sink, mask=head_ok, other=float("-inf")).to(tl.float32)
     denominator = l_i + tl.exp(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
     o = tl.where(denominator[:, None] > 0, acc / tl.where(denominator > 0, denominator, 1.0)[:, None], 0.0)
@@ -327,32 +430,36 @@ def _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, o
 def _combine_splits_kernel(
     part_ptr, stats_ptr, sink_ptr, out_ptr, S, H, SPLITS, stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, s, heads, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`, merged
-    in split order: ``M = max_i m_i``, ``acc = sum_i acc_i e^(m_i - M)``, ``l = sum_i l_i e^(m_i - M)``,
-    then normalised with the sink as the unsplit kernel does."""
-    pid_bs = tl.program_id(0)
-    bat = (pid_bs // S).to(tl.int64)
-    seq = (pid_bs % S).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    head_ok = heads < H
-    out_mask = head_ok[:, None] & (cols_v[None, :] < HEAD_DIM)
-    first = pid_bs.to(tl.int64) * SPLITS  # this query's first split row in the workspace
-    sum_rows = tl.num_programs(0).to(tl.int64) * SPLITS  # the running sums follow the maxima
+    """out[b, s, h, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`; program
+    ((b * S + s) * H + h, column block). ``M = max_i m_i``, ``acc = sum_i acc_i e^(m_i - M)``,
+    ``l = sum_i l_i e^(m_i - M)``, summed over BLOCK_S splits at a time, then normalised with the
+    sink as the unsplit kernel does."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bs = pid // H
+    head = pid % H
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < HEAD_DIM
+    offs_s = tl.arange(0, BLOCK_S)
+    first = pid_bs * SPLITS  # this query's first workspace row
+    max_rows = stats_ptr + first * H + head  # m_i of split i at max_rows + i * H
+    sum_rows = max_rows + tl.num_programs(0).to(tl.int64) // H * SPLITS * H  # the running sums follow
 
-    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    for i in range(SPLITS):
-        m = tl.maximum(m, tl.load(stats_ptr + (first + i) * H + heads, mask=head_ok, other=float("-inf")))
+    m = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+    for i0 in range(0, SPLITS, BLOCK_S):
+        m = tl.maximum(m, tl.load(max_rows + (i0 + offs_s) * H, mask=i0 + offs_s < SPLITS, other=float("-inf")))
+    m = tl.max(m, axis=0, keep_dims=True)  # [1]
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # no valid key in any split: every weight is 0
-    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-    for i in range(SPLITS):
-        m_i = tl.load(stats_ptr + (first + i) * H + heads, mask=head_ok, other=float("-inf"))
-        weight = tl.exp(m_i - m_safe)
-        l += tl.load(stats_ptr + (sum_rows + first + i) * H + heads, mask=head_ok, other=0.0) * weight
-        part = part_ptr + ((first + i) * H + heads[:, None]) * HEAD_DIM + cols_v[None, :]
-        acc += tl.load(part, mask=out_mask, other=0.0) * weight[:, None]
-    out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols_v[None, :] * stride_od
-    _normalise_and_store(acc, m, l, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
+    l = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for i0 in range(0, SPLITS, BLOCK_S):
+        split = i0 + offs_s
+        weight = tl.exp(tl.load(max_rows + split * H, mask=split < SPLITS, other=float("-inf")) - m_safe)
+        l += tl.load(sum_rows + split * H, mask=split < SPLITS, other=0.0) * weight
+        part = part_ptr + ((first + split[:, None]) * H + head) * HEAD_DIM + cols[None, :]
+        acc += tl.load(part, mask=(split < SPLITS)[:, None] & col_ok[None, :], other=0.0) * weight[:, None]
+    heads = tl.zeros((1,), tl.int64) + head
+    out = out_ptr + (pid_bs // S) * stride_ob + (pid_bs % S) * stride_os + heads[:, None] * stride_oh
+    _normalise_and_store(tl.sum(acc, axis=0, keep_dims=True), m, tl.sum(l, axis=0, keep_dims=True), sink_ptr,
+                         stride_sink, heads, heads < H, out + cols[None, :] * stride_od, col_ok[None, :])
