@@ -133,7 +133,9 @@ class DecodeGraph:
         torch.cuda.current_stream().wait_stream(side)
         del scratch
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # captured on the warm-up's stream: per-stream workspaces the kernels made there (the
+        # split-K and last-program arrival counters) are the ones the graph then replays on
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             logits = self._forward(view, self.position)
         return graph, logits
 
