@@ -37,10 +37,12 @@ def test_under_interpreter():
 
 @pytest.fixture(scope="module")
 def kernels():
-    """(mhc module, rope module), imported under the interpreter."""
+    """(mhc module, rope module), imported under the interpreter, with its bf16 dot fix (hc_pre's
+    tensor-core tiles multiply bf16 x by bf16 parts of fn)."""
     from seahal.backends.cuda import mhc, rope
 
-    return mhc, rope
+    with triton_interpreter.bf16_dot_fix():
+        yield mhc, rope
 
 
 def _assert_within_rules(op: str, args: tuple, got, want) -> None:
@@ -192,22 +194,25 @@ def _hc_inputs(b, s, n, d, dtype, seed, layout="contiguous", mixes=None):
     return x, fn, base, scale
 
 
-# (batch, seq, n, D, dtype, Sinkhorn iters, K slices, layout): 37 tokens = three token tiles of 16,
-# the last partial; n = 3 pads the 3 x 3 matrix to 4 x 4; D = 40 ends in a partial column block;
-# 1 and 4 K slices besides the default 2 (with n*D = 60, slice 3 of 4 is empty).
+# (batch, seq, n, D, dtype, Sinkhorn iters, (token tile, K chunk, K slices), layout). Tiles below 16
+# tokens multiply on the CUDA cores, 16 on tl.dot (bf16 x: fn split into three bf16 parts). 6 tokens
+# in a 16-token tile; 37 = three tiles, the last partial; 4 and 2 tokens in one GEMV tile; n = 3
+# pads the 3 x 3 matrix to 4 x 4; D = 40 ends in a partial column block; n*D = 60 in 4 slices of
+# 16 (the last one 12 wide), 128 in one slice of 4 chunks.
 HC_PRE_CASES = [
-    (2, 3, 4, 32, F32, 20, 2, "contiguous"),
-    (1, 37, 4, 16, BF16, 20, 1, "contiguous"),
-    (2, 2, 3, 20, F32, 20, 4, "transposed"),
-    (1, 2, 2, 40, BF16, 1, 2, "contiguous"),
+    (2, 3, 4, 32, F32, 20, (16, 32, 2), "contiguous"),
+    (1, 37, 4, 16, BF16, 20, (16, 32, 1), "contiguous"),
+    (2, 2, 3, 20, F32, 20, (4, 16, 4), "transposed"),
+    (1, 2, 2, 40, BF16, 1, (2, 16, 2), "contiguous"),
+    (1, 2, 4, 32, BF16, 20, (2, 32, 1), "transposed"),
 ]
 
 
 @interpreted
-@pytest.mark.parametrize("b, s, n, d, dtype, iters, split, layout", HC_PRE_CASES)
-def test_hc_pre(kernels, monkeypatch, b, s, n, d, dtype, iters, split, layout):
+@pytest.mark.parametrize("b, s, n, d, dtype, iters, config, layout", HC_PRE_CASES)
+def test_hc_pre(kernels, monkeypatch, b, s, n, d, dtype, iters, config, layout):
     mhc, _ = kernels
-    monkeypatch.setattr(mhc, "mix_config", lambda t, k, device: mhc.MixConfig(16, 32, split))
+    monkeypatch.setattr(mhc, "mix_config", lambda t, k, m, device: mhc.MixConfig(*config))
     x, fn, base, scale = _hc_inputs(b, s, n, d, dtype, seed=s + n + d, layout=layout)
     args = (x, fn, base, scale, iters, 1e-6, 1e-6)
     y, post, comb = mhc.hc_pre(*args)
@@ -232,11 +237,12 @@ def test_hc_head(kernels, b, s, n, d, dtype, layout, param_dtype):
     _assert_within_rules("hc_head", args, y, reference_mhc.hc_head(*args))
 
 
-# (batch, seq, n, D, dtype, K slices, Sinkhorn iters): 1, 3 and 16 tokens (one tile of 16, full at
-# 16) and 37 (three tiles, each with its own counter and last program); D = 40 and 24 end in a
-# partial column block (BLOCK_D 16 on CPU), which the last program loops over; one K slice (the
-# first program is also the last) and four (32- or 64-wide slices of n*D = 96 or 160, the last one
-# empty). Few Sinkhorn steps at 16 and 37 tokens keep the interpreter quick.
+# (batch, seq, n, D, dtype, K slices, Sinkhorn iters): 1, 3 and 16 tokens (a GEMV tile of 1 and 4,
+# a tl.dot tile of 16) and 37 (three tiles, each with its own counter and last program); D = 40 and
+# 24 end in a partial column block (16 wide on CPU), which the last program loops over; one K slice
+# (the first program is also the last) and four asked (n*D = 160: three of 48 and one of 16; 96:
+# three of 32), which the last program sums two at a time on CPU. Few Sinkhorn steps at 16 and 37
+# tokens keep the interpreter quick.
 ONE_LAUNCH_CASES = [
     (1, 1, 4, 40, F32, 2, 20), (1, 1, 4, 40, BF16, 2, 20),
     (3, 1, 3, 24, F32, 1, 20), (1, 3, 4, 40, BF16, 1, 20),
@@ -248,12 +254,15 @@ ONE_LAUNCH_CASES = [
 @interpreted
 @pytest.mark.parametrize("b, s, n, d, dtype, split, iters", ONE_LAUNCH_CASES)
 def test_one_launch_is_the_two_launches(kernels, monkeypatch, b, s, n, d, dtype, split, iters):
-    """hc_pre and hc_head in one launch: the two launches' bits, call after call on the arrival
-    counters it resets, and within the conformance rules of the float64 formula and the reference."""
+    """hc_pre and hc_head with the collapse in the mixing launch: the two launches' bits, call after
+    call on the arrival counters it resets, and within the conformance rules of the float64 formula
+    and the reference."""
     from seahal.backends.cuda._gemm import arrival_counters
 
     mhc, _ = kernels
-    monkeypatch.setattr(mhc, "mix_config", lambda t, k, device: mhc.MixConfig(16, 32, split))
+    cpu_config = mhc.mix_config
+    monkeypatch.setattr(mhc, "mix_config",
+                        lambda t, k, m, device: mhc.MixConfig(cpu_config(t, k, m, device).block_t, 16, split))
     x, fn, base, scale = _hc_inputs(b, s, n, d, dtype, seed=b * s + d)
     _, head_fn, head_base, head_scale = _hc_inputs(b, s, n, d, dtype, seed=d, mixes=n)
     pre_args = (x, fn, base, scale, iters, 1e-6, 1e-6)
@@ -291,10 +300,10 @@ class _Launches:
 def test_token_count_picks_one_or_two_launches(kernels, monkeypatch):
     mhc, _ = kernels
     log: list[str] = []
-    for name in ("_pre_kernel", "_mix_kernel", "_weights_kernel"):
+    for name in ("_mix_kernel", "_collapse_kernel"):
         monkeypatch.setattr(mhc, name, _Launches(getattr(mhc, name), log))
-    for t, launches in ((mhc.ONE_LAUNCH_MAX_TOKENS, ["_pre_kernel"]),
-                        (mhc.ONE_LAUNCH_MAX_TOKENS + 1, ["_mix_kernel", "_weights_kernel"])):
+    for t, launches in ((mhc.ONE_LAUNCH_MAX_TOKENS, ["_mix_kernel"]),
+                        (mhc.ONE_LAUNCH_MAX_TOKENS + 1, ["_mix_kernel", "_collapse_kernel"])):
         x, fn, base, scale = _hc_inputs(1, t, 4, 16, F32, seed=t)
         _, head_fn, head_base, head_scale = _hc_inputs(1, t, 4, 16, F32, seed=t, mixes=4)
         log.clear()
@@ -303,11 +312,35 @@ def test_token_count_picks_one_or_two_launches(kernels, monkeypatch):
         assert log == 2 * launches
 
 
+@interpreted
+@pytest.mark.parametrize("m", [24, 4], ids=["hc_pre", "hc_head"])
+@pytest.mark.parametrize("d", [4096, 7168], ids=["V4-Flash", "V4-Pro"])
+@pytest.mark.parametrize("t", [1, 4, 64, 4096])
+def test_gpu_mix_launch_spreads_the_weight_read(kernels, monkeypatch, m, d, t):
+    """The pre-norm GEMM's launch on a 132-SM GPU: up to 64 tokens (decode) at least 64 programs,
+    at one token none reading more than 32 KB of fn (one SM streams ~50-100 GB/s: < 0.5 us for the
+    slice); every tile's last program sums at most FINISH_ELEMENTS partials."""
+    from types import SimpleNamespace
+
+    mhc, _ = kernels
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    k = 4 * d
+    config = mhc.mix_config(t, k, m, torch.device("cuda"))
+    width, split = mhc.slices(k, config)
+    assert (split - 1) * width < k <= split * width  # no empty slice
+    assert split * config.block_t * m <= mhc.FINISH_ELEMENTS
+    if t <= 64:
+        assert -(-t // config.block_t) * split >= 64
+    if t == 1:
+        assert m * width * 4 <= 32 * 1024
+
+
 @on_gpu
 @pytest.mark.parametrize("t", [1, 4, 16, 64])
 def test_gpu_one_launch_is_the_two_launches(t):
-    """Never run on a GPU yet: the same bits as the two launches at V4-Flash width (same partials,
-    same weights code on the same warps), launch after launch on the counters it resets."""
+    """Never run on a GPU yet: the same bits as the two launches at V4-Flash width (the same
+    kernel computes the weights; the collapse's 4096- and 512-column blocks add each column's
+    products in the same order), launch after launch on the counters it resets."""
     from seahal.backends.cuda import mhc
 
     x, fn, base, scale = (v.cuda() for v in _hc_inputs(1, t, 4, 4096, BF16, seed=t))

@@ -5,28 +5,35 @@ v4_ops.md §5).
 streams once and writes the n mixed streams, ``x'_j = post_j f + sum_i comb[i, j] x_i``.
 
 ``hc_pre`` and ``hc_head`` need a reduction over all n*D entries of a token before any weight is
-known. Above :data:`ONE_LAUNCH_MAX_TOKENS` tokens they are two launches:
+known, then a pass over the token's n*D entries to collapse them. ``_mix_kernel``:
 
-1. ``_mix_kernel``, the pre-norm GEMM: ``x_flat @ fn^T`` ([tokens, n*D] x [n*D, M], M = (2+n)*n
-   or n) in fp32 tiles of BLOCK_T tokens, together with ``sum(x_flat^2)``; the n*D axis is cut
-   into SPLIT slices so that decode (a handful of tokens) still spreads the weight read over the
-   chip. Each slice writes its partial sums to fp32 workspaces [SPLIT, T, M] and [SPLIT, T].
-2. ``_weights_kernel``, one program per (token, BLOCK_D columns): sums the slices in slice order
-   (deterministic), applies the RMS factor, the sigmoid pre/post weights and the Sinkhorn
-   iterations on the n x n matrix in registers, and collapses the streams, ``y = sum_i pre_i x_i``.
-   The weights are recomputed by every column block of a token (a few hundred flops) and written by
-   the first. ``hc_head`` is the same launch without post and Sinkhorn.
+1. The pre-norm GEMM ``x_flat @ fn^T`` ([T, n*D] x [n*D, M], M = (2+n)*n or n) with
+   ``sum(x_flat^2)``, program (token tile, K slice). The K axis is cut into SPLIT slices so that
+   decode spreads the weight read (1.5 MB for V4-Flash, 2.7 MB for V4-Pro) over the chip: at one
+   token, 128 and 224 programs of 12 KB each. Up to :data:`GEMV_MAX_TOKENS` tokens a tile is a
+   CUDA-core GEMV (fp32 FMA, one running sum per lane); above, ``tl.dot`` on token tiles of 16/64:
+   for bf16 x on the tensor cores with fn split into three bf16 parts (``hi = bf16(fn)``, ``mid =
+   bf16(fn - hi)``, ``lo = bf16(fn - hi - mid)``: exactly fn, and bf16 x bf16 products are exact
+   in fp32, so the three MMAs sum fp32 math's products with fp32 accumulation); for fp32 x an
+   IEEE fp32 dot (no TF32). Each slice writes its partial sums to fp32 workspaces [SPLIT, T, M],
+   [SPLIT, T].
+2. The last program of a token tile to arrive (an arrival counter per tile, reset by it, as the
+   GEMMs' split-K) sums the tile's partials in a fixed order (chunks of slices, each chunk by one
+   ``tl.sum``: deterministic), applies the RMS factor and the sigmoid pre/post weights and runs the
+   Sinkhorn iterations for all the tile's tokens at once ([tokens, n, n] in registers). It writes
+   post, comb and pre (pre to a [T, n] workspace). ``hc_head`` has no post and no Sinkhorn.
+3. Up to :data:`ONE_LAUNCH_MAX_TOKENS` tokens (decode) the same program then collapses the tile's
+   tokens, ``y = sum_i pre_i x_i``, in column blocks of up to 4096 (x is in L2: the mix just read
+   it): one launch. Above, ``_collapse_kernel`` does it on a program per (token, column block):
+   two launches. The collapse adds the n products of each column one after another (no cross-lane
+   reduction), so both give the same bits whatever their block widths.
 
-Up to :data:`ONE_LAUNCH_MAX_TOKENS` tokens (decode) they are one launch, ``_pre_kernel``: the mix
-grid, whose last program to arrive at each token tile (an arrival counter per tile, as the GEMMs'
-split-K) sums the tile's partials and runs the weights kernel's code (``_token_weights``,
-``_collapse``) for each of the tile's tokens and column blocks in turn: the same result bit for bit,
-one launch less, but the tile's collapse done by one program (the threshold is a guess: TUNING.md).
-
-All math is fp32 with the reference's operations: IEEE dot products (no TF32), correctly rounded
-divisions and square root (``div_rn``, ``sqrt_rn``; Triton's ``/`` is approximate on the GPU). Sums
-run in another order than the reference's (tiles, slices, FMA), which the tolerances allow.
-Launch shapes are first guesses, not measured (TUNING.md).
+Every weight is thus computed once, by one program: a decode step's serial work is the weight
+read of one slice, one arrival, the partial sums (through L2), 2*iters normalisations of an n x n
+matrix and the collapse of one token. All math is fp32 with the reference's operations: correctly
+rounded divisions and square root (``div_rn``, ``sqrt_rn``; Triton's ``/`` is approximate on the
+GPU). Sums run in another order than the reference's (lanes, slices, tiles), which the tolerances
+allow. Launch shapes are estimates from bytes and program counts, not measured (TUNING.md).
 """
 
 from __future__ import annotations
@@ -41,47 +48,69 @@ from ._gemm import arrival_counters
 from ._numerics import cast_rne
 from .rope import check_dtype
 
+GEMV_MAX_TOKENS = 4
+"""Token tiles of up to this many tokens multiply on the CUDA cores (a tl.dot tile has >= 16 rows)."""
 ONE_LAUNCH_MAX_TOKENS = 4
-"""hc_pre and hc_head run in one launch up to this many tokens (B*S), else in two. A guess, never
-measured (TUNING.md): one launch saves a kernel boundary, but its last program then computes the
-weights and collapse of the tile's tokens one after another, which the two-launch path spreads
-over a program per (token, column block)."""
+"""hc_pre and hc_head collapse in the mixing launch up to this many tokens (B*S), else in a second
+launch. Estimated, not measured: one program collapses 32 KB a token (V4-Flash) from L2, ~0.5 us,
+against ~2-3 us for a second dependent launch; at 4 tokens the two are about even."""
 WARPS = 4
-"""Warps of every hc_pre / hc_head program (mix, weights, one launch): the one launch runs the two
-launches' code on as many warps, so it gives their bits."""
+"""Warps of every hc_pre / hc_head program."""
+FINISH_ELEMENTS = 16384
+"""At most this many partial sums (slices x tile tokens x padded mixes) for one tile's last
+program to read: bounds the slices of a tile (mix_config)."""
+CHUNK_ELEMENTS = 4096
+"""Partial sums the last program loads at once (one ``tl.sum`` each)."""
 
 
 @dataclass(frozen=True)
 class MixConfig:
-    """One launch of the pre-norm GEMM: token tile, K chunk, K slices (on :data:`WARPS` warps)."""
+    """One launch of the pre-norm GEMM: token tile, K chunk, K slices (on :data:`WARPS` warps).
+
+    The launch cuts K into slices of ``ceil(ceil(K / split) / block_k)`` chunks, so it may run
+    fewer than ``split`` of them (never an empty one)."""
 
     block_t: int
     block_k: int
     split: int
 
 
-def mix_config(t: int, k: int, device: torch.device) -> MixConfig:
-    """The pre-norm GEMM launch for T tokens and K = n*D.
+def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
+    """The pre-norm GEMM launch for T tokens, K = n*D and M mixes.
 
-    On the GPU: 16-token tiles up to 16 tokens (tl.dot's smallest), else 64; K slices doubled until
-    the tiles cover every SM twice while each slice keeps >= 4 chunks. On CPU (the interpreter)
-    small chunks and two slices, so the tests exercise edge tiles and the slice sum.
+    On the GPU: a GEMV tile of next_pow2(T) tokens up to :data:`GEMV_MAX_TOKENS` (chunks of ~4096
+    products), else ``tl.dot`` tiles of 16 tokens up to 1024, then 64 (chunks of 64; each tile
+    reads all of fn, through L2); slices enough for two programs per SM, at most
+    :data:`FINISH_ELEMENTS` partial sums a tile. V4-Flash hc_pre at one token: 128 slices of 128
+    (12 KB of fn each); at 64 tokens: 4 tiles x 32 slices of 512; at 4096: 64 tiles x 4 slices.
+    On CPU (the interpreter) small chunks and two slices, so the tests exercise edge tiles and the
+    slice sum.
     """
+    block_t = triton.next_power_of_2(t) if t <= GEMV_MAX_TOKENS else (16 if t <= 1024 else 64)
     if device.type != "cuda":
-        return MixConfig(16, 32, 2)
-    block_t = 16 if t <= 16 else 64
-    block_k = 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return MixConfig(block_t, 16, 2)
+    m_pad = _m_pad(m, block_t)
+    block_k = max(16, min(256, 4096 // (block_t * m_pad))) if block_t < 16 else 64
     tiles = triton.cdiv(t, block_t)
-    split = 1
-    while tiles * split < 2 * sms and k // (2 * split) >= 4 * block_k:
-        split *= 2
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    split = max(1, min(programs // tiles, FINISH_ELEMENTS // (block_t * m_pad)))
     return MixConfig(block_t, block_k, split)
 
 
-def _block_d(d: int, device: torch.device) -> int:
-    """Columns per program of the per-token kernels: 16 on CPU (edge blocks in tests), else <= 512."""
-    return 16 if device.type != "cuda" else min(triton.next_power_of_2(d), 512)
+def slices(k: int, config: MixConfig) -> tuple[int, int]:
+    """(K per slice, slices) of a launch: ``config.split`` slices rounded up to whole chunks, none empty."""
+    width = triton.cdiv(triton.cdiv(k, config.split), config.block_k) * config.block_k
+    return width, triton.cdiv(k, width)
+
+
+def _m_pad(m: int, block_t: int) -> int:
+    """Padded mix count: a power of two, >= 16 for tl.dot tiles."""
+    return triton.next_power_of_2(m) if block_t < 16 else max(16, triton.next_power_of_2(m))
+
+
+def _block_d(d: int, device: torch.device, widest: int) -> int:
+    """Columns per collapse step: 16 on CPU (edge blocks in tests), else next_pow2(D) up to widest."""
+    return 16 if device.type != "cuda" else min(triton.next_power_of_2(d), widest)
 
 
 def hc_pre(
@@ -132,7 +161,7 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     out = torch.empty((b, s, n, d), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d = _block_d(d, x.device)
+    block_d = _block_d(d, x.device, 512)
     _post_kernel[(b * s, triton.cdiv(d, block_d))](
         f, x, post, comb, out, s, d,
         *f.stride(), *x.stride(), *post.stride(), *comb.stride(),
@@ -156,41 +185,41 @@ def collapse_streams(
     """:func:`hc_pre` (head=False) or :func:`hc_head` (head=True): (y, post, comb), with post [B, S, 0]
     and comb [B, S, 0, 0] for head.
 
-    one_launch: ``_pre_kernel`` (True) or ``_mix_kernel`` then ``_weights_kernel`` (False); None
-    picks one launch for B*S <= :data:`ONE_LAUNCH_MAX_TOKENS`. Both give the same bits: the same
-    partial sums, reduced in slice order by the same code on :data:`WARPS` warps.
+    one_launch: the collapse in ``_mix_kernel`` (True) or in ``_collapse_kernel`` after it (False);
+    None picks one launch for B*S <= :data:`ONE_LAUNCH_MAX_TOKENS`. Both give the same bits: the
+    same weights, and a collapse whose sums do not depend on the block width.
     """
     check_dtype("hc_head" if head else "hc_pre", "x", x)
     b, s, n, d = x.shape
-    t, m = b * s, fn.shape[0]
+    t, k, m = b * s, n * d, fn.shape[0]
     y = torch.empty((b, s, d), dtype=x.dtype, device=x.device)
     post = torch.empty((b, s, 0 if head else n), dtype=torch.float32, device=x.device)
     comb = torch.empty((b, s, 0 if head else n, 0 if head else n), dtype=torch.float32, device=x.device)
     if t == 0:
         return y, post, comb
-    config = mix_config(t, n * d, x.device)
-    partial = torch.empty((config.split, t, m), dtype=torch.float32, device=x.device)
-    sumsq = torch.empty((config.split, t), dtype=torch.float32, device=x.device)
-    k_per_split = triton.cdiv(triton.cdiv(n * d, config.split), config.block_k) * config.block_k
+    config = mix_config(t, k, m, x.device)
+    width, split = slices(k, config)
     tiles = triton.cdiv(t, config.block_t)
-    mix_args = (x, fn, partial, sumsq, t, s, d, n * d, m, k_per_split, *x.stride(), *fn.stride())
-    mix_constexprs = {"BLOCK_T": config.block_t, "BLOCK_K": config.block_k, "M_PAD": max(16, triton.next_power_of_2(m))}
-    weights_args = (base, scale, y, post, comb, sinkhorn_iters, eps, norm_eps, base.stride(0), scale.stride(0))
-    block_d = _block_d(d, x.device)
-    weights_constexprs = {"N": n, "N_PAD": triton.next_power_of_2(n), "SPLIT": config.split, "BLOCK_D": block_d,
-                          "HEAD": head}
-    if one_launch is None:
-        one_launch = t <= ONE_LAUNCH_MAX_TOKENS
-    if one_launch:
-        _pre_kernel[(tiles, config.split)](
-            *mix_args, arrival_counters(tiles, x.device), *weights_args,
-            **mix_constexprs, **weights_constexprs, num_warps=WARPS,
-        )
-    else:
-        _mix_kernel[(tiles, config.split)](*mix_args, **mix_constexprs, num_warps=WARPS)
-        _weights_kernel[(t, triton.cdiv(d, block_d))](
-            partial, sumsq, x, t, s, d, n * d, m, *x.stride(), *weights_args,
-            **weights_constexprs, num_warps=WARPS,
+    partial = torch.empty((split, t, m), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((split, t), dtype=torch.float32, device=x.device)
+    pre = torch.empty((t, n), dtype=torch.float32, device=x.device)
+    n_pad = triton.next_power_of_2(n)
+    widest = n_pad if head else n_pad * n_pad  # the widest gather of partial sums: comb's n x n
+    chunk = CHUNK_ELEMENTS if x.device.type == "cuda" else 2 * config.block_t * widest  # CPU: 2 slices a chunk
+    one_launch = t <= ONE_LAUNCH_MAX_TOKENS if one_launch is None else one_launch
+    _mix_kernel[(tiles, split)](
+        x, fn, base, scale, partial, sumsq, arrival_counters(tiles, x.device), pre, post, comb, y,
+        t, s, d, k, m, width, sinkhorn_iters, eps, norm_eps,
+        *x.stride(), *fn.stride(), base.stride(0), scale.stride(0),
+        BLOCK_T=config.block_t, BLOCK_K=config.block_k, M_PAD=_m_pad(m, config.block_t), SPLIT=split,
+        SPLIT_CHUNK=min(triton.next_power_of_2(split), max(1, chunk // (config.block_t * widest))),
+        N=n, N_PAD=n_pad, HEAD=head, X_BF16=x.dtype == torch.bfloat16, COLLAPSE=one_launch,
+        BLOCK_D=_block_d(d, x.device, 4096) if one_launch else 16, num_warps=WARPS,
+    )
+    if not one_launch:
+        block_d = _block_d(d, x.device, 512)
+        _collapse_kernel[(t, triton.cdiv(d, block_d))](
+            x, pre, y, s, d, *x.stride(), N=n, BLOCK_D=block_d, num_warps=WARPS,
         )
     return y, post, comb
 
@@ -226,88 +255,129 @@ def _post_kernel(
 
 @triton.jit
 def _mix_kernel(
-    x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, k_per_split,
-    stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr,
+    x_ptr, fn_ptr, base_ptr, scale_ptr, partial_ptr, sumsq_ptr, counter_ptr, pre_ptr, post_ptr, comb_ptr, y_ptr,
+    T, S, D, K, M, width, iters, eps, norm_eps,
+    stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, stride_base, stride_scale,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HEAD: tl.constexpr, X_BF16: tl.constexpr,
+    COLLAPSE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """:func:`_mix_tile` of program (token tile, K slice)."""
-    _mix_tile(x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, k_per_split,
-              stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk,
-              tl.program_id(0), tl.program_id(1), BLOCK_T, BLOCK_K, M_PAD)
+    """Program (token tile, K slice): the slice's partial mixes; the tile's last program to arrive
+    computes the tile's weights (:func:`_tile_weights`) and, if COLLAPSE, its collapse.
 
-
-@triton.jit
-def _pre_kernel(
-    x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, k_per_split,
-    stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, counter_ptr,
-    base_ptr, scale_ptr, y_ptr, post_ptr, comb_ptr, iters, eps, norm_eps, stride_base, stride_scale,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr,
-    N: tl.constexpr, N_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
-):
-    """hc_pre / hc_head in one launch: :func:`_mix_kernel`, then the last program of each token
-    tile to arrive does :func:`_weights_kernel`'s work for the tile's tokens.
-
-    The partial tile is stored and the tile's counter bumped after a barrier (release); the program
-    that sees the count reach SPLIT - 1 reads the SPLIT partials through L2 (.cg) and, token by
-    token, computes the weights once and collapses every column block, then resets the counter to 0.
+    The partials are stored and the tile's counter bumped after a barrier (release); the program
+    that sees the count reach SPLIT - 1 resets it to 0 and reads the SPLIT partials through L2 (.cg).
     """
     pid_t = tl.program_id(0)
-    _mix_tile(x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, k_per_split,
-              stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk,
-              pid_t, tl.program_id(1), BLOCK_T, BLOCK_K, M_PAD)
+    _mix_slice(x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, width,
+               stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk,
+               pid_t, tl.program_id(1), BLOCK_T, BLOCK_K, M_PAD, X_BF16)
     tl.debug_barrier()
-    counter = counter_ptr + pid_t
-    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-        for step in range(BLOCK_T):
-            token = pid_t * BLOCK_T + step
-            if token < T:
-                pre = _token_weights(partial_ptr, sumsq_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, token,
-                                     T, K, M, iters, eps, norm_eps, stride_base, stride_scale, N,
-                                     N, N_PAD, SPLIT, HEAD, ".cg")
-                for block in range(tl.cdiv(D, BLOCK_D)):
-                    _collapse(x_ptr, y_ptr, pre, token, block, S, D, stride_xb, stride_xs, stride_xn, stride_xd,
-                              N, N_PAD, BLOCK_D)
-        tl.atomic_xchg(counter, 0)
+    if SPLIT > 1:
+        last = tl.atomic_add(counter_ptr + pid_t, 1, sem="acq_rel") == SPLIT - 1
+    else:
+        last = True
+    if last:
+        if SPLIT > 1:
+            tl.atomic_xchg(counter_ptr + pid_t, 0)
+        _tile_weights(partial_ptr, sumsq_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, pid_t,
+                      T, K, M, iters, eps, norm_eps, stride_base, stride_scale,
+                      BLOCK_T, SPLIT, SPLIT_CHUNK, N, N_PAD, HEAD)
+        if COLLAPSE:
+            tl.debug_barrier()  # pre, stored by every thread, is read back by every thread
+            for step in range(BLOCK_T):
+                token = pid_t * BLOCK_T + step
+                if token < T:
+                    for c0 in range(0, D, BLOCK_D):
+                        _collapse_columns(x_ptr, pre_ptr, y_ptr, token, c0 + tl.arange(0, BLOCK_D), S, D,
+                                          stride_xb, stride_xs, stride_xn, stride_xd, N)
 
 
 @triton.jit
-def _mix_tile(
-    x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, k_per_split,
+def _collapse_kernel(
+    x_ptr, pre_ptr, y_ptr, S, D, stride_xb, stride_xs, stride_xn, stride_xd,
+    N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """y[token, cols] from the weights ``_mix_kernel`` left in pre; program (token, column block)."""
+    _collapse_columns(x_ptr, pre_ptr, y_ptr, tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D),
+                      S, D, stride_xb, stride_xs, stride_xn, stride_xd, N)
+
+
+@triton.jit
+def _mix_slice(
+    x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, width,
     stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, pid_t, pid_s,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, X_BF16: tl.constexpr,
 ):
     """partial[s, t, m] = sum over k in slice s of x_flat[t, k] fn[m, k]; sumsq[s, t] = sum of
-    x_flat[t, k]^2; for the tokens of tile pid_t and the slice s = pid_s."""
+    x_flat[t, k]^2; for the tokens of tile pid_t and the slice s = pid_s, k in [s*width, +width).
+
+    BLOCK_T < 16: a GEMV on the CUDA cores. Its rows are (token, mix) pairs, each holding the
+    token's x and the mix's fn row in the one layout of the fn load (no exchange between lanes),
+    and keep one fp32 running sum per lane, reduced once at the end. Else tl.dot: bf16 x against
+    fn split into three exact bf16 parts (fp32 accumulation), or fp32 x in IEEE fp32.
+    """
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = tokens < T
     rows = x_ptr + (tokens // S).to(tl.int64) * stride_xb + (tokens % S).to(tl.int64) * stride_xs
-    mixes = tl.arange(0, M_PAD)
-    lo = pid_s * k_per_split
-    hi = tl.minimum(lo + k_per_split, K)
-    acc = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for step in range(0, k_per_split, BLOCK_K):
-        k = lo + step + tl.arange(0, BLOCK_K)
+    lo = pid_s * width
+    hi = tl.minimum(lo + width, K)
+    sq = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    if BLOCK_T < 16:
+        pairs = tl.arange(0, BLOCK_T * M_PAD)
+        pair_token = pid_t * BLOCK_T + pairs // M_PAD
+        mixes = pairs % M_PAD
+        pair_rows = x_ptr + (pair_token // S).to(tl.int64) * stride_xb + (pair_token % S).to(tl.int64) * stride_xs
+        lanes = tl.zeros((BLOCK_T * M_PAD, BLOCK_K), dtype=tl.float32)
+    else:
+        mixes = tl.arange(0, M_PAD)
+        acc = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
+    in_m = mixes < M
+    for k0 in range(lo, hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
         in_k = k < hi
         flat = (k // D) * stride_xn + (k % D) * stride_xd  # x_flat[t, k] = x[t, k // D, k % D]
-        xk = tl.load(rows[:, None] + flat[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        xk = tl.load(rows[:, None] + flat[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
         w = tl.load(fn_ptr + mixes[:, None] * stride_fm + k[None, :] * stride_fk,
-                    mask=(mixes[:, None] < M) & in_k[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(xk, tl.trans(w), acc, input_precision="ieee")
-        sq += tl.sum(xk * xk, axis=1)
-    tl.store(partial_ptr + (pid_s * T + tokens[:, None]).to(tl.int64) * M + mixes[None, :], acc,
-             mask=in_t[:, None] & (mixes[None, :] < M))
-    tl.store(sumsq_ptr + pid_s * T + tokens, sq, mask=in_t)
+                    mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        xf = xk.to(tl.float32)
+        sq += xf * xf
+        if BLOCK_T < 16:
+            x_pairs = tl.load(pair_rows[:, None] + flat[None, :], mask=(pair_token < T)[:, None] & in_k[None, :],
+                              other=0.0)
+            lanes += x_pairs.to(tl.float32) * w
+        elif X_BF16:
+            w_hi = w.to(tl.bfloat16)
+            rest = w - w_hi.to(tl.float32)  # exact, as is every step below, however the casts round
+            w_mid = rest.to(tl.bfloat16)
+            w_lo = (rest - w_mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(xk, tl.trans(w_hi), acc)
+            acc = tl.dot(xk, tl.trans(w_mid), acc)
+            acc = tl.dot(xk, tl.trans(w_lo), acc)
+        else:
+            acc = tl.dot(xf, tl.trans(w), acc, input_precision="ieee")
+    tl.store(sumsq_ptr + pid_s * T + tokens, tl.sum(sq, axis=1), mask=in_t)
+    if BLOCK_T < 16:
+        tl.store(partial_ptr + (pid_s * T + pair_token).to(tl.int64) * M + mixes, tl.sum(lanes, axis=1),
+                 mask=(pair_token < T) & in_m)
+    else:
+        tl.store(partial_ptr + (pid_s * T + tokens[:, None]).to(tl.int64) * M + mixes[None, :], acc,
+                 mask=in_t[:, None] & in_m[None, :])
 
 
 @triton.jit
-def _mix_at(partial_ptr, token, T, M, idx, mask, SPLIT: tl.constexpr, CACHE: tl.constexpr):
-    """mix[token, idx] before the RMS factor: the SPLIT partial sums, added in slice order (loads
-    with cache modifier CACHE)."""
-    ptrs = partial_ptr + token.to(tl.int64) * M + idx
-    total = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=CACHE)
-    for s in tl.static_range(1, SPLIT):
-        total += tl.load(ptrs + s * T * M, mask=mask, other=0.0, cache_modifier=CACHE)
+def _slice_sum(ptr, tokens, in_t, idx, valid, T, M, SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """[BLOCK_T, W]: the SPLIT partial sums at ``ptr[s, token, idx]`` (workspace [SPLIT, T, M]),
+    added in a fixed order: SPLIT_CHUNK slices at a time by ``tl.sum``, the chunks in turn. Loads
+    bypass L1 (.cg): other programs wrote them."""
+    at = (tokens.to(tl.int64) * M)[:, None] + idx[None, :]
+    mask = in_t[:, None] & valid[None, :]
+    total = tl.zeros(at.shape, dtype=tl.float32)
+    for s0 in tl.static_range(0, SPLIT, SPLIT_CHUNK):
+        s = s0 + tl.arange(0, SPLIT_CHUNK)
+        chunk = tl.load(ptr + (s.to(tl.int64) * T * M)[:, None, None] + at[None, :, :],
+                        mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0, cache_modifier=".cg")
+        total += tl.sum(chunk, axis=0)
     return total
 
 
@@ -324,83 +394,74 @@ def _sigmoid(z):
 
 @triton.jit
 def _sinkhorn(logits, valid, iters, eps):
-    """Near doubly-stochastic [N_PAD, N_PAD] (rows i, columns j) from logits; padding stays 0.
+    """Near doubly-stochastic [BLOCK_T, N_PAD, N_PAD] (token, row i, column j) from logits;
+    padding stays 0.
 
     ``C = softmax_j(logits) + eps``; ``C /= colsum + eps``; then ``iters - 1`` times
     ``C /= rowsum + eps``, ``C /= colsum + eps``.
     """
     z = tl.where(valid, logits, float("-inf"))
-    peak = tl.max(z, axis=1)
-    e = tl.where(valid, tl.exp(z - tl.where(peak == float("-inf"), 0.0, peak)[:, None]), 0.0)
-    rowsum = tl.sum(e, axis=1)
-    c = tl.where(valid, tl.math.div_rn(e, tl.where(rowsum == 0.0, 1.0, rowsum)[:, None]) + eps, 0.0)
-    c = tl.math.div_rn(c, tl.sum(c, axis=0)[None, :] + eps)
+    peak = tl.max(z, axis=2)
+    e = tl.where(valid, tl.exp(z - tl.where(peak == float("-inf"), 0.0, peak)[:, :, None]), 0.0)
+    rowsum = tl.sum(e, axis=2)
+    c = tl.where(valid, tl.math.div_rn(e, tl.where(rowsum == 0.0, 1.0, rowsum)[:, :, None]) + eps, 0.0)
+    c = tl.math.div_rn(c, tl.sum(c, axis=1)[:, None, :] + eps)
     for _ in range(iters - 1):
-        c = tl.math.div_rn(c, tl.sum(c, axis=1)[:, None] + eps)
-        c = tl.math.div_rn(c, tl.sum(c, axis=0)[None, :] + eps)
+        c = tl.math.div_rn(c, tl.sum(c, axis=2)[:, :, None] + eps)
+        c = tl.math.div_rn(c, tl.sum(c, axis=1)[:, None, :] + eps)
     return c
 
 
 @triton.jit
-def _weights_kernel(
-    partial_ptr, sumsq_ptr, x_ptr, T, S, D, K, M, stride_xb, stride_xs, stride_xn, stride_xd,
-    base_ptr, scale_ptr, y_ptr, post_ptr, comb_ptr, iters, eps, norm_eps, stride_base, stride_scale,
-    N: tl.constexpr, N_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
+def _tile_weights(
+    partial_ptr, sumsq_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, pid_t,
+    T, K, M, iters, eps, norm_eps, stride_base, stride_scale,
+    BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr, N: tl.constexpr,
+    N_PAD: tl.constexpr, HEAD: tl.constexpr,
 ):
-    """Weights of one token from its mix, and its collapse y[token, cols]; program (token, column block).
-
-    Every column block recomputes the token's weights; the first writes post and comb.
-    """
-    token = tl.program_id(0)
-    n_out = N * (tl.program_id(1) == 0).to(tl.int32)
-    pre = _token_weights(partial_ptr, sumsq_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, token,
-                         T, K, M, iters, eps, norm_eps, stride_base, stride_scale, n_out,
-                         N, N_PAD, SPLIT, HEAD, "")
-    _collapse(x_ptr, y_ptr, pre, token, tl.program_id(1), S, D, stride_xb, stride_xs, stride_xn, stride_xd,
-              N, N_PAD, BLOCK_D)
-
-
-@triton.jit
-def _token_weights(
-    partial_ptr, sumsq_ptr, base_ptr, scale_ptr, post_ptr, comb_ptr, token,
-    T, K, M, iters, eps, norm_eps, stride_base, stride_scale, n_out,
-    N: tl.constexpr, N_PAD: tl.constexpr, SPLIT: tl.constexpr, HEAD: tl.constexpr, CACHE: tl.constexpr,
-):
-    """The collapse weights pre [N_PAD] (0 past N) of one token from its SPLIT partial mixes; unless
-    HEAD, also post and comb, stored for the streams < n_out (N, or 0 to skip the stores)."""
-    sq = _mix_at(sumsq_ptr, token, T, 1, 0, True, SPLIT, CACHE)
-    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(sq, K.to(tl.float32)) + norm_eps))
+    """The weights of the tokens of tile pid_t from their SPLIT partial mixes, all tokens at once:
+    pre [T, N] (workspace); unless HEAD, post [T, N] and comb [T, N, N]."""
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_t = tokens < T
+    one = tl.arange(0, 1)
+    sq = tl.sum(_slice_sum(sumsq_ptr, tokens, in_t, one, one < 1, T, 1, SPLIT, SPLIT_CHUNK), axis=1)
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(sq, K.to(tl.float32)) + norm_eps))[:, None]
 
     streams = tl.arange(0, N_PAD)
     in_n = streams < N
-    z = _mix_at(partial_ptr, token, T, M, streams, in_n, SPLIT, CACHE) * inv_rms
-    z = z * _param(scale_ptr, 0, True) + _param(base_ptr, streams * stride_base, in_n)
-    pre = tl.where(in_n, _sigmoid(z) + eps, 0.0)
+    out = (tokens.to(tl.int64) * N)[:, None] + streams[None, :]  # [token, i] of pre and post
+    in_out = in_t[:, None] & in_n[None, :]
+    z = _slice_sum(partial_ptr, tokens, in_t, streams, in_n, T, M, SPLIT, SPLIT_CHUNK) * inv_rms
+    z = z * _param(scale_ptr, 0, True) + _param(base_ptr, streams * stride_base, in_n)[None, :]
+    tl.store(pre_ptr + out, _sigmoid(z) + eps, mask=in_out)
     if not HEAD:
-        z = _mix_at(partial_ptr, token, T, M, N + streams, in_n, SPLIT, CACHE) * inv_rms
-        z = z * _param(scale_ptr, stride_scale, True) + _param(base_ptr, (N + streams) * stride_base, in_n)
-        tl.store(post_ptr + token.to(tl.int64) * N + streams, 2 * _sigmoid(z), mask=streams < n_out)
+        z = _slice_sum(partial_ptr, tokens, in_t, N + streams, in_n, T, M, SPLIT, SPLIT_CHUNK) * inv_rms
+        z = z * _param(scale_ptr, stride_scale, True) + _param(base_ptr, (N + streams) * stride_base, in_n)[None, :]
+        tl.store(post_ptr + out, 2 * _sigmoid(z), mask=in_out)
 
-        pair = 2 * N + streams[:, None] * N + streams[None, :]  # mix index of comb[i, j]
-        valid = in_n[:, None] & in_n[None, :]
-        z = _mix_at(partial_ptr, token, T, M, pair, valid, SPLIT, CACHE) * inv_rms
-        z = z * _param(scale_ptr, 2 * stride_scale, True) + _param(base_ptr, pair * stride_base, valid)
-        comb = _sinkhorn(z, valid, iters, eps)
-        comb_ptrs = comb_ptr + (token.to(tl.int64) * N + streams[:, None]) * N + streams[None, :]
-        tl.store(comb_ptrs, comb, mask=valid & (streams[:, None] < n_out))
-    return pre
+        pairs = tl.arange(0, N_PAD * N_PAD)  # (i, j) row-major: mix index 2N + i*N + j of comb[i, j]
+        i = pairs // N_PAD
+        j = pairs % N_PAD
+        valid = (i < N) & (j < N)
+        mix = 2 * N + i * N + j
+        z = _slice_sum(partial_ptr, tokens, in_t, mix, valid, T, M, SPLIT, SPLIT_CHUNK) * inv_rms
+        z = z * _param(scale_ptr, 2 * stride_scale, True) + _param(base_ptr, mix * stride_base, valid)[None, :]
+        comb = _sinkhorn(tl.reshape(z, (BLOCK_T, N_PAD, N_PAD)), tl.reshape(valid, (1, N_PAD, N_PAD)), iters, eps)
+        at = (tokens.to(tl.int64) * N * N)[:, None] + (i * N + j)[None, :]
+        tl.store(comb_ptr + tl.reshape(at, (BLOCK_T, N_PAD, N_PAD)), comb,
+                 mask=tl.reshape(in_t[:, None] & valid[None, :], (BLOCK_T, N_PAD, N_PAD)))
 
 
 @triton.jit
-def _collapse(
-    x_ptr, y_ptr, pre, token, block, S, D, stride_xb, stride_xs, stride_xn, stride_xd,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+def _collapse_columns(
+    x_ptr, pre_ptr, y_ptr, token, cols, S, D, stride_xb, stride_xs, stride_xn, stride_xd, N: tl.constexpr,
 ):
-    """y[token, cols] = sum_i pre_i x_i[cols] over the column block ``block`` (fp32, rounded to y's dtype)."""
-    streams = tl.arange(0, N_PAD)
-    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    """y[token, cols] = sum_i pre[token, i] x_i[cols]: fp32, the streams added in order, column by
+    column (the same bits for any block of columns), rounded to y's dtype."""
     row = x_ptr + (token // S).to(tl.int64) * stride_xb + (token % S).to(tl.int64) * stride_xs
-    x = tl.load(row + streams[:, None] * stride_xn + cols[None, :] * stride_xd,
-                mask=(streams[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
-    y = tl.sum(pre[:, None] * x, axis=0)
-    tl.store(y_ptr + token.to(tl.int64) * D + cols, cast_rne(y, y_ptr.dtype.element_ty), mask=cols < D)
+    in_d = cols < D
+    y = tl.zeros(cols.shape, dtype=tl.float32)
+    for i in tl.static_range(N):
+        weight = tl.load(pre_ptr + token * N + i)
+        y += weight * tl.load(row + i * stride_xn + cols * stride_xd, mask=in_d, other=0.0).to(tl.float32)
+    tl.store(y_ptr + token.to(tl.int64) * D + cols, cast_rne(y, y_ptr.dtype.element_ty), mask=in_d)
