@@ -5,7 +5,10 @@ those checks are bitwise, plus a decode of the §12 layout by hand in float64. T
 differs from the reference only in fp32 rounding order and in cos/sin, so its entries are held
 to a tolerance derived from the bf16 output format (below) and its streaming state is bitwise.
 The same tests run under the Triton interpreter on CPU tensors (in test_under_interpreter's
-subprocess) and, on a machine with a GPU, on CUDA tensors.
+subprocess) and, on a machine with a GPU, on CUDA tensors. Both ways of finishing an entry run:
+its channels cut into blocks whose last program to arrive finishes it (what ``channel_split``
+picks for these short calls) and one program for all its channels (``whole``: what long prefills
+get).
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ def cuda_ops():
     from seahal.backends.cuda import compressor, kv_unpack, quant
 
     return kv_unpack.kv_cache_unpack, compressor.kv_compress, quant.kv_cache_pack
+
+
+@pytest.fixture(params=["blocks", "whole"])
+def channels(request, monkeypatch):
+    """How the compressor cuts an entry's channels: its own choice (blocks, at these sizes) or one
+    program for them all (as in a long prefill)."""
+    if request.param == "whole":
+        from seahal.backends.cuda import compressor
+
+        monkeypatch.setattr(compressor, "channel_split", lambda d, seq_len, ratio, device: 1)
+    return request.param
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +190,8 @@ def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=F
     """Feed the chunks to the kernel and to the reference, each with its own state; after every
     call compare the entries and the states (bitwise). strided: token-major kv and score, and the
     two states halves of one buffer."""
+    from seahal.backends.cuda._gemm import arrival_counters as counters
+
     kv, score, ape, weight, freqs = _stream(b, sum(chunks), ratio, d, rope, overlap, seed, token_major=strided)
     states = [compressor_state(b, ratio, d, overlap) for _ in range(2)]
     if stale:
@@ -192,23 +208,24 @@ def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=F
         ref = ref_compressor.kv_compress(kv[:, window], score[:, window], ape, weight, freqs, *states[1], ratio,
                                          overlap, start, 1e-6, out_dtype)
         _assert_entries_close(ours, ref)
+        where = f"call {call} (start_pos {start}, S {size})"
         for name, mine, theirs in zip(("kv_state", "score_state"), ours_state, states[1], strict=True):
             differ = (mine.cpu() != theirs).any(-1)
-            where = f"call {call} (start_pos {start}, S {size})"
             assert not differ.any(), f"{where}: {name} differs at [b, slot] {differ.nonzero().tolist()}"
+        assert not counters(1, torch.device(DEVICE)).any(), f"{where}: an entry's counter was not reset"
         start += size
 
 
 @kernels
 @pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "plain"])
-def test_compress_prefill_then_decode(cuda_ops, overlap):
+def test_compress_prefill_then_decode(cuda_ops, channels, overlap):
     # every prefill offset mod m, then decode steps through two block boundaries
     for prefill in (1, 3, 4, 6):
         _run_stream(cuda_ops[1], (prefill,) + (1,) * 6, 4, overlap, seed=prefill)
 
 
 @kernels
-def test_compress_v4_csa_and_hca_shapes(cuda_ops):
+def test_compress_v4_csa_and_hca_shapes(cuda_ops, channels):
     # V4 main compressor: d 512, rope 64; CSA m=4 (8 slots, one chunk) and HCA m=128 (16 slot chunks)
     _run_stream(cuda_ops[1], (19, 1, 1), 4, True, d=512, rope=64, b=1, seed=3)
     _run_stream(cuda_ops[1], (130, 125, 1, 1), 128, False, d=512, rope=64, b=1, seed=4)
@@ -249,14 +266,32 @@ def test_compress_prefill_chunks_across_blocks(cuda_ops, ratio, overlap, chunks)
 
 
 @kernels
-def test_compress_slot_chunks_of_two(cuda_ops, monkeypatch):
-    # SLOT_BLOCK 2 (d=32): entries pool over 4 chunks of slots, the state is written one slot a
-    # chunk, in ascending order; at start_pos 3 and 15 (CSA) the kept block moves down by m
+@pytest.mark.parametrize(("split", "elements"), [(1, 2 * 32), (4, 2 * 8)], ids=["whole", "4 blocks"])
+def test_compress_slot_chunks_of_two(cuda_ops, monkeypatch, split, elements):
+    # SLOT_BLOCK 2 (d=32, one program or four of 8 channels): entries pool over 4 chunks of slots,
+    # the state is written one slot a chunk, in ascending order; at start_pos 3 and 15 (CSA) the
+    # kept block moves down by m
     from seahal.backends.cuda import compressor
 
-    monkeypatch.setattr(compressor, "ELEMENTS_PER_CHUNK", 2 * 32)
+    monkeypatch.setattr(compressor, "channel_split", lambda d, seq_len, ratio, device: split)
+    monkeypatch.setattr(compressor, "ELEMENTS_PER_CHUNK", elements)
     _run_stream(cuda_ops[1], (3, 1, 2, 9, 1, 1), 4, True, d=32, rope=8, seed=11)
     _run_stream(cuda_ops[1], (13, 1, 1, 1, 6), 8, False, d=32, rope=8, seed=12)
+
+
+@kernels
+@pytest.mark.parametrize(
+    ("d", "seq_len", "ratio", "split"),
+    [(512, 1, 128, 16), (512, 1, 4, 16), (128, 1, 4, 4), (512, 300, 4, 8), (512, 8192, 128, 8),
+     (512, 8192, 4, 1), (512, 65536, 128, 1), (32, 1, 4, 1)],
+)
+def test_channel_split_on_the_gpu(d, seq_len, ratio, split):
+    # decode cuts V4's 512 channels into 16 blocks of 32 (HCA: 16 programs of 64 KB instead of one
+    # of 1 MB), HCA prefill of 8192 tokens (64 entries) into 8; CSA prefill and long HCA prefill
+    # keep one program an entry; blocks stay >= 32 channels (d 32: one block)
+    from seahal.backends.cuda import compressor
+
+    assert compressor.channel_split(d, seq_len, ratio, torch.device("cuda")) == split
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +337,7 @@ def test_compress_fp8_is_pack_of_entries(ratio, overlap):
 
 @kernels
 @pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (128, False)], ids=["CSA", "HCA"])
-def test_compress_fp8_v4_records(ratio, overlap):
+def test_compress_fp8_v4_records(channels, ratio, overlap):
     # V4's 584-byte records (d 512, rope 64, tile 64): a prefill, then decode steps
     _run_fp8_stream((ratio + 3, 1, 1), ratio, overlap, d=512, rope=64, tile=64, seed=14)
 
@@ -498,9 +533,12 @@ def launches_per_call() -> dict[str, tuple[list[str], list[str]]]:
     meta tensors posing as cuda:0), no GPU needed. Needs compiled (not interpreted) kernels: run in
     a process without TRITON_INTERPRET (:func:`test_compress_is_one_launch` starts one)."""
     from seahal.backends.cuda import compressor
+    from seahal.backends.cuda._gemm import arrival_counters
     from seahal.testing.triton_compile import AtenKernels, capture_launches
 
     counts = {}
+    with capture_launches():  # the arrival counters: zeroed once per stream, then reset by the kernel
+        arrival_counters(1, torch.empty(1, device="cuda").device)
     for name, (ratio, overlap, start_pos, seq_len) in ONE_LAUNCH_CALLS.items():
         coff, d = (2 if overlap else 1), 512
         with capture_launches() as launches, AtenKernels() as aten:

@@ -12,16 +12,31 @@ Entry k of the call (global index ``j = start_pos // m + k``) pools timeline slo
 for ``i < coff·m``, slot i reading channels ``[(i // m)·d, +d)``: the a-halves of block k and the
 b-halves of block k+1 when overlapped, the d channels of block k otherwise. Per channel, an online
 softmax over the slots (in chunks of SLOT_BLOCK, one chunk for CSA's 8 slots) pools the values;
-the d-vector stays in registers for the norm and the rotation. Then, as the reference: ``x =
-out(pooled)``, ``y = out(w · x · rsqrt(mean(x²) + eps))``, the last r dims of y rotated in
-interleaved pairs by ``fp32(j·m) · f``, cast to out_dtype (RNE, :func:`cast_rne`).
+the d-vector stays in registers for the norm and the rotation (split by channels, below: it meets
+in an L2 workspace). Then, as the reference: ``x = out(pooled)``, ``y = out(w · x · rsqrt(mean(x²)
++ eps))``, the last r dims of y rotated in interleaved pairs by ``fp32(j·m) · f``, cast to
+out_dtype (RNE, :func:`cast_rne`).
 
 The new state is timeline slots ``n_new·m + s`` (the last ``coff - 1`` complete blocks and the
 incomplete one), then empty slots. Only the first ``lead = min(n_new, ceil(held / m))`` entries
 reach into a carried state (none from a reset), so one program per sequence computes those
 entries, then writes the state after a barrier: no other program reads the state, and within the
 program every slot is read before it is overwritten. The other ``n_new - lead`` programs of the
-sequence compute one entry each. A decode step is one program per sequence.
+sequence compute one entry each.
+
+Channel split (decode, short chunks, HCA prefill). Pooling and the state are per channel; only the
+entry's RMS norm needs all d of them. When a call has few entries a sequence (the most,
+``ceil(S / m)``, is what counts), each of those programs is cut into CSPLIT programs of d / CSPLIT
+channels (:func:`channel_split`; a power of two, channel blocks of >= 32): program (b, q, c)
+pools its channels of each entry, writes its channels of the state (slots of both halves at once),
+and stores the pooled channels to an fp32 workspace row; the last of an entry's CSPLIT programs to
+arrive (a counter per entry, reset by it: the split-K pattern of :mod:`._gemm`) reads the row back
+through L2 and finishes the entry (norm, rotation, store or record). Each state channel still has
+one program that reads and writes it, so the ordering above holds per channel. An HCA decode
+step (128 slots x 512 channels of kv and score read, 127 slots emptied: 1 MB) is 16 programs of
+64 KB instead of one; a CSA step 16 of ~6 KB. CSPLIT depends on d, m and S only, never on B or
+start_pos: a sequence's entries have the same bits whatever is batched with it and however its
+position is given; calls of different S may pool in other tile shapes (fp32 rounding order only).
 
 Precondition of ``start_pos > 0``: the state's slots from ``held`` on are empty, as in every state
 this op or :func:`compressor_state` leaves. Only slots that change are written then (a decode step
@@ -41,8 +56,9 @@ any position completes) and the grid one program per row plus the state's: seque
 slice at p_b (its own reset at p_b = 0). The lead,
 held and changed-slot scalars are computed in the kernel (:func:`_timeline`); the int path's launch
 is unchanged. Cost: one compiled variant serves every position (no reset-only variant without the
-state loads), and a decode step runs two programs a sequence instead of one: the second writes the
-zero row when no block completes and is idle when one does (the first computes that entry).
+state loads), and a decode step runs two programs a sequence (each cut by channels) instead of one:
+the second writes the zero row when no block completes and is idle when one does (the first
+computes that entry).
 
 ``kv_compress_fp8`` is the same launch with the record constexprs set: the entry, rounded to bf16
 as kv_compress would store it, is packed in registers into the FP8 KV record (v4_ops.md §12) by the
@@ -60,15 +76,23 @@ import triton.language as tl
 from seahal.hal.ops.compressor import compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._gemm import arrival_counters
 from ._numerics import cast_rne, fp8_quantize_tiles
 from ._position import load_position, position_stride
 from .quant import bf16_bytes, e8m0_bytes
 
 ELEMENTS_PER_CHUNK = 4096
-"""Slot-chunk size in elements (slots x padded d) of the entries' pooling: CSA's 8 x 512 in one
-chunk, HCA's 128 slots in 16. The state is written in chunks of half as many slots: its loads stay
-live across a barrier (ptxas for sm_90, CSA d=512 from a reset: 186 registers a thread with whole
+"""Slot-chunk size in elements (slots x channels of a program) of the entries' pooling: CSA's
+8 x 512 in one chunk, HCA's 128 slots in 16 (in one at 32 channels a program). The state is
+written in chunks of half as many elements (slots x both halves' channels): its loads stay live
+across a barrier (ptxas for sm_90, CSA d=512 from a reset: 186 registers a thread with whole
 chunks, 111 with halves, 90 without the state write). Not measured on a GPU yet (TUNING.md)."""
+CHANNEL_PROGRAMS = 1024
+"""A call's programs per sequence that :func:`channel_split` aims at (entries x channel blocks):
+a decode step takes the most channel blocks; HCA prefill of 8192 tokens (64 entries) 8 blocks of
+64; CSA prefill (2048 entries and more) none."""
+MIN_CHANNEL_BLOCK = 32
+"""Narrowest channel block on the GPU: a slot's channels are one 128-byte line of fp32."""
 
 
 def kv_compress(
@@ -170,17 +194,41 @@ def _compress(
     out = torch.empty((batch, rows, width), dtype=dtype, device=kv.device)
     if batch > 0:
         d_p2 = triton.next_power_of_2(d)
-        slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // d_p2))
-        _kv_compress_kernel[(batch * programs,)](
-            kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out, pos_ptr, pos_stride,
-            rows, lead, held, seq_len, first_entry, lo, hi, norm_eps,
+        split = channel_split(d, seq_len, ratio, kv.device)
+        block = d_p2 // split
+        slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // block))
+        state_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // (2 * coff * block)))
+        entries = batch * rows if split > 1 else 0  # entries finished through the workspace
+        pooled = torch.empty((entries, d_p2), dtype=torch.float32, device=kv.device)
+        _kv_compress_kernel[(batch * programs, split)](
+            kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, out, pooled,
+            arrival_counters(entries, kv.device), pos_ptr,
+            pos_stride, rows, lead, held, seq_len, first_entry, lo, hi, norm_eps,
             *kv.stride(), *score.stride(), *ape.stride(), norm_weight.stride(0), rope_freqs.stride(0),
             *kv_state.stride(), *score_state.stride(),
-            RATIO=ratio, SLOTS=coff * ratio, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0],
-            SLOT_BLOCK=slot_block, STATE_BLOCK=max(1, slot_block // 2), CARRIED=carried,
+            RATIO=ratio, COFF=coff, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0], SPLIT=split, BLOCK=block,
+            SLOT_BLOCK=slot_block, STATE_BLOCK=state_block, CARRIED=carried,
             POS_FROM_PTR=pos_ptr is not None, ROW=width, ROPE=record.get("ROPE", 0), TILE=record.get("TILE", 0),
         )
     return out
+
+
+def channel_split(d: int, seq_len: int, ratio: int, device: torch.device) -> int:
+    """Programs an entry's (and the state's) channels are cut into: the largest power of two that
+    keeps blocks of >= :data:`MIN_CHANNEL_BLOCK` channels and ``(ceil(S / m) + 1) x split <=
+    CHANNEL_PROGRAMS``. On CPU (the interpreter) at most 4 blocks of >= 8, so the tests split
+    small vectors and V4's stay quick.
+
+    V4 (d = 512): a decode step 16 (HCA and CSA), HCA prefill of 8192 tokens 8, CSA prefill of
+    8192 tokens 1; the indexer's compressor (d = 128) decodes in 4. Depends on the call's geometry
+    and S only (module docstring: the bits of an entry)."""
+    d_p2 = triton.next_power_of_2(d)
+    widest = max(1, d_p2 // MIN_CHANNEL_BLOCK if device.type == "cuda" else min(4, d_p2 // 8))
+    per_sequence = triton.cdiv(seq_len, ratio) + 1
+    split = 1
+    while 2 * split <= widest and per_sequence * 2 * split <= CHANNEL_PROGRAMS:
+        split *= 2
+    return split
 
 
 def _changed_slots(held: int, seq_len: int, n_new: int, ratio: int, slots: int, carried: bool) -> tuple[int, int]:
@@ -214,26 +262,30 @@ def _timeline(start_pos, SEQ, RATIO: tl.constexpr, SLOTS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["stride_pos", "HELD", "FIRST_ENTRY", "STATE_LO", "STATE_HI"])
 def _kv_compress_kernel(
-    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pos_ptr, stride_pos,
-    ROWS, LEAD, HELD, SEQ, FIRST_ENTRY, STATE_LO, STATE_HI, eps,
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pooled_ptr, counter_ptr,
+    pos_ptr, stride_pos, ROWS, LEAD, HELD, SEQ, FIRST_ENTRY, STATE_LO, STATE_HI, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-    RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr, CARRIED: tl.constexpr, POS_FROM_PTR: tl.constexpr,
-    ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
+    RATIO: tl.constexpr, COFF: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
+    CARRIED: tl.constexpr, POS_FROM_PTR: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Program (b, 0): entries [0, lead) of sequence b (all that read its carried state), then its
-    state slots [lo, hi); program (b, q > 0): entry lead + q - 1. Out has ROWS rows a sequence.
+    """Program (b, 0, c): entries [0, lead) of sequence b (all that read its carried state), then its
+    state slots [lo, hi); program (b, q > 0, c): entry lead + q - 1; each for the channels of block c
+    (BLOCK of D_P2; SPLIT blocks). Out has ROWS rows a sequence.
 
     The scalars that move with start_pos every decode step are not specialised on their values:
     decode compiles two variants, with and without an entry (SEQ is 1, ROWS = n_new and LEAD 0 or
     1). POS_FROM_PTR: they come from sequence b's position at ``pos_ptr + b * stride_pos`` instead
     (:func:`_timeline`; the host's are unused; stride 0: one position for all) and ROWS is
-    ceil(S / m): one variant for every position, and programs past the n_new entries write zero rows.
+    ceil(S / m): one variant for every position, and programs past the n_new entries write zero rows
+    (channel block 0 the whole row).
     """
+    SLOTS: tl.constexpr = COFF * RATIO
     programs = ROWS + 1 if POS_FROM_PTR else ROWS - LEAD + 1
     b = (tl.program_id(0) // programs).to(tl.int64)
     q = tl.program_id(0) % programs
+    block = tl.program_id(1) if SPLIT > 1 else 0
     if POS_FROM_PTR:
         start_pos = load_position(pos_ptr, stride_pos, b)
         carried, held, n_new, lead, first_entry, lo, hi = _timeline(start_pos, SEQ, RATIO, SLOTS)
@@ -242,24 +294,25 @@ def _kv_compress_kernel(
     first = tl.where(q == 0, 0, lead + q - 1)
     last = tl.where(q == 0, lead, lead + q)
     if POS_FROM_PTR:  # rows [n_new, ROWS): this position completes fewer entries than the most a chunk can
-        for k in tl.range(tl.maximum(first, n_new), tl.minimum(last, ROWS)):
-            _zero_row(out_ptr + (b * ROWS + k) * ROW, D_P2, ROW)
+        if block == 0:
+            for k in tl.range(tl.maximum(first, n_new), tl.minimum(last, ROWS)):
+                _zero_row(out_ptr + (b * ROWS + k) * ROW, D_P2, ROW)
         last = tl.minimum(last, n_new)
     for k in tl.range(first, last):
         _write_entry(
-            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr + (b * ROWS + k) * ROW,
-            b, k, held, SEQ, first_entry, carried, eps,
+            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pooled_ptr,
+            counter_ptr, b * ROWS + k, b, k, block, held, SEQ, first_entry, carried, eps,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n,
             stride_f, stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-            RATIO, SLOTS, D, D_P2, PAIRS, SLOT_BLOCK, ROW, ROPE, TILE,
+            RATIO, SLOTS, D, D_P2, PAIRS, SPLIT, BLOCK, SLOT_BLOCK, ROW, ROPE, TILE,
         )
     if q == 0:
         _write_state(
             kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
-            b, n_new * RATIO, held, SEQ, lo, hi, carried,
+            b, block, n_new * RATIO, held, SEQ, lo, hi, carried,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
             stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-            RATIO, SLOTS, D, D_P2, STATE_BLOCK,
+            RATIO, COFF, D, BLOCK, STATE_BLOCK,
         )
 
 
@@ -294,20 +347,22 @@ def _load_slots(
 
 @triton.jit
 def _write_entry(
-    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, row,
-    b, k, HELD, SEQ, FIRST_ENTRY, carried, eps,
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pooled_ptr, counter_ptr,
+    entry, b, k, block, HELD, SEQ, FIRST_ENTRY, carried, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
     RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    """The output row at ``row`` (out[b, k]) = rope(norm(pool(slots of entry k))): the entry in
-    out's dtype, or (TILE > 0) its bf16 rounding packed into a ROW-byte FP8 record."""
-    c = tl.arange(0, D_P2)
+    """Output row ``entry`` (out[b, k]) = rope(norm(pool(slots of entry k))). This program pools
+    the channels of its block; SPLIT > 1: it stores them to the workspace row ``entry`` and the
+    last of the SPLIT programs to arrive finishes the row (:func:`_finish_entry`)."""
+    c = block * BLOCK + tl.arange(0, BLOCK)
     c_ok = c < D
-    run_max = tl.full((D_P2,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((D_P2,), tl.float32)
-    acc = tl.zeros((D_P2,), tl.float32)
+    run_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float32)
     for s0 in tl.range(0, SLOTS, SLOT_BLOCK):
         i = s0 + tl.arange(0, SLOT_BLOCK)
         u = (k * RATIO + i).to(tl.int64)[:, None]  # timeline slot (64-bit: t * stride may pass 2^31 at 1M tokens)
@@ -326,8 +381,35 @@ def _write_entry(
         run_sum = run_sum * scale + tl.sum(p, axis=0)
         acc = acc * scale + tl.sum(p * values, axis=0)
         run_max = new_max
+    pooled = acc / tl.where(c_ok, run_sum, 1.0)  # padding lanes: 0 / 1
+    if SPLIT == 1:
+        _finish_entry(pooled, out_ptr + entry * ROW, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
+                      RATIO, D, D_P2, PAIRS, ROW, ROPE, TILE)
+    else:
+        workspace = pooled_ptr + entry * D_P2
+        tl.store(workspace + c, pooled)
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr + entry, 1, sem="acq_rel") == SPLIT - 1:
+            tl.atomic_xchg(counter_ptr + entry, 0)
+            whole = tl.load(workspace + tl.arange(0, D_P2), cache_modifier=".cg")  # the other programs' blocks too
+            _finish_entry(whole, out_ptr + entry * ROW, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
+                          RATIO, D, D_P2, PAIRS, ROW, ROPE, TILE)
+
+
+@triton.jit
+def _finish_entry(
+    pooled, row, w_ptr, freq_ptr, j, eps, stride_n, stride_f,
+    RATIO: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr, ROW: tl.constexpr,
+    ROPE: tl.constexpr, TILE: tl.constexpr,
+):
+    """The output row at ``row`` from the pooled entry j ([D_P2] fp32, 0 past D), as the reference:
+    ``x = out(pooled)``, ``y = out(w · x · rsqrt(mean(x²) + eps))``, the last 2·PAIRS dims of y
+    rotated by ``fp32(j·m) · f``: the entry in out's dtype, or (TILE > 0) its bf16 rounding packed
+    into a ROW-byte FP8 record."""
+    c = tl.arange(0, D_P2)
+    c_ok = c < D
     out_dtype = tl.bfloat16 if TILE > 0 else row.dtype.element_ty  # records pack the bf16 entry
-    x = cast_rne(acc / tl.where(c_ok, run_sum, 1.0), out_dtype).to(tl.float32)  # padding lanes: 0 / 1
+    x = cast_rne(pooled, out_dtype).to(tl.float32)
     w = tl.load(w_ptr + c * stride_n, mask=c_ok, other=0.0).to(tl.float32)
     y = cast_rne(w * x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps), out_dtype).to(tl.float32)
     # interleaved RoPE of the last 2·PAIRS dims at position j·m
@@ -335,7 +417,7 @@ def _write_entry(
     pair = tl.arange(0, D_P2 // 2) - (D // 2 - PAIRS)  # rope pair index, negative in the nope part
     rotated = (pair >= 0) & (pair < PAIRS)
     freq = tl.load(freq_ptr + pair * stride_f, mask=rotated, other=0.0)
-    theta = ((FIRST_ENTRY + k) * RATIO).to(tl.float32) * freq
+    theta = (j * RATIO).to(tl.float32) * freq
     cos = tl.cos(theta)
     sin = tl.sin(theta)
     a, bb = tl.where(rotated, a * cos - bb * sin, a), tl.where(rotated, a * sin + bb * cos, bb)
@@ -371,32 +453,32 @@ def _store_record(
 
 @triton.jit
 def _write_state(
-    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, SHIFT, HELD, SEQ, LO, HI, carried,
+    kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, block, SHIFT, HELD, SEQ, LO, HI, carried,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
-    RATIO: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
+    RATIO: tl.constexpr, COFF: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
 ):
-    """State slots s in [LO, HI) <- timeline slot SHIFT + s (SHIFT = n_new·m), in ascending chunks
-    of BLOCK slots.
+    """State slots s in [LO, HI) <- timeline slot SHIFT + s (SHIFT = n_new·m), at the channels of
+    ``block`` in each of the COFF halves, in ascending chunks of STATE_BLOCK slots.
 
     A chunk's sources (at or above its targets) are all read before the barrier, its targets
     written after it; later chunks read only above this chunk's targets. The first barrier also
     orders this program's entry reads before any write. The loop is not software-pipelined
     (num_stages=1): an asynchronous copy still in flight would not be ordered by the barrier.
     """
-    c = tl.arange(0, D_P2)
-    for s0 in tl.range(LO - LO % BLOCK, HI, BLOCK, num_stages=1):
-        s = s0 + tl.arange(0, BLOCK)
+    lane = tl.arange(0, COFF * BLOCK)  # both halves' channels of the block: half * D + channel
+    channel = block * BLOCK + lane % BLOCK
+    col = (lane // BLOCK * D + channel)[None, :]
+    for s0 in tl.range(LO - LO % STATE_BLOCK, HI, STATE_BLOCK, num_stages=1):
+        s = s0 + tl.arange(0, STATE_BLOCK)
         u = (SHIFT + s).to(tl.int64)[:, None]
-        rows = ((s >= LO) & (s < HI))[:, None] & (c < D)[None, :]
-        for half in tl.static_range(SLOTS // RATIO):  # coff halves of the channels
-            col = half * D + c[None, :]
-            kv_v, z = _load_slots(
-                kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, rows, HELD, SEQ, carried,
-                stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
-                stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO,
-            )
-            tl.debug_barrier()
-            slot = s.to(tl.int64)[:, None]
-            tl.store(kv_state_ptr + b * stride_vb + slot * stride_vs + col * stride_vc, kv_v, mask=rows)
-            tl.store(score_state_ptr + b * stride_wb + slot * stride_ws + col * stride_wc, z, mask=rows)
+        rows = ((s >= LO) & (s < HI))[:, None] & (channel < D)[None, :]
+        kv_v, z = _load_slots(
+            kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, u, col, rows, HELD, SEQ, carried,
+            stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac,
+            stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc, RATIO,
+        )
+        tl.debug_barrier()
+        slot = s.to(tl.int64)[:, None]
+        tl.store(kv_state_ptr + b * stride_vb + slot * stride_vs + col * stride_vc, kv_v, mask=rows)
+        tl.store(score_state_ptr + b * stride_wb + slot * stride_ws + col * stride_wc, z, mask=rows)
