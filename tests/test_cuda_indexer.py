@@ -6,21 +6,31 @@ cases have no near-ties), a float64 brute force of the formula (per query, visib
 by (-score, index)) written out here, and the conformance suite's selection check (near-ties may
 differ, exact ties must go to the smaller index). Packed FP4 / FP8 keys: the in-register decode
 equals ``index_key_unpack`` bit for bit on every code and scale byte, and the packed kernel's
-ranking keys equal the dense kernel's on the unpacked keys bit for bit. Interpreter tests run in a subprocess with
-TRITON_INTERPRET=1 (see test_cuda_interpret.py for why); the GPU test needs a CUDA device.
+ranking keys equal the dense kernel's on the unpacked keys bit for bit. The top-k selection alone
+(``select_topk``) against a stable sort of adversarial keys (ties, equal rows, keys one apart,
+the extremes), at the interpreter's launch sizes and at the GPU's. Interpreter tests run in a
+subprocess with TRITON_INTERPRET=1 (see test_cuda_interpret.py for why); the launches a call makes
+are recorded as an H100 would see them in a subprocess without it; the GPU test needs a CUDA device.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from seahal.backends.cpu.reference.indexer import indexer_topk as reference
 from seahal.backends.cpu.reference.indexer import indexer_topk_packed as reference_packed
+from seahal.backends.cuda.indexer import _key_tile
 from seahal.hal.formats import index_key_bytes, index_key_pack, index_key_unpack
 
 from seahal.testing import triton_interpreter
@@ -87,7 +97,7 @@ def _check(indexer, args) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, start_pos", [(300, 1500), (320, 1000)])
 def test_decode_long_key_list(indexer, dtype, n, start_pos):
-    # one query over 300 entries: 10 splits of the scores, six merge rounds of the top-k (chunk 16);
+    # one query over 300 entries: 10 splits of the scores, six selection rounds of the top-k (chunk 16);
     # N=320 at t=1000 sees 250: the cache holds future entries
     q, weights, keys = _inputs(2, 1, 4, 32, n, seed=n, dtype=dtype)
     _check(indexer, (q, weights, keys, 4, start_pos, 8))
@@ -118,7 +128,7 @@ def test_nothing_visible(indexer):
 
 @interpreted
 def test_exact_ties_go_to_the_smaller_entry(indexer):
-    # five equal keys spread over splits and sort chunks; query 1 is zero (every score ties at 0)
+    # five equal keys spread over splits and selection chunks; query 1 is zero (every score ties at 0)
     q, weights, keys = _inputs(2, 4, 4, 16, 90, seed=3)
     tied = [3, 17, 40, 41, 77]
     keys[:, tied] = keys[:, 3:4].clone()
@@ -156,28 +166,90 @@ def test_query_passes(indexer, monkeypatch):
     _check(indexer, (q, weights, keys, 4, 30, 5))
 
 
+# -- the top-k selection on its own ---------------------------------------------------------------
+
+NOT_VISIBLE = -(2**31)
+
+
+def _stable_sort_selection(ranking: torch.Tensor, topk: int) -> torch.Tensor:
+    """int64 [rows, topk]: per row the entries j with key > NOT_VISIBLE sorted by (-key, j), -1 after."""
+    out = torch.full((ranking.shape[0], topk), -1, dtype=torch.int64)
+    for row, keys in enumerate(ranking.tolist()):
+        picked = sorted((j for j, key in enumerate(keys) if key != NOT_VISIBLE), key=lambda j: (-keys[j], j))[:topk]
+        out[row, : len(picked)] = torch.tensor(picked, dtype=torch.int64)
+    return out
+
+
+def _ranking(kind: str, rows: int, n: int, seed: int) -> torch.Tensor:
+    """int32 ranking keys [rows, n]: row r hides a fraction r / rows of its entries (NOT_VISIBLE)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "scores":  # the order-preserving bits of fp32 scores, as the scores kernel stores them
+        bits = (torch.randn(rows, n, generator=gen) * 5 + 1).view(torch.int32)
+        keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    elif kind == "ties":  # few values: long runs of exact ties at the k-th key
+        values = torch.tensor([-7, 0, 1, 2**20, 2**20 + 1])
+        keys = values[torch.randint(0, len(values), (rows, n), generator=gen)]
+    elif kind == "one apart":  # neighbours differ in the last bit: every bit must be fixed
+        keys = 1000 + torch.randint(0, 4, (rows, n), generator=gen)
+    elif kind == "extremes":  # the lowest keys above NOT_VISIBLE and the highest
+        values = torch.tensor([NOT_VISIBLE + 1, NOT_VISIBLE + 2, NOT_VISIBLE + 3, 2**31 - 2, 2**31 - 1])
+        keys = values[torch.randint(0, len(values), (rows, n), generator=gen)]
+    else:  # "equal"
+        keys = torch.full((rows, n), 5)
+    keys = keys.to(torch.int32)
+    hidden = torch.rand(rows, n, generator=gen) < (torch.arange(rows) / rows)[:, None]
+    return keys.masked_fill(hidden, NOT_VISIBLE)
+
+
+def _select(indexer, ranking: torch.Tensor, topk: int, config) -> torch.Tensor:
+    """select_topk's indices [rows, topk] into an output poisoned first: every slot must be written."""
+    out = torch.full((1, ranking.shape[0], topk), 12345, dtype=torch.int32)
+    indexer.select_topk(ranking, topk, out, config)
+    return out[0].long()
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["scores", "ties", "one apart", "extremes", "equal"])
+def test_selection_is_a_stable_sort(indexer, kind):
+    # 4 rows of 100 keys, top 7, chunks of 16: four selection rounds, two ranking programs a row;
+    # rows with all, 3/4 and 1/2 of their entries seen, the last with 5 at most (fewer than 7)
+    ranking = _ranking(kind, 4, 100, seed=len(kind))
+    ranking[3, 5:] = NOT_VISIBLE
+    config = indexer.indexer_config(1, 4, 100, 7, 4, ranking.device)
+    assert torch.equal(_select(indexer, ranking, 7, config), _stable_sort_selection(ranking, 7))
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["scores", "ties"])
+def test_selection_at_the_gpu_launch_sizes(indexer, kind):
+    # V4-Flash decode's top 512 over 20000 entries under the GPU's launch config: five chunks of
+    # 4096, then one of 2560 candidates (chunk 4096), then eight ranking programs of 64 a row
+    ranking = _ranking(kind, 2, 20000, seed=7)
+    with mock.patch("torch.cuda.get_device_properties", lambda *_: SimpleNamespace(multi_processor_count=132)):
+        config = indexer.indexer_config(1, 64, 20000, 512, 2, torch.device("cuda"))
+    assert (config.chunk, config.rank_block) == (4096, 64)
+    assert torch.equal(_select(indexer, ranking, 512, config), _stable_sort_selection(ranking, 512))
+
+
 @interpreted
 def test_select_chunk_must_hold_twice_top_k(indexer):
-    ranking = torch.zeros(1, 40, dtype=torch.int64)
+    ranking = torch.zeros(1, 40, dtype=torch.int32)
+    config = indexer.IndexerConfig(block_s=2, block_n=16, split_len=32, chunk=8, rank_block=4)
     with pytest.raises(ValueError, match="chunk"):
-        indexer.select_topk(ranking, 8, torch.empty(1, 1, 8, dtype=torch.int32), 8)
+        indexer.select_topk(ranking, 8, torch.empty(1, 1, 8, dtype=torch.int32), config)
 
 
 # -- packed FP4 / FP8 keys -------------------------------------------------------------------------
 
-if IN_INTERPRETER:  # a kernel of the test's own around the scores kernel's key decode
-    import triton.language as tl
-
-    from seahal.backends.cuda.indexer import _key_tile
-
-    @triton.jit
-    def _key_tile_kernel(rec_ptr, out_ptr, n, stride_rn, stride_rb, HEAD_DIM: tl.constexpr, KEY_FORMAT: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-        entries = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, HEAD_DIM)
-        tile = _key_tile(rec_ptr + entries[:, None] * stride_rn, cols, entries[:, None] < n, cols[None, :] < HEAD_DIM,
-                         stride_rb, out_ptr.dtype.element_ty, KEY_FORMAT, HEAD_DIM)
-        tl.store(out_ptr + entries[:, None] * HEAD_DIM + cols[None, :], tile, mask=entries[:, None] < n)
+@triton.jit
+def _key_tile_kernel(rec_ptr, out_ptr, n, stride_rn, stride_rb, HEAD_DIM: tl.constexpr, KEY_FORMAT: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """A kernel of the test's own around the scores kernel's key decode: records [n] -> out [n, HEAD_DIM]."""
+    entries = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    tile = _key_tile(rec_ptr + entries * stride_rn, entries < n, stride_rb, out_ptr.dtype.element_ty, KEY_FORMAT,
+                     HEAD_DIM, HEAD_DIM, BLOCK_N)
+    tl.store(out_ptr + entries[:, None] * HEAD_DIM + cols[None, :], tile, mask=entries[:, None] < n)
 
 
 def _every_byte(fmt: str, d: int, n: int = 128) -> torch.Tensor:
@@ -196,18 +268,22 @@ def _every_byte(fmt: str, d: int, n: int = 128) -> torch.Tensor:
     return records
 
 
-@interpreted
+@pytest.mark.skipif(not IN_INTERPRETER and not torch.cuda.is_available(),
+                    reason="runs in test_under_interpreter's subprocess, or on a CUDA device")
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # scales near 2^127: inf
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_key_decode_is_index_key_unpack_on_every_byte(fmt, dtype):
     """The in-register decode of the scores kernel against the reference codec: every code byte,
-    every e8m0 exponent (255: NaN) / fp32 scales across the exponent range, rounded to q's dtype."""
+    every e8m0 exponent (255: NaN) / fp32 scales across the exponent range, rounded to q's dtype.
+    In the interpreter and, on a GPU, compiled (there FP8 codes take the hardware conversion)."""
     d = 64
     records = _every_byte(fmt, d)
-    out = torch.empty(records.shape[0], d, dtype=dtype)
-    _key_tile_kernel[(1,)](records, out, records.shape[0], *records.stride(), HEAD_DIM=d, KEY_FORMAT=fmt,
+    device = "cpu" if IN_INTERPRETER else "cuda"
+    out = torch.empty(records.shape[0], d, dtype=dtype, device=device)
+    _key_tile_kernel[(1,)](records.to(device), out, records.shape[0], *records.stride(), HEAD_DIM=d, KEY_FORMAT=fmt,
                            BLOCK_N=records.shape[0])
+    out = out.cpu()
     want = index_key_unpack(records, d, fmt, dtype)
     bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
     both_nan = out.isnan() & want.isnan()
@@ -233,7 +309,7 @@ def test_packed_keys_rank_as_their_unpacked_values(indexer, fmt, dtype, s, n, st
     """Bit for bit: the ranking keys (fp32 scores) of packed keys equal those of the dense kernel on
     index_key_unpack(keys, d, fmt, q.dtype) under the same launch (and the top-k code after them is
     shared); the indices equal the reference's and the brute force's. Decode over 100 entries:
-    four score splits and several merge rounds; prefill: causal visibility, -1 slots."""
+    four score splits and several selection rounds; prefill: causal visibility, -1 slots."""
     q, weights, packed = _packed_inputs(fmt, 2, s, 4, 64, n, seed=n + s, dtype=dtype)
     dense = index_key_unpack(packed, 64, fmt, dtype)
     visible = min(n, (start_pos + s) // 4)
@@ -283,9 +359,9 @@ def _at_both_positions(op, args: tuple) -> torch.Tensor:
 @pytest.mark.parametrize(
     "s, n, start_pos",
     [
-        (1, 40, 2),  # nothing visible yet: all -1, though 40 masked keys pass three sort chunks
+        (1, 40, 2),  # nothing visible yet: all -1, though 40 masked keys pass three selection chunks
         (1, 40, 3),  # exactly at the first visibility boundary: entry 0 only
-        (1, 40, 10),  # 2 of 40 visible: the masked rest spans two splits and the merge rounds
+        (1, 40, 10),  # 2 of 40 visible: the masked rest spans two splits and the selection rounds
         (1, 6, 40),  # past the key store: all 6 visible
         (6, 40, 1),  # prefill chunk: queries at 1..6 see 0, 0, 1, 1, 1, 1 entries
         (5, 6, 13),  # prefill chunk across the boundaries 15 and 19
@@ -377,6 +453,75 @@ def test_rejects_position_shapes(indexer, start_pos):
         indexer.indexer_topk(q, weights, keys, 4, start_pos, 2)
 
 
+# -- launches (recorded as an H100 would see them, no GPU) -----------------------------------------
+
+DECODE_CALLS = {  # name: (batch, context, top-k, key format)
+    "V4-Flash B=1 ctx=4k": (1, 4096, 512, "dense"),
+    "V4-Flash B=1 ctx=64k": (1, 65536, 512, "dense"),
+    "V4-Flash B=1 ctx=1M": (1, 2**20, 512, "dense"),
+    "V4-Flash B=64 ctx=1M": (64, 2**20, 512, "dense"),
+    "V4-Pro B=1 ctx=1M": (1, 2**20, 1024, "dense"),
+    "V4-Flash B=1 ctx=1M fp4 keys": (1, 2**20, 512, "fp4"),
+}
+"""Decode calls (64 index heads of 128, ratio 4, the position at the context's last token) whose
+launches are recorded."""
+
+
+def launches_per_call() -> dict[str, tuple[list[tuple[str, list[int]]], list[str]]]:
+    """For each of :data:`DECODE_CALLS`: (its Triton launches as (kernel, grid), the other aten ops
+    that would launch a device kernel), recorded as an H100 would see them (capture_launches: meta
+    tensors posing as cuda:0). Needs compiled (not interpreted) kernels: run in a process without
+    TRITON_INTERPRET (:func:`recorded_launches` starts one)."""
+    from seahal.backends.cuda import indexer
+    from seahal.testing.triton_compile import AtenKernels, capture_launches
+
+    recorded = {}
+    for name, (batch, context, topk, key_format) in DECODE_CALLS.items():
+        with capture_launches() as launches, AtenKernels() as aten:
+            q = torch.empty(batch, 1, 64, 128, dtype=torch.bfloat16, device="cuda")
+            weights = torch.empty(batch, 1, 64, device="cuda")
+            if key_format == "dense":
+                keys = torch.empty(batch, context // 4, 128, dtype=torch.bfloat16, device="cuda")
+                indexer.indexer_topk(q, weights, keys, 4, context - 1, topk)
+            else:
+                keys = torch.empty(batch, context // 4, 68, dtype=torch.uint8, device="cuda")
+                indexer.indexer_topk_packed(q, weights, keys, key_format, 4, context - 1, topk)
+        recorded[name] = ([(launch.name, list(launch.grid)) for launch in launches], aten.ops)
+    return recorded
+
+
+@pytest.fixture(scope="module")
+def recorded_launches() -> dict:
+    """:func:`launches_per_call` in a fresh process: an earlier test of this session may have
+    imported the kernels under TRITON_INTERPRET, and Triton decides at import what a kernel is."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="runs in the main pytest process (it starts its own)")
+@pytest.mark.parametrize("call, rounds", [
+    ("V4-Flash B=1 ctx=4k", [[1, 1]]),  # 1024 entries: one chunk
+    ("V4-Flash B=1 ctx=64k", [[1, 4], [1, 1]]),  # 16k entries: 4 chunks of 4096, then 2048 candidates
+    ("V4-Flash B=1 ctx=1M", [[1, 64], [1, 8], [1, 1]]),  # 256k: 64 chunks, 32k candidates, 4096
+    ("V4-Flash B=64 ctx=1M", [[64, 64], [64, 8], [64, 1]]),
+    ("V4-Pro B=1 ctx=1M", [[1, 32], [1, 4], [1, 1]]),  # top 1024, chunks of 8192: 32k, then 4096 candidates
+    ("V4-Flash B=1 ctx=1M fp4 keys", [[1, 64], [1, 8], [1, 1]]),
+])
+def test_decode_launches(recorded_launches, call, rounds):
+    # the scores, the selection rounds, the ranking, and no other kernel (the output is not filled
+    # first); the scores run on every SM of 132 once there are as many key tiles of 64
+    launches, other_kernels = recorded_launches[call]
+    batch, context, topk, _ = DECODE_CALLS[call]
+    assert [name for name, _ in launches] == ["_scores_kernel"] + ["_select_kernel"] * len(rounds) + ["_rank_kernel"]
+    assert [grid for name, grid in launches if name == "_select_kernel"] == rounds
+    assert launches[-1][1] == [batch, topk // 64]
+    scores_programs = launches[0][1][0] * launches[0][1][1]
+    assert scores_programs >= min(132, context // 4 // 64)
+    assert other_kernels == []
+
+
 # -- GPU ------------------------------------------------------------------------------------------
 
 
@@ -390,3 +535,7 @@ def test_gpu_plan(s, start_pos):
     q, weights, keys = (v.cuda() for v in _inputs(1, s, 64, 128, (start_pos + s) // 4, seed=s, dtype=torch.bfloat16))
     args = (q, weights, keys, 4, start_pos, 1024)
     _selection_ok(p.ops.indexer_topk(*args).cpu(), tuple(a.cpu() if torch.is_tensor(a) else a for a in args))
+
+
+if __name__ == "__main__":
+    print(json.dumps(launches_per_call()))

@@ -1,7 +1,9 @@
 """Triton lightning indexer (ops ``indexer_topk``, ``indexer_topk_packed``): ReLU-weighted
 multi-head scores, exact causal top-k.
 
-Two kernels, one job each (v4_ops.md §8).
+Three kernels, one job each (v4_ops.md §8). A decode call launches the scores, one selection
+round per 8x shrink of the row (V4: one at 1024 entries, two at 16k, three at 256k) and the
+ranking, and no other kernel: nothing fills the output beforehand.
 
 ``_scores_kernel`` -- one program per (batch, block of BLOCK_S queries, split of the compressed
 entries). It loads its queries' q rows once, every head stacked on the M side of one matrix
@@ -11,22 +13,36 @@ the head weights, summed over each query's heads gives fp32 scores [BLOCK_S, BLO
 (``indexer_topk_packed``, v4_ops.md §12: 68-byte FP4 or 132-byte FP8 records at d = 128) are
 decoded in registers as each tile is loaded (a constexpr KEY_FORMAT), to exactly the values
 ``index_key_unpack`` gives in q's dtype; the dot and everything after are the dense path's, so
-packed keys rank bit for bit as the dense kernel ranks their unpacked values. A score is
-stored as one int64 ranking key, ``(order-preserving bits of the score) << 32 | (2^31 - 1 - j)``
-(moe_gate's ``_packed_key``): a larger key is a higher score or, at an equal score, the smaller
-entry j. Entries a query does not see (``j >= floor((t+1)/m)``) get INT64_MIN, and tiles past the
-block's last visible entry skip the dot.
+packed keys rank bit for bit as the dense kernel ranks their unpacked values. A score is stored
+as an int32 ranking key, its order-preserving bits (-0.0 as +0.0, so zeros tie); an entry the
+query does not see (``j >= floor((t+1)/m)``) gets NOT_VISIBLE (INT32_MIN), below every score.
+The tiles some query of the block sees run the dot in one branch-free loop (so Triton pipelines
+its key loads), the tiles after them only store NOT_VISIBLE. Splits are sized so that the grid
+holds about two programs per SM.
 
-``_select_kernel`` -- exact top-k of those keys by split and merge. One program per (query row,
-CHUNK keys of it) sorts its chunk (``tl.sort``, bitonic) and keeps the first k. The key order is
-total, so a row's top k lie in the union of its chunks' top k: a round shrinks a row of L keys to
-ceil(L / CHUNK) * k candidates (CHUNK >= 2k, so at least halving) until one chunk holds the row;
-that last round decodes the entry indices, INT64_MIN -> -1. Decode at a 1M-token context (N = 256k
-entries, k = 1024, CHUNK = 4096): 64 chunk programs, then 16, 4, 1.
+``_select_kernel`` -- exact top-k by split and merge, without sorting. One program per (query row,
+CHUNK keys of it) finds its chunk's k-th largest key by bisection on its bits in registers: the
+keys that share the bits fixed so far with the k-th form a bucket; one count of the keys at or
+above the bucket's middle says which half holds the k-th. It stops once the bucket holds exactly
+the keys still needed (typically after ~20 of the 32 bits) or every bit is fixed (the bucket's
+keys are then equal, and the first ones in entry order are taken). The chosen keys are written in
+entry order, each packed with its entry as an int64 candidate ``key << 32 | (2^31 - 1 - j)`` (a
+larger candidate is a higher score or, at an equal score, the smaller entry), padded to k with
+INT64_MIN. Every round keeps entry order, so ties go to the smaller entry in every round, and a
+row's top k lie in the union of its chunks' top k: a round shrinks a row of L keys to
+ceil(L / CHUNK) * k candidates (CHUNK = 8k, at least 4096) until one chunk holds the row, the
+last round's chunk the row rounded up to a power of two. Decode at a 1M-token context (N = 256k
+entries, k = 512): 64 programs of 4096 keys, then 8, then one.
 
-The ranking keys take 8 bytes per (query, visible entry) of workspace next to the key rows' 256
-(bf16, d = 128; 68 or 132 packed); prefill processes the queries in passes that bound that
-workspace. bf16 or fp32 q and keys; fp32 math throughout (q . k, relu, weights, head sum).
+``_rank_kernel`` -- orders the k winners: a program takes BLOCK_R of a row's candidates and counts,
+for each, the row's larger candidates (k comparisons each): that count is its slot. The
+candidates are distinct (their entries are), so they fill slots 0..c-1 exactly once; each program
+writes -1 into its share of the slots c..k-1 (a row that sees fewer than k entries).
+
+The ranking keys take 4 bytes per (query, visible entry) of workspace next to the key rows' 256
+(bf16, d = 128; 68 or 132 packed), the candidates 8 per (query, k, chunk); prefill processes the
+queries in passes that bound that workspace. bf16 or fp32 q and keys; fp32 math throughout (q .
+k, relu, weights, head sum).
 
 The position as data (CUDA-graph decode): ``start_pos`` may be an int32/int64 tensor on q's device,
 0-d (every sequence) or [B] (query s of sequence b at ``start_pos[b] + s``), loaded by
@@ -34,10 +50,12 @@ The position as data (CUDA-graph decode): ``start_pos`` may be an int32/int64 te
 read on the host, so one captured launch serves every position. The host then cannot bound the
 visible entries: the scores grid, the ranking rows, the query passes and the top-k rounds are
 sized by all N rows of the key store, and the kernel masks the entries a query does not see
-(INT64_MIN, tiles past the last visible one skip the dot but still store their masked keys).
+(NOT_VISIBLE; tiles past the last visible one skip the dot but still store their masked keys).
 Each sequence's indices equal the int path's at its position; the cost is the ranking of N keys
 a query instead of the visible ones (a store sized to the context pays little).
-Verified under the Triton interpreter only; launch choices are untuned (TUNING.md).
+This top-k (selection rounds and ranking, which replaced per-chunk bitonic sorts) is verified under
+the Triton interpreter and compiled offline for sm_90 (Triton 3.9 and 3.6), not yet run on a GPU;
+launch choices are untuned (TUNING.md).
 """
 
 from __future__ import annotations
@@ -48,30 +66,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ._numerics import cast_rne
+from ._e2m1 import _per_element, decode_e2m1, unpack_codes
+from ._numerics import INTERPRETED, cast_rne
 from ._position import load_position, position_stride
-from ._e2m1 import decode_e2m1
 from .kv_unpack import _e4m3_value, _e8m0_scale
-from .moe_gate import _packed_key
 from .sparse_attention import _dot
 
 MAX_ENTRIES = 2**31
-"""Entry indices are packed as ``MAX_ENTRIES - 1 - j`` in the low 32 bits of a ranking key (a
+"""Entry indices are packed as ``MAX_ENTRIES - 1 - j`` in the low 32 bits of a candidate (a
 kernel argument: the interpreter cannot hand a global constexpr on to a called jit function)."""
-NOT_VISIBLE = tl.constexpr(-(2**63))
-"""The ranking key of an entry the query does not see: below every packed score."""
+NOT_VISIBLE = tl.constexpr(-(2**31))
+"""The ranking key of an entry the query does not see: below every score's key."""
+NO_CANDIDATE = tl.constexpr(-(2**63))
+"""A candidate slot past a chunk's winners: below every candidate (its key part is NOT_VISIBLE)."""
 WORKSPACE_BYTES = 256 * 2**20
-"""Ranking keys held at once (queries per pass * visible entries * 8 bytes)."""
+"""Ranking keys held at once (queries per pass * visible entries * 4 bytes)."""
 
 
 @dataclass(frozen=True)
 class IndexerConfig:
-    """One launch: queries per scores program, entries per key tile and per split, sort chunk."""
+    """One launch: queries per scores program, entries per key tile and per split, selection
+    chunk, candidates per ranking program."""
 
     block_s: int
     block_n: int
     split_len: int
     chunk: int
+    rank_block: int
     num_warps: int = 4
 
 
@@ -80,12 +101,15 @@ def indexer_config(s: int, h: int, n_entries: int, topk: int, rows: int, device:
 
     GPU (untuned, TUNING.md): heads times queries fill an M of 64 (decode) or 128 (prefill) and
     at least 16 (the MMA's minimum); 64-entry key tiles; splits until the scores grid holds about
-    two programs per SM; 4096-key sort chunks. On CPU (the interpreter) small blocks, so the tests
-    cross query blocks, splits and several merge rounds.
+    two programs per SM; selection chunks of 8 * k keys, at least 4096 (three rounds at 256k
+    entries for V4's k = 512 and 1024); 64 candidates per ranking program. On CPU (the interpreter)
+    small blocks, so the tests cross query blocks, splits, several selection rounds and ranking
+    programs.
     """
     h_pad = triton.next_power_of_2(h)
+    k_pad = triton.next_power_of_2(topk)
     if device.type != "cuda":
-        return IndexerConfig(2, 16, 32, max(16, 2 * triton.next_power_of_2(topk)))
+        return IndexerConfig(2, 16, 32, max(16, 2 * k_pad), 4)
     block_s = min(triton.next_power_of_2(s), max(1, (64 if s == 1 else 128) // h_pad))
     block_s = max(block_s, triton.cdiv(16, h_pad))
     block_n = 64
@@ -94,8 +118,9 @@ def indexer_config(s: int, h: int, n_entries: int, topk: int, rows: int, device:
     tiles = triton.cdiv(n_entries, block_n)
     splits = max(1, min(tiles, triton.cdiv(2 * sms, row_programs)))
     split_len = triton.cdiv(tiles, splits) * block_n
-    chunk = max(4096, 2 * triton.next_power_of_2(topk))
-    return IndexerConfig(block_s, block_n, split_len, chunk, num_warps=8 if block_s * h_pad >= 128 else 4)
+    chunk = max(4096, 8 * k_pad)
+    return IndexerConfig(block_s, block_n, split_len, chunk, min(64, k_pad),
+                         num_warps=8 if block_s * h_pad >= 128 else 4)
 
 
 def indexer_topk(
@@ -138,7 +163,7 @@ def _indexer(
     """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8"."""
     _check_float("indexer_topk" if key_format == "dense" else "indexer_topk_packed", "q", q)
     b, s, _, _ = q.shape
-    out = torch.full((b, s, topk), -1, dtype=torch.int32, device=q.device)
+    out = torch.empty((b, s, topk), dtype=torch.int32, device=q.device)
 
     def entries_seen(queries: int) -> int:
         """Ranking keys a row of the first ``queries`` queries needs: the visible entries of the last
@@ -147,17 +172,18 @@ def _indexer(
             return keys.shape[1]
         return min(keys.shape[1], (start_pos + queries) // ratio)
 
-    per_pass = max(1, WORKSPACE_BYTES // (8 * b * max(entries_seen(s), 1)))
+    per_pass = max(1, WORKSPACE_BYTES // (4 * b * max(entries_seen(s), 1)))
     for first in range(0, s, per_pass):
         last = min(s, first + per_pass)
         n_entries = entries_seen(last)
         if n_entries == 0:
-            continue  # nothing visible yet: the slots stay -1
+            out[:, first:last] = -1  # nothing visible yet
+            continue
         config = indexer_config(last - first, q.shape[2], n_entries, topk, b * (last - first), q.device)
         ranking = ranking_keys(
             q[:, first:last], weights[:, first:last], keys, ratio, start_pos, n_entries, config, key_format, first
         )
-        select_topk(ranking, topk, out[:, first:last], config.chunk)
+        select_topk(ranking, topk, out[:, first:last], config)
     return out
 
 
@@ -172,16 +198,16 @@ def ranking_keys(
     key_format: str = "dense",
     offset: int = 0,
 ) -> torch.Tensor:
-    """Packed ranking keys [B * S, n_entries] int64 of the first n_entries entries (rows b * S + s).
+    """Ranking keys [B * S, n_entries] int32 of the first n_entries entries (rows b * S + s).
 
-    Key = order-preserving fp32 score bits << 32 | (2^31 - 1 - j), INT64_MIN where query s, at
-    position ``start_pos + offset + s``, does not see entry j. start_pos: an int, or an int32/int64
-    tensor on q's device, 0-d or [B] (one a sequence), loaded by the kernel. ``key_format``: keys
-    [B, N, d] floats (``"dense"``) or packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
+    Key = the score's order-preserving fp32 bits, INT32_MIN where query s, at position ``start_pos
+    + offset + s``, does not see entry j. start_pos: an int, or an int32/int64 tensor on q's
+    device, 0-d or [B] (one a sequence), loaded by the kernel. ``key_format``: keys [B, N, d]
+    floats (``"dense"``) or packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
     """
     b, s, h, d = q.shape
     key_dtype = keys.dtype if key_format == "dense" else q.dtype  # packed keys decode to q's dtype
-    ranking = torch.empty((b * s, n_entries), dtype=torch.int64, device=q.device)
+    ranking = torch.empty((b * s, n_entries), dtype=torch.int32, device=q.device)
     grid = (b * triton.cdiv(s, config.block_s), triton.cdiv(n_entries, config.split_len))
     if isinstance(start_pos, torch.Tensor):
         op = "indexer_topk" if key_format == "dense" else "indexer_topk_packed"
@@ -194,31 +220,40 @@ def ranking_keys(
         HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
         BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format,
         LOW_PRECISION_DOT=q.dtype == key_dtype == torch.bfloat16 and q.device.type == "cuda",
-        POS_FROM_PTR=pos_ptr is not None, MAX_ENTRIES=MAX_ENTRIES, num_warps=config.num_warps,
+        POS_FROM_PTR=pos_ptr is not None, num_warps=config.num_warps,
     )
     return ranking
 
 
-def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, chunk: int) -> None:
-    """Write the entries of each row's ``topk`` largest ranking keys, in key order (-1 for
-    INT64_MIN and past the row), into ``out`` [B, S, topk] int32 (row b * S + s of ``ranking``).
+def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: IndexerConfig) -> None:
+    """Write the entries of each row's ``topk`` largest ranking keys, by key descending and then
+    entry ascending (-1 for INT32_MIN keys and past the row), into ``out`` [B, S, topk] int32 (row
+    b * S + s of ``ranking`` [B * S, L] int32).
 
-    Rounds of per-chunk top-k until a row fits one chunk; chunk: a power of two >= 2 * topk.
+    Rounds of per-chunk selection (``config.chunk``: a power of two >= 2 * topk) until a row fits
+    one chunk, the last round's chunk the row's length rounded up to a power of two; then the
+    ranking. Launches depend only on the shapes.
     """
+    chunk = config.chunk
     if chunk < 2 * topk or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 2 * topk = {2 * topk}, got {chunk}")
     rows, length = ranking.shape
-    while length > chunk:
-        n_chunks = triton.cdiv(length, chunk)
-        candidates = torch.empty((rows, n_chunks * topk), dtype=torch.int64, device=ranking.device)
+    candidates, packed = ranking, False
+    while True:
+        last_round = length <= chunk
+        size = max(16, triton.next_power_of_2(max(length, topk))) if last_round else chunk
+        n_chunks = triton.cdiv(length, size)
+        chosen = torch.empty((rows, n_chunks * topk), dtype=torch.int64, device=ranking.device)
         _select_kernel[(rows, n_chunks)](
-            ranking, candidates, length, topk, ranking.stride(0), candidates.stride(0), 1, 0, 0, 0,
-            CHUNK=chunk, FINAL=False, MAX_ENTRIES=MAX_ENTRIES,
+            candidates, chosen, length, topk, candidates.stride(0), chosen.stride(0),
+            CHUNK=size, PACKED=packed, MAX_ENTRIES=MAX_ENTRIES, num_warps=min(16, max(4, size // 512)),
         )
-        ranking, length = candidates, n_chunks * topk
-    _select_kernel[(rows, 1)](
-        ranking, out, length, topk, ranking.stride(0), 0, out.shape[1], *out.stride(), CHUNK=chunk, FINAL=True,
-        MAX_ENTRIES=MAX_ENTRIES,
+        candidates, length, packed = chosen, n_chunks * topk, True
+        if last_round:
+            break
+    _rank_kernel[(rows, triton.cdiv(topk, config.rank_block))](
+        candidates, out, topk, candidates.stride(0), out.shape[1], *out.stride(),
+        BLOCK_R=config.rank_block, MAX_ENTRIES=MAX_ENTRIES,
     )
 
 
@@ -230,7 +265,6 @@ def _scores_kernel(
     stride_kb, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, POS_FROM_PTR: tl.constexpr,
-    MAX_ENTRIES: tl.constexpr,
 ):
     """Ranking keys of BLOCK_S queries (all heads) over the entries of one split; key rows dense,
     or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8"). Query s sits at
@@ -246,9 +280,8 @@ def _scores_kernel(
     head = rows % H_PAD
     row_ok = (seq < S) & (head < H)
     cols = tl.arange(0, D_PAD)
-    in_d = cols[None, :] < HEAD_DIM
     q_rows = q_ptr + bat * stride_qb + seq[:, None] * stride_qs + head[:, None] * stride_qh
-    q = tl.load(q_rows + cols[None, :] * stride_qd, mask=row_ok[:, None] & in_d, other=0.0)
+    q = tl.load(q_rows + cols[None, :] * stride_qd, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
     w = tl.load(w_ptr + bat * stride_wb + seq * stride_ws + head * stride_wh, mask=row_ok, other=0.0)
     w = w.to(tl.float32)
 
@@ -256,71 +289,155 @@ def _scores_kernel(
     visible = tl.minimum((start_pos + queries + 1) // ratio, n_entries)  # entries each query sees
     block_visible = tl.max(tl.where(queries < S, visible, 0))
     out_rows = rank_ptr + (bat * S + queries)[:, None] * n_entries
+    row_stored = queries[:, None] < S
     k_base = k_ptr + bat * stride_kb
     offs_n = tl.arange(0, BLOCK_N)
     lo = tl.program_id(1) * split_len
     hi = tl.minimum(lo + split_len, n_entries)
-    for start in range(lo, hi, BLOCK_N):
+    scored = lo + tl.cdiv(tl.maximum(tl.minimum(hi, block_visible) - lo, 0), BLOCK_N) * BLOCK_N
+    for start in range(lo, scored, BLOCK_N):  # tiles some query of the block sees
         entries = start + offs_n
-        ranked = tl.full((BLOCK_S, BLOCK_N), NOT_VISIBLE, tl.int64)
-        if start < block_visible:
-            key_rows = k_base + entries[:, None] * stride_kn
-            k = _key_tile(key_rows, cols, entries[:, None] < block_visible, in_d, stride_kd, q_ptr.dtype.element_ty,
-                          KEY_FORMAT, HEAD_DIM)
-            logits = _dot(q, tl.trans(k), tl.zeros((BLOCK_S * H_PAD, BLOCK_N), tl.float32), LOW_PRECISION_DOT)
-            weighted = tl.maximum(logits, 0.0) * w[:, None]
-            scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_N)), axis=1)
-            seen = entries[None, :] < visible[:, None]
-            ranked = tl.where(seen, _packed_key(scores, entries, MAX_ENTRIES), NOT_VISIBLE)
-        tl.store(out_rows + entries[None, :], ranked, mask=(queries[:, None] < S) & (entries[None, :] < hi))
+        k = _key_tile(k_base + entries * stride_kn, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
+                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N)
+        logits = _dot(q, tl.trans(k), tl.zeros((BLOCK_S * H_PAD, BLOCK_N), tl.float32), LOW_PRECISION_DOT)
+        weighted = tl.maximum(logits, 0.0) * w[:, None]
+        scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_N)), axis=1)
+        ranked = tl.where(entries[None, :] < visible[:, None], _order_key(scores), NOT_VISIBLE)
+        tl.store(out_rows + entries[None, :], ranked, mask=row_stored & (entries[None, :] < hi))
+    for start in range(scored, hi, BLOCK_N):  # tiles no query of the block sees (a position in memory)
+        entries = start + offs_n
+        unseen = tl.full((BLOCK_S, BLOCK_N), NOT_VISIBLE, tl.int32)
+        tl.store(out_rows + entries[None, :], unseen, mask=row_stored & (entries[None, :] < hi))
 
 
 @triton.jit
-def _key_tile(rows, cols, row_ok, in_d, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
-    """Columns ``cols`` [C] of the key rows (pointers [R, 1]) as [R, C] ``dtype``, 0 where masked.
+def _order_key(score):
+    """int32 keys ordered as the fp32 scores: -0.0 is made +0.0 first (zeros tie), and the one
+    NaN pattern that would land on NOT_VISIBLE is kept above it (a seen entry stays an entry)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    return tl.maximum(bits ^ ((bits >> 31) & 0x7FFFFFFF), NOT_VISIBLE + 1)
+
+
+@triton.jit
+def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """The keys at ``records`` (pointers [ROWS] to their first byte or element) as [ROWS, D_PAD]
+    ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM.
 
     ``"dense"``: loaded as they are. Packed records decode as ``index_key_unpack`` does, in fp32,
-    then rounded to dtype by :func:`cast_rne`: ``"fp4"`` column c is ``e2m1(nibble c % 2 of byte
-    c // 2) * 2^(e - 127)``, e the byte HEAD_DIM/2 + c // 32; ``"fp8"`` column c is ``e4m3(byte c)
-    * s``, s the little-endian fp32 at bytes HEAD_DIM..HEAD_DIM+3 (codes decoded in integer
-    arithmetic: the interpreter's float8 cast reads the NaN codes as 480).
+    then rounded to dtype by :func:`cast_rne`; each byte is loaded once. ``"fp4"``: column c is
+    ``e2m1(nibble c % 2 of byte c // 2) * 2^(e - 127)``, e the byte HEAD_DIM/2 + c // 32 (codes
+    and scales decoded in integer arithmetic); ``"fp8"``: column c is ``e4m3(byte c) * s``, s the
+    little-endian fp32 at bytes HEAD_DIM..HEAD_DIM+3 (:func:`_e4m3_to_f32`).
     """
-    mask = row_ok & in_d
+    rows = records[:, None]
+    cols = tl.arange(0, D_PAD)[None, :]
     if KEY_FORMAT == "fp4":
-        byte = tl.load(rows + (cols // 2)[None, :] * stride_kd, mask=mask, other=0).to(tl.int32)
-        code = (byte >> (4 * (cols % 2))[None, :]) & 0xF
-        exponent = tl.load(rows + (HEAD_DIM // 2 + cols // 32)[None, :] * stride_kd, mask=mask, other=127)
-        tile = cast_rne(tl.where(mask, decode_e2m1(code) * _e8m0_scale(exponent.to(tl.int32)), 0.0), dtype)
+        pairs = tl.arange(0, D_PAD // 2)[None, :]
+        packed = tl.load(rows + pairs * stride_kd, mask=row_ok[:, None] & (pairs < HEAD_DIM // 2), other=0)
+        groups = tl.arange(0, D_PAD // 32)[None, :]
+        exponent = tl.load(rows + (HEAD_DIM // 2 + groups) * stride_kd, mask=row_ok[:, None] & (groups < HEAD_DIM // 32),
+                           other=127)
+        codes = unpack_codes(packed.to(tl.int32), ROWS, D_PAD)  # 0 where masked: the value 0 (scale 1)
+        tile = cast_rne(decode_e2m1(codes) * _per_element(_e8m0_scale(exponent.to(tl.int32)), ROWS, D_PAD), dtype)
     elif KEY_FORMAT == "fp8":
-        codes = tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0).to(tl.int32)
-        bits = tl.load(rows + HEAD_DIM * stride_kd, mask=row_ok, other=0).to(tl.uint32)
+        mask = row_ok[:, None] & (cols < HEAD_DIM)
+        codes = tl.load(rows + cols * stride_kd, mask=mask, other=0)
+        bits = tl.load(records + HEAD_DIM * stride_kd, mask=row_ok, other=0).to(tl.uint32)
         for i in tl.static_range(1, 4):  # the scale's other bytes, least significant first
-            byte = tl.load(rows + (HEAD_DIM + i) * stride_kd, mask=row_ok, other=0).to(tl.uint32)
+            byte = tl.load(records + (HEAD_DIM + i) * stride_kd, mask=row_ok, other=0).to(tl.uint32)
             bits = bits | (byte << (8 * i))
         scale = bits.to(tl.float32, bitcast=True)
-        tile = cast_rne(tl.where(mask, _e4m3_value(codes) * scale, 0.0), dtype)
+        tile = cast_rne(tl.where(mask, _e4m3_to_f32(codes) * scale[:, None], 0.0), dtype)
     else:
-        tile = tl.load(rows + cols[None, :] * stride_kd, mask=mask, other=0.0)
+        tile = tl.load(rows + cols * stride_kd, mask=row_ok[:, None] & (cols < HEAD_DIM), other=0.0)
     return tile
 
 
 @triton.jit
+def _e4m3_to_f32(codes):
+    """e4m3 codes (uint8) -> their exact fp32 values (0x7F / 0xFF: NaN): the hardware conversion
+    on the GPU, integer arithmetic in the interpreter (whose float8 cast reads the NaN codes as 480)."""
+    if INTERPRETED:
+        return _e4m3_value(codes.to(tl.int32))
+    return codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _select_kernel(
-    src_ptr, dst_ptr, length, topk, stride_src, stride_dst, S, stride_ob, stride_os, stride_ok,
-    CHUNK: tl.constexpr, FINAL: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    src_ptr, dst_ptr, length, topk, stride_src, stride_dst,
+    CHUNK: tl.constexpr, PACKED: tl.constexpr, MAX_ENTRIES: tl.constexpr,
 ):
-    """The topk largest keys of one CHUNK of one row, in order: as candidates at dst[row, chunk *
-    topk:], or (FINAL, one chunk per row) as entry indices into out[row // S, row % S, :]."""
+    """The topk largest keys of one CHUNK of one row, in entry order, as int64 candidates at
+    dst[row, chunk * topk:], INT64_MIN past them. The source holds int32 ranking keys (entry j at
+    column j) or, when PACKED, the candidates of the previous round."""
     row = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, CHUNK)
     offs = tl.program_id(1) * CHUNK + slots
-    keys = tl.load(src_ptr + row * stride_src + offs, mask=offs < length, other=NOT_VISIBLE)
-    ranked = tl.sort(keys, descending=True)
-    keep = slots < topk
-    if FINAL:
-        index = tl.where(ranked == NOT_VISIBLE, -1, MAX_ENTRIES - 1 - (ranked & 0xFFFFFFFF)).to(tl.int32)
-        out = dst_ptr + (row // S) * stride_ob + (row % S) * stride_os + slots * stride_ok
-        tl.store(out, index, mask=keep)
+    if PACKED:
+        candidate = tl.load(src_ptr + row * stride_src + offs, mask=offs < length, other=NO_CANDIDATE)
+        key = (candidate >> 32).to(tl.int32)
     else:
-        tl.store(dst_ptr + row * stride_dst + tl.program_id(1) * topk + slots, ranked, mask=keep)
+        key = tl.load(src_ptr + row * stride_src + offs, mask=offs < length, other=NOT_VISIBLE)
+        candidate = (key.to(tl.int64) << 32) | (MAX_ENTRIES - 1 - offs).to(tl.int64)
+    chosen = _top_k_mask(key, topk)
+    out = dst_ptr + row * stride_dst + tl.program_id(1) * topk
+    tl.store(out + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, candidate, mask=chosen)
+    n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
+    tl.store(out + slots, tl.full((CHUNK,), NO_CANDIDATE, tl.int64), mask=(slots >= n_chosen) & (slots < topk))
+
+
+@triton.jit
+def _top_k_mask(key, topk):
+    """Which of the int32 keys [C] are the ``topk`` largest above NOT_VISIBLE (keys of unseen
+    entries and of empty slots, never chosen), exact ties to the earlier position: all of them if
+    there are no more than topk.
+
+    Bisection on the bits of the k-th largest key, from the top, in unsigned order (``key ^
+    INT32_MIN``). The bucket is the range of keys whose bits fixed so far equal the k-th's, ``[base,
+    base + 2^shift)`` in that order; it holds ``bucket`` keys, of which ``need`` are still to be
+    taken, and the ``taken`` keys above it are taken. One count of the keys >= the bucket's middle
+    says which half holds the k-th. It stops once the bucket holds exactly the needed keys, or
+    every bit is fixed (they are equal: the first ``need`` in position order are taken).
+    """
+    bucket = tl.sum((key > NOT_VISIBLE).to(tl.int32), axis=0)
+    need = tl.minimum(bucket, topk)
+    taken = need - need
+    base = tl.zeros((), tl.int64)  # the bucket's first key, in unsigned order
+    shift = bucket * 0 + 32
+    while (bucket > need) & (shift > 0):
+        shift -= 1
+        middle = base + (tl.full((), 1, tl.int64) << shift)
+        upper = tl.sum((key >= (middle + NOT_VISIBLE).to(tl.int32)).to(tl.int32), axis=0) - taken
+        in_upper = upper >= need  # the k-th is in the upper half
+        base = tl.where(in_upper, middle, base)
+        taken = tl.where(in_upper, taken, taken + upper)
+        need = tl.where(in_upper, need, need - upper)
+        bucket = tl.where(in_upper, upper, bucket - upper)
+    last = (base + (tl.full((), 1, tl.int64) << shift) - 1 + NOT_VISIBLE).to(tl.int32)
+    tied = (key >= tl.maximum(base + NOT_VISIBLE, NOT_VISIBLE + 1).to(tl.int32)) & (key <= last)
+    return (key > last) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
+
+
+@triton.jit
+def _rank_kernel(
+    cand_ptr, out_ptr, topk, stride_c, S, stride_ob, stride_os, stride_ok,
+    BLOCK_R: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+):
+    """Entries of BLOCK_R of a row's topk candidates into out[row // S, row % S, slot], the slot the
+    number of larger candidates in the row; the slots past the row's candidates get -1."""
+    row = tl.program_id(0).to(tl.int64)
+    cands = cand_ptr + row * stride_c
+    slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mine = tl.load(cands + slots, mask=slots < topk, other=NO_CANDIDATE)
+    larger = tl.zeros((BLOCK_R,), tl.int32)
+    filled = tl.zeros((), tl.int32)  # the row's candidates (its other slots are empty)
+    for start in range(0, topk, BLOCK_R):
+        cols = start + tl.arange(0, BLOCK_R)
+        other = tl.load(cands + cols, mask=cols < topk, other=NO_CANDIDATE)
+        larger += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
+        filled += tl.sum((other != NO_CANDIDATE).to(tl.int32), axis=0)
+    out = out_ptr + (row // S) * stride_ob + (row % S) * stride_os
+    entry = (MAX_ENTRIES - 1 - (mine & 0xFFFFFFFF)).to(tl.int32)
+    tl.store(out + larger * stride_ok, entry, mask=mine != NO_CANDIDATE)
+    tl.store(out + slots * stride_ok, tl.full((BLOCK_R,), -1, tl.int32), mask=(slots < topk) & (slots >= filled))
