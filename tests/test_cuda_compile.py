@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -274,9 +275,12 @@ def _compile_all() -> list[dict]:
     for key, launch in distinct.items():
         result = compile_launch(launch)
         ptx = result.ptx or ""
+        names = launch.kernel.arg_names
+        position = launch.args[names.index("pos_ptr")] if "pos_ptr" in names else None
         results.append({
             "kernel": launch.name, "launch": key, "error": result.error, "shared": result.shared_bytes,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
+            "position": str(getattr(position, "dtype", None)),
         })
     return results
 
@@ -346,7 +350,8 @@ def test_positions_as_data_compile(compiled):
     each with a 0-d int64 and a [B] int32 position."""
     launches = [(r["kernel"], r["launch"]) for r in compiled if "POS_FROM_PTR=True" in r["launch"]]
     assert sorted(name for name, _ in launches) == ["_kv_compress_kernel"] * 8 + ["_scores_kernel"] * 6, launches
-    assert sum(",torch.int32," in launch for _, launch in launches) == 7, launches
+    positions = Counter(r["position"] for r in compiled if "POS_FROM_PTR=True" in r["launch"])
+    assert positions == {"torch.int64": 7, "torch.int32": 7}, launches
 
 
 def test_attention_compiles_split_and_unsplit(compiled):
