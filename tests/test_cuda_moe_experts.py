@@ -200,6 +200,37 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
 
 
 @interpreted
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp8", "bf16"])
+def test_k_splits(experts, fmt, split_k):
+    """Decode's K splits (forced here; on a GPU ``decode_splits`` picks them): the last split of a
+    tile sums the fp32 partials in split order, then the epilogue runs as unsplit. Only the fp32
+    summation order differs from one launch, so both stay within bf16 rounding of the reference;
+    the arrival counters are back at 0 for the next call (a stale count would skip the epilogue)."""
+    import dataclasses
+
+    from seahal.backends.cuda._gemm import arrival_counters
+
+    args = _case(3, fmt, torch.bfloat16, seed=11)
+    config = dataclasses.replace(experts.experts_config(6, fmt != "bf16", args[0].device), split_k=split_k)
+    for _ in range(2):
+        out = experts.moe_experts(*args, config=config)
+        assert not arrival_counters(1024, args[0].device).any()
+        assert _rel(out, experts.moe_experts(*args)) < BF16_TOL
+        assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
+        assert _rel(out, _brute_force(*args)) < BF16_TOL
+
+
+def test_decode_splits():
+    from seahal.backends.cuda.moe_experts import decode_splits
+
+    assert decode_splits(96, 32, 132) == 4  # one token's gate-up (6 experts x 16 column tiles, K 4096)
+    assert decode_splits(192, 16, 132) == 2  # its down GEMM (6 x 32 column tiles, K 2048)
+    assert decode_splits(1536, 32, 132) == 1  # 16 tokens: ~96 experts fill the chip
+    assert decode_splits(6, 8, 132) == 2 and decode_splits(6, 7, 132) == 1  # each split keeps >= 4 K blocks
+
+
+@interpreted
 def test_repeated_expert_in_a_token_and_edge_tiles(experts):
     """Dense bf16 with D = 160, I = 96 (edge tiles and masked K blocks); token 0 picks expert 5
     twice: one row with the summed weight, as the reference applies it."""
@@ -318,24 +349,32 @@ DECODE_CALL = {"t": 1, "k": 6, "experts": 256, "dim": 4096, "inter": 2048}
 """V4-Flash decode, one token, FP4 experts: the call whose launches are counted."""
 
 
-def launches_per_call() -> tuple[list[str], list[str]]:
-    """(the Triton kernels, the other aten ops that would launch a device kernel) of a
-    :data:`DECODE_CALL` moe_experts call, recorded as an H100 would see them (capture_launches),
-    no GPU needed. Needs compiled kernels: run in a process without TRITON_INTERPRET."""
+def launches_per_call() -> tuple[list[str], list[str], list[int]]:
+    """(the Triton kernels, the other aten ops that would launch a device kernel, the K splits of
+    the two grouped GEMMs) of a
+    :data:`DECODE_CALL` moe_experts call after a first one (which makes the split-K arrival
+    counters, as a CUDA graph's warm-up does), recorded as an H100 would see them
+    (capture_launches), no GPU needed. Needs compiled kernels: run in a process without
+    TRITON_INTERPRET."""
     from seahal.backends.cuda import moe_experts
     from seahal.testing.triton_compile import AtenKernels, capture_launches
 
     t, k, e, d, inter = DECODE_CALL.values()
-    with capture_launches() as launches, AtenKernels() as aten:
+    with capture_launches() as launches:
         def empty(*shape, dtype=torch.float32):
             return torch.empty(shape, dtype=dtype, device="cuda")
 
         def fp4(rows, cols):
             return empty(e, rows, cols // 2, dtype=torch.uint8), empty(e, rows, cols // 32, dtype=torch.float8_e8m0fnu)
 
-        moe_experts.moe_experts(empty(t, d, dtype=torch.bfloat16), empty(t, k), empty(t, k, dtype=torch.int64),
-                                *fp4(inter, d), *fp4(inter, d), *fp4(d, inter))
-    return [launch.name for launch in launches], aten.ops
+        args = (empty(t, d, dtype=torch.bfloat16), empty(t, k), empty(t, k, dtype=torch.int64),
+                *fp4(inter, d), *fp4(inter, d), *fp4(d, inter))
+        moe_experts.moe_experts(*args)
+        launches.clear()
+        with AtenKernels() as aten:
+            moe_experts.moe_experts(*args)
+    splits = [launch.grid[2] for launch in launches if launch.name == "_grouped_gemm_kernel"]
+    return [launch.name for launch in launches], aten.ops, splits
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="runs in the main pytest process (it starts its own)")
@@ -344,11 +383,12 @@ def test_decode_call_launches_only_triton_kernels():
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    triton_kernels, other_kernels = json.loads(done.stdout.splitlines()[-1])
+    triton_kernels, other_kernels, splits = json.loads(done.stdout.splitlines()[-1])
     # routing, x's FP8 quantisation, gate-up, down, combine; the torch routing was ~45 more kernels
     assert triton_kernels == ["_route_kernel", "_fp8_act_quant_kernel", "_grouped_gemm_kernel",
                               "_grouped_gemm_kernel", "_combine_kernel"]
     assert other_kernels == []
+    assert splits == [4, 2]  # decode_splits: gate-up 6 x 16 column tiles of K 4096, down 6 x 32 of K 2048
 
 
 if __name__ == "__main__":

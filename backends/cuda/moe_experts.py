@@ -19,6 +19,10 @@ Three launches after the routing tables:
 2. down: ``y_s = x.dtype(h_s W2^T)`` per sorted row, the same kernel with one weight.
 3. combine: ``out_t = sum_k fp32(y_{pos(t, k)})`` in ascending expert order (the reference's order).
 
+At decode the (row tile, column tile) grids of both GEMMs are small (one token: 6 experts' tiles),
+while each program's FP4 decode is ALU-bound; :func:`decode_splits` then cuts K into splits, and
+the last split of a tile to arrive sums the fp32 partials in split order and runs the epilogue.
+
 Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
 scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
 scales (as ``fp4_gemm``: Triton's microscaling ``tl.dot_scaled`` for e8m0 scales,
@@ -39,7 +43,7 @@ import triton.language as tl
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_acc, fp4_block_dot, fp4_result
-from ._gemm import K_BLOCK, decode_e8m0
+from ._gemm import K_BLOCK, arrival_counters, decode_e8m0
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .quant import fp8_act_quant
 
@@ -58,6 +62,8 @@ class ExpertsConfig:
     num_stages: int = 3
     fp4_mx: bool = True
     """FP4 weights with e8m0 scales through ``tl.dot_scaled`` (:mod:`._e2m1`), else decoded to bf16."""
+    split_k: int | None = None
+    """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
 
 
 def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsConfig:
@@ -300,18 +306,19 @@ def _accumulate(
 
 @triton.jit
 def _k_loop(
-    a_ptr, a_scale_ptr, a_rows, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, w_cols, col0, K,
+    a_ptr, a_scale_ptr, a_rows, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, w_cols, col0, K, kb_lo, kb_hi,
     stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_vn, stride_vk, stride_vsn, stride_vsk,
     GATE_UP: tl.constexpr, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, W_SCALE_E8M0: tl.constexpr,
     V_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MX: tl.constexpr,
 ):
-    """(A W^T, A V^T) over all of K for a row tile and column tile (A V^T zero unless GATE_UP)."""
+    """(A W^T, A V^T) over K blocks [kb_lo, kb_hi) for a row tile and column tile (A V^T zero
+    unless GATE_UP)."""
     fp4_mx: tl.constexpr = FORMAT == 2 and MX
     acc_w = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
     acc_v = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
-    for kb in range(tl.cdiv(K, BLOCK_K)):
+    for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         if FORMAT == 0:
@@ -334,8 +341,8 @@ def _k_loop(
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, out_ptr, out_scale_ptr,
-    tiles_ptr, slots_ptr, weights_ptr,
-    N, K, max_tiles, limit,
+    tiles_ptr, slots_ptr, weights_ptr, partial_ptr, counter_ptr,
+    N, K, S, max_tiles, limit,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_ve, stride_vn, stride_vk, stride_vse, stride_vsn, stride_vsk,
@@ -343,13 +350,15 @@ def _grouped_gemm_kernel(
     TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """One (row tile, column tile) of an expert's GEMM over its consecutive sorted rows.
+    """One (row tile, column tile, K split) of an expert's GEMM over its consecutive sorted rows.
 
     GATE_UP: A rows are x[slot // k]; C = h = w * silu(min(A W1^T, L)) * clamp(A W3^T, -L, L)
     (W1 = w, W3 = v), stored in C's dtype or, with QUANT_OUT, rounded to bf16 if ROUND_BF16 and
     stored as e4m3 codes + 1x128 scales. Else (down): A rows are the sorted rows, C = A W2^T.
+    SPLIT_K > 1: the last of a tile's splits to arrive sums their partials (:func:`_sum_splits`)
+    and runs the epilogue.
     """
     tile = tl.program_id(0)
     expert = tl.load(tiles_ptr + tile)
@@ -370,12 +379,64 @@ def _grouped_gemm_kernel(
     w_scale_ptr += expert * stride_wse
     v_ptr += expert * stride_ve
     v_scale_ptr += expert * stride_vse
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    kb_lo = tl.program_id(2) * per_split
     acc_w, acc_v = _k_loop(
         a_ptr, a_scale_ptr, a_rows, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, w_cols, col0, K,
+        kb_lo, tl.minimum(kb_lo + per_split, k_blocks),
         stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
         stride_vn, stride_vk, stride_vsn, stride_vsk,
         GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX,
     )
+    mask = row_mask[:, None] & (cols[None, :] < N)
+    if SPLIT_K > 1:
+        acc_w, acc_v, last = _sum_splits(
+            acc_w, acc_v, partial_ptr, counter_ptr + tile * tl.num_programs(1) + tl.program_id(1),
+            rows, cols, mask, N, S, GATE_UP, SPLIT_K,
+        )
+    else:
+        last = True
+    if last:
+        _epilogue(acc_w, acc_v, out_ptr, out_scale_ptr, weights_ptr, rows, row_mask, cols, mask, limit,
+                  stride_om, stride_on, stride_osm, stride_osn, GATE_UP, CLAMP, QUANT_OUT, ROUND_BF16)
+
+
+@triton.jit
+def _sum_splits(
+    acc_w, acc_v, partial_ptr, counter, rows, cols, mask, N, S, GATE_UP: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Split-K: store this split's partial tiles to the workspace [SPLIT_K, 1 + GATE_UP, S, N]
+    (S sorted rows), count the arrival; the split that arrives last sums every split's partials in
+    split order (deterministic), resets the counter and returns (A W^T, A V^T, True)."""
+    plane = S.to(tl.int64) * N
+    ptrs = partial_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    planes: tl.constexpr = 1 + GATE_UP
+    split = tl.program_id(2)
+    tl.store(ptrs + split * planes * plane, acc_w, mask=mask)
+    if GATE_UP:
+        tl.store(ptrs + (split * planes + 1) * plane, acc_v, mask=mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
+    total_w = tl.zeros_like(acc_w)
+    total_v = tl.zeros_like(acc_v)
+    if last:
+        for s in tl.static_range(SPLIT_K):
+            total_w += tl.load(ptrs + s * planes * plane, mask=mask, other=0.0, cache_modifier=".cg")
+            if GATE_UP:
+                total_v += tl.load(ptrs + (s * planes + 1) * plane, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter, 0)
+    return total_w, total_v, last
+
+
+@triton.jit
+def _epilogue(
+    acc_w, acc_v, out_ptr, out_scale_ptr, weights_ptr, rows, row_mask, cols, mask, limit,
+    stride_om, stride_on, stride_osm, stride_osn,
+    GATE_UP: tl.constexpr, CLAMP: tl.constexpr, QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """Store a tile's C: A W^T (down), or h = w * silu(min(A W^T, L)) * clamp(A V^T, -L, L) (gate-up),
+    in C's dtype, or as e4m3 codes + 1x128 scales (QUANT_OUT, rounded to bf16 first if ROUND_BF16)."""
     out = acc_w
     if GATE_UP:
         gate = acc_w
@@ -387,7 +448,6 @@ def _grouped_gemm_kernel(
         out = gate / (1.0 + tl.exp(-gate)) * up * weight[:, None]
     out_rows = rows.to(tl.int64)
     c_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on
-    mask = row_mask[:, None] & (cols[None, :] < N)
     if QUANT_OUT:
         if ROUND_BF16:
             out = cast_rne(out, tl.bfloat16).to(tl.float32)
@@ -439,16 +499,30 @@ def _grouped_gemm(
     """Launch :func:`_grouped_gemm_kernel`: gate-up when ``v`` (W3) is given, else down."""
     n = w.shape[1]
     k = a.shape[1]
+    rows = routing.slots.shape[0]
     max_tiles = routing.tiles.shape[1]
     w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
     gate_up = v is not None
     dot_fp32 = fmt == "dense" and torch.float32 in (a.dtype, w.dtype, (v if gate_up else w).dtype)
-    grid = (max_tiles, triton.cdiv(n, config.block_n))
-    _grouped_gemm_kernel[grid](
+    col_tiles = triton.cdiv(n, config.block_n)
+    block_k = _block_k(fmt)
+    split_k = config.split_k
+    if split_k is None:
+        split_k = 1
+        if a.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+            split_k = decode_splits(min(w.shape[0], rows) * col_tiles, triton.cdiv(k, block_k), sms)
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    if split_k > 1:  # fp32 partials of every sorted row, and one arrival counter per output tile
+        partial = torch.empty((split_k, 1 + gate_up, rows, n), dtype=torch.float32, device=a.device)
+        counters = arrival_counters(max_tiles * col_tiles, a.device)
+    else:
+        partial = counters = out  # unused
+    _grouped_gemm_kernel[(max_tiles, col_tiles, split_k)](
         a, a if a_scale is None else a_scale, w, w if w_scale is None else w_scale,
         w if v is None else v, w if v_scale is None else v_scale, out, out if out_scale is None else out_scale,
-        routing.tiles, routing.slots, routing.weights,
-        n, k, max_tiles, float(limit),
+        routing.tiles, routing.slots, routing.weights, partial, counters,
+        n, k, rows, max_tiles, float(limit),
         *a.stride(), *_strides(a_scale, 2),
         *w.stride(), *_strides(w_scale, 3),
         *_strides(v, 3), *_strides(v_scale, 3),
@@ -457,9 +531,21 @@ def _grouped_gemm(
         QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
         MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(fmt),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def decode_splits(programs: int, k_blocks: int, sm_count: int) -> int:
+    """K splits of a grouped GEMM whose (row tile, column tile) grid has ``programs`` programs with
+    work (bounded by min(E, T*k) tiles): doubling while the grid holds under two programs per SM
+    and each split keeps >= 4 of the ``k_blocks`` K blocks. Decode of one token on 132 SMs (6
+    experts): V4-Flash gate-up 96 programs of 32 K blocks -> 4 splits, down 192 of 16 -> 2; from
+    16 tokens (about 96 experts) none. FP4 decode is ALU-bound, so more programs decode at once."""
+    split = 1
+    while programs * split < 2 * sm_count and k_blocks // (2 * split) >= 4:
+        split *= 2
+    return split
 
 
 def _check_dense_dtypes(**weights: torch.Tensor) -> None:
