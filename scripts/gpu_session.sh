@@ -57,10 +57,12 @@ STEPS=(
 )
 # Run only when --only names them: the FP8 GEMM and router rows (measured on the H200 on 2026-11-26,
 # unchanged since), and the end-to-end model against transformers (minutes, 32 GB of GPU memory,
-# 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first).
+# 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first), whole or at
+# 1k context only (--quick: what a second device command of ~300 s can hold).
 OPT_IN_STEPS=(
   "bench-gemm-gate|120|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
   "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
+  "bench-model-quick|300|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
 )
 
 xdist_args() {  # a worker per 16 GiB of GPU memory, 2 to 8 (H100: 4, H200: 8), one file each at a time
