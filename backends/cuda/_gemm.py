@@ -69,11 +69,17 @@ def heuristic_config(m: int, n: int, k: int, sm_count: int) -> GemmConfig:
     else:
         block_m, block_n, warps, stages = 128, 128, 8, 4
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = k // K_BLOCK
-    split = 1
-    while tiles * split < sm_count and k_blocks // (2 * split) >= 4 and m <= 64:
-        split *= 2
+    split = k_splits(tiles, k // K_BLOCK, sm_count) if m <= 64 else 1
     return GemmConfig(block_m, block_n, warps, stages, split)
+
+
+def k_splits(programs: int, k_blocks: int, target: int) -> int:
+    """Split-K factor of a grid of ``programs`` output tiles over ``k_blocks`` K blocks: doubled
+    while the grid holds fewer than ``target`` programs and each split keeps >= 4 K blocks."""
+    split = 1
+    while programs * split < target and k_blocks // (2 * split) >= 4:
+        split *= 2
+    return split
 
 
 def chip(device: torch.device) -> str:

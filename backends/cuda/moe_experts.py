@@ -43,7 +43,7 @@ import triton.language as tl
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_acc, fp4_block_dot, fp4_result
-from ._gemm import K_BLOCK, arrival_counters, decode_e8m0
+from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .quant import fp8_act_quant
 
@@ -542,10 +542,7 @@ def decode_splits(programs: int, k_blocks: int, sm_count: int) -> int:
     and each split keeps >= 4 of the ``k_blocks`` K blocks. Decode of one token on 132 SMs (6
     experts): V4-Flash gate-up 96 programs of 32 K blocks -> 4 splits, down 192 of 16 -> 2; from
     16 tokens (about 96 experts) none. FP4 decode is ALU-bound, so more programs decode at once."""
-    split = 1
-    while programs * split < 2 * sm_count and k_blocks // (2 * split) >= 4:
-        split *= 2
-    return split
+    return k_splits(programs, k_blocks, 2 * sm_count)
 
 
 def _check_dense_dtypes(**weights: torch.Tensor) -> None:
