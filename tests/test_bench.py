@@ -319,17 +319,17 @@ def test_seahal_bench_command_passes_device_and_plot(tmp_path, capsys):
 
 
 def test_gemm_tuner_tries_both_fp4_forms_and_writes_the_winner():
-    """``--tune`` tries every fp4 config in both forms; the table source carries the bf16-decode
-    flag and evaluates back to the same config (what ``--write-tables`` commits)."""
+    """``--tune`` tries every fp4 config in both forms; the table source carries the
+    ``tl.dot_scaled`` flag and evaluates back to the same config (what ``--write-tables`` commits)."""
     from seahal.backends.cuda._gemm import GemmConfig
     from seahal.bench.cuda_gemm import config_table_source, tune_candidates
 
     for m in (1, 64, 512, 4096):
         fp4 = tune_candidates("fp4_gemm", m)
-        assert {c for c in fp4 if not c.fp4_mx} == {GemmConfig(**{**c.__dict__, "fp4_mx": False}) for c in fp4}
-        assert all(c.fp4_mx for c in tune_candidates("fp8_gemm", m))  # the field's default: unused by fp8
-    config = GemmConfig(128, 128, 8, 3, 1, 16, fp4_mx=False)
+        assert {c for c in fp4 if c.fp4_mx} == {GemmConfig(**{**c.__dict__, "fp4_mx": True}) for c in fp4}
+        assert not any(c.fp4_mx for c in tune_candidates("fp8_gemm", m))
+    config = GemmConfig(128, 128, 8, 3, 1, 16, fp4_mx=True)
     row = {"M": 4096, "N": 2048, "K": 4096, "shape": "exp_up", "us": 1.0, "config": config.__dict__}
     source = config_table_source([row])
-    assert "fp4_mx=False" in source
+    assert "fp4_mx=True" in source
     assert eval("{" + source + "\n}", {"GemmConfig": GemmConfig}) == {(4096, 2048, 4096): config}

@@ -39,8 +39,8 @@ def _empty(*shape, dtype=None):
 def _gemms():
     """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it,
     the persistent variant of each prefill (M >= 512) config and, for FP4, each config with e8m0
-    scales both through ``tl.dot_scaled`` (the default) and decoded to bf16 (``fp4_mx=False``, also
-    what fp32 scales take): tuner candidates, in no table yet."""
+    scales both decoded to bf16 (the tables' form, also what fp32 scales take) and through
+    ``tl.dot_scaled`` (``fp4_mx=True``): tuner candidates, in no table yet."""
     import dataclasses
 
     import torch
@@ -56,7 +56,7 @@ def _gemms():
         for key, c in table.items():
             variants = [c, dataclasses.replace(c, persistent=1)] if key[0] >= 512 else [c]
             if module is fp4_gemm:
-                variants += [dataclasses.replace(v, fp4_mx=False) for v in variants]
+                variants += [dataclasses.replace(v, fp4_mx=True) for v in variants]
             for v in variants:
                 code_shape = (v.block_m, v.block_n, v.num_warps, v.split_k > 1, v.tma, v.persistent > 0, v.fp4_mx)
                 chosen.setdefault(code_shape, (v, key))
@@ -65,8 +65,8 @@ def _gemms():
             b = _empty(n, b_cols(k), dtype=b_dtype)
             sb_rows = -(-n // 128) if module is fp8_gemm else n
             formats = ((torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32))
-            bf16_form_of_e8m0 = module is fp4_gemm and not config.fp4_mx  # fp32 scales: the mx config compiles it
-            for scale_dtype, out_dtype in formats[1:] if bf16_form_of_e8m0 else formats:
+            mx = module is fp4_gemm and config.fp4_mx  # e8m0 scales only (fp32 ones: the bf16 form, compiled above)
+            for scale_dtype, out_dtype in formats[1:] if mx else formats:
                 sb = _empty(sb_rows, sb_cols(k), dtype=scale_dtype)
                 launch(a, sa, b, sb, _empty(m, n, dtype=out_dtype), config)
                 if config.split_k == 1:

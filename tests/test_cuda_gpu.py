@@ -123,9 +123,9 @@ def test_fp4_gemm_plan(plan, m, n, k):
 @pytest.mark.parametrize("block_m, block_n, warps, split_k", [(16, 64, 4, 8), (64, 128, 4, 1), (128, 128, 8, 1)])
 @pytest.mark.parametrize("binades", [10, 40])
 def test_fp4_mx_form(block_m, block_n, warps, split_k, binades):
-    """``fp4_mx`` (``tl.dot_scaled``, the default) and the bf16 decode: both form exact products
-    and sum them in fp32, so each is the float64-exact reference's to fp32 accumulation order,
-    with 1x32 group scales over 2^±5 and 2^±20."""
+    """``fp4_mx`` (``tl.dot_scaled``) and the bf16 decode (the committed tables' form): both form
+    exact products and sum them in fp32, so each is the float64-exact reference's to fp32
+    accumulation order, with 1x32 group scales over 2^±5 and 2^±20."""
     from seahal.backends.cuda.fp4_gemm import launch_fp4_gemm
 
     torch.manual_seed(binades + block_m)

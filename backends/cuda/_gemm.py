@@ -39,10 +39,11 @@ class GemmConfig:
     persistent: int = 0
     """Programs per SM of a persistent launch: min(work items, SMs x persistent) programs, each
     looping over (output tile, K split) work items in launch order; 0: one program per work item."""
-    fp4_mx: bool = True
+    fp4_mx: bool = False
     """FP4 weights with e8m0 scales: each K block through Triton's microscaling ``tl.dot_scaled``
     (the weight decoded in registers by the compiler, wgmma); off, or with fp32 scales, decoded to
-    bf16 by ``_e2m1.as_bf16`` (``_e2m1.fp4_block_dot``). Unused by the FP8 kernel."""
+    bf16 by ``_e2m1.as_bf16`` (``_e2m1.fp4_block_dot``). Off by default: the committed tables were
+    measured in the bf16 form, and the tuner tries both (TUNING.md). Unused by the FP8 kernel."""
 
 
 ConfigTable = Mapping[tuple[int, int, int], GemmConfig]

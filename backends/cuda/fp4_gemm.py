@@ -1,9 +1,10 @@
 """Triton FP8 x FP4 GEMM (op ``fp4_gemm``): e2m1 weights decoded in registers.
 
-Per 128-wide K block: B's packed e2m1 codes and 1x32 power-of-two scales go through Triton's
-microscaling product ``tl.dot_scaled`` (``GemmConfig.fp4_mx``, e8m0 scales) or are decoded to bf16
-here (fp32 scales), both exact (:mod:`._e2m1`); ``sA[m, kb]`` scales the block product into the
-fp32 accumulator. Equal to the reference's per-32-step sum up to fp32 rounding order (v4_ops.md §11.5).
+Per 128-wide K block: B's packed e2m1 codes and 1x32 power-of-two scales are decoded to bf16 here
+(the committed configs), or go through Triton's microscaling product ``tl.dot_scaled``
+(``GemmConfig.fp4_mx``, e8m0 scales only), both exact (:mod:`._e2m1`); ``sA[m, kb]`` scales the
+block product into the fp32 accumulator. Equal to the reference's per-32-step sum up to fp32
+rounding order (v4_ops.md §11.5).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ SM90_CONFIGS: ConfigTable = {
     (4096, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 442.9 us
 }
 """(m class, N, K) -> config, measured on an H100 SXM by ``python -m seahal.bench.cuda_gemm --tune --write-tables``,
-in the bf16-decode form (the times in the comments); they now run in the ``tl.dot_scaled`` form
-(``GemmConfig.fp4_mx``), not yet measured or re-tuned on a GPU (TUNING.md)."""
+in the bf16-decode form; ``--tune`` also tries each candidate through ``tl.dot_scaled``
+(``fp4_mx=True``), and ``--write-tables`` commits that form where it wins (TUNING.md)."""
 
 CONFIGS = {"sm90": SM90_CONFIGS}
 

@@ -133,7 +133,7 @@ def tune_candidates(op: str, m: int):
         tma += [replace(c, tma=True) for c in persistent]
     if op == "fp8_gemm":
         return configs + tma
-    return configs + [replace(c, fp4_mx=False) for c in configs]  # the bf16-decode form of each
+    return configs + [replace(c, fp4_mx=True) for c in configs]  # the tl.dot_scaled form of each
 
 
 def _checked(op: str, config, a, a_scale, b, b_scale, ref) -> float:
@@ -291,7 +291,7 @@ def format_table(rows: list[dict]) -> str:
         c = r["config"]
         cfg = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} k{c['split_k']} g{c['group_m']}"
         cfg += " tma" * bool(c.get("tma")) + (f" p{c['persistent']}" if c.get("persistent") else "")
-        cfg += " bf16-decode" * (r["op"] == "fp4_gemm" and not c.get("fp4_mx", True))
+        cfg += " mx" * bool(c.get("fp4_mx"))
         if r.get("other_form_us"):
             cfg += f" (other FP4 form: {r['other_form_us']:.1f} us)"
         lines.append(
@@ -314,7 +314,7 @@ def config_table_source(rows: list[dict]) -> str:
         c = r["config"]
         flag = ", tma=True" if c.get("tma") else ""
         flag += f", persistent={c['persistent']}" if c.get("persistent") else ""
-        flag += ", fp4_mx=False" if not c.get("fp4_mx", True) else ""
+        flag += ", fp4_mx=True" if c.get("fp4_mx") else ""
         lines.append(f"    ({m_class(r['M'])}, {r['N']}, {r['K']}): GemmConfig({c['block_m']}, {c['block_n']}, "
                      f"{c['num_warps']}, {c['num_stages']}, {c['split_k']}, {c['group_m']}{flag}),  "
                      f"# {r['shape']} {r['us']:.1f} us")
