@@ -58,10 +58,12 @@ STEPS=(
 # Run only when --only names them: the FP8 GEMM and router rows (measured on the H200 on 2026-11-26,
 # unchanged since), and the end-to-end model against transformers (minutes, 32 GB of GPU memory,
 # 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first), whole or at
-# 1k context only (--quick: what a second device command of ~300 s can hold).
+# 1k context only (--quick: what a second device command of ~300 s can hold); and the experts'
+# launch-config sweep (quick rows), for the table moe_experts does not have yet.
 OPT_IN_STEPS=(
   "bench-gemm-gate|120|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
   "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
+  "tune-experts|300|\$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --json \$RESULTS/tune-experts.json"
   "bench-model-quick|300|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
 )
 

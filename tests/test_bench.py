@@ -5,6 +5,7 @@ and byte formula against numbers worked out by hand for one V4 shape."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -333,3 +334,23 @@ def test_gemm_tuner_tries_both_fp4_forms_and_writes_the_winner():
     source = config_table_source([row])
     assert "fp4_mx=True" in source
     assert eval("{" + source + "\n}", {"GemmConfig": GemmConfig}) == {(4096, 2048, 4096): config}
+
+
+def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
+    """``tune_row``: a candidate whose output is off is not timed; the fastest of the rest wins."""
+    import torch
+
+    from seahal.backends.cuda.moe_experts import ExpertsConfig
+    from seahal.bench.cuda_moe_experts import tune_candidates, tune_row
+
+    expected = torch.ones(4, 8)
+    slow, wrong, fast = ExpertsConfig(16, 128), ExpertsConfig(32, 128), ExpertsConfig(16, 128, num_warps=8)
+    outputs = {slow: expected, wrong: expected * 1.5, fast: expected}
+    times = {slow: 20.0, fast: 10.0}
+    result = tune_row(outputs.__getitem__, [slow, wrong, fast], expected, lambda fn: times[fn.args[0]])
+    assert result["best"] == dataclasses.asdict(fast) and result["us"] == 10.0
+    assert [t["us"] for t in result["trials"]] == [20.0, None, 10.0]
+    # decode rows try K splits and both FP4 forms; prefill neither splits nor needs the decode tiles
+    decode, prefill = tune_candidates(1, fp4=True), tune_candidates(8192, fp4=True)
+    assert {c.split_k for c in decode} == {None, 1, 2, 4} and {c.fp4_mx for c in decode} == {True, False}
+    assert {c.split_k for c in prefill} == {1} and min(c.block_m for c in prefill) == 32

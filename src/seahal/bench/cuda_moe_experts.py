@@ -9,11 +9,13 @@ FP4 rows also time the same kernels with every FP4 block decoded to bf16 (``fp4_
 against the default ``tl.dot_scaled`` form.
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
+    python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -28,6 +30,7 @@ from seahal.bench.common import (
     measure_all,
     models,
     reference,
+    time_us,
 )
 
 OPS = ("moe_experts",)
@@ -78,14 +81,19 @@ def _random_weight(fmt: str, experts: int, rows: int, cols: int, device: torch.d
     return codes.view(torch.float8_e4m3fn), scale
 
 
-def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Workload:
+def _arguments(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> tuple:
+    """moe_experts' arguments for a row: x, routing, the three stacked weights and the limit."""
     torch.manual_seed(tokens)
     ids, weights = (t.to(device) for t in routing(tokens, dims.experts, dims.top_k))
     x = torch.randn(tokens, dims.dim, device=device, dtype=torch.bfloat16)
     w1, s1 = _random_weight(fmt, dims.experts, dims.inter, dims.dim, device)
     w3, s3 = _random_weight(fmt, dims.experts, dims.inter, dims.dim, device)
     w2, s2 = _random_weight(fmt, dims.experts, dims.dim, dims.inter, device)
-    args = (x, weights, ids, w1, s1, w3, s3, w2, s2, SWIGLU_LIMIT)
+    return x, weights, ids, w1, s1, w3, s3, w2, s2, SWIGLU_LIMIT
+
+
+def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Workload:
+    args = _arguments(dims, fmt, tokens, device)
     kernel = implementation("moe_experts", "moe_experts", "moe", device)
     peers = {"reference": partial(reference("moe_experts", "moe"), *args)}
     if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks decoded to bf16,
@@ -155,3 +163,82 @@ def route_cases(device: torch.device, quick: bool) -> list[Case]:
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``moe_experts`` in the common schema, then its decode routing alone."""
     return measure_all(cases(device, quick) + route_cases(device, quick), device, quick)
+
+
+# -- tuning -----------------------------------------------------------------------------------------
+def tune_candidates(tokens: int, fp4: bool) -> list:
+    """The launch configs ``--tune`` times for a row of ``tokens`` tokens: decode (<= 64 tokens)
+    16- and 32-row tiles and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
+    4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode). BLOCK_N
+    stays 128: the gate-up epilogue quantises h in 1x128 tiles."""
+    from seahal.backends.cuda.moe_experts import ExpertsConfig
+
+    decode = tokens <= 64
+    return [
+        ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split)
+        for block_m in ((16, 32) if decode else (32, 64, 128))
+        for warps in (4, 8)
+        for split in ((None, 1, 2, 4) if decode else (1,))
+        for mx in ((True, False) if fp4 else (True,))
+    ]
+
+
+def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Callable[[Callable], float]) -> dict:
+    """Time ``run(config)`` for each candidate whose output is within BF16_TOL of ``expected``;
+    {"best": config as a dict, "us", "trials": [{config, us or None, err}]}, best None if none passed."""
+    trials = []
+    for config in candidates:
+        err, passed = close(BF16_TOL)(run(config), expected)
+        us = time(partial(run, config)) if passed else None
+        trials.append({"config": dataclasses.asdict(config), "us": us, "err": err})
+    timed = [t for t in trials if t["us"] is not None]
+    best = min(timed, key=lambda t: t["us"]) if timed else None
+    return {"best": best and best["config"], "us": best and best["us"], "trials": trials}
+
+
+def tune(device: torch.device, quick: bool = False) -> list[dict]:
+    """For every row of :func:`cases`: the default launch's time and the fastest of
+    :func:`tune_candidates` (what a committed config table would hold), printed as one line a row."""
+    from seahal.backends.cuda.moe_experts import experts_config, moe_experts
+
+    results = []
+    for dims in models(device):
+        for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
+            for stage, tokens in _token_counts(device, quick):
+                args = _arguments(dims, fmt, tokens, device)
+                default = experts_config(tokens * dims.top_k, True, device)
+                expected = reference("moe_experts", "moe")(*args)
+                tuned = tune_row(lambda config: moe_experts(*args, config=config),
+                                 tune_candidates(tokens, fmt == "fp4"), expected,
+                                 lambda fn: time_us(fn, device, quick)[0])
+                default_us = time_us(partial(moe_experts, *args, config=default), device, quick)[0]
+                results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens}", "default": dataclasses.asdict(default),
+                                "default_us": default_us, **tuned})
+                r = results[-1]
+                print(f"{r['shape']}: default {default_us:.1f} us, best {r['us'] and round(r['us'], 1)} us "
+                      f"{r['best']}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tune", action="store_true", help="time every tune_candidates config of each row")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="write the tuning results here")
+    args = parser.parse_args(argv)
+    if not args.tune:
+        parser.error("only --tune runs here; the rows run through `seahal bench --backend cuda --ops moe_experts`")
+    if not torch.cuda.is_available():
+        raise SystemExit("tuning moe_experts needs a CUDA device")
+    results = tune(torch.device("cuda"), args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
