@@ -277,3 +277,22 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
     }
     monkeypatch.setenv(cuda.UNVERIFIED_VARIABLE, "1")
     assert all(k.rejection(on_h100) is None for k in kernels.values())
+
+
+def test_outgrown_arrival_counters_stay_alive():
+    """A call that needs more counters than the stream's buffer holds gets a new buffer; the old one
+    is never freed, since a CUDA graph captured on it keeps no reference and may replay on it."""
+    import gc
+    import weakref
+
+    from seahal.backends.cuda._gemm import arrival_counters
+
+    device = torch.device("cpu")
+    old = arrival_counters(8, device)
+    alive = weakref.ref(old)
+    grown = arrival_counters(old.numel() + 1, device)
+    assert grown.numel() > old.numel() and not grown.any()
+    assert arrival_counters(8, device) is grown  # the larger buffer serves every smaller call after
+    del old
+    gc.collect()
+    assert alive() is not None

@@ -105,20 +105,27 @@ INTERPRETER_SMS = 3
 programs loop over several, unequal numbers of tiles."""
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
+"""Counter buffers replaced by larger ones, kept alive: a captured CUDA graph holds no reference to
+the buffers its kernels were given, and may still replay on one of these."""
 
 
 def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
     """At least ``count`` int32 zeros: the arrival counters of a fixed-order "last one reduces" epilogue.
 
-    The kernels that use them (split-K here, the one-launch MoE gate) reset each counter to zero
-    after use, so one buffer per (device, stream) serves every launch on that stream, one after
-    another. To capture such a launch in a CUDA graph, run it once on the capture stream first (as
-    torch recommends for any warm-up), so the buffer exists before the capture.
+    The kernels that use them (split-K GEMMs and grouped experts, the mHC mix, the compressor's
+    channel blocks) reset each counter to zero after use, so one buffer per (device, stream) serves
+    every launch on that stream, one after another. To capture such a launch in a CUDA graph, run
+    it once on the capture stream first (as torch recommends for any warm-up), so the buffer exists
+    before the capture. A call that needs more counters gets a new, larger buffer; the old one is
+    never freed (:data:`_OUTGROWN`), since graphs captured before may still use it.
     """
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < count:
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = counters
     return counters
