@@ -18,7 +18,7 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "pytest-gpu", "bench-attention", "bench-indexer", "bench-fp4", "bench-rest",
+STEPS = ["setup", "conformance", "pytest-gpu", "bench-attention", "bench-indexer", "bench-mhc-compress", "bench-fp4",
          "bench-quick"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
@@ -79,10 +79,10 @@ def test_every_step_runs_though_each_fails(tmp_path):
 
 
 def test_a_spent_budget_skips_the_remaining_steps(tmp_path):
-    result = _run("--budget", "10", "--only", "conformance,bench-rest", python="false", out=tmp_path)
+    result = _run("--budget", "10", "--only", "conformance,bench-fp4", python="false", out=tmp_path)
     assert result.returncode == 1
     rows = [line.split() for line in (tmp_path / "summary.txt").read_text().splitlines()[1:3]]
-    assert [row[:2] for row in rows] == [["conformance", "skipped"], ["bench-rest", "skipped"]]
+    assert [row[:2] for row in rows] == [["conformance", "skipped"], ["bench-fp4", "skipped"]]
 
 
 def test_bench_digest_names_wrong_failed_and_missed_rows(tmp_path, capsys):
