@@ -30,12 +30,9 @@ from seahal.backends.cpu.reference import quant as ref_quant
 from seahal.hal.ops.compressor import compressor_state, new_entries
 from seahal.hal.ops.quant import kv_record_bytes
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from cuda_marks import IN_INTERPRETER, kernels  # noqa: E402
+
 DEVICE = "cpu" if IN_INTERPRETER else "cuda"
-kernels = pytest.mark.skipif(
-    not IN_INTERPRETER and not torch.cuda.is_available(),
-    reason="no CUDA device: runs in test_under_interpreter's subprocess",
-)
 
 
 def test_under_interpreter():

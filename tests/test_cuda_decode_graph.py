@@ -8,8 +8,6 @@ into the kernel); the rest of the tiny model stays on the CPU reference, which k
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -23,7 +21,8 @@ from seahal.model.decode_graph import DecodeGraph  # noqa: E402
 from seahal.model.tiny import write_tiny_checkpoint  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from cuda_marks import IN_INTERPRETER  # noqa: E402
+
 POSITION_OPS = ("kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed")
 
 

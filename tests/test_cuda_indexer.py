@@ -36,9 +36,7 @@ from seahal.hal.formats import index_key_bytes, index_key_pack, index_key_unpack
 from seahal.testing import triton_interpreter
 from seahal.testing.tolerances import checks_for
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
-on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_marks import IN_INTERPRETER, interpreted, on_gpu  # noqa: E402
 
 
 def test_under_interpreter():

@@ -10,7 +10,6 @@ see the variable.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -31,8 +30,7 @@ from seahal.hal.formats import (  # noqa: E402
 from seahal.hal import get_spec  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+from cuda_marks import IN_INTERPRETER, interpreted  # noqa: E402
 
 
 def test_under_interpreter():

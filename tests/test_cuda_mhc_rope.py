@@ -9,8 +9,6 @@ in a subprocess with TRITON_INTERPRET=1 (see test_cuda_interpret.py for why).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -25,9 +23,8 @@ from seahal.hal.ops.rope import Yarn, rope_frequencies
 
 from seahal.testing.tolerances import checks_for
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
-on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_marks import interpreted, on_gpu  # noqa: E402
+
 F32, BF16 = torch.float32, torch.bfloat16
 
 

@@ -31,8 +31,7 @@ from seahal.hal.formats import (  # noqa: E402
 from seahal.hal.ops.moe import expert_weight_format  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+from cuda_marks import IN_INTERPRETER, interpreted  # noqa: E402
 
 E, TOP_K, D, I = 8, 2, 256, 256
 EMPTY_EXPERT = 3

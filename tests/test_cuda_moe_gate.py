@@ -9,7 +9,6 @@ TRITON_INTERPRET=1 (see test_cuda_interpret.py for why); GPU tests need a CUDA d
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -20,9 +19,7 @@ from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference.moe import moe_gate as reference
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
-on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_marks import interpreted, on_gpu  # noqa: E402
 
 WEIGHT_TOL = 1e-6
 """fp32 weights: logits summed in another order (~2^-24 * sqrt(D) relative, D <= 96 here), scores

@@ -9,8 +9,6 @@ subprocess with TRITON_INTERPRET=1 (see test_cuda_interpret.py for why).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,9 +18,8 @@ from seahal.backends.cpu.reference.norm import rms_norm as reference  # noqa: E4
 from seahal.testing import triton_interpreter  # noqa: E402
 from seahal.testing.tolerances import checks_for  # noqa: E402
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
-on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_marks import interpreted, on_gpu  # noqa: E402
+
 F32, BF16 = torch.float32, torch.bfloat16
 
 

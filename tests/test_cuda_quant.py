@@ -9,8 +9,6 @@ subprocess, see test_cuda_interpret.py for why) and, on a machine with a GPU, on
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,12 +18,9 @@ from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference import quant as reference
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from cuda_marks import IN_INTERPRETER, kernels  # noqa: E402
+
 DEVICE = "cpu" if IN_INTERPRETER else "cuda"
-kernels = pytest.mark.skipif(
-    not IN_INTERPRETER and not torch.cuda.is_available(),
-    reason="no CUDA device: runs in test_under_interpreter's subprocess",
-)
 E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 """Every e4m3 value by code (codes 0x7F and 0xFF are NaN)."""
 

@@ -8,8 +8,6 @@ test_cuda_interpret.py for why); the GPU test needs a CUDA device (not run in th
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,9 +19,7 @@ from seahal.hal import get_spec
 
 from seahal.testing import triton_interpreter
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
-on_gpu = pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_marks import IN_INTERPRETER, interpreted, on_gpu  # noqa: E402
 
 FP32_TOL = (0.0, 2**-16)
 """(rtol, atol / max|kv|) for fp32: logits (|s| <= ~10 here) summed over D <= 128 in another order

@@ -18,7 +18,6 @@ The compressor is compared whole.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -36,7 +35,8 @@ from seahal.testing.tolerances import checks_for
 
 pytest.importorskip("triton")
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from cuda_marks import IN_INTERPRETER  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cpu" if IN_INTERPRETER else "cuda")
 CSA, HCA = 4, 128

@@ -17,8 +17,6 @@ it was not given, row 0 for an empty slot included, turns the output into NaN.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -29,8 +27,8 @@ from seahal.hal.ops.quant import kv_record_bytes
 from seahal.hal.paging import paged_rows
 from seahal.testing import triton_interpreter
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
+from cuda_marks import IN_INTERPRETER, interpreted  # noqa: E402
+
 host = pytest.mark.skipif(IN_INTERPRETER, reason="checked by the parent run")
 
 WINDOW, RATIO, TOPK, PAGE = 128, 4, 48, 16
