@@ -168,6 +168,13 @@ def as_torch_op(spec: OpSpec, backend: str, kernel: str, fn: Callable[..., Any],
     return op
 
 
+def bound_function(op: Any) -> Callable[..., Any] | None:
+    """The Python function behind ``op`` when :func:`as_torch_op` registered it, else None."""
+    name = op.name() if hasattr(op, "name") else ""
+    known = _TORCH_OPS.get(name.removeprefix("seahal::"))
+    return known[0] if known is not None and known[1] is op else None
+
+
 _HOST_POSITION: dict[tuple[str, Callable[..., Any]], Callable[..., Any]] = {}
 
 

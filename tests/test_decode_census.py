@@ -30,57 +30,18 @@ per call, bf16 compressor weights widened by a copy per call, the shared expert'
 per step)."""
 
 
-def _release_layout(model) -> None:
-    """As a release checkpoint loads: FP8 weights (e8m0 128x128 scales) for the official FP8
-    linears, FP4 (e8m0 1x32) experts, the other linears' weights in bf16."""
-    import torch
-
-    from seahal.model.convert import FP8_LINEAR
-    from seahal.model.layers import Linear
-    from seahal.model.moe import Experts
-
-    for name, module in model.named_modules():
-        if isinstance(module, Linear):
-            rows, cols = module.weight.shape
-            if FP8_LINEAR.search(name + ".weight") and not module.dense_only:
-                module.set_weight(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device="cuda"),
-                                  torch.empty(-(-rows // 128), cols // 128, dtype=torch.float8_e8m0fnu,
-                                              device="cuda"), torch.bfloat16)
-            else:
-                module.set_weight(torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda"), None, torch.bfloat16)
-        elif isinstance(module, Experts):
-            for w in ("w1", "w3", "w2"):
-                experts, rows, cols = getattr(module, w).shape
-                module.set_weights(w, torch.empty(experts, rows, cols // 2, dtype=torch.uint8, device="cuda"),
-                                   torch.empty(experts, rows, cols // 32, dtype=torch.float8_e8m0fnu, device="cuda"))
-
-
 def census(context: int = 1024) -> dict[str, dict[str, int]]:
     """{"prefill": Counter, "decode": Counter} of the kernels one call launches (op name -> count),
     and under "<phase> host transfers" its copies from the host (op name -> count)."""
-    from unittest import mock
+    from model_on_meta import model_steps
 
-    import torch
-
-    from seahal.bench.model_e2e import V4_FLASH_4_LAYERS
-    from seahal.model import load
-    from seahal.model.config import ModelConfig
     from seahal.testing.triton_compile import AtenKernels, capture_launches
 
-    os.environ["SEAHAL_CUDA_UNVERIFIED"] = "1"
     counts = {}
-    with mock.patch("torch.cuda.is_available", lambda: True), capture_launches():
-        config = ModelConfig.from_dict({**V4_FLASH_4_LAYERS, "cache_format": "fp8"})
-        model = load(config, device="cuda", dtype=torch.bfloat16, announce=False, max_seq_len=2 * context)
-        _release_layout(model)
-        cache = model.new_cache(1, 2 * context)
-        ids = torch.zeros(1, context, dtype=torch.int64, device="cuda")
-        # The forward's own inference_mode hides dtype conversions from dispatch modes (torch
-        # 2.13: an inference tensor's .to() never reaches them); no_grad shows every kernel.
-        forward = type(model).forward.__wrapped__
-        for phase, tokens in (("prefill", ids), ("decode", ids[:, :1])):
-            with torch.no_grad(), AtenKernels() as kernels:
-                forward(model, tokens, cache=cache, last_only=True)
+    with capture_launches():
+        for phase, run in model_steps("release", context):
+            with AtenKernels() as kernels:
+                run()
             counts[phase] = dict(Counter(re.sub(r"\.default$", "", op) for op in kernels.ops))
             counts[f"{phase} host transfers"] = dict(Counter(kernels.host_transfers))
     return counts

@@ -295,9 +295,10 @@ def _accumulate(
     """``acc + A B`` with the block's scales: fp32 accumulation in every format (fp4: b, b_scale
     are the packed codes and 1x32 scales, formed, and acc oriented, as :func:`._e2m1.fp4_block_dot` says)."""
     if FORMAT == 0:
-        if DOT_FP32:
+        if DOT_FP32:  # the else matters: a constexpr if's return does not end the function
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
+        else:
+            return tl.dot(a, b, acc)
     elif FORMAT == 1:
         return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
     else:
@@ -409,7 +410,7 @@ def _sum_splits(
     """Split-K: store this split's partial tiles to the workspace [SPLIT_K, 1 + GATE_UP, S, N]
     (S sorted rows), count the arrival; the split that arrives last sums every split's partials in
     split order (deterministic), resets the counter and returns (A W^T, A V^T, True)."""
-    plane = S.to(tl.int64) * N
+    plane = tl.cast(S, tl.int64) * N  # S == 1 (one token's shared expert) arrives as a constexpr int
     ptrs = partial_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     planes: tl.constexpr = 1 + GATE_UP
     split = tl.program_id(2)

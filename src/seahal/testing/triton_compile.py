@@ -223,7 +223,9 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
         compiled = triton.compile(
             ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
         )
-    except Exception as error:  # the compiler's diagnostics are the result
-        cause = f"\n{type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ else ""
-        return CompileResult(launch, error=f"{type(error).__name__}: {error}{cause}")
+    except Exception as error:  # the compiler's diagnostics are the result, down to the first cause
+        chain = [error]
+        while chain[-1].__cause__ is not None and len(chain) < 16:
+            chain.append(chain[-1].__cause__)
+        return CompileResult(launch, error="\n".join(f"{type(e).__name__}: {e}" for e in chain))
     return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared)

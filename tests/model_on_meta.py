@@ -1,0 +1,80 @@
+"""The benchmarked model on the cuda plan, built and run on meta tensors posing as an H100.
+
+Inside :func:`seahal.testing.triton_compile.capture_launches` no kernel runs and no memory is
+allocated: each Triton launch is recorded. ``tests/test_decode_census.py`` counts a decode step's
+kernels this way, ``tests/test_cuda_compile.py`` compiles every launch the model makes. Both run
+this in a child process: the plan must see the posing CUDA device from its first probe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from unittest import mock
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+LAYOUTS = ("release", "bf16")
+"""``release``: FP8 linears (e8m0 128x128 scales), FP4 experts (e8m0 1x32), FP8 KV cache, the other
+linears in bf16, as a release checkpoint loads. ``bf16``: every weight and the cache in bf16."""
+
+
+def release_layout(model: torch.nn.Module) -> None:
+    """Replace ``model``'s weights by the release checkpoint's formats (see :data:`LAYOUTS`)."""
+    from seahal.model.convert import FP8_LINEAR
+    from seahal.model.layers import Linear
+    from seahal.model.moe import Experts
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            rows, cols = module.weight.shape
+            if FP8_LINEAR.search(name + ".weight") and not module.dense_only:
+                module.set_weight(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device="cuda"),
+                                  torch.empty(-(-rows // 128), cols // 128, dtype=torch.float8_e8m0fnu,
+                                              device="cuda"), torch.bfloat16)
+            else:
+                module.set_weight(torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda"), None, torch.bfloat16)
+        elif isinstance(module, Experts):
+            for w in ("w1", "w3", "w2"):
+                experts, rows, cols = getattr(module, w).shape
+                module.set_weights(w, torch.empty(experts, rows, cols // 2, dtype=torch.uint8, device="cuda"),
+                                   torch.empty(experts, rows, cols // 32, dtype=torch.float8_e8m0fnu, device="cuda"))
+
+
+class RunKernelFunctions(TorchFunctionMode):
+    """Call each HAL op's kernel function instead of the op: on meta tensors the op runs its fake
+    (the contract), which launches nothing; its function makes the launches a GPU would get. Enter
+    it inside ``capture_launches()``, so that the function sees its tensors on ``cuda:0``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from seahal.hal.spec import bound_function
+
+        return (bound_function(func) or func)(*args, **(kwargs or {}))
+
+
+def model_steps(layout: str = "release", context: int = 1024) -> Iterator[tuple[str, callable]]:
+    """Yield ("prefill", run) then ("decode", run): ``run()`` is one forward of the 4-layer
+    V4-Flash model of ``seahal bench --ops model`` (64 experts) over ``context`` prompt tokens,
+    then over one more token. Call inside ``capture_launches()``."""
+    from seahal.bench.model_e2e import V4_FLASH_4_LAYERS
+    from seahal.model import load
+    from seahal.model.config import ModelConfig
+
+    os.environ["SEAHAL_CUDA_UNVERIFIED"] = "1"
+    with mock.patch("torch.cuda.is_available", lambda: True):
+        cache_format = "fp8" if layout == "release" else "dense"
+        config = ModelConfig.from_dict({**V4_FLASH_4_LAYERS, "cache_format": cache_format})
+        model = load(config, device="cuda", dtype=torch.bfloat16, announce=False, max_seq_len=2 * context)
+        if layout == "release":
+            release_layout(model)
+        cache = model.new_cache(1, 2 * context)
+        ids = torch.zeros(1, context, dtype=torch.int64, device="cuda")
+        # The forward's own inference_mode hides dtype conversions from dispatch modes (torch
+        # 2.13: an inference tensor's .to() never reaches them); no_grad shows every kernel.
+        forward = type(model).forward.__wrapped__
+        for phase, tokens in (("prefill", ids), ("decode", ids[:, :1])):
+            def run(tokens=tokens):
+                with torch.no_grad():
+                    forward(model, tokens, cache=cache, last_only=True)
+            yield phase, run
