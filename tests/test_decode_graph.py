@@ -11,6 +11,7 @@ from seahal.model.decode_graph import DecodeGraph
 from seahal.model.tiny import write_tiny_checkpoint
 
 from v4_checkpoints import CSA, HCA, SWA, make_hf_model, save_hf_checkpoint
+from ragged_decode import ragged_decode_errors
 
 PROMPT, STEPS = 9, 23
 """A prefill ending inside a CSA block, then decode steps completing CSA (m=4) and HCA (m=16)
@@ -116,39 +117,13 @@ def _eager_init(self, model, cache, capture=None, positions=None):
     _original_init(self, model, cache, capture=False, positions=positions)
 
 
-def _ragged_decode_errors(model, capture: bool, steps: int = 20) -> list[float]:
-    """Prompts of 3, 9 and 14 tokens prefilled into rows of one cache, then ``steps`` decode steps
-    of all three together at their own positions (CSA/HCA blocks completing at different steps
-    per sequence), against each sequence decoded alone: the largest error relative to the logit
-    scale, per step."""
-    device = model.device
-    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(5)).to(device)
-    lengths = [3, 9, 14]
-    cache = model.new_cache(3, 64)
-    alone = [model.new_cache(1, 64) for _ in lengths]
-    for b, n in enumerate(lengths):
-        model(ids[b : b + 1, :n], cache=cache.rows(b, b + 1))
-        model(ids[b : b + 1, :n], cache=alone[b])
-    graph = DecodeGraph(model, cache, capture=capture, positions=lengths)
-    errors = []
-    for step in range(steps):
-        tokens = torch.stack([ids[b, n + step] for b, n in enumerate(lengths)])[:, None]
-        together = graph.step(tokens).clone()
-        expected = torch.cat([
-            model(ids[b : b + 1, n + step : n + step + 1], cache=alone[b], last_only=True) for b, n in enumerate(lengths)
-        ])
-        errors.append(((together - expected).abs().amax(dim=(1, 2)) / expected.abs().amax(dim=(1, 2))).max().item())
-    assert graph.positions == [n + steps for n in lengths]
-    return errors
-
-
 def test_sequences_at_different_positions_decode_in_one_step(checkpoint):
     """Each sequence's logits are those of decoding it alone. Not bit for bit: the batch of 3 runs
     the fp32 projections as other GEMM shapes (another summation order, ~1e-7 relative each);
     1e-5 of the logit scale holds that through 4 layers, while a sequence decoded one position
     off is 0.06 off here."""
     model = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
-    errors = _ragged_decode_errors(model, capture=False)
+    errors = ragged_decode_errors(model, capture=False)
     assert max(errors) < 1e-5, errors
 
 
@@ -170,11 +145,16 @@ def test_captured_graph_replays_the_ordinary_decode_on_a_gpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the capture itself)")
 def test_captured_graph_decodes_sequences_at_different_positions_on_a_gpu(tmp_path):
-    """One captured step for three sequences at their own positions against each decoded alone
-    (eagerly, batch 1): bf16 GEMMs of batch 3 and 1 round differently (2^-8 steps through 4
-    layers and the head), hence 2e-2 of the logit scale, far below a wrong position's O(1)."""
+    """One captured step for three sequences at their own positions against the same step run
+    eagerly: what capturing changes (cuBLAS may pick other algorithms inside a capture: a bf16
+    output one ulp apart grows through 4 layers and the head, hence 2e-2 of the logit scale, as
+    above). That each sequence decodes as if alone is checked in fp32 on the CPU reference (above)
+    and through the Triton kernels (tests/test_cuda_decode_graph.py): in bf16 on a GPU, batch 3 and
+    batch 1 take near-ties (a routed expert, an indexer pick) apart now and then, which is no
+    error (measured on an H200: 0.021 at one step, 1e-7 at the others; the bf16 CPU reference gives
+    0.015)."""
     model = load(write_tiny_checkpoint(tmp_path), device="cuda", dtype=torch.bfloat16, announce=False)
     if not DecodeGraph.capturable(model):
         pytest.skip(f"the plan reads positions on the host: {model.plan.host_position_ops}")
-    errors = _ragged_decode_errors(model, capture=True)
+    errors = ragged_decode_errors(model, capture=True, against="eager")
     assert max(errors) < 2e-2, errors

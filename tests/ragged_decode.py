@@ -1,0 +1,48 @@
+"""Decoding sequences at their own positions in one step: the check tests/test_decode_graph.py runs
+on the CPU reference and on a GPU (captured), and tests/test_cuda_decode_graph.py through the cuda
+backend's position-taking Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from seahal.model.decode_graph import DecodeGraph
+
+LENGTHS = (3, 9, 14)
+"""Prompt lengths: each sequence's CSA/HCA blocks complete at other decode steps."""
+
+
+def ragged_decode_errors(model, capture: bool, steps: int = 20, against: str = "alone") -> list[float]:
+    """Prompts of :data:`LENGTHS` tokens prefilled into rows of one cache, then ``steps`` decode
+    steps of all three together at their own positions through a :class:`DecodeGraph` (captured
+    if ``capture``); per step, the largest error relative to the logit scale against ``against``:
+
+    - ``"alone"``: each sequence decoded alone by the ordinary call (batch 1, its own cache): the
+      semantics of per-sequence positions;
+    - ``"eager"``: the same three-sequence step run eagerly (``capture=False``) on a cache of its
+      own: what the capture alone changes, with the same batch, shapes and kernels.
+    """
+    device = model.device
+    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(5)).to(device)
+    cache = model.new_cache(3, 64)
+    alone = [model.new_cache(1, 64) for _ in LENGTHS]
+    eager_cache = model.new_cache(3, 64)
+    for b, n in enumerate(LENGTHS):
+        for target in (cache.rows(b, b + 1), alone[b] if against == "alone" else eager_cache.rows(b, b + 1)):
+            model(ids[b : b + 1, :n], cache=target)
+    graph = DecodeGraph(model, cache, capture=capture, positions=list(LENGTHS))
+    eager = DecodeGraph(model, eager_cache, capture=False, positions=list(LENGTHS)) if against == "eager" else None
+    errors = []
+    for step in range(steps):
+        tokens = torch.stack([ids[b, n + step] for b, n in enumerate(LENGTHS)])[:, None]
+        together = graph.step(tokens).clone()
+        if eager is not None:
+            expected = eager.step(tokens)
+        else:
+            expected = torch.cat([
+                model(ids[b : b + 1, n + step : n + step + 1], cache=alone[b], last_only=True)
+                for b, n in enumerate(LENGTHS)
+            ])
+        errors.append(((together - expected).abs().amax(dim=(1, 2)) / expected.abs().amax(dim=(1, 2))).max().item())
+    assert graph.positions == [n + steps for n in LENGTHS]
+    return errors
