@@ -354,3 +354,16 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     decode, prefill = tune_candidates(1, fp4=True), tune_candidates(8192, fp4=True)
     assert {c.split_k for c in decode} == {None, 1, 2, 4} and {c.fp4_mx for c in decode} == {True, False}
     assert {c.split_k for c in prefill} == {1} and min(c.block_m for c in prefill) == 32
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_reference_by_expert_is_the_reference(fmt):
+    """The moe_experts bench's timed peer runs the reference expert by expert on its own tokens;
+    per-row quantisation and the same order of addition make it the reference, bit for bit
+    (on the CPU, where a row's matmul does not depend on how many rows are gathered with it)."""
+    from seahal.backends.cpu.reference.moe import moe_experts
+    from seahal.bench.cuda_moe_experts import _arguments, reference_by_expert
+
+    dims = common.ModelDims("tiny", dim=256, heads=1, index_topk=4, experts=8, inter=128, top_k=3)
+    args = _arguments(dims, fmt, 24, torch.device("cpu"))
+    assert torch.equal(reference_by_expert(*args), moe_experts(*args))

@@ -49,11 +49,15 @@ SKIP_ON_OOM = "out of device memory: not run"
 @dataclass
 class Workload:
     """One case's tensors, bound into calls: ``kernel()`` and each peer return the op's outputs;
-    ``check(out, ref) -> (error, passed)`` compares the kernel's outputs with the first peer's."""
+    ``check(out, ref) -> (error, passed)`` compares the kernel's outputs with ``oracle()``'s, or
+    with the first peer's when there is no oracle."""
 
     kernel: Callable[[], object]
     peers: dict[str, Callable[[], object]]
     check: Callable[[object, object], tuple[float, bool]]
+    oracle: Callable[[], object] | None = None
+    """Expected outputs, called once and not timed: where the timed peer is not the reference
+    itself (the reference too slow to time at the row's shape, checked on a sample instead)."""
 
 
 @dataclass
@@ -283,7 +287,7 @@ def measure(case: Case, device: torch.device, quick: bool) -> dict:
     row = new_row(case, kernel_label(device))
     try:
         work = case.build(device)
-        err, passed = work.check(work.kernel(), next(iter(work.peers.values()))())
+        err, passed = work.check(work.kernel(), (work.oracle or next(iter(work.peers.values())))())
         row["check"] = {"err": err, "passed": passed}
         if not passed:
             row["note"] = "wrong result: not timed"
