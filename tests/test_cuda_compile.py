@@ -40,7 +40,7 @@ def _gemms():
     """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it,
     the persistent variant of each prefill (M >= 512) config and, for FP4, each config with e8m0
     scales both decoded to bf16 (the tables' form, also what fp32 scales take) and through
-    ``tl.dot_scaled`` (``fp4_mx=True``): tuner candidates, in no table yet."""
+    ``tl.dot_scaled`` (``fp4_mx=True``: the table's form at M <= 16, a tuner candidate elsewhere)."""
     import dataclasses
 
     import torch

@@ -67,17 +67,20 @@ class ExpertsConfig:
 
 
 def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsConfig:
-    """Tiles for ``rows`` = T*k routed rows. Untuned heuristic (no GPU measurements yet, TUNING.md).
+    """Tiles for ``rows`` = T*k routed rows. Untuned heuristic (TUNING.md; ``--tune`` sweeps it).
 
     With FP8/FP4 weights BLOCK_N = 128: one weight scale row per tile, and the gate-up epilogue
     quantises whole 1x128 tiles of h. Few rows (decode) take 16-row tiles, since each touched
-    expert has only a handful; many take 64.
+    expert has only a handful; many take 64. FP4 blocks go through ``tl.dot_scaled`` on 16-row
+    tiles only: on the H200 (fp4_gemm, the same block product) that form was 18-23% faster at
+    M <= 16 and up to 1.8x slower on 64- and 128-row tiles, and the 8192-token row took 27.0 ms
+    with it against 24.7 ms in the bf16 form a session before.
     """
     if device.type != "cuda":  # the interpreter: small tiles, so tests see edge and masked tiles
         return ExpertsConfig(16, 128 if quantised else 64)
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
-    return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
+    return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3, fp4_mx=False)
 
 
 def _block_k(fmt: str) -> int:
