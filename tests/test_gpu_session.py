@@ -18,8 +18,8 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "pytest-gpu", "bench-attention", "bench-indexer", "bench-mhc-compress", "bench-fp4",
-         "bench-quick"]
+STEPS = ["setup", "conformance", "pytest-gpu", "bench-fp4", "bench-model-quick", "bench-attention", "bench-indexer",
+         "bench-mhc-compress"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
 
@@ -48,7 +48,7 @@ def test_dry_run_lists_the_steps_in_priority_order():
         ops = re.search(r"--ops (\S+)", commands[name]).group(1)
         assert set(expand_ops(ops)) <= set(CUDA_OPS), ops  # every name is one `seahal bench` knows
         benched += expand_ops(ops)
-    assert {"sparse_attention_fp8", "indexer_topk", "kv_compress", "hc_pre", "kv_cache_unpack"} <= set(benched)
+    assert {"sparse_attention_fp8", "indexer_topk", "kv_compress", "hc_pre", "moe_experts", "model"} <= set(benched)
     written = {Path(p).name for p in re.findall(r"--json \$RESULTS/(\S+)", result.stdout)}
     assert len(written | {"summary.txt", "session.log"}) <= RETURNED_FILES
 
