@@ -762,6 +762,12 @@ def _moe_experts_cases(seed: int) -> list[Case]:
         c("SwiGLU clamp active", seed + 11, values="clamp"),
         c("SwiGLU clamp disabled (limit 0)", seed + 12, values="clamp", limit=0.0),
         c("one token, top-1", seed + 13, t=1, k=1, fmt="fp8", scale_fmt="e8m0"),
+        # the model's shared expert at decode: a GPU kernel splits K over its few output tiles
+        # and sees one sorted row (the first GPU run of the model failed to compile exactly this)
+        c("shared expert: one token, one expert, V4-Flash widths, fp8", seed + 16, t=1, k=1, e=1, d=4096,
+          inter=2048, fmt="fp8", scale_fmt="e8m0"),
+        c("shared expert: one token, one expert, V4-Flash widths, bf16", seed + 17, t=1, k=1, e=1, d=4096,
+          inter=2048),
         c("sliced x, transposed ids and w1", seed + 14, layout="strided"),
     ]
 
