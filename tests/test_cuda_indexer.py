@@ -241,12 +241,13 @@ def test_select_chunk_must_hold_twice_top_k(indexer):
 
 @triton.jit
 def _key_tile_kernel(rec_ptr, out_ptr, n, stride_rn, stride_rb, HEAD_DIM: tl.constexpr, KEY_FORMAT: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """A kernel of the test's own around the scores kernel's key decode: records [n] -> out [n, HEAD_DIM]."""
     entries = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
-    tile = _key_tile(rec_ptr + entries * stride_rn, entries < n, stride_rb, out_ptr.dtype.element_ty, KEY_FORMAT,
-                     HEAD_DIM, HEAD_DIM, BLOCK_N)
+    records = rec_ptr + tl.multiple_of(entries * stride_rn, ROW_ALIGN)
+    tile = _key_tile(records, entries < n, stride_rb, out_ptr.dtype.element_ty, KEY_FORMAT, HEAD_DIM, HEAD_DIM,
+                     BLOCK_N, ROW_ALIGN)
     tl.store(out_ptr + entries[:, None] * HEAD_DIM + cols[None, :], tile, mask=entries[:, None] < n)
 
 
@@ -271,16 +272,25 @@ def _every_byte(fmt: str, d: int, n: int = 128) -> torch.Tensor:
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # scales near 2^127: inf
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_key_decode_is_index_key_unpack_on_every_byte(fmt, dtype):
+@pytest.mark.parametrize("aligned", [True, False])
+def test_key_decode_is_index_key_unpack_on_every_byte(fmt, dtype, aligned):
     """The in-register decode of the scores kernel against the reference codec: every code byte,
     every e8m0 exponent (255: NaN) / fp32 scales across the exponent range, rounded to q's dtype.
-    In the interpreter and, on a GPU, compiled (there FP8 codes take the hardware conversion)."""
+    In the interpreter and, on a GPU, compiled (there FP8 codes take the hardware conversion).
+    ``aligned``: the rows' alignment as the kernel is told it (d = 64: FP8's 68-byte records
+    read their scale as one word, FP4's 34-byte ones are 2-aligned), else 1 (byte loads)."""
+    from seahal.backends.cuda._alignment import row_alignment
+
     d = 64
     records = _every_byte(fmt, d)
     device = "cpu" if IN_INTERPRETER else "cuda"
     out = torch.empty(records.shape[0], d, dtype=dtype, device=device)
-    _key_tile_kernel[(1,)](records.to(device), out, records.shape[0], *records.stride(), HEAD_DIM=d, KEY_FORMAT=fmt,
-                           BLOCK_N=records.shape[0])
+    records = records.to(device)
+    if aligned:
+        assert row_alignment(records) == (4 if fmt == "fp8" else 2)
+    _key_tile_kernel[(1,)](records, out, records.shape[0], *records.stride(), HEAD_DIM=d, KEY_FORMAT=fmt,
+                           BLOCK_N=records.shape[0], ROW_ALIGN=row_alignment(records) if aligned else 1)
+    records = records.cpu()
     out = out.cpu()
     want = index_key_unpack(records, d, fmt, dtype)
     bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]

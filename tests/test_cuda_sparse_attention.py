@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 
 from seahal.backends.cpu.reference.attention import sparse_attention as reference
 from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_unpack
+from seahal.backends.cuda._alignment import row_alignment
 from seahal.hal import get_spec
 
 from seahal.testing import triton_interpreter
@@ -200,7 +201,7 @@ def test_fp8_records_rope_boundary_inside_tiles(attention, dtype):
     gen = torch.Generator().manual_seed(8)
     q, _, indices, sink = _inputs(2, 3, 5, 80, 12, 13, dtype, gen)
     records = _records(2, 24, 80, 24, 8, gen)[:, ::2]
-    assert records.shape[-1] == 112 and records.stride(1) == 224 and attention._row_alignment(records) == 16
+    assert records.shape[-1] == 112 and records.stride(1) == 224 and row_alignment(records) == 16
     _check_fp8(attention, q, records, indices, sink, 24, 8, attention.AttentionConfig(16, 16))
 
 
@@ -219,7 +220,7 @@ def test_fp8_records_odd_tile_and_unaligned_rows(attention, row_bytes, offset, a
     rows = torch.zeros(2, 9, row_bytes, dtype=torch.uint8)
     rows[..., offset : offset + 120] = packed
     records = rows[..., offset : offset + 120]
-    assert attention._row_alignment(records) == align
+    assert row_alignment(records) == align
     _check_fp8(attention, q, records, indices, sink, 32, 12)
 
 
@@ -298,15 +299,14 @@ def test_launch_heuristic_decode_vs_prefill():
 
 
 def test_row_alignment():
-    from seahal.backends.cuda.sparse_attention import _row_alignment
 
     records = torch.zeros(2, 10, 584, dtype=torch.uint8)
-    assert _row_alignment(records) == 8  # 584 = 8 x 73
-    assert _row_alignment(records[:1, :1].expand(3, 10, -1)) == 16  # one row, batch stride 0: only the base counts
-    assert _row_alignment(records[:, 1:]) == 8
-    assert _row_alignment(records[..., 2:]) == 2
-    assert _row_alignment(torch.zeros(2, 10, 512, dtype=torch.bfloat16)) == 16
-    assert _row_alignment(torch.zeros(2, 512, 10, dtype=torch.bfloat16).transpose(1, 2)) == 1
+    assert row_alignment(records) == 8  # 584 = 8 x 73
+    assert row_alignment(records[:1, :1].expand(3, 10, -1)) == 16  # one row, batch stride 0: only the base counts
+    assert row_alignment(records[:, 1:]) == 8
+    assert row_alignment(records[..., 2:]) == 2
+    assert row_alignment(torch.zeros(2, 10, 512, dtype=torch.bfloat16)) == 16
+    assert row_alignment(torch.zeros(2, 512, 10, dtype=torch.bfloat16).transpose(1, 2)) == 1
 
 
 @interpreted

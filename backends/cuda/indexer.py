@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._alignment import row_alignment
 from ._e2m1 import _per_element, decode_e2m1, unpack_codes
 from ._numerics import INTERPRETED, cast_rne
 from ._position import load_position, position_stride
@@ -218,7 +219,7 @@ def ranking_keys(
         q, weights, keys, ranking, s, h, n_entries, pos_ptr, pos_stride, position, ratio, config.split_len,
         *q.stride(), *weights.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
         HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
-        BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format,
+        BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format, ROW_ALIGN=row_alignment(keys),
         LOW_PRECISION_DOT=q.dtype == key_dtype == torch.bfloat16 and q.device.type == "cuda",
         POS_FROM_PTR=pos_ptr is not None, num_warps=config.num_warps,
     )
@@ -264,12 +265,15 @@ def _scores_kernel(
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, POS_FROM_PTR: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, ROW_ALIGN: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
+    POS_FROM_PTR: tl.constexpr,
 ):
     """Ranking keys of BLOCK_S queries (all heads) over the entries of one split; key rows dense,
     or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8"). Query s sits at
     start_pos + s, plus, when POS_FROM_PTR, sequence bat's position at ``pos_ptr + bat *
-    stride_pos`` (stride 0: one position for all)."""
+    stride_pos`` (stride 0: one position for all). ROW_ALIGN: every key row starts at a multiple
+    of it (:func:`._alignment.row_alignment`): 132- and 68-byte records load as 4-byte words, not
+    byte by byte."""
     s_blocks = tl.cdiv(S, BLOCK_S)
     bat = (tl.program_id(0) // s_blocks).to(tl.int64)
     if POS_FROM_PTR:
@@ -290,15 +294,15 @@ def _scores_kernel(
     block_visible = tl.max(tl.where(queries < S, visible, 0))
     out_rows = rank_ptr + (bat * S + queries)[:, None] * n_entries
     row_stored = queries[:, None] < S
-    k_base = k_ptr + bat * stride_kb
     offs_n = tl.arange(0, BLOCK_N)
     lo = tl.program_id(1) * split_len
     hi = tl.minimum(lo + split_len, n_entries)
     scored = lo + tl.cdiv(tl.maximum(tl.minimum(hi, block_visible) - lo, 0), BLOCK_N) * BLOCK_N
     for start in range(lo, scored, BLOCK_N):  # tiles some query of the block sees
         entries = start + offs_n
-        k = _key_tile(k_base + entries * stride_kn, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
-                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N)
+        records = k_ptr + tl.multiple_of(bat * stride_kb + entries * stride_kn, ROW_ALIGN)
+        k = _key_tile(records, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
+                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN)
         logits = _dot(q, tl.trans(k), tl.zeros((BLOCK_S * H_PAD, BLOCK_N), tl.float32), LOW_PRECISION_DOT)
         weighted = tl.maximum(logits, 0.0) * w[:, None]
         scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_N)), axis=1)
@@ -320,7 +324,7 @@ def _order_key(score):
 
 @triton.jit
 def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.constexpr, HEAD_DIM: tl.constexpr,
-              D_PAD: tl.constexpr, ROWS: tl.constexpr):
+              D_PAD: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """The keys at ``records`` (pointers [ROWS] to their first byte or element) as [ROWS, D_PAD]
     ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM.
 
@@ -328,7 +332,8 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
     then rounded to dtype by :func:`cast_rne`; each byte is loaded once. ``"fp4"``: column c is
     ``e2m1(nibble c % 2 of byte c // 2) * 2^(e - 127)``, e the byte HEAD_DIM/2 + c // 32 (codes
     and scales decoded in integer arithmetic); ``"fp8"``: column c is ``e4m3(byte c) * s``, s the
-    little-endian fp32 at bytes HEAD_DIM..HEAD_DIM+3 (:func:`_e4m3_to_f32`).
+    little-endian fp32 at bytes HEAD_DIM..HEAD_DIM+3 (:func:`_e4m3_to_f32`), one 4-byte load where
+    the rows are 4-byte aligned (ROW_ALIGN).
     """
     rows = records[:, None]
     cols = tl.arange(0, D_PAD)[None, :]
@@ -343,11 +348,14 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
     elif KEY_FORMAT == "fp8":
         mask = row_ok[:, None] & (cols < HEAD_DIM)
         codes = tl.load(rows + cols * stride_kd, mask=mask, other=0)
-        bits = tl.load(records + HEAD_DIM * stride_kd, mask=row_ok, other=0).to(tl.uint32)
-        for i in tl.static_range(1, 4):  # the scale's other bytes, least significant first
-            byte = tl.load(records + (HEAD_DIM + i) * stride_kd, mask=row_ok, other=0).to(tl.uint32)
-            bits = bits | (byte << (8 * i))
-        scale = bits.to(tl.float32, bitcast=True)
+        if ROW_ALIGN % 4 == 0 and HEAD_DIM % 4 == 0:  # the scale as one little-endian word
+            scale = tl.load((records + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=row_ok, other=0.0)
+        else:
+            bits = tl.load(records + HEAD_DIM * stride_kd, mask=row_ok, other=0).to(tl.uint32)
+            for i in tl.static_range(1, 4):  # the scale's other bytes, least significant first
+                byte = tl.load(records + (HEAD_DIM + i) * stride_kd, mask=row_ok, other=0).to(tl.uint32)
+                bits = bits | (byte << (8 * i))
+            scale = bits.to(tl.float32, bitcast=True)
         tile = cast_rne(tl.where(mask, _e4m3_to_f32(codes) * scale[:, None], 0.0), dtype)
     else:
         tile = tl.load(rows + cols * stride_kd, mask=row_ok[:, None] & (cols < HEAD_DIM), other=0.0)

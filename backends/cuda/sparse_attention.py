@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._alignment import row_alignment
 from ._numerics import INTERPRETED, cast_rne
 from .kv_unpack import _e4m3_value, _e8m0_scale
 
@@ -172,21 +173,6 @@ def sparse_attention_fp8(
     return out
 
 
-def _row_alignment(kv: torch.Tensor) -> int:
-    """The largest power of two <= 16 dividing every row's start address, in elements of kv, when
-    a row's elements are contiguous, else 1: the kernel's ``tl.multiple_of`` hint for vector loads
-    of FP8 records (584-byte rows: 8) and its licence to read their exponents as 4-byte and their
-    rope as 2-byte words."""
-    if kv.shape[-1] > 1 and kv.stride(-1) != 1:
-        return 1
-    starts = [kv.data_ptr() // kv.element_size()]
-    starts += [stride for size, stride in zip(kv.shape[:-1], kv.stride()[:-1]) if size > 1]
-    align = 16
-    while align > 1 and any(start % align for start in starts):
-        align //= 2
-    return align
-
-
 def launch_sparse_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -238,7 +224,7 @@ def launch_sparse_attention(
         *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, COL_TILES=col_tiles, TILE_W=tile_w,
         LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and on_gpu, KV_FP8=fp8, ROPE_DIM=rope_dim,
-        TILE=tile if fp8 else tile_w, ROW_ALIGN=_row_alignment(kv), SPLIT=splits > 1,
+        TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
