@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU session for the cuda backend: full-shape conformance, the GPU tests, then the
-# benchmarks, in priority order, each step under its own time limit and all of them under one
+# One prepared GPU session for the cuda backend: full-shape conformance, the benchmarks never yet
+# measured, the GPU tests, then the decode kernels' rows, in priority order, each step under its own time limit and all of them under one
 # budget (default 540 s: one device command may run 600 s). A failing or timed-out step does not
 # stop the next; steps that no longer fit the budget are reported as skipped. Results go to
 # $OUT (default ./out), at most 8 files (what the device tool brings back):
@@ -40,7 +40,9 @@ while (($#)); do
   shift
 done
 
-# name | cap in seconds | command (run from the repository root with bash -c). Measured on the
+# name | cap in seconds | command (run from the repository root with bash -c), in priority order:
+# what has never been measured (the end-to-end model, the experts' rows) before the GPU tests and
+# the decode kernels' rows (measured once, 2026-11-26). Measured on the
 # H200 on 2026-11-26 (second run): setup 5 s, conformance 63 s warm and over 120 s with the
 # rewritten kernels compiling cold, pytest-gpu 121 s (8 workers), bench-attention 13 s,
 # bench-indexer 42 s, bench-mhc-compress 23 s, fp4_gemm 30 s, bench-model-quick 78 s (to a compile
@@ -50,11 +52,11 @@ done
 STEPS=(
   "setup|30|print_environment"
   "conformance|180|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
-  "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
+  "bench-model-quick|240|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
   "bench-fp4|150|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,moe_experts --json \$RESULTS/bench-fp4.json"
-  "bench-model-quick|150|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
-  "bench-attention|60|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
+  "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-indexer|90|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
+  "bench-attention|60|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
   "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress --json \$RESULTS/bench-mhc-compress.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
