@@ -159,7 +159,7 @@ class Attention(nn.Module):
         q = self.ops.rope(q, positions, self.freqs)
         kv = self.kv_norm(self.wkv(x))
         kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
-        if self.config.simulate_fp8_kv:
+        if self.config.simulate_fp8_kv and cache.kv.fmt != "fp8":  # an FP8 cache stores kv through that rounding
             kv = fp8_kv_precision(kv, self.ops, self.rope_dim)
 
         compressed_idx = None

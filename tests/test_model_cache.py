@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from seahal.backends.cpu.reference.quant import kv_cache_unpack
+from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_unpack
 from seahal.model import ModelConfig, load
 from seahal.model.cache import Cache
 from seahal.model.checkpoint import CheckpointError
@@ -28,6 +28,33 @@ def test_v4_flash_fp8_cache_is_7_percent_of_v32():
     # 21 CSA layers: (584 B KV record + 68 B FP4 indexer key) / 4; 20 HCA layers: 584 B / 128.
     assert cache.bytes_per_token() == pytest.approx(21 * (584 + 68) / 4 + 20 * 584 / 128)
     assert 0.070 < cache.bytes_per_token() / V32_BYTES_PER_TOKEN < 0.075
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_an_fp8_rounded_kv_stores_the_same_values(dtype):
+    """Why an FP8 cache skips ``fp8_kv_precision`` before packing the window's KV: packing rounds
+    the nope dims through e4m3 in the same 1x64 ue8m0 tiles, and rounding twice decodes to the same
+    values as once. Where the first rounding lowers a tile's amax below a power of two (amax / s in
+    (224, 232) rounds to 224) the second takes half the scale and twice the codes: other bytes,
+    equal values. Tiles here: random, near that boundary, tiny (the 1e-4 amax floor), and zero."""
+    from types import SimpleNamespace
+
+    from seahal.backends.cpu.reference.quant import fp8_act_quant
+    from seahal.model.quant_sim import fp8_kv_precision
+
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(4, 64, 576, generator=gen) * torch.exp2(torch.randint(-20, 20, (4, 64, 1), generator=gen).float())
+    tiles = kv[..., :512].unflatten(-1, (8, 64))
+    tiles[:, :, 1] *= 228 / tiles[:, :, 1].abs().amax(-1, keepdim=True)  # amax / s = 228: rounds to 224
+    tiles[:, :, 2] *= 1e-7
+    tiles[:, :, 3] = 0.0
+    kv = kv.to(dtype)
+    rounded = fp8_kv_precision(kv, SimpleNamespace(fp8_act_quant=fp8_act_quant), rope_dim=64)
+    once, twice = kv_cache_pack(kv), kv_cache_pack(rounded)
+    assert not torch.equal(once, twice)  # the boundary tiles store other bytes ...
+    decoded = kv_cache_unpack(once, 576)
+    assert torch.equal(decoded.view(torch.int16), kv_cache_unpack(twice, 576).view(torch.int16))  # ... the same values
+    assert torch.equal(decoded.view(torch.int16), rounded.to(torch.bfloat16).view(torch.int16))
 
 
 def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
