@@ -136,12 +136,15 @@ class Attention(nn.Module):
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(c, ops)
         self.register_buffer("freqs", None, persistent=False)
+        self.register_buffer("window_offsets", None, persistent=False)
         self.make_constants()
 
     def make_constants(self, device: torch.device | None = None) -> None:
-        """The layer's RoPE frequency table (on ``device``, else the ambient one; a meta-built
-        model's loader remakes it on the model's device)."""
-        self.freqs = self.rope_frequencies().to(device=device or torch.get_default_device())
+        """The layer's RoPE frequency table and its window's key offsets 0..W-1 (on ``device``, else
+        the ambient one; a meta-built model's loader remakes them on the model's device)."""
+        device = device or torch.get_default_device()
+        self.freqs = self.rope_frequencies().to(device=device)
+        self.window_offsets = torch.arange(self.config.window_size, device=device)
 
     def rope_frequencies(self) -> torch.Tensor:
         """SWA-only layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta + YaRN."""
@@ -150,10 +153,15 @@ class Attention(nn.Module):
             return rope_frequencies(c.rope_head_dim, c.rope_theta)
         return rope_frequencies(c.rope_head_dim, c.compress_rope_theta, c.yarn)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor) -> torch.Tensor:
-        """x: [B, S, D] (attn-normed), tokens at positions [start_pos, start_pos+S) -> [B, S, D]."""
+    def forward(
+        self, x: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, S, D] (attn-normed), tokens at positions [start_pos, start_pos+S) -> [B, S, D];
+        ``positions``: ``token_positions(start_pos, S)``, when the caller made it once for every layer."""
         b, s, _ = x.shape
-        positions = token_positions(start_pos, s, x.device).expand(b, s)
+        if positions is None:
+            positions = token_positions(start_pos, s, x.device)
+        positions = positions.expand(b, s)
         qr = self.q_norm(self.wq_a(x))
         q = self.ops.rms_norm(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
@@ -175,16 +183,16 @@ class Attention(nn.Module):
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1
         if decode:  # its ring slot held token p - W, which query p no longer sees
-            cache.write_window(start_pos, rows)
-        keys, indices = self._gather_keys(rows, cache, start_pos, compressed_idx, decode)
+            cache.write_window(start_pos, rows, positions)
+        keys, indices = self._gather_keys(rows, cache, start_pos, positions, compressed_idx, decode)
         o = self._attend(q, keys, indices, cache)
         o = self.ops.rope(o, positions, self.freqs, inverse=True)
         if not decode:
-            cache.write_window(start_pos, rows)
+            cache.write_window(start_pos, rows, positions)
         return self._project_out(o)
 
     def _gather_keys(
-        self, rows: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor,
+        self, rows: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, positions: torch.Tensor,
         compressed_idx: torch.Tensor | None, decode: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored-format key rows the queries attend and each query's indices into them.
@@ -195,11 +203,12 @@ class Attention(nn.Module):
         row W + j; nothing is copied. A chunk of S > 1 tokens: ``[ring | chunk | compressed
         entries]`` concatenated (its later tokens would overwrite ring slots its earlier queries
         see), token p in ring slot p mod W before the chunk and in row W + p - start_pos within it.
+        ``positions``: the tokens' positions [B, S].
         """
         b, s, _ = rows.shape
         w = cache.window
-        t = token_positions(start_pos, s, rows.device)  # [S], or [1 or B, S] for a tensor start_pos
-        p = t[..., None] - torch.arange(w, device=rows.device)  # [(B,) S, W] key positions
+        t = positions
+        p = t[..., None] - self.window_offsets[:w]  # [B, S, W] key positions
         entries = cache.compressed_rows()
         if decode:
             keys, window_idx, base = cache.kv.data, p % w, w
@@ -207,14 +216,14 @@ class Attention(nn.Module):
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
             keys = torch.cat((cache.ring(), rows, entries), dim=1)
             window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
-        parts = [torch.where(p < 0, -1, window_idx).expand(b, s, w)]
+        parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
         if compressed_idx is not None:
             parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
         elif self.ratio:
             j = torch.arange(entries.shape[1], device=rows.device)
             visible = j < ((t + 1) // self.ratio)[..., None]
             parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
-        return keys, torch.cat(parts, dim=2).to(torch.int32)
+        return keys, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.int32)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Sparse attention over key rows in the cache's format: dense rows, or FP8 records read

@@ -146,10 +146,16 @@ class LayerCache:
         valid ones (a query masks what it cannot see)."""
         return self.kv.data[:, self.window : self.window + self.n_compressed]
 
-    def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor) -> None:
+    def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
-        or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last W)."""
+        or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
+        W). ``positions``: the tokens' positions [B, n], when the caller has them: a tensor
+        start_pos's n <= W rows are then scattered to ``positions mod W`` (two kernels)."""
         b, n = rows.shape[:2]
+        if isinstance(start_pos, torch.Tensor) and positions is not None and n <= self.window:
+            slots = (positions % self.window).expand(b, n)
+            self.kv.data.scatter_(1, slots[..., None].expand(rows.shape), rows)
+            return
         keep = torch.arange(max(n - self.window, 0), n, device=rows.device)
         if isinstance(start_pos, torch.Tensor):
             slots = (start_pos.reshape(-1, 1) + keep) % self.window  # [1 or B, kept]

@@ -54,9 +54,10 @@ class RunKernelFunctions(TorchFunctionMode):
 
 
 def model_steps(layout: str = "release", context: int = 1024) -> Iterator[tuple[str, callable]]:
-    """Yield ("prefill", run) then ("decode", run): ``run()`` is one forward of the 4-layer
-    V4-Flash model of ``seahal bench --ops model`` (64 experts) over ``context`` prompt tokens,
-    then over one more token. Call inside ``capture_launches()``."""
+    """Yield ("prefill", run), ("decode", run) and ("graph decode", run): ``run()`` is one forward
+    of the 4-layer V4-Flash model of ``seahal bench --ops model`` (64 experts) over ``context``
+    prompt tokens, then over one more token, then the step a :class:`DecodeGraph` captures (the
+    position a device tensor: what the end-to-end bench replays). Call inside ``capture_launches()``."""
     from seahal.bench.model_e2e import V4_FLASH_4_LAYERS
     from seahal.model import load
     from seahal.model.config import ModelConfig
@@ -73,8 +74,10 @@ def model_steps(layout: str = "release", context: int = 1024) -> Iterator[tuple[
         # The forward's own inference_mode hides dtype conversions from dispatch modes (torch
         # 2.13: an inference tensor's .to() never reaches them); no_grad shows every kernel.
         forward = type(model).forward.__wrapped__
-        for phase, tokens in (("prefill", ids), ("decode", ids[:, :1])):
-            def run(tokens=tokens):
+        position = torch.full((1,), context + 1, dtype=torch.int64, device="cuda")
+        for phase, tokens in (("prefill", ids), ("decode", ids[:, :1]), ("graph decode", ids[:, :1])):
+            def run(tokens=tokens, traced=phase == "graph decode"):
+                step_cache = cache.with_tensors(cache.named_tensors(), position) if traced else cache
                 with torch.no_grad():
-                    forward(model, tokens, cache=cache, last_only=True)
+                    forward(model, tokens, cache=step_cache, last_only=True)
             yield phase, run

@@ -370,11 +370,15 @@ def test_gemms_use_hopper_tensor_cores(compiled):
 def test_positions_as_data_compile(compiled):
     """The launches that load start_pos from memory (CUDA-graph decode) compile: both compressor
     kernels' variants (entries and FP8 records) and the indexer's scores kernel, dense and packed,
-    each with a 0-d int64 and a [B] int32 position."""
-    launches = [(r["kernel"], r["launch"]) for r in compiled if "POS_FROM_PTR=True" in r["launch"]]
-    assert sorted(name for name, _ in launches) == ["_kv_compress_kernel"] * 8 + ["_scores_kernel"] * 6, launches
-    positions = Counter(r["position"] for r in compiled if "POS_FROM_PTR=True" in r["launch"])
-    assert positions == {"torch.int64": 7, "torch.int32": 7}, launches
+    each with a 0-d int64 and a [B] int32 position (:func:`_position_as_data`), and those the
+    model's graph step makes ([B] int64)."""
+    launches = [r for r in compiled if "POS_FROM_PTR=True" in r["launch"]]
+    kinds = Counter((r["kernel"], r["position"]) for r in launches)
+    assert set(kinds) == {(kernel, dtype) for kernel in ("_kv_compress_kernel", "_scores_kernel")
+                          for dtype in ("torch.int64", "torch.int32")}, kinds
+    assert kinds["_kv_compress_kernel", "torch.int32"] == 4 and kinds["_scores_kernel", "torch.int32"] == 3, kinds
+    packed = {re.search(r"KEY_FORMAT=(\w+)", r["launch"]).group(1) for r in launches if r["kernel"] == "_scores_kernel"}
+    assert packed == {"dense", "fp4", "fp8"}, packed
 
 
 def test_attention_compiles_split_and_unsplit(compiled):
