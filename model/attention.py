@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from seahal.hal.formats import sylvester_hadamard
+from seahal.hal.formats import hadamard, sylvester_hadamard
 from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
@@ -92,7 +92,10 @@ class Indexer(nn.Module):
         q = self.ops.rope(q, positions, freqs)
         keys = self.compressor(x, cache.index_state, start_pos, freqs)
         if self.config.simulate_fp4_indexer:
-            q, keys = (fp4_indexer_precision(t, self.ops, self.rotation) for t in (q, keys))
+            q = fp4_indexer_precision(q, self.ops, self.rotation)
+            # FP4 key records round the rotated keys as the simulation would: rotating suffices
+            fp4_records = self.config.index_key_format == "fp4"
+            keys = hadamard(keys, self.rotation) if fp4_records else fp4_indexer_precision(keys, self.ops, self.rotation)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
         stored = cache.store_index_keys(keys, new_entries(start_pos, s, CSA_RATIO))  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk

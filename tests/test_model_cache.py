@@ -57,6 +57,36 @@ def test_packing_an_fp8_rounded_kv_stores_the_same_values(dtype):
     assert torch.equal(decoded.view(torch.int16), rounded.to(torch.bfloat16).view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_fp4_rounded_index_keys_stores_the_same_values(dtype):
+    """Why FP4 index-key records skip the keys' simulated FP4 rounding (the rotation stays): the
+    records round the rotated keys through e2m1 in the same 1x32 ue8m0 blocks, and twice decodes
+    as once. A block whose amax / s in (3, 3.5) rounds to 3 is stored with half the scale and
+    twice the codes (e2m1 values up to 3, doubled, stay e2m1 values)."""
+    from types import SimpleNamespace
+
+    from seahal.backends.cpu.reference.quant import fp4_quant
+    from seahal.hal.formats import fp4_dequantize, hadamard, index_key_pack, index_key_unpack, sylvester_hadamard
+    from seahal.model.quant_sim import fp4_indexer_precision
+
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(4, 64, 128, generator=gen) * torch.exp2(torch.randint(-20, 20, (4, 64, 1), generator=gen).float())
+    keys = keys.to(dtype)
+    rotation = sylvester_hadamard(128)
+    rotated = hadamard(keys, rotation)
+    blocks = rotated.unflatten(-1, (4, 32))
+    blocks[:, :, 1] *= 3.2 / blocks[:, :, 1].abs().amax(-1, keepdim=True)  # amax / s = 3.2: rounds to 3
+    blocks[:, :, 2] = 0.0
+    untouched = fp4_indexer_precision(keys, SimpleNamespace(fp4_quant=fp4_quant), rotation)
+    simulated = fp4_dequantize(*fp4_quant(rotated, 32), 32, dtype)  # its rounding, on the edited blocks
+    assert torch.equal(untouched[:, :, :32], simulated[:, :, :32])  # the simulation: rotate, then this
+    once, twice = index_key_pack(rotated, "fp4"), index_key_pack(simulated, "fp4")
+    assert not torch.equal(once, twice)
+    decoded = index_key_unpack(once, 128, "fp4", torch.float32)
+    assert torch.equal(decoded, index_key_unpack(twice, 128, "fp4", torch.float32))
+    assert torch.equal(decoded, simulated.float())
+
+
 def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
     dense = load(checkpoint, device="cpu", announce=False)
     fp8 = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
