@@ -367,3 +367,9 @@ def test_reference_by_expert_is_the_reference(fmt):
     dims = common.ModelDims("tiny", dim=256, heads=1, index_topk=4, experts=8, inter=128, top_k=3)
     args = _arguments(dims, fmt, 24, torch.device("cpu"))
     assert torch.equal(reference_by_expert(*args), moe_experts(*args))
+
+
+def test_tally_kernels_ranks_names_by_total_time():
+    tally = common.tally_kernels([("gemm", 10.0), ("norm", 2.0), ("gemm", 12.5), ("quant", 3.0), ("norm", 2.5)], top=2)
+    assert tally == {"kernels": 5, "busy_us": 30.0,
+                     "top": [{"name": "gemm", "calls": 2, "us": 22.5}, {"name": "norm", "calls": 2, "us": 4.5}]}

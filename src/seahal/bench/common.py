@@ -230,6 +230,33 @@ def time_us(fn: Callable[[], object], device: torch.device, quick: bool) -> tupl
         return _median_cuda_events(fn, quick), "eager"
 
 
+def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict:
+    """Where one call of ``fn`` spends device time, by kernel (torch.profiler, CUDA activity; the
+    call launched eagerly): see :func:`tally_kernels`. ``busy_us`` beside the call's wall time is
+    what launch gaps and host work cost it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return tally_kernels(((e.name, e.time_range.elapsed_us()) for e in device_events), top)
+
+
+def tally_kernels(kernels: Iterable[tuple[str, float]], top: int = 25) -> dict:
+    """``{"kernels": launches, "busy_us": their summed microseconds, "top": [{"name", "calls",
+    "us"}]}`` of (name, microseconds) pairs, the ``top`` names by total time, longest first."""
+    calls: dict[str, int] = {}
+    total: dict[str, float] = {}
+    for name, us in kernels:
+        calls[name] = calls.get(name, 0) + 1
+        total[name] = total.get(name, 0.0) + us
+    ranked = sorted(total, key=lambda name: -total[name])[:top]
+    return {"kernels": sum(calls.values()), "busy_us": sum(total.values()),
+            "top": [{"name": name, "calls": calls[name], "us": total[name]} for name in ranked]}
+
+
 # -- checks -----------------------------------------------------------------------------------------
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64; inf when out holds a NaN or inf."""

@@ -46,7 +46,10 @@ portable reference; each row's ``plan.fallbacks`` lists them).
 Decode on a GPU replays one CUDA graph per cache (:class:`seahal.model.decode_graph.DecodeGraph`,
 captured during the warm-up steps) when the plan keeps positions on the device; the row's
 ``timing.seahal`` says ``cuda graph`` or ``eager``, and a graph row also carries the same steps
-run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager.
+run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager. A GPU decode row also
+carries ``decode_kernels``: one eager step under torch.profiler, its kernels' summed device time
+(``busy_us``; the graph's time minus it is what launches and gaps cost) and the longest kernels
+by name (:func:`seahal.bench.common.kernel_profile`), also printed to the log.
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -298,6 +301,13 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
             model.decode_eager(cache, token)
         measured.details["eager_decode_us"] = statistics.median(
             _elapsed_us(lambda t=t: model.decode_eager(cache, t), device) for t in steps[s.warmup :])
+    if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a decode step's device time goes
+        _, cache = model.prefill(prompt)
+        model.decode_eager(cache, steps[0])
+        try:
+            measured.details["decode_kernels"] = common.kernel_profile(lambda: model.decode_eager(cache, steps[1]))
+        except Exception as exc:  # noqa: BLE001 - the profiler (CUPTI) failing: the timed figures stand without it
+            measured.details["decode_kernels"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
     return measured
 
 
@@ -376,6 +386,8 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     peers = {} if peer_us is None else {"transformers": peer_us}
     if phase == "decode" and "eager_decode_us" in ours.details:
         peers["seahal eager (no graph)"] = ours.details["eager_decode_us"]
+    if phase == "decode" and "decode_kernels" in ours.details:
+        row["decode_kernels"] = ours.details["decode_kernels"]
     common.record(row, case, us, peers)
     row["tokens_per_s"] = None if us is None else tokens / us * 1e6
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
@@ -433,6 +445,18 @@ def _transformers(dense: Path, oracle_folder: Path | None, prompts: dict[int, to
     return oracle, peer
 
 
+def _print_profile(label: str, profile: dict | None, lines: int = 12) -> None:
+    """The longest kernels of a decode step (:func:`common.kernel_profile`), for the session log."""
+    if not profile:
+        return
+    if "error" in profile:
+        print(f"model: {label}: no kernel profile ({profile['error']})", flush=True)
+        return
+    print(f"model: {label}: {profile['kernels']} kernels, {profile['busy_us']:.0f} us busy", flush=True)
+    for k in profile["top"][:lines]:
+        print(f"    {k['us']:8.1f} us {k['calls']:4d}x  {k['name'][:100]}", flush=True)
+
+
 def _log(stage: str, start: float) -> None:
     print(f"model: {stage} done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -459,6 +483,7 @@ def measure(
                 measured.details["decode_timing"] = ours.decode_timing if device.type == "cuda" else "host"
                 found += [_row(phase, ctx, name, ours.model, measured, peer.get(ctx), oracle.get(ctx))
                           for phase in ("prefill", "decode")]
+                _print_profile(f"seahal {name} decode @{_tokens(ctx)}", measured.details.get("decode_kernels"))
         except torch.OutOfMemoryError:
             found.append(common.unavailable_row("model", f"seahal {name}: {common.SKIP_ON_OOM}"))
         except Exception as exc:  # noqa: BLE001 - a layout that fails to load or run is a finding, not the end
