@@ -14,7 +14,7 @@ from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import KV_TILE, LayerCache
 from .config import CSA_RATIO, ModelConfig
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, quantize_shared_input
 from .parallel import SINGLE_PROCESS, Parallel
 from .quant_sim import fp4_indexer_precision, fp8_kv_precision
 
@@ -83,12 +83,13 @@ class Indexer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
-        start_pos: int | torch.Tensor, freqs: torch.Tensor,
+        start_pos: int | torch.Tensor, freqs: torch.Tensor, qr_quantized: tuple | None = None,
     ) -> torch.Tensor:
         """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
-        are stored in the cache as entries ``n_compressed, ...``."""
+        are stored in the cache as entries ``n_compressed, ...``. ``qr_quantized``: qr's FP8
+        quantisation, when the attention's own wq_b made it (see :func:`quantize_shared_input`)."""
         b, s, _ = x.shape
-        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
+        q = self.wq_b(qr, qr_quantized).view(b, s, self.n_heads, self.head_dim)
         q = self.ops.rope(q, positions, freqs)
         keys = self.compressor(x, cache.index_state, start_pos, freqs)
         if self.config.simulate_fp4_indexer:
@@ -165,10 +166,12 @@ class Attention(nn.Module):
         if positions is None:
             positions = token_positions(start_pos, s, x.device)
         positions = positions.expand(b, s)
-        qr = self.q_norm(self.wq_a(x))
-        q = self.ops.rms_norm(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
+        xq = quantize_shared_input(x, self.wq_a, self.wkv)  # x's FP8 tiles, made once for both
+        qr = self.q_norm(self.wq_a(x, xq))
+        qrq = quantize_shared_input(qr, self.wq_b, *([self.indexer.wq_b] if self.indexer is not None else []))
+        q = self.ops.rms_norm(self.wq_b(qr, qrq).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
-        kv = self.kv_norm(self.wkv(x))
+        kv = self.kv_norm(self.wkv(x, xq))
         kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
         if self.config.simulate_fp8_kv and cache.kv.fmt != "fp8":  # an FP8 cache stores kv through that rounding
             kv = fp8_kv_precision(kv, self.ops, self.rope_dim)
@@ -180,7 +183,7 @@ class Attention(nn.Module):
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             if self.indexer is not None:
-                compressed_idx = self.indexer(x, qr, positions, cache, start_pos, self.freqs)
+                compressed_idx = self.indexer(x, qr, positions, cache, start_pos, self.freqs, qrq)
             cache.append_compressed(entries, new_entries(start_pos, s, self.ratio), encoded=packed)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it

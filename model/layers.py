@@ -63,15 +63,24 @@ class Linear(nn.Module):
             return "fp8"
         return "fp4" if self.weight.dtype == torch.uint8 else "dense"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``quantized``: x's ``fp8_act_quant`` (:func:`quantize_shared_input`), when linears
+        sharing x quantise it once."""
         if self.format == "dense":
             return nn.functional.linear(x, self.weight.to(x.dtype))
-        flat = x.reshape(-1, self.in_features)
-        q, s = self.ops.fp8_act_quant(flat)
+        q, s = quantized if quantized is not None else self.ops.fp8_act_quant(x.reshape(-1, self.in_features))
         gemm = self.ops.fp8_gemm if self.format == "fp8" else self.ops.fp4_gemm
         out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
         y = gemm(q, s, self.weight, self.scale, out_dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_shared_input(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x [..., in] quantised once for ``linears`` that all take it (``Linear.forward(x, quantized)``):
+    its FP8 1x128 tiles when every one holds FP8/FP4 weights, else None (each does its own)."""
+    if not linears or any(linear.format == "dense" for linear in linears):
+        return None
+    return linears[0].ops.fp8_act_quant(x.reshape(-1, linears[0].in_features))
 
 
 class Head(nn.Module):
