@@ -3,6 +3,7 @@ compressed entries (CSA), in one softmax with per-head sinks (v4_ops.md §6-§9)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -158,14 +159,14 @@ class Attention(nn.Module):
         return rope_frequencies(c.rope_head_dim, c.compress_rope_theta, c.yarn)
 
     def forward(
-        self, x: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, positions: torch.Tensor | None = None,
+        self, x: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, step: StepPositions | None = None,
     ) -> torch.Tensor:
         """x: [B, S, D] (attn-normed), tokens at positions [start_pos, start_pos+S) -> [B, S, D];
-        ``positions``: ``token_positions(start_pos, S)``, when the caller made it once for every layer."""
+        ``step``: the positions and what derives from them, when the caller made them once for
+        every layer (:meth:`StepPositions.of`)."""
         b, s, _ = x.shape
-        if positions is None:
-            positions = token_positions(start_pos, s, x.device)
-        positions = positions.expand(b, s)
+        step = step or StepPositions.of(start_pos, s, x.device)
+        positions = step.positions.expand(b, s)
         xq = quantize_shared_input(x, self.wq_a, self.wkv)  # x's FP8 tiles, made once for both
         qr = self.q_norm(self.wq_a(x, xq))
         qrq = quantize_shared_input(qr, self.wq_b, *([self.indexer.wq_b] if self.indexer is not None else []))
@@ -190,7 +191,7 @@ class Attention(nn.Module):
         decode = s == 1
         if decode:  # its ring slot held token p - W, which query p no longer sees
             cache.write_window(start_pos, rows, positions)
-        keys, indices = self._gather_keys(rows, cache, start_pos, positions, compressed_idx, decode)
+        keys, indices = self._gather_keys(rows, cache, start_pos, step, compressed_idx, decode)
         o = self._attend(q, keys, indices, cache)
         o = self.ops.rope(o, positions, self.freqs, inverse=True)
         if not decode:
@@ -198,7 +199,7 @@ class Attention(nn.Module):
         return self._project_out(o)
 
     def _gather_keys(
-        self, rows: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, positions: torch.Tensor,
+        self, rows: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, step: StepPositions,
         compressed_idx: torch.Tensor | None, decode: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored-format key rows the queries attend and each query's indices into them.
@@ -209,24 +210,26 @@ class Attention(nn.Module):
         row W + j; nothing is copied. A chunk of S > 1 tokens: ``[ring | chunk | compressed
         entries]`` concatenated (its later tokens would overwrite ring slots its earlier queries
         see), token p in ring slot p mod W before the chunk and in row W + p - start_pos within it.
-        ``positions``: the tokens' positions [B, S].
+        Indices are int32; at decode every part is made in int32 (no conversion).
         """
         b, s, _ = rows.shape
         w = cache.window
-        t = positions
-        p = t[..., None] - self.window_offsets[:w]  # [B, S, W] key positions
+        t = step.positions
         entries = cache.compressed_rows()
         if decode:
-            keys, window_idx, base = cache.kv.data, p % w, w
+            keys, base = cache.kv.data, w
+            ring = step.decode_window if step.decode_window is not None and step.decode_window.shape[-1] == w else None
+            parts = [(ring if ring is not None else ring_rows(t, self.window_offsets[:w])).expand(b, s, w)]
         else:
+            p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
             keys = torch.cat((cache.ring(), rows, entries), dim=1)
             window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
-        parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
+            parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
         if compressed_idx is not None:
             parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
         elif self.ratio:
-            j = torch.arange(entries.shape[1], device=rows.device)
+            j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
             visible = j < ((t + 1) // self.ratio)[..., None]
             parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
         return keys, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.int32)
@@ -248,6 +251,33 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.to(o.dtype).view(g, self.config.o_lora_rank, -1)
         z = torch.einsum("bsgi,gri->bsgr", groups, wo_a).reshape(b, s, -1)
         return self.parallel.tp_all_reduce(self.wo_b(z))
+
+
+@dataclass
+class StepPositions:
+    """A forward step's token positions and what every attention layer derives from them alone:
+    made once a step (:meth:`of`) rather than once a layer."""
+
+    positions: torch.Tensor
+    """[S] int64 for an int start_pos, [1 or B, S] for a tensor one (:func:`token_positions`)."""
+    decode_window: torch.Tensor | None = None
+    """One token a sequence: :func:`ring_rows` of its window, [(1 or B,) 1, W] int32."""
+
+    @classmethod
+    def of(cls, start_pos: int | torch.Tensor, n: int, device: torch.device,
+           window_offsets: torch.Tensor | None = None) -> StepPositions:
+        """The step of ``n`` tokens from ``start_pos``; with ``window_offsets`` (0..W-1) and one
+        token, its window's ring rows too."""
+        positions = token_positions(start_pos, n, device)
+        decode_window = ring_rows(positions, window_offsets) if n == 1 and window_offsets is not None else None
+        return cls(positions, decode_window)
+
+
+def ring_rows(positions: torch.Tensor, window_offsets: torch.Tensor) -> torch.Tensor:
+    """[..., S, W] int32: the ring row (p mod W) of key position p = t - i for query position t and
+    offset i in ``window_offsets`` (0..W-1), -1 where p < 0 (before the sequence)."""
+    p = positions[..., None] - window_offsets
+    return (p % window_offsets.shape[0]).masked_fill(p < 0, -1).to(torch.int32)
 
 
 def token_positions(start_pos: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:

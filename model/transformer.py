@@ -9,7 +9,7 @@ from torch import nn
 
 from seahal import hal
 
-from .attention import Attention, token_positions
+from .attention import Attention, StepPositions
 from .cache import Cache
 from .config import CSA_RATIO, ModelConfig
 from .generate import generate as _generate
@@ -48,12 +48,12 @@ class Block(nn.Module):
 
     def forward(
         self, h: torch.Tensor, input_ids: torch.Tensor, cache, start_pos: int | torch.Tensor,
-        layout: TokenLayout | None = None, positions: torch.Tensor | None = None,
+        layout: TokenLayout | None = None, step: StepPositions | None = None,
     ) -> torch.Tensor:
         """h: [B, S, n, D] residual streams -> [B, S, n, D]; ``layout``: see :class:`MoE`;
-        ``positions``: see :meth:`Attention.forward`."""
+        ``step``: see :meth:`Attention.forward`."""
         y, post, comb = self._hc_pre(h, "hc_attn")
-        h = self.ops.hc_post(self.attn(self.attn_norm(y), cache, start_pos, positions), h, post, comb)
+        h = self.ops.hc_post(self.attn(self.attn_norm(y), cache, start_pos, step), h, post, comb)
         y, post, comb = self._hc_pre(h, "hc_ffn")
         return self.ops.hc_post(self.ffn(self.ffn_norm(y), input_ids, layout), h, post, comb)
 
@@ -114,9 +114,10 @@ class Transformer(nn.Module):
         input_ids = p.local_batch(input_ids)
         b = input_ids.shape[0]
         h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim).contiguous()
-        positions = token_positions(start_pos, s, input_ids.device)  # made once for every layer
+        offsets = self.layers[0].attn.window_offsets if len(self.layers) else None
+        step = StepPositions.of(start_pos, s, input_ids.device, offsets)  # made once for every layer
         for block, layer_cache in zip(self.layers, cache.layers):
-            h = block(h, input_ids, layer_cache, start_pos, layout, positions)
+            h = block(h, input_ids, layer_cache, start_pos, layout, step)
         cache.pos = cache.pos + s  # not in place: a traced cache's position is the caller's tensor
         if last_only:
             h = h[:, -1:]
