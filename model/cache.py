@@ -59,11 +59,14 @@ class RowStore:
         rewritten, those past ``count`` with their old value (distinct rows, so no write races)."""
         rows = vectors if encoded else self.encode(vectors)
         b, n = rows.shape[:2]
-        i = torch.arange(n, device=rows.device)
-        target = ((first.reshape(-1, 1) + i) % self.rows).expand(b, n)
-        sequences = torch.arange(b, device=rows.device)[:, None]
-        keep = (i < torch.as_tensor(count, device=rows.device).reshape(-1, 1))[..., None]
-        self.data[sequences, target] = torch.where(keep, rows, self.data[sequences, target])
+        count = torch.as_tensor(count, device=rows.device).reshape(-1, 1)
+        if n == 1:  # a decode step's at most one entry: no offsets to make
+            target, keep = first.reshape(-1, 1) % self.rows, count > 0
+        else:
+            i = torch.arange(n, device=rows.device)
+            target, keep = (first.reshape(-1, 1) + i) % self.rows, i < count
+        index = target.expand(b, n)[..., None].expand(rows.shape)
+        self.data.scatter_(1, index, torch.where(keep[..., None], rows, self.data.gather(1, index)))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""
