@@ -257,6 +257,19 @@ def test_many_rows_take_the_torch_routing(experts, monkeypatch):
 
 
 @interpreted
+@pytest.mark.parametrize("fmt", ["fp8", "fp4-e8m0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_x_quantised_in_the_gemm_is_fp8_act_quant(experts, monkeypatch, fmt, dtype):
+    """Few rows: the gate-up kernel FP8-quantises x itself (one launch fewer); many: fp8_act_quant
+    first. The same quantisation function and the same products: equal bit for bit."""
+    args = _case(9, fmt, dtype, seed=7)
+    fused = experts.moe_experts(*args)
+    monkeypatch.setattr(experts, "QUANT_IN_GEMM_MAX_ROWS", 0)
+    assert torch.equal(fused, experts.moe_experts(*args))
+    assert _rel(fused, reference.moe_experts(*args)) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
+
+
+@interpreted
 def test_routing_tables(experts):
     """Sorted rows grouped by expert; each expert's rows cut into BLOCK_M tiles that never straddle
     experts; the empty expert owns no tile; unused tiles are marked -1."""
@@ -383,9 +396,8 @@ def test_decode_call_launches_only_triton_kernels():
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     triton_kernels, other_kernels, splits = json.loads(done.stdout.splitlines()[-1])
-    # routing, x's FP8 quantisation, gate-up, down, combine; the torch routing was ~45 more kernels
-    assert triton_kernels == ["_route_kernel", "_fp8_act_quant_kernel", "_grouped_gemm_kernel",
-                              "_grouped_gemm_kernel", "_combine_kernel"]
+    # routing, gate-up (quantising x itself), down, combine; the torch routing was ~45 more kernels
+    assert triton_kernels == ["_route_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel"]
     assert other_kernels == []
     assert splits == [4, 2]  # decode_splits: gate-up 6 x 16 column tiles of K 4096, down 6 x 32 of K 2048
 

@@ -83,6 +83,11 @@ def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsC
     return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3, fp4_mx=False)
 
 
+QUANT_IN_GEMM_MAX_ROWS = 256
+"""Up to this many routed rows (T * k: the decode tiles of :func:`experts_config`) the gate-up
+GEMM quantises x itself instead of a separate ``fp8_act_quant`` launch."""
+
+
 def _block_k(fmt: str) -> int:
     """K step: one 128-wide scale block for FP8/FP4 weights, 64 (masked) for dense."""
     return K_BLOCK if fmt != "dense" else 64
@@ -315,10 +320,12 @@ def _k_loop(
     stride_vn, stride_vk, stride_vsn, stride_vsk,
     GATE_UP: tl.constexpr, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, W_SCALE_E8M0: tl.constexpr,
     V_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MX: tl.constexpr,
+    MX: tl.constexpr, QUANT_A: tl.constexpr,
 ):
     """(A W^T, A V^T) over K blocks [kb_lo, kb_hi) for a row tile and column tile (A V^T zero
-    unless GATE_UP)."""
+    unless GATE_UP). QUANT_A: A holds float rows, FP8-quantised here per 1x128 block as
+    ``fp8_act_quant`` would (the same :func:`fp8_quantize_tiles`, ue8m0), instead of e4m3 codes
+    with their scales."""
     fp4_mx: tl.constexpr = FORMAT == 2 and MX
     acc_w = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
     acc_v = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
@@ -328,6 +335,8 @@ def _k_loop(
         if FORMAT == 0:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0.0)
             a_scale = 1.0
+        elif QUANT_A:
+            a, a_scale = fp8_quantize_tiles(tl.load(a_ptrs).to(tl.float32), True)
         else:
             a = tl.load(a_ptrs)
             a_scale = tl.load(a_scale_ptr + a_rows * stride_asm + kb * stride_ask)
@@ -353,7 +362,7 @@ def _grouped_gemm_kernel(
     stride_om, stride_on, stride_osm, stride_osn,
     TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
-    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
+    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, QUANT_A: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """One (row tile, column tile, K split) of an expert's GEMM over its consecutive sorted rows.
@@ -391,7 +400,7 @@ def _grouped_gemm_kernel(
         kb_lo, tl.minimum(kb_lo + per_split, k_blocks),
         stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
         stride_vn, stride_vk, stride_vsn, stride_vsk,
-        GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX,
+        GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX, QUANT_A,
     )
     mask = row_mask[:, None] & (cols[None, :] < N)
     if SPLIT_K > 1:
@@ -500,7 +509,8 @@ def _grouped_gemm(
     v: torch.Tensor | None, v_scale: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor | None,
     routing: Routing, top_k: int, fmt: str, limit: float, round_bf16: bool, config: ExpertsConfig,
 ) -> None:
-    """Launch :func:`_grouped_gemm_kernel`: gate-up when ``v`` (W3) is given, else down."""
+    """Launch :func:`_grouped_gemm_kernel`: gate-up when ``v`` (W3) is given, else down. FP8/FP4
+    weights with ``a_scale`` None: ``a`` holds float rows, quantised in the kernel (``QUANT_A``)."""
     n = w.shape[1]
     k = a.shape[1]
     rows = routing.slots.shape[0]
@@ -533,6 +543,7 @@ def _grouped_gemm(
         *out.stride(), *_strides(out_scale, 2),
         TOP_K=top_k, GATE_UP=gate_up, FORMAT=_FORMATS[fmt], CLAMP=gate_up and limit > 0,
         QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
+        QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
         MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
@@ -596,7 +607,10 @@ def moe_experts(
     rows = t * top_k
     config = config or experts_config(rows, (fmt_up, fmt_down) != ("dense", "dense"), x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
-    a, a_scale = (x, None) if fmt_up == "dense" else fp8_act_quant(x, K_BLOCK)
+    if fmt_up == "dense" or rows <= QUANT_IN_GEMM_MAX_ROWS:
+        a, a_scale = x, None  # dense: as it is; FP8/FP4 weights: quantised in the gate-up kernel
+    else:  # many rows: once, rather than once per column tile
+        a, a_scale = fp8_act_quant(x, K_BLOCK)
     if fmt_down == "dense":
         h, h_scale = torch.empty((rows, inter), dtype=x.dtype, device=x.device), None
     else:  # the gate-up epilogue writes h FP8-quantised for the down GEMM
