@@ -85,10 +85,12 @@ class Indexer(nn.Module):
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
         start_pos: int | torch.Tensor, freqs: torch.Tensor, qr_quantized: tuple | None = None,
+        count: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
         are stored in the cache as entries ``n_compressed, ...``. ``qr_quantized``: qr's FP8
-        quantisation, when the attention's own wq_b made it (see :func:`quantize_shared_input`)."""
+        quantisation, when the attention's own wq_b made it (see :func:`quantize_shared_input`);
+        ``count``: ``new_entries(start_pos, S, 4)``, when the attention's compressor counted them."""
         b, s, _ = x.shape
         q = self.wq_b(qr, qr_quantized).view(b, s, self.n_heads, self.head_dim)
         q = self.ops.rope(q, positions, freqs)
@@ -99,7 +101,8 @@ class Indexer(nn.Module):
             fp4_records = self.config.index_key_format == "fp4"
             keys = hadamard(keys, self.rotation) if fp4_records else fp4_indexer_precision(keys, self.ops, self.rotation)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        stored = cache.store_index_keys(keys, new_entries(start_pos, s, CSA_RATIO))  # dense keys or packed records
+        count = new_entries(start_pos, s, CSA_RATIO) if count is None else count
+        stored = cache.store_index_keys(keys, count)  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk
         if fmt == "dense":
             top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, start_pos, topk)
@@ -183,9 +186,10 @@ class Attention(nn.Module):
             packed = self.compressor.packs(x)  # FP8 records as the cache stores them
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
-            if self.indexer is not None:
-                compressed_idx = self.indexer(x, qr, positions, cache, start_pos, self.freqs, qrq)
-            cache.append_compressed(entries, new_entries(start_pos, s, self.ratio), encoded=packed)
+            count = new_entries(start_pos, s, self.ratio)  # the entries this chunk completes
+            if self.indexer is not None:  # a CSA layer: its indexer keys complete with them
+                compressed_idx = self.indexer(x, qr, positions, cache, start_pos, self.freqs, qrq, count)
+            cache.append_compressed(entries, count, encoded=packed)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1
