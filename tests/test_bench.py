@@ -373,3 +373,20 @@ def test_tally_kernels_ranks_names_by_total_time():
     tally = common.tally_kernels([("gemm", 10.0), ("norm", 2.0), ("gemm", 12.5), ("quant", 3.0), ("norm", 2.5)], top=2)
     assert tally == {"kernels": 5, "busy_us": 30.0,
                      "top": [{"name": "gemm", "calls": 2, "us": 22.5}, {"name": "norm", "calls": 2, "us": 4.5}]}
+
+
+def test_kernel_breakdown_reports_a_failing_profiler(monkeypatch):
+    """A bench row keeps its timing when the profiler (CUPTI) fails: the breakdown says why."""
+    def broken(fn, top):
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+
+    monkeypatch.setattr(common, "kernel_profile", broken)
+    assert common.kernel_breakdown(lambda: None) == {"error": "RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES"}
+
+
+def test_kernel_breakdown_stops_at_its_budget(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "kernel_profile", lambda fn, top: calls.append(fn) or {"kernels": 1})
+    monkeypatch.setattr(common, "_profiled_s", [common.PROFILE_BUDGET_S - 1e-9])
+    assert common.kernel_breakdown(lambda: None) == {"kernels": 1}  # under the budget: profiled
+    assert "not profiled" in common.kernel_breakdown(lambda: None)["error"] and len(calls) == 1

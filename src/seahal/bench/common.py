@@ -244,6 +244,28 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict:
     return tally_kernels(((e.name, e.time_range.elapsed_us()) for e in device_events), top)
 
 
+PROFILE_BUDGET_S = 20.0
+"""Host seconds a process spends in :func:`kernel_breakdown` at most (a profiler start and stop per
+row): the breakdowns must not push a device session's bench steps past their limits."""
+_profiled_s = [0.0]
+
+
+def kernel_breakdown(fn: Callable[[], object], top: int = 6) -> dict:
+    """:func:`kernel_profile` of one call for a bench row: which of an op's launches (split-K and
+    its merge, the indexer's scores, selection and ranking) its time goes to. One eager call with
+    the L2 warm, so shares rather than the row's time. ``{"error": ...}`` where the profiler fails
+    or :data:`PROFILE_BUDGET_S` is spent: the row's timing stands without it."""
+    if _profiled_s[0] >= PROFILE_BUDGET_S:
+        return {"error": f"not profiled: this process spent its {PROFILE_BUDGET_S:g} s of profiling"}
+    start = time.perf_counter()
+    try:
+        return kernel_profile(fn, top)
+    except Exception as exc:  # noqa: BLE001 - the profiler (CUPTI) is optional to a bench row
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    finally:
+        _profiled_s[0] += time.perf_counter() - start
+
+
 def tally_kernels(kernels: Iterable[tuple[str, float]], top: int = 25) -> dict:
     """``{"kernels": launches, "busy_us": their summed microseconds, "top": [{"name", "calls",
     "us"}]}`` of (name, microseconds) pairs, the ``top`` names by total time, longest first."""
@@ -323,6 +345,8 @@ def measure(case: Case, device: torch.device, quick: bool) -> dict:
         row["timing"] = {name: method for name, (_, method) in timing.items()}
         record(row, case, timing["kernel"][0] if passed else None,
                {name: timing[name][0] for name in work.peers})
+        if passed and device.type == "cuda":  # which of the op's launches the time goes to
+            row["kernels"] = kernel_breakdown(work.kernel)
     except torch.OutOfMemoryError:
         row["note"] = SKIP_ON_OOM
     except Exception as exc:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding, not the end of the run
