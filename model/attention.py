@@ -172,7 +172,7 @@ class Attention(nn.Module):
         positions = step.positions.expand(b, s)
         xq = quantize_shared_input(x, self.wq_a, self.wkv)  # x's FP8 tiles, made once for both
         qr = self.q_norm(self.wq_a(x, xq))
-        qrq = quantize_shared_input(qr, self.wq_b, *([self.indexer.wq_b] if self.indexer is not None else []))
+        qrq = quantize_shared_input(qr, self.wq_b, self.indexer.wq_b) if self.indexer is not None else None
         q = self.ops.rms_norm(self.wq_b(qr, qrq).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
         kv = self.kv_norm(self.wkv(x, xq))
