@@ -302,6 +302,8 @@ def _compile_all() -> list[dict]:
         position = launch.args[names.index("pos_ptr")] if "pos_ptr" in names else None
         results.append({
             "kernel": launch.name, "launch": key, "error": result.error, "shared": result.shared_bytes,
+            "registers": result.registers, "stack": result.stack_bytes,
+            "resident": result.resident_programs() if result.ok and result.registers else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
             "position": str(getattr(position, "dtype", None)),
         })

@@ -10,9 +10,11 @@ small CPU launch configs). This module closes that gap in two steps:
    configs; no memory is allocated and nothing is launched.
 2. :func:`compile_launch` hands a recorded launch to Triton's compiler for a :class:`GPUTarget`
    (default sm_90) with the same specialisation a real launch would get (argument types, 16-byte
-   alignment, integer constants), through to ptxas, and returns the PTX or the compiler's error.
+   alignment, integer constants), through to ptxas, and returns the PTX or the compiler's error,
+   with the registers, stack (spill) bytes and shared memory the compiled kernel uses, from which
+   :meth:`CompileResult.resident_programs` says how many of its programs one SM holds at once.
 
-Triton's wheel bundles ptxas (``triton/backends/nvidia/bin``), so this runs on any CPU machine with
+Triton's wheel bundles ptxas and cuobjdump (``triton/backends/nvidia/bin``), so this runs on any CPU machine with
 ``pip install triton``. It relies on two private pieces of Triton's launcher (the binder from
 ``create_function_from_signature`` and ``JITFunction._pack_args``), checked with Triton 3.9.
 Meta tensors have data pointer 0: every argument counts as 16-byte aligned, as fresh CUDA
@@ -24,6 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import os
+import re
+import subprocess
+import tempfile
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +41,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 H100_SMS = 132
 """Multiprocessors of an H100 SXM: what the wrappers' launch heuristics see while capturing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """What one SM shares among the programs (thread blocks) resident on it."""
+
+    registers: int = 65536
+    shared_bytes: int = 228 * 1024
+    shared_reserved_per_block: int = 1024
+    """Shared memory the runtime takes per resident block (sm_80 onwards)."""
+    threads: int = 2048
+    blocks: int = 32
+    register_unit: int = 256
+    """Registers are allocated per warp in units of this many."""
+
+
+SM90 = SMLimits()
+"""An H100 / H200 SM (CUDA's occupancy tables for compute capability 9.0)."""
 
 
 @dataclasses.dataclass
@@ -65,10 +89,27 @@ class CompileResult:
     ptx: str | None = None
     error: str | None = None
     shared_bytes: int | None = None
+    """Shared memory a program asks for at launch (Triton's dynamic shared memory)."""
+    registers: int | None = None
+    """Registers a thread uses, as ptxas allocated them (255 at most)."""
+    stack_bytes: int | None = None
+    """Per-thread stack frame: registers spilled to local memory, and local arrays."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def resident_programs(self, sm: SMLimits = SM90) -> int:
+        """How many programs of this launch one SM holds at once: the least of what its registers,
+        shared memory, threads and the block limit allow (CUDA's occupancy arithmetic)."""
+        warps = self.launch.kwargs.get("num_warps", 4)
+        warp_registers = -(-self.registers * 32 // sm.register_unit) * sm.register_unit
+        return min(
+            sm.registers // (warps * warp_registers),
+            sm.shared_bytes // (self.shared_bytes + sm.shared_reserved_per_block),
+            sm.threads // (32 * warps),
+            sm.blocks,
+        )
 
 
 def toolchain_missing() -> str | None:
@@ -228,4 +269,25 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
         while chain[-1].__cause__ is not None and len(chain) < 16:
             chain.append(chain[-1].__cause__)
         return CompileResult(launch, error="\n".join(f"{type(e).__name__}: {e}" for e in chain))
-    return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared)
+    registers, stack = _resource_usage(compiled.asm["cubin"])
+    return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared,
+                         registers=registers, stack_bytes=stack)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, stack bytes) of the one kernel in ``cubin``, read by the cuobjdump beside ptxas
+    (Triton bundles both); (None, None) where there is none."""
+    from triton import knobs
+
+    cuobjdump = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", file.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump reported no resource usage: {usage[-500:]}")
+    return int(found.group(1)), int(found.group(2))
