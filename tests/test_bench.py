@@ -89,6 +89,21 @@ def test_wrong_result_is_reported_not_timed():
     assert row["peer"]["reference"]["us"] > 0 and "speedup" not in row
 
 
+def test_variants_are_checked_before_they_are_timed():
+    x = torch.randn(64)
+    work = common.Workload(lambda: x * 1, {"reference": lambda: x}, common.close(1e-2),
+                           variants={"other tiles": lambda: x + 0, "broken tiles": lambda: x + 1})
+    case = common.Case("rope", "variants", 100, 1000, common.PEAK_BF16_TFLOPS, lambda device: work)
+    row = common.measure(case, torch.device("cpu"), quick=True)
+    right, wrong = row["variant"]["other tiles"], row["variant"]["broken tiles"]
+    assert right["check"]["passed"] and right["us"] > 0 and right["gbps"] == pytest.approx(1000 / right["us"] / 1e3)
+    assert not wrong["check"]["passed"] and wrong["check"]["err"] > 0.5 and "us" not in wrong
+    assert set(row["timing"]) == {"kernel", "reference", "other tiles"}
+    assert "other tiles" not in row["peer"] and row["speedup"] == pytest.approx(row["peer"]["reference"]["us"] / row["us"])
+    table = common.format_table([row])
+    assert "other tiles " in table and "broken tiles WRONG" in table
+
+
 def test_fraction_of_limit_is_the_roofline_fraction():
     compute = common.Case("x", "compute", 1979e6, 3e3, common.PEAK_FP8_TFLOPS)  # 1 us of FP8 peak, 1 ns of HBM
     memory = common.Case("x", "memory", 989e3, 3e6, common.PEAK_BF16_TFLOPS)  # 1 ns of bf16 peak, 1 us of HBM

@@ -6,7 +6,8 @@ must move, computed from the shape alone, and a ``build`` that allocates inputs 
 returns the kernel, the peer and a checker); :func:`measure` turns a case into a row:
 
     {op, shape, kernel, <shape parameters>, flops, bytes, bound, us, tflops, gbps, fraction_of_limit,
-     check: {err, passed}, peer: {name: {us, tflops, gbps}}, speedup, timing, note}
+     check: {err, passed}, peer: {name: {us, tflops, gbps}}, speedup, timing, note,
+     variant: {name: {us, tflops, gbps} or {check}}}
 
 ``fraction_of_limit`` is the roofline fraction ``max(flops / peak, bytes / bandwidth) / time``: 1.0
 means the row runs at the H100's limit for its arithmetic intensity. A kernel whose result fails its
@@ -58,6 +59,9 @@ class Workload:
     oracle: Callable[[], object] | None = None
     """Expected outputs, called once and not timed: where the timed peer is not the reference
     itself (the reference too slow to time at the row's shape, checked on a sample instead)."""
+    variants: dict[str, Callable[[], object]] = field(default_factory=dict)
+    """The kernel under other launches (tiles, splits, warps): each checked as the kernel is and,
+    when right, timed beside it, so that one run says which launch a shape should take."""
 
 
 @dataclass
@@ -342,6 +346,12 @@ def measure(case: Case, device: torch.device, quick: bool) -> dict:
             row["note"] = "wrong result: not timed"
         timing = {"kernel": time_us(work.kernel, device, quick)} if passed else {}
         timing.update({name: time_us(fn, device, quick) for name, fn in work.peers.items()})
+        for name, fn in work.variants.items():
+            v_err, v_passed = work.check(fn(), (work.oracle or next(iter(work.peers.values())))())
+            row.setdefault("variant", {})[name] = {"check": {"err": v_err, "passed": v_passed}}
+            if v_passed:
+                timing[name] = time_us(fn, device, quick)
+                row["variant"][name].update(figures(case, timing[name][0]))
         row["timing"] = {name: method for name, (_, method) in timing.items()}
         record(row, case, timing["kernel"][0] if passed else None,
                {name: timing[name][0] for name in work.peers})
@@ -382,11 +392,12 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: ours beside each peer, the roofline fraction and the check."""
+    """Markdown table: ours beside each peer and variant, the roofline fraction and the check."""
     lines = ["| op | shape | kernel | us | TFLOP/s | GB/s | % of limit | bound | peer us | speedup | check |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        peers = ", ".join(f"{name} {_fmt(p.get('us'), '.1f')}" for name, p in r["peer"].items()) or "-"
+        others = {**r["peer"], **r.get("variant", {})}
+        peers = ", ".join(f"{name} {_fmt(p.get('us'), '.1f') if 'us' in p else 'WRONG'}" for name, p in others.items()) or "-"
         check = "-" if r["check"] is None else f"{'ok' if r['check']['passed'] else 'FAIL'} {r['check']['err']:.1e}"
         fraction = None if r["fraction_of_limit"] is None else 100 * r["fraction_of_limit"]
         if "goal_met" in r:

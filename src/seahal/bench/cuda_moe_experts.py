@@ -132,15 +132,16 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     oracle = partial(reference("moe_experts", "moe"), x[sample], weights[sample], ids[sample], *rest)
     check = close(BF16_TOL)
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
+    variants = {}
     if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks decoded to bf16,
         # and with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
         from seahal.backends.cuda.moe_experts import experts_config
 
         config = experts_config(tokens * dims.top_k, True, device)
-        peers["triton, bf16 form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=False))
-        peers[f"triton, {2 * config.num_warps} warps"] = partial(
+        variants["bf16 form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=False))
+        variants[f"{2 * config.num_warps} warps"] = partial(
             kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
-    return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle)
+    return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 
 def _token_counts(device: torch.device, quick: bool) -> tuple[tuple[str, int], ...]:
