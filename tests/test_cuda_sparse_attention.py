@@ -260,11 +260,12 @@ def test_split_k_fp8_records(attention, splits):
 
 
 @interpreted
-@pytest.mark.parametrize("name, splits", [("DECODE", 20), ("WIDE", 1)])
+@pytest.mark.parametrize("name, splits", [("DECODE", 20), ("WIDE", 1), ("HEADS64", 2)])
 @pytest.mark.parametrize("kv_format", ["dense", "fp8"])
 def test_gpu_launches_decode_640_slots(attention, name, splits, kv_format):
     # The GPU's tiles on V4's decode row: DECODE (16 heads, 32 slots) in 20 one-block splits as at
-    # batch 1, WIDE (32 heads, 64 slots) unsplit as at batch 64; H = 40 ends in a partial head block.
+    # batch 1, WIDE (32 heads, 64 slots) unsplit, HEADS64 (64 heads, 32 slots) in two splits as FP8
+    # records at batch 64; H = 40 ends in a partial head block (HEADS64: one, 24 heads empty).
     gen = torch.Generator().manual_seed(40 + splits)
     q, kv, _, sink = _inputs(1, 3, 40, 128, 700, 1, torch.bfloat16, gen)
     indices, config = _decode_rows(700, gen), getattr(attention, name)
@@ -275,27 +276,36 @@ def test_gpu_launches_decode_640_slots(attention, name, splits, kv_format):
 
 
 def test_launch_heuristic_decode_vs_prefill():
-    # On an H100's 132 SMs. Batch-1 decode: DECODE tiles (16 heads), split until two programs per
-    # SM: V4-Flash (64 heads, 128 + 512 slots) 4 head blocks x min(66, 20 blocks of 32) splits;
-    # V4-Pro (128 heads, 128 + 1024 slots) 8 x min(33, 36). Batch 64 and a 4096-query prefill over
-    # dense rows: WIDE tiles (32 heads), one program per (query, head block) and no split.
+    # On an H100's 132 SMs. Batch-1 decode: DECODE tiles (16 heads, two programs an SM), split to
+    # one wave: V4-Flash (64 heads, 128 + 512 slots) 4 head blocks x min(264 // 4, 20 blocks of 32)
+    # splits; V4-Pro (128 heads, 128 + 1024 slots) 8 x min(264 // 8, 36). Batch 64 and a
+    # 4096-query prefill over dense rows: WIDE tiles (32 heads, one program an SM), no split.
+    # FP8 records: HEADS64 once queries x head blocks x slot blocks reach the SMs (V4-Flash from
+    # 7 queries, V4-Pro from 2), at batch 64 split to one wave (V4-Flash 64 programs x 2).
     from seahal.backends.cuda.sparse_attention import (
         DECODE,
+        HEADS64,
         WIDE,
         attention_config,
         attention_splits,
     )
 
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    assert attention_config(1, 64, bf16, cuda, 132) == DECODE
+    assert attention_config(1, 64, 640, bf16, cuda, 132) == DECODE
     assert attention_splits(1, 64, 640, DECODE, 132) == 20
     assert attention_splits(1, 128, 1152, DECODE, 132) == 33
+    assert attention_splits(32, 64, 640, DECODE, 132) == 2  # 128 programs: a second one on each SM
     for queries, heads, slots in ((64, 64, 640), (64, 128, 1152), (4096, 64, 640)):
-        assert attention_config(queries, heads, bf16, cuda, 132) == WIDE
+        assert attention_config(queries, heads, slots, bf16, cuda, 132) == WIDE
         assert attention_splits(queries, heads, slots, WIDE, 132) == 1
-        # FP8 records keep 16-head programs (the decode spills at 32), which fill the chip unsplit
-        assert attention_config(queries, heads, bf16, cuda, 132, fp8=True) == DECODE
-        assert attention_splits(queries, heads, slots, DECODE, 132) == 1
+        assert attention_config(queries, heads, slots, bf16, cuda, 132, fp8=True) == HEADS64
+    assert attention_splits(64, 64, 640, HEADS64, 132) == 2
+    assert attention_splits(64, 128, 1152, HEADS64, 132) == 1
+    assert attention_splits(4096, 64, 640, HEADS64, 132) == 1
+    for queries, heads, fp8_config in ((1, 64, DECODE), (6, 64, DECODE), (7, 64, HEADS64), (1, 128, DECODE),
+                                       (2, 128, HEADS64), (64, 40, DECODE)):
+        slots = 640 if heads <= 64 else 1152
+        assert attention_config(queries, heads, slots, bf16, cuda, 132, fp8=True) == fp8_config, (queries, heads)
 
 
 def test_row_alignment():
@@ -358,10 +368,10 @@ def test_v4_flash_decode_shape_on_gpu(batch):
 @on_gpu
 @pytest.mark.parametrize("batch", [4, 64])
 def test_v4_flash_decode_fp8_records_on_gpu(batch):
-    # FP8 records always take DECODE tiles: at batch 4 the dense call launches the same (split)
-    # grid, at 64 the dense call would take WIDE tiles, so it is given DECODE to compare bit for bit
+    # FP8 records take DECODE tiles at batch 4 and HEADS64 at batch 64; the dense call is given
+    # the same tiles (it would take WIDE at 64) to compare bit for bit
     from seahal.backends.cuda.sparse_attention import (
-        DECODE,
+        attention_config,
         launch_sparse_attention,
         sparse_attention_fp8,
     )
@@ -372,7 +382,9 @@ def test_v4_flash_decode_fp8_records_on_gpu(batch):
     kv = kv_cache_unpack(records, 512)
     out = sparse_attention_fp8(q, records, indices, sink, 512**-0.5)
     dense = torch.empty_like(q)
-    launch_sparse_attention(q, kv, indices, sink, 512**-0.5, dense, DECODE)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    config = attention_config(batch, 64, 640, torch.bfloat16, q.device, sms, fp8=True)
+    launch_sparse_attention(q, kv, indices, sink, 512**-0.5, dense, config)
     assert torch.equal(out, dense)
     rtol, atol = BF16_TOL
     want = reference(q, kv, indices, sink, 512**-0.5)

@@ -52,22 +52,37 @@ from .kv_unpack import _e4m3_value, _e8m0_scale
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """One launch: heads per program (the MMA's M), index slots per step, warps and pipeline depth."""
+    """One launch: heads per program (the MMA's M), index slots per step, warps, pipeline depth,
+    and how many of its programs one SM holds at once (``resident``: the registers and shared
+    memory of its sm_90 compile allow that many; tests/test_cuda_compile.py checks the number).
+    :func:`attention_splits` fills the chip's resident slots."""
 
     block_h: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    resident: int = 1
 
 
-DECODE = AttentionConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
-"""Few queries, and FP8 records at any count: 16 heads a program, acc [16, 512] fp32 in 64
-registers a thread; the four warps split the 32 slots of the logits and the 512 output columns.
-sm_90 (offline compile, Triton 3.9): 132 registers dense, 255 with the FP8 decode, no spills."""
-WIDE = AttentionConfig(block_h=32, block_n=64, num_warps=8, num_stages=2)
+DECODE = AttentionConfig(block_h=16, block_n=32, num_warps=4, num_stages=2, resident=2)
+"""Few queries: 16 heads a program, acc [16, 512] fp32 in 64 registers a thread; the four warps
+split the 32 slots of the logits and the 512 output columns (mma.sync). sm_90 (offline compile):
+132-185 registers and 50 KB of shared memory dense, 255 and 70 KB with the FP8 decode, no spills:
+two programs an SM (three for some dense specialisations). Over FP8 records each row is decoded
+once per 16 heads: 8.4 warp instructions per (row, head) in the loop with Triton 3.6, 12.2 with 3.9."""
+WIDE = AttentionConfig(block_h=32, block_n=64, num_warps=8, num_stages=2, resident=1)
 """Many queries over dense rows (batched decode, prefill): each gathered row serves 32 heads, half
-the rows' L2 reads and 35% fewer instructions per (row, head) than :data:`DECODE` (154 registers,
-100 KB of shared memory, no spills). FP8 records stay on DECODE: at 32 heads the decode spills."""
+the rows' L2 reads and 35% fewer instructions per (row, head) than :data:`DECODE` (150-175
+registers, 100 KB of shared memory, no spills: one program an SM). At 32 heads the FP8 decode
+spills."""
+HEADS64 = AttentionConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, resident=1)
+"""FP8 records over many queries: 64 heads a program are one wgmma M tile (q staged in shared
+memory), so each gathered record is decoded once for V4-Flash's 64 heads (twice for V4-Pro's 128)
+instead of once per 16. sm_90 (offline compile): 255 registers, 117-128 KB of shared memory, one
+program an SM; 4.4 warp instructions per (row, head) in the loop against DECODE's 8.4 with Triton
+3.6 (no spills), 5.5 against 12.2 with Triton 3.9 (which spills: 88 local loads an iteration).
+Chosen by :func:`attention_config` once its grid can fill the chip; not yet measured (the bench's
+FP8 rows time DECODE beside it)."""
 FP32 = AttentionConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
 """fp32 q and rows (accuracy checks, not speed): IEEE fp32 dots, small tiles."""
 INTERPRETER = AttentionConfig(block_h=16, block_n=16)
@@ -76,39 +91,43 @@ MERGE_SPLITS, MERGE_COLUMNS = 32, 64
 """The merge reads the partials of a (query, head) in [32 splits, 64 columns] fp32 tiles."""
 
 
-def attention_config(queries: int, h: int, dtype: torch.dtype, device: torch.device, sm_count: int,
+def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: torch.device, sm_count: int,
                      fp8: bool = False) -> AttentionConfig:
-    """The launch for ``queries`` (B * S) queries of H heads in ``dtype`` (FP8 records if ``fp8``)
-    on a chip of ``sm_count`` SMs.
+    """The launch for ``queries`` (B * S) queries of H heads over K index slots in ``dtype`` (FP8
+    records if ``fp8``) on a chip of ``sm_count`` SMs.
 
-    Dense rows take :data:`WIDE` once its unsplit grid (queries x ceil(H / 32) programs) fills
-    half the SMs (V4-Flash from batch 33, V4-Pro from 17, every prefill), else :data:`DECODE`,
-    which :func:`attention_splits` then splits over the keys; FP8 records always DECODE. fp32 q
-    takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
+    FP8 records with at least 64 heads take :data:`HEADS64` once its split grid can fill the chip
+    (queries x head blocks x BLOCK_N blocks >= SMs: V4-Flash CSA from 7 queries, V4-Pro from 2), where
+    the decode's instruction count is what costs; fewer queries keep :data:`DECODE`, four times as
+    many programs for the few rows there are. Dense rows take :data:`WIDE` once its unsplit grid
+    (queries x ceil(H / 32) programs) fills half the SMs (V4-Flash from batch 33, V4-Pro from 17,
+    every prefill), else DECODE. fp32 q takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
     """
     if device.type != "cuda":
         return INTERPRETER
     if dtype == torch.float32:
         return FP32
     if fp8:
-        return DECODE
+        work_items = queries * triton.cdiv(h, HEADS64.block_h) * triton.cdiv(k, HEADS64.block_n)
+        return HEADS64 if h >= HEADS64.block_h and work_items >= sm_count else DECODE
     return WIDE if 2 * queries * triton.cdiv(h, WIDE.block_h) >= sm_count else DECODE
 
 
 def attention_splits(queries: int, h: int, k: int, config: AttentionConfig, sm_count: int) -> int:
     """Split-K factor for ``queries`` queries of H heads and K index slots under ``config``.
 
-    None while the unsplit grid (queries x head blocks) fills half the SMs; otherwise enough for
-    two programs per SM, at most one per BLOCK_N block. The workspace is SPLITS x H x D fp32 per
-    query, written once and read once by the merge, from L2. V4 decode at batch 1 on 132 SMs
-    (:data:`DECODE`): V4-Flash CSA (64 heads, 640 slots) 4 head blocks x 20 splits of 32 slots =
-    80 programs (2.6 MB of partials); V4-Pro (128 heads, 1152 slots) 8 x 18 splits of 64 = 144; an
-    HCA row of 8320 slots (1M context) 4 x 65 splits of 128 = 260.
+    The most splits whose grid still runs in one wave (config.resident programs on each SM), at
+    most one per BLOCK_N block: none once the unsplit grid (queries x head blocks) fills the
+    chip's resident slots, since a second wave would leave SMs idle behind it. The workspace is
+    SPLITS x H x D fp32 per query, written once and read once by the merge, from L2. V4 decode on
+    132 SMs: V4-Flash CSA (64 heads, 640 slots) at batch 1 under :data:`DECODE` 4 head blocks x 20
+    splits of 32 slots = 80 programs (2.6 MB of partials), at batch 64 under :data:`HEADS64` 64 x 2
+    splits of 320 = 128; V4-Pro (128 heads, 1152 slots) at batch 1 8 x 33 asked, which whole
+    blocks make 18 splits of 64 slots = 144; an HCA row of 8320 slots (1M context) 4 x 65 splits
+    of 128 = 260.
     """
     programs = queries * triton.cdiv(h, config.block_h)
-    if 2 * programs >= sm_count:
-        return 1
-    return max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(k, config.block_n)))
+    return max(1, min(config.resident * sm_count // programs, triton.cdiv(k, config.block_n)))
 
 
 def sparse_attention(
@@ -203,7 +222,7 @@ def launch_sparse_attention(
     on_gpu = q.device.type == "cuda"
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else 1
     fp8 = kv.dtype == torch.uint8
-    config = config or attention_config(b * s, h, q.dtype, q.device, sms, fp8)
+    config = config or attention_config(b * s, h, k, q.dtype, q.device, sms, fp8)
     if splits is None:
         splits = attention_splits(b * s, h, k, config, sms) if on_gpu else 1
     blocks = max(1, triton.cdiv(k, config.block_n))

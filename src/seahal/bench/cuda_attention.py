@@ -126,7 +126,8 @@ def _decode_attention(dims: ModelDims, ratio: int, batch: int, ctx: int, device:
     kv = torch.randn(batch, rows, dims.head_dim, device=device, dtype=torch.bfloat16)
     args = (q, kv, indices, sink, dims.head_dim**-0.5)
     kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
-    return Workload(partial(kernel, *args), {"reference, gathered": partial(_gathered_reference, *args)}, close(BF16_TOL))
+    peers = {"reference, gathered": partial(_gathered_reference, *args)}
+    return Workload(partial(kernel, *args), peers, close(BF16_TOL), variants=_variants(args, device, "HEADS64"))
 
 
 RECORD_POOL = 4096
@@ -147,17 +148,31 @@ def _decode_attention_fp8(dims: ModelDims, batch: int, ctx: int, device: torch.d
     q, indices, sink, rows = _decode_inputs(dims, CSA, batch, ctx, device)
     args = (q, _records(dims, batch, rows, device), indices, sink, dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
     peers = {"reference, gathered": partial(_gathered_reference, *args)}
-    if device.type == "cuda":  # what split-K (flash-decoding) buys at this grid
-        peers["triton, splits=1"] = partial(_unsplit_fp8_attention, *args)
-    return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL))
+    return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL),
+                    variants=_variants(args, device, "DECODE", "HEADS64", splits=True))
 
 
-def _unsplit_fp8_attention(q, records, indices, sink, softmax_scale, rope_dim, tile):
-    """The cuda kernel with split-K off: one program walks a query's whole index row."""
-    from seahal.backends.cuda.sparse_attention import launch_sparse_attention
+def _variants(args: tuple, device: torch.device, *configs: str, splits: bool = False) -> dict:
+    """The cuda kernel's other launches a row times (on a GPU): under each named tiles, and with
+    split-K off if ``splits`` (what flash-decoding buys at the row's grid)."""
+    if device.type != "cuda":
+        return {}
+    variants = {f"{name} tiles": partial(_triton_attention, *args, config=name) for name in configs}
+    if splits:
+        variants["splits=1"] = partial(_triton_attention, *args, splits=1)
+    return variants
+
+
+def _triton_attention(q, kv, indices, sink, softmax_scale, rope_dim=64, tile=64, *, config: str | None = None,
+                      splits: int | None = None):
+    """The cuda kernel under a launch other than its own choice: the tiles named ``config`` (an
+    :class:`AttentionConfig` of the module: ``"DECODE"``, ``"WIDE"``, ``"HEADS64"``), ``splits``
+    key splits (default: what ``attention_splits`` gives those tiles)."""
+    from seahal.backends.cuda import sparse_attention as attention
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch_sparse_attention(q, records, indices, sink, softmax_scale, out, rope_dim=rope_dim, tile=tile, splits=1)
+    attention.launch_sparse_attention(q, kv, indices, sink, softmax_scale, out, getattr(attention, config) if config else None,
+                                      rope_dim=rope_dim, tile=tile, splits=splits)
     return out
 
 
@@ -207,8 +222,8 @@ def _prefill_attention(dims: ModelDims, seq: int, device: torch.device) -> Workl
     indices = torch.cat((torch.where(window >= 0, window, -1), picked), dim=-1).int()[None]
     args = (q, kv, indices, torch.randn(dims.heads, device=device), dims.head_dim**-0.5)
     kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
-    return Workload(partial(kernel, *args), {"reference": partial(reference("sparse_attention", "attention"), *args)},
-                    close(BF16_TOL))
+    peers = {"reference": partial(reference("sparse_attention", "attention"), *args)}
+    return Workload(partial(kernel, *args), peers, close(BF16_TOL), variants=_variants(args, device, "HEADS64"))
 
 
 def attention_cases(device: torch.device, quick: bool) -> list[Case]:
