@@ -30,13 +30,16 @@ from ._gemm import decode_e8m0
 
 @triton.jit
 def decode_e2m1(code):
-    """e2m1 codes (sign<<3 | exponent<<1 | mantissa) -> fp32 {0, .5, 1, 1.5, 2, 3, 4, 6} with sign."""
-    c = code.to(tl.int32)
-    exponent = (c >> 1) & 3
-    mantissa = c & 1
-    normal = ((exponent + 126) << 23) | (mantissa << 22)
-    bits = tl.where(exponent > 0, normal, mantissa * (126 << 23)) | ((c & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
+    """e2m1 codes (sign<<3 | exponent<<1 | mantissa) -> fp32 {0, .5, 1, 1.5, 2, 3, 4, 6} with sign.
+
+    The code's bits moved into an fp16 pattern, the sign to bit 15 and the three magnitude bits to
+    bits 9-11 (the exponent's two low bits and the top mantissa bit), read e2m1(c) * 2^-14 exactly:
+    normal ``2^(E - 15) (1 + M/2)`` for E >= 1, subnormal ``2^-15 M`` for E = 0. An exact fp16
+    multiply by 2^14 and the exact widening to fp32 follow: about 4 instructions a value in the
+    sm_90 SASS where taking exponent and mantissa apart took about 10."""
+    c = code.to(tl.uint16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return (bits.to(tl.float16, bitcast=True) * 16384.0).to(tl.float32)
 
 
 @triton.jit
