@@ -14,6 +14,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
+from seahal.backends.cuda._e2m1 import decode_e2m1  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference import quant as reference
@@ -204,3 +207,22 @@ def test_kv_sliced_and_empty(quant):
     kv = wide[:, :512]
     _assert_bitwise((quant.kv_cache_pack(kv),), (reference.kv_cache_pack(kv),))
     assert quant.kv_cache_pack(wide[:0, :512]).shape == (0, 584)
+
+
+@triton.jit
+def _decode_e2m1_kernel(codes_ptr, out_ptr):
+    i = tl.arange(0, 16)
+    tl.store(out_ptr + i, decode_e2m1(tl.load(codes_ptr + i)))
+
+
+@kernels
+def test_e2m1_decode_every_code():
+    # The bf16 FP4 form's decode (an fp16 bit pattern read as e2m1(c) * 2^-14, then scaled by
+    # 2^14) gives every code's value of hal.formats exactly, the sign of zero included.
+    from seahal.hal.formats import E2M1_VALUES
+
+    codes = torch.arange(16, dtype=torch.uint8, device=DEVICE)
+    out = torch.empty(16, dtype=torch.float32, device=DEVICE)
+    _decode_e2m1_kernel[(1,)](codes, out)
+    want = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
+    assert torch.equal(out.cpu(), want) and torch.equal(out.cpu().signbit(), want.signbit())
