@@ -340,14 +340,15 @@ def measure(case: Case, device: torch.device, quick: bool) -> dict:
     row = new_row(case, kernel_label(device))
     try:
         work = case.build(device)
-        err, passed = work.check(work.kernel(), (work.oracle or next(iter(work.peers.values())))())
+        expected = (work.oracle or next(iter(work.peers.values())))()  # once: the reference can take seconds
+        err, passed = work.check(work.kernel(), expected)
         row["check"] = {"err": err, "passed": passed}
         if not passed:
             row["note"] = "wrong result: not timed"
         timing = {"kernel": time_us(work.kernel, device, quick)} if passed else {}
         timing.update({name: time_us(fn, device, quick) for name, fn in work.peers.items()})
         for name, fn in work.variants.items():
-            v_err, v_passed = work.check(fn(), (work.oracle or next(iter(work.peers.values())))())
+            v_err, v_passed = work.check(fn(), expected)
             row.setdefault("variant", {})[name] = {"check": {"err": v_err, "passed": v_passed}}
             if v_passed:
                 timing[name] = time_us(fn, device, quick)
@@ -362,7 +363,7 @@ def measure(case: Case, device: torch.device, quick: bool) -> dict:
     except Exception as exc:  # noqa: BLE001 - a kernel that fails to compile or launch is a finding, not the end of the run
         row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     finally:
-        work = None
+        work = expected = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
