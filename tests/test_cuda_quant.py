@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from seahal.backends.cuda._e2m1 import decode_e2m1  # noqa: E402
+from seahal.backends.cuda._e2m1 import decode_e2m1, e2m1_bf16  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference import quant as reference
@@ -226,3 +226,32 @@ def test_e2m1_decode_every_code():
     _decode_e2m1_kernel[(1,)](codes, out)
     want = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
     assert torch.equal(out.cpu(), want) and torch.equal(out.cpu().signbit(), want.signbit())
+
+
+@triton.jit
+def _e2m1_bf16_kernel(packed_ptr, exponent_ptr, out_ptr, ROWS: tl.constexpr):
+    rows = tl.arange(0, ROWS)[:, None]
+    packed = tl.load(packed_ptr + rows * 64 + tl.arange(0, 64)[None, :])
+    exponent = tl.load(exponent_ptr + rows * 4 + tl.arange(0, 4)[None, :])
+    tl.store(out_ptr + rows * 128 + tl.arange(0, 128)[None, :], e2m1_bf16(packed, exponent, ROWS, 128))
+
+
+@kernels
+def test_e2m1_bf16_every_byte_and_scale():
+    # The FP4 bf16 form's decode from e8m0 scales (bf16 bit patterns e2m1(c) * 2^-126, then two
+    # bf16 multiplies) equals hal.formats' fp32 decode rounded to bf16, bit for bit: every byte
+    # (both nibbles, both signs of zero) under scales at both ends of the range (2^-127 makes bf16
+    # subnormals, 2^127 overflows 6 * 2^127 to inf), around 2^0, and NaN (255).
+    from seahal.hal.formats import decode_scale, fp4_dequantize
+
+    exponents = torch.tensor([0, 1, 2, 100, 126, 127, 128, 129, 200, 253, 254, 255], dtype=torch.uint8)
+    rows = 16  # a power of two for tl.arange: 12 scales, 4 rows repeating 127
+    packed = torch.arange(256, dtype=torch.uint8).view(4, 64).repeat(4, 1)
+    exponent = torch.cat((exponents, torch.full((4,), 127, dtype=torch.uint8))).repeat_interleave(4).view(rows, 4)
+    exponent = exponent.roll(1, dims=1)  # each row's four groups at different scales
+    out = torch.empty(rows, 128, dtype=torch.bfloat16, device=DEVICE)
+    _e2m1_bf16_kernel[(1,)](packed.to(DEVICE), exponent.to(DEVICE), out, ROWS=rows)
+    want = fp4_dequantize(packed, decode_scale(exponent), 32, torch.bfloat16)
+    got, nan = out.cpu(), want.isnan()  # NaN payloads differ between fp32 and bf16 arithmetic
+    assert torch.equal(got.isnan(), nan) and nan.sum() == 4 * 32  # the four groups of scale 255
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))

@@ -12,10 +12,11 @@ both the same exact products summed in fp32 by a bf16 MMA:
   Triton upcasts both operands to bf16 (exact: an e2m1 value times a power of two has two
   significant bits, an e4m3 value four) with a byte-permute lookup in registers, and runs wgmma
   with the decoded weight straight from registers (sm_90 PTX: ~1.3k instructions per 128x128
-  block and 16 rows, against ~2.6-3.0k for the hand-written decode below, which also ends in
+  block and 16 rows, against ~2.6-3.0k for the first hand-written decode, which also ended in
   mma.sync: the first GPU run measured that form at 250 GB/s streaming FP4 weights).
-- **bf16** (fp32 scales, or ``MX`` off): each value ``e2m1(c) · s_g`` decoded here in bf16, A's
-  codes widened to bf16, a bf16 MMA; accumulator ``[A rows, weight rows]``.
+- **bf16** (fp32 scales, or ``MX`` off): the weight decoded here to bf16 (:func:`e2m1_bf16` from
+  e8m0 scales, in bf16 bit arithmetic; :func:`as_bf16` from fp32 scales, through fp32), A's codes
+  widened to bf16, a bf16 MMA; accumulator ``[A rows, weight rows]``.
 
 An e8m0 scale of 255 is NaN in both forms.
 """
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import decode_e8m0
+from ._numerics import INTERPRETED, cast_rne
 
 
 @triton.jit
@@ -43,6 +45,32 @@ def decode_e2m1(code):
 
 
 @triton.jit
+def e2m1_bf16(packed, exponent, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Packed e2m1 bytes [ROWS, COLS / 2] (element 2i the low nibble of byte i) with e8m0 bytes
+    [ROWS, COLS / 32] -> bf16 [ROWS, COLS] ``e2m1(c) * 2^(e - 127)``, rounded as the fp32 product
+    rounds to bf16 (exact unless it leaves bf16's normal range; e = 255 is NaN).
+
+    Both codes of a byte become the two bf16 halves of one 32-bit word in two multiply-and-mask
+    steps: the three magnitude bits to bits 6-8 (16 higher for the high nibble), the sign to bit 15
+    (31). Each half then reads ``e2m1(c) * 2^-126`` (exponent field E = the code's exponent bits,
+    normal ``2^(E - 127) (1 + M/2)``, subnormal ``2^-126 M/2`` for E = 0), and two exact bf16
+    multiplies by 2^126 and by the scale give the value: about 3 instructions a value in the sm_90
+    SASS, against about 9 for decoding to fp32, scaling there and rounding to bf16. The
+    interpreter, whose bf16 arithmetic is wrong, does the multiplies in fp32 on the same bits.
+    """
+    b = packed.to(tl.uint32)
+    pair = ((b * 0x40040) & 0x01C001C0) | ((b * 0x1001000) & 0x80008000)
+    bits = tl.join(pair.to(tl.uint16), (pair >> 16).to(tl.uint16)).reshape(ROWS, COLS)
+    if INTERPRETED:
+        unit = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True) * 2.0**126  # e2m1(c), exactly
+        return cast_rne(unit * _per_element(decode_e8m0(exponent), ROWS, COLS), tl.bfloat16)
+    e = exponent.to(tl.uint16)
+    scale_bits = tl.where(e == 0, 0x0040, tl.where(e == 255, 0x7FC0, e << 7)).to(tl.uint16)  # 2^(e - 127) in bf16
+    scale = _per_element(scale_bits.to(tl.bfloat16, bitcast=True), ROWS, COLS)
+    return bits.to(tl.bfloat16, bitcast=True) * tl.full((), 2.0**126, tl.bfloat16) * scale
+
+
+@triton.jit
 def unpack_codes(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS / 2] bytes -> [ROWS, COLS] e2m1 codes, element 2i the low nibble of byte i."""
     return tl.join(packed & 0xF, packed >> 4).reshape(ROWS, COLS)
@@ -56,11 +84,9 @@ def _per_element(group_values, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def as_bf16(codes, scale, SCALE_E8M0: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """``e2m1(codes) · scale`` in bf16: codes [ROWS, COLS], scale [ROWS, COLS / 32] (fp32, or e8m0 bytes)."""
-    if SCALE_E8M0:
-        scale = decode_e8m0(scale)
-    return (decode_e2m1(codes) * _per_element(scale, ROWS, COLS)).to(tl.bfloat16)
+def as_bf16(codes, scale, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``e2m1(codes) · scale`` rounded to bf16: codes [ROWS, COLS], fp32 scale [ROWS, COLS / 32]."""
+    return cast_rne(decode_e2m1(codes) * _per_element(scale, ROWS, COLS), tl.bfloat16)
 
 
 @triton.jit
@@ -79,7 +105,10 @@ def fp4_block_dot(
         block = tl.dot_scaled(packed, scale, "e2m1", tl.trans(a), None, "e4m3")
         return acc + block * a_scale[None, :]
     else:
-        b = as_bf16(unpack_codes(packed, ROWS, COLS), scale, SCALE_E8M0, ROWS, COLS)
+        if SCALE_E8M0:
+            b = e2m1_bf16(packed, scale, ROWS, COLS)
+        else:
+            b = as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS)
         return acc + tl.dot(a.to(tl.bfloat16), tl.trans(b)) * a_scale[:, None]
 
 
