@@ -6,14 +6,19 @@ round per 8x shrink of the row (V4: one at 1024 entries, two at 16k, three at 25
 ranking, and no other kernel: nothing fills the output beforehand.
 
 ``_scores_kernel`` -- one program per (batch, block of BLOCK_S queries, split of the compressed
-entries). It loads its queries' q rows once, every head stacked on the M side of one matrix
-[BLOCK_S * H_PAD, d] (decode with V4's 64 heads: an M = 64 MMA), then walks its split BLOCK_N
-entries at a time: each key tile is loaded once and serves all heads in one dot; ``relu``, times
-the head weights, summed over each query's heads gives fp32 scores [BLOCK_S, BLOCK_N]. Packed keys
-(``indexer_topk_packed``, v4_ops.md §12: 68-byte FP4 or 132-byte FP8 records at d = 128) are
-decoded in registers as each tile is loaded (a constexpr KEY_FORMAT), to exactly the values
-``index_key_unpack`` gives in q's dtype; the dot and everything after are the dense path's, so
-packed keys rank bit for bit as the dense kernel ranks their unpacked values. A score is stored
+entries). It loads its queries' q rows once, every head side by side in one matrix [BLOCK_S *
+H_PAD, d], then walks its split BLOCK_N entries at a time: each key tile is loaded once and serves
+all heads in one dot with the keys on the MMA's M side, ``K_tile · q^T`` [BLOCK_N, BLOCK_S *
+H_PAD] (decode with V4's 64 heads: 64 x 64); ``relu``, times the head weights, summed over each
+query's heads gives fp32 scores [BLOCK_N, BLOCK_S]. That way round a thread holds whole rows of
+heads, so the head sum is adds in registers and two shuffles; with the heads on M (the first
+design) it crossed warps through shared memory, ~260 of the 524 instructions a warp issued per
+64 keys (sm_90 SASS), and decoded keys had to go through shared memory to reach the MMA, which
+now takes them from registers. Packed keys (``indexer_topk_packed``, v4_ops.md §12: 68-byte FP4
+or 132-byte FP8 records at d = 128) are decoded in registers as each tile is loaded (a constexpr
+KEY_FORMAT), to exactly the values ``index_key_unpack`` gives in q's dtype (bf16 FP4 keys by
+:func:`._e2m1.e2m1_bf16`'s bit arithmetic); the dot and everything after are the dense path's,
+so packed keys rank bit for bit as the dense kernel ranks their unpacked values. A score is stored
 as an int32 ranking key, its order-preserving bits (-0.0 as +0.0, so zeros tie); an entry the
 query does not see (``j >= floor((t+1)/m)``) gets NOT_VISIBLE (INT32_MIN), below every score.
 The tiles some query of the block sees run the dot in one branch-free loop (so Triton pipelines
@@ -67,7 +72,7 @@ import triton
 import triton.language as tl
 
 from ._alignment import row_alignment
-from ._e2m1 import _per_element, decode_e2m1, unpack_codes
+from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, unpack_codes
 from ._numerics import INTERPRETED, cast_rne
 from ._position import load_position, position_stride
 from .kv_unpack import _e4m3_value, _e8m0_scale
@@ -292,8 +297,8 @@ def _scores_kernel(
     queries = first + tl.arange(0, BLOCK_S)
     visible = tl.minimum((start_pos + queries + 1) // ratio, n_entries)  # entries each query sees
     block_visible = tl.max(tl.where(queries < S, visible, 0))
-    out_rows = rank_ptr + (bat * S + queries)[:, None] * n_entries
-    row_stored = queries[:, None] < S
+    out_rows = rank_ptr + (bat * S + queries)[None, :] * n_entries
+    row_stored = queries[None, :] < S
     offs_n = tl.arange(0, BLOCK_N)
     lo = tl.program_id(1) * split_len
     hi = tl.minimum(lo + split_len, n_entries)
@@ -303,15 +308,15 @@ def _scores_kernel(
         records = k_ptr + tl.multiple_of(bat * stride_kb + entries * stride_kn, ROW_ALIGN)
         k = _key_tile(records, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
                       KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN)
-        logits = _dot(q, tl.trans(k), tl.zeros((BLOCK_S * H_PAD, BLOCK_N), tl.float32), LOW_PRECISION_DOT)
-        weighted = tl.maximum(logits, 0.0) * w[:, None]
-        scores = tl.sum(tl.reshape(weighted, (BLOCK_S, H_PAD, BLOCK_N)), axis=1)
-        ranked = tl.where(entries[None, :] < visible[:, None], _order_key(scores), NOT_VISIBLE)
-        tl.store(out_rows + entries[None, :], ranked, mask=row_stored & (entries[None, :] < hi))
+        logits = _dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_S * H_PAD), tl.float32), LOW_PRECISION_DOT)
+        weighted = tl.maximum(logits, 0.0) * w[None, :]
+        scores = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_S, H_PAD)), axis=2)
+        ranked = tl.where(entries[:, None] < visible[None, :], _order_key(scores), NOT_VISIBLE)
+        tl.store(out_rows + entries[:, None], ranked, mask=row_stored & (entries[:, None] < hi))
     for start in range(scored, hi, BLOCK_N):  # tiles no query of the block sees (a position in memory)
         entries = start + offs_n
-        unseen = tl.full((BLOCK_S, BLOCK_N), NOT_VISIBLE, tl.int32)
-        tl.store(out_rows + entries[None, :], unseen, mask=row_stored & (entries[None, :] < hi))
+        unseen = tl.full((BLOCK_N, BLOCK_S), NOT_VISIBLE, tl.int32)
+        tl.store(out_rows + entries[:, None], unseen, mask=row_stored & (entries[:, None] < hi))
 
 
 @triton.jit
@@ -328,10 +333,11 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
     """The keys at ``records`` (pointers [ROWS] to their first byte or element) as [ROWS, D_PAD]
     ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM.
 
-    ``"dense"``: loaded as they are. Packed records decode as ``index_key_unpack`` does, in fp32,
-    then rounded to dtype by :func:`cast_rne`; each byte is loaded once. ``"fp4"``: column c is
-    ``e2m1(nibble c % 2 of byte c // 2) * 2^(e - 127)``, e the byte HEAD_DIM/2 + c // 32 (codes
-    and scales decoded in integer arithmetic); ``"fp8"``: column c is ``e4m3(byte c) * s``, s the
+    ``"dense"``: loaded as they are. Packed records decode to the values ``index_key_unpack`` gives
+    (fp32, then rounded to dtype); each byte is loaded once. ``"fp4"``: column c is ``e2m1(nibble c
+    % 2 of byte c // 2) * 2^(e - 127)``, e the byte HEAD_DIM/2 + c // 32 (to bf16 in bf16 bit
+    arithmetic, :func:`._e2m1.e2m1_bf16`; to fp32 in integer arithmetic); ``"fp8"``: column c is
+    ``e4m3(byte c) * s`` in fp32 rounded by :func:`cast_rne`, s the
     little-endian fp32 at bytes HEAD_DIM..HEAD_DIM+3 (:func:`_e4m3_to_f32`), one 4-byte load where
     the rows are 4-byte aligned (ROW_ALIGN).
     """
@@ -343,8 +349,11 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
         groups = tl.arange(0, D_PAD // 32)[None, :]
         exponent = tl.load(rows + (HEAD_DIM // 2 + groups) * stride_kd, mask=row_ok[:, None] & (groups < HEAD_DIM // 32),
                            other=127)
-        codes = unpack_codes(packed.to(tl.int32), ROWS, D_PAD)  # 0 where masked: the value 0 (scale 1)
-        tile = cast_rne(decode_e2m1(codes) * _per_element(_e8m0_scale(exponent.to(tl.int32)), ROWS, D_PAD), dtype)
+        if dtype == tl.bfloat16:
+            tile = e2m1_bf16(packed, exponent, ROWS, D_PAD)  # masked: code 0 (the value 0), scale 1
+        else:
+            codes = unpack_codes(packed.to(tl.int32), ROWS, D_PAD)  # 0 where masked: the value 0 (scale 1)
+            tile = cast_rne(decode_e2m1(codes) * _per_element(_e8m0_scale(exponent.to(tl.int32)), ROWS, D_PAD), dtype)
     elif KEY_FORMAT == "fp8":
         mask = row_ok[:, None] & (cols < HEAD_DIM)
         codes = tl.load(rows + cols * stride_kd, mask=mask, other=0)
@@ -356,7 +365,10 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
                 byte = tl.load(records + (HEAD_DIM + i) * stride_kd, mask=row_ok, other=0).to(tl.uint32)
                 bits = bits | (byte << (8 * i))
             scale = bits.to(tl.float32, bitcast=True)
-        tile = cast_rne(tl.where(mask, _e4m3_to_f32(codes) * scale[:, None], 0.0), dtype)
+        value = _e4m3_to_f32(codes) * scale[:, None]  # masked rows: code 0 times scale 0
+        if HEAD_DIM < D_PAD:  # the padding columns stay 0 whatever the scale (0 * inf is NaN)
+            value = tl.where(cols < HEAD_DIM, value, 0.0)
+        tile = cast_rne(value, dtype)
     else:
         tile = tl.load(rows + cols * stride_kd, mask=row_ok[:, None] & (cols < HEAD_DIM), other=0.0)
     return tile
