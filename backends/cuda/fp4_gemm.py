@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._e2m1 import fp4_acc, fp4_block_dot, fp4_result
+from ._e2m1 import MMA_ROWS, fp4_acc, fp4_block_dot, fp4_result
 from ._gemm import ConfigTable, GemmConfig, gemm, k_block_range, launch, store_tile, tile_coords
 
 SM90_CONFIGS: ConfigTable = {
@@ -86,22 +86,23 @@ def _fp4_gemm_tile(
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kb_lo * 64 + tl.arange(0, 64))[None, :] * stride_bk
     a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
     b_scale_ptrs = b_scale_ptr + rows_b[:, None] * stride_bsn + (kb_lo * 4 + tl.arange(0, 4))[None, :] * stride_bsk
-    acc = _k_loop(fp4_acc(BLOCK_M, BLOCK_N, MX), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
-                  stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX)
-    store_tile(fp4_result(acc, MX), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+    WEIGHTS_FIRST: tl.constexpr = MX or BLOCK_M < MMA_ROWS
+    acc = _k_loop(fp4_acc(BLOCK_M, BLOCK_N, WEIGHTS_FIRST), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
+                  stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX, WEIGHTS_FIRST)
+    store_tile(fp4_result(acc, WEIGHTS_FIRST), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 @triton.jit
 def _k_loop(
     acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, k_blocks, stride_ak, stride_ask, stride_bk, stride_bsk,
-    BLOCK_N: tl.constexpr, B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
+    BLOCK_N: tl.constexpr, B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
 ):
     """``acc`` plus ``k_blocks`` scaled 128-wide block products from the given tile pointers on
-    (in :func:`._e2m1.fp4_block_dot`'s orientation for the form)."""
+    (oriented as :func:`._e2m1.fp4_block_dot` says)."""
     for _ in range(k_blocks):
         acc = fp4_block_dot(acc, tl.load(a_ptrs), tl.load(a_scale_ptrs), tl.load(b_ptrs), tl.load(b_scale_ptrs),
-                            B_SCALE_E8M0, MX, BLOCK_N, 128)
+                            B_SCALE_E8M0, MX, WEIGHTS_FIRST, BLOCK_N, 128)
         a_ptrs += 128 * stride_ak
         b_ptrs += 64 * stride_bk
         a_scale_ptrs += stride_ask

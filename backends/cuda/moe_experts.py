@@ -42,7 +42,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
-from ._e2m1 import fp4_acc, fp4_block_dot, fp4_result
+from ._e2m1 import MMA_ROWS, fp4_acc, fp4_block_dot, fp4_result
 from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .quant import fp8_act_quant
@@ -298,7 +298,7 @@ def _weight_block(
 @triton.jit
 def _accumulate(
     acc, a, a_scale, b, b_scale, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_E8M0: tl.constexpr,
-    MX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``acc + A B`` with the block's scales: fp32 accumulation in every format (fp4: b, b_scale
     are the packed codes and 1x32 scales, formed, and acc oriented, as :func:`._e2m1.fp4_block_dot` says)."""
@@ -310,7 +310,7 @@ def _accumulate(
     elif FORMAT == 1:
         return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
     else:
-        return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, MX, BLOCK_N, BLOCK_K)
+        return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, MX, WEIGHTS_FIRST, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -327,8 +327,9 @@ def _k_loop(
     ``fp8_act_quant`` would (the same :func:`fp8_quantize_tiles`, ue8m0), instead of e4m3 codes
     with their scales."""
     fp4_mx: tl.constexpr = FORMAT == 2 and MX
-    acc_w = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
-    acc_v = fp4_acc(BLOCK_M, BLOCK_N, fp4_mx)
+    weights_first: tl.constexpr = FORMAT == 2 and (MX or BLOCK_M < MMA_ROWS)
+    acc_w = fp4_acc(BLOCK_M, BLOCK_N, weights_first)
+    acc_v = fp4_acc(BLOCK_M, BLOCK_N, weights_first)
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -342,13 +343,14 @@ def _k_loop(
             a_scale = tl.load(a_scale_ptr + a_rows * stride_asm + kb * stride_ask)
         b, b_scale = _weight_block(w_ptr, w_scale_ptr, w_cols, col0, kb, K, stride_wn, stride_wk, stride_wsn,
                                    stride_wsk, FORMAT, BLOCK_K, BLOCK_N, W_SCALE_E8M0)
-        acc_w = _accumulate(acc_w, a, a_scale, b, b_scale, FORMAT, DOT_FP32, W_SCALE_E8M0, fp4_mx, BLOCK_N, BLOCK_K)
+        acc_w = _accumulate(acc_w, a, a_scale, b, b_scale, FORMAT, DOT_FP32, W_SCALE_E8M0, fp4_mx, weights_first,
+                            BLOCK_N, BLOCK_K)
         if GATE_UP:
             b, b_scale = _weight_block(v_ptr, v_scale_ptr, w_cols, col0, kb, K, stride_vn, stride_vk, stride_vsn,
                                        stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0)
-            acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, fp4_mx, BLOCK_N,
-                                BLOCK_K)
-    return fp4_result(acc_w, fp4_mx), fp4_result(acc_v, fp4_mx)
+            acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, fp4_mx, weights_first,
+                                BLOCK_N, BLOCK_K)
+    return fp4_result(acc_w, weights_first), fp4_result(acc_v, weights_first)
 
 
 @triton.jit
