@@ -361,14 +361,16 @@ def test_kernels_fit_sm90_shared_memory(compiled):
 def test_gemms_use_hopper_tensor_cores(compiled):
     """The block-scaled GEMMs issue wgmma (sm_90's warp-group MMA, 64-row MMA tiles) or else
     mma.sync, and the TMA configs load through bulk tensor copies. The MMA's rows are the tile's
-    BLOCK_M rows of A, but BLOCK_N weight rows in FP4's ``tl.dot_scaled`` form (MX), which forms
-    the product transposed: there 16-token decode tiles run wgmma too."""
+    BLOCK_M rows of A, but BLOCK_N weight rows where the product is formed weights first (FP4's
+    ``tl.dot_scaled`` form, MX, and ``WEIGHTS_FIRST`` tiles, ``_gemm.weights_first``): there
+    16-token decode tiles run wgmma too."""
     gemms = [r for r in compiled if r["kernel"] in ("_fp8_gemm_kernel", "_fp4_gemm_kernel")]
     assert gemms
     persistent = {(r["kernel"], "TMA=True" in r["launch"]) for r in gemms if "PERSISTENT=True" in r["launch"]}
     assert persistent == {("_fp8_gemm_kernel", False), ("_fp8_gemm_kernel", True), ("_fp4_gemm_kernel", False)}
     for r in gemms:
-        mma_rows = int(re.search(r"BLOCK_N=(\d+)" if "MX=True" in r["launch"] else r"BLOCK_M=(\d+)", r["launch"]).group(1))
+        weights_first = "MX=True" in r["launch"] or "WEIGHTS_FIRST=True" in r["launch"]
+        mma_rows = int(re.search(r"BLOCK_N=(\d+)" if weights_first else r"BLOCK_M=(\d+)", r["launch"]).group(1))
         wide = mma_rows >= 64
         assert (r["wgmma"], r["mma"]) == (wide, not wide), r
         assert r["tma"] == ("TMA=True" in r["launch"]), r

@@ -113,7 +113,7 @@ def test_fp8_gemm_e8m0_scales_bf16_output(kernels):
 
 
 @interpreted
-@pytest.mark.parametrize("block_n, split_k, e8m0", [(32, 1, False), (16, 3, True)])
+@pytest.mark.parametrize("block_n, split_k, e8m0", [(32, 1, False), (16, 3, True), (64, 2, True), (64, 1, False)])
 def test_fp4_gemm_matches_reference(kernels, block_n, split_k, e8m0):
     _, fp4 = kernels
     from seahal.backends.cuda._gemm import GemmConfig

@@ -199,6 +199,25 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
 
 
 @interpreted
+@pytest.mark.parametrize("fmt", ["fp8", "fp4-e8m0", "fp4"])
+def test_weights_first_and_activations_first_agree(experts, fmt):
+    """16-row tiles form a quantised expert's product weights first (the weight rows are the MMA's
+    M, ``_gemm.weights_first``), 64-row tiles activations first: the same exact products summed in
+    fp32 in different orders, so the outputs agree to bf16 rounding, with the reference and each other."""
+    from seahal.backends.cuda.moe_experts import ExpertsConfig
+    from seahal.backends.cuda._gemm import weights_first
+
+    args = _case(5, fmt, torch.bfloat16, seed=6)
+    outs = []
+    for block_m in (16, 64):
+        assert weights_first(block_m, 128) == (block_m == 16)
+        outs.append(experts.moe_experts(*args, config=ExpertsConfig(block_m, 128, fp4_mx=False)))
+        assert _rel(outs[-1], reference.moe_experts(*args)) < BF16_TOL
+        assert _rel(outs[-1], _brute_force(*args)) < BF16_TOL
+    assert _rel(outs[0], outs[1]) < BF16_TOL
+
+
+@interpreted
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp8", "bf16"])
 def test_k_splits(experts, fmt, split_k):

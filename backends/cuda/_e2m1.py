@@ -89,11 +89,6 @@ def as_bf16(codes, scale, ROWS: tl.constexpr, COLS: tl.constexpr):
     return cast_rne(decode_e2m1(codes) * _per_element(scale, ROWS, COLS), tl.bfloat16)
 
 
-MMA_ROWS = tl.constexpr(64)
-"""The M of one Hopper wgmma. The bf16 form takes the weight rows as the MMA's M (weights first)
-when a block has fewer activation rows than that; the mx form always does."""
-
-
 @triton.jit
 def fp4_block_dot(
     acc, a, a_scale, packed, scale, SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
@@ -102,9 +97,9 @@ def fp4_block_dot(
     """``acc + (A · B^T) · sA`` over one 128-wide K block of an FP4 weight, in the given orientation.
 
     a: [BLOCK_M, COLS] e4m3 codes, a_scale: [BLOCK_M] fp32, packed: [ROWS, COLS / 2] e2m1 bytes,
-    scale: [ROWS, COLS / 32] e8m0 bytes (MX) or fp32 / e8m0 bytes. WEIGHTS_FIRST (``MX or BLOCK_M <
-    MMA_ROWS``): acc is the product transposed, [ROWS, BLOCK_M], else [BLOCK_M, ROWS]; the caller
-    starts it with :func:`fp4_acc` and ends with :func:`fp4_result`.
+    scale: [ROWS, COLS / 32] e8m0 bytes (MX) or fp32 / e8m0 bytes. WEIGHTS_FIRST (always for MX;
+    for the bf16 form :func:`._gemm.weights_first`): acc is the product transposed, [ROWS,
+    BLOCK_M], else [BLOCK_M, ROWS] (:func:`._gemm.oriented_acc`, :func:`._gemm.oriented_result`).
 
     Weights first, the decoded weight tile is the MMA's first operand, straight from registers, and
     the few activation rows its N (wgmma m64nBLOCK_Mk16). Activations first, 16 rows would make an
@@ -124,21 +119,3 @@ def fp4_block_dot(
             return acc + tl.dot(b, tl.trans(a.to(tl.bfloat16))) * a_scale[None, :]
         else:
             return acc + tl.dot(a.to(tl.bfloat16), tl.trans(b)) * a_scale[:, None]
-
-
-@triton.jit
-def fp4_acc(BLOCK_M: tl.constexpr, ROWS: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
-    """A zero fp32 accumulator for :func:`fp4_block_dot`: [ROWS, BLOCK_M] weights first, else [BLOCK_M, ROWS]."""
-    if WEIGHTS_FIRST:
-        return tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)
-    else:
-        return tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
-
-
-@triton.jit
-def fp4_result(acc, WEIGHTS_FIRST: tl.constexpr):
-    """The [BLOCK_M, ROWS] product from a :func:`fp4_block_dot` accumulator."""
-    if WEIGHTS_FIRST:
-        return tl.trans(acc)
-    else:
-        return acc

@@ -177,6 +177,8 @@ def launch(
         options["MX"] = True
     if config.persistent:
         options["PERSISTENT"] = True
+    if weights_first(config.block_m, config.block_n):
+        options["WEIGHTS_FIRST"] = True
     kernel[launch_grid(config, m, n, a.device)](
         a_arg, a_scale, b_arg, b_scale, out, partial, counters,
         m, n, k,
@@ -211,6 +213,41 @@ def gemm(
     if k == 0:
         return out.zero_()
     return launch(kernel, a, a_scale, b, b_scale, out, select_config(tables, m, n, k, a.device))
+
+
+MMA_ROWS = 64
+"""The M of one Hopper wgmma (a warpgroup's tile rows)."""
+
+
+def weights_first(block_m: int, block_n: int) -> bool:
+    """Whether a GEMM tile of ``block_m`` activation rows and ``block_n`` weight rows forms its
+    product weights first, ``(B_tile · A_tile^T)^T``: when only the weight rows fill a wgmma's M.
+
+    Activations first, a 16-row tile is an mma.sync product (Triton widens FP8 operands to fp16 for
+    it on sm_90) in which every warp handles all of A; weights first it is wgmma m64nBLOCK_Mk32 on
+    the FP8 codes as stored (sm_90 SASS, fp8_gemm 16x64: 166 -> 128 loop instructions a warp per K
+    block, 16x128 TMA 302 -> 199) or on the decoded FP4 weights from registers (16x64: 494 -> 439).
+    """
+    return block_m < MMA_ROWS <= block_n
+
+
+@triton.jit
+def oriented_acc(BLOCK_M: tl.constexpr, ROWS: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
+    """A zero fp32 accumulator for a tile of BLOCK_M activation rows and ROWS weight rows: [ROWS,
+    BLOCK_M] when the product is formed weights first (:func:`weights_first`), else [BLOCK_M, ROWS]."""
+    if WEIGHTS_FIRST:
+        return tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+
+
+@triton.jit
+def oriented_result(acc, WEIGHTS_FIRST: tl.constexpr):
+    """The [BLOCK_M, ROWS] product from an :func:`oriented_acc` accumulator."""
+    if WEIGHTS_FIRST:
+        return tl.trans(acc)
+    else:
+        return acc
 
 
 @triton.jit

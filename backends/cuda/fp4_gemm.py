@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._e2m1 import MMA_ROWS, fp4_acc, fp4_block_dot, fp4_result
-from ._gemm import ConfigTable, GemmConfig, gemm, k_block_range, launch, store_tile, tile_coords
+from ._e2m1 import fp4_block_dot
+from ._gemm import (
+    ConfigTable, GemmConfig, gemm, k_block_range, launch, oriented_acc, oriented_result, store_tile, tile_coords,
+)
 
 SM90_CONFIGS: ConfigTable = {
     (1, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8, fp4_mx=True),  # exp_up 18.6 us; H200: 14.3 mx, 17.5 bf16
@@ -47,22 +49,24 @@ def _fp4_gemm_kernel(
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    WEIGHTS_FIRST: tl.constexpr = False,
 ):
     """:func:`_fp4_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
-    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
+    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``).
+    The product is formed weights first with MX, or WEIGHTS_FIRST (:func:`._gemm.weights_first`)."""
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for w in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0)):
             _fp4_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX, WEIGHTS_FIRST,
             )
     else:
         _fp4_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX, WEIGHTS_FIRST,
         )
 
 
@@ -74,7 +78,7 @@ def _fp4_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
 ):
     """C[m, n] = sum_kb sA[m, kb] * sum_{k in kb} A[m, k] * e2m1(B[n, k]) * sB[n, k // 32] for output
     tile ``tile`` (in GROUP_M order), K blocks of split ``pid_k``."""
@@ -86,10 +90,10 @@ def _fp4_gemm_tile(
     b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kb_lo * 64 + tl.arange(0, 64))[None, :] * stride_bk
     a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
     b_scale_ptrs = b_scale_ptr + rows_b[:, None] * stride_bsn + (kb_lo * 4 + tl.arange(0, 4))[None, :] * stride_bsk
-    WEIGHTS_FIRST: tl.constexpr = MX or BLOCK_M < MMA_ROWS
-    acc = _k_loop(fp4_acc(BLOCK_M, BLOCK_N, WEIGHTS_FIRST), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
-                  stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX, WEIGHTS_FIRST)
-    store_tile(fp4_result(acc, WEIGHTS_FIRST), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+    first: tl.constexpr = MX or WEIGHTS_FIRST
+    acc = _k_loop(oriented_acc(BLOCK_M, BLOCK_N, first), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
+                  stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX, first)
+    store_tile(oriented_result(acc, first), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
 
 

@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords
+from ._gemm import (
+    ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, oriented_acc, oriented_result, store_tile,
+    tile_coords,
+)
 
 SM90_CONFIGS: ConfigTable = {
     (1, 1024, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # q_a 10.1 us
@@ -85,22 +88,24 @@ def _fp8_gemm_kernel(
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    WEIGHTS_FIRST: tl.constexpr = False,
 ):
     """:func:`_fp8_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
-    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
+    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``).
+    WEIGHTS_FIRST: the product formed as ``(B_tile · A_tile^T)^T`` (:func:`._gemm.weights_first`)."""
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for w in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0)):
             _fp8_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA, WEIGHTS_FIRST,
             )
     else:
         _fp8_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA, WEIGHTS_FIRST,
         )
 
 
@@ -112,7 +117,7 @@ def _fp8_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
 ):
     """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sA[m, kb] * sB[n // 128, kb] for output tile ``tile``
     (in GROUP_M order), K blocks of split ``pid_k``."""
@@ -131,7 +136,7 @@ def _fp8_gemm_tile(
         b_scale_ptrs = b_scale_ptr + (pid_n * BLOCK_N // 128) * stride_bsn + kb_lo * stride_bsk
     else:
         b_scale_ptrs = b_scale_ptr + (rows_b // 128) * stride_bsn + kb_lo * stride_bsk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = oriented_acc(BLOCK_M, BLOCK_N, WEIGHTS_FIRST)
     for kb in range(kb_lo, kb_hi):
         if TMA:  # a_ptr, b_ptr are tensor descriptors; rows past the edge load as zeros
             a = a_ptr.load([pid_m * BLOCK_M, kb * 128])
@@ -141,10 +146,14 @@ def _fp8_gemm_tile(
             b = tl.load(b_ptrs)
             a_ptrs += 128 * stride_ak
             b_ptrs += 128 * stride_bk
-        acc += tl.dot(a, b) * _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
+        scale = _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
+        if WEIGHTS_FIRST:
+            acc += tl.dot(tl.trans(b), tl.trans(a)) * tl.trans(scale)
+        else:
+            acc += tl.dot(a, b) * scale
         a_scale_ptrs += stride_ask
         b_scale_ptrs += stride_bsk
-    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+    store_tile(oriented_result(acc, WEIGHTS_FIRST), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
 
 

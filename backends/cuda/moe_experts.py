@@ -42,8 +42,8 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
-from ._e2m1 import MMA_ROWS, fp4_acc, fp4_block_dot, fp4_result
-from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits
+from ._e2m1 import fp4_block_dot
+from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented_acc, oriented_result, weights_first
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .quant import fp8_act_quant
 
@@ -300,15 +300,20 @@ def _accumulate(
     acc, a, a_scale, b, b_scale, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_E8M0: tl.constexpr,
     MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``acc + A B`` with the block's scales: fp32 accumulation in every format (fp4: b, b_scale
-    are the packed codes and 1x32 scales, formed, and acc oriented, as :func:`._e2m1.fp4_block_dot` says)."""
+    """``acc + A B`` with the block's scales: fp32 accumulation in every format; acc [BLOCK_N,
+    BLOCK_M] when WEIGHTS_FIRST (fp8 and fp4 only, :func:`._gemm.weights_first`), else [BLOCK_M,
+    BLOCK_N] (fp4: b, b_scale are the packed codes and 1x32 scales, formed as
+    :func:`._e2m1.fp4_block_dot` says)."""
     if FORMAT == 0:
         if DOT_FP32:  # the else matters: a constexpr if's return does not end the function
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             return tl.dot(a, b, acc)
     elif FORMAT == 1:
-        return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
+        if WEIGHTS_FIRST:
+            return acc + tl.dot(tl.trans(b), tl.trans(a)) * (a_scale * b_scale)[None, :]
+        else:
+            return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
     else:
         return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, MX, WEIGHTS_FIRST, BLOCK_N, BLOCK_K)
 
@@ -320,16 +325,16 @@ def _k_loop(
     stride_vn, stride_vk, stride_vsn, stride_vsk,
     GATE_UP: tl.constexpr, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, W_SCALE_E8M0: tl.constexpr,
     V_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MX: tl.constexpr, QUANT_A: tl.constexpr,
+    MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, QUANT_A: tl.constexpr,
 ):
     """(A W^T, A V^T) over K blocks [kb_lo, kb_hi) for a row tile and column tile (A V^T zero
     unless GATE_UP). QUANT_A: A holds float rows, FP8-quantised here per 1x128 block as
     ``fp8_act_quant`` would (the same :func:`fp8_quantize_tiles`, ue8m0), instead of e4m3 codes
     with their scales."""
     fp4_mx: tl.constexpr = FORMAT == 2 and MX
-    weights_first: tl.constexpr = FORMAT == 2 and (MX or BLOCK_M < MMA_ROWS)
-    acc_w = fp4_acc(BLOCK_M, BLOCK_N, weights_first)
-    acc_v = fp4_acc(BLOCK_M, BLOCK_N, weights_first)
+    weights_first: tl.constexpr = FORMAT != 0 and (fp4_mx or WEIGHTS_FIRST)  # dense: activations first
+    acc_w = oriented_acc(BLOCK_M, BLOCK_N, weights_first)
+    acc_v = oriented_acc(BLOCK_M, BLOCK_N, weights_first)
     for kb in range(kb_lo, kb_hi):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -350,7 +355,7 @@ def _k_loop(
                                        stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0)
             acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, fp4_mx, weights_first,
                                 BLOCK_N, BLOCK_K)
-    return fp4_result(acc_w, weights_first), fp4_result(acc_v, weights_first)
+    return oriented_result(acc_w, weights_first), oriented_result(acc_v, weights_first)
 
 
 @triton.jit
@@ -364,8 +369,8 @@ def _grouped_gemm_kernel(
     stride_om, stride_on, stride_osm, stride_osn,
     TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
-    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, QUANT_A: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+    QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """One (row tile, column tile, K split) of an expert's GEMM over its consecutive sorted rows.
 
@@ -402,7 +407,7 @@ def _grouped_gemm_kernel(
         kb_lo, tl.minimum(kb_lo + per_split, k_blocks),
         stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
         stride_vn, stride_vk, stride_vsn, stride_vsk,
-        GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX, QUANT_A,
+        GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX, WEIGHTS_FIRST, QUANT_A,
     )
     mask = row_mask[:, None] & (cols[None, :] < N)
     if SPLIT_K > 1:
@@ -548,6 +553,7 @@ def _grouped_gemm(
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
         MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
+        WEIGHTS_FIRST=weights_first(config.block_m, config.block_n),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

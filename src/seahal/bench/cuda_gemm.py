@@ -113,7 +113,7 @@ def tune_candidates(op: str, m: int):
 
     if m <= 16:
         configs = [C(16, bn, 4, st, sk) for bn, st in ((32, 6), (64, 5), (128, 4)) for sk in (1, 2, 4, 8)]
-        tma = [C(16, 64, 4, 5, sk, tma=True) for sk in (1, 2, 4, 8)] + [C(16, 128, 4, 4, 1, tma=True)]
+        tma = [C(16, bn, 4, st, sk, tma=True) for bn, st in ((64, 5), (128, 4)) for sk in (1, 2, 4, 8)]
     elif m <= 64:
         configs = [C(64, bn, 4, st, sk) for bn, st in ((32, 6), (64, 5), (128, 4)) for sk in (1, 2, 4)]
         tma = [C(64, 64, 4, 5, sk, tma=True) for sk in (1, 2, 4)] + [C(64, 128, 4, 4, 1, tma=True)]
