@@ -209,6 +209,22 @@ def _position_as_data():
             indexer.indexer_topk_packed(q, weights, keys, key_format, 4, position, INDEX_TOPK)
 
 
+def _indexer_variants():
+    """The indexer launches the bench's V4-Flash decode rows also time (``INDEXER_VARIANTS``: key
+    tiles of 32 and 128 entries, 8 warps, other split and chunk counts), 64 sequences at a 64k
+    context (16k entries), each key format: they are timed only on a GPU, so they compile here first."""
+    import torch
+
+    from seahal.backends.cuda.indexer import launch_indexer
+    from seahal.bench.cuda_attention import INDEXER_VARIANTS
+
+    q, weights = _empty(64, 1, INDEX_HEADS, INDEX_DIM, dtype=torch.bfloat16), _empty(64, 1, INDEX_HEADS)
+    for key_format, width, dtype in (("dense", INDEX_DIM, torch.bfloat16), ("fp4", 68, torch.uint8), ("fp8", 132, torch.uint8)):
+        keys = _empty(64, 16384, width, dtype=dtype)
+        for launch in INDEXER_VARIANTS.values():
+            launch_indexer(q, weights, keys, key_format, 4, 65535, INDEX_TOPK, **launch)
+
+
 def _mhc_rope(t: int):
     import torch
 
@@ -297,6 +313,7 @@ def _compile_all() -> list[dict]:
             _norm(t)
         _head()
         _position_as_data()
+        _indexer_variants()
         _model()
     distinct = {_signature(launch): launch for launch in launches}
     results = []

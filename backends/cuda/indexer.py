@@ -102,15 +102,19 @@ class IndexerConfig:
     num_warps: int = 4
 
 
-def indexer_config(s: int, h: int, n_entries: int, topk: int, rows: int, device: torch.device) -> IndexerConfig:
+def indexer_config(
+    s: int, h: int, n_entries: int, topk: int, rows: int, device: torch.device, *,
+    block_n: int = 64, programs_per_sm: int = 2, num_warps: int | None = None, chunk_topks: int = 8,
+) -> IndexerConfig:
     """The launch for S queries of H heads over n_entries visible entries, top-k, ``rows`` = B * S.
 
-    GPU (untuned, TUNING.md): heads times queries fill an M of 64 (decode) or 128 (prefill) and
-    at least 16 (the MMA's minimum); 64-entry key tiles; splits until the scores grid holds about
-    two programs per SM; selection chunks of 8 * k keys, at least 4096 (three rounds at 256k
-    entries for V4's k = 512 and 1024); 64 candidates per ranking program. On CPU (the interpreter)
-    small blocks, so the tests cross query blocks, splits, several selection rounds and ranking
-    programs.
+    GPU (untuned, TUNING.md): heads times queries fill an N of 64 (decode) or 128 (prefill) and
+    at least 16 (the MMA's minimum); ``block_n``-entry key tiles; splits until the scores grid
+    holds about ``programs_per_sm`` programs per SM; 4 warps, 8 from 128 heads x queries
+    (``num_warps`` overrides); selection chunks of ``chunk_topks`` * k keys, at least 4096 (for 8 *
+    k: three rounds at 256k entries for V4's k = 512 and 1024); 64 candidates per ranking program.
+    The keyword arguments are what the bench's variants change. On CPU (the interpreter) small
+    blocks, so the tests cross query blocks, splits, several selection rounds and ranking programs.
     """
     h_pad = triton.next_power_of_2(h)
     k_pad = triton.next_power_of_2(topk)
@@ -118,15 +122,14 @@ def indexer_config(s: int, h: int, n_entries: int, topk: int, rows: int, device:
         return IndexerConfig(2, 16, 32, max(16, 2 * k_pad), 4)
     block_s = min(triton.next_power_of_2(s), max(1, (64 if s == 1 else 128) // h_pad))
     block_s = max(block_s, triton.cdiv(16, h_pad))
-    block_n = 64
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     row_programs = (rows // s) * triton.cdiv(s, block_s)
     tiles = triton.cdiv(n_entries, block_n)
-    splits = max(1, min(tiles, triton.cdiv(2 * sms, row_programs)))
+    splits = max(1, min(tiles, triton.cdiv(programs_per_sm * sms, row_programs)))
     split_len = triton.cdiv(tiles, splits) * block_n
-    chunk = max(4096, 8 * k_pad)
-    return IndexerConfig(block_s, block_n, split_len, chunk, min(64, k_pad),
-                         num_warps=8 if block_s * h_pad >= 128 else 4)
+    chunk = max(4096, chunk_topks * k_pad)
+    warps = num_warps or (8 if block_s * h_pad >= 128 else 4)
+    return IndexerConfig(block_s, block_n, split_len, chunk, min(64, k_pad), num_warps=warps)
 
 
 def indexer_topk(
@@ -144,7 +147,7 @@ def indexer_topk(
     the position as data).
     """
     _check_float("indexer_topk", "keys", keys)
-    return _indexer(q, weights, keys, "dense", ratio, start_pos, topk)
+    return launch_indexer(q, weights, keys, "dense", ratio, start_pos, topk)
 
 
 def indexer_topk_packed(
@@ -154,7 +157,7 @@ def indexer_topk_packed(
     """:func:`indexer_topk` over packed keys [B, N, index_key_bytes(d, key_format)] uint8, decoded
     in registers to q's dtype: ``"fp4"`` e2m1 codes times one e8m0 scale per 32 elements, ``"fp8"``
     e4m3 codes times the key's fp32 scale (``seahal.hal.formats.index_key_unpack``)."""
-    return _indexer(q, weights, keys, key_format, ratio, start_pos, topk)
+    return launch_indexer(q, weights, keys, key_format, ratio, start_pos, topk)
 
 
 def _check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -162,11 +165,12 @@ def _check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise NotImplementedError(f"cuda.triton {op} takes bf16 or fp32 {name}, got {t.dtype}")
 
 
-def _indexer(
+def launch_indexer(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int,
-    start_pos: int | torch.Tensor, topk: int,
+    start_pos: int | torch.Tensor, topk: int, **launch: int,
 ) -> torch.Tensor:
-    """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8"."""
+    """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8".
+    ``launch``: keyword arguments of :func:`indexer_config` for every pass (benchmarks, tuning)."""
     _check_float("indexer_topk" if key_format == "dense" else "indexer_topk_packed", "q", q)
     b, s, _, _ = q.shape
     out = torch.empty((b, s, topk), dtype=torch.int32, device=q.device)
@@ -185,7 +189,7 @@ def _indexer(
         if n_entries == 0:
             out[:, first:last] = -1  # nothing visible yet
             continue
-        config = indexer_config(last - first, q.shape[2], n_entries, topk, b * (last - first), q.device)
+        config = indexer_config(last - first, q.shape[2], n_entries, topk, b * (last - first), q.device, **launch)
         ranking = ranking_keys(
             q[:, first:last], weights[:, first:last], keys, ratio, start_pos, n_entries, config, key_format, first
         )
