@@ -47,14 +47,19 @@ def _fp32_gemv_kernel(
     """out[t, v] = sum_d fp32(x[t, d]) fp32(W[v, d]) for this program's BLOCK_V rows of W."""
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     tokens = tl.arange(0, BLOCK_T)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wv
+    offs_d = tl.arange(0, BLOCK_D)
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wv + offs_d[None, :]
+    # x repeated over the W rows in the pointers: loaded in the product's layout (the repeats hit
+    # L1), where a [T, D] load broadcast over rows went through shared memory, six barriers a step
+    x_ptrs = x_ptr + tokens[:, None, None] * stride_xt + offs_d[None, None, :] + 0 * rows[None, :, None]
     partial = tl.zeros((BLOCK_T, BLOCK_V, BLOCK_D), dtype=tl.float32)  # one running sum per lane
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        w = tl.load(w_rows + cols[None, :], mask=(rows[:, None] < V) & (cols[None, :] < D), other=0.0)
-        x = tl.load(x_ptr + tokens[:, None] * stride_xt + cols[None, :],
-                    mask=(tokens[:, None] < T) & (cols[None, :] < D), other=0.0)
-        partial += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        d_ok = d0 + offs_d < D
+        w = tl.load(w_ptrs, mask=(rows[:, None] < V) & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=(tokens[:, None, None] < T) & d_ok[None, None, :], other=0.0)
+        partial += x.to(tl.float32) * w.to(tl.float32)[None, :, :]
+        w_ptrs += BLOCK_D
+        x_ptrs += BLOCK_D
     out = out_ptr + tokens[:, None] * stride_ot + rows[None, :]
     tl.store(out, tl.sum(partial, axis=2), mask=(tokens[:, None] < T) & (rows[None, :] < V))
 
