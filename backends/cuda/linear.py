@@ -48,16 +48,18 @@ def _fp32_gemv_kernel(
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     tokens = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wv + offs_d[None, :]
-    # x repeated over the W rows in the pointers: loaded in the product's layout (the repeats hit
-    # L1), where a [T, D] load broadcast over rows went through shared memory, six barriers a step
-    x_ptrs = x_ptr + tokens[:, None, None] * stride_xt + offs_d[None, None, :] + 0 * rows[None, :, None]
+    # x repeated over the W rows and W over the tokens in the pointers: both load as [T, V, D] in
+    # the product's layout (the repeats hit L1), where a [T, D] x and a [V, D] W broadcast to it
+    # went through shared memory, with barriers in every step of the stream
+    no_t, no_v = 0 * tokens[:, None, None], 0 * rows[None, :, None]
+    w_ptrs = w_ptr + rows[None, :, None].to(tl.int64) * stride_wv + offs_d[None, None, :] + no_t
+    x_ptrs = x_ptr + tokens[:, None, None] * stride_xt + offs_d[None, None, :] + no_v
     partial = tl.zeros((BLOCK_T, BLOCK_V, BLOCK_D), dtype=tl.float32)  # one running sum per lane
     for d0 in range(0, D, BLOCK_D):
-        d_ok = d0 + offs_d < D
-        w = tl.load(w_ptrs, mask=(rows[:, None] < V) & d_ok[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=(tokens[:, None, None] < T) & d_ok[None, None, :], other=0.0)
-        partial += x.to(tl.float32) * w.to(tl.float32)[None, :, :]
+        d_ok = (d0 + offs_d < D)[None, None, :]
+        w = tl.load(w_ptrs, mask=(rows[None, :, None] < V) & d_ok, other=0.0)
+        x = tl.load(x_ptrs, mask=(tokens[:, None, None] < T) & d_ok, other=0.0)
+        partial += x.to(tl.float32) * w.to(tl.float32)
         w_ptrs += BLOCK_D
         x_ptrs += BLOCK_D
     out = out_ptr + tokens[:, None] * stride_ot + rows[None, :]
