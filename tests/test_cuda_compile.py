@@ -324,7 +324,7 @@ def _compile_all() -> list[dict]:
         position = launch.args[names.index("pos_ptr")] if "pos_ptr" in names else None
         results.append({
             "kernel": launch.name, "launch": key, "error": result.error, "shared": result.shared_bytes,
-            "registers": result.registers, "stack": result.stack_bytes,
+            "registers": result.registers, "stack": result.stack_bytes, "loop_barriers": result.loop_barriers,
             "resident": result.resident_programs() if result.ok and result.registers else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
             "position": str(getattr(position, "dtype", None)),
@@ -440,3 +440,30 @@ def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
     print(json.dumps(_compile_all()))
+
+
+STREAMING_LOOPS = ("_fp32_gemv_kernel", "_mix_kernel", "_rope_kernel")
+"""Kernels whose loop streams weight or activation rows at decode with no data shared across warps."""
+
+
+def _streams_at_decode(record: dict) -> bool:
+    """A launch of :data:`STREAMING_LOOPS` as the released model's decode makes it: the mix kernel's
+    CUDA-core GEMV (up to 4 tokens; more stage tensor-core operands in shared memory), the head and
+    compressor GEMVs with x and W both bf16 (an fp32 x or W loads in another vector width than the
+    other operand, and Triton converts one of them through shared memory)."""
+    if record["kernel"] == "_mix_kernel":
+        return int(re.search(r"BLOCK_T=(\d+)", record["launch"]).group(1)) <= 4
+    if record["kernel"] == "_fp32_gemv_kernel":
+        return record["launch"].split("[", 1)[1].startswith("torch.bfloat16,torch.bfloat16,")
+    return True
+
+
+def test_streaming_loops_wait_on_no_barrier(compiled):
+    """The decode GEMVs (the output head, hc_pre's mix) and rope loop without a block-wide barrier:
+    each step's loads are independent of the other warps. A barrier there is a layout conversion
+    through shared memory, as the head GEMV had until 2026-11-26 (x and W broadcast to the product's
+    shape: six barriers a step of a 1 GB stream)."""
+    loops = [r for r in compiled if r["kernel"] in STREAMING_LOOPS and r["error"] is None and _streams_at_decode(r)]
+    assert {r["kernel"] for r in loops} == set(STREAMING_LOOPS)
+    for r in loops:
+        assert r["loop_barriers"] in (0, None), r

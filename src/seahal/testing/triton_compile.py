@@ -94,6 +94,9 @@ class CompileResult:
     """Registers a thread uses, as ptxas allocated them (255 at most)."""
     stack_bytes: int | None = None
     """Per-thread stack frame: registers spilled to local memory, and local arrays."""
+    loop_barriers: int | None = None
+    """``BAR.SYNC`` instructions in the kernel's longest loop (sm_90 SASS): the block-wide barriers
+    a streaming loop waits on every step, layout conversions through shared memory among them."""
 
     @property
     def ok(self) -> bool:
@@ -271,16 +274,42 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
         return CompileResult(launch, error="\n".join(f"{type(e).__name__}: {e}" for e in chain))
     registers, stack = _resource_usage(compiled.asm["cubin"])
     return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared,
-                         registers=registers, stack_bytes=stack)
+                         registers=registers, stack_bytes=stack, loop_barriers=_loop_barriers(compiled.asm["cubin"]))
+
+
+def _binary_tool(name: str) -> str | None:
+    """The path of one of the CUDA binary tools Triton bundles beside ptxas, or None."""
+    from triton import knobs
+
+    path = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), name)
+    return path if os.path.exists(path) else None
+
+
+def _loop_barriers(cubin: bytes) -> int | None:
+    """``BAR.SYNC`` count in the longest loop of the kernel in ``cubin`` (a backward branch's body in
+    nvdisasm's SASS); 0 without a loop, None without nvdisasm."""
+    nvdisasm = _binary_tool("nvdisasm")
+    if nvdisasm is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([nvdisasm, "-c", file.name], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [
+        lines[labels[m.group(1)]: i + 1]
+        for i, line in enumerate(lines)
+        if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i
+    ]
+    return sum("BAR.SYNC" in line for line in max(loops, key=len)) if loops else 0
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     """(registers, stack bytes) of the one kernel in ``cubin``, read by the cuobjdump beside ptxas
     (Triton bundles both); (None, None) where there is none."""
-    from triton import knobs
-
-    cuobjdump = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
-    if not os.path.exists(cuobjdump):
+    cuobjdump = _binary_tool("cuobjdump")
+    if cuobjdump is None:
         return None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
