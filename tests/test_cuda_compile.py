@@ -442,7 +442,7 @@ if __name__ == "__main__":
     print(json.dumps(_compile_all()))
 
 
-STREAMING_LOOPS = ("_fp32_gemv_kernel", "_mix_kernel", "_rope_kernel")
+STREAMING_LOOPS = ("_fp32_gemv_kernel", "_mix_kernel", "_rope_kernel", "_logits_kernel")
 """Kernels whose loop streams weight or activation rows at decode with no data shared across warps."""
 
 
@@ -453,16 +453,18 @@ def _streams_at_decode(record: dict) -> bool:
     other operand, and Triton converts one of them through shared memory)."""
     if record["kernel"] == "_mix_kernel":
         return int(re.search(r"BLOCK_T=(\d+)", record["launch"]).group(1)) <= 4
+    if record["kernel"] == "_logits_kernel":  # the router's GEMV over the model's fp32 gate weight
+        return "GEMV=True" in record["launch"]
     if record["kernel"] == "_fp32_gemv_kernel":
         return record["launch"].split("[", 1)[1].startswith("torch.bfloat16,torch.bfloat16,")
     return True
 
 
 def test_streaming_loops_wait_on_no_barrier(compiled):
-    """The decode GEMVs (the output head, hc_pre's mix) and rope loop without a block-wide barrier:
-    each step's loads are independent of the other warps. A barrier there is a layout conversion
-    through shared memory, as the head GEMV had until 2026-11-26 (x and W broadcast to the product's
-    shape: six barriers a step of a 1 GB stream)."""
+    """The decode GEMVs (the output head, hc_pre's mix, the router's logits) and rope loop without a
+    block-wide barrier: each step's loads are independent of the other warps. A barrier there is a
+    layout conversion through shared memory, as the head GEMV had until 2026-11-26 (x and W
+    broadcast to the product's shape: six barriers a step of a 1 GB stream)."""
     loops = [r for r in compiled if r["kernel"] in STREAMING_LOOPS and r["error"] is None and _streams_at_decode(r)]
     assert {r["kernel"] for r in loops} == set(STREAMING_LOOPS)
     for r in loops:

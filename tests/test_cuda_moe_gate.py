@@ -94,6 +94,19 @@ def test_score_funcs(gate, score_func, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_tokens_take_the_gemv(gate, t, dtype):
+    # up to 4 tokens over a W the MMA does not take (always so under the interpreter) the logits are
+    # a CUDA-core GEMV: a token tile of 1 or 4 rows (3 tokens: one masked), D=96 in 2 slices of 32-
+    # feature steps, E=40 with padded experts
+    x, weight, bias = _inputs(t, 96, 40, seed=t, dtype=dtype)
+    config = gate.gate_config(t, 40, 96, x.device, mma=False)
+    assert config.gemv and config.block_t == {1: 1, 3: 4}[t]
+    _check(gate, (x, weight, bias, 6, "sqrtsoftplus", 1.5))
+
+
+@interpreted
 @pytest.mark.parametrize("top_k", [1, 3, 8])
 def test_no_bias_and_top_k(gate, top_k):
     x, weight, _ = _inputs(9, 64, 16, seed=top_k)

@@ -32,7 +32,8 @@ ROUTE_WARPS = 4
 
 @dataclass(frozen=True)
 class GateConfig:
-    """One launch configuration of the logits kernel: tile, D slices, warps, stages."""
+    """One launch configuration of the logits kernel: tile, D slices, warps, stages, and whether
+    the tile is a CUDA-core GEMV (``gemv``: no MMA, so the token tile is not padded to 16 rows)."""
 
     block_t: int
     block_e: int
@@ -40,19 +41,30 @@ class GateConfig:
     split: int
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False
 
 
-def gate_config(t: int, e: int, d: int, device: torch.device) -> GateConfig:
-    """The logits launch for T tokens, E experts, D features.
+GEMV_MAX_TOKENS = 4
+"""Up to this many tokens, logits over a W the MMA does not take (fp32: the model's gate) are a GEMV."""
+
+
+def gate_config(t: int, e: int, d: int, device: torch.device, mma: bool = True) -> GateConfig:
+    """The logits launch for T tokens, E experts, D features (``mma``: bf16 x and W, which the
+    tensor cores take; else fp32 math on the CUDA cores).
 
     Decode and small batches (T <= 512) stream W: 64-expert tiles and D slices until the tiles
-    fill the SMs once. Prefill is a bf16 GEMM: 128x128 tiles, 8 warps. On CPU (the interpreter)
-    small tiles and two slices, so the tests exercise edge tiles and the slice sum.
+    fill the SMs once. Without the MMA, up to 4 tokens are a GEMV: a 16-row tile would do 16 (or
+    4) times the FMAs of the real rows. Prefill is a bf16 GEMM: 128x128 tiles, 8 warps. On CPU (the
+    interpreter) small tiles and two slices, so the tests exercise edge tiles and the slice sum.
     """
+    gemv = not mma and t <= GEMV_MAX_TOKENS
+    block_t = triton.next_power_of_2(t)
     if device.type != "cuda":
-        return GateConfig(16, 16, 32, 2)
+        return GateConfig(block_t, 16, 32, 2, gemv=True) if gemv else GateConfig(16, 16, 32, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if t <= 16:
+    if gemv:  # [tokens, 64 experts, 128 / tokens features] products a step: 64 fp32 registers a thread
+        config = GateConfig(block_t, 64, 128 // block_t, 1, gemv=True)
+    elif t <= 16:
         config = GateConfig(16, 64, 128, 1)
     elif t <= 512:
         config = GateConfig(64, 64, 128, 1)
@@ -62,7 +74,8 @@ def gate_config(t: int, e: int, d: int, device: torch.device) -> GateConfig:
     split = 1
     while tiles * split < sms and d // (2 * split) >= 2 * config.block_d and split < 32:
         split *= 2
-    return GateConfig(config.block_t, config.block_e, config.block_d, split, config.num_warps, config.num_stages)
+    return GateConfig(config.block_t, config.block_e, config.block_d, split, config.num_warps, config.num_stages,
+                      config.gemv)
 
 
 def moe_gate(
@@ -107,14 +120,15 @@ def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | N
     """The [SPLIT, T, E] workspace, grid, arguments and constexprs of a logits launch."""
     t, d = x.shape
     e = weight.shape[0]
-    config = config or gate_config(t, e, d, x.device)
+    config = config or gate_config(t, e, d, x.device, _bf16_dot(x, weight))
     partial = torch.empty((config.split, t, e), dtype=torch.float32, device=x.device)
     d_per_split = triton.cdiv(triton.cdiv(d, config.split), config.block_d) * config.block_d
     grid = (triton.cdiv(t, config.block_t), triton.cdiv(e, config.block_e), config.split)
     args = (x, weight, partial, t, e, d, d_per_split, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     constexprs = {
         "BLOCK_T": config.block_t, "BLOCK_E": config.block_e, "BLOCK_D": config.block_d,
-        "BF16_DOT": _bf16_dot(x, weight), "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "BF16_DOT": _bf16_dot(x, weight), "GEMV": config.gemv, "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
     }
     return partial, grid, args, constexprs
 
@@ -184,27 +198,44 @@ def _route_launch(partial_logits, bias, top_k, score_func, route_scale, input_id
 def _logits_kernel(
     x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BF16_DOT: tl.constexpr,
+    GEMV: tl.constexpr = False,
 ):
     """partial[s, t, e] = sum over d in slice s of x[t, d] * W[e, d], fp32 accumulation, for the
-    [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2."""
+    [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2. GEMV: fp32 FMAs on the CUDA
+    cores, one running sum per (token, expert, lane) reduced at the end, x and W loaded in the
+    product's [BLOCK_T, BLOCK_E, BLOCK_D] layout (repeated pointers; the repeats hit L1), so that
+    no step converts a layout through shared memory."""
     pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
     lo = pid_s * d_per_split
     hi = tl.minimum(lo + d_per_split, D)
-    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
-    w_rows = w_ptr + offs_e[:, None].to(tl.int64) * stride_we
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for step in range(0, d_per_split, BLOCK_D):  # scalar bounds: the Triton 3.6 interpreter needs them
-        cols = lo + step + offs_d
-        in_slice = cols[None, :] < hi
-        xa = tl.load(x_rows + cols[None, :] * stride_xd, mask=(offs_t[:, None] < T) & in_slice, other=0.0)
-        wa = tl.load(w_rows + cols[None, :] * stride_wd, mask=(offs_e[:, None] < E) & in_slice, other=0.0)
-        if BF16_DOT:  # bf16 x bf16 products are exact in fp32
-            acc = tl.dot(xa, tl.trans(wa), acc)
-        else:
-            acc = tl.dot(xa.to(tl.float32), tl.trans(wa.to(tl.float32)), acc, input_precision="ieee")
+    if GEMV:
+        t3, e3, d3 = offs_t[:, None, None], offs_e[None, :, None], offs_d[None, None, :]
+        x_rows = x_ptr + t3.to(tl.int64) * stride_xt + 0 * e3
+        w_rows = w_ptr + e3.to(tl.int64) * stride_we + 0 * t3
+        lanes = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
+        for step in range(0, d_per_split, BLOCK_D):
+            cols = lo + step + d3
+            in_slice = cols < hi
+            xa = tl.load(x_rows + cols * stride_xd, mask=(t3 < T) & in_slice, other=0.0)
+            wa = tl.load(w_rows + cols * stride_wd, mask=(e3 < E) & in_slice, other=0.0)
+            lanes += xa.to(tl.float32) * wa.to(tl.float32)
+        acc = tl.sum(lanes, axis=2)
+    else:
+        x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
+        w_rows = w_ptr + offs_e[:, None].to(tl.int64) * stride_we
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for step in range(0, d_per_split, BLOCK_D):  # scalar bounds: the Triton 3.6 interpreter needs them
+            cols = lo + step + offs_d
+            in_slice = cols[None, :] < hi
+            xa = tl.load(x_rows + cols[None, :] * stride_xd, mask=(offs_t[:, None] < T) & in_slice, other=0.0)
+            wa = tl.load(w_rows + cols[None, :] * stride_wd, mask=(offs_e[:, None] < E) & in_slice, other=0.0)
+            if BF16_DOT:  # bf16 x bf16 products are exact in fp32
+                acc = tl.dot(xa, tl.trans(wa), acc)
+            else:
+                acc = tl.dot(xa.to(tl.float32), tl.trans(wa.to(tl.float32)), acc, input_precision="ieee")
     out = partial_ptr + (pid_s * T + offs_t[:, None]).to(tl.int64) * E + offs_e[None, :]
     tl.store(out, acc, mask=(offs_t[:, None] < T) & (offs_e[None, :] < E))
 
