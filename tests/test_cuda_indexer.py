@@ -221,11 +221,11 @@ def test_selection_is_a_stable_sort(indexer, kind):
 @pytest.mark.parametrize("kind", ["scores", "ties"])
 def test_selection_at_the_gpu_launch_sizes(indexer, kind):
     # V4-Flash decode's top 512 over 20000 entries under the GPU's launch config: five chunks of
-    # 4096, then one of 2560 candidates (chunk 4096), then eight ranking programs of 64 a row
+    # 4096, then one of 2560 candidates (chunk 4096), then 32 ranking programs of 16 a row
     ranking = _ranking(kind, 2, 20000, seed=7)
     with mock.patch("torch.cuda.get_device_properties", lambda *_: SimpleNamespace(multi_processor_count=132)):
         config = indexer.indexer_config(1, 64, 20000, 512, 2, torch.device("cuda"))
-    assert (config.chunk, config.rank_block) == (4096, 64)
+    assert (config.chunk, config.rank_block, config.rank_chunk) == (4096, 16, 1024)
     assert torch.equal(_select(indexer, ranking, 512, config), _stable_sort_selection(ranking, 512))
 
 

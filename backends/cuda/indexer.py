@@ -92,7 +92,7 @@ WORKSPACE_BYTES = 256 * 2**20
 @dataclass(frozen=True)
 class IndexerConfig:
     """One launch: queries per scores program, entries per key tile and per split, selection
-    chunk, candidates per ranking program."""
+    chunk, candidates per ranking program and how many of the row's it compares them with a step."""
 
     block_s: int
     block_n: int
@@ -100,6 +100,7 @@ class IndexerConfig:
     chunk: int
     rank_block: int
     num_warps: int = 4
+    rank_chunk: int = 1024
 
 
 def indexer_config(
@@ -112,14 +113,15 @@ def indexer_config(
     at least 16 (the MMA's minimum); ``block_n``-entry key tiles; splits until the scores grid
     holds about ``programs_per_sm`` programs per SM; 4 warps, 8 from 128 heads x queries
     (``num_warps`` overrides); selection chunks of ``chunk_topks`` * k keys, at least 4096 (for 8 *
-    k: three rounds at 256k entries for V4's k = 512 and 1024); 64 candidates per ranking program.
+    k: three rounds at 256k entries for V4's k = 512 and 1024); 16 candidates per ranking program
+    (one warp, comparing them with up to 1024 of the row's a step).
     The keyword arguments are what the bench's variants change. On CPU (the interpreter) small
     blocks, so the tests cross query blocks, splits, several selection rounds and ranking programs.
     """
     h_pad = triton.next_power_of_2(h)
     k_pad = triton.next_power_of_2(topk)
     if device.type != "cuda":
-        return IndexerConfig(2, 16, 32, max(16, 2 * k_pad), 4)
+        return IndexerConfig(2, 16, 32, max(16, 2 * k_pad), 4, rank_chunk=4)
     block_s = min(triton.next_power_of_2(s), max(1, (64 if s == 1 else 128) // h_pad))
     block_s = max(block_s, triton.cdiv(16, h_pad))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -129,7 +131,7 @@ def indexer_config(
     split_len = triton.cdiv(tiles, splits) * block_n
     chunk = max(4096, chunk_topks * k_pad)
     warps = num_warps or (8 if block_s * h_pad >= 128 else 4)
-    return IndexerConfig(block_s, block_n, split_len, chunk, min(64, k_pad), num_warps=warps)
+    return IndexerConfig(block_s, block_n, split_len, chunk, min(16, k_pad), num_warps=warps)
 
 
 def indexer_topk(
@@ -263,7 +265,8 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
             break
     _rank_kernel[(rows, triton.cdiv(topk, config.rank_block))](
         candidates, out, topk, candidates.stride(0), out.shape[1], *out.stride(),
-        BLOCK_R=config.rank_block, MAX_ENTRIES=MAX_ENTRIES,
+        BLOCK_R=config.rank_block, CHUNK=min(triton.next_power_of_2(topk), config.rank_chunk), MAX_ENTRIES=MAX_ENTRIES,
+        num_warps=1,
     )
 
 
@@ -446,18 +449,21 @@ def _top_k_mask(key, topk):
 @triton.jit
 def _rank_kernel(
     cand_ptr, out_ptr, topk, stride_c, S, stride_ob, stride_os, stride_ok,
-    BLOCK_R: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, MAX_ENTRIES: tl.constexpr,
 ):
     """Entries of BLOCK_R of a row's topk candidates into out[row // S, row % S, slot], the slot the
-    number of larger candidates in the row; the slots past the row's candidates get -1."""
+    number of larger candidates in the row; the slots past the row's candidates get -1. One warp
+    compares them with CHUNK of the row's candidates a step (on a GPU 1024: V4's whole top-k), so
+    the counts reduce within the warp, by shuffles: with 4 warps and 64 candidates each of the 8
+    steps at V4-Flash's k = 512 waited on 8 barriers (sm_90 SASS), now 1 in all."""
     row = tl.program_id(0).to(tl.int64)
     cands = cand_ptr + row * stride_c
     slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mine = tl.load(cands + slots, mask=slots < topk, other=NO_CANDIDATE)
     larger = tl.zeros((BLOCK_R,), tl.int32)
     filled = tl.zeros((), tl.int32)  # the row's candidates (its other slots are empty)
-    for start in range(0, topk, BLOCK_R):
-        cols = start + tl.arange(0, BLOCK_R)
+    for start in range(0, topk, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
         other = tl.load(cands + cols, mask=cols < topk, other=NO_CANDIDATE)
         larger += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
         filled += tl.sum((other != NO_CANDIDATE).to(tl.int32), axis=0)
