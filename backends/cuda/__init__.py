@@ -17,22 +17,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
 # model's requirements against them and docs/support-matrix.md is generated from them.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
-    # GEMMs: verified and tuned on an H100 (TUNING.md).
-    "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
-    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
-    # Router: fp32 math, top_k <= 8; group-limited routing stays on the reference. H100-verified.
-    "moe_gate": (
-        "moe_gate:moe_gate",
-        {
-            "chip": _SM90,
-            "dtype": _FLOAT,
-            "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
-            "routing": ("score", "hash"),
-        },
-        True,
-    ),
     # Verified on an H200 (2026-11-26: full-shape conformance, GPU tests, every bench row against
-    # the reference) and unchanged since: the codecs, rope, hc_post, rms_norm, fp32_linear.
+    # the reference) and unchanged since: the codecs, rope, hc_post, rms_norm.
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
     "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, True),
@@ -40,25 +26,43 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
-    "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, True),
     # Rewritten after that run, then verified on the H200 in a second run (2026-11-26 at 99082c5:
     # full-shape conformance, GPU tests, every bench row against the reference) and unchanged since.
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, True),
     "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
         "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, True
     ),
-    # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
-    "sparse_attention": (
-        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, True
-    ),
-    "sparse_attention_fp8": (
-        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, True
-    ),
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, True),
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, True),
-    # Verified in that run too, then changed: moe_experts (one-token shared-expert compile fix, FP4
-    # form per tile size), the indexer (key records loaded as words). Interpreter-verified and
-    # compiled for sm_90 since; not yet run on a GPU again.
+    # Verified on a GPU (the GEMMs and the router tuned on an H100; all in the H200 runs), then
+    # changed after the second run (99082c5): decode tiles multiply weights first and FP4 decodes
+    # straight to bf16 (fp8_gemm, fp4_gemm), a GEMV for few tokens (moe_gate over an fp32 weight,
+    # fp32_linear's layouts), 64-head wgmma tiles for FP8 records (sparse attention). Interpreter-
+    # verified and compiled for sm_90 since; not yet run on a GPU again.
+    "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
+    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
+    "moe_gate": (  # fp32 math, top_k <= 8; group-limited routing stays on the reference
+        "moe_gate:moe_gate",
+        {
+            "chip": _SM90,
+            "dtype": _FLOAT,
+            "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
+            "routing": ("score", "hash"),
+        },
+        False,
+    ),
+    "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, False),
+    # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
+    "sparse_attention": (
+        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, False
+    ),
+    "sparse_attention_fp8": (
+        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, False
+    ),
+    # Verified in the second run too, then changed: moe_experts (one-token shared-expert compile fix,
+    # FP4 form per tile size, weights first on decode tiles), the indexer (key records loaded as
+    # words, keys on the MMA's M side, one-warp ranking). Interpreter-verified and compiled for sm_90
+    # since; not yet run on a GPU again.
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
