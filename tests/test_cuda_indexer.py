@@ -524,7 +524,7 @@ def test_decode_launches(recorded_launches, call, rounds):
     batch, context, topk, _ = DECODE_CALLS[call]
     assert [name for name, _ in launches] == ["_scores_kernel"] + ["_select_kernel"] * len(rounds) + ["_rank_kernel"]
     assert [grid for name, grid in launches if name == "_select_kernel"] == rounds
-    assert launches[-1][1] == [batch, topk // 64]
+    assert launches[-1][1] == [batch, topk // 16]  # one-warp ranking programs of 16 winners
     scores_programs = launches[0][1][0] * launches[0][1][1]
     assert scores_programs >= min(132, context // 4 // 64)
     assert other_kernels == []
