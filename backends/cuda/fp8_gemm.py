@@ -2,7 +2,9 @@
 
 Each 128-wide K block's product ``A_kb @ B_kb^T`` runs on the FP8 tensor cores into a fresh fp32
 tile, which is scaled by ``sA[m, kb] * sB[n // 128, kb]`` and added to a separate fp32
-accumulator (v4_ops.md §11.2). Launch configs come from a committed table (TUNING.md).
+accumulator (v4_ops.md §11.2). Decode tiles (fewer than 64 activation rows, at least 64 weight
+rows) form the product weights first, ``(B_tile · A_tile^T)^T``, so that the weight rows are the
+wgmma's M (:func:`._gemm.weights_first`). Launch configs come from a committed table (TUNING.md).
 """
 
 from __future__ import annotations
