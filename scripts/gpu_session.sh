@@ -8,7 +8,8 @@
 #   summary.txt         the steps' status, seconds and last line, then a digest of every result file
 #   session.log         every step's full output
 #   conformance.json    SEAHAL_CUDA_UNVERIFIED=1 seahal conformance --backend cuda
-#   bench-fp4.json      fp4_gemm and moe_experts (the experts' rows: never all measured yet)
+#   bench-gemm.json     fp4_gemm, moe_experts and fp8_gemm (the experts' rows: never all measured yet;
+#                       the GEMMs' decode tiles changed since their last run)
 #   bench-model.json    the end-to-end model at 1k context against transformers (wheels in .whl/)
 #   bench-attention.json, bench-indexer.json, bench-mhc-compress.json   the rewritten decode kernels
 #                       (measured once, 2026-11-26: the check that nothing regressed)
@@ -16,7 +17,7 @@
 # Usage (on the device, from the repository root):
 #   bash scripts/gpu_session.sh [--dry-run] [--budget SECONDS] [--only STEP,STEP]
 # --dry-run prints the steps and their limits and runs nothing; --only runs the named steps (to
-# finish in a second device call what the first had no budget for; `--only bench-gemm-gate` and
+# finish in a second device call what the first had no budget for; `--only bench-gate` and
 # `--only bench-model` run the steps no default run includes). The measured time of each step is
 # in backends/cuda/TUNING.md.
 set -uo pipefail
@@ -53,20 +54,20 @@ STEPS=(
   "setup|30|print_environment"
   "conformance|180|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
   "bench-model-quick|240|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
-  "bench-fp4|150|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,moe_experts --json \$RESULTS/bench-fp4.json"
+  "bench-gemm|200|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,moe_experts,fp8_gemm --json \$RESULTS/bench-gemm.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-indexer|150|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
   "bench-attention|60|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
   "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress --json \$RESULTS/bench-mhc-compress.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
-# the full steps fail); the FP8 GEMM and router rows (measured on the H200 on 2026-11-26, unchanged
-# since); the end-to-end model against transformers at 1k and 4k context (minutes, 32 GB of GPU
+# the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is
+# unchanged since); the end-to-end model against transformers at 1k and 4k context (minutes, 32 GB of GPU
 # memory, 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first); and
 # the experts' launch-config sweep (quick rows), for the table moe_experts does not have yet.
 OPT_IN_STEPS=(
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear --json \$RESULTS/bench-quick.json"
-  "bench-gemm-gate|120|\$PYTHON -m seahal bench --backend cuda --ops fp8_gemm,moe_gate --json \$RESULTS/bench-gemm-gate.json"
+  "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
   "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
   "tune-experts|300|\$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --json \$RESULTS/tune-experts.json"
 )

@@ -18,7 +18,7 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "bench-model-quick", "bench-fp4", "pytest-gpu", "bench-indexer", "bench-attention",
+STEPS = ["setup", "conformance", "bench-model-quick", "bench-gemm", "pytest-gpu", "bench-indexer", "bench-attention",
          "bench-mhc-compress"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
@@ -48,7 +48,7 @@ def test_dry_run_lists_the_steps_in_priority_order():
         ops = re.search(r"--ops (\S+)", commands[name]).group(1)
         assert set(expand_ops(ops)) <= set(CUDA_OPS), ops  # every name is one `seahal bench` knows
         benched += expand_ops(ops)
-    assert {"sparse_attention_fp8", "indexer_topk", "kv_compress", "hc_pre", "moe_experts", "model"} <= set(benched)
+    assert {"sparse_attention_fp8", "indexer_topk", "kv_compress", "hc_pre", "moe_experts", "fp8_gemm", "model"} <= set(benched)
     written = {Path(p).name for p in re.findall(r"--json \$RESULTS/(\S+)", result.stdout)}
     assert len(written | {"summary.txt", "session.log"}) <= RETURNED_FILES
 
@@ -57,10 +57,10 @@ def test_only_selects_steps_and_bad_arguments_are_refused():
     result = _run("--dry-run", "--only", "bench-indexer,conformance", "--budget", "300")
     assert result.stdout.splitlines()[0].startswith("budget 300s")
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["conformance", "bench-indexer"]
-    # the FP8 GEMM and router rows run only when named (measured, unchanged since)
-    result = _run("--dry-run", "--only", "bench-gemm-gate")
+    # the router's rows run only when named (measured, its bf16 path unchanged since)
+    result = _run("--dry-run", "--only", "bench-gate")
     (line,) = result.stdout.splitlines()[1:]
-    assert line.split()[0] == "bench-gemm-gate" and "--ops fp8_gemm,moe_gate" in line
+    assert line.split()[0] == "bench-gate" and "--ops moe_gate" in line
     # the end-to-end model bench runs only when named, after the carried wheels are installed
     result = _run("--dry-run", "--only", "bench-model")
     (line,) = result.stdout.splitlines()[1:]
@@ -79,10 +79,10 @@ def test_every_step_runs_though_each_fails(tmp_path):
 
 
 def test_a_spent_budget_skips_the_remaining_steps(tmp_path):
-    result = _run("--budget", "10", "--only", "conformance,bench-fp4", python="false", out=tmp_path)
+    result = _run("--budget", "10", "--only", "conformance,bench-gemm", python="false", out=tmp_path)
     assert result.returncode == 1
     rows = [line.split() for line in (tmp_path / "summary.txt").read_text().splitlines()[1:3]]
-    assert [row[:2] for row in rows] == [["conformance", "skipped"], ["bench-fp4", "skipped"]]
+    assert [row[:2] for row in rows] == [["conformance", "skipped"], ["bench-gemm", "skipped"]]
 
 
 def test_bench_digest_names_wrong_failed_and_missed_rows(tmp_path, capsys):
