@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._gemm import decode_e8m0
+from ._gemm import decode_e8m0, oriented, oriented_dot
 from ._numerics import INTERPRETED, cast_rne
 
 
@@ -99,7 +99,7 @@ def fp4_block_dot(
     a: [BLOCK_M, COLS] e4m3 codes, a_scale: [BLOCK_M] fp32, packed: [ROWS, COLS / 2] e2m1 bytes,
     scale: [ROWS, COLS / 32] e8m0 bytes (MX) or fp32 / e8m0 bytes. WEIGHTS_FIRST (always for MX;
     for the bf16 form :func:`._gemm.weights_first`): acc is the product transposed, [ROWS,
-    BLOCK_M], else [BLOCK_M, ROWS] (:func:`._gemm.oriented_acc`, :func:`._gemm.oriented_result`).
+    BLOCK_M], else [BLOCK_M, ROWS] (:func:`._gemm.oriented_acc`, :func:`._gemm.oriented`).
 
     Weights first, the decoded weight tile is the MMA's first operand, straight from registers, and
     the few activation rows its N (wgmma m64nBLOCK_Mk16). Activations first, 16 rows would make an
@@ -115,7 +115,5 @@ def fp4_block_dot(
             b = e2m1_bf16(packed, scale, ROWS, COLS)
         else:
             b = as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS)
-        if WEIGHTS_FIRST:
-            return acc + tl.dot(b, tl.trans(a.to(tl.bfloat16))) * a_scale[None, :]
-        else:
-            return acc + tl.dot(a.to(tl.bfloat16), tl.trans(b)) * a_scale[:, None]
+        product = oriented_dot(a.to(tl.bfloat16), tl.trans(b), WEIGHTS_FIRST)
+        return acc + product * oriented(a_scale[:, None], WEIGHTS_FIRST)

@@ -242,12 +242,24 @@ def oriented_acc(BLOCK_M: tl.constexpr, ROWS: tl.constexpr, WEIGHTS_FIRST: tl.co
 
 
 @triton.jit
-def oriented_result(acc, WEIGHTS_FIRST: tl.constexpr):
-    """The [BLOCK_M, ROWS] product from an :func:`oriented_acc` accumulator."""
+def oriented(x, WEIGHTS_FIRST: tl.constexpr):
+    """A 2-D tensor laid out [activation rows, weight rows] turned as :func:`oriented_acc` holds
+    its accumulator (transposed weights first), or the other way: the product from the
+    accumulator, a block's scales into it."""
     if WEIGHTS_FIRST:
-        return tl.trans(acc)
+        return tl.trans(x)
     else:
-        return acc
+        return x
+
+
+@triton.jit
+def oriented_dot(a, b, WEIGHTS_FIRST: tl.constexpr):
+    """``A [M, K] · B [K, N]`` as :func:`oriented_acc` holds it: weights first ``B^T · A^T`` (the
+    weight rows are the MMA's M), else ``A · B``."""
+    if WEIGHTS_FIRST:
+        return tl.dot(tl.trans(b), tl.trans(a))
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit

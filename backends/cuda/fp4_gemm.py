@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._e2m1 import fp4_block_dot
 from ._gemm import (
-    ConfigTable, GemmConfig, gemm, k_block_range, launch, oriented_acc, oriented_result, store_tile, tile_coords,
+    ConfigTable, GemmConfig, gemm, k_block_range, launch, oriented, oriented_acc, store_tile, tile_coords,
 )
 
 SM90_CONFIGS: ConfigTable = {
@@ -93,7 +93,7 @@ def _fp4_gemm_tile(
     first: tl.constexpr = MX or WEIGHTS_FIRST
     acc = _k_loop(oriented_acc(BLOCK_M, BLOCK_N, first), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
                   stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX, first)
-    store_tile(oriented_result(acc, first), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+    store_tile(oriented(acc, first), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
 
 

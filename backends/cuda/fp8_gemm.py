@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import (
-    ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, oriented_acc, oriented_result, store_tile,
+    ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, oriented, oriented_acc, oriented_dot, store_tile,
     tile_coords,
 )
 
@@ -149,14 +149,11 @@ def _fp8_gemm_tile(
             a_ptrs += 128 * stride_ak
             b_ptrs += 128 * stride_bk
         scale = _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
-        if WEIGHTS_FIRST:
-            acc += tl.dot(tl.trans(b), tl.trans(a)) * tl.trans(scale)
-        else:
-            acc += tl.dot(a, b) * scale
+        acc += oriented_dot(a, b, WEIGHTS_FIRST) * oriented(scale, WEIGHTS_FIRST)
         a_scale_ptrs += stride_ask
         b_scale_ptrs += stride_bsk
-    store_tile(oriented_result(acc, WEIGHTS_FIRST), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
-               BLOCK_M, BLOCK_N, SPLIT_K)
+    store_tile(oriented(acc, WEIGHTS_FIRST), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N,
+               stride_cm, stride_cn, BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 def launch_fp8_gemm(

@@ -40,6 +40,32 @@ SPLIT_BLOCK_V = 64
 
 
 @triton.jit
+def fp32_gemv_tile(
+    x_ptr, w_ptr, tokens, rows, T, V, lo, hi, span, stride_xt, stride_xd, stride_wv, stride_wd,
+    BLOCK_D: tl.constexpr,
+):
+    """``sum_{lo <= d < hi} fp32(x[t, d]) fp32(W[v, d])`` for tokens [BT] x rows [BV] of W ->
+    [BT, BV] fp32, on the CUDA cores (fp32 FMAs: TF32 would round x). Tokens >= T and rows >= V
+    read zeros. ``span`` (a scalar, >= hi - lo) bounds the loop: BLOCK_D features a step.
+
+    One running sum per (token, row, lane), reduced once at the end. x's pointers repeat over the
+    rows and W's over the tokens, so both load as [BT, BV, BLOCK_D] in the product's layout (the
+    repeats hit L1): loaded [BT, D] and [BV, D] and broadcast, Triton converted them through shared
+    memory, with barriers in every step of the stream (the head's GEMV had six)."""
+    t3, v3, d3 = tokens[:, None, None], rows[None, :, None], tl.arange(0, BLOCK_D)[None, None, :]
+    x_rows = x_ptr + t3.to(tl.int64) * stride_xt + 0 * v3
+    w_rows = w_ptr + v3.to(tl.int64) * stride_wv + 0 * t3
+    lanes = tl.zeros((tokens.shape[0], rows.shape[0], BLOCK_D), dtype=tl.float32)
+    for step in range(0, span, BLOCK_D):  # scalar bounds: the Triton 3.6 interpreter needs them
+        cols = lo + step + d3
+        in_range = cols < hi
+        x = tl.load(x_rows + cols * stride_xd, mask=(t3 < T) & in_range, other=0.0)
+        w = tl.load(w_rows + cols * stride_wd, mask=(v3 < V) & in_range, other=0.0)
+        lanes += x.to(tl.float32) * w.to(tl.float32)
+    return tl.sum(lanes, axis=2)
+
+
+@triton.jit
 def _fp32_gemv_kernel(
     x_ptr, w_ptr, out_ptr, T, V, D, stride_xt, stride_wv, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -47,23 +73,9 @@ def _fp32_gemv_kernel(
     """out[t, v] = sum_d fp32(x[t, d]) fp32(W[v, d]) for this program's BLOCK_V rows of W."""
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     tokens = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    # x repeated over the W rows and W over the tokens in the pointers: both load as [T, V, D] in
-    # the product's layout (the repeats hit L1), where a [T, D] x and a [V, D] W broadcast to it
-    # went through shared memory, with barriers in every step of the stream
-    no_t, no_v = 0 * tokens[:, None, None], 0 * rows[None, :, None]
-    w_ptrs = w_ptr + rows[None, :, None].to(tl.int64) * stride_wv + offs_d[None, None, :] + no_t
-    x_ptrs = x_ptr + tokens[:, None, None] * stride_xt + offs_d[None, None, :] + no_v
-    partial = tl.zeros((BLOCK_T, BLOCK_V, BLOCK_D), dtype=tl.float32)  # one running sum per lane
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = (d0 + offs_d < D)[None, None, :]
-        w = tl.load(w_ptrs, mask=(rows[None, :, None] < V) & d_ok, other=0.0)
-        x = tl.load(x_ptrs, mask=(tokens[:, None, None] < T) & d_ok, other=0.0)
-        partial += x.to(tl.float32) * w.to(tl.float32)
-        w_ptrs += BLOCK_D
-        x_ptrs += BLOCK_D
+    logits = fp32_gemv_tile(x_ptr, w_ptr, tokens, rows, T, V, 0, D, D, stride_xt, 1, stride_wv, 1, BLOCK_D)
     out = out_ptr + tokens[:, None] * stride_ot + rows[None, :]
-    tl.store(out, tl.sum(partial, axis=2), mask=(tokens[:, None] < T) & (rows[None, :] < V))
+    tl.store(out, logits, mask=(tokens[:, None] < T) & (rows[None, :] < V))
 
 
 @triton.jit

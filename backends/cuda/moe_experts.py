@@ -43,7 +43,7 @@ import triton.language as tl
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_block_dot
-from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented_acc, oriented_result, weights_first
+from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, oriented_dot, weights_first
 from ._numerics import cast_rne, fp8_quantize_tiles
 from .quant import fp8_act_quant
 
@@ -310,10 +310,7 @@ def _accumulate(
         else:
             return tl.dot(a, b, acc)
     elif FORMAT == 1:
-        if WEIGHTS_FIRST:
-            return acc + tl.dot(tl.trans(b), tl.trans(a)) * (a_scale * b_scale)[None, :]
-        else:
-            return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
+        return acc + oriented_dot(a, b, WEIGHTS_FIRST) * oriented((a_scale * b_scale)[:, None], WEIGHTS_FIRST)
     else:
         return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, MX, WEIGHTS_FIRST, BLOCK_N, BLOCK_K)
 
@@ -355,7 +352,7 @@ def _k_loop(
                                        stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0)
             acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, fp4_mx, weights_first,
                                 BLOCK_N, BLOCK_K)
-    return oriented_result(acc_w, weights_first), oriented_result(acc_v, weights_first)
+    return oriented(acc_w, weights_first), oriented(acc_v, weights_first)
 
 
 @triton.jit

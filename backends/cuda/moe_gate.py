@@ -13,11 +13,14 @@ back to the reference for it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .linear import fp32_gemv_tile
 
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
@@ -74,8 +77,7 @@ def gate_config(t: int, e: int, d: int, device: torch.device, mma: bool = True) 
     split = 1
     while tiles * split < sms and d // (2 * split) >= 2 * config.block_d and split < 32:
         split *= 2
-    return GateConfig(config.block_t, config.block_e, config.block_d, split, config.num_warps, config.num_stages,
-                      config.gemv)
+    return dataclasses.replace(config, split=split)
 
 
 def moe_gate(
@@ -120,14 +122,15 @@ def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | N
     """The [SPLIT, T, E] workspace, grid, arguments and constexprs of a logits launch."""
     t, d = x.shape
     e = weight.shape[0]
-    config = config or gate_config(t, e, d, x.device, _bf16_dot(x, weight))
+    mma = _bf16_dot(x, weight)
+    config = config or gate_config(t, e, d, x.device, mma)
     partial = torch.empty((config.split, t, e), dtype=torch.float32, device=x.device)
     d_per_split = triton.cdiv(triton.cdiv(d, config.split), config.block_d) * config.block_d
     grid = (triton.cdiv(t, config.block_t), triton.cdiv(e, config.block_e), config.split)
     args = (x, weight, partial, t, e, d, d_per_split, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     constexprs = {
         "BLOCK_T": config.block_t, "BLOCK_E": config.block_e, "BLOCK_D": config.block_d,
-        "BF16_DOT": _bf16_dot(x, weight), "GEMV": config.gemv, "num_warps": config.num_warps,
+        "BF16_DOT": mma, "GEMV": config.gemv, "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
     return partial, grid, args, constexprs
@@ -201,10 +204,8 @@ def _logits_kernel(
     GEMV: tl.constexpr = False,
 ):
     """partial[s, t, e] = sum over d in slice s of x[t, d] * W[e, d], fp32 accumulation, for the
-    [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2. GEMV: fp32 FMAs on the CUDA
-    cores, one running sum per (token, expert, lane) reduced at the end, x and W loaded in the
-    product's [BLOCK_T, BLOCK_E, BLOCK_D] layout (repeated pointers; the repeats hit L1), so that
-    no step converts a layout through shared memory."""
+    [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2. GEMV: the CUDA-core tile of
+    :func:`.linear.fp32_gemv_tile`, without padding the tokens to an MMA's 16 rows."""
     pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -212,17 +213,8 @@ def _logits_kernel(
     lo = pid_s * d_per_split
     hi = tl.minimum(lo + d_per_split, D)
     if GEMV:
-        t3, e3, d3 = offs_t[:, None, None], offs_e[None, :, None], offs_d[None, None, :]
-        x_rows = x_ptr + t3.to(tl.int64) * stride_xt + 0 * e3
-        w_rows = w_ptr + e3.to(tl.int64) * stride_we + 0 * t3
-        lanes = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=tl.float32)
-        for step in range(0, d_per_split, BLOCK_D):
-            cols = lo + step + d3
-            in_slice = cols < hi
-            xa = tl.load(x_rows + cols * stride_xd, mask=(t3 < T) & in_slice, other=0.0)
-            wa = tl.load(w_rows + cols * stride_wd, mask=(e3 < E) & in_slice, other=0.0)
-            lanes += xa.to(tl.float32) * wa.to(tl.float32)
-        acc = tl.sum(lanes, axis=2)
+        acc = fp32_gemv_tile(x_ptr, w_ptr, offs_t, offs_e, T, E, lo, hi, d_per_split, stride_xt, stride_xd,
+                             stride_we, stride_wd, BLOCK_D)
     else:
         x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
         w_rows = w_ptr + offs_e[:, None].to(tl.int64) * stride_we
