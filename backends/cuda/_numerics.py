@@ -1,4 +1,5 @@
-"""Rounding device functions shared by the cuda backend's Triton kernels: RNE casts, FP8 tile quant.
+"""Rounding device functions shared by the cuda backend's Triton kernels: RNE casts, FP8 tile quant,
+dots whose products are exact.
 
 Round to nearest even, everywhere. On a GPU ``v.to(tl.bfloat16)`` and ``v.to(tl.float8e4nv)`` are
 the hardware's RNE conversions (``cvt.rn.bf16.f32``, ``cvt.rn.satfinite.e4m3x2.f32``). The Triton
@@ -88,3 +89,14 @@ def fp8_quantize_tiles(x, UE8M0: tl.constexpr):
     else:
         y = tl.math.div_rn(x, tl.expand_dims(s, -1))
     return cast_rne(tl.clamp(y, -FP8_MAX, FP8_MAX), tl.float8e4nv), s
+
+
+@triton.jit
+def exact_dot(a, b, acc, LOW_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with exact products summed in fp32. LOW_PRECISION (bf16 operands, on the
+    GPU): straight into the MMA, whose bf16 products are exact. Otherwise both operands are widened
+    to fp32 (the same products for bf16: the interpreter's dot misreads bf16) and multiplied in IEEE
+    fp32, never TF32."""
+    if LOW_PRECISION:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")

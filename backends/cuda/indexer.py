@@ -73,10 +73,10 @@ import triton.language as tl
 
 from ._alignment import row_alignment
 from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, unpack_codes
-from ._numerics import INTERPRETED, cast_rne
+from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._position import load_position, position_stride
 from .kv_unpack import _e4m3_value, _e8m0_scale
-from .sparse_attention import _dot
+
 
 MAX_ENTRIES = 2**31
 """Entry indices are packed as ``MAX_ENTRIES - 1 - j`` in the low 32 bits of a candidate (a
@@ -315,7 +315,7 @@ def _scores_kernel(
         records = k_ptr + tl.multiple_of(bat * stride_kb + entries * stride_kn, ROW_ALIGN)
         k = _key_tile(records, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
                       KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN)
-        logits = _dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_S * H_PAD), tl.float32), LOW_PRECISION_DOT)
+        logits = exact_dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_S * H_PAD), tl.float32), LOW_PRECISION_DOT)
         weighted = tl.maximum(logits, 0.0) * w[None, :]
         scores = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_S, H_PAD)), axis=2)
         ranked = tl.where(entries[:, None] < visible[None, :], _order_key(scores), NOT_VISIBLE)

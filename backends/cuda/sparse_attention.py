@@ -46,7 +46,7 @@ import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._alignment import row_alignment
-from ._numerics import INTERPRETED, cast_rne
+from ._numerics import INTERPRETED, cast_rne, exact_dot
 from .kv_unpack import _e4m3_value, _e8m0_scale
 
 
@@ -254,16 +254,6 @@ def launch_sparse_attention(
 
 
 @triton.jit
-def _dot(a, b, acc, LOW_PRECISION_DOT: tl.constexpr):
-    """acc + a @ b with fp32 sums. bf16 operands go straight into the MMA (exact products) on the
-    GPU; otherwise both are widened to fp32 (the same products: the interpreter's dot misreads
-    bf16) and multiplied in IEEE fp32, never TF32."""
-    if LOW_PRECISION_DOT:
-        return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-
-
-@triton.jit
 def _columns(HEAD_DIM: tl.constexpr, COL_TILES: tl.constexpr, TILE_W: tl.constexpr, TILE: tl.constexpr):
     """The head-dim column of each of the kernel's COL_TILES * TILE_W columns (``t * TILE + i`` for
     column ``t * TILE_W + i``) and whether it is one (i < TILE, column < HEAD_DIM)."""
@@ -399,7 +389,7 @@ def _sparse_attention_kernel(
         rows = kv_ptr + tl.multiple_of(bat * stride_kb + idx * stride_kn, ROW_ALIGN)
         kv = _load_rows(rows, valid, stride_kd, q_ptr.dtype.element_ty, KV_FP8, HEAD_DIM, ROPE_DIM, TILE,
                         COL_TILES, TILE_W, ROW_ALIGN)
-        logits = _dot(q, tl.trans(kv), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), LOW_PRECISION_DOT)
+        logits = exact_dot(q, tl.trans(kv), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), LOW_PRECISION_DOT)
         logits = tl.where(valid[None, :], logits * softmax_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -407,7 +397,7 @@ def _sparse_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(logits - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _dot(cast_rne(p, kv.dtype), kv, acc * alpha[:, None], LOW_PRECISION_DOT)
+        acc = exact_dot(cast_rne(p, kv.dtype), kv, acc * alpha[:, None], LOW_PRECISION_DOT)
         m_i = m_new
 
     out_mask = head_ok[:, None] & col_ok[None, :]
