@@ -239,17 +239,21 @@ def sylvester_hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch
     return h
 
 
-def hadamard(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+@functools.cache
+def _sylvester_hadamard_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`sylvester_hadamard`, made once per (n, dtype, device) and never modified: building it is
+    log2(n) rounds of small kernels, which a rotation per decode step would otherwise repeat."""
+    return sylvester_hadamard(n, dtype, device)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Sylvester Hadamard rotation of the last dim (a power of two): ``x @ H / sqrt(n)``.
 
-    fp32 math (fp64 when x is fp64), output in x's dtype. ``matrix``: H from
-    :func:`sylvester_hadamard` (any float dtype: +-1 converts exactly), made once by a caller that
-    rotates often (building it is log2(n) rounds of small kernels).
+    fp32 math (fp64 when x is fp64), output in x's dtype.
     """
     n = x.shape[-1]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = sylvester_hadamard(n, dtype, x.device) if matrix is None else matrix.to(dtype)
-    return (x.to(dtype) @ h * n**-0.5).to(x.dtype)
+    return (x.to(dtype) @ _sylvester_hadamard_on(n, dtype, x.device) * n**-0.5).to(x.dtype)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

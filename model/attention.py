@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from seahal.hal.formats import hadamard, sylvester_hadamard
+from seahal.hal.formats import FP4_TILE
 from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
@@ -17,7 +17,7 @@ from .cache import KV_TILE, LayerCache
 from .config import CSA_RATIO, ModelConfig
 from .layers import Linear, RMSNorm, quantize_shared_input
 from .parallel import SINGLE_PROCESS, Parallel
-from .quant_sim import fp4_indexer_precision, fp8_kv_precision
+from .quant_sim import fp8_kv_precision
 
 
 class Compressor(nn.Module):
@@ -74,13 +74,6 @@ class Indexer(nn.Module):
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops)
         self.weights_proj = Linear(config.dim, self.n_heads, ops)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
-        self.register_buffer("rotation", None, persistent=False)
-        self.make_constants()
-
-    def make_constants(self, device: torch.device | None = None) -> None:
-        """The FP4 simulation's Hadamard matrix, made once rather than on every call (on ``device``,
-        else the ambient one; a meta-built model's loader remakes it on the model's device)."""
-        self.rotation = sylvester_hadamard(self.head_dim, device=device or torch.get_default_device())
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
@@ -96,10 +89,10 @@ class Indexer(nn.Module):
         q = self.ops.rope(q, positions, freqs)
         keys = self.compressor(x, cache.index_state, start_pos, freqs)
         if self.config.simulate_fp4_indexer:
-            q = fp4_indexer_precision(q, self.ops, self.rotation)
+            q = self.ops.hadamard_rotate(q, FP4_TILE)
             # FP4 key records round the rotated keys as the simulation would: rotating suffices
             fp4_records = self.config.index_key_format == "fp4"
-            keys = hadamard(keys, self.rotation) if fp4_records else fp4_indexer_precision(keys, self.ops, self.rotation)
+            keys = self.ops.hadamard_rotate(keys, 0 if fp4_records else FP4_TILE)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
         count = new_entries(start_pos, s, CSA_RATIO) if count is None else count
         stored = cache.store_index_keys(keys, count)  # dense keys or packed records

@@ -58,7 +58,7 @@ STEPS=(
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-indexer|150|\$PYTHON -m seahal bench --backend cuda --ops indexer --json \$RESULTS/bench-indexer.json"
   "bench-attention|60|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention --json \$RESULTS/bench-attention.json"
-  "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress --json \$RESULTS/bench-mhc-compress.json"
+  "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is

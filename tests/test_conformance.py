@@ -20,7 +20,7 @@ from seahal.hal.registry import REGISTRY, Availability, register_backend, regist
 from seahal.hal.spec import specs
 from seahal.testing import tolerances
 from seahal.testing.cases import cases_for
-from seahal.testing.compare import Selection
+from seahal.testing.compare import FP4Rounded, Selection
 from seahal.testing.conformance import run_conformance
 
 pytest_plugins = ["pytester"]
@@ -152,7 +152,7 @@ def test_interpret_flag_runs(monkeypatch, capsys):
 
 
 TRITON_OPS = (
-    "fp8_act_quant", "fp4_quant", "kv_cache_pack", "fp8_gemm", "fp4_gemm", "moe_gate", "moe_experts",
+    "fp8_act_quant", "fp4_quant", "hadamard_rotate", "kv_cache_pack", "fp8_gemm", "fp4_gemm", "moe_gate", "moe_experts",
     "sparse_attention", "sparse_attention_fp8", "indexer_topk_packed", "hc_pre", "hc_post", "hc_head", "rope",
     "kv_compress_fp8",
 )
@@ -190,6 +190,26 @@ def test_selection_accepts_near_ties_and_rejects_wrong_exact_ties():
     assert not check.compare(torch.tensor([[1, 0, 2]]), want[:, :3]).ok  # 2 scores 0.5 below the missed 3
     assert check.compare(torch.tensor([[1, 0]]), want[:, :2]).ok
     assert not check.compare(torch.tensor([[1, 3]]), want[:, :2]).ok  # exact tie at the cut: 0 before 3
+
+
+def test_fp4_rounded_accepts_roundings_within_the_bound_and_rejects_others():
+    """One 4-block: exact values 5.0 (amax: scale 1), 1.24 (rounds to 1), 0.76 (rounds to 1: 0.75
+    is the midpoint of 0.5 and 1, ties to 1 only at 0.75), 0.1 (rounds to 0)."""
+    exact = torch.tensor([[5.0, 1.24, 0.76, 0.1]], dtype=torch.float64)
+    tight = FP4Rounded(exact, torch.zeros_like(exact), 4)
+    assert tight.compare(torch.tensor([[4.0, 1.0, 1.0, 0.0]]), None).ok
+    assert not tight.compare(torch.tensor([[6.0, 1.0, 1.0, 0.0]]), None).ok  # 5 -> 4 (4.5 is the midpoint)
+    assert not tight.compare(torch.tensor([[4.0, 1.5, 1.0, 0.0]]), None).ok  # 1.24 -> 1
+    assert not tight.compare(torch.tensor([[8.0, 2.0, 2.0, 0.0]]), None).ok  # a doubled scale
+    assert not tight.compare(torch.tensor([[4.0, 1.0, 1.0]]), None).ok  # shape
+    loose = FP4Rounded(exact, torch.full_like(exact, 0.02), 4)
+    assert loose.compare(torch.tensor([[4.0, 1.5, 0.5, 0.0]]), None).ok  # 1.26 and 0.74 are within the bound
+    assert not loose.compare(torch.tensor([[4.0, 1.0, 1.0, 0.5]]), None).ok  # 0.12 never rounds to 0.5
+    # amax within the bound of 6 * 2^0: one scale, 1 or 2, must explain the whole block
+    edge = FP4Rounded(torch.tensor([[6.0, 1.6, 1.0, 0.3]], dtype=torch.float64), torch.full((1, 4), 1e-6), 4)
+    assert edge.compare(torch.tensor([[6.0, 1.5, 1.0, 0.5]]), None).ok  # scale 1
+    assert edge.compare(torch.tensor([[6.0, 2.0, 1.0, 0.0]]), None).ok  # scale 2: 0.8 -> 1, 0.15 -> 0
+    assert not edge.compare(torch.tensor([[6.0, 1.5, 1.0, 0.0]]), None).ok  # 1.5 needs scale 1, 0 scale 2
 
 
 def test_pytest_plugin_generates_one_test_per_case(pytester):

@@ -1,4 +1,5 @@
-"""The cuda backend's Triton quantisers (``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``).
+"""The cuda backend's Triton quantisers (``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``) and the
+indexer's rotation (``hadamard_rotate``).
 
 Quantisers are deterministic functions of their input (v4_ops.md §11: fp32 scale arithmetic,
 power-of-two ue8m0 scales, round to nearest even), so every check is bitwise: codes, scales and
@@ -207,6 +208,68 @@ def test_kv_sliced_and_empty(quant):
     kv = wide[:, :512]
     _assert_bitwise((quant.kv_cache_pack(kv),), (reference.kv_cache_pack(kv),))
     assert quant.kv_cache_pack(wide[:0, :512]).shape == (0, 584)
+
+
+# --------------------------------------------------------------------------------------------
+# hadamard_rotate
+# --------------------------------------------------------------------------------------------
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    """H[i, j] = (-1)^popcount(i & j), by the definition (float64)."""
+    i = torch.arange(n)
+    bits = i[:, None] & i[None, :]
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits >>= 1
+    return 1.0 - 2.0 * parity.double()
+
+
+@kernels
+@pytest.mark.parametrize("fp4_block", [0, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hadamard_rotate_exact_sums_match_the_reference_bitwise(quant, dtype, fp4_block):
+    """Integer inputs of at most 6 bits make every fp32 partial sum exact in any order, so the
+    kernel's rotation equals the reference's bit for bit, and so does the FP4 rounding that
+    follows, on V4's indexer query [B, S, 64 heads, 128] and its keys, rows past one program."""
+    gen = torch.Generator().manual_seed(7)
+    for shape in ((2, 3, 64, 128), (130, 128)):
+        ints = torch.randint(-63, 64, shape, generator=gen).float()
+        x = (ints * torch.exp2(torch.randint(-6, 6, (*shape[:-1], 1), generator=gen).float())).to(dtype)
+        got = quant.hadamard_rotate(x.to(DEVICE), fp4_block)
+        _assert_bitwise((got,), (reference.hadamard_rotate(x, fp4_block),))
+
+
+@kernels
+@pytest.mark.parametrize("n", [1, 8, 16, 128, 512])
+def test_hadamard_rotate_is_the_sylvester_rotation_and_its_own_inverse(quant, n):
+    """fp32 against the definition in float64: n exact products summed in fp32 and one multiply
+    by fp32(n^-1/2), so |err| <= (n + 2) 2^-24 sum|x| / sqrt(n) per output. H is symmetric and
+    H H = n I, so rotating twice gives x back within twice that (n = 1 and 8 pad to the MMA's 16
+    columns; 512 takes four K steps and four column programs)."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=gen, dtype=torch.float64)
+    want = x @ _sylvester(n) / n**0.5
+    got = quant.hadamard_rotate(x.float().to(DEVICE)).cpu().double()
+    bound = (n + 3) * 2.0**-24 * x.abs().sum(-1, keepdim=True) / n**0.5
+    assert ((got - want).abs() <= bound).all()
+    back = quant.hadamard_rotate(quant.hadamard_rotate(x.float().to(DEVICE))).cpu().double()
+    assert ((back - x).abs() <= 2 * (n + 3) * 2.0**-24 * x.abs().sum(-1, keepdim=True) + 2.0**-22 * x.abs()).all()
+
+
+@kernels
+def test_hadamard_rotate_rounds_each_block_through_fp4(quant):
+    """The FP4 step is fp4_quant then its decode: every 32-block of the output is an e2m1 value
+    times one power of two, the codes fp4_quant gives the rotated values (bf16 rows)."""
+    from seahal.hal.formats import fp4_dequantize
+
+    x = torch.randn(4, 64, 128, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
+    rotated = quant.hadamard_rotate(x)
+    rounded = quant.hadamard_rotate(x, 32)
+    codes, scale = quant.fp4_quant(rotated, 32)
+    _assert_bitwise((rounded,), (fp4_dequantize(codes, scale, 32, torch.bfloat16),))
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded, rotated)
 
 
 @triton.jit

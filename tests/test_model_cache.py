@@ -63,21 +63,17 @@ def test_packing_fp4_rounded_index_keys_stores_the_same_values(dtype):
     records round the rotated keys through e2m1 in the same 1x32 ue8m0 blocks, and twice decodes
     as once. A block whose amax / s in (3, 3.5) rounds to 3 is stored with half the scale and
     twice the codes (e2m1 values up to 3, doubled, stay e2m1 values)."""
-    from types import SimpleNamespace
-
-    from seahal.backends.cpu.reference.quant import fp4_quant
-    from seahal.hal.formats import fp4_dequantize, hadamard, index_key_pack, index_key_unpack, sylvester_hadamard
-    from seahal.model.quant_sim import fp4_indexer_precision
+    from seahal.backends.cpu.reference.quant import fp4_quant, hadamard_rotate
+    from seahal.hal.formats import fp4_dequantize, hadamard, index_key_pack, index_key_unpack
 
     gen = torch.Generator().manual_seed(1)
     keys = torch.randn(4, 64, 128, generator=gen) * torch.exp2(torch.randint(-20, 20, (4, 64, 1), generator=gen).float())
     keys = keys.to(dtype)
-    rotation = sylvester_hadamard(128)
-    rotated = hadamard(keys, rotation)
+    rotated = hadamard(keys)
     blocks = rotated.unflatten(-1, (4, 32))
     blocks[:, :, 1] *= 3.2 / blocks[:, :, 1].abs().amax(-1, keepdim=True)  # amax / s = 3.2: rounds to 3
     blocks[:, :, 2] = 0.0
-    untouched = fp4_indexer_precision(keys, SimpleNamespace(fp4_quant=fp4_quant), rotation)
+    untouched = hadamard_rotate(keys, 32)
     simulated = fp4_dequantize(*fp4_quant(rotated, 32), 32, dtype)  # its rounding, on the edited blocks
     assert torch.equal(untouched[:, :, :32], simulated[:, :, :32])  # the simulation: rotate, then this
     once, twice = index_key_pack(rotated, "fp4"), index_key_pack(simulated, "fp4")

@@ -136,6 +136,7 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
     assert attention in decode.hal_nodes
     if variant == "release":  # the FP8 KV records are attended as stored: nothing decodes the cache
         assert {"fp8_act_quant", "fp8_gemm", "fp4_quant", "kv_cache_pack"} <= hal_ops
+        assert "hadamard_rotate" in hal_ops and "hadamard_rotate" in decode.hal_nodes  # the indexer's FP4 rounding
         assert not {"sparse_attention", "kv_cache_unpack"} & (hal_ops | set(decode.hal_nodes))
     meta = {p.key: p.value for p in onnx.load(decode.path).metadata_props}
     assert (meta["seahal.mode"], meta["seahal.cache_capacity"]) == ("decode", "32")

@@ -24,6 +24,7 @@ from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import indexer as ref_indexer
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
+from seahal.hal.formats import sylvester_hadamard
 from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.onnx import functions as F
 from seahal.testing.tolerances import checks_for
@@ -37,6 +38,38 @@ def _run(name: str, inputs: dict[str, np.ndarray], **attributes) -> list[np.ndar
     model = F.node_model(fn, in_types, out_types, attributes)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {n: inputs[n] for n in fn.inputs})
+
+
+def _ort_value(t: torch.Tensor) -> ort.OrtValue:
+    """An OrtValue sharing t's memory (bf16, which numpy lacks, as its int16 bits)."""
+    if t.dtype == torch.bfloat16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.int16).numpy(), TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(t.numpy())
+
+
+def _run_like(name: str, x: torch.Tensor, **attributes) -> torch.Tensor:
+    """Run the function ``name`` of one input x (bf16, fp32 or fp64) whose one output has x's shape and dtype."""
+    fn = F.FUNCTIONS[name]
+    types = [(F.onnx_dtype(x.dtype), x.dim())]
+    model = F.node_model(fn, types, types, attributes)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, out = x.contiguous(), torch.empty_like(x)  # ORT reads and writes their memory: both stay alive
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(fn.inputs[0], _ort_value(x))
+    binding.bind_ortvalue_output("out0", _ort_value(out))
+    session.run_with_iobinding(binding)
+    return out
+
+
+def _hadamard_rotate(x: torch.Tensor, fp4_block: int) -> torch.Tensor:
+    """hadamard_rotate through the function :func:`F.select` picks for fp4_block."""
+    fn = F.select("hadamard_rotate", {"fp4_block": fp4_block})
+    return _run_like(fn.name, x, **fn.attribute_values({"fp4_block": fp4_block}))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (so -0 differs from 0)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def test_every_op_has_functions_taking_its_arguments_in_hal_order():
@@ -67,6 +100,10 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
         assert F.select("moe_experts", {"w1": tensor}).name == name
         assert F.select("moe_experts", {"w1": exported_value}).name == name
     assert F.select("rope", {}).name == "rope"
+    assert F.select("hadamard_rotate", {"fp4_block": 0}).name == "hadamard_rotate"
+    assert F.select("hadamard_rotate", {"fp4_block": 32}).name == "hadamard_rotate_fp4"
+    assert F.FUNCTIONS["hadamard_rotate_fp4"].attributes == ("fp4_block",)
+    assert not F.FUNCTIONS["hadamard_rotate"].attributes  # fp4_block 0 is the function itself
     with pytest.raises(KeyError, match="no ONNX function for 'nosuch'"):
         F.select("nosuch", {})
 
@@ -216,3 +253,46 @@ def test_compressor_per_sequence_positions_are_each_sequence_alone(op, overlap):
             assert not got[b, want.shape[1] :].any(), (b, p)
             assert all(torch.equal(t[b : b + 1], u) for t, u in zip(state, alone[b])), (b, p)
         positions = [p + s for p in positions]
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 512])
+def test_hadamard_matrix_from_index_arithmetic_is_sylvester(n):
+    """H_n is built at run time from i & j and a fixed number of XOR folds of its bits; rotating the
+    identity returns it scaled, ``H_n * fp32(n^-0.5)``, exactly (each entry +-1 times the scale; the
+    scale as ``Sqrt(1/n)``: 1/n is exact and Sqrt rounds once). n = 512 sets index bits 0..8, which
+    the folds by 256, 16, 4 and 2 all reach."""
+    got = _run_like("hadamard_rotate", torch.eye(n))
+    assert torch.equal(got, sylvester_hadamard(n) * torch.tensor(n**-0.5, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, fp4_block", [(1, 0), (8, 0), (8, 8), (128, 0), (128, 32), (256, 0), (256, 32)])
+def test_hadamard_rotate_exact_sums_match_the_reference_bitwise(dtype, n, fp4_block):
+    """Integers in [-8, 8] times 2^e per row (e in [-20, 20]: FP4 blocks of many scales) have exact
+    fp32 sums in any order, so ORT's MatMul, the scale ``fp32(n^-0.5)``, the rounding to x's dtype
+    and the FP4 rounding must all agree with the reference bit for bit (signed zeros included:
+    small negative values round to the FP4 code -0). Row 0 is zero (every block at the amax floor)."""
+    g = torch.Generator().manual_seed(n + fp4_block)
+    x = torch.randint(-8, 9, (2, 3, n), generator=g).float() * torch.exp2(torch.randint(-20, 21, (2, 3, 1), generator=g).float())
+    x[0, 0] = 0.0
+    x = x.to(dtype)
+    got = _hadamard_rotate(x, fp4_block)
+    assert torch.equal(_bits(got), _bits(ref_quant.hadamard_rotate(x, fp4_block)))
+    if fp4_block:  # the FP4 rounding did round: not every value survives
+        assert not torch.equal(got, ref_quant.hadamard_rotate(x, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n, fp4_block", [(8, 0), (128, 0), (128, 32), (256, 0), (256, 32)])
+def test_hadamard_rotate_of_random_values_is_within_the_tolerance_rule(dtype, n, fp4_block):
+    """N(0, 1) values times 2^e per row against the float64 reference, judged by the conformance
+    rule (fp32 sums: rtol u(x) and atol gamma(n+2) sum|x|/sqrt(n); FP4: a rounding of a value within
+    that bound). fp64 x is computed in fp32 as every seahal function does; the rule's atol is the
+    fp32 sum bound, so it holds there too."""
+    g = torch.Generator().manual_seed(7 * n + fp4_block)
+    x = (torch.randn(2, 5, n, generator=g) * torch.exp2(torch.randint(-8, 9, (2, 5, 1), generator=g).float())).to(dtype)
+    got = _hadamard_rotate(x, fp4_block)
+    assert got.dtype == dtype and got.shape == x.shape
+    (check,) = checks_for("hadamard_rotate", (x, fp4_block))
+    verdict = check.check.compare(got, ref_quant.hadamard_rotate(x.double(), fp4_block))
+    assert verdict.ok, verdict.detail

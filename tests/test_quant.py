@@ -350,14 +350,23 @@ def test_hadamard_matches_sylvester_and_is_orthonormal(n):
     torch.testing.assert_close(y.double(), want, rtol=2.0**-8, atol=2.0**-12)
 
 
-def test_hadamard_with_a_prepared_matrix_of_any_dtype():
-    """A caller's prepared H (the indexer keeps one fp32 copy) gives the same bits as building it,
-    for fp64 x too: +-1 converts exactly, and the math stays in x's compute dtype."""
-    h32 = sylvester_hadamard(128)
-    assert torch.equal(h32.double(), _sylvester(128))
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        x = torch.randn(3, 128, dtype=torch.float64).to(dtype)
-        assert torch.equal(hadamard(x, h32), hadamard(x))
+def test_hadamard_builds_its_matrix_once_per_size_dtype_and_device(monkeypatch):
+    """The matrix is made once (a decode step rotates the indexer's query every token; building it
+    is log2(n) rounds of small kernels) and is the Sylvester matrix of the definition."""
+    from seahal.hal import formats
+
+    built = []
+    monkeypatch.setattr(formats, "sylvester_hadamard", lambda *a: built.append(a) or _sylvester(a[0]).to(a[1]))
+    formats._sylvester_hadamard_on.cache_clear()
+    try:
+        x = torch.randn(3, 64, dtype=torch.float64)
+        first = hadamard(x)
+        assert torch.equal(hadamard(x), first) and len(built) == 1
+        hadamard(x.float())
+        assert len(built) == 2  # another compute dtype, another matrix
+    finally:
+        formats._sylvester_hadamard_on.cache_clear()
+    assert torch.equal(sylvester_hadamard(128).double(), _sylvester(128))
 
 
 # ---- contracts and portability ----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
     "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, True),
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, True),
+    # New since the second run: interpreter-verified and compiled for sm_90, not yet run on a GPU.
+    "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, False),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),

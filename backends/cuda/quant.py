@@ -1,4 +1,5 @@
-"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``; v4_ops.md §11-12).
+"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``; v4_ops.md §11-12) and
+the indexer's rotation with its FP4 rounding (op ``hadamard_rotate``, §8, §11.6).
 
 Memory-bound and elementwise within a tile: each program loads a [BLOCK_M rows, TILES tiles,
 block] brick (tiles padded to a power of two and masked), reduces ``amax`` per tile, and writes
@@ -21,7 +22,8 @@ import triton.language as tl
 
 from seahal.hal.ops.quant import kv_record_bytes
 
-from ._numerics import cast_rne, fp8_quantize_tiles, pow2_ceil
+from ._e2m1 import decode_e2m1
+from ._numerics import INTERPRETED, cast_rne, exact_dot, fp8_quantize_tiles, pow2_ceil
 
 FP4_MAX = tl.constexpr(6.0)
 FP4_AMAX_FLOOR = tl.constexpr(6.0 * 2.0**-126)
@@ -98,6 +100,43 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torc
     return codes, scale
 
 
+ROTATION_TILE = 128
+"""Columns of H a program multiplies at a time (K) and writes (N; wider when an FP4 block is):
+V4 rotates 128-vectors, one [rows, 128] @ [128, 128] product a program."""
+ROTATION_ROWS = 64
+"""Rows a program rotates: the MMA's M. A decode step's indexer query (64 heads) is one program."""
+FP32_ROTATION = (16, 32)
+"""(rows, K step) for fp32 x, whose IEEE products run on the CUDA cores: small enough not to spill
+(64 rows x 128-wide steps spill 22 KB in the sm_90 compile)."""
+
+
+def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
+    """The orthonormal Hadamard rotation of the last dim, rounded through FP4 when ``fp4_block``.
+
+    x: [..., n] bf16/fp32, n a power of two -> [..., n] in x's dtype. ``y = x @ H_n * n^-0.5``
+    rounded to x's dtype, H generated in registers (``(-1)^popcount(k & c)``) and the products
+    exact (bf16 MMA, or IEEE fp32), summed in fp32; with ``fp4_block`` y is then quantised to e2m1
+    in 1 x fp4_block ue8m0 blocks and decoded, as ``fp4_quant`` then its decode: one launch where
+    the reference takes eight (the indexer runs this on its query every decode step).
+    """
+    n = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2 = _rows(x)
+    if x2.numel() == 0:
+        return out
+    width = max(n, 16)  # tl.dot's smallest K and N: H_16's top-left n x n block is H_n
+    rows, k_step = FP32_ROTATION if x.dtype == torch.float32 else (ROTATION_ROWS, ROTATION_TILE)
+    block_n = min(width, max(ROTATION_TILE, fp4_block))
+    block_m = min(rows, max(16, triton.next_power_of_2(x2.shape[0])))
+    _hadamard_rotate_kernel[(triton.cdiv(x2.shape[0], block_m), width // block_n)](
+        x2, out, x2.shape[0], n, x2.stride(0), n**-0.5,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(width, k_step), WIDTH=width,
+        INDEX_BITS=width.bit_length() - 1, FP4_BLOCK=fp4_block,
+        LOW_PRECISION=x.dtype == torch.bfloat16 and not INTERPRETED,
+    )
+    return out
+
+
 def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
     """Pack KV vectors into FP8 cache records (584 bytes for V4's dim 512, rope 64, tile 64).
 
@@ -154,6 +193,18 @@ def e8m0_bytes(s):
 
 
 @triton.jit
+def _fp4_quantize_tiles(x):
+    """FP4 e2m1 quantisation of 1 x BLOCK tiles along the last axis (v4_ops.md §11.4).
+
+    x: [..., BLOCK] fp32 (padding lanes zero) -> (codes [..., BLOCK] int32, s [...] fp32):
+    ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))`` (a correctly rounded division, then up to a
+    power of two by its bits), ``code = e2m1_rne(clamp(x / s, -6, 6))`` with ``x / s`` as the exact
+    ``x * 2^-k``."""
+    s, inv = pow2_ceil(tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=-1), FP4_AMAX_FLOOR), FP4_MAX))
+    return _e2m1_codes(tl.clamp(x * tl.expand_dims(inv, -1), -FP4_MAX, FP4_MAX)), s
+
+
+@triton.jit
 def _e2m1_codes(v):
     """e2m1 codes 0..15 (int32, sign << 3 | magnitude index) of v in [-6, 6]: the index counts the
     midpoints below |v|, a midpoint itself going to the even index (ties to even)."""
@@ -196,8 +247,7 @@ def _fp4_quant_kernel(
     k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
     rows64 = rows.to(tl.int64)[:, None, None]
     x = tl.load(x_ptr + rows64 * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-    s, inv = pow2_ceil(tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=2), FP4_AMAX_FLOOR), FP4_MAX))
-    code = _e2m1_codes(tl.clamp(x * inv[:, :, None], -FP4_MAX, FP4_MAX))
+    code, s = _fp4_quantize_tiles(x)
     # element pairs (2i, 2i+1) of a tile -> one byte; block_size is even, so padding pairs up too
     even, odd = tl.split(tl.reshape(code, (BLOCK_M, TILES, BLOCK_P2 // 2, 2)))
     byte = (even | (odd << 4)).to(tl.uint8)
@@ -235,3 +285,48 @@ def _kv_cache_pack_kernel(
     e8m0 = tl.where((slots < N_TILES)[None, :], e8m0_bytes(s), 0).to(tl.uint8)
     scale_mask = row_ok[:, None] & (slots < SCALE_BYTES)[None, :]
     tl.store(out_row[:, None] + NOPE + 2 * ROPE + slots[None, :], e8m0, mask=scale_mask)
+
+
+@triton.jit
+def _sylvester_signs(k, cols, dtype: tl.constexpr, INDEX_BITS: tl.constexpr):
+    """H[k, c] = (-1)^popcount(k & c), the Sylvester Hadamard matrix's rows ``k`` and columns
+    ``cols`` as an exact +-1 tile of ``dtype``: the parity of k & c folded into bit 0 by xor over
+    the INDEX_BITS bits an index has."""
+    v = k[:, None] & cols[None, :]
+    if INDEX_BITS > 16:
+        v ^= v >> 16
+    if INDEX_BITS > 8:
+        v ^= v >> 8
+    if INDEX_BITS > 4:
+        v ^= v >> 4
+    if INDEX_BITS > 2:
+        v ^= v >> 2
+    if INDEX_BITS > 1:
+        v ^= v >> 1
+    return (1 - 2 * (v & 1)).to(tl.float32).to(dtype)  # through fp32: the interpreter's int -> bf16 is wrong
+
+
+@triton.jit
+def _hadamard_rotate_kernel(
+    x_ptr, out_ptr, M, N, stride_xm, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
+    INDEX_BITS: tl.constexpr, FP4_BLOCK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+):
+    """out[rows, cols] = x[rows] @ H[:, cols] * scale for BLOCK_M rows and BLOCK_N columns (whole
+    FP4 blocks), K in BLOCK_K steps over WIDTH = max(N, 16) (x is zero past N); then the rounding to
+    out's dtype and, with FP4_BLOCK, the e2m1 quant-dequant of each block."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, WIDTH, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < N)[None, :], other=0.0)
+        acc = exact_dot(x, _sylvester_signs(k, cols, x.dtype, INDEX_BITS), acc, LOW_PRECISION)
+    y = cast_rne(acc * scale, out_ptr.dtype.element_ty)
+    if FP4_BLOCK > 0:
+        code, s = _fp4_quantize_tiles(tl.reshape(y.to(tl.float32), (BLOCK_M, BLOCK_N // FP4_BLOCK, FP4_BLOCK)))
+        y = cast_rne(tl.reshape(decode_e2m1(code) * s[:, :, None], (BLOCK_M, BLOCK_N)), out_ptr.dtype.element_ty)
+    out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out, y, mask=row_ok[:, None] & (cols < N)[None, :])

@@ -30,6 +30,7 @@ _SCALES = ("float32", "float8_e8m0fnu")
 CAPABILITIES = {
     "fp8_act_quant": {"dtype": _FLOATS, "scale_fmt": ("ue8m0", "fp32")},
     "fp4_quant": {"dtype": _FLOATS},
+    "hadamard_rotate": {"dtype": _FLOATS},
     "kv_cache_pack": {"dtype": ("bfloat16", "float32")},
     "fp8_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},
     "fp4_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},

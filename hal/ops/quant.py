@@ -1,4 +1,5 @@
-"""Number formats: FP8 e4m3 activation quant, FP4 e2m1 quant, and the packed FP8 KV record.
+"""Number formats: FP8 e4m3 activation quant, FP4 e2m1 quant, the Hadamard rotation that shapes the
+indexer's FP4 error, and the packed FP8 KV record.
 
 Formats (v4_ops.md §11): e4m3 saturates at ±448; e2m1 holds {0, .5, 1, 1.5, 2, 3, 4, 6} and
 negatives, two codes per byte with the even (first) element in the low nibble; ue8m0 scales are
@@ -61,6 +62,35 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32):
     k = x.shape[-1]
     c.require(k % block_size == 0, f"x's last dim must be a multiple of block_size={block_size}, got {k}")
     return Out((*x.shape[:-1], k // 2), torch.uint8), Out((*x.shape[:-1], k // block_size), torch.float32)
+
+
+@define_op(
+    "hadamard_rotate",
+    family="quant",
+    schema="(Tensor x, int fp4_block=0) -> Tensor",
+)
+def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0):
+    """Rotate the last dim by the orthonormal Sylvester Hadamard matrix, then, with ``fp4_block``,
+    round through FP4 (the indexer's query and keys, v4_ops.md §7, §8 step 1, §11.6).
+
+    x: [..., n] bf16/fp32/fp64, n a power of two -> [..., n] in x's dtype.
+
+    ``y = x @ H_n * n^-0.5`` (``H_1 = [1]``, ``H_2n = [[H_n, H_n], [H_n, -H_n]]``; fp32 math, fp64
+    for fp64 x), rounded to x's dtype. ``fp4_block > 0`` then returns y's FP4 e2m1 quant-dequant
+    in 1 x fp4_block blocks: ``fp4_quant(y, fp4_block)`` decoded back to x's dtype (exact: an e2m1
+    value times a power of two). 0 returns y.
+    """
+    c = Contract("hadamard_rotate")
+    c.tensor("x", x, dtypes=FLOAT_HIGH, min_rank=1)
+    n = x.shape[-1]
+    c.require(n > 0 and n & (n - 1) == 0, f"x's last dim must be a power of two, got {n}")
+    c.require(fp4_block >= 0, f"fp4_block must be >= 0 (0: no FP4 rounding), got {fp4_block}")
+    if fp4_block:
+        c.require(
+            fp4_block % 2 == 0 and n % fp4_block == 0,
+            f"fp4_block must be even and divide x's last dim {n}, got {fp4_block}",
+        )
+    return Out(tuple(x.shape), x.dtype)
 
 
 def kv_record_bytes(dim: int, rope_dim: int = 64, tile: int = 64) -> int:

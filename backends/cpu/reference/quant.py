@@ -1,10 +1,11 @@
-"""Reference kernels of the quant family: FP8/FP4 activation quant and the packed FP8 KV record."""
+"""Reference kernels of the quant family: FP8/FP4 activation quant, the Hadamard rotation (with its
+FP4 rounding) and the packed FP8 KV record."""
 
 from __future__ import annotations
 
 import torch
 
-from seahal.hal.formats import decode_scale, fp4_quantize, fp8_quantize, ue8m0_encode
+from seahal.hal.formats import decode_scale, fp4_quant_dequant, fp4_quantize, fp8_quantize, hadamard, ue8m0_encode
 from seahal.hal.ops.quant import kv_record_bytes
 
 
@@ -17,6 +18,13 @@ def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m
 def fp4_quant(x: torch.Tensor, block_size: int = 32):
     """FP4 e2m1 quant in 1 x block_size tiles with ue8m0 scales, packed low nibble first."""
     return fp4_quantize(x, block_size)
+
+
+def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
+    """``x @ H_n * n^-0.5`` in fp32 (fp64 for fp64 x) rounded to x's dtype; with ``fp4_block``, that
+    rounded through FP4 e2m1 in 1 x fp4_block ue8m0 blocks (``fp4_quant``, decoded back)."""
+    rotated = hadamard(x)
+    return fp4_quant_dequant(rotated, fp4_block) if fp4_block else rotated
 
 
 def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:

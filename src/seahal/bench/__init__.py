@@ -25,6 +25,7 @@ CUDA_OPS = {
     "fp8_act_quant": "cuda_quant",
     "fp4_quant": "cuda_quant",
     "kv_cache_pack": "cuda_quant",
+    "hadamard_rotate": "cuda_quant",
     "moe_experts": "cuda_moe_experts",
     "sparse_attention": "cuda_attention",
     "indexer_topk": "cuda_attention",

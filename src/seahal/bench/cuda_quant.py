@@ -1,12 +1,14 @@
 """GPU benchmark of the cuda backend's quantisers beside the reference run in torch on the same GPU.
 
 Rows: ``fp8_act_quant`` on bf16 activations [M, K] (ue8m0 and fp32 scales), ``fp4_quant`` on bf16
-[M, K], ``kv_cache_pack`` of bf16 [T, 512] vectors into 584-byte records. All are memory-bound: GB/s
-counts bytes read plus bytes written, against 3.0 TB/s. Each row is checked bitwise against the peer
-(the CPU reference kernel's torch code on the GPU tensors) before timing; times are medians of
-CUDA-graph replays with L2 flushed (``common.time_cuda``).
+[M, K], ``kv_cache_pack`` of bf16 [T, 512] vectors into 584-byte records, ``hadamard_rotate`` of
+the indexer's bf16 query [M, 64 heads, 128] rounded through FP4 (what a decode step runs). All are
+memory-bound: GB/s counts bytes read plus bytes written, against 3.0 TB/s. Each row is checked
+bitwise against the peer (the CPU reference kernel's torch code on the GPU tensors) before timing:
+the rotation's inputs are small integers times a power of two per row, so that every fp32 sum is
+exact in any order. Times are medians of CUDA-graph replays with L2 flushed (``common.time_cuda``).
 
-    python -m seahal.bench.cuda_quant [--ops fp8_act_quant,fp4_quant,kv_cache_pack] [--quick] [--json PATH]
+    python -m seahal.bench.cuda_quant [--ops fp8_act_quant,fp4_quant,kv_cache_pack,hadamard_rotate] [--quick] [--json PATH]
     seahal bench --backend cuda --ops fp8_act_quant
 """
 
@@ -24,12 +26,21 @@ import torch
 from seahal.bench.common import peak_tbps
 from seahal.bench.common import time_cuda as _bench
 
-OPS = ("fp8_act_quant", "fp4_quant", "kv_cache_pack")
+OPS = ("fp8_act_quant", "fp4_quant", "kv_cache_pack", "hadamard_rotate")
 ROWS = (1, 16, 512, 4096, 16384)
 QUICK_ROWS = (1, 4096)
 K = 7168
 """V4-Pro hidden size (V4-Flash: 4096); a multiple of 128 and of 32."""
 KV_TOKENS = (1, 64, 4096, 65536)
+INDEX_HEADS, INDEX_DIM = 64, 128
+"""The indexer query's heads and head dim (V4-Flash and V4-Pro)."""
+
+
+def _exact_sum_rows(*shape: int) -> torch.Tensor:
+    """bf16 integers in [-63, 63] times 2^e per row: every fp32 partial sum of a rotation is exact,
+    so the kernel and the peer agree bit for bit whatever their summation order."""
+    ints = torch.randint(-63, 64, shape, device="cuda").float()
+    return (ints * torch.exp2(torch.randint(-6, 6, (*shape[:-1], 1), device="cuda").float())).bfloat16()
 
 
 def _row(op: str, shape: tuple[int, ...], ours: Callable, peer: Callable, nbytes: int, quick: bool, **extra) -> dict:
@@ -53,6 +64,12 @@ def _rows(op: str, quick: bool) -> list[dict]:
         for t in KV_TOKENS[::2] if quick else KV_TOKENS:
             kv = torch.randn(t, 512, device="cuda").bfloat16()
             rows.append(_row(op, (t, 512), partial(ours, kv), partial(peer, kv), kv.nbytes + t * 584, quick))
+            print(rows[-1], flush=True)
+        return rows
+    if op == "hadamard_rotate":
+        for m in QUICK_ROWS if quick else ROWS:
+            x = _exact_sum_rows(m, INDEX_HEADS, INDEX_DIM)
+            rows.append(_row(op, tuple(x.shape), partial(ours, x, 32), partial(peer, x, 32), 2 * x.nbytes, quick))
             print(rows[-1], flush=True)
         return rows
     for m in QUICK_ROWS if quick else ROWS:
@@ -107,7 +124,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``seahal bench --backend cuda --ops fp8_act_quant[,fp4_quant,kv_cache_pack]``."""
+    """``seahal bench --backend cuda --ops fp8_act_quant[,fp4_quant,kv_cache_pack,hadamard_rotate]``."""
     ops = (getattr(args, "ops", None) or ",".join(OPS)).split(",")
     unknown = sorted(set(ops) - set(OPS))
     if unknown:

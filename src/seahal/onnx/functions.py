@@ -11,7 +11,8 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   is its own function: ``rms_norm`` (with weight), ``rms_norm_unweighted``, ``moe_gate`` (with
   bias), ``moe_gate_unbiased``, ``moe_gate_hash``
   (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``,
-  ``indexer_topk_packed_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute).
+  ``indexer_topk_packed_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute),
+  ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and ``hadamard_rotate_fp4``.
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
@@ -316,6 +317,39 @@ def sign_bit(v):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def fp4_quantize(x, tile: int):
+    """(e2m1 codes [..., K] int32, fp32 scales [..., K/tile]) of x [..., K], as fp4_quant specifies:
+    ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))``, ``code = e2m1_rne(clamp(x / s, -6, 6))`` with
+    code = sign << 3 | magnitude index (-0 keeps its sign)."""
+    xt = tiles(op.Cast(x, to=FLOAT), tile=tile)
+    s = ue8m0_ceil(op.Max(op.ReduceMax(op.Abs(xt), [-1], keepdims=0), FP4_AMAX_FLOOR) / FP4_MAX)
+    v = op.Clip(xt / op.Unsqueeze(s, [-1]), -FP4_MAX, FP4_MAX)
+    mag = op.Unsqueeze(op.Abs(v), [-1])
+    mid = op.Constant(value=_E2M1_MIDPOINTS)
+    up = op.Or(mag > mid, op.And(op.Constant(value=_E2M1_ROUND_UP_AT_MID), mag == mid))
+    magnitude = op.ReduceSum(op.Cast(up, to=TensorProto.INT32), [-1], keepdims=0)
+    code = magnitude + 8 * op.Cast(sign_bit(v), to=TensorProto.INT32)
+    return op.Reshape(code, op.Shape(x)), s
+
+
+@onnxscript.script(LIB, default_opset=op)
+def sylvester_hadamard(n):
+    """The Sylvester Hadamard matrix H_n [n, n] fp32 for n ([1] int64, a power of two below 2^32)
+    from index arithmetic: ``H[i, j] = (-1)^popcount(i & j)``.
+
+    The popcount's parity is folded into bit 0 by XOR-ing halves (``a ^= a >> 16``, then 8, 4, 2,
+    1; a right shift of a non-negative int64 is a division by a power of two)."""
+    index = op.Range(0, op.Squeeze(n, [0]), 1)
+    a = op.BitwiseAnd(op.Unsqueeze(index, [-1]), index)
+    a = op.BitwiseXor(a, a / 65536)
+    a = op.BitwiseXor(a, a / 256)
+    a = op.BitwiseXor(a, a / 16)
+    a = op.BitwiseXor(a, a / 4)
+    a = op.BitwiseXor(a, a / 2)
+    return op.Cast(1 - 2 * op.BitwiseAnd(a, 1), to=FLOAT)
+
+
+@onnxscript.script(LIB, default_opset=op)
 def e4m3_bits(q):
     """The bit patterns of e4m3fn values q (given as fp32) as int32 0..255: ``sign << 7 | exponent << 3 | mantissa``
     (exponent bias 7, subnormals below 2^-6 in steps of 2^-9)."""
@@ -421,11 +455,16 @@ def completed_rows(position, kv, ratio: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def scale_tiles(values, scale, tile: int):
+    """values [..., n * tile] fp32 times ``scale[..., t]`` in each tile t (scale [..., n] fp32)."""
+    return op.Reshape(tiles(values, tile=tile) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+
+
+@onnxscript.script(LIB, default_opset=op)
 def e8m0_scaled(values, exponents, tile: int):
     """values [..., n * tile] times ``2^(e_t - 127)`` per tile t of ``exponents`` [..., n] (int64
     e8m0 bytes; 255 is NaN), in fp32."""
-    scale = op.Where(exponents == 255, NAN, pow2(exponents - 127))
-    return op.Reshape(tiles(values, tile=tile) * op.Unsqueeze(scale, [-1]), op.Shape(values))
+    return scale_tiles(values, op.Where(exponents == 255, NAN, pow2(exponents - 127)), tile=tile)
 
 
 @onnxscript.script(LIB, default_opset=op)
@@ -529,19 +568,28 @@ def fp4_quant(x, block_size: int = 32):
 
     ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))``; ``code = e2m1_rne(clamp(x / s, -6, 6))``.
     """
-    xt = tiles(op.Cast(x, to=FLOAT), tile=block_size)
-    s = ue8m0_ceil(op.Max(op.ReduceMax(op.Abs(xt), [-1], keepdims=0), FP4_AMAX_FLOOR) / FP4_MAX)
-    v = op.Unsqueeze(op.Clip(xt / op.Unsqueeze(s, [-1]), -FP4_MAX, FP4_MAX), [-1])
-    mag = op.Abs(v)
-    mid = op.Constant(value=_E2M1_MIDPOINTS)
-    up = op.Or(mag > mid, op.And(op.Constant(value=_E2M1_ROUND_UP_AT_MID), mag == mid))
-    magnitude = op.ReduceSum(op.Cast(up, to=TensorProto.INT32), [-1], keepdims=0)
-    negative = op.Or(v < 0.0, op.And(v == 0.0, op.Reciprocal(v) < 0.0))  # -0 keeps its sign
-    code = magnitude + 8 * op.Cast(op.Squeeze(negative, [-1]), to=TensorProto.INT32)
-    pairs = tiles(op.Reshape(code, op.Shape(x)), tile=2)
+    codes, s = fp4_quantize(x, tile=block_size)
+    pairs = tiles(codes, tile=2)
     low = op.Squeeze(op.Slice(pairs, [0], [1], [-1]), [-1])
     high = op.Squeeze(op.Slice(pairs, [1], [2], [-1]), [-1])
     return op.Cast(low + 16 * high, to=TensorProto.UINT8), s
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hadamard_rotate(x):
+    """Orthonormal Hadamard rotation (``fp4_block`` = 0): x [..., n] (n a power of two) -> x's dtype,
+    ``y = x @ H_n * n^-0.5`` in fp32, H_n the Sylvester matrix (:func:`sylvester_hadamard`)."""
+    n = op.Shape(x, start=-1)
+    scale = op.Sqrt(op.Reciprocal(op.Cast(n, to=FLOAT)))  # fp32(n^-0.5) exactly: 1/n is exact, Sqrt rounds once
+    return op.CastLike(op.MatMul(op.Cast(x, to=FLOAT), sylvester_hadamard(n)) * scale, x)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hadamard_rotate_fp4(x, fp4_block: int):
+    """:func:`hadamard_rotate`, then rounded through FP4 e2m1 in 1 x fp4_block ue8m0 blocks and
+    decoded back: ``e2m1(code) * s`` of ``fp4_quant(y, fp4_block)``, in x's dtype (exact)."""
+    codes, s = fp4_quantize(hadamard_rotate(x), tile=fp4_block)
+    return op.CastLike(scale_tiles(op.Gather(op.Constant(value=_E2M1), codes), s, tile=fp4_block), x)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -861,6 +909,7 @@ def kv_cache_unpack(packed, dim: int, rope_dim: int = 64, tile: int = 64):
 OPS: dict[str, tuple[str, ...]] = {
     "fp8_act_quant": ("fp8_act_quant",),
     "fp4_quant": ("fp4_quant",),
+    "hadamard_rotate": ("hadamard_rotate", "hadamard_rotate_fp4"),
     "kv_cache_pack": ("kv_cache_pack",),
     "kv_cache_unpack": ("kv_cache_unpack",),
     "fp8_gemm": ("fp8_gemm",),
@@ -978,8 +1027,8 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts) or the key
-    format (indexer_topk_packed) pick it."""
+    optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts), the key
+    format (indexer_topk_packed) or whether an FP4 rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -991,6 +1040,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = f"indexer_topk_packed_{args['key_format']}"
     elif op == "rms_norm":
         name = "rms_norm" if args.get("weight") is not None else "rms_norm_unweighted"
+    elif op == "hadamard_rotate":
+        name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
     elif op in OPS:
         name = op
     else:

@@ -129,6 +129,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 _DATA_ARG = {
     "fp8_act_quant": "x",
     "fp4_quant": "x",
+    "hadamard_rotate": "x",
     "kv_cache_pack": "kv",
     "moe_gate": "x",
     "moe_experts": "x",
@@ -240,6 +241,21 @@ def fp4_quant_case(
     else:
         x = _tile_values(r, shape, block, values)
     return _case("fp4_quant", name, (strided(x.to(dtype), layout), block))
+
+
+def hadamard_rotate_case(
+    name: str, seed: int, shape: tuple[int, ...], dtype=BF16, fp4_block: int = 32, values: str = "normal",
+    layout: str = "contiguous",
+) -> Case:
+    """x ~ N(0, 1) times 2^e per row, e in [-8, 8] (FP4 blocks of many scales); ``zero-tiny``: the
+    first row zero (every block at the amax floor), the second scaled by 2^-100."""
+    r = _Rand(seed)
+    x = r.normal(*shape) * torch.exp2(r.ints(-8, 9, *shape[:-1], 1).to(F32))
+    if values == "zero-tiny":
+        rows = x.view(-1, shape[-1])
+        rows[0] = 0.0
+        rows[1:2] *= 2.0**-100
+    return _case("hadamard_rotate", name, (strided(x.to(dtype), layout), fp4_block))
 
 
 def kv_cache_pack_case(
@@ -690,6 +706,21 @@ def _fp4_quant_cases(seed: int) -> list[Case]:
     ]
 
 
+def _hadamard_rotate_cases(seed: int) -> list[Case]:
+    c = hadamard_rotate_case
+    return [
+        c("bf16 indexer query [1,2,64,128], FP4 blocks of 32", seed, (1, 2, 64, 128)),
+        c("bf16 keys [2,3,128], rotation only", seed + 1, (2, 3, 128), fp4_block=0),
+        c("fp32 keys [2,5,128], FP4 blocks of 32", seed + 2, (2, 5, 128), dtype=F32),
+        c("fp32 n=256 (two K steps), FP4 blocks of 64", seed + 3, (3, 256), dtype=F32, fp4_block=64),
+        c("bf16 n=8 (below the MMA's 16), FP4 blocks of 8", seed + 4, (5, 8), fp4_block=8),
+        c("fp32 n=1, rotation only", seed + 5, (4, 1), dtype=F32, fp4_block=0),
+        c("fp32 zero and tiny rows", seed + 6, (3, 128), dtype=F32, values="zero-tiny"),
+        c("bf16 sliced view", seed + 7, (2, 128), layout="sliced"),
+        c("fp32 transposed view, rotation only", seed + 8, (3, 64), dtype=F32, fp4_block=0, layout="transposed"),
+    ]
+
+
 def _kv_cache_pack_cases(seed: int) -> list[Case]:
     c = kv_cache_pack_case
     return [
@@ -953,6 +984,7 @@ def _fp32_linear_cases(seed: int) -> list[Case]:
 _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "fp8_act_quant": _fp8_act_quant_cases,
     "fp4_quant": _fp4_quant_cases,
+    "hadamard_rotate": _hadamard_rotate_cases,
     "kv_cache_pack": _kv_cache_pack_cases,
     "kv_cache_unpack": _kv_cache_unpack_cases,
     "fp8_gemm": lambda seed: _gemm_cases("fp8_gemm", seed),
@@ -1024,6 +1056,7 @@ def strategy(op: str):
         "fp4_quant": lambda draw: fp4_quant_case(
             "property", draw(seeds), (draw(st.integers(1, 5)), 32 * draw(st.integers(1, 4))), dtype=draw(dtypes),
             values=draw(st.sampled_from(["normal", "zero-tiny", "ties"])), layout=draw(layouts)),
+        "hadamard_rotate": _draw_hadamard_rotate,
         "kv_cache_pack": lambda draw: kv_cache_pack_case(
             "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
             tile=32, dtype=draw(dtypes), values=draw(st.sampled_from(["normal", "zero-tiny"])),
@@ -1081,6 +1114,18 @@ def strategy(op: str):
     if op not in builders:
         raise KeyError(f"no strategy for op {op!r}")
     return st.composite(lambda draw: builders[op](draw))()
+
+
+def _draw_hadamard_rotate(draw) -> Case:
+    from hypothesis import strategies as st
+
+    n = 2 ** draw(st.integers(0, 8))
+    fp4_block = draw(st.sampled_from([0] + [b for b in (2, 4, 8, 16, 32, 64) if b <= n]))
+    return hadamard_rotate_case(
+        "property", draw(st.integers(0, 2**16)), (draw(st.integers(1, 5)), n), dtype=draw(st.sampled_from([BF16, F32])),
+        fp4_block=fp4_block, values=draw(st.sampled_from(["normal", "zero-tiny"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "strided"])),
+    )
 
 
 def _draw_moe_gate(draw) -> Case:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from seahal.hal.formats import FP4_AMAX_FLOOR, FP4_MAX, e2m1_decode, e2m1_encode, ue8m0_ceil
+
 F64 = torch.float64
 
 
@@ -173,6 +175,59 @@ class RoundedCodes:
             False,
             detail=f"q: {int(wrong.sum())} of {wrong.numel()} codes are not e4m3(x / scale); first at {list(at)}: "
             f"got {_value(q, at)}, x / scale = {float(quotient[at]):.6g}",
+        )
+
+
+@dataclass(frozen=True)
+class FP4Rounded:
+    """Values rounded through FP4 e2m1 in 1 x ``block`` ue8m0 blocks from inputs known within a
+    bound: element i was computed as some ``v_i`` in ``[exact_i - delta_i, exact_i + delta_i]``.
+
+    A block passes if one power-of-two scale s explains all of it: s lies between the scales of the
+    smallest and the largest amax the intervals allow (``2^ceil(log2(max(amax, 6 * 2^-126) / 6))``,
+    monotone in amax), and each output is ``s`` times an e2m1 value between the round-to-nearest
+    of ``clamp(lo / s)`` and of ``clamp(hi / s)`` (rounding is monotone too). With delta = 0 this is
+    the exact FP4 rounding of ``exact``; a kernel's own rounding before the FP4 step is what delta
+    allows for. ``exact``, ``delta``: [..., K] float64; outputs [..., K] in any float dtype.
+    """
+
+    exact: torch.Tensor
+    delta: torch.Tensor
+    block: int
+
+    def describe(self) -> str:
+        return f"FP4 e2m1 rounding (1 x {self.block} ue8m0 blocks) of a value within the bound of the exact one"
+
+    def compare(self, got: torch.Tensor, want: torch.Tensor) -> Verdict:
+        if got.shape != self.exact.shape:
+            return Verdict(False, detail=f"got shape {list(got.shape)}, want {list(self.exact.shape)}")
+        blocks = self.exact.shape[-1] // self.block
+
+        def tiled(t: torch.Tensor) -> torch.Tensor:
+            return t.cpu().to(F64).reshape(*t.shape[:-1], blocks, self.block)
+
+        value, lo, hi = tiled(got), tiled(self.exact - self.delta), tiled(self.exact + self.delta)
+        magnitude_lo = torch.where((lo <= 0) & (hi >= 0), 0.0, torch.minimum(lo.abs(), hi.abs()))
+        magnitude_hi = torch.maximum(lo.abs(), hi.abs())
+        s_lo, s_hi = (ue8m0_ceil(m.amax(-1).clamp(min=FP4_AMAX_FLOOR) / FP4_MAX) for m in (magnitude_lo, magnitude_hi))
+
+        def nearest(v: torch.Tensor) -> torch.Tensor:
+            return e2m1_decode(e2m1_encode(v.clamp(-FP4_MAX, FP4_MAX))).to(F64)
+
+        explained = torch.zeros(s_lo.shape, dtype=torch.bool)
+        for step in range(int(torch.log2(s_hi / s_lo).max()) + 1 if s_lo.numel() else 0):
+            s = (s_lo * 2.0**step).unsqueeze(-1)
+            q = value / s
+            on_grid = nearest(q) == q
+            within = (q >= nearest(lo / s)) & (q <= nearest(hi / s))
+            explained |= (on_grid & within).all(-1) & (s.squeeze(-1) <= s_hi)
+        if explained.all():
+            return Verdict(True, 0.0, 0.0, 0.0)
+        at = _where(~explained)
+        return Verdict(
+            False,
+            detail=f"{int((~explained).sum())} of {explained.numel()} blocks are no FP4 rounding of their values; "
+            f"first block {list(at)}: got {value[at].tolist()}, exact {tiled(self.exact)[at].tolist()}",
         )
 
 

@@ -94,6 +94,12 @@ def _fp4_quant(d: _Draw):
     return (d.data(3, 64),), {}
 
 
+@_example("hadamard_rotate")
+def _hadamard_rotate(d: _Draw):
+    """x [2, 4, 32] (two heads of a small indexer query), FP4 blocks of 16."""
+    return (d.data(2, 4, 32), 16), {}
+
+
 @_example("kv_cache_pack")
 def _kv_cache_pack(d: _Draw):
     """dim 96 = 64 nope (two 32-wide tiles) + 32 rope."""

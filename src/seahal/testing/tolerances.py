@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from seahal.hal.formats import index_key_unpack
+from seahal.hal.formats import hadamard, index_key_unpack
 from seahal.hal.spec import get_spec
 
 from seahal.backends.cpu.reference.quant import kv_cache_unpack
@@ -39,6 +39,7 @@ from .compare import (
     Close,
     Decoded,
     Exact,
+    FP4Rounded,
     RoundedCodes,
     RoutedWeights,
     Selection,
@@ -126,6 +127,20 @@ def _fp8_act_quant(a: Mapping[str, Any]) -> tuple[Compared, ...]:
 
 def _exact(*labels: str) -> Callable[[Mapping[str, Any]], tuple[Compared, ...]]:
     return lambda a: tuple(Compared(label, i, Exact()) for i, label in enumerate(labels))
+
+
+def _hadamard_rotate(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # n exact products (x times +-1) summed in fp32, then the multiply by fp32(n^-0.5): gamma(n + 2)
+    # relative to sum|x| / sqrt(n); then one rounding to x's dtype (u relative). With fp4_block the
+    # FP4 rounding of that value follows, judged as a rounding of some value within the bound.
+    x = a["x"].to(torch.float64)
+    n = x.shape[-1]
+    u = unit_roundoff(a["x"].dtype)
+    sum_err = gamma(n + 2) * n**-0.5 * x.abs().sum(-1, keepdim=True) * (1 + u)
+    if not a["fp4_block"]:
+        return (Compared("out", 0, Close(rtol=u, atol=float(sum_err.max()) if x.numel() else 0.0)),)
+    exact = hadamard(x)
+    return (Compared("out", 0, FP4Rounded(exact, sum_err + u * exact.abs(), a["fp4_block"])),)
 
 
 def _gemm(k_step: int) -> Callable[[Mapping[str, Any]], tuple[Compared, ...]]:
@@ -310,6 +325,18 @@ RULES: dict[str, Rule] = {
     "fp4_quant": Rule(
         (("codes, scale", "exact", _EXACT_CODEC + " (ties to the even e2m1 code)"),),
         _exact("codes", "scale"),
+    ),
+    "hadamard_rotate": Rule(
+        (
+            ("out (fp4_block = 0)", "rtol u(x), atol γ(n+2)·max Σ\\|x\\|/√n",
+             "n exact products (x times ±1) summed in fp32 and one multiply by fp32(n^-1/2), then one "
+             "rounding to x's dtype"),
+            ("out (fp4_block > 0)", "an FP4 rounding of a value within that bound of the exact rotation",
+             "the kernel's rotated value may differ from the reference's within the bound above, and a value "
+             "near an e2m1 midpoint (or an amax near 6·2^k) may then round either way: each block must be "
+             "the e2m1 rounding, under one ue8m0 scale, of values within the bound"),
+        ),
+        _hadamard_rotate,
     ),
     "kv_cache_pack": Rule(
         (("record bytes", "exact", _EXACT_CODEC + "; rope bytes are an RNE bf16 cast"),),
