@@ -3,7 +3,7 @@ compressed entries (CSA), in one softmax with per-head sinks (v4_ops.md §6-§9)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -13,7 +13,7 @@ from seahal.hal.formats import FP4_TILE
 from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
-from .cache import KV_TILE, LayerCache
+from .cache import KV_TILE, LayerCache, StepMemo
 from .config import CSA_RATIO, ModelConfig
 from .layers import Linear, RMSNorm, quantize_shared_input
 from .parallel import SINGLE_PROCESS, Parallel
@@ -76,31 +76,28 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
-        start_pos: int | torch.Tensor, freqs: torch.Tensor, qr_quantized: tuple | None = None,
-        count: int | torch.Tensor | None = None,
+        self, x: torch.Tensor, qr: torch.Tensor, cache: LayerCache, step: StepPositions, freqs: torch.Tensor,
+        qr_quantized: tuple | None = None,
     ) -> torch.Tensor:
         """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
         are stored in the cache as entries ``n_compressed, ...``. ``qr_quantized``: qr's FP8
-        quantisation, when the attention's own wq_b made it (see :func:`quantize_shared_input`);
-        ``count``: ``new_entries(start_pos, S, 4)``, when the attention's compressor counted them."""
+        quantisation, when the attention's own wq_b made it (see :func:`quantize_shared_input`)."""
         b, s, _ = x.shape
         q = self.wq_b(qr, qr_quantized).view(b, s, self.n_heads, self.head_dim)
-        q = self.ops.rope(q, positions, freqs)
-        keys = self.compressor(x, cache.index_state, start_pos, freqs)
+        q = self.ops.rope(q, step.positions.expand(b, s), freqs)
+        keys = self.compressor(x, cache.index_state, step.start_pos, freqs)
         if self.config.simulate_fp4_indexer:
             q = self.ops.hadamard_rotate(q, FP4_TILE)
             # FP4 key records round the rotated keys as the simulation would: rotating suffices
             fp4_records = self.config.index_key_format == "fp4"
             keys = self.ops.hadamard_rotate(keys, 0 if fp4_records else FP4_TILE)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        count = new_entries(start_pos, s, CSA_RATIO) if count is None else count
-        stored = cache.store_index_keys(keys, count)  # dense keys or packed records
+        stored = cache.store_index_keys(keys, step.new_entries(CSA_RATIO), step.memo)  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk
         if fmt == "dense":
-            top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, start_pos, topk)
+            top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, step.start_pos, topk)
         else:
-            top = self.ops.indexer_topk_packed(q, weights, stored, fmt, CSA_RATIO, start_pos, topk)
+            top = self.ops.indexer_topk_packed(q, weights, stored, fmt, CSA_RATIO, step.start_pos, topk)
         return top
 
 
@@ -179,20 +176,19 @@ class Attention(nn.Module):
             packed = self.compressor.packs(x)  # FP8 records as the cache stores them
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
-            count = new_entries(start_pos, s, self.ratio)  # the entries this chunk completes
-            if self.indexer is not None:  # a CSA layer: its indexer keys complete with them
-                compressed_idx = self.indexer(x, qr, positions, cache, start_pos, self.freqs, qrq, count)
-            cache.append_compressed(entries, count, encoded=packed)
+            if self.indexer is not None:  # a CSA layer: its indexer keys complete with the entries
+                compressed_idx = self.indexer(x, qr, cache, step, self.freqs, qrq)
+            cache.append_compressed(entries, step.new_entries(self.ratio), packed, step.memo)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1
         if decode:  # its ring slot held token p - W, which query p no longer sees
-            cache.write_window(start_pos, rows, positions)
+            cache.write_window(start_pos, rows, step.positions, step.memo)
         keys, indices = self._gather_keys(rows, cache, start_pos, step, compressed_idx, decode)
         o = self._attend(q, keys, indices, cache)
         o = self.ops.rope(o, positions, self.freqs, inverse=True)
         if not decode:
-            cache.write_window(start_pos, rows, positions)
+            cache.write_window(start_pos, rows, step.positions, step.memo)
         return self._project_out(o)
 
     def _gather_keys(
@@ -213,23 +209,28 @@ class Attention(nn.Module):
         w = cache.window
         t = step.positions
         entries = cache.compressed_rows()
-        if decode:
-            keys, base = cache.kv.data, w
-            ring = step.decode_window if step.decode_window is not None and step.decode_window.shape[-1] == w else None
-            parts = [(ring if ring is not None else ring_rows(t, self.window_offsets[:w])).expand(b, s, w)]
-        else:
-            p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
-            first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
-            keys = torch.cat((cache.ring(), rows, entries), dim=1)
-            window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
-            parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
-        if compressed_idx is not None:
-            parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
-        elif self.ratio:
-            j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
-            visible = j < ((t + 1) // self.ratio)[..., None]
-            parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
-        return keys, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.int32)
+        keys = cache.kv.data if decode else torch.cat((cache.ring(), rows, entries), dim=1)
+
+        def indices() -> torch.Tensor:
+            if decode:
+                ring = step.decode_window if step.decode_window is not None and step.decode_window.shape[-1] == w else None
+                parts, base = [(ring if ring is not None else ring_rows(t, self.window_offsets[:w])).expand(b, s, w)], w
+            else:
+                p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
+                first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
+                window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
+                parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
+            if compressed_idx is not None:
+                parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
+            elif self.ratio:
+                j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
+                visible = j < ((t + 1) // self.ratio)[..., None]
+                parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.int32)
+
+        if decode and compressed_idx is None:  # the same rows for every layer of this ratio: made once a step
+            return keys, step.memo.once(("decode indices", self.ratio, w, entries.shape[1], b), indices)
+        return keys, indices()
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Sparse attention over key rows in the cache's format: dense rows, or FP8 records read
@@ -257,8 +258,14 @@ class StepPositions:
 
     positions: torch.Tensor
     """[S] int64 for an int start_pos, [1 or B, S] for a tensor one (:func:`token_positions`)."""
+    start_pos: int | torch.Tensor
+    """The step's first position: an int, or a 0-d or [B] int64 tensor (a position-generic step)."""
     decode_window: torch.Tensor | None = None
     """One token a sequence: :func:`ring_rows` of its window, [(1 or B,) 1, W] int32."""
+    memo: StepMemo = field(default_factory=StepMemo)
+    """What the layers derive from the positions and their ratio or window (:meth:`new_entries`,
+    the cache's ring slots and write rows, a decode step's index rows), made by the first layer
+    that asks: at a tensor position each is a few small kernels, in every layer otherwise."""
 
     @classmethod
     def of(cls, start_pos: int | torch.Tensor, n: int, device: torch.device,
@@ -267,7 +274,11 @@ class StepPositions:
         token, its window's ring rows too."""
         positions = token_positions(start_pos, n, device)
         decode_window = ring_rows(positions, window_offsets) if n == 1 and window_offsets is not None else None
-        return cls(positions, decode_window)
+        return cls(positions, start_pos, decode_window)
+
+    def new_entries(self, ratio: int) -> int | torch.Tensor:
+        """The compressed entries of ratio m the step's tokens complete (``new_entries``)."""
+        return self.memo.once(("new entries", ratio), lambda: new_entries(self.start_pos, self.positions.shape[-1], ratio))
 
 
 def ring_rows(positions: torch.Tensor, window_offsets: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ an fp32 scale) at d = 128.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -52,20 +53,13 @@ class RowStore:
         """Store vectors [B, n, dim] at row ``slots`` (``encoded``: already stored rows [B, n, width])."""
         self.data[:, slots] = vectors if encoded else self.encode(vectors)
 
-    def write_span(self, first: torch.Tensor, count: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
-        """Store ``vectors[:, i]`` at row ``first + i`` for ``i < count`` (int64 tensors, 0-d or
-        [B] per sequence; the rows of vectors [B, n, dim] past ``count`` are ignored; ``encoded``:
-        already stored rows). Nothing depends on the values: the n rows ``(first + i) mod rows`` are
-        rewritten, those past ``count`` with their old value (distinct rows, so no write races)."""
+    def write_rows(self, target: torch.Tensor, keep: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
+        """Store ``vectors[:, i]`` at row ``target[:, i]`` where ``keep[:, i]`` (target, keep: [1 or B,
+        n] from :func:`span_rows`; ``encoded``: already stored rows). Nothing depends on the values:
+        all n target rows are rewritten, those not kept with their old value (distinct rows, so no
+        write races)."""
         rows = vectors if encoded else self.encode(vectors)
-        b, n = rows.shape[:2]
-        count = torch.as_tensor(count, device=rows.device).reshape(-1, 1)
-        if n == 1:  # a decode step's at most one entry: no offsets to make
-            target, keep = first.reshape(-1, 1) % self.rows, count > 0
-        else:
-            i = torch.arange(n, device=rows.device)
-            target, keep = (first.reshape(-1, 1) + i) % self.rows, i < count
-        index = target.expand(b, n)[..., None].expand(rows.shape)
+        index = target.expand(rows.shape[:2])[..., None].expand(rows.shape)
         self.data.scatter_(1, index, torch.where(keep[..., None], rows, self.data.gather(1, index)))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
@@ -118,6 +112,35 @@ class IndexKeyStore(RowStore):
         return index_key_records(*self.ops.fp8_act_quant(keys, self.dim, "ue8m0"), "fp8")
 
 
+def span_rows(first: torch.Tensor, count: torch.Tensor, n: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a position-generic step writes its n new rows in a store of ``rows`` rows: row
+    ``(first + i) mod rows`` for i < n, kept while ``i < count`` (first, count: int64 tensors, 0-d
+    or [B] per sequence) -> (target [1 or B, n] int64, keep [1 or B, n] bool)."""
+    count = count.reshape(-1, 1)
+    if n == 1:  # a decode step's at most one entry: no offsets to make
+        return first.reshape(-1, 1) % rows, count > 0
+    i = torch.arange(n, device=first.device)
+    return (first.reshape(-1, 1) + i) % rows, i < count
+
+
+class StepMemo(dict):
+    """Values made once a forward step and shared by its layers, keyed by what they depend on
+    besides the step's positions (a compression ratio, a store's geometry): the position
+    arithmetic of a position-generic step -- ring slots, entry counts, the rows a write lands
+    in -- which would otherwise be a few small kernels in every layer. Layers of one ratio hold
+    the same number of entries at every step, so what derives from that count is shared too."""
+
+    def once(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """The value under ``key``, made by ``make()`` the first time it is asked for."""
+        if key not in self:
+            self[key] = make()
+        return self[key]
+
+
+def _once(memo: StepMemo | None, key: tuple, make: Callable[[], Any]) -> Any:
+    return make() if memo is None else memo.once(key, make)
+
+
 @dataclass
 class LayerCache:
     """One attention layer's cache for a batch: ``kv`` rows ``[window ring | compressed entries]``
@@ -134,6 +157,8 @@ class LayerCache:
     index_keys: IndexKeyStore | None = None
     index_state: tuple[torch.Tensor, torch.Tensor] | None = None
     n_compressed: int | torch.Tensor = 0
+    ratio: int = 0
+    """The compression ratio m of the layer's entries (0: a window-only layer)."""
 
     @property
     def capacity(self) -> int:
@@ -149,15 +174,18 @@ class LayerCache:
         valid ones (a query masks what it cannot see)."""
         return self.kv.data[:, self.window : self.window + self.n_compressed]
 
-    def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def write_window(
+        self, start_pos: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor | None = None,
+        memo: StepMemo | None = None,
+    ) -> None:
         """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
         or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
-        W). ``positions``: the tokens' positions [B, n], when the caller has them: a tensor
-        start_pos's n <= W rows are then scattered to ``positions mod W`` (two kernels)."""
+        W). ``positions``: the tokens' positions [n] or [1 or B, n], when the caller has them: n <= W
+        rows are then scattered to ``positions mod W``, slots made once a step with ``memo``."""
         b, n = rows.shape[:2]
-        if isinstance(start_pos, torch.Tensor) and positions is not None and n <= self.window:
-            slots = (positions % self.window).expand(b, n)
-            self.kv.data.scatter_(1, slots[..., None].expand(rows.shape), rows)
+        if positions is not None and n <= self.window:
+            slots = _once(memo, ("ring slots", self.window), lambda: positions % self.window)
+            self.kv.data.scatter_(1, slots.expand(b, n)[..., None].expand(rows.shape), rows)
             return
         keep = torch.arange(max(n - self.window, 0), n, device=rows.device)
         if isinstance(start_pos, torch.Tensor):
@@ -167,19 +195,23 @@ class LayerCache:
         else:
             self.kv.data[:, (keep + start_pos) % self.window] = rows[:, keep]
 
-    def store_index_keys(self, new_keys: torch.Tensor, count: int) -> torch.Tensor:
+    def store_index_keys(self, new_keys: torch.Tensor, count: int, memo: StepMemo | None = None) -> torch.Tensor:
         """Store this step's indexer keys [B, count, d_i] as entries ``n_compressed, ...`` and return
         the keys as the indexer scores them, stored ones and new ones alike in the stored format
         (so a key scores the same whichever step completed it): [B, N, d_i] dense or packed
-        records [B, N, bytes], N >= the entries a query may see (it masks the others)."""
+        records [B, N, bytes], N >= the entries a query may see (it masks the others). ``memo``:
+        the step's (:class:`TracedLayerCache` shares its write rows; an int position needs none)."""
         self._check_room(count)
         self.index_keys.write(slice(self.n_compressed, self.n_compressed + count), new_keys)
         return self.index_keys.read(self.n_compressed + count)
 
-    def append_compressed(self, entries: torch.Tensor, count: int, encoded: bool = False) -> None:
+    def append_compressed(
+        self, entries: torch.Tensor, count: int, encoded: bool = False, memo: StepMemo | None = None
+    ) -> None:
         """Store the ``count`` entries [B, count, d] a step completed (after its indexer keys, see
         :meth:`store_index_keys`); ``encoded``: the entries are already stored rows [B, count, row]
-        (FP8 records from ``kv_compress_fp8``), kept as they come."""
+        (FP8 records from ``kv_compress_fp8``), kept as they come; ``memo`` as for
+        :meth:`store_index_keys`."""
         self._check_room(count)
         self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries, encoded)
         self.n_compressed += count
@@ -237,17 +269,28 @@ class TracedLayerCache(LayerCache):
     def compressed_rows(self) -> torch.Tensor:
         return self.kv.data[:, self.window :]
 
-    def store_index_keys(self, new_keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def store_index_keys(self, new_keys: torch.Tensor, count: torch.Tensor, memo: StepMemo | None = None) -> torch.Tensor:
         """Store the first ``count`` (per sequence) of this step's keys [B, n, d_i] (padded past it)
-        as entries ``n_compressed, ...``; return the whole store (queries mask the rows they do not see)."""
-        self.index_keys.write_span(self.n_compressed, count, new_keys)
+        as entries ``n_compressed, ...``; return the whole store (queries mask the rows they do not
+        see). With the step's ``memo`` the rows written are made once for the layers of this ratio."""
+        self.index_keys.write_rows(*self._span(0, self.index_keys.rows, new_keys.shape[1], count, memo), new_keys)
         return self.index_keys.read()
 
-    def append_compressed(self, entries: torch.Tensor, count: torch.Tensor, encoded: bool = False) -> None:
+    def append_compressed(
+        self, entries: torch.Tensor, count: torch.Tensor, encoded: bool = False, memo: StepMemo | None = None
+    ) -> None:
         """Store the first ``count`` (per sequence) of ``entries`` [B, n, d] (padded past it;
-        ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`)."""
-        self.kv.write_span(self.window + self.n_compressed, count, entries, encoded)
-        self.n_compressed = self.n_compressed + count
+        ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`), then count them; with
+        ``memo``, rows and count made once for the layers of this ratio."""
+        self.kv.write_rows(*self._span(self.window, self.kv.rows, entries.shape[1], count, memo), entries, encoded)
+        n_compressed = self.n_compressed
+        self.n_compressed = _once(memo, ("entries after the step", self.ratio), lambda: n_compressed + count)
+
+    def _span(self, offset: int, rows: int, n: int, count: torch.Tensor, memo: StepMemo | None):
+        """:func:`span_rows` of this step's n new entries in a store of ``rows`` rows whose entry j
+        is row ``offset + j``."""
+        first = self.n_compressed
+        return _once(memo, ("span", self.ratio, offset, rows, n), lambda: span_rows(offset + first, count, n, rows))
 
 
 @dataclass
@@ -271,7 +314,7 @@ class Cache:
             ratio = c.compress_ratios[layer]
             entries = capacity // ratio if ratio else 0
             kv = VectorStore(batch, c.window_size + entries, c.head_dim, kv_format, dtype, device, ops, c.rope_head_dim)
-            lc = LayerCache(kv=kv, window=c.window_size)
+            lc = LayerCache(kv=kv, window=c.window_size, ratio=ratio)
             if ratio:
                 lc.compress_state = compressor_state(batch, ratio, c.head_dim, ratio == CSA_RATIO, device)
             if ratio == CSA_RATIO:
@@ -303,10 +346,10 @@ class Cache:
                 )
         if not isinstance(pos, torch.Tensor) and not 0 <= pos <= self.capacity:
             raise ValueError(f"pos must be in [0, {self.capacity}], got {pos}")
-        layers = []
-        for i, (lc, ratio) in enumerate(zip(self.layers, self.config.compress_ratios)):
+        layers, entries = [], StepMemo()  # entries held: one count per ratio
+        for i, lc in enumerate(self.layers):
             own = {name: tensors[f"layers.{i}.{name}"] for name in lc.named_tensors()}
-            layers.append(lc.with_tensors(own, pos // ratio if ratio else 0))
+            layers.append(lc.with_tensors(own, entries.once((lc.ratio,), lambda r=lc.ratio: pos // r if r else 0)))
         return Cache(self.config, layers, self.capacity, pos)
 
     def rows(self, first: int, stop: int) -> Cache:

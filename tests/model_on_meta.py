@@ -53,19 +53,21 @@ class RunKernelFunctions(TorchFunctionMode):
         return (bound_function(func) or func)(*args, **(kwargs or {}))
 
 
-def model_steps(layout: str = "release", context: int = 1024) -> Iterator[tuple[str, callable]]:
+def model_steps(layout: str = "release", context: int = 1024, layers: int = 4) -> Iterator[tuple[str, callable]]:
     """Yield ("prefill", run), ("decode", run) and ("graph decode", run): ``run()`` is one forward
     of the 4-layer V4-Flash model of ``seahal bench --ops model`` (64 experts) over ``context``
     prompt tokens, then over one more token, then the step a :class:`DecodeGraph` captures (the
-    position a device tensor: what the end-to-end bench replays). Call inside ``capture_launches()``."""
-    from seahal.bench.model_e2e import V4_FLASH_4_LAYERS
+    position a device tensor: what the end-to-end bench replays). ``layers``: V4-Flash's first that
+    many layers (4: the benchmarked model). Call inside ``capture_launches()``."""
+    from seahal.bench.model_e2e import FLASH, V4_FLASH_4_LAYERS
     from seahal.model import load
     from seahal.model.config import ModelConfig
 
     os.environ["SEAHAL_CUDA_UNVERIFIED"] = "1"
     with mock.patch("torch.cuda.is_available", lambda: True):
         cache_format = "fp8" if layout == "release" else "dense"
-        config = ModelConfig.from_dict({**V4_FLASH_4_LAYERS, "cache_format": cache_format})
+        depth = {"n_layers": layers, "compress_ratios": FLASH["compress_ratios"][:layers]}
+        config = ModelConfig.from_dict({**V4_FLASH_4_LAYERS, **depth, "cache_format": cache_format})
         model = load(config, device="cuda", dtype=torch.bfloat16, announce=False, max_seq_len=2 * context)
         if layout == "release":
             release_layout(model)
