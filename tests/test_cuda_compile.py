@@ -178,6 +178,13 @@ def _attention(t: int):
             _empty(32, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(32, entries + 128, 584, dtype=torch.uint8),
             torch.empty((32, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
         )
+        for kv in (_empty(B, entries + 128, HEAD_DIM, dtype=torch.bfloat16), _empty(B, entries + 128, 584, dtype=torch.uint8)):
+            # the bench's one-launch variant: the last split program merges (batch 1, 4 splits)
+            sparse_attention.launch_sparse_attention(
+                _empty(B, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), kv,
+                torch.empty((B, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
+                _empty(B, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), splits=4, one_launch=True,
+            )
 
 
 def _position_as_data():
@@ -411,10 +418,12 @@ def test_positions_as_data_compile(compiled):
 
 
 def test_attention_compiles_split_and_unsplit(compiled):
-    """sparse_attention compiles both ways, dense rows and FP8 records: split-K (decode) and not (prefill)."""
+    """sparse_attention compiles every way, dense rows and FP8 records: split-K (decode), merged by a
+    second launch or by the last split program (the one-launch variant), and not split (prefill)."""
     launches = [r["launch"] for r in compiled if r["kernel"] == "_sparse_attention_kernel"]
-    ways = {("SPLIT=True" in launch, "KV_FP8=True" in launch) for launch in launches}
-    assert ways == {(True, False), (True, True), (False, False), (False, True)}, launches
+    ways = {("SPLIT=True" in launch, "KV_FP8=True" in launch, "MERGE=True" in launch) for launch in launches}
+    assert ways == {(True, False, False), (True, True, False), (False, False, False), (False, True, False),
+                    (True, False, True), (True, True, True)}, launches
 
 
 def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):

@@ -46,6 +46,7 @@ import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._alignment import row_alignment
+from ._gemm import arrival_counters
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from .kv_unpack import _e4m3_value, _e8m0_scale
 
@@ -204,6 +205,7 @@ def launch_sparse_attention(
     rope_dim: int = 64,
     tile: int = 64,
     splits: int | None = None,
+    one_launch: bool = False,
 ) -> None:
     """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
 
@@ -213,7 +215,10 @@ def launch_sparse_attention(
     default is unsplit, so that launches differing only in batch size stay bit-identical in the
     interpreter); chunks are whole BLOCK_N blocks, so fewer splits run when K has fewer blocks.
     On a GPU the split changes the fp32 summation order, so one query's output may differ in the
-    last bits between a small (split) and a large (unsplit) batch.
+    last bits between a small (split) and a large (unsplit) batch. ``one_launch``: the split
+    programs merge their partials themselves, the last of a (query, head block) to finish reading
+    all of them (an arrival counter per pair, :func:`._gemm.arrival_counters`), instead of a second
+    launch: one launch's fixed cost less, one program's serial merge more (a bench variant).
     """
     b, s, h, d = q.shape
     if out.numel() == 0:
@@ -237,16 +242,18 @@ def launch_sparse_attention(
         stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
     else:  # unused by the unsplit kernel
         partial = stats = out
+    merge = one_launch and splits > 1
+    counters = arrival_counters(b * s * head_blocks, q.device) if merge else out  # unused without the merge
     _sparse_attention_kernel[(b * s * splits * head_blocks,)](
-        q, kv, indices, sink, out, partial, stats, s, h, kv.shape[1], k, splits, split_slots,
+        q, kv, indices, sink, out, partial, stats, counters, s, h, kv.shape[1], k, splits, split_slots,
         float(softmax_scale),
         *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, COL_TILES=col_tiles, TILE_W=tile_w,
         LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and on_gpu, KV_FP8=fp8, ROPE_DIM=rope_dim,
-        TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1,
+        TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1, MERGE=merge,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1:
+    if splits > 1 and not merge:
         _combine_splits_kernel[(b * s * h, triton.cdiv(d, MERGE_COLUMNS))](
             partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
             HEAD_DIM=d, BLOCK_S=MERGE_SPLITS, BLOCK_D=MERGE_COLUMNS, num_warps=4,
@@ -347,7 +354,8 @@ def _hide_byte_loads(x):
 
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, part_ptr, stats_ptr, S, H, N, K, SPLITS, SPLIT_SLOTS, softmax_scale,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, part_ptr, stats_ptr, counter_ptr, S, H, N, K, SPLITS, SPLIT_SLOTS,
+    softmax_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kd,
     stride_ib, stride_is, stride_ik,
@@ -355,14 +363,15 @@ def _sparse_attention_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr,
     TILE_W: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
-    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
 ):
     """out[b, s, heads] for one (b, s) and BLOCK_H heads, every column; kv rows dense, or FP8
     records decoded by :func:`_load_rows` (KV_FP8). Program ids run over (b * S + s, split, head
     block), the head block fastest, so a query's head blocks run together and share its rows in
     L2. With SPLIT, program (b, s, split) walks index slots [split * SPLIT_SLOTS, (split + 1) *
     SPLIT_SLOTS) only and writes its fp32 acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running
-    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`."""
+    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`; with MERGE
+    the last split program of a (query, head block) to arrive merges them (:func:`_merge_splits`)."""
     pid = tl.program_id(0).to(tl.int64)
     head_blocks = tl.cdiv(H, BLOCK_H)
     row = pid // head_blocks  # (b * S + s) * SPLITS + split: the workspace row
@@ -401,13 +410,47 @@ def _sparse_attention_kernel(
         m_i = m_new
 
     out_mask = head_ok[:, None] & col_ok[None, :]
+    out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols[None, :] * stride_od
     if SPLIT:
+        rows = tl.num_programs(0).to(tl.int64) // head_blocks  # workspace rows: B * S * SPLITS
         tl.store(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], acc, mask=out_mask)
         tl.store(stats_ptr + row * H + heads, m_i, mask=head_ok)
-        tl.store(stats_ptr + (tl.num_programs(0).to(tl.int64) // head_blocks + row) * H + heads, l_i, mask=head_ok)
+        tl.store(stats_ptr + (rows + row) * H + heads, l_i, mask=head_ok)
+        if MERGE:
+            tl.debug_barrier()  # every thread's partials stored before the arrival is counted
+            counter = counter_ptr + pid_bs * head_blocks + pid % head_blocks
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+                tl.atomic_xchg(counter, 0)
+                acc, m_i, l_i = _merge_splits(part_ptr, stats_ptr, pid_bs * SPLITS, SPLITS, H, rows, heads, head_ok,
+                                              cols, out_mask, HEAD_DIM, BLOCK_H, COL_TILES * TILE_W)
+                _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
     else:
-        out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols[None, :] * stride_od
         _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
+
+
+@triton.jit
+def _merge_splits(part_ptr, stats_ptr, first, SPLITS, H, rows, heads, head_ok, cols, mask,
+                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, COLUMNS: tl.constexpr):
+    """(acc, m, l) of one query's heads ``heads`` from its SPLITS workspace rows ``first, ...``, in
+    split order whichever program merges: ``m = max_i m_i``, ``acc = sum_i acc_i e^(m_i - m)``,
+    ``l = sum_i l_i e^(m_i - m)``, kept as running sums rescaled when the max grows. Loads bypass
+    L1: other SMs wrote the partials."""
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, COLUMNS), dtype=tl.float32)
+    for i in range(SPLITS):
+        row = first + i
+        m_i = tl.load(stats_ptr + row * H + heads, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
+        l_i = tl.load(stats_ptr + (rows + row) * H + heads, mask=head_ok, other=0.0, cache_modifier=".cg")
+        acc_i = tl.load(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg")
+        m_new = tl.maximum(m, m_i)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key so far: every weight is 0
+        alpha, beta = tl.exp(m - m_safe), tl.exp(m_i - m_safe)
+        l = l * alpha + l_i * beta
+        acc = acc * alpha[:, None] + acc_i * beta[:, None]
+        m = m_new
+    return acc, m, l
 
 
 @triton.jit
