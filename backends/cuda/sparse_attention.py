@@ -412,24 +412,24 @@ def _sparse_attention_kernel(
     out_mask = head_ok[:, None] & col_ok[None, :]
     out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh + cols[None, :] * stride_od
     if SPLIT:
-        rows = tl.num_programs(0).to(tl.int64) // head_blocks  # workspace rows: B * S * SPLITS
+        workspace_rows = tl.num_programs(0).to(tl.int64) // head_blocks  # B * S * SPLITS
         tl.store(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], acc, mask=out_mask)
         tl.store(stats_ptr + row * H + heads, m_i, mask=head_ok)
-        tl.store(stats_ptr + (rows + row) * H + heads, l_i, mask=head_ok)
+        tl.store(stats_ptr + (workspace_rows + row) * H + heads, l_i, mask=head_ok)
         if MERGE:
             tl.debug_barrier()  # every thread's partials stored before the arrival is counted
             counter = counter_ptr + pid_bs * head_blocks + pid % head_blocks
             if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
                 tl.atomic_xchg(counter, 0)
-                acc, m_i, l_i = _merge_splits(part_ptr, stats_ptr, pid_bs * SPLITS, SPLITS, H, rows, heads, head_ok,
-                                              cols, out_mask, HEAD_DIM, BLOCK_H, COL_TILES * TILE_W)
+                acc, m_i, l_i = _merge_splits(part_ptr, stats_ptr, pid_bs * SPLITS, SPLITS, H, workspace_rows, heads,
+                                              head_ok, cols, out_mask, HEAD_DIM, BLOCK_H, COL_TILES * TILE_W)
                 _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
     else:
         _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
 
 
 @triton.jit
-def _merge_splits(part_ptr, stats_ptr, first, SPLITS, H, rows, heads, head_ok, cols, mask,
+def _merge_splits(part_ptr, stats_ptr, first, SPLITS, H, workspace_rows, heads, head_ok, cols, mask,
                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, COLUMNS: tl.constexpr):
     """(acc, m, l) of one query's heads ``heads`` from its SPLITS workspace rows ``first, ...``, in
     split order whichever program merges: ``m = max_i m_i``, ``acc = sum_i acc_i e^(m_i - m)``,
@@ -441,7 +441,7 @@ def _merge_splits(part_ptr, stats_ptr, first, SPLITS, H, rows, heads, head_ok, c
     for i in range(SPLITS):
         row = first + i
         m_i = tl.load(stats_ptr + row * H + heads, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
-        l_i = tl.load(stats_ptr + (rows + row) * H + heads, mask=head_ok, other=0.0, cache_modifier=".cg")
+        l_i = tl.load(stats_ptr + (workspace_rows + row) * H + heads, mask=head_ok, other=0.0, cache_modifier=".cg")
         acc_i = tl.load(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], mask=mask, other=0.0,
                         cache_modifier=".cg")
         m_new = tl.maximum(m, m_i)
