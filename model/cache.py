@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from seahal.hal.formats import FP4_TILE, index_key_bytes, index_key_records
+from seahal.hal.formats import index_key_bytes
 from seahal.hal.ops.compressor import compressor_state
 from seahal.hal.ops.quant import kv_record_bytes
 
@@ -97,19 +97,16 @@ class IndexKeyStore(RowStore):
     they are (``indexer_topk_packed``)."""
 
     def __init__(self, batch: int, rows: int, dim: int, fmt: str, dtype: torch.dtype, device, ops: SimpleNamespace):
-        self.dim, self.fmt, self.dtype, self.ops = dim, fmt, dtype, ops
+        self.fmt, self.dtype, self.ops = fmt, dtype, ops
         width, stored = (dim, dtype) if fmt == "dense" else (index_key_bytes(dim, fmt), torch.uint8)
         super().__init__(batch, rows, width, stored, device)
 
     def encode(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys [B, n, dim] as stored rows: cast to dtype, or quantised by the plan's ``fp4_quant``
-        (1x32 ue8m0) / ``fp8_act_quant`` (one ue8m0 scale per key) and packed as
-        ``seahal.hal.formats.index_key_pack`` packs."""
+        """Keys [B, n, dim] as stored rows: cast to dtype, or packed by the plan's ``index_key_pack``
+        (FP4 with 1x32 ue8m0 scales, or FP8 with one ue8m0 scale per key)."""
         if self.fmt == "dense":
             return keys.to(self.dtype)
-        if self.fmt == "fp4":
-            return index_key_records(*self.ops.fp4_quant(keys, FP4_TILE), "fp4")
-        return index_key_records(*self.ops.fp8_act_quant(keys, self.dim, "ue8m0"), "fp8")
+        return self.ops.index_key_pack(keys, self.fmt)
 
 
 def span_rows(first: torch.Tensor, count: torch.Tensor, n: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

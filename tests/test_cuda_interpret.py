@@ -270,10 +270,10 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
             assert kernels[op].rejection(PlanContext("cuda", None, {})) is None, op
     # what the GPU runs verified and nothing changed since serves plans; changed since the second
     # H200 run (99082c5): the GEMMs, router, head GEMV and sparse attention, the experts, the indexer;
-    # new since: the indexer's rotation
+    # new since: the indexer's rotation and its key records
     assert {op for op, (_, _, verified) in cuda.KERNELS.items() if not verified} == {
         "fp8_gemm", "fp4_gemm", "moe_gate", "fp32_linear", "sparse_attention", "sparse_attention_fp8",
-        "moe_experts", "indexer_topk", "indexer_topk_packed", "hadamard_rotate",
+        "moe_experts", "indexer_topk", "indexer_topk_packed", "hadamard_rotate", "index_key_pack",
     }
     monkeypatch.setenv(cuda.UNVERIFIED_VARIABLE, "1")
     assert all(k.rejection(on_h100) is None for k in kernels.values())

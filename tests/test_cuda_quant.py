@@ -1,5 +1,5 @@
-"""The cuda backend's Triton quantisers (``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``) and the
-indexer's rotation (``hadamard_rotate``).
+"""The cuda backend's Triton quantisers (``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``,
+``index_key_pack``) and the indexer's rotation (``hadamard_rotate``).
 
 Quantisers are deterministic functions of their input (v4_ops.md §11: fp32 scale arithmetic,
 power-of-two ue8m0 scales, round to nearest even), so every check is bitwise: codes, scales and
@@ -208,6 +208,36 @@ def test_kv_sliced_and_empty(quant):
     kv = wide[:, :512]
     _assert_bitwise((quant.kv_cache_pack(kv),), (reference.kv_cache_pack(kv),))
     assert quant.kv_cache_pack(wide[:0, :512]).shape == (0, 584)
+
+
+# --------------------------------------------------------------------------------------------
+# index_key_pack
+# --------------------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("key_format, d", [("fp4", 128), ("fp4", 32), ("fp8", 128), ("fp8", 96)])
+def test_index_key_records_match_the_reference_bytes(quant, key_format, d, dtype):
+    """Every record byte as hal.formats packs it, over edge blocks (zero, sub-floor, -0 only, huge,
+    saturating: :func:`_edge_tiles`) and 70 keys (past one program's rows)."""
+    x = _edge_tiles(70, d, 32, 6.0 if key_format == "fp4" else 448.0, seed=d).to(dtype).to(DEVICE)
+    _assert_bitwise((quant.index_key_pack(x, key_format),), (reference.index_key_pack(x, key_format),))
+
+
+@kernels
+def test_index_key_records_decode_to_the_quantised_keys(quant):
+    """The V4 layout read back by hand: FP4 records are fp4_quant's codes then the scales' e8m0 bytes
+    (68 bytes at d = 128), FP8 records the e4m3 codes then the fp32 scale's bytes (132)."""
+    keys = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(2)).bfloat16().to(DEVICE)
+    fp4 = quant.index_key_pack(keys, "fp4").cpu()
+    codes, scale = reference.fp4_quant(keys.cpu(), 32)
+    assert fp4.shape == (2, 3, 68) and torch.equal(fp4[..., :64], codes)
+    assert torch.equal(fp4[..., 64:].int(), torch.frexp(scale)[1] + 126)
+    fp8 = quant.index_key_pack(keys, "fp8").cpu()
+    q, s = reference.fp8_act_quant(keys.cpu(), 128, "ue8m0")
+    assert fp8.shape == (2, 3, 132) and torch.equal(fp8[..., :128], q.view(torch.uint8))
+    assert torch.equal(fp8[..., 128:].contiguous().view(torch.float32), s)
 
 
 # --------------------------------------------------------------------------------------------

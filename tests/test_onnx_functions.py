@@ -24,7 +24,7 @@ from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import indexer as ref_indexer
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
-from seahal.hal.formats import sylvester_hadamard
+from seahal.hal.formats import FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
 from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.onnx import functions as F
 from seahal.testing.tolerances import checks_for
@@ -47,18 +47,43 @@ def _ort_value(t: torch.Tensor) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(t.numpy())
 
 
-def _run_like(name: str, x: torch.Tensor, **attributes) -> torch.Tensor:
-    """Run the function ``name`` of one input x (bf16, fp32 or fp64) whose one output has x's shape and dtype."""
+def _onnx_type(t: torch.Tensor) -> tuple[int, int]:
+    """(ONNX element type, rank) of a float (bf16, fp32, fp64) or uint8 tensor."""
+    return (TensorProto.UINT8 if t.dtype == torch.uint8 else F.onnx_dtype(t.dtype), t.dim())
+
+
+def _run_into(name: str, x: torch.Tensor, out: torch.Tensor, **attributes) -> torch.Tensor:
+    """Run the function ``name`` of one input x (bf16, fp32 or fp64) writing its one output into ``out``."""
     fn = F.FUNCTIONS[name]
-    types = [(F.onnx_dtype(x.dtype), x.dim())]
-    model = F.node_model(fn, types, types, attributes)
+    model = F.node_model(fn, [_onnx_type(x)], [_onnx_type(out)], attributes)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x, out = x.contiguous(), torch.empty_like(x)  # ORT reads and writes their memory: both stay alive
+    x = x.contiguous()  # ORT reads and writes their memory: x and out stay alive
     binding = session.io_binding()
     binding.bind_ortvalue_input(fn.inputs[0], _ort_value(x))
     binding.bind_ortvalue_output("out0", _ort_value(out))
     session.run_with_iobinding(binding)
     return out
+
+
+def _run_like(name: str, x: torch.Tensor, **attributes) -> torch.Tensor:
+    """Run the function ``name`` of one input x whose one output has x's shape and dtype."""
+    return _run_into(name, x, torch.empty_like(x), **attributes)
+
+
+def _run_lib(name: str, x: np.ndarray, out_type: tuple[int, int]) -> np.ndarray:
+    """Run the one-input, one-output ``seahal.lib`` helper ``name`` on x (dims symbolic)."""
+    helper = onnx.helper
+
+    def value(n: str, elem_type: int, rank: int) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(n, elem_type, [f"{n}_{i}" for i in range(rank)])
+
+    node = helper.make_node(name, ["x"], ["out"], domain=F.LIB_DOMAIN)
+    x_value = value("x", helper.np_dtype_to_tensor_dtype(x.dtype), x.ndim)
+    graph = helper.make_graph([node], name, [x_value], [value("out", *out_type)])
+    model = F.complete_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.OPSET)], ir_version=10))
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
 
 
 def _hadamard_rotate(x: torch.Tensor, fp4_block: int) -> torch.Tensor:
@@ -104,6 +129,11 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
     assert F.select("hadamard_rotate", {"fp4_block": 32}).name == "hadamard_rotate_fp4"
     assert F.FUNCTIONS["hadamard_rotate_fp4"].attributes == ("fp4_block",)
     assert not F.FUNCTIONS["hadamard_rotate"].attributes  # fp4_block 0 is the function itself
+    for op in ("indexer_topk_packed", "index_key_pack"):  # the key format picks the function: no attribute
+        for fmt in ("fp4", "fp8"):
+            assert F.select(op, {"key_format": fmt}).name == f"{op}_{fmt}"
+            assert "key_format" not in F.FUNCTIONS[f"{op}_{fmt}"].attributes
+    assert F.FUNCTIONS["index_key_pack_fp4"].inputs == F.FUNCTIONS["index_key_pack_fp8"].inputs == ("keys",)
     with pytest.raises(KeyError, match="no ONNX function for 'nosuch'"):
         F.select("nosuch", {})
 
@@ -196,30 +226,24 @@ def test_kv_record_bytes_of_special_values_match_the_reference():
     assert torch.equal(got.view(torch.int16), ref_quant.kv_cache_unpack(want, 128).view(torch.int16))
 
 
-def test_fp32_scale_bytes_decode_exactly():
-    """FP8 indexer keys carry their fp32 scale as 4 little-endian bytes, decoded arithmetically
-    (opset 21 has no BitCast): random bit patterns plus signed zeros, the subnormal range, the
-    largest finite value, infinities and NaN must come back bit for bit (NaN as NaN)."""
+def test_fp32_scale_bytes_decode_and_encode_exactly():
+    """FP8 indexer keys carry their fp32 scale as 4 little-endian bytes, encoded and decoded
+    arithmetically (opset 21 has no BitCast): random bit patterns plus signed zeros, the subnormal
+    range, the largest finite value, infinities and NaN must decode bit for bit (NaN as NaN), and
+    every finite one must encode to its bytes in memory."""
     gen = torch.Generator().manual_seed(0)
     patterns = torch.randint(0, 2**32, (4000,), generator=gen, dtype=torch.int64)
     special = [0, 0x80000000, 1, 0x807FFFFF, 0x00800000, 0x3F800000, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00001]
     patterns = torch.cat((patterns, torch.tensor(special)))
     values = torch.where(patterns >= 2**31, patterns - 2**32, patterns).to(torch.int32).view(torch.float32)
     quads = values.view(torch.uint8).view(-1, 4).long().numpy()
-    helper = onnx.helper
-    node = helper.make_node("fp32_from_bytes", ["quads"], ["out"], domain=F.LIB_DOMAIN)
-    graph = helper.make_graph(
-        [node], "decode", [helper.make_tensor_value_info("quads", TensorProto.INT64, ["n", 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"])],
-    )
-    model = F.complete_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.OPSET)], ir_version=10))
-    onnx.checker.check_model(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"quads": quads})
-    got = torch.from_numpy(got)
+    got = torch.from_numpy(_run_lib("fp32_from_bytes", quads, (TensorProto.FLOAT, 1)))
     both_nan = got.isnan() & values.isnan()
     assert both_nan.sum() == values.isnan().sum() > 0
     assert ((got.view(torch.int32) == values.view(torch.int32)) | both_nan).all()
+    finite = values[values.isfinite()]  # and back: fp32_bytes gives each finite value's memory bytes
+    got_bytes = _run_lib("fp32_bytes", finite.numpy(), (TensorProto.UINT8, 1))
+    np.testing.assert_array_equal(got_bytes, finite.view(torch.uint8).numpy())
 
 
 @pytest.mark.parametrize("op, overlap", [("kv_compress", True), ("kv_compress", False), ("kv_compress_fp8", True)])
@@ -296,3 +320,35 @@ def test_hadamard_rotate_of_random_values_is_within_the_tolerance_rule(dtype, n,
     (check,) = checks_for("hadamard_rotate", (x, fp4_block))
     verdict = check.check.compare(got, ref_quant.hadamard_rotate(x.double(), fp4_block))
     assert verdict.ok, verdict.detail
+
+
+def _index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
+    """index_key_pack through the function :func:`F.select` picks for key_format."""
+    fn = F.select("index_key_pack", {"key_format": key_format})
+    width = index_key_bytes(keys.shape[-1], key_format)
+    return _run_into(fn.name, keys, torch.empty(*keys.shape[:-1], width, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("key_format, d", [("fp4", 32), ("fp4", 64), ("fp4", 128), ("fp4", 256),
+                                           ("fp8", 32), ("fp8", 64), ("fp8", 96), ("fp8", 128), ("fp8", 256)])
+def test_index_key_records_match_the_reference_bitwise(dtype, key_format, d):
+    """Packed indexer keys are integer codes and bytes, so the function must write the reference's
+    records exactly. Keys are N(0, 1) times 2^e per key (e in [-60, 60]: the fp8 record's fp32
+    scale bytes over a wide exponent range); key 0 is zero and key 1 is -0 (amax at the floor,
+    codes of signed zeros: fp4 byte 0x88, e4m3 0x80), key 2 lies below the amax floor (the scale
+    is the floor's), and key 3 starts with a zero block (fp4: one 32-block at the floor among
+    normal ones)."""
+    g = torch.Generator().manual_seed(d + (key_format == "fp8"))
+    keys = torch.randn(2, 4, d, generator=g) * torch.exp2(torch.randint(-60, 61, (2, 4, 1), generator=g).float())
+    floor = FP4_AMAX_FLOOR if key_format == "fp4" else FP8_AMAX_FLOOR
+    keys[0, 0], keys[0, 1] = 0.0, -0.0
+    keys[0, 2] = torch.randn(d, generator=g) * (floor / 8)
+    keys[0, 3, :32] = 0.0
+    keys = keys.to(dtype)
+    got = _index_key_pack(keys, key_format)
+    want = ref_quant.index_key_pack(keys, key_format)
+    assert got.dtype == torch.uint8 and got.shape == (2, 4, index_key_bytes(d, key_format))
+    assert torch.equal(got, want)
+    negative_zero = 0x88 if key_format == "fp4" else 0x80  # the -0 key's codes keep their sign
+    assert (want[0, 1, : d // 2 if key_format == "fp4" else d] == negative_zero).all()

@@ -25,6 +25,9 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, True),
     # New since the second run: interpreter-verified and compiled for sm_90, not yet run on a GPU.
     "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "index_key_pack": (
+        "quant:index_key_pack", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, False
+    ),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),

@@ -1,5 +1,5 @@
-"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``; v4_ops.md §11-12) and
-the indexer's rotation with its FP4 rounding (op ``hadamard_rotate``, §8, §11.6).
+"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``, ``index_key_pack``;
+v4_ops.md §11-12) and the indexer's rotation with its FP4 rounding (op ``hadamard_rotate``, §8, §11.6).
 
 Memory-bound and elementwise within a tile: each program loads a [BLOCK_M rows, TILES tiles,
 block] brick (tiles padded to a power of two and masked), reduces ``amax`` per tile, and writes
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from seahal.hal.formats import FP4_TILE, index_key_bytes
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._e2m1 import decode_e2m1
@@ -98,6 +99,31 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torc
         BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
     )
     return codes, scale
+
+
+def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
+    """Indexer keys [..., d] as the records ``indexer_topk_packed`` reads, one launch.
+
+    ``"fp4"``: ``[e2m1 codes, two a byte | e8m0 byte per 32-block]`` (fp4_quant's codes and
+    scales); ``"fp8"``: ``[e4m3 codes | the key's fp32 scale, little-endian]`` (fp8_act_quant with
+    one ue8m0 tile per key). One program packs BLOCK_M whole keys.
+    """
+    d = keys.shape[-1]
+    width = index_key_bytes(d, key_format)
+    out = torch.empty((*keys.shape[:-1], width), dtype=torch.uint8, device=keys.device)
+    x2 = _rows(keys)
+    if x2.shape[0] == 0:
+        return out
+    fp4 = key_format == "fp4"
+    block = FP4_TILE if fp4 else d
+    tiles = triton.next_power_of_2(d // block)
+    block_m = min(triton.next_power_of_2(x2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // (tiles * triton.next_power_of_2(block))))
+    _index_key_pack_kernel[(triton.cdiv(x2.shape[0], block_m),)](
+        x2, out, x2.shape[0], x2.stride(0),
+        N_TILES=d // block, BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), TILES=tiles, BLOCK_M=block_m,
+        RECORD=width, FP4=fp4,
+    )
+    return out
 
 
 ROTATION_TILE = 128
@@ -205,6 +231,14 @@ def _fp4_quantize_tiles(x):
 
 
 @triton.jit
+def _fp4_pairs(code):
+    """e2m1 codes [M, T, B] (B even; padding lanes pair up too) -> bytes [M, T, B/2] uint8: elements
+    2i and 2i+1 of a tile in the low and the high nibble of byte i."""
+    even, odd = tl.split(tl.reshape(code, (code.shape[0], code.shape[1], code.shape[2] // 2, 2)))
+    return (even | (odd << 4)).to(tl.uint8)
+
+
+@triton.jit
 def _e2m1_codes(v):
     """e2m1 codes 0..15 (int32, sign << 3 | magnitude index) of v in [-6, 6]: the index counts the
     midpoints below |v|, a midpoint itself going to the even index (ties to even)."""
@@ -248,11 +282,8 @@ def _fp4_quant_kernel(
     rows64 = rows.to(tl.int64)[:, None, None]
     x = tl.load(x_ptr + rows64 * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
     code, s = _fp4_quantize_tiles(x)
-    # element pairs (2i, 2i+1) of a tile -> one byte; block_size is even, so padding pairs up too
-    even, odd = tl.split(tl.reshape(code, (BLOCK_M, TILES, BLOCK_P2 // 2, 2)))
-    byte = (even | (odd << 4)).to(tl.uint8)
     half, half_mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK // 2, BLOCK_P2 // 2)
-    tl.store(codes_ptr + rows64 * (N_TILES * BLOCK // 2) + half, byte, mask=half_mask)
+    tl.store(codes_ptr + rows64 * (N_TILES * BLOCK // 2) + half, _fp4_pairs(code), mask=half_mask)
     scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
     tl.store(s_ptr + rows.to(tl.int64)[:, None] * N_TILES + tiles[None, :], s, mask=scale_mask)
 
@@ -330,3 +361,31 @@ def _hadamard_rotate_kernel(
         y = cast_rne(tl.reshape(decode_e2m1(code) * s[:, :, None], (BLOCK_M, BLOCK_N)), out_ptr.dtype.element_ty)
     out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out, y, mask=row_ok[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _index_key_pack_kernel(
+    x_ptr, out_ptr, M, stride_xm,
+    N_TILES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    RECORD: tl.constexpr, FP4: tl.constexpr,
+):
+    """BLOCK_M keys of N_TILES * BLOCK elements -> RECORD-byte records: FP4 blocks of 32 with e8m0
+    bytes, or (one tile a key) e4m3 codes with the fp32 scale's four bytes."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles = tl.arange(0, TILES)
+    k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
+    rows64 = rows.to(tl.int64)
+    record = out_ptr + rows64 * RECORD
+    x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
+    if FP4:
+        code, s = _fp4_quantize_tiles(x)
+        half, half_mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK // 2, BLOCK_P2 // 2)
+        tl.store(record[:, None, None] + half, _fp4_pairs(code), mask=half_mask)
+        tl.store(record[:, None] + N_TILES * BLOCK // 2 + tiles[None, :], e8m0_bytes(s).to(tl.uint8), mask=scale_mask)
+    else:
+        q, s = fp8_quantize_tiles(x, True)
+        tl.store(record[:, None, None] + k, q.to(tl.uint8, bitcast=True), mask=mask)
+        byte = tl.arange(0, 4)[None, None, :]  # the scale's fp32 bits, least significant byte first
+        scale_bytes = (s.to(tl.int32, bitcast=True)[:, :, None] >> (8 * byte)) & 0xFF
+        tl.store(record[:, None, None] + N_TILES * BLOCK + byte, scale_bytes.to(tl.uint8), mask=scale_mask[:, :, None])

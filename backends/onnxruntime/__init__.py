@@ -31,6 +31,7 @@ CAPABILITIES = {
     "fp8_act_quant": {"dtype": _FLOATS, "scale_fmt": ("ue8m0", "fp32")},
     "fp4_quant": {"dtype": _FLOATS},
     "hadamard_rotate": {"dtype": _FLOATS},
+    "index_key_pack": {"dtype": _FLOATS, "key_format": ("fp4", "fp8")},
     "kv_cache_pack": {"dtype": ("bfloat16", "float32")},
     "fp8_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},
     "fp4_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},

@@ -32,6 +32,7 @@ def _kernel(op: str) -> Callable[..., Any]:
 fp8_act_quant = _kernel("fp8_act_quant")
 fp4_quant = _kernel("fp4_quant")
 hadamard_rotate = _kernel("hadamard_rotate")
+index_key_pack = _kernel("index_key_pack")
 kv_cache_pack = _kernel("kv_cache_pack")
 kv_cache_unpack = _kernel("kv_cache_unpack")
 fp8_gemm = _kernel("fp8_gemm")

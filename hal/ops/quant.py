@@ -1,5 +1,5 @@
 """Number formats: FP8 e4m3 activation quant, FP4 e2m1 quant, the Hadamard rotation that shapes the
-indexer's FP4 error, and the packed FP8 KV record.
+indexer's FP4 error, the packed FP8 KV record and the packed indexer-key records.
 
 Formats (v4_ops.md §11): e4m3 saturates at ±448; e2m1 holds {0, .5, 1, 1.5, 2, 3, 4, 6} and
 negatives, two codes per byte with the even (first) element in the low nibble; ue8m0 scales are
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import FLOAT_HIGH, FLOATS, Contract
+from ..formats import FP4_TILE, INDEX_KEY_FORMATS, index_key_bytes
 from ..spec import Out, define_op
 
 SCALE_FORMATS = ("ue8m0", "fp32")
@@ -91,6 +92,30 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0):
             f"fp4_block must be even and divide x's last dim {n}, got {fp4_block}",
         )
     return Out(tuple(x.shape), x.dtype)
+
+
+@define_op(
+    "index_key_pack",
+    family="quant",
+    schema="(Tensor keys, str key_format) -> Tensor",
+)
+def index_key_pack(keys: torch.Tensor, key_format: str):
+    """Pack indexer keys into the records ``indexer_topk_packed`` scores (v4_ops.md §12).
+
+    keys: [..., d] bf16/fp32/fp64 -> [..., index_key_bytes(d, key_format)] uint8:
+    ``"fp4"`` (d a multiple of 32; 68 bytes at d = 128): the e2m1 codes of ``fp4_quant(keys, 32)``,
+    element 2i in the low nibble of byte i, then each 32-block's ue8m0 scale as an e8m0 byte;
+    ``"fp8"`` (132 bytes at d = 128): the e4m3 codes of ``fp8_act_quant(keys, d, "ue8m0")`` (one
+    power-of-two scale per key, ``2^ceil(log2(max(amax, 1e-4) / 448))``), then that scale's fp32
+    bytes, little-endian.
+    """
+    c = Contract("index_key_pack")
+    c.tensor("keys", keys, dtypes=FLOAT_HIGH, min_rank=1)
+    c.choice("key_format", key_format, INDEX_KEY_FORMATS)
+    d = keys.shape[-1]
+    block = FP4_TILE if key_format == "fp4" else 1  # fp4: one e8m0 scale per 32 elements
+    c.require(d > 0 and d % block == 0, f"keys's last dim must be a positive multiple of {block} for {key_format} keys, got {d}")
+    return Out((*keys.shape[:-1], index_key_bytes(d, key_format)), torch.uint8)
 
 
 def kv_record_bytes(dim: int, rope_dim: int = 64, tile: int = 64) -> int:

@@ -1,10 +1,11 @@
 """Reference kernels of the quant family: FP8/FP4 activation quant, the Hadamard rotation (with its
-FP4 rounding) and the packed FP8 KV record."""
+FP4 rounding), the packed FP8 KV record and the packed indexer keys."""
 
 from __future__ import annotations
 
 import torch
 
+from seahal.hal import formats
 from seahal.hal.formats import decode_scale, fp4_quant_dequant, fp4_quantize, fp8_quantize, hadamard, ue8m0_encode
 from seahal.hal.ops.quant import kv_record_bytes
 
@@ -25,6 +26,12 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
     rounded through FP4 e2m1 in 1 x fp4_block ue8m0 blocks (``fp4_quant``, decoded back)."""
     rotated = hadamard(x)
     return fp4_quant_dequant(rotated, fp4_block) if fp4_block else rotated
+
+
+def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
+    """``[e2m1 codes | e8m0 per 32]`` (fp4) or ``[e4m3 codes | fp32 scale bytes]`` (fp8) per key:
+    :func:`seahal.hal.formats.index_key_pack`."""
+    return formats.index_key_pack(keys, key_format)
 
 
 def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:

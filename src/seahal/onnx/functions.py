@@ -11,8 +11,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   is its own function: ``rms_norm`` (with weight), ``rms_norm_unweighted``, ``moe_gate`` (with
   bias), ``moe_gate_unbiased``, ``moe_gate_hash``
   (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``,
-  ``indexer_topk_packed_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute),
-  ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and ``hadamard_rotate_fp4``.
+  ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
+  argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
+  ``hadamard_rotate_fp4``.
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
@@ -32,8 +33,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   caller holding the pool expanded over the batch (batch stride 0) passes that one copy.
 * Types: float inputs may be bf16, fp16, fp32 or fp64; the math is fp32 as the contracts say
   (the CPU reference upgrades to fp64 for fp64 inputs, these functions do not); outputs take the
-  dtype the contract gives. FP8 codes are FLOAT8E4M3FN tensors, packed FP4 codes and KV records
-  uint8, block scales fp32 (e8m0 scales are decoded by the caller first: ``2^(e-127)``, exact).
+  dtype the contract gives. FP8 codes are FLOAT8E4M3FN tensors, packed FP4 codes, KV records and
+  indexer-key records uint8, block scales fp32 (e8m0 scales are decoded by the caller first:
+  ``2^(e-127)``, exact).
   Ties in every top-k go to the smaller index: ONNX ``TopK`` specifies that tie-break.
 * Opsets: bodies use the default domain at :data:`OPSET`, and call shared helpers that are
   functions of domain :data:`LIB_DOMAIN`. ONNX requires a model and its functions to import the
@@ -141,16 +143,22 @@ def tiles(x, tile: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
-def fp8_quantize(x, tile: int, scale_fmt: str):
-    """(e4m3 values [..., K] as fp32, fp32 scales [..., K/tile]) of x [..., K], as fp8_act_quant
-    specifies: ``s = max(amax, 1e-4) / 448`` (ue8m0: rounded up to a power of two),
-    ``q = e4m3_rne(clamp(x / s, -448, 448))``. The values are returned as fp32 (exact) because
-    onnxruntime does not pass FP8 tensors into or out of nested functions."""
-    xt = tiles(op.Cast(x, to=FLOAT), tile=tile)
+def fp8_quantize_tiles(xt, scale_fmt: str):
+    """(e4m3 values [..., n, tile] as fp32, fp32 scales [..., n]) of fp32 tiles xt [..., n, tile], as
+    fp8_act_quant specifies: ``s = max(amax, 1e-4) / 448`` per tile (ue8m0: rounded up to a power
+    of two), ``q = e4m3_rne(clamp(x / s, -448, 448))``. The values are returned as fp32 (exact)
+    because onnxruntime does not pass FP8 tensors into or out of nested functions."""
     s = op.Max(op.ReduceMax(op.Abs(xt), [-1], keepdims=0), FP8_AMAX_FLOOR) / FP8_MAX
     ue8m0 = op.Equal(op.Constant(value_string=scale_fmt), op.Constant(value_string="ue8m0"))
     s = op.Where(ue8m0, ue8m0_ceil(s), s)
-    q = op.Cast(op.Cast(op.Clip(xt / op.Unsqueeze(s, [-1]), -FP8_MAX, FP8_MAX), to=FLOAT8E4M3FN), to=FLOAT)
+    return op.Cast(op.Cast(op.Clip(xt / op.Unsqueeze(s, [-1]), -FP8_MAX, FP8_MAX), to=FLOAT8E4M3FN), to=FLOAT), s
+
+
+@onnxscript.script(LIB, default_opset=op)
+def fp8_quantize(x, tile: int, scale_fmt: str):
+    """:func:`fp8_quantize_tiles` of x [..., K] in 1 x tile tiles: (e4m3 values [..., K] as fp32,
+    fp32 scales [..., K/tile])."""
+    q, s = fp8_quantize_tiles(tiles(op.Cast(x, to=FLOAT), tile=tile), scale_fmt=scale_fmt)
     return op.Reshape(q, op.Shape(x)), s
 
 
@@ -333,6 +341,21 @@ def fp4_quantize(x, tile: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def fp4_pack(codes):
+    """e2m1 codes [..., K] int32 -> [..., K/2] uint8, element 2i in the low nibble of byte i."""
+    pairs = tiles(codes, tile=2)
+    low = op.Squeeze(op.Slice(pairs, [0], [1], [-1]), [-1])
+    high = op.Squeeze(op.Slice(pairs, [1], [2], [-1]), [-1])
+    return op.Cast(low + 16 * high, to=TensorProto.UINT8)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def e8m0_bytes(s):
+    """Power-of-two fp32 scales ``2^k`` -> their e8m0 bytes ``k + 127`` (uint8), exactly."""
+    return op.Cast(floor_log2(s) + 127, to=TensorProto.UINT8)
+
+
+@onnxscript.script(LIB, default_opset=op)
 def sylvester_hadamard(n):
     """The Sylvester Hadamard matrix H_n [n, n] fp32 for n ([1] int64, a power of two below 2^32)
     from index arithmetic: ``H[i, j] = (-1)^popcount(i & j)``.
@@ -364,20 +387,40 @@ def e4m3_bits(q):
 
 
 @onnxscript.script(LIB, default_opset=op)
-def bf16_bytes(x):
-    """The little-endian bytes of x rounded to bf16: [..., r] -> [..., 2r] uint8 (finite x).
-
-    bits = ``sign << 15 | exponent << 7 | mantissa`` (bias 127, subnormals in steps of 2^-133)."""
-    v = op.Cast(op.Cast(x, to=BFLOAT16), to=FLOAT)
+def float_bits(v, mantissa_bits: int):
+    """The bit pattern, as int64, of finite fp32 values v held in a format of fp32's 8-bit exponent
+    (bias 127) and ``m = mantissa_bits`` mantissa bits (bf16: 7, fp32: 23; v must be representable):
+    ``sign << (8 + m) | exponent << m | mantissa``, subnormals in steps of ``2^(-126 - m)``."""
+    step = pow2(op.Constant(value_int=mantissa_bits))  # 2^m
     mag = op.Abs(v)
     normal = mag >= FP32_MIN_NORMAL
     e = floor_log2(mag)
-    mantissa = op.Where(normal, (mag / pow2(e) - 1.0) * 128.0, mag * FP32_MIN_NORMAL_INV * 128.0)
+    mantissa = op.Where(normal, (mag / pow2(e) - 1.0) * step, mag * FP32_MIN_NORMAL_INV * step)
     exponent = op.Where(normal, e + 127, 0)
-    sign = op.Cast(sign_bit(v), to=TensorProto.INT32)
-    bits = sign * 32768 + op.Cast(exponent, to=TensorProto.INT32) * 128 + op.Cast(mantissa, to=TensorProto.INT32)
-    pair = op.Concat(op.Unsqueeze(op.Mod(bits, 256), [-1]), op.Unsqueeze(op.Div(bits, 256), [-1]), axis=-1)
-    return op.Cast(op.Reshape(pair, op.Concat(op.Shape(x, end=-1), 2 * op.Shape(x, start=-1), axis=0)), to=TensorProto.UINT8)
+    sign = op.Cast(sign_bit(v), to=TensorProto.INT64)
+    return (sign * 256 + exponent) * op.Cast(step, to=TensorProto.INT64) + op.Cast(mantissa, to=TensorProto.INT64)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def le_bytes(bits, width: int):
+    """Non-negative int64 [..., r] below ``256^width`` -> [..., r * width] uint8, each value's
+    ``width`` bytes least significant first (byte i = ``bits / 256^i mod 256``)."""
+    n = op.Reshape(op.Constant(value_int=width), [1])
+    powers = op.Cast(pow2(8 * op.Range(0, op.Squeeze(n, [0]), 1)), to=TensorProto.INT64)  # 256^i
+    split = op.Mod(op.Unsqueeze(bits, [-1]) / powers, 256)
+    return op.Cast(op.Reshape(split, op.Concat(op.Shape(bits, end=-1), op.Shape(bits, start=-1) * n, axis=0)), to=TensorProto.UINT8)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def bf16_bytes(x):
+    """The little-endian bytes of x rounded to bf16: [..., r] -> [..., 2r] uint8 (finite x)."""
+    return le_bytes(float_bits(op.Cast(op.Cast(x, to=BFLOAT16), to=FLOAT), mantissa_bits=7), width=2)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def fp32_bytes(x):
+    """The little-endian bytes of finite fp32 x: [..., r] -> [..., 4r] uint8 (inverse of :func:`fp32_from_bytes`)."""
+    return le_bytes(float_bits(x, mantissa_bits=23), width=4)
 
 
 @onnxscript.script(LIB, default_opset=op)
@@ -569,10 +612,7 @@ def fp4_quant(x, block_size: int = 32):
     ``s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6))``; ``code = e2m1_rne(clamp(x / s, -6, 6))``.
     """
     codes, s = fp4_quantize(x, tile=block_size)
-    pairs = tiles(codes, tile=2)
-    low = op.Squeeze(op.Slice(pairs, [0], [1], [-1]), [-1])
-    high = op.Squeeze(op.Slice(pairs, [1], [2], [-1]), [-1])
-    return op.Cast(low + 16 * high, to=TensorProto.UINT8), s
+    return fp4_pack(codes), s
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -590,6 +630,25 @@ def hadamard_rotate_fp4(x, fp4_block: int):
     decoded back: ``e2m1(code) * s`` of ``fp4_quant(y, fp4_block)``, in x's dtype (exact)."""
     codes, s = fp4_quantize(hadamard_rotate(x), tile=fp4_block)
     return op.CastLike(scale_tiles(op.Gather(op.Constant(value=_E2M1), codes), s, tile=fp4_block), x)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def index_key_pack_fp4(keys):
+    """Packed FP4 indexer keys (``key_format="fp4"``): keys [..., d] (d a multiple of 32) ->
+    [..., d/2 + d/32] uint8, ``[e2m1 codes of fp4_quant(keys, 32), element 2i in the low nibble
+    of byte i | e8m0 byte of each 32-block's scale]``."""
+    codes, s = fp4_quantize(keys, tile=32)
+    return op.Concat(fp4_pack(codes), e8m0_bytes(s), axis=-1)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def index_key_pack_fp8(keys):
+    """Packed FP8 indexer keys (``key_format="fp8"``): keys [..., d] -> [..., d + 4] uint8,
+    ``[e4m3 codes of fp8_act_quant(keys, d, "ue8m0") | that one fp32 scale, 4 bytes little-endian]``
+    (each key one tile: ``s = 2^ceil(log2(max(amax, 1e-4) / 448))``)."""
+    q, s = fp8_quantize_tiles(op.Unsqueeze(op.Cast(keys, to=FLOAT), [-2]), scale_fmt="ue8m0")  # [..., 1, d], [..., 1]
+    codes = op.Cast(e4m3_bits(op.Squeeze(q, [-2])), to=TensorProto.UINT8)
+    return op.Concat(codes, fp32_bytes(s), axis=-1)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -871,7 +930,7 @@ def kv_cache_pack(kv, rope_dim: int = 64, tile: int = 64):
     nope = width - op.Reshape(op.Constant(value_int=rope_dim), [1])
     q, s = fp8_quantize(op.Slice(kv, [0], nope, [-1]), tile=tile, scale_fmt="ue8m0")
     codes = op.Cast(e4m3_bits(q), to=TensorProto.UINT8)
-    exponents = op.Cast(floor_log2(s) + 127, to=TensorProto.UINT8)
+    exponents = e8m0_bytes(s)
     n_tiles = op.Shape(s, start=-1)
     padding = op.Expand(op.Cast(0, to=TensorProto.UINT8), op.Concat(op.Shape(kv, end=-1), (n_tiles + 7) / 8 * 8 - n_tiles, axis=0))
     return op.Concat(codes, bf16_bytes(op.Slice(kv, nope, width, [-1])), exponents, padding, axis=-1)
@@ -910,6 +969,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "fp8_act_quant": ("fp8_act_quant",),
     "fp4_quant": ("fp4_quant",),
     "hadamard_rotate": ("hadamard_rotate", "hadamard_rotate_fp4"),
+    "index_key_pack": ("index_key_pack_fp4", "index_key_pack_fp8"),
     "kv_cache_pack": ("kv_cache_pack",),
     "kv_cache_unpack": ("kv_cache_unpack",),
     "fp8_gemm": ("fp8_gemm",),
@@ -1028,7 +1088,8 @@ def weight_format(weight: Any) -> str:
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
     optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts), the key
-    format (indexer_topk_packed) or whether an FP4 rounding follows (hadamard_rotate) pick it."""
+    format (indexer_topk_packed, index_key_pack) or whether an FP4 rounding follows
+    (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -1036,8 +1097,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     elif op == "moe_experts":
         fmt = weight_format(args["w1"])
         name = "moe_experts" if fmt == "dense" else f"moe_experts_{fmt}"
-    elif op == "indexer_topk_packed":
-        name = f"indexer_topk_packed_{args['key_format']}"
+    elif op in ("indexer_topk_packed", "index_key_pack"):
+        name = f"{op}_{args['key_format']}"
     elif op == "rms_norm":
         name = "rms_norm" if args.get("weight") is not None else "rms_norm_unweighted"
     elif op == "hadamard_rotate":

@@ -130,6 +130,7 @@ _DATA_ARG = {
     "fp8_act_quant": "x",
     "fp4_quant": "x",
     "hadamard_rotate": "x",
+    "index_key_pack": "keys",
     "kv_cache_pack": "kv",
     "moe_gate": "x",
     "moe_experts": "x",
@@ -177,7 +178,7 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["overlap"] = a["overlap"]
         if op == "kv_compress":
             req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
-    elif op == "indexer_topk_packed":
+    elif op in ("indexer_topk_packed", "index_key_pack"):
         req["key_format"] = a["key_format"]
     elif op == "fp32_linear":
         req["weight_dtype"] = _dtype_name(a["weight"].dtype)
@@ -256,6 +257,16 @@ def hadamard_rotate_case(
         rows[0] = 0.0
         rows[1:2] *= 2.0**-100
     return _case("hadamard_rotate", name, (strided(x.to(dtype), layout), fp4_block))
+
+
+def index_key_pack_case(
+    name: str, seed: int, shape: tuple[int, ...], fmt: str, dtype=BF16, values: str = "normal",
+    layout: str = "contiguous",
+) -> Case:
+    """Keys in 32-element tiles (:func:`_tile_values`: ``zero-tiny`` puts a zero and a sub-floor
+    block in each key, so FP8's whole-key scale and FP4's per-block scales both hit their floors)."""
+    x = _tile_values(_Rand(seed), shape, FP4_TILE, values, std=2.0)
+    return _case("index_key_pack", name, (strided(x.to(dtype), layout), fmt))
 
 
 def kv_cache_pack_case(
@@ -721,6 +732,20 @@ def _hadamard_rotate_cases(seed: int) -> list[Case]:
     ]
 
 
+def _index_key_pack_cases(seed: int) -> list[Case]:
+    c = index_key_pack_case
+    return [
+        c("bf16 V4 keys [2,3,128] fp4 (68-byte records)", seed, (2, 3, 128), "fp4"),
+        c("bf16 V4 keys [2,3,128] fp8 (132-byte records)", seed + 1, (2, 3, 128), "fp8"),
+        c("fp32 d=64 fp4, zero and tiny blocks", seed + 2, (5, 64), "fp4", dtype=F32, values="zero-tiny"),
+        c("fp32 d=64 fp8, zero and tiny blocks", seed + 3, (5, 64), "fp8", dtype=F32, values="zero-tiny"),
+        c("fp32 d=96 fp8 (not a power of two)", seed + 4, (3, 96), "fp8", dtype=F32),
+        c("bf16 d=256 fp4, saturating blocks", seed + 5, (4, 256), "fp4", values="saturate"),
+        c("bf16 sliced view fp4", seed + 6, (3, 128), "fp4", layout="sliced"),
+        c("fp32 transposed view fp8", seed + 7, (4, 128), "fp8", dtype=F32, layout="transposed"),
+    ]
+
+
 def _kv_cache_pack_cases(seed: int) -> list[Case]:
     c = kv_cache_pack_case
     return [
@@ -985,6 +1010,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "fp8_act_quant": _fp8_act_quant_cases,
     "fp4_quant": _fp4_quant_cases,
     "hadamard_rotate": _hadamard_rotate_cases,
+    "index_key_pack": _index_key_pack_cases,
     "kv_cache_pack": _kv_cache_pack_cases,
     "kv_cache_unpack": _kv_cache_unpack_cases,
     "fp8_gemm": lambda seed: _gemm_cases("fp8_gemm", seed),
@@ -1057,6 +1083,10 @@ def strategy(op: str):
             "property", draw(seeds), (draw(st.integers(1, 5)), 32 * draw(st.integers(1, 4))), dtype=draw(dtypes),
             values=draw(st.sampled_from(["normal", "zero-tiny", "ties"])), layout=draw(layouts)),
         "hadamard_rotate": _draw_hadamard_rotate,
+        "index_key_pack": lambda draw: index_key_pack_case(
+            "property", draw(seeds), (draw(st.integers(1, 5)), 32 * draw(st.integers(1, 5))),
+            draw(st.sampled_from(["fp4", "fp8"])), dtype=draw(dtypes),
+            values=draw(st.sampled_from(["normal", "zero-tiny", "saturate"])), layout=draw(layouts)),
         "kv_cache_pack": lambda draw: kv_cache_pack_case(
             "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
             tile=32, dtype=draw(dtypes), values=draw(st.sampled_from(["normal", "zero-tiny"])),

@@ -100,6 +100,12 @@ def _hadamard_rotate(d: _Draw):
     return (d.data(2, 4, 32), 16), {}
 
 
+@_example("index_key_pack")
+def _index_key_pack(d: _Draw):
+    """Keys [2, 3, 64] as 36-byte FP4 records (two 32-blocks)."""
+    return (d.data(2, 3, 64), "fp4"), {}
+
+
 @_example("kv_cache_pack")
 def _kv_cache_pack(d: _Draw):
     """dim 96 = 64 nope (two 32-wide tiles) + 32 rope."""

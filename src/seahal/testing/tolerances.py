@@ -338,6 +338,10 @@ RULES: dict[str, Rule] = {
         ),
         _hadamard_rotate,
     ),
+    "index_key_pack": Rule(
+        (("record bytes", "exact", _EXACT_CODEC + "; an fp8 key's scale bytes are its fp32 power of two"),),
+        _exact("records"),
+    ),
     "kv_cache_pack": Rule(
         (("record bytes", "exact", _EXACT_CODEC + "; rope bytes are an RNE bf16 cast"),),
         _exact("record"),
