@@ -221,7 +221,7 @@ class Attention(nn.Module):
                 window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
                 parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
             if compressed_idx is not None:
-                parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, -1))
+                parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, compressed_idx))  # -1 stays
             elif self.ratio:
                 j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
                 visible = j < ((t + 1) // self.ratio)[..., None]
