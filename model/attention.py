@@ -211,15 +211,17 @@ class Attention(nn.Module):
         entries = cache.compressed_rows()
         keys = cache.kv.data if decode else torch.cat((cache.ring(), rows, entries), dim=1)
 
-        def indices() -> torch.Tensor:
+        def window_rows() -> torch.Tensor:  # [B, S, W]: each query's window in keys, -1 before the sequence
             if decode:
                 ring = step.decode_window if step.decode_window is not None and step.decode_window.shape[-1] == w else None
-                parts, base = [(ring if ring is not None else ring_rows(t, self.window_offsets[:w])).expand(b, s, w)], w
-            else:
-                p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
-                first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
-                window_idx, base = torch.where(p < first, p % w, w + p - first), w + s
-                parts = [window_idx.masked_fill(p < 0, -1).expand(b, s, w)]
+                return (ring if ring is not None else ring_rows(t, self.window_offsets[:w])).expand(b, s, w)
+            p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
+            first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
+            return torch.where(p < first, p % w, w + p - first).masked_fill(p < 0, -1).expand(b, s, w)
+
+        def indices() -> torch.Tensor:
+            base = w if decode else w + s
+            parts = [step.memo.once(("window rows", w, b), window_rows)]  # the same for every layer
             if compressed_idx is not None:
                 parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, compressed_idx))  # -1 stays
             elif self.ratio:
@@ -228,8 +230,8 @@ class Attention(nn.Module):
                 parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
             return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.int32)
 
-        if decode and compressed_idx is None:  # the same rows for every layer of this ratio: made once a step
-            return keys, step.memo.once(("decode indices", self.ratio, w, entries.shape[1], b), indices)
+        if compressed_idx is None:  # the same rows for every layer of this ratio: made once a step
+            return keys, step.memo.once(("indices", self.ratio, w, entries.shape[1], b), indices)
         return keys, indices()
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache) -> torch.Tensor:
