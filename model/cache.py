@@ -177,20 +177,27 @@ class LayerCache:
     ) -> None:
         """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
         or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
-        W). ``positions``: the tokens' positions [n] or [1 or B, n], when the caller has them: n <= W
-        rows are then scattered to ``positions mod W``, slots made once a step with ``memo``."""
+        W). An int start_pos's slots are at most two runs of the ring: slice copies. At a tensor
+        start_pos, ``positions`` (the tokens' positions [n] or [1 or B, n], when the caller has them)
+        lets n <= W rows be scattered to ``positions mod W``, slots made once a step with ``memo``."""
         b, n = rows.shape[:2]
-        if positions is not None and n <= self.window:
-            slots = _once(memo, ("ring slots", self.window), lambda: positions % self.window)
+        w = self.window
+        if not isinstance(start_pos, torch.Tensor):
+            kept = min(n, w)
+            first = (start_pos + n - kept) % w  # the first kept token's slot; the rest follow, wrapping once
+            head = min(kept, w - first)
+            self.kv.data[:, first : first + head] = rows[:, n - kept : n - kept + head]
+            if head < kept:
+                self.kv.data[:, : kept - head] = rows[:, n - kept + head :]
+            return
+        if positions is not None and n <= w:
+            slots = _once(memo, ("ring slots", w), lambda: positions % w)
             self.kv.data.scatter_(1, slots.expand(b, n)[..., None].expand(rows.shape), rows)
             return
-        keep = torch.arange(max(n - self.window, 0), n, device=rows.device)
-        if isinstance(start_pos, torch.Tensor):
-            slots = (start_pos.reshape(-1, 1) + keep) % self.window  # [1 or B, kept]
-            sequences = torch.arange(b, device=rows.device)[:, None]
-            self.kv.data[sequences, slots] = rows[:, keep]
-        else:
-            self.kv.data[:, (keep + start_pos) % self.window] = rows[:, keep]
+        keep = torch.arange(max(n - w, 0), n, device=rows.device)
+        slots = (start_pos.reshape(-1, 1) + keep) % w  # [1 or B, kept]
+        sequences = torch.arange(b, device=rows.device)[:, None]
+        self.kv.data[sequences, slots] = rows[:, keep]
 
     def store_index_keys(self, new_keys: torch.Tensor, count: int, memo: StepMemo | None = None) -> torch.Tensor:
         """Store this step's indexer keys [B, count, d_i] as entries ``n_compressed, ...`` and return

@@ -25,7 +25,7 @@ import pytest
 
 DECODE_BUDGETS = {"decode": 170, "graph decode": 200}
 """Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph
-replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 153 and 182,
+replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 152 and 182,
 114 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of
 2026-11-26 (eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the
 shared expert's routing filled per step), then 252 eager and 284 in the graph; then position
@@ -35,7 +35,8 @@ new-entry count made once for its compressor and indexer, FP4 values decoded a b
 the indexer's rotation and FP4 rounding of its query and keys one op each (``hadamard_rotate``,
 184 -> 173 eager), and the position arithmetic layers of one ratio share made once a step
 (``StepPositions.memo``: 173 -> 158 eager), and FP4 index keys packed in one op (``index_key_pack``,
-158 -> 154), and a CSA layer's -1 index slots kept without a fill (153)."""
+158 -> 154), a CSA layer's -1 index slots kept without a fill (153), and the window write at an
+int position as slice copies (152)."""
 PAIR_BUDGET = 90
 """Kernels each further pair of V4-Flash layers (a CSA and an HCA layer) may add to the graph decode
 step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 85, 63 of them HAL

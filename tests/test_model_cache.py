@@ -147,6 +147,26 @@ def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
     assert torch.equal(eager.compressed_rows()[:, -2:], records[:, :2]) and int(traced.n_compressed) == 4
 
 
+@pytest.mark.parametrize("start, n", [(0, 5), (13, 5), (14, 16), (3, 40), (16, 16), (7, 1)])
+def test_window_ring_writes_agree_at_int_and_tensor_positions(start, n):
+    """Token p lands in ring slot p mod W, the last W of a longer chunk only: an int position
+    writes at most two slice runs, a tensor one scatters or indexes; both equal the definition
+    (W = 16; the cases wrap the ring, fill it exactly, overflow it, and write one token)."""
+    from seahal.model.cache import LayerCache, RowStore
+
+    w = 16
+    rows = torch.arange(2 * n * 3, dtype=torch.float32).view(2, n, 3) + 1
+    want = torch.zeros(2, w, 3)
+    for i in range(max(n - w, 0), n):
+        want[:, (start + i) % w] = rows[:, i]
+    positions = torch.arange(start, start + n)
+    for start_pos, given in ((start, positions), (torch.tensor(start), positions[None]), (torch.tensor([start] * 2), None)):
+        store = RowStore(2, w + 4, 3, torch.float32, "cpu")
+        LayerCache(kv=store, window=w).write_window(start_pos, rows, given)
+        assert torch.equal(store.data[:, :w], want), start_pos
+        assert not store.data[:, w:].any()  # nothing past the ring
+
+
 def test_cache_capacity_is_enforced(checkpoint):
     model = load(checkpoint, device="cpu", announce=False)
     cache = model.new_cache(1, 16)
