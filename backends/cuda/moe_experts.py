@@ -44,7 +44,7 @@ from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_block_dot
 from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, oriented_dot, weights_first
-from ._numerics import cast_rne, fp8_quantize_tiles
+from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
 
 _FORMATS = {"dense": 0, "fp8": 1, "fp4": 2}
@@ -305,10 +305,7 @@ def _accumulate(
     BLOCK_N] (fp4: b, b_scale are the packed codes and 1x32 scales, formed as
     :func:`._e2m1.fp4_block_dot` says)."""
     if FORMAT == 0:
-        if DOT_FP32:  # the else matters: a constexpr if's return does not end the function
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
+        return exact_dot(a, b, acc, not DOT_FP32)
     elif FORMAT == 1:
         return acc + oriented_dot(a, b, WEIGHTS_FIRST) * oriented((a_scale * b_scale)[:, None], WEIGHTS_FIRST)
     else:

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._numerics import exact_dot
 from .linear import fp32_gemv_tile
 
 
@@ -224,10 +225,7 @@ def _logits_kernel(
             in_slice = cols[None, :] < hi
             xa = tl.load(x_rows + cols[None, :] * stride_xd, mask=(offs_t[:, None] < T) & in_slice, other=0.0)
             wa = tl.load(w_rows + cols[None, :] * stride_wd, mask=(offs_e[:, None] < E) & in_slice, other=0.0)
-            if BF16_DOT:  # bf16 x bf16 products are exact in fp32
-                acc = tl.dot(xa, tl.trans(wa), acc)
-            else:
-                acc = tl.dot(xa.to(tl.float32), tl.trans(wa.to(tl.float32)), acc, input_precision="ieee")
+            acc = exact_dot(xa, tl.trans(wa), acc, BF16_DOT)
     out = partial_ptr + (pid_s * T + offs_t[:, None]).to(tl.int64) * E + offs_e[None, :]
     tl.store(out, acc, mask=(offs_t[:, None] < T) & (offs_e[None, :] < E))
 

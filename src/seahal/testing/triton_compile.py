@@ -277,24 +277,26 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
                          registers=registers, stack_bytes=stack, loop_barriers=_loop_barriers(compiled.asm["cubin"]))
 
 
-def _binary_tool(name: str) -> str | None:
-    """The path of one of the CUDA binary tools Triton bundles beside ptxas, or None."""
+def _binary_tool_output(name: str, args: list[str], cubin: bytes) -> str | None:
+    """The stdout of one of the CUDA binary tools Triton bundles beside ptxas, run on ``cubin``
+    (written to a temporary file) with ``args``; None where Triton has no such tool."""
     from triton import knobs
 
     path = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), name)
-    return path if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([path, *args, file.name], capture_output=True, text=True, check=True).stdout
 
 
 def _loop_barriers(cubin: bytes) -> int | None:
     """``BAR.SYNC`` count in the longest loop of the kernel in ``cubin`` (a backward branch's body in
     nvdisasm's SASS); 0 without a loop, None without nvdisasm."""
-    nvdisasm = _binary_tool("nvdisasm")
-    if nvdisasm is None:
+    sass = _binary_tool_output("nvdisasm", ["-c"], cubin)
+    if sass is None:
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        sass = subprocess.run([nvdisasm, "-c", file.name], capture_output=True, text=True, check=True).stdout
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = [
@@ -308,14 +310,9 @@ def _loop_barriers(cubin: bytes) -> int | None:
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     """(registers, stack bytes) of the one kernel in ``cubin``, read by the cuobjdump beside ptxas
     (Triton bundles both); (None, None) where there is none."""
-    cuobjdump = _binary_tool("cuobjdump")
-    if cuobjdump is None:
+    usage = _binary_tool_output("cuobjdump", ["--dump-resource-usage"], cubin)
+    if usage is None:
         return None, None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", file.name], capture_output=True, text=True,
-                               check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump reported no resource usage: {usage[-500:]}")
