@@ -40,7 +40,8 @@ def _gemms():
     """The committed sm90 GEMM configs (plus the heuristic's), one per code shape, at a shape using it,
     the persistent variant of each prefill (M >= 512) config and, for FP4, each config with e8m0
     scales both decoded to bf16 (the tables' form, also what fp32 scales take) and through
-    ``tl.dot_scaled`` (``fp4_mx=True``: the table's form at M <= 16, a tuner candidate elsewhere)."""
+    ``tl.dot_scaled`` (``fp4_mx=True``: the table's form at M <= 16, a tuner candidate elsewhere),
+    and the Gluon ping-pong FP8 kernel (``pingpong=True``)."""
     import dataclasses
 
     import torch
@@ -71,6 +72,16 @@ def _gemms():
                 launch(a, sa, b, sb, _empty(m, n, dtype=out_dtype), config)
                 if config.split_k == 1:
                     break  # the e8m0 / fp32-output variant with the split-K configs only
+    # the Gluon ping-pong kernel, a tuner and bench candidate at M >= 512 (in no table yet): both
+    # tile widths, each with fp32 weight scales and bf16 output, and with e8m0 scales and fp32 output
+    m, n, k = 4096, 4096, 8192
+    fp8 = torch.float8_e4m3fn
+    for config in (_gemm.GemmConfig(128, 128, 4, 4, pingpong=True), _gemm.GemmConfig(128, 64, 4, 6, pingpong=True)):
+        for scale_dtype, out_dtype in ((torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32)):
+            fp8_gemm.launch_fp8_gemm(
+                _empty(m, k, dtype=fp8), _empty(m, k // 128), _empty(n, k, dtype=fp8),
+                _empty(n // 128, k // 128, dtype=scale_dtype), _empty(m, n, dtype=out_dtype), config,
+            )
 
 
 def _moe(t: int):
@@ -301,6 +312,8 @@ def _specialisation(arg) -> str:
     it is 1 (a constant), whether it is divisible by 16, and its width."""
     if hasattr(arg, "dtype"):
         return str(arg.dtype)
+    if hasattr(arg, "block_shape"):  # a TMA descriptor: the tensor's dtype and the tile it moves
+        return f"{arg.base.dtype}{list(arg.block_shape)}"
     if isinstance(arg, int) and not isinstance(arg, bool):
         return "1" if arg == 1 else f"int{'64' if abs(arg) >= 2**31 else '32'}{'/16' if arg % 16 == 0 else ''}"
     return type(arg).__name__
@@ -309,6 +322,19 @@ def _specialisation(arg) -> str:
 def _signature(launch) -> str:
     """The kernel, its constexprs/options and argument specialisations: launches that compile alike."""
     return f"{launch.describe()}[{','.join(map(_specialisation, launch.args))}]"
+
+
+def _block_barriers_in_mma_loops(ptx: str) -> int:
+    """Block-wide barriers (``bar.sync N;`` without a thread count) in the innermost loops of
+    ``ptx`` that issue wgmma: what makes all of a program's warpgroups meet every K step."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)) and labels.get(m.group(1), i) < i]
+    mma = [(a, b) for a, b in loops if any("wgmma.mma_async" in line for line in lines[a:b])]
+    innermost = [(a, b) for a, b in mma if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in mma)]
+    block_wide = re.compile(r"\b(?:bar|barrier)\.sync(?:\.aligned)?\s+\d+;")
+    return sum(bool(block_wide.search(line)) for a, b in innermost for line in lines[a:b + 1])
 
 
 def _compile_all() -> list[dict]:
@@ -339,13 +365,15 @@ def _compile_all() -> list[dict]:
             "registers": result.registers, "stack": result.stack_bytes, "loop_barriers": result.loop_barriers,
             "resident": result.resident_programs() if result.ok and result.registers else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
+            "mma_loop_block_barriers": _block_barriers_in_mma_loops(ptx),
             "position": str(getattr(position, "dtype", None)),
         })
     return results
 
 
 def _kernels_in_backend() -> set[str]:
-    """Names of the cuda backend's launched kernels: every @triton.jit function whose name ends in ``_kernel``."""
+    """Names of the cuda backend's launched kernels: every @triton.jit or @gluon.jit function whose
+    name ends in ``_kernel``."""
     import ast
     import pathlib
 
@@ -356,7 +384,7 @@ def _kernels_in_backend() -> set[str]:
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and ast.unparse(
                 node.decorator_list[0] if node.decorator_list else ast.Constant(None)
-            ).startswith("triton.jit"):
+            ).startswith(("triton.jit", "gluon.jit")):
                 names.add(node.name)
     return names
 
@@ -403,6 +431,21 @@ def test_gemms_use_hopper_tensor_cores(compiled):
         wide = mma_rows >= 64
         assert (r["wgmma"], r["mma"]) == (wide, not wide), r
         assert r["tma"] == ("TMA=True" in r["launch"]), r
+
+
+def test_pingpong_gemm_runs_its_warpgroups_apart(compiled):
+    """The Gluon FP8 GEMM (``fp8_gemm_pingpong``) issues wgmma on TMA-loaded tiles, spills nothing,
+    and its consumer loops wait on no block-wide barrier (only a warpgroup's own 128-thread one
+    before it releases a slot), where the Triton kernel's 128-row tiles make their two warpgroups
+    meet every K block, which keeps the tensor cores idle while both promote."""
+    launches = [r for r in compiled if r["kernel"] == "_fp8_gemm_pingpong_kernel"]
+    assert len(launches) == 4, [r["launch"] for r in launches]
+    for r in launches:
+        assert r["wgmma"] and r["tma"] and not r["mma"], r
+        assert r["stack"] == 0, r
+        assert r["mma_loop_block_barriers"] == 0, r
+    triton_128 = [r for r in compiled if r["kernel"] == "_fp8_gemm_kernel" and "BLOCK_M=128" in r["launch"]]
+    assert triton_128 and all(r["mma_loop_block_barriers"] > 0 for r in triton_128)
 
 
 def test_positions_as_data_compile(compiled):

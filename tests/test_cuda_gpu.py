@@ -108,6 +108,30 @@ def test_persistent_launch_is_bitwise_equal(op, block_m, block_n, warps, split_k
     assert torch.equal(outs[1], outs[0])
 
 
+
+@pytest.mark.parametrize("block_n, stages", [(128, 4), (64, 6)])
+@pytest.mark.parametrize("scale_dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.float8_e8m0fnu, torch.float32)])
+def test_pingpong_gemm_is_the_triton_product(block_n, stages, scale_dtype, out_dtype):
+    """The Gluon ping-pong kernel forms the same K-block products (wgmma m64nBLOCK_Nk32, four a
+    block, one warpgroup per 64 rows) and promotes them with the same multiply-add as the Triton
+    kernel's 128-row tiles: the same bits, here with edge tiles in M and N and 8 K blocks through
+    fewer slots (each reused); and within the output format of the reference."""
+    torch.manual_seed(block_n)
+    m, n, k = 2000, 1000, 1024
+    a, a_scale = fp8_quantize(torch.randn(m, k, device="cuda"), 128)
+    b, b_scale = fp8_weight(1024, k, torch.device("cuda"))
+    b = b[:n]
+    if scale_dtype != torch.float32:
+        b_scale = ue8m0_encode(b_scale).view(scale_dtype)
+    outs = []
+    for config in (GemmConfig(128, block_n, 8, 3, tma=True), GemmConfig(128, block_n, 4, stages, pingpong=True)):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+        outs.append(launch_fp8_gemm(a, a_scale, b, b_scale, out, config))
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[1], outs[0])
+    ref = reference.fp8_gemm(a, a_scale, b, b_scale, torch.float32)
+    assert _rel(outs[1], ref) < (BF16_TOL if out_dtype == torch.bfloat16 else FP32_TOL)
+
 @pytest.mark.parametrize("m, n, k", [(1, 2048, 4096), (70, 4096, 2048), (1000, 512, 1024)])
 def test_fp4_gemm_plan(plan, m, n, k):
     torch.manual_seed(m)

@@ -8,7 +8,7 @@ once on the chip (``(m_class, N, K) -> GemmConfig``, see TUNING.md), and shapes 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,9 @@ class GemmConfig:
     (the weight decoded in registers by the compiler, wgmma); off, or with fp32 scales, decoded to
     bf16 by ``_e2m1.as_bf16`` (``_e2m1.fp4_block_dot``). Off by default: the committed tables were
     measured in the bf16 form, and the tuner tries both (TUNING.md). Unused by the FP8 kernel."""
+    pingpong: bool = False
+    """FP8 only: the Gluon kernel of :mod:`.fp8_gemm_pingpong` (a TMA producer warp, two consumer
+    warpgroups of block_m / 2 rows taking turns on the tensor cores); num_warps is a consumer's (4)."""
 
 
 ConfigTable = Mapping[tuple[int, int, int], GemmConfig]
@@ -201,10 +204,11 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 
 def gemm(
-    kernel, tables: Mapping[str, ConfigTable], a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
-    b_scale: torch.Tensor, out_dtype: torch.dtype | None,
+    launcher: Callable[..., torch.Tensor], tables: Mapping[str, ConfigTable], a: torch.Tensor,
+    a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """Allocate C [M, N] (bf16 unless out_dtype) and run ``kernel`` with the committed config."""
+    """Allocate C [M, N] (bf16 unless out_dtype) and fill it with ``launcher(a, a_scale, b,
+    b_scale, out, config)`` under the committed config."""
     m, k = a.shape
     n = b.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or torch.bfloat16, device=a.device)
@@ -212,7 +216,7 @@ def gemm(
         return out
     if k == 0:
         return out.zero_()
-    return launch(kernel, a, a_scale, b, b_scale, out, select_config(tables, m, n, k, a.device))
+    return launcher(a, a_scale, b, b_scale, out, select_config(tables, m, n, k, a.device))
 
 
 MMA_ROWS = 64

@@ -133,4 +133,4 @@ def fp4_gemm(
 
     ``C[m, n] = sum_k A[m, k] sA[m, k/128] * e2m1(B[n, k]) sB[n, k/32]``
     """
-    return gemm(_fp4_gemm_kernel, CONFIGS, a, a_scale, b, b_scale, out_dtype)
+    return gemm(launch_fp4_gemm, CONFIGS, a, a_scale, b, b_scale, out_dtype)

@@ -160,7 +160,13 @@ def launch_fp8_gemm(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
     config: GemmConfig,
 ) -> torch.Tensor:
-    """:func:`fp8_gemm` into a given ``out`` with an explicit config (tuning, benchmarks, tests)."""
+    """:func:`fp8_gemm` into a given ``out`` with an explicit config (tuning, benchmarks, tests);
+    ``config.pingpong`` runs the Gluon kernel of :mod:`.fp8_gemm_pingpong` (imported on first
+    use: it needs Triton's Gluon, 3.6 or later)."""
+    if config.pingpong:
+        from .fp8_gemm_pingpong import launch_fp8_gemm_pingpong
+
+        return launch_fp8_gemm_pingpong(a, a_scale, b, b_scale, out, config)
     return launch(_fp8_gemm_kernel, a, a_scale, b, b_scale, out, config)
 
 
@@ -175,5 +181,5 @@ def fp8_gemm(
 
     ``C[m, n] = sum_kb (sum_{k in kb} A[m, k] B[n, k]) * sA[m, kb] * sB[n // 128, kb]``
     """
-    return gemm(_fp8_gemm_kernel, CONFIGS, a, a_scale, b, b_scale, out_dtype)
+    return gemm(launch_fp8_gemm, CONFIGS, a, a_scale, b, b_scale, out_dtype)
 

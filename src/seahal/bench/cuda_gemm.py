@@ -2,7 +2,8 @@
 
 Per (weight shape, M) row: our Triton kernel; ``torch._scaled_mm`` with DeepSeek blockwise scales
 (1x128 activation, 128x128 weight; checked against a float64 dequantised product before timing);
-``torch._scaled_mm`` rowwise; bf16 ``torch.matmul``; for ``fp4_gemm`` the chosen config in the
+``torch._scaled_mm`` rowwise; bf16 ``torch.matmul``; for ``fp8_gemm`` at M >= 512 the Gluon
+ping-pong kernel (``GemmConfig.pingpong``, 128x128 tiles, 4 slots); for ``fp4_gemm`` the chosen config in the
 other FP4 form (``tl.dot_scaled`` or bf16 decode, ``GemmConfig.fp4_mx``). Times are medians of
 CUDA-graph replays timed with CUDA events, L2 flushed before every call (``common.time_cuda``). TFLOP/s = 2MNK/t,
 GB/s = bytes(A + B + scales + C)/t, against 1979 FP8 TFLOP/s and the GPU's copy bandwidth
@@ -132,7 +133,8 @@ def tune_candidates(op: str, m: int):
         configs += persistent
         tma += [replace(c, tma=True) for c in persistent]
     if op == "fp8_gemm":
-        return configs + tma
+        pingpong = [C(128, 128, 4, 4, pingpong=True), C(128, 128, 4, 5, pingpong=True), C(128, 64, 4, 6, pingpong=True)]
+        return configs + tma + (pingpong if m >= 512 else [])
     return configs + [replace(c, fp4_mx=True) for c in configs]  # the tl.dot_scaled form of each
 
 
@@ -260,6 +262,10 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     row["frac_hbm"] = row["gbps"] / 1e3 / peak_tbps()
 
     if op == "fp8_gemm":
+        if m >= 512 and not config.pingpong:  # the Gluon ping-pong kernel (fp8_gemm_pingpong), in no table yet
+            out_pingpong, pingpong = torch.empty_like(out), GemmConfig(128, 128, 4, 4, pingpong=True)
+            _peer("pingpong", lambda: (lambda: _launcher(op)(a, a_scale, b, b_scale, out_pingpong, pingpong)), ref,
+                  quick, True, row)
         _peer("cublas_block", lambda: cublas_blockwise(a, a_scale, b, b_scale), ref, quick, True, row)
         _peer("cublas_row", lambda: cublas_rowwise(a, b), ref, quick, False, row)
     else:  # the chosen config in the other FP4 form (tl.dot_scaled <-> bf16 decode; fp4_mx in GemmConfig)
@@ -292,8 +298,11 @@ def format_table(rows: list[dict]) -> str:
         cfg = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} k{c['split_k']} g{c['group_m']}"
         cfg += " tma" * bool(c.get("tma")) + (f" p{c['persistent']}" if c.get("persistent") else "")
         cfg += " mx" * bool(c.get("fp4_mx"))
+        cfg += " pingpong" * bool(c.get("pingpong"))
         if r.get("other_form_us"):
             cfg += f" (other FP4 form: {r['other_form_us']:.1f} us)"
+        if r.get("pingpong_us"):
+            cfg += f" (pingpong 128x128: {r['pingpong_us']:.1f} us)"
         lines.append(
             f"{r['op'][:8]:8} {r['shape']:10} {r['M']:>5} {_fmt(r['us'], '8.1f')} {_fmt(r['tflops'], '8.1f')} "
             f"{_fmt(r['gbps'], '6.0f')} {_fmt(100 * r['frac_fp8_peak'], '5.1f')} {_fmt(100 * r['frac_hbm'], '5.1f')} "
@@ -315,6 +324,7 @@ def config_table_source(rows: list[dict]) -> str:
         flag = ", tma=True" if c.get("tma") else ""
         flag += f", persistent={c['persistent']}" if c.get("persistent") else ""
         flag += ", fp4_mx=True" if c.get("fp4_mx") else ""
+        flag += ", pingpong=True" if c.get("pingpong") else ""
         lines.append(f"    ({m_class(r['M'])}, {r['N']}, {r['K']}): GemmConfig({c['block_m']}, {c['block_n']}, "
                      f"{c['num_warps']}, {c['num_stages']}, {c['split_k']}, {c['group_m']}{flag}),  "
                      f"# {r['shape']} {r['us']:.1f} us")

@@ -258,6 +258,10 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
     target = target or sm90()
     kernel = launch.kernel
     backend = make_backend(target)
+    if kernel.is_gluon():  # a Gluon kernel is compiled from its own AST source
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    else:
+        source = ASTSource
     try:
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*launch.args, **launch.kwargs)
@@ -265,7 +269,7 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
             backend, launch.kwargs, bound, specialization, options
         )
         compiled = triton.compile(
-            ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+            source(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
         )
     except Exception as error:  # the compiler's diagnostics are the result, down to the first cause
         chain = [error]
