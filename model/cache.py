@@ -53,14 +53,12 @@ class RowStore:
         """Store vectors [B, n, dim] at row ``slots`` (``encoded``: already stored rows [B, n, width])."""
         self.data[:, slots] = vectors if encoded else self.encode(vectors)
 
-    def write_rows(self, target: torch.Tensor, keep: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
-        """Store ``vectors[:, i]`` at row ``target[:, i]`` where ``keep[:, i]`` (target, keep: [1 or B,
-        n] from :func:`span_rows`; ``encoded``: already stored rows). Nothing depends on the values:
-        all n target rows are rewritten, those not kept with their old value (distinct rows, so no
-        write races)."""
+    def write_rows(self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
+        """Store ``vectors[:, i]`` [B, n, dim] in row ``target[:, i]`` of each sequence (target: [1 or
+        B, n] int64, distinct rows in ``[0, rows)``; ``encoded``: already stored rows [B, n, width]):
+        one scatter, whatever the row numbers' values."""
         rows = vectors if encoded else self.encode(vectors)
-        index = target.expand(rows.shape[:2])[..., None].expand(rows.shape)
-        self.data.scatter_(1, index, torch.where(keep[..., None], rows, self.data.gather(1, index)))
+        self.data.scatter_(1, target.expand(rows.shape[:2])[..., None].expand(rows.shape), rows)
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""
@@ -109,17 +107,6 @@ class IndexKeyStore(RowStore):
         return self.ops.index_key_pack(keys, self.fmt)
 
 
-def span_rows(first: torch.Tensor, count: torch.Tensor, n: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a position-generic step writes its n new rows in a store of ``rows`` rows: row
-    ``(first + i) mod rows`` for i < n, kept while ``i < count`` (first, count: int64 tensors, 0-d
-    or [B] per sequence) -> (target [1 or B, n] int64, keep [1 or B, n] bool)."""
-    count = count.reshape(-1, 1)
-    if n == 1:  # a decode step's at most one entry: no offsets to make
-        return first.reshape(-1, 1) % rows, count > 0
-    i = torch.arange(n, device=first.device)
-    return (first.reshape(-1, 1) + i) % rows, i < count
-
-
 class StepMemo(dict):
     """Values made once a forward step and shared by its layers, keyed by what they depend on
     besides the step's positions (a compression ratio, a store's geometry): the position
@@ -159,7 +146,9 @@ class LayerCache:
 
     @property
     def capacity(self) -> int:
-        """Compressed entries the buffer holds."""
+        """Compressed entries the buffer holds: ceil(C/m) in a cache of C tokens, the floor(C/m)
+        those tokens complete and, when m does not divide C, one more row, where a position-generic
+        step stores its padding (see :class:`TracedLayerCache`)."""
         return self.kv.rows - self.window
 
     def ring(self) -> torch.Tensor:
@@ -267,34 +256,54 @@ class TracedLayerCache(LayerCache):
     """A layer cache whose position is an int64 tensor, 0-d or [B] per sequence (``n_compressed``
     too), for one graph that serves every position (a captured decode step, the ONNX export).
     Nothing depends on the position's value: every compressed row is offered (queries mask the
-    entries they cannot see) and written through a mask, where :class:`LayerCache` slices to
-    ``n_compressed``."""
+    entries they cannot see), where :class:`LayerCache` slices to ``n_compressed``.
+
+    A step of S tokens from position p, holding c = floor(p/m) entries, gets n = ceil(S/m) rows
+    from its compressor: the ``count`` = floor((p+S)/m) - c entries it completes, then padding.
+    All n are stored, row i as entry c + i, by one scatter and no mask. That is safe because
+
+    - they fit: a store serving positions below T (:meth:`Cache.new`'s capacity,
+      :meth:`Cache.truncated`'s tokens) holds ceil(T/m) entries, and for p + S <= T,
+      c + n = floor(p/m) + ceil(S/m) <= ceil((p+S)/m) <= ceil(T/m);
+    - the padding overwrites no valid entry: it lands at entries >= c + count, which no query of
+      the step sees (query t sees entries j < floor((t+1)/m) <= c + count; the indexer and
+      attention kernels drop the others by selection, so a padded row's values, NaN included,
+      never reach a score), and the step that completes such an entry stores it before its
+      queries read the store.
+
+    So the rows past the valid entries hold whatever a step's padding left, not necessarily zeros."""
 
     def compressed_rows(self) -> torch.Tensor:
         return self.kv.data[:, self.window :]
 
     def store_index_keys(self, new_keys: torch.Tensor, count: torch.Tensor, memo: StepMemo | None = None) -> torch.Tensor:
-        """Store the first ``count`` (per sequence) of this step's keys [B, n, d_i] (padded past it)
+        """Store this step's keys [B, n, d_i] (per sequence the ``count`` it completes, then padding)
         as entries ``n_compressed, ...``; return the whole store (queries mask the rows they do not
         see). With the step's ``memo`` the rows written are made once for the layers of this ratio."""
-        self.index_keys.write_rows(*self._span(0, self.index_keys.rows, new_keys.shape[1], count, memo), new_keys)
+        self.index_keys.write_rows(self._new_rows(0, new_keys.shape[1], memo), new_keys)
         return self.index_keys.read()
 
     def append_compressed(
         self, entries: torch.Tensor, count: torch.Tensor, encoded: bool = False, memo: StepMemo | None = None
     ) -> None:
-        """Store the first ``count`` (per sequence) of ``entries`` [B, n, d] (padded past it;
-        ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`), then count them; with
-        ``memo``, rows and count made once for the layers of this ratio."""
-        self.kv.write_rows(*self._span(self.window, self.kv.rows, entries.shape[1], count, memo), entries, encoded)
+        """Store ``entries`` [B, n, d] (per sequence the ``count`` the step completes, then padding;
+        ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`) as entries
+        ``n_compressed, ...``, then count the ``count`` new ones; with ``memo``, rows and count
+        made once for the layers of this ratio."""
+        self.kv.write_rows(self._new_rows(self.window, entries.shape[1], memo), entries, encoded)
         n_compressed = self.n_compressed
         self.n_compressed = _once(memo, ("entries after the step", self.ratio), lambda: n_compressed + count)
 
-    def _span(self, offset: int, rows: int, n: int, count: torch.Tensor, memo: StepMemo | None):
-        """:func:`span_rows` of this step's n new entries in a store of ``rows`` rows whose entry j
-        is row ``offset + j``."""
-        first = self.n_compressed
-        return _once(memo, ("span", self.ratio, offset, rows, n), lambda: span_rows(offset + first, count, n, rows))
+    def _new_rows(self, offset: int, n: int, memo: StepMemo | None) -> torch.Tensor:
+        """[1 or B, n] int64: the rows ``offset + n_compressed + i`` (i < n) of a store whose entry j
+        is row ``offset + j``. A decode step's one row takes at most an add (none for offset 0)."""
+        def rows() -> torch.Tensor:
+            start = self.n_compressed.reshape(-1, 1)
+            if n > 1:
+                return start + torch.arange(offset, offset + n, device=start.device)
+            return start + offset if offset else start
+
+        return _once(memo, ("new rows", self.ratio, offset, n), rows)
 
 
 @dataclass
@@ -316,7 +325,7 @@ class Cache:
         layers = []
         for layer in range(c.n_layers):
             ratio = c.compress_ratios[layer]
-            entries = capacity // ratio if ratio else 0
+            entries = -(-capacity // ratio) if ratio else 0  # see TracedLayerCache: room for a padded row
             kv = VectorStore(batch, c.window_size + entries, c.head_dim, kv_format, dtype, device, ops, c.rope_head_dim)
             lc = LayerCache(kv=kv, window=c.window_size, ratio=ratio)
             if ratio:
@@ -368,14 +377,15 @@ class Cache:
 
     def truncated(self, tokens: int) -> Cache:
         """This cache as far as positions below ``tokens`` reach: per layer the window ring, the
-        first ``tokens // m`` compressed entries and indexer keys, and the states, all views (what
+        first ceil(tokens / m) compressed entries and indexer keys (as :attr:`LayerCache.capacity`
+        of a ``tokens`` cache; never more than this cache holds), and the states, all views (what
         is written lands here). A position-generic step over it offers its queries ``tokens``
         positions' rows instead of the capacity's."""
         if not 0 < tokens <= self.capacity:
             raise ValueError(f"tokens must be in [1, {self.capacity}], got {tokens}")
         layers = []
         for lc, ratio in zip(self.layers, self.config.compress_ratios):
-            entries = tokens // ratio if ratio else 0
+            entries = -(-tokens // ratio) if ratio else 0
             named = lc.named_tensors()
             named["kv"] = named["kv"][:, : lc.window + entries]
             if "index_keys" in named:

@@ -6,9 +6,9 @@ replays the arguments of capture time, so the step must not depend on the positi
 host value. Here it does not: the step reads its tokens and positions (one per sequence, so
 sequences of different lengths decode together) from device buffers and advances the positions
 itself, runs the model over the cache as :class:`seahal.model.cache.TracedLayerCache` sees it
-(every compressed row offered to attention and the indexer, masked by position; writes through
-masks), and the position-dependent HAL ops take the positions as a [B] device tensor
-(:attr:`seahal.hal.OpSpec.position`). The cache tensors are the graph's: a replay updates the
+(every compressed row offered to attention and the indexer, masked by position; each new entry
+scattered into its row), and the position-dependent HAL ops take the positions as a [B] device
+tensor (:attr:`seahal.hal.OpSpec.position`). The cache tensors are the graph's: a replay updates the
 caller's cache in place, and :meth:`DecodeGraph.step` advances the host's bookkeeping.
 
 Cost of position-generic work: each layer scores and attends over every compressed row of the

@@ -43,13 +43,17 @@ def _decode_both_ways(
 
 @pytest.mark.parametrize("cache_format", ["dense", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("min_bucket", [1024, 16])
+@pytest.mark.parametrize("min_bucket", [1024, 16, 10])
 def test_position_generic_step_equals_the_ordinary_decode(checkpoint, cache_format, dtype, min_bucket):
     """Bit for bit: the generic step offers attention every compressed row of its bucket (masked
     by position) and the indexer every key row (invisible ones masked), which selects and weighs
-    exactly the ordinary step's rows; the compressor's padded row is written only when it holds
-    an entry. min_bucket 1024: one bucket, the whole cache (64 positions); 16: buckets of 16 and
-    then 32 positions as the sequences grow from 10 to 32 tokens."""
+    exactly the ordinary step's rows. The compressor's row is stored whether it holds an entry or
+    padding, which lands in the entry after the valid ones; the step completing that entry
+    overwrites it, and the last step (31) completes one in every layer, so the whole caches then
+    agree. min_bucket 1024: one bucket, the whole cache (64 positions); 16: buckets of 16 and then
+    32 positions as the sequences grow from 10 to 32 tokens; 10: buckets of 10, 20 and 40, no
+    multiples of 16 (nor of 4 for 10), whose last rows hold no entry their positions complete: the
+    step at 9 stores its padding there (CSA entry 2, HCA entry 0), the one at 19 too (HCA entry 1)."""
     model = load(checkpoint, device="cpu", dtype=dtype, announce=False, cache_format=cache_format)
     ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(0))
     expected, got, (ordinary, generic) = _decode_both_ways(model, ids, capture=False, min_bucket=min_bucket)

@@ -131,8 +131,8 @@ def test_bf16_compressor_writes_fp8_records_as_packing_its_entries_did(checkpoin
 
 
 def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
-    """The export's traced cache (tensor position, masked writes) keeps kv_compress_fp8's records
-    as they come, at the same rows as the eager cache: the first ``count`` of a padded batch."""
+    """The export's traced cache (tensor position) keeps kv_compress_fp8's records as they come, at
+    the same rows as the eager cache: the first ``count`` of a padded batch, the padding after them."""
     model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format="fp8")
     cache = model.new_cache(2, 48)
     model(torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4)), cache=cache)
@@ -143,8 +143,72 @@ def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
     records = torch.randint(0, 256, (2, 3, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     eager.append_compressed(records[:, :2], 2, encoded=True)
     traced.append_compressed(records, torch.tensor(2), encoded=True)  # padded to 3 rows
-    assert torch.equal(traced.kv.data, eager.kv.data)
+    valid = eager.window + 4  # ring and entries 0-3
+    assert torch.equal(traced.kv.data[:, :valid], eager.kv.data[:, :valid])
     assert torch.equal(eager.compressed_rows()[:, -2:], records[:, :2]) and int(traced.n_compressed) == 4
+    assert torch.equal(traced.kv.data[:, valid], records[:, 2])  # the padding: entry 4, not yet valid
+    assert torch.equal(traced.kv.data[:, valid + 1 :], eager.kv.data[:, valid + 1 :])
+
+
+STORES = ModelConfig(
+    n_layers=3, compress_ratios=[4, 16, 128], window_size=8, head_dim=16, rope_head_dim=8, index_head_dim=8
+)
+"""A CSA layer (m=4: KV entries and indexer keys) and HCA layers of m=16 and m=128, small dense stores."""
+
+
+@pytest.mark.parametrize(
+    "extent, starts, n_tokens",
+    [
+        # the whole cache of 62 positions (16, 4 and 1 entries: 62 is no multiple of 4 or 16):
+        # m=4 entries complete at 3 and 7, none at 0, 16 or 61, whose padding takes the 16th row
+        (None, [0, 3, 7, 16, 61], 1),
+        (10, [9, 7, 4], 1),  # truncated(10): 3 CSA rows; 9, its last token, pads entry 2
+        (32, [31, 0, 15], 1),  # truncated(32): the m=128 layer's one row, entry 0, completed by none
+        (10, [5, 0, 2], 5),  # a chunk of 5 tokens: two rows for m=4, entries complete or pad
+        (None, [3, 54], 8),  # m=16 at 54: the chunk completes nothing, its padding takes the 4th row
+    ],
+)
+def test_traced_step_stores_the_entries_of_the_int_position_step(extent, starts, n_tokens):
+    """A position-generic step (positions per sequence, over the cache or a truncated view) stores
+    every entry it completes, and its indexer key, where the int-position step does, bitwise; the
+    compressor's padding rows go to the entries right after (not yet valid; NaN here, which must
+    reach no valid row) and nothing else of the cache changes, in the view or past it."""
+    from seahal.hal.ops.compressor import new_entries
+    from seahal.model.cache import StepMemo
+
+    gen = torch.Generator().manual_seed(0)
+    full = Cache.new(STORES, len(starts), 62, torch.float32, "cpu", ops=None)
+    for t in full.named_tensors().values():
+        t.copy_(torch.randn(t.shape, generator=gen))  # stale rows: a row written differs from its old value
+    ints = full.with_tensors({n: t.clone() for n, t in full.named_tensors().items()}, 0)
+    traced = full.with_tensors({n: t.clone() for n, t in full.named_tensors().items()}, 0)
+    expected = ints.named_tensors()  # the int step's result, then the traced step's padding
+
+    position = torch.tensor(starts)
+    view = traced.truncated(extent) if extent else traced
+    step, memo = view.with_tensors(view.named_tensors(), position), StepMemo()
+    for layer, m in enumerate(STORES.compress_ratios):
+        n = -(-n_tokens // m)  # the compressor's rows: ceil(S/m)
+        vectors = {name: torch.randn(len(starts), n, d, generator=gen) for name, d in (("kv", 16), ("index_keys", 8))}
+        for b, p in enumerate(starts):
+            count, first = new_entries(p, n_tokens, m), p // m
+            for vector in vectors.values():
+                vector[b, count:] = float("nan")  # padding
+            own = (ints.truncated(extent) if extent else ints).rows(b, b + 1)
+            lc = own.with_tensors(own.named_tensors(), p).layers[layer]
+            if m == 4:
+                lc.store_index_keys(vectors["index_keys"][b : b + 1, :count], count)
+            lc.append_compressed(vectors["kv"][b : b + 1, :count], count)
+            for name, offset in (("kv", STORES.window_size), ("index_keys", 0)):
+                if m == 4 or name == "kv":
+                    expected[f"layers.{layer}.{name}"][b, offset + first + count : offset + first + n] = float("nan")
+        lc, count = step.layers[layer], new_entries(position, n_tokens, m)
+        if m == 4:
+            lc.store_index_keys(vectors["index_keys"], count, memo)
+        lc.append_compressed(vectors["kv"], count, memo=memo)
+        assert lc.n_compressed.tolist() == [(p + n_tokens) // m for p in starts]
+    for name, tensor in traced.named_tensors().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("start, n", [(0, 5), (13, 5), (14, 16), (3, 40), (16, 16), (7, 1)])
@@ -220,6 +284,7 @@ def test_rows_and_truncated_views_write_into_the_cache(checkpoint):
         assert torch.equal(tensor[0::2], fresh[name][0::2]), name  # the other sequences untouched
     view = cache.truncated(32)
     assert view.capacity == 32 and view.layers[2].kv.data.shape[1] == 16 + 32 // 16  # ring + HCA entries (m=16)
+    assert cache.truncated(33).layers[2].kv.data.shape[1] == 16 + 3  # ceil(33/16): room for a step's padding
     assert view.layers[2].kv.data.data_ptr() == cache.layers[2].kv.data.data_ptr()
     with pytest.raises(ValueError, match=r"tokens must be in \[1, 64\], got 65"):
         cache.truncated(65)

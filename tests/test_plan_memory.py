@@ -96,10 +96,12 @@ def test_a_split_that_would_cut_a_quantisation_block_is_refused(checkpoints):
 
 def _tiny_cache_bytes(vector: int, index_key: int) -> int:
     """The tiny V4's cache (layers SWA, CSA, HCA m=16, CSA; window 16) for 2 sequences of 70
-    tokens, by hand: ``vector`` / ``index_key`` bytes per stored KV vector / indexer key."""
+    tokens, by hand: ``vector`` / ``index_key`` bytes per stored KV vector / indexer key. A layer
+    of ratio m stores ceil(70/m) entries: the 70 // m complete ones and a row for the incomplete
+    block (where a position-generic step stores its compressor's padding)."""
     window = 2 * 16 * vector
-    csa = window + 2 * (70 // 4) * (vector + index_key) + 4 * (2 * 8 * 256 * 4)  # 4 states [2, 2m, 2d] fp32
-    hca = window + 2 * (70 // 16) * vector + 2 * (2 * 16 * 128 * 4)  # 2 states [2, m, d] fp32
+    csa = window + 2 * 18 * (vector + index_key) + 4 * (2 * 8 * 256 * 4)  # 4 states [2, 2m, 2d] fp32
+    hca = window + 2 * 5 * vector + 2 * (2 * 16 * 128 * 4)  # 2 states [2, m, d] fp32
     return window + 2 * csa + hca
 
 

@@ -19,8 +19,9 @@ together): the ops taking ``start_pos`` are
 called through twins that take it as a tensor (kv_compress's entries padded to the most a step
 can complete, as its ONNX function returns them), and the cache
 (:class:`seahal.model.cache.TracedLayerCache`) offers every compressed row to attention (masked
-by index) and writes through masks, so no shape or traced value depends on the position. A
-prefill step passes the int position 0 and keeps the first rows, the entries it completes.
+by index) and scatters each step's entries into their rows, so no shape or traced value depends
+on the position. A prefill step passes the int position 0 and keeps the first rows, the entries
+it completes.
 Batch size and cache capacity are static (``metadata_props``, ``seahal.*``).
 """
 
