@@ -194,11 +194,16 @@ def launch(
     return out
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether TMA can address the 2-D tensor ``t`` as it is: row-major, rows 16-byte aligned."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def _descriptor(t: torch.Tensor, rows: int):
     """A tensor descriptor loading [rows, 128] tiles of a K-contiguous 2-D tensor (copied if not)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+    if not tma_ready(t):
         t = t.contiguous()
     return TensorDescriptor.from_tensor(t, [rows, K_BLOCK])
 

@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._gemm import K_BLOCK, GemmConfig, decode_e8m0, tile_coords
+from ._gemm import K_BLOCK, GemmConfig, decode_e8m0, tile_coords, tma_ready
 
 K_STEP = gl.constexpr(K_BLOCK)
 """The 128-wide K block inside the kernels (a global a Gluon kernel may read)."""
@@ -148,10 +148,6 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
 def launch_fp8_gemm_pingpong(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
     config: GemmConfig,
@@ -164,12 +160,12 @@ def launch_fp8_gemm_pingpong(
             or config.split_k != 1 or config.persistent:
         raise ValueError(f"the ping-pong FP8 GEMM takes 128x64 or 128x128 tiles, 4 warps a consumer, no split-K "
                          f"or persistent grid; got {config}")
-    if not _tma_ready(out):
+    if not tma_ready(out):
         raise ValueError(f"out must be row-major with 16-byte aligned rows for the TMA store, got strides "
                          f"{tuple(out.stride())} of {out.dtype}")
     m, k = a.shape
     n = b.shape[0]
-    a, b = (t if _tma_ready(t) else t.contiguous() for t in (a, b))
+    a, b = (t if tma_ready(t) else t.contiguous() for t in (a, b))
     if b_scale.dtype != torch.float32:
         b_scale = b_scale.view(torch.uint8)
     half = config.block_m // 2
