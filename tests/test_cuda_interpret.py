@@ -268,13 +268,9 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
         else:
             assert why is not None and cuda.UNVERIFIED_VARIABLE in why, (op, why)
             assert kernels[op].rejection(PlanContext("cuda", None, {})) is None, op
-    # what the GPU runs verified and nothing changed since serves plans; changed since the second
-    # H200 run (99082c5): the GEMMs, router, head GEMV and sparse attention, the experts, the indexer;
-    # new since: the indexer's rotation and its key records
-    assert {op for op, (_, _, verified) in cuda.KERNELS.items() if not verified} == {
-        "fp8_gemm", "fp4_gemm", "moe_gate", "fp32_linear", "sparse_attention", "sparse_attention_fp8",
-        "moe_experts", "indexer_topk", "indexer_topk_packed", "hadamard_rotate", "index_key_pack",
-    }
+    # what the GPU runs verified and nothing changed since serves plans; failed conformance on the
+    # H100 run at 1e4356c and changed since: the FP8 GEMM and the experts (FP8 decode tiles)
+    assert {op for op, (_, _, verified) in cuda.KERNELS.items() if not verified} == {"fp8_gemm", "moe_experts"}
     monkeypatch.setenv(cuda.UNVERIFIED_VARIABLE, "1")
     assert all(k.rejection(on_h100) is None for k in kernels.values())
 

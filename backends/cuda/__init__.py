@@ -23,10 +23,10 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
     "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, True),
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, True),
-    # New since the second run: interpreter-verified and compiled for sm_90, not yet run on a GPU.
-    "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, False),
+    # New since the second run, verified on an H100 at 1e4356c (2026-11-26).
+    "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, True),
     "index_key_pack": (
-        "quant:index_key_pack", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, False
+        "quant:index_key_pack", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, True
     ),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
@@ -39,13 +39,13 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     ),
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, True),
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, True),
-    # Verified on a GPU (the GEMMs and the router tuned on an H100; all in the H200 runs), then
-    # changed after the second run (99082c5): decode tiles multiply weights first and FP4 decodes
-    # straight to bf16 (fp8_gemm, fp4_gemm), a GEMV for few tokens (moe_gate over an fp32 weight,
-    # fp32_linear's layouts), 64-head wgmma tiles for FP8 records (sparse attention). Interpreter-
-    # verified and compiled for sm_90 since; not yet run on a GPU again.
+    # Verified on an H100 at 1e4356c (2026-11-26: full-shape conformance, GPU tests, every bench row
+    # against the reference): the FP4 GEMM, the router, fp32 linears, sparse attention, the indexer
+    # and its rotation and key records (above). Not verified: fp8_gemm and moe_experts failed
+    # conformance there on their FP8 decode tiles (weights-first FP8 wgmma sums; now widened to
+    # fp16, interpreter-verified and compiled for sm_90, not yet run on a GPU again).
     "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
-    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
+    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
     "moe_gate": (  # fp32 math, top_k <= 8; group-limited routing stays on the reference
         "moe_gate:moe_gate",
         {
@@ -54,28 +54,24 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
             "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
             "routing": ("score", "hash"),
         },
-        False,
+        True,
     ),
-    "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, False),
+    "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, True),
     # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
     "sparse_attention": (
-        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, False
+        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, True
     ),
     "sparse_attention_fp8": (
-        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, False
+        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, True
     ),
-    # Verified in the second run too, then changed: moe_experts (one-token shared-expert compile fix,
-    # FP4 form per tile size, weights first on decode tiles), the indexer (key records loaded as
-    # words, keys on the MMA's M side, one-warp ranking). Interpreter-verified and compiled for sm_90
-    # since; not yet run on a GPU again.
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
         False,
     ),
-    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, True),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
-        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False
+        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, True
     ),
 }
 
