@@ -180,7 +180,7 @@ def launch(
         options["MX"] = True
     if config.persistent:
         options["PERSISTENT"] = True
-    if weights_first(config.block_m, config.block_n):
+    if weights_first(config.block_m, config.block_n, fp4=b.dtype == torch.uint8):
         options["WEIGHTS_FIRST"] = True
     kernel[launch_grid(config, m, n, a.device)](
         a_arg, a_scale, b_arg, b_scale, out, partial, counters,
@@ -228,16 +228,19 @@ MMA_ROWS = 64
 """The M of one Hopper wgmma (a warpgroup's tile rows)."""
 
 
-def weights_first(block_m: int, block_n: int) -> bool:
-    """Whether a GEMM tile of ``block_m`` activation rows and ``block_n`` weight rows forms its
-    product weights first, ``(B_tile · A_tile^T)^T``: when only the weight rows fill a wgmma's M.
+def weights_first(block_m: int, block_n: int, fp4: bool) -> bool:
+    """Whether a GEMM tile of ``block_m`` activation rows and ``block_n`` FP4 (``fp4``) weight rows
+    forms its product weights first, ``(B_tile · A_tile^T)^T``: when only the weight rows fill a
+    wgmma's M, the weights decoded to bf16 go in from registers (sm_90 SASS, 16x64: 494 -> 439
+    loop instructions a warp per K block), where activations first a 16-row tile is an mma.sync
+    product in which every warp handles all of A.
 
-    Activations first, a 16-row tile is an mma.sync product (Triton widens FP8 operands to fp16 for
-    it on sm_90) in which every warp handles all of A; weights first it is wgmma m64nBLOCK_Mk32 on
-    the FP8 codes as stored (sm_90 SASS, fp8_gemm 16x64: 166 -> 128 loop instructions a warp per K
-    block, 16x128 TMA 302 -> 199) or on the decoded FP4 weights from registers (16x64: 494 -> 439).
+    Not for FP8 weights: their wgmma would take the e4m3 codes as stored, and an FP8 wgmma keeps
+    only about 14 significant bits of its sums (fp32 outputs off by 4e-4 relative on the H100,
+    2026-11-26: conformance failed), where the 16-row mma.sync product, on operands Triton widens
+    to fp16, sums the exact products in fp32.
     """
-    return block_m < MMA_ROWS <= block_n
+    return fp4 and block_m < MMA_ROWS <= block_n
 
 
 @triton.jit

@@ -1,10 +1,13 @@
 """Triton FP8 block-scaled GEMM (op ``fp8_gemm``) with DeepSeek's two-level accumulation.
 
-Each 128-wide K block's product ``A_kb @ B_kb^T`` runs on the FP8 tensor cores into a fresh fp32
+Each 128-wide K block's product ``A_kb @ B_kb^T`` runs on the tensor cores into a fresh fp32
 tile, which is scaled by ``sA[m, kb] * sB[n // 128, kb]`` and added to a separate fp32
-accumulator (v4_ops.md §11.2). Decode tiles (fewer than 64 activation rows, at least 64 weight
-rows) form the product weights first, ``(B_tile · A_tile^T)^T``, so that the weight rows are the
-wgmma's M (:func:`._gemm.weights_first`). Launch configs come from a committed table (TUNING.md).
+accumulator (v4_ops.md §11.2). Tiles of 64 and more activation rows are FP8 wgmma products, whose
+sums inside the block keep about 14 significant bits (as in the official kernels and DeepGEMM,
+which promote to fp32 per 128-wide block the same way); smaller tiles are mma.sync products on
+operands Triton widens to fp16, exact fp32 sums, which the conformance suite's fp32 rule checks
+(:func:`._gemm.weights_first` says why they are not formed weights first). Launch configs come
+from a committed table (TUNING.md).
 """
 
 from __future__ import annotations
@@ -13,10 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import (
-    ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, oriented, oriented_acc, oriented_dot, store_tile,
-    tile_coords,
-)
+from ._gemm import ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords
 
 SM90_CONFIGS: ConfigTable = {
     (1, 1024, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # q_a 10.1 us
@@ -90,24 +90,22 @@ def _fp8_gemm_kernel(
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    WEIGHTS_FIRST: tl.constexpr = False,
 ):
     """:func:`_fp8_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
-    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``).
-    WEIGHTS_FIRST: the product formed as ``(B_tile · A_tile^T)^T`` (:func:`._gemm.weights_first`)."""
+    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for w in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0)):
             _fp8_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA, WEIGHTS_FIRST,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
             )
     else:
         _fp8_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA, WEIGHTS_FIRST,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
         )
 
 
@@ -119,7 +117,7 @@ def _fp8_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr,
 ):
     """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sA[m, kb] * sB[n // 128, kb] for output tile ``tile``
     (in GROUP_M order), K blocks of split ``pid_k``."""
@@ -138,7 +136,7 @@ def _fp8_gemm_tile(
         b_scale_ptrs = b_scale_ptr + (pid_n * BLOCK_N // 128) * stride_bsn + kb_lo * stride_bsk
     else:
         b_scale_ptrs = b_scale_ptr + (rows_b // 128) * stride_bsn + kb_lo * stride_bsk
-    acc = oriented_acc(BLOCK_M, BLOCK_N, WEIGHTS_FIRST)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
         if TMA:  # a_ptr, b_ptr are tensor descriptors; rows past the edge load as zeros
             a = a_ptr.load([pid_m * BLOCK_M, kb * 128])
@@ -148,12 +146,11 @@ def _fp8_gemm_tile(
             b = tl.load(b_ptrs)
             a_ptrs += 128 * stride_ak
             b_ptrs += 128 * stride_bk
-        scale = _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
-        acc += oriented_dot(a, b, WEIGHTS_FIRST) * oriented(scale, WEIGHTS_FIRST)
+        acc += tl.dot(a, b) * _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
         a_scale_ptrs += stride_ask
         b_scale_ptrs += stride_bsk
-    store_tile(oriented(acc, WEIGHTS_FIRST), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N,
-               stride_cm, stride_cn, BLOCK_M, BLOCK_N, SPLIT_K)
+    store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
+               BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 def launch_fp8_gemm(

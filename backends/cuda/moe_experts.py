@@ -43,7 +43,7 @@ import triton.language as tl
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_block_dot
-from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, oriented_dot, weights_first
+from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
 
@@ -301,13 +301,13 @@ def _accumulate(
     MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``acc + A B`` with the block's scales: fp32 accumulation in every format; acc [BLOCK_N,
-    BLOCK_M] when WEIGHTS_FIRST (fp8 and fp4 only, :func:`._gemm.weights_first`), else [BLOCK_M,
+    BLOCK_M] when WEIGHTS_FIRST (fp4 only, :func:`._gemm.weights_first`), else [BLOCK_M,
     BLOCK_N] (fp4: b, b_scale are the packed codes and 1x32 scales, formed as
     :func:`._e2m1.fp4_block_dot` says)."""
     if FORMAT == 0:
         return exact_dot(a, b, acc, not DOT_FP32)
     elif FORMAT == 1:
-        return acc + oriented_dot(a, b, WEIGHTS_FIRST) * oriented((a_scale * b_scale)[:, None], WEIGHTS_FIRST)
+        return acc + tl.dot(a, b) * (a_scale * b_scale)[:, None]
     else:
         return fp4_block_dot(acc, a, a_scale, b, b_scale, SCALE_E8M0, MX, WEIGHTS_FIRST, BLOCK_N, BLOCK_K)
 
@@ -326,7 +326,7 @@ def _k_loop(
     ``fp8_act_quant`` would (the same :func:`fp8_quantize_tiles`, ue8m0), instead of e4m3 codes
     with their scales."""
     fp4_mx: tl.constexpr = FORMAT == 2 and MX
-    weights_first: tl.constexpr = FORMAT != 0 and (fp4_mx or WEIGHTS_FIRST)  # dense: activations first
+    weights_first: tl.constexpr = FORMAT == 2 and (fp4_mx or WEIGHTS_FIRST)  # dense, fp8: activations first
     acc_w = oriented_acc(BLOCK_M, BLOCK_N, weights_first)
     acc_v = oriented_acc(BLOCK_M, BLOCK_N, weights_first)
     for kb in range(kb_lo, kb_hi):
@@ -547,7 +547,7 @@ def _grouped_gemm(
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
         MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
-        WEIGHTS_FIRST=weights_first(config.block_m, config.block_n),
+        WEIGHTS_FIRST=weights_first(config.block_m, config.block_n, fp4=fmt == "fp4"),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
