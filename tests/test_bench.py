@@ -66,6 +66,30 @@ def test_smoke_mode_writes_one_document_for_every_op(tmp_path, capsys):
     assert table.count("\n| ") == len(rows) + 1  # header separator + one line per row
 
 
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """The JSON document is rewritten after every row: a device step killed at its limit in the
+    middle of a module (here: the second rope row interrupted) leaves the rows before it."""
+    from seahal.bench import cuda_mhc_rope
+
+    path = tmp_path / "bench.json"
+    measure = common.measure
+    calls = []
+
+    def measure_then_stop(case, device, quick):
+        calls.append(case.shape)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what the step's timeout does to the process, short of killing it
+        return measure(case, device, quick)
+
+    monkeypatch.setattr(common, "measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_cuda(["rope"], "cpu", quick=True, json_path=str(path))
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["op"] == "rope" and row["shape"] == calls[0] and row["us"] > 0
+    assert not common._ROW_HOOKS  # the hook left with the interrupted module
+    assert cuda_mhc_rope.rows  # the module measured through common.measure_all
+
+
 def test_plot_draws_or_says_why(tmp_path, capsys):
     rows = run_cuda(["rope"], "cpu", quick=True)
     path = tmp_path / "roofline.png"

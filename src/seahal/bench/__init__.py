@@ -71,7 +71,7 @@ def expand_ops(spec: str) -> list[str]:
 def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None = None,
              plot_path: str | None = None) -> list[dict]:
     """Rows of ``ops`` on ``device`` from each op's module, in one table (printed last), one JSON
-    document at ``json_path`` (rewritten after each module, so a run cut short keeps what it
+    document at ``json_path`` (rewritten after each row, so a run cut short keeps what it
     measured) and one roofline plot at ``plot_path``."""
     import torch
 
@@ -83,10 +83,18 @@ def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None 
         groups.setdefault(CUDA_OPS[op], []).append(op)
     rows: list[dict] = []
     for module, module_ops in groups.items():
+        measured: list[dict] = []  # the module's rows so far
+
+        def checkpoint(row: dict) -> None:
+            measured.append(row)
+            if json_path:
+                common.write_json(json_path, device, rows + measured)
+
         if device.type != "cuda" and module in GPU_ONLY:
             rows += [common.unavailable_row(op, "needs a CUDA device (no CPU smoke mode)") for op in module_ops]
         else:
-            rows += importlib.import_module(f"seahal.bench.{module}").rows(module_ops, device, quick)
+            with common.on_each_row(checkpoint):
+                rows += importlib.import_module(f"seahal.bench.{module}").rows(module_ops, device, quick)
         if json_path:
             common.write_json(json_path, device, rows)
     if plot_path and common.plot_roofline(rows, plot_path, f"seahal bench on {common.environment(device)['device']}"):

@@ -17,12 +17,13 @@ check is reported with ``us`` None and not timed. A case whose issue states a go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import functools
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -226,12 +227,30 @@ def time_us(fn: Callable[[], object], device: torch.device, quick: bool) -> tupl
     reference's data-dependent indexing: launch gaps then count); ``host`` (CPU smoke mode)."""
     if device.type != "cuda":
         return _time_host(fn, quick), "host"
+    if not syncs_with_host(fn):
+        try:
+            return time_cuda(fn, quick), "graph"
+        except RuntimeError:  # capture refused an operation the sync check does not see
+            torch.cuda.synchronize()
+    fn()
+    return _median_cuda_events(fn, quick), "eager"
+
+
+def syncs_with_host(fn: Callable[[], object]) -> bool:
+    """Whether one eager call of ``fn`` waits on the device (``.item()``, ``nonzero``, a copy to
+    the host), run under torch's sync debug mode "error". Such code cannot be captured, and is not
+    tried: a capture that fails midway can leave the CUDA generator marked as capturing, and every
+    later random draw on the device then fails ("Offset increment outside graph capture", the
+    H100 run of 2026-11-26, after the experts' reference peer)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        return time_cuda(fn, quick), "graph"
-    except RuntimeError:  # capture refused a host sync; the error is not sticky
-        torch.cuda.synchronize()
         fn()
-        return _median_cuda_events(fn, quick), "eager"
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return False
 
 
 def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict:
@@ -374,6 +393,20 @@ def unavailable_row(op: str, why: str) -> dict:
     return {**new_row(Case(op, "-", 0, 0, PEAK_BF16_TFLOPS), "-"), "bound": None, "note": why}
 
 
+_ROW_HOOKS: list[Callable[[dict], None]] = []
+
+
+@contextlib.contextmanager
+def on_each_row(hook: Callable[[dict], None]) -> Iterator[None]:
+    """Within the block, :func:`measure_all` hands every row to ``hook`` as soon as it is measured
+    (``seahal bench --json`` keeps what a run cut short by a device session's limit measured)."""
+    _ROW_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _ROW_HOOKS.remove(hook)
+
+
 def measure_all(cases: Iterable[Case], device: torch.device, quick: bool) -> list[dict]:
     """:func:`measure` each case, printing one progress line per row (with the seconds it took:
     compiles and slow peers are what a device session's budget goes on)."""
@@ -384,6 +417,8 @@ def measure_all(cases: Iterable[Case], device: torch.device, quick: bool) -> lis
         r = rows[-1]
         print(f"{r['op']} {r['shape']}: {_fmt(r['us'], '.1f')} us, check {r['check']} {r.get('note', '')}"
               f"({time.perf_counter() - started:.1f} s)", flush=True)
+        for hook in _ROW_HOOKS:
+            hook(r)
     return rows
 
 
