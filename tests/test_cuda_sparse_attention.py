@@ -301,9 +301,11 @@ def test_launch_heuristic_decode_vs_prefill():
     # On an H100's 132 SMs. Batch-1 decode: DECODE tiles (16 heads, two programs an SM), split to
     # one wave: V4-Flash (64 heads, 128 + 512 slots) 4 head blocks x min(264 // 4, 20 blocks of 32)
     # splits; V4-Pro (128 heads, 128 + 1024 slots) 8 x min(264 // 8, 36). Batch 64 and a
-    # 4096-query prefill over dense rows: WIDE tiles (32 heads, one program an SM), no split.
+    # 4096-query prefill over dense rows: WIDE or HEADS64 tiles (one program an SM), no split.
     # FP8 records: HEADS64 once queries x head blocks x slot blocks reach the SMs (V4-Flash from
-    # 7 queries, V4-Pro from 2), at batch 64 split to one wave (V4-Flash 64 programs x 2).
+    # 7 queries, V4-Pro from 2), at batch 64 split to one wave (V4-Flash 64 programs x 2). Dense
+    # rows take HEADS64 too once its unsplit grid fills half the SMs (V4-Pro at batch 64, every
+    # 4096-query prefill; measured faster there on the H100), V4-Flash at batch 64 WIDE.
     from seahal.backends.cuda.sparse_attention import (
         DECODE,
         HEADS64,
@@ -317,10 +319,11 @@ def test_launch_heuristic_decode_vs_prefill():
     assert attention_splits(1, 64, 640, DECODE, 132) == 20
     assert attention_splits(1, 128, 1152, DECODE, 132) == 33
     assert attention_splits(32, 64, 640, DECODE, 132) == 2  # 128 programs: a second one on each SM
-    for queries, heads, slots in ((64, 64, 640), (64, 128, 1152), (4096, 64, 640)):
-        assert attention_config(queries, heads, slots, bf16, cuda, 132) == WIDE
-        assert attention_splits(queries, heads, slots, WIDE, 132) == 1
+    for queries, heads, slots, dense in ((64, 64, 640, WIDE), (64, 128, 1152, HEADS64), (4096, 64, 640, HEADS64),
+                                         (4096, 128, 1152, HEADS64), (32, 64, 640, DECODE), (40, 64, 640, WIDE)):
+        assert attention_config(queries, heads, slots, bf16, cuda, 132) == dense, (queries, heads)
         assert attention_config(queries, heads, slots, bf16, cuda, 132, fp8=True) == HEADS64
+    assert attention_splits(64, 64, 640, WIDE, 132) == 1
     assert attention_splits(64, 64, 640, HEADS64, 132) == 2
     assert attention_splits(64, 128, 1152, HEADS64, 132) == 1
     assert attention_splits(4096, 64, 640, HEADS64, 132) == 1

@@ -103,15 +103,24 @@ class IndexerConfig:
     rank_chunk: int = 1024
 
 
+PROGRAMS_PER_SM = {"dense": 2, "fp4": 4, "fp8": 4}
+"""Scores programs per SM the splits aim for, by key format. Packed keys decode in registers, so
+more resident programs hide more of it: on the H100 (2026-11-26, V4-Flash decode, batch 64, 64k to
+1M context) 4 against 2 took FP8 keys from 1526 to 1368 us at 1M (408 -> 364 at 256k) and FP4 keys
+from 1302 to 1196 us; bf16 keys gained at most 3% from 1 program an SM and keep 2."""
+
+
 def indexer_config(
     s: int, h: int, n_entries: int, topk: int, rows: int, device: torch.device, *,
-    block_n: int = 64, programs_per_sm: int = 2, num_warps: int | None = None, chunk_topks: int = 8,
+    key_format: str = "dense", block_n: int = 64, programs_per_sm: int | None = None,
+    num_warps: int | None = None, chunk_topks: int = 8,
 ) -> IndexerConfig:
     """The launch for S queries of H heads over n_entries visible entries, top-k, ``rows`` = B * S.
 
-    GPU (untuned, TUNING.md): heads times queries fill an N of 64 (decode) or 128 (prefill) and
+    GPU (TUNING.md): heads times queries fill an N of 64 (decode) or 128 (prefill) and
     at least 16 (the MMA's minimum); ``block_n``-entry key tiles; splits until the scores grid
-    holds about ``programs_per_sm`` programs per SM; 4 warps, 8 from 128 heads x queries
+    holds about ``programs_per_sm`` programs per SM (default :data:`PROGRAMS_PER_SM` of
+    ``key_format``); 4 warps, 8 from 128 heads x queries
     (``num_warps`` overrides); selection chunks of ``chunk_topks`` * k keys, at least 4096 (for 8 *
     k: three rounds at 256k entries for V4's k = 512 and 1024); 16 candidates per ranking program
     (one warp, comparing them with up to 1024 of the row's a step).
@@ -127,6 +136,7 @@ def indexer_config(
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     row_programs = (rows // s) * triton.cdiv(s, block_s)
     tiles = triton.cdiv(n_entries, block_n)
+    programs_per_sm = programs_per_sm or PROGRAMS_PER_SM[key_format]
     splits = max(1, min(tiles, triton.cdiv(programs_per_sm * sms, row_programs)))
     split_len = triton.cdiv(tiles, splits) * block_n
     chunk = max(4096, chunk_topks * k_pad)
@@ -191,7 +201,9 @@ def launch_indexer(
         if n_entries == 0:
             out[:, first:last] = -1  # nothing visible yet
             continue
-        config = indexer_config(last - first, q.shape[2], n_entries, topk, b * (last - first), q.device, **launch)
+        config = indexer_config(
+            last - first, q.shape[2], n_entries, topk, b * (last - first), q.device, key_format=key_format, **launch
+        )
         ranking = ranking_keys(
             q[:, first:last], weights[:, first:last], keys, ratio, start_pos, n_entries, config, key_format, first
         )

@@ -88,6 +88,12 @@ FP32 = AttentionConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
 """fp32 q and rows (accuracy checks, not speed): IEEE fp32 dots, small tiles."""
 INTERPRETER = AttentionConfig(block_h=16, block_n=16)
 """CPU tensors (the Triton interpreter): small tiles, so that tests cross head and slot blocks."""
+ONE_LAUNCH_MAX_SPLITS = 2
+"""Up to this many key splits the split programs merge their partials themselves (one launch).
+Measured on the H100 (2026-11-26, V4-Flash CSA FP8 decode at batch 64, HEADS64 tiles in 2 splits):
+one launch 63 us against 121 us with the merge launch, whose B*S*H x D/64 grid of small programs
+(32768 here) cost more than the attention; at batch 1 (DECODE tiles, 20 splits) the one program's
+serial merge lost, 24.6 against 13.8 us."""
 MERGE_SPLITS, MERGE_COLUMNS = 32, 64
 """The merge reads the partials of a (query, head) in [32 splits, 64 columns] fp32 tiles."""
 
@@ -100,9 +106,13 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
     FP8 records with at least 64 heads take :data:`HEADS64` once its split grid can fill the chip
     (queries x head blocks x BLOCK_N blocks >= SMs: V4-Flash CSA from 7 queries, V4-Pro from 2), where
     the decode's instruction count is what costs; fewer queries keep :data:`DECODE`, four times as
-    many programs for the few rows there are. Dense rows take :data:`WIDE` once its unsplit grid
-    (queries x ceil(H / 32) programs) fills half the SMs (V4-Flash from batch 33, V4-Pro from 17,
-    every prefill), else DECODE. fp32 q takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
+    many programs for the few rows there are. Dense rows take HEADS64 once its unsplit grid
+    (queries x ceil(H / 64) programs) fills half the SMs (V4-Pro from batch 33, V4-Flash from 66,
+    every prefill), else :data:`WIDE` once its unsplit grid fills half the SMs (V4-Flash from batch
+    33, V4-Pro from 17), else DECODE. Measured on the H100 (2026-11-26, bf16 rows): HEADS64 against
+    WIDE at prefill S=4096 2069 vs 2618 us (V4-Flash CSA), 6905 vs 8964 us (V4-Pro), at batch 64
+    V4-Pro CSA 134 vs 166 us; at batch 64 V4-Flash, whose HEADS64 grid is split in two, WIDE won
+    (56 vs 114 us). fp32 q takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
     """
     if device.type != "cuda":
         return INTERPRETER
@@ -111,6 +121,8 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
     if fp8:
         work_items = queries * triton.cdiv(h, HEADS64.block_h) * triton.cdiv(k, HEADS64.block_n)
         return HEADS64 if h >= HEADS64.block_h and work_items >= sm_count else DECODE
+    if h >= HEADS64.block_h and 2 * queries * triton.cdiv(h, HEADS64.block_h) >= sm_count:
+        return HEADS64
     return WIDE if 2 * queries * triton.cdiv(h, WIDE.block_h) >= sm_count else DECODE
 
 
@@ -205,7 +217,7 @@ def launch_sparse_attention(
     rope_dim: int = 64,
     tile: int = 64,
     splits: int | None = None,
-    one_launch: bool = False,
+    one_launch: bool | None = None,
 ) -> None:
     """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
 
@@ -218,7 +230,8 @@ def launch_sparse_attention(
     last bits between a small (split) and a large (unsplit) batch. ``one_launch``: the split
     programs merge their partials themselves, the last of a (query, head block) to finish reading
     all of them (an arrival counter per pair, :func:`._gemm.arrival_counters`), instead of a second
-    launch: one launch's fixed cost less, one program's serial merge more (a bench variant).
+    launch: one launch's fixed cost less, one program's serial merge more. None (the default) merges
+    in one launch up to :data:`ONE_LAUNCH_MAX_SPLITS` splits on a GPU.
     """
     b, s, h, d = q.shape
     if out.numel() == 0:
@@ -242,6 +255,8 @@ def launch_sparse_attention(
         stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
     else:  # unused by the unsplit kernel
         partial = stats = out
+    if one_launch is None:
+        one_launch = on_gpu and splits <= ONE_LAUNCH_MAX_SPLITS
     merge = one_launch and splits > 1
     counters = arrival_counters(b * s * head_blocks, q.device) if merge else out  # unused without the merge
     _sparse_attention_kernel[(b * s * splits * head_blocks,)](

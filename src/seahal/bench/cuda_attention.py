@@ -160,14 +160,15 @@ head block (128 KB for 16 heads of 512 fp32 columns) instead of the default spli
 
 def _variants(args: tuple, device: torch.device, *configs: str, splits: bool = False) -> dict:
     """The cuda kernel's other launches a row times (on a GPU): under each named tiles, and if
-    ``splits`` with split-K off (what flash-decoding buys at the row's grid) and with the split
-    programs merging their partials themselves (one launch: its default splits, and
-    :data:`ONE_LAUNCH_SPLITS`)."""
+    ``splits`` with split-K off (what flash-decoding buys at the row's grid), with the merge in a
+    second launch, and with the split programs merging their partials themselves (one launch: its
+    default splits, and :data:`ONE_LAUNCH_SPLITS`); one of the last three is the default launch."""
     if device.type != "cuda":
         return {}
     variants = {f"{name} tiles": partial(_triton_attention, *args, config=name) for name in configs}
     if splits:
         variants["splits=1"] = partial(_triton_attention, *args, splits=1)
+        variants["two launches"] = partial(_triton_attention, *args, one_launch=False)
         variants["one launch"] = partial(_triton_attention, *args, one_launch=True)
         variants[f"one launch, splits={ONE_LAUNCH_SPLITS}"] = partial(
             _triton_attention, *args, splits=ONE_LAUNCH_SPLITS, one_launch=True
@@ -176,7 +177,7 @@ def _variants(args: tuple, device: torch.device, *configs: str, splits: bool = F
 
 
 def _triton_attention(q, kv, indices, sink, softmax_scale, rope_dim=64, tile=64, *, config: str | None = None,
-                      splits: int | None = None, one_launch: bool = False):
+                      splits: int | None = None, one_launch: bool | None = None):
     """The cuda kernel under a launch other than its own choice: the tiles named ``config`` (an
     :class:`AttentionConfig` of the module: ``"DECODE"``, ``"WIDE"``, ``"HEADS64"``), ``splits``
     key splits (default: what ``attention_splits`` gives those tiles), ``one_launch`` merging."""
@@ -440,12 +441,14 @@ INDEXER_VARIANTS = {
     "block_n=128": {"block_n": 128},
     "8 warps": {"num_warps": 8},
     "1 program/SM": {"programs_per_sm": 1},
+    "2 programs/SM": {"programs_per_sm": 2},
     "4 programs/SM": {"programs_per_sm": 4},
     "chunks of 32 x topk": {"chunk_topks": 32},
 }
 """Launches of the cuda indexer a V4-Flash decode row at batch >= 64 and context >= 64k also times
 (``indexer.indexer_config``'s keyword arguments): the rows issue #6's 70%-of-bandwidth goal is
-about, where the default launch is a guess (V4-Pro's indexer differs only in its top-k)."""
+about (V4-Pro's indexer differs only in its top-k); one of the programs-per-SM rows repeats the
+default of the row's key format (``indexer.PROGRAMS_PER_SM``)."""
 
 
 def _decode_indexer(dims: ModelDims, batch: int, ctx: int, key_format: str | None, device: torch.device) -> Workload:
