@@ -18,7 +18,7 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "bench-model-quick", "bench-gemm", "pytest-gpu", "bench-indexer", "bench-attention",
+STEPS = ["setup", "conformance", "bench-model-quick", "bench-gemm", "pytest-gpu", "bench-experts", "bench-decode",
          "bench-mhc-compress"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
@@ -54,9 +54,9 @@ def test_dry_run_lists_the_steps_in_priority_order():
 
 
 def test_only_selects_steps_and_bad_arguments_are_refused():
-    result = _run("--dry-run", "--only", "bench-indexer,conformance", "--budget", "300")
+    result = _run("--dry-run", "--only", "bench-decode,conformance", "--budget", "300")
     assert result.stdout.splitlines()[0].startswith("budget 300s")
-    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["conformance", "bench-indexer"]
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["conformance", "bench-decode"]
     # the router's rows run only when named (measured, its bf16 path unchanged since)
     result = _run("--dry-run", "--only", "bench-gate")
     (line,) = result.stdout.splitlines()[1:]
