@@ -117,7 +117,7 @@ ROUTE_KERNEL_MAX_ROWS = 512
 ROUTE_KERNEL_MAX_EXPERTS = 1024
 """The one-launch routing holds per-expert counts in registers: beyond this E it takes the torch path."""
 _ROUTE_CHUNK = 32
-"""Slots, tiles and experts the routing kernel compares at a time (a [rows, 32] comparison tile)."""
+"""Tiles the routing kernel assigns to experts at a time (a [32, experts] comparison tile)."""
 
 
 def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
@@ -191,46 +191,44 @@ def _route_kernel(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_PAD: tl.constexpr, EXPERTS_PAD: tl.constexpr,
     TILES_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """The :class:`Routing` tables of ``rows`` = T*k slots in one program, without a sort.
+    """The :class:`Routing` tables of ``rows`` = T*k slots in one program.
 
-    Slot i's sorted row is its stable counting rank #{j : key_j < key_i or (key_j = key_i, j < i)};
-    its place among its token's rows the same rank over the token's k slots. Expert e's rows start
-    at bounds_e = #{key < e}; tile -> expert is #{e : tiles_end_e <= tile} (searchsorted, right).
-    The merged weight of a slot sums, in slot order, the weights of the token's slots with its id.
+    The slots sorted by ``key * ROWS_PAD + slot`` (one bitonic ``tl.sort``; the slot breaks ties,
+    so the order is the stable sort's) give sorted row r its slot; the padding slots (key E, slot
+    >= rows) sort last. Per expert the row count is a histogram of the routed keys and its first
+    row the exclusive prefix sum.
+    A row's place among its token's rows is its key's rank over the token's k slots; tile ->
+    expert is #{e : tiles_end_e <= tile} (searchsorted, right). The merged weight of a slot sums,
+    in slot order, the weights of the token's slots with its id.
     """
-    slot = tl.arange(0, ROWS_PAD)
-    valid = slot < rows
+    row = tl.arange(0, ROWS_PAD)
+    in_rows = row < rows
+    key = _slot_key(ids_ptr, row, in_rows, stride_it, stride_ik, n_experts, TOP_K)
+    count = tl.histogram(key, EXPERTS_PAD, mask=key < n_experts)
+    below = tl.cumsum(count, axis=0) - count  # bounds_e = #{key < e}
+    tl.store(n_valid_ptr, tl.sum((key < n_experts).to(tl.int32), axis=0))
+    order_key = tl.sort(key * ROWS_PAD + row)
+    slot = order_key % ROWS_PAD  # sorted row -> its slot
+    key = order_key // ROWS_PAD
     token = slot // TOP_K
     j = slot % TOP_K
-    key = _slot_key(ids_ptr, slot, valid, stride_it, stride_ik, n_experts, TOP_K)
-    ids = tl.load(ids_ptr + token * stride_it + j * stride_ik, mask=valid, other=-1)
+    ids = tl.load(ids_ptr + token * stride_it + j * stride_ik, mask=in_rows, other=-1)
     weight = tl.zeros((ROWS_PAD,), dtype=tl.float32)
     order = tl.zeros((ROWS_PAD,), dtype=tl.int32)  # the slot's place among its token's rows
     for jj in tl.static_range(TOP_K):
-        peer = tl.load(ids_ptr + token * stride_it + jj * stride_ik, mask=valid, other=-1)
-        w = tl.load(weights_ptr + token * stride_wt + jj * stride_wk, mask=valid, other=0.0).to(tl.float32)
+        peer = tl.load(ids_ptr + token * stride_it + jj * stride_ik, mask=in_rows, other=-1)
+        w = tl.load(weights_ptr + token * stride_wt + jj * stride_wk, mask=in_rows, other=0.0).to(tl.float32)
         weight += tl.where(peer == ids, w, 0.0)
-        peer_key = _slot_key(ids_ptr, token * TOP_K + jj, valid, stride_it, stride_ik, n_experts, TOP_K)
+        peer_key = _slot_key(ids_ptr, token * TOP_K + jj, in_rows, stride_it, stride_ik, n_experts, TOP_K)
         order += ((peer_key < key) | ((peer_key == key) & (jj < j))).to(tl.int32)
+    tl.store(slots_ptr + row, slot, mask=in_rows)
+    tl.store(sorted_weights_ptr + row, weight, mask=in_rows)
+    tl.store(positions_ptr + token * TOP_K + order, row, mask=in_rows)
     expert = tl.arange(0, EXPERTS_PAD)
-    rank = tl.zeros((ROWS_PAD,), dtype=tl.int32)
-    count = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)
-    below = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)  # bounds_e = #{key < e}
-    for c in range(0, ROWS_PAD, CHUNK):
-        other = c + tl.arange(0, CHUNK)
-        other_key = _slot_key(ids_ptr, other, other < rows, stride_it, stride_ik, n_experts, TOP_K)
-        tie = (other_key[None, :] == key[:, None]) & (other[None, :] < slot[:, None])
-        rank += tl.sum(((other_key[None, :] < key[:, None]) | tie).to(tl.int32), axis=1)
-        count += tl.sum((other_key[None, :] == expert[:, None]).to(tl.int32), axis=1)
-        below += tl.sum((other_key[None, :] < expert[:, None]).to(tl.int32), axis=1)
-    tl.store(slots_ptr + rank, slot, mask=valid)
-    tl.store(sorted_weights_ptr + rank, weight, mask=valid)
-    tl.store(positions_ptr + token * TOP_K + order, rank, mask=valid)
     n_tiles = (count + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.where(expert < n_experts, tl.cumsum(n_tiles, axis=0), max_tiles)
     row_lo = below - (tiles_end - n_tiles) * BLOCK_M  # tile's first row: row_lo_e + tile * BLOCK_M
     row_hi = below + count
-    tl.store(n_valid_ptr, tl.sum((key < n_experts).to(tl.int32), axis=0))
     for c in range(0, TILES_PAD, CHUNK):
         tile = c + tl.arange(0, CHUNK)
         owner = tl.sum((tiles_end[None, :] <= tile[:, None]).to(tl.int32), axis=1)
