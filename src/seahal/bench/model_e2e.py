@@ -49,7 +49,9 @@ captured during the warm-up steps) when the plan keeps positions on the device; 
 run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager. A GPU decode row also
 carries ``decode_kernels``: one eager step under torch.profiler, its kernels' summed device time
 (``busy_us``; the graph's time minus it is what launches and gaps cost) and the longest kernels
-by name (:func:`seahal.bench.common.kernel_profile`), also printed to the log.
+by name (:func:`seahal.bench.common.kernel_profile`), also printed to the log; a GPU prefill row
+``prefill_kernels``, the same for one prefill (the H100's 1k prefill took 32 ms against a 7 ms
+goal, unprofiled).
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -301,7 +303,8 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
             model.decode_eager(cache, token)
         measured.details["eager_decode_us"] = statistics.median(
             _elapsed_us(lambda t=t: model.decode_eager(cache, t), device) for t in steps[s.warmup :])
-    if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a decode step's device time goes
+    if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
+        measured.details["prefill_kernels"] = common.kernel_breakdown(lambda: model.prefill(prompt), 25)
         _, cache = model.prefill(prompt)
         model.decode_eager(cache, steps[0])
         measured.details["decode_kernels"] = common.kernel_breakdown(lambda: model.decode_eager(cache, steps[1]), 25)
@@ -383,8 +386,8 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     peers = {} if peer_us is None else {"transformers": peer_us}
     if phase == "decode" and "eager_decode_us" in ours.details:
         peers["seahal eager (no graph)"] = ours.details["eager_decode_us"]
-    if phase == "decode" and "decode_kernels" in ours.details:
-        row["decode_kernels"] = ours.details["decode_kernels"]
+    if f"{phase}_kernels" in ours.details:
+        row[f"{phase}_kernels"] = ours.details[f"{phase}_kernels"]
     common.record(row, case, us, peers)
     row["tokens_per_s"] = None if us is None else tokens / us * 1e6
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
@@ -443,7 +446,7 @@ def _transformers(dense: Path, oracle_folder: Path | None, prompts: dict[int, to
 
 
 def _print_profile(label: str, profile: dict | None, lines: int = 12) -> None:
-    """The longest kernels of a decode step (:func:`common.kernel_profile`), for the session log."""
+    """The longest kernels of a prefill or decode step (:func:`common.kernel_profile`), for the session log."""
     if not profile:
         return
     if "error" in profile:
@@ -480,7 +483,8 @@ def measure(
                 measured.details["decode_timing"] = ours.decode_timing if device.type == "cuda" else "host"
                 found += [_row(phase, ctx, name, ours.model, measured, peer.get(ctx), oracle.get(ctx))
                           for phase in ("prefill", "decode")]
-                _print_profile(f"seahal {name} decode @{_tokens(ctx)}", measured.details.get("decode_kernels"))
+                for phase in ("prefill", "decode"):
+                    _print_profile(f"seahal {name} {phase} @{_tokens(ctx)}", measured.details.get(f"{phase}_kernels"))
         except torch.OutOfMemoryError:
             found.append(common.unavailable_row("model", f"seahal {name}: {common.SKIP_ON_OOM}"))
         except Exception as exc:  # noqa: BLE001 - a layout that fails to load or run is a finding, not the end
