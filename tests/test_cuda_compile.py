@@ -181,25 +181,18 @@ def _attention(t: int):
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, 584, dtype=torch.uint8),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
         )
-    if t == 1:  # 32 sequences' decode: dense rows on the DECODE tiles, FP8 records on HEADS64, both split
-        sparse_attention.sparse_attention(
-            _empty(32, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(32, entries + 128, HEAD_DIM, dtype=torch.bfloat16),
-            torch.empty((32, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-        )
-        sparse_attention.sparse_attention_fp8(
-            _empty(32, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(32, entries + 128, 584, dtype=torch.uint8),
-            torch.empty((32, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-        )
-        # 40 sequences over dense rows: WIDE tiles; 64 over FP8 records: HEADS64 in 2 splits, merged
+    if t == 1:
+        # batched decode: 32 sequences, dense rows on the DECODE tiles and FP8 records on HEADS64,
+        # both split; 40 over dense rows on WIDE; 64 over FP8 records on HEADS64 in 2 splits merged
         # by the last split program (ONE_LAUNCH_MAX_SPLITS)
-        sparse_attention.sparse_attention(
-            _empty(40, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(40, entries + 128, HEAD_DIM, dtype=torch.bfloat16),
-            torch.empty((40, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-        )
-        sparse_attention.sparse_attention_fp8(
-            _empty(64, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(64, entries + 128, 584, dtype=torch.uint8),
-            torch.empty((64, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-        )
+        for batch, attend, row in ((32, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16)),
+                                   (32, sparse_attention.sparse_attention_fp8, (584, torch.uint8)),
+                                   (40, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16)),
+                                   (64, sparse_attention.sparse_attention_fp8, (584, torch.uint8))):
+            attend(
+                _empty(batch, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(batch, entries + 128, row[0], dtype=row[1]),
+                torch.empty((batch, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
+            )
         for kv in (_empty(B, entries + 128, HEAD_DIM, dtype=torch.bfloat16), _empty(B, entries + 128, 584, dtype=torch.uint8)):
             # the bench's one-launch variant: the last split program merges (batch 1, 4 splits)
             sparse_attention.launch_sparse_attention(
