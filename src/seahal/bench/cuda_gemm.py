@@ -262,7 +262,7 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
     row["frac_hbm"] = row["gbps"] / 1e3 / peak_tbps()
 
     if op == "fp8_gemm":
-        if m >= 512 and not config.pingpong:  # the Gluon ping-pong kernel (fp8_gemm_pingpong), in no table yet
+        if m >= 512 and not config.pingpong:  # the Gluon ping-pong kernel (fp8_gemm_pingpong) beside a Triton config
             out_pingpong, pingpong = torch.empty_like(out), GemmConfig(128, 128, 4, 4, pingpong=True)
             _peer("pingpong", lambda: (lambda: _launcher(op)(a, a_scale, b, b_scale, out_pingpong, pingpong)), ref,
                   quick, True, row)
