@@ -89,6 +89,8 @@ def _gemms():
 
 
 def _moe(t: int):
+    import dataclasses
+
     import torch
 
     from seahal.backends.cuda import moe_experts, moe_gate
@@ -108,12 +110,14 @@ def _moe(t: int):
         _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
         _empty(e, DIM, INTER, dtype=fp8), _empty(e, DIM // 128, INTER // 128, dtype=torch.float8_e8m0fnu),
     )
-    for scale_dtype in (torch.float32, torch.float8_e8m0fnu):  # FP4 weights; e8m0: the tl.dot_scaled form
-        moe_experts.moe_experts(
+    default = moe_experts.experts_config(t * TOP_K, True, x.device)
+    for scale_dtype, mx in ((torch.float32, False), (torch.float8_e8m0fnu, False), (torch.float8_e8m0fnu, True)):
+        moe_experts.moe_experts(  # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
             x, weights, top,
             _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
             _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
             _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=scale_dtype),
+            config=dataclasses.replace(default, fp4_mx=mx),
         )
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)

@@ -182,7 +182,7 @@ def test_mixed_weight_formats(experts, up_fmt, down_fmt):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # "-wide" gates reach -1e5: silu's exp(-gate) is inf
 @pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp4-e8m0-wide"])
 def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
-    """FP4 experts with e8m0 scales: the default ``tl.dot_scaled`` form and the bf16 decode sum the
+    """FP4 experts with e8m0 scales: the ``tl.dot_scaled`` form and the default bf16 decode sum the
     same exact products in fp32, in different orders ("-wide": group scales over 2^±20). The
     outputs agree to bf16 rounding: an fp32 last-bit difference in h can move one of h's e4m3
     codes by a step, which the norm over all elements keeps far below BF16_TOL."""
@@ -190,9 +190,9 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
 
     args = _case(5, fmt, torch.bfloat16, seed=4)
     config = experts.experts_config(10, True, args[0].device)
-    assert config.fp4_mx, "the microscaling form is the default"
-    out = experts.moe_experts(*args)
-    bf16_form = experts.moe_experts(*args, config=dataclasses.replace(config, fp4_mx=False))
+    assert not config.fp4_mx, "the bf16 form is the default"
+    out = experts.moe_experts(*args, config=dataclasses.replace(config, fp4_mx=True))
+    bf16_form = experts.moe_experts(*args)
     assert _rel(out, bf16_form) < BF16_TOL
     assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
     assert _rel(out, _brute_force(*args)) < BF16_TOL

@@ -19,13 +19,13 @@ from ._gemm import (
 )
 
 SM90_CONFIGS: ConfigTable = {
-    (1, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8, fp4_mx=True),  # exp_up 18.6 us; H200: 14.3 mx, 17.5 bf16
-    (16, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8, fp4_mx=True),  # exp_up 18.5 us; H200: 15.0 mx, 18.1 bf16
+    (1, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_up 18.6 us; H200: 14.3 mx, 17.5 bf16; H100: 14.8 mx, 12.4 bf16
+    (16, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_up 18.5 us; H200: 15.0 mx, 18.1 bf16; H100: 15.6 mx, 12.8 bf16
     (64, 2048, 4096): GemmConfig(64, 32, 4, 6, 4, 8),  # exp_up 23.8 us
     (512, 2048, 4096): GemmConfig(64, 128, 4, 4, 2, 8),  # exp_up 93.7 us
     (4096, 2048, 4096): GemmConfig(128, 128, 8, 3, 1, 16),  # exp_up 448.7 us
-    (1, 4096, 2048): GemmConfig(16, 128, 4, 4, 8, 8, fp4_mx=True),  # exp_down 17.5 us; H200: 13.9 mx, 16.9 bf16
-    (16, 4096, 2048): GemmConfig(16, 64, 4, 5, 8, 8, fp4_mx=True),  # exp_down 17.7 us; H200: 14.6 mx, 19.0 bf16
+    (1, 4096, 2048): GemmConfig(16, 128, 4, 4, 8, 8),  # exp_down 17.5 us; H200: 13.9 mx, 16.9 bf16; H100: 14.1 mx, 11.9 bf16
+    (16, 4096, 2048): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_down 17.7 us; H200: 14.6 mx, 19.0 bf16; H100: 14.7 mx, 12.3 bf16
     (64, 4096, 2048): GemmConfig(64, 64, 4, 5, 4, 8),  # exp_down 22.1 us
     (512, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 63.8 us
     (4096, 4096, 2048): GemmConfig(128, 128, 8, 3, 1, 8),  # exp_down 442.9 us
@@ -33,9 +33,10 @@ SM90_CONFIGS: ConfigTable = {
 """(m class, N, K) -> config, measured on an H100 SXM by ``python -m seahal.bench.cuda_gemm --tune --write-tables``,
 in the bf16-decode form (the times in the comments); ``--tune`` also tries each candidate through
 ``tl.dot_scaled`` (``fp4_mx=True``), and ``--write-tables`` commits that form where it wins
-(TUNING.md). At M <= 16 the mx form is committed by hand from the H200 run of 2026-11-26
-(docs/measurements/2026-11-26-h200-second/bench-fp4.json: 18-23% faster there; 10-44% slower from
-M = 64, 1.8x slower at M = 4096)."""
+(TUNING.md). The mx form was committed at M <= 16 from the H200 run of 2026-11-26 (18-23% faster
+there); since then the bf16 form decodes straight to bf16 (``_e2m1.e2m1_bf16``), and on the H100
+run of 2026-11-26 it was the faster one at M <= 16 too (12-17%: both forms in the comments) and
+the mx form 1.4-2.8x slower from M = 64, so every entry is the bf16 form."""
 
 CONFIGS = {"sm90": SM90_CONFIGS}
 

@@ -60,8 +60,9 @@ class ExpertsConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
-    fp4_mx: bool = True
-    """FP4 weights with e8m0 scales through ``tl.dot_scaled`` (:mod:`._e2m1`), else decoded to bf16."""
+    fp4_mx: bool = False
+    """FP4 weights with e8m0 scales through ``tl.dot_scaled`` (:mod:`._e2m1`), else (the default:
+    faster on the H100 at every row, :func:`experts_config`) decoded to bf16."""
     split_k: int | None = None
     """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
 
@@ -71,16 +72,16 @@ def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsC
 
     With FP8/FP4 weights BLOCK_N = 128: one weight scale row per tile, and the gate-up epilogue
     quantises whole 1x128 tiles of h. Few rows (decode) take 16-row tiles, since each touched
-    expert has only a handful; many take 64. FP4 blocks go through ``tl.dot_scaled`` on 16-row
-    tiles only: on the H200 (fp4_gemm, the same block product) that form was 18-23% faster at
-    M <= 16 and up to 1.8x slower on 64- and 128-row tiles, and the 8192-token row took 27.0 ms
-    with it against 24.7 ms in the bf16 form a session before.
+    expert has only a handful; many take 64. FP4 blocks are decoded to bf16 (``fp4_mx`` off): on
+    the H100 (2026-11-26, V4-Flash) that form took 124.9 us at one token against 135.7 us through
+    ``tl.dot_scaled``, 1050 against 1349 us at 16 tokens, and on the H200 the 8192-token row 24.7
+    ms against 27.0 ms.
     """
     if device.type != "cuda":  # the interpreter: small tiles, so tests see edge and masked tiles
         return ExpertsConfig(16, 128 if quantised else 64)
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
-    return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3, fp4_mx=False)
+    return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
 
 
 QUANT_IN_GEMM_MAX_ROWS = 256

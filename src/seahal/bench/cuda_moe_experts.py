@@ -8,8 +8,8 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 (:func:`reference_by_expert`: gather, dequantise, matmul, add back), the naive port a user would
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
-FP4 rows also time the same kernels with every FP4 block decoded to bf16 (``fp4_mx=False``) and
-with twice the warps.
+FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``)
+and with twice the warps.
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
@@ -133,12 +133,12 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     check = close(BF16_TOL)
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
-    if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks decoded to bf16,
-        # and with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
+    if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks through
+        # tl.dot_scaled, and with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
         from seahal.backends.cuda.moe_experts import experts_config
 
         config = experts_config(tokens * dims.top_k, True, device)
-        variants["bf16 form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=False))
+        variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
         variants[f"{2 * config.num_warps} warps"] = partial(
             kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
