@@ -94,8 +94,11 @@ Measured on the H100 (2026-11-26, V4-Flash CSA FP8 decode at batch 64, HEADS64 t
 one launch 63 us against 121 us with the merge launch, whose B*S*H x D/64 grid of small programs
 (32768 here) cost more than the attention; at batch 1 (DECODE tiles, 20 splits) the one program's
 serial merge lost, 24.6 against 13.8 us."""
-MERGE_SPLITS, MERGE_COLUMNS = 32, 64
-"""The merge reads the partials of a (query, head) in [32 splits, 64 columns] fp32 tiles."""
+MERGE_ROWS, MERGE_COLUMNS = 32, 64
+"""The merge launch reads partials in [splits, heads, 64 columns] fp32 tiles of 32 (split, head)
+rows: all of a query's splits up to 32 (next_pow2), and as many heads as fill the 32 rows. One
+head a program (the first form) made B*S*H x D/64 programs of a few loads each: 32768 for V4-Flash
+at batch 64 in 2 splits, 58 us on the H100 against 63 us for the attention itself."""
 
 
 def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: torch.device, sm_count: int,
@@ -269,9 +272,11 @@ def launch_sparse_attention(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1 and not merge:
-        _combine_splits_kernel[(b * s * h, triton.cdiv(d, MERGE_COLUMNS))](
+        block_s = min(triton.next_power_of_2(splits), MERGE_ROWS)
+        block_h = min(MERGE_ROWS // block_s, triton.next_power_of_2(h))
+        _combine_splits_kernel[(b * s * triton.cdiv(h, block_h), triton.cdiv(d, MERGE_COLUMNS))](
             partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
-            HEAD_DIM=d, BLOCK_S=MERGE_SPLITS, BLOCK_D=MERGE_COLUMNS, num_warps=4,
+            HEAD_DIM=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=MERGE_COLUMNS, num_warps=4,
         )
 
 
@@ -483,36 +488,40 @@ def _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, o
 def _combine_splits_kernel(
     part_ptr, stats_ptr, sink_ptr, out_ptr, S, H, SPLITS, stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, s, h, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`; program
-    ((b * S + s) * H + h, column block). ``M = max_i m_i``, ``acc = sum_i acc_i e^(m_i - M)``,
-    ``l = sum_i l_i e^(m_i - M)``, summed over BLOCK_S splits at a time, then normalised with the
-    sink as the unsplit kernel does."""
+    """out[b, s, heads, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`; program
+    ((b * S + s) * ceil(H / BLOCK_H) + head block, column block). ``M = max_i m_i``, ``acc = sum_i
+    acc_i e^(m_i - M)``, ``l = sum_i l_i e^(m_i - M)``, summed over BLOCK_S splits at a time, then
+    normalised with the sink as the unsplit kernel does."""
     pid = tl.program_id(0).to(tl.int64)
-    pid_bs = pid // H
-    head = pid % H
+    head_blocks = tl.cdiv(H, BLOCK_H)
+    pid_bs = pid // head_blocks
+    heads = (pid % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < H
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < HEAD_DIM
     offs_s = tl.arange(0, BLOCK_S)
     first = pid_bs * SPLITS  # this query's first workspace row
-    max_rows = stats_ptr + first * H + head  # m_i of split i at max_rows + i * H
-    sum_rows = max_rows + tl.num_programs(0).to(tl.int64) // H * SPLITS * H  # the running sums follow
+    queries = tl.num_programs(0).to(tl.int64) // head_blocks
+    max_rows = stats_ptr + first * H + heads[None, :]  # m_i of split i at max_rows + i * H: [1, BLOCK_H]
+    sum_rows = max_rows + queries * SPLITS * H  # the running sums follow
 
-    m = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+    m = tl.full((BLOCK_S, BLOCK_H), float("-inf"), tl.float32)
     for i0 in range(0, SPLITS, BLOCK_S):
-        m = tl.maximum(m, tl.load(max_rows + (i0 + offs_s) * H, mask=i0 + offs_s < SPLITS, other=float("-inf")))
-    m = tl.max(m, axis=0, keep_dims=True)  # [1]
+        split = (i0 + offs_s)[:, None]
+        m = tl.maximum(m, tl.load(max_rows + split * H, mask=(split < SPLITS) & head_ok[None, :], other=float("-inf")))
+    m = tl.max(m, axis=0)  # [BLOCK_H]
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # no valid key in any split: every weight is 0
-    l = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    l = tl.zeros((BLOCK_S, BLOCK_H), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_H, BLOCK_D), dtype=tl.float32)
     for i0 in range(0, SPLITS, BLOCK_S):
-        split = i0 + offs_s
-        weight = tl.exp(tl.load(max_rows + split * H, mask=split < SPLITS, other=float("-inf")) - m_safe)
-        l += tl.load(sum_rows + split * H, mask=split < SPLITS, other=0.0) * weight
-        part = part_ptr + ((first + split[:, None]) * H + head) * HEAD_DIM + cols[None, :]
-        acc += tl.load(part, mask=(split < SPLITS)[:, None] & col_ok[None, :], other=0.0) * weight[:, None]
-    heads = tl.zeros((1,), tl.int64) + head
+        split = (i0 + offs_s)[:, None]
+        rows_ok = (split < SPLITS) & head_ok[None, :]
+        weight = tl.exp(tl.load(max_rows + split * H, mask=rows_ok, other=float("-inf")) - m_safe[None, :])
+        l += tl.load(sum_rows + split * H, mask=rows_ok, other=0.0) * weight
+        part = part_ptr + (((first + split) * H + heads[None, :]) * HEAD_DIM)[:, :, None] + cols[None, None, :]
+        acc += tl.load(part, mask=rows_ok[:, :, None] & col_ok[None, None, :], other=0.0) * weight[:, :, None]
     out = out_ptr + (pid_bs // S) * stride_ob + (pid_bs % S) * stride_os + heads[:, None] * stride_oh
-    _normalise_and_store(tl.sum(acc, axis=0, keep_dims=True), m, tl.sum(l, axis=0, keep_dims=True), sink_ptr,
-                         stride_sink, heads, heads < H, out + cols[None, :] * stride_od, col_ok[None, :])
+    _normalise_and_store(tl.sum(acc, axis=0), m, tl.sum(l, axis=0), sink_ptr, stride_sink, heads, head_ok,
+                         out + cols[None, :] * stride_od, head_ok[:, None] & col_ok[None, :])
