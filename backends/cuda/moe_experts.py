@@ -1,8 +1,8 @@
 """Triton routed experts (op ``moe_experts``): permute by expert, two grouped GEMMs, un-permute.
 
 Layout: *contiguous grouped*. The T*k (token, slot) pairs are sorted by expert on the device (no
-host synchronisation; one Triton launch of counting ranks for few rows, ``torch.sort`` +
-``searchsorted`` for many: :func:`route`), so each expert's rows are consecutive
+host synchronisation; one Triton launch, a bitonic sort and a histogram, for few rows,
+``torch.sort`` + ``searchsorted`` for many: :func:`route`), so each expert's rows are consecutive
 in one [S = T*k] order. A row tile never straddles two experts: expert e owns ``ceil(n_e / BLOCK_M)``
 tiles and its last tile masks the rows past ``n_e``. The grid is sized by the bound
 ``ceil(S / BLOCK_M) + min(E, S)`` (no data-dependent launch shape, so a call can be captured in a
@@ -197,10 +197,9 @@ def _route_kernel(
     The slots sorted by ``key * ROWS_PAD + slot`` (one bitonic ``tl.sort``; the slot breaks ties,
     so the order is the stable sort's) give sorted row r its slot; the padding slots (key E, slot
     >= rows) sort last. Per expert the row count is a histogram of the routed keys and its first
-    row the exclusive prefix sum.
-    A row's place among its token's rows is its key's rank over the token's k slots; tile ->
-    expert is #{e : tiles_end_e <= tile} (searchsorted, right). The merged weight of a slot sums,
-    in slot order, the weights of the token's slots with its id.
+    row the exclusive prefix sum. A row's place among its token's rows is its key's rank over the
+    token's k slots; tile -> expert is #{e : tiles_end_e <= tile} (searchsorted, right). The merged
+    weight of a slot sums, in slot order, the weights of the token's slots with its id.
     """
     row = tl.arange(0, ROWS_PAD)
     in_rows = row < rows
