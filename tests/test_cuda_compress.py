@@ -36,7 +36,8 @@ DEVICE = "cpu" if IN_INTERPRETER else "cuda"
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(), run.report
 
 
 @pytest.fixture(scope="module")

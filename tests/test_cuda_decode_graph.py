@@ -27,7 +27,8 @@ POSITION_OPS = ("kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, timeout=900)
+    run = triton_interpreter.rerun_test_file(__file__, timeout=900)
+    assert run.passed(), run.report
 
 
 def _on_cuda_kernels(model) -> None:

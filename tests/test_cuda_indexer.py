@@ -40,7 +40,8 @@ from cuda_marks import IN_INTERPRETER, interpreted, on_gpu  # noqa: E402
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(), run.report
 
 
 @pytest.fixture(scope="module")

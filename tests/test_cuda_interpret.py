@@ -34,7 +34,8 @@ from cuda_marks import IN_INTERPRETER, interpreted  # noqa: E402
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=2)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(skipped=2), run.report
 
 
 FP32_TOL = 1e-5

@@ -29,7 +29,8 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=5)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(skipped=5), run.report
 
 
 @pytest.fixture(scope="module")

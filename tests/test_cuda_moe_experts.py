@@ -47,7 +47,8 @@ accumulation order may flip a rounding by one bf16 ulp (2^-8 relative of that el
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=2)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(skipped=2), run.report
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ and the renormalisation add a few ulp; 1e-6 absolute on weights <= route_scale =
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(), run.report
 
 
 @pytest.fixture(scope="module")

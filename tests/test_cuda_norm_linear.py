@@ -24,7 +24,8 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__, skipped=16)  # itself and the GPU tests
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(skipped=16), run.report  # itself and the GPU tests
 
 
 @pytest.fixture(scope="module")

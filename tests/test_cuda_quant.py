@@ -30,7 +30,8 @@ E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(), run.report
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ rounded to bf16, so they may land on neighbours: one ulp, <= 2^-7 relative."""
 
 
 def test_under_interpreter():
-    triton_interpreter.rerun_test_file(__file__)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(), run.report
 
 
 @pytest.fixture(scope="module")

@@ -230,7 +230,8 @@ sums in another order add ~2^-16 max|row|, and the two bf16 outputs may round to
 @host
 def test_under_interpreter():
     pytest.importorskip("triton")
-    triton_interpreter.rerun_test_file(__file__, skipped=15)
+    run = triton_interpreter.rerun_test_file(__file__)
+    assert run.passed(skipped=15), run.report
 
 
 @interpreted

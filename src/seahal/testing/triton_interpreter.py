@@ -10,6 +10,7 @@ of a run. Neither touches the GPU path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -69,9 +70,25 @@ def bf16_dot_fix() -> Iterator[None]:
         builder.create_dot = original
 
 
-def rerun_test_file(path: str, skipped: int | None = None, timeout: float = 600) -> None:
-    """Run the pytest file ``path`` again in a fresh interpreter with ``TRITON_INTERPRET=1`` and
-    assert that it passed (``skipped``: the exact number of tests it must skip there, if given).
+@dataclasses.dataclass(frozen=True)
+class InterpreterRun:
+    """What a test file's re-run under the interpreter (:func:`rerun_test_file`) ended with."""
+
+    returncode: int
+    summary: str
+    """pytest's last line, e.g. ``40 passed, 2 skipped in 31.2s``."""
+    report: str
+    """The ends of its output, for an assertion message."""
+
+    def passed(self, skipped: int | None = None) -> bool:
+        """Whether every test that ran passed (and, if given, exactly ``skipped`` were skipped)."""
+        clean = self.returncode == 0 and " passed" in self.summary and "failed" not in self.summary
+        return clean and (skipped is None or f" {skipped} skipped" in self.summary)
+
+
+def rerun_test_file(path: str, timeout: float = 600) -> InterpreterRun:
+    """Run the pytest file ``path`` again in a fresh interpreter with ``TRITON_INTERPRET=1``; the
+    caller asserts on the outcome (``assert run.passed(skipped=...), run.report``).
 
     Triton reads the variable when it is imported and when each kernel is decorated, so a test file
     whose kernels must run interpreted re-runs itself in a subprocess from one parent test; called
@@ -84,8 +101,5 @@ def rerun_test_file(path: str, skipped: int | None = None, timeout: float = 600)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, result.stdout[-2000:]
-    if skipped is not None:
-        assert f" {skipped} skipped" in summary, summary
+    lines = result.stdout.strip().splitlines()
+    return InterpreterRun(result.returncode, lines[-1] if lines else "", result.stdout[-6000:] + result.stderr[-2000:])
