@@ -161,11 +161,8 @@ def _fp8_gemm_tile(
 
 PINGPONG_TRITON = (3, 6)
 """The first Triton whose Gluon API the ping-pong kernel is written against."""
-
-
-def _triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
+PINGPONG_AVAILABLE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= PINGPONG_TRITON
+"""Whether the installed Triton runs it (decided once, at import)."""
 
 
 def launch_fp8_gemm(
@@ -178,7 +175,7 @@ def launch_fp8_gemm(
     cannot store to, the Triton kernel's 128-row TMA tiles, which form the same products and give
     the same bits (``test_pingpong_gemm_is_the_triton_product``)."""
     if config.pingpong:
-        if _triton_version() >= PINGPONG_TRITON and tma_ready(out):
+        if PINGPONG_AVAILABLE and tma_ready(out):
             from .fp8_gemm_pingpong import launch_fp8_gemm_pingpong
 
             return launch_fp8_gemm_pingpong(a, a_scale, b, b_scale, out, config)
