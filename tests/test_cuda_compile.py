@@ -110,7 +110,7 @@ def _moe(t: int):
         _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
         _empty(e, DIM, INTER, dtype=fp8), _empty(e, DIM // 128, INTER // 128, dtype=torch.float8_e8m0fnu),
     )
-    default = moe_experts.experts_config(t * TOP_K, True, x.device)
+    default = moe_experts.experts_config(t * TOP_K, "fp4", x.device)
     for scale_dtype, mx in ((torch.float32, False), (torch.float8_e8m0fnu, False), (torch.float8_e8m0fnu, True)):
         moe_experts.moe_experts(  # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
             x, weights, top,

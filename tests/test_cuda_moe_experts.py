@@ -190,7 +190,7 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
     import dataclasses
 
     args = _case(5, fmt, torch.bfloat16, seed=4)
-    config = experts.experts_config(10, True, args[0].device)
+    config = experts.experts_config(10, "fp4", args[0].device)
     assert not config.fp4_mx, "the bf16 form is the default"
     out = experts.moe_experts(*args, config=dataclasses.replace(config, fp4_mx=True))
     bf16_form = experts.moe_experts(*args)
@@ -232,7 +232,8 @@ def test_k_splits(experts, fmt, split_k):
     from seahal.backends.cuda._gemm import arrival_counters
 
     args = _case(3, fmt, torch.bfloat16, seed=11)
-    config = dataclasses.replace(experts.experts_config(6, fmt != "bf16", args[0].device), split_k=split_k)
+    weight_format = "dense" if fmt == "bf16" else fmt.split("-")[0]
+    config = dataclasses.replace(experts.experts_config(6, weight_format, args[0].device), split_k=split_k)
     for _ in range(2):
         out = experts.moe_experts(*args, config=config)
         assert not arrival_counters(1024, args[0].device).any()

@@ -67,21 +67,31 @@ class ExpertsConfig:
     """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
 
 
-def experts_config(rows: int, quantised: bool, device: torch.device) -> ExpertsConfig:
-    """Tiles for ``rows`` = T*k routed rows. Untuned heuristic (TUNING.md; ``--tune`` sweeps it).
+def experts_config(rows: int, weight_format: str, device: torch.device) -> ExpertsConfig:
+    """Tiles for ``rows`` = T*k routed rows of weights in ``weight_format`` ("dense", "fp8" or
+    "fp4"). Untuned heuristic (TUNING.md; ``--tune`` sweeps it).
 
     With FP8/FP4 weights BLOCK_N = 128: one weight scale row per tile, and the gate-up epilogue
     quantises whole 1x128 tiles of h. Few rows (decode) take 16-row tiles, since each touched
     expert has only a handful; many take 64. FP4 blocks are decoded to bf16 (``fp4_mx`` off): on
     the H100 (2026-11-26, V4-Flash) that form took 124.9 us at one token against 135.7 us through
     ``tl.dot_scaled``, 1050 against 1349 us at 16 tokens, and on the H200 the 8192-token row 24.7
-    ms against 27.0 ms.
+    ms against 27.0 ms. That decode is ALU-bound, and at one token (a few programs an SM) 8 warps
+    decode faster than 4: 105.2 against 124.0 us (V4-Flash), 277.0 against 284.4 us (V4-Pro); at
+    16 tokens, with 14x the programs, 4 warps stay ahead (1049 against 1093 us).
     """
+    quantised = weight_format != "dense"
     if device.type != "cuda":  # the interpreter: small tiles, so tests see edge and masked tiles
         return ExpertsConfig(16, 128 if quantised else 64)
+    if rows <= FP4_WIDE_DECODE_MAX_ROWS and weight_format == "fp4":
+        return ExpertsConfig(16, 128, num_warps=8, num_stages=4)
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
     return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
+
+
+FP4_WIDE_DECODE_MAX_ROWS = 16
+"""Up to this many routed rows (one or two tokens) FP4 weights are decoded by 8 warps a program."""
 
 
 QUANT_IN_GEMM_MAX_ROWS = 256
@@ -605,7 +615,7 @@ def moe_experts(
     if t == 0 or top_k == 0 or n_experts == 0:
         return out.zero_()
     rows = t * top_k
-    config = config or experts_config(rows, (fmt_up, fmt_down) != ("dense", "dense"), x.device)
+    config = config or experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
     if fmt_up == "dense" or rows <= QUANT_IN_GEMM_MAX_ROWS:
         a, a_scale = x, None  # dense: as it is; FP8/FP4 weights: quantised in the gate-up kernel

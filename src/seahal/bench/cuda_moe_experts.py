@@ -137,7 +137,7 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
         # tl.dot_scaled, and with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
         from seahal.backends.cuda.moe_experts import experts_config
 
-        config = experts_config(tokens * dims.top_k, True, device)
+        config = experts_config(tokens * dims.top_k, fmt, device)
         variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
         variants[f"{2 * config.num_warps} warps"] = partial(
             kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
@@ -171,7 +171,7 @@ def _route(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
     from seahal.backends.cuda.moe_experts import experts_config, route_small, route_sorted
 
     ids, weights = (t.to(device) for t in routing(tokens, dims.experts, dims.top_k))
-    args = (weights, ids, dims.experts, experts_config(tokens * dims.top_k, True, device).block_m)
+    args = (weights, ids, dims.experts, experts_config(tokens * dims.top_k, "fp4", device).block_m)
     kernel = route_small if device.type == "cuda" else route_sorted
     return Workload(partial(kernel, *args), {"torch sort": partial(route_sorted, *args)}, _same_tables)
 
@@ -243,7 +243,7 @@ def tune(device: torch.device, quick: bool = False) -> list[dict]:
         for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
             for stage, tokens in _token_counts(device, quick):
                 args = _arguments(dims, fmt, tokens, device)
-                default = experts_config(tokens * dims.top_k, True, device)
+                default = experts_config(tokens * dims.top_k, fmt, device)
                 expected = reference_by_expert(*args)
                 tuned = tune_row(lambda config: moe_experts(*args, config=config),
                                  tune_candidates(tokens, fmt == "fp4"), expected,
