@@ -121,6 +121,7 @@ def _moe(t: int):
         )
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)
+    moe_experts.route_blocked(weights, top, EXPERTS, 64)  # and the blocked routing, 256 experts
     dense = torch.bfloat16
     moe_experts.moe_experts(
         x, weights, top, _empty(e, INTER, DIM, dtype=dense), None, _empty(e, INTER, DIM, dtype=dense), None,

@@ -270,11 +270,15 @@ def test_repeated_expert_in_a_token_and_edge_tiles(experts):
 
 
 @interpreted
-def test_many_rows_take_the_torch_routing(experts, monkeypatch):
-    """Past the one-launch routing's row limit the torch sort builds the tables: same result."""
+def test_many_rows_take_the_blocked_routing(experts, monkeypatch):
+    """Past the one-launch routing's row limit the blocked routing builds the tables (here in
+    blocks of 4 slots): the same tables, so the same output bit for bit."""
     args = _case(5, "fp8", torch.bfloat16, seed=3)
+    one_launch = experts.moe_experts(*args)
     monkeypatch.setattr(experts, "ROUTE_KERNEL_MAX_ROWS", 4)
+    monkeypatch.setattr(experts, "ROUTE_BLOCK", 4)
     out = experts.moe_experts(*args)
+    assert torch.equal(out, one_launch)
     assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
 
 
@@ -363,6 +367,38 @@ def test_one_launch_routing_equals_torch_sort(experts, t, k, n_experts, block_m)
 
 
 @interpreted
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("n_experts", [8, 256])
+@pytest.mark.parametrize("k", [1, 6])
+@pytest.mark.parametrize("t", [1, 5, 64, 150])
+def test_blocked_routing_equals_torch_sort(experts, monkeypatch, t, k, n_experts, block_m):
+    """The three-launch routing's tables equal the torch path's (every field, weights bitwise), with
+    32-slot blocks so a key's rows span several blocks and the last block is partial."""
+    monkeypatch.setattr(experts, "ROUTE_BLOCK", 32)
+    gen = torch.Generator().manual_seed(t * 1000 + k * 10 + n_experts + block_m)
+    ids = _random_ids(t, k, n_experts, gen)
+    weights = torch.rand(t, k, generator=gen)
+    _assert_same_routing(experts.route_blocked(weights, ids, n_experts, block_m),
+                         experts.route_sorted(weights, ids, n_experts, block_m))
+
+
+@interpreted
+def test_route_takes_the_blocked_routing_past_the_one_launch_rows(experts, monkeypatch):
+    """Past ROUTE_KERNEL_MAX_ROWS routed rows route() is the blocked routing (V4-Flash prefill
+    sizes: 1024 tokens x top-6 in 6 blocks of 1024 slots), and equal to the torch sort."""
+    gen = torch.Generator().manual_seed(9)
+    ids = _random_ids(1024, 6, 256, gen)
+    weights = torch.rand(1024, 6, generator=gen)
+    called = []
+    monkeypatch.setattr(experts, "route_blocked", lambda *a: called.append(a) or experts.route_sorted(*a))
+    experts.route(weights, ids, 256, 64)
+    assert len(called) == 1
+    monkeypatch.undo()
+    _assert_same_routing(experts.route(weights, ids, 256, 64), experts.route_sorted(weights, ids, 256, 64))
+
+
+@interpreted
+@pytest.mark.parametrize("routing", ["route_small", "route_blocked"])
 @pytest.mark.parametrize(
     "ids",
     [
@@ -373,10 +409,12 @@ def test_one_launch_routing_equals_torch_sort(experts, t, k, n_experts, block_m)
     ],
     ids=["all-dropped", "repeats", "partial-tiles", "int64-out-of-range"],
 )
-def test_one_launch_routing_edge_cases(experts, ids):
+def test_triton_routing_edge_cases(experts, monkeypatch, routing, ids):
+    monkeypatch.setattr(experts, "ROUTE_BLOCK", 4)  # the blocked routing: several blocks, the last partial
     ids = torch.tensor(ids)
     weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    _assert_same_routing(experts.route_small(weights, ids, E, 8), experts.route_sorted(weights, ids, E, 8))
+    route = getattr(experts, routing)
+    _assert_same_routing(route(weights, ids, E, 8), experts.route_sorted(weights, ids, E, 8))
 
 
 DECODE_CALL = {"t": 1, "k": 6, "experts": 256, "dim": 4096, "inter": 2048}

@@ -124,9 +124,9 @@ class Routing:
 
 ROUTE_KERNEL_MAX_ROWS = 512
 """Up to this many routed rows T*k, :func:`route` builds the tables in one Triton launch
-(:func:`route_small`); above, with torch's sort (:func:`route_sorted`)."""
+(:func:`route_small`); above, in three (:func:`route_blocked`)."""
 ROUTE_KERNEL_MAX_EXPERTS = 1024
-"""The one-launch routing holds per-expert counts in registers: beyond this E it takes the torch path."""
+"""The Triton routings hold per-expert counts in registers: beyond this E :func:`route` takes the torch path."""
 _ROUTE_CHUNK = 32
 """Tiles the routing kernel assigns to experts at a time (a [32, experts] comparison tile)."""
 
@@ -136,13 +136,16 @@ def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, bl
 
     topk_weights: [T, k] float, topk_ids: [T, k] int (ids outside [0, E) route nowhere).
     A slot repeating an earlier slot's expert is dropped and its weight added to that slot's.
-    Few rows (decode) take one Triton launch (:func:`route_small`), many the torch sort
-    (:func:`route_sorted`); both give the same tables.
+    Few rows (decode) take one Triton launch (:func:`route_small`), many three
+    (:func:`route_blocked`); beyond :data:`ROUTE_KERNEL_MAX_EXPERTS` experts the torch sort
+    (:func:`route_sorted`). All give the same tables.
     """
     rows = topk_ids.numel()
-    if 0 < rows <= ROUTE_KERNEL_MAX_ROWS and 0 < n_experts <= ROUTE_KERNEL_MAX_EXPERTS:
+    if rows == 0 or not 0 < n_experts <= ROUTE_KERNEL_MAX_EXPERTS:
+        return route_sorted(topk_weights, topk_ids, n_experts, block_m)
+    if rows <= ROUTE_KERNEL_MAX_ROWS:
         return route_small(topk_weights, topk_ids, n_experts, block_m)
-    return route_sorted(topk_weights, topk_ids, n_experts, block_m)
+    return route_blocked(topk_weights, topk_ids, n_experts, block_m)
 
 
 def _max_tiles(rows: int, n_experts: int, block_m: int) -> int:
@@ -196,6 +199,48 @@ def _slot_key(ids_ptr, slot, mask, stride_t, stride_k, n_experts, TOP_K: tl.cons
 
 
 @triton.jit
+def _store_tiles(tiles_ptr, count, below, n_experts, max_tiles, BLOCK_M: tl.constexpr, EXPERTS_PAD: tl.constexpr,
+                 TILES_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """The ``tiles`` table from each expert's row ``count`` and first sorted row ``below``
+    ([EXPERTS_PAD], zero past E): expert e owns ceil(count_e / BLOCK_M) tiles; tile -> expert is
+    #{e : tiles_end_e <= tile} (searchsorted, right), -1 past the last used tile."""
+    expert = tl.arange(0, EXPERTS_PAD)
+    n_tiles = (count + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.where(expert < n_experts, tl.cumsum(n_tiles, axis=0), max_tiles)
+    row_lo = below - (tiles_end - n_tiles) * BLOCK_M  # tile's first row: row_lo_e + tile * BLOCK_M
+    row_hi = below + count
+    for c in range(0, TILES_PAD, CHUNK):
+        tile = c + tl.arange(0, CHUNK)
+        owner = tl.sum((tiles_end[None, :] <= tile[:, None]).to(tl.int32), axis=1)
+        one_hot = expert[None, :] == tl.minimum(owner, n_experts - 1)[:, None]  # unused tiles: expert E - 1's
+        first = tl.sum(tl.where(one_hot, row_lo[None, :], 0), axis=1) + tile * BLOCK_M
+        end = tl.sum(tl.where(one_hot, row_hi[None, :], 0), axis=1)
+        mask = tile < max_tiles
+        tl.store(tiles_ptr + tile, tl.where(owner < n_experts, owner, -1), mask=mask)
+        tl.store(tiles_ptr + max_tiles + tile, first, mask=mask)
+        tl.store(tiles_ptr + 2 * max_tiles + tile, end, mask=mask)
+
+
+@triton.jit
+def _merged_weight_and_order(weights_ptr, ids_ptr, slot, key, mask, n_experts, stride_wt, stride_wk, stride_it,
+                             stride_ik, TOP_K: tl.constexpr):
+    """Per ``slot`` (sort ``key``): its merged routing weight, the fp32 sum in slot order of its
+    token's weights with its id, and its place among its token's k rows (the rank of (key, slot))."""
+    token = slot // TOP_K
+    j = slot % TOP_K
+    ids = tl.load(ids_ptr + token * stride_it + j * stride_ik, mask=mask, other=-1)
+    weight = tl.zeros(slot.shape, dtype=tl.float32)
+    order = tl.zeros(slot.shape, dtype=tl.int32)
+    for jj in tl.static_range(TOP_K):
+        peer = tl.load(ids_ptr + token * stride_it + jj * stride_ik, mask=mask, other=-1)
+        w = tl.load(weights_ptr + token * stride_wt + jj * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        weight += tl.where(peer == ids, w, 0.0)
+        peer_key = _slot_key(ids_ptr, token * TOP_K + jj, mask, stride_it, stride_ik, n_experts, TOP_K)
+        order += ((peer_key < key) | ((peer_key == key) & (jj < j))).to(tl.int32)
+    return weight, order
+
+
+@triton.jit
 def _route_kernel(
     weights_ptr, ids_ptr, tiles_ptr, slots_ptr, sorted_weights_ptr, positions_ptr, n_valid_ptr,
     rows, n_experts, max_tiles, stride_wt, stride_wk, stride_it, stride_ik,
@@ -220,35 +265,12 @@ def _route_kernel(
     order_key = tl.sort(key * ROWS_PAD + row)
     slot = order_key % ROWS_PAD  # sorted row -> its slot
     key = order_key // ROWS_PAD
-    token = slot // TOP_K
-    j = slot % TOP_K
-    ids = tl.load(ids_ptr + token * stride_it + j * stride_ik, mask=in_rows, other=-1)
-    weight = tl.zeros((ROWS_PAD,), dtype=tl.float32)
-    order = tl.zeros((ROWS_PAD,), dtype=tl.int32)  # the slot's place among its token's rows
-    for jj in tl.static_range(TOP_K):
-        peer = tl.load(ids_ptr + token * stride_it + jj * stride_ik, mask=in_rows, other=-1)
-        w = tl.load(weights_ptr + token * stride_wt + jj * stride_wk, mask=in_rows, other=0.0).to(tl.float32)
-        weight += tl.where(peer == ids, w, 0.0)
-        peer_key = _slot_key(ids_ptr, token * TOP_K + jj, in_rows, stride_it, stride_ik, n_experts, TOP_K)
-        order += ((peer_key < key) | ((peer_key == key) & (jj < j))).to(tl.int32)
+    weight, order = _merged_weight_and_order(weights_ptr, ids_ptr, slot, key, in_rows, n_experts, stride_wt,
+                                             stride_wk, stride_it, stride_ik, TOP_K)
     tl.store(slots_ptr + row, slot, mask=in_rows)
     tl.store(sorted_weights_ptr + row, weight, mask=in_rows)
-    tl.store(positions_ptr + token * TOP_K + order, row, mask=in_rows)
-    expert = tl.arange(0, EXPERTS_PAD)
-    n_tiles = (count + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.where(expert < n_experts, tl.cumsum(n_tiles, axis=0), max_tiles)
-    row_lo = below - (tiles_end - n_tiles) * BLOCK_M  # tile's first row: row_lo_e + tile * BLOCK_M
-    row_hi = below + count
-    for c in range(0, TILES_PAD, CHUNK):
-        tile = c + tl.arange(0, CHUNK)
-        owner = tl.sum((tiles_end[None, :] <= tile[:, None]).to(tl.int32), axis=1)
-        one_hot = expert[None, :] == tl.minimum(owner, n_experts - 1)[:, None]  # unused tiles: expert E - 1's
-        first = tl.sum(tl.where(one_hot, row_lo[None, :], 0), axis=1) + tile * BLOCK_M
-        end = tl.sum(tl.where(one_hot, row_hi[None, :], 0), axis=1)
-        mask = tile < max_tiles
-        tl.store(tiles_ptr + tile, tl.where(owner < n_experts, owner, -1), mask=mask)
-        tl.store(tiles_ptr + max_tiles + tile, first, mask=mask)
-        tl.store(tiles_ptr + 2 * max_tiles + tile, end, mask=mask)
+    tl.store(positions_ptr + slot - slot % TOP_K + order, row, mask=in_rows)
+    _store_tiles(tiles_ptr, count, below, n_experts, max_tiles, BLOCK_M, EXPERTS_PAD, TILES_PAD, CHUNK)
 
 
 def route_small(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
@@ -270,6 +292,96 @@ def route_small(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: i
         rows, n_experts, max_tiles, *topk_weights.stride(), *topk_ids.stride(),
         TOP_K=k, BLOCK_M=block_m, ROWS_PAD=rows_pad, EXPERTS_PAD=max(triton.next_power_of_2(n_experts), _ROUTE_CHUNK),
         TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK,
+    )
+    return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
+
+
+@triton.jit
+def _route_count_kernel(ids_ptr, counts_ptr, rows, n_experts, stride_it, stride_ik, TOP_K: tl.constexpr,
+                        BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """counts[b, e]: block b's slots (``BLOCK`` of them) with sort key e (E: dropped), e < BINS."""
+    block = tl.program_id(0)
+    slot = block * BLOCK + tl.arange(0, BLOCK)
+    in_rows = slot < rows
+    key = _slot_key(ids_ptr, slot, in_rows, stride_it, stride_ik, n_experts, TOP_K)
+    tl.store(counts_ptr + block * BINS + tl.arange(0, BINS), tl.histogram(key, BINS, mask=in_rows))
+
+
+@triton.jit
+def _route_scan_kernel(counts_ptr, tiles_ptr, n_valid_ptr, n_blocks, n_experts, max_tiles, BLOCK_M: tl.constexpr,
+                       BINS: tl.constexpr, TILES_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: the keys' totals and first sorted rows (exclusive prefix sum over the keys,
+    dropped slots last), the ``tiles`` table, and per block b, in place of its counts, the sorted
+    row of its first slot of key e less that slot's place among the block's sorted slots:
+    ``below_e + #{key e in blocks < b} - #{key < e in block b}``."""
+    key = tl.arange(0, BINS)
+    total = tl.zeros((BINS,), dtype=tl.int32)
+    for block in range(n_blocks):
+        total += tl.load(counts_ptr + block * BINS + key)
+    below = tl.cumsum(total, axis=0) - total
+    routed = key < n_experts
+    tl.store(n_valid_ptr, tl.sum(tl.where(routed, total, 0), axis=0))
+    _store_tiles(tiles_ptr, tl.where(routed, total, 0), below, n_experts, max_tiles, BLOCK_M, BINS, TILES_PAD, CHUNK)
+    earlier = below
+    for block in range(n_blocks):
+        count = tl.load(counts_ptr + block * BINS + key)
+        tl.store(counts_ptr + block * BINS + key, earlier - (tl.cumsum(count, axis=0) - count))
+        earlier += count
+
+
+@triton.jit
+def _route_place_kernel(
+    weights_ptr, ids_ptr, offsets_ptr, slots_ptr, sorted_weights_ptr, positions_ptr, rows, n_experts,
+    stride_wt, stride_wk, stride_it, stride_ik, TOP_K: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+):
+    """Block b's slots sorted by (key, slot) (one bitonic ``tl.sort``): the p-th goes to sorted row
+    ``offsets[b, key] + p`` (:func:`_route_scan_kernel`), with its merged weight; its token's
+    ``positions`` entry at its place among the token's rows."""
+    block = tl.program_id(0)
+    local = tl.arange(0, BLOCK)
+    slot = block * BLOCK + local
+    key = _slot_key(ids_ptr, slot, slot < rows, stride_it, stride_ik, n_experts, TOP_K)
+    order_key = tl.sort(key * BLOCK + local)
+    key = order_key // BLOCK
+    slot = block * BLOCK + order_key % BLOCK
+    in_rows = slot < rows
+    row = tl.load(offsets_ptr + block * BINS + key, mask=in_rows, other=0) + local
+    weight, order = _merged_weight_and_order(weights_ptr, ids_ptr, slot, key, in_rows, n_experts, stride_wt,
+                                             stride_wk, stride_it, stride_ik, TOP_K)
+    tl.store(slots_ptr + row, slot, mask=in_rows)
+    tl.store(sorted_weights_ptr + row, weight, mask=in_rows)
+    tl.store(positions_ptr + slot - slot % TOP_K + order, row, mask=in_rows)
+
+
+ROUTE_BLOCK = 1024
+"""Slots a program of the blocked routing (:func:`route_blocked`) counts and places."""
+
+
+def route_blocked(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
+    """:func:`route` in three launches for any T*k (E <= :data:`ROUTE_KERNEL_MAX_EXPERTS`): each
+    block of :data:`ROUTE_BLOCK` slots counts its keys, one program turns the counts into each
+    block's first sorted rows and the tiles table, each block places its slots. The tables equal
+    the torch path's (a stable sort: within a key, blocks in order and each block's slots sorted
+    by slot); prefill, where that path is ~45 small kernels a call, twice a layer."""
+    t, k = topk_ids.shape
+    rows = t * k
+    device = topk_ids.device
+    max_tiles = _max_tiles(rows, n_experts, block_m)
+    n_blocks = triton.cdiv(rows, ROUTE_BLOCK)
+    bins = triton.next_power_of_2(n_experts + 1)  # the experts' keys and the dropped slots' E
+    counts = torch.empty((n_blocks, bins), dtype=torch.int32, device=device)
+    tiles = torch.empty((3, max_tiles), dtype=torch.int32, device=device)
+    slots = torch.empty(rows, dtype=torch.int32, device=device)
+    weights = torch.empty(rows, dtype=torch.float32, device=device)
+    positions = torch.empty((t, k), dtype=torch.int32, device=device)
+    n_valid = torch.empty(1, dtype=torch.int32, device=device)
+    _route_count_kernel[(n_blocks,)](topk_ids, counts, rows, n_experts, *topk_ids.stride(), TOP_K=k,
+                                     BLOCK=ROUTE_BLOCK, BINS=bins)
+    _route_scan_kernel[(1,)](counts, tiles, n_valid, n_blocks, n_experts, max_tiles, BLOCK_M=block_m, BINS=bins,
+                             TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK)
+    _route_place_kernel[(n_blocks,)](
+        topk_weights, topk_ids, counts, slots, weights, positions, rows, n_experts,
+        *topk_weights.stride(), *topk_ids.stride(), TOP_K=k, BLOCK=ROUTE_BLOCK, BINS=bins,
     )
     return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
 

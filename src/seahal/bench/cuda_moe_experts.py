@@ -166,13 +166,14 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def _route(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
-    """The decode routing tables alone: one Triton launch (``route_small``) against torch's sort
-    (``route_sorted``), which builds the same tables; in CPU smoke mode the sort on both sides."""
-    from seahal.backends.cuda.moe_experts import experts_config, route_small, route_sorted
+    """The routing tables alone: ``route`` (decode: one Triton launch, ``route_small``; prefill:
+    three, ``route_blocked``) against torch's sort (``route_sorted``), which builds the same
+    tables; in CPU smoke mode the sort on both sides."""
+    from seahal.backends.cuda.moe_experts import experts_config, route, route_sorted
 
     ids, weights = (t.to(device) for t in routing(tokens, dims.experts, dims.top_k))
     args = (weights, ids, dims.experts, experts_config(tokens * dims.top_k, "fp4", device).block_m)
-    kernel = route_small if device.type == "cuda" else route_sorted
+    kernel = route if device.type == "cuda" else route_sorted
     return Workload(partial(kernel, *args), {"torch sort": partial(route_sorted, *args)}, _same_tables)
 
 
@@ -183,12 +184,10 @@ def _same_tables(out, ref) -> tuple[float, bool]:
 
 
 def route_cases(device: torch.device, quick: bool) -> list[Case]:
-    """The decode routing kernel on its own (inside the decode rows above): T*k rows in, tables out."""
+    """The routing kernels on their own (inside the rows above): T*k rows in, tables out."""
     out = []
     for dims in models(device):
         for stage, tokens in _token_counts(device, quick):
-            if stage != "decode":
-                continue
             rows_in = tokens * dims.top_k
             nbytes = 8 * rows_in + 4 * (3 * rows_in + tokens * dims.top_k + 3 * rows_in)  # ids+weights in; tables out
             out.append(Case("moe_experts", f"{dims.name} route T={tokens} top{dims.top_k}/{dims.experts}", 0, nbytes,
@@ -198,7 +197,7 @@ def route_cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
-    """Rows of ``moe_experts`` in the common schema, then its decode routing alone."""
+    """Rows of ``moe_experts`` in the common schema, then its routing alone."""
     return measure_all(cases(device, quick) + route_cases(device, quick), device, quick)
 
 
