@@ -50,8 +50,9 @@ run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager. A GPU dec
 carries ``decode_kernels``: one eager step under torch.profiler, its kernels' summed device time
 (``busy_us``; the graph's time minus it is what launches and gaps cost) and the longest kernels
 by name (:func:`seahal.bench.common.kernel_profile`), also printed to the log; a GPU prefill row
-``prefill_kernels``, the same for one prefill (the H100's 1k prefill took 32 ms against a 7 ms
-goal, unprofiled).
+``prefill_kernels``, the same for one prefill, and ``host_us``, the median time until a prefill
+call returns to the host (the device idle before it): about the row's time when the host's
+launches bound the call, as on the H100 (36-46 ms for 16-18 ms of kernels at 1k tokens).
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -262,6 +263,18 @@ def _elapsed_us(fn: Callable[[], object], device: torch.device) -> float:
     return 1e3 * begin.elapsed_time(end)
 
 
+def _host_us(fn: Callable[[], object], device: torch.device) -> float:
+    """Microseconds until one call of ``fn`` returns to the host, the device idle before it and not
+    waited for after: beside its device time, whether the call is bound by the host's launches
+    (about equal) or by the device (shorter)."""
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    us = 1e6 * (time.perf_counter() - start)
+    torch.cuda.synchronize(device)
+    return us
+
+
 def _last_logits(model, ids: torch.Tensor, context: int) -> torch.Tensor:
     """[prompts, vocab] fp32 on the host: the last-position logits of each prompt ``ids[p, :context]``."""
     return torch.stack([model.prefill(ids[p : p + 1, :context])[0].float().cpu() for p in range(len(ids))])
@@ -304,6 +317,8 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
         measured.details["eager_decode_us"] = statistics.median(
             _elapsed_us(lambda t=t: model.decode_eager(cache, t), device) for t in steps[s.warmup :])
     if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
+        measured.details["prefill_host_us"] = statistics.median(
+            _host_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats))
         measured.details["prefill_kernels"] = common.kernel_breakdown(lambda: model.prefill(prompt), 25)
         _, cache = model.prefill(prompt)
         model.decode_eager(cache, steps[0])
@@ -388,6 +403,8 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
         peers["seahal eager (no graph)"] = ours.details["eager_decode_us"]
     if f"{phase}_kernels" in ours.details:
         row[f"{phase}_kernels"] = ours.details[f"{phase}_kernels"]
+    if phase == "prefill" and "prefill_host_us" in ours.details:  # the host's share of the call
+        row["host_us"] = ours.details["prefill_host_us"]
     common.record(row, case, us, peers)
     row["tokens_per_s"] = None if us is None else tokens / us * 1e6
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
@@ -485,6 +502,9 @@ def measure(
                           for phase in ("prefill", "decode")]
                 for phase in ("prefill", "decode"):
                     _print_profile(f"seahal {name} {phase} @{_tokens(ctx)}", measured.details.get(f"{phase}_kernels"))
+                if "prefill_host_us" in measured.details:
+                    print(f"model: seahal {name} prefill @{_tokens(ctx)}: the host returns after "
+                          f"{measured.details['prefill_host_us']:.0f} us of {measured.prefill_us:.0f} us", flush=True)
         except torch.OutOfMemoryError:
             found.append(common.unavailable_row("model", f"seahal {name}: {common.SKIP_ON_OOM}"))
         except Exception as exc:  # noqa: BLE001 - a layout that fails to load or run is a finding, not the end
