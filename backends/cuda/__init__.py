@@ -60,7 +60,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
-        True,
+        False,  # its prefill routing (route_blocked) is new since 81df42b: interpreter-verified only
     ),
     "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, True),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
