@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session for the cuda backend: full-shape conformance, the end-to-end model, the
-# GEMMs, the GPU tests, then the experts' and decode kernels' rows, in priority order, each step
-# under its own time limit and all of them under one budget (default 540 s: one device command may
-# run 600 s). A failing or timed-out step does not
-# stop the next; steps that no longer fit the budget are reported as skipped. Results go to
+# decode kernels' and the experts' rows, the GPU tests, then the GEMMs' and mHC's rows, in priority
+# order, each step under its own time limit and all of them under one budget (default 540 s: one
+# device command may run 600 s). A failing or timed-out step does not stop the next; steps that no
+# longer fit the budget are reported as skipped. Results go to
 # $OUT (default ./out), at most 8 files (what the device tool brings back):
 #
 #   summary.txt         the steps' status, seconds and last line, then a digest of every result file
@@ -11,8 +11,8 @@
 #   conformance.json    SEAHAL_CUDA_UNVERIFIED=1 seahal conformance --backend cuda
 #   bench-model.json    the end-to-end model at 1k context against transformers (wheels in .whl/)
 #   bench-gemm.json     fp4_gemm and fp8_gemm (with the Gluon ping-pong kernel beside M >= 512)
-#   bench-experts.json  moe_experts (7 of its 12 rows never measured)
-#   bench-decode.json   sparse_attention and the indexer (launch defaults changed after the H100 run)
+#   bench-experts.json  moe_experts and its routing alone (the prefill routing new since 81df42b)
+#   bench-decode.json   sparse_attention and the indexer (launch defaults changed after 1e4356c)
 #   bench-mhc-compress.json   mHC, the compressors, the indexer's rotation
 #
 # Usage (on the device, from the repository root):
@@ -43,23 +43,24 @@ while (($#)); do
 done
 
 # name | cap in seconds | command (run from the repository root with bash -c), in priority order:
-# the conformance suite (fp8_gemm and moe_experts wait on it), the end-to-end model, the GEMMs, the
-# GPU tests, the experts' rows (never all measured), then the decode kernels' rows (measured on the
-# H100 at 1e4356c; rerun for the launch defaults changed after it). Measured on the H100 on
-# 2026-11-26 (1e4356c): setup 7 s, conformance over 180 s cold (51 s warm), bench-model-quick
-# 106 s, the GEMM rows ~30 s, moe_experts 125 s for 5 of its 12 rows (the rest then failed on a
-# stuck CUDA generator, since fixed: expect ~300 s), pytest-gpu 65 s (4 workers), sparse attention
-# 24 s and the indexer 53 s (bench-decode), bench-mhc-compress 28 s. The bench files are rewritten after every
-# row, so a step cut at its limit keeps what it measured. Running the conformance suite beside the
-# GPU tests timed out (the compiles of both share 16 cores), so the steps run one after another.
+# the conformance suite (moe_experts waits on it: its prefill routing is new), the end-to-end
+# model (prefill's host time since that routing), the decode kernels' rows (the attention and
+# indexer launch defaults changed after the H100 run at 1e4356c, never measured since), the
+# experts' rows (the routing rows now prefill too), then the GPU tests, the GEMMs and mHC/compressor
+# rows (all measured on the H100 at 81df42b). Measured there: setup 6 s, conformance 237 s cold,
+# bench-model-quick 119 s, bench-gemm 46 s, pytest-gpu 129 s (4 workers), bench-experts over 275 s
+# for 10 of its rows; at 1e4356c sparse attention 24 s, the indexer 53 s, bench-mhc-compress 28 s.
+# The bench files are rewritten after every row, so a step cut at its limit keeps what it measured.
+# Running the conformance suite beside the GPU tests timed out (the compiles of both share 16
+# cores), so the steps run one after another.
 STEPS=(
   "setup|30|print_environment"
   "conformance|240|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
   "bench-model-quick|240|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
-  "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
-  "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
-  "bench-experts|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "bench-decode|200|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
+  "bench-experts|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
+  "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
+  "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
   "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when

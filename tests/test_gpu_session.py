@@ -18,7 +18,7 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "bench-model-quick", "bench-gemm", "pytest-gpu", "bench-experts", "bench-decode",
+STEPS = ["setup", "conformance", "bench-model-quick", "bench-decode", "bench-experts", "pytest-gpu", "bench-gemm",
          "bench-mhc-compress"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
