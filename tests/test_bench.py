@@ -393,6 +393,9 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     decode, prefill = tune_candidates(1, fp4=True), tune_candidates(8192, fp4=True)
     assert {c.split_k for c in decode} == {None, 1, 2, 4} and {c.fp4_mx for c in decode} == {True, False}
     assert {c.split_k for c in prefill} == {1} and min(c.block_m for c in prefill) == 32
+    # the bf16 decode's prefill tiles also weights first; the decode tiles and the mx form by rule only
+    assert {c.weights_first for c in prefill if not c.fp4_mx} == {None, True}
+    assert {c.weights_first for c in decode} == {c.weights_first for c in prefill if c.fp4_mx} == {None}
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])

@@ -119,6 +119,13 @@ def _moe(t: int):
             _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=scale_dtype),
             config=dataclasses.replace(default, fp4_mx=mx),
         )
+    moe_experts.moe_experts(  # and the bf16 decode's products formed weights first (prefill: a bench variant)
+        x, weights, top,
+        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=torch.float8_e8m0fnu),
+        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=torch.float8_e8m0fnu),
+        _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=torch.float8_e8m0fnu),
+        config=dataclasses.replace(default, weights_first=True),
+    )
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)
     moe_experts.route_blocked(weights, top, EXPERTS, 64)  # and the blocked routing, 256 experts

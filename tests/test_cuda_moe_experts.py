@@ -201,22 +201,29 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
 
 @interpreted
 @pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp4"])
-def test_weights_first_and_activations_first_agree(experts, fmt):
+def test_weights_first_and_activations_first_agree(experts, monkeypatch, fmt):
     """16-row tiles form an FP4 expert's product weights first (the weight rows are the MMA's M,
-    ``_gemm.weights_first``), 64-row tiles activations first: the same exact products summed in
-    fp32 in different orders, so the outputs agree to bf16 rounding, with the reference and each other."""
+    ``_gemm.weights_first``), 64-row tiles activations first, and ``ExpertsConfig.weights_first``
+    forces either: the same exact products summed in fp32 in different orders, so the outputs
+    agree to bf16 rounding, with the reference and each other."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
     from seahal.backends.cuda._gemm import weights_first
 
     args = _case(5, fmt, torch.bfloat16, seed=6)
+    assert weights_first(16, 128, fp4=True) and not weights_first(64, 128, fp4=True)
+    assert not weights_first(16, 128, fp4=False)
+    kernel, launched = experts._grouped_gemm_kernel, []
+    spy = type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **kw: launched.append(kw["WEIGHTS_FIRST"])
+                           or kernel[grid](*a, **kw)})()
+    monkeypatch.setattr(experts, "_grouped_gemm_kernel", spy)
     outs = []
-    for block_m in (16, 64):
-        assert weights_first(block_m, 128, fp4=True) == (block_m == 16)
-        assert not weights_first(block_m, 128, fp4=False)
-        outs.append(experts.moe_experts(*args, config=ExpertsConfig(block_m, 128, fp4_mx=False)))
+    for block_m, forced, expected in ((16, None, True), (64, None, False), (64, True, True), (16, False, False)):
+        config = ExpertsConfig(block_m, 128, fp4_mx=False, weights_first=forced)
+        outs.append(experts.moe_experts(*args, config=config))
+        assert launched[-2:] == [expected, expected]  # gate-up and down
         assert _rel(outs[-1], reference.moe_experts(*args)) < BF16_TOL
         assert _rel(outs[-1], _brute_force(*args)) < BF16_TOL
-    assert _rel(outs[0], outs[1]) < BF16_TOL
+        assert _rel(outs[-1], outs[0]) < BF16_TOL
 
 
 @interpreted

@@ -65,6 +65,10 @@ class ExpertsConfig:
     faster on the H100 at every row, :func:`experts_config`) decoded to bf16."""
     split_k: int | None = None
     """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
+    weights_first: bool | None = None
+    """FP4 weights: form each product weights first, the decoded tile a wgmma operand straight from
+    registers (True), or activations first, the decoded tile through shared memory (False); None:
+    :func:`._gemm.weights_first` (weights first only where BLOCK_M alone cannot fill a wgmma)."""
 
 
 def experts_config(rows: int, weight_format: str, device: torch.device) -> ExpertsConfig:
@@ -667,7 +671,8 @@ def _grouped_gemm(
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
         MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
-        WEIGHTS_FIRST=weights_first(config.block_m, config.block_n, fp4=fmt == "fp4"),
+        WEIGHTS_FIRST=fmt == "fp4" and (weights_first(config.block_m, config.block_n, fp4=True)
+                                        if config.weights_first is None else config.weights_first),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -8,8 +8,8 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 (:func:`reference_by_expert`: gather, dequantise, matmul, add back), the naive port a user would
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
-FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``)
-and with twice the warps.
+FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``),
+with twice the warps, and (prefill) with the products formed weights first.
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
@@ -134,13 +134,18 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
     if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks through
-        # tl.dot_scaled, and with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
+        # tl.dot_scaled, with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more
+        # at once), and where the tiles form products activations first, weights first (the decoded
+        # tile a wgmma operand from registers instead of through shared memory)
+        from seahal.backends.cuda._gemm import weights_first
         from seahal.backends.cuda.moe_experts import experts_config
 
         config = experts_config(tokens * dims.top_k, fmt, device)
         variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
         variants[f"{2 * config.num_warps} warps"] = partial(
             kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
+        if not weights_first(config.block_m, config.block_n, fp4=True):
+            variants["weights first"] = partial(kernel, *args, config=dataclasses.replace(config, weights_first=True))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 
@@ -205,17 +210,19 @@ def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
 def tune_candidates(tokens: int, fp4: bool) -> list:
     """The launch configs ``--tune`` times for a row of ``tokens`` tokens: decode (<= 64 tokens)
     16- and 32-row tiles and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
-    4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode). BLOCK_N
-    stays 128: the gate-up epilogue quantises h in 1x128 tiles."""
+    4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode) and at
+    prefill the bf16 decode's products weights first as well. BLOCK_N stays 128: the gate-up
+    epilogue quantises h in 1x128 tiles."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
     decode = tokens <= 64
     return [
-        ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split)
+        ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split, first)
         for block_m in ((16, 32) if decode else (32, 64, 128))
         for warps in (4, 8)
         for split in ((None, 1, 2, 4) if decode else (1,))
         for mx in ((True, False) if fp4 else (True,))
+        for first in ((None, True) if fp4 and not mx and not decode else (None,))
     ]
 
 
