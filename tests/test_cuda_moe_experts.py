@@ -359,33 +359,20 @@ def _assert_same_routing(a, b) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("routing", ["route_small", "route_blocked"])
 @pytest.mark.parametrize("block_m", [16, 64])
 @pytest.mark.parametrize("n_experts", [8, 256])
 @pytest.mark.parametrize("k", [1, 6, 8])
 @pytest.mark.parametrize("t", [1, 3, 16, 64])
-def test_one_launch_routing_equals_torch_sort(experts, t, k, n_experts, block_m):
-    """The routing kernel's tables equal the torch path's (every field, weights bitwise): random ids
-    with out-of-range ids, repeated ids, empty experts and T*k not a multiple of BLOCK_M."""
-    gen = torch.Generator().manual_seed(t * 1000 + k * 10 + n_experts + block_m)
-    ids = _random_ids(t, k, n_experts, gen)
-    weights = torch.rand(t, k, generator=gen)
-    _assert_same_routing(experts.route_small(weights, ids, n_experts, block_m),
-                         experts.route_sorted(weights, ids, n_experts, block_m))
-
-
-@interpreted
-@pytest.mark.parametrize("block_m", [16, 64])
-@pytest.mark.parametrize("n_experts", [8, 256])
-@pytest.mark.parametrize("k", [1, 6])
-@pytest.mark.parametrize("t", [1, 5, 64, 150])
-def test_blocked_routing_equals_torch_sort(experts, monkeypatch, t, k, n_experts, block_m):
-    """The three-launch routing's tables equal the torch path's (every field, weights bitwise), with
-    32-slot blocks so a key's rows span several blocks and the last block is partial."""
+def test_triton_routing_equals_torch_sort(experts, monkeypatch, routing, t, k, n_experts, block_m):
+    """The routing kernels' tables equal the torch path's (every field, weights bitwise): random ids
+    with out-of-range ids, repeated ids, empty experts and T*k not a multiple of BLOCK_M; the
+    blocked routing in 32-slot blocks, so a key's rows span several blocks and the last is partial."""
     monkeypatch.setattr(experts, "ROUTE_BLOCK", 32)
     gen = torch.Generator().manual_seed(t * 1000 + k * 10 + n_experts + block_m)
     ids = _random_ids(t, k, n_experts, gen)
     weights = torch.rand(t, k, generator=gen)
-    _assert_same_routing(experts.route_blocked(weights, ids, n_experts, block_m),
+    _assert_same_routing(getattr(experts, routing)(weights, ids, n_experts, block_m),
                          experts.route_sorted(weights, ids, n_experts, block_m))
 
 
