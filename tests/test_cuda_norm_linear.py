@@ -156,11 +156,11 @@ def test_gemv_matches_the_widened_product(linear, lead, d, v, dtype, weight_dtyp
 @interpreted
 @pytest.mark.parametrize("tokens, weight_dtype, path", [
     (1, BF16, "gemv"), (4, F32, "gemv"), (5, BF16, "split"), (128, BF16, "split"), (5, F32, "widened"),
-    (129, BF16, "widened"),
+    (1000, BF16, "split"),
 ])
 def test_token_count_and_weight_dtype_pick_the_path(linear, monkeypatch, tokens, weight_dtype, path):
-    """GEMV up to 4 tokens; split x on the tensor cores up to 128 with a bf16 W; else fp32
-    GEMMs on widened row blocks of W (no Triton launch)."""
+    """GEMV up to 4 tokens; beyond, split x on the tensor cores with a bf16 W (prefill: 16 token
+    blocks here), fp32 GEMMs on widened row blocks of an fp32 W (no Triton launch)."""
     ran = []
     for name, kernel in (("gemv", linear._fp32_gemv_kernel), ("split", linear._split_x_kernel)):
         run = kernel.run
@@ -168,6 +168,21 @@ def test_token_count_and_weight_dtype_pick_the_path(linear, monkeypatch, tokens,
     x, w = _inputs((tokens,), 64, 20, F32, weight_dtype)
     _check_logits(x, w, linear.fp32_linear(x, w))
     assert ran == ([] if path == "widened" else [path])
+
+
+@interpreted
+def test_outputs_past_int32_offsets_take_the_widened_gemm(linear, monkeypatch):
+    """The split-x kernel's offsets are int32: where T*D or T*V would reach 2^31 (V4's head over
+    every position of a 16k prompt), cuBLAS's GEMM on widened W runs instead, here at a lowered limit."""
+    ran = []
+    run = linear._split_x_kernel.run
+    monkeypatch.setattr(linear._split_x_kernel, "run", lambda *a, **k: ran.append(1) or run(*a, **k))
+    monkeypatch.setattr(linear, "INT32_OFFSETS", 64 * 20)
+    x, w = _inputs((19,), 64, 20, F32, BF16)  # 19 * 64 < 1280: split
+    _check_logits(x, w, linear.fp32_linear(x, w))
+    x, w = _inputs((20,), 64, 20, F32, BF16)  # 20 * 64 = 1280: widened
+    _check_logits(x, w, linear.fp32_linear(x, w))
+    assert ran == [1]
 
 
 @interpreted

@@ -9,13 +9,16 @@ Three paths, by token count T:
 - T <= :data:`GEMV_MAX_TOKENS` (decode of a few sequences): a GEMV on the CUDA cores. Each program
   widens BLOCK_V rows of W to fp32 in registers, BLOCK_D columns at a time, and keeps one fp32
   running sum per (token, row, lane) (fp32 FMA: TF32 would round x), reduced once at the end.
-- T <= :data:`SPLIT_MAX_TOKENS` with a bf16 W (batched decode): tensor cores on a split x. Each
-  fp32 x is the exact sum of three bf16 parts (``hi = bf16(x)``, ``mid = bf16(x - hi)``, ``lo =
-  bf16(x - hi - mid)``: 24 significant bits in three 8-bit pieces), and bf16 x bf16 products are
-  exact in fp32, so three bf16 MMAs with fp32 accumulation sum the same exact products as fp32
-  math (3D terms instead of D; a bf16 x, the model's, is its own single part). W is read once,
-  and at T = 64 the 68 GFLOP of V4's head run at tensor-core rate rather than the CUDA cores'.
-- More tokens (prefill) or an fp32 W: cuBLAS fp32 GEMMs on row blocks of W widened at a time
+- More tokens with a bf16 W (batched decode, prefill): tensor cores on a split x. Each fp32 x is
+  the exact sum of three bf16 parts (``hi = bf16(x)``, ``mid = bf16(x - hi)``, ``lo = bf16(x - hi
+  - mid)``: 24 significant bits in three 8-bit pieces), and bf16 x bf16 products are exact in
+  fp32, so three bf16 MMAs with fp32 accumulation sum the same exact products as fp32 math (3D
+  terms instead of D; a bf16 x, the model's, is its own single part). W is read once, and at T =
+  64 the 68 GFLOP of V4's head run at tensor-core rate rather than the CUDA cores'. At prefill
+  (the compressors' projections over every prompt token) this replaced cuBLAS's fp32 GEMM, which
+  runs on the CUDA cores (0.52 ms in four calls of the H100's 1k prefill) after widening W by a
+  copy per call.
+- An fp32 W, or outputs past int32 offsets: cuBLAS fp32 GEMMs on row blocks of W widened at a time
   (the reference's method).
 """
 
@@ -31,8 +34,8 @@ from .rope import check_dtype
 
 GEMV_MAX_TOKENS = 4
 """Up to this many tokens the CUDA-core GEMV runs."""
-SPLIT_MAX_TOKENS = 128
-"""Up to this many tokens (and a bf16 W) the split-x tensor-core kernel runs; beyond, cuBLAS."""
+INT32_OFFSETS = 2**31
+"""The split-x kernel indexes x and the output with int32 offsets: T*D and T*V stay below this."""
 BLOCK_V = 16
 """GEMV: rows of W per program (V4's 129280-row head makes 8080 programs, enough to keep every SM streaming)."""
 SPLIT_BLOCK_V = 64
@@ -119,7 +122,7 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     d, v = x.shape[-1], weight.shape[0]
     tokens = x.reshape(-1, d)
     t = tokens.shape[0]
-    if t > SPLIT_MAX_TOKENS or (t > GEMV_MAX_TOKENS and weight.dtype != torch.bfloat16):
+    if t > GEMV_MAX_TOKENS and (weight.dtype != torch.bfloat16 or t * max(d, v) >= INT32_OFFSETS):
         return widened_gemm(x, weight)
     out = torch.empty((t, v), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
