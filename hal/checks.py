@@ -58,18 +58,20 @@ class Contract:
         if not isinstance(t, torch.Tensor):
             raise self.fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         dtypes = tuple(dtypes) if dtypes is not None else None
-        expect = self._expected(shape, dtypes)
         if dtypes is not None and t.dtype not in dtypes:
-            raise self.fail(f"{name} must be {expect}, got {describe(t)}")
+            raise self.fail(f"{name} must be {self._expected(shape, dtypes)}, got {describe(t)}")
         if min_rank is not None and t.dim() < min_rank:
             raise self.fail(f"{name} must have at least {min_rank} dims, got {describe(t)}")
         if shape is not None:
             if t.dim() != len(shape):
-                raise self.fail(f"{name} must be {expect}, got {describe(t)}")
+                raise self.fail(f"{name} must be {self._expected(shape, dtypes)}, got {describe(t)}")
+            fresh = []  # dims this tensor binds: its mismatch message states the shape before them
             for dim, size in zip(shape, t.shape):
                 if isinstance(dim, int) and size != dim:
-                    raise self.fail(f"{name} must be {expect}, got {describe(t)}")
+                    raise self.fail(f"{name} must be {self._expected(shape, dtypes, fresh)}, got {describe(t)}")
                 if isinstance(dim, str):
+                    if dim not in self.dims:
+                        fresh.append(dim)
                     bound = self.dims.setdefault(dim, int(size))
                     if bound != size:
                         raise self.fail(
@@ -126,12 +128,15 @@ class Contract:
         if not isinstance(value, int) or value <= 0:
             raise self.fail(f"{name} must be a positive int, got {value!r}")
 
-    def _expected(self, shape: Sequence[Dim] | None, dtypes: tuple[torch.dtype, ...] | None) -> str:
+    def _expected(self, shape: Sequence[Dim] | None, dtypes: tuple[torch.dtype, ...] | None,
+                  unbound: Sequence[str] = ()) -> str:
+        """The expected shape and dtypes for a message (built only when a check fails), each named
+        dimension with its bound size unless it is in ``unbound``."""
         parts = []
         if shape is not None:
             dims = []
             for d in shape:
-                if isinstance(d, str) and d in self.dims:
+                if isinstance(d, str) and d in self.dims and d not in unbound:
                     dims.append(f"{d}={self.dims[d]}")
                 else:
                     dims.append("*" if d is None else str(d))
