@@ -432,3 +432,21 @@ def test_kernel_breakdown_stops_at_its_budget(monkeypatch):
     monkeypatch.setattr(common, "_profiled_s", [common.PROFILE_BUDGET_S - 1e-9])
     assert common.kernel_breakdown(lambda: None) == {"kernels": 1}  # under the budget: profiled
     assert "not profiled" in common.kernel_breakdown(lambda: None)["error"] and len(calls) == 1
+
+
+def test_host_profile_ranks_functions_by_their_own_time():
+    """The E2E prefill row's host profile: the function that holds the host longest comes first,
+    with its calls, and the call's profiled time covers it."""
+    import time
+
+    from seahal.bench.common import host_profile
+
+    def launch_many():
+        for _ in range(3):
+            time.sleep(0.01)
+
+    result = host_profile(launch_many, top=3)
+    first = result["top"][0]
+    assert "sleep" in first["function"] and first["calls"] == 3
+    assert 30e3 <= first["self_us"] <= result["profiled_us"]
+    assert len(result["top"]) <= 3

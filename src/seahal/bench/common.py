@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -287,6 +288,27 @@ def kernel_breakdown(fn: Callable[[], object], top: int = 6) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
     finally:
         _profiled_s[0] += time.perf_counter() - start
+
+
+def host_profile(fn: Callable[[], object], top: int = 20) -> dict:
+    """Where one call of ``fn`` spends host time, by Python function (cProfile, which slows every
+    call it sees: shares, not times): ``{"profiled_us": the call under the profiler, "top":
+    [{"function", "calls", "self_us", "total_us"}]}``, the ``top`` functions by time spent in
+    their own code (C calls such as a kernel launch included), longest first."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(fn)
+    profiled_us = 1e6 * (time.perf_counter() - start)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive, self s, total s, callers)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"profiled_us": profiled_us, "top": [
+        {"function": f"{Path(file).name}:{line}({name})" if line else name, "calls": calls,
+         "self_us": 1e6 * own, "total_us": 1e6 * total}
+        for (file, line, name), (_, calls, own, total, _) in ranked
+    ]}
 
 
 def tally_kernels(kernels: Iterable[tuple[str, float]], top: int = 25) -> dict:

@@ -50,9 +50,10 @@ run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager. A GPU dec
 carries ``decode_kernels``: one eager step under torch.profiler, its kernels' summed device time
 (``busy_us``; the graph's time minus it is what launches and gaps cost) and the longest kernels
 by name (:func:`seahal.bench.common.kernel_profile`), also printed to the log; a GPU prefill row
-``prefill_kernels``, the same for one prefill, and ``host_us``, the median time until a prefill
-call returns to the host (the device idle before it): about the row's time when the host's
-launches bound the call, as on the H100 (36-46 ms for 16-18 ms of kernels at 1k tokens).
+``prefill_kernels``, the same for one prefill, ``host_us``, the median time until a prefill call
+returns to the host (the device idle before it): about the row's time when the host's launches
+bound the call, as on the H100 (36-46 ms for 16-18 ms of kernels at 1k tokens), and
+``host_profile``, where that host time goes by Python function (:func:`common.host_profile`).
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -319,6 +320,8 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
     if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
         measured.details["prefill_host_us"] = statistics.median(
             _host_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats))
+        torch.cuda.synchronize(device)
+        measured.details["prefill_host_profile"] = common.host_profile(lambda: model.prefill(prompt))
         measured.details["prefill_kernels"] = common.kernel_breakdown(lambda: model.prefill(prompt), 25)
         _, cache = model.prefill(prompt)
         model.decode_eager(cache, steps[0])
@@ -405,6 +408,7 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
         row[f"{phase}_kernels"] = ours.details[f"{phase}_kernels"]
     if phase == "prefill" and "prefill_host_us" in ours.details:  # the host's share of the call
         row["host_us"] = ours.details["prefill_host_us"]
+        row["host_profile"] = ours.details["prefill_host_profile"]
     common.record(row, case, us, peers)
     row["tokens_per_s"] = None if us is None else tokens / us * 1e6
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
@@ -504,7 +508,10 @@ def measure(
                     _print_profile(f"seahal {name} {phase} @{_tokens(ctx)}", measured.details.get(f"{phase}_kernels"))
                 if "prefill_host_us" in measured.details:
                     print(f"model: seahal {name} prefill @{_tokens(ctx)}: the host returns after "
-                          f"{measured.details['prefill_host_us']:.0f} us of {measured.prefill_us:.0f} us", flush=True)
+                          f"{measured.details['prefill_host_us']:.0f} us of {measured.prefill_us:.0f} us; "
+                          "its own time by function (cProfile):", flush=True)
+                    for f in measured.details["prefill_host_profile"]["top"][:12]:
+                        print(f"    {f['self_us']:8.0f} us {f['calls']:5d}x  {f['function'][:100]}", flush=True)
         except torch.OutOfMemoryError:
             found.append(common.unavailable_row("model", f"seahal {name}: {common.SKIP_ON_OOM}"))
         except Exception as exc:  # noqa: BLE001 - a layout that fails to load or run is a finding, not the end
