@@ -198,8 +198,9 @@ def test_paged_sparse_attention_fp8_formula_and_goals():
 
 
 def test_slow_calls_are_timed_fewer_times():
-    # 2 s of timed calls at most, never fewer than 3, never more than 30 (10 quick)
-    assert [common.repeats(us, quick=False) for us in (5.0, 1e5, 1e6)] == [30, 20, 3]
+    # 2 s of timed calls at most, never fewer than 3, never more than 30 (10 quick); a call over
+    # 2 s (the experts' per-expert peer at 8192 tokens: 5-16 s on the H100) is timed once
+    assert [common.repeats(us, quick=False) for us in (5.0, 1e5, 1e6, 2e6, 5e6)] == [30, 20, 3, 3, 1]
     assert common.repeats(5.0, quick=True) == 10
 
 
