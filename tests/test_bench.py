@@ -397,6 +397,9 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     # the bf16 decode's prefill tiles also weights first; the decode tiles and the mx form by rule only
     assert {c.weights_first for c in prefill if not c.fp4_mx} == {None, True}
     assert {c.weights_first for c in decode} == {c.weights_first for c in prefill if c.fp4_mx} == {None}
+    # the CUDA-core GEMV where a touched expert has about one row (1 and 16 tokens), not at 64 or prefill
+    assert any(c.gemv for c in decode) and any(c.gemv for c in tune_candidates(16, fp4=True))
+    assert not any(c.gemv for c in tune_candidates(64, fp4=True) + prefill)
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])

@@ -119,6 +119,13 @@ def _moe(t: int):
             _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=scale_dtype),
             config=dataclasses.replace(default, fp4_mx=mx),
         )
+    if t <= 16:  # the CUDA-core GEMV (decode: a bench variant), FP4 and FP8 weights, e8m0 scales
+        shapes, e8m0 = ((INTER, DIM), (INTER, DIM), (DIM, INTER)), torch.float8_e8m0fnu
+        fp4_weights = [(_empty(e, r, c // 2, dtype=torch.uint8), _empty(e, r, c // 32, dtype=e8m0)) for r, c in shapes]
+        fp8_weights = [(_empty(e, r, c, dtype=fp8), _empty(e, r // 128, c // 128, dtype=e8m0)) for r, c in shapes]
+        for (w1, s1), (w3, s3), (w2, s2) in (fp4_weights, fp8_weights):
+            moe_experts.moe_experts(x, weights, top, w1, s1, w3, s3, w2, s2,
+                                    config=moe_experts.ExpertsConfig(16, 16, gemv=True))
     moe_experts.moe_experts(  # and the bf16 decode's products formed weights first (prefill: a bench variant)
         x, weights, top,
         _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=torch.float8_e8m0fnu),

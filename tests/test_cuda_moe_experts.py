@@ -227,6 +227,31 @@ def test_weights_first_and_activations_first_agree(experts, monkeypatch, fmt):
 
 
 @interpreted
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-e8m0", "fp4", "fp4-e8m0"])
+def test_gemv_decode_is_the_tensor_core_product(experts, fmt, t):
+    """``ExpertsConfig.gemv`` (decode on the CUDA cores): the same exact products summed in fp32 in
+    another order, h quantised by fp8_act_quant rather than the GEMM epilogue (the same function on
+    the same bf16 h), so the output agrees with the tensor-core kernels and the reference to bf16
+    rounding; at t = 5 a token routes nowhere and another through one slot, as there."""
+    import dataclasses
+
+    args = _case(t, fmt, torch.bfloat16, seed=8 + t)
+    default = experts.experts_config(t * 2, fmt.split("-")[0], args[0].device)
+    gemv = experts.moe_experts(*args, config=dataclasses.replace(default, block_n=16, gemv=True))
+    assert _rel(gemv, experts.moe_experts(*args, config=default)) < BF16_TOL
+    assert _rel(gemv, reference.moe_experts(*args)) < BF16_TOL
+    assert _rel(gemv, _brute_force(*args)) < BF16_TOL
+
+
+@interpreted
+def test_gemv_decode_refuses_dense_weights(experts):
+    args = _case(1, "bf16", torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="gemv takes FP8/FP4 weights"):
+        experts.moe_experts(*args, config=experts.ExpertsConfig(16, 16, gemv=True))
+
+
+@interpreted
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp8", "bf16"])
 def test_k_splits(experts, fmt, split_k):

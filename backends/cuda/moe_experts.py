@@ -1,9 +1,9 @@
 """Triton routed experts (op ``moe_experts``): permute by expert, two grouped GEMMs, un-permute.
 
 Layout: *contiguous grouped*. The T*k (token, slot) pairs are sorted by expert on the device (no
-host synchronisation; one Triton launch, a bitonic sort and a histogram, for few rows,
-``torch.sort`` + ``searchsorted`` for many: :func:`route`), so each expert's rows are consecutive
-in one [S = T*k] order. A row tile never straddles two experts: expert e owns ``ceil(n_e / BLOCK_M)``
+host synchronisation; one Triton launch, a bitonic sort and a histogram, for few rows, three for
+many, a histogram per block of slots, a scan and a sort per block: :func:`route`), so each
+expert's rows are consecutive in one [S = T*k] order. A row tile never straddles two experts: expert e owns ``ceil(n_e / BLOCK_M)``
 tiles and its last tile masks the rows past ``n_e``. The grid is sized by the bound
 ``ceil(S / BLOCK_M) + min(E, S)`` (no data-dependent launch shape, so a call can be captured in a
 CUDA graph); tiles past the real count exit at once. The same layout serves decode (S small: one
@@ -22,6 +22,9 @@ Three launches after the routing tables:
 At decode the (row tile, column tile) grids of both GEMMs are small (one token: 6 experts' tiles),
 while each program's FP4 decode is ALU-bound; :func:`decode_splits` then cuts K into splits, and
 the last split of a tile to arrive sums the fp32 partials in split order and runs the epilogue.
+``ExpertsConfig.gemv`` instead runs both GEMMs on the CUDA cores, a routed row a program
+(:func:`_gemv_kernel`), with x and h quantised by ``fp8_act_quant``: an alternative for decode
+awaiting measurement.
 
 Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
 scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
@@ -29,7 +32,8 @@ scales (as ``fp4_gemm``: Triton's microscaling ``tl.dot_scaled`` for e8m0 scales
 ``ExpertsConfig.fp4_mx``, else decoded to bf16 in registers). The activations of FP8/FP4 GEMMs are
 FP8-quantised in 1x128 ue8m0 tiles (x by the Triton ``fp8_act_quant``, one launch; h in the
 gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
-reference applies the summed weight once. Verified under the Triton interpreter only (TUNING.md).
+reference applies the summed weight once. Verified on the H100 at 81df42b (the prefill routing and
+the GEMV since: under the Triton interpreter only; TUNING.md).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
-from ._e2m1 import fp4_block_dot
+from ._e2m1 import decode_e2m1, fp4_block_dot
 from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
@@ -69,6 +73,10 @@ class ExpertsConfig:
     """FP4 weights: form each product weights first, the decoded tile a wgmma operand straight from
     registers (True), or activations first, the decoded tile through shared memory (False); None:
     :func:`._gemm.weights_first` (weights first only where BLOCK_M alone cannot fill a wgmma)."""
+    gemv: bool = False
+    """FP8/FP4 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
+    BLOCK_N weight rows a program, no tensor core and no routing tiles), x and h quantised by
+    ``fp8_act_quant`` launches of their own; BLOCK_M only shapes the routing tables."""
 
 
 def experts_config(rows: int, weight_format: str, device: torch.device) -> ExpertsConfig:
@@ -597,6 +605,98 @@ def _epilogue(
 
 
 @triton.jit
+def _gemv_products(
+    acc, a_ptr, a_scale, w_ptr, ws_ptr, w_cols, kb, stride_ak, stride_wn, stride_wk, stride_wsn, stride_wsk,
+    FORMAT: tl.constexpr, SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``acc`` plus the exact fp32 products of one K block: A's e4m3 codes (``a_ptr`` at the row,
+    ``a_scale`` their 1x128 scale) with BLOCK_N weight rows' codes and scales, every operand loaded
+    in the [BLOCK_N, lanes] layout of the sum (A's codes repeated over the rows, from L1), so no
+    value changes layout. FP4: lane j of a row holds byte j, its low code against A's element 2j
+    and its high code against 2j + 1; FP8: lane j holds element j."""
+    if FORMAT == 1:
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + offs_k[None, :] * stride_ak + 0 * w_cols[:, None]).to(tl.float32)
+        w = tl.load(w_ptr + w_cols[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
+        scale = tl.load(ws_ptr + (w_cols // 128) * stride_wsn + kb * stride_wsk)
+        if SCALE_E8M0:
+            scale = decode_e8m0(scale)
+        return acc + a * w * (a_scale * scale)[:, None]
+    else:
+        offs_byte = kb * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + w_cols[:, None] * stride_wn + offs_byte[None, :] * stride_wk)
+        offs_s = kb * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        scale = tl.load(ws_ptr + w_cols[:, None] * stride_wsn + offs_s[None, :] * stride_wsk)
+        if SCALE_E8M0:
+            scale = decode_e8m0(scale)
+        scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)).reshape(BLOCK_N, BLOCK_K // 2)
+        # A's codes 2j and 2j + 1 as one 16-bit word j (a_ptr points at them as int16)
+        pair = tl.load(a_ptr + offs_byte[None, :] * stride_ak + 0 * w_cols[:, None])
+        even = (pair & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        odd = ((pair >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        products = decode_e2m1(packed & 0xF) * even + decode_e2m1(packed >> 4) * odd
+        return acc + products * (scale * a_scale)
+
+
+@triton.jit
+def _gemv_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, out_ptr,
+    ids_ptr, slots_ptr, weights_ptr, n_valid_ptr,
+    N, K, limit,
+    stride_am, stride_ak, stride_asm, stride_ask, stride_it, stride_ik,
+    stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+    stride_ve, stride_vn, stride_vk, stride_vse, stride_vsn, stride_vsk,
+    stride_om, stride_on,
+    TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
+    W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """BLOCK_N outputs of one routed (sorted) row of an expert's GEMM on the CUDA cores: decode,
+    where a row tile of the tensor-core kernel holds one valid row of 16.
+
+    ``sum_k a[k] w[n, k]`` over A's FP8 codes and the expert's FP8/FP4 weights, each product exact
+    in fp32 and scaled by its blocks' powers of two (or fp32 scales), summed in fp32 per lane over
+    the K blocks and across the lanes at the end. GATE_UP: A is x's row (the row's token), the
+    output ``h = w * silu(min(A W1^T, L)) * clamp(A W3^T, -L, L)``; else A is h's row, the output
+    ``A W2^T``; either stored in out's dtype (the caller FP8-quantises h for the down GEMV, as the
+    tensor-core kernel's epilogue does). Rows past the routed count exit.
+    """
+    row = tl.program_id(0)
+    if row >= tl.load(n_valid_ptr):
+        return
+    slot = tl.load(slots_ptr + row)
+    token = slot // TOP_K
+    expert = tl.load(ids_ptr + token * stride_it + (slot % TOP_K) * stride_ik).to(tl.int64)
+    a_row = (token if GATE_UP else row).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_cols = (cols % N).to(tl.int64)  # columns past N re-read valid ones; the store masks them
+    a_ptr += a_row * stride_am
+    w_ptr += expert * stride_we
+    w_scale_ptr += expert * stride_wse
+    v_ptr += expert * stride_ve
+    v_scale_ptr += expert * stride_vse
+    lanes: tl.constexpr = BLOCK_K if FORMAT == 1 else BLOCK_K // 2
+    acc_w = tl.zeros((BLOCK_N, lanes), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_N, lanes), dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BLOCK_K)):
+        a_scale = tl.load(a_scale_ptr + a_row * stride_asm + kb * stride_ask)
+        acc_w = _gemv_products(acc_w, a_ptr, a_scale, w_ptr, w_scale_ptr, w_cols, kb, stride_ak, stride_wn,
+                               stride_wk, stride_wsn, stride_wsk, FORMAT, W_SCALE_E8M0, BLOCK_N, BLOCK_K)
+        if GATE_UP:
+            acc_v = _gemv_products(acc_v, a_ptr, a_scale, v_ptr, v_scale_ptr, w_cols, kb, stride_ak, stride_vn,
+                                   stride_vk, stride_vsn, stride_vsk, FORMAT, V_SCALE_E8M0, BLOCK_N, BLOCK_K)
+    out = tl.sum(acc_w, axis=1)
+    if GATE_UP:
+        gate = out
+        up = tl.sum(acc_v, axis=1)
+        if CLAMP:
+            gate = tl.minimum(gate, limit)
+            up = tl.clamp(up, -limit, limit)
+        out = gate / (1.0 + tl.exp(-gate)) * up * tl.load(weights_ptr + row)
+    out_ptrs = out_ptr + row.to(tl.int64) * stride_om + cols * stride_on
+    tl.store(out_ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
 def _combine_kernel(
     y_ptr, positions_ptr, n_valid_ptr, out_ptr, D, stride_ym, stride_yd, stride_om, stride_od,
     TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -678,6 +778,30 @@ def _grouped_gemm(
     )
 
 
+def _gemv(
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, v: torch.Tensor | None,
+    v_scale: torch.Tensor | None, out: torch.Tensor, routing: Routing, topk_ids: torch.Tensor, fmt: str,
+    limit: float, config: ExpertsConfig,
+) -> None:
+    """Launch :func:`_gemv_kernel` over the routed rows: gate-up when ``v`` (W3) is given, else down."""
+    n, k = w.shape[1], a.shape[1]
+    gate_up = v is not None
+    w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
+    if fmt == "fp4":  # A's codes in pairs, one 16-bit word to a weight byte (contiguous rows)
+        a = a.contiguous().view(torch.int16)
+    _gemv_kernel[(out.shape[0], triton.cdiv(n, config.block_n))](
+        a, a_scale, w, w_scale, w if v is None else v, w_scale if v_scale is None else v_scale, out,
+        topk_ids, routing.slots, routing.weights, routing.n_valid,
+        n, k, float(limit),
+        *a.stride(), *a_scale.stride(), *topk_ids.stride(),
+        *w.stride(), *w_scale.stride(), *_strides(v, 3), *_strides(v_scale, 3),
+        *out.stride(),
+        TOP_K=topk_ids.shape[1], GATE_UP=gate_up, FORMAT=_FORMATS[fmt], CLAMP=gate_up and limit > 0,
+        W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale), BLOCK_N=config.block_n, BLOCK_K=K_BLOCK,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
 def decode_splits(programs: int, k_blocks: int, sm_count: int) -> int:
     """K splits of a grouped GEMM whose (row tile, column tile) grid has ``programs`` programs with
     work (bounded by min(E, T*k) tiles): doubling while the grid holds under two programs per SM
@@ -734,6 +858,34 @@ def moe_experts(
     rows = t * top_k
     config = config or experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
+    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+    if config.gemv:
+        if "dense" in (fmt_up, fmt_down):
+            raise ValueError(f"moe_experts (cuda.triton): ExpertsConfig.gemv takes FP8/FP4 weights, got "
+                             f"{fmt_up} gate-up and {fmt_down} down weights")
+        h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
+        _gemv(*fp8_act_quant(x, K_BLOCK), w1, w1_scale, w3, w3_scale, h, routing, topk_ids, fmt_up, swiglu_limit,
+              config)
+        _gemv(*fp8_act_quant(h, K_BLOCK), w2, w2_scale, None, None, y, routing, topk_ids, fmt_down, swiglu_limit,
+              config)
+    else:
+        _tensor_core_gemms(x, w1, w1_scale, w3, w3_scale, w2, w2_scale, y, routing, top_k, fmt_up, fmt_down,
+                           swiglu_limit, config)
+    block_d = min(triton.next_power_of_2(d), 1024)
+    _combine_kernel[(t, triton.cdiv(d, block_d))](
+        y, routing.positions, routing.n_valid, out, d, *y.stride(), *out.stride(), TOP_K=top_k, BLOCK_D=block_d,
+    )
+    return out
+
+
+def _tensor_core_gemms(
+    x: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor | None, w3: torch.Tensor,
+    w3_scale: torch.Tensor | None, w2: torch.Tensor, w2_scale: torch.Tensor | None, y: torch.Tensor,
+    routing: Routing, top_k: int, fmt_up: str, fmt_down: str, swiglu_limit: float, config: ExpertsConfig,
+) -> None:
+    """The gate-up and down grouped GEMMs of :func:`moe_experts` on the tensor cores, into ``y``
+    [T*k, D] (a row per sorted routed row)."""
+    rows, inter = y.shape[0], w1.shape[1]
     if fmt_up == "dense" or rows <= QUANT_IN_GEMM_MAX_ROWS:
         a, a_scale = x, None  # dense: as it is; FP8/FP4 weights: quantised in the gate-up kernel
     else:  # many rows: once, rather than once per column tile
@@ -746,11 +898,5 @@ def moe_experts(
     round_bf16 = x.dtype == torch.bfloat16
     _grouped_gemm(a, a_scale, w1, w1_scale, w3, w3_scale, h, h_scale, routing, top_k, fmt_up, swiglu_limit,
                   round_bf16, config)
-    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     _grouped_gemm(h, h_scale, w2, w2_scale, None, None, y, None, routing, top_k, fmt_down, swiglu_limit,
                   round_bf16, config)
-    block_d = min(triton.next_power_of_2(d), 1024)
-    _combine_kernel[(t, triton.cdiv(d, block_d))](
-        y, routing.positions, routing.n_valid, out, d, *y.stride(), *out.stride(), TOP_K=top_k, BLOCK_D=block_d,
-    )
-    return out

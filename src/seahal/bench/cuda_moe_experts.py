@@ -9,7 +9,8 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
 FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``),
-with twice the warps, and (prefill) with the products formed weights first.
+with twice the warps, and (prefill) with the products formed weights first; decode rows up to 16
+tokens the CUDA-core GEMV (``ExpertsConfig.gemv``).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
@@ -133,6 +134,10 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     check = close(BF16_TOL)
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
+    if tokens <= GEMV_MAX_TOKENS and device.type == "cuda":  # each routed row on the CUDA cores
+        from seahal.backends.cuda.moe_experts import ExpertsConfig
+
+        variants["gemv"] = partial(kernel, *args, config=ExpertsConfig(16, 16, num_warps=4, gemv=True))
     if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks through
         # tl.dot_scaled, with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more
         # at once), and where the tiles form products activations first, weights first (the decoded
@@ -147,6 +152,11 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
         if not weights_first(config.block_m, config.block_n, fp4=True):
             variants["weights first"] = partial(kernel, *args, config=dataclasses.replace(config, weights_first=True))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
+
+
+GEMV_MAX_TOKENS = 16
+"""Decode rows up to this many tokens also time ``ExpertsConfig.gemv`` (about one routed row an
+expert; past it the GEMV would read an expert's weights once per row)."""
 
 
 def _token_counts(device: torch.device, quick: bool) -> tuple[tuple[str, int], ...]:
@@ -212,10 +222,12 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     16- and 32-row tiles and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
     4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode) and at
     prefill the bf16 decode's products weights first as well. BLOCK_N stays 128: the gate-up
-    epilogue quantises h in 1x128 tiles."""
+    epilogue quantises h in 1x128 tiles. Up to :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core
+    GEMV (``gemv``) at 16 and 32 weight rows a program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
     decode = tokens <= 64
+    gemv = [ExpertsConfig(16, rows, warps, gemv=True) for rows in (16, 32) for warps in (4, 8)]
     return [
         ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split, first)
         for block_m in ((16, 32) if decode else (32, 64, 128))
@@ -223,7 +235,7 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
         for split in ((None, 1, 2, 4) if decode else (1,))
         for mx in ((True, False) if fp4 else (True,))
         for first in ((None, True) if fp4 and not mx and not decode else (None,))
-    ]
+    ] + (gemv if tokens <= GEMV_MAX_TOKENS else [])
 
 
 def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Callable[[Callable], float]) -> dict:
