@@ -362,6 +362,22 @@ def _block_barriers_in_mma_loops(ptx: str) -> int:
     return sum(bool(block_wide.search(line)) for a, b in innermost for line in lines[a:b + 1])
 
 
+def _pdl_launches() -> list:
+    """A decode step's norms, quantisers, mHC and rope launched with SEAHAL_CUDA_PDL=1."""
+    from seahal.backends.cuda._pdl import PDL_VARIABLE
+    from seahal.testing.triton_compile import capture_launches
+
+    os.environ[PDL_VARIABLE] = "1"
+    try:
+        with capture_launches() as launches:
+            _norm(TOKENS["decode"])
+            _quant(TOKENS["decode"])
+            _mhc_rope(TOKENS["decode"])
+    finally:
+        del os.environ[PDL_VARIABLE]
+    return launches
+
+
 def _compile_all() -> list[dict]:
     """Capture every wrapper's launches, compile each distinct one for sm_90: one record per launch."""
     from seahal.testing.triton_compile import capture_launches, compile_launch
@@ -378,6 +394,7 @@ def _compile_all() -> list[dict]:
         _position_as_data()
         _indexer_variants()
         _model()
+    launches += _pdl_launches()
     distinct = {_signature(launch): launch for launch in launches}
     results = []
     for key, launch in distinct.items():
@@ -391,6 +408,8 @@ def _compile_all() -> list[dict]:
             "resident": result.resident_programs() if result.ok and result.registers else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
             "mma_loop_block_barriers": _block_barriers_in_mma_loops(ptx),
+            "pdl": bool(launch.kwargs.get("launch_pdl")),
+            "waits_on_prior_grid": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
             "position": str(getattr(position, "dtype", None)),
         })
     return results
@@ -432,6 +451,16 @@ def test_every_kernel_compiles_for_sm90(compiled):
     failures = [f"{r['launch']}:\n{r['error']}" for r in compiled if r["error"]]
     assert not failures, "\n\n".join(failures)
     assert {r["kernel"] for r in compiled} == _kernels_in_backend()
+
+
+def test_pdl_launches_wait_for_the_prior_grid(compiled):
+    """With SEAHAL_CUDA_PDL=1 a kernel is launched with programmatic dependent launch and begins
+    with griddepcontrol.wait and .launch_dependents; without, it compiles as before, with neither."""
+    pdl = [r for r in compiled if r["pdl"]]
+    assert {"_rms_norm_kernel", "_fp8_act_quant_kernel", "_mix_kernel", "_post_kernel", "_rope_kernel"} <= {
+        r["kernel"] for r in pdl}
+    assert all(r["waits_on_prior_grid"] and not r["error"] for r in pdl)
+    assert not any(r["waits_on_prior_grid"] for r in compiled if not r["pdl"])
 
 
 def test_kernels_fit_sm90_shared_memory(compiled):

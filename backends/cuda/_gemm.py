@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._numerics import cast_rne
+from ._pdl import pdl_options
 
 K_BLOCK = 128
 """K width of one scaled partial product (the 1x128 activation / 128x128 weight scale block)."""
@@ -189,7 +190,7 @@ def launch(
         b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=config.split_k,
-        B_SCALE_E8M0=e8m0, num_warps=config.num_warps, num_stages=config.num_stages, **options,
+        B_SCALE_E8M0=e8m0, num_warps=config.num_warps, num_stages=config.num_stages, **options, **pdl_options(),
     )
     return out
 

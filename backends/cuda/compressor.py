@@ -78,6 +78,7 @@ from seahal.hal.ops.quant import kv_record_bytes
 
 from ._gemm import arrival_counters
 from ._numerics import cast_rne, fp8_quantize_tiles
+from ._pdl import pdl_options, wait_for_prior_grid
 from ._position import load_position, position_stride
 from .quant import bf16_bytes, e8m0_bytes
 
@@ -209,6 +210,7 @@ def _compress(
             RATIO=ratio, COFF=coff, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0], SPLIT=split, BLOCK=block,
             SLOT_BLOCK=slot_block, STATE_BLOCK=state_block, CARRIED=carried,
             POS_FROM_PTR=pos_ptr is not None, ROW=width, ROPE=record.get("ROPE", 0), TILE=record.get("TILE", 0),
+            **pdl_options(),
         )
     return out
 
@@ -269,6 +271,7 @@ def _kv_compress_kernel(
     RATIO: tl.constexpr, COFF: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
     CARRIED: tl.constexpr, POS_FROM_PTR: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (b, 0, c): entries [0, lead) of sequence b (all that read its carried state), then its
     state slots [lo, hi); program (b, q > 0, c): entry lead + q - 1; each for the channels of block c
@@ -281,6 +284,7 @@ def _kv_compress_kernel(
     ceil(S / m): one variant for every position, and programs past the n_new entries write zero rows
     (channel block 0 the whole row).
     """
+    wait_for_prior_grid(PDL)
     SLOTS: tl.constexpr = COFF * RATIO
     programs = ROWS + 1 if POS_FROM_PTR else ROWS - LEAD + 1
     b = (tl.program_id(0) // programs).to(tl.int64)

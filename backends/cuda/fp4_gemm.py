@@ -17,6 +17,7 @@ from ._e2m1 import fp4_block_dot
 from ._gemm import (
     ConfigTable, GemmConfig, gemm, k_block_range, launch, oriented, oriented_acc, store_tile, tile_coords,
 )
+from ._pdl import wait_for_prior_grid
 
 SM90_CONFIGS: ConfigTable = {
     (1, 2048, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # exp_up 18.6 us; H200: 14.3 mx, 17.5 bf16; H100: 14.8 mx, 12.4 bf16
@@ -50,11 +51,12 @@ def _fp4_gemm_kernel(
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    WEIGHTS_FIRST: tl.constexpr = False,
+    WEIGHTS_FIRST: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """:func:`_fp4_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
     program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``).
     The product is formed weights first with MX, or WEIGHTS_FIRST (:func:`._gemm.weights_first`)."""
+    wait_for_prior_grid(PDL)
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for w in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0)):

@@ -21,6 +21,7 @@ import triton.language as tl
 from ._gemm import (
     ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords, tma_ready,
 )
+from ._pdl import wait_for_prior_grid
 
 SM90_CONFIGS: ConfigTable = {
     (1, 1024, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # q_a 10.1 us
@@ -97,10 +98,11 @@ def _fp8_gemm_kernel(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """:func:`_fp8_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
     program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
+    wait_for_prior_grid(PDL)
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for w in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0)):

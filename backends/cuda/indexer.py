@@ -76,6 +76,7 @@ from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, unpack_codes
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._position import load_position, position_stride
 from .kv_unpack import _e4m3_value, _e8m0_scale
+from ._pdl import pdl_options, wait_for_prior_grid
 
 
 MAX_ENTRIES = 2**31
@@ -244,7 +245,7 @@ def ranking_keys(
         HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
         BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format, ROW_ALIGN=row_alignment(keys),
         LOW_PRECISION_DOT=q.dtype == key_dtype == torch.bfloat16 and q.device.type == "cuda",
-        POS_FROM_PTR=pos_ptr is not None, num_warps=config.num_warps,
+        POS_FROM_PTR=pos_ptr is not None, num_warps=config.num_warps, **pdl_options(),
     )
     return ranking
 
@@ -270,7 +271,7 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
         chosen = torch.empty((rows, n_chunks * topk), dtype=torch.int64, device=ranking.device)
         _select_kernel[(rows, n_chunks)](
             candidates, chosen, length, topk, candidates.stride(0), chosen.stride(0),
-            CHUNK=size, PACKED=packed, MAX_ENTRIES=MAX_ENTRIES, num_warps=min(16, max(4, size // 512)),
+            CHUNK=size, PACKED=packed, MAX_ENTRIES=MAX_ENTRIES, num_warps=min(16, max(4, size // 512)), **pdl_options(),
         )
         candidates, length, packed = chosen, n_chunks * topk, True
         if last_round:
@@ -278,7 +279,7 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
     _rank_kernel[(rows, triton.cdiv(topk, config.rank_block))](
         candidates, out, topk, candidates.stride(0), out.shape[1], *out.stride(),
         BLOCK_R=config.rank_block, CHUNK=min(triton.next_power_of_2(topk), config.rank_chunk), MAX_ENTRIES=MAX_ENTRIES,
-        num_warps=1,
+        num_warps=1, **pdl_options(),
     )
 
 
@@ -290,7 +291,7 @@ def _scores_kernel(
     stride_kb, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_FORMAT: tl.constexpr, ROW_ALIGN: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr,
-    POS_FROM_PTR: tl.constexpr,
+    POS_FROM_PTR: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Ranking keys of BLOCK_S queries (all heads) over the entries of one split; key rows dense,
     or packed records decoded by :func:`_key_tile` (KEY_FORMAT "fp4" / "fp8"). Query s sits at
@@ -298,6 +299,7 @@ def _scores_kernel(
     stride_pos`` (stride 0: one position for all). ROW_ALIGN: every key row starts at a multiple
     of it (:func:`._alignment.row_alignment`): 132- and 68-byte records load as 4-byte words, not
     byte by byte."""
+    wait_for_prior_grid(PDL)
     s_blocks = tl.cdiv(S, BLOCK_S)
     bat = (tl.program_id(0) // s_blocks).to(tl.int64)
     if POS_FROM_PTR:
@@ -405,11 +407,12 @@ def _e4m3_to_f32(codes):
 @triton.jit
 def _select_kernel(
     src_ptr, dst_ptr, length, topk, stride_src, stride_dst,
-    CHUNK: tl.constexpr, PACKED: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    CHUNK: tl.constexpr, PACKED: tl.constexpr, MAX_ENTRIES: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The topk largest keys of one CHUNK of one row, in entry order, as int64 candidates at
     dst[row, chunk * topk:], INT64_MIN past them. The source holds int32 ranking keys (entry j at
     column j) or, when PACKED, the candidates of the previous round."""
+    wait_for_prior_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, CHUNK)
     offs = tl.program_id(1) * CHUNK + slots
@@ -461,13 +464,14 @@ def _top_k_mask(key, topk):
 @triton.jit
 def _rank_kernel(
     cand_ptr, out_ptr, topk, stride_c, S, stride_ob, stride_os, stride_ok,
-    BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, MAX_ENTRIES: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Entries of BLOCK_R of a row's topk candidates into out[row // S, row % S, slot], the slot the
     number of larger candidates in the row; the slots past the row's candidates get -1. One warp
     compares them with CHUNK of the row's candidates a step (on a GPU 1024: V4's whole top-k), so
     the counts reduce within the warp, by shuffles: with 4 warps and 64 candidates each of the 8
     steps at V4-Flash's k = 512 waited on 8 barriers (sm_90 SASS), now 1 in all."""
+    wait_for_prior_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     cands = cand_ptr + row * stride_c
     slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)

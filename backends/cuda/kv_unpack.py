@@ -21,6 +21,7 @@ import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._numerics import cast_rne
+from ._pdl import pdl_options, wait_for_prior_grid
 
 ELEMENTS_PER_PROGRAM = 4096
 """Decoded elements per program: 8 records of dim 512 (4.6 KB read, 8 KB written). Not measured
@@ -44,7 +45,7 @@ def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: in
         records, out, records.shape[0], *records.stride(),
         N_TILES=n_tiles, TILES_P2=triton.next_power_of_2(max(n_tiles, 1)), TILE=tile,
         TILE_P2=triton.next_power_of_2(tile), ROPE=rope_dim, ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
-        DIM=dim, BLOCK_M=block_m,
+        DIM=dim, BLOCK_M=block_m, **pdl_options(),
     )
     return out
 
@@ -73,9 +74,10 @@ def _e4m3_value(c):
 def _kv_cache_unpack_kernel(
     rec_ptr, out_ptr, M, stride_rm, stride_rb,
     N_TILES: tl.constexpr, TILES_P2: tl.constexpr, TILE: tl.constexpr, TILE_P2: tl.constexpr,
-    ROPE: tl.constexpr, ROPE_P2: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROPE: tl.constexpr, ROPE_P2: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[rows] = decoded records[rows] (bf16); program = BLOCK_M records."""
+    wait_for_prior_grid(PDL)
     NOPE: tl.constexpr = N_TILES * TILE
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M

@@ -31,6 +31,7 @@ import triton.language as tl
 from seahal.backends.cpu.reference.linear import fp32_linear as widened_gemm
 
 from .rope import check_dtype
+from ._pdl import pdl_options, wait_for_prior_grid
 
 GEMV_MAX_TOKENS = 4
 """Up to this many tokens the CUDA-core GEMV runs."""
@@ -71,9 +72,10 @@ def fp32_gemv_tile(
 @triton.jit
 def _fp32_gemv_kernel(
     x_ptr, w_ptr, out_ptr, T, V, D, stride_xt, stride_wv, stride_ot,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[t, v] = sum_d fp32(x[t, d]) fp32(W[v, d]) for this program's BLOCK_V rows of W."""
+    wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     tokens = tl.arange(0, BLOCK_T)
     logits = fp32_gemv_tile(x_ptr, w_ptr, tokens, rows, T, V, 0, D, D, stride_xt, 1, stride_wv, 1, BLOCK_D)
@@ -85,10 +87,12 @@ def _fp32_gemv_kernel(
 def _split_x_kernel(
     x_ptr, w_ptr, out_ptr, T, V, D, stride_xt, stride_wv, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, X_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[t, v] = sum_d x[t, d] W[v, d] for a (row block, token block): x split into three exact
     bf16 parts (bf16 x: itself, X_BF16), each multiplied by the bf16 W tile on the tensor cores
     into one fp32 accumulator."""
+    wait_for_prior_grid(PDL)
     tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wv
@@ -133,12 +137,12 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if t <= GEMV_MAX_TOKENS:
         block_t = triton.next_power_of_2(t)
         _fp32_gemv_kernel[(triton.cdiv(v, BLOCK_V),)](
-            *args, BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=256 // block_t, num_warps=4,
+            *args, BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=256 // block_t, num_warps=4, **pdl_options(),
         )
     else:
         block_t = min(max(16, triton.next_power_of_2(t)), 64)
         _split_x_kernel[(triton.cdiv(v, SPLIT_BLOCK_V), triton.cdiv(t, block_t))](
             *args, BLOCK_T=block_t, BLOCK_V=SPLIT_BLOCK_V, BLOCK_D=64, X_BF16=x.dtype == torch.bfloat16,
-            num_warps=4, num_stages=4,
+            num_warps=4, num_stages=4, **pdl_options(),
         )
     return out.reshape(*x.shape[:-1], v)

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from ._gemm import arrival_counters
 from ._numerics import cast_rne
+from ._pdl import pdl_options, wait_for_prior_grid
 from .rope import check_dtype
 
 GEMV_MAX_TOKENS = 4
@@ -165,7 +166,7 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     _post_kernel[(b * s, triton.cdiv(d, block_d))](
         f, x, post, comb, out, s, d,
         *f.stride(), *x.stride(), *post.stride(), *comb.stride(),
-        N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=block_d,
+        N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=block_d, **pdl_options(),
     )
     return out
 
@@ -214,12 +215,12 @@ def collapse_streams(
         BLOCK_T=config.block_t, BLOCK_K=config.block_k, M_PAD=_m_pad(m, config.block_t), SPLIT=split,
         SPLIT_CHUNK=min(triton.next_power_of_2(split), max(1, chunk // (config.block_t * widest))),
         N=n, N_PAD=n_pad, HEAD=head, X_BF16=x.dtype == torch.bfloat16, COLLAPSE=one_launch,
-        BLOCK_D=_block_d(d, x.device, 4096) if one_launch else 16, num_warps=WARPS,
+        BLOCK_D=_block_d(d, x.device, 4096) if one_launch else 16, num_warps=WARPS, **pdl_options(),
     )
     if not one_launch:
         block_d = _block_d(d, x.device, 512)
         _collapse_kernel[(t, triton.cdiv(d, block_d))](
-            x, pre, y, s, d, *x.stride(), N=n, BLOCK_D=block_d, num_warps=WARPS,
+            x, pre, y, s, d, *x.stride(), N=n, BLOCK_D=block_d, num_warps=WARPS, **pdl_options(),
         )
     return y, post, comb
 
@@ -229,9 +230,10 @@ def _post_kernel(
     f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, S, D,
     stride_fb, stride_fs, stride_fd, stride_xb, stride_xs, stride_xn, stride_xd,
     stride_pb, stride_ps, stride_pn, stride_cb, stride_cs, stride_ci, stride_cj,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[token, j, cols] = post_j f[cols] + sum_i comb[i, j] x_i[cols]; program (token, column block)."""
+    wait_for_prior_grid(PDL)
     token = tl.program_id(0)
     batch = (token // S).to(tl.int64)
     seq = (token % S).to(tl.int64)
@@ -260,7 +262,7 @@ def _mix_kernel(
     stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, stride_base, stride_scale,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HEAD: tl.constexpr, X_BF16: tl.constexpr,
-    COLLAPSE: tl.constexpr, BLOCK_D: tl.constexpr,
+    COLLAPSE: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (token tile, K slice): the slice's partial mixes; the tile's last program to arrive
     computes the tile's weights (:func:`_tile_weights`) and, if COLLAPSE, its collapse.
@@ -268,6 +270,7 @@ def _mix_kernel(
     The partials are stored and the tile's counter bumped after a barrier (release); the program
     that sees the count reach SPLIT - 1 resets it to 0 and reads the SPLIT partials through L2 (.cg).
     """
+    wait_for_prior_grid(PDL)
     pid_t = tl.program_id(0)
     _mix_slice(x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, width,
                stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk,
@@ -296,9 +299,10 @@ def _mix_kernel(
 @triton.jit
 def _collapse_kernel(
     x_ptr, pre_ptr, y_ptr, S, D, stride_xb, stride_xs, stride_xn, stride_xd,
-    N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """y[token, cols] from the weights ``_mix_kernel`` left in pre; program (token, column block)."""
+    wait_for_prior_grid(PDL)
     _collapse_columns(x_ptr, pre_ptr, y_ptr, tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D),
                       S, D, stride_xb, stride_xs, stride_xn, stride_xd, N)
 

@@ -50,6 +50,7 @@ from ._e2m1 import decode_e2m1, fp4_block_dot
 from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
+from ._pdl import pdl_options, wait_for_prior_grid
 
 _FORMATS = {"dense": 0, "fp8": 1, "fp4": 2}
 """Weight format -> the kernels' FORMAT code."""
@@ -257,7 +258,7 @@ def _route_kernel(
     weights_ptr, ids_ptr, tiles_ptr, slots_ptr, sorted_weights_ptr, positions_ptr, n_valid_ptr,
     rows, n_experts, max_tiles, stride_wt, stride_wk, stride_it, stride_ik,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_PAD: tl.constexpr, EXPERTS_PAD: tl.constexpr,
-    TILES_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    TILES_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The :class:`Routing` tables of ``rows`` = T*k slots in one program.
 
@@ -268,6 +269,7 @@ def _route_kernel(
     token's k slots; tile -> expert is #{e : tiles_end_e <= tile} (searchsorted, right). The merged
     weight of a slot sums, in slot order, the weights of the token's slots with its id.
     """
+    wait_for_prior_grid(PDL)
     row = tl.arange(0, ROWS_PAD)
     in_rows = row < rows
     key = _slot_key(ids_ptr, row, in_rows, stride_it, stride_ik, n_experts, TOP_K)
@@ -303,15 +305,16 @@ def route_small(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: i
         topk_weights, topk_ids, tiles, slots, weights, positions, n_valid,
         rows, n_experts, max_tiles, *topk_weights.stride(), *topk_ids.stride(),
         TOP_K=k, BLOCK_M=block_m, ROWS_PAD=rows_pad, EXPERTS_PAD=max(triton.next_power_of_2(n_experts), _ROUTE_CHUNK),
-        TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK,
+        TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK, **pdl_options(),
     )
     return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
 
 
 @triton.jit
 def _route_count_kernel(ids_ptr, counts_ptr, rows, n_experts, stride_it, stride_ik, TOP_K: tl.constexpr,
-                        BLOCK: tl.constexpr, BINS: tl.constexpr):
+                        BLOCK: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr = False):
     """counts[b, e]: block b's slots (``BLOCK`` of them) with sort key e (E: dropped), e < BINS."""
+    wait_for_prior_grid(PDL)
     block = tl.program_id(0)
     slot = block * BLOCK + tl.arange(0, BLOCK)
     in_rows = slot < rows
@@ -321,11 +324,12 @@ def _route_count_kernel(ids_ptr, counts_ptr, rows, n_experts, stride_it, stride_
 
 @triton.jit
 def _route_scan_kernel(counts_ptr, tiles_ptr, n_valid_ptr, n_blocks, n_experts, max_tiles, BLOCK_M: tl.constexpr,
-                       BINS: tl.constexpr, TILES_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                       BINS: tl.constexpr, TILES_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """One program: the keys' totals and first sorted rows (exclusive prefix sum over the keys,
     dropped slots last), the ``tiles`` table, and per block b, in place of its counts, the sorted
     row of its first slot of key e less that slot's place among the block's sorted slots:
     ``below_e + #{key e in blocks < b} - #{key < e in block b}``."""
+    wait_for_prior_grid(PDL)
     key = tl.arange(0, BINS)
     total = tl.zeros((BINS,), dtype=tl.int32)
     for block in range(n_blocks):
@@ -345,10 +349,12 @@ def _route_scan_kernel(counts_ptr, tiles_ptr, n_valid_ptr, n_blocks, n_experts, 
 def _route_place_kernel(
     weights_ptr, ids_ptr, offsets_ptr, slots_ptr, sorted_weights_ptr, positions_ptr, rows, n_experts,
     stride_wt, stride_wk, stride_it, stride_ik, TOP_K: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Block b's slots sorted by (key, slot) (one bitonic ``tl.sort``): the p-th goes to sorted row
     ``offsets[b, key] + p`` (:func:`_route_scan_kernel`), with its merged weight; its token's
     ``positions`` entry at its place among the token's rows."""
+    wait_for_prior_grid(PDL)
     block = tl.program_id(0)
     local = tl.arange(0, BLOCK)
     slot = block * BLOCK + local
@@ -388,12 +394,13 @@ def route_blocked(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts:
     positions = torch.empty((t, k), dtype=torch.int32, device=device)
     n_valid = torch.empty(1, dtype=torch.int32, device=device)
     _route_count_kernel[(n_blocks,)](topk_ids, counts, rows, n_experts, *topk_ids.stride(), TOP_K=k,
-                                     BLOCK=ROUTE_BLOCK, BINS=bins)
+                                     BLOCK=ROUTE_BLOCK, BINS=bins, **pdl_options())
     _route_scan_kernel[(1,)](counts, tiles, n_valid, n_blocks, n_experts, max_tiles, BLOCK_M=block_m, BINS=bins,
-                             TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK)
+                             TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK,
+                             **pdl_options())
     _route_place_kernel[(n_blocks,)](
         topk_weights, topk_ids, counts, slots, weights, positions, rows, n_experts,
-        *topk_weights.stride(), *topk_ids.stride(), TOP_K=k, BLOCK=ROUTE_BLOCK, BINS=bins,
+        *topk_weights.stride(), *topk_ids.stride(), TOP_K=k, BLOCK=ROUTE_BLOCK, BINS=bins, **pdl_options(),
     )
     return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
 
@@ -497,6 +504,7 @@ def _grouped_gemm_kernel(
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
     QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One (row tile, column tile, K split) of an expert's GEMM over its consecutive sorted rows.
 
@@ -506,6 +514,7 @@ def _grouped_gemm_kernel(
     SPLIT_K > 1: the last of a tile's splits to arrive sums their partials (:func:`_sum_splits`)
     and runs the epilogue.
     """
+    wait_for_prior_grid(PDL)
     tile = tl.program_id(0)
     expert = tl.load(tiles_ptr + tile)
     if expert < 0:
@@ -649,6 +658,7 @@ def _gemv_kernel(
     stride_om, stride_on,
     TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """BLOCK_N outputs of one routed (sorted) row of an expert's GEMM on the CUDA cores: decode,
     where a row tile of the tensor-core kernel holds one valid row of 16.
@@ -660,6 +670,7 @@ def _gemv_kernel(
     ``A W2^T``; either stored in out's dtype (the caller FP8-quantises h for the down GEMV, as the
     tensor-core kernel's epilogue does). Rows past the routed count exit.
     """
+    wait_for_prior_grid(PDL)
     row = tl.program_id(0)
     if row >= tl.load(n_valid_ptr):
         return
@@ -699,9 +710,10 @@ def _gemv_kernel(
 @triton.jit
 def _combine_kernel(
     y_ptr, positions_ptr, n_valid_ptr, out_ptr, D, stride_ym, stride_yd, stride_om, stride_od,
-    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[t] = sum_j fp32(y[positions[t, j]]) over the token's routed rows, in expert order."""
+    wait_for_prior_grid(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -774,7 +786,7 @@ def _grouped_gemm(
         WEIGHTS_FIRST=fmt == "fp4" and (weights_first(config.block_m, config.block_n, fp4=True)
                                         if config.weights_first is None else config.weights_first),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
 
 
@@ -798,7 +810,7 @@ def _gemv(
         *out.stride(),
         TOP_K=topk_ids.shape[1], GATE_UP=gate_up, FORMAT=_FORMATS[fmt], CLAMP=gate_up and limit > 0,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale), BLOCK_N=config.block_n, BLOCK_K=K_BLOCK,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
 
 
@@ -874,6 +886,7 @@ def moe_experts(
     block_d = min(triton.next_power_of_2(d), 1024)
     _combine_kernel[(t, triton.cdiv(d, block_d))](
         y, routing.positions, routing.n_valid, out, d, *y.stride(), *out.stride(), TOP_K=top_k, BLOCK_D=block_d,
+        **pdl_options(),
     )
     return out
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._numerics import exact_dot
 from .linear import fp32_gemv_tile
+from ._pdl import pdl_options, wait_for_prior_grid
 
 
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
@@ -115,7 +116,7 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | None
     """Partial gate logits ``x W^T`` by D slice: [SPLIT, T, E] fp32 (sum over dim 0 = the logits)."""
     partial, grid, args, constexprs = _logits_launch(x, weight, config)
     if x.shape[0]:
-        _logits_kernel[grid](*args, **constexprs)
+        _logits_kernel[grid](*args, **constexprs, **pdl_options())
     return partial
 
 
@@ -171,7 +172,7 @@ def route(
     if t:
         route_t = route_t or route_block(t)
         _route_kernel[(triton.cdiv(t, route_t),)](partial_logits, t, partial_logits.shape[2], *args, **constexprs,
-                                                  ROUTE_T=route_t, num_warps=ROUTE_WARPS)
+                                                  ROUTE_T=route_t, num_warps=ROUTE_WARPS, **pdl_options())
     return weights, indices
 
 
@@ -202,11 +203,12 @@ def _route_launch(partial_logits, bias, top_k, score_func, route_scale, input_id
 def _logits_kernel(
     x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BF16_DOT: tl.constexpr,
-    GEMV: tl.constexpr = False,
+    GEMV: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """partial[s, t, e] = sum over d in slice s of x[t, d] * W[e, d], fp32 accumulation, for the
     [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2. GEMV: the CUDA-core tile of
     :func:`.linear.fp32_gemv_tile`, without padding the tokens to an MMA's 16 rows."""
+    wait_for_prior_grid(PDL)
     pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -272,7 +274,7 @@ def _route_kernel(
     partial_ptr, T, E, bias_ptr, ids_ptr, tid2eid_ptr, w_out, i_out, route_scale,
     stride_hv, stride_hk, stride_ids,
     SPLIT: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROUTE_T: tl.constexpr,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROUTE_T: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Scores, top-k (ties to the smaller expert) or hash indices, and weights of this program's
     ROUTE_T tokens (those < T).
@@ -280,6 +282,7 @@ def _route_kernel(
     Selection: TOP_K rounds of one int64 max over the packed (key, expert) row, the winner then
     masked out. The picked experts' scores are recomputed from their logits (same arithmetic).
     """
+    wait_for_prior_grid(PDL)
     offs_t = tl.program_id(0) * ROUTE_T + tl.arange(0, ROUTE_T)
     experts = tl.arange(0, E_PAD)
     rows = offs_t < T

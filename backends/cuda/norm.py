@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._numerics import cast_rne
+from ._pdl import pdl_options, wait_for_prior_grid
 from .rope import check_dtype
 
 MAX_D = 16384
@@ -29,9 +30,10 @@ ROW_ELEMENTS = 4096
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, R, D, eps, stride_xr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) (* w) for rows r of this program's block."""
+    wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < R) & (cols[None, :] < D)
@@ -63,6 +65,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_r),)](
         rows, rows if weight is None else weight, out, rows.shape[0], d, float(eps), rows.stride(0),
         BLOCK_R=block_r, BLOCK_D=block_d, HAS_WEIGHT=weight is not None,
-        num_warps=min(16, max(1, block_r * block_d // 256)),
+        num_warps=min(16, max(1, block_r * block_d // 256)), **pdl_options(),
     )
     return out

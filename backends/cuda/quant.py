@@ -25,6 +25,7 @@ from seahal.hal.ops.quant import kv_record_bytes
 
 from ._e2m1 import decode_e2m1
 from ._numerics import INTERPRETED, cast_rne, exact_dot, fp8_quantize_tiles, pow2_ceil
+from ._pdl import pdl_options, wait_for_prior_grid
 
 FP4_MAX = tl.constexpr(6.0)
 FP4_AMAX_FLOOR = tl.constexpr(6.0 * 2.0**-126)
@@ -74,7 +75,7 @@ def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m
     _fp8_act_quant_kernel[grid](
         x2, q, scale, x2.shape[0], n_tiles, x2.stride(0),
         BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
-        UE8M0=scale_fmt == "ue8m0",
+        UE8M0=scale_fmt == "ue8m0", **pdl_options(),
     )
     return q, scale
 
@@ -96,7 +97,7 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torc
     block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
     _fp4_quant_kernel[grid](
         x2, codes, scale, x2.shape[0], n_tiles, x2.stride(0),
-        BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
+        BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles, **pdl_options(),
     )
     return codes, scale
 
@@ -121,7 +122,7 @@ def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
     _index_key_pack_kernel[(triton.cdiv(x2.shape[0], block_m),)](
         x2, out, x2.shape[0], x2.stride(0),
         N_TILES=d // block, BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), TILES=tiles, BLOCK_M=block_m,
-        RECORD=width, FP4=fp4,
+        RECORD=width, FP4=fp4, **pdl_options(),
     )
     return out
 
@@ -158,7 +159,7 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
         x2, out, x2.shape[0], n, x2.stride(0), n**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(width, k_step), WIDTH=width,
         INDEX_BITS=width.bit_length() - 1, FP4_BLOCK=fp4_block,
-        LOW_PRECISION=x.dtype == torch.bfloat16 and not INTERPRETED,
+        LOW_PRECISION=x.dtype == torch.bfloat16 and not INTERPRETED, **pdl_options(),
     )
     return out
 
@@ -186,7 +187,7 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
         kv2, out, kv2.shape[0], kv2.stride(0),
         N_TILES=n_tiles, TILE=tile, TILE_P2=triton.next_power_of_2(tile), SLOTS=slots,
         SCALE_BYTES=scale_bytes, ROPE=rope_dim, ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
-        RECORD=record, BLOCK_M=block_m,
+        RECORD=record, BLOCK_M=block_m, **pdl_options(),
     )
     return out
 
@@ -258,8 +259,9 @@ def _e2m1_codes(v):
 def _fp8_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, N_TILES, stride_xm,
     BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
-    UE8M0: tl.constexpr,
+    UE8M0: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
     k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
@@ -274,8 +276,9 @@ def _fp8_act_quant_kernel(
 @triton.jit
 def _fp4_quant_kernel(
     x_ptr, codes_ptr, s_ptr, M, N_TILES, stride_xm,
-    BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
     k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
@@ -293,8 +296,9 @@ def _kv_cache_pack_kernel(
     kv_ptr, out_ptr, M, stride_km,
     N_TILES: tl.constexpr, TILE: tl.constexpr, TILE_P2: tl.constexpr, SLOTS: tl.constexpr,
     SCALE_BYTES: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, RECORD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_grid(PDL)
     NOPE: tl.constexpr = N_TILES * TILE
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -341,11 +345,12 @@ def _sylvester_signs(k, cols, dtype: tl.constexpr, INDEX_BITS: tl.constexpr):
 def _hadamard_rotate_kernel(
     x_ptr, out_ptr, M, N, stride_xm, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
-    INDEX_BITS: tl.constexpr, FP4_BLOCK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    INDEX_BITS: tl.constexpr, FP4_BLOCK: tl.constexpr, LOW_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[rows, cols] = x[rows] @ H[:, cols] * scale for BLOCK_M rows and BLOCK_N columns (whole
     FP4 blocks), K in BLOCK_K steps over WIDTH = max(N, 16) (x is zero past N); then the rounding to
     out's dtype and, with FP4_BLOCK, the e2m1 quant-dequant of each block."""
+    wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -367,10 +372,11 @@ def _hadamard_rotate_kernel(
 def _index_key_pack_kernel(
     x_ptr, out_ptr, M, stride_xm,
     N_TILES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
-    RECORD: tl.constexpr, FP4: tl.constexpr,
+    RECORD: tl.constexpr, FP4: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """BLOCK_M keys of N_TILES * BLOCK elements -> RECORD-byte records: FP4 blocks of 32 with e8m0
     bytes, or (one tile a key) e4m3 codes with the fp32 scale's four bytes."""
+    wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tiles = tl.arange(0, TILES)
     k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._numerics import cast_rne
+from ._pdl import pdl_options, wait_for_prior_grid
 
 DTYPES = (torch.bfloat16, torch.float32)
 """fp32 math; float64 inputs (allowed by the contract) are left to the reference kernel."""
@@ -51,7 +52,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
         *x.stride(), *positions.stride(), freqs.stride(0),
         BLOCK_H=block_h, R_PAD=triton.next_power_of_2(pairs),
         NOPE_PAD=triton.next_power_of_2(nope) if nope else 0,
-        INVERSE=bool(inverse),
+        INVERSE=bool(inverse), **pdl_options(),
     )
     return out
 
@@ -69,9 +70,10 @@ def _rope_kernel(
     x_ptr, pos_ptr, freq_ptr, out_ptr, S, H, D, NOPE, R,
     stride_xb, stride_xs, stride_xh, stride_xd, stride_pb, stride_ps, stride_f,
     BLOCK_H: tl.constexpr, R_PAD: tl.constexpr, NOPE_PAD: tl.constexpr,
-    INVERSE: tl.constexpr,
+    INVERSE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[token, heads] = x[token, heads] with its last 2R dims rotated; program (token, head block)."""
+    wait_for_prior_grid(PDL)
     token = tl.program_id(0)
     batch = token // S
     seq = token % S

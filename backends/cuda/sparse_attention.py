@@ -48,6 +48,7 @@ from seahal.hal.ops.quant import kv_record_bytes
 from ._alignment import row_alignment
 from ._gemm import arrival_counters
 from ._numerics import INTERPRETED, cast_rne, exact_dot
+from ._pdl import pdl_options, wait_for_prior_grid
 from .kv_unpack import _e4m3_value, _e8m0_scale
 
 
@@ -269,14 +270,14 @@ def launch_sparse_attention(
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, COL_TILES=col_tiles, TILE_W=tile_w,
         LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and on_gpu, KV_FP8=fp8, ROPE_DIM=rope_dim,
         TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1, MERGE=merge,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
     if splits > 1 and not merge:
         block_s = min(triton.next_power_of_2(splits), MERGE_ROWS)
         block_h = min(MERGE_ROWS // block_s, triton.next_power_of_2(h))
         _combine_splits_kernel[(b * s * triton.cdiv(h, block_h), triton.cdiv(d, MERGE_COLUMNS))](
             partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
-            HEAD_DIM=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=MERGE_COLUMNS, num_warps=4,
+            HEAD_DIM=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=MERGE_COLUMNS, num_warps=4, **pdl_options(),
         )
 
 
@@ -383,7 +384,7 @@ def _sparse_attention_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr,
     TILE_W: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
-    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
+    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[b, s, heads] for one (b, s) and BLOCK_H heads, every column; kv rows dense, or FP8
     records decoded by :func:`_load_rows` (KV_FP8). Program ids run over (b * S + s, split, head
@@ -392,6 +393,7 @@ def _sparse_attention_kernel(
     SPLIT_SLOTS) only and writes its fp32 acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running
     max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`; with MERGE
     the last split program of a (query, head block) to arrive merges them (:func:`_merge_splits`)."""
+    wait_for_prior_grid(PDL)
     pid = tl.program_id(0).to(tl.int64)
     head_blocks = tl.cdiv(H, BLOCK_H)
     row = pid // head_blocks  # (b * S + s) * SPLITS + split: the workspace row
@@ -489,11 +491,13 @@ def _combine_splits_kernel(
     part_ptr, stats_ptr, sink_ptr, out_ptr, S, H, SPLITS, stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[b, s, heads, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`; program
     ((b * S + s) * ceil(H / BLOCK_H) + head block, column block). ``M = max_i m_i``, ``acc = sum_i
     acc_i e^(m_i - M)``, ``l = sum_i l_i e^(m_i - M)``, summed over BLOCK_S splits at a time, then
     normalised with the sink as the unsplit kernel does."""
+    wait_for_prior_grid(PDL)
     pid = tl.program_id(0).to(tl.int64)
     head_blocks = tl.cdiv(H, BLOCK_H)
     pid_bs = pid // head_blocks

@@ -46,10 +46,12 @@ portable reference; each row's ``plan.fallbacks`` lists them).
 Decode on a GPU replays one CUDA graph per cache (:class:`seahal.model.decode_graph.DecodeGraph`,
 captured during the warm-up steps) when the plan keeps positions on the device; the row's
 ``timing.seahal`` says ``cuda graph`` or ``eager``, and a graph row also carries the same steps
-run eagerly as the peer ``seahal eager (no graph)``. Prefill is eager. A GPU decode row also
-carries ``decode_kernels``: one eager step under torch.profiler, its kernels' summed device time
-(``busy_us``; the graph's time minus it is what launches and gaps cost) and the longest kernels
-by name (:func:`seahal.bench.common.kernel_profile`), also printed to the log; a GPU prefill row
+run eagerly as the peer ``seahal eager (no graph)`` and, on the cuda plan, captured again with
+programmatic dependent launch (``SEAHAL_CUDA_PDL=1``) as ``seahal graph, PDL launches``. Prefill
+is eager. A GPU decode row also carries ``decode_kernels``: one eager step under torch.profiler,
+its kernels' summed device time (``busy_us``; the graph's time minus it is what launches and gaps
+cost) and the longest kernels by name (:func:`seahal.bench.common.kernel_profile`), also printed
+to the log; a GPU prefill row
 ``prefill_kernels``, the same for one prefill, ``host_us``, the median time until a prefill call
 returns to the host (the device idle before it): about the row's time when the host's launches
 bound the call, as on the H100 (36-46 ms for 16-18 ms of kernels at 1k tokens), and
@@ -66,6 +68,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -276,6 +279,29 @@ def _host_us(fn: Callable[[], object], device: torch.device) -> float:
     return us
 
 
+def _pdl_decode_us(model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tensor], s: Scale,
+                   device: torch.device) -> float:
+    """The median decode step of a graph captured with the cuda backend's programmatic dependent
+    launch (``SEAHAL_CUDA_PDL=1``: each kernel may start while the one ahead finishes, then waits
+    for it), over a fresh prefill: what the opt-in saves between the step's kernels."""
+    from seahal.backends.cuda._pdl import PDL_VARIABLE
+
+    previous = os.environ.get(PDL_VARIABLE)
+    os.environ[PDL_VARIABLE] = "1"
+    try:
+        _, cache = model.prefill(prompt)
+        model.graph = None  # captured again, at its first step, with the PDL launches
+        for token in steps[: s.warmup]:
+            model.decode(cache, token)
+        return statistics.median(_elapsed_us(lambda t=t: model.decode(cache, t), device) for t in steps[s.warmup :])
+    finally:
+        model.graph = None
+        if previous is None:
+            del os.environ[PDL_VARIABLE]
+        else:
+            os.environ[PDL_VARIABLE] = previous
+
+
 def _last_logits(model, ids: torch.Tensor, context: int) -> torch.Tensor:
     """[prompts, vocab] fp32 on the host: the last-position logits of each prompt ``ids[p, :context]``."""
     return torch.stack([model.prefill(ids[p : p + 1, :context])[0].float().cpu() for p in range(len(ids))])
@@ -317,6 +343,12 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
             model.decode_eager(cache, token)
         measured.details["eager_decode_us"] = statistics.median(
             _elapsed_us(lambda t=t: model.decode_eager(cache, t), device) for t in steps[s.warmup :])
+        if model.model.plan.backend.name == "cuda":  # and the graph of kernels launched with PDL
+            try:
+                measured.details["pdl_decode_us"] = _pdl_decode_us(model, prompt, steps, s, device)
+            except Exception as exc:  # noqa: BLE001 - an opt-in that fails to capture is a finding, not the row's end
+                torch.cuda.synchronize(device)
+                measured.details["pdl_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
         measured.details["prefill_host_us"] = statistics.median(
             _host_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats))
@@ -404,6 +436,10 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     peers = {} if peer_us is None else {"transformers": peer_us}
     if phase == "decode" and "eager_decode_us" in ours.details:
         peers["seahal eager (no graph)"] = ours.details["eager_decode_us"]
+    if phase == "decode" and "pdl_decode_us" in ours.details:
+        peers["seahal graph, PDL launches"] = ours.details["pdl_decode_us"]
+    if phase == "decode" and "pdl_error" in ours.details:
+        row["pdl_error"] = ours.details["pdl_error"]
     if f"{phase}_kernels" in ours.details:
         row[f"{phase}_kernels"] = ours.details[f"{phase}_kernels"]
     if phase == "prefill" and "prefill_host_us" in ours.details:  # the host's share of the call
