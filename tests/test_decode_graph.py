@@ -162,3 +162,21 @@ def test_captured_graph_decodes_sequences_at_different_positions_on_a_gpu(tmp_pa
         pytest.skip(f"the plan reads positions on the host: {model.plan.host_position_ops}")
     errors = ragged_decode_errors(model, capture=True, against="eager")
     assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the capture itself)")
+def test_pdl_launches_decode_the_same_on_a_gpu(tmp_path, monkeypatch):
+    """SEAHAL_CUDA_PDL=1 changes when the cuda backend's kernels start, never what they compute:
+    each waits for the grid ahead of it before touching memory. A graph captured with it replays
+    the same logits, bit for bit, as one captured without (a race would show as a difference)."""
+    from seahal.backends.cuda._pdl import PDL_VARIABLE
+
+    model = load(write_tiny_checkpoint(tmp_path), device="cuda", dtype=torch.bfloat16, announce=False)
+    if not DecodeGraph.capturable(model) or model.plan.backend.name != "cuda":
+        pytest.skip("needs the cuda plan with positions on the device")
+    ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(0)).cuda()
+    _, plain, _ = _decode_both_ways(model, ids, capture=True)
+    monkeypatch.setenv(PDL_VARIABLE, "1")
+    _, with_pdl, _ = _decode_both_ways(model, ids, capture=True)
+    for step, (a, b) in enumerate(zip(plain, with_pdl)):
+        assert torch.equal(a, b), step
