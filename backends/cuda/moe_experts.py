@@ -619,10 +619,11 @@ def _gemv_products(
     FORMAT: tl.constexpr, SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``acc`` plus the exact fp32 products of one K block: A's e4m3 codes (``a_ptr`` at the row,
-    ``a_scale`` their 1x128 scale) with BLOCK_N weight rows' codes and scales, every operand loaded
-    in the [BLOCK_N, lanes] layout of the sum (A's codes repeated over the rows, from L1), so no
-    value changes layout. FP4: lane j of a row holds byte j, its low code against A's element 2j
-    and its high code against 2j + 1; FP8: lane j holds element j."""
+    ``a_scale`` their 1x128 scale) with BLOCK_N weight rows' codes and scales, every operand in the
+    [BLOCK_N, lanes] layout of the sum (A's codes loaded repeated over the rows, from L1; FP4's 1x32
+    scales broadcast over their 16 bytes in registers), so no value changes layout through shared
+    memory. FP4: lane j of a row holds byte j, its low code against A's element 2j and its high
+    code against 2j + 1 (A read as 16-bit pairs); FP8: lane j holds element j."""
     if FORMAT == 1:
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + offs_k[None, :] * stride_ak + 0 * w_cols[:, None]).to(tl.float32)
