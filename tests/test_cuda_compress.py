@@ -187,7 +187,7 @@ def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=F
                 strided=False):
     """Feed the chunks to the kernel and to the reference, each with its own state; after every
     call compare the entries and the states (bitwise). strided: token-major kv and score, and the
-    two states halves of one buffer."""
+    two states halves of one buffer. Returns the number of entries compared."""
     from seahal.backends.cuda._gemm import arrival_counters as counters
 
     kv, score, ape, weight, freqs = _stream(b, sum(chunks), ratio, d, rope, overlap, seed, token_major=strided)
@@ -198,7 +198,7 @@ def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=F
             score_state.normal_(generator=torch.Generator().manual_seed(2))
     ours_state = _device_state(states[0], fused=strided)
     params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
-    start = 0
+    start, compared = 0, 0
     for call, size in enumerate(chunks):
         window = slice(start, start + size)
         ours = kv_compress(kv[:, window].to(DEVICE), score[:, window].to(DEVICE), *params, *ours_state, ratio, overlap,
@@ -211,7 +211,9 @@ def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=F
             differ = (mine.cpu() != theirs).any(-1)
             assert not differ.any(), f"{where}: {name} differs at [b, slot] {differ.nonzero().tolist()}"
         assert not counters(1, torch.device(DEVICE)).any(), f"{where}: an entry's counter was not reset"
+        compared += ref.shape[1]
         start += size
+    return compared
 
 
 @kernels
@@ -219,22 +221,22 @@ def _run_stream(kv_compress, chunks, ratio, overlap, d=64, rope=16, b=2, stale=F
 def test_compress_prefill_then_decode(cuda_ops, channels, overlap):
     # every prefill offset mod m, then decode steps through two block boundaries
     for prefill in (1, 3, 4, 6):
-        _run_stream(cuda_ops[1], (prefill,) + (1,) * 6, 4, overlap, seed=prefill)
+        assert _run_stream(cuda_ops[1], (prefill,) + (1,) * 6, 4, overlap, seed=prefill) == (prefill + 6) // 4
 
 
 @kernels
 def test_compress_v4_csa_and_hca_shapes(cuda_ops, channels):
     # V4 main compressor: d 512, rope 64; CSA m=4 (8 slots, one chunk) and HCA m=128 (16 slot chunks)
-    _run_stream(cuda_ops[1], (19, 1, 1), 4, True, d=512, rope=64, b=1, seed=3)
-    _run_stream(cuda_ops[1], (130, 125, 1, 1), 128, False, d=512, rope=64, b=1, seed=4)
+    assert _run_stream(cuda_ops[1], (19, 1, 1), 4, True, d=512, rope=64, b=1, seed=3) == 5
+    assert _run_stream(cuda_ops[1], (130, 125, 1, 1), 128, False, d=512, rope=64, b=1, seed=4) == 2
 
 
 @kernels
 def test_compress_chunked_prefill_stale_state_fp32(cuda_ops):
-    _run_stream(cuda_ops[1], (3, 3, 5, 2, 9), 4, True, seed=5)  # chunks across block boundaries
-    _run_stream(cuda_ops[1], (6, 1), 4, True, stale=True, seed=6)  # start_pos 0 ignores the state
-    _run_stream(cuda_ops[1], (13, 1, 1, 1), 8, False, stale=True, seed=7)
-    _run_stream(cuda_ops[1], (10, 1, 1), 4, True, out_dtype=torch.float32, seed=8)
+    assert _run_stream(cuda_ops[1], (3, 3, 5, 2, 9), 4, True, seed=5) == 5  # chunks across block boundaries
+    assert _run_stream(cuda_ops[1], (6, 1), 4, True, stale=True, seed=6) == 1  # start_pos 0 ignores the state
+    assert _run_stream(cuda_ops[1], (13, 1, 1, 1), 8, False, stale=True, seed=7) == 2
+    assert _run_stream(cuda_ops[1], (10, 1, 1), 4, True, out_dtype=torch.float32, seed=8) == 3
 
 
 @kernels
@@ -242,7 +244,7 @@ def test_compress_chunked_prefill_stale_state_fp32(cuda_ops):
 def test_compress_decode_steps_strided(cuda_ops, ratio, overlap):
     # one token a call from position 0 through two block completions (2m calls), entries and states
     # checked after every call: the in-launch state update at each offset mod m; B=2, strided
-    _run_stream(cuda_ops[1], (1,) * (2 * ratio), ratio, overlap, d=16, rope=8, strided=True, seed=9)
+    assert _run_stream(cuda_ops[1], (1,) * (2 * ratio), ratio, overlap, d=16, rope=8, strided=True, seed=9) == 2
 
 
 @kernels
@@ -260,7 +262,7 @@ def test_compress_decode_steps_strided(cuda_ops, ratio, overlap):
     ids=["CSA", "HCA"],
 )
 def test_compress_prefill_chunks_across_blocks(cuda_ops, ratio, overlap, chunks):
-    _run_stream(cuda_ops[1], chunks, ratio, overlap, d=16, rope=8, strided=True, seed=10)
+    assert _run_stream(cuda_ops[1], chunks, ratio, overlap, d=16, rope=8, strided=True, seed=10) == sum(chunks) // ratio
 
 
 @kernels
@@ -302,7 +304,8 @@ def _run_fp8_stream(chunks, ratio, overlap, d, rope, tile, seed):
     backend, each with its own state (token-major kv, fused state buffers): records and states
     bitwise equal after every call. The fused kernel rounds the entry to bf16 as kv_compress stores
     it, then packs it with kv_cache_pack's device functions, so no rounding may differ. (Against the
-    CPU reference: ``seahal conformance --backend cuda --interpret --ops kv_compress_fp8``.)"""
+    CPU reference: ``seahal conformance --backend cuda --interpret --ops kv_compress_fp8``.) Returns
+    the number of records compared."""
     from seahal.backends.cuda import compressor, quant
 
     kv, score, ape, weight, freqs = _stream(2, sum(chunks), ratio, d, rope, overlap, seed, token_major=True)
@@ -322,7 +325,7 @@ def _run_fp8_stream(chunks, ratio, overlap, d, rope, tile, seed):
             assert torch.equal(mine.cpu(), theirs.cpu()), f"{where}: {name} differs"
         completed += records.shape[1]
         start += size
-    assert completed == sum(chunks) // ratio  # the stream crossed entry completions
+    return completed
 
 
 @kernels
@@ -330,14 +333,16 @@ def _run_fp8_stream(chunks, ratio, overlap, d, rope, tile, seed):
 def test_compress_fp8_is_pack_of_entries(ratio, overlap):
     # decode steps through two block completions, then prefill chunks across blocks; records of a
     # small geometry (d 32: 2 nope tiles of 8 + 16 RoPE dims, 4 padding bytes)
-    _run_fp8_stream((1,) * (2 * ratio) + (3, 2 * ratio + 1, 0, 5), ratio, overlap, d=32, rope=16, tile=8, seed=13)
+    chunks = (1,) * (2 * ratio) + (3, 2 * ratio + 1, 0, 5)
+    assert _run_fp8_stream(chunks, ratio, overlap, d=32, rope=16, tile=8, seed=13) == sum(chunks) // ratio
 
 
 @kernels
 @pytest.mark.parametrize(("ratio", "overlap"), [(4, True), (128, False)], ids=["CSA", "HCA"])
 def test_compress_fp8_v4_records(channels, ratio, overlap):
     # V4's 584-byte records (d 512, rope 64, tile 64): a prefill, then decode steps
-    _run_fp8_stream((ratio + 3, 1, 1), ratio, overlap, d=512, rope=64, tile=64, seed=14)
+    chunks = (ratio + 3, 1, 1)
+    assert _run_fp8_stream(chunks, ratio, overlap, d=512, rope=64, tile=64, seed=14) == sum(chunks) // ratio
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +361,8 @@ def _run_at_tensor_positions(op, chunks, ratio, overlap, d, rope, seed, referenc
     first call (start_pos 0) must ignore them. After every call: the tensor run's output has
     ceil(S / m) rows, its first new_entries equal the int run's bit for bit, the rest are zeros;
     the states are equal bit for bit. reference: the CPU reference op, run beside with a third
-    state (entries within :func:`_assert_entries_close`, state bitwise)."""
+    state (entries within :func:`_assert_entries_close`, state bitwise). Returns the number of new
+    entries compared."""
     kv, score, ape, weight, freqs = _stream(2, sum(chunks), ratio, d, rope, overlap, seed, token_major=True)
     states = []
     for run in range(3):
@@ -365,7 +371,7 @@ def _run_at_tensor_positions(op, chunks, ratio, overlap, d, rope, seed, referenc
         score_state.normal_(generator=torch.Generator().manual_seed(2))
         states.append((kv_state, score_state) if run == 2 else _device_state((kv_state, score_state), fused=True))
     params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
-    start = 0
+    start, compared = 0, 0
     for call, size in enumerate(chunks):
         window = slice(start, start + size)
         tokens = (kv[:, window].to(DEVICE), score[:, window].to(DEVICE))
@@ -387,7 +393,9 @@ def _run_at_tensor_positions(op, chunks, ratio, overlap, d, rope, seed, referenc
             _assert_entries_close(at_tensor[:, :n_new], want)
             for name, mine, theirs in zip(("kv_state", "score_state"), states[1], states[2], strict=True):
                 assert torch.equal(_bits(mine), _bits(theirs)), f"{where}: {name} differs from the reference's"
+        compared += n_new
         start += size
+    return compared
 
 
 POSITION_CHUNKS = (6,) + (1,) * 9 + (3, 0, 5, 2)
@@ -402,8 +410,9 @@ boundaries 8 and 12, then chunks at positions off a boundary: 15 (3 tokens, one 
 def test_compress_at_tensor_positions(overlap, out_dtype):
     from seahal.backends.cuda import compressor
 
-    _run_at_tensor_positions(compressor.kv_compress, POSITION_CHUNKS, 4, overlap, d=16, rope=8, seed=15,
-                             reference=ref_compressor.kv_compress, out_dtype=out_dtype)
+    compared = _run_at_tensor_positions(compressor.kv_compress, POSITION_CHUNKS, 4, overlap, d=16, rope=8, seed=15,
+                                        reference=ref_compressor.kv_compress, out_dtype=out_dtype)
+    assert compared == sum(POSITION_CHUNKS) // 4
 
 
 @kernels
@@ -412,8 +421,9 @@ def test_compress_fp8_at_tensor_positions(overlap):
     # zero rows are zero bytes: the records' width (d 32: 2 nope tiles of 8 + 16 RoPE dims, 4 padding)
     from seahal.backends.cuda import compressor
 
-    _run_at_tensor_positions(compressor.kv_compress_fp8, POSITION_CHUNKS, 4, overlap, d=32, rope=16, seed=16,
-                             rope_dim=16, tile=8)
+    compared = _run_at_tensor_positions(compressor.kv_compress_fp8, POSITION_CHUNKS, 4, overlap, d=32, rope=16,
+                                        seed=16, rope_dim=16, tile=8)
+    assert compared == sum(POSITION_CHUNKS) // 4
 
 
 def _positions(values: list[int], dtype: torch.dtype, strided: bool) -> torch.Tensor:
@@ -433,6 +443,7 @@ def _run_at_sequence_positions(op, offsets, chunks, ratio, overlap, d, rope, see
     call with a dirty state it must reset. Then the chunks run at ``positions(p)`` (p the
     sequences' positions): after every call sequence b's first new_entries(p_b, S, m) rows equal its
     int call's, the rest of the ceil(S / m) rows are zeros, and the states equal bit for bit.
+    Returns the number of new entries compared, over all sequences.
     """
     batch = len(offsets)
     kv, score, ape, weight, freqs = _stream(batch, max(offsets) + sum(chunks), ratio, d, rope, overlap, seed,
@@ -452,7 +463,7 @@ def _run_at_sequence_positions(op, offsets, chunks, ratio, overlap, d, rope, see
         if offset:
             int_call(b, 0, offset)
     at_tensor = tuple(s.clone() for s in at_int)
-    pos = list(offsets)
+    pos, compared = list(offsets), 0
     for call, size in enumerate(chunks):
         where = f"call {call} (positions {pos}, S {size})"
         tokens = torch.stack([kv[b, p : p + size] for b, p in enumerate(pos)]).to(DEVICE), torch.stack(
@@ -465,10 +476,12 @@ def _run_at_sequence_positions(op, offsets, chunks, ratio, overlap, d, rope, see
             assert got.dtype == want.dtype and want.shape[1] == n_new, where
             assert torch.equal(_bits(got[b, :n_new]), _bits(want[0])), f"{where}: sequence {b}'s entries differ"
             assert not _bits(got[b, n_new:]).any(), f"{where}: sequence {b}'s rows past its entries are not zero"
+            compared += n_new
         for name, mine, theirs in zip(("kv_state", "score_state"), at_tensor, at_int, strict=True):
             differ = (_bits(mine) != _bits(theirs)).flatten(-2).any(-1)
             assert not differ.any(), f"{where}: {name} differs in sequences {differ.nonzero().flatten().tolist()}"
         pos = [p + size for p in pos]
+    return compared
 
 
 SEQUENCE_OFFSETS = (0, 7, 8)
@@ -477,6 +490,8 @@ SEQUENCE_CHUNKS = (6,) + (1,) * 4 + (2,)
 """A 6-token chunk (the sequences complete 1, 2 and 1 entries of 2 rows), four decode steps from
 positions 6, 13, 14 (entries at 7; 15; 15: sequence 1 one step after the others), then a 2-token
 chunk at 10, 17, 18 (1, 0 and 1 entries of 1 row)."""
+SEQUENCE_ENTRIES = sum((offset + sum(SEQUENCE_CHUNKS)) // 4 - offset // 4 for offset in SEQUENCE_OFFSETS)
+"""Entries the three sequences complete over SEQUENCE_CHUNKS at m = 4: 3 each."""
 
 
 @kernels
@@ -484,10 +499,11 @@ chunk at 10, 17, 18 (1, 0 and 1 entries of 1 row)."""
 def test_compress_at_sequence_positions(overlap):
     from seahal.backends.cuda import compressor
 
-    _run_at_sequence_positions(
+    compared = _run_at_sequence_positions(
         compressor.kv_compress, SEQUENCE_OFFSETS, SEQUENCE_CHUNKS, 4, overlap, d=16, rope=8, seed=17,
         positions=lambda pos: _positions(pos, torch.int64, strided=False),
     )
+    assert compared == SEQUENCE_ENTRIES
 
 
 @kernels
@@ -496,10 +512,11 @@ def test_compress_fp8_at_sequence_positions(overlap):
     # int32 positions, every other element of a buffer (stride 2)
     from seahal.backends.cuda import compressor
 
-    _run_at_sequence_positions(
+    compared = _run_at_sequence_positions(
         compressor.kv_compress_fp8, SEQUENCE_OFFSETS, SEQUENCE_CHUNKS, 4, overlap, d=32, rope=16, seed=18,
         positions=lambda pos: _positions(pos, torch.int32, strided=True), rope_dim=16, tile=8,
     )
+    assert compared == SEQUENCE_ENTRIES
 
 
 @kernels

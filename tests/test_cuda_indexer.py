@@ -447,7 +447,9 @@ def test_sequence_positions_in_query_passes(indexer, monkeypatch):
     # query's offset to every sequence's loaded position (0..6 see 0..1 entries, 30..36 see 7..9)
     q, weights, keys = _inputs(2, 7, 4, 16, 12, seed=7)
     monkeypatch.setattr(indexer, "WORKSPACE_BYTES", 2 * 2 * 8 * 12)
-    _at_sequence_positions(indexer.indexer_topk, (q, weights, keys, 4, None, 5), [30, 0], reference)
+    got = _at_sequence_positions(indexer.indexer_topk, (q, weights, keys, 4, None, 5), [30, 0], reference)
+    visible = torch.tensor([[min(12, (p + i + 1) // 4) for i in range(7)] for p in (30, 0)])
+    assert torch.equal((got >= 0).sum(-1), visible.clamp(max=5))
 
 
 @interpreted
