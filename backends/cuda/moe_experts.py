@@ -80,6 +80,10 @@ class ExpertsConfig:
     ``fp8_act_quant`` launches of their own; BLOCK_M only shapes the routing tables."""
 
 
+FP4_WIDE_DECODE_MAX_ROWS = 16
+"""Up to this many routed rows (one or two tokens) FP4 weights are decoded by 8 warps a program."""
+
+
 def experts_config(rows: int, weight_format: str, device: torch.device) -> ExpertsConfig:
     """Tiles for ``rows`` = T*k routed rows of weights in ``weight_format`` ("dense", "fp8" or
     "fp4"). Untuned heuristic (TUNING.md; ``--tune`` sweeps it).
@@ -101,10 +105,6 @@ def experts_config(rows: int, weight_format: str, device: torch.device) -> Exper
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
     return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
-
-
-FP4_WIDE_DECODE_MAX_ROWS = 16
-"""Up to this many routed rows (one or two tokens) FP4 weights are decoded by 8 warps a program."""
 
 
 QUANT_IN_GEMM_MAX_ROWS = 256
@@ -133,6 +133,18 @@ class Routing:
     weights: torch.Tensor
     positions: torch.Tensor
     n_valid: torch.Tensor
+
+    @classmethod
+    def empty(cls, tokens: int, top_k: int, max_tiles: int, device: torch.device) -> Routing:
+        """Uninitialised tables for a routing kernel to fill."""
+        rows = tokens * top_k
+        return cls(
+            tiles=torch.empty((3, max_tiles), dtype=torch.int32, device=device),
+            slots=torch.empty(rows, dtype=torch.int32, device=device),
+            weights=torch.empty(rows, dtype=torch.float32, device=device),
+            positions=torch.empty((tokens, top_k), dtype=torch.int32, device=device),
+            n_valid=torch.empty(1, dtype=torch.int32, device=device),
+        )
 
 
 ROUTE_KERNEL_MAX_ROWS = 512
@@ -164,6 +176,11 @@ def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, bl
 def _max_tiles(rows: int, n_experts: int, block_m: int) -> int:
     """Row tiles the tables hold: the bound ceil(S / BLOCK_M) + min(E, S) (one partial tile per expert)."""
     return triton.cdiv(rows, block_m) + min(n_experts, rows)
+
+
+def _tiles_pad(max_tiles: int) -> int:
+    """The tiles table's length rounded up to the routing kernels' :data:`_ROUTE_CHUNK`."""
+    return triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK
 
 
 def route_sorted(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
@@ -293,21 +310,16 @@ def route_small(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: i
     more than the experts' GEMMs."""
     t, k = topk_ids.shape
     rows = t * k
-    device = topk_ids.device
     max_tiles = _max_tiles(rows, n_experts, block_m)
-    tiles = torch.empty((3, max_tiles), dtype=torch.int32, device=device)
-    slots = torch.empty(rows, dtype=torch.int32, device=device)
-    weights = torch.empty(rows, dtype=torch.float32, device=device)
-    positions = torch.empty((t, k), dtype=torch.int32, device=device)
-    n_valid = torch.empty(1, dtype=torch.int32, device=device)
+    r = Routing.empty(t, k, max_tiles, topk_ids.device)
     rows_pad = max(triton.next_power_of_2(rows), _ROUTE_CHUNK)
     _route_kernel[(1,)](
-        topk_weights, topk_ids, tiles, slots, weights, positions, n_valid,
+        topk_weights, topk_ids, r.tiles, r.slots, r.weights, r.positions, r.n_valid,
         rows, n_experts, max_tiles, *topk_weights.stride(), *topk_ids.stride(),
         TOP_K=k, BLOCK_M=block_m, ROWS_PAD=rows_pad, EXPERTS_PAD=max(triton.next_power_of_2(n_experts), _ROUTE_CHUNK),
-        TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK, **pdl_options(),
+        TILES_PAD=_tiles_pad(max_tiles), CHUNK=_ROUTE_CHUNK, **pdl_options(),
     )
-    return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
+    return r
 
 
 @triton.jit
@@ -383,26 +395,20 @@ def route_blocked(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts:
     by slot); prefill, where that path is ~45 small kernels a call, twice a layer."""
     t, k = topk_ids.shape
     rows = t * k
-    device = topk_ids.device
     max_tiles = _max_tiles(rows, n_experts, block_m)
     n_blocks = triton.cdiv(rows, ROUTE_BLOCK)
     bins = triton.next_power_of_2(n_experts + 1)  # the experts' keys and the dropped slots' E
-    counts = torch.empty((n_blocks, bins), dtype=torch.int32, device=device)
-    tiles = torch.empty((3, max_tiles), dtype=torch.int32, device=device)
-    slots = torch.empty(rows, dtype=torch.int32, device=device)
-    weights = torch.empty(rows, dtype=torch.float32, device=device)
-    positions = torch.empty((t, k), dtype=torch.int32, device=device)
-    n_valid = torch.empty(1, dtype=torch.int32, device=device)
+    counts = torch.empty((n_blocks, bins), dtype=torch.int32, device=topk_ids.device)
+    r = Routing.empty(t, k, max_tiles, topk_ids.device)
     _route_count_kernel[(n_blocks,)](topk_ids, counts, rows, n_experts, *topk_ids.stride(), TOP_K=k,
                                      BLOCK=ROUTE_BLOCK, BINS=bins, **pdl_options())
-    _route_scan_kernel[(1,)](counts, tiles, n_valid, n_blocks, n_experts, max_tiles, BLOCK_M=block_m, BINS=bins,
-                             TILES_PAD=triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK, CHUNK=_ROUTE_CHUNK,
-                             **pdl_options())
+    _route_scan_kernel[(1,)](counts, r.tiles, r.n_valid, n_blocks, n_experts, max_tiles, BLOCK_M=block_m, BINS=bins,
+                             TILES_PAD=_tiles_pad(max_tiles), CHUNK=_ROUTE_CHUNK, **pdl_options())
     _route_place_kernel[(n_blocks,)](
-        topk_weights, topk_ids, counts, slots, weights, positions, rows, n_experts,
+        topk_weights, topk_ids, counts, r.slots, r.weights, r.positions, rows, n_experts,
         *topk_weights.stride(), *topk_ids.stride(), TOP_K=k, BLOCK=ROUTE_BLOCK, BINS=bins, **pdl_options(),
     )
-    return Routing(tiles=tiles, slots=slots, weights=weights, positions=positions, n_valid=n_valid)
+    return r
 
 
 @triton.jit
