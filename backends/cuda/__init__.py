@@ -16,9 +16,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 
 # op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
 # model's requirements against them and docs/support-matrix.md is generated from them. Every kernel
-# here was verified on an H100 at 81df42b (2026-11-26, docs/measurements/2026-11-26-h100-second:
-# full-shape conformance 279 passed, 0 failed; the GPU tests; every bench row checked against the
-# reference). A kernel changed since goes back to False until a GPU run passes it again.
+# here was verified on an H100 at 567d97d (2026-11-26, docs/measurements/2026-11-26-h100-third:
+# full-shape conformance 279 passed, 0 failed; every bench row checked against the reference; the
+# GPU tests last at 81df42b). A kernel changed since goes back to False until a GPU run passes it again.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -60,7 +60,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
-        False,  # its prefill routing (route_blocked) is new since 81df42b: interpreter-verified only
+        True,
     ),
     "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, True),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers

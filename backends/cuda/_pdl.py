@@ -9,8 +9,10 @@ previous grid has completed and its memory is visible; before any load or store,
 read-after-write nor a write-after-read across kernels can race), then
 ``griddepcontrol.launch_dependents`` (once every program of this grid has passed its wait, the next
 kernel may be scheduled onto free SMs, where it waits in turn). A kernel that follows a non-Triton
-kernel (cuBLAS, aten) waits for it the same way. Opt-in until measured on a GPU: off, the kernels
-compile exactly as before (the wait is a constexpr branch).
+kernel (cuBLAS, aten) waits for it the same way. On the H100 (567d97d) the 4-layer V4-Flash decode
+graph took 1759 us with it against 1836 us. Opt-in until its bit-for-bit GPU test
+(``test_pdl_launches_decode_the_same_on_a_gpu``) has run: off, the kernels compile exactly as
+before (the wait is a constexpr branch).
 """
 
 from __future__ import annotations
