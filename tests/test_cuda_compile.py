@@ -104,12 +104,14 @@ def _moe(t: int):
     weights, top = _empty(t, TOP_K), torch.empty((t, TOP_K), dtype=torch.int64, device="cuda")
     e = EXPERTS_BUILT
     fp8 = torch.float8_e4m3fn
-    moe_experts.moe_experts(  # FP8 weights, e8m0 scales
-        x, weights, top,
-        _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
-        _empty(e, INTER, DIM, dtype=fp8), _empty(e, INTER // 128, DIM // 128, dtype=torch.float8_e8m0fnu),
-        _empty(e, DIM, INTER, dtype=fp8), _empty(e, DIM // 128, INTER // 128, dtype=torch.float8_e8m0fnu),
-    )
+    e8m0 = torch.float8_e8m0fnu
+    fp8_weights = [w for r, c in ((INTER, DIM), (INTER, DIM), (DIM, INTER))
+                   for w in (_empty(e, r, c, dtype=fp8), _empty(e, r // 128, c // 128, dtype=e8m0))]
+    moe_experts.moe_experts(x, weights, top, *fp8_weights)  # FP8 weights, e8m0 scales (one token: the GEMV)
+    if t <= 16:  # and the other of the GEMV and the tensor-core tiles (a bench variant)
+        other = moe_experts.FP8_GEMV if t * TOP_K > moe_experts.GEMV_MAX_ROWS else moe_experts.experts_config(
+            t * TOP_K, "fp8", x.device)
+        moe_experts.moe_experts(x, weights, top, *fp8_weights, config=other)
     default = moe_experts.experts_config(t * TOP_K, "fp4", x.device)
     for scale_dtype, mx in ((torch.float32, False), (torch.float8_e8m0fnu, False), (torch.float8_e8m0fnu, True)):
         moe_experts.moe_experts(  # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
@@ -119,20 +121,6 @@ def _moe(t: int):
             _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=scale_dtype),
             config=dataclasses.replace(default, fp4_mx=mx),
         )
-    if t <= 16:  # the CUDA-core GEMV (decode: a bench variant), FP4 and FP8 weights, e8m0 scales
-        shapes, e8m0 = ((INTER, DIM), (INTER, DIM), (DIM, INTER)), torch.float8_e8m0fnu
-        fp4_weights = [(_empty(e, r, c // 2, dtype=torch.uint8), _empty(e, r, c // 32, dtype=e8m0)) for r, c in shapes]
-        fp8_weights = [(_empty(e, r, c, dtype=fp8), _empty(e, r // 128, c // 128, dtype=e8m0)) for r, c in shapes]
-        for (w1, s1), (w3, s3), (w2, s2) in (fp4_weights, fp8_weights):
-            moe_experts.moe_experts(x, weights, top, w1, s1, w3, s3, w2, s2,
-                                    config=moe_experts.ExpertsConfig(16, 16, gemv=True))
-    moe_experts.moe_experts(  # and the bf16 decode's products formed weights first (prefill: a bench variant)
-        x, weights, top,
-        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=torch.float8_e8m0fnu),
-        _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=torch.float8_e8m0fnu),
-        _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=torch.float8_e8m0fnu),
-        config=dataclasses.replace(default, weights_first=True),
-    )
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)
     moe_experts.route_blocked(weights, top, EXPERTS, 64)  # and the blocked routing, 256 experts
@@ -206,8 +194,7 @@ def _attention(t: int):
         )
     if t == 1:
         # batched decode: 32 sequences, dense rows on the DECODE tiles and FP8 records on HEADS64,
-        # both split; 40 over dense rows on WIDE; 64 over FP8 records on HEADS64 in 2 splits merged
-        # by the last split program (ONE_LAUNCH_MAX_SPLITS)
+        # both split; 40 over dense rows on WIDE; 64 over FP8 records on HEADS64 in 2 splits
         for batch, attend, row in ((32, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16)),
                                    (32, sparse_attention.sparse_attention_fp8, (584, torch.uint8)),
                                    (40, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16)),
@@ -215,13 +202,6 @@ def _attention(t: int):
             attend(
                 _empty(batch, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(batch, entries + 128, row[0], dtype=row[1]),
                 torch.empty((batch, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-            )
-        for kv in (_empty(B, entries + 128, HEAD_DIM, dtype=torch.bfloat16), _empty(B, entries + 128, 584, dtype=torch.uint8)):
-            # the bench's one-launch variant: the last split program merges (batch 1, 4 splits)
-            sparse_attention.launch_sparse_attention(
-                _empty(B, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), kv,
-                torch.empty((B, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-                _empty(B, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), splits=4, one_launch=True,
             )
 
 
@@ -517,12 +497,12 @@ def test_positions_as_data_compile(compiled):
 
 
 def test_attention_compiles_split_and_unsplit(compiled):
-    """sparse_attention compiles every way, dense rows and FP8 records: split-K (decode), merged by a
-    second launch or by the last split program (the one-launch variant), and not split (prefill)."""
+    """sparse_attention compiles every way, dense rows and FP8 records: split-K (decode, merged by a
+    second launch) and not split (prefill)."""
     launches = [r["launch"] for r in compiled if r["kernel"] == "_sparse_attention_kernel"]
-    ways = {("SPLIT=True" in launch, "KV_FP8=True" in launch, "MERGE=True" in launch) for launch in launches}
-    assert ways == {(True, False, False), (True, True, False), (False, False, False), (False, True, False),
-                    (True, False, True), (True, True, True)}, launches
+    ways = {("SPLIT=True" in launch, "KV_FP8=True" in launch) for launch in launches}
+    assert ways == {(True, False), (True, True), (False, False), (False, True)}, launches
+    assert any(r["kernel"] == "_combine_splits_kernel" for r in compiled)
 
 
 def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):

@@ -72,11 +72,11 @@ def _inputs(b, s, h, d, n, k, dtype, gen, empty=0.25):
     return q, kv, indices, torch.randn(h, generator=gen)
 
 
-def _check(attention, q, kv, indices, sink, config=None, splits=None, one_launch=False) -> torch.Tensor:
+def _check(attention, q, kv, indices, sink, config=None, splits=None) -> torch.Tensor:
     """Run the kernel into a NaN-poisoned output and hold it against the reference and the brute force."""
     scale = q.shape[-1] ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
-    attention.launch_sparse_attention(q, kv, indices, sink, scale, out, config, splits=splits, one_launch=one_launch)
+    attention.launch_sparse_attention(q, kv, indices, sink, scale, out, config, splits=splits)
     assert not out.isnan().any(), "some output elements were not written"
     assert get_spec("sparse_attention").check(q, kv, indices, sink, scale) == (tuple(out.shape), out.dtype)
     rtol, atol = BF16_TOL if q.dtype == torch.bfloat16 else FP32_TOL
@@ -167,7 +167,7 @@ def _records(b, n, d, rope_dim, tile, gen) -> torch.Tensor:
     return kv_cache_pack(kv, rope_dim, tile)
 
 
-def _check_fp8(attention, q, records, indices, sink, rope_dim, tile, config=None, splits=None, one_launch=False) -> None:
+def _check_fp8(attention, q, records, indices, sink, rope_dim, tile, config=None, splits=None) -> None:
     """The FP8 read equals the dense kernel on the reference-decoded rows bit for bit (same launch:
     the decode is exact and the rest is the same code), and hence meets the dense tolerances
     against the reference and the brute force on those rows (checked by :func:`_check`)."""
@@ -176,9 +176,8 @@ def _check_fp8(attention, q, records, indices, sink, rope_dim, tile, config=None
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     attention.launch_sparse_attention(
         q, records, indices, sink, scale, out, config, rope_dim=rope_dim, tile=tile, splits=splits,
-        one_launch=one_launch,
     )
-    dense = _check(attention, q, kv, indices, sink, config, splits, one_launch)
+    dense = _check(attention, q, kv, indices, sink, config, splits)
     assert torch.equal(out, dense), (out - dense).abs().max()
     if config is None and splits is None:
         assert torch.equal(attention.sparse_attention_fp8(q, records, indices, sink, scale, rope_dim, tile), dense)
@@ -239,63 +238,42 @@ def _decode_rows(n, gen) -> torch.Tensor:
 
 
 @interpreted
-@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("splits", [1, 3, 10, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_split_k_decode_640_slots(attention, dtype, splits, one_launch):
+def test_split_k_decode_640_slots(attention, dtype, splits):
     # K = 640 in 40 blocks of 16: 3 splits are uneven chunks of 224, 224 and 192 slots, 10 are 64 each,
-    # 40 are one block each (the merge launch sums them in two chunks of 32 splits; one_launch: the
-    # last split program of each query merges them all); sinks -inf, +inf, dominant and ordinary
-    # over the four heads.
+    # 40 are one block each (the merge launch sums them in two chunks of 32 splits); sinks -inf, +inf,
+    # dominant and ordinary over the four heads.
     gen = torch.Generator().manual_seed(11 + splits)
     q, kv, _, sink = _inputs(1, 3, 4, 64, 700, 1, dtype, gen)
     sink[:3] = torch.tensor([float("-inf"), float("inf"), 30.0])
-    out = _check(attention, q, kv, _decode_rows(700, gen), sink, splits=splits, one_launch=one_launch)
+    out = _check(attention, q, kv, _decode_rows(700, gen), sink, splits=splits)
     assert out[0, 2].abs().max() == 0 and out[:, :, 1].abs().max() == 0
 
 
 @interpreted
-@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("splits", [3, 10])
-def test_split_k_fp8_records(attention, splits, one_launch):
+def test_split_k_fp8_records(attention, splits):
     gen = torch.Generator().manual_seed(21 + splits)
     q, _, _, sink = _inputs(1, 3, 3, 128, 700, 1, torch.bfloat16, gen)
     records = _records(1, 700, 128, 64, 64, gen)
-    _check_fp8(attention, q, records, _decode_rows(700, gen), sink, 64, 64, splits=splits, one_launch=one_launch)
+    _check_fp8(attention, q, records, _decode_rows(700, gen), sink, 64, 64, splits=splits)
 
 
 @interpreted
-def test_one_launch_leaves_its_arrival_counters_zero(attention):
-    """The merging program resets its counter, so the next launch on the stream (or a CUDA graph's
-    next replay) counts from zero: two launches in a row over different rows both merge right, and
-    every counter is zero after each."""
-    from seahal.backends.cuda._gemm import arrival_counters
-
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(2):
-        q, kv, _, sink = _inputs(2, 1, 20, 64, 700, 1, torch.bfloat16, gen)
-        _check(attention, q, kv, torch.cat([_decode_rows(700, gen)[:, :1]] * 2), sink, splits=4, one_launch=True)
-        assert not arrival_counters(1, q.device).any()
-
-
-@interpreted
-@pytest.mark.parametrize("name, splits, one_launch",
-                         [("DECODE", 20, False), ("DECODE", 4, True), ("WIDE", 1, False), ("HEADS64", 2, False),
-                          ("HEADS64", 2, True)])
+@pytest.mark.parametrize("name, splits", [("DECODE", 20), ("WIDE", 1), ("HEADS64", 2)])
 @pytest.mark.parametrize("kv_format", ["dense", "fp8"])
-def test_gpu_launches_decode_640_slots(attention, name, splits, one_launch, kv_format):
+def test_gpu_launches_decode_640_slots(attention, name, splits, kv_format):
     # The GPU's tiles on V4's decode row: DECODE (16 heads, 32 slots) in 20 one-block splits as at
-    # batch 1 (or 4, merged by the last split program: the bench's one-launch variant), WIDE (32
-    # heads, 64 slots) unsplit, HEADS64 (64 heads, 32 slots) in two splits as FP8 records at batch
-    # 64; H = 40 ends in a partial head block (HEADS64: one, 24 heads empty).
+    # batch 1, WIDE (32 heads, 64 slots) unsplit, HEADS64 (64 heads, 32 slots) in two splits as FP8
+    # records at batch 64; H = 40 ends in a partial head block (HEADS64: one, 24 heads empty).
     gen = torch.Generator().manual_seed(40 + splits)
     q, kv, _, sink = _inputs(1, 3, 40, 128, 700, 1, torch.bfloat16, gen)
     indices, config = _decode_rows(700, gen), getattr(attention, name)
     if kv_format == "dense":
-        _check(attention, q, kv, indices, sink, config, splits, one_launch)
+        _check(attention, q, kv, indices, sink, config, splits)
     else:
-        _check_fp8(attention, q, _records(1, 700, 128, 64, 64, gen), indices, sink, 64, 64, config, splits,
-                   one_launch)
+        _check_fp8(attention, q, _records(1, 700, 128, 64, 64, gen), indices, sink, 64, 64, config, splits)
 
 
 def test_launch_heuristic_decode_vs_prefill():

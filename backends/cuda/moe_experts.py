@@ -22,9 +22,8 @@ Three launches after the routing tables:
 At decode the (row tile, column tile) grids of both GEMMs are small (one token: 6 experts' tiles),
 while each program's FP4 decode is ALU-bound; :func:`decode_splits` then cuts K into splits, and
 the last split of a tile to arrive sums the fp32 partials in split order and runs the epilogue.
-``ExpertsConfig.gemv`` instead runs both GEMMs on the CUDA cores, a routed row a program
-(:func:`_gemv_kernel`), with x and h quantised by ``fp8_act_quant``: an alternative for decode
-awaiting measurement.
+With FP8 weights one token's GEMMs run on the CUDA cores instead (:data:`FP8_GEMV`: a routed row
+a program, :func:`_gemv_kernel`, x and h quantised by ``fp8_act_quant``), 10% faster on the H100.
 
 Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
 scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
@@ -32,8 +31,8 @@ scales (as ``fp4_gemm``: Triton's microscaling ``tl.dot_scaled`` for e8m0 scales
 ``ExpertsConfig.fp4_mx``, else decoded to bf16 in registers). The activations of FP8/FP4 GEMMs are
 FP8-quantised in 1x128 ue8m0 tiles (x by the Triton ``fp8_act_quant``, one launch; h in the
 gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
-reference applies the summed weight once. Verified on the H100 at 81df42b (the prefill routing and
-the GEMV since: under the Triton interpreter only; TUNING.md).
+reference applies the summed weight once. Verified on the H100 at 567d97d (full-shape conformance;
+the FP8 GEMV by the bench's reference check, as a variant then; TUNING.md).
 """
 
 from __future__ import annotations
@@ -70,12 +69,8 @@ class ExpertsConfig:
     faster on the H100 at every row, :func:`experts_config`) decoded to bf16."""
     split_k: int | None = None
     """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
-    weights_first: bool | None = None
-    """FP4 weights: form each product weights first, the decoded tile a wgmma operand straight from
-    registers (True), or activations first, the decoded tile through shared memory (False); None:
-    :func:`._gemm.weights_first` (weights first only where BLOCK_M alone cannot fill a wgmma)."""
     gemv: bool = False
-    """FP8/FP4 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
+    """FP8 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
     BLOCK_N weight rows a program, no tensor core and no routing tiles), x and h quantised by
     ``fp8_act_quant`` launches of their own; BLOCK_M only shapes the routing tables."""
 
@@ -105,6 +100,24 @@ def experts_config(rows: int, weight_format: str, device: torch.device) -> Exper
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
     return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
+
+
+FP8_GEMV = ExpertsConfig(16, 16, num_warps=4, gemv=True)
+"""FP8 weights at one token (up to :data:`GEMV_MAX_ROWS` routed rows): both GEMMs on the CUDA cores,
+16 weight rows a program. On the H100 at 567d97d (V4-Flash, 6 of 256 experts) 83.9 us against the
+tensor-core tiles' 92.9; at 16 tokens 829.7 against 791.1, and with FP4 weights 107.0 against 104.8
+(one token) and 1137 against 1054 us (16 tokens), so only FP8 weights at one token take it."""
+GEMV_MAX_ROWS = 8
+"""Routed rows (one token's top-k) up to which FP8 weights take :data:`FP8_GEMV`."""
+
+
+def default_config(rows: int, fmt_up: str, fmt_down: str, device: torch.device) -> ExpertsConfig:
+    """What :func:`moe_experts` launches for ``rows`` = T*k routed rows without a ``config``:
+    :data:`FP8_GEMV` for FP8 weights in both GEMMs up to :data:`GEMV_MAX_ROWS` rows, else the
+    tensor-core tiles of :func:`experts_config` for the wider of the two weight formats."""
+    if fmt_up == fmt_down == "fp8" and rows <= GEMV_MAX_ROWS:
+        return FP8_GEMV
+    return experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), device)
 
 
 QUANT_IN_GEMM_MAX_ROWS = 256
@@ -622,36 +635,19 @@ def _epilogue(
 @triton.jit
 def _gemv_products(
     acc, a_ptr, a_scale, w_ptr, ws_ptr, w_cols, kb, stride_ak, stride_wn, stride_wk, stride_wsn, stride_wsk,
-    FORMAT: tl.constexpr, SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_E8M0: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``acc`` plus the exact fp32 products of one K block: A's e4m3 codes (``a_ptr`` at the row,
-    ``a_scale`` their 1x128 scale) with BLOCK_N weight rows' codes and scales, every operand in the
-    [BLOCK_N, lanes] layout of the sum (A's codes loaded repeated over the rows, from L1; FP4's 1x32
-    scales broadcast over their 16 bytes in registers), so no value changes layout through shared
-    memory. FP4: lane j of a row holds byte j, its low code against A's element 2j and its high
-    code against 2j + 1 (A read as 16-bit pairs); FP8: lane j holds element j."""
-    if FORMAT == 1:
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + offs_k[None, :] * stride_ak + 0 * w_cols[:, None]).to(tl.float32)
-        w = tl.load(w_ptr + w_cols[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
-        scale = tl.load(ws_ptr + (w_cols // 128) * stride_wsn + kb * stride_wsk)
-        if SCALE_E8M0:
-            scale = decode_e8m0(scale)
-        return acc + a * w * (a_scale * scale)[:, None]
-    else:
-        offs_byte = kb * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + w_cols[:, None] * stride_wn + offs_byte[None, :] * stride_wk)
-        offs_s = kb * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-        scale = tl.load(ws_ptr + w_cols[:, None] * stride_wsn + offs_s[None, :] * stride_wsk)
-        if SCALE_E8M0:
-            scale = decode_e8m0(scale)
-        scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)).reshape(BLOCK_N, BLOCK_K // 2)
-        # A's codes 2j and 2j + 1 as one 16-bit word j (a_ptr points at them as int16)
-        pair = tl.load(a_ptr + offs_byte[None, :] * stride_ak + 0 * w_cols[:, None])
-        even = (pair & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        odd = ((pair >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        products = decode_e2m1(packed & 0xF) * even + decode_e2m1(packed >> 4) * odd
-        return acc + products * (scale * a_scale)
+    ``a_scale`` their 1x128 scale) with the FP8 codes and 128x128 block scales of BLOCK_N weight
+    rows, every operand in the [BLOCK_N, BLOCK_K] layout of the sum (A's codes loaded repeated over
+    the rows, from L1), so no value changes layout through shared memory."""
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + offs_k[None, :] * stride_ak + 0 * w_cols[:, None]).to(tl.float32)
+    w = tl.load(w_ptr + w_cols[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
+    scale = tl.load(ws_ptr + (w_cols // 128) * stride_wsn + kb * stride_wsk)
+    if SCALE_E8M0:
+        scale = decode_e8m0(scale)
+    return acc + a * w * (a_scale * scale)[:, None]
 
 
 @triton.jit
@@ -663,14 +659,14 @@ def _gemv_kernel(
     stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_ve, stride_vn, stride_vk, stride_vse, stride_vsn, stride_vsk,
     stride_om, stride_on,
-    TOP_K: tl.constexpr, GATE_UP: tl.constexpr, FORMAT: tl.constexpr, CLAMP: tl.constexpr,
+    TOP_K: tl.constexpr, GATE_UP: tl.constexpr, CLAMP: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """BLOCK_N outputs of one routed (sorted) row of an expert's GEMM on the CUDA cores: decode,
     where a row tile of the tensor-core kernel holds one valid row of 16.
 
-    ``sum_k a[k] w[n, k]`` over A's FP8 codes and the expert's FP8/FP4 weights, each product exact
+    ``sum_k a[k] w[n, k]`` over A's FP8 codes and the expert's FP8 weights, each product exact
     in fp32 and scaled by its blocks' powers of two (or fp32 scales), summed in fp32 per lane over
     the K blocks and across the lanes at the end. GATE_UP: A is x's row (the row's token), the
     output ``h = w * silu(min(A W1^T, L)) * clamp(A W3^T, -L, L)``; else A is h's row, the output
@@ -692,16 +688,15 @@ def _gemv_kernel(
     w_scale_ptr += expert * stride_wse
     v_ptr += expert * stride_ve
     v_scale_ptr += expert * stride_vse
-    lanes: tl.constexpr = BLOCK_K if FORMAT == 1 else BLOCK_K // 2
-    acc_w = tl.zeros((BLOCK_N, lanes), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_N, lanes), dtype=tl.float32)
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kb in range(tl.cdiv(K, BLOCK_K)):
         a_scale = tl.load(a_scale_ptr + a_row * stride_asm + kb * stride_ask)
         acc_w = _gemv_products(acc_w, a_ptr, a_scale, w_ptr, w_scale_ptr, w_cols, kb, stride_ak, stride_wn,
-                               stride_wk, stride_wsn, stride_wsk, FORMAT, W_SCALE_E8M0, BLOCK_N, BLOCK_K)
+                               stride_wk, stride_wsn, stride_wsk, W_SCALE_E8M0, BLOCK_K)
         if GATE_UP:
             acc_v = _gemv_products(acc_v, a_ptr, a_scale, v_ptr, v_scale_ptr, w_cols, kb, stride_ak, stride_vn,
-                                   stride_vk, stride_vsn, stride_vsk, FORMAT, V_SCALE_E8M0, BLOCK_N, BLOCK_K)
+                                   stride_vk, stride_vsn, stride_vsk, V_SCALE_E8M0, BLOCK_K)
     out = tl.sum(acc_w, axis=1)
     if GATE_UP:
         gate = out
@@ -790,8 +785,7 @@ def _grouped_gemm(
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
         MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
-        WEIGHTS_FIRST=fmt == "fp4" and (weights_first(config.block_m, config.block_n, fp4=True)
-                                        if config.weights_first is None else config.weights_first),
+        WEIGHTS_FIRST=weights_first(config.block_m, config.block_n, fp4=fmt == "fp4"),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
@@ -799,15 +793,14 @@ def _grouped_gemm(
 
 def _gemv(
     a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, v: torch.Tensor | None,
-    v_scale: torch.Tensor | None, out: torch.Tensor, routing: Routing, topk_ids: torch.Tensor, fmt: str,
-    limit: float, config: ExpertsConfig,
+    v_scale: torch.Tensor | None, out: torch.Tensor, routing: Routing, topk_ids: torch.Tensor, limit: float,
+    config: ExpertsConfig,
 ) -> None:
-    """Launch :func:`_gemv_kernel` over the routed rows: gate-up when ``v`` (W3) is given, else down."""
+    """Launch :func:`_gemv_kernel` over the routed rows (FP8 weights): gate-up when ``v`` (W3) is
+    given, else down."""
     n, k = w.shape[1], a.shape[1]
     gate_up = v is not None
     w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
-    if fmt == "fp4":  # A's codes in pairs, one 16-bit word to a weight byte (contiguous rows)
-        a = a.contiguous().view(torch.int16)
     _gemv_kernel[(out.shape[0], triton.cdiv(n, config.block_n))](
         a, a_scale, w, w_scale, w if v is None else v, w_scale if v_scale is None else v_scale, out,
         topk_ids, routing.slots, routing.weights, routing.n_valid,
@@ -815,7 +808,7 @@ def _gemv(
         *a.stride(), *a_scale.stride(), *topk_ids.stride(),
         *w.stride(), *w_scale.stride(), *_strides(v, 3), *_strides(v_scale, 3),
         *out.stride(),
-        TOP_K=topk_ids.shape[1], GATE_UP=gate_up, FORMAT=_FORMATS[fmt], CLAMP=gate_up and limit > 0,
+        TOP_K=topk_ids.shape[1], GATE_UP=gate_up, CLAMP=gate_up and limit > 0,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale), BLOCK_N=config.block_n, BLOCK_K=K_BLOCK,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
@@ -861,7 +854,7 @@ def moe_experts(
     ``y_t = sum_k x.dtype(W2 x.dtype(w_k * silu(min(x W1^T, L)) * clamp(x W3^T, -L, L)))`` with fp32
     accumulation; FP8/FP4 GEMM inputs FP8-quantised in 1x128 ue8m0 tiles. Computes in fp32: fp64
     routing weights are rounded to fp32 (the reference computes such calls in fp64). ``config``
-    overrides :func:`experts_config` (tuning, benchmarks, tests).
+    overrides :func:`default_config` (tuning, benchmarks, tests).
     """
     fmt_up, fmt_down = expert_weight_format(w1), expert_weight_format(w2)
     if fmt_up == "dense":
@@ -875,17 +868,17 @@ def moe_experts(
     if t == 0 or top_k == 0 or n_experts == 0:
         return out.zero_()
     rows = t * top_k
-    config = config or experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), x.device)
+    config = config or default_config(rows, fmt_up, fmt_down, x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     if config.gemv:
-        if "dense" in (fmt_up, fmt_down):
-            raise ValueError(f"moe_experts (cuda.triton): ExpertsConfig.gemv takes FP8/FP4 weights, got "
+        if not fmt_up == fmt_down == "fp8":
+            raise ValueError(f"moe_experts (cuda.triton): ExpertsConfig.gemv takes FP8 weights, got "
                              f"{fmt_up} gate-up and {fmt_down} down weights")
         h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
-        _gemv(*fp8_act_quant(x, K_BLOCK), w1, w1_scale, w3, w3_scale, h, routing, topk_ids, fmt_up, swiglu_limit,
+        _gemv(*fp8_act_quant(x, K_BLOCK), w1, w1_scale, w3, w3_scale, h, routing, topk_ids, swiglu_limit,
               config)
-        _gemv(*fp8_act_quant(h, K_BLOCK), w2, w2_scale, None, None, y, routing, topk_ids, fmt_down, swiglu_limit,
+        _gemv(*fp8_act_quant(h, K_BLOCK), w2, w2_scale, None, None, y, routing, topk_ids, swiglu_limit,
               config)
     else:
         _tensor_core_gemms(x, w1, w1_scale, w3, w3_scale, w2, w2_scale, y, routing, top_k, fmt_up, fmt_down,

@@ -13,8 +13,8 @@ Decode (few queries) splits each index row into SPLITS chunks of whole BLOCK_N b
 grid covers the chip (flash-decoding): program (query, split, head block) runs the same loop over
 its chunk and writes m_i, l_i and its unnormalised fp32 acc_i to a workspace, and a second launch
 merges them, ``M = max_i m_i``, ``L = sum_i l_i e^(m_i - M) + e^(sink - M)``,
-``o = sum_i acc_i e^(m_i - M) / L``, one program per (query, head, 64 columns) so that the merge
-is as parallel as the partials are many. :func:`attention_config` and :func:`attention_splits`
+``o = sum_i acc_i e^(m_i - M) / L``, a program per (query, head block, 64 columns)
+(:data:`MERGE_ROWS`). :func:`attention_config` and :func:`attention_splits`
 pick the launch (the numbers for V4's shapes are in their docstrings); nothing depends on index
 values, so a CUDA graph replays it at every position.
 
@@ -32,8 +32,8 @@ when rows start at odd bytes); the kernel's column space is that brick flattened
 as V4's 64; padding columns otherwise). Rows are addressed through kv's
 strides, so one pool of rows expanded over the batch (batch stride 0) with pool-row indices serves
 a paged cache (``seahal.hal.paging``) as it is; nothing here makes kv contiguous.
-Verified under the Triton interpreter and compiled for sm_90 offline (registers, spills and the
-SASS of each launch read there); launch choices are reasoned from those, not measured (TUNING.md).
+Verified on the H100 (conformance at full shapes, 567d97d); the launch choices' figures are in
+their docstrings and TUNING.md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._alignment import row_alignment
-from ._gemm import arrival_counters
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._pdl import pdl_options, wait_for_prior_grid
 from .kv_unpack import _e4m3_value, _e8m0_scale
@@ -89,17 +88,13 @@ FP32 = AttentionConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
 """fp32 q and rows (accuracy checks, not speed): IEEE fp32 dots, small tiles."""
 INTERPRETER = AttentionConfig(block_h=16, block_n=16)
 """CPU tensors (the Triton interpreter): small tiles, so that tests cross head and slot blocks."""
-ONE_LAUNCH_MAX_SPLITS = 2
-"""Up to this many key splits the split programs merge their partials themselves (one launch).
-Measured on the H100 (2026-11-26, V4-Flash CSA FP8 decode at batch 64, HEADS64 tiles in 2 splits):
-one launch 63 us against 121 us with the merge launch, whose B*S*H x D/64 grid of small programs
-(32768 here) cost more than the attention; at batch 1 (DECODE tiles, 20 splits) the one program's
-serial merge lost, 24.6 against 13.8 us."""
 MERGE_ROWS, MERGE_COLUMNS = 32, 64
 """The merge launch reads partials in [splits, heads, 64 columns] fp32 tiles of 32 (split, head)
 rows: all of a query's splits up to 32 (next_pow2), and as many heads as fill the 32 rows. One
 head a program (the first form) made B*S*H x D/64 programs of a few loads each: 32768 for V4-Flash
-at batch 64 in 2 splits, 58 us on the H100 against 63 us for the attention itself."""
+at batch 64 in 2 splits, 58 us on the H100 against 63 us for the attention itself. In this form
+(H100, 567d97d) the two launches take 61.7 us there, as fast as the split programs merging their
+partials themselves (62.1 us; that one-launch form, 24.9 against 14.0 us at batch 1, was removed)."""
 
 
 def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: torch.device, sm_count: int,
@@ -221,7 +216,6 @@ def launch_sparse_attention(
     rope_dim: int = 64,
     tile: int = 64,
     splits: int | None = None,
-    one_launch: bool | None = None,
 ) -> None:
     """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
 
@@ -231,11 +225,8 @@ def launch_sparse_attention(
     default is unsplit, so that launches differing only in batch size stay bit-identical in the
     interpreter); chunks are whole BLOCK_N blocks, so fewer splits run when K has fewer blocks.
     On a GPU the split changes the fp32 summation order, so one query's output may differ in the
-    last bits between a small (split) and a large (unsplit) batch. ``one_launch``: the split
-    programs merge their partials themselves, the last of a (query, head block) to finish reading
-    all of them (an arrival counter per pair, :func:`._gemm.arrival_counters`), instead of a second
-    launch: one launch's fixed cost less, one program's serial merge more. None (the default) merges
-    in one launch up to :data:`ONE_LAUNCH_MAX_SPLITS` splits on a GPU.
+    last bits between a small (split) and a large (unsplit) batch. Split partials are merged by
+    a second launch (:func:`_combine_splits_kernel`).
     """
     b, s, h, d = q.shape
     if out.numel() == 0:
@@ -259,20 +250,16 @@ def launch_sparse_attention(
         stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
     else:  # unused by the unsplit kernel
         partial = stats = out
-    if one_launch is None:
-        one_launch = on_gpu and splits <= ONE_LAUNCH_MAX_SPLITS
-    merge = one_launch and splits > 1
-    counters = arrival_counters(b * s * head_blocks, q.device) if merge else out  # unused without the merge
     _sparse_attention_kernel[(b * s * splits * head_blocks,)](
-        q, kv, indices, sink, out, partial, stats, counters, s, h, kv.shape[1], k, splits, split_slots,
+        q, kv, indices, sink, out, partial, stats, s, h, kv.shape[1], k, splits, split_slots,
         float(softmax_scale),
         *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, COL_TILES=col_tiles, TILE_W=tile_w,
         LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and on_gpu, KV_FP8=fp8, ROPE_DIM=rope_dim,
-        TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1, MERGE=merge,
+        TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
-    if splits > 1 and not merge:
+    if splits > 1:
         block_s = min(triton.next_power_of_2(splits), MERGE_ROWS)
         block_h = min(MERGE_ROWS // block_s, triton.next_power_of_2(h))
         _combine_splits_kernel[(b * s * triton.cdiv(h, block_h), triton.cdiv(d, MERGE_COLUMNS))](
@@ -375,7 +362,7 @@ def _hide_byte_loads(x):
 
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, part_ptr, stats_ptr, counter_ptr, S, H, N, K, SPLITS, SPLIT_SLOTS,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, part_ptr, stats_ptr, S, H, N, K, SPLITS, SPLIT_SLOTS,
     softmax_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kd,
@@ -384,15 +371,14 @@ def _sparse_attention_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr,
     TILE_W: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
-    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr = False,
+    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[b, s, heads] for one (b, s) and BLOCK_H heads, every column; kv rows dense, or FP8
     records decoded by :func:`_load_rows` (KV_FP8). Program ids run over (b * S + s, split, head
     block), the head block fastest, so a query's head blocks run together and share its rows in
     L2. With SPLIT, program (b, s, split) walks index slots [split * SPLIT_SLOTS, (split + 1) *
     SPLIT_SLOTS) only and writes its fp32 acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running
-    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`; with MERGE
-    the last split program of a (query, head block) to arrive merges them (:func:`_merge_splits`)."""
+    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`."""
     wait_for_prior_grid(PDL)
     pid = tl.program_id(0).to(tl.int64)
     head_blocks = tl.cdiv(H, BLOCK_H)
@@ -438,41 +424,8 @@ def _sparse_attention_kernel(
         tl.store(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], acc, mask=out_mask)
         tl.store(stats_ptr + row * H + heads, m_i, mask=head_ok)
         tl.store(stats_ptr + (workspace_rows + row) * H + heads, l_i, mask=head_ok)
-        if MERGE:
-            tl.debug_barrier()  # every thread's partials stored before the arrival is counted
-            counter = counter_ptr + pid_bs * head_blocks + pid % head_blocks
-            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
-                tl.atomic_xchg(counter, 0)
-                acc, m_i, l_i = _merge_splits(part_ptr, stats_ptr, pid_bs * SPLITS, SPLITS, H, workspace_rows, heads,
-                                              head_ok, cols, out_mask, HEAD_DIM, BLOCK_H, COL_TILES * TILE_W)
-                _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
     else:
         _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
-
-
-@triton.jit
-def _merge_splits(part_ptr, stats_ptr, first, SPLITS, H, workspace_rows, heads, head_ok, cols, mask,
-                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, COLUMNS: tl.constexpr):
-    """(acc, m, l) of one query's heads ``heads`` from its SPLITS workspace rows ``first, ...``, in
-    split order whichever program merges: ``m = max_i m_i``, ``acc = sum_i acc_i e^(m_i - m)``,
-    ``l = sum_i l_i e^(m_i - m)``, kept as running sums rescaled when the max grows. Loads bypass
-    L1: other SMs wrote the partials."""
-    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, COLUMNS), dtype=tl.float32)
-    for i in range(SPLITS):
-        row = first + i
-        m_i = tl.load(stats_ptr + row * H + heads, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
-        l_i = tl.load(stats_ptr + (workspace_rows + row) * H + heads, mask=head_ok, other=0.0, cache_modifier=".cg")
-        acc_i = tl.load(part_ptr + (row * H + heads[:, None]) * HEAD_DIM + cols[None, :], mask=mask, other=0.0,
-                        cache_modifier=".cg")
-        m_new = tl.maximum(m, m_i)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key so far: every weight is 0
-        alpha, beta = tl.exp(m - m_safe), tl.exp(m_i - m_safe)
-        l = l * alpha + l_i * beta
-        acc = acc * alpha[:, None] + acc_i * beta[:, None]
-        m = m_new
-    return acc, m, l
 
 
 @triton.jit

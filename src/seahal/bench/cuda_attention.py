@@ -153,39 +153,27 @@ def _decode_attention_fp8(dims: ModelDims, batch: int, ctx: int, device: torch.d
                     variants=_variants(args, device, "DECODE", "HEADS64", splits=True))
 
 
-ONE_LAUNCH_SPLITS = 4
-"""Key splits of the one-launch variant's second form: the merging program reads 4 partials of its
-head block (128 KB for 16 heads of 512 fp32 columns) instead of the default split's 20 at batch 1."""
-
-
 def _variants(args: tuple, device: torch.device, *configs: str, splits: bool = False) -> dict:
     """The cuda kernel's other launches a row times (on a GPU): under each named tiles, and if
-    ``splits`` with split-K off (what flash-decoding buys at the row's grid), with the merge in a
-    second launch, and with the split programs merging their partials themselves (one launch: its
-    default splits, and :data:`ONE_LAUNCH_SPLITS`); one of the last three is the default launch."""
+    ``splits`` with split-K off (what flash-decoding buys at the row's grid)."""
     if device.type != "cuda":
         return {}
     variants = {f"{name} tiles": partial(_triton_attention, *args, config=name) for name in configs}
     if splits:
         variants["splits=1"] = partial(_triton_attention, *args, splits=1)
-        variants["two launches"] = partial(_triton_attention, *args, one_launch=False)
-        variants["one launch"] = partial(_triton_attention, *args, one_launch=True)
-        variants[f"one launch, splits={ONE_LAUNCH_SPLITS}"] = partial(
-            _triton_attention, *args, splits=ONE_LAUNCH_SPLITS, one_launch=True
-        )
     return variants
 
 
 def _triton_attention(q, kv, indices, sink, softmax_scale, rope_dim=64, tile=64, *, config: str | None = None,
-                      splits: int | None = None, one_launch: bool | None = None):
+                      splits: int | None = None):
     """The cuda kernel under a launch other than its own choice: the tiles named ``config`` (an
     :class:`AttentionConfig` of the module: ``"DECODE"``, ``"WIDE"``, ``"HEADS64"``), ``splits``
-    key splits (default: what ``attention_splits`` gives those tiles), ``one_launch`` merging."""
+    key splits (default: what ``attention_splits`` gives those tiles)."""
     from seahal.backends.cuda import sparse_attention as attention
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     attention.launch_sparse_attention(q, kv, indices, sink, softmax_scale, out, getattr(attention, config) if config else None,
-                                      rope_dim=rope_dim, tile=tile, splits=splits, one_launch=one_launch)
+                                      rope_dim=rope_dim, tile=tile, splits=splits)
     return out
 
 

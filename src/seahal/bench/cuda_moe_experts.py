@@ -8,9 +8,9 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 (:func:`reference_by_expert`: gather, dequantise, matmul, add back), the naive port a user would
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
-FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``),
-with twice the warps, and (prefill) with the products formed weights first; decode rows up to 16
-tokens the CUDA-core GEMV (``ExpertsConfig.gemv``).
+FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``)
+and with twice the warps; FP8 decode rows up to 16 tokens the other of the CUDA-core GEMV
+(``ExpertsConfig.gemv``, the default at one token) and the tensor-core tiles.
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
@@ -134,28 +134,24 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     check = close(BF16_TOL)
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
-    if tokens <= GEMV_MAX_TOKENS and device.type == "cuda":  # each routed row on the CUDA cores
-        from seahal.backends.cuda.moe_experts import ExpertsConfig
-
-        variants["gemv"] = partial(kernel, *args, config=ExpertsConfig(16, 16, num_warps=4, gemv=True))
-    if fmt == "fp4" and device.type == "cuda":  # the same kernels with the FP4 blocks through
-        # tl.dot_scaled, with twice the warps (FP4 decode is ALU-bound: more warps per SM decode more
-        # at once), and where the tiles form products activations first, weights first (the decoded
-        # tile a wgmma operand from registers instead of through shared memory)
-        from seahal.backends.cuda._gemm import weights_first
-        from seahal.backends.cuda.moe_experts import experts_config
+    if device.type == "cuda":
+        from seahal.backends.cuda.moe_experts import FP8_GEMV, default_config, experts_config
 
         config = experts_config(tokens * dims.top_k, fmt, device)
-        variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
-        variants[f"{2 * config.num_warps} warps"] = partial(
-            kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
-        if not weights_first(config.block_m, config.block_n, fp4=True):
-            variants["weights first"] = partial(kernel, *args, config=dataclasses.replace(config, weights_first=True))
+        if default_config(tokens * dims.top_k, fmt, fmt, device).gemv:  # FP8 at one token: the tiles
+            variants["tensor cores"] = partial(kernel, *args, config=config)
+        elif fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
+            variants["gemv"] = partial(kernel, *args, config=FP8_GEMV)
+        if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled, and with
+            # twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
+            variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
+            variants[f"{2 * config.num_warps} warps"] = partial(
+                kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 
 GEMV_MAX_TOKENS = 16
-"""Decode rows up to this many tokens also time ``ExpertsConfig.gemv`` (about one routed row an
+"""FP8 decode rows up to this many tokens also time ``ExpertsConfig.gemv`` (about one routed row an
 expert; past it the GEMV would read an expert's weights once per row)."""
 
 
@@ -220,22 +216,21 @@ def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
 def tune_candidates(tokens: int, fp4: bool) -> list:
     """The launch configs ``--tune`` times for a row of ``tokens`` tokens: decode (<= 64 tokens)
     16- and 32-row tiles and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
-    4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode) and at
-    prefill the bf16 decode's products weights first as well. BLOCK_N stays 128: the gate-up
-    epilogue quantises h in 1x128 tiles. Up to :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core
-    GEMV (``gemv``) at 16 and 32 weight rows a program."""
+    4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode). BLOCK_N
+    stays 128: the gate-up epilogue quantises h in 1x128 tiles. FP8 weights up to
+    :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core GEMV (``gemv``) at 16 and 32 weight rows a
+    program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
     decode = tokens <= 64
     gemv = [ExpertsConfig(16, rows, warps, gemv=True) for rows in (16, 32) for warps in (4, 8)]
     return [
-        ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split, first)
+        ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split)
         for block_m in ((16, 32) if decode else (32, 64, 128))
         for warps in (4, 8)
         for split in ((None, 1, 2, 4) if decode else (1,))
         for mx in ((True, False) if fp4 else (True,))
-        for first in ((None, True) if fp4 and not mx and not decode else (None,))
-    ] + (gemv if tokens <= GEMV_MAX_TOKENS else [])
+    ] + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
 
 
 def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Callable[[Callable], float]) -> dict:
@@ -254,14 +249,14 @@ def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Call
 def tune(device: torch.device, quick: bool = False) -> list[dict]:
     """For every row of :func:`cases`: the default launch's time and the fastest of
     :func:`tune_candidates` (what a committed config table would hold), printed as one line a row."""
-    from seahal.backends.cuda.moe_experts import experts_config, moe_experts
+    from seahal.backends.cuda.moe_experts import default_config, moe_experts
 
     results = []
     for dims in models(device):
         for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
             for stage, tokens in _token_counts(device, quick):
                 args = _arguments(dims, fmt, tokens, device)
-                default = experts_config(tokens * dims.top_k, fmt, device)
+                default = default_config(tokens * dims.top_k, fmt, fmt, device)
                 expected = reference_by_expert(*args)
                 tuned = tune_row(lambda config: moe_experts(*args, config=config),
                                  tune_candidates(tokens, fmt == "fp4"), expected,
