@@ -419,6 +419,29 @@ def test_tally_kernels_ranks_names_by_total_time():
                      "top": [{"name": "gemm", "calls": 2, "us": 22.5}, {"name": "norm", "calls": 2, "us": 4.5}]}
 
 
+def test_summarize_profile_splits_kernels_from_the_hosts_cuda_calls():
+    """Device events tally as kernels; of the host's events only CUDA runtime and driver calls count
+    (an aten op or a Python function on the host does not), ranked the same way."""
+    from types import SimpleNamespace
+
+    import torch
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("_gemm_kernel", cuda, 40.0), event("cudaLaunchKernel", cpu, 3.0), event("aten::empty", cpu, 9.0),
+              event("cuLaunchKernelEx", cpu, 4.0), event("cudaStreamSynchronize", cpu, 700.0),
+              event("cudaLaunchKernel", cpu, 2.0), event("custom_op", cpu, 5.0), event("_norm_kernel", cuda, 5.0)]
+    summary = common.summarize_profile(events, top=1)
+    assert (summary["kernels"], summary["busy_us"], summary["top"]) == (2, 45.0, [{"name": "_gemm_kernel", "calls": 1,
+                                                                                    "us": 40.0}])
+    assert summary["host_api"] == {"calls": 4, "us": 709.0, "top": [
+        {"name": "cudaStreamSynchronize", "calls": 1, "us": 700.0}, {"name": "cudaLaunchKernel", "calls": 2, "us": 5.0},
+        {"name": "cuLaunchKernelEx", "calls": 1, "us": 4.0}]}
+
+
 def test_kernel_breakdown_reports_a_failing_profiler(monkeypatch):
     """A bench row keeps its timing when the profiler (CUPTI) fails: the breakdown says why."""
     def broken(fn, top):

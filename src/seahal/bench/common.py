@@ -270,8 +270,28 @@ def kernel_profile(fn: Callable[[], object], top: int = 25) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return tally_kernels(((e.name, e.time_range.elapsed_us()) for e in device_events), top)
+    return summarize_profile(prof.events(), top)
+
+
+def summarize_profile(events: Iterable, top: int = 25) -> dict:
+    """Profiler events (``name``, ``device_type``, ``time_range``) -> :func:`tally_kernels` of the
+    device's kernels, plus ``host_api``: the host's CUDA runtime and driver calls the same way
+    (``{"calls", "us", "top"}``, the 8 longest by total time, the closing synchronize included),
+    where a call that waits on the device (a synchronize, a copy to the host, a ``cudaMalloc`` or
+    a launch into a full queue) shows as long."""
+    events = list(events)
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    api = [(e.name, e.time_range.elapsed_us()) for e in events
+           if e.device_type == torch.autograd.DeviceType.CPU and is_cuda_api(e.name)]
+    calls = tally_kernels(api, 8)
+    return {**tally_kernels(kernels, top), "host_api": {"calls": calls["kernels"], "us": calls["busy_us"],
+                                                        "top": calls["top"]}}
+
+
+def is_cuda_api(name: str) -> bool:
+    """Whether a profiler event is a CUDA runtime (``cudaLaunchKernel``, ``cudaStreamSynchronize``)
+    or driver (``cuLaunchKernelEx``) call."""
+    return name.startswith("cuda") or (name.startswith("cu") and name[2:3].isupper())
 
 
 PROFILE_BUDGET_S = 20.0

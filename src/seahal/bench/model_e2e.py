@@ -50,7 +50,8 @@ run eagerly as the peer ``seahal eager (no graph)`` and, on the cuda plan, captu
 programmatic dependent launch (``SEAHAL_CUDA_PDL=1``) as ``seahal graph, PDL launches``. Prefill
 is eager. A GPU decode row also carries ``decode_kernels``: one eager step under torch.profiler,
 its kernels' summed device time (``busy_us``; the graph's time minus it is what launches and gaps
-cost) and the longest kernels by name (:func:`seahal.bench.common.kernel_profile`), also printed
+cost), the longest kernels by name and the host's CUDA API calls by time (``host_api``: a call
+that waits on the device shows long; :func:`seahal.bench.common.summarize_profile`), also printed
 to the log; a GPU prefill row
 ``prefill_kernels``, the same for one prefill, ``host_us``, the median time until a prefill call
 returns to the host (the device idle before it): about the row's time when the host's launches
@@ -512,6 +513,10 @@ def _print_profile(label: str, profile: dict | None, lines: int = 12) -> None:
     print(f"model: {label}: {profile['kernels']} kernels, {profile['busy_us']:.0f} us busy", flush=True)
     for k in profile["top"][:lines]:
         print(f"    {k['us']:8.1f} us {k['calls']:4d}x  {k['name'][:100]}", flush=True)
+    api = profile.get("host_api")
+    if api:
+        print(f"model: {label}: {api['calls']} CUDA API calls, {api['us']:.0f} us on the host: "
+              + ", ".join(f"{c['name']} {c['us']:.0f} us {c['calls']}x" for c in api["top"][:5]), flush=True)
 
 
 def _log(stage: str, start: float) -> None:
