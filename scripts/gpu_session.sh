@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU session for the cuda backend: full-shape conformance, the end-to-end model, the
-# decode kernels' and the experts' rows, the GPU tests, then the GEMMs' and mHC's rows, in priority
-# order, each step under its own time limit and all of them under one budget (default 540 s: one
+# One prepared GPU session for the cuda backend: full-shape conformance, the PDL decode test, the
+# end-to-end model, the experts' rows, the GPU tests, then the GEMMs', mHC's and the decode
+# kernels' rows, in priority order, each step under its own time limit and all of them under one budget (default 540 s: one
 # device command may run 600 s). A failing or timed-out step does not stop the next; steps that no
 # longer fit the budget are reported as skipped. Results go to
 # $OUT (default ./out), at most 8 files (what the device tool brings back):
@@ -11,8 +11,8 @@
 #   conformance.json    SEAHAL_CUDA_UNVERIFIED=1 seahal conformance --backend cuda
 #   bench-model.json    the end-to-end model at 1k context against transformers (wheels in .whl/)
 #   bench-gemm.json     fp4_gemm and fp8_gemm (with the Gluon ping-pong kernel beside M >= 512)
-#   bench-experts.json  moe_experts and its routing alone (the prefill routing new since 81df42b)
-#   bench-decode.json   sparse_attention and the indexer (launch defaults changed after 1e4356c)
+#   bench-experts.json  moe_experts and its routing alone
+#   bench-decode.json   sparse_attention and the indexer
 #   bench-mhc-compress.json   mHC, the compressors, the indexer's rotation
 #
 # Usage (on the device, from the repository root):
@@ -43,25 +43,27 @@ while (($#)); do
 done
 
 # name | cap in seconds | command (run from the repository root with bash -c), in priority order:
-# the conformance suite (moe_experts waits on it: its prefill routing is new), the end-to-end
-# model (prefill's host time since that routing), the decode kernels' rows (the attention and
-# indexer launch defaults changed after the H100 run at 1e4356c, never measured since), the
-# experts' rows (the routing rows now prefill too), then the GPU tests, the GEMMs and mHC/compressor
-# rows (all measured on the H100 at 81df42b). Measured there: setup 6 s, conformance 237 s cold,
-# bench-model-quick 119 s, bench-gemm 46 s, pytest-gpu 129 s (4 workers), bench-experts over 275 s
-# for 10 of its rows; at 1e4356c sparse attention 24 s, the indexer 53 s, bench-mhc-compress 28 s.
+# the conformance suite (the experts' FP8 GEMV is the one-token default since 567d97d, the
+# attention's one-launch merge is gone), the PDL decode test (programmatic dependent launch became
+# 4% faster at 567d97d and waits on this bit-for-bit test to be the default), the end-to-end model
+# (the prefill's host CUDA API calls, new), the experts' rows (their routing rows never reached),
+# then the GPU tests, the GEMMs', mHC's and compressors' rows, and the decode kernels' rows (measured
+# at 567d97d). Measured on the H100 at 567d97d: setup 5 s, conformance 216 s cold,
+# bench-model-quick 183 s, bench-decode 94 s, bench-experts over 252 s for 9 of its rows; at 81df42b
+# pytest-gpu 129 s (4 workers), bench-gemm 46 s; at 1e4356c bench-mhc-compress 28 s.
 # The bench files are rewritten after every row, so a step cut at its limit keeps what it measured.
 # Running the conformance suite beside the GPU tests timed out (the compiles of both share 16
 # cores), so the steps run one after another.
 STEPS=(
   "setup|30|print_environment"
   "conformance|240|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
+  "pytest-pdl|120|\$PYTHON -m pytest -q -rfE -p no:cacheprovider tests/test_decode_graph.py -k 'pdl and on_a_gpu'"
   "bench-model-quick|240|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
-  "bench-decode|200|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
   "bench-experts|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
   "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
+  "bench-decode|200|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is
