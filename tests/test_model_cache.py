@@ -130,6 +130,32 @@ def test_bf16_compressor_writes_fp8_records_as_packing_its_entries_did(checkpoin
     assert [layer.n_compressed for layer in caches[0].layers] == [0, 9, 2, 9]
 
 
+def test_compressor_projects_through_one_stacked_weight(checkpoint):
+    """Each compressor's wkv and wgate run as one fp32_linear over [wkv; wgate]: the two column views
+    of its output are the two projections bit for bit (each column its own weight row's sum), the
+    Linears' weights become views of the stacked matrix (no second copy), and a weight replaced
+    afterwards is stacked again rather than served stale."""
+    from seahal.backends.cpu.reference.linear import fp32_linear
+    from seahal.model.attention import Compressor
+
+    model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False)
+    compressors = [m for m in model.modules() if isinstance(m, Compressor)]
+    assert len(compressors) == 5  # CSA, HCA, CSA, and the two CSA layers' indexers
+    gen = torch.Generator().manual_seed(7)
+    for module in compressors:
+        x = torch.randn(2, 5, module.wkv.in_features, generator=gen).to(torch.bfloat16)
+        kv, score = module._projections(x)
+        assert torch.equal(kv, fp32_linear(x, module.wkv.weight))
+        assert torch.equal(score, fp32_linear(x, module.wgate.weight))
+        storage = module._stacked.untyped_storage().data_ptr()
+        assert {w.untyped_storage().data_ptr() for w in (module.wkv.weight, module.wgate.weight)} == {storage}
+        replaced = torch.randn(module.wgate.weight.shape, generator=gen).to(torch.bfloat16)
+        module.wgate.set_weight(replaced, None, torch.bfloat16)
+        kv, score = module._projections(x)
+        assert torch.equal(score, fp32_linear(x, replaced)) and torch.equal(kv, fp32_linear(x, module.wkv.weight))
+        assert module._stacked.untyped_storage().data_ptr() != storage
+
+
 def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
     """The export's traced cache (tensor position) keeps kv_compress_fp8's records as they come, at
     the same rows as the eager cache: the first ``count`` of a padded batch, the padding after them."""

@@ -2,7 +2,7 @@
 
 Rows, at V4-Flash's and V4-Pro's dims, W in bf16 as the checkpoint stores it, x in fp32: the head
 (129280 rows) at 1, 4 and 64 tokens (the GEMV; the split-x tensor-core kernel at 64), and a CSA
-compressor's wkv (2 x 512 rows) at 1 token. Memory-bound: bytes are W read once plus x and the
+compressor's stacked [wkv; wgate] (4 x 512 rows, one call in the model) at 1 token. Memory-bound: bytes are W read once plus x and the
 fp32 output, against 3.0 TB/s. Peers on the same GPU: ``F.linear`` on an fp32 copy of W (what the
 official code keeps, twice the bytes) and the CPU reference's code (row blocks widened to fp32,
 then cuBLAS). The check: relative 1e-5 (fp32 sums).
@@ -62,7 +62,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     out = []
     for dims in models(device)[: 1 if quick else None]:
         out += [_case(dims, "head", tokens, vocab) for tokens in HEAD_TOKENS]
-        out.append(_case(dims, "CSA compressor wkv", 1, 2 * dims.head_dim))
+        out.append(_case(dims, "CSA compressor [wkv; wgate]", 1, 4 * dims.head_dim))
     return out
 
 
