@@ -136,7 +136,8 @@ def _check_logits(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
 
 
 CASES = [  # (leading dims, D, V, x dtype, weight dtype)
-    ((1, 1), 512, 200, F32, BF16),  # decode, GEMV: one program per 16 rows, the last partial
+    ((1, 1), 512, 200, F32, BF16),  # decode, GEMV: few rows, one program per 4, 1024 columns a step
+    ((2,), 40, 8200, F32, BF16),  # many rows: one program per 16, the last partial
     ((2, 1), 300, 64, BF16, BF16),  # two sequences; D not a multiple of the 128-wide steps
     ((3,), 256, 33, F32, F32),  # three tokens in a 4-token block; an fp32 W
     ((4,), 100, 17, F32, BF16),  # the most tokens the GEMV takes
@@ -168,6 +169,20 @@ def test_token_count_and_weight_dtype_pick_the_path(linear, monkeypatch, tokens,
     x, w = _inputs((tokens,), 64, 20, F32, weight_dtype)
     _check_logits(x, w, linear.fp32_linear(x, w))
     assert ran == ([] if path == "widened" else [path])
+
+
+@interpreted
+def test_few_rows_take_narrow_gemv_tiles(linear, monkeypatch):
+    """The compressors' few rows run 4 rows a program (4x the programs, a quarter of the steps),
+    the head's many 16; both keep 4096 running sums a program and give the exact product."""
+    tiles = []
+    run = linear._fp32_gemv_kernel.run
+    monkeypatch.setattr(linear._fp32_gemv_kernel, "run",
+                        lambda *a, **k: tiles.append((k["BLOCK_V"], k["BLOCK_D"])) or run(*a, **k))
+    for v in (linear.FEW_ROWS - 1, linear.FEW_ROWS):
+        x, w = _inputs((2,), 24, v, F32, BF16)
+        _check_logits(x, w, linear.fp32_linear(x, w))
+    assert tiles == [(4, 512), (16, 128)]
 
 
 @interpreted

@@ -7,8 +7,9 @@ the compressors' wkv / wgate (bf16 in the checkpoint, fp32 math) were widened by
 Three paths, by token count T:
 
 - T <= :data:`GEMV_MAX_TOKENS` (decode of a few sequences): a GEMV on the CUDA cores. Each program
-  widens BLOCK_V rows of W to fp32 in registers, BLOCK_D columns at a time, and keeps one fp32
-  running sum per (token, row, lane) (fp32 FMA: TF32 would round x), reduced once at the end.
+  widens BLOCK_V rows of W to fp32 in registers (:func:`gemv_rows`), BLOCK_D columns at a time,
+  and keeps one fp32 running sum per (token, row, lane) (fp32 FMA: TF32 would round x), reduced
+  once at the end.
 - More tokens with a bf16 W (batched decode, prefill): tensor cores on a split x. Each fp32 x is
   the exact sum of three bf16 parts (``hi = bf16(x)``, ``mid = bf16(x - hi)``, ``lo = bf16(x - hi
   - mid)``: 24 significant bits in three 8-bit pieces), and bf16 x bf16 products are exact in
@@ -37,8 +38,21 @@ GEMV_MAX_TOKENS = 4
 """Up to this many tokens the CUDA-core GEMV runs."""
 INT32_OFFSETS = 2**31
 """The split-x kernel indexes x and the output with int32 offsets: T*D and T*V stay below this."""
-BLOCK_V = 16
-"""GEMV: rows of W per program (V4's 129280-row head makes 8080 programs, enough to keep every SM streaming)."""
+GEMV_LANES = 4096
+"""GEMV: fp32 running sums a program keeps (BLOCK_T x BLOCK_V x BLOCK_D, 32 a thread at 4 warps)."""
+
+
+def gemv_rows(v: int) -> int:
+    """GEMV: rows of W per program. 16 for many rows (V4's 129280-row head: 8080 programs, every
+    SM streaming), each step reading 256 of a row's columns per token; below :data:`FEW_ROWS`
+    (the compressors' 256-2048 rows) 4, each step reading 1024 columns: the same bytes a step,
+    4x the programs and a quarter of the steps. A compressor's GEMV was latency-bound: 16-64
+    programs each streaming 16 rows in 16 dependent steps, 15 us a call for 2-8 MB (H100, 567d97d)."""
+    return 16 if v >= FEW_ROWS else 4
+
+
+FEW_ROWS = 8192
+"""Fewer rows of W than this take :func:`gemv_rows`' narrow tiles (under 4 programs an SM at 16 rows)."""
 SPLIT_BLOCK_V = 64
 """Split-x kernel: rows of W per program (the MMA's N; 2020 programs per token block for V4's head)."""
 
@@ -135,9 +149,10 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     args = (tokens, weight, out, t, v, d, tokens.stride(0), weight.stride(0), out.stride(0))
     if t <= GEMV_MAX_TOKENS:
-        block_t = triton.next_power_of_2(t)
-        _fp32_gemv_kernel[(triton.cdiv(v, BLOCK_V),)](
-            *args, BLOCK_T=block_t, BLOCK_V=BLOCK_V, BLOCK_D=256 // block_t, num_warps=4, **pdl_options(),
+        block_t, block_v = triton.next_power_of_2(t), gemv_rows(v)
+        _fp32_gemv_kernel[(triton.cdiv(v, block_v),)](
+            *args, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=GEMV_LANES // (block_t * block_v), num_warps=4,
+            **pdl_options(),
         )
     else:
         block_t = min(max(16, triton.next_power_of_2(t)), 64)
