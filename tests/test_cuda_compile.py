@@ -103,24 +103,24 @@ def _moe(t: int):
     moe_gate.moe_gate(x, gate_weight, None, TOP_K, input_ids=ids, tid2eid=tid2eid)
     weights, top = _empty(t, TOP_K), torch.empty((t, TOP_K), dtype=torch.int64, device="cuda")
     e = EXPERTS_BUILT
-    fp8 = torch.float8_e4m3fn
-    e8m0 = torch.float8_e8m0fnu
-    fp8_weights = [w for r, c in ((INTER, DIM), (INTER, DIM), (DIM, INTER))
-                   for w in (_empty(e, r, c, dtype=fp8), _empty(e, r // 128, c // 128, dtype=e8m0))]
+    fp8, e8m0, shapes = torch.float8_e4m3fn, torch.float8_e8m0fnu, ((INTER, DIM), (INTER, DIM), (DIM, INTER))
+    fp8_weights = [w for r, c in shapes for w in (_empty(e, r, c, dtype=fp8), _empty(e, r // 128, c // 128, dtype=e8m0))]
+
+    def fp4_weights(scale_dtype):
+        return [w for r, c in shapes
+                for w in (_empty(e, r, c // 2, dtype=torch.uint8), _empty(e, r, c // 32, dtype=scale_dtype))]
+
     moe_experts.moe_experts(x, weights, top, *fp8_weights)  # FP8 weights, e8m0 scales (one token: the GEMV)
     if t <= 16:  # and the other of the GEMV and the tensor-core tiles (a bench variant)
         other = moe_experts.FP8_GEMV if t * TOP_K > moe_experts.GEMV_MAX_ROWS else moe_experts.experts_config(
             t * TOP_K, "fp8", x.device)
         moe_experts.moe_experts(x, weights, top, *fp8_weights, config=other)
     default = moe_experts.experts_config(t * TOP_K, "fp4", x.device)
-    for scale_dtype, mx in ((torch.float32, False), (torch.float8_e8m0fnu, False), (torch.float8_e8m0fnu, True)):
-        moe_experts.moe_experts(  # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
-            x, weights, top,
-            _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
-            _empty(e, INTER, DIM // 2, dtype=torch.uint8), _empty(e, INTER, DIM // 32, dtype=scale_dtype),
-            _empty(e, DIM, INTER // 2, dtype=torch.uint8), _empty(e, DIM, INTER // 32, dtype=scale_dtype),
-            config=dataclasses.replace(default, fp4_mx=mx),
-        )
+    for scale_dtype, mx in ((torch.float32, False), (e8m0, False), (e8m0, True)):
+        # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
+        moe_experts.moe_experts(x, weights, top, *fp4_weights(scale_dtype), config=dataclasses.replace(default, fp4_mx=mx))
+    if t == 1:  # the bench's one-token FP4 variant at 128 registers a thread (Triton's maxnreg)
+        moe_experts.moe_experts(x, weights, top, *fp4_weights(e8m0), config=dataclasses.replace(default, max_registers=128))
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)
     moe_experts.route_blocked(weights, top, EXPERTS, 64)  # and the blocked routing, 256 experts
@@ -511,9 +511,8 @@ def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):
     number :func:`attention_splits` fills the chip with (more would make its grid run in two
     waves), and spills at most a few words outside its loop. HEADS64 over FP8 records is the
     exception kept in view: Triton 3.9 spills ~400 bytes there (88 local loads in a 1421-instruction
-    loop iteration, still 5.5 warp instructions per (row, head) against DECODE's 12.2), 688 with the
-    one-launch merge (batch 64), Triton 3.6, the GPU image's, nothing in either (the H100 ran the
-    merged form at 63 us); the 32-head tiles over FP8 records spilled 400+ bytes in both."""
+    loop iteration, still 5.5 warp instructions per (row, head) against DECODE's 12.2), Triton 3.6,
+    the GPU image's, nothing; the 32-head tiles over FP8 records spilled 400+ bytes in both."""
     from seahal.backends.cuda.sparse_attention import DECODE, HEADS64, WIDE
 
     seen = set()
@@ -527,6 +526,16 @@ def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):
         assert r["resident"] >= config.resident, (r["launch"], r["registers"], r["shared"])
         assert r["stack"] <= (768 if config == HEADS64 else 64), (r["launch"], r["stack"])
     assert seen == {(DECODE, False), (DECODE, True), (WIDE, False), (HEADS64, False), (HEADS64, True)}, seen
+
+
+def test_capped_registers_hold_two_one_token_fp4_programs_an_sm(compiled):
+    """The experts' one-token FP4 tiles (8 warps) at ``max_registers=128`` (the bench's variant):
+    ptxas keeps to 128 registers with at most a few words of spill, so an SM holds two programs of
+    the gate-up kernel where its uncapped 168 registers allow one."""
+    capped = [r for r in compiled if r["kernel"] == "_grouped_gemm_kernel" and "maxnreg=128" in r["launch"]]
+    assert {"GATE_UP=True" in r["launch"] for r in capped} == {True, False}, capped
+    for r in capped:
+        assert r["registers"] <= 128 and r["stack"] <= 64 and r["resident"] >= 2, (r["launch"], r["registers"], r["stack"])
 
 
 if __name__ == "__main__":
