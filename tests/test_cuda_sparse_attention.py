@@ -284,7 +284,8 @@ def test_launch_heuristic_decode_vs_prefill():
     # FP8 records: HEADS64 once queries x head blocks x slot blocks reach the SMs (V4-Flash from
     # 7 queries, V4-Pro from 2), at batch 64 split to one wave (V4-Flash 64 programs x 2). Dense
     # rows take HEADS64 too once its unsplit grid fills half the SMs (V4-Pro at batch 64, every
-    # 4096-query prefill; measured faster there on the H100), V4-Flash at batch 64 WIDE.
+    # 4096-query prefill; measured faster there on the H100), V4-Flash at batch 64 WIDE over CSA's
+    # 640 slots.
     from seahal.backends.cuda.sparse_attention import (
         DECODE,
         HEADS64,
@@ -302,6 +303,11 @@ def test_launch_heuristic_decode_vs_prefill():
                                          (4096, 128, 1152, HEADS64), (32, 64, 640, DECODE), (40, 64, 640, WIDE)):
         assert attention_config(queries, heads, slots, bf16, cuda, 132) == dense, (queries, heads)
         assert attention_config(queries, heads, slots, bf16, cuda, 132, fp8=True) == HEADS64
+    # V4-Flash HCA rows at batch 64 from 256k context (2176 slots; 1M: 8320) take HEADS64 in two
+    # splits (measured faster there), not at 4k (160 slots) nor at batch 32 or 1
+    for queries, slots, dense in ((64, 2176, HEADS64), (64, 8320, HEADS64), (33, 1024, HEADS64), (64, 160, WIDE),
+                                  (32, 8320, DECODE), (1, 8320, DECODE)):
+        assert attention_config(queries, 64, slots, bf16, cuda, 132) == dense, (queries, slots)
     assert attention_splits(64, 64, 640, WIDE, 132) == 1
     assert attention_splits(64, 64, 640, HEADS64, 132) == 2
     assert attention_splits(64, 128, 1152, HEADS64, 132) == 1

@@ -97,6 +97,10 @@ at batch 64 in 2 splits, 58 us on the H100 against 63 us for the attention itsel
 partials themselves (62.1 us; that one-launch form, 24.9 against 14.0 us at batch 1, was removed)."""
 
 
+HEADS64_MIN_SLOTS = 1024
+"""Dense rows: index slots from which HEADS64 in two splits beats WIDE unsplit (:func:`attention_config`)."""
+
+
 def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: torch.device, sm_count: int,
                      fp8: bool = False) -> AttentionConfig:
     """The launch for ``queries`` (B * S) queries of H heads over K index slots in ``dtype`` (FP8
@@ -107,11 +111,14 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
     the decode's instruction count is what costs; fewer queries keep :data:`DECODE`, four times as
     many programs for the few rows there are. Dense rows take HEADS64 once its unsplit grid
     (queries x ceil(H / 64) programs) fills half the SMs (V4-Pro from batch 33, V4-Flash from 66,
-    every prefill), else :data:`WIDE` once its unsplit grid fills half the SMs (V4-Flash from batch
-    33, V4-Pro from 17), else DECODE. Measured on the H100 (2026-11-26, bf16 rows): HEADS64 against
-    WIDE at prefill S=4096 2069 vs 2618 us (V4-Flash CSA), 6905 vs 8964 us (V4-Pro), at batch 64
-    V4-Pro CSA 134 vs 166 us; at batch 64 V4-Flash, whose HEADS64 grid is split in two, WIDE won
-    (56 vs 114 us). fp32 q takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
+    every prefill), or a quarter of them over at least :data:`HEADS64_MIN_SLOTS` slots (V4-Flash HCA
+    from batch 33 at 256k context), else :data:`WIDE` once its unsplit grid fills half the SMs
+    (V4-Flash from batch 33, V4-Pro from 17), else DECODE. Measured on the H100 (bf16 rows):
+    HEADS64 against WIDE at prefill S=4096 2069 vs 2618 us (V4-Flash CSA), 6905 vs 8964 us (V4-Pro),
+    at batch 64 V4-Pro CSA 134 vs 166 us (1e4356c); at batch 64 V4-Flash in two splits (567d97d)
+    HCA over 2176 slots (256k) 134.5 vs 157.6 us, 8320 (1M) 453.2 vs 557.0, but 55.1 vs 55.7 over
+    640 (CSA) and 29.6 vs 23.0 over 160 (HCA at 4k). fp32 q takes :data:`FP32`, CPU tensors
+    :data:`INTERPRETER`.
     """
     if device.type != "cuda":
         return INTERPRETER
@@ -120,7 +127,9 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
     if fp8:
         work_items = queries * triton.cdiv(h, HEADS64.block_h) * triton.cdiv(k, HEADS64.block_n)
         return HEADS64 if h >= HEADS64.block_h and work_items >= sm_count else DECODE
-    if h >= HEADS64.block_h and 2 * queries * triton.cdiv(h, HEADS64.block_h) >= sm_count:
+    heads64_programs = queries * triton.cdiv(h, HEADS64.block_h)
+    if h >= HEADS64.block_h and (2 * heads64_programs >= sm_count
+                                 or (4 * heads64_programs >= sm_count and k >= HEADS64_MIN_SLOTS)):
         return HEADS64
     return WIDE if 2 * queries * triton.cdiv(h, WIDE.block_h) >= sm_count else DECODE
 
