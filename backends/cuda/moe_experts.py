@@ -45,7 +45,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
-from ._e2m1 import decode_e2m1, fp4_block_dot
+from ._e2m1 import fp4_block_dot
 from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant

@@ -135,7 +135,12 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
     if device.type == "cuda":
-        from seahal.backends.cuda.moe_experts import FP4_WIDE_DECODE_MAX_ROWS, FP8_GEMV, default_config, experts_config
+        from seahal.backends.cuda.moe_experts import (
+            FP4_WIDE_DECODE_MAX_ROWS,
+            FP8_GEMV,
+            default_config,
+            experts_config,
+        )
 
         config = experts_config(tokens * dims.top_k, fmt, device)
         if default_config(tokens * dims.top_k, fmt, fmt, device).gemv:  # FP8 at one token: the tiles
