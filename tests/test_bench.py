@@ -442,6 +442,18 @@ def test_summarize_profile_splits_kernels_from_the_hosts_cuda_calls():
         {"name": "cuLaunchKernelEx", "calls": 1, "us": 4.0}]}
 
 
+def test_allocator_events_count_the_calls_trips_to_the_driver(monkeypatch):
+    """The counters' change over the call, for the counters this torch reports."""
+    import torch
+
+    stats = iter([{"num_alloc_retries": 2, "num_device_alloc": 10, "allocated_bytes.all.current": 5},
+                  {"num_alloc_retries": 3, "num_device_alloc": 14, "allocated_bytes.all.current": 9}])
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: next(stats))
+    calls = []
+    assert common.allocator_events(lambda: calls.append(1)) == {"num_alloc_retries": 1, "num_device_alloc": 4}
+    assert calls == [1]
+
+
 def test_kernel_breakdown_reports_a_failing_profiler(monkeypatch):
     """A bench row keeps its timing when the profiler (CUPTI) fails: the breakdown says why."""
     def broken(fn, top):

@@ -243,6 +243,21 @@ def time_us(fn: Callable[[], object], device: torch.device, quick: bool) -> tupl
     return _median_cuda_events(fn, quick), "eager"
 
 
+ALLOCATOR_EVENTS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")
+"""torch's CUDA caching-allocator counters that mean a trip to the driver: a failed cudaMalloc
+flushed and retried, every stream synchronized to free cached blocks, a device allocation, a free."""
+
+
+def allocator_events(fn: Callable[[], object]) -> dict[str, int]:
+    """How many of :data:`ALLOCATOR_EVENTS` one call of ``fn`` caused (those this torch counts).
+    A warm call should cause none: a retry or a stream synchronisation stalls the host on the
+    device, and a cudaMalloc or cudaFree in the loop is a cache the call keeps outgrowing."""
+    before = torch.cuda.memory_stats()
+    fn()
+    after = torch.cuda.memory_stats()
+    return {name: after[name] - before.get(name, 0) for name in ALLOCATOR_EVENTS if name in after}
+
+
 def syncs_with_host(fn: Callable[[], object]) -> bool:
     """Whether one eager call of ``fn`` waits on the device (``.item()``, ``nonzero``, a copy to
     the host), run under torch's sync debug mode "error". Such code cannot be captured, and is not

@@ -56,7 +56,9 @@ to the log; a GPU prefill row
 ``prefill_kernels``, the same for one prefill, ``host_us``, the median time until a prefill call
 returns to the host (the device idle before it): about the row's time when the host's launches
 bound the call, as on the H100 (36-46 ms for 16-18 ms of kernels at 1k tokens), and
-``host_profile``, where that host time goes by Python function (:func:`common.host_profile`).
+``host_profile``, where that host time goes by Python function (:func:`common.host_profile`), and
+``allocator``, the CUDA caching allocator's trips to the driver during one warm prefill
+(:func:`common.allocator_events`: each should be 0).
 
 ``--device cpu``: the same code on a tiny model (dim 256, 8 experts, the same layer pattern) at 128
 and 256 tokens, in seconds: it exercises the checkpoint, both loaders, the check and the JSON.
@@ -355,6 +357,7 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
             _host_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats))
         torch.cuda.synchronize(device)
         measured.details["prefill_host_profile"] = common.host_profile(lambda: model.prefill(prompt))
+        measured.details["prefill_allocator"] = common.allocator_events(lambda: model.prefill(prompt))
         measured.details["prefill_kernels"] = common.kernel_breakdown(lambda: model.prefill(prompt), 25)
         _, cache = model.prefill(prompt)
         model.decode_eager(cache, steps[0])
@@ -446,6 +449,7 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     if phase == "prefill" and "prefill_host_us" in ours.details:  # the host's share of the call
         row["host_us"] = ours.details["prefill_host_us"]
         row["host_profile"] = ours.details["prefill_host_profile"]
+        row["allocator"] = ours.details["prefill_allocator"]
     common.record(row, case, us, peers)
     row["tokens_per_s"] = None if us is None else tokens / us * 1e6
     row["plan"] = {"backend": model.plan.backend.name, "fallbacks": model.plan.fallbacks,
@@ -553,6 +557,7 @@ def measure(
                           "its own time by function (cProfile):", flush=True)
                     for f in measured.details["prefill_host_profile"]["top"][:12]:
                         print(f"    {f['self_us']:8.0f} us {f['calls']:5d}x  {f['function'][:100]}", flush=True)
+                    print(f"model: seahal {name} prefill: allocator {measured.details['prefill_allocator']}", flush=True)
         except torch.OutOfMemoryError:
             found.append(common.unavailable_row("model", f"seahal {name}: {common.SKIP_ON_OOM}"))
         except Exception as exc:  # noqa: BLE001 - a layout that fails to load or run is a finding, not the end
