@@ -266,3 +266,14 @@ def test_portable_no_host_sync(ratio, overlap):
     args = (kv, kv, torch.empty(ratio, coff * d, device="meta"), torch.empty(d, device="meta"), FREQS.to("meta"))
     out = kv_compress(*args, *state, ratio, overlap, 3)
     assert out.shape == (2, new_entries(3, 9, ratio), d) and out.dtype == torch.bfloat16
+
+
+def test_new_entries_counts_the_block_boundaries_crossed():
+    """new_entries(p, S, m) is floor((p+S)/m) - floor(p/m), the block ends in [p, p+S), for ints and
+    tensors of positions alike."""
+    for ratio in (1, 4, 128):
+        positions = torch.arange(0, 3 * ratio + 2)
+        for seq_len in (0, 1, ratio - 1, ratio, 2 * ratio + 3):
+            boundaries = [sum((t + 1) % ratio == 0 for t in range(p, p + seq_len)) for p in positions.tolist()]
+            assert [new_entries(p, seq_len, ratio) for p in positions.tolist()] == boundaries
+            assert new_entries(positions, seq_len, ratio).tolist() == boundaries
