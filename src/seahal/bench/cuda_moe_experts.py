@@ -215,8 +215,10 @@ def route_cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
-    """Rows of ``moe_experts`` in the common schema, then its routing alone."""
-    return measure_all(cases(device, quick) + route_cases(device, quick), device, quick)
+    """Rows of ``moe_experts``' routing alone (seconds in all), then of the whole op in the common
+    schema (20-50 s a row on the H100, mostly compiling the variants' kernels): a step cut at its
+    limit, as the H100's were after 9 or 10 of the op's 12 rows, still has the routing's."""
+    return measure_all(route_cases(device, quick) + cases(device, quick), device, quick)
 
 
 # -- tuning -----------------------------------------------------------------------------------------
