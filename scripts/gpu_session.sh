@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session for the cuda backend: full-shape conformance, the PDL decode test, the
 # end-to-end model, the experts' rows, the GPU tests, then the GEMMs', mHC's and the decode
-# kernels' rows, in priority order, each step under its own time limit and all of them under one budget (default 540 s: one
-# device command may run 600 s). A failing or timed-out step does not stop the next; steps that no
-# longer fit the budget are reported as skipped. Results go to
+# kernels' rows, in priority order, each step under its own time limit and all of them under one
+# budget (default 540 s: one device command may run 600 s). A failing or timed-out step does not
+# stop the next; steps that no longer fit the budget are reported as skipped. Results go to
 # $OUT (default ./out), at most 8 files (what the device tool brings back):
 #
 #   summary.txt         the steps' status, seconds and last line, then a digest of every result file
@@ -46,7 +46,7 @@ done
 # the conformance suite (the experts' FP8 GEMV is the one-token default since 567d97d, the
 # attention's one-launch merge is gone), the PDL decode test (programmatic dependent launch became
 # 4% faster at 567d97d and waits on this bit-for-bit test to be the default), the end-to-end model
-# (the prefill's host CUDA API calls, new), the experts' rows (their routing rows never reached),
+# (the prefill's host CUDA API calls, new), the experts' rows (their routing rows, never reached, first),
 # then the GPU tests, the GEMMs', mHC's and compressors' rows, and the decode kernels' rows (measured
 # at 567d97d). Measured on the H100 at 567d97d: setup 5 s, conformance 216 s cold,
 # bench-model-quick 183 s, bench-decode 94 s, bench-experts over 252 s for 9 of its rows; at 81df42b

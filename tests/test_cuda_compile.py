@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from unittest import mock
 
 import pytest
 
@@ -347,14 +348,10 @@ def _pdl_launches() -> list:
     from seahal.backends.cuda._pdl import PDL_VARIABLE
     from seahal.testing.triton_compile import capture_launches
 
-    os.environ[PDL_VARIABLE] = "1"
-    try:
-        with capture_launches() as launches:
-            _norm(TOKENS["decode"])
-            _quant(TOKENS["decode"])
-            _mhc_rope(TOKENS["decode"])
-    finally:
-        del os.environ[PDL_VARIABLE]
+    with mock.patch.dict(os.environ, {PDL_VARIABLE: "1"}), capture_launches() as launches:
+        _norm(TOKENS["decode"])
+        _quant(TOKENS["decode"])
+        _mhc_rope(TOKENS["decode"])
     return launches
 
 

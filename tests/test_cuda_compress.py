@@ -275,8 +275,8 @@ def test_compress_slot_chunks_of_two(cuda_ops, monkeypatch, split, elements):
 
     monkeypatch.setattr(compressor, "channel_split", lambda d, seq_len, ratio, device: split)
     monkeypatch.setattr(compressor, "ELEMENTS_PER_CHUNK", elements)
-    _run_stream(cuda_ops[1], (3, 1, 2, 9, 1, 1), 4, True, d=32, rope=8, seed=11)
-    _run_stream(cuda_ops[1], (13, 1, 1, 1, 6), 8, False, d=32, rope=8, seed=12)
+    assert _run_stream(cuda_ops[1], (3, 1, 2, 9, 1, 1), 4, True, d=32, rope=8, seed=11) == 4
+    assert _run_stream(cuda_ops[1], (13, 1, 1, 1, 6), 8, False, d=32, rope=8, seed=12) == 2
 
 
 @kernels

@@ -199,6 +199,15 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
     assert _rel(out, _brute_force(*args)) < BF16_TOL
 
 
+def _spy_launches(monkeypatch, module, names, record) -> None:
+    """Wrap ``module``'s Triton kernels ``names``: each launch calls ``record(name, kwargs)``, then runs."""
+    for name in names:
+        kernel = getattr(module, name)
+        spy = type("Spy", (), {"__getitem__": lambda _, grid, name=name, kernel=kernel:
+                               lambda *a, **kw: record(name, kw) or kernel[grid](*a, **kw)})()
+        monkeypatch.setattr(module, name, spy)
+
+
 @interpreted
 @pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp4"])
 def test_weights_first_and_activations_first_agree(experts, monkeypatch, fmt):
@@ -212,10 +221,8 @@ def test_weights_first_and_activations_first_agree(experts, monkeypatch, fmt):
     args = _case(5, fmt, torch.bfloat16, seed=6)
     assert weights_first(16, 128, fp4=True) and not weights_first(64, 128, fp4=True)
     assert not weights_first(16, 128, fp4=False)
-    kernel, launched = experts._grouped_gemm_kernel, []
-    spy = type("Spy", (), {"__getitem__": lambda _, grid: lambda *a, **kw: launched.append(kw["WEIGHTS_FIRST"])
-                           or kernel[grid](*a, **kw)})()
-    monkeypatch.setattr(experts, "_grouped_gemm_kernel", spy)
+    launched = []
+    _spy_launches(monkeypatch, experts, ("_grouped_gemm_kernel",), lambda name, kw: launched.append(kw["WEIGHTS_FIRST"]))
     outs = []
     for block_m, expected in ((16, True), (64, False)):
         outs.append(experts.moe_experts(*args, config=ExpertsConfig(block_m, 128, fp4_mx=False)))
@@ -248,11 +255,7 @@ def test_one_token_with_fp8_weights_takes_the_gemv(experts, monkeypatch):
     """The default launch: FP8 weights in both GEMMs at up to GEMV_MAX_ROWS routed rows run the GEMV
     (measured faster at one token); more rows, or FP4 weights, the tensor-core kernel."""
     launched = []
-    for name in ("_gemv_kernel", "_grouped_gemm_kernel"):
-        kernel = getattr(experts, name)
-        spy = type("Spy", (), {"__getitem__": lambda _, grid, name=name, kernel=kernel:
-                               lambda *a, **kw: launched.append(name) or kernel[grid](*a, **kw)})()
-        monkeypatch.setattr(experts, name, spy)
+    _spy_launches(monkeypatch, experts, ("_gemv_kernel", "_grouped_gemm_kernel"), lambda name, kw: launched.append(name))
     for t, fmt, expected in ((1, "fp8", "_gemv_kernel"), (5, "fp8", "_grouped_gemm_kernel"),
                              (1, "fp4", "_grouped_gemm_kernel")):
         args = _case(t, fmt, torch.bfloat16, seed=3)

@@ -40,6 +40,8 @@ INT32_OFFSETS = 2**31
 """The split-x kernel indexes x and the output with int32 offsets: T*D and T*V stay below this."""
 GEMV_LANES = 4096
 """GEMV: fp32 running sums a program keeps (BLOCK_T x BLOCK_V x BLOCK_D, 32 a thread at 4 warps)."""
+FEW_ROWS = 8192
+"""Fewer rows of W than this take :func:`gemv_rows`' narrow tiles (under 4 programs an SM at 16 rows)."""
 
 
 def gemv_rows(v: int) -> int:
@@ -51,8 +53,6 @@ def gemv_rows(v: int) -> int:
     return 16 if v >= FEW_ROWS else 4
 
 
-FEW_ROWS = 8192
-"""Fewer rows of W than this take :func:`gemv_rows`' narrow tiles (under 4 programs an SM at 16 rows)."""
 SPLIT_BLOCK_V = 64
 """Split-x kernel: rows of W per program (the MMA's N; 2020 programs per token block for V4's head)."""
 

@@ -9,8 +9,9 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
 FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``)
-and with twice the warps, one-token FP4 rows with 128 registers a thread (two programs an SM); FP8 decode rows up to 16 tokens the other of the CUDA-core GEMV
-(``ExpertsConfig.gemv``, the default at one token) and the tensor-core tiles.
+and with twice the warps, one-token FP4 rows with 128 registers a thread (two programs an SM); FP8
+decode rows up to 16 tokens the other of the CUDA-core GEMV (``ExpertsConfig.gemv``, the default at
+one token) and the tensor-core tiles.
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
@@ -152,8 +153,8 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
             variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
             variants[f"{2 * config.num_warps} warps"] = partial(
                 kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
-        if fmt == "fp4" and tokens * dims.top_k <= FP4_WIDE_DECODE_MAX_ROWS:  # two 8-warp programs an SM
-            variants["128 registers"] = partial(kernel, *args, config=dataclasses.replace(config, max_registers=128))
+            if tokens * dims.top_k <= FP4_WIDE_DECODE_MAX_ROWS:  # two of the 8-warp programs an SM
+                variants["128 registers"] = partial(kernel, *args, config=dataclasses.replace(config, max_registers=128))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 

@@ -292,17 +292,24 @@ def _pdl_decode_us(model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tenso
     previous = os.environ.get(PDL_VARIABLE)
     os.environ[PDL_VARIABLE] = "1"
     try:
-        _, cache = model.prefill(prompt)
         model.graph = None  # captured again, at its first step, with the PDL launches
-        for token in steps[: s.warmup]:
-            model.decode(cache, token)
-        return statistics.median(_elapsed_us(lambda t=t: model.decode(cache, t), device) for t in steps[s.warmup :])
+        return _decode_us(model.decode, model, prompt, steps, s, device)
     finally:
         model.graph = None
         if previous is None:
             del os.environ[PDL_VARIABLE]
         else:
             os.environ[PDL_VARIABLE] = previous
+
+
+def _decode_us(step: Callable[[object, torch.Tensor], None], model, prompt: torch.Tensor, steps: list[torch.Tensor],
+               s: Scale, device: torch.device) -> float:
+    """The median microseconds of ``step(cache, token)`` over ``steps`` after a fresh prefill of
+    ``prompt``, the first ``s.warmup`` steps untimed."""
+    _, cache = model.prefill(prompt)
+    for token in steps[: s.warmup]:
+        step(cache, token)
+    return statistics.median(_elapsed_us(lambda t=t: step(cache, t), device) for t in steps[s.warmup :])
 
 
 def _last_logits(model, ids: torch.Tensor, context: int) -> torch.Tensor:
@@ -334,18 +341,10 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
         model.prefill(prompt)
     measured.prefill_us = statistics.median(_elapsed_us(lambda: model.prefill(prompt), device)
                                             for _ in range(s.prefill_repeats))
-    _, cache = model.prefill(prompt)
     steps = [ids[:1, i : i + 1] for i in range(context, s.capacity(context))]
-    for token in steps[: s.warmup]:
-        model.decode(cache, token)
-    measured.decode_us = statistics.median(_elapsed_us(lambda t=t: model.decode(cache, t), device)
-                                           for t in steps[s.warmup :])
+    measured.decode_us = _decode_us(model.decode, model, prompt, steps, s, device)
     if getattr(model, "decode_timing", "eager") == "cuda graph":  # what the graph saves: the same steps eagerly
-        _, cache = model.prefill(prompt)
-        for token in steps[: s.warmup]:
-            model.decode_eager(cache, token)
-        measured.details["eager_decode_us"] = statistics.median(
-            _elapsed_us(lambda t=t: model.decode_eager(cache, t), device) for t in steps[s.warmup :])
+        measured.details["eager_decode_us"] = _decode_us(model.decode_eager, model, prompt, steps, s, device)
         if model.model.plan.backend.name == "cuda":  # and the graph of kernels launched with PDL
             try:
                 measured.details["pdl_decode_us"] = _pdl_decode_us(model, prompt, steps, s, device)
