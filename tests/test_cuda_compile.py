@@ -111,11 +111,9 @@ def _moe(t: int):
         return [w for r, c in shapes
                 for w in (_empty(e, r, c // 2, dtype=torch.uint8), _empty(e, r, c // 32, dtype=scale_dtype))]
 
-    moe_experts.moe_experts(x, weights, top, *fp8_weights)  # FP8 weights, e8m0 scales (one token: the GEMV)
-    if t <= 16:  # and the other of the GEMV and the tensor-core tiles (a bench variant)
-        other = moe_experts.FP8_GEMV if t * TOP_K > moe_experts.GEMV_MAX_ROWS else moe_experts.experts_config(
-            t * TOP_K, "fp8", x.device)
-        moe_experts.moe_experts(x, weights, top, *fp8_weights, config=other)
+    moe_experts.moe_experts(x, weights, top, *fp8_weights)  # FP8 weights, e8m0 scales
+    if t <= 16:  # and the CUDA-core GEMV (a bench variant)
+        moe_experts.moe_experts(x, weights, top, *fp8_weights, config=moe_experts.FP8_GEMV)
     default = moe_experts.experts_config(t * TOP_K, "fp4", x.device)
     for scale_dtype, mx in ((torch.float32, False), (e8m0, False), (e8m0, True)):
         # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled

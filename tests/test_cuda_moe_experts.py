@@ -251,21 +251,6 @@ def test_gemv_decode_is_the_tensor_core_product(experts, fmt, t):
 
 
 @interpreted
-def test_one_token_with_fp8_weights_takes_the_gemv(experts, monkeypatch):
-    """The default launch: FP8 weights in both GEMMs at up to GEMV_MAX_ROWS routed rows run the GEMV
-    (measured faster at one token); more rows, or FP4 weights, the tensor-core kernel."""
-    launched = []
-    _spy_launches(monkeypatch, experts, ("_gemv_kernel", "_grouped_gemm_kernel"), lambda name, kw: launched.append(name))
-    for t, fmt, expected in ((1, "fp8", "_gemv_kernel"), (5, "fp8", "_grouped_gemm_kernel"),
-                             (1, "fp4", "_grouped_gemm_kernel")):
-        args = _case(t, fmt, torch.bfloat16, seed=3)
-        assert (t * args[2].shape[1] <= experts.GEMV_MAX_ROWS) == (t == 1)
-        out = experts.moe_experts(*args)
-        assert launched[-2:] == [expected, expected], (t, fmt)
-        assert _rel(out, reference.moe_experts(*args)) < BF16_TOL
-
-
-@interpreted
 @pytest.mark.parametrize("fmt", ["bf16", "fp4"])
 def test_gemv_decode_refuses_other_weights(experts, fmt):
     args = _case(1, fmt, torch.bfloat16, seed=1)

@@ -22,8 +22,9 @@ Three launches after the routing tables:
 At decode the (row tile, column tile) grids of both GEMMs are small (one token: 6 experts' tiles),
 while each program's FP4 decode is ALU-bound; :func:`decode_splits` then cuts K into splits, and
 the last split of a tile to arrive sums the fp32 partials in split order and runs the epilogue.
-With FP8 weights one token's GEMMs run on the CUDA cores instead (:data:`FP8_GEMV`: a routed row
-a program, :func:`_gemv_kernel`, x and h quantised by ``fp8_act_quant``), 10% faster on the H100.
+``ExpertsConfig.gemv`` (:data:`FP8_GEMV`) instead runs FP8 weights' GEMMs on the CUDA cores, a
+routed row a program (:func:`_gemv_kernel`), x and h quantised by ``fp8_act_quant``: a bench
+variant, since on the H100 it won one run and lost the next (TUNING.md).
 
 Weights: dense (bf16 / fp32; an fp32 operand makes the dot fp32 IEEE), FP8 e4m3 with 128x128 block
 scales (per-K-block scaling into a separate fp32 accumulator, as ``fp8_gemm``), FP4 e2m1 with 1x32
@@ -31,8 +32,8 @@ scales (as ``fp4_gemm``: Triton's microscaling ``tl.dot_scaled`` for e8m0 scales
 ``ExpertsConfig.fp4_mx``, else decoded to bf16 in registers). The activations of FP8/FP4 GEMMs are
 FP8-quantised in 1x128 ue8m0 tiles (x by the Triton ``fp8_act_quant``, one launch; h in the
 gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
-reference applies the summed weight once. Verified on the H100 at 567d97d (full-shape conformance;
-the FP8 GEMV by the bench's reference check, as a variant then; TUNING.md).
+reference applies the summed weight once. Verified on the H100 at d2669c9 (full-shape conformance,
+the GEMV then the FP8 default at one token; TUNING.md).
 """
 
 from __future__ import annotations
@@ -107,21 +108,11 @@ def experts_config(rows: int, weight_format: str, device: torch.device) -> Exper
 
 
 FP8_GEMV = ExpertsConfig(16, 16, num_warps=4, gemv=True)
-"""FP8 weights at one token (up to :data:`GEMV_MAX_ROWS` routed rows): both GEMMs on the CUDA cores,
-16 weight rows a program. On the H100 at 567d97d (V4-Flash, 6 of 256 experts) 83.9 us against the
-tensor-core tiles' 92.9; at 16 tokens 829.7 against 791.1, and with FP4 weights 107.0 against 104.8
-(one token) and 1137 against 1054 us (16 tokens), so only FP8 weights at one token take it."""
-GEMV_MAX_ROWS = 8
-"""Routed rows (one token's top-k) up to which FP8 weights take :data:`FP8_GEMV`."""
-
-
-def default_config(rows: int, fmt_up: str, fmt_down: str, device: torch.device) -> ExpertsConfig:
-    """What :func:`moe_experts` launches for ``rows`` = T*k routed rows without a ``config``:
-    :data:`FP8_GEMV` for FP8 weights in both GEMMs up to :data:`GEMV_MAX_ROWS` rows, else the
-    tensor-core tiles of :func:`experts_config` for the wider of the two weight formats."""
-    if fmt_up == fmt_down == "fp8" and rows <= GEMV_MAX_ROWS:
-        return FP8_GEMV
-    return experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), device)
+"""FP8 weights on the CUDA cores, 16 weight rows a program: a bench variant at up to 16 tokens. On
+the H100 (V4-Flash, 6 of 256 experts, one token) it took 83.9 us against the tensor-core tiles'
+92.9 at 567d97d, then 96.0 against 85.2 at d2669c9, where, as the one-token default, it also ran
+the end-to-end decode's one-row shared experts 45 us a step slower (one row is 128 gate-up and 256
+down programs, under two an SM; the tiles split K); at 16 tokens 829.7 against 791.1."""
 
 
 QUANT_IN_GEMM_MAX_ROWS = 256
@@ -859,7 +850,7 @@ def moe_experts(
     ``y_t = sum_k x.dtype(W2 x.dtype(w_k * silu(min(x W1^T, L)) * clamp(x W3^T, -L, L)))`` with fp32
     accumulation; FP8/FP4 GEMM inputs FP8-quantised in 1x128 ue8m0 tiles. Computes in fp32: fp64
     routing weights are rounded to fp32 (the reference computes such calls in fp64). ``config``
-    overrides :func:`default_config` (tuning, benchmarks, tests).
+    overrides :func:`experts_config` (tuning, benchmarks, tests).
     """
     fmt_up, fmt_down = expert_weight_format(w1), expert_weight_format(w2)
     if fmt_up == "dense":
@@ -873,7 +864,7 @@ def moe_experts(
     if t == 0 or top_k == 0 or n_experts == 0:
         return out.zero_()
     rows = t * top_k
-    config = config or default_config(rows, fmt_up, fmt_down, x.device)
+    config = config or experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     if config.gemv:

@@ -139,14 +139,11 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
         from seahal.backends.cuda.moe_experts import (
             FP4_WIDE_DECODE_MAX_ROWS,
             FP8_GEMV,
-            default_config,
             experts_config,
         )
 
         config = experts_config(tokens * dims.top_k, fmt, device)
-        if default_config(tokens * dims.top_k, fmt, fmt, device).gemv:  # FP8 at one token: the tiles
-            variants["tensor cores"] = partial(kernel, *args, config=config)
-        elif fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
+        if fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
             variants["gemv"] = partial(kernel, *args, config=FP8_GEMV)
         if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled, and with
             # twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
@@ -259,14 +256,14 @@ def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Call
 def tune(device: torch.device, quick: bool = False) -> list[dict]:
     """For every row of :func:`cases`: the default launch's time and the fastest of
     :func:`tune_candidates` (what a committed config table would hold), printed as one line a row."""
-    from seahal.backends.cuda.moe_experts import default_config, moe_experts
+    from seahal.backends.cuda.moe_experts import experts_config, moe_experts
 
     results = []
     for dims in models(device):
         for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
             for stage, tokens in _token_counts(device, quick):
                 args = _arguments(dims, fmt, tokens, device)
-                default = default_config(tokens * dims.top_k, fmt, fmt, device)
+                default = experts_config(tokens * dims.top_k, fmt, device)
                 expected = reference_by_expert(*args)
                 tuned = tune_row(lambda config: moe_experts(*args, config=config),
                                  tune_candidates(tokens, fmt == "fp4"), expected,
