@@ -16,13 +16,12 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 
 # op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
 # model's requirements against them and docs/support-matrix.md is generated from them. Every kernel
-# here was verified on an H100 at 567d97d (2026-11-26, docs/measurements/2026-11-26-h100-third:
+# here was verified on an H100 at d2669c9 (2026-11-26, docs/measurements/2026-11-26-h100-fourth:
 # full-shape conformance 279 passed, 0 failed; every bench row checked against the reference; the
 # GPU tests last at 81df42b). A kernel changed since goes back to False until a GPU run passes it again.
-# Since that run, without a GPU: fp32_linear's GEMV launches below 8192 rows with 4-row tiles (a
-# constexpr specialization of the same kernel, interpreter-tested and compiled for sm_90), and the
-# experts' FP8 GEMV and the attention's two-launch merge at <= 2 splits became defaults (both ran,
-# checked against the reference, as bench variants in that run).
+# Since that run, without a GPU: moe_experts' one-token FP8 default went back from the GEMV to the
+# tensor-core tiles (both ran, checked, in that run), and the launch wrappers compute grids and
+# tile sizes with plain Python integers (_host.py) instead of Triton's equal functions.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),

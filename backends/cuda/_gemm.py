@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from ._numerics import cast_rne
 from ._pdl import pdl_options
 
@@ -73,7 +74,7 @@ def heuristic_config(m: int, n: int, k: int, sm_count: int) -> GemmConfig:
         block_m, block_n, warps, stages = 64, 128, 4, 4
     else:
         block_m, block_n, warps, stages = 128, 128, 8, 4
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
     split = k_splits(tiles, k // K_BLOCK, sm_count) if m <= 64 else 1
     return GemmConfig(block_m, block_n, warps, stages, split)
 
@@ -142,7 +143,7 @@ def split_k_workspace(
     if config.split_k == 1:
         return None, None
     partial = torch.empty((config.split_k, m, n), dtype=torch.float32, device=device)
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     return partial, arrival_counters(tiles, device)
 
 
@@ -152,7 +153,7 @@ def launch_grid(config: GemmConfig, m: int, n: int, device: torch.device) -> tup
 
     The SM count is read from the device at each launch (:data:`INTERPRETER_SMS` on CPU tensors).
     """
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     if not config.persistent:
         return tiles, config.split_k
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS

@@ -77,6 +77,7 @@ from seahal.hal.ops.compressor import compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._gemm import arrival_counters
+from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, fp8_quantize_tiles
 from ._pdl import pdl_options, wait_for_prior_grid
 from ._position import load_position, position_stride
@@ -180,7 +181,7 @@ def _compress(
     if isinstance(start_pos, torch.Tensor):
         # every position's launch: ceil(S / m) rows (the most a chunk completes), one program per row
         pos_stride = position_stride(op, start_pos, batch, kv.device)
-        pos_ptr, carried, rows = start_pos, False, triton.cdiv(seq_len, ratio)
+        pos_ptr, carried, rows = start_pos, False, cdiv(seq_len, ratio)
         lead = held = first_entry = lo = hi = 0  # derived in the kernel (_timeline)
         programs = 1 + rows
     else:
@@ -194,11 +195,11 @@ def _compress(
     width, dtype = out_row(d)
     out = torch.empty((batch, rows, width), dtype=dtype, device=kv.device)
     if batch > 0:
-        d_p2 = triton.next_power_of_2(d)
+        d_p2 = next_power_of_2(d)
         split = channel_split(d, seq_len, ratio, kv.device)
         block = d_p2 // split
-        slot_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // block))
-        state_block = min(triton.next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // (2 * coff * block)))
+        slot_block = min(next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // block))
+        state_block = min(next_power_of_2(coff * ratio), max(1, ELEMENTS_PER_CHUNK // (2 * coff * block)))
         entries = batch * rows if split > 1 else 0  # entries finished through the workspace
         pooled = torch.empty((entries, d_p2), dtype=torch.float32, device=kv.device)
         _kv_compress_kernel[(batch * programs, split)](
@@ -224,9 +225,9 @@ def channel_split(d: int, seq_len: int, ratio: int, device: torch.device) -> int
     V4 (d = 512): a decode step 16 (HCA and CSA), HCA prefill of 8192 tokens 8, CSA prefill of
     8192 tokens 1; the indexer's compressor (d = 128) decodes in 4. Depends on the call's geometry
     and S only (module docstring: the bits of an entry)."""
-    d_p2 = triton.next_power_of_2(d)
+    d_p2 = next_power_of_2(d)
     widest = max(1, d_p2 // MIN_CHANNEL_BLOCK if device.type == "cuda" else min(4, d_p2 // 8))
-    per_sequence = triton.cdiv(seq_len, ratio) + 1
+    per_sequence = cdiv(seq_len, ratio) + 1
     split = 1
     while 2 * split <= widest and per_sequence * 2 * split <= CHANNEL_PROGRAMS:
         split *= 2

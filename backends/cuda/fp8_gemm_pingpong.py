@@ -30,7 +30,6 @@ M = 512 (TUNING.md, "Ping-pong FP8 GEMM").
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -39,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._gemm import K_BLOCK, GemmConfig, decode_e8m0, tile_coords, tma_ready
+from ._host import cdiv
 
 K_STEP = gl.constexpr(K_BLOCK)
 """The 128-wide K block inside the kernels (a global a Gluon kernel may read)."""
@@ -170,7 +170,7 @@ def launch_fp8_gemm_pingpong(
     if b_scale.dtype != torch.float32:
         b_scale = b_scale.view(torch.uint8)
     half = config.block_m // 2
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n),)
     _fp8_gemm_pingpong_kernel[grid](
         _descriptor(a, [half, K_BLOCK]), _descriptor(b, [config.block_n, K_BLOCK]),
         _descriptor(out, [half, config.block_n]), a_scale, b_scale,

@@ -73,6 +73,7 @@ import triton.language as tl
 
 from ._alignment import row_alignment
 from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, unpack_codes
+from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._position import load_position, position_stride
 from .kv_unpack import _e4m3_value, _e8m0_scale
@@ -128,18 +129,18 @@ def indexer_config(
     The keyword arguments are what the bench's variants change. On CPU (the interpreter) small
     blocks, so the tests cross query blocks, splits, several selection rounds and ranking programs.
     """
-    h_pad = triton.next_power_of_2(h)
-    k_pad = triton.next_power_of_2(topk)
+    h_pad = next_power_of_2(h)
+    k_pad = next_power_of_2(topk)
     if device.type != "cuda":
         return IndexerConfig(2, 16, 32, max(16, 2 * k_pad), 4, rank_chunk=4)
-    block_s = min(triton.next_power_of_2(s), max(1, (64 if s == 1 else 128) // h_pad))
-    block_s = max(block_s, triton.cdiv(16, h_pad))
+    block_s = min(next_power_of_2(s), max(1, (64 if s == 1 else 128) // h_pad))
+    block_s = max(block_s, cdiv(16, h_pad))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_programs = (rows // s) * triton.cdiv(s, block_s)
-    tiles = triton.cdiv(n_entries, block_n)
+    row_programs = (rows // s) * cdiv(s, block_s)
+    tiles = cdiv(n_entries, block_n)
     programs_per_sm = programs_per_sm or PROGRAMS_PER_SM[key_format]
-    splits = max(1, min(tiles, triton.cdiv(programs_per_sm * sms, row_programs)))
-    split_len = triton.cdiv(tiles, splits) * block_n
+    splits = max(1, min(tiles, cdiv(programs_per_sm * sms, row_programs)))
+    split_len = cdiv(tiles, splits) * block_n
     chunk = max(4096, chunk_topks * k_pad)
     warps = num_warps or (8 if block_s * h_pad >= 128 else 4)
     return IndexerConfig(block_s, block_n, split_len, chunk, min(16, k_pad), num_warps=warps)
@@ -233,7 +234,7 @@ def ranking_keys(
     b, s, h, d = q.shape
     key_dtype = keys.dtype if key_format == "dense" else q.dtype  # packed keys decode to q's dtype
     ranking = torch.empty((b * s, n_entries), dtype=torch.int32, device=q.device)
-    grid = (b * triton.cdiv(s, config.block_s), triton.cdiv(n_entries, config.split_len))
+    grid = (b * cdiv(s, config.block_s), cdiv(n_entries, config.split_len))
     if isinstance(start_pos, torch.Tensor):
         op = "indexer_topk" if key_format == "dense" else "indexer_topk_packed"
         pos_ptr, pos_stride, position = start_pos, position_stride(op, start_pos, b, q.device), offset
@@ -242,7 +243,7 @@ def ranking_keys(
     _scores_kernel[grid](
         q, weights, keys, ranking, s, h, n_entries, pos_ptr, pos_stride, position, ratio, config.split_len,
         *q.stride(), *weights.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
-        HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), H_PAD=triton.next_power_of_2(h),
+        HEAD_DIM=d, D_PAD=max(16, next_power_of_2(d)), H_PAD=next_power_of_2(h),
         BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format, ROW_ALIGN=row_alignment(keys),
         LOW_PRECISION_DOT=q.dtype == key_dtype == torch.bfloat16 and q.device.type == "cuda",
         POS_FROM_PTR=pos_ptr is not None, num_warps=config.num_warps, **pdl_options(),
@@ -266,8 +267,8 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
     candidates, packed = ranking, False
     while True:
         last_round = length <= chunk
-        size = max(16, triton.next_power_of_2(max(length, topk))) if last_round else chunk
-        n_chunks = triton.cdiv(length, size)
+        size = max(16, next_power_of_2(max(length, topk))) if last_round else chunk
+        n_chunks = cdiv(length, size)
         chosen = torch.empty((rows, n_chunks * topk), dtype=torch.int64, device=ranking.device)
         _select_kernel[(rows, n_chunks)](
             candidates, chosen, length, topk, candidates.stride(0), chosen.stride(0),
@@ -276,9 +277,9 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
         candidates, length, packed = chosen, n_chunks * topk, True
         if last_round:
             break
-    _rank_kernel[(rows, triton.cdiv(topk, config.rank_block))](
+    _rank_kernel[(rows, cdiv(topk, config.rank_block))](
         candidates, out, topk, candidates.stride(0), out.shape[1], *out.stride(),
-        BLOCK_R=config.rank_block, CHUNK=min(triton.next_power_of_2(topk), config.rank_chunk), MAX_ENTRIES=MAX_ENTRIES,
+        BLOCK_R=config.rank_block, CHUNK=min(next_power_of_2(topk), config.rank_chunk), MAX_ENTRIES=MAX_ENTRIES,
         num_warps=1, **pdl_options(),
     )
 

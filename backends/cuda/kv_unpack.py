@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
 
@@ -40,11 +41,11 @@ def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: in
     if records.shape[0] == 0:
         return out
     n_tiles = (dim - rope_dim) // tile
-    block_m = min(triton.next_power_of_2(records.shape[0]), max(1, ELEMENTS_PER_PROGRAM // triton.next_power_of_2(dim)))
-    _kv_cache_unpack_kernel[(triton.cdiv(records.shape[0], block_m),)](
+    block_m = min(next_power_of_2(records.shape[0]), max(1, ELEMENTS_PER_PROGRAM // next_power_of_2(dim)))
+    _kv_cache_unpack_kernel[(cdiv(records.shape[0], block_m),)](
         records, out, records.shape[0], *records.stride(),
-        N_TILES=n_tiles, TILES_P2=triton.next_power_of_2(max(n_tiles, 1)), TILE=tile,
-        TILE_P2=triton.next_power_of_2(tile), ROPE=rope_dim, ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
+        N_TILES=n_tiles, TILES_P2=next_power_of_2(max(n_tiles, 1)), TILE=tile,
+        TILE_P2=next_power_of_2(tile), ROPE=rope_dim, ROPE_P2=next_power_of_2(max(rope_dim, 1)),
         DIM=dim, BLOCK_M=block_m, **pdl_options(),
     )
     return out

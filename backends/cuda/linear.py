@@ -31,6 +31,7 @@ import triton.language as tl
 
 from seahal.backends.cpu.reference.linear import fp32_linear as widened_gemm
 
+from ._host import cdiv, next_power_of_2
 from .rope import check_dtype
 from ._pdl import pdl_options, wait_for_prior_grid
 
@@ -149,14 +150,14 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     args = (tokens, weight, out, t, v, d, tokens.stride(0), weight.stride(0), out.stride(0))
     if t <= GEMV_MAX_TOKENS:
-        block_t, block_v = triton.next_power_of_2(t), gemv_rows(v)
-        _fp32_gemv_kernel[(triton.cdiv(v, block_v),)](
+        block_t, block_v = next_power_of_2(t), gemv_rows(v)
+        _fp32_gemv_kernel[(cdiv(v, block_v),)](
             *args, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=GEMV_LANES // (block_t * block_v), num_warps=4,
             **pdl_options(),
         )
     else:
-        block_t = min(max(16, triton.next_power_of_2(t)), 64)
-        _split_x_kernel[(triton.cdiv(v, SPLIT_BLOCK_V), triton.cdiv(t, block_t))](
+        block_t = min(max(16, next_power_of_2(t)), 64)
+        _split_x_kernel[(cdiv(v, SPLIT_BLOCK_V), cdiv(t, block_t))](
             *args, BLOCK_T=block_t, BLOCK_V=SPLIT_BLOCK_V, BLOCK_D=64, X_BF16=x.dtype == torch.bfloat16,
             num_warps=4, num_stages=4, **pdl_options(),
         )

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import arrival_counters
+from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
 from .rope import check_dtype
@@ -87,12 +88,12 @@ def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
     On CPU (the interpreter) small chunks and two slices, so the tests exercise edge tiles and the
     slice sum.
     """
-    block_t = triton.next_power_of_2(t) if t <= GEMV_MAX_TOKENS else (16 if t <= 1024 else 64)
+    block_t = next_power_of_2(t) if t <= GEMV_MAX_TOKENS else (16 if t <= 1024 else 64)
     if device.type != "cuda":
         return MixConfig(block_t, 16, 2)
     m_pad = _m_pad(m, block_t)
     block_k = max(16, min(256, 4096 // (block_t * m_pad))) if block_t < 16 else 64
-    tiles = triton.cdiv(t, block_t)
+    tiles = cdiv(t, block_t)
     programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     split = max(1, min(programs // tiles, FINISH_ELEMENTS // (block_t * m_pad)))
     return MixConfig(block_t, block_k, split)
@@ -100,18 +101,18 @@ def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
 
 def slices(k: int, config: MixConfig) -> tuple[int, int]:
     """(K per slice, slices) of a launch: ``config.split`` slices rounded up to whole chunks, none empty."""
-    width = triton.cdiv(triton.cdiv(k, config.split), config.block_k) * config.block_k
-    return width, triton.cdiv(k, width)
+    width = cdiv(cdiv(k, config.split), config.block_k) * config.block_k
+    return width, cdiv(k, width)
 
 
 def _m_pad(m: int, block_t: int) -> int:
     """Padded mix count: a power of two, >= 16 for tl.dot tiles."""
-    return triton.next_power_of_2(m) if block_t < 16 else max(16, triton.next_power_of_2(m))
+    return next_power_of_2(m) if block_t < 16 else max(16, next_power_of_2(m))
 
 
 def _block_d(d: int, device: torch.device, widest: int) -> int:
     """Columns per collapse step: 16 on CPU (edge blocks in tests), else next_pow2(D) up to widest."""
-    return 16 if device.type != "cuda" else min(triton.next_power_of_2(d), widest)
+    return 16 if device.type != "cuda" else min(next_power_of_2(d), widest)
 
 
 def hc_pre(
@@ -163,10 +164,10 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     if out.numel() == 0:
         return out
     block_d = _block_d(d, x.device, 512)
-    _post_kernel[(b * s, triton.cdiv(d, block_d))](
+    _post_kernel[(b * s, cdiv(d, block_d))](
         f, x, post, comb, out, s, d,
         *f.stride(), *x.stride(), *post.stride(), *comb.stride(),
-        N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=block_d, **pdl_options(),
+        N=n, N_PAD=next_power_of_2(n), BLOCK_D=block_d, **pdl_options(),
     )
     return out
 
@@ -200,11 +201,11 @@ def collapse_streams(
         return y, post, comb
     config = mix_config(t, k, m, x.device)
     width, split = slices(k, config)
-    tiles = triton.cdiv(t, config.block_t)
+    tiles = cdiv(t, config.block_t)
     partial = torch.empty((split, t, m), dtype=torch.float32, device=x.device)
     sumsq = torch.empty((split, t), dtype=torch.float32, device=x.device)
     pre = torch.empty((t, n), dtype=torch.float32, device=x.device)
-    n_pad = triton.next_power_of_2(n)
+    n_pad = next_power_of_2(n)
     widest = n_pad if head else n_pad * n_pad  # the widest gather of partial sums: comb's n x n
     chunk = CHUNK_ELEMENTS if x.device.type == "cuda" else 2 * config.block_t * widest  # CPU: 2 slices a chunk
     one_launch = t <= ONE_LAUNCH_MAX_TOKENS if one_launch is None else one_launch
@@ -213,13 +214,13 @@ def collapse_streams(
         t, s, d, k, m, width, sinkhorn_iters, eps, norm_eps,
         *x.stride(), *fn.stride(), base.stride(0), scale.stride(0),
         BLOCK_T=config.block_t, BLOCK_K=config.block_k, M_PAD=_m_pad(m, config.block_t), SPLIT=split,
-        SPLIT_CHUNK=min(triton.next_power_of_2(split), max(1, chunk // (config.block_t * widest))),
+        SPLIT_CHUNK=min(next_power_of_2(split), max(1, chunk // (config.block_t * widest))),
         N=n, N_PAD=n_pad, HEAD=head, X_BF16=x.dtype == torch.bfloat16, COLLAPSE=one_launch,
         BLOCK_D=_block_d(d, x.device, 4096) if one_launch else 16, num_warps=WARPS, **pdl_options(),
     )
     if not one_launch:
         block_d = _block_d(d, x.device, 512)
-        _collapse_kernel[(t, triton.cdiv(d, block_d))](
+        _collapse_kernel[(t, cdiv(d, block_d))](
             x, pre, y, s, d, *x.stride(), N=n, BLOCK_D=block_d, num_warps=WARPS, **pdl_options(),
         )
     return y, post, comb

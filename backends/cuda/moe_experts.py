@@ -48,6 +48,7 @@ from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_block_dot
 from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
+from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -183,12 +184,12 @@ def route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, bl
 
 def _max_tiles(rows: int, n_experts: int, block_m: int) -> int:
     """Row tiles the tables hold: the bound ceil(S / BLOCK_M) + min(E, S) (one partial tile per expert)."""
-    return triton.cdiv(rows, block_m) + min(n_experts, rows)
+    return cdiv(rows, block_m) + min(n_experts, rows)
 
 
 def _tiles_pad(max_tiles: int) -> int:
     """The tiles table's length rounded up to the routing kernels' :data:`_ROUTE_CHUNK`."""
-    return triton.cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK
+    return cdiv(max_tiles, _ROUTE_CHUNK) * _ROUTE_CHUNK
 
 
 def route_sorted(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: int, block_m: int) -> Routing:
@@ -320,11 +321,11 @@ def route_small(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts: i
     rows = t * k
     max_tiles = _max_tiles(rows, n_experts, block_m)
     r = Routing.empty(t, k, max_tiles, topk_ids.device)
-    rows_pad = max(triton.next_power_of_2(rows), _ROUTE_CHUNK)
+    rows_pad = max(next_power_of_2(rows), _ROUTE_CHUNK)
     _route_kernel[(1,)](
         topk_weights, topk_ids, r.tiles, r.slots, r.weights, r.positions, r.n_valid,
         rows, n_experts, max_tiles, *topk_weights.stride(), *topk_ids.stride(),
-        TOP_K=k, BLOCK_M=block_m, ROWS_PAD=rows_pad, EXPERTS_PAD=max(triton.next_power_of_2(n_experts), _ROUTE_CHUNK),
+        TOP_K=k, BLOCK_M=block_m, ROWS_PAD=rows_pad, EXPERTS_PAD=max(next_power_of_2(n_experts), _ROUTE_CHUNK),
         TILES_PAD=_tiles_pad(max_tiles), CHUNK=_ROUTE_CHUNK, **pdl_options(),
     )
     return r
@@ -404,8 +405,8 @@ def route_blocked(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts:
     t, k = topk_ids.shape
     rows = t * k
     max_tiles = _max_tiles(rows, n_experts, block_m)
-    n_blocks = triton.cdiv(rows, ROUTE_BLOCK)
-    bins = triton.next_power_of_2(n_experts + 1)  # the experts' keys and the dropped slots' E
+    n_blocks = cdiv(rows, ROUTE_BLOCK)
+    bins = next_power_of_2(n_experts + 1)  # the experts' keys and the dropped slots' E
     counts = torch.empty((n_blocks, bins), dtype=torch.int32, device=topk_ids.device)
     r = Routing.empty(t, k, max_tiles, topk_ids.device)
     _route_count_kernel[(n_blocks,)](topk_ids, counts, rows, n_experts, *topk_ids.stride(), TOP_K=k,
@@ -752,15 +753,15 @@ def _grouped_gemm(
     w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
     gate_up = v is not None
     dot_fp32 = fmt == "dense" and torch.float32 in (a.dtype, w.dtype, (v if gate_up else w).dtype)
-    col_tiles = triton.cdiv(n, config.block_n)
+    col_tiles = cdiv(n, config.block_n)
     block_k = _block_k(fmt)
     split_k = config.split_k
     if split_k is None:
         split_k = 1
         if a.device.type == "cuda":
             sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-            split_k = decode_splits(min(w.shape[0], rows) * col_tiles, triton.cdiv(k, block_k), sms)
-    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+            split_k = decode_splits(min(w.shape[0], rows) * col_tiles, cdiv(k, block_k), sms)
+    split_k = max(1, min(split_k, cdiv(k, block_k)))
     if split_k > 1:  # fp32 partials of every sorted row, and one arrival counter per output tile
         partial = torch.empty((split_k, 1 + gate_up, rows, n), dtype=torch.float32, device=a.device)
         counters = arrival_counters(max_tiles * col_tiles, a.device)
@@ -797,7 +798,7 @@ def _gemv(
     n, k = w.shape[1], a.shape[1]
     gate_up = v is not None
     w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
-    _gemv_kernel[(out.shape[0], triton.cdiv(n, config.block_n))](
+    _gemv_kernel[(out.shape[0], cdiv(n, config.block_n))](
         a, a_scale, w, w_scale, w if v is None else v, w_scale if v_scale is None else v_scale, out,
         topk_ids, routing.slots, routing.weights, routing.n_valid,
         n, k, float(limit),
@@ -879,8 +880,8 @@ def moe_experts(
     else:
         _tensor_core_gemms(x, w1, w1_scale, w3, w3_scale, w2, w2_scale, y, routing, top_k, fmt_up, fmt_down,
                            swiglu_limit, config)
-    block_d = min(triton.next_power_of_2(d), 1024)
-    _combine_kernel[(t, triton.cdiv(d, block_d))](
+    block_d = min(next_power_of_2(d), 1024)
+    _combine_kernel[(t, cdiv(d, block_d))](
         y, routing.positions, routing.n_valid, out, d, *y.stride(), *out.stride(), TOP_K=top_k, BLOCK_D=block_d,
         **pdl_options(),
     )

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._numerics import exact_dot
 from .linear import fp32_gemv_tile
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -63,7 +64,7 @@ def gate_config(t: int, e: int, d: int, device: torch.device, mma: bool = True) 
     interpreter) small tiles and two slices, so the tests exercise edge tiles and the slice sum.
     """
     gemv = not mma and t <= GEMV_MAX_TOKENS
-    block_t = triton.next_power_of_2(t)
+    block_t = next_power_of_2(t)
     if device.type != "cuda":
         return GateConfig(block_t, 16, 32, 2, gemv=True) if gemv else GateConfig(16, 16, 32, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -75,7 +76,7 @@ def gate_config(t: int, e: int, d: int, device: torch.device, mma: bool = True) 
         config = GateConfig(64, 64, 128, 1)
     else:
         config = GateConfig(128, 128, 64, 1, num_warps=8)
-    tiles = triton.cdiv(t, config.block_t) * triton.cdiv(e, config.block_e)
+    tiles = cdiv(t, config.block_t) * cdiv(e, config.block_e)
     split = 1
     while tiles * split < sms and d // (2 * split) >= 2 * config.block_d and split < 32:
         split *= 2
@@ -127,8 +128,8 @@ def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | N
     mma = _bf16_dot(x, weight)
     config = config or gate_config(t, e, d, x.device, mma)
     partial = torch.empty((config.split, t, e), dtype=torch.float32, device=x.device)
-    d_per_split = triton.cdiv(triton.cdiv(d, config.split), config.block_d) * config.block_d
-    grid = (triton.cdiv(t, config.block_t), triton.cdiv(e, config.block_e), config.split)
+    d_per_split = cdiv(cdiv(d, config.split), config.block_d) * config.block_d
+    grid = (cdiv(t, config.block_t), cdiv(e, config.block_e), config.split)
     args = (x, weight, partial, t, e, d, d_per_split, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     constexprs = {
         "BLOCK_T": config.block_t, "BLOCK_E": config.block_e, "BLOCK_D": config.block_d,
@@ -171,7 +172,7 @@ def route(
     )
     if t:
         route_t = route_t or route_block(t)
-        _route_kernel[(triton.cdiv(t, route_t),)](partial_logits, t, partial_logits.shape[2], *args, **constexprs,
+        _route_kernel[(cdiv(t, route_t),)](partial_logits, t, partial_logits.shape[2], *args, **constexprs,
                                                   ROUTE_T=route_t, num_warps=ROUTE_WARPS, **pdl_options())
     return weights, indices
 
@@ -193,8 +194,8 @@ def _route_launch(partial_logits, bias, top_k, score_func, route_scale, input_id
     )
     constexprs = {
         "SPLIT": split, "SCORE": SCORE_FUNCS.index(score_func), "HAS_BIAS": bias is not None and not hashed,
-        "HASH": hashed, "TOP_K": top_k, "K_PAD": triton.next_power_of_2(top_k),
-        "E_PAD": max(16, triton.next_power_of_2(e)),
+        "HASH": hashed, "TOP_K": top_k, "K_PAD": next_power_of_2(top_k),
+        "E_PAD": max(16, next_power_of_2(e)),
     }
     return weights, indices, args, constexprs
 

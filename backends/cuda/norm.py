@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
 from .rope import check_dtype
@@ -60,9 +61,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0] == 0 or d == 0:
         return out
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(ROW_ELEMENTS // block_d, triton.next_power_of_2(rows.shape[0])))
-    _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_r),)](
+    block_d = next_power_of_2(d)
+    block_r = max(1, min(ROW_ELEMENTS // block_d, next_power_of_2(rows.shape[0])))
+    _rms_norm_kernel[(cdiv(rows.shape[0], block_r),)](
         rows, rows if weight is None else weight, out, rows.shape[0], d, float(eps), rows.stride(0),
         BLOCK_R=block_r, BLOCK_D=block_d, HAS_WEIGHT=weight is not None,
         num_warps=min(16, max(1, block_r * block_d // 256)), **pdl_options(),

@@ -24,6 +24,7 @@ from seahal.hal.formats import FP4_TILE, index_key_bytes
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._e2m1 import decode_e2m1
+from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot, fp8_quantize_tiles, pow2_ceil
 from ._pdl import pdl_options, wait_for_prior_grid
 
@@ -44,10 +45,10 @@ def quant_launch(rows: int, n_tiles: int, block: int) -> tuple[int, int, int]:
     TILES = tiles per program (a power of two, up to MAX_COLUMNS columns), BLOCK_M = rows per program
     filling ELEMENTS_PER_PROGRAM; grid = (row blocks, tile groups).
     """
-    width = triton.next_power_of_2(block)
-    tiles = min(triton.next_power_of_2(n_tiles), max(1, MAX_COLUMNS // width))
-    block_m = min(triton.next_power_of_2(rows), max(1, ELEMENTS_PER_PROGRAM // (tiles * width)))
-    return block_m, tiles, (triton.cdiv(rows, block_m), triton.cdiv(n_tiles, tiles))
+    width = next_power_of_2(block)
+    tiles = min(next_power_of_2(n_tiles), max(1, MAX_COLUMNS // width))
+    block_m = min(next_power_of_2(rows), max(1, ELEMENTS_PER_PROGRAM // (tiles * width)))
+    return block_m, tiles, (cdiv(rows, block_m), cdiv(n_tiles, tiles))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m
     block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
     _fp8_act_quant_kernel[grid](
         x2, q, scale, x2.shape[0], n_tiles, x2.stride(0),
-        BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
+        BLOCK=block_size, BLOCK_P2=next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
         UE8M0=scale_fmt == "ue8m0", **pdl_options(),
     )
     return q, scale
@@ -97,7 +98,7 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torc
     block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
     _fp4_quant_kernel[grid](
         x2, codes, scale, x2.shape[0], n_tiles, x2.stride(0),
-        BLOCK=block_size, BLOCK_P2=triton.next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles, **pdl_options(),
+        BLOCK=block_size, BLOCK_P2=next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles, **pdl_options(),
     )
     return codes, scale
 
@@ -117,11 +118,11 @@ def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
         return out
     fp4 = key_format == "fp4"
     block = FP4_TILE if fp4 else d
-    tiles = triton.next_power_of_2(d // block)
-    block_m = min(triton.next_power_of_2(x2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // (tiles * triton.next_power_of_2(block))))
-    _index_key_pack_kernel[(triton.cdiv(x2.shape[0], block_m),)](
+    tiles = next_power_of_2(d // block)
+    block_m = min(next_power_of_2(x2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // (tiles * next_power_of_2(block))))
+    _index_key_pack_kernel[(cdiv(x2.shape[0], block_m),)](
         x2, out, x2.shape[0], x2.stride(0),
-        N_TILES=d // block, BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), TILES=tiles, BLOCK_M=block_m,
+        N_TILES=d // block, BLOCK=block, BLOCK_P2=next_power_of_2(block), TILES=tiles, BLOCK_M=block_m,
         RECORD=width, FP4=fp4, **pdl_options(),
     )
     return out
@@ -154,8 +155,8 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
     width = max(n, 16)  # tl.dot's smallest K and N: H_16's top-left n x n block is H_n
     rows, k_step = FP32_ROTATION if x.dtype == torch.float32 else (ROTATION_ROWS, ROTATION_TILE)
     block_n = min(width, max(ROTATION_TILE, fp4_block))
-    block_m = min(rows, max(16, triton.next_power_of_2(x2.shape[0])))
-    _hadamard_rotate_kernel[(triton.cdiv(x2.shape[0], block_m), width // block_n)](
+    block_m = min(rows, max(16, next_power_of_2(x2.shape[0])))
+    _hadamard_rotate_kernel[(cdiv(x2.shape[0], block_m), width // block_n)](
         x2, out, x2.shape[0], n, x2.stride(0), n**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(width, k_step), WIDTH=width,
         INDEX_BITS=width.bit_length() - 1, FP4_BLOCK=fp4_block,
@@ -181,12 +182,12 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
     if kv2.shape[0] == 0:
         return out
     scale_bytes = record - nope - 2 * rope_dim
-    slots = triton.next_power_of_2(scale_bytes)  # >= n_tiles: one lane per scale byte and per tile
-    block_m = min(triton.next_power_of_2(kv2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // triton.next_power_of_2(dim)))
-    _kv_cache_pack_kernel[(triton.cdiv(kv2.shape[0], block_m),)](
+    slots = next_power_of_2(scale_bytes)  # >= n_tiles: one lane per scale byte and per tile
+    block_m = min(next_power_of_2(kv2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // next_power_of_2(dim)))
+    _kv_cache_pack_kernel[(cdiv(kv2.shape[0], block_m),)](
         kv2, out, kv2.shape[0], kv2.stride(0),
-        N_TILES=n_tiles, TILE=tile, TILE_P2=triton.next_power_of_2(tile), SLOTS=slots,
-        SCALE_BYTES=scale_bytes, ROPE=rope_dim, ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
+        N_TILES=n_tiles, TILE=tile, TILE_P2=next_power_of_2(tile), SLOTS=slots,
+        SCALE_BYTES=scale_bytes, ROPE=rope_dim, ROPE_P2=next_power_of_2(max(rope_dim, 1)),
         RECORD=record, BLOCK_M=block_m, **pdl_options(),
     )
     return out

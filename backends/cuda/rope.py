@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
 
@@ -46,12 +47,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
     if out.numel() == 0:
         return out
     nope = d - 2 * pairs
-    block_h = min(triton.next_power_of_2(h), MAX_BLOCK_H)
-    _rope_kernel[(b * s, triton.cdiv(h, block_h))](
+    block_h = min(next_power_of_2(h), MAX_BLOCK_H)
+    _rope_kernel[(b * s, cdiv(h, block_h))](
         x, positions, freqs, out, s, h, d, nope, pairs,
         *x.stride(), *positions.stride(), freqs.stride(0),
-        BLOCK_H=block_h, R_PAD=triton.next_power_of_2(pairs),
-        NOPE_PAD=triton.next_power_of_2(nope) if nope else 0,
+        BLOCK_H=block_h, R_PAD=next_power_of_2(pairs),
+        NOPE_PAD=next_power_of_2(nope) if nope else 0,
         INVERSE=bool(inverse), **pdl_options(),
     )
     return out

@@ -46,6 +46,7 @@ import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._alignment import row_alignment
+from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._pdl import pdl_options, wait_for_prior_grid
 from .kv_unpack import _e4m3_value, _e8m0_scale
@@ -125,13 +126,13 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
     if dtype == torch.float32:
         return FP32
     if fp8:
-        work_items = queries * triton.cdiv(h, HEADS64.block_h) * triton.cdiv(k, HEADS64.block_n)
+        work_items = queries * cdiv(h, HEADS64.block_h) * cdiv(k, HEADS64.block_n)
         return HEADS64 if h >= HEADS64.block_h and work_items >= sm_count else DECODE
-    heads64_programs = queries * triton.cdiv(h, HEADS64.block_h)
+    heads64_programs = queries * cdiv(h, HEADS64.block_h)
     if h >= HEADS64.block_h and (2 * heads64_programs >= sm_count
                                  or (4 * heads64_programs >= sm_count and k >= HEADS64_MIN_SLOTS)):
         return HEADS64
-    return WIDE if 2 * queries * triton.cdiv(h, WIDE.block_h) >= sm_count else DECODE
+    return WIDE if 2 * queries * cdiv(h, WIDE.block_h) >= sm_count else DECODE
 
 
 def attention_splits(queries: int, h: int, k: int, config: AttentionConfig, sm_count: int) -> int:
@@ -147,8 +148,8 @@ def attention_splits(queries: int, h: int, k: int, config: AttentionConfig, sm_c
     blocks make 18 splits of 64 slots = 144; an HCA row of 8320 slots (1M context) 4 x 65 splits
     of 128 = 260.
     """
-    programs = queries * triton.cdiv(h, config.block_h)
-    return max(1, min(config.resident * sm_count // programs, triton.cdiv(k, config.block_n)))
+    programs = queries * cdiv(h, config.block_h)
+    return max(1, min(config.resident * sm_count // programs, cdiv(k, config.block_n)))
 
 
 def sparse_attention(
@@ -247,13 +248,13 @@ def launch_sparse_attention(
     config = config or attention_config(b * s, h, k, q.dtype, q.device, sms, fp8)
     if splits is None:
         splits = attention_splits(b * s, h, k, config, sms) if on_gpu else 1
-    blocks = max(1, triton.cdiv(k, config.block_n))
-    split_slots = triton.cdiv(blocks, max(1, splits)) * config.block_n
-    splits = triton.cdiv(blocks * config.block_n, split_slots)  # no empty trailing split
-    head_blocks = triton.cdiv(h, config.block_h)
+    blocks = max(1, cdiv(k, config.block_n))
+    split_slots = cdiv(blocks, max(1, splits)) * config.block_n
+    splits = cdiv(blocks * config.block_n, split_slots)  # no empty trailing split
+    head_blocks = cdiv(h, config.block_h)
     # the column space: [tiles, tile] bricks for FP8 records, one power-of-two run for dense rows
-    tile_w = triton.next_power_of_2(tile) if fp8 else triton.next_power_of_2(d)
-    col_tiles = triton.next_power_of_2(triton.cdiv(d, tile)) if fp8 else 1
+    tile_w = next_power_of_2(tile) if fp8 else next_power_of_2(d)
+    col_tiles = next_power_of_2(cdiv(d, tile)) if fp8 else 1
     if splits > 1:  # fp32 partials [B*S, SPLITS, H, D] and their (max, sum) [2, B*S, SPLITS, H]
         partial = torch.empty((b * s, splits, h, d), dtype=torch.float32, device=q.device)
         stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
@@ -269,9 +270,9 @@ def launch_sparse_attention(
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
     if splits > 1:
-        block_s = min(triton.next_power_of_2(splits), MERGE_ROWS)
-        block_h = min(MERGE_ROWS // block_s, triton.next_power_of_2(h))
-        _combine_splits_kernel[(b * s * triton.cdiv(h, block_h), triton.cdiv(d, MERGE_COLUMNS))](
+        block_s = min(next_power_of_2(splits), MERGE_ROWS)
+        block_h = min(MERGE_ROWS // block_s, next_power_of_2(h))
+        _combine_splits_kernel[(b * s * cdiv(h, block_h), cdiv(d, MERGE_COLUMNS))](
             partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
             HEAD_DIM=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=MERGE_COLUMNS, num_warps=4, **pdl_options(),
         )
