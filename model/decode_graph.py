@@ -1,4 +1,5 @@
-"""One decode step with the positions as data, captured once as a CUDA graph and replayed per token.
+"""One decode step with the positions as data, captured once as a CUDA graph and replayed per token;
+and the same for a step of several tokens a sequence (a prefill chunk).
 
 A decode step pays a launch for every kernel of every layer (about 30 per layer), which at batch 1
 costs more than the kernels themselves. A CUDA graph replays them all with one launch, but it
@@ -15,9 +16,15 @@ Cost of position-generic work: each layer scores and attends over every compress
 step's bucket (masked), not only the valid ones; buckets double from ``min_bucket`` positions, so
 that is at most twice the rows the longest sequence has (or ``min_bucket``'s).
 
+A step of S > 1 tokens a sequence (every sequence S) is the same position-generic forward, the
+prompt's chunk attending over the cache before it and within itself: a prefill whose graph replays
+in the kernels' time. A prefill launches ~260 kernels (4-layer V4-Flash, 1k tokens), and on the
+H100 at d2669c9 its host took longer to issue them (bf16: 18.9 ms) than the GPU to run them (14.1
+ms). Each step length S gets its own graphs (one per bucket), captured at its first use.
+
 Capture needs a plan whose kernels keep the position on the device (``Plan.host_position_ops``
 empty) and no host synchronisation anywhere in the step; off a GPU (or with ``capture=False``)
-the same step runs eagerly, which is how the CPU tests check it against the ordinary decode.
+the same step runs eagerly, which is how the CPU tests check it against the ordinary forward.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ if TYPE_CHECKING:
 
 
 class DecodeGraph:
-    """Decode steps of ``model`` over ``cache``'s B sequences, one graph per context bucket.
+    """Steps of ``model`` over ``cache``'s B sequences, one graph per context bucket and step length.
 
-    ``step(tokens [B, 1] int64) -> logits [B, 1, vocab] fp32`` consumes one token per sequence
-    and advances it, like ``model(tokens, cache=cache, last_only=True)``. The sequences are at
+    ``step(tokens [B, S] int64) -> logits [B, 1, vocab] fp32`` consumes S tokens per sequence (1:
+    decode; more: a prefill chunk) and advances each sequence by S, like ``model(tokens,
+    cache=cache, last_only=True)``. The sequences are at
     ``positions`` (one per sequence, e.g. prompts of different lengths prefilled into
     :meth:`Cache.rows`), by default all at ``cache.pos``; the cache's own ``pos`` follows only
     while they are all equal, :attr:`positions` always. The logits tensor is the graph's output
@@ -73,11 +81,13 @@ class DecodeGraph:
         """Each sequence's position: tokens it holds."""
         if len(self.positions) != batch:
             raise ValueError(f"positions must give one position per sequence ({batch}), got {len(self.positions)}")
-        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.batch = batch
+        self.tokens: dict[int, torch.Tensor] = {}
+        """The step's input buffer [B, S] for each step length S a step has taken."""
         self.position = torch.tensor(self.positions, dtype=torch.long, device=device)
         """The positions as the step reads them; the step itself advances them (no host write per step)."""
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        """Captured steps by bucket: the graph and its logits buffer."""
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        """Captured steps by (bucket, step length): the graph and its logits buffer."""
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     @staticmethod
@@ -95,32 +105,37 @@ class DecodeGraph:
         return extent
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, 1] int64 on the model's device -> logits [B, 1, vocab] fp32 (the output buffer)."""
-        if tokens.shape != self.tokens.shape:
-            raise ValueError(f"tokens must be {list(self.tokens.shape)}, got {list(tokens.shape)}")
-        reach = max(self.positions) + 1
+        """tokens: [B, S] int64 on the model's device -> logits [B, 1, vocab] fp32 of each
+        sequence's last token (the output buffer)."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [{self.batch}, S] with S >= 1, got {list(tokens.shape)}")
+        n = tokens.shape[1]
+        reach = max(self.positions) + n
         if reach > self.cache.capacity:
-            raise RuntimeError(f"cache holds {self.cache.capacity} tokens; a sequence is at {max(self.positions)}")
-        self.tokens.copy_(tokens)
+            raise RuntimeError(
+                f"cache holds {self.cache.capacity} tokens; a sequence at {max(self.positions)} cannot take {n} more")
+        if n not in self.tokens:
+            self.tokens[n] = torch.zeros((self.batch, n), dtype=torch.long, device=self.position.device)
+        self.tokens[n].copy_(tokens)
         extent = self.bucket(reach)
         if not self.captured:
-            logits = self._forward(self.cache.truncated(extent), self.position)
+            logits = self._forward(self.cache.truncated(extent), self.position, self.tokens[n])
         else:
-            if extent not in self.graphs:
-                self.graphs[extent] = self._capture(self.cache.truncated(extent))
-            graph, logits = self.graphs[extent]
+            if (extent, n) not in self.graphs:
+                self.graphs[extent, n] = self._capture(self.cache.truncated(extent), self.tokens[n])
+            graph, logits = self.graphs[extent, n]
             graph.replay()
-        self._advance()
+        self._advance(n)
         return logits
 
-    def _forward(self, cache: Cache, position: torch.Tensor) -> torch.Tensor:
-        """The step over ``cache``'s tensors at ``position`` [B], which it then advances."""
+    def _forward(self, cache: Cache, position: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The step of ``tokens`` over ``cache``'s tensors at ``position`` [B], which it then advances."""
         traced = cache.with_tensors(cache.named_tensors(), position)
-        logits = self.model(self.tokens, cache=traced, last_only=True)
-        position.add_(1)
+        logits = self.model(tokens, cache=traced, last_only=True)
+        position.add_(tokens.shape[1])
         return logits
 
-    def _capture(self, view: Cache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, view: Cache, tokens: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a scratch copy of ``view`` (same strides: Triton compiles the variants the
         graph launches, cuBLAS picks its algorithms; the real cache must not see the warm-up's
         writes), then record one step over ``view`` itself."""
@@ -129,20 +144,36 @@ class DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(scratch, self.position.clone())
+                self._forward(scratch, self.position.clone(), tokens)
         torch.cuda.current_stream().wait_stream(side)
         del scratch
         graph = torch.cuda.CUDAGraph()
         # captured on the warm-up's stream: per-stream workspaces the kernels made there (the
         # split-K and last-program arrival counters) are the ones the graph then replays on
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            logits = self._forward(view, self.position)
+            logits = self._forward(view, self.position, tokens)
         return graph, logits
 
-    def _advance(self) -> None:
-        """The host's view after a step: every sequence one token further; the cache's position and
-        compressed-entry counts (``pos // m``) while the sequences are all at one position."""
-        self.positions = [p + 1 for p in self.positions]
+    def restart(self, positions: Sequence[int] | None = None) -> None:
+        """Take the sequences back to ``positions`` (default: every one at 0), to serve new prompts
+        from this cache and its captured graphs. Nothing is cleared: a step reads no key row,
+        compressed entry or compressor state at or past its sequence's position (each is masked by
+        position, or written before it is read)."""
+        positions = [0] * self.batch if positions is None else list(positions)
+        if len(positions) != self.batch or min(positions) < 0 or max(positions) > self.cache.capacity:
+            raise ValueError(f"positions must be {self.batch} ints in [0, {self.cache.capacity}], got {positions}")
+        self.positions = positions
+        self.position.copy_(torch.tensor(positions, dtype=torch.long))
+        self._publish()
+
+    def _advance(self, n: int) -> None:
+        """The host's view after a step: every sequence ``n`` tokens further."""
+        self.positions = [p + n for p in self.positions]
+        self._publish()
+
+    def _publish(self) -> None:
+        """The cache's position and compressed-entry counts (``pos // m``), while the sequences are
+        all at one position."""
         if len(set(self.positions)) == 1:
             pos = self.positions[0]
             self.cache.pos = pos

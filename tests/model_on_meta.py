@@ -54,11 +54,13 @@ class RunKernelFunctions(TorchFunctionMode):
 
 
 def model_steps(layout: str = "release", context: int = 1024, layers: int = 4) -> Iterator[tuple[str, callable]]:
-    """Yield ("prefill", run), ("decode", run) and ("graph decode", run): ``run()`` is one forward
-    of the 4-layer V4-Flash model of ``seahal bench --ops model`` (64 experts) over ``context``
-    prompt tokens, then over one more token, then the step a :class:`DecodeGraph` captures (the
-    position a device tensor: what the end-to-end bench replays). ``layers``: V4-Flash's first that
-    many layers (4: the benchmarked model). Call inside ``capture_launches()``."""
+    """Yield ("prefill", run), ("decode", run), ("graph decode", run) and ("graph prefill", run):
+    ``run()`` is one forward of the 4-layer V4-Flash model of ``seahal bench --ops model`` (64
+    experts) over ``context`` prompt tokens, then over one more token, then the step a
+    :class:`DecodeGraph` captures (the position a device tensor: what the end-to-end bench
+    replays), then the prompt as one such step from position 0 (the bench's captured prefill).
+    ``layers``: V4-Flash's first that many layers (4: the benchmarked model). Call inside
+    ``capture_launches()``."""
     from seahal.bench.model_e2e import FLASH, V4_FLASH_4_LAYERS
     from seahal.model import load
     from seahal.model.config import ModelConfig
@@ -76,10 +78,12 @@ def model_steps(layout: str = "release", context: int = 1024, layers: int = 4) -
         # The forward's own inference_mode hides dtype conversions from dispatch modes (torch
         # 2.13: an inference tensor's .to() never reaches them); no_grad shows every kernel.
         forward = type(model).forward.__wrapped__
-        position = torch.full((1,), context + 1, dtype=torch.int64, device="cuda")
-        for phase, tokens in (("prefill", ids), ("decode", ids[:, :1]), ("graph decode", ids[:, :1])):
-            def run(tokens=tokens, traced=phase == "graph decode"):
-                step_cache = cache.with_tensors(cache.named_tensors(), position) if traced else cache
+        positions = {"graph decode": torch.full((1,), context + 1, dtype=torch.int64, device="cuda"),
+                     "graph prefill": torch.zeros(1, dtype=torch.int64, device="cuda")}
+        phases = (("prefill", ids), ("decode", ids[:, :1]), ("graph decode", ids[:, :1]), ("graph prefill", ids))
+        for phase, tokens in phases:
+            def run(tokens=tokens, position=positions.get(phase)):
+                step_cache = cache if position is None else cache.with_tensors(cache.named_tensors(), position)
                 with torch.no_grad():
                     forward(model, tokens, cache=step_cache, last_only=True)
             yield phase, run

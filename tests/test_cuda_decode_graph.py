@@ -1,6 +1,6 @@
-"""The model's position-generic decode step (what a CUDA graph captures) through the cuda backend's
-position-taking kernels, run by the Triton interpreter on CPU tensors: the tensor position the
-kernels load themselves gives the ordinary decode's logits and cache, bit for bit.
+"""The model's position-generic steps (what a CUDA graph captures: prompt chunks, then decode) through
+the cuda backend's position-taking kernels, run by the Triton interpreter on CPU tensors: the
+tensor position the kernels load themselves gives the ordinary forward's logits and cache, bit for bit.
 
 Only kv_compress(_fp8) and indexer_topk(_packed) run as Triton here (the ops whose position moves
 into the kernel); the rest of the tiny model stays on the CPU reference, which keeps it fast.
@@ -41,16 +41,17 @@ def _on_cuda_kernels(model) -> None:
 
 @pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_under_interpreter's subprocess")
 @pytest.mark.parametrize("cache_format", ["dense", "fp8"])
-def test_generic_decode_through_triton_kernels_equals_the_ordinary_decode(tmp_path, cache_format):
+def test_generic_steps_through_triton_kernels_equal_the_ordinary_forward(tmp_path, cache_format):
     model = load(write_tiny_checkpoint(tmp_path), device="cpu", dtype=torch.bfloat16, announce=False,
                  cache_format=cache_format)
     _on_cuda_kernels(model)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
     ordinary, generic = model.new_cache(2, 32), model.new_cache(2, 32)
-    for cache in (ordinary, generic):
-        model(ids[:, :7], cache=cache)
     # buckets of 16 then 32 positions: the kernels read views of the stores with their batch stride
     graph = DecodeGraph(model, generic, capture=False, min_bucket=16)
+    for start, end in ((0, 3), (3, 7)):  # the prompt in steps of 3 and 4 tokens (a CSA entry completed)
+        expected = model(ids[:, start:end], cache=ordinary, last_only=True)
+        assert torch.equal(graph.step(ids[:, start:end]), expected), (start, end)
     for t in range(7, 32):  # CSA (m=4) and HCA (m=16) entries completed, the window (16) wrapped
         expected = model(ids[:, t : t + 1], cache=ordinary, last_only=True)
         assert torch.equal(graph.step(ids[:, t : t + 1]), expected), t

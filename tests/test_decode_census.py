@@ -88,6 +88,10 @@ def test_a_decode_step_stays_within_its_kernel_budget():
         assert counts[f"{phase} host transfers"] == {}
         total = sum(decode.values())
         assert total <= budget, f"{phase}: {total} kernels (budget {budget}): {sorted(decode.items(), key=lambda kv: -kv[1])}"
+    # the prompt as one captured step: the same device-position kernels, nothing copied from the host
+    prompt_step = {op for op in counts["graph prefill"] if op.startswith("seahal.") and op.endswith("_at")}
+    assert prompt_step == {f"seahal.{op}__cuda_triton_at" for op in ("kv_compress", "kv_compress_fp8", "indexer_topk_packed")}
+    assert counts["graph prefill host transfers"] == {}
     pair = (sum(counts["graph decode, 8 layers"].values()) - sum(counts["graph decode"].values())) / 2
     assert pair <= PAIR_BUDGET, f"a CSA + HCA pair of layers adds {pair} kernels to the graph step (budget {PAIR_BUDGET})"
 

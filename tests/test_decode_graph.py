@@ -3,6 +3,8 @@ run eagerly here, against the ordinary decode; and the capture itself on a GPU."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -24,15 +26,28 @@ def checkpoint(tmp_path_factory):
 
 
 def _decode_both_ways(
-    model, ids: torch.Tensor, capture: bool, min_bucket: int = 1024
+    model, ids: torch.Tensor, capture: bool, min_bucket: int = 1024, chunks: tuple[int, ...] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
     """Logits of each decode step of ``ids[:, PROMPT:]`` after a prefill, through the ordinary call
-    and through :class:`DecodeGraph`, each on its own cache (64 positions); and the two caches."""
+    and through :class:`DecodeGraph`, each on its own cache (64 positions); and the two caches.
+    ``chunks``: the prompt goes in steps of these lengths both ways, the graph's steps of several
+    tokens included (their last logits lead both lists); else both caches take it in one call."""
     ordinary, generic = model.new_cache(ids.shape[0], 64), model.new_cache(ids.shape[0], 64)
-    for cache in (ordinary, generic):
-        model(ids[:, :PROMPT], cache=cache)
-    graph = DecodeGraph(model, generic, capture=capture, min_bucket=min_bucket)
+    graph = None
     expected, got = [], []
+    if chunks is None:
+        for cache in (ordinary, generic):
+            model(ids[:, :PROMPT], cache=cache)
+    else:
+        assert sum(chunks) == PROMPT
+        graph = DecodeGraph(model, generic, capture=capture, min_bucket=min_bucket)
+        t = 0
+        for n in chunks:
+            expected.append(model(ids[:, t : t + n], cache=ordinary, last_only=True))
+            got.append(graph.step(ids[:, t : t + n]).clone())
+            t += n
+            assert generic.pos == ordinary.pos == t
+    graph = graph or DecodeGraph(model, generic, capture=capture, min_bucket=min_bucket)
     for t in range(PROMPT, PROMPT + STEPS):
         expected.append(model(ids[:, t : t + 1], cache=ordinary, last_only=True))
         got.append(graph.step(ids[:, t : t + 1]).clone())
@@ -63,12 +78,57 @@ def test_position_generic_step_equals_the_ordinary_decode(checkpoint, cache_form
         assert torch.equal(tensor, generic.named_tensors()[name]), name
 
 
-def test_the_step_traces_as_one_graph_at_per_sequence_positions(tmp_path):
+@pytest.mark.parametrize("chunks", [(9,), (4, 5), (1, 2, 6)])
+@pytest.mark.parametrize("cache_format", ["dense", "fp8"])
+def test_prompt_chunks_through_the_generic_step_equal_the_ordinary_forward(checkpoint, cache_format, chunks):
+    """Steps of several tokens a sequence (a prefill in chunks) are the same position-generic
+    forward: bit for bit the ordinary chunks' last logits, then the decode steps', and the whole
+    caches at the end. min_bucket 4: the chunks cross buckets (4, 8, 16), and a 9-token step from 0
+    runs over a 16-position view."""
+    model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format=cache_format)
+    ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    expected, got, (ordinary, generic) = _decode_both_ways(model, ids, capture=False, min_bucket=4, chunks=chunks)
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert torch.equal(a, b), (chunks, step)
+    for name, tensor in ordinary.named_tensors().items():
+        assert torch.equal(tensor, generic.named_tensors()[name]), name
+
+
+def _graph_steps(graph: DecodeGraph, ids: torch.Tensor, chunks: tuple[int, ...]) -> list[torch.Tensor]:
+    """The last logits of each step through ``graph``: ``ids``' first tokens in ``chunks``, then one
+    token a step."""
+    spans = [*chunks, *[1] * (ids.shape[1] - sum(chunks))]
+    starts = [sum(spans[:i]) for i in range(len(spans))]
+    return [graph.step(ids[:, t : t + n]).clone() for t, n in zip(starts, spans)]
+
+
+@pytest.mark.parametrize("cache_format", ["dense", "fp8"])
+def test_a_restarted_graph_serves_a_new_prompt_as_a_fresh_cache_would(checkpoint, cache_format):
+    """restart() clears nothing: every row, entry and compressor state a step of the second prompt
+    reads at or past its position holds the first prompt's values, and the masks by position keep
+    them out, so the logits are a fresh cache's, bit for bit."""
+    model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format=cache_format)
+    ids = torch.randint(0, 512, (2, 2 * (PROMPT + STEPS)), generator=torch.Generator().manual_seed(2))
+    first, second = ids[:, : PROMPT + STEPS], ids[:, PROMPT + STEPS :]
+    used = DecodeGraph(model, model.new_cache(2, 64), capture=False, min_bucket=4)
+    _graph_steps(used, first, (4, 5))
+    used.restart()
+    assert used.positions == [0, 0] and used.cache.pos == 0 and used.position.tolist() == [0, 0]
+    fresh = DecodeGraph(model, model.new_cache(2, 64), capture=False, min_bucket=4)
+    for step, (a, b) in enumerate(zip(_graph_steps(used, second, (3, 6)), _graph_steps(fresh, second, (3, 6)))):
+        assert torch.equal(a, b), step
+    with pytest.raises(ValueError, match=re.escape("positions must be 2 ints in [0, 64], got [0]")):
+        used.restart([0])
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_the_step_traces_as_one_graph_at_per_sequence_positions(tmp_path, tokens):
     """What a capture needs of the model's code, checked without a GPU: torch.export traces the
-    step over a bucket view with per-sequence positions as inputs, which fails on any host read of
-    a tensor (``.item()``, ``int()``, ``.tolist()``), value-dependent shape or Python branch on a
-    value. (The HAL ops are opaque there; their Triton wrappers are checked the same way by
-    tests/test_cuda_compile.py, on meta tensors posing as an H100.)"""
+    step (one token a sequence, or a prompt chunk of 5) over a bucket view with per-sequence
+    positions as inputs, which fails on any host read of a tensor (``.item()``, ``int()``,
+    ``.tolist()``), value-dependent shape or Python branch on a value. (The HAL ops are opaque
+    there; their Triton wrappers are checked the same way by tests/test_cuda_compile.py, on meta
+    tensors posing as an H100.)"""
     model = load(write_tiny_checkpoint(tmp_path), device="cpu", dtype=torch.bfloat16, announce=False,
                  cache_format="fp8")
     view = model.new_cache(3, 64).truncated(32)
@@ -78,7 +138,7 @@ def test_the_step_traces_as_one_graph_at_per_sequence_positions(tmp_path):
         def forward(self, tokens, positions, *tensors):
             return model(tokens, cache=view.with_tensors(dict(zip(names, tensors)), positions), last_only=True)
 
-    args = (torch.zeros(3, 1, dtype=torch.long), torch.tensor([3, 9, 14]), *view.named_tensors().values())
+    args = (torch.zeros(3, tokens, dtype=torch.long), torch.tensor([3, 9, 14]), *view.named_tensors().values())
     program = torch.export.export(Step(), args)
     hal_calls = {str(n.target) for n in program.graph.nodes if str(n.target).startswith("seahal.")}
     assert any("kv_compress" in t and t.endswith("_at.default") for t in hal_calls), hal_calls  # the tensor-position twins
@@ -93,8 +153,11 @@ def test_capture_is_refused_where_it_cannot_work(checkpoint):
     graph = DecodeGraph(model, model.new_cache(1, 32), min_bucket=4)
     assert not graph.captured  # off a GPU the step runs eagerly
     assert [graph.bucket(n) for n in (1, 4, 5, 9, 17, 32)] == [4, 4, 8, 16, 32, 32]
-    with pytest.raises(ValueError, match=r"tokens must be \[1, 1\], got \[2, 1\]"):
-        graph.step(torch.zeros(2, 1, dtype=torch.long))
+    for bad in ((2, 1), (1, 0), (3,)):
+        with pytest.raises(ValueError, match=re.escape(f"tokens must be [1, S] with S >= 1, got {list(bad)}")):
+            graph.step(torch.zeros(bad, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="cache holds 32 tokens; a sequence at 0 cannot take 33 more"):
+        graph.step(torch.zeros(1, 33, dtype=torch.long))
 
 
 def test_generate_decodes_the_same_through_the_generic_step(checkpoint, monkeypatch):
@@ -142,6 +205,21 @@ def test_captured_graph_replays_the_ordinary_decode_on_a_gpu(tmp_path):
         pytest.skip(f"the plan reads positions on the host: {model.plan.host_position_ops}")
     ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(0)).cuda()
     expected, got, _ = _decode_both_ways(model, ids, capture=True)
+    for step, (a, b) in enumerate(zip(expected, got)):
+        error = ((a - b).abs().max() / a.abs().max()).item()
+        assert error < 2e-2, (step, error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the capture itself)")
+def test_captured_prompt_chunks_replay_the_ordinary_forward_on_a_gpu(tmp_path):
+    """The prompt in captured steps of 4 and 5 tokens, then captured decode steps, against the
+    ordinary eager chunks and steps; 2e-2 of the logit scale for what capturing changes (cuBLAS's
+    algorithms, as above)."""
+    model = load(write_tiny_checkpoint(tmp_path), device="cuda", dtype=torch.bfloat16, announce=False)
+    if not DecodeGraph.capturable(model):
+        pytest.skip(f"the plan reads positions on the host: {model.plan.host_position_ops}")
+    ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(0)).cuda()
+    expected, got, _ = _decode_both_ways(model, ids, capture=True, chunks=(4, 5))
     for step, (a, b) in enumerate(zip(expected, got)):
         error = ((a - b).abs().max() / a.abs().max()).item()
         assert error < 2e-2, (step, error)
