@@ -82,7 +82,9 @@ def model_steps(layout: str = "release", context: int = 1024, layers: int = 4) -
                      "graph prefill": torch.zeros(1, dtype=torch.int64, device="cuda")}
         phases = (("prefill", ids), ("decode", ids[:, :1]), ("graph decode", ids[:, :1]), ("graph prefill", ids))
         for phase, tokens in phases:
-            def run(tokens=tokens, position=positions.get(phase)):
+            position = positions.get(phase)
+
+            def run(tokens=tokens, position=position):
                 step_cache = cache if position is None else cache.with_tensors(cache.named_tensors(), position)
                 with torch.no_grad():
                     forward(model, tokens, cache=step_cache, last_only=True)

@@ -7,9 +7,9 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from seahal.backends.cuda._host import cdiv, next_power_of_2  # noqa: E402
+from seahal.backends.cuda._host import cdiv, next_power_of_2
 
-VALUES = [*range(0, 4100), 2**31 - 1, 2**31, 2**31 + 1, 2**40 - 1, 2**40 + 3]
+VALUES = [*range(4100), 2**31 - 1, 2**31, 2**31 + 1, 2**40 - 1, 2**40 + 3]
 
 
 def test_cdiv_is_tritons():
