@@ -98,3 +98,20 @@ def test_the_transformers_config_reads_back_as_the_same_architecture_in_both_lib
 def test_a_config_transformers_cannot_express_is_refused():
     with pytest.raises(ValueError, match=r"one HCA ratio .* got HCA ratios \[16, 128\]"):
         ModelConfig.from_dict({**TINY_CONFIG, "compress_ratios": [0, 4, 16, 128]}).to_hf_dict()
+
+
+def test_the_prompt_as_one_graph_step_is_timed_only_when_it_gives_the_eager_logits(checkpoints):
+    """The E2E prefill row's captured-step peer (captured on a GPU; on the CPU the same step runs
+    eagerly): timed, with its error against the eager prefill (bit for bit here, as the generic
+    step is), on a cache that restarts at 0 for each call; against logits that are not the
+    prompt's (another prompt's), refused."""
+    dense, _ = checkpoints
+    model = model_e2e._Seahal(dense, CPU, capacity=64)
+    ids = torch.randint(0, model.model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    eager = [model.prefill(ids[p : p + 1])[0].float() for p in range(2)]
+    timed = model_e2e._graph_prefill(model, ids[:1], eager[0], SCALE, CPU)
+    assert timed["graph_prefill_err"] == 0 and timed["graph_prefill_us"] > 0
+    assert model.prompt_graph.positions == [40]  # one cache, restarted for every call
+    refused = model_e2e._graph_prefill(model, ids[:1], eager[1], SCALE, CPU)
+    assert refused == {"graph_prefill_error": refused["graph_prefill_error"]}
+    assert refused["graph_prefill_error"].endswith("off the eager prefill's: not timed")

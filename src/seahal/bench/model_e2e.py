@@ -48,7 +48,10 @@ captured during the warm-up steps) when the plan keeps positions on the device; 
 ``timing.seahal`` says ``cuda graph`` or ``eager``, and a graph row also carries the same steps
 run eagerly as the peer ``seahal eager (no graph)`` and, on the cuda plan, captured again with
 programmatic dependent launch (``SEAHAL_CUDA_PDL=1``) as ``seahal graph, PDL launches``. Prefill
-is eager. A GPU decode row also carries ``decode_kernels``: one eager step under torch.profiler,
+is eager; where decode has a graph, the prefill row also carries the prompt as one captured step
+of all its tokens (:meth:`_Seahal.prefill_graph`, a graph per prompt length) as the peer ``seahal
+graph, one captured step``, timed only when its last logits are within GRAPH_PREFILL_TOLERANCE of
+the eager call's (``graph_prefill_err``; else ``graph_prefill_error`` says why). A GPU decode row also carries ``decode_kernels``: one eager step under torch.profiler,
 its kernels' summed device time (``busy_us``; the graph's time minus it is what launches and gaps
 cost), the longest kernels by name and the host's CUDA API calls by time (``host_api``: a call
 that waits on the device shows long; :func:`seahal.bench.common.summarize_profile`), also printed
@@ -190,10 +193,22 @@ class _Seahal:
         self.capacity = capacity
         self.graph: DecodeGraph | None = None
         """The decode graph of the cache being decoded (captured at its first step)."""
+        self.prompt_graph: DecodeGraph | None = None
+        """:meth:`prefill_graph`'s cache and graphs, restarted at position 0 for each prompt."""
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
         cache = self.model.new_cache(1, self.capacity)
         return self.model(ids, cache=cache, last_only=True)[0, -1], cache
+
+    def prefill_graph(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt's last logits from one step of all its tokens through a :class:`DecodeGraph`
+        (captured on CUDA at the first prompt of each length, replayed after; eager elsewhere), on
+        a cache of its own kept across calls: the prefill without the host's launches."""
+        if self.prompt_graph is None:
+            self.prompt_graph = DecodeGraph(self.model, self.model.new_cache(1, self.capacity), positions=[0])
+        else:
+            self.prompt_graph.restart()
+        return self.prompt_graph.step(ids)[0, -1]
 
     @property
     def decode_timing(self) -> str:
@@ -302,6 +317,30 @@ def _pdl_decode_us(model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tenso
             os.environ[PDL_VARIABLE] = previous
 
 
+GRAPH_PREFILL_TOLERANCE = 2e-2
+"""The captured prefill's last logits against the eager call's (relative norm): cuBLAS may pick
+other algorithms inside a capture, and a bf16 output one ulp apart (2^-8) grows through the layers
+(the GPU tests of tests/test_decode_graph.py allow 2e-2 of the logit scale); a step at wrong
+positions is O(1) off."""
+
+
+def _graph_prefill(model: _Seahal, prompt: torch.Tensor, eager_logits: torch.Tensor, s: Scale,
+                   device: torch.device) -> dict:
+    """``prompt`` as one captured step (:meth:`_Seahal.prefill_graph`): its median microseconds and
+    its last logits' error against ``eager_logits`` (the eager prefill's, [vocab] fp32 on the host),
+    or why it was not timed (a capture that failed, logits more than GRAPH_PREFILL_TOLERANCE off)."""
+    try:
+        err = common.rel_err(model.prefill_graph(prompt).float().cpu(), eager_logits)  # the capture
+    except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a finding, not the row's end
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {"graph_prefill_error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    if err > GRAPH_PREFILL_TOLERANCE:
+        return {"graph_prefill_error": f"last logits {err:.3g} off the eager prefill's: not timed"}
+    us = statistics.median(_elapsed_us(lambda: model.prefill_graph(prompt), device) for _ in range(s.prefill_repeats))
+    return {"graph_prefill_us": us, "graph_prefill_err": err}
+
+
 def _decode_us(step: Callable[[object, torch.Tensor], None], model, prompt: torch.Tensor, steps: list[torch.Tensor],
                s: Scale, device: torch.device) -> float:
     """The median microseconds of ``step(cache, token)`` over ``steps`` after a fresh prefill of
@@ -343,6 +382,8 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
                                             for _ in range(s.prefill_repeats))
     steps = [ids[:1, i : i + 1] for i in range(context, s.capacity(context))]
     measured.decode_us = _decode_us(model.decode, model, prompt, steps, s, device)
+    if getattr(model, "decode_timing", "eager") == "cuda graph":  # the prefill's launches in a graph
+        measured.details.update(_graph_prefill(model, prompt, measured.logits[0], s, device))
     if getattr(model, "decode_timing", "eager") == "cuda graph":  # what the graph saves: the same steps eagerly
         measured.details["eager_decode_us"] = _decode_us(model.decode_eager, model, prompt, steps, s, device)
         if model.model.plan.backend.name == "cuda":  # and the graph of kernels launched with PDL
@@ -443,6 +484,11 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
         peers["seahal graph, PDL launches"] = ours.details["pdl_decode_us"]
     if phase == "decode" and "pdl_error" in ours.details:
         row["pdl_error"] = ours.details["pdl_error"]
+    if phase == "prefill" and "graph_prefill_us" in ours.details:
+        peers["seahal graph, one captured step"] = ours.details["graph_prefill_us"]
+        row["graph_prefill_err"] = ours.details["graph_prefill_err"]
+    if phase == "prefill" and "graph_prefill_error" in ours.details:
+        row["graph_prefill_error"] = ours.details["graph_prefill_error"]
     if f"{phase}_kernels" in ours.details:
         row[f"{phase}_kernels"] = ours.details[f"{phase}_kernels"]
     if phase == "prefill" and "prefill_host_us" in ours.details:  # the host's share of the call
