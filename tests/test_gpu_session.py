@@ -18,8 +18,8 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "pytest-pdl", "bench-model-quick", "bench-experts", "pytest-gpu", "bench-gemm",
-         "bench-mhc-compress", "bench-decode"]
+STEPS = ["setup", "conformance", "bench-model-quick", "bench-experts", "pytest-gpu", "bench-gemm", "bench-mhc-compress",
+         "bench-decode"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
 
@@ -43,7 +43,7 @@ def test_dry_run_lists_the_steps_in_priority_order():
     assert "pytest" in commands["pytest-gpu"] and "tests/test_cuda_*.py" in commands["pytest-gpu"]
     assert commands["conformance"].startswith("SEAHAL_CUDA_UNVERIFIED=1 ")  # unverified kernels serve plans
     assert commands["pytest-gpu"].startswith("SEAHAL_CUDA_UNVERIFIED=1 ")
-    assert "tests/test_decode_graph.py" in commands["pytest-pdl"] and "pdl and on_a_gpu" in commands["pytest-pdl"]
+    assert "tests/test_decode_graph.py" in commands["pytest-gpu"] and "on_a_gpu" in commands["pytest-gpu"]  # PDL's too
     benched = []
     for name in [step for step in STEPS if step.startswith("bench-")]:
         ops = re.search(r"--ops (\S+)", commands[name]).group(1)
