@@ -376,6 +376,23 @@ def test_gemm_tuner_tries_both_fp4_forms_and_writes_the_winner():
     assert eval("{" + source + "\n}", {"GemmConfig": GemmConfig}) == {(4096, 2048, 4096): config}
 
 
+def test_moe_experts_tuner_runs_the_rows_asked_for_and_reports_each(monkeypatch):
+    """``tune(tokens_only=..., model=...)``: only those rows, each handed to ``done`` as it finishes
+    (the device step writes its JSON there, so a step cut at its limit keeps the rows it tuned)."""
+    import torch
+
+    from seahal.bench import cuda_moe_experts as bench
+
+    monkeypatch.setattr(bench, "tune_row", lambda run, candidates, expected, time: {"best": None, "us": None, "trials": []})
+    monkeypatch.setattr(bench, "time_us", lambda fn, device, quick: (1.0,))
+    monkeypatch.setattr(bench, "reference_by_expert", lambda *args: None)
+    seen = []
+    cpu = torch.device("cpu")
+    results = bench.tune(cpu, quick=True, tokens_only={4}, model="tiny", done=lambda r: seen.append(len(r)))
+    assert [r["shape"] for r in results] == ["tiny fp4 decode T=4"] and seen == [1]
+    assert bench.tune(cpu, quick=True, model="V4-Pro") == []  # no such rows off a GPU
+
+
 def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     """``tune_row``: a candidate whose output is off is not timed; the fastest of the rest wins."""
     import torch

@@ -20,7 +20,7 @@ one token) and the tensor-core tiles.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 
 import torch
@@ -253,15 +253,21 @@ def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Call
     return {"best": best and best["config"], "us": best and best["us"], "trials": trials}
 
 
-def tune(device: torch.device, quick: bool = False) -> list[dict]:
-    """For every row of :func:`cases`: the default launch's time and the fastest of
-    :func:`tune_candidates` (what a committed config table would hold), printed as one line a row."""
+def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int] | None = None,
+         model: str | None = None, done: Callable[[list[dict]], None] = lambda results: None) -> list[dict]:
+    """For every row of :func:`cases` (those of ``tokens_only`` tokens and the ``model`` named, if
+    given): the default launch's time and the fastest of :func:`tune_candidates` (what a committed
+    config table would hold), printed as one line a row; ``done(results so far)`` after each row."""
     from seahal.backends.cuda.moe_experts import experts_config, moe_experts
 
     results = []
     for dims in models(device):
+        if model is not None and dims.name != model:
+            continue
         for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
             for stage, tokens in _token_counts(device, quick):
+                if tokens_only is not None and tokens not in tokens_only:
+                    continue
                 args = _arguments(dims, fmt, tokens, device)
                 default = experts_config(tokens * dims.top_k, fmt, device)
                 expected = reference_by_expert(*args)
@@ -274,6 +280,7 @@ def tune(device: torch.device, quick: bool = False) -> list[dict]:
                 r = results[-1]
                 print(f"{r['shape']}: default {default_us:.1f} us, best {r['us'] and round(r['us'], 1)} us "
                       f"{r['best']}", flush=True)
+                done(results)
     return results
 
 
@@ -284,16 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tune", action="store_true", help="time every tune_candidates config of each row")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", help="write the tuning results here")
+    parser.add_argument("--tokens", help="only the rows of these token counts, e.g. 1,16")
+    parser.add_argument("--model", choices=[dims.name for dims in models(torch.device("cuda"))], help="only this model's rows")
+    parser.add_argument("--json", help="write the tuning results here (rewritten after every row)")
     args = parser.parse_args(argv)
     if not args.tune:
         parser.error("only --tune runs here; the rows run through `seahal bench --backend cuda --ops moe_experts`")
     if not torch.cuda.is_available():
         raise SystemExit("tuning moe_experts needs a CUDA device")
-    results = tune(torch.device("cuda"), args.quick)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+
+    def write(results: list[dict]) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
+    write(tune(torch.device("cuda"), args.quick, tokens, args.model, done=write))
     return 0
 
 
