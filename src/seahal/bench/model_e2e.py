@@ -56,9 +56,10 @@ its kernels' summed device time (``busy_us``; the graph's time minus it is what 
 cost), the longest kernels by name and the host's CUDA API calls by time (``host_api``: a call
 that waits on the device shows long; :func:`seahal.bench.common.summarize_profile`), also printed
 to the log; a GPU prefill row
-``prefill_kernels``, the same for one prefill, ``host_us``, the median time until a prefill call
-returns to the host (the device idle before it): about the row's time when the host's launches
-bound the call, as on the H100 (36-46 ms for 16-18 ms of kernels at 1k tokens), and
+``prefill_kernels``, the same for one prefill, ``host_us``, the median time until the timed
+prefill calls returned to the host (the device idle before each; :func:`_call_us`): about the
+row's time when the host's launches bound the call, as on the H100 (18.9 of 25.2 ms for 14.1 ms of
+kernels at 1k tokens, bf16, d2669c9, where it still came from separate calls), and
 ``host_profile``, where that host time goes by Python function (:func:`common.host_profile`), and
 ``allocator``, the CUDA caching allocator's trips to the driver during one warm prefill
 (:func:`common.allocator_events`: each should be 0).
@@ -272,29 +273,27 @@ def _free(device: torch.device) -> None:
 # -- timing -------------------------------------------------------------------------------------------
 def _elapsed_us(fn: Callable[[], object], device: torch.device) -> float:
     """Microseconds of one call of ``fn``, waited for: CUDA events on a GPU, the host clock on the CPU."""
+    return _call_us(fn, device)[0]
+
+
+def _call_us(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """One call of ``fn`` after the device is idle: (microseconds until its work is done, on CUDA
+    events; microseconds until it returns to the host). Both of one call: about equal when the
+    host's launches bound the call, the first longer when the device does."""
     if device.type != "cuda":
         start = time.perf_counter()
         fn()
-        return 1e6 * (time.perf_counter() - start)
+        us = 1e6 * (time.perf_counter() - start)
+        return us, us
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize(device)
     begin.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return 1e3 * begin.elapsed_time(end)
-
-
-def _host_us(fn: Callable[[], object], device: torch.device) -> float:
-    """Microseconds until one call of ``fn`` returns to the host, the device idle before it and not
-    waited for after: beside its device time, whether the call is bound by the host's launches
-    (about equal) or by the device (shorter)."""
-    torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
-    us = 1e6 * (time.perf_counter() - start)
-    torch.cuda.synchronize(device)
-    return us
+    host = 1e6 * (time.perf_counter() - start)
+    end.record()
+    end.synchronize()
+    return 1e3 * begin.elapsed_time(end), host
 
 
 def _pdl_decode_us(model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tensor], s: Scale,
@@ -378,13 +377,15 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
     prompt = ids[:1, :context]
     for _ in range(s.warmup - 1):
         model.prefill(prompt)
-    measured.prefill_us = statistics.median(_elapsed_us(lambda: model.prefill(prompt), device)
-                                            for _ in range(s.prefill_repeats))
+    calls = [_call_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats)]
+    measured.prefill_us = statistics.median(device_us for device_us, _ in calls)
+    if device.type == "cuda":  # the host's share of the same calls
+        measured.details["prefill_host_us"] = statistics.median(host_us for _, host_us in calls)
     steps = [ids[:1, i : i + 1] for i in range(context, s.capacity(context))]
     measured.decode_us = _decode_us(model.decode, model, prompt, steps, s, device)
-    if getattr(model, "decode_timing", "eager") == "cuda graph":  # the prefill's launches in a graph
+    if getattr(model, "decode_timing", "eager") == "cuda graph":
+        # the prefill's launches in a graph; what the decode graph saves: the same steps eagerly
         measured.details.update(_graph_prefill(model, prompt, measured.logits[0], s, device))
-    if getattr(model, "decode_timing", "eager") == "cuda graph":  # what the graph saves: the same steps eagerly
         measured.details["eager_decode_us"] = _decode_us(model.decode_eager, model, prompt, steps, s, device)
         if model.model.plan.backend.name == "cuda":  # and the graph of kernels launched with PDL
             try:
@@ -393,8 +394,6 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
                 torch.cuda.synchronize(device)
                 measured.details["pdl_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
-        measured.details["prefill_host_us"] = statistics.median(
-            _host_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats))
         torch.cuda.synchronize(device)
         measured.details["prefill_host_profile"] = common.host_profile(lambda: model.prefill(prompt))
         measured.details["prefill_allocator"] = common.allocator_events(lambda: model.prefill(prompt))
