@@ -10,11 +10,10 @@ write; the check is against the reference itself on a sample of the tokens (the 
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
 FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``)
 and with twice the warps, one-token FP4 rows with 128 registers a thread (two programs an SM); FP8
-decode rows up to 16 tokens the other of the CUDA-core GEMV (``ExpertsConfig.gemv``, the default at
-one token) and the tensor-core tiles.
+decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
-    python -m seahal.bench.cuda_moe_experts --tune [--quick] [--json tune.json]   # the launch configs
+    python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json]
 """
 
 from __future__ import annotations
