@@ -1,4 +1,4 @@
-"""Decoding sequences at their own positions in one step: the check tests/test_decode_graph.py runs
+"""Stepping sequences at their own positions together: the check tests/test_decode_graph.py runs
 on the CPU reference and on a GPU (captured), and tests/test_cuda_decode_graph.py through the cuda
 backend's position-taking Triton kernels."""
 
@@ -12,10 +12,12 @@ LENGTHS = (3, 9, 14)
 """Prompt lengths: each sequence's CSA/HCA blocks complete at other decode steps."""
 
 
-def ragged_decode_errors(model, capture: bool, steps: int = 20, against: str = "alone") -> list[float]:
-    """Prompts of :data:`LENGTHS` tokens prefilled into rows of one cache, then ``steps`` decode
-    steps of all three together at their own positions through a :class:`DecodeGraph` (captured
-    if ``capture``); per step, the largest error relative to the logit scale against ``against``:
+def ragged_decode_errors(model, capture: bool, steps: int = 20, against: str = "alone", chunk: int = 1) -> list[float]:
+    """Prompts of :data:`LENGTHS` tokens prefilled into rows of one cache, then ``steps`` steps of
+    all three together at their own positions through a :class:`DecodeGraph` (captured if
+    ``capture``), ``chunk`` tokens a sequence a step (1: decode; more: each prompt's next chunk,
+    as a server batching prefill chunks of sequences at different positions does); per step, the
+    largest error relative to the logit scale against ``against``:
 
     - ``"alone"``: each sequence decoded alone by the ordinary call (batch 1, its own cache): the
       semantics of per-sequence positions;
@@ -33,16 +35,17 @@ def ragged_decode_errors(model, capture: bool, steps: int = 20, against: str = "
     graph = DecodeGraph(model, cache, capture=capture, positions=list(LENGTHS))
     eager = DecodeGraph(model, eager_cache, capture=False, positions=list(LENGTHS)) if against == "eager" else None
     errors = []
+    assert max(LENGTHS) + steps * chunk <= ids.shape[1]
     for step in range(steps):
-        tokens = torch.stack([ids[b, n + step] for b, n in enumerate(LENGTHS)])[:, None]
+        spans = [(n + step * chunk, n + (step + 1) * chunk) for n in LENGTHS]
+        tokens = torch.stack([ids[b, start:stop] for b, (start, stop) in enumerate(spans)])
         together = graph.step(tokens).clone()
         if eager is not None:
             expected = eager.step(tokens)
         else:
             expected = torch.cat([
-                model(ids[b : b + 1, n + step : n + step + 1], cache=alone[b], last_only=True)
-                for b, n in enumerate(LENGTHS)
+                model(ids[b : b + 1, start:stop], cache=alone[b], last_only=True) for b, (start, stop) in enumerate(spans)
             ])
         errors.append(((together - expected).abs().amax(dim=(1, 2)) / expected.abs().amax(dim=(1, 2))).max().item())
-    assert graph.positions == [n + steps for n in LENGTHS]
+    assert graph.positions == [n + steps * chunk for n in LENGTHS]
     return errors

@@ -184,13 +184,15 @@ def _eager_init(self, model, cache, capture=None, positions=None):
     _original_init(self, model, cache, capture=False, positions=positions)
 
 
-def test_sequences_at_different_positions_decode_in_one_step(checkpoint):
-    """Each sequence's logits are those of decoding it alone. Not bit for bit: the batch of 3 runs
-    the fp32 projections as other GEMM shapes (another summation order, ~1e-7 relative each);
-    1e-5 of the logit scale holds that through 4 layers, while a sequence decoded one position
-    off is 0.06 off here."""
+@pytest.mark.parametrize("chunk, steps", [(1, 20), (4, 6)])
+def test_sequences_at_different_positions_decode_in_one_step(checkpoint, chunk, steps):
+    """Each sequence's logits are those of stepping it alone, one token a step (decode) or a
+    4-token chunk of each prompt a step (chunked prefill of sequences at different positions). Not
+    bit for bit: the batch of 3 runs the fp32 projections as other GEMM shapes (another summation
+    order, ~1e-7 relative each); 1e-5 of the logit scale holds that through 4 layers, while a
+    sequence decoded one position off is 0.06 off here."""
     model = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
-    errors = ragged_decode_errors(model, capture=False)
+    errors = ragged_decode_errors(model, capture=False, steps=steps, chunk=chunk)
     assert max(errors) < 1e-5, errors
 
 
