@@ -34,7 +34,7 @@ def test_cpu_quick_rows_agree_with_transformers_and_carry_both_timings(tmp_path)
     path = tmp_path / "bench.json"
     rows = run_cuda(["model"], "cpu", quick=True, json_path=str(path))
     assert [(r["shape"], r["kernel"]) for r in rows] == [
-        (shape, f"seahal {layout}") for layout in ("bf16", "fp8+fp4")
+        (shape, f"seahal {layout}") for layout in ("fp8+fp4", "bf16")
         for shape in ("prefill 128", "decode @128", "prefill 256", "decode @256")
     ]
     for r in rows:
