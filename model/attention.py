@@ -248,20 +248,31 @@ class Attention(nn.Module):
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
             return torch.where(p < first, p % w, w + p - first).masked_fill(p < 0, -1).expand(b, s, w)
 
-        def indices() -> torch.Tensor:
-            base = w if decode else w + s
-            parts = [step.memo.once(("window rows", w, b), window_rows)]  # the same for every layer
-            if compressed_idx is not None:
-                parts.append(torch.where(compressed_idx >= 0, compressed_idx + base, compressed_idx))  # -1 stays
-            elif self.ratio:
-                j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
-                visible = j < ((t + 1) // self.ratio)[..., None]
-                parts.append(torch.where(visible, j + base, -1).expand(b, s, -1))
-            return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).to(torch.int32)
+        base = w if decode else w + s  # the keys' row of compressed entry 0
+
+        def window() -> torch.Tensor:  # the same for every layer
+            return step.memo.once(("window rows", w, b), window_rows)
+
+        def indices() -> torch.Tensor:  # SWA: the window; HCA: and every entry the query sees
+            if not self.ratio:
+                return window().to(torch.int32)
+            j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
+            visible = j < ((t + 1) // self.ratio)[..., None]
+            return torch.cat((window(), torch.where(visible, j + base, -1).expand(b, s, -1)), dim=2).to(torch.int32)
+
+        def picked_buffer() -> torch.Tensor:  # [B, S, W + K] int32, the window part written once a step
+            buffer = torch.empty((b, s, w + compressed_idx.shape[-1]), dtype=torch.int32, device=rows.device)
+            buffer[..., :w] = window()
+            return buffer
 
         if compressed_idx is None:  # the same rows for every layer of this ratio: made once a step
             return keys, step.memo.once(("indices", self.ratio, w, entries.shape[1], b), indices)
-        return keys, indices()
+        # CSA: [window | the indexer's picks] in one buffer the step's CSA layers share, each writing
+        # its picks after the previous layer's attention has read them (stream order): entry j to row
+        # base + j, a -1 gap kept -1, in one add (base times the pick's validity)
+        buffer = step.memo.once(("picked indices", w, b, s, compressed_idx.shape[-1]), picked_buffer)
+        torch.add(compressed_idx, compressed_idx >= 0, alpha=base, out=buffer[..., w:])
+        return keys, buffer
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Sparse attention over key rows in the cache's format: dense rows, or FP8 records read
