@@ -504,3 +504,34 @@ def test_host_profile_ranks_functions_by_their_own_time():
     assert "sleep" in first["function"] and first["calls"] == 3
     assert 30e3 <= first["self_us"] <= result["profiled_us"]
     assert len(result["top"]) <= 3
+
+
+def test_moe_experts_table_takes_the_tuned_winners_and_the_launch_finds_them(monkeypatch):
+    """``--write``'s entries: only configs at least TABLE_MIN_GAIN faster than the default, keyed by
+    (format, rows class, I, D); they evaluate back to the tuned config, replace the module's literal,
+    and ``select_experts_config`` serves them on that chip (the heuristic elsewhere)."""
+    import torch
+
+    from seahal.backends.cuda import moe_experts
+    from seahal.backends.cuda.moe_experts import ExpertsConfig
+    from seahal.bench.common import replace_config_table
+    from seahal.bench.cuda_moe_experts import experts_table_source
+
+    tuned = ExpertsConfig(32, 128, num_warps=8, num_stages=4, split_k=2)
+    row = {"shape": "V4-Flash fp4 decode T=1", "format": "fp4", "rows": 6, "inter": 2048, "dim": 4096,
+           "default_us": 105.0, "us": 80.0, "best": dataclasses.asdict(tuned)}
+    close_call = {**row, "shape": "V4-Flash fp4 decode T=16", "rows": 96, "us": 100.0}  # 5%: within the spread
+    untimed = {**row, "shape": "V4-Pro fp4 decode T=1", "inter": 3072, "us": None, "best": None}
+    source = experts_table_source([row, close_call, untimed])
+    table = eval("{" + source + "\n}", {"ExpertsConfig": ExpertsConfig})
+    assert table == {("fp4", 8, 2048, 4096): tuned}
+    module = "x = 1\nSM90_CONFIGS: ExpertsTable = {}\nCONFIGS = {}\n"
+    written = replace_config_table(module, "ExpertsTable", source)
+    assert written.startswith("x = 1\nSM90_CONFIGS: ExpertsTable = {\n    (\"fp4\", 8, 2048, 4096)")
+    assert replace_config_table(written, "ExpertsTable", "") == module  # and back to empty
+    monkeypatch.setitem(moe_experts.CONFIGS, "sm90", table)
+    monkeypatch.setattr(moe_experts, "chip", lambda device: "sm90")
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert moe_experts.select_experts_config(6, "fp4", 2048, 4096, gpu) == tuned
+    assert moe_experts.select_experts_config(96, "fp4", 2048, 4096, gpu) != tuned  # another rows class
+    assert moe_experts.select_experts_config(6, "fp4", 2048, 4096, cpu) == moe_experts.experts_config(6, "fp4", cpu)

@@ -47,7 +47,7 @@ import triton.language as tl
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_block_dot
-from ._gemm import K_BLOCK, arrival_counters, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
+from ._gemm import K_BLOCK, arrival_counters, chip, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
@@ -106,6 +106,33 @@ def experts_config(rows: int, weight_format: str, device: torch.device) -> Exper
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
     return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
+
+
+ExpertsTable = dict[tuple[str, int, int, int], ExpertsConfig]
+"""(weight format, routed rows rounded up to a power of two, I, D) -> the launch config tuned there."""
+
+SM90_CONFIGS: ExpertsTable = {}
+"""Configs tuned on an H100: ``python -m seahal.bench.cuda_moe_experts --tune --json tune.json`` on
+the GPU (the gpu_session step ``tune-experts``), then ``--from-json tune.json --write`` here, which
+replaces this literal with the candidates at least 10% faster than the default launch. Empty: no
+GPU run has reached the sweep yet, so :func:`experts_config`'s heuristic serves every shape."""
+CONFIGS = {"sm90": SM90_CONFIGS}
+
+
+def rows_class(rows: int) -> int:
+    """The table's row key: T*k routed rows rounded up to a power of two (one token's 6 -> 8)."""
+    return next_power_of_2(rows)
+
+
+def select_experts_config(rows: int, weight_format: str, inter: int, dim: int, device: torch.device) -> ExpertsConfig:
+    """What :func:`moe_experts` launches for ``rows`` routed rows of [I, D] experts in
+    ``weight_format``: the committed config of (chip, format, :func:`rows_class`, I, D), else
+    :func:`experts_config`'s heuristic."""
+    if device.type == "cuda":
+        found = CONFIGS.get(chip(device), {}).get((weight_format, rows_class(rows), inter, dim))
+        if found is not None:
+            return found
+    return experts_config(rows, weight_format, device)
 
 
 FP8_GEMV = ExpertsConfig(16, 16, num_warps=4, gemv=True)
@@ -851,7 +878,7 @@ def moe_experts(
     ``y_t = sum_k x.dtype(W2 x.dtype(w_k * silu(min(x W1^T, L)) * clamp(x W3^T, -L, L)))`` with fp32
     accumulation; FP8/FP4 GEMM inputs FP8-quantised in 1x128 ue8m0 tiles. Computes in fp32: fp64
     routing weights are rounded to fp32 (the reference computes such calls in fp64). ``config``
-    overrides :func:`experts_config` (tuning, benchmarks, tests).
+    overrides :func:`select_experts_config` (tuning, benchmarks, tests).
     """
     fmt_up, fmt_down = expert_weight_format(w1), expert_weight_format(w2)
     if fmt_up == "dense":
@@ -865,7 +892,7 @@ def moe_experts(
     if t == 0 or top_k == 0 or n_experts == 0:
         return out.zero_()
     rows = t * top_k
-    config = config or experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), x.device)
+    config = config or select_experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), inter, d, x.device)
     routing = route(topk_weights, topk_ids, n_experts, config.block_m)
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     if config.gemv:

@@ -562,3 +562,27 @@ def plot_roofline(rows: list[dict], path: str, title: str) -> bool:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def replace_config_table(text: str, annotation: str, body: str) -> str:
+    """``text`` (a kernel module's source) with its ``SM90_CONFIGS: <annotation> = {...}`` literal
+    holding ``body`` (a tuner's entries, one a line; empty: ``{}``)."""
+    import re
+
+    table = f"SM90_CONFIGS: {annotation} = {{\n{body}\n}}" if body else f"SM90_CONFIGS: {annotation} = {{}}"
+    text, count = re.subn(rf"SM90_CONFIGS: {annotation} = \{{[^}}]*\}}", lambda _: table, text)
+    if count != 1:
+        raise RuntimeError(f"expected one SM90_CONFIGS: {annotation} literal, found {count}")
+    return text
+
+
+def write_config_table(module: str, annotation: str, body: str) -> str:
+    """:func:`replace_config_table` in the file of ``seahal.backends.cuda.<module>``; returns its path."""
+    import importlib.util
+
+    path = importlib.util.find_spec(f"seahal.backends.cuda.{module}").origin
+    with open(path) as f:
+        text = replace_config_table(f.read(), annotation, body)
+    with open(path, "w") as f:
+        f.write(text)
+    return path

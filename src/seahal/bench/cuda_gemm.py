@@ -333,19 +333,9 @@ def config_table_source(rows: list[dict]) -> str:
 
 def write_table(op: str, rows: list[dict]) -> str:
     """Replace the ``SM90_CONFIGS`` literal in the op's kernel module with the tuned rows; returns its path."""
-    import importlib.util
-    import re
+    from seahal.bench.common import write_config_table
 
-    path = importlib.util.find_spec(f"seahal.backends.cuda.{op}").origin
-    with open(path) as f:
-        text = f.read()
-    table = "SM90_CONFIGS: ConfigTable = {\n" + config_table_source(rows) + "\n}"
-    text, count = re.subn(r"SM90_CONFIGS: ConfigTable = \{[^}]*\}", lambda _: table, text)
-    if count != 1:
-        raise RuntimeError(f"{path}: expected one SM90_CONFIGS literal, found {count}")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return write_config_table(op, "ConfigTable", config_table_source(rows))
 
 
 def _cases(op: str, quick: bool, shapes: list[str] | None) -> list[tuple[str, int, int, int]]:

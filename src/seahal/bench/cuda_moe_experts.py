@@ -13,7 +13,7 @@ and with twice the warps, one-token FP4 rows with 128 registers a thread (two pr
 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
-    python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json]
+    python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json] [--write]
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
     """For every row of :func:`cases` (those of ``tokens_only`` tokens and the ``model`` named, if
     given): the default launch's time and the fastest of :func:`tune_candidates` (what a committed
     config table would hold), printed as one line a row; ``done(results so far)`` after each row."""
-    from seahal.backends.cuda.moe_experts import experts_config, moe_experts
+    from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
 
     results = []
     for dims in models(device):
@@ -268,13 +268,15 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
                 if tokens_only is not None and tokens not in tokens_only:
                     continue
                 args = _arguments(dims, fmt, tokens, device)
-                default = experts_config(tokens * dims.top_k, fmt, device)
+                rows = tokens * dims.top_k
+                default = select_experts_config(rows, fmt, dims.inter, dims.dim, device)
                 expected = reference_by_expert(*args)
                 tuned = tune_row(lambda config: moe_experts(*args, config=config),
                                  tune_candidates(tokens, fmt == "fp4"), expected,
                                  lambda fn: time_us(fn, device, quick)[0])
                 default_us = time_us(partial(moe_experts, *args, config=default), device, quick)[0]
-                results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens}", "default": dataclasses.asdict(default),
+                results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens}", "format": fmt, "rows": rows,
+                                "inter": dims.inter, "dim": dims.dim, "default": dataclasses.asdict(default),
                                 "default_us": default_us, **tuned})
                 r = results[-1]
                 print(f"{r['shape']}: default {default_us:.1f} us, best {r['us'] and round(r['us'], 1)} us "
@@ -283,7 +285,32 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
     return results
 
 
+TABLE_MIN_GAIN = 1.1
+"""A tuned config enters the committed table when it is this much faster than the default launch:
+less is within the run-to-run spread the H100 showed for one-token rows (85-96 us, TUNING.md)."""
+
+
+def experts_table_source(results: list[dict], min_gain: float = TABLE_MIN_GAIN) -> str:
+    """The entries of ``moe_experts.SM90_CONFIGS`` for the tuned ``results`` whose best config is
+    at least ``min_gain`` times faster than the default launch, one a line."""
+    from seahal.backends.cuda.moe_experts import rows_class
+
+    lines = []
+    for r in results:
+        if r["us"] is None or r["us"] * min_gain > r["default_us"]:
+            continue
+        c = r["best"]
+        extra = "".join(f", {name}={c[name]!r}" for name in ("fp4_mx", "split_k", "max_registers", "gemv") if c.get(name))
+        lines.append(f'    ("{r["format"]}", {rows_class(r["rows"])}, {r["inter"]}, {r["dim"]}): '
+                     f'ExpertsConfig({c["block_m"]}, {c["block_n"]}, num_warps={c["num_warps"]}, '
+                     f'num_stages={c["num_stages"]}{extra}),  # {r["shape"]}: {r["us"]:.1f} us, default {r["default_us"]:.1f}')
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``--tune`` on a GPU (results to ``--json``); ``--write`` commits the winners to
+    ``moe_experts.SM90_CONFIGS``, from this run or, with ``--from-json``, from a run's saved results
+    (no GPU needed: the device hands back only its result files)."""
     import argparse
     import json
 
@@ -293,19 +320,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", help="only the rows of these token counts, e.g. 1,16")
     parser.add_argument("--model", choices=[dims.name for dims in models(torch.device("cuda"))], help="only this model's rows")
     parser.add_argument("--json", help="write the tuning results here (rewritten after every row)")
+    parser.add_argument("--from-json", metavar="PATH", help="the results of an earlier --tune --json, instead of tuning")
+    parser.add_argument("--write", action="store_true",
+                        help=f"replace moe_experts.SM90_CONFIGS with the configs >= {TABLE_MIN_GAIN}x faster than the default")
     args = parser.parse_args(argv)
-    if not args.tune:
-        parser.error("only --tune runs here; the rows run through `seahal bench --backend cuda --ops moe_experts`")
-    if not torch.cuda.is_available():
-        raise SystemExit("tuning moe_experts needs a CUDA device")
+    if args.tune == bool(args.from_json):
+        parser.error("give --tune (on a GPU) or --from-json (results of one); the rows run through "
+                     "`seahal bench --backend cuda --ops moe_experts`")
 
-    def write(results: list[dict]) -> None:
+    def save(results: list[dict]) -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
 
-    tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
-    write(tune(torch.device("cuda"), args.quick, tokens, args.model, done=write))
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("tuning moe_experts needs a CUDA device")
+        tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
+        results = tune(torch.device("cuda"), args.quick, tokens, args.model, done=save)
+        save(results)
+    if args.write:
+        from seahal.bench.common import write_config_table
+
+        print(f"tuned table written to {write_config_table('moe_experts', 'ExpertsTable', experts_table_source(results))}")
     return 0
 
 
