@@ -74,7 +74,8 @@ class ExpertsConfig:
     max_registers: int | None = None
     """Registers a thread may use (Triton's ``maxnreg``; None: as ptxas sees fit). The one-token
     FP4 gate-up tile (8 warps) compiles to 168, so an SM holds one program by registers; at 128
-    (sm_90, Triton 3.6: 28 bytes of spill) it holds two. A bench variant awaiting measurement."""
+    (sm_90, Triton 3.6: 28 bytes of spill) it holds two. A bench variant: 100.3 against 105.2 us on
+    the H100 (d2669c9), within the run-to-run spread, so not the default."""
     gemv: bool = False
     """FP8 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
     BLOCK_N weight rows a program, no tensor core and no routing tiles), x and h quantised by

@@ -138,10 +138,10 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
         from seahal.backends.cuda.moe_experts import (
             FP4_WIDE_DECODE_MAX_ROWS,
             FP8_GEMV,
-            experts_config,
+            select_experts_config,
         )
 
-        config = experts_config(tokens * dims.top_k, fmt, device)
+        config = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)  # the default launch
         if fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
             variants["gemv"] = partial(kernel, *args, config=FP8_GEMV)
         if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled, and with
@@ -184,10 +184,15 @@ def _route(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
     """The routing tables alone: ``route`` (decode: one Triton launch, ``route_small``; prefill:
     three, ``route_blocked``) against torch's sort (``route_sorted``), which builds the same
     tables; in CPU smoke mode the sort on both sides."""
-    from seahal.backends.cuda.moe_experts import experts_config, route, route_sorted
+    from seahal.backends.cuda.moe_experts import (
+        route,
+        route_sorted,
+        select_experts_config,
+    )
 
     ids, weights = (t.to(device) for t in routing(tokens, dims.experts, dims.top_k))
-    args = (weights, ids, dims.experts, experts_config(tokens * dims.top_k, "fp4", device).block_m)
+    block_m = select_experts_config(tokens * dims.top_k, "fp4", dims.inter, dims.dim, device).block_m
+    args = (weights, ids, dims.experts, block_m)
     kernel = route if device.type == "cuda" else route_sorted
     return Workload(partial(kernel, *args), {"torch sort": partial(route_sorted, *args)}, _same_tables)
 
@@ -293,17 +298,17 @@ less is within the run-to-run spread the H100 showed for one-token rows (85-96 u
 def experts_table_source(results: list[dict], min_gain: float = TABLE_MIN_GAIN) -> str:
     """The entries of ``moe_experts.SM90_CONFIGS`` for the tuned ``results`` whose best config is
     at least ``min_gain`` times faster than the default launch, one a line."""
-    from seahal.backends.cuda.moe_experts import rows_class
+    from seahal.backends.cuda.moe_experts import ExpertsConfig, rows_class
 
     lines = []
     for r in results:
         if r["us"] is None or r["us"] * min_gain > r["default_us"]:
             continue
         c = r["best"]
-        extra = "".join(f", {name}={c[name]!r}" for name in ("fp4_mx", "split_k", "max_registers", "gemv") if c.get(name))
+        fields = [f"{c['block_m']}, {c['block_n']}"] + [  # the tile, then every field off its default
+            f"{f.name}={c[f.name]!r}" for f in dataclasses.fields(ExpertsConfig)[2:] if c[f.name] != f.default]
         lines.append(f'    ("{r["format"]}", {rows_class(r["rows"])}, {r["inter"]}, {r["dim"]}): '
-                     f'ExpertsConfig({c["block_m"]}, {c["block_n"]}, num_warps={c["num_warps"]}, '
-                     f'num_stages={c["num_stages"]}{extra}),  # {r["shape"]}: {r["us"]:.1f} us, default {r["default_us"]:.1f}')
+                     f'ExpertsConfig({", ".join(fields)}),  # {r["shape"]}: {r["us"]:.1f} us, default {r["default_us"]:.1f}')
     return "\n".join(lines)
 
 

@@ -379,8 +379,6 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
         model.prefill(prompt)
     calls = [_call_us(lambda: model.prefill(prompt), device) for _ in range(s.prefill_repeats)]
     measured.prefill_us = statistics.median(device_us for device_us, _ in calls)
-    if device.type == "cuda":  # the host's share of the same calls
-        measured.details["prefill_host_us"] = statistics.median(host_us for _, host_us in calls)
     steps = [ids[:1, i : i + 1] for i in range(context, s.capacity(context))]
     measured.decode_us = _decode_us(model.decode, model, prompt, steps, s, device)
     if getattr(model, "decode_timing", "eager") == "cuda graph":
@@ -394,6 +392,7 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
                 torch.cuda.synchronize(device)
                 measured.details["pdl_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
+        measured.details["prefill_host_us"] = statistics.median(host_us for _, host_us in calls)  # of the timed calls
         torch.cuda.synchronize(device)
         measured.details["prefill_host_profile"] = common.host_profile(lambda: model.prefill(prompt))
         measured.details["prefill_allocator"] = common.allocator_events(lambda: model.prefill(prompt))
