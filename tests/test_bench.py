@@ -407,10 +407,13 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     result = tune_row(outputs.__getitem__, [slow, wrong, fast], expected, lambda fn: times[fn.args[0]])
     assert result["best"] == dataclasses.asdict(fast) and result["us"] == 10.0
     assert [t["us"] for t in result["trials"]] == [20.0, None, 10.0]
-    # decode rows try K splits and both FP4 forms; prefill neither splits nor needs the decode tiles
+    # decode rows try K splits; prefill neither splits nor needs the decode tiles; both try 64- and
+    # 128-column tiles, FP4 blocks decoded to bf16 only
     decode, prefill = tune_candidates(1, fp4=True), tune_candidates(8192, fp4=True)
-    assert {c.split_k for c in decode} == {None, 1, 2, 4} and {c.fp4_mx for c in decode} == {True, False}
+    assert {c.split_k for c in decode} == {None, 1, 2, 4} and not any(c.fp4_mx for c in decode + prefill)
     assert {c.split_k for c in prefill} == {1} and min(c.block_m for c in prefill) == 32
+    assert {(c.block_n, c.num_warps) for c in decode} == {(c.block_n, c.num_warps) for c in prefill} \
+        == {(128, 4), (128, 8), (64, 4)}
     # the CUDA-core GEMV for FP8 weights where a touched expert has about one row (1 and 16 tokens),
     # not at 64 or prefill, and never for FP4 weights
     assert any(c.gemv for c in tune_candidates(1, fp4=False)) and any(c.gemv for c in tune_candidates(16, fp4=False))

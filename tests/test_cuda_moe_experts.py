@@ -335,6 +335,36 @@ def test_x_quantised_in_the_gemm_is_fp8_act_quant(experts, monkeypatch, fmt, dty
 
 
 @interpreted
+@pytest.mark.parametrize("t", [5, 150])
+@pytest.mark.parametrize("fmt", ["fp8", "fp4-e8m0"])
+def test_narrow_column_tiles_quantise_h_after_the_gate_up(experts, monkeypatch, fmt, t):
+    """64-column tiles leave h in x's dtype: the down kernel quantises it as it loads it (10 routed
+    rows) or one fp8_act_quant launch does (300 rows, past QUANT_IN_GEMM_MAX_ROWS), with the
+    function the 128-column gate-up epilogue applies to the same bf16 values. Same codes, scales
+    and products per output element, so the output is the 128-column launch's bit for bit."""
+    import dataclasses
+
+    args = _case(t, fmt, torch.bfloat16, seed=12)
+    wide = experts.ExpertsConfig(16 if t < 50 else 64, 128)
+    reference_out = experts.moe_experts(*args, config=wide)
+    quantised = []
+    act_quant = experts.fp8_act_quant
+    monkeypatch.setattr(experts, "fp8_act_quant", lambda v, block: quantised.append(v.shape) or act_quant(v, block))
+    narrow = experts.moe_experts(*args, config=dataclasses.replace(wide, block_n=64))
+    rows = 2 * t
+    assert quantised == ([] if rows <= experts.QUANT_IN_GEMM_MAX_ROWS else [(t, D), (rows, I)])  # x, then h
+    assert torch.equal(narrow, reference_out)
+    assert _rel(narrow, reference.moe_experts(*args)) < BF16_TOL
+
+
+@interpreted
+def test_quantised_weights_refuse_column_tiles_past_a_scale_block(experts):
+    args = _case(2, "fp8", torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="block_n=256"):
+        experts.moe_experts(*args, config=experts.ExpertsConfig(16, 256))
+
+
+@interpreted
 def test_routing_tables(experts):
     """Sorted rows grouped by expert; each expert's rows cut into BLOCK_M tiles that never straddle
     experts; the empty expert owns no tile; unused tiles are marked -1."""

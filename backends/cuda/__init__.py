@@ -22,7 +22,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # Since that run, without a GPU: moe_experts' one-token FP8 default went back from the GEMV to the
 # tensor-core tiles (both ran, checked, in that run), the launch wrappers compute grids and tile
 # sizes with plain Python integers (_host.py) instead of Triton's equal functions, and moe_experts
-# looks its config up in a tuned table first (empty: every launch as before).
+# looks its config up in a tuned table first (empty: every launch as before) and takes 64-column
+# tiles (h quantised after the gate-up; a bench variant, never launched by default, GPU-unverified).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),

@@ -16,6 +16,10 @@ Three launches after the routing tables:
    tile of both W1 and W3 (one A load, two fp32 accumulators), rows of x gathered by slot // k (x
    is never copied into the permuted order). ``h`` is rounded to x's dtype; when W2 is FP8/FP4 the
    epilogue then FP8-quantises it in its 1x128 ue8m0 tile (BLOCK_N = 128), so h only exists as e4m3.
+   Narrower column tiles (BLOCK_N = 64: smaller programs, two or more resident on an SM) store h
+   in x's dtype instead, and the down GEMM quantises it as it loads it (up to
+   :data:`QUANT_IN_GEMM_MAX_ROWS` rows) or one ``fp8_act_quant`` launch does: the same function on
+   the same values, so the same e4m3 codes and scales.
 2. down: ``y_s = x.dtype(h_s W2^T)`` per sorted row, the same kernel with one weight.
 3. combine: ``out_t = sum_k fp32(y_{pos(t, k)})`` in ascending expert order (the reference's order).
 
@@ -64,6 +68,9 @@ class ExpertsConfig:
 
     block_m: int
     block_n: int
+    """Columns of a tile. With FP8/FP4 weights a divisor of 128 (one 128-row weight scale block a
+    tile); 128 lets the gate-up epilogue quantise h's 1x128 tiles itself, narrower tiles leave h in
+    x's dtype for the down GEMM (or one ``fp8_act_quant`` launch) to quantise."""
     num_warps: int = 4
     num_stages: int = 3
     fp4_mx: bool = False
@@ -146,7 +153,8 @@ down programs, under two an SM; the tiles split K); at 16 tokens 829.7 against 7
 
 QUANT_IN_GEMM_MAX_ROWS = 256
 """Up to this many routed rows (T * k: the decode tiles of :func:`experts_config`) the gate-up
-GEMM quantises x itself instead of a separate ``fp8_act_quant`` launch."""
+GEMM quantises x itself, and the down GEMM an h its gate-up left unquantised (column tiles under
+128), instead of a separate ``fp8_act_quant`` launch."""
 
 
 def _block_k(fmt: str) -> int:
@@ -924,17 +932,22 @@ def _tensor_core_gemms(
     """The gate-up and down grouped GEMMs of :func:`moe_experts` on the tensor cores, into ``y``
     [T*k, D] (a row per sorted routed row)."""
     rows, inter = y.shape[0], w1.shape[1]
+    if (fmt_up, fmt_down) != ("dense", "dense") and K_BLOCK % config.block_n:
+        raise ValueError(f"moe_experts (cuda.triton): FP8/FP4 weights take column tiles dividing {K_BLOCK}, "
+                         f"got ExpertsConfig.block_n={config.block_n}")
     if fmt_up == "dense" or rows <= QUANT_IN_GEMM_MAX_ROWS:
         a, a_scale = x, None  # dense: as it is; FP8/FP4 weights: quantised in the gate-up kernel
     else:  # many rows: once, rather than once per column tile
         a, a_scale = fp8_act_quant(x, K_BLOCK)
-    if fmt_down == "dense":
-        h, h_scale = torch.empty((rows, inter), dtype=x.dtype, device=x.device), None
-    else:  # the gate-up epilogue writes h FP8-quantised for the down GEMM
+    if fmt_down != "dense" and config.block_n == K_BLOCK:  # the gate-up epilogue quantises h's 1x128 tiles
         h = torch.empty((rows, inter), dtype=torch.float8_e4m3fn, device=x.device)
         h_scale = torch.empty((rows, inter // K_BLOCK), dtype=torch.float32, device=x.device)
+    else:
+        h, h_scale = torch.empty((rows, inter), dtype=x.dtype, device=x.device), None
     round_bf16 = x.dtype == torch.bfloat16
     _grouped_gemm(a, a_scale, w1, w1_scale, w3, w3_scale, h, h_scale, routing, top_k, fmt_up, swiglu_limit,
                   round_bf16, config)
+    if fmt_down != "dense" and h_scale is None and rows > QUANT_IN_GEMM_MAX_ROWS:
+        h, h_scale = fp8_act_quant(h, K_BLOCK)  # else the down kernel quantises h as it loads it
     _grouped_gemm(h, h_scale, w2, w2_scale, None, None, y, None, routing, top_k, fmt_down, swiglu_limit,
                   round_bf16, config)

@@ -8,9 +8,10 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 (:func:`reference_by_expert`: gather, dequantise, matmul, add back), the naive port a user would
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
-FP4 rows also time the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``)
-and with twice the warps, one-token FP4 rows with 128 registers a thread (two programs an SM); FP8
-decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
+Every row also times 64-column tiles on 4 warps (h quantised after the gate-up GEMM; more programs
+an SM); FP4 rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``),
+one-token FP4 rows with 128 registers a thread (two programs an SM); FP8 decode rows up to 16 tokens
+the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json] [--write]
@@ -144,11 +145,10 @@ def _experts(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> Wo
         config = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)  # the default launch
         if fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
             variants["gemv"] = partial(kernel, *args, config=FP8_GEMV)
-        if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled, and with
-            # twice the warps (FP4 decode is ALU-bound: more warps per SM decode more at once)
+        narrow = dataclasses.replace(config, block_n=64, num_warps=4)  # 2-4 programs an SM (sm_90 compile)
+        variants[f"{narrow.block_m}x64 tiles, 4 warps"] = partial(kernel, *args, config=narrow)
+        if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled
             variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
-            variants[f"{2 * config.num_warps} warps"] = partial(
-                kernel, *args, config=dataclasses.replace(config, num_warps=2 * config.num_warps))
             if tokens * dims.top_k <= FP4_WIDE_DECODE_MAX_ROWS:  # two of the 8-warp programs an SM
                 variants["128 registers"] = partial(kernel, *args, config=dataclasses.replace(config, max_registers=128))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
@@ -227,20 +227,21 @@ def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
 def tune_candidates(tokens: int, fp4: bool) -> list:
     """The launch configs ``--tune`` times for a row of ``tokens`` tokens: decode (<= 64 tokens)
     16- and 32-row tiles and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
-    4 and 8 warps; for FP4 weights both forms (``tl.dot_scaled`` and the bf16 decode). BLOCK_N
-    stays 128: the gate-up epilogue quantises h in 1x128 tiles. FP8 weights up to
-    :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core GEMV (``gemv``) at 16 and 32 weight rows a
-    program."""
+    each with 128-column tiles on 4 and 8 warps and 64-column tiles on 4 (h quantised after the
+    gate-up GEMM; two to four such programs fit an SM where the 128-column ones fit one or two, and
+    each program's loop waits on its own MMAs and barriers). FP4 blocks are decoded to bf16: the
+    ``tl.dot_scaled`` form lost in every row measured (a bench variant still times it). FP8
+    weights up to :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core GEMV (``gemv``) at 16 and 32
+    weight rows a program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
     decode = tokens <= 64
     gemv = [ExpertsConfig(16, rows, warps, gemv=True) for rows in (16, 32) for warps in (4, 8)]
     return [
-        ExpertsConfig(block_m, 128, warps, 4 if decode else 3, mx, split)
+        ExpertsConfig(block_m, block_n, warps, 4 if decode else 3, split_k=split)
         for block_m in ((16, 32) if decode else (32, 64, 128))
-        for warps in (4, 8)
+        for block_n, warps in ((128, 4), (128, 8), (64, 4))
         for split in ((None, 1, 2, 4) if decode else (1,))
-        for mx in ((True, False) if fp4 else (True,))
     ] + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
 
 
