@@ -335,17 +335,18 @@ def test_x_quantised_in_the_gemm_is_fp8_act_quant(experts, monkeypatch, fmt, dty
 
 
 @interpreted
-@pytest.mark.parametrize("t", [5, 150])
+@pytest.mark.parametrize("t, split_k", [(5, 1), (5, 2), (150, 1)])
 @pytest.mark.parametrize("fmt", ["fp8", "fp4-e8m0"])
-def test_narrow_column_tiles_quantise_h_after_the_gate_up(experts, monkeypatch, fmt, t):
+def test_narrow_column_tiles_quantise_h_after_the_gate_up(experts, monkeypatch, fmt, t, split_k):
     """64-column tiles leave h in x's dtype: the down kernel quantises it as it loads it (10 routed
     rows) or one fp8_act_quant launch does (300 rows, past QUANT_IN_GEMM_MAX_ROWS), with the
     function the 128-column gate-up epilogue applies to the same bf16 values. Same codes, scales
-    and products per output element, so the output is the 128-column launch's bit for bit."""
+    and products per output element (K splits summed in the same order), so the output is the
+    128-column launch's bit for bit."""
     import dataclasses
 
     args = _case(t, fmt, torch.bfloat16, seed=12)
-    wide = experts.ExpertsConfig(16 if t < 50 else 64, 128)
+    wide = experts.ExpertsConfig(16 if t < 50 else 64, 128, split_k=split_k)
     reference_out = experts.moe_experts(*args, config=wide)
     quantised = []
     act_quant = experts.fp8_act_quant
