@@ -313,11 +313,12 @@ def test_token_count_picks_one_or_two_launches(kernels, monkeypatch):
 @interpreted
 @pytest.mark.parametrize("m", [24, 4], ids=["hc_pre", "hc_head"])
 @pytest.mark.parametrize("d", [4096, 7168], ids=["V4-Flash", "V4-Pro"])
-@pytest.mark.parametrize("t", [1, 4, 64, 4096])
+@pytest.mark.parametrize("t", [1, 4, 64, 1024, 4096])
 def test_gpu_mix_launch_spreads_the_weight_read(kernels, monkeypatch, m, d, t):
     """The pre-norm GEMM's launch on a 132-SM GPU: up to 64 tokens (decode) at least 64 programs,
     at one token none reading more than 32 KB of fn (one SM streams ~50-100 GB/s: < 0.5 us for the
-    slice); every tile's last program sums at most FINISH_ELEMENTS partials."""
+    slice); a prefill more than 3 programs an SM; every tile's last program sums at most
+    FINISH_ELEMENTS partials."""
     from types import SimpleNamespace
 
     mhc, _ = kernels
@@ -331,6 +332,8 @@ def test_gpu_mix_launch_spreads_the_weight_read(kernels, monkeypatch, m, d, t):
         assert -(-t // config.block_t) * split >= 64
     if t == 1:
         assert m * width * 4 <= 32 * 1024
+    if t >= 1024:
+        assert -(-t // config.block_t) * split > 3 * 132
 
 
 @on_gpu

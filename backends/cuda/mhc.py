@@ -61,6 +61,12 @@ WARPS = 4
 FINISH_ELEMENTS = 16384
 """At most this many partial sums (slices x tile tokens x padded mixes) for one tile's last
 program to read: bounds the slices of a tile (mix_config)."""
+PROGRAMS_PER_SM = 4
+"""Programs an SM the pre-norm GEMM's K slices aim for (fewer where FINISH_ELEMENTS bounds them).
+Each program's loop waits on its own loads and products every step, so programs sharing an SM hide
+each other's waits (sm_90, Triton 3.6: 5 of the 16-token-tile programs fit an SM). An estimate: at
+2 the H100's end-to-end prefill profile (d2669c9) put the mix at 68 us a call over 1024 tokens, 256
+programs for 32 MB of x (about 11 us at 3.0 TB/s)."""
 CHUNK_ELEMENTS = 4096
 """Partial sums the last program loads at once (one ``tl.sum`` each)."""
 
@@ -82,9 +88,10 @@ def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
 
     On the GPU: a GEMV tile of next_pow2(T) tokens up to :data:`GEMV_MAX_TOKENS` (chunks of ~4096
     products), else ``tl.dot`` tiles of 16 tokens up to 1024, then 64 (chunks of 64; each tile
-    reads all of fn, through L2); slices enough for two programs per SM, at most
-    :data:`FINISH_ELEMENTS` partial sums a tile. V4-Flash hc_pre at one token: 128 slices of 128
-    (12 KB of fn each); at 64 tokens: 4 tiles x 32 slices of 512; at 4096: 64 tiles x 4 slices.
+    reads all of fn, through L2); slices enough for :data:`PROGRAMS_PER_SM` programs per SM, at
+    most :data:`FINISH_ELEMENTS` partial sums a tile. V4-Flash hc_pre at one token: 128 slices of
+    128 (12 KB of fn each); at 64 tokens: 4 tiles x 32 slices of 512; at 1024 and 4096: 64 tiles x
+    8 slices.
     On CPU (the interpreter) small chunks and two slices, so the tests exercise edge tiles and the
     slice sum.
     """
@@ -94,7 +101,7 @@ def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
     m_pad = _m_pad(m, block_t)
     block_k = max(16, min(256, 4096 // (block_t * m_pad))) if block_t < 16 else 64
     tiles = cdiv(t, block_t)
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     split = max(1, min(programs // tiles, FINISH_ELEMENTS // (block_t * m_pad)))
     return MixConfig(block_t, block_k, split)
 
