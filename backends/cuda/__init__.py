@@ -23,7 +23,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # tensor-core tiles (both ran, checked, in that run), the launch wrappers compute grids and tile
 # sizes with plain Python integers (_host.py) instead of Triton's equal functions, and moe_experts
 # looks its config up in a tuned table first (empty: every launch as before) and takes 64-column
-# tiles (h quantised after the gate-up; a bench variant, never launched by default, GPU-unverified).
+# tiles (h quantised after the gate-up; a bench variant, never launched by default, GPU-unverified);
+# hc_pre / hc_head cut a prefill's pre-norm GEMM into twice the K slices (the same kernel code).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
