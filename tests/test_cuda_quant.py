@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from seahal.backends.cuda._e2m1 import decode_e2m1, e2m1_bf16  # noqa: E402
+from seahal.backends.cuda._e2m1 import decode_e2m1, e2m1_bf16, lane_order_columns  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference import quant as reference
@@ -323,19 +323,30 @@ def test_e2m1_decode_every_code():
 
 
 @triton.jit
-def _e2m1_bf16_kernel(packed_ptr, exponent_ptr, out_ptr, ROWS: tl.constexpr):
+def _e2m1_bf16_kernel(packed_ptr, exponent_ptr, out_ptr, ROWS: tl.constexpr, LANES: tl.constexpr):
     rows = tl.arange(0, ROWS)[:, None]
     packed = tl.load(packed_ptr + rows * 64 + tl.arange(0, 64)[None, :])
     exponent = tl.load(exponent_ptr + rows * 4 + tl.arange(0, 4)[None, :])
-    tl.store(out_ptr + rows * 128 + tl.arange(0, 128)[None, :], e2m1_bf16(packed, exponent, ROWS, 128))
+    tl.store(out_ptr + rows * 128 + tl.arange(0, 128)[None, :], e2m1_bf16(packed, exponent, ROWS, 128, LANES))
+
+
+def test_lane_order_is_a_permutation_giving_each_lane_one_scale_group():
+    columns = lane_order_columns()
+    assert torch.equal(columns.sort().values, torch.arange(128))
+    lane = torch.arange(128) // 2 % 4  # the lane of a quad holding each column of a 16-wide MMA step
+    assert torch.equal(columns // 32, lane)  # lane j: stored columns 32j ... 32j+31, one 1x32 scale
+    step = torch.arange(128) // 16  # and within a lane, the 16-wide steps take its bytes in turn
+    assert torch.equal(columns % 32 // 4, step)
 
 
 @kernels
-def test_e2m1_bf16_every_byte_and_scale():
+@pytest.mark.parametrize("lanes", [False, True])
+def test_e2m1_bf16_every_byte_and_scale(lanes):
     # The FP4 bf16 form's decode from e8m0 scales (bf16 bit patterns e2m1(c) * 2^-126, then two
     # bf16 multiplies) equals hal.formats' fp32 decode rounded to bf16, bit for bit: every byte
     # (both nibbles, both signs of zero) under scales at both ends of the range (2^-127 makes bf16
-    # subnormals, 2^127 overflows 6 * 2^127 to inf), around 2^0, and NaN (255).
+    # subnormals, 2^127 overflows 6 * 2^127 to inf), around 2^0, and NaN (255). In lane order the
+    # same values, columns permuted.
     from seahal.hal.formats import decode_scale, fp4_dequantize
 
     exponents = torch.tensor([0, 1, 2, 100, 126, 127, 128, 129, 200, 253, 254, 255], dtype=torch.uint8)
@@ -344,8 +355,10 @@ def test_e2m1_bf16_every_byte_and_scale():
     exponent = torch.cat((exponents, torch.full((4,), 127, dtype=torch.uint8))).repeat_interleave(4).view(rows, 4)
     exponent = exponent.roll(1, dims=1)  # each row's four groups at different scales
     out = torch.empty(rows, 128, dtype=torch.bfloat16, device=DEVICE)
-    _e2m1_bf16_kernel[(1,)](packed.to(DEVICE), exponent.to(DEVICE), out, ROWS=rows)
+    _e2m1_bf16_kernel[(1,)](packed.to(DEVICE), exponent.to(DEVICE), out, ROWS=rows, LANES=lanes)
     want = fp4_dequantize(packed, decode_scale(exponent), 32, torch.bfloat16)
+    if lanes:
+        want = want[:, lane_order_columns()]
     got, nan = out.cpu(), want.isnan()  # NaN payloads differ between fp32 and bf16 arithmetic
     assert torch.equal(got.isnan(), nan) and nan.sum() == 4 * 32  # the four groups of scale 255
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))

@@ -72,7 +72,7 @@ import triton
 import triton.language as tl
 
 from ._alignment import row_alignment
-from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, unpack_codes
+from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, lane_order, unpack_codes
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._position import load_position, position_stride
@@ -313,6 +313,9 @@ def _scores_kernel(
     cols = tl.arange(0, D_PAD)
     q_rows = q_ptr + bat * stride_qb + seq[:, None] * stride_qs + head[:, None] * stride_qh
     q = tl.load(q_rows + cols[None, :] * stride_qd, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
+    lanes: tl.constexpr = KEY_FORMAT == "fp4" and q_ptr.dtype.element_ty == tl.bfloat16 and D_PAD == 128
+    if lanes:  # FP4 key tiles decode in lane order (a lane's bytes consecutive): the query's D alike
+        q = lane_order(q, BLOCK_S * H_PAD, D_PAD)
     w = tl.load(w_ptr + bat * stride_wb + seq * stride_ws + head * stride_wh, mask=row_ok, other=0.0)
     w = w.to(tl.float32)
 
@@ -329,7 +332,7 @@ def _scores_kernel(
         entries = start + offs_n
         records = k_ptr + tl.multiple_of(bat * stride_kb + entries * stride_kn, ROW_ALIGN)
         k = _key_tile(records, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
-                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN)
+                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN, lanes)
         logits = exact_dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_S * H_PAD), tl.float32), LOW_PRECISION_DOT)
         weighted = tl.maximum(logits, 0.0) * w[None, :]
         scores = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_S, H_PAD)), axis=2)
@@ -351,9 +354,10 @@ def _order_key(score):
 
 @triton.jit
 def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.constexpr, HEAD_DIM: tl.constexpr,
-              D_PAD: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
+              D_PAD: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, LANES: tl.constexpr = False):
     """The keys at ``records`` (pointers [ROWS] to their first byte or element) as [ROWS, D_PAD]
-    ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM.
+    ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM; LANES (bf16 FP4 keys): the
+    columns in :func:`._e2m1.lane_order`.
 
     ``"dense"``: loaded as they are. Packed records decode to the values ``index_key_unpack`` gives
     (fp32, then rounded to dtype); each byte is loaded once. ``"fp4"``: column c is ``e2m1(nibble c
@@ -372,7 +376,7 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
         exponent = tl.load(rows + (HEAD_DIM // 2 + groups) * stride_kd, mask=row_ok[:, None] & (groups < HEAD_DIM // 32),
                            other=127)
         if dtype == tl.bfloat16:
-            tile = e2m1_bf16(packed, exponent, ROWS, D_PAD)  # masked: code 0 (the value 0), scale 1
+            tile = e2m1_bf16(packed, exponent, ROWS, D_PAD, LANES)  # masked: code 0 (the value 0), scale 1
         else:
             codes = unpack_codes(packed.to(tl.int32), ROWS, D_PAD)  # 0 where masked: the value 0 (scale 1)
             tile = cast_rne(decode_e2m1(codes) * _per_element(_e8m0_scale(exponent.to(tl.int32)), ROWS, D_PAD), dtype)
