@@ -43,10 +43,10 @@ while (($#)); do
 done
 
 # name | cap in seconds | command (run from the repository root with bash -c), in priority order:
-# the end-to-end model (its captured prefill and the decode step after the experts' default went
-# back to the tiles, both new after d2669c9, where every kernel passed the conformance suite and
-# none has changed since), the conformance suite, the experts' rows, then the GPU tests, the
-# GEMMs', mHC's and compressors' rows, and the decode kernels' rows. Measured on the H100: setup
+# the conformance suite (the FP4 decode of fp4_gemm, moe_experts and indexer_topk_packed changed
+# after d2669c9: lane order), the end-to-end model (its captured prefill, new since d2669c9), the
+# experts' rows, then the GPU tests, the GEMMs', mHC's and compressors' rows, and the decode
+# kernels' rows. Measured on the H100: setup
 # 9 s, conformance over 240 s cold (41 s warm), bench-model-quick 207 s (before the captured
 # prefill: expect more) and bench-experts over 239 s for 17 of its rows at d2669c9; bench-decode
 # 94 s at 567d97d; pytest-gpu 129 s and bench-gemm 46 s at 81df42b; bench-mhc-compress 28 s at
@@ -56,8 +56,8 @@ done
 # cores), so the steps run one after another.
 STEPS=(
   "setup|30|print_environment"
-  "bench-model-quick|300|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
   "conformance|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
+  "bench-model-quick|300|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
   "bench-experts|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"

@@ -18,7 +18,7 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "bench-model-quick", "conformance", "bench-experts", "pytest-gpu", "bench-gemm", "bench-mhc-compress",
+STEPS = ["setup", "conformance", "bench-model-quick", "bench-experts", "pytest-gpu", "bench-gemm", "bench-mhc-compress",
          "bench-decode"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
