@@ -15,7 +15,7 @@ from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import KV_TILE, LayerCache, StepMemo
 from .config import CSA_RATIO, ModelConfig
-from .layers import Linear, RMSNorm, quantize_shared_input
+from .layers import Linear, RMSNorm, StackedLinears, quantize_shared_input
 from .parallel import SINGLE_PROCESS, Parallel
 from .quant_sim import fp8_kv_precision
 
@@ -39,7 +39,7 @@ class Compressor(nn.Module):
         self.wgate = Linear(dim, coff * head_dim, ops)
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim), requires_grad=False)
         self.norm = RMSNorm(head_dim, eps, ops)
-        self._stacked: torch.Tensor | None = None  # [wkv; wgate], the two weights' storage (_projections)
+        self._stacked = StackedLinears(self.wkv, self.wgate)  # [wkv; wgate] (_projections)
 
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor,
@@ -60,32 +60,16 @@ class Compressor(nn.Module):
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(x wkv^T, x wgate^T)`` of the checkpoint's bf16 weights (the official code's fp32
-        compressor), as one ``fp32_linear`` over the stacked [wkv; wgate] and two column views of
-        its output: one launch instead of two, with twice the weight rows to spread over the GPU
-        (a decode step's six compressor GEMVs took 93 us on the H100 at 567d97d, latency-bound at
-        16-64 programs each). Every output column is its own weight row's sum, so the values are
-        those of the two calls. Weights in other formats, or of two dtypes, take two calls."""
-        stacked = self._stacked_weight()
+        compressor), as one ``fp32_linear`` over the stacked [wkv; wgate] (:class:`StackedLinears`)
+        and two column views of its output: one launch instead of two, with twice the weight rows
+        to spread over the GPU (a decode step's six compressor GEMVs took 93 us on the H100 at
+        567d97d, latency-bound at 16-64 programs each). Every output column is its own weight
+        row's sum, so the values are those of the two calls. Quantised weights, or two dtypes,
+        take two calls."""
+        stacked = self._stacked.weights() if self.wkv.format == self.wgate.format == "dense" else None
         if stacked is None:
             return tuple(self.ops.fp32_linear(x, w.weight) for w in (self.wkv, self.wgate))
-        return self.ops.fp32_linear(x, stacked).split(self.wkv.out_features, dim=-1)
-
-    def _stacked_weight(self) -> torch.Tensor | None:
-        """[wkv; wgate] [2 coff d, D]; made once, with both Linears' weights then views into it (no
-        second copy). Remade if either weight was replaced since (a load, ``to()``), None where the
-        two cannot share one matrix."""
-        kv, gate = self.wkv.weight, self.wgate.weight
-        stacked, rows = self._stacked, kv.shape[0]
-        if (stacked is not None and kv.data_ptr() == stacked.data_ptr() and gate.data_ptr() == stacked[rows:].data_ptr()
-                and stacked.shape[0] == rows + gate.shape[0] and stacked.device == kv.device):
-            return stacked
-        if self.wkv.format != "dense" or self.wgate.format != "dense" or kv.dtype != gate.dtype:
-            return None
-        stacked = torch.cat([kv, gate])
-        self.wkv.weight = nn.Parameter(stacked[:rows], requires_grad=False)
-        self.wgate.weight = nn.Parameter(stacked[rows:], requires_grad=False)
-        self._stacked = stacked
-        return stacked
+        return self.ops.fp32_linear(x, stacked[0]).split(self.wkv.out_features, dim=-1)
 
     def packs(self, x: torch.Tensor) -> bool:
         """Whether entries come as FP8 records: with ``records`` set, for a bf16 model (the op packs
@@ -149,6 +133,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps, ops)
         self.wq_b = Linear(c.q_lora_rank, self.n_heads * c.head_dim, ops)
         self.wkv = Linear(c.dim, c.head_dim, ops)
+        self._input_projections = StackedLinears(self.wq_a, self.wkv)  # x's two products in one GEMM
         self.kv_norm = RMSNorm(c.head_dim, c.norm_eps, ops)
         self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops, dense_only=True)
         self.wo_b = Linear(self.o_groups * c.o_lora_rank, c.dim, ops)
@@ -190,11 +175,12 @@ class Attention(nn.Module):
         step = step or StepPositions.of(start_pos, s, x.device)
         positions = step.positions.expand(b, s)
         xq = quantize_shared_input(x, self.wq_a, self.wkv)  # x's FP8 tiles, made once for both
-        qr = self.q_norm(self.wq_a(x, xq))
+        qa, kv = self._input_projections(x, xq)
+        qr = self.q_norm(qa)
         qrq = quantize_shared_input(qr, self.wq_b, self.indexer.wq_b) if self.indexer is not None else None
         q = self.ops.rms_norm(self.wq_b(qr, qrq).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
-        kv = self.kv_norm(self.wkv(x, xq))
+        kv = self.kv_norm(kv)
         kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
         if self.config.simulate_fp8_kv and cache.kv.fmt != "fp8":  # an FP8 cache stores kv through that rounding
             kv = fp8_kv_precision(kv, self.ops, self.rope_dim)

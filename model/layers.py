@@ -5,6 +5,7 @@ Dense math is ordinary device-agnostic PyTorch; quantised weights go through the
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import torch
@@ -59,20 +60,95 @@ class Linear(nn.Module):
 
     @property
     def format(self) -> str:
-        if self.weight.dtype == torch.float8_e4m3fn:
-            return "fp8"
-        return "fp4" if self.weight.dtype == torch.uint8 else "dense"
+        return weight_format(self.weight)
 
     def forward(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``quantized``: x's ``fp8_act_quant`` (:func:`quantize_shared_input`), when linears
         sharing x quantise it once."""
-        if self.format == "dense":
-            return nn.functional.linear(x, self.weight.to(x.dtype))
-        q, s = quantized if quantized is not None else self.ops.fp8_act_quant(x.reshape(-1, self.in_features))
-        gemm = self.ops.fp8_gemm if self.format == "fp8" else self.ops.fp4_gemm
-        out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
-        y = gemm(q, s, self.weight, self.scale, out_dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight, self.scale, self.ops, quantized)
+
+
+def weight_format(weight: torch.Tensor) -> str:
+    """"fp8" (e4m3), "fp4" (packed e2m1 bytes) or "dense", as :class:`Linear` holds a weight."""
+    if weight.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    return "fp4" if weight.dtype == torch.uint8 else "dense"
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ops: SimpleNamespace,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """x [..., in] W^T -> [..., out] in x's dtype, for W [out, in] in any of :class:`Linear`'s formats."""
+    fmt = weight_format(weight)
+    if fmt == "dense":
+        return nn.functional.linear(x, weight.to(x.dtype))
+    q, s = quantized if quantized is not None else ops.fp8_act_quant(x.reshape(-1, x.shape[-1]))
+    gemm = ops.fp8_gemm if fmt == "fp8" else ops.fp4_gemm
+    out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+    y = gemm(q, s, weight, scale, out_dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _traced() -> bool:
+    """Whether this call is being traced by ``torch.compile`` or ``torch.export``."""
+    return torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
+class StackedLinears:
+    """Linears that take one input, multiplied as one: their weights stacked into one [sum of
+    outs, in] matrix (FP8 block scales and FP4 group scales likewise), each Linear's weight and
+    scale then views into it, so nothing is held twice. One GEMM launch instead of one a Linear,
+    with all their rows to spread over the GPU; each output column is still its own weight row's
+    product. Stacked on first use, and again after a Linear's weight was replaced (a load,
+    ``to()``). Linears that cannot share a matrix (formats or dtypes that differ, an FP8 block of
+    128 weight rows that would straddle two of them) run one by one, and so do traces
+    (``torch.export``, ``torch.compile``): stacking rebinds the Linears' weights, which a trace must
+    not do to the module it traces.
+    """
+
+    def __init__(self, *linears: Linear):
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        self._stacked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._views: list[tuple[int, int | None]] = []
+        """The (weight, scale) data pointers each Linear had when stacked."""
+
+    def __call__(
+        self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """``tuple(lin(x, quantized) for lin in linears)``, as one product where they stack."""
+        stacked = self.weights()
+        if stacked is None:
+            return tuple(lin(x, quantized) for lin in self.linears)
+        return linear(x, *stacked, self.linears[0].ops, quantized).split(self.sizes, dim=-1)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(stacked weight, stacked scale or None), or None where the Linears cannot share a matrix."""
+        if _traced():
+            return None
+        views = [(lin.weight.data_ptr(), None if lin.scale is None else lin.scale.data_ptr()) for lin in self.linears]
+        if self._stacked is not None and views == self._views:
+            return self._stacked
+        weights = [lin.weight for lin in self.linears]
+        scales = [lin.scale for lin in self.linears]
+        fmt = weight_format(weights[0])
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) > 1 or any(weight_format(w) != fmt for w in weights) \
+                or len({None if s is None else s.dtype for s in scales}) > 1:
+            return None
+        if fmt == "fp8" and any(size % 128 for size in self.sizes[:-1]):
+            return None
+        weight = torch.cat(weights)
+        scale = None if scales[0] is None else torch.cat(scales)
+        rows = [0, *itertools.accumulate(self.sizes)]
+        scale_rows = rows if fmt != "fp8" else [-(-r // 128) for r in rows]
+        for i, lin in enumerate(self.linears):
+            lin.weight = nn.Parameter(weight[rows[i]:rows[i + 1]], requires_grad=False)
+            if scale is not None:
+                lin.scale = scale[scale_rows[i]:scale_rows[i + 1]]
+        self._stacked = (weight, scale)
+        self._views = [(lin.weight.data_ptr(), None if lin.scale is None else lin.scale.data_ptr()) for lin in self.linears]
+        return self._stacked
 
 
 def quantize_shared_input(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:

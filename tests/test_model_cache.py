@@ -147,13 +147,63 @@ def test_compressor_projects_through_one_stacked_weight(checkpoint):
         kv, score = module._projections(x)
         assert torch.equal(kv, fp32_linear(x, module.wkv.weight))
         assert torch.equal(score, fp32_linear(x, module.wgate.weight))
-        storage = module._stacked.untyped_storage().data_ptr()
+        storage = module._stacked.weights()[0].untyped_storage().data_ptr()
         assert {w.untyped_storage().data_ptr() for w in (module.wkv.weight, module.wgate.weight)} == {storage}
         replaced = torch.randn(module.wgate.weight.shape, generator=gen).to(torch.bfloat16)
         module.wgate.set_weight(replaced, None, torch.bfloat16)
         kv, score = module._projections(x)
         assert torch.equal(score, fp32_linear(x, replaced)) and torch.equal(kv, fp32_linear(x, module.wkv.weight))
-        assert module._stacked.untyped_storage().data_ptr() != storage
+        assert module._stacked.weights()[0].untyped_storage().data_ptr() != storage
+
+
+def test_attention_projects_x_through_one_stacked_weight(tmp_path):
+    """Each attention's wq_a and wkv (FP8, 128 + 128 rows in the tiny release checkpoint) run as
+    one fp8_gemm over the stacked weights and block scales: its column views are the two Linears'
+    products bit for bit, both Linears' weights and scales become views of one storage, and a
+    replaced weight is stacked again."""
+    from seahal.model.attention import Attention
+    from seahal.model.layers import quantize_shared_input
+    from seahal.model.tiny import write_tiny_checkpoint
+
+    model = load(write_tiny_checkpoint(tmp_path), device="cpu", dtype=torch.bfloat16, announce=False)
+    gen = torch.Generator().manual_seed(8)
+    for module in (m for m in model.modules() if isinstance(m, Attention)):
+        x = torch.randn(2, 5, module.wq_a.in_features, generator=gen).to(torch.bfloat16)
+        xq = quantize_shared_input(x, module.wq_a, module.wkv)
+        qa, kv = module._input_projections(x, xq)
+        assert module.wq_a.format == "fp8" and torch.equal(qa, module.wq_a(x, xq)) and torch.equal(kv, module.wkv(x, xq))
+        weight, scale = module._input_projections.weights()
+        for t, whole in ((module.wq_a.weight, weight), (module.wkv.weight, weight), (module.wq_a.scale, scale),
+                         (module.wkv.scale, scale)):
+            assert t.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+        before = kv
+        negated = (-module.wkv.weight.float()).to(torch.float8_e4m3fn)  # exact
+        module.wkv.set_weight(negated, module.wkv.scale.clone(), torch.bfloat16)
+        qa, kv = module._input_projections(x, xq)
+        assert torch.equal(kv, -before) and module._input_projections.weights()[0].data_ptr() != weight.data_ptr()
+
+
+def test_stacked_linears_run_one_by_one_where_they_cannot_share_a_matrix():
+    """FP8 Linears whose 128-row scale blocks would straddle two of them, or of two formats, are
+    not stacked: the products are the Linears' own."""
+    from types import SimpleNamespace
+
+    from seahal.backends.cpu.reference.gemm import fp8_gemm
+    from seahal.backends.cpu.reference.quant import fp8_act_quant
+    from seahal.model.convert import quantize_fp8_blocks
+    from seahal.model.layers import Linear, StackedLinears
+
+    ops = SimpleNamespace(fp8_gemm=fp8_gemm, fp8_act_quant=fp8_act_quant)
+    gen = torch.Generator().manual_seed(9)
+    linears = [Linear(256, rows, ops) for rows in (96, 128)]
+    for lin in linears:
+        lin.set_weight(*quantize_fp8_blocks(torch.randn(lin.out_features, 256, generator=gen)), torch.bfloat16)
+    stack = StackedLinears(*linears)
+    assert stack.weights() is None  # 96 rows: the first block of scales would hold rows of both
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    assert all(torch.equal(y, lin(x)) for y, lin in zip(stack(x), linears))
+    dense = Linear(256, 128, ops, dtype=torch.bfloat16)
+    assert StackedLinears(linears[1], dense).weights() is None
 
 
 def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
