@@ -127,8 +127,7 @@ class StackedLinears:
         """(stacked weight, stacked scale or None), or None where the Linears cannot share a matrix."""
         if _traced():
             return None
-        views = [(lin.weight.data_ptr(), None if lin.scale is None else lin.scale.data_ptr()) for lin in self.linears]
-        if self._stacked is not None and views == self._views:
+        if self._stacked is not None and self._pointers() == self._views:
             return self._stacked
         weights = [lin.weight for lin in self.linears]
         scales = [lin.scale for lin in self.linears]
@@ -146,9 +145,11 @@ class StackedLinears:
             lin.weight = nn.Parameter(weight[rows[i]:rows[i + 1]], requires_grad=False)
             if scale is not None:
                 lin.scale = scale[scale_rows[i]:scale_rows[i + 1]]
-        self._stacked = (weight, scale)
-        self._views = [(lin.weight.data_ptr(), None if lin.scale is None else lin.scale.data_ptr()) for lin in self.linears]
+        self._stacked, self._views = (weight, scale), self._pointers()
         return self._stacked
+
+    def _pointers(self) -> list[tuple[int, int | None]]:
+        return [(lin.weight.data_ptr(), None if lin.scale is None else lin.scale.data_ptr()) for lin in self.linears]
 
 
 def quantize_shared_input(x: torch.Tensor, *linears: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
