@@ -78,11 +78,6 @@ class ExpertsConfig:
     faster on the H100 at every row, :func:`experts_config`) decoded to bf16."""
     split_k: int | None = None
     """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
-    max_registers: int | None = None
-    """Registers a thread may use (Triton's ``maxnreg``; None: as ptxas sees fit). The one-token
-    FP4 gate-up tile (8 warps) compiles to 168, so an SM holds one program by registers; at 128
-    (sm_90, Triton 3.6: 28 bytes of spill) it holds two. A bench variant: 100.3 against 105.2 us on
-    the H100 (d2669c9), within the run-to-run spread, so not the default."""
     gemv: bool = False
     """FP8 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
     BLOCK_N weight rows a program, no tensor core and no routing tiles), x and h quantised by
@@ -820,7 +815,6 @@ def _grouped_gemm(
         WEIGHTS_FIRST=weights_first(config.block_m, config.block_n, fp4=fmt == "fp4"),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
-        **({"maxnreg": config.max_registers} if config.max_registers else {}),
     )
 
 

@@ -9,9 +9,9 @@ The peer is the CPU reference's code on the GPU tensors, run per touched expert 
 write; the check is against the reference itself on a sample of the tokens (the reference runs every
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
 Every row also times 64-column tiles on 4 warps (h quantised after the gate-up GEMM; more programs
-an SM), prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4 rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``),
-one-token FP4 rows with 128 registers a thread (two programs an SM); FP8 decode rows up to 16 tokens
-the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
+an SM), prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4
+rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``); FP8 decode
+rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json] [--write]
@@ -136,11 +136,7 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
     if device.type == "cuda":
-        from seahal.backends.cuda.moe_experts import (
-            FP4_WIDE_DECODE_MAX_ROWS,
-            FP8_GEMV,
-            select_experts_config,
-        )
+        from seahal.backends.cuda.moe_experts import FP8_GEMV, select_experts_config
 
         config = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)  # the default launch
         if fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
@@ -152,8 +148,6 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
             variants[f"{c.block_m}x64 tiles, {c.num_warps} warps"] = partial(kernel, *args, config=c)
         if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled
             variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
-            if tokens * dims.top_k <= FP4_WIDE_DECODE_MAX_ROWS:  # two of the 8-warp programs an SM
-                variants["128 registers"] = partial(kernel, *args, config=dataclasses.replace(config, max_registers=128))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 

@@ -97,6 +97,9 @@ class CompileResult:
     loop_barriers: int | None = None
     """``BAR.SYNC`` instructions in the kernel's longest loop (sm_90 SASS): the block-wide barriers
     a streaming loop waits on every step, layout conversions through shared memory among them."""
+    loop_byte_loads: int | None = None
+    """One-byte shared-memory loads (``LDS.U8`` / ``LDS.S8``) in the kernel's longest loop: a lane
+    reading packed data a byte at a time."""
 
     @property
     def ok(self) -> bool:
@@ -277,8 +280,10 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
             chain.append(chain[-1].__cause__)
         return CompileResult(launch, error="\n".join(f"{type(e).__name__}: {e}" for e in chain))
     registers, stack = _resource_usage(compiled.asm["cubin"])
+    loop = _longest_loop(compiled.asm["cubin"])
     return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared,
-                         registers=registers, stack_bytes=stack, loop_barriers=_loop_barriers(compiled.asm["cubin"]))
+                         registers=registers, stack_bytes=stack, loop_barriers=_count(loop, r"BAR\.SYNC"),
+                         loop_byte_loads=_count(loop, r"\bLDS\.[US]8\b"))
 
 
 def _binary_tool_output(name: str, args: list[str], cubin: bytes) -> str | None:
@@ -295,9 +300,9 @@ def _binary_tool_output(name: str, args: list[str], cubin: bytes) -> str | None:
         return subprocess.run([path, *args, file.name], capture_output=True, text=True, check=True).stdout
 
 
-def _loop_barriers(cubin: bytes) -> int | None:
-    """``BAR.SYNC`` count in the longest loop of the kernel in ``cubin`` (a backward branch's body in
-    nvdisasm's SASS); 0 without a loop, None without nvdisasm."""
+def _longest_loop(cubin: bytes) -> list[str] | None:
+    """The SASS lines of the longest loop of the kernel in ``cubin`` (a backward branch's body in
+    nvdisasm's output); [] without a loop, None without nvdisasm."""
     sass = _binary_tool_output("nvdisasm", ["-c"], cubin)
     if sass is None:
         return None
@@ -308,7 +313,12 @@ def _loop_barriers(cubin: bytes) -> int | None:
         for i, line in enumerate(lines)
         if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i
     ]
-    return sum("BAR.SYNC" in line for line in max(loops, key=len)) if loops else 0
+    return max(loops, key=len) if loops else []
+
+
+def _count(lines: list[str] | None, pattern: str) -> int | None:
+    """How many of ``lines`` match ``pattern``; None where there are no lines to read."""
+    return None if lines is None else sum(bool(re.search(pattern, line)) for line in lines)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
