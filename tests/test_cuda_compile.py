@@ -383,7 +383,7 @@ def _compile_all() -> list[dict]:
         results.append({
             "kernel": launch.name, "launch": key, "error": result.error, "shared": result.shared_bytes,
             "registers": result.registers, "stack": result.stack_bytes, "loop_barriers": result.loop_barriers,
-            "loop_byte_loads": result.loop_byte_loads,
+            "loop_byte_loads": result.loop_byte_loads, "loop_instructions": result.loop_instructions,
             "resident": result.resident_programs() if result.ok and result.registers else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
             "mma_loop_block_barriers": _block_barriers_in_mma_loops(ptx),

@@ -100,6 +100,8 @@ class CompileResult:
     loop_byte_loads: int | None = None
     """One-byte shared-memory loads (``LDS.U8`` / ``LDS.S8``) in the kernel's longest loop: a lane
     reading packed data a byte at a time."""
+    loop_instructions: int | None = None
+    """SASS instructions in the kernel's longest loop: what a warp issues per step of it."""
 
     @property
     def ok(self) -> bool:
@@ -283,7 +285,8 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
     loop = _longest_loop(compiled.asm["cubin"])
     return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared,
                          registers=registers, stack_bytes=stack, loop_barriers=_count(loop, r"BAR\.SYNC"),
-                         loop_byte_loads=_count(loop, r"\bLDS\.[US]8\b"))
+                         loop_byte_loads=_count(loop, r"\bLDS\.[US]8\b"),
+                         loop_instructions=_count(loop, r"/\*[0-9a-f]{4}\*/\s+\S"))
 
 
 def _binary_tool_output(name: str, args: list[str], cubin: bytes) -> str | None:
