@@ -118,10 +118,14 @@ def _moe(t: int):
     for scale_dtype, mx in ((torch.float32, False), (e8m0, False), (e8m0, True)):
         # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
         moe_experts.moe_experts(x, weights, top, *fp4_weights(scale_dtype), config=dataclasses.replace(default, fp4_mx=mx))
-    narrow = [dataclasses.replace(default, block_n=64, num_warps=4)]  # the bench's 64-column variants
+    variants = [dataclasses.replace(default, block_n=64, num_warps=4)]  # the bench's 64-column variants
     if t * TOP_K > moe_experts.QUANT_IN_GEMM_MAX_ROWS:
-        narrow.append(dataclasses.replace(default, block_m=128, block_n=64, num_warps=8))
-    for config in narrow:
+        variants.append(dataclasses.replace(default, block_m=128, block_n=64, num_warps=8))
+    else:  # and its decode rows' x quantised by a launch of its own
+        variants.append(dataclasses.replace(default, quant_in_gemm=False))
+        moe_experts.moe_experts(x, weights, top, *fp8_weights, config=dataclasses.replace(
+            moe_experts.experts_config(t * TOP_K, "fp8", x.device), quant_in_gemm=False))
+    for config in variants:
         moe_experts.moe_experts(x, weights, top, *fp4_weights(e8m0), config=config)
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
     moe_experts.route_small(weights[:1].expand(tokens, TOP_K), top[:1].expand(tokens, TOP_K), EXPERTS, 16)

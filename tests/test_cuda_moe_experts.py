@@ -325,12 +325,22 @@ def test_many_rows_take_the_blocked_routing(experts, monkeypatch):
 @pytest.mark.parametrize("fmt", ["fp8", "fp4-e8m0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_x_quantised_in_the_gemm_is_fp8_act_quant(experts, monkeypatch, fmt, dtype):
-    """Few rows: the gate-up kernel FP8-quantises x itself (one launch fewer); many: fp8_act_quant
-    first. The same quantisation function and the same products: equal bit for bit."""
+    """Few rows: the gate-up kernel FP8-quantises x itself (one launch fewer); many, or
+    ``quant_in_gemm=False``: fp8_act_quant first. The same quantisation function and the same
+    products: equal bit for bit."""
+    import dataclasses
+
     args = _case(9, fmt, dtype, seed=7)
+    quantised = []
+    act_quant = experts.fp8_act_quant
+    monkeypatch.setattr(experts, "fp8_act_quant", lambda v, block: quantised.append(v.shape) or act_quant(v, block))
     fused = experts.moe_experts(*args)
+    assert quantised == []
+    apart = experts.moe_experts(*args, config=dataclasses.replace(experts.experts_config(18, "fp8", args[0].device),
+                                                                  quant_in_gemm=False))
+    assert quantised == [(9, D)]
     monkeypatch.setattr(experts, "QUANT_IN_GEMM_MAX_ROWS", 0)
-    assert torch.equal(fused, experts.moe_experts(*args))
+    assert torch.equal(fused, experts.moe_experts(*args)) and torch.equal(fused, apart)
     assert _rel(fused, reference.moe_experts(*args)) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
 
 

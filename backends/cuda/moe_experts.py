@@ -78,6 +78,12 @@ class ExpertsConfig:
     faster on the H100 at every row, :func:`experts_config`) decoded to bf16."""
     split_k: int | None = None
     """K splits of both GEMMs; None: :func:`decode_splits` of each GEMM on a GPU, 1 on CPU tensors."""
+    quant_in_gemm: bool | None = None
+    """FP8/FP4 weights: the GEMMs quantise their float inputs (x, and h from 64-column gate-up
+    tiles) themselves, each program its rows' 1x128 tiles, instead of one ``fp8_act_quant`` launch
+    each; None: up to :data:`QUANT_IN_GEMM_MAX_ROWS` routed rows. In the kernel it saves a launch
+    and costs every program its quantisation in each K step (sm_90, one token: the FP8 gate-up
+    loop 657 instructions and 6 barriers against 382 and 2, FP4 691 and 4 against 631 and 3)."""
     gemv: bool = False
     """FP8 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
     BLOCK_N weight rows a program, no tensor core and no routing tiles), x and h quantised by
@@ -149,7 +155,8 @@ down programs, under two an SM; the tiles split K); at 16 tokens 829.7 against 7
 QUANT_IN_GEMM_MAX_ROWS = 256
 """Up to this many routed rows (T * k: the decode tiles of :func:`experts_config`) the gate-up
 GEMM quantises x itself, and the down GEMM an h its gate-up left unquantised (column tiles under
-128), instead of a separate ``fp8_act_quant`` launch."""
+128), instead of a separate ``fp8_act_quant`` launch (``ExpertsConfig.quant_in_gemm`` None).
+A rule, not a measurement: the bench's decode rows time the other way as a variant."""
 
 
 def _block_k(fmt: str) -> int:
@@ -929,9 +936,10 @@ def _tensor_core_gemms(
     if (fmt_up, fmt_down) != ("dense", "dense") and K_BLOCK % config.block_n:
         raise ValueError(f"moe_experts (cuda.triton): FP8/FP4 weights take column tiles dividing {K_BLOCK}, "
                          f"got ExpertsConfig.block_n={config.block_n}")
-    if fmt_up == "dense" or rows <= QUANT_IN_GEMM_MAX_ROWS:
+    quant_in_gemm = rows <= QUANT_IN_GEMM_MAX_ROWS if config.quant_in_gemm is None else config.quant_in_gemm
+    if fmt_up == "dense" or quant_in_gemm:
         a, a_scale = x, None  # dense: as it is; FP8/FP4 weights: quantised in the gate-up kernel
-    else:  # many rows: once, rather than once per column tile
+    else:  # once, rather than once per column tile
         a, a_scale = fp8_act_quant(x, K_BLOCK)
     if fmt_down != "dense" and config.block_n == K_BLOCK:  # the gate-up epilogue quantises h's 1x128 tiles
         h = torch.empty((rows, inter), dtype=torch.float8_e4m3fn, device=x.device)
@@ -941,7 +949,7 @@ def _tensor_core_gemms(
     round_bf16 = x.dtype == torch.bfloat16
     _grouped_gemm(a, a_scale, w1, w1_scale, w3, w3_scale, h, h_scale, routing, top_k, fmt_up, swiglu_limit,
                   round_bf16, config)
-    if fmt_down != "dense" and h_scale is None and rows > QUANT_IN_GEMM_MAX_ROWS:
+    if fmt_down != "dense" and h_scale is None and not quant_in_gemm:
         h, h_scale = fp8_act_quant(h, K_BLOCK)  # else the down kernel quantises h as it loads it
     _grouped_gemm(h, h_scale, w2, w2_scale, None, None, y, None, routing, top_k, fmt_down, swiglu_limit,
                   round_bf16, config)

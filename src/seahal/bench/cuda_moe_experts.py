@@ -10,8 +10,9 @@ write; the check is against the reference itself on a sample of the tokens (the 
 expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
 Every row also times 64-column tiles on 4 warps (h quantised after the gate-up GEMM; more programs
 an SM), prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4
-rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``); FP8 decode
-rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
+rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``); decode rows
+x quantised by a launch of its own rather than in every gate-up program (``quant_in_gemm=False``);
+FP8 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json] [--write]
@@ -146,6 +147,8 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
             narrow.append(dataclasses.replace(config, block_m=128, block_n=64, num_warps=8))
         for c in narrow:
             variants[f"{c.block_m}x64 tiles, {c.num_warps} warps"] = partial(kernel, *args, config=c)
+        if stage == "decode":  # x (and a narrow tile's h) quantised by a launch of its own, not per program
+            variants["x quantised apart"] = partial(kernel, *args, config=dataclasses.replace(config, quant_in_gemm=False))
         if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled
             variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
