@@ -148,7 +148,8 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
         for c in narrow:
             variants[f"{c.block_m}x64 tiles, {c.num_warps} warps"] = partial(kernel, *args, config=c)
         if stage == "decode":  # x (and a narrow tile's h) quantised by a launch of its own, not per program
-            variants["x quantised apart"] = partial(kernel, *args, config=dataclasses.replace(config, quant_in_gemm=False))
+            apart = dataclasses.replace(config, quant_in_gemm=False)
+            variants["x quantised apart"] = partial(kernel, *args, config=apart)
         if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled
             variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
@@ -230,10 +231,10 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     each with 128- and 64-column tiles on 4 and 8 warps (64: h quantised after the gate-up GEMM;
     two to five 4-warp programs fit an SM where the 128-column ones fit one or two, and each
     program's loop waits on its own MMAs and barriers; 128x64 on 8 warps decodes each FP4 block
-    for 128 rows at about a third fewer instructions a row than 64x128). FP4 blocks are decoded to bf16: the
-    ``tl.dot_scaled`` form lost in every row measured (a bench variant still times it). FP8
-    weights up to :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core GEMV (``gemv``) at 16 and 32
-    weight rows a program."""
+    for 128 rows at about a third fewer instructions a row than 64x128). FP4 blocks are decoded
+    to bf16: the ``tl.dot_scaled`` form lost in every row measured (a bench variant still times
+    it). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core GEMV (``gemv``) at 16
+    and 32 weight rows a program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
     decode = tokens <= 64
