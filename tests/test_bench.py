@@ -389,7 +389,10 @@ def test_moe_experts_tuner_runs_the_rows_asked_for_and_reports_each(monkeypatch)
     seen = []
     cpu = torch.device("cpu")
     results = bench.tune(cpu, quick=True, tokens_only={4}, model="tiny", done=lambda r: seen.append(len(r)))
-    assert [r["shape"] for r in results] == ["tiny fp4 decode T=4"] and seen == [1]
+    assert [r["shape"] for r in results] == ["tiny fp4 decode T=4 top2/8"] and seen == [1]
+    shared = bench.tune(cpu, quick=True, tokens_only={1}, model="tiny")  # the shared expert's one-row call
+    assert [(r["shape"], r["rows"], r["format"]) for r in shared] == [("tiny fp8 decode T=1 top1/1", 1, "fp8")]
+    assert "tiny fp8 decode T=16 top1/1" in [case.shape for case in bench.cases(cpu, quick=True)]
     assert bench.tune(cpu, quick=True, model="V4-Pro") == []  # no such rows off a GPU
 
 

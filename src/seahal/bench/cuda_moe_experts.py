@@ -168,16 +168,32 @@ def _token_counts(device: torch.device, quick: bool) -> tuple[tuple[str, int], .
     return (("prefill", 8192), ("decode", 1), ("decode", 16)) + (("decode", 64),) * (not quick)
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    out = []
+SHARED_TOKENS = (1, 16)
+"""Decode token counts of the shared-expert rows."""
+
+
+def _rows(device: torch.device, quick: bool) -> list[tuple[ModelDims, str, str, int]]:
+    """(dims, weight format, stage, tokens) of the rows: each model's routed experts (FP4, and FP8
+    for V4-Flash unless quick) at :func:`_token_counts`, then its shared expert (FP8, the release's
+    format; one expert every token routes to, with weight 1) at :data:`SHARED_TOKENS` tokens: the
+    end-to-end decode step's one-row calls, which a routed row's launch config does not cover."""
+    rows = []
     for dims in models(device):
         for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
-            for stage, tokens in _token_counts(device, quick):
-                touched = int(routing(tokens, dims.experts, dims.top_k)[0].unique().numel())
-                flops, nbytes = experts_cost(tokens, dims.top_k, dims.dim, dims.inter, touched, fmt)
-                out.append(Case("moe_experts", f"{dims.name} {fmt} {stage} T={tokens} top{dims.top_k}/{dims.experts}",
-                                flops, nbytes, PEAK_FP8_TFLOPS, partial(_experts, dims, fmt, stage, tokens),
-                                {"model": dims.name, "weights": fmt, "tokens": tokens, "touched_experts": touched}))
+            rows += [(dims, fmt, stage, tokens) for stage, tokens in _token_counts(device, quick)]
+        shared = dataclasses.replace(dims, experts=1, top_k=1)
+        rows += [(shared, "fp8", "decode", tokens) for tokens in SHARED_TOKENS]
+    return rows
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    out = []
+    for dims, fmt, stage, tokens in _rows(device, quick):
+        touched = int(routing(tokens, dims.experts, dims.top_k)[0].unique().numel())
+        flops, nbytes = experts_cost(tokens, dims.top_k, dims.dim, dims.inter, touched, fmt)
+        out.append(Case("moe_experts", f"{dims.name} {fmt} {stage} T={tokens} top{dims.top_k}/{dims.experts}",
+                        flops, nbytes, PEAK_FP8_TFLOPS, partial(_experts, dims, fmt, stage, tokens),
+                        {"model": dims.name, "weights": fmt, "tokens": tokens, "touched_experts": touched}))
     return out
 
 
@@ -268,28 +284,24 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
     from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
 
     results = []
-    for dims in models(device):
-        if model is not None and dims.name != model:
+    for dims, fmt, stage, tokens in _rows(device, quick):
+        if (model is not None and dims.name != model) or (tokens_only is not None and tokens not in tokens_only):
             continue
-        for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
-            for stage, tokens in _token_counts(device, quick):
-                if tokens_only is not None and tokens not in tokens_only:
-                    continue
-                args = _arguments(dims, fmt, tokens, device)
-                rows = tokens * dims.top_k
-                default = select_experts_config(rows, fmt, dims.inter, dims.dim, device)
-                expected = reference_by_expert(*args)
-                tuned = tune_row(lambda config: moe_experts(*args, config=config),
-                                 tune_candidates(tokens, fmt == "fp4"), expected,
-                                 lambda fn: time_us(fn, device, quick)[0])
-                default_us = time_us(partial(moe_experts, *args, config=default), device, quick)[0]
-                results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens}", "format": fmt, "rows": rows,
-                                "inter": dims.inter, "dim": dims.dim, "default": dataclasses.asdict(default),
-                                "default_us": default_us, **tuned})
-                r = results[-1]
-                print(f"{r['shape']}: default {default_us:.1f} us, best {r['us'] and round(r['us'], 1)} us "
-                      f"{r['best']}", flush=True)
-                done(results)
+        args = _arguments(dims, fmt, tokens, device)
+        rows = tokens * dims.top_k
+        default = select_experts_config(rows, fmt, dims.inter, dims.dim, device)
+        expected = reference_by_expert(*args)
+        tuned = tune_row(lambda config: moe_experts(*args, config=config),
+                         tune_candidates(tokens, fmt == "fp4"), expected,
+                         lambda fn: time_us(fn, device, quick)[0])
+        default_us = time_us(partial(moe_experts, *args, config=default), device, quick)[0]
+        results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens} top{dims.top_k}/{dims.experts}",
+                        "format": fmt, "rows": rows, "inter": dims.inter, "dim": dims.dim,
+                        "default": dataclasses.asdict(default), "default_us": default_us, **tuned})
+        r = results[-1]
+        print(f"{r['shape']}: default {default_us:.1f} us, best {r['us'] and round(r['us'], 1)} us "
+              f"{r['best']}", flush=True)
+        done(results)
     return results
 
 
