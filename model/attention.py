@@ -89,14 +89,14 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, qr: torch.Tensor, cache: LayerCache, step: StepPositions, freqs: torch.Tensor,
-        qr_quantized: tuple | None = None,
+        self, x: torch.Tensor, q: torch.Tensor, cache: LayerCache, step: StepPositions, freqs: torch.Tensor,
     ) -> torch.Tensor:
         """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
-        are stored in the cache as entries ``n_compressed, ...``. ``qr_quantized``: qr's FP8
-        quantisation, when the attention's own wq_b made it (see :func:`quantize_shared_input`)."""
+        are stored in the cache as entries ``n_compressed, ...``. q: [B, S, H * d], this indexer's
+        ``wq_b`` product of the attention's qr, which the attention makes in one GEMM with its own
+        query projection (:class:`StackedLinears`)."""
         b, s, _ = x.shape
-        q = self.wq_b(qr, qr_quantized).view(b, s, self.n_heads, self.head_dim)
+        q = q.view(b, s, self.n_heads, self.head_dim)
         q = self.ops.rope(q, step.positions.expand(b, s), freqs)
         keys = self.compressor(x, cache.index_state, step.start_pos, freqs)
         if self.config.simulate_fp4_indexer:
@@ -147,6 +147,7 @@ class Attention(nn.Module):
             )
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(c, ops)
+            self._query_projections = StackedLinears(self.wq_b, self.indexer.wq_b)  # qr's two products
         self.register_buffer("freqs", None, persistent=False)
         self.register_buffer("window_offsets", None, persistent=False)
         self.make_constants()
@@ -177,8 +178,11 @@ class Attention(nn.Module):
         xq = quantize_shared_input(x, self.wq_a, self.wkv)  # x's FP8 tiles, made once for both
         qa, kv = self._input_projections(x, xq)
         qr = self.q_norm(qa)
-        qrq = quantize_shared_input(qr, self.wq_b, self.indexer.wq_b) if self.indexer is not None else None
-        q = self.ops.rms_norm(self.wq_b(qr, qrq).view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
+        if self.indexer is None:
+            q = self.wq_b(qr)
+        else:  # the indexer's queries come from qr too; the norm reads the heads of the column view in place
+            q, q_index = self._query_projections(qr, quantize_shared_input(qr, self.wq_b, self.indexer.wq_b))
+        q = self.ops.rms_norm(q.view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
         kv = self.kv_norm(kv)
         kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
@@ -192,7 +196,7 @@ class Attention(nn.Module):
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             if self.indexer is not None:  # a CSA layer: its indexer keys complete with the entries
-                compressed_idx = self.indexer(x, qr, cache, step, self.freqs, qrq)
+                compressed_idx = self.indexer(x, q_index, cache, step, self.freqs)
             cache.append_compressed(entries, step.new_entries(self.ratio), packed, step.memo)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it

@@ -101,6 +101,25 @@ def test_norm_strided_rows_and_zero_rows(norm):
 
 
 @interpreted
+@pytest.mark.parametrize("lead", [(2, 3), (1, 5), (3, 1)])
+def test_norm_of_heads_sliced_from_wider_rows_reads_them_in_place(norm, monkeypatch, lead):
+    """Per-head rows of a column slice of wider rows ([..., :H*D] of [..., H*D + more], viewed as
+    [..., H, D]: the attention's query heads from a stacked projection) do not flatten to one row
+    stride; the kernel reads them at two strides instead of through a copy: the same bits as the
+    norm of the contiguous copy."""
+    wide = _rows(lead, 4 * 64 + 96, BF16, seed=sum(lead))
+    heads = wide[..., : 4 * 64].view(*lead, 4, 64)
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or contiguous(t, *a, **k))
+    out = norm.rms_norm(heads, None, 1e-6)
+    assert copies == []
+    monkeypatch.undo()
+    assert torch.equal(out, norm.rms_norm(heads.contiguous(), None, 1e-6))
+    _check_norm(heads, None, out)
+
+
+@interpreted
 def test_norm_refuses_what_it_does_not_compute(norm):
     with pytest.raises(NotImplementedError, match="float64 runs on the reference"):
         norm.rms_norm(torch.ones(2, 8, dtype=torch.float64), None, 1e-6)

@@ -25,8 +25,8 @@ import pytest
 
 DECODE_BUDGETS = {"decode": 155, "graph decode": 170}
 """Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph
-replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 144 and 159,
-107 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of
+replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 143 and 158,
+106 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of
 2026-11-26 (eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the
 shared expert's routing filled per step), then 252 eager and 284 in the graph; then position
 arithmetic made once a step, FP8 KV and FP4 index keys rounded once (by their packing), inputs
@@ -40,7 +40,8 @@ int position as slice copies (152), and a decode step's compressed rows written 
 (182 -> 169 in the graph), and each compressor's wkv and wgate as one stacked projection (149 and 166), and a ratio's new-entry
 count in three ops (164 in the graph), and a CSA layer's indices written into a buffer the step's
 CSA layers share, its window part written once (148 and 163), and each attention's wq_a and wkv
-as one stacked GEMM (144 and 159)."""
+as one stacked GEMM (144 and 159), and a CSA layer's wq_b and its indexer's wq_b likewise (143 and
+158)."""
 PAIR_BUDGET = 80
 """Kernels each further pair of V4-Flash layers (a CSA and an HCA layer) may add to the graph decode
 step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 74, 60 of them HAL

@@ -26,7 +26,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # tiles (h quantised after the gate-up; a bench variant, never launched by default, GPU-unverified);
 # hc_pre / hc_head cut a prefill's pre-norm GEMM into twice the K slices (the same kernel code).
 # Changed since, so back to False until a GPU run passes them: fp4_gemm, moe_experts and
-# indexer_topk_packed decode FP4 in lane order (_e2m1.lane_order: both operands' K permuted).
+# indexer_topk_packed decode FP4 in lane order (_e2m1.lane_order: both operands' K permuted), and
+# rms_norm reads rows at two strides (heads viewed from a column slice; other launches unchanged).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -38,7 +39,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     ),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
-    "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
+    "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, False),
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, True),
     "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
         "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, True

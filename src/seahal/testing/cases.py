@@ -101,12 +101,19 @@ def strided(t: torch.Tensor, layout: str) -> torch.Tensor:
 
     ``"contiguous"``: t itself; ``"transposed"``: the last two dims stored swapped; ``"sliced"``:
     a view of the first half of rows twice as wide (as when slicing one projection out of a fused
-    one); ``"strided"``: every other element of the last dim (works for 1-D tensors too).
+    one); ``"heads"``: t [..., H, D] as the first H * D columns of rows twice as wide, viewed as
+    heads (a stacked projection's query heads: rows that no single stride steps through);
+    ``"strided"``: every other element of the last dim (works for 1-D tensors too).
     """
     if layout == "contiguous":
         return t
     if layout == "transposed":
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "heads":
+        *lead, heads, d = t.shape
+        wide = torch.zeros((*lead, 2 * heads * d), dtype=t.dtype)
+        wide[..., : heads * d] = t.reshape(*lead, heads * d)
+        return wide[..., : heads * d].view(*lead, heads, d)
     width = t.shape[-1]
     wide = torch.zeros((*t.shape[:-1], 2 * width), dtype=t.dtype)
     if layout == "sliced":
@@ -991,6 +998,8 @@ def _rms_norm_cases(seed: int) -> list[Case]:
         c("fp32 odd width 5", seed + 5, lead=(7,), d=5, dtype=F32),
         c("bf16 transposed view", seed + 6, lead=(3,), d=64, layout="transposed"),
         c("fp32 strided view, unweighted", seed + 7, lead=(2, 5), d=96, dtype=F32, weighted=False, layout="strided"),
+        c("bf16 query heads of a stacked projection [2,3,8,64]", seed + 8, lead=(2, 3, 8), d=64, weighted=False,
+          layout="heads"),
     ]
 
 
