@@ -43,8 +43,8 @@ while (($#)); do
 done
 
 # name | cap in seconds | command (run from the repository root with bash -c), in priority order:
-# the conformance suite (the FP4 decode of fp4_gemm, moe_experts and indexer_topk_packed changed
-# after d2669c9: lane order), the end-to-end model (its captured prefill, new since d2669c9), the
+# the conformance suite (the FP4 decode of fp4_gemm, moe_experts and indexer_topk_packed, and
+# rms_norm's row strides, changed after d2669c9), the end-to-end model (its captured prefill, new since d2669c9), the
 # experts' rows, then the GPU tests, the GEMMs', mHC's and compressors' rows, and the decode
 # kernels' rows. Measured on the H100: setup
 # 9 s, conformance over 240 s cold (41 s warm), bench-model-quick 207 s (before the captured
