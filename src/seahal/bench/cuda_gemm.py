@@ -33,6 +33,7 @@ FP8_SHAPES = {  # V4-Flash FP8 linears, name -> (N, K)
     "q_b": (32768, 1024),
     "wkv": (512, 4096),
     "q_a+wkv": (1536, 4096),  # what the model runs: the two stacked (model.layers.StackedLinears)
+    "q_b+idx_wq_b": (40960, 1024),  # a CSA layer's two query projections, stacked likewise
     "wo_b": (4096, 8192),
     "idx_wq_b": (8192, 1024),
     "shexp_up": (2048, 4096),
