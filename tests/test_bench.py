@@ -417,6 +417,8 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     assert {c.split_k for c in prefill} == {1} and min(c.block_m for c in prefill) == 32
     assert {(c.block_n, c.num_warps) for c in decode} == {(c.block_n, c.num_warps) for c in prefill} \
         == {(128, 4), (128, 8), (64, 4), (64, 8)}
+    # decode rows also quantise x by a launch of their own (prefill rows always do, past 256 rows)
+    assert {c.quant_in_gemm for c in decode} == {None, False} and {c.quant_in_gemm for c in prefill} == {None}
     # the CUDA-core GEMV for FP8 weights where a touched expert has about one row (1 and 16 tokens),
     # not at 64 or prefill, and never for FP4 weights
     assert any(c.gemv for c in tune_candidates(1, fp4=False)) and any(c.gemv for c in tune_candidates(16, fp4=False))

@@ -249,18 +249,21 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     program's loop waits on its own MMAs and barriers; 128x64 on 8 warps decodes each FP4 block
     for 128 rows at about a third fewer instructions a row than 64x128). FP4 blocks are decoded
     to bf16: the ``tl.dot_scaled`` form lost in every row measured (a bench variant still times
-    it). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the CUDA-core GEMV (``gemv``) at 16
-    and 32 weight rows a program."""
+    it). Decode rows also each tile with x quantised by a launch of its own (``quant_in_gemm=False``,
+    at the heuristic's K splits). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the
+    CUDA-core GEMV (``gemv``) at 16 and 32 weight rows a program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
     decode = tokens <= 64
     gemv = [ExpertsConfig(16, rows, warps, gemv=True) for rows in (16, 32) for warps in (4, 8)]
-    return [
+    tiles = [
         ExpertsConfig(block_m, block_n, warps, 4 if decode else 3, split_k=split)
         for block_m in ((16, 32) if decode else (32, 64, 128))
         for block_n, warps in ((128, 4), (128, 8), (64, 4), (64, 8))
         for split in ((None, 1, 2, 4) if decode else (1,))
-    ] + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
+    ]
+    apart = [dataclasses.replace(c, quant_in_gemm=False) for c in tiles if decode and c.split_k is None]
+    return tiles + apart + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
 
 
 def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Callable[[Callable], float]) -> dict:
