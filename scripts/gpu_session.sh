@@ -73,7 +73,7 @@ OPT_IN_STEPS=(
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear --json \$RESULTS/bench-quick.json"
   "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
   "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
-  "tune-experts|300|\$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1,16 --model V4-Flash --json \$RESULTS/tune-experts.json"
+  "tune-experts|300|\$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1 --model V4-Flash --json \$RESULTS/tune-experts.json"
 )
 
 xdist_args() {  # a worker per 16 GiB of GPU memory, 2 to 8 (H100: 4, H200: 8), one file each at a time

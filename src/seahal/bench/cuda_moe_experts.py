@@ -243,7 +243,8 @@ def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
 # -- tuning -----------------------------------------------------------------------------------------
 def tune_candidates(tokens: int, fp4: bool) -> list:
     """The launch configs ``--tune`` times for a row of ``tokens`` tokens: decode (<= 64 tokens)
-    16- and 32-row tiles and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
+    16-row tiles (and 32 past :data:`GEMV_MAX_TOKENS` tokens, where a touched expert has a few
+    rows) and K splits (None: ``decode_splits``' choice), prefill 32-128-row tiles;
     each with 128- and 64-column tiles on 4 and 8 warps (64: h quantised after the gate-up GEMM;
     two to five 4-warp programs fit an SM where the 128-column ones fit one or two, and each
     program's loop waits on its own MMAs and barriers; 128x64 on 8 warps decodes each FP4 block
@@ -258,7 +259,7 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     gemv = [ExpertsConfig(16, rows, warps, gemv=True) for rows in (16, 32) for warps in (4, 8)]
     tiles = [
         ExpertsConfig(block_m, block_n, warps, 4 if decode else 3, split_k=split)
-        for block_m in ((16, 32) if decode else (32, 64, 128))
+        for block_m in (((16,) if tokens <= GEMV_MAX_TOKENS else (16, 32)) if decode else (32, 64, 128))
         for block_n, warps in ((128, 4), (128, 8), (64, 4), (64, 8))
         for split in ((None, 1, 2, 4) if decode else (1,))
     ]
