@@ -15,7 +15,7 @@ from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import KV_TILE, LayerCache, StepMemo
 from .config import CSA_RATIO, ModelConfig
-from .layers import Linear, RMSNorm, StackedLinears, quantize_shared_input
+from .layers import Linear, RMSNorm, StackedLinears
 from .parallel import SINGLE_PROCESS, Parallel
 from .quant_sim import fp8_kv_precision
 
@@ -175,13 +175,12 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         step = step or StepPositions.of(start_pos, s, x.device)
         positions = step.positions.expand(b, s)
-        xq = quantize_shared_input(x, self.wq_a, self.wkv)  # x's FP8 tiles, made once for both
-        qa, kv = self._input_projections(x, xq)
+        qa, kv = self._input_projections(x)
         qr = self.q_norm(qa)
         if self.indexer is None:
             q = self.wq_b(qr)
         else:  # the indexer's queries come from qr too; the norm reads the heads of the column view in place
-            q, q_index = self._query_projections(qr, quantize_shared_input(qr, self.wq_b, self.indexer.wq_b))
+            q, q_index = self._query_projections(qr)
         q = self.ops.rms_norm(q.view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
         q = self.ops.rope(q, positions, self.freqs)
         kv = self.kv_norm(kv)

@@ -114,14 +114,14 @@ class StackedLinears:
         self._views: list[tuple[int, int | None]] = []
         """The (weight, scale) data pointers each Linear had when stacked."""
 
-    def __call__(
-        self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """``tuple(lin(x, quantized) for lin in linears)``, as one product where they stack."""
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``tuple(lin(x) for lin in linears)``: one product where they stack, else one each over
+        x's FP8 tiles made once (:func:`quantize_shared_input`)."""
         stacked = self.weights()
         if stacked is None:
+            quantized = quantize_shared_input(x, *self.linears)
             return tuple(lin(x, quantized) for lin in self.linears)
-        return linear(x, *stacked, self.linears[0].ops, quantized).split(self.sizes, dim=-1)
+        return linear(x, *stacked, self.linears[0].ops).split(self.sizes, dim=-1)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(stacked weight, stacked scale or None), or None where the Linears cannot share a matrix."""

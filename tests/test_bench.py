@@ -520,7 +520,7 @@ def test_moe_experts_table_takes_the_tuned_winners_and_the_launch_finds_them(mon
     and ``select_experts_config`` serves them on that chip (the heuristic elsewhere)."""
     import torch
 
-    from seahal.backends.cuda import moe_experts
+    from seahal.backends.cuda import _gemm, moe_experts
     from seahal.backends.cuda.moe_experts import ExpertsConfig
     from seahal.bench.common import replace_config_table
     from seahal.bench.cuda_moe_experts import experts_table_source
@@ -538,7 +538,7 @@ def test_moe_experts_table_takes_the_tuned_winners_and_the_launch_finds_them(mon
     assert written.startswith("x = 1\nSM90_CONFIGS: ExpertsTable = {\n    (\"fp4\", 8, 2048, 4096)")
     assert replace_config_table(written, "ExpertsTable", "") == module  # and back to empty
     monkeypatch.setitem(moe_experts.CONFIGS, "sm90", table)
-    monkeypatch.setattr(moe_experts, "chip", lambda device: "sm90")
+    monkeypatch.setattr(_gemm, "chip", lambda device: "sm90")
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert moe_experts.select_experts_config(6, "fp4", 2048, 4096, gpu) == tuned
     assert moe_experts.select_experts_config(96, "fp4", 2048, 4096, gpu) != tuned  # another rows class

@@ -170,7 +170,7 @@ def test_attention_projects_x_through_one_stacked_weight(tmp_path):
     for module in (m for m in model.modules() if isinstance(m, Attention)):
         x = torch.randn(2, 5, module.wq_a.in_features, generator=gen).to(torch.bfloat16)
         xq = quantize_shared_input(x, module.wq_a, module.wkv)
-        qa, kv = module._input_projections(x, xq)
+        qa, kv = module._input_projections(x)
         assert module.wq_a.format == "fp8" and torch.equal(qa, module.wq_a(x, xq)) and torch.equal(kv, module.wkv(x, xq))
         weight, scale = module._input_projections.weights()
         for t, whole in ((module.wq_a.weight, weight), (module.wkv.weight, weight), (module.wq_a.scale, scale),
@@ -179,7 +179,7 @@ def test_attention_projects_x_through_one_stacked_weight(tmp_path):
         before = kv
         negated = (-module.wkv.weight.float()).to(torch.float8_e4m3fn)  # exact
         module.wkv.set_weight(negated, module.wkv.scale.clone(), torch.bfloat16)
-        qa, kv = module._input_projections(x, xq)
+        qa, kv = module._input_projections(x)
         assert torch.equal(kv, -before) and module._input_projections.weights()[0].data_ptr() != weight.data_ptr()
 
 

@@ -94,14 +94,19 @@ def chip(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
+def committed_config(tables: Mapping[str, Mapping], key: tuple, device: torch.device):
+    """The config a kernel module's tables commit for ``key`` on ``device``'s chip; None off a GPU
+    (the Triton interpreter on CPU tensors) or where the chip's table lacks the key."""
+    return tables.get(chip(device), {}).get(key) if device.type == "cuda" else None
+
+
 def select_config(tables: Mapping[str, ConfigTable], m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """The committed config for (chip, m class, N, K), else :func:`heuristic_config`."""
-    if device.type != "cuda":  # the Triton interpreter on CPU tensors
-        return heuristic_config(m, n, k, sm_count=8)
-    table = tables.get(chip(device), {})
-    found = table.get((m_class(m), n, k))
+    found = committed_config(tables, (m_class(m), n, k), device)
     if found is not None:
         return found
+    if device.type != "cuda":
+        return heuristic_config(m, n, k, sm_count=8)
     return heuristic_config(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
 
 

@@ -51,7 +51,9 @@ import triton.language as tl
 from seahal.hal.ops.moe import expert_weight_format
 
 from ._e2m1 import fp4_block_dot
-from ._gemm import K_BLOCK, arrival_counters, chip, decode_e8m0, k_splits, oriented, oriented_acc, weights_first
+from ._gemm import (
+    K_BLOCK, arrival_counters, committed_config, decode_e8m0, k_splits, oriented, oriented_acc, weights_first,
+)
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
 from .quant import fp8_act_quant
@@ -137,11 +139,8 @@ def select_experts_config(rows: int, weight_format: str, inter: int, dim: int, d
     """What :func:`moe_experts` launches for ``rows`` routed rows of [I, D] experts in
     ``weight_format``: the committed config of (chip, format, :func:`rows_class`, I, D), else
     :func:`experts_config`'s heuristic."""
-    if device.type == "cuda":
-        found = CONFIGS.get(chip(device), {}).get((weight_format, rows_class(rows), inter, dim))
-        if found is not None:
-            return found
-    return experts_config(rows, weight_format, device)
+    found = committed_config(CONFIGS, (weight_format, rows_class(rows), inter, dim), device)
+    return found if found is not None else experts_config(rows, weight_format, device)
 
 
 FP8_GEMV = ExpertsConfig(16, 16, num_warps=4, gemv=True)
