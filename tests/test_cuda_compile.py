@@ -310,7 +310,9 @@ def _model():
     prefill and decode, in the release layout and in bf16: launches the wrappers' own calls above
     do not make (the first GPU run of the model failed to compile one: the shared expert's down
     GEMM at one token, where the sorted-row count 1 is specialised to a constant)."""
-    from model_on_meta import LAYOUTS, RunKernelFunctions, model_steps
+    from seahal.testing.model_on_meta import LAYOUTS, model_steps
+
+    from seahal.testing.triton_compile import RunKernelFunctions
 
     for layout in LAYOUTS:
         for _, run in model_steps(layout, context=256):

@@ -53,9 +53,9 @@ compressed-row writes (CSA entries and index keys, HCA entries) was a gather, se
 
 def census(context: int = 1024, layers: int = 4) -> dict[str, dict[str, int]]:
     """{phase: Counter} of the kernels one call launches (op name -> count) for the phases of
-    :func:`model_on_meta.model_steps` on V4-Flash's first ``layers`` layers, and under "<phase>
+    :func:`seahal.testing.model_on_meta.model_steps` on V4-Flash's first ``layers`` layers, and under "<phase>
     host transfers" its copies from the host (op name -> count)."""
-    from model_on_meta import model_steps
+    from seahal.testing.model_on_meta import model_steps
 
     from seahal.testing.triton_compile import AtenKernels, capture_launches
 

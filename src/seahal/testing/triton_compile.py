@@ -187,6 +187,16 @@ def capture_launches(sms: int = H100_SMS, capability: tuple[int, int] = (9, 0)) 
         yield launches
 
 
+class RunKernelFunctions(TorchFunctionMode):
+    """Call each HAL op's kernel function instead of the op: on meta tensors the op runs its fake
+    (the contract), which launches nothing; its function makes the launches a GPU would get. Enter
+    it inside ``capture_launches()``, so that the function sees its tensors on ``cuda:0``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from seahal.hal.spec import bound_function
+
+        return (bound_function(func) or func)(*args, **(kwargs or {}))
+
 class _HostData(TorchFunctionMode):
     """Records tensors made on a device from host data (``torch.tensor(..., device=...)``): a copy
     from the host that dispatch modes never see."""

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from unittest import mock
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 LAYOUTS = ("release", "bf16")
 """``release``: FP8 linears (e8m0 128x128 scales), FP4 experts (e8m0 1x32), FP8 KV cache, the other
@@ -42,25 +41,16 @@ def release_layout(model: torch.nn.Module) -> None:
                                    torch.empty(experts, rows, cols // 32, dtype=torch.float8_e8m0fnu, device="cuda"))
 
 
-class RunKernelFunctions(TorchFunctionMode):
-    """Call each HAL op's kernel function instead of the op: on meta tensors the op runs its fake
-    (the contract), which launches nothing; its function makes the launches a GPU would get. Enter
-    it inside ``capture_launches()``, so that the function sees its tensors on ``cuda:0``."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        from seahal.hal.spec import bound_function
-
-        return (bound_function(func) or func)(*args, **(kwargs or {}))
-
-
-def model_steps(layout: str = "release", context: int = 1024, layers: int = 4) -> Iterator[tuple[str, callable]]:
+def model_steps(
+    layout: str = "release", context: int = 1024, layers: int = 4, capacity: int | None = None
+) -> Iterator[tuple[str, callable]]:
     """Yield ("prefill", run), ("decode", run), ("graph decode", run) and ("graph prefill", run):
     ``run()`` is one forward of the 4-layer V4-Flash model of ``seahal bench --ops model`` (64
     experts) over ``context`` prompt tokens, then over one more token, then the step a
     :class:`DecodeGraph` captures (the position a device tensor: what the end-to-end bench
     replays), then the prompt as one such step from position 0 (the bench's captured prefill).
-    ``layers``: V4-Flash's first that many layers (4: the benchmarked model). Call inside
-    ``capture_launches()``."""
+    ``layers``: V4-Flash's first that many layers (4: the benchmarked model); ``capacity``: the
+    cache's rows (default ``2 * context``). Call inside ``capture_launches()``."""
     from seahal.bench.model_e2e import FLASH, V4_FLASH_4_LAYERS
     from seahal.model import load
     from seahal.model.config import ModelConfig
@@ -70,10 +60,11 @@ def model_steps(layout: str = "release", context: int = 1024, layers: int = 4) -
         cache_format = "fp8" if layout == "release" else "dense"
         depth = {"n_layers": layers, "compress_ratios": FLASH["compress_ratios"][:layers]}
         config = ModelConfig.from_dict({**V4_FLASH_4_LAYERS, **depth, "cache_format": cache_format})
-        model = load(config, device="cuda", dtype=torch.bfloat16, announce=False, max_seq_len=2 * context)
+        capacity = capacity or 2 * context
+        model = load(config, device="cuda", dtype=torch.bfloat16, announce=False, max_seq_len=capacity)
         if layout == "release":
             release_layout(model)
-        cache = model.new_cache(1, 2 * context)
+        cache = model.new_cache(1, capacity)
         ids = torch.zeros(1, context, dtype=torch.int64, device="cuda")
         # The forward's own inference_mode hides dtype conversions from dispatch modes (torch
         # 2.13: an inference tensor's .to() never reaches them); no_grad shows every kernel.
