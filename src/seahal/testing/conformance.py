@@ -20,9 +20,9 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from . import triton_interpreter
 from .cases import Case, cases_for, strategy
 from .compare import Verdict, bit_pattern
 from .tolerances import checks_for, reference_in_float64
+
+if TYPE_CHECKING:
+    from .triton_compile import Launch
 
 PROPERTY_EXAMPLES = 8
 """Hypothesis examples per (op, kernel) in CLI runs (derandomised, so reproducible)."""
@@ -380,29 +383,35 @@ def _select(values: tuple[torch.Tensor, ...], outputs: int | tuple[int, ...]) ->
 
 def run_case(target: Target, case: Case, reference: ReferenceCache | None = None) -> CaseResult:
     """One case on one target: pass, fail (with errors and tolerance) or unsupported (with why)."""
-    result = CaseResult(case.op, target.label, case.name, "unsupported")
-    if target.unavailable is not None:
-        result.detail = target.unavailable
+    result = _unsupported(target, case)
+    if result is not None:
         return result
-    why = target.kernel.rejection(PlanContext(target.device.type, target.chip, dict(case.requirements)))
-    if why is not None:
-        result.detail = f"capabilities: {why}"
-        return result
+    result = CaseResult(case.op, target.label, case.name, "fail")
     start = time.perf_counter()
     try:
         want = (reference or ReferenceCache()).get(case)
     except Exception as exc:
-        result.status, result.detail = "fail", f"the cpu reference failed on this case: {type(exc).__name__}: {exc}"
+        result.detail = f"the cpu reference failed on this case: {type(exc).__name__}: {exc}"
         return result
     try:
         got = execute(target.kernel, case, target.device)
     except Exception as exc:  # any kernel failure is a conformance failure, reported with its message
-        result.status, result.detail = "fail", f"{type(exc).__name__}: {exc}".strip()
+        result.detail = f"{type(exc).__name__}: {exc}".strip()
         result.seconds = time.perf_counter() - start
         return result
     _record(result, _compare(case, got, want))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _unsupported(target: Target, case: Case) -> CaseResult | None:
+    """The result of a case ``target`` cannot run (its backend is unavailable, or its kernel's
+    capabilities reject the case's requirements), with why; None if it can."""
+    why = target.unavailable
+    if why is None:
+        rejection = target.kernel.rejection(PlanContext(target.device.type, target.chip, dict(case.requirements)))
+        why = None if rejection is None else f"capabilities: {rejection}"
+    return None if why is None else CaseResult(case.op, target.label, case.name, "unsupported", why)
 
 
 def _record(result: CaseResult, verdicts: list[tuple[str, Any, Verdict]]) -> None:
@@ -435,9 +444,12 @@ class _CaseFailed(AssertionError):
     pass
 
 
-def run_property(target: Target, examples: int = PROPERTY_EXAMPLES) -> CaseResult:
+def run_property(
+    target: Target, examples: int = PROPERTY_EXAMPLES, run: Callable[[Target, Case], CaseResult] = run_case
+) -> CaseResult:
     """Hypothesis-drawn cases on one target, derandomised (the same examples on every run, no
-    shrinking): pass, or fail with the first failing example's arguments and errors."""
+    shrinking): pass, or fail with the first failing example's arguments and errors. ``run`` runs
+    one drawn case (:func:`launch_case` draws the same examples and only launches them)."""
     from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
     from hypothesis.errors import Unsatisfiable
 
@@ -455,7 +467,7 @@ def run_property(target: Target, examples: int = PROPERTY_EXAMPLES) -> CaseResul
     )
     @given(case=strategy(target.op))
     def check(case: Case) -> None:
-        outcome = run_case(target, case)
+        outcome = run(target, case)
         assume(outcome.status != "unsupported")
         if outcome.status == "fail":
             more = f" (+{len(case.calls) - 1} calls)" if len(case.calls) > 1 else ""
@@ -473,6 +485,53 @@ def run_property(target: Target, examples: int = PROPERTY_EXAMPLES) -> CaseResul
         result.status, result.detail = "fail", f"property run raised {type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - start
     return result
+
+
+def launch_case(target: Target, case: Case) -> CaseResult:
+    """A case's calls through ``target``'s kernel, nothing compared: what :func:`captured_launches`
+    runs, where the kernel's Triton launches are recorded and nothing executes. pass: the calls
+    went through; fail: the kernel's wrapper raised (one that reads tensor values on the host
+    cannot run on meta tensors)."""
+    result = _unsupported(target, case)
+    if result is not None:
+        return result
+    result = CaseResult(case.op, target.label, case.name, "pass")
+    bound = BoundOp(get_spec(case.op), target.kernel)
+    try:
+        for args in _materialise(case.calls, target.device, frozenset()):
+            bound(*args)
+    except Exception as exc:  # reported; the launches made before it stay recorded
+        result.status, result.detail = "fail", f"{type(exc).__name__}: {exc}".strip()
+    return result
+
+
+def captured_launches(
+    backend: str,
+    ops: Iterable[str] | None = None,
+    kernel: str | None = None,
+    *,
+    sms: int,
+    capability: tuple[int, int],
+    property_examples: int = PROPERTY_EXAMPLES,
+    seed: int = 0,
+) -> tuple[list[Launch], list[CaseResult]]:
+    """The Triton launches a run of the suite on a CUDA backend makes (the same cases and drawn
+    examples as :func:`run_conformance`), on a GPU of compute ``capability`` with ``sms``
+    multiprocessors, recorded by :func:`~seahal.testing.triton_compile.capture_launches`: nothing
+    runs, no GPU is needed. Also each case's :func:`launch_case` result (fail: its launches may
+    be missing)."""
+    from .triton_compile import RunKernelFunctions, capture_launches
+
+    device = torch.device(backends()[backend].tensor_device_type())
+    chip = f"sm{capability[0]}{capability[1]}"
+    found = [Target(t.op, backend, t.kernel, device, chip) for t in targets(backend, ops, kernel=kernel) if t.kernel]
+    results = []
+    with capture_launches(sms, capability) as launches, RunKernelFunctions():
+        for target in found:
+            results += [launch_case(target, case) for case in cases_for(target.op, seed)]
+            if property_examples:
+                results.append(run_property(target, property_examples, run=launch_case))
+    return launches, results
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,12 +596,20 @@ def main(args: Any) -> int:
     if args.interpret:
         triton_interpreter.enable()
     ops = [op.strip() for op in args.ops.split(",") if op.strip()] if args.ops else None
+    precompiled = args.jobs > 0 and not args.interpret
     try:
+        if precompiled:
+            from .triton_precompile import cache_entries, precompile_conformance
+
+            print(precompile_conformance(args.backend, ops, args.kernel, args.device, args.jobs), flush=True)
+            entries = cache_entries()
         report = run_conformance(args.backend, ops, args.device, args.kernel, interpret=args.interpret)
     except (SeahalError, KeyError) as exc:
         print(f"seahal conformance: {exc}", file=sys.stderr)
         return 2
     print(report.summary(verbose=args.verbose))
+    if precompiled:  # what the precompile missed: the run compiled it itself
+        print(f"Triton cache entries the run added: {cache_entries() - entries}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
