@@ -56,8 +56,8 @@ done
 # cores), so the steps run one after another.
 STEPS=(
   "setup|30|print_environment"
-  "conformance|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --json \$RESULTS/conformance.json"
-  "bench-model-quick|300|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
+  "conformance|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --jobs \$(nproc) --json \$RESULTS/conformance.json"
+  "bench-model-quick|300|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model --quick && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
   "bench-experts|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
@@ -72,7 +72,7 @@ STEPS=(
 OPT_IN_STEPS=(
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear --json \$RESULTS/bench-quick.json"
   "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
-  "bench-model|580|install_carried_wheels && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
+  "bench-model|580|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
   "tune-experts|300|\$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1 --model V4-Flash --json \$RESULTS/tune-experts.json"
 )
 
@@ -181,7 +181,8 @@ shopt -s nullglob
 benches=("$RESULTS"/bench-*.json)
 {
   echo
-  grep -E '^(total:|  [a-z_0-9]+ \[)' "$SCRATCH/conformance.log" 2>/dev/null
+  grep -E '^(total:|Triton cache entries|  [a-z_0-9]+ \[)' "$SCRATCH/conformance.log" 2>/dev/null
+  (cd "$SCRATCH" && grep '^precompile:' ./*.log)  # each step's compiling ahead (conformance, bench-model*)
   ((${#benches[@]})) && "$PYTHON" "$ROOT/scripts/bench_digest.py" "${benches[@]}"
 } >>"$SUMMARY" 2>&1
 echo
