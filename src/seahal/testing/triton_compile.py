@@ -134,8 +134,8 @@ def toolchain_missing() -> str | None:
 
 
 class _CudaAsMeta(TorchFunctionMode):
-    """Tensors requested on a CUDA device are made on ``meta``; outside torch's own code they
-    report ``cuda:0`` (see :func:`capture_launches`)."""
+    """Tensors requested on a CUDA device (``device=`` or a ``.to`` target) are made on ``meta``;
+    outside torch's own code they report ``cuda:0`` (see :func:`capture_launches`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,14 +143,22 @@ class _CudaAsMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
+        if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "meta"
+        if func is torch.Tensor.to:  # t.to("cuda"), t.to(device, dtype)
+            args = tuple("meta" if _is_cuda(a) else a for a in args)
         self.depth += 1  # torch's own code (meta kernels, decompositions) must see "meta"
         try:
             return func(*args, **kwargs)
         finally:
             self.depth -= 1
+
+
+def _is_cuda(device: Any) -> bool:
+    """Whether ``device`` names a CUDA device (a ``torch.device``, ``"cuda"`` or ``"cuda:N"``)."""
+    if isinstance(device, str):
+        return re.fullmatch(r"cuda(:\d+)?", device) is not None
+    return isinstance(device, torch.device) and device.type == "cuda"
 
 
 @contextlib.contextmanager
