@@ -78,16 +78,20 @@ def _precompile_then_launch() -> dict:
     }
 
 
-def _model_specialisations() -> dict:
-    """The end-to-end bench's launches (``--quick``) and the distinct specialisations among them."""
+def _bench_specialisations(what: str) -> dict:
+    """A benchmark's launches and the distinct specialisations among them: ``model`` the end-to-end
+    bench (``--quick``), ``experts`` the experts' rows, ``tune`` the experts' one-token sweep."""
     import argparse
 
     from seahal.testing import triton_precompile as precompile
 
-    launches, notes = precompile._model_launches(argparse.Namespace(quick=True), 132, SM90)
+    if what == "model":
+        launches, notes = precompile._model_launches(argparse.Namespace(quick=True), 132, SM90)
+    else:
+        options = argparse.Namespace(quick=what == "tune", tune=what == "tune", tokens="1", model="V4-Flash")
+        launches, notes = precompile._experts_launches(options, 132, SM90)
     specs, rejected = precompile.specialisations(launches, precompile.cuda_target(SM90))
-    kernels = {s.name for s in specs}
-    return {"launches": len(launches), "specialisations": len(specs), "kernels": sorted(kernels),
+    return {"launches": len(launches), "specialisations": len(specs), "kernels": sorted({s.name for s in specs}),
             "rejected": rejected, "notes": notes}
 
 
@@ -118,12 +122,18 @@ def test_every_launch_finds_its_precompiled_kernel(tmp_path):
     assert got["entries_after_launching"] == got["entries"]
 
 
-def test_the_end_to_end_bench_launches_are_specialised_without_a_gpu(tmp_path):
-    got = _child("model", str(tmp_path))
-    assert got["rejected"] == [] and got["notes"] == []
+@pytest.mark.parametrize("bench, kernels, repeats", [
     # the model repeats its kernels layer after layer: ~1100 launches, ~130 specialisations
-    assert 20 < got["specialisations"] < got["launches"] / 4
-    assert {"_grouped_gemm_kernel", "_sparse_attention_kernel", "_fp8_gemm_kernel", "_mix_kernel"} <= set(got["kernels"])
+    ("model", {"_grouped_gemm_kernel", "_sparse_attention_kernel", "_fp8_gemm_kernel", "_mix_kernel"}, 4),
+    # the experts' rows (~330 launches, ~120 specialisations) and the tuner's sweep (~200, ~80)
+    ("experts", {"_grouped_gemm_kernel", "_route_kernel", "_combine_kernel", "_gemv_kernel"}, 2),
+    ("tune", {"_grouped_gemm_kernel", "_route_kernel", "_fp8_act_quant_kernel"}, 2),
+])
+def test_a_benchmark_s_launches_are_specialised_without_a_gpu(tmp_path, bench, kernels, repeats):
+    got = _child(bench, str(tmp_path))
+    assert got["rejected"] == [] and got["notes"] == []
+    assert 20 < got["specialisations"] < got["launches"] / repeats
+    assert kernels <= set(got["kernels"])
 
 
 def test_without_a_gpu_the_conformance_run_is_told_there_is_nothing_to_compile():
@@ -134,4 +144,5 @@ def test_without_a_gpu_the_conformance_run_is_told_there_is_nothing_to_compile()
 
 
 if __name__ == "__main__":
-    print(json.dumps({"conformance": _precompile_then_launch, "model": _model_specialisations}[sys.argv[1]]()))
+    what = sys.argv[1]
+    print(json.dumps(_precompile_then_launch() if what == "conformance" else _bench_specialisations(what)))

@@ -21,7 +21,7 @@ FP8 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :dat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 
 import torch
@@ -288,9 +288,7 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
     from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
 
     results = []
-    for dims, fmt, stage, tokens in _rows(device, quick):
-        if (model is not None and dims.name != model) or (tokens_only is not None and tokens not in tokens_only):
-            continue
+    for dims, fmt, stage, tokens in _tuned_rows(device, quick, tokens_only, model):
         args = _arguments(dims, fmt, tokens, device)
         rows = tokens * dims.top_k
         default = select_experts_config(rows, fmt, dims.inter, dims.dim, device)
@@ -307,6 +305,34 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
               f"{r['best']}", flush=True)
         done(results)
     return results
+
+
+def _tuned_rows(device: torch.device, quick: bool, tokens_only: Collection[int] | None,
+                model: str | None) -> list[tuple[ModelDims, str, str, int]]:
+    """The rows of :func:`_rows` that :func:`tune` sweeps: of ``tokens_only`` tokens and the ``model``
+    named, where given."""
+    return [(dims, fmt, stage, tokens) for dims, fmt, stage, tokens in _rows(device, quick)
+            if (model is None or dims.name == model) and (tokens_only is None or tokens in tokens_only)]
+
+
+def calls(device: torch.device, quick: bool, tuning: bool = False, tokens_only: Collection[int] | None = None,
+          model: str | None = None) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the benchmark's rows (the routing rows, then each row's default launch
+    and variants) or, ``tuning``, of :func:`tune`'s sweep (each swept row's default launch and
+    candidates), nothing checked or timed: what ``python -m seahal.testing.triton_precompile
+    experts`` runs on meta tensors, to compile these kernels ahead (a row's 20-50 s on the H100
+    were mostly compiling)."""
+    from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
+
+    if not tuning:
+        for case in route_cases(device, quick) + cases(device, quick):
+            work = case.build(device)
+            yield from (work.kernel, *work.variants.values())
+        return
+    for dims, fmt, _, tokens in _tuned_rows(device, quick, tokens_only, model):
+        args = _arguments(dims, fmt, tokens, device)
+        default = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)
+        yield from (partial(moe_experts, *args, config=c) for c in (default, *tune_candidates(tokens, fmt == "fp4")))
 
 
 TABLE_MIN_GAIN = 1.1

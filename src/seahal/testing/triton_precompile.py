@@ -256,6 +256,27 @@ def _model_launches(args: argparse.Namespace, sms: int, capability: tuple[int, i
     return launches, []
 
 
+def _experts_launches(args: argparse.Namespace, sms: int, capability: tuple[int, int]) -> tuple[list, list[str]]:
+    """The launches of ``seahal bench --ops moe_experts`` (its rows' default launches and variants,
+    the routing rows) or, ``--tune``, of ``python -m seahal.bench.cuda_moe_experts --tune`` (each
+    swept row's default launch and candidates): :func:`seahal.bench.cuda_moe_experts.calls`."""
+    import torch
+
+    from seahal.bench.cuda_moe_experts import calls
+
+    from .triton_compile import RunKernelFunctions, capture_launches
+
+    tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
+    notes = []
+    with capture_launches(sms, capability) as launches, RunKernelFunctions():
+        for call in calls(torch.device("cuda"), args.quick, args.tune, tokens, args.model):
+            try:
+                call()
+            except Exception as exc:  # reported: its kernels compile when the run reaches them
+                notes.append(f"{type(exc).__name__}: {exc}")
+    return launches, [f"{len(notes)} calls not captured ({notes[0]})"] if notes else []
+
+
 def _precompile_here(args: argparse.Namespace) -> str:
     """The child's work: capture the launches, specialise, compile; the line to print."""
     import torch
@@ -279,8 +300,9 @@ def _precompile_here(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m seahal.testing.triton_precompile conformance|model ...``: compile ahead what
-    ``seahal conformance`` or ``seahal bench --ops model`` will launch on this machine's GPU.
+    """``python -m seahal.testing.triton_precompile conformance|model|experts ...``: compile ahead
+    what ``seahal conformance``, ``seahal bench --ops model`` or ``--ops moe_experts`` (or the
+    experts' tuner) will launch on this machine's GPU.
     Prints one line; exits 0 whatever it could compile (a run compiles what is missing)."""
     parser = argparse.ArgumentParser(prog="python -m seahal.testing.triton_precompile", description=main.__doc__)
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (default: one a core)")
@@ -294,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     model = runs.add_parser("model", help="what `seahal bench --ops model` launches")
     model.add_argument("--quick", action="store_true", help="as `seahal bench --quick`: the 1k context only")
     model.set_defaults(launches=_model_launches, backend="cuda")
+    experts = runs.add_parser("experts", help="what `seahal bench --ops moe_experts` (or its --tune) launches")
+    experts.add_argument("--quick", action="store_true", help="as the bench's --quick")
+    experts.add_argument("--tune", action="store_true", help="python -m seahal.bench.cuda_moe_experts --tune's launches")
+    experts.add_argument("--tokens", help="--tune: only the rows of these token counts, e.g. 1,16")
+    experts.add_argument("--model", help="--tune: only this model's rows")
+    experts.set_defaults(launches=_experts_launches, backend="cuda")
     args = parser.parse_args(argv)
     try:
         print(_precompile_here(args))
