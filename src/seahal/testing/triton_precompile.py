@@ -196,10 +196,14 @@ def _build_launcher(kernel: Any) -> bool:
 
 def cache_entries() -> int:
     """Entries in Triton's on-disk cache (one directory a compiled kernel, launcher or utility
-    module): counted before and after a run, the difference is what the run itself compiled."""
-    from triton import knobs
+    module): counted before and after a run, the difference is what the run itself compiled; 0
+    without Triton (or one older than its ``knobs``)."""
+    try:
+        from triton import knobs
 
-    directory = knobs.cache.dir
+        directory = knobs.cache.dir
+    except (ImportError, AttributeError):
+        return 0
     return len(os.listdir(directory)) if directory and os.path.isdir(directory) else 0
 
 
