@@ -58,11 +58,11 @@ STEPS=(
   "setup|30|print_environment"
   "conformance|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --jobs \$(nproc) --json \$RESULTS/conformance.json"
   "bench-model-quick|300|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model --quick && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
-  "bench-experts|300|\$PYTHON -m seahal.testing.triton_precompile experts && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
+  "bench-experts|300|\$PYTHON -m seahal.testing.triton_precompile bench --ops moe_experts && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
   "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
-  "bench-decode|200|\$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
+  "bench-decode|200|\$PYTHON -m seahal.testing.triton_precompile bench --ops sparse_attention,indexer && \$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is
@@ -73,7 +73,7 @@ OPT_IN_STEPS=(
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear --json \$RESULTS/bench-quick.json"
   "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
   "bench-model|580|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
-  "tune-experts|300|\$PYTHON -m seahal.testing.triton_precompile experts --tune --quick --tokens 1 --model V4-Flash && \$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1 --model V4-Flash --json \$RESULTS/tune-experts.json"
+  "tune-experts|300|\$PYTHON -m seahal.testing.triton_precompile tune-experts --quick --tokens 1 --model V4-Flash && \$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1 --model V4-Flash --json \$RESULTS/tune-experts.json"
 )
 
 xdist_args() {  # a worker per 16 GiB of GPU memory, 2 to 8 (H100: 4, H200: 8), one file each at a time
@@ -182,7 +182,7 @@ benches=("$RESULTS"/bench-*.json)
 {
   echo
   grep -E '^(total:|Triton cache entries|  [a-z_0-9]+ \[)' "$SCRATCH/conformance.log" 2>/dev/null
-  (cd "$SCRATCH" && grep '^precompile:' ./*.log)  # each step's compiling ahead (conformance, model, experts)
+  (cd "$SCRATCH" && grep '^precompile:' ./*.log)  # each step's compiling ahead (conformance, model, experts, decode)
   ((${#benches[@]})) && "$PYTHON" "$ROOT/scripts/bench_digest.py" "${benches[@]}"
 } >>"$SUMMARY" 2>&1
 echo

@@ -80,7 +80,8 @@ def _precompile_then_launch() -> dict:
 
 def _bench_specialisations(what: str) -> dict:
     """A benchmark's launches and the distinct specialisations among them: ``model`` the end-to-end
-    bench (``--quick``), ``experts`` the experts' rows, ``tune`` the experts' one-token sweep."""
+    bench (``--quick``), ``experts`` the experts' rows, ``tune`` the experts' one-token sweep,
+    ``decode`` the attention and indexer rows."""
     import argparse
 
     from seahal.testing import triton_precompile as precompile
@@ -88,8 +89,9 @@ def _bench_specialisations(what: str) -> dict:
     if what == "model":
         launches, notes = precompile._model_launches(argparse.Namespace(quick=True), 132, SM90)
     else:
-        options = argparse.Namespace(quick=what == "tune", tune=what == "tune", tokens="1", model="V4-Flash")
-        launches, notes = precompile._experts_launches(options, 132, SM90)
+        ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer"}[what]
+        options = argparse.Namespace(ops=ops, quick=what == "tune", tokens="1", model="V4-Flash")
+        launches, notes = precompile._bench_launches(options, 132, SM90)
     specs, rejected = precompile.specialisations(launches, precompile.cuda_target(SM90))
     return {"launches": len(launches), "specialisations": len(specs), "kernels": sorted({s.name for s in specs}),
             "rejected": rejected, "notes": notes}
@@ -128,6 +130,8 @@ def test_every_launch_finds_its_precompiled_kernel(tmp_path):
     # the experts' rows (~330 launches, ~120 specialisations) and the tuner's sweep (~200, ~80)
     ("experts", {"_grouped_gemm_kernel", "_route_kernel", "_combine_kernel", "_gemv_kernel"}, 2),
     ("tune", {"_grouped_gemm_kernel", "_route_kernel", "_fp8_act_quant_kernel"}, 2),
+    # the attention and indexer rows: ~830 launches of ~40 specialisations (contexts share them)
+    ("decode", {"_sparse_attention_kernel", "_scores_kernel", "_select_kernel"}, 10),
 ])
 def test_a_benchmark_s_launches_are_specialised_without_a_gpu(tmp_path, bench, kernels, repeats):
     got = _child(bench, str(tmp_path))

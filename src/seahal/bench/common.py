@@ -470,6 +470,16 @@ def on_each_row(hook: Callable[[dict], None]) -> Iterator[None]:
         _ROW_HOOKS.remove(hook)
 
 
+def workload_calls(cases: Iterable[Case], device: torch.device) -> Iterator[Callable[[], object]]:
+    """Each case's kernel call, then its variants', built on ``device`` (one case at a time),
+    nothing checked or timed: what ``python -m seahal.testing.triton_precompile bench`` runs on
+    meta tensors to compile a benchmark's kernels ahead of it."""
+    for case in cases:
+        if case.build is not None:
+            work = case.build(device)
+            yield from (work.kernel, *work.variants.values())
+
+
 def measure_all(cases: Iterable[Case], device: torch.device, quick: bool) -> list[dict]:
     """:func:`measure` each case, printing one progress line per row (with the seconds it took:
     compiles and slow peers are what a device session's budget goes on)."""

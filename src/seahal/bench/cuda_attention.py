@@ -24,7 +24,7 @@ attended densely; for the indexer's long prefills the reference runs over blocks
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -42,6 +42,7 @@ from seahal.bench.common import (
     measure_all,
     models,
     reference,
+    workload_calls,
 )
 from seahal.hal.formats import INDEX_KEY_FORMATS, index_key_bytes, index_key_pack, index_key_unpack
 from seahal.hal.ops.quant import kv_record_bytes
@@ -527,9 +528,21 @@ def packed_indexer_cases(device: torch.device, quick: bool) -> list[Case]:
     return [case for fmt in INDEX_KEY_FORMATS for case in indexer_cases(device, quick, fmt)]
 
 
+CASES: dict[str, Callable[[torch.device, bool], list[Case]]] = {
+    "sparse_attention": attention_cases,
+    "indexer_topk": indexer_cases,
+    "sparse_attention_fp8": lambda device, quick: attention_fp8_cases(device, quick) + paged_fp8_cases(device, quick),
+    "indexer_topk_packed": packed_indexer_cases,
+}
+"""op -> its rows' cases (device, quick)."""
+
+
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
-    cases = {"sparse_attention": attention_cases, "indexer_topk": indexer_cases,
-             "sparse_attention_fp8": lambda device, quick: attention_fp8_cases(device, quick) + paged_fp8_cases(device, quick),
-             "indexer_topk_packed": packed_indexer_cases}
-    return [row for op in ops for row in measure_all(cases[op](device, quick), device, quick)]
+    return [row for op in ops for row in measure_all(CASES[op](device, quick), device, quick)]
+
+
+def calls(ops: list[str], device: torch.device, quick: bool) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the rows of ``ops``, unchecked and untimed (:func:`.common.workload_calls`)."""
+    for op in ops:
+        yield from workload_calls(CASES[op](device, quick), device)

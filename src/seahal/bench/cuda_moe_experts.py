@@ -37,6 +37,7 @@ from seahal.bench.common import (
     models,
     reference,
     time_us,
+    workload_calls,
 )
 
 OPS = ("moe_experts",)
@@ -315,20 +316,20 @@ def _tuned_rows(device: torch.device, quick: bool, tokens_only: Collection[int] 
             if (model is None or dims.name == model) and (tokens_only is None or tokens in tokens_only)]
 
 
-def calls(device: torch.device, quick: bool, tuning: bool = False, tokens_only: Collection[int] | None = None,
-          model: str | None = None) -> Iterator[Callable[[], object]]:
-    """Every kernel call of the benchmark's rows (the routing rows, then each row's default launch
-    and variants) or, ``tuning``, of :func:`tune`'s sweep (each swept row's default launch and
-    candidates), nothing checked or timed: what ``python -m seahal.testing.triton_precompile
-    experts`` runs on meta tensors, to compile these kernels ahead (a row's 20-50 s on the H100
-    were mostly compiling)."""
+def calls(ops: list[str], device: torch.device, quick: bool) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the rows (the routing rows', then each row's default launch and
+    variants), unchecked and untimed (:func:`.common.workload_calls`; a row's 20-50 s on the H100
+    were mostly compiling its variants)."""
+    return workload_calls(route_cases(device, quick) + cases(device, quick), device)
+
+
+def tune_calls(device: torch.device, quick: bool, tokens_only: Collection[int] | None = None,
+               model: str | None = None) -> Iterator[Callable[[], object]]:
+    """Every kernel call of :func:`tune`'s sweep (each swept row's default launch and candidates),
+    unchecked and untimed: what ``python -m seahal.testing.triton_precompile tune-experts``
+    compiles ahead of it."""
     from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
 
-    if not tuning:
-        for case in route_cases(device, quick) + cases(device, quick):
-            work = case.build(device)
-            yield from (work.kernel, *work.variants.values())
-        return
     for dims, fmt, _, tokens in _tuned_rows(device, quick, tokens_only, model):
         args = _arguments(dims, fmt, tokens, device)
         default = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)

@@ -248,37 +248,61 @@ def _model_launches(args: argparse.Namespace, sms: int, capability: tuple[int, i
     from seahal.bench.model_e2e import scale
 
     from .model_on_meta import LAYOUTS, model_steps
-    from .triton_compile import RunKernelFunctions, capture_launches
 
     bench = scale(torch.device("cuda"), args.quick)
-    with capture_launches(sms, capability) as launches:
-        for context in bench.contexts:
-            for layout in LAYOUTS:
-                for _, run in model_steps(layout, context, capacity=bench.capacity(context)):
-                    with RunKernelFunctions():
-                        run()
-    return launches, []
+    sources = [(run for _, run in model_steps(layout, context, capacity=bench.capacity(context)))
+               for context in bench.contexts for layout in LAYOUTS]
+    return _run_calls(sources, sms, capability, [])
 
 
-def _experts_launches(args: argparse.Namespace, sms: int, capability: tuple[int, int]) -> tuple[list, list[str]]:
-    """The launches of ``seahal bench --ops moe_experts`` (its rows' default launches and variants,
-    the routing rows) or, ``--tune``, of ``python -m seahal.bench.cuda_moe_experts --tune`` (each
-    swept row's default launch and candidates): :func:`seahal.bench.cuda_moe_experts.calls`."""
+def _bench_launches(args: argparse.Namespace, sms: int, capability: tuple[int, int]) -> tuple[list, list[str]]:
+    """The launches of ``seahal bench --backend cuda --ops OPS`` (its rows' default launches and
+    variants, through each module's ``calls``) or of the experts' tuner (``tune-experts``:
+    :func:`seahal.bench.cuda_moe_experts.tune_calls`)."""
+    import importlib
+
     import torch
 
-    from seahal.bench.cuda_moe_experts import calls
+    from seahal.bench import CUDA_OPS, expand_ops
 
+    cuda = torch.device("cuda")
+    if args.ops is None:  # tune-experts
+        from seahal.bench.cuda_moe_experts import tune_calls
+
+        tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
+        sources = [tune_calls(cuda, args.quick, tokens, args.model)]
+        notes = []
+    else:
+        modules: dict[str, list[str]] = {}
+        for op in expand_ops(args.ops):
+            modules.setdefault(CUDA_OPS[op], []).append(op)
+        modules = {importlib.import_module(f"seahal.bench.{name}"): ops for name, ops in modules.items()}
+        sources = [module.calls(ops, cuda, args.quick) for module, ops in modules.items() if hasattr(module, "calls")]
+        notes = [f"{module.__name__} has no calls()" for module in modules if not hasattr(module, "calls")]
+    return _run_calls(sources, sms, capability, notes)
+
+
+def _run_calls(sources: list, sms: int, capability: tuple[int, int], notes: list[str]) -> tuple[list, list[str]]:
+    """Capture the launches of every call the ``sources`` (iterators of calls) yield; a call that
+    raises is noted and skipped (its kernels compile when the run reaches them)."""
     from .triton_compile import RunKernelFunctions, capture_launches
 
-    tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
-    notes = []
+    failed = []
     with capture_launches(sms, capability) as launches, RunKernelFunctions():
-        for call in calls(torch.device("cuda"), args.quick, args.tune, tokens, args.model):
-            try:
-                call()
-            except Exception as exc:  # reported: its kernels compile when the run reaches them
-                notes.append(f"{type(exc).__name__}: {exc}")
-    return launches, [f"{len(notes)} calls not captured ({notes[0]})"] if notes else []
+        for source in sources:
+            while True:
+                try:
+                    call = next(source)
+                except StopIteration:
+                    break
+                except Exception as exc:  # building a call failed, which ends its source
+                    failed.append(f"{type(exc).__name__}: {exc} (and the rest of its source)")
+                    break
+                try:
+                    call()
+                except Exception as exc:
+                    failed.append(f"{type(exc).__name__}: {exc}")
+    return launches, notes + ([f"{len(failed)} calls not captured ({failed[0]})"] if failed else [])
 
 
 def _precompile_here(args: argparse.Namespace) -> str:
@@ -304,9 +328,9 @@ def _precompile_here(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m seahal.testing.triton_precompile conformance|model|experts ...``: compile ahead
-    what ``seahal conformance``, ``seahal bench --ops model`` or ``--ops moe_experts`` (or the
-    experts' tuner) will launch on this machine's GPU.
+    """``python -m seahal.testing.triton_precompile conformance|model|bench|tune-experts ...``:
+    compile ahead what ``seahal conformance``, ``seahal bench --ops model``, ``seahal bench --ops
+    OPS`` or the experts' tuner will launch on this machine's GPU.
     Prints one line; exits 0 whatever it could compile (a run compiles what is missing)."""
     parser = argparse.ArgumentParser(prog="python -m seahal.testing.triton_precompile", description=main.__doc__)
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (default: one a core)")
@@ -320,12 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     model = runs.add_parser("model", help="what `seahal bench --ops model` launches")
     model.add_argument("--quick", action="store_true", help="as `seahal bench --quick`: the 1k context only")
     model.set_defaults(launches=_model_launches, backend="cuda")
-    experts = runs.add_parser("experts", help="what `seahal bench --ops moe_experts` (or its --tune) launches")
-    experts.add_argument("--quick", action="store_true", help="as the bench's --quick")
-    experts.add_argument("--tune", action="store_true", help="python -m seahal.bench.cuda_moe_experts --tune's launches")
-    experts.add_argument("--tokens", help="--tune: only the rows of these token counts, e.g. 1,16")
-    experts.add_argument("--model", help="--tune: only this model's rows")
-    experts.set_defaults(launches=_experts_launches, backend="cuda")
+    bench = runs.add_parser("bench", help="what `seahal bench --backend cuda --ops OPS` launches")
+    bench.add_argument("--ops", required=True, help="as the bench's --ops (modules with calls())")
+    bench.add_argument("--quick", action="store_true", help="as the bench's --quick")
+    bench.set_defaults(launches=_bench_launches, backend="cuda")
+    tune = runs.add_parser("tune-experts", help="what `python -m seahal.bench.cuda_moe_experts --tune` launches")
+    tune.add_argument("--quick", action="store_true")
+    tune.add_argument("--tokens", help="only the rows of these token counts, e.g. 1,16")
+    tune.add_argument("--model", help="only this model's rows")
+    tune.set_defaults(launches=_bench_launches, backend="cuda", ops=None)
     args = parser.parse_args(argv)
     try:
         print(_precompile_here(args))
