@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._gemm import decode_e8m0, oriented, oriented_dot
 from ._numerics import INTERPRETED, cast_rne
 
@@ -151,3 +152,6 @@ def fp4_block_dot(
         a = lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
         product = oriented_dot(a, tl.trans(b), WEIGHTS_FIRST)
         return acc + product * oriented(a_scale[:, None], WEIGHTS_FIRST)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

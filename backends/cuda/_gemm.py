@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._host import cdiv
 from ._numerics import cast_rne
 from ._pdl import pdl_options
@@ -340,3 +341,6 @@ def store_tile(
                 total += tl.load(tile_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter, 0)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
+
 INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` at import)."""
 FP8_MAX = tl.constexpr(448.0)
@@ -100,3 +102,6 @@ def exact_dot(a, b, acc, LOW_PRECISION: tl.constexpr):
     if LOW_PRECISION:
         return tl.dot(a, b, acc)
     return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ._cache_keys import settle_cache_keys
+
 PDL_VARIABLE = "SEAHAL_CUDA_PDL"
 """Set to 1 to launch the backend's Triton kernels with programmatic dependent launch."""
 
@@ -42,3 +44,6 @@ def wait_for_prior_grid(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

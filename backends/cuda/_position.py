@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
+
 
 def position_stride(op: str, start_pos: torch.Tensor, batch: int, device: torch.device) -> int:
     """The stride between sequences' positions in ``start_pos``: 0 for a 0-d tensor, its own stride
@@ -28,3 +30,6 @@ def position_stride(op: str, start_pos: torch.Tensor, batch: int, device: torch.
 def load_position(pos_ptr, stride, b):
     """Sequence b's start_pos, as int32: the index math an int position (< 2^31) gets."""
     return tl.load(pos_ptr + b * stride).to(tl.int32)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

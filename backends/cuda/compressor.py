@@ -76,6 +76,7 @@ import triton.language as tl
 from seahal.hal.ops.compressor import compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._cache_keys import settle_cache_keys
 from ._gemm import arrival_counters
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, fp8_quantize_tiles
@@ -487,3 +488,6 @@ def _write_state(
         slot = s.to(tl.int64)[:, None]
         tl.store(kv_state_ptr + b * stride_vb + slot * stride_vs + col * stride_vc, kv_v, mask=rows)
         tl.store(score_state_ptr + b * stride_wb + slot * stride_ws + col * stride_wc, z, mask=rows)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._e2m1 import fp4_block_dot
 from ._gemm import (
     ConfigTable, GemmConfig, gemm, k_block_range, launch, oriented, oriented_acc, store_tile, tile_coords,
@@ -137,3 +138,6 @@ def fp4_gemm(
     ``C[m, n] = sum_k A[m, k] sA[m, k/128] * e2m1(B[n, k]) sB[n, k/32]``
     """
     return gemm(launch_fp4_gemm, CONFIGS, a, a_scale, b, b_scale, out_dtype)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._gemm import (
     ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords, tma_ready,
 )
@@ -201,3 +202,5 @@ def fp8_gemm(
     """
     return gemm(launch_fp8_gemm, CONFIGS, a, a_scale, b, b_scale, out_dtype)
 
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._alignment import row_alignment
 from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, lane_order, unpack_codes
 from ._host import cdiv, next_power_of_2
@@ -492,3 +493,6 @@ def _rank_kernel(
     entry = (MAX_ENTRIES - 1 - (mine & 0xFFFFFFFF)).to(tl.int32)
     tl.store(out + larger * stride_ok, entry, mask=mine != NO_CANDIDATE)
     tl.store(out + slots * stride_ok, tl.full((BLOCK_R,), -1, tl.int32), mask=(slots < topk) & (slots >= filled))
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._cache_keys import settle_cache_keys
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -102,3 +103,6 @@ def _kv_cache_unpack_kernel(
     high = tl.load(rope_bytes + stride_rb, mask=rope_mask, other=0).to(tl.int32)
     rope = ((high << 8) | low).to(tl.int16).to(tl.bfloat16, bitcast=True)
     tl.store(out_row[:, None] + NOPE + j[None, :], rope, mask=rope_mask)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

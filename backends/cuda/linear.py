@@ -31,6 +31,7 @@ import triton.language as tl
 
 from seahal.backends.cpu.reference.linear import fp32_linear as widened_gemm
 
+from ._cache_keys import settle_cache_keys
 from ._host import cdiv, next_power_of_2
 from .rope import check_dtype
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -162,3 +163,6 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             num_warps=4, num_stages=4, **pdl_options(),
         )
     return out.reshape(*x.shape[:-1], v)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

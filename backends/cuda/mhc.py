@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._gemm import arrival_counters
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
@@ -477,3 +478,6 @@ def _collapse_columns(
         weight = tl.load(pre_ptr + token * N + i)
         y += weight * tl.load(row + i * stride_xn + cols * stride_xd, mask=in_d, other=0.0).to(tl.float32)
     tl.store(y_ptr + token.to(tl.int64) * D + cols, cast_rne(y, y_ptr.dtype.element_ty), mask=in_d)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
+from ._cache_keys import settle_cache_keys
 from ._e2m1 import fp4_block_dot
 from ._gemm import (
     K_BLOCK, arrival_counters, committed_config, decode_e8m0, k_splits, oriented, oriented_acc, weights_first,
@@ -952,3 +953,6 @@ def _tensor_core_gemms(
         h, h_scale = fp8_act_quant(h, K_BLOCK)  # else the down kernel quantises h as it loads it
     _grouped_gemm(h, h_scale, w2, w2_scale, None, None, y, None, routing, top_k, fmt_down, swiglu_limit,
                   round_bf16, config)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

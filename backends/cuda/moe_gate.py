@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._host import cdiv, next_power_of_2
 from ._numerics import exact_dot
 from .linear import fp32_gemv_tile
@@ -320,3 +321,6 @@ def _route_kernel(
     out = offs_t[:, None].to(tl.int64) * TOP_K + slots[None, :]
     tl.store(w_out + out, weights * route_scale, mask=mask)
     tl.store(i_out + out, picked, mask=mask)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

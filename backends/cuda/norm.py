@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -104,3 +105,6 @@ def _flat_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None
         if outer != inner * n:
             return None
     return dims[-1][1] if dims else 0
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -23,6 +23,7 @@ import triton.language as tl
 from seahal.hal.formats import FP4_TILE, index_key_bytes
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._cache_keys import settle_cache_keys
 from ._e2m1 import decode_e2m1
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot, fp8_quantize_tiles, pow2_ceil
@@ -396,3 +397,6 @@ def _index_key_pack_kernel(
         byte = tl.arange(0, 4)[None, None, :]  # the scale's fp32 bits, least significant byte first
         scale_bytes = (s.to(tl.int32, bitcast=True)[:, :, None] >> (8 * byte)) & 0xFF
         tl.store(record[:, None, None] + N_TILES * BLOCK + byte, scale_bytes.to(tl.uint8), mask=scale_mask[:, :, None])
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._cache_keys import settle_cache_keys
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -99,3 +100,6 @@ def _rope_kernel(
     a, b = tl.split(tl.load(x_row[:, :, None] + cols * stride_xd, mask=rot, other=0.0).to(tl.float32))
     rotated = tl.join(a * cos - b * sin, a * sin + b * cos)
     tl.store(out_row[:, :, None] + cols, cast_rne(rotated, out_ptr.dtype.element_ty), mask=rot)
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

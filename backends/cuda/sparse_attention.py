@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from seahal.hal.ops.quant import kv_record_bytes
 
+from ._cache_keys import settle_cache_keys
 from ._alignment import row_alignment
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
@@ -492,3 +493,6 @@ def _combine_splits_kernel(
     out = out_ptr + (pid_bs // S) * stride_ob + (pid_bs % S) * stride_os + heads[:, None] * stride_oh
     _normalise_and_store(tl.sum(acc, axis=0), m, tl.sum(l, axis=0), sink_ptr, stride_sink, heads, head_ok,
                          out + cols[None, :] * stride_od, head_ok[:, None] & col_ok[None, :])
+
+
+settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)
