@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-MODULES = ["sparse_attention", "indexer", "moe_experts", "quant", "mhc", "compressor", "norm", "rope", "linear"]
+MODULES = ["sparse_attention", "indexer", "moe_experts", "quant", "mhc", "compressor", "norm", "rope", "linear",
+           "fp8_gemm_pingpong"]
 
 
 def _update_hash_before_38(self, func) -> None:
