@@ -61,7 +61,7 @@ STEPS=(
   "bench-experts|300|\$PYTHON -m seahal.testing.triton_precompile bench --ops moe_experts && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
-  "bench-mhc-compress|90|\$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
+  "bench-mhc-compress|90|\$PYTHON -m seahal.testing.triton_precompile bench --ops mhc,kv_compress && \$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
   "bench-decode|200|\$PYTHON -m seahal.testing.triton_precompile bench --ops sparse_attention,indexer && \$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
@@ -182,7 +182,7 @@ benches=("$RESULTS"/bench-*.json)
 {
   echo
   grep -E '^(total:|Triton cache entries|  [a-z_0-9]+ \[)' "$SCRATCH/conformance.log" 2>/dev/null
-  (cd "$SCRATCH" && grep '^precompile:' ./*.log)  # each step's compiling ahead (conformance, model, experts, decode)
+  (cd "$SCRATCH" && grep '^precompile:' ./*.log)  # each step's compiling ahead (conformance and the benches)
   ((${#benches[@]})) && "$PYTHON" "$ROOT/scripts/bench_digest.py" "${benches[@]}"
 } >>"$SUMMARY" 2>&1
 echo

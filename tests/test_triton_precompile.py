@@ -81,7 +81,7 @@ def _precompile_then_launch() -> dict:
 def _bench_specialisations(what: str) -> dict:
     """A benchmark's launches and the distinct specialisations among them: ``model`` the end-to-end
     bench (``--quick``), ``experts`` the experts' rows, ``tune`` the experts' one-token sweep,
-    ``decode`` the attention and indexer rows."""
+    ``decode`` the attention and indexer rows, ``mhc`` the other modules' rows."""
     import argparse
 
     from seahal.testing import triton_precompile as precompile
@@ -89,7 +89,8 @@ def _bench_specialisations(what: str) -> dict:
     if what == "model":
         launches, notes = precompile._model_launches(argparse.Namespace(quick=True), 132, SM90)
     else:
-        ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer"}[what]
+        ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer",
+               "mhc": "mhc,kv_compress,rope,kv_cache_unpack,fp32_linear"}[what]
         options = argparse.Namespace(ops=ops, quick=what == "tune", tokens="1", model="V4-Flash")
         launches, notes = precompile._bench_launches(options, 132, SM90)
     specs, rejected = precompile.specialisations(launches, precompile.cuda_target(SM90))
@@ -132,6 +133,8 @@ def test_every_launch_finds_its_precompiled_kernel(tmp_path):
     ("tune", {"_grouped_gemm_kernel", "_route_kernel", "_fp8_act_quant_kernel"}, 2),
     # the attention and indexer rows: ~830 launches of ~40 specialisations (contexts share them)
     ("decode", {"_sparse_attention_kernel", "_scores_kernel", "_select_kernel"}, 10),
+    # the mHC, rope, compressor, cache-unpack and fp32-linear rows: ~75 launches, ~35 specialisations
+    ("mhc", {"_mix_kernel", "_post_kernel", "_kv_compress_kernel", "_rope_kernel", "_fp32_gemv_kernel"}, 2),
 ])
 def test_a_benchmark_s_launches_are_specialised_without_a_gpu(tmp_path, bench, kernels, repeats):
     got = _child(bench, str(tmp_path))

@@ -14,7 +14,7 @@ records, checked after decoding both sides. The peer is the CPU reference's code
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -27,6 +27,7 @@ from seahal.bench.common import (
     implementation,
     measure_all,
     reference,
+    workload_calls,
 )
 from seahal.hal.ops.compressor import compressor_state
 from seahal.hal.ops.quant import kv_record_bytes
@@ -141,3 +142,9 @@ def cases(device: torch.device, quick: bool, op: str = "kv_compress") -> list[Ca
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
     return [row for op in ops for row in measure_all(cases(device, quick, op), device, quick)]
+
+
+def calls(ops: list[str], device: torch.device, quick: bool) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the rows of ``ops``, unchecked and untimed (:func:`.common.workload_calls`)."""
+    for op in ops:
+        yield from workload_calls(cases(device, quick, op), device)

@@ -12,6 +12,7 @@ The peer is the CPU reference's code on the GPU tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -26,6 +27,7 @@ from seahal.bench.common import (
     measure_all,
     models,
     reference,
+    workload_calls,
 )
 from seahal.hal.ops.quant import kv_record_bytes
 
@@ -64,3 +66,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``kv_cache_unpack`` in the common schema."""
     return measure_all(cases(device, quick), device, quick)
+
+
+def calls(ops: list[str], device: torch.device, quick: bool) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the rows, unchecked and untimed (:func:`.common.workload_calls`)."""
+    return workload_calls(cases(device, quick), device)

@@ -12,6 +12,7 @@ then cuBLAS). The check: relative 1e-5 (fp32 sums).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -27,6 +28,7 @@ from seahal.bench.common import (
     measure_all,
     models,
     reference,
+    workload_calls,
 )
 
 OPS = ("fp32_linear",)
@@ -69,3 +71,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``fp32_linear`` in the common schema."""
     return measure_all(cases(device, quick), device, quick)
+
+
+def calls(ops: list[str], device: torch.device, quick: bool) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the rows, unchecked and untimed (:func:`.common.workload_calls`)."""
+    return workload_calls(cases(device, quick), device)

@@ -11,6 +11,7 @@ code on the GPU tensors. hc_pre and hc_head time the path the kernel picks for T
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -26,6 +27,7 @@ from seahal.bench.common import (
     models,
     reference,
     token_counts,
+    workload_calls,
 )
 
 OPS = ("hc_pre", "hc_post", "hc_head", "rope")
@@ -126,3 +128,8 @@ def cases(ops: list[str], device: torch.device, quick: bool) -> list[Case]:
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """Rows of ``ops`` (a subset of :data:`OPS`) in the common schema."""
     return measure_all(cases(ops, device, quick), device, quick)
+
+
+def calls(ops: list[str], device: torch.device, quick: bool) -> Iterator[Callable[[], object]]:
+    """Every kernel call of the rows, unchecked and untimed (:func:`.common.workload_calls`)."""
+    return workload_calls(cases(ops, device, quick), device)
