@@ -92,7 +92,7 @@ def _bench_specialisations(what: str) -> dict:
         ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer",
                "mhc": "mhc,kv_compress,rope,kv_cache_unpack,fp32_linear"}[what]
         options = argparse.Namespace(ops=ops, quick=what == "tune", tokens="1", model="V4-Flash")
-        launches, notes = precompile._bench_launches(options, 132, SM90)
+        launches, notes = (precompile._tune_launches if ops is None else precompile._bench_launches)(options, 132, SM90)
     specs, rejected = precompile.specialisations(launches, precompile.cuda_target(SM90))
     return {"launches": len(launches), "specialisations": len(specs), "kernels": sorted({s.name for s in specs}),
             "rejected": rejected, "notes": notes}

@@ -68,6 +68,14 @@ def expand_ops(spec: str) -> list[str]:
     return list(dict.fromkeys(op for name in names for op in ALIASES.get(name, (name,))))
 
 
+def modules_of(ops: list[str]) -> dict[str, list[str]]:
+    """The :data:`CUDA_OPS` modules that benchmark ``ops``, each with its ops, in order."""
+    modules: dict[str, list[str]] = {}
+    for op in ops:
+        modules.setdefault(CUDA_OPS[op], []).append(op)
+    return modules
+
+
 def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None = None,
              plot_path: str | None = None) -> list[dict]:
     """Rows of ``ops`` on ``device`` from each op's module, in one table (printed last), one JSON
@@ -78,11 +86,8 @@ def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None 
     from seahal.bench import common
 
     device = torch.device(device)
-    groups: dict[str, list[str]] = {}
-    for op in ops:
-        groups.setdefault(CUDA_OPS[op], []).append(op)
     rows: list[dict] = []
-    for module, module_ops in groups.items():
+    for module, module_ops in modules_of(ops).items():
         measured: list[dict] = []  # the module's rows so far
 
         def checkpoint(row: dict) -> None:

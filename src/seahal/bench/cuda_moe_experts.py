@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection, Iterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +40,9 @@ from seahal.bench.common import (
     time_us,
     workload_calls,
 )
+
+if TYPE_CHECKING:
+    from seahal.backends.cuda.moe_experts import ExpertsConfig
 
 OPS = ("moe_experts",)
 BF16_TOL = 1e-2
@@ -286,16 +290,14 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
     """For every row of :func:`cases` (those of ``tokens_only`` tokens and the ``model`` named, if
     given): the default launch's time and the fastest of :func:`tune_candidates` (what a committed
     config table would hold), printed as one line a row; ``done(results so far)`` after each row."""
-    from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
+    from seahal.backends.cuda.moe_experts import moe_experts
 
     results = []
     for dims, fmt, stage, tokens in _tuned_rows(device, quick, tokens_only, model):
-        args = _arguments(dims, fmt, tokens, device)
+        args, default, candidates = _sweep(dims, fmt, tokens, device)
         rows = tokens * dims.top_k
-        default = select_experts_config(rows, fmt, dims.inter, dims.dim, device)
         expected = reference_by_expert(*args)
-        tuned = tune_row(lambda config: moe_experts(*args, config=config),
-                         tune_candidates(tokens, fmt == "fp4"), expected,
+        tuned = tune_row(lambda config: moe_experts(*args, config=config), candidates, expected,
                          lambda fn: time_us(fn, device, quick)[0])
         default_us = time_us(partial(moe_experts, *args, config=default), device, quick)[0]
         results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens} top{dims.top_k}/{dims.experts}",
@@ -306,6 +308,14 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
               f"{r['best']}", flush=True)
         done(results)
     return results
+
+
+def _sweep(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> tuple[tuple, ExpertsConfig, list]:
+    """One swept row's ``moe_experts`` arguments, its default launch config and the candidates."""
+    from seahal.backends.cuda.moe_experts import select_experts_config
+
+    default = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)
+    return _arguments(dims, fmt, tokens, device), default, tune_candidates(tokens, fmt == "fp4")
 
 
 def _tuned_rows(device: torch.device, quick: bool, tokens_only: Collection[int] | None,
@@ -328,12 +338,11 @@ def tune_calls(device: torch.device, quick: bool, tokens_only: Collection[int] |
     """Every kernel call of :func:`tune`'s sweep (each swept row's default launch and candidates),
     unchecked and untimed: what ``python -m seahal.testing.triton_precompile tune-experts``
     compiles ahead of it."""
-    from seahal.backends.cuda.moe_experts import moe_experts, select_experts_config
+    from seahal.backends.cuda.moe_experts import moe_experts
 
     for dims, fmt, _, tokens in _tuned_rows(device, quick, tokens_only, model):
-        args = _arguments(dims, fmt, tokens, device)
-        default = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)
-        yield from (partial(moe_experts, *args, config=c) for c in (default, *tune_candidates(tokens, fmt == "fp4")))
+        args, default, candidates = _sweep(dims, fmt, tokens, device)
+        yield from (partial(moe_experts, *args, config=c) for c in (default, *candidates))
 
 
 TABLE_MIN_GAIN = 1.1

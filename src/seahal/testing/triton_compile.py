@@ -205,6 +205,7 @@ class RunKernelFunctions(TorchFunctionMode):
 
         return (bound_function(func) or func)(*args, **(kwargs or {}))
 
+
 class _HostData(TorchFunctionMode):
     """Records tensors made on a device from host data (``torch.tensor(..., device=...)``): a copy
     from the host that dispatch modes never see."""

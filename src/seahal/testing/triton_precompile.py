@@ -114,8 +114,9 @@ def specialisations(launches: Iterable[Launch], target: Any) -> tuple[list[Speci
     the launches Triton's launch path rejected (``"kernel(options): error"``).
 
     Each launch runs through ``JITFunction.run`` with ``knobs.runtime.jit_cache_hook`` answering
-    that the kernel is taken care of, so run stops before compiling or launching. A specialisation
-    seen before is not offered to the hook again (run's in-memory cache has it).
+    that the kernel is taken care of, so run stops before compiling or launching (and caches
+    nothing): every launch reaches the hook, and launches of one specialisation hand it the same
+    serialised data.
     """
     from triton import knobs
 
@@ -256,30 +257,31 @@ def _model_launches(args: argparse.Namespace, sms: int, capability: tuple[int, i
 
 
 def _bench_launches(args: argparse.Namespace, sms: int, capability: tuple[int, int]) -> tuple[list, list[str]]:
-    """The launches of ``seahal bench --backend cuda --ops OPS`` (its rows' default launches and
-    variants, through each module's ``calls``) or of the experts' tuner (``tune-experts``:
-    :func:`seahal.bench.cuda_moe_experts.tune_calls`)."""
+    """The launches of ``seahal bench --backend cuda --ops OPS``: its rows' default launches and
+    variants, through each benchmark module's ``calls``."""
     import importlib
 
     import torch
 
-    from seahal.bench import CUDA_OPS, expand_ops
+    from seahal.bench import expand_ops, modules_of
 
-    cuda = torch.device("cuda")
-    if args.ops is None:  # tune-experts
-        from seahal.bench.cuda_moe_experts import tune_calls
-
-        tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
-        sources = [tune_calls(cuda, args.quick, tokens, args.model)]
-        notes = []
-    else:
-        modules: dict[str, list[str]] = {}
-        for op in expand_ops(args.ops):
-            modules.setdefault(CUDA_OPS[op], []).append(op)
-        modules = {importlib.import_module(f"seahal.bench.{name}"): ops for name, ops in modules.items()}
-        sources = [module.calls(ops, cuda, args.quick) for module, ops in modules.items() if hasattr(module, "calls")]
-        notes = [f"{module.__name__} has no calls()" for module in modules if not hasattr(module, "calls")]
+    modules = {importlib.import_module(f"seahal.bench.{name}"): ops
+               for name, ops in modules_of(expand_ops(args.ops)).items()}
+    sources = [module.calls(ops, torch.device("cuda"), args.quick) for module, ops in modules.items()
+               if hasattr(module, "calls")]
+    notes = [f"{module.__name__} has no calls()" for module in modules if not hasattr(module, "calls")]
     return _run_calls(sources, sms, capability, notes)
+
+
+def _tune_launches(args: argparse.Namespace, sms: int, capability: tuple[int, int]) -> tuple[list, list[str]]:
+    """The launches of ``python -m seahal.bench.cuda_moe_experts --tune`` with the same filters
+    (:func:`seahal.bench.cuda_moe_experts.tune_calls`)."""
+    import torch
+
+    from seahal.bench.cuda_moe_experts import tune_calls
+
+    tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
+    return _run_calls([tune_calls(torch.device("cuda"), args.quick, tokens, args.model)], sms, capability, [])
 
 
 def _run_calls(sources: list, sms: int, capability: tuple[int, int], notes: list[str]) -> tuple[list, list[str]]:
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--quick", action="store_true")
     tune.add_argument("--tokens", help="only the rows of these token counts, e.g. 1,16")
     tune.add_argument("--model", help="only this model's rows")
-    tune.set_defaults(launches=_bench_launches, backend="cuda", ops=None)
+    tune.set_defaults(launches=_tune_launches, backend="cuda")
     args = parser.parse_args(argv)
     try:
         print(_precompile_here(args))
