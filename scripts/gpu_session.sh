@@ -43,14 +43,12 @@ while (($#)); do
 done
 
 # name | cap in seconds | command (run from the repository root with bash -c), in priority order:
-# the conformance suite (the FP4 decode of fp4_gemm, moe_experts and indexer_topk_packed, and
-# rms_norm's row strides, changed after d2669c9), the end-to-end model (its captured prefill, new since d2669c9), the
-# experts' rows, then the GPU tests, the GEMMs', mHC's and compressors' rows, and the decode
-# kernels' rows. Measured on the H100: setup
-# 9 s, conformance over 240 s cold (41 s warm), bench-model-quick 207 s (before the captured
-# prefill: expect more) and bench-experts over 239 s for 17 of its rows at d2669c9; bench-decode
-# 94 s at 567d97d; pytest-gpu 129 s and bench-gemm 46 s at 81df42b; bench-mhc-compress 28 s at
-# 1e4356c. After a kernel changes, put conformance first again.
+# the conformance suite, the end-to-end model, the experts' rows (FP4 defaults changed after
+# 14a3a20), the decode kernels', mHC's and compressors' rows (last measured at 567d97d and
+# 1e4356c), then the GPU tests and the GEMMs' rows (both run at 14a3a20). Measured on the H100 at
+# 14a3a20: setup 7 s, conformance 50 s cold (its kernels compiled ahead in 34 s by 16 processes),
+# bench-model-quick 209 s, bench-experts over 284 s for 21 of its rows, pytest-gpu 178 s,
+# bench-gemm 50 s; bench-decode 94 s at 567d97d; bench-mhc-compress 28 s at 1e4356c.
 # The bench files are rewritten after every row, so a step cut at its limit keeps what it measured.
 # Running the conformance suite beside the GPU tests timed out (the compiles of both share 16
 # cores), so the steps run one after another.
@@ -59,10 +57,10 @@ STEPS=(
   "conformance|300|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal conformance --backend cuda --jobs \$(nproc) --json \$RESULTS/conformance.json"
   "bench-model-quick|300|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model --quick && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
   "bench-experts|300|\$PYTHON -m seahal.testing.triton_precompile bench --ops moe_experts && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
+  "bench-decode|200|\$PYTHON -m seahal.testing.triton_precompile bench --ops sparse_attention,indexer && \$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
+  "bench-mhc-compress|90|\$PYTHON -m seahal.testing.triton_precompile bench --ops mhc,kv_compress && \$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
-  "bench-mhc-compress|90|\$PYTHON -m seahal.testing.triton_precompile bench --ops mhc,kv_compress && \$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
-  "bench-decode|200|\$PYTHON -m seahal.testing.triton_precompile bench --ops sparse_attention,indexer && \$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer --json \$RESULTS/bench-decode.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is

@@ -18,8 +18,8 @@ from seahal.bench import CUDA_OPS, expand_ops, run_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.sh"
-STEPS = ["setup", "conformance", "bench-model-quick", "bench-experts", "pytest-gpu", "bench-gemm", "bench-mhc-compress",
-         "bench-decode"]
+STEPS = ["setup", "conformance", "bench-model-quick", "bench-experts", "bench-decode", "bench-mhc-compress",
+         "pytest-gpu", "bench-gemm"]
 RETURNED_FILES = 8
 """Files the device tool brings back from $OUT."""
 

@@ -16,18 +16,10 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 
 # op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
 # model's requirements against them and docs/support-matrix.md is generated from them. Every kernel
-# marked True was verified on an H100 at d2669c9 (2026-11-26, docs/measurements/2026-11-26-h100-fourth:
-# full-shape conformance 279 passed, 0 failed; every bench row checked against the reference; the
-# GPU tests last at 81df42b). A kernel changed since goes back to False until a GPU run passes it again.
-# Since that run, without a GPU: moe_experts' one-token FP8 default went back from the GEMV to the
-# tensor-core tiles (both ran, checked, in that run), the launch wrappers compute grids and tile
-# sizes with plain Python integers (_host.py) instead of Triton's equal functions, and moe_experts
-# looks its config up in a tuned table first (empty: every launch as before) and takes 64-column
-# tiles (h quantised after the gate-up; a bench variant, never launched by default, GPU-unverified);
-# hc_pre / hc_head cut a prefill's pre-norm GEMM into twice the K slices (the same kernel code).
-# Changed since, so back to False until a GPU run passes them: fp4_gemm, moe_experts and
-# indexer_topk_packed decode FP4 in lane order (_e2m1.lane_order: both operands' K permuted), and
-# rms_norm reads rows at two strides (heads viewed from a column slice; other launches unchanged).
+# marked True was verified on an H100 at 14a3a20 (2026-11-27, docs/measurements/2026-11-27-h100:
+# full-shape conformance 280 passed, 0 failed; the GPU tests 221 passed, 0 failed; every bench row
+# checked against the reference). A kernel changed since goes back to False until a GPU run passes
+# it again.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -39,7 +31,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     ),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
-    "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, True),
     "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
         "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, True
@@ -47,7 +39,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, True),
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, True),
     "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
-    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
+    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
     "moe_gate": (  # fp32 math, top_k <= 8; group-limited routing stays on the reference
         "moe_gate:moe_gate",
         {
@@ -69,11 +61,11 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
-        False,
+        True,
     ),
     "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, True),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
-        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False
+        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, True
     ),
 }
 
