@@ -95,6 +95,7 @@ def _moe(t: int):
     import torch
 
     from seahal.backends.cuda import moe_experts, moe_gate
+    from seahal.bench.cuda_moe_experts import tile_variants
 
     x = _empty(t, DIM, dtype=torch.bfloat16)
     ids = torch.empty((t,), dtype=torch.int64, device="cuda")
@@ -118,10 +119,9 @@ def _moe(t: int):
     for scale_dtype, mx in ((torch.float32, False), (e8m0, False), (e8m0, True)):
         # FP4 weights decoded to bf16 (the default), and e8m0 through tl.dot_scaled
         moe_experts.moe_experts(x, weights, top, *fp4_weights(scale_dtype), config=dataclasses.replace(default, fp4_mx=mx))
-    variants = [dataclasses.replace(default, block_n=64, num_warps=4)]  # the bench's 64-column variants
-    if t * TOP_K > moe_experts.QUANT_IN_GEMM_MAX_ROWS:
-        variants.append(dataclasses.replace(default, block_m=128, block_n=64, num_warps=8))
-    else:  # and its decode rows' x quantised by a launch of its own
+    prefill = t * TOP_K > moe_experts.QUANT_IN_GEMM_MAX_ROWS
+    variants = tile_variants(default, "prefill" if prefill else "decode")  # the bench's other tiles
+    if not prefill:  # and its decode rows' x quantised by a launch of its own
         variants.append(dataclasses.replace(default, quant_in_gemm=False))
         moe_experts.moe_experts(x, weights, top, *fp8_weights, config=dataclasses.replace(
             moe_experts.experts_config(t * TOP_K, "fp8", x.device), quant_in_gemm=False))

@@ -19,7 +19,10 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # marked True was verified on an H100 at 14a3a20 (2026-11-27, docs/measurements/2026-11-27-h100:
 # full-shape conformance 280 passed, 0 failed; the GPU tests 221 passed, 0 failed; every bench row
 # checked against the reference). A kernel changed since goes back to False until a GPU run passes
-# it again.
+# it again. Since that run, without a GPU: moe_experts' FP4 default launch from two tokens takes
+# the 64-column tiles that run measured fastest (its bench variants "16x64 tiles, 4 warps" and
+# "64x64 tiles, 4 warps", which ran there, checked against the reference; the kernel code is
+# unchanged).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),

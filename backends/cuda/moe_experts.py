@@ -36,8 +36,8 @@ scales (as ``fp4_gemm``: Triton's microscaling ``tl.dot_scaled`` for e8m0 scales
 ``ExpertsConfig.fp4_mx``, else decoded to bf16 in registers). The activations of FP8/FP4 GEMMs are
 FP8-quantised in 1x128 ue8m0 tiles (x by the Triton ``fp8_act_quant``, one launch; h in the
 gate-up epilogue). Duplicate expert ids within a token are merged (weights summed, one row), as the
-reference applies the summed weight once. Verified on the H100 at d2669c9 (full-shape conformance,
-the GEMV then the FP8 default at one token; TUNING.md).
+reference applies the summed weight once. Verified on the H100 at 14a3a20 (full-shape conformance;
+the FP4 defaults of :func:`experts_config` since then ran there, checked, as bench variants).
 """
 
 from __future__ import annotations
@@ -99,22 +99,31 @@ FP4_WIDE_DECODE_MAX_ROWS = 16
 
 def experts_config(rows: int, weight_format: str, device: torch.device) -> ExpertsConfig:
     """Tiles for ``rows`` = T*k routed rows of weights in ``weight_format`` ("dense", "fp8" or
-    "fp4"). Untuned heuristic (TUNING.md; ``--tune`` sweeps it).
+    "fp4"). A heuristic from the H100's bench rows (TUNING.md; ``--tune`` sweeps it).
 
-    With FP8/FP4 weights BLOCK_N = 128: one weight scale row per tile, and the gate-up epilogue
+    With FP8 weights BLOCK_N = 128: one weight scale row per tile, and the gate-up epilogue
     quantises whole 1x128 tiles of h. Few rows (decode) take 16-row tiles, since each touched
     expert has only a handful; many take 64. FP4 blocks are decoded to bf16 (``fp4_mx`` off): on
     the H100 (2026-11-26, V4-Flash) that form took 124.9 us at one token against 135.7 us through
     ``tl.dot_scaled``, 1050 against 1349 us at 16 tokens, and on the H200 the 8192-token row 24.7
-    ms against 27.0 ms. That decode is ALU-bound, and at one token (a few programs an SM) 8 warps
-    decode faster than 4: 105.2 against 124.0 us (V4-Flash), 277.0 against 284.4 us (V4-Pro); at
-    16 tokens, with 14x the programs, 4 warps stay ahead (1049 against 1093 us).
+    ms against 27.0 ms. That decode is ALU-bound: at one token (a few programs an SM) 8 warps
+    decode faster than 4 (105.2 against 124.0 us, V4-Flash; 277.0 against 284.4 us, V4-Pro), and
+    from two tokens 64-column tiles of 4 warps, two or more programs an SM, beat 128 columns
+    (H100, 14a3a20: V4-Flash 16 tokens 709.0 against 789.2 us, V4-Pro 1686.4 against 1861.5; 64
+    tokens 2671.4 against 3517.9; 8192 tokens 11.59 against 14.55 ms, V4-Pro 30.88 against 39.26).
+    Their h leaves the gate-up in x's dtype and is quantised by the down GEMM or one
+    ``fp8_act_quant`` launch (:data:`QUANT_IN_GEMM_MAX_ROWS`). FP8 keeps 128 columns: its 8192-token
+    row took 6.11 ms against 7.40 ms in 64-column tiles.
     """
     quantised = weight_format != "dense"
     if device.type != "cuda":  # the interpreter: small tiles, so tests see edge and masked tiles
         return ExpertsConfig(16, 128 if quantised else 64)
-    if rows <= FP4_WIDE_DECODE_MAX_ROWS and weight_format == "fp4":
-        return ExpertsConfig(16, 128, num_warps=8, num_stages=4)
+    if weight_format == "fp4":
+        if rows <= FP4_WIDE_DECODE_MAX_ROWS:
+            return ExpertsConfig(16, 128, num_warps=8, num_stages=4)
+        if rows <= 256:
+            return ExpertsConfig(16, 64, num_warps=4, num_stages=4)
+        return ExpertsConfig(64, 64, num_warps=4, num_stages=3)
     if rows <= 256:
         return ExpertsConfig(16, 128, num_warps=4, num_stages=4)
     return ExpertsConfig(64, 128, num_warps=8 if quantised else 4, num_stages=3)
@@ -126,8 +135,10 @@ ExpertsTable = dict[tuple[str, int, int, int], ExpertsConfig]
 SM90_CONFIGS: ExpertsTable = {}
 """Configs tuned on an H100: ``python -m seahal.bench.cuda_moe_experts --tune --json tune.json`` on
 the GPU (the gpu_session step ``tune-experts``), then ``--from-json tune.json --write`` here, which
-replaces this literal with the candidates at least 10% faster than the default launch. Empty: no
-GPU run has reached the sweep yet, so :func:`experts_config`'s heuristic serves every shape."""
+replaces this literal with the candidates at least 10% faster than the default launch. Empty: the
+one sweep so far (H100, 14a3a20: the one-token rows) found none (the routed FP4 experts 80.4 us
+against 86.4, the shared FP8 expert 30.2 against 31.5), so :func:`experts_config`'s heuristic
+serves every shape."""
 CONFIGS = {"sm90": SM90_CONFIGS}
 
 

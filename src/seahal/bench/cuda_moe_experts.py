@@ -147,17 +147,28 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
         config = select_experts_config(tokens * dims.top_k, fmt, dims.inter, dims.dim, device)  # the default launch
         if fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
             variants["gemv"] = partial(kernel, *args, config=FP8_GEMV)
-        narrow = [dataclasses.replace(config, block_n=64, num_warps=4)]  # 2-5 programs an SM (sm_90 compile)
-        if stage == "prefill":  # each decoded weight serves 128 rows (about 1/3 fewer instructions a row)
-            narrow.append(dataclasses.replace(config, block_m=128, block_n=64, num_warps=8))
-        for c in narrow:
-            variants[f"{c.block_m}x64 tiles, {c.num_warps} warps"] = partial(kernel, *args, config=c)
+        for c in tile_variants(config, stage):
+            variants[f"{c.block_m}x{c.block_n} tiles, {c.num_warps} warps"] = partial(kernel, *args, config=c)
         if stage == "decode":  # x (and a narrow tile's h) quantised by a launch of its own, not per program
             apart = dataclasses.replace(config, quant_in_gemm=False)
             variants["x quantised apart"] = partial(kernel, *args, config=apart)
         if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled
             variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
+
+
+def tile_variants(config: ExpertsConfig, stage: str) -> list[ExpertsConfig]:
+    """The tiles a row times beside its default ``config``: the other column width (64 columns, 4
+    warps: 2-5 programs an SM in the sm_90 compile; 128 columns, 8 warps for 64-row tiles, else
+    4: the FP4 default until 14a3a20) and, at prefill, 128x64 tiles of 8 warps (each decoded
+    weight serves 128 rows: about 1/3 fewer instructions a row)."""
+    if config.block_n == 128:
+        tiles = [dataclasses.replace(config, block_n=64, num_warps=4)]
+    else:
+        tiles = [dataclasses.replace(config, block_n=128, num_warps=8 if config.block_m >= 64 else 4)]
+    if stage == "prefill":
+        tiles.append(dataclasses.replace(config, block_m=128, block_n=64, num_warps=8))
+    return tiles
 
 
 GEMV_MAX_TOKENS = 16
