@@ -74,8 +74,27 @@ def _precompile_then_launch() -> dict:
         "cases": len(results), "captured": sum(r.status == "pass" for r in results), "launches": len(launches),
         "specialisations": len(specs), "same_again": [s.data for s in again] == [s.data for s in specs],
         "rejected": rejected, "compiled": len(report.compiled), "failed": [e for _, e in report.failed],
-        "entries": entries, "entries_after_launching": precompile.cache_entries(), "cold": cold, "warm": warm,
+        "entries": sorted(entries), "entries_after_launching": sorted(precompile.cache_entries()), "cold": cold,
+        "warm": warm,
     }
+
+
+def test_the_entries_a_run_added_are_named_by_their_files(tmp_path, monkeypatch):
+    """What ``seahal conformance --jobs`` prints when its run compiled something the precompile missed."""
+    pytest.importorskip("triton")
+    from seahal.testing import triton_precompile as precompile
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for entry, files in {"A": ["__grp___rope_kernel.json", "_rope_kernel.cubin", "_rope_kernel.json"],
+                         "B": ["cuda_utils.so"], "C": []}.items():
+        (tmp_path / entry).mkdir()
+        for name in files:
+            (tmp_path / entry / name).touch()
+    before = precompile.cache_entries()
+    assert before == {"A", "B", "C"}
+    assert precompile.describe_entries(before - {"B"}) == "2 (C, _rope_kernel)"
+    assert precompile.describe_entries(before) == "3 (C, _rope_kernel, cuda_utils)"
+    assert precompile.describe_entries(set()) == "0"
 
 
 def _bench_specialisations(what: str) -> dict:
@@ -119,7 +138,7 @@ def test_every_launch_finds_its_precompiled_kernel(tmp_path):
     assert got["rejected"] == [] and got["failed"] == []
     # the launches repeat a few specialisations; the capture is deterministic
     assert 1 < got["specialisations"] < got["launches"] and got["same_again"]
-    assert got["compiled"] == got["specialisations"] <= got["entries"]
+    assert got["compiled"] == got["specialisations"] <= len(got["entries"])
     assert got["cold"] == {"hit": 0, "miss": 1}  # before precompiling, the lookup misses
     assert got["warm"] == {"hit": got["launches"], "miss": 0}
     assert got["entries_after_launching"] == got["entries"]

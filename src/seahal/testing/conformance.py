@@ -599,7 +599,7 @@ def main(args: Any) -> int:
     precompiled = args.jobs > 0 and not args.interpret
     try:
         if precompiled:
-            from .triton_precompile import cache_entries, precompile_conformance
+            from .triton_precompile import cache_entries, describe_entries, precompile_conformance
 
             print(precompile_conformance(args.backend, ops, args.kernel, args.device, args.jobs), flush=True)
             entries = cache_entries()
@@ -609,7 +609,7 @@ def main(args: Any) -> int:
         return 2
     print(report.summary(verbose=args.verbose))
     if precompiled:  # what the precompile missed: the run compiled it itself
-        print(f"Triton cache entries the run added: {cache_entries() - entries}")
+        print(f"Triton cache entries the run added: {describe_entries(cache_entries() - entries)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=2)

@@ -195,17 +195,29 @@ def _build_launcher(kernel: Any) -> bool:
     return True
 
 
-def cache_entries() -> int:
-    """Entries in Triton's on-disk cache (one directory a compiled kernel, launcher or utility
-    module): counted before and after a run, the difference is what the run itself compiled; 0
-    without Triton (or one older than its ``knobs``)."""
+def cache_entries() -> set[str]:
+    """Entries of Triton's on-disk cache (one directory a compiled kernel, launcher or utility
+    module): listed before and after a run, the difference is what the run itself compiled (see
+    :func:`describe_entries`); empty without Triton (or one older than its ``knobs``)."""
     try:
         from triton import knobs
 
         directory = knobs.cache.dir
     except (ImportError, AttributeError):
-        return 0
-    return len(os.listdir(directory)) if directory and os.path.isdir(directory) else 0
+        return set()
+    return set(os.listdir(directory)) if directory and os.path.isdir(directory) else set()
+
+
+def describe_entries(entries: set[str]) -> str:
+    """``entries``' count and what each holds, by the name of its first file (a kernel's name, or
+    a launcher's or utility module's), e.g. ``2 (_rope_kernel, cuda_utils)``."""
+    from triton import knobs
+
+    names = []
+    for entry in sorted(entries):
+        files = sorted(f for f in os.listdir(os.path.join(knobs.cache.dir, entry)) if not f.startswith("__grp__"))
+        names.append(files[0].split(".")[0] if files else entry)
+    return f"{len(entries)}" + (f" ({', '.join(sorted(names))})" if names else "")
 
 
 def precompile_conformance(
