@@ -5,6 +5,10 @@ all-to-all (each (token, expert) pair sent to the expert's rank and its output s
 small batches, by running every rank's experts on every token of the EP group and reducing the
 partial sums. Tensor parallel: every expert's (and the shared expert's) intermediate dimension is
 split over the TP group and the partial outputs are all-reduced.
+
+The shared expert does not depend on the gate or the routed experts: with ``SEAHAL_SIDE_STREAM=1``
+it runs on a side stream beside them (:func:`seahal.hal.streams.side_by_side`; the same kernels,
+the same bits).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from seahal.hal.streams import side_by_side
 
 from .config import ModelConfig
 from .parallel import SINGLE_PROCESS, Parallel, TokenLayout, pad_rows, split_sizes
@@ -97,17 +103,23 @@ class MoE(nn.Module):
         """x: [B, S, D], input_ids: [B, S] -> [B, S, D]; ``layout``: where the EP group's tokens
         are (default: the same tokens on every rank)."""
         flat, ids = x.reshape(-1, x.shape[-1]), input_ids.reshape(-1)
-        weights, experts = self.gate(flat, ids)
-        if self.parallel.ep == 1:
-            y = self.experts(flat, weights, experts)
-        else:
-            layout = layout or TokenLayout((flat.shape[0],) * self.parallel.ep, False)
-            y = self._expert_parallel(flat, weights, experts, layout)
         tokens = flat.shape[0]
-        shared = self.shared_experts(flat, self.shared_weight.expand(tokens, 1), self.shared_id.expand(tokens, 1))
+        y, shared = side_by_side(
+            flat.device,
+            lambda: self._routed(flat, ids, layout),
+            lambda: self.shared_experts(flat, self.shared_weight.expand(tokens, 1), self.shared_id.expand(tokens, 1)),
+        )
         if self.parallel.tp == 1:  # one rounding of the fp32 sum: torch adds bf16 in fp32 as below
             return (y + shared).to(x.dtype).view_as(x)
         return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x)
+
+    def _routed(self, flat: torch.Tensor, ids: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor:
+        """The gate and the routed experts over the [T, D] tokens ``flat``."""
+        weights, experts = self.gate(flat, ids)
+        if self.parallel.ep == 1:
+            return self.experts(flat, weights, experts)
+        layout = layout or TokenLayout((flat.shape[0],) * self.parallel.ep, False)
+        return self._expert_parallel(flat, weights, experts, layout)
 
     def _expert_parallel(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layout: TokenLayout

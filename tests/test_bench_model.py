@@ -8,6 +8,7 @@ forward, then timed beside transformers' bf16 eager model; rows in the bench sch
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 
@@ -115,3 +116,24 @@ def test_the_prompt_as_one_graph_step_is_timed_only_when_it_gives_the_eager_logi
     refused = model_e2e._graph_prefill(model, ids[:1], eager[1], SCALE, CPU)
     assert refused == {"graph_prefill_error": refused["graph_prefill_error"]}
     assert refused["graph_prefill_error"].endswith("off the eager prefill's: not timed")
+
+
+def test_a_decode_row_carries_each_opt_in_as_a_peer(tmp_path):
+    """The decode graph captured again per opt-in (:data:`model_e2e.OPT_IN_DECODES`): each one
+    timed is a peer of the row, each that failed to capture says why; PDL only on the cuda plan."""
+    from seahal.hal.streams import SIDE_STREAM_VARIABLE
+    from seahal.model import load
+    from seahal.model.tiny import write_tiny_checkpoint
+
+    model = load(write_tiny_checkpoint(tmp_path), device="cpu", announce=False)
+    assert model_e2e.OPT_IN_DECODES["side_stream"][0] == SIDE_STREAM_VARIABLE
+    if importlib.util.find_spec("triton") is not None:
+        from seahal.backends.cuda._pdl import PDL_VARIABLE
+
+        assert model_e2e.OPT_IN_DECODES["pdl"][0] == PDL_VARIABLE
+    assert model_e2e._opt_ins(type("Wrapped", (), {"model": model})()) == ["side_stream"]  # no PDL off the cuda plan
+    ours = model_e2e._Measured(torch.zeros(1, 8), 1000.0, 100.0, {"side_stream_decode_us": 80.0, "pdl_error": "boom"})
+    row = model_e2e._row("decode", 16, "bf16", model, ours, None, None)
+    assert row["peer"]["seahal graph, shared expert on a side stream"]["us"] == 80.0
+    assert "seahal graph, PDL launches" not in row["peer"] and row["pdl_error"] == "boom"
+    assert model_e2e._row("prefill", 16, "bf16", model, ours, None, None)["peer"] == {}

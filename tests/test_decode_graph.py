@@ -260,3 +260,22 @@ def test_pdl_launches_decode_the_same_on_a_gpu(tmp_path, monkeypatch):
     _, with_pdl, _ = _decode_both_ways(model, ids, capture=True)
     for step, (a, b) in enumerate(zip(plain, with_pdl)):
         assert torch.equal(a, b), step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the capture itself)")
+def test_shared_experts_on_a_side_stream_decode_the_same_on_a_gpu(tmp_path, monkeypatch):
+    """SEAHAL_SIDE_STREAM=1 runs each layer's shared expert on a side stream beside its gate and
+    routed experts: the same kernels on the same inputs, so the graph captured with it (two
+    branches a layer) replays the same logits, bit for bit, as one captured without, and so does
+    the eager decode (a missing fork or join would show as a difference)."""
+    from seahal.hal.streams import SIDE_STREAM_VARIABLE
+
+    model = load(write_tiny_checkpoint(tmp_path), device="cuda", dtype=torch.bfloat16, announce=False)
+    if not DecodeGraph.capturable(model):
+        pytest.skip(f"the plan reads positions on the host: {model.plan.host_position_ops}")
+    ids = torch.randint(0, 512, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(0)).cuda()
+    eager, plain, _ = _decode_both_ways(model, ids, capture=True)
+    monkeypatch.setenv(SIDE_STREAM_VARIABLE, "1")
+    eager_beside, beside, _ = _decode_both_ways(model, ids, capture=True)
+    for step, (a, b, c, d) in enumerate(zip(plain, beside, eager, eager_beside)):
+        assert torch.equal(a, b) and torch.equal(c, d), step

@@ -46,8 +46,10 @@ portable reference; each row's ``plan.fallbacks`` lists them).
 Decode on a GPU replays one CUDA graph per cache (:class:`seahal.model.decode_graph.DecodeGraph`,
 captured during the warm-up steps) when the plan keeps positions on the device; the row's
 ``timing.seahal`` says ``cuda graph`` or ``eager``, and a graph row also carries the same steps
-run eagerly as the peer ``seahal eager (no graph)`` and, on the cuda plan, captured again with
-programmatic dependent launch (``SEAHAL_CUDA_PDL=1``) as ``seahal graph, PDL launches``. Prefill
+run eagerly as the peer ``seahal eager (no graph)``, captured again with each layer's shared
+expert on a side stream (``SEAHAL_SIDE_STREAM=1``) as ``seahal graph, shared expert on a side
+stream`` and, on the cuda plan, with programmatic dependent launch (``SEAHAL_CUDA_PDL=1``) as
+``seahal graph, PDL launches`` (:data:`OPT_IN_DECODES`). Prefill
 is eager; where decode has a graph, the prefill row also carries the prompt as one captured step
 of all its tokens (:meth:`_Seahal.prefill_graph`, a graph per prompt length) as the peer ``seahal
 graph, one captured step``, timed only when its last logits are within GRAPH_PREFILL_TOLERANCE of
@@ -87,6 +89,7 @@ from pathlib import Path
 import torch
 
 from seahal.bench import common
+from seahal.hal.streams import SIDE_STREAM_VARIABLE
 from seahal.model import load
 from seahal.model.config import ModelConfig
 from seahal.model.convert import ROUTED_EXPERT, convert, official_shapes
@@ -296,24 +299,38 @@ def _call_us(fn: Callable[[], object], device: torch.device) -> tuple[float, flo
     return 1e3 * begin.elapsed_time(end), host
 
 
-def _pdl_decode_us(model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tensor], s: Scale,
-                   device: torch.device) -> float:
-    """The median decode step of a graph captured with the cuda backend's programmatic dependent
-    launch (``SEAHAL_CUDA_PDL=1``: each kernel may start while the one ahead finishes, then waits
-    for it), over a fresh prefill: what the opt-in saves between the step's kernels."""
-    from seahal.backends.cuda._pdl import PDL_VARIABLE
+OPT_IN_DECODES = {
+    "pdl": ("SEAHAL_CUDA_PDL", "seahal graph, PDL launches"),
+    "side_stream": (SIDE_STREAM_VARIABLE, "seahal graph, shared expert on a side stream"),
+}
+"""Opt-in ways to run the step that a graph decode row also times, each in a graph captured with
+it: key -> (its environment variable, the peer's name). ``pdl``: the cuda backend's kernels
+launched with programmatic dependent launch (each may start while the one ahead finishes, then
+waits for it; cuda plans only); ``side_stream``: each layer's shared expert on a side stream beside
+its gate and routed experts (:mod:`seahal.hal.streams`)."""
 
-    previous = os.environ.get(PDL_VARIABLE)
-    os.environ[PDL_VARIABLE] = "1"
+
+def _opt_ins(model: _Seahal) -> list[str]:
+    """The keys of :data:`OPT_IN_DECODES` that apply to ``model``'s plan."""
+    return [key for key in OPT_IN_DECODES if key != "pdl" or model.model.plan.backend.name == "cuda"]
+
+
+def _opted_in_decode_us(key: str, model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tensor], s: Scale,
+                        device: torch.device) -> float:
+    """The median decode step of a graph captured with the opt-in ``key`` of
+    :data:`OPT_IN_DECODES`, over a fresh prefill: what it saves between or beside the step's kernels."""
+    variable = OPT_IN_DECODES[key][0]
+    previous = os.environ.get(variable)
+    os.environ[variable] = "1"
     try:
-        model.graph = None  # captured again, at its first step, with the PDL launches
+        model.graph = None  # captured again, at its first step, with the opt-in
         return _decode_us(model.decode, model, prompt, steps, s, device)
     finally:
         model.graph = None
         if previous is None:
-            del os.environ[PDL_VARIABLE]
+            del os.environ[variable]
         else:
-            os.environ[PDL_VARIABLE] = previous
+            os.environ[variable] = previous
 
 
 GRAPH_PREFILL_TOLERANCE = 2e-2
@@ -385,12 +402,12 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
         # the prefill's launches in a graph; what the decode graph saves: the same steps eagerly
         measured.details.update(_graph_prefill(model, prompt, measured.logits[0], s, device))
         measured.details["eager_decode_us"] = _decode_us(model.decode_eager, model, prompt, steps, s, device)
-        if model.model.plan.backend.name == "cuda":  # and the graph of kernels launched with PDL
+        for key in _opt_ins(model):  # and the graphs of the opt-ins (PDL launches, a side stream)
             try:
-                measured.details["pdl_decode_us"] = _pdl_decode_us(model, prompt, steps, s, device)
+                measured.details[f"{key}_decode_us"] = _opted_in_decode_us(key, model, prompt, steps, s, device)
             except Exception as exc:  # noqa: BLE001 - an opt-in that fails to capture is a finding, not the row's end
                 torch.cuda.synchronize(device)
-                measured.details["pdl_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                measured.details[f"{key}_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     if device.type == "cuda" and hasattr(model, "decode_eager"):  # where a step's device time goes
         measured.details["prefill_host_us"] = statistics.median(host_us for _, host_us in calls)  # of the timed calls
         torch.cuda.synchronize(device)
@@ -479,10 +496,11 @@ def _row(phase: str, context: int, layout: str, model: torch.nn.Module, ours: _M
     peers = {} if peer_us is None else {"transformers": peer_us}
     if phase == "decode" and "eager_decode_us" in ours.details:
         peers["seahal eager (no graph)"] = ours.details["eager_decode_us"]
-    if phase == "decode" and "pdl_decode_us" in ours.details:
-        peers["seahal graph, PDL launches"] = ours.details["pdl_decode_us"]
-    if phase == "decode" and "pdl_error" in ours.details:
-        row["pdl_error"] = ours.details["pdl_error"]
+    for key, (_, name) in OPT_IN_DECODES.items():
+        if phase == "decode" and f"{key}_decode_us" in ours.details:
+            peers[name] = ours.details[f"{key}_decode_us"]
+        if phase == "decode" and f"{key}_error" in ours.details:
+            row[f"{key}_error"] = ours.details[f"{key}_error"]
     if phase == "prefill" and "graph_prefill_us" in ours.details:
         peers["seahal graph, one captured step"] = ours.details["graph_prefill_us"]
         row["graph_prefill_err"] = ours.details["graph_prefill_err"]
