@@ -6,8 +6,9 @@ Rows: prefill, 8192 tokens routed top-6 (about 192 rows per expert of 256, the r
 format) for both models, FP8 for V4-Flash. Routing is uniform random, distinct experts per token.
 The peer is the CPU reference's code on the GPU tensors, run per touched expert on its own tokens
 (:func:`reference_by_expert`: gather, dequantise, matmul, add back), the naive port a user would
-write; the check is against the reference itself on a sample of the tokens (the reference runs every
-expert over every token: about 30 s a call at 8192 tokens, which timed out the first GPU runs).
+write; the check is against the reference itself on a sample of the tokens, given only the experts
+they route to (the reference runs every expert it is given over every token: about 30 s a call at
+8192 tokens, which timed out the first GPU runs; :func:`touched_experts`).
 Every row also times 64-column tiles on 4 warps (h quantised after the gate-up GEMM; more programs
 an SM), prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4
 rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``); decode rows
@@ -127,6 +128,20 @@ def reference_by_expert(
     return y.to(x.dtype)
 
 
+def touched_experts(topk_ids: torch.Tensor, *weights_and_limit: object) -> tuple:
+    """``(topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale, limit)`` cut down to the experts
+    ``topk_ids`` routes to, renumbered in their order: the reference loops over every expert it is
+    given (a masked pass of each, its weights dequantised), and an untouched one adds only zeros,
+    so its output is the same while a decode row's oracle runs 6 or ~80 experts instead of 256 or
+    384 (seconds to tens of seconds each on the H100)."""
+    *stacked, limit = weights_and_limit
+    touched = topk_ids[topk_ids >= 0].unique()  # ascending: the reference's order of addition
+    if touched.numel() == stacked[0].shape[0]:
+        return (topk_ids, *weights_and_limit)
+    renumbered = torch.where(topk_ids >= 0, torch.searchsorted(touched, topk_ids.clamp(min=0)), -1)
+    return (renumbered.to(topk_ids.dtype), *(None if w is None else w[touched] for w in stacked), limit)
+
+
 CHECKED_TOKENS = 256
 """Tokens of a row the reference checks (every T / 256th): its cost grows with every expert times
 every token."""
@@ -137,7 +152,7 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
     kernel = implementation("moe_experts", "moe_experts", "moe", device)
     sample = torch.arange(0, tokens, max(1, tokens // CHECKED_TOKENS), device=device)
     x, weights, ids, *rest = args
-    oracle = partial(reference("moe_experts", "moe"), x[sample], weights[sample], ids[sample], *rest)
+    oracle = partial(reference("moe_experts", "moe"), x[sample], weights[sample], *touched_experts(ids[sample], *rest))
     check = close(BF16_TOL)
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
