@@ -438,13 +438,13 @@ def test_reference_by_expert_is_the_reference(fmt):
     assert torch.equal(reference_by_expert(*args), moe_experts(*args))
 
 
-@pytest.mark.parametrize("fmt", ["fp4", "dense"])
+@pytest.mark.parametrize("fmt", ["fp4", "fp8", "dense"])
 def test_the_oracle_over_the_touched_experts_is_the_reference(fmt):
     """The moe_experts rows' oracle gives the reference only the experts the sampled tokens route
     to, renumbered in order (a decode row: 6 of 256); the untouched ones add nothing, so the output
     is the reference's over all of them, bit for bit, -1 slots included."""
     from seahal.backends.cpu.reference.moe import moe_experts
-    from seahal.bench.cuda_moe_experts import _arguments, touched_experts
+    from seahal.bench.cuda_moe_experts import _arguments, reference_over_touched, touched_experts
 
     dims = common.ModelDims("tiny", dim=256, heads=1, index_topk=4, experts=16, inter=128, top_k=2)
     x, weights, ids, *rest = _arguments(dims, fmt, 3, torch.device("cpu"))
@@ -453,6 +453,7 @@ def test_the_oracle_over_the_touched_experts_is_the_reference(fmt):
     assert cut[1].shape[0] == ids[ids >= 0].unique().numel() == 5
     assert cut[0].tolist() == torch.searchsorted(ids[ids >= 0].unique(), ids.clamp(min=0)).masked_fill(ids < 0, -1).tolist()
     assert torch.equal(moe_experts(x, weights, *cut), moe_experts(x, weights, ids, *rest))
+    assert torch.equal(reference_over_touched(x, weights, ids, *rest), moe_experts(x, weights, ids, *rest))
     assert touched_experts(ids.new_tensor([[0, 1]]).expand(1, 2), *[w[:2] if isinstance(w, torch.Tensor) else w
                                                                      for w in rest])[0].tolist() == [[0, 1]]
 

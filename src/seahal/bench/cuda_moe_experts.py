@@ -3,14 +3,16 @@
 Rows: prefill, 8192 tokens routed top-6 (about 192 rows per expert of 256, the regime of the issue's
 45%-of-FP8-peak goal), and decode, 1, 16 and 64 tokens (a few rows on each touched expert: the goal is
 70% of 3.0 TB/s over the touched experts' bytes); FP4 weights (the checkpoint's routed-expert
-format) for both models, FP8 for V4-Flash. Routing is uniform random, distinct experts per token.
+format) for both models, FP8 for V4-Flash, and bf16 for V4-Flash's prefill (a bf16 checkpoint's
+experts). Routing is uniform random, distinct experts per token.
 The peer is the CPU reference's code on the GPU tensors, run per touched expert on its own tokens
 (:func:`reference_by_expert`: gather, dequantise, matmul, add back), the naive port a user would
 write; the check is against the reference itself on a sample of the tokens, given only the experts
 they route to (the reference runs every expert it is given over every token: about 30 s a call at
 8192 tokens, which timed out the first GPU runs; :func:`touched_experts`).
-Every row also times 64-column tiles on 4 warps (h quantised after the gate-up GEMM; more programs
-an SM), prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4
+Every row also times a 4-warp default tile on 8 warps and the other column width
+(:func:`tile_variants`; 64 columns: h quantised after the gate-up GEMM, more programs an SM),
+prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4
 rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``); decode rows
 x quantised by a launch of its own rather than in every gate-up program (``quant_in_gemm=False``);
 FP8 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from seahal.bench.common import (
+    PEAK_BF16_TFLOPS,
     PEAK_FP8_TFLOPS,
     Case,
     ModelDims,
@@ -56,10 +59,12 @@ def expert_bytes(fmt: str, dim: int, inter: int) -> int:
     """Bytes of one expert's w1, w3 [I, D] and w2 [D, I] with their scales.
 
     fp4: ``3 * I * D / 2`` packed e2m1 plus ``3 * I * D / 32`` one-byte e8m0 scales;
-    fp8: ``3 * I * D`` e4m3 plus ``3 * (I / 128) * (D / 128)`` fp32 block scales.
+    fp8: ``3 * I * D`` e4m3 plus ``3 * (I / 128) * (D / 128)`` fp32 block scales; dense: bf16.
     """
     if fmt == "fp4":
         return 3 * inter * dim // 2 + 3 * inter * dim // 32
+    if fmt == "dense":
+        return 3 * inter * dim * 2
     return 3 * inter * dim + 4 * 3 * (inter // 128) * (dim // 128)
 
 
@@ -78,11 +83,16 @@ def routing(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, torch.
     return ids, weights / weights.sum(-1, keepdim=True)
 
 
-def _random_weight(fmt: str, experts: int, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_weight(
+    fmt: str, experts: int, rows: int, cols: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random codes drawn directly as bytes (no fp32 master copy: V4-Pro's experts are 25 G weights).
 
     fp4: every byte is two valid e2m1 codes; scales 2^-9..2^-7 as e8m0. fp8: e4m3 bytes with the
-    NaN codes (0x7F, 0xFF) moved to 0x7E; fp32 block scales 2^-13..2^-11."""
+    NaN codes (0x7F, 0xFF) moved to 0x7E; fp32 block scales 2^-13..2^-11. dense: bf16 normal
+    values of deviation 2^-6 (about the FP8 weights' spread), no scale."""
+    if fmt == "dense":
+        return torch.randn(experts, rows, cols, dtype=torch.bfloat16, device=device).mul_(2**-6), None
     if fmt == "fp4":
         packed = torch.randint(0, 256, (experts, rows, cols // 2), dtype=torch.uint8, device=device)
         scale = torch.randint(118, 121, (experts, rows, cols // 32), dtype=torch.uint8, device=device)
@@ -142,6 +152,13 @@ def touched_experts(topk_ids: torch.Tensor, *weights_and_limit: object) -> tuple
     return (renumbered.to(topk_ids.dtype), *(None if w is None else w[touched] for w in stacked), limit)
 
 
+def reference_over_touched(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                           *weights_and_limit: object) -> torch.Tensor:
+    """The reference ``moe_experts`` given only the experts ``topk_ids`` routes to (:func:`touched_experts`):
+    the same output (a call, so that building a row's workload reads no routing on the host)."""
+    return reference("moe_experts", "moe")(x, topk_weights, *touched_experts(topk_ids, *weights_and_limit))
+
+
 CHECKED_TOKENS = 256
 """Tokens of a row the reference checks (every T / 256th): its cost grows with every expert times
 every token."""
@@ -152,7 +169,7 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
     kernel = implementation("moe_experts", "moe_experts", "moe", device)
     sample = torch.arange(0, tokens, max(1, tokens // CHECKED_TOKENS), device=device)
     x, weights, ids, *rest = args
-    oracle = partial(reference("moe_experts", "moe"), x[sample], weights[sample], *touched_experts(ids[sample], *rest))
+    oracle = partial(reference_over_touched, x[sample], weights[sample], ids[sample], *rest)
     check = close(BF16_TOL)
     peers = {"reference, per expert": partial(reference_by_expert, *args)}
     variants = {}
@@ -173,14 +190,17 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
 
 
 def tile_variants(config: ExpertsConfig, stage: str) -> list[ExpertsConfig]:
-    """The tiles a row times beside its default ``config``: the other column width (64 columns, 4
-    warps: 2-5 programs an SM in the sm_90 compile; 128 columns, 8 warps for 64-row tiles, else
-    4: the FP4 default until 14a3a20) and, at prefill, 128x64 tiles of 8 warps (each decoded
-    weight serves 128 rows: about 1/3 fewer instructions a row)."""
+    """The tiles a row times beside its default ``config``: a 4-warp default's tile on 8 warps
+    (about half the registers a thread, against programs an SM; the 8-warp defaults won against 4,
+    and their tiles on 4 warps would spill or, at one FP4 token, load bytes), the other column
+    width (64 columns, 4 warps: 2-5 programs an SM in the sm_90 compile; 128 columns, 8 warps for
+    64-row tiles, else 4: the FP4 default until 14a3a20) and, at prefill, 128x64 tiles of 8 warps
+    (each decoded weight serves 128 rows: about 1/3 fewer instructions a row)."""
+    tiles = [dataclasses.replace(config, num_warps=8)] if config.num_warps == 4 else []
     if config.block_n == 128:
-        tiles = [dataclasses.replace(config, block_n=64, num_warps=4)]
+        tiles.append(dataclasses.replace(config, block_n=64, num_warps=4))
     else:
-        tiles = [dataclasses.replace(config, block_n=128, num_warps=8 if config.block_m >= 64 else 4)]
+        tiles.append(dataclasses.replace(config, block_n=128, num_warps=8 if config.block_m >= 64 else 4))
     if stage == "prefill":
         tiles.append(dataclasses.replace(config, block_m=128, block_n=64, num_warps=8))
     return tiles
@@ -205,13 +225,17 @@ SHARED_TOKENS = (1, 16)
 
 def _rows(device: torch.device, quick: bool) -> list[tuple[ModelDims, str, str, int]]:
     """(dims, weight format, stage, tokens) of the rows: each model's routed experts (FP4, and FP8
-    for V4-Flash unless quick) at :func:`_token_counts`, then its shared expert (FP8, the release's
+    for V4-Flash unless quick) at :func:`_token_counts`, V4-Flash's in bf16 at prefill unless
+    quick (the bf16 end-to-end rows' experts: one 4-warp program an SM by its registers and shared
+    memory in the sm_90 compile of their default tile), then its shared expert (FP8, the release's
     format; one expert every token routes to, with weight 1) at :data:`SHARED_TOKENS` tokens: the
     end-to-end decode step's one-row calls, which a routed row's launch config does not cover."""
     rows = []
     for dims in models(device):
         for fmt in ("fp4",) if dims.name == "V4-Pro" or quick else ("fp4", "fp8"):
             rows += [(dims, fmt, stage, tokens) for stage, tokens in _token_counts(device, quick)]
+        if dims.name != "V4-Pro" and not quick:  # a bf16 checkpoint's experts, at prefill
+            rows += [(dims, "dense", stage, tokens) for stage, tokens in _token_counts(device, quick) if stage == "prefill"]
         shared = dataclasses.replace(dims, experts=1, top_k=1)
         rows += [(shared, "fp8", "decode", tokens) for tokens in SHARED_TOKENS]
     return rows
@@ -223,7 +247,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         touched = int(routing(tokens, dims.experts, dims.top_k)[0].unique().numel())
         flops, nbytes = experts_cost(tokens, dims.top_k, dims.dim, dims.inter, touched, fmt)
         out.append(Case("moe_experts", f"{dims.name} {fmt} {stage} T={tokens} top{dims.top_k}/{dims.experts}",
-                        flops, nbytes, PEAK_FP8_TFLOPS, partial(_experts, dims, fmt, stage, tokens),
+                        flops, nbytes, PEAK_BF16_TFLOPS if fmt == "dense" else PEAK_FP8_TFLOPS,
+                        partial(_experts, dims, fmt, stage, tokens),
                         {"model": dims.name, "weights": fmt, "tokens": tokens, "touched_experts": touched}))
     return out
 
