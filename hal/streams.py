@@ -51,6 +51,7 @@ graph capture needs."""
 
 
 def side_streams_enabled() -> bool:
+    """Whether ``SEAHAL_SIDE_STREAM=1`` is set now."""
     return os.environ.get(SIDE_STREAM_VARIABLE) == "1"
 
 
@@ -76,9 +77,11 @@ def side_by_side(device: torch.device, main: Callable[[], A], side: Callable[[],
     """``(main(), side())``, with ``side``'s work on ``device``'s side stream beside ``main``'s.
 
     ``main`` and ``side`` must not depend on each other's work (neither reads what the other
-    writes); each may allocate, launch kernels and return tensors. Off a device with streams, or
-    without ``SEAHAL_SIDE_STREAM=1``, they run one after the other. The returned tensors are ready
-    for any later work on the current stream.
+    writes); each may allocate, launch kernels and return tensors. ``side`` must not drop the last
+    reference to a tensor made on the current stream that its own kernels read (a lazily rebuilt
+    weight, say): the caching allocator could hand that memory to ``main`` while they still run.
+    Off a device with streams, or without ``SEAHAL_SIDE_STREAM=1``, they run one after the other.
+    The returned tensors are ready for any later work on the current stream.
     """
     module = _stream_module(device)
     if module is None:
