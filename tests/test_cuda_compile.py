@@ -311,7 +311,6 @@ def _model():
     do not make (the first GPU run of the model failed to compile one: the shared expert's down
     GEMM at one token, where the sorted-row count 1 is specialised to a constant)."""
     from seahal.testing.model_on_meta import LAYOUTS, model_steps
-
     from seahal.testing.triton_compile import RunKernelFunctions
 
     for layout in LAYOUTS:

@@ -47,6 +47,7 @@ def _precompile_then_launch() -> dict:
     specs, rejected = precompile.specialisations(launches, target)
     again, _ = precompile.specialisations(captured_launches("cuda", OPS, sms=132, capability=SM90,
                                                             property_examples=0)[0], target)
+
     def lookups(launches: list) -> dict[str, int]:
         """Each launch through Triton's launch path: found in the cache (hit) or compiled (miss)."""
 

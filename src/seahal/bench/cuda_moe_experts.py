@@ -348,7 +348,7 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
         args, default, candidates = _sweep(dims, fmt, tokens, device)
         rows = tokens * dims.top_k
         expected = reference_by_expert(*args)
-        tuned = tune_row(lambda config: moe_experts(*args, config=config), candidates, expected,
+        tuned = tune_row(lambda config, args=args: moe_experts(*args, config=config), candidates, expected,
                          lambda fn: time_us(fn, device, quick)[0])
         default_us = time_us(partial(moe_experts, *args, config=default), device, quick)[0]
         results.append({"shape": f"{dims.name} {fmt} {stage} T={tokens} top{dims.top_k}/{dims.experts}",
@@ -359,6 +359,11 @@ def tune(device: torch.device, quick: bool = False, tokens_only: Collection[int]
               f"{r['best']}", flush=True)
         done(results)
     return results
+
+
+def token_filter(text: str | None) -> set[int] | None:
+    """``--tokens 1,8192`` -> {1, 8192}: the token counts of the rows to tune (None: every row)."""
+    return None if text is None else {int(t) for t in text.split(",")}
 
 
 def _sweep(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> tuple[tuple, ExpertsConfig, list]:
@@ -450,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("tuning moe_experts needs a CUDA device")
-        tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
-        results = tune(torch.device("cuda"), args.quick, tokens, args.model, done=save)
+        results = tune(torch.device("cuda"), args.quick, token_filter(args.tokens), args.model, done=save)
         save(results)
     if args.write:
         from seahal.bench.common import write_config_table

@@ -136,7 +136,7 @@ def specialisations(launches: Iterable[Launch], target: Any) -> tuple[list[Speci
             for launch in launches:
                 try:
                     launch.kernel.run(*launch.args, grid=launch.grid, warmup=False, **launch.kwargs)
-                except Exception as exc:  # left to the run, which reports it where it matters
+                except Exception as exc:  # noqa: BLE001 - left to the run, which reports it where it matters
                     rejected.append(f"{launch.describe()}: {type(exc).__name__}: {exc}")
     finally:
         knobs.runtime.jit_cache_hook = saved
@@ -177,7 +177,7 @@ def _compile(spec: Specialisation) -> tuple[str | None, bool]:
     """Compile one specialisation (worker side): (None or the error, whether its launcher was built)."""
     try:
         kernel = getattr(importlib.import_module(spec.module), spec.name).preload(spec.data)
-    except Exception as exc:  # the compiler's diagnostics are the result
+    except Exception as exc:  # noqa: BLE001 - the compiler's diagnostics are the result
         return f"{type(exc).__name__}: {exc}", False
     return None, _build_launcher(kernel)
 
@@ -190,7 +190,7 @@ def _build_launcher(kernel: Any) -> bool:
         from triton.backends.nvidia.driver import CudaLauncher
 
         CudaLauncher(kernel.src, kernel.metadata)
-    except Exception:  # left to the first launch, as without precompiling
+    except Exception:  # noqa: BLE001 - left to the first launch, as without precompiling
         return False
     return True
 
@@ -290,10 +290,10 @@ def _tune_launches(args: argparse.Namespace, sms: int, capability: tuple[int, in
     (:func:`seahal.bench.cuda_moe_experts.tune_calls`)."""
     import torch
 
-    from seahal.bench.cuda_moe_experts import tune_calls
+    from seahal.bench.cuda_moe_experts import token_filter, tune_calls
 
-    tokens = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
-    return _run_calls([tune_calls(torch.device("cuda"), args.quick, tokens, args.model)], sms, capability, [])
+    calls = tune_calls(torch.device("cuda"), args.quick, token_filter(args.tokens), args.model)
+    return _run_calls([calls], sms, capability, [])
 
 
 def _run_calls(sources: list, sms: int, capability: tuple[int, int], notes: list[str]) -> tuple[list, list[str]]:
@@ -309,12 +309,12 @@ def _run_calls(sources: list, sms: int, capability: tuple[int, int], notes: list
                     call = next(source)
                 except StopIteration:
                     break
-                except Exception as exc:  # building a call failed, which ends its source
+                except Exception as exc:  # noqa: BLE001 - building a call failed, which ends its source
                     failed.append(f"{type(exc).__name__}: {exc} (and the rest of its source)")
                     break
                 try:
                     call()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - noted; its kernels compile when the run reaches them
                     failed.append(f"{type(exc).__name__}: {exc}")
     return launches, notes + ([f"{len(failed)} calls not captured ({failed[0]})"] if failed else [])
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(_precompile_here(args))
-    except Exception as exc:  # the run that follows compiles what this could not
+    except Exception as exc:  # noqa: BLE001 - the run that follows compiles what this could not
         print(f"precompile: failed ({type(exc).__name__}: {exc}); the run compiles as it goes")
     return 0
 
