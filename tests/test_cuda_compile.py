@@ -305,6 +305,23 @@ def _head():
         linear.fp32_linear(_empty(tokens, DIM, dtype=dtype), weight)
 
 
+def _grouped_linear():
+    """The attention's wo_a over its FP8 weight (V4-Flash: 8 groups of 1024 rows, 4096 columns):
+    the GEMV at 1, 2 and 4 tokens (e8m0 and fp32 scales, bf16 and fp32 x, with K splits and
+    without), the one-launch dequantisation at 64."""
+    import torch
+
+    from seahal.backends.cuda import linear
+
+    weight = _empty(8 * 1024, DIM, dtype=torch.float8_e4m3fn)
+    for tokens, dtype, scale_dtype, split_k in ((1, torch.bfloat16, torch.float8_e8m0fnu, None),
+                                                (2, torch.float32, torch.float32, 1),
+                                                (4, torch.bfloat16, torch.float32, None),
+                                                (64, torch.bfloat16, torch.float8_e8m0fnu, None)):
+        scale = _empty(8 * 1024 // 128, DIM // 128, dtype=scale_dtype)
+        linear.grouped_linear(_empty(tokens, 8, DIM, dtype=dtype), weight, scale, split_k=split_k)
+
+
 def _model():
     """Every launch of the benchmarked model (4-layer V4-Flash, 64 experts, one shared expert) at
     prefill and decode, in the release layout and in bf16: launches the wrappers' own calls above
@@ -374,6 +391,7 @@ def _compile_all() -> list[dict]:
             _mhc_rope(t)
             _norm(t)
         _head()
+        _grouped_linear()
         _position_as_data()
         _indexer_variants()
         _model()

@@ -124,6 +124,12 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
     for name, (tensor, exported_value) in weights.items():  # torch tensors and onnx_ir values alike
         assert F.select("moe_experts", {"w1": tensor}).name == name
         assert F.select("moe_experts", {"w1": exported_value}).name == name
+        if name != "moe_experts_fp4":  # grouped_linear weights: dense or FP8
+            linear = name.replace("moe_experts", "grouped_linear")
+            assert F.select("grouped_linear", {"weight": tensor}).name == linear
+            assert F.select("grouped_linear", {"weight": exported_value}).name == linear
+    assert F.FUNCTIONS["grouped_linear"].inputs == ("x", "weight")  # a dense weight has no scale
+    assert F.FUNCTIONS["grouped_linear_fp8"].inputs == ("x", "weight", "scale")
     assert F.select("rope", {}).name == "rope"
     assert F.select("hadamard_rotate", {"fp4_block": 0}).name == "hadamard_rotate"
     assert F.select("hadamard_rotate", {"fp4_block": 32}).name == "hadamard_rotate_fp4"

@@ -101,7 +101,7 @@ def test_the_entries_a_run_added_are_named_by_their_files(tmp_path, monkeypatch)
 def _bench_specialisations(what: str) -> dict:
     """A benchmark's launches and the distinct specialisations among them: ``model`` the end-to-end
     bench (``--quick``), ``experts`` the experts' rows, ``tune`` the experts' one-token sweep,
-    ``decode`` the attention and indexer rows, ``mhc`` the other modules' rows."""
+    ``decode`` the attention, indexer and wo_a rows, ``mhc`` the other modules' rows."""
     import argparse
 
     from seahal.testing import triton_precompile as precompile
@@ -109,7 +109,7 @@ def _bench_specialisations(what: str) -> dict:
     if what == "model":
         launches, notes = precompile._model_launches(argparse.Namespace(quick=True), 132, SM90)
     else:
-        ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer",
+        ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer,grouped_linear",
                "mhc": "mhc,kv_compress,rope,kv_cache_unpack,fp32_linear"}[what]
         options = argparse.Namespace(ops=ops, quick=what == "tune", tokens="1", model="V4-Flash")
         launches, notes = (precompile._tune_launches if ops is None else precompile._bench_launches)(options, 132, SM90)
@@ -151,8 +151,9 @@ def test_every_launch_finds_its_precompiled_kernel(tmp_path):
     # the experts' rows (~450 launches, ~160 specialisations) and the tuner's one-token sweep (~200, ~80)
     ("experts", {"_grouped_gemm_kernel", "_route_kernel", "_combine_kernel", "_gemv_kernel"}, 2),
     ("tune", {"_grouped_gemm_kernel", "_route_kernel", "_fp8_act_quant_kernel"}, 2),
-    # the attention and indexer rows: ~830 launches of ~40 specialisations (contexts share them)
-    ("decode", {"_sparse_attention_kernel", "_scores_kernel", "_select_kernel"}, 10),
+    # the attention, indexer and wo_a rows: ~860 launches of ~50 specialisations (contexts share them)
+    ("decode", {"_sparse_attention_kernel", "_scores_kernel", "_select_kernel", "_grouped_gemv_kernel",
+                "_dequantize_kernel"}, 10),
     # the mHC, rope, compressor, cache-unpack and fp32-linear rows: ~75 launches, ~35 specialisations
     ("mhc", {"_mix_kernel", "_post_kernel", "_kv_compress_kernel", "_rope_kernel", "_fp32_gemv_kernel"}, 2),
 ])

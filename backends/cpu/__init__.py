@@ -42,6 +42,7 @@ REFERENCE_KERNELS = {
     "rope": ("rope", {"dtype": _FLOATS}),
     "rms_norm": ("norm", {"dtype": _FLOATS}),
     "fp32_linear": ("linear", {"dtype": _FLOATS, "weight_dtype": _FLOATS}),
+    "grouped_linear": ("linear", {"dtype": _FLOATS, "weight_format": ("dense", "fp8"), "scale_dtype": _SCALES}),
 }
 
 DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}

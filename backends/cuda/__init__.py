@@ -22,7 +22,7 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # it again. Since that run, without a GPU: moe_experts' FP4 default launch from two tokens takes
 # the 64-column tiles that run measured fastest (its bench variants "16x64 tiles, 4 warps" and
 # "64x64 tiles, 4 warps", which ran there, checked against the reference; the kernel code is
-# unchanged).
+# unchanged). New since that run: grouped_linear (the FP8 wo_a GEMV), interpreter-verified only.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -54,6 +54,11 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         True,
     ),
     "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, True),
+    "grouped_linear": (  # the FP8 GEMV at decode (new since 14a3a20: not yet run on a GPU)
+        "linear:grouped_linear",
+        {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8"), "scale_dtype": _SCALES},
+        False,
+    ),
     # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
     "sparse_attention": (
         "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, True

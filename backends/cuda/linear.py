@@ -1,5 +1,6 @@
-"""Triton fp32 linear layers over bf16 weights (op ``fp32_linear``): the output head and the
-compressors' projections, W streamed once in bf16 and widened in registers.
+"""Triton linear layers: fp32 math over bf16 weights (op ``fp32_linear``: the output head and the
+compressors' projections, W streamed once in bf16 and widened in registers), and the attention's
+grouped output projection over an FP8 weight (op ``grouped_linear``, at the end of this module).
 
 Decode is bound by reading W: V4's head is 129280 x 4096, 1.06 GB in bf16 and 2.1 GB as the fp32
 copy the official code keeps, more than every FP8/FP4 layer weight of a 4-layer model together;
@@ -30,11 +31,23 @@ import triton
 import triton.language as tl
 
 from seahal.backends.cpu.reference.linear import fp32_linear as widened_gemm
+from seahal.backends.cpu.reference.linear import grouped_linear as batched_gemm
 
 from ._cache_keys import settle_cache_keys
+from ._gemm import (
+    INTERPRETER_SMS,
+    K_BLOCK,
+    GemmConfig,
+    decode_e8m0,
+    k_block_range,
+    k_splits,
+    split_k_workspace,
+    store_tile,
+)
 from ._host import cdiv, next_power_of_2
-from .rope import check_dtype
+from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
+from .rope import check_dtype
 
 GEMV_MAX_TOKENS = 4
 """Up to this many tokens the CUDA-core GEMV runs."""
@@ -163,6 +176,135 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             num_warps=4, num_stages=4, **pdl_options(),
         )
     return out.reshape(*x.shape[:-1], v)
+
+
+# --------------------------------------------------------------------------------------------
+# grouped_linear: wo_a, z_g = W'_g o_g with W' the FP8 weight dequantised to o's dtype
+# --------------------------------------------------------------------------------------------
+#
+# The official code installs wo_a dequantised to bf16 (V4-Flash: 8192 x 4096, 64 MB a layer; V4-Pro
+# 128 MB) and a decode step streams all of it. The GEMV below reads the checkpoint's FP8 bytes (half)
+# and decodes each weight in registers to exactly the bf16 value the official code installs
+# (e4m3 x scale, rounded to o's dtype), so the products are the official ones: only the
+# summation order differs. More tokens (prefill) dequantise once per call into a temporary and run
+# cuBLAS, the reference's method in o's dtype.
+
+GROUPED_LANES = 4096
+"""GEMV: fp32 running sums a program keeps (BLOCK_T x BLOCK_N x 128, 32 a thread at 4 warps)."""
+
+
+def grouped_rows(tokens: int, rows_per_group: int) -> int:
+    """GEMV rows a program streams: GROUPED_LANES / (128 x BLOCK_T) (32 at one token: 4 KB of FP8
+    a K block), halved until it divides R so that a program's rows are one group's."""
+    rows = GROUPED_LANES // (K_BLOCK * next_power_of_2(tokens))
+    while rows_per_group % rows:
+        rows //= 2
+    return rows
+
+
+@triton.jit
+def _grouped_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, T, N, K, R,
+    stride_xt, stride_xg, stride_wn, stride_sn, stride_sk, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """out[t, n] = sum_k x[t, n // R, k] W'[n, k] over this program's BLOCK_N rows (one group's:
+    BLOCK_N divides R) and its K split, ``W' = x_dtype(e4m3 W[n, k] * s[n // 128, k // 128])``.
+
+    One fp32 running sum per (token, row, lane of the 128-wide K block), reduced once at the end,
+    both operands loaded in the product's [BT, BN, 128] layout (as :func:`fp32_gemv_tile`); the
+    block's scale is one load a row. Split-K partials are summed in split order (``store_tile``).
+    """
+    wait_for_prior_grid(PDL)
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    lo, hi = k_block_range(K, pid_k, SPLIT_K, 128)
+    first_row = pid_n * BLOCK_N
+    t3 = tl.arange(0, BLOCK_T)[:, None, None]
+    n3 = first_row + tl.arange(0, BLOCK_N)[None, :, None]
+    k3 = tl.arange(0, 128)[None, None, :]
+    x_rows = x_ptr + (first_row // R) * stride_xg + t3 * stride_xt + 0 * n3
+    w_rows = w_ptr + n3.to(tl.int64) * stride_wn + 0 * t3
+    s_rows = s_ptr + (n3 // 128) * stride_sn
+    lanes = tl.zeros((BLOCK_T, BLOCK_N, 128), dtype=tl.float32)
+    for kb in range(lo, hi):
+        cols = kb * 128 + k3
+        x = tl.load(x_rows + cols, mask=t3 < T, other=0.0)
+        s = tl.load(s_rows + kb * stride_sk)
+        if SCALE_E8M0:
+            s = decode_e8m0(s)
+        w = cast_rne(tl.load(w_rows + cols).to(tl.float32) * s, x_ptr.dtype.element_ty)
+        lanes += x.to(tl.float32) * w.to(tl.float32)
+    store_tile(tl.sum(lanes, axis=2), out_ptr, partial_ptr, counter_ptr, 0, pid_n, pid_k, T, N, stride_ot, 1,
+               BLOCK_T, BLOCK_N, SPLIT_K)
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sk, stride_on,
+                       BLOCK_N: tl.constexpr, SCALE_E8M0: tl.constexpr, PDL: tl.constexpr = False):
+    """out[n, k] = out_dtype(e4m3 W[n, k] * s[n // 128, k // 128]) for BLOCK_N rows x one 128-wide block."""
+    wait_for_prior_grid(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    kb = tl.program_id(1)
+    cols = kb * 128 + tl.arange(0, 128)[None, :]
+    s = tl.load(s_ptr + (rows // 128) * stride_sn + kb * stride_sk, mask=rows < N, other=0)
+    if SCALE_E8M0:
+        s = decode_e8m0(s)
+    w = tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64) * stride_on + cols, cast_rne(w * s, out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def dequantize_fp8_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 weight [N, K] with [ceil(N/128), K/128] block scales as a dense [N, K] ``dtype`` tensor
+    (each value rounded to dtype, as ``hal.formats.dequantize_weight``), in one launch."""
+    n, k = weight.shape
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    e8m0 = scale.dtype != torch.float32
+    block_n = 32
+    _dequantize_kernel[(cdiv(n, block_n), k // K_BLOCK)](
+        weight, scale.view(torch.uint8) if e8m0 else scale, out, n, k,
+        weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+        BLOCK_N=block_n, SCALE_E8M0=e8m0, num_warps=4, **pdl_options(),
+    )
+    return out
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, split_k: int | None = None
+) -> torch.Tensor:
+    """Per group g, ``x[..., g, :] @ W'_g^T`` with W' the weight dequantised to x's dtype.
+
+    x: [..., G, I] bf16/fp32, weight: [G*R, I] FP8 e4m3 + scale [ceil(G*R/128), I/128] fp32/e8m0,
+    or dense -> [..., G, R] in x's dtype.
+
+    Up to :data:`GEMV_MAX_TOKENS` tokens with an FP8 weight: the GEMV over the FP8 bytes, its K
+    split ``split_k`` ways (default: until the grid holds two programs an SM, each keeping >= 4 K
+    blocks). Otherwise the weight dequantised to x's dtype in one launch (when FP8) and the
+    reference's batched cuBLAS GEMM in x's dtype (fp32 sums).
+    """
+    check_dtype("grouped_linear", "x", x)
+    g, i = x.shape[-2:]
+    n = weight.shape[0]
+    tokens = x.reshape(-1, g, i)
+    t = tokens.shape[0]
+    if weight.dtype != torch.float8_e4m3fn or t > GEMV_MAX_TOKENS or t == 0:
+        return batched_gemm(x, weight if scale is None else dequantize_fp8_weight(weight, scale, x.dtype))
+    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    block_t, block_n = next_power_of_2(t), grouped_rows(t, n // g)
+    if split_k is None:
+        cuda = x.device.type == "cuda"
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else INTERPRETER_SMS
+        split_k = k_splits(n // block_n, i // K_BLOCK, 2 * sms)
+    config = GemmConfig(block_t, block_n, num_warps=4, num_stages=1, split_k=split_k)
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    partial, counters = split_k_workspace(config, t, n, x.device)
+    e8m0 = scale.dtype != torch.float32
+    _grouped_gemv_kernel[(n // block_n, split_k)](
+        tokens, weight, scale.view(torch.uint8) if e8m0 else scale, out, partial, counters, t, n, i, n // g,
+        tokens.stride(0), tokens.stride(1), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
+        BLOCK_T=block_t, BLOCK_N=block_n, SPLIT_K=split_k, SCALE_E8M0=e8m0, num_warps=4, **pdl_options(),
+    )
+    return out.view(*x.shape[:-1], n // g)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

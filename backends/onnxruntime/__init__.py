@@ -49,6 +49,7 @@ CAPABILITIES = {
     "rope": {"dtype": _FLOATS},
     "rms_norm": {"dtype": _FLOATS},
     "fp32_linear": {"dtype": _FLOATS, "weight_dtype": _FLOATS},
+    "grouped_linear": {"dtype": _FLOATS, "weight_format": ("dense", "fp8"), "scale_dtype": _SCALES},
 }
 """Declared capabilities per op (math is fp32 throughout; fp64 inputs are accepted and computed in fp32)."""
 

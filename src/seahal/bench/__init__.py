@@ -39,6 +39,7 @@ CUDA_OPS = {
     "hc_head": "cuda_mhc_rope",
     "rope": "cuda_mhc_rope",
     "fp32_linear": "cuda_linear",
+    "grouped_linear": "cuda_linear",
     "model": "model_e2e",
 }
 """op -> module of seahal.bench with ``rows(ops, device, quick)`` for it."""

@@ -101,12 +101,15 @@ class ModelDims:
     hc: int = 4
     kv_tile: int = 64
     """Width of the FP8 cache records' nope tiles (one e8m0 scale each, v4_ops.md §12)."""
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    """The grouped output projection wo_a: o_groups groups of o_lora_rank rows (v4_ops.md §8)."""
 
 
 V4_FLASH = ModelDims("V4-Flash", dim=4096, heads=64, index_topk=512, experts=256, inter=2048)
-V4_PRO = ModelDims("V4-Pro", dim=7168, heads=128, index_topk=1024, experts=384, inter=3072)
+V4_PRO = ModelDims("V4-Pro", dim=7168, heads=128, index_topk=1024, experts=384, inter=3072, o_groups=16)
 TINY = ModelDims("tiny", dim=128, heads=4, index_topk=8, experts=8, inter=128, top_k=2, head_dim=64, rope_dim=16,
-                 window=8, index_heads=4, index_dim=32, kv_tile=16)
+                 window=8, index_heads=4, index_dim=32, kv_tile=16, o_groups=2, o_lora_rank=64)
 """CPU smoke mode: every dimension small, the same code paths."""
 
 

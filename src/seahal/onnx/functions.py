@@ -11,6 +11,7 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   is its own function: ``rms_norm`` (with weight), ``rms_norm_unweighted``, ``moe_gate`` (with
   bias), ``moe_gate_unbiased``, ``moe_gate_hash``
   (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``,
+  ``grouped_linear`` (dense weight, no scale), ``grouped_linear_fp8``,
   ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
   argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
   ``hadamard_rotate_fp4``.
@@ -185,14 +186,30 @@ def block_scaled_matmul(a, a_scale, b, b_scale, step: int):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def block_row_scales(scale, b):
+    """128x128 block scales [..., ceil(N/128), K/128] as one scale per row of b [..., N, K]:
+    [..., N, K/128], row n taking block row n // 128."""
+    rows = op.Shape(b, start=-2, end=-1)
+    wide = op.Einsum(repeat_columns(op.Einsum(scale, equation="...ij->...ji"), times=128), equation="...ji->...ij")
+    return op.Slice(wide, [0], rows, [-2])
+
+
+@onnxscript.script(LIB, default_opset=op)
 def fp8_block_gemm(a, a_scale, b, b_scale):
     """FP8 x FP8 ``(A sA) @ (B sB)^T`` in fp32: a: [..., M, K] e4m3 values (as fp32) with
     [..., M, K/128] scales, b: [..., N, K] e4m3 values (as fp32) with 128x128 block scales
     [..., ceil(N/128), K/128]."""
-    rows = op.Shape(b, start=-2, end=-1)
-    b_rows = op.Einsum(repeat_columns(op.Einsum(b_scale, equation="...ij->...ji"), times=128), equation="...ji->...ij")
-    b_rows = op.Slice(b_rows, [0], rows, [-2])
-    return block_scaled_matmul(a, a_scale, b, b_rows, step=128)
+    return block_scaled_matmul(a, a_scale, b, block_row_scales(b_scale, b), step=128)
+
+
+@onnxscript.script(LIB, default_opset=op)
+def grouped_matmul(x, weight):
+    """``out[..., g, r] = sum_i x[..., g, i] W[g*R + r, i]`` with fp32 sums, rounded to x's dtype:
+    x [..., G, I], weight [G*R, I] (rows g*R ... g*R + R - 1 are group g's) -> [..., G, R]."""
+    groups = op.Shape(x, start=-2, end=-1)
+    per_group = op.Concat(groups, op.Shape(weight, end=1) / groups, op.Shape(weight, start=-1), axis=0)
+    w = op.Reshape(op.Cast(weight, to=FLOAT), per_group)  # [G, R, I]
+    return op.CastLike(op.Einsum(op.Cast(x, to=FLOAT), w, equation="...gi,gri->...gr"), x)
 
 
 @onnxscript.script(LIB, default_opset=op)
@@ -961,6 +978,23 @@ def kv_cache_unpack(packed, dim: int, rope_dim: int = 64, tile: int = 64):
     return unpack_records(packed, nope, rope_dim=rope_dim, tile=tile)
 
 
+@onnxscript.script(SEAHAL, default_opset=op)
+def grouped_linear(x, weight):
+    """Block-diagonal linear layer, dense weight: x [..., G, I], weight [G*R, I] -> [..., G, R]
+    in x's dtype. ``W' = x.dtype(W)``; ``out[..., g, r] = sum_i x[..., g, i] W'[g*R + r, i]`` in fp32."""
+    return grouped_matmul(x, op.CastLike(weight, x))
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def grouped_linear_fp8(x, weight, scale):
+    """grouped_linear with an FP8 e4m3 weight [G*R, I] and 128x128 block scales
+    [ceil(G*R/128), I/128] fp32: ``W' = x.dtype(e4m3(W) s)``, the product in fp32, then
+    :func:`grouped_linear`'s sums."""
+    codes = op.Cast(weight, to=FLOAT)
+    dequantised = scale_tiles(codes, block_row_scales(scale, codes), tile=128)
+    return grouped_matmul(x, op.CastLike(dequantised, x))
+
+
 # --------------------------------------------------------------------------------------------
 # Registry: the functions of each HAL op, and how a call's arguments become a node
 # --------------------------------------------------------------------------------------------
@@ -988,6 +1022,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "rope": ("rope",),
     "rms_norm": ("rms_norm", "rms_norm_unweighted"),
     "fp32_linear": ("fp32_linear",),
+    "grouped_linear": ("grouped_linear", "grouped_linear_fp8"),
 }
 """HAL op -> the names of the functions that compute it (the first is the common case)."""
 
@@ -1087,16 +1122,16 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts), the key
-    format (indexer_topk_packed, index_key_pack) or whether an FP4 rounding follows
-    (hadamard_rotate) pick it."""
+    optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts,
+    grouped_linear), the key format (indexer_topk_packed, index_key_pack) or whether an FP4
+    rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
         )
-    elif op == "moe_experts":
-        fmt = weight_format(args["w1"])
-        name = "moe_experts" if fmt == "dense" else f"moe_experts_{fmt}"
+    elif op in ("moe_experts", "grouped_linear"):
+        fmt = weight_format(args["w1" if op == "moe_experts" else "weight"])
+        name = op if fmt == "dense" else f"{op}_{fmt}"
     elif op in ("indexer_topk_packed", "index_key_pack"):
         name = f"{op}_{args['key_format']}"
     elif op == "rms_norm":

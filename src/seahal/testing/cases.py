@@ -151,6 +151,7 @@ _DATA_ARG = {
     "rope": "x",
     "rms_norm": "x",
     "fp32_linear": "x",
+    "grouped_linear": "x",
 }
 
 
@@ -189,6 +190,10 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["key_format"] = a["key_format"]
     elif op == "fp32_linear":
         req["weight_dtype"] = _dtype_name(a["weight"].dtype)
+    elif op == "grouped_linear":
+        req["weight_format"] = "fp8" if a["scale"] is not None else "dense"
+        if a["scale"] is not None:
+            req["scale_dtype"] = _dtype_name(a["scale"].dtype)
     if isinstance(a.get("start_pos"), torch.Tensor) and a["start_pos"].dim() == 1:
         req["position"] = "per-sequence"
     elif op in ("sparse_attention", "sparse_attention_fp8"):
@@ -691,6 +696,21 @@ def fp32_linear_case(
     return _case("fp32_linear", name, (strided(x, layout), weight))
 
 
+def grouped_linear_case(
+    name: str, seed: int, tokens: tuple[int, ...] = (1, 1), g: int = 4, r: int = 256, i: int = 256, dtype=BF16,
+    weight: str = "fp8", scale_fmt: str = "e8m0", layout: str = "contiguous",
+) -> Case:
+    """x [*tokens, g, i] ~ N(0, 1); the weight [g*r, i]: ``"fp8"`` (e4m3 codes of every magnitude,
+    128x128 scales around 2^-8, fp32 or e8m0) or dense ``"bf16"`` / ``"fp32"`` ~ N(0, i^-1/2)."""
+    rand = _Rand(seed)
+    x = rand.normal(*tokens, g, i, dtype=dtype)
+    if weight == "fp8":
+        w, scale = rand.e4m3(g * r, i), rand.scales(-(-g * r // 128), i // 128, fmt=scale_fmt, log2_center=-8)
+    else:
+        w, scale = rand.normal(g * r, i, std=i**-0.5, dtype=F32 if weight == "fp32" else BF16), None
+    return _case("grouped_linear", name, (strided(x, layout), w, scale))
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed cases per op
 # --------------------------------------------------------------------------------------------
@@ -1015,6 +1035,21 @@ def _fp32_linear_cases(seed: int) -> list[Case]:
     ]
 
 
+def _grouped_linear_cases(seed: int) -> list[Case]:
+    c = grouped_linear_case
+    return [
+        c("decode: bf16 x, FP8 W, e8m0 scales", seed),
+        c("decode: fp32 scales (W rounded to bf16)", seed + 1, scale_fmt="fp32"),
+        c("batch 4 decode, fp32 x", seed + 2, tokens=(4, 1), dtype=F32),
+        c("3 tokens, R=64: groups share a scale block", seed + 3, tokens=(3,), g=6, r=64),
+        c("R=96: groups straddle scale blocks, I=384", seed + 4, tokens=(2,), g=4, r=96, i=384),
+        c("prefill: 37 tokens, 8 groups", seed + 5, tokens=(1, 37), g=8, r=128, i=128),
+        c("dense bf16 W", seed + 6, weight="bf16"),
+        c("dense fp32 W, bf16 x (W rounded to bf16)", seed + 7, tokens=(2,), weight="fp32"),
+        c("sliced x (rows twice as wide)", seed + 8, tokens=(2,), layout="sliced"),
+    ]
+
+
 _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "fp8_act_quant": _fp8_act_quant_cases,
     "fp4_quant": _fp4_quant_cases,
@@ -1038,6 +1073,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "rope": _rope_cases,
     "rms_norm": _rms_norm_cases,
     "fp32_linear": _fp32_linear_cases,
+    "grouped_linear": _grouped_linear_cases,
 }
 
 
@@ -1141,6 +1177,11 @@ def strategy(op: str):
             "property", draw(seeds), tokens=(draw(st.integers(1, 6)),), d=draw(st.integers(1, 300)),
             n=draw(st.integers(1, 200)), dtype=draw(dtypes), weight_dtype=draw(dtypes),
             layout=draw(st.sampled_from(["contiguous", "sliced"]))),
+        "grouped_linear": lambda draw: grouped_linear_case(
+            "property", draw(seeds), tokens=(draw(st.integers(1, 6)),), g=draw(st.integers(1, 4)),
+            r=draw(st.integers(1, 160)), i=128 * draw(st.integers(1, 3)), dtype=draw(st.sampled_from([BF16, F32])),
+            weight=draw(st.sampled_from(["fp8", "fp8", "bf16", "fp32"])),
+            scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])), layout=draw(st.sampled_from(["contiguous", "sliced"]))),
     }
     for gemm in ("fp8_gemm", "fp4_gemm"):
         builders[gemm] = lambda draw, gemm=gemm: gemm_case(

@@ -262,6 +262,12 @@ def _fp32_linear(d: _Draw):
     return (d.data(2, 1, 16), d.param(40, 16, scale=0.25)), {}
 
 
+@_example("grouped_linear")
+def _grouped_linear(d: _Draw):
+    """x [2, 1, 4, 16] (4 groups), W [4 * 8, 16] dense: z_g = W_g x_g."""
+    return (d.data(2, 1, 4, 16), d.param(32, 16, scale=0.25), None), {}
+
+
 def example_args(
     op: str,
     *,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from seahal.hal.formats import hadamard, index_key_unpack
+from seahal.hal.formats import dequantize_weight, hadamard, index_key_unpack
 from seahal.hal.spec import get_spec
 
 from seahal.backends.cpu.reference.quant import kv_cache_unpack
@@ -303,6 +303,20 @@ def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(d) / 2 + 8 * U32)),)
 
 
+def _grouped_linear(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # I products of x and W' (W' rounded to x's dtype: exact for e8m0 scales and for dense weights
+    # no wider than x, else one rounding of u(x) relative that the float64 reference does not make),
+    # summed in fp32 in any order (gamma(I + 1)), the output rounded once to x's dtype (one ulp).
+    x, weight, scale = a["x"], a["weight"], a["scale"]
+    rounds_weight = (scale is not None and scale.dtype == torch.float32) or (
+        scale is None and SIGNIFICANT_BITS[weight.dtype] > SIGNIFICANT_BITS[x.dtype])
+    w = dequantize_weight(weight, scale, torch.float64).abs()
+    g, i = x.shape[-2:]
+    magnitude = _max_abs(torch.einsum("...gi,gri->...gr", x.to(torch.float64).abs(), w.view(g, -1, i)))
+    weight_error = unit_roundoff(x.dtype) if rounds_weight else 0.0
+    return (Compared("out", 0, Close(rtol=ulp(x.dtype), atol=(gamma(i + 1) + weight_error) * magnitude)),)
+
+
 def _fp32_linear(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # D exact products (bf16 and fp32 operands widen exactly; fp32 x fp32 products round once),
     # summed in fp32 in any order: gamma(D + 1) relative to sum |x| |w| per output. A kernel may
@@ -461,6 +475,12 @@ RULES: dict[str, Rule] = {
           "D products, exact for bf16 operands and rounded once for fp32 ones, summed in fp32 in any order; "
           "3D when a kernel splits fp32 x into three exact bf16 parts for the tensor cores"),),
         _fp32_linear,
+    ),
+    "grouped_linear": Rule(
+        (("out", "rtol ulp(x), atol (γ(I+1) + u(x) if W' rounds)·max(\\|x_g\\|·\\|W'_g\\|ᵀ)",
+          "I products of x and the weight dequantised to x's dtype (a rounding the float64 reference does "
+          "not make, except for e8m0 scales and dense weights no wider than x), summed in fp32, rounded once"),),
+        _grouped_linear,
     ),
 }
 
