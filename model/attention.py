@@ -135,7 +135,7 @@ class Attention(nn.Module):
         self.wkv = Linear(c.dim, c.head_dim, ops)
         self._input_projections = StackedLinears(self.wq_a, self.wkv)  # x's two products in one GEMM
         self.kv_norm = RMSNorm(c.head_dim, c.norm_eps, ops)
-        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops, dense_only=True)
+        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops, reader="grouped_linear")
         self.wo_b = Linear(self.o_groups * c.o_lora_rank, c.dim, ops)
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads), requires_grad=False)
         self.compressor = None
@@ -272,14 +272,12 @@ class Attention(nn.Module):
         return self.ops.sparse_attention(q, keys, indices, self.attn_sink, scale)
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
-        """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g``; then ``Wo_b z``
-        (summed over the TP group, each rank holding some of the groups)."""
+        """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g`` over Wo_a dequantised to
+        o's dtype (``grouped_linear``: the official code's products, from the FP8 bytes); then
+        ``Wo_b z`` (summed over the TP group, each rank holding some of the groups)."""
         b, s = o.shape[:2]
-        g = self.o_groups
-        groups = o.reshape(b, s, g, -1)
-        wo_a = self.wo_a.weight.to(o.dtype).view(g, self.config.o_lora_rank, -1)
-        z = torch.einsum("bsgi,gri->bsgr", groups, wo_a).reshape(b, s, -1)
-        return self.parallel.tp_all_reduce(self.wo_b(z))
+        z = self.ops.grouped_linear(o.reshape(b, s, self.o_groups, -1), self.wo_a.weight, self.wo_a.scale)
+        return self.parallel.tp_all_reduce(self.wo_b(z.reshape(b, s, -1)))
 
 
 @dataclass

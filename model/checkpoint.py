@@ -150,8 +150,8 @@ def load_weights(
     placeholder memory is ever allocated); raise CheckpointError naming what is wrong.
 
     ``conversions`` (a plan's ``weight_conversions``, ``{op: dtype}``) dequantises the quantised
-    weights that would feed ``op`` (``fp8_gemm``/``fp4_gemm`` for linears, ``moe_experts`` for
-    experts) to that dtype as they are installed. ``shards`` (one rank of a tensor/expert-parallel
+    weights that would feed ``op`` (``fp8_gemm``/``fp4_gemm`` for linears, or the linear's
+    ``reader``: ``grouped_linear`` for wo_a; ``moe_experts`` for experts) to that dtype as they are installed. ``shards`` (one rank of a tensor/expert-parallel
     model, see model/sharding.py) reads only that rank's slices and experts."""
     conversions = dict(conversions or {})
     modules = dict(model.named_modules())
@@ -193,9 +193,10 @@ def load_weights(
         file, weight = parts["weight"]
         _check_weight(owner + ".weight", file, weight, linear.out_features, linear.in_features)
         scale = _linear_scale(owner, parts, weight)
-        gemm = {"fp8": "fp8_gemm", "fp4": "fp4_gemm"}.get(_format(weight))
-        if gemm in conversions:
-            weight, scale = dequantize_weight(weight, scale, getattr(torch, conversions[gemm])), None
+        reader = {"fp8": "fp8_gemm", "fp4": "fp4_gemm"}.get(_format(weight))
+        reader = linear.reader if reader and linear.reader else reader
+        if reader in conversions:
+            weight, scale = dequantize_weight(weight, scale, getattr(torch, conversions[reader])), None
         linear.set_weight(weight, scale, dtype)
         seen.add(owner + ".weight")
 

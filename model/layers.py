@@ -11,8 +11,6 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from seahal.hal.formats import dequantize_weight
-
 
 class RMSNorm(nn.Module):
     """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim: the plan's ``rms_norm`` op."""
@@ -32,8 +30,8 @@ class Linear(nn.Module):
 
     Quantised weights quantise x to FP8 in 1x128 tiles first (``fp8_act_quant``), as the official
     inference code does, then run ``fp8_gemm`` / ``fp4_gemm``; the output takes x's dtype.
-    ``dense_only`` weights are dequantised when installed (the official code does so for wo_a,
-    which is used as a grouped einsum rather than a GEMM).
+    ``reader`` names the op that reads a quantised weight where it is not one of those (the
+    attention's wo_a, read by ``grouped_linear``): the key of a plan's ``weight_conversions``.
     """
 
     def __init__(
@@ -42,19 +40,19 @@ class Linear(nn.Module):
         out_features: int,
         ops: SimpleNamespace,
         dtype: torch.dtype = torch.float32,
-        dense_only: bool = False,
+        reader: str | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.ops, self.dense_only = ops, dense_only
+        self.ops, self.reader = ops, reader
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
         self.register_buffer("scale", None, persistent=False)
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
         """Install a checkpoint weight in its own format (shapes are checked by the loader);
-        dense weights, and every weight of a ``dense_only`` layer, are stored in ``dtype``."""
-        if self.dense_only or scale is None:
-            weight, scale = dequantize_weight(weight, scale, dtype), None
+        dense weights are stored in ``dtype``."""
+        if scale is None:
+            weight = weight.to(dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = scale
 

@@ -185,5 +185,5 @@ def test_seahal_run_on_the_emulated_npu(soc, fp8_kernel, tmp_path, monkeypatch, 
         assert table[op] == "cpu.reference (fallback)", out  # the portable path (V4's sqrtsoftplus gate, ue8m0 quant)
     assert table["fp8_gemm"] == fp8_kernel
     conversions = re.findall(r"^weights converted at load: quantised (\w+) weights -> bfloat16", out, re.M)
-    assert sorted(conversions) == sorted(["fp4_gemm", "moe_experts"] + (["fp8_gemm"] if soc == A2 else []))
+    assert sorted(conversions) == sorted(["fp4_gemm", "moe_experts", "grouped_linear"] + (["fp8_gemm"] if soc == A2 else []))
     assert re.search(r"generated: 1 tokens \[\d+\]", out)

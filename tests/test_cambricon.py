@@ -302,7 +302,7 @@ def test_fp8_availability_is_probed_on_the_chip():
     assert plan.entries["fp8_gemm"].label == "cpu.reference"
     assert any("FP8 scaled_matmul probe failed on this MLU: RuntimeError: float8_e4m3fn scaled_matmul is not "
                "supported" in why for _, why in plan.entries["fp8_gemm"].rejected)
-    assert plan.weight_conversions == {"fp8_gemm": "bfloat16"}
+    assert plan.weight_conversions == {"fp8_gemm": "bfloat16", "grouped_linear": "bfloat16"}
     assert plan.entries["moe_gate"].label == "cambricon.tmo"
 
 

@@ -87,6 +87,7 @@ def test_a_decode_step_stays_within_its_kernel_budget():
                 if phase == "graph decode" else not positional), positional
         assert hal_ops["seahal.rms_norm__cuda_triton"] == 21  # 5 per layer and the final norm, one launch each
         assert hal_ops["seahal.fp32_linear__cuda_triton"] == 4  # the head; the stacked [wkv; wgate] of 3 compressors
+        assert hal_ops["seahal.grouped_linear__cuda_triton"] == 4  # wo_a, one a layer, from its FP8 bytes
         # a CUDA graph cannot capture a copy from the host (the first GPU session's capture failed
         # on one: the FP4 decode table of the indexer's simulated precision, made per call)
         assert counts[f"{phase} host transfers"] == {}

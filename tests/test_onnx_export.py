@@ -29,7 +29,7 @@ from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
 from seahal.model.tiny import TINY_CONFIG, random_tensors  # noqa: E402
 from seahal.onnx.export import export_onnx, reference_model  # noqa: E402
-from seahal.onnx.functions import OPS  # noqa: E402
+from seahal.onnx.functions import OPS, select  # noqa: E402
 
 PROMPT, BATCH, CAPACITY = 19, 2, 32
 LAYOUT = {**TINY_CONFIG, "n_layers": 3, "compress_ratios": [0, 4, 16]}
@@ -148,6 +148,9 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
     assert indexer in decode.hal_nodes
     assert {"moe_gate", "moe_experts"} <= hal_ops
     assert attention in decode.hal_nodes
+    called = {n.op_type for g in (prefill, decode) for n in onnx.load(g.path).graph.node if n.domain == "seahal"}
+    wo_a = model.layers[0].attn.wo_a.weight  # FP8 in the release layout, unless the plan dequantises it at load
+    assert select("grouped_linear", {"weight": wo_a}).name in called
     if packed:  # the FP8 KV records are attended as stored: nothing decodes the cache
         assert {"fp8_act_quant", "fp8_gemm", "kv_cache_pack"} <= hal_ops
         assert "hadamard_rotate" in hal_ops and "hadamard_rotate" in decode.hal_nodes  # the indexer's FP4 rounding

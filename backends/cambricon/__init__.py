@@ -72,10 +72,15 @@ def _needs_tmo(op: str, functions: tuple[str, ...]):
 
 def _weight_conversions(chip: str | None) -> dict[str, str]:
     """FP8 linears are dequantised to bf16 at load when tmo's FP8 ``scaled_matmul`` is not usable
-    here (probe failed, tmo absent or unpinned): plain bf16 matmuls beat the portable FP8 GEMM."""
+    here (probe failed, tmo absent or unpinned): plain bf16 matmuls beat the portable FP8 GEMM.
+    wo_a always is (no FP8-weight grouped linear on the MLU): the portable ``grouped_linear``'s
+    batched bf16 matmul reads it, as the model's own einsum did before the op existed."""
     from . import probe
 
-    return {"fp8_gemm": "bfloat16"} if probe.fp8_gemm_works() is not None else {}
+    conversions = {"grouped_linear": "bfloat16"}
+    if probe.fp8_gemm_works() is not None:
+        conversions["fp8_gemm"] = "bfloat16"
+    return conversions
 
 
 def _probe():

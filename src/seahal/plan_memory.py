@@ -4,8 +4,8 @@
 
 - **Weights** are counted as seahal installs them (model/checkpoint.py, layers.py, moe.py):
   FP8 linears keep e4m3 bytes plus one scale per 128x128 block, FP4 routed experts keep packed
-  e2m1 bytes plus one ue8m0 scale per 1x32 tile, every dense weight is stored in the model
-  dtype (``wo_a`` is dequantised to it), and the other tensors keep the dtype the model
+  e2m1 bytes plus one ue8m0 scale per 1x32 tile (``wo_a`` included: ``grouped_linear`` reads
+  its FP8 bytes), every dense weight is stored in the model dtype, and the other tensors keep the dtype the model
   declares (the output head, norms, router, mHC and compressor biases are fp32). The MTP block
   is not loaded. The shapes are one rank's: the model graph is built on the meta device with that
   rank's placement (model/parallel.py), and the split is checked against the sharded loader's
@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,10 +161,13 @@ def _installed(
 
 
 def stored_tensors(
-    config: ModelConfig, formats: WeightFormats, dtype: torch.dtype, parallel: Parallel | None = None
+    config: ModelConfig, formats: WeightFormats, dtype: torch.dtype, parallel: Parallel | None = None,
+    conversions: Mapping[str, str] | None = None,
 ) -> list[StoredTensor]:
     """Every tensor ``seahal.model.load`` installs for ``config`` from a checkpoint in ``formats``
-    with model dtype ``dtype``, on the rank ``parallel`` places (default: one process)."""
+    with model dtype ``dtype``, on the rank ``parallel`` places (default: one process).
+    ``conversions``: a plan's ``weight_conversions`` (``{op: dtype}``, the quantised weights an op
+    reads dequantised at load; default none, as on a GPU)."""
     import torch
 
     from seahal import hal
@@ -172,6 +176,13 @@ def stored_tensors(
     from seahal.model.parallel import SINGLE_PROCESS
     from seahal.model.transformer import MODEL_OPS, Transformer
 
+    conversions = dict(conversions or {})
+
+    def installed(name: str, shape: tuple[int, ...], fmt: str, reader: str, scale_name: str) -> list[StoredTensor]:
+        if fmt != "dense" and reader in conversions:
+            return _installed(name, shape, "dense", getattr(torch, conversions[reader]), formats, scale_name)
+        return _installed(name, shape, fmt, dtype, formats, scale_name)
+
     plan = hal.plan("cpu", ops=MODEL_OPS, announce=False, environ={})
     with torch.device("meta"):
         model = Transformer(config, plan, dtype, parallel or SINGLE_PROCESS)
@@ -179,14 +190,15 @@ def stored_tensors(
     for owner, module in model.named_modules():
         prefix = f"{owner}." if owner else ""
         if isinstance(module, Linear):
-            fmt = "dense" if module.dense_only else formats.checkpoint_format(prefix + "weight")
+            fmt = formats.checkpoint_format(prefix + "weight")
+            reader = module.reader or {"fp8": "fp8_gemm", "fp4": "fp4_gemm"}.get(fmt, "")
             shape = (module.out_features, module.in_features)
-            out += _installed(prefix + "weight", shape, fmt, dtype, formats, prefix + "scale")
+            out += installed(prefix + "weight", shape, fmt, reader, prefix + "scale")
         elif isinstance(module, Experts):
             for w in ("w1", "w2", "w3"):
                 expert = f"{prefix}{w}" if owner.endswith("shared_experts") else f"{prefix}0.{w}"
                 fmt = formats.checkpoint_format(expert + ".weight")
-                out += _installed(prefix + w, tuple(getattr(module, w).shape), fmt, dtype, formats, f"{prefix}{w}_scale")
+                out += installed(prefix + w, tuple(getattr(module, w).shape), fmt, "moe_experts", f"{prefix}{w}_scale")
         else:
             tensors = {**module._parameters, **module._buffers}
             out += [StoredTensor(prefix + leaf, tuple(t.shape), t.dtype, "dense")

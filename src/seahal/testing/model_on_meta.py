@@ -28,7 +28,7 @@ def release_layout(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, Linear):
             rows, cols = module.weight.shape
-            if FP8_LINEAR.search(name + ".weight") and not module.dense_only:
+            if FP8_LINEAR.search(name + ".weight"):
                 module.set_weight(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device="cuda"),
                                   torch.empty(-(-rows // 128), cols // 128, dtype=torch.float8_e8m0fnu,
                                               device="cuda"), torch.bfloat16)
