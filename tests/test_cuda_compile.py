@@ -308,7 +308,8 @@ def _head():
 def _grouped_linear():
     """The attention's wo_a over its FP8 weight (V4-Flash: 8 groups of 1024 rows, 4096 columns):
     the GEMV at 1, 2 and 4 tokens (e8m0 and fp32 scales, bf16 and fp32 x, with K splits and
-    without), the one-launch dequantisation at 64."""
+    without), the tensor-core path at 16 and 64 (16- and 64-token blocks), the one-launch
+    dequantisation at 65."""
     import torch
 
     from seahal.backends.cuda import linear
@@ -317,7 +318,9 @@ def _grouped_linear():
     for tokens, dtype, scale_dtype, split_k in ((1, torch.bfloat16, torch.float8_e8m0fnu, None),
                                                 (2, torch.float32, torch.float32, 1),
                                                 (4, torch.bfloat16, torch.float32, None),
-                                                (64, torch.bfloat16, torch.float8_e8m0fnu, None)):
+                                                (16, torch.bfloat16, torch.float8_e8m0fnu, None),
+                                                (64, torch.bfloat16, torch.float32, 1),
+                                                (65, torch.bfloat16, torch.float8_e8m0fnu, None)):
         scale = _empty(8 * 1024 // 128, DIM // 128, dtype=scale_dtype)
         linear.grouped_linear(_empty(tokens, 8, DIM, dtype=dtype), weight, scale, split_k=split_k)
 

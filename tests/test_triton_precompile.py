@@ -153,7 +153,7 @@ def test_every_launch_finds_its_precompiled_kernel(tmp_path):
     ("tune", {"_grouped_gemm_kernel", "_route_kernel", "_fp8_act_quant_kernel"}, 2),
     # the attention, indexer and wo_a rows: ~860 launches of ~50 specialisations (contexts share them)
     ("decode", {"_sparse_attention_kernel", "_scores_kernel", "_select_kernel", "_grouped_gemv_kernel",
-                "_dequantize_kernel"}, 10),
+                "_grouped_mma_kernel", "_dequantize_kernel"}, 10),
     # the mHC, rope, compressor, cache-unpack and fp32-linear rows: ~75 launches, ~35 specialisations
     ("mhc", {"_mix_kernel", "_post_kernel", "_kv_compress_kernel", "_rope_kernel", "_fp32_gemv_kernel"}, 2),
 ])

@@ -183,11 +183,12 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 #
 # The official code installs wo_a dequantised to bf16 (V4-Flash: 8192 x 4096, 64 MB a layer; V4-Pro
-# 128 MB) and a decode step streams all of it. The GEMV below reads the checkpoint's FP8 bytes (half)
-# and decodes each weight in registers to exactly the bf16 value the official code installs
+# 128 MB) and a decode step streams all of it. The kernels below read the checkpoint's FP8 bytes
+# (half) and decode each weight in registers to exactly the bf16 value the official code installs
 # (e4m3 x scale, rounded to o's dtype), so the products are the official ones: only the
-# summation order differs. More tokens (prefill) dequantise once per call into a temporary and run
-# cuBLAS, the reference's method in o's dtype.
+# summation order differs. A few tokens take a GEMV on the CUDA cores, a decode batch the tensor
+# cores; a prefill dequantises once per call into a temporary and runs cuBLAS, the reference's
+# method in o's dtype.
 
 GROUPED_LANES = 4096
 """GEMV: fp32 running sums a program keeps (BLOCK_T x BLOCK_N x 128, 32 a thread at 4 warps)."""
@@ -239,6 +240,46 @@ def _grouped_gemv_kernel(
                BLOCK_T, BLOCK_N, SPLIT_K)
 
 
+MMA_MAX_TOKENS = 64
+"""Up to this many tokens (a decode batch) a bf16 x takes the tensor cores over the FP8 weight:
+the weight is read once per 64 tokens, where dequantising it for cuBLAS writes and reads it again
+in bf16 (160 MB of traffic a V4-Flash layer against 32)."""
+MMA_ROWS = 64
+"""Tensor-core path: weight rows a program decodes (one wgmma's M, weights first), of one group."""
+
+
+@triton.jit
+def _grouped_mma_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, T, N, K, R,
+    stride_xt, stride_xg, stride_wn, stride_sn, stride_sk, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_E8M0: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """out[t, n] = sum_k x[t, n // R, k] W'[n, k] for BLOCK_T tokens x BLOCK_N rows (one group's)
+    and a K split, on the tensor cores: each 128-wide block of W decoded to the bf16 W' in
+    registers and multiplied weights first, ``acc[n, t] += W'[n, :] . x[t, :]`` (W' the MMA's
+    A operand from registers, x^T its B; bf16 products are exact, summed in fp32)."""
+    wait_for_prior_grid(PDL)
+    pid_n, pid_t, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo, hi = k_block_range(K, pid_k, SPLIT_K, 128)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, 128)
+    x_cols = x_ptr + ((pid_n * BLOCK_N) // R) * stride_xg + tokens[None, :] * stride_xt + cols[:, None]  # x^T
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+    s_rows = s_ptr + (rows // 128) * stride_sn
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kb in range(lo, hi):
+        x = tl.load(x_cols + kb * 128, mask=tokens[None, :] < T, other=0.0)
+        s = tl.load(s_rows + kb * stride_sk)
+        if SCALE_E8M0:
+            s = decode_e8m0(s)
+        w = cast_rne(tl.load(w_rows + kb * 128).to(tl.float32) * s[:, None], tl.bfloat16)
+        acc = tl.dot(w, x, acc)
+    store_tile(tl.trans(acc), out_ptr, partial_ptr, counter_ptr, pid_t, pid_n, pid_k, T, N, stride_ot, 1,
+               BLOCK_T, BLOCK_N, SPLIT_K)
+
+
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sk, stride_on,
                        BLOCK_N: tl.constexpr, SCALE_E8M0: tl.constexpr, PDL: tl.constexpr = False):
@@ -277,34 +318,43 @@ def grouped_linear(
     x: [..., G, I] bf16/fp32, weight: [G*R, I] FP8 e4m3 + scale [ceil(G*R/128), I/128] fp32/e8m0,
     or dense -> [..., G, R] in x's dtype.
 
-    Up to :data:`GEMV_MAX_TOKENS` tokens with an FP8 weight: the GEMV over the FP8 bytes, its K
-    split ``split_k`` ways (default: until the grid holds two programs an SM, each keeping >= 4 K
-    blocks). Otherwise the weight dequantised to x's dtype in one launch (when FP8) and the
-    reference's batched cuBLAS GEMM in x's dtype (fp32 sums).
+    With an FP8 weight: up to :data:`GEMV_MAX_TOKENS` tokens the GEMV over the FP8 bytes; up to
+    :data:`MMA_MAX_TOKENS` tokens of a bf16 x, the tensor cores over them (R a multiple of
+    :data:`MMA_ROWS`). Either splits K ``split_k`` ways (default: until the grid holds two
+    programs an SM, each keeping >= 4 K blocks). Otherwise the weight dequantised to x's dtype in
+    one launch (when FP8) and the reference's batched cuBLAS GEMM in x's dtype (fp32 sums).
     """
     check_dtype("grouped_linear", "x", x)
     g, i = x.shape[-2:]
     n = weight.shape[0]
+    r = n // g
     tokens = x.reshape(-1, g, i)
     t = tokens.shape[0]
-    if weight.dtype != torch.float8_e4m3fn or t > GEMV_MAX_TOKENS or t == 0:
+    gemv = 0 < t <= GEMV_MAX_TOKENS
+    mma = not gemv and 0 < t <= MMA_MAX_TOKENS and x.dtype == torch.bfloat16 and r % MMA_ROWS == 0
+    if weight.dtype != torch.float8_e4m3fn or not (gemv or mma):
         return batched_gemm(x, weight if scale is None else dequantize_fp8_weight(weight, scale, x.dtype))
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
-    block_t, block_n = next_power_of_2(t), grouped_rows(t, n // g)
+    if gemv:
+        kernel, block_t, block_n = _grouped_gemv_kernel, next_power_of_2(t), grouped_rows(t, r)
+    else:
+        kernel, block_t, block_n = _grouped_mma_kernel, max(16, next_power_of_2(t)), MMA_ROWS
+    token_blocks = cdiv(t, block_t)
     if split_k is None:
         cuda = x.device.type == "cuda"
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else INTERPRETER_SMS
-        split_k = k_splits(n // block_n, i // K_BLOCK, 2 * sms)
+        split_k = k_splits(n // block_n * token_blocks, i // K_BLOCK, 2 * sms)
     config = GemmConfig(block_t, block_n, num_warps=4, num_stages=1, split_k=split_k)
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     partial, counters = split_k_workspace(config, t, n, x.device)
     e8m0 = scale.dtype != torch.float32
-    _grouped_gemv_kernel[(n // block_n, split_k)](
-        tokens, weight, scale.view(torch.uint8) if e8m0 else scale, out, partial, counters, t, n, i, n // g,
+    grid = (n // block_n, split_k) if gemv else (n // block_n, token_blocks, split_k)
+    kernel[grid](
+        tokens, weight, scale.view(torch.uint8) if e8m0 else scale, out, partial, counters, t, n, i, r,
         tokens.stride(0), tokens.stride(1), weight.stride(0), scale.stride(0), scale.stride(1), out.stride(0),
-        BLOCK_T=block_t, BLOCK_N=block_n, SPLIT_K=split_k, SCALE_E8M0=e8m0, num_warps=4, **pdl_options(),
+        BLOCK_T=block_t, BLOCK_N=block_n, SPLIT_K=split_k, SCALE_E8M0=e8m0, num_warps=4,
+        **({} if gemv else {"num_stages": 3}), **pdl_options(),
     )
-    return out.view(*x.shape[:-1], n // g)
-
+    return out.view(*x.shape[:-1], r)
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -9,11 +9,12 @@ same GPU: ``F.linear`` on an fp32 copy of W (what the official code keeps, twice
 CPU reference's code (row blocks widened to fp32, then cuBLAS). The check: relative 1e-5 (fp32 sums).
 
 ``grouped_linear`` rows: wo_a (V4-Flash 8 groups, V4-Pro 16, of 1024 rows x 4096; FP8 with e8m0
-block scales, x bf16) at 1 and 4 tokens (the FP8 GEMV; bytes: the FP8 weight and its scales once)
-and at a 1024-token prefill chunk (dequantised in one launch, then cuBLAS). Peers: the einsum over
+block scales, x bf16) at 1 and 4 tokens (the FP8 GEMV), at 64 (a decode batch: the tensor cores
+over the FP8 weight; bytes: the FP8 weight and its scales once) and at a 1024-token prefill chunk
+(dequantised in one launch, then cuBLAS). Peers: the einsum over
 wo_a dequantised to bf16 at load (what the model ran before the op: twice the bytes a decode step
-streams; on a GPU) and the reference (dequantised per call in torch, then the einsum). Variants: the GEMV's
-K split 1, 2, 4, 8 ways (the default splits until two programs an SM). The check: relative 2^-7
+streams; on a GPU) and the reference (dequantised per call in torch, then the einsum). Variants: K split 1,
+2, 4, 8 ways up to 64 tokens (the default splits until two programs an SM). The check: relative 2^-7
 (one bf16 ulp: W' is exact for e8m0 scales, so only the output rounding and the summation order
 differ from the peers).
 
@@ -46,8 +47,8 @@ OPS = ("fp32_linear", "grouped_linear")
 VOCAB = 129280
 """V4's vocabulary (v4_ops.md §1)."""
 HEAD_TOKENS = (1, 4, 64)
-WO_A_TOKENS = (1, 4, 1024)
-GEMV_SPLITS = (1, 2, 4, 8)
+WO_A_TOKENS = (1, 4, 64, 1024)
+K_SPLITS = (1, 2, 4, 8)
 
 
 def linear_cost(tokens: int, rows: int, dim: int, weight_bytes: int = 2) -> tuple[int, int]:
@@ -86,8 +87,8 @@ def _grouped(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
     if device.type == "cuda":
         at_load = dequantize_weight(weight, scale, torch.bfloat16)
         peers["bf16 wo_a dequantised at load (einsum)"] = partial(reference("grouped_linear", "linear"), x, at_load)
-        if tokens <= 4:
-            variants = {f"K split {k}": partial(kernel, x, weight, scale, split_k=k) for k in GEMV_SPLITS}
+        if tokens <= 64:
+            variants = {f"K split {k}": partial(kernel, x, weight, scale, split_k=k) for k in K_SPLITS}
     return Workload(partial(kernel, x, weight, scale), peers, close(2**-7), variants=variants)
 
 
