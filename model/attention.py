@@ -135,7 +135,8 @@ class Attention(nn.Module):
         self.wkv = Linear(c.dim, c.head_dim, ops)
         self._input_projections = StackedLinears(self.wq_a, self.wkv)  # x's two products in one GEMM
         self.kv_norm = RMSNorm(c.head_dim, c.norm_eps, ops)
-        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops, reader="grouped_linear")
+        self.wo_a = Linear(c.n_heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora_rank, ops,
+                           reader="grouped_linear")
         self.wo_b = Linear(self.o_groups * c.o_lora_rank, c.dim, ops)
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads), requires_grad=False)
         self.compressor = None

@@ -151,8 +151,9 @@ def load_weights(
 
     ``conversions`` (a plan's ``weight_conversions``, ``{op: dtype}``) dequantises the quantised
     weights that would feed ``op`` (``fp8_gemm``/``fp4_gemm`` for linears, or the linear's
-    ``reader``: ``grouped_linear`` for wo_a; ``moe_experts`` for experts) to that dtype as they are installed. ``shards`` (one rank of a tensor/expert-parallel
-    model, see model/sharding.py) reads only that rank's slices and experts."""
+    ``reader``: ``grouped_linear`` for wo_a; ``moe_experts`` for experts) to that dtype as they
+    are installed. ``shards`` (one rank of a tensor/expert-parallel model, see model/sharding.py)
+    reads only that rank's slices and experts."""
     conversions = dict(conversions or {})
     modules = dict(model.named_modules())
     targets = dict(model.state_dict(keep_vars=True))

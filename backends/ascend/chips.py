@@ -60,9 +60,9 @@ def weight_conversions(chip: str | None) -> dict[str, str]:
 
     No family has a grouped FP8/FP4 expert GEMM wired here (MX/G-B ``npu_grouped_matmul`` on 950
     is future work), nor an FP4 GEMM or an FP8-weight grouped linear (wo_a), so those weights
-    become bf16 everywhere; FP8 linears stay FP8
-    where ``npu_quant_matmul`` has the G-B mode (950) and become bf16 elsewhere. An int8 W8A8
-    requantisation would halve the memory of the bf16 route but needs an int8 GEMM op in the HAL.
+    become bf16 everywhere; FP8 linears stay FP8 where ``npu_quant_matmul`` has the G-B mode (950)
+    and become bf16 elsewhere. An int8 W8A8 requantisation would halve the memory of the bf16
+    route but needs an int8 GEMM op in the HAL.
     """
     known = next((f for f in FAMILIES if f.chip == chip), None)
     conversions = {"fp4_gemm": "bfloat16", "moe_experts": "bfloat16", "grouped_linear": "bfloat16"}

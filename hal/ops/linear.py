@@ -52,8 +52,7 @@ def grouped_linear(x, weight, scale=None):
     if fp8:
         c.divisible("I", 128, "weight uses 128x128 blocks")
         c.tensor("scale", scale, [-(-c.dims["GR"] // 128), c.dims["I"] // 128], SCALES)
-    else:
-        if scale is not None:
-            got = describe(scale) if isinstance(scale, torch.Tensor) else repr(scale)
-            raise c.fail(f"scale must be None for {dtype_name(weight.dtype)} weights, got {got}")
+    elif scale is not None:
+        got = describe(scale) if isinstance(scale, torch.Tensor) else repr(scale)
+        raise c.fail(f"scale must be None for {dtype_name(weight.dtype)} weights, got {got}")
     return Out((*x.shape[:-1], c.dims["GR"] // c.dims["G"]), x.dtype)

@@ -3,13 +3,14 @@
     seahal plan-memory --config V4-Flash --devices 8xH100 --context 1048576
 
 - **Weights** are counted as seahal installs them (model/checkpoint.py, layers.py, moe.py):
-  FP8 linears keep e4m3 bytes plus one scale per 128x128 block, FP4 routed experts keep packed
-  e2m1 bytes plus one ue8m0 scale per 1x32 tile (``wo_a`` included: ``grouped_linear`` reads
-  its FP8 bytes), every dense weight is stored in the model dtype, and the other tensors keep the dtype the model
-  declares (the output head, norms, router, mHC and compressor biases are fp32). The MTP block
-  is not loaded. The shapes are one rank's: the model graph is built on the meta device with that
-  rank's placement (model/parallel.py), and the split is checked against the sharded loader's
-  rules (model/sharding.py), so the figures follow the parallel graph by construction.
+  FP8 linears keep e4m3 bytes plus one scale per 128x128 block (``wo_a`` included:
+  ``grouped_linear`` reads its FP8 bytes), FP4 routed experts keep packed e2m1 bytes plus one
+  ue8m0 scale per 1x32 tile, every dense weight is stored in the model dtype, and the other
+  tensors keep the dtype the model declares (the output head, norms, router, mHC and compressor
+  biases are fp32). The MTP block is not loaded. The shapes are one rank's: the model graph is
+  built on the meta device with that rank's placement (model/parallel.py), and the split is
+  checked against the sharded loader's rules (model/sharding.py), so the figures follow the
+  parallel graph by construction.
 - **KV cache**: a cache of ``context`` tokens built by model/cache.py on the meta device, so its
   bytes are exactly what ``model.new_cache`` allocates (window ring, compressed entries,
   indexer keys, compressor states). Heads are split by tp but the single shared KV vector is not:
