@@ -279,6 +279,23 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
     assert all(k.rejection(on_h100) is None for k in kernels.values())
 
 
+def test_weights_of_an_unserved_kernel_are_converted_at_load(monkeypatch):
+    """While grouped_linear's FP8 kernel does not serve a GPU plan (not yet verified, no opt-in),
+    the plan dequantises wo_a at load as before the op (its fallback then reads bf16); under the
+    interpreter or with SEAHAL_CUDA_UNVERIFIED=1 the kernel serves and the FP8 bytes stay."""
+    from seahal.backends import cuda
+
+    monkeypatch.delenv(cuda.UNVERIFIED_VARIABLE, raising=False)
+    assert not cuda.KERNELS["grouped_linear"][2]  # verified: this test's conversions become {}
+    assert cuda._weight_conversions("sm90") == {"grouped_linear": "bfloat16"}
+    assert cuda._weight_conversions(None) == {}
+    monkeypatch.setenv(cuda.UNVERIFIED_VARIABLE, "1")
+    assert cuda._weight_conversions("sm90") == {}
+    monkeypatch.setitem(cuda.KERNELS, "grouped_linear", (*cuda.KERNELS["grouped_linear"][:2], True))
+    monkeypatch.delenv(cuda.UNVERIFIED_VARIABLE)
+    assert cuda._weight_conversions("sm90") == {}
+
+
 def test_outgrown_arrival_counters_stay_alive():
     """A call that needs more counters than the stream's buffer holds gets a new buffer; the old one
     is never freed, since a CUDA graph captured on it keeps no reference and may replay on it."""

@@ -94,6 +94,19 @@ def _verified_or_opted_in(ctx: PlanContext) -> str | None:
     return f"not yet run on a GPU (interpreter-verified); {UNVERIFIED_VARIABLE}=1 enables it"
 
 
+WEIGHT_READERS = {"grouped_linear": "bfloat16"}
+"""Ops whose quantised weights would otherwise be dequantised at load, and to what: wo_a's
+``grouped_linear``, whose FP8 kernel is new. Until it serves the plan (verified on a GPU, or
+:data:`UNVERIFIED_VARIABLE` set) the plan converts wo_a at load as before the op existed, so that
+its portable fallback runs the einsum over a bf16 wo_a instead of dequantising on every call."""
+
+
+def _weight_conversions(chip: str | None) -> dict[str, str]:
+    """The :data:`WEIGHT_READERS` conversions of the ops whose kernel does not serve ``chip``."""
+    unserved = _verified_or_opted_in(PlanContext("cuda", chip, {})) is not None
+    return {op: dtype for op, dtype in WEIGHT_READERS.items() if unserved and not KERNELS[op][2]}
+
+
 def _probe() -> Availability:
     if importlib.util.find_spec("triton") is None:
         return Availability(False, "triton is not installed: pip install seahal[cuda]")
@@ -114,6 +127,7 @@ def register() -> None:
         collective_backend="nccl",
         verified_with={"torch": "2.11.0+cu130", "triton": "3.6.0"},
         priority=30,
+        weight_conversions=_weight_conversions,
     )
     # "module:qualname" strings: importing the backend never imports triton.
     for op, (function, capabilities, gpu_verified) in KERNELS.items():
