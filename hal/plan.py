@@ -100,7 +100,7 @@ class Plan:
     entries: dict[str, PlanEntry]
     weight_conversions: dict[str, str] = field(default_factory=dict)
     """``{op: dtype}``: quantised weights for ``op`` are dequantised to ``dtype`` at load (the
-    backend has no kernel for their format on this chip); see ``Backend.weight_conversions``."""
+    backend has no fast kernel for their format on this chip); see ``Backend.weight_conversions``."""
     ops: SimpleNamespace = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,7 +154,7 @@ class Plan:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 10)
         for op, dtype in self.weight_conversions.items():
-            lines.append(f"weights converted at load: quantised {op} weights -> {dtype} (no {op} kernel for their format here)")
+            lines.append(f"weights converted at load: quantised {op} weights -> {dtype} (no fast {op} kernel for their format here)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
