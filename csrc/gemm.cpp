@@ -1,4 +1,5 @@
-// Block-scaled quantised GEMMs on the CPU: C[M, N] = A[M, K] @ B[N, K]^T (v4_ops.md §11.2, §11.5).
+// Block-scaled quantised GEMMs on the CPU: C[M, N] = A[M, K] @ B[N, K]^T (v4_ops.md §11.2, §11.5);
+// and, at the end of this file, grouped_linear over an FP8 weight (bf16 / fp32 activations).
 //
 // A is e4m3 with 1x128 fp32 scales sA. B is e4m3 with 128x128 scales (fp8_block_gemm) or packed
 // e2m1 with 1x32 scales (fp4_gemm). K is walked in 128-wide blocks kb; for each, the fp32 dot
@@ -399,6 +400,174 @@ void gemm_entry(uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, 
     block_scaled_gemm<W>(g, threads);
 }
 
+// ---------------------------------------------------------------------------------------------
+// grouped_linear over an FP8 weight (the attention's wo_a, v4_ops.md §8):
+//
+//   out[t, n] = sum_k x[t, n / R, k] W'[n, k],   W'[n, k] = e4m3(W[n, k]) * s[n / 128, k / 128]
+//
+// with W' rounded to bf16 when x is bf16 (the weight the official code installs; a no-op for e8m0
+// scales 2^-124 ... 2^119, where every e4m3 multiple is a bf16 value) and the products summed in
+// kLanes fp32 lanes. A few tokens (decode): a work item decodes kRowGroup rows of one group a
+// 128-wide block at a time into a panel and multiplies it into every token's lanes, one
+// independent chain per row; the weight is read once, as stored, and the activations are widened
+// to fp32 once up front. Work items (OpenMP, static schedule) never share an output element, so
+// the result does not depend on the thread count.
+
+constexpr int64_t kGroupedMaxTokens = 16;
+
+struct GroupedArgs {
+    const void* x;         // [T, G, K] bf16 or fp32, strides (stride_t, stride_g, 1) in elements
+    int64_t stride_t, stride_g;
+    bool bf16;             // x, the output and W' are bf16 (else fp32)
+    const uint8_t* w;      // [N, K] e4m3, N = G * R
+    const void* scale;     // [ceil(N/128), K/128] fp32, or e8m0 bytes
+    bool scale_e8m0;
+    void* out;             // [T, N] (gemv) or [N, K] (dequantize), bf16 when `bf16`, else fp32
+    int64_t t, n, k, r;
+};
+
+// Row n's block kb of W' -> dst[128] times the returned factor. With an e8m0 scale for which
+// every e4m3 multiple is a bf16 value (2^-124 ... 2^119) dst holds the e4m3 values and the scale is
+// returned, to multiply a dot product by once (exact: a power of two); otherwise dst holds W'
+// itself (rounded to bf16 when x is bf16) and 1 is returned.
+template <class Decoder>
+SEAHAL_INLINE float dequantize_block(const GroupedArgs& g, int64_t n, int64_t kb, float* dst) {
+    const uint8_t* src = g.w + n * g.k + kb * kBlock;
+    prefetch_ahead(src, kBlock, g.k - kb * kBlock);
+    Decoder::e4m3(src, dst);
+    const int64_t at = (n / kBlock) * (g.k / kBlock) + kb;
+    if (g.scale_e8m0) {
+        const uint8_t e = static_cast<const uint8_t*>(g.scale)[at];
+        if (e >= 3 && e <= 246) return e8m0_decode(e);
+    }
+    const float s = g.scale_e8m0 ? e8m0_decode(static_cast<const uint8_t*>(g.scale)[at])
+                                 : static_cast<const float*>(g.scale)[at];
+    for (int i = 0; i < kBlock; ++i) dst[i] *= s;
+    if (g.bf16)
+        for (int i = 0; i < kBlock; ++i) dst[i] = bits_float(uint32_t(bf16_encode(dst[i])) << 16);
+    return 1.0f;
+}
+
+// One work item: rows [n0, n0 + rows) of one group (rows <= kRowGroup), every token.
+// xf: x widened, [T, G, K]; panel: kRowGroup x 128 floats of scratch.
+template <class Decoder>
+SEAHAL_INLINE void grouped_gemv_rows(const GroupedArgs& g, const float* xf, int64_t n0, int64_t rows, float* panel) {
+    const int64_t k_blocks = g.k / kBlock, groups = g.n / g.r;
+    const float* x_group = xf + (n0 / g.r) * g.k;
+    Lanes acc[kGroupedMaxTokens][kRowGroup] = {};
+    float factor[kRowGroup];
+    std::fill(panel + rows * kBlock, panel + kRowGroup * kBlock, 0.0f);
+    std::fill(factor + rows, factor + kRowGroup, 0.0f);
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        for (int64_t j = 0; j < rows; ++j) factor[j] = dequantize_block<Decoder>(g, n0 + j, kb, panel + j * kBlock);
+        for (int64_t t = 0; t < g.t; ++t) {
+            const float* xb = x_group + t * groups * g.k + kb * kBlock;
+            Lanes part[kRowGroup] = {};
+            for (int i = 0; i < kBlock; i += kLanes) {
+                const Lanes xv = load_lanes(xb + i);
+                for (int j = 0; j < kRowGroup; ++j) part[j] += xv * load_lanes(panel + j * kBlock + i);
+            }
+            for (int j = 0; j < kRowGroup; ++j) acc[t][j] += part[j] * factor[j];
+        }
+    }
+    for (int64_t t = 0; t < g.t; ++t)
+        for (int64_t j = 0; j < rows; ++j) {
+            float lanes[kLanes];
+            store_lanes(lanes, acc[t][j]);
+            const float c = sum_lanes(lanes);
+            const int64_t at = t * g.n + n0 + j;
+            if (g.bf16)
+                static_cast<uint16_t*>(g.out)[at] = bf16_encode(c);
+            else
+                static_cast<float*>(g.out)[at] = c;
+        }
+}
+
+// One work item: rows [n0, n0 + rows) of W' into out [N, K].
+template <class Decoder>
+SEAHAL_INLINE void dequantize_rows(const GroupedArgs& g, const float*, int64_t n0, int64_t rows, float* panel) {
+    for (int64_t n = n0; n < n0 + rows; ++n)
+        for (int64_t kb = 0; kb < g.k / kBlock; ++kb) {
+            const float factor = dequantize_block<Decoder>(g, n, kb, panel);
+            const int64_t at = n * g.k + kb * kBlock;
+            for (int i = 0; i < kBlock; ++i) panel[i] *= factor;  // exact: a power of two, or 1
+            if (g.bf16) {  // every value is a bf16 one: its upper 16 bits
+                uint16_t* dst = static_cast<uint16_t*>(g.out) + at;
+                for (int i = 0; i < kBlock; ++i) dst[i] = uint16_t(float_bits(panel[i]) >> 16);
+            } else {
+                std::memcpy(static_cast<float*>(g.out) + at, panel, kBlock * sizeof(float));
+            }
+        }
+}
+
+using RowsKernel = void (*)(const GroupedArgs&, const float*, int64_t, int64_t, float*);
+
+template <bool kGemv>
+void rows_baseline(const GroupedArgs& g, const float* xf, int64_t n0, int64_t rows, float* panel) {
+    if constexpr (kGemv)
+        grouped_gemv_rows<BaselineDecoder>(g, xf, n0, rows, panel);
+    else
+        dequantize_rows<BaselineDecoder>(g, xf, n0, rows, panel);
+}
+
+#if defined(__x86_64__)
+template <bool kGemv>
+SEAHAL_AVX2 void rows_avx2(const GroupedArgs& g, const float* xf, int64_t n0, int64_t rows, float* panel) {
+    if constexpr (kGemv)
+        grouped_gemv_rows<Avx2Decoder>(g, xf, n0, rows, panel);
+    else
+        dequantize_rows<Avx2Decoder>(g, xf, n0, rows, panel);
+}
+#endif
+
+// The work items over W's rows, kRowGroup rows of one group each, split over `threads`.
+template <bool kGemv>
+void over_rows(const GroupedArgs& g, const float* xf, int threads) {
+    RowsKernel kernel = rows_baseline<kGemv>;
+#if defined(__x86_64__)
+    if (use_avx2()) kernel = rows_avx2<kGemv>;
+#endif
+    threads = std::max(threads, 1);
+    std::vector<AlignedFloats> panels;  // allocated here: nothing may throw inside the parallel region
+    for (int t = 0; t < threads; ++t) panels.push_back(aligned_floats(kRowGroup * kBlock));
+    const int64_t per_group = (g.r + kRowGroup - 1) / kRowGroup, items = g.n / g.r * per_group;
+#ifdef SEAHAL_HAVE_OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t first = item % per_group * kRowGroup;
+        kernel(g, xf, item / per_group * g.r + first, std::min(kRowGroup, g.r - first), panels[thread_index()].get());
+    }
+}
+
+void grouped_gemv_entry(uintptr_t x, int64_t stride_t, int64_t stride_g, bool bf16, uintptr_t w, uintptr_t scale,
+                        bool scale_e8m0, uintptr_t out, int64_t t, int64_t n, int64_t k, int64_t r, int threads) {
+    if (t < 1 || t > kGroupedMaxTokens || r < 1 || n % r != 0 || k % kBlock != 0)
+        throw std::invalid_argument("need 1 <= T <= 16, N a multiple of R and K a multiple of 128");
+    GroupedArgs g{reinterpret_cast<const void*>(x), stride_t, stride_g, bf16, reinterpret_cast<const uint8_t*>(w),
+                  reinterpret_cast<const void*>(scale), scale_e8m0, reinterpret_cast<void*>(out), t, n, k, r};
+    py::gil_scoped_release release;
+    const int64_t groups = n / r;
+    AlignedFloats xf = aligned_floats(t * groups * k);
+    for (int64_t tok = 0; tok < t; ++tok)
+        for (int64_t grp = 0; grp < groups; ++grp)
+            for (int64_t i = 0; i < k; ++i) {
+                const int64_t at = tok * stride_t + grp * stride_g + i;
+                xf[(tok * groups + grp) * k + i] = bf16 ? bits_float(uint32_t(static_cast<const uint16_t*>(g.x)[at]) << 16)
+                                                        : static_cast<const float*>(g.x)[at];
+            }
+    over_rows<true>(g, xf.get(), threads);
+}
+
+void fp8_dequantize_entry(uintptr_t w, uintptr_t scale, bool scale_e8m0, uintptr_t out, int64_t n, int64_t k,
+                          bool out_bf16, int threads) {
+    if (n < 0 || k % kBlock != 0) throw std::invalid_argument("need N >= 0 and K a multiple of 128");
+    GroupedArgs g{nullptr, 0, 0, out_bf16, reinterpret_cast<const uint8_t*>(w), reinterpret_cast<const void*>(scale),
+                  scale_e8m0, reinterpret_cast<void*>(out), 0, n, k, std::max<int64_t>(n, 1)};  // one group
+    py::gil_scoped_release release;
+    over_rows<false>(g, nullptr, threads);
+}
+
 }  // namespace
 
 std::string simd_variant() { return use_avx2() ? "avx2+fma+f16c" : "baseline"; }
@@ -424,6 +593,17 @@ void bind_gemm(py::module_& m) {
           py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("b_scale"), py::arg("b_scale_e8m0"), py::arg("out"),
           py::arg("m"),
           py::arg("n"), py::arg("k"), py::arg("out_bf16"), py::arg("threads"));
+    m.def("fp8_grouped_gemv", &grouped_gemv_entry,
+          "out[T, N] = per group g of R rows, x[T, g, K] @ W'[g R:(g+1) R, K]^T, W' = e4m3 W times its 128x128 "
+          "block scale (rounded to bf16 when bf16); x strided (stride_t, stride_g, 1) in elements, T <= 16; "
+          "x and out bf16 when bf16, else fp32; scale e8m0 bytes when scale_e8m0, else fp32",
+          py::arg("x"), py::arg("stride_t"), py::arg("stride_g"), py::arg("bf16"), py::arg("w"), py::arg("scale"),
+          py::arg("scale_e8m0"), py::arg("out"), py::arg("t"), py::arg("n"), py::arg("k"), py::arg("r"),
+          py::arg("threads"));
+    m.def("fp8_dequantize", &fp8_dequantize_entry,
+          "out[N, K] = e4m3 W times its 128x128 block scale, rounded to bf16 when out_bf16 (else fp32)",
+          py::arg("w"), py::arg("scale"), py::arg("scale_e8m0"), py::arg("out"), py::arg("n"), py::arg("k"),
+          py::arg("out_bf16"), py::arg("threads"));
     m.def("simd_variant", &simd_variant, "the instruction-set variant the GEMM kernels use now");
     m.def("set_simd", &set_simd, "allow (default) or forbid the AVX2 variant, e.g. to test the baseline",
           py::arg("enabled"));

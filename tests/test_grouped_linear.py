@@ -81,3 +81,15 @@ def test_reference_of_a_dense_weight_rounds_it_to_x_dtype():
     x, w = _x((2,), 2, 64, BF16, 2), torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
     assert torch.equal(reference(x, w), reference(x, w.to(BF16)))
     assert not torch.equal(reference(x.float(), w), reference(x.float(), w.to(BF16)))
+
+
+def test_without_the_native_module_the_cpu_dequantises_wo_a_at_load(monkeypatch):
+    """The reference would dequantise an FP8 wo_a on every call: a CPU built without
+    seahal._native converts it to bf16 at load instead; with the module, the FP8 bytes stay."""
+    from seahal.backends import cpu
+    from seahal.backends.cpu import native
+
+    built = native.native_module() is not None
+    assert cpu._weight_conversions(None) == ({} if built else {"grouped_linear": "bfloat16"})
+    monkeypatch.setattr(native, "native_module", lambda: None)
+    assert cpu._weight_conversions(None) == {"grouped_linear": "bfloat16"}

@@ -55,11 +55,13 @@ def _probe() -> Availability:
 
 
 def _weight_conversions(chip: str | None) -> dict[str, str]:
-    """wo_a is dequantised to bf16 at load (the official code's form): the reference reads an FP8
-    weight by dequantising it on every call (208 ms a call for V4-Flash's 8192 x 4096 wo_a on 2
-    cores, against 4.8 ms for the einsum over the bf16 weight), and no native kernel reads FP8
-    wo_a yet."""
-    return {"grouped_linear": "bfloat16"}
+    """Without ``seahal._native`` wo_a is dequantised to bf16 at load (the official code's form):
+    the reference reads an FP8 weight by dequantising it on every call (208 ms a call for
+    V4-Flash's 8192 x 4096 wo_a on 2 cores, against 4.8 ms for the einsum over the bf16 weight).
+    The native ``grouped_linear`` reads the FP8 bytes as stored."""
+    from .native import native_module
+
+    return {} if native_module() is not None else {"grouped_linear": "bfloat16"}
 
 
 def register() -> None:

@@ -15,7 +15,10 @@ import torch
 
 from seahal.hal import get_spec, register_kernel
 
-_GEMM_CAPABILITIES = {"out_dtype": ("bfloat16", "float32"), "scale_dtype": ("float32", "float8_e8m0fnu")}
+from .reference.linear import grouped_linear as reference_grouped_linear
+
+_SCALES = ("float32", "float8_e8m0fnu")
+_GEMM_CAPABILITIES = {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}
 _CODEC_FORMATS = ("e4m3", "e8m0", "e2m1")
 
 
@@ -78,6 +81,49 @@ def fp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     return _block_scaled_gemm("fp4_gemm", a, a_scale, b, b_scale, out_dtype)
 
 
+GROUPED_GEMV_MAX_TOKENS = 16
+"""Up to this many tokens ``grouped_linear`` multiplies the FP8 bytes directly (csrc/gemm.cpp)."""
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group g, ``x[..., g, :] @ W'_g^T`` with W' the weight dequantised and rounded to x's dtype.
+
+    x: [..., G, I] bf16/fp32, weight: [G*R, I] e4m3 with [ceil(G*R/128), I/128] fp32 or e8m0
+    scales -> [..., G, R] in x's dtype. Up to :data:`GROUPED_GEMV_MAX_TOKENS` tokens the weight's
+    bytes are decoded row by row into every token's fp32 lanes (read once, never expanded); more
+    tokens dequantise it natively to x's dtype, then run the reference's einsum. Dense weights and
+    fp64 x run the reference. The same W' and fp32 sums as the reference, in another order.
+
+    V4-Flash's wo_a (8192 x 4096, e8m0 scales, bf16 x) on 2 cores: 4.3 / 3.7 / 10.7 ms at 1 / 4 /
+    16 tokens, against 4.4 / 4.0 / 6.4 ms for the einsum over the weight dequantised at load (twice
+    the memory); a 64-token call 44 against 14 ms (the 64 MB temporary's first touch, then 3.6 ms
+    of dequantisation).
+    """
+    get_spec("grouped_linear").check(x, weight, scale)
+    if weight.dtype != torch.float8_e4m3fn or x.dtype == torch.float64:
+        return reference_grouped_linear(x, weight, scale)
+    devices = {t.device.type for t in (x, weight, scale)}
+    if devices != {"cpu"}:
+        raise ValueError(f"grouped_linear (native cpu kernel) needs cpu tensors, got {sorted(devices)}")
+    g, i = x.shape[-2:]
+    n = weight.shape[0]
+    weight, scale = weight.contiguous(), scale.contiguous()
+    e8m0, bf16 = scale.dtype != torch.float32, x.dtype == torch.bfloat16
+    tokens = x.reshape(-1, g, i)
+    if tokens.shape[0] > GROUPED_GEMV_MAX_TOKENS or tokens.shape[0] == 0:
+        dense = torch.empty((n, i), dtype=x.dtype)
+        _native().fp8_dequantize(weight.data_ptr(), scale.data_ptr(), e8m0, dense.data_ptr(), n, i, bf16,
+                                 torch.get_num_threads())
+        return reference_grouped_linear(x, dense)
+    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    out = torch.empty((tokens.shape[0], n), dtype=x.dtype)
+    _native().fp8_grouped_gemv(
+        tokens.data_ptr(), tokens.stride(0), tokens.stride(1), bf16, weight.data_ptr(), scale.data_ptr(), e8m0,
+        out.data_ptr(), tokens.shape[0], n, i, n // g, torch.get_num_threads(),
+    )
+    return out.view(*x.shape[:-1], n // g)
+
+
 def encode(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """fp32 values -> one code byte each (uint8, same shape) in ``fmt``: e4m3, e8m0 or e2m1.
 
@@ -110,3 +156,7 @@ def register_native_kernels() -> None:
         register_kernel(
             op, "cpu", "native", f"{__name__}:{op}", priority=10, capabilities=_GEMM_CAPABILITIES
         )  # fmt: skip
+    register_kernel(
+        "grouped_linear", "cpu", "native", f"{__name__}:grouped_linear", priority=10,
+        capabilities={"dtype": ("bfloat16", "float32"), "weight_format": ("fp8",), "scale_dtype": _SCALES},
+    )
