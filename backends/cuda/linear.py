@@ -94,7 +94,7 @@ def fp32_gemv_tile(
         in_range = cols < hi
         x = tl.load(x_rows + cols * stride_xd, mask=(t3 < T) & in_range, other=0.0)
         w = tl.load(w_rows + cols * stride_wd, mask=(v3 < V) & in_range, other=0.0)
-        lanes += x.to(tl.float32) * w.to(tl.float32)
+        lanes += x.to(tl.float32) * w.to(tl.float32).to(tl.float32)
     return tl.sum(lanes, axis=2)
 
 
@@ -204,6 +204,15 @@ def grouped_rows(tokens: int, rows_per_group: int) -> int:
 
 
 @triton.jit
+def official_weight(codes, scale, SCALE_E8M0: tl.constexpr, dtype: tl.constexpr):
+    """W' = ``dtype(e4m3 codes * scale)`` (rounded to nearest even), the value the official code
+    installs: scale an fp32 or (SCALE_E8M0) an e8m0 byte, broadcast against the codes."""
+    if SCALE_E8M0:
+        scale = decode_e8m0(scale)
+    return cast_rne(codes.to(tl.float32) * scale, dtype)
+
+
+@triton.jit
 def _grouped_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, T, N, K, R,
     stride_xt, stride_xg, stride_wn, stride_sn, stride_sk, stride_ot,
@@ -231,10 +240,8 @@ def _grouped_gemv_kernel(
     for kb in range(lo, hi):
         cols = kb * 128 + k3
         x = tl.load(x_rows + cols, mask=t3 < T, other=0.0)
-        s = tl.load(s_rows + kb * stride_sk)
-        if SCALE_E8M0:
-            s = decode_e8m0(s)
-        w = cast_rne(tl.load(w_rows + cols).to(tl.float32) * s, x_ptr.dtype.element_ty)
+        w = official_weight(tl.load(w_rows + cols), tl.load(s_rows + kb * stride_sk), SCALE_E8M0,
+                            x_ptr.dtype.element_ty)
         lanes += x.to(tl.float32) * w.to(tl.float32)
     store_tile(tl.sum(lanes, axis=2), out_ptr, partial_ptr, counter_ptr, 0, pid_n, pid_k, T, N, stride_ot, 1,
                BLOCK_T, BLOCK_N, SPLIT_K)
@@ -271,10 +278,8 @@ def _grouped_mma_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for kb in range(lo, hi):
         x = tl.load(x_cols + kb * 128, mask=tokens[None, :] < T, other=0.0)
-        s = tl.load(s_rows + kb * stride_sk)
-        if SCALE_E8M0:
-            s = decode_e8m0(s)
-        w = cast_rne(tl.load(w_rows + kb * 128).to(tl.float32) * s[:, None], tl.bfloat16)
+        w = official_weight(tl.load(w_rows + kb * 128), tl.load(s_rows + kb * stride_sk)[:, None], SCALE_E8M0,
+                            tl.bfloat16)
         acc = tl.dot(w, x, acc)
     store_tile(tl.trans(acc), out_ptr, partial_ptr, counter_ptr, pid_t, pid_n, pid_k, T, N, stride_ot, 1,
                BLOCK_T, BLOCK_N, SPLIT_K)
@@ -289,10 +294,9 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride
     kb = tl.program_id(1)
     cols = kb * 128 + tl.arange(0, 128)[None, :]
     s = tl.load(s_ptr + (rows // 128) * stride_sn + kb * stride_sk, mask=rows < N, other=0)
-    if SCALE_E8M0:
-        s = decode_e8m0(s)
-    w = tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64) * stride_on + cols, cast_rne(w * s, out_ptr.dtype.element_ty), mask=rows < N)
+    codes = tl.load(w_ptr + rows.to(tl.int64) * stride_wn + cols, mask=rows < N, other=0.0)
+    w = official_weight(codes, s, SCALE_E8M0, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows.to(tl.int64) * stride_on + cols, w, mask=rows < N)
 
 
 def dequantize_fp8_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
