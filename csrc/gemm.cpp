@@ -436,12 +436,14 @@ SEAHAL_INLINE float dequantize_block(const GroupedArgs& g, int64_t n, int64_t kb
     prefetch_ahead(src, kBlock, g.k - kb * kBlock);
     Decoder::e4m3(src, dst);
     const int64_t at = (n / kBlock) * (g.k / kBlock) + kb;
+    float s;
     if (g.scale_e8m0) {
         const uint8_t e = static_cast<const uint8_t*>(g.scale)[at];
-        if (e >= 3 && e <= 246) return e8m0_decode(e);
+        s = e8m0_decode(e);
+        if (e >= 3 && e <= 246) return s;
+    } else {
+        s = static_cast<const float*>(g.scale)[at];
     }
-    const float s = g.scale_e8m0 ? e8m0_decode(static_cast<const uint8_t*>(g.scale)[at])
-                                 : static_cast<const float*>(g.scale)[at];
     for (int i = 0; i < kBlock; ++i) dst[i] *= s;
     if (g.bf16)
         for (int i = 0; i < kBlock; ++i) dst[i] = bits_float(uint32_t(bf16_encode(dst[i])) << 16);

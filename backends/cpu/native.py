@@ -38,12 +38,16 @@ def _native() -> ModuleType:
     return module
 
 
+def _cpu_tensors(op: str, *tensors: torch.Tensor) -> None:
+    devices = {t.device.type for t in tensors}
+    if devices != {"cpu"}:
+        raise ValueError(f"{op} (native cpu kernel) needs cpu tensors, got {sorted(devices)}")
+
+
 def _block_scaled_gemm(op: str, a, a_scale, b, b_scale, out_dtype) -> torch.Tensor:
     """Check the call against ``op``'s contract, then run the native kernel of the same op."""
     meta = get_spec(op).check(a, a_scale, b, b_scale, out_dtype)
-    devices = {t.device.type for t in (a, a_scale, b, b_scale)}
-    if devices != {"cpu"}:
-        raise ValueError(f"{op} (native cpu kernel) needs cpu tensors, got {sorted(devices)}")
+    _cpu_tensors(op, a, a_scale, b, b_scale)
     kernel = _native().fp8_block_gemm if op == "fp8_gemm" else _native().fp4_gemm
     out = torch.empty(meta.shape, dtype=meta.dtype)
     a, a_scale, b, b_scale = (t.contiguous() for t in (a, a_scale, b, b_scale))
@@ -102,9 +106,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     get_spec("grouped_linear").check(x, weight, scale)
     if weight.dtype != torch.float8_e4m3fn or x.dtype == torch.float64:
         return reference_grouped_linear(x, weight, scale)
-    devices = {t.device.type for t in (x, weight, scale)}
-    if devices != {"cpu"}:
-        raise ValueError(f"grouped_linear (native cpu kernel) needs cpu tensors, got {sorted(devices)}")
+    _cpu_tensors("grouped_linear", x, weight, scale)
     g, i = x.shape[-2:]
     n = weight.shape[0]
     weight, scale = weight.contiguous(), scale.contiguous()

@@ -153,17 +153,22 @@ def split_k_workspace(
     return partial, arrival_counters(tiles, device)
 
 
+def sm_count(device: torch.device) -> int:
+    """The SMs a launch on ``device`` spreads over: the CUDA device's, :data:`INTERPRETER_SMS` on CPU
+    tensors (the Triton interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
+
+
 def launch_grid(config: GemmConfig, m: int, n: int, device: torch.device) -> tuple[int, int]:
     """(programs along tiles, along K splits): one per (tile, split), or a persistent grid of
     min(tiles x splits, SMs x ``config.persistent``) programs on one axis.
 
-    The SM count is read from the device at each launch (:data:`INTERPRETER_SMS` on CPU tensors).
+    The SM count is read from the device at each launch (:func:`sm_count`).
     """
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     if not config.persistent:
         return tiles, config.split_k
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
-    return min(tiles * config.split_k, sms * config.persistent), 1
+    return min(tiles * config.split_k, sm_count(device) * config.persistent), 1
 
 
 def launch(

@@ -35,12 +35,12 @@ from seahal.backends.cpu.reference.linear import grouped_linear as batched_gemm
 
 from ._cache_keys import settle_cache_keys
 from ._gemm import (
-    INTERPRETER_SMS,
     K_BLOCK,
     GemmConfig,
     decode_e8m0,
     k_block_range,
     k_splits,
+    sm_count,
     split_k_workspace,
     store_tile,
 )
@@ -94,7 +94,7 @@ def fp32_gemv_tile(
         in_range = cols < hi
         x = tl.load(x_rows + cols * stride_xd, mask=(t3 < T) & in_range, other=0.0)
         w = tl.load(w_rows + cols * stride_wd, mask=(v3 < V) & in_range, other=0.0)
-        lanes += x.to(tl.float32) * w.to(tl.float32).to(tl.float32)
+        lanes += x.to(tl.float32) * w.to(tl.float32)
     return tl.sum(lanes, axis=2)
 
 
@@ -345,9 +345,7 @@ def grouped_linear(
         kernel, block_t, block_n = _grouped_mma_kernel, max(16, next_power_of_2(t)), MMA_ROWS
     token_blocks = cdiv(t, block_t)
     if split_k is None:
-        cuda = x.device.type == "cuda"
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else INTERPRETER_SMS
-        split_k = k_splits(n // block_n * token_blocks, i // K_BLOCK, 2 * sms)
+        split_k = k_splits(n // block_n * token_blocks, i // K_BLOCK, 2 * sm_count(x.device))
     config = GemmConfig(block_t, block_n, num_warps=4, num_stages=1, split_k=split_k)
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     partial, counters = split_k_workspace(config, t, n, x.device)
@@ -360,5 +358,6 @@ def grouped_linear(
         **({} if gemv else {"num_stages": 3}), **pdl_options(),
     )
     return out.view(*x.shape[:-1], r)
+
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -73,9 +73,13 @@ def _case(dims: ModelDims, what: str, tokens: int, rows: int) -> Case:
                 {"tokens": tokens, "rows": rows, "dim": dims.dim, "weight": what})
 
 
+def _wo_a_shape(dims: ModelDims) -> tuple[int, int, int]:
+    """wo_a's (groups G, rows a group R, columns I = heads x head_dim / G)."""
+    return dims.o_groups, dims.o_lora_rank, dims.heads * dims.head_dim // dims.o_groups
+
+
 def _grouped(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
-    g, r = dims.o_groups, dims.o_lora_rank
-    i = dims.heads * dims.head_dim // g
+    g, r, i = _wo_a_shape(dims)
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, g, i, generator=gen).to(torch.bfloat16).to(device)
     weight = (torch.randn(g * r, i, generator=gen) * 96).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
@@ -93,8 +97,7 @@ def _grouped(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
 
 
 def _grouped_case(dims: ModelDims, tokens: int) -> Case:
-    g, r = dims.o_groups, dims.o_lora_rank
-    i = dims.heads * dims.head_dim // g
+    g, r, i = _wo_a_shape(dims)
     weight_bytes = g * r * i + (g * r // 128) * (i // 128)
     flops, nbytes = 2 * tokens * g * r * i, weight_bytes + 2 * tokens * g * (i + r)
     return Case("grouped_linear", f"{dims.name} wo_a {g}x{r}x{i} fp8, T={tokens}", flops, nbytes, PEAK_BF16_TFLOPS,
