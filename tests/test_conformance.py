@@ -4,6 +4,7 @@ reason; the CLI report, the pytest plugin and the documented tolerance table are
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -161,11 +162,13 @@ TRITON_OPS = (
 
 def test_cuda_backend_conforms_under_the_triton_interpreter(tmp_path):
     """The CI form of `seahal conformance --backend cuda --interpret`: every Triton kernel runs its
-    cases on CPU tensors and passes; ops without a Triton kernel yet are unsupported, never failed."""
+    cases on CPU tensors and passes; ops without a Triton kernel yet are unsupported, never failed.
+    In 2 processes (CI's cores): half the time of one."""
     pytest.importorskip("triton")
     report_path = tmp_path / "cuda.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "seahal", "conformance", "--backend", "cuda", "--interpret", "--json", str(report_path)]
+    command = [sys.executable, "-m", "seahal", "conformance", "--backend", "cuda", "--interpret", "--jobs", "2",
+               "--json", str(report_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     report = json.loads(report_path.read_text())
@@ -175,6 +178,15 @@ def test_cuda_backend_conforms_under_the_triton_interpreter(tmp_path):
         passed[r["op"]] = passed.get(r["op"], 0) + (r["status"] == "pass")
     for op in TRITON_OPS:
         assert passed[op] >= 8, (op, passed)
+
+
+def test_ops_in_processes_give_the_serial_run_s_results_in_its_order():
+    ops = ["rms_norm", "rope", "moe_gate"]
+    serial, parallel = (run_conformance("cpu", ops, property_examples=2, jobs=jobs) for jobs in (1, 2))
+    assert parallel.device == serial.device and len(parallel.results) == len(serial.results) > 3
+    timeless = [(dataclasses.replace(r, seconds=0.0), dataclasses.replace(s, seconds=0.0))
+                for r, s in zip(parallel.results, serial.results)]
+    assert all(r == s for r, s in timeless), timeless
 
 
 def test_selection_accepts_near_ties_and_rejects_wrong_exact_ties():

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpret", action="store_true", help="Triton interpreter on CPU tensors (cuda backend)")
     p.add_argument("--kernel", help="only this kernel name of the backend (default: every kernel)")
     p.add_argument("--jobs", type=int, default=0, metavar="N",
-                   help="first compile every Triton kernel the run will launch on a CUDA GPU, in N processes "
-                        "(into Triton's cache; a cold run otherwise compiles them one by one)")
+                   help="N processes: with --interpret the ops run in N processes; otherwise every Triton "
+                        "kernel the run will launch on a CUDA GPU is first compiled in N processes (into "
+                        "Triton's cache; a cold run otherwise compiles them one by one)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every case")
     p.set_defaults(func=_conformance)
 
