@@ -381,8 +381,9 @@ def _pdl_launches() -> list:
     return launches
 
 
-def _compile_all() -> list[dict]:
-    """Capture every wrapper's launches, compile each distinct one for sm_90: one record per launch."""
+def _compile_all(shard: int = 0, shards: int = 1) -> list[dict]:
+    """Capture every wrapper's launches, compile each distinct one for sm_90: one record per launch;
+    of the distinct launches in capture order, every ``shards``-th from the ``shard``-th."""
     from seahal.testing.triton_compile import capture_launches, compile_launch
 
     with capture_launches() as launches:
@@ -401,7 +402,7 @@ def _compile_all() -> list[dict]:
     launches += _pdl_launches()
     distinct = {_signature(launch): launch for launch in launches}
     results = []
-    for key, launch in distinct.items():
+    for key, launch in list(distinct.items())[shard::shards]:
         result = compile_launch(launch)
         ptx = result.ptx or ""
         names = launch.kernel.arg_names
@@ -439,7 +440,7 @@ def _kernels_in_backend() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> list[dict]:
+def compiled(tmp_path_factory) -> list[dict]:
     pytest.importorskip("triton", reason="compiling the cuda backend's kernels needs triton")
     from seahal.testing.triton_compile import toolchain_missing
 
@@ -447,9 +448,19 @@ def compiled() -> list[dict]:
     if missing:
         pytest.skip(f"cannot compile for sm_90 here: {missing}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    shards = min(os.cpu_count() or 1, 4)  # compiling is one core's work a launch: one shard a core
+    folder = tmp_path_factory.mktemp("compile")
+    children = []
+    for shard in range(shards):  # output to files: a child never waits on a full pipe
+        with open(folder / f"{shard}.out", "w") as out, open(folder / f"{shard}.err", "w") as err:
+            command = [sys.executable, __file__, str(shard), str(shards)]
+            children.append(subprocess.Popen(command, stdout=out, stderr=err, env=env))
+    records = []
+    for shard, child in enumerate(children):
+        child.wait(timeout=600)
+        assert child.returncode == 0, (folder / f"{shard}.err").read_text()[-4000:]
+        records += json.loads((folder / f"{shard}.out").read_text().splitlines()[-1])
+    return records
 
 
 def test_every_kernel_compiles_for_sm90(compiled):
@@ -587,7 +598,7 @@ def test_fp4_decode_loads_no_single_bytes(compiled):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
-    print(json.dumps(_compile_all()))
+    print(json.dumps(_compile_all(*map(int, sys.argv[1:3]))))
 
 
 STREAMING_LOOPS = ("_fp32_gemv_kernel", "_mix_kernel", "_rope_kernel", "_logits_kernel")
