@@ -1,21 +1,25 @@
-"""CPU benchmark of the native block-scaled GEMMs (fp8_gemm, fp4_gemm) beside their peers.
+"""CPU benchmark of the native kernels (fp8_gemm, fp4_gemm, grouped_linear) beside their peers.
 
-Per (op, weight shape, M) row, four ways to compute the same ``C = (A sA) @ (B sB)^T``:
+Per (op, weight shape, M) row, the native kernel and the other ways to compute the same product:
 
 - ``native``: the cpu.native kernel (csrc/gemm.cpp), reading the quantised weight bytes directly;
-- ``reference``: the cpu.reference kernel (plain PyTorch, per-K-step matmuls);
-- ``matmul_fp32``: ``torch.matmul`` on an fp32 weight dequantised once beforehand (fast, but keeps
-  a 4-byte copy of every weight: 4x the FP8 bytes, 8x the FP4 bytes);
-- ``dequant_matmul``: the memory-light naive path, dequantising the weight to fp32 on every call,
-  then ``torch.matmul``.
+- ``reference``: the cpu.reference kernel (plain PyTorch: per-K-step matmuls for the GEMMs; for
+  grouped_linear the official einsum in bf16 over the weight dequantised on every call);
+- ``matmul_fp32`` (GEMMs): ``torch.matmul`` on an fp32 weight dequantised once beforehand (fast,
+  but keeps a 4-byte copy of every weight: 4x the FP8 bytes, 8x the FP4 bytes);
+- ``dequant_matmul`` (GEMMs): the memory-light naive path, dequantising the weight to fp32 on
+  every call, then ``torch.matmul``;
+- ``einsum_at_load`` (grouped_linear): the reference's einsum over a bf16 weight dequantised once
+  beforehand (what a plan without the native kernel converts wo_a to at load: twice the FP8 bytes).
 
 Times are medians of several ``time.perf_counter`` runs after a warm-up, all with torch's thread
-count. GB/s counts the bytes each way must at least move: for native, reference and
-dequant_matmul the quantised weight and its scales, the e4m3 activation and its scales and the
-bf16 output; for matmul_fp32 the fp32 weight, activation and output. GFLOP/s = 2 M N K / t.
-Weight shapes are V4-Flash linears (hidden 4096) scaled down to suit a small CPU.
+count. GB/s counts the bytes each way must at least move: the quantised weight and its scales (a
+dequantised-at-load weight at its own width), the activation (e4m3 and its scales for the GEMMs,
+bf16 for grouped_linear) and the bf16 output. GFLOP/s = 2 M N K / t, N the weight's rows (all
+groups') and K its columns. Weight shapes are V4-Flash's (hidden 4096; the GEMMs' scaled down to
+suit a small CPU, wo_a whole: 8 groups of 1024 rows).
 
-    seahal bench --backend cpu [--ops fp8_gemm,fp4_gemm] [--json out.json] [--quick]
+    seahal bench --backend cpu [--ops fp8_gemm,fp4_gemm,grouped_linear] [--json out.json] [--quick]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from seahal.backends.cpu import native
 from seahal.backends.cpu.reference import gemm as reference
+from seahal.backends.cpu.reference import linear as reference_linear
 from seahal.hal.formats import (
     FP8_AMAX_FLOOR,
     FP8_MAX,
@@ -43,14 +48,18 @@ from seahal.hal.formats import (
     fp8_quantize,
 )
 
-SHAPES = {  # op -> {name: (N, K)}
+SHAPES = {  # op -> {name: (N, K)}; grouped_linear: (G, R, I), N = G R and K = I
     "fp8_gemm": {"q_a": (1024, 4096), "wo_b_like": (4096, 1024), "shexp_up": (2048, 4096), "shexp_down": (4096, 2048)},
     "fp4_gemm": {"expert_up": (2048, 4096), "expert_down": (4096, 2048)},
+    "grouped_linear": {"wo_a": (8, 1024, 4096)},
 }
-QUICK_SHAPES = {"fp8_gemm": ("q_a",), "fp4_gemm": ("expert_up",)}
+QUICK_SHAPES = {"fp8_gemm": ("q_a",), "fp4_gemm": ("expert_up",), "grouped_linear": ("wo_a",)}
 MS = (1, 16, 128)
 QUICK_MS = (1, 16)
-PEERS = ("reference", "matmul_fp32", "dequant_matmul")
+GEMM_PEERS = ("reference", "matmul_fp32", "dequant_matmul")
+PEERS = {"fp8_gemm": GEMM_PEERS, "fp4_gemm": GEMM_PEERS, "grouped_linear": ("reference", "einsum_at_load")}
+"""op -> the ways timed beside ``native`` (the module docstring says what each is)."""
+PEER_LABELS = {"reference": "ref", "matmul_fp32": "fp32 mm", "dequant_matmul": "deq+mm", "einsum_at_load": "bf16 at load"}
 
 
 def cpu_name() -> str:
@@ -69,23 +78,42 @@ def device_label() -> str:
     return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads"
 
 
-def make_operands(op: str, m: int, n: int, k: int, seed: int = 0):
-    """(a, a_scale, b, b_scale) as a model holds them: ue8m0-scaled e4m3 activations; FP8 weights
-    in 128x128 blocks with e8m0 scales, FP4 weights packed with 1x32 e8m0 scales."""
+def make_operands(op: str, m: int, shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """The operands as a model holds them. GEMMs: (a, a_scale, b, b_scale), ue8m0-scaled e4m3
+    activations and FP8 weights in 128x128 blocks with e8m0 scales, or FP4 weights packed with 1x32
+    e8m0 scales. grouped_linear: (x [M, G, I] bf16, weight [G R, I] FP8, its e8m0 block scales)."""
     gen = torch.Generator().manual_seed(seed)
+    if op == "grouped_linear":
+        g, r, i = shape
+        x = torch.randn(m, g, i, generator=gen).to(torch.bfloat16)
+        return (x, *_fp8_weight(torch.randn(g * r, i, generator=gen) * 0.02))
+    n, k = shape
     a, a_scale = fp8_quantize(torch.randn(m, k, generator=gen), 128)
     w = torch.randn(n, k, generator=gen) * 0.02
-    if op == "fp4_gemm":
-        b, b_scale = fp4_quantize(w, 32)
-    else:  # N, K multiples of 128 here
-        amax = w.reshape(n // 128, 128, k // 128, 128).abs().amax(dim=(1, 3))
-        b_scale = block_scales(amax, FP8_MAX, FP8_AMAX_FLOOR, "ue8m0")
-        b = (w / b_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)).clamp(-FP8_MAX, FP8_MAX)
-        b = b.to(torch.float8_e4m3fn)
+    b, b_scale = fp4_quantize(w, 32) if op == "fp4_gemm" else _fp8_weight(w)
     return a, a_scale, b, b_scale.to(torch.float8_e8m0fnu)
 
 
-def implementations(op: str, a, a_scale, b, b_scale) -> dict[str, Callable[[], torch.Tensor]]:
+def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [N, K] (multiples of 128) in e4m3 with its 128x128 blocks' e8m0 scales."""
+    n, k = w.shape
+    amax = w.reshape(n // 128, 128, k // 128, 128).abs().amax(dim=(1, 3))
+    scale = block_scales(amax, FP8_MAX, FP8_AMAX_FLOOR, "ue8m0")
+    codes = (w / scale.repeat_interleave(128, 0).repeat_interleave(128, 1)).clamp(-FP8_MAX, FP8_MAX)
+    return codes.to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+
+
+def implementations(op: str, *operands: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """``native`` and the op's :data:`PEERS`, each a call computing the row's product."""
+    if op == "grouped_linear":
+        x, w, s = operands
+        at_load = dequantize_weight(w, s, torch.bfloat16)
+        return {
+            "native": lambda: native.grouped_linear(x, w, s),
+            "reference": lambda: reference_linear.grouped_linear(x, w, s),
+            "einsum_at_load": lambda: reference_linear.grouped_linear(x, at_load),
+        }
+    a, a_scale, b, b_scale = operands
     a32 = fp8_dequantize(a, a_scale, 128)
     w32 = dequantize_weight(b, b_scale)
     return {
@@ -106,18 +134,28 @@ def median_seconds(fn: Callable[[], torch.Tensor], repeats: int) -> float:
     return statistics.median(times)
 
 
-def moved_bytes(op: str, name: str, m: int, n: int, k: int) -> int:
-    """Least bytes an implementation moves (see the module docstring)."""
+def moved_bytes(op: str, name: str, m: int, dims: tuple[int, ...]) -> int:
+    """Least bytes an implementation moves (see the module docstring); ``dims``: the op's :data:`SHAPES` entry."""
+    if op == "grouped_linear":
+        g, r, i = dims
+        weight = 2 * g * r * i if name == "einsum_at_load" else g * r * i + (g * r // 128) * (i // 128)
+        return weight + 2 * m * g * i + 2 * m * g * r
+    n, k = dims
     if name == "matmul_fp32":
         return 4 * (n * k + m * k + m * n)
     weight = n * k + (-(-n // 128)) * (k // 128) if op == "fp8_gemm" else n * k // 2 + n * (k // 32)
     return weight + m * k + 4 * m * (k // 128) + 2 * m * n
 
 
+def weight_shape(op: str, shape: str) -> tuple[int, int]:
+    """(N, K) of ``shape``: the weight's rows (every group's) and columns."""
+    dims = SHAPES[op][shape]
+    return (dims[0] * dims[1], dims[2]) if op == "grouped_linear" else dims
+
+
 def bench_row(op: str, shape: str, m: int, quick: bool) -> dict:
-    n, k = SHAPES[op][shape]
-    a, a_scale, b, b_scale = make_operands(op, m, n, k)
-    impls = implementations(op, a, a_scale, b, b_scale)
+    n, k = weight_shape(op, shape)
+    impls = implementations(op, *make_operands(op, m, SHAPES[op][shape]))
     expected = impls["reference"]().float()
     rel_diff = ((impls["native"]().float() - expected).abs().max() / expected.abs().max()).item()
     row: dict = {"device": device_label(), "op": op, "shape": shape, "M": m, "N": n, "K": k, "native_rel_diff": rel_diff}
@@ -126,26 +164,29 @@ def bench_row(op: str, shape: str, m: int, quick: bool) -> dict:
         seconds = median_seconds(fn, repeats)
         row[name] = {
             "seconds": seconds,
-            "GB/s": moved_bytes(op, name, m, n, k) / seconds / 1e9,
+            "GB/s": moved_bytes(op, name, m, SHAPES[op][shape]) / seconds / 1e9,
             "GFLOP/s": 2 * m * n * k / seconds / 1e9,
         }
-    for peer in PEERS:
+    for peer in PEERS[op]:
         row[f"speedup_vs_{peer}"] = row[peer]["seconds"] / row["native"]["seconds"]
     return row
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("op", "shape", "M", "N", "K", "native ms", "GB/s", "GFLOP/s", "ref ms", "fp32 mm ms", "deq+mm ms",
-              "x ref", "x fp32 mm", "x deq+mm")  # fmt: skip
+    """One table per op: the native kernel's time and rates, then each peer's time and the speedup over it."""
+    return "\n\n".join(_op_table([r for r in rows if r["op"] == op]) for op in dict.fromkeys(r["op"] for r in rows))
+
+
+def _op_table(rows: list[dict]) -> str:
+    peers = PEERS[rows[0]["op"]]
+    header = ("op", "shape", "M", "N", "K", "native ms", "GB/s", "GFLOP/s", *(f"{PEER_LABELS[p]} ms" for p in peers),
+              *(f"x {PEER_LABELS[p]}" for p in peers))
     lines = [header]
     for r in rows:
         lines.append(
             (r["op"], r["shape"], str(r["M"]), str(r["N"]), str(r["K"]),
              f"{r['native']['seconds'] * 1e3:.3f}", f"{r['native']['GB/s']:.2f}", f"{r['native']['GFLOP/s']:.1f}",
-             f"{r['reference']['seconds'] * 1e3:.2f}", f"{r['matmul_fp32']['seconds'] * 1e3:.3f}",
-             f"{r['dequant_matmul']['seconds'] * 1e3:.2f}",
-             f"{r['speedup_vs_reference']:.1f}", f"{r['speedup_vs_matmul_fp32']:.2f}",
-             f"{r['speedup_vs_dequant_matmul']:.1f}")  # fmt: skip
+             *(f"{r[p]['seconds'] * 1e3:.3f}" for p in peers), *(f"{r[f'speedup_vs_{p}']:.2f}" for p in peers))
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
@@ -182,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     if native.native_module() is None:
         print("seahal._native is not built: nothing to benchmark on the cpu backend", file=sys.stderr)
         return 2
-    ops = (getattr(args, "ops", None) or "fp8_gemm,fp4_gemm").split(",")
+    ops = (getattr(args, "ops", None) or ",".join(SHAPES)).split(",")
     unknown = sorted(set(ops) - set(SHAPES))
     if unknown:
         print(f"the cpu bench covers {', '.join(SHAPES)}, not {', '.join(unknown)}", file=sys.stderr)
@@ -193,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="fp8_gemm,fp4_gemm")
+    parser.add_argument("--ops", default=",".join(SHAPES))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     sys.exit(main(parser.parse_args()))
