@@ -413,7 +413,7 @@ void gemm_entry(uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, 
 // to fp32 once up front. Work items (OpenMP, static schedule) never share an output element, so
 // the result does not depend on the thread count.
 
-constexpr int64_t kGroupedMaxTokens = 16;
+constexpr int64_t kGroupedMaxTokens = 8;  // beyond, a GEMM over W' dequantised a group at a time wins
 
 struct GroupedArgs {
     const void* x;         // [T, G, K] bf16 or fp32, strides (stride_t, stride_g, 1) in elements
@@ -545,7 +545,7 @@ void over_rows(const GroupedArgs& g, const float* xf, int threads) {
 void grouped_gemv_entry(uintptr_t x, int64_t stride_t, int64_t stride_g, bool bf16, uintptr_t w, uintptr_t scale,
                         bool scale_e8m0, uintptr_t out, int64_t t, int64_t n, int64_t k, int64_t r, int threads) {
     if (t < 1 || t > kGroupedMaxTokens || r < 1 || n % r != 0 || k % kBlock != 0)
-        throw std::invalid_argument("need 1 <= T <= 16, N a multiple of R and K a multiple of 128");
+        throw std::invalid_argument("need 1 <= T <= 8, N a multiple of R and K a multiple of 128");
     GroupedArgs g{reinterpret_cast<const void*>(x), stride_t, stride_g, bf16, reinterpret_cast<const uint8_t*>(w),
                   reinterpret_cast<const void*>(scale), scale_e8m0, reinterpret_cast<void*>(out), t, n, k, r};
     py::gil_scoped_release release;
@@ -597,7 +597,7 @@ void bind_gemm(py::module_& m) {
           py::arg("n"), py::arg("k"), py::arg("out_bf16"), py::arg("threads"));
     m.def("fp8_grouped_gemv", &grouped_gemv_entry,
           "out[T, N] = per group g of R rows, x[T, g, K] @ W'[g R:(g+1) R, K]^T, W' = e4m3 W times its 128x128 "
-          "block scale (rounded to bf16 when bf16); x strided (stride_t, stride_g, 1) in elements, T <= 16; "
+          "block scale (rounded to bf16 when bf16); x strided (stride_t, stride_g, 1) in elements, T <= 8; "
           "x and out bf16 when bf16, else fp32; scale e8m0 bytes when scale_e8m0, else fp32",
           py::arg("x"), py::arg("stride_t"), py::arg("stride_g"), py::arg("bf16"), py::arg("w"), py::arg("scale"),
           py::arg("scale_e8m0"), py::arg("out"), py::arg("t"), py::arg("n"), py::arg("k"), py::arg("r"),

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.skipif(native.native_module() is None, reason="seahal._
 CASES = [  # (leading dims, G, R, I, x dtype, scale format)
     ((1, 1), 8, 128, 512, BF16, "e8m0"),  # decode, V4-Flash's 8 groups in proportion
     ((3,), 4, 40, 256, F32, "fp32"),  # R not a multiple of the 8-row work items
-    ((2, 8), 2, 64, 384, BF16, "fp32"),  # 16 tokens, the most the GEMV takes; W' rounded to bf16
-    ((17,), 3, 96, 128, BF16, "e8m0"),  # beyond: dequantised natively, then the reference's einsum
+    ((2, 4), 2, 64, 384, BF16, "fp32"),  # 8 tokens, the most the GEMV takes; W' rounded to bf16
+    ((17,), 3, 96, 128, BF16, "e8m0"),  # beyond: dequantised natively, W' whole (R not on scale blocks)
+    ((5, 4), 3, 128, 256, BF16, "e8m0"),  # and one group's W' at a time into one buffer
+    ((20,), 2, 256, 128, F32, "fp32"),
 ]
 
 
@@ -67,9 +69,10 @@ def test_extreme_scales_round_the_gemv_weight_as_the_formats():
     """The GEMV's W' takes the same rounding: a weight of one row is read back through x = e_k."""
     w = torch.tensor([[1, 9, 0x3F, 0x7E] * 32], dtype=torch.uint8).view(torch.float8_e4m3fn).repeat(128, 1)
     s = torch.tensor([[1]], dtype=torch.uint8).view(torch.float8_e8m0fnu)  # 2^-126: into bf16 subnormals
-    x = torch.eye(128, dtype=BF16)[:16].reshape(16, 1, 128)  # token t reads column t of every row
+    tokens = native.GROUPED_GEMV_MAX_TOKENS
+    x = torch.eye(128, dtype=BF16)[:tokens].reshape(tokens, 1, 128)  # token t reads column t of every row
     got = native.grouped_linear(x, w, s)[:, 0, 0]
-    assert torch.equal(got.view(torch.int16), dequantize_weight(w, s, BF16)[0, :16].view(torch.int16))
+    assert torch.equal(got.view(torch.int16), dequantize_weight(w, s, BF16)[0, :tokens].view(torch.int16))
 
 
 def test_threads_do_not_change_the_result():

@@ -85,7 +85,7 @@ def fp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     return _block_scaled_gemm("fp4_gemm", a, a_scale, b, b_scale, out_dtype)
 
 
-GROUPED_GEMV_MAX_TOKENS = 16
+GROUPED_GEMV_MAX_TOKENS = 8
 """Up to this many tokens ``grouped_linear`` multiplies the FP8 bytes directly (csrc/gemm.cpp)."""
 
 
@@ -95,13 +95,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     x: [..., G, I] bf16/fp32, weight: [G*R, I] e4m3 with [ceil(G*R/128), I/128] fp32 or e8m0
     scales -> [..., G, R] in x's dtype. Up to :data:`GROUPED_GEMV_MAX_TOKENS` tokens the weight's
     bytes are decoded row by row into every token's fp32 lanes (read once, never expanded); more
-    tokens dequantise it natively to x's dtype, then run the reference's einsum. Dense weights and
+    tokens dequantise it natively to x's dtype, a group at a time, for torch's GEMM. Dense weights and
     fp64 x run the reference. The same W' and fp32 sums as the reference, in another order.
 
-    V4-Flash's wo_a (8192 x 4096, e8m0 scales, bf16 x) on 2 cores: 4.3 / 3.7 / 10.7 ms at 1 / 4 /
-    16 tokens, against 4.4 / 4.0 / 6.4 ms for the einsum over the weight dequantised at load (twice
-    the memory); a 64-token call 44 against 14 ms (the 64 MB temporary's first touch, then 3.6 ms
-    of dequantisation).
+    V4-Flash's wo_a (8192 x 4096, e8m0 scales, bf16 x) on 2 cores (``seahal bench --backend cpu
+    --ops grouped_linear``): 4.0 / 11.4 / 28 ms at 1 / 16 / 128 tokens, against 4.8 / 6.1 / 23 ms
+    for the einsum over the weight dequantised to bf16 at load (twice the memory) and ~200 ms for
+    the reference, which dequantises it on every call. The GEMV and the per-group GEMM cross near
+    8 tokens (5-7 ms each); dequantising the whole W' at once took 44 ms at 64 tokens, most of it
+    faulting in a fresh 64 MB (:func:`_grouped_linear_by_group`).
     """
     get_spec("grouped_linear").check(x, weight, scale)
     if weight.dtype != torch.float8_e4m3fn or x.dtype == torch.float64:
@@ -113,10 +115,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     e8m0, bf16 = scale.dtype != torch.float32, x.dtype == torch.bfloat16
     tokens = x.reshape(-1, g, i)
     if tokens.shape[0] > GROUPED_GEMV_MAX_TOKENS or tokens.shape[0] == 0:
-        dense = torch.empty((n, i), dtype=x.dtype)
-        _native().fp8_dequantize(weight.data_ptr(), scale.data_ptr(), e8m0, dense.data_ptr(), n, i, bf16,
-                                 torch.get_num_threads())
-        return reference_grouped_linear(x, dense)
+        return _grouped_linear_by_group(x, weight, scale)
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
     out = torch.empty((tokens.shape[0], n), dtype=x.dtype)
     _native().fp8_grouped_gemv(
@@ -124,6 +123,31 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
         out.data_ptr(), tokens.shape[0], n, i, n // g, torch.get_num_threads(),
     )
     return out.view(*x.shape[:-1], n // g)
+
+
+def _grouped_linear_by_group(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grouped_linear`` one group at a time: W'_g dequantised natively into one [R, I] buffer in
+    x's dtype, then ``x[..., g, :] @ W'_g^T`` (torch's GEMM, fp32 sums). The buffer is 1/G of the
+    dequantised weight and reused by every group (and, through the allocator, by the next call),
+    where a whole W' would be a fresh allocation (V4-Flash's 64 MB: past malloc's reuse) faulted in
+    on every call. Groups whose rows do not start on a 128-row scale block dequantise it whole."""
+    g, i = x.shape[-2:]
+    r = weight.shape[0] // g
+    if r % 128:
+        return reference_grouped_linear(x, _dequantize_into(torch.empty(weight.shape, dtype=x.dtype), weight, scale))
+    dense = torch.empty((r, i), dtype=x.dtype)
+    per_group = [x[..., group, :] @ _dequantize_into(dense, weight[group * r:], scale[group * r // 128:]).T
+                 for group in range(g)]  # each product made before the next group overwrites the buffer
+    return torch.stack(per_group, dim=-2)
+
+
+def _dequantize_into(dense: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``dense`` [rows, I] (bf16 or fp32) <- the first rows of the FP8 ``weight`` [>= rows, I]
+    dequantised, ``scale`` its block scales from the row's block on (contiguous, as both are)."""
+    rows, i = dense.shape
+    _native().fp8_dequantize(weight.data_ptr(), scale.data_ptr(), scale.dtype != torch.float32, dense.data_ptr(),
+                             rows, i, dense.dtype == torch.bfloat16, torch.get_num_threads())
+    return dense
 
 
 def encode(x: torch.Tensor, fmt: str) -> torch.Tensor:
