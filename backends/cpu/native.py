@@ -38,8 +38,9 @@ def _native() -> ModuleType:
     return module
 
 
-def _cpu_tensors(op: str, *tensors: torch.Tensor) -> None:
-    devices = {t.device.type for t in tensors}
+def check_cpu_tensors(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise unless every tensor given (None: an absent optional) is on the CPU, naming ``op``."""
+    devices = {t.device.type for t in tensors if t is not None}
     if devices != {"cpu"}:
         raise ValueError(f"{op} (native cpu kernel) needs cpu tensors, got {sorted(devices)}")
 
@@ -47,7 +48,7 @@ def _cpu_tensors(op: str, *tensors: torch.Tensor) -> None:
 def _block_scaled_gemm(op: str, a, a_scale, b, b_scale, out_dtype) -> torch.Tensor:
     """Check the call against ``op``'s contract, then run the native kernel of the same op."""
     meta = get_spec(op).check(a, a_scale, b, b_scale, out_dtype)
-    _cpu_tensors(op, a, a_scale, b, b_scale)
+    check_cpu_tensors(op, a, a_scale, b, b_scale)
     kernel = _native().fp8_block_gemm if op == "fp8_gemm" else _native().fp4_gemm
     out = torch.empty(meta.shape, dtype=meta.dtype)
     a, a_scale, b, b_scale = (t.contiguous() for t in (a, a_scale, b, b_scale))
@@ -108,7 +109,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     get_spec("grouped_linear").check(x, weight, scale)
     if weight.dtype != torch.float8_e4m3fn or x.dtype == torch.float64:
         return reference_grouped_linear(x, weight, scale)
-    _cpu_tensors("grouped_linear", x, weight, scale)
+    check_cpu_tensors("grouped_linear", x, weight, scale)
     g, i = x.shape[-2:]
     n = weight.shape[0]
     weight, scale = weight.contiguous(), scale.contiguous()
@@ -175,7 +176,7 @@ def _codec(fmt: str, direction: str, src: torch.Tensor, out_dtype: torch.dtype) 
 
 
 def register_native_kernels() -> None:
-    """Register the native GEMMs above the reference (priority 10) when the module is built."""
+    """Register the native kernels above the reference (priority 10) when the module is built."""
     if native_module() is None:
         return
     for op in ("fp8_gemm", "fp4_gemm"):
@@ -185,4 +186,8 @@ def register_native_kernels() -> None:
     register_kernel(
         "grouped_linear", "cpu", "native", f"{__name__}:grouped_linear", priority=10,
         capabilities={"dtype": ("bfloat16", "float32"), "weight_format": ("fp8",), "scale_dtype": _SCALES},
+    )
+    register_kernel(
+        "moe_experts", "cpu", "native", "seahal.backends.cpu.native_moe:moe_experts", priority=10,
+        capabilities={"dtype": ("bfloat16", "float32"), "weight_format": ("fp8", "fp4"), "scale_dtype": _SCALES},
     )

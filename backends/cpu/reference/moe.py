@@ -97,7 +97,7 @@ def _expert_linear(
     return gemm(q, q_scale, w[expert], scale[expert], torch.float32).to(dtype)
 
 
-def _clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """``silu(min(gate, L)) * clamp(up, -L, L)``; no clamp when L <= 0."""
     if limit > 0:
         gate = gate.clamp(max=limit)
@@ -145,7 +145,7 @@ def moe_experts(
     for e in range(w1.shape[0]):
         gate = _expert_linear(x, w1, w1_scale, e, dtype)
         up = _expert_linear(x, w3, w3_scale, e, dtype)
-        h = _clamped_swiglu(gate, up, swiglu_limit) * routing[:, e, None]
+        h = clamped_swiglu(gate, up, swiglu_limit) * routing[:, e, None]
         h = torch.where(picked[:, e, None], h, 0.0).to(x.dtype)
         y += _expert_linear(h, w2, w2_scale, e, dtype).to(x.dtype)
     return y.to(x.dtype)
