@@ -157,7 +157,10 @@ class Attention(nn.Module):
         """The layer's RoPE frequency table and its window's key offsets 0..W-1 (on ``device``, else
         the ambient one; a meta-built model's loader remakes them on the model's device)."""
         device = device or torch.get_default_device()
-        self.freqs = self.rope_frequencies().to(device=device)
+        # a meta build's table is made on the host and only its shape kept: the table's math on meta
+        # tensors goes through torch's Python decompositions, whose import (torch._dynamo) takes 2 s
+        with torch.device("cpu" if device.type == "meta" else device):
+            self.freqs = self.rope_frequencies().to(device=device)
         self.window_offsets = torch.arange(self.config.window_size, device=device)
 
     def rope_frequencies(self) -> torch.Tensor:

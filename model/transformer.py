@@ -58,6 +58,16 @@ class Block(nn.Module):
         return self.ops.hc_post(self.ffn(self.ffn_norm(y), input_ids, layout), h, post, comb)
 
 
+def _embedding(rows: int, dim: int, dtype: torch.dtype) -> nn.Embedding:
+    """A frozen [rows, dim] embedding, N(0, 1) as ``nn.Embedding`` initialises it, except on the
+    meta device (the loader's build, whose weights the checkpoint replaces): there it is left
+    unmade, as ``normal_`` on a meta tensor imports torch._dynamo, 2 s of a first load."""
+    weight = torch.empty(rows, dim, dtype=dtype)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, dim, _weight=weight, _freeze=True)
+
+
 class Transformer(nn.Module):
     """DeepSeek-V4 without the MTP block (its weights are ignored by the loader).
 
@@ -79,8 +89,7 @@ class Transformer(nn.Module):
         c = config
         parallel.config.check(c)
         self.vocab_start, vocab_end = parallel.tp_range(c.vocab_size)
-        self.embed = nn.Embedding(vocab_end - self.vocab_start, c.dim, dtype=dtype)
-        self.embed.weight.requires_grad_(False)
+        self.embed = _embedding(vocab_end - self.vocab_start, c.dim, dtype)
         self.layers = nn.ModuleList(Block(c, i, ops, parallel) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps, ops)
         self.head = Head(c.dim, vocab_end - self.vocab_start, ops, dtype)

@@ -94,3 +94,16 @@ def test_convert_command_writes_bounded_shards_with_the_chosen_formats(tmp_path,
     assert tensors["layers.1.ffn.experts.0.w1.weight"].dtype == torch.uint8
     config = json.loads((dst / "config.json").read_text())
     assert config["expert_dtype"] == "fp4" and "quantization_config" not in config
+
+
+def test_a_load_imports_no_torch_dynamo(cache):
+    """The meta build of a checkpoint's model makes nothing it needs torch's Python decompositions
+    for: their first use imports torch._dynamo, 2 s of a 4 s ``seahal run`` (the embedding's
+    ``normal_`` and the RoPE table, both on meta tensors, did)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from seahal.cli import main; main(['run', '--device', 'cpu', '--max-new-tokens', '1', "
+              "'--warmup', '0']); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.splitlines()[-1] == "False", done.stdout[-2000:]
