@@ -20,7 +20,10 @@ def test_quick_run_writes_every_op_s_rows_checked_and_timed(tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert doc["rows"] == json.loads(json.dumps(rows)) and doc["header"]["quick"] is True
     assert [(r["op"], r["M"]) for r in rows] == [(op, m) for op in cpu_gemm.SHAPES for m in cpu_gemm.QUICK_MS]
+    assert doc["header"]["copy_GB/s"] > 0
     for r in rows:
+        fraction = r["native"]["fraction_of_copy_bandwidth"]
+        assert fraction == pytest.approx(r["native"]["GB/s"] / doc["header"]["copy_GB/s"])
         # native and reference: the same dequantised weight and fp32 sums, each rounded once to bf16
         # (2^-8 relative): they may differ by a rounding of the largest output, not by more
         assert r["native_rel_diff"] <= 2**-7, r

@@ -13,7 +13,9 @@ Per (op, weight shape, M) row, the native kernel and the other ways to compute t
   beforehand (what a plan without the native kernel converts wo_a to at load: twice the FP8 bytes).
 
 Times are medians of several ``time.perf_counter`` runs after a warm-up, all with torch's thread
-count. GB/s counts the bytes each way must at least move: the quantised weight and its scales (a
+count. The native kernel's GB/s is also given as a fraction of this machine's copy bandwidth,
+measured at the start of the run (:func:`copy_bandwidth`): the limit of a row that streams its
+weight (M = 1), as the GPU benches take the H100's measured copy rate. GB/s counts the bytes each way must at least move: the quantised weight and its scales (a
 dequantised-at-load weight at its own width), the activation (e4m3 and its scales for the GEMMs,
 bf16 for grouped_linear) and the bf16 output. GFLOP/s = 2 M N K / t, N the weight's rows (all
 groups') and K its columns. Weight shapes are V4-Flash's (hidden 4096; the GEMMs' scaled down to
@@ -153,7 +155,20 @@ def weight_shape(op: str, shape: str) -> tuple[int, int]:
     return (dims[0] * dims[1], dims[2]) if op == "grouped_linear" else dims
 
 
-def bench_row(op: str, shape: str, m: int, quick: bool) -> dict:
+COPY_BYTES = 256 * 2**20
+"""Size of the buffer :func:`copy_bandwidth` copies: far past any CPU's last-level cache."""
+
+
+def copy_bandwidth(repeats: int = 5) -> float:
+    """This machine's memory bandwidth in GB/s as a copy measures it (bytes read plus written over
+    the median time of ``repeats`` copies of :data:`COPY_BYTES`, torch's threads): the limit a row
+    that streams its weight is measured against, as a GPU row is against its measured copy rate."""
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / median_seconds(lambda: dst.copy_(src), repeats) / 1e9
+
+
+def bench_row(op: str, shape: str, m: int, quick: bool, copy_gbps: float) -> dict:
     n, k = weight_shape(op, shape)
     impls = implementations(op, *make_operands(op, m, SHAPES[op][shape]))
     expected = impls["reference"]().float()
@@ -167,6 +182,7 @@ def bench_row(op: str, shape: str, m: int, quick: bool) -> dict:
             "GB/s": moved_bytes(op, name, m, SHAPES[op][shape]) / seconds / 1e9,
             "GFLOP/s": 2 * m * n * k / seconds / 1e9,
         }
+    row["native"]["fraction_of_copy_bandwidth"] = row["native"]["GB/s"] / copy_gbps
     for peer in PEERS[op]:
         row[f"speedup_vs_{peer}"] = row[peer]["seconds"] / row["native"]["seconds"]
     return row
@@ -179,13 +195,14 @@ def format_table(rows: list[dict]) -> str:
 
 def _op_table(rows: list[dict]) -> str:
     peers = PEERS[rows[0]["op"]]
-    header = ("op", "shape", "M", "N", "K", "native ms", "GB/s", "GFLOP/s", *(f"{PEER_LABELS[p]} ms" for p in peers),
-              *(f"x {PEER_LABELS[p]}" for p in peers))
+    header = ("op", "shape", "M", "N", "K", "native ms", "GB/s", "of copy", "GFLOP/s",
+              *(f"{PEER_LABELS[p]} ms" for p in peers), *(f"x {PEER_LABELS[p]}" for p in peers))
     lines = [header]
     for r in rows:
+        native_row = r["native"]
         lines.append(
-            (r["op"], r["shape"], str(r["M"]), str(r["N"]), str(r["K"]),
-             f"{r['native']['seconds'] * 1e3:.3f}", f"{r['native']['GB/s']:.2f}", f"{r['native']['GFLOP/s']:.1f}",
+            (r["op"], r["shape"], str(r["M"]), str(r["N"]), str(r["K"]), f"{native_row['seconds'] * 1e3:.3f}",
+             f"{native_row['GB/s']:.2f}", f"{native_row['fraction_of_copy_bandwidth']:.0%}", f"{native_row['GFLOP/s']:.1f}",
              *(f"{r[p]['seconds'] * 1e3:.3f}" for p in peers), *(f"{r[f'speedup_vs_{p}']:.2f}" for p in peers))
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -202,13 +219,15 @@ def run(ops: list[str], quick: bool = False, json_path: str | None = None) -> li
         "simd": native.native_module().simd_variant(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
+        "copy_GB/s": copy_bandwidth(),
     }
-    print(f"{header['device']}; torch {header['torch']}; native kernels: {header['simd']}")
+    print(f"{header['device']}; torch {header['torch']}; native kernels: {header['simd']}; "
+          f"copy bandwidth {header['copy_GB/s']:.1f} GB/s")
     rows = []
     for op in ops:
         for shape in QUICK_SHAPES[op] if quick else SHAPES[op]:
             for m in QUICK_MS if quick else MS:
-                rows.append(bench_row(op, shape, m, quick))
+                rows.append(bench_row(op, shape, m, quick, header["copy_GB/s"]))
                 print(f"  {op} {shape} M={m}: native {rows[-1]['native']['seconds'] * 1e3:.3f} ms", flush=True)
     print(format_table(rows))
     if json_path:
