@@ -51,6 +51,17 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"unsupported scale dtype {scale.dtype}")
 
 
+E8M0_DTYPE: torch.dtype | None = getattr(torch, "float8_e8m0fnu", None)
+"""torch's dtype of e8m0 scale bytes, ``float8_e8m0fnu`` (torch >= 2.7); None on older torch,
+where a model holds its e8m0 scales as their fp32 values (:func:`e8m0_scales`)."""
+
+
+def e8m0_scales(codes: torch.Tensor) -> torch.Tensor:
+    """e8m0 scale bytes (uint8) as a model holds them: viewed as ``float8_e8m0fnu`` where torch
+    has it, else decoded to fp32 (exact: powers of two), which every kernel also takes."""
+    return codes.view(E8M0_DTYPE) if E8M0_DTYPE is not None else decode_scale(codes)
+
+
 def ue8m0_encode(scale: torch.Tensor) -> torch.Tensor:
     """Power-of-two fp32 scales ``2^k`` -> e8m0 bytes ``k + 127`` (uint8), exactly via frexp."""
     _, exponent = torch.frexp(scale)

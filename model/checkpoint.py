@@ -2,11 +2,13 @@
 
 Tensors are read lazily, shard by shard, from memory-mapped safetensors and moved straight to the
 target device. Weights keep their stored format: bf16/fp32, FP8 e4m3 with ``.scale`` block scales
-(e8m0 or fp32), FP4 e2m1 experts (packed bytes + 1x32 e8m0 scales).
+(e8m0 or fp32), FP4 e2m1 experts (packed bytes + 1x32 e8m0 scales). A torch without the e8m0
+dtype (before 2.7) gets e8m0 scales as their fp32 values (:func:`read_tensor`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
+from seahal.hal import formats
 from seahal.hal.formats import dequantize_weight
 
 from .layers import Head, Linear
@@ -88,12 +91,50 @@ def iter_tensors(
                 if part == "skip":
                     continue
                 try:
-                    tensor = f.get_tensor(name) if part is None else f.get_slice(name)[part]
+                    tensor = read_tensor(f, file, name, part)
                 except Exception as exc:
                     raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
                 yield canonical_name(name), file.name, tensor.to(device)
     if progress and len(files) > 1:
         print(f"\rloaded {len(files)} shards in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def read_tensor(handle, file: Path, name: str, part: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """Tensor ``name`` (or its ``part``) of the open shard ``handle`` of ``file``. On a torch
+    without ``float8_e8m0fnu`` (before 2.7), which safetensors cannot hand an e8m0 tensor to, its
+    bytes are read from the file and decoded to the fp32 scales they are (exact; every kernel
+    takes fp32 scales)."""
+    if formats.E8M0_DTYPE is None and handle.get_slice(name).get_dtype() == "F8_E8M0":
+        codes = _tensor_bytes(file, name)
+        return formats.e8m0_scales(codes if part is None else codes[part])
+    return handle.get_tensor(name) if part is None else handle.get_slice(name)[part]
+
+
+def _tensor_bytes(file: Path, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors ``file`` as its raw bytes, uint8 in its shape."""
+    data_start, header = _safetensors_header(file)
+    entry = header[name]
+    start, end = entry["data_offsets"]
+    with open(file, "rb") as f:
+        f.seek(data_start + start)
+        data = bytearray(f.read(end - start))
+    flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return flat.reshape(entry["shape"])
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file: an 8-byte little-endian header
+    size, the header (each tensor's dtype, shape and data offsets), then the data. Cached per
+    version of the file: a shard's scales are read one after another."""
+    stat = file.stat()
+    return _header_of(file, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _header_of(file: Path, mtime_ns: int, size: int) -> tuple[int, dict]:
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
 
 
 def _expected_scale_shape(weight_shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from seahal import hal
-from seahal.hal.formats import dequantize_weight, fp4_quantize, fp8_quantize, ue8m0_encode
+from seahal.hal.formats import dequantize_weight, e8m0_scales, fp4_quantize, fp8_quantize, ue8m0_encode
 
 from .checkpoint import CheckpointError, iter_tensors
 from .config import ModelConfig
@@ -62,8 +62,9 @@ class ConversionError(CheckpointError):
 
 
 def _e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """Power-of-two fp32 scales -> float8_e8m0fnu (the stored scale dtype of the release)."""
-    return ue8m0_encode(scale).view(torch.float8_e8m0fnu)
+    """Power-of-two fp32 scales -> float8_e8m0fnu (the stored scale dtype of the release; fp32
+    on a torch without it, :func:`e8m0_scales`)."""
+    return e8m0_scales(ue8m0_encode(scale))
 
 
 def quantize_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,14 +51,14 @@ def moe_experts(
     check_cpu_tensors("moe_experts", x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale)
     gemm = fp8_gemm if fmt == "fp8" else fp4_gemm
     ids = topk_ids.long()
-    x_q, x_scale = fp8_quantize(x, FP8_BLOCK)
     y = torch.zeros(x.shape, dtype=torch.float32)
     for e in ids[ids >= 0].unique().tolist():  # ascending: the reference's order of addition
         picks = ids == e
         tokens = picks.any(dim=1).nonzero().squeeze(1)
         weight = torch.where(picks, topk_weights.float(), 0.0).sum(dim=1)[tokens]  # the reference's routing sum
-        gate = gemm(x_q[tokens], x_scale[tokens], w1[e], w1_scale[e], torch.float32)
-        up = gemm(x_q[tokens], x_scale[tokens], w3[e], w3_scale[e], torch.float32)
+        x_q, x_scale = fp8_quantize(x[tokens], FP8_BLOCK)  # per row: the tiles of x quantised whole
+        gate = gemm(x_q, x_scale, w1[e], w1_scale[e], torch.float32)
+        up = gemm(x_q, x_scale, w3[e], w3_scale[e], torch.float32)
         h_q, h_scale = fp8_quantize((clamped_swiglu(gate, up, swiglu_limit) * weight[:, None]).to(x.dtype), FP8_BLOCK)
         y[tokens] += gemm(h_q, h_scale, w2[e], w2_scale[e], torch.float32).to(x.dtype)
     return y.to(x.dtype)

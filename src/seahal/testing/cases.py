@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from seahal.backends.cpu.reference.quant import kv_cache_pack
-from seahal.hal.formats import FP4_TILE, index_key_pack, ue8m0_ceil
+from seahal.hal.formats import FP4_TILE, e8m0_scales, index_key_pack, ue8m0_ceil
 from seahal.hal.ops.compressor import compressor_state, compressor_width
 from seahal.hal.ops.moe import expert_weight_format
 from seahal.hal.ops.quant import kv_record_bytes
@@ -39,7 +39,7 @@ from seahal.hal.ops.rope import Yarn, rope_frequencies
 from seahal.hal.spec import get_spec, specs
 
 BF16, F32 = torch.bfloat16, torch.float32
-E4M3, E8M0 = torch.float8_e4m3fn, torch.float8_e8m0fnu
+E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
@@ -88,10 +88,11 @@ class _Rand:
 
     def scales(self, *shape: int, fmt: str, log2_center: int, spread: int = 2) -> torch.Tensor:
         """Block scales around ``2^log2_center``: fp32 (any positive value; with ``spread`` > 2 also
-        times 2^[-spread, spread]) or e8m0 (powers of two 2^[center - spread, center + spread])."""
+        times 2^[-spread, spread]) or e8m0 (powers of two 2^[center - spread, center + spread];
+        their fp32 values on a torch without the e8m0 dtype, :func:`e8m0_scales`)."""
         if fmt == "e8m0":
             exponent = self.ints(log2_center - spread, log2_center + spread + 1, *shape)
-            return (exponent + 127).to(torch.uint8).view(E8M0)
+            return e8m0_scales((exponent + 127).to(torch.uint8))
         scale = self.uniform(*shape, low=0.6, high=1.6) * 2.0**log2_center
         return scale if spread <= 2 else scale * torch.exp2(self.ints(-spread, spread + 1, *shape).to(F32))
 
