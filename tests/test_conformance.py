@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from seahal.backends.cpu.reference import attention, moe, rope
@@ -23,6 +22,7 @@ from seahal.testing import tolerances
 from seahal.testing.cases import cases_for
 from seahal.testing.compare import FP4Rounded, Selection
 from seahal.testing.conformance import run_conformance
+from seahal.testing.triton_interpreter import require_triton
 
 pytest_plugins = ["pytester"]
 
@@ -164,7 +164,7 @@ def test_cuda_backend_conforms_under_the_triton_interpreter(tmp_path):
     """The CI form of `seahal conformance --backend cuda --interpret`: every Triton kernel runs its
     cases on CPU tensors and passes; ops without a Triton kernel yet are unsupported, never failed.
     In 2 processes (CI's cores): half the time of one."""
-    pytest.importorskip("triton")
+    require_triton()
     report_path = tmp_path / "cuda.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "seahal", "conformance", "--backend", "cuda", "--interpret", "--jobs", "2",

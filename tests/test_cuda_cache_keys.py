@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-import pytest
+from seahal.testing.triton_interpreter import require_triton
 
 MODULES = ["sparse_attention", "indexer", "moe_experts", "quant", "mhc", "compressor", "norm", "rope", "linear",
            "fp8_gemm_pingpong"]
@@ -50,7 +50,7 @@ def _keys(order: list[str], settle: bool, combiner_first: bool) -> dict[str, str
 
 
 def _child(order: list[str], settle: bool, combiner_first: bool) -> dict[str, str]:
-    pytest.importorskip("triton")
+    require_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     request = json.dumps([order, settle, combiner_first])
     done = subprocess.run([sys.executable, __file__, request], capture_output=True, text=True, env=env, timeout=300,

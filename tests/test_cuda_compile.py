@@ -22,6 +22,8 @@ from unittest import mock
 
 import pytest
 
+from seahal.testing.triton_interpreter import require_triton
+
 B = 1
 DIM, HEADS, HEAD_DIM, ROPE_DIM = 4096, 64, 512, 64
 INDEX_HEADS, INDEX_DIM, INDEX_TOPK = 64, 128, 512
@@ -441,7 +443,7 @@ def _kernels_in_backend() -> set[str]:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> list[dict]:
-    pytest.importorskip("triton", reason="compiling the cuda backend's kernels needs triton")
+    require_triton()
     from seahal.testing.triton_compile import toolchain_missing
 
     missing = toolchain_missing()

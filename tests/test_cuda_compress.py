@@ -21,7 +21,9 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 from seahal.testing import triton_interpreter  # noqa: E402
 

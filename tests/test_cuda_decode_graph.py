@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 from seahal.hal import get_spec  # noqa: E402
 from seahal.hal.plan import BoundOp  # noqa: E402

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+require_triton()
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 

@@ -13,6 +13,7 @@ import torch
 from seahal.backends.cpu.reference.linear import grouped_linear as reference
 from seahal.hal.formats import dequantize_weight
 from seahal.testing.tolerances import checks_for
+from seahal.testing.triton_interpreter import require_triton
 
 from cuda_marks import interpreted, on_gpu
 from test_grouped_linear import BF16, F32, _check, _weight, _x
@@ -21,7 +22,7 @@ from test_grouped_linear import BF16, F32, _check, _weight, _x
 
 
 def test_under_interpreter():
-    pytest.importorskip("triton")
+    require_triton()
     from seahal.testing import triton_interpreter
 
     run = triton_interpreter.rerun_test_file(__file__)

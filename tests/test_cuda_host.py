@@ -3,9 +3,9 @@ launch wrappers (:mod:`seahal.backends.cuda._host`)."""
 
 from __future__ import annotations
 
-import pytest
+from seahal.testing.triton_interpreter import require_triton
 
-triton = pytest.importorskip("triton")
+triton = require_triton()
 
 from seahal.backends.cuda._host import cdiv, next_power_of_2
 

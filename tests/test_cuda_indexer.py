@@ -25,7 +25,9 @@ from unittest import mock
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 import triton.language as tl  # noqa: E402
 
 from seahal.backends.cpu.reference.indexer import indexer_topk as reference

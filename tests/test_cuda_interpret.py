@@ -16,7 +16,9 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 from seahal.backends.cpu.reference import gemm as reference  # noqa: E402
 from seahal.hal.formats import (  # noqa: E402

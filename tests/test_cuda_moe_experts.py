@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 from seahal.backends.cpu.reference import moe as reference  # noqa: E402
 from seahal.hal import get_spec  # noqa: E402

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 from seahal.backends.cpu.reference.norm import rms_norm as reference  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402

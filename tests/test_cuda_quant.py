@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 import triton.language as tl  # noqa: E402
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from seahal.testing.triton_interpreter import require_triton
+
+triton = require_triton()
 
 from seahal.backends.cpu.reference.attention import sparse_attention as reference
 from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_unpack

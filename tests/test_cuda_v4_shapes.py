@@ -32,8 +32,9 @@ from seahal.hal.ops.compressor import compressor_state
 from seahal.testing import triton_interpreter
 from seahal.testing.conformance import float64_positions
 from seahal.testing.tolerances import checks_for
+from seahal.testing.triton_interpreter import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 from cuda_marks import IN_INTERPRETER  # noqa: E402
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
+from seahal.testing.triton_interpreter import require_triton
 
 DECODE_BUDGETS = {"decode": 155, "graph decode": 170}
 """Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph
@@ -70,7 +70,7 @@ def census(context: int = 1024, layers: int = 4) -> dict[str, dict[str, int]]:
 
 
 def test_a_decode_step_stays_within_its_kernel_budget():
-    pytest.importorskip("triton")
+    require_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -26,6 +26,7 @@ from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_unpack
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.hal.paging import paged_rows
 from seahal.testing import triton_interpreter
+from seahal.testing.triton_interpreter import require_triton
 
 from cuda_marks import IN_INTERPRETER, interpreted  # noqa: E402
 
@@ -229,7 +230,7 @@ sums in another order add ~2^-16 max|row|, and the two bf16 outputs may round to
 
 @host
 def test_under_interpreter():
-    pytest.importorskip("triton")
+    require_triton()
     run = triton_interpreter.rerun_test_file(__file__)
     assert run.passed(skipped=15), run.report
 

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from seahal.testing.triton_interpreter import require_triton
+
 OPS = ["hc_post"]
 """Ops whose conformance launches are compiled here: hc_post's 7 cases launch 6 specialisations,
 a few seconds of compiling."""
@@ -82,7 +84,7 @@ def _precompile_then_launch() -> dict:
 
 def test_the_entries_a_run_added_are_named_by_their_files(tmp_path, monkeypatch):
     """What ``seahal conformance --jobs`` prints when its run compiled something the precompile missed."""
-    pytest.importorskip("triton")
+    require_triton()
     from seahal.testing import triton_precompile as precompile
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
@@ -120,7 +122,7 @@ def _bench_specialisations(what: str) -> dict:
 
 def _child(what: str, cache: str) -> dict:
     """Run this file's ``what`` in a child process without the interpreter, compiling into ``cache``."""
-    pytest.importorskip("triton")
+    require_triton()
     from seahal.testing.triton_compile import toolchain_missing
 
     if why := toolchain_missing():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -107,9 +109,27 @@ def _weight_conversions(chip: str | None) -> dict[str, str]:
     return {op: dtype for op, dtype in WEIGHT_READERS.items() if unserved and not KERNELS[op][2]}
 
 
+MIN_TRITON = "3.4"
+"""The oldest Triton the kernels run on (``triton.knobs``, Gluon); torch 2.8 is the first whose
+pinned Triton it is: an older torch installs an older Triton, and the backend says so."""
+
+
+def triton_too_old() -> str | None:
+    """Why the installed Triton cannot run the kernels (older than :data:`MIN_TRITON`), else None.
+    Reads the installed version without importing triton."""
+    version = importlib.metadata.version("triton")
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release >= tuple(int(part) for part in MIN_TRITON.split(".")):
+        return None
+    return (f"triton {version} is older than the kernels need (>= {MIN_TRITON}, the Triton of torch >= 2.8): "
+            f"pip install 'triton>={MIN_TRITON}'")
+
+
 def _probe() -> Availability:
     if importlib.util.find_spec("triton") is None:
         return Availability(False, "triton is not installed: pip install seahal[cuda]")
+    if too_old := triton_too_old():
+        return Availability(False, too_old)
     if not torch.cuda.is_available():
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         return Availability(False, f"{why} (torch {torch.__version__})")

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
+from types import ModuleType
 
+from seahal.backends.cuda import MIN_TRITON, triton_too_old
 from seahal.hal.registry import Availability
 
 
@@ -37,7 +39,17 @@ def availability() -> Availability:
     probe would report no GPU). No chip: capability chips are not checked."""
     if importlib.util.find_spec("triton") is None:
         return Availability(False, "the Triton interpreter needs triton: pip install triton")
+    if too_old := triton_too_old():
+        return Availability(False, too_old)
     return Availability(True, "Triton interpreter on CPU tensors")
+
+
+def require_triton() -> ModuleType:
+    """In a test: triton, or a skip where it is missing or older than the kernels need
+    (:data:`seahal.backends.cuda.MIN_TRITON`)."""
+    import pytest
+
+    return pytest.importorskip("triton", minversion=MIN_TRITON)
 
 
 @contextlib.contextmanager
