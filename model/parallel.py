@@ -45,6 +45,14 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _collective_output(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty tensor like ``x`` of ``shape`` for a collective to write: never an inference
+    tensor, even under the forward's inference mode, as gloo in torch 2.5 writes gathered rows
+    from its own thread, outside that mode, where writing an inference tensor raises."""
+    with torch.inference_mode(False):
+        return x.new_empty(shape)
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How to split the model over ``tp * ep`` processes."""
@@ -205,7 +213,7 @@ class Parallel:
         """The TP group's x concatenated along ``dim`` in rank order (vocabulary-parallel logits)."""
         if self.tp == 1:
             return x
-        out = x.new_empty((self.tp * x.shape[0], *x.shape[1:]))
+        out = _collective_output(x, (self.tp * x.shape[0], *x.shape[1:]))
         _all_gather_single(out, x.contiguous(), group=self._group("tp"))
         return torch.cat(out.chunk(self.tp), dim=dim)
 
@@ -218,7 +226,7 @@ class Parallel:
         """x: [n, ...] on each EP rank -> [ep * n, ...] in rank order."""
         if self.ep == 1:
             return x
-        out = x.new_empty((self.ep * x.shape[0], *x.shape[1:]))
+        out = _collective_output(x, (self.ep * x.shape[0], *x.shape[1:]))
         _all_gather_single(out, x.contiguous(), group=self._group("ep"))
         return out
 
@@ -226,7 +234,7 @@ class Parallel:
         """x: [ep * n, ...] -> rows ``[ep_rank * n, (ep_rank + 1) * n)`` of the EP group's sum."""
         if self.ep == 1:
             return x
-        out = x.new_empty((x.shape[0] // self.ep, *x.shape[1:]))
+        out = _collective_output(x, (x.shape[0] // self.ep, *x.shape[1:]))
         _reduce_scatter_single(out, x.contiguous(), group=self._group("ep"))
         return out
 
@@ -240,13 +248,13 @@ class Parallel:
 
     def ep_all_to_all(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
         """Send ``x[sum(send[:j]) : sum(send[:j+1])]`` to EP rank j; receive ``recv[j]`` rows from it."""
-        out = x.new_empty((sum(recv), *x.shape[1:]))
+        out = _collective_output(x, (sum(recv), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=self._group("ep"))
         return out
 
     def ep_exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
         """send: [ep] rows for each EP rank -> [ep] rows each EP rank will send here."""
-        recv = torch.empty_like(send)
+        recv = _collective_output(send, send.shape)
         dist.all_to_all_single(recv, send, group=self._group("ep"))
         return recv
 

@@ -150,6 +150,9 @@ def _spy_reads(monkeypatch) -> dict[str, list[tuple[str, int]]]:
                 def __getitem__(self, index):
                     return record(name, "slice", inner[index])
 
+                def get_dtype(self):  # read, not recorded: the header's dtype, no tensor bytes
+                    return inner.get_dtype()
+
             return Slice()
 
     monkeypatch.setattr(checkpoint_module, "safe_open", Handle)

@@ -315,7 +315,7 @@ def _activation(r: _Rand, m: int, k: int, values: str) -> tuple[torch.Tensor, to
     a = r.e4m3(m, k)
     scale = r.scales(m, k // 128, fmt="fp32", log2_center=-6)
     if values == "zero-tile":
-        a[0, :128] = 0.0
+        a.view(torch.uint8)[0, :128] = 0  # e4m3 +0 (torch before 2.6 cannot fill float8 tensors)
         scale[0, 0] = 1e-4 / FP8_MAX  # the clamped scale of an all-zero tile
     return a, scale
 
