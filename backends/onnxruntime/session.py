@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from seahal.hal.formats import decode_scale
+from seahal.hal.formats import E8M0_DTYPE, decode_scale
 from seahal.hal.spec import Out, get_spec
 from seahal.onnx.functions import OpFunction, node_model, select
 
@@ -73,7 +73,7 @@ def _host(value: torch.Tensor, shared_batch: bool = False) -> torch.Tensor:
     t = value.detach()
     if shared_batch and t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
         t = t[:1]
-    if t.dtype == torch.float8_e8m0fnu:
+    if t.dtype == E8M0_DTYPE:
         t = decode_scale(t)
     return t.cpu().contiguous()
 

@@ -111,7 +111,10 @@ class WeightFormats:
     def scale_dtype(self) -> torch.dtype:
         import torch
 
-        return torch.float8_e8m0fnu if self.scale_fmt == "ue8m0" else torch.float32
+        from seahal.hal.formats import E8M0_DTYPE
+
+        # a torch without the e8m0 dtype holds them as fp32 (hal.formats.e8m0_scales)
+        return (E8M0_DTYPE or torch.float32) if self.scale_fmt == "ue8m0" else torch.float32
 
 
 def _release_group(weight_name: str) -> str | None:
@@ -150,6 +153,8 @@ def _installed(
     (fp8: one per 128x128 block; fp4: two codes a byte, one e8m0 scale per 1x32 tile)."""
     import torch
 
+    from seahal.hal.formats import E8M0_DTYPE
+
     *lead, rows, cols = shape
     if fmt == "dense":
         return [StoredTensor(name, shape, dtype, "dense")]
@@ -158,7 +163,7 @@ def _installed(
         return [StoredTensor(name, shape, torch.float8_e4m3fn, "fp8"),
                 StoredTensor(scale_name, scale, formats.scale_dtype, "fp8 scale")]
     return [StoredTensor(name, (*lead, rows, cols // 2), torch.uint8, "fp4"),
-            StoredTensor(scale_name, (*lead, rows, cols // FP4_TILE), torch.float8_e8m0fnu, "fp4 scale")]
+            StoredTensor(scale_name, (*lead, rows, cols // FP4_TILE), E8M0_DTYPE or torch.float32, "fp4 scale")]
 
 
 def stored_tensors(

@@ -45,9 +45,11 @@ from seahal.hal.formats import (
     FP8_MAX,
     block_scales,
     dequantize_weight,
+    e8m0_scales,
     fp4_quantize,
     fp8_dequantize,
     fp8_quantize,
+    ue8m0_encode,
 )
 
 SHAPES = {  # op -> {name: (N, K)}; grouped_linear: (G, R, I), N = G R and K = I
@@ -92,8 +94,10 @@ def make_operands(op: str, m: int, shape: tuple[int, ...], seed: int = 0) -> tup
     n, k = shape
     a, a_scale = fp8_quantize(torch.randn(m, k, generator=gen), 128)
     w = torch.randn(n, k, generator=gen) * 0.02
-    b, b_scale = fp4_quantize(w, 32) if op == "fp4_gemm" else _fp8_weight(w)
-    return a, a_scale, b, b_scale.to(torch.float8_e8m0fnu)
+    if op == "fp8_gemm":
+        return a, a_scale, *_fp8_weight(w)
+    b, b_scale = fp4_quantize(w, 32)
+    return a, a_scale, b, e8m0_scales(ue8m0_encode(b_scale))
 
 
 def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +106,7 @@ def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = w.reshape(n // 128, 128, k // 128, 128).abs().amax(dim=(1, 3))
     scale = block_scales(amax, FP8_MAX, FP8_AMAX_FLOOR, "ue8m0")
     codes = (w / scale.repeat_interleave(128, 0).repeat_interleave(128, 1)).clamp(-FP8_MAX, FP8_MAX)
-    return codes.to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+    return codes.to(torch.float8_e4m3fn), e8m0_scales(ue8m0_encode(scale))
 
 
 def implementations(op: str, *operands: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:

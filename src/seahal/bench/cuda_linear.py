@@ -41,7 +41,7 @@ from seahal.bench.common import (
     reference,
     workload_calls,
 )
-from seahal.hal.formats import dequantize_weight
+from seahal.hal.formats import dequantize_weight, e8m0_scales
 
 OPS = ("fp32_linear", "grouped_linear")
 VOCAB = 129280
@@ -84,7 +84,7 @@ def _grouped(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
     x = torch.randn(tokens, g, i, generator=gen).to(torch.bfloat16).to(device)
     weight = (torch.randn(g * r, i, generator=gen) * 96).clamp(-448, 448).to(torch.float8_e4m3fn).to(device)
     exponents = torch.randint(-10, -5, (g * r // 128, i // 128), generator=gen) + 127
-    scale = exponents.to(torch.uint8).view(torch.float8_e8m0fnu).to(device)
+    scale = e8m0_scales(exponents.to(torch.uint8)).to(device)
     kernel = implementation("grouped_linear", "linear", "linear", device)
     peers = {"reference (dequantised per call)": partial(reference("grouped_linear", "linear"), x, weight, scale)}
     variants = {}

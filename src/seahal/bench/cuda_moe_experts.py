@@ -44,6 +44,7 @@ from seahal.bench.common import (
     time_us,
     workload_calls,
 )
+from seahal.hal.formats import e8m0_scales
 
 if TYPE_CHECKING:
     from seahal.backends.cuda.moe_experts import ExpertsConfig
@@ -96,7 +97,7 @@ def _random_weight(
     if fmt == "fp4":
         packed = torch.randint(0, 256, (experts, rows, cols // 2), dtype=torch.uint8, device=device)
         scale = torch.randint(118, 121, (experts, rows, cols // 32), dtype=torch.uint8, device=device)
-        return packed, scale.view(torch.float8_e8m0fnu)
+        return packed, e8m0_scales(scale)
     codes = torch.randint(0, 256, (experts, rows, cols), dtype=torch.uint8, device=device)
     codes = torch.where(codes & 0x7F == 0x7F, codes - 1, codes)
     scale = torch.exp2(-torch.randint(11, 14, (experts, -(-rows // 128), cols // 128), device=device).float())

@@ -55,7 +55,7 @@ except ImportError as exc:  # the optional dependencies of the `onnx` extra
     raise ImportError(f"ONNX export needs onnx and onnxscript (pip install 'seahal[onnx]'): {exc}") from exc
 
 from seahal.hal import Plan
-from seahal.hal.formats import decode_scale
+from seahal.hal.formats import E8M0_DTYPE, decode_scale
 from seahal.hal.ops.compressor import new_entries
 from seahal.hal.plan import BoundOp
 from seahal.model import load
@@ -209,7 +209,7 @@ def _decoded_scales(model: nn.Module) -> Iterator[None]:
     saved = []
     for module in model.modules():
         for name, value in list(vars(module).items()) + list(module._buffers.items()):
-            if isinstance(value, torch.Tensor) and value.dtype == torch.float8_e8m0fnu:
+            if isinstance(value, torch.Tensor) and value.dtype == E8M0_DTYPE:
                 saved.append((module, name, value))
                 setattr(module, name, decode_scale(value))
     try:
