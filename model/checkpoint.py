@@ -131,10 +131,11 @@ def _safetensors_header(file: Path) -> tuple[int, dict]:
 
 
 @functools.lru_cache(maxsize=4)
-def _header_of(file: Path, mtime_ns: int, size: int) -> tuple[int, dict]:
+def _header_of(file: Path, mtime_ns: int, file_size: int) -> tuple[int, dict]:
+    """:func:`_safetensors_header` of one version of ``file`` (``mtime_ns``, ``file_size``: the cache key)."""
     with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
+        header_size = int.from_bytes(f.read(8), "little")
+        return 8 + header_size, json.loads(f.read(header_size))
 
 
 def _expected_scale_shape(weight_shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
