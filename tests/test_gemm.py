@@ -10,6 +10,7 @@ import torch
 
 from seahal import hal
 from seahal.backends.cpu.reference.gemm import fp4_gemm, fp8_gemm
+from seahal.hal.formats import e8m0_scales
 
 FP32_U = 2.0**-24  # fp32 unit roundoff (24 significant bits)
 BF16_U = 2.0**-8  # bf16 unit roundoff (8 significant bits)
@@ -28,7 +29,7 @@ def _random_scales(shape, gen: torch.Generator, e8m0: bool) -> tuple[torch.Tenso
     """(scale tensor as passed to the kernel, its float64 value): e8m0 bytes 2^(e-127) or random fp32."""
     if e8m0:
         exponent = torch.randint(120, 135, shape, generator=gen, dtype=torch.uint8)
-        return exponent.view(torch.float8_e8m0fnu), torch.exp2(exponent.double() - 127)
+        return e8m0_scales(exponent), torch.exp2(exponent.double() - 127)
     scale = torch.rand(shape, generator=gen) * 3 + 0.01
     return scale, scale.double()
 
@@ -165,7 +166,7 @@ def test_fp4_gemm_hand_built_case_is_bit_exact():
     b[0, 0], b[1, 0], b[1, 16] = 0x21, 0x9F, 0x07
     b_scale = torch.full((2, 4), 127, dtype=torch.uint8)  # e8m0 127 = 1.0
     b_scale[:, 0], b_scale[1, 1] = 128, 124  # 2.0 and 2^-3
-    out = fp4_gemm(a.to(torch.float8_e4m3fn), torch.tensor([[0.5]]), b, b_scale.view(torch.float8_e8m0fnu))
+    out = fp4_gemm(a.to(torch.float8_e4m3fn), torch.tensor([[0.5]]), b, e8m0_scales(b_scale))
     assert out.dtype == torch.bfloat16
     assert out.tolist() == [[4.0, -13.125]]
 

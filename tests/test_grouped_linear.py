@@ -11,7 +11,7 @@ import torch
 
 from seahal.backends.cpu.reference.linear import grouped_linear as reference
 from seahal.hal import SpecError, get_spec
-from seahal.hal.formats import dequantize_weight
+from seahal.hal.formats import dequantize_weight, e8m0_scales
 from seahal.testing.tolerances import checks_for
 
 F32, BF16, E4M3 = torch.float32, torch.bfloat16, torch.float8_e4m3fn
@@ -23,7 +23,7 @@ def _weight(rows: int, cols: int, scale_fmt: str, seed: int, device: str = "cpu"
     w = (torch.randn(rows, cols, generator=gen) * 96).clamp(-448, 448).to(E4M3)
     blocks = (-(-rows // 128), cols // 128)
     if scale_fmt == "e8m0":
-        scale = (torch.randint(-10, -5, blocks, generator=gen) + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+        scale = e8m0_scales((torch.randint(-10, -5, blocks, generator=gen) + 127).to(torch.uint8))
     else:
         scale = (torch.rand(blocks, generator=gen) + 0.6) * 2.0**-8
     return w.to(device), scale.to(device)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from seahal import hal
 from seahal.backends.cpu.reference.moe import moe_experts, moe_gate
+from seahal.hal.formats import e8m0_scales
 
 FP32_U = 2.0**-24  # unit roundoff of fp32 (24 significant bits)
 BF16_U = 2.0**-8  # bf16 (8 significant bits)
@@ -316,7 +317,7 @@ def _fp8_block_quantise(w: torch.Tensor, e8m0: bool) -> tuple[torch.Tensor, torc
     expand = scale[:, :, None, :, None]
     q = (blocks / expand).clamp(-448, 448).to(torch.float8_e4m3fn)
     dequantised = (q.double() * expand).reshape(w.shape)
-    stored = (torch.log2(scale) + 127).to(torch.uint8).view(torch.float8_e8m0fnu) if e8m0 else scale.float()
+    stored = e8m0_scales((torch.log2(scale) + 127).to(torch.uint8)) if e8m0 else scale.float()
     return q.reshape(w.shape), stored, dequantised
 
 
@@ -331,7 +332,7 @@ def _fp4_quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
     dequantised = (E2M1_TABLE[code].unflatten(-1, (-1, 32)) * scale[..., None]).flatten(-2)
     exponent = (torch.log2(scale) + 127).to(torch.uint8)
-    return packed, exponent.view(torch.float8_e8m0fnu), dequantised
+    return packed, e8m0_scales(exponent), dequantised
 
 
 def _fp32_outward(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

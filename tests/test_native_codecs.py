@@ -104,10 +104,12 @@ def test_e4m3_round_trip_is_identity_on_every_finite_value():
 # e8m0
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="compares with torch's float8_e8m0fnu (torch >= 2.7)")
 def test_e8m0_decode_every_byte_matches_torch():
     assert_same_floats(native.decode(ALL_BYTES, "e8m0"), ALL_BYTES.view(torch.float8_e8m0fnu).float())
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="compares with torch's float8_e8m0fnu (torch >= 2.7)")
 def test_e8m0_encode_matches_torch():
     powers = torch.exp2(torch.arange(-149, 128, dtype=torch.float64)).float()
     x = torch.cat(

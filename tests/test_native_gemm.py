@@ -17,7 +17,7 @@ import torch
 from seahal import hal
 from seahal.backends.cpu import native
 from seahal.backends.cpu.reference import gemm as reference
-from seahal.hal.formats import decode_scale, e2m1_decode, fp4_unpack
+from seahal.hal.formats import decode_scale, e2m1_decode, e8m0_scales, fp4_unpack
 
 pytestmark = pytest.mark.skipif(native.native_module() is None, reason="seahal._native is not built")
 
@@ -47,7 +47,7 @@ def random_e4m3(shape, gen: torch.Generator) -> torch.Tensor:
 def random_scales(shape, gen: torch.Generator, e8m0: bool) -> torch.Tensor:
     """e8m0 scales 2^(e-127) for e in [120, 135), or arbitrary positive fp32 scales."""
     if e8m0:
-        return torch.randint(120, 135, shape, generator=gen, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+        return e8m0_scales(torch.randint(120, 135, shape, generator=gen, dtype=torch.uint8))
     return torch.rand(shape, generator=gen) * 3 + 0.01
 
 
@@ -156,7 +156,7 @@ def test_fp8_hand_computed_block_sum():
     a = torch.cat((torch.ones(1, 128), -1.5 * torch.ones(1, 128)), dim=1).to(torch.float8_e4m3fn)
     b = torch.cat((2 * torch.ones(3, 128), torch.ones(3, 128)), dim=1).to(torch.float8_e4m3fn)
     a_scale = torch.tensor([[0.5, 2.0]])
-    b_scale = torch.tensor([[4.0, 0.25]]).to(torch.float8_e8m0fnu)
+    b_scale = e8m0_scales(torch.tensor([[129, 125]], dtype=torch.uint8))  # 4 and 0.25
     assert native.fp8_gemm(a, a_scale, b, b_scale, torch.float32).tolist() == [[416.0] * 3]
 
 

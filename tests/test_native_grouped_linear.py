@@ -13,7 +13,7 @@ import torch
 from seahal import hal
 from seahal.backends.cpu import native
 from seahal.backends.cpu.reference.linear import grouped_linear as reference
-from seahal.hal.formats import dequantize_weight
+from seahal.hal.formats import dequantize_weight, e8m0_scales
 from seahal.testing.tolerances import checks_for
 
 from test_grouped_linear import BF16, F32, _brute_force, _weight, _x
@@ -54,12 +54,12 @@ def test_dequantisation_is_the_formats_bit_for_bit(simd, dtype, scale_fmt):  # n
     w = random_e4m3((200, 256), gen)
     if scale_fmt == "extreme e8m0":
         exponents = torch.tensor([0, 1, 2, 3, 247, 250, 254, 127], dtype=torch.uint8)
-        s = exponents[torch.randint(0, 8, (2, 2), generator=gen)].view(torch.float8_e8m0fnu)
+        s = e8m0_scales(exponents[torch.randint(0, 8, (2, 2), generator=gen)])
     else:
         s = _weight(200, 256, scale_fmt, 7)[1]
     dense = torch.empty(200, 256, dtype=dtype)
     module = native.native_module()
-    module.fp8_dequantize(w.data_ptr(), s.data_ptr(), scale_fmt != "fp32", dense.data_ptr(), 200, 256,
+    module.fp8_dequantize(w.data_ptr(), s.data_ptr(), s.dtype != torch.float32, dense.data_ptr(), 200, 256,
                           dtype == BF16, 2)
     bits = torch.int16 if dtype == BF16 else torch.int32
     assert torch.equal(dense.view(bits), dequantize_weight(w, s, dtype).view(bits))
@@ -68,7 +68,7 @@ def test_dequantisation_is_the_formats_bit_for_bit(simd, dtype, scale_fmt):  # n
 def test_extreme_scales_round_the_gemv_weight_as_the_formats():
     """The GEMV's W' takes the same rounding: a weight of one row is read back through x = e_k."""
     w = torch.tensor([[1, 9, 0x3F, 0x7E] * 32], dtype=torch.uint8).view(torch.float8_e4m3fn).repeat(128, 1)
-    s = torch.tensor([[1]], dtype=torch.uint8).view(torch.float8_e8m0fnu)  # 2^-126: into bf16 subnormals
+    s = e8m0_scales(torch.tensor([[1]], dtype=torch.uint8))  # 2^-126: into bf16 subnormals
     tokens = native.GROUPED_GEMV_MAX_TOKENS
     x = torch.eye(128, dtype=BF16)[:tokens].reshape(tokens, 1, 128)  # token t reads column t of every row
     got = native.grouped_linear(x, w, s)[:, 0, 0]
