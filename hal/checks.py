@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .errors import SpecError
+from .formats import E8M0_DTYPE
 
 Dim = int | str | None
 """A dimension in an expected shape: an int (must match), a name (bound on first sight and must
@@ -149,7 +150,7 @@ class Contract:
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 FLOAT_HIGH = (torch.bfloat16, torch.float32, torch.float64)
 FP8 = (torch.float8_e4m3fn,)
-E8M0 = (torch.float8_e8m0fnu,) if hasattr(torch, "float8_e8m0fnu") else ()
+E8M0 = (E8M0_DTYPE,) if E8M0_DTYPE is not None else ()
 SCALES = (torch.float32,) + E8M0
 """Block scales: fp32 (any value, or powers of two for ue8m0) or the raw e8m0 exponent byte."""
 INDEX = (torch.int32, torch.int64)

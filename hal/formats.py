@@ -18,6 +18,12 @@ FP4_AMAX_FLOOR = 6.0 * 2.0**-126
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 """Magnitudes of e2m1 codes 0..7; code 8+i is -E2M1_VALUES[i]."""
 
+E8M0_DTYPE: torch.dtype | None = getattr(torch, "float8_e8m0fnu", None)
+"""torch's dtype of e8m0 scale bytes, ``float8_e8m0fnu`` (torch >= 2.7); None on older torch,
+where a model holds its e8m0 scales as their fp32 values (:func:`e8m0_scales`)."""
+E8M0_HELD_DTYPE: torch.dtype = E8M0_DTYPE or torch.float32
+"""The dtype a model holds e8m0 scales in on this torch (:func:`e8m0_scales`)."""
+
 
 def ue8m0_ceil(s: torch.Tensor) -> torch.Tensor:
     """Round positive scales up to a power of two, exactly: ``2^ceil(log2 s)`` via frexp.
@@ -49,11 +55,6 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
         exponent = scale.view(torch.uint8).to(torch.float32)
         return torch.where(exponent == 255, torch.nan, torch.exp2(exponent - 127.0))
     raise TypeError(f"unsupported scale dtype {scale.dtype}")
-
-
-E8M0_DTYPE: torch.dtype | None = getattr(torch, "float8_e8m0fnu", None)
-"""torch's dtype of e8m0 scale bytes, ``float8_e8m0fnu`` (torch >= 2.7); None on older torch,
-where a model holds its e8m0 scales as their fp32 values (:func:`e8m0_scales`)."""
 
 
 def e8m0_scales(codes: torch.Tensor) -> torch.Tensor:

@@ -113,11 +113,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     g, i = x.shape[-2:]
     n = weight.shape[0]
     weight, scale = weight.contiguous(), scale.contiguous()
-    e8m0, bf16 = scale.dtype != torch.float32, x.dtype == torch.bfloat16
     tokens = x.reshape(-1, g, i)
     if tokens.shape[0] > GROUPED_GEMV_MAX_TOKENS or tokens.shape[0] == 0:
         return _grouped_linear_by_group(x, weight, scale)
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    e8m0, bf16 = scale.dtype != torch.float32, x.dtype == torch.bfloat16
     out = torch.empty((tokens.shape[0], n), dtype=x.dtype)
     _native().fp8_grouped_gemv(
         tokens.data_ptr(), tokens.stride(0), tokens.stride(1), bf16, weight.data_ptr(), scale.data_ptr(), e8m0,

@@ -50,12 +50,12 @@ def moe_experts(
         return reference_moe_experts(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale, swiglu_limit)
     check_cpu_tensors("moe_experts", x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale)
     gemm = fp8_gemm if fmt == "fp8" else fp4_gemm
-    ids = topk_ids.long()
+    ids, weights = topk_ids.long(), topk_weights.float()
     y = torch.zeros(x.shape, dtype=torch.float32)
     for e in ids[ids >= 0].unique().tolist():  # ascending: the reference's order of addition
         picks = ids == e
         tokens = picks.any(dim=1).nonzero().squeeze(1)
-        weight = torch.where(picks, topk_weights.float(), 0.0).sum(dim=1)[tokens]  # the reference's routing sum
+        weight = torch.where(picks, weights, 0.0).sum(dim=1)[tokens]  # the reference's routing sum
         x_q, x_scale = fp8_quantize(x[tokens], FP8_BLOCK)  # per row: the tiles of x quantised whole
         gate = gemm(x_q, x_scale, w1[e], w1_scale[e], torch.float32)
         up = gemm(x_q, x_scale, w3[e], w3_scale[e], torch.float32)

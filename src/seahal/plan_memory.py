@@ -111,10 +111,9 @@ class WeightFormats:
     def scale_dtype(self) -> torch.dtype:
         import torch
 
-        from seahal.hal.formats import E8M0_DTYPE
+        from seahal.hal.formats import E8M0_HELD_DTYPE
 
-        # a torch without the e8m0 dtype holds them as fp32 (hal.formats.e8m0_scales)
-        return (E8M0_DTYPE or torch.float32) if self.scale_fmt == "ue8m0" else torch.float32
+        return E8M0_HELD_DTYPE if self.scale_fmt == "ue8m0" else torch.float32
 
 
 def _release_group(weight_name: str) -> str | None:
@@ -153,7 +152,7 @@ def _installed(
     (fp8: one per 128x128 block; fp4: two codes a byte, one e8m0 scale per 1x32 tile)."""
     import torch
 
-    from seahal.hal.formats import E8M0_DTYPE
+    from seahal.hal.formats import E8M0_HELD_DTYPE
 
     *lead, rows, cols = shape
     if fmt == "dense":
@@ -163,7 +162,7 @@ def _installed(
         return [StoredTensor(name, shape, torch.float8_e4m3fn, "fp8"),
                 StoredTensor(scale_name, scale, formats.scale_dtype, "fp8 scale")]
     return [StoredTensor(name, (*lead, rows, cols // 2), torch.uint8, "fp4"),
-            StoredTensor(scale_name, (*lead, rows, cols // FP4_TILE), E8M0_DTYPE or torch.float32, "fp4 scale")]
+            StoredTensor(scale_name, (*lead, rows, cols // FP4_TILE), E8M0_HELD_DTYPE, "fp4 scale")]
 
 
 def stored_tensors(
