@@ -185,6 +185,12 @@ def test_wrong_shape(spy_plan, op):
             lambda w: w.to(torch.float16),
             "moe_gate: weight must be [E, D=16] bfloat16 or float32 or float64, got [8, 16] float16 on cpu",
         ),
+        (
+            "hadamard_rotate",
+            0,
+            lambda x: torch.cat((x, x[..., :16]), dim=-1),
+            "hadamard_rotate: x's last dim must be a power of two, got 48",
+        ),
     ],
 )
 def test_messages_read_as_documented(spy_plan, op, index, make_bad, message):

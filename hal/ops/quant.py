@@ -84,7 +84,8 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0):
     c = Contract("hadamard_rotate")
     c.tensor("x", x, dtypes=FLOAT_HIGH, min_rank=1)
     n = x.shape[-1]
-    c.require(n > 0 and n & (n - 1) == 0, f"x's last dim must be a power of two, got {n}")
+    # powers of two are the divisors of 2^62 (and SymInt has no `&` on torch 2.5)
+    c.require(n > 0 and (1 << 62) % n == 0, f"x's last dim must be a power of two, got {n}")
     c.require(fp4_block >= 0, f"fp4_block must be >= 0 (0: no FP4 rounding), got {fp4_block}")
     if fp4_block:
         c.require(
