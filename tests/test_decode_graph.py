@@ -121,6 +121,8 @@ def test_a_restarted_graph_serves_a_new_prompt_as_a_fresh_cache_would(checkpoint
         used.restart([0])
 
 
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 6),
+                    reason="torch 2.5's export cannot trace the step (seahal.onnx.export.MIN_TORCH)")
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_the_step_traces_as_one_graph_at_per_sequence_positions(tmp_path, tokens):
     """What a capture needs of the model's code, checked without a GPU: torch.export traces the

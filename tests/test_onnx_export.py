@@ -28,8 +28,13 @@ from seahal.cli import main  # noqa: E402
 from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
 from seahal.model.tiny import TINY_CONFIG, random_tensors  # noqa: E402
-from seahal.onnx.export import export_onnx, reference_model  # noqa: E402
+from seahal.onnx.export import MIN_TORCH, export_onnx, reference_model  # noqa: E402
 from seahal.onnx.functions import OPS, select  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH,
+    reason=f"export needs torch >= {'.'.join(map(str, MIN_TORCH))}",
+)
 
 PROMPT, BATCH, CAPACITY = 19, 2, 32
 LAYOUT = {**TINY_CONFIG, "n_layers": 3, "compress_ratios": [0, 4, 16]}
@@ -262,6 +267,12 @@ def test_cli_exports_a_decode_step(release, tmp_path, capsys):
     exported, reference = onnx.load(out), onnx.load(release.decode.path)
     assert [i.name for i in exported.graph.input] == [i.name for i in reference.graph.input]
     assert [o.name for o in exported.graph.output] == [o.name for o in reference.graph.output]
+
+
+def test_an_older_torch_is_refused_before_anything_is_read(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(RuntimeError, match=r"ONNX export needs torch >= 2\.6 .*, got torch 2\.5\.1\+cpu"):
+        export_onnx(tmp_path / "no checkpoint here", tmp_path / "x.onnx")
 
 
 def test_bad_arguments_are_named(dense, tmp_path):

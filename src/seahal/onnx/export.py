@@ -63,6 +63,19 @@ from seahal.model.cache import Cache
 from seahal.model.transformer import MODEL_OPS, Transformer
 
 MODES = ("prefill", "decode")
+MIN_TORCH = (2, 6)
+"""Older torch cannot export the step: 2.5's ``torch.export`` refuses the model's per-step
+bookkeeping (a memo object made in a dataclass's default factory, ``copy.copy`` of the cache's
+stores, an ``out=`` view with gaps) and its ONNX exporter finds no translation of the ``seahal``
+ops (checked with 2.5.1; the exporter is tested with 2.13)."""
+
+
+def require_export_torch() -> None:
+    """Raise unless this torch can export the step (:data:`MIN_TORCH`)."""
+    version = torch.torch_version.TorchVersion(torch.__version__)
+    if version < MIN_TORCH:
+        minimum = ".".join(map(str, MIN_TORCH))
+        raise RuntimeError(f"ONNX export needs torch >= {minimum} (its torch.export and ONNX exporter), got torch {version}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,7 @@ def export_onnx(
     feed each other must share it and the batch size. ``last_only``: logits of the last token
     only. ``external_data``: store the weights beside the model (default: when over 2 GB).
     """
+    require_export_torch()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     if prompt_len < 1 or batch_size < 1:
