@@ -7,12 +7,30 @@ its full forward).
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
+import pytest
 import torch
+
+
+def transformers_v4() -> ModuleType:
+    """transformers' DeepSeek-V4 modeling module, or a skip of the calling test where it cannot run:
+    transformers missing, or a torch older than it takes (transformers 5 runs its models on torch
+    >= 2.6 only; on torch 2.5 it imports, with every model a placeholder that raises)."""
+    transformers = pytest.importorskip("transformers", minversion="5.23")
+    if not transformers.utils.is_torch_available():
+        pytest.skip(
+            f"transformers {transformers.__version__} runs no model on torch {torch.__version__}",
+            allow_module_level=True,
+        )
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4
+
+    return modeling_deepseek_v4
 
 
 def tiny_config():
     """A tiny DeepseekV4Config: head_dim 32 (16 rope dims), CSA m=4, HCA m=16, indexer 4 x 32, YaRN 4 over 64."""
+    transformers_v4()
     from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
 
     return DeepseekV4Config(

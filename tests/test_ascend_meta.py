@@ -27,6 +27,7 @@ import yaml
 from vendor_emulation import installed_modules
 
 from seahal.hal import get_spec
+from seahal.hal.formats import E8M0_HELD_DTYPE
 
 TORCH_NPU = "torch-npu==2.14.*"
 SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
@@ -186,7 +187,7 @@ def test_indexer_paged_keys(kernels):
 def test_fp8_block_gemm_g_b_mode(kernels):
     e4m3 = torch.float8_e4m3fn
     a, a_scale = meta(32, 7168, dtype=e4m3), meta(32, 56, dtype=torch.float32)
-    b, b_scale = meta(2048, 7168, dtype=e4m3), meta(16, 56, dtype=torch.float8_e8m0fnu)
+    b, b_scale = meta(2048, 7168, dtype=e4m3), meta(16, 56, dtype=E8M0_HELD_DTYPE)
     for out_dtype in (None, torch.float32):
         args = (a, a_scale, b, b_scale, out_dtype)
         _matches_contract("fp8_gemm", args, kernels.gemm.fp8_gemm(*args))

@@ -26,6 +26,7 @@ from seahal.bench.cuda_compressor import cases as compressor_cases
 from seahal.bench.cuda_kv_cache import cases as kv_cache_cases
 from seahal.bench.cuda_mhc_rope import cases as mhc_rope_cases
 from seahal.bench.cuda_moe_experts import cases as experts_cases
+from seahal.testing.triton_interpreter import require_triton
 
 GPU = torch.device("cuda")  # only the shape tables are read: no tensor is made on it
 SMOKE_OPS = [op for op, module in CUDA_OPS.items() if module not in GPU_ONLY and op != "model"]
@@ -42,6 +43,7 @@ def _case(cases: list[common.Case], shape: str) -> common.Case:
 
 
 def test_smoke_mode_writes_one_document_for_every_op(tmp_path, capsys):
+    require_triton()  # the cuda backend's modules
     path = tmp_path / "bench.json"
     rows = run_cuda(SMOKE_OPS + ["fp8_gemm"], "cpu", quick=True, json_path=str(path))
     doc = json.loads(path.read_text())
@@ -362,6 +364,7 @@ def test_seahal_bench_command_passes_device_and_plot(tmp_path, capsys):
 def test_gemm_tuner_tries_both_fp4_forms_and_writes_the_winner():
     """``--tune`` tries every fp4 config in both forms; the table source carries the
     ``tl.dot_scaled`` flag and evaluates back to the same config (what ``--write-tables`` commits)."""
+    require_triton()  # the cuda backend's modules
     from seahal.backends.cuda._gemm import GemmConfig
     from seahal.bench.cuda_gemm import config_table_source, tune_candidates
 
@@ -379,6 +382,7 @@ def test_gemm_tuner_tries_both_fp4_forms_and_writes_the_winner():
 def test_moe_experts_tuner_runs_the_rows_asked_for_and_reports_each(monkeypatch):
     """``tune(tokens_only=..., model=...)``: only those rows, each handed to ``done`` as it finishes
     (the device step writes its JSON there, so a step cut at its limit keeps the rows it tuned)."""
+    require_triton()  # the cuda backend's modules
     import torch
 
     from seahal.bench import cuda_moe_experts as bench
@@ -398,6 +402,7 @@ def test_moe_experts_tuner_runs_the_rows_asked_for_and_reports_each(monkeypatch)
 
 def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     """``tune_row``: a candidate whose output is off is not timed; the fastest of the rest wins."""
+    require_triton()  # the cuda backend's modules
     import torch
 
     from seahal.backends.cuda.moe_experts import ExpertsConfig
@@ -538,6 +543,7 @@ def test_moe_experts_table_takes_the_tuned_winners_and_the_launch_finds_them(mon
     """``--write``'s entries: only configs at least TABLE_MIN_GAIN faster than the default, keyed by
     (format, rows class, I, D); they evaluate back to the tuned config, replace the module's literal,
     and ``select_experts_config`` serves them on that chip (the heuristic elsewhere)."""
+    require_triton()  # the cuda backend's modules
     import torch
 
     from seahal.backends.cuda import _gemm, moe_experts

@@ -20,6 +20,8 @@ from seahal.bench import model_e2e, run_cuda
 from seahal.model.config import ModelConfig
 from seahal.model.tiny import TINY_CONFIG
 
+from hf_v4 import transformers_v4
+
 pytest.importorskip("transformers")
 
 CPU = torch.device("cpu")
@@ -32,6 +34,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_cpu_quick_rows_agree_with_transformers_and_carry_both_timings(tmp_path):
+    transformers_v4()  # its model is the oracle and the peer
     path = tmp_path / "bench.json"
     rows = run_cuda(["model"], "cpu", quick=True, json_path=str(path))
     assert [(r["shape"], r["kernel"]) for r in rows] == [
@@ -73,6 +76,7 @@ def _negate(folder, name: str) -> None:
 
 
 def test_an_oracle_with_one_weight_changed_fails_every_check_and_nothing_of_seahal_is_timed(checkpoints, tmp_path):
+    transformers_v4()  # its model is the oracle and the peer
     dense, release = checkpoints
     perturbed = shutil.copytree(dense, tmp_path / "perturbed")
     # One sublayer's output projection negated: the logits move by ~0.4 on every prompt.
@@ -121,6 +125,7 @@ def test_the_prompt_as_one_graph_step_is_timed_only_when_it_gives_the_eager_logi
 def test_a_decode_row_carries_each_opt_in_as_a_peer(tmp_path):
     """The decode graph captured again per opt-in (:data:`model_e2e.OPT_IN_DECODES`): each one
     timed is a peer of the row, each that failed to capture says why; PDL only on the cuda plan."""
+    transformers_v4()  # its model is the oracle and the peer
     from seahal.hal.streams import SIDE_STREAM_VARIABLE
     from seahal.model import load
     from seahal.model.tiny import write_tiny_checkpoint

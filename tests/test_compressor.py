@@ -12,7 +12,7 @@ from seahal.backends.cpu.reference.compressor import kv_compress
 from seahal.hal.ops.compressor import compressor_state, new_entries
 from seahal.hal.ops.rope import Yarn, rope_frequencies
 
-from hf_v4 import randomize_, tiny_config
+from hf_v4 import randomize_, tiny_config, transformers_v4
 
 # Tiny compressed-RoPE table of v4_ops.md §14: 8 rope dims, base 160000, YaRN factor 4 over 64.
 FREQS = rope_frequencies(8, 160000.0, Yarn(factor=4.0, original_seq_len=64))
@@ -226,7 +226,7 @@ def test_through_plan_mutates_state():
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_matches_transformers_full_sequence(kind):
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+    hf = transformers_v4()
 
     config = tiny_config()
     module_cls = hf.DeepseekV4CSACompressor if kind == "csa" else hf.DeepseekV4HCACompressor

@@ -11,6 +11,7 @@ import torch
 
 from seahal.backends.cpu.reference.linear import grouped_linear as reference
 from seahal.hal import SpecError, get_spec
+from seahal.hal.checks import SCALES, dtype_name
 from seahal.hal.formats import dequantize_weight, e8m0_scales
 from seahal.testing.tolerances import checks_for
 
@@ -54,7 +55,7 @@ def _check(x, weight, scale, out) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (lambda x, w, s: (x, w, None), r"scale must be a torch.Tensor, got NoneType"),
-    (lambda x, w, s: (x, w, s[:, :1]), r"scale must be \[4, 2\] float32 or float8_e8m0fnu, got \[4, 1\]"),
+    (lambda x, w, s: (x, w, s[:, :1]), rf"scale must be \[4, 2\] {' or '.join(map(dtype_name, SCALES))}, got \[4, 1\]"),
     (lambda x, w, s: (x, w.float(), s), r"scale must be None for float32 weights, got \[4, 2\] float32"),
     (lambda x, w, s: (x[..., :3, :], w, s), r"GR must be a multiple of 3 \(the weight's rows are G groups of R\)"),
     (lambda x, w, s: (x, w[:, :128], s[:, :1]), r"weight must be \[GR=512, I=256\] .*from an earlier argument\), got \[512, 128\]"),

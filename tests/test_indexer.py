@@ -12,7 +12,7 @@ from seahal.backends.cpu.reference.indexer import indexer_topk
 from seahal.backends.cpu.reference.rope import rope
 from seahal.hal.ops.compressor import compressor_state
 
-from hf_v4 import randomize_, tiny_config
+from hf_v4 import randomize_, tiny_config, transformers_v4
 
 
 def _inputs(batch, seq, heads, dim, n_entries, dtype=torch.float64, seed=0):
@@ -122,7 +122,7 @@ def test_through_plan():
 
 
 def _hf_indexer(seed):
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+    hf = transformers_v4()
 
     config = tiny_config()
     return config, randomize_(hf.DeepseekV4Indexer(config), seed).eval()

@@ -14,6 +14,8 @@ import torch
 from seahal import hal
 from seahal.backends.cpu.reference.mhc import hc_head, hc_post, hc_pre
 
+from hf_v4 import transformers_v4
+
 N, D = 4, 32  # streams, hidden size: n*D = 128
 ITERS, EPS, NORM_EPS = 20, 1e-6, 1e-6
 
@@ -242,7 +244,7 @@ def test_hc_head_matches_brute_force(dtype):
 
 @pytest.fixture(scope="module")
 def v4_modules():
-    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    modeling = transformers_v4()
     from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
 
     config = DeepseekV4Config(

@@ -15,6 +15,8 @@ from seahal import hal
 from seahal.backends.cpu.reference.moe import moe_experts, moe_gate
 from seahal.hal.formats import e8m0_scales
 
+from hf_v4 import transformers_v4
+
 FP32_U = 2.0**-24  # unit roundoff of fp32 (24 significant bits)
 BF16_U = 2.0**-8  # bf16 (8 significant bits)
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -197,7 +199,7 @@ def _hf_config(**overrides):
 
 @pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid"])
 def test_gate_matches_transformers_topk_router(score_func):
-    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    modeling = transformers_v4()
     x, weight, bias = _gate_inputs(seed=19)
     router = modeling.DeepseekV4TopKRouter(_hf_config(scoring_func=score_func)).double()
     with torch.no_grad():
@@ -212,7 +214,7 @@ def test_gate_matches_transformers_topk_router(score_func):
 
 
 def test_gate_matches_transformers_hash_router():
-    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    modeling = transformers_v4()
     x, weight, bias = _gate_inputs(seed=20)
     gen = torch.Generator().manual_seed(21)
     tid2eid = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(64)])
@@ -293,7 +295,7 @@ def test_experts_tokens_all_on_one_expert_and_unrouted_tokens():
 
 def test_experts_match_transformers_experts_float64():
     """HF multiplies the routing weight after W2: identical for dense weights up to fp64 rounding."""
-    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    modeling = transformers_v4()
     x = torch.randn(7, 64, generator=torch.Generator().manual_seed(35), dtype=torch.float64)
     w1, w3, w2 = _dense_weights(36, experts=16, inter=32, dim=64)
     weights, ids = _routing(37, tokens=7, k=4, experts=16)

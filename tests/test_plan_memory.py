@@ -11,6 +11,7 @@ import torch
 
 from seahal.cli import main as cli_main
 from seahal.device_memory import DEVICES, device_memory, parse_devices
+from seahal.hal.formats import E8M0_DTYPE
 from seahal.model import ModelConfig, load
 from seahal.model.convert import convert
 from seahal.model.parallel import Parallel, ParallelConfig
@@ -155,8 +156,9 @@ def test_presets_have_the_published_sizes():
 
 def test_release_formats_are_read_from_config_and_checkpoint(checkpoints):
     assert load_config("V4-Pro")[2] == WeightFormats("fp8", "fp4", "ue8m0")
-    assert load_config(checkpoints["release"])[2] == WeightFormats("fp8", "fp4", "ue8m0")
-    assert load_config(checkpoints["fp8-experts"])[2] == WeightFormats("fp8", "fp8", "ue8m0")
+    written = "ue8m0" if E8M0_DTYPE is not None else "fp32"  # torch < 2.7 writes e8m0 scales' fp32 values
+    assert load_config(checkpoints["release"])[2] == WeightFormats("fp8", "fp4", written)
+    assert load_config(checkpoints["fp8-experts"])[2] == WeightFormats("fp8", "fp8", written)
     # the dense tiny checkpoint's config.json still says dtype fp8: the headers win
     assert load_config(checkpoints["dense"])[2].linears == "dense"
 
@@ -179,5 +181,6 @@ def test_cli_prints_and_writes_json(tmp_path, capsys):
         cli_main(["plan-memory", "--config", "V4-Flash", "--tp", "4", "--ep", "4"])
 
 
+@pytest.mark.skipif(E8M0_DTYPE is None, reason="the doc counts e8m0 scales as bytes: torch >= 2.7 holds them so")
 def test_doc_is_generated():
     assert DOC.read_text() == memory_doc(), "run `seahal plan-memory --write-doc docs/scale-out-memory.md`"

@@ -11,6 +11,8 @@ from seahal import hal
 from seahal.backends.cpu.reference.rope import rope
 from seahal.hal.ops.rope import Yarn, rope_frequencies
 
+from hf_v4 import transformers_v4
+
 BF16_ULP = 2.0**-8  # bf16 keeps 8 significant bits: one rounding is within 2^-9 relative, two ulps 2^-7
 
 
@@ -115,7 +117,7 @@ def test_yarn_frequencies_v4_compress_table():
 
 
 def test_yarn_matches_transformers_and_rotation_matches_apply_rotary_pos_emb():
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+    hf = transformers_v4()
     from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
 
     config = DeepseekV4Config(

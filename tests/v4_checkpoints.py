@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from hf_v4 import transformers_v4
 
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 
@@ -27,6 +28,7 @@ def make_hf_model(
     seed: int = 0,
 ):
     """A tiny V4 (dim 256, 4 heads of 128 with 64 RoPE dims, 8 experts top-2, hc_mult 4) in fp32."""
+    transformers_v4()
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     config = DeepseekV4Config(
