@@ -25,7 +25,17 @@
 // AVX2+FMA+F16C weight decoders, for CPUs that have those (picked at run time). Each output
 // element is summed by one work item in a fixed order: the result does not depend on the thread
 // count.
+//
+// CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later) take a third variant: panels and
+// activations in bf16, which holds every e4m3 and e2m1 value exactly, and products summed by
+// VDPBF16PS (two exact products a lane, added to the fp32 lane in turn, rounding to nearest even):
+// twice the multiply-adds of an FMA an instruction, half the panel bytes. VDPBF16PS flushes
+// subnormal inputs and results, so an FP4 weight's decoded values are multiplied by their e8m0
+// scales (exactly) only when every scale of the call keeps all products normal; otherwise, and
+// for fp32 scales, each 32-wide step's sum is multiplied by its scale (the reference kernel's
+// form). The same sums in another order, and the same values for any thread count.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -140,6 +150,12 @@ struct Avx2Decoder {
 };
 #endif
 
+// The AVX512-BF16 variant, where the compiler knows the instruction set (GCC 11 and later).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define SEAHAL_HAVE_BF16 1
+#define SEAHAL_BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512bf16")))
+#endif
+
 // A tile walks kMaxTileRows weight rows block by block, more concurrent streams than the hardware
 // prefetchers follow, so each block asks for the same row's bytes kPrefetchBlocks blocks ahead.
 // bytes: one block's bytes in the row; left: bytes from src to the row's end.
@@ -154,38 +170,36 @@ SEAHAL_INLINE void prefetch_scale(const GemmArgs& g, int64_t i) {
                                       : static_cast<const void*>(static_cast<const float*>(g.b_scale) + i));
 }
 
+// A weight format: where row `row`'s K block kb lies (`block`, which prefetches ahead and reads
+// the block's kScales scales, one per kBlock / kScales elements along K), and whether its values
+// are decoded in the order of its even elements then its odd ones in each 32-element step
+// (kDeinterleaved: the activations are laid out the same way, so the decode needs no shuffle).
+
 // FP8 weights: one e4m3 byte per element, one scale per 128x128 block.
 struct Fp8Weights {
     static constexpr bool kDeinterleaved = false;
+    static constexpr int kScales = 1;
 
-    // Row `row`, K block kb -> dst[128]; returns the scale that multiplies the block's dot product.
-    template <class Decoder>
-    static SEAHAL_INLINE float decode(const GemmArgs& g, int64_t row, int64_t kb, float* dst) {
+    static SEAHAL_INLINE const uint8_t* block(const GemmArgs& g, int64_t row, int64_t kb, float* scales) {
         const uint8_t* src = g.b + row * g.k + kb * kBlock;
         prefetch_ahead(src, kBlock, g.k - kb * kBlock);
-        Decoder::e4m3(src, dst);
-        return weight_scale(g, (row / kBlock) * (g.k / kBlock) + kb);
+        scales[0] = weight_scale(g, (row / kBlock) * (g.k / kBlock) + kb);
+        return src;
     }
 };
 
-// FP4 weights: two e2m1 codes per byte (even element in the low nibble), one scale per 1x32,
-// applied while decoding. Each 32-element step is decoded as its even elements then its odd ones
-// and the activations are laid out in the same order (kDeinterleaved), so the decode needs no
-// interleaving shuffle.
+// FP4 weights: two e2m1 codes per byte (even element in the low nibble), one scale per 1x32.
 struct Fp4Weights {
     static constexpr bool kDeinterleaved = true;
+    static constexpr int kScales = kBlock / kFp4Step;
 
-    template <class Decoder>
-    static SEAHAL_INLINE float decode(const GemmArgs& g, int64_t row, int64_t kb, float* dst) {
+    static SEAHAL_INLINE const uint8_t* block(const GemmArgs& g, int64_t row, int64_t kb, float* scales) {
         const uint8_t* src = g.b + row * (g.k / 2) + kb * (kBlock / 2);
         prefetch_ahead(src, kBlock / 2, (g.k - kb * kBlock) / 2);
-        constexpr int steps = kBlock / kFp4Step;
-        const int64_t first = row * (g.k / kFp4Step) + kb * steps;
-        if (kb + kPrefetchBlocks < g.k / kBlock) prefetch_scale(g, first + kPrefetchBlocks * steps);
-        float scales[steps];
-        for (int s = 0; s < steps; ++s) scales[s] = weight_scale(g, first + s);
-        Decoder::e2m1(src, scales, dst);
-        return 1.0f;
+        const int64_t first = row * (g.k / kFp4Step) + kb * kScales;
+        if (kb + kPrefetchBlocks < g.k / kBlock) prefetch_scale(g, first + kPrefetchBlocks * kScales);
+        for (int s = 0; s < kScales; ++s) scales[s] = weight_scale(g, first + s);
+        return src;
     }
 };
 
@@ -199,11 +213,11 @@ AlignedFloats aligned_floats(int64_t n) {
     return AlignedFloats(data, &std::free);
 }
 
-// One thread's buffers: a tile's decoded weight block and its block scales, and the lane
-// accumulators of every (activation row, tile row) pair.
+// One thread's buffers: a tile's decoded weight block and its scales, and the lane accumulators of
+// every (activation row, tile row) pair.
 struct Scratch {
-    AlignedFloats panel;        // [kMaxTileRows, 128]
-    AlignedFloats panel_scale;  // [kMaxTileRows]
+    AlignedFloats panel;        // [kMaxTileRows, 128] values (fp32, or bf16 in its first half)
+    AlignedFloats panel_scale;  // [kMaxTileRows, scales a row]
     AlignedFloats acc;          // [M, tile rows, kLanes]
 };
 
@@ -240,6 +254,41 @@ SEAHAL_INLINE void dot_block(const float* a, int64_t lda, const float* sa, int64
         }
 }
 
+// How a tile's panel holds one K block of a weight format W. Fp32Panel: the weight's values, FP4
+// ones times their 1x32 scales, and one factor a row (the FP8 block scale, or 1) for dot_block.
+template <class W, class Decoder>
+struct Fp32Panel {
+    using Value = float;
+    static constexpr int kScales = 1;  // panel_scale slots a row
+    static constexpr int kRows = 4, kCols = 2;
+
+    static SEAHAL_INLINE void decode(const GemmArgs& g, int64_t row, int64_t kb, float* dst, float* factor) {
+        float scales[W::kScales];
+        const uint8_t* src = W::block(g, row, kb, scales);
+        if constexpr (W::kScales == 1) {
+            Decoder::e4m3(src, dst);
+            *factor = scales[0];
+        } else {
+            Decoder::e2m1(src, scales, dst);
+            *factor = 1.0f;
+        }
+    }
+    template <int MR, int NR>
+    static SEAHAL_INLINE void dot(const float* a, int64_t lda, const float* sa, int64_t lds, const float* b,
+                                  const float* sb, float* acc, int64_t acc_stride) {
+        dot_block<MR, NR>(a, lda, sa, lds, b, sb, acc, acc_stride);
+    }
+};
+
+// Activation e4m3 byte -> a panel value: fp32, or its bf16 pattern (exact).
+template <class Value>
+SEAHAL_INLINE Value activation_value(uint8_t byte) {
+    if constexpr (sizeof(Value) == sizeof(float))
+        return e4m3_decode(byte);
+    else
+        return uint16_t(float_bits(e4m3_decode(byte)) >> 16);
+}
+
 SEAHAL_INLINE float sum_lanes(const float* lanes) {
     return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
 }
@@ -250,33 +299,37 @@ struct Tile {
     int64_t m0, rows_m, n0, tile_rows;
 };
 
-// af: decoded activations [M, K]; activation scales are g.a_scale [M, K/128].
-template <class W, class Decoder>
-SEAHAL_INLINE void gemm_tile(const GemmArgs& g, const float* af, Tile tile, Scratch& scratch) {
+// activations: decoded activations [M, K] of Panel::Value; their scales are g.a_scale [M, K/128].
+template <class W, class Panel>
+SEAHAL_INLINE void gemm_tile(const GemmArgs& g, const void* activations, Tile tile, Scratch& scratch) {
+    using Value = typename Panel::Value;
+    constexpr int kScales = Panel::kScales;
     const int64_t rows_n = std::min(tile.tile_rows, g.n - tile.n0);
     const int64_t k_blocks = g.k / kBlock, acc_stride = tile.tile_rows * kLanes;
-    const float* a_rows = af + tile.m0 * g.k;
+    const Value* a_rows = static_cast<const Value*>(activations) + tile.m0 * g.k;
     const float* sa_rows = g.a_scale + tile.m0 * k_blocks;
-    float* panel = scratch.panel.get();
+    Value* panel = reinterpret_cast<Value*>(scratch.panel.get());
     float* panel_scale = scratch.panel_scale.get();
     float* acc = scratch.acc.get();
     std::fill(acc, acc + tile.rows_m * acc_stride, 0.0f);
-    std::fill(panel + rows_n * kBlock, panel + tile.tile_rows * kBlock, 0.0f);
-    std::fill(panel_scale + rows_n, panel_scale + tile.tile_rows, 0.0f);
+    std::fill(panel + rows_n * kBlock, panel + tile.tile_rows * kBlock, Value(0));
+    std::fill(panel_scale + rows_n * kScales, panel_scale + tile.tile_rows * kScales, 0.0f);
 
     for (int64_t kb = 0; kb < k_blocks; ++kb) {
         for (int64_t j = 0; j < rows_n; ++j)
-            panel_scale[j] = W::template decode<Decoder>(g, tile.n0 + j, kb, panel + j * kBlock);
-        const float* a_block = a_rows + kb * kBlock;
+            Panel::decode(g, tile.n0 + j, kb, panel + j * kBlock, panel_scale + j * kScales);
+        const Value* a_block = a_rows + kb * kBlock;
         int64_t m = 0;
-        for (; m + 4 <= tile.rows_m; m += 4)
-            for (int64_t j = 0; j < tile.tile_rows; j += 2)
-                dot_block<4, 2>(a_block + m * g.k, g.k, sa_rows + m * k_blocks + kb, k_blocks, panel + j * kBlock,
-                                panel_scale + j, acc + m * acc_stride + j * kLanes, acc_stride);
+        for (; m + Panel::kRows <= tile.rows_m; m += Panel::kRows)
+            for (int64_t j = 0; j < tile.tile_rows; j += Panel::kCols)
+                Panel::template dot<Panel::kRows, Panel::kCols>(
+                    a_block + m * g.k, g.k, sa_rows + m * k_blocks + kb, k_blocks, panel + j * kBlock,
+                    panel_scale + j * kScales, acc + m * acc_stride + j * kLanes, acc_stride);
         for (; m < tile.rows_m; ++m)
-            for (int64_t j = 0; j < tile.tile_rows; j += 8)
-                dot_block<1, 8>(a_block + m * g.k, g.k, sa_rows + m * k_blocks + kb, k_blocks, panel + j * kBlock,
-                                panel_scale + j, acc + m * acc_stride + j * kLanes, acc_stride);
+            for (int64_t j = 0; j < tile.tile_rows; j += kRowGroup)
+                Panel::template dot<1, kRowGroup>(a_block + m * g.k, g.k, sa_rows + m * k_blocks + kb, k_blocks,
+                                                  panel + j * kBlock, panel_scale + j * kScales,
+                                                  acc + m * acc_stride + j * kLanes, acc_stride);
     }
 
     for (int64_t m = 0; m < tile.rows_m; ++m)
@@ -290,55 +343,225 @@ SEAHAL_INLINE void gemm_tile(const GemmArgs& g, const float* af, Tile tile, Scra
         }
 }
 
-template <class W>
-void gemm_tile_baseline(const GemmArgs& g, const float* af, Tile tile, Scratch& s) {
-    gemm_tile<W, BaselineDecoder>(g, af, tile, s);
-}
-
-#if defined(__x86_64__)
-template <class W>
-SEAHAL_AVX2 void gemm_tile_avx2(const GemmArgs& g, const float* af, Tile tile, Scratch& s) {
-    gemm_tile<W, Avx2Decoder>(g, af, tile, s);
-}
-
-bool cpu_has_avx2() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-#endif
-
-std::atomic<bool> g_simd_enabled{true};
-
-bool use_avx2() {
-#if defined(__x86_64__)
-    static const bool supported = cpu_has_avx2();
-    return supported && g_simd_enabled.load();
-#else
-    return false;
-#endif
-}
-
-using TileKernel = void (*)(const GemmArgs&, const float*, Tile, Scratch&);
-
-template <class W>
-TileKernel tile_kernel() {
-#if defined(__x86_64__)
-    if (use_avx2()) return gemm_tile_avx2<W>;
-#endif
-    return gemm_tile_baseline<W>;
-}
-
 // Activation row m decoded into af[m] (each 32-element step as even then odd elements when the
 // weights are decoded that way).
-template <class W>
-void decode_activation_row(const GemmArgs& g, int64_t m, float* af) {
+template <class W, class Value>
+void decode_activation_row(const GemmArgs& g, int64_t m, void* activations) {
     const uint8_t* src = g.a + m * g.k;
-    float* dst = af + m * g.k;
+    Value* dst = static_cast<Value*>(activations) + m * g.k;
     for (int64_t s = 0; s < g.k; s += kFp4Step)
         for (int i = 0; i < kFp4Step; ++i) {
             const int pos = W::kDeinterleaved ? (i % 2) * (kFp4Step / 2) + i / 2 : i;
-            dst[s + pos] = e4m3_decode(src[s + i]);
+            dst[s + pos] = activation_value<Value>(src[s + i]);
         }
+}
+
+// The instruction-set variants, in the order of preference.
+enum class Simd : int { kBaseline, kAvx2, kAvx512Bf16 };
+constexpr const char* kSimdNames[] = {"baseline", "avx2+fma+f16c", "avx512bf16"};
+
+Simd detect_simd() {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return Simd::kBaseline;
+#ifdef SEAHAL_HAVE_BF16
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512bf16"))
+        return Simd::kAvx512Bf16;
+#endif
+    return Simd::kAvx2;
+#else
+    return Simd::kBaseline;
+#endif
+}
+
+std::atomic<int> g_simd_limit{int(Simd::kAvx512Bf16)};  // set_simd lowers it, e.g. to test a variant
+
+Simd best_simd() {
+    static const Simd best = detect_simd();
+    return best;
+}
+
+Simd simd() { return Simd(std::min(int(best_simd()), g_simd_limit.load())); }
+
+bool use_avx2() { return simd() >= Simd::kAvx2; }
+
+// One variant of the tile kernel: the tile itself, and the decoder of an activation row into the
+// values its panels hold (value_bytes each).
+struct TileKernel {
+    void (*tile)(const GemmArgs&, const void*, Tile, Scratch&);
+    void (*activation_row)(const GemmArgs&, int64_t, void*);
+    int value_bytes;
+};
+
+template <class W>
+void gemm_tile_baseline(const GemmArgs& g, const void* af, Tile tile, Scratch& s) {
+    gemm_tile<W, Fp32Panel<W, BaselineDecoder>>(g, af, tile, s);
+}
+
+#if defined(__x86_64__)
+template <class W>
+SEAHAL_AVX2 void gemm_tile_avx2(const GemmArgs& g, const void* af, Tile tile, Scratch& s) {
+    gemm_tile<W, Fp32Panel<W, Avx2Decoder>>(g, af, tile, s);
+}
+#endif
+
+#ifdef SEAHAL_HAVE_BF16
+// Weight bytes -> bf16 bit patterns (exact), unscaled, in the orders of the decoders above.
+struct Bf16Decoder {
+    // e4m3: Avx2Decoder's fp16 step for 16 values, widened to fp32, rounded to bf16 (exactly).
+    static SEAHAL_BF16 void e4m3(const uint8_t* src, uint16_t* dst) {
+        const __m256i sign_at_14 = _mm256_set1_epi16(0x4000), magnitude = _mm256_set1_epi16(0x7F);
+        const __m256i fp16_nan = _mm256_set1_epi16(0x7E00);
+        const __m512 rescale = _mm512_set1_ps(256.0f);
+        for (int i = 0; i < kBlock; i += 16) {
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+            __m256i half = _mm256_slli_epi16(bytes, 7);
+            half = _mm256_add_epi16(half, _mm256_and_si256(half, sign_at_14));
+            const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(bytes, magnitude), magnitude);
+            half = _mm256_or_si256(half, _mm256_and_si256(nan, fp16_nan));
+            const __m256bh values = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtph_ps(half), rescale));
+            std::memcpy(dst + i, &values, sizeof values);
+        }
+    }
+    // e2m1: each code's bf16 pattern from two 16-entry byte tables (its high and low byte),
+    // interleaved into 16-bit words: no arithmetic, about 0.3 instructions a value. With
+    // `exponents` (the 1x32 scales' e8m0 bytes, each within kExactScaledFp4), each nonzero value
+    // is multiplied by its step's scale 2^(e - 127) exactly, by adding e - 127 to its exponent.
+    static SEAHAL_BF16 void e2m1(const uint8_t* src, uint16_t* dst, const int* exponents = nullptr) {
+        const __m128i high = _mm_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,  //
+                                           char(0x80), char(0xBF), char(0xBF), char(0xBF),  //
+                                           char(0xC0), char(0xC0), char(0xC0), char(0xC0));
+        const __m128i low = _mm_setr_epi8(0x00, 0x00, char(0x80), char(0xC0), 0x00, 0x40, char(0x80), char(0xC0),  //
+                                          0x00, 0x00, char(0x80), char(0xC0), 0x00, 0x40, char(0x80), char(0xC0));
+        const __m128i nibble = _mm_set1_epi8(0x0F), magnitude = _mm_set1_epi16(0x7FFF);
+        for (int s = 0; s < kBlock; s += kFp4Step) {
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s / 2));
+            const __m128i codes[2] = {_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)};
+            const __m128i shift = _mm_set1_epi16(exponents ? int16_t((exponents[s / kFp4Step] - 127) * 128) : 0);
+            for (int odd = 0; odd < 2; ++odd) {  // the step's even elements, then its odd ones
+                const __m128i hi = _mm_shuffle_epi8(high, codes[odd]), lo = _mm_shuffle_epi8(low, codes[odd]);
+                uint16_t* out = dst + s + odd * (kFp4Step / 2);
+                for (int q = 0; q < 2; ++q) {
+                    const __m128i words = q ? _mm_unpackhi_epi8(lo, hi) : _mm_unpacklo_epi8(lo, hi);
+                    const __m128i zero = _mm_cmpeq_epi16(_mm_and_si128(words, magnitude), _mm_setzero_si128());
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * q),
+                                     _mm_add_epi16(words, _mm_andnot_si128(zero, shift)));
+                }
+            }
+        }
+    }
+};
+
+// As dot_block over bf16 rows, by VDPBF16PS (16 values a step, two a lane), for a weight with
+// kScales scales a K block: each kBlock / kScales step's lane sums times that step's scale sb[j *
+// kScales + s] are summed first (FP4), then acc[i][j] += that * sa_i (* sb_j when kScales == 1).
+template <int MR, int NR, int kScales>
+SEAHAL_BF16 inline void dot_block_bf16(const uint16_t* a, int64_t lda, const float* sa, int64_t lds,
+                                       const uint16_t* b, const float* sb, float* acc, int64_t acc_stride) {
+    constexpr int kStep = kBlock / kScales;
+    __m256 total[MR][NR];
+    for (int s = 0; s < kScales; ++s) {
+        __m256 part[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) part[i][j] = _mm256_setzero_ps();
+        for (int k = s * kStep; k < (s + 1) * kStep; k += 16) {
+            __m256bh av[MR], bv[NR];
+            for (int i = 0; i < MR; ++i) std::memcpy(&av[i], a + i * lda + k, sizeof av[i]);
+            for (int j = 0; j < NR; ++j) std::memcpy(&bv[j], b + j * kBlock + k, sizeof bv[j]);
+            for (int i = 0; i < MR; ++i)
+                for (int j = 0; j < NR; ++j) part[i][j] = _mm256_dpbf16_ps(part[i][j], av[i], bv[j]);
+        }
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) {
+                if constexpr (kScales == 1)
+                    total[i][j] = part[i][j];
+                else if (s == 0)
+                    total[i][j] = _mm256_mul_ps(part[i][j], _mm256_set1_ps(sb[j * kScales]));
+                else
+                    total[i][j] = _mm256_fmadd_ps(part[i][j], _mm256_set1_ps(sb[j * kScales + s]), total[i][j]);
+            }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            float* lanes = acc + i * acc_stride + j * kLanes;
+            const float factor = kScales == 1 ? sa[i * lds] * sb[j] : sa[i * lds];
+            _mm256_storeu_ps(lanes, _mm256_fmadd_ps(total[i][j], _mm256_set1_ps(factor), _mm256_loadu_ps(lanes)));
+        }
+}
+
+// Bf16Panel: the weight's values as bf16 patterns. Unscaled, with the weight's kScales scales a
+// row; or, for FP4 weights whose scales all lie within kExactScaledFp4 (kScaledFp4), times their
+// 1x32 scales (exact) with the factor 1 a row, which saves the sum and multiply a 32-wide step.
+template <class W, bool kScaledFp4 = false>
+struct Bf16Panel {
+    using Value = uint16_t;
+    static constexpr int kScales = kScaledFp4 ? 1 : W::kScales;
+    static constexpr int kRows = 4, kCols = kScales == 1 ? 4 : 2;  // 24 of the 32 vector registers
+
+    static SEAHAL_BF16 inline void decode(const GemmArgs& g, int64_t row, int64_t kb, uint16_t* dst, float* scales) {
+        if constexpr (W::kScales == 1) {
+            Bf16Decoder::e4m3(W::block(g, row, kb, scales), dst);
+        } else if constexpr (kScaledFp4) {
+            float values[W::kScales];
+            int exponents[W::kScales];
+            const uint8_t* src = W::block(g, row, kb, values);
+            for (int s = 0; s < W::kScales; ++s) exponents[s] = int(float_bits(values[s]) >> 23);  // 2^(e - 127)
+            Bf16Decoder::e2m1(src, dst, exponents);
+            scales[0] = 1.0f;
+        } else {
+            Bf16Decoder::e2m1(W::block(g, row, kb, scales), dst);
+        }
+    }
+    template <int MR, int NR>
+    static SEAHAL_BF16 inline void dot(const uint16_t* a, int64_t lda, const float* sa, int64_t lds,
+                                       const uint16_t* b, const float* sb, float* acc, int64_t acc_stride) {
+        dot_block_bf16<MR, NR, kScales>(a, lda, sa, lds, b, sb, acc, acc_stride);
+    }
+};
+
+template <class W, bool kScaledFp4>
+SEAHAL_BF16 void gemm_tile_bf16(const GemmArgs& g, const void* af, Tile tile, Scratch& s) {
+    gemm_tile<W, Bf16Panel<W, kScaledFp4>>(g, af, tile, s);
+}
+
+// The e8m0 bytes e whose scales 2^(e - 127) keep every product of an e4m3 activation and a scaled
+// e2m1 value (and every sum of such products) a normal fp32 number below 2^128: products are
+// multiples of 2^(e - 137) and at most 2^(e - 115). VDPBF16PS flushes subnormals, which the fp32
+// variants keep; within this range there are none to flush.
+constexpr int kExactScaledFp4[2] = {11, 242};
+
+// Whether every FP4 scale of `g` is an e8m0 byte within kExactScaledFp4 (a vectorised scan of
+// the scale bytes, a 16th of the weight's).
+bool fp4_scales_within_exact_range(const GemmArgs& g) {
+    if (!g.b_scale_e8m0) return false;
+    const uint8_t* e = static_cast<const uint8_t*>(g.b_scale);
+    uint8_t lowest = 255, highest = 0;
+    for (int64_t i = 0; i < g.n * (g.k / kFp4Step); ++i) {
+        lowest = std::min(lowest, e[i]);
+        highest = std::max(highest, e[i]);
+    }
+    return lowest >= kExactScaledFp4[0] && highest <= kExactScaledFp4[1];
+}
+#endif
+
+template <class W>
+TileKernel tile_kernel(const GemmArgs& g) {
+    switch (simd()) {
+#ifdef SEAHAL_HAVE_BF16
+        case Simd::kAvx512Bf16:
+            if (W::kScales > 1 && fp4_scales_within_exact_range(g))
+                return {gemm_tile_bf16<W, true>, decode_activation_row<W, uint16_t>, sizeof(uint16_t)};
+            return {gemm_tile_bf16<W, false>, decode_activation_row<W, uint16_t>, sizeof(uint16_t)};
+#endif
+#if defined(__x86_64__)
+        case Simd::kAvx2:
+            return {gemm_tile_avx2<W>, decode_activation_row<W, float>, sizeof(float)};
+#endif
+        default:
+            return {gemm_tile_baseline<W>, decode_activation_row<W, float>, sizeof(float)};
+    }
 }
 
 int thread_index() {
@@ -361,14 +584,15 @@ int64_t tile_rows_for(int64_t n, int threads) {
 template <class W>
 void block_scaled_gemm(const GemmArgs& g, int threads) {
     threads = std::max(threads, 1);
-    const TileKernel kernel = tile_kernel<W>();
-    AlignedFloats af = aligned_floats(g.m * g.k);
+    const TileKernel kernel = tile_kernel<W>(g);
+    AlignedFloats af = aligned_floats((g.m * g.k * kernel.value_bytes + sizeof(float) - 1) / sizeof(float));
     const int64_t tile_rows = tile_rows_for(g.n, threads), rows_m = std::min(g.m, kRowsPerPass);
     const int64_t n_tiles = (g.n + tile_rows - 1) / tile_rows;
     const int64_t passes = rows_m == 0 ? 0 : (g.m + rows_m - 1) / rows_m;
     std::vector<Scratch> scratch;  // allocated here: nothing may throw inside the parallel region
     for (int t = 0; t < threads; ++t)
-        scratch.push_back(Scratch{aligned_floats(kMaxTileRows * kBlock), aligned_floats(kMaxTileRows),
+        scratch.push_back(Scratch{aligned_floats(kMaxTileRows * kBlock),
+                                  aligned_floats(kMaxTileRows * Fp4Weights::kScales),  // the most scales a row
                                   aligned_floats(rows_m * tile_rows * kLanes)});
 #ifdef SEAHAL_HAVE_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -378,13 +602,13 @@ void block_scaled_gemm(const GemmArgs& g, int threads) {
 #ifdef SEAHAL_HAVE_OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t m = 0; m < g.m; ++m) decode_activation_row<W>(g, m, af.get());
+        for (int64_t m = 0; m < g.m; ++m) kernel.activation_row(g, m, af.get());
 #ifdef SEAHAL_HAVE_OPENMP
 #pragma omp for schedule(static)
 #endif
         for (int64_t item = 0; item < passes * n_tiles; ++item) {
             const int64_t m0 = item / n_tiles * rows_m;
-            kernel(g, af.get(), Tile{m0, std::min(rows_m, g.m - m0), item % n_tiles * tile_rows, tile_rows}, mine);
+            kernel.tile(g, af.get(), Tile{m0, std::min(rows_m, g.m - m0), item % n_tiles * tile_rows, tile_rows}, mine);
         }
     }
 }
@@ -572,9 +796,16 @@ void fp8_dequantize_entry(uintptr_t w, uintptr_t scale, bool scale_e8m0, uintptr
 
 }  // namespace
 
-std::string simd_variant() { return use_avx2() ? "avx2+fma+f16c" : "baseline"; }
+std::string simd_variant() { return kSimdNames[int(simd())]; }
 
-void set_simd(bool enabled) { g_simd_enabled.store(enabled); }
+std::vector<std::string> simd_variants() { return {kSimdNames, kSimdNames + int(best_simd()) + 1}; }
+
+void set_simd(const std::string& name) {
+    const std::vector<std::string> supported = simd_variants();
+    const auto found = std::find(supported.begin(), supported.end(), name);
+    if (found == supported.end()) throw std::invalid_argument("this CPU runs no SIMD variant " + name);
+    g_simd_limit.store(int(found - supported.begin()));
+}
 
 }  // namespace seahal
 
@@ -607,6 +838,7 @@ void bind_gemm(py::module_& m) {
           py::arg("w"), py::arg("scale"), py::arg("scale_e8m0"), py::arg("out"), py::arg("n"), py::arg("k"),
           py::arg("out_bf16"), py::arg("threads"));
     m.def("simd_variant", &simd_variant, "the instruction-set variant the GEMM kernels use now");
-    m.def("set_simd", &set_simd, "allow (default) or forbid the AVX2 variant, e.g. to test the baseline",
-          py::arg("enabled"));
+    m.def("simd_variants", &simd_variants, "the variants this CPU runs, least to most preferred");
+    m.def("set_simd", &set_simd, "use this variant, one of simd_variants() (e.g. to test each in turn)",
+          py::arg("name"));
 }

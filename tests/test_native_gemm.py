@@ -4,7 +4,8 @@ Both compute the same exact products in fp32 (e4m3 x e4m3 and e4m3 x e2m1 produc
 and e8m0 scales are powers of two) and differ only in the order of the fp32 sums, so the two
 results may differ by at most the sum of their forward-error bounds: each sum of n terms errs by
 at most ``n u S`` with u = 2^-24 and S = sum_k |A sA| |B sB|, plus a few roundings of the scale
-products. Every case runs on both SIMD variants (AVX2 where the CPU has it, and the baseline).
+products. Every case runs on each SIMD variant the CPU has (baseline, AVX2, AVX512-BF16, whose
+bf16 products are exact too).
 """
 
 from __future__ import annotations
@@ -28,13 +29,19 @@ N = 200  # not a multiple of 128 (nor of the native tile sizes)
 KS = (128, 384, 1024)
 
 
-@pytest.fixture(params=["simd", "baseline"])
+SIMD_VARIANTS = ("baseline", "avx2+fma+f16c", "avx512bf16")
+
+
+@pytest.fixture(params=SIMD_VARIANTS)
 def simd(request):
-    """Run under the AVX2 variant (when the CPU has it) and under the baseline variant."""
+    """Run under each instruction-set variant this CPU has (the others skip)."""
     module = native.native_module()
-    module.set_simd(request.param == "simd")
+    variants = module.simd_variants()
+    if request.param not in variants:
+        pytest.skip(f"this CPU runs {variants[-1]} at most")
+    module.set_simd(request.param)
     yield module.simd_variant()
-    module.set_simd(True)
+    module.set_simd(variants[-1])
 
 
 def random_e4m3(shape, gen: torch.Generator) -> torch.Tensor:
@@ -131,13 +138,13 @@ def test_fp32_output_and_non_contiguous_inputs(simd, op, make):
 
 
 @pytest.mark.parametrize("op,make", [("fp8_gemm", fp8_case), ("fp4_gemm", fp4_case)])
-def test_many_rows_take_several_passes(op, make):
+def test_many_rows_take_several_passes(simd, op, make):
     """M above the kernel's 256 rows per pass: every pass must land in its own output rows."""
     assert_matches_reference(op, make(600, 24, 128, True, seed=5), torch.float32)
 
 
 @pytest.mark.parametrize("op,make", [("fp8_gemm", fp8_case), ("fp4_gemm", fp4_case)])
-def test_threads_do_not_change_the_result(op, make):
+def test_threads_do_not_change_the_result(simd, op, make):
     """Tiles own whole output columns and sum in a fixed order: any thread count, same bits."""
     case = make(5, 520, 256, True, seed=3)
     threads = torch.get_num_threads()
@@ -166,6 +173,33 @@ def test_fp4_hand_computed_low_nibble_first():
     b = torch.full((1, 64), 0x21, dtype=torch.uint8)
     scales = torch.tensor([[1.0, 2.0, 4.0, 8.0]])  # 16 (0.5 * 1 + 1.0 * 2) = 40 per 32-step
     assert native.fp4_gemm(a, torch.ones(1, 1), b, scales, torch.float32).tolist() == [[40.0 * 15]]
+
+
+@pytest.mark.parametrize("e8m0_range", [(1, 40), (11, 200)], ids=["down-to-2^-126", "the-exact-range"])
+def test_fp4_scales_across_the_e8m0_range(simd, e8m0_range):
+    """e8m0 scales from 2^-126 (sums below 2^128: no overflow for either order to meet): the
+    avx512bf16 variant multiplies the decoded values by their scales only where every scale of the
+    call keeps the products normal (bytes 11..242), else it scales each 32-wide step's sum; both
+    must match the reference's fp32 products."""
+    a, a_scale, b, _ = fp4_case(3, N, 384, True, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    b_scale = e8m0_scales(torch.randint(*e8m0_range, (N, 384 // 32), generator=gen, dtype=torch.uint8))
+    assert_matches_reference("fp4_gemm", (a, a_scale, b, b_scale), torch.float32)
+
+
+def test_fp4_products_below_the_fp32_normals_are_kept(simd):
+    """Activations 2^-9 (the least e4m3) by e2m1 values at scale 2^-122 (byte 5): products of
+    2^-132 ... 3 * 2^-129, which VDPBF16PS would flush to zero. One such row among ordinary ones
+    must make the whole call take the variant's per-step scaling (the reference keeps them)."""
+    a = torch.full((2, 128), 1, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(23)
+    b = torch.randint(0, 256, (16, 64), generator=gen, dtype=torch.uint8)
+    codes = torch.full((16, 4), 127, dtype=torch.uint8)
+    codes[5] = 5
+    case = (a, torch.ones(2, 1), b, e8m0_scales(codes))
+    got = native.fp4_gemm(*case, torch.float32)
+    assert (got[:, 5] != 0).all()  # a flush would leave zeros
+    assert_matches_reference("fp4_gemm", case, torch.float32)
 
 
 def test_nan_codes_propagate(simd):
