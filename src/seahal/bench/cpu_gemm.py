@@ -2,7 +2,10 @@
 
 Per (op, weight shape, M) row, the native kernel and the other ways to compute the same product:
 
-- ``native``: the cpu.native kernel (csrc/gemm.cpp), reading the quantised weight bytes directly;
+- ``native``: the cpu.native kernel (csrc/gemm.cpp), reading the quantised weight bytes directly,
+  in the best instruction-set variant this CPU has (the header's ``simd``);
+- ``native_avx2`` (GEMMs, on a CPU whose best variant is AVX512-BF16): the same kernel held to its
+  AVX2 variant (fp32 panels and FMAs), what such a CPU ran before the bf16 variant;
 - ``reference``: the cpu.reference kernel (plain PyTorch: per-K-step matmuls for the GEMMs; for
   grouped_linear the official einsum in bf16 over the weight dequantised on every call);
 - ``matmul_fp32`` (GEMMs): ``torch.matmul`` on an fp32 weight dequantised once beforehand (fast,
@@ -60,10 +63,17 @@ SHAPES = {  # op -> {name: (N, K)}; grouped_linear: (G, R, I), N = G R and K = I
 QUICK_SHAPES = {"fp8_gemm": ("q_a",), "fp4_gemm": ("expert_up",), "grouped_linear": ("wo_a",)}
 MS = (1, 16, 128)
 QUICK_MS = (1, 16)
-GEMM_PEERS = ("reference", "matmul_fp32", "dequant_matmul")
-PEERS = {"fp8_gemm": GEMM_PEERS, "fp4_gemm": GEMM_PEERS, "grouped_linear": ("reference", "einsum_at_load")}
-"""op -> the ways timed beside ``native`` (the module docstring says what each is)."""
-PEER_LABELS = {"reference": "ref", "matmul_fp32": "fp32 mm", "dequant_matmul": "deq+mm", "einsum_at_load": "bf16 at load"}
+AVX2, BF16 = "avx2+fma+f16c", "avx512bf16"
+PEER_LABELS = {"native_avx2": "avx2", "reference": "ref", "matmul_fp32": "fp32 mm", "dequant_matmul": "deq+mm",
+               "einsum_at_load": "bf16 at load"}
+
+
+def peers(op: str) -> tuple[str, ...]:
+    """The ways timed beside ``native`` for ``op`` on this CPU (the module docstring says what each is)."""
+    if op == "grouped_linear":
+        return ("reference", "einsum_at_load")
+    avx2 = ("native_avx2",) if native.native_module().simd_variants()[-1] == BF16 else ()
+    return (*avx2, "reference", "matmul_fp32", "dequant_matmul")
 
 
 def cpu_name() -> str:
@@ -110,7 +120,7 @@ def _fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def implementations(op: str, *operands: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    """``native`` and the op's :data:`PEERS`, each a call computing the row's product."""
+    """``native`` and the op's :func:`peers`, each a call computing the row's product."""
     if op == "grouped_linear":
         x, w, s = operands
         at_load = dequantize_weight(w, s, torch.bfloat16)
@@ -122,12 +132,29 @@ def implementations(op: str, *operands: torch.Tensor) -> dict[str, Callable[[], 
     a, a_scale, b, b_scale = operands
     a32 = fp8_dequantize(a, a_scale, 128)
     w32 = dequantize_weight(b, b_scale)
-    return {
+    ways = {
         "native": lambda: getattr(native, op)(a, a_scale, b, b_scale),
+        "native_avx2": _in_simd_variant(AVX2, lambda: getattr(native, op)(a, a_scale, b, b_scale)),
         "reference": lambda: getattr(reference, op)(a, a_scale, b, b_scale),
         "matmul_fp32": lambda: a32 @ w32.T,
         "dequant_matmul": lambda: fp8_dequantize(a, a_scale, 128) @ dequantize_weight(b, b_scale).T,
     }
+    return {name: fn for name, fn in ways.items() if name == "native" or name in peers(op)}
+
+
+def _in_simd_variant(variant: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` run with the native kernels held to ``variant`` (the best one again afterwards)."""
+    module = native.native_module()
+
+    def call() -> torch.Tensor:
+        best = module.simd_variants()[-1]
+        module.set_simd(variant)
+        try:
+            return fn()
+        finally:
+            module.set_simd(best)
+
+    return call
 
 
 def median_seconds(fn: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -187,7 +214,7 @@ def bench_row(op: str, shape: str, m: int, quick: bool, copy_gbps: float) -> dic
             "GFLOP/s": 2 * m * n * k / seconds / 1e9,
         }
     row["native"]["fraction_of_copy_bandwidth"] = row["native"]["GB/s"] / copy_gbps
-    for peer in PEERS[op]:
+    for peer in peers(op):
         row[f"speedup_vs_{peer}"] = row[peer]["seconds"] / row["native"]["seconds"]
     return row
 
@@ -198,16 +225,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _op_table(rows: list[dict]) -> str:
-    peers = PEERS[rows[0]["op"]]
+    ways = peers(rows[0]["op"])
     header = ("op", "shape", "M", "N", "K", "native ms", "GB/s", "of copy", "GFLOP/s",
-              *(f"{PEER_LABELS[p]} ms" for p in peers), *(f"x {PEER_LABELS[p]}" for p in peers))
+              *(f"{PEER_LABELS[p]} ms" for p in ways), *(f"x {PEER_LABELS[p]}" for p in ways))
     lines = [header]
     for r in rows:
         native_row = r["native"]
         lines.append(
             (r["op"], r["shape"], str(r["M"]), str(r["N"]), str(r["K"]), f"{native_row['seconds'] * 1e3:.3f}",
              f"{native_row['GB/s']:.2f}", f"{native_row['fraction_of_copy_bandwidth']:.0%}", f"{native_row['GFLOP/s']:.1f}",
-             *(f"{r[p]['seconds'] * 1e3:.3f}" for p in peers), *(f"{r[f'speedup_vs_{p}']:.2f}" for p in peers))
+             *(f"{r[p]['seconds'] * 1e3:.3f}" for p in ways), *(f"{r[f'speedup_vs_{p}']:.2f}" for p in ways))
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
