@@ -282,6 +282,10 @@ def test_seahal_info_on_the_real_install():
         if len(fields) >= 4 and fields[1] == "device" and fields[0] in ("cpu", "cuda", "ascend", "cambricon"):
             states[fields[0]] = (fields[3].rstrip(","), lines[i + 1].strip())
     assert states["cpu"][0] == "available"
+    from seahal.backends.cpu.native import native_module
+
+    native = native_module()  # the instruction-set variant its GEMMs run, or that there are none
+    assert states["cpu"][1].endswith(f"native kernels: {native.simd_variant()}" if native else "native kernels not built")
     expected = {"cuda": torch.cuda.is_available(), "ascend": False, "cambricon": False}
     for name, available in expected.items():
         state, reason = states[name]

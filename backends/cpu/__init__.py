@@ -51,7 +51,11 @@ compute with it, never reading it on the host: the portable fallback keeps decod
 
 
 def _probe() -> Availability:
-    return Availability(True, f"{torch.get_num_threads()} threads")
+    from .native import native_module
+
+    module = native_module()
+    kernels = f"native kernels: {module.simd_variant()}" if module is not None else "native kernels not built"
+    return Availability(True, f"{torch.get_num_threads()} threads, {kernels}")
 
 
 def _weight_conversions(chip: str | None) -> dict[str, str]:
