@@ -29,15 +29,17 @@
 // CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later) take a third variant: panels and
 // activations in bf16, which holds every e4m3 and e2m1 value exactly, and products summed by
 // VDPBF16PS (two exact products a lane, added to the fp32 lane in turn, rounding to nearest even):
-// twice the multiply-adds of an FMA an instruction, half the panel bytes. VDPBF16PS flushes
-// subnormal inputs and results, so an FP4 weight's decoded values are multiplied by their e8m0
-// scales (exactly) only when every scale of the call keeps all products normal; otherwise, and
-// for fp32 scales, each 32-wide step's sum is multiplied by its scale (the reference kernel's
+// twice the multiply-adds of an FMA an instruction, half the panel bytes; weights decoded by table
+// lookups in registers (VPERMW, VPERMT2W), a third of the AVX2 decode's instructions. VDPBF16PS
+// flushes subnormal inputs and results, so an FP4 weight's decoded values are multiplied by their
+// e8m0 scales (exactly) only when every scale of the call keeps all products normal; otherwise,
+// and for fp32 scales, each 32-wide step's sum is multiplied by its scale (the reference kernel's
 // form). The same sums in another order, and the same values for any thread count.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -194,12 +196,19 @@ struct Fp4Weights {
     static constexpr int kScales = kBlock / kFp4Step;
 
     static SEAHAL_INLINE const uint8_t* block(const GemmArgs& g, int64_t row, int64_t kb, float* scales) {
+        const uint8_t* src = bytes(g, row, kb);
+        for (int s = 0; s < kScales; ++s) scales[s] = weight_scale(g, first_scale(g, row, kb) + s);
+        return src;
+    }
+    // The block's bytes alone (its scales' e8m0 bytes start at first_scale).
+    static SEAHAL_INLINE const uint8_t* bytes(const GemmArgs& g, int64_t row, int64_t kb) {
         const uint8_t* src = g.b + row * (g.k / 2) + kb * (kBlock / 2);
         prefetch_ahead(src, kBlock / 2, (g.k - kb * kBlock) / 2);
-        const int64_t first = row * (g.k / kFp4Step) + kb * kScales;
-        if (kb + kPrefetchBlocks < g.k / kBlock) prefetch_scale(g, first + kPrefetchBlocks * kScales);
-        for (int s = 0; s < kScales; ++s) scales[s] = weight_scale(g, first + s);
+        if (kb + kPrefetchBlocks < g.k / kBlock) prefetch_scale(g, first_scale(g, row, kb) + kPrefetchBlocks * kScales);
         return src;
+    }
+    static SEAHAL_INLINE int64_t first_scale(const GemmArgs& g, int64_t row, int64_t kb) {
+        return row * (g.k / kFp4Step) + kb * kScales;
     }
 };
 
@@ -408,48 +417,59 @@ SEAHAL_AVX2 void gemm_tile_avx2(const GemmArgs& g, const void* af, Tile tile, Sc
 #endif
 
 #ifdef SEAHAL_HAVE_BF16
+// The bf16 patterns of the e4m3 magnitudes 0..127 (exact), cache-line aligned.
+const std::array<uint16_t, 128>& e4m3_bf16_patterns() {
+    alignas(64) static const std::array<uint16_t, 128> patterns = [] {
+        std::array<uint16_t, 128> p{};
+        for (int m = 0; m < 128; ++m) p[m] = uint16_t(float_bits(e4m3_decode(uint8_t(m))) >> 16);
+        return p;
+    }();
+    return patterns;
+}
+
 // Weight bytes -> bf16 bit patterns (exact), unscaled, in the orders of the decoders above.
 struct Bf16Decoder {
-    // e4m3: Avx2Decoder's fp16 step for 16 values, widened to fp32, rounded to bf16 (exactly).
+    // e4m3: each byte's magnitude looked up in a 128-entry table of bf16 patterns (two VPERMT2W
+    // of 64 entries each, the byte's bit 6 choosing), its sign moved to bit 15: 32 values in about
+    // 10 instructions. Magnitude 0x7F (NaN in e4m3fn) is a bf16 NaN.
     static SEAHAL_BF16 void e4m3(const uint8_t* src, uint16_t* dst) {
-        const __m256i sign_at_14 = _mm256_set1_epi16(0x4000), magnitude = _mm256_set1_epi16(0x7F);
-        const __m256i fp16_nan = _mm256_set1_epi16(0x7E00);
-        const __m512 rescale = _mm512_set1_ps(256.0f);
-        for (int i = 0; i < kBlock; i += 16) {
-            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-            __m256i half = _mm256_slli_epi16(bytes, 7);
-            half = _mm256_add_epi16(half, _mm256_and_si256(half, sign_at_14));
-            const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(bytes, magnitude), magnitude);
-            half = _mm256_or_si256(half, _mm256_and_si256(nan, fp16_nan));
-            const __m256bh values = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtph_ps(half), rescale));
-            std::memcpy(dst + i, &values, sizeof values);
+        const uint16_t* patterns = e4m3_bf16_patterns().data();
+        __m512i table[4];
+        for (int q = 0; q < 4; ++q) table[q] = _mm512_load_si512(patterns + 32 * q);
+        const __m512i magnitude = _mm512_set1_epi16(0x7F), bit6 = _mm512_set1_epi16(0x40);
+        const __m512i sign = _mm512_set1_epi16(0x80);
+        for (int i = 0; i < kBlock; i += 32) {
+            const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+            const __m512i index = _mm512_and_si512(bytes, magnitude);
+            const __m512i low = _mm512_permutex2var_epi16(table[0], index, table[1]);
+            const __m512i high = _mm512_permutex2var_epi16(table[2], index, table[3]);
+            __m512i values = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(index, bit6), low, high);
+            values = _mm512_or_si512(values, _mm512_slli_epi16(_mm512_and_si512(bytes, sign), 8));
+            _mm512_storeu_si512(dst + i, values);
         }
     }
-    // e2m1: each code's bf16 pattern from two 16-entry byte tables (its high and low byte),
-    // interleaved into 16-bit words: no arithmetic, about 0.3 instructions a value. With
-    // `exponents` (the 1x32 scales' e8m0 bytes, each within kExactScaledFp4), each nonzero value
-    // is multiplied by its step's scale 2^(e - 127) exactly, by adding e - 127 to its exponent.
-    static SEAHAL_BF16 void e2m1(const uint8_t* src, uint16_t* dst, const int* exponents = nullptr) {
-        const __m128i high = _mm_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,  //
-                                           char(0x80), char(0xBF), char(0xBF), char(0xBF),  //
-                                           char(0xC0), char(0xC0), char(0xC0), char(0xC0));
-        const __m128i low = _mm_setr_epi8(0x00, 0x00, char(0x80), char(0xC0), 0x00, 0x40, char(0x80), char(0xC0),  //
-                                          0x00, 0x00, char(0x80), char(0xC0), 0x00, 0x40, char(0x80), char(0xC0));
-        const __m128i nibble = _mm_set1_epi8(0x0F), magnitude = _mm_set1_epi16(0x7FFF);
+    // e2m1: each code's bf16 pattern looked up in a 16-entry table of 16-bit words (VPERMW), about
+    // 0.3 instructions a value. With `exponents` (the 1x32 scales' e8m0 bytes, each within
+    // kExactScaledFp4) each nonzero value is multiplied by its step's scale 2^(e - 127) exactly:
+    // e - 127 added to the table's exponents once a step.
+    static SEAHAL_BF16 void e2m1(const uint8_t* src, uint16_t* dst, const uint8_t* exponents = nullptr) {
+        const __m256i table = _mm256_setr_epi16(0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,  //
+                                                short(0x8000), short(0xBF00), short(0xBF80), short(0xBFC0),     //
+                                                short(0xC000), short(0xC040), short(0xC080), short(0xC0C0));
+        const __m256i nonzero = _mm256_setr_epi16(0, -1, -1, -1, -1, -1, -1, -1, 0, -1, -1, -1, -1, -1, -1, -1);
+        const __m128i nibble = _mm_set1_epi8(0x0F);
         for (int s = 0; s < kBlock; s += kFp4Step) {
-            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s / 2));
-            const __m128i codes[2] = {_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)};
-            const __m128i shift = _mm_set1_epi16(exponents ? int16_t((exponents[s / kFp4Step] - 127) * 128) : 0);
-            for (int odd = 0; odd < 2; ++odd) {  // the step's even elements, then its odd ones
-                const __m128i hi = _mm_shuffle_epi8(high, codes[odd]), lo = _mm_shuffle_epi8(low, codes[odd]);
-                uint16_t* out = dst + s + odd * (kFp4Step / 2);
-                for (int q = 0; q < 2; ++q) {
-                    const __m128i words = q ? _mm_unpackhi_epi8(lo, hi) : _mm_unpacklo_epi8(lo, hi);
-                    const __m128i zero = _mm_cmpeq_epi16(_mm_and_si128(words, magnitude), _mm_setzero_si128());
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * q),
-                                     _mm_add_epi16(words, _mm_andnot_si128(zero, shift)));
-                }
+            __m256i values = table;
+            if (exponents != nullptr) {
+                const __m256i shift = _mm256_set1_epi16(short((int(exponents[s / kFp4Step]) - 127) * 128));
+                values = _mm256_add_epi16(values, _mm256_and_si256(nonzero, shift));
             }
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s / 2));
+            const __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
+            const __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+            uint16_t* out = dst + s;  // the step's even elements, then its odd ones
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutexvar_epi16(even, values));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kFp4Step / 2), _mm256_permutexvar_epi16(odd, values));
         }
     }
 };
@@ -503,12 +523,9 @@ struct Bf16Panel {
     static SEAHAL_BF16 inline void decode(const GemmArgs& g, int64_t row, int64_t kb, uint16_t* dst, float* scales) {
         if constexpr (W::kScales == 1) {
             Bf16Decoder::e4m3(W::block(g, row, kb, scales), dst);
-        } else if constexpr (kScaledFp4) {
-            float values[W::kScales];
-            int exponents[W::kScales];
-            const uint8_t* src = W::block(g, row, kb, values);
-            for (int s = 0; s < W::kScales; ++s) exponents[s] = int(float_bits(values[s]) >> 23);  // 2^(e - 127)
-            Bf16Decoder::e2m1(src, dst, exponents);
+        } else if constexpr (kScaledFp4) {  // e8m0 scales, read as their bytes
+            const uint8_t* exponents = static_cast<const uint8_t*>(g.b_scale) + W::first_scale(g, row, kb);
+            Bf16Decoder::e2m1(W::bytes(g, row, kb), dst, exponents);
             scales[0] = 1.0f;
         } else {
             Bf16Decoder::e2m1(W::block(g, row, kb, scales), dst);
