@@ -651,8 +651,9 @@ void gemm_entry(uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, 
 // kLanes fp32 lanes. A few tokens (decode): a work item decodes kRowGroup rows of one group a
 // 128-wide block at a time into a panel and multiplies it into every token's lanes, one
 // independent chain per row; the weight is read once, as stored, and the activations are widened
-// to fp32 once up front. Work items (OpenMP, static schedule) never share an output element, so
-// the result does not depend on the thread count.
+// to fp32 once up front (on AVX512-BF16, bf16 x with e8m0 scales stays bf16 and VDPBF16PS sums the
+// products, where no product can be subnormal: bf16_gemv_is_exact). Work items (OpenMP, static
+// schedule) never share an output element, so the result does not depend on the thread count.
 
 constexpr int64_t kGroupedMaxTokens = 8;  // beyond, a GEMM over W' dequantised a group at a time wins
 
@@ -691,12 +692,26 @@ SEAHAL_INLINE float dequantize_block(const GroupedArgs& g, int64_t n, int64_t kb
     return 1.0f;
 }
 
+// out[t, n0 + j] for j < rows: the sum of the lanes of (t, j), lanes [T][kRowGroup][kLanes] (the
+// GEMV's accumulators), rounded to bf16 when g.bf16.
+SEAHAL_INLINE void store_row_sums(const GroupedArgs& g, int64_t n0, int64_t rows, const float* lanes) {
+    for (int64_t t = 0; t < g.t; ++t)
+        for (int64_t j = 0; j < rows; ++j) {
+            const float c = sum_lanes(lanes + (t * kRowGroup + j) * kLanes);
+            const int64_t at = t * g.n + n0 + j;
+            if (g.bf16)
+                static_cast<uint16_t*>(g.out)[at] = bf16_encode(c);
+            else
+                static_cast<float*>(g.out)[at] = c;
+        }
+}
+
 // One work item: rows [n0, n0 + rows) of one group (rows <= kRowGroup), every token.
-// xf: x widened, [T, G, K]; panel: kRowGroup x 128 floats of scratch.
+// x: x widened to fp32, [T, G, K]; panel: kRowGroup x 128 floats of scratch.
 template <class Decoder>
-SEAHAL_INLINE void grouped_gemv_rows(const GroupedArgs& g, const float* xf, int64_t n0, int64_t rows, float* panel) {
+SEAHAL_INLINE void grouped_gemv_rows(const GroupedArgs& g, const void* x, int64_t n0, int64_t rows, float* panel) {
     const int64_t k_blocks = g.k / kBlock, groups = g.n / g.r;
-    const float* x_group = xf + (n0 / g.r) * g.k;
+    const float* x_group = static_cast<const float*>(x) + (n0 / g.r) * g.k;
     Lanes acc[kGroupedMaxTokens][kRowGroup] = {};
     float factor[kRowGroup];
     std::fill(panel + rows * kBlock, panel + kRowGroup * kBlock, 0.0f);
@@ -713,22 +728,12 @@ SEAHAL_INLINE void grouped_gemv_rows(const GroupedArgs& g, const float* xf, int6
             for (int j = 0; j < kRowGroup; ++j) acc[t][j] += part[j] * factor[j];
         }
     }
-    for (int64_t t = 0; t < g.t; ++t)
-        for (int64_t j = 0; j < rows; ++j) {
-            float lanes[kLanes];
-            store_lanes(lanes, acc[t][j]);
-            const float c = sum_lanes(lanes);
-            const int64_t at = t * g.n + n0 + j;
-            if (g.bf16)
-                static_cast<uint16_t*>(g.out)[at] = bf16_encode(c);
-            else
-                static_cast<float*>(g.out)[at] = c;
-        }
+    store_row_sums(g, n0, rows, reinterpret_cast<const float*>(acc));
 }
 
 // One work item: rows [n0, n0 + rows) of W' into out [N, K].
 template <class Decoder>
-SEAHAL_INLINE void dequantize_rows(const GroupedArgs& g, const float*, int64_t n0, int64_t rows, float* panel) {
+SEAHAL_INLINE void dequantize_rows(const GroupedArgs& g, const void*, int64_t n0, int64_t rows, float* panel) {
     for (int64_t n = n0; n < n0 + rows; ++n)
         for (int64_t kb = 0; kb < g.k / kBlock; ++kb) {
             const float factor = dequantize_block<Decoder>(g, n, kb, panel);
@@ -743,10 +748,10 @@ SEAHAL_INLINE void dequantize_rows(const GroupedArgs& g, const float*, int64_t n
         }
 }
 
-using RowsKernel = void (*)(const GroupedArgs&, const float*, int64_t, int64_t, float*);
+using RowsKernel = void (*)(const GroupedArgs&, const void*, int64_t, int64_t, float*);
 
 template <bool kGemv>
-void rows_baseline(const GroupedArgs& g, const float* xf, int64_t n0, int64_t rows, float* panel) {
+void rows_baseline(const GroupedArgs& g, const void* xf, int64_t n0, int64_t rows, float* panel) {
     if constexpr (kGemv)
         grouped_gemv_rows<BaselineDecoder>(g, xf, n0, rows, panel);
     else
@@ -755,7 +760,7 @@ void rows_baseline(const GroupedArgs& g, const float* xf, int64_t n0, int64_t ro
 
 #if defined(__x86_64__)
 template <bool kGemv>
-SEAHAL_AVX2 void rows_avx2(const GroupedArgs& g, const float* xf, int64_t n0, int64_t rows, float* panel) {
+SEAHAL_AVX2 void rows_avx2(const GroupedArgs& g, const void* xf, int64_t n0, int64_t rows, float* panel) {
     if constexpr (kGemv)
         grouped_gemv_rows<Avx2Decoder>(g, xf, n0, rows, panel);
     else
@@ -763,13 +768,74 @@ SEAHAL_AVX2 void rows_avx2(const GroupedArgs& g, const float* xf, int64_t n0, in
 }
 #endif
 
-// The work items over W's rows, kRowGroup rows of one group each, split over `threads`.
-template <bool kGemv>
-void over_rows(const GroupedArgs& g, const float* xf, int threads) {
-    RowsKernel kernel = rows_baseline<kGemv>;
-#if defined(__x86_64__)
-    if (use_avx2()) kernel = rows_avx2<kGemv>;
+#ifdef SEAHAL_HAVE_BF16
+// grouped_gemv_rows over bf16 x (x: its patterns, [T, G, K]) where bf16_gemv_is_exact: each
+// block's e4m3 values as bf16 patterns, the products summed by VDPBF16PS, each block's sum times
+// its e8m0 scale (the fp32 form's arithmetic for such a scale, the sums in another order).
+SEAHAL_BF16 void gemv_rows_bf16(const GroupedArgs& g, const void* x, int64_t n0, int64_t rows, float*) {
+    const int64_t k_blocks = g.k / kBlock, groups = g.n / g.r;
+    const uint16_t* x_group = static_cast<const uint16_t*>(x) + (n0 / g.r) * g.k;
+    alignas(64) uint16_t panel[kRowGroup * kBlock];
+    float factor[kRowGroup];
+    __m256 acc[kGroupedMaxTokens][kRowGroup];
+    for (auto& token : acc)
+        for (auto& lanes : token) lanes = _mm256_setzero_ps();
+    std::fill(panel + rows * kBlock, panel + kRowGroup * kBlock, uint16_t(0));
+    std::fill(factor + rows, factor + kRowGroup, 0.0f);
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        for (int64_t j = 0; j < rows; ++j) {
+            const uint8_t* src = g.w + (n0 + j) * g.k + kb * kBlock;
+            prefetch_ahead(src, kBlock, g.k - kb * kBlock);
+            Bf16Decoder::e4m3(src, panel + j * kBlock);
+            factor[j] = e8m0_decode(static_cast<const uint8_t*>(g.scale)[((n0 + j) / kBlock) * k_blocks + kb]);
+        }
+        for (int64_t t = 0; t < g.t; ++t) {
+            const uint16_t* xt = x_group + t * groups * g.k + kb * kBlock;
+            __m256 part[kRowGroup];
+            for (auto& lanes : part) lanes = _mm256_setzero_ps();
+            for (int i = 0; i < kBlock; i += 16) {
+                __m256bh xv, wv;
+                std::memcpy(&xv, xt + i, sizeof xv);
+                for (int j = 0; j < kRowGroup; ++j) {
+                    std::memcpy(&wv, panel + j * kBlock + i, sizeof wv);
+                    part[j] = _mm256_dpbf16_ps(part[j], xv, wv);
+                }
+            }
+            for (int j = 0; j < kRowGroup; ++j)
+                acc[t][j] = _mm256_fmadd_ps(part[j], _mm256_set1_ps(factor[j]), acc[t][j]);
+        }
+    }
+    store_row_sums(g, n0, rows, reinterpret_cast<const float*>(acc));
+}
+
+// Whether gemv_rows_bf16 computes what the fp32 form does: x bf16 (xb, `count` patterns), e8m0
+// scales within 3..246 (W' = e4m3 * s, a bf16 value, the scale applied to the sum), and every
+// nonzero |x| >= 2^-110, so that every product and partial sum is a normal fp32 number or zero
+// (products are multiples of 2^-126 then), none for VDPBF16PS to flush.
+bool bf16_gemv_is_exact(const GroupedArgs& g, const uint16_t* xb, int64_t count) {
+    if (!g.bf16 || !g.scale_e8m0) return false;
+    const uint8_t* e = static_cast<const uint8_t*>(g.scale);
+    uint8_t lowest = 255, highest = 0;
+    for (int64_t i = 0; i < (g.n + kBlock - 1) / kBlock * (g.k / kBlock); ++i) {
+        lowest = std::min(lowest, e[i]);
+        highest = std::max(highest, e[i]);
+    }
+    int tiny = 0;  // nonzero values with an exponent field below 127 - 110
+    for (int64_t i = 0; i < count; ++i) tiny |= (xb[i] & 0x7FFF) != 0 && ((xb[i] >> 7) & 0xFF) < 17;
+    return lowest >= 3 && highest <= 246 && !tiny;
+}
 #endif
+
+// The work items over W's rows, kRowGroup rows of one group each, split over `threads`; kernel:
+// the rows' kernel, or (null) the best fp32 form.
+template <bool kGemv>
+void over_rows(const GroupedArgs& g, const void* x, int threads, RowsKernel kernel = nullptr) {
+    if (kernel == nullptr) {
+        kernel = rows_baseline<kGemv>;
+#if defined(__x86_64__)
+        if (use_avx2()) kernel = rows_avx2<kGemv>;
+#endif
+    }
     threads = std::max(threads, 1);
     std::vector<AlignedFloats> panels;  // allocated here: nothing may throw inside the parallel region
     for (int t = 0; t < threads; ++t) panels.push_back(aligned_floats(kRowGroup * kBlock));
@@ -779,7 +845,7 @@ void over_rows(const GroupedArgs& g, const float* xf, int threads) {
 #endif
     for (int64_t item = 0; item < items; ++item) {
         const int64_t first = item % per_group * kRowGroup;
-        kernel(g, xf, item / per_group * g.r + first, std::min(kRowGroup, g.r - first), panels[thread_index()].get());
+        kernel(g, x, item / per_group * g.r + first, std::min(kRowGroup, g.r - first), panels[thread_index()].get());
     }
 }
 
@@ -791,6 +857,19 @@ void grouped_gemv_entry(uintptr_t x, int64_t stride_t, int64_t stride_g, bool bf
                   reinterpret_cast<const void*>(scale), scale_e8m0, reinterpret_cast<void*>(out), t, n, k, r};
     py::gil_scoped_release release;
     const int64_t groups = n / r;
+#ifdef SEAHAL_HAVE_BF16
+    if (bf16 && simd() == Simd::kAvx512Bf16) {  // x's patterns, contiguous
+        std::vector<uint16_t> xb(t * groups * k);
+        for (int64_t tok = 0; tok < t; ++tok)
+            for (int64_t grp = 0; grp < groups; ++grp)
+                std::memcpy(xb.data() + (tok * groups + grp) * k,
+                            static_cast<const uint16_t*>(g.x) + tok * stride_t + grp * stride_g, k * sizeof(uint16_t));
+        if (bf16_gemv_is_exact(g, xb.data(), int64_t(xb.size()))) {
+            over_rows<true>(g, xb.data(), threads, gemv_rows_bf16);
+            return;
+        }
+    }
+#endif
     AlignedFloats xf = aligned_floats(t * groups * k);
     for (int64_t tok = 0; tok < t; ++tok)
         for (int64_t grp = 0; grp < groups; ++grp)

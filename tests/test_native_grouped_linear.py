@@ -2,7 +2,7 @@
 
 Against a float64 brute force within the conformance rule, against the reference (the same W' and
 fp32 sums in another order: all but a few bf16 outputs equal), and its dequantisation bit for bit
-against ``hal.formats.dequantize_weight``, on both SIMD variants.
+against ``hal.formats.dequantize_weight``, on each SIMD variant the CPU has.
 """
 
 from __future__ import annotations
@@ -73,6 +73,17 @@ def test_extreme_scales_round_the_gemv_weight_as_the_formats():
     x = torch.eye(128, dtype=BF16)[:tokens].reshape(tokens, 1, 128)  # token t reads column t of every row
     got = native.grouped_linear(x, w, s)[:, 0, 0]
     assert torch.equal(got.view(torch.int16), dequantize_weight(w, s, BF16)[0, :tokens].view(torch.int16))
+
+
+def test_tiny_activations_keep_their_products(simd):  # noqa: F811
+    """x of 2^-125 by weights of 1/4: products of 2^-127, below fp32's normals, which the
+    avx512bf16 variant's VDPBF16PS would flush to zero. Such a call must take the fp32 form: each
+    output is 512 of them, exactly 2^-118. (torch's own bf16 einsum, the reference, flushes them on
+    a CPU with AVX512-BF16: it gives 0 there.)"""
+    x = torch.full((1, 2, 512), 2.0**-125, dtype=BF16)
+    w = torch.full((2 * 16, 512), 0.25).to(torch.float8_e4m3fn)
+    s = e8m0_scales(torch.full((1, 4), 127, dtype=torch.uint8))
+    assert (native.grouped_linear(x, w, s) == 2.0**-118).all()
 
 
 def test_threads_do_not_change_the_result():
