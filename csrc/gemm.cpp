@@ -92,6 +92,22 @@ SEAHAL_INLINE float weight_scale(const GemmArgs& g, int64_t i) {
                           : static_cast<const float*>(g.b_scale)[i];
 }
 
+// A closed range of bytes (e8m0 scale exponents): whether it contains a byte, and whether it
+// holds all of `count` bytes (a min/max scan the compiler vectorises).
+struct ByteRange {
+    uint8_t lowest, highest;
+
+    bool contains(uint8_t byte) const { return byte >= lowest && byte <= highest; }
+    bool holds(const uint8_t* bytes, int64_t count) const {
+        uint8_t low = 255, high = 0;
+        for (int64_t i = 0; i < count; ++i) {
+            low = std::min(low, bytes[i]);
+            high = std::max(high, bytes[i]);
+        }
+        return count == 0 || (low >= lowest && high <= highest);
+    }
+};
+
 // Weight-byte decoders, one per instruction set, writing fp32 values.
 // e4m3(src, dst): 128 e4m3 bytes -> 128 exact values.
 // e2m1(src, scales, dst): 64 packed bytes (128 codes) -> values * scales[k / 32], each 32-element
@@ -196,9 +212,9 @@ struct Fp4Weights {
     static constexpr int kScales = kBlock / kFp4Step;
 
     static SEAHAL_INLINE const uint8_t* block(const GemmArgs& g, int64_t row, int64_t kb, float* scales) {
-        const uint8_t* src = bytes(g, row, kb);
-        for (int s = 0; s < kScales; ++s) scales[s] = weight_scale(g, first_scale(g, row, kb) + s);
-        return src;
+        const int64_t first = first_scale(g, row, kb);
+        for (int s = 0; s < kScales; ++s) scales[s] = weight_scale(g, first + s);
+        return bytes(g, row, kb);
     }
     // The block's bytes alone (its scales' e8m0 bytes start at first_scale).
     static SEAHAL_INLINE const uint8_t* bytes(const GemmArgs& g, int64_t row, int64_t kb) {
@@ -547,19 +563,13 @@ SEAHAL_BF16 void gemm_tile_bf16(const GemmArgs& g, const void* af, Tile tile, Sc
 // e2m1 value (and every sum of such products) a normal fp32 number below 2^128: products are
 // multiples of 2^(e - 137) and at most 2^(e - 115). VDPBF16PS flushes subnormals, which the fp32
 // variants keep; within this range there are none to flush.
-constexpr int kExactScaledFp4[2] = {11, 242};
+constexpr ByteRange kExactScaledFp4{11, 242};
 
-// Whether every FP4 scale of `g` is an e8m0 byte within kExactScaledFp4 (a vectorised scan of
-// the scale bytes, a 16th of the weight's).
+// Whether every FP4 scale of `g` is an e8m0 byte within kExactScaledFp4 (a scan of the scale
+// bytes, a 16th of the weight's).
 bool fp4_scales_within_exact_range(const GemmArgs& g) {
-    if (!g.b_scale_e8m0) return false;
-    const uint8_t* e = static_cast<const uint8_t*>(g.b_scale);
-    uint8_t lowest = 255, highest = 0;
-    for (int64_t i = 0; i < g.n * (g.k / kFp4Step); ++i) {
-        lowest = std::min(lowest, e[i]);
-        highest = std::max(highest, e[i]);
-    }
-    return lowest >= kExactScaledFp4[0] && highest <= kExactScaledFp4[1];
+    const int64_t count = g.n * (g.k / kFp4Step);
+    return g.b_scale_e8m0 && kExactScaledFp4.holds(static_cast<const uint8_t*>(g.b_scale), count);
 }
 #endif
 
@@ -656,6 +666,9 @@ void gemm_entry(uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t b_scale, 
 // schedule) never share an output element, so the result does not depend on the thread count.
 
 constexpr int64_t kGroupedMaxTokens = 8;  // beyond, a GEMM over W' dequantised a group at a time wins
+// The e8m0 bytes whose scales (2^-124 ... 2^119) make every e4m3 multiple a bf16 value: W' is then
+// the e4m3 value times the scale exactly, and the scale can multiply a dot product instead.
+constexpr ByteRange kBf16ExactFp8Scales{3, 246};
 
 struct GroupedArgs {
     const void* x;         // [T, G, K] bf16 or fp32, strides (stride_t, stride_g, 1) in elements
@@ -682,7 +695,7 @@ SEAHAL_INLINE float dequantize_block(const GroupedArgs& g, int64_t n, int64_t kb
     if (g.scale_e8m0) {
         const uint8_t e = static_cast<const uint8_t*>(g.scale)[at];
         s = e8m0_decode(e);
-        if (e >= 3 && e <= 246) return s;
+        if (kBf16ExactFp8Scales.contains(e)) return s;
     } else {
         s = static_cast<const float*>(g.scale)[at];
     }
@@ -809,20 +822,16 @@ SEAHAL_BF16 void gemv_rows_bf16(const GroupedArgs& g, const void* x, int64_t n0,
 }
 
 // Whether gemv_rows_bf16 computes what the fp32 form does: x bf16 (xb, `count` patterns), e8m0
-// scales within 3..246 (W' = e4m3 * s, a bf16 value, the scale applied to the sum), and every
+// scales within kBf16ExactFp8Scales (W' = e4m3 * s, the scale applied to the sum), and every
 // nonzero |x| >= 2^-110, so that every product and partial sum is a normal fp32 number or zero
 // (products are multiples of 2^-126 then), none for VDPBF16PS to flush.
 bool bf16_gemv_is_exact(const GroupedArgs& g, const uint16_t* xb, int64_t count) {
-    if (!g.bf16 || !g.scale_e8m0) return false;
-    const uint8_t* e = static_cast<const uint8_t*>(g.scale);
-    uint8_t lowest = 255, highest = 0;
-    for (int64_t i = 0; i < (g.n + kBlock - 1) / kBlock * (g.k / kBlock); ++i) {
-        lowest = std::min(lowest, e[i]);
-        highest = std::max(highest, e[i]);
-    }
+    const int64_t scales = (g.n + kBlock - 1) / kBlock * (g.k / kBlock);
+    if (!g.bf16 || !g.scale_e8m0 || !kBf16ExactFp8Scales.holds(static_cast<const uint8_t*>(g.scale), scales))
+        return false;
     int tiny = 0;  // nonzero values with an exponent field below 127 - 110
     for (int64_t i = 0; i < count; ++i) tiny |= (xb[i] & 0x7FFF) != 0 && ((xb[i] >> 7) & 0xFF) < 17;
-    return lowest >= 3 && highest <= 246 && !tiny;
+    return !tiny;
 }
 #endif
 

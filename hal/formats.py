@@ -63,6 +63,12 @@ def e8m0_scales(codes: torch.Tensor) -> torch.Tensor:
     return codes.view(E8M0_DTYPE) if E8M0_DTYPE is not None else decode_scale(codes)
 
 
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` along dim 0, through the bytes for a one-byte dtype (float8: torch before 2.6
+    cannot index it on the CPU)."""
+    return t.view(torch.uint8)[index].view(t.dtype) if t.element_size() == 1 else t[index]
+
+
 def ue8m0_encode(scale: torch.Tensor) -> torch.Tensor:
     """Power-of-two fp32 scales ``2^k`` -> e8m0 bytes ``k + 127`` (uint8), exactly via frexp."""
     _, exponent = torch.frexp(scale)

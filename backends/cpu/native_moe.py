@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from seahal.hal import get_spec
-from seahal.hal.formats import fp8_quantize
+from seahal.hal.formats import fp8_quantize, gather_rows
 from seahal.hal.ops.moe import expert_weight_format
 
 from .native import check_cpu_tensors, fp4_gemm, fp8_gemm
@@ -51,14 +51,15 @@ def moe_experts(
     check_cpu_tensors("moe_experts", x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale)
     gemm = fp8_gemm if fmt == "fp8" else fp4_gemm
     ids, weights = topk_ids.long(), topk_weights.float()
+    x_q, x_scale = fp8_quantize(x, FP8_BLOCK)  # once: each row's tiles, whichever experts it goes to
     y = torch.zeros(x.shape, dtype=torch.float32)
     for e in ids[ids >= 0].unique().tolist():  # ascending: the reference's order of addition
         picks = ids == e
         tokens = picks.any(dim=1).nonzero().squeeze(1)
         weight = torch.where(picks, weights, 0.0).sum(dim=1)[tokens]  # the reference's routing sum
-        x_q, x_scale = fp8_quantize(x[tokens], FP8_BLOCK)  # per row: the tiles of x quantised whole
-        gate = gemm(x_q, x_scale, w1[e], w1_scale[e], torch.float32)
-        up = gemm(x_q, x_scale, w3[e], w3_scale[e], torch.float32)
+        rows, rows_scale = gather_rows(x_q, tokens), x_scale[tokens]
+        gate = gemm(rows, rows_scale, w1[e], w1_scale[e], torch.float32)
+        up = gemm(rows, rows_scale, w3[e], w3_scale[e], torch.float32)
         h_q, h_scale = fp8_quantize((clamped_swiglu(gate, up, swiglu_limit) * weight[:, None]).to(x.dtype), FP8_BLOCK)
         y[tokens] += gemm(h_q, h_scale, w2[e], w2_scale[e], torch.float32).to(x.dtype)
     return y.to(x.dtype)

@@ -44,7 +44,7 @@ from seahal.bench.common import (
     time_us,
     workload_calls,
 )
-from seahal.hal.formats import e8m0_scales
+from seahal.hal.formats import e8m0_scales, gather_rows
 
 if TYPE_CHECKING:
     from seahal.backends.cuda.moe_experts import ExpertsConfig
@@ -150,14 +150,7 @@ def touched_experts(topk_ids: torch.Tensor, *weights_and_limit: object) -> tuple
     if touched.numel() == stacked[0].shape[0]:
         return (topk_ids, *weights_and_limit)
     renumbered = torch.where(topk_ids >= 0, torch.searchsorted(touched, topk_ids.clamp(min=0)), -1)
-    return (renumbered.to(topk_ids.dtype), *(None if w is None else _index_rows(w, touched) for w in stacked), limit)
-
-
-def _index_rows(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``w[index]``, through the bytes where torch cannot index the dtype (float8 on the CPU before 2.6)."""
-    if w.element_size() == 1:
-        return w.view(torch.uint8)[index].view(w.dtype)
-    return w[index]
+    return (renumbered.to(topk_ids.dtype), *(None if w is None else gather_rows(w, touched) for w in stacked), limit)
 
 
 def reference_over_touched(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
