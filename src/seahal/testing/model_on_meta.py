@@ -15,8 +15,9 @@ from unittest import mock
 import torch
 
 LAYOUTS = ("release", "bf16")
-"""``release``: FP8 linears (e8m0 128x128 scales), FP4 experts (e8m0 1x32), FP8 KV cache, the other
-linears in bf16, as a release checkpoint loads. ``bf16``: every weight and the cache in bf16."""
+"""``release``: FP8 linears and shared experts (e8m0 128x128 scales), FP4 routed experts (e8m0
+1x32), FP8 KV cache, the other linears in bf16, as a release checkpoint loads (``seahal
+convert``'s formats). ``bf16``: every weight and the cache in bf16."""
 
 
 def release_layout(model: torch.nn.Module) -> None:
@@ -37,8 +38,13 @@ def release_layout(model: torch.nn.Module) -> None:
         elif isinstance(module, Experts):
             for w in ("w1", "w3", "w2"):
                 experts, rows, cols = getattr(module, w).shape
-                module.set_weights(w, torch.empty(experts, rows, cols // 2, dtype=torch.uint8, device="cuda"),
-                                   torch.empty(experts, rows, cols // 32, dtype=torch.float8_e8m0fnu, device="cuda"))
+                if FP8_LINEAR.search(f"{name}.{w}.weight"):  # the shared expert, as its official name says
+                    module.set_weights(w, torch.empty(experts, rows, cols, dtype=torch.float8_e4m3fn, device="cuda"),
+                                       torch.empty(experts, -(-rows // 128), cols // 128, dtype=torch.float8_e8m0fnu,
+                                                   device="cuda"))
+                else:  # routed experts
+                    module.set_weights(w, torch.empty(experts, rows, cols // 2, dtype=torch.uint8, device="cuda"),
+                                       torch.empty(experts, rows, cols // 32, dtype=torch.float8_e8m0fnu, device="cuda"))
 
 
 def model_steps(
