@@ -66,13 +66,14 @@ STEPS=(
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is
 # unchanged since); the end-to-end model against transformers at 1k and 4k context (minutes, 32 GB of GPU
 # memory, 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first); and
-# the experts' launch-config sweep (V4-Flash, quick: the one-token rows, the routed FP4 and the
-# shared FP8 experts, then the 8192-token FP4 prefill's 12 tiles), for moe_experts' table.
+# the experts' launch-config sweep (V4-Flash, quick: first the end-to-end bench's prefill calls at 1k
+# and 4k tokens, its routed FP4 experts of 64 and its FP8 shared expert, then the one-token rows,
+# the routed FP4 and the shared FP8 experts, and the 8192-token FP4 prefill), for moe_experts' table.
 OPT_IN_STEPS=(
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear,grouped_linear --json \$RESULTS/bench-quick.json"
   "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
   "bench-model|580|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
-  "tune-experts|300|\$PYTHON -m seahal.testing.triton_precompile tune-experts --quick --tokens 1,8192 --model V4-Flash && \$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1,8192 --model V4-Flash --json \$RESULTS/tune-experts.json"
+  "tune-experts|300|\$PYTHON -m seahal.testing.triton_precompile tune-experts --quick --tokens 1,1024,4096,8192 --model V4-Flash && \$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1,1024,4096,8192 --model V4-Flash --json \$RESULTS/tune-experts.json"
 )
 
 xdist_args() {  # a worker per 16 GiB of GPU memory, 2 to 8 (H100: 4, H200: 8), one file each at a time

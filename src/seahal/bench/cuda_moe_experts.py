@@ -19,6 +19,8 @@ FP8 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :dat
 
     seahal bench --backend cuda --ops moe_experts [--quick] [--json out.json]
     python -m seahal.bench.cuda_moe_experts --tune [--quick] [--tokens 1,16] [--model V4-Flash] [--json tune.json] [--write]
+
+``--tune`` also sweeps the expert calls of the end-to-end bench's prefill (:func:`end_to_end_rows`).
 """
 
 from __future__ import annotations
@@ -375,11 +377,33 @@ def _sweep(dims: ModelDims, fmt: str, tokens: int, device: torch.device) -> tupl
     return _arguments(dims, fmt, tokens, device), default, tune_candidates(tokens, fmt == "fp4")
 
 
+def end_to_end_rows(device: torch.device) -> list[tuple[ModelDims, str, str, int]]:
+    """(dims, weight format, stage, tokens) of the expert calls in the end-to-end bench's prefills
+    (``seahal bench --ops model``, :func:`seahal.bench.model_e2e.scale`: the 4-layer V4-Flash of 64
+    experts at 1k and 4k tokens): its routed FP4 experts (about 96 rows an expert at 1k, where the
+    8192-token row of 256 experts has about 192) and its FP8 shared expert over every token. None
+    in CPU smoke mode.
+
+    Tuned, not benched: their row counts key table entries (:func:`~seahal.backends.cuda.moe_experts.rows_class`)
+    that no bench row reaches, and these grouped GEMMs were 9.8 of the 15.3 ms of kernels in the
+    captured 1k prefill on the H100 (14a3a20)."""
+    from seahal.bench.model_e2e import scale
+
+    if device.type != "cuda":
+        return []
+    e2e = scale(device, quick=False)
+    c = e2e.config
+    routed = dataclasses.replace(models(device)[0], dim=c["dim"], inter=c["moe_inter_dim"],
+                                 experts=c["n_routed_experts"], top_k=c["n_activated_experts"])
+    shared = dataclasses.replace(routed, experts=1, top_k=1)
+    return [row for tokens in e2e.contexts for row in ((routed, "fp4", "prefill", tokens), (shared, "fp8", "prefill", tokens))]
+
+
 def _tuned_rows(device: torch.device, quick: bool, tokens_only: Collection[int] | None,
                 model: str | None) -> list[tuple[ModelDims, str, str, int]]:
-    """The rows of :func:`_rows` that :func:`tune` sweeps: of ``tokens_only`` tokens and the ``model``
-    named, where given."""
-    return [(dims, fmt, stage, tokens) for dims, fmt, stage, tokens in _rows(device, quick)
+    """The rows :func:`tune` sweeps, those of ``tokens_only`` tokens and the ``model`` named where
+    given: the end-to-end prefill's first (:func:`end_to_end_rows`), then the bench's (:func:`_rows`)."""
+    return [(dims, fmt, stage, tokens) for dims, fmt, stage, tokens in end_to_end_rows(device) + _rows(device, quick)
             if (model is None or dims.name == model) and (tokens_only is None or tokens in tokens_only)]
 
 
