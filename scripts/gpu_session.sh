@@ -10,6 +10,7 @@
 #   session.log         every step's full output
 #   conformance.json    SEAHAL_CUDA_UNVERIFIED=1 seahal conformance --backend cuda
 #   bench-model.json    the end-to-end model at 1k context against transformers (wheels in .whl/)
+#                       (--only bench-model-4k: bench-model-4k.json, the same at 4k context)
 #   bench-gemm.json     fp4_gemm and fp8_gemm (with the Gluon ping-pong kernel beside M >= 512)
 #   bench-experts.json  moe_experts and its routing alone
 #   bench-decode.json   sparse_attention and the indexer
@@ -65,7 +66,8 @@ STEPS=(
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is
 # unchanged since); the end-to-end model against transformers at 1k and 4k context (minutes, 32 GB of GPU
-# memory, 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first); and
+# memory, 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first), or at
+# 4k alone with the quick run's 16 decode steps (bench-model-4k.json: a device call of its own); and
 # the experts' launch-config sweep (V4-Flash, quick: first the end-to-end bench's prefill calls at 1k
 # and 4k tokens, its routed FP4 experts of 64 and its FP8 shared expert, then the one-token rows,
 # the routed FP4 and the shared FP8 experts, and the 8192-token FP4 prefill), for moe_experts' table.
@@ -73,6 +75,7 @@ OPT_IN_STEPS=(
   "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear,grouped_linear --json \$RESULTS/bench-quick.json"
   "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
   "bench-model|580|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
+  "bench-model-4k|420|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model --quick --contexts 4096 && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --contexts 4096 --json \$RESULTS/bench-model-4k.json"
   "tune-experts|300|\$PYTHON -m seahal.testing.triton_precompile tune-experts --quick --tokens 1,1024,4096,8192 --model V4-Flash && \$PYTHON -m seahal.bench.cuda_moe_experts --tune --quick --tokens 1,1024,4096,8192 --model V4-Flash --json \$RESULTS/tune-experts.json"
 )
 

@@ -319,6 +319,38 @@ def test_ops_list_and_errors(capsys):
     assert "no cuda benchmark for flash_attn" in capsys.readouterr().err
 
 
+def test_contexts_reach_the_model_rows_and_only_them(monkeypatch, capsys):
+    """``--contexts 4096``: the model bench at that prompt length alone (the 4k figure in a device
+    call of its own); every other module's rows are called as before; without model rows, or with a
+    length that is not a positive integer, a usage error."""
+    from seahal.bench import cuda_mhc_rope, model_e2e, parse_contexts
+
+    calls = {}
+
+    def recording(module):
+        def rows(ops, device, quick, **options):
+            calls[module] = options
+            return []
+        return rows
+
+    monkeypatch.setattr(model_e2e, "rows", recording("model"))
+    monkeypatch.setattr(cuda_mhc_rope, "rows", recording("rope"))
+    run_cuda(["model", "rope"], "cpu", quick=True, contexts=(4096,))
+    assert calls == {"model": {"contexts": (4096,)}, "rope": {}}
+    scaled = model_e2e.scale(GPU, quick=True, contexts=(4096,))
+    assert scaled == dataclasses.replace(model_e2e.scale(GPU, quick=True), contexts=(4096,))
+    assert model_e2e.scale(GPU, quick=False).contexts == (1024, 4096)
+    with pytest.raises(ValueError, match="positive"):
+        model_e2e.scale(GPU, quick=True, contexts=(0,))
+    assert parse_contexts("1024,4096") == (1024, 4096)
+    for bad in ("0", "4k", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_contexts(bad)
+    args = argparse.Namespace(backend="cuda", ops="rope", json=None, quick=True, plot=None, device="cpu", contexts=(4096,))
+    assert main(args) == 2
+    assert "--contexts sets the prompt lengths of --ops model" in capsys.readouterr().err
+
+
 def test_gpu_only_modules_rows_convert_to_the_common_schema(monkeypatch):
     """The GEMM, gate and quantiser benchmarks keep their own measurement (GPU only); their rows,
     as they produce them, come out in the common schema with their peers."""

@@ -66,6 +66,11 @@ def test_only_selects_steps_and_bad_arguments_are_refused():
     result = _run("--dry-run", "--only", "bench-model")
     (line,) = result.stdout.splitlines()[1:]
     assert line.split()[0] == "bench-model" and "install_carried_wheels && " in line and "--ops model" in line
+    # or at 4k alone, compiled ahead at that context, into a file of its own
+    result = _run("--dry-run", "--only", "bench-model-4k")
+    (line,) = result.stdout.splitlines()[1:]
+    assert line.split()[0] == "bench-model-4k" and line.count("--contexts 4096") == 2
+    assert "triton_precompile model --quick --contexts 4096" in line and "bench-model-4k.json" in line
     result = _run("--frobnicate")
     assert result.returncode == 2 and "unknown argument --frobnicate" in result.stderr
 

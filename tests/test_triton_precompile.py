@@ -109,7 +109,7 @@ def _bench_specialisations(what: str) -> dict:
     from seahal.testing import triton_precompile as precompile
 
     if what == "model":
-        launches, notes = precompile._model_launches(argparse.Namespace(quick=True), 132, SM90)
+        launches, notes = precompile._model_launches(argparse.Namespace(quick=True, contexts=None), 132, SM90)
     else:
         ops = {"experts": "moe_experts", "tune": None, "decode": "sparse_attention,indexer,grouped_linear",
                "mhc": "mhc,kv_compress,rope,kv_cache_unpack,fp32_linear"}[what]

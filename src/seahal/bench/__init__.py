@@ -2,6 +2,7 @@
 
     seahal bench --backend cpu [--ops fp8_gemm,fp4_gemm] [--json out.json] [--quick]
     seahal bench --backend cuda --ops A,B,C [--json out.json] [--plot roofline.png] [--quick] [--device cpu]
+    seahal bench --backend cuda --ops model [--quick] [--contexts 4096]
 
 For the cuda backend each op's rows come from its own module (:data:`CUDA_OPS`) in the schema of
 :mod:`seahal.bench.common`, merged into one table and one JSON document. ``--device cpu`` is a smoke
@@ -61,6 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--plot", metavar="PNG", help="cuda: draw achieved throughput against the roofline (matplotlib)")
     parser.add_argument("--device", default="cuda", help="cuda: 'cpu' runs the smoke mode (reference at tiny shapes)")
+    parser.add_argument("--contexts", metavar="N,M", type=parse_contexts,
+                        help="--ops model: these prompt lengths (default 1024,4096; --quick 1024)")
+
+
+def parse_contexts(text: str) -> tuple[int, ...]:
+    """``"1024,4096"`` -> (1024, 4096): the model bench's prompt lengths, each a positive integer."""
+    try:
+        contexts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prompt lengths such as 4096, got {text!r}") from None
+    if min(contexts) < 1:
+        raise argparse.ArgumentTypeError(f"prompt lengths must be positive, got {text!r}")
+    return contexts
 
 
 def expand_ops(spec: str) -> list[str]:
@@ -78,10 +92,10 @@ def modules_of(ops: list[str]) -> dict[str, list[str]]:
 
 
 def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None = None,
-             plot_path: str | None = None) -> list[dict]:
+             plot_path: str | None = None, contexts: tuple[int, ...] | None = None) -> list[dict]:
     """Rows of ``ops`` on ``device`` from each op's module, in one table (printed last), one JSON
     document at ``json_path`` (rewritten after each row, so a run cut short keeps what it
-    measured) and one roofline plot at ``plot_path``."""
+    measured) and one roofline plot at ``plot_path``; ``contexts``: the model rows' prompt lengths."""
     import torch
 
     from seahal.bench import common
@@ -99,8 +113,9 @@ def run_cuda(ops: list[str], device, quick: bool = False, json_path: str | None 
         if device.type != "cuda" and module in GPU_ONLY:
             rows += [common.unavailable_row(op, "needs a CUDA device (no CPU smoke mode)") for op in module_ops]
         else:
+            options = {"contexts": contexts} if module == CUDA_OPS["model"] and contexts else {}
             with common.on_each_row(checkpoint):
-                rows += importlib.import_module(f"seahal.bench.{module}").rows(module_ops, device, quick)
+                rows += importlib.import_module(f"seahal.bench.{module}").rows(module_ops, device, quick, **options)
         if json_path:
             common.write_json(json_path, device, rows)
     if plot_path and common.plot_roofline(rows, plot_path, f"seahal bench on {common.environment(device)['device']}"):
@@ -124,6 +139,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"no cuda benchmark for {', '.join(unknown)}; have: {', '.join(CUDA_OPS)} (aliases: "
               f"{', '.join(ALIASES)})", file=sys.stderr)
         return 2
+    contexts = getattr(args, "contexts", None)
+    if contexts and "model" not in ops:
+        print("--contexts sets the prompt lengths of --ops model; no model rows were asked for", file=sys.stderr)
+        return 2
     device = getattr(args, "device", None) or "cuda"
     if device.startswith("cuda"):
         import torch
@@ -133,5 +152,5 @@ def main(args: argparse.Namespace) -> int:
                   " runs the smoke mode", file=sys.stderr)
             return 2
     run_cuda(ops, device, quick=getattr(args, "quick", False), json_path=getattr(args, "json", None),
-             plot_path=getattr(args, "plot", None))
+             plot_path=getattr(args, "plot", None), contexts=contexts)
     return 0

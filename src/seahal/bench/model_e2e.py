@@ -141,13 +141,20 @@ class Scale:
         return context + self.warmup + self.decode_steps
 
 
-def scale(device: torch.device, quick: bool) -> Scale:
-    """The 4-layer V4-Flash model at 1k and 4k tokens on a GPU (quick: 1k only); tiny on the CPU."""
+def scale(device: torch.device, quick: bool, contexts: tuple[int, ...] | None = None) -> Scale:
+    """The 4-layer V4-Flash model at 1k and 4k tokens on a GPU (quick: 1k only); tiny on the CPU.
+    ``contexts``: these prompt lengths instead (``seahal bench --contexts``), each > 0."""
     if device.type == "cuda":
-        contexts = (1024,) if quick else (1024, 4096)
-        return Scale("4-layer V4-Flash, 64 experts", V4_FLASH_4_LAYERS, contexts, 16 if quick else 32, 3)
-    return Scale("tiny, V4-Flash layer pattern", TINY_4_LAYERS, (128, 256), 4 if quick else 8, 1 if quick else 3,
-                 warmup=1)
+        s = Scale("4-layer V4-Flash, 64 experts", V4_FLASH_4_LAYERS, (1024,) if quick else (1024, 4096),
+                  16 if quick else 32, 3)
+    else:
+        s = Scale("tiny, V4-Flash layer pattern", TINY_4_LAYERS, (128, 256), 4 if quick else 8, 1 if quick else 3,
+                  warmup=1)
+    if contexts is None:
+        return s
+    if not contexts or min(contexts) < 1:
+        raise ValueError(f"contexts must be positive prompt lengths, got {list(contexts)}")
+    return replace(s, contexts=tuple(contexts))
 
 
 # -- the checkpoint ---------------------------------------------------------------------------------
@@ -631,9 +638,10 @@ def measure(
     return found
 
 
-def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
-    """``model`` rows on ``device``; the checkpoints live in a temporary folder, removed at the end."""
-    s = scale(device, quick)
+def rows(ops: list[str], device: torch.device, quick: bool, contexts: tuple[int, ...] | None = None) -> list[dict]:
+    """``model`` rows on ``device`` (at :func:`scale`'s contexts, or ``contexts``); the checkpoints
+    live in a temporary folder, removed at the end."""
+    s = scale(device, quick, contexts)
     print(f"model: {s.name}, contexts {', '.join(map(_tokens, s.contexts))}, {s.decode_steps} decode steps", flush=True)
     with tempfile.TemporaryDirectory(prefix="seahal-bench-model-") as folder:
         start = time.perf_counter()

@@ -253,16 +253,17 @@ def _conformance_launches(args: argparse.Namespace, sms: int, capability: tuple[
 
 
 def _model_launches(args: argparse.Namespace, sms: int, capability: tuple[int, int]) -> tuple[list, list[str]]:
-    """The launches of ``seahal bench --ops model`` (``--quick``: its 1k context only): the
-    4-layer V4-Flash model's prefill, decode, graph decode and captured prefill, with the release
-    checkpoint's formats and in bf16, at each context with the bench's cache rows."""
+    """The launches of ``seahal bench --ops model`` (``--quick``: its 1k context only; ``--contexts``
+    as the bench's): the 4-layer V4-Flash model's prefill, decode, graph decode and captured
+    prefill, with the release checkpoint's formats and in bf16, at each context with the bench's
+    cache rows."""
     import torch
 
     from seahal.bench.model_e2e import scale
 
     from .model_on_meta import LAYOUTS, model_steps
 
-    bench = scale(torch.device("cuda"), args.quick)
+    bench = scale(torch.device("cuda"), args.quick, args.contexts)
     sources = [(run for _, run in model_steps(layout, context, capacity=bench.capacity(context)))
                for context in bench.contexts for layout in LAYOUTS]
     return _run_calls(sources, sms, capability, [])
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     compile ahead what ``seahal conformance``, ``seahal bench --ops model``, ``seahal bench --ops
     OPS`` or the experts' tuner will launch on this machine's GPU.
     Prints one line; exits 0 whatever it could compile (a run compiles what is missing)."""
+    from seahal.bench import parse_contexts
+
     parser = argparse.ArgumentParser(prog="python -m seahal.testing.triton_precompile", description=main.__doc__)
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (default: one a core)")
     parser.add_argument("--device", help="the GPU (default: cuda)")
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     conformance.set_defaults(launches=_conformance_launches)
     model = runs.add_parser("model", help="what `seahal bench --ops model` launches")
     model.add_argument("--quick", action="store_true", help="as `seahal bench --quick`: the 1k context only")
+    model.add_argument("--contexts", type=parse_contexts, help="as `seahal bench --contexts`: these prompt lengths")
     model.set_defaults(launches=_model_launches, backend="cuda")
     bench = runs.add_parser("bench", help="what `seahal bench --backend cuda --ops OPS` launches")
     bench.add_argument("--ops", required=True, help="as the bench's --ops (modules with calls())")
