@@ -105,6 +105,7 @@ def _moe(t: int):
     gate_weight = _empty(EXPERTS, DIM, dtype=torch.bfloat16)
     moe_gate.moe_gate(x, gate_weight, _empty(EXPERTS), TOP_K)
     moe_gate.moe_gate(x, gate_weight, None, TOP_K, input_ids=ids, tid2eid=tid2eid)
+    moe_gate.route(moe_gate.gate_logits(x, gate_weight), _empty(EXPERTS), TOP_K, route_warps=1)  # a bench row
     weights, top = _empty(t, TOP_K), torch.empty((t, TOP_K), dtype=torch.int64, device="cuda")
     e = EXPERTS_BUILT
     fp8, e8m0, shapes = torch.float8_e4m3fn, torch.float8_e8m0fnu, ((INTER, DIM), (INTER, DIM), (DIM, INTER))

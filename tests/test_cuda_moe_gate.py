@@ -240,3 +240,17 @@ def test_gpu_ties_and_hash(plan):
     ref_w, ref_idx = reference(x, weight, bias, 6, "sqrtsoftplus", 1.5, 1, 1, ids, tid2eid)
     assert torch.equal(idx, ref_idx)
     assert (w - ref_w).abs().max() < 1e-5
+
+
+@on_gpu
+@pytest.mark.parametrize("t", [1, 16384])
+def test_gpu_one_warp_routing_is_the_four_warp_routing(t):
+    """The bench's one-warp routing programs (``route_warps=1``: a token's row reduced within a
+    warp) pick the same experts with the same weights, bit for bit: only the reductions' lanes differ."""
+    from seahal.backends.cuda import moe_gate
+
+    x, weight, bias = (v.cuda() for v in _inputs(t, 4096, 256, seed=t, dtype=torch.bfloat16))
+    logits = moe_gate.gate_logits(x, weight)
+    w, idx = moe_gate.route(logits, bias, 6, "sqrtsoftplus", 1.5)
+    w1, idx1 = moe_gate.route(logits, bias, 6, "sqrtsoftplus", 1.5, route_warps=1)
+    assert torch.equal(idx1, idx) and torch.equal(w1, w)

@@ -2,7 +2,8 @@
 
 Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts; the
 routing stage alone from fp32 logits [T, 256] (what the anchors'
-"16384 x 256" goal counts: 16.8 MB read -> 5.6 us at 3.0 TB/s); hash routing. The peer is the CPU
+"16384 x 256" goal counts: 16.8 MB read -> 5.6 us at 3.0 TB/s), also on one warp a program
+(``route_warps=1``, no block barrier in the top-k rounds); hash routing. The peer is the CPU
 reference kernel's code on the same GPU tensors (fp32 matmul, torch.sort). Each row is checked
 (indices vs the peer) before timing; times are medians of CUDA-graph replays, L2 flushed before each
 (``common.time_cuda``).
@@ -74,7 +75,7 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("seahal bench --backend cuda needs a CUDA device")
     from seahal.backends.cpu.reference.moe import moe_gate as reference
-    from seahal.backends.cuda.moe_gate import gate_logits, route
+    from seahal.backends.cuda.moe_gate import ROUTE_WARPS, gate_logits, route
 
     rows = []
     for t in QUICK_FULL_TOKENS if quick else FULL_TOKENS:
@@ -86,10 +87,10 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     for t in ROUTE_TOKENS:
         x, weight, bias = _inputs(t)
         logits = gate_logits(x, weight).sum(0)
-        ours = partial(route, logits[None], bias, TOP_K, "sqrtsoftplus", 1.5)
-        rows.append(_row("route from fp32 logits", t, ours, partial(_peer_route, logits, bias),
-                         logits.nbytes + t * TOP_K * 8, quick))
-        print(rows[-1], flush=True)
+        for name, warps in (("route from fp32 logits", ROUTE_WARPS), ("route from fp32 logits, one warp a program", 1)):
+            ours = partial(route, logits[None], bias, TOP_K, "sqrtsoftplus", 1.5, route_warps=warps)
+            rows.append(_row(name, t, ours, partial(_peer_route, logits, bias), logits.nbytes + t * TOP_K * 8, quick))
+            print(rows[-1], flush=True)
     x, weight, bias = _inputs(256)
     tid2eid = torch.stack([torch.randperm(E, device="cuda")[:TOP_K] for _ in range(4096)]).int()
     ids = torch.randint(0, 4096, (256,), device="cuda")
