@@ -131,14 +131,43 @@ def test_a_decode_row_carries_each_opt_in_as_a_peer(tmp_path):
     from seahal.model.tiny import write_tiny_checkpoint
 
     model = load(write_tiny_checkpoint(tmp_path), device="cpu", announce=False)
-    assert model_e2e.OPT_IN_DECODES["side_stream"][0] == SIDE_STREAM_VARIABLE
+    pdl = model_e2e.PDL_VARIABLE
+    assert {key: variables for key, (variables, _) in model_e2e.OPT_IN_DECODES.items()} == {
+        "pdl": (pdl,), "side_stream": (SIDE_STREAM_VARIABLE,), "pdl_side_stream": (pdl, SIDE_STREAM_VARIABLE)}
     if importlib.util.find_spec("triton") is not None:
         from seahal.backends.cuda._pdl import PDL_VARIABLE
 
-        assert model_e2e.OPT_IN_DECODES["pdl"][0] == PDL_VARIABLE
+        assert pdl == PDL_VARIABLE
     assert model_e2e._opt_ins(type("Wrapped", (), {"model": model})()) == ["side_stream"]  # no PDL off the cuda plan
-    ours = model_e2e._Measured(torch.zeros(1, 8), 1000.0, 100.0, {"side_stream_decode_us": 80.0, "pdl_error": "boom"})
+    cuda_plan = type("Plan", (), {"backend": type("Backend", (), {"name": "cuda"})()})()
+    on_cuda = type("Wrapped", (), {"model": type("Model", (), {"plan": cuda_plan})()})()
+    assert model_e2e._opt_ins(on_cuda) == ["pdl", "side_stream", "pdl_side_stream"]
+    ours = model_e2e._Measured(torch.zeros(1, 8), 1000.0, 100.0, {"side_stream_decode_us": 80.0, "pdl_error": "boom",
+                                                                   "pdl_side_stream_decode_us": 70.0})
     row = model_e2e._row("decode", 16, "bf16", model, ours, None, None)
     assert row["peer"]["seahal graph, shared expert on a side stream"]["us"] == 80.0
+    assert row["peer"]["seahal graph, PDL launches and a side stream"]["us"] == 70.0
     assert "seahal graph, PDL launches" not in row["peer"] and row["pdl_error"] == "boom"
     assert model_e2e._row("prefill", 16, "bf16", model, ours, None, None)["peer"] == {}
+
+
+def test_an_opt_in_sets_its_variables_for_its_capture_only(monkeypatch):
+    """``pdl_side_stream`` captures its graph with both variables set; each is then restored (unset,
+    or the value it had), and the model's graph is dropped so the next capture starts afresh."""
+    from seahal.hal.streams import SIDE_STREAM_VARIABLE
+
+    pdl = model_e2e.PDL_VARIABLE
+    monkeypatch.delenv(pdl, raising=False)
+    monkeypatch.setenv(SIDE_STREAM_VARIABLE, "0")
+    seen = {}
+
+    def decode_us(decode, model, prompt, steps, s, device):
+        seen.update({v: model_e2e.os.environ.get(v) for v in (pdl, SIDE_STREAM_VARIABLE)}, graph=model.graph)
+        return 5.0
+
+    monkeypatch.setattr(model_e2e, "_decode_us", decode_us)
+    model = type("Model", (), {"graph": "old", "decode": None})()
+    assert model_e2e._opted_in_decode_us("pdl_side_stream", model, None, [], SCALE, CPU) == 5.0
+    assert seen == {pdl: "1", SIDE_STREAM_VARIABLE: "1", "graph": None}
+    assert pdl not in model_e2e.os.environ and model_e2e.os.environ[SIDE_STREAM_VARIABLE] == "0"
+    assert model.graph is None

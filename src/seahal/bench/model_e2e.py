@@ -49,7 +49,8 @@ captured during the warm-up steps) when the plan keeps positions on the device; 
 run eagerly as the peer ``seahal eager (no graph)``, captured again with each layer's shared
 expert on a side stream (``SEAHAL_SIDE_STREAM=1``) as ``seahal graph, shared expert on a side
 stream`` and, on the cuda plan, with programmatic dependent launch (``SEAHAL_CUDA_PDL=1``) as
-``seahal graph, PDL launches`` (:data:`OPT_IN_DECODES`). Prefill
+``seahal graph, PDL launches`` and with both as ``seahal graph, PDL launches and a side stream``
+(:data:`OPT_IN_DECODES`). Prefill
 is eager; where decode has a graph, the prefill row also carries the prompt as one captured step
 of all its tokens (:meth:`_Seahal.prefill_graph`, a graph per prompt length) as the peer ``seahal
 graph, one captured step``, timed only when its last logits are within GRAPH_PREFILL_TOLERANCE of
@@ -306,38 +307,44 @@ def _call_us(fn: Callable[[], object], device: torch.device) -> tuple[float, flo
     return 1e3 * begin.elapsed_time(end), host
 
 
+PDL_VARIABLE = "SEAHAL_CUDA_PDL"
 OPT_IN_DECODES = {
-    "pdl": ("SEAHAL_CUDA_PDL", "seahal graph, PDL launches"),
-    "side_stream": (SIDE_STREAM_VARIABLE, "seahal graph, shared expert on a side stream"),
+    "pdl": ((PDL_VARIABLE,), "seahal graph, PDL launches"),
+    "side_stream": ((SIDE_STREAM_VARIABLE,), "seahal graph, shared expert on a side stream"),
+    "pdl_side_stream": ((PDL_VARIABLE, SIDE_STREAM_VARIABLE), "seahal graph, PDL launches and a side stream"),
 }
 """Opt-in ways to run the step that a graph decode row also times, each in a graph captured with
-it: key -> (its environment variable, the peer's name). ``pdl``: the cuda backend's kernels
-launched with programmatic dependent launch (each may start while the one ahead finishes, then
-waits for it; cuda plans only); ``side_stream``: each layer's shared expert on a side stream beside
-its gate and routed experts (:mod:`seahal.hal.streams`)."""
+it: key -> (the environment variables it sets, the peer's name). ``pdl``: the cuda backend's
+kernels launched with programmatic dependent launch (each may start while the one ahead finishes,
+then waits for it; cuda plans only); ``side_stream``: each layer's shared expert on a side stream
+beside its gate and routed experts (:mod:`seahal.hal.streams`); ``pdl_side_stream``: both, the step
+the two would make together (on the H100 at 14a3a20 PDL alone took 1513 of the graph's 1638.5 us,
+and issue #6 asks for 1287)."""
 
 
 def _opt_ins(model: _Seahal) -> list[str]:
-    """The keys of :data:`OPT_IN_DECODES` that apply to ``model``'s plan."""
-    return [key for key in OPT_IN_DECODES if key != "pdl" or model.model.plan.backend.name == "cuda"]
+    """The keys of :data:`OPT_IN_DECODES` that apply to ``model``'s plan (PDL: the cuda plan's only)."""
+    cuda = model.model.plan.backend.name == "cuda"
+    return [key for key, (variables, _) in OPT_IN_DECODES.items() if cuda or PDL_VARIABLE not in variables]
 
 
 def _opted_in_decode_us(key: str, model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tensor], s: Scale,
                         device: torch.device) -> float:
     """The median decode step of a graph captured with the opt-in ``key`` of
     :data:`OPT_IN_DECODES`, over a fresh prefill: what it saves between or beside the step's kernels."""
-    variable = OPT_IN_DECODES[key][0]
-    previous = os.environ.get(variable)
-    os.environ[variable] = "1"
+    variables = OPT_IN_DECODES[key][0]
+    previous = {variable: os.environ.get(variable) for variable in variables}
+    os.environ.update(dict.fromkeys(variables, "1"))
     try:
         model.graph = None  # captured again, at its first step, with the opt-in
         return _decode_us(model.decode, model, prompt, steps, s, device)
     finally:
         model.graph = None
-        if previous is None:
-            del os.environ[variable]
-        else:
-            os.environ[variable] = previous
+        for variable, value in previous.items():
+            if value is None:
+                del os.environ[variable]
+            else:
+                os.environ[variable] = value
 
 
 GRAPH_PREFILL_TOLERANCE = 2e-2
