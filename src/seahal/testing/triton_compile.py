@@ -102,6 +102,10 @@ class CompileResult:
     reading packed data a byte at a time."""
     loop_instructions: int | None = None
     """SASS instructions in the kernel's longest loop: what a warp issues per step of it."""
+    instructions: int | None = None
+    """SASS instructions in the whole kernel (loops counted once; slow paths that rarely run too)."""
+    barriers: int | None = None
+    """``BAR.SYNC`` instructions in the whole kernel."""
 
     @property
     def ok(self) -> bool:
@@ -301,11 +305,17 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
             chain.append(chain[-1].__cause__)
         return CompileResult(launch, error="\n".join(f"{type(e).__name__}: {e}" for e in chain))
     registers, stack = _resource_usage(compiled.asm["cubin"])
-    loop = _longest_loop(compiled.asm["cubin"])
+    sass = _sass(compiled.asm["cubin"])
+    loop = None if sass is None else _longest_loop(sass)
     return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared,
-                         registers=registers, stack_bytes=stack, loop_barriers=_count(loop, r"BAR\.SYNC"),
-                         loop_byte_loads=_count(loop, r"\bLDS\.[US]8\b"),
-                         loop_instructions=_count(loop, r"/\*[0-9a-f]{4}\*/\s+\S"))
+                         registers=registers, stack_bytes=stack, loop_barriers=_count(loop, BARRIER),
+                         loop_byte_loads=_count(loop, r"\bLDS\.[US]8\b"), loop_instructions=_count(loop, INSTRUCTION),
+                         instructions=_count(sass, INSTRUCTION), barriers=_count(sass, BARRIER))
+
+
+INSTRUCTION = r"/\*[0-9a-f]{4}\*/\s+\S"
+"""A line of nvdisasm's output that holds an instruction (its address comment, then the opcode)."""
+BARRIER = r"BAR\.SYNC"
 
 
 def _binary_tool_output(name: str, args: list[str], cubin: bytes) -> str | None:
@@ -322,13 +332,15 @@ def _binary_tool_output(name: str, args: list[str], cubin: bytes) -> str | None:
         return subprocess.run([path, *args, file.name], capture_output=True, text=True, check=True).stdout
 
 
-def _longest_loop(cubin: bytes) -> list[str] | None:
-    """The SASS lines of the longest loop of the kernel in ``cubin`` (a backward branch's body in
-    nvdisasm's output); [] without a loop, None without nvdisasm."""
+def _sass(cubin: bytes) -> list[str] | None:
+    """The lines of nvdisasm's listing of the kernel in ``cubin``; None without nvdisasm."""
     sass = _binary_tool_output("nvdisasm", ["-c"], cubin)
-    if sass is None:
-        return None
-    lines = sass.splitlines()
+    return None if sass is None else sass.splitlines()
+
+
+def _longest_loop(lines: list[str]) -> list[str]:
+    """The SASS lines of the longest loop in a kernel's listing (a backward branch's body); []
+    without a loop."""
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = [
         lines[labels[m.group(1)]: i + 1]
@@ -353,3 +365,49 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     if found is None:
         raise RuntimeError(f"cuobjdump reported no resource usage: {usage[-500:]}")
     return int(found.group(1)), int(found.group(2))
+
+
+def launch_table(results: list[CompileResult]) -> str:
+    """A markdown table of compiled launches: resources, programs an SM, and SASS counts (whole
+    kernel and its longest loop, per warp), or the compiler's first error line."""
+    lines = ["| launch | registers | shared KB | programs / SM | instructions | barriers | loop instructions | loop barriers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.ok:
+            lines.append(f"| {r.launch.describe()} | error: {r.error.splitlines()[0][:120]} |||||||")
+            continue
+        resident = r.resident_programs() if r.registers else None
+        lines.append(f"| {r.launch.describe()} | {r.registers} | {r.shared_bytes / 1024:.1f} | {resident} | "
+                     f"{r.instructions} | {r.barriers} | {r.loop_instructions} | {r.loop_barriers} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m seahal.testing.triton_compile -c CODE``: run CODE as if on an H100 (tensors made
+    with ``device="cuda"`` are meta tensors; ``torch`` is imported), compile every Triton launch it
+    makes for sm_90, and print :func:`launch_table`. No GPU needed; e.g.
+
+        python -m seahal.testing.triton_compile -c "from seahal.backends.cuda import moe_gate
+        moe_gate.route(torch.empty(1, 16384, 256, device='cuda'), torch.empty(256, device='cuda'), 6, route_warps=1)"
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m seahal.testing.triton_compile", description=main.__doc__.split("\n")[0])
+    parser.add_argument("-c", dest="code", required=True, help="Python code making the launches")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: under the interpreter kernels run on the CPU and never compile")
+    missing = toolchain_missing()
+    if missing:
+        parser.error(f"cannot compile here: {missing}")
+    with capture_launches() as launches:
+        exec(compile(args.code, "<-c>", "exec"), {"torch": torch})  # noqa: S102 - the command's purpose
+    if not launches:
+        print("the code made no Triton launch")
+        return 1
+    print(launch_table([compile_launch(launch) for launch in launches]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
