@@ -3,11 +3,11 @@
 A CUDA graph replays every kernel of a decode step; each small one still costs launch and tail
 time (~2-3 us on an H100), so the count is part of the decode time issue #6 sets a goal for. The
 count: the 4-layer V4-Flash model of ``seahal bench --ops model`` (64 experts; FP8 linears and
-shared expert, FP4 routed experts, FP8 KV cache: the release layout) on the cuda plan, built and run on meta tensors posing
-as an H100 (:mod:`seahal.testing.triton_compile`): each HAL op call counts once (a bound op is one
-torch op; some launch more than one Triton kernel), each other aten op that would launch a kernel
-once, dtype conversions included. Runs in a child process: the plan must see the posing CUDA
-device from its first probe.
+shared expert, FP4 routed experts, FP8 KV cache: the release layout) on the cuda plan, built and
+run on meta tensors posing as an H100 (:mod:`seahal.testing.triton_compile`): each HAL op call
+counts once (a bound op is one torch op; some launch more than one Triton kernel), each other aten
+op that would launch a kernel once, dtype conversions included. Runs in a child process: the plan
+must see the posing CUDA device from its first probe.
 
     python tests/test_decode_census.py     # prints the census as JSON
 """
