@@ -171,3 +171,12 @@ def test_an_opt_in_sets_its_variables_for_its_capture_only(monkeypatch):
     assert seen == {pdl: "1", SIDE_STREAM_VARIABLE: "1", "graph": None}
     assert pdl not in model_e2e.os.environ and model_e2e.os.environ[SIDE_STREAM_VARIABLE] == "0"
     assert model.graph is None
+
+
+def test_a_combination_is_not_captured_when_a_part_failed_alone():
+    """PDL and the side stream together are captured only when each was captured alone: a capture
+    that failed once is not tried again inside a larger one (a failed capture can leave state behind)."""
+    details = {"pdl_error": "RuntimeError: capture refused"}
+    assert model_e2e._failed_part("pdl_side_stream", details) == "pdl"
+    assert model_e2e._failed_part("pdl_side_stream", {"side_stream_decode_us": 1.0}) is None
+    assert model_e2e._failed_part("side_stream", details) is None  # not a part of the side stream alone

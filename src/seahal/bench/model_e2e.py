@@ -328,6 +328,14 @@ def _opt_ins(model: _Seahal) -> list[str]:
     return [key for key, (variables, _) in OPT_IN_DECODES.items() if cuda or PDL_VARIABLE not in variables]
 
 
+def _failed_part(key: str, details: dict) -> str | None:
+    """The opt-in among ``key``'s parts (those of :data:`OPT_IN_DECODES` whose variables it also
+    sets) that failed alone (``<part>_error`` in ``details``), else None."""
+    variables = set(OPT_IN_DECODES[key][0])
+    return next((part for part, (part_variables, _) in OPT_IN_DECODES.items()
+                 if part != key and set(part_variables) <= variables and f"{part}_error" in details), None)
+
+
 def _opted_in_decode_us(key: str, model: _Seahal, prompt: torch.Tensor, steps: list[torch.Tensor], s: Scale,
                         device: torch.device) -> float:
     """The median decode step of a graph captured with the opt-in ``key`` of
@@ -417,6 +425,10 @@ def _measure(model, ids: torch.Tensor, context: int, s: Scale, device: torch.dev
         measured.details.update(_graph_prefill(model, prompt, measured.logits[0], s, device))
         measured.details["eager_decode_us"] = _decode_us(model.decode_eager, model, prompt, steps, s, device)
         for key in _opt_ins(model):  # and the graphs of the opt-ins (PDL launches, a side stream)
+            failed = _failed_part(key, measured.details)
+            if failed is not None:  # a combination whose part failed alone is not captured
+                measured.details[f"{key}_error"] = f"not run: {failed} failed alone"
+                continue
             try:
                 measured.details[f"{key}_decode_us"] = _opted_in_decode_us(key, model, prompt, steps, s, device)
             except Exception as exc:  # noqa: BLE001 - an opt-in that fails to capture is a finding, not the row's end
