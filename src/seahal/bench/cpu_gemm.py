@@ -143,16 +143,16 @@ def implementations(op: str, *operands: torch.Tensor) -> dict[str, Callable[[], 
 
 
 def _in_simd_variant(variant: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``fn`` run with the native kernels held to ``variant`` (the best one again afterwards)."""
+    """``fn`` run with the native kernels held to ``variant`` (the variant they had again afterwards)."""
     module = native.native_module()
 
     def call() -> torch.Tensor:
-        best = module.simd_variants()[-1]
+        previous = module.simd_variant()
         module.set_simd(variant)
         try:
             return fn()
         finally:
-            module.set_simd(best)
+            module.set_simd(previous)
 
     return call
 
