@@ -147,7 +147,7 @@ def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _matches_contract(op: str, args: tuple, outputs) -> None:
+def assert_matches_contract(op: str, args: tuple, outputs) -> None:
     """The outputs on meta have exactly the shapes and dtypes the HAL contract promises."""
     want = get_spec(op).check(*args)
     want = (want,) if not isinstance(want, tuple) or hasattr(want, "shape") else want
@@ -159,29 +159,29 @@ def _matches_contract(op: str, args: tuple, outputs) -> None:
 def test_moe_gate_score_and_hash_routing(kernels):
     x, weight, bias = meta(16, 64), meta(256, 64), meta(256, dtype=torch.float32)
     args = (x, weight, bias, 8, "sigmoid", 2.5, 8, 4, None, None)
-    _matches_contract("moe_gate", args, kernels.moe.moe_gate(*args))
+    assert_matches_contract("moe_gate", args, kernels.moe.moe_gate(*args))
     ids, table = meta(16, dtype=torch.int64), meta(1000, 8, dtype=torch.int32)
     args = (x, weight, None, 8, "softmax", 1.0, 1, 1, ids, table)
-    _matches_contract("moe_gate", args, kernels.moe.moe_gate(*args))
+    assert_matches_contract("moe_gate", args, kernels.moe.moe_gate(*args))
 
 
 def test_moe_experts_dispatch_gemms_and_combine(kernels):
     x, weights, ids = meta(6, 64), meta(6, 2, dtype=torch.float32), meta(6, 2, dtype=torch.int32)
     w1, w3, w2 = meta(8, 32, 64), meta(8, 32, 64), meta(8, 64, 32)
     args = (x, weights, ids, w1, None, w3, None, w2, None, 10.0)
-    _matches_contract("moe_experts", args, kernels.moe.moe_experts(*args))
+    assert_matches_contract("moe_experts", args, kernels.moe.moe_experts(*args))
 
 
 def test_sparse_attention_with_sinks(kernels):
     q, kv, indices, sink = meta(2, 5, 4, 512), meta(2, 40, 512), meta(2, 5, 24, dtype=torch.int32), meta(4, dtype=torch.float32)
     args = (q, kv, indices, sink, 0.04)
-    _matches_contract("sparse_attention", args, kernels.attention.sparse_attention(*args))
+    assert_matches_contract("sparse_attention", args, kernels.attention.sparse_attention(*args))
 
 
 def test_indexer_paged_keys(kernels):
     q, weights, keys = meta(2, 7, 64, 128), meta(2, 7, 64, dtype=torch.float32), meta(2, 300, 128)
     args = (q, weights, keys, 4, 1200, 512)
-    _matches_contract("indexer_topk", args, kernels.attention.indexer_topk(*args))
+    assert_matches_contract("indexer_topk", args, kernels.attention.indexer_topk(*args))
 
 
 def test_fp8_block_gemm_g_b_mode(kernels):
@@ -190,7 +190,7 @@ def test_fp8_block_gemm_g_b_mode(kernels):
     b, b_scale = meta(2048, 7168, dtype=e4m3), meta(16, 56, dtype=E8M0_HELD_DTYPE)
     for out_dtype in (None, torch.float32):
         args = (a, a_scale, b, b_scale, out_dtype)
-        _matches_contract("fp8_gemm", args, kernels.gemm.fp8_gemm(*args))
+        assert_matches_contract("fp8_gemm", args, kernels.gemm.fp8_gemm(*args))
 
 
 def test_mhc_pre_sinkhorn_head_and_post(kernels):
@@ -198,11 +198,11 @@ def test_mhc_pre_sinkhorn_head_and_post(kernels):
     f32 = torch.float32
     x = meta(2, 3, 4, 4096)
     args = (x, meta(24, 16384, dtype=f32), meta(24, dtype=f32), meta(3, dtype=f32), 20, 1e-6, 1e-6)
-    _matches_contract("hc_pre", args, kernels.mhc.hc_pre(*args))
+    assert_matches_contract("hc_pre", args, kernels.mhc.hc_pre(*args))
     args = (x, meta(4, 16384, dtype=f32), meta(4, dtype=f32), meta(1, dtype=f32), 1e-6, 1e-6)
-    _matches_contract("hc_head", args, kernels.mhc.hc_head(*args))
+    assert_matches_contract("hc_head", args, kernels.mhc.hc_head(*args))
     args = (meta(2, 3, 4096), x, meta(2, 3, 4, dtype=f32), meta(2, 3, 4, 4, dtype=f32))
-    _matches_contract("hc_post", args, kernels.mhc.hc_post(*args))
+    assert_matches_contract("hc_post", args, kernels.mhc.hc_post(*args))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -210,13 +210,13 @@ def test_rope_interleave_on_the_rope_dims(kernels, dtype):
     x, positions, freqs = meta(2, 5, 64, 512, dtype=dtype), meta(2, 5, dtype=torch.int64), meta(32, dtype=torch.float32)
     for inverse in (False, True):
         args = (x, positions, freqs, inverse)
-        _matches_contract("rope", args, kernels.rope.rope(*args))
+        assert_matches_contract("rope", args, kernels.rope.rope(*args))
 
 
 def test_fp8_act_quant_fp32_scales(kernels):
     for shape, block in (((4, 7, 7168), 128), ((16, 512), 64)):
         args = (meta(*shape), block, "fp32")
-        _matches_contract("fp8_act_quant", args, kernels.quant.fp8_act_quant(*args))
+        assert_matches_contract("fp8_act_quant", args, kernels.quant.fp8_act_quant(*args))
 
 
 def test_the_vendor_rules_reject_misuse(npu_ops):
