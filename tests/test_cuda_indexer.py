@@ -336,17 +336,21 @@ def test_packed_keys_rank_as_their_unpacked_values(indexer, fmt, dtype, s, n, st
 
 
 @interpreted
+@pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("s, n, start_pos", [(1, 100, 700), (9, 12, 30)])
-def test_fp4_keys_of_128_dims_score_in_lane_order(indexer, s, n, start_pos):
-    """bf16 queries over FP4 keys of V4's 128 dims: the key tile decodes in lane order
-    (``_e2m1.lane_order``, a lane's 16 bytes consecutive) and the query's dims are permuted alike,
-    so the scores are the dense kernel's on both operands' dims in that order, bit for bit; the
-    indices are the reference's and the brute force's."""
-    from seahal.backends.cuda._e2m1 import lane_order_columns
+def test_fp4_keys_of_128_dims_score_in_lane_order(indexer, s, n, start_pos, aligned):
+    """bf16 queries over FP4 keys of V4's 128 dims: the key tile decodes in lane order (a lane's 16
+    bytes consecutive: ``_e2m1.word_lane_order`` from 4-byte words where the 68-byte records are
+    4-byte aligned, else ``_e2m1.lane_order``) and the query's dims are permuted alike, so the
+    scores are the dense kernel's on both operands' dims in that order, bit for bit; the indices
+    are the reference's and the brute force's."""
+    from seahal.backends.cuda._e2m1 import lane_order_columns, word_lane_order_columns
 
     q, weights, packed = _packed_inputs("fp4", 2, s, 4, 128, n, seed=n + s, dtype=torch.bfloat16)
     dense = index_key_unpack(packed, 128, "fp4", torch.bfloat16)
-    lanes = lane_order_columns()
+    if not aligned:  # records 2 bytes into rows of 70
+        packed = torch.zeros(*packed.shape[:-1], 70, dtype=torch.uint8)[..., 2:].copy_(packed)
+    lanes = (word_lane_order_columns if aligned else lane_order_columns)()
     visible = min(n, (start_pos + s) // 4)
     config = indexer.indexer_config(s, 4, visible, 8, 2 * s, q.device)
     ranked = indexer.ranking_keys(q, weights, packed, 4, start_pos, visible, config, "fp4")

@@ -234,6 +234,33 @@ def test_weights_first_and_activations_first_agree(experts, monkeypatch, fmt):
     assert _rel(outs[1], outs[0]) < BF16_TOL
 
 
+def _unaligned(codes: torch.Tensor) -> torch.Tensor:
+    """The same packed codes in a tensor whose rows start at odd byte addresses."""
+    padded = torch.zeros(*codes.shape[:-1], codes.shape[-1] + 1, dtype=codes.dtype)
+    padded[..., 1:] = codes
+    return padded[..., 1:]
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp4-e8m0-wide"])
+def test_fp4_codes_as_words_and_as_bytes_agree(experts, monkeypatch, fmt):
+    """Weights first, FP4 codes load as 4-byte words where every row is 4-byte aligned
+    (``_e2m1.e2m1_bf16_words``), else a byte at a time: the same exact products in another K order,
+    so the outputs agree to bf16 rounding, with the reference and each other."""
+    x, tw, ti, w1, s1, w3, s3, w2, s2, limit = _case(5, fmt, torch.bfloat16, seed=8)
+    launched = []
+    _spy_launches(monkeypatch, experts, ("_grouped_gemm_kernel",), lambda name, kw: launched.append(kw["FP4_WORDS"]))
+    words = experts.moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
+    assert launched == [True, True]  # gate-up and down
+    unaligned = (x, tw, ti, _unaligned(w1), s1, _unaligned(w3), s3, _unaligned(w2), s2, limit)
+    assert unaligned[3].data_ptr() % 2 == 1 and torch.equal(unaligned[3], w1)
+    out = experts.moe_experts(*unaligned)
+    assert launched[2:] == [False, False]
+    ref = reference.moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
+    assert _rel(words, ref) < BF16_TOL and _rel(out, ref) < BF16_TOL
+    assert _rel(words, out) < BF16_TOL
+
+
 @interpreted
 @pytest.mark.parametrize("t", [1, 5])
 @pytest.mark.parametrize("fmt", ["fp8", "fp8-e8m0"])

@@ -19,7 +19,14 @@ triton = require_triton()
 
 import triton.language as tl  # noqa: E402
 
-from seahal.backends.cuda._e2m1 import decode_e2m1, e2m1_bf16, lane_order_columns  # noqa: E402
+from seahal.backends.cuda._e2m1 import (  # noqa: E402
+    decode_e2m1,
+    e2m1_bf16,
+    e2m1_bf16_words,
+    lane_order_columns,
+    word_lane_order,
+    word_lane_order_columns,
+)
 from seahal.testing import triton_interpreter  # noqa: E402
 
 from seahal.backends.cpu.reference import quant as reference
@@ -325,11 +332,22 @@ def test_e2m1_decode_every_code():
 
 
 @triton.jit
-def _e2m1_bf16_kernel(packed_ptr, exponent_ptr, out_ptr, ROWS: tl.constexpr, LANES: tl.constexpr):
+def _e2m1_bf16_kernel(packed_ptr, exponent_ptr, out_ptr, ROWS: tl.constexpr, ORDER: tl.constexpr):
     rows = tl.arange(0, ROWS)[:, None]
-    packed = tl.load(packed_ptr + rows * 64 + tl.arange(0, 64)[None, :])
     exponent = tl.load(exponent_ptr + rows * 4 + tl.arange(0, 4)[None, :])
-    tl.store(out_ptr + rows * 128 + tl.arange(0, 128)[None, :], e2m1_bf16(packed, exponent, ROWS, 128, LANES))
+    if ORDER == "words":
+        words = packed_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+        tile = e2m1_bf16_words(tl.load(words + rows * 16 + tl.arange(0, 16)[None, :]), exponent, ROWS, 128)
+    else:
+        packed = tl.load(packed_ptr + rows * 64 + tl.arange(0, 64)[None, :])
+        tile = e2m1_bf16(packed, exponent, ROWS, 128, ORDER == "lanes")
+    tl.store(out_ptr + rows * 128 + tl.arange(0, 128)[None, :], tile)
+
+
+@triton.jit
+def _word_lane_order_kernel(x_ptr, out_ptr, ROWS: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * 128 + tl.arange(0, 128)[None, :]
+    tl.store(out_ptr + offs, word_lane_order(tl.load(x_ptr + offs), ROWS, 128))
 
 
 def test_lane_order_is_a_permutation_giving_each_lane_one_scale_group():
@@ -341,14 +359,33 @@ def test_lane_order_is_a_permutation_giving_each_lane_one_scale_group():
     assert torch.equal(columns % 32 // 4, step)
 
 
+def test_word_lane_order_gives_each_lane_one_scale_group_and_each_register_one_word():
+    columns = word_lane_order_columns()
+    assert torch.equal(columns.sort().values, torch.arange(128))
+    lane = torch.arange(128) // 2 % 4  # the lane of a quad holding each column of a 16-wide MMA step
+    assert torch.equal(columns // 32, lane)  # lane j: stored columns 32j ... 32j+31, one 1x32 scale
+    low, high = columns[0::2], columns[1::2]  # the two halves of each 32-bit operand register
+    assert torch.equal(low // 8, high // 8)  # one 4-byte word of codes
+    assert torch.equal(high - low, torch.full((64,), 4))  # codes i and i + 4 of it
+    assert torch.equal(low % 8, torch.arange(64) // 4 % 4)  # i = 2a + b, lanes g of a quad alike
+
+
 @kernels
-@pytest.mark.parametrize("lanes", [False, True])
-def test_e2m1_bf16_every_byte_and_scale(lanes):
+def test_word_lane_order_permutes_as_its_columns_say():
+    x = torch.arange(4 * 128, dtype=torch.float32).view(4, 128)
+    out = torch.empty_like(x, device=DEVICE)
+    _word_lane_order_kernel[(1,)](x.to(DEVICE), out, ROWS=4)
+    assert torch.equal(out.cpu(), x[:, word_lane_order_columns()])
+
+
+@kernels
+@pytest.mark.parametrize("order", ["stored", "lanes", "words"])
+def test_e2m1_bf16_every_byte_and_scale(order):
     # The FP4 bf16 form's decode from e8m0 scales (bf16 bit patterns e2m1(c) * 2^-126, then two
     # bf16 multiplies) equals hal.formats' fp32 decode rounded to bf16, bit for bit: every byte
     # (both nibbles, both signs of zero) under scales at both ends of the range (2^-127 makes bf16
-    # subnormals, 2^127 overflows 6 * 2^127 to inf), around 2^0, and NaN (255). In lane order the
-    # same values, columns permuted.
+    # subnormals, 2^127 overflows 6 * 2^127 to inf), around 2^0, and NaN (255). In lane order and
+    # (decoded from 4-byte words) word lane order the same values, columns permuted.
     from seahal.hal.formats import decode_scale, fp4_dequantize
 
     exponents = torch.tensor([0, 1, 2, 100, 126, 127, 128, 129, 200, 253, 254, 255], dtype=torch.uint8)
@@ -357,10 +394,10 @@ def test_e2m1_bf16_every_byte_and_scale(lanes):
     exponent = torch.cat((exponents, torch.full((4,), 127, dtype=torch.uint8))).repeat_interleave(4).view(rows, 4)
     exponent = exponent.roll(1, dims=1)  # each row's four groups at different scales
     out = torch.empty(rows, 128, dtype=torch.bfloat16, device=DEVICE)
-    _e2m1_bf16_kernel[(1,)](packed.to(DEVICE), exponent.to(DEVICE), out, ROWS=rows, LANES=lanes)
+    _e2m1_bf16_kernel[(1,)](packed.to(DEVICE), exponent.to(DEVICE), out, ROWS=rows, ORDER=order)
     want = fp4_dequantize(packed, decode_scale(exponent), 32, torch.bfloat16)
-    if lanes:
-        want = want[:, lane_order_columns()]
+    if order != "stored":
+        want = want[:, (lane_order_columns if order == "lanes" else word_lane_order_columns)()]
     got, nan = out.cpu(), want.isnan()  # NaN payloads differ between fp32 and bf16 arithmetic
     assert torch.equal(got.isnan(), nan) and nan.sum() == 4 * 32  # the four groups of scale 255
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))

@@ -25,6 +25,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # the 64-column tiles that run measured fastest (its bench variants "16x64 tiles, 4 warps" and
 # "64x64 tiles, 4 warps", which ran there, checked against the reference; the kernel code is
 # unchanged). New since that run: grouped_linear (the FP8 wo_a GEMV), interpreter-verified only.
+# Changed since: the weights-first FP4 decode of moe_experts and fp4_gemm, and the FP4 index keys
+# of indexer_topk_packed, read 4-byte-aligned codes as words (_e2m1.e2m1_bf16_words; compiled for
+# sm_90 and interpreter-verified, not yet run on a GPU).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -44,7 +47,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, True),
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, True),
     "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
-    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
+    "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
     "moe_gate": (  # fp32 math, top_k <= 8; group-limited routing stays on the reference
         "moe_gate:moe_gate",
         {
@@ -71,11 +74,11 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
-        True,
+        False,
     ),
     "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, True),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
-        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, True
+        "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False
     ),
 }
 

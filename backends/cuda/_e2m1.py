@@ -19,7 +19,10 @@ both the same exact products summed in fp32 by a bf16 MMA:
   widened to bf16, a bf16 MMA; accumulator ``[A rows, weight rows]``. Both operands' K go in
   :func:`lane_order`, so that each lane decodes 16 consecutive bytes under one scale (the stored
   order cost a one-byte shared-memory load per byte: sm_90 SASS of the one-token experts' gate-up
-  loop 777 -> 691 instructions a warp, 168 -> 114 registers).
+  loop 777 -> 691 instructions a warp, 168 -> 114 registers). Weights first with e8m0 scales,
+  the codes may come as 4-byte words (:func:`e2m1_bf16_words`, K in :func:`word_lane_order`):
+  each word gives its four bf16 pairs in shifts and masks, with no byte taken apart (the
+  one-token experts' gate-up loop 691 -> 607 instructions a warp, down 362 -> 320).
 
 An e8m0 scale of 255 is NaN in both forms.
 """
@@ -70,6 +73,26 @@ def lane_order(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     return tl.permute(x.reshape(ROWS, 4, COLS // 16, 2, 2), (0, 2, 3, 1, 4)).reshape(ROWS, COLS)
 
 
+def word_lane_order_columns() -> torch.Tensor:
+    """int64 [128]: the stored column that each column of :func:`word_lane_order` takes (host side)."""
+    c = torch.arange(128)
+    q, a, b, g, h = c // 32, c // 16 % 2, c // 8 % 2, c // 2 % 4, c % 2
+    return 32 * g + 8 * q + 4 * h + 2 * a + b
+
+
+@triton.jit
+def word_lane_order(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] -> the same rows with the columns in *word lane order*: column ``32q + 16a +
+    8b + 2g + h`` takes column ``32g + 8q + 4h + 2a + b`` (g, q < 4; a, b, h < 2; COLS = 128).
+
+    As in :func:`lane_order`, lane g of each quad gets the stored columns 32g ... 32g+31 (four
+    4-byte words of FP4 codes, one 1x32 scale); each pair of K positions that an MMA fragment
+    holds in one 32-bit register is codes i and i + 4 of one word (i = 2a + b, h picks which),
+    the two that :func:`e2m1_bf16_words` forms together."""
+    tl.static_assert(COLS == 128, "word lane order is laid out for 128-wide K blocks")
+    return tl.permute(x.reshape(ROWS, 4, 4, 2, 2, 2), (0, 2, 4, 5, 1, 3)).reshape(ROWS, COLS)
+
+
 @triton.jit
 def e2m1_bf16(packed, exponent, ROWS: tl.constexpr, COLS: tl.constexpr, LANES: tl.constexpr = False):
     """Packed e2m1 bytes [ROWS, COLS / 2] (element 2i the low nibble of byte i) with e8m0 bytes
@@ -90,12 +113,45 @@ def e2m1_bf16(packed, exponent, ROWS: tl.constexpr, COLS: tl.constexpr, LANES: t
     bits = tl.join(pair.to(tl.uint16), (pair >> 16).to(tl.uint16)).reshape(ROWS, COLS)
     if LANES:
         bits = lane_order(bits, ROWS, COLS)
+    return _scaled_bf16(bits, exponent, ROWS, COLS, "lanes" if LANES else "stored")
+
+
+@triton.jit
+def e2m1_bf16_words(words, exponent, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """:func:`e2m1_bf16` of codes packed in 4-byte words: words [ROWS, COLS / 8] uint32 (code i of
+    a word at bits 4i: little-endian bytes, low nibble first) with e8m0 bytes [ROWS, COLS / 32] ->
+    bf16 [ROWS, COLS] in :func:`word_lane_order`.
+
+    Codes i and i + 4 of a word are shifted together into one 32-bit word of two bf16 patterns
+    ``e2m1(c) * 2^-126`` (magnitude bits to bits 6-8 and 22-24, signs to bits 15 and 31): per word
+    seven shifts and eight masks for eight values, where a byte at a time costs a byte extraction
+    and two multiplies and two masks for two."""
+    tl.static_assert(COLS == 128, "word lane order is laid out for 128-wide K blocks")
+    magnitudes: tl.constexpr = 0x01C001C0
+    signs: tl.constexpr = 0x80008000
+    r0 = ((words << 6) & magnitudes) | ((words << 12) & signs)  # codes 0 (low half) and 4 (high half)
+    r1 = ((words << 2) & magnitudes) | ((words << 8) & signs)  # codes 1 and 5
+    r2 = ((words >> 2) & magnitudes) | ((words << 4) & signs)  # codes 2 and 6
+    r3 = ((words >> 6) & magnitudes) | (words & signs)  # codes 3 and 7
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [ROWS, 4g + q, a, b]: codes 2a + b and 2a + b + 4
+    bits = tl.join(r.to(tl.uint16), (r >> 16).to(tl.uint16))  # [ROWS, 4g + q, a, b, h]
+    bits = tl.permute(bits.reshape(ROWS, 4, 4, 2, 2, 2), (0, 2, 3, 4, 1, 5)).reshape(ROWS, COLS)
+    return _scaled_bf16(bits, exponent, ROWS, COLS, "words")
+
+
+@triton.jit
+def _scaled_bf16(bits, exponent, ROWS: tl.constexpr, COLS: tl.constexpr, ORDER: tl.constexpr):
+    """bf16 patterns ``e2m1(c) * 2^-126`` [ROWS, COLS] in ``ORDER`` (:func:`_per_element`) times
+    their groups' e8m0 scales [ROWS, COLS / 32]: ``e2m1(c) * 2^(e - 127)`` in bf16. Two exact bf16
+    multiplies, by 2^126 and by the scale (the patterns with E = 0 are bf16 subnormals; 2^126 times
+    a scale above 2 would overflow, so they do not fold into one); the interpreter, whose bf16
+    arithmetic is wrong, multiplies in fp32 and rounds once."""
     if INTERPRETED:
         unit = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True) * 2.0**126  # e2m1(c), exactly
-        return cast_rne(unit * _per_element(decode_e8m0(exponent), ROWS, COLS, LANES), tl.bfloat16)
+        return cast_rne(unit * _per_element(decode_e8m0(exponent), ROWS, COLS, ORDER), tl.bfloat16)
     e = exponent.to(tl.uint16)
     scale_bits = tl.where(e == 0, 0x0040, tl.where(e == 255, 0x7FC0, e << 7)).to(tl.uint16)  # 2^(e - 127) in bf16
-    scale = _per_element(scale_bits.to(tl.bfloat16, bitcast=True), ROWS, COLS, LANES)
+    scale = _per_element(scale_bits.to(tl.bfloat16, bitcast=True), ROWS, COLS, ORDER)
     return bits.to(tl.bfloat16, bitcast=True) * tl.full((), 2.0**126, tl.bfloat16) * scale
 
 
@@ -106,13 +162,17 @@ def unpack_codes(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _per_element(group_values, ROWS: tl.constexpr, COLS: tl.constexpr, LANES: tl.constexpr = False):
-    """[ROWS, COLS / 32] values of the 1x32 groups -> [ROWS, COLS], each repeated over its group
-    (LANES: over its group's columns in :func:`lane_order`, where group j is lane j's)."""
+def _per_element(group_values, ROWS: tl.constexpr, COLS: tl.constexpr, ORDER: tl.constexpr = "stored"):
+    """[ROWS, COLS / 32] values of the 1x32 groups -> [ROWS, COLS], each repeated over its group's
+    columns in ``ORDER``: "stored", "lanes" (:func:`lane_order`) or "words" (:func:`word_lane_order`);
+    in both lane orders group j is lane j's."""
     groups: tl.constexpr = COLS // 32
-    if LANES:
+    if ORDER == "lanes":
         tl.static_assert(COLS == 128, "lane order is laid out for 128-wide K blocks")
         return tl.broadcast_to(group_values[:, None, None, :, None], (ROWS, COLS // 16, 2, 4, 2)).reshape(ROWS, COLS)
+    elif ORDER == "words":
+        tl.static_assert(COLS == 128, "word lane order is laid out for 128-wide K blocks")
+        return tl.broadcast_to(group_values[:, None, None, None, :, None], (ROWS, 4, 2, 2, 4, 2)).reshape(ROWS, COLS)
     else:
         return tl.broadcast_to(group_values[:, :, None], (ROWS, groups, 32)).reshape(ROWS, COLS)
 
@@ -130,7 +190,8 @@ def fp4_block_dot(
 ):
     """``acc + (A · B^T) · sA`` over one 128-wide K block of an FP4 weight, in the given orientation.
 
-    a: [BLOCK_M, COLS] e4m3 codes, a_scale: [BLOCK_M] fp32, packed: [ROWS, COLS / 2] e2m1 bytes,
+    a: [BLOCK_M, COLS] e4m3 codes, a_scale: [BLOCK_M] fp32, packed: [ROWS, COLS / 2] e2m1 bytes
+    (or, weights first with e8m0 scales, [ROWS, COLS / 8] uint32 words of eight codes),
     scale: [ROWS, COLS / 32] e8m0 bytes (MX) or fp32 / e8m0 bytes. WEIGHTS_FIRST (always for MX;
     for the bf16 form :func:`._gemm.weights_first`): acc is the product transposed, [ROWS,
     BLOCK_M], else [BLOCK_M, ROWS] (:func:`._gemm.oriented_acc`, :func:`._gemm.oriented`).
@@ -144,12 +205,17 @@ def fp4_block_dot(
     if MX:
         block = tl.dot_scaled(packed, scale, "e2m1", tl.trans(a), None, "e4m3")
         return acc + block * a_scale[None, :]
-    else:  # both operands' K in lane order: each lane decodes 16 consecutive bytes with one scale
-        if SCALE_E8M0:
-            b = e2m1_bf16(packed, scale, ROWS, COLS, LANES=True)
+    else:  # both operands' K in (word) lane order: each lane decodes 16 consecutive bytes with one scale
+        if packed.dtype == tl.uint32:
+            tl.static_assert(WEIGHTS_FIRST and SCALE_E8M0, "FP4 words decode weights first, from e8m0 scales")
+            b = e2m1_bf16_words(packed, scale, ROWS, COLS)
+            a = word_lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
         else:
-            b = lane_order(as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS), ROWS, COLS)
-        a = lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
+            if SCALE_E8M0:
+                b = e2m1_bf16(packed, scale, ROWS, COLS, LANES=True)
+            else:
+                b = lane_order(as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS), ROWS, COLS)
+            a = lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
         product = oriented_dot(a, tl.trans(b), WEIGHTS_FIRST)
         return acc + product * oriented(a_scale[:, None], WEIGHTS_FIRST)
 

@@ -52,11 +52,12 @@ def _fp4_gemm_kernel(
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    WEIGHTS_FIRST: tl.constexpr = False, PDL: tl.constexpr = False,
+    WEIGHTS_FIRST: tl.constexpr = False, FP4_WORDS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """:func:`_fp4_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
     program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``).
-    The product is formed weights first with MX, or WEIGHTS_FIRST (:func:`._gemm.weights_first`)."""
+    The product is formed weights first with MX, or WEIGHTS_FIRST (:func:`._gemm.weights_first`),
+    then with FP4_WORDS B's codes load as 4-byte words (:func:`._e2m1.e2m1_bf16_words`)."""
     wait_for_prior_grid(PDL)
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -64,13 +65,14 @@ def _fp4_gemm_kernel(
             _fp4_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX, WEIGHTS_FIRST,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX, WEIGHTS_FIRST, FP4_WORDS,
             )
     else:
         _fp4_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
             stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, MX, WEIGHTS_FIRST,
+            FP4_WORDS,
         )
 
 
@@ -82,7 +84,7 @@ def _fp4_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, FP4_WORDS: tl.constexpr,
 ):
     """C[m, n] = sum_kb sA[m, kb] * sum_{k in kb} A[m, k] * e2m1(B[n, k]) * sB[n, k // 32] for output
     tile ``tile`` (in GROUP_M order), K blocks of split ``pid_k``."""
@@ -91,28 +93,34 @@ def _fp4_gemm_tile(
     rows_a = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     rows_b = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
     a_ptrs = a_ptr + rows_a[:, None] * stride_am + (kb_lo * 128 + tl.arange(0, 128))[None, :] * stride_ak
-    b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kb_lo * 64 + tl.arange(0, 64))[None, :] * stride_bk
+    if FP4_WORDS:  # K contiguous, rows 4-byte aligned: a K block is 16 words
+        b_ptrs = (b_ptr + rows_b[:, None] * stride_bn).to(tl.pointer_type(tl.uint32), bitcast=True)
+        b_ptrs += (kb_lo * 16 + tl.arange(0, 16))[None, :]
+        b_step = 16
+    else:
+        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + (kb_lo * 64 + tl.arange(0, 64))[None, :] * stride_bk
+        b_step = 64 * stride_bk
     a_scale_ptrs = a_scale_ptr + rows_a * stride_asm + kb_lo * stride_ask
     b_scale_ptrs = b_scale_ptr + rows_b[:, None] * stride_bsn + (kb_lo * 4 + tl.arange(0, 4))[None, :] * stride_bsk
     first: tl.constexpr = MX or WEIGHTS_FIRST
     acc = _k_loop(oriented_acc(BLOCK_M, BLOCK_N, first), a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, kb_hi - kb_lo,
-                  stride_ak, stride_ask, stride_bk, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX, first)
+                  stride_ak, stride_ask, b_step, stride_bsk, BLOCK_N, B_SCALE_E8M0, MX, first)
     store_tile(oriented(acc, first), c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 @triton.jit
 def _k_loop(
-    acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, k_blocks, stride_ak, stride_ask, stride_bk, stride_bsk,
+    acc, a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptrs, k_blocks, stride_ak, stride_ask, b_step, stride_bsk,
     BLOCK_N: tl.constexpr, B_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
 ):
     """``acc`` plus ``k_blocks`` scaled 128-wide block products from the given tile pointers on
-    (oriented as :func:`._e2m1.fp4_block_dot` says)."""
+    (oriented as :func:`._e2m1.fp4_block_dot` says); ``b_step``: B's pointer advance a block."""
     for _ in range(k_blocks):
         acc = fp4_block_dot(acc, tl.load(a_ptrs), tl.load(a_scale_ptrs), tl.load(b_ptrs), tl.load(b_scale_ptrs),
                             B_SCALE_E8M0, MX, WEIGHTS_FIRST, BLOCK_N, 128)
         a_ptrs += 128 * stride_ak
-        b_ptrs += 64 * stride_bk
+        b_ptrs += b_step
         a_scale_ptrs += stride_ask
         b_scale_ptrs += 4 * stride_bsk
     return acc

@@ -73,7 +73,7 @@ import triton.language as tl
 
 from ._cache_keys import settle_cache_keys
 from ._alignment import row_alignment
-from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, lane_order, unpack_codes
+from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, e2m1_bf16_words, lane_order, unpack_codes, word_lane_order
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._position import load_position, position_stride
@@ -315,7 +315,10 @@ def _scores_kernel(
     q_rows = q_ptr + bat * stride_qb + seq[:, None] * stride_qs + head[:, None] * stride_qh
     q = tl.load(q_rows + cols[None, :] * stride_qd, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
     lanes: tl.constexpr = KEY_FORMAT == "fp4" and q_ptr.dtype.element_ty == tl.bfloat16 and D_PAD == 128
-    if lanes:  # FP4 key tiles decode in lane order (a lane's bytes consecutive): the query's D alike
+    words: tl.constexpr = lanes and ROW_ALIGN % 4 == 0  # FP4 codes of aligned records as 4-byte words
+    if words:  # FP4 key tiles decode in (word) lane order (a lane's bytes consecutive): the query's D alike
+        q = word_lane_order(q, BLOCK_S * H_PAD, D_PAD)
+    elif lanes:
         q = lane_order(q, BLOCK_S * H_PAD, D_PAD)
     w = tl.load(w_ptr + bat * stride_wb + seq * stride_ws + head * stride_wh, mask=row_ok, other=0.0)
     w = w.to(tl.float32)
@@ -333,7 +336,7 @@ def _scores_kernel(
         entries = start + offs_n
         records = k_ptr + tl.multiple_of(bat * stride_kb + entries * stride_kn, ROW_ALIGN)
         k = _key_tile(records, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
-                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN, lanes)
+                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN, "words" if words else ("lanes" if lanes else "stored"))
         logits = exact_dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_S * H_PAD), tl.float32), LOW_PRECISION_DOT)
         weighted = tl.maximum(logits, 0.0) * w[None, :]
         scores = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_S, H_PAD)), axis=2)
@@ -355,10 +358,11 @@ def _order_key(score):
 
 @triton.jit
 def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.constexpr, HEAD_DIM: tl.constexpr,
-              D_PAD: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, LANES: tl.constexpr = False):
+              D_PAD: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, ORDER: tl.constexpr = "stored"):
     """The keys at ``records`` (pointers [ROWS] to their first byte or element) as [ROWS, D_PAD]
-    ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM; LANES (bf16 FP4 keys): the
-    columns in :func:`._e2m1.lane_order`.
+    ``dtype``, 0 in rows not ``row_ok`` and columns from HEAD_DIM; ORDER (bf16 FP4 keys): "lanes",
+    the columns in :func:`._e2m1.lane_order`, or "words" (records 4-byte aligned), the codes
+    loaded as 4-byte words and the columns in :func:`._e2m1.word_lane_order`.
 
     ``"dense"``: loaded as they are. Packed records decode to the values ``index_key_unpack`` gives
     (fp32, then rounded to dtype); each byte is loaded once. ``"fp4"``: column c is ``e2m1(nibble c
@@ -371,13 +375,20 @@ def _key_tile(records, row_ok, stride_kd, dtype: tl.constexpr, KEY_FORMAT: tl.co
     rows = records[:, None]
     cols = tl.arange(0, D_PAD)[None, :]
     if KEY_FORMAT == "fp4":
-        pairs = tl.arange(0, D_PAD // 2)[None, :]
-        packed = tl.load(rows + pairs * stride_kd, mask=row_ok[:, None] & (pairs < HEAD_DIM // 2), other=0)
+        if ORDER == "words":
+            offs = tl.arange(0, D_PAD // 8)[None, :]
+            words = rows.to(tl.pointer_type(tl.uint32), bitcast=True)
+            packed = tl.load(words + offs, mask=row_ok[:, None] & (offs < HEAD_DIM // 8), other=0)
+        else:
+            pairs = tl.arange(0, D_PAD // 2)[None, :]
+            packed = tl.load(rows + pairs * stride_kd, mask=row_ok[:, None] & (pairs < HEAD_DIM // 2), other=0)
         groups = tl.arange(0, D_PAD // 32)[None, :]
         exponent = tl.load(rows + (HEAD_DIM // 2 + groups) * stride_kd, mask=row_ok[:, None] & (groups < HEAD_DIM // 32),
                            other=127)
-        if dtype == tl.bfloat16:
-            tile = e2m1_bf16(packed, exponent, ROWS, D_PAD, LANES)  # masked: code 0 (the value 0), scale 1
+        if ORDER == "words":
+            tile = e2m1_bf16_words(packed, exponent, ROWS, D_PAD)  # masked: code 0 (the value 0), scale 1
+        elif dtype == tl.bfloat16:
+            tile = e2m1_bf16(packed, exponent, ROWS, D_PAD, ORDER == "lanes")
         else:
             codes = unpack_codes(packed.to(tl.int32), ROWS, D_PAD)  # 0 where masked: the value 0 (scale 1)
             tile = cast_rne(decode_e2m1(codes) * _per_element(_e8m0_scale(exponent.to(tl.int32)), ROWS, D_PAD), dtype)

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
+from ._alignment import row_alignment
 from ._cache_keys import settle_cache_keys
 from ._e2m1 import fp4_block_dot
 from ._gemm import (
@@ -473,11 +474,13 @@ def route_blocked(topk_weights: torch.Tensor, topk_ids: torch.Tensor, n_experts:
 def _weight_block(
     w_ptr, ws_ptr, cols, col0, kb, K, stride_wn, stride_wk, stride_wsn, stride_wsk,
     FORMAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_E8M0: tl.constexpr,
+    FP4_WORDS: tl.constexpr,
 ):
     """K block ``kb`` of one expert's weight as the dot's B [BLOCK_K, BLOCK_N], and its scale.
 
     dense: the stored values (K masked), scale 1; fp8: e4m3 codes and the tile's one 128x128
-    block scale; fp4: the packed codes [BLOCK_N, BLOCK_K / 2] and their 1x32 scales.
+    block scale; fp4: the packed codes [BLOCK_N, BLOCK_K / 2] (FP4_WORDS: as uint32 words
+    [BLOCK_N, BLOCK_K / 8], K contiguous) and their 1x32 scales.
     """
     if FORMAT == 0:
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -492,8 +495,13 @@ def _weight_block(
             scale = decode_e8m0(scale)
         return b, scale
     else:  # a constexpr if does not end the function: the fp4 path must not be compiled for fp8
-        offs_byte = kb * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + cols[:, None] * stride_wn + offs_byte[None, :] * stride_wk)
+        if FP4_WORDS:
+            offs_word = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+            words = (w_ptr + cols[:, None] * stride_wn).to(tl.pointer_type(tl.uint32), bitcast=True)
+            packed = tl.load(words + offs_word[None, :])
+        else:
+            offs_byte = kb * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + cols[:, None] * stride_wn + offs_byte[None, :] * stride_wk)
         offs_s = kb * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         return packed, tl.load(ws_ptr + cols[:, None] * stride_wsn + offs_s[None, :] * stride_wsk)
 
@@ -522,7 +530,7 @@ def _k_loop(
     stride_vn, stride_vk, stride_vsn, stride_vsk,
     GATE_UP: tl.constexpr, FORMAT: tl.constexpr, DOT_FP32: tl.constexpr, W_SCALE_E8M0: tl.constexpr,
     V_SCALE_E8M0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, QUANT_A: tl.constexpr,
+    MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, QUANT_A: tl.constexpr, FP4_WORDS: tl.constexpr,
 ):
     """(A W^T, A V^T) over K blocks [kb_lo, kb_hi) for a row tile and column tile (A V^T zero
     unless GATE_UP). QUANT_A: A holds float rows, FP8-quantised here per 1x128 block as
@@ -544,12 +552,12 @@ def _k_loop(
             a = tl.load(a_ptrs)
             a_scale = tl.load(a_scale_ptr + a_rows * stride_asm + kb * stride_ask)
         b, b_scale = _weight_block(w_ptr, w_scale_ptr, w_cols, col0, kb, K, stride_wn, stride_wk, stride_wsn,
-                                   stride_wsk, FORMAT, BLOCK_K, BLOCK_N, W_SCALE_E8M0)
+                                   stride_wsk, FORMAT, BLOCK_K, BLOCK_N, W_SCALE_E8M0, FP4_WORDS)
         acc_w = _accumulate(acc_w, a, a_scale, b, b_scale, FORMAT, DOT_FP32, W_SCALE_E8M0, fp4_mx, weights_first,
                             BLOCK_N, BLOCK_K)
         if GATE_UP:
             b, b_scale = _weight_block(v_ptr, v_scale_ptr, w_cols, col0, kb, K, stride_vn, stride_vk, stride_vsn,
-                                       stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0)
+                                       stride_vsk, FORMAT, BLOCK_K, BLOCK_N, V_SCALE_E8M0, FP4_WORDS)
             acc_v = _accumulate(acc_v, a, a_scale, b, b_scale, FORMAT, DOT_FP32, V_SCALE_E8M0, fp4_mx, weights_first,
                                 BLOCK_N, BLOCK_K)
     return oriented(acc_w, weights_first), oriented(acc_v, weights_first)
@@ -568,7 +576,7 @@ def _grouped_gemm_kernel(
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
     QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    PDL: tl.constexpr = False,
+    FP4_WORDS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """One (row tile, column tile, K split) of an expert's GEMM over its consecutive sorted rows.
 
@@ -576,7 +584,7 @@ def _grouped_gemm_kernel(
     (W1 = w, W3 = v), stored in C's dtype or, with QUANT_OUT, rounded to bf16 if ROUND_BF16 and
     stored as e4m3 codes + 1x128 scales. Else (down): A rows are the sorted rows, C = A W2^T.
     SPLIT_K > 1: the last of a tile's splits to arrive sums their partials (:func:`_sum_splits`)
-    and runs the epilogue.
+    and runs the epilogue. FP4_WORDS: FP4 codes load as 4-byte words (:func:`_fp4_words`).
     """
     wait_for_prior_grid(PDL)
     tile = tl.program_id(0)
@@ -607,6 +615,7 @@ def _grouped_gemm_kernel(
         stride_am, stride_ak, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsn, stride_wsk,
         stride_vn, stride_vk, stride_vsn, stride_vsk,
         GATE_UP, FORMAT, DOT_FP32, W_SCALE_E8M0, V_SCALE_E8M0, BLOCK_M, BLOCK_N, BLOCK_K, MX, WEIGHTS_FIRST, QUANT_A,
+        FP4_WORDS,
     )
     mask = row_mask[:, None] & (cols[None, :] < N)
     if SPLIT_K > 1:
@@ -802,6 +811,8 @@ def _grouped_gemm(
     w_scale, v_scale = _as_kernel_scale(w_scale), _as_kernel_scale(v_scale)
     gate_up = v is not None
     dot_fp32 = fmt == "dense" and torch.float32 in (a.dtype, w.dtype, (v if gate_up else w).dtype)
+    mx = config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale))
+    first = weights_first(config.block_m, config.block_n, fp4=fmt == "fp4")
     col_tiles = cdiv(n, config.block_n)
     block_k = _block_k(fmt)
     split_k = config.split_k
@@ -829,11 +840,19 @@ def _grouped_gemm(
         QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
-        MX=config.fp4_mx and fmt == "fp4" and _is_e8m0(w_scale) and (not gate_up or _is_e8m0(v_scale)),
-        WEIGHTS_FIRST=weights_first(config.block_m, config.block_n, fp4=fmt == "fp4"),
+        MX=mx, WEIGHTS_FIRST=first, FP4_WORDS=fmt == "fp4" and first and not mx and _fp4_words(w, w_scale, v, v_scale),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
+
+
+def _fp4_words(w: torch.Tensor, w_scale: torch.Tensor | None, v: torch.Tensor | None,
+               v_scale: torch.Tensor | None) -> bool:
+    """Whether packed FP4 weights (and W3, if given) load as 4-byte words in the weights-first
+    decode (:func:`._e2m1.e2m1_bf16_words`: ~12% fewer loop instructions than a byte at a time):
+    e8m0 scales, K contiguous, every row 4-byte aligned."""
+    return all(_is_e8m0(scale) and row_alignment(weight) >= 4 for weight, scale in ((w, w_scale), (v, v_scale))
+               if weight is not None)
 
 
 def _gemv(
