@@ -124,8 +124,8 @@ def _moe(t: int):
         moe_experts.moe_experts(x, weights, top, *fp4_weights(scale_dtype), config=dataclasses.replace(default, fp4_mx=mx))
     prefill = t * TOP_K > moe_experts.QUANT_IN_GEMM_MAX_ROWS
     variants = tile_variants(default, "prefill" if prefill else "decode")  # the bench's other tiles
-    if not prefill:  # and its decode rows' x quantised by a launch of its own
-        variants.append(dataclasses.replace(default, quant_in_gemm=False))
+    if not prefill:  # and its decode rows' x quantised by a launch of its own, the codes read a byte at a time
+        variants += [dataclasses.replace(default, quant_in_gemm=False), dataclasses.replace(default, fp4_words=False)]
         moe_experts.moe_experts(x, weights, top, *fp8_weights, config=dataclasses.replace(
             moe_experts.experts_config(t * TOP_K, "fp8", x.device), quant_in_gemm=False))
     for config in variants:

@@ -8,6 +8,7 @@ TRITON_INTERPRET=1; the kernel tests run there and are skipped in the parent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -189,8 +190,6 @@ def test_fp4_mx_form_is_the_bf16_form(experts, fmt):
     same exact products in fp32, in different orders ("-wide": group scales over 2^±20). The
     outputs agree to bf16 rounding: an fp32 last-bit difference in h can move one of h's e4m3
     codes by a step, which the norm over all elements keeps far below BF16_TOL."""
-    import dataclasses
-
     args = _case(5, fmt, torch.bfloat16, seed=4)
     config = experts.experts_config(10, "fp4", args[0].device)
     assert not config.fp4_mx, "the bf16 form is the default"
@@ -245,8 +244,9 @@ def _unaligned(codes: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ["fp4-e8m0", "fp4-e8m0-wide"])
 def test_fp4_codes_as_words_and_as_bytes_agree(experts, monkeypatch, fmt):
     """Weights first, FP4 codes load as 4-byte words where every row is 4-byte aligned
-    (``_e2m1.e2m1_bf16_words``), else a byte at a time: the same exact products in another K order,
-    so the outputs agree to bf16 rounding, with the reference and each other."""
+    (``_e2m1.e2m1_bf16_words``), else, or with ``ExpertsConfig.fp4_words`` off, a byte at a time:
+    the same exact products in another K order, so the outputs agree to bf16 rounding, with the
+    reference and each other."""
     x, tw, ti, w1, s1, w3, s3, w2, s2, limit = _case(5, fmt, torch.bfloat16, seed=8)
     launched = []
     _spy_launches(monkeypatch, experts, ("_grouped_gemm_kernel",), lambda name, kw: launched.append(kw["FP4_WORDS"]))
@@ -256,9 +256,13 @@ def test_fp4_codes_as_words_and_as_bytes_agree(experts, monkeypatch, fmt):
     assert unaligned[3].data_ptr() % 2 == 1 and torch.equal(unaligned[3], w1)
     out = experts.moe_experts(*unaligned)
     assert launched[2:] == [False, False]
+    config = dataclasses.replace(experts.experts_config(5 * TOP_K, "fp4", x.device), fp4_words=False)
+    asked = experts.moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit, config=config)  # the bench's variant
+    assert launched[4:] == [False, False]
     ref = reference.moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
     assert _rel(words, ref) < BF16_TOL and _rel(out, ref) < BF16_TOL
     assert _rel(words, out) < BF16_TOL
+    assert torch.equal(asked, out)  # the same byte-wise launch over the same values
 
 
 @interpreted
@@ -269,8 +273,6 @@ def test_gemv_decode_is_the_tensor_core_product(experts, fmt, t):
     in fp32 in another order, h quantised by fp8_act_quant rather than the GEMM epilogue (the same
     function on the same bf16 h), so the output agrees with the tensor-core kernels and the
     reference to bf16 rounding; at t = 5 a token routes nowhere and another through one slot, as there."""
-    import dataclasses
-
     args = _case(t, fmt, torch.bfloat16, seed=8 + t)
     tensor_cores = experts.experts_config(t * 2, "fp8", args[0].device)
     gemv = experts.moe_experts(*args, config=dataclasses.replace(experts.FP8_GEMV, block_n=16))
@@ -295,8 +297,6 @@ def test_k_splits(experts, fmt, split_k):
     tile sums the fp32 partials in split order, then the epilogue runs as unsplit. Only the fp32
     summation order differs from one launch, so both stay within bf16 rounding of the reference;
     the arrival counters are back at 0 for the next call (a stale count would skip the epilogue)."""
-    import dataclasses
-
     from seahal.backends.cuda._gemm import arrival_counters
 
     args = _case(3, fmt, torch.bfloat16, seed=11)
@@ -357,8 +357,6 @@ def test_x_quantised_in_the_gemm_is_fp8_act_quant(experts, monkeypatch, fmt, dty
     """Few rows: the gate-up kernel FP8-quantises x itself (one launch fewer); many, or
     ``quant_in_gemm=False``: fp8_act_quant first. The same quantisation function and the same
     products: equal bit for bit."""
-    import dataclasses
-
     args = _case(9, fmt, dtype, seed=7)
     quantised = []
     act_quant = experts.fp8_act_quant
@@ -382,8 +380,6 @@ def test_narrow_column_tiles_quantise_h_after_the_gate_up(experts, monkeypatch, 
     function the 128-column gate-up epilogue applies to the same bf16 values. Same codes, scales
     and products per output element (K splits summed in the same order), so the output is the
     128-column launch's bit for bit."""
-    import dataclasses
-
     args = _case(t, fmt, torch.bfloat16, seed=12)
     wide = experts.ExpertsConfig(16 if t < 50 else 64, 128, split_k=split_k)
     reference_out = experts.moe_experts(*args, config=wide)

@@ -92,6 +92,9 @@ class ExpertsConfig:
     """FP8 weights, decode: each routed row's products on the CUDA cores (:func:`_gemv_kernel`,
     BLOCK_N weight rows a program, no tensor core and no routing tiles), x and h quantised by
     ``fp8_act_quant`` launches of their own; BLOCK_M only shapes the routing tables."""
+    fp4_words: bool = True
+    """FP4 weights, weights-first tiles: the codes load as 4-byte words where :func:`_fp4_words`
+    allows (:func:`._e2m1.e2m1_bf16_words`); False: a byte at a time (the bench's comparison)."""
 
 
 FP4_WIDE_DECODE_MAX_ROWS = 16
@@ -840,7 +843,8 @@ def _grouped_gemm(
         QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
-        MX=mx, WEIGHTS_FIRST=first, FP4_WORDS=fmt == "fp4" and first and not mx and _fp4_words(w, w_scale, v, v_scale),
+        MX=mx, WEIGHTS_FIRST=first,
+        FP4_WORDS=config.fp4_words and fmt == "fp4" and first and not mx and _fp4_words(w, w_scale, v, v_scale),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )

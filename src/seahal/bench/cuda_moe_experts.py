@@ -12,8 +12,10 @@ they route to (the reference runs every expert it is given over every token: abo
 8192 tokens, which timed out the first GPU runs; :func:`touched_experts`).
 Every row also times a 4-warp default tile on 8 warps and the other column width
 (:func:`tile_variants`; 64 columns: h quantised after the gate-up GEMM, more programs an SM),
-prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4
-rows the same kernels with every FP4 block through ``tl.dot_scaled`` (``fp4_mx=True``); decode rows
+prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4 decode
+rows the codes read a byte at a time rather than as 4-byte words (``fp4_words=False``: what the
+words took off; the ``tl.dot_scaled`` form, ``fp4_mx=True``, is no longer a row's variant: it lost
+every row it was timed on, 1.09-1.9x slower, backends/cuda/TUNING.md); decode rows
 x quantised by a launch of its own rather than in every gate-up program (``quant_in_gemm=False``);
 FP8 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
@@ -187,8 +189,8 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
         if stage == "decode":  # x (and a narrow tile's h) quantised by a launch of its own, not per program
             apart = dataclasses.replace(config, quant_in_gemm=False)
             variants["x quantised apart"] = partial(kernel, *args, config=apart)
-        if fmt == "fp4":  # the same kernels with the FP4 blocks through tl.dot_scaled
-            variants["mx form"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_mx=True))
+        if fmt == "fp4" and stage == "decode":  # the weights-first decode's codes a byte at a time
+            variants["codes a byte at a time"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_words=False))
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 
