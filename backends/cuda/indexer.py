@@ -316,6 +316,7 @@ def _scores_kernel(
     q = tl.load(q_rows + cols[None, :] * stride_qd, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
     lanes: tl.constexpr = KEY_FORMAT == "fp4" and q_ptr.dtype.element_ty == tl.bfloat16 and D_PAD == 128
     words: tl.constexpr = lanes and ROW_ALIGN % 4 == 0  # FP4 codes of aligned records as 4-byte words
+    order: tl.constexpr = "words" if words else ("lanes" if lanes else "stored")
     if words:  # FP4 key tiles decode in (word) lane order (a lane's bytes consecutive): the query's D alike
         q = word_lane_order(q, BLOCK_S * H_PAD, D_PAD)
     elif lanes:
@@ -336,7 +337,7 @@ def _scores_kernel(
         entries = start + offs_n
         records = k_ptr + tl.multiple_of(bat * stride_kb + entries * stride_kn, ROW_ALIGN)
         k = _key_tile(records, entries < block_visible, stride_kd, q_ptr.dtype.element_ty,
-                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN, "words" if words else ("lanes" if lanes else "stored"))
+                      KEY_FORMAT, HEAD_DIM, D_PAD, BLOCK_N, ROW_ALIGN, order)
         logits = exact_dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_S * H_PAD), tl.float32), LOW_PRECISION_DOT)
         weighted = tl.maximum(logits, 0.0) * w[None, :]
         scores = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_S, H_PAD)), axis=2)
