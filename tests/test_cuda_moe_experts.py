@@ -266,6 +266,42 @@ def test_fp4_codes_as_words_and_as_bytes_agree(experts, monkeypatch, fmt):
 
 
 @interpreted
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("fmt", ["fp8-e8m0", "fp4-e8m0", "bf16"])
+def test_one_expert_at_top_1_launches_only_the_two_gemms(experts, monkeypatch, fmt, ids_dtype):
+    """One expert at top-1 (the model's shared expert): row t of both GEMMs is token t, so no
+    routing tables are built and the down GEMM writes the output (``Routing.one_expert``): two
+    launches, not four. A token whose id is not 0 gets 0, even with a NaN input. Each row's
+    arithmetic is the routed path's, so the output equals, bit for bit, the same call with a
+    second expert that no token picks (which builds the tables, sorts the routed rows together and
+    combines); the model's stride-0 weights and ids are read in place."""
+    x, tw, _, w1, s1, w3, s3, w2, s2, limit = _case(6, fmt, torch.bfloat16, seed=9)
+    x[1] = float("nan")
+    ids = torch.tensor([[0], [-1], [0], [5], [0], [0]], dtype=ids_dtype)  # 5: outside [0, E), nowhere
+
+    def first(n):
+        return [w if w is None else w[:n] for w in (w1, s1, w3, s3, w2, s2)]
+
+    launched = []
+    names = ("_grouped_gemm_kernel", "_combine_kernel", "_route_kernel")
+    _spy_launches(monkeypatch, experts, names, lambda name, kw: launched.append(name))
+    out = experts.moe_experts(x, tw[:, :1], ids, *first(1), limit)
+    assert launched == ["_grouped_gemm_kernel"] * 2
+    routed = experts.moe_experts(x, tw[:, :1], ids, *first(2), limit)
+    assert launched[2:] == ["_route_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel"]
+    assert torch.equal(out, routed)
+    assert not out[[1, 3]].any()
+    keep = [0, 2, 4, 5]
+    ref = reference.moe_experts(x[keep], tw[keep, :1], ids[keep], *first(1), limit)
+    assert _rel(out[keep], ref) < BF16_TOL
+    # as the model calls it: weight 1 and id 0 expanded over the tokens (stride 0, read as they are)
+    one, zero = torch.ones(1, 1), torch.zeros(1, 1, dtype=ids_dtype)
+    expanded = experts.moe_experts(x[keep], one.expand(4, 1), zero.expand(4, 1), *first(1), limit)
+    materialised = experts.moe_experts(x[keep], torch.ones(4, 1), torch.zeros(4, 1, dtype=ids_dtype), *first(1), limit)
+    assert torch.equal(expanded, materialised)
+
+
+@interpreted
 @pytest.mark.parametrize("t", [1, 5])
 @pytest.mark.parametrize("fmt", ["fp8", "fp8-e8m0"])
 def test_gemv_decode_is_the_tensor_core_product(experts, fmt, t):

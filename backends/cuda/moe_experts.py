@@ -195,6 +195,21 @@ class Routing:
     weights: torch.Tensor
     positions: torch.Tensor
     n_valid: torch.Tensor
+    identity: bool = False
+    """One expert and top-1 (:meth:`one_expert`): sorted row r is token r, no table is built."""
+
+    @classmethod
+    def one_expert(cls, topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int) -> Routing:
+        """The routing of one expert at top-1 (a shared expert), read by the GEMMs as it is: token t
+        is row t, routed when its id is 0 (any other id routes nowhere), with weight
+        ``topk_weights[t, 0]``. ``slots`` holds the ids and ``weights`` the weights [T] (views of
+        any stride: the model's are stride 0); ``tiles`` only sizes the grid (ceil(T / BLOCK_M) row
+        tiles). Nothing is launched, and the down GEMM writes the output itself (no combine)."""
+        t = topk_ids.shape[0]
+        empty = torch.empty(0, dtype=torch.int32, device=topk_ids.device)
+        return cls(tiles=torch.empty((3, cdiv(t, block_m)), dtype=torch.int32, device=topk_ids.device),
+                   slots=topk_ids[:, 0], weights=topk_weights[:, 0].float(), positions=empty,
+                   n_valid=empty, identity=True)
 
     @classmethod
     def empty(cls, tokens: int, top_k: int, max_tiles: int, device: torch.device) -> Routing:
@@ -570,7 +585,7 @@ def _k_loop(
 def _grouped_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, v_ptr, v_scale_ptr, out_ptr, out_scale_ptr,
     tiles_ptr, slots_ptr, weights_ptr, partial_ptr, counter_ptr,
-    N, K, S, max_tiles, limit,
+    N, K, S, max_tiles, limit, stride_slot, stride_weight,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_ve, stride_vn, stride_vk, stride_vse, stride_vsn, stride_vsk,
@@ -579,7 +594,7 @@ def _grouped_gemm_kernel(
     QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
     W_SCALE_E8M0: tl.constexpr, V_SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
     QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    FP4_WORDS: tl.constexpr = False, PDL: tl.constexpr = False,
+    FP4_WORDS: tl.constexpr = False, IDENTITY: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """One (row tile, column tile, K split) of an expert's GEMM over its consecutive sorted rows.
 
@@ -588,19 +603,31 @@ def _grouped_gemm_kernel(
     stored as e4m3 codes + 1x128 scales. Else (down): A rows are the sorted rows, C = A W2^T.
     SPLIT_K > 1: the last of a tile's splits to arrive sums their partials (:func:`_sum_splits`)
     and runs the epilogue. FP4_WORDS: FP4 codes load as 4-byte words (:func:`_fp4_words`).
+    IDENTITY (:meth:`Routing.one_expert`): one expert, row r is token r (tiles unread, slots the
+    ids, weights the routing weights); rows of unrouted tokens store 0 (h, and the down GEMM's C,
+    the op's output).
     """
     wait_for_prior_grid(PDL)
     tile = tl.program_id(0)
-    expert = tl.load(tiles_ptr + tile)
-    if expert < 0:
-        return
-    row_lo = tl.load(tiles_ptr + max_tiles + tile)
-    rows = row_lo + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(tiles_ptr + 2 * max_tiles + tile)
-    if GATE_UP:
-        a_rows = (tl.load(slots_ptr + rows, mask=row_mask, other=0) // TOP_K).to(tl.int64)
+    if IDENTITY:
+        expert = tl.full((), 0, tl.int32)
+        row_lo = tile * BLOCK_M
+        rows = row_lo + tl.arange(0, BLOCK_M)
+        row_mask = rows < S
+        routed = tl.load(slots_ptr + rows * stride_slot, mask=row_mask, other=-1) == 0
+        a_rows = tl.where(row_mask, rows, row_lo).to(tl.int64)
     else:
-        a_rows = tl.where(row_mask, rows, row_lo).to(tl.int64)  # masked rows re-read a valid one
+        expert = tl.load(tiles_ptr + tile)
+        if expert < 0:
+            return
+        row_lo = tl.load(tiles_ptr + max_tiles + tile)
+        rows = row_lo + tl.arange(0, BLOCK_M)
+        row_mask = rows < tl.load(tiles_ptr + 2 * max_tiles + tile)
+        routed = row_mask
+        if GATE_UP:
+            a_rows = (tl.load(slots_ptr + rows * stride_slot, mask=row_mask, other=0) // TOP_K).to(tl.int64)
+        else:
+            a_rows = tl.where(row_mask, rows, row_lo).to(tl.int64)  # masked rows re-read a valid one
     col0 = tl.program_id(1) * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     w_cols = (cols % N).to(tl.int64)  # columns past N re-read valid ones; the store masks them
@@ -629,8 +656,9 @@ def _grouped_gemm_kernel(
     else:
         last = True
     if last:
-        _epilogue(acc_w, acc_v, out_ptr, out_scale_ptr, weights_ptr, rows, row_mask, cols, mask, limit,
-                  stride_om, stride_on, stride_osm, stride_osn, GATE_UP, CLAMP, QUANT_OUT, ROUND_BF16)
+        _epilogue(acc_w, acc_v, out_ptr, out_scale_ptr, weights_ptr + rows * stride_weight, rows, row_mask, routed,
+                  cols, mask, limit, stride_om, stride_on, stride_osm, stride_osn, GATE_UP, CLAMP, QUANT_OUT,
+                  ROUND_BF16, IDENTITY)
 
 
 @triton.jit
@@ -662,12 +690,14 @@ def _sum_splits(
 
 @triton.jit
 def _epilogue(
-    acc_w, acc_v, out_ptr, out_scale_ptr, weights_ptr, rows, row_mask, cols, mask, limit,
+    acc_w, acc_v, out_ptr, out_scale_ptr, row_weights, rows, row_mask, routed, cols, mask, limit,
     stride_om, stride_on, stride_osm, stride_osn,
     GATE_UP: tl.constexpr, CLAMP: tl.constexpr, QUANT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr,
+    IDENTITY: tl.constexpr,
 ):
     """Store a tile's C: A W^T (down), or h = w * silu(min(A W^T, L)) * clamp(A V^T, -L, L) (gate-up),
-    in C's dtype, or as e4m3 codes + 1x128 scales (QUANT_OUT, rounded to bf16 first if ROUND_BF16)."""
+    in C's dtype, or as e4m3 codes + 1x128 scales (QUANT_OUT, rounded to bf16 first if ROUND_BF16);
+    ``row_weights``: pointers to the rows' routing weights; IDENTITY: 0 in the rows not ``routed``."""
     out = acc_w
     if GATE_UP:
         gate = acc_w
@@ -675,8 +705,10 @@ def _epilogue(
         if CLAMP:
             gate = tl.minimum(gate, limit)
             up = tl.clamp(up, -limit, limit)
-        weight = tl.load(weights_ptr + rows, mask=row_mask, other=0.0)
+        weight = tl.load(row_weights, mask=row_mask, other=0.0)
         out = gate / (1.0 + tl.exp(-gate)) * up * weight[:, None]
+    if IDENTITY:
+        out = tl.where(routed[:, None], out, 0.0)
     out_rows = rows.to(tl.int64)
     c_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on
     if QUANT_OUT:
@@ -834,7 +866,7 @@ def _grouped_gemm(
         a, a if a_scale is None else a_scale, w, w if w_scale is None else w_scale,
         w if v is None else v, w if v_scale is None else v_scale, out, out if out_scale is None else out_scale,
         routing.tiles, routing.slots, routing.weights, partial, counters,
-        n, k, rows, max_tiles, float(limit),
+        n, k, rows, max_tiles, float(limit), routing.slots.stride(0), routing.weights.stride(0),
         *a.stride(), *_strides(a_scale, 2),
         *w.stride(), *_strides(w_scale, 3),
         *_strides(v, 3), *_strides(v_scale, 3),
@@ -843,7 +875,7 @@ def _grouped_gemm(
         QUANT_OUT=out_scale is not None, ROUND_BF16=round_bf16, DOT_FP32=dot_fp32,
         QUANT_A=fmt != "dense" and a_scale is None,
         W_SCALE_E8M0=_is_e8m0(w_scale), V_SCALE_E8M0=_is_e8m0(v_scale),
-        MX=mx, WEIGHTS_FIRST=first,
+        MX=mx, WEIGHTS_FIRST=first, IDENTITY=routing.identity,
         FP4_WORDS=config.fp4_words and fmt == "fp4" and first and not mx and _fp4_words(w, w_scale, v, v_scale),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
@@ -923,6 +955,9 @@ def moe_experts(
     accumulation; FP8/FP4 GEMM inputs FP8-quantised in 1x128 ue8m0 tiles. Computes in fp32: fp64
     routing weights are rounded to fp32 (the reference computes such calls in fp64). ``config``
     overrides :func:`select_experts_config` (tuning, benchmarks, tests).
+
+    Launches: the routing tables (:func:`route`), the gate-up and down GEMMs, the combine; one
+    expert at top-1 (the model's shared expert) only the two GEMMs (:meth:`Routing.one_expert`).
     """
     fmt_up, fmt_down = expert_weight_format(w1), expert_weight_format(w2)
     if fmt_up == "dense":
@@ -937,8 +972,12 @@ def moe_experts(
         return out.zero_()
     rows = t * top_k
     config = config or select_experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), inter, d, x.device)
-    routing = route(topk_weights, topk_ids, n_experts, config.block_m)
-    y = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+    one_expert = n_experts == 1 and top_k == 1 and not config.gemv  # a shared expert: no tables, no combine
+    if one_expert:
+        routing = Routing.one_expert(topk_weights, topk_ids, config.block_m)
+    else:
+        routing = route(topk_weights, topk_ids, n_experts, config.block_m)
+    y = out if one_expert else torch.empty((rows, d), dtype=x.dtype, device=x.device)
     if config.gemv:
         if not fmt_up == fmt_down == "fp8":
             raise ValueError(f"moe_experts (cuda.triton): ExpertsConfig.gemv takes FP8 weights, got "
@@ -951,6 +990,8 @@ def moe_experts(
     else:
         _tensor_core_gemms(x, w1, w1_scale, w3, w3_scale, w2, w2_scale, y, routing, top_k, fmt_up, fmt_down,
                            swiglu_limit, config)
+    if one_expert:  # the down GEMM wrote each token's row (0 where unrouted): the sum of its one expert
+        return out
     block_d = min(next_power_of_2(d), 1024)
     _combine_kernel[(t, cdiv(d, block_d))](
         y, routing.positions, routing.n_valid, out, d, *y.stride(), *out.stride(), TOP_K=top_k, BLOCK_D=block_d,

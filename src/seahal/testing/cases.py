@@ -852,6 +852,12 @@ def _moe_experts_cases(seed: int) -> list[Case]:
           inter=2048, fmt="fp8", scale_fmt="e8m0"),
         c("shared expert: one token, one expert, V4-Flash widths, bf16", seed + 17, t=1, k=1, e=1, d=4096,
           inter=2048),
+        # the shared expert over a prompt, some tokens routed nowhere: GPU kernels may take row t for
+        # token t with no routing tables (the CUDA backend does), where unrouted rows must be 0
+        c("shared expert: 40 tokens, one expert, empty slots, fp8", seed + 18, t=40, k=1, e=1, d=256, inter=256,
+          fmt="fp8", scale_fmt="e8m0", routing="empty-slots"),
+        c("shared expert: 40 tokens, one expert, sliced x, transposed ids, fp4", seed + 19, t=40, k=1, e=1,
+          fmt="fp4", scale_fmt="e8m0", layout="strided"),
         c("sliced x, transposed ids and w1", seed + 14, layout="strided"),
     ]
 
