@@ -34,7 +34,7 @@ from seahal.hal.formats import (  # noqa: E402
 from seahal.hal.ops.moe import expert_weight_format  # noqa: E402
 from seahal.testing import triton_interpreter  # noqa: E402
 
-from cuda_marks import IN_INTERPRETER, interpreted  # noqa: E402
+from cuda_marks import IN_INTERPRETER, interpreted, on_gpu  # noqa: E402
 
 E, TOP_K, D, I = 8, 2, 256, 256
 EMPTY_EXPERT = 3
@@ -51,7 +51,7 @@ accumulation order may flip a rounding by one bf16 ulp (2^-8 relative of that el
 
 def test_under_interpreter():
     run = triton_interpreter.rerun_test_file(__file__)
-    assert run.passed(skipped=2), run.report
+    assert run.passed(skipped=4), run.report
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,31 @@ def test_weights_first_and_activations_first_agree(experts, monkeypatch, fmt):
         assert _rel(outs[-1], reference.moe_experts(*args)) < BF16_TOL
         assert _rel(outs[-1], _brute_force(*args)) < BF16_TOL
     assert _rel(outs[1], outs[0]) < BF16_TOL
+
+
+@on_gpu
+@pytest.mark.parametrize("t", [1, 16])
+def test_gpu_fp4_words_and_one_expert(t):
+    """On a GPU: FP4 codes read as words (the default) and a byte at a time (the bench's variant)
+    give the reference's output to bf16 rounding, with group scales over 2^±20; one expert at top-1
+    (no tables, no combine) equals, bit for bit, the routed path with a second expert no token
+    picks, at one K split each."""
+    from seahal.backends.cuda.moe_experts import ExpertsConfig, moe_experts, select_experts_config
+
+    x, tw, ti, w1, s1, w3, s3, w2, s2, limit = (a.cuda() if isinstance(a, torch.Tensor) else a
+                                                for a in _case(t, "fp4-e8m0-wide", torch.bfloat16, seed=t))
+    ref = reference.moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
+    config = select_experts_config(t * TOP_K, "fp4", I, D, x.device)
+    words = moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
+    byte_wise = moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit, config=dataclasses.replace(config, fp4_words=False))
+    assert _rel(words, ref) < BF16_TOL and _rel(byte_wise, ref) < BF16_TOL and _rel(words, byte_wise) < BF16_TOL
+    ids = torch.zeros(t, 1, dtype=torch.int32, device="cuda")
+    ids[1::3] = -1
+    one_split = ExpertsConfig(16, 128, split_k=1)
+    weights = (w1, s1, w3, s3, w2, s2)
+    one = moe_experts(x, tw[:, :1], ids, *(w[:1] for w in weights), limit, config=one_split)
+    two = moe_experts(x, tw[:, :1], ids, *(w[:2] for w in weights), limit, config=one_split)
+    assert torch.equal(one, two)
 
 
 def _unaligned(codes: torch.Tensor) -> torch.Tensor:
