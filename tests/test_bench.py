@@ -460,6 +460,11 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     # not at 64 or prefill, and never for FP4 weights
     assert any(c.gemv for c in tune_candidates(1, fp4=False)) and any(c.gemv for c in tune_candidates(16, fp4=False))
     assert not any(c.gemv for c in tune_candidates(64, fp4=False) + tune_candidates(8192, fp4=False) + decode)
+    # one FP4 token also the 16x128 8-warp tile capped to fit three programs an SM, nothing else
+    capped = [c for c in decode if c.max_registers]
+    assert capped and {(c.block_m, c.block_n, c.num_warps, c.num_stages, c.max_registers) for c in capped} \
+        == {(16, 128, 8, 3, 80)}
+    assert not any(c.max_registers for c in tune_candidates(16, fp4=True) + tune_candidates(1, fp4=False) + prefill)
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])

@@ -571,15 +571,20 @@ def test_one_token_fp4_experts_fit_two_programs_an_sm(compiled):
     """The experts' one-token FP4 gate-up tile (16x128, 8 warps, e8m0 scales: the release's) fits
     two programs an SM by its registers without a spill: 168 registers, one program, until its
     FP4 blocks decoded in lane order (``_e2m1.lane_order``); the bench's 64-column variant on 4
-    warps fits more."""
+    warps fits more, and its variant capped at 80 registers three (spilling at most 128 bytes)."""
     one_token = [r for r in compiled if r["kernel"] == "_grouped_gemm_kernel" and "TOP_K=6," in r["launch"]
                  and "FORMAT=2" in r["launch"] and "MX=False" in r["launch"] and "W_SCALE_E8M0=True" in r["launch"]
                  and "BLOCK_M=16," in r["launch"] and "GATE_UP=True" in r["launch"]]
     tiles = {(re.search(r"BLOCK_N=(\d+)", r["launch"]).group(1), re.search(r"num_warps=(\d+)", r["launch"]).group(1))
              for r in one_token}
     assert {("128", "8"), ("64", "4")} <= tiles, tiles
+    capped = [r for r in one_token if "maxnreg=80" in r["launch"]]
+    assert capped, "the bench's variant capped to three programs an SM"
     for r in one_token:
-        assert r["stack"] == 0 and r["resident"] >= (2 if "BLOCK_N=128" in r["launch"] else 3), r
+        if r in capped:  # 80 registers: three programs an SM, for a little spill
+            assert r["registers"] <= 80 and r["resident"] >= 3 and r["stack"] <= 128, r
+        else:
+            assert r["stack"] == 0 and r["resident"] >= (2 if "BLOCK_N=128" in r["launch"] else 3), r
 
 
 def test_fp4_decode_loads_no_single_bytes(compiled):

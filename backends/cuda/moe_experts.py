@@ -95,6 +95,18 @@ class ExpertsConfig:
     fp4_words: bool = True
     """FP4 weights, weights-first tiles: the codes load as 4-byte words where :func:`_fp4_words`
     allows (:func:`._e2m1.e2m1_bf16_words`); False: a byte at a time (the bench's comparison)."""
+    max_registers: int | None = None
+    """Registers a thread may use (Triton's ``maxnreg``; None: as ptxas sees fit). A bench variant
+    and tuner candidate (:data:`THREE_PROGRAMS_AN_SM`), not a default."""
+
+
+THREE_PROGRAMS_AN_SM = 80
+"""The register cap at which the one-token FP4 tiles (16x128, 8 warps) fit three programs an SM:
+sm_90 (Triton 3.6) compiles the words decode's gate-up to 109 registers and the down to 95, two
+programs an SM, so V4-Flash's 384 live programs of each GEMM (6 experts x 16 or 32 column tiles x
+4 or 2 K splits) run in two waves, the second half full; at 80, 396 slots hold them in one. The
+cost: spills (gate-up 96 bytes a thread, 22 local loads and stores a loop iteration; down 32
+bytes, 5), which 3 pipeline stages leave L1 room for. Unmeasured (TUNING.md)."""
 
 
 FP4_WIDE_DECODE_MAX_ROWS = 16
@@ -879,6 +891,7 @@ def _grouped_gemm(
         FP4_WORDS=config.fp4_words and fmt == "fp4" and first and not mx and _fp4_words(w, w_scale, v, v_scale),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
+        **({"maxnreg": config.max_registers} if config.max_registers else {}),
     )
 
 

@@ -11,7 +11,8 @@ write; the check is against the reference itself on a sample of the tokens, give
 they route to (the reference runs every expert it is given over every token: about 30 s a call at
 8192 tokens, which timed out the first GPU runs; :func:`touched_experts`).
 Every row also times a 4-warp default tile on 8 warps and the other column width
-(:func:`tile_variants`; 64 columns: h quantised after the gate-up GEMM, more programs an SM),
+(:func:`tile_variants`; 64 columns: h quantised after the gate-up GEMM, more programs an SM), the
+one-token FP4 rows their tile capped to fit three programs an SM (:func:`three_programs_an_sm`),
 prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4 decode
 rows the codes read a byte at a time rather than as 4-byte words (``fp4_words=False``: what the
 words took off; the ``tl.dot_scaled`` form, ``fp4_mx=True``, is no longer a row's variant: it lost
@@ -185,7 +186,8 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
         if fmt == "fp8" and tokens <= GEMV_MAX_TOKENS:  # each routed row on the CUDA cores
             variants["gemv"] = partial(kernel, *args, config=FP8_GEMV)
         for c in tile_variants(config, stage):
-            variants[f"{c.block_m}x{c.block_n} tiles, {c.num_warps} warps"] = partial(kernel, *args, config=c)
+            cap = f", {c.max_registers} registers" if c.max_registers else ""
+            variants[f"{c.block_m}x{c.block_n} tiles, {c.num_warps} warps{cap}"] = partial(kernel, *args, config=c)
         if stage == "decode":  # x (and a narrow tile's h) quantised by a launch of its own, not per program
             apart = dataclasses.replace(config, quant_in_gemm=False)
             variants["x quantised apart"] = partial(kernel, *args, config=apart)
@@ -194,14 +196,25 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 
+def three_programs_an_sm(config: ExpertsConfig) -> ExpertsConfig:
+    """``config`` capped at :data:`~seahal.backends.cuda.moe_experts.THREE_PROGRAMS_AN_SM` registers
+    on 3 pipeline stages: the one-token FP4 tiles in one wave instead of two, spilling a little."""
+    from seahal.backends.cuda.moe_experts import THREE_PROGRAMS_AN_SM
+
+    return dataclasses.replace(config, max_registers=THREE_PROGRAMS_AN_SM, num_stages=3)
+
+
 def tile_variants(config: ExpertsConfig, stage: str) -> list[ExpertsConfig]:
     """The tiles a row times beside its default ``config``: a 4-warp default's tile on 8 warps
     (about half the registers a thread, against programs an SM; the 8-warp defaults won against 4,
-    and their tiles on 4 warps would spill or, at one FP4 token, load bytes), the other column
+    and their tiles on 4 warps would spill or, at one FP4 token, load bytes), a one-token 8-warp
+    default capped to fit three programs an SM (:func:`three_programs_an_sm`), the other column
     width (64 columns, 4 warps: 2-5 programs an SM in the sm_90 compile; 128 columns, 8 warps for
     64-row tiles, else 4: the FP4 default until 14a3a20) and, at prefill, 128x64 tiles of 8 warps
     (each decoded weight serves 128 rows: about 1/3 fewer instructions a row)."""
     tiles = [dataclasses.replace(config, num_warps=8)] if config.num_warps == 4 else []
+    if stage == "decode" and config.num_warps == 8 and config.block_m == 16:  # one token's FP4 tile
+        tiles.append(three_programs_an_sm(config))
     if config.block_n == 128:
         tiles.append(dataclasses.replace(config, block_n=64, num_warps=4))
     else:
@@ -310,9 +323,10 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     two to five 4-warp programs fit an SM where the 128-column ones fit one or two, and each
     program's loop waits on its own MMAs and barriers; 128x64 on 8 warps decodes each FP4 block
     for 128 rows at about a third fewer instructions a row than 64x128). FP4 blocks are decoded
-    to bf16: the ``tl.dot_scaled`` form lost in every row measured (a bench variant still times
-    it). Decode rows also each tile with x quantised by a launch of its own (``quant_in_gemm=False``,
-    at the heuristic's K splits). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the
+    to bf16: the ``tl.dot_scaled`` form lost in every row measured. Decode rows also each tile
+    with x quantised by a launch of its own (``quant_in_gemm=False``, at the heuristic's K splits);
+    FP4 rows of up to two tokens the 16x128 8-warp tile capped to three programs an SM
+    (:func:`three_programs_an_sm`). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the
     CUDA-core GEMV (``gemv``) at 16 and 32 weight rows a program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
@@ -325,7 +339,9 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
         for split in ((None, 1, 2, 4) if decode else (1,))
     ]
     apart = [dataclasses.replace(c, quant_in_gemm=False) for c in tiles if decode and c.split_k is None]
-    return tiles + apart + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
+    one_token = fp4 and tokens <= 2
+    capped = [three_programs_an_sm(ExpertsConfig(16, 128, 8, split_k=split)) for split in (None, 4)] if one_token else []
+    return tiles + apart + capped + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
 
 
 def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Callable[[Callable], float]) -> dict:
