@@ -465,6 +465,9 @@ def test_moe_experts_tuner_times_the_correct_candidates_and_keeps_the_fastest():
     assert capped and {(c.block_m, c.block_n, c.num_warps, c.num_stages, c.max_registers) for c in capped} \
         == {(16, 128, 8, 3, 80)}
     assert not any(c.max_registers for c in tune_candidates(16, fp4=True) + tune_candidates(1, fp4=False) + prefill)
+    # FP4 prefill rows also each tile with x and h as bf16 values; never decode rows or FP8 weights
+    assert {c.round_trip for c in prefill} == {False, True}
+    assert not any(c.round_trip for c in decode + tune_candidates(8192, fp4=False))
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])

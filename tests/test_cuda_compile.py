@@ -126,6 +126,8 @@ def _moe(t: int):
     variants = tile_variants(default, "prefill" if prefill else "decode")  # the bench's other tiles
     if not prefill:  # and its decode rows' x quantised by a launch of its own, the codes read a byte at a time
         variants += [dataclasses.replace(default, quant_in_gemm=False), dataclasses.replace(default, fp4_words=False)]
+    else:  # and its prefill rows' activations as bf16 values
+        variants.append(dataclasses.replace(default, round_trip=True))
         moe_experts.moe_experts(x, weights, top, *fp8_weights, config=dataclasses.replace(
             moe_experts.experts_config(t * TOP_K, "fp8", x.device), quant_in_gemm=False))
     for config in variants:
@@ -645,6 +647,48 @@ def test_fp4_codes_as_words_take_fewer_loop_instructions_than_bytes():
     for gate_up in ("True", "False"):
         words, byte_wise = counts[f"{gate_up} True"], counts[f"{gate_up} False"]
         assert words <= 0.92 * byte_wise, counts
+
+
+ROUND_TRIP_AGAINST_CODES = """
+import dataclasses, json, torch
+from seahal.backends.cuda import moe_experts
+from seahal.testing.triton_compile import capture_launches, compile_launch
+e, i, d, t = 64, 2048, 4096, 1024
+def fp4(rows, cols):
+    return (torch.empty(e, rows, cols // 2, dtype=torch.uint8, device='cuda'),
+            torch.empty(e, rows, cols // 32, dtype=torch.float8_e8m0fnu, device='cuda'))
+counts = {}
+for round_trip in (False, True):
+    with capture_launches() as launches:
+        x, weights = torch.empty(t, d, dtype=torch.bfloat16, device='cuda'), torch.empty(t, 6, device='cuda')
+        ids = torch.empty(t, 6, dtype=torch.int32, device='cuda')
+        config = dataclasses.replace(moe_experts.experts_config(6 * t, "fp4", x.device), round_trip=round_trip)
+        moe_experts.moe_experts(x, weights, ids, *fp4(i, d), *fp4(i, d), *fp4(d, i), config=config)
+    for launch in launches:
+        if launch.name == "_grouped_gemm_kernel":
+            counts[f"{launch.kwargs['GATE_UP']} {round_trip}"] = compile_launch(launch).loop_instructions
+print(json.dumps(counts))
+"""
+
+
+def test_fp4_prefill_on_bf16_activation_values_takes_fewer_loop_instructions():
+    """The end-to-end 1k-token prefill's FP4 experts (64x64 tiles, activations first) with x and h
+    as the bf16 values of their FP8 quantisation (``ExpertsConfig.round_trip``): no code widened, no
+    block product scaled in the loop. sm_90 SASS (Triton 3.6): gate-up 640 loop instructions a warp
+    against 807, down 371 against 506. Asserted: at least 15% fewer in both."""
+    require_triton()
+    from seahal.testing.triton_compile import toolchain_missing
+
+    missing = toolchain_missing()
+    if missing:
+        pytest.skip(f"cannot compile for sm_90 here: {missing}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", ROUND_TRIP_AGAINST_CODES], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    counts = json.loads(done.stdout.splitlines()[-1])
+    for gate_up in ("True", "False"):
+        assert counts[f"{gate_up} True"] <= 0.85 * counts[f"{gate_up} False"], counts
 
 
 if __name__ == "__main__":

@@ -247,7 +247,8 @@ def test_gpu_fp4_words_and_one_expert(t):
     ref = reference.moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
     config = select_experts_config(t * TOP_K, "fp4", I, D, x.device)
     words = moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit)
-    byte_wise = moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit, config=dataclasses.replace(config, fp4_words=False))
+    bytes_config = dataclasses.replace(config, fp4_words=False)
+    byte_wise = moe_experts(x, tw, ti, w1, s1, w3, s3, w2, s2, limit, config=bytes_config)
     assert _rel(words, ref) < BF16_TOL and _rel(byte_wise, ref) < BF16_TOL and _rel(words, byte_wise) < BF16_TOL
     ids = torch.zeros(t, 1, dtype=torch.int32, device="cuda")
     ids[1::3] = -1
@@ -256,6 +257,31 @@ def test_gpu_fp4_words_and_one_expert(t):
     one = moe_experts(x, tw[:, :1], ids, *(w[:1] for w in weights), limit, config=one_split)
     two = moe_experts(x, tw[:, :1], ids, *(w[:2] for w in weights), limit, config=one_split)
     assert torch.equal(one, two)
+
+
+@interpreted
+@pytest.mark.parametrize("block_n", [128, 64])
+@pytest.mark.parametrize("fmt, dtype", [("fp4-e8m0", torch.bfloat16), ("fp4-e8m0-wide", torch.bfloat16),
+                                        ("fp4-e8m0", torch.float32)])
+def test_round_trip_activations_are_the_default_product(experts, monkeypatch, fmt, dtype, block_n):
+    """``ExpertsConfig.round_trip`` (FP4 weights, activations-first tiles): x and h enter the GEMMs
+    as the bf16 values of their FP8 quantisation and the MMA sums the whole K, where the default
+    scales each K block's product of the e4m3 codes: the same exact products summed in other
+    orders, so both agree with each other and with the reference to bf16 rounding."""
+    from seahal.backends.cuda.moe_experts import ExpertsConfig
+
+    args = _case(33, fmt, dtype, seed=12)
+    launched = []
+    _spy_launches(monkeypatch, experts, ("_grouped_gemm_kernel",),
+                  lambda name, kw: launched.append((kw["A_ROUND_TRIP"], kw["QUANT_A"], kw["WEIGHTS_FIRST"])))
+    config = ExpertsConfig(64, block_n, quant_in_gemm=False)
+    default = experts.moe_experts(*args, config=config)
+    round_trip = experts.moe_experts(*args, config=dataclasses.replace(config, round_trip=True))
+    assert launched == [(False, False, False)] * 2 + [(True, False, False)] * 2
+    ref = reference.moe_experts(*args)
+    assert _rel(round_trip, ref) < BF16_TOL and _rel(default, ref) < BF16_TOL
+    assert _rel(round_trip, default) < BF16_TOL
+    assert _rel(round_trip, _brute_force(*args)) < BF16_TOL
 
 
 def _unaligned(codes: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,22 @@ def test_fp8_every_code_and_tie(quant):
 
 
 @kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_round_trip_is_the_quantised_values_in_bf16(quant, dtype):
+    # the values an FP8 GEMM multiplies, q * s, as bf16, bit for bit: exactly representable for
+    # ue8m0 scales (the amax floor keeps s >= 2^-22), here over magnitudes 1e-8 .. 1e4 and a zero
+    # row (the floor)
+    x = _edge_tiles(9, 12 * 128, 128, 448.0, seed=5) * torch.logspace(-8, 4, 9)[:, None]
+    x[3] = 0.0
+    x = x.to(dtype).to(DEVICE)
+    out = quant.fp8_round_trip(x)
+    q, scale = reference.fp8_act_quant(x, 128, "ue8m0")
+    want = (q.float().view(9, 12, 128) * scale[..., None]).view(9, -1)
+    assert out.dtype == torch.bfloat16 and torch.equal(want.bfloat16().float(), want)  # exact in bf16
+    assert torch.equal(out.float().cpu(), want.cpu())
+
+
+@kernels
 @pytest.mark.parametrize("block", [32, 64, 96, 128])
 def test_fp8_block_sizes(quant, block):
     # 96: a tile width that is not a power of two (padded lanes must not leak into amax)

@@ -186,9 +186,11 @@ def as_bf16(codes, scale, ROWS: tl.constexpr, COLS: tl.constexpr):
 @triton.jit
 def fp4_block_dot(
     acc, a, a_scale, packed, scale, SCALE_E8M0: tl.constexpr, MX: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, A_SCALED: tl.constexpr = True,
 ):
-    """``acc + (A · B^T) · sA`` over one 128-wide K block of an FP4 weight, in the given orientation.
+    """``acc + (A · B^T) · sA`` over one 128-wide K block of an FP4 weight, in the given orientation;
+    with A_SCALED off (activations first), ``acc + A · B^T`` on A's bf16 values, accumulated in the
+    MMA (A already holds the scaled values: :func:`.quant.fp8_round_trip`).
 
     a: [BLOCK_M, COLS] e4m3 codes, a_scale: [BLOCK_M] fp32, packed: [ROWS, COLS / 2] e2m1 bytes
     (or, weights first with e8m0 scales, [ROWS, COLS / 8] uint32 words of eight codes),
@@ -216,8 +218,12 @@ def fp4_block_dot(
             else:
                 b = lane_order(as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS), ROWS, COLS)
             a = lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
-        product = oriented_dot(a, tl.trans(b), WEIGHTS_FIRST)
-        return acc + product * oriented(a_scale[:, None], WEIGHTS_FIRST)
+        if A_SCALED:
+            product = oriented_dot(a, tl.trans(b), WEIGHTS_FIRST)
+            return acc + product * oriented(a_scale[:, None], WEIGHTS_FIRST)
+        else:
+            tl.static_assert(not WEIGHTS_FIRST, "scaled activation values are multiplied activations first")
+            return tl.dot(a, tl.trans(b), acc)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -82,6 +82,25 @@ def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m
     return q, scale
 
 
+def fp8_round_trip(x: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    """The values an FP8 GEMM takes for x, as bf16: ``bf16(q * s)`` of :func:`fp8_act_quant`'s
+    ue8m0 tiles, exactly (s = 2^k with k >= -22 by the amax floor, so every ``q * s`` is a normal
+    bf16 value). x: [..., K] float -> [..., K] bf16. Lets a GEMM over FP4 weights widen no
+    activation code and scale no block product in its loop (``moe_experts``' ``round_trip``)."""
+    k = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    x2 = _rows(x)
+    if x2.numel() == 0:
+        return out
+    block_m, tiles, grid = quant_launch(x2.shape[0], k // block_size, block_size)
+    _fp8_act_quant_kernel[grid](
+        x2, out, out, x2.shape[0], k // block_size, x2.stride(0),
+        BLOCK=block_size, BLOCK_P2=next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
+        UE8M0=True, ROUND_TRIP=True, **pdl_options(),
+    )
+    return out
+
+
 def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """FP4 e2m1 quant in 1 x block_size tiles with ue8m0 scales, two codes per byte.
 
@@ -261,8 +280,9 @@ def _e2m1_codes(v):
 def _fp8_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, N_TILES, stride_xm,
     BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
-    UE8M0: tl.constexpr, PDL: tl.constexpr = False,
+    UE8M0: tl.constexpr, ROUND_TRIP: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    """Codes to q and scales to s; ROUND_TRIP: the bf16 values ``q * s`` to q instead (no s)."""
     wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
@@ -270,9 +290,13 @@ def _fp8_act_quant_kernel(
     rows64 = rows.to(tl.int64)[:, None, None]
     x = tl.load(x_ptr + rows64 * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
     q, s = fp8_quantize_tiles(x, UE8M0)
-    tl.store(q_ptr + rows64 * (N_TILES * BLOCK) + k, q, mask=mask)
-    scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
-    tl.store(s_ptr + rows.to(tl.int64)[:, None] * N_TILES + tiles[None, :], s, mask=scale_mask)
+    if ROUND_TRIP:  # exact: q * 2^k is a normal bf16 value
+        tl.store(q_ptr + rows64 * (N_TILES * BLOCK) + k, (q.to(tl.float32) * s[:, :, None]).to(tl.bfloat16),
+                 mask=mask)
+    else:
+        tl.store(q_ptr + rows64 * (N_TILES * BLOCK) + k, q, mask=mask)
+        scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
+        tl.store(s_ptr + rows.to(tl.int64)[:, None] * N_TILES + tiles[None, :], s, mask=scale_mask)
 
 
 @triton.jit

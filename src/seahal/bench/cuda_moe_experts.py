@@ -15,8 +15,10 @@ Every row also times a 4-warp default tile on 8 warps and the other column width
 one-token FP4 rows their tile capped to fit three programs an SM (:func:`three_programs_an_sm`),
 prefill rows also 128x64 tiles on 8 warps (each decoded FP4 block serving 128 rows); FP4 decode
 rows the codes read a byte at a time rather than as 4-byte words (``fp4_words=False``: what the
-words took off; the ``tl.dot_scaled`` form, ``fp4_mx=True``, is no longer a row's variant: it lost
-every row it was timed on, 1.09-1.9x slower, backends/cuda/TUNING.md); decode rows
+words took off), FP4 prefill rows x and h as the bf16 values of their FP8 quantisation
+(``round_trip=True``: no widening or block scaling in the loop); the ``tl.dot_scaled`` form,
+``fp4_mx=True``, is no longer a row's variant (it lost every row it was timed on, 1.09-1.9x
+slower, backends/cuda/TUNING.md); decode rows
 x quantised by a launch of its own rather than in every gate-up program (``quant_in_gemm=False``);
 FP8 decode rows up to 16 tokens the CUDA-core GEMV (``ExpertsConfig.gemv``, :data:`FP8_GEMV`).
 
@@ -193,6 +195,9 @@ def _experts(dims: ModelDims, fmt: str, stage: str, tokens: int, device: torch.d
             variants["x quantised apart"] = partial(kernel, *args, config=apart)
         if fmt == "fp4" and stage == "decode":  # the weights-first decode's codes a byte at a time
             variants["codes a byte at a time"] = partial(kernel, *args, config=dataclasses.replace(config, fp4_words=False))
+        if fmt == "fp4" and stage == "prefill":  # x and h as the bf16 values of their FP8 quantisation
+            round_trip = dataclasses.replace(config, round_trip=True)
+            variants["activations as bf16 values"] = partial(kernel, *args, config=round_trip)
     return Workload(partial(kernel, *args), peers, lambda out, ref: check(out[sample], ref), oracle, variants)
 
 
@@ -326,7 +331,8 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     to bf16: the ``tl.dot_scaled`` form lost in every row measured. Decode rows also each tile
     with x quantised by a launch of its own (``quant_in_gemm=False``, at the heuristic's K splits);
     FP4 rows of up to two tokens the 16x128 8-warp tile capped to three programs an SM
-    (:func:`three_programs_an_sm`). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the
+    (:func:`three_programs_an_sm`); FP4 prefill rows each tile with x and h as the bf16 values of
+    their FP8 quantisation (``round_trip``). FP8 weights up to :data:`GEMV_MAX_TOKENS` tokens also the
     CUDA-core GEMV (``gemv``) at 16 and 32 weight rows a program."""
     from seahal.backends.cuda.moe_experts import ExpertsConfig
 
@@ -341,7 +347,8 @@ def tune_candidates(tokens: int, fp4: bool) -> list:
     apart = [dataclasses.replace(c, quant_in_gemm=False) for c in tiles if decode and c.split_k is None]
     one_token = fp4 and tokens <= 2
     capped = [three_programs_an_sm(ExpertsConfig(16, 128, 8, split_k=split)) for split in (None, 4)] if one_token else []
-    return tiles + apart + capped + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
+    round_trip = [dataclasses.replace(c, round_trip=True) for c in tiles] if fp4 and not decode else []
+    return tiles + apart + capped + round_trip + (gemv if tokens <= GEMV_MAX_TOKENS and not fp4 else [])
 
 
 def tune_row(run: Callable, candidates: list, expected: torch.Tensor, time: Callable[[Callable], float]) -> dict:
