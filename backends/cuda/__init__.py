@@ -27,7 +27,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # unchanged). New since that run: grouped_linear (the FP8 wo_a GEMV), interpreter-verified only.
 # Changed since: the weights-first FP4 decode of moe_experts and fp4_gemm, and the FP4 index keys
 # of indexer_topk_packed, read 4-byte-aligned codes as words (_e2m1.e2m1_bf16_words; compiled for
-# sm_90 and interpreter-verified, not yet run on a GPU).
+# sm_90 and interpreter-verified, not yet run on a GPU). fp8_act_quant's kernel gained a ROUND_TRIP
+# constexpr for moe_experts' round-trip variant; its own launches compile to the same sm_90 SASS as
+# before (compared instruction by instruction), so it stays verified.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
