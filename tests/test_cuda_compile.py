@@ -606,26 +606,44 @@ def test_fp4_decode_loads_no_single_bytes(compiled):
         assert r["loop_byte_loads"] == 0, (r["launch"], r["loop_byte_loads"])
 
 
-WORDS_AGAINST_BYTES = """
-import dataclasses, json, torch
+EXPERTS_LOOP_BY_FIELD = """
+import dataclasses, json, sys, torch
 from seahal.backends.cuda import moe_experts
 from seahal.testing.triton_compile import capture_launches, compile_launch
-e, i, d = 8, 2048, 4096
+field, t, e = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+i, d = 2048, 4096
 def fp4(rows, cols):
     return (torch.empty(e, rows, cols // 2, dtype=torch.uint8, device='cuda'),
             torch.empty(e, rows, cols // 32, dtype=torch.float8_e8m0fnu, device='cuda'))
-with capture_launches() as launches:
-    x, weights = torch.empty(1, d, dtype=torch.bfloat16, device='cuda'), torch.empty(1, 6, device='cuda')
-    ids = torch.empty(1, 6, dtype=torch.int32, device='cuda')
-    moe_experts.moe_experts(x, weights, ids, *fp4(i, d), *fp4(i, d), *fp4(d, i))
 counts = {}
-for launch in launches:
-    if launch.name == "_grouped_gemm_kernel":
-        for words in (True, False):
-            result = compile_launch(dataclasses.replace(launch, kwargs={**launch.kwargs, "FP4_WORDS": words}))
-            counts[f"{launch.kwargs['GATE_UP']} {words}"] = result.loop_instructions
+for value in (False, True):
+    with capture_launches() as launches:
+        x, weights = torch.empty(t, d, dtype=torch.bfloat16, device='cuda'), torch.empty(t, 6, device='cuda')
+        ids = torch.empty(t, 6, dtype=torch.int32, device='cuda')
+        config = dataclasses.replace(moe_experts.experts_config(6 * t, "fp4", x.device), **{field: value})
+        moe_experts.moe_experts(x, weights, ids, *fp4(i, d), *fp4(i, d), *fp4(d, i), config=config)
+    for launch in launches:
+        if launch.name == "_grouped_gemm_kernel":
+            counts[f"{launch.kwargs['GATE_UP']} {value}"] = compile_launch(launch).loop_instructions
 print(json.dumps(counts))
 """
+
+
+def _experts_loop_instructions(field: str, tokens: int, experts: int) -> dict[str, int]:
+    """{"<gate-up> <value>": loop instructions a warp} of the V4-Flash FP4 experts' two GEMMs at
+    ``tokens`` tokens (top-6 of ``experts``), compiled for sm_90 with the default launch's
+    ``ExpertsConfig.<field>`` False and True."""
+    require_triton()
+    from seahal.testing.triton_compile import toolchain_missing
+
+    missing = toolchain_missing()
+    if missing:
+        pytest.skip(f"cannot compile for sm_90 here: {missing}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", EXPERTS_LOOP_BY_FIELD, field, str(tokens), str(experts)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_fp4_codes_as_words_take_fewer_loop_instructions_than_bytes():
@@ -633,42 +651,9 @@ def test_fp4_codes_as_words_take_fewer_loop_instructions_than_bytes():
     decode their codes from 4-byte words (``_e2m1.e2m1_bf16_words``): sm_90 SASS (Triton 3.6) of
     the gate-up loop 607 instructions a warp against 691 a byte at a time, the down loop 320
     against 362. Asserted: at least 8% fewer in both."""
-    require_triton()
-    from seahal.testing.triton_compile import toolchain_missing
-
-    missing = toolchain_missing()
-    if missing:
-        pytest.skip(f"cannot compile for sm_90 here: {missing}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", WORDS_AGAINST_BYTES], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    counts = json.loads(done.stdout.splitlines()[-1])
+    counts = _experts_loop_instructions("fp4_words", 1, 8)
     for gate_up in ("True", "False"):
-        words, byte_wise = counts[f"{gate_up} True"], counts[f"{gate_up} False"]
-        assert words <= 0.92 * byte_wise, counts
-
-
-ROUND_TRIP_AGAINST_CODES = """
-import dataclasses, json, torch
-from seahal.backends.cuda import moe_experts
-from seahal.testing.triton_compile import capture_launches, compile_launch
-e, i, d, t = 64, 2048, 4096, 1024
-def fp4(rows, cols):
-    return (torch.empty(e, rows, cols // 2, dtype=torch.uint8, device='cuda'),
-            torch.empty(e, rows, cols // 32, dtype=torch.float8_e8m0fnu, device='cuda'))
-counts = {}
-for round_trip in (False, True):
-    with capture_launches() as launches:
-        x, weights = torch.empty(t, d, dtype=torch.bfloat16, device='cuda'), torch.empty(t, 6, device='cuda')
-        ids = torch.empty(t, 6, dtype=torch.int32, device='cuda')
-        config = dataclasses.replace(moe_experts.experts_config(6 * t, "fp4", x.device), round_trip=round_trip)
-        moe_experts.moe_experts(x, weights, ids, *fp4(i, d), *fp4(i, d), *fp4(d, i), config=config)
-    for launch in launches:
-        if launch.name == "_grouped_gemm_kernel":
-            counts[f"{launch.kwargs['GATE_UP']} {round_trip}"] = compile_launch(launch).loop_instructions
-print(json.dumps(counts))
-"""
+        assert counts[f"{gate_up} True"] <= 0.92 * counts[f"{gate_up} False"], counts
 
 
 def test_fp4_prefill_on_bf16_activation_values_takes_fewer_loop_instructions():
@@ -676,17 +661,7 @@ def test_fp4_prefill_on_bf16_activation_values_takes_fewer_loop_instructions():
     as the bf16 values of their FP8 quantisation (``ExpertsConfig.round_trip``): no code widened, no
     block product scaled in the loop. sm_90 SASS (Triton 3.6): gate-up 640 loop instructions a warp
     against 807, down 371 against 506. Asserted: at least 15% fewer in both."""
-    require_triton()
-    from seahal.testing.triton_compile import toolchain_missing
-
-    missing = toolchain_missing()
-    if missing:
-        pytest.skip(f"cannot compile for sm_90 here: {missing}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", ROUND_TRIP_AGAINST_CODES], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    counts = json.loads(done.stdout.splitlines()[-1])
+    counts = _experts_loop_instructions("round_trip", 1024, 64)
     for gate_up in ("True", "False"):
         assert counts[f"{gate_up} True"] <= 0.85 * counts[f"{gate_up} False"], counts
 
