@@ -18,3 +18,9 @@ def row_alignment(rows: torch.Tensor) -> int:
     while align > 1 and any(start % align for start in starts):
         align //= 2
     return align
+
+
+def words_readable(codes: torch.Tensor, e8m0_scales: bool) -> bool:
+    """Whether packed FP4 codes can be read as 4-byte words by the weights-first decode
+    (``_e2m1.e2m1_bf16_words``): e8m0 scales, K contiguous, every row 4-byte aligned."""
+    return e8m0_scales and row_alignment(codes) >= 4

@@ -94,6 +94,18 @@ def word_lane_order(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def in_k_order(x, ROWS: tl.constexpr, COLS: tl.constexpr, ORDER: tl.constexpr):
+    """[ROWS, COLS] with its columns in ``ORDER``: "stored" (as they are), "lanes"
+    (:func:`lane_order`) or "words" (:func:`word_lane_order`)."""
+    if ORDER == "words":
+        return word_lane_order(x, ROWS, COLS)
+    elif ORDER == "lanes":
+        return lane_order(x, ROWS, COLS)
+    else:
+        return x
+
+
+@triton.jit
 def e2m1_bf16(packed, exponent, ROWS: tl.constexpr, COLS: tl.constexpr, LANES: tl.constexpr = False):
     """Packed e2m1 bytes [ROWS, COLS / 2] (element 2i the low nibble of byte i) with e8m0 bytes
     [ROWS, COLS / 32] -> bf16 [ROWS, COLS] ``e2m1(c) * 2^(e - 127)``, rounded as the fp32 product
@@ -111,9 +123,8 @@ def e2m1_bf16(packed, exponent, ROWS: tl.constexpr, COLS: tl.constexpr, LANES: t
     b = packed.to(tl.uint32)
     pair = ((b * 0x40040) & 0x01C001C0) | ((b * 0x1001000) & 0x80008000)
     bits = tl.join(pair.to(tl.uint16), (pair >> 16).to(tl.uint16)).reshape(ROWS, COLS)
-    if LANES:
-        bits = lane_order(bits, ROWS, COLS)
-    return _scaled_bf16(bits, exponent, ROWS, COLS, "lanes" if LANES else "stored")
+    order: tl.constexpr = "lanes" if LANES else "stored"
+    return _scaled_bf16(in_k_order(bits, ROWS, COLS, order), exponent, ROWS, COLS, order)
 
 
 @triton.jit
@@ -208,16 +219,15 @@ def fp4_block_dot(
         block = tl.dot_scaled(packed, scale, "e2m1", tl.trans(a), None, "e4m3")
         return acc + block * a_scale[None, :]
     else:  # both operands' K in (word) lane order: each lane decodes 16 consecutive bytes with one scale
-        if packed.dtype == tl.uint32:
+        order: tl.constexpr = "words" if packed.dtype == tl.uint32 else "lanes"
+        if order == "words":
             tl.static_assert(WEIGHTS_FIRST and SCALE_E8M0, "FP4 words decode weights first, from e8m0 scales")
             b = e2m1_bf16_words(packed, scale, ROWS, COLS)
-            a = word_lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
+        elif SCALE_E8M0:
+            b = e2m1_bf16(packed, scale, ROWS, COLS, LANES=True)
         else:
-            if SCALE_E8M0:
-                b = e2m1_bf16(packed, scale, ROWS, COLS, LANES=True)
-            else:
-                b = lane_order(as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS), ROWS, COLS)
-            a = lane_order(a.to(tl.bfloat16), a.shape[0], COLS)
+            b = lane_order(as_bf16(unpack_codes(packed, ROWS, COLS), scale, ROWS, COLS), ROWS, COLS)
+        a = in_k_order(a.to(tl.bfloat16), a.shape[0], COLS, order)
         if A_SCALED:
             product = oriented_dot(a, tl.trans(b), WEIGHTS_FIRST)
             return acc + product * oriented(a_scale[:, None], WEIGHTS_FIRST)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._alignment import row_alignment
+from ._alignment import words_readable
 from ._cache_keys import settle_cache_keys
 from ._host import cdiv
 from ._numerics import cast_rne
@@ -196,7 +196,7 @@ def launch(
         options["PERSISTENT"] = True
     if weights_first(config.block_m, config.block_n, fp4=b.dtype == torch.uint8):
         options["WEIGHTS_FIRST"] = True
-        if e8m0 and not options.get("MX") and row_alignment(b) >= 4:  # FP4 codes as 4-byte words
+        if not options.get("MX") and words_readable(b, e8m0):  # FP4 codes as 4-byte words
             options["FP4_WORDS"] = True
     kernel[launch_grid(config, m, n, a.device)](
         a_arg, a_scale, b_arg, b_scale, out, partial, counters,

@@ -73,7 +73,7 @@ import triton.language as tl
 
 from ._cache_keys import settle_cache_keys
 from ._alignment import row_alignment
-from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, e2m1_bf16_words, lane_order, unpack_codes, word_lane_order
+from ._e2m1 import _per_element, decode_e2m1, e2m1_bf16, e2m1_bf16_words, in_k_order, unpack_codes
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._position import load_position, position_stride
@@ -317,10 +317,7 @@ def _scores_kernel(
     lanes: tl.constexpr = KEY_FORMAT == "fp4" and q_ptr.dtype.element_ty == tl.bfloat16 and D_PAD == 128
     words: tl.constexpr = lanes and ROW_ALIGN % 4 == 0  # FP4 codes of aligned records as 4-byte words
     order: tl.constexpr = "words" if words else ("lanes" if lanes else "stored")
-    if words:  # FP4 key tiles decode in (word) lane order (a lane's bytes consecutive): the query's D alike
-        q = word_lane_order(q, BLOCK_S * H_PAD, D_PAD)
-    elif lanes:
-        q = lane_order(q, BLOCK_S * H_PAD, D_PAD)
+    q = in_k_order(q, BLOCK_S * H_PAD, D_PAD, order)  # FP4 key tiles decode in (word) lane order: q's D alike
     w = tl.load(w_ptr + bat * stride_wb + seq * stride_ws + head * stride_wh, mask=row_ok, other=0.0)
     w = w.to(tl.float32)
 

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from seahal.hal.ops.moe import expert_weight_format
 
-from ._alignment import row_alignment
+from ._alignment import words_readable
 from ._cache_keys import settle_cache_keys
 from ._e2m1 import fp4_block_dot
 from ._gemm import (
@@ -914,9 +914,8 @@ def _grouped_gemm(
 def _fp4_words(w: torch.Tensor, w_scale: torch.Tensor | None, v: torch.Tensor | None,
                v_scale: torch.Tensor | None) -> bool:
     """Whether packed FP4 weights (and W3, if given) load as 4-byte words in the weights-first
-    decode (:func:`._e2m1.e2m1_bf16_words`: ~12% fewer loop instructions than a byte at a time):
-    e8m0 scales, K contiguous, every row 4-byte aligned."""
-    return all(_is_e8m0(scale) and row_alignment(weight) >= 4 for weight, scale in ((w, w_scale), (v, v_scale))
+    decode (:func:`._alignment.words_readable`; ~12% fewer loop instructions than a byte at a time)."""
+    return all(words_readable(weight, _is_e8m0(scale)) for weight, scale in ((w, w_scale), (v, v_scale))
                if weight is not None)
 
 
@@ -1001,12 +1000,11 @@ def moe_experts(
         return out.zero_()
     rows = t * top_k
     config = config or select_experts_config(rows, max((fmt_up, fmt_down), key=_FORMATS.get), inter, d, x.device)
-    one_expert = n_experts == 1 and top_k == 1 and not config.gemv  # a shared expert: no tables, no combine
-    if one_expert:
+    if n_experts == 1 and top_k == 1 and not config.gemv:  # a shared expert: no tables, no combine
         routing = Routing.one_expert(topk_weights, topk_ids, config.block_m)
     else:
         routing = route(topk_weights, topk_ids, n_experts, config.block_m)
-    y = out if one_expert else torch.empty((rows, d), dtype=x.dtype, device=x.device)
+    y = out if routing.identity else torch.empty((rows, d), dtype=x.dtype, device=x.device)
     if config.gemv:
         if not fmt_up == fmt_down == "fp8":
             raise ValueError(f"moe_experts (cuda.triton): ExpertsConfig.gemv takes FP8 weights, got "
@@ -1019,7 +1017,7 @@ def moe_experts(
     else:
         _tensor_core_gemms(x, w1, w1_scale, w3, w3_scale, w2, w2_scale, y, routing, top_k, fmt_up, fmt_down,
                            swiglu_limit, config)
-    if one_expert:  # the down GEMM wrote each token's row (0 where unrouted): the sum of its one expert
+    if routing.identity:  # the down GEMM wrote each token's row (0 where unrouted): the sum of its one expert
         return out
     block_d = min(next_power_of_2(d), 1024)
     _combine_kernel[(t, cdiv(d, block_d))](
@@ -1040,30 +1038,29 @@ def _tensor_core_gemms(
     if (fmt_up, fmt_down) != ("dense", "dense") and K_BLOCK % config.block_n:
         raise ValueError(f"moe_experts (cuda.triton): FP8/FP4 weights take column tiles dividing {K_BLOCK}, "
                          f"got ExpertsConfig.block_n={config.block_n}")
-    round_bf16 = x.dtype == torch.bfloat16
-    if config.round_trip and fmt_up == fmt_down == "fp4" and not weights_first(config.block_m, config.block_n, True):
-        h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)  # x and h as their FP8 values in bf16
-        _grouped_gemm(fp8_round_trip(x, K_BLOCK), None, w1, w1_scale, w3, w3_scale, h, None, routing, top_k,
-                      fmt_up, swiglu_limit, round_bf16, config, a_round_trip=True)
-        _grouped_gemm(fp8_round_trip(h, K_BLOCK), None, w2, w2_scale, None, None, y, None, routing, top_k,
-                      fmt_down, swiglu_limit, round_bf16, config, a_round_trip=True)
-        return
     quant_in_gemm = rows <= QUANT_IN_GEMM_MAX_ROWS if config.quant_in_gemm is None else config.quant_in_gemm
-    if fmt_up == "dense" or quant_in_gemm:
+    round_trip = config.round_trip and fmt_up == fmt_down == "fp4" and not weights_first(
+        config.block_m, config.block_n, fp4=True)  # x and h as the bf16 values of their FP8 quantisation
+    if round_trip:
+        a, a_scale = fp8_round_trip(x, K_BLOCK), None
+    elif fmt_up == "dense" or quant_in_gemm:
         a, a_scale = x, None  # dense: as it is; FP8/FP4 weights: quantised in the gate-up kernel
     else:  # once, rather than once per column tile
         a, a_scale = fp8_act_quant(x, K_BLOCK)
-    if fmt_down != "dense" and config.block_n == K_BLOCK:  # the gate-up epilogue quantises h's 1x128 tiles
+    if fmt_down != "dense" and config.block_n == K_BLOCK and not round_trip:  # the epilogue quantises h's tiles
         h = torch.empty((rows, inter), dtype=torch.float8_e4m3fn, device=x.device)
         h_scale = torch.empty((rows, inter // K_BLOCK), dtype=torch.float32, device=x.device)
     else:
         h, h_scale = torch.empty((rows, inter), dtype=x.dtype, device=x.device), None
+    round_bf16 = x.dtype == torch.bfloat16
     _grouped_gemm(a, a_scale, w1, w1_scale, w3, w3_scale, h, h_scale, routing, top_k, fmt_up, swiglu_limit,
-                  round_bf16, config)
-    if fmt_down != "dense" and h_scale is None and not quant_in_gemm:
+                  round_bf16, config, a_round_trip=round_trip)
+    if round_trip:
+        h = fp8_round_trip(h, K_BLOCK)
+    elif fmt_down != "dense" and h_scale is None and not quant_in_gemm:
         h, h_scale = fp8_act_quant(h, K_BLOCK)  # else the down kernel quantises h as it loads it
     _grouped_gemm(h, h_scale, w2, w2_scale, None, None, y, None, routing, top_k, fmt_down, swiglu_limit,
-                  round_bf16, config)
+                  round_bf16, config, a_round_trip=round_trip)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

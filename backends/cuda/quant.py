@@ -66,19 +66,9 @@ def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m
     Per tile: ``s = max(amax, 1e-4) / 448`` (ue8m0: ``2^ceil(log2 s)``),
     ``q = e4m3_rne(clamp(x / s, -448, 448))``.
     """
-    k = x.shape[-1]
-    n_tiles = k // block_size
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((*x.shape[:-1], n_tiles), dtype=torch.float32, device=x.device)
-    x2 = _rows(x)
-    if x2.numel() == 0:
-        return q, scale
-    block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
-    _fp8_act_quant_kernel[grid](
-        x2, q, scale, x2.shape[0], n_tiles, x2.stride(0),
-        BLOCK=block_size, BLOCK_P2=next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
-        UE8M0=scale_fmt == "ue8m0", **pdl_options(),
-    )
+    scale = torch.empty((*x.shape[:-1], x.shape[-1] // block_size), dtype=torch.float32, device=x.device)
+    _launch_fp8_quant(x, q, scale, block_size, ue8m0=scale_fmt == "ue8m0", round_trip=False)
     return q, scale
 
 
@@ -87,18 +77,25 @@ def fp8_round_trip(x: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     ue8m0 tiles, exactly (s = 2^k with k >= -22 by the amax floor, so every ``q * s`` is a normal
     bf16 value). x: [..., K] float -> [..., K] bf16. Lets a GEMM over FP4 weights widen no
     activation code and scale no block product in its loop (``moe_experts``' ``round_trip``)."""
-    k = x.shape[-1]
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    _launch_fp8_quant(x, out, out, block_size, ue8m0=True, round_trip=True)
+    return out
+
+
+def _launch_fp8_quant(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_size: int, ue8m0: bool,
+                      round_trip: bool) -> None:
+    """:func:`_fp8_act_quant_kernel` over x's rows into q (codes, or with ``round_trip`` the bf16
+    values) and scale (unused with ``round_trip``)."""
+    n_tiles = x.shape[-1] // block_size
     x2 = _rows(x)
     if x2.numel() == 0:
-        return out
-    block_m, tiles, grid = quant_launch(x2.shape[0], k // block_size, block_size)
+        return
+    block_m, tiles, grid = quant_launch(x2.shape[0], n_tiles, block_size)
     _fp8_act_quant_kernel[grid](
-        x2, out, out, x2.shape[0], k // block_size, x2.stride(0),
+        x2, q, scale, x2.shape[0], n_tiles, x2.stride(0),
         BLOCK=block_size, BLOCK_P2=next_power_of_2(block_size), BLOCK_M=block_m, TILES=tiles,
-        UE8M0=True, ROUND_TRIP=True, **pdl_options(),
+        UE8M0=ue8m0, ROUND_TRIP=round_trip, **pdl_options(),
     )
-    return out
 
 
 def fp4_quant(x: torch.Tensor, block_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -340,19 +341,12 @@ def _opted_in_decode_us(key: str, model: _Seahal, prompt: torch.Tensor, steps: l
                         device: torch.device) -> float:
     """The median decode step of a graph captured with the opt-in ``key`` of
     :data:`OPT_IN_DECODES`, over a fresh prefill: what it saves between or beside the step's kernels."""
-    variables = OPT_IN_DECODES[key][0]
-    previous = {variable: os.environ.get(variable) for variable in variables}
-    os.environ.update(dict.fromkeys(variables, "1"))
-    try:
-        model.graph = None  # captured again, at its first step, with the opt-in
-        return _decode_us(model.decode, model, prompt, steps, s, device)
-    finally:
-        model.graph = None
-        for variable, value in previous.items():
-            if value is None:
-                del os.environ[variable]
-            else:
-                os.environ[variable] = value
+    with mock.patch.dict(os.environ, dict.fromkeys(OPT_IN_DECODES[key][0], "1")):  # restored after
+        try:
+            model.graph = None  # captured again, at its first step, with the opt-in
+            return _decode_us(model.decode, model, prompt, steps, s, device)
+        finally:
+            model.graph = None
 
 
 GRAPH_PREFILL_TOLERANCE = 2e-2
