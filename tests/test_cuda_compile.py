@@ -419,6 +419,7 @@ def _compile_all(shard: int = 0, shards: int = 1) -> list[dict]:
             "resident": result.resident_programs() if result.ok and result.registers else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
             "mma_loop_block_barriers": _block_barriers_in_mma_loops(ptx),
+            "counter_resets": re.findall(r"\batom\.global\.gpu\.(\w+)\.exch\b", ptx),
             "pdl": bool(launch.kwargs.get("launch_pdl")),
             "waits_on_prior_grid": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
             "position": str(getattr(position, "dtype", None)),
@@ -521,6 +522,17 @@ def test_pingpong_gemm_runs_its_warpgroups_apart(compiled):
         assert r["mma_loop_block_barriers"] == 0, r
     triton_128 = [r for r in compiled if r["kernel"] == "_fp8_gemm_kernel" and "BLOCK_M=128" in r["launch"]]
     assert triton_128 and all(r["mma_loop_block_barriers"] > 0 for r in triton_128)
+
+
+def test_arrival_counters_reset_without_a_fence(compiled):
+    """The last program to arrive zeroes its counter with a relaxed exchange (``_gemm.reset_arrival_counter``):
+    the next launch reads it after this grid ends, so an acq_rel one would only add a fence that
+    waits for the program's output stores to reach L2 on the kernel's serial tail. Every kernel
+    that counts arrivals resets that way, and no kernel with an ordered exchange."""
+    resets = {r["kernel"] for r in compiled if r["counter_resets"]}
+    assert {"_fp8_gemm_kernel", "_grouped_gemm_kernel", "_mix_kernel", "_kv_compress_kernel"} <= resets, resets
+    ordered = [(r["launch"], r["counter_resets"]) for r in compiled if set(r["counter_resets"]) - {"relaxed"}]
+    assert not ordered, ordered
 
 
 def test_positions_as_data_compile(compiled):

@@ -29,7 +29,10 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # of indexer_topk_packed, read 4-byte-aligned codes as words (_e2m1.e2m1_bf16_words; compiled for
 # sm_90 and interpreter-verified, not yet run on a GPU). fp8_act_quant's kernel gained a ROUND_TRIP
 # constexpr for moe_experts' round-trip variant; its own launches compile to the same sm_90 SASS as
-# before (compared instruction by instruction), so it stays verified.
+# before (compared instruction by instruction), so it stays verified. Changed since: every kernel
+# that counts arrivals (the split-K tail of fp8_gemm's Triton kernel, the compressor's channel
+# blocks, the mHC mix) resets its counter with a relaxed exchange (_gemm.reset_arrival_counter):
+# the same arithmetic, a different memory ordering, which only a GPU can check.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -42,13 +45,13 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
-    "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, True),
+    "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
     "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
-        "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, True
+        "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, False
     ),
-    "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, True),
-    "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, True),
-    "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, True),
+    "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
     "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
     "moe_gate": (  # fp32 math, top_k <= 8; group-limited routing stays on the reference
         "moe_gate:moe_gate",

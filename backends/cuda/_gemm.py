@@ -348,7 +348,19 @@ def store_tile(
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(tile_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)
+            reset_arrival_counter(counter)
+
+
+@triton.jit
+def reset_arrival_counter(counter):
+    """Zero an arrival counter (:func:`arrival_counters`) once the last program has seen it.
+
+    Relaxed, no fence: nothing in this launch reads the counter again, and the next launch reads
+    it only after this grid has finished (stream order, or PDL's wait for the prior grid), which
+    makes every write of this grid visible. An ``acq_rel`` exchange would first wait, behind a
+    ``MEMBAR.ALL.GPU``, for the program's earlier stores (the output tile) to reach L2.
+    """
+    tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -77,7 +77,7 @@ from seahal.hal.ops.compressor import compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._cache_keys import settle_cache_keys
-from ._gemm import arrival_counters
+from ._gemm import arrival_counters, reset_arrival_counter
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, fp8_quantize_tiles
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -396,7 +396,7 @@ def _write_entry(
         tl.store(workspace + c, pooled)
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr + entry, 1, sem="acq_rel") == SPLIT - 1:
-            tl.atomic_xchg(counter_ptr + entry, 0)
+            reset_arrival_counter(counter_ptr + entry)
             whole = tl.load(workspace + tl.arange(0, D_P2), cache_modifier=".cg")  # the other programs' blocks too
             _finish_entry(whole, out_ptr + entry * ROW, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
                           RATIO, D, D_P2, PAIRS, ROW, ROPE, TILE)

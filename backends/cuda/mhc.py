@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ._cache_keys import settle_cache_keys
-from ._gemm import arrival_counters
+from ._gemm import arrival_counters, reset_arrival_counter
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
@@ -291,7 +291,7 @@ def _mix_kernel(
         last = True
     if last:
         if SPLIT > 1:
-            tl.atomic_xchg(counter_ptr + pid_t, 0)
+            reset_arrival_counter(counter_ptr + pid_t)
         _tile_weights(partial_ptr, sumsq_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, pid_t,
                       T, K, M, iters, eps, norm_eps, stride_base, stride_scale,
                       BLOCK_T, SPLIT, SPLIT_CHUNK, N, N_PAD, HEAD)

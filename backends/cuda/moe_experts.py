@@ -54,7 +54,8 @@ from ._alignment import words_readable
 from ._cache_keys import settle_cache_keys
 from ._e2m1 import fp4_block_dot
 from ._gemm import (
-    K_BLOCK, arrival_counters, committed_config, decode_e8m0, k_splits, oriented, oriented_acc, weights_first,
+    K_BLOCK, arrival_counters, committed_config, decode_e8m0, k_splits, oriented, oriented_acc,
+    reset_arrival_counter, weights_first,
 )
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, exact_dot, fp8_quantize_tiles
@@ -710,7 +711,7 @@ def _sum_splits(
             total_w += tl.load(ptrs + s * planes * plane, mask=mask, other=0.0, cache_modifier=".cg")
             if GATE_UP:
                 total_v += tl.load(ptrs + (s * planes + 1) * plane, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counter, 0)
+        reset_arrival_counter(counter)
     return total_w, total_v, last
 
 
