@@ -374,6 +374,17 @@ def _block_barriers_in_mma_loops(ptx: str) -> int:
     return sum(bool(block_wide.search(line)) for a, b in innermost for line in lines[a:b + 1])
 
 
+def _barriers_among_cg_loads(ptx: str) -> int:
+    """Block-wide barriers between the first and the last L2 load (``ld.global.cg``) of ``ptx``:
+    where a last-arriving program reads other programs' partial sums, each such barrier is one
+    more dependent trip through L2 on its serial tail."""
+    lines = ptx.splitlines()
+    loads = [i for i, line in enumerate(lines) if "ld.global.cg" in line]
+    if not loads:
+        return 0
+    return sum(bool(re.search(r"\bbar\.sync\s+\d+;", line)) for line in lines[loads[0]:loads[-1]])
+
+
 def _pdl_launches() -> list:
     """A decode step's norms, quantisers, mHC and rope launched with SEAHAL_CUDA_PDL=1."""
     from seahal.backends.cuda._pdl import PDL_VARIABLE
@@ -420,6 +431,7 @@ def _compile_all(shard: int = 0, shards: int = 1) -> list[dict]:
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
             "mma_loop_block_barriers": _block_barriers_in_mma_loops(ptx),
             "counter_resets": re.findall(r"\batom\.global\.gpu\.(\w+)\.exch\b", ptx),
+            "barriers_among_cg_loads": _barriers_among_cg_loads(ptx),
             "pdl": bool(launch.kwargs.get("launch_pdl")),
             "waits_on_prior_grid": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
             "position": str(getattr(position, "dtype", None)),
@@ -533,6 +545,15 @@ def test_arrival_counters_reset_without_a_fence(compiled):
     assert {"_fp8_gemm_kernel", "_grouped_gemm_kernel", "_mix_kernel", "_kv_compress_kernel"} <= resets, resets
     ordered = [(r["launch"], r["counter_resets"]) for r in compiled if set(r["counter_resets"]) - {"relaxed"}]
     assert not ordered, ordered
+
+
+def test_mix_tail_reads_its_partial_sums_in_one_trip(compiled):
+    """hc_pre / hc_head at decode: the tile's last program loads every slice's partial sums (the
+    squares, pre, post and comb mixes) before it reduces any of them, so no barrier separates the
+    loads: one dependent trip through L2 on the launch's serial tail, not one per sum."""
+    tails = [r for r in compiled if r["kernel"] == "_mix_kernel" and "BLOCK_T=1," in r["launch"]]
+    assert {"HEAD=True" in r["launch"] for r in tails} == {True, False}, [r["launch"] for r in tails]
+    assert all(r["barriers_among_cg_loads"] == 0 for r in tails), [(r["launch"], r["barriers_among_cg_loads"]) for r in tails]
 
 
 def test_positions_as_data_compile(compiled):

@@ -31,8 +31,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # constexpr for moe_experts' round-trip variant; its own launches compile to the same sm_90 SASS as
 # before (compared instruction by instruction), so it stays verified. Changed since: every kernel
 # that counts arrivals (the split-K tail of fp8_gemm's Triton kernel, the compressor's channel
-# blocks, the mHC mix) resets its counter with a relaxed exchange (_gemm.reset_arrival_counter):
-# the same arithmetic, a different memory ordering, which only a GPU can check.
+# blocks, the mHC mix) resets its counter with a relaxed exchange (_gemm.reset_arrival_counter),
+# and hc_pre / hc_head's last program loads all its partial sums and parameters at once: the same
+# arithmetic, a different memory ordering, which only a GPU can check.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),

@@ -21,7 +21,9 @@ known, then a pass over the token's n*D entries to collapse them. ``_mix_kernel`
    GEMMs' split-K) sums the tile's partials in a fixed order (chunks of slices, each chunk by one
    ``tl.sum``: deterministic), applies the RMS factor and the sigmoid pre/post weights and runs the
    Sinkhorn iterations for all the tile's tokens at once ([tokens, n, n] in registers). It writes
-   post, comb and pre (pre to a [T, n] workspace). ``hc_head`` has no post and no Sinkhorn.
+   post, comb and pre (pre to a [T, n] workspace). ``hc_head`` has no post and no Sinkhorn. All
+   its loads (a chunk's partials of every sum, the scales and biases) issue before any of them is
+   reduced: one dependent trip through L2 on the serial tail, not one per sum.
 3. Up to :data:`ONE_LAUNCH_MAX_TOKENS` tokens (decode) the same program then collapses the tile's
    tokens, ``y = sum_i pre_i x_i``, in column blocks of up to 4096 (x is in L2: the mix just read
    it): one launch. Above, ``_collapse_kernel`` does it on a program per (token, column block):
@@ -29,11 +31,12 @@ known, then a pass over the token's n*D entries to collapse them. ``_mix_kernel`
    reduction), so both give the same bits whatever their block widths.
 
 Every weight is thus computed once, by one program: a decode step's serial work is the weight
-read of one slice, one arrival, the partial sums (through L2), 2*iters normalisations of an n x n
-matrix and the collapse of one token. All math is fp32 with the reference's operations: correctly
-rounded divisions and square root (``div_rn``, ``sqrt_rn``; Triton's ``/`` is approximate on the
-GPU). Sums run in another order than the reference's (lanes, slices, tiles), which the tolerances
-allow. Launch shapes are estimates from bytes and program counts, not measured (TUNING.md).
+read of one slice, one arrival, one load of the partial sums (through L2), 2*iters normalisations
+of an n x n matrix and the collapse of one token. All math is fp32 with the reference's
+operations: correctly rounded divisions and square root (``div_rn``, ``sqrt_rn``; Triton's ``/``
+is approximate on the GPU). Sums run in another order than the reference's (lanes, slices,
+tiles), which the tolerances allow. Launch shapes are estimates from bytes and program counts,
+not measured (TUNING.md).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ each other's waits (sm_90, Triton 3.6: 5 of the 16-token-tile programs fit an SM
 2 the H100's end-to-end prefill profile (d2669c9) put the mix at 68 us a call over 1024 tokens, 256
 programs for 32 MB of x (about 11 us at 3.0 TB/s)."""
 CHUNK_ELEMENTS = 4096
-"""Partial sums the last program loads at once (one ``tl.sum`` each)."""
+"""Partial comb mixes the last program loads at once (one ``tl.sum`` each; the same slices' pre and
+post mixes and squares load with them)."""
 
 
 @dataclass(frozen=True)
@@ -379,19 +383,15 @@ def _mix_slice(
 
 
 @triton.jit
-def _slice_sum(ptr, tokens, in_t, idx, valid, T, M, SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """[BLOCK_T, W]: the SPLIT partial sums at ``ptr[s, token, idx]`` (workspace [SPLIT, T, M]),
-    added in a fixed order: SPLIT_CHUNK slices at a time by ``tl.sum``, the chunks in turn. Loads
-    bypass L1 (.cg): other programs wrote them."""
+def _slice_chunk(ptr, s0, tokens, in_t, idx, valid, T, M, SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """[SPLIT_CHUNK, BLOCK_T, W]: the partial sums ``ptr[s0 + c, token, idx]`` of slices s0 ..
+    s0 + SPLIT_CHUNK - 1 (workspace [SPLIT, T, M]; 0 past SPLIT and in masked lanes). Loads bypass
+    L1 (.cg): other programs wrote them."""
+    s = s0 + tl.arange(0, SPLIT_CHUNK)
     at = (tokens.to(tl.int64) * M)[:, None] + idx[None, :]
-    mask = in_t[:, None] & valid[None, :]
-    total = tl.zeros(at.shape, dtype=tl.float32)
-    for s0 in tl.static_range(0, SPLIT, SPLIT_CHUNK):
-        s = s0 + tl.arange(0, SPLIT_CHUNK)
-        chunk = tl.load(ptr + (s.to(tl.int64) * T * M)[:, None, None] + at[None, :, :],
-                        mask=(s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0, cache_modifier=".cg")
-        total += tl.sum(chunk, axis=0)
-    return total
+    mask = (s < SPLIT)[:, None, None] & (in_t[:, None] & valid[None, :])[None, :, :]
+    return tl.load(ptr + (s.to(tl.int64) * T * M)[:, None, None] + at[None, :, :], mask=mask, other=0.0,
+                   cache_modifier=".cg")
 
 
 @triton.jit
@@ -437,28 +437,48 @@ def _tile_weights(
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = tokens < T
     one = tl.arange(0, 1)
-    sq = tl.sum(_slice_sum(sumsq_ptr, tokens, in_t, one, one < 1, T, 1, SPLIT, SPLIT_CHUNK), axis=1)
-    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(sq, K.to(tl.float32)) + norm_eps))[:, None]
-
     streams = tl.arange(0, N_PAD)
     in_n = streams < N
+    pairs = tl.arange(0, N_PAD * N_PAD)  # (i, j) row-major: mix index 2N + i*N + j of comb[i, j]
+    i = pairs // N_PAD
+    j = pairs % N_PAD
+    valid = (i < N) & (j < N)
+    mix = 2 * N + i * N + j
+    # Every load first, the parameters with the partial sums (SPLIT_CHUNK slices at a time: each
+    # chunk's loads issue together, one trip through L2 for all of them); then each sum adds its
+    # chunk by one tl.sum, the chunks in turn (a fixed order: deterministic).
+    scale_pre = _param(scale_ptr, 0, True)
+    base_pre = _param(base_ptr, streams * stride_base, in_n)[None, :]
+    if not HEAD:
+        scale_post = _param(scale_ptr, stride_scale, True)
+        base_post = _param(base_ptr, (N + streams) * stride_base, in_n)[None, :]
+        scale_comb = _param(scale_ptr, 2 * stride_scale, True)
+        base_comb = _param(base_ptr, mix * stride_base, valid)[None, :]
+    sq = tl.zeros((BLOCK_T, 1), dtype=tl.float32)
+    z_pre = tl.zeros((BLOCK_T, N_PAD), dtype=tl.float32)
+    if not HEAD:
+        z_post = tl.zeros((BLOCK_T, N_PAD), dtype=tl.float32)
+        z_comb = tl.zeros((BLOCK_T, N_PAD * N_PAD), dtype=tl.float32)
+    for s0 in tl.static_range(0, SPLIT, SPLIT_CHUNK):
+        sq_chunk = _slice_chunk(sumsq_ptr, s0, tokens, in_t, one, one < 1, T, 1, SPLIT, SPLIT_CHUNK)
+        pre_chunk = _slice_chunk(partial_ptr, s0, tokens, in_t, streams, in_n, T, M, SPLIT, SPLIT_CHUNK)
+        if not HEAD:
+            post_chunk = _slice_chunk(partial_ptr, s0, tokens, in_t, N + streams, in_n, T, M, SPLIT, SPLIT_CHUNK)
+            comb_chunk = _slice_chunk(partial_ptr, s0, tokens, in_t, mix, valid, T, M, SPLIT, SPLIT_CHUNK)
+        sq += tl.sum(sq_chunk, axis=0)
+        z_pre += tl.sum(pre_chunk, axis=0)
+        if not HEAD:
+            z_post += tl.sum(post_chunk, axis=0)
+            z_comb += tl.sum(comb_chunk, axis=0)
+    sq = tl.sum(sq, axis=1)
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(sq, K.to(tl.float32)) + norm_eps))[:, None]
+
     out = (tokens.to(tl.int64) * N)[:, None] + streams[None, :]  # [token, i] of pre and post
     in_out = in_t[:, None] & in_n[None, :]
-    z = _slice_sum(partial_ptr, tokens, in_t, streams, in_n, T, M, SPLIT, SPLIT_CHUNK) * inv_rms
-    z = z * _param(scale_ptr, 0, True) + _param(base_ptr, streams * stride_base, in_n)[None, :]
-    tl.store(pre_ptr + out, _sigmoid(z) + eps, mask=in_out)
+    tl.store(pre_ptr + out, _sigmoid(z_pre * inv_rms * scale_pre + base_pre) + eps, mask=in_out)
     if not HEAD:
-        z = _slice_sum(partial_ptr, tokens, in_t, N + streams, in_n, T, M, SPLIT, SPLIT_CHUNK) * inv_rms
-        z = z * _param(scale_ptr, stride_scale, True) + _param(base_ptr, (N + streams) * stride_base, in_n)[None, :]
-        tl.store(post_ptr + out, 2 * _sigmoid(z), mask=in_out)
-
-        pairs = tl.arange(0, N_PAD * N_PAD)  # (i, j) row-major: mix index 2N + i*N + j of comb[i, j]
-        i = pairs // N_PAD
-        j = pairs % N_PAD
-        valid = (i < N) & (j < N)
-        mix = 2 * N + i * N + j
-        z = _slice_sum(partial_ptr, tokens, in_t, mix, valid, T, M, SPLIT, SPLIT_CHUNK) * inv_rms
-        z = z * _param(scale_ptr, 2 * stride_scale, True) + _param(base_ptr, mix * stride_base, valid)[None, :]
+        tl.store(post_ptr + out, 2 * _sigmoid(z_post * inv_rms * scale_post + base_post), mask=in_out)
+        z = z_comb * inv_rms * scale_comb + base_comb
         comb = _sinkhorn(tl.reshape(z, (BLOCK_T, N_PAD, N_PAD)), tl.reshape(valid, (1, N_PAD, N_PAD)), iters, eps)
         at = (tokens.to(tl.int64) * N * N)[:, None] + (i * N + j)[None, :]
         tl.store(comb_ptr + tl.reshape(at, (BLOCK_T, N_PAD, N_PAD)), comb,
