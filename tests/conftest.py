@@ -1,10 +1,41 @@
-"""Shared fixtures: a registry that tests may fill with fake backends and plugins."""
+"""Shared fixtures: a registry that tests may fill with fake backends and plugins; a guard that
+no test leaves ``TRITON_INTERPRET`` changed for the tests after it; the Triton-interpreter re-runs
+of the selected test files started in the background as the session begins."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import pytest
 
 from seahal.hal.registry import REGISTRY
+from seahal.testing import triton_interpreter
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the interpreter re-run of every file whose ``test_under_interpreter`` was selected:
+    they run one after another on another core while this process runs the other tests (together
+    ~10 minutes of a CI run's 2 cores, ``tests/test_cuda_*.py``), and each file's test collects
+    its own run."""
+    files = sorted({str(item.path) for item in session.items if item.name == "test_under_interpreter"})
+    if files and importlib.util.find_spec("triton") is not None:
+        triton_interpreter.start_reruns(files)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    triton_interpreter.stop_reruns()
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_flag_unchanged():
+    """Fail a test that leaves ``TRITON_INTERPRET`` other than it found it: Triton reads it when
+    a kernel module is imported, so a leaked value changes what later tests run (code such as
+    ``seahal conformance --interpret`` sets it in its own process)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    after = os.environ.get("TRITON_INTERPRET")
+    assert after == before, f"the test left TRITON_INTERPRET={after!r} (it was {before!r})"
 
 
 @pytest.fixture

@@ -145,7 +145,10 @@ def test_capability_rejection_is_unsupported(isolated_registry):
 
 
 def test_interpret_flag_runs(monkeypatch, capsys):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # setenv first: monkeypatch then restores the variable's absence after the CLI set it, which a
+    # delenv of an absent variable would not (the rest of the session would run interpreted)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("TRITON_INTERPRET")
     args = ["conformance", "--backend", "cpu", "--ops", "fp8_act_quant", "--kernel", "reference", "--interpret"]
     assert cli_main(args) == 0
     assert os.environ["TRITON_INTERPRET"] == "1"

@@ -9,6 +9,7 @@ of a run. Neither touches the GPU path.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.util
@@ -16,7 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 from seahal.backends.cuda import MIN_TRITON, triton_too_old
@@ -98,20 +99,76 @@ class InterpreterRun:
         return clean and (skipped is None or f" {skipped} skipped" in self.summary)
 
 
+RERUN_VARIABLE = "SEAHAL_INTERPRETER_RERUN"
+"""Set (to 1) only in the processes :func:`rerun_test_file` starts. Not ``TRITON_INTERPRET``
+itself: code that runs in the parent's process may set that (``seahal conformance --interpret``
+does), and a parent that took it for the re-run would skip every later file's interpreter tests."""
+BACKGROUND_TIMEOUT = 900
+"""Seconds a re-run started by :func:`start_reruns` may take."""
+
+_BACKGROUND: dict[str, concurrent.futures.Future] = {}
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_RUNNING: set[subprocess.Popen] = set()
+
+
 def rerun_test_file(path: str, timeout: float = 600) -> InterpreterRun:
     """Run the pytest file ``path`` again in a fresh interpreter with ``TRITON_INTERPRET=1``; the
     caller asserts on the outcome (``assert run.passed(skipped=...), run.report``).
 
     Triton reads the variable when it is imported and when each kernel is decorated, so a test file
     whose kernels must run interpreted re-runs itself in a subprocess from one parent test; called
-    inside that subprocess, this skips.
+    inside that subprocess, this skips. A run :func:`start_reruns` began is waited for (its
+    timeout :data:`BACKGROUND_TIMEOUT`); otherwise the file runs now.
     """
     import pytest
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get(RERUN_VARIABLE) == "1":
         pytest.skip("this is the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    started = _BACKGROUND.pop(os.path.abspath(path), None)
+    return started.result() if started is not None else _run_file(os.path.abspath(path), timeout)
+
+
+def start_reruns(paths: Iterable[str]) -> None:
+    """Begin :func:`rerun_test_file`'s runs of ``paths`` on a background thread, one file at a time,
+    while this process goes on (a pytest session runs its other tests meanwhile: on a 2-core CI
+    machine the interpreter runs take the second core). Nothing inside a re-run."""
+    global _EXECUTOR
+    if os.environ.get(RERUN_VARIABLE) == "1":
+        return
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpreter-rerun")
+    for path in map(os.path.abspath, paths):
+        if path not in _BACKGROUND:
+            _BACKGROUND[path] = _EXECUTOR.submit(_run_file, path, BACKGROUND_TIMEOUT)
+
+
+def stop_reruns() -> None:
+    """Drop the background runs nobody collected: those not begun are cancelled, a running one is
+    killed (a session that ends early, e.g. on ``-x``, does not wait for them)."""
+    global _EXECUTOR
+    for future in _BACKGROUND.values():
+        future.cancel()
+    for process in list(_RUNNING):
+        process.kill()
+    if _EXECUTOR is not None:
+        _EXECUTOR.shutdown(wait=True)
+        _EXECUTOR = None
+    _BACKGROUND.clear()
+
+
+def _run_file(path: str, timeout: float) -> InterpreterRun:
+    """pytest on ``path`` in a subprocess with ``TRITON_INTERPRET=1`` (and :data:`RERUN_VARIABLE`)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", RERUN_VARIABLE: "1"}
     command = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    lines = result.stdout.strip().splitlines()
-    return InterpreterRun(result.returncode, lines[-1] if lines else "", result.stdout[-6000:] + result.stderr[-2000:])
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        _RUNNING.add(process)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+            stderr += f"\n{path}: the interpreter run took over {timeout} s and was stopped"
+        finally:
+            _RUNNING.discard(process)
+    lines = stdout.strip().splitlines()
+    return InterpreterRun(process.returncode, lines[-1] if lines else "", stdout[-6000:] + stderr[-2000:])
