@@ -324,7 +324,9 @@ def ring_rows(positions: torch.Tensor, window_offsets: torch.Tensor) -> torch.Te
 def token_positions(start_pos: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """Positions ``[start_pos, start_pos + n)`` as int64: [n] for an int start_pos; [1, n] for a 0-d
     tensor, [B, n] for one position per sequence, as a position-generic step has them (see
-    :class:`seahal.model.cache.TracedLayerCache`)."""
+    :class:`seahal.model.cache.TracedLayerCache`). One token at an int64 tensor position: a view
+    of it (no kernel in a decode step's graph), read before the step advances it."""
     if isinstance(start_pos, torch.Tensor):
-        return start_pos.reshape(-1, 1) + torch.arange(n, device=device)
+        column = start_pos.reshape(-1, 1).to(torch.int64)
+        return column if n == 1 else column + torch.arange(n, device=device)
     return torch.arange(start_pos, start_pos + n, device=device)

@@ -122,7 +122,9 @@ class Transformer(nn.Module):
         layout = p.token_layout(batch, s) if p.ep > 1 else None
         input_ids = p.local_batch(input_ids)
         b = input_ids.shape[0]
-        h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim).contiguous()
+        # the n streams start equal: a stride-0 view of the embedding (the first hc_pre and hc_post
+        # read it through its strides; hc_post's output is the first materialised stream tensor)
+        h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim)
         offsets = self.layers[0].attn.window_offsets if len(self.layers) else None
         step = StepPositions.of(start_pos, s, input_ids.device, offsets)  # made once for every layer
         for block, layer_cache in zip(self.layers, cache.layers):

@@ -643,9 +643,12 @@ def hc_case(
     values: str = "normal", layout: str = "contiguous",
 ) -> Case:
     """``hc_pre`` / ``hc_head`` (streams + mix parameters) or ``hc_post`` (sub-layer output,
-    streams, post in [0, 2] and a column-normalised comb)."""
+    streams, post in [0, 2] and a column-normalised comb). ``values="equal streams"``: the n
+    streams one stride-0 view of the first, as the model's first layer receives its embedding."""
     r = _Rand(seed)
     x = strided(_streams(r, b, s, n, d, values).to(dtype), layout)
+    if values == "equal streams":
+        x = x[:, :, :1].expand(b, s, n, d)
     if op == "hc_post":
         f = r.normal(b, s, d, dtype=dtype)
         post = 2 * torch.sigmoid(r.normal(b, s, n))
@@ -996,6 +999,7 @@ def _hc_cases(op: str, seed: int) -> list[Case]:
         hc_case("bf16 zero token", seed + 2, op, values="zero-token"),
         hc_case("fp32 transposed streams", seed + 3, op, dtype=F32, layout="transposed"),
         hc_case("n=2, one token", seed + 4, op, b=1, s=1, n=2, d=16),
+        hc_case("bf16 equal streams, a stride-0 view", seed + 6, op, values="equal streams"),
     ]
     if op == "hc_pre":
         cases.append(hc_case("one Sinkhorn iteration", seed + 5, op, iters=1))
