@@ -105,6 +105,13 @@ itself: code that runs in the parent's process may set that (``seahal conformanc
 does), and a parent that took it for the re-run would skip every later file's interpreter tests."""
 BACKGROUND_TIMEOUT = 900
 """Seconds a re-run started by :func:`start_reruns` may take."""
+BACKGROUND_NICENESS = 10
+"""How much lower a background re-run's CPU priority is than its starter's: it takes the cores
+the session leaves idle rather than sharing them with its tests."""
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""A background re-run's thread pools (torch's, numpy's BLAS under the interpreter's dot): one
+thread each. Pools of a thread a core in two processes at once spin-wait on each other's cores:
+the first CI run with a background re-run took 10 CPU minutes for a file that takes 3 alone."""
 
 _BACKGROUND: dict[str, concurrent.futures.Future] = {}
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
@@ -125,7 +132,7 @@ def rerun_test_file(path: str, timeout: float = 600) -> InterpreterRun:
     if os.environ.get(RERUN_VARIABLE) == "1":
         pytest.skip("this is the interpreter run")
     started = _BACKGROUND.pop(os.path.abspath(path), None)
-    return started.result() if started is not None else _run_file(os.path.abspath(path), timeout)
+    return started.result() if started is not None else _run_file(os.path.abspath(path), timeout, background=False)
 
 
 def start_reruns(paths: Iterable[str]) -> None:
@@ -139,7 +146,7 @@ def start_reruns(paths: Iterable[str]) -> None:
         _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpreter-rerun")
     for path in map(os.path.abspath, paths):
         if path not in _BACKGROUND:
-            _BACKGROUND[path] = _EXECUTOR.submit(_run_file, path, BACKGROUND_TIMEOUT)
+            _BACKGROUND[path] = _EXECUTOR.submit(_run_file, path, BACKGROUND_TIMEOUT, background=True)
 
 
 def stop_reruns() -> None:
@@ -156,10 +163,13 @@ def stop_reruns() -> None:
     _BACKGROUND.clear()
 
 
-def _run_file(path: str, timeout: float) -> InterpreterRun:
-    """pytest on ``path`` in a subprocess with ``TRITON_INTERPRET=1`` (and :data:`RERUN_VARIABLE`)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", RERUN_VARIABLE: "1"}
-    command = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider"]
+def _run_file(path: str, timeout: float, background: bool) -> InterpreterRun:
+    """pytest on ``path`` in a subprocess with ``TRITON_INTERPRET=1`` (and :data:`RERUN_VARIABLE`);
+    in the ``background``, on one thread a pool and :data:`BACKGROUND_NICENESS` lower priority."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", RERUN_VARIABLE: "1", **(ONE_THREAD if background else {})}
+    niceness = BACKGROUND_NICENESS if background and hasattr(os, "nice") else 0
+    start = f"import os, sys, pytest; os.nice({niceness}); sys.exit(pytest.main(sys.argv[1:]))"
+    command = [sys.executable, "-c", start, path, "-q", "-p", "no:cacheprovider"]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         _RUNNING.add(process)
         try:
