@@ -136,14 +136,16 @@ def rerun_test_file(path: str, timeout: float = 600) -> InterpreterRun:
 
 
 def start_reruns(paths: Iterable[str]) -> None:
-    """Begin :func:`rerun_test_file`'s runs of ``paths`` on a background thread, one file at a time,
-    while this process goes on (a pytest session runs its other tests meanwhile: on a 2-core CI
-    machine the interpreter runs take the second core). Nothing inside a re-run."""
+    """Begin :func:`rerun_test_file`'s runs of ``paths`` in the background, a core's worth at a
+    time (``os.cpu_count()`` runs), while this process goes on: a pytest session runs its other
+    tests meanwhile at a higher priority, and once it waits on the re-runs they have every core.
+    Nothing inside a re-run."""
     global _EXECUTOR
     if os.environ.get(RERUN_VARIABLE) == "1":
         return
     if _EXECUTOR is None:
-        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interpreter-rerun")
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                          thread_name_prefix="interpreter-rerun")
     for path in map(os.path.abspath, paths):
         if path not in _BACKGROUND:
             _BACKGROUND[path] = _EXECUTOR.submit(_run_file, path, BACKGROUND_TIMEOUT, background=True)
