@@ -23,9 +23,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the interpreter re-run of every file whose ``test_under_interpreter`` was selected, in
     the order the session will collect them, at a lower priority than this process, which runs
     the other tests meanwhile (on this 2-core machine the 13 re-runs take 588 s one after another,
-    the rest of the session 444 s)."""
+    the rest of the session 444 s). Not in a pytest-xdist worker: every worker collects every
+    file, and the one that runs a file's test re-runs it then."""
     files = list(dict.fromkeys(str(item.path) for item in session.items if item.name == "test_under_interpreter"))
-    if files and importlib.util.find_spec("triton") is not None:
+    if files and importlib.util.find_spec("triton") is not None and "PYTEST_XDIST_WORKER" not in os.environ:
         triton_interpreter.start_reruns(files)
 
 

@@ -152,7 +152,7 @@ def start_reruns(paths: Iterable[str]) -> None:
 
 
 def stop_reruns() -> None:
-    """Drop the background runs nobody collected: those not begun are cancelled, a running one is
+    """Drop the background runs nobody collected: those not begun are cancelled, running ones are
     killed (a session that ends early, e.g. on ``-x``, does not wait for them)."""
     global _EXECUTOR
     for future in _BACKGROUND.values():
