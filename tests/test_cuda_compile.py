@@ -361,6 +361,10 @@ def _signature(launch) -> str:
     return f"{launch.describe()}[{','.join(map(_specialisation, launch.args))}]"
 
 
+BLOCK_BARRIER = re.compile(r"\b(?:bar|barrier)\.sync(?:\.aligned)?\s+\d+;")
+"""A block-wide PTX barrier: ``bar.sync N;`` without a thread count."""
+
+
 def _block_barriers_in_mma_loops(ptx: str) -> int:
     """Block-wide barriers (``bar.sync N;`` without a thread count) in the innermost loops of
     ``ptx`` that issue wgmma: what makes all of a program's warpgroups meet every K step."""
@@ -370,8 +374,7 @@ def _block_barriers_in_mma_loops(ptx: str) -> int:
              if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)) and labels.get(m.group(1), i) < i]
     mma = [(a, b) for a, b in loops if any("wgmma.mma_async" in line for line in lines[a:b])]
     innermost = [(a, b) for a, b in mma if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in mma)]
-    block_wide = re.compile(r"\b(?:bar|barrier)\.sync(?:\.aligned)?\s+\d+;")
-    return sum(bool(block_wide.search(line)) for a, b in innermost for line in lines[a:b + 1])
+    return sum(bool(BLOCK_BARRIER.search(line)) for a, b in innermost for line in lines[a:b + 1])
 
 
 def _barriers_among_cg_loads(ptx: str) -> int:
@@ -382,7 +385,7 @@ def _barriers_among_cg_loads(ptx: str) -> int:
     loads = [i for i, line in enumerate(lines) if "ld.global.cg" in line]
     if not loads:
         return 0
-    return sum(bool(re.search(r"\bbar\.sync\s+\d+;", line)) for line in lines[loads[0]:loads[-1]])
+    return sum(bool(BLOCK_BARRIER.search(line)) for line in lines[loads[0]:loads[-1]])
 
 
 def _pdl_launches() -> list:

@@ -631,11 +631,15 @@ def sparse_attention_fp8_case(
     return _case("sparse_attention_fp8", name, args)
 
 
-def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str) -> torch.Tensor:
+def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """n residual streams [B, S, n, D] of N(0, 1) in ``dtype`` and ``layout``; ``values``:
+    ``"zero-token"`` (the first token all zeros) or ``"equal streams"`` (one stride-0 view of the
+    first stream, as the model's first layer receives its embedding)."""
     x = r.normal(b, s, n, d)
     if values == "zero-token":
         x[0, 0] = 0.0
-    return x
+    x = strided(x.to(dtype), layout)
+    return x[:, :, :1].expand(b, s, n, d) if values == "equal streams" else x
 
 
 def hc_case(
@@ -643,12 +647,9 @@ def hc_case(
     values: str = "normal", layout: str = "contiguous",
 ) -> Case:
     """``hc_pre`` / ``hc_head`` (streams + mix parameters) or ``hc_post`` (sub-layer output,
-    streams, post in [0, 2] and a column-normalised comb). ``values="equal streams"``: the n
-    streams one stride-0 view of the first, as the model's first layer receives its embedding."""
+    streams, post in [0, 2] and a column-normalised comb); ``values`` as :func:`_streams`."""
     r = _Rand(seed)
-    x = strided(_streams(r, b, s, n, d, values).to(dtype), layout)
-    if values == "equal streams":
-        x = x[:, :, :1].expand(b, s, n, d)
+    x = _streams(r, b, s, n, d, values, dtype, layout)
     if op == "hc_post":
         f = r.normal(b, s, d, dtype=dtype)
         post = 2 * torch.sigmoid(r.normal(b, s, n))

@@ -169,9 +169,10 @@ def _run_file(path: str, timeout: float, background: bool) -> InterpreterRun:
     """pytest on ``path`` in a subprocess with ``TRITON_INTERPRET=1`` (and :data:`RERUN_VARIABLE`);
     in the ``background``, on one thread a pool and :data:`BACKGROUND_NICENESS` lower priority."""
     env = {**os.environ, "TRITON_INTERPRET": "1", RERUN_VARIABLE: "1", **(ONE_THREAD if background else {})}
-    niceness = BACKGROUND_NICENESS if background and hasattr(os, "nice") else 0
-    start = f"import os, sys, pytest; os.nice({niceness}); sys.exit(pytest.main(sys.argv[1:]))"
-    command = [sys.executable, "-c", start, path, "-q", "-p", "no:cacheprovider"]
+    pytest_main = ["-m", "pytest"]
+    if background and hasattr(os, "nice"):  # the child lowers its own priority, then runs pytest
+        pytest_main = ["-c", f"import os, sys, pytest; os.nice({BACKGROUND_NICENESS}); sys.exit(pytest.main(sys.argv[1:]))"]
+    command = [sys.executable, *pytest_main, path, "-q", "-p", "no:cacheprovider"]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         _RUNNING.add(process)
         try:
