@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from seahal.hal.formats import FP4_TILE
-from seahal.hal.ops.compressor import new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import KV_TILE, LayerCache, StepMemo
@@ -105,7 +104,7 @@ class Indexer(nn.Module):
             fp4_records = self.config.index_key_format == "fp4"
             keys = self.ops.hadamard_rotate(keys, 0 if fp4_records else FP4_TILE)
         weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        stored = cache.store_index_keys(keys, step.new_entries(CSA_RATIO), step.memo)  # dense keys or packed records
+        stored = cache.store_index_keys(keys, step.entries_after(CSA_RATIO), step.memo)  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk
         if fmt == "dense":
             top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, step.start_pos, topk)
@@ -200,17 +199,17 @@ class Attention(nn.Module):
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             if self.indexer is not None:  # a CSA layer: its indexer keys complete with the entries
                 compressed_idx = self.indexer(x, q_index, cache, step, self.freqs)
-            cache.append_compressed(entries, step.new_entries(self.ratio), packed, step.memo)
+            cache.append_compressed(entries, step.entries_after(self.ratio), packed, step.memo)
 
         rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1
         if decode:  # its ring slot held token p - W, which query p no longer sees
-            cache.write_window(start_pos, rows, step.positions, step.memo)
+            cache.write_window(start_pos, rows, step.ring_slots(cache.window))
         keys, indices = self._gather_keys(rows, cache, start_pos, step, compressed_idx, decode)
         o = self._attend(q, keys, indices, cache)
         o = self.ops.rope(o, positions, self.freqs, inverse=True)
         if not decode:
-            cache.write_window(start_pos, rows, step.positions, step.memo)
+            cache.write_window(start_pos, rows, step.ring_slots(cache.window))
         return self._project_out(o)
 
     def _gather_keys(
@@ -236,7 +235,8 @@ class Attention(nn.Module):
         def window_rows() -> torch.Tensor:  # [B, S, W]: each query's window in keys, -1 before the sequence
             if decode:
                 ring = step.decode_window if step.decode_window is not None and step.decode_window.shape[-1] == w else None
-                return (ring if ring is not None else ring_rows(t, self.window_offsets[:w])).expand(b, s, w)
+                ring = ring if ring is not None else ring_rows(t, self.window_offsets[:w]).to(torch.int32)
+                return ring.expand(b, s, w)
             p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
             return torch.where(p < first, p % w, w + p - first).masked_fill(p < 0, -1).expand(b, s, w)
@@ -250,8 +250,13 @@ class Attention(nn.Module):
             if not self.ratio:
                 return window().to(torch.int32)
             j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
-            visible = j < ((t + 1) // self.ratio)[..., None]
-            return torch.cat((window(), torch.where(visible, j + base, -1).expand(b, s, -1)), dim=2).to(torch.int32)
+            if decode:  # query t sees entry j < floor((t+1)/m): one token, the entries the step leaves
+                seen = step.entries_after(self.ratio)
+                seen = seen.reshape(-1, 1, 1) if isinstance(seen, torch.Tensor) else seen
+            else:
+                seen = ((t + 1) // self.ratio)[..., None]
+            hidden = j >= seen
+            return torch.cat((window(), (j + base).masked_fill(hidden, -1).expand(b, s, -1)), dim=2).to(torch.int32)
 
         def picked_buffer() -> torch.Tensor:  # [B, S, W + K] int32, the window part written once a step
             buffer = torch.empty((b, s, w + compressed_idx.shape[-1]), dtype=torch.int32, device=rows.device)
@@ -295,30 +300,48 @@ class StepPositions:
     """The step's first position: an int, or a 0-d or [B] int64 tensor (a position-generic step)."""
     decode_window: torch.Tensor | None = None
     """One token a sequence: :func:`ring_rows` of its window, [(1 or B,) 1, W] int32."""
+    decode_slots: torch.Tensor | None = None
+    """With ``decode_window``: the token's own ring slot (p mod W, the window's offset 0), [(1 or B,) 1]
+    int64, a view of the same arithmetic."""
     memo: StepMemo = field(default_factory=StepMemo)
-    """What the layers derive from the positions and their ratio or window (:meth:`new_entries`,
-    the cache's ring slots and write rows, a decode step's index rows), made by the first layer
+    """What the layers derive from the positions and their ratio or window (:meth:`entries_after`,
+    :meth:`ring_slots`, the cache's write rows, a decode step's index rows), made by the first layer
     that asks: at a tensor position each is a few small kernels, in every layer otherwise."""
 
     @classmethod
     def of(cls, start_pos: int | torch.Tensor, n: int, device: torch.device,
            window_offsets: torch.Tensor | None = None) -> StepPositions:
         """The step of ``n`` tokens from ``start_pos``; with ``window_offsets`` (0..W-1) and one
-        token, its window's ring rows too."""
+        token, its window's ring rows and the token's ring slot too."""
         positions = token_positions(start_pos, n, device)
-        decode_window = ring_rows(positions, window_offsets) if n == 1 and window_offsets is not None else None
-        return cls(positions, start_pos, decode_window)
+        if n == 1 and window_offsets is not None:
+            rows = ring_rows(positions, window_offsets)
+            return cls(positions, start_pos, rows.to(torch.int32), rows[..., 0])
+        return cls(positions, start_pos)
 
-    def new_entries(self, ratio: int) -> int | torch.Tensor:
-        """The compressed entries of ratio m the step's tokens complete (``new_entries``)."""
-        return self.memo.once(("new entries", ratio), lambda: new_entries(self.start_pos, self.positions.shape[-1], ratio))
+    @property
+    def end(self) -> int | torch.Tensor:
+        """The position after the step, ``start_pos + S``: the cache's next position."""
+        return self.memo.once(("end",), lambda: self.start_pos + self.positions.shape[-1])
+
+    def entries_after(self, ratio: int) -> int | torch.Tensor:
+        """The compressed entries of ratio m a layer holds after the step, ``floor((start_pos + S) / m)``
+        (an int, or a tensor shaped as ``start_pos``)."""
+        return self.memo.once(("entries after", ratio), lambda: self.end // ratio)
+
+    def ring_slots(self, window: int) -> torch.Tensor:
+        """The step's tokens' slots in a ring of ``window`` rows, p mod W: [S] or [1 or B, S] int64."""
+        if self.decode_slots is not None and self.decode_window.shape[-1] == window:
+            return self.decode_slots
+        return self.memo.once(("ring slots", window), lambda: self.positions % window)
 
 
 def ring_rows(positions: torch.Tensor, window_offsets: torch.Tensor) -> torch.Tensor:
-    """[..., S, W] int32: the ring row (p mod W) of key position p = t - i for query position t and
-    offset i in ``window_offsets`` (0..W-1), -1 where p < 0 (before the sequence)."""
+    """[..., S, W] int64: the ring row (p mod W) of key position p = t - i for query position t and
+    offset i in ``window_offsets`` (0..W-1), -1 where p < 0 (before the sequence). Two kernels past
+    the subtraction: p > -W, so ``fmod`` keeps a negative p negative and the clamp makes it -1."""
     p = positions[..., None] - window_offsets
-    return (p % window_offsets.shape[0]).masked_fill(p < 0, -1).to(torch.int32)
+    return torch.fmod(p, window_offsets.shape[0]).clamp_(min=-1)
 
 
 def token_positions(start_pos: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:

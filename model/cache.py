@@ -53,12 +53,12 @@ class RowStore:
         """Store vectors [B, n, dim] at row ``slots`` (``encoded``: already stored rows [B, n, width])."""
         self.data[:, slots] = vectors if encoded else self.encode(vectors)
 
-    def write_rows(self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False) -> None:
-        """Store ``vectors[:, i]`` [B, n, dim] in row ``target[:, i]`` of each sequence (target: [1 or
-        B, n] int64, distinct rows in ``[0, rows)``; ``encoded``: already stored rows [B, n, width]):
-        one scatter, whatever the row numbers' values."""
+    def write_rows(self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False, first: int = 0) -> None:
+        """Store ``vectors[:, i]`` [B, n, dim] in row ``first + target[:, i]`` of each sequence (target:
+        [1 or B, n] int64, distinct rows in ``[0, rows - first)``; ``encoded``: already stored rows
+        [B, n, width]): one scatter into the rows from ``first`` on, whatever the row numbers' values."""
         rows = vectors if encoded else self.encode(vectors)
-        self.data.scatter_(1, target.expand(rows.shape[:2])[..., None].expand(rows.shape), rows)
+        self.data[:, first:].scatter_(1, target.expand(rows.shape[:2])[..., None].expand(rows.shape), rows)
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""
@@ -160,15 +160,12 @@ class LayerCache:
         valid ones (a query masks what it cannot see)."""
         return self.kv.data[:, self.window : self.window + self.n_compressed]
 
-    def write_window(
-        self, start_pos: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor | None = None,
-        memo: StepMemo | None = None,
-    ) -> None:
+    def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
         """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
         or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
         W). An int start_pos's slots are at most two runs of the ring: slice copies. At a tensor
-        start_pos, ``positions`` (the tokens' positions [n] or [1 or B, n], when the caller has them)
-        lets n <= W rows be scattered to ``positions mod W``, slots made once a step with ``memo``."""
+        start_pos, ``slots`` (the tokens' ring slots p mod W [n] or [1 or B, n] int64, when the caller
+        made them: once a step for every layer) lets n <= W rows be scattered."""
         b, n = rows.shape[:2]
         w = self.window
         if not isinstance(start_pos, torch.Tensor):
@@ -179,8 +176,7 @@ class LayerCache:
             if head < kept:
                 self.kv.data[:, : kept - head] = rows[:, n - kept + head :]
             return
-        if positions is not None and n <= w:
-            slots = _once(memo, ("ring slots", w), lambda: positions % w)
+        if slots is not None and n <= w:
             self.kv.data.scatter_(1, slots.expand(b, n)[..., None].expand(rows.shape), rows)
             return
         keep = torch.arange(max(n - w, 0), n, device=rows.device)
@@ -188,31 +184,41 @@ class LayerCache:
         sequences = torch.arange(b, device=rows.device)[:, None]
         self.kv.data[sequences, slots] = rows[:, keep]
 
-    def store_index_keys(self, new_keys: torch.Tensor, count: int, memo: StepMemo | None = None) -> torch.Tensor:
-        """Store this step's indexer keys [B, count, d_i] as entries ``n_compressed, ...`` and return
+    def store_index_keys(
+        self, new_keys: torch.Tensor, entries_after: int, memo: StepMemo | None = None
+    ) -> torch.Tensor:
+        """Store this step's indexer keys [B, count, d_i] as entries ``n_compressed, ...``, the step
+        ending with ``entries_after`` entries (``count = entries_after - n_compressed``), and return
         the keys as the indexer scores them, stored ones and new ones alike in the stored format
         (so a key scores the same whichever step completed it): [B, N, d_i] dense or packed
         records [B, N, bytes], N >= the entries a query may see (it masks the others). ``memo``:
         the step's (:class:`TracedLayerCache` shares its write rows; an int position needs none)."""
-        self._check_room(count)
-        self.index_keys.write(slice(self.n_compressed, self.n_compressed + count), new_keys)
-        return self.index_keys.read(self.n_compressed + count)
+        self._check_new(new_keys, entries_after)
+        self.index_keys.write(slice(self.n_compressed, entries_after), new_keys)
+        return self.index_keys.read(entries_after)
 
     def append_compressed(
-        self, entries: torch.Tensor, count: int, encoded: bool = False, memo: StepMemo | None = None
+        self, entries: torch.Tensor, entries_after: int, encoded: bool = False, memo: StepMemo | None = None
     ) -> None:
-        """Store the ``count`` entries [B, count, d] a step completed (after its indexer keys, see
-        :meth:`store_index_keys`); ``encoded``: the entries are already stored rows [B, count, row]
-        (FP8 records from ``kv_compress_fp8``), kept as they come; ``memo`` as for
-        :meth:`store_index_keys`."""
-        self._check_room(count)
-        self.kv.write(slice(self.window + self.n_compressed, self.window + self.n_compressed + count), entries, encoded)
-        self.n_compressed += count
+        """Store the entries [B, count, d] a step completed (after its indexer keys, see
+        :meth:`store_index_keys`), which leave the layer ``entries_after`` entries; ``encoded``: the
+        entries are already stored rows [B, count, row] (FP8 records from ``kv_compress_fp8``), kept
+        as they come; ``memo`` as for :meth:`store_index_keys`."""
+        self._check_new(entries, entries_after)
+        self.kv.write(slice(self.window + self.n_compressed, self.window + entries_after), entries, encoded)
+        self.n_compressed = entries_after
 
-    def _check_room(self, count: int) -> None:
-        if self.n_compressed + count > self.capacity:
+    def _check_new(self, rows: torch.Tensor, entries_after: int) -> None:
+        """A step's new entries ``rows`` [B, count, ...] must take this layer from ``n_compressed``
+        entries to ``entries_after``, within its capacity."""
+        count = entries_after - self.n_compressed
+        if rows.shape[1] != count:
+            raise ValueError(
+                f"a step to {entries_after} entries from {self.n_compressed} adds {count}, got {rows.shape[1]} rows"
+            )
+        if entries_after > self.capacity:
             raise RuntimeError(
-                f"cache capacity exceeded: {self.n_compressed + count} compressed entries > {self.capacity}; "
+                f"cache capacity exceeded: {entries_after} compressed entries > {self.capacity}; "
                 "create the cache with a larger max_seq_len"
             )
 
@@ -276,34 +282,34 @@ class TracedLayerCache(LayerCache):
     def compressed_rows(self) -> torch.Tensor:
         return self.kv.data[:, self.window :]
 
-    def store_index_keys(self, new_keys: torch.Tensor, count: torch.Tensor, memo: StepMemo | None = None) -> torch.Tensor:
-        """Store this step's keys [B, n, d_i] (per sequence the ``count`` it completes, then padding)
+    def store_index_keys(
+        self, new_keys: torch.Tensor, entries_after: torch.Tensor, memo: StepMemo | None = None
+    ) -> torch.Tensor:
+        """Store this step's keys [B, n, d_i] (per sequence the ones it completes, then padding)
         as entries ``n_compressed, ...``; return the whole store (queries mask the rows they do not
         see). With the step's ``memo`` the rows written are made once for the layers of this ratio."""
-        self.index_keys.write_rows(self._new_rows(0, new_keys.shape[1], memo), new_keys)
+        self.index_keys.write_rows(self._new_rows(new_keys.shape[1], memo), new_keys)
         return self.index_keys.read()
 
     def append_compressed(
-        self, entries: torch.Tensor, count: torch.Tensor, encoded: bool = False, memo: StepMemo | None = None
+        self, entries: torch.Tensor, entries_after: torch.Tensor, encoded: bool = False, memo: StepMemo | None = None
     ) -> None:
-        """Store ``entries`` [B, n, d] (per sequence the ``count`` the step completes, then padding;
+        """Store ``entries`` [B, n, d] (per sequence the ones the step completes, then padding;
         ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`) as entries
-        ``n_compressed, ...``, then count the ``count`` new ones; with ``memo``, rows and count
-        made once for the layers of this ratio."""
-        self.kv.write_rows(self._new_rows(self.window, entries.shape[1], memo), entries, encoded)
-        n_compressed = self.n_compressed
-        self.n_compressed = _once(memo, ("entries after the step", self.ratio), lambda: n_compressed + count)
+        ``n_compressed, ...``; the layer then holds ``entries_after`` (a tensor shaped as
+        ``n_compressed``). With ``memo``, the rows written are made once for the layers of this ratio."""
+        self.kv.write_rows(self._new_rows(entries.shape[1], memo), entries, encoded, first=self.window)
+        self.n_compressed = entries_after
 
-    def _new_rows(self, offset: int, n: int, memo: StepMemo | None) -> torch.Tensor:
-        """[1 or B, n] int64: the rows ``offset + n_compressed + i`` (i < n) of a store whose entry j
-        is row ``offset + j``. A decode step's one row takes at most an add (none for offset 0)."""
+    def _new_rows(self, n: int, memo: StepMemo | None) -> torch.Tensor:
+        """[1 or B, n] int64: the entries ``n_compressed + i`` (i < n) a step writes, in every store
+        of the layer (its KV entries from the ring's end on); a decode step's one entry is a view
+        of ``n_compressed``, no kernel."""
         def rows() -> torch.Tensor:
             start = self.n_compressed.reshape(-1, 1)
-            if n > 1:
-                return start + torch.arange(offset, offset + n, device=start.device)
-            return start + offset if offset else start
+            return start + torch.arange(n, device=start.device) if n > 1 else start
 
-        return _once(memo, ("new rows", self.ratio, offset, n), rows)
+        return _once(memo, ("new rows", self.ratio, n), rows)
 
 
 @dataclass

@@ -129,7 +129,7 @@ class Transformer(nn.Module):
         step = StepPositions.of(start_pos, s, input_ids.device, offsets)  # made once for every layer
         for block, layer_cache in zip(self.layers, cache.layers):
             h = block(h, input_ids, layer_cache, start_pos, layout, step)
-        cache.pos = cache.pos + s  # not in place: a traced cache's position is the caller's tensor
+        cache.pos = step.end  # a new tensor at a tensor position (the caller's stays), shared with the entry counts
         if last_only:
             h = h[:, -1:]
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)

@@ -217,8 +217,8 @@ def test_traced_cache_stores_encoded_records_as_the_eager_one(checkpoint):
     traced = eager.with_tensors({n: t.clone() for n, t in named.items()}, torch.tensor(eager.n_compressed))
     eager = eager.with_tensors({n: t.clone() for n, t in named.items()}, eager.n_compressed)
     records = torch.randint(0, 256, (2, 3, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    eager.append_compressed(records[:, :2], 2, encoded=True)
-    traced.append_compressed(records, torch.tensor(2), encoded=True)  # padded to 3 rows
+    eager.append_compressed(records[:, :2], eager.n_compressed + 2, encoded=True)
+    traced.append_compressed(records, traced.n_compressed + 2, encoded=True)  # padded to 3 rows
     valid = eager.window + 4  # ring and entries 0-3
     assert torch.equal(traced.kv.data[:, :valid], eager.kv.data[:, :valid])
     assert torch.equal(eager.compressed_rows()[:, -2:], records[:, :2]) and int(traced.n_compressed) == 4
@@ -273,15 +273,15 @@ def test_traced_step_stores_the_entries_of_the_int_position_step(extent, starts,
             own = (ints.truncated(extent) if extent else ints).rows(b, b + 1)
             lc = own.with_tensors(own.named_tensors(), p).layers[layer]
             if m == 4:
-                lc.store_index_keys(vectors["index_keys"][b : b + 1, :count], count)
-            lc.append_compressed(vectors["kv"][b : b + 1, :count], count)
+                lc.store_index_keys(vectors["index_keys"][b : b + 1, :count], first + count)
+            lc.append_compressed(vectors["kv"][b : b + 1, :count], first + count)
             for name, offset in (("kv", STORES.window_size), ("index_keys", 0)):
                 if m == 4 or name == "kv":
                     expected[f"layers.{layer}.{name}"][b, offset + first + count : offset + first + n] = float("nan")
-        lc, count = step.layers[layer], new_entries(position, n_tokens, m)
+        lc, after = step.layers[layer], (position + n_tokens) // m
         if m == 4:
-            lc.store_index_keys(vectors["index_keys"], count, memo)
-        lc.append_compressed(vectors["kv"], count, memo=memo)
+            lc.store_index_keys(vectors["index_keys"], after, memo)
+        lc.append_compressed(vectors["kv"], after, memo=memo)
         assert lc.n_compressed.tolist() == [(p + n_tokens) // m for p in starts]
     for name, tensor in traced.named_tensors().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, equal_nan=True, msg=name)
@@ -300,11 +300,49 @@ def test_window_ring_writes_agree_at_int_and_tensor_positions(start, n):
     for i in range(max(n - w, 0), n):
         want[:, (start + i) % w] = rows[:, i]
     positions = torch.arange(start, start + n)
-    for start_pos, given in ((start, positions), (torch.tensor(start), positions[None]), (torch.tensor([start] * 2), None)):
+    slots = positions % w
+    for start_pos, given in ((start, None), (torch.tensor(start), slots[None]), (torch.tensor([start] * 2), None)):
         store = RowStore(2, w + 4, 3, torch.float32, "cpu")
         LayerCache(kv=store, window=w).write_window(start_pos, rows, given)
         assert torch.equal(store.data[:, :w], want), start_pos
         assert not store.data[:, w:].any()  # nothing past the ring
+
+
+@pytest.mark.parametrize("start", [torch.tensor([0, 3, 7, 8, 21]), torch.tensor(5), 2])
+def test_step_positions_give_the_ring_rows_slots_and_entry_counts_of_their_definitions(start):
+    """A one-token step's window ring rows (key position p = t - i in row p mod W, -1 before the
+    sequence), its ring slot (t mod W) and each ratio's entries after the step (floor((t+1)/m)),
+    against the definitions, for one position per sequence, one for the batch and an int (W = 8:
+    positions before, at and past a full ring)."""
+    from seahal.model.attention import StepPositions
+
+    w = 8
+    step = StepPositions.of(start, 1, torch.device("cpu"), torch.arange(w))
+    starts = torch.as_tensor(start).reshape(-1).tolist()
+    want = torch.tensor([[[(t - i) % w if t >= i else -1 for i in range(w)]] for t in starts], dtype=torch.int32)
+    assert step.decode_window.dtype == torch.int32 and torch.equal(step.decode_window.reshape(want.shape), want)
+    slots = step.ring_slots(w)
+    assert slots.dtype == torch.int64 and slots.reshape(-1).tolist() == [t % w for t in starts]
+    assert step.ring_slots(5).reshape(-1).tolist() == [t % 5 for t in starts]  # another ring: its own slots
+    for m in (4, 128):
+        after = step.entries_after(m)
+        assert torch.as_tensor(after).reshape(-1).tolist() == [(t + 1) // m for t in starts]
+        assert step.entries_after(m) is after  # made once a step
+    assert torch.as_tensor(step.end).reshape(-1).tolist() == [t + 1 for t in starts]
+
+
+def test_a_step_must_bring_the_entries_it_completes():
+    """An int-position layer cache takes exactly the entries that bring it to the step's count,
+    and no more than its capacity: a mismatch names both counts and the rows given."""
+    from seahal.model.cache import LayerCache, RowStore
+
+    lc = LayerCache(kv=RowStore(1, 4 + 3, 2, torch.float32, "cpu"), window=4, ratio=4, n_compressed=1)
+    with pytest.raises(ValueError, match="a step to 3 entries from 1 adds 2, got 1 rows"):
+        lc.append_compressed(torch.ones(1, 1, 2), 3, encoded=True)
+    with pytest.raises(RuntimeError, match="4 compressed entries > 3"):
+        lc.append_compressed(torch.ones(1, 3, 2), 4, encoded=True)
+    lc.append_compressed(torch.ones(1, 2, 2), 3, encoded=True)  # stored rows as they are
+    assert lc.n_compressed == 3 and lc.kv.data[0, 5:7].eq(1).all() and not lc.kv.data[0, 4].any()
 
 
 def test_cache_capacity_is_enforced(checkpoint):
