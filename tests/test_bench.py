@@ -292,6 +292,24 @@ def test_kv_compress_fp8_formula():
     assert not [c for c in compressor_cases(GPU, quick=False, op="kv_compress_fp8") if "indexer" in c.shape]
 
 
+def test_hc_pre_times_the_other_token_tile_at_the_end_to_end_prompt():
+    """hc_pre's prefill rows (the end-to-end bench's 1k tokens among them) time the other tl.dot
+    token tile beside the default, so one GPU run says which tile the 1k-token prefill wants: the
+    default launches 16-token tiles at 1024 tokens, the variant 64 (and the reverse at 4096)."""
+    require_triton()
+    from seahal.testing.triton_compile import capture_launches
+
+    with capture_launches() as launches:
+        cases = {c.shape: c for c in mhc_rope_cases(["hc_pre"], GPU, quick=False)}
+        assert "V4-Flash n=4 D=4096 T=1024" in cases
+        for tokens, other in ((1024, 64), (4096, 16)):
+            work = cases[f"V4-Flash n=4 D=4096 T={tokens}"].build(GPU)
+            assert set(work.peers) == {"reference", f"{other}-token tiles"}
+            work.kernel()
+            work.peers[f"{other}-token tiles"]()
+    tiles = [launch.kwargs["BLOCK_T"] for launch in launches if launch.kernel.fn.__name__ == "_mix_kernel"]
+    assert tiles == [16, 64, 64, 16]
+
 def test_mhc_and_rope_formulas():
     cases = mhc_rope_cases(["hc_pre", "hc_post", "hc_head", "rope"], GPU, quick=False)
     hc_pre = _case([c for c in cases if c.op == "hc_pre"], "V4-Pro n=4 D=7168 T=4096")

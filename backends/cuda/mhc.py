@@ -88,8 +88,9 @@ class MixConfig:
     split: int
 
 
-def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
-    """The pre-norm GEMM launch for T tokens, K = n*D and M mixes.
+def mix_config(t: int, k: int, m: int, device: torch.device, block_t: int | None = None) -> MixConfig:
+    """The pre-norm GEMM launch for T tokens, K = n*D and M mixes (``block_t``: another token tile
+    than the rule's, 16 or more; the bench times it as a variant).
 
     On the GPU: a GEMV tile of next_pow2(T) tokens up to :data:`GEMV_MAX_TOKENS` (chunks of ~4096
     products), else ``tl.dot`` tiles of 16 tokens up to 1024, then 64 (chunks of 64; each tile
@@ -100,7 +101,7 @@ def mix_config(t: int, k: int, m: int, device: torch.device) -> MixConfig:
     On CPU (the interpreter) small chunks and two slices, so the tests exercise edge tiles and the
     slice sum.
     """
-    block_t = next_power_of_2(t) if t <= GEMV_MAX_TOKENS else (16 if t <= 1024 else 64)
+    block_t = block_t or (next_power_of_2(t) if t <= GEMV_MAX_TOKENS else (16 if t <= 1024 else 64))
     if device.type != "cuda":
         return MixConfig(block_t, 16, 2)
     m_pad = _m_pad(m, block_t)
@@ -195,13 +196,15 @@ def collapse_streams(
     *,
     head: bool,
     one_launch: bool | None = None,
+    config: MixConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`hc_pre` (head=False) or :func:`hc_head` (head=True): (y, post, comb), with post [B, S, 0]
     and comb [B, S, 0, 0] for head.
 
     one_launch: the collapse in ``_mix_kernel`` (True) or in ``_collapse_kernel`` after it (False);
     None picks one launch for B*S <= :data:`ONE_LAUNCH_MAX_TOKENS`. Both give the same bits: the
-    same weights, and a collapse whose sums do not depend on the block width.
+    same weights, and a collapse whose sums do not depend on the block width. ``config``: the
+    pre-norm GEMM's launch, default :func:`mix_config`'s.
     """
     check_dtype("hc_head" if head else "hc_pre", "x", x)
     b, s, n, d = x.shape
@@ -211,7 +214,7 @@ def collapse_streams(
     comb = torch.empty((b, s, 0 if head else n, 0 if head else n), dtype=torch.float32, device=x.device)
     if t == 0:
         return y, post, comb
-    config = mix_config(t, k, m, x.device)
+    config = config or mix_config(t, k, m, x.device)
     width, split = slices(k, config)
     tiles = cdiv(t, config.block_t)
     partial = torch.empty((split, t, m), dtype=torch.float32, device=x.device)

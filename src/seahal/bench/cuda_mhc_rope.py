@@ -1,10 +1,12 @@
 """Benchmarks of the per-token ops around each sub-layer: ``hc_pre``, ``hc_post``, ``hc_head`` (mHC,
 n = 4 streams) and ``rope`` (the last 64 of each 512-d query head), at V4-Flash and V4-Pro widths.
 
-Rows at 1 and 64 tokens (decode batches) and 4096 and 16384 (prefill). All are memory-bound
-(hc_pre's stream-mix GEMM has 24 outputs per token: ~24 FLOP/byte); the peer is the CPU reference's
-code on the GPU tensors. hc_pre and hc_head time the path the kernel picks for T (one launch up to
-``mhc.ONE_LAUNCH_MAX_TOKENS``, a guess); where that is one launch, the two launches are a second peer.
+Rows at 1 and 64 tokens (decode batches) and 4096 and 16384 (prefill; hc_pre also 1024, the
+end-to-end bench's prompt). All are memory-bound (hc_pre's stream-mix GEMM has 24 outputs per
+token: ~24 FLOP/byte); the peer is the CPU reference's code on the GPU tensors. hc_pre and hc_head
+time the path the kernel picks for T (one launch up to ``mhc.ONE_LAUNCH_MAX_TOKENS``, a guess);
+where that is one launch, the two launches are a second peer; above 4 tokens the other ``tl.dot``
+token tile (16 or 64 tokens, ``mhc.mix_config``) is one.
 
     seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope [--quick] [--json out.json]
 """
@@ -79,9 +81,12 @@ def _hc_pre(op: str, dims: ModelDims, tokens: int, device: torch.device) -> Work
     if device.type == "cuda":
         from seahal.backends.cuda import mhc
 
+        collapse = partial(mhc.collapse_streams, *args, 1 if op == "hc_head" else 20, 1e-6, 1e-6, head=op == "hc_head")
         if tokens <= mhc.ONE_LAUNCH_MAX_TOKENS:
-            peers["two launches"] = partial(mhc.collapse_streams, *args, 1 if op == "hc_head" else 20, 1e-6, 1e-6,
-                                            head=op == "hc_head", one_launch=False)
+            peers["two launches"] = partial(collapse, one_launch=False)
+        if tokens > mhc.GEMV_MAX_TOKENS:  # the other tl.dot token tile: 16 re-reads fn 4x as often as 64
+            tile = 64 if mhc.mix_config(tokens, n * dims.dim, m, device).block_t == 16 else 16
+            peers[f"{tile}-token tiles"] = partial(collapse, config=mhc.mix_config(tokens, n * dims.dim, m, device, tile))
     return Workload(partial(implementation(op, "mhc", "mhc", device), *args), peers, close(BF16_TOL))
 
 
@@ -110,8 +115,11 @@ def _rope(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
 def cases(ops: list[str], device: torch.device, quick: bool) -> list[Case]:
     out = []
     for op in ops:
+        counts = token_counts(device, quick)
+        if op == "hc_pre" and device.type == "cuda" and not quick:  # the end-to-end bench's 1k-token prefill
+            counts = tuple(sorted({*counts, 1024}))
         for dims in models(device):
-            for tokens in token_counts(device, quick):
+            for tokens in counts:
                 shape = f"{dims.name} n={dims.hc} D={dims.dim} T={tokens}"
                 if op == "rope":
                     cost = rope_cost(tokens, dims.heads, dims.head_dim, dims.rope_dim)
