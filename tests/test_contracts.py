@@ -140,8 +140,8 @@ def test_wrong_dtype(spy_plan, op):
 
 
 # The argument whose last dim grows by one (default: the last tensor argument). rope's freqs may
-# cover any number of pairs up to D/2, so growing it is legal: grow positions' S instead.
-WRONG_SHAPE_ARG = {"rope": "positions"}
+# cover any number of pairs up to D/2, so growing it is legal (rms_norm_rope's too): grow positions' S instead.
+WRONG_SHAPE_ARG = {"rope": "positions", "rms_norm_rope": "positions"}
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -293,7 +293,7 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
     why = cuda._verified_or_opted_in(on_h100)
     assert why is not None and cuda.UNVERIFIED_VARIABLE in why
     assert cuda._verified_or_opted_in(interpreted) is None
-    kernels = {op: next(k for k in REGISTRY.kernels_for(op) if k.backend == "cuda") for op in cuda.KERNELS}
+    kernels = {op: next(k for k in REGISTRY.kernels_for(op) if k.qualified_name == "cuda.triton") for op in cuda.KERNELS}
     for op, (_, _, gpu_verified) in cuda.KERNELS.items():
         if gpu_verified:
             assert kernels[op].rejection(on_h100) is None, op
@@ -302,10 +302,15 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
             assert kernels[op].rejection(interpreted) is None, op
     # every kernel passed the conformance suite on the H100 at 14a3a20 (docs/measurements/2026-11-27-h100)
     # but grouped_linear, written since, the FP4 decodes changed since to read codes as words, and
-    # the kernels whose arrival counters reset relaxed since (and the mHC mix's one-trip tail)
+    # the kernels whose arrival counters reset relaxed since (and the mHC mix's one-trip tail), and
+    # rms_norm_rope's one pass, written since
     assert {op for op, (_, _, verified) in cuda.KERNELS.items() if not verified} == {
         "grouped_linear", "moe_experts", "fp4_gemm", "indexer_topk_packed", "fp8_gemm", "kv_compress",
-        "kv_compress_fp8", "hc_pre", "hc_head"}
+        "kv_compress_fp8", "hc_pre", "hc_head", "rms_norm_rope"}
+    # a fused op's verified kernels in turn serve where its one pass is gated (not the reference)
+    for op in cuda.UNFUSED_KERNELS:
+        unfused = next(k for k in REGISTRY.kernels_for(op) if k.qualified_name == "cuda.triton_unfused")
+        assert unfused.rejection(on_h100) is None and unfused.priority < kernels[op].priority, op
     monkeypatch.setenv(cuda.UNVERIFIED_VARIABLE, "1")
     assert cuda._verified_or_opted_in(on_h100) is None
     assert all(k.rejection(on_h100) is None for k in kernels.values())

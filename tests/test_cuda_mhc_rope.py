@@ -32,7 +32,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 def test_under_interpreter():
     run = triton_interpreter.rerun_test_file(__file__)
-    assert run.passed(skipped=5), run.report
+    assert run.passed(skipped=8), run.report
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,67 @@ def test_rope_against_float64_at_long_positions(kernels, dtype):
     for inverse in (False, True):
         args = (x, positions, freqs, inverse)
         _assert_within_rules("rope", args, rope.rope(*args), _rope_float64(*args))
+
+
+def _norm_rope_float64(x, weight, eps, positions, freqs):
+    """rms_norm then rope in float64, the normalised heads unrounded."""
+    x64 = x.to(torch.float64)
+    y = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
+    return _rope_float64(y if weight is None else y * weight.to(torch.float64), positions, freqs, False)
+
+
+# (dtype, heads, dim, rope dims, weighted, layout): 18 heads = two head blocks; full rotation; the
+# stacked projection's query heads (rows no single stride steps through); V4's KV head.
+NORM_ROPE_CASES = [
+    (BF16, 18, 40, 16, False, "contiguous"),
+    (F32, 3, 32, 32, True, "transposed"),
+    (BF16, 8, 64, 16, False, "heads"),
+    (BF16, 1, 512, 64, True, "contiguous"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, h, d, r, weighted, layout", NORM_ROPE_CASES)
+def test_rms_norm_rope_is_the_norm_and_rope_kernels_bit_for_bit(kernels, dtype, h, d, r, weighted, layout):
+    """The one pass rounds each normalised head to x's dtype and rotates the rounded values, as the
+    rms_norm and rope kernels in turn: the same bits (the interpreter sums x^2 in the same order),
+    and both within the conformance rule of the float64 brute force."""
+    from seahal.backends.cuda.norm import rms_norm
+    from seahal.testing.cases import strided
+
+    _, rope = kernels
+    x, positions, freqs = _rope_inputs(dtype, h, d, r, "contiguous", torch.int64, seed=h + d)
+    x = strided(x * torch.exp2(torch.randint(-8, 9, (*x.shape[:-1], 1), generator=torch.Generator().manual_seed(d))
+                               ).to(dtype), layout)
+    weight = torch.rand(d, generator=torch.Generator().manual_seed(r)) + 0.5 if weighted else None
+    out = rope.rms_norm_rope(x, weight, 1e-6, positions, freqs)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, rope.rope(rms_norm(x, weight, 1e-6), positions, freqs))
+    assert torch.equal(out, rope.rms_norm_then_rope(x, weight, 1e-6, positions, freqs))
+    args = (x, weight, 1e-6, positions, freqs)
+    _assert_within_rules("rms_norm_rope", args, out, _norm_rope_float64(*args))
+
+
+@on_gpu
+@pytest.mark.parametrize("h, weighted", [(64, False), (1, True), (128, False)])
+def test_gpu_rms_norm_rope_at_v4_heads(h, weighted):
+    """Never run on a GPU yet: V4's query heads (64, 128; no weight) and KV head (weighted), one
+    token and a 1k-token prefill, within the rule of the float64 brute force, and within one bf16
+    ulp of the norm and rope kernels in turn (only the order of sum(x^2) may differ)."""
+    from seahal.backends.cuda import rope
+
+    for tokens in (1, 1024):
+        gen = torch.Generator().manual_seed(tokens + h)
+        x = (torch.randn(1, tokens, h, 512, generator=gen) * 4).to(BF16)
+        positions = torch.randint(0, 1 << 16, (1, tokens), generator=gen)
+        weight = torch.rand(512, generator=gen) + 0.5 if weighted else None
+        freqs = rope_frequencies(64, 160000.0, Yarn(16, 4096))
+        args = (x, weight, 1e-6, positions, freqs)
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        out = rope.rms_norm_rope(*cuda_args)
+        _assert_within_rules("rms_norm_rope", args, out.cpu(), _norm_rope_float64(*args))
+        apart = rope.rms_norm_then_rope(*cuda_args)
+        torch.testing.assert_close(out, apart, rtol=2**-8, atol=2**-8 * float(apart.abs().max()))
 
 
 @interpreted
@@ -387,3 +448,8 @@ def test_empty_and_float64(kernels):
                     torch.zeros(1, 1, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(NotImplementedError, match="cuda.triton rope"):
         rope.rope(torch.zeros(1, 1, 1, 8, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64), torch.ones(2))
+    with pytest.raises(NotImplementedError, match="cuda.triton rms_norm_rope: x must be bfloat16 or float32"):
+        rope.rms_norm_rope(torch.zeros(1, 1, 1, 8, dtype=torch.float64), None, 1e-6, torch.zeros(1, 1, dtype=torch.int64),
+                           torch.ones(2))
+    with pytest.raises(NotImplementedError, match="heads of at most 2048 dims, got D=4096"):
+        rope.rms_norm_rope(torch.zeros(1, 1, 1, 4096), None, 1e-6, torch.zeros(1, 1, dtype=torch.int64), torch.ones(2))

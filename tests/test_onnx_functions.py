@@ -131,6 +131,9 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
     assert F.FUNCTIONS["grouped_linear"].inputs == ("x", "weight")  # a dense weight has no scale
     assert F.FUNCTIONS["grouped_linear_fp8"].inputs == ("x", "weight", "scale")
     assert F.select("rope", {}).name == "rope"
+    assert F.select("rms_norm_rope", {"weight": torch.ones(8)}).name == "rms_norm_rope"
+    assert F.select("rms_norm_rope", {"weight": None}).name == "rms_norm_rope_unweighted"
+    assert F.FUNCTIONS["rms_norm_rope_unweighted"].inputs == ("x", "positions", "freqs")
     assert F.select("hadamard_rotate", {"fp4_block": 0}).name == "hadamard_rotate"
     assert F.select("hadamard_rotate", {"fp4_block": 32}).name == "hadamard_rotate_fp4"
     assert F.FUNCTIONS["hadamard_rotate_fp4"].attributes == ("fp4_block",)

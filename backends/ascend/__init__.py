@@ -121,7 +121,6 @@ def register() -> None:
     mhc = {"chip": chips_with("mhc"), "dtype": ("bfloat16",)}
     for op in ("hc_pre", "hc_post", "hc_head"):
         register_kernel(op, "ascend", "torch_npu", f"seahal.backends.ascend.mhc:{op}", priority=10, capabilities=mhc)
-    register_kernel(
-        "rope", "ascend", "torch_npu", "seahal.backends.ascend.rope:rope", priority=10,
-        capabilities={"chip": chips_with("rotary_mul_interleave"), "dtype": ("bfloat16", "float32")},
-    )
+    rotary = {"chip": chips_with("rotary_mul_interleave"), "dtype": ("bfloat16", "float32")}
+    for op in ("rope", "rms_norm_rope"):
+        register_kernel(op, "ascend", "torch_npu", f"seahal.backends.ascend.rope:{op}", priority=10, capabilities=rotary)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch_npu
 
+from seahal.backends.cpu.reference.norm import rms_norm
+
 from ._portable import portable
 
 MAX_ROTARY_DIM = 896
@@ -39,3 +41,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
     part = x[..., d - r :].to(torch.float32).contiguous().view(1, b * s, h, r)
     rotated = torch_npu.npu_rotary_mul(part, r1=cos, r2=sin, rotary_mode="interleave")
     return torch.cat((x[..., : d - r], rotated.view(b, s, h, r).to(x.dtype)), dim=-1)
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, freqs: torch.Tensor
+) -> torch.Tensor:
+    """The ``rms_norm_rope`` contract as the portable RMSNorm (torch_npu's is not wired here: the
+    plan runs ``rms_norm`` on the portable kernel too), then :func:`rope` on ``npu_rotary_mul``.
+
+    x: [B, S, H, D] bf16/fp32, weight: [D] fp32 or None, positions: [B, S] int, freqs: [r/2] fp32
+    -> [B, S, H, D] in x's dtype.
+    """
+    return rope(rms_norm(x, weight, eps), positions, freqs)

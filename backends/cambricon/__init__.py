@@ -4,7 +4,8 @@ Eight ops have a tmo kernel (``cambricon.tmo``): moe_gate (``moe_softplus_topk``
 moe_experts (``moe_gen_idx`` -> ``group_gemm`` x2 -> ``moe_combine_result``), fp8_gemm
 (``scaled_matmul``), kv_compress (``fused_compress_multi_kv``), sparse_attention
 (``single_query_cached_kv_attn`` with ``learnable_sink``), hc_pre (``hc_split_sinkhorn``),
-hc_post (``fused_mhc_post``) and rope (``apply_rotary``, forward and inverse). Every other op, and every call a tmo function cannot take, runs on
+hc_post (``fused_mhc_post``) and rope (``apply_rotary``, forward and inverse; rms_norm_rope too, after
+the portable norm). Every other op, and every call a tmo function cannot take, runs on
 the portable reference (pure torch, device-resident, no host sync). tmo is called with keywords
 only, checked against the version-pinned table in :mod:`.signatures`; a tmo release the table does
 not pin is refused (portable path), with the reason in the plan and ``seahal info``.
@@ -37,6 +38,7 @@ KERNELS = {
     "hc_pre": (("hc_split_sinkhorn",), {"dtype": _FLOATS}),
     "hc_post": (("fused_mhc_post",), {"dtype": _FLOATS}),
     "rope": (("apply_rotary",), {"dtype": _FLOATS}),
+    "rms_norm_rope": (("apply_rotary",), {"dtype": _FLOATS}),
 }
 _MODULES = {
     "moe_gate": "gating",
@@ -47,12 +49,13 @@ _MODULES = {
     "hc_pre": "mhc",
     "hc_post": "mhc",
     "rope": "rope",
+    "rms_norm_rope": "rope",
 }
 
 
 def _needs_tmo(op: str, functions: tuple[str, ...]):
     """A ``supports`` predicate: tmo usable, pinned, and the op's device check passing (FP8 for
-    fp8_gemm, fp32 rotary for rope: :data:`.probe.DEVICE_CHECKS`)."""
+    fp8_gemm, fp32 rotary for rope and rms_norm_rope: :data:`.probe.DEVICE_CHECKS`)."""
 
     def supports(ctx: PlanContext) -> str | None:
         from . import probe, tmo

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from seahal.backends.cpu.reference.norm import rms_norm
+
 from . import tmo
 from .route import portable
 
@@ -65,3 +67,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
         max_seqlen=seq,
     )
     return torch.cat((x[..., : dim - r], rotated.reshape(batch, seq, heads, r).to(x.dtype)), dim=-1)
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, freqs: torch.Tensor
+) -> torch.Tensor:
+    """The ``rms_norm_rope`` contract as the portable RMSNorm (tmo's is not wired here: the plan runs
+    ``rms_norm`` on the portable kernel too), then :func:`rope` on ``apply_rotary``.
+
+    x: [B, S, H, D] bf16/fp32, weight: [D] fp32 or None, positions: [B, S] int, freqs: [r/2] fp32
+    -> [B, S, H, D] in x's dtype.
+    """
+    return rope(rms_norm(x, weight, eps), positions, freqs)

@@ -40,6 +40,7 @@ REFERENCE_KERNELS = {
     "hc_post": ("mhc", {"dtype": _FLOATS}),
     "hc_head": ("mhc", {"dtype": _FLOATS}),
     "rope": ("rope", {"dtype": _FLOATS}),
+    "rms_norm_rope": ("rope", {"dtype": _FLOATS}),
     "rms_norm": ("norm", {"dtype": _FLOATS}),
     "fp32_linear": ("linear", {"dtype": _FLOATS, "weight_dtype": _FLOATS}),
     "grouped_linear": ("linear", {"dtype": _FLOATS, "weight_format": ("dense", "fp8"), "scale_dtype": _SCALES}),

@@ -33,7 +33,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # that counts arrivals (the split-K tail of fp8_gemm's Triton kernel, the compressor's channel
 # blocks, the mHC mix) resets its counter with a relaxed exchange (_gemm.reset_arrival_counter),
 # and hc_pre / hc_head's last program loads all its partial sums and parameters at once: the same
-# arithmetic, a different memory ordering, which only a GPU can check.
+# arithmetic, a different memory ordering, which only a GPU can check. New since: rms_norm_rope's
+# one pass (rope's kernel with its NORM constexpr; rope's own launches compile to the same sm_90
+# PTX as before, compared instruction by instruction, so rope stays verified).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -46,6 +48,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
+    "rms_norm_rope": ("rope:rms_norm_rope", {"chip": _SM90, "dtype": _FLOAT}, False),  # rope's kernel, NORM
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
     "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
         "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, False
@@ -87,6 +90,13 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False
     ),
 }
+
+UNFUSED_KERNELS: dict[str, tuple[str, dict[str, tuple]]] = {
+    "rms_norm_rope": ("rope:rms_norm_then_rope", {"chip": _SM90, "dtype": _FLOAT}),
+}
+"""Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
+one-pass kernel): what a GPU plan runs while the one-pass kernel awaits its GPU run, one launch
+more, instead of the portable reference."""
 
 DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
 """Kernels that load a tensor ``start_pos`` in the kernel (never on the host): decode steps through
@@ -163,4 +173,8 @@ def register() -> None:
         register_kernel(
             op, "cuda", "triton", f"seahal.backends.cuda.{function}", priority=10, capabilities=capabilities,
             supports=None if gpu_verified else _verified_or_opted_in, device_position=op in DEVICE_POSITION,
+        )
+    for op, (function, capabilities) in UNFUSED_KERNELS.items():
+        register_kernel(
+            op, "cuda", "triton_unfused", f"seahal.backends.cuda.{function}", priority=5, capabilities=capabilities
         )

@@ -47,6 +47,7 @@ CAPABILITIES = {
     "hc_post": {"dtype": _FLOATS},
     "hc_head": {"dtype": _FLOATS},
     "rope": {"dtype": _FLOATS},
+    "rms_norm_rope": {"dtype": _FLOATS},
     "rms_norm": {"dtype": _FLOATS},
     "fp32_linear": {"dtype": _FLOATS, "weight_dtype": _FLOATS},
     "grouped_linear": {"dtype": _FLOATS, "weight_format": ("dense", "fp8"), "scale_dtype": _SCALES},

@@ -63,3 +63,30 @@ def rope(x, positions, freqs, inverse=False):
     c.tensor("freqs", freqs, ["R"], (torch.float32, torch.float64))
     c.require(2 * c.dims["R"] <= c.dims["D"], f"freqs covers {2 * c.dims['R']} dims, more than D={c.dims['D']}")
     return Out(tuple(x.shape), x.dtype)
+
+
+@define_op(
+    "rms_norm_rope",
+    family="rope",
+    schema="(Tensor x, Tensor? weight, float eps, Tensor positions, Tensor freqs) -> Tensor",
+)
+def rms_norm_rope(x, weight, eps, positions, freqs):
+    """RMSNorm of each head, then RoPE on its last dims: ``rope(rms_norm(x, weight, eps), positions, freqs)``.
+
+    x: [B, S, H, D] bf16/fp32/fp64, weight: [D] fp32/fp64 or None, positions: [B, S] int,
+    freqs: [r/2] fp32 -> [B, S, H, D] in x's dtype.
+
+    The attention's query heads (no weight) and its KV vector (H = 1, the kv norm's weight) as the
+    official code computes them: ``y = x * rsqrt(mean(x^2) + eps) * weight`` in fp32 (fp64 for fp64
+    x), rounded to x's dtype, then pair i of y's last r dims rotated by ``theta = pos * f_i`` as
+    ``rope`` does (fp32), the first D - r dims passing through; the same two roundings as the two
+    ops in turn, so a kernel can read and write each head once.
+    """
+    c = Contract("rms_norm_rope")
+    c.tensor("x", x, ["B", "S", "H", "D"], (torch.bfloat16, torch.float32, torch.float64))
+    c.optional("weight", weight, ["D"], (torch.float32, torch.float64))
+    c.require(isinstance(eps, float) and eps >= 0.0, f"eps must be a float >= 0, got {eps!r}")
+    c.tensor("positions", positions, ["B", "S"], INDEX)
+    c.tensor("freqs", freqs, ["R"], (torch.float32, torch.float64))
+    c.require(2 * c.dims["R"] <= c.dims["D"], f"freqs covers {2 * c.dims['R']} dims, more than D={c.dims['D']}")
+    return Out(tuple(x.shape), x.dtype)

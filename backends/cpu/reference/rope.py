@@ -6,6 +6,8 @@ import torch
 
 from seahal.hal.formats import compute_dtype
 
+from .norm import rms_norm
+
 
 def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate the last r = 2*R dims of x in interleaved pairs by ``angles``; the rest pass through.
@@ -37,3 +39,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
     if inverse:
         angles = -angles
     return rotate_pairs(x.to(dtype), angles).to(x.dtype)
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, freqs: torch.Tensor
+) -> torch.Tensor:
+    """``rope(rms_norm(x, weight, eps), positions, freqs)``: each head normalised (rounded to x's
+    dtype), then its last r = 2*len(freqs) dims rotated.
+
+    x: [B, S, H, D] bf16/fp32/fp64, weight: [D] or None, positions: [B, S] int, freqs: [r/2] fp32
+    -> [B, S, H, D] in x's dtype.
+    """
+    return rope(rms_norm(x, weight, eps), positions, freqs)

@@ -8,10 +8,10 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
 ------------------------------------------------------------------------------------
 * :data:`FUNCTIONS` maps a *function name* to an :class:`OpFunction`. Most ops have one function,
   named like the op. Where an op's optional tensors or weight format change the graph, each case
-  is its own function: ``rms_norm`` (with weight), ``rms_norm_unweighted``, ``moe_gate`` (with
-  bias), ``moe_gate_unbiased``, ``moe_gate_hash``
-  (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``, ``moe_experts_fp4``,
-  ``grouped_linear`` (dense weight, no scale), ``grouped_linear_fp8``,
+  is its own function: ``rms_norm`` (with weight), ``rms_norm_unweighted``, ``rms_norm_rope``
+  (with weight), ``rms_norm_rope_unweighted``, ``moe_gate`` (with bias), ``moe_gate_unbiased``,
+  ``moe_gate_hash`` (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``,
+  ``moe_experts_fp4``, ``grouped_linear`` (dense weight, no scale), ``grouped_linear_fp8``,
   ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
   argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
   ``hadamard_rotate_fp4``.
@@ -609,6 +609,25 @@ def rms_norm_unweighted(x, eps: float = 1e-6):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def rms_norm_rope(x, weight, positions, freqs, eps: float):
+    """RMSNorm of each head, then interleaved partial RoPE: x [B, S, H, D], weight [D],
+    positions [B, S] int, freqs [R] -> x's dtype.
+
+    ``rope(rms_norm(x, weight, eps), positions, freqs)``: ``y = x * rsqrt(mean(x^2) + eps) * w``
+    in fp32, rounded to x's dtype, then y's last 2R dims rotated in pairs by
+    ``theta = positions * freqs`` (fp32).
+    """
+    return rope(rms_norm(x, weight, eps=eps), positions, freqs, inverse=0)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def rms_norm_rope_unweighted(x, positions, freqs, eps: float):
+    """:func:`rms_norm_rope` without a weight (the query heads):
+    ``rope(rms_norm_unweighted(x, eps), positions, freqs)``."""
+    return rope(rms_norm_unweighted(x, eps=eps), positions, freqs, inverse=0)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def fp32_linear(x, weight):
     """Output head: x [..., D], weight [V, D] -> [..., V] fp32, ``x @ weight^T`` with both widened to fp32."""
     return op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(op.Cast(weight, to=FLOAT), perm=[1, 0]))
@@ -1020,6 +1039,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "hc_post": ("hc_post",),
     "hc_head": ("hc_head",),
     "rope": ("rope",),
+    "rms_norm_rope": ("rms_norm_rope", "rms_norm_rope_unweighted"),
     "rms_norm": ("rms_norm", "rms_norm_unweighted"),
     "fp32_linear": ("fp32_linear",),
     "grouped_linear": ("grouped_linear", "grouped_linear_fp8"),
@@ -1122,9 +1142,9 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm), the weights' format (moe_experts,
-    grouped_linear), the key format (indexer_topk_packed, index_key_pack) or whether an FP4
-    rounding follows (hadamard_rotate) pick it."""
+    optional tensors are given (moe_gate, rms_norm, rms_norm_rope), the weights' format
+    (moe_experts, grouped_linear), the key format (indexer_topk_packed, index_key_pack) or
+    whether an FP4 rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -1134,8 +1154,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = op if fmt == "dense" else f"{op}_{fmt}"
     elif op in ("indexer_topk_packed", "index_key_pack"):
         name = f"{op}_{args['key_format']}"
-    elif op == "rms_norm":
-        name = "rms_norm" if args.get("weight") is not None else "rms_norm_unweighted"
+    elif op in ("rms_norm", "rms_norm_rope"):
+        name = op if args.get("weight") is not None else f"{op}_unweighted"
     elif op == "hadamard_rotate":
         name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
     elif op in OPS:

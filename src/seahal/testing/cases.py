@@ -151,6 +151,7 @@ _DATA_ARG = {
     "hc_head": "x",
     "rope": "x",
     "rms_norm": "x",
+    "rms_norm_rope": "x",
     "fp32_linear": "x",
     "grouped_linear": "x",
 }
@@ -676,6 +677,20 @@ def rope_case(
     return _case("rope", name, (strided(x, layout), positions, freqs, inverse))
 
 
+def rms_norm_rope_case(
+    name: str, seed: int, b: int = 2, s: int = 3, h: int = 4, d: int = 64, rope: int = 16, dtype=BF16,
+    weighted: bool = False, yarn: bool = False, pos_dtype=torch.int64, layout: str = "contiguous",
+) -> Case:
+    """Heads of N(0, 1) times a per-head magnitude in 2^-8..2^8 (the norm takes each to unit rms);
+    weight in [0.5, 1.5] or None; positions random in [0, 1000) (|theta| < 2^10, see tolerances)."""
+    r = _Rand(seed)
+    x = r.normal(b, s, h, d) * torch.exp2(r.ints(-8, 9, b, s, h, 1).to(F32))
+    weight = r.uniform(d, low=0.5, high=1.5) if weighted else None
+    positions = r.ints(0, 1000, b, s, dtype=pos_dtype)
+    freqs = rope_frequencies(rope, 160000.0, Yarn(4, 64)) if yarn else rope_frequencies(rope, 10000.0)
+    return _case("rms_norm_rope", name, (strided(x.to(dtype), layout), weight, 1e-6, positions, freqs))
+
+
 def rms_norm_case(
     name: str, seed: int, lead: tuple[int, ...] = (2, 3), d: int = 512, dtype=BF16, weighted: bool = True,
     values: str = "normal", layout: str = "contiguous",
@@ -1035,6 +1050,20 @@ def _rms_norm_cases(seed: int) -> list[Case]:
     ]
 
 
+def _rms_norm_rope_cases(seed: int) -> list[Case]:
+    c = rms_norm_rope_case
+    return [
+        c("bf16 query heads, no weight", seed),
+        c("bf16 one KV head, weighted (V4: 512 dims, rope 64)", seed + 1, b=1, s=2, h=1, d=512, rope=64, weighted=True),
+        c("fp32 weighted, full rotation", seed + 2, dtype=F32, rope=64, weighted=True),
+        c("bf16 query heads of a stacked projection", seed + 3, h=8, layout="heads"),
+        c("bf16 20 heads (more than a program's 16), int32 positions", seed + 4, b=1, s=2, h=20, d=32, rope=8,
+          pos_dtype=torch.int32),
+        c("fp32 YaRN frequencies, transposed view", seed + 5, dtype=F32, yarn=True, layout="transposed"),
+        c("bf16 V4 query heads [1,1,64,512], rope 64", seed + 6, b=1, s=1, h=64, d=512, rope=64),
+    ]
+
+
 def _fp32_linear_cases(seed: int) -> list[Case]:
     c = fp32_linear_case
     return [
@@ -1085,6 +1114,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "hc_head": lambda seed: _hc_cases("hc_head", seed),
     "rope": _rope_cases,
     "rms_norm": _rms_norm_cases,
+    "rms_norm_rope": _rms_norm_rope_cases,
     "fp32_linear": _fp32_linear_cases,
     "grouped_linear": _grouped_linear_cases,
 }
@@ -1186,6 +1216,10 @@ def strategy(op: str):
             d=draw(st.integers(1, 600)), dtype=draw(dtypes), weighted=draw(st.booleans()),
             values=draw(st.sampled_from(["normal", "zero-rows"])),
             layout=draw(st.sampled_from(["contiguous", "transposed", "strided"]))),
+        "rms_norm_rope": lambda draw: rms_norm_rope_case(
+            "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 3)), h=draw(st.integers(1, 20)),
+            d=8 * draw(st.integers(1, 12)), rope=8, dtype=draw(dtypes), weighted=draw(st.booleans()),
+            yarn=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "transposed", "heads"]))),
         "fp32_linear": lambda draw: fp32_linear_case(
             "property", draw(seeds), tokens=(draw(st.integers(1, 6)),), d=draw(st.integers(1, 300)),
             n=draw(st.integers(1, 200)), dtype=draw(dtypes), weight_dtype=draw(dtypes),

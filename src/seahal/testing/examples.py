@@ -256,6 +256,14 @@ def _rms_norm(d: _Draw):
     return (d.data(2, 3, 16), d.param(16).abs() + 0.5, 1e-6), {}
 
 
+@_example("rms_norm_rope")
+def _rms_norm_rope(d: _Draw):
+    """x [2, 3, 1, 16] (one KV head) with its norm weight, the last 8 dims rotated."""
+    positions = torch.randint(0, 1000, (2, 3), generator=d.gen)
+    weight = d.param(16).abs() + 0.5
+    return (d.data(2, 3, 1, 16), weight, 1e-6, positions, rope_frequencies(8, 10000.0).to(d.param_dtype)), {}
+
+
 @_example("fp32_linear")
 def _fp32_linear(d: _Draw):
     """x [2, 1, 16], W [40, 16]."""

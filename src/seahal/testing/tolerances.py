@@ -303,6 +303,20 @@ def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(d) / 2 + 8 * U32)),)
 
 
+def _rms_norm_rope(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # The norm's relative error (as rms_norm) and the rounding of its output to x's dtype, then
+    # rope's angle error, all absolute against the largest normalised value |y| (a rotated element
+    # near zero has no relative bound); the output rounds once more (one ulp relative).
+    x, weight = a["x"], a["weight"]
+    d = x.shape[-1]
+    xf = x.to(torch.float64)
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + a["eps"])
+    y_max = _max_abs(y if weight is None else y * weight.to(torch.float64))
+    theta = _max_abs(a["positions"]) * _max_abs(a["freqs"])
+    norm = ulp(x.dtype) + gamma(d) / 2 + 8 * U32
+    return (Compared("out", 0, Close(rtol=ulp(x.dtype), atol=(2 * norm + 2 * (theta + 4) * U32) * y_max)),)
+
+
 def _grouped_linear(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # I products of x and W' (W' rounded to x's dtype: exact for e8m0 scales and for dense weights
     # no wider than x, else one rounding of u(x) relative that the float64 reference does not make),
@@ -469,6 +483,12 @@ RULES: dict[str, Rule] = {
           "sum(x²) of positive terms errs by γ(D) relative in any order and rsqrt halves it; the mean, eps, "
           "rsqrt (2 ulp on a GPU) and the products add a few u; all errors are relative"),),
         _rms_norm,
+    ),
+    "rms_norm_rope": Rule(
+        (("out", "rtol ulp(x), atol (2·(ulp(x) + γ(D)/2 + 8u) + 2·(max\\|pos·f\\| + 4)·2^-24)·max\\|y\\|",
+          "rms_norm's relative error and the rounding of y = rms_norm(x) to x's dtype, moved by a rotation by at "
+          "most \\|a\\| + \\|b\\| <= 2 max\\|y\\|; then rope's angle error on y; the output rounds once"),),
+        _rms_norm_rope,
     ),
     "fp32_linear": Rule(
         (("out", "rtol γ(3D+1), atol γ(3D+1)·max(\\|x\\|·\\|W\\|ᵀ)",
