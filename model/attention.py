@@ -184,10 +184,11 @@ class Attention(nn.Module):
             q = self.wq_b(qr)
         else:  # the indexer's queries come from qr too; the norm reads the heads of the column view in place
             q, q_index = self._query_projections(qr)
-        q = self.ops.rms_norm(q.view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps)
-        q = self.ops.rope(q, positions, self.freqs)
-        kv = self.kv_norm(kv)
-        kv = self.ops.rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
+        # each query head, then the KV vector (one head, the kv norm's weight): RMSNorm, then RoPE
+        q = self.ops.rms_norm_rope(q.view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps, positions,
+                                   self.freqs)
+        kv = self.ops.rms_norm_rope(kv.unsqueeze(2), self.kv_norm.weight, self.kv_norm.eps, positions, self.freqs)
+        kv = kv.squeeze(2)
         if self.config.simulate_fp8_kv and cache.kv.fmt != "fp8":  # an FP8 cache stores kv through that rounding
             kv = fp8_kv_precision(kv, self.ops, self.rope_dim)
 
