@@ -14,7 +14,7 @@
 #   bench-gemm.json     fp4_gemm and fp8_gemm (with the Gluon ping-pong kernel beside M >= 512)
 #   bench-experts.json  moe_experts and its routing alone
 #   bench-decode.json   sparse_attention and the indexer
-#   bench-mhc-compress.json   mHC, the compressors, the indexer's rotation
+#   bench-mhc-compress.json   mHC, rms_norm_rope, the compressors, the indexer's rotation
 #
 # Usage (on the device, from the repository root):
 #   bash scripts/gpu_session.sh [--dry-run] [--budget SECONDS] [--only STEP,STEP]
@@ -59,7 +59,7 @@ STEPS=(
   "bench-model-quick|300|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model --quick && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --json \$RESULTS/bench-model.json"
   "bench-experts|300|\$PYTHON -m seahal.testing.triton_precompile bench --ops moe_experts && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops moe_experts --json \$RESULTS/bench-experts.json"
   "bench-decode|200|\$PYTHON -m seahal.testing.triton_precompile bench --ops sparse_attention,indexer,grouped_linear && \$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer,grouped_linear --json \$RESULTS/bench-decode.json"
-  "bench-mhc-compress|90|\$PYTHON -m seahal.testing.triton_precompile bench --ops mhc,kv_compress && \$PYTHON -m seahal bench --backend cuda --ops mhc,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
+  "bench-mhc-compress|90|\$PYTHON -m seahal.testing.triton_precompile bench --ops mhc,rms_norm_rope,kv_compress && \$PYTHON -m seahal bench --backend cuda --ops mhc,rms_norm_rope,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
   "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
 )
@@ -72,7 +72,7 @@ STEPS=(
 # and 4k tokens, its routed FP4 experts of 64 and its FP8 shared expert, then the one-token rows,
 # the routed FP4 and the shared FP8 experts, and the 8192-token FP4 prefill), for moe_experts' table.
 OPT_IN_STEPS=(
-  "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,kv_cache_unpack,fp32_linear,grouped_linear --json \$RESULTS/bench-quick.json"
+  "bench-quick|150|\$PYTHON -m seahal bench --backend cuda --quick --ops moe_experts,sparse_attention,indexer,kv_compress,mhc,rope,rms_norm_rope,kv_cache_unpack,fp32_linear,grouped_linear --json \$RESULTS/bench-quick.json"
   "bench-gate|60|\$PYTHON -m seahal bench --backend cuda --ops moe_gate --json \$RESULTS/bench-gate.json"
   "bench-model|580|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --ops model --json \$RESULTS/bench-model.json"
   "bench-model-4k|420|install_carried_wheels && \$PYTHON -m seahal.testing.triton_precompile model --quick --contexts 4096 && SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m seahal bench --backend cuda --quick --ops model --contexts 4096 --json \$RESULTS/bench-model-4k.json"

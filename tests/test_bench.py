@@ -322,6 +322,9 @@ def test_mhc_and_rope_formulas():
     assert (hc_head.flops, hc_head.nbytes) == (196_608, 32_768 + 8_192 + 262_144 + 20)
     rope = _case([c for c in cases if c.op == "rope"], "V4-Pro q 128x512 T=16384")
     assert (rope.flops, rope.nbytes) == (402_653_184, 4_294_967_296 + 131_072 + 128)
+    fused = _case(mhc_rope_cases(["rms_norm_rope"], GPU, quick=False), "V4-Flash q 64x512 T=1")
+    # rope's 3 * 64 * 64 plus the norm's 3 * 64 * 512; the heads read and written once, as rope's
+    assert (fused.flops, fused.nbytes) == (12_288 + 98_304, 131_072 + 8 + 128)
 
 
 def test_ops_list_and_errors(capsys):

@@ -39,6 +39,7 @@ CUDA_OPS = {
     "hc_post": "cuda_mhc_rope",
     "hc_head": "cuda_mhc_rope",
     "rope": "cuda_mhc_rope",
+    "rms_norm_rope": "cuda_mhc_rope",
     "fp32_linear": "cuda_linear",
     "grouped_linear": "cuda_linear",
     "model": "model_e2e",

@@ -1,5 +1,7 @@
 """Benchmarks of the per-token ops around each sub-layer: ``hc_pre``, ``hc_post``, ``hc_head`` (mHC,
-n = 4 streams) and ``rope`` (the last 64 of each 512-d query head), at V4-Flash and V4-Pro widths.
+n = 4 streams), ``rope`` (the last 64 of each 512-d query head) and ``rms_norm_rope`` (the query
+heads normalised, then rotated: one pass, with the rms_norm and rope kernels in turn as a peer), at
+V4-Flash and V4-Pro widths.
 
 Rows at 1 and 64 tokens (decode batches) and 4096 and 16384 (prefill; hc_pre also 1024, the
 end-to-end bench's prompt). All are memory-bound (hc_pre's stream-mix GEMM has 24 outputs per
@@ -8,7 +10,7 @@ time the path the kernel picks for T (one launch up to ``mhc.ONE_LAUNCH_MAX_TOKE
 where that is one launch, the two launches are a second peer; above 4 tokens the other ``tl.dot``
 token tile (16 or 64 tokens, ``mhc.mix_config``) is one.
 
-    seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope [--quick] [--json out.json]
+    seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope,rms_norm_rope [--quick] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from seahal.bench.common import (
     workload_calls,
 )
 
-OPS = ("hc_pre", "hc_post", "hc_head", "rope")
+OPS = ("hc_pre", "hc_post", "hc_head", "rope", "rms_norm_rope")
 BF16_TOL = 1e-2
 """bf16 stream outputs from fp32 math (2^-9 rounding); hc_pre's fp32 post and comb come from a
 stream-mix GEMM whose dot may run in tf32 (~3e-4) and 20 Sinkhorn steps that do not amplify it."""
@@ -66,6 +68,13 @@ def rope_cost(tokens: int, heads: int, head_dim: int, rope_dim: int) -> tuple[in
     out); bytes: the bf16 heads read and written whole (``2 * 2 * T * H * head_dim``: the output is a
     new tensor), int64 positions (``8 * T``) and fp32 frequencies (``4 * r / 2``)."""
     return 3 * tokens * heads * rope_dim, 4 * tokens * heads * head_dim + 8 * tokens + 2 * rope_dim
+
+
+def rms_norm_rope_cost(tokens: int, heads: int, head_dim: int, rope_dim: int) -> tuple[int, int]:
+    """:func:`rope_cost` plus the norm's ``3 * T * H * D`` FLOPs (a square and a sum per element, the
+    scaling product); the same bytes: each head read and written once (the point of one pass)."""
+    flops, nbytes = rope_cost(tokens, heads, head_dim, rope_dim)
+    return flops + 3 * tokens * heads * head_dim, nbytes
 
 
 def _hc_pre(op: str, dims: ModelDims, tokens: int, device: torch.device) -> Workload:
@@ -112,6 +121,21 @@ def _rope(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
                     {"reference": partial(reference("rope", "rope"), *args)}, close(BF16_TOL))
 
 
+def _rms_norm_rope(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
+    """The query heads (no weight, as the model's): one pass, against the two kernels in turn."""
+    torch.manual_seed(tokens)
+    x = torch.randn(1, tokens, dims.heads, dims.head_dim, device=device, dtype=torch.bfloat16)
+    positions = torch.randint(0, 1 << 20, (1, tokens), device=device)
+    freqs = 10000.0 ** -(torch.arange(0, dims.rope_dim, 2, device=device).float() / dims.rope_dim)
+    args = (x, None, 1e-6, positions, freqs)
+    peers = {"reference": partial(reference("rms_norm_rope", "rope"), *args)}
+    if device.type == "cuda":
+        from seahal.backends.cuda import rope
+
+        peers["rms_norm then rope (two launches)"] = partial(rope.rms_norm_then_rope, *args)
+    return Workload(partial(implementation("rms_norm_rope", "rope", "rope", device), *args), peers, close(BF16_TOL))
+
+
 def cases(ops: list[str], device: torch.device, quick: bool) -> list[Case]:
     out = []
     for op in ops:
@@ -124,6 +148,9 @@ def cases(ops: list[str], device: torch.device, quick: bool) -> list[Case]:
                 if op == "rope":
                     cost = rope_cost(tokens, dims.heads, dims.head_dim, dims.rope_dim)
                     shape, build = f"{dims.name} q {dims.heads}x{dims.head_dim} T={tokens}", _rope
+                elif op == "rms_norm_rope":
+                    cost = rms_norm_rope_cost(tokens, dims.heads, dims.head_dim, dims.rope_dim)
+                    shape, build = f"{dims.name} q {dims.heads}x{dims.head_dim} T={tokens}", _rms_norm_rope
                 elif op == "hc_post":
                     cost, build = hc_post_cost(tokens, dims.hc, dims.dim), _hc_post
                 else:
