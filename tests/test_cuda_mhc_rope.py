@@ -140,12 +140,14 @@ def _norm_rope_float64(x, weight, eps, positions, freqs):
 
 
 # (dtype, heads, dim, rope dims, weighted, layout): 18 heads = two head blocks; full rotation; the
-# stacked projection's query heads (rows no single stride steps through); V4's KV head.
+# stacked projection's query heads (rows no single stride steps through); V4's KV head; heads of
+# 1024 dims, 8 a program (NORM_ELEMENTS), the third block partial.
 NORM_ROPE_CASES = [
     (BF16, 18, 40, 16, False, "contiguous"),
     (F32, 3, 32, 32, True, "transposed"),
     (BF16, 8, 64, 16, False, "heads"),
     (BF16, 1, 512, 64, True, "contiguous"),
+    (F32, 18, 1024, 64, True, "contiguous"),
 ]
 
 

@@ -30,7 +30,9 @@ DTYPES = (torch.bfloat16, torch.float32)
 """fp32 math; float64 inputs (allowed by the contract) are left to the reference kernel."""
 MAX_BLOCK_H = 16
 MAX_NORM_D = 2048
-"""Widest head ``rms_norm_rope`` normalises: a program holds its BLOCK_H heads whole (V4: 512)."""
+"""Widest head ``rms_norm_rope`` normalises: a program holds its heads whole (V4: 512)."""
+NORM_ELEMENTS = 8192
+"""Elements of the heads an ``rms_norm_rope`` program holds at once (16 heads of V4's 512)."""
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -92,6 +94,7 @@ def _launch(
     if norm is not None:
         weight, eps = norm
         normalise = {"w_ptr": weight, "eps": eps, "NORM": True, "D_PAD": next_power_of_2(d)}
+        block_h = min(block_h, max(1, NORM_ELEMENTS // next_power_of_2(d)))
     _rope_kernel[(b * s, cdiv(h, block_h))](
         x, positions, freqs, out, s, h, d, nope, pairs,
         *x.stride(), *positions.stride(), freqs.stride(0),
