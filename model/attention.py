@@ -330,8 +330,11 @@ class StepPositions:
         (an int, or a tensor shaped as ``start_pos``)."""
         return self.memo.once(("entries after", ratio), lambda: self.end // ratio)
 
-    def ring_slots(self, window: int) -> torch.Tensor:
-        """The step's tokens' slots in a ring of ``window`` rows, p mod W: [S] or [1 or B, S] int64."""
+    def ring_slots(self, window: int) -> torch.Tensor | None:
+        """At a tensor position, the step's tokens' slots in a ring of ``window`` rows, p mod W:
+        [1 or B, S] int64; None at an int position (its window writes are slice copies)."""
+        if not isinstance(self.start_pos, torch.Tensor):
+            return None
         if self.decode_slots is not None and self.decode_window.shape[-1] == window:
             return self.decode_slots
         return self.memo.once(("ring slots", window), lambda: self.positions % window)
