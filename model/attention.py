@@ -235,7 +235,7 @@ class Attention(nn.Module):
 
         def window_rows() -> torch.Tensor:  # [B, S, W]: each query's window in keys, -1 before the sequence
             if decode:
-                ring = step.decode_window if step.decode_window is not None and step.decode_window.shape[-1] == w else None
+                ring = step.decode_ring(w)
                 ring = ring if ring is not None else ring_rows(t, self.window_offsets[:w]).to(torch.int32)
                 return ring.expand(b, s, w)
             p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
@@ -330,12 +330,17 @@ class StepPositions:
         (an int, or a tensor shaped as ``start_pos``)."""
         return self.memo.once(("entries after", ratio), lambda: self.end // ratio)
 
+    def decode_ring(self, window: int) -> torch.Tensor | None:
+        """:attr:`decode_window` when it was made for a ring of ``window`` rows, else None."""
+        made = self.decode_window is not None and self.decode_window.shape[-1] == window
+        return self.decode_window if made else None
+
     def ring_slots(self, window: int) -> torch.Tensor | None:
         """At a tensor position, the step's tokens' slots in a ring of ``window`` rows, p mod W:
         [1 or B, S] int64; None at an int position (its window writes are slice copies)."""
         if not isinstance(self.start_pos, torch.Tensor):
             return None
-        if self.decode_slots is not None and self.decode_window.shape[-1] == window:
+        if self.decode_ring(window) is not None:
             return self.decode_slots
         return self.memo.once(("ring slots", window), lambda: self.positions % window)
 

@@ -59,10 +59,15 @@ def rope(x, positions, freqs, inverse=False):
     """
     c = Contract("rope")
     c.tensor("x", x, ["B", "S", "H", "D"], (torch.bfloat16, torch.float32, torch.float64))
+    _check_rotation(c, positions, freqs)
+    return Out(tuple(x.shape), x.dtype)
+
+
+def _check_rotation(c: Contract, positions, freqs) -> None:
+    """The rotation's operands, after x [B, S, H, D]: positions [B, S] int, freqs [R] with 2R <= D."""
     c.tensor("positions", positions, ["B", "S"], INDEX)
     c.tensor("freqs", freqs, ["R"], (torch.float32, torch.float64))
     c.require(2 * c.dims["R"] <= c.dims["D"], f"freqs covers {2 * c.dims['R']} dims, more than D={c.dims['D']}")
-    return Out(tuple(x.shape), x.dtype)
 
 
 @define_op(
@@ -86,7 +91,5 @@ def rms_norm_rope(x, weight, eps, positions, freqs):
     c.tensor("x", x, ["B", "S", "H", "D"], (torch.bfloat16, torch.float32, torch.float64))
     c.optional("weight", weight, ["D"], (torch.float32, torch.float64))
     c.require(isinstance(eps, float) and eps >= 0.0, f"eps must be a float >= 0, got {eps!r}")
-    c.tensor("positions", positions, ["B", "S"], INDEX)
-    c.tensor("freqs", freqs, ["R"], (torch.float32, torch.float64))
-    c.require(2 * c.dims["R"] <= c.dims["D"], f"freqs covers {2 * c.dims['R']} dims, more than D={c.dims['D']}")
+    _check_rotation(c, positions, freqs)
     return Out(tuple(x.shape), x.dtype)
