@@ -21,10 +21,11 @@ from onnx import TensorProto
 
 from seahal import hal
 from seahal.backends.cpu.reference import compressor as ref_compressor
+from seahal.backends.cpu.reference import gemm as ref_gemm
 from seahal.backends.cpu.reference import indexer as ref_indexer
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
-from seahal.hal.formats import FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
+from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
 from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.onnx import functions as F
 from seahal.testing.tolerances import checks_for
@@ -128,6 +129,14 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
             linear = name.replace("moe_experts", "grouped_linear")
             assert F.select("grouped_linear", {"weight": tensor}).name == linear
             assert F.select("grouped_linear", {"weight": exported_value}).name == linear
+    b_formats = (("fp8", torch.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN), ("fp4", torch.uint8, ir.DataType.UINT8))
+    for fmt, dtype, exported in b_formats:
+        assert F.select("act_quant_gemm", {"b": x.to(dtype)}).name == f"act_quant_gemm_{fmt}"  # b's format picks it
+        assert F.select("act_quant_gemm", {"b": SimpleNamespace(dtype=exported)}).name == f"act_quant_gemm_{fmt}"
+        assert F.FUNCTIONS[f"act_quant_gemm_{fmt}"].inputs == ("x", "b", "b_scale")
+        assert F.FUNCTIONS[f"act_quant_gemm_{fmt}"].attributes == ("out_dtype",)
+    with pytest.raises(KeyError, match="no ONNX function for 'act_quant_gemm' with a dense b"):
+        F.select("act_quant_gemm", {"b": x})
     assert F.FUNCTIONS["grouped_linear"].inputs == ("x", "weight")  # a dense weight has no scale
     assert F.FUNCTIONS["grouped_linear_fp8"].inputs == ("x", "weight", "scale")
     assert F.select("rope", {}).name == "rope"
@@ -361,3 +370,46 @@ def test_index_key_records_match_the_reference_bitwise(dtype, key_format, d):
     assert torch.equal(got, want)
     negative_zero = 0x88 if key_format == "fp4" else 0x80  # the -0 key's codes keep their sign
     assert (want[0, 1, : d // 2 if key_format == "fp4" else d] == negative_zero).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("weights", ["fp8", "fp4"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, E8M0_DTYPE])
+def test_act_quant_gemm_is_the_gemm_of_the_quantised_activations(dtype, weights, out_dtype, scale_dtype):
+    """act_quant_gemm through the onnxruntime backend (act_quant_gemm_fp8 / _fp4) against the
+    reference ``gemm(*fp8_act_quant(x), b, b_scale)``. x's codes and ue8m0 scales are the
+    reference's exactly (x widens to fp32 exactly, and the quant is exact: see
+    test_power_of_two_scales_are_exact_across_the_exponent_range), so the result is the backend's
+    fp8_gemm / fp4_gemm of those codes bit for bit, and within that GEMM's conformance tolerance
+    of the reference (the fp32 sums of a K step may run in another order).
+    N = 200 leaves a partial 128-row weight block; x's row 0 starts with a zero tile and row 1 has
+    a tile below the 1e-4 amax floor; fp8 weight scales are powers of two when e8m0."""
+    from seahal.backends.onnxruntime import kernels
+
+    g = torch.Generator().manual_seed(3 * (weights == "fp4") + (dtype == torch.float16) + 7 * (out_dtype is None))
+    m, n, k = 4, 200, 384
+    tile_exponents = torch.randint(-6, 7, (m, k // 128), generator=g).float()
+    x = torch.randn(m, k, generator=g) * torch.exp2(tile_exponents).repeat_interleave(128, 1)
+    x[0, :128] = 0.0
+    x[1, 128:256] *= FP8_AMAX_FLOOR / 64
+    x = x.to(dtype)
+    if weights == "fp8":
+        b = (torch.randn(n, k, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        b_scale = torch.exp2(torch.randint(-10, -4, (-(-n // 128), k // 128), generator=g).float())
+        if scale_dtype == torch.float32:
+            b_scale = b_scale * (1 + torch.rand(b_scale.shape, generator=g))  # any fp32 scale
+    else:
+        b = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+        b_scale = torch.exp2(torch.randint(-8, 0, (n, k // 32), generator=g).float())  # FP4 scales are powers of two
+    b_scale = b_scale.to(scale_dtype)
+
+    got = kernels.act_quant_gemm(x, b, b_scale, out_dtype)
+    assert got.dtype == (out_dtype or torch.bfloat16) and got.shape == (m, n)
+    a, a_scale = ref_quant.fp8_act_quant(x, 128, "ue8m0")
+    gemm = f"{weights}_gemm"
+    assert torch.equal(_bits(got), _bits(getattr(kernels, gemm)(a, a_scale, b, b_scale, out_dtype)))
+    want = ref_gemm.act_quant_gemm(x, b, b_scale, out_dtype)
+    (check,) = checks_for(gemm, (a, a_scale, b, b_scale, out_dtype))
+    verdict = check.check.compare(got, want)
+    assert verdict.ok, verdict.detail

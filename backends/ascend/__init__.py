@@ -112,6 +112,11 @@ def register() -> None:
                       "scale_dtype": ("float32", "float8_e8m0fnu")},
     )
     register_kernel(
+        "act_quant_gemm", "ascend", "torch_npu", "seahal.backends.ascend.gemm:act_quant_gemm", priority=10,
+        capabilities={"chip": FP8_GEMM_CHIPS, "dtype": ("bfloat16", "float32"), "weight_format": ("fp8",),
+                      "out_dtype": ("bfloat16", "float32"), "scale_dtype": ("float32", "float8_e8m0fnu")},
+    )
+    register_kernel(
         "fp8_act_quant", "ascend", "torch_npu", "seahal.backends.ascend.quant:fp8_act_quant", priority=10,
         capabilities={"chip": chips_with("fp8_block_quant"), "dtype": ("bfloat16",), "scale_fmt": ("fp32",)},
         supports=_explicit(

@@ -5,7 +5,7 @@ moe_experts (``moe_gen_idx`` -> ``group_gemm`` x2 -> ``moe_combine_result``), fp
 (``scaled_matmul``), kv_compress (``fused_compress_multi_kv``), sparse_attention
 (``single_query_cached_kv_attn`` with ``learnable_sink``), hc_pre (``hc_split_sinkhorn``),
 hc_post (``fused_mhc_post``) and rope (``apply_rotary``, forward and inverse; rms_norm_rope too, after
-the portable norm). Every other op, and every call a tmo function cannot take, runs on
+the portable norm; act_quant_gemm is the portable quantisation then fp8_gemm). Every other op, and every call a tmo function cannot take, runs on
 the portable reference (pure torch, device-resident, no host sync). tmo is called with keywords
 only, checked against the version-pinned table in :mod:`.signatures`; a tmo release the table does
 not pin is refused (portable path), with the reason in the plan and ``seahal info``.
@@ -33,6 +33,10 @@ KERNELS = {
         {"dtype": _FLOATS, "weight_format": ("dense",)},
     ),
     "fp8_gemm": (("scaled_matmul",), {"out_dtype": ("bfloat16",), "scale_dtype": ("float32", "float8_e8m0fnu")}),
+    "act_quant_gemm": (
+        ("scaled_matmul",),
+        {"dtype": _FLOATS, "weight_format": ("fp8",), "out_dtype": ("bfloat16",), "scale_dtype": ("float32", "float8_e8m0fnu")},
+    ),
     "kv_compress": (("fused_compress_multi_kv",), {"out_dtype": _FLOATS}),
     "sparse_attention": (("single_query_cached_kv_attn",), {"dtype": _FLOATS, "kv_format": ("dense",)}),
     "hc_pre": (("hc_split_sinkhorn",), {"dtype": _FLOATS}),
@@ -44,6 +48,7 @@ _MODULES = {
     "moe_gate": "gating",
     "moe_experts": "experts",
     "fp8_gemm": "gemm",
+    "act_quant_gemm": "gemm",
     "kv_compress": "compressor",
     "sparse_attention": "attention",
     "hc_pre": "mhc",
@@ -55,7 +60,7 @@ _MODULES = {
 
 def _needs_tmo(op: str, functions: tuple[str, ...]):
     """A ``supports`` predicate: tmo usable, pinned, and the op's device check passing (FP8 for
-    fp8_gemm, fp32 rotary for rope and rms_norm_rope: :data:`.probe.DEVICE_CHECKS`)."""
+    fp8_gemm and act_quant_gemm, fp32 rotary for rope and rms_norm_rope: :data:`.probe.DEVICE_CHECKS`)."""
 
     def supports(ctx: PlanContext) -> str | None:
         from . import probe, tmo

@@ -11,6 +11,7 @@ runs FP8 at all is probed once at backend start (:func:`.probe.fp8_gemm_works`).
 from __future__ import annotations
 
 import torch
+from seahal.backends.cpu.reference.quant import fp8_act_quant
 from seahal.hal.formats import decode_scale
 
 from . import tmo
@@ -45,3 +46,17 @@ def fp8_gemm(
         quant_bit_size=8,
         a_quant_bit_size=8,
     )
+
+
+def act_quant_gemm(
+    x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The ``act_quant_gemm`` contract for e4m3 weights: x's 1x128 tiles by the portable
+    ``fp8_act_quant`` (``scaled_quantize`` has no 1x128 mode), then :func:`fp8_gemm`. Packed e2m1
+    weights (no FP4 GEMM on tmo) run the portable kernel.
+
+    x: [M, K] bf16/fp32, b: [N, K] e4m3, b_scale: [ceil(N/128), K/128] fp32/e8m0 -> [M, N] bf16.
+    """
+    if b.dtype == torch.uint8:
+        return portable("act_quant_gemm", "FP4 weights (no FP4 GEMM on tmo)")(x, b, b_scale, out_dtype)
+    return fp8_gemm(*fp8_act_quant(x), b, b_scale, out_dtype)

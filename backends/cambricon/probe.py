@@ -103,7 +103,10 @@ def fp32_rotary_works() -> str | None:
     return None
 
 
-DEVICE_CHECKS = {"fp8_gemm": fp8_gemm_works, "rope": fp32_rotary_works, "rms_norm_rope": fp32_rotary_works}
+DEVICE_CHECKS = {
+    "fp8_gemm": fp8_gemm_works, "act_quant_gemm": fp8_gemm_works, "rope": fp32_rotary_works,
+    "rms_norm_rope": fp32_rotary_works,
+}
 """Ops whose tmo kernel needs a capability probed on the device besides the pinned signature."""
 
 

@@ -28,6 +28,9 @@ REFERENCE_KERNELS = {
     "kv_cache_unpack": ("quant", {"format": ("e4m3+bf16 rope",)}),
     "fp8_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),
     "fp4_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),
+    "act_quant_gemm": ("gemm", {
+        "dtype": _FLOATS, "weight_format": ("fp8", "fp4"), "out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES,
+    }),
     "moe_gate": ("moe", {"score_func": ("sqrtsoftplus", "sigmoid", "softmax"), "routing": ("score", "hash", "group-limited")}),
     "moe_experts": ("moe", {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")}),
     "kv_compress": ("compressor", {"overlap": (True, False), "out_dtype": _FLOATS}),

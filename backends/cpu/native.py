@@ -16,6 +16,7 @@ import torch
 from seahal.hal import get_spec, register_kernel
 
 from .reference.linear import grouped_linear as reference_grouped_linear
+from .reference.quant import fp8_act_quant
 
 _SCALES = ("float32", "float8_e8m0fnu")
 _GEMM_CAPABILITIES = {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}
@@ -84,6 +85,13 @@ def fp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     per-32-step sums up to summation order (csrc/gemm.cpp).
     """
     return _block_scaled_gemm("fp4_gemm", a, a_scale, b, b_scale, out_dtype)
+
+
+def act_quant_gemm(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x's FP8 1x128 tiles (the reference ``fp8_act_quant``) through the native GEMM of b's format:
+    :func:`fp8_gemm` for e4m3 b [N, K], :func:`fp4_gemm` for packed e2m1 b [N, K/2] -> [M, N]."""
+    op = "fp4_gemm" if b.dtype == torch.uint8 else "fp8_gemm"
+    return _block_scaled_gemm(op, *fp8_act_quant(x), b, b_scale, out_dtype)
 
 
 GROUPED_GEMV_MAX_TOKENS = 8
@@ -183,6 +191,10 @@ def register_native_kernels() -> None:
         register_kernel(
             op, "cpu", "native", f"{__name__}:{op}", priority=10, capabilities=_GEMM_CAPABILITIES
         )  # fmt: skip
+    register_kernel(
+        "act_quant_gemm", "cpu", "native", f"{__name__}:act_quant_gemm", priority=10,
+        capabilities={"dtype": ("bfloat16", "float32", "float64"), "weight_format": ("fp8", "fp4"), **_GEMM_CAPABILITIES},
+    )
     register_kernel(
         "grouped_linear", "cpu", "native", f"{__name__}:grouped_linear", priority=10,
         capabilities={"dtype": ("bfloat16", "float32"), "weight_format": ("fp8",), "scale_dtype": _SCALES},

@@ -35,6 +35,9 @@ CAPABILITIES = {
     "kv_cache_pack": {"dtype": ("bfloat16", "float32")},
     "fp8_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},
     "fp4_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},
+    "act_quant_gemm": {
+        "dtype": _FLOATS, "weight_format": ("fp8", "fp4"), "out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES,
+    },
     "moe_gate": {"score_func": ("sqrtsoftplus", "sigmoid", "softmax"), "routing": ("score", "hash", "group-limited")},
     "moe_experts": {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")},
     "kv_compress": {"overlap": (True, False), "out_dtype": _FLOATS},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import FP8, SCALES, Contract
+from ..checks import FLOAT_HIGH, FP8, SCALES, Contract
 from ..spec import Out, define_op
 
 OUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -20,6 +20,17 @@ def _activation(c: Contract, a: torch.Tensor, a_scale: torch.Tensor) -> None:
     c.tensor("a", a, ["M", "K"], FP8)
     c.divisible("K", 128, "1x128 activation tiles")
     c.tensor("a_scale", a_scale, ["M", c.dims["K"] // 128], (torch.float32,))
+
+
+def _fp8_weights(c: Contract, b: torch.Tensor, b_scale: torch.Tensor) -> None:
+    c.tensor("b", b, ["N", "K"], FP8)
+    n_blocks = -(-c.dims["N"] // 128)
+    c.tensor("b_scale", b_scale, [n_blocks, c.dims["K"] // 128], SCALES)
+
+
+def _fp4_weights(c: Contract, b: torch.Tensor, b_scale: torch.Tensor) -> None:
+    c.tensor("b", b, ["N", c.dims["K"] // 2], (torch.uint8,))
+    c.tensor("b_scale", b_scale, ["N", c.dims["K"] // 32], SCALES)
 
 
 @define_op(
@@ -38,9 +49,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=None):
     """
     c = Contract("fp8_gemm")
     _activation(c, a, a_scale)
-    c.tensor("b", b, ["N", "K"], FP8)
-    n_blocks = -(-c.dims["N"] // 128)
-    c.tensor("b_scale", b_scale, [n_blocks, c.dims["K"] // 128], SCALES)
+    _fp8_weights(c, b, b_scale)
     return Out((c.dims["M"], c.dims["N"]), _out_dtype(c, out_dtype))
 
 
@@ -62,6 +71,32 @@ def fp4_gemm(a, a_scale, b, b_scale, out_dtype=None):
     """
     c = Contract("fp4_gemm")
     _activation(c, a, a_scale)
-    c.tensor("b", b, ["N", c.dims["K"] // 2], (torch.uint8,))
-    c.tensor("b_scale", b_scale, ["N", c.dims["K"] // 32], SCALES)
+    _fp4_weights(c, b, b_scale)
+    return Out((c.dims["M"], c.dims["N"]), _out_dtype(c, out_dtype))
+
+
+@define_op(
+    "act_quant_gemm",
+    family="gemm",
+    schema="(Tensor x, Tensor b, Tensor b_scale, ScalarType? out_dtype=None) -> Tensor",
+)
+def act_quant_gemm(x, b, b_scale, out_dtype=None):
+    """A linear layer on quantised weights: x quantised to FP8 in 1x128 tiles with ue8m0 scales,
+    then the block-scaled GEMM of b's format (the official inference code's ``linear``).
+
+    x: [M, K] bf16/fp16/fp32/fp64, K a multiple of 128;
+    b: [N, K] e4m3 with b_scale [ceil(N/128), K/128] (``fp8_gemm``'s weights), or [N, K/2] uint8
+    packed e2m1 with b_scale [N, K/32] (``fp4_gemm``'s); b_scale fp32 or e8m0
+    -> [M, N] bf16 (or out_dtype fp32).
+
+    ``C = fp8_gemm(*fp8_act_quant(x), b, b_scale, out_dtype)`` for e4m3 weights,
+    ``fp4_gemm(*fp8_act_quant(x), b, b_scale, out_dtype)`` for e2m1 ones: the activations' codes
+    and scales are ``fp8_act_quant``'s exactly, so a kernel may quantise x inside the GEMM (no
+    round trip of the codes through memory) but not differently.
+    """
+    c = Contract("act_quant_gemm")
+    c.tensor("x", x, ["M", "K"], FLOAT_HIGH + (torch.float16,))
+    c.divisible("K", 128, "1x128 activation tiles")
+    c.tensor("b", b, dtypes=FP8 + (torch.uint8,))
+    (_fp4_weights if b.dtype == torch.uint8 else _fp8_weights)(c, b, b_scale)
     return Out((c.dims["M"], c.dims["N"]), _out_dtype(c, out_dtype))

@@ -12,6 +12,8 @@ import torch
 
 from seahal.hal.formats import decode_scale, e2m1_decode, fp4_unpack
 
+from .quant import fp8_act_quant
+
 FP8_BLOCK = 128
 FP4_BLOCK = 32
 
@@ -64,3 +66,14 @@ def fp4_gemm(
     return _block_scaled_matmul(
         a.to(torch.float32), a_scale_steps, b_values, decode_scale(b_scale), FP4_BLOCK, out_dtype
     )
+
+
+def act_quant_gemm(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x's FP8 1x128 tiles (ue8m0 scales) times quantised weights: :func:`fp8_gemm` for e4m3 b,
+    :func:`fp4_gemm` for packed e2m1 b (uint8).
+
+    x: [M, K] float, b: [N, K] e4m3 or [N, K/2] uint8, b_scale as the GEMM of b's format takes
+    -> [M, N] bf16 (or out_dtype).
+    """
+    gemm = fp4_gemm if b.dtype == torch.uint8 else fp8_gemm
+    return gemm(*fp8_act_quant(x), b, b_scale, out_dtype)

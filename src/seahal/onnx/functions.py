@@ -12,6 +12,7 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   (with weight), ``rms_norm_rope_unweighted``, ``moe_gate`` (with bias), ``moe_gate_unbiased``,
   ``moe_gate_hash`` (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``,
   ``moe_experts_fp4``, ``grouped_linear`` (dense weight, no scale), ``grouped_linear_fp8``,
+  ``act_quant_gemm_fp8`` and ``act_quant_gemm_fp4`` (b's format: e4m3 or packed e2m1),
   ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
   argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
   ``hadamard_rotate_fp4``.
@@ -702,6 +703,30 @@ def fp4_gemm(a, a_scale, b, b_scale, out_dtype: int = BFLOAT16):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def act_quant_gemm_fp8(x, b, b_scale, out_dtype: int = BFLOAT16):
+    """A linear layer on FP8 weights: x [M, K] float (K a multiple of 128), b [N, K] e4m3,
+    b_scale [ceil(N/128), K/128] fp32 -> [M, N] in out_dtype.
+
+    ``fp8_gemm(*fp8_act_quant(x, 128, "ue8m0"), b, b_scale, out_dtype)``: x's 1x128 tiles
+    quantised as :func:`fp8_act_quant` does, then :func:`fp8_gemm`. b reaches fp8_gemm through an
+    ``Identity``: onnxruntime types an input that only a nested function reads without the float8
+    types, and refuses an e4m3 b there; read by Identity first, b keeps its type."""
+    a, a_scale = fp8_act_quant(x, block_size=128, scale_fmt="ue8m0")
+    return fp8_gemm(a, a_scale, op.Identity(b), b_scale, out_dtype=out_dtype)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def act_quant_gemm_fp4(x, b, b_scale, out_dtype: int = BFLOAT16):
+    """A linear layer on FP4 weights: x [M, K] float (K a multiple of 128), b [N, K/2] packed
+    e2m1, b_scale [N, K/32] fp32 -> [M, N] in out_dtype.
+
+    ``fp4_gemm(*fp8_act_quant(x, 128, "ue8m0"), b, b_scale, out_dtype)``: x's 1x128 tiles
+    quantised as :func:`fp8_act_quant` does, then :func:`fp4_gemm`."""
+    a, a_scale = fp8_act_quant(x, block_size=128, scale_fmt="ue8m0")
+    return fp4_gemm(a, a_scale, b, b_scale, out_dtype=out_dtype)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def moe_gate(
     x, weight, bias, top_k: int, score_func: str = "sqrtsoftplus", route_scale: float = 1.0,
     n_groups: int = 1, topk_groups: int = 1,
@@ -1027,6 +1052,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "kv_cache_unpack": ("kv_cache_unpack",),
     "fp8_gemm": ("fp8_gemm",),
     "fp4_gemm": ("fp4_gemm",),
+    "act_quant_gemm": ("act_quant_gemm_fp8", "act_quant_gemm_fp4"),
     "moe_gate": ("moe_gate", "moe_gate_unbiased", "moe_gate_hash"),
     "moe_experts": ("moe_experts", "moe_experts_fp8", "moe_experts_fp4"),
     "kv_compress": ("kv_compress",),
@@ -1143,8 +1169,8 @@ def weight_format(weight: Any) -> str:
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
     optional tensors are given (moe_gate, rms_norm, rms_norm_rope), the weights' format
-    (moe_experts, grouped_linear), the key format (indexer_topk_packed, index_key_pack) or
-    whether an FP4 rounding follows (hadamard_rotate) pick it."""
+    (moe_experts, grouped_linear, act_quant_gemm), the key format (indexer_topk_packed,
+    index_key_pack) or whether an FP4 rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -1152,6 +1178,11 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     elif op in ("moe_experts", "grouped_linear"):
         fmt = weight_format(args["w1" if op == "moe_experts" else "weight"])
         name = op if fmt == "dense" else f"{op}_{fmt}"
+    elif op == "act_quant_gemm":
+        fmt = weight_format(args["b"])
+        if fmt == "dense":
+            raise KeyError("no ONNX function for 'act_quant_gemm' with a dense b: b is e4m3 or packed e2m1 (uint8)")
+        name = f"{op}_{fmt}"
     elif op in ("indexer_topk_packed", "index_key_pack"):
         name = f"{op}_{args['key_format']}"
     elif op in ("rms_norm", "rms_norm_rope"):

@@ -10,11 +10,11 @@ Edge cases covered where they apply: sequence lengths that are not a multiple of
 ratio m, shorter than the window, shorter than m (no entry yet); decode after a prefill ending at
 every offset mod m; top-k larger than the visible entries (``-1`` slots); batch > 1 with different
 contents; exact ties in routing / indexer scores; every token routed to one expert and experts that
-receive no token; FP8 saturation (codes at ±448, quotients that round past 448); zero and tiny
-tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided views, attention
-keys that are one pool expanded over the batch: a paged cache); bf16 and fp32 data; dense, fp8 and
-fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8 indexer keys of far-apart
-magnitudes, zero keys and non-power-of-two FP8 key scales.
+receive no token; FP8 saturation (codes at ±448, quotients that round past 448); exact e4m3
+ties; zero and tiny tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided
+views, attention keys that are one pool expanded over the batch: a paged cache); bf16 and fp32
+data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8 indexer keys
+of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -154,6 +154,7 @@ _DATA_ARG = {
     "rms_norm_rope": "x",
     "fp32_linear": "x",
     "grouped_linear": "x",
+    "act_quant_gemm": "x",
 }
 
 
@@ -173,7 +174,9 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["dtype"] = _dtype_name(a[_DATA_ARG[op]].dtype)
     if op == "fp8_act_quant":
         req["scale_fmt"] = a["scale_fmt"]
-    elif op in ("fp8_gemm", "fp4_gemm"):
+    elif op in ("fp8_gemm", "fp4_gemm", "act_quant_gemm"):
+        if op == "act_quant_gemm":
+            req["weight_format"] = expert_weight_format(a["b"])
         req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
         req["scale_dtype"] = _dtype_name(a["b_scale"].dtype)
     elif op == "moe_gate":
@@ -338,15 +341,72 @@ def gemm_case(
     ``"wide-scales"``: 1x32 scales over 2^±12 around their center)."""
     r = _Rand(seed)
     a, a_scale = _activation(r, m, k, values)
-    if op == "fp8_gemm":
-        b = r.e4m3(n, k)
-        b_scale = r.scales(-(-n // 128), k // 128, fmt=scale_fmt, log2_center=-8)
-    else:
-        b = r.ints(0, 256, n, k // 2).to(torch.uint8)
-        spread = 12 if values == "wide-scales" else 2
-        b_scale = _fp4_scales(r, n, k // 32, scale_fmt=scale_fmt, log2_center=-4, spread=spread)
+    b, b_scale = _weights(r, "fp8" if op == "fp8_gemm" else "fp4", n, k, scale_fmt, values)
     args = (strided(a, a_layout), a_scale, strided(b, b_layout), b_scale, out_dtype)
     return _case(op, name, args)
+
+
+def _weights(r: _Rand, fmt: str, n: int, k: int, scale_fmt: str, values: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEMM weights: ``fp8`` e4m3 codes [N, K] (every 7th ±448) with 128x128 scales around 2^-8, or
+    ``fp4`` random e2m1 bytes [N, K/2] with 1x32 scales around 2^-4 (``wide-scales``: over 2^±12)."""
+    if fmt == "fp8":
+        return r.e4m3(n, k), r.scales(-(-n // 128), k // 128, fmt=scale_fmt, log2_center=-8)
+    b = r.ints(0, 256, n, k // 2).to(torch.uint8)
+    spread = 12 if values == "wide-scales" else 2
+    return b, _fp4_scales(r, n, k // 32, scale_fmt=scale_fmt, log2_center=-4, spread=spread)
+
+
+E4M3_MIDPOINTS = (1.0625, 1.1875, 1.5625, 3.375, 6.25, 13.5, 108.0, 216.0, 432.0, 4.5 * 2**-9, 7.5 * 2**-9, 2**-10)
+"""x/s values halfway between two neighbouring e4m3 codes (1 and 1.125, ..., 416 and 448; between
+subnormals, the largest subnormal and 2^-6, 0 and 2^-9): RNE sends each to the even code."""
+
+
+def _act_quant_values(r: _Rand, m: int, k: int, values: str) -> torch.Tensor:
+    """fp32 x [M, K] in 1x128 tiles, each row's tiles scaled by 2^[-6, 6]: ``normal``;
+    ``zero-tiny`` (:func:`_tile_values`: tile 0 zero, tile 1 below the 1e-4 amax floor);
+    ``sub-floor`` (tiles scaled by 2^[-31, -25], every amax far below 1e-4: all take the floor's
+    scale 2^-22, and x/s <= ~1.5 puts most codes in e4m3's subnormal range, coarse as the spec
+    makes them, where a kernel without the floor, or another floor, keeps three mantissa bits);
+    ``saturate`` (every tile's amax exactly 448 * 2^e, so x/s = 448 is the top code unrounded, a
+    second element at -440 * 2^e rounding to -448, and in odd tiles a third at -456 * 2^e, just
+    past 448 * 2^e, which doubles the scale); ``ties`` (an eighth of the elements at e4m3
+    midpoints of their tile's scale, the amax 448 * 2^e fixing it, exact in bf16)."""
+    if values == "zero-tiny":
+        return _tile_values(r, (m, k), 128, values)
+    x = r.normal(m, k, std=4.0)
+    tiles = x.view(m, k // 128, 128)
+    exponent = r.ints(-6, 7, m, k // 128, 1).to(F32)
+    if values == "saturate":
+        tiles[..., :1] = 448.0
+        tiles[..., 1:2] = -440.0
+        tiles[:, 1::2, 2:3] = -456.0
+        tiles *= 2.0 ** (exponent - 8)  # amax 448 * 2^(e - 8): x/s = 448 for the scale 2^(e - 8)
+    elif values == "ties":
+        choices = torch.tensor(E4M3_MIDPOINTS + tuple(-v for v in E4M3_MIDPOINTS))
+        ties = choices[r.ints(0, len(choices), m, k // 128, 16)]
+        tiles[..., 0] = 448.0
+        tiles[..., 1::8] = ties
+        tiles *= 2.0 ** (exponent - 8)
+    elif values == "sub-floor":
+        tiles *= torch.exp2(exponent.div(2).floor() - 28)
+    elif values == "normal":
+        tiles *= torch.exp2(exponent)
+    else:
+        raise ValueError(f"unknown values {values!r}")
+    return x
+
+
+def act_quant_gemm_case(
+    name: str, seed: int, m: int, n: int, k: int, weights: str = "fp8", dtype=BF16, out_dtype=None,
+    scale_fmt: str = "fp32", values: str = "normal", x_layout: str = "contiguous", b_layout: str = "contiguous",
+) -> Case:
+    """x [M, K] (:func:`_act_quant_values`) quantised by the op itself, times ``fp8`` or ``fp4``
+    weights as :func:`gemm_case` draws them (``wide-scales``: fp4's 1x32 scales over 2^±12, x
+    normal)."""
+    r = _Rand(seed)
+    x = _act_quant_values(r, m, k, "normal" if values == "wide-scales" else values).to(dtype)
+    b, b_scale = _weights(r, weights, n, k, scale_fmt, values)
+    return _case("act_quant_gemm", name, (strided(x, x_layout), strided(b, b_layout), b_scale, out_dtype))
 
 
 def moe_gate_case(
@@ -829,6 +889,36 @@ def _gemm_cases(op: str, seed: int) -> list[Case]:
     ]
 
 
+def _act_quant_gemm_cases(seed: int) -> list[Case]:
+    c = act_quant_gemm_case
+    return [
+        c("fp8 W: M4 N256 K256 bf16 x, fp32 scales", seed, 4, 256, 256),
+        c("fp8 W: M1 N130 K128 e8m0 scales (decode, N % 128 != 0)", seed + 1, 1, 130, 128, scale_fmt="e8m0"),
+        c("fp8 W: M5 N130 K384 fp32 x, fp32 out, e8m0 scales", seed + 2, 5, 130, 384, dtype=F32, out_dtype=F32,
+          scale_fmt="e8m0"),
+        c("fp8 W: M16 N64 K1024 bf16 x, fp32 out", seed + 3, 16, 64, 1024, out_dtype=F32),
+        c("fp8 W: M3 N130 K384 zero and tiny tiles (the 1e-4 amax floor)", seed + 4, 3, 130, 384, values="zero-tiny"),
+        c("fp8 W: M2 N130 K256 every tile far below the amax floor (subnormal codes)", seed + 14, 2, 130, 256,
+          values="sub-floor"),
+        c("fp8 W: M5 N96 K256 saturating tiles (x/s = 448; a scale doubled)", seed + 5, 5, 96, 256, scale_fmt="e8m0",
+          values="saturate"),
+        c("fp8 W: M33 N130 K256 fp32 x, e4m3 ties", seed + 6, 33, 130, 256, dtype=F32, values="ties"),
+        c("fp8 W: M4 N96 K256 sliced x, transposed b", seed + 7, 4, 96, 256, x_layout="sliced", b_layout="transposed"),
+        c("fp4 W: M1 N64 K128 e8m0 scales (decode)", seed + 8, 1, 64, 128, weights="fp4", scale_fmt="e8m0"),
+        c("fp4 W: M16 N96 K256 fp32 x, fp32 out", seed + 9, 16, 96, 256, weights="fp4", dtype=F32, out_dtype=F32),
+        c("fp4 W: M33 N80 K512 e8m0 scales over 2^±12", seed + 10, 33, 80, 512, weights="fp4", scale_fmt="e8m0",
+          values="wide-scales"),
+        c("fp4 W: M5 N64 K384 fp32 x, zero and tiny tiles", seed + 11, 5, 64, 384, weights="fp4", dtype=F32,
+          values="zero-tiny"),
+        c("fp4 W: M2 N64 K256 fp32 x, fp32 out, every tile far below the amax floor", seed + 15, 2, 64, 256,
+          weights="fp4", dtype=F32, out_dtype=F32, values="sub-floor"),
+        c("fp4 W: M4 N64 K256 saturating tiles, fp32 out", seed + 12, 4, 64, 256, weights="fp4", out_dtype=F32,
+          values="saturate"),
+        c("fp4 W: M5 N40 K256 e4m3 ties, sliced x, transposed b", seed + 13, 5, 40, 256, weights="fp4", values="ties",
+          x_layout="sliced", b_layout="transposed"),
+    ]
+
+
 def _moe_gate_cases(seed: int) -> list[Case]:
     c = moe_gate_case
     return [
@@ -1101,6 +1191,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "kv_cache_unpack": _kv_cache_unpack_cases,
     "fp8_gemm": lambda seed: _gemm_cases("fp8_gemm", seed),
     "fp4_gemm": lambda seed: _gemm_cases("fp4_gemm", seed),
+    "act_quant_gemm": _act_quant_gemm_cases,
     "moe_gate": _moe_gate_cases,
     "moe_experts": _moe_experts_cases,
     "kv_compress": _kv_compress_cases,
@@ -1238,6 +1329,13 @@ def strategy(op: str):
             values=draw(st.sampled_from(["normal", "zero-tile", "wide-scales"])),
             a_layout=draw(st.sampled_from(["contiguous", "sliced"])),
             b_layout=draw(st.sampled_from(["contiguous", "transposed"])))
+    builders["act_quant_gemm"] = lambda draw: act_quant_gemm_case(
+        "property", draw(seeds), draw(st.integers(1, 40)), draw(st.integers(1, 160)), 128 * draw(st.integers(1, 3)),
+        weights=draw(st.sampled_from(["fp8", "fp4"])), dtype=draw(dtypes), out_dtype=draw(st.sampled_from([None, F32])),
+        scale_fmt=draw(st.sampled_from(["fp32", "e8m0"])),
+        values=draw(st.sampled_from(["normal", "zero-tiny", "sub-floor", "saturate", "ties", "wide-scales"])),
+        x_layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        b_layout=draw(st.sampled_from(["contiguous", "transposed"])))
     if op not in builders:
         raise KeyError(f"no strategy for op {op!r}")
     return st.composite(lambda draw: builders[op](draw))()

@@ -138,6 +138,14 @@ def _fp4_gemm(d: _Draw):
     return (a, a_scale, b, b_scale), {}
 
 
+@_example("act_quant_gemm")
+def _act_quant_gemm(d: _Draw):
+    """x [3, 256] in the example's dtype (quantised by the op), the fp8_gemm example's weights:
+    N=130 (two row blocks, the second partial), 128x128 ue8m0 scales."""
+    b, b_scale = fp8_block_quantize(d.normal((130, 256), 0.1, torch.float32))
+    return (d.data(3, 256), b, b_scale), {}
+
+
 @_example("moe_gate")
 def _moe_gate(d: _Draw):
     """T=5 tokens, D=16, E=8 experts, top-2."""

@@ -32,7 +32,7 @@ import torch
 from seahal.hal.formats import dequantize_weight, hadamard, index_key_unpack
 from seahal.hal.spec import get_spec
 
-from seahal.backends.cpu.reference.quant import kv_cache_unpack
+from seahal.backends.cpu.reference.quant import fp8_act_quant, kv_cache_unpack
 
 from .cases import named_args
 from .compare import (
@@ -153,6 +153,17 @@ def _gemm(k_step: int) -> Callable[[Mapping[str, Any]], tuple[Compared, ...]]:
         return (Compared("out", 0, Close(rtol=ulp(_out_dtype(a)) + gamma(n), atol_ref=gamma(n))),)
 
     return build
+
+
+def _act_quant_gemm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # The spec fixes the activations' codes and scales: fp8_act_quant(x)'s exactly, a deterministic
+    # function of x (ue8m0 scales, so x / s is exact; see its rule). Kernel and reference therefore
+    # multiply identical codes, and the output is judged by the rule of b's GEMM on those codes:
+    # fp8_gemm's for e4m3 b (128-wide K steps), fp4_gemm's for packed e2m1 b (32-wide steps).
+    a_codes, a_scale = fp8_act_quant(a["x"])
+    gemm = "fp4_gemm" if a["b"].dtype == torch.uint8 else "fp8_gemm"
+    args = {"a": a_codes, "a_scale": a_scale, "b": a["b"], "b_scale": a["b_scale"], "out_dtype": a["out_dtype"]}
+    return RULES[gemm].build(args)
 
 
 def _moe_gate(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -388,6 +399,14 @@ RULES: dict[str, Rule] = {
         (("out", "rtol ulp(out) + γ(n), atol γ(n)·max\\|ref\\|, n = K + 3K/32",
           "as fp8_gemm with 32-wide steps (e2m1 x e4m3 products are exact in fp32)"),),
         _gemm(32),
+    ),
+    "act_quant_gemm": Rule(
+        (("out", "fp8_gemm's (e4m3 b, n = K + 3K/128) or fp4_gemm's (e2m1 b, n = K + 3K/32) on fp8_act_quant(x): "
+          "rtol ulp(out) + γ(n), atol γ(n)·max\\|ref\\|",
+          "the activations' codes and ue8m0 scales must be fp8_act_quant(x)'s exactly (the spec; with power-of-two "
+          "scales that quant is exact, see its row), so both sides multiply identical codes and only the GEMM's fp32 "
+          "accumulation order and the output rounding differ, as in the GEMM of b's format"),),
+        _act_quant_gemm,
     ),
     "moe_gate": Rule(
         (
