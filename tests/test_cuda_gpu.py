@@ -57,6 +57,22 @@ def test_fp8_gemm_plan(plan, m, n, k, scale_dtype):
     assert err_bf16 < BF16_TOL and err_fp32 < FP32_TOL, (err_bf16, err_fp32)
 
 
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n, k", [(1536, 4096), (40960, 1024), (4096, 8192)])  # [wq_a; wkv], [wq_b; idx wq_b], wo_b
+def test_act_quant_gemm_is_the_quantiser_then_the_gemm(m, n, k):
+    """act_quant_gemm at V4-Flash's linears: up to FUSED_QUANT_ROWS rows the GEMM quantises x
+    itself; every M gives the bits of the plan's fp8_act_quant then its fp8_gemm."""
+    p = hal.plan("cuda", ops=["act_quant_gemm", "fp8_act_quant", "fp8_gemm"], announce=False)
+    assert {e.label for e in p.entries.values()} == {"cuda.triton"}, p.table()
+    torch.manual_seed(m + n)
+    x = (torch.randn(m, k, device="cuda") * torch.randn(m, k // 128, device="cuda").exp().repeat_interleave(128, 1))
+    x = x.to(torch.bfloat16)
+    b, b_scale = fp8_weight(n, k, torch.device("cuda"))
+    out = p.ops.act_quant_gemm(x, b, b_scale)
+    assert torch.equal(out, p.ops.fp8_gemm(*p.ops.fp8_act_quant(x), b, b_scale))
+    assert _rel(out, reference.act_quant_gemm(x, b, b_scale, torch.float32)) < BF16_TOL
+
+
 def test_fp8_split_k_is_deterministic():
     torch.manual_seed(0)
     a, a_scale = fp8_quantize(torch.randn(16, 8192, device="cuda"), 128)

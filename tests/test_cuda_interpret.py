@@ -115,6 +115,64 @@ def test_fp8_gemm_e8m0_scales_bf16_output(kernels):
     assert _rel(out, _fp8_dequantised(a, a_scale, b, b_scale)) < BF16_TOL
 
 
+# (block_m, block_n, split_k, persistent, tma): the decode tiles with and without K splits, an N edge
+# tile, a persistent grid, and a TMA config (the quantising launch loads through pointers instead).
+QUANTISING_CONFIGS = [(16, 64, 1, 0, False), (16, 32, 3, 0, False), (16, 128, 2, 1, False), (16, 64, 2, 0, True)]
+
+
+@interpreted
+@pytest.mark.parametrize("block_m, block_n, split_k, persistent, tma", QUANTISING_CONFIGS)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_quantising_fp8_gemm_is_the_two_launches_bit_for_bit(kernels, block_m, block_n, split_k, persistent, tma,
+                                                             x_dtype):
+    """act_quant_gemm's one launch (the GEMM quantising x's blocks as it loads them) gives the bits
+    of fp8_act_quant's kernel then the GEMM under the same config, and the reference's numbers."""
+    from seahal.backends.cuda._gemm import GemmConfig
+    from seahal.backends.cuda.quant import fp8_act_quant
+
+    fp8, _ = kernels
+    gen = torch.Generator().manual_seed(block_n + split_k)
+    m, n, k = 5, 200, 384
+    x = (torch.randn(m, k, generator=gen) * torch.exp(3 * torch.randn(m, k // 128, generator=gen)).repeat_interleave(
+        128, 1)).to(x_dtype)
+    x[1, 128:256] = 0  # an all-zero block: the 1e-4 amax floor
+    x[2, :128] *= 1e30 if x_dtype == torch.float32 else 1e20  # a block far above e4m3's range
+    b, b_scale = _fp8_weight(n, k, gen)
+    config = GemmConfig(block_m, block_n, 4, 2, split_k, tma=tma, persistent=persistent)
+    fused, unfused = torch.full((m, n), float("nan")), torch.full((m, n), float("nan"))
+    fp8._launch_quantising(x, None, b, b_scale, fused, config)
+    fp8.launch_fp8_gemm(*fp8_act_quant(x), b, b_scale, unfused, config)
+    assert torch.equal(fused, unfused)
+    assert _rel(fused, reference.act_quant_gemm(x, b, b_scale, torch.float32)) < FP32_TOL
+
+
+@interpreted
+@pytest.mark.parametrize("m", [1, 16, 17])
+def test_act_quant_gemm_launches(kernels, m, monkeypatch):
+    """Up to FUSED_QUANT_ROWS rows with FP8 weights one launch quantises x in the GEMM; more rows,
+    FP4 weights and fp64 x quantise first: each the two launches' bits, in the contract's shape."""
+    from seahal.backends.cuda import _gemm, fp4_gemm
+    from seahal.backends.cuda.quant import fp8_act_quant
+
+    fp8, _ = kernels
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=gen).to(torch.bfloat16)
+    b, b_scale = _fp8_weight(130, 256, gen)
+    b_scale = ue8m0_encode(b_scale).view(torch.float8_e8m0fnu)
+    b4, b4_scale = fp4_quantize(torch.randn(64, 256, generator=gen))
+    launched = []
+    monkeypatch.setattr(fp8, "launch", lambda kernel, a, a_scale, *rest: launched.append(a_scale is None)
+                        or _gemm.launch(kernel, a, a_scale, *rest))
+    out = fp8.act_quant_gemm(x, b, b_scale)
+    assert launched == [m <= fp8.FUSED_QUANT_ROWS]
+    assert get_spec("act_quant_gemm").check(x, b, b_scale) == (tuple(out.shape), out.dtype)
+    assert torch.equal(out, fp8.fp8_gemm(*fp8_act_quant(x), b, b_scale))
+    assert torch.equal(fp8.act_quant_gemm(x, b4, b4_scale, torch.float32),
+                       fp4_gemm.fp4_gemm(*fp8_act_quant(x), b4, b4_scale, torch.float32))
+    x64 = x.double()
+    assert torch.equal(fp8.act_quant_gemm(x64, b, b_scale), fp8.fp8_gemm(*fp8_act_quant(x64), b, b_scale))
+
+
 @interpreted
 @pytest.mark.parametrize("block_n, split_k, e8m0", [(32, 1, False), (16, 3, True), (64, 2, True), (64, 1, False)])
 def test_fp4_gemm_matches_reference(kernels, block_n, split_k, e8m0):
@@ -303,10 +361,10 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
     # every kernel passed the conformance suite on the H100 at 14a3a20 (docs/measurements/2026-11-27-h100)
     # but grouped_linear, written since, the FP4 decodes changed since to read codes as words, and
     # the kernels whose arrival counters reset relaxed since (and the mHC mix's one-trip tail), and
-    # rms_norm_rope's one pass, written since
+    # rms_norm_rope's one pass and act_quant_gemm's quantising GEMM, written since
     assert {op for op, (_, _, verified) in cuda.KERNELS.items() if not verified} == {
         "grouped_linear", "moe_experts", "fp4_gemm", "indexer_topk_packed", "fp8_gemm", "kv_compress",
-        "kv_compress_fp8", "hc_pre", "hc_head", "rms_norm_rope"}
+        "kv_compress_fp8", "hc_pre", "hc_head", "rms_norm_rope", "act_quant_gemm"}
     # a fused op's verified kernels in turn serve where its one pass is gated (not the reference)
     for op in cuda.UNFUSED_KERNELS:
         unfused = next(k for k in REGISTRY.kernels_for(op) if k.qualified_name == "cuda.triton_unfused")

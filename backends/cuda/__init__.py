@@ -35,7 +35,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # and hc_pre / hc_head's last program loads all its partial sums and parameters at once: the same
 # arithmetic, a different memory ordering, which only a GPU can check. New since: rms_norm_rope's
 # one pass (rope's kernel with its NORM constexpr; rope's own launches compile to the same sm_90
-# PTX as before, compared instruction by instruction, so rope stays verified).
+# PTX as before, compared instruction by instruction, so rope stays verified). New since:
+# act_quant_gemm, fp8_gemm's kernel quantising x's blocks as it loads them (QUANT_A).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -57,6 +58,14 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, False),
     "fp8_gemm": ("fp8_gemm:fp8_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
     "fp4_gemm": ("fp4_gemm:fp4_gemm", {"chip": _SM90, "out_dtype": _FLOAT, "scale_dtype": _SCALES}, False),
+    "act_quant_gemm": (  # FP8 weights at <= 16 rows: fp8_gemm's kernel quantising x (QUANT_A); else two launches
+        "fp8_gemm:act_quant_gemm",
+        {
+            "chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"), "weight_format": ("fp8", "fp4"),
+            "out_dtype": _FLOAT, "scale_dtype": _SCALES,
+        },
+        False,
+    ),
     "moe_gate": (  # fp32 math, top_k <= 8; group-limited routing stays on the reference
         "moe_gate:moe_gate",
         {

@@ -173,13 +173,19 @@ def launch_grid(config: GemmConfig, m: int, n: int, device: torch.device) -> tup
 
 
 def launch(
-    kernel, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
+    kernel, a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
     config: GemmConfig,
 ) -> torch.Tensor:
     """Run a block-scaled GEMM kernel with an explicit config into ``out`` [M, N]; returns ``out``.
 
     Both kernels take (A, sA, B, sB, C, workspace, M, N, K, strides) and e8m0 weight scales as bytes.
+    ``a_scale`` None (the FP8 kernel only): ``a`` holds float rows, FP8-quantised in the kernel
+    (``QUANT_A``).
     """
+    options = {}
+    if a_scale is None:
+        options["QUANT_A"] = True
+        a_scale = a.as_strided((0, 0), (0, 0))  # never read: a pointer and strides to pass
     m, k = a.shape
     n = b.shape[0]
     if config.split_k > 1 and config.split_k * m * n >= 2**31:  # workspace offsets are int32
@@ -189,7 +195,8 @@ def launch(
         b_scale = b_scale.view(torch.uint8)
     partial, counters = split_k_workspace(config, m, n, a.device)
     a_arg, b_arg = (_descriptor(a, config.block_m), _descriptor(b, config.block_n)) if config.tma else (a, b)
-    options = {"TMA": True} if config.tma else {}  # only the fp8 kernel has a TMA path
+    if config.tma:  # only the fp8 kernel has a TMA path
+        options["TMA"] = True
     if config.fp4_mx and e8m0 and "MX" in kernel.arg_names:  # the FP4 kernel's microscaling form
         options["MX"] = True
     if config.persistent:

@@ -22,7 +22,10 @@ from ._cache_keys import settle_cache_keys
 from ._gemm import (
     ConfigTable, GemmConfig, decode_e8m0, gemm, k_block_range, launch, store_tile, tile_coords, tma_ready,
 )
+from ._numerics import fp8_quantize_tiles
 from ._pdl import wait_for_prior_grid
+from .fp4_gemm import fp4_gemm
+from .quant import fp8_act_quant
 
 SM90_CONFIGS: ConfigTable = {
     (1, 1024, 4096): GemmConfig(16, 64, 4, 5, 8, 8),  # q_a 10.1 us
@@ -78,9 +81,9 @@ CONFIGS = {"sm90": SM90_CONFIGS}
 
 
 @triton.jit
-def _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0: tl.constexpr, ONE_SCALE_BLOCK: tl.constexpr):
-    """sA[m, kb] * sB[n // 128, kb] for the tile: [BLOCK_M, 1] when one sB covers it, else [BLOCK_M, BLOCK_N]."""
-    a_scale = tl.load(a_scale_ptrs)
+def _scale_tile(a_scale, b_scale_ptrs, B_SCALE_E8M0: tl.constexpr, ONE_SCALE_BLOCK: tl.constexpr):
+    """sA[m, kb] * sB[n // 128, kb] for the tile (a_scale: the rows' [BLOCK_M] sA): [BLOCK_M, 1]
+    when one sB covers it, else [BLOCK_M, BLOCK_N]."""
     b_scale = tl.load(b_scale_ptrs)
     if B_SCALE_E8M0:
         b_scale = decode_e8m0(b_scale)
@@ -100,9 +103,11 @@ def _fp8_gemm_kernel(
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False, PDL: tl.constexpr = False,
+    QUANT_A: tl.constexpr = False,
 ):
     """:func:`_fp8_gemm_tile` for this program's (tile, K split), or, PERSISTENT, for work items
-    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``)."""
+    program_id, program_id + programs, ... of tiles x SPLIT_K (``tile = w % tiles``, ``split = w // tiles``).
+    QUANT_A: A holds float rows, quantised here (see :func:`_fp8_gemm_tile`); a_scale is unused."""
     wait_for_prior_grid(PDL)
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -110,13 +115,13 @@ def _fp8_gemm_kernel(
             _fp8_gemm_tile(
                 w % tiles, w // tiles, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr,
                 M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
+                stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA, QUANT_A,
             )
     else:
         _fp8_gemm_tile(
             tl.program_id(0), tl.program_id(1), a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
             counter_ptr, M, N, K, stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA,
+            stride_bsk, stride_cm, stride_cn, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, B_SCALE_E8M0, TMA, QUANT_A,
         )
 
 
@@ -128,10 +133,12 @@ def _fp8_gemm_tile(
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr,
+    B_SCALE_E8M0: tl.constexpr, TMA: tl.constexpr, QUANT_A: tl.constexpr,
 ):
     """C[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sA[m, kb] * sB[n // 128, kb] for output tile ``tile``
-    (in GROUP_M order), K blocks of split ``pid_k``."""
+    (in GROUP_M order), K blocks of split ``pid_k``. QUANT_A: A holds float rows (bf16/fp16/fp32)
+    whose 1x128 blocks are quantised as they load, as ``fp8_act_quant`` quantises them (the same
+    :func:`fp8_quantize_tiles`, ue8m0): the codes and scales the two-launch form would read."""
     pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     kb_lo, kb_hi = k_block_range(K, pid_k, SPLIT_K, 128)
     rows_a = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
@@ -157,8 +164,12 @@ def _fp8_gemm_tile(
             b = tl.load(b_ptrs)
             a_ptrs += 128 * stride_ak
             b_ptrs += 128 * stride_bk
-        acc += tl.dot(a, b) * _scale_tile(a_scale_ptrs, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
-        a_scale_ptrs += stride_ask
+        if QUANT_A:
+            a, a_scale = fp8_quantize_tiles(a.to(tl.float32), True)
+        else:
+            a_scale = tl.load(a_scale_ptrs)
+            a_scale_ptrs += stride_ask
+        acc += tl.dot(a, b) * _scale_tile(a_scale, b_scale_ptrs, B_SCALE_E8M0, ONE_SCALE_BLOCK)
         b_scale_ptrs += stride_bsk
     store_tile(acc, c_ptr, partial_ptr, counter_ptr, pid_m, pid_n, pid_k, M, N, stride_cm, stride_cn,
                BLOCK_M, BLOCK_N, SPLIT_K)
@@ -201,6 +212,39 @@ def fp8_gemm(
     ``C[m, n] = sum_kb (sum_{k in kb} A[m, k] B[n, k]) * sA[m, kb] * sB[n // 128, kb]``
     """
     return gemm(launch_fp8_gemm, CONFIGS, a, a_scale, b, b_scale, out_dtype)
+
+
+FUSED_QUANT_ROWS = 16
+"""Up to this many rows (a decode step's) :func:`act_quant_gemm` quantises x inside the FP8 GEMM;
+above it each of the N / BLOCK_N column tiles would quantise the same rows again, and one
+``fp8_act_quant`` launch before the GEMM quantises them once."""
+
+
+def _launch_quantising(
+    x: torch.Tensor, a_scale: None, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, config: GemmConfig,
+) -> torch.Tensor:
+    """The Triton kernel on float rows x, quantised as they load (``QUANT_A``), with ``config``'s
+    tiles and K splits loaded through pointers (a TMA box of fp32 rows would be 512 bytes wide)."""
+    config = dataclasses.replace(config, tma=False, pingpong=False)
+    return launch(_fp8_gemm_kernel, x, a_scale, b, b_scale, out, config)
+
+
+def act_quant_gemm(
+    x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x's FP8 1x128 tiles (ue8m0) times quantised weights, ``fp8_gemm(*fp8_act_quant(x), ...)``
+    for e4m3 b or ``fp4_gemm(...)`` for packed e2m1 b.
+
+    x: [M, K] bf16/fp16/fp32 (fp64: two launches), b: [N, K] e4m3 with [ceil(N/128), K/128]
+    scales or [N, K/2] uint8 with [N, K/32] scales -> [M, N] bf16 (or out_dtype fp32).
+
+    Up to :data:`FUSED_QUANT_ROWS` rows with FP8 weights, one launch: the GEMM quantises x's
+    blocks as it loads them, the same codes and scales as ``fp8_act_quant``'s, so the same bits
+    as the two launches. Otherwise ``fp8_act_quant`` then the GEMM.
+    """
+    if b.dtype == torch.uint8 or x.dtype == torch.float64 or x.shape[0] > FUSED_QUANT_ROWS:
+        return (fp4_gemm if b.dtype == torch.uint8 else fp8_gemm)(*fp8_act_quant(x), b, b_scale, out_dtype)
+    return gemm(_launch_quantising, CONFIGS, x, None, b, b_scale, out_dtype)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)
