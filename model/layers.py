@@ -28,8 +28,9 @@ class Linear(nn.Module):
     """``y = x W^T`` for W [out, in] stored dense (bf16/fp32), FP8 e4m3 with 128x128 block scales
     (``scale``: [ceil(out/128), in/128]) or FP4 e2m1 (uint8 [out, in/2], ``scale``: [out, in/32]).
 
-    Quantised weights quantise x to FP8 in 1x128 tiles first (``fp8_act_quant``), as the official
-    inference code does, then run ``fp8_gemm`` / ``fp4_gemm``; the output takes x's dtype.
+    Quantised weights quantise x to FP8 in 1x128 tiles first, as the official inference code does,
+    then run the GEMM of their format: one ``act_quant_gemm`` (``fp8_gemm`` / ``fp4_gemm`` on
+    ``fp8_act_quant``'s tiles, which a kernel may form inside the GEMM); the output takes x's dtype.
     ``reader`` names the op that reads a quantised weight where it is not one of those (the
     attention's wo_a, read by ``grouped_linear``): the key of a plan's ``weight_conversions``.
     """
@@ -81,10 +82,11 @@ def linear(
     fmt = weight_format(weight)
     if fmt == "dense":
         return nn.functional.linear(x, weight.to(x.dtype))
-    q, s = quantized if quantized is not None else ops.fp8_act_quant(x.reshape(-1, x.shape[-1]))
-    gemm = ops.fp8_gemm if fmt == "fp8" else ops.fp4_gemm
     out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
-    y = gemm(q, s, weight, scale, out_dtype)
+    if quantized is None:
+        y = ops.act_quant_gemm(x.reshape(-1, x.shape[-1]), weight, scale, out_dtype)
+    else:
+        y = (ops.fp8_gemm if fmt == "fp8" else ops.fp4_gemm)(*quantized, weight, scale, out_dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 

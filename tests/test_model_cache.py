@@ -188,12 +188,12 @@ def test_stacked_linears_run_one_by_one_where_they_cannot_share_a_matrix():
     not stacked: the products are the Linears' own."""
     from types import SimpleNamespace
 
-    from seahal.backends.cpu.reference.gemm import fp8_gemm
+    from seahal.backends.cpu.reference.gemm import act_quant_gemm, fp8_gemm
     from seahal.backends.cpu.reference.quant import fp8_act_quant
     from seahal.model.convert import quantize_fp8_blocks
     from seahal.model.layers import Linear, StackedLinears
 
-    ops = SimpleNamespace(fp8_gemm=fp8_gemm, fp8_act_quant=fp8_act_quant)
+    ops = SimpleNamespace(act_quant_gemm=act_quant_gemm, fp8_gemm=fp8_gemm, fp8_act_quant=fp8_act_quant)
     gen = torch.Generator().manual_seed(9)
     linears = [Linear(256, rows, ops) for rows in (96, 128)]
     for lin in linears:

@@ -157,7 +157,7 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
     wo_a = model.layers[0].attn.wo_a.weight  # FP8 in the release layout, unless the plan dequantises it at load
     assert select("grouped_linear", {"weight": wo_a}).name in called
     if packed:  # the FP8 KV records are attended as stored: nothing decodes the cache
-        assert {"fp8_act_quant", "fp8_gemm", "kv_cache_pack"} <= hal_ops
+        assert {"act_quant_gemm", "fp8_act_quant", "fp8_gemm", "kv_cache_pack"} <= hal_ops
         assert "hadamard_rotate" in hal_ops and "hadamard_rotate" in decode.hal_nodes  # the indexer's FP4 rounding
         assert "index_key_pack" in hal_ops and "index_key_pack" in decode.hal_nodes  # the index-key records
         key_format = OVERRIDES[variant].get("index_cache_format", "fp4")
