@@ -379,12 +379,20 @@ def test_gpu_only_modules_rows_convert_to_the_common_schema(monkeypatch):
 
     gemm = {"op": "fp8_gemm", "shape": "wo_b", "N": 4096, "K": 8192, "M": 4096, "bytes": 2e8, "err": 3e-3,
             "config": {}, "us": 200.0, "cublas_block_us": 220.0, "bf16_us": 400.0}
-    monkeypatch.setattr(cuda_gemm, "run", lambda ops, quick: [gemm])
-    (row,) = cuda_gemm.rows(["fp8_gemm"], GPU, quick=True)
+    # a decode row also times act_quant_gemm's two forms: x quantised in the GEMM, and in a launch of its own
+    decode = {**gemm, "M": 1, "bytes": 3.4e7, "us": 20.0, "quantising_us": 20.5, "quantising_err": 3e-3,
+              "quant_then_gemm_us": 23.0, "quant_then_gemm_err": 3e-3}
+    monkeypatch.setattr(cuda_gemm, "run", lambda ops, quick: [gemm, decode])
+    row, decode_row = cuda_gemm.rows(["fp8_gemm"], GPU, quick=True)
     assert row["tflops"] == pytest.approx(2 * 4096 * 4096 * 8192 / 200.0 / 1e6)
     assert row["fraction_of_limit"] == pytest.approx(2 * 4096 * 4096 * 8192 / 1979e6 / 200.0)
     assert set(row["peer"]) == {"cublas_blockwise", "bf16_matmul"} and row["speedup"] == pytest.approx(1.1)
-    assert row["check"] == {"err": 3e-3, "passed": True}
+    assert row["check"] == {"err": 3e-3, "passed": True} and "variant" not in row
+    variants = decode_row["variant"]
+    assert set(variants) == set(cuda_gemm.QUANTISING_VARIANTS.values())
+    fused = variants[cuda_gemm.QUANTISING_VARIANTS["quantising"]]
+    assert fused["us"] == 20.5 and fused["gbps"] == pytest.approx(3.4e7 / 20.5 / 1e3) and fused["check"]["passed"]
+    assert variants[cuda_gemm.QUANTISING_VARIANTS["quant_then_gemm"]]["us"] == 23.0
 
     gate = {"row": "full", "T": 16384, "bytes": 1.6e7, "same_indices": 0.5, "us": 10.0, "peer_us": 100.0}
     monkeypatch.setattr(cuda_moe_gate, "run", lambda quick: [gate])

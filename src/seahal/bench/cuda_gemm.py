@@ -236,6 +236,34 @@ def _peer(name: str, make: Callable, ref, quick: bool, check: bool, row: dict) -
         row[name + "_note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
+def _fused_quant_rows() -> int:
+    from seahal.backends.cuda.fp8_gemm import FUSED_QUANT_ROWS
+
+    return FUSED_QUANT_ROWS
+
+
+QUANTISING_VARIANTS = {"quantising": "x quantised in the GEMM (act_quant_gemm)",
+                       "quant_then_gemm": "fp8_act_quant then the GEMM (two launches)"}
+"""Row keys -> names of the two forms of ``act_quant_gemm`` an fp8_gemm decode row also times."""
+
+
+def _quantising_variants(a, a_scale, b, b_scale, config, ref, quick: bool, row: dict) -> None:
+    """Time ``act_quant_gemm``'s two forms on bf16 rows x whose FP8 tiles carry A's values (codes
+    times power-of-two scales, exact in bf16), under the row's config: its one launch (the GEMM
+    quantising x's blocks as it loads them) and ``fp8_act_quant``'s launch then the GEMM's. Both
+    are checked against the row's reference; what the fusion saves is their difference."""
+    from seahal.backends.cuda import fp8_gemm
+    from seahal.backends.cuda.quant import fp8_act_quant
+    from seahal.hal.formats import fp8_dequantize
+
+    x = fp8_dequantize(a, a_scale, 128, torch.bfloat16)
+    out_q, out_2 = (torch.empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16, device=a.device) for _ in range(2))
+    _peer("quantising", lambda: (lambda: fp8_gemm._launch_quantising(x, None, b, b_scale, out_q, config)), ref, quick,
+          True, row)
+    _peer("quant_then_gemm", lambda: (lambda: fp8_gemm.launch_fp8_gemm(*fp8_act_quant(x), b, b_scale, out_2, config)),
+          ref, quick, True, row)
+
+
 # -- one row ----------------------------------------------------------------------------------
 def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: bool) -> dict:
     from seahal.backends.cuda._gemm import GemmConfig, select_config
@@ -270,6 +298,8 @@ def bench_row(op: str, name: str, n: int, k: int, m: int, quick: bool, tune: boo
                   quick, True, row)
         _peer("cublas_block", lambda: cublas_blockwise(a, a_scale, b, b_scale), ref, quick, True, row)
         _peer("cublas_row", lambda: cublas_rowwise(a, b), ref, quick, False, row)
+        if m <= _fused_quant_rows():
+            _quantising_variants(a, a_scale, b, b_scale, config, ref, quick, row)
     else:  # the chosen config in the other FP4 form (tl.dot_scaled <-> bf16 decode; fp4_mx in GemmConfig)
         other = replace(config, fp4_mx=not config.fp4_mx)
         out_other = torch.empty_like(out)
@@ -305,6 +335,8 @@ def format_table(rows: list[dict]) -> str:
             cfg += f" (other FP4 form: {r['other_form_us']:.1f} us)"
         if r.get("pingpong_us"):
             cfg += f" (pingpong 128x128: {r['pingpong_us']:.1f} us)"
+        if r.get("quantising_us"):
+            cfg += f" (x quantised in the GEMM: {r['quantising_us']:.1f} us; two launches: {_fmt(r.get('quant_then_gemm_us'), '.1f')} us)"
         lines.append(
             f"{r['op'][:8]:8} {r['shape']:10} {r['M']:>5} {_fmt(r['us'], '8.1f')} {_fmt(r['tflops'], '8.1f')} "
             f"{_fmt(r['gbps'], '6.0f')} {_fmt(100 * r['frac_fp8_peak'], '5.1f')} {_fmt(100 * r['frac_hbm'], '5.1f')} "
@@ -399,7 +431,7 @@ _PEERS = {
 
 def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
     """:func:`run`'s rows (its own table printed too) in the common schema of ``seahal bench``."""
-    from seahal.bench.common import Case, new_row, record
+    from seahal.bench.common import Case, figures, new_row, record
 
     out = []
     for r in run(ops, quick=quick):
@@ -407,6 +439,10 @@ def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
                     PEAK_FP8_TFLOPS, params={"M": r["M"], "N": r["N"], "K": r["K"], "config": r["config"]})
         row = new_row(case, "triton")
         row["check"] = {"err": r["err"], "passed": r["err"] <= MAX_REL_ERR}
+        for key, name in QUANTISING_VARIANTS.items():
+            if r.get(key + "_us"):
+                row.setdefault("variant", {})[name] = {"check": {"err": r[key + "_err"], "passed": True},
+                                                       **figures(case, r[key + "_us"])}
         out.append(record(row, case, r["us"], {name: r[key] for name, key in _PEERS.items() if r.get(key)}))
     return out
 
