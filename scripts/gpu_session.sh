@@ -61,7 +61,7 @@ STEPS=(
   "bench-decode|200|\$PYTHON -m seahal.testing.triton_precompile bench --ops sparse_attention,indexer,grouped_linear && \$PYTHON -m seahal bench --backend cuda --ops sparse_attention,indexer,grouped_linear --json \$RESULTS/bench-decode.json"
   "bench-mhc-compress|90|\$PYTHON -m seahal.testing.triton_precompile bench --ops mhc,rms_norm_rope,kv_compress && \$PYTHON -m seahal bench --backend cuda --ops mhc,rms_norm_rope,kv_compress,hadamard_rotate --json \$RESULTS/bench-mhc-compress.json"
   "pytest-gpu|200|SEAHAL_CUDA_UNVERIFIED=1 \$PYTHON -m pytest -q -rfE -p no:cacheprovider \$(xdist_args) \$(timeout_args) -k 'not test_under_interpreter and (not test_decode_graph or on_a_gpu)' --deselect tests/test_cuda_compile.py tests/test_cuda_*.py tests/test_decode_graph.py"
-  "bench-gemm|90|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
+  "bench-gemm|120|\$PYTHON -m seahal bench --backend cuda --ops fp4_gemm,fp8_gemm --json \$RESULTS/bench-gemm.json"
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is

@@ -382,8 +382,11 @@ def test_gpu_only_modules_rows_convert_to_the_common_schema(monkeypatch):
     # a decode row also times act_quant_gemm's two forms: x quantised in the GEMM, and in a launch of its own
     decode = {**gemm, "M": 1, "bytes": 3.4e7, "us": 20.0, "quantising_us": 20.5, "quantising_err": 3e-3,
               "quant_then_gemm_us": 23.0, "quant_then_gemm_err": 3e-3}
-    monkeypatch.setattr(cuda_gemm, "run", lambda ops, quick: [gemm, decode])
-    row, decode_row = cuda_gemm.rows(["fp8_gemm"], GPU, quick=True)
+    monkeypatch.setattr(cuda_gemm, "run", lambda ops, quick, on_row: [on_row(r) for r in (gemm, decode)])
+    handed_on = []
+    with common.on_each_row(handed_on.append):
+        row, decode_row = cuda_gemm.rows(["fp8_gemm"], GPU, quick=True)
+    assert handed_on == [row, decode_row]  # each as it is measured: a cut run's JSON keeps it
     assert row["tflops"] == pytest.approx(2 * 4096 * 4096 * 8192 / 200.0 / 1e6)
     assert row["fraction_of_limit"] == pytest.approx(2 * 4096 * 4096 * 8192 / 1979e6 / 200.0)
     assert set(row["peer"]) == {"cublas_blockwise", "bf16_matmul"} and row["speedup"] == pytest.approx(1.1)

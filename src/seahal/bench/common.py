@@ -464,8 +464,9 @@ _ROW_HOOKS: list[Callable[[dict], None]] = []
 
 @contextlib.contextmanager
 def on_each_row(hook: Callable[[dict], None]) -> Iterator[None]:
-    """Within the block, :func:`measure_all` hands every row to ``hook`` as soon as it is measured
-    (``seahal bench --json`` keeps what a run cut short by a device session's limit measured)."""
+    """Within the block, every row :func:`measure_all` measures or a module hands to
+    :func:`row_measured` goes to ``hook`` at once (``seahal bench --json`` keeps what a run cut
+    short by a device session's limit measured)."""
     _ROW_HOOKS.append(hook)
     try:
         yield
@@ -493,9 +494,15 @@ def measure_all(cases: Iterable[Case], device: torch.device, quick: bool) -> lis
         r = rows[-1]
         print(f"{r['op']} {r['shape']}: {_fmt(r['us'], '.1f')} us, check {r['check']} {r.get('note', '')}"
               f"({time.perf_counter() - started:.1f} s)", flush=True)
-        for hook in _ROW_HOOKS:
-            hook(r)
+        row_measured(r)
     return rows
+
+
+def row_measured(row: dict) -> None:
+    """Hand ``row`` to the :func:`on_each_row` hooks (modules that measure their rows without
+    :func:`measure_all` call it for each row they make)."""
+    for hook in _ROW_HOOKS:
+        hook(row)
 
 
 # -- output ---------------------------------------------------------------------------------------

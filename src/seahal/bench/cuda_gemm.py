@@ -171,6 +171,10 @@ def _compile(op: str, config: dict, n: int, k: int) -> str:
         b, b_scale = fp8_weight(n, k, device) if op == "fp8_gemm" else fp4_weight(n, k, device)
         out = torch.empty((16, n), dtype=torch.bfloat16, device=device)
         _launcher(op)(a, a_scale, b, b_scale, out, GemmConfig(**config))
+        if op == "fp8_gemm" and config["block_m"] <= _fused_quant_rows():  # a decode row's quantising variant
+            from seahal.backends.cuda.fp8_gemm import _launch_quantising
+
+            _launch_quantising(a.to(torch.bfloat16), None, b, b_scale, out, GemmConfig(**config))
         torch.cuda.synchronize()
         return ""
     except Exception as exc:
@@ -389,8 +393,10 @@ def _configs_for(op: str, cases, tune: bool) -> list:
 
 
 def run(ops: list[str], quick: bool = False, tune: bool = False, json_path: str | None = None,
-        shapes: list[str] | None = None, write_tables: bool = False) -> list[dict]:
-    """Benchmark ``ops``; print the table last; write JSON to ``json_path`` (or $OUT) when given."""
+        shapes: list[str] | None = None, write_tables: bool = False,
+        on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Benchmark ``ops``; print the table last; write JSON to ``json_path`` (or $OUT) when given,
+    rewritten after every row; hand each row to ``on_row`` as soon as it is measured."""
     if not torch.cuda.is_available():
         raise SystemExit("seahal bench --backend cuda needs a CUDA device")
     import triton
@@ -398,20 +404,22 @@ def run(ops: list[str], quick: bool = False, tune: bool = False, json_path: str 
     env = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name(),
            "sms": torch.cuda.get_device_properties(0).multi_processor_count, "tune": tune, "quick": quick}
     rows: list[dict] = []
+    path = json_path or (os.path.join(os.environ["OUT"], "cuda_gemm.json") if os.environ.get("OUT") else None)
     for op in ops:
         cases = _cases(op, quick, shapes)
         precompile(op, _configs_for(op, cases, tune), *cases[0][1:3])
         for name, n, k, m in cases:
-                t0 = time.time()
-                row = bench_row(op, name, n, k, m, quick, tune)
-                rows.append(row)
-                print(f"{op} {name} M={m}: {row['us']:.1f} us, err {row['err']:.1e}, "
-                      f"cublas_block {row.get('cublas_block_us', row.get('cublas_block_note'))} "
-                      f"({time.time() - t0:.1f} s)", flush=True)
-    path = json_path or (os.path.join(os.environ["OUT"], "cuda_gemm.json") if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+            t0 = time.time()
+            row = bench_row(op, name, n, k, m, quick, tune)
+            rows.append(row)
+            print(f"{op} {name} M={m}: {row['us']:.1f} us, err {row['err']:.1e}, "
+                  f"cublas_block {row.get('cublas_block_us', row.get('cublas_block_note'))} "
+                  f"({time.time() - t0:.1f} s)", flush=True)
+            if path:  # after every row: a run cut at its time limit keeps what it measured
+                with open(path, "w") as f:
+                    json.dump({"env": env, "rows": rows}, f, indent=1)
+            if on_row is not None:
+                on_row(row)
     if tune and write_tables:
         for op in ops:
             print(f"tuned table written to {write_table(op, [r for r in rows if r['op'] == op])}")
@@ -429,21 +437,33 @@ _PEERS = {
 """Peer name in the common schema -> its key in this module's rows."""
 
 
-def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
-    """:func:`run`'s rows (its own table printed too) in the common schema of ``seahal bench``."""
+def common_row(r: dict) -> dict:
+    """One of :func:`run`'s rows in the common schema of ``seahal bench``."""
     from seahal.bench.common import Case, figures, new_row, record
 
-    out = []
-    for r in run(ops, quick=quick):
-        case = Case(r["op"], f"{r['shape']} M={r['M']} N={r['N']} K={r['K']}", 2 * r["M"] * r["N"] * r["K"], r["bytes"],
-                    PEAK_FP8_TFLOPS, params={"M": r["M"], "N": r["N"], "K": r["K"], "config": r["config"]})
-        row = new_row(case, "triton")
-        row["check"] = {"err": r["err"], "passed": r["err"] <= MAX_REL_ERR}
-        for key, name in QUANTISING_VARIANTS.items():
-            if r.get(key + "_us"):
-                row.setdefault("variant", {})[name] = {"check": {"err": r[key + "_err"], "passed": True},
-                                                       **figures(case, r[key + "_us"])}
-        out.append(record(row, case, r["us"], {name: r[key] for name, key in _PEERS.items() if r.get(key)}))
+    case = Case(r["op"], f"{r['shape']} M={r['M']} N={r['N']} K={r['K']}", 2 * r["M"] * r["N"] * r["K"], r["bytes"],
+                PEAK_FP8_TFLOPS, params={"M": r["M"], "N": r["N"], "K": r["K"], "config": r["config"]})
+    row = new_row(case, "triton")
+    row["check"] = {"err": r["err"], "passed": r["err"] <= MAX_REL_ERR}
+    for key, name in QUANTISING_VARIANTS.items():
+        if r.get(key + "_us"):
+            row.setdefault("variant", {})[name] = {"check": {"err": r[key + "_err"], "passed": True},
+                                                   **figures(case, r[key + "_us"])}
+    return record(row, case, r["us"], {name: r[key] for name, key in _PEERS.items() if r.get(key)})
+
+
+def rows(ops: list[str], device: torch.device, quick: bool) -> list[dict]:
+    """:func:`run`'s rows (its own table printed too) in the common schema of ``seahal bench``, each
+    handed on as it is measured (``common.on_each_row``: a run cut short keeps its rows)."""
+    from seahal.bench.common import row_measured
+
+    out: list[dict] = []
+
+    def measured(r: dict) -> None:
+        out.append(common_row(r))
+        row_measured(out[-1])
+
+    run(ops, quick=quick, on_row=measured)
     return out
 
 
