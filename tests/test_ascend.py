@@ -96,9 +96,10 @@ def test_conformance_on_the_emulation(soc):
     counts = report.counts()
     for op in ("moe_gate", "moe_experts", "sparse_attention"):
         assert counts[op]["pass"] >= 3, report.summary()
-    # chip capabilities: FP8 G-B GEMM, FP8 block quant (fp32 scales) and mHC on the 950 only,
-    # interleaved npu_rotary_mul on A2/A3 only; elsewhere every case is unsupported
-    for op, on_chip in (("fp8_gemm", A5), ("fp8_act_quant", A5), ("hc_pre", A5), ("hc_post", A5), ("rope", A2)):
+    # chip capabilities: FP8 G-B GEMM (and act_quant_gemm over it), FP8 block quant (fp32 scales)
+    # and mHC on the 950 only, interleaved npu_rotary_mul on A2/A3 only; elsewhere every case is unsupported
+    for op, on_chip in (("fp8_gemm", A5), ("act_quant_gemm", A5), ("fp8_act_quant", A5), ("hc_pre", A5),
+                        ("hc_post", A5), ("rope", A2)):
         if soc == on_chip:
             assert counts[op]["pass"] > 0, (op, report.summary())
         else:
