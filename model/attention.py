@@ -86,6 +86,16 @@ class Indexer(nn.Module):
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops)
         self.weights_proj = Linear(config.dim, self.n_heads, ops)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
+        self.register_buffer("weights_scale", None, persistent=False)
+        self.make_constants()
+
+    def make_constants(self, device: torch.device | None = None) -> None:
+        """The head weights' scale ``head_dim^-0.5 * n_heads^-0.5`` as a [1] fp32 tensor (on ``device``,
+        else the ambient one): a bf16 projection times it is the fp32 product of ``.float() * scale``
+        in one kernel (a 1-d tensor takes part in type promotion, a Python scalar does not)."""
+        device = device or torch.get_default_device()
+        scale = self.head_dim**-0.5 * self.n_heads**-0.5
+        self.weights_scale = torch.full((1,), scale, dtype=torch.float32, device=device)
 
     def forward(
         self, x: torch.Tensor, q: torch.Tensor, cache: LayerCache, step: StepPositions, freqs: torch.Tensor,
@@ -103,7 +113,8 @@ class Indexer(nn.Module):
             # FP4 key records round the rotated keys as the simulation would: rotating suffices
             fp4_records = self.config.index_key_format == "fp4"
             keys = self.ops.hadamard_rotate(keys, 0 if fp4_records else FP4_TILE)
-        weights = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        weights = self.weights_proj(x)  # the official weights_proj(x).float() * scale, in one kernel:
+        weights = (weights.float() if weights.dtype == torch.float64 else weights) * self.weights_scale
         stored = cache.store_index_keys(keys, step.entries_after(CSA_RATIO), step.memo)  # dense keys or packed records
         fmt, topk = self.config.index_key_format, self.config.index_topk
         if fmt == "dense":

@@ -25,7 +25,7 @@ from seahal.testing.triton_interpreter import require_triton
 
 DECODE_BUDGETS = {"decode": 125, "graph decode": 130}
 """Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph
-replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 118 and 122,
+replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 117 and 121,
 86 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of
 2026-11-26 (eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the
 shared expert's routing filled per step), then 252 eager and 284 in the graph; then position
@@ -49,11 +49,13 @@ layer's index rows masked without a scalar tensor, and a compressed entry's KV r
 through the store's view past the ring, so that it is the same row tensor as its index key's
 (138 and 142), and each attention's query heads and KV vector normalised and rotated in one op
 (``rms_norm_rope``: 130 and 134), and each linear's activation quantisation formed inside its FP8
-GEMM (``act_quant_gemm``: 118 and 122)."""
+GEMM (``act_quant_gemm``: 118 and 122), and a CSA indexer's head weights scaled in the kernel
+that widens them (117 and 121)."""
 PAIR_BUDGET = 65
 """Kernels each further pair of V4-Flash layers (a CSA and an HCA layer) may add to the graph decode
-step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 61, 50 of them HAL
-op calls (67 while each linear quantised its input in a launch of its own; 71 and 60 while the
+step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 60, 50 of them HAL
+op calls (61 while the indexer's head weights were widened and scaled in two kernels, 67 while each
+linear quantised its input in a launch of its own; 71 and 60 while the
 norms of the query heads and the KV vector were ops apart from their RoPE); 120 when every layer made its own ring slots, entry counts, cache write rows and (HCA)
 index rows, 90 while the FP4 key records were packed in torch, 85 while each of its three
 compressed-row writes (CSA entries and index keys, HCA entries) was a gather, select and scatter,

@@ -405,3 +405,32 @@ def test_rows_and_truncated_views_write_into_the_cache(checkpoint):
     assert view.layers[2].kv.data.data_ptr() == cache.layers[2].kv.data.data_ptr()
     with pytest.raises(ValueError, match=r"tokens must be in \[1, 64\], got 65"):
         cache.truncated(65)
+
+
+def test_indexer_head_weights_are_the_official_fp32_product(checkpoint):
+    """The indexer scores with ``weights_proj(x).float() * head_dim^-0.5 * n_heads^-0.5`` (the
+    official code's fp32 product), formed in one kernel from the [1] fp32 scale constant: bit for
+    bit the two-step product, in the call the model makes."""
+    from types import SimpleNamespace
+
+    from seahal.model.attention import Indexer
+
+    model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False, cache_format="fp8")
+    indexer = next(m for m in model.modules() if isinstance(m, Indexer))
+    seen = {}
+
+    def keep_input(module, args, out) -> None:  # (a hook's non-None result would replace the output)
+        seen["x"] = args[0]
+
+    indexer.weights_proj.register_forward_hook(keep_input)
+    ops = indexer.ops
+
+    def indexer_topk_packed(q, weights, *args):
+        seen["weights"] = weights
+        return ops.indexer_topk_packed(q, weights, *args)
+
+    indexer.ops = SimpleNamespace(**{**vars(ops), "indexer_topk_packed": indexer_topk_packed})
+    model(torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(7)), cache=model.new_cache(2, 48))
+    scale = indexer.head_dim**-0.5 * indexer.n_heads**-0.5
+    expected = indexer.weights_proj(seen["x"]).float() * scale
+    assert seen["weights"].dtype == torch.float32 and torch.equal(seen["weights"], expected)
