@@ -5,10 +5,11 @@ moe_experts (``moe_gen_idx`` -> ``group_gemm`` x2 -> ``moe_combine_result``), fp
 (``scaled_matmul``), kv_compress (``fused_compress_multi_kv``), sparse_attention
 (``single_query_cached_kv_attn`` with ``learnable_sink``), hc_pre (``hc_split_sinkhorn``),
 hc_post (``fused_mhc_post``) and rope (``apply_rotary``, forward and inverse; rms_norm_rope too, after
-the portable norm; act_quant_gemm is the portable quantisation then fp8_gemm). Every other op, and every call a tmo function cannot take, runs on
-the portable reference (pure torch, device-resident, no host sync). tmo is called with keywords
-only, checked against the version-pinned table in :mod:`.signatures`; a tmo release the table does
-not pin is refused (portable path), with the reason in the plan and ``seahal info``.
+the portable norm), and act_quant_gemm as the portable quantisation then fp8_gemm. Every other op,
+and every call a tmo function cannot take, runs on the portable reference (pure torch,
+device-resident, no host sync). tmo is called with keywords only, checked against the
+version-pinned table in :mod:`.signatures`; a tmo release the table does not pin is refused
+(portable path), with the reason in the plan and ``seahal info``.
 
 Not verified on hardware: no Cambricon chip is reachable where seahal is developed. The tests run
 these kernels against an emulation of torch_mlu/torch_mlu_ops written from Cambricon's docs.
