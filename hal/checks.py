@@ -154,3 +154,10 @@ E8M0 = (E8M0_DTYPE,) if E8M0_DTYPE is not None else ()
 SCALES = (torch.float32,) + E8M0
 """Block scales: fp32 (any value, or powers of two for ue8m0) or the raw e8m0 exponent byte."""
 INDEX = (torch.int32, torch.int64)
+
+
+def check_norm_parameters(c: Contract, weight: object, eps: object) -> None:
+    """An RMSNorm's weight ([D] fp32/fp64, or None; D bound by x) and eps (a float >= 0): the
+    ``rms_norm`` and ``rms_norm_rope`` contracts."""
+    c.optional("weight", weight, ["D"], (torch.float32, torch.float64))
+    c.require(isinstance(eps, float) and eps >= 0.0, f"eps must be a float >= 0, got {eps!r}")

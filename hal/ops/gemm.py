@@ -33,6 +33,14 @@ def _fp4_weights(c: Contract, b: torch.Tensor, b_scale: torch.Tensor) -> None:
     c.tensor("b_scale", b_scale, ["N", c.dims["K"] // 32], SCALES)
 
 
+def _quantised_product(op: str, a, a_scale, b, b_scale, out_dtype, weights) -> Out:
+    """The contract of a GEMM of FP8 activations ``a`` [M, K] with ``weights``' format: C [M, N]."""
+    c = Contract(op)
+    _activation(c, a, a_scale)
+    weights(c, b, b_scale)
+    return Out((c.dims["M"], c.dims["N"]), _out_dtype(c, out_dtype))
+
+
 @define_op(
     "fp8_gemm",
     family="gemm",
@@ -47,10 +55,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=None):
 
     ``C[m, n] = sum_kb sA[m, kb] * sB[n // 128, kb] * sum_{k in kb} A[m, k] * B[n, k]``
     """
-    c = Contract("fp8_gemm")
-    _activation(c, a, a_scale)
-    _fp8_weights(c, b, b_scale)
-    return Out((c.dims["M"], c.dims["N"]), _out_dtype(c, out_dtype))
+    return _quantised_product("fp8_gemm", a, a_scale, b, b_scale, out_dtype, _fp8_weights)
 
 
 @define_op(
@@ -69,10 +74,7 @@ def fp4_gemm(a, a_scale, b, b_scale, out_dtype=None):
 
     ``C[m, n] = sum_k A[m, k] sA[m, k/128] * e2m1(B[n, k]) sB[n, k/32]`` accumulated in fp32.
     """
-    c = Contract("fp4_gemm")
-    _activation(c, a, a_scale)
-    _fp4_weights(c, b, b_scale)
-    return Out((c.dims["M"], c.dims["N"]), _out_dtype(c, out_dtype))
+    return _quantised_product("fp4_gemm", a, a_scale, b, b_scale, out_dtype, _fp4_weights)
 
 
 @define_op(

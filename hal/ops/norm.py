@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..checks import FLOAT_HIGH, Contract
+from ..checks import FLOAT_HIGH, Contract, check_norm_parameters
 from ..spec import Out, define_op
 
 
@@ -20,6 +18,5 @@ def rms_norm(x, weight=None, eps=1e-6):
     c = Contract("rms_norm")
     c.tensor("x", x, None, FLOAT_HIGH, min_rank=1)
     c.dims["D"] = x.shape[-1]
-    c.optional("weight", weight, ["D"], (torch.float32, torch.float64))
-    c.require(isinstance(eps, float) and eps >= 0.0, f"eps must be a float >= 0, got {eps!r}")
+    check_norm_parameters(c, weight, eps)
     return Out(tuple(x.shape), x.dtype)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import INDEX, Contract
+from ..checks import INDEX, Contract, check_norm_parameters
 from ..spec import Out, define_op
 
 
@@ -89,7 +89,6 @@ def rms_norm_rope(x, weight, eps, positions, freqs):
     """
     c = Contract("rms_norm_rope")
     c.tensor("x", x, ["B", "S", "H", "D"], (torch.bfloat16, torch.float32, torch.float64))
-    c.optional("weight", weight, ["D"], (torch.float32, torch.float64))
-    c.require(isinstance(eps, float) and eps >= 0.0, f"eps must be a float >= 0, got {eps!r}")
+    check_norm_parameters(c, weight, eps)
     _check_rotation(c, positions, freqs)
     return Out(tuple(x.shape), x.dtype)
