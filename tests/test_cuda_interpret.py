@@ -140,7 +140,7 @@ def test_quantising_fp8_gemm_is_the_two_launches_bit_for_bit(kernels, block_m, b
     b, b_scale = _fp8_weight(n, k, gen)
     config = GemmConfig(block_m, block_n, 4, 2, split_k, tma=tma, persistent=persistent)
     fused, unfused = torch.full((m, n), float("nan")), torch.full((m, n), float("nan"))
-    fp8._launch_quantising(x, None, b, b_scale, fused, config)
+    fp8.launch_fp8_gemm(x, None, b, b_scale, fused, config)
     fp8.launch_fp8_gemm(*fp8_act_quant(x), b, b_scale, unfused, config)
     assert torch.equal(fused, unfused)
     assert _rel(fused, reference.act_quant_gemm(x, b, b_scale, torch.float32)) < FP32_TOL

@@ -182,14 +182,20 @@ PINGPONG_AVAILABLE = tuple(int(part) for part in triton.__version__.split(".")[:
 
 
 def launch_fp8_gemm(
-    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
+    a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor,
     config: GemmConfig,
 ) -> torch.Tensor:
     """:func:`fp8_gemm` into a given ``out`` with an explicit config (tuning, benchmarks, tests);
     ``config.pingpong`` runs the Gluon kernel of :mod:`.fp8_gemm_pingpong` (imported on first
     use), or, on a Triton older than its Gluon API (:data:`PINGPONG_TRITON`) or an ``out`` TMA
     cannot store to, the Triton kernel's 128-row TMA tiles, which form the same products and give
-    the same bits (``test_pingpong_gemm_is_the_triton_product``)."""
+    the same bits (``test_pingpong_gemm_is_the_triton_product``).
+
+    ``a_scale`` None: ``a`` holds float rows that the Triton kernel quantises as it loads them
+    (``QUANT_A``, :func:`act_quant_gemm`), with ``config``'s tiles and K splits loaded through
+    pointers (a TMA box of fp32 rows would be 512 bytes wide)."""
+    if a_scale is None:
+        config = dataclasses.replace(config, tma=False, pingpong=False)
     if config.pingpong:
         if PINGPONG_AVAILABLE and tma_ready(out):
             from .fp8_gemm_pingpong import launch_fp8_gemm_pingpong
@@ -220,15 +226,6 @@ above it each of the N / BLOCK_N column tiles would quantise the same rows again
 ``fp8_act_quant`` launch before the GEMM quantises them once."""
 
 
-def _launch_quantising(
-    x: torch.Tensor, a_scale: None, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, config: GemmConfig,
-) -> torch.Tensor:
-    """The Triton kernel on float rows x, quantised as they load (``QUANT_A``), with ``config``'s
-    tiles and K splits loaded through pointers (a TMA box of fp32 rows would be 512 bytes wide)."""
-    config = dataclasses.replace(config, tma=False, pingpong=False)
-    return launch(_fp8_gemm_kernel, x, a_scale, b, b_scale, out, config)
-
-
 def act_quant_gemm(
     x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -244,7 +241,7 @@ def act_quant_gemm(
     """
     if b.dtype == torch.uint8 or x.dtype == torch.float64 or x.shape[0] > FUSED_QUANT_ROWS:
         return (fp4_gemm if b.dtype == torch.uint8 else fp8_gemm)(*fp8_act_quant(x), b, b_scale, out_dtype)
-    return gemm(_launch_quantising, CONFIGS, x, None, b, b_scale, out_dtype)
+    return gemm(launch_fp8_gemm, CONFIGS, x, None, b, b_scale, out_dtype)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

@@ -172,9 +172,7 @@ def _compile(op: str, config: dict, n: int, k: int) -> str:
         out = torch.empty((16, n), dtype=torch.bfloat16, device=device)
         _launcher(op)(a, a_scale, b, b_scale, out, GemmConfig(**config))
         if op == "fp8_gemm" and config["block_m"] <= _fused_quant_rows():  # a decode row's quantising variant
-            from seahal.backends.cuda.fp8_gemm import _launch_quantising
-
-            _launch_quantising(a.to(torch.bfloat16), None, b, b_scale, out, GemmConfig(**config))
+            _launcher(op)(a.to(torch.bfloat16), None, b, b_scale, out, GemmConfig(**config))
         torch.cuda.synchronize()
         return ""
     except Exception as exc:
@@ -262,7 +260,7 @@ def _quantising_variants(a, a_scale, b, b_scale, config, ref, quick: bool, row: 
 
     x = fp8_dequantize(a, a_scale, 128, torch.bfloat16)
     out_q, out_2 = (torch.empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16, device=a.device) for _ in range(2))
-    _peer("quantising", lambda: (lambda: fp8_gemm._launch_quantising(x, None, b, b_scale, out_q, config)), ref, quick,
+    _peer("quantising", lambda: (lambda: fp8_gemm.launch_fp8_gemm(x, None, b, b_scale, out_q, config)), ref, quick,
           True, row)
     _peer("quant_then_gemm", lambda: (lambda: fp8_gemm.launch_fp8_gemm(*fp8_act_quant(x), b, b_scale, out_2, config)),
           ref, quick, True, row)
