@@ -152,17 +152,41 @@ def _vendor_calls(module, *names: str):
 
 def test_mhc_vendor_path_at_stream_geometry():
     """The generic mHC cases (D <= 32) are below npu_mhc_pre's D >= 512; these V4-like streams
-    (n = 4, D = 512) reach npu_mhc_pre -> npu_mhc_sinkhorn and npu_mhc_post on the 950."""
+    (n = 4, D = 512) reach npu_mhc_pre -> npu_mhc_sinkhorn and npu_mhc_post on the 950, hc_pre and
+    hc_head also with norm_weight (the portable RMSNorm after npu_mhc_pre, never its gamma)."""
     cases = [hc_case(f"{op} n=4 D=512", seed, op, b=1, s=3, d=512) for seed, op in enumerate(("hc_pre", "hc_head", "hc_post"))]
     cases.append(hc_case("hc_pre 7 Sinkhorn iterations", 3, "hc_pre", b=2, s=1, d=512, iters=7))
+    cases += [hc_case(f"{op} n=4 D=512 normed", 4 + seed, op, b=1, s=3, d=512, normed=True)
+              for seed, op in enumerate(("hc_pre", "hc_head"))]
     with emulated("torch_npu", backend="ascend", settings={"soc_version": A5}):
         from seahal.backends.ascend import mhc
 
         with _vendor_calls(mhc, "npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post") as calls:
             results = [run_case(targets("ascend", ops=[case.op])[0], case) for case in cases]
-    assert [r.status for r in results] == ["pass"] * 4, [r.detail for r in results]
-    assert [len(calls[name]) for name in ("npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post")] == [3, 2, 1]
-    assert [c["num_iters"] for c in calls["npu_mhc_sinkhorn"]] == [20, 7]
+    assert [r.status for r in results] == ["pass"] * 6, [r.detail for r in results]
+    assert [len(calls[name]) for name in ("npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post")] == [5, 3, 1]
+    assert [c["num_iters"] for c in calls["npu_mhc_sinkhorn"]] == [20, 7, 20]
+    assert all(c.get("gamma") is None for c in calls["npu_mhc_pre"])
+
+
+@pytest.mark.filterwarnings("ignore:seahal. ascend.torch_npu runs .* on the portable kernel:RuntimeWarning")
+def test_mhc_norm_weight_is_the_portable_rms_norm_of_the_vendor_collapse():
+    """hc_pre / hc_head with norm_weight equal rms_norm (the reference) of their own y without it,
+    bit for bit, on the vendor path and on the portable one (D = 512 and D = 32)."""
+    from seahal.backends.cpu.reference.norm import rms_norm
+
+    with emulated("torch_npu", backend="ascend", settings={"soc_version": A5}):
+        from seahal.backends.ascend import mhc
+
+        for op, kernel in (("hc_pre", mhc.hc_pre), ("hc_head", mhc.hc_head)):
+            for d in (512, 32):
+                *args, norm_weight = hc_case(f"{op} D={d}", d, op, b=1, s=2, d=d, normed=True).calls[0]
+                y = kernel(*args, norm_weight)
+                plain = kernel(*args)
+                if op == "hc_pre":
+                    assert all(torch.equal(a, b) for a, b in zip(y[1:], plain[1:])), (op, d)
+                    y, plain = y[0], plain[0]
+                assert torch.equal(y, rms_norm(plain, norm_weight, args[-1])), (op, d)
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,6 +87,26 @@ def test_fused_mhc_post_runs_at_its_documented_shape_and_matches_the_reference()
     torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8)
 
 
+@pytest.mark.filterwarnings("ignore:seahal. cambricon.tmo runs hc_pre on the portable kernel:RuntimeWarning")
+def test_hc_pre_norm_weight_is_the_portable_rms_norm_of_the_tmo_collapse():
+    """With norm_weight, hc_pre's y is rms_norm (the reference) of its y without it, bit for bit,
+    post and comb unchanged: on hc_split_sinkhorn (bf16, fp32 streams) and the portable path (fp64)."""
+    from seahal.backends.cpu.reference.norm import rms_norm
+    from seahal.testing.cases import hc_case
+
+    with mlu() as tmo_emulation:
+        from seahal.backends.cambricon import mhc
+
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            *args, norm_weight = hc_case("normed", 0, "hc_pre", d=64, dtype=dtype, normed=True).calls[0]
+            before = len(tmo_emulation._emulation.CALLS)
+            (y, post, comb), (plain, plain_post, plain_comb) = mhc.hc_pre(*args, norm_weight), mhc.hc_pre(*args)
+            tmo_calls = [c[0] for c in tmo_emulation._emulation.CALLS[before:]]
+            assert tmo_calls == ([] if dtype == torch.float64 else ["hc_split_sinkhorn"] * 2), dtype
+            assert torch.equal(post, plain_post) and torch.equal(comb, plain_comb), dtype
+            assert torch.equal(y, rms_norm(plain, norm_weight, args[-1])), dtype
+
+
 def test_rope_on_tmo_is_bit_exact_forward_and_inverse():
     """apply_rotary gets fp32 tables of the reference's own angles (negated for the inverse), so
     the rotation matches the CPU reference bit for bit; the caller's tensor is left untouched."""

@@ -7,6 +7,8 @@ FP8 KV records, FP4 indexer keys), also run with FP8 indexer keys (``fp8_keys``)
 (19 tokens) wraps the 16-slot window ring and completes CSA and HCA entries; one decode graph then
 runs every position up to the capacity (19..31), feeding its present cache back as past: it
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
+hc_pre and hc_head are also exported on their own, with and without norm_weight (the model calls
+one form only).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -24,12 +27,13 @@ pytest.importorskip("onnxscript")
 
 from onnx import inliner  # noqa: E402
 
+from seahal import hal  # noqa: E402
 from seahal.cli import main  # noqa: E402
 from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
 from seahal.model.tiny import TINY_CONFIG, random_tensors  # noqa: E402
-from seahal.onnx.export import MIN_TORCH, export_onnx, reference_model  # noqa: E402
-from seahal.onnx.functions import OPS, select  # noqa: E402
+from seahal.onnx.export import MIN_TORCH, _attach_functions, _translation, export_onnx, reference_model  # noqa: E402
+from seahal.onnx.functions import OPS, OPSET, select  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     torch.torch_version.TorchVersion(torch.__version__) < MIN_TORCH,
@@ -256,6 +260,52 @@ def test_inlined_graph_gives_the_same_outputs(release):
     plain = dict(zip(with_functions, session.run(None, feed)))
     for name, value in with_functions.items():
         np.testing.assert_allclose(plain[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+class _Collapses(nn.Module):
+    """hc_pre and hc_head, each with and without norm_weight, through a plan's ops."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, x, pre_fn, pre_base, pre_scale, head_fn, head_base, head_scale, norm_weight):
+        pre, head = (x, pre_fn, pre_base, pre_scale), (x, head_fn, head_base, head_scale)
+        normed = self.ops.hc_pre(*pre, 20, 1e-6, 1e-3, norm_weight)
+        plain = self.ops.hc_pre(*pre, 20, 1e-6, 1e-3)
+        return *normed, *plain, self.ops.hc_head(*head, 1e-6, 1e-3, norm_weight), self.ops.hc_head(*head, 1e-6, 1e-3)
+
+
+def test_hc_norm_weight_exports_the_normed_functions(tmp_path):
+    """hc_pre / hc_head traced with and without norm_weight become seahal::hc_pre_normed / hc_pre
+    and hc_head_normed / hc_head nodes (the translation selects by the traced arguments), and
+    onnxruntime's outputs match the CPU reference's. norm_eps (1e-3) is not eps: a swap shows."""
+    plan = hal.plan("cpu", ["hc_pre", "hc_head"], announce=False,
+                    environ={"SEAHAL_OPS": "hc_pre=cpu.reference,hc_head=cpu.reference"})
+    g = torch.Generator().manual_seed(5)
+    n, d, mixes = 4, 64, 24  # hc_pre: (2 + n) * n mixes
+    args = (
+        torch.randn(2, 3, n, d, generator=g),
+        torch.randn(mixes, n * d, generator=g) / d, torch.randn(mixes, generator=g), torch.rand(3, generator=g) + 0.5,
+        torch.randn(n, n * d, generator=g) / d, torch.randn(n, generator=g), torch.rand(1, generator=g) + 0.5,
+        torch.rand(d, generator=g) + 0.5,
+    )
+    module = _Collapses(plan)
+    program = torch.export.export(module, args)
+    table = {plan[op].torch_op: _translation(op, plan[op].torch_op) for op in ("hc_pre", "hc_head")}
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
+                                     optimize=False, verbose=False)
+    _attach_functions(onnx_program.model)
+    onnx_program.save(tmp_path / "collapses.onnx")
+    proto = onnx.load(tmp_path / "collapses.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    calls = [n.op_type for n in proto.graph.node if n.domain == "seahal"]
+    assert calls == ["hc_pre_normed", "hc_pre", "hc_head_normed", "hc_head"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+    names = ["y_normed", "post_normed", "comb_normed", "y", "post", "comb", "head_normed", "head"]
+    for name, actual, expected in zip(names, got, module(*args), strict=True):
+        _assert_close(actual, expected, DENSE_RTOL, name)
 
 
 def test_cli_exports_a_decode_step(release, tmp_path, capsys):

@@ -23,6 +23,7 @@ from seahal import hal
 from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import gemm as ref_gemm
 from seahal.backends.cpu.reference import indexer as ref_indexer
+from seahal.backends.cpu.reference import mhc as ref_mhc
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
 from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
@@ -338,6 +339,48 @@ def test_hadamard_rotate_of_random_values_is_within_the_tolerance_rule(dtype, n,
     (check,) = checks_for("hadamard_rotate", (x, fp4_block))
     verdict = check.check.compare(got, ref_quant.hadamard_rotate(x.double(), fp4_block))
     assert verdict.ok, verdict.detail
+
+
+def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("op", ["hc_pre", "hc_head"])
+def test_hc_norm_weight_normalises_the_rounded_collapse(op, dtype):
+    """hc_pre / hc_head with norm_weight select hc_pre_normed / hc_head_normed (the onnxruntime
+    backend passes it on): y becomes the rms_norm function of the plain function's y, which is
+    rounded to x's dtype first, bit for bit, with norm_eps; post and comb stay the plain ones bit
+    for bit. Both calls are held to the float64 CPU reference by the conformance rules (the normed
+    y by the collapse's bound carried through the norm). norm_eps (1e-3) differs from eps so that
+    swapping them shows."""
+    from seahal.backends.onnxruntime import kernels
+
+    g = torch.Generator().manual_seed(len(op) + dtype.itemsize)
+    n, d = 4, 64
+    mixes, scales = ((2 + n) * n, 3) if op == "hc_pre" else (n, 1)
+    x = torch.randn(2, 3, n, d, generator=g).to(dtype)
+    fn, base = torch.randn(mixes, n * d, generator=g) / d, torch.randn(mixes, generator=g)
+    scale, weight = torch.rand(scales, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
+    attributes = {"sinkhorn_iters": 20} if op == "hc_pre" else {}
+    attributes |= {"eps": 1e-6, "norm_eps": 1e-3}
+    assert F.select(op, {"norm_weight": None}).name == op
+    assert F.select(op, {"norm_weight": weight}).name == f"{op}_normed"
+    assert F.FUNCTIONS[f"{op}_normed"].inputs == ("x", "fn", "base", "scale", "norm_weight")
+
+    run, reference = getattr(kernels, op), getattr(ref_mhc, op)
+    plain = _as_tuple(run(x, fn, base, scale, **attributes))
+    normed = _as_tuple(run(x, fn, base, scale, **attributes, norm_weight=weight))
+    assert normed[0].dtype == dtype and normed[0].shape == plain[0].shape
+    assert torch.equal(_bits(normed[0]), _bits(kernels.rms_norm(plain[0], weight, attributes["norm_eps"])))
+    assert all(torch.equal(a, b) for a, b in zip(normed[1:], plain[1:], strict=True))
+
+    for got, norm_weight in ((plain, None), (normed, weight)):
+        call = (x, fn, base, scale, *attributes.values(), norm_weight)
+        want = _as_tuple(reference(x.double(), *call[1:]))
+        for check in checks_for(op, call):
+            verdict = check.check.compare(got[check.outputs], want[check.outputs])
+            assert verdict.ok, (norm_weight is not None, check.label, verdict.detail)
 
 
 def _index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:

@@ -7,12 +7,18 @@ stream entries, ``phi`` rows ordered pre | post | res, ``alpha`` = (pre, post, r
 ``H_pre = sigmoid(.) + hc_eps``, ``H_post = 2 sigmoid(.)``, ``h_in = sum_i H_pre_i x_i`` on the raw
 streams; Sinkhorn = softmax over the last dim + eps, a column normalisation, then ``num_iters - 1``
 row/column rounds, each sum + eps; ``y = H_res^T x + h_out H_post``.
+
+With ``norm_weight`` (the sub-layer's or the final RMSNorm folded into hc_pre / hc_head) the
+norm runs on the portable ``rms_norm`` after the vendor's collapse ``h_in``. ``npu_mhc_pre``'s
+``gamma`` keyword is not used for it: its documentation does not settle that it is this weight.
 """
 
 from __future__ import annotations
 
 import torch
 import torch_npu
+
+from seahal.backends.cpu.reference.norm import rms_norm
 
 from ._portable import portable
 
@@ -43,6 +49,11 @@ def _mhc_pre(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torc
     return h_in, h_post, h_res
 
 
+def _normed(y: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> torch.Tensor:
+    """The collapse ``y`` [B, S, D], or ``rms_norm(y, norm_weight, norm_eps)`` (portable) with a weight."""
+    return y if norm_weight is None else rms_norm(y, norm_weight, norm_eps)
+
+
 def hc_pre(
     x: torch.Tensor,
     fn: torch.Tensor,
@@ -51,24 +62,26 @@ def hc_pre(
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``hc_pre`` contract on ``npu_mhc_pre`` + ``npu_mhc_sinkhorn``.
 
-    x: [B, S, n, D] bf16, fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3] fp32
+    x: [B, S, n, D] bf16, fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3] fp32, norm_weight: [D] or None
     -> y [B, S, D] in x's dtype, post [B, S, n] fp32, comb [B, S, n, n] fp32, as
     ``h_in, h_post, h_res = npu_mhc_pre(x, phi=fn, alpha=scale, bias=base, *, norm_eps, hc_eps=eps)``
-    and ``comb = npu_mhc_sinkhorn(h_res, *, eps, num_iters=sinkhorn_iters)``. Streams outside the
+    and ``comb = npu_mhc_sinkhorn(h_res, *, eps, num_iters=sinkhorn_iters)``; with norm_weight
+    ``y = rms_norm(h_in, norm_weight, norm_eps)`` on the portable kernel. Streams outside the
     vendor's limits (fp32, n not 4/6/8, D not 512..16384 by 32, > 100 iterations) run the portable kernel.
     """
     beyond = _pre_limits(x)
     if beyond is None and sinkhorn_iters not in SINKHORN_ITERS:
         beyond = f"1..100 Sinkhorn iterations (got {sinkhorn_iters})"
     if beyond is not None:
-        args = (x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
+        args = (x, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight)
         return portable("hc_pre", f"npu_mhc_pre/npu_mhc_sinkhorn need {beyond}", *args)
     y, post, comb_logits = _mhc_pre(x, fn, scale, base, eps, norm_eps)
     comb, _, _ = torch_npu.npu_mhc_sinkhorn(comb_logits, eps=eps, num_iters=sinkhorn_iters, out_flag=0)
-    return y, post, comb
+    return _normed(y, norm_weight, norm_eps), post, comb
 
 
 def hc_head(
@@ -78,24 +91,28 @@ def hc_head(
     scale: torch.Tensor,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``hc_head`` contract on ``npu_mhc_pre``: its ``h_in`` with the post and res rows zero.
 
-    x: [B, S, n, D] bf16, fn: [n, n*D], base: [n], scale: [1] -> [B, S, D] in x's dtype.
+    x: [B, S, n, D] bf16, fn: [n, n*D], base: [n], scale: [1], norm_weight: [D] or None
+    -> [B, S, D] in x's dtype.
     ``phi = [fn; 0]`` ((2+n)*n rows), ``bias = [base; 0]``, ``alpha = (scale, 0, 0)``: the pre
     weights are hc_head's, the unused post/res outputs are discarded. The padded phi is built per
-    call ((2+n)*n x n*D fp32, once per forward at the head).
+    call ((2+n)*n x n*D fp32, once per forward at the head). With norm_weight (the final norm)
+    ``rms_norm(h_in, norm_weight, norm_eps)`` on the portable kernel.
     """
     beyond = _pre_limits(x)
     if beyond is not None:
-        return portable("hc_head", f"npu_mhc_pre needs {beyond}", x, fn, base, scale, eps, norm_eps)
+        args = (x, fn, base, scale, eps, norm_eps, norm_weight)
+        return portable("hc_head", f"npu_mhc_pre needs {beyond}", *args)
     n = x.shape[2]
     rows = (2 + n) * n
     phi = torch.cat((fn.float(), fn.new_zeros(rows - n, fn.shape[1], dtype=torch.float32)))
     bias = torch.cat((base.float(), base.new_zeros(rows - n, dtype=torch.float32)))
     alpha = torch.cat((scale.float(), scale.new_zeros(2, dtype=torch.float32)))
     y, _, _ = _mhc_pre(x, phi, alpha, bias, eps, norm_eps)
-    return y
+    return _normed(y, norm_weight, norm_eps)
 
 
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 hc_pre: the stream projection ``mixes = x_flat @ fn^T`` and its RMS factor are computed in torch
 (fp32) and handed to ``tmo.hc_split_sinkhorn(mixes, hc_scale, hc_base, pre_scale=rsqrt, hc_mult,
 sinkhorn_iter, eps)``, which applies the factor, splits pre/post/comb and runs Sinkhorn (vllm-mlu's
-DeepSeek-V4 ``HCPre``); the collapse ``y = sum_i pre_i x_i`` is torch again.
+DeepSeek-V4 ``HCPre``); the collapse ``y = sum_i pre_i x_i`` is torch again, and with ``norm_weight``
+(the sub-layer's RMSNorm folded in) the norm of that y runs on the portable ``rms_norm``.
 
 hc_post: ``tmo.fused_mhc_post(x=f, residual=x, post, comb, compute_rms=False, eps)`` computes
 ``post_j f + sum_i comb[i, j] x_i``. Its documented limitation is D = 4096 and four streams (the
@@ -13,6 +14,8 @@ V4-Flash shape); other shapes, and f in another dtype than the streams, run on t
 from __future__ import annotations
 
 import torch
+
+from seahal.backends.cpu.reference.norm import rms_norm
 
 from . import tmo
 from .route import portable
@@ -30,17 +33,19 @@ def hc_pre(
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collapse n streams, emit post and comb (contract: ``hal.ops.mhc.hc_pre``).
 
-    x: [B, S, n, D], fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3]
-    -> y [B, S, D] in x's dtype, post [B, S, n] fp32, comb [B, S, n, n] fp32.
+    x: [B, S, n, D], fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3], norm_weight: [D] or None
+    -> y [B, S, D] in x's dtype, post [B, S, n] fp32, comb [B, S, n, n] fp32; with norm_weight
+    ``y = rms_norm(sum_i pre_i x_i, norm_weight, norm_eps)`` on the portable kernel.
     """
     why = tmo.lacks("hc_split_sinkhorn")
     if x.dtype not in _DTYPES:
         why = f"{x.dtype} streams (tmo mHC takes fp32/bf16)"
     if why is not None:
-        return portable("hc_pre", why)(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
+        return portable("hc_pre", why)(x, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight)
     n = x.shape[2]
     flat = x.flatten(2).float()
     rsqrt = torch.rsqrt(flat.square().mean(-1) + norm_eps)
@@ -55,6 +60,8 @@ def hc_pre(
         eps=eps,
     )
     y = (pre.unsqueeze(-1) * flat.unflatten(-1, (n, -1))).sum(dim=2).to(x.dtype)
+    if norm_weight is not None:
+        y = rms_norm(y, norm_weight, norm_eps)
     return y, post.float(), comb.float()
 
 

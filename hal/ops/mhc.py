@@ -20,19 +20,22 @@ def _streams(c: Contract, x) -> None:
     family="mhc",
     schema=(
         "(Tensor x, Tensor fn, Tensor base, Tensor scale, int sinkhorn_iters=20, float eps=1e-6, "
-        "float norm_eps=1e-6) -> (Tensor, Tensor, Tensor)"
+        "float norm_eps=1e-6, Tensor? norm_weight=None) -> (Tensor, Tensor, Tensor)"
     ),
 )
-def hc_pre(x, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6):
+def hc_pre(x, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, norm_weight=None):
     """Collapse n residual streams into one sub-layer input; emit the post and mixing weights.
 
-    x: [B, S, n, D], fn: [(2+n)*n, n*D] fp32, base: [(2+n)*n] fp32, scale: [3] fp32
+    x: [B, S, n, D], fn: [(2+n)*n, n*D] fp32, base: [(2+n)*n] fp32, scale: [3] fp32,
+    norm_weight: [D] fp32 or None
     -> y: [B, S, D] in x's dtype, post: [B, S, n] fp32, comb: [B, S, n, n] fp32
 
     ``mix = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + norm_eps)``;
     ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps``; ``post_i = 2 sigmoid(mix_{n+i} scale_1 + base_{n+i})``;
     ``comb = Sinkhorn(mix_{2n+i*n+j} scale_2 + base_{2n+i*n+j})``: softmax over j, +eps, divide by
     column sums (+eps), then ``iters-1`` times rows then columns; ``y = sum_i pre_i x_i``.
+    With ``norm_weight`` y is the sub-layer's pre-norm of that sum:
+    ``y = rms_norm(sum_i pre_i x_i, norm_weight, norm_eps)``, the sum rounded to x's dtype first.
     """
     c = Contract("hc_pre")
     _streams(c, x)
@@ -41,6 +44,7 @@ def hc_pre(x, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6):
     c.tensor("base", base, [(2 + n) * n], PARAM_DTYPES)
     c.tensor("scale", scale, [3], PARAM_DTYPES)
     c.positive("sinkhorn_iters", sinkhorn_iters)
+    c.optional("norm_weight", norm_weight, ["D"], PARAM_DTYPES)
     b, s = c.dims["B"], c.dims["S"]
     return Out((b, s, d), x.dtype), Out((b, s, n), torch.float32), Out((b, s, n, n), torch.float32)
 
@@ -67,13 +71,18 @@ def hc_post(f, x, post, comb):
 @define_op(
     "hc_head",
     family="mhc",
-    schema="(Tensor x, Tensor fn, Tensor base, Tensor scale, float eps=1e-6, float norm_eps=1e-6) -> Tensor",
+    schema=(
+        "(Tensor x, Tensor fn, Tensor base, Tensor scale, float eps=1e-6, float norm_eps=1e-6, "
+        "Tensor? norm_weight=None) -> Tensor"
+    ),
 )
-def hc_head(x, fn, base, scale, eps=1e-6, norm_eps=1e-6):
+def hc_head(x, fn, base, scale, eps=1e-6, norm_eps=1e-6, norm_weight=None):
     """Collapse the streams before the final norm (no Sinkhorn, no post).
 
-    x: [B, S, n, D], fn: [n, n*D], base: [n], scale: [1] -> [B, S, D] in x's dtype;
-    ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps`` with mix as in hc_pre; ``y = sum_i pre_i x_i``.
+    x: [B, S, n, D], fn: [n, n*D], base: [n], scale: [1], norm_weight: [D] or None
+    -> [B, S, D] in x's dtype;
+    ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps`` with mix as in hc_pre; ``y = sum_i pre_i x_i``,
+    with ``norm_weight`` the final norm of it, ``rms_norm(y, norm_weight, norm_eps)``, as in hc_pre.
     """
     c = Contract("hc_head")
     _streams(c, x)
@@ -81,4 +90,5 @@ def hc_head(x, fn, base, scale, eps=1e-6, norm_eps=1e-6):
     c.tensor("fn", fn, [n, n * d], PARAM_DTYPES)
     c.tensor("base", base, [n], PARAM_DTYPES)
     c.tensor("scale", scale, [1], PARAM_DTYPES)
+    c.optional("norm_weight", norm_weight, ["D"], PARAM_DTYPES)
     return Out((c.dims["B"], c.dims["S"], d), x.dtype)

@@ -11,6 +11,8 @@ import torch
 
 from seahal.hal.formats import compute_dtype
 
+from .norm import rms_norm
+
 
 def _stream_mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """Projection of the normalised streams: ``mix = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + norm_eps)``.
@@ -32,9 +34,11 @@ def _pre_weights(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps
     return torch.sigmoid(_affine(mix, scale, base)) + eps
 
 
-def _collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """``y = sum_i pre_i x_i``: x: [B, S, n, D], pre: [B, S, n] -> [B, S, D] in x's dtype."""
-    return (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=2).to(x.dtype)
+def _collapse(x: torch.Tensor, pre: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> torch.Tensor:
+    """``y = sum_i pre_i x_i``: x: [B, S, n, D], pre: [B, S, n] -> [B, S, D] in x's dtype; with
+    norm_weight [D], ``rms_norm(y, norm_weight, norm_eps)`` of that rounded y."""
+    y = (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=2).to(x.dtype)
+    return y if norm_weight is None else rms_norm(y, norm_weight, norm_eps)
 
 
 def _sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -59,16 +63,17 @@ def hc_pre(
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collapse n streams into one sub-layer input; emit the post and mixing (comb) weights.
 
-    x: [B, S, n, D], fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3]
+    x: [B, S, n, D], fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3], norm_weight: [D] or None
     -> y: [B, S, D] in x's dtype, post: [B, S, n] fp32, comb: [B, S, n, n] fp32
 
     With mix from ``_stream_mix`` (index layout pre [0, n), post [n, 2n), comb [2n, 2n + n*n)):
     ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps``, ``post_i = 2 sigmoid(mix_{n+i} scale_1 + base_{n+i})``,
-    ``comb = Sinkhorn(mix_{2n+i*n+j} scale_2 + base_{2n+i*n+j})``, ``y = sum_i pre_i x_i``.
-    fp32 math (fp64 when x is fp64).
+    ``comb = Sinkhorn(mix_{2n+i*n+j} scale_2 + base_{2n+i*n+j})``, ``y = sum_i pre_i x_i``, with
+    norm_weight normalised as :func:`rms_norm` does (eps norm_eps). fp32 math (fp64 when x is fp64).
     """
     n = x.shape[2]
     mix = _stream_mix(x, fn, norm_eps)
@@ -76,7 +81,7 @@ def hc_pre(
     post = 2 * torch.sigmoid(_affine(mix[..., n : 2 * n], scale[1], base[n : 2 * n]))
     comb_logits = _affine(mix[..., 2 * n :], scale[2], base[2 * n :]).unflatten(-1, (n, n))
     comb = _sinkhorn(comb_logits, sinkhorn_iters, eps)
-    return _collapse(x, pre), post.to(torch.float32), comb.to(torch.float32)
+    return _collapse(x, pre, norm_weight, norm_eps), post.to(torch.float32), comb.to(torch.float32)
 
 
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -100,12 +105,15 @@ def hc_head(
     scale: torch.Tensor,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Collapse the n streams before the final norm: hc_pre's pre-weights only.
 
-    x: [B, S, n, D], fn: [n, n*D], base: [n], scale: [1] -> [B, S, D] in x's dtype
+    x: [B, S, n, D], fn: [n, n*D], base: [n], scale: [1], norm_weight: [D] or None
+    -> [B, S, D] in x's dtype
 
     ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps`` with mix from ``_stream_mix``;
-    ``y = sum_i pre_i x_i``. fp32 math (fp64 when x is fp64).
+    ``y = sum_i pre_i x_i`` (with norm_weight, the final norm of it, as in :func:`hc_pre`).
+    fp32 math (fp64 when x is fp64).
     """
-    return _collapse(x, _pre_weights(_stream_mix(x, fn, norm_eps), scale[0], base, eps))
+    return _collapse(x, _pre_weights(_stream_mix(x, fn, norm_eps), scale[0], base, eps), norm_weight, norm_eps)

@@ -15,7 +15,8 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``act_quant_gemm_fp8`` and ``act_quant_gemm_fp4`` (b's format: e4m3 or packed e2m1),
   ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
   argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
-  ``hadamard_rotate_fp4``.
+  ``hadamard_rotate_fp4``, ``hc_pre`` and ``hc_head`` (no ``norm_weight``), ``hc_pre_normed`` and
+  ``hc_head_normed``.
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
@@ -831,6 +832,15 @@ def hc_pre(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6, norm
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def hc_pre_normed(x, fn, base, scale, norm_weight, sinkhorn_iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
+    """hc_pre with the sub-layer's pre-norm: norm_weight [D] -> (y, post, comb) as :func:`hc_pre`,
+    with ``y = rms_norm(hc_pre's y, norm_weight, norm_eps)``: the sum rounded to x's dtype, then
+    ``y * rsqrt(mean(y^2) + norm_eps) * w`` in fp32, rounded to x's dtype."""
+    y, post, comb = hc_pre(x, fn, base, scale, sinkhorn_iters=sinkhorn_iters, eps=eps, norm_eps=norm_eps)
+    return rms_norm(y, norm_weight, eps=norm_eps), post, comb
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def hc_post(f, x, post, comb):
     """mHC post: ``x'_j = post_j f + sum_i comb[i, j] x_i`` in fp32: f [B, S, D], x [B, S, n, D],
     post [B, S, n], comb [B, S, n, n] -> [B, S, n, D] in x's dtype."""
@@ -844,6 +854,13 @@ def hc_head(x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
     """mHC head: ``y = sum_i (sigmoid(mix_i s0 + b_i) + eps) x_i``: x [B, S, n, D], fn [n, n*D] -> [B, S, D]."""
     pre = op.Sigmoid(stream_mix(x, fn, norm_eps=norm_eps) * op.Cast(scale, to=FLOAT) + op.Cast(base, to=FLOAT))
     return collapse(x, pre + op.Constant(value_float=eps))
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hc_head_normed(x, fn, base, scale, norm_weight, eps: float = 1e-6, norm_eps: float = 1e-6):
+    """hc_head with the final norm: norm_weight [D] -> [B, S, D] in x's dtype,
+    ``rms_norm(hc_head(x, fn, base, scale, eps, norm_eps), norm_weight, norm_eps)``."""
+    return rms_norm(hc_head(x, fn, base, scale, eps=eps, norm_eps=norm_eps), norm_weight, eps=norm_eps)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -1061,9 +1078,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "indexer_topk_packed": ("indexer_topk_packed_fp4", "indexer_topk_packed_fp8"),
     "sparse_attention": ("sparse_attention",),
     "sparse_attention_fp8": ("sparse_attention_fp8",),
-    "hc_pre": ("hc_pre",),
+    "hc_pre": ("hc_pre", "hc_pre_normed"),
     "hc_post": ("hc_post",),
-    "hc_head": ("hc_head",),
+    "hc_head": ("hc_head", "hc_head_normed"),
     "rope": ("rope",),
     "rms_norm_rope": ("rms_norm_rope", "rms_norm_rope_unweighted"),
     "rms_norm": ("rms_norm", "rms_norm_unweighted"),
@@ -1168,8 +1185,8 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm, rms_norm_rope), the weights' format
-    (moe_experts, grouped_linear, act_quant_gemm), the key format (indexer_topk_packed,
+    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_head), the weights'
+    format (moe_experts, grouped_linear, act_quant_gemm), the key format (indexer_topk_packed,
     index_key_pack) or whether an FP4 rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
@@ -1187,6 +1204,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = f"{op}_{args['key_format']}"
     elif op in ("rms_norm", "rms_norm_rope"):
         name = op if args.get("weight") is not None else f"{op}_unweighted"
+    elif op in ("hc_pre", "hc_head"):
+        name = op if args.get("norm_weight") is None else f"{op}_normed"
     elif op == "hadamard_rotate":
         name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
     elif op in OPS:

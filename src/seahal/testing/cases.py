@@ -705,10 +705,12 @@ def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str, dtype: torch
 
 def hc_case(
     name: str, seed: int, op: str, b: int = 2, s: int = 3, n: int = 4, d: int = 32, dtype=BF16, iters: int = 20,
-    values: str = "normal", layout: str = "contiguous",
+    values: str = "normal", layout: str = "contiguous", normed: bool = False,
 ) -> Case:
     """``hc_pre`` / ``hc_head`` (streams + mix parameters) or ``hc_post`` (sub-layer output,
-    streams, post in [0, 2] and a column-normalised comb); ``values`` as :func:`_streams`."""
+    streams, post in [0, 2] and a column-normalised comb); ``values`` as :func:`_streams`.
+    ``normed`` (hc_pre / hc_head): a folded RMSNorm weight as ``norm_weight``, magnitudes
+    uniform in [0.5, 2], every third negative."""
     r = _Rand(seed)
     x = _streams(r, b, s, n, d, values, dtype, layout)
     if op == "hc_post":
@@ -720,9 +722,13 @@ def hc_case(
     fn = r.normal(mixes, n * d, std=(n * d) ** -0.5)
     base = r.normal(mixes, std=0.5)
     scale = r.uniform(3 if op == "hc_pre" else 1, low=0.5, high=2.0)
+    norm_weight = None
+    if normed:
+        norm_weight = r.uniform(d, low=0.5, high=2.0)
+        norm_weight[::3] *= -1
     if op == "hc_pre":
-        return _case(op, name, (x, fn, base, scale, iters, 1e-6, 1e-6))
-    return _case(op, name, (x, fn, base, scale, 1e-6, 1e-6))
+        return _case(op, name, (x, fn, base, scale, iters, 1e-6, 1e-6, norm_weight))
+    return _case(op, name, (x, fn, base, scale, 1e-6, 1e-6, norm_weight))
 
 
 def rope_case(
@@ -1109,6 +1115,13 @@ def _hc_cases(op: str, seed: int) -> list[Case]:
     ]
     if op == "hc_pre":
         cases.append(hc_case("one Sinkhorn iteration", seed + 5, op, iters=1))
+    if op != "hc_post":  # with the sub-layer's (or the final) RMSNorm folded in
+        cases += [
+            hc_case("bf16 zero token, norm_weight", seed + 7, op, values="zero-token", normed=True),
+            hc_case("fp32 transposed streams, norm_weight", seed + 8, op, dtype=F32, layout="transposed", normed=True),
+            hc_case("bf16 equal streams (stride 0), norm_weight", seed + 9, op, values="equal streams", normed=True),
+            hc_case("bf16 n=4 D=512 (V4-like streams), norm_weight", seed + 10, op, b=1, s=2, d=512, normed=True),
+        ]
     return cases
 
 
@@ -1444,5 +1457,5 @@ def _draw_hc(draw, op: str) -> Case:
         "property", draw(st.integers(0, 2**16)), op, b=draw(st.integers(1, 2)), s=draw(st.integers(1, 3)),
         n=draw(st.integers(1, 4)), d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         iters=draw(st.integers(1, 20)), values=draw(st.sampled_from(["normal", "zero-token"])),
-        layout=draw(st.sampled_from(["contiguous", "transposed"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed"])), normed=op != "hc_post" and draw(st.booleans()),
     )

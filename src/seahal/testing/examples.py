@@ -231,11 +231,18 @@ def _sparse_attention_fp8(d: _Draw):
     return (d.data(2, 3, 4, 16), records, indices, d.param(4), 16**-0.5, 8, 8), {}
 
 
+def _hc_norm_weight(d: _Draw, dim: int) -> torch.Tensor | None:
+    """hc_pre's / hc_head's ``norm_weight`` (the folded RMSNorm) with fp32/fp64 data, none with bf16:
+    the suite's bf16 and fp32 example cases hold both forms."""
+    return None if d.dtype == torch.bfloat16 else d.param(dim).abs() + 0.5
+
+
 @_example("hc_pre")
 def _hc_pre(d: _Draw):
     """B=2, S=3, n=4 streams of D=8."""
     n, dim = 4, 8
-    return (d.data(2, 3, n, dim), d.param((2 + n) * n, n * dim, scale=0.1), d.param((2 + n) * n), d.param(3)), {}
+    args = (d.data(2, 3, n, dim), d.param((2 + n) * n, n * dim, scale=0.1), d.param((2 + n) * n), d.param(3))
+    return args, {"norm_weight": _hc_norm_weight(d, dim)}
 
 
 @_example("hc_post")
@@ -248,7 +255,8 @@ def _hc_post(d: _Draw):
 @_example("hc_head")
 def _hc_head(d: _Draw):
     n, dim = 4, 8
-    return (d.data(2, 3, n, dim), d.param(n, n * dim, scale=0.1), d.param(n), d.param(1)), {}
+    args = (d.data(2, 3, n, dim), d.param(n, n * dim, scale=0.1), d.param(n), d.param(1))
+    return args, {"norm_weight": _hc_norm_weight(d, dim)}
 
 
 @_example("rope")

@@ -32,6 +32,7 @@ import torch
 from seahal.hal.formats import dequantize_weight, hadamard, index_key_unpack
 from seahal.hal.spec import get_spec
 
+from seahal.backends.cpu.reference.mhc import hc_head as reference_hc_head
 from seahal.backends.cpu.reference.quant import fp8_act_quant, kv_cache_unpack
 
 from .cases import named_args
@@ -268,10 +269,55 @@ def _mix_error(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, norm_eps:
     return gamma(flat.shape[-1] + 8) * magnitude * _max_abs(scale)
 
 
+def _collapse_atol(n: int, x_max: float | torch.Tensor, logit_err: float) -> float | torch.Tensor:
+    """The absolute part of y's bound: each of n pre weights off by logit_err / 4 (sigmoid' <= 1/4)
+    plus a few roundings, times |x_i| <= x_max."""
+    return n * x_max * (logit_err / 4 + gamma(4))
+
+
+def _collapse_rtol(x: torch.Tensor) -> float:
+    """The relative part of y's bound: n + 2 fp32 roundings of the sum, then one rounding to x's dtype."""
+    return ulp(x.dtype) + gamma(x.shape[2] + 2)
+
+
 def _collapsed(x: torch.Tensor, logit_err: float) -> Close:
     """``y = sum_i pre_i x_i`` with ``pre = sigmoid(..) + eps``: sigmoid' <= 1/4, n streams."""
-    n = x.shape[2]
-    return Close(rtol=ulp(x.dtype) + gamma(n + 2), atol=n * _max_abs(x) * (logit_err / 4 + gamma(4)))
+    return Close(rtol=_collapse_rtol(x), atol=_collapse_atol(x.shape[2], _max_abs(x), logit_err))
+
+
+def _normed(a: Mapping[str, Any], logit_err: float) -> Close:
+    """``N(y) = rms_norm(y, w, norm_eps)`` of the collapse y (hc_pre's and hc_head's ``norm_weight``).
+
+    On token t the collapse y' is off by ``|Delta_j| <= A_t + R |y_j|`` (:func:`_collapsed`'s bound,
+    with A_t from token t's own streams; the rounding to x's dtype is in R). With
+    ``rho(y) = sqrt(mean(y^2) + eps)`` and ``r_t = rho(y_t)`` (y in float64):
+    ``N(y')_j - N(y)_j = w_j Delta_j / rho(y') + N(y)_j (rho(y) - rho(y')) / rho(y')``, where
+    ``|w_j Delta_j| <= |w_j| A_t + R |N(y)_j| r_t`` and ``|rho(y) - rho(y')| <= rms(Delta) <= A_t + R r_t``,
+    so with ``a_t = A_t / r_t`` and ``rho(y') >= r_t (1 - R - a_t)`` it moves by at most
+    ``(|w_j| a_t + |N(y)_j| (2R + a_t)) / (1 - R - a_t)``. Where ``R + a_t >= 1`` the error could
+    cancel y's rms and only ``|N(.)| <= max|w| sqrt(D)`` on both sides bounds it (atol 2 max|w| sqrt(D));
+    a zero token has A_t = 0. Then rms_norm's own relative error (:func:`_rms_norm`, the output's
+    rounding included), to first order.
+    """
+    x, norm_eps = a["x"], a["norm_eps"]
+    n, d = x.shape[2], x.shape[-1]
+    # hc_pre's pre rows (fn[:n], base[:n], scale[0]) are hc_head's whole mix: y in float64
+    y = reference_hc_head(*(t.to(torch.float64) for t in (x, a["fn"][:n], a["base"][:n], a["scale"][:1])),
+                          a["eps"], norm_eps)
+    atol = _collapse_atol(n, x.to(torch.float64).abs().amax(dim=(2, 3)), logit_err)
+    rtol = _collapse_rtol(x)
+    rel_atol = torch.where(atol == 0, 0.0, atol / torch.sqrt(y.square().mean(-1) + norm_eps))
+    room = 1 - rtol - rel_atol
+    bounded = room > 0
+    k_abs = torch.where(bounded, rel_atol / room, 2 * d**0.5)
+    k_rel = torch.where(bounded, (2 * rtol + rel_atol) / room, 0.0)
+    norm = ulp(x.dtype) + gamma(d) / 2 + 8 * U32
+    return Close(rtol=norm + _max_abs(k_rel), atol=_max_abs(a["norm_weight"]) * _max_abs(k_abs))
+
+
+def _hc_y(a: Mapping[str, Any], logit_err: float) -> Compared:
+    """hc_pre's / hc_head's y: the collapse, or its RMSNorm when ``norm_weight`` is given."""
+    return Compared("y", 0, _collapsed(a["x"], logit_err) if a["norm_weight"] is None else _normed(a, logit_err))
 
 
 def _hc_pre(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -281,12 +327,11 @@ def _hc_pre(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # 2*iters Sinkhorn normalisations adds n+1 fp32 roundings to values in [0, 1].
     post = Close(rtol=0.0, atol=logit_err / 2 + gamma(4))
     comb = Close(rtol=0.0, atol=4 * logit_err + gamma(4 * a["sinkhorn_iters"] * (x.shape[2] + 1)))
-    return Compared("y", 0, _collapsed(x, logit_err)), Compared("post", 1, post), Compared("comb", 2, comb)
+    return _hc_y(a, logit_err), Compared("post", 1, post), Compared("comb", 2, comb)
 
 
 def _hc_head(a: Mapping[str, Any]) -> tuple[Compared, ...]:
-    x = a["x"]
-    return (Compared("y", 0, _collapsed(x, _mix_error(x, a["fn"], a["scale"], a["norm_eps"]))),)
+    return (_hc_y(a, _mix_error(a["x"], a["fn"], a["scale"], a["norm_eps"])),)
 
 
 def _hc_post(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -473,9 +518,16 @@ RULES: dict[str, Rule] = {
     ),
     "hc_pre": Rule(
         (
-            ("y", "rtol ulp(x) + γ(n+2), atol n·max\\|x\\|·(δ/4 + γ(4))",
+            ("y (norm_weight None)", "rtol ulp(x) + γ(n+2), atol n·max\\|x\\|·(δ/4 + γ(4))",
              "δ = γ(nD+8)·max(\\|x\\|@\\|fn\\|ᵀ·rsqrt(mean x²))·max\\|scale\\| bounds the fp32 mix logits; "
              "sigmoid' <= 1/4"),
+            ("y (norm_weight w)", "rtol ulp(x) + γ(D)/2 + 8u + max_t (2R + a_t)/(1 − R − a_t), "
+             "atol max\\|w\\|·max_t a_t/(1 − R − a_t)",
+             "y' = y + Δ with \\|Δ\\| <= A_t + R·\\|y\\| on token t (the row above: R = ulp(x) + γ(n+2), "
+             "A_t = n·max\\|x_t\\|·(δ/4 + γ(4))); r_t = sqrt(mean y_t² + eps) from y in float64, a_t = A_t/r_t: "
+             "the numerator moves by \\|w\\|·A_t + R·\\|ref\\|·r_t, the rms by <= rms(Δ) <= A_t + R·r_t, and "
+             "rms(y') >= r_t·(1 − R − a_t); then rms_norm's relative error. Where R + a_t >= 1, atol 2·max\\|w\\|·√D "
+             "(\\|rms_norm\\| <= max\\|w\\|·√D on both sides)"),
             ("post", "atol δ/2 + γ(4)", "2·sigmoid has slope <= 1/2"),
             ("comb", "atol 4δ + γ(4·iters·(n+1))",
              "softmax moves <= 2δ; 2·iters Sinkhorn normalisations, n+1 fp32 roundings each"),
@@ -488,7 +540,7 @@ RULES: dict[str, Rule] = {
         _hc_post,
     ),
     "hc_head": Rule(
-        (("y", "as hc_pre's y", "same mix and collapse, no Sinkhorn"),),
+        (("y", "as hc_pre's y (either form)", "same mix, collapse and norm, no Sinkhorn"),),
         _hc_head,
     ),
     "rope": Rule(
