@@ -273,13 +273,15 @@ def _mhc_rope(t: int):
     mix = (2 + HC) * HC
     pre_params = (_empty(mix, HC * DIM), _empty(mix), _empty(3))
     head_params = (_empty(HC, HC * DIM), _empty(HC), _empty(1))
-    mhc.hc_pre(x, *pre_params)  # one launch at decode, two at prefill
-    mhc.hc_head(x, *head_params)
-    if t <= mhc.ONE_LAUNCH_MAX_TOKENS:  # the two launches at decode; one launch on a 64-token tile
-        for tokens, one_launch in ((t, False), (64, True)):
-            x_t = _empty(B, tokens, HC, DIM, dtype=torch.bfloat16)
-            mhc.collapse_streams(x_t, *pre_params, 20, 1e-6, 1e-6, head=False, one_launch=one_launch)
-            mhc.collapse_streams(x_t, *head_params, 1, 1e-6, 1e-6, head=True, one_launch=one_launch)
+    norm_weight = _empty(DIM)
+    for weight in (None, norm_weight):  # plain, and normalised as the model calls them
+        mhc.hc_pre(x, *pre_params, 20, 1e-6, 1e-6, weight)  # one launch at decode, two at prefill
+        mhc.hc_head(x, *head_params, 1e-6, 1e-6, weight)
+        if t <= mhc.ONE_LAUNCH_MAX_TOKENS:  # the two launches at decode; one launch on a 64-token tile
+            for tokens, one_launch in ((t, False), (64, True)):
+                x_t = _empty(B, tokens, HC, DIM, dtype=torch.bfloat16)
+                for args, head in (((*pre_params, 20), False), ((*head_params, 1), True)):
+                    mhc.collapse_streams(x_t, *args, 1e-6, 1e-6, head=head, norm_weight=weight, one_launch=one_launch)
     mhc.hc_post(_empty(B, t, DIM, dtype=torch.bfloat16), x, _empty(B, t, HC), _empty(B, t, HC, HC))
     positions = torch.empty((B, t), dtype=torch.int64, device="cuda")
     for inverse in (False, True):

@@ -348,6 +348,37 @@ def test_one_launch_is_the_two_launches(kernels, monkeypatch, b, s, n, d, dtype,
     _assert_within_rules("hc_head", head_args, one[True][0], reference_mhc.hc_head(*head_args))
 
 
+# (batch, seq, n, D, dtype): one and four tokens (one launch), six (two launches); D = 40 is a row
+# of 64 columns with 24 masked, 32 a full one; n = 3 pads the stream axis.
+NORMED_CASES = [(1, 1, 4, 40, BF16), (2, 2, 4, 32, F32), (1, 6, 3, 40, BF16)]
+
+
+@interpreted
+@pytest.mark.parametrize("b, s, n, d, dtype", NORMED_CASES)
+def test_normed_collapse_is_the_collapse_then_the_rms_norm_kernel(kernels, b, s, n, d, dtype):
+    """hc_pre and hc_head with norm_weight: in both launch forms, bit for bit the plain collapse
+    then the rms_norm kernel (the same fp32 math on the rounded y), the same post and comb, and
+    within the conformance rules of the reference."""
+    from seahal.backends.cuda import norm
+
+    mhc, _ = kernels
+    x, fn, base, scale = _hc_inputs(b, s, n, d, dtype, seed=s * d)
+    _, head_fn, head_base, head_scale = _hc_inputs(b, s, n, d, dtype, seed=d, mixes=n)
+    weight = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    collapse_args = {False: (x, fn, base, scale, 20, 1e-6, 1e-6), True: (x, head_fn, head_base, head_scale, 1, 1e-6, 1e-6)}
+    for head, args in collapse_args.items():
+        plain = mhc.collapse_streams(*args, head=head)
+        normed_y = norm.rms_norm(plain[0], weight, 1e-6)
+        for one_launch in (True, False):
+            got = mhc.collapse_streams(*args, head=head, norm_weight=weight, one_launch=one_launch)
+            assert torch.equal(got[0], normed_y), (head, one_launch)
+            assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
+    pre_args = (*collapse_args[False], weight)
+    _assert_within_rules("hc_pre", pre_args, mhc.hc_pre(*pre_args), reference_mhc.hc_pre(*pre_args))
+    head_args = (x, head_fn, head_base, head_scale, 1e-6, 1e-6, weight)
+    _assert_within_rules("hc_head", head_args, mhc.hc_head(*head_args), reference_mhc.hc_head(*head_args))
+
+
 class _Launches:
     """A kernel stand-in that logs each launch's kernel name, then launches it."""
 
@@ -404,18 +435,28 @@ def test_gpu_mix_launch_spreads_the_weight_read(kernels, monkeypatch, m, d, t):
 @on_gpu
 @pytest.mark.parametrize("t", [1, 4, 16, 64])
 def test_gpu_one_launch_is_the_two_launches(t):
-    """Never run on a GPU yet: the same bits as the two launches at V4-Flash width (the same
-    kernel computes the weights; the collapse's 4096- and 512-column blocks add each column's
-    products in the same order), launch after launch on the counters it resets."""
+    """The same bits as the two launches at V4-Flash width (the same kernel computes the weights;
+    the collapse's 4096- and 512-column blocks add each column's products in the same order; a
+    normalised collapse holds the row in one block of the same warps either way), launch after
+    launch on the counters it resets; normalised, within the rules of the CPU reference."""
     from seahal.backends.cuda import mhc
 
     x, fn, base, scale = (v.cuda() for v in _hc_inputs(1, t, 4, 4096, BF16, seed=t))
     _, head_fn, head_base, head_scale = (v.cuda() for v in _hc_inputs(1, t, 4, 4096, BF16, seed=t, mixes=4))
+    weight = torch.randn(4096, generator=torch.Generator().manual_seed(t)).cuda()
     for _ in range(2):
         for args, head in (((x, fn, base, scale, 20), False), ((x, head_fn, head_base, head_scale, 1), True)):
-            one = mhc.collapse_streams(*args, 1e-6, 1e-6, head=head, one_launch=True)
-            two = mhc.collapse_streams(*args, 1e-6, 1e-6, head=head, one_launch=False)
-            assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+            for norm_weight in (None, weight):
+                one = mhc.collapse_streams(*args, 1e-6, 1e-6, head=head, norm_weight=norm_weight, one_launch=True)
+                two = mhc.collapse_streams(*args, 1e-6, 1e-6, head=head, norm_weight=norm_weight, one_launch=False)
+                assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    cpu = [v.cpu() for v in (x, fn, base, scale, head_fn, head_base, head_scale, weight)]
+    pre_args = (*cpu[:4], 20, 1e-6, 1e-6, cpu[7])
+    got = [v.cpu() for v in mhc.hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6, weight)]
+    _assert_within_rules("hc_pre", pre_args, got, reference_mhc.hc_pre(*pre_args))
+    head_args = (cpu[0], *cpu[4:7], 1e-6, 1e-6, cpu[7])
+    got = mhc.hc_head(x, head_fn, head_base, head_scale, 1e-6, 1e-6, weight).cpu()
+    _assert_within_rules("hc_head", head_args, got, reference_mhc.hc_head(*head_args))
 
 
 # (n, D, dtype, comb layout, post/comb dtype): D = 40 ends in a partial column block; n = 3 pads the stream axis.

@@ -36,7 +36,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # arithmetic, a different memory ordering, which only a GPU can check. New since: rms_norm_rope's
 # one pass (rope's kernel with its NORM constexpr; rope's own launches compile to the same sm_90
 # PTX as before, compared instruction by instruction, so rope stays verified). New since:
-# act_quant_gemm, fp8_gemm's kernel quantising x's blocks as it loads them (QUANT_A).
+# act_quant_gemm, fp8_gemm's kernel quantising x's blocks as it loads them (QUANT_A). Changed since:
+# hc_pre / hc_head normalise their collapse with norm_weight (the mix kernel's NORM constexpr).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),

@@ -29,6 +29,11 @@ known, then a pass over the token's n*D entries to collapse them. ``_mix_kernel`
    it): one launch. Above, ``_collapse_kernel`` does it on a program per (token, column block):
    two launches. The collapse adds the n products of each column one after another (no cross-lane
    reduction), so both give the same bits whatever their block widths.
+4. With ``norm_weight`` (the sub-layer's pre-norm, or the final norm after ``hc_head``) the
+   collapse takes the token's whole row in one block, rounds it to x's dtype and normalises it
+   as ``rms_norm``'s kernel does (fp32 ``sum(y^2)``, ``rsqrt(sum / D + eps)``, times the weight,
+   one rounding): the norm's launch and its read of y saved. Both launch forms then hold the row
+   in one block of :data:`WARPS` warps, so they still give the same bits.
 
 Every weight is thus computed once, by one program: a decode step's serial work is the weight
 read of one slice, one arrival, one load of the partial sums (through L2), 2*iters normalisations
@@ -52,6 +57,7 @@ from ._gemm import arrival_counters, reset_arrival_counter
 from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne
 from ._pdl import pdl_options, wait_for_prior_grid
+from .norm import MAX_D
 from .rope import check_dtype
 
 GEMV_MAX_TOKENS = 4
@@ -128,6 +134,11 @@ def _block_d(d: int, device: torch.device, widest: int) -> int:
     return 16 if device.type != "cuda" else min(next_power_of_2(d), widest)
 
 
+def _collapse_block_d(d: int, device: torch.device, widest: int, normed: bool) -> int:
+    """Columns per collapse step: the whole row for a normalised collapse, else :func:`_block_d`."""
+    return next_power_of_2(d) if normed else _block_d(d, device, widest)
+
+
 def hc_pre(
     x: torch.Tensor,
     fn: torch.Tensor,
@@ -136,18 +147,19 @@ def hc_pre(
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collapse n streams into one sub-layer input; emit the post and mixing (comb) weights.
 
-    x: [B, S, n, D] bf16/fp32, fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3]
+    x: [B, S, n, D] bf16/fp32, fn: [(2+n)*n, n*D], base: [(2+n)*n], scale: [3], norm_weight: [D] or None
     -> y: [B, S, D] in x's dtype, post: [B, S, n] fp32, comb: [B, S, n, n] fp32
 
     ``mix = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + norm_eps)``;
     ``pre_i = sigmoid(mix_i scale_0 + base_i) + eps``, ``post_i = 2 sigmoid(mix_{n+i} scale_1 + base_{n+i})``,
     ``comb = Sinkhorn(mix_{2n+i*n+j} scale_2 + base_{2n+i*n+j})`` (``sinkhorn_iters`` column
-    normalisations), ``y = sum_i pre_i x_i``.
+    normalisations), ``y = sum_i pre_i x_i``; with norm_weight ``rms_norm(y, norm_weight, norm_eps)``.
     """
-    return collapse_streams(x, fn, base, scale, sinkhorn_iters, eps, norm_eps, head=False)
+    return collapse_streams(x, fn, base, scale, sinkhorn_iters, eps, norm_eps, head=False, norm_weight=norm_weight)
 
 
 def hc_head(
@@ -157,12 +169,15 @@ def hc_head(
     scale: torch.Tensor,
     eps: float = 1e-6,
     norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Collapse the n streams before the final norm: :func:`hc_pre`'s y without post and Sinkhorn.
+    """Collapse the n streams before the final norm: :func:`hc_pre`'s y without post and Sinkhorn
+    (with norm_weight, that final norm too).
 
-    x: [B, S, n, D] bf16/fp32, fn: [n, n*D], base: [n], scale: [1] -> [B, S, D] in x's dtype.
+    x: [B, S, n, D] bf16/fp32, fn: [n, n*D], base: [n], scale: [1], norm_weight: [D] or None
+    -> [B, S, D] in x's dtype.
     """
-    return collapse_streams(x, fn, base, scale, 1, eps, norm_eps, head=True)[0]
+    return collapse_streams(x, fn, base, scale, 1, eps, norm_eps, head=True, norm_weight=norm_weight)[0]
 
 
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -195,19 +210,24 @@ def collapse_streams(
     norm_eps: float,
     *,
     head: bool,
+    norm_weight: torch.Tensor | None = None,
     one_launch: bool | None = None,
     config: MixConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`hc_pre` (head=False) or :func:`hc_head` (head=True): (y, post, comb), with post [B, S, 0]
-    and comb [B, S, 0, 0] for head.
+    and comb [B, S, 0, 0] for head; y normalised with norm_weight when given.
 
     one_launch: the collapse in ``_mix_kernel`` (True) or in ``_collapse_kernel`` after it (False);
     None picks one launch for B*S <= :data:`ONE_LAUNCH_MAX_TOKENS`. Both give the same bits: the
     same weights, and a collapse whose sums do not depend on the block width. ``config``: the
     pre-norm GEMM's launch, default :func:`mix_config`'s.
     """
-    check_dtype("hc_head" if head else "hc_pre", "x", x)
+    op = "hc_head" if head else "hc_pre"
+    check_dtype(op, "x", x)
     b, s, n, d = x.shape
+    normed = norm_weight is not None
+    if normed and d > MAX_D:
+        raise NotImplementedError(f"cuda.triton {op} with norm_weight: rows of at most {MAX_D} elements, got D={d}")
     t, k, m = b * s, n * d, fn.shape[0]
     y = torch.empty((b, s, d), dtype=x.dtype, device=x.device)
     post = torch.empty((b, s, 0 if head else n), dtype=torch.float32, device=x.device)
@@ -226,17 +246,19 @@ def collapse_streams(
     one_launch = t <= ONE_LAUNCH_MAX_TOKENS if one_launch is None else one_launch
     _mix_kernel[(tiles, split)](
         x, fn, base, scale, partial, sumsq, arrival_counters(tiles, x.device), pre, post, comb, y,
-        t, s, d, k, m, width, sinkhorn_iters, eps, norm_eps,
+        norm_weight if normed else x, t, s, d, k, m, width, sinkhorn_iters, eps, norm_eps,
         *x.stride(), *fn.stride(), base.stride(0), scale.stride(0),
         BLOCK_T=config.block_t, BLOCK_K=config.block_k, M_PAD=_m_pad(m, config.block_t), SPLIT=split,
         SPLIT_CHUNK=min(next_power_of_2(split), max(1, chunk // (config.block_t * widest))),
-        N=n, N_PAD=n_pad, HEAD=head, X_BF16=x.dtype == torch.bfloat16, COLLAPSE=one_launch,
-        BLOCK_D=_block_d(d, x.device, 4096) if one_launch else 16, num_warps=WARPS, **pdl_options(),
+        N=n, N_PAD=n_pad, HEAD=head, X_BF16=x.dtype == torch.bfloat16, COLLAPSE=one_launch, NORM=normed and one_launch,
+        BLOCK_D=_collapse_block_d(d, x.device, 4096, normed) if one_launch else 16, num_warps=WARPS,
+        **pdl_options(),
     )
     if not one_launch:
-        block_d = _block_d(d, x.device, 512)
+        block_d = _collapse_block_d(d, x.device, 512, normed)
         _collapse_kernel[(t, cdiv(d, block_d))](
-            x, pre, y, s, d, *x.stride(), N=n, BLOCK_D=block_d, num_warps=WARPS, **pdl_options(),
+            x, pre, y, norm_weight if normed else x, s, d, norm_eps, *x.stride(),
+            N=n, BLOCK_D=block_d, NORM=normed, num_warps=WARPS, **pdl_options(),
         )
     return y, post, comb
 
@@ -274,14 +296,15 @@ def _post_kernel(
 @triton.jit
 def _mix_kernel(
     x_ptr, fn_ptr, base_ptr, scale_ptr, partial_ptr, sumsq_ptr, counter_ptr, pre_ptr, post_ptr, comb_ptr, y_ptr,
-    T, S, D, K, M, width, iters, eps, norm_eps,
+    norm_w_ptr, T, S, D, K, M, width, iters, eps, norm_eps,
     stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, stride_base, stride_scale,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HEAD: tl.constexpr, X_BF16: tl.constexpr,
-    COLLAPSE: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    COLLAPSE: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (token tile, K slice): the slice's partial mixes; the tile's last program to arrive
-    computes the tile's weights (:func:`_tile_weights`) and, if COLLAPSE, its collapse.
+    computes the tile's weights (:func:`_tile_weights`) and, if COLLAPSE, its collapse (normalised
+    with the weights at norm_w_ptr if NORM).
 
     The partials are stored and the tile's counter bumped after a barrier (release); the program
     that sees the count reach SPLIT - 1 resets it to 0 and reads the SPLIT partials through L2 (.cg).
@@ -304,23 +327,29 @@ def _mix_kernel(
                       BLOCK_T, SPLIT, SPLIT_CHUNK, N, N_PAD, HEAD)
         if COLLAPSE:
             tl.debug_barrier()  # pre, stored by every thread, is read back by every thread
-            for step in range(BLOCK_T):
+            for step in tl.static_range(BLOCK_T):
                 token = pid_t * BLOCK_T + step
                 if token < T:
-                    for c0 in range(0, D, BLOCK_D):
-                        _collapse_columns(x_ptr, pre_ptr, y_ptr, token, c0 + tl.arange(0, BLOCK_D), S, D,
-                                          stride_xb, stride_xs, stride_xn, stride_xd, N)
+                    if NORM:  # the row in one block (BLOCK_D >= D): its norm's reduction in no loop
+                        _collapse_columns(x_ptr, pre_ptr, y_ptr, norm_w_ptr, token, tl.arange(0, BLOCK_D),
+                                          S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd, N, NORM)
+                    else:
+                        for c0 in range(0, D, BLOCK_D):
+                            _collapse_columns(x_ptr, pre_ptr, y_ptr, norm_w_ptr, token, c0 + tl.arange(0, BLOCK_D),
+                                              S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd, N, NORM)
 
 
 @triton.jit
 def _collapse_kernel(
-    x_ptr, pre_ptr, y_ptr, S, D, stride_xb, stride_xs, stride_xn, stride_xd,
-    N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    x_ptr, pre_ptr, y_ptr, norm_w_ptr, S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """y[token, cols] from the weights ``_mix_kernel`` left in pre; program (token, column block)."""
+    """y[token, cols] from the weights ``_mix_kernel`` left in pre; program (token, column block),
+    one block of the whole row if NORM."""
     wait_for_prior_grid(PDL)
-    _collapse_columns(x_ptr, pre_ptr, y_ptr, tl.program_id(0), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D),
-                      S, D, stride_xb, stride_xs, stride_xn, stride_xd, N)
+    _collapse_columns(x_ptr, pre_ptr, y_ptr, norm_w_ptr, tl.program_id(0),
+                      tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D),
+                      S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd, N, NORM)
 
 
 @triton.jit
@@ -490,17 +519,25 @@ def _tile_weights(
 
 @triton.jit
 def _collapse_columns(
-    x_ptr, pre_ptr, y_ptr, token, cols, S, D, stride_xb, stride_xs, stride_xn, stride_xd, N: tl.constexpr,
+    x_ptr, pre_ptr, y_ptr, norm_w_ptr, token, cols, S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd,
+    N: tl.constexpr, NORM: tl.constexpr,
 ):
     """y[token, cols] = sum_i pre[token, i] x_i[cols]: fp32, the streams added in order, column by
-    column (the same bits for any block of columns), rounded to y's dtype."""
+    column (the same bits for any block of columns), rounded to y's dtype. NORM (cols the whole
+    row): then ``y * rsqrt(sum(y^2) / D + norm_eps) * w`` on the rounded y, rounded again, the
+    math of ``rms_norm``'s kernel."""
     row = x_ptr + (token // S).to(tl.int64) * stride_xb + (token % S).to(tl.int64) * stride_xs
     in_d = cols < D
     y = tl.zeros(cols.shape, dtype=tl.float32)
     for i in tl.static_range(N):
         weight = tl.load(pre_ptr + token * N + i)
         y += weight * tl.load(row + i * stride_xn + cols * stride_xd, mask=in_d, other=0.0).to(tl.float32)
-    tl.store(y_ptr + token.to(tl.int64) * D + cols, cast_rne(y, y_ptr.dtype.element_ty), mask=in_d)
+    y = cast_rne(y, y_ptr.dtype.element_ty)
+    if NORM:
+        yf = y.to(tl.float32)
+        w = tl.load(norm_w_ptr + cols, mask=in_d, other=0.0).to(tl.float32)
+        y = cast_rne(yf * tl.math.rsqrt(tl.sum(yf * yf, axis=0) / D + norm_eps) * w, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + token.to(tl.int64) * D + cols, y, mask=in_d)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)
