@@ -41,10 +41,11 @@ class Block(nn.Module):
         _hc_params(c.hc_mult, c.dim, rows, "hc_attn", self, 3)
         _hc_params(c.hc_mult, c.dim, rows, "hc_ffn", self, 3)
 
-    def _hc_pre(self, h: torch.Tensor, prefix: str):
+    def _hc_pre(self, h: torch.Tensor, prefix: str, norm: RMSNorm):
+        """hc_pre's (y, post, comb) with y through the sub-layer's norm, in the one op."""
         c = self.config
         fn, base, scale = (getattr(self, f"{prefix}_{p}") for p in ("fn", "base", "scale"))
-        return self.ops.hc_pre(h, fn, base, scale, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
+        return self.ops.hc_pre(h, fn, base, scale, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, norm.weight)
 
     def forward(
         self, h: torch.Tensor, input_ids: torch.Tensor, cache, start_pos: int | torch.Tensor,
@@ -52,10 +53,10 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """h: [B, S, n, D] residual streams -> [B, S, n, D]; ``layout``: see :class:`MoE`;
         ``step``: see :meth:`Attention.forward`."""
-        y, post, comb = self._hc_pre(h, "hc_attn")
-        h = self.ops.hc_post(self.attn(self.attn_norm(y), cache, start_pos, step), h, post, comb)
-        y, post, comb = self._hc_pre(h, "hc_ffn")
-        return self.ops.hc_post(self.ffn(self.ffn_norm(y), input_ids, layout), h, post, comb)
+        y, post, comb = self._hc_pre(h, "hc_attn", self.attn_norm)
+        h = self.ops.hc_post(self.attn(y, cache, start_pos, step), h, post, comb)
+        y, post, comb = self._hc_pre(h, "hc_ffn", self.ffn_norm)
+        return self.ops.hc_post(self.ffn(y, input_ids, layout), h, post, comb)
 
 
 def _embedding(rows: int, dim: int, dtype: torch.dtype) -> nn.Embedding:
@@ -132,8 +133,9 @@ class Transformer(nn.Module):
         cache.pos = step.end  # a new tensor at a tensor position (the caller's stays), shared with the entry counts
         if last_only:
             h = h[:, -1:]
-        z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
-        logits = p.tp_all_gather(self.head(self.norm(z)), dim=-1)
+        z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps,
+                             self.norm.weight)  # the final norm in the collapse's op
+        logits = p.tp_all_gather(self.head(z), dim=-1)
         return p.gather_batch(logits, batch)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
