@@ -304,7 +304,7 @@ def test_hc_pre_times_the_other_token_tile_at_the_end_to_end_prompt():
         assert "V4-Flash n=4 D=4096 T=1024" in cases
         for tokens, other in ((1024, 64), (4096, 16)):
             work = cases[f"V4-Flash n=4 D=4096 T={tokens}"].build(GPU)
-            assert set(work.peers) == {"reference", f"{other}-token tiles"}
+            assert set(work.peers) == {"reference", f"{other}-token tiles", "plain collapse, then the rms_norm kernel"}
             work.kernel()
             work.peers[f"{other}-token tiles"]()
     tiles = [launch.kwargs["BLOCK_T"] for launch in launches if launch.kernel.fn.__name__ == "_mix_kernel"]
@@ -313,13 +313,13 @@ def test_hc_pre_times_the_other_token_tile_at_the_end_to_end_prompt():
 def test_mhc_and_rope_formulas():
     cases = mhc_rope_cases(["hc_pre", "hc_post", "hc_head", "rope"], GPU, quick=False)
     hc_pre = _case([c for c in cases if c.op == "hc_pre"], "V4-Pro n=4 D=7168 T=4096")
-    assert hc_pre.flops == 6_106_906_624  # 2 * 4096 * 4 * 7168 * (24 + 2)
-    # x 234881024 + y 58720256 + fn 2752512 + post/comb 327680 + base/scales 108
-    assert hc_pre.nbytes == 296_681_580
+    assert hc_pre.flops == 6_106_906_624 + 88_080_384  # 2 * 4096 * 4 * 7168 * (24 + 2), the norm's 3 * 4096 * 7168
+    # x 234881024 + y 58720256 + fn 2752512 + post/comb 327680 + base/scales 108 + norm weight 28672
+    assert hc_pre.nbytes == 296_681_580 + 28_672
     hc_post = _case([c for c in cases if c.op == "hc_post"], "V4-Flash n=4 D=4096 T=64")
     assert (hc_post.flops, hc_post.nbytes) == (10_485_760, 524_288 + 4_194_304 + 5_120)
     hc_head = _case([c for c in cases if c.op == "hc_head"], "V4-Flash n=4 D=4096 T=1")
-    assert (hc_head.flops, hc_head.nbytes) == (196_608, 32_768 + 8_192 + 262_144 + 20)
+    assert (hc_head.flops, hc_head.nbytes) == (196_608 + 12_288, 32_768 + 8_192 + 262_144 + 20 + 16_384)
     rope = _case([c for c in cases if c.op == "rope"], "V4-Pro q 128x512 T=16384")
     assert (rope.flops, rope.nbytes) == (402_653_184, 4_294_967_296 + 131_072 + 128)
     fused = _case(mhc_rope_cases(["rms_norm_rope"], GPU, quick=False), "V4-Flash q 64x512 T=1")

@@ -6,9 +6,11 @@ V4-Flash and V4-Pro widths.
 Rows at 1 and 64 tokens (decode batches) and 4096 and 16384 (prefill; hc_pre also 1024, the
 end-to-end bench's prompt). All are memory-bound (hc_pre's stream-mix GEMM has 24 outputs per
 token: ~24 FLOP/byte); the peer is the CPU reference's code on the GPU tensors. hc_pre and hc_head
-time the path the kernel picks for T (one launch up to ``mhc.ONE_LAUNCH_MAX_TOKENS``, a guess);
-where that is one launch, the two launches are a second peer; above 4 tokens the other ``tl.dot``
-token tile (16 or 64 tokens, ``mhc.mix_config``) is one.
+run as the model calls them, their collapse normalised by the sub-layer's (the final) RMSNorm
+weight, and time the path the kernel picks for T (one launch up to
+``mhc.ONE_LAUNCH_MAX_TOKENS``, a guess); where that is one launch, the two launches are a second
+peer; above 4 tokens the other ``tl.dot`` token tile (16 or 64 tokens, ``mhc.mix_config``) is
+one; and the plain collapse then the ``rms_norm`` kernel (a launch more) is the last.
 
     seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope,rms_norm_rope [--quick] [--json out.json]
 """
@@ -41,19 +43,21 @@ stream-mix GEMM whose dot may run in tf32 (~3e-4) and 20 Sinkhorn steps that do 
 
 
 def hc_pre_cost(tokens: int, n: int, dim: int, head: bool = False) -> tuple[int, int]:
-    """FLOPs and bytes of hc_pre (``head``: hc_head) over T tokens of n streams of width D, with m
-    mixes: ``(2 + n) * n`` for hc_pre, n for hc_head.
+    """FLOPs and bytes of hc_pre (``head``: hc_head) with its norm weight over T tokens of n streams
+    of width D, with m mixes: ``(2 + n) * n`` for hc_pre, n for hc_head.
 
-    FLOPs ``2 * T * n * D * (m + 2)``: the [T, nD] x [nD, m] mix GEMM, the sum of squares of the
-    RMS factor and the n-way collapse (Sinkhorn's ~T * 20 * n^2 terms left out). Bytes: bf16 x
-    read (``2 * T * n * D``) and y written (``2 * T * D``); fp32 fn (``4 * m * n * D``); base and
-    the scales (``4 * (m + 3)``, one scale for hc_head); hc_pre's post and comb written
+    FLOPs ``2 * T * n * D * (m + 2) + 3 * T * D``: the [T, nD] x [nD, m] mix GEMM, the sum of
+    squares of the RMS factor and the n-way collapse, then the norm's square, sum and two products
+    (Sinkhorn's ~T * 20 * n^2 terms left out). Bytes: bf16 x read (``2 * T * n * D``) and y
+    written (``2 * T * D``); fp32 fn (``4 * m * n * D``), the norm weight (``4 * D``), base and the
+    scales (``4 * (m + 3)``, one scale for hc_head); hc_pre's post and comb written
     (``4 * T * (n + n^2)``).
     """
     m = n if head else (2 + n) * n
     outputs = 0 if head else 4 * tokens * (n + n * n)
-    params = 4 * (m + (1 if head else 3))
-    return 2 * tokens * n * dim * (m + 2), 2 * tokens * n * dim + 2 * tokens * dim + 4 * m * n * dim + outputs + params
+    params = 4 * (m + (1 if head else 3)) + 4 * dim
+    flops = 2 * tokens * n * dim * (m + 2) + 3 * tokens * dim
+    return flops, 2 * tokens * n * dim + 2 * tokens * dim + 4 * m * n * dim + outputs + params
 
 
 def hc_post_cost(tokens: int, n: int, dim: int) -> tuple[int, int]:
@@ -78,24 +82,29 @@ def rms_norm_rope_cost(tokens: int, heads: int, head_dim: int, rope_dim: int) ->
 
 
 def _hc_pre(op: str, dims: ModelDims, tokens: int, device: torch.device) -> Workload:
-    """hc_pre or hc_head (the same stream mix with n outputs and one scale)."""
+    """hc_pre or hc_head (the same stream mix with n outputs and one scale), normalised as the
+    model calls them."""
     torch.manual_seed(tokens)
-    n = dims.hc
-    m, n_scales = (n, 1) if op == "hc_head" else ((2 + n) * n, 3)
+    n, head = dims.hc, op == "hc_head"
+    m, n_scales = (n, 1) if head else ((2 + n) * n, 3)
     x = torch.randn(1, tokens, n, dims.dim, device=device, dtype=torch.bfloat16)
     fn = torch.randn(m, n * dims.dim, device=device) * (n * dims.dim) ** -0.5
     base, scale = torch.randn(m, device=device) * 0.1, torch.rand(n_scales, device=device) + 0.5
-    args = (x, fn, base, scale)
+    weight = torch.rand(dims.dim, device=device) + 0.5
+    streams, eps = (x, fn, base, scale), ((1e-6, 1e-6) if head else (20, 1e-6, 1e-6))
+    args = (*streams, *eps, weight)
     peers = {"reference": partial(reference(op, "mhc"), *args)}
     if device.type == "cuda":
-        from seahal.backends.cuda import mhc
+        from seahal.backends.cuda import mhc, norm
 
-        collapse = partial(mhc.collapse_streams, *args, 1 if op == "hc_head" else 20, 1e-6, 1e-6, head=op == "hc_head")
+        collapse = partial(mhc.collapse_streams, *streams, 1 if head else 20, 1e-6, 1e-6, head=head)
+        normed = partial(collapse, norm_weight=weight)
         if tokens <= mhc.ONE_LAUNCH_MAX_TOKENS:
-            peers["two launches"] = partial(collapse, one_launch=False)
+            peers["two launches"] = partial(normed, one_launch=False)
         if tokens > mhc.GEMV_MAX_TOKENS:  # the other tl.dot token tile: 16 re-reads fn 4x as often as 64
             tile = 64 if mhc.mix_config(tokens, n * dims.dim, m, device).block_t == 16 else 16
-            peers[f"{tile}-token tiles"] = partial(collapse, config=mhc.mix_config(tokens, n * dims.dim, m, device, tile))
+            peers[f"{tile}-token tiles"] = partial(normed, config=mhc.mix_config(tokens, n * dims.dim, m, device, tile))
+        peers["plain collapse, then the rms_norm kernel"] = lambda: norm.rms_norm(collapse()[0], weight, 1e-6)
     return Workload(partial(implementation(op, "mhc", "mhc", device), *args), peers, close(BF16_TOL))
 
 
