@@ -104,4 +104,34 @@ def exact_dot(a, b, acc, LOW_PRECISION: tl.constexpr):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
 
+@triton.jit
+def bf16_parts(v):
+    """fp32 v as three bf16 parts whose sum is exactly v: ``hi = bf16(v)``, ``mid = bf16(v - hi)``,
+    ``lo = bf16(v - hi - mid)`` (24 significant bits in three 8-bit pieces; each difference is
+    exact in fp32 however the casts round, so the interpreter's truncating cast gives parts too)."""
+    hi = v.to(tl.bfloat16)
+    rest = v - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def split_dot(a, b, acc, SPLIT_A: tl.constexpr, LOW_PRECISION: tl.constexpr):
+    """``acc + a @ b`` for one fp32 and one bf16 operand (a the fp32 one if SPLIT_A, else b): the
+    fp32 operand as its three exact bf16 parts (:func:`bf16_parts`), each multiplied by the other
+    operand with :func:`exact_dot`, so every product is exact and the 3K of them are summed in fp32
+    (on the tensor cores where LOW_PRECISION)."""
+    if SPLIT_A:
+        hi, mid, lo = bf16_parts(a)
+        acc = exact_dot(hi, b, acc, LOW_PRECISION)
+        acc = exact_dot(mid, b, acc, LOW_PRECISION)
+        acc = exact_dot(lo, b, acc, LOW_PRECISION)
+    else:
+        hi, mid, lo = bf16_parts(b)
+        acc = exact_dot(a, hi, acc, LOW_PRECISION)
+        acc = exact_dot(a, mid, acc, LOW_PRECISION)
+        acc = exact_dot(a, lo, acc, LOW_PRECISION)
+    return acc
+
+
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)

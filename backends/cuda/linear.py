@@ -45,7 +45,7 @@ from ._gemm import (
     store_tile,
 )
 from ._host import cdiv, next_power_of_2
-from ._numerics import cast_rne
+from ._numerics import cast_rne, split_dot
 from ._pdl import pdl_options, wait_for_prior_grid
 from .rope import check_dtype
 
@@ -134,13 +134,7 @@ def _split_x_kernel(
         if X_BF16:
             acc = tl.dot(x, w, acc)
         else:
-            hi = x.to(tl.bfloat16)
-            rest = x - hi.to(tl.float32)  # exact, as is every step below, however the casts round
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(hi, w, acc)
-            acc = tl.dot(mid, w, acc)
-            acc = tl.dot(lo, w, acc)
+            acc = split_dot(x, w, acc, True, True)
     out = out_ptr + tokens[:, None] * stride_ot + rows[None, :]
     tl.store(out, acc, mask=(tokens[:, None] < T) & (rows[None, :] < V))
 

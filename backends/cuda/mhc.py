@@ -55,7 +55,7 @@ import triton.language as tl
 from ._cache_keys import settle_cache_keys
 from ._gemm import arrival_counters, reset_arrival_counter
 from ._host import cdiv, next_power_of_2
-from ._numerics import cast_rne
+from ._numerics import cast_rne, split_dot
 from ._pdl import pdl_options, wait_for_prior_grid
 from .norm import MAX_D
 from .rope import check_dtype
@@ -396,13 +396,7 @@ def _mix_slice(
                               other=0.0)
             lanes += x_pairs.to(tl.float32) * w
         elif X_BF16:
-            w_hi = w.to(tl.bfloat16)
-            rest = w - w_hi.to(tl.float32)  # exact, as is every step below, however the casts round
-            w_mid = rest.to(tl.bfloat16)
-            w_lo = (rest - w_mid.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(xk, tl.trans(w_hi), acc)
-            acc = tl.dot(xk, tl.trans(w_mid), acc)
-            acc = tl.dot(xk, tl.trans(w_lo), acc)
+            acc = split_dot(xk, tl.trans(w), acc, False, True)
         else:
             acc = tl.dot(xf, tl.trans(w), acc, input_precision="ieee")
     tl.store(sumsq_ptr + pid_s * T + tokens, tl.sum(sq, axis=1), mask=in_t)
