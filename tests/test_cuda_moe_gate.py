@@ -128,6 +128,21 @@ def test_route_blocks(gate, route_t):
 
 
 @interpreted
+def test_fp32_gate_weight_multiplies_in_three_exact_parts(gate):
+    """bf16 x against an fp32 W (the model's gate) above 4 tokens: W's three bf16 parts sum to W
+    exactly, so a token that is one feature's power of two has W's column for logits, bit for bit
+    (a part left out fails), and the router picks as the reference does."""
+    t, d, e = 19, 96, 40
+    x, weight, bias = _inputs(t, d, e, seed=13)
+    feature = torch.arange(t) * 5 % d
+    hot = torch.zeros(t, d, dtype=torch.bfloat16)
+    hot[torch.arange(t), feature] = 2.0**-3
+    assert not gate.gate_config(t, e, d, hot.device, mma=False).gemv
+    assert torch.equal(gate.gate_logits(hot, weight).sum(0), weight[:, feature].T * 2.0**-3)
+    _check(gate, (x.to(torch.bfloat16), weight, bias, 6, "sqrtsoftplus", 1.5))
+
+
+@interpreted
 def test_mixed_dtypes_and_strides(gate):
     x, weight, bias = _inputs(12, 64, 24, seed=3)
     x_sliced = torch.randn(12, 80)[:, 8:72]
@@ -202,8 +217,12 @@ def plan():
 
 @on_gpu
 @pytest.mark.parametrize("t", [1, 16, 256, 16384])
-def test_gpu_plan(plan, t):
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16 W", "fp32 W"])
+def test_gpu_plan(plan, t, weight_dtype):
+    """bf16 x against a bf16 W, and against an fp32 W (the model's gate: a GEMV up to 4 tokens,
+    above it W's three exact bf16 parts on the tensor cores)."""
     x, weight, bias = (v.cuda() for v in _inputs(t, 4096, 256, seed=t, dtype=torch.bfloat16))
+    weight = weight.to(weight_dtype)
     w, idx = plan.ops.moe_gate(x, weight, bias, 6, "sqrtsoftplus", 1.5)
     ref_w, ref_idx = reference(x, weight, bias, 6, "sqrtsoftplus", 1.5)
     logits = x.double() @ weight.double().T
@@ -213,6 +232,20 @@ def test_gpu_plan(plan, t):
     same = (idx == ref_idx).all(dim=1)
     assert same.float().mean() > 0.995  # near-ties are rare
     assert (w[same] - ref_w[same]).abs().max() < 1e-5  # fp32 weights from logits within ~1e-5 relative
+
+
+@on_gpu
+def test_gpu_fp32_gate_weight_in_three_parts_is_exact():
+    """One feature's power of two per token against an fp32 W at prefill sizes: the logits are W's
+    column itself, bit for bit (the parts sum to W exactly in the MMA's fp32 accumulator)."""
+    from seahal.backends.cuda import moe_gate
+
+    t, d = 1024, 4096
+    weight = _inputs(1, d, 64, seed=3)[1].cuda()
+    feature = torch.arange(t, device="cuda") * 7 % d
+    hot = torch.zeros(t, d, dtype=torch.bfloat16, device="cuda")
+    hot[torch.arange(t, device="cuda"), feature] = 2.0**-3
+    assert torch.equal(moe_gate.gate_logits(hot, weight).sum(0), weight[:, feature].T * 2.0**-3)
 
 
 @on_gpu

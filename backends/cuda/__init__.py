@@ -38,6 +38,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # PTX as before, compared instruction by instruction, so rope stays verified). New since:
 # act_quant_gemm, fp8_gemm's kernel quantising x's blocks as it loads them (QUANT_A). Changed since:
 # hc_pre / hc_head normalise their collapse with norm_weight (the mix kernel's NORM constexpr).
+# Changed since: moe_gate's logits over an fp32 W (the model's gate) above 4 tokens take W's three
+# exact bf16 parts on the tensor cores (SPLIT_W) instead of an IEEE fp32 dot on the CUDA cores.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -75,7 +77,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
             "score_func": ("sqrtsoftplus", "sigmoid", "softmax"),
             "routing": ("score", "hash"),
         },
-        True,
+        False,
     ),
     "fp32_linear": ("linear:fp32_linear", {"chip": _SM90, "dtype": _FLOAT, "weight_dtype": _FLOAT}, True),
     "grouped_linear": (  # the FP8 GEMV at decode (new since 14a3a20: not yet run on a GPU)

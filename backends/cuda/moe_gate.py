@@ -2,7 +2,10 @@
 
 Two launches. ``_logits_kernel`` computes ``x W^T`` in fp32 tiles of [BLOCK_T tokens, BLOCK_E
 experts], the D axis cut into SPLIT slices so that even one token keeps the whole chip streaming W;
-each slice writes its partial sums to a [SPLIT, T, E] fp32 workspace. ``_route_kernel`` sums the
+each slice writes its partial sums to a [SPLIT, T, E] fp32 workspace. Every product is exact and
+summed in fp32: bf16 x and W straight into the MMA; bf16 x against an fp32 W (the model's gate)
+as W's three exact bf16 parts into the MMA (``_numerics.split_dot``); fp32 x in IEEE fp32; up to
+4 tokens over a W the MMA does not take as it is, a CUDA-core GEMV. ``_route_kernel`` sums the
 slices in slice order (deterministic), scores each token's whole expert row in registers, picks the
 top k by k rounds of one int64 max over (key bits, reversed expert index) — ties go to the smaller
 expert — and writes the renormalised weights. Launch choices and timings: TUNING.md.
@@ -22,7 +25,7 @@ import triton.language as tl
 
 from ._cache_keys import settle_cache_keys
 from ._host import cdiv, next_power_of_2
-from ._numerics import exact_dot
+from ._numerics import exact_dot, split_dot
 from .linear import fp32_gemv_tile
 from ._pdl import pdl_options, wait_for_prior_grid
 
@@ -60,11 +63,12 @@ GEMV_MAX_TOKENS = 4
 
 def gate_config(t: int, e: int, d: int, device: torch.device, mma: bool = True) -> GateConfig:
     """The logits launch for T tokens, E experts, D features (``mma``: bf16 x and W, which the
-    tensor cores take; else fp32 math on the CUDA cores).
+    tensor cores take as they are; an fp32 W they take in three bf16 parts, fp32 x not at all).
 
     Decode and small batches (T <= 512) stream W: 64-expert tiles and D slices until the tiles
-    fill the SMs once. Without the MMA, up to 4 tokens are a GEMV: a 16-row tile would do 16 (or
-    4) times the FMAs of the real rows. Prefill is a bf16 GEMM: 128x128 tiles, 8 warps. On CPU (the
+    fill the SMs once. Without ``mma``, up to 4 tokens are a GEMV: a 16-row tile would do 16 (or
+    4) times the FMAs of the real rows (three times that for W's parts). Prefill is a GEMM on the
+    tensor cores (bf16 x; an fp32 W in three passes): 128x128 tiles, 8 warps. On CPU (the
     interpreter) small tiles and two slices, so the tests exercise edge tiles and the slice sum.
     """
     gemv = not mma and t <= GEMV_MAX_TOKENS
@@ -129,15 +133,20 @@ def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | N
     """The [SPLIT, T, E] workspace, grid, arguments and constexprs of a logits launch."""
     t, d = x.shape
     e = weight.shape[0]
-    mma = _bf16_dot(x, weight)
-    config = config or gate_config(t, e, d, x.device, mma)
+    # bf16 operands go to the MMA only on the GPU: the interpreter's dot misreads bf16
+    # (test_cuda_interpret.py), so on CPU tensors they are widened to fp32 (the same products)
+    on_gpu = x.device.type == "cuda"
+    both_bf16 = x.dtype == weight.dtype == torch.bfloat16
+    split_w = x.dtype == torch.bfloat16 and weight.dtype == torch.float32
+    config = config or gate_config(t, e, d, x.device, mma=both_bf16 and on_gpu)
     partial = torch.empty((config.split, t, e), dtype=torch.float32, device=x.device)
     d_per_split = cdiv(cdiv(d, config.split), config.block_d) * config.block_d
     grid = (cdiv(t, config.block_t), cdiv(e, config.block_e), config.split)
     args = (x, weight, partial, t, e, d, d_per_split, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     constexprs = {
         "BLOCK_T": config.block_t, "BLOCK_E": config.block_e, "BLOCK_D": config.block_d,
-        "BF16_DOT": mma, "GEMV": config.gemv, "num_warps": config.num_warps,
+        "BF16_DOT": on_gpu and (both_bf16 or split_w), "SPLIT_W": split_w, "GEMV": config.gemv,
+        "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
     return partial, grid, args, constexprs
@@ -147,13 +156,6 @@ def route_block(t: int) -> int:
     """Tokens per routing program (H100, TUNING.md): 1 for T <= 512 (from 16 partials at T=1:
     6.7 us vs 8.5 at 2, 10.9 at 8), else 4 (T=16384: 38.0 us vs 42.6 at 2, 62.0 at 1)."""
     return 1 if t <= 512 else 4
-
-
-def _bf16_dot(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """bf16 operands straight into the MMA (exact products, fp32 sums). Not on CPU tensors: the
-    Triton interpreter's dot misreads bf16 (test_cuda_interpret.py), so it gets the same operands
-    widened to fp32, which gives the same products."""
-    return x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cuda"
 
 
 def route(
@@ -210,11 +212,12 @@ def _route_launch(partial_logits, bias, top_k, score_func, route_scale, input_id
 def _logits_kernel(
     x_ptr, w_ptr, partial_ptr, T, E, D, d_per_split, stride_xt, stride_xd, stride_we, stride_wd,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BF16_DOT: tl.constexpr,
-    GEMV: tl.constexpr = False, PDL: tl.constexpr = False,
+    SPLIT_W: tl.constexpr = False, GEMV: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """partial[s, t, e] = sum over d in slice s of x[t, d] * W[e, d], fp32 accumulation, for the
     [BLOCK_T, BLOCK_E] tile (program 0, program 1) of slice program 2. GEMV: the CUDA-core tile of
-    :func:`.linear.fp32_gemv_tile`, without padding the tokens to an MMA's 16 rows."""
+    :func:`.linear.fp32_gemv_tile`, without padding the tokens to an MMA's 16 rows. SPLIT_W: bf16
+    x against fp32 W, W as three exact bf16 parts (:func:`._numerics.split_dot`)."""
     wait_for_prior_grid(PDL)
     pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -234,7 +237,10 @@ def _logits_kernel(
             in_slice = cols[None, :] < hi
             xa = tl.load(x_rows + cols[None, :] * stride_xd, mask=(offs_t[:, None] < T) & in_slice, other=0.0)
             wa = tl.load(w_rows + cols[None, :] * stride_wd, mask=(offs_e[:, None] < E) & in_slice, other=0.0)
-            acc = exact_dot(xa, tl.trans(wa), acc, BF16_DOT)
+            if SPLIT_W:
+                acc = split_dot(xa, tl.trans(wa), acc, False, BF16_DOT)
+            else:
+                acc = exact_dot(xa, tl.trans(wa), acc, BF16_DOT)
     out = partial_ptr + (pid_s * T + offs_t[:, None]).to(tl.int64) * E + offs_e[None, :]
     tl.store(out, acc, mask=(offs_t[:, None] < T) & (offs_e[None, :] < E))
 

@@ -169,10 +169,12 @@ def _act_quant_gemm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
 
 def _moe_gate(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     scores, magnitude = gate_scores(a["x"], a["weight"], a["score_func"])
-    # logits carry gamma_D * sum|x w|; every score function moves by at most 2x its logit's error
-    # (sqrt(softplus)' <= 1/2, sigmoid' <= 1/4, softmax <= 2 max|dlogit|); both sides of a
-    # comparison err, hence 4x, plus a few fp32 roundings of the score itself.
-    score_err = gamma(a["x"].shape[1] + 8) * magnitude
+    # logits carry gamma_3D * sum|x w| (D exact products summed in fp32, 3D where a kernel
+    # splits an fp32 W into three exact bf16 parts for the tensor cores); every score function
+    # moves by at most 2x its logit's error (sqrt(softplus)' <= 1/2, sigmoid' <= 1/4, softmax <=
+    # 2 max|dlogit|); both sides of a comparison err, hence 4x, plus a few fp32 roundings of the
+    # score itself.
+    score_err = gamma(3 * a["x"].shape[1] + 8) * magnitude
     top_k = a["top_k"]
     weights = Close(rtol=4 * float(score_err.max()) + gamma(2 * top_k + 8))
     renormalise = a["score_func"] != "softmax"
@@ -455,10 +457,11 @@ RULES: dict[str, Rule] = {
     ),
     "moe_gate": Rule(
         (
-            ("indices", "selection, tol 4·γ(D+8)·max_e Σ\\|x W_e\\| + 8u·\\|score\\|",
-             "fp32 logits err by γ_D relative to Σ\\|x w\\|; score functions have slope <= 2; near-ties may "
+            ("indices", "selection, tol 4·γ(3D+8)·max_e Σ\\|x W_e\\| + 8u·\\|score\\|",
+             "fp32 logits err by γ_D relative to Σ\\|x w\\| (γ_3D where a kernel splits an fp32 W into three "
+             "exact bf16 parts for the tensor cores); score functions have slope <= 2; near-ties may "
              "resolve either way, exact ties must go to the smaller expert; hash routing: exact"),
-            ("weights", "rtol 4·γ(D+8)·max Σ\\|x W\\| + γ(2k+8)",
+            ("weights", "rtol 4·γ(3D+8)·max Σ\\|x W\\| + γ(2k+8)",
              "scores' relative error <= their logit error (sqrt∘softplus, sigmoid, softmax); renormalising "
              "adds k+1 roundings; compared for the kernel's own selection"),
         ),
