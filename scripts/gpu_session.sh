@@ -65,7 +65,8 @@ STEPS=(
 )
 # Run only when --only names them: every new kernel's rows once at quick shapes (the fallback when
 # the full steps fail); the router's rows (measured on the H200 on 2026-11-26; its bf16 path is
-# unchanged since); the end-to-end model against transformers at 1k and 4k context (minutes, 32 GB of GPU
+# unchanged since, its fp32-weight path, the model's gate, takes the tensor cores since 2026-11-27);
+# the end-to-end model against transformers at 1k and 4k context (minutes, 32 GB of GPU
 # memory, 22 GB of temporary disk; wheels carried in .whl/, transformers >= 5.23, go first), or at
 # 4k alone with the quick run's 16 decode steps (bench-model-4k.json: a device call of its own); and
 # the experts' launch-config sweep (V4-Flash, quick: first the end-to-end bench's prefill calls at 1k

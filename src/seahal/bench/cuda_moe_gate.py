@@ -1,6 +1,8 @@
 """GPU benchmark of the cuda backend's MoE router (op ``moe_gate``) beside the reference run in torch.
 
-Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts; the
+Rows: the whole op (gate GEMM + routing) at E=256, top-6, D=4096 for several token counts, over a
+bf16 W and over an fp32 W (the model's gate: a GEMV up to 4 tokens, W's three bf16 parts on the
+tensor cores above); the
 routing stage alone from fp32 logits [T, 256] (what the anchors'
 "16384 x 256" goal counts: 16.8 MB read -> 5.6 us at 3.0 TB/s), also on one warp a program
 (``route_warps=1``, no block barrier in the top-k rounds); hash routing. The peer is the CPU
@@ -29,13 +31,15 @@ from seahal.bench.common import time_cuda as _bench
 E, TOP_K, D = 256, 6, 4096
 FULL_TOKENS = (1, 16, 64, 256, 4001, 16384)
 QUICK_FULL_TOKENS = (1, 256, 16384)
+FP32_W_TOKENS = (1, 1024, 16384)
+QUICK_FP32_W_TOKENS = (1024,)
 ROUTE_TOKENS = (256, 4001, 16384)
 
 
-def _inputs(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(t: int, weight_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(t)
     x = torch.randn(t, D, device="cuda", generator=gen).bfloat16()
-    weight = (torch.randn(E, D, device="cuda", generator=gen) * D**-0.5).bfloat16()
+    weight = (torch.randn(E, D, device="cuda", generator=gen) * D**-0.5).to(weight_dtype)
     return x, weight, torch.randn(E, device="cuda", generator=gen) * 0.1
 
 
@@ -78,11 +82,13 @@ def run(quick: bool = False, json_path: str | None = None) -> list[dict]:
     from seahal.backends.cuda.moe_gate import ROUTE_WARPS, gate_logits, route
 
     rows = []
-    for t in QUICK_FULL_TOKENS if quick else FULL_TOKENS:
-        x, weight, bias = _inputs(t)
+    full = [("full", torch.bfloat16, t) for t in (QUICK_FULL_TOKENS if quick else FULL_TOKENS)]
+    full += [("full, fp32 W", torch.float32, t) for t in (QUICK_FP32_W_TOKENS if quick else FP32_W_TOKENS)]
+    for name, weight_dtype, t in full:
+        x, weight, bias = _inputs(t, weight_dtype)
         nbytes = x.nbytes + weight.nbytes + bias.nbytes + t * TOP_K * 8
         args = (x, weight, bias, TOP_K, "sqrtsoftplus", 1.5)
-        rows.append(_row("full", t, partial(_two_launch, *args), partial(reference, *args), nbytes, quick))
+        rows.append(_row(name, t, partial(_two_launch, *args), partial(reference, *args), nbytes, quick))
         print(rows[-1], flush=True)
     for t in ROUTE_TOKENS:
         x, weight, bias = _inputs(t)
