@@ -156,6 +156,15 @@ SCALES = (torch.float32,) + E8M0
 INDEX = (torch.int32, torch.int64)
 
 
+def check_rotation(c: Contract, positions: object, freqs: object) -> None:
+    """A RoPE's operands, after the rotated tensor [B, S, H, D]: positions [B, S] int, freqs [R]
+    fp32/fp64 with 2R <= D: the ``rope`` and ``rms_norm_rope`` contracts, and the attention
+    output's inverse rotation."""
+    c.tensor("positions", positions, ["B", "S"], INDEX)
+    c.tensor("freqs", freqs, ["R"], (torch.float32, torch.float64))
+    c.require(2 * c.dims["R"] <= c.dims["D"], f"freqs covers {2 * c.dims['R']} dims, more than D={c.dims['D']}")
+
+
 def check_norm_parameters(c: Contract, weight: object, eps: object) -> None:
     """An RMSNorm's weight ([D] fp32/fp64, or None; D bound by x) and eps (a float >= 0): the
     ``rms_norm`` and ``rms_norm_rope`` contracts."""

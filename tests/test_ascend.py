@@ -18,7 +18,7 @@ from vendor_emulation import emulated
 from seahal import hal
 from seahal.cli import main
 from seahal.hal.info import collect, format_text
-from seahal.testing.cases import Case, hc_case, requirements
+from seahal.testing.cases import Case, cases_for, hc_case, requirements
 from seahal.testing.conformance import run_case, run_conformance, targets
 
 A2, A3, A5 = 220, 250, 260
@@ -187,6 +187,30 @@ def test_mhc_norm_weight_is_the_portable_rms_norm_of_the_vendor_collapse():
                     assert all(torch.equal(a, b) for a, b in zip(y[1:], plain[1:])), (op, d)
                     y, plain = y[0], plain[0]
                 assert torch.equal(y, rms_norm(plain, norm_weight, args[-1])), (op, d)
+
+
+@pytest.mark.parametrize("soc", [A2, A5])
+def test_attention_rotated_back_is_its_own_attention_then_its_own_rope(soc):
+    """With positions and freqs, sparse_attention's output is npu_sparse_flash_attention's then the
+    inverse rope, bit for bit: the backend's rope on npu_rotary_mul on A2 (called once a case), the
+    portable rope on the 950 (npu_rotary_mul never called). The bf16 rotated cases: V4's D = 512 with
+    64 rotated dims, int32 and int64 positions, one row per sequence and one shared row (stride 0)."""
+    from seahal.backends.cpu.reference.rope import rope as portable_rope
+
+    cases = [c for c in cases_for("sparse_attention")
+             if c.name.startswith("output rotated back") and c.calls[0][0].dtype == torch.bfloat16]
+    assert len(cases) >= 4
+    with emulated("torch_npu", backend="ascend", settings={"soc_version": soc}):
+        from seahal.backends.ascend import attention, rope
+
+        own_rope = rope.rope if soc == A2 else portable_rope
+        for case in cases:
+            *args, positions, freqs = case.calls[0]
+            plain = attention.sparse_attention(*args)
+            with _vendor_calls(rope, "npu_rotary_mul") as calls:
+                got = attention.sparse_attention(*args, positions, freqs)
+            assert len(calls["npu_rotary_mul"]) == (soc == A2), case.name
+            assert torch.equal(got, own_rope(plain, positions, freqs, True)), case.name
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,6 +178,16 @@ def test_sparse_attention_with_sinks(kernels):
     assert_matches_contract("sparse_attention", args, kernels.attention.sparse_attention(*args))
 
 
+def test_sparse_attention_rotated_back_on_rotary_mul(kernels, monkeypatch):
+    """The output's inverse RoPE on an A2 (interleaved npu_rotary_mul): V4's D = 512 with 64 rotated dims."""
+    monkeypatch.setattr(kernels.attention.torch_npu, "npu", types.SimpleNamespace(get_soc_version=lambda: 220),
+                        raising=False)
+    q, kv, indices = meta(2, 5, 64, 512), meta(2, 40, 512), meta(2, 5, 24, dtype=torch.int32)
+    rotation = (meta(2, 5, dtype=torch.int64), meta(32, dtype=torch.float32))
+    args = (q, kv, indices, meta(64, dtype=torch.float32), 0.04, *rotation)
+    assert_matches_contract("sparse_attention", args, kernels.attention.sparse_attention(*args))
+
+
 def test_indexer_paged_keys(kernels):
     q, weights, keys = meta(2, 7, 64, 128), meta(2, 7, 64, dtype=torch.float32), meta(2, 300, 128)
     args = (q, weights, keys, 4, 1200, 512)

@@ -171,6 +171,34 @@ def test_attention_splits_heads_beyond_tmos_per_call_limit():
         torch.testing.assert_close(got[0, s], scores[:, :-1] @ kv[0, picked], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fp32_rotary", [True, False])
+def test_attention_rotated_back_is_its_own_attention_then_its_own_rope(fp32_rotary, monkeypatch):
+    """With positions and freqs, sparse_attention's output is its own tmo attention then the inverse
+    rope, bit for bit: the backend's rope on apply_rotary (called once a case) where the fp32 rotary
+    probe passed, the portable rope where it failed. The rotated cases: bf16 and fp32, V4's D = 512
+    with 64 rotated dims, int32 and int64 positions, one row per sequence and one shared row."""
+    from seahal.backends.cpu.reference.rope import rope as portable_rope
+    from seahal.testing.cases import cases_for
+
+    cases = [c for c in cases_for("sparse_attention") if c.name.startswith("output rotated back")]
+    assert len(cases) >= 5
+    with mlu() as tmo_emulation:
+        from seahal.backends.cambricon import attention, probe, rope
+
+        if not fp32_rotary:
+            monkeypatch.setattr(probe, "fp32_rotary_works", lambda: "fp32 apply_rotary probe failed (test)")
+        assert (probe.fp32_rotary_works() is None) == fp32_rotary  # probed here, before the calls counted
+        own_rope = rope.rope if fp32_rotary else portable_rope
+        for case in cases:
+            *args, positions, freqs = case.calls[0]
+            plain = attention.sparse_attention(*args)
+            before = len(tmo_emulation._emulation.CALLS)
+            got = attention.sparse_attention(*args, positions, freqs)
+            called = [c[0] for c in tmo_emulation._emulation.CALLS[before:]]
+            assert called.count("apply_rotary") == fp32_rotary and "single_query_cached_kv_attn" in called, case.name
+            assert torch.equal(got, own_rope(plain, positions, freqs, True)), case.name
+
+
 # --------------------------------------------------------------------------------------------
 # The signature table
 # --------------------------------------------------------------------------------------------

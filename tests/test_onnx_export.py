@@ -7,8 +7,8 @@ FP8 KV records, FP4 indexer keys), also run with FP8 indexer keys (``fp8_keys``)
 (19 tokens) wraps the 16-slot window ring and completes CSA and HCA entries; one decode graph then
 runs every position up to the capacity (19..31), feeding its present cache back as past: it
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
-hc_pre and hc_head are also exported on their own, with and without norm_weight (the model calls
-one form only).
+hc_pre and hc_head are also exported on their own, with and without norm_weight, and
+sparse_attention and sparse_attention_fp8 with and without positions (the model calls one form only).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ pytest.importorskip("onnxscript")
 from onnx import inliner  # noqa: E402
 
 from seahal import hal  # noqa: E402
+from seahal.backends.cpu.reference.quant import kv_cache_pack  # noqa: E402
 from seahal.cli import main  # noqa: E402
 from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
@@ -305,6 +306,55 @@ def test_hc_norm_weight_exports_the_normed_functions(tmp_path):
     got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
     names = ["y_normed", "post_normed", "comb_normed", "y", "post", "comb", "head_normed", "head"]
     for name, actual, expected in zip(names, got, module(*args), strict=True):
+        _assert_close(actual, expected, DENSE_RTOL, name)
+
+
+class _Attentions(nn.Module):
+    """sparse_attention and sparse_attention_fp8 (records of kv_cache_pack with rope_dim = tile =
+    16), each with and without positions, through a plan's ops."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, q, kv, records, indices, sink, positions, freqs):
+        scale = q.shape[-1] ** -0.5
+        dense, packed = (q, kv, indices, sink, scale), (q, records, indices, sink, scale, 16, 16)
+        return (
+            self.ops.sparse_attention(*dense, positions, freqs), self.ops.sparse_attention(*dense),
+            self.ops.sparse_attention_fp8(*packed, positions, freqs), self.ops.sparse_attention_fp8(*packed),
+        )
+
+
+def test_attention_positions_export_the_rotated_functions(tmp_path):
+    """sparse_attention / sparse_attention_fp8 traced with and without positions and freqs become
+    seahal::sparse_attention_rotated / sparse_attention and sparse_attention_fp8_rotated /
+    sparse_attention_fp8 nodes, and onnxruntime's outputs match the CPU reference's."""
+    ops = ["sparse_attention", "sparse_attention_fp8"]
+    plan = hal.plan("cpu", ops, announce=False, environ={"SEAHAL_OPS": ",".join(f"{op}=cpu.reference" for op in ops)})
+    g = torch.Generator().manual_seed(6)
+    batch, seq, heads, dim, rows = 2, 5, 4, 64, 16
+    kv = torch.randn(batch, rows, dim, generator=g)
+    indices = torch.randint(-1, rows, (batch, seq, 8), generator=g, dtype=torch.int32)
+    positions = torch.arange(seq) + torch.tensor([[3], [40]])
+    args = (
+        torch.randn(batch, seq, heads, dim, generator=g), kv, kv_cache_pack(kv, 16, 16), indices,
+        torch.randn(heads, generator=g), positions, 10000.0 ** -(torch.arange(8) / 8),
+    )
+    module = _Attentions(plan)
+    program = torch.export.export(module, args)
+    table = {plan[op].torch_op: _translation(op, plan[op].torch_op) for op in ops}
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
+                                     optimize=False, verbose=False)
+    _attach_functions(onnx_program.model)
+    onnx_program.save(tmp_path / "attentions.onnx")
+    proto = onnx.load(tmp_path / "attentions.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    calls = [n.op_type for n in proto.graph.node if n.domain == "seahal"]
+    assert calls == ["sparse_attention_rotated", "sparse_attention", "sparse_attention_fp8_rotated", "sparse_attention_fp8"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+    for name, actual, expected in zip(calls, got, module(*args), strict=True):
         _assert_close(actual, expected, DENSE_RTOL, name)
 
 

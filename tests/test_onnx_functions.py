@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto
 
 from seahal import hal
+from seahal.backends.cpu.reference import attention as ref_attention
 from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import gemm as ref_gemm
 from seahal.backends.cpu.reference import indexer as ref_indexer
@@ -29,6 +30,8 @@ from seahal.backends.cpu.reference import quant as ref_quant
 from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
 from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.onnx import functions as F
+from seahal.testing.cases import sparse_attention_case, sparse_attention_fp8_case
+from seahal.testing.conformance import float64_positions
 from seahal.testing.tolerances import checks_for
 
 
@@ -381,6 +384,47 @@ def test_hc_norm_weight_normalises_the_rounded_collapse(op, dtype):
         for check in checks_for(op, call):
             verdict = check.check.compare(got[check.outputs], want[check.outputs])
             assert verdict.ok, (norm_weight is not None, check.label, verdict.detail)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("op", ["sparse_attention", "sparse_attention_fp8"])
+def test_attention_positions_rotate_the_rounded_output_back(op, dtype):
+    """sparse_attention / sparse_attention_fp8 with positions and freqs select
+    sparse_attention_rotated / sparse_attention_fp8_rotated (the onnxruntime backend passes them
+    on): the output is the rope function's inverse rotation of the plain function's output, which
+    is rounded to q's dtype first, bit for bit. Both calls are held to the float64 CPU reference by
+    the conformance rules. The sequences sit at different positions (per-sequence angles); query 0
+    has no valid key (its zero output stays zero); the fp8 records are one pool the batch shares
+    (batch stride 0), which the rotated function takes with batch 1 as the plain one does."""
+    from seahal.backends.onnxruntime import kernels
+
+    seed = 3 * (op == "sparse_attention_fp8") + dtype.itemsize
+    if op == "sparse_attention":
+        (args,) = sparse_attention_case(op, seed, dtype=dtype, indices="empty-query").calls
+    else:
+        (args,) = sparse_attention_fp8_case(op, seed, dtype=dtype, indices="empty-query", layout="pool").calls
+    batch, seq = args[0].shape[:2]
+    positions = torch.arange(seq) + torch.tensor([[0], [37]])[:batch]  # [B, S] int64, as the model's
+    freqs = 10000.0 ** -(torch.arange(8) / 8)  # 2R = 16 <= D: the last 16 dims rotate
+    rotation = (positions, freqs)
+    assert F.select(op, {"positions": None, "freqs": None}).name == op
+    assert F.select(op, {"positions": positions, "freqs": freqs}).name == f"{op}_rotated"
+    assert F.FUNCTIONS[f"{op}_rotated"].inputs == (*F.FUNCTIONS[op].inputs, "positions", "freqs")
+    assert F.FUNCTIONS[f"{op}_rotated"].attributes == F.FUNCTIONS[op].attributes
+
+    run = getattr(kernels, op)
+    plain = run(*args)
+    rotated = run(*args, *rotation)
+    assert rotated.dtype == dtype and rotated.shape == plain.shape
+    assert torch.equal(_bits(rotated), _bits(kernels.rope(plain, positions, freqs, inverse=True)))
+    assert not torch.equal(rotated, plain) and not rotated[:, 0].any()
+
+    for got, call in ((plain, args), (rotated, (*args, *rotation))):
+        upcast = float64_positions(op, call)
+        want = getattr(ref_attention, op)(*(a.double() if i in upcast else a for i, a in enumerate(call)))
+        (check,) = checks_for(op, call)
+        verdict = check.check.compare(got, want)
+        assert verdict.ok, (got is rotated, verdict.detail)
 
 
 def _index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:

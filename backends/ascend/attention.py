@@ -4,6 +4,9 @@ tensors marshalled to the vendor's TND (token-major) layouts.
 
 V4's window + compressed attention (CSA/HCA) reaches the HAL as one explicit index list per query
 (the model composes window and compressed indices), so one vendor op serves all three layer kinds.
+The output's inverse RoPE (``positions``, ``freqs``) follows the vendor attention as the backend's
+own ``rope`` (``npu_rotary_mul``) on the chips that have its interleave mode (A2/A3), else as the
+portable rope (the 950, whose plan runs ``rope`` on the portable kernel too).
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from __future__ import annotations
 import torch
 import torch_npu
 
+from seahal.backends.cpu.reference.rope import rope as portable_rope
+
 from ._portable import portable
+from .chips import family
+from .rope import rope
 
 INDEXER_HEAD_DIM = 128
 INDEXER_MAX_HEADS = 64
@@ -28,22 +35,29 @@ def _valid_first(indices: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, softmax_scale: float
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``sparse_attention`` contract on ``torch_npu.npu_sparse_flash_attention``.
 
-    q: [B, S, H, D] bf16, kv: [B, N, D] (K = V), indices: [B, S, K] (-1 empty), sink: [H]
-    -> [B, S, H, D] bf16. Called as
+    q: [B, S, H, D] bf16, kv: [B, N, D] (K = V), indices: [B, S, K] (-1 empty), sink: [H],
+    positions: [B, S] int or None, freqs: [R] fp32 or None -> [B, S, H, D] bf16. Called as
     ``npu_sparse_flash_attention(query [B*S, H, D], key = value [B, N, 1, D], sparse_indices
     [B*S, 1, K] int32, softmax_scale, *, actual_seq_lengths_query = (1..B)*S,
     actual_seq_lengths_kv = N per batch, layout_query="TND", layout_kv="BSND", sparse_mode=0,
     sinks=sink fp32)``: sparse_mode 0 because the indices already say what each query sees.
+    With positions, ``o = rope(o, positions, freqs, inverse=True)`` after it (:func:`_rotated_back`).
     """
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise NotImplementedError(f"npu_sparse_flash_attention takes bf16/fp16 queries, got {q.dtype}")
     b, s, h, d = q.shape
     n, k = kv.shape[1], indices.shape[-1]
-    if q.numel() == 0 or n == 0 or k == 0:  # the vendor rejects empty inputs; nothing to attend to
+    if q.numel() == 0 or n == 0 or k == 0:  # the vendor rejects empty inputs; nothing to attend to (0 rotates to 0)
         return torch.zeros_like(q)
     key = kv.to(q.dtype).unsqueeze(2).contiguous()
     device = q.device
@@ -60,7 +74,16 @@ def sparse_attention(
         sparse_mode=0,
         sinks=sink.float(),
     )
-    return out.view(b, s, h, d)
+    o = out.view(b, s, h, d)
+    return o if positions is None else _rotated_back(o, positions, freqs)
+
+
+def _rotated_back(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``rope(o, positions, freqs, inverse=True)``: :func:`.rope.rope` on ``npu_rotary_mul`` where the
+    chip has its interleave mode (A2/A3, ``chips.py``), else the portable rope (the 950)."""
+    chip = family(torch_npu.npu.get_soc_version())
+    rotate = rope if chip is not None and chip.rotary_mul_interleave else portable_rope
+    return rotate(o, positions, freqs, True)
 
 
 def indexer_topk(

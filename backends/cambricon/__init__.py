@@ -3,7 +3,8 @@
 Eight ops have a tmo kernel (``cambricon.tmo``): moe_gate (``moe_softplus_topk`` and friends),
 moe_experts (``moe_gen_idx`` -> ``group_gemm`` x2 -> ``moe_combine_result``), fp8_gemm
 (``scaled_matmul``), kv_compress (``fused_compress_multi_kv``), sparse_attention
-(``single_query_cached_kv_attn`` with ``learnable_sink``), hc_pre (``hc_split_sinkhorn``),
+(``single_query_cached_kv_attn`` with ``learnable_sink``; its output's inverse RoPE on
+``apply_rotary``), hc_pre (``hc_split_sinkhorn``),
 hc_post (``fused_mhc_post``) and rope (``apply_rotary``, forward and inverse; rms_norm_rope too, after
 the portable norm), and act_quant_gemm as the portable quantisation then fp8_gemm. Every other op,
 and every call a tmo function cannot take, runs on the portable reference (pure torch,

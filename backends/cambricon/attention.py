@@ -12,14 +12,20 @@ table lists the cache slots it attends to, K = V (``v_cache=None``, MLA-style sh
   ``context_lens = #valid``: tmo reads the first ``context_lens`` entries only;
 - tmo limits ``seq_q * heads_per_kv_head`` to 128 (256 for a bf16 cache) on unquantised caches,
   so the heads go in chunks of that size, as vllm-mlu does;
-- a query with no valid index gets 0 (the contract), whatever the vendor op leaves there.
+- a query with no valid index gets 0 (the contract), whatever the vendor op leaves there;
+- with ``positions`` and ``freqs`` the output then takes its query's inverse RoPE: the backend's
+  own ``rope`` (``apply_rotary``) where the fp32 rotary probe passed, else the portable rope (the
+  plan runs ``rope`` on the portable kernel too then).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import tmo
+from seahal.backends.cpu.reference.rope import rope as portable_rope
+
+from . import probe, tmo
+from .rope import rope
 from .route import portable
 
 HEAD_LIMIT = {torch.bfloat16: 256}
@@ -39,18 +45,26 @@ def _block_table(indices: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, tor
 
 
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, softmax_scale: float
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One softmax over each query's selected keys, K = V, sink in the denominator
+    """One softmax over each query's selected keys, K = V, sink in the denominator, then with
+    positions the output's inverse RoPE ``rope(o, positions, freqs, inverse=True)``
     (contract: ``hal.ops.attention.sparse_attention``).
 
-    q: [B, S, H, D], kv: [B, N, D], indices: [B, S, K] int, sink: [H] fp32 -> [B, S, H, D] in q's dtype.
+    q: [B, S, H, D], kv: [B, N, D], indices: [B, S, K] int, sink: [H] fp32, positions: [B, S] int or
+    None, freqs: [R] fp32 or None -> [B, S, H, D] in q's dtype.
     """
     why = tmo.lacks("single_query_cached_kv_attn", "learnable_sink")
     if q.dtype == torch.float64:
         why = "float64 attention (tmo computes in fp32 at most)"
     if why is not None:
-        return portable("sparse_attention", why)(q, kv, indices, sink, softmax_scale)
+        return portable("sparse_attention", why)(q, kv, indices, sink, softmax_scale, positions, freqs)
     batch, seq, heads, dim = q.shape
     n_slots = kv.shape[1]
     table, context_lens = _block_table(indices, n_slots)
@@ -81,5 +95,12 @@ def sparse_attention(
             learnable_sink=sink[heads_here].float().contiguous(),
         )
         out[:, :, heads_here] = result
-    out = torch.where((context_lens > 0).view(-1, 1, 1, 1), out, 0)
-    return out.reshape(batch, seq, heads, dim)
+    out = torch.where((context_lens > 0).view(-1, 1, 1, 1), out, 0).reshape(batch, seq, heads, dim)
+    return out if positions is None else _rotated_back(out, positions, freqs)
+
+
+def _rotated_back(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``rope(o, positions, freqs, inverse=True)``: :func:`.rope.rope` on ``apply_rotary`` where it
+    rotates fp32 on this MLU (:func:`.probe.fp32_rotary_works`), else the portable rope."""
+    rotate = rope if probe.fp32_rotary_works() is None else portable_rope
+    return rotate(o, positions, freqs, True)

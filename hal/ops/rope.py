@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import INDEX, Contract, check_norm_parameters
+from ..checks import Contract, check_norm_parameters, check_rotation
 from ..spec import Out, define_op
 
 
@@ -59,15 +59,8 @@ def rope(x, positions, freqs, inverse=False):
     """
     c = Contract("rope")
     c.tensor("x", x, ["B", "S", "H", "D"], (torch.bfloat16, torch.float32, torch.float64))
-    _check_rotation(c, positions, freqs)
+    check_rotation(c, positions, freqs)
     return Out(tuple(x.shape), x.dtype)
-
-
-def _check_rotation(c: Contract, positions, freqs) -> None:
-    """The rotation's operands, after x [B, S, H, D]: positions [B, S] int, freqs [R] with 2R <= D."""
-    c.tensor("positions", positions, ["B", "S"], INDEX)
-    c.tensor("freqs", freqs, ["R"], (torch.float32, torch.float64))
-    c.require(2 * c.dims["R"] <= c.dims["D"], f"freqs covers {2 * c.dims['R']} dims, more than D={c.dims['D']}")
 
 
 @define_op(
@@ -90,5 +83,5 @@ def rms_norm_rope(x, weight, eps, positions, freqs):
     c = Contract("rms_norm_rope")
     c.tensor("x", x, ["B", "S", "H", "D"], (torch.bfloat16, torch.float32, torch.float64))
     check_norm_parameters(c, weight, eps)
-    _check_rotation(c, positions, freqs)
+    check_rotation(c, positions, freqs)
     return Out(tuple(x.shape), x.dtype)

@@ -16,7 +16,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
   argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
   ``hadamard_rotate_fp4``, ``hc_pre`` and ``hc_head`` (no ``norm_weight``), ``hc_pre_normed`` and
-  ``hc_head_normed``.
+  ``hc_head_normed``, ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``),
+  ``sparse_attention_rotated`` and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``:
+  the output's inverse RoPE).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
@@ -985,6 +987,17 @@ def sparse_attention(q, kv, indices, sink, softmax_scale: float):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def sparse_attention_rotated(q, kv, indices, sink, positions, freqs, softmax_scale: float):
+    """sparse_attention with the output's inverse RoPE: positions [B, S] int, freqs [R] ->
+    [B, S, H, D] in q's dtype.
+
+    ``rope(sparse_attention(q, kv, indices, sink, scale), positions, freqs, inverse=1)``: o rounded
+    to q's dtype, then each head's last 2R dims rotated in pairs by ``theta = -positions * freqs``
+    (fp32), rounded to q's dtype."""
+    return rope(sparse_attention(q, kv, indices, sink, softmax_scale=softmax_scale), positions, freqs, inverse=1)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def sparse_attention_fp8(q, records, indices, sink, softmax_scale: float, rope_dim: int = 64, tile: int = 64):
     """sparse_attention over packed FP8 KV records: q [B, S, H, D], records [B, N, record] uint8
     (or [1, N, record]: a pool the batch shares), indices [B, S, K] (-1 = empty), sink [H]
@@ -997,6 +1010,17 @@ def sparse_attention_fp8(q, records, indices, sink, softmax_scale: float, rope_d
     nope = op.Shape(q, start=-1) - op.Reshape(op.Constant(value_int=rope_dim), [1])
     values = op.CastLike(unpack_records(picked, nope, rope_dim=rope_dim, tile=tile), q)
     return attend(q, values, idx >= 0, sink, softmax_scale=softmax_scale)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def sparse_attention_fp8_rotated(
+    q, records, indices, sink, positions, freqs, softmax_scale: float, rope_dim: int = 64, tile: int = 64,
+):
+    """sparse_attention_fp8 with the output's inverse RoPE, as :func:`sparse_attention_rotated`:
+    ``rope(sparse_attention_fp8(q, records, indices, sink, scale, rope_dim, tile), positions, freqs,
+    inverse=1)``."""
+    o = sparse_attention_fp8(q, records, indices, sink, softmax_scale=softmax_scale, rope_dim=rope_dim, tile=tile)
+    return rope(o, positions, freqs, inverse=1)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -1076,8 +1100,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "kv_compress_fp8": ("kv_compress_fp8",),
     "indexer_topk": ("indexer_topk",),
     "indexer_topk_packed": ("indexer_topk_packed_fp4", "indexer_topk_packed_fp8"),
-    "sparse_attention": ("sparse_attention",),
-    "sparse_attention_fp8": ("sparse_attention_fp8",),
+    "sparse_attention": ("sparse_attention", "sparse_attention_rotated"),
+    "sparse_attention_fp8": ("sparse_attention_fp8", "sparse_attention_fp8_rotated"),
     "hc_pre": ("hc_pre", "hc_pre_normed"),
     "hc_post": ("hc_post",),
     "hc_head": ("hc_head", "hc_head_normed"),
@@ -1185,9 +1209,10 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_head), the weights'
-    format (moe_experts, grouped_linear, act_quant_gemm), the key format (indexer_topk_packed,
-    index_key_pack) or whether an FP4 rounding follows (hadamard_rotate) pick it."""
+    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_head, sparse_attention,
+    sparse_attention_fp8), the weights' format (moe_experts, grouped_linear, act_quant_gemm), the
+    key format (indexer_topk_packed, index_key_pack) or whether an FP4 rounding follows
+    (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -1206,6 +1231,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = op if args.get("weight") is not None else f"{op}_unweighted"
     elif op in ("hc_pre", "hc_head"):
         name = op if args.get("norm_weight") is None else f"{op}_normed"
+    elif op in ("sparse_attention", "sparse_attention_fp8"):
+        name = op if args.get("positions") is None else f"{op}_rotated"
     elif op == "hadamard_rotate":
         name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
     elif op in OPS:

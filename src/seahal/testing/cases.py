@@ -12,9 +12,10 @@ every offset mod m; top-k larger than the visible entries (``-1`` slots); batch 
 contents; exact ties in routing / indexer scores; every token routed to one expert and experts that
 receive no token; FP8 saturation (codes at ±448, quotients that round past 448); exact e4m3
 ties; zero and tiny tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided
-views, attention keys that are one pool expanded over the batch: a paged cache); bf16 and fp32
-data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8 indexer keys
-of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
+views, attention keys that are one pool expanded over the batch: a paged cache); attention outputs
+rotated back by their query's inverse RoPE (positions one row per sequence or one shared row);
+bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8
+indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -638,15 +639,39 @@ def _attention_inputs(
     return q, kv, idx, sinks
 
 
+def _rope_freqs(rope: int, yarn: bool) -> torch.Tensor:
+    """The frequencies of ``rope`` rotated dims: base 10000, or base 160000 with YaRN (factor 4,
+    original length 64)."""
+    return rope_frequencies(rope, 160000.0, Yarn(4, 64)) if yarn else rope_frequencies(rope, 10000.0)
+
+
+def _output_rotation(
+    r: _Rand, b: int, s: int, rotate: int, yarn: bool, pos_dtype: torch.dtype, positions: str
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+    """The attention output's inverse RoPE arguments ``(positions, freqs)``, or none for ``rotate=0``.
+
+    positions [B, S] random in [0, 1000) (|theta| < 2^10, see tolerances); ``positions="shared"``:
+    one row [1, S] expanded over the batch (batch stride 0, as a batch of sequences at the same
+    offsets shares one row). freqs of the last ``rotate`` dims (:func:`_rope_freqs`).
+    """
+    if not rotate:
+        return ()
+    rows = r.ints(0, 1000, 1 if positions == "shared" else b, s, dtype=pos_dtype).expand(b, s)
+    return rows, _rope_freqs(rotate, yarn)
+
+
 def sparse_attention_case(
     name: str, seed: int, b: int = 2, s: int = 5, h: int = 4, d: int = 64, n: int = 16, k: int = 8, dtype=BF16,
     indices: str = "random", sink: str = "normal", window: int = 8, n_entries: int = 0, ratio: int = 4,
-    index_dtype=torch.int32, layout: str = "contiguous",
+    index_dtype=torch.int32, layout: str = "contiguous", rotate: int = 0, yarn: bool = False,
+    pos_dtype=torch.int64, positions: str = "random",
 ) -> Case:
     """Indices: ``random`` (a quarter -1); ``window`` (the model's prefill layout: raw tokens then
     compressed entries, n = s + n_entries); ``empty-query`` (query 0 has no valid slot);
     ``duplicates`` (repeated keys). Sinks: ``normal``; ``dominant`` (+6); ``neg-inf`` (head 0).
-    ``layout="pool"``: kv one pool of rows expanded over the batch (batch stride 0: a paged cache)."""
+    ``layout="pool"``: kv one pool of rows expanded over the batch (batch stride 0: a paged cache).
+    ``rotate`` > 0: the output's inverse RoPE on its last ``rotate`` dims (:func:`_output_rotation`,
+    drawn after every other value, so the cases without it keep theirs)."""
     r = _Rand(seed)
     q, kv, idx, sinks = _attention_inputs(r, b, s, h, d, n, k, indices, sink, window, n_entries, ratio)
     n = kv.shape[1]
@@ -656,14 +681,15 @@ def sparse_attention_case(
         q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
         kv = torch.cat((kv, r.normal(b, 3, d)), dim=1).to(dtype)[:, :n]  # a prefix of a longer cache
     args = (q.to(dtype), kv.to(dtype), idx.to(index_dtype), sinks, d**-0.5)
-    return _case("sparse_attention", name, args)
+    return _case("sparse_attention", name, args + _output_rotation(r, b, s, rotate, yarn, pos_dtype, positions))
 
 
 def sparse_attention_fp8_case(
     name: str, seed: int, b: int = 2, s: int = 5, h: int = 4, d: int = 64, n: int = 16, k: int = 8,
     rope_dim: int = 16, tile: int = 16, dtype=BF16, indices: str = "random", sink: str = "normal", window: int = 8,
     n_entries: int = 0, ratio: int = 4, tile_spread: int = 4, subnormal: bool = False, q_std: float = 1.0,
-    index_dtype=torch.int32, layout: str = "contiguous",
+    index_dtype=torch.int32, layout: str = "contiguous", rotate: int = 0, yarn: bool = False,
+    pos_dtype=torch.int64, positions: str = "random",
 ) -> Case:
     """:func:`sparse_attention_case`'s inputs with the keys packed into FP8 records by the reference
     ``kv_cache_pack``: each nope tile scaled by ``2^u``, u uniform in [-tile_spread, tile_spread], so
@@ -671,7 +697,8 @@ def sparse_attention_fp8_case(
     nope element by 2^-14 (below 2^-6 of its tile's scale: subnormal e4m3 codes); ``q_std`` keeps
     the logits moderate under wide spreads. ``layout="strided"``: q transposed in memory, the
     records every other row of a longer buffer; ``"pool"``: the records one pool expanded over the
-    batch (batch stride 0: a paged cache)."""
+    batch (batch stride 0: a paged cache). ``rotate``, ``yarn``, ``pos_dtype``, ``positions``: the
+    output's inverse RoPE, as for :func:`sparse_attention_case`."""
     r = _Rand(seed)
     q, kv, idx, sinks = _attention_inputs(r, b, s, h, d, n, k, indices, sink, window, n_entries, ratio)
     n, nope = kv.shape[1], d - rope_dim
@@ -689,7 +716,7 @@ def sparse_attention_fp8_case(
         buffer[:, ::2] = records
         records = buffer[:, ::2]
     args = (q, records, idx.to(index_dtype), sinks, d**-0.5, rope_dim, tile)
-    return _case("sparse_attention_fp8", name, args)
+    return _case("sparse_attention_fp8", name, args + _output_rotation(r, b, s, rotate, yarn, pos_dtype, positions))
 
 
 def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str, dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -739,8 +766,7 @@ def rope_case(
     r = _Rand(seed)
     x = r.normal(b, s, h, d, dtype=dtype)
     positions = r.ints(0, 1000, b, s, dtype=pos_dtype)
-    freqs = rope_frequencies(rope, 160000.0, Yarn(4, 64)) if yarn else rope_frequencies(rope, 10000.0)
-    return _case("rope", name, (strided(x, layout), positions, freqs, inverse))
+    return _case("rope", name, (strided(x, layout), positions, _rope_freqs(rope, yarn), inverse))
 
 
 def rms_norm_rope_case(
@@ -753,8 +779,8 @@ def rms_norm_rope_case(
     x = r.normal(b, s, h, d) * torch.exp2(r.ints(-8, 9, b, s, h, 1).to(F32))
     weight = r.uniform(d, low=0.5, high=1.5) if weighted else None
     positions = r.ints(0, 1000, b, s, dtype=pos_dtype)
-    freqs = rope_frequencies(rope, 160000.0, Yarn(4, 64)) if yarn else rope_frequencies(rope, 10000.0)
-    return _case("rms_norm_rope", name, (strided(x.to(dtype), layout), weight, 1e-6, positions, freqs))
+    args = (strided(x.to(dtype), layout), weight, 1e-6, positions, _rope_freqs(rope, yarn))
+    return _case("rms_norm_rope", name, args)
 
 
 def rms_norm_case(
@@ -1080,6 +1106,16 @@ def _sparse_attention_cases(seed: int) -> list[Case]:
         c("head_dim 512", seed + 8, b=1, s=2, h=2, d=512, n=12, k=6),
         c("transposed q, kv prefix of a cache, int64 indices", seed + 9, layout="transposed", index_dtype=torch.int64),
         c("kv one pool shared by a batch of 3 (batch stride 0: a paged cache)", seed + 10, b=3, layout="pool"),
+        # the output rotated back by its query's inverse RoPE (V4, before the output projection)
+        c("output rotated back: last 16 dims, int64 positions", seed + 11, rotate=16),
+        c("output rotated back: fp32, YaRN, int32 positions", seed + 12, dtype=F32, rotate=16, yarn=True,
+          pos_dtype=torch.int32),
+        c("output rotated back: head_dim 512, rope 64, YaRN (V4 geometry)", seed + 13, b=1, s=2, h=2, d=512, n=12,
+          k=6, rotate=64, yarn=True),
+        c("output rotated back: prefill 11, window 8 + 2 compressed entries, int32 positions", seed + 14, s=11,
+          indices="window", n_entries=2, rotate=16, pos_dtype=torch.int32),
+        c("output rotated back: kv pool and positions [1, S] shared by a batch of 3 (stride 0)", seed + 15, b=3,
+          layout="pool", rotate=16, positions="shared"),
     ]
 
 
@@ -1101,6 +1137,14 @@ def _sparse_attention_fp8_cases(seed: int) -> list[Case]:
           subnormal=True, q_std=2.0**-10),
         c("transposed q, records every other row, int64 indices", seed + 10, layout="strided", index_dtype=torch.int64),
         c("records one pool shared by a batch of 3 (batch stride 0: a paged cache)", seed + 11, b=3, layout="pool"),
+        # the output rotated back by its query's inverse RoPE (V4, before the output projection)
+        c("output rotated back: V4 record, decode, rope 64, YaRN", seed + 12, s=1, h=3, d=512, rope_dim=64, tile=64,
+          n=12, k=6, rotate=64, yarn=True),
+        c("output rotated back: prefill 11, 200 B records, rope 64, int32 positions", seed + 13, s=11, d=128,
+          rope_dim=64, tile=64, indices="window", n_entries=2, rotate=64, pos_dtype=torch.int32),
+        c("output rotated back: fp32 q, last 16 dims", seed + 14, dtype=F32, rotate=16),
+        c("output rotated back: records pool and positions [1, S] shared by a batch of 3 (stride 0)", seed + 15,
+          b=3, layout="pool", rotate=16, positions="shared"),
     ]
 
 
@@ -1301,13 +1345,14 @@ def strategy(op: str):
             d=16 * draw(st.integers(1, 4)), n=draw(st.integers(1, 12)), k=draw(st.integers(1, 10)), dtype=draw(dtypes),
             indices=draw(st.sampled_from(["random", "empty-query", "duplicates"])),
             sink=draw(st.sampled_from(["normal", "dominant", "neg-inf"])),
-            layout=draw(st.sampled_from(["contiguous", "strided", "pool"]))),
+            layout=draw(st.sampled_from(["contiguous", "strided", "pool"])), **_draw_output_rotation(draw)),
         "sparse_attention_fp8": lambda draw: sparse_attention_fp8_case(
             "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 6)), h=draw(st.integers(1, 3)),
             d=16 + 16 * draw(st.integers(1, 3)), n=draw(st.integers(1, 12)), k=draw(st.integers(1, 10)),
             dtype=draw(dtypes), indices=draw(st.sampled_from(["random", "empty-query", "duplicates"])),
             sink=draw(st.sampled_from(["normal", "dominant", "neg-inf"])), tile_spread=draw(st.integers(0, 6)),
-            subnormal=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "strided", "pool"]))),
+            subnormal=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "strided", "pool"])),
+            **_draw_output_rotation(draw)),
         "hc_pre": lambda draw: _draw_hc(draw, "hc_pre"),
         "hc_post": lambda draw: _draw_hc(draw, "hc_post"),
         "hc_head": lambda draw: _draw_hc(draw, "hc_head"),
@@ -1381,6 +1426,19 @@ def _draw_moe_gate(draw) -> Case:
         hash_vocab=8 if hashed else 0, dtype=draw(st.sampled_from([BF16, F32])),
         variant=draw(st.sampled_from(["random", "tied-experts", "zero-token", "one-expert"])) if e >= 10 else "random",
     )
+
+
+def _draw_output_rotation(draw) -> dict[str, Any]:
+    """An attention case's output rotation, drawn half the time after its other draws: 2..16
+    rotated dims (every drawn D is >= 16), plain or YaRN frequencies, int32 or int64 positions,
+    one row per sequence or one shared row."""
+    from hypothesis import strategies as st
+
+    if not draw(st.booleans()):
+        return {}
+    return {"rotate": 2 * draw(st.integers(1, 8)), "yarn": draw(st.booleans()),
+            "pos_dtype": draw(st.sampled_from([torch.int32, torch.int64])),
+            "positions": draw(st.sampled_from(["random", "shared"]))}
 
 
 POSITION_FORMS = ("int", "tensor", "per-sequence")

@@ -215,11 +215,20 @@ def _indexer_topk_packed(d: _Draw):
     return (d.data(2, 5, 3, 32), d.param(2, 5, 3, scale=0.25), keys, "fp4", 4, 8, 3), {}
 
 
+def _output_rotation(d: _Draw) -> dict[str, torch.Tensor | None]:
+    """sparse_attention's output rotation (its query's inverse RoPE on the last 8 of 16 dims, int32
+    positions of the example's [2, 3] queries) with fp32/fp64 data, none with bf16: the suite's bf16
+    and fp32 example cases hold both forms."""
+    if d.dtype == torch.bfloat16:
+        return {"positions": None, "freqs": None}
+    return {"positions": d.ints(0, 1000, 2, 3), "freqs": rope_frequencies(8, 10000.0).to(d.param_dtype)}
+
+
 @_example("sparse_attention")
 def _sparse_attention(d: _Draw):
     """B=2, S=3 queries, H=4 heads of D=16, N=6 keys, K=4 slots (some -1)."""
     indices = d.ints(-1, 6, 2, 3, 4)
-    return (d.data(2, 3, 4, 16), d.data(2, 6, 16), indices, d.param(4), 16**-0.5), {}
+    return (d.data(2, 3, 4, 16), d.data(2, 6, 16), indices, d.param(4), 16**-0.5), _output_rotation(d)
 
 
 @_example("sparse_attention_fp8")
@@ -228,7 +237,7 @@ def _sparse_attention_fp8(d: _Draw):
     8-wide tile) + 8 bf16 RoPE dims + one scale byte padded to 8 = 32 bytes."""
     indices = d.ints(-1, 6, 2, 3, 4)
     records = kv_cache_pack(d.normal((2, 6, 16), 1.0, torch.float32), 8, 8)
-    return (d.data(2, 3, 4, 16), records, indices, d.param(4), 16**-0.5, 8, 8), {}
+    return (d.data(2, 3, 4, 16), records, indices, d.param(4), 16**-0.5, 8, 8), _output_rotation(d)
 
 
 def _hc_norm_weight(d: _Draw, dim: int) -> torch.Tensor | None:

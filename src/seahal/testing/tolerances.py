@@ -23,6 +23,7 @@ Index outputs of the selection ops (router, indexer) are compared by the scores 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -239,17 +240,17 @@ def _indexer_topk_packed(a: Mapping[str, Any]) -> tuple[Compared, ...]:
 
 
 def _sparse_attention(a: Mapping[str, Any]) -> tuple[Compared, ...]:
-    return _attention(a["q"], a["kv"], a["indices"], a["softmax_scale"])
+    return _attention(a, a["kv"])
 
 
 def _sparse_attention_fp8(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # the keys are the records decoded (exactly, so both sides attend identical rows): the dense rule on them.
-    q = a["q"]
-    kv = kv_cache_unpack(a["records"], q.shape[-1], a["rope_dim"], a["tile"])
-    return _attention(q, kv, a["indices"], a["softmax_scale"])
+    return _attention(a, kv_cache_unpack(a["records"], a["q"].shape[-1], a["rope_dim"], a["tile"]))
 
 
-def _attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, softmax_scale: float) -> tuple[Compared, ...]:
+def _attention(a: Mapping[str, Any], kv: torch.Tensor) -> tuple[Compared, ...]:
+    """The attention output over keys ``kv``, rotated back where positions are given."""
+    q, softmax_scale = a["q"], a["softmax_scale"]
     q_norm = float(q.to(torch.float64).norm(dim=-1).max()) if q.numel() else 0.0
     kv_norm = float(kv.to(torch.float64).norm(dim=-1).max()) if kv.numel() else 0.0
     # a logit is off by gamma_D * |q| |k| * scale (Cauchy-Schwarz); exp turns that into a relative
@@ -258,8 +259,31 @@ def _attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, softmax
     # inputs may round the probabilities to bf16 before PV (REF, FlashMLA): u_bf16 each.
     logit_err = gamma(q.shape[-1] + 8) * softmax_scale * q_norm * kv_norm
     prob_err = unit_roundoff(torch.bfloat16) if _low_precision(q) else 0.0
-    atol = (2 * logit_err + gamma(indices.shape[-1] + 8) + prob_err) * _max_abs(kv)
-    return (Compared("out", 0, Close(rtol=ulp(q.dtype), atol=atol)),)
+    atol = (2 * logit_err + gamma(a["indices"].shape[-1] + 8) + prob_err) * _max_abs(kv)
+    out = Close(rtol=ulp(q.dtype), atol=atol)
+    if a["positions"] is not None:
+        out = _rotated_back(out, _max_abs(kv), q.dtype, a["positions"], a["freqs"])
+    return (Compared("out", 0, out),)
+
+
+def _rotated_back(
+    o_rule: Close, o_max: float, dtype: torch.dtype, positions: torch.Tensor, freqs: torch.Tensor
+) -> Close:
+    """The rule of ``rope(o, positions, freqs, inverse=True)`` for an o in ``dtype`` with |o| <= o_max
+    that ``o_rule`` bounds: ``|o'_j - o_j| <= E_j = atol + rtol |o_j|`` (o' the kernel's o rounded to
+    dtype; its rtol is that rounding).
+
+    A rotation moves a pair (a, b) to (a c - b s, a s + b c), so element j of the rotated error
+    ``Delta = o' - o`` is at most ``|(Delta_a, Delta_b)|_2`` of its pair (Cauchy-Schwarz,
+    c^2 + s^2 = 1; reached at c = s = 1/sqrt2),
+    and ``|(E_a, E_b)|_2 <= sqrt2 atol + rtol |(a, b)|_2 <= sqrt2 (atol + rtol o_max)``: the relative
+    part becomes absolute, since a rotated element may be near 0 while its pair is not. Then rope's
+    own rule on o' (:func:`_rope_close`: the fp32 angle, cos/sin and products, rtol for the output's
+    rounding), to first order. The first D - 2R dims keep ``o_rule``, which this covers (rtol and
+    atol only grow).
+    """
+    rope = _rope_close(dtype, o_max, positions, freqs)
+    return Close(rtol=rope.rtol, atol=math.sqrt(2) * (o_rule.atol + o_rule.rtol * o_max) + rope.atol)
 
 
 def _mix_error(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, norm_eps: float) -> float:
@@ -344,13 +368,17 @@ def _hc_post(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(n + 2), atol=gamma(n + 2) * float(magnitude))),)
 
 
+def _rope_close(dtype: torch.dtype, x_max: float, positions: torch.Tensor, freqs: torch.Tensor) -> Close:
+    """rope's rule on x in ``dtype`` with |x| <= x_max: theta = pos * f rounded to fp32 is off by
+    |theta| u; cos/sin add u each; a rotated pair moves by |dtheta| (|a| + |b|) <= 2 |dtheta| x_max;
+    the products and the sum a few u, the output's rounding one ulp."""
+    theta = _max_abs(positions) * _max_abs(freqs)
+    return Close(rtol=ulp(dtype) + gamma(4), atol=2 * (theta + 4) * U32 * x_max)
+
+
 def _rope(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     x = a["x"]
-    # theta = pos * f rounded to fp32 is off by |theta| u; cos/sin add u each; a rotated pair
-    # moves by |dtheta| (|a| + |b|) <= 2 |dtheta| max|x|.
-    theta = _max_abs(a["positions"]) * _max_abs(a["freqs"])
-    atol = 2 * (theta + 4) * U32 * _max_abs(x)
-    return (Compared("out", 0, Close(rtol=ulp(x.dtype) + gamma(4), atol=atol)),)
+    return (Compared("out", 0, _rope_close(x.dtype, _max_abs(x), a["positions"], a["freqs"])),)
 
 
 def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -508,13 +536,22 @@ RULES: dict[str, Rule] = {
         _indexer_topk_packed,
     ),
     "sparse_attention": Rule(
-        (("out", "rtol ulp(q), atol (2·γ(D+8)·scale·\\|q\\|\\|k\\| + γ(K+8) + u_bf16 if bf16)·max\\|kv\\|",
-          "logit error (Cauchy-Schwarz) becomes a relative probability error twice; PV sum over K keys; "
-          "bf16 kernels may round probabilities to bf16; output is a sub-convex mix of kv rows"),),
+        (
+            ("out (positions None)",
+             "rtol ulp(q), atol A = (2·γ(D+8)·scale·\\|q\\|\\|k\\| + γ(K+8) + u_bf16 if bf16)·max\\|kv\\|",
+             "logit error (Cauchy-Schwarz) becomes a relative probability error twice; PV sum over K keys; "
+             "bf16 kernels may round probabilities to bf16; output is a sub-convex mix of kv rows"),
+            ("out (positions, freqs)",
+             "rtol ulp(q) + γ(4), atol √2·(A + ulp(q)·max\\|kv\\|) + 2·(max\\|pos·f\\| + 4)·2^-24·max\\|kv\\|",
+             "rope(o, inverse) of o rounded to q's dtype, each element within A + ulp(q)·\\|o\\| by the row above "
+             "(its rtol is that rounding); a rotation moves an element by at most the length of its pair's error, "
+             "<= √2·(A + ulp(q)·max\\|kv\\|) (Cauchy-Schwarz; absolute, as a rotated element may be near 0 while "
+             "its pair is not; \\|o\\| <= max\\|kv\\|); then rope's rule on o. Covers the unrotated dims too"),
+        ),
         _sparse_attention,
     ),
     "sparse_attention_fp8": Rule(
-        (("out", "as sparse_attention, on the decoded records",
+        (("out", "as sparse_attention (either form), on the decoded records",
           "key j is record j decoded exactly (e4m3·2^k and the stored bf16 RoPE dims fit bf16), so the "
           "kernel and the reference attend identical rows and only the attention's own rounding differs"),),
         _sparse_attention_fp8,
