@@ -199,10 +199,13 @@ def _attention(t: int):
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
         )
-        sparse_attention.sparse_attention_fp8(  # the same kernel reading the 584-byte FP8 records
-            _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, 584, dtype=torch.uint8),
-            torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
-        )
+        for rotation in ((), (torch.empty((B, t), dtype=torch.int64, device="cuda"), _empty(ROPE_DIM // 2))):
+            sparse_attention.sparse_attention_fp8(  # the same kernel reading the 584-byte FP8 records; the
+                # model's call rotates the output back as it stores it
+                _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, 584, dtype=torch.uint8),
+                torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
+                64, 64, *rotation,
+            )
     if t == 1:
         # batched decode: 32 sequences, dense rows on the DECODE tiles and FP8 records on HEADS64,
         # both split; 40 over dense rows on WIDE; 64 over FP8 records on HEADS64 in 2 splits
@@ -582,6 +585,9 @@ def test_attention_compiles_split_and_unsplit(compiled):
     ways = {("SPLIT=True" in launch, "KV_FP8=True" in launch) for launch in launches}
     assert ways == {(True, False), (True, True), (False, False), (False, True)}, launches
     assert any(r["kernel"] == "_combine_splits_kernel" for r in compiled)
+    # the model's FP8 reads store the output rotated back: in the unsplit kernel and in the merge
+    rotating = {r["kernel"] for r in compiled if f"OUT_ROPE={ROPE_DIM // 2}" in r["launch"]}
+    assert rotating == {"_sparse_attention_kernel", "_combine_splits_kernel"}, rotating
 
 
 def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):

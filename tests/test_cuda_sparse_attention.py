@@ -15,6 +15,7 @@ from seahal.testing.triton_interpreter import require_triton
 
 triton = require_triton()
 
+from seahal.backends.cpu.reference import attention as reference_attention
 from seahal.backends.cpu.reference.attention import sparse_attention as reference
 from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_unpack
 from seahal.backends.cuda._alignment import row_alignment
@@ -331,6 +332,67 @@ def test_row_alignment():
     assert row_alignment(torch.zeros(2, 512, 10, dtype=torch.bfloat16).transpose(1, 2)) == 1
 
 
+def _rotation(b, s, rope_pairs, gen, position_dtype=torch.int64):
+    """Positions [B, S] up to 2^12 and V4-like frequencies [rope_pairs] (10000^(-2i/r))."""
+    positions = torch.randint(0, 1 << 12, (b, s), generator=gen).to(position_dtype)
+    return positions, 10000.0 ** -(torch.arange(rope_pairs, dtype=torch.float32) / rope_pairs)
+
+
+# (kv format, dtype, splits, rope pairs): the unsplit kernel's store and the merge's (splits > 1),
+# dense and FP8 records (V4's 584 bytes), bf16 and fp32, V4's 32 rope pairs of 512 columns and 8
+# of 64 columns.
+ROTATED_CASES = [
+    ("dense", torch.bfloat16, 1, 8), ("dense", torch.float32, 3, 8), ("fp8", torch.bfloat16, 1, 32),
+    ("fp8", torch.bfloat16, 4, 32),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("kv_format, dtype, splits, rope_pairs", ROTATED_CASES)
+def test_rotated_output_is_the_attention_then_the_inverse_rope(attention, kv_format, dtype, splits, rope_pairs):
+    """With positions and freqs, the stored output is the unrotated output rotated back by rope's
+    kernel, bit for bit (the same rounding to q's dtype, then the same fp32 arithmetic), whichever
+    launch stores it; int32 positions given as a [1, S] row expanded over the batch."""
+    from seahal.backends.cuda import rope
+
+    gen = torch.Generator().manual_seed(rope_pairs + splits)
+    d = 512 if kv_format == "fp8" else 64
+    q, kv, indices, sink = _inputs(2, 3, 5, d, 40, 70, dtype, gen)
+    if kv_format == "fp8":
+        kv = _records(2, 40, d, 64, 64, gen)
+    positions, freqs = _rotation(1, 3, rope_pairs, gen, torch.int32)
+    positions = positions.expand(2, 3)
+    geometry = {"rope_dim": 64, "tile": 64} if kv_format == "fp8" else {}
+    plain, rotated = torch.empty_like(q), torch.empty_like(q)
+    attention.launch_sparse_attention(q, kv, indices, sink, 0.125, plain, splits=splits, **geometry)
+    attention.launch_sparse_attention(q, kv, indices, sink, 0.125, rotated, splits=splits, **geometry,
+                                      positions=positions, freqs=freqs)
+    assert torch.equal(rotated, rope.rope(plain, positions, freqs, inverse=True))
+    assert torch.equal(rotated[..., : d - 2 * rope_pairs], plain[..., : d - 2 * rope_pairs])
+    assert not torch.equal(rotated, plain)
+
+
+@interpreted
+def test_rotated_output_through_the_ops(attention):
+    """The ops' entry points pass the rotation on: within the conformance rules of the reference,
+    and bit for bit the verified kernels in turn that GPU plans run until this one is verified
+    (``cuda.triton_unfused``)."""
+    from seahal.testing.tolerances import checks_for
+
+    gen = torch.Generator().manual_seed(3)
+    q, kv, indices, sink = _inputs(1, 2, 4, 512, 30, 20, torch.bfloat16, gen)
+    records = _records(1, 30, 512, 64, 64, gen)
+    positions, freqs = _rotation(1, 2, 32, gen)
+    for op, args in (("sparse_attention", (q, kv, indices, sink, 0.125, positions, freqs)),
+                     ("sparse_attention_fp8", (q, records, indices, sink, 0.125, 64, 64, positions, freqs))):
+        got = getattr(attention, op)(*args)
+        assert torch.equal(got, getattr(attention, f"{op}_then_rope")(*args))
+        want = getattr(reference_attention, op)(*args)
+        for compared in checks_for(op, args):
+            verdict = compared.check.compare(got, want)
+            assert verdict.ok, f"{op} {compared.label}: {verdict.detail}"
+
+
 @interpreted
 def test_fp8_records_rejected_with_their_shape(attention):
     gen = torch.Generator().manual_seed(9)
@@ -401,3 +463,26 @@ def test_v4_flash_decode_fp8_records_on_gpu(batch):
     rtol, atol = BF16_TOL
     want = reference(q, kv, indices, sink, 512**-0.5)
     torch.testing.assert_close(out.double(), want.double(), rtol=rtol, atol=atol * float(kv.abs().max()))
+
+
+@on_gpu
+@pytest.mark.parametrize("batch, s", [(4, 1), (1, 256)])
+def test_gpu_rotated_output_within_the_rules(batch, s):
+    """The model's call on a GPU, FP8 records at V4-Flash's heads: decode (split-K, the output
+    rotated back in the merge) and a prefill chunk (unsplit), within the conformance rules of the
+    reference; the columns before the rope part are the unrotated output's, bit for bit."""
+    from seahal.backends.cuda.sparse_attention import sparse_attention_fp8
+    from seahal.testing.tolerances import checks_for
+
+    gen = torch.Generator().manual_seed(batch + s)
+    q, _, indices, sink = _inputs(batch, s, 64, 512, 1024, 640, torch.bfloat16, gen, empty=0.05)
+    records = _records(batch, 1024, 512, 64, 64, gen)
+    positions, freqs = _rotation(batch, s, 32, gen)
+    args = (q, records, indices, sink, 512**-0.5, 64, 64, positions, freqs)
+    on_gpu_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    got = sparse_attention_fp8(*on_gpu_args).cpu()
+    assert torch.equal(got[..., :448], sparse_attention_fp8(*on_gpu_args[:7]).cpu()[..., :448])
+    want = reference_attention.sparse_attention_fp8(*args)
+    for compared in checks_for("sparse_attention_fp8", args):
+        verdict = compared.check.compare(got, want)
+        assert verdict.ok, f"{compared.label}: {verdict.detail}"

@@ -15,6 +15,8 @@ _SM90 = ("sm90",)
 _FLOAT = ("bfloat16", "float32")
 _SCALES = ("float32", "float8_e8m0fnu")
 _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"), "scale_fmt": ("ue8m0", "fp32")}
+_DENSE_ATTENTION = {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}
+_FP8_ATTENTION = {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}
 
 # op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
 # model's requirements against them and docs/support-matrix.md is generated from them. Every kernel
@@ -40,6 +42,10 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # hc_pre / hc_head normalise their collapse with norm_weight (the mix kernel's NORM constexpr).
 # Changed since: moe_gate's logits over an fp32 W (the model's gate) above 4 tokens take W's three
 # exact bf16 parts on the tensor cores (SPLIT_W) instead of an IEEE fp32 dot on the CUDA cores.
+# Changed since: sparse_attention and sparse_attention_fp8 rotate their output back when given
+# positions (OUT_ROPE); their unrotated launches compile to the same sm_90 SASS as before (compared
+# instruction by instruction, constant-bank offsets aside), and serve as cuda.triton_unfused with
+# rope's kernel after them.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -86,12 +92,8 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         False,
     ),
     # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
-    "sparse_attention": (
-        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, True
-    ),
-    "sparse_attention_fp8": (
-        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, True
-    ),
+    "sparse_attention": ("sparse_attention:sparse_attention", _DENSE_ATTENTION, False),
+    "sparse_attention_fp8": ("sparse_attention:sparse_attention_fp8", _FP8_ATTENTION, False),
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
@@ -105,6 +107,8 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
 
 UNFUSED_KERNELS: dict[str, tuple[str, dict[str, tuple]]] = {
     "rms_norm_rope": ("rope:rms_norm_then_rope", {"chip": _SM90, "dtype": _FLOAT}),
+    "sparse_attention": ("sparse_attention:sparse_attention_then_rope", _DENSE_ATTENTION),
+    "sparse_attention_fp8": ("sparse_attention:sparse_attention_fp8_then_rope", _FP8_ATTENTION),
 }
 """Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
 one-pass kernel): what a GPU plan runs while the one-pass kernel awaits its GPU run, one launch

@@ -32,6 +32,12 @@ when rows start at odd bytes); the kernel's column space is that brick flattened
 as V4's 64; padding columns otherwise). Rows are addressed through kv's
 strides, so one pool of rows expanded over the batch (batch stride 0) with pool-row indices serves
 a paged cache (``seahal.hal.paging``) as it is; nothing here makes kv contiguous.
+
+With ``positions`` and ``freqs`` (V4's inverse RoPE of the output, before its output projection)
+the store rotates the output back: the normalised tile rounded to q's dtype, each head's last 2R
+columns turned in interleaved pairs by ``-pos * f_i`` in fp32 as rope's kernel does, rounded
+again (``OUT_ROPE`` pairs, :func:`_rotated_back`), in whichever launch stores the output (the
+merge's when the keys are split): the rope launch and its read and write of the output saved.
 Verified on the H100 (conformance at full shapes, 567d97d); the launch choices' figures are in
 their docstrings and TUNING.md.
 """
@@ -51,6 +57,7 @@ from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot
 from ._pdl import pdl_options, wait_for_prior_grid
 from .kv_unpack import _e4m3_value, _e8m0_scale
+from .rope import rope
 
 
 @dataclass(frozen=True)
@@ -154,23 +161,31 @@ def attention_splits(queries: int, h: int, k: int, config: AttentionConfig, sm_c
 
 
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, softmax_scale: float
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One softmax over the keys each query selects, K = V shared, a sink in the denominator.
 
     q: [B, S, H, D] bf16/fp32, kv: [B, N, D] q's dtype, indices: [B, S, K] int32/int64 (-1 = empty
-    slot), sink: [H] fp32 -> o: [B, S, H, D] in q's dtype.
+    slot), sink: [H] fp32, positions: [B, S] int or None, freqs: [R] fp32 or None -> o: [B, S, H, D]
+    in q's dtype.
 
     ``s_j = softmax_scale * q_h . kv[idx_j]`` (a repeated index counts each time), ``m = max_j s_j``,
     ``o_h = sum_j exp(s_j - m) kv[idx_j] / (sum_j exp(s_j - m) + exp(sink_h - m))``; a query with no
     valid slot gets 0. Logits, max and sums in fp32; bf16 inputs round the probabilities to bf16
     for the PV product (as FlashMLA). Indices >= N are not checked (that would cost a host sync)
-    and read as empty slots.
+    and read as empty slots. With positions and freqs, ``rope(o, positions, freqs, inverse=True)``
+    formed as the output is stored.
     """
     if q.dtype not in (torch.bfloat16, torch.float32):
         raise NotImplementedError(f"cuda.triton sparse_attention takes bf16 or fp32 q and kv, got {q.dtype}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch_sparse_attention(q, kv, indices, sink, softmax_scale, out)
+    launch_sparse_attention(q, kv, indices, sink, softmax_scale, out, positions=positions, freqs=freqs)
     return out
 
 
@@ -182,12 +197,15 @@ def sparse_attention_fp8(
     softmax_scale: float,
     rope_dim: int = 64,
     tile: int = 64,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`sparse_attention` over keys stored as packed FP8 records, decoded in registers.
 
     q: [B, S, H, D] bf16/fp32, records: [B, N, kv_record_bytes(D, rope_dim, tile)] uint8 (584 bytes
     for V4's D = 512, rope 64, tile 64; any strides), indices: [B, S, K] int32/int64 (-1 = empty),
-    sink: [H] fp32 -> o: [B, S, H, D] in q's dtype.
+    sink: [H] fp32, positions / freqs: the output's inverse RoPE, as :func:`sparse_attention`
+    -> o: [B, S, H, D] in q's dtype.
 
     Row j's key is ``kv_cache_unpack(records[:, j], D, rope_dim, tile)`` (bf16; exact in fp32 for
     fp32 q): the output equals ``sparse_attention(q, kv_cache_unpack(records).to(q.dtype), ...)``
@@ -211,8 +229,44 @@ def sparse_attention_fp8(
     if records.device != q.device:
         raise ValueError(f"records must be on q's device {q.device}, got {records.device}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch_sparse_attention(q, records, indices, sink, softmax_scale, out, rope_dim=rope_dim, tile=tile)
+    launch_sparse_attention(q, records, indices, sink, softmax_scale, out, rope_dim=rope_dim, tile=tile,
+                            positions=positions, freqs=freqs)
     return out
+
+
+def sparse_attention_then_rope(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`sparse_attention` as the GPU-verified kernels in turn: the attention's unrotated store,
+    then rope's kernel (inverse) where positions are given (kernel ``cuda.triton_unfused``)."""
+    return _then_rope(sparse_attention(q, kv, indices, sink, softmax_scale), positions, freqs)
+
+
+def sparse_attention_fp8_then_rope(
+    q: torch.Tensor,
+    records: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+    rope_dim: int = 64,
+    tile: int = 64,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`sparse_attention_fp8` as the GPU-verified kernels in turn (:func:`sparse_attention_then_rope`)."""
+    o = sparse_attention_fp8(q, records, indices, sink, softmax_scale, rope_dim, tile)
+    return _then_rope(o, positions, freqs)
+
+
+def _then_rope(o: torch.Tensor, positions: torch.Tensor | None, freqs: torch.Tensor | None) -> torch.Tensor:
+    """o, rotated back by rope's kernel where positions are given."""
+    return o if positions is None else rope(o, positions, freqs, inverse=True)
 
 
 def launch_sparse_attention(
@@ -227,8 +281,11 @@ def launch_sparse_attention(
     rope_dim: int = 64,
     tile: int = 64,
     splits: int | None = None,
+    positions: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
 ) -> None:
-    """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides).
+    """Write :func:`sparse_attention` of the arguments into ``out`` [B, S, H, D] (any strides),
+    rotated back by ``positions`` [B, S] and ``freqs`` [R] when they are given.
 
     ``kv`` is dense rows in q's dtype, or uint8 FP8 records of geometry (``rope_dim``, ``tile``)
     (:func:`sparse_attention_fp8`; the geometry is unused for dense rows). ``config`` and
@@ -261,22 +318,35 @@ def launch_sparse_attention(
         stats = torch.empty((2, b * s, splits, h), dtype=torch.float32, device=q.device)
     else:  # unused by the unsplit kernel
         partial = stats = out
+    rotation = _rotation_arguments(positions, freqs, out)
     _sparse_attention_kernel[(b * s * splits * head_blocks,)](
         q, kv, indices, sink, out, partial, stats, s, h, kv.shape[1], k, splits, split_slots,
         float(softmax_scale),
-        *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(),
+        *q.stride(), *kv.stride(), *indices.stride(), sink.stride(0), *out.stride(), *rotation,
         HEAD_DIM=d, BLOCK_H=config.block_h, BLOCK_N=config.block_n, COL_TILES=col_tiles, TILE_W=tile_w,
         LOW_PRECISION_DOT=q.dtype == torch.bfloat16 and on_gpu, KV_FP8=fp8, ROPE_DIM=rope_dim,
         TILE=tile if fp8 else tile_w, ROW_ALIGN=row_alignment(kv), SPLIT=splits > 1,
+        OUT_ROPE=0 if freqs is None else freqs.shape[0],
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(),
     )
     if splits > 1:
         block_s = min(next_power_of_2(splits), MERGE_ROWS)
         block_h = min(MERGE_ROWS // block_s, next_power_of_2(h))
         _combine_splits_kernel[(b * s * cdiv(h, block_h), cdiv(d, MERGE_COLUMNS))](
-            partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(),
-            HEAD_DIM=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=MERGE_COLUMNS, num_warps=4, **pdl_options(),
+            partial, stats, sink, out, s, h, splits, sink.stride(0), *out.stride(), *rotation,
+            HEAD_DIM=d, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=MERGE_COLUMNS,
+            OUT_ROPE=0 if freqs is None else freqs.shape[0], num_warps=4, **pdl_options(),
         )
+
+
+def _rotation_arguments(
+    positions: torch.Tensor | None, freqs: torch.Tensor | None, unused: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """The kernels' (positions, freqs, position strides over B and S, freqs' stride) for the
+    output's inverse RoPE; ``unused`` as both pointers (and zero strides) without it."""
+    if positions is None:
+        return unused, unused, 0, 0, 0
+    return positions, freqs, positions.stride(0), positions.stride(1), freqs.stride(0)
 
 
 @triton.jit
@@ -380,16 +450,19 @@ def _sparse_attention_kernel(
     stride_ib, stride_is, stride_ik,
     stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
+    pos_ptr, freq_ptr, stride_pb, stride_ps, stride_f,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COL_TILES: tl.constexpr,
     TILE_W: tl.constexpr, LOW_PRECISION_DOT: tl.constexpr, KV_FP8: tl.constexpr, ROPE_DIM: tl.constexpr,
-    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+    TILE: tl.constexpr, ROW_ALIGN: tl.constexpr, SPLIT: tl.constexpr, OUT_ROPE: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """out[b, s, heads] for one (b, s) and BLOCK_H heads, every column; kv rows dense, or FP8
     records decoded by :func:`_load_rows` (KV_FP8). Program ids run over (b * S + s, split, head
     block), the head block fastest, so a query's head blocks run together and share its rows in
     L2. With SPLIT, program (b, s, split) walks index slots [split * SPLIT_SLOTS, (split + 1) *
     SPLIT_SLOTS) only and writes its fp32 acc to ``part_ptr`` [B*S, SPLITS, H, D] and its running
-    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`."""
+    max and sum to ``stats_ptr`` [2, B*S, SPLITS, H] for :func:`_combine_splits_kernel`. OUT_ROPE
+    pairs: the stored output rotated back (:func:`_rotated_back`)."""
     wait_for_prior_grid(PDL)
     pid = tl.program_id(0).to(tl.int64)
     head_blocks = tl.cdiv(H, BLOCK_H)
@@ -436,26 +509,55 @@ def _sparse_attention_kernel(
         tl.store(stats_ptr + row * H + heads, m_i, mask=head_ok)
         tl.store(stats_ptr + (workspace_rows + row) * H + heads, l_i, mask=head_ok)
     else:
-        _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask)
+        _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask, cols,
+                             pos_ptr + bat * stride_pb + seq * stride_ps, freq_ptr, stride_f, HEAD_DIM, OUT_ROPE)
 
 
 @triton.jit
-def _normalise_and_store(acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask):
+def _normalise_and_store(
+    acc, m_i, l_i, sink_ptr, stride_sink, heads, head_ok, out, out_mask, cols, pos_at, freq_ptr, stride_f,
+    HEAD_DIM: tl.constexpr, OUT_ROPE: tl.constexpr,
+):
     """Store ``acc / (l + exp(sink - m))`` (0 where that denominator is 0: no key and a -inf sink)
     through the pointers ``out``; acc [X, C], m and l [X] for the heads ``heads`` [X]; m is the max
-    over the keys only (-inf without any)."""
+    over the keys only (-inf without any). With OUT_ROPE pairs, that output rounded to out's dtype
+    and rotated back by the position at ``pos_at`` (:func:`_rotated_back`; ``cols``: the head-dim
+    column of each of the C)."""
     sink = tl.load(sink_ptr + heads * stride_sink, mask=head_ok, other=float("-inf")).to(tl.float32)
     denominator = l_i + tl.exp(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
     o = tl.where(denominator[:, None] > 0, acc / tl.where(denominator > 0, denominator, 1.0)[:, None], 0.0)
+    if OUT_ROPE > 0:
+        o = cast_rne(o, out.dtype.element_ty).to(tl.float32)
+        o = _rotated_back(o, cols, tl.load(pos_at).to(tl.float32), freq_ptr, stride_f, HEAD_DIM - 2 * OUT_ROPE)
     tl.store(out, cast_rne(o, out.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _rotated_back(o, cols, pos, freq_ptr, stride_f, NOPE: tl.constexpr):
+    """o [X, C] fp32 with the head-dim columns from NOPE on rotated in interleaved pairs by
+    ``-pos * f_i`` (pair i: columns NOPE + 2i, NOPE + 2i + 1): ``(a cos - b sin, a sin + b cos)``,
+    the arithmetic of rope's kernel with INVERSE. ``cols`` [C]: each column's head-dim index, the
+    two of a pair adjacent (an even column, then the next); other columns pass through."""
+    X: tl.constexpr = o.shape[0]
+    C: tl.constexpr = o.shape[1]
+    a, b = tl.split(tl.reshape(o, (X, C // 2, 2)))
+    first, _ = tl.split(tl.reshape(cols, (C // 2, 2)))  # each pair's even column
+    live = first >= NOPE
+    theta = pos * tl.load(freq_ptr + (first - NOPE) // 2 * stride_f, mask=live, other=0.0).to(tl.float32)
+    theta = -theta
+    cos = tl.cos(theta)[None, :]
+    sin = tl.sin(theta)[None, :]
+    rotated = tl.join(tl.where(live[None, :], a * cos - b * sin, a), tl.where(live[None, :], a * sin + b * cos, b))
+    return tl.reshape(rotated, (X, C))
 
 
 @triton.jit
 def _combine_splits_kernel(
     part_ptr, stats_ptr, sink_ptr, out_ptr, S, H, SPLITS, stride_sink,
     stride_ob, stride_os, stride_oh, stride_od,
+    pos_ptr, freq_ptr, stride_pb, stride_ps, stride_f,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr = False,
+    OUT_ROPE: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """out[b, s, heads, cols] from the SPLITS partials of :func:`_sparse_attention_kernel`; program
     ((b * S + s) * ceil(H / BLOCK_H) + head block, column block). ``M = max_i m_i``, ``acc = sum_i
@@ -490,9 +592,11 @@ def _combine_splits_kernel(
         l += tl.load(sum_rows + split * H, mask=rows_ok, other=0.0) * weight
         part = part_ptr + (((first + split) * H + heads[None, :]) * HEAD_DIM)[:, :, None] + cols[None, None, :]
         acc += tl.load(part, mask=rows_ok[:, :, None] & col_ok[None, None, :], other=0.0) * weight[:, :, None]
-    out = out_ptr + (pid_bs // S) * stride_ob + (pid_bs % S) * stride_os + heads[:, None] * stride_oh
+    bat, seq = pid_bs // S, pid_bs % S
+    out = out_ptr + bat * stride_ob + seq * stride_os + heads[:, None] * stride_oh
     _normalise_and_store(tl.sum(acc, axis=0), m, tl.sum(l, axis=0), sink_ptr, stride_sink, heads, head_ok,
-                         out + cols[None, :] * stride_od, head_ok[:, None] & col_ok[None, :])
+                         out + cols[None, :] * stride_od, head_ok[:, None] & col_ok[None, :], cols,
+                         pos_ptr + bat * stride_pb + seq * stride_ps, freq_ptr, stride_f, HEAD_DIM, OUT_ROPE)
 
 
 settle_cache_keys(globals())  # last: every function of this module defined (see _cache_keys)
