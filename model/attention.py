@@ -218,8 +218,7 @@ class Attention(nn.Module):
         if decode:  # its ring slot held token p - W, which query p no longer sees
             cache.write_window(start_pos, rows, step.ring_slots(cache.window))
         keys, indices = self._gather_keys(rows, cache, start_pos, step, compressed_idx, decode)
-        o = self._attend(q, keys, indices, cache)
-        o = self.ops.rope(o, positions, self.freqs, inverse=True)
+        o = self._attend(q, keys, indices, cache, positions)  # rotated back by each query's position
         if not decode:
             cache.write_window(start_pos, rows, step.ring_slots(cache.window))
         return self._project_out(o)
@@ -284,13 +283,17 @@ class Attention(nn.Module):
         torch.add(compressed_idx, compressed_idx >= 0, alpha=base, out=buffer[..., w:])
         return keys, buffer
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache, positions: torch.Tensor
+    ) -> torch.Tensor:
         """Sparse attention over key rows in the cache's format: dense rows, or FP8 records read
-        by ``sparse_attention_fp8`` (only the records the indices select are decoded)."""
+        by ``sparse_attention_fp8`` (only the records the indices select are decoded); the output
+        then takes the inverse RoPE of its query's position, in the same op."""
         scale = self.head_dim**-0.5
         if cache.kv.fmt == "fp8":
-            return self.ops.sparse_attention_fp8(q, keys, indices, self.attn_sink, scale, self.rope_dim, KV_TILE)
-        return self.ops.sparse_attention(q, keys, indices, self.attn_sink, scale)
+            return self.ops.sparse_attention_fp8(q, keys, indices, self.attn_sink, scale, self.rope_dim, KV_TILE,
+                                                 positions, self.freqs)
+        return self.ops.sparse_attention(q, keys, indices, self.attn_sink, scale, positions, self.freqs)
 
     def _project_out(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped output projection: per group g, ``z_g = Wo_a[g] o_g`` over Wo_a dequantised to

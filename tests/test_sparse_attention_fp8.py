@@ -160,10 +160,11 @@ def test_decode_attends_the_stored_buffer_in_place(checkpoint, cache_format):
     op = "sparse_attention_fp8" if cache_format == "fp8" else "sparse_attention"
     bound, unpack = getattr(ops, op), ops.kv_cache_unpack
 
-    def spy(q, keys, indices, sink, scale, *geometry):
-        out = bound(q, keys, indices, sink, scale, *geometry)
+    def spy(q, keys, indices, sink, scale, *rest):  # rest: (rope_dim, tile) for records, then positions, freqs
+        out = bound(q, keys, indices, sink, scale, *rest)
+        geometry, rotation = rest[:-2], rest[-2:]
         rows = kv_cache_unpack(keys, q.shape[-1], *geometry).to(q.dtype) if geometry else keys
-        assert torch.equal(out, sparse_attention(q, rows, indices, sink, scale))
+        assert torch.equal(out, sparse_attention(q, rows, indices, sink, scale, *rotation))
         calls.append((q.shape[1], keys.data_ptr()))
         return out
 
