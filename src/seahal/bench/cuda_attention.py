@@ -14,7 +14,9 @@ records (pages of 64 rows scattered at random; the op on the pool expanded over 
 timed with and without the index translation ``seahal.hal.paging.paged_rows``. The peer is the
 CPU reference's code on the GPU tensors: for decode the selected
 rows are gathered first (FP8 records then decoded by the reference ``kv_cache_unpack``), then
-attended densely; for the indexer's long prefills the reference runs over blocks of queries.
+attended densely; for the indexer's long prefills the reference runs over blocks of queries. The
+FP8 decode rows also time the model's own call, the output rotated back by the query's position
+in the attention's store, beside the unrotated launch followed by rope's kernel.
 
     seahal bench --backend cuda --ops sparse_attention,indexer [--quick] [--json out.json]
 
@@ -150,6 +152,16 @@ def _decode_attention_fp8(dims: ModelDims, batch: int, ctx: int, device: torch.d
     q, indices, sink, rows = _decode_inputs(dims, CSA, batch, ctx, device)
     args = (q, _records(dims, batch, rows, device), indices, sink, dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
     peers = {"reference, gathered": partial(_gathered_reference, *args)}
+    if device.type == "cuda":  # the model's call: the output rotated back by the query's position
+        from seahal.backends.cuda import sparse_attention
+
+        positions = torch.full((batch, 1), ctx, device=device)
+        freqs = 10000.0 ** -(torch.arange(0, dims.rope_dim, 2, device=device).float() / dims.rope_dim)
+        rotation = (positions, freqs)
+        peers["output rotated back in the store (the model's call)"] = partial(
+            sparse_attention.sparse_attention_fp8, *args, *rotation)
+        peers["output rotated back by rope's kernel after (two launches)"] = partial(
+            sparse_attention.sparse_attention_fp8_then_rope, *args, *rotation)
     return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL),
                     variants=_variants(args, device, "DECODE", "HEADS64", splits=True))
 
