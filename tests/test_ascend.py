@@ -153,18 +153,20 @@ def _vendor_calls(module, *names: str):
 def test_mhc_vendor_path_at_stream_geometry():
     """The generic mHC cases (D <= 32) are below npu_mhc_pre's D >= 512; these V4-like streams
     (n = 4, D = 512) reach npu_mhc_pre -> npu_mhc_sinkhorn and npu_mhc_post on the 950, hc_pre and
-    hc_head also with norm_weight (the portable RMSNorm after npu_mhc_pre, never its gamma)."""
+    hc_head also with norm_weight (the portable RMSNorm after npu_mhc_pre, never its gamma), hc_post
+    also with an addend (npu_mhc_post on the sum)."""
     cases = [hc_case(f"{op} n=4 D=512", seed, op, b=1, s=3, d=512) for seed, op in enumerate(("hc_pre", "hc_head", "hc_post"))]
     cases.append(hc_case("hc_pre 7 Sinkhorn iterations", 3, "hc_pre", b=2, s=1, d=512, iters=7))
     cases += [hc_case(f"{op} n=4 D=512 normed", 4 + seed, op, b=1, s=3, d=512, normed=True)
               for seed, op in enumerate(("hc_pre", "hc_head"))]
+    cases.append(hc_case("hc_post n=4 D=512 addend", 6, "hc_post", b=1, s=3, d=512, addend="cancelling"))
     with emulated("torch_npu", backend="ascend", settings={"soc_version": A5}):
         from seahal.backends.ascend import mhc
 
         with _vendor_calls(mhc, "npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post") as calls:
             results = [run_case(targets("ascend", ops=[case.op])[0], case) for case in cases]
-    assert [r.status for r in results] == ["pass"] * 6, [r.detail for r in results]
-    assert [len(calls[name]) for name in ("npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post")] == [5, 3, 1]
+    assert [r.status for r in results] == ["pass"] * 7, [r.detail for r in results]
+    assert [len(calls[name]) for name in ("npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post")] == [5, 3, 2]
     assert [c["num_iters"] for c in calls["npu_mhc_sinkhorn"]] == [20, 7, 20]
     assert all(c.get("gamma") is None for c in calls["npu_mhc_pre"])
 
@@ -187,6 +189,25 @@ def test_mhc_norm_weight_is_the_portable_rms_norm_of_the_vendor_collapse():
                     assert all(torch.equal(a, b) for a, b in zip(y[1:], plain[1:])), (op, d)
                     y, plain = y[0], plain[0]
                 assert torch.equal(y, rms_norm(plain, norm_weight, args[-1])), (op, d)
+
+
+@pytest.mark.filterwarnings("ignore:seahal. ascend.torch_npu runs .* on the portable kernel:RuntimeWarning")
+def test_mhc_post_addend_is_the_vendor_post_of_the_sum():
+    """hc_post with an addend equals hc_post on f + addend (a torch add in f's dtype), bit for bit,
+    and npu_mhc_post gets that sum as h_out: bf16 n = 4 on npu_mhc_post, fp32 and n = 3 on the
+    portable kernel (npu_mhc_post never called); addends that cancel f to 0 or an ulp or two in
+    places."""
+    with emulated("torch_npu", backend="ascend", settings={"soc_version": A5}):
+        from seahal.backends.ascend import mhc
+
+        for dtype, n in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 3)):
+            case = hc_case("addend", n, "hc_post", n=n, d=512, dtype=dtype, addend="cancelling")
+            f, x, post, comb, addend = case.calls[0]
+            with _vendor_calls(mhc, "npu_mhc_post") as calls:
+                got = mhc.hc_post(f, x, post, comb, addend)
+            vendor = dtype == torch.bfloat16 and n == 4
+            assert [torch.equal(c["h_out"], f + addend) for c in calls["npu_mhc_post"]] == [True] * vendor, (dtype, n)
+            assert torch.equal(got, mhc.hc_post(f + addend, x, post, comb)), (dtype, n)
 
 
 @pytest.mark.parametrize("soc", [A2, A5])

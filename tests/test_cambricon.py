@@ -64,7 +64,7 @@ def test_conformance_is_green_and_reaches_every_vendor_op():
     # every tmo function of the kernels was reached (the sigmoid gate has no V4 case: not required)
     expected = {"moe_softplus_topk", "moe_softmax_topk", "moe_gen_idx", "moe_expand_input", "group_gemm",
                 "moe_combine_result", "scaled_matmul", "fused_compress_multi_kv", "single_query_cached_kv_attn",
-                "hc_split_sinkhorn", "apply_rotary"}
+                "hc_split_sinkhorn", "fused_mhc_post", "apply_rotary"}
     assert expected <= called, expected - called
 
 
@@ -85,6 +85,26 @@ def test_fused_mhc_post_runs_at_its_documented_shape_and_matches_the_reference()
     want = reference(f.double(), x.double(), post.double(), comb.double())
     # one bf16 rounding of the output (both sides accumulate in >= fp32): 2^-8 relative
     torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8)
+
+
+@pytest.mark.filterwarnings("ignore:seahal. cambricon.tmo runs hc_post on the portable kernel:RuntimeWarning")
+def test_hc_post_addend_is_its_post_of_the_sum():
+    """With an addend, hc_post equals hc_post on f + addend (a torch add in f's dtype), bit for bit:
+    on fused_mhc_post at its shape (4 streams of D = 4096, bf16 and fp32; called for both forms) and
+    on the portable path (D = 32); addends that cancel f to 0 or an ulp or two in places."""
+    from seahal.testing.cases import hc_case
+
+    with mlu() as tmo_emulation:
+        from seahal.backends.cambricon import mhc
+
+        for dtype, d in ((torch.bfloat16, 4096), (torch.float32, 4096), (torch.bfloat16, 32)):
+            f, x, post, comb, addend = hc_case("addend", d, "hc_post", b=1, s=2, d=d, dtype=dtype,
+                                               addend="cancelling").calls[0]
+            before = len(tmo_emulation._emulation.CALLS)
+            got, summed = mhc.hc_post(f, x, post, comb, addend), mhc.hc_post(f + addend, x, post, comb)
+            tmo_calls = [c[0] for c in tmo_emulation._emulation.CALLS[before:]]
+            assert tmo_calls == ([] if d == 32 else ["fused_mhc_post"] * 2), (dtype, d)
+            assert torch.equal(got, summed), (dtype, d)
 
 
 @pytest.mark.filterwarnings("ignore:seahal. cambricon.tmo runs hc_pre on the portable kernel:RuntimeWarning")

@@ -7,14 +7,16 @@ FP8 KV records, FP4 indexer keys), also run with FP8 indexer keys (``fp8_keys``)
 (19 tokens) wraps the 16-slot window ring and completes CSA and HCA entries; one decode graph then
 runs every position up to the capacity (19..31), feeding its present cache back as past: it
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
-hc_pre and hc_head are also exported on their own, with and without norm_weight, and
-sparse_attention and sparse_attention_fp8 with and without positions (the model calls one form only).
+hc_pre and hc_head are also exported on their own, with and without norm_weight, sparse_attention
+and sparse_attention_fp8 with and without positions, and hc_post with and without an addend (the
+model calls one form only).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,6 +265,28 @@ def test_inlined_graph_gives_the_same_outputs(release):
         np.testing.assert_allclose(plain[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def _exported_alone(
+    module_type: type[nn.Module], ops: list[str], args: tuple, path: Path
+) -> tuple[list[str], list[np.ndarray], tuple[torch.Tensor, ...]]:
+    """``module_type(plan)`` over a CPU plan of the reference kernels of ``ops``, exported to ONNX at
+    ``path`` (the model checked) and run by onnxruntime on ``args``: (the seahal nodes' functions in
+    graph order, onnxruntime's outputs, the module's own outputs)."""
+    plan = hal.plan("cpu", ops, announce=False, environ={"SEAHAL_OPS": ",".join(f"{op}=cpu.reference" for op in ops)})
+    module = module_type(plan)
+    program = torch.export.export(module, args)
+    table = {plan[op].torch_op: _translation(op, plan[op].torch_op) for op in ops}
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
+                                     optimize=False, verbose=False)
+    _attach_functions(onnx_program.model)
+    onnx_program.save(path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    calls = [n.op_type for n in proto.graph.node if n.domain == "seahal"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+    return calls, got, module(*args)
+
+
 class _Collapses(nn.Module):
     """hc_pre and hc_head, each with and without norm_weight, through a plan's ops."""
 
@@ -281,8 +305,6 @@ def test_hc_norm_weight_exports_the_normed_functions(tmp_path):
     """hc_pre / hc_head traced with and without norm_weight become seahal::hc_pre_normed / hc_pre
     and hc_head_normed / hc_head nodes (the translation selects by the traced arguments), and
     onnxruntime's outputs match the CPU reference's. norm_eps (1e-3) is not eps: a swap shows."""
-    plan = hal.plan("cpu", ["hc_pre", "hc_head"], announce=False,
-                    environ={"SEAHAL_OPS": "hc_pre=cpu.reference,hc_head=cpu.reference"})
     g = torch.Generator().manual_seed(5)
     n, d, mixes = 4, 64, 24  # hc_pre: (2 + n) * n mixes
     args = (
@@ -291,21 +313,10 @@ def test_hc_norm_weight_exports_the_normed_functions(tmp_path):
         torch.randn(n, n * d, generator=g) / d, torch.randn(n, generator=g), torch.rand(1, generator=g) + 0.5,
         torch.rand(d, generator=g) + 0.5,
     )
-    module = _Collapses(plan)
-    program = torch.export.export(module, args)
-    table = {plan[op].torch_op: _translation(op, plan[op].torch_op) for op in ("hc_pre", "hc_head")}
-    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
-                                     optimize=False, verbose=False)
-    _attach_functions(onnx_program.model)
-    onnx_program.save(tmp_path / "collapses.onnx")
-    proto = onnx.load(tmp_path / "collapses.onnx")
-    onnx.checker.check_model(proto, full_check=True)
-    calls = [n.op_type for n in proto.graph.node if n.domain == "seahal"]
+    calls, got, want = _exported_alone(_Collapses, ["hc_pre", "hc_head"], args, tmp_path / "collapses.onnx")
     assert calls == ["hc_pre_normed", "hc_pre", "hc_head_normed", "hc_head"]
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
     names = ["y_normed", "post_normed", "comb_normed", "y", "post", "comb", "head_normed", "head"]
-    for name, actual, expected in zip(names, got, module(*args), strict=True):
+    for name, actual, expected in zip(names, got, want, strict=True):
         _assert_close(actual, expected, DENSE_RTOL, name)
 
 
@@ -330,8 +341,6 @@ def test_attention_positions_export_the_rotated_functions(tmp_path):
     """sparse_attention / sparse_attention_fp8 traced with and without positions and freqs become
     seahal::sparse_attention_rotated / sparse_attention and sparse_attention_fp8_rotated /
     sparse_attention_fp8 nodes, and onnxruntime's outputs match the CPU reference's."""
-    ops = ["sparse_attention", "sparse_attention_fp8"]
-    plan = hal.plan("cpu", ops, announce=False, environ={"SEAHAL_OPS": ",".join(f"{op}=cpu.reference" for op in ops)})
     g = torch.Generator().manual_seed(6)
     batch, seq, heads, dim, rows = 2, 5, 4, 64, 16
     kv = torch.randn(batch, rows, dim, generator=g)
@@ -341,20 +350,37 @@ def test_attention_positions_export_the_rotated_functions(tmp_path):
         torch.randn(batch, seq, heads, dim, generator=g), kv, kv_cache_pack(kv, 16, 16), indices,
         torch.randn(heads, generator=g), positions, 10000.0 ** -(torch.arange(8) / 8),
     )
-    module = _Attentions(plan)
-    program = torch.export.export(module, args)
-    table = {plan[op].torch_op: _translation(op, plan[op].torch_op) for op in ops}
-    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
-                                     optimize=False, verbose=False)
-    _attach_functions(onnx_program.model)
-    onnx_program.save(tmp_path / "attentions.onnx")
-    proto = onnx.load(tmp_path / "attentions.onnx")
-    onnx.checker.check_model(proto, full_check=True)
-    calls = [n.op_type for n in proto.graph.node if n.domain == "seahal"]
+    ops = ["sparse_attention", "sparse_attention_fp8"]
+    calls, got, want = _exported_alone(_Attentions, ops, args, tmp_path / "attentions.onnx")
     assert calls == ["sparse_attention_rotated", "sparse_attention", "sparse_attention_fp8_rotated", "sparse_attention_fp8"]
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
-    for name, actual, expected in zip(calls, got, module(*args), strict=True):
+    for name, actual, expected in zip(calls, got, want, strict=True):
+        _assert_close(actual, expected, DENSE_RTOL, name)
+
+
+class _Posts(nn.Module):
+    """hc_post with and without an addend (the sub-layer output in two parts), through a plan's ops."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, f, x, post, comb, addend):
+        return self.ops.hc_post(f, x, post, comb, addend), self.ops.hc_post(f, x, post, comb)
+
+
+def test_hc_post_addend_exports_the_summed_function(tmp_path):
+    """hc_post traced with and without addend becomes seahal::hc_post_summed / hc_post nodes, and
+    onnxruntime's outputs match the CPU reference's; on one token the addend cancels f (a sum of 0)."""
+    g = torch.Generator().manual_seed(7)
+    n, d = 4, 64
+    f = torch.randn(2, 3, d, generator=g)
+    addend = torch.randn(2, 3, d, generator=g)
+    addend[0, 0] = -f[0, 0]
+    comb = torch.softmax(torch.randn(2, 3, n, n, generator=g), dim=-2)
+    args = (f, torch.randn(2, 3, n, d, generator=g), 2 * torch.rand(2, 3, n, generator=g), comb, addend)
+    calls, got, want = _exported_alone(_Posts, ["hc_post"], args, tmp_path / "posts.onnx")
+    assert calls == ["hc_post_summed", "hc_post"]
+    for name, actual, expected in zip(calls, got, want, strict=True):
         _assert_close(actual, expected, DENSE_RTOL, name)
 
 

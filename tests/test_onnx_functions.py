@@ -30,7 +30,7 @@ from seahal.backends.cpu.reference import quant as ref_quant
 from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
 from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.onnx import functions as F
-from seahal.testing.cases import sparse_attention_case, sparse_attention_fp8_case
+from seahal.testing.cases import hc_case, sparse_attention_case, sparse_attention_fp8_case
 from seahal.testing.conformance import float64_positions
 from seahal.testing.tolerances import checks_for
 
@@ -425,6 +425,36 @@ def test_attention_positions_rotate_the_rounded_output_back(op, dtype):
         (check,) = checks_for(op, call)
         verdict = check.check.compare(got, want)
         assert verdict.ok, (got is rotated, verdict.detail)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hc_post_addend_adds_the_two_parts_in_f_s_dtype(dtype, layout):
+    """hc_post with an addend selects hc_post_summed (the onnxruntime backend passes it on): its
+    output is the plain function's on f + addend added by torch in f's dtype, bit for bit (the fp32
+    sum rounded to bf16 as torch rounds it). The addend cancels f in places (sums of 0 and of one or
+    two ulps of f) and is a transposed view in one layout. Both calls are held to the float64 CPU
+    reference by the conformance rules (the summed one by the rule with the addend)."""
+    from seahal.backends.onnxruntime import kernels
+
+    case = hc_case("addend", dtype.itemsize, "hc_post", dtype=dtype, layout=layout, addend="cancelling")
+    f, x, post, comb, addend = call = case.calls[0]
+    assert F.select("hc_post", {"addend": None}).name == "hc_post"
+    assert F.select("hc_post", {"addend": addend}).name == "hc_post_summed"
+    assert F.FUNCTIONS["hc_post_summed"].inputs == (*F.FUNCTIONS["hc_post"].inputs, "addend")
+
+    summed = kernels.hc_post(*call)
+    plain = kernels.hc_post(f + addend, x, post, comb)
+    assert summed.dtype == x.dtype and summed.shape == x.shape
+    assert torch.equal(_bits(summed), _bits(plain))
+    assert not torch.equal(summed, kernels.hc_post(f, x, post, comb))
+
+    for got, args in ((plain, (f + addend, x, post, comb)), (summed, call)):
+        upcast = float64_positions("hc_post", args)
+        want = ref_mhc.hc_post(*(a.double() if i in upcast else a for i, a in enumerate(args)))
+        (check,) = checks_for("hc_post", args)
+        verdict = check.check.compare(got, want)
+        assert verdict.ok, (got is summed, verdict.detail)
 
 
 def _index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:

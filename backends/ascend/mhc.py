@@ -11,6 +11,8 @@ row/column rounds, each sum + eps; ``y = H_res^T x + h_out H_post``.
 With ``norm_weight`` (the sub-layer's or the final RMSNorm folded into hc_pre / hc_head) the
 norm runs on the portable ``rms_norm`` after the vendor's collapse ``h_in``. ``npu_mhc_pre``'s
 ``gamma`` keyword is not used for it: its documentation does not settle that it is this weight.
+With hc_post's ``addend`` (the sub-layer output in two parts) ``npu_mhc_post`` takes their sum,
+added in torch first.
 """
 
 from __future__ import annotations
@@ -115,15 +117,20 @@ def hc_head(
     return _normed(y, norm_weight, norm_eps)
 
 
-def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, addend: torch.Tensor | None = None
+) -> torch.Tensor:
     """The ``hc_post`` contract on ``npu_mhc_post(x, h_res=comb, h_out=f, h_post=post)``.
 
-    f: [B, S, D], x: [B, S, n, D] bf16 (same dtype), post: [B, S, n], comb: [B, S, n, n] fp32
-    -> [B, S, n, D] in x's dtype: ``x'_j = post_j f + sum_i comb[i, j] x_i`` (the vendor's
-    ``H_res^T x + h_out H_post``). Other dtypes or n run the portable kernel.
+    f: [B, S, D], x: [B, S, n, D] bf16 (same dtype), post: [B, S, n], comb: [B, S, n, n] fp32,
+    addend: [B, S, D] in f's dtype or None -> [B, S, n, D] in x's dtype:
+    ``x'_j = post_j f + sum_i comb[i, j] x_i`` (the vendor's ``H_res^T x + h_out H_post``); with
+    addend ``h_out = f + addend``, a torch add on the NPU (the contract's rounding to f's dtype).
+    Other dtypes or n run the portable kernel.
     """
     n = x.shape[2]
     if x.dtype not in _HALF or f.dtype != x.dtype or n not in STREAMS:
         reason = f"bf16/fp16 x and f of one dtype, n in {sorted(STREAMS)} (got x {x.dtype}, f {f.dtype}, n={n})"
-        return portable("hc_post", f"npu_mhc_post needs {reason}", f, x, post, comb)
-    return torch_npu.npu_mhc_post(x, h_res=comb.float(), h_out=f, h_post=post.float())
+        return portable("hc_post", f"npu_mhc_post needs {reason}", f, x, post, comb, addend)
+    h_out = f if addend is None else f + addend
+    return torch_npu.npu_mhc_post(x, h_res=comb.float(), h_out=h_out, h_post=post.float())

@@ -7,7 +7,8 @@ DeepSeek-V4 ``HCPre``); the collapse ``y = sum_i pre_i x_i`` is torch again, and
 (the sub-layer's RMSNorm folded in) the norm of that y runs on the portable ``rms_norm``.
 
 hc_post: ``tmo.fused_mhc_post(x=f, residual=x, post, comb, compute_rms=False, eps)`` computes
-``post_j f + sum_i comb[i, j] x_i``. Its documented limitation is D = 4096 and four streams (the
+``post_j f + sum_i comb[i, j] x_i``, with ``addend`` (the sub-layer output in two parts) on
+``f + addend``, added in torch first. Its documented limitation is D = 4096 and four streams (the
 V4-Flash shape); other shapes, and f in another dtype than the streams, run on the portable path.
 """
 
@@ -65,10 +66,14 @@ def hc_pre(
     return y, post.float(), comb.float()
 
 
-def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, addend: torch.Tensor | None = None
+) -> torch.Tensor:
     """Expand a sub-layer output into n streams (contract: ``hal.ops.mhc.hc_post``).
 
-    f: [B, S, D], x: [B, S, n, D], post: [B, S, n] fp32, comb: [B, S, n, n] fp32 -> [B, S, n, D].
+    f: [B, S, D], x: [B, S, n, D], post: [B, S, n] fp32, comb: [B, S, n, n] fp32, addend: [B, S, D]
+    in f's dtype or None -> [B, S, n, D]; with addend ``fused_mhc_post`` takes ``x = f + addend``, a
+    torch add on the MLU (the contract's rounding to f's dtype).
     """
     batch, seq, n, dim = x.shape
     why = tmo.lacks("fused_mhc_post")
@@ -77,7 +82,9 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     elif x.dtype not in _DTYPES or f.dtype != x.dtype or post.dtype != torch.float32 or comb.dtype != torch.float32:
         why = f"dtypes f {f.dtype}, x {x.dtype}, post/comb {post.dtype}/{comb.dtype} (tmo: f = x in fp32/bf16, fp32 weights)"
     if why is not None:
-        return portable("hc_post", why)(f, x, post, comb)
+        return portable("hc_post", why)(f, x, post, comb, addend)
+    if addend is not None:
+        f = f + addend
     out = tmo.call(
         "fused_mhc_post",
         x=f.reshape(batch * seq, dim).contiguous(),

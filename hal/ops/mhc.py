@@ -52,19 +52,25 @@ def hc_pre(x, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, norm_
 @define_op(
     "hc_post",
     family="mhc",
-    schema="(Tensor f, Tensor x, Tensor post, Tensor comb) -> Tensor",
+    schema="(Tensor f, Tensor x, Tensor post, Tensor comb, Tensor? addend=None) -> Tensor",
 )
-def hc_post(f, x, post, comb):
+def hc_post(f, x, post, comb, addend=None):
     """Expand a sub-layer output back into n streams mixed with the old ones.
 
-    f: [B, S, D], x: [B, S, n, D], post: [B, S, n] fp32, comb: [B, S, n, n] fp32
+    f: [B, S, D], x: [B, S, n, D], post: [B, S, n] fp32, comb: [B, S, n, n] fp32,
+    addend: [B, S, D] in f's dtype or None
     -> [B, S, n, D] in x's dtype: ``x'_j = post_j f + sum_i comb[i, j] x_i`` (fp32 math).
+
+    With ``addend`` the sub-layer output comes in two parts (V4's MoE: the routed experts' sum and
+    the shared expert's output) and f is their sum in f's dtype, ``f + addend`` as a tensor add
+    rounds it, so that a kernel can add them as it reads f.
     """
     c = Contract("hc_post")
     _streams(c, x)
     c.tensor("f", f, ["B", "S", "D"], STREAM_DTYPES)
     c.tensor("post", post, ["B", "S", "n"], PARAM_DTYPES)
     c.tensor("comb", comb, ["B", "S", "n", "n"], PARAM_DTYPES)
+    c.optional("addend", addend, ["B", "S", "D"], (f.dtype,))
     return Out(tuple(x.shape), x.dtype)
 
 

@@ -84,14 +84,19 @@ def hc_pre(
     return _collapse(x, pre, norm_weight, norm_eps), post.to(torch.float32), comb.to(torch.float32)
 
 
-def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, addend: torch.Tensor | None = None
+) -> torch.Tensor:
     """Expand a sub-layer output back into n streams, mixed with the old ones.
 
-    f: [B, S, D], x: [B, S, n, D], post: [B, S, n], comb: [B, S, n, n] -> [B, S, n, D] in x's dtype
+    f: [B, S, D], x: [B, S, n, D], post: [B, S, n], comb: [B, S, n, n], addend: [B, S, D] or None
+    -> [B, S, n, D] in x's dtype
 
     ``x'_j = post_j f + sum_i comb[i, j] x_i`` (sum over comb's FIRST index, i.e. comb^T @ x);
-    fp32 math (fp64 when x is fp64).
+    fp32 math (fp64 when x is fp64). With addend, f is ``f + addend`` (in f's dtype) first.
     """
+    if addend is not None:
+        f = f + addend
     dtype = compute_dtype(x)
     expanded = post.to(dtype).unsqueeze(-1) * f.to(dtype).unsqueeze(-2)
     mixed = comb.to(dtype).transpose(-1, -2) @ x.to(dtype)

@@ -18,7 +18,8 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``hadamard_rotate_fp4``, ``hc_pre`` and ``hc_head`` (no ``norm_weight``), ``hc_pre_normed`` and
   ``hc_head_normed``, ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``),
   ``sparse_attention_rotated`` and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``:
-  the output's inverse RoPE).
+  the output's inverse RoPE), ``hc_post`` (no ``addend``) and ``hc_post_summed`` (the sub-layer
+  output in two parts).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
@@ -852,6 +853,15 @@ def hc_post(f, x, post, comb):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def hc_post_summed(f, x, post, comb, addend):
+    """hc_post of a sub-layer output in two parts: addend [B, S, D] in f's dtype -> [B, S, n, D] in
+    x's dtype, ``hc_post(f + addend, x, post, comb)`` with ``f + addend`` added in fp32 and rounded
+    to f's dtype (as a torch add in f's dtype rounds it)."""
+    summed = op.CastLike(op.Cast(f, to=FLOAT) + op.Cast(addend, to=FLOAT), f)
+    return hc_post(summed, x, post, comb)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def hc_head(x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
     """mHC head: ``y = sum_i (sigmoid(mix_i s0 + b_i) + eps) x_i``: x [B, S, n, D], fn [n, n*D] -> [B, S, D]."""
     pre = op.Sigmoid(stream_mix(x, fn, norm_eps=norm_eps) * op.Cast(scale, to=FLOAT) + op.Cast(base, to=FLOAT))
@@ -1103,7 +1113,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "sparse_attention": ("sparse_attention", "sparse_attention_rotated"),
     "sparse_attention_fp8": ("sparse_attention_fp8", "sparse_attention_fp8_rotated"),
     "hc_pre": ("hc_pre", "hc_pre_normed"),
-    "hc_post": ("hc_post",),
+    "hc_post": ("hc_post", "hc_post_summed"),
     "hc_head": ("hc_head", "hc_head_normed"),
     "rope": ("rope",),
     "rms_norm_rope": ("rms_norm_rope", "rms_norm_rope_unweighted"),
@@ -1209,10 +1219,10 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_head, sparse_attention,
-    sparse_attention_fp8), the weights' format (moe_experts, grouped_linear, act_quant_gemm), the
-    key format (indexer_topk_packed, index_key_pack) or whether an FP4 rounding follows
-    (hadamard_rotate) pick it."""
+    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_post, hc_head,
+    sparse_attention, sparse_attention_fp8), the weights' format (moe_experts, grouped_linear,
+    act_quant_gemm), the key format (indexer_topk_packed, index_key_pack) or whether an FP4
+    rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -1233,6 +1243,8 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = op if args.get("norm_weight") is None else f"{op}_normed"
     elif op in ("sparse_attention", "sparse_attention_fp8"):
         name = op if args.get("positions") is None else f"{op}_rotated"
+    elif op == "hc_post":
+        name = op if args.get("addend") is None else f"{op}_summed"
     elif op == "hadamard_rotate":
         name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
     elif op in OPS:

@@ -14,6 +14,7 @@ receive no token; FP8 saturation (codes at ±448, quotients that round past 448)
 ties; zero and tiny tiles (the scale clamp); non-contiguous inputs (transposed, sliced and strided
 views, attention keys that are one pool expanded over the batch: a paged cache); attention outputs
 rotated back by their query's inverse RoPE (positions one row per sequence or one shared row);
+mHC sub-layer outputs in two parts (hc_post's addend, cancelling f to 0 or to an ulp or two in places);
 bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8
 indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
 
@@ -730,21 +731,41 @@ def _streams(r: _Rand, b: int, s: int, n: int, d: int, values: str, dtype: torch
     return x[:, :, :1].expand(b, s, n, d) if values == "equal streams" else x
 
 
+def _post_addend(r: _Rand, f: torch.Tensor, values: str, layout: str) -> tuple[torch.Tensor] | tuple[()]:
+    """hc_post's ``addend`` [B, S, D] in f's dtype and ``layout`` (the sub-layer output's second
+    part), or none for ``values="none"``.
+
+    ``"random"``: N(0, 1), so that ``f + addend`` rounds; ``"cancelling"``: N(0, 1) with every
+    third element ``-f`` (``f + addend`` exactly 0) and every third from the second
+    ``-f (1 + eps)`` rounded to f's dtype (eps its machine epsilon: ``f + addend`` is one or two
+    ulps of f against f's sign, exact by Sterbenz's lemma).
+    """
+    if values == "none":
+        return ()
+    addend = r.normal(*f.shape).to(f.dtype)
+    if values == "cancelling":
+        flat, f_flat = addend.view(-1), f.view(-1)
+        flat[::3] = -f_flat[::3]
+        flat[1::3] = (-f_flat[1::3].double() * (1 + torch.finfo(f.dtype).eps)).to(f.dtype)
+    return (strided(addend, layout),)
+
+
 def hc_case(
     name: str, seed: int, op: str, b: int = 2, s: int = 3, n: int = 4, d: int = 32, dtype=BF16, iters: int = 20,
-    values: str = "normal", layout: str = "contiguous", normed: bool = False,
+    values: str = "normal", layout: str = "contiguous", normed: bool = False, addend: str = "none",
 ) -> Case:
     """``hc_pre`` / ``hc_head`` (streams + mix parameters) or ``hc_post`` (sub-layer output,
     streams, post in [0, 2] and a column-normalised comb); ``values`` as :func:`_streams`.
     ``normed`` (hc_pre / hc_head): a folded RMSNorm weight as ``norm_weight``, magnitudes
-    uniform in [0.5, 2], every third negative."""
+    uniform in [0.5, 2], every third negative. ``addend`` (hc_post): the sub-layer output in two
+    parts (:func:`_post_addend`, drawn after every other value, so the cases without it keep theirs)."""
     r = _Rand(seed)
     x = _streams(r, b, s, n, d, values, dtype, layout)
     if op == "hc_post":
         f = r.normal(b, s, d, dtype=dtype)
         post = 2 * torch.sigmoid(r.normal(b, s, n))
         comb = torch.softmax(r.normal(b, s, n, n), dim=-2)
-        return _case(op, name, (f, x, post, strided(comb, layout)))
+        return _case(op, name, (f, x, post, strided(comb, layout)) + _post_addend(r, f, addend, layout))
     mixes = (2 + n) * n if op == "hc_pre" else n
     fn = r.normal(mixes, n * d, std=(n * d) ** -0.5)
     base = r.normal(mixes, std=0.5)
@@ -1166,6 +1187,19 @@ def _hc_cases(op: str, seed: int) -> list[Case]:
             hc_case("bf16 equal streams (stride 0), norm_weight", seed + 9, op, values="equal streams", normed=True),
             hc_case("bf16 n=4 D=512 (V4-like streams), norm_weight", seed + 10, op, b=1, s=2, d=512, normed=True),
         ]
+    else:  # the sub-layer output in two parts, f + addend (V4's MoE: the routed and the shared experts)
+        cases += [
+            hc_case("bf16 f + addend", seed + 7, op, addend="random"),
+            hc_case("fp32 f + addend, transposed streams and addend", seed + 8, op, dtype=F32, layout="transposed",
+                    addend="random"),
+            hc_case("bf16 addend cancelling f (sums of 0 and of an ulp or two)", seed + 9, op, addend="cancelling"),
+            hc_case("fp32 addend cancelling f, every other element of wider rows", seed + 10, op, dtype=F32,
+                    layout="strided", addend="cancelling"),
+            hc_case("bf16 equal streams (stride 0), f + addend", seed + 11, op, values="equal streams",
+                    addend="random"),
+            hc_case("bf16 n=4 D=4096 (V4-Flash), addend cancelling f", seed + 12, op, b=1, s=2, d=4096,
+                    addend="cancelling"),
+        ]
     return cases
 
 
@@ -1516,4 +1550,5 @@ def _draw_hc(draw, op: str) -> Case:
         n=draw(st.integers(1, 4)), d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         iters=draw(st.integers(1, 20)), values=draw(st.sampled_from(["normal", "zero-token"])),
         layout=draw(st.sampled_from(["contiguous", "transposed"])), normed=op != "hc_post" and draw(st.booleans()),
+        addend=draw(st.sampled_from(["none", "random", "cancelling"])) if op == "hc_post" else "none",
     )

@@ -256,9 +256,12 @@ def _hc_pre(d: _Draw):
 
 @_example("hc_post")
 def _hc_post(d: _Draw):
+    """B=2, S=3, n=4 streams of D=8; with fp32/fp64 data the sub-layer output in two parts (an
+    ``addend`` in f's dtype), none with bf16: the suite's bf16 and fp32 example cases hold both forms."""
     n = 4
     comb = torch.softmax(d.param(2, 3, n, n), dim=-1)
-    return (d.data(2, 3, 8), d.data(2, 3, n, 8), torch.sigmoid(d.param(2, 3, n)) * 2, comb), {}
+    args = (d.data(2, 3, 8), d.data(2, 3, n, 8), torch.sigmoid(d.param(2, 3, n)) * 2, comb)
+    return args, {"addend": None if d.dtype == torch.bfloat16 else d.data(2, 3, 8)}
 
 
 @_example("hc_head")

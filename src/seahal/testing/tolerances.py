@@ -361,11 +361,27 @@ def _hc_head(a: Mapping[str, Any]) -> tuple[Compared, ...]:
 
 
 def _hc_post(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    """``x'_j = post_j f + sum_i comb[i, j] x_i``: n + 1 products summed in fp32, off by
+    ``gamma_{n+2}`` relative to their magnitudes ``|post_j| |f| + sum_i |comb[i, j]| |x_i|``; the
+    output's rounding is the rtol's ulp.
+
+    With ``addend`` f is ``s = f + addend`` rounded to f's dtype by contract, and the float64
+    reference adds exactly: the kernel's s' is one fp32 add (u) then, for bf16 f, one rounding to
+    bf16 (u_f) away, ``|s' - s| <= (u + u_f) |s|`` (for fp32 f the two are the same rounding), which
+    post_j carries into the output as ``(u + u_f) |post_j| |s|``. The products are then the rule
+    above with f = s', of magnitude ``|post_j| |s|`` to first order: ``|f + addend|``, not
+    ``|f| + |addend|``, since the kernel multiplies the one rounded sum, and where the addend cancels
+    f that sum is 0 or a few ulps of f exactly (Sterbenz) and none of |f| reaches the output.
+    """
     f, x, post, comb = (a[k].to(torch.float64) for k in ("f", "x", "post", "comb"))
     n = x.shape[2]
-    # n + 1 products summed in fp32, relative to their magnitudes |post| |f| + |comb|^T |x|.
-    magnitude = (post.abs()[..., None] * f.abs()[..., None, :] + comb.abs().transpose(-1, -2) @ x.abs()).max()
-    return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(n + 2), atol=gamma(n + 2) * float(magnitude))),)
+    sum_err = 0.0
+    if a["addend"] is not None:
+        f = f + a["addend"].to(torch.float64)
+        sum_err = U32 + unit_roundoff(a["f"].dtype)
+    expanded = post.abs()[..., None] * f.abs()[..., None, :]
+    magnitude = (gamma(n + 2) + sum_err) * expanded + gamma(n + 2) * (comb.abs().transpose(-1, -2) @ x.abs())
+    return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(n + 2), atol=float(magnitude.max()))),)
 
 
 def _rope_close(dtype: torch.dtype, x_max: float, positions: torch.Tensor, freqs: torch.Tensor) -> Close:
@@ -575,8 +591,17 @@ RULES: dict[str, Rule] = {
         _hc_pre,
     ),
     "hc_post": Rule(
-        (("out", "rtol ulp(x) + γ(n+2), atol γ(n+2)·max(\\|post\\|\\|f\\| + \\|comb\\|ᵀ\\|x\\|)",
-          "n + 1 products summed in fp32, relative to their magnitudes"),),
+        (
+            ("out (addend None)", "rtol ulp(x) + γ(n+2), atol γ(n+2)·max(\\|post\\|\\|f\\| + \\|comb\\|ᵀ\\|x\\|)",
+             "n + 1 products summed in fp32, relative to their magnitudes"),
+            ("out (addend a)",
+             "rtol ulp(x) + γ(n+2), atol max((γ(n+3) + u_f)·\\|post\\|\\|s\\| + γ(n+2)·\\|comb\\|ᵀ\\|x\\|), "
+             "s = f + a exact",
+             "the contract rounds s to f's dtype (an fp32 add, u, then u_f for bf16 f), so the kernel's s' is within "
+             "(u + u_f)·\\|s\\| of the float64 reference's s, which post carries; then the row above with f = s'. "
+             "The magnitude is \\|f + a\\|, not \\|f\\| + \\|a\\|: the kernel multiplies the one rounded sum, "
+             "which is 0 or a few ulps of f, exactly (Sterbenz), where a cancels f"),
+        ),
         _hc_post,
     ),
     "hc_head": Rule(
