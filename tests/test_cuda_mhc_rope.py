@@ -32,7 +32,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 def test_under_interpreter():
     run = triton_interpreter.rerun_test_file(__file__)
-    assert run.passed(skipped=8), run.report
+    assert run.passed(skipped=10), run.report
 
 
 @pytest.fixture(scope="module")
@@ -459,6 +459,21 @@ def test_gpu_one_launch_is_the_two_launches(t):
     _assert_within_rules("hc_head", head_args, got, reference_mhc.hc_head(*head_args))
 
 
+@on_gpu
+@pytest.mark.parametrize("t", [1, 1024])
+def test_gpu_hc_post_adds_the_two_parts_as_it_reads_f(t):
+    """At V4-Flash width on a GPU: bit for bit hc_post of the parts' tensor sum (the fp32 sum of two
+    bf16 values rounded once to bf16 in both)."""
+    from seahal.backends.cuda import mhc
+
+    gen = torch.Generator().manual_seed(t)
+    f, addend = (torch.randn(1, t, 4096, generator=gen).to(BF16).cuda() for _ in range(2))
+    x = torch.randn(1, t, 4, 4096, generator=gen).to(BF16).cuda()
+    post = (2 * torch.sigmoid(torch.randn(1, t, 4, generator=gen))).cuda()
+    comb = torch.softmax(torch.randn(1, t, 4, 4, generator=gen), dim=-2).cuda()
+    assert torch.equal(mhc.hc_post(f, x, post, comb, addend), mhc.hc_post(f + addend, x, post, comb))
+
+
 # (n, D, dtype, comb layout, post/comb dtype): D = 40 ends in a partial column block; n = 3 pads the stream axis.
 @interpreted
 @pytest.mark.parametrize("n, d, dtype, layout, param_dtype", [
@@ -478,6 +493,31 @@ def test_hc_post(kernels, n, d, dtype, layout, param_dtype):
     exact = post.double()[..., None] * f.double()[..., None, :] + torch.einsum("bsij,bsid->bsjd", comb.double(), x.double())
     _assert_within_rules("hc_post", (f, x, post, comb), out, exact)
     _assert_within_rules("hc_post", (f, x, post, comb), out, reference_mhc.hc_post(f, x, post, comb))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, layout", [(BF16, "contiguous"), (F32, "every other column")])
+def test_hc_post_adds_the_two_parts_as_it_reads_f(kernels, dtype, layout):
+    """hc_post with the sub-layer output in two parts: bit for bit hc_post of their tensor sum (f
+    rounded to its dtype once, as the add rounds it), the verified kernel after torch's add
+    (``hc_post_after_the_add``) the same; parts that cancel exactly in some columns."""
+    mhc, _ = kernels
+    gen = torch.Generator().manual_seed(5)
+    f = torch.randn(2, 3, 40, generator=gen).to(dtype)
+    addend = torch.randn(2, 3, 40, generator=gen).to(dtype)
+    addend[..., ::7] = -f[..., ::7]
+    if layout == "every other column":  # a column stride of 2
+        wide = torch.zeros(2, 3, 80, dtype=dtype)
+        wide[..., ::2] = addend
+        addend = wide[..., ::2]
+    x = torch.randn(2, 3, 4, 40, generator=gen).to(dtype)
+    post = 2 * torch.sigmoid(torch.randn(2, 3, 4, generator=gen))
+    comb = torch.softmax(torch.randn(2, 3, 4, 4, generator=gen), dim=-2)
+    out = mhc.hc_post(f, x, post, comb, addend)
+    assert torch.equal(out, mhc.hc_post(f + addend, x, post, comb))
+    assert torch.equal(out, mhc.hc_post_after_the_add(f, x, post, comb, addend))
+    args = (f, x, post, comb, addend)
+    _assert_within_rules("hc_post", args, out, reference_mhc.hc_post(*args))
 
 
 @interpreted

@@ -45,7 +45,9 @@ _FP8_ATTENTION = {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}
 # Changed since: sparse_attention and sparse_attention_fp8 rotate their output back when given
 # positions (OUT_ROPE); their unrotated launches compile to the same sm_90 SASS as before (compared
 # instruction by instruction, constant-bank offsets aside), and serve as cuda.triton_unfused with
-# rope's kernel after them.
+# rope's kernel after them. Changed since: hc_post adds the sub-layer output's two parts as it reads
+# f (ADDEND); its plain launches compile to the same SASS as before and serve as cuda.triton_unfused
+# after torch's add.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -55,7 +57,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "index_key_pack": (
         "quant:index_key_pack", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, True
     ),
-    "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, True),
+    "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, False),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm_rope": ("rope:rms_norm_rope", {"chip": _SM90, "dtype": _FLOAT}, False),  # rope's kernel, NORM
@@ -109,6 +111,7 @@ UNFUSED_KERNELS: dict[str, tuple[str, dict[str, tuple]]] = {
     "rms_norm_rope": ("rope:rms_norm_then_rope", {"chip": _SM90, "dtype": _FLOAT}),
     "sparse_attention": ("sparse_attention:sparse_attention_then_rope", _DENSE_ATTENTION),
     "sparse_attention_fp8": ("sparse_attention:sparse_attention_fp8_then_rope", _FP8_ATTENTION),
+    "hc_post": ("mhc:hc_post_after_the_add", {"chip": _SM90, "dtype": _FLOAT}),
 }
 """Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
 one-pass kernel): what a GPU plan runs while the one-pass kernel awaits its GPU run, one launch

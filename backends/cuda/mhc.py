@@ -2,7 +2,9 @@
 v4_ops.md §5).
 
 ``hc_post`` is one pass: a program takes one token and BLOCK_D columns, reads each of the n
-streams once and writes the n mixed streams, ``x'_j = post_j f + sum_i comb[i, j] x_i``.
+streams once and writes the n mixed streams, ``x'_j = post_j f + sum_i comb[i, j] x_i``; given the
+sub-layer output in two parts (``addend``: V4's shared expert beside the routed experts' sum) it
+adds them as it reads f, rounded to f's dtype as the tensor add would.
 
 ``hc_pre`` and ``hc_head`` need a reduction over all n*D entries of a token before any weight is
 known, then a pass over the token's n*D entries to collapse them. ``_mix_kernel``:
@@ -180,11 +182,14 @@ def hc_head(
     return collapse_streams(x, fn, base, scale, 1, eps, norm_eps, head=True, norm_weight=norm_weight)[0]
 
 
-def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, addend: torch.Tensor | None = None
+) -> torch.Tensor:
     """Expand a sub-layer output back into n streams, mixed with the old ones.
 
-    f: [B, S, D], x: [B, S, n, D] bf16/fp32, post: [B, S, n], comb: [B, S, n, n]
-    -> [B, S, n, D] contiguous, in x's dtype: ``x'_j = post_j f + sum_i comb[i, j] x_i`` (fp32 math).
+    f: [B, S, D], x: [B, S, n, D] bf16/fp32, post: [B, S, n], comb: [B, S, n, n], addend: [B, S, D]
+    in f's dtype or None -> [B, S, n, D] contiguous, in x's dtype: ``x'_j = post_j f + sum_i comb[i, j]
+    x_i`` (fp32 math), f being ``f + addend`` rounded to f's dtype when addend is given.
     """
     check_dtype("hc_post", "x", x)
     b, s, n, d = x.shape
@@ -192,12 +197,21 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     if out.numel() == 0:
         return out
     block_d = _block_d(d, x.device, 512)
+    second = f if addend is None else addend  # read only with ADDEND
     _post_kernel[(b * s, cdiv(d, block_d))](
         f, x, post, comb, out, s, d,
-        *f.stride(), *x.stride(), *post.stride(), *comb.stride(),
-        N=n, N_PAD=next_power_of_2(n), BLOCK_D=block_d, **pdl_options(),
+        *f.stride(), *x.stride(), *post.stride(), *comb.stride(), second, *second.stride(),
+        N=n, N_PAD=next_power_of_2(n), BLOCK_D=block_d, ADDEND=addend is not None, **pdl_options(),
     )
     return out
+
+
+def hc_post_after_the_add(
+    f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, addend: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`hc_post` as the GPU-verified kernels in turn: torch's add of the two parts, then the
+    plain one-pass kernel (kernel ``cuda.triton_unfused``)."""
+    return hc_post(f if addend is None else f + addend, x, post, comb)
 
 
 def collapse_streams(
@@ -268,9 +282,12 @@ def _post_kernel(
     f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, S, D,
     stride_fb, stride_fs, stride_fd, stride_xb, stride_xs, stride_xn, stride_xd,
     stride_pb, stride_ps, stride_pn, stride_cb, stride_cs, stride_ci, stride_cj,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    a_ptr, stride_ab, stride_as, stride_ad,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ADDEND: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
-    """out[token, j, cols] = post_j f[cols] + sum_i comb[i, j] x_i[cols]; program (token, column block)."""
+    """out[token, j, cols] = post_j f[cols] + sum_i comb[i, j] x_i[cols]; program (token, column
+    block). ADDEND: f is ``f + a`` rounded to f's dtype (the two parts of the sub-layer output)."""
     wait_for_prior_grid(PDL)
     token = tl.program_id(0)
     batch = (token // S).to(tl.int64)
@@ -288,6 +305,9 @@ def _post_kernel(
         mixed += c_i[:, None] * x_i[None, :]
     post = tl.load(post_ptr + batch * stride_pb + seq * stride_ps + streams * stride_pn, mask=in_n, other=0.0)
     f = tl.load(f_ptr + batch * stride_fb + seq * stride_fs + cols * stride_fd, mask=in_d, other=0.0)
+    if ADDEND:
+        a = tl.load(a_ptr + batch * stride_ab + seq * stride_as + cols * stride_ad, mask=in_d, other=0.0)
+        f = cast_rne(f.to(tl.float32) + a.to(tl.float32), f_ptr.dtype.element_ty)
     out = post.to(tl.float32)[:, None] * f.to(tl.float32)[None, :] + mixed
     out_ptrs = out_ptr + (token.to(tl.int64) * N + streams[:, None]) * D + cols[None, :]
     tl.store(out_ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=in_n[:, None] & in_d[None, :])
