@@ -102,6 +102,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         """x: [B, S, D], input_ids: [B, S] -> [B, S, D]; ``layout``: where the EP group's tokens
         are (default: the same tokens on every rank)."""
+        out, addend = self.parts(x, input_ids, layout)
+        return out if addend is None else out + addend
+
+    def parts(
+        self, x: torch.Tensor, input_ids: torch.Tensor, layout: TokenLayout | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output as (routed, shared) [B, S, D] in x's dtype, whose tensor sum is the output (the
+        block hands both to ``hc_post``, which adds them as it reads them); under tensor
+        parallelism (the all-reduced fp32 sum, None)."""
         flat, ids = x.reshape(-1, x.shape[-1]), input_ids.reshape(-1)
         tokens = flat.shape[0]
         y, shared = side_by_side(
@@ -109,9 +118,9 @@ class MoE(nn.Module):
             lambda: self._routed(flat, ids, layout),
             lambda: self.shared_experts(flat, self.shared_weight.expand(tokens, 1), self.shared_id.expand(tokens, 1)),
         )
-        if self.parallel.tp == 1:  # one rounding of the fp32 sum: torch adds bf16 in fp32 as below
-            return (y + shared).to(x.dtype).view_as(x)
-        return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x)
+        if self.parallel.tp == 1:  # one rounding of the fp32 sum: torch adds bf16 in fp32, as hc_post does
+            return y.to(x.dtype).view_as(x), shared.to(x.dtype).view_as(x)
+        return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x), None
 
     def _routed(self, flat: torch.Tensor, ids: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor:
         """The gate and the routed experts over the [T, D] tokens ``flat``."""

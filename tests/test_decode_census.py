@@ -23,48 +23,49 @@ from collections import Counter
 
 from seahal.testing.triton_interpreter import require_triton
 
-DECODE_BUDGETS = {"decode": 110, "graph decode": 115}
-"""Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph
-replays (the position a device tensor: what ``seahal bench --ops model`` times). Now 104 and 108,
-77 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of
-2026-11-26 (eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the
-shared expert's routing filled per step), then 252 eager and 284 in the graph; then position
-arithmetic made once a step, FP8 KV and FP4 index keys rounded once (by their packing), inputs
-shared by two linears quantised once, a traced step's cache writes by scatter, a CSA layer's
-new-entry count made once for its compressor and indexer, FP4 values decoded a byte at a time, and
-the indexer's rotation and FP4 rounding of its query and keys one op each (``hadamard_rotate``,
-184 -> 173 eager), and the position arithmetic layers of one ratio share made once a step
-(``StepPositions.memo``: 173 -> 158 eager), and FP4 index keys packed in one op (``index_key_pack``,
-158 -> 154), a CSA layer's -1 index slots kept without a fill (153), and the window write at an
-int position as slice copies (152), and a decode step's compressed rows written by one scatter
-(182 -> 169 in the graph), and each compressor's wkv and wgate as one stacked projection (149 and 166), and a ratio's new-entry
-count in three ops (164 in the graph), and a CSA layer's indices written into a buffer the step's
-CSA layers share, its window part written once (148 and 163), and each attention's wq_a and wkv
-as one stacked GEMM (144 and 159), and a CSA layer's wq_b and its indexer's wq_b likewise (143 and
-158), and the embedding's n equal streams a stride-0 view rather than a copy, and one token's
-positions a view of the step's position (142 and 155), and the step's position arithmetic made
-from its end position (``StepPositions.end``: the cache's next position and every ratio's entry
-count), its ring rows by ``fmod`` and a clamp with the token's ring slot a column of them, an HCA
-layer's index rows masked without a scalar tensor, and a compressed entry's KV row written
-through the store's view past the ring, so that it is the same row tensor as its index key's
-(138 and 142), and each attention's query heads and KV vector normalised and rotated in one op
-(``rms_norm_rope``: 130 and 134), and each linear's activation quantisation formed inside its FP8
-GEMM (``act_quant_gemm``: 118 and 122), and a CSA indexer's head weights scaled in the kernel
-that widens them (117 and 121), and each sub-layer's RMSNorm and the final one formed by the mHC
-collapse before it (``hc_pre`` / ``hc_head`` with ``norm_weight``: 108 and 112), and each
-attention's output rotated back as the attention stores it (``sparse_attention_fp8`` with
-``positions``: 104 and 108)."""
-PAIR_BUDGET = 58
+DECODE_BUDGETS = {"decode": 106, "graph decode": 110}
+"""Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph replays
+(the position a device tensor: what ``seahal bench --ops model`` times). Now 100 and 104, 77 of them
+HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of 2026-11-26
+(eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the shared
+expert's routing filled per step), then 252 eager and 284 in the graph; then position arithmetic
+made once a step, FP8 KV and FP4 index keys rounded once (by their packing), inputs shared by two
+linears quantised once, a traced step's cache writes by scatter, a CSA layer's new-entry count made
+once for its compressor and indexer, FP4 values decoded a byte at a time, and the indexer's rotation
+and FP4 rounding of its query and keys one op each (``hadamard_rotate``, 184 -> 173 eager), and the
+position arithmetic layers of one ratio share made once a step (``StepPositions.memo``: 173 -> 158
+eager), and FP4 index keys packed in one op (``index_key_pack``, 158 -> 154), a CSA layer's -1 index
+slots kept without a fill (153), and the window write at an int position as slice copies (152), and
+a decode step's compressed rows written by one scatter (182 -> 169 in the graph), and each
+compressor's wkv and wgate as one stacked projection (149 and 166), and a ratio's new-entry count in
+three ops (164 in the graph), and a CSA layer's indices written into a buffer the step's CSA layers
+share, its window part written once (148 and 163), and each attention's wq_a and wkv as one stacked
+GEMM (144 and 159), and a CSA layer's wq_b and its indexer's wq_b likewise (143 and 158), and the
+embedding's n equal streams a stride-0 view rather than a copy, and one token's positions a view of
+the step's position (142 and 155), and the step's position arithmetic made from its end position
+(``StepPositions.end``: the cache's next position and every ratio's entry count), its ring rows by
+``fmod`` and a clamp with the token's ring slot a column of them, an HCA layer's index rows masked
+without a scalar tensor, and a compressed entry's KV row written through the store's view past the
+ring, so that it is the same row tensor as its index key's (138 and 142), and each attention's query
+heads and KV vector normalised and rotated in one op (``rms_norm_rope``: 130 and 134), and each
+linear's activation quantisation formed inside its FP8 GEMM (``act_quant_gemm``: 118 and 122), and a
+CSA indexer's head weights scaled in the kernel that widens them (117 and 121), and each sub-layer's
+RMSNorm and the final one formed by the mHC collapse before it (``hc_pre`` / ``hc_head`` with
+``norm_weight``: 108 and 112), and each attention's output rotated back as the attention stores it
+(``sparse_attention_fp8`` with ``positions``: 104 and 108), and each MoE's routed and shared outputs
+added by the hc_post that reads them (``hc_post`` with ``addend``: 100 and 104)."""
+PAIR_BUDGET = 56
 """Kernels each further pair of V4-Flash layers (a CSA and an HCA layer) may add to the graph decode
-step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 54, 43 of them HAL op
-calls (56 while each attention's output took its inverse RoPE in a launch of its own, 60 while each
-sub-layer normalised hc_pre's collapse in a launch of its own, 61 while the indexer's head weights
-were widened and scaled in two kernels, 67 while each linear quantised its input in a launch of its
-own; 71 and 60 while the norms of the query heads and the KV vector were ops apart from their RoPE);
-120 when every layer made its own ring slots, entry counts, cache write rows and (HCA) index rows,
-90 while the FP4 key records were packed in torch, 85 while each of its three compressed-row writes
-(CSA entries and index keys, HCA entries) was a gather, select and scatter, 76 while a CSA layer's
-indices took a where and a concatenation of their own."""
+step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 52, 43 of them HAL op
+calls (54 while each MoE added its two outputs in a launch of its own, 56 while each attention's
+output took its inverse RoPE in a launch of its own, 60 while each sub-layer normalised hc_pre's
+collapse in a launch of its own, 61 while the indexer's head weights were widened and scaled in two
+kernels, 67 while each linear quantised its input in a launch of its own; 71 and 60 while the norms
+of the query heads and the KV vector were ops apart from their RoPE); 120 when every layer made its
+own ring slots, entry counts, cache write rows and (HCA) index rows, 90 while the FP4 key records
+were packed in torch, 85 while each of its three compressed-row writes (CSA entries and index keys,
+HCA entries) was a gather, select and scatter, 76 while a CSA layer's indices took a where and a
+concatenation of their own."""
 
 
 def census(context: int = 1024, layers: int = 4) -> dict[str, dict[str, int]]:
