@@ -10,7 +10,9 @@ run as the model calls them, their collapse normalised by the sub-layer's (the f
 weight, and time the path the kernel picks for T (one launch up to
 ``mhc.ONE_LAUNCH_MAX_TOKENS``, a guess); where that is one launch, the two launches are a second
 peer; above 4 tokens the other ``tl.dot`` token tile (16 or 64 tokens, ``mhc.mix_config``) is
-one; and the plain collapse then the ``rms_norm`` kernel (a launch more) is the last.
+one; and the plain collapse then the ``rms_norm`` kernel (a launch more) is the last. hc_post
+runs as the MoE layers call it, f in two parts (routed and shared experts) added as it reads
+them, beside torch's add then the plain kernel.
 
     seahal bench --backend cuda --ops hc_pre,hc_post,hc_head,rope,rms_norm_rope [--quick] [--json out.json]
 """
@@ -61,10 +63,12 @@ def hc_pre_cost(tokens: int, n: int, dim: int, head: bool = False) -> tuple[int,
 
 
 def hc_post_cost(tokens: int, n: int, dim: int) -> tuple[int, int]:
-    """FLOPs ``2 * T * n * D * (n + 1)`` (``post_j f + sum_i comb_ij x_i`` per output element);
-    bytes: bf16 f read (``2 * T * D``), x read and x' written (``2 * 2 * T * n * D``), fp32 post
-    and comb read (``4 * T * (n + n^2)``)."""
-    return 2 * tokens * n * dim * (n + 1), 2 * tokens * dim + 4 * tokens * n * dim + 4 * tokens * (n + n * n)
+    """FLOPs ``2 * T * n * D * (n + 1) + T * D`` (``post_j f + sum_i comb_ij x_i`` per output
+    element, f the sum of its two parts); bytes: the two bf16 parts of f read (``2 * 2 * T * D``: the
+    MoE's routed and shared outputs, as the model calls it), x read and x' written (``2 * 2 * T * n
+    * D``), fp32 post and comb read (``4 * T * (n + n^2)``)."""
+    flops = 2 * tokens * n * dim * (n + 1) + tokens * dim
+    return flops, 4 * tokens * dim + 4 * tokens * n * dim + 4 * tokens * (n + n * n)
 
 
 def rope_cost(tokens: int, heads: int, head_dim: int, rope_dim: int) -> tuple[int, int]:
@@ -109,15 +113,20 @@ def _hc_pre(op: str, dims: ModelDims, tokens: int, device: torch.device) -> Work
 
 
 def _hc_post(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
+    """hc_post as the model's MoE layers call it: f in two parts (routed and shared experts)."""
     torch.manual_seed(tokens)
     n = dims.hc
-    f = torch.randn(1, tokens, dims.dim, device=device, dtype=torch.bfloat16)
+    f, addend = (torch.randn(1, tokens, dims.dim, device=device, dtype=torch.bfloat16) for _ in range(2))
     x = torch.randn(1, tokens, n, dims.dim, device=device, dtype=torch.bfloat16)
     post = 2 * torch.rand(1, tokens, n, device=device)
     comb = torch.rand(1, tokens, n, n, device=device).softmax(-1)
-    args = (f, x, post, comb)
-    return Workload(partial(implementation("hc_post", "mhc", "mhc", device), *args),
-                    {"reference": partial(reference("hc_post", "mhc"), *args)}, close(BF16_TOL))
+    args = (f, x, post, comb, addend)
+    peers = {"reference": partial(reference("hc_post", "mhc"), *args)}
+    if device.type == "cuda":
+        from seahal.backends.cuda import mhc
+
+        peers["torch's add, then hc_post (two launches)"] = partial(mhc.hc_post_after_the_add, *args)
+    return Workload(partial(implementation("hc_post", "mhc", "mhc", device), *args), peers, close(BF16_TOL))
 
 
 def _rope(dims: ModelDims, tokens: int, device: torch.device) -> Workload:
