@@ -145,7 +145,9 @@ def _logits_launch(x: torch.Tensor, weight: torch.Tensor, config: GateConfig | N
     args = (x, weight, partial, t, e, d, d_per_split, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     constexprs = {
         "BLOCK_T": config.block_t, "BLOCK_E": config.block_e, "BLOCK_D": config.block_d,
-        "BF16_DOT": on_gpu and (both_bf16 or split_w), "SPLIT_W": split_w, "GEMV": config.gemv,
+        # the GEMV reads neither flag: it keeps the constexprs (and the code) of its launch before the split
+        "BF16_DOT": on_gpu and not config.gemv and (both_bf16 or split_w), "SPLIT_W": split_w and not config.gemv,
+        "GEMV": config.gemv,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
