@@ -109,8 +109,9 @@ class MoE(nn.Module):
         self, x: torch.Tensor, input_ids: torch.Tensor, layout: TokenLayout | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output as (routed, shared) [B, S, D] in x's dtype, whose tensor sum is the output (the
-        block hands both to ``hc_post``, which adds them as it reads them); under tensor
-        parallelism (the all-reduced fp32 sum, None)."""
+        block hands both to ``hc_post``, which adds them as it reads them); where the routed part is
+        an fp32 partial sum (expert parallelism) or the sum is all-reduced (tensor parallelism),
+        (that fp32 sum rounded once, None)."""
         flat, ids = x.reshape(-1, x.shape[-1]), input_ids.reshape(-1)
         tokens = flat.shape[0]
         y, shared = side_by_side(
@@ -118,9 +119,11 @@ class MoE(nn.Module):
             lambda: self._routed(flat, ids, layout),
             lambda: self.shared_experts(flat, self.shared_weight.expand(tokens, 1), self.shared_id.expand(tokens, 1)),
         )
-        if self.parallel.tp == 1:  # one rounding of the fp32 sum: torch adds bf16 in fp32, as hc_post does
-            return y.to(x.dtype).view_as(x), shared.to(x.dtype).view_as(x)
-        return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x), None
+        if self.parallel.tp > 1:
+            return self.parallel.tp_all_reduce(y.float() + shared.float()).to(x.dtype).view_as(x), None
+        if y.dtype != x.dtype:  # expert parallelism's fp32 partial sums: the fp32 sum, rounded once
+            return (y + shared).to(x.dtype).view_as(x), None
+        return y.view_as(x), shared.view_as(x)  # hc_post rounds their fp32 sum once, as torch's add
 
     def _routed(self, flat: torch.Tensor, ids: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor:
         """The gate and the routed experts over the [T, D] tokens ``flat``."""

@@ -477,3 +477,28 @@ def test_experts_routing_weight_precedes_the_down_projection_quant():
     out = moe_experts(x, weights, ids, w1[0], w1[1], w3[0], w3[1], w2[0], w2[1], 10.0)
     assert torch.equal(out[0], torch.zeros(128, dtype=torch.bfloat16))
     assert out[1].abs().sum() > 0
+
+
+def test_moe_parts_round_the_routed_and_shared_sum_once():
+    """MoE.parts hands the block (routed, shared) for hc_post to add (one rounding of their fp32
+    sum, as torch's add); where the routed part is an fp32 partial sum (expert parallelism) it
+    returns that sum with the shared output rounded once instead: a bf16 routed part first would
+    round twice."""
+    from seahal.model.config import ModelConfig
+    from seahal.model.moe import MoE
+    from seahal.model.tiny import TINY_CONFIG
+
+    config = ModelConfig.from_dict({**TINY_CONFIG, "dtype": "bf16"})
+    moe = MoE(config, 2, hal.plan("cpu", announce=False).ops)  # an fp32 gate, as the model's
+    for experts in (moe.experts, moe.shared_experts):
+        experts.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, config.dim, generator=gen).bfloat16()
+    ids = torch.randint(0, config.vocab_size, (1, 5), generator=gen)
+    routed, shared = moe.parts(x, ids)
+    assert routed.dtype == shared.dtype == torch.bfloat16
+    assert torch.equal(moe(x, ids), routed + shared)
+    fp32_routed = routed.float() + 2.0**-12  # not a bf16 value: what an EP reduction may return
+    moe._routed = lambda flat, ids, layout: fp32_routed.reshape(flat.shape)
+    out, none = moe.parts(x, ids)
+    assert none is None and torch.equal(out, (fp32_routed + shared.float()).bfloat16())
