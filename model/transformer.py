@@ -56,8 +56,8 @@ class Block(nn.Module):
         y, post, comb = self._hc_pre(h, "hc_attn", self.attn_norm)
         h = self.ops.hc_post(self.attn(y, cache, start_pos, step), h, post, comb)
         y, post, comb = self._hc_pre(h, "hc_ffn", self.ffn_norm)
-        routed, shared = self.ffn.parts(y, input_ids, layout)  # summed by hc_post as it reads them
-        return self.ops.hc_post(routed, h, post, comb, shared)
+        f, addend = self.ffn.parts(y, input_ids, layout)  # the routed and shared outputs, summed by hc_post
+        return self.ops.hc_post(f, h, post, comb, addend)
 
 
 def _embedding(rows: int, dim: int, dtype: torch.dtype) -> nn.Embedding:
