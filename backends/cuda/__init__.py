@@ -15,8 +15,6 @@ _SM90 = ("sm90",)
 _FLOAT = ("bfloat16", "float32")
 _SCALES = ("float32", "float8_e8m0fnu")
 _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"), "scale_fmt": ("ue8m0", "fp32")}
-_DENSE_ATTENTION = {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}
-_FP8_ATTENTION = {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}
 
 # op -> (module:function, capabilities, verified on a GPU). Capabilities are data: plans match a
 # model's requirements against them and docs/support-matrix.md is generated from them. Every kernel
@@ -94,8 +92,12 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         False,
     ),
     # One Triton kernel serves both: dense kv rows, or the 584-byte FP8 records decoded in registers.
-    "sparse_attention": ("sparse_attention:sparse_attention", _DENSE_ATTENTION, False),
-    "sparse_attention_fp8": ("sparse_attention:sparse_attention_fp8", _FP8_ATTENTION, False),
+    "sparse_attention": (
+        "sparse_attention:sparse_attention", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("dense",)}, False
+    ),
+    "sparse_attention_fp8": (
+        "sparse_attention:sparse_attention_fp8", {"chip": _SM90, "dtype": _FLOAT, "kv_format": ("fp8",)}, False
+    ),
     "moe_experts": (
         "moe_experts:moe_experts",
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
@@ -107,15 +109,15 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     ),
 }
 
-UNFUSED_KERNELS: dict[str, tuple[str, dict[str, tuple]]] = {
-    "rms_norm_rope": ("rope:rms_norm_then_rope", {"chip": _SM90, "dtype": _FLOAT}),
-    "sparse_attention": ("sparse_attention:sparse_attention_then_rope", _DENSE_ATTENTION),
-    "sparse_attention_fp8": ("sparse_attention:sparse_attention_fp8_then_rope", _FP8_ATTENTION),
-    "hc_post": ("mhc:hc_post_after_the_add", {"chip": _SM90, "dtype": _FLOAT}),
+UNFUSED_KERNELS: dict[str, str] = {
+    "rms_norm_rope": "rope:rms_norm_then_rope",
+    "sparse_attention": "sparse_attention:sparse_attention_then_rope",
+    "sparse_attention_fp8": "sparse_attention:sparse_attention_fp8_then_rope",
+    "hc_post": "mhc:hc_post_after_the_add",
 }
 """Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
-one-pass kernel): what a GPU plan runs while the one-pass kernel awaits its GPU run, one launch
-more, instead of the portable reference."""
+one-pass kernel, with its capabilities): what a GPU plan runs while the one-pass kernel awaits its
+GPU run, one launch more, instead of the portable reference."""
 
 DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
 """Kernels that load a tensor ``start_pos`` in the kernel (never on the host): decode steps through
@@ -193,7 +195,7 @@ def register() -> None:
             op, "cuda", "triton", f"seahal.backends.cuda.{function}", priority=10, capabilities=capabilities,
             supports=None if gpu_verified else _verified_or_opted_in, device_position=op in DEVICE_POSITION,
         )
-    for op, (function, capabilities) in UNFUSED_KERNELS.items():
+    for op, function in UNFUSED_KERNELS.items():
         register_kernel(
-            op, "cuda", "triton_unfused", f"seahal.backends.cuda.{function}", priority=5, capabilities=capabilities
+            op, "cuda", "triton_unfused", f"seahal.backends.cuda.{function}", priority=5, capabilities=KERNELS[op][1]
         )
