@@ -337,8 +337,7 @@ def _normed(a: Mapping[str, Any], logit_err: float) -> Close:
     bounded = room > 0
     k_abs = torch.where(bounded, rel_atol / room, 2 * d**0.5)
     k_rel = torch.where(bounded, (2 * rtol + rel_atol) / room, 0.0)
-    norm = ulp(x.dtype) + gamma(d) / 2 + 8 * U32
-    return Close(rtol=norm + _max_abs(k_rel), atol=_max_abs(a["norm_weight"]) * _max_abs(k_abs))
+    return Close(rtol=_rms_norm_rtol(x.dtype, d) + _max_abs(k_rel), atol=_max_abs(a["norm_weight"]) * _max_abs(k_abs))
 
 
 def _hc_y(a: Mapping[str, Any], logit_err: float) -> Compared:
@@ -397,12 +396,16 @@ def _rope(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, _rope_close(x.dtype, _max_abs(x), a["positions"], a["freqs"])),)
 
 
+def _rms_norm_rtol(dtype: torch.dtype, d: int) -> float:
+    """RMSNorm's relative error over rows of D in ``dtype``. Every step is multiplicative: sum(x^2)
+    of D positive terms errs by gamma(D) relative in any order, the mean, + eps and the product add
+    an ulp each, rsqrt two (the GPU's approximation); the inverse root halves the sum's error. Then
+    one rounding to ``dtype``."""
+    return ulp(dtype) + gamma(d) / 2 + 8 * U32
+
+
 def _rms_norm(a: Mapping[str, Any]) -> tuple[Compared, ...]:
-    # Every step is multiplicative: sum(x^2) of D positive terms errs by gamma(D) relative in any
-    # order, the mean, + eps and the product add an ulp each, rsqrt two (the GPU's approximation);
-    # the inverse root halves the sum's error. Then one rounding to x's dtype.
-    d = a["x"].shape[-1]
-    return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(d) / 2 + 8 * U32)),)
+    return (Compared("out", 0, Close(rtol=_rms_norm_rtol(a["x"].dtype, a["x"].shape[-1]))),)
 
 
 def _rms_norm_rope(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -410,13 +413,12 @@ def _rms_norm_rope(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     # rope's angle error, all absolute against the largest normalised value |y| (a rotated element
     # near zero has no relative bound); the output rounds once more (one ulp relative).
     x, weight = a["x"], a["weight"]
-    d = x.shape[-1]
     xf = x.to(torch.float64)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + a["eps"])
     y_max = _max_abs(y if weight is None else y * weight.to(torch.float64))
-    theta = _max_abs(a["positions"]) * _max_abs(a["freqs"])
-    norm = ulp(x.dtype) + gamma(d) / 2 + 8 * U32
-    return (Compared("out", 0, Close(rtol=ulp(x.dtype), atol=(2 * norm + 2 * (theta + 4) * U32) * y_max)),)
+    norm = 2 * _rms_norm_rtol(x.dtype, x.shape[-1]) * y_max
+    rope = _rope_close(x.dtype, y_max, a["positions"], a["freqs"])
+    return (Compared("out", 0, Close(rtol=ulp(x.dtype), atol=norm + rope.atol)),)
 
 
 def _grouped_linear(a: Mapping[str, Any]) -> tuple[Compared, ...]:
