@@ -11,6 +11,17 @@ from seahal.model.decode_graph import DecodeGraph
 LENGTHS = (3, 9, 14)
 """Prompt lengths: each sequence's CSA/HCA blocks complete at other decode steps."""
 
+TOLERANCE = {"dense": 1e-5, "fp8": 1e-3}
+"""The largest error :func:`ragged_decode_errors` may give an fp32 model, by cache format, relative
+to the logit scale. A batch of 3 sums the fp32 projections in other orders than a batch of 1 (other
+GEMM shapes: ~1e-7 relative each); with a dense cache that stays below 1e-5 through 4 layers. An
+FP8 cache rounds every KV vector to e4m3 codes, and a code whose value lies within that ~1e-7 of a
+rounding midpoint may round the other way in one of the two runs: that element one e4m3 step (up to
+2^-3 relative) off in every later step that reads the row. Such flips are rare and each moves the
+logits little (one machine: three codes of one compressed entry, one step apart, by the third 4-token
+step: 3e-5; another machine none: 2e-6), so 1e-3 bounds them; a sequence decoded one position off is
+0.06 off, 60 times that."""
+
 
 def ragged_decode_errors(model, capture: bool, steps: int = 20, against: str = "alone", chunk: int = 1) -> list[float]:
     """Prompts of :data:`LENGTHS` tokens prefilled into rows of one cache, then ``steps`` steps of

@@ -74,13 +74,13 @@ def test_generic_steps_through_triton_kernels_equal_the_ordinary_forward(tmp_pat
 def test_sequences_at_their_own_positions_through_triton_kernels(tmp_path, chunk, steps):
     """Three sequences stepped together, each at its own position (its compressed blocks
     completing at other steps), one token or a 4-token chunk each a step, through the Triton
-    kernels' per-sequence positions, against each sequence stepped alone. fp32 on the CPU: the
-    batch of 3 and of 1 sum the reference's projections in other orders (~1e-7 relative); 1e-5 of
-    the logit scale holds that through 4 layers, while one position off is 0.06 off
+    kernels' per-sequence positions, against each sequence stepped alone. fp32 on the CPU, an FP8
+    cache: the batch of 3 and of 1 sum the reference's projections in other orders, and a KV code may
+    round the other way (ragged_decode.TOLERANCE), while one position off is 0.06 off
     (tests/test_decode_graph.py)."""
-    from ragged_decode import ragged_decode_errors
+    from ragged_decode import TOLERANCE, ragged_decode_errors
 
     model = load(write_tiny_checkpoint(tmp_path), device="cpu", announce=False, cache_format="fp8")
     _on_cuda_kernels(model)
     errors = ragged_decode_errors(model, capture=False, steps=steps, chunk=chunk)
-    assert max(errors) < 1e-5, errors
+    assert max(errors) < TOLERANCE["fp8"], errors
