@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from seahal.backends.cpu.reference import attention, moe, rope
+from seahal.backends.cpu.reference import attention, moe, quant, rope
 from seahal.cli import main as cli_main
 from seahal.hal.registry import REGISTRY, Availability, register_backend, register_kernel
 from seahal.hal.spec import specs
@@ -120,6 +120,28 @@ def test_kernel_that_writes_its_input_fails(isolated_registry):
     report = run_conformance(backend, ["rope"], property_examples=0)
     assert report.results and all(r.status == "fail" for r in report.results)
     assert all("aliases an input" in r.detail for r in report.results)
+
+
+def _store_over_a_zeroed_cache(kv, cache, slots, rope_dim=64, tile=64):
+    cache.zero_()
+    quant.kv_cache_store(kv, cache, slots, rope_dim, tile)
+
+
+def _store_into_a_contiguous_copy(kv, cache, slots, rope_dim=64, tile=64):
+    quant.kv_cache_store(kv, cache.contiguous(), slots, rope_dim, tile)  # lost where cache is a strided view
+
+
+def test_kv_cache_store_cases_catch_stray_and_lost_writes(isolated_registry):
+    """The caches hold random bytes, so clobbering rows no slot names fails every case that has
+    such rows; a kernel that ignores the cache's strides fails the strided-view cases."""
+    backend = _fake_backend()
+    register_kernel("kv_cache_store", backend, "zeroes", _store_over_a_zeroed_cache)
+    register_kernel("kv_cache_store", backend, "copies", _store_into_a_contiguous_copy)
+    report = run_conformance(backend, ["kv_cache_store"], property_examples=0)
+    failed = {k: {r.case for r in report.failures if r.kernel == f"{backend}.{k}"} for k in ("zeroes", "copies")}
+    cases = cases_for("kv_cache_store")
+    assert failed["zeroes"] == {c.name for c in cases if c.calls[0][1].shape[1] > c.calls[0][2].shape[1]}
+    assert failed["copies"] == {c.name for c in cases if not c.calls[0][1].is_contiguous()} != set()
 
 
 def test_unavailable_backend_is_unsupported_with_reason(isolated_registry):

@@ -30,12 +30,15 @@ pytest.importorskip("onnxscript")
 from onnx import inliner  # noqa: E402
 
 from seahal import hal  # noqa: E402
-from seahal.backends.cpu.reference.quant import kv_cache_pack  # noqa: E402
+from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_store  # noqa: E402
 from seahal.cli import main  # noqa: E402
+from seahal.hal.ops.quant import kv_record_bytes  # noqa: E402
 from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
 from seahal.model.tiny import TINY_CONFIG, random_tensors  # noqa: E402
-from seahal.onnx.export import MIN_TORCH, _attach_functions, _translation, export_onnx, reference_model  # noqa: E402
+from seahal.onnx.export import (  # noqa: E402
+    MIN_TORCH, _attach_functions, _hal_nodes, _pure_bindings, _translation, export_onnx, reference_model,
+)
 from seahal.onnx.functions import OPS, OPSET, select  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -382,6 +385,49 @@ def test_hc_post_addend_exports_the_summed_function(tmp_path):
     assert calls == ["hc_post_summed", "hc_post"]
     for name, actual, expected in zip(calls, got, want, strict=True):
         _assert_close(actual, expected, DENSE_RTOL, name)
+
+
+class _Store(nn.Module):
+    """kv_cache_store into a copy of the cache through a plan's ops (a mutating op with no output)."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, kv, cache, slots):
+        cache = cache.clone()
+        assert self.ops.kv_cache_store(kv, cache, slots, 16, 16) is None
+        return cache
+
+
+def test_kv_cache_store_exports_through_its_pure_twin(tmp_path):
+    """kv_cache_store mutates its cache and returns nothing: traced through its pure twin (which
+    returns the new cache, copied back), it becomes one seahal::kv_cache_store node whose one output
+    is that cache, and onnxruntime's cache equals the reference's byte for byte (slots [1, n]: the
+    same rows of every sequence's cache; the other rows keep their bytes)."""
+    g = torch.Generator().manual_seed(8)
+    kv = torch.randn(2, 3, 48, generator=g)
+    cache = torch.randint(0, 256, (2, 8, kv_record_bytes(48, 16, 16)), generator=g, dtype=torch.uint8)
+    slots = torch.tensor([[5, 0, 7]])
+    plan = hal.plan("cpu", ["kv_cache_store"], announce=False, environ={"SEAHAL_OPS": "kv_cache_store=cpu.reference"})
+    with _pure_bindings(plan, positional=False) as bindings:
+        program = torch.export.export(_Store(plan), (kv, cache, slots))
+    assert _hal_nodes(program, bindings) == {"kv_cache_store": 1}
+    table = {torch_op: _translation(op, torch_op) for torch_op, op in bindings.items()}
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
+                                     optimize=False, verbose=False)
+    _attach_functions(onnx_program.model)
+    onnx_program.save(tmp_path / "store.onnx")
+    proto = onnx.load(tmp_path / "store.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node if n.domain == "seahal"] == ["kv_cache_store"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), (kv, cache, slots), strict=True)})
+    want = cache.clone()
+    kv_cache_store(kv, want, slots, 16, 16)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert (want != cache).any(-1).sum() == 6  # 3 rows of each sequence written
+    np.testing.assert_array_equal(got[:, [1, 2, 3, 4, 6]], cache[:, [1, 2, 3, 4, 6]].numpy())
 
 
 def test_cli_exports_a_decode_step(release, tmp_path, capsys):

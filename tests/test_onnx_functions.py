@@ -29,6 +29,7 @@ from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
 from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
 from seahal.hal.ops.compressor import compressor_state, most_new_entries
+from seahal.hal.ops.quant import kv_record_bytes
 from seahal.onnx import functions as F
 from seahal.testing.cases import hc_case, sparse_attention_case, sparse_attention_fp8_case
 from seahal.testing.conformance import float64_positions
@@ -114,6 +115,9 @@ def test_every_op_has_functions_taking_its_arguments_in_hal_order():
     assert F.FUNCTIONS["kv_compress"].inputs[-1] == "start_pos"  # a run-time input, not an attribute
     assert F.FUNCTIONS["kv_compress"].n_outputs == 3 and F.FUNCTIONS["kv_compress"].mutates == ("kv_state", "score_state")
     assert "top_k" in F.FUNCTIONS["moe_gate_hash"].attributes and "bias" not in F.FUNCTIONS["moe_gate_hash"].inputs
+    store = F.FUNCTIONS["kv_cache_store"]  # no output of its own: the node returns the new cache alone
+    assert (store.inputs, store.attributes) == (("kv", "cache", "slots"), ("rope_dim", "tile"))
+    assert store.n_outputs == 1 and store.mutates == ("cache",) and store.shared_batch == ("slots",)
 
 
 def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
@@ -246,6 +250,58 @@ def test_kv_record_bytes_of_special_values_match_the_reference():
     binding.bind_ortvalue_output("out0", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(got.view(torch.int16).numpy(), TensorProto.BFLOAT16))
     session.run_with_iobinding(binding)
     assert torch.equal(got.view(torch.int16), ref_quant.kv_cache_unpack(want, 128).view(torch.int16))
+
+
+def _kv_cache_store(kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int, tile: int) -> torch.Tensor:
+    """The function kv_cache_store's one output (the new cache) as a one-node model; ``cache`` is
+    an input only (ONNX values are immutable) and must come back unchanged."""
+    fn = F.select("kv_cache_store", {"kv": kv, "cache": cache, "slots": slots})
+    index_type = TensorProto.INT32 if slots.dtype == torch.int32 else TensorProto.INT64
+    in_types = [_onnx_type(kv), _onnx_type(cache), (index_type, slots.dim())]
+    model = F.node_model(fn, in_types, [_onnx_type(cache)], fn.attribute_values({"rope_dim": rope_dim, "tile": tile}))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = torch.empty_like(cache)
+    binding = session.io_binding()
+    for name, t in zip(fn.inputs, (kv, cache, slots), strict=True):
+        binding.bind_ortvalue_input(name, _ort_value(t))
+    binding.bind_ortvalue_output("out0", _ort_value(out))
+    session.run_with_iobinding(binding)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_sequence", "shared_slots"])
+@pytest.mark.parametrize("geometry", [(64, 64), (16, 16)], ids=["rope64_tile64", "rope16_tile16"])
+def test_kv_cache_store_writes_the_reference_records_into_their_rows(dtype, index_dtype, shared, geometry):
+    """kv_cache_store's function (kv_cache_pack's records scattered into rows ``slots``) gives the
+    reference's new cache byte for byte: the slotted rows hold exactly kv_cache_pack's records,
+    every other row keeps its old (random) bytes, and slots [1, n] put each sequence's records in
+    the same rows of its own cache. Sequence 1's slots are the reverse of sequence 0's, row 0 and
+    row R - 1 are written, and kv holds a zero vector and a -0 one (sign bytes of the records)."""
+    rope_dim, tile = geometry
+    g = torch.Generator().manual_seed(rope_dim + 2 * shared + (dtype == torch.bfloat16) + 5 * (index_dtype == torch.int32))
+    batch, n, rows, dim = 3, 4, 11, 2 * tile + rope_dim
+    kv = torch.randn(batch, n, dim, generator=g) * torch.exp2(torch.randint(-20, 21, (batch, n, 1), generator=g).float())
+    kv[0, 1], kv[1, 2] = 0.0, -0.0
+    kv = kv.to(dtype)
+    cache = torch.randint(0, 256, (batch, rows, kv_record_bytes(dim, rope_dim, tile)), generator=g, dtype=torch.uint8)
+    first = torch.tensor([0, rows - 1, 5, 2])
+    slots = (first[None] if shared else torch.stack((first, first.flip(0), torch.tensor([3, 7, 1, 9])))).to(index_dtype)
+    before = cache.clone()
+
+    got = _kv_cache_store(kv, cache, slots, rope_dim, tile)
+    assert torch.equal(cache, before)  # an input: the function returns the new value
+    want = before.clone()
+    assert ref_quant.kv_cache_store(kv, want, slots, rope_dim, tile) is None
+    assert torch.equal(got, want)
+    records = ref_quant.kv_cache_pack(kv, rope_dim, tile)
+    for b in range(batch):
+        written = slots[0 if shared else b].long()
+        assert torch.equal(got[b, written], records[b])
+        untouched = torch.ones(rows, dtype=torch.bool)
+        untouched[written] = False
+        assert torch.equal(got[b, untouched], before[b, untouched])
 
 
 def test_fp32_scale_bytes_decode_and_encode_exactly():

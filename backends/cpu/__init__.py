@@ -25,6 +25,7 @@ REFERENCE_KERNELS = {
     "hadamard_rotate": ("quant", {"dtype": _FLOATS}),
     "index_key_pack": ("quant", {"dtype": _FLOATS, "key_format": ("fp4", "fp8")}),
     "kv_cache_pack": ("quant", {"dtype": ("bfloat16", "float32"), "format": ("e4m3+bf16 rope",)}),
+    "kv_cache_store": ("quant", {"dtype": ("bfloat16", "float32"), "format": ("e4m3+bf16 rope",)}),
     "kv_cache_unpack": ("quant", {"format": ("e4m3+bf16 rope",)}),
     "fp8_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),
     "fp4_gemm": ("gemm", {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES}),

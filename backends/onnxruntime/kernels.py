@@ -1,7 +1,9 @@
 """The onnxruntime backend's kernels: every HAL op, run as its ``seahal`` ONNX function.
 
 Each kernel takes the op's arguments as its contract names them and hands them, by name, to
-:func:`seahal.backends.onnxruntime.session.run`.
+:func:`seahal.backends.onnxruntime.session.run`. An op with no outputs of its own that only
+mutates arguments (kv_cache_store: its function returns the new cache, which ``run`` copies into
+the ``cache`` argument) returns None, as its schema's ``-> ()`` says.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def _kernel(op: str) -> Callable[..., Any]:
     def kernel(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return run(op, bound.arguments)
+        result = run(op, bound.arguments)
+        return None if isinstance(result, tuple) and not result else result
 
     kernel.__name__ = kernel.__qualname__ = op
     kernel.__signature__ = signature
@@ -34,6 +37,7 @@ fp4_quant = _kernel("fp4_quant")
 hadamard_rotate = _kernel("hadamard_rotate")
 index_key_pack = _kernel("index_key_pack")
 kv_cache_pack = _kernel("kv_cache_pack")
+kv_cache_store = _kernel("kv_cache_store")
 kv_cache_unpack = _kernel("kv_cache_unpack")
 fp8_gemm = _kernel("fp8_gemm")
 fp4_gemm = _kernel("fp4_gemm")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import FLOAT_HIGH, FLOATS, Contract
+from ..checks import FLOAT_HIGH, FLOATS, INDEX, Contract, describe
 from ..formats import FP4_TILE, INDEX_KEY_FORMATS, index_key_bytes
 from ..spec import Out, define_op
 
@@ -156,6 +156,36 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64):
     c.tensor("kv", kv, dtypes=FLOATS, min_rank=1)
     kv_geometry(c, "kv's last dim", kv.shape[-1], rope_dim, tile)
     return Out((*kv.shape[:-1], kv_record_bytes(kv.shape[-1], rope_dim, tile)), torch.uint8)
+
+
+@define_op(
+    "kv_cache_store",
+    family="quant",
+    schema="(Tensor kv, Tensor(a!) cache, Tensor slots, int rope_dim=64, int tile=64) -> ()",
+    mutates=("cache",),
+)
+def kv_cache_store(kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64):
+    """Pack KV vectors into FP8 cache records and store each in its sequence's row of the cache.
+
+    kv: [B, n, dim] bf16/fp16/fp32, cache: [B, R, kv_record_bytes(dim, rope_dim, tile)] uint8
+    (any strides), slots: [B or 1, n] int32/int64 (one row for every sequence) -> nothing;
+    ``cache[b, slots[b, i]] = kv_cache_pack(kv[b, i], rope_dim, tile)``, the other rows untouched.
+
+    Each sequence's n slots must be distinct and in [0, R): a slot's value is data on the device,
+    which the contract never reads (a decode step's ring slot ``p mod W``, in a graph that serves
+    every position); the reference raises on a slot out of range, a kernel must not write there.
+    """
+    c = Contract("kv_cache_store")
+    c.tensor("kv", kv, ["B", "n", "dim"], FLOATS)
+    dim = c.dims["dim"]
+    kv_geometry(c, "kv's last dim", dim, rope_dim, tile)
+    c.tensor("cache", cache, ["B", "R", kv_record_bytes(dim, rope_dim, tile)], (torch.uint8,))
+    c.tensor("slots", slots, [None, "n"], INDEX)
+    c.require(
+        slots.shape[0] in (1, c.dims["B"]),
+        f"slots must be [B={c.dims['B']} or 1, n={c.dims['n']}] (one row for every sequence), got {describe(slots)}",
+    )
+    return ()
 
 
 @define_op(

@@ -47,6 +47,15 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
     return out
 
 
+def kv_cache_store(
+    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64
+) -> None:
+    """``cache[b, slots[b, i]] = kv_cache_pack(kv[b, i])``: the records scattered into their rows."""
+    records = kv_cache_pack(kv, rope_dim, tile)
+    rows = slots.to(torch.int64).expand(records.shape[:2])
+    cache.scatter_(1, rows[..., None].expand(records.shape), records)
+
+
 def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
     """Decode ``kv_cache_pack`` records to bf16 vectors."""
     nope = dim - rope_dim

@@ -30,13 +30,15 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
   code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
 * Outputs: the op's outputs in order, then the new values of the arguments the op mutates in place
-  (kv_compress: ``entries, kv_state, score_state``). An output whose rows depend on the position
+  (kv_compress: ``entries, kv_state, score_state``; kv_cache_store, which has no output of its
+  own: the new ``cache`` alone). An output whose rows depend on the position
   has the rows the HAL contract gives a tensor ``start_pos``: kv_compress's entries (records) are
   ``ceil(S/m)`` rows, each sequence's new entries first, zeros (zero bytes) after; a caller at an
   int position keeps the first ``new_entries(start_pos, S, m)``.
 * Shared rows: ``sparse_attention``'s kv and ``sparse_attention_fp8``'s records may have batch 1,
-  one pool of cache rows that every sequence indexes (a paged cache; :data:`SHARED_BATCH`). A
-  caller holding the pool expanded over the batch (batch stride 0) passes that one copy.
+  one pool of cache rows that every sequence indexes (a paged cache; :data:`SHARED_BATCH`), and
+  so may ``kv_cache_store``'s slots (the same rows for every sequence). A caller holding such a
+  tensor expanded over the batch (batch stride 0) passes that one copy.
 * Types: float inputs may be bf16, fp16, fp32 or fp64; the math is fp32 as the contracts say
   (the CPU reference upgrades to fp64 for fp64 inputs, these functions do not); outputs take the
   dtype the contract gives. FP8 codes are FLOAT8E4M3FN tensors, packed FP4 codes, KV records and
@@ -1049,6 +1051,17 @@ def kv_cache_pack(kv, rope_dim: int = 64, tile: int = 64):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def kv_cache_store(kv, cache, slots, rope_dim: int = 64, tile: int = 64):
+    """kv_cache_pack's records stored in their cache rows: kv [B, n, dim], cache [B, R, record]
+    uint8, slots [B, n] int (or [1, n]: one row of slots the batch shares) -> the new cache
+    [B, R, record] uint8: ``cache[b, slots[b, i]] = kv_cache_pack(kv[b, i], rope_dim, tile)``, the
+    other rows unchanged (a ScatterElements along the rows; slots distinct and in [0, R))."""
+    records = kv_cache_pack(kv, rope_dim=rope_dim, tile=tile)  # [B, n, record]
+    rows = op.Expand(op.Unsqueeze(op.Cast(slots, to=TensorProto.INT64), [-1]), op.Shape(records))
+    return op.ScatterElements(cache, rows, records, axis=1)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def kv_compress_fp8(
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos: INT64,
     ratio: int, overlap: int, norm_eps: float = 1e-6, rope_dim: int = 64, tile: int = 64,
@@ -1100,6 +1113,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "hadamard_rotate": ("hadamard_rotate", "hadamard_rotate_fp4"),
     "index_key_pack": ("index_key_pack_fp4", "index_key_pack_fp8"),
     "kv_cache_pack": ("kv_cache_pack",),
+    "kv_cache_store": ("kv_cache_store",),
     "kv_cache_unpack": ("kv_cache_unpack",),
     "fp8_gemm": ("fp8_gemm",),
     "fp4_gemm": ("fp4_gemm",),
@@ -1123,9 +1137,12 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 """HAL op -> the names of the functions that compute it (the first is the common case)."""
 
-SHARED_BATCH: dict[str, tuple[str, ...]] = {"sparse_attention": ("kv",), "sparse_attention_fp8": ("records",)}
+SHARED_BATCH: dict[str, tuple[str, ...]] = {
+    "sparse_attention": ("kv",), "sparse_attention_fp8": ("records",), "kv_cache_store": ("slots",),
+}
 """HAL op -> its inputs whose functions also take batch 1 for a tensor the whole batch shares (a
-pool of cache rows, expanded over the batch by the caller: a paged cache)."""
+pool of cache rows, expanded over the batch by the caller: a paged cache; the slots every
+sequence writes)."""
 
 _ONNX_DTYPES = {
     torch.bfloat16: TensorProto.BFLOAT16,

@@ -16,7 +16,9 @@ views, attention keys that are one pool expanded over the batch: a paged cache);
 rotated back by their query's inverse RoPE (positions one row per sequence or one shared row);
 mHC sub-layer outputs in two parts (hc_post's addend, cancelling f to 0 or to an ulp or two in places);
 bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8
-indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales.
+indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales; KV records
+stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
+wrapping around a ring's end, the cache a view of a bigger buffer).
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -142,6 +144,7 @@ _DATA_ARG = {
     "hadamard_rotate": "x",
     "index_key_pack": "keys",
     "kv_cache_pack": "kv",
+    "kv_cache_store": "kv",
     "moe_gate": "x",
     "moe_experts": "x",
     "indexer_topk": "q",
@@ -298,6 +301,30 @@ def kv_cache_pack_case(
         kv[..., :tile] = 0.0
         kv[..., tile : 2 * tile] *= 1e-6
     return _case("kv_cache_pack", name, (strided(kv.to(dtype), layout), rope_dim, tile))
+
+
+def kv_cache_store_case(
+    name: str, seed: int, slots: tuple[tuple[int, ...], ...], rows: int, b: int = 2, dim: int = 512,
+    rope_dim: int = 64, tile: int = 64, dtype=BF16, slot_dtype=torch.int64, values: str = "normal",
+    first: int = 0, layout: str = "contiguous",
+) -> Case:
+    """kv [b, n, dim] stored into a cache of ``rows`` records per sequence. ``slots``: one tuple of
+    n distinct rows per sequence ([B, n]), or a single tuple shared by the batch ([1, n]). The cache
+    is pre-filled with random bytes (rows no slot names must keep them) and is the rows ``first..``
+    of a buffer ``first + rows`` rows long (``first`` > 0: a strided view, as the model's compressed
+    entries after its window ring). ``values``/``layout`` as :func:`kv_cache_pack_case` (kv's layout)."""
+    n = len(slots[0])
+    if any(len(set(row)) != len(row) or not all(0 <= i < rows for i in row) for row in slots):
+        raise ValueError(f"slots must be distinct per sequence and in [0, {rows}), got {slots}")
+    r = _Rand(seed)
+    kv = r.normal(b, n, dim, std=2.0)
+    if values == "zero-tiny" and dim > rope_dim:
+        kv[..., :tile] = 0.0
+        kv[..., tile : 2 * tile] *= 1e-6
+    buffer = r.ints(0, 256, b, first + rows, kv_record_bytes(dim, rope_dim, tile), dtype=torch.uint8)
+    cache = buffer[:, first:]
+    rows_of = torch.tensor(slots, dtype=slot_dtype)
+    return _case("kv_cache_store", name, (strided(kv.to(dtype), layout), cache, rows_of, rope_dim, tile))
 
 
 def kv_cache_unpack_case(
@@ -917,6 +944,28 @@ def _kv_cache_pack_cases(seed: int) -> list[Case]:
     ]
 
 
+def _kv_cache_store_cases(seed: int) -> list[Case]:
+    c = kv_cache_store_case
+    return [
+        c("bf16 V4 record, decode step: ring slots p mod 128 per sequence (positions 293, 101)", seed,
+          ((293 % 128,), (101 % 128,)), rows=128),
+        c("bf16 V4 record, slots [1,n] shared by the batch", seed + 1, ((3, 9, 0),), rows=12),
+        c("bf16 dim 128, 4 rows wrapping around the ring end", seed + 2, ((6, 7, 0, 1), (7, 0, 1, 2)), rows=8,
+          dim=128),
+        c("fp32 dim 96, tile 32, rope 32", seed + 3, ((4, 1), (0, 3), (2, 4)), rows=5, b=3, dim=96, rope_dim=32,
+          tile=32, dtype=F32),
+        c("bf16 zero and tiny tiles", seed + 4, ((1,), (3,)), rows=4, values="zero-tiny"),
+        c("fp32 zero and tiny tiles, dim 96, tile 32", seed + 5, ((2, 0), (1, 2)), rows=3, dim=96, rope_dim=32,
+          tile=32, dtype=F32, values="zero-tiny"),
+        c("bf16 int32 slots", seed + 6, ((5, 0, 3), (1, 4, 2)), rows=6, dim=128, slot_dtype=torch.int32),
+        c("bf16 V4 record, cache = rows 128.. of a bigger buffer (strided view)", seed + 7, ((5,), (2,)), rows=6,
+          first=128),
+        c("fp32 strided cache view, int32 shared slots, sliced kv", seed + 8, ((2, 0),), rows=4, dim=96, rope_dim=32,
+          tile=32, dtype=F32, slot_dtype=torch.int32, first=3, layout="sliced"),
+        c("one sequence fills every row (prefill)", seed + 9, ((4, 2, 0, 1, 3),), rows=5, b=1, dim=128),
+    ]
+
+
 def _kv_cache_unpack_cases(seed: int) -> list[Case]:
     c = kv_cache_unpack_case
     return [
@@ -1279,6 +1328,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "hadamard_rotate": _hadamard_rotate_cases,
     "index_key_pack": _index_key_pack_cases,
     "kv_cache_pack": _kv_cache_pack_cases,
+    "kv_cache_store": _kv_cache_store_cases,
     "kv_cache_unpack": _kv_cache_unpack_cases,
     "fp8_gemm": lambda seed: _gemm_cases("fp8_gemm", seed),
     "fp4_gemm": lambda seed: _gemm_cases("fp4_gemm", seed),
@@ -1361,6 +1411,7 @@ def strategy(op: str):
             "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
             tile=32, dtype=draw(dtypes), values=draw(st.sampled_from(["normal", "zero-tiny"])),
             layout=draw(st.sampled_from(["contiguous", "sliced"]))),
+        "kv_cache_store": _draw_kv_cache_store,
         "kv_cache_unpack": lambda draw: kv_cache_unpack_case(
             "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
             tile=32, layout=draw(st.sampled_from(["contiguous", "sliced"]))),
@@ -1443,6 +1494,21 @@ def _draw_hadamard_rotate(draw) -> Case:
         fp4_block=fp4_block, values=draw(st.sampled_from(["normal", "zero-tiny"])),
         layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "strided"])),
     )
+
+
+def _draw_kv_cache_store(draw) -> Case:
+    from hypothesis import strategies as st
+
+    b, n = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    rows = n + draw(st.integers(0, 5))
+    shared = draw(st.booleans())
+    slots = tuple(tuple(draw(st.permutations(range(rows)))[:n]) for _ in range(1 if shared else b))
+    return kv_cache_store_case(
+        "property", draw(st.integers(0, 2**16)), slots, rows, b=b, dim=32 * draw(st.integers(1, 4)) + 32,
+        rope_dim=32, tile=32, dtype=draw(st.sampled_from([BF16, F32])),
+        slot_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        values=draw(st.sampled_from(["normal", "zero-tiny"])), first=draw(st.integers(0, 3)),
+        layout=draw(st.sampled_from(["contiguous", "sliced"])))
 
 
 def _draw_moe_gate(draw) -> Case:

@@ -23,6 +23,7 @@ from seahal.backends.cpu.reference.quant import kv_cache_pack
 from seahal.hal import get_spec
 from seahal.hal.formats import fp4_quantize, fp8_quantize, index_key_pack
 from seahal.hal.ops.compressor import compressor_state
+from seahal.hal.ops.quant import kv_record_bytes
 from seahal.hal.ops.rope import rope_frequencies
 
 WEIGHT_FORMATS = ("dense", "fp8", "fp4")
@@ -110,6 +111,15 @@ def _index_key_pack(d: _Draw):
 def _kv_cache_pack(d: _Draw):
     """dim 96 = 64 nope (two 32-wide tiles) + 32 rope."""
     return (d.data(2, 3, 96), 32, 32), {}
+
+
+@_example("kv_cache_store")
+def _kv_cache_store(d: _Draw):
+    """The kv_cache_pack example's vectors (B=2, n=3, dim 96) stored into a cache of 5 random-byte
+    136-byte records per sequence, at rows [4, 0, 2] and [1, 3, 0] (int32 slots)."""
+    cache = torch.randint(0, 256, (2, 5, kv_record_bytes(96, 32, 32)), generator=d.gen, dtype=torch.uint8)
+    slots = torch.tensor([[4, 0, 2], [1, 3, 0]], dtype=torch.int32)
+    return (d.data(2, 3, 96), cache, slots, 32, 32), {}
 
 
 @_example("kv_cache_unpack")

@@ -478,6 +478,11 @@ RULES: dict[str, Rule] = {
         (("record bytes", "exact", _EXACT_CODEC + "; rope bytes are an RNE bf16 cast"),),
         _exact("record"),
     ),
+    "kv_cache_store": Rule(
+        (("cache (final, every byte)", "exact",
+          _EXACT_CODEC + "; the stored rows are kv_cache_pack's records and every other row keeps its bytes"),),
+        _exact("cache"),  # no outputs: the mutated cache is index 0
+    ),
     "kv_cache_unpack": Rule(
         (("kv bf16", "exact", "decoding is exact: e4m3 x 2^k and the stored bf16 rope fit bf16"),),
         _exact("kv"),
