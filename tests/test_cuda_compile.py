@@ -152,6 +152,8 @@ def _quant(t: int):
     quant.fp8_act_quant(_empty(t, DIM), 128, "fp32")
     quant.fp4_quant(_empty(t, INTER, dtype=torch.bfloat16), 32)
     quant.kv_cache_pack(_empty(B, t, HEAD_DIM, dtype=torch.bfloat16))
+    ring = _empty(B, 128 + t, 584, dtype=torch.uint8)  # a decode step's ring slots, a prefill's new rows
+    quant.kv_cache_store(_empty(B, t, HEAD_DIM, dtype=torch.bfloat16), ring, _empty(B, t, dtype=torch.int64))
     for dtype in (torch.bfloat16, torch.float32):  # the indexer's query (64 heads) and keys
         quant.hadamard_rotate(_empty(B, t, 64, 128, dtype=dtype), 32)
         quant.hadamard_rotate(_empty(B, t, 128, dtype=dtype), 0)

@@ -1,5 +1,5 @@
 """The cuda backend's Triton quantisers (``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``,
-``index_key_pack``) and the indexer's rotation (``hadamard_rotate``).
+``kv_cache_store``, ``index_key_pack``) and the indexer's rotation (``hadamard_rotate``).
 
 Quantisers are deterministic functions of their input (v4_ops.md §11: fp32 scale arithmetic,
 power-of-two ue8m0 scales, round to nearest even), so every check is bitwise: codes, scales and
@@ -234,6 +234,51 @@ def test_kv_sliced_and_empty(quant):
     kv = wide[:, :512]
     _assert_bitwise((quant.kv_cache_pack(kv),), (reference.kv_cache_pack(kv),))
     assert quant.kv_cache_pack(wide[:0, :512]).shape == (0, 584)
+
+
+# --------------------------------------------------------------------------------------------
+# kv_cache_store
+# --------------------------------------------------------------------------------------------
+
+
+def _filled_cache(batch: int, rows: int, record: int = 584, seed: int = 0) -> torch.Tensor:
+    """Random bytes in every row, so that a write to a row the slots do not name shows."""
+    return torch.randint(0, 256, (batch, rows, record), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@kernels
+@pytest.mark.parametrize("store", ["kv_cache_store", "kv_cache_pack_then_scatter"])
+@pytest.mark.parametrize(
+    ("batch", "n", "slots"),
+    [
+        (3, 1, [[5], [0], [7]]),  # a decode step: each sequence's ring slot p mod W
+        (2, 4, [[6, 7, 0, 1]]),  # one row for the batch, wrapping the ring's end
+        (1, 19, [list(range(18, -1, -1))]),  # three programs of 8 records, the last partial, reversed
+    ],
+)
+def test_kv_store_writes_only_the_slots(quant, store, batch, n, slots):
+    kv = _edge_tiles(batch * n, 512, 64, 448.0, seed=3).view(batch, n, 512).bfloat16().to(DEVICE)
+    slots = torch.tensor(slots, dtype=torch.int64)
+    cache = _filled_cache(batch, 20).to(DEVICE)
+    expected = cache.cpu().clone()
+    reference.kv_cache_store(kv.cpu(), expected, slots)
+    assert getattr(quant, store)(kv, cache, slots.to(DEVICE)) is None
+    _assert_bitwise((cache,), (expected,))
+
+
+@kernels
+def test_kv_store_into_a_view_with_int32_slots(quant):
+    # the model's compressed entries: rows from the window's end on of a [B, W + N, 584] buffer;
+    # a slot past the rows is not written (the reference raises there, a kernel must not write)
+    kv = (torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(4)) * 3.0).float().to(DEVICE)
+    buffer = _filled_cache(2, 12, seed=1).to(DEVICE)
+    expected = buffer.cpu().clone()
+    slots = torch.tensor([[2, 0, 4], [1, 3, 0]], dtype=torch.int32)
+    reference.kv_cache_store(kv.cpu(), expected[:, 4:], slots)
+    quant.kv_cache_store(kv, buffer[:, 4:], slots.to(DEVICE))
+    _assert_bitwise((buffer,), (expected,))
+    quant.kv_cache_store(kv, buffer[:, 4:], torch.tensor([[8, -1, 9]], dtype=torch.int32, device=DEVICE))
+    _assert_bitwise((buffer,), (expected,))
 
 
 # --------------------------------------------------------------------------------------------

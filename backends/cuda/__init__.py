@@ -46,10 +46,17 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # rope's kernel after them. Changed since: hc_post adds the sub-layer output's two parts as it reads
 # f (ADDEND); its plain launches compile to the same SASS as before and serve as cuda.triton_unfused
 # after torch's add.
+# New since: kv_cache_store, kv_cache_pack's kernel storing each record at its cache row (a slot
+# pointer); kv_cache_pack's own launches compile to the same sm_90 SASS as before (compared
+# instruction by instruction), so it stays verified, and serves as cuda.triton_unfused before torch's
+# scatter.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
     "kv_cache_pack": ("quant:kv_cache_pack", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, True),
+    "kv_cache_store": (  # kv_cache_pack's kernel storing each record at its slot's row (not yet run on a GPU)
+        "quant:kv_cache_store", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, False
+    ),
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, True),
     "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, True),
     "index_key_pack": (
@@ -114,6 +121,7 @@ UNFUSED_KERNELS: dict[str, str] = {
     "sparse_attention": "sparse_attention:sparse_attention_then_rope",
     "sparse_attention_fp8": "sparse_attention:sparse_attention_fp8_then_rope",
     "hc_post": "mhc:hc_post_after_the_add",
+    "kv_cache_store": "quant:kv_cache_pack_then_scatter",
 }
 """Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
 one-pass kernel, with its capabilities): what a GPU plan runs while the one-pass kernel awaits its

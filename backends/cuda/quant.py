@@ -1,5 +1,6 @@
-"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``, ``index_key_pack``;
-v4_ops.md §11-12) and the indexer's rotation with its FP4 rounding (op ``hadamard_rotate``, §8, §11.6).
+"""Triton quantisers (ops ``fp8_act_quant``, ``fp4_quant``, ``kv_cache_pack``, ``kv_cache_store``,
+``index_key_pack``; v4_ops.md §11-12) and the indexer's rotation with its FP4 rounding (op
+``hadamard_rotate``, §8, §11.6).
 
 Memory-bound and elementwise within a tile: each program loads a [BLOCK_M rows, TILES tiles,
 block] brick (tiles padded to a power of two and masked), reduces ``amax`` per tile, and writes
@@ -190,24 +191,54 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
     nope = kv[..., :dim - rope_dim] quantised as fp8_act_quant with ue8m0 scales.
     One program packs BLOCK_M whole records.
     """
-    dim = kv.shape[-1]
-    nope = dim - rope_dim
-    n_tiles = nope // tile
-    record = kv_record_bytes(dim, rope_dim, tile)
-    out = torch.empty((*kv.shape[:-1], record), dtype=torch.uint8, device=kv.device)
-    kv2 = _rows(kv)
+    out = torch.empty((*kv.shape[:-1], kv_record_bytes(kv.shape[-1], rope_dim, tile)), dtype=torch.uint8, device=kv.device)
+    _launch_kv_pack(_rows(kv), out, rope_dim, tile)
+    return out
+
+
+def kv_cache_store(kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> None:
+    """:func:`kv_cache_pack` whose records go straight to their rows: ``cache[b, slots[b, i]] =
+    record(kv[b, i])``, one launch where packing then scattering takes two (a decode step writes
+    every layer's KV to its ring slot this way).
+
+    kv: [B, n, dim] bf16/fp16/fp32, cache: [B, R, record] uint8 (records contiguous), slots: [B or
+    1, n] int32/int64. A program packs BLOCK_M records as :func:`kv_cache_pack` does and stores
+    each at its slot's row; a slot outside [0, R) is not written."""
+    if cache.stride(-1) != 1:  # records not contiguous
+        return kv_cache_pack_then_scatter(kv, cache, slots, rope_dim, tile)
+    n = kv.shape[1]
+    slot_strides = (slots.stride(0) if slots.shape[0] > 1 else 0, slots.stride(1))
+    destination = {"slot_ptr": slots, "N": n, "R": cache.shape[1], "stride_sb": slot_strides[0],
+                   "stride_sn": slot_strides[1], "stride_ob": cache.stride(0), "stride_or": cache.stride(1)}
+    _launch_kv_pack(_rows(kv), cache, rope_dim, tile, destination)
+
+
+def kv_cache_pack_then_scatter(
+    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64
+) -> None:
+    """The ``kv_cache_store`` contract as :func:`kv_cache_pack`'s kernel, then torch's scatter into
+    the rows: two launches, the pack verified on a GPU where the storing launch is not yet."""
+    records = kv_cache_pack(kv, rope_dim, tile)
+    cache.scatter_(1, slots.to(torch.int64).expand(records.shape[:2])[..., None].expand(records.shape), records)
+
+
+def _launch_kv_pack(kv2: torch.Tensor, out: torch.Tensor, rope_dim: int, tile: int, destination: dict | None = None) -> None:
+    """One ``_kv_cache_pack_kernel`` launch over the rows of kv2 [M, dim]: record i to row i of out,
+    or, with ``destination`` (the slots and strides of :func:`kv_cache_store`), to its cache row."""
     if kv2.shape[0] == 0:
-        return out
+        return
+    dim = kv2.shape[-1]
+    nope = dim - rope_dim
+    record = kv_record_bytes(dim, rope_dim, tile)
     scale_bytes = record - nope - 2 * rope_dim
     slots = next_power_of_2(scale_bytes)  # >= n_tiles: one lane per scale byte and per tile
     block_m = min(next_power_of_2(kv2.shape[0]), max(1, ELEMENTS_PER_PROGRAM // next_power_of_2(dim)))
     _kv_cache_pack_kernel[(cdiv(kv2.shape[0], block_m),)](
         kv2, out, kv2.shape[0], kv2.stride(0),
-        N_TILES=n_tiles, TILE=tile, TILE_P2=next_power_of_2(tile), SLOTS=slots,
+        N_TILES=nope // tile, TILE=tile, TILE_P2=next_power_of_2(tile), SLOTS=slots,
         SCALE_BYTES=scale_bytes, ROPE=rope_dim, ROPE_P2=next_power_of_2(max(rope_dim, 1)),
-        RECORD=record, BLOCK_M=block_m, **pdl_options(),
+        RECORD=record, BLOCK_M=block_m, **(destination or {}), **pdl_options(),
     )
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,17 +350,29 @@ def _kv_cache_pack_kernel(
     kv_ptr, out_ptr, M, stride_km,
     N_TILES: tl.constexpr, TILE: tl.constexpr, TILE_P2: tl.constexpr, SLOTS: tl.constexpr,
     SCALE_BYTES: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, RECORD: tl.constexpr,
-    BLOCK_M: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, slot_ptr=None, N=1, R=1, stride_sb=0, stride_sn=0, stride_ob=0, stride_or=0,
+    PDL: tl.constexpr = False,
 ):
+    """Records of BLOCK_M rows of kv [M, dim]: row i to ``out + i * RECORD``, or with ``slot_ptr``
+    (rows of N per sequence) row ``b * N + j`` to ``out + b * stride_ob + slot[b, j] * stride_or``,
+    a slot outside [0, R) not at all."""
     wait_for_prior_grid(PDL)
     NOPE: tl.constexpr = N_TILES * TILE
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     kv_row = kv_ptr + rows.to(tl.int64) * stride_km
-    out_row = out_ptr + rows.to(tl.int64) * RECORD
+    if slot_ptr is None:
+        out_row = out_ptr + rows.to(tl.int64) * RECORD
+    else:
+        seq = rows // N
+        slot = tl.load(slot_ptr + seq * stride_sb + (rows % N) * stride_sn, mask=row_ok, other=-1).to(tl.int64)
+        row_ok = row_ok & (slot >= 0) & (slot < R)
+        out_row = out_ptr + seq.to(tl.int64) * stride_ob + slot * stride_or
     # nope: e4m3 codes with one ue8m0 scale per tile (slots >= N_TILES lanes, the rest masked)
     slots = tl.arange(0, SLOTS)
     k, mask = _tile_brick(rows, slots, M, N_TILES, TILE, TILE_P2)
+    if slot_ptr is not None:
+        mask = mask & row_ok[:, None, None]
     x = tl.load(kv_row[:, None, None] + k, mask=mask, other=0.0).to(tl.float32)
     q, s = fp8_quantize_tiles(x, True)
     tl.store(out_row[:, None, None] + k, q.to(tl.uint8, bitcast=True), mask=mask)
