@@ -213,21 +213,25 @@ class Attention(nn.Module):
                 compressed_idx = self.indexer(x, q_index, cache, step, self.freqs)
             cache.append_compressed(entries, step.entries_after(self.ratio), packed, step.memo)
 
-        rows = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         decode = s == 1
-        if decode:  # its ring slot held token p - W, which query p no longer sees
-            cache.write_window(start_pos, rows, step.ring_slots(cache.window))
-        keys, indices = self._gather_keys(rows, cache, start_pos, step, compressed_idx, decode)
+        if decode:  # stored first (encoded on the way): its ring slot held token p - W, which query p no longer sees
+            cache.write_window(start_pos, kv, step.ring_slots(cache.window), encoded=False)
+            chunk = kv
+        else:
+            chunk = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
+        keys, indices = self._gather_keys(chunk, cache, start_pos, step, compressed_idx, decode)
         o = self._attend(q, keys, indices, cache, positions)  # rotated back by each query's position
         if not decode:
-            cache.write_window(start_pos, rows, step.ring_slots(cache.window))
+            cache.write_window(start_pos, chunk, step.ring_slots(cache.window))
         return self._project_out(o)
 
     def _gather_keys(
-        self, rows: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, step: StepPositions,
+        self, chunk: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, step: StepPositions,
         compressed_idx: torch.Tensor | None, decode: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored-format key rows the queries attend and each query's indices into them.
+        """The stored-format key rows the queries attend and each query's indices into them;
+        ``chunk``: this chunk's KV rows as stored [B, S, row], or at decode its vectors [B, 1, dim]
+        (already in their ring slot: only the shape is read).
 
         Query t sees raw tokens t-W+1..t and compressed entry j when j < floor((t+1)/m): all of
         them (HCA) or the indexer's pick (CSA). Decode (one token, already in its ring slot): the
@@ -237,11 +241,11 @@ class Attention(nn.Module):
         see), token p in ring slot p mod W before the chunk and in row W + p - start_pos within it.
         Indices are int32; at decode every part is made in int32 (no conversion).
         """
-        b, s, _ = rows.shape
+        b, s, _ = chunk.shape
         w = cache.window
         t = step.positions
         entries = cache.compressed_rows()
-        keys = cache.kv.data if decode else torch.cat((cache.ring(), rows, entries), dim=1)
+        keys = cache.kv.data if decode else torch.cat((cache.ring(), chunk, entries), dim=1)
 
         def window_rows() -> torch.Tensor:  # [B, S, W]: each query's window in keys, -1 before the sequence
             if decode:
@@ -260,7 +264,7 @@ class Attention(nn.Module):
         def indices() -> torch.Tensor:  # SWA: the window; HCA: and every entry the query sees
             if not self.ratio:
                 return window().to(torch.int32)
-            j = torch.arange(entries.shape[1], dtype=torch.int32, device=rows.device)
+            j = torch.arange(entries.shape[1], dtype=torch.int32, device=chunk.device)
             if decode:  # query t sees entry j < floor((t+1)/m): one token, the entries the step leaves
                 seen = step.entries_after(self.ratio)
                 seen = seen.reshape(-1, 1, 1) if isinstance(seen, torch.Tensor) else seen
@@ -270,7 +274,7 @@ class Attention(nn.Module):
             return torch.cat((window(), (j + base).masked_fill(hidden, -1).expand(b, s, -1)), dim=2).to(torch.int32)
 
         def picked_buffer() -> torch.Tensor:  # [B, S, W + K] int32, the window part written once a step
-            buffer = torch.empty((b, s, w + compressed_idx.shape[-1]), dtype=torch.int32, device=rows.device)
+            buffer = torch.empty((b, s, w + compressed_idx.shape[-1]), dtype=torch.int32, device=chunk.device)
             buffer[..., :w] = window()
             return buffer
 

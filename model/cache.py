@@ -88,6 +88,14 @@ class VectorStore(RowStore):
             return vectors.to(self.dtype)
         return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
 
+    def write_rows(self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False, first: int = 0) -> None:
+        """:meth:`RowStore.write_rows`; FP8 vectors are packed and stored by one ``kv_cache_store``
+        (the records never leave the op), where packing and then scattering takes two kernels."""
+        if self.fmt == "fp8" and not encoded:
+            self.ops.kv_cache_store(vectors, self.data[:, first:], target, self.rope_dim, KV_TILE)
+            return
+        super().write_rows(target, vectors, encoded, first)
+
 
 class IndexKeyStore(RowStore):
     """Indexer keys of size ``dim``: [B, rows, dim] in dtype (``"dense"``), or packed records
@@ -160,14 +168,22 @@ class LayerCache:
         valid ones (a query masks what it cannot see)."""
         return self.kv.data[:, self.window : self.window + self.n_compressed]
 
-    def write_window(self, start_pos: int | torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+    def write_window(
+        self, start_pos: int | torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None = None, encoded: bool = True,
+    ) -> None:
         """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
         or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
-        W). An int start_pos's slots are at most two runs of the ring: slice copies. At a tensor
-        start_pos, ``slots`` (the tokens' ring slots p mod W [n] or [1 or B, n] int64, when the caller
-        made them: once a step for every layer) lets n <= W rows be scattered."""
+        W); ``encoded`` False: KV vectors [B, n, dim], which the store encodes. An int start_pos's
+        slots are at most two runs of the ring: slice copies. At a tensor start_pos, ``slots`` (the
+        tokens' ring slots p mod W [1 or B, n] int64, when the caller made them: once a step for
+        every layer) lets n <= W rows be written by one scatter (:meth:`RowStore.write_rows`:
+        vectors of an FP8 store packed in the same kernel)."""
         b, n = rows.shape[:2]
         w = self.window
+        if isinstance(start_pos, torch.Tensor) and slots is not None and n <= w:
+            self.kv.write_rows(slots, rows, encoded)
+            return
+        rows = rows if encoded else self.kv.encode(rows)
         if not isinstance(start_pos, torch.Tensor):
             kept = min(n, w)
             first = (start_pos + n - kept) % w  # the first kept token's slot; the rest follow, wrapping once
@@ -175,9 +191,6 @@ class LayerCache:
             self.kv.data[:, first : first + head] = rows[:, n - kept : n - kept + head]
             if head < kept:
                 self.kv.data[:, : kept - head] = rows[:, n - kept + head :]
-            return
-        if slots is not None and n <= w:
-            self.kv.data.scatter_(1, slots.expand(b, n)[..., None].expand(rows.shape), rows)
             return
         keep = torch.arange(max(n - w, 0), n, device=rows.device)
         slots = (start_pos.reshape(-1, 1) + keep) % w  # [1 or B, kept]
