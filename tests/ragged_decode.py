@@ -20,7 +20,8 @@ rounding midpoint may round the other way in one of the two runs: that element o
 2^-3 relative) off in every later step that reads the row. Such flips are rare and each moves the
 logits little (one machine: three codes of one compressed entry, one step apart, by the third 4-token
 step: 3e-5; another machine none: 2e-6), so 1e-3 bounds them; a sequence decoded one position off is
-0.06 off, 60 times that."""
+0.06 off, 60 times that. Both bounds are for dense linears: FP8 ones round their activations to e4m3
+every call, and the same flips there move the logits by percents."""
 
 
 def ragged_decode_errors(model, capture: bool, steps: int = 20, against: str = "alone", chunk: int = 1) -> list[float]:

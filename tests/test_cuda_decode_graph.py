@@ -77,10 +77,14 @@ def test_sequences_at_their_own_positions_through_triton_kernels(tmp_path, chunk
     kernels' per-sequence positions, against each sequence stepped alone. fp32 on the CPU, an FP8
     cache: the batch of 3 and of 1 sum the reference's projections in other orders, and a KV code may
     round the other way (ragged_decode.TOLERANCE), while one position off is 0.06 off
-    (tests/test_decode_graph.py)."""
+    (tests/test_decode_graph.py). Dense weights: an FP8 linear quantises its input to e4m3 every
+    call, where the same last-bit differences flip codes of every layer's activations (this
+    machine, 2026-11-28: 3% of the logits by the second 4-token step), which is not what this
+    checks."""
     from ragged_decode import TOLERANCE, ragged_decode_errors
 
-    model = load(write_tiny_checkpoint(tmp_path), device="cpu", announce=False, cache_format="fp8")
+    checkpoint = write_tiny_checkpoint(tmp_path, quantise=False)
+    model = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
     _on_cuda_kernels(model)
     errors = ragged_decode_errors(model, capture=False, steps=steps, chunk=chunk)
     assert max(errors) < TOLERANCE["fp8"], errors
