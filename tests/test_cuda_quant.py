@@ -281,6 +281,32 @@ def test_kv_store_into_a_view_with_int32_slots(quant):
     _assert_bitwise((buffer,), (expected,))
 
 
+@kernels
+@pytest.mark.skipif(not IN_INTERPRETER, reason="bitwise where both kernels' cos/sin are numpy's (the interpreter)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_kv_store_normalises_and_rotates_as_rms_norm_rope_then_stores(quant, dtype, weighted):
+    """With positions, the one pass stores rms_norm_rope's kernel's vectors, bit for bit: values
+    k/2 (|k| <= 4) make every sum of squares exact in fp32, so the two kernels' summation orders
+    agree, and the interpreter's cos/sin are numpy's in both."""
+    from seahal.backends.cuda.rope import rms_norm_rope
+    from seahal.hal.ops.rope import rope_frequencies
+
+    gen = torch.Generator().manual_seed(5)
+    kv = (torch.randint(-4, 5, (3, 2, 512), generator=gen) / 2.0).to(dtype).to(DEVICE)
+    positions = torch.tensor([[7, 8], [300, 301], [65535, 65536]]).to(DEVICE)
+    freqs = rope_frequencies(64, 10000.0).to(DEVICE)
+    weight = (torch.rand(512, generator=gen) + 0.5).to(DEVICE) if weighted else None
+    slots = torch.tensor([[3, 0], [1, 2], [4, 5]]).to(DEVICE)
+    fused, apart = (_filled_cache(3, 6, seed=2).to(DEVICE) for _ in range(2))
+    quant.kv_cache_store(kv, fused, slots, 64, 64, positions, freqs, weight, 1e-6)
+    vectors = rms_norm_rope(kv.unsqueeze(2), weight, 1e-6, positions, freqs).squeeze(2)
+    quant.kv_cache_store(vectors, apart, slots)
+    _assert_bitwise((fused,), (apart,))
+    quant.kv_cache_pack_then_scatter(kv, apart, slots, 64, 64, positions, freqs, weight, 1e-6)  # the unfused form
+    _assert_bitwise((fused,), (apart,))
+
+
 # --------------------------------------------------------------------------------------------
 # index_key_pack
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ._e2m1 import decode_e2m1
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot, fp8_quantize_tiles, pow2_ceil
 from ._pdl import pdl_options, wait_for_prior_grid
+from .rope import rms_norm_rope, rms_norm_then_rope
 
 FP4_MAX = tl.constexpr(6.0)
 FP4_AMAX_FLOOR = tl.constexpr(6.0 * 2.0**-126)
@@ -196,35 +197,57 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
     return out
 
 
-def kv_cache_store(kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> None:
+def kv_cache_store(
+    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64,
+    positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> None:
     """:func:`kv_cache_pack` whose records go straight to their rows: ``cache[b, slots[b, i]] =
-    record(kv[b, i])``, one launch where packing then scattering takes two (a decode step writes
-    every layer's KV to its ring slot this way).
+    record(v[b, i])``, one launch where packing then scattering takes two (a decode step writes
+    every layer's KV to its ring slot this way); v is kv, or with ``positions`` its
+    ``rms_norm_rope`` (the attention's KV path) formed in the same program.
 
-    kv: [B, n, dim] bf16/fp16/fp32, cache: [B, R, record] uint8 (records contiguous), slots: [B or
-    1, n] int32/int64. A program packs BLOCK_M records as :func:`kv_cache_pack` does and stores
-    each at its slot's row; a slot outside [0, R) is not written."""
+    kv: [B, S, D] bf16/fp16/fp32, cache: [B, N, record] uint8 (records contiguous), slots: [B or
+    1, S] int32/int64, positions: [B, S] int, freqs: [R] fp32. A program packs BLOCK_M records as
+    :func:`kv_cache_pack` does and stores each at its slot's row; a slot outside [0, N) is not
+    written. Normalised, each vector is read whole once: ``sum(x^2)`` over its tiles and RoPE
+    dims (fp32), then ``x * rsqrt(mean + eps) * w`` rounded to kv's dtype as ``rms_norm``'s kernel
+    does, the RoPE pairs rotated as ``rope``'s kernel does and rounded again, then packed. A
+    rotation that is not of the record's RoPE dims (2R != rope_dim) runs ``rms_norm_rope`` first."""
+    if positions is not None and 2 * freqs.shape[0] != rope_dim:
+        kv = rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
+        positions = None
     if cache.stride(-1) != 1:  # records not contiguous
-        return kv_cache_pack_then_scatter(kv, cache, slots, rope_dim, tile)
+        return kv_cache_pack_then_scatter(kv, cache, slots, rope_dim, tile, positions, freqs, norm_weight, norm_eps)
     n = kv.shape[1]
     slot_strides = (slots.stride(0) if slots.shape[0] > 1 else 0, slots.stride(1))
     destination = {"slot_ptr": slots, "N": n, "R": cache.shape[1], "stride_sb": slot_strides[0],
                    "stride_sn": slot_strides[1], "stride_ob": cache.stride(0), "stride_or": cache.stride(1)}
+    if positions is not None:
+        destination |= {"pos_ptr": positions, "freq_ptr": freqs, "w_ptr": norm_weight, "eps": float(norm_eps),
+                        "stride_pb": positions.stride(0), "stride_ps": positions.stride(1), "stride_f": freqs.stride(0),
+                        "NORM_ROPE": True}
     _launch_kv_pack(_rows(kv), cache, rope_dim, tile, destination)
 
 
 def kv_cache_pack_then_scatter(
-    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64
+    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64,
+    positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> None:
-    """The ``kv_cache_store`` contract as :func:`kv_cache_pack`'s kernel, then torch's scatter into
-    the rows: two launches, the pack verified on a GPU where the storing launch is not yet."""
+    """The ``kv_cache_store`` contract as kernels verified on a GPU in turn: with positions the
+    ``rms_norm`` and ``rope`` kernels, then :func:`kv_cache_pack`'s, then torch's scatter into the
+    rows (where the one storing launch is not yet verified)."""
+    if positions is not None:
+        kv = rms_norm_then_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
     records = kv_cache_pack(kv, rope_dim, tile)
     cache.scatter_(1, slots.to(torch.int64).expand(records.shape[:2])[..., None].expand(records.shape), records)
 
 
 def _launch_kv_pack(kv2: torch.Tensor, out: torch.Tensor, rope_dim: int, tile: int, destination: dict | None = None) -> None:
     """One ``_kv_cache_pack_kernel`` launch over the rows of kv2 [M, dim]: record i to row i of out,
-    or, with ``destination`` (the slots and strides of :func:`kv_cache_store`), to its cache row."""
+    or, with ``destination`` (the slots and strides of :func:`kv_cache_store`, and what normalises
+    and rotates the vectors), to its cache row."""
     if kv2.shape[0] == 0:
         return
     dim = kv2.shape[-1]
@@ -351,11 +374,13 @@ def _kv_cache_pack_kernel(
     N_TILES: tl.constexpr, TILE: tl.constexpr, TILE_P2: tl.constexpr, SLOTS: tl.constexpr,
     SCALE_BYTES: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, RECORD: tl.constexpr,
     BLOCK_M: tl.constexpr, slot_ptr=None, N=1, R=1, stride_sb=0, stride_sn=0, stride_ob=0, stride_or=0,
-    PDL: tl.constexpr = False,
+    pos_ptr=None, freq_ptr=None, w_ptr=None, eps=None, stride_pb=0, stride_ps=0, stride_f=0,
+    NORM_ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Records of BLOCK_M rows of kv [M, dim]: row i to ``out + i * RECORD``, or with ``slot_ptr``
     (rows of N per sequence) row ``b * N + j`` to ``out + b * stride_ob + slot[b, j] * stride_or``,
-    a slot outside [0, R) not at all."""
+    a slot outside [0, R) not at all. NORM_ROPE (with slot_ptr): each row first normalised and its
+    ROPE dims rotated at ``pos[b, j]`` (:func:`_normalised_and_rotated`)."""
     wait_for_prior_grid(PDL)
     NOPE: tl.constexpr = N_TILES * TILE
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -374,18 +399,52 @@ def _kv_cache_pack_kernel(
     if slot_ptr is not None:
         mask = mask & row_ok[:, None, None]
     x = tl.load(kv_row[:, None, None] + k, mask=mask, other=0.0).to(tl.float32)
+    j = tl.arange(0, ROPE_P2)
+    rope_mask = row_ok[:, None] & (j < ROPE)[None, :]
+    if NORM_ROPE:
+        rope = tl.load(kv_row[:, None] + NOPE + j[None, :], mask=rope_mask, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + seq * stride_pb + (rows % N) * stride_ps, mask=row_ok, other=0).to(tl.float32)
+        x, rope = _normalised_and_rotated(x, rope, k, mask, pos, freq_ptr, stride_f, w_ptr, eps, NOPE, ROPE, ROPE_P2,
+                                          kv_ptr.dtype.element_ty)
     q, s = fp8_quantize_tiles(x, True)
     tl.store(out_row[:, None, None] + k, q.to(tl.uint8, bitcast=True), mask=mask)
     # rope: bf16 bytes, little-endian
-    j = tl.arange(0, ROPE_P2)
-    rope_mask = row_ok[:, None] & (j < ROPE)[None, :]
-    rope = tl.load(kv_row[:, None] + NOPE + j[None, :], mask=rope_mask, other=0.0).to(tl.float32)
+    if not NORM_ROPE:
+        rope = tl.load(kv_row[:, None] + NOPE + j[None, :], mask=rope_mask, other=0.0).to(tl.float32)
     byte = tl.arange(0, 2)[None, None, :]
     tl.store(out_row[:, None, None] + NOPE + 2 * j[None, :, None] + byte, bf16_bytes(rope), mask=rope_mask[:, :, None])
     # scales as e8m0 bytes, then zero padding to a multiple of 8
     e8m0 = tl.where((slots < N_TILES)[None, :], e8m0_bytes(s), 0).to(tl.uint8)
     scale_mask = row_ok[:, None] & (slots < SCALE_BYTES)[None, :]
     tl.store(out_row[:, None] + NOPE + 2 * ROPE + slots[None, :], e8m0, mask=scale_mask)
+
+
+@triton.jit
+def _normalised_and_rotated(
+    x, rope, k, mask, pos, freq_ptr, stride_f, w_ptr, eps, NOPE: tl.constexpr, ROPE: tl.constexpr,
+    ROPE_P2: tl.constexpr, dtype: tl.constexpr,
+):
+    """``rms_norm_rope`` of BLOCK_M vectors held as their nope tiles x [BLOCK_M, SLOTS, TILE_P2]
+    (offsets k, masked lanes zero) and RoPE dims rope [BLOCK_M, ROPE_P2] (fp32): ``v * rsqrt(
+    mean(v^2) + eps) (* w)`` rounded to ``dtype`` (rope's kernel's NORM arithmetic), then pair i of
+    the RoPE dims rotated by ``pos * f_i`` in fp32 and rounded again (its rotation) -> (x, rope),
+    the values the record packs, in fp32."""
+    total = tl.sum(tl.sum(x * x, axis=2), axis=1) + tl.sum(rope * rope, axis=1)
+    inverse_rms = tl.math.rsqrt(total / (NOPE + ROPE) + eps)
+    x = x * inverse_rms[:, None, None]
+    rope = rope * inverse_rms[:, None]
+    if w_ptr is not None:
+        x = x * tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        j = tl.arange(0, ROPE_P2)
+        rope = rope * tl.load(w_ptr + NOPE + j, mask=j < ROPE, other=0.0).to(tl.float32)[None, :]
+    x = cast_rne(x, dtype).to(tl.float32)
+    a, b = tl.split(tl.reshape(cast_rne(rope, dtype).to(tl.float32), (rope.shape[0], ROPE_P2 // 2, 2)))
+    pairs = tl.arange(0, ROPE_P2 // 2)
+    theta = pos[:, None] * tl.load(freq_ptr + pairs * stride_f, mask=pairs < ROPE // 2, other=0.0).to(tl.float32)[None, :]
+    cos = tl.cos(theta)
+    sin = tl.sin(theta)
+    rotated = tl.join(a * cos - b * sin, a * sin + b * cos)
+    return x, cast_rne(tl.reshape(rotated, (rope.shape[0], ROPE_P2)), dtype).to(tl.float32)
 
 
 @triton.jit
