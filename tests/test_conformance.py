@@ -122,13 +122,13 @@ def test_kernel_that_writes_its_input_fails(isolated_registry):
     assert all("aliases an input" in r.detail for r in report.results)
 
 
-def _store_over_a_zeroed_cache(kv, cache, slots, rope_dim=64, tile=64):
+def _store_over_a_zeroed_cache(kv, cache, slots, *args):
     cache.zero_()
-    quant.kv_cache_store(kv, cache, slots, rope_dim, tile)
+    quant.kv_cache_store(kv, cache, slots, *args)
 
 
-def _store_into_a_contiguous_copy(kv, cache, slots, rope_dim=64, tile=64):
-    quant.kv_cache_store(kv, cache.contiguous(), slots, rope_dim, tile)  # lost where cache is a strided view
+def _store_into_a_contiguous_copy(kv, cache, slots, *args):
+    quant.kv_cache_store(kv, cache.contiguous(), slots, *args)  # lost where cache is a strided view
 
 
 def test_kv_cache_store_cases_catch_stray_and_lost_writes(isolated_registry):
@@ -142,6 +142,35 @@ def test_kv_cache_store_cases_catch_stray_and_lost_writes(isolated_registry):
     cases = cases_for("kv_cache_store")
     assert failed["zeroes"] == {c.name for c in cases if c.calls[0][1].shape[1] > c.calls[0][2].shape[1]}
     assert failed["copies"] == {c.name for c in cases if not c.calls[0][1].is_contiguous()} != set()
+
+
+def _store_unrotated(kv, cache, slots, rope_dim=64, tile=64, positions=None, freqs=None, norm_weight=None, norm_eps=1e-6):
+    if positions is not None:  # normalised, but the rotation forgotten
+        kv = rope.rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions * 0, freqs).squeeze(2)
+    quant.kv_cache_store(kv, cache, slots, rope_dim, tile)
+
+
+def _store_an_ulp_off(kv, cache, slots, rope_dim=64, tile=64, positions=None, freqs=None, norm_weight=None, norm_eps=1e-6):
+    if positions is None:
+        return quant.kv_cache_store(kv, cache, slots, rope_dim, tile)
+    normed = rope.rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2).contiguous()
+    bits = normed.view(torch.int16 if normed.dtype == torch.bfloat16 else torch.int32)
+    bits.view(-1)[::2] += 1  # every other normed and rotated value one ulp up (another summation order)
+    quant.kv_cache_store(normed, cache, slots, rope_dim, tile)
+
+
+def test_kv_cache_store_positions_cases_catch_a_missing_rotation_and_allow_an_ulp(isolated_registry):
+    """With positions the stored records are compared decoded within rms_norm_rope's rule plus one
+    e4m3 step: a kernel that forgets the rotation fails exactly those cases, one whose normalised
+    values are an ulp off (codes and tile scales may then round the other way) passes them all."""
+    backend = _fake_backend()
+    register_kernel("kv_cache_store", backend, "unrotated", _store_unrotated)
+    register_kernel("kv_cache_store", backend, "ulp", _store_an_ulp_off)
+    report = run_conformance(backend, ["kv_cache_store"], property_examples=0)
+    failed = {k: {r.case for r in report.failures if r.kernel == f"{backend}.{k}"} for k in ("unrotated", "ulp")}
+    rotated = {c.name for c in cases_for("kv_cache_store") if len(c.calls[0]) > 5 and c.calls[0][5] is not None}
+    assert len(rotated) == 5 and "example float32" in rotated
+    assert failed == {"unrotated": rotated, "ulp": set()}, report.summary()
 
 
 def test_unavailable_backend_is_unsupported_with_reason(isolated_registry):

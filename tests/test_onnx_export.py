@@ -8,8 +8,8 @@ FP8 KV records, FP4 indexer keys), also run with FP8 indexer keys (``fp8_keys``)
 runs every position up to the capacity (19..31), feeding its present cache back as past: it
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
 hc_pre and hc_head are also exported on their own, with and without norm_weight, sparse_attention
-and sparse_attention_fp8 with and without positions, and hc_post with and without an addend (the
-model calls one form only).
+and sparse_attention_fp8 with and without positions, hc_post with and without an addend, and
+kv_cache_store with positions, with and without a norm weight (the model calls one form only).
 """
 
 from __future__ import annotations
@@ -428,6 +428,60 @@ def test_kv_cache_store_exports_through_its_pure_twin(tmp_path):
     np.testing.assert_array_equal(got, want.numpy())
     assert (want != cache).any(-1).sum() == 6  # 3 rows of each sequence written
     np.testing.assert_array_equal(got[:, [1, 2, 3, 4, 6]], cache[:, [1, 2, 3, 4, 6]].numpy())
+
+
+class _NormedStores(nn.Module):
+    """kv_cache_store with positions, with and without a norm weight, each into a copy of the cache
+    through a plan's ops (the vectors normalised and rotated before packing)."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, kv, cache, slots, positions, freqs, norm_weight):
+        weighted, unweighted = cache.clone(), cache.clone()
+        assert self.ops.kv_cache_store(kv, weighted, slots, 16, 16, positions, freqs, norm_weight, 1e-3) is None
+        assert self.ops.kv_cache_store(kv, unweighted, slots, 16, 16, positions, freqs) is None
+        return weighted, unweighted
+
+
+def test_kv_cache_store_positions_export_the_normed_functions(tmp_path):
+    """kv_cache_store traced with positions and freqs, with and without norm_weight, becomes
+    seahal::kv_cache_store_normed / kv_cache_store_normed_unweighted nodes (the translation selects
+    by the traced arguments; norm_eps an attribute), and onnxruntime's caches hold the reference's
+    within the conformance rule (the stored rows decoded, every other row its bytes)."""
+    from seahal.testing.tolerances import checks_for
+
+    g = torch.Generator().manual_seed(9)
+    kv = torch.randn(2, 3, 48, generator=g)
+    cache = torch.randint(0, 256, (2, 8, kv_record_bytes(48, 16, 16)), generator=g, dtype=torch.uint8)
+    slots = torch.tensor([[5, 0, 7], [1, 2, 3]])
+    positions = torch.arange(3) + torch.tensor([[40], [7]])
+    freqs, weight = 10000.0 ** -(torch.arange(8) / 8), torch.rand(48, generator=g) + 0.5
+    args = (kv, cache, slots, positions, freqs, weight)
+    plan = hal.plan("cpu", ["kv_cache_store"], announce=False, environ={"SEAHAL_OPS": "kv_cache_store=cpu.reference"})
+    with _pure_bindings(plan, positional=False) as bindings:
+        program = torch.export.export(_NormedStores(plan), args)
+    assert _hal_nodes(program, bindings) == {"kv_cache_store": 2}
+    table = {torch_op: _translation(op, torch_op) for torch_op, op in bindings.items()}
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
+                                     optimize=False, verbose=False)
+    _attach_functions(onnx_program.model)
+    onnx_program.save(tmp_path / "stores.onnx")
+    proto = onnx.load(tmp_path / "stores.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    nodes = [n for n in proto.graph.node if n.domain == "seahal"]
+    assert [n.op_type for n in nodes] == ["kv_cache_store_normed", "kv_cache_store_normed_unweighted"]
+    assert [a.f for a in nodes[0].attribute if a.name == "norm_eps"] == [pytest.approx(1e-3)]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+    for actual, norm_weight, eps in zip(got, (weight, None), (1e-3, 1e-6), strict=True):
+        call = (kv, cache, slots, 16, 16, positions, freqs, norm_weight, eps)
+        want = cache.clone()
+        kv_cache_store(kv, want, *call[2:])
+        (check,) = checks_for("kv_cache_store", call)
+        verdict = check.check.compare(torch.from_numpy(actual), want)
+        assert verdict.ok, (norm_weight is not None, verdict.detail)
 
 
 def test_cli_exports_a_decode_step(release, tmp_path, capsys):

@@ -118,6 +118,8 @@ def test_every_op_has_functions_taking_its_arguments_in_hal_order():
     store = F.FUNCTIONS["kv_cache_store"]  # no output of its own: the node returns the new cache alone
     assert (store.inputs, store.attributes) == (("kv", "cache", "slots"), ("rope_dim", "tile"))
     assert store.n_outputs == 1 and store.mutates == ("cache",) and store.shared_batch == ("slots",)
+    for name in ("kv_cache_store_normed", "kv_cache_store_normed_unweighted"):  # positions: the same one output
+        assert F.FUNCTIONS[name].n_outputs == 1 and F.FUNCTIONS[name].mutates == ("cache",)
 
 
 def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
@@ -302,6 +304,56 @@ def test_kv_cache_store_writes_the_reference_records_into_their_rows(dtype, inde
         untouched = torch.ones(rows, dtype=torch.bool)
         untouched[written] = False
         assert torch.equal(got[b, untouched], before[b, untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_kv_cache_store_positions_normalise_and_rotate_before_packing(dtype, weighted):
+    """kv_cache_store with positions and freqs selects kv_cache_store_normed (with a norm_weight) or
+    kv_cache_store_normed_unweighted (the onnxruntime backend passes them on): the new cache is the
+    plain function's for the rms_norm_rope function's vectors (kv as one head), bit for bit, and is
+    held to the CPU reference by the conformance rule (stored rows decoded, the others exact).
+    Sequences at their own positions (one near 1e5: large angles), int32 positions, slots [1, n]
+    shared by the batch; half the vectors have mean(x^2) ~ 1e-3, so norm_eps = 1e-3 (not the
+    default) shows if the attribute were dropped."""
+    from seahal.backends.onnxruntime import kernels
+
+    g = torch.Generator().manual_seed(11 + 2 * weighted + dtype.itemsize)
+    batch, n, rows, dim, rope_dim, tile = 2, 3, 6, 96, 32, 32
+    kv = torch.randn(batch, n, dim, generator=g) * torch.tensor([1.0, 0.03])[:, None, None]
+    kv = kv.to(dtype)
+    cache = torch.randint(0, 256, (batch, rows, kv_record_bytes(dim, rope_dim, tile)), generator=g, dtype=torch.uint8)
+    slots = torch.tensor([[5, 0, 2]])
+    positions = torch.tensor([[99_997, 99_998, 99_999], [3, 4, 5]], dtype=torch.int32)
+    freqs = 10000.0 ** -(torch.arange(rope_dim // 2) / (rope_dim // 2))
+    weight = torch.rand(dim, generator=g) + 0.5 if weighted else None
+    rotation = {"positions": positions, "freqs": freqs, "norm_weight": weight, "norm_eps": 1e-3}
+    name = "kv_cache_store_normed" if weighted else "kv_cache_store_normed_unweighted"
+    assert F.select("kv_cache_store", {"positions": None, "freqs": None, "norm_weight": None}).name == "kv_cache_store"
+    assert F.select("kv_cache_store", rotation).name == name
+    assert F.FUNCTIONS[name].inputs == (*F.FUNCTIONS["kv_cache_store"].inputs, "positions", "freqs") + (
+        ("norm_weight",) if weighted else ())
+    assert F.FUNCTIONS[name].attributes == (*F.FUNCTIONS["kv_cache_store"].attributes, "norm_eps")
+    assert F.FUNCTIONS[name].shared_batch == ("slots",)
+
+    normed = cache.clone()
+    assert kernels.kv_cache_store(kv, normed, slots, rope_dim, tile, **rotation) is None
+    vectors = kernels.rms_norm_rope(kv.unsqueeze(2), weight, 1e-3, positions, freqs).squeeze(2)
+    plain = cache.clone()
+    kernels.kv_cache_store(vectors, plain, slots, rope_dim, tile)
+    assert torch.equal(normed, plain)
+    written = torch.zeros(rows, dtype=torch.bool)
+    written[slots[0]] = True
+    assert torch.equal(normed[:, ~written], cache[:, ~written])
+    default_eps = cache.clone()
+    kernels.kv_cache_store(kv, default_eps, slots, rope_dim, tile, positions, freqs, weight)
+    assert not torch.equal(default_eps, normed)
+
+    want = cache.clone()
+    ref_quant.kv_cache_store(kv, want, slots, rope_dim, tile, positions, freqs, weight, 1e-3)
+    (check,) = checks_for("kv_cache_store", (kv, cache, slots, rope_dim, tile, positions, freqs, weight, 1e-3))
+    verdict = check.check.compare(normed, want)
+    assert verdict.ok, verdict.detail
 
 
 def test_fp32_scale_bytes_decode_and_encode_exactly():

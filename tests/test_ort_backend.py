@@ -96,6 +96,28 @@ def test_start_pos_is_an_input_so_decode_steps_share_a_session():
     assert (info.misses, info.hits) == (1, 7)
 
 
+def test_kv_cache_store_positions_are_inputs_so_decode_steps_share_a_session(monkeypatch):
+    """kv_cache_store normalising and rotating at successive decode positions (ring slots p mod 4,
+    per sequence) builds one session, of kv_cache_store_normed, and reuses it: positions, slots and
+    the cache are graph inputs, norm_eps an attribute. Each step rewrites its slots' rows alone."""
+    built = []
+    real = session.node_model
+    monkeypatch.setattr(session, "node_model", lambda function, *args: built.append(function.name) or real(function, *args))
+    g = torch.Generator().manual_seed(1)
+    kv, weight = torch.randn(2, 1, 96, generator=g), torch.rand(96, generator=g) + 0.5
+    freqs = 10000.0 ** -(torch.arange(16) / 16)
+    cache = torch.zeros(2, 4, 136, dtype=torch.uint8)
+    session._session.cache_clear()
+    for pos in range(1, 9):
+        positions = torch.tensor([[pos], [pos + 5]])
+        before = cache.clone()
+        assert kernels.kv_cache_store(kv, cache, positions % 4, 32, 32, positions, freqs, weight, 1e-5) is None
+        changed = (cache != before).any(-1)
+        assert torch.equal(changed, torch.zeros(2, 4, dtype=torch.bool).scatter_(1, positions % 4, True)), pos
+    info = session._session.cache_info()
+    assert (info.misses, info.hits) == (1, 7) and built == ["kv_cache_store_normed"]
+
+
 def test_tiny_model_on_onnxruntime_matches_cpu():
     """Prefill and two cached decode steps of the tiny V4 model (fp32 activations) on
     device="onnxruntime" against device="cpu".

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import FLOAT_HIGH, FLOATS, INDEX, Contract, describe
+from ..checks import FLOAT_HIGH, FLOATS, INDEX, Contract, check_rotation, describe
 from ..formats import FP4_TILE, INDEX_KEY_FORMATS, index_key_bytes
 from ..spec import Out, define_op
 
@@ -161,30 +161,50 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64):
 @define_op(
     "kv_cache_store",
     family="quant",
-    schema="(Tensor kv, Tensor(a!) cache, Tensor slots, int rope_dim=64, int tile=64) -> ()",
+    schema=(
+        "(Tensor kv, Tensor(a!) cache, Tensor slots, int rope_dim=64, int tile=64, Tensor? positions=None, "
+        "Tensor? freqs=None, Tensor? norm_weight=None, float norm_eps=1e-6) -> ()"
+    ),
     mutates=("cache",),
 )
-def kv_cache_store(kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64):
+def kv_cache_store(
+    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64,
+    positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+):
     """Pack KV vectors into FP8 cache records and store each in its sequence's row of the cache.
 
-    kv: [B, n, dim] bf16/fp16/fp32, cache: [B, R, kv_record_bytes(dim, rope_dim, tile)] uint8
-    (any strides), slots: [B or 1, n] int32/int64 (one row for every sequence) -> nothing;
-    ``cache[b, slots[b, i]] = kv_cache_pack(kv[b, i], rope_dim, tile)``, the other rows untouched.
+    kv: [B, S, D] bf16/fp16/fp32, cache: [B, N, kv_record_bytes(D, rope_dim, tile)] uint8 (any
+    strides), slots: [B or 1, S] int32/int64 (one row for every sequence) -> nothing;
+    ``cache[b, slots[b, i]] = kv_cache_pack(v[b, i], rope_dim, tile)``, the other rows untouched,
+    where v is kv, or with ``positions`` [B, S] int and ``freqs`` [R] fp32 (2R <= D) the attention's
+    KV as V4 computes it from the projection (v4_ops §6): ``rms_norm_rope(kv, norm_weight, norm_eps,
+    positions, freqs)`` of each vector (one head; norm_weight [D] fp32 or None), the same roundings.
 
-    Each sequence's n slots must be distinct and in [0, R): a slot's value is data on the device,
+    Each sequence's S slots must be distinct and in [0, N): a slot's value is data on the device,
     which the contract never reads (a decode step's ring slot ``p mod W``, in a graph that serves
     every position); the reference raises on a slot out of range, a kernel must not write there.
     """
     c = Contract("kv_cache_store")
-    c.tensor("kv", kv, ["B", "n", "dim"], FLOATS)
-    dim = c.dims["dim"]
+    c.tensor("kv", kv, ["B", "S", "D"], FLOATS)
+    dim = c.dims["D"]
     kv_geometry(c, "kv's last dim", dim, rope_dim, tile)
-    c.tensor("cache", cache, ["B", "R", kv_record_bytes(dim, rope_dim, tile)], (torch.uint8,))
-    c.tensor("slots", slots, [None, "n"], INDEX)
+    c.tensor("cache", cache, ["B", "N", kv_record_bytes(dim, rope_dim, tile)], (torch.uint8,))
+    c.tensor("slots", slots, [None, "S"], INDEX)
     c.require(
         slots.shape[0] in (1, c.dims["B"]),
-        f"slots must be [B={c.dims['B']} or 1, n={c.dims['n']}] (one row for every sequence), got {describe(slots)}",
+        f"slots must be [B={c.dims['B']} or 1, S={c.dims['S']}] (one row for every sequence), got {describe(slots)}",
     )
+    if positions is None:
+        c.require(
+            freqs is None and norm_weight is None,
+            "freqs and norm_weight go with positions (the vectors normalised and rotated before packing)",
+        )
+        return ()
+    c.require(kv.dtype != torch.float16, f"kv must be bfloat16 or float32 to be normalised and rotated, got {describe(kv)}")
+    check_rotation(c, positions, freqs)
+    c.optional("norm_weight", norm_weight, ["D"], (torch.float32, torch.float64))
+    c.require(isinstance(norm_eps, float) and norm_eps >= 0.0, f"norm_eps must be a float >= 0, got {norm_eps!r}")
     return ()
 
 

@@ -8,6 +8,7 @@ import torch
 from seahal.hal import formats
 from seahal.hal.formats import decode_scale, fp4_quant_dequant, fp4_quantize, fp8_quantize, hadamard, ue8m0_encode
 from seahal.hal.ops.quant import kv_record_bytes
+from .rope import rms_norm_rope
 
 
 def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m0"):
@@ -48,9 +49,14 @@ def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch
 
 
 def kv_cache_store(
-    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64
+    kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int = 64, tile: int = 64,
+    positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> None:
-    """``cache[b, slots[b, i]] = kv_cache_pack(kv[b, i])``: the records scattered into their rows."""
+    """``cache[b, slots[b, i]] = kv_cache_pack(v[b, i])``: the records scattered into their rows, v
+    being kv or, with positions, ``rms_norm_rope(kv, norm_weight, norm_eps, positions, freqs)``."""
+    if positions is not None:
+        kv = rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
     records = kv_cache_pack(kv, rope_dim, tile)
     rows = slots.to(torch.int64).expand(records.shape[:2])
     cache.scatter_(1, rows[..., None].expand(records.shape), records)

@@ -19,7 +19,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``hc_head_normed``, ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``),
   ``sparse_attention_rotated`` and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``:
   the output's inverse RoPE), ``hc_post`` (no ``addend``) and ``hc_post_summed`` (the sub-layer
-  output in two parts).
+  output in two parts), ``kv_cache_store`` (no ``positions``), ``kv_cache_store_normed``
+  (``positions``, ``freqs`` and ``norm_weight``: the vectors through ``rms_norm_rope`` first) and
+  ``kv_cache_store_normed_unweighted`` (``positions`` and ``freqs``, no weight).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
@@ -1062,6 +1064,29 @@ def kv_cache_store(kv, cache, slots, rope_dim: int = 64, tile: int = 64):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def kv_cache_store_normed(
+    kv, cache, slots, positions, freqs, norm_weight, rope_dim: int = 64, tile: int = 64, norm_eps: float = 1e-6,
+):
+    """kv_cache_store of the attention's KV as V4 computes it: positions [B, n] int, freqs [R],
+    norm_weight [D] -> the new cache, ``kv_cache_store(rms_norm_rope(kv, norm_weight, positions,
+    freqs, norm_eps), cache, slots, rope_dim, tile)`` with kv [B, n, D] as [B, n, 1, D] (one head):
+    the vectors normalised in fp32 and rounded to kv's dtype, rotated and rounded again, then packed
+    and stored as :func:`kv_cache_store` does."""
+    normed = rms_norm_rope(op.Unsqueeze(kv, [2]), norm_weight, positions, freqs, eps=norm_eps)
+    return kv_cache_store(op.Squeeze(normed, [2]), cache, slots, rope_dim=rope_dim, tile=tile)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def kv_cache_store_normed_unweighted(
+    kv, cache, slots, positions, freqs, rope_dim: int = 64, tile: int = 64, norm_eps: float = 1e-6,
+):
+    """:func:`kv_cache_store_normed` without a norm weight: the vectors go through
+    :func:`rms_norm_rope_unweighted`."""
+    normed = rms_norm_rope_unweighted(op.Unsqueeze(kv, [2]), positions, freqs, eps=norm_eps)
+    return kv_cache_store(op.Squeeze(normed, [2]), cache, slots, rope_dim=rope_dim, tile=tile)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def kv_compress_fp8(
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos: INT64,
     ratio: int, overlap: int, norm_eps: float = 1e-6, rope_dim: int = 64, tile: int = 64,
@@ -1113,7 +1138,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "hadamard_rotate": ("hadamard_rotate", "hadamard_rotate_fp4"),
     "index_key_pack": ("index_key_pack_fp4", "index_key_pack_fp8"),
     "kv_cache_pack": ("kv_cache_pack",),
-    "kv_cache_store": ("kv_cache_store",),
+    "kv_cache_store": ("kv_cache_store", "kv_cache_store_normed", "kv_cache_store_normed_unweighted"),
     "kv_cache_unpack": ("kv_cache_unpack",),
     "fp8_gemm": ("fp8_gemm",),
     "fp4_gemm": ("fp4_gemm",),
@@ -1237,7 +1262,7 @@ def weight_format(weight: Any) -> str:
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
     optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_post, hc_head,
-    sparse_attention, sparse_attention_fp8), the weights' format (moe_experts, grouped_linear,
+    sparse_attention, sparse_attention_fp8, kv_cache_store), the weights' format (moe_experts, grouped_linear,
     act_quant_gemm), the key format (indexer_topk_packed, index_key_pack) or whether an FP4
     rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
@@ -1260,6 +1285,10 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = op if args.get("norm_weight") is None else f"{op}_normed"
     elif op in ("sparse_attention", "sparse_attention_fp8"):
         name = op if args.get("positions") is None else f"{op}_rotated"
+    elif op == "kv_cache_store":
+        name = op if args.get("positions") is None else (
+            f"{op}_normed" if args.get("norm_weight") is not None else f"{op}_normed_unweighted"
+        )
     elif op == "hc_post":
         name = op if args.get("addend") is None else f"{op}_summed"
     elif op == "hadamard_rotate":

@@ -18,7 +18,8 @@ mHC sub-layer outputs in two parts (hc_post's addend, cancelling f to 0 or to an
 bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8
 indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales; KV records
 stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
-wrapping around a ring's end, the cache a view of a bigger buffer).
+wrapping around a ring's end, the cache a view of a bigger buffer), normalised and rotated first at
+per-sequence positions (up to 99999; int32 and int64; with and without the norm weight).
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -306,13 +307,19 @@ def kv_cache_pack_case(
 def kv_cache_store_case(
     name: str, seed: int, slots: tuple[tuple[int, ...], ...], rows: int, b: int = 2, dim: int = 512,
     rope_dim: int = 64, tile: int = 64, dtype=BF16, slot_dtype=torch.int64, values: str = "normal",
-    first: int = 0, layout: str = "contiguous",
+    first: int = 0, layout: str = "contiguous", positions: tuple[tuple[int, ...], ...] | None = None,
+    weighted: bool = False, yarn: bool = False, pos_dtype=torch.int64,
 ) -> Case:
     """kv [b, n, dim] stored into a cache of ``rows`` records per sequence. ``slots``: one tuple of
     n distinct rows per sequence ([B, n]), or a single tuple shared by the batch ([1, n]). The cache
     is pre-filled with random bytes (rows no slot names must keep them) and is the rows ``first..``
     of a buffer ``first + rows`` rows long (``first`` > 0: a strided view, as the model's compressed
-    entries after its window ring). ``values``/``layout`` as :func:`kv_cache_pack_case` (kv's layout)."""
+    entries after its window ring). ``values``/``layout`` as :func:`kv_cache_pack_case` (kv's layout).
+
+    ``positions``: one tuple of n token positions per sequence ([B, n], ``pos_dtype``): the vectors
+    are normalised and rotated before packing (the op's ``positions``, ``freqs`` of the last
+    ``rope_dim`` dims, :func:`_rope_freqs`), each times a magnitude in 2^-8..2^8 (the norm takes it
+    to unit rms), with a norm weight in [0.5, 1.5] when ``weighted``."""
     n = len(slots[0])
     if any(len(set(row)) != len(row) or not all(0 <= i < rows for i in row) for row in slots):
         raise ValueError(f"slots must be distinct per sequence and in [0, {rows}), got {slots}")
@@ -324,7 +331,13 @@ def kv_cache_store_case(
     buffer = r.ints(0, 256, b, first + rows, kv_record_bytes(dim, rope_dim, tile), dtype=torch.uint8)
     cache = buffer[:, first:]
     rows_of = torch.tensor(slots, dtype=slot_dtype)
-    return _case("kv_cache_store", name, (strided(kv.to(dtype), layout), cache, rows_of, rope_dim, tile))
+    rotation: tuple = ()
+    if positions is not None:
+        kv *= torch.exp2(r.ints(-8, 9, b, n, 1).to(F32))
+        weight = r.uniform(dim, low=0.5, high=1.5) if weighted else None
+        rotation = (torch.tensor(positions, dtype=pos_dtype), _rope_freqs(rope_dim, yarn), weight)
+    args = (strided(kv.to(dtype), layout), cache, rows_of, rope_dim, tile, *rotation)
+    return _case("kv_cache_store", name, args)
 
 
 def kv_cache_unpack_case(
@@ -963,6 +976,17 @@ def _kv_cache_store_cases(seed: int) -> list[Case]:
         c("fp32 strided cache view, int32 shared slots, sliced kv", seed + 8, ((2, 0),), rows=4, dim=96, rope_dim=32,
           tile=32, dtype=F32, slot_dtype=torch.int32, first=3, layout="sliced"),
         c("one sequence fills every row (prefill)", seed + 9, ((4, 2, 0, 1, 3),), rows=5, b=1, dim=128),
+        c("bf16 V4 record normed and rotated, decode step at positions 293, 101 (ring slots p mod 128), kv norm "
+          "weight, YaRN frequencies", seed + 10, ((293 % 128,), (101 % 128,)), rows=128, positions=((293,), (101,)),
+          weighted=True, yarn=True),
+        c("fp32 dim 96, tile 32, rope 32, normed and rotated without a weight, 3 tokens at positions up to 99999",
+          seed + 11, ((4, 1, 0), (2, 3, 4)), rows=5, dim=96, rope_dim=32, tile=32, dtype=F32,
+          positions=((99997, 99998, 99999), (61, 62, 63))),
+        c("bf16 dim 128 normed and rotated, int32 positions and slots [1,n] shared by the batch, weighted", seed + 12,
+          ((3, 0),), rows=4, dim=128, slot_dtype=torch.int32, positions=((517, 518), (6, 7)), weighted=True,
+          pos_dtype=torch.int32),
+        c("bf16 normed and rotated zero and tiny tiles, sliced kv, cache a strided view", seed + 13, ((1,), (0,)),
+          rows=3, first=2, values="zero-tiny", layout="sliced", positions=((40,), (977,)), weighted=True),
     ]
 
 
@@ -1503,12 +1527,17 @@ def _draw_kv_cache_store(draw) -> Case:
     rows = n + draw(st.integers(0, 5))
     shared = draw(st.booleans())
     slots = tuple(tuple(draw(st.permutations(range(rows)))[:n]) for _ in range(1 if shared else b))
+    rotation = {}
+    if draw(st.booleans()):  # normed and rotated before packing
+        positions = tuple(tuple(draw(st.lists(st.integers(0, 999), min_size=n, max_size=n))) for _ in range(b))
+        rotation = {"positions": positions, "weighted": draw(st.booleans()), "yarn": draw(st.booleans()),
+                    "pos_dtype": draw(st.sampled_from([torch.int32, torch.int64]))}
     return kv_cache_store_case(
         "property", draw(st.integers(0, 2**16)), slots, rows, b=b, dim=32 * draw(st.integers(1, 4)) + 32,
         rope_dim=32, tile=32, dtype=draw(st.sampled_from([BF16, F32])),
         slot_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
         values=draw(st.sampled_from(["normal", "zero-tiny"])), first=draw(st.integers(0, 3)),
-        layout=draw(st.sampled_from(["contiguous", "sliced"])))
+        layout=draw(st.sampled_from(["contiguous", "sliced"])), **rotation)
 
 
 def _draw_moe_gate(draw) -> Case:

@@ -116,10 +116,17 @@ def _kv_cache_pack(d: _Draw):
 @_example("kv_cache_store")
 def _kv_cache_store(d: _Draw):
     """The kv_cache_pack example's vectors (B=2, n=3, dim 96) stored into a cache of 5 random-byte
-    136-byte records per sequence, at rows [4, 0, 2] and [1, 3, 0] (int32 slots)."""
+    136-byte records per sequence, at rows [4, 0, 2] and [1, 3, 0] (int32 slots); with fp32 data
+    normalised (a norm weight) and rotated first (int32 positions, the last 32 dims), none with
+    bf16 or fp16 (which has no such form): the suite's bf16 and fp32 example cases hold both forms."""
     cache = torch.randint(0, 256, (2, 5, kv_record_bytes(96, 32, 32)), generator=d.gen, dtype=torch.uint8)
     slots = torch.tensor([[4, 0, 2], [1, 3, 0]], dtype=torch.int32)
-    return (d.data(2, 3, 96), cache, slots, 32, 32), {}
+    args = (d.data(2, 3, 96), cache, slots, 32, 32)
+    if d.dtype != torch.float32:
+        return args, {}
+    rotation = {"positions": d.ints(0, 1000, 2, 3), "freqs": rope_frequencies(32, 10000.0),
+                "norm_weight": d.param(96).abs() + 0.5}
+    return args, rotation
 
 
 @_example("kv_cache_unpack")

@@ -45,6 +45,7 @@ from .compare import (
     RoundedCodes,
     RoutedWeights,
     Selection,
+    Verdict,
     gate_ranking,
     gate_scores,
     indexer_scores,
@@ -212,17 +213,62 @@ def _kv_compress(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return Compared("entries", 0, entries), Compared("kv_state", 1, state), Compared("score_state", 2, state)
 
 
+def _fp8_records(values: Close, d: int, rope_dim: int, tile: int) -> Decoded:
+    """Packed FP8 KV records (kv_cache_pack's) of vectors that ``values`` bounds, compared decoded.
+
+    Where the kernel's vector element is off the reference's (by up to ``values``), its e4m3 code
+    may be one e4m3 step off (2^-3 relative; a tile scale doubling or halving requantises the tile,
+    each side still within half a step, 2^-4, of its own value); subnormal codes add at most half a
+    subnormal step, s·2^-10 <= 2^-17·max|value|, on each side. The rope dims are the values rounded
+    to bf16 (exactly the value for bf16 vectors): neighbours at most, 2^-7 relative, inside the step.
+    """
+    close = Close(rtol=values.rtol + ulp(torch.float8_e4m3fn), atol=values.atol, atol_ref=values.atol_ref + 2.0**-16)
+    return Decoded(close, lambda r: kv_cache_unpack(r, d, rope_dim, tile))
+
+
 def _kv_compress_fp8(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     entries, *states = _kv_compress({**a, "out_dtype": torch.bfloat16})
-    d, rope_dim, tile = a["norm_weight"].shape[0], a["rope_dim"], a["tile"]
-    # records are compared decoded. Where the kernel's bf16 entry is an ulp off the reference's,
-    # its e4m3 code may be one e4m3 step off (2^-3 relative; a tile scale doubling or halving
-    # requantises the tile, each side still within half a step, 2^-4, of its own entry); subnormal
-    # codes add at most half a subnormal step, s·2^-10 <= 2^-17·max|entry|, on each side.
-    check = entries.check
-    close = Close(rtol=check.rtol + ulp(torch.float8_e4m3fn), atol_ref=check.atol_ref + 2.0**-16)
-    records = Decoded(close, lambda r: kv_cache_unpack(r, d, rope_dim, tile))
+    # records are kv_compress's bf16 entries packed: entries' rule plus one e4m3 step, decoded.
+    records = _fp8_records(entries.check, a["norm_weight"].shape[0], a["rope_dim"], a["tile"])
     return (Compared("records", 0, records), *states)
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """A cache [B, N, record] whose rows ``slots`` [B or 1, S] were stored into: those rows, gathered
+    in slot order ([B, S, record], so index [b, i] is sequence b's vector i), judged by ``check``;
+    every row no slot names exactly (bitwise: it must keep its bytes)."""
+
+    check: Any
+    slots: torch.Tensor
+
+    def describe(self) -> str:
+        return f"stored rows {self.check.describe()}; every other row exact (bitwise)"
+
+    def compare(self, got: torch.Tensor, want: torch.Tensor) -> Verdict:
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return Verdict(False, detail=f"got {list(got.shape)} {got.dtype}, want {list(want.shape)} {want.dtype}")
+        got, want = got.cpu(), want.cpu()
+        batch, n_rows, width = want.shape
+        slots = self.slots.cpu().long().expand(batch, -1)
+        stored = torch.zeros(batch, n_rows, dtype=torch.bool).scatter_(1, slots, True)
+        kept = Exact().compare(got[~stored], want[~stored])
+        if not kept.ok:
+            return Verdict(False, detail=f"rows no slot names must keep their bytes: {kept.detail}")
+        rows = slots[..., None].expand(-1, -1, width)
+        return self.check.compare(got.gather(1, rows), want.gather(1, rows))
+
+
+def _kv_cache_store(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    if a["positions"] is None:  # no outputs: the mutated cache is index 0
+        return _exact("cache")(a)
+    # the stored vectors are rms_norm_rope's of kv (one head), within its rule; packed, they are
+    # compared decoded as FP8 records of such vectors (one e4m3 step more), the other rows exactly.
+    kv = a["kv"]
+    normed = {"x": kv.unsqueeze(2), "weight": a["norm_weight"], "eps": a["norm_eps"]}
+    (vectors,) = _rms_norm_rope({**normed, "positions": a["positions"], "freqs": a["freqs"]})
+    records = _fp8_records(vectors.check, kv.shape[-1], a["rope_dim"], a["tile"])
+    return (Compared("cache", 0, StoredRows(records, a["slots"])),)
 
 
 def _indexer_topk(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -479,9 +525,20 @@ RULES: dict[str, Rule] = {
         _exact("record"),
     ),
     "kv_cache_store": Rule(
-        (("cache (final, every byte)", "exact",
-          _EXACT_CODEC + "; the stored rows are kv_cache_pack's records and every other row keeps its bytes"),),
-        _exact("cache"),  # no outputs: the mutated cache is index 0
+        (
+            ("cache (positions None; final, every byte)", "exact",
+             _EXACT_CODEC + "; the stored rows are kv_cache_pack's records and every other row keeps its bytes"),
+            ("cache (positions, freqs; final)",
+             "stored rows decoded: rms_norm_rope's out tolerance + one e4m3 step: rtol += 2^-3, "
+             "atol/max\\|ref\\| += 2^-16; every other row exact",
+             "the stored vectors are rms_norm_rope(kv)'s, within its rule of the reference's (the sum of x² in "
+             "another order, cos/sin); where one is an ulp off, its e4m3 code may be one step off (a tile's ue8m0 "
+             "scale change requantises the tile, each side within half a step) and a bf16 rope value a bf16 ulp "
+             "(2^-7, inside the step); subnormal codes: half a subnormal step, <= 2^-17·max\\|value\\|, as "
+             "kv_compress_fp8's records. The contract takes no float64 kv: the reference computes in fp32 with the same "
+             "two roundings, its own fp32 error far inside the e4m3 step"),
+        ),
+        _kv_cache_store,
     ),
     "kv_cache_unpack": Rule(
         (("kv bf16", "exact", "decoding is exact: e4m3 x 2^k and the stored bf16 rope fit bf16"),),
