@@ -198,10 +198,18 @@ class Attention(nn.Module):
         # each query head, then the KV vector (one head, the kv norm's weight): RMSNorm, then RoPE
         q = self.ops.rms_norm_rope(q.view(b, s, self.n_heads, self.head_dim), None, self.config.norm_eps, positions,
                                    self.freqs)
-        kv = self.ops.rms_norm_rope(kv.unsqueeze(2), self.kv_norm.weight, self.kv_norm.eps, positions, self.freqs)
-        kv = kv.squeeze(2)
-        if self.config.simulate_fp8_kv and cache.kv.fmt != "fp8":  # an FP8 cache stores kv through that rounding
-            kv = fp8_kv_precision(kv, self.ops, self.rope_dim)
+        decode = s == 1
+        ring_slots = step.ring_slots(cache.window)
+        # a decode step's KV into an FP8 ring at a tensor position: normalised, rotated, packed and
+        # stored at its slot by one op (kv_cache_store), the projection handed over as it is
+        rotation = None
+        if decode and ring_slots is not None and cache.kv.fmt == "fp8":
+            rotation = (positions, self.freqs, self.kv_norm.weight, self.kv_norm.eps)
+        else:
+            kv = self.ops.rms_norm_rope(kv.unsqueeze(2), self.kv_norm.weight, self.kv_norm.eps, positions, self.freqs)
+            kv = kv.squeeze(2)
+            if self.config.simulate_fp8_kv and cache.kv.fmt != "fp8":  # an FP8 cache stores kv through that rounding
+                kv = fp8_kv_precision(kv, self.ops, self.rope_dim)
 
         compressed_idx = None
         if self.compressor is not None:
@@ -213,16 +221,15 @@ class Attention(nn.Module):
                 compressed_idx = self.indexer(x, q_index, cache, step, self.freqs)
             cache.append_compressed(entries, step.entries_after(self.ratio), packed, step.memo)
 
-        decode = s == 1
         if decode:  # stored first (encoded on the way): its ring slot held token p - W, which query p no longer sees
-            cache.write_window(start_pos, kv, step.ring_slots(cache.window), encoded=False)
+            cache.write_window(start_pos, kv, ring_slots, encoded=False, rotation=rotation)
             chunk = kv
         else:
             chunk = cache.kv.encode(kv)  # this chunk's KV as the cache stores it
         keys, indices = self._gather_keys(chunk, cache, start_pos, step, compressed_idx, decode)
         o = self._attend(q, keys, indices, cache, positions)  # rotated back by each query's position
         if not decode:
-            cache.write_window(start_pos, chunk, step.ring_slots(cache.window))
+            cache.write_window(start_pos, chunk, ring_slots)
         return self._project_out(o)
 
     def _gather_keys(

@@ -28,6 +28,10 @@ from .config import CSA_RATIO, ModelConfig
 
 KV_TILE = 64
 
+KVRotation = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]
+"""What makes the attention's stored KV from its projection, ``rms_norm_rope``'s arguments after x:
+(positions [B, S], freqs [r/2], the kv norm's weight [D] or None, its eps)."""
+
 
 class RowStore:
     """``rows`` stored rows per sequence, ``data`` [B, rows, width] (vectors in the model dtype,
@@ -88,12 +92,19 @@ class VectorStore(RowStore):
             return vectors.to(self.dtype)
         return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
 
-    def write_rows(self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False, first: int = 0) -> None:
+    def write_rows(
+        self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False, first: int = 0,
+        rotation: KVRotation | None = None,
+    ) -> None:
         """:meth:`RowStore.write_rows`; FP8 vectors are packed and stored by one ``kv_cache_store``
-        (the records never leave the op), where packing and then scattering takes two kernels."""
+        (the records never leave the op), where packing and then scattering takes two kernels.
+        ``rotation`` (FP8 stores): the vectors are the attention's KV projection, which that op
+        normalises and rotates first (``rms_norm_rope``'s arguments after x)."""
         if self.fmt == "fp8" and not encoded:
-            self.ops.kv_cache_store(vectors, self.data[:, first:], target, self.rope_dim, KV_TILE)
+            self.ops.kv_cache_store(vectors, self.data[:, first:], target, self.rope_dim, KV_TILE, *(rotation or ()))
             return
+        if rotation is not None:
+            raise ValueError(f"a {self.fmt} store takes its KV normalised and rotated, not the projection")
         super().write_rows(target, vectors, encoded, first)
 
 
@@ -170,6 +181,7 @@ class LayerCache:
 
     def write_window(
         self, start_pos: int | torch.Tensor, rows: torch.Tensor, slots: torch.Tensor | None = None, encoded: bool = True,
+        rotation: KVRotation | None = None,
     ) -> None:
         """Store the stored-format rows [B, n, row] of tokens ``start_pos, ...`` (an int, or a 0-d
         or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
@@ -177,12 +189,18 @@ class LayerCache:
         slots are at most two runs of the ring: slice copies. At a tensor start_pos, ``slots`` (the
         tokens' ring slots p mod W [1 or B, n] int64, when the caller made them: once a step for
         every layer) lets n <= W rows be written by one scatter (:meth:`RowStore.write_rows`:
-        vectors of an FP8 store packed in the same kernel)."""
+        vectors of an FP8 store packed in the same kernel, and with ``rotation`` normalised and
+        rotated there too: only that path takes it)."""
         b, n = rows.shape[:2]
         w = self.window
         if isinstance(start_pos, torch.Tensor) and slots is not None and n <= w:
-            self.kv.write_rows(slots, rows, encoded)
+            if rotation is None:
+                self.kv.write_rows(slots, rows, encoded)
+            else:
+                self.kv.write_rows(slots, rows, encoded, rotation=rotation)
             return
+        if rotation is not None:
+            raise ValueError("the KV projection is normalised and rotated only where a scatter stores it")
         rows = rows if encoded else self.kv.encode(rows)
         if not isinstance(start_pos, torch.Tensor):
             kept = min(n, w)
