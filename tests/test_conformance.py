@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from seahal.backends.cpu.reference import attention, moe, quant, rope
@@ -122,24 +123,31 @@ def test_kernel_that_writes_its_input_fails(isolated_registry):
     assert all("aliases an input" in r.detail for r in report.results)
 
 
-def _store_over_a_zeroed_cache(kv, cache, slots, *args):
-    cache.zero_()
-    quant.kv_cache_store(kv, cache, slots, *args)
+def _store_over_a_zeroed_store(op: str):
+    def kernel(data, store, slots, *args):
+        store.zero_()
+        getattr(quant, op)(data, store, slots, *args)
+
+    return kernel
 
 
-def _store_into_a_contiguous_copy(kv, cache, slots, *args):
-    quant.kv_cache_store(kv, cache.contiguous(), slots, *args)  # lost where cache is a strided view
+def _store_into_a_contiguous_copy(op: str):
+    def kernel(data, store, slots, *args):
+        getattr(quant, op)(data, store.contiguous(), slots, *args)  # lost where store is a strided view
+
+    return kernel
 
 
-def test_kv_cache_store_cases_catch_stray_and_lost_writes(isolated_registry):
-    """The caches hold random bytes, so clobbering rows no slot names fails every case that has
-    such rows; a kernel that ignores the cache's strides fails the strided-view cases."""
+@pytest.mark.parametrize("op", ["kv_cache_store", "index_key_store"])
+def test_store_cases_catch_stray_and_lost_writes(isolated_registry, op):
+    """The caches (stores) hold random bytes, so clobbering rows no slot names fails every case
+    that has such rows; a kernel that ignores the store's strides fails the strided-view cases."""
     backend = _fake_backend()
-    register_kernel("kv_cache_store", backend, "zeroes", _store_over_a_zeroed_cache)
-    register_kernel("kv_cache_store", backend, "copies", _store_into_a_contiguous_copy)
-    report = run_conformance(backend, ["kv_cache_store"], property_examples=0)
+    register_kernel(op, backend, "zeroes", _store_over_a_zeroed_store(op))
+    register_kernel(op, backend, "copies", _store_into_a_contiguous_copy(op))
+    report = run_conformance(backend, [op], property_examples=0)
     failed = {k: {r.case for r in report.failures if r.kernel == f"{backend}.{k}"} for k in ("zeroes", "copies")}
-    cases = cases_for("kv_cache_store")
+    cases = cases_for(op)
     assert failed["zeroes"] == {c.name for c in cases if c.calls[0][1].shape[1] > c.calls[0][2].shape[1]}
     assert failed["copies"] == {c.name for c in cases if not c.calls[0][1].is_contiguous()} != set()
 

@@ -8,8 +8,9 @@ FP8 KV records, FP4 indexer keys), also run with FP8 indexer keys (``fp8_keys``)
 runs every position up to the capacity (19..31), feeding its present cache back as past: it
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
 hc_pre and hc_head are also exported on their own, with and without norm_weight, sparse_attention
-and sparse_attention_fp8 with and without positions, hc_post with and without an addend, and
-kv_cache_store with positions, with and without a norm weight (the model calls one form only).
+and sparse_attention_fp8 with and without positions, hc_post with and without an addend,
+kv_cache_store with positions, with and without a norm weight (the model calls one form only), and
+index_key_store in both key formats.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ pytest.importorskip("onnxscript")
 from onnx import inliner  # noqa: E402
 
 from seahal import hal  # noqa: E402
-from seahal.backends.cpu.reference.quant import kv_cache_pack, kv_cache_store  # noqa: E402
+from seahal.backends.cpu.reference.quant import index_key_store, kv_cache_pack, kv_cache_store  # noqa: E402
 from seahal.cli import main  # noqa: E402
+from seahal.hal.formats import index_key_bytes  # noqa: E402
 from seahal.hal.ops.quant import kv_record_bytes  # noqa: E402
 from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
@@ -388,16 +390,36 @@ def test_hc_post_addend_exports_the_summed_function(tmp_path):
 
 
 class _Store(nn.Module):
-    """kv_cache_store into a copy of the cache through a plan's ops (a mutating op with no output)."""
+    """A store op (kv_cache_store, index_key_store) into a copy of its store through a plan's ops
+    (a mutating op with no output); ``extra``: its arguments after slots."""
 
-    def __init__(self, plan: hal.Plan):
+    def __init__(self, plan: hal.Plan, op: str, *extra):
         super().__init__()
-        self.ops = plan.ops
+        self.ops, self.op, self.extra = plan.ops, op, extra
 
-    def forward(self, kv, cache, slots):
-        cache = cache.clone()
-        assert self.ops.kv_cache_store(kv, cache, slots, 16, 16) is None
-        return cache
+    def forward(self, data, store, slots):
+        store = store.clone()
+        assert getattr(self.ops, self.op)(data, store, slots, *self.extra) is None
+        return store
+
+
+def _exported_store(tmp_path: Path, op: str, args: tuple, *extra) -> tuple[list[str], np.ndarray]:
+    """``_Store(op, *extra)`` on ``args`` (data, store, slots) traced through the op's pure twin
+    and exported: the seahal nodes of the checked model, and the store onnxruntime returns."""
+    plan = hal.plan("cpu", [op], announce=False, environ={"SEAHAL_OPS": f"{op}=cpu.reference"})
+    with _pure_bindings(plan, positional=False) as bindings:
+        program = torch.export.export(_Store(plan, op, *extra), args)
+    assert _hal_nodes(program, bindings) == {op: 1}
+    table = {torch_op: _translation(hal_op, torch_op) for torch_op, hal_op in bindings.items()}
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
+                                     optimize=False, verbose=False)
+    _attach_functions(onnx_program.model)
+    onnx_program.save(tmp_path / "store.onnx")
+    proto = onnx.load(tmp_path / "store.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+    return [n.op_type for n in proto.graph.node if n.domain == "seahal"], got
 
 
 def test_kv_cache_store_exports_through_its_pure_twin(tmp_path):
@@ -409,25 +431,32 @@ def test_kv_cache_store_exports_through_its_pure_twin(tmp_path):
     kv = torch.randn(2, 3, 48, generator=g)
     cache = torch.randint(0, 256, (2, 8, kv_record_bytes(48, 16, 16)), generator=g, dtype=torch.uint8)
     slots = torch.tensor([[5, 0, 7]])
-    plan = hal.plan("cpu", ["kv_cache_store"], announce=False, environ={"SEAHAL_OPS": "kv_cache_store=cpu.reference"})
-    with _pure_bindings(plan, positional=False) as bindings:
-        program = torch.export.export(_Store(plan), (kv, cache, slots))
-    assert _hal_nodes(program, bindings) == {"kv_cache_store": 1}
-    table = {torch_op: _translation(op, torch_op) for torch_op, op in bindings.items()}
-    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
-                                     optimize=False, verbose=False)
-    _attach_functions(onnx_program.model)
-    onnx_program.save(tmp_path / "store.onnx")
-    proto = onnx.load(tmp_path / "store.onnx")
-    onnx.checker.check_model(proto, full_check=True)
-    assert [n.op_type for n in proto.graph.node if n.domain == "seahal"] == ["kv_cache_store"]
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), (kv, cache, slots), strict=True)})
+    nodes, got = _exported_store(tmp_path, "kv_cache_store", (kv, cache, slots), 16, 16)
+    assert nodes == ["kv_cache_store"]
     want = cache.clone()
     kv_cache_store(kv, want, slots, 16, 16)
     np.testing.assert_array_equal(got, want.numpy())
     assert (want != cache).any(-1).sum() == 6  # 3 rows of each sequence written
     np.testing.assert_array_equal(got[:, [1, 2, 3, 4, 6]], cache[:, [1, 2, 3, 4, 6]].numpy())
+
+
+@pytest.mark.parametrize("key_format", ["fp4", "fp8"])
+def test_index_key_store_exports_through_its_pure_twin(tmp_path, key_format):
+    """index_key_store, the same way: one seahal::index_key_store_<key_format> node (the key format
+    selects the function; no attribute) whose one output is the new store, onnxruntime's store the
+    reference's byte for byte (int32 slots per sequence; the other rows keep their bytes)."""
+    g = torch.Generator().manual_seed(9)
+    keys = torch.randn(2, 3, 64, generator=g)
+    store = torch.randint(0, 256, (2, 8, index_key_bytes(64, key_format)), generator=g, dtype=torch.uint8)
+    slots = torch.tensor([[5, 0, 7], [1, 7, 2]], dtype=torch.int32)
+    nodes, got = _exported_store(tmp_path, "index_key_store", (keys, store, slots), key_format)
+    assert nodes == [f"index_key_store_{key_format}"]
+    want = store.clone()
+    index_key_store(keys, want, slots, key_format)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert (want != store).any(-1).sum() == 6  # 3 rows of each sequence written
+    np.testing.assert_array_equal(got[0, [1, 2, 3, 4, 6]], store[0, [1, 2, 3, 4, 6]].numpy())
+    np.testing.assert_array_equal(got[1, [0, 3, 4, 5, 6]], store[1, [0, 3, 4, 5, 6]].numpy())
 
 
 class _NormedStores(nn.Module):

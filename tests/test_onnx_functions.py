@@ -120,6 +120,10 @@ def test_every_op_has_functions_taking_its_arguments_in_hal_order():
     assert store.n_outputs == 1 and store.mutates == ("cache",) and store.shared_batch == ("slots",)
     for name in ("kv_cache_store_normed", "kv_cache_store_normed_unweighted"):  # positions: the same one output
         assert F.FUNCTIONS[name].n_outputs == 1 and F.FUNCTIONS[name].mutates == ("cache",)
+    for fmt in ("fp4", "fp8"):  # likewise the new store alone; the key format picks the function
+        store = F.FUNCTIONS[f"index_key_store_{fmt}"]
+        assert (store.inputs, store.attributes) == (("keys", "store", "slots"), ())
+        assert store.n_outputs == 1 and store.mutates == ("store",) and store.shared_batch == ("slots",)
 
 
 def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
@@ -157,7 +161,7 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
     assert F.select("hadamard_rotate", {"fp4_block": 32}).name == "hadamard_rotate_fp4"
     assert F.FUNCTIONS["hadamard_rotate_fp4"].attributes == ("fp4_block",)
     assert not F.FUNCTIONS["hadamard_rotate"].attributes  # fp4_block 0 is the function itself
-    for op in ("indexer_topk_packed", "index_key_pack"):  # the key format picks the function: no attribute
+    for op in ("indexer_topk_packed", "index_key_pack", "index_key_store"):  # the key format picks it: no attribute
         for fmt in ("fp4", "fp8"):
             assert F.select(op, {"key_format": fmt}).name == f"{op}_{fmt}"
             assert "key_format" not in F.FUNCTIONS[f"{op}_{fmt}"].attributes
@@ -254,21 +258,34 @@ def test_kv_record_bytes_of_special_values_match_the_reference():
     assert torch.equal(got.view(torch.int16), ref_quant.kv_cache_unpack(want, 128).view(torch.int16))
 
 
-def _kv_cache_store(kv: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, rope_dim: int, tile: int) -> torch.Tensor:
-    """The function kv_cache_store's one output (the new cache) as a one-node model; ``cache`` is
-    an input only (ONNX values are immutable) and must come back unchanged."""
-    fn = F.select("kv_cache_store", {"kv": kv, "cache": cache, "slots": slots})
+def _store(op: str, data: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, **args) -> torch.Tensor:
+    """The one output (the new cache or store) of the function :func:`F.select` picks for the
+    store op ``op`` (kv_cache_store, index_key_store) and its other arguments ``args``, as a
+    one-node model; ``store`` is an input only (ONNX values are immutable) and must come back
+    unchanged."""
+    fn = F.select(op, args)
     index_type = TensorProto.INT32 if slots.dtype == torch.int32 else TensorProto.INT64
-    in_types = [_onnx_type(kv), _onnx_type(cache), (index_type, slots.dim())]
-    model = F.node_model(fn, in_types, [_onnx_type(cache)], fn.attribute_values({"rope_dim": rope_dim, "tile": tile}))
+    in_types = [_onnx_type(data), _onnx_type(store), (index_type, slots.dim())]
+    model = F.node_model(fn, in_types, [_onnx_type(store)], fn.attribute_values(args))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = torch.empty_like(cache)
+    out = torch.empty_like(store)
     binding = session.io_binding()
-    for name, t in zip(fn.inputs, (kv, cache, slots), strict=True):
+    for name, t in zip(fn.inputs, (data, store, slots), strict=True):
         binding.bind_ortvalue_input(name, _ort_value(t))
     binding.bind_ortvalue_output("out0", _ort_value(out))
     session.run_with_iobinding(binding)
     return out
+
+
+def _assert_rows_stored(got: torch.Tensor, before: torch.Tensor, slots: torch.Tensor, records: torch.Tensor) -> None:
+    """got [B, R, C] holds records[b, i] at row slots[b, i] (slots [B or 1, n]) and before's bytes
+    in every other row."""
+    for b in range(got.shape[0]):
+        written = slots[0 if slots.shape[0] == 1 else b].long()
+        assert torch.equal(got[b, written], records[b])
+        untouched = torch.ones(got.shape[1], dtype=torch.bool)
+        untouched[written] = False
+        assert torch.equal(got[b, untouched], before[b, untouched])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -292,18 +309,47 @@ def test_kv_cache_store_writes_the_reference_records_into_their_rows(dtype, inde
     slots = (first[None] if shared else torch.stack((first, first.flip(0), torch.tensor([3, 7, 1, 9])))).to(index_dtype)
     before = cache.clone()
 
-    got = _kv_cache_store(kv, cache, slots, rope_dim, tile)
+    got = _store("kv_cache_store", kv, cache, slots, rope_dim=rope_dim, tile=tile)
     assert torch.equal(cache, before)  # an input: the function returns the new value
     want = before.clone()
     assert ref_quant.kv_cache_store(kv, want, slots, rope_dim, tile) is None
     assert torch.equal(got, want)
-    records = ref_quant.kv_cache_pack(kv, rope_dim, tile)
-    for b in range(batch):
-        written = slots[0 if shared else b].long()
-        assert torch.equal(got[b, written], records[b])
-        untouched = torch.ones(rows, dtype=torch.bool)
-        untouched[written] = False
-        assert torch.equal(got[b, untouched], before[b, untouched])
+    _assert_rows_stored(got, before, slots, ref_quant.kv_cache_pack(kv, rope_dim, tile))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_sequence", "shared_slots"])
+@pytest.mark.parametrize("key_format, d", [("fp4", 128), ("fp8", 96)])
+def test_index_key_store_writes_the_reference_records_into_their_rows(dtype, index_dtype, shared, key_format, d):
+    """index_key_store's functions (index_key_store_fp4 / _fp8, which the key format selects:
+    index_key_pack's records scattered into rows ``slots``) give the reference's new store byte
+    for byte: the slotted rows hold exactly index_key_pack's records, every other row keeps its
+    old (random) bytes, and slots [1, n] put each sequence's records in the same rows of its own
+    store. Sequence 1's slots are the reverse of sequence 0's, row 0 and row R - 1 are written;
+    keys of magnitudes 2^-40..2^40, with a zero key, a -0 one, one below the amax floor and one
+    starting with a zero 32-block (as test_index_key_records_match_the_reference_bitwise)."""
+    g = torch.Generator().manual_seed(d + 2 * shared + (dtype == torch.bfloat16) + 5 * (index_dtype == torch.int32))
+    batch, n, rows = 3, 4, 11
+    magnitudes = torch.exp2(torch.randint(-40, 41, (batch, n, 1), generator=g).float())
+    keys = torch.randn(batch, n, d, generator=g) * magnitudes
+    floor = FP4_AMAX_FLOOR if key_format == "fp4" else FP8_AMAX_FLOOR
+    keys[0, 1], keys[1, 2] = 0.0, -0.0
+    keys[2, 0] = torch.randn(d, generator=g) * (floor / 8)
+    keys[2, 3, :32] = 0.0
+    keys = keys.to(dtype)
+    store = torch.randint(0, 256, (batch, rows, index_key_bytes(d, key_format)), generator=g, dtype=torch.uint8)
+    first = torch.tensor([0, rows - 1, 5, 2])
+    slots = (first[None] if shared else torch.stack((first, first.flip(0), torch.tensor([3, 7, 1, 9])))).to(index_dtype)
+    before = store.clone()
+    assert F.select("index_key_store", {"key_format": key_format}).name == f"index_key_store_{key_format}"
+
+    got = _store("index_key_store", keys, store, slots, key_format=key_format)
+    assert torch.equal(store, before)  # an input: the function returns the new value
+    want = before.clone()
+    assert ref_quant.index_key_store(keys, want, slots, key_format) is None
+    assert torch.equal(got, want)
+    _assert_rows_stored(got, before, slots, ref_quant.index_key_pack(keys, key_format))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -24,6 +24,7 @@ REFERENCE_KERNELS = {
     "fp4_quant": ("quant", {"dtype": _FLOATS, "format": ("e2m1/ue8m0",)}),
     "hadamard_rotate": ("quant", {"dtype": _FLOATS}),
     "index_key_pack": ("quant", {"dtype": _FLOATS, "key_format": ("fp4", "fp8")}),
+    "index_key_store": ("quant", {"dtype": _FLOATS, "key_format": ("fp4", "fp8")}),
     "kv_cache_pack": ("quant", {"dtype": ("bfloat16", "float32"), "format": ("e4m3+bf16 rope",)}),
     "kv_cache_store": ("quant", {"dtype": ("bfloat16", "float32"), "format": ("e4m3+bf16 rope",)}),
     "kv_cache_unpack": ("quant", {"format": ("e4m3+bf16 rope",)}),

@@ -32,6 +32,7 @@ CAPABILITIES = {
     "fp4_quant": {"dtype": _FLOATS},
     "hadamard_rotate": {"dtype": _FLOATS},
     "index_key_pack": {"dtype": _FLOATS, "key_format": ("fp4", "fp8")},
+    "index_key_store": {"dtype": _FLOATS, "key_format": ("fp4", "fp8")},
     "kv_cache_pack": {"dtype": ("bfloat16", "float32")},
     "kv_cache_store": {"dtype": ("bfloat16", "float32")},
     "fp8_gemm": {"out_dtype": ("bfloat16", "float32"), "scale_dtype": _SCALES},

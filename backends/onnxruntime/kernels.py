@@ -2,8 +2,8 @@
 
 Each kernel takes the op's arguments as its contract names them and hands them, by name, to
 :func:`seahal.backends.onnxruntime.session.run`. An op with no outputs of its own that only
-mutates arguments (kv_cache_store: its function returns the new cache, which ``run`` copies into
-the ``cache`` argument) returns None, as its schema's ``-> ()`` says.
+mutates arguments (kv_cache_store, index_key_store: its function returns the new cache or store,
+which ``run`` copies into that argument) returns None, as its schema's ``-> ()`` says.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ fp8_act_quant = _kernel("fp8_act_quant")
 fp4_quant = _kernel("fp4_quant")
 hadamard_rotate = _kernel("hadamard_rotate")
 index_key_pack = _kernel("index_key_pack")
+index_key_store = _kernel("index_key_store")
 kv_cache_pack = _kernel("kv_cache_pack")
 kv_cache_store = _kernel("kv_cache_store")
 kv_cache_unpack = _kernel("kv_cache_unpack")

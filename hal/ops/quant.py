@@ -119,6 +119,35 @@ def index_key_pack(keys: torch.Tensor, key_format: str):
     return Out((*keys.shape[:-1], index_key_bytes(d, key_format)), torch.uint8)
 
 
+@define_op(
+    "index_key_store",
+    family="quant",
+    schema="(Tensor keys, Tensor(a!) store, Tensor slots, str key_format) -> ()",
+    mutates=("store",),
+)
+def index_key_store(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, key_format: str):
+    """Pack indexer keys into their records and store each in its sequence's row of the store.
+
+    keys: [B, S, d] bf16/fp32/fp64, store: [B, N, index_key_bytes(d, key_format)] uint8 (any
+    strides), slots: [B or 1, S] int32/int64 (one row for every sequence) -> nothing;
+    ``store[b, slots[b, i]] = index_key_pack(keys[b, i], key_format)``, the other rows untouched
+    (a step's new compressed entries, written where the indexer then scores them).
+
+    Each sequence's S slots must be distinct and in [0, N): as for ``kv_cache_store``, their values
+    are data the contract never reads; the reference raises on a slot out of range, a kernel must
+    not write there.
+    """
+    c = Contract("index_key_store")
+    c.tensor("keys", keys, ["B", "S", "d"], FLOAT_HIGH)
+    c.choice("key_format", key_format, INDEX_KEY_FORMATS)
+    d = c.dims["d"]
+    block = FP4_TILE if key_format == "fp4" else 1
+    c.require(d > 0 and d % block == 0, f"keys's last dim must be a positive multiple of {block} for {key_format} keys, got {d}")
+    c.tensor("store", store, ["B", "N", index_key_bytes(d, key_format)], (torch.uint8,))
+    _check_slots(c, slots)
+    return ()
+
+
 def kv_record_bytes(dim: int, rope_dim: int = 64, tile: int = 64) -> int:
     """Bytes of one packed KV record: nope e4m3 + rope bf16 + one e8m0 per tile, padded to 8.
 
@@ -190,11 +219,7 @@ def kv_cache_store(
     dim = c.dims["D"]
     kv_geometry(c, "kv's last dim", dim, rope_dim, tile)
     c.tensor("cache", cache, ["B", "N", kv_record_bytes(dim, rope_dim, tile)], (torch.uint8,))
-    c.tensor("slots", slots, [None, "S"], INDEX)
-    c.require(
-        slots.shape[0] in (1, c.dims["B"]),
-        f"slots must be [B={c.dims['B']} or 1, S={c.dims['S']}] (one row for every sequence), got {describe(slots)}",
-    )
+    _check_slots(c, slots)
     if positions is None:
         c.require(
             freqs is None and norm_weight is None,
@@ -225,3 +250,12 @@ def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: in
     width = kv_record_bytes(dim, rope_dim, tile)
     c.require(packed.shape[-1] == width, f"packed's last dim must be {width} bytes for dim={dim}, got {packed.shape[-1]}")
     return Out((*packed.shape[:-1], dim), torch.bfloat16)
+
+
+def _check_slots(c: Contract, slots: object) -> None:
+    """A store op's slots: [B or 1, S] int32/int64, B and S bound by its data."""
+    c.tensor("slots", slots, [None, "S"], INDEX)
+    c.require(
+        slots.shape[0] in (1, c.dims["B"]),
+        f"slots must be [B={c.dims['B']} or 1, S={c.dims['S']}] (one row for every sequence), got {describe(slots)}",
+    )

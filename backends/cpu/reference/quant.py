@@ -35,6 +35,11 @@ def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
     return formats.index_key_pack(keys, key_format)
 
 
+def index_key_store(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, key_format: str) -> None:
+    """``store[b, slots[b, i]] = index_key_pack(keys[b, i])``: the records scattered into their rows."""
+    _scatter_rows(store, slots, index_key_pack(keys, key_format))
+
+
 def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
     """``[e4m3 nope | bf16 rope bytes | e8m0 tile scales | pad]`` per vector (584 B for V4)."""
     dim = kv.shape[-1]
@@ -57,9 +62,13 @@ def kv_cache_store(
     being kv or, with positions, ``rms_norm_rope(kv, norm_weight, norm_eps, positions, freqs)``."""
     if positions is not None:
         kv = rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
-    records = kv_cache_pack(kv, rope_dim, tile)
+    _scatter_rows(cache, slots, kv_cache_pack(kv, rope_dim, tile))
+
+
+def _scatter_rows(store: torch.Tensor, slots: torch.Tensor, records: torch.Tensor) -> None:
+    """``store[b, slots[b, i]] = records[b, i]`` (slots [B or 1, S], records [B, S, width])."""
     rows = slots.to(torch.int64).expand(records.shape[:2])
-    cache.scatter_(1, rows[..., None].expand(records.shape), records)
+    store.scatter_(1, rows[..., None].expand(records.shape), records)
 
 
 def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:

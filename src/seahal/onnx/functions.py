@@ -13,13 +13,14 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``moe_gate_hash`` (``input_ids`` + ``tid2eid``), ``moe_experts`` (dense), ``moe_experts_fp8``,
   ``moe_experts_fp4``, ``grouped_linear`` (dense weight, no scale), ``grouped_linear_fp8``,
   ``act_quant_gemm_fp8`` and ``act_quant_gemm_fp4`` (b's format: e4m3 or packed e2m1),
-  ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8`` (the ``key_format``
-  argument picks one; no attribute), ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and
-  ``hadamard_rotate_fp4``, ``hc_pre`` and ``hc_head`` (no ``norm_weight``), ``hc_pre_normed`` and
-  ``hc_head_normed``, ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``),
-  ``sparse_attention_rotated`` and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``:
-  the output's inverse RoPE), ``hc_post`` (no ``addend``) and ``hc_post_summed`` (the sub-layer
-  output in two parts), ``kv_cache_store`` (no ``positions``), ``kv_cache_store_normed``
+  ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8``,
+  ``index_key_store_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute),
+  ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and ``hadamard_rotate_fp4``, ``hc_pre``
+  and ``hc_head`` (no ``norm_weight``), ``hc_pre_normed`` and ``hc_head_normed``,
+  ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``), ``sparse_attention_rotated``
+  and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``: the output's inverse RoPE),
+  ``hc_post`` (no ``addend``) and ``hc_post_summed`` (the sub-layer output in two parts),
+  ``kv_cache_store`` (no ``positions``), ``kv_cache_store_normed``
   (``positions``, ``freqs`` and ``norm_weight``: the vectors through ``rms_norm_rope`` first) and
   ``kv_cache_store_normed_unweighted`` (``positions`` and ``freqs``, no weight).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
@@ -32,15 +33,15 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
   code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
 * Outputs: the op's outputs in order, then the new values of the arguments the op mutates in place
-  (kv_compress: ``entries, kv_state, score_state``; kv_cache_store, which has no output of its
-  own: the new ``cache`` alone). An output whose rows depend on the position
-  has the rows the HAL contract gives a tensor ``start_pos``: kv_compress's entries (records) are
-  ``ceil(S/m)`` rows, each sequence's new entries first, zeros (zero bytes) after; a caller at an
-  int position keeps the first ``new_entries(start_pos, S, m)``.
+  (kv_compress: ``entries, kv_state, score_state``; kv_cache_store and index_key_store, which
+  have no output of their own: the new ``cache`` / ``store`` alone). An output whose rows depend
+  on the position has the rows the HAL contract gives a tensor ``start_pos``: kv_compress's
+  entries (records) are ``ceil(S/m)`` rows, each sequence's new entries first, zeros (zero bytes)
+  after; a caller at an int position keeps the first ``new_entries(start_pos, S, m)``.
 * Shared rows: ``sparse_attention``'s kv and ``sparse_attention_fp8``'s records may have batch 1,
   one pool of cache rows that every sequence indexes (a paged cache; :data:`SHARED_BATCH`), and
-  so may ``kv_cache_store``'s slots (the same rows for every sequence). A caller holding such a
-  tensor expanded over the batch (batch stride 0) passes that one copy.
+  so may ``kv_cache_store``'s and ``index_key_store``'s slots (the same rows for every sequence).
+  A caller holding such a tensor expanded over the batch (batch stride 0) passes that one copy.
 * Types: float inputs may be bf16, fp16, fp32 or fp64; the math is fp32 as the contracts say
   (the CPU reference upgrades to fp64 for fp64 inputs, these functions do not); outputs take the
   dtype the contract gives. FP8 codes are FLOAT8E4M3FN tensors, packed FP4 codes, KV records and
@@ -507,6 +508,15 @@ def take_slots(rows, index):
 
 
 @onnxscript.script(LIB, default_opset=op)
+def store_rows(store, slots, records):
+    """``store[b, slots[b, i]] = records[b, i]``: store [B, R, C], slots [B, n] int (or [1, n]: one
+    row of slots the batch shares), records [B, n, C] -> the new store [B, R, C], the other rows
+    unchanged (a ScatterElements along the rows; slots distinct and in [0, R))."""
+    rows = op.Expand(op.Unsqueeze(op.Cast(slots, to=TensorProto.INT64), [-1]), op.Shape(records))
+    return op.ScatterElements(store, rows, records, axis=1)
+
+
+@onnxscript.script(LIB, default_opset=op)
 def sequence_positions(start_pos, kv):
     """start_pos, a scalar or [B] (one per sequence), as int64 [B, 1] for kv [B, S, C]."""
     start = op.Reshape(op.Cast(start_pos, to=TensorProto.INT64), [-1, 1])
@@ -694,6 +704,22 @@ def index_key_pack_fp8(keys):
     q, s = fp8_quantize_tiles(op.Unsqueeze(op.Cast(keys, to=FLOAT), [-2]), scale_fmt="ue8m0")  # [..., 1, d], [..., 1]
     codes = op.Cast(e4m3_bits(op.Squeeze(q, [-2])), to=TensorProto.UINT8)
     return op.Concat(codes, fp32_bytes(s), axis=-1)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def index_key_store_fp4(keys, store, slots):
+    """:func:`index_key_pack_fp4`'s records stored in their rows (``key_format="fp4"``): keys
+    [B, n, d], store [B, R, d/2 + d/32] uint8, slots [B, n] int (or [1, n]: one row of slots the
+    batch shares) -> the new store, ``store[b, slots[b, i]] = index_key_pack(keys[b, i], "fp4")``,
+    the other rows unchanged (:func:`store_rows`)."""
+    return store_rows(store, slots, index_key_pack_fp4(keys))
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def index_key_store_fp8(keys, store, slots):
+    """:func:`index_key_pack_fp8`'s records stored in their rows (``key_format="fp8"``): keys
+    [B, n, d], store [B, R, d + 4] uint8, slots as :func:`index_key_store_fp4` -> the new store."""
+    return store_rows(store, slots, index_key_pack_fp8(keys))
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -1057,10 +1083,8 @@ def kv_cache_store(kv, cache, slots, rope_dim: int = 64, tile: int = 64):
     """kv_cache_pack's records stored in their cache rows: kv [B, n, dim], cache [B, R, record]
     uint8, slots [B, n] int (or [1, n]: one row of slots the batch shares) -> the new cache
     [B, R, record] uint8: ``cache[b, slots[b, i]] = kv_cache_pack(kv[b, i], rope_dim, tile)``, the
-    other rows unchanged (a ScatterElements along the rows; slots distinct and in [0, R))."""
-    records = kv_cache_pack(kv, rope_dim=rope_dim, tile=tile)  # [B, n, record]
-    rows = op.Expand(op.Unsqueeze(op.Cast(slots, to=TensorProto.INT64), [-1]), op.Shape(records))
-    return op.ScatterElements(cache, rows, records, axis=1)
+    other rows unchanged (:func:`store_rows`)."""
+    return store_rows(cache, slots, kv_cache_pack(kv, rope_dim=rope_dim, tile=tile))
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -1137,6 +1161,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "fp4_quant": ("fp4_quant",),
     "hadamard_rotate": ("hadamard_rotate", "hadamard_rotate_fp4"),
     "index_key_pack": ("index_key_pack_fp4", "index_key_pack_fp8"),
+    "index_key_store": ("index_key_store_fp4", "index_key_store_fp8"),
     "kv_cache_pack": ("kv_cache_pack",),
     "kv_cache_store": ("kv_cache_store", "kv_cache_store_normed", "kv_cache_store_normed_unweighted"),
     "kv_cache_unpack": ("kv_cache_unpack",),
@@ -1164,6 +1189,7 @@ OPS: dict[str, tuple[str, ...]] = {
 
 SHARED_BATCH: dict[str, tuple[str, ...]] = {
     "sparse_attention": ("kv",), "sparse_attention_fp8": ("records",), "kv_cache_store": ("slots",),
+    "index_key_store": ("slots",),
 }
 """HAL op -> its inputs whose functions also take batch 1 for a tensor the whole batch shares (a
 pool of cache rows, expanded over the batch by the caller: a paged cache; the slots every
@@ -1263,7 +1289,7 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
     optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_post, hc_head,
     sparse_attention, sparse_attention_fp8, kv_cache_store), the weights' format (moe_experts, grouped_linear,
-    act_quant_gemm), the key format (indexer_topk_packed, index_key_pack) or whether an FP4
+    act_quant_gemm), the key format (indexer_topk_packed, index_key_pack, index_key_store) or whether an FP4
     rounding follows (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
@@ -1277,7 +1303,7 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         if fmt == "dense":
             raise KeyError("no ONNX function for 'act_quant_gemm' with a dense b: b is e4m3 or packed e2m1 (uint8)")
         name = f"{op}_{fmt}"
-    elif op in ("indexer_topk_packed", "index_key_pack"):
+    elif op in ("indexer_topk_packed", "index_key_pack", "index_key_store"):
         name = f"{op}_{args['key_format']}"
     elif op in ("rms_norm", "rms_norm_rope"):
         name = op if args.get("weight") is not None else f"{op}_unweighted"

@@ -19,7 +19,8 @@ bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales;
 indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales; KV records
 stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
 wrapping around a ring's end, the cache a view of a bigger buffer), normalised and rotated first at
-per-sequence positions (up to 99999; int32 and int64; with and without the norm weight).
+per-sequence positions (up to 99999; int32 and int64; with and without the norm weight); FP4 / FP8
+indexer-key records stored into such random-byte stores the same ways.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from seahal.backends.cpu.reference.quant import kv_cache_pack
-from seahal.hal.formats import FP4_TILE, e8m0_scales, index_key_pack, ue8m0_ceil
+from seahal.hal.formats import FP4_TILE, e8m0_scales, index_key_bytes, index_key_pack, ue8m0_ceil
 from seahal.hal.ops.compressor import compressor_state, compressor_width
 from seahal.hal.ops.moe import expert_weight_format
 from seahal.hal.ops.quant import kv_record_bytes
@@ -144,6 +145,7 @@ _DATA_ARG = {
     "fp4_quant": "x",
     "hadamard_rotate": "x",
     "index_key_pack": "keys",
+    "index_key_store": "keys",
     "kv_cache_pack": "kv",
     "kv_cache_store": "kv",
     "moe_gate": "x",
@@ -197,7 +199,7 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["overlap"] = a["overlap"]
         if op == "kv_compress":
             req["out_dtype"] = _dtype_name(a["out_dtype"] or BF16)
-    elif op in ("indexer_topk_packed", "index_key_pack"):
+    elif op in ("indexer_topk_packed", "index_key_pack", "index_key_store"):
         req["key_format"] = a["key_format"]
     elif op == "fp32_linear":
         req["weight_dtype"] = _dtype_name(a["weight"].dtype)
@@ -286,10 +288,42 @@ def index_key_pack_case(
     name: str, seed: int, shape: tuple[int, ...], fmt: str, dtype=BF16, values: str = "normal",
     layout: str = "contiguous",
 ) -> Case:
-    """Keys in 32-element tiles (:func:`_tile_values`: ``zero-tiny`` puts a zero and a sub-floor
-    block in each key, so FP8's whole-key scale and FP4's per-block scales both hit their floors)."""
-    x = _tile_values(_Rand(seed), shape, FP4_TILE, values, std=2.0)
+    """Keys in 32-element tiles (:func:`_index_keys`)."""
+    x = _index_keys(_Rand(seed), shape, values)
     return _case("index_key_pack", name, (strided(x.to(dtype), layout), fmt))
+
+
+def index_key_store_case(
+    name: str, seed: int, slots: tuple[tuple[int, ...], ...], rows: int, fmt: str, b: int = 2, d: int = 128,
+    dtype=BF16, slot_dtype=torch.int64, values: str = "normal", first: int = 0, layout: str = "contiguous",
+) -> Case:
+    """keys [b, n, d] (:func:`_index_keys`; ``layout`` keys's) packed as ``fmt`` records and stored
+    into a store of ``rows`` records per sequence: ``slots``, ``first`` and ``slot_dtype`` as
+    :func:`kv_cache_store_case` (a store of random bytes, rows ``first..`` of a bigger buffer)."""
+    r = _Rand(seed)
+    keys = _index_keys(r, (b, len(slots[0]), d), values)
+    store, rows_of = _random_store(r, slots, rows, b, index_key_bytes(d, fmt), first, slot_dtype)
+    return _case("index_key_store", name, (strided(keys.to(dtype), layout), store, rows_of, fmt))
+
+
+def _index_keys(r: _Rand, shape: tuple[int, ...], values: str) -> torch.Tensor:
+    """Indexer keys in 32-element tiles (:func:`_tile_values`: ``zero-tiny`` puts a zero and a
+    sub-floor block in each key, so at d = 64 FP8's whole-key scale and FP4's per-block scales both
+    hit their floors)."""
+    return _tile_values(r, shape, FP4_TILE, values, std=2.0)
+
+
+def _random_store(
+    r: _Rand, slots: tuple[tuple[int, ...], ...], rows: int, b: int, width: int, first: int, slot_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A store op's store and slots: [b, rows, width] uint8 of random bytes (rows no slot names
+    must keep them), the rows ``first..`` of a buffer ``first + rows`` rows long (``first`` > 0: a
+    strided view), and ``slots`` (one tuple of n distinct rows per sequence, or one the batch
+    shares) as a [B or 1, n] tensor of ``slot_dtype``."""
+    if any(len(set(row)) != len(row) or not all(0 <= i < rows for i in row) for row in slots):
+        raise ValueError(f"slots must be distinct per sequence and in [0, {rows}), got {slots}")
+    buffer = r.ints(0, 256, b, first + rows, width, dtype=torch.uint8)
+    return buffer[:, first:], torch.tensor(slots, dtype=slot_dtype)
 
 
 def kv_cache_pack_case(
@@ -321,16 +355,12 @@ def kv_cache_store_case(
     ``rope_dim`` dims, :func:`_rope_freqs`), each times a magnitude in 2^-8..2^8 (the norm takes it
     to unit rms), with a norm weight in [0.5, 1.5] when ``weighted``."""
     n = len(slots[0])
-    if any(len(set(row)) != len(row) or not all(0 <= i < rows for i in row) for row in slots):
-        raise ValueError(f"slots must be distinct per sequence and in [0, {rows}), got {slots}")
     r = _Rand(seed)
     kv = r.normal(b, n, dim, std=2.0)
     if values == "zero-tiny" and dim > rope_dim:
         kv[..., :tile] = 0.0
         kv[..., tile : 2 * tile] *= 1e-6
-    buffer = r.ints(0, 256, b, first + rows, kv_record_bytes(dim, rope_dim, tile), dtype=torch.uint8)
-    cache = buffer[:, first:]
-    rows_of = torch.tensor(slots, dtype=slot_dtype)
+    cache, rows_of = _random_store(r, slots, rows, b, kv_record_bytes(dim, rope_dim, tile), first, slot_dtype)
     rotation: tuple = ()
     if positions is not None:
         kv *= torch.exp2(r.ints(-8, 9, b, n, 1).to(F32))
@@ -946,6 +976,32 @@ def _index_key_pack_cases(seed: int) -> list[Case]:
     ]
 
 
+def _index_key_store_cases(seed: int) -> list[Case]:
+    c = index_key_store_case
+    return [
+        c("bf16 V4 keys fp4 (68-byte records), decode step: each sequence's new entry at its own row (73, 25)", seed,
+          ((73,), (25,)), rows=128, fmt="fp4"),
+        c("bf16 V4 keys fp8 (132-byte records), decode step: each sequence's new entry at its own row (0, 31)",
+          seed + 1, ((0,), (31,)), rows=32, fmt="fp8"),
+        c("fp32 d=64 fp4, slots [1,n] shared by the batch", seed + 2, ((3, 9, 0),), rows=12, fmt="fp4", b=3, d=64,
+          dtype=F32),
+        c("bf16 fp8, 4 rows wrapping around the store's end", seed + 3, ((6, 7, 0, 1), (7, 0, 1, 2)), rows=8,
+          fmt="fp8"),
+        c("fp32 d=64 fp4, zero and tiny blocks", seed + 4, ((2, 0), (1, 2)), rows=3, fmt="fp4", d=64, dtype=F32,
+          values="zero-tiny"),
+        c("fp32 d=64 fp8, zero and tiny blocks", seed + 5, ((1,), (3,)), rows=4, fmt="fp8", d=64, dtype=F32,
+          values="zero-tiny"),
+        c("bf16 d=256 fp4, int32 slots, saturating blocks", seed + 6, ((5, 0, 3), (1, 4, 2)), rows=6, fmt="fp4", d=256,
+          slot_dtype=torch.int32, values="saturate"),
+        c("bf16 V4 keys fp8, store = rows 64.. of a bigger buffer (strided view)", seed + 7, ((5,), (2,)), rows=6,
+          fmt="fp8", first=64),
+        c("fp32 fp4 strided store view, int32 shared slots, sliced keys", seed + 8, ((2, 0),), rows=4, fmt="fp4",
+          dtype=F32, slot_dtype=torch.int32, first=3, layout="sliced"),
+        c("fp64 d=96 fp8 (not a power of two), one sequence fills every row (prefill)", seed + 9, ((4, 2, 0, 1, 3),),
+          rows=5, fmt="fp8", b=1, d=96, dtype=torch.float64),
+    ]
+
+
 def _kv_cache_pack_cases(seed: int) -> list[Case]:
     c = kv_cache_pack_case
     return [
@@ -1351,6 +1407,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "fp4_quant": _fp4_quant_cases,
     "hadamard_rotate": _hadamard_rotate_cases,
     "index_key_pack": _index_key_pack_cases,
+    "index_key_store": _index_key_store_cases,
     "kv_cache_pack": _kv_cache_pack_cases,
     "kv_cache_store": _kv_cache_store_cases,
     "kv_cache_unpack": _kv_cache_unpack_cases,
@@ -1431,6 +1488,7 @@ def strategy(op: str):
             "property", draw(seeds), (draw(st.integers(1, 5)), 32 * draw(st.integers(1, 5))),
             draw(st.sampled_from(["fp4", "fp8"])), dtype=draw(dtypes),
             values=draw(st.sampled_from(["normal", "zero-tiny", "saturate"])), layout=draw(layouts)),
+        "index_key_store": _draw_index_key_store,
         "kv_cache_pack": lambda draw: kv_cache_pack_case(
             "property", draw(seeds), (draw(st.integers(1, 4)),), dim=32 * draw(st.integers(1, 4)) + 32, rope_dim=32,
             tile=32, dtype=draw(dtypes), values=draw(st.sampled_from(["normal", "zero-tiny"])),
@@ -1520,13 +1578,34 @@ def _draw_hadamard_rotate(draw) -> Case:
     )
 
 
-def _draw_kv_cache_store(draw) -> Case:
+def _draw_store_slots(draw) -> tuple[int, int, tuple[tuple[int, ...], ...]]:
+    """A store op's batch b, rows per sequence and slots: n distinct rows per sequence, or one
+    tuple of them the batch shares."""
     from hypothesis import strategies as st
 
     b, n = draw(st.integers(1, 3)), draw(st.integers(1, 4))
     rows = n + draw(st.integers(0, 5))
     shared = draw(st.booleans())
-    slots = tuple(tuple(draw(st.permutations(range(rows)))[:n]) for _ in range(1 if shared else b))
+    return b, rows, tuple(tuple(draw(st.permutations(range(rows)))[:n]) for _ in range(1 if shared else b))
+
+
+def _draw_index_key_store(draw) -> Case:
+    from hypothesis import strategies as st
+
+    b, rows, slots = _draw_store_slots(draw)
+    return index_key_store_case(
+        "property", draw(st.integers(0, 2**16)), slots, rows, draw(st.sampled_from(["fp4", "fp8"])), b=b,
+        d=32 * draw(st.integers(1, 5)), dtype=draw(st.sampled_from([BF16, F32])),
+        slot_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        values=draw(st.sampled_from(["normal", "zero-tiny", "saturate"])), first=draw(st.integers(0, 3)),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "strided"])))
+
+
+def _draw_kv_cache_store(draw) -> Case:
+    from hypothesis import strategies as st
+
+    b, rows, slots = _draw_store_slots(draw)
+    n = len(slots[0])
     rotation = {}
     if draw(st.booleans()):  # normed and rotated before packing
         positions = tuple(tuple(draw(st.lists(st.integers(0, 999), min_size=n, max_size=n))) for _ in range(b))

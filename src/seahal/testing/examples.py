@@ -21,7 +21,7 @@ import torch
 
 from seahal.backends.cpu.reference.quant import kv_cache_pack
 from seahal.hal import get_spec
-from seahal.hal.formats import fp4_quantize, fp8_quantize, index_key_pack
+from seahal.hal.formats import fp4_quantize, fp8_quantize, index_key_bytes, index_key_pack
 from seahal.hal.ops.compressor import compressor_state
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.hal.ops.rope import rope_frequencies
@@ -103,8 +103,17 @@ def _hadamard_rotate(d: _Draw):
 
 @_example("index_key_pack")
 def _index_key_pack(d: _Draw):
-    """Keys [2, 3, 64] as 36-byte FP4 records (two 32-blocks)."""
+    """Keys [2, 3, 64] as 34-byte FP4 records (two 32-blocks)."""
     return (d.data(2, 3, 64), "fp4"), {}
+
+
+@_example("index_key_store")
+def _index_key_store(d: _Draw):
+    """The index_key_pack example's keys (B=2, n=3, d=64) as 34-byte FP4 records stored into a
+    store of 5 random-byte records per sequence, at rows [4, 0, 2] and [1, 3, 0] (int32 slots)."""
+    store = torch.randint(0, 256, (2, 5, index_key_bytes(64, "fp4")), generator=d.gen, dtype=torch.uint8)
+    slots = torch.tensor([[4, 0, 2], [1, 3, 0]], dtype=torch.int32)
+    return (d.data(2, 3, 64), store, slots, "fp4"), {}
 
 
 @_example("kv_cache_pack")

@@ -520,6 +520,11 @@ RULES: dict[str, Rule] = {
         (("record bytes", "exact", _EXACT_CODEC + "; an fp8 key's scale bytes are its fp32 power of two"),),
         _exact("records"),
     ),
+    "index_key_store": Rule(
+        (("store (final, every byte)", "exact",
+          _EXACT_CODEC + "; the stored rows are index_key_pack's records and every other row keeps its bytes"),),
+        _exact("store"),  # no outputs: the mutated store is index 0
+    ),
     "kv_cache_pack": Rule(
         (("record bytes", "exact", _EXACT_CODEC + "; rope bytes are an RNE bf16 cast"),),
         _exact("record"),
