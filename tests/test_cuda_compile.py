@@ -146,6 +146,7 @@ def _quant(t: int):
     import torch
 
     from seahal.backends.cuda import kv_unpack, quant
+    from seahal.hal.formats import index_key_bytes
 
     x = _empty(t, DIM, dtype=torch.bfloat16)
     quant.fp8_act_quant(x, 128, "ue8m0")
@@ -159,6 +160,8 @@ def _quant(t: int):
         quant.hadamard_rotate(_empty(B, t, 128, dtype=dtype), 0)
         for key_format in ("fp4", "fp8"):
             quant.index_key_pack(_empty(B, t, 128, dtype=dtype), key_format)
+            store = _empty(B, t + 4, index_key_bytes(128, key_format), dtype=torch.uint8)
+            quant.index_key_store(_empty(B, t, 128, dtype=dtype), store, _empty(B, t, dtype=torch.int64), key_format)
     kv_unpack.kv_cache_unpack(_empty(B, t, 584, dtype=torch.uint8), HEAD_DIM)
 
 

@@ -28,6 +28,7 @@ from seahal.backends.cuda._e2m1 import (  # noqa: E402
     word_lane_order_columns,
 )
 from seahal.testing import triton_interpreter  # noqa: E402
+from seahal.hal.formats import index_key_bytes  # noqa: E402
 
 from seahal.backends.cpu.reference import quant as reference
 
@@ -335,6 +336,28 @@ def test_index_key_records_decode_to_the_quantised_keys(quant):
     q, s = reference.fp8_act_quant(keys.cpu(), 128, "ue8m0")
     assert fp8.shape == (2, 3, 132) and torch.equal(fp8[..., :128], q.view(torch.uint8))
     assert torch.equal(fp8[..., 128:].contiguous().view(torch.float32), s)
+
+
+@kernels
+@pytest.mark.parametrize("store", ["index_key_store", "index_key_pack_then_scatter"])
+@pytest.mark.parametrize("key_format", ["fp4", "fp8"])
+@pytest.mark.parametrize(("batch", "n", "slots"), [(3, 1, [[5], [0], [7]]), (2, 4, [[6, 7, 0, 1]])])
+def test_index_key_store_writes_only_the_slots(quant, store, key_format, batch, n, slots):
+    keys = _edge_tiles(batch * n, 128, 32, 6.0, seed=6).view(batch, n, 128).bfloat16().to(DEVICE)
+    slots = torch.tensor(slots, dtype=torch.int32)
+    width = index_key_bytes(128, key_format)
+    records = _filled_cache(batch, 8, width).to(DEVICE)
+    expected = records.cpu().clone()
+    reference.index_key_store(keys.cpu(), expected, slots, key_format)
+    assert getattr(quant, store)(keys, records, slots.to(DEVICE), key_format) is None
+    _assert_bitwise((records,), (expected,))
+    # into the rows past a ring of a bigger buffer; a slot past them writes nothing
+    buffer = _filled_cache(batch, 12, width, seed=3).to(DEVICE)
+    expected = buffer.cpu().clone()
+    reference.index_key_store(keys.cpu(), expected[:, 4:], slots, key_format)
+    quant.index_key_store(keys, buffer[:, 4:], slots.to(DEVICE), key_format)
+    quant.index_key_store(keys, buffer[:, 4:], torch.full_like(slots, 8).to(DEVICE), key_format)
+    _assert_bitwise((buffer,), (expected,))
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # New since: kv_cache_store, kv_cache_pack's kernel storing each record at its cache row (a slot
 # pointer); kv_cache_pack's own launches compile to the same sm_90 SASS as before (compared
 # instruction by instruction), so it stays verified, and serves as cuda.triton_unfused before torch's
-# scatter.
+# scatter; kv_cache_store's kernel also normalises and rotates the vectors when given positions
+# (NORM_ROPE). New since: index_key_store, index_key_pack's kernel storing likewise (its plain
+# launches the same sm_90 SASS as before, so index_key_pack stays verified).
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -61,6 +63,9 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, True),
     "index_key_pack": (
         "quant:index_key_pack", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, True
+    ),
+    "index_key_store": (  # index_key_pack's kernel storing each record at its slot's row (not yet run on a GPU)
+        "quant:index_key_store", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, False
     ),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, False),
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
@@ -122,6 +127,7 @@ UNFUSED_KERNELS: dict[str, str] = {
     "sparse_attention_fp8": "sparse_attention:sparse_attention_fp8_then_rope",
     "hc_post": "mhc:hc_post_after_the_add",
     "kv_cache_store": "quant:kv_cache_pack_then_scatter",
+    "index_key_store": "quant:index_key_pack_then_scatter",
 }
 """Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
 one-pass kernel, with its capabilities): what a GPU plan runs while the one-pass kernel awaits its

@@ -129,12 +129,34 @@ def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
     scales); ``"fp8"``: ``[e4m3 codes | the key's fp32 scale, little-endian]`` (fp8_act_quant with
     one ue8m0 tile per key). One program packs BLOCK_M whole keys.
     """
-    d = keys.shape[-1]
-    width = index_key_bytes(d, key_format)
-    out = torch.empty((*keys.shape[:-1], width), dtype=torch.uint8, device=keys.device)
-    x2 = _rows(keys)
+    out = torch.empty((*keys.shape[:-1], index_key_bytes(keys.shape[-1], key_format)), dtype=torch.uint8,
+                      device=keys.device)
+    _launch_index_key_pack(_rows(keys), out, key_format)
+    return out
+
+
+def index_key_store(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, key_format: str) -> None:
+    """:func:`index_key_pack` whose records go straight to their rows: ``store[b, slots[b, i]] =
+    record(keys[b, i])``, one launch where packing then scattering takes two (a decode step's new
+    indexer key this way). keys: [B, S, d] bf16/fp32, store: [B, N, record] uint8 (records
+    contiguous), slots: [B or 1, S] int32/int64; a slot outside [0, N) is not written."""
+    if store.stride(-1) != 1:  # records not contiguous
+        return index_key_pack_then_scatter(keys, store, slots, key_format)
+    _launch_index_key_pack(_rows(keys), store, key_format, _destination(slots, keys.shape[1], store))
+
+
+def index_key_pack_then_scatter(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, key_format: str) -> None:
+    """The ``index_key_store`` contract as :func:`index_key_pack`'s kernel, then torch's scatter into
+    the rows: two launches, the pack verified on a GPU where the storing launch is not yet."""
+    _scatter_rows(store, slots, index_key_pack(keys, key_format))
+
+
+def _launch_index_key_pack(x2: torch.Tensor, out: torch.Tensor, key_format: str, destination: dict | None = None) -> None:
+    """One ``_index_key_pack_kernel`` launch over the keys x2 [M, d]: record i to row i of out, or
+    with ``destination`` (:func:`_destination`) to its store row."""
     if x2.shape[0] == 0:
-        return out
+        return
+    d = x2.shape[-1]
     fp4 = key_format == "fp4"
     block = FP4_TILE if fp4 else d
     tiles = next_power_of_2(d // block)
@@ -142,9 +164,19 @@ def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
     _index_key_pack_kernel[(cdiv(x2.shape[0], block_m),)](
         x2, out, x2.shape[0], x2.stride(0),
         N_TILES=d // block, BLOCK=block, BLOCK_P2=next_power_of_2(block), TILES=tiles, BLOCK_M=block_m,
-        RECORD=width, FP4=fp4, **pdl_options(),
+        RECORD=index_key_bytes(d, key_format), FP4=fp4, **(destination or {}), **pdl_options(),
     )
-    return out
+
+
+def _destination(slots: torch.Tensor, n: int, store: torch.Tensor) -> dict:
+    """A store op's row arguments for :func:`_record_rows`: each sequence's n slots into store [B, N, record]."""
+    return {"slot_ptr": slots, "N": n, "R": store.shape[1], "stride_sb": slots.stride(0) if slots.shape[0] > 1 else 0,
+            "stride_sn": slots.stride(1), "stride_ob": store.stride(0), "stride_or": store.stride(1)}
+
+
+def _scatter_rows(store: torch.Tensor, slots: torch.Tensor, records: torch.Tensor) -> None:
+    """``store[b, slots[b, i]] = records[b, i]`` by torch's scatter (slots [B or 1, S])."""
+    store.scatter_(1, slots.to(torch.int64).expand(records.shape[:2])[..., None].expand(records.shape), records)
 
 
 ROTATION_TILE = 128
@@ -219,10 +251,7 @@ def kv_cache_store(
         positions = None
     if cache.stride(-1) != 1:  # records not contiguous
         return kv_cache_pack_then_scatter(kv, cache, slots, rope_dim, tile, positions, freqs, norm_weight, norm_eps)
-    n = kv.shape[1]
-    slot_strides = (slots.stride(0) if slots.shape[0] > 1 else 0, slots.stride(1))
-    destination = {"slot_ptr": slots, "N": n, "R": cache.shape[1], "stride_sb": slot_strides[0],
-                   "stride_sn": slot_strides[1], "stride_ob": cache.stride(0), "stride_or": cache.stride(1)}
+    destination = _destination(slots, kv.shape[1], cache)
     if positions is not None:
         destination |= {"pos_ptr": positions, "freq_ptr": freqs, "w_ptr": norm_weight, "eps": float(norm_eps),
                         "stride_pb": positions.stride(0), "stride_ps": positions.stride(1), "stride_f": freqs.stride(0),
@@ -240,8 +269,7 @@ def kv_cache_pack_then_scatter(
     rows (where the one storing launch is not yet verified)."""
     if positions is not None:
         kv = rms_norm_then_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
-    records = kv_cache_pack(kv, rope_dim, tile)
-    cache.scatter_(1, slots.to(torch.int64).expand(records.shape[:2])[..., None].expand(records.shape), records)
+    _scatter_rows(cache, slots, kv_cache_pack(kv, rope_dim, tile))
 
 
 def _launch_kv_pack(kv2: torch.Tensor, out: torch.Tensor, rope_dim: int, tile: int, destination: dict | None = None) -> None:
@@ -386,13 +414,8 @@ def _kv_cache_pack_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     kv_row = kv_ptr + rows.to(tl.int64) * stride_km
-    if slot_ptr is None:
-        out_row = out_ptr + rows.to(tl.int64) * RECORD
-    else:
-        seq = rows // N
-        slot = tl.load(slot_ptr + seq * stride_sb + (rows % N) * stride_sn, mask=row_ok, other=-1).to(tl.int64)
-        row_ok = row_ok & (slot >= 0) & (slot < R)
-        out_row = out_ptr + seq.to(tl.int64) * stride_ob + slot * stride_or
+    out_row, row_ok = _record_rows(out_ptr, rows, row_ok, RECORD, slot_ptr, N, R, stride_sb, stride_sn, stride_ob,
+                                   stride_or)
     # nope: e4m3 codes with one ue8m0 scale per tile (slots >= N_TILES lanes, the rest masked)
     slots = tl.arange(0, SLOTS)
     k, mask = _tile_brick(rows, slots, M, N_TILES, TILE, TILE_P2)
@@ -403,7 +426,7 @@ def _kv_cache_pack_kernel(
     rope_mask = row_ok[:, None] & (j < ROPE)[None, :]
     if NORM_ROPE:
         rope = tl.load(kv_row[:, None] + NOPE + j[None, :], mask=rope_mask, other=0.0).to(tl.float32)
-        pos = tl.load(pos_ptr + seq * stride_pb + (rows % N) * stride_ps, mask=row_ok, other=0).to(tl.float32)
+        pos = tl.load(pos_ptr + (rows // N) * stride_pb + (rows % N) * stride_ps, mask=row_ok, other=0).to(tl.float32)
         x, rope = _normalised_and_rotated(x, rope, k, mask, pos, freq_ptr, stride_f, w_ptr, eps, NOPE, ROPE, ROPE_P2,
                                           kv_ptr.dtype.element_ty)
     q, s = fp8_quantize_tiles(x, True)
@@ -417,6 +440,21 @@ def _kv_cache_pack_kernel(
     e8m0 = tl.where((slots < N_TILES)[None, :], e8m0_bytes(s), 0).to(tl.uint8)
     scale_mask = row_ok[:, None] & (slots < SCALE_BYTES)[None, :]
     tl.store(out_row[:, None] + NOPE + 2 * ROPE + slots[None, :], e8m0, mask=scale_mask)
+
+
+@triton.jit
+def _record_rows(out_ptr, rows, row_ok, RECORD: tl.constexpr, slot_ptr, N, R, stride_sb, stride_sn, stride_ob, stride_or):
+    """Where rows [BLOCK_M] of a pack go -> (their records' first bytes, which rows to write):
+    record i at ``out + i * RECORD``, or with ``slot_ptr`` (rows of N per sequence) row ``b * N + j``
+    at ``out + b * stride_ob + slot[b, j] * stride_or``, a slot outside [0, R) written nowhere."""
+    if slot_ptr is None:
+        out_row = out_ptr + rows.to(tl.int64) * RECORD
+    else:
+        seq = rows // N
+        slot = tl.load(slot_ptr + seq * stride_sb + (rows % N) * stride_sn, mask=row_ok, other=-1).to(tl.int64)
+        row_ok = row_ok & (slot >= 0) & (slot < R)
+        out_row = out_ptr + seq.to(tl.int64) * stride_ob + slot * stride_or
+    return out_row, row_ok
 
 
 @triton.jit
@@ -497,21 +535,28 @@ def _hadamard_rotate_kernel(
 def _index_key_pack_kernel(
     x_ptr, out_ptr, M, stride_xm,
     N_TILES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
-    RECORD: tl.constexpr, FP4: tl.constexpr, PDL: tl.constexpr = False,
+    RECORD: tl.constexpr, FP4: tl.constexpr, slot_ptr=None, N=1, R=1, stride_sb=0, stride_sn=0, stride_ob=0,
+    stride_or=0, PDL: tl.constexpr = False,
 ):
     """BLOCK_M keys of N_TILES * BLOCK elements -> RECORD-byte records: FP4 blocks of 32 with e8m0
-    bytes, or (one tile a key) e4m3 codes with the fp32 scale's four bytes."""
+    bytes, or (one tile a key) e4m3 codes with the fp32 scale's four bytes; stored at
+    :func:`_record_rows`'s rows."""
     wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tiles = tl.arange(0, TILES)
     k, mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK, BLOCK_P2)
     rows64 = rows.to(tl.int64)
-    record = out_ptr + rows64 * RECORD
+    record, row_ok = _record_rows(out_ptr, rows, rows < M, RECORD, slot_ptr, N, R, stride_sb, stride_sn, stride_ob,
+                                  stride_or)
     x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-    scale_mask = (rows < M)[:, None] & (tiles < N_TILES)[None, :]
+    if slot_ptr is not None:
+        mask = mask & row_ok[:, None, None]
+    scale_mask = row_ok[:, None] & (tiles < N_TILES)[None, :]
     if FP4:
         code, s = _fp4_quantize_tiles(x)
         half, half_mask = _tile_brick(rows, tiles, M, N_TILES, BLOCK // 2, BLOCK_P2 // 2)
+        if slot_ptr is not None:
+            half_mask = half_mask & row_ok[:, None, None]
         tl.store(record[:, None, None] + half, _fp4_pairs(code), mask=half_mask)
         tl.store(record[:, None] + N_TILES * BLOCK // 2 + tiles[None, :], e8m0_bytes(s).to(tl.uint8), mask=scale_mask)
     else:
