@@ -125,6 +125,13 @@ class IndexKeyStore(RowStore):
             return keys.to(self.dtype)
         return self.ops.index_key_pack(keys, self.fmt)
 
+    def write_rows(self, target: torch.Tensor, keys: torch.Tensor, encoded: bool = False, first: int = 0) -> None:
+        """:meth:`RowStore.write_rows`; packed records are made and stored by one ``index_key_store``."""
+        if self.fmt != "dense" and not encoded:
+            self.ops.index_key_store(keys, self.data[:, first:], target, self.fmt)
+            return
+        super().write_rows(target, keys, encoded, first)
+
 
 class StepMemo(dict):
     """Values made once a forward step and shared by its layers, keyed by what they depend on
