@@ -155,6 +155,9 @@ def _quant(t: int):
     quant.kv_cache_pack(_empty(B, t, HEAD_DIM, dtype=torch.bfloat16))
     ring = _empty(B, 128 + t, 584, dtype=torch.uint8)  # a decode step's ring slots, a prefill's new rows
     quant.kv_cache_store(_empty(B, t, HEAD_DIM, dtype=torch.bfloat16), ring, _empty(B, t, dtype=torch.int64))
+    rotation = (_empty(B, t, dtype=torch.int64), _empty(32), _empty(HEAD_DIM), 1e-6)  # the projection normalised
+    quant.kv_cache_store(_empty(B, t, HEAD_DIM, dtype=torch.bfloat16), ring, _empty(B, t, dtype=torch.int64), 64, 64,
+                         *rotation)
     for dtype in (torch.bfloat16, torch.float32):  # the indexer's query (64 heads) and keys
         quant.hadamard_rotate(_empty(B, t, 64, 128, dtype=dtype), 32)
         quant.hadamard_rotate(_empty(B, t, 128, dtype=dtype), 0)
@@ -434,8 +437,8 @@ def _compile_all(shard: int = 0, shards: int = 1) -> list[dict]:
     for key, launch in list(distinct.items())[shard::shards]:
         result = compile_launch(launch)
         ptx = result.ptx or ""
-        names = launch.kernel.arg_names
-        position = launch.args[names.index("pos_ptr")] if "pos_ptr" in names else None
+        names = launch.kernel.arg_names[: len(launch.args)]  # the rest come as keywords, if at all
+        position = launch.args[names.index("pos_ptr")] if "pos_ptr" in names else launch.kwargs.get("pos_ptr")
         results.append({
             "kernel": launch.name, "launch": key, "error": result.error, "shared": result.shared_bytes,
             "registers": result.registers, "stack": result.stack_bytes, "loop_barriers": result.loop_barriers,
