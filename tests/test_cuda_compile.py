@@ -160,6 +160,7 @@ def _quant(t: int):
                          *rotation)
     for dtype in (torch.bfloat16, torch.float32):  # the indexer's query (64 heads) and keys
         quant.hadamard_rotate(_empty(B, t, 64, 128, dtype=dtype), 32)
+        quant.hadamard_rotate(_empty(B, t, 64, 128, dtype=dtype), 32, _empty(B, t, dtype=torch.int64), _empty(32))
         quant.hadamard_rotate(_empty(B, t, 128, dtype=dtype), 0)
         for key_format in ("fp4", "fp8"):
             quant.index_key_pack(_empty(B, t, 128, dtype=dtype), key_format)

@@ -51,7 +51,10 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # instruction by instruction), so it stays verified, and serves as cuda.triton_unfused before torch's
 # scatter; kv_cache_store's kernel also normalises and rotates the vectors when given positions
 # (NORM_ROPE). New since: index_key_store, index_key_pack's kernel storing likewise (its plain
-# launches the same sm_90 SASS as before, so index_key_pack stays verified).
+# launches the same sm_90 SASS as before, so index_key_pack stays verified). Changed since:
+# hadamard_rotate rotates the RoPE columns of each K step first when given positions; its plain
+# launches compile to the same sm_90 SASS as before and serve, after rope's kernel, as
+# cuda.triton_unfused.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -60,7 +63,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         "quant:kv_cache_store", {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32")}, False
     ),
     "kv_cache_unpack": ("kv_unpack:kv_cache_unpack", {"chip": _SM90}, True),
-    "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, True),
+    "hadamard_rotate": ("quant:hadamard_rotate", {"chip": _SM90, "dtype": _FLOAT}, False),  # RoPE first: not yet run
     "index_key_pack": (
         "quant:index_key_pack", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, True
     ),
@@ -128,6 +131,7 @@ UNFUSED_KERNELS: dict[str, str] = {
     "hc_post": "mhc:hc_post_after_the_add",
     "kv_cache_store": "quant:kv_cache_pack_then_scatter",
     "index_key_store": "quant:index_key_pack_then_scatter",
+    "hadamard_rotate": "quant:rope_then_hadamard_rotate",
 }
 """Fused ops as the verified kernels of their parts in turn (kernel ``triton_unfused``, below the
 one-pass kernel, with its capabilities): what a GPU plan runs while the one-pass kernel awaits its

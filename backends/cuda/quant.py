@@ -29,7 +29,7 @@ from ._e2m1 import decode_e2m1
 from ._host import cdiv, next_power_of_2
 from ._numerics import INTERPRETED, cast_rne, exact_dot, fp8_quantize_tiles, pow2_ceil
 from ._pdl import pdl_options, wait_for_prior_grid
-from .rope import rms_norm_rope, rms_norm_then_rope
+from .rope import rms_norm_rope, rms_norm_then_rope, rope
 
 FP4_MAX = tl.constexpr(6.0)
 FP4_AMAX_FLOOR = tl.constexpr(6.0 * 2.0**-126)
@@ -189,14 +189,19 @@ FP32_ROTATION = (16, 32)
 (64 rows x 128-wide steps spill 22 KB in the sm_90 compile)."""
 
 
-def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
+def hadamard_rotate(
+    x: torch.Tensor, fp4_block: int = 0, positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
     """The orthonormal Hadamard rotation of the last dim, rounded through FP4 when ``fp4_block``.
 
     x: [..., n] bf16/fp32, n a power of two -> [..., n] in x's dtype. ``y = x @ H_n * n^-0.5``
     rounded to x's dtype, H generated in registers (``(-1)^popcount(k & c)``) and the products
     exact (bf16 MMA, or IEEE fp32), summed in fp32; with ``fp4_block`` y is then quantised to e2m1
     in 1 x fp4_block ue8m0 blocks and decoded, as ``fp4_quant`` then its decode: one launch where
-    the reference takes eight (the indexer runs this on its query every decode step).
+    the reference takes eight (the indexer runs this on its query every decode step). With
+    ``positions`` [B, S] and ``freqs`` [R] (x [B, S, H, n]) each K step's RoPE columns are rotated
+    first, as rope's kernel does (fp32, its operand order, rounded to x's dtype): the indexer's
+    query RoPE in the same launch.
     """
     n = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -207,13 +212,26 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
     rows, k_step = FP32_ROTATION if x.dtype == torch.float32 else (ROTATION_ROWS, ROTATION_TILE)
     block_n = min(width, max(ROTATION_TILE, fp4_block))
     block_m = min(rows, max(16, next_power_of_2(x2.shape[0])))
+    rotation = {}
+    if positions is not None:  # ONE_TOKEN: every program's rows are heads of one token (V4: 64 heads, 64 rows)
+        rotation = {"pos_ptr": positions, "freq_ptr": freqs, "S": x.shape[1], "H": x.shape[2],
+                    "stride_pb": positions.stride(0), "stride_ps": positions.stride(1), "stride_f": freqs.stride(0),
+                    "ROPE_FROM": n - 2 * freqs.shape[0], "ONE_TOKEN": x.shape[2] % block_m == 0}
     _hadamard_rotate_kernel[(cdiv(x2.shape[0], block_m), width // block_n)](
         x2, out, x2.shape[0], n, x2.stride(0), n**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(width, k_step), WIDTH=width,
         INDEX_BITS=width.bit_length() - 1, FP4_BLOCK=fp4_block,
-        LOW_PRECISION=x.dtype == torch.bfloat16 and not INTERPRETED, **pdl_options(),
+        LOW_PRECISION=x.dtype == torch.bfloat16 and not INTERPRETED, **rotation, **pdl_options(),
     )
     return out
+
+
+def rope_then_hadamard_rotate(
+    x: torch.Tensor, fp4_block: int = 0, positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``hadamard_rotate`` contract as rope's kernel then the rotation's, both verified on a GPU
+    (two launches with positions, where the rotating one is not yet)."""
+    return hadamard_rotate(x if positions is None else rope(x, positions, freqs), fp4_block)
 
 
 def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
@@ -508,20 +526,35 @@ def _sylvester_signs(k, cols, dtype: tl.constexpr, INDEX_BITS: tl.constexpr):
 def _hadamard_rotate_kernel(
     x_ptr, out_ptr, M, N, stride_xm, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
-    INDEX_BITS: tl.constexpr, FP4_BLOCK: tl.constexpr, LOW_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    INDEX_BITS: tl.constexpr, FP4_BLOCK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    pos_ptr=None, freq_ptr=None, S=1, H=1, stride_pb=0, stride_ps=0, stride_f=0, ROPE_FROM: tl.constexpr = 0,
+    ONE_TOKEN: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """out[rows, cols] = x[rows] @ H[:, cols] * scale for BLOCK_M rows and BLOCK_N columns (whole
     FP4 blocks), K in BLOCK_K steps over WIDTH = max(N, 16) (x is zero past N); then the rounding to
-    out's dtype and, with FP4_BLOCK, the e2m1 quant-dequant of each block."""
+    out's dtype and, with FP4_BLOCK, the e2m1 quant-dequant of each block. With ``pos_ptr`` (rows
+    of H heads, S tokens a sequence) columns from ROPE_FROM on are first RoPE-rotated in pairs
+    (:func:`_roped`); ONE_TOKEN (BLOCK_M divides H): the program's rows share one position, whose
+    angles are made once a column rather than once an element."""
     wait_for_prior_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    if pos_ptr is not None:
+        if ONE_TOKEN:
+            token = tl.program_id(0) * BLOCK_M // H
+            pos = tl.load(pos_ptr + (token // S) * stride_pb + (token % S) * stride_ps).to(tl.float32)
+        else:
+            token = rows // H
+            pos = tl.load(pos_ptr + (token // S) * stride_pb + (token % S) * stride_ps, mask=row_ok, other=0)
+            pos = pos.to(tl.float32)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, WIDTH, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < N)[None, :], other=0.0)
+        if pos_ptr is not None:
+            x = _roped(x, x_rows, k, row_ok, N, pos, freq_ptr, stride_f, ROPE_FROM)
         acc = exact_dot(x, _sylvester_signs(k, cols, x.dtype, INDEX_BITS), acc, LOW_PRECISION)
     y = cast_rne(acc * scale, out_ptr.dtype.element_ty)
     if FP4_BLOCK > 0:
@@ -529,6 +562,25 @@ def _hadamard_rotate_kernel(
         y = cast_rne(tl.reshape(decode_e2m1(code) * s[:, :, None], (BLOCK_M, BLOCK_N)), out_ptr.dtype.element_ty)
     out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out, y, mask=row_ok[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _roped(x, x_rows, k, row_ok, N, pos, freq_ptr, stride_f, ROPE_FROM: tl.constexpr):
+    """A K step's tile x [BLOCK_M, BLOCK_K] with its columns from ROPE_FROM on rotated as rope's
+    kernel rotates interleaved pairs: column 2i + j of the rotated part (j = 0, 1) pairs with its
+    neighbour k ^ 1 under ``theta = pos * f_i`` (fp32; pos [BLOCK_M, 1] or one for all rows),
+    ``a cos - b sin`` and ``a sin + b cos`` for the pair (a, b), rounded to x's dtype; other
+    columns as they are."""
+    roped = (k >= ROPE_FROM) & (k < N)
+    partner = tl.load(x_rows + (k ^ 1)[None, :], mask=row_ok[:, None] & roped[None, :], other=0.0).to(tl.float32)
+    pair = tl.where(roped, (k - ROPE_FROM) // 2, 0)
+    theta = pos * tl.load(freq_ptr + pair * stride_f, mask=roped, other=0.0).to(tl.float32)[None, :]
+    cos = tl.cos(theta)
+    sin = tl.sin(theta)
+    value = x.to(tl.float32)
+    first = (k % 2 == 0)[None, :]  # a of the pair: a cos - b sin; else b: a sin + b cos
+    rotated = tl.where(first, value * cos - partner * sin, partner * sin + value * cos)
+    return tl.where(roped[None, :], cast_rne(rotated, x.dtype), x)
 
 
 @triton.jit
