@@ -152,6 +152,13 @@ def test_store_cases_catch_stray_and_lost_writes(isolated_registry, op):
     assert failed["copies"] == {c.name for c in cases if not c.calls[0][1].is_contiguous()} != set()
 
 
+def _an_ulp_up(t: torch.Tensor) -> torch.Tensor:
+    """t with every other value one ulp up (another summation order, another cos/sin, an FMA)."""
+    t = t.contiguous()
+    t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32).view(-1)[::2] += 1
+    return t
+
+
 def _store_unrotated(kv, cache, slots, rope_dim=64, tile=64, positions=None, freqs=None, norm_weight=None, norm_eps=1e-6):
     if positions is not None:  # normalised, but the rotation forgotten
         kv = rope.rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions * 0, freqs).squeeze(2)
@@ -159,26 +166,41 @@ def _store_unrotated(kv, cache, slots, rope_dim=64, tile=64, positions=None, fre
 
 
 def _store_an_ulp_off(kv, cache, slots, rope_dim=64, tile=64, positions=None, freqs=None, norm_weight=None, norm_eps=1e-6):
-    if positions is None:
-        return quant.kv_cache_store(kv, cache, slots, rope_dim, tile)
-    normed = rope.rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2).contiguous()
-    bits = normed.view(torch.int16 if normed.dtype == torch.bfloat16 else torch.int32)
-    bits.view(-1)[::2] += 1  # every other normed and rotated value one ulp up (another summation order)
-    quant.kv_cache_store(normed, cache, slots, rope_dim, tile)
+    if positions is not None:
+        kv = _an_ulp_up(rope.rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2))
+    quant.kv_cache_store(kv, cache, slots, rope_dim, tile)
 
 
-def test_kv_cache_store_positions_cases_catch_a_missing_rotation_and_allow_an_ulp(isolated_registry):
-    """With positions the stored records are compared decoded within rms_norm_rope's rule plus one
-    e4m3 step: a kernel that forgets the rotation fails exactly those cases, one whose normalised
-    values are an ulp off (codes and tile scales may then round the other way) passes them all."""
+def _hadamard_unroped(x, fp4_block=0, positions=None, freqs=None):
+    return quant.hadamard_rotate(x, fp4_block)  # the RoPE forgotten
+
+
+def _hadamard_roped_an_ulp_off(x, fp4_block=0, positions=None, freqs=None):
+    return quant.hadamard_rotate(x if positions is None else _an_ulp_up(rope.rope(x, positions, freqs)), fp4_block)
+
+
+@pytest.mark.parametrize(
+    ("op", "forgets", "ulp_off", "position_arg", "rotating"),
+    [
+        ("kv_cache_store", _store_unrotated, _store_an_ulp_off, 5, 5),
+        ("hadamard_rotate", _hadamard_unroped, _hadamard_roped_an_ulp_off, 2, 6),
+    ],
+)
+def test_positions_cases_catch_a_forgotten_rotation_and_allow_an_ulp(
+    isolated_registry, op, forgets, ulp_off, position_arg, rotating
+):
+    """With positions a store op packs rms_norm_rope(kv) (compared decoded within rms_norm_rope's
+    rule plus one e4m3 step) and the Hadamard rotation rotates rope(x) (rope's rule carried through
+    the rotation): a kernel that forgets the RoPE fails exactly the cases with positions, one whose
+    rotated values are an ulp off (codes and scales may then round the other way) passes them all."""
     backend = _fake_backend()
-    register_kernel("kv_cache_store", backend, "unrotated", _store_unrotated)
-    register_kernel("kv_cache_store", backend, "ulp", _store_an_ulp_off)
-    report = run_conformance(backend, ["kv_cache_store"], property_examples=0)
-    failed = {k: {r.case for r in report.failures if r.kernel == f"{backend}.{k}"} for k in ("unrotated", "ulp")}
-    rotated = {c.name for c in cases_for("kv_cache_store") if len(c.calls[0]) > 5 and c.calls[0][5] is not None}
-    assert len(rotated) == 5 and "example float32" in rotated
-    assert failed == {"unrotated": rotated, "ulp": set()}, report.summary()
+    register_kernel(op, backend, "forgets", forgets)
+    register_kernel(op, backend, "ulp", ulp_off)
+    report = run_conformance(backend, [op], property_examples=0)
+    failed = {k: {r.case for r in report.failures if r.kernel == f"{backend}.{k}"} for k in ("forgets", "ulp")}
+    cases = {c.name for c in cases_for(op) if len(c.calls[0]) > position_arg and c.calls[0][position_arg] is not None}
+    assert len(cases) == rotating and "example float32" in cases
+    assert failed == {"forgets": cases, "ulp": set()}, report.summary()
 
 
 def test_unavailable_backend_is_unsupported_with_reason(isolated_registry):

@@ -9,8 +9,8 @@ runs every position up to the capacity (19..31), feeding its present cache back 
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
 hc_pre and hc_head are also exported on their own, with and without norm_weight, sparse_attention
 and sparse_attention_fp8 with and without positions, hc_post with and without an addend,
-kv_cache_store with positions, with and without a norm weight (the model calls one form only), and
-index_key_store in both key formats.
+kv_cache_store with positions, with and without a norm weight (the model calls one form only),
+index_key_store in both key formats, and hadamard_rotate with and without positions and fp4_block.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ pytest.importorskip("onnxscript")
 from onnx import inliner  # noqa: E402
 
 from seahal import hal  # noqa: E402
-from seahal.backends.cpu.reference.quant import index_key_store, kv_cache_pack, kv_cache_store  # noqa: E402
+from seahal.backends.cpu.reference.quant import (  # noqa: E402
+    hadamard_rotate, index_key_store, kv_cache_pack, kv_cache_store,
+)
 from seahal.cli import main  # noqa: E402
 from seahal.hal.formats import index_key_bytes  # noqa: E402
 from seahal.hal.ops.quant import kv_record_bytes  # noqa: E402
@@ -39,7 +41,7 @@ from seahal.model.config import ModelConfig  # noqa: E402
 from seahal.model.convert import convert_tensors, quantised_config, write_checkpoint  # noqa: E402
 from seahal.model.tiny import TINY_CONFIG, random_tensors  # noqa: E402
 from seahal.onnx.export import (  # noqa: E402
-    MIN_TORCH, _attach_functions, _hal_nodes, _pure_bindings, _translation, export_onnx, reference_model,
+    MIN_TORCH, _attach_functions, _pure_bindings, _translation, export_onnx, reference_model,
 )
 from seahal.onnx.functions import OPS, OPSET, select  # noqa: E402
 
@@ -274,12 +276,14 @@ def _exported_alone(
     module_type: type[nn.Module], ops: list[str], args: tuple, path: Path
 ) -> tuple[list[str], list[np.ndarray], tuple[torch.Tensor, ...]]:
     """``module_type(plan)`` over a CPU plan of the reference kernels of ``ops``, exported to ONNX at
-    ``path`` (the model checked) and run by onnxruntime on ``args``: (the seahal nodes' functions in
-    graph order, onnxruntime's outputs, the module's own outputs)."""
+    ``path`` (the model checked; a mutating op traced through its pure twin) and run by onnxruntime
+    on ``args``: (the seahal nodes' functions in graph order, onnxruntime's outputs, the module's
+    own outputs)."""
     plan = hal.plan("cpu", ops, announce=False, environ={"SEAHAL_OPS": ",".join(f"{op}=cpu.reference" for op in ops)})
     module = module_type(plan)
-    program = torch.export.export(module, args)
-    table = {plan[op].torch_op: _translation(op, plan[op].torch_op) for op in ops}
+    with _pure_bindings(plan, positional=False) as bindings:
+        program = torch.export.export(module, args)
+    table = {torch_op: _translation(op, torch_op) for torch_op, op in bindings.items() if op in ops}
     onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
                                      optimize=False, verbose=False)
     _attach_functions(onnx_program.model)
@@ -389,6 +393,43 @@ def test_hc_post_addend_exports_the_summed_function(tmp_path):
         _assert_close(actual, expected, DENSE_RTOL, name)
 
 
+class _Rotations(nn.Module):
+    """hadamard_rotate with and without positions (x roped first), each with and without the FP4
+    rounding, through a plan's ops."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, x, positions, freqs):
+        rotate = self.ops.hadamard_rotate
+        return rotate(x, 32, positions, freqs), rotate(x, 0, positions, freqs), rotate(x, 32), rotate(x)
+
+
+def test_hadamard_rotate_positions_export_the_roped_functions(tmp_path):
+    """hadamard_rotate traced with and without positions and freqs, with and without fp4_block,
+    becomes seahal::hadamard_rotate_fp4_roped / hadamard_rotate_roped / hadamard_rotate_fp4 /
+    hadamard_rotate nodes, and onnxruntime's outputs are held to the float64 CPU reference by the
+    conformance rule (an FP4 code may round the other way where the fp32 sums differ)."""
+    from seahal.testing.tolerances import checks_for
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 4, 128, generator=g) * torch.exp2(torch.randint(-4, 5, (2, 3, 4, 1), generator=g).float())
+    positions = torch.arange(3) + torch.tensor([[5], [90]])
+    args = (x, positions, 10000.0 ** -(torch.arange(32) / 32))
+    forms = {  # each node's function -> its call's arguments after x
+        "hadamard_rotate_fp4_roped": (32, *args[1:]), "hadamard_rotate_roped": (0, *args[1:]),
+        "hadamard_rotate_fp4": (32,), "hadamard_rotate": (0,),
+    }
+    calls, got, _ = _exported_alone(_Rotations, ["hadamard_rotate"], args, tmp_path / "rotations.onnx")
+    assert calls == list(forms)
+    for actual, (name, call) in zip(got, forms.items(), strict=True):
+        want = hadamard_rotate(x.double(), *call)  # float64 math, the angles too
+        (check,) = checks_for("hadamard_rotate", (x, *call))
+        verdict = check.check.compare(torch.from_numpy(actual), want)
+        assert verdict.ok, (name, verdict.detail)
+
+
 class _Store(nn.Module):
     """A store op (kv_cache_store, index_key_store) into a copy of its store through a plan's ops
     (a mutating op with no output); ``extra``: its arguments after slots."""
@@ -404,22 +445,10 @@ class _Store(nn.Module):
 
 
 def _exported_store(tmp_path: Path, op: str, args: tuple, *extra) -> tuple[list[str], np.ndarray]:
-    """``_Store(op, *extra)`` on ``args`` (data, store, slots) traced through the op's pure twin
-    and exported: the seahal nodes of the checked model, and the store onnxruntime returns."""
-    plan = hal.plan("cpu", [op], announce=False, environ={"SEAHAL_OPS": f"{op}=cpu.reference"})
-    with _pure_bindings(plan, positional=False) as bindings:
-        program = torch.export.export(_Store(plan, op, *extra), args)
-    assert _hal_nodes(program, bindings) == {op: 1}
-    table = {torch_op: _translation(hal_op, torch_op) for torch_op, hal_op in bindings.items()}
-    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
-                                     optimize=False, verbose=False)
-    _attach_functions(onnx_program.model)
-    onnx_program.save(tmp_path / "store.onnx")
-    proto = onnx.load(tmp_path / "store.onnx")
-    onnx.checker.check_model(proto, full_check=True)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
-    return [n.op_type for n in proto.graph.node if n.domain == "seahal"], got
+    """``_Store(op, *extra)`` on ``args`` (data, store, slots) exported (:func:`_exported_alone`):
+    the seahal nodes of the checked model, and the store onnxruntime returns."""
+    calls, (got,), _ = _exported_alone(lambda plan: _Store(plan, op, *extra), [op], args, tmp_path / "store.onnx")
+    return calls, got
 
 
 def test_kv_cache_store_exports_through_its_pure_twin(tmp_path):
@@ -488,22 +517,11 @@ def test_kv_cache_store_positions_export_the_normed_functions(tmp_path):
     positions = torch.arange(3) + torch.tensor([[40], [7]])
     freqs, weight = 10000.0 ** -(torch.arange(8) / 8), torch.rand(48, generator=g) + 0.5
     args = (kv, cache, slots, positions, freqs, weight)
-    plan = hal.plan("cpu", ["kv_cache_store"], announce=False, environ={"SEAHAL_OPS": "kv_cache_store=cpu.reference"})
-    with _pure_bindings(plan, positional=False) as bindings:
-        program = torch.export.export(_NormedStores(plan), args)
-    assert _hal_nodes(program, bindings) == {"kv_cache_store": 2}
-    table = {torch_op: _translation(op, torch_op) for torch_op, op in bindings.items()}
-    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=table, opset_version=OPSET,
-                                     optimize=False, verbose=False)
-    _attach_functions(onnx_program.model)
-    onnx_program.save(tmp_path / "stores.onnx")
-    proto = onnx.load(tmp_path / "stores.onnx")
-    onnx.checker.check_model(proto, full_check=True)
-    nodes = [n for n in proto.graph.node if n.domain == "seahal"]
-    assert [n.op_type for n in nodes] == ["kv_cache_store_normed", "kv_cache_store_normed_unweighted"]
-    assert [a.f for a in nodes[0].attribute if a.name == "norm_eps"] == [pytest.approx(1e-3)]
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+    path = tmp_path / "stores.onnx"
+    calls, got, _ = _exported_alone(_NormedStores, ["kv_cache_store"], args, path)
+    assert calls == ["kv_cache_store_normed", "kv_cache_store_normed_unweighted"]
+    eps = [a.f for n in onnx.load(path).graph.node if n.domain == "seahal" for a in n.attribute if a.name == "norm_eps"]
+    assert eps[0] == pytest.approx(1e-3)
     for actual, norm_weight, eps in zip(got, (weight, None), (1e-3, 1e-6), strict=True):
         call = (kv, cache, slots, 16, 16, positions, freqs, norm_weight, eps)
         want = cache.clone()

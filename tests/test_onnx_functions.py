@@ -161,6 +161,13 @@ def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
     assert F.select("hadamard_rotate", {"fp4_block": 32}).name == "hadamard_rotate_fp4"
     assert F.FUNCTIONS["hadamard_rotate_fp4"].attributes == ("fp4_block",)
     assert not F.FUNCTIONS["hadamard_rotate"].attributes  # fp4_block 0 is the function itself
+    positions, freqs = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1)
+    assert F.select("hadamard_rotate", {"fp4_block": 0, "positions": positions, "freqs": freqs}).name == (
+        "hadamard_rotate_roped")
+    assert F.select("hadamard_rotate", {"fp4_block": 32, "positions": positions, "freqs": freqs}).name == (
+        "hadamard_rotate_fp4_roped")
+    assert F.FUNCTIONS["hadamard_rotate_roped"].inputs == ("x", "positions", "freqs")
+    assert F.FUNCTIONS["hadamard_rotate_fp4_roped"].attributes == ("fp4_block",)
     for op in ("indexer_topk_packed", "index_key_pack", "index_key_store"):  # the key format picks it: no attribute
         for fmt in ("fp4", "fp8"):
             assert F.select(op, {"key_format": fmt}).name == f"{op}_{fmt}"
@@ -495,6 +502,37 @@ def test_hadamard_rotate_of_random_values_is_within_the_tolerance_rule(dtype, n,
     assert got.dtype == dtype and got.shape == x.shape
     (check,) = checks_for("hadamard_rotate", (x, fp4_block))
     verdict = check.check.compare(got, ref_quant.hadamard_rotate(x.double(), fp4_block))
+    assert verdict.ok, verdict.detail
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fp4_block", [0, 32])
+def test_hadamard_rotate_positions_rope_first(dtype, fp4_block):
+    """hadamard_rotate with positions and freqs selects hadamard_rotate_roped / _fp4_roped (the
+    onnxruntime backend passes them on): the output is the plain function's of the rope function's
+    output, which is rounded to x's dtype first, bit for bit, and with every position 0 (no
+    rotation) the plain function's of x. It is held to the float64 CPU reference by the
+    conformance rule (rope's rule carried through the rotation). Rows of magnitudes 2^-8..2^8; the
+    sequences at their own positions, one near 1e5 (large angles); int32 positions; the last 64 of
+    128 dims rotate."""
+    from seahal.backends.onnxruntime import kernels
+
+    g = torch.Generator().manual_seed(fp4_block + dtype.itemsize)
+    x = torch.randn(2, 3, 4, 128, generator=g) * torch.exp2(torch.randint(-8, 9, (2, 3, 4, 1), generator=g).float())
+    x = x.to(dtype)
+    positions = torch.tensor([[99_997, 99_998, 99_999], [3, 4, 5]], dtype=torch.int32)
+    freqs = 10000.0 ** -(torch.arange(32) / 32)
+    roped = kernels.hadamard_rotate(x, fp4_block, positions, freqs)
+    assert roped.dtype == dtype and roped.shape == x.shape
+    plain_of_rope = kernels.hadamard_rotate(kernels.rope(x, positions, freqs), fp4_block)
+    assert torch.equal(_bits(roped), _bits(plain_of_rope))
+    assert not torch.equal(roped, kernels.hadamard_rotate(x, fp4_block))
+    unrotated = kernels.hadamard_rotate(x, fp4_block, positions * 0, freqs)
+    assert torch.equal(_bits(unrotated), _bits(kernels.hadamard_rotate(x, fp4_block)))
+
+    call = (x, fp4_block, positions, freqs)
+    (check,) = checks_for("hadamard_rotate", call)
+    verdict = check.check.compare(roped, ref_quant.hadamard_rotate(x.double(), fp4_block, positions, freqs.double()))
     assert verdict.ok, verdict.detail
 
 

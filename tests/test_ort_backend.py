@@ -118,6 +118,27 @@ def test_kv_cache_store_positions_are_inputs_so_decode_steps_share_a_session(mon
     assert (info.misses, info.hits) == (1, 7) and built == ["kv_cache_store_normed"]
 
 
+def test_hadamard_rotate_positions_are_inputs_so_decode_steps_share_a_session(monkeypatch):
+    """The indexer's query roped then rotated and FP4-rounded (hadamard_rotate with positions) at
+    successive decode positions builds one session, of hadamard_rotate_fp4_roped, and reuses it:
+    positions are graph inputs, fp4_block an attribute. Each step's output is the plain FP4 rotation
+    of the query roped at that step's positions."""
+    built = []
+    real = session.node_model
+    monkeypatch.setattr(session, "node_model", lambda function, *args: built.append(function.name) or real(function, *args))
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 1, 4, 64, generator=g).to(torch.bfloat16)
+    freqs = 10000.0 ** -(torch.arange(16) / 16)
+    session._session.cache_clear()
+    for pos in range(1, 9):
+        positions = torch.tensor([[pos], [pos + 100]])
+        got = kernels.hadamard_rotate(q, 32, positions, freqs)
+        assert torch.equal(got, kernels.hadamard_rotate(kernels.rope(q, positions, freqs), 32)), pos
+    info = session._session.cache_info()
+    assert built.count("hadamard_rotate_fp4_roped") == 1 and built.count("rope") == 1
+    assert info.misses == len(built) == 3 and info.hits == 3 * 8 - 3
+
+
 def test_tiny_model_on_onnxruntime_matches_cpu():
     """Prefill and two cached decode steps of the tiny V4 model (fp32 activations) on
     device="onnxruntime" against device="cpu".

@@ -68,9 +68,10 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32):
 @define_op(
     "hadamard_rotate",
     family="quant",
-    schema="(Tensor x, int fp4_block=0) -> Tensor",
+    schema="(Tensor x, int fp4_block=0, Tensor? positions=None, Tensor? freqs=None) -> Tensor",
 )
-def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0):
+def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0, positions: torch.Tensor | None = None,
+                    freqs: torch.Tensor | None = None):
     """Rotate the last dim by the orthonormal Sylvester Hadamard matrix, then, with ``fp4_block``,
     round through FP4 (the indexer's query and keys, v4_ops.md §7, §8 step 1, §11.6).
 
@@ -80,9 +81,18 @@ def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0):
     for fp64 x), rounded to x's dtype. ``fp4_block > 0`` then returns y's FP4 e2m1 quant-dequant
     in 1 x fp4_block blocks: ``fp4_quant(y, fp4_block)`` decoded back to x's dtype (exact: an e2m1
     value times a power of two). 0 returns y.
+
+    With ``positions`` [B, S] int and ``freqs`` [R] fp32 (x then [B, S, H, n], 2R <= n), x is first
+    ``rope(x, positions, freqs)`` (rounded to x's dtype): the indexer's query heads, rotated by
+    their token's position before the Hadamard rotation (§8 step 1), in one op.
     """
     c = Contract("hadamard_rotate")
-    c.tensor("x", x, dtypes=FLOAT_HIGH, min_rank=1)
+    if positions is None:
+        c.tensor("x", x, dtypes=FLOAT_HIGH, min_rank=1)
+        c.require(freqs is None, "freqs goes with positions (x rotated by RoPE first)")
+    else:
+        c.tensor("x", x, ["B", "S", "H", "D"], FLOAT_HIGH)
+        check_rotation(c, positions, freqs)
     n = x.shape[-1]
     # powers of two are the divisors of 2^62 (and SymInt has no `&` on torch 2.5)
     c.require(n > 0 and (1 << 62) % n == 0, f"x's last dim must be a power of two, got {n}")

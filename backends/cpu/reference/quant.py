@@ -8,7 +8,7 @@ import torch
 from seahal.hal import formats
 from seahal.hal.formats import decode_scale, fp4_quant_dequant, fp4_quantize, fp8_quantize, hadamard, ue8m0_encode
 from seahal.hal.ops.quant import kv_record_bytes
-from .rope import rms_norm_rope
+from .rope import rms_norm_rope, rope
 
 
 def fp8_act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str = "ue8m0"):
@@ -22,10 +22,13 @@ def fp4_quant(x: torch.Tensor, block_size: int = 32):
     return fp4_quantize(x, block_size)
 
 
-def hadamard_rotate(x: torch.Tensor, fp4_block: int = 0) -> torch.Tensor:
+def hadamard_rotate(
+    x: torch.Tensor, fp4_block: int = 0, positions: torch.Tensor | None = None, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ H_n * n^-0.5`` in fp32 (fp64 for fp64 x) rounded to x's dtype; with ``fp4_block``, that
-    rounded through FP4 e2m1 in 1 x fp4_block ue8m0 blocks (``fp4_quant``, decoded back)."""
-    rotated = hadamard(x)
+    rounded through FP4 e2m1 in 1 x fp4_block ue8m0 blocks (``fp4_quant``, decoded back); with
+    ``positions``, of ``rope(x, positions, freqs)``."""
+    rotated = hadamard(x if positions is None else rope(x, positions, freqs))
     return fp4_quant_dequant(rotated, fp4_block) if fp4_block else rotated
 
 

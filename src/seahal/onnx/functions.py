@@ -15,7 +15,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``act_quant_gemm_fp8`` and ``act_quant_gemm_fp4`` (b's format: e4m3 or packed e2m1),
   ``indexer_topk_packed_fp4`` and ``_fp8``, ``index_key_pack_fp4`` and ``_fp8``,
   ``index_key_store_fp4`` and ``_fp8`` (the ``key_format`` argument picks one; no attribute),
-  ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and ``hadamard_rotate_fp4``, ``hc_pre``
+  ``hadamard_rotate`` (``fp4_block`` 0: no attribute) and ``hadamard_rotate_fp4``, and with
+  ``positions`` and ``freqs`` (x rotated by RoPE first) ``hadamard_rotate_roped`` and
+  ``hadamard_rotate_fp4_roped``, ``hc_pre``
   and ``hc_head`` (no ``norm_weight``), ``hc_pre_normed`` and ``hc_head_normed``,
   ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``), ``sparse_attention_rotated``
   and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``: the output's inverse RoPE),
@@ -688,6 +690,22 @@ def hadamard_rotate_fp4(x, fp4_block: int):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def hadamard_rotate_roped(x, positions, freqs):
+    """:func:`hadamard_rotate` of x rotated by RoPE first (the indexer's query heads): x [B, S, H, n],
+    positions [B, S] int, freqs [R] (2R <= n) -> x's dtype, ``hadamard_rotate(rope(x, positions,
+    freqs))``: each head's last 2R dims rotated in pairs by ``theta = positions * freqs`` (fp32) and
+    rounded to x's dtype, then the Hadamard rotation."""
+    return hadamard_rotate(rope(x, positions, freqs, inverse=0))
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hadamard_rotate_fp4_roped(x, positions, freqs, fp4_block: int):
+    """:func:`hadamard_rotate_fp4` of x rotated by RoPE first, as :func:`hadamard_rotate_roped`:
+    ``hadamard_rotate_fp4(rope(x, positions, freqs), fp4_block)``."""
+    return hadamard_rotate_fp4(rope(x, positions, freqs, inverse=0), fp4_block=fp4_block)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def index_key_pack_fp4(keys):
     """Packed FP4 indexer keys (``key_format="fp4"``): keys [..., d] (d a multiple of 32) ->
     [..., d/2 + d/32] uint8, ``[e2m1 codes of fp4_quant(keys, 32), element 2i in the low nibble
@@ -1159,7 +1177,9 @@ def grouped_linear_fp8(x, weight, scale):
 OPS: dict[str, tuple[str, ...]] = {
     "fp8_act_quant": ("fp8_act_quant",),
     "fp4_quant": ("fp4_quant",),
-    "hadamard_rotate": ("hadamard_rotate", "hadamard_rotate_fp4"),
+    "hadamard_rotate": (
+        "hadamard_rotate", "hadamard_rotate_fp4", "hadamard_rotate_roped", "hadamard_rotate_fp4_roped",
+    ),
     "index_key_pack": ("index_key_pack_fp4", "index_key_pack_fp8"),
     "index_key_store": ("index_key_store_fp4", "index_key_store_fp8"),
     "kv_cache_pack": ("kv_cache_pack",),
@@ -1290,7 +1310,7 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_post, hc_head,
     sparse_attention, sparse_attention_fp8, kv_cache_store), the weights' format (moe_experts, grouped_linear,
     act_quant_gemm), the key format (indexer_topk_packed, index_key_pack, index_key_store) or whether an FP4
-    rounding follows (hadamard_rotate) pick it."""
+    rounding follows and whether positions are given (hadamard_rotate) pick it."""
     if op == "moe_gate":
         name = "moe_gate_hash" if args.get("tid2eid") is not None else (
             "moe_gate" if args.get("bias") is not None else "moe_gate_unbiased"
@@ -1319,6 +1339,7 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         name = op if args.get("addend") is None else f"{op}_summed"
     elif op == "hadamard_rotate":
         name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
+        name += "" if args.get("positions") is None else "_roped"
     elif op in OPS:
         name = op
     else:

@@ -20,7 +20,9 @@ indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key sca
 stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
 wrapping around a ring's end, the cache a view of a bigger buffer), normalised and rotated first at
 per-sequence positions (up to 99999; int32 and int64; with and without the norm weight); FP4 / FP8
-indexer-key records stored into such random-byte stores the same ways.
+indexer-key records stored into such random-byte stores the same ways; Hadamard rotations (with and
+without their FP4 rounding) of heads rotated by RoPE first (the indexer's query), at per-sequence
+positions up to 99999.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -271,17 +273,25 @@ def fp4_quant_case(
 
 def hadamard_rotate_case(
     name: str, seed: int, shape: tuple[int, ...], dtype=BF16, fp4_block: int = 32, values: str = "normal",
-    layout: str = "contiguous",
+    layout: str = "contiguous", positions: tuple[tuple[int, ...], ...] | None = None, rope: int = 64,
+    yarn: bool = False, pos_dtype=torch.int64,
 ) -> Case:
     """x ~ N(0, 1) times 2^e per row, e in [-8, 8] (FP4 blocks of many scales); ``zero-tiny``: the
-    first row zero (every block at the amax floor), the second scaled by 2^-100."""
+    first row zero (every block at the amax floor), the second scaled by 2^-100.
+
+    ``positions``: one tuple of S token positions per sequence (x [B, S, H, n], ``pos_dtype``): x is
+    rotated by RoPE on the last ``rope`` dims of each head first (the op's ``positions``, ``freqs``:
+    :func:`_rope_freqs`), as the indexer's query is."""
     r = _Rand(seed)
     x = r.normal(*shape) * torch.exp2(r.ints(-8, 9, *shape[:-1], 1).to(F32))
     if values == "zero-tiny":
         rows = x.view(-1, shape[-1])
         rows[0] = 0.0
         rows[1:2] *= 2.0**-100
-    return _case("hadamard_rotate", name, (strided(x.to(dtype), layout), fp4_block))
+    rotation: tuple = ()
+    if positions is not None:
+        rotation = (torch.tensor(positions, dtype=pos_dtype), _rope_freqs(rope, yarn))
+    return _case("hadamard_rotate", name, (strided(x.to(dtype), layout), fp4_block, *rotation))
 
 
 def index_key_pack_case(
@@ -959,6 +969,18 @@ def _hadamard_rotate_cases(seed: int) -> list[Case]:
         c("fp32 zero and tiny rows", seed + 6, (3, 128), dtype=F32, values="zero-tiny"),
         c("bf16 sliced view", seed + 7, (2, 128), layout="sliced"),
         c("fp32 transposed view, rotation only", seed + 8, (3, 64), dtype=F32, fp4_block=0, layout="transposed"),
+        # with positions: RoPE first (the lightning indexer's query, v4_ops.md §8 step 1)
+        c("bf16 V4 indexer query [2,1,64,128] roped (last 64 dims, YaRN) at per-sequence positions 293, 101, FP4 "
+          "blocks of 32", seed + 9, (2, 1, 64, 128), positions=((293,), (101,)), yarn=True),
+        c("fp32 [2,3,4,64] roped (last 32 dims), rotation only, 3 tokens per sequence, int32 positions up to 99999 "
+          "(angles up to 1e5 radians)", seed + 10, (2, 3, 4, 64), dtype=F32, fp4_block=0,
+          positions=((99997, 99998, 99999), (61, 62, 63)), rope=32, pos_dtype=torch.int32),
+        c("fp32 [1,2,3,128] roped (last 64 dims), FP4 blocks of 64, positions 65534, 65535", seed + 11, (1, 2, 3, 128),
+          dtype=F32, fp4_block=64, positions=((65534, 65535),)),
+        c("bf16 [2,2,4,32] roped on every dim (2R = n), FP4 blocks of 16, int32 positions", seed + 12, (2, 2, 4, 32),
+          fp4_block=16, positions=((7, 8), (517, 518)), rope=32, pos_dtype=torch.int32),
+        c("bf16 roped query heads of a stacked projection [2,1,8,128], zero and tiny rows", seed + 13, (2, 1, 8, 128),
+          values="zero-tiny", layout="heads", positions=((40,), (977,)), yarn=True),
     ]
 
 
@@ -1571,11 +1593,19 @@ def _draw_hadamard_rotate(draw) -> Case:
 
     n = 2 ** draw(st.integers(0, 8))
     fp4_block = draw(st.sampled_from([0] + [b for b in (2, 4, 8, 16, 32, 64) if b <= n]))
+    seed, shape = draw(st.integers(0, 2**16)), (draw(st.integers(1, 5)), n)
+    dtype = draw(st.sampled_from([BF16, F32]))
+    values = draw(st.sampled_from(["normal", "zero-tiny"]))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "strided"]))
+    rotation = {}
+    if n >= 2 and draw(st.booleans()):  # roped first, after the other draws: x [B, S, H, n]
+        b, s = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+        shape = (b, s, draw(st.integers(1, 3)), n)
+        positions = tuple(tuple(draw(st.lists(st.integers(0, 999), min_size=s, max_size=s))) for _ in range(b))
+        rotation = {"positions": positions, "rope": 2 * draw(st.integers(1, n // 2)), "yarn": draw(st.booleans()),
+                    "pos_dtype": draw(st.sampled_from([torch.int32, torch.int64]))}
     return hadamard_rotate_case(
-        "property", draw(st.integers(0, 2**16)), (draw(st.integers(1, 5)), n), dtype=draw(st.sampled_from([BF16, F32])),
-        fp4_block=fp4_block, values=draw(st.sampled_from(["normal", "zero-tiny"])),
-        layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "strided"])),
-    )
+        "property", seed, shape, dtype=dtype, fp4_block=fp4_block, values=values, layout=layout, **rotation)
 
 
 def _draw_store_slots(draw) -> tuple[int, int, tuple[tuple[int, ...], ...]]:

@@ -97,8 +97,13 @@ def _fp4_quant(d: _Draw):
 
 @_example("hadamard_rotate")
 def _hadamard_rotate(d: _Draw):
-    """x [2, 4, 32] (two heads of a small indexer query), FP4 blocks of 16."""
-    return (d.data(2, 4, 32), 16), {}
+    """x [2, 3, 2, 32] (two heads of a small indexer query at 3 positions), FP4 blocks of 16; with
+    fp32/fp64 data roped first (int32 positions, the last 16 dims), none with bf16: the suite's bf16
+    and fp32 example cases hold both forms."""
+    x = d.data(2, 3, 2, 32)
+    if d.dtype == torch.bfloat16:
+        return (x, 16), {}
+    return (x, 16), {"positions": d.ints(0, 1000, 2, 3), "freqs": rope_frequencies(8, 10000.0).to(d.param_dtype)}
 
 
 @_example("index_key_pack")

@@ -35,6 +35,7 @@ from seahal.hal.spec import get_spec
 
 from seahal.backends.cpu.reference.mhc import hc_head as reference_hc_head
 from seahal.backends.cpu.reference.quant import fp8_act_quant, kv_cache_unpack
+from seahal.backends.cpu.reference.rope import rope as reference_rope
 
 from .cases import named_args
 from .compare import (
@@ -133,17 +134,43 @@ def _exact(*labels: str) -> Callable[[Mapping[str, Any]], tuple[Compared, ...]]:
 
 
 def _hadamard_rotate(a: Mapping[str, Any]) -> tuple[Compared, ...]:
-    # n exact products (x times +-1) summed in fp32, then the multiply by fp32(n^-0.5): gamma(n + 2)
-    # relative to sum|x| / sqrt(n); then one rounding to x's dtype (u relative). With fp4_block the
-    # FP4 rounding of that value follows, judged as a rounding of some value within the bound.
-    x = a["x"].to(torch.float64)
-    n = x.shape[-1]
-    u = unit_roundoff(a["x"].dtype)
-    sum_err = gamma(n + 2) * n**-0.5 * x.abs().sum(-1, keepdim=True) * (1 + u)
+    # H_n / sqrt(n) has entries +-n^-0.5, so an error e_j of the kernel's input v' moves output i by
+    # at most n^-0.5 sum_j |e_j|: v' is x itself, or with positions its rope r', within rope's rule
+    # of the reference's r (:func:`_roped_input`: E = sum_j |r'_j - r_j| per row). Then n exact
+    # products (v' times +-1) summed in fp32 and the multiply by fp32(n^-0.5): gamma(n + 2) relative
+    # to sum|v'| / sqrt(n) <= (sum|v| + E) / sqrt(n); then one rounding to x's dtype (u relative).
+    # With fp4_block the FP4 rounding of that value follows, judged as a rounding of some value
+    # within the bound.
+    x = a["x"]
+    u = unit_roundoff(x.dtype)
+    v, input_err = x.to(torch.float64), 0.0
+    if a["positions"] is not None:
+        v, input_err = _roped_input(x, a["positions"], a["freqs"])
+    n = v.shape[-1]
+    sum_err = (gamma(n + 2) * (v.abs().sum(-1, keepdim=True) + input_err) * (1 + u) + input_err) * n**-0.5
     if not a["fp4_block"]:
-        return (Compared("out", 0, Close(rtol=u, atol=float(sum_err.max()) if x.numel() else 0.0)),)
-    exact = hadamard(x)
+        return (Compared("out", 0, Close(rtol=u, atol=_max_abs(sum_err))),)
+    exact = hadamard(v)
     return (Compared("out", 0, FP4Rounded(exact, sum_err + u * exact.abs(), a["fp4_block"])),)
+
+
+def _roped_input(
+    x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hadamard_rotate's rotated input with positions: the reference's ``r = rope(x)`` in float64,
+    and per row (one head's n values) a bound ``E >= sum_j |r'_j - r_j|`` for a kernel's r' (rounded
+    to x's dtype) within rope's rule (:func:`_rope_close`).
+
+    The first n - 2R dims pass x through exactly (0 error); each of the 2R rotated ones is within
+    ``rtol |r_j| + atol``, rope's rule for the row's own max|x| (the angle error moves a pair by
+    ``|dtheta| (|a| + |b|)``, its own magnitude), so ``E = rtol sum_rot |r_j| + 2R atol``.
+    """
+    xf = x.to(torch.float64)
+    r = reference_rope(xf, positions, freqs.to(torch.float64))
+    rotated = r[..., r.shape[-1] - 2 * freqs.shape[-1]:]
+    rule = _rope_close(x.dtype, 1.0, positions, freqs)  # |x| <= 1: atol scales with the row's max|x|
+    row_max = xf.abs().amax(-1, keepdim=True)
+    return r, rule.rtol * rotated.abs().sum(-1, keepdim=True) + rotated.shape[-1] * rule.atol * row_max
 
 
 def _gemm(k_step: int) -> Callable[[Mapping[str, Any]], tuple[Compared, ...]]:
@@ -513,6 +540,15 @@ RULES: dict[str, Rule] = {
              "the kernel's rotated value may differ from the reference's within the bound above, and a value "
              "near an e2m1 midpoint (or an amax near 6·2^k) may then round either way: each block must be "
              "the e2m1 rounding, under one ue8m0 scale, of values within the bound"),
+            ("out (positions, freqs)",
+             "as the rows above for r = rope(x): Σ\\|x\\| becomes Σ\\|r\\| + E and atol (or the bound) grows by E/√n; "
+             "per row E = (ulp(x) + γ(4))·Σ_rot \\|r\\| + 2R·2·(max\\|pos·f\\| + 4)·2^-24·max\\|x\\|",
+             "the kernel rotates its rope r' of x (rounded to x's dtype), within rope's rule of the reference's r: "
+             "on the 2R rotated dims (ulp(x) + γ(4))·\\|r_j\\| + 2·(max\\|pos·f\\| + 4)·2^-24·max\\|x\\| of the row "
+             "(the angle error moves a pair by \\|Δθ\\|·(\\|a\\| + \\|b\\|), its own magnitude), 0 on the others "
+             "(passed through); their sum E bounds Σ_j \\|r'_j − r_j\\|. H/√n has entries ±1/√n, so output i moves by "
+             "at most Σ_j \\|r'_j − r_j\\|/√n <= E/√n (itself <= \\|r' − r\\|_2 by Cauchy-Schwarz); the fp32 sums are "
+             "over \\|r'\\| <= \\|r\\| + E; with fp4_block the FP4 rounding of a value within that widened bound"),
         ),
         _hadamard_rotate,
     ),
