@@ -106,13 +106,15 @@ class Indexer(nn.Module):
         query projection (:class:`StackedLinears`)."""
         b, s, _ = x.shape
         q = q.view(b, s, self.n_heads, self.head_dim)
-        q = self.ops.rope(q, step.positions.expand(b, s), freqs)
+        positions = step.positions.expand(b, s)
         keys = self.compressor(x, cache.index_state, step.start_pos, freqs)
-        if self.config.simulate_fp4_indexer:
-            q = self.ops.hadamard_rotate(q, FP4_TILE)
+        if self.config.simulate_fp4_indexer:  # RoPE, the rotation and its FP4 rounding in one op
+            q = self.ops.hadamard_rotate(q, FP4_TILE, positions, freqs)
             # FP4 key records round the rotated keys as the simulation would: rotating suffices
             fp4_records = self.config.index_key_format == "fp4"
             keys = self.ops.hadamard_rotate(keys, 0 if fp4_records else FP4_TILE)
+        else:
+            q = self.ops.rope(q, positions, freqs)
         weights = self.weights_proj(x)  # the official weights_proj(x).float() * scale, in one kernel:
         weights = (weights.float() if weights.dtype == torch.float64 else weights) * self.weights_scale
         stored = cache.store_index_keys(keys, step.entries_after(CSA_RATIO), step.memo)  # dense keys or packed records

@@ -163,7 +163,7 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
     packed = variant != "dense"
     attention = "sparse_attention_fp8" if packed else "sparse_attention"
     indexer = "indexer_topk_packed" if packed else "indexer_topk"  # 68-byte FP4 (release) or 132-byte FP8 key records
-    assert {"hc_pre", "hc_post", "hc_head", "rope", "kv_compress", indexer, attention} <= hal_ops
+    assert {"hc_pre", "hc_post", "hc_head", "kv_compress", indexer, attention} <= hal_ops
     assert indexer in decode.hal_nodes
     assert {"moe_gate", "moe_experts"} <= hal_ops
     assert attention in decode.hal_nodes
@@ -173,10 +173,13 @@ def test_graph_is_checked_and_calls_seahal_functions(variant, request):
     if packed:  # the FP8 KV records are attended as stored: nothing decodes the cache
         assert {"act_quant_gemm", "fp8_act_quant", "fp8_gemm", "kv_cache_pack"} <= hal_ops
         assert "hadamard_rotate" in hal_ops and "hadamard_rotate" in decode.hal_nodes  # the indexer's FP4 rounding
-        assert "index_key_pack" in hal_ops and "index_key_pack" in decode.hal_nodes  # the index-key records
+        # the index-key records: the prompt's packed (an int position), a decode step's packed and stored
+        assert "index_key_pack" in hal_ops and "index_key_store" in decode.hal_nodes
         key_format = OVERRIDES[variant].get("index_cache_format", "fp4")
         decode_functions = {n.op_type for n in onnx.load(decode.path).graph.node if n.domain == "seahal"}
-        assert {f"index_key_pack_{key_format}", f"indexer_topk_packed_{key_format}"} <= decode_functions
+        # the query's RoPE in its rotation; each step's KV records packed, normalised and stored by one node
+        assert {f"index_key_store_{key_format}", f"indexer_topk_packed_{key_format}", "hadamard_rotate_fp4_roped",
+                "kv_cache_store_normed"} <= decode_functions
         assert not {"sparse_attention", "kv_cache_unpack"} & (hal_ops | set(decode.hal_nodes))
     meta = {p.key: p.value for p in onnx.load(decode.path).metadata_props}
     assert (meta["seahal.mode"], meta["seahal.cache_capacity"]) == ("decode", "32")
