@@ -96,7 +96,9 @@ PLANS_AND_MODEL = textwrap.dedent(
         return hal.plan(device, ops=ops, announce=False, environ=env).to_dict()
 
     def logits(device):
-        model = load(path, device=device, announce=False, environ={})
+        # no FP4 indexer simulation: the indexer's query then takes examplechip's rope (with it, the
+        # release's, that RoPE runs inside hadamard_rotate)
+        model = load(path, device=device, announce=False, environ={}, simulate_fp4_indexer=False)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             out = model(ids)
         ran = sorted({e.name for e in prof.events() if e.name.startswith("seahal::")})
