@@ -69,6 +69,13 @@ def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)[index].view(t.dtype) if t.element_size() == 1 else t[index]
 
 
+def scatter_rows(store: torch.Tensor, slots: torch.Tensor, records: torch.Tensor) -> None:
+    """``store[b, slots[b, i]] = records[b, i]`` in place (store [B, N, width], slots [B or 1, S]
+    int, records [B, S, width]): the row write of the store ops and the model's caches."""
+    rows = slots.to(torch.int64).expand(records.shape[:2])
+    store.scatter_(1, rows[..., None].expand(records.shape), records)
+
+
 def ue8m0_encode(scale: torch.Tensor) -> torch.Tensor:
     """Power-of-two fp32 scales ``2^k`` -> e8m0 bytes ``k + 127`` (uint8), exactly via frexp."""
     _, exponent = torch.frexp(scale)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from seahal.hal.formats import index_key_bytes
+from seahal.hal.formats import index_key_bytes, scatter_rows
 from seahal.hal.ops.compressor import compressor_state
 from seahal.hal.ops.quant import kv_record_bytes
 
@@ -61,8 +61,7 @@ class RowStore:
         """Store ``vectors[:, i]`` [B, n, dim] in row ``first + target[:, i]`` of each sequence (target:
         [1 or B, n] int64, distinct rows in ``[0, rows - first)``; ``encoded``: already stored rows
         [B, n, width]): one scatter into the rows from ``first`` on, whatever the row numbers' values."""
-        rows = vectors if encoded else self.encode(vectors)
-        self.data[:, first:].scatter_(1, target.expand(rows.shape[:2])[..., None].expand(rows.shape), rows)
+        scatter_rows(self.data[:, first:], target, vectors if encoded else self.encode(vectors))
 
     def read(self, rows: int | None = None) -> torch.Tensor:
         """The first ``rows`` (default all) stored rows as they are."""

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seahal.hal.formats import FP4_TILE, index_key_bytes
+from seahal.hal.formats import FP4_TILE, index_key_bytes, scatter_rows
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._cache_keys import settle_cache_keys
@@ -148,7 +148,7 @@ def index_key_store(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor
 def index_key_pack_then_scatter(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, key_format: str) -> None:
     """The ``index_key_store`` contract as :func:`index_key_pack`'s kernel, then torch's scatter into
     the rows: two launches, the pack verified on a GPU where the storing launch is not yet."""
-    _scatter_rows(store, slots, index_key_pack(keys, key_format))
+    scatter_rows(store, slots, index_key_pack(keys, key_format))
 
 
 def _launch_index_key_pack(x2: torch.Tensor, out: torch.Tensor, key_format: str, destination: dict | None = None) -> None:
@@ -172,11 +172,6 @@ def _destination(slots: torch.Tensor, n: int, store: torch.Tensor) -> dict:
     """A store op's row arguments for :func:`_record_rows`: each sequence's n slots into store [B, N, record]."""
     return {"slot_ptr": slots, "N": n, "R": store.shape[1], "stride_sb": slots.stride(0) if slots.shape[0] > 1 else 0,
             "stride_sn": slots.stride(1), "stride_ob": store.stride(0), "stride_or": store.stride(1)}
-
-
-def _scatter_rows(store: torch.Tensor, slots: torch.Tensor, records: torch.Tensor) -> None:
-    """``store[b, slots[b, i]] = records[b, i]`` by torch's scatter (slots [B or 1, S])."""
-    store.scatter_(1, slots.to(torch.int64).expand(records.shape[:2])[..., None].expand(records.shape), records)
 
 
 ROTATION_TILE = 128
@@ -287,7 +282,7 @@ def kv_cache_pack_then_scatter(
     rows (where the one storing launch is not yet verified)."""
     if positions is not None:
         kv = rms_norm_then_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
-    _scatter_rows(cache, slots, kv_cache_pack(kv, rope_dim, tile))
+    scatter_rows(cache, slots, kv_cache_pack(kv, rope_dim, tile))
 
 
 def _launch_kv_pack(kv2: torch.Tensor, out: torch.Tensor, rope_dim: int, tile: int, destination: dict | None = None) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from seahal.hal import formats
-from seahal.hal.formats import decode_scale, fp4_quant_dequant, fp4_quantize, fp8_quantize, hadamard, ue8m0_encode
+from seahal.hal.formats import (
+    decode_scale, fp4_quant_dequant, fp4_quantize, fp8_quantize, hadamard, scatter_rows, ue8m0_encode,
+)
 from seahal.hal.ops.quant import kv_record_bytes
 from .rope import rms_norm_rope, rope
 
@@ -40,7 +42,7 @@ def index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
 
 def index_key_store(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor, key_format: str) -> None:
     """``store[b, slots[b, i]] = index_key_pack(keys[b, i])``: the records scattered into their rows."""
-    _scatter_rows(store, slots, index_key_pack(keys, key_format))
+    scatter_rows(store, slots, index_key_pack(keys, key_format))
 
 
 def kv_cache_pack(kv: torch.Tensor, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
@@ -65,13 +67,7 @@ def kv_cache_store(
     being kv or, with positions, ``rms_norm_rope(kv, norm_weight, norm_eps, positions, freqs)``."""
     if positions is not None:
         kv = rms_norm_rope(kv.unsqueeze(2), norm_weight, norm_eps, positions, freqs).squeeze(2)
-    _scatter_rows(cache, slots, kv_cache_pack(kv, rope_dim, tile))
-
-
-def _scatter_rows(store: torch.Tensor, slots: torch.Tensor, records: torch.Tensor) -> None:
-    """``store[b, slots[b, i]] = records[b, i]`` (slots [B or 1, S], records [B, S, width])."""
-    rows = slots.to(torch.int64).expand(records.shape[:2])
-    store.scatter_(1, rows[..., None].expand(records.shape), records)
+    scatter_rows(cache, slots, kv_cache_pack(kv, rope_dim, tile))
 
 
 def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: int = 64) -> torch.Tensor:
