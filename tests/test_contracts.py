@@ -192,6 +192,12 @@ def test_wrong_shape(spy_plan, op):
             lambda x: torch.cat((x, x[..., :16]), dim=-1),
             "hadamard_rotate: x's last dim must be a power of two, got 48",
         ),
+        (
+            "hc_post_pre",
+            4,
+            lambda fn: fn[:, :31].contiguous(),
+            "hc_post_pre: fn must be [24, 32] float32 or float64, got [24, 31] float32 on cpu",
+        ),
     ],
 )
 def test_messages_read_as_documented(spy_plan, op, index, make_bad, message):

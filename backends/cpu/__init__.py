@@ -43,6 +43,7 @@ REFERENCE_KERNELS = {
     "sparse_attention_fp8": ("attention", {"dtype": _FLOATS, "kv_format": ("fp8",)}),
     "hc_pre": ("mhc", {"dtype": _FLOATS}),
     "hc_post": ("mhc", {"dtype": _FLOATS}),
+    "hc_post_pre": ("mhc", {"dtype": _FLOATS}),
     "hc_head": ("mhc", {"dtype": _FLOATS}),
     "rope": ("rope", {"dtype": _FLOATS}),
     "rms_norm_rope": ("rope", {"dtype": _FLOATS}),

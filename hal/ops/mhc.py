@@ -39,6 +39,11 @@ def hc_pre(x, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, norm_
     """
     c = Contract("hc_pre")
     _streams(c, x)
+    return _check_pre(c, x, fn, base, scale, sinkhorn_iters, norm_weight)
+
+
+def _check_pre(c: Contract, x, fn, base, scale, sinkhorn_iters, norm_weight) -> tuple[Out, Out, Out]:
+    """hc_pre's checks past the streams -> its outputs (y, post, comb)."""
     n, d = c.dims["n"], c.dims["D"]
     c.tensor("fn", fn, [(2 + n) * n, n * d], PARAM_DTYPES)
     c.tensor("base", base, [(2 + n) * n], PARAM_DTYPES)
@@ -67,11 +72,48 @@ def hc_post(f, x, post, comb, addend=None):
     """
     c = Contract("hc_post")
     _streams(c, x)
+    _check_post(c, f, post, comb, addend)
+    return Out(tuple(x.shape), x.dtype)
+
+
+def _check_post(c: Contract, f, post, comb, addend) -> None:
+    """hc_post's checks past the streams."""
     c.tensor("f", f, ["B", "S", "D"], STREAM_DTYPES)
     c.tensor("post", post, ["B", "S", "n"], PARAM_DTYPES)
     c.tensor("comb", comb, ["B", "S", "n", "n"], PARAM_DTYPES)
     c.optional("addend", addend, ["B", "S", "D"], (f.dtype,))
-    return Out(tuple(x.shape), x.dtype)
+
+
+@define_op(
+    "hc_post_pre",
+    family="mhc",
+    schema=(
+        "(Tensor f, Tensor x, Tensor post, Tensor comb, Tensor fn, Tensor base, Tensor scale, "
+        "int sinkhorn_iters=20, float eps=1e-6, float norm_eps=1e-6, Tensor? norm_weight=None, "
+        "Tensor? addend=None) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def hc_post_pre(
+    f, x, post, comb, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, norm_weight=None, addend=None
+):
+    """One sub-layer's :func:`hc_post`, then the next sub-layer's :func:`hc_pre` of the streams it made.
+
+    f, x, post, comb, addend: as hc_post's (the finished sub-layer's output and weights, the old
+    streams); fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight: as hc_pre's (the next
+    sub-layer's parameters)
+    -> (streams [B, S, n, D] in x's dtype, y [B, S, D] in x's dtype, post' [B, S, n] fp32,
+    comb' [B, S, n, n] fp32) with
+
+    ``streams = hc_post(f, x, post, comb, addend)``, ``(y, post', comb') = hc_pre(streams, fn, base,
+    scale, sinkhorn_iters, eps, norm_eps, norm_weight)``: the streams rounded to x's dtype before
+    hc_pre reads them, as the two ops in turn. A kernel may mix the new streams as it makes them
+    (V4 runs the pair at every sub-layer boundary; the streams are read once instead of twice).
+    """
+    c = Contract("hc_post_pre")
+    _streams(c, x)
+    _check_post(c, f, post, comb, addend)
+    y, post_next, comb_next = _check_pre(c, x, fn, base, scale, sinkhorn_iters, norm_weight)
+    return Out(tuple(x.shape), x.dtype), y, post_next, comb_next
 
 
 @define_op(

@@ -15,6 +15,7 @@ ties; zero and tiny tiles (the scale clamp); non-contiguous inputs (transposed, 
 views, attention keys that are one pool expanded over the batch: a paged cache); attention outputs
 rotated back by their query's inverse RoPE (positions one row per sequence or one shared row);
 mHC sub-layer outputs in two parts (hc_post's addend, cancelling f to 0 or to an ulp or two in places);
+hc_post_pre's fused boundary (the streams hc_post makes, a zero token among them, fed to hc_pre);
 bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8
 indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales; KV records
 stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
@@ -158,6 +159,7 @@ _DATA_ARG = {
     "sparse_attention_fp8": "q",
     "hc_pre": "x",
     "hc_post": "x",
+    "hc_post_pre": "x",
     "hc_head": "x",
     "rope": "x",
     "rms_norm": "x",
@@ -838,24 +840,33 @@ def hc_case(
     streams, post in [0, 2] and a column-normalised comb); ``values`` as :func:`_streams`.
     ``normed`` (hc_pre / hc_head): a folded RMSNorm weight as ``norm_weight``, magnitudes
     uniform in [0.5, 2], every third negative. ``addend`` (hc_post): the sub-layer output in two
-    parts (:func:`_post_addend`, drawn after every other value, so the cases without it keep theirs)."""
+    parts (:func:`_post_addend`, drawn after every other value, so the cases without it keep theirs).
+    ``hc_post_pre``: hc_post's inputs, then hc_pre's parameters (``normed`` and ``addend`` as there);
+    with ``"zero-token"`` f's first token is zero too, so the streams hc_pre reads have a zero token."""
     r = _Rand(seed)
     x = _streams(r, b, s, n, d, values, dtype, layout)
-    if op == "hc_post":
+    if op in ("hc_post", "hc_post_pre"):
         f = r.normal(b, s, d, dtype=dtype)
         post = 2 * torch.sigmoid(r.normal(b, s, n))
         comb = torch.softmax(r.normal(b, s, n, n), dim=-2)
-        return _case(op, name, (f, x, post, strided(comb, layout)) + _post_addend(r, f, addend, layout))
-    mixes = (2 + n) * n if op == "hc_pre" else n
+        post_args = (f, x, post, strided(comb, layout))
+        if op == "hc_post":
+            return _case(op, name, post_args + _post_addend(r, f, addend, layout))
+        if values == "zero-token":
+            f[0, 0] = 0.0
+    mixes = n if op == "hc_head" else (2 + n) * n
     fn = r.normal(mixes, n * d, std=(n * d) ** -0.5)
     base = r.normal(mixes, std=0.5)
-    scale = r.uniform(3 if op == "hc_pre" else 1, low=0.5, high=2.0)
+    scale = r.uniform(1 if op == "hc_head" else 3, low=0.5, high=2.0)
     norm_weight = None
     if normed:
         norm_weight = r.uniform(d, low=0.5, high=2.0)
         norm_weight[::3] *= -1
     if op == "hc_pre":
         return _case(op, name, (x, fn, base, scale, iters, 1e-6, 1e-6, norm_weight))
+    if op == "hc_post_pre":
+        pre_args = (fn, base, scale, iters, 1e-6, 1e-6, norm_weight)
+        return _case(op, name, post_args + pre_args + _post_addend(r, f, addend, layout))
     return _case(op, name, (x, fn, base, scale, 1e-6, 1e-6, norm_weight))
 
 
@@ -1329,9 +1340,28 @@ def _hc_cases(op: str, seed: int) -> list[Case]:
         hc_case("n=2, one token", seed + 4, op, b=1, s=1, n=2, d=16),
         hc_case("bf16 equal streams, a stride-0 view", seed + 6, op, values="equal streams"),
     ]
-    if op == "hc_pre":
+    if op in ("hc_pre", "hc_post_pre"):
         cases.append(hc_case("one Sinkhorn iteration", seed + 5, op, iters=1))
-    if op != "hc_post":  # with the sub-layer's (or the final) RMSNorm folded in
+    if op == "hc_post_pre":  # hc_post's forms and hc_pre's around one boundary, and its token counts
+        cases += [
+            hc_case("bf16 zero token, norm_weight", seed + 7, op, values="zero-token", normed=True),
+            hc_case("fp32 transposed streams, norm_weight", seed + 8, op, dtype=F32, layout="transposed", normed=True),
+            hc_case("bf16 f + addend", seed + 9, op, addend="random"),
+            hc_case("fp32 f + addend, transposed streams and addend, norm_weight", seed + 10, op, dtype=F32,
+                    layout="transposed", addend="random", normed=True),
+            hc_case("bf16 addend cancelling f (sums of 0 and of an ulp or two), norm_weight", seed + 11, op,
+                    addend="cancelling", normed=True),
+            hc_case("fp32 addend cancelling f, every other element of wider rows", seed + 12, op, dtype=F32,
+                    layout="strided", addend="cancelling"),
+            hc_case("bf16 equal streams (stride 0), f + addend, norm_weight", seed + 13, op, values="equal streams",
+                    addend="random", normed=True),
+            hc_case("bf16 decode: 3 sequences of one token, f + addend", seed + 14, op, b=3, s=1, addend="random"),
+            hc_case("fp32 prefill: 17 tokens, norm_weight", seed + 15, op, dtype=F32, b=1, s=17, normed=True),
+            hc_case("bf16 n=4 D=512 (V4-like streams), norm_weight", seed + 16, op, b=1, s=2, d=512, normed=True),
+            hc_case("bf16 n=4 D=4096 (V4-Flash), addend cancelling f, norm_weight", seed + 17, op, b=1, s=2, d=4096,
+                    addend="cancelling", normed=True),
+        ]
+    elif op != "hc_post":  # with the sub-layer's (or the final) RMSNorm folded in
         cases += [
             hc_case("bf16 zero token, norm_weight", seed + 7, op, values="zero-token", normed=True),
             hc_case("fp32 transposed streams, norm_weight", seed + 8, op, dtype=F32, layout="transposed", normed=True),
@@ -1446,6 +1476,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "sparse_attention_fp8": _sparse_attention_fp8_cases,
     "hc_pre": lambda seed: _hc_cases("hc_pre", seed),
     "hc_post": lambda seed: _hc_cases("hc_post", seed),
+    "hc_post_pre": lambda seed: _hc_cases("hc_post_pre", seed),
     "hc_head": lambda seed: _hc_cases("hc_head", seed),
     "rope": _rope_cases,
     "rms_norm": _rms_norm_cases,
@@ -1544,6 +1575,7 @@ def strategy(op: str):
             **_draw_output_rotation(draw)),
         "hc_pre": lambda draw: _draw_hc(draw, "hc_pre"),
         "hc_post": lambda draw: _draw_hc(draw, "hc_post"),
+        "hc_post_pre": lambda draw: _draw_hc(draw, "hc_post_pre"),
         "hc_head": lambda draw: _draw_hc(draw, "hc_head"),
         "rope": lambda draw: rope_case(
             "property", draw(seeds), b=draw(st.integers(1, 2)), s=draw(st.integers(1, 4)), h=draw(st.integers(1, 3)),
@@ -1754,5 +1786,5 @@ def _draw_hc(draw, op: str) -> Case:
         n=draw(st.integers(1, 4)), d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         iters=draw(st.integers(1, 20)), values=draw(st.sampled_from(["normal", "zero-token"])),
         layout=draw(st.sampled_from(["contiguous", "transposed"])), normed=op != "hc_post" and draw(st.booleans()),
-        addend=draw(st.sampled_from(["none", "random", "cancelling"])) if op == "hc_post" else "none",
+        addend=draw(st.sampled_from(["none", "random", "cancelling"])) if op in ("hc_post", "hc_post_pre") else "none",
     )

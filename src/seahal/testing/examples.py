@@ -295,6 +295,19 @@ def _hc_post(d: _Draw):
     return args, {"addend": None if d.dtype == torch.bfloat16 else d.data(2, 3, 8)}
 
 
+@_example("hc_post_pre")
+def _hc_post_pre(d: _Draw):
+    """hc_post's example, then hc_pre's parameters for the streams it makes (B=2, S=3, n=4 streams of
+    D=8); with fp32/fp64 data an ``addend`` and a ``norm_weight``, neither with bf16: the suite's bf16
+    and fp32 example cases hold both forms."""
+    n, dim = 4, 8
+    comb = torch.softmax(d.param(2, 3, n, n), dim=-1)
+    post_args = (d.data(2, 3, dim), d.data(2, 3, n, dim), torch.sigmoid(d.param(2, 3, n)) * 2, comb)
+    pre_args = (d.param((2 + n) * n, n * dim, scale=0.1), d.param((2 + n) * n), d.param(3))
+    addend = None if d.dtype == torch.bfloat16 else d.data(2, 3, dim)
+    return post_args + pre_args, {"norm_weight": _hc_norm_weight(d, dim), "addend": addend}
+
+
 @_example("hc_head")
 def _hc_head(d: _Draw):
     n, dim = 4, 8

@@ -6,7 +6,9 @@ This is the one place tolerances are defined; ``docs/conformance.md`` carries th
 The reference is the CPU reference kernel evaluated in float64 where the op's contract accepts
 float64 inputs (so its result is the exact math up to ~2^-50); elsewhere (quantised inputs, fp32
 states) it runs on the same inputs as the kernel, so only the kernel's accumulation order can
-differ. Every tolerance is derived from a number format with p significant bits:
+differ. Where a fused op's second part reads its first part's rounded output (``hc_post_pre``'s
+hc_pre reads the streams), that part's reference runs on the output the kernel returned
+(:class:`OnOwnStreams`). Every tolerance is derived from a number format with p significant bits:
 
 * unit roundoff ``u = 2^-p``: one rounding to nearest moves a value by at most ``u`` relative
   (bf16: p = 8, u = 2^-8; fp16: p = 11; fp32: p = 24, u = 2^-24; e4m3: p = 4);
@@ -34,6 +36,7 @@ from seahal.hal.formats import dequantize_weight, hadamard, index_key_unpack
 from seahal.hal.spec import get_spec
 
 from seahal.backends.cpu.reference.mhc import hc_head as reference_hc_head
+from seahal.backends.cpu.reference.mhc import hc_pre as reference_hc_pre
 from seahal.backends.cpu.reference.quant import fp8_act_quant, kv_cache_unpack
 from seahal.backends.cpu.reference.rope import rope as reference_rope
 
@@ -456,6 +459,41 @@ def _hc_post(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     return (Compared("out", 0, Close(rtol=ulp(a["x"].dtype) + gamma(n + 2), atol=float(magnitude.max()))),)
 
 
+@dataclass(eq=False)
+class OnOwnStreams:
+    """One of hc_post_pre's hc_pre outputs (``index``: 0 y, 1 post, 2 comb), judged as hc_pre's rule
+    judges it for ``x`` = the streams the kernel returned, against the reference hc_pre in float64 of
+    those streams (a bf16 / fp32 value widens exactly). Compared as ``(streams, output)``; ``pre`` holds
+    the call's arguments by name (hc_pre's besides x). ``built`` keeps the last check for describe()."""
+
+    pre: Mapping[str, Any]
+    index: int
+    built: Any = None
+
+    def describe(self) -> str:
+        own = "hc_pre's rule on the kernel's own streams"
+        return own if self.built is None else f"{own}: {self.built.describe()}"
+
+    def compare(self, got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> Verdict:
+        streams, out = (t.cpu() for t in got)
+        a = {**self.pre, "x": streams}
+        self.built = _hc_pre(a)[self.index].check
+        params = (a[k].to(torch.float64) for k in ("fn", "base", "scale"))
+        norm_weight = None if a["norm_weight"] is None else a["norm_weight"].to(torch.float64)
+        reference = reference_hc_pre(streams.to(torch.float64), *params, a["sinkhorn_iters"], a["eps"],
+                                     a["norm_eps"], norm_weight)
+        return self.built.compare(out, reference[self.index])
+
+
+def _hc_post_pre(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # streams: hc_post's rule on the same inputs (against the float64 reference's streams). y, post,
+    # comb: hc_pre's rule with x = the kernel's own streams, against hc_pre in float64 of those (the
+    # float64 reference's streams are never rounded to x's dtype, which the contract does first).
+    (streams,) = _hc_post(a)
+    pre = tuple(Compared(label, (0, 1 + i), OnOwnStreams(a, i)) for i, label in enumerate(("y", "post", "comb")))
+    return (Compared("streams", 0, streams.check), *pre)
+
+
 def _rope_close(dtype: torch.dtype, x_max: float, positions: torch.Tensor, freqs: torch.Tensor) -> Close:
     """rope's rule on x in ``dtype`` with |x| <= x_max: theta = pos * f rounded to fp32 is off by
     |theta| u; cos/sin add u each; a rotated pair moves by |dtheta| (|a| + |b|) <= 2 |dtheta| x_max;
@@ -708,6 +746,18 @@ RULES: dict[str, Rule] = {
              "which is 0 or a few ulps of f, exactly (Sterbenz), where a cancels f"),
         ),
         _hc_post,
+    ),
+    "hc_post_pre": Rule(
+        (
+            ("streams", "as hc_post's out (either form)", "the same products and fp32 sum, against the float64 "
+             "reference's streams"),
+            ("y, post, comb", "as hc_pre's (either form), with x = the kernel's own streams",
+             "the reference is hc_pre in float64 of the streams the kernel returned (bf16 and fp32 widen exactly), "
+             "so this part is judged on the kernel's own input exactly as hc_pre is on a case's x, and a streams "
+             "value an ulp off (the row above) is not counted again; the float64 reference's own streams are not "
+             "rounded to x's dtype, which the contract does before hc_pre reads them"),
+        ),
+        _hc_post_pre,
     ),
     "hc_head": Rule(
         (("y", "as hc_pre's y (either form)", "same mix, collapse and norm, no Sinkhorn"),),
