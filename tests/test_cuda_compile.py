@@ -294,7 +294,10 @@ def _mhc_rope(t: int):
                 x_t = _empty(B, tokens, HC, DIM, dtype=torch.bfloat16)
                 for args, head in (((*pre_params, 20), False), ((*head_params, 1), True)):
                     mhc.collapse_streams(x_t, *args, 1e-6, 1e-6, head=head, norm_weight=weight, one_launch=one_launch)
-    mhc.hc_post(_empty(B, t, DIM, dtype=torch.bfloat16), x, _empty(B, t, HC), _empty(B, t, HC, HC))
+    f = _empty(B, t, DIM, dtype=torch.bfloat16)
+    mhc.hc_post(f, x, _empty(B, t, HC), _empty(B, t, HC, HC))
+    for addend in (None, f):  # the attention's and the MoE's boundary, as the model calls them
+        mhc.hc_post_pre(f, x, _empty(B, t, HC), _empty(B, t, HC, HC), *pre_params, 20, 1e-6, 1e-6, norm_weight, addend)
     positions = torch.empty((B, t), dtype=torch.int64, device="cuda")
     for inverse in (False, True):
         rope.rope(_empty(B, t, HEADS, HEAD_DIM, dtype=torch.bfloat16), positions, _empty(ROPE_DIM // 2), inverse)

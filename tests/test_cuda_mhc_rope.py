@@ -1,4 +1,4 @@
-"""The cuda backend's Triton mHC (hc_pre, hc_head, hc_post) and RoPE kernels, under the Triton interpreter.
+"""The cuda backend's Triton mHC (hc_pre, hc_head, hc_post, hc_post_pre) and RoPE kernels, under the Triton interpreter.
 
 Two independent figures per op: the CPU reference kernel and a float64 brute force of the
 formula written out here. Tolerances are the conformance rules of ``seahal.testing.tolerances``
@@ -32,7 +32,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 def test_under_interpreter():
     run = triton_interpreter.rerun_test_file(__file__)
-    assert run.passed(skipped=10), run.report
+    assert run.passed(skipped=11), run.report
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +518,73 @@ def test_hc_post_adds_the_two_parts_as_it_reads_f(kernels, dtype, layout):
     assert torch.equal(out, mhc.hc_post_after_the_add(f, x, post, comb, addend))
     args = (f, x, post, comb, addend)
     _assert_within_rules("hc_post", args, out, reference_mhc.hc_post(*args))
+
+
+def _post_pre_inputs(b, s, n, d, dtype, seed, layout="contiguous"):
+    """hc_post_pre's inputs: the finished sub-layer's output (in two parts), its weights as hc_pre
+    makes them (post in (0, 2), comb column-stochastic) and the next sub-layer's mix parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    f, addend = (torch.randn(b, s, d, generator=gen).to(dtype) for _ in range(2))
+    post = 2 * torch.sigmoid(torch.randn(b, s, n, generator=gen))
+    comb = torch.softmax(torch.randn(b, s, n, n, generator=gen), dim=-2)
+    x, fn, base, scale = _hc_inputs(b, s, n, d, dtype, seed, layout)
+    weight = torch.rand(d, generator=gen) + 0.5
+    return f, addend, x, post, _transposed(comb) if layout == "transposed" else comb, fn, base, scale, weight
+
+
+# (batch, seq, n, D, dtype, x layout): one token (a GEMV tile of one, the collapse in the mixing
+# launch), 3 tokens (a GEMV tile of 4, one partial), and hc_post's kernel then hc_pre's at 6 and 37
+# tokens (tl.dot tiles); n = 3 pads the stream axis, D = 40 a partial column block.
+POST_PRE_CASES = [
+    (1, 1, 4, 32, BF16, "contiguous"), (3, 1, 3, 40, F32, "transposed"), (1, 3, 4, 40, BF16, "transposed"),
+    (2, 3, 4, 32, F32, "contiguous"), (1, 37, 4, 16, BF16, "contiguous"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("b, s, n, d, dtype, layout", POST_PRE_CASES)
+@pytest.mark.parametrize("parts, normed", [(False, False), (True, True)], ids=["plain", "addend+norm"])
+def test_hc_post_pre_is_hc_post_then_hc_pre(kernels, b, s, n, d, dtype, layout, parts, normed):
+    """hc_post_pre mixes the streams it makes in hc_pre's launch (up to 4 tokens): bit for bit
+    hc_post's kernel then hc_pre's (the streams rounded to x's dtype before the mix, as hc_post
+    stores them), its collapse in the mixing launch or in the collapse's launch after it; against
+    the CPU reference within the rules."""
+    mhc, _ = kernels
+    f, addend, x, post, comb, fn, base, scale, weight = _post_pre_inputs(b, s, n, d, dtype, b * s + d, layout)
+    addend, weight = (addend if parts else None), (weight if normed else None)
+    args = (f, x, post, comb, fn, base, scale, 20, 1e-6, 1e-6, weight, addend)
+    got = mhc.hc_post_pre(*args)
+    streams = mhc.hc_post(f, x, post, comb, addend)
+    want = (streams, *mhc.hc_pre(streams, fn, base, scale, 20, 1e-6, 1e-6, weight))
+    for name, a, w in zip(("streams", "y", "post", "comb"), got, want, strict=True):
+        assert a.dtype == w.dtype and a.shape == w.shape and torch.equal(a, w), name
+    if b * s <= mhc.GEMV_MAX_TOKENS:  # the collapse's own launch reads the streams the mix stored
+        posted = mhc.PostedStreams(f, post, comb, addend, torch.empty_like(streams))
+        two = mhc.collapse_streams(x, fn, base, scale, 20, 1e-6, 1e-6, head=False, norm_weight=weight,
+                                   one_launch=False, posted=posted)
+        assert torch.equal(posted.out, streams) and all(torch.equal(a, w) for a, w in zip(two, want[1:]))
+    reference = reference_mhc.hc_post_pre(*args)
+    _assert_within_rules("hc_post", (f, x, post, comb, addend), got[0], reference[0])
+    pre_args = (got[0], fn, base, scale, 20, 1e-6, 1e-6, weight)
+    _assert_within_rules("hc_pre", pre_args, got[1:], reference_mhc.hc_pre(*pre_args))
+
+
+@on_gpu
+@pytest.mark.parametrize("t", [1, 4, 16, 1024])
+def test_gpu_hc_post_pre_is_hc_post_then_hc_pre(t):
+    """At V4-Flash width on a GPU: bit for bit hc_post's kernel then hc_pre's, with the MoE's two
+    parts and the sub-layer norm (the model's boundary between an MoE and the next attention),
+    launch after launch on the counters it resets."""
+    from seahal.backends.cuda import mhc
+
+    f, addend, x, post, comb, fn, base, scale, weight = (
+        v.cuda() for v in _post_pre_inputs(1, t, 4, 4096, BF16, seed=t)
+    )
+    for _ in range(2):
+        got = mhc.hc_post_pre(f, x, post, comb, fn, base, scale, 20, 1e-6, 1e-6, weight, addend)
+        streams = mhc.hc_post(f, x, post, comb, addend)
+        want = (streams, *mhc.hc_pre(streams, fn, base, scale, 20, 1e-6, 1e-6, weight))
+        assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
 
 
 @interpreted

@@ -54,7 +54,9 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # launches the same sm_90 SASS as before, so index_key_pack stays verified). Changed since:
 # hadamard_rotate rotates the RoPE columns of each K step first when given positions; its plain
 # launches compile to the same sm_90 SASS as before and serve, after rope's kernel, as
-# cuda.triton_unfused.
+# cuda.triton_unfused. New since: hc_post_pre, hc_pre's mix kernel making the streams it mixes
+# (POST); hc_pre being unverified too, it has no unfused form: GPU plans run the reference until
+# a GPU run passes both.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -71,6 +73,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         "quant:index_key_store", {"chip": _SM90, "dtype": ("bfloat16", "float32"), "key_format": ("fp4", "fp8")}, False
     ),
     "hc_post": ("mhc:hc_post", {"chip": _SM90, "dtype": _FLOAT}, False),
+    "hc_post_pre": ("mhc:hc_post_pre", {"chip": _SM90, "dtype": _FLOAT}, False),  # hc_pre's launches: not yet run
     "rope": ("rope:rope", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm": ("norm:rms_norm", {"chip": _SM90, "dtype": _FLOAT}, True),
     "rms_norm_rope": ("rope:rms_norm_rope", {"chip": _SM90, "dtype": _FLOAT}, False),  # rope's kernel, NORM

@@ -96,6 +96,19 @@ class MixConfig:
     split: int
 
 
+@dataclass(frozen=True)
+class PostedStreams:
+    """hc_post's inputs, for a mix over the streams they make (:func:`hc_post_pre`): the sub-layer
+    output ``f`` (and its second part ``addend``, or None), the weights ``post`` and ``comb``,
+    and ``out``, the contiguous [B, S, n, D] tensor the new streams are stored in."""
+
+    f: torch.Tensor
+    post: torch.Tensor
+    comb: torch.Tensor
+    addend: torch.Tensor | None
+    out: torch.Tensor
+
+
 def mix_config(t: int, k: int, m: int, device: torch.device, block_t: int | None = None) -> MixConfig:
     """The pre-norm GEMM launch for T tokens, K = n*D and M mixes (``block_t``: another token tile
     than the rule's, 16 or more; the bench times it as a variant).
@@ -206,6 +219,45 @@ def hc_post(
     return out
 
 
+def hc_post_pre(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    sinkhorn_iters: int = 20,
+    eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
+    addend: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`hc_post` then :func:`hc_pre` of the streams it makes.
+
+    f, x, post, comb, addend: hc_post's; fn, base, scale, sinkhorn_iters, eps, norm_eps,
+    norm_weight: hc_pre's -> (streams [B, S, n, D] contiguous in x's dtype, y, post', comb').
+
+    Up to :data:`GEMV_MAX_TOKENS` tokens (decode) in hc_pre's one launch: each mix program makes
+    the new streams of its tokens and K slice (hc_post's arithmetic, rounded to x's dtype), stores
+    them and mixes them, and the last program collapses them from L2: hc_post's launch saved. Above,
+    hc_post's kernel and then hc_pre's launches: on tl.dot tiles the streams made in the MMA
+    operand's layout cost ~4x the mix loop's instructions (sm_90, 16-token tiles: 974 against 252)
+    and more shared memory than an SM has on 64-token tiles, for a launch and one read of the
+    streams saved in a step of hundreds of microseconds.
+    """
+    check_dtype("hc_post_pre", "x", x)
+    if x.shape[0] * x.shape[1] > GEMV_MAX_TOKENS:
+        streams = hc_post(f, x, post, comb, addend)
+        return streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight)
+    streams = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    posted = PostedStreams(f, post, comb, addend, streams)
+    y, post_next, comb_next = collapse_streams(
+        x, fn, base, scale, sinkhorn_iters, eps, norm_eps, head=False, norm_weight=norm_weight, posted=posted
+    )
+    return streams, y, post_next, comb_next
+
+
 def hc_post_after_the_add(
     f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, addend: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -227,6 +279,7 @@ def collapse_streams(
     norm_weight: torch.Tensor | None = None,
     one_launch: bool | None = None,
     config: MixConfig | None = None,
+    posted: PostedStreams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`hc_pre` (head=False) or :func:`hc_head` (head=True): (y, post, comb), with post [B, S, 0]
     and comb [B, S, 0, 0] for head; y normalised with norm_weight when given.
@@ -234,7 +287,9 @@ def collapse_streams(
     one_launch: the collapse in ``_mix_kernel`` (True) or in ``_collapse_kernel`` after it (False);
     None picks one launch for B*S <= :data:`ONE_LAUNCH_MAX_TOKENS`. Both give the same bits: the
     same weights, and a collapse whose sums do not depend on the block width. ``config``: the
-    pre-norm GEMM's launch, default :func:`mix_config`'s.
+    pre-norm GEMM's launch, default :func:`mix_config`'s. ``posted``: x are the old streams, and
+    the mix and collapse run over ``hc_post(posted.f, x, posted.post, posted.comb, posted.addend)``,
+    which the mix programs make and store in ``posted.out`` (:func:`hc_post_pre`).
     """
     op = "hc_head" if head else "hc_pre"
     check_dtype(op, "x", x)
@@ -266,15 +321,32 @@ def collapse_streams(
         SPLIT_CHUNK=min(next_power_of_2(split), max(1, chunk // (config.block_t * widest))),
         N=n, N_PAD=n_pad, HEAD=head, X_BF16=x.dtype == torch.bfloat16, COLLAPSE=one_launch, NORM=normed and one_launch,
         BLOCK_D=_collapse_block_d(d, x.device, 4096, normed) if one_launch else 16, num_warps=WARPS,
-        **pdl_options(),
+        **_posting_options(posted), **pdl_options(),
     )
     if not one_launch:
         block_d = _collapse_block_d(d, x.device, 512, normed)
+        source = x if posted is None else posted.out
         _collapse_kernel[(t, cdiv(d, block_d))](
-            x, pre, y, norm_weight if normed else x, s, d, norm_eps, *x.stride(),
+            source, pre, y, norm_weight if normed else x, s, d, norm_eps, *source.stride(),
             N=n, BLOCK_D=block_d, NORM=normed, num_warps=WARPS, **pdl_options(),
         )
     return y, post, comb
+
+
+def _posting_options(posted: PostedStreams | None) -> dict[str, object]:
+    """The mix kernel's hc_post arguments (pointers, strides, POST and ADDEND); none for a plain
+    hc_pre or hc_head, whose launches keep the kernel's defaults (the code they compiled to before
+    hc_post_pre)."""
+    if posted is None:
+        return {}
+    second = posted.f if posted.addend is None else posted.addend  # read only with ADDEND
+    names = ("fb", "fs", "fd", "pb", "ps", "pn", "cb", "cs", "ci", "cj", "ab", "as", "ad")
+    strides = (*posted.f.stride(), *posted.post.stride(), *posted.comb.stride(), *second.stride())
+    return {
+        "f_ptr": posted.f, "post_in_ptr": posted.post, "comb_in_ptr": posted.comb, "a_ptr": second,
+        "streams_ptr": posted.out, **{f"stride_{name}": v for name, v in zip(names, strides)},
+        "POST": True, "ADDEND": posted.addend is not None,
+    }
 
 
 @triton.jit
@@ -320,7 +392,11 @@ def _mix_kernel(
     stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, stride_base, stride_scale,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, HEAD: tl.constexpr, X_BF16: tl.constexpr,
-    COLLAPSE: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    COLLAPSE: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    f_ptr=None, post_in_ptr=None, comb_in_ptr=None, a_ptr=None, streams_ptr=None,
+    stride_fb=None, stride_fs=None, stride_fd=None, stride_pb=None, stride_ps=None, stride_pn=None,
+    stride_cb=None, stride_cs=None, stride_ci=None, stride_cj=None, stride_ab=None, stride_as=None, stride_ad=None,
+    POST: tl.constexpr = False, ADDEND: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Program (token tile, K slice): the slice's partial mixes; the tile's last program to arrive
     computes the tile's weights (:func:`_tile_weights`) and, if COLLAPSE, its collapse (normalised
@@ -328,12 +404,20 @@ def _mix_kernel(
 
     The partials are stored and the tile's counter bumped after a barrier (release); the program
     that sees the count reach SPLIT - 1 resets it to 0 and reads the SPLIT partials through L2 (.cg).
+
+    POST: x holds the old streams, and the mix runs over ``hc_post(f, x, post_in, comb_in, a)`` (a
+    read if ADDEND), which each program makes for its tokens and K slice (:func:`_posted_streams`)
+    and stores in streams_ptr ([T, N, D] contiguous); the collapse reads them back through L2 after
+    the arrival, as the partials.
     """
     wait_for_prior_grid(PDL)
     pid_t = tl.program_id(0)
     _mix_slice(x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, width,
                stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk,
-               pid_t, tl.program_id(1), BLOCK_T, BLOCK_K, M_PAD, X_BF16)
+               pid_t, tl.program_id(1), BLOCK_T, BLOCK_K, M_PAD, X_BF16,
+               f_ptr, post_in_ptr, comb_in_ptr, a_ptr, streams_ptr, stride_fb, stride_fs, stride_fd,
+               stride_pb, stride_ps, stride_pn, stride_cb, stride_cs, stride_ci, stride_cj,
+               stride_ab, stride_as, stride_ad, N, POST, ADDEND)
     tl.debug_barrier()
     if SPLIT > 1:
         last = tl.atomic_add(counter_ptr + pid_t, 1, sem="acq_rel") == SPLIT - 1
@@ -347,16 +431,20 @@ def _mix_kernel(
                       BLOCK_T, SPLIT, SPLIT_CHUNK, N, N_PAD, HEAD)
         if COLLAPSE:
             tl.debug_barrier()  # pre, stored by every thread, is read back by every thread
+            if POST:  # the streams this launch made, [T, N, D]
+                src, src_b, src_s, src_n, src_d = streams_ptr, S * N * D, N * D, D, 1
+            else:
+                src, src_b, src_s, src_n, src_d = x_ptr, stride_xb, stride_xs, stride_xn, stride_xd
             for step in tl.static_range(BLOCK_T):
                 token = pid_t * BLOCK_T + step
                 if token < T:
                     if NORM:  # the row in one block (BLOCK_D >= D): its norm's reduction in no loop
-                        _collapse_columns(x_ptr, pre_ptr, y_ptr, norm_w_ptr, token, tl.arange(0, BLOCK_D),
-                                          S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd, N, NORM)
+                        _collapse_columns(src, pre_ptr, y_ptr, norm_w_ptr, token, tl.arange(0, BLOCK_D),
+                                          S, D, norm_eps, src_b, src_s, src_n, src_d, N, NORM, POST)
                     else:
                         for c0 in range(0, D, BLOCK_D):
-                            _collapse_columns(x_ptr, pre_ptr, y_ptr, norm_w_ptr, token, c0 + tl.arange(0, BLOCK_D),
-                                              S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd, N, NORM)
+                            _collapse_columns(src, pre_ptr, y_ptr, norm_w_ptr, token, c0 + tl.arange(0, BLOCK_D),
+                                              S, D, norm_eps, src_b, src_s, src_n, src_d, N, NORM, POST)
 
 
 @triton.jit
@@ -377,6 +465,10 @@ def _mix_slice(
     x_ptr, fn_ptr, partial_ptr, sumsq_ptr, T, S, D, K, M, width,
     stride_xb, stride_xs, stride_xn, stride_xd, stride_fm, stride_fk, pid_t, pid_s,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, M_PAD: tl.constexpr, X_BF16: tl.constexpr,
+    f_ptr=None, post_ptr=None, comb_ptr=None, a_ptr=None, streams_ptr=None, stride_fb=None, stride_fs=None,
+    stride_fd=None, stride_pb=None, stride_ps=None, stride_pn=None, stride_cb=None, stride_cs=None,
+    stride_ci=None, stride_cj=None, stride_ab=None, stride_as=None, stride_ad=None,
+    N: tl.constexpr = 4, POST: tl.constexpr = False, ADDEND: tl.constexpr = False,
 ):
     """partial[s, t, m] = sum over k in slice s of x_flat[t, k] fn[m, k]; sumsq[s, t] = sum of
     x_flat[t, k]^2; for the tokens of tile pid_t and the slice s = pid_s, k in [s*width, +width).
@@ -385,6 +477,10 @@ def _mix_slice(
     token's x and the mix's fn row in the one layout of the fn load (no exchange between lanes),
     and keep one fp32 running sum per lane, reduced once at the end. Else tl.dot: bf16 x against
     fn split into three exact bf16 parts (fp32 accumulation), or fp32 x in IEEE fp32.
+
+    POST: x_flat is the new streams ``hc_post(f, x, post, comb, a)``, made here from the old ones
+    (:func:`_posted_streams`) and stored at streams_ptr [T, N*D]; the GEMV's (token, mix) rows
+    make their token's values again in their own layout (the same arithmetic, the same bits).
     """
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = tokens < T
@@ -406,14 +502,26 @@ def _mix_slice(
         k = k0 + tl.arange(0, BLOCK_K)
         in_k = k < hi
         flat = (k // D) * stride_xn + (k % D) * stride_xd  # x_flat[t, k] = x[t, k // D, k % D]
-        xk = tl.load(rows[:, None] + flat[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
+        if POST:
+            xk = _posted_streams(x_ptr, f_ptr, post_ptr, comb_ptr, a_ptr, tokens, in_t, k, in_k, S, D,
+                                 stride_xb, stride_xs, stride_xn, stride_xd, stride_fb, stride_fs, stride_fd,
+                                 stride_pb, stride_ps, stride_pn, stride_cb, stride_cs, stride_ci, stride_cj,
+                                 stride_ab, stride_as, stride_ad, N, ADDEND)
+            tl.store(streams_ptr + tokens.to(tl.int64)[:, None] * K + k[None, :], xk,
+                     mask=in_t[:, None] & in_k[None, :])
+        else:
+            xk = tl.load(rows[:, None] + flat[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
         w = tl.load(fn_ptr + mixes[:, None] * stride_fm + k[None, :] * stride_fk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
         xf = xk.to(tl.float32)
         sq += xf * xf
         if BLOCK_T < 16:
-            x_pairs = tl.load(pair_rows[:, None] + flat[None, :], mask=(pair_token < T)[:, None] & in_k[None, :],
-                              other=0.0)
+            if POST:  # each token's values made once, repeated for its mixes' rows
+                x_pairs = tl.reshape(tl.broadcast_to(xk[:, None, :], (BLOCK_T, M_PAD, BLOCK_K)),
+                                     (BLOCK_T * M_PAD, BLOCK_K))
+            else:
+                x_pairs = tl.load(pair_rows[:, None] + flat[None, :],
+                                  mask=(pair_token < T)[:, None] & in_k[None, :], other=0.0)
             lanes += x_pairs.to(tl.float32) * w
         elif X_BF16:
             acc = split_dot(xk, tl.trans(w), acc, False, True)
@@ -426,6 +534,35 @@ def _mix_slice(
     else:
         tl.store(partial_ptr + (pid_s * T + tokens[:, None]).to(tl.int64) * M + mixes[None, :], acc,
                  mask=in_t[:, None] & in_m[None, :])
+
+
+@triton.jit
+def _posted_streams(
+    x_ptr, f_ptr, post_ptr, comb_ptr, a_ptr, tokens, in_t, k, in_k, S, D,
+    stride_xb, stride_xs, stride_xn, stride_xd, stride_fb, stride_fs, stride_fd, stride_pb, stride_ps, stride_pn,
+    stride_cb, stride_cs, stride_ci, stride_cj, stride_ab, stride_as, stride_ad, N: tl.constexpr, ADDEND: tl.constexpr,
+):
+    """[len(tokens), len(k)]: the new streams' flat entries ``x'[t, k]`` of hc_post, stream j = k // D
+    and column c = k % D: ``post_j f[c] + sum_i comb[i, j] x_i[c]`` (f first ``f + a`` rounded to
+    f's dtype if ADDEND), rounded to x's dtype; ``_post_kernel``'s operations in its order."""
+    batch = (tokens // S).to(tl.int64)[:, None]
+    seq = (tokens % S).to(tl.int64)[:, None]
+    j = (k // D)[None, :]
+    c = (k % D)[None, :]
+    mask = in_t[:, None] & in_k[None, :]
+    comb_col = comb_ptr + batch * stride_cb + seq * stride_cs + j * stride_cj
+    x_col = x_ptr + batch * stride_xb + seq * stride_xs + c * stride_xd
+    mixed = tl.zeros(mask.shape, dtype=tl.float32)
+    for i in tl.static_range(N):  # sum over comb's first index, in the reference's order
+        c_i = tl.load(comb_col + i * stride_ci, mask=mask, other=0.0).to(tl.float32)
+        x_i = tl.load(x_col + i * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        mixed += c_i * x_i
+    post = tl.load(post_ptr + batch * stride_pb + seq * stride_ps + j * stride_pn, mask=mask, other=0.0)
+    f = tl.load(f_ptr + batch * stride_fb + seq * stride_fs + c * stride_fd, mask=mask, other=0.0)
+    if ADDEND:
+        a = tl.load(a_ptr + batch * stride_ab + seq * stride_as + c * stride_ad, mask=mask, other=0.0)
+        f = cast_rne(f.to(tl.float32) + a.to(tl.float32), f_ptr.dtype.element_ty)
+    return cast_rne(post.to(tl.float32) * f.to(tl.float32) + mixed, x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -534,18 +671,23 @@ def _tile_weights(
 @triton.jit
 def _collapse_columns(
     x_ptr, pre_ptr, y_ptr, norm_w_ptr, token, cols, S, D, norm_eps, stride_xb, stride_xs, stride_xn, stride_xd,
-    N: tl.constexpr, NORM: tl.constexpr,
+    N: tl.constexpr, NORM: tl.constexpr, FRESH: tl.constexpr = False,
 ):
     """y[token, cols] = sum_i pre[token, i] x_i[cols]: fp32, the streams added in order, column by
     column (the same bits for any block of columns), rounded to y's dtype. NORM (cols the whole
     row): then ``y * rsqrt(sum(y^2) / D + norm_eps) * w`` on the rounded y, rounded again, the
-    math of ``rms_norm``'s kernel."""
+    math of ``rms_norm``'s kernel. FRESH: other programs of this launch wrote x; read it through L2."""
     row = x_ptr + (token // S).to(tl.int64) * stride_xb + (token % S).to(tl.int64) * stride_xs
     in_d = cols < D
     y = tl.zeros(cols.shape, dtype=tl.float32)
     for i in tl.static_range(N):
         weight = tl.load(pre_ptr + token * N + i)
-        y += weight * tl.load(row + i * stride_xn + cols * stride_xd, mask=in_d, other=0.0).to(tl.float32)
+        at = row + i * stride_xn + cols * stride_xd
+        if FRESH:
+            x_i = tl.load(at, mask=in_d, other=0.0, cache_modifier=".cg")
+        else:
+            x_i = tl.load(at, mask=in_d, other=0.0)
+        y += weight * x_i.to(tl.float32)
     y = cast_rne(y, y_ptr.dtype.element_ty)
     if NORM:
         yf = y.to(tl.float32)
