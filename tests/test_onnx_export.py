@@ -9,6 +9,7 @@ runs every position up to the capacity (19..31), feeding its present cache back 
 completes CSA entries at 19, 23, 27 and 31, the HCA entry at 31, and the window keeps wrapping.
 hc_pre and hc_head are also exported on their own, with and without norm_weight, sparse_attention
 and sparse_attention_fp8 with and without positions, hc_post with and without an addend,
+hc_post_pre with and without each of norm_weight and addend,
 kv_cache_store with positions, with and without a norm weight (the model calls one form only),
 index_key_store in both key formats, and hadamard_rotate with and without positions and fp4_block.
 """
@@ -393,6 +394,46 @@ def test_hc_post_addend_exports_the_summed_function(tmp_path):
     calls, got, want = _exported_alone(_Posts, ["hc_post"], args, tmp_path / "posts.onnx")
     assert calls == ["hc_post_summed", "hc_post"]
     for name, actual, expected in zip(calls, got, want, strict=True):
+        _assert_close(actual, expected, DENSE_RTOL, name)
+
+
+class _PostPres(nn.Module):
+    """hc_post_pre without and with norm_weight, each without and with an addend, through a plan's ops."""
+
+    def __init__(self, plan: hal.Plan):
+        super().__init__()
+        self.ops = plan.ops
+
+    def forward(self, f, x, post, comb, fn, base, scale, norm_weight, addend):
+        pre = (fn, base, scale, 20, 1e-6, 1e-3)
+        return (
+            *self.ops.hc_post_pre(f, x, post, comb, *pre),
+            *self.ops.hc_post_pre(f, x, post, comb, *pre, norm_weight),
+            *self.ops.hc_post_pre(f, x, post, comb, *pre, addend=addend),
+            *self.ops.hc_post_pre(f, x, post, comb, *pre, norm_weight, addend),
+        )
+
+
+def test_hc_post_pre_exports_the_function_of_its_optional_tensors(tmp_path):
+    """hc_post_pre traced with neither, either or both of norm_weight and addend becomes a
+    seahal::hc_post_pre / hc_post_pre_normed / hc_post_summed_pre / hc_post_summed_pre_normed node
+    (four outputs each), and onnxruntime's outputs match the CPU reference's; on one token the addend
+    cancels f (a sum of 0). norm_eps (1e-3) is not eps: a swap shows."""
+    g = torch.Generator().manual_seed(8)
+    n, d, mixes = 4, 64, 24  # hc_pre: (2 + n) * n mixes
+    f = torch.randn(2, 3, d, generator=g)
+    addend = torch.randn(2, 3, d, generator=g)
+    addend[0, 0] = -f[0, 0]
+    comb = torch.softmax(torch.randn(2, 3, n, n, generator=g), dim=-2)
+    args = (
+        f, torch.randn(2, 3, n, d, generator=g), 2 * torch.rand(2, 3, n, generator=g), comb,
+        torch.randn(mixes, n * d, generator=g) / d, torch.randn(mixes, generator=g), torch.rand(3, generator=g) + 0.5,
+        torch.rand(d, generator=g) + 0.5, addend,
+    )
+    calls, got, want = _exported_alone(_PostPres, ["hc_post_pre"], args, tmp_path / "post_pres.onnx")
+    assert calls == ["hc_post_pre", "hc_post_pre_normed", "hc_post_summed_pre", "hc_post_summed_pre_normed"]
+    names = [f"{call} {output}" for call in calls for output in ("streams", "y", "post", "comb")]
+    for name, actual, expected in zip(names, got, want, strict=True):
         _assert_close(actual, expected, DENSE_RTOL, name)
 
 

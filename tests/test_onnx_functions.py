@@ -649,6 +649,55 @@ def test_hc_post_addend_adds_the_two_parts_in_f_s_dtype(dtype, layout):
         assert verdict.ok, (got is summed, verdict.detail)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("addend", [False, True], ids=["post", "post_summed"])
+@pytest.mark.parametrize("normed", [False, True], ids=["pre", "pre_normed"])
+def test_hc_post_pre_is_hc_post_then_hc_pre_of_the_rounded_streams(normed, addend, dtype):
+    """hc_post_pre selects one of four functions by whether an addend and a norm_weight are given
+    (the onnxruntime backend passes them on): its streams are the hc_post function's output
+    (hc_post_summed's with the addend), in x's dtype, and its (y, post', comb') the hc_pre
+    function's (hc_pre_normed's with the norm_weight) of those rounded streams, bit for bit. Held
+    to the CPU reference by the conformance rules of its two parts: the streams against the
+    float64 reference hc_post_pre's by hc_post's rule (with the addend, the rule with it), and
+    y, post', comb' by hc_pre's against the float64 reference over the streams the op made (the
+    float64 reference does not round its streams to x's dtype, which hc_pre's rule does not cover).
+    The addend cancels f in places; norm_eps (1e-3) differs from eps so that swapping them shows."""
+    from seahal.backends.onnxruntime import kernels
+
+    seed = 2 * dtype.itemsize + addend + 2 * normed
+    post_case = hc_case("post", seed, "hc_post", dtype=dtype, addend="cancelling" if addend else "none")
+    f, x, post, comb, *summand = post_case.calls[0]
+    pre_case = hc_case("pre", seed + 1, "hc_pre", dtype=dtype, normed=normed)
+    _, fn, base, scale, iters, eps, _, norm_weight = pre_case.calls[0]
+    norm_eps, addend_arg = 1e-3, summand[0] if addend else None
+    name = f"hc_post{'_summed' if addend else ''}_pre{'_normed' if normed else ''}"
+    assert F.select("hc_post_pre", {"addend": addend_arg, "norm_weight": norm_weight}).name == name
+    optional = ("norm_weight",) * normed + ("addend",) * addend  # in HAL order
+    assert F.FUNCTIONS[name].inputs == ("f", "x", "post", "comb", "fn", "base", "scale", *optional)
+    assert F.FUNCTIONS[name].attributes == ("sinkhorn_iters", "eps", "norm_eps") and F.FUNCTIONS[name].n_outputs == 4
+
+    pre_args = (fn, base, scale, iters, eps, norm_eps, norm_weight)
+    got = kernels.hc_post_pre(f, x, post, comb, *pre_args, addend_arg)
+    streams = kernels.hc_post(f, x, post, comb, addend_arg)
+    assert got[0].dtype == x.dtype and got[0].shape == x.shape
+    composed = (streams, *kernels.hc_pre(streams, *pre_args))
+    for part, a, b in zip(("streams", "y", "post", "comb"), got, composed, strict=True):
+        assert torch.equal(_bits(a), _bits(b)), part
+
+    call = (f, x, post, comb, *pre_args, addend_arg)
+    upcast = float64_positions("hc_post_pre", call)
+    want = ref_mhc.hc_post_pre(*(a.double() if i in upcast else a for i, a in enumerate(call)))
+    (check,) = checks_for("hc_post", (f, x, post, comb, addend_arg))
+    verdict = check.check.compare(got[0], want[0])
+    assert verdict.ok, ("streams", verdict.detail)
+    pre_call = (got[0], *pre_args)
+    upcast = float64_positions("hc_pre", pre_call)
+    want = ref_mhc.hc_pre(*(a.double() if i in upcast else a for i, a in enumerate(pre_call)))
+    for check in checks_for("hc_pre", pre_call):
+        verdict = check.check.compare(got[1:][check.outputs], want[check.outputs])
+        assert verdict.ok, (check.label, verdict.detail)
+
+
 def _index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:
     """index_key_pack through the function :func:`F.select` picks for key_format."""
     fn = F.select("index_key_pack", {"key_format": key_format})

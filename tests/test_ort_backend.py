@@ -13,6 +13,7 @@ from seahal.backends import onnxruntime as ort_backend
 from seahal.backends.onnxruntime import kernels, session
 from seahal.cli import main as cli
 from seahal.hal.ops.compressor import compressor_state
+from seahal.onnx.functions import select
 from seahal.testing.conformance import run_conformance
 
 pytest.importorskip("onnxruntime")
@@ -137,6 +138,42 @@ def test_hadamard_rotate_positions_are_inputs_so_decode_steps_share_a_session(mo
     info = session._session.cache_info()
     assert built.count("hadamard_rotate_fp4_roped") == 1 and built.count("rope") == 1
     assert info.misses == len(built) == 3 and info.hits == 3 * 8 - 3
+
+
+def test_hc_post_pre_runs_the_function_its_optional_tensors_pick(monkeypatch):
+    """hc_post_pre through a plan for onnxruntime, twice per combination of addend and
+    norm_weight (positional and by keyword, defaults filled in): each combination builds one
+    session, of the function select picks, which the second call reuses; the outputs are the
+    contract's (streams and y in x's dtype, post' and comb' fp32) and the cpu plan's reference
+    kernel's within 1e-4 of their scale: fp32 activations, the same fp32 math in another summation
+    order (about 2^-24 relative per sum of n*D = 256 terms, through 20 Sinkhorn rounds of 4 x 4)."""
+    built = []
+    real = session.node_model
+    monkeypatch.setattr(session, "node_model", lambda function, *args: built.append(function.name) or real(function, *args))
+    g = torch.Generator().manual_seed(3)
+    n, d = 4, 64
+    x, f, addend = torch.randn(2, 3, n, d, generator=g), *torch.randn(2, 2, 3, d, generator=g)
+    post, comb = 2 * torch.rand(2, 3, n, generator=g), torch.softmax(torch.randn(2, 3, n, n, generator=g), dim=-2)
+    fn, base = torch.randn((2 + n) * n, n * d, generator=g) / d, torch.randn((2 + n) * n, generator=g)
+    scale, weight = torch.rand(3, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
+    ops = hal.plan("onnxruntime", ["hc_post_pre"], announce=False, environ={}).ops
+    reference = hal.plan("cpu", ["hc_post_pre"], announce=False, environ={"SEAHAL_OPS": "hc_post_pre=cpu.reference"}).ops
+    session._session.cache_clear()
+    expected = []
+    for optional in ({}, {"norm_weight": weight}, {"addend": addend}, {"norm_weight": weight, "addend": addend}):
+        expected.append(select("hc_post_pre", {"addend": None, "norm_weight": None, **optional}).name)
+        got = ops.hc_post_pre(f, x, post, comb, fn, base, scale, **optional)
+        again = ops.hc_post_pre(f, x, post, comb, fn, base, scale, 20, 1e-6, 1e-6, optional.get("norm_weight"),
+                                optional.get("addend"))
+        want = reference.hc_post_pre(f, x, post, comb, fn, base, scale, **optional)
+        assert [(t.shape, t.dtype) for t in got] == [(x.shape, x.dtype), ((2, 3, d), x.dtype),
+                                                     ((2, 3, n), torch.float32), ((2, 3, n, n), torch.float32)]
+        for name, a, b, w in zip(("streams", "y", "post", "comb"), got, again, want, strict=True):
+            assert torch.equal(a, b), (optional.keys(), name)
+            assert (a - w).abs().max() <= 1e-4 * w.abs().max(), (optional.keys(), name)
+    assert built == expected == ["hc_post_pre", "hc_post_pre_normed", "hc_post_summed_pre", "hc_post_summed_pre_normed"]
+    info = session._session.cache_info()
+    assert (info.misses, info.hits) == (4, 4)
 
 
 def test_tiny_model_on_onnxruntime_matches_cpu():

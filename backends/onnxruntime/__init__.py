@@ -50,6 +50,7 @@ CAPABILITIES = {
     "sparse_attention_fp8": {"dtype": _FLOATS, "kv_format": ("fp8",)},
     "hc_pre": {"dtype": _FLOATS},
     "hc_post": {"dtype": _FLOATS},
+    "hc_post_pre": {"dtype": _FLOATS},
     "hc_head": {"dtype": _FLOATS},
     "rope": {"dtype": _FLOATS},
     "rms_norm_rope": {"dtype": _FLOATS},

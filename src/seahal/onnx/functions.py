@@ -22,6 +22,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``sparse_attention`` and ``sparse_attention_fp8`` (no ``positions``), ``sparse_attention_rotated``
   and ``sparse_attention_fp8_rotated`` (``positions`` and ``freqs``: the output's inverse RoPE),
   ``hc_post`` (no ``addend``) and ``hc_post_summed`` (the sub-layer output in two parts),
+  ``hc_post_pre`` (no ``addend``, no ``norm_weight``), ``hc_post_pre_normed`` (``norm_weight``),
+  ``hc_post_summed_pre`` (``addend``) and ``hc_post_summed_pre_normed`` (both): the hc_post
+  function the ``addend`` picks, then the hc_pre function the ``norm_weight`` picks,
   ``kv_cache_store`` (no ``positions``), ``kv_cache_store_normed``
   (``positions``, ``freqs`` and ``norm_weight``: the vectors through ``rms_norm_rope`` first) and
   ``kv_cache_store_normed_unweighted`` (``positions`` and ``freqs``, no weight).
@@ -910,6 +913,58 @@ def hc_post_summed(f, x, post, comb, addend):
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def hc_post_pre(f, x, post, comb, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
+    """mHC post of one sub-layer, then pre of the next -> (streams [B, S, n, D] in x's dtype, y, post',
+    comb'): ``streams = hc_post(f, x, post, comb)``, ``(y, post', comb') = hc_pre(streams, fn, base,
+    scale, sinkhorn_iters, eps, norm_eps)``, the streams rounded to x's dtype before hc_pre reads
+    them (as the two ops in turn). The variants swap in each part's: an ``addend`` makes the post
+    part :func:`hc_post_summed`, a ``norm_weight`` the pre part :func:`hc_pre_normed`."""
+    streams = hc_post(f, x, post, comb)
+    y, post_next, comb_next = hc_pre(
+        streams, fn, base, scale, sinkhorn_iters=sinkhorn_iters, eps=eps, norm_eps=norm_eps,
+    )
+    return streams, y, post_next, comb_next
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hc_post_pre_normed(
+    f, x, post, comb, fn, base, scale, norm_weight, sinkhorn_iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6,
+):
+    """:func:`hc_post_pre` with the next sub-layer's pre-norm: its hc_pre part is :func:`hc_pre_normed`."""
+    streams = hc_post(f, x, post, comb)
+    y, post_next, comb_next = hc_pre_normed(
+        streams, fn, base, scale, norm_weight, sinkhorn_iters=sinkhorn_iters, eps=eps, norm_eps=norm_eps,
+    )
+    return streams, y, post_next, comb_next
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hc_post_summed_pre(
+    f, x, post, comb, fn, base, scale, addend, sinkhorn_iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6,
+):
+    """:func:`hc_post_pre` of a sub-layer output in two parts: its hc_post part is :func:`hc_post_summed`."""
+    streams = hc_post_summed(f, x, post, comb, addend)
+    y, post_next, comb_next = hc_pre(
+        streams, fn, base, scale, sinkhorn_iters=sinkhorn_iters, eps=eps, norm_eps=norm_eps,
+    )
+    return streams, y, post_next, comb_next
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
+def hc_post_summed_pre_normed(
+    f, x, post, comb, fn, base, scale, norm_weight, addend,
+    sinkhorn_iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6,
+):
+    """:func:`hc_post_pre` with both: :func:`hc_post_summed`, then :func:`hc_pre_normed` (V4's MoE
+    sub-layer finishing, the next layer's attention starting)."""
+    streams = hc_post_summed(f, x, post, comb, addend)
+    y, post_next, comb_next = hc_pre_normed(
+        streams, fn, base, scale, norm_weight, sinkhorn_iters=sinkhorn_iters, eps=eps, norm_eps=norm_eps,
+    )
+    return streams, y, post_next, comb_next
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def hc_head(x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
     """mHC head: ``y = sum_i (sigmoid(mix_i s0 + b_i) + eps) x_i``: x [B, S, n, D], fn [n, n*D] -> [B, S, D]."""
     pre = op.Sigmoid(stream_mix(x, fn, norm_eps=norm_eps) * op.Cast(scale, to=FLOAT) + op.Cast(base, to=FLOAT))
@@ -1198,6 +1253,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "sparse_attention_fp8": ("sparse_attention_fp8", "sparse_attention_fp8_rotated"),
     "hc_pre": ("hc_pre", "hc_pre_normed"),
     "hc_post": ("hc_post", "hc_post_summed"),
+    "hc_post_pre": ("hc_post_pre", "hc_post_pre_normed", "hc_post_summed_pre", "hc_post_summed_pre_normed"),
     "hc_head": ("hc_head", "hc_head_normed"),
     "rope": ("rope",),
     "rms_norm_rope": ("rms_norm_rope", "rms_norm_rope_unweighted"),
@@ -1307,7 +1363,7 @@ def weight_format(weight: Any) -> str:
 
 def select(op: str, args: Mapping[str, Any]) -> OpFunction:
     """The function that computes ``op`` for a call with these arguments (by HAL name): which
-    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_post, hc_head,
+    optional tensors are given (moe_gate, rms_norm, rms_norm_rope, hc_pre, hc_post, hc_post_pre, hc_head,
     sparse_attention, sparse_attention_fp8, kv_cache_store), the weights' format (moe_experts, grouped_linear,
     act_quant_gemm), the key format (indexer_topk_packed, index_key_pack, index_key_store) or whether an FP4
     rounding follows and whether positions are given (hadamard_rotate) pick it."""
@@ -1337,6 +1393,9 @@ def select(op: str, args: Mapping[str, Any]) -> OpFunction:
         )
     elif op == "hc_post":
         name = op if args.get("addend") is None else f"{op}_summed"
+    elif op == "hc_post_pre":  # each optional tensor picks its part's variant
+        post_part = "hc_post" if args.get("addend") is None else "hc_post_summed"
+        name = f"{post_part}_pre" if args.get("norm_weight") is None else f"{post_part}_pre_normed"
     elif op == "hadamard_rotate":
         name = "hadamard_rotate_fp4" if args.get("fp4_block") else "hadamard_rotate"
         name += "" if args.get("positions") is None else "_roped"
