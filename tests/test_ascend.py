@@ -19,7 +19,7 @@ from seahal import hal
 from seahal.cli import main
 from seahal.hal.info import collect, format_text
 from seahal.testing.cases import Case, cases_for, hc_case, requirements
-from seahal.testing.conformance import run_case, run_conformance, targets
+from seahal.testing.conformance import failed_checks, run_case, run_conformance, targets
 
 A2, A3, A5 = 220, 250, 260
 
@@ -99,7 +99,7 @@ def test_conformance_on_the_emulation(soc):
     # chip capabilities: FP8 G-B GEMM (and act_quant_gemm over it), FP8 block quant (fp32 scales)
     # and mHC on the 950 only, interleaved npu_rotary_mul on A2/A3 only; elsewhere every case is unsupported
     for op, on_chip in (("fp8_gemm", A5), ("act_quant_gemm", A5), ("fp8_act_quant", A5), ("hc_pre", A5),
-                        ("hc_post", A5), ("rope", A2)):
+                        ("hc_post", A5), ("hc_post_pre", A5), ("rope", A2)):
         if soc == on_chip:
             assert counts[op]["pass"] > 0, (op, report.summary())
         else:
@@ -210,6 +210,50 @@ def test_mhc_post_addend_is_the_vendor_post_of_the_sum():
             assert torch.equal(got, mhc.hc_post(f + addend, x, post, comb)), (dtype, n)
 
 
+def _post_pre_args(seed: int, n: int = 4, d: int = 512, dtype=torch.bfloat16, iters: int = 20, normed: bool = False,
+                   addend: str = "none") -> tuple[tuple, tuple]:
+    """hc_post_pre's arguments as (hc_post's (f, x, post, comb[, addend]), hc_pre's past the streams
+    (fn, base, scale, iters, eps, norm_eps, norm_weight)), drawn by the two ops' case builders."""
+    post_args = hc_case("post", seed, "hc_post", b=1, s=3, n=n, d=d, dtype=dtype, addend=addend).calls[0]
+    pre_args = hc_case("pre", seed, "hc_pre", b=1, s=3, n=n, d=d, dtype=dtype, iters=iters, normed=normed).calls[0]
+    return post_args, pre_args[1:]
+
+
+@pytest.mark.filterwarnings("ignore:seahal. ascend.torch_npu runs .* on the portable kernel:RuntimeWarning")
+def test_mhc_post_pre_is_its_own_post_then_its_own_pre():
+    """hc_post_pre: the 950's plan binds the vendor kernel, A2's the portable reference (mHC's chip
+    rule). Through the plan its outputs equal the backend's hc_post then hc_pre, bit for bit:
+    npu_mhc_post then npu_mhc_pre -> npu_mhc_sinkhorn at n = 4, D = 512 (also with an addend, a
+    folded norm weight and 7 Sinkhorn iterations); npu_mhc_post with the portable hc_pre at D = 32;
+    both portable for fp32 streams and n = 3. Each agrees with the CPU reference within hc_post's
+    and hc_pre's conformance rules."""
+    configs = [  # (post_pre args, npu_mhc_post calls, npu_mhc_pre calls)
+        (_post_pre_args(0), 1, 1),
+        (_post_pre_args(1, iters=7, normed=True, addend="cancelling"), 1, 1),
+        (_post_pre_args(2, d=32, addend="cancelling"), 1, 0),
+        (_post_pre_args(3, dtype=torch.float32, normed=True), 0, 0),
+        (_post_pre_args(4, n=3, addend="cancelling"), 0, 0),
+    ]
+    with emulated("torch_npu", backend="ascend", settings={"soc_version": A2}):
+        with pytest.warns(RuntimeWarning, match="no npu kernel and run on a portable fallback: hc_post_pre"):
+            entry = hal.plan("ascend", ops=["hc_post_pre"], announce=False, environ={}).entries["hc_post_pre"]
+        assert (entry.label, entry.fallback) == ("cpu.reference", True)
+    with emulated("torch_npu", backend="ascend", settings={"soc_version": A5}):
+        from seahal.backends.ascend import mhc
+
+        p = hal.plan("ascend", ops=["hc_post_pre"], announce=False, environ={})
+        assert p.entries["hc_post_pre"].label == "ascend.torch_npu"
+        for (post_args, pre_params), post_calls, pre_calls in configs:
+            f, x, post, comb, *addend = post_args
+            with _vendor_calls(mhc, "npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post") as calls:
+                got = p.ops.hc_post_pre(f, x, post, comb, *pre_params, *addend)
+            counts = [len(calls[name]) for name in ("npu_mhc_post", "npu_mhc_pre", "npu_mhc_sinkhorn")]
+            assert counts == [post_calls, pre_calls, pre_calls], (x.shape, x.dtype, counts)
+            streams = mhc.hc_post(*post_args)
+            assert all(torch.equal(a, b) for a, b in zip(got, (streams, *mhc.hc_pre(streams, *pre_params)))), x.shape
+            assert not failed_checks("hc_post_pre", (f, x, post, comb, *pre_params, *addend), got)
+
+
 @pytest.mark.parametrize("soc", [A2, A5])
 def test_attention_rotated_back_is_its_own_attention_then_its_own_rope(soc):
     """With positions and freqs, sparse_attention's output is npu_sparse_flash_attention's then the
@@ -248,10 +292,11 @@ def test_seahal_run_on_the_emulated_npu(soc, fp8_kernel, tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert re.search(r"^plan\(npu emulated on cpu\): \d+ ops cpu\.reference, \d+ ops ascend\.torch_npu", out, re.M)
     table = {m[0]: m[1].strip() for m in re.findall(r"^(\w+) +(\S+(?: \(fallback\))?) ", out, re.M)}
-    vendor = ["moe_experts", "indexer_topk", "sparse_attention"] + (["hc_pre", "hc_post", "hc_head"] if soc == A5 else ["rope"])
+    vendor = ["moe_experts", "indexer_topk", "sparse_attention"] + (
+        ["hc_pre", "hc_post", "hc_post_pre", "hc_head"] if soc == A5 else ["rope"])
     for op in vendor:
         assert table[op] == "ascend.torch_npu", out  # vendor operators (mHC on the 950 only, rope on A2/A3 only)
-    for op in ["moe_gate", "kv_compress", "fp8_act_quant"] + (["rope"] if soc == A5 else ["hc_pre"]):
+    for op in ["moe_gate", "kv_compress", "fp8_act_quant"] + (["rope"] if soc == A5 else ["hc_pre", "hc_post_pre"]):
         assert table[op] == "cpu.reference (fallback)", out  # the portable path (V4's sqrtsoftplus gate, ue8m0 quant)
     assert table["fp8_gemm"] == fp8_kernel
     conversions = re.findall(r"^weights converted at load: quantised (\w+) weights -> bfloat16", out, re.M)

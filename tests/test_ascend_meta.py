@@ -206,7 +206,8 @@ def test_fp8_block_gemm_g_b_mode(kernels):
 def test_mhc_pre_sinkhorn_head_and_post(kernels):
     """V4-Flash geometry (n = 4 streams of D = 4096), 4-D [B, S, n, D] streams; hc_pre and hc_head
     without and with the folded RMSNorm weight (the portable norm after npu_mhc_pre), hc_post
-    without and with an addend (npu_mhc_post on the sum)."""
+    without and with an addend (npu_mhc_post on the sum); hc_post_pre (npu_mhc_post, then
+    npu_mhc_pre -> npu_mhc_sinkhorn on its streams) without and with both."""
     f32 = torch.float32
     x = meta(2, 3, 4, 4096)
     for norm_weight in (None, meta(4096, dtype=f32)):
@@ -217,6 +218,10 @@ def test_mhc_pre_sinkhorn_head_and_post(kernels):
     for addend in (None, meta(2, 3, 4096)):
         args = (meta(2, 3, 4096), x, meta(2, 3, 4, dtype=f32), meta(2, 3, 4, 4, dtype=f32), addend)
         assert_matches_contract("hc_post", args, kernels.mhc.hc_post(*args))
+    for addend, norm_weight in ((None, None), (meta(2, 3, 4096), meta(4096, dtype=f32))):
+        args = (meta(2, 3, 4096), x, meta(2, 3, 4, dtype=f32), meta(2, 3, 4, 4, dtype=f32), meta(24, 16384, dtype=f32),
+                meta(24, dtype=f32), meta(3, dtype=f32), 20, 1e-6, 1e-6, norm_weight, addend)
+        assert_matches_contract("hc_post_pre", args, kernels.mhc.hc_post_pre(*args))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

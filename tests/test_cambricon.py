@@ -23,7 +23,9 @@ from seahal import hal
 from seahal.cli import main
 
 BACKEND_DIR = Path(hal.__file__).resolve().parents[1] / "backends" / "cambricon"
-VENDOR_OPS = ("moe_gate", "moe_experts", "fp8_gemm", "kv_compress", "sparse_attention", "hc_pre", "hc_post", "rope")
+VENDOR_OPS = (
+    "moe_gate", "moe_experts", "fp8_gemm", "kv_compress", "sparse_attention", "hc_pre", "hc_post", "hc_post_pre", "rope",
+)
 
 
 @contextlib.contextmanager
@@ -105,6 +107,40 @@ def test_hc_post_addend_is_its_post_of_the_sum():
             tmo_calls = [c[0] for c in tmo_emulation._emulation.CALLS[before:]]
             assert tmo_calls == ([] if d == 32 else ["fused_mhc_post"] * 2), (dtype, d)
             assert torch.equal(got, summed), (dtype, d)
+
+
+@pytest.mark.filterwarnings("ignore:seahal. cambricon.tmo runs hc_p.* on the portable kernel:RuntimeWarning")
+def test_hc_post_pre_is_its_own_post_then_its_own_pre():
+    """The plan binds hc_post_pre to tmo, and its outputs equal the backend's hc_post then hc_pre,
+    bit for bit: fused_mhc_post then hc_split_sinkhorn at fused_mhc_post's shape (4 streams of
+    D = 4096; bf16, and fp32 with an addend, a folded norm weight and 7 Sinkhorn iterations); the
+    portable hc_post then hc_split_sinkhorn at D = 32; both portable for fp64 streams. Each agrees
+    with the CPU reference within hc_post's and hc_pre's conformance rules."""
+    from seahal.testing.cases import hc_case
+    from seahal.testing.conformance import failed_checks
+
+    configs = [  # (dtype, D, normed, addend, iters, tmo calls)
+        (torch.bfloat16, 4096, False, "none", 20, ["fused_mhc_post", "hc_split_sinkhorn"]),
+        (torch.float32, 4096, True, "cancelling", 7, ["fused_mhc_post", "hc_split_sinkhorn"]),
+        (torch.bfloat16, 32, True, "cancelling", 20, ["hc_split_sinkhorn"]),
+        (torch.float64, 32, False, "cancelling", 20, []),
+    ]
+    with mlu() as tmo_emulation:
+        from seahal.backends.cambricon import mhc
+
+        p = hal.plan("cambricon", ops=["hc_post_pre"], announce=False, environ={})
+        assert p.entries["hc_post_pre"].label == "cambricon.tmo"
+        for seed, (dtype, d, normed, addend, iters, tmo_calls) in enumerate(configs):
+            post_args = hc_case("post", seed, "hc_post", b=1, s=2, d=d, dtype=dtype, addend=addend).calls[0]
+            pre_params = hc_case("pre", seed, "hc_pre", b=1, s=2, d=d, dtype=dtype, iters=iters,
+                                 normed=normed).calls[0][1:]
+            f, x, post, comb, *rest = post_args
+            before = len(tmo_emulation._emulation.CALLS)
+            got = p.ops.hc_post_pre(f, x, post, comb, *pre_params, *rest)
+            assert [c[0] for c in tmo_emulation._emulation.CALLS[before:]] == tmo_calls, (dtype, d)
+            streams = mhc.hc_post(*post_args)
+            assert all(torch.equal(a, b) for a, b in zip(got, (streams, *mhc.hc_pre(streams, *pre_params)))), (dtype, d)
+            assert not failed_checks("hc_post_pre", (f, x, post, comb, *pre_params, *rest), got)
 
 
 @pytest.mark.filterwarnings("ignore:seahal. cambricon.tmo runs hc_pre on the portable kernel:RuntimeWarning")
@@ -270,7 +306,7 @@ def test_on_release_1_6_calls_match_its_table_and_v4_ops_stay_portable():
     assert report.ok, report.summary()
     _assert_calls_match(calls, entry)
     assert {c[0] for c in calls} <= set(signatures.RELEASES["1.6"].functions)
-    for op in ("kv_compress", "hc_pre", "hc_post"):
+    for op in ("kv_compress", "hc_pre", "hc_post", "hc_post_pre"):
         assert plan.entries[op].fallback, op
         assert any("has none of" in why for _, why in plan.entries[op].rejected), plan.entries[op].rejected
     assert plan.entries["moe_gate"].label == "cambricon.tmo"  # sigmoid/softmax exist in 1.6
@@ -398,7 +434,7 @@ def test_seahal_run_on_cambricon_end_to_end(tmp_path, monkeypatch, capsys):
     out = captured.out
     assert code == 0, out
     assert re.search(r"plan\(mlu emulated on cpu\): .*\d+ ops cambricon\.tmo", captured.out + captured.err)
-    for op in ("moe_gate", "fp8_gemm", "kv_compress", "sparse_attention", "hc_pre", "hc_post", "rope"):
+    for op in ("moe_gate", "fp8_gemm", "kv_compress", "sparse_attention", "hc_pre", "hc_post", "hc_post_pre", "rope"):
         assert re.search(rf"^{op} +cambricon\.tmo ", out, re.MULTILINE), op
     for op in ("indexer_topk", "fp4_gemm", "fp8_act_quant"):
         assert re.search(rf"^{op} +cpu\.reference \(fallback\) ", out, re.MULTILINE), op

@@ -124,7 +124,7 @@ def register() -> None:
         ),
     )
     mhc = {"chip": chips_with("mhc"), "dtype": ("bfloat16",)}
-    for op in ("hc_pre", "hc_post", "hc_head"):
+    for op in ("hc_pre", "hc_post", "hc_post_pre", "hc_head"):
         register_kernel(op, "ascend", "torch_npu", f"seahal.backends.ascend.mhc:{op}", priority=10, capabilities=mhc)
     rotary = {"chip": chips_with("rotary_mul_interleave"), "dtype": ("bfloat16", "float32")}
     for op in ("rope", "rms_norm_rope"):

@@ -1,5 +1,6 @@
 """mHC on the Ascend 950: ``npu_mhc_pre`` -> ``npu_mhc_sinkhorn`` for ``hc_pre`` (and ``hc_head``),
-``npu_mhc_post`` for ``hc_post`` (torch-npu >= 2.10.0.post4; Ascend 950 only, ``chips.py``).
+``npu_mhc_post`` for ``hc_post``, and ``hc_post_pre`` as this module's ``hc_post`` then its
+``hc_pre`` (torch-npu >= 2.10.0.post4; Ascend 950 only, ``chips.py``).
 
 The vendor's formulas (op-plugin ``docs/context/torch_npu-npu_mhc_pre.md``, ``..._mhc_sinkhorn.md``,
 the 2.14 docstring of ``npu_mhc_post``) are the HAL's (v4_ops.md §5) term by term: RMS over all n*D
@@ -12,7 +13,9 @@ With ``norm_weight`` (the sub-layer's or the final RMSNorm folded into hc_pre / 
 norm runs on the portable ``rms_norm`` after the vendor's collapse ``h_in``. ``npu_mhc_pre``'s
 ``gamma`` keyword is not used for it: its documentation does not settle that it is this weight.
 With hc_post's ``addend`` (the sub-layer output in two parts) ``npu_mhc_post`` takes their sum,
-added in torch first.
+added in torch first. torch_npu has no fused post-then-pre operator: ``hc_post_pre`` makes the
+streams with ``npu_mhc_post`` and reads them back with ``npu_mhc_pre``, each half with its own
+portable fallback.
 """
 
 from __future__ import annotations
@@ -134,3 +137,28 @@ def hc_post(
         return portable("hc_post", f"npu_mhc_post needs {reason}", f, x, post, comb, addend)
     h_out = f if addend is None else f + addend
     return torch_npu.npu_mhc_post(x, h_res=comb.float(), h_out=h_out, h_post=post.float())
+
+
+def hc_post_pre(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    sinkhorn_iters: int = 20,
+    eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
+    addend: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``hc_post_pre`` contract: :func:`hc_post` (``npu_mhc_post``), then :func:`hc_pre`
+    (``npu_mhc_pre`` -> ``npu_mhc_sinkhorn``) of the streams it made.
+
+    -> (streams [B, S, n, D] in x's dtype, y [B, S, D], post' [B, S, n] fp32, comb' [B, S, n, n] fp32);
+    each half runs the portable kernel on its own limits (so e.g. npu_mhc_post with a portable
+    hc_pre at D = 256), with the same results as the two ops called in turn.
+    """
+    streams = hc_post(f, x, post, comb, addend)
+    return (streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight))

@@ -6,7 +6,8 @@ moe_experts (``moe_gen_idx`` -> ``group_gemm`` x2 -> ``moe_combine_result``), fp
 (``single_query_cached_kv_attn`` with ``learnable_sink``; its output's inverse RoPE on
 ``apply_rotary``), hc_pre (``hc_split_sinkhorn``),
 hc_post (``fused_mhc_post``) and rope (``apply_rotary``, forward and inverse; rms_norm_rope too, after
-the portable norm), and act_quant_gemm as the portable quantisation then fp8_gemm. Every other op,
+the portable norm), act_quant_gemm as the portable quantisation then fp8_gemm, and hc_post_pre as
+hc_post then hc_pre. Every other op,
 and every call a tmo function cannot take, runs on the portable reference (pure torch,
 device-resident, no host sync). tmo is called with keywords only, checked against the
 version-pinned table in :mod:`.signatures`; a tmo release the table does not pin is refused
@@ -43,6 +44,7 @@ KERNELS = {
     "sparse_attention": (("single_query_cached_kv_attn",), {"dtype": _FLOATS, "kv_format": ("dense",)}),
     "hc_pre": (("hc_split_sinkhorn",), {"dtype": _FLOATS}),
     "hc_post": (("fused_mhc_post",), {"dtype": _FLOATS}),
+    "hc_post_pre": (("fused_mhc_post", "hc_split_sinkhorn"), {"dtype": _FLOATS}),
     "rope": (("apply_rotary",), {"dtype": _FLOATS}),
     "rms_norm_rope": (("apply_rotary",), {"dtype": _FLOATS}),
 }
@@ -55,6 +57,7 @@ _MODULES = {
     "sparse_attention": "attention",
     "hc_pre": "mhc",
     "hc_post": "mhc",
+    "hc_post_pre": "mhc",
     "rope": "rope",
     "rms_norm_rope": "rope",
 }

@@ -1,4 +1,5 @@
-"""mHC on tmo: ``hc_split_sinkhorn`` for hc_pre, ``fused_mhc_post`` for hc_post.
+"""mHC on tmo: ``hc_split_sinkhorn`` for hc_pre, ``fused_mhc_post`` for hc_post, both in turn for
+hc_post_pre.
 
 hc_pre: the stream projection ``mixes = x_flat @ fn^T`` and its RMS factor are computed in torch
 (fp32) and handed to ``tmo.hc_split_sinkhorn(mixes, hc_scale, hc_base, pre_scale=rsqrt, hc_mult,
@@ -10,6 +11,12 @@ hc_post: ``tmo.fused_mhc_post(x=f, residual=x, post, comb, compute_rms=False, ep
 ``post_j f + sum_i comb[i, j] x_i``, with ``addend`` (the sub-layer output in two parts) on
 ``f + addend``, added in torch first. Its documented limitation is D = 4096 and four streams (the
 V4-Flash shape); other shapes, and f in another dtype than the streams, run on the portable path.
+
+hc_post_pre: this module's hc_post, then its hc_pre of the streams it made, each with its own
+portable fallback, so its results are the two ops' in turn, bit for bit. Not done:
+``fused_mhc_post(compute_rms=True)`` also returns a per-token ``rsqrt(mean(out^2) + eps)`` of the
+new streams, which could stand in for hc_pre's own RMS factor (one reduction fewer) once it is
+shown on an MLU to equal hc_pre's fp32 factor.
 """
 
 from __future__ import annotations
@@ -95,3 +102,28 @@ def hc_post(
         eps=1e-6,
     )
     return out.reshape(batch, seq, n, dim)
+
+
+def hc_post_pre(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    sinkhorn_iters: int = 20,
+    eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+    norm_weight: torch.Tensor | None = None,
+    addend: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hc_post (``fused_mhc_post``), then hc_pre (``hc_split_sinkhorn``) of the streams it made
+    (contract: ``hal.ops.mhc.hc_post_pre``).
+
+    -> (streams [B, S, n, D] in x's dtype, y [B, S, D], post' [B, S, n] fp32, comb' [B, S, n, n] fp32);
+    each half takes the portable path on its own limits (e.g. D != 4096 for fused_mhc_post while
+    hc_split_sinkhorn still runs), with the same results as the two ops called in turn.
+    """
+    streams = hc_post(f, x, post, comb, addend)
+    return (streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight))

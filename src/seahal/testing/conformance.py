@@ -32,7 +32,7 @@ from seahal.hal.registry import REGISTRY, Kernel, PlanContext, backends
 from seahal.hal.spec import OpSpec, Out, get_spec, specs
 
 from . import triton_interpreter
-from .cases import Case, cases_for, strategy
+from .cases import Case, cases_for, requirements, strategy
 from .compare import Verdict, bit_pattern
 from .tolerances import checks_for, reference_in_float64
 
@@ -379,6 +379,16 @@ def _compare(case: Case, got: _Run, want: _Run) -> list[tuple[str, Any, Verdict]
 
 def _select(values: tuple[torch.Tensor, ...], outputs: int | tuple[int, ...]) -> Any:
     return tuple(values[j] for j in outputs) if isinstance(outputs, tuple) else values[outputs]
+
+
+def failed_checks(op: str, args: tuple, outputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """``outputs``, one call of ``op`` on ``args`` computed by the caller, against the CPU reference
+    under the op's conformance rules (what :func:`run_case` compares): each failed check's label
+    and detail, none when every output is within its rule."""
+    case = Case(op, "given outputs", (args,), requirements(op, args))
+    got = _Run([tuple(outputs)], ())
+    return [f"{label}: {verdict.detail}" for label, _, verdict in _compare(case, got, ReferenceCache().get(case))
+            if not verdict.ok]
 
 
 def run_case(target: Target, case: Case, reference: ReferenceCache | None = None) -> CaseResult:
