@@ -26,8 +26,19 @@ def _hc_params(n: int, dim: int, rows: int, prefix: str, module: nn.Module, n_sc
     module.register_parameter(f"{prefix}_scale", nn.Parameter(torch.ones(n_scales), requires_grad=False))
 
 
+SubLayerOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
+"""A sub-layer's output not yet mixed into the streams: (f, its second part or None, post, comb),
+``hc_post``'s arguments besides the streams."""
+
+
 class Block(nn.Module):
-    """One layer: ``h = hc_post(Attention(norm(hc_pre(h))), h)``, then the same with the MoE."""
+    """One layer: ``h = hc_post(Attention(norm(hc_pre(h))), h)``, then the same with the MoE.
+
+    Each ``hc_post`` is run by the ``hc_pre`` that reads its streams (``hc_post_pre``, one op at
+    every sub-layer boundary): the block starts from the previous block's pending MoE output and
+    leaves its own pending (:attr:`SubLayerOutput`) for the next block, or for the model's last
+    ``hc_post`` before the head.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, ops: SimpleNamespace, parallel: Parallel = SINGLE_PROCESS):
         super().__init__()
@@ -41,23 +52,29 @@ class Block(nn.Module):
         _hc_params(c.hc_mult, c.dim, rows, "hc_attn", self, 3)
         _hc_params(c.hc_mult, c.dim, rows, "hc_ffn", self, 3)
 
-    def _hc_pre(self, h: torch.Tensor, prefix: str, norm: RMSNorm):
-        """hc_pre's (y, post, comb) with y through the sub-layer's norm, in the one op."""
+    def _hc_pre(self, h: torch.Tensor, pending: SubLayerOutput | None, prefix: str, norm: RMSNorm):
+        """The streams with ``pending`` mixed in, and hc_pre's (y, post, comb) of them with y through
+        the sub-layer's norm: one op (``hc_post_pre``, or ``hc_pre`` when nothing is pending)."""
         c = self.config
         fn, base, scale = (getattr(self, f"{prefix}_{p}") for p in ("fn", "base", "scale"))
-        return self.ops.hc_pre(h, fn, base, scale, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, norm.weight)
+        pre = (fn, base, scale, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, norm.weight)
+        if pending is None:
+            return h, *self.ops.hc_pre(h, *pre)
+        f, addend, post, comb = pending
+        return self.ops.hc_post_pre(f, h, post, comb, *pre, addend)
 
     def forward(
-        self, h: torch.Tensor, input_ids: torch.Tensor, cache, start_pos: int | torch.Tensor,
-        layout: TokenLayout | None = None, step: StepPositions | None = None,
-    ) -> torch.Tensor:
-        """h: [B, S, n, D] residual streams -> [B, S, n, D]; ``layout``: see :class:`MoE`;
-        ``step``: see :meth:`Attention.forward`."""
-        y, post, comb = self._hc_pre(h, "hc_attn", self.attn_norm)
-        h = self.ops.hc_post(self.attn(y, cache, start_pos, step), h, post, comb)
-        y, post, comb = self._hc_pre(h, "hc_ffn", self.ffn_norm)
+        self, h: torch.Tensor, pending: SubLayerOutput | None, input_ids: torch.Tensor, cache,
+        start_pos: int | torch.Tensor, layout: TokenLayout | None = None, step: StepPositions | None = None,
+    ) -> tuple[torch.Tensor, SubLayerOutput]:
+        """h: [B, S, n, D] residual streams, ``pending``: the previous block's MoE output not yet in
+        them (None for the first block) -> (the streams after the attention, this block's MoE
+        output to mix into them); ``layout``: see :class:`MoE`; ``step``: see :meth:`Attention.forward`."""
+        h, y, post, comb = self._hc_pre(h, pending, "hc_attn", self.attn_norm)
+        h, y, post, comb = self._hc_pre(h, (self.attn(y, cache, start_pos, step), None, post, comb), "hc_ffn",
+                                        self.ffn_norm)
         f, addend = self.ffn.parts(y, input_ids, layout)  # the routed and shared outputs, summed by hc_post
-        return self.ops.hc_post(f, h, post, comb, addend)
+        return h, (f, addend, post, comb)
 
 
 def _embedding(rows: int, dim: int, dtype: torch.dtype) -> nn.Embedding:
@@ -129,11 +146,15 @@ class Transformer(nn.Module):
         h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim)
         offsets = self.layers[0].attn.window_offsets if len(self.layers) else None
         step = StepPositions.of(start_pos, s, input_ids.device, offsets)  # made once for every layer
+        pending = None
         for block, layer_cache in zip(self.layers, cache.layers):
-            h = block(h, input_ids, layer_cache, start_pos, layout, step)
+            h, pending = block(h, pending, input_ids, layer_cache, start_pos, layout, step)
         cache.pos = step.end  # a new tensor at a tensor position (the caller's stays), shared with the entry counts
         if last_only:
-            h = h[:, -1:]
+            h, pending = h[:, -1:], pending and _last_token(pending)
+        if pending is not None:
+            f, addend, post, comb = pending
+            h = self.ops.hc_post(f, h, post, comb, addend)
         z = self.ops.hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps,
                              self.norm.weight)  # the final norm in the collapse's op
         logits = p.tp_all_gather(self.head(z), dim=-1)
@@ -148,6 +169,11 @@ class Transformer(nn.Module):
         inside = (local >= 0) & (local < self.embed.num_embeddings)
         rows = self.embed(torch.where(inside, local, 0)).masked_fill(~inside.unsqueeze(-1), 0)
         return self.parallel.tp_all_reduce(rows)
+
+
+def _last_token(pending: SubLayerOutput) -> SubLayerOutput:
+    """A pending sub-layer output's last token (each tensor's [B, 1, ...] view)."""
+    return tuple(t if t is None else t[:, -1:] for t in pending)
 
 
 def _round_up(n: int, multiple: int) -> int:
