@@ -24,6 +24,7 @@ import torch
 import torch_npu
 
 from seahal.backends.cpu.reference.norm import rms_norm
+from seahal.hal.ops.mhc import post_then_pre
 
 from ._portable import portable
 
@@ -139,26 +140,4 @@ def hc_post(
     return torch_npu.npu_mhc_post(x, h_res=comb.float(), h_out=h_out, h_post=post.float())
 
 
-def hc_post_pre(
-    f: torch.Tensor,
-    x: torch.Tensor,
-    post: torch.Tensor,
-    comb: torch.Tensor,
-    fn: torch.Tensor,
-    base: torch.Tensor,
-    scale: torch.Tensor,
-    sinkhorn_iters: int = 20,
-    eps: float = 1e-6,
-    norm_eps: float = 1e-6,
-    norm_weight: torch.Tensor | None = None,
-    addend: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``hc_post_pre`` contract: :func:`hc_post` (``npu_mhc_post``), then :func:`hc_pre`
-    (``npu_mhc_pre`` -> ``npu_mhc_sinkhorn``) of the streams it made.
-
-    -> (streams [B, S, n, D] in x's dtype, y [B, S, D], post' [B, S, n] fp32, comb' [B, S, n, n] fp32);
-    each half runs the portable kernel on its own limits (so e.g. npu_mhc_post with a portable
-    hc_pre at D = 256), with the same results as the two ops called in turn.
-    """
-    streams = hc_post(f, x, post, comb, addend)
-    return (streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight))
+hc_post_pre = post_then_pre(hc_post, hc_pre)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from seahal.backends.cpu.reference.norm import rms_norm
+from seahal.hal.ops.mhc import post_then_pre
 
 from . import tmo
 from .route import portable
@@ -104,26 +105,4 @@ def hc_post(
     return out.reshape(batch, seq, n, dim)
 
 
-def hc_post_pre(
-    f: torch.Tensor,
-    x: torch.Tensor,
-    post: torch.Tensor,
-    comb: torch.Tensor,
-    fn: torch.Tensor,
-    base: torch.Tensor,
-    scale: torch.Tensor,
-    sinkhorn_iters: int = 20,
-    eps: float = 1e-6,
-    norm_eps: float = 1e-6,
-    norm_weight: torch.Tensor | None = None,
-    addend: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hc_post (``fused_mhc_post``), then hc_pre (``hc_split_sinkhorn``) of the streams it made
-    (contract: ``hal.ops.mhc.hc_post_pre``).
-
-    -> (streams [B, S, n, D] in x's dtype, y [B, S, D], post' [B, S, n] fp32, comb' [B, S, n, n] fp32);
-    each half takes the portable path on its own limits (e.g. D != 4096 for fused_mhc_post while
-    hc_split_sinkhorn still runs), with the same results as the two ops called in turn.
-    """
-    streams = hc_post(f, x, post, comb, addend)
-    return (streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight))
+hc_post_pre = post_then_pre(hc_post, hc_pre)

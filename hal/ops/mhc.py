@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..checks import Contract
@@ -114,6 +116,21 @@ def hc_post_pre(
     _check_post(c, f, post, comb, addend)
     y, post_next, comb_next = _check_pre(c, x, fn, base, scale, sinkhorn_iters, norm_weight)
     return Out(tuple(x.shape), x.dtype), y, post_next, comb_next
+
+
+def post_then_pre(hc_post: Callable[..., torch.Tensor], hc_pre: Callable[..., tuple]) -> Callable[..., tuple]:
+    """An :func:`hc_post_pre` kernel made of a backend's ``hc_post`` and ``hc_pre`` kernels called in
+    turn, the streams the first returns handed to the second: the op's definition as code, for
+    backends without a kernel that mixes the streams as it makes them."""
+
+    def hc_post_pre(
+        f, x, post, comb, fn, base, scale, sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, norm_weight=None, addend=None
+    ):
+        streams = hc_post(f, x, post, comb, addend)
+        return (streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight))
+
+    hc_post_pre.__doc__ = f"hc_post_pre as {hc_post.__module__}'s hc_post, then its hc_pre of the streams it made."
+    return hc_post_pre
 
 
 @define_op(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from seahal.hal.formats import compute_dtype
+from seahal.hal.ops.mhc import post_then_pre
 
 from .norm import rms_norm
 
@@ -103,24 +104,7 @@ def hc_post(
     return (expanded + mixed).to(x.dtype)
 
 
-def hc_post_pre(
-    f: torch.Tensor,
-    x: torch.Tensor,
-    post: torch.Tensor,
-    comb: torch.Tensor,
-    fn: torch.Tensor,
-    base: torch.Tensor,
-    scale: torch.Tensor,
-    sinkhorn_iters: int = 20,
-    eps: float = 1e-6,
-    norm_eps: float = 1e-6,
-    norm_weight: torch.Tensor | None = None,
-    addend: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`hc_post` of the finished sub-layer, then :func:`hc_pre` of the next one over the
-    streams it made -> (streams [B, S, n, D], y [B, S, D], post' [B, S, n], comb' [B, S, n, n])."""
-    streams = hc_post(f, x, post, comb, addend)
-    return (streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight))
+hc_post_pre = post_then_pre(hc_post, hc_pre)
 
 
 def hc_head(
