@@ -571,7 +571,10 @@ def test_mix_tail_reads_its_partial_sums_in_one_trip(compiled):
     """hc_pre / hc_head at decode: the tile's last program loads every slice's partial sums (the
     squares, pre, post and comb mixes) before it reduces any of them, so no barrier separates the
     loads: one dependent trip through L2 on the launch's serial tail, not one per sum."""
-    tails = [r for r in compiled if r["kernel"] == "_mix_kernel" and "BLOCK_T=1," in r["launch"]]
+    # (hc_post_pre's launches too, up to their collapse: it reads the streams the launch made, after
+    # the barrier that publishes pre, a second trip by design)
+    tails = [r for r in compiled if r["kernel"] == "_mix_kernel" and "BLOCK_T=1," in r["launch"]
+             and "POST=True" not in r["launch"]]
     assert {"HEAD=True" in r["launch"] for r in tails} == {True, False}, [r["launch"] for r in tails]
     assert all(r["barriers_among_cg_loads"] == 0 for r in tails), [(r["launch"], r["barriers_among_cg_loads"]) for r in tails]
 
@@ -736,13 +739,31 @@ def _streams_at_decode(record: dict) -> bool:
     CUDA-core GEMV (up to 4 tokens; more stage tensor-core operands in shared memory), the head and
     compressor GEMVs with x and W both bf16 (an fp32 x or W loads in another vector width than the
     other operand, and Triton converts one of them through shared memory)."""
-    if record["kernel"] == "_mix_kernel":
-        return int(re.search(r"BLOCK_T=(\d+)", record["launch"]).group(1)) <= 4
+    if record["kernel"] == "_mix_kernel":  # not hc_post_pre's: see test_posted_mix_steps_once_a_program
+        return int(re.search(r"BLOCK_T=(\d+)", record["launch"]).group(1)) <= 4 and "POST=True" not in record["launch"]
     if record["kernel"] == "_logits_kernel":  # the router's GEMV over the model's fp32 gate weight
         return "GEMV=True" in record["launch"]
     if record["kernel"] == "_fp32_gemv_kernel":
         return record["launch"].split("[", 1)[1].startswith("torch.bfloat16,torch.bfloat16,")
     return True
+
+
+def test_posted_mix_steps_once_a_program():
+    """hc_post_pre's decode mix (``POST``) broadcasts each token's new streams to its mix rows through
+    shared memory: two barriers in its K loop, which :func:`test_streaming_loops_wait_on_no_barrier`
+    forbids in a streaming loop. At V4's decode shapes that loop runs once a program (K slices of
+    one BLOCK_K step: V4-Flash 128 of 128, V4-Pro 224 of 128), so the barriers are two a program,
+    not two a step of a stream."""
+    from types import SimpleNamespace
+
+    from seahal.backends.cuda import mhc
+
+    device = SimpleNamespace(type="cuda")
+    with mock.patch("torch.cuda.get_device_properties", return_value=SimpleNamespace(multi_processor_count=132)):
+        for d in (4096, 7168):
+            k = HC * d
+            config = mhc.mix_config(1, k, (2 + HC) * HC, device)
+            assert mhc.slices(k, config)[0] == config.block_k, (d, config)
 
 
 def test_streaming_loops_wait_on_no_barrier(compiled):

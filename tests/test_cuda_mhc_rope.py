@@ -32,7 +32,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 def test_under_interpreter():
     run = triton_interpreter.rerun_test_file(__file__)
-    assert run.passed(skipped=11), run.report
+    assert run.passed(skipped=14), run.report
 
 
 @pytest.fixture(scope="module")
@@ -533,11 +533,11 @@ def _post_pre_inputs(b, s, n, d, dtype, seed, layout="contiguous"):
 
 
 # (batch, seq, n, D, dtype, x layout): one token (a GEMV tile of one, the collapse in the mixing
-# launch), 3 tokens (a GEMV tile of 4, one partial), and hc_post's kernel then hc_pre's at 6 and 37
-# tokens (tl.dot tiles); n = 3 pads the stream axis, D = 40 a partial column block.
+# launch), 3 tokens (a GEMV tile of 4, one partial), and hc_post's kernel then hc_pre's at 6 tokens
+# (a tl.dot tile); n = 3 pads the stream axis, D = 40 a partial column block.
 POST_PRE_CASES = [
     (1, 1, 4, 32, BF16, "contiguous"), (3, 1, 3, 40, F32, "transposed"), (1, 3, 4, 40, BF16, "transposed"),
-    (2, 3, 4, 32, F32, "contiguous"), (1, 37, 4, 16, BF16, "contiguous"),
+    (2, 3, 4, 32, F32, "contiguous"),
 ]
 
 
