@@ -42,11 +42,13 @@ class Compressor(nn.Module):
 
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor,
-        freqs: torch.Tensor,
+        freqs: torch.Tensor, projections: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype,
-        or, when :meth:`packs` x, as FP8 records [B, n, record] uint8."""
-        kv, score = self._projections(x)
+        or, when :meth:`packs` x, as FP8 records [B, n, record] uint8. ``projections``: x's fp32
+        ``(x wkv^T, x wgate^T)`` when the caller made them (a CSA layer, with its indexer's), else
+        made here (:meth:`_projections`)."""
+        kv, score = self._projections(x) if projections is None else projections
         if self.packs(x):
             return self.ops.kv_compress_fp8(
                 kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
@@ -59,21 +61,27 @@ class Compressor(nn.Module):
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(x wkv^T, x wgate^T)`` of the checkpoint's bf16 weights (the official code's fp32
-        compressor), as one ``fp32_linear`` over the stacked [wkv; wgate] (:class:`StackedLinears`)
-        and two column views of its output: one launch instead of two, with twice the weight rows
-        to spread over the GPU (a decode step's six compressor GEMVs took 93 us on the H100 at
-        567d97d, latency-bound at 16-64 programs each). Every output column is its own weight
-        row's sum, so the values are those of the two calls. Quantised weights, or two dtypes,
-        take two calls."""
-        stacked = self._stacked.weights() if self.wkv.format == self.wgate.format == "dense" else None
-        if stacked is None:
-            return tuple(self.ops.fp32_linear(x, w.weight) for w in (self.wkv, self.wgate))
-        return self.ops.fp32_linear(x, stacked[0]).split(self.wkv.out_features, dim=-1)
+        compressor), one ``fp32_linear`` over the stacked [wkv; wgate] (:func:`fp32_projections`)."""
+        return fp32_projections(x, self._stacked, self.ops)
 
     def packs(self, x: torch.Tensor) -> bool:
         """Whether entries come as FP8 records: with ``records`` set, for a bf16 model (the op packs
         bf16 entries; an fp32 model keeps its fp32 entries, packed by the cache)."""
         return self.records is not None and x.dtype == torch.bfloat16
+
+
+def fp32_projections(x: torch.Tensor, stack: StackedLinears, ops: SimpleNamespace) -> tuple[torch.Tensor, ...]:
+    """fp32 ``x W^T`` of each of ``stack``'s Linears (the compressors' projections), as one
+    ``fp32_linear`` over their stacked weights and column views of its output: one launch instead
+    of one a Linear, with all their weight rows to spread over the GPU (a decode step's six
+    compressor GEMVs took 93 us on the H100 at 567d97d, latency-bound at 16-64 programs each).
+    Every output column is its own weight row's sum, so the values are those of separate calls.
+    Quantised weights, or dtypes that differ, take a call each."""
+    dense = all(linear.format == "dense" for linear in stack.linears)
+    stacked = stack.weights() if dense else None
+    if stacked is None:
+        return tuple(ops.fp32_linear(x, linear.weight) for linear in stack.linears)
+    return ops.fp32_linear(x, stacked[0]).split(stack.sizes, dim=-1)
 
 
 class Indexer(nn.Module):
@@ -99,15 +107,17 @@ class Indexer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, q: torch.Tensor, cache: LayerCache, step: StepPositions, freqs: torch.Tensor,
+        projections: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
         are stored in the cache as entries ``n_compressed, ...``. q: [B, S, H * d], this indexer's
         ``wq_b`` product of the attention's qr, which the attention makes in one GEMM with its own
-        query projection (:class:`StackedLinears`)."""
+        query projection (:class:`StackedLinears`); ``projections``: its compressor's, when the
+        attention made them with its own compressor's (see :meth:`Compressor.forward`)."""
         b, s, _ = x.shape
         q = q.view(b, s, self.n_heads, self.head_dim)
         positions = step.positions.expand(b, s)
-        keys = self.compressor(x, cache.index_state, step.start_pos, freqs)
+        keys = self.compressor(x, cache.index_state, step.start_pos, freqs, projections)
         if self.config.simulate_fp4_indexer:  # RoPE, the rotation and its FP4 rounding in one op
             q = self.ops.hadamard_rotate(q, FP4_TILE, positions, freqs)
             # FP4 key records round the rotated keys as the simulation would: rotating suffices
@@ -161,6 +171,10 @@ class Attention(nn.Module):
         if self.ratio == CSA_RATIO:
             self.indexer = Indexer(c, ops)
             self._query_projections = StackedLinears(self.wq_b, self.indexer.wq_b)  # qr's two products
+            # x's four fp32 compressor products, the attention's compressor's and its indexer's
+            self._compressor_projections = StackedLinears(
+                self.compressor.wkv, self.compressor.wgate, self.indexer.compressor.wkv, self.indexer.compressor.wgate
+            )
         self.register_buffer("freqs", None, persistent=False)
         self.register_buffer("window_offsets", None, persistent=False)
         self.make_constants()
@@ -215,12 +229,13 @@ class Attention(nn.Module):
 
         compressed_idx = None
         if self.compressor is not None:
-            entries = self.compressor(x, cache.compress_state, start_pos, self.freqs)
+            own, index = self._compressor_projections_of(x)
+            entries = self.compressor(x, cache.compress_state, start_pos, self.freqs, own)
             packed = self.compressor.packs(x)  # FP8 records as the cache stores them
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             if self.indexer is not None:  # a CSA layer: its indexer keys complete with the entries
-                compressed_idx = self.indexer(x, q_index, cache, step, self.freqs)
+                compressed_idx = self.indexer(x, q_index, cache, step, self.freqs, index)
             cache.append_compressed(entries, step.entries_after(self.ratio), packed, step.memo)
 
         if decode:  # stored first (encoded on the way): its ring slot held token p - W, which query p no longer sees
@@ -233,6 +248,15 @@ class Attention(nn.Module):
         if not decode:
             cache.write_window(start_pos, chunk, ring_slots)
         return self._project_out(o)
+
+    def _compressor_projections_of(self, x: torch.Tensor) -> tuple[tuple | None, tuple | None]:
+        """The compressors' fp32 projections of x, ((kv, score), (its indexer's kv, score)): a CSA
+        layer's two compressors in one ``fp32_linear`` (:func:`fp32_projections`); (None, None) for
+        an HCA layer, whose compressor makes its own."""
+        if self.indexer is None:
+            return None, None
+        kv, score, index_kv, index_score = fp32_projections(x, self._compressor_projections, self.ops)
+        return (kv, score), (index_kv, index_score)
 
     def _gather_keys(
         self, chunk: torch.Tensor, cache: LayerCache, start_pos: int | torch.Tensor, step: StepPositions,

@@ -156,6 +156,30 @@ def test_compressor_projects_through_one_stacked_weight(checkpoint):
         assert module._stacked.weights()[0].untyped_storage().data_ptr() != storage
 
 
+def test_csa_layer_projects_both_compressors_through_one_stacked_weight(checkpoint):
+    """A CSA layer's two compressors (its own and its indexer's) project x by one fp32_linear over
+    [wkv; wgate; indexer wkv; indexer wgate]: each column view is its Linear's product bit for bit,
+    and the four weights become views of one storage; an HCA layer's compressor makes its own."""
+    from seahal.backends.cpu.reference.linear import fp32_linear
+    from seahal.model.attention import Attention
+
+    model = load(checkpoint, device="cpu", dtype=torch.bfloat16, announce=False)
+    attentions = [m for m in model.modules() if isinstance(m, Attention) and m.compressor is not None]
+    gen = torch.Generator().manual_seed(9)
+    for module in attentions:
+        x = torch.randn(2, 5, module.wkv.in_features, generator=gen).to(torch.bfloat16)
+        own, index = module._compressor_projections_of(x)
+        if module.indexer is None:
+            assert (own, index) == (None, None)
+            continue
+        linears = (module.compressor.wkv, module.compressor.wgate, module.indexer.compressor.wkv,
+                   module.indexer.compressor.wgate)
+        for got, linear in zip((*own, *index), linears, strict=True):
+            assert torch.equal(got, fp32_linear(x, linear.weight))
+        assert len({linear.weight.untyped_storage().data_ptr() for linear in linears}) == 1
+    assert sum(m.indexer is not None for m in attentions) == 2
+
+
 def test_attention_projects_x_through_one_stacked_weight(tmp_path):
     """Each attention's wq_a and wkv (FP8, 128 + 128 rows in the tiny release checkpoint) run as
     one fp8_gemm over the stacked weights and block scales: its column views are the two Linears'
