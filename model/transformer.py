@@ -151,7 +151,8 @@ class Transformer(nn.Module):
             h, pending = block(h, pending, input_ids, layer_cache, start_pos, layout, step)
         cache.pos = step.end  # a new tensor at a tensor position (the caller's stays), shared with the entry counts
         if last_only:
-            h, pending = h[:, -1:], pending and _last_token(pending)
+            h = h[:, -1:]
+            pending = pending if pending is None else _last_token(pending)
         if pending is not None:
             f, addend, post, comb = pending
             h = self.ops.hc_post(f, h, post, comb, addend)

@@ -32,7 +32,7 @@ from seahal.hal.ops.compressor import compressor_state, most_new_entries
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.onnx import functions as F
 from seahal.testing.cases import hc_case, sparse_attention_case, sparse_attention_fp8_case
-from seahal.testing.conformance import float64_positions
+from seahal.testing.conformance import failed_checks, float64_positions
 from seahal.testing.tolerances import checks_for
 
 
@@ -657,10 +657,9 @@ def test_hc_post_pre_is_hc_post_then_hc_pre_of_the_rounded_streams(normed, adden
     (the onnxruntime backend passes them on): its streams are the hc_post function's output
     (hc_post_summed's with the addend), in x's dtype, and its (y, post', comb') the hc_pre
     function's (hc_pre_normed's with the norm_weight) of those rounded streams, bit for bit. Held
-    to the CPU reference by the conformance rules of its two parts: the streams against the
-    float64 reference hc_post_pre's by hc_post's rule (with the addend, the rule with it), and
-    y, post', comb' by hc_pre's against the float64 reference over the streams the op made (the
-    float64 reference does not round its streams to x's dtype, which hc_pre's rule does not cover).
+    to the CPU reference by hc_post_pre's conformance rule: the streams by hc_post's (with the
+    addend, the rule with it), and y, post', comb' by hc_pre's against the float64 reference over
+    the streams the op made (the float64 reference does not round its streams to x's dtype).
     The addend cancels f in places; norm_eps (1e-3) differs from eps so that swapping them shows."""
     from seahal.backends.onnxruntime import kernels
 
@@ -684,18 +683,7 @@ def test_hc_post_pre_is_hc_post_then_hc_pre_of_the_rounded_streams(normed, adden
     for part, a, b in zip(("streams", "y", "post", "comb"), got, composed, strict=True):
         assert torch.equal(_bits(a), _bits(b)), part
 
-    call = (f, x, post, comb, *pre_args, addend_arg)
-    upcast = float64_positions("hc_post_pre", call)
-    want = ref_mhc.hc_post_pre(*(a.double() if i in upcast else a for i, a in enumerate(call)))
-    (check,) = checks_for("hc_post", (f, x, post, comb, addend_arg))
-    verdict = check.check.compare(got[0], want[0])
-    assert verdict.ok, ("streams", verdict.detail)
-    pre_call = (got[0], *pre_args)
-    upcast = float64_positions("hc_pre", pre_call)
-    want = ref_mhc.hc_pre(*(a.double() if i in upcast else a for i, a in enumerate(pre_call)))
-    for check in checks_for("hc_pre", pre_call):
-        verdict = check.check.compare(got[1:][check.outputs], want[check.outputs])
-        assert verdict.ok, (check.label, verdict.detail)
+    assert not failed_checks("hc_post_pre", (f, x, post, comb, *pre_args, addend_arg), got)
 
 
 def _index_key_pack(keys: torch.Tensor, key_format: str) -> torch.Tensor:

@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from seahal.hal.ops.mhc import post_then_pre
+
 from ._cache_keys import settle_cache_keys
 from ._gemm import arrival_counters, reset_arrival_counter
 from ._host import cdiv, next_power_of_2
@@ -248,14 +250,16 @@ def hc_post_pre(
     """
     check_dtype("hc_post_pre", "x", x)
     if x.shape[0] * x.shape[1] > GEMV_MAX_TOKENS:
-        streams = hc_post(f, x, post, comb, addend)
-        return streams, *hc_pre(streams, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight)
+        return _post_then_pre(f, x, post, comb, fn, base, scale, sinkhorn_iters, eps, norm_eps, norm_weight, addend)
     streams = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     posted = PostedStreams(f, post, comb, addend, streams)
     y, post_next, comb_next = collapse_streams(
         x, fn, base, scale, sinkhorn_iters, eps, norm_eps, head=False, norm_weight=norm_weight, posted=posted
     )
     return streams, y, post_next, comb_next
+
+
+_post_then_pre = post_then_pre(hc_post, hc_pre)
 
 
 def hc_post_after_the_add(
@@ -480,7 +484,7 @@ def _mix_slice(
 
     POST: x_flat is the new streams ``hc_post(f, x, post, comb, a)``, made here from the old ones
     (:func:`_posted_streams`) and stored at streams_ptr [T, N*D]; the GEMV's (token, mix) rows
-    make their token's values again in their own layout (the same arithmetic, the same bits).
+    take their token's values by a broadcast of that tile.
     """
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = tokens < T
