@@ -417,9 +417,51 @@ def _pdl_launches() -> list:
     return launches
 
 
+STREAMING_LOOPS = ("_fp32_gemv_kernel", "_mix_kernel", "_rope_kernel", "_logits_kernel")
+"""Kernels whose loop streams weight or activation rows at decode with no data shared across warps."""
+
+
+def _streams_at_decode(record: dict) -> bool:
+    """A launch of :data:`STREAMING_LOOPS` as the released model's decode makes it: the mix kernel's
+    CUDA-core GEMV (up to 4 tokens; more stage tensor-core operands in shared memory), the head and
+    compressor GEMVs with x and W both bf16 (an fp32 x or W loads in another vector width than the
+    other operand, and Triton converts one of them through shared memory)."""
+    if record["kernel"] == "_mix_kernel":  # not hc_post_pre's: see test_posted_mix_steps_once_a_program
+        return int(re.search(r"BLOCK_T=(\d+)", record["launch"]).group(1)) <= 4 and "POST=True" not in record["launch"]
+    if record["kernel"] == "_logits_kernel":  # the router's GEMV over the model's fp32 gate weight
+        return "GEMV=True" in record["launch"]
+    if record["kernel"] == "_fp32_gemv_kernel":
+        return record["launch"].split("[", 1)[1].startswith("torch.bfloat16,torch.bfloat16,")
+    return True
+
+
+def _release_fp4_decode(record: dict) -> bool:
+    """A launch decoding the release's FP4 formats in its loop (e8m0 scales, the bf16 form, not the
+    mx form): the routed experts' top-6, fp4_gemm, the FP4 indexer keys under bf16 queries at their
+    default 64-key tiles."""
+    kernel, launch = record["kernel"], record["launch"]
+    if "MX=True" in launch:
+        return False
+    if kernel == "_fp4_gemm_kernel":
+        return "SCALE_E8M0=True" in launch
+    if kernel == "_grouped_gemm_kernel":
+        return "TOP_K=6," in launch and "FORMAT=2" in launch and "W_SCALE_E8M0=True" in launch
+    if kernel == "_scores_kernel":
+        return all(f in launch for f in ("KEY_FORMAT=fp4", "D_PAD=128", "BLOCK_N=64,", "LOW_PRECISION_DOT=True"))
+    return False
+
+
+def _reads_sass(record: dict) -> bool:
+    """Whether a test reads the SASS counts of this launch (its ``kernel`` and ``launch`` key): only
+    those are disassembled, at about 0.4 s a launch (for all ~400 launches, most of this file's time)."""
+    streams = record["kernel"] in STREAMING_LOOPS and _streams_at_decode(record)
+    return streams or _release_fp4_decode(record)
+
+
 def _compile_all(shard: int = 0, shards: int = 1) -> list[dict]:
-    """Capture every wrapper's launches, compile each distinct one for sm_90: one record per launch;
-    of the distinct launches in capture order, every ``shards``-th from the ``shard``-th."""
+    """Capture every wrapper's launches, compile each distinct one for sm_90: one record per launch
+    (SASS counts where :func:`_reads_sass`, else None); of the distinct launches in
+    capture order, every ``shards``-th from the ``shard``-th."""
     from seahal.testing.triton_compile import capture_launches, compile_launch
 
     with capture_launches() as launches:
@@ -439,7 +481,7 @@ def _compile_all(shard: int = 0, shards: int = 1) -> list[dict]:
     distinct = {_signature(launch): launch for launch in launches}
     results = []
     for key, launch in list(distinct.items())[shard::shards]:
-        result = compile_launch(launch)
+        result = compile_launch(launch, sass=_reads_sass({"kernel": launch.name, "launch": key}))
         ptx = result.ptx or ""
         names = launch.kernel.arg_names[: len(launch.args)]  # the rest come as keywords, if at all
         position = launch.args[names.index("pos_ptr")] if "pos_ptr" in names else launch.kwargs.get("pos_ptr")
@@ -654,12 +696,7 @@ def test_fp4_decode_loads_no_single_bytes(compiled):
     their packed codes in whole words: no one-byte shared-memory load in the loop, where the stored
     K order cost one a byte (64 a lane per K block in the one-token experts' gate-up loop). (The mx
     form, Triton's own decode, still loads bytes; so do the indexer's 32- and 128-key bench variants.)"""
-    fp4 = [r for r in compiled if r["error"] is None and "MX=True" not in r["launch"] and (
-        (r["kernel"] == "_fp4_gemm_kernel" and "SCALE_E8M0=True" in r["launch"])
-        or (r["kernel"] == "_grouped_gemm_kernel" and "TOP_K=6," in r["launch"] and "FORMAT=2" in r["launch"]
-            and "W_SCALE_E8M0=True" in r["launch"])
-        or (r["kernel"] == "_scores_kernel" and "KEY_FORMAT=fp4" in r["launch"] and "D_PAD=128" in r["launch"]
-            and "BLOCK_N=64," in r["launch"] and "LOW_PRECISION_DOT=True" in r["launch"]))]
+    fp4 = [r for r in compiled if r["error"] is None and _release_fp4_decode(r)]
     assert {r["kernel"] for r in fp4} == {"_grouped_gemm_kernel", "_fp4_gemm_kernel", "_scores_kernel"}, fp4
     for r in fp4:
         assert r["loop_byte_loads"] == 0, (r["launch"], r["loop_byte_loads"])
@@ -728,24 +765,6 @@ def test_fp4_prefill_on_bf16_activation_values_takes_fewer_loop_instructions():
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
     print(json.dumps(_compile_all(*map(int, sys.argv[1:3]))))
-
-
-STREAMING_LOOPS = ("_fp32_gemv_kernel", "_mix_kernel", "_rope_kernel", "_logits_kernel")
-"""Kernels whose loop streams weight or activation rows at decode with no data shared across warps."""
-
-
-def _streams_at_decode(record: dict) -> bool:
-    """A launch of :data:`STREAMING_LOOPS` as the released model's decode makes it: the mix kernel's
-    CUDA-core GEMV (up to 4 tokens; more stage tensor-core operands in shared memory), the head and
-    compressor GEMVs with x and W both bf16 (an fp32 x or W loads in another vector width than the
-    other operand, and Triton converts one of them through shared memory)."""
-    if record["kernel"] == "_mix_kernel":  # not hc_post_pre's: see test_posted_mix_steps_once_a_program
-        return int(re.search(r"BLOCK_T=(\d+)", record["launch"]).group(1)) <= 4 and "POST=True" not in record["launch"]
-    if record["kernel"] == "_logits_kernel":  # the router's GEMV over the model's fp32 gate weight
-        return "GEMV=True" in record["launch"]
-    if record["kernel"] == "_fp32_gemv_kernel":
-        return record["launch"].split("[", 1)[1].startswith("torch.bfloat16,torch.bfloat16,")
-    return True
 
 
 def test_posted_mix_steps_once_a_program():

@@ -273,11 +273,13 @@ def sm90():
     return GPUTarget("cuda", 90, 32)
 
 
-def compile_launch(launch: Launch, target=None) -> CompileResult:
+def compile_launch(launch: Launch, target=None, sass: bool = True) -> CompileResult:
     """Compile ``launch`` for ``target`` (default :func:`sm90`) as Triton would before running it.
 
     Argument types, alignment and integer specialisation come from Triton's own launch binder;
     constexprs and options (num_warps, num_stages, ...) from the launch's keyword arguments.
+    ``sass=False`` leaves the SASS counts (``loop_*``, ``instructions``, ``barriers``) None: the
+    disassembler takes about 0.4 s a kernel, several times the rest when Triton's cache holds it.
     """
     import triton
     from triton.compiler import ASTSource, make_backend
@@ -305,7 +307,7 @@ def compile_launch(launch: Launch, target=None) -> CompileResult:
             chain.append(chain[-1].__cause__)
         return CompileResult(launch, error="\n".join(f"{type(e).__name__}: {e}" for e in chain))
     registers, stack = _resource_usage(compiled.asm["cubin"])
-    sass = _sass(compiled.asm["cubin"])
+    sass = _sass(compiled.asm["cubin"]) if sass else None
     loop = None if sass is None else _longest_loop(sass)
     return CompileResult(launch, ptx=compiled.asm["ptx"], shared_bytes=compiled.metadata.shared,
                          registers=registers, stack_bytes=stack, loop_barriers=_count(loop, BARRIER),
