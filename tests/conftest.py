@@ -19,13 +19,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.name == "test_under_interpreter")
 
 
+LONGEST_RERUNS = ("test_cuda_decode_graph.py", "test_cuda_moe_experts.py", "test_cuda_compress.py",
+                  "test_cuda_indexer.py", "test_cuda_sparse_attention.py")
+"""The interpreter re-runs that take longest, longest first (a 2-core machine, 2026-11-28: 252, 251,
+96, 73 and 68 s alone; the other eight 10-45 s). Started first, they take the core the session
+leaves idle from its start, and the short ones fill both cores at its end; in file order the
+moe_experts re-run (251 s) began seventh, late enough to run alone after everything else."""
+
+
+def _longest_first(path: str) -> int:
+    name = os.path.basename(path)
+    return LONGEST_RERUNS.index(name) if name in LONGEST_RERUNS else len(LONGEST_RERUNS)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the interpreter re-run of every file whose ``test_under_interpreter`` was selected, in
-    the order the session will collect them, at a lower priority than this process, which runs
-    the other tests meanwhile (on this 2-core machine the 13 re-runs take 588 s one after another,
-    the rest of the session 444 s). Not in a pytest-xdist worker: every worker collects every
-    file, and the one that runs a file's test re-runs it then."""
+    """Start the interpreter re-run of every file whose ``test_under_interpreter`` was selected,
+    :data:`LONGEST_RERUNS` first, then in the order the session collects them, at a lower priority
+    than this process, which runs the other tests meanwhile (on a 2-core machine the 13 re-runs
+    take about 960 s one after another, the rest of the session about 580 s). Not in a
+    pytest-xdist worker: every worker collects every file, and the one that runs a file's test
+    re-runs it then."""
     files = list(dict.fromkeys(str(item.path) for item in session.items if item.name == "test_under_interpreter"))
+    files.sort(key=_longest_first)  # a stable sort: the rest keep the session's order
     if files and importlib.util.find_spec("triton") is not None and "PYTEST_XDIST_WORKER" not in os.environ:
         triton_interpreter.start_reruns(files)
 
