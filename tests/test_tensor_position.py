@@ -12,7 +12,7 @@ from seahal.backends.cpu.reference import compressor as ref_compressor
 from seahal.backends.cpu.reference import indexer as ref_indexer
 from seahal.hal.ops.compressor import compressor_state, most_new_entries, new_entries
 
-POSITION_OPS = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+POSITION_OPS = {"kv_compress", "kv_compress_fp8", "kv_compress_store", "indexer_topk", "indexer_topk_packed"}
 QUIET = {"SEAHAL_QUIET": "1"}
 
 

@@ -37,6 +37,7 @@ REFERENCE_KERNELS = {
     "moe_experts": ("moe", {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")}),
     "kv_compress": ("compressor", {"overlap": (True, False), "out_dtype": _FLOATS}),
     "kv_compress_fp8": ("compressor", {"overlap": (True, False), "format": ("e4m3+bf16 rope",)}),
+    "kv_compress_store": ("compressor", {"overlap": (True, False), "format": ("e4m3+bf16 rope",)}),
     "indexer_topk": ("indexer", {"dtype": _FLOATS}),
     "indexer_topk_packed": ("indexer", {"dtype": _FLOATS, "key_format": ("fp4", "fp8")}),
     "sparse_attention": ("attention", {"dtype": _FLOATS, "kv_format": ("dense",)}),
@@ -52,7 +53,7 @@ REFERENCE_KERNELS = {
     "grouped_linear": ("linear", {"dtype": _FLOATS, "weight_format": ("dense", "fp8"), "scale_dtype": _SCALES}),
 }
 
-DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "kv_compress_store", "indexer_topk", "indexer_topk_packed"}
 """Reference kernels that take ``start_pos`` as a device tensor (0-d or per sequence) and only
 compute with it, never reading it on the host: the portable fallback keeps decode capturable."""
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..checks import Contract
+from ..formats import scatter_rows
 from ..spec import Out, define_op
-from .quant import kv_geometry, kv_record_bytes
+from .quant import check_slots, kv_geometry, kv_record_bytes
 
 F32 = (torch.float32, torch.float64)
 
@@ -140,3 +143,63 @@ def kv_compress_fp8(
     )
     kv_geometry(c, "d", d, rope_dim, tile)
     return Out((batch, n_new, kv_record_bytes(d, rope_dim, tile)), torch.uint8)
+
+
+@define_op(
+    "kv_compress_store",
+    family="compressor",
+    schema=(
+        "(Tensor kv, Tensor score, Tensor ape, Tensor norm_weight, Tensor rope_freqs, "
+        "Tensor(a!) kv_state, Tensor(b!) score_state, int ratio, bool overlap, int start_pos, "
+        "Tensor(c!) store, Tensor slots, float norm_eps=1e-6, int rope_dim=64, int tile=64) -> ()"
+    ),
+    mutates=("kv_state", "score_state", "store"),
+    position="start_pos",
+)
+def kv_compress_store(
+    kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, store, slots,
+    norm_eps=1e-6, rope_dim=64, tile=64,
+):
+    """kv_compress_fp8 whose records go straight into their cache rows: the compressed layer's
+    cache write, as ``kv_cache_store`` is the window's (a step's records need no scatter of their own).
+
+    Arguments and state update as :func:`kv_compress_fp8`; store: [B, N, kv_record_bytes(d,
+    rope_dim, tile)] uint8 (any strides), slots: [B or 1, n] int32/int64 with n the rows
+    kv_compress_fp8 returns (new_entries(start_pos, S, m), at a tensor start_pos most_new_entries(S,
+    m)) -> nothing; ``store[b, slots[b, i]] = kv_compress_fp8(...)[b, i]``, the other rows
+    untouched. At a tensor position a sequence's rows past its new entries are zero bytes, stored
+    too (the model gives them the row after its valid entries, which the next entry overwrites).
+
+    Each sequence's slots must be distinct and in [0, N): as for ``kv_cache_store``, their values
+    are data the contract never reads; the reference raises on a slot out of range, a kernel must
+    not write there.
+    """
+    c = Contract("kv_compress_store")
+    _, n_new, d = _check_compress(
+        c, kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos
+    )
+    kv_geometry(c, "d", d, rope_dim, tile)
+    c.tensor("store", store, ["B", "N", kv_record_bytes(d, rope_dim, tile)], (torch.uint8,))
+    check_slots(c, slots, n_new)
+    return ()
+
+
+def compress_then_store(kv_compress_fp8: Callable[..., torch.Tensor]) -> Callable[..., None]:
+    """kv_compress_store from a kernel of kv_compress_fp8: its records, scattered into their rows
+    (:func:`seahal.hal.formats.scatter_rows`); zero rows appended first where the kernel returned
+    fewer rows than the slots name (one that took a tensor position as an int, read on the host,
+    returns that int position's rows). A backend without a fused kernel registers this of its own
+    kv_compress_fp8."""
+
+    def kv_compress_store(
+        kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap, start_pos, store, slots,
+        norm_eps=1e-6, rope_dim=64, tile=64,
+    ) -> None:
+        records = kv_compress_fp8(kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, ratio, overlap,
+                                  start_pos, norm_eps, rope_dim, tile)
+        missing = slots.shape[1] - records.shape[1]
+        if missing:
+            records = torch.nn.functional.pad(records, (0, 0, 0, missing))
+        scatter_rows(store, slots, records)
+
+    return kv_compress_store

@@ -154,7 +154,7 @@ def index_key_store(keys: torch.Tensor, store: torch.Tensor, slots: torch.Tensor
     block = FP4_TILE if key_format == "fp4" else 1
     c.require(d > 0 and d % block == 0, f"keys's last dim must be a positive multiple of {block} for {key_format} keys, got {d}")
     c.tensor("store", store, ["B", "N", index_key_bytes(d, key_format)], (torch.uint8,))
-    _check_slots(c, slots)
+    check_slots(c, slots)
     return ()
 
 
@@ -229,7 +229,7 @@ def kv_cache_store(
     dim = c.dims["D"]
     kv_geometry(c, "kv's last dim", dim, rope_dim, tile)
     c.tensor("cache", cache, ["B", "N", kv_record_bytes(dim, rope_dim, tile)], (torch.uint8,))
-    _check_slots(c, slots)
+    check_slots(c, slots)
     if positions is None:
         c.require(
             freqs is None and norm_weight is None,
@@ -262,10 +262,12 @@ def kv_cache_unpack(packed: torch.Tensor, dim: int, rope_dim: int = 64, tile: in
     return Out((*packed.shape[:-1], dim), torch.bfloat16)
 
 
-def _check_slots(c: Contract, slots: object) -> None:
-    """A store op's slots: [B or 1, S] int32/int64, B and S bound by its data."""
-    c.tensor("slots", slots, [None, "S"], INDEX)
+def check_slots(c: Contract, slots: object, rows: int | str = "S") -> None:
+    """A store op's slots: [B or 1, rows] int32/int64, B bound by its data; ``rows`` the records it
+    stores a sequence (a dimension its data bound, or their count)."""
+    c.tensor("slots", slots, [None, rows], INDEX)
+    count = f"{rows}={c.dims[rows]}" if isinstance(rows, str) else rows
     c.require(
         slots.shape[0] in (1, c.dims["B"]),
-        f"slots must be [B={c.dims['B']} or 1, S={c.dims['S']}] (one row for every sequence), got {describe(slots)}",
+        f"slots must be [B={c.dims['B']} or 1, {count}] (one row for every sequence), got {describe(slots)}",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from seahal.hal.formats import compute_dtype
-from seahal.hal.ops.compressor import compressor_width, most_new_entries, new_entries
+from seahal.hal.ops.compressor import compress_then_store, compressor_width, most_new_entries, new_entries
 
 from .quant import kv_cache_pack
 from .rope import rotate_pairs
@@ -178,3 +178,7 @@ def kv_compress_fp8(
         return records
     position = _sequence_positions(start_pos, kv.shape[0], kv.device)
     return torch.where(_completed(position, kv.shape[1], ratio)[..., None], records, 0)  # zero bytes past the entries
+
+
+kv_compress_store = compress_then_store(kv_compress_fp8)
+"""``store[b, slots[b, i]] = kv_compress_fp8(...)[b, i]``: the records scattered into their rows."""

@@ -21,9 +21,12 @@ indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key sca
 stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
 wrapping around a ring's end, the cache a view of a bigger buffer), normalised and rotated first at
 per-sequence positions (up to 99999; int32 and int64; with and without the norm weight); FP4 / FP8
-indexer-key records stored into such random-byte stores the same ways; Hadamard rotations (with and
-without their FP4 rounding) of heads rotated by RoPE first (the indexer's query), at per-sequence
-positions up to 99999.
+indexer-key records stored into such random-byte stores the same ways; the compressor's FP8 records
+stored by a stream of calls into such a store at their entries' rows (shuffled, per sequence or
+shared, at int, 0-d and per-sequence positions, the zero rows past the new entries included, in rows
+of a bigger buffer or of rows twice as wide); Hadamard rotations (with and without their FP4
+rounding) of heads rotated by RoPE first (the indexer's query), at per-sequence positions up to
+99999.
 
 :func:`strategy` gives a hypothesis strategy of random cases within each contract (shapes and
 values drawn, tensors built from a drawn seed by the same builders).
@@ -41,7 +44,7 @@ import torch
 
 from seahal.backends.cpu.reference.quant import kv_cache_pack
 from seahal.hal.formats import FP4_TILE, e8m0_scales, index_key_bytes, index_key_pack, ue8m0_ceil
-from seahal.hal.ops.compressor import compressor_state, compressor_width
+from seahal.hal.ops.compressor import compressor_state, compressor_width, most_new_entries, new_entries
 from seahal.hal.ops.moe import expert_weight_format
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.hal.ops.rope import Yarn, rope_frequencies
@@ -198,7 +201,7 @@ def requirements(op: str, args: tuple) -> dict[str, Any]:
         req["weight_format"] = expert_weight_format(a["w1"])
         if a["w1_scale"] is not None:
             req["scale_dtype"] = _dtype_name(a["w1_scale"].dtype)
-    elif op in ("kv_compress", "kv_compress_fp8"):
+    elif op in ("kv_compress", "kv_compress_fp8", "kv_compress_store"):
         req["ratio"] = a["ratio"]
         req["overlap"] = a["overlap"]
         if op == "kv_compress":
@@ -587,7 +590,17 @@ def kv_compress_case(
     ``kv_compress_fp8`` with that record geometry (out_dtype unused). ``offsets``: sequence i's
     stream starts at position offsets[i] (from the fresh state, as the contract allows), the calls
     passing start_pos as a [B] tensor, one position per sequence."""
-    r = _Rand(seed)
+    calls = _compress_calls(
+        _Rand(seed), chunks, ratio, overlap, b, d, rope, norm_dtype, out_dtype, stale_state, layout, records, offsets
+    )
+    return _case("kv_compress_fp8" if records else "kv_compress", name, *calls)
+
+
+def _compress_calls(
+    r: _Rand, chunks: tuple[int, ...], ratio: int, overlap: bool, b: int, d: int, rope: int, norm_dtype,
+    out_dtype, stale_state: bool, layout: str, records: tuple[int, int] | None, offsets: tuple[int, ...] | None,
+) -> list[tuple]:
+    """:func:`kv_compress_case`'s calls (its parameters), values drawn from ``r``."""
     coff = compressor_width(ratio, overlap)
     total = sum(chunks)
     projection = r.normal(b, total, 2 * coff * d)
@@ -608,7 +621,61 @@ def kv_compress_case(
         state = (kv_state, score_state, ratio, overlap, position, 1e-6) + (records or (out_dtype,))
         calls.append((kv_chunk, score_chunk, ape, norm_weight, freqs, *state))
         start += size
-    return _case("kv_compress_fp8" if records else "kv_compress", name, *calls)
+    return calls
+
+
+def kv_compress_store_case(
+    name: str, seed: int, chunks: tuple[int, ...], ratio: int = 4, overlap: bool = True, b: int = 2, d: int = 32,
+    rope: int = 16, records: tuple[int, int] = (16, 8), norm_dtype=F32, stale_state: bool = False,
+    layout: str = "contiguous", position: str = "int", offsets: tuple[int, ...] | None = None, shared: bool = False,
+    order: str = "shuffled", spare: int = 3, first: int = 0, wide: bool = False, slot_dtype=torch.int64,
+) -> Case:
+    """:func:`kv_compress_case`'s ``kv_compress_fp8`` calls (``records=(rope_dim, tile)``; the other
+    parameters up to ``offsets`` as there) storing their records into one store, which the calls
+    share (a state: compared after the last call, every row any call stored into).
+
+    Entry j of a sequence (positions [j*m, (j+1)*m)) is stored at that sequence's row
+    ``row_of[j]``, as the model's compressed cache keeps entry j at row W + j: a call at position p
+    stores its n rows at the rows of entries p // m .. p // m + n - 1. At a tensor position a
+    sequence's zero rows past its new entries land on the rows of its next entries, which a later
+    call overwrites (the model's scheme). ``order="shuffled"``: row_of is a seeded permutation of the
+    store's rows (slots in no sorted order), one per sequence or, with ``shared``, one the batch
+    shares (slots [1, n]; only where the batch is at one position); ``"ascending"``: row_of[j] = j.
+
+    The store: [b, N, record] uint8 of random bytes (rows no call stores into must keep them), N the
+    rows the entries need plus ``spare``, the rows ``first..`` of a buffer ``first + N`` rows long
+    (``first`` > 0: a strided view, as the model's compressed rows after its window ring); ``wide``:
+    each record the first half of a row twice as wide (rows no single record stride steps through).
+    ``position``: how each call passes start_pos: ``"int"``, ``"tensor"`` (0-d) or
+    ``"per-sequence"`` ([B], the streams starting at ``offsets``); slots [B or 1, n] of ``slot_dtype``.
+    """
+    if (position == "per-sequence") != (offsets is not None) or position not in POSITION_FORMS:
+        raise ValueError(f"position {position!r} with offsets {offsets}: per-sequence positions need offsets")
+    if shared and offsets is not None:
+        raise ValueError("slots shared by the batch need the batch at one position")
+    r = _Rand(seed)
+    calls = _compress_calls(
+        r, chunks, ratio, overlap, b, d, rope, norm_dtype, None, stale_state, layout, records, offsets
+    )
+    index = get_spec("kv_compress_fp8").position_index()  # kv_compress_store's too: store and slots follow it
+    if position == "tensor":
+        calls = [(*args[:index], torch.tensor(args[index]), *args[index + 1 :]) for args in calls]
+    writes = []  # per call: each sequence's first entry, and the rows n the call stores
+    for args in calls:
+        start, seq_len = args[index], args[0].shape[1]
+        n = most_new_entries(seq_len, ratio) if isinstance(start, torch.Tensor) else new_entries(start, seq_len, ratio)
+        starts = start.tolist() if isinstance(start, torch.Tensor) and start.dim() else [int(start)] * b
+        writes.append(([p // ratio for p in starts], n))
+    rows = max(entry + n for entries, n in writes for entry in entries) + spare
+    row_of = [torch.randperm(rows, generator=r.gen) if order == "shuffled" else torch.arange(rows)
+              for _ in range(1 if shared else b)]
+    width = kv_record_bytes(d, *records)
+    store = r.ints(0, 256, b, first + rows, 2 * width if wide else width, dtype=torch.uint8)[:, first:, :width]
+    stored = []
+    for args, (entries, n) in zip(calls, writes):
+        slots = torch.stack([row[entry : entry + n] for row, entry in zip(row_of, entries)]).to(slot_dtype)
+        stored.append((*args[: index + 1], store, slots, *args[index + 1 :]))
+    return _case("kv_compress_store", name, *stored)
 
 
 def at_tensor_position(case: Case) -> Case:
@@ -1229,6 +1296,37 @@ def _kv_compress_fp8_cases(seed: int) -> list[Case]:
     ]
 
 
+def _kv_compress_store_cases(seed: int) -> list[Case]:
+    c = kv_compress_store_case  # records=(16, 8) at d=32, as kv_compress_fp8's; entry rows shuffled, 3 spare rows
+    return [
+        c("overlapped m=4: prefill 6 + 5 decode steps, each sequence's entry rows shuffled", seed, (6,) + (1,) * 5),
+        c("plain m=4: prefill 3 + 5 decode steps, int32 slots [1,n] shared by the batch", seed + 1, (3,) + (1,) * 5,
+          overlap=False, shared=True, slot_dtype=torch.int32),
+        c("overlapped: chunked prefill 3+3+5+2, store = rows 8.. of a bigger buffer (strided view)", seed + 2,
+          (3, 3, 5, 2), first=8),
+        c("plain m=16: prefill 5 (no entry: slots [B,0]) + 12 (completes one)", seed + 3, (5, 12), ratio=16,
+          overlap=False),
+        c("start_pos 0 ignores a stale state, int32 slots", seed + 4, (6, 1), stale_state=True, slot_dtype=torch.int32),
+        c("sliced kv/score, bf16 norm weight, records the first half of rows twice as wide", seed + 5, (7, 1, 1),
+          norm_dtype=BF16, layout="sliced", wide=True),
+        c("V4 record geometry: d=512, rope 64, tile 64 (584 bytes), store = rows 128.. of the cache buffer", seed + 6,
+          (9, 1), b=1, d=512, rope=64, records=(64, 64), first=128),
+        c("plain m=4: 9 single-token steps from position 0, entry j at row j (slots in order)", seed + 7, (1,) * 9,
+          overlap=False, order="ascending", spare=1),
+        c("overlapped m=4: prefill 6 + 5 decode steps [start_pos a tensor] (zero rows at the next entries' rows)",
+          seed + 8, (6,) + (1,) * 5, position="tensor"),
+        c("plain m=4: prefill 3 + 5 decode steps, int32 shared slots, strided store [start_pos a tensor]", seed + 9,
+          (3,) + (1,) * 5, overlap=False, position="tensor", shared=True, slot_dtype=torch.int32, first=4),
+        c("start_pos 0 ignores a stale state [start_pos a tensor]", seed + 10, (6, 1), stale_state=True,
+          position="tensor"),
+        c("per-sequence positions 0, 6: prefill 3 + 3 decode steps", seed + 11, (3, 1, 1, 1), position="per-sequence",
+          offsets=(0, 6)),
+        c("plain m=8, per-sequence positions 0, 13, 5: records the first half of rows twice as wide, strided store",
+          seed + 12, (3, 1, 1, 6), ratio=8, overlap=False, b=3, position="per-sequence", offsets=(0, 13, 5),
+          first=2, wide=True),
+    ]
+
+
 def _indexer_topk_cases(seed: int) -> list[Case]:
     c = indexer_topk_case
     return [
@@ -1469,6 +1567,7 @@ _FIXED: dict[str, Callable[[int], list[Case]]] = {
     "moe_experts": _moe_experts_cases,
     "kv_compress": _kv_compress_cases,
     "kv_compress_fp8": _kv_compress_fp8_cases,
+    "kv_compress_store": _kv_compress_store_cases,
     "indexer_topk": _indexer_topk_cases,
     "indexer_topk_packed": _indexer_topk_packed_cases,
     "sparse_attention": _sparse_attention_cases,
@@ -1557,6 +1656,7 @@ def strategy(op: str):
             values=draw(st.sampled_from(["normal", "clamp", "zero-token", "wide-scales"])), d=128, inter=128),
         "kv_compress": _draw_kv_compress,
         "kv_compress_fp8": lambda draw: _draw_kv_compress(draw, records=(8, 8)),
+        "kv_compress_store": _draw_kv_compress_store,
         "indexer_topk": _draw_indexer_topk,
         "indexer_topk_packed": _draw_indexer_topk_packed,
         "sparse_attention": lambda draw: sparse_attention_case(
@@ -1731,6 +1831,28 @@ def _draw_kv_compress(draw, records: tuple[int, int] | None = None) -> Case:
         records=records, offsets=offsets,
     )
     return at_tensor_position(case) if form == "tensor" else case
+
+
+def _draw_kv_compress_store(draw) -> Case:
+    """:func:`_draw_kv_compress`'s streams (records (8, 8)) stored into a drawn store: shuffled or
+    ascending entry rows, per sequence or shared by the batch (when it is at one position), 0..3
+    spare rows, 0..3 rows of a bigger buffer before it, rows twice as wide or not, int32 or int64."""
+    from hypothesis import strategies as st
+
+    overlap = draw(st.booleans())
+    chunks = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=5)))
+    b = draw(st.integers(1, 2))
+    form = draw(st.sampled_from(POSITION_FORMS))
+    offsets = tuple(draw(st.lists(st.integers(0, 12), min_size=b, max_size=b))) if form == "per-sequence" else None
+    return kv_compress_store_case(
+        "property", draw(st.integers(0, 2**16)), chunks, ratio=4 if overlap else draw(st.sampled_from([2, 4, 8])),
+        overlap=overlap, b=b, d=8 * draw(st.integers(2, 4)), rope=8, records=(8, 8),
+        stale_state=offsets is None and draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        position=form, offsets=offsets, shared=offsets is None and draw(st.booleans()),
+        order=draw(st.sampled_from(["shuffled", "ascending"])), spare=draw(st.integers(0, 3)),
+        first=draw(st.integers(0, 3)), wide=draw(st.booleans()),
+        slot_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+    )
 
 
 def _draw_position(draw, b: int) -> tuple[int | tuple[int, ...], int, str]:

@@ -233,6 +233,18 @@ def _kv_compress_fp8(d: _Draw):
     return (*args, 1e-6, 8, 8), {}
 
 
+@_example("kv_compress_store")
+def _kv_compress_store(d: _Draw):
+    """The kv_compress_fp8 example's first 8 tokens, whose 2 records per sequence (as many at a
+    tensor position: 8 tokens from a block boundary complete ceil(8/4)) go into a store of 5
+    random-byte 32-byte records per sequence, at rows [3, 0] and [1, 4] (int32 slots)."""
+    kv, score, *rest = _kv_compress(d)[0]
+    args = (kv[:, :8], score[:, :8], *rest)
+    store = torch.randint(0, 256, (2, 5, kv_record_bytes(16, 8, 8)), generator=d.gen, dtype=torch.uint8)
+    slots = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32)
+    return (*args, store, slots, 1e-6, 8, 8), {}
+
+
 @_example("indexer_topk")
 def _indexer_topk(d: _Draw):
     """Queries at positions 8..12 with m=4 see 2 or 3 of N=4 entries; top-3 leaves -1 slots."""

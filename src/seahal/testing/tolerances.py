@@ -267,13 +267,21 @@ def _kv_compress_fp8(a: Mapping[str, Any]) -> tuple[Compared, ...]:
 class StoredRows:
     """A cache [B, N, record] whose rows ``slots`` [B or 1, S] were stored into: those rows, gathered
     in slot order ([B, S, record], so index [b, i] is sequence b's vector i), judged by ``check``;
-    every row no slot names exactly (bitwise: it must keep its bytes)."""
+    every row no slot names exactly (bitwise: it must keep its bytes).
+
+    ``before``: the cache as it was before a sequence of calls whose last stored into ``slots``
+    (the case's own tensor: the runner calls kernels on copies; a caller that stores into its own
+    tensor passes a copy taken before the first call). The rows the reference changed from it (the
+    earlier calls' slots) count as stored too: every stored row, gathered in row order ([R,
+    record]), is judged by ``check``, every other row exactly."""
 
     check: Any
     slots: torch.Tensor
+    before: torch.Tensor | None = None
 
     def describe(self) -> str:
-        return f"stored rows {self.check.describe()}; every other row exact (bitwise)"
+        stored = "stored rows" if self.before is None else "rows any call stored into"
+        return f"{stored} {self.check.describe()}; every other row exact (bitwise)"
 
     def compare(self, got: torch.Tensor, want: torch.Tensor) -> Verdict:
         if got.dtype != want.dtype or got.shape != want.shape:
@@ -282,9 +290,14 @@ class StoredRows:
         batch, n_rows, width = want.shape
         slots = self.slots.cpu().long().expand(batch, -1)
         stored = torch.zeros(batch, n_rows, dtype=torch.bool).scatter_(1, slots, True)
+        if self.before is not None:
+            stored |= (want != self.before.cpu()).any(-1)
         kept = Exact().compare(got[~stored], want[~stored])
         if not kept.ok:
-            return Verdict(False, detail=f"rows no slot names must keep their bytes: {kept.detail}")
+            rows = "rows no slot names" if self.before is None else "rows no call stored into"
+            return Verdict(False, detail=f"{rows} must keep their bytes: {kept.detail}")
+        if self.before is not None:
+            return self.check.compare(got[stored], want[stored])
         rows = slots[..., None].expand(-1, -1, width)
         return self.check.compare(got.gather(1, rows), want.gather(1, rows))
 
@@ -299,6 +312,20 @@ def _kv_cache_store(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     (vectors,) = _rms_norm_rope({**normed, "positions": a["positions"], "freqs": a["freqs"]})
     records = _fp8_records(vectors.check, kv.shape[-1], a["rope_dim"], a["tile"])
     return (Compared("cache", 0, StoredRows(records, a["slots"])),)
+
+
+def _kv_compress_store(a: Mapping[str, Any]) -> tuple[Compared, ...]:
+    # kv_compress_fp8's rule on the same arguments: its states as they are, its records' rule for
+    # every row a call stored into (zero rows past the new entries included), read back from the
+    # store after the last call; every other row exact. Built for the last call, whose start_pos + S
+    # is the stream's furthest position, so its angle bound covers every earlier call's records.
+    records, kv_state, score_state = _kv_compress_fp8(a)
+    # no outputs: the mutated kv_state, score_state and store are indices 0, 1, 2 (schema order)
+    return (
+        Compared(kv_state.label, 0, kv_state.check),
+        Compared(score_state.label, 1, score_state.check),
+        Compared("store", 2, StoredRows(records.check, a["slots"], before=a["store"])),
+    )
 
 
 def _indexer_topk(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -681,6 +708,21 @@ RULES: dict[str, Rule] = {
             ("kv_state, score_state (final)", "rtol 2^-23", "as kv_compress"),
         ),
         _kv_compress_fp8,
+    ),
+    "kv_compress_store": Rule(
+        (
+            ("kv_state, score_state (final)", "rtol 2^-23", "as kv_compress"),
+            ("store (final): rows any call stored into, decoded", "kv_compress_fp8's records tolerance: rtol and "
+             "atol/max\\|ref\\| as kv_compress's entries, rtol += 2^-3, atol/max\\|ref\\| += 2^-16",
+             "each stored row is a kv_compress_fp8 record (zero bytes past a sequence's new entries at a tensor "
+             "start_pos), so it may differ from the reference's as a record may; judged after the last call, by "
+             "that call's bound (its start_pos + S is the stream's furthest position: the largest angle), the rows "
+             "of every call together (the last call's slots and every row the reference changed from the store "
+             "before the first call; max\\|ref\\| over them all)"),
+            ("store (final): every other row", "exact",
+             "rows no call stores into keep their bytes (the cases' stores hold random bytes: a stray write fails)"),
+        ),
+        _kv_compress_store,
     ),
     "indexer_topk": Rule(
         (("indices", "selection, tol 2·γ(d+H+8)·max_j Σ_h \\|w_h\\| Σ_c \\|q_hc K_jc\\|",
