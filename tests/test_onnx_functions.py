@@ -28,12 +28,12 @@ from seahal.backends.cpu.reference import mhc as ref_mhc
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
 from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
-from seahal.hal.ops.compressor import compressor_state, most_new_entries
+from seahal.hal.ops.compressor import compressor_state, most_new_entries, new_entries
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.onnx import functions as F
 from seahal.testing.cases import hc_case, sparse_attention_case, sparse_attention_fp8_case
 from seahal.testing.conformance import failed_checks, float64_positions
-from seahal.testing.tolerances import checks_for
+from seahal.testing.tolerances import StoredRows, checks_for
 
 
 def _run(name: str, inputs: dict[str, np.ndarray], **attributes) -> list[np.ndarray]:
@@ -124,6 +124,11 @@ def test_every_op_has_functions_taking_its_arguments_in_hal_order():
         store = F.FUNCTIONS[f"index_key_store_{fmt}"]
         assert (store.inputs, store.attributes) == (("keys", "store", "slots"), ())
         assert store.n_outputs == 1 and store.mutates == ("store",) and store.shared_batch == ("slots",)
+    store = F.FUNCTIONS["kv_compress_store"]  # no output of its own: the new states, then the new store
+    assert store.inputs == (*F.FUNCTIONS["kv_compress_fp8"].inputs, "store", "slots")
+    assert store.attributes == F.FUNCTIONS["kv_compress_fp8"].attributes
+    assert store.n_outputs == 3 and store.mutates == ("kv_state", "score_state", "store")
+    assert store.shared_batch == ("slots",) and F.select("kv_compress_store", {}) is store
 
 
 def test_select_picks_the_variant_from_optional_tensors_and_weight_formats():
@@ -460,6 +465,74 @@ def test_compressor_per_sequence_positions_are_each_sequence_alone(op, overlap):
             assert not got[b, want.shape[1] :].any(), (b, p)
             assert all(torch.equal(t[b : b + 1], u) for t, u in zip(state, alone[b])), (b, p)
         positions = [p + s for p in positions]
+
+
+@pytest.mark.parametrize("slots_layout", ["per_sequence", "shared"])
+@pytest.mark.parametrize("position", ["int", "tensor"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["CSA", "HCA"])
+def test_kv_compress_store_stores_kv_compress_fp8_records_in_their_rows(overlap, position, slots_layout):
+    """kv_compress_store's function is kv_compress_fp8's then store_rows over a stream of calls
+    into a store of random bytes: its new states are kv_compress_fp8's bit for bit, and its new
+    store is the old one with the first n = slots.shape[1] records at rows ``slots`` (n the rows
+    the contract gives: new_entries at an int position, ceil(S/m) at a tensor one, whose rows past
+    a sequence's new entries are zero bytes, stored too), every other row keeping its bytes. Held
+    to the CPU reference (kv_compress_store, fp64 inputs as in conformance): the stored rows by
+    kv_compress_fp8's records rule, every other row exact, zero bytes past the new entries, states
+    bit for bit. The onnxruntime backend's kernel (its own path at an int position, whose slots are
+    fewer than a tensor position's) stores the same bytes in place. Per-sequence positions [3]
+    (0, 6, 11: 0 to 2 entries a call, a sequence at 6 completing none of 1 token), or one int
+    position for all, where a call completing no entry has slots [B, 0]; int64 slots per
+    sequence or int32 slots [1, n] shared by the batch."""
+    from seahal.backends.onnxruntime import kernels
+
+    g = torch.Generator().manual_seed(17 + 2 * overlap + 4 * (position == "int") + 8 * (slots_layout == "shared"))
+    m, d, batch, rows, coff = 4, 32, 3, 10, 2 if overlap else 1
+    rope_dim, tile = 16, 8
+    ape, norm, freqs = torch.randn(m, coff * d, generator=g), torch.rand(d, generator=g) + 0.5, torch.rand(8, generator=g)
+    attributes = {"ratio": m, "overlap": int(overlap), "rope_dim": rope_dim, "tile": tile}
+    state = [t.normal_(generator=g) for t in compressor_state(batch, m, d, overlap)]  # stale: position 0 resets it
+    ref_state, ort_state = [t.clone() for t in state], [t.clone() for t in state]
+    store = torch.randint(0, 256, (batch, rows, kv_record_bytes(d, rope_dim, tile)), generator=g, dtype=torch.uint8)
+    ref_store, ort_store = store.clone(), store.clone()
+    index_dtype = torch.int32 if slots_layout == "shared" else torch.int64
+    positions = [0, 6, 11] if position == "tensor" else [0] * batch
+    calls_storing_nothing = 0
+    for s in (5, 1, 3, 6):
+        kv, score = (torch.randn(batch, s, coff * d, generator=g) for _ in range(2))
+        start_pos = torch.tensor(positions) if position == "tensor" else positions[0]
+        n = most_new_entries(s, m) if position == "tensor" else new_entries(start_pos, s, m)
+        calls_storing_nothing += n == 0
+        order = [torch.randperm(rows, generator=g)[:n] for _ in range(1 if slots_layout == "shared" else batch)]
+        slots = torch.stack(order).to(index_dtype)
+        tensors = (kv, score, ape, norm, freqs, *state)
+        compress_inputs = dict(zip(F.FUNCTIONS["kv_compress_fp8"].inputs, (t.numpy() for t in tensors)))
+        compress_inputs["start_pos"] = np.array(positions if position == "tensor" else start_pos)
+        inputs = compress_inputs | {"store": store.numpy(), "slots": slots.numpy()}
+        out_types = [(TensorProto.FLOAT, 3), (TensorProto.FLOAT, 3), (TensorProto.UINT8, 3)]
+        *new_state, new_store = (torch.from_numpy(t) for t in _run("kv_compress_store", inputs, **attributes, out_types=out_types))
+        records, *fp8_state = (torch.from_numpy(t) for t in _run("kv_compress_fp8", compress_inputs, **attributes,
+                                                                  out_types=[out_types[2], *out_types[:2]]))
+        assert records.shape[1] == most_new_entries(s, m) >= n
+        assert all(torch.equal(t, u) for t, u in zip(new_state, fp8_state))  # kv_compress_fp8's states
+        _assert_rows_stored(new_store, store, slots, records[:, :n])  # its first n records, the other rows kept
+
+        call = (kv.double(), score.double(), ape.double(), norm, freqs, *ref_state, m, overlap, start_pos)
+        tail = (1e-6, rope_dim, tile)
+        ref_compressor.kv_compress_store(*call, ref_store, slots, *tail)
+        records_check = checks_for("kv_compress_fp8", (*call, *tail))[0].check
+        verdict = StoredRows(records_check, slots).compare(new_store, ref_store)
+        assert verdict.ok, (s, positions, verdict.detail)
+        assert all(torch.equal(t, u) for t, u in zip(new_state, ref_state)), (s, positions)
+        stored = new_store.gather(1, slots.long().expand(batch, -1)[..., None].expand(-1, -1, new_store.shape[-1]))
+        for b, p in enumerate(positions):  # rows past a sequence's new entries: zero bytes
+            assert not stored[b, new_entries(p, s, m) :].any(), (b, p)
+
+        assert kernels.kv_compress_store(kv, score, ape, norm, freqs, *ort_state, m, overlap, start_pos,
+                                         ort_store, slots, *tail) is None
+        assert torch.equal(ort_store, new_store) and all(torch.equal(t, u) for t, u in zip(ort_state, new_state))
+        state, store = new_state, new_store
+        positions = [p + s for p in positions]
+    assert calls_storing_nothing == (position == "int")  # positions 5 + 1 token at one int position: no entry
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64, 512])

@@ -44,6 +44,7 @@ CAPABILITIES = {
     "moe_experts": {"dtype": _FLOATS, "weight_format": ("dense", "fp8", "fp4")},
     "kv_compress": {"overlap": (True, False), "out_dtype": _FLOATS},
     "kv_compress_fp8": {"overlap": (True, False), "format": ("e4m3+bf16 rope",)},
+    "kv_compress_store": {"overlap": (True, False), "format": ("e4m3+bf16 rope",)},
     "indexer_topk": {"dtype": _FLOATS},
     "indexer_topk_packed": {"dtype": _FLOATS, "key_format": ("fp4", "fp8")},
     "sparse_attention": {"dtype": _FLOATS, "kv_format": ("dense",)},
@@ -72,7 +73,7 @@ def probe() -> Availability:
     return Availability(True, f"onnxruntime {onnxruntime.__version__}, providers: {found}")
 
 
-DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "kv_compress_store", "indexer_topk", "indexer_topk_packed"}
 """Ops whose ONNX function takes start_pos as a graph input, scalar or per sequence ([B]): the
 session reads a tensor position itself, seahal never does."""
 

@@ -3,7 +3,8 @@
 Each kernel takes the op's arguments as its contract names them and hands them, by name, to
 :func:`seahal.backends.onnxruntime.session.run`. An op with no outputs of its own that only
 mutates arguments (kv_cache_store, index_key_store: its function returns the new cache or store,
-which ``run`` copies into that argument) returns None, as its schema's ``-> ()`` says.
+which ``run`` copies into that argument; kv_compress_store: the new kv_state, score_state and
+store) returns None, as its schema's ``-> ()`` says.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ moe_gate = _kernel("moe_gate")
 moe_experts = _kernel("moe_experts")
 kv_compress = _kernel("kv_compress")
 kv_compress_fp8 = _kernel("kv_compress_fp8")
+kv_compress_store = _kernel("kv_compress_store")
 indexer_topk = _kernel("indexer_topk")
 indexer_topk_packed = _kernel("indexer_topk_packed")
 sparse_attention = _kernel("sparse_attention")

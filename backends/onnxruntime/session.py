@@ -121,7 +121,8 @@ def run(op: str, args: Mapping[str, Any]) -> torch.Tensor | tuple[torch.Tensor, 
     The functions take an op's position (``OpSpec.position``) as an input and return the rows a
     tensor position gives (kv_compress: the most any position completes, zeros after the new
     ones): an int position is fed as such, the outputs sized as for it as a tensor, then cut to
-    the shapes the int's contract gives."""
+    the shapes the int's contract gives (a store op's function stores as many rows as its slots
+    name: kv_compress_store)."""
     function = select(op, args)
     device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
     position = get_spec(op).position
@@ -132,7 +133,10 @@ def run(op: str, args: Mapping[str, Any]) -> torch.Tensor | tuple[torch.Tensor, 
         for name in function.inputs
     }
     attributes = tuple(sorted(function.attribute_values(args).items()))
-    as_tensor = {**args, position: torch.tensor(args[position], device=device)} if int_position else args
+    # outputs sized as for a tensor position, cut below; an op with none of its own (kv_compress_store,
+    # whose slots are as many as the int position's rows) is checked as called
+    sized_as_tensor = int_position and not get_spec(op).schema.endswith("-> ()")
+    as_tensor = {**args, position: torch.tensor(args[position], device=device)} if sized_as_tensor else args
     buffers = _output_buffers(op, as_tensor, function)
     types = tuple(tuple((_element_type(t), t.dim()) for t in group) for group in (feeds.values(), buffers))
     session = _session(function, attributes, types, providers(device.type))

@@ -30,23 +30,27 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   ``kv_cache_store_normed_unweighted`` (``positions`` and ``freqs``, no weight).
   :func:`select` picks the function for a call's arguments; :data:`OPS` lists each op's functions.
 * Node inputs: the op's tensor arguments in the HAL schema's order, without the optional ones the
-  function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress and the
-  indexer ops) is an input too, an int64 scalar or [B] (one position per sequence), not an
-  attribute: decode steps advance it at run time, and a graph or session must not be rebuilt per
-  position.
+  function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress,
+  kv_compress_fp8, kv_compress_store and the indexer ops) is an input too, an int64 scalar or [B]
+  (one position per sequence), not an attribute: decode steps advance it at run time, and a
+  graph or session must not be rebuilt per position.
 * Node attributes: the other non-tensor arguments under their HAL names (``OpFunction.attributes``):
   int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
   code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
 * Outputs: the op's outputs in order, then the new values of the arguments the op mutates in place
   (kv_compress: ``entries, kv_state, score_state``; kv_cache_store and index_key_store, which
-  have no output of their own: the new ``cache`` / ``store`` alone). An output whose rows depend
-  on the position has the rows the HAL contract gives a tensor ``start_pos``: kv_compress's
-  entries (records) are ``ceil(S/m)`` rows, each sequence's new entries first, zeros (zero bytes)
-  after; a caller at an int position keeps the first ``new_entries(start_pos, S, m)``.
+  have no output of their own: the new ``cache`` / ``store`` alone; kv_compress_store, none of its
+  own either: ``kv_state, score_state, store``). An output whose rows depend on the position has
+  the rows the HAL contract gives a tensor ``start_pos``: kv_compress's entries (records) are
+  ``ceil(S/m)`` rows, each sequence's new entries first, zeros (zero bytes) after; a caller at an
+  int position keeps the first ``new_entries(start_pos, S, m)``. kv_compress_store stores the
+  first ``n`` of those records, n its slots' rows (the contract's: ``new_entries`` at an int
+  position, ``ceil(S/m)`` at a tensor one), so its node takes either.
 * Shared rows: ``sparse_attention``'s kv and ``sparse_attention_fp8``'s records may have batch 1,
   one pool of cache rows that every sequence indexes (a paged cache; :data:`SHARED_BATCH`), and
-  so may ``kv_cache_store``'s and ``index_key_store``'s slots (the same rows for every sequence).
-  A caller holding such a tensor expanded over the batch (batch stride 0) passes that one copy.
+  so may ``kv_cache_store``'s, ``index_key_store``'s and ``kv_compress_store``'s slots (the same
+  rows for every sequence). A caller holding such a tensor expanded over the batch (batch
+  stride 0) passes that one copy.
 * Types: float inputs may be bf16, fp16, fp32 or fp64; the math is fp32 as the contracts say
   (the CPU reference upgrades to fp64 for fp64 inputs, these functions do not); outputs take the
   dtype the contract gives. FP8 codes are FLOAT8E4M3FN tensors, packed FP4 codes, KV records and
@@ -1201,6 +1205,25 @@ def kv_compress_fp8(
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
+def kv_compress_store(
+    kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos: INT64, store, slots,
+    ratio: int, overlap: int, norm_eps: float = 1e-6, rope_dim: int = 64, tile: int = 64,
+):
+    """kv_compress_fp8's records stored in their cache rows -> (kv_state', score_state', the new
+    store): store [B, N, record] uint8, slots [B, n] int (or [1, n]: one row of slots the batch
+    shares) with n <= ceil(S/m) the rows the HAL contract gives (new_entries(start_pos, S, m) at an
+    int position, ceil(S/m) at a tensor one) -> ``store[b, slots[b, i]] = kv_compress_fp8(...)[b, i]``
+    for i < n (:func:`store_rows`; rows past a sequence's new entries are zero bytes, stored too),
+    the other rows unchanged."""
+    records, new_kv_state, new_score_state = kv_compress_fp8(
+        kv, score, ape, norm_weight, rope_freqs, kv_state, score_state, start_pos,
+        ratio=ratio, overlap=overlap, norm_eps=norm_eps, rope_dim=rope_dim, tile=tile,
+    )
+    rows = op.Slice(records, [0], op.Shape(slots, start=1, end=2), [1])  # at an int position: its new entries
+    return new_kv_state, new_score_state, store_rows(store, slots, rows)
+
+
+@onnxscript.script(SEAHAL, default_opset=op)
 def kv_cache_unpack(packed, dim: int, rope_dim: int = 64, tile: int = 64):
     """Decode kv_cache_pack records: packed [..., record] uint8 -> [..., dim] bf16;
     nope = e4m3 * 2^(e-127) (e = 255: NaN), rope = the stored bf16."""
@@ -1247,6 +1270,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "moe_experts": ("moe_experts", "moe_experts_fp8", "moe_experts_fp4"),
     "kv_compress": ("kv_compress",),
     "kv_compress_fp8": ("kv_compress_fp8",),
+    "kv_compress_store": ("kv_compress_store",),
     "indexer_topk": ("indexer_topk",),
     "indexer_topk_packed": ("indexer_topk_packed_fp4", "indexer_topk_packed_fp8"),
     "sparse_attention": ("sparse_attention", "sparse_attention_rotated"),
@@ -1265,7 +1289,7 @@ OPS: dict[str, tuple[str, ...]] = {
 
 SHARED_BATCH: dict[str, tuple[str, ...]] = {
     "sparse_attention": ("kv",), "sparse_attention_fp8": ("records",), "kv_cache_store": ("slots",),
-    "index_key_store": ("slots",),
+    "index_key_store": ("slots",), "kv_compress_store": ("slots",),
 }
 """HAL op -> its inputs whose functions also take batch 1 for a tensor the whole batch shares (a
 pool of cache rows, expanded over the batch by the caller: a paged cache; the slots every
