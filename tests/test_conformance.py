@@ -239,7 +239,8 @@ def test_interpret_flag_runs(monkeypatch, capsys):
 TRITON_OPS = (
     "fp8_act_quant", "fp4_quant", "hadamard_rotate", "index_key_pack", "index_key_store", "kv_cache_pack",
     "kv_cache_store", "fp8_gemm", "fp4_gemm", "moe_gate", "moe_experts", "sparse_attention", "sparse_attention_fp8",
-    "indexer_topk_packed", "hc_pre", "hc_post", "hc_post_pre", "hc_head", "rope", "kv_compress_fp8", "act_quant_gemm",
+    "indexer_topk_packed", "hc_pre", "hc_post", "hc_post_pre", "hc_head", "rope", "kv_compress_fp8", "kv_compress_store",
+    "act_quant_gemm",
 )
 """The ops the cuda backend serves with Triton kernels (each has >= 8 conformance cases)."""
 

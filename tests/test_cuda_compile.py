@@ -252,6 +252,9 @@ def _position_as_data():
             )
             compressor.kv_compress(*args)
             compressor.kv_compress_fp8(*args)
+            # the records stored at their slots (a decode step's cache write): a store past a ring's rows
+            store = _empty(batch, 4096 + 2048, 584, dtype=torch.uint8)[:, 4096:]
+            compressor.kv_compress_store(*args, store, torch.empty((batch, 1), dtype=torch.int64, device="cuda"))
         q, weights = _empty(batch, 1, INDEX_HEADS, INDEX_DIM, dtype=torch.bfloat16), _empty(batch, 1, INDEX_HEADS)
         keys = _empty(batch, 2048, INDEX_DIM, dtype=torch.bfloat16)
         indexer.indexer_topk(q, weights, keys, 4, position, INDEX_TOPK)
@@ -622,15 +625,17 @@ def test_mix_tail_reads_its_partial_sums_in_one_trip(compiled):
 
 
 def test_positions_as_data_compile(compiled):
-    """The launches that load start_pos from memory (CUDA-graph decode) compile: both compressor
-    kernels' variants (entries and FP8 records) and the indexer's scores kernel, dense and packed,
-    each with a 0-d int64 and a [B] int32 position (:func:`_position_as_data`), and those the
-    model's graph step makes ([B] int64)."""
+    """The launches that load start_pos from memory (CUDA-graph decode) compile: the compressor
+    kernel's variants (entries, FP8 records, records stored at their slots) and the indexer's scores
+    kernel, dense and packed, each with a 0-d int64 and a [B] int32 position
+    (:func:`_position_as_data`), and those the model's graph step makes ([B] int64)."""
     launches = [r for r in compiled if "POS_FROM_PTR=True" in r["launch"]]
     kinds = Counter((r["kernel"], r["position"]) for r in launches)
     assert set(kinds) == {(kernel, dtype) for kernel in ("_kv_compress_kernel", "_scores_kernel")
                           for dtype in ("torch.int64", "torch.int32")}, kinds
-    assert kinds["_kv_compress_kernel", "torch.int32"] == 4 and kinds["_scores_kernel", "torch.int32"] == 3, kinds
+    assert kinds["_kv_compress_kernel", "torch.int32"] == 6 and kinds["_scores_kernel", "torch.int32"] == 3, kinds
+    stores = [r for r in launches if "STORE=True" in r["launch"]]
+    assert len(stores) >= 4 and all(r["error"] is None for r in stores), stores
     packed = {re.search(r"KEY_FORMAT=(\w+)", r["launch"]).group(1) for r in launches if r["kernel"] == "_scores_kernel"}
     assert packed == {"dense", "fp4", "fp8"}, packed
 

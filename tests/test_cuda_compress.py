@@ -521,6 +521,65 @@ def test_compress_fp8_at_sequence_positions(overlap):
     assert compared == SEQUENCE_ENTRIES
 
 
+# --------------------------------------------------------------------------------------------
+# kv_compress_store: the records stored at their slots' rows by the same launch
+# --------------------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize(
+    ("ratio", "overlap", "position", "slots_shared"),
+    [(4, True, "int", False), (4, True, "per sequence", True), (8, False, "per sequence", False),
+     (8, False, "int", True)],
+    ids=["CSA-int", "CSA-per sequence-shared slots", "HCA-per sequence", "HCA-int-shared slots"],
+)
+def test_compress_store_puts_the_records_at_their_slots(ratio, overlap, position, slots_shared):
+    """kv_compress_store against kv_compress_fp8 of this backend (each with its own state), bit for
+    bit: after every call the store's rows at the slots are the records (at a tensor position the
+    zero rows past a sequence's entries too), every other row keeps its random bytes, and the
+    states are equal. The store is a view past 5 rows of a wider buffer (as the model's cache holds
+    its compressed entries past the window ring); the slots run backwards, per sequence or (shared)
+    one row for the batch. Sequences at 0 and 7 (per sequence) or both at 0 (int)."""
+    from seahal.backends.cuda import compressor
+
+    d, rope, tile, batch = 32, 16, 8, 2
+    chunks = (6,) + (1,) * (ratio + 1) + (3, 0, 2 * ratio + 1)
+    offsets = (0, 7) if position == "per sequence" else (0, 0)
+    kv, score, ape, weight, freqs = _stream(batch, max(offsets) + sum(chunks), ratio, d, rope, overlap, seed=21,
+                                            token_major=True)
+    params = (ape.to(DEVICE), weight.to(DEVICE), freqs.to(DEVICE))
+    fp8_state, store_state = (_device_state(compressor_state(batch, ratio, d, overlap), fused=True) for _ in range(2))
+    width, rows = kv_record_bytes(d, rope, tile), 64
+    buffer = torch.randint(0, 256, (batch, 5 + rows, width), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    store, head = buffer[:, 5:], buffer[:, :5].clone()
+    pos, written = list(offsets), 0
+    for call, size in enumerate(chunks):
+        where = f"call {call} (positions {pos}, S {size})"
+        tokens = (torch.stack([kv[b, p : p + size] for b, p in enumerate(pos)]).to(DEVICE),
+                  torch.stack([score[b, p : p + size] for b, p in enumerate(pos)]).to(DEVICE))
+        start = torch.tensor(pos, device=DEVICE) if position == "per sequence" else pos[0]
+        records = compressor.kv_compress_fp8(*tokens, *params, *fp8_state, ratio, overlap, start, 1e-6, rope, tile)
+        n = records.shape[1]
+        first = rows - 1 - written  # rows never written before: a lost write keeps random bytes
+        slots = torch.arange(first, first - n, -1).expand(1 if slots_shared else batch, n).to(DEVICE)
+        before = store.clone()
+        compressor.kv_compress_store(*tokens, *params, *store_state, ratio, overlap, start, store, slots, 1e-6,
+                                     rope, tile)
+        want = before.clone()
+        want[:, first - n + 1 : first + 1] = records.flip(1)
+        differ = (_bits(store) != _bits(want)).any(-1)
+        assert not differ.any(), f"{where}: store rows differ at [b, row] {differ.nonzero().tolist()}"
+        for name, mine, theirs in zip(("kv_state", "score_state"), store_state, fp8_state, strict=True):
+            assert torch.equal(_bits(mine), _bits(theirs)), f"{where}: {name} differs"
+        written += n
+        pos = [p + size for p in pos]
+    assert torch.equal(buffer[:, :5], head), "the rows before the store's view were written"
+    n_rows = [-(-size // ratio) for size in chunks] if position == "per sequence" else [
+        new_entries(sum(chunks[:call]), size, ratio) for call, size in enumerate(chunks)]
+    assert written == sum(n_rows) >= 3, (written, n_rows)
+
+
 @kernels
 @pytest.mark.parametrize(
     "start_pos",

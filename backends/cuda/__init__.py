@@ -56,7 +56,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # launches compile to the same sm_90 SASS as before and serve, after rope's kernel, as
 # cuda.triton_unfused. New since: hc_post_pre, hc_pre's mix kernel making the streams it mixes
 # (POST); hc_pre being unverified too, it has no unfused form: GPU plans run the reference until
-# a GPU run passes both.
+# a GPU run passes both. New since: kv_compress_store, kv_compress_fp8's launch storing each record at
+# its slot's row (STORE); kv_compress_fp8 being unverified too, it has no unfused form either.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -80,6 +81,9 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "kv_compress": ("compressor:kv_compress", {"chip": _SM90, "out_dtype": _FLOAT}, False),
     "kv_compress_fp8": (  # the same launch, the bf16 entry packed into the FP8 record in registers
         "compressor:kv_compress_fp8", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, False
+    ),
+    "kv_compress_store": (  # the same launch, each record stored at its slot's row (not yet run on a GPU)
+        "compressor:kv_compress_store", {"chip": _SM90, "format": ("e4m3+bf16 rope",)}, False
     ),
     "hc_pre": ("mhc:hc_pre", {"chip": _SM90, "dtype": _FLOAT}, False),
     "hc_head": ("mhc:hc_head", {"chip": _SM90, "dtype": _FLOAT}, False),
@@ -140,7 +144,7 @@ UNFUSED_KERNELS: dict[str, str] = {
 one-pass kernel, with its capabilities): what a GPU plan runs while the one-pass kernel awaits its
 GPU run, one launch more, instead of the portable reference."""
 
-DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "indexer_topk", "indexer_topk_packed"}
+DEVICE_POSITION = {"kv_compress", "kv_compress_fp8", "kv_compress_store", "indexer_topk", "indexer_topk_packed"}
 """Kernels that load a tensor ``start_pos`` in the kernel (never on the host): decode steps through
 them can be captured in a CUDA graph (``seahal.model.decode_graph``)."""
 

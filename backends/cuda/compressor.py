@@ -64,6 +64,8 @@ computes that entry).
 as kv_compress would store it, is packed in registers into the FP8 KV record (v4_ops.md §12) by the
 device functions of :mod:`.quant`'s ``kv_cache_pack``, so it equals ``kv_cache_pack(kv_compress(
 ..., out_dtype=bf16))`` of this backend bit for bit, without the bf16 round trip through memory.
+``kv_compress_store`` is that launch writing each record to the store's row its slot names
+(``STORE``) instead of to a fresh output: the records a captured step would otherwise scatter.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from seahal.hal.formats import scatter_rows
 from seahal.hal.ops.compressor import compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
@@ -151,25 +154,66 @@ def kv_compress_fp8(
     rounded to bf16 as kv_compress stores it, then quantised by the same device functions. tile must
     be a power of two (the entry is split into tiles by a register reshape).
     """
+    return _compress_records("kv_compress_fp8", (kv, score, ape, norm_weight, rope_freqs, kv_state, score_state),
+                             ratio, overlap, start_pos, norm_eps, rope_dim, tile)
+
+
+def kv_compress_store(
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rope_freqs: torch.Tensor,
+    kv_state: torch.Tensor,
+    score_state: torch.Tensor,
+    ratio: int,
+    overlap: bool,
+    start_pos: int | torch.Tensor,
+    store: torch.Tensor,
+    slots: torch.Tensor,
+    norm_eps: float = 1e-6,
+    rope_dim: int = 64,
+    tile: int = 64,
+) -> None:
+    """:func:`kv_compress_fp8` whose records go straight to their rows: ``store[b, slots[b, i]] =
+    record i of sequence b``, in the same launch (the kernel's STORE: each row's pointer from its
+    slot), where the records then a scatter take two (a compressed layer's decode step writes its
+    entry this way). store: [B, N, record] uint8 with contiguous records (else the records, then
+    torch's scatter), slots: [B or 1, rows] int32/int64, rows as kv_compress_fp8 returns them."""
+    tensors = (kv, score, ape, norm_weight, rope_freqs, kv_state, score_state)
+    if store.stride(-1) != 1:
+        records = kv_compress_fp8(*tensors, ratio, overlap, start_pos, norm_eps, rope_dim, tile)
+        scatter_rows(store, slots, records)
+        return
+    rows = {"slot_ptr": slots, "stride_sb": slots.stride(0) if slots.shape[0] > 1 else 0, "stride_sn": slots.stride(1),
+            "stride_ob": store.stride(0), "stride_or": store.stride(1), "STORE": True}
+    _compress_records("kv_compress_store", tensors, ratio, overlap, start_pos, norm_eps, rope_dim, tile, (store, rows))
+
+
+def _compress_records(
+    op: str, tensors: tuple[torch.Tensor, ...], ratio: int, overlap: bool, start_pos: int | torch.Tensor,
+    norm_eps: float, rope_dim: int, tile: int, store: tuple[torch.Tensor, dict] | None = None,
+) -> torch.Tensor:
+    """:func:`_compress` of FP8 records (kv_compress_fp8, kv_compress_store)."""
     if tile & (tile - 1):
-        raise NotImplementedError(f"cuda.triton kv_compress_fp8: tile must be a power of two, got {tile}")
+        raise NotImplementedError(f"cuda.triton {op}: tile must be a power of two, got {tile}")
 
     def geometry(d: int) -> tuple[int, torch.dtype]:
         return kv_record_bytes(d, rope_dim, tile), torch.uint8
 
-    return _compress(
-        "kv_compress_fp8", (kv, score, ape, norm_weight, rope_freqs, kv_state, score_state), ratio, overlap,
-        start_pos, norm_eps, geometry, {"ROPE": rope_dim, "TILE": tile},
-    )
+    return _compress(op, tensors, ratio, overlap, start_pos, norm_eps, geometry, {"ROPE": rope_dim, "TILE": tile}, store)
 
 
 def _compress(
     op: str, tensors: tuple[torch.Tensor, ...], ratio: int, overlap: bool, start_pos: int | torch.Tensor,
     norm_eps: float, out_row: Callable[[int], tuple[int, torch.dtype]], record: dict[str, int],
+    store: tuple[torch.Tensor, dict] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel for ``op``: ``out_row(d)`` gives an output row's width and dtype; ``record``
-    (ROPE, TILE) asks for packed FP8 records instead of entries (empty: entries). A tensor
-    ``start_pos`` is read by the kernel only (module docstring: the position as data)."""
+    (ROPE, TILE) asks for packed FP8 records instead of entries (empty: entries); ``store`` (a
+    store and the kernel's row arguments, :func:`kv_compress_store`) has the rows written into the
+    store, which is returned, instead of a fresh output. A tensor ``start_pos`` is read by the
+    kernel only (module docstring: the position as data)."""
     kv, score, ape, norm_weight, rope_freqs, kv_state, score_state = tensors
     for name, t in (("kv", kv), ("score", score), ("ape", ape), ("rope_freqs", rope_freqs)):
         if t.dtype != torch.float32:
@@ -194,7 +238,7 @@ def _compress(
         first_entry = start_pos // ratio
         programs = 1 + n_new - lead
     width, dtype = out_row(d)
-    out = torch.empty((batch, rows, width), dtype=dtype, device=kv.device)
+    out, destination = store if store is not None else (torch.empty((batch, rows, width), dtype=dtype, device=kv.device), {})
     if batch > 0:
         d_p2 = next_power_of_2(d)
         split = channel_split(d, seq_len, ratio, kv.device)
@@ -212,7 +256,7 @@ def _compress(
             RATIO=ratio, COFF=coff, D=d, D_P2=d_p2, PAIRS=rope_freqs.shape[0], SPLIT=split, BLOCK=block,
             SLOT_BLOCK=slot_block, STATE_BLOCK=state_block, CARRIED=carried,
             POS_FROM_PTR=pos_ptr is not None, ROW=width, ROPE=record.get("ROPE", 0), TILE=record.get("TILE", 0),
-            **pdl_options(),
+            **destination, **pdl_options(),
         )
     return out
 
@@ -273,7 +317,8 @@ def _kv_compress_kernel(
     RATIO: tl.constexpr, COFF: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, PAIRS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr, STATE_BLOCK: tl.constexpr,
     CARRIED: tl.constexpr, POS_FROM_PTR: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, slot_ptr=None, stride_sb=0, stride_sn=0, stride_ob=0, stride_or=0,
+    STORE: tl.constexpr = False,
 ):
     """Program (b, 0, c): entries [0, lead) of sequence b (all that read its carried state), then its
     state slots [lo, hi); program (b, q > 0, c): entry lead + q - 1; each for the channels of block c
@@ -284,7 +329,8 @@ def _kv_compress_kernel(
     1). POS_FROM_PTR: they come from sequence b's position at ``pos_ptr + b * stride_pos`` instead
     (:func:`_timeline`; the host's are unused; stride 0: one position for all) and ROWS is
     ceil(S / m): one variant for every position, and programs past the n_new entries write zero rows
-    (channel block 0 the whole row).
+    (channel block 0 the whole row). STORE (kv_compress_store): out is the store [B, N, ROW] and
+    row k of sequence b goes to its row ``slots[b, k]`` (:func:`_out_row`).
     """
     wait_for_prior_grid(PDL)
     SLOTS: tl.constexpr = COFF * RATIO
@@ -302,12 +348,14 @@ def _kv_compress_kernel(
     if POS_FROM_PTR:  # rows [n_new, ROWS): this position completes fewer entries than the most a chunk can
         if block == 0:
             for k in tl.range(tl.maximum(first, n_new), tl.minimum(last, ROWS)):
-                _zero_row(out_ptr + (b * ROWS + k) * ROW, D_P2, ROW)
+                row = _out_row(out_ptr, b, k, ROWS, slot_ptr, stride_sb, stride_sn, stride_ob, stride_or, ROW, STORE)
+                _zero_row(row, D_P2, ROW)
         last = tl.minimum(last, n_new)
     for k in tl.range(first, last):
         _write_entry(
-            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pooled_ptr,
-            counter_ptr, b * ROWS + k, b, k, block, held, SEQ, first_entry, carried, eps,
+            kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr,
+            _out_row(out_ptr, b, k, ROWS, slot_ptr, stride_sb, stride_sn, stride_ob, stride_or, ROW, STORE),
+            pooled_ptr, counter_ptr, b * ROWS + k, b, k, block, held, SEQ, first_entry, carried, eps,
             stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n,
             stride_f, stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
             RATIO, SLOTS, D, D_P2, PAIRS, SPLIT, BLOCK, SLOT_BLOCK, ROW, ROPE, TILE,
@@ -320,6 +368,20 @@ def _kv_compress_kernel(
             stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
             RATIO, COFF, D, BLOCK, STATE_BLOCK,
         )
+
+
+@triton.jit
+def _out_row(
+    out_ptr, b, k, ROWS, slot_ptr, stride_sb, stride_sn, stride_ob, stride_or, ROW: tl.constexpr, STORE: tl.constexpr
+):
+    """Where row k of sequence b goes: row k of out [B, ROWS, ROW] (contiguous), or (STORE) the
+    store's row ``slots[b, k]`` (store [B, N, ROW] with rows stride_or apart, slots [B or 1, ROWS]
+    with stride_sb 0 for one row the batch shares)."""
+    if STORE:
+        slot = tl.load(slot_ptr + b * stride_sb + k * stride_sn).to(tl.int64)
+        return out_ptr + b * stride_ob + slot * stride_or
+    else:
+        return out_ptr + (b * ROWS + k) * ROW
 
 
 @triton.jit
@@ -353,7 +415,7 @@ def _load_slots(
 
 @triton.jit
 def _write_entry(
-    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, out_ptr, pooled_ptr, counter_ptr,
+    kv_ptr, score_ptr, ape_ptr, w_ptr, freq_ptr, kv_state_ptr, score_state_ptr, row, pooled_ptr, counter_ptr,
     entry, b, k, block, HELD, SEQ, FIRST_ENTRY, carried, eps,
     stride_kb, stride_ks, stride_kc, stride_zb, stride_zs, stride_zc, stride_am, stride_ac, stride_n, stride_f,
     stride_vb, stride_vs, stride_vc, stride_wb, stride_ws, stride_wc,
@@ -361,9 +423,10 @@ def _write_entry(
     SPLIT: tl.constexpr, BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr, ROW: tl.constexpr, ROPE: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    """Output row ``entry`` (out[b, k]) = rope(norm(pool(slots of entry k))). This program pools
-    the channels of its block; SPLIT > 1: it stores them to the workspace row ``entry`` and the
-    last of the SPLIT programs to arrive finishes the row (:func:`_finish_entry`)."""
+    """The output row at ``row`` (entry k of sequence b, the call's ``entry``-th) = rope(norm(pool(
+    slots of entry k))). This program pools the channels of its block; SPLIT > 1: it stores them to
+    the workspace row ``entry`` and the last of the SPLIT programs to arrive finishes the row
+    (:func:`_finish_entry`)."""
     c = block * BLOCK + tl.arange(0, BLOCK)
     c_ok = c < D
     run_max = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -389,7 +452,7 @@ def _write_entry(
         run_max = new_max
     pooled = acc / tl.where(c_ok, run_sum, 1.0)  # padding lanes: 0 / 1
     if SPLIT == 1:
-        _finish_entry(pooled, out_ptr + entry * ROW, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
+        _finish_entry(pooled, row, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
                       RATIO, D, D_P2, PAIRS, ROW, ROPE, TILE)
     else:
         workspace = pooled_ptr + entry * D_P2
@@ -398,7 +461,7 @@ def _write_entry(
         if tl.atomic_add(counter_ptr + entry, 1, sem="acq_rel") == SPLIT - 1:
             reset_arrival_counter(counter_ptr + entry)
             whole = tl.load(workspace + tl.arange(0, D_P2), cache_modifier=".cg")  # the other programs' blocks too
-            _finish_entry(whole, out_ptr + entry * ROW, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
+            _finish_entry(whole, row, w_ptr, freq_ptr, FIRST_ENTRY + k, eps, stride_n, stride_f,
                           RATIO, D, D_P2, PAIRS, ROW, ROPE, TILE)
 
 
