@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from seahal.hal.formats import FP4_TILE
+from seahal.hal.ops.compressor import most_new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
 from .cache import KV_TILE, LayerCache, StepMemo
@@ -43,17 +44,21 @@ class Compressor(nn.Module):
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor,
         freqs: torch.Tensor, projections: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        destination: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
         """x: [B, S, D] -> the entries tokens [start_pos, start_pos+S) complete: [B, n, d] in x's dtype,
         or, when :meth:`packs` x, as FP8 records [B, n, record] uint8. ``projections``: x's fp32
         ``(x wkv^T, x wgate^T)`` when the caller made them (a CSA layer, with its indexer's), else
-        made here (:meth:`_projections`)."""
+        made here (:meth:`_projections`). ``destination`` (a store and its rows, see
+        ``LayerCache.compressed_destination``): FP8 records are stored there by the op that makes
+        them (``kv_compress_store``) and None returned."""
         kv, score = self._projections(x) if projections is None else projections
         if self.packs(x):
-            return self.ops.kv_compress_fp8(
-                kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
-                self.ratio, self.overlap, start_pos, self.eps, *self.records,
-            )
+            args = (kv, score, self.ape, self.norm.weight, freqs, state[0], state[1], self.ratio, self.overlap, start_pos)
+            if destination is not None:
+                self.ops.kv_compress_store(*args, *destination, self.eps, *self.records)
+                return None
+            return self.ops.kv_compress_fp8(*args, self.eps, *self.records)
         return self.ops.kv_compress(
             kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
             self.ratio, self.overlap, start_pos, self.eps, x.dtype,
@@ -230,8 +235,10 @@ class Attention(nn.Module):
         compressed_idx = None
         if self.compressor is not None:
             own, index = self._compressor_projections_of(x)
-            entries = self.compressor(x, cache.compress_state, start_pos, self.freqs, own)
             packed = self.compressor.packs(x)  # FP8 records as the cache stores them
+            # at a tensor position the records go straight to their cache rows (kv_compress_store)
+            destination = cache.compressed_destination(most_new_entries(s, self.ratio), step.memo) if packed else None
+            entries = self.compressor(x, cache.compress_state, start_pos, self.freqs, own, destination)
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             if self.indexer is not None:  # a CSA layer: its indexer keys complete with the entries

@@ -234,6 +234,13 @@ class LayerCache:
         self.index_keys.write(slice(self.n_compressed, entries_after), new_keys)
         return self.index_keys.read(entries_after)
 
+    def compressed_destination(self, n: int, memo: StepMemo | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where a compressor may store a step's ``n`` FP8 records itself (``kv_compress_store``:
+        the store and each sequence's rows in it), instead of handing them to
+        :meth:`append_compressed`; None: the records come back to be stored here (an int position
+        writes its entries by a slice copy, a dense store casts them)."""
+        return None
+
     def append_compressed(
         self, entries: torch.Tensor, entries_after: int, encoded: bool = False, memo: StepMemo | None = None
     ) -> None:
@@ -328,14 +335,24 @@ class TracedLayerCache(LayerCache):
         self.index_keys.write_rows(self._new_rows(new_keys.shape[1], memo), new_keys)
         return self.index_keys.read()
 
+    def compressed_destination(self, n: int, memo: StepMemo | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An FP8 store's compressed rows (past the ring) and the step's ``n`` rows in them, entries
+        ``n_compressed + i`` (:meth:`_new_rows`): a compressor's records go there in its own launch."""
+        if self.kv.fmt != "fp8":
+            return None
+        return self.compressed_rows(), self._new_rows(n, memo)
+
     def append_compressed(
-        self, entries: torch.Tensor, entries_after: torch.Tensor, encoded: bool = False, memo: StepMemo | None = None
+        self, entries: torch.Tensor | None, entries_after: torch.Tensor, encoded: bool = False,
+        memo: StepMemo | None = None,
     ) -> None:
         """Store ``entries`` [B, n, d] (per sequence the ones the step completes, then padding;
         ``encoded``: stored rows, as :meth:`LayerCache.append_compressed`) as entries
         ``n_compressed, ...``; the layer then holds ``entries_after`` (a tensor shaped as
-        ``n_compressed``). With ``memo``, the rows written are made once for the layers of this ratio."""
-        self.kv.write_rows(self._new_rows(entries.shape[1], memo), entries, encoded, first=self.window)
+        ``n_compressed``). With ``memo``, the rows written are made once for the layers of this
+        ratio. ``entries`` None: the compressor stored them at :meth:`compressed_destination`."""
+        if entries is not None:
+            self.kv.write_rows(self._new_rows(entries.shape[1], memo), entries, encoded, first=self.window)
         self.n_compressed = entries_after
 
     def _new_rows(self, n: int, memo: StepMemo | None) -> torch.Tensor:
