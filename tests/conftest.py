@@ -36,7 +36,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the interpreter re-run of every file whose ``test_under_interpreter`` was selected,
     :data:`LONGEST_RERUNS` first, then in the order the session collects them, at a lower priority
     than this process, which runs the other tests meanwhile (on a 2-core machine the 13 re-runs
-    take about 960 s one after another, the rest of the session about 630 s). Not in a
+    take about 940 s one after another, the rest of the session about 630 s). Not in a
     pytest-xdist worker: every worker collects every file, and the one that runs a file's test
     re-runs it then."""
     files = list(dict.fromkeys(str(item.path) for item in session.items if item.name == "test_under_interpreter"))
