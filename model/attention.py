@@ -53,16 +53,13 @@ class Compressor(nn.Module):
         ``LayerCache.compressed_destination``): FP8 records are stored there by the op that makes
         them (``kv_compress_store``) and None returned."""
         kv, score = self._projections(x) if projections is None else projections
-        if self.packs(x):
-            args = (kv, score, self.ape, self.norm.weight, freqs, state[0], state[1], self.ratio, self.overlap, start_pos)
-            if destination is not None:
-                self.ops.kv_compress_store(*args, *destination, self.eps, *self.records)
-                return None
-            return self.ops.kv_compress_fp8(*args, self.eps, *self.records)
-        return self.ops.kv_compress(
-            kv, score, self.ape, self.norm.weight, freqs, state[0], state[1],
-            self.ratio, self.overlap, start_pos, self.eps, x.dtype,
-        )
+        args = (kv, score, self.ape, self.norm.weight, freqs, state[0], state[1], self.ratio, self.overlap, start_pos)
+        if not self.packs(x):
+            return self.ops.kv_compress(*args, self.eps, x.dtype)
+        if destination is not None:
+            self.ops.kv_compress_store(*args, *destination, self.eps, *self.records)
+            return None
+        return self.ops.kv_compress_fp8(*args, self.eps, *self.records)
 
     def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(x wkv^T, x wgate^T)`` of the checkpoint's bf16 weights (the official code's fp32

@@ -75,8 +75,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from seahal.hal.formats import scatter_rows
-from seahal.hal.ops.compressor import compressor_width
+from seahal.hal.ops.compressor import compress_then_store, compressor_width
 from seahal.hal.ops.quant import kv_record_bytes
 
 from ._cache_keys import settle_cache_keys
@@ -85,7 +84,7 @@ from ._host import cdiv, next_power_of_2
 from ._numerics import cast_rne, fp8_quantize_tiles
 from ._pdl import pdl_options, wait_for_prior_grid
 from ._position import load_position, position_stride
-from .quant import bf16_bytes, e8m0_bytes
+from .quant import bf16_bytes, e8m0_bytes, slot_rows
 
 ELEMENTS_PER_CHUNK = 4096
 """Slot-chunk size in elements (slots x channels of a program) of the entries' pooling: CSA's
@@ -182,12 +181,14 @@ def kv_compress_store(
     torch's scatter), slots: [B or 1, rows] int32/int64, rows as kv_compress_fp8 returns them."""
     tensors = (kv, score, ape, norm_weight, rope_freqs, kv_state, score_state)
     if store.stride(-1) != 1:
-        records = kv_compress_fp8(*tensors, ratio, overlap, start_pos, norm_eps, rope_dim, tile)
-        scatter_rows(store, slots, records)
+        _records_then_scatter(*tensors, ratio, overlap, start_pos, store, slots, norm_eps, rope_dim, tile)
         return
-    rows = {"slot_ptr": slots, "stride_sb": slots.stride(0) if slots.shape[0] > 1 else 0, "stride_sn": slots.stride(1),
-            "stride_ob": store.stride(0), "stride_or": store.stride(1), "STORE": True}
+    rows = {**slot_rows(slots, store), "STORE": True}
     _compress_records("kv_compress_store", tensors, ratio, overlap, start_pos, norm_eps, rope_dim, tile, (store, rows))
+
+
+_records_then_scatter = compress_then_store(kv_compress_fp8)
+"""kv_compress_store as this backend's kv_compress_fp8, then torch's scatter (records not contiguous)."""
 
 
 def _compress_records(

@@ -168,10 +168,17 @@ def _launch_index_key_pack(x2: torch.Tensor, out: torch.Tensor, key_format: str,
     )
 
 
+def slot_rows(slots: torch.Tensor, store: torch.Tensor) -> dict:
+    """The kernel arguments that put record i of sequence b at row ``slots[b, i]`` of store [B, N,
+    record]: the slots' pointer and strides (batch stride 0 for one row the batch shares) and the
+    store's row strides (the store ops' kernels and the compressor's)."""
+    return {"slot_ptr": slots, "stride_sb": slots.stride(0) if slots.shape[0] > 1 else 0,
+            "stride_sn": slots.stride(1), "stride_ob": store.stride(0), "stride_or": store.stride(1)}
+
+
 def _destination(slots: torch.Tensor, n: int, store: torch.Tensor) -> dict:
     """A store op's row arguments for :func:`_record_rows`: each sequence's n slots into store [B, N, record]."""
-    return {"slot_ptr": slots, "N": n, "R": store.shape[1], "stride_sb": slots.stride(0) if slots.shape[0] > 1 else 0,
-            "stride_sn": slots.stride(1), "stride_ob": store.stride(0), "stride_or": store.stride(1)}
+    return {**slot_rows(slots, store), "N": n, "R": store.shape[1]}
 
 
 ROTATION_TILE = 128
