@@ -13,7 +13,7 @@ from seahal.hal.formats import FP4_TILE
 from seahal.hal.ops.compressor import most_new_entries
 from seahal.hal.ops.rope import rope_frequencies
 
-from .cache import KV_TILE, LayerCache, StepMemo
+from .cache import KV_TILE, LayerCache, PositionTables, StepMemo
 from .config import CSA_RATIO, ModelConfig
 from .layers import Linear, RMSNorm, StackedLinears
 from .parallel import SINGLE_PROCESS, Parallel
@@ -301,14 +301,14 @@ class Attention(nn.Module):
         def indices() -> torch.Tensor:  # SWA: the window; HCA: and every entry the query sees
             if not self.ratio:
                 return window().to(torch.int32)
-            j = torch.arange(entries.shape[1], dtype=torch.int32, device=chunk.device)
+            j, rows = entry_rows(entries.shape[1], base, step.tables if decode else None, self.ratio, chunk.device)
             if decode:  # query t sees entry j < floor((t+1)/m): one token, the entries the step leaves
                 seen = step.entries_after(self.ratio)
                 seen = seen.reshape(-1, 1, 1) if isinstance(seen, torch.Tensor) else seen
             else:
                 seen = ((t + 1) // self.ratio)[..., None]
             hidden = j >= seen
-            return torch.cat((window(), (j + base).masked_fill(hidden, -1).expand(b, s, -1)), dim=2).to(torch.int32)
+            return torch.cat((window(), rows.masked_fill(hidden, -1).expand(b, s, -1)), dim=2).to(torch.int32)
 
         def picked_buffer() -> torch.Tensor:  # [B, S, W + K] int32, the window part written once a step
             buffer = torch.empty((b, s, w + compressed_idx.shape[-1]), dtype=torch.int32, device=chunk.device)
@@ -363,17 +363,19 @@ class StepPositions:
     """What the layers derive from the positions and their ratio or window (:meth:`entries_after`,
     :meth:`ring_slots`, the cache's write rows, a decode step's index rows), made by the first layer
     that asks: at a tensor position each is a few small kernels, in every layer otherwise."""
+    tables: PositionTables | None = None
+    """The cache's device constants (:class:`seahal.model.cache.PositionTables`), when it has them."""
 
     @classmethod
     def of(cls, start_pos: int | torch.Tensor, n: int, device: torch.device,
-           window_offsets: torch.Tensor | None = None) -> StepPositions:
+           window_offsets: torch.Tensor | None = None, tables: PositionTables | None = None) -> StepPositions:
         """The step of ``n`` tokens from ``start_pos``; with ``window_offsets`` (0..W-1) and one
-        token, its window's ring rows and the token's ring slot too."""
+        token, its window's ring rows and the token's ring slot too; ``tables``: the cache's."""
         positions = token_positions(start_pos, n, device)
         if n == 1 and window_offsets is not None:
             rows = ring_rows(positions, window_offsets)
-            return cls(positions, start_pos, rows.to(torch.int32), rows[..., 0])
-        return cls(positions, start_pos)
+            return cls(positions, start_pos, rows.to(torch.int32), rows[..., 0], tables=tables)
+        return cls(positions, start_pos, tables=tables)
 
     @property
     def end(self) -> int | torch.Tensor:
@@ -382,7 +384,9 @@ class StepPositions:
 
     def entries_after(self, ratio: int) -> int | torch.Tensor:
         """The compressed entries of ratio m a layer holds after the step, ``floor((start_pos + S) / m)``
-        (an int, or a tensor shaped as ``start_pos``)."""
+        (an int, or a tensor shaped as ``start_pos``; with :attr:`tables`, every ratio's in one kernel)."""
+        if self.tables is not None and ratio in self.tables.ratios:
+            return self.memo.once(("entries after",), lambda: self.tables.entry_counts(self.end))[ratio]
         return self.memo.once(("entries after", ratio), lambda: self.end // ratio)
 
     def decode_ring(self, window: int) -> torch.Tensor | None:
@@ -398,6 +402,19 @@ class StepPositions:
         if self.decode_ring(window) is not None:
             return self.decode_slots
         return self.memo.once(("ring slots", window), lambda: self.positions % window)
+
+
+def entry_rows(
+    n: int, base: int, tables: PositionTables | None, ratio: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed entries ``j < n`` of ratio m and their rows ``base + j`` among the keys, [n] int32
+    each: views of the cache's tables where they hold them (a decode step's rows, ``base`` = W),
+    made otherwise (two kernels)."""
+    held = tables.entries.get(ratio) if tables is not None and base == tables.window else None
+    if held is not None and n <= held[0].shape[0]:
+        return held[0][:n], held[1][:n]
+    j = torch.arange(n, dtype=torch.int32, device=device)
+    return j, j + base
 
 
 def ring_rows(positions: torch.Tensor, window_offsets: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,47 @@ def _once(memo: StepMemo | None, key: tuple, make: Callable[[], Any]) -> Any:
     return make() if memo is None else memo.once(key, make)
 
 
+@dataclass(frozen=True, eq=False)
+class PositionTables:
+    """Device constants a position-generic step derives its position arithmetic from, made with
+    the cache (never inside a captured step, which could not make them from host values): the
+    model's compression ratios as divisors, so that every ratio's entry count ``p // m`` is one
+    kernel rather than one a ratio, and, for each ratio whose queries see every compressed entry
+    (HCA), the entries' numbers ``j`` and their rows ``W + j`` in a layer's KV store at decode."""
+
+    ratios: tuple[int, ...]
+    """The distinct non-zero compression ratios, in the order of :attr:`divisors`."""
+    divisors: torch.Tensor
+    """[R] int64: :attr:`ratios` on the cache's device."""
+    window: int
+    """W, the window ring's rows: compressed entry j's row in a layer's KV store is W + j."""
+    entries: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    """{m: (j, W + j)}, each [capacity entries] int32, for the ratios whose queries see all entries."""
+
+    @classmethod
+    def of(cls, config: ModelConfig, capacity: int, device) -> PositionTables:
+        ratios = tuple(sorted({m for m in config.compress_ratios if m}))
+        entries = {}
+        for m in ratios:
+            if m != CSA_RATIO:
+                j = torch.arange(-(-capacity // m), dtype=torch.int32, device=device)
+                entries[m] = (j, j + config.window_size)
+        divisors = torch.tensor(ratios, dtype=torch.int64, device=device)
+        return cls(ratios, divisors, config.window_size, entries)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tables' tensors (the divisors, each ratio's entry numbers and rows)."""
+        return [self.divisors, *(t for pair in self.entries.values() for t in pair)]
+
+    def entry_counts(self, pos: int | torch.Tensor) -> dict[int, int | torch.Tensor]:
+        """{m: pos // m} for every ratio; at a tensor position (on the tables' device) one kernel for
+        all of them, each count shaped as ``pos``: a view of one [R, *pos.shape] result."""
+        if not isinstance(pos, torch.Tensor):
+            return {m: pos // m for m in self.ratios}
+        every = torch.floor_divide(pos.unsqueeze(0), self.divisors.view(-1, *[1] * pos.dim()))
+        return {m: every[i] for i, m in enumerate(self.ratios)}
+
+
 @dataclass
 class LayerCache:
     """One attention layer's cache for a batch: ``kv`` rows ``[window ring | compressed entries]``
@@ -375,6 +416,8 @@ class Cache:
     layers: list[LayerCache]
     capacity: int
     pos: int | torch.Tensor = 0
+    tables: PositionTables | None = None
+    """Made by :meth:`new` and shared by the caches made from it (:meth:`with_tensors`, ...)."""
 
     @classmethod
     def new(
@@ -394,7 +437,7 @@ class Cache:
                 lc.index_keys = IndexKeyStore(batch, entries, c.index_head_dim, c.index_key_format, dtype, device, ops)
                 lc.index_state = compressor_state(batch, ratio, c.index_head_dim, True, device)
             layers.append(lc)
-        return cls(config, layers, capacity)
+        return cls(config, layers, capacity, tables=PositionTables.of(config, capacity, device))
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the cache as ``layers.<i>.<name>`` (see :meth:`LayerCache.named_tensors`)."""
@@ -419,11 +462,18 @@ class Cache:
                 )
         if not isinstance(pos, torch.Tensor) and not 0 <= pos <= self.capacity:
             raise ValueError(f"pos must be in [0, {self.capacity}], got {pos}")
-        layers, entries = [], StepMemo()  # entries held: one count per ratio
+        # the tables serve a cache on their device (a layout built on meta tensors makes its own)
+        device = next(iter(tensors.values())).device if tensors else None
+        tables = self.tables if self.tables is not None and self.tables.divisors.device == device else None
+        if tables is not None:
+            held = tables.entry_counts(pos)  # entries held: one count per ratio
+        else:
+            held = {m: pos // m for m in set(self.config.compress_ratios) if m}
+        layers = []
         for i, lc in enumerate(self.layers):
             own = {name: tensors[f"layers.{i}.{name}"] for name in lc.named_tensors()}
-            layers.append(lc.with_tensors(own, entries.once((lc.ratio,), lambda r=lc.ratio: pos // r if r else 0)))
-        return Cache(self.config, layers, self.capacity, pos)
+            layers.append(lc.with_tensors(own, held.get(lc.ratio, 0)))
+        return Cache(self.config, layers, self.capacity, pos, tables)
 
     def rows(self, first: int, stop: int) -> Cache:
         """Sequences ``[first, stop)`` as a cache of their own at position 0 whose tensors are views
@@ -433,7 +483,7 @@ class Cache:
             lc.with_tensors({name: t[first:stop] for name, t in lc.named_tensors().items()}, 0)
             for lc in self.layers
         ]
-        return Cache(self.config, layers, self.capacity)
+        return Cache(self.config, layers, self.capacity, tables=self.tables)
 
     def truncated(self, tokens: int) -> Cache:
         """This cache as far as positions below ``tokens`` reach: per layer the window ring, the
@@ -451,7 +501,7 @@ class Cache:
             if "index_keys" in named:
                 named["index_keys"] = named["index_keys"][:, :entries]
             layers.append(lc.with_tensors(named, lc.n_compressed))
-        return Cache(self.config, layers, tokens, self.pos)
+        return Cache(self.config, layers, tokens, self.pos, self.tables)
 
     def check_room(self, n_tokens: int) -> None:
         if isinstance(self.pos, torch.Tensor):  # tracing: the position is a run-time value
@@ -460,8 +510,9 @@ class Cache:
             raise RuntimeError(f"cache holds {self.capacity} tokens; {self.pos} used, {n_tokens} more requested")
 
     def nbytes(self) -> int:
-        """Bytes the cache holds now (all layers, all sequences)."""
-        return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
+        """Bytes the cache holds now (all layers, all sequences, and its position tables)."""
+        held = [t for lc in self.layers for t in lc.tensors()] + (self.tables.tensors() if self.tables else [])
+        return sum(t.numel() * t.element_size() for t in held)
 
     def bytes_per_token(self) -> float:
         """Amortised bytes one sequence adds per token: compressed entries and indexer keys

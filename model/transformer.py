@@ -145,7 +145,7 @@ class Transformer(nn.Module):
         # read it through its strides; hc_post's output is the first materialised stream tensor)
         h = self._embed(input_ids).to(self.dtype).unsqueeze(2).expand(b, s, c.hc_mult, c.dim)
         offsets = self.layers[0].attn.window_offsets if len(self.layers) else None
-        step = StepPositions.of(start_pos, s, input_ids.device, offsets)  # made once for every layer
+        step = StepPositions.of(start_pos, s, input_ids.device, offsets, cache.tables)  # made once for every layer
         pending = None
         for block, layer_cache in zip(self.layers, cache.layers):
             h, pending = block(h, pending, input_ids, layer_cache, start_pos, layout, step)

@@ -358,6 +358,44 @@ def test_step_positions_give_the_ring_rows_slots_and_entry_counts_of_their_defin
     assert torch.as_tensor(step.end).reshape(-1).tolist() == [t + 1 for t in starts]
 
 
+@pytest.mark.parametrize("start", [torch.tensor([0, 3, 127, 128, 300]), torch.tensor(255), 2])
+def test_position_tables_count_every_ratio_in_one_kernel(start):
+    """A cache's position tables: each ratio's entry count floor(p/m), before a one-token step and
+    after it (p + 1), against the definition; at a tensor position one kernel for every ratio (a
+    floor division by the ratios' tensor; views of it per ratio), at an int no kernel. A decode
+    step's HCA rows (entry j at row W + j) are views of the tables' (no kernel), and made where the
+    rows start elsewhere (a chunk's keys put its tokens before the entries)."""
+    from seahal.model.attention import StepPositions, entry_rows
+    from seahal.model.cache import PositionTables
+
+    from seahal.testing.triton_compile import AtenKernels
+
+    w, capacity = 8, 1000
+    config = ModelConfig(n_layers=4, compress_ratios=[0, 4, 128, 4], window_size=w)
+    tables = PositionTables.of(config, capacity, "cpu")
+    assert tables.ratios == (4, 128) and set(tables.entries) == {128}  # CSA layers' rows come from the indexer
+    starts = torch.as_tensor(start).reshape(-1).tolist()
+    one_kernel = ["aten.floor_divide.default"] if isinstance(start, torch.Tensor) else []
+    with AtenKernels() as kernels:
+        held = tables.entry_counts(start)
+    assert kernels.ops == one_kernel
+    step = StepPositions.of(start, 1, torch.device("cpu"), torch.arange(w), tables)
+    step.end  # noqa: B018  (made first: the counts after the step are timed alone)
+    with AtenKernels() as kernels:
+        after = {m: step.entries_after(m) for m in (4, 128)}
+    assert kernels.ops == one_kernel
+    for m in (4, 128):
+        assert torch.as_tensor(held[m]).reshape(-1).tolist() == [t // m for t in starts]
+        assert torch.as_tensor(after[m]).reshape(-1).tolist() == [(t + 1) // m for t in starts]
+        assert step.entries_after(m) is after[m]  # made once a step
+    with AtenKernels() as kernels:
+        j, rows = entry_rows(5, w, tables, 128, torch.device("cpu"))
+    assert kernels.ops == [] and j.tolist() == list(range(5)) and rows.tolist() == [w + i for i in range(5)]
+    assert j.untyped_storage().data_ptr() == tables.entries[128][0].untyped_storage().data_ptr()
+    j, rows = entry_rows(5, w + 3, tables, 128, torch.device("cpu"))  # a 3-token chunk before the entries
+    assert rows.tolist() == [w + 3 + i for i in range(5)] and rows.dtype == torch.int32
+
+
 def test_a_step_must_bring_the_entries_it_completes():
     """An int-position layer cache takes exactly the entries that bring it to the step's count,
     and no more than its capacity: a mismatch names both counts and the rows given."""

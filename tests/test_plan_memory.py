@@ -109,7 +109,8 @@ def _tiny_cache_bytes(vector: int, index_key: int) -> int:
     window = 2 * 16 * vector
     csa = window + 2 * 18 * (vector + index_key) + 4 * (2 * 8 * 256 * 4)  # 4 states [2, 2m, 2d] fp32
     hca = window + 2 * 5 * vector + 2 * (2 * 16 * 128 * 4)  # 2 states [2, m, d] fp32
-    return window + 2 * csa + hca
+    tables = 2 * 8 + 2 * 5 * 4  # the ratios 4 and 16 as int64; HCA entries 0..4 and their rows, int32
+    return window + 2 * csa + hca + tables
 
 
 @pytest.mark.parametrize(
