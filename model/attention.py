@@ -287,7 +287,7 @@ class Attention(nn.Module):
         def window_rows() -> torch.Tensor:  # [B, S, W]: each query's window in keys, -1 before the sequence
             if decode:
                 ring = step.decode_ring(w)
-                ring = ring if ring is not None else ring_rows(t, self.window_offsets[:w]).to(torch.int32)
+                ring = ring if ring is not None else ring_rows(t, self.window_offsets[:w])
                 return ring.expand(b, s, w)
             p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
@@ -358,7 +358,7 @@ class StepPositions:
     """One token a sequence: :func:`ring_rows` of its window, [(1 or B,) 1, W] int32."""
     decode_slots: torch.Tensor | None = None
     """With ``decode_window``: the token's own ring slot (p mod W, the window's offset 0), [(1 or B,) 1]
-    int64, a view of the same arithmetic."""
+    int32, a view of the same arithmetic."""
     memo: StepMemo = field(default_factory=StepMemo)
     """What the layers derive from the positions and their ratio or window (:meth:`entries_after`,
     :meth:`ring_slots`, the cache's write rows, a decode step's index rows), made by the first layer
@@ -374,7 +374,7 @@ class StepPositions:
         positions = token_positions(start_pos, n, device)
         if n == 1 and window_offsets is not None:
             rows = ring_rows(positions, window_offsets)
-            return cls(positions, start_pos, rows.to(torch.int32), rows[..., 0], tables=tables)
+            return cls(positions, start_pos, rows, rows[..., 0], tables=tables)
         return cls(positions, start_pos, tables=tables)
 
     @property
@@ -396,7 +396,8 @@ class StepPositions:
 
     def ring_slots(self, window: int) -> torch.Tensor | None:
         """At a tensor position, the step's tokens' slots in a ring of ``window`` rows, p mod W:
-        [1 or B, S] int64; None at an int position (its window writes are slice copies)."""
+        [1 or B, S], int32 at decode (:attr:`decode_slots`), else int64; None at an int position
+        (its window writes are slice copies)."""
         if not isinstance(self.start_pos, torch.Tensor):
             return None
         if self.decode_ring(window) is not None:
@@ -418,11 +419,13 @@ def entry_rows(
 
 
 def ring_rows(positions: torch.Tensor, window_offsets: torch.Tensor) -> torch.Tensor:
-    """[..., S, W] int64: the ring row (p mod W) of key position p = t - i for query position t and
-    offset i in ``window_offsets`` (0..W-1), -1 where p < 0 (before the sequence). Two kernels past
-    the subtraction: p > -W, so ``fmod`` keeps a negative p negative and the clamp makes it -1."""
-    p = positions[..., None] - window_offsets
-    return torch.fmod(p, window_offsets.shape[0]).clamp_(min=-1)
+    """[..., S, W] int32: the ring row (p mod W) of key position p = t - i for query position t and
+    offset i in ``window_offsets`` (0..W-1), -1 where p < 0 (before the sequence). Three kernels:
+    the subtraction writes int32 (the index dtype attention takes: no conversion after), and as
+    p > -W, ``fmod`` keeps a negative p negative and the clamp makes it -1."""
+    p = torch.empty((*positions.shape, window_offsets.shape[0]), dtype=torch.int32, device=positions.device)
+    torch.sub(positions[..., None], window_offsets, out=p)
+    return p.fmod_(window_offsets.shape[0]).clamp_(min=-1)
 
 
 def token_positions(start_pos: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:

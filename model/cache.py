@@ -234,7 +234,7 @@ class LayerCache:
         or [B] tensor) in their ring slots (token p in slot p mod W; of more than W tokens, the last
         W); ``encoded`` False: KV vectors [B, n, dim], which the store encodes. An int start_pos's
         slots are at most two runs of the ring: slice copies. At a tensor start_pos, ``slots`` (the
-        tokens' ring slots p mod W [1 or B, n] int64, when the caller made them: once a step for
+        tokens' ring slots p mod W [1 or B, n] int32 or int64, when the caller made them: once a step for
         every layer) lets n <= W rows be written by one scatter (:meth:`RowStore.write_rows`:
         vectors of an FP8 store packed in the same kernel, and with ``rotation`` normalised and
         rotated there too: only that path takes it)."""
