@@ -142,13 +142,13 @@ def test_contract_errors(change, message):
     assert str(err.value) == f"indexer_topk_packed: {message}"
 
 
-def _high_nibble_first(q, weights, keys, key_format, ratio, start_pos, topk):
+def _high_nibble_first(q, weights, keys, key_format, ratio, start_pos, topk, weights_scale=1.0, offset=0):
     """The reference with the two FP4 codes of each byte swapped: element 2i read from the high nibble."""
     if key_format == "fp4":
         d = q.shape[-1]
         keys = keys.clone()
         keys[..., : d // 2] = (keys[..., : d // 2] >> 4) | (keys[..., : d // 2] << 4)
-    return indexer_topk_packed(q, weights, keys, key_format, ratio, start_pos, topk)
+    return indexer_topk_packed(q, weights, keys, key_format, ratio, start_pos, topk, weights_scale, offset)
 
 
 def test_conformance_catches_a_kernel_reading_the_wrong_nibble(isolated_registry):

@@ -87,24 +87,32 @@ def _rotated_back(o: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor)
 
 
 def indexer_topk(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int, topk: int
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int, topk: int,
+    weights_scale: float = 1.0, offset: int = 0,
 ) -> torch.Tensor:
     """The ``indexer_topk`` contract on ``torch_npu.npu_lightning_indexer``.
 
-    q: [B, S, H, 128] bf16, weights: [B, S, H] fp32, keys: [B, N, 128] -> [B, S, topk] int32.
+    q: [B, S, H, 128] bf16, weights: [B, S, H] bf16/fp32, keys: [B, N, 128] -> [B, S, topk] int32,
+    entry j as ``offset + j`` (added to the vendor's picks, its -1s kept).
 
     Each query token is its own TND "batch" of one query, so its visible count
     ``min(N, floor((start_pos + s + 1) / ratio))`` becomes its ``actual_seq_lengths_key`` and
     sparse_mode 0 (no causal mask) is exact; the keys are paged ([B * pages, 128, 1, 128], layout
     PA_BSND) and every token's block-table row points at its batch's pages. The head weights are
-    rounded to q's dtype, which the vendor op requires. Shapes outside the vendor's limits
-    (head dim 128, <= 64 heads, the documented top-k counts) run the portable kernel.
+    rounded to q's dtype, which the vendor op requires. ``weights_scale`` multiplies every score of
+    a query alike, so only its sign can change the selection: the vendor gets the weights times
+    that sign, and bf16 weights (the model's projection) reach it exactly, where scaling them first
+    would round them again. Shapes outside the vendor's limits (head dim 128, <= 64 heads, the
+    documented top-k counts) run the portable kernel.
     """
     b, s, h, d = q.shape
     n = keys.shape[1]
     if d != INDEXER_HEAD_DIM or h > INDEXER_MAX_HEADS or topk not in INDEXER_SPARSE_COUNTS:
         limits = f"head dim {INDEXER_HEAD_DIM}, <= {INDEXER_MAX_HEADS} heads, top-k 1..2048 or 3072..8192"
-        return portable("indexer_topk", f"npu_lightning_indexer's limits: {limits}", q, weights, keys, ratio, start_pos, topk)
+        return portable(
+            "indexer_topk", f"npu_lightning_indexer's limits: {limits}", q, weights, keys, ratio, start_pos, topk,
+            weights_scale, offset,
+        )
     if n == 0:
         return torch.full((b, s, topk), -1, dtype=torch.int32, device=q.device)
     device = q.device
@@ -115,10 +123,11 @@ def indexer_topk(
     visible = torch.clamp((position + 1) // ratio, max=n).to(torch.int32).repeat(b)
     batch = torch.arange(b, device=device).repeat_interleave(s)
     block_table = (batch[:, None] * pages + torch.arange(pages, device=device)).to(torch.int32)
+    sign = (weights_scale > 0) - (weights_scale < 0)
     indices, _ = torch_npu.npu_lightning_indexer(
         q.reshape(b * s, h, d).contiguous(),
         paged.view(b * pages, _INDEXER_BLOCK, 1, d),
-        weights.to(q.dtype).reshape(b * s, h).contiguous(),
+        (weights.to(q.dtype) * sign).reshape(b * s, h).contiguous(),
         actual_seq_lengths_query=torch.arange(1, b * s + 1, device=device, dtype=torch.int32),
         actual_seq_lengths_key=visible,
         block_table=block_table,
@@ -127,4 +136,5 @@ def indexer_topk(
         sparse_count=topk,
         sparse_mode=0,
     )
-    return indices.view(b, s, topk)
+    indices = indices.view(b, s, topk)
+    return torch.where(indices >= 0, indices + offset, indices)

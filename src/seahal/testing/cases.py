@@ -17,7 +17,9 @@ rotated back by their query's inverse RoPE (positions one row per sequence or on
 mHC sub-layer outputs in two parts (hc_post's addend, cancelling f to 0 or to an ulp or two in places);
 hc_post_pre's fused boundary (the streams hc_post makes, a zero token among them, fed to hc_pre);
 bf16 and fp32 data; dense, fp8 and fp4 expert weights with fp32 and e8m0 scales; packed FP4 / FP8
-indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales; KV records
+indexer keys of far-apart magnitudes, zero keys and non-power-of-two FP8 key scales; indexer head
+weights in bf16 times V4's scale or times a negative one, their picks returned from an offset (the
+attention window W, or W + S for a chunk); KV records
 stored into rows of a cache pre-filled with random bytes (rows per sequence or shared by the batch,
 wrapping around a ring's end, the cache a view of a bigger buffer), normalised and rotated first at
 per-sequence positions (up to 99999; int32 and int64; with and without the norm weight); FP4 / FP8
@@ -54,6 +56,8 @@ BF16, F32 = torch.bfloat16, torch.float32
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+V4_INDEXER_SCALE = 128**-0.5 * 64**-0.5
+"""V4's indexer head-weight scale ``head_dim^-0.5 * n_heads^-0.5`` (2^-6.5): the model's ``weights_scale``."""
 
 
 @dataclass(frozen=True)
@@ -695,27 +699,31 @@ def _position(start_pos: int | tuple[int, ...]) -> int | torch.Tensor:
 def indexer_topk_case(
     name: str, seed: int, s: int, n: int, start_pos: int | tuple[int, ...] = 0, topk: int = 4, b: int = 2,
     h: int = 4, d: int = 32, ratio: int = 4, dtype=BF16, variant: str = "random", layout: str = "contiguous",
+    weights_dtype=F32, weights_scale: float = 1.0, offset: int = 0,
 ) -> Case:
     """Variants: ``random``; ``tied-keys`` (entries 0, 2 and 3 equal: exact score ties);
     ``zero-query`` (query 0 is zero: all its scores tie at 0); ``negative-weights``. A tuple
-    start_pos gives each sequence its own position."""
-    q, weights, keys = _indexer_inputs(_Rand(seed), s, n, b, h, d, dtype, variant, layout)
-    return _case("indexer_topk", name, (q, weights, keys.to(dtype), ratio, _position(start_pos), topk))
+    start_pos gives each sequence its own position. The head weights come in ``weights_dtype``
+    (bf16: the model's projection), the op multiplying them by ``weights_scale`` (a negative one
+    reverses the order: a kernel that drops it fails) and returning entry j as ``offset + j``."""
+    q, weights, keys = _indexer_inputs(_Rand(seed), s, n, b, h, d, dtype, variant, layout, weights_dtype)
+    args = (q, weights, keys.to(dtype), ratio, _position(start_pos), topk, weights_scale, offset)
+    return _case("indexer_topk", name, args)
 
 
 def indexer_topk_packed_case(
     name: str, seed: int, key_format: str, s: int, n: int, start_pos: int | tuple[int, ...] = 0, topk: int = 4, b: int = 2,
     h: int = 4, d: int = 64, ratio: int = 4, dtype=BF16, variant: str = "random", keys: str = "varied",
-    layout: str = "contiguous",
+    layout: str = "contiguous", weights_dtype=F32, weights_scale: float = 1.0, offset: int = 0,
 ) -> Case:
-    """indexer_topk's inputs (``variant``, ``layout`` as there) with fp32 keys packed by
-    ``index_key_pack``. Keys: ``varied`` (each key scaled by 2^[-12, 12] and each 32-block of it
-    by 2^[-6, 6]: FP4 block scales far apart, FP8 subnormal codes beside large ones in one key);
+    """indexer_topk's inputs (``variant``, ``layout``, the head weights as there) with fp32 keys
+    packed by ``index_key_pack``. Keys: ``varied`` (each key scaled by 2^[-12, 12] and each 32-block
+    of it by 2^[-6, 6]: FP4 block scales far apart, FP8 subnormal codes beside large ones in one key);
     ``zero`` (every third key zero as well: scales at their floor, exact score ties at 0);
     ``plain-scale`` (fp8 only: each key's scale times a factor in [0.6, 1.6), a non-power-of-two
     fp32 scale as vLLM's non-ue8m0 mode writes, so the decoded values round to q's dtype)."""
     r = _Rand(seed)
-    q, weights, dense = _indexer_inputs(r, s, n, b, h, d, dtype, variant, layout, varied_keys=True)
+    q, weights, dense = _indexer_inputs(r, s, n, b, h, d, dtype, variant, layout, weights_dtype, varied_keys=True)
     if keys == "zero":
         dense[:, ::3] = 0.0
     packed = index_key_pack(dense, key_format)
@@ -724,21 +732,22 @@ def indexer_topk_packed_case(
             raise ValueError(f"plain-scale keys are fp8 keys, got key_format={key_format!r}")
         scale = packed[..., d:].contiguous().view(F32) * r.uniform(b, n, 1, low=0.6, high=1.6)
         packed[..., d:] = scale.view(torch.uint8)
-    return _case("indexer_topk_packed", name, (q, weights, packed, key_format, ratio, _position(start_pos), topk))
+    args = (q, weights, packed, key_format, ratio, _position(start_pos), topk, weights_scale, offset)
+    return _case("indexer_topk_packed", name, args)
 
 
 def _indexer_inputs(
     r: _Rand, s: int, n: int, b: int, h: int, d: int, dtype: torch.dtype, variant: str, layout: str,
-    varied_keys: bool = False,
+    weights_dtype: torch.dtype, varied_keys: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q [B, S, H, d] in dtype and layout, weights [B, S, H] fp32, keys [B, N, d] fp32) of an
-    indexer case; ``varied_keys`` scales keys and their 32-blocks by powers of two (see above)."""
+    """(q [B, S, H, d] in dtype and layout, weights [B, S, H] in weights_dtype, keys [B, N, d] fp32)
+    of an indexer case; ``varied_keys`` scales keys and their 32-blocks by powers of two (see above)."""
     q = r.normal(b, s, h, d)
     keys = r.normal(b, n, d)
     if varied_keys:
         blocks = keys.view(b, n, -1, min(d, FP4_TILE))
         blocks *= torch.exp2(r.ints(-12, 13, b, n, 1, 1).float() + r.ints(-6, 7, b, n, blocks.shape[2], 1).float())
-    weights = r.normal(b, s, h, std=(h * d) ** -0.5)
+    weights = r.normal(b, s, h, std=(h * d) ** -0.5, dtype=weights_dtype)
     if variant == "tied-keys" and n > 3:
         keys[:, 2] = keys[:, 3] = keys[:, 0]
     elif variant == "zero-query":
@@ -1346,6 +1355,18 @@ def _indexer_topk_cases(seed: int) -> list[Case]:
         at_tensor_position(c("prefill 3 < m: nothing visible", seed + 13, s=3, n=1)),
         c("decode, per-sequence positions 2 (nothing visible), 15, 37", seed + 14, s=1, n=9, b=3, start_pos=(2, 15, 37)),
         c("chunk, per-sequence positions 5, 11", seed + 15, s=4, n=4, start_pos=(5, 11), topk=3),
+        # the head weights' scale and the indices' offset: bf16 weights times V4's scale, entry j at
+        # the attention window W + j (decode) or W + S + j (a chunk of S); a negative scale reverses
+        # the order (a positive one cannot change it), so a kernel that drops the scale fails there
+        c("bf16 weights x V4 scale, V4 heads (64 x 128): decode t=37, N=9, offset W=128", seed + 16, s=1, n=9,
+          start_pos=37, h=64, d=128, weights_dtype=BF16, weights_scale=V4_INDEXER_SCALE, offset=128),
+        c("bf16 weights x V4 scale: chunk of 16 from start_pos 20, offset W+S=144", seed + 17, s=16, n=9,
+          start_pos=20, weights_dtype=BF16, weights_scale=V4_INDEXER_SCALE, offset=144),
+        c("bf16 weights x -0.37 (order reversed), head dim 128, offset 7, -1 slots", seed + 18, s=13, n=3, topk=2,
+          h=8, d=128, weights_dtype=BF16, weights_scale=-0.37, offset=7),
+        c("bf16 weights x V4 scale: decode, per-sequence positions 2 (nothing visible), 15, 37, offset 128",
+          seed + 19, s=1, n=9, b=3, start_pos=(2, 15, 37), weights_dtype=BF16, weights_scale=V4_INDEXER_SCALE,
+          offset=128),
     ]
 
 
@@ -1370,6 +1391,16 @@ def _indexer_topk_packed_cases(seed: int) -> list[Case]:
           for i, fmt in enumerate(("fp4", "fp8"))),
         *(c(f"{fmt}: decode, per-sequence positions 3, 21, 37", seed + 24 + i, fmt, s=1, n=9, b=3,
             start_pos=(3, 21, 37)) for i, fmt in enumerate(("fp4", "fp8"))),
+        # the head weights' scale and the indices' offset, as indexer_topk's cases
+        c("fp4: bf16 weights x V4 scale, V4 heads (64 x 128): decode t=37, N=9, offset W=128", seed + 26, "fp4",
+          s=1, n=9, start_pos=37, h=64, d=128, weights_dtype=BF16, weights_scale=V4_INDEXER_SCALE, offset=128),
+        c("fp8: bf16 weights x V4 scale: chunk of 16 from start_pos 20, offset W+S=144", seed + 27, "fp8", s=16,
+          n=9, start_pos=20, weights_dtype=BF16, weights_scale=V4_INDEXER_SCALE, offset=144),
+        c("fp4: fp32, weights x -0.37 (order reversed), offset 7, -1 slots", seed + 28, "fp4", s=13, n=3,
+          topk=2, dtype=F32, weights_scale=-0.37, offset=7),
+        c("fp8: bf16 weights x V4 scale: decode, per-sequence positions 2 (nothing visible), 21, 37, offset 128",
+          seed + 29, "fp8", s=1, n=9, b=3, start_pos=(2, 21, 37), weights_dtype=BF16,
+          weights_scale=V4_INDEXER_SCALE, offset=128),
     ]
 
 
@@ -1867,6 +1898,17 @@ def _draw_position(draw, b: int) -> tuple[int | tuple[int, ...], int, str]:
     return start_pos, start_pos, form
 
 
+def _draw_head_weights(draw) -> dict[str, Any]:
+    """An indexer case's head weights (dtype and scale) and the offset of its indices."""
+    from hypothesis import strategies as st
+
+    return {
+        "weights_dtype": draw(st.sampled_from([BF16, F32])),
+        "weights_scale": draw(st.sampled_from([1.0, V4_INDEXER_SCALE, -0.37])),
+        "offset": draw(st.integers(0, 200)),
+    }
+
+
 def _draw_indexer_topk(draw) -> Case:
     from hypothesis import strategies as st
 
@@ -1877,7 +1919,7 @@ def _draw_indexer_topk(draw) -> Case:
         start_pos=start_pos, topk=draw(st.integers(1, 8)), b=b, h=draw(st.integers(1, 4)),
         d=8 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
-        layout=draw(st.sampled_from(["contiguous", "transposed"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed"])), **_draw_head_weights(draw),
     )
     return at_tensor_position(case) if form == "tensor" else case
 
@@ -1894,7 +1936,7 @@ def _draw_indexer_topk_packed(draw) -> Case:
         d=32 * draw(st.integers(1, 4)), dtype=draw(st.sampled_from([BF16, F32])),
         variant=draw(st.sampled_from(["random", "tied-keys", "zero-query", "negative-weights"])),
         keys=draw(st.sampled_from(["varied", "zero"] + (["plain-scale"] if key_format == "fp8" else []))),
-        layout=draw(st.sampled_from(["contiguous", "transposed"])),
+        layout=draw(st.sampled_from(["contiguous", "transposed"])), **_draw_head_weights(draw),
     )
     return at_tensor_position(case) if form == "tensor" else case
 

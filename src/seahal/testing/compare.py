@@ -236,7 +236,8 @@ class Selection:
     """Index outputs ``[..., k]`` judged by the scores they select (``-1`` = empty slot).
 
     ``scores: [..., n]`` float64 ranking keys (``-inf`` = not eligible), ``tol: [...]`` the largest
-    score difference that rounding can explain in that row. A row passes when it holds
+    score difference that rounding can explain in that row, ``offset``: the index entry 0 is
+    returned as (entry j as ``offset + j``; the ``-1``s stay). A row passes when it holds
     ``min(k, #eligible)`` distinct eligible indices followed by ``-1``s, ordered by score descending
     (within tol), with no unselected entry scoring more than tol above the worst selected one, and
     exact ties (equal float64 scores) going to the smaller index, both in order and at the cut.
@@ -244,6 +245,7 @@ class Selection:
 
     scores: torch.Tensor
     tol: torch.Tensor
+    offset: int = 0
 
     def describe(self) -> str:
         return "same selected scores within rounding, exact ties to the smaller index"
@@ -258,7 +260,7 @@ class Selection:
         want_rows = want.cpu().long().reshape(-1, got.shape[-1])
         recalled, wanted, worst = 0, 0, 0.0
         for r in range(rows.shape[0]):
-            problem, margin = _selection_problem(rows[r], scores[r], float(tol[r]))
+            problem, margin = _selection_problem(rows[r], scores[r], float(tol[r]), self.offset)
             if problem is not None:
                 at = list(torch.unravel_index(torch.tensor(r), got.shape[:-1]))
                 detail = f"row {[int(i) for i in at]}: {problem}; got {rows[r].tolist()}, want {want_rows[r].tolist()}"
@@ -271,15 +273,19 @@ class Selection:
         return Verdict(True, worst=worst, detail=f"recall {recall:.3f}")
 
 
-def _selection_problem(row: torch.Tensor, scores: torch.Tensor, tol: float) -> tuple[str | None, float]:
-    """Why one row of a selection is wrong (None if it is right), and its worst score margin / tol."""
+def _selection_problem(
+    row: torch.Tensor, scores: torch.Tensor, tol: float, offset: int = 0
+) -> tuple[str | None, float]:
+    """Why one row of a selection is wrong (None if it is right), and its worst score margin / tol;
+    the row holds entry j (column j of ``scores``) as ``offset + j``."""
     eligible = torch.isfinite(scores)
     n_valid = min(row.numel(), int(eligible.sum()))
-    picked, rest = row[:n_valid], row[n_valid:]
-    if (rest != -1).any() or (picked < 0).any():
+    valid, rest = row[:n_valid], row[n_valid:]
+    if (rest != -1).any() or (valid < 0).any():
         return f"expected {n_valid} valid indices then -1s", float("inf")
-    if (picked >= scores.numel()).any() or picked.unique().numel() != n_valid:
-        return "indices out of range or repeated", float("inf")
+    picked = valid - offset
+    if (picked < 0).any() or (picked >= scores.numel()).any() or picked.unique().numel() != n_valid:
+        return f"indices out of range [{offset}, {offset + scores.numel()}) or repeated", float("inf")
     if n_valid == 0:
         return None, 0.0
     if not eligible[picked].all():
@@ -291,7 +297,7 @@ def _selection_problem(row: torch.Tensor, scores: torch.Tensor, tol: float) -> t
         if rise > tol:
             return f"not ordered by score: slot {i + 1} scores {rise:.3g} above slot {i}", rise / max(tol, 1e-300)
         if rise == 0 and picked[i + 1] < picked[i]:
-            tie = f"exact tie between {int(picked[i])} and {int(picked[i + 1])}"
+            tie = f"exact tie between {int(valid[i])} and {int(valid[i + 1])}"
             return f"{tie} not broken to the smaller index", float("inf")
         margin = max(margin, rise / tol if tol > 0 else 0.0)
     unpicked = eligible.clone()
@@ -372,15 +378,17 @@ def gate_ranking(
 
 
 def indexer_scores(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor,
+    weights_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indexer scores ``I(t, j) = sum_h w_h relu(q_h . K_j)`` in float64, -inf where entry j is not
-    visible to query t (``j >= floor((t+1)/m)``), and per query the magnitude
-    ``max_j sum_h |w_h| sum_c |q_hc K_jc|`` that fp32 rounding is relative to.
+    """Indexer scores ``I(t, j) = sum_h w_h relu(q_h . K_j)``, ``w = weights * weights_scale``, in
+    float64, -inf where entry j is not visible to query t (``j >= floor((t+1)/m)``), and per query
+    the magnitude ``max_j sum_h |w_h| sum_c |q_hc K_jc|`` that fp32 rounding is relative to.
 
-    q: [B, S, H, d], weights: [B, S, H], keys: [B, N, d] -> ([B, S, N], [B, S]).
+    q: [B, S, H, d], weights: [B, S, H], keys: [B, N, d] -> ([B, S, N], [B, S]); column j is entry
+    j, whatever index the op returns it as (its ``offset``).
     """
-    q64, w64, k64 = q.to(F64), weights.to(F64), keys.to(F64)
+    q64, w64, k64 = q.to(F64), weights.to(F64) * weights_scale, keys.to(F64)
     scores = torch.einsum("bsh,bshn->bsn", w64, torch.einsum("bshd,bnd->bshn", q64, k64).relu())
     magnitude = torch.einsum("bsh,bshn->bsn", w64.abs(), torch.einsum("bshd,bnd->bshn", q64.abs(), k64.abs()))
     positions = torch.as_tensor(start_pos).reshape(-1, 1) + torch.arange(q.shape[1])  # [1 or B, S]

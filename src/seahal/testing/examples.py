@@ -245,17 +245,22 @@ def _kv_compress_store(d: _Draw):
     return (*args, store, slots, 1e-6, 8, 8), {}
 
 
+_INDEXER_SELECTION = {"weights_scale": 0.3, "offset": 6}
+"""The indexer examples' head-weight scale and index offset (entry j returned as 6 + j)."""
+
+
 @_example("indexer_topk")
 def _indexer_topk(d: _Draw):
-    """Queries at positions 8..12 with m=4 see 2 or 3 of N=4 entries; top-3 leaves -1 slots."""
-    return (d.data(2, 5, 3, 16), d.param(2, 5, 3, scale=0.25), d.data(2, 4, 16), 4, 8, 3), {}
+    """Queries at positions 8..12 with m=4 see 2 or 3 of N=4 entries; top-3 leaves -1 slots. The
+    head weights in the data's dtype (bf16, as the model's projection gives them), scaled by the op."""
+    return (d.data(2, 5, 3, 16), d.data(2, 5, 3, scale=0.25), d.data(2, 4, 16), 4, 8, 3), _INDEXER_SELECTION
 
 
 @_example("indexer_topk_packed")
 def _indexer_topk_packed(d: _Draw):
     """As indexer_topk with d=32 and the keys packed as FP4 (4 x 17-byte records)."""
     keys = index_key_pack(d.normal((2, 4, 32), 1.0, torch.float32), "fp4")
-    return (d.data(2, 5, 3, 32), d.param(2, 5, 3, scale=0.25), keys, "fp4", 4, 8, 3), {}
+    return (d.data(2, 5, 3, 32), d.data(2, 5, 3, scale=0.25), keys, "fp4", 4, 8, 3), _INDEXER_SELECTION
 
 
 def _output_rotation(d: _Draw) -> dict[str, torch.Tensor | None]:

@@ -330,10 +330,11 @@ def _kv_compress_store(a: Mapping[str, Any]) -> tuple[Compared, ...]:
 
 def _indexer_topk(a: Mapping[str, Any]) -> tuple[Compared, ...]:
     q = a["q"]
-    scores, magnitude = indexer_scores(q, a["weights"], a["keys"], a["ratio"], a["start_pos"])
-    # fp32 scores: d products per head and H weighted heads, each side within gamma * magnitude.
+    scores, magnitude = indexer_scores(q, a["weights"], a["keys"], a["ratio"], a["start_pos"], a["weights_scale"])
+    # fp32 scores: d products per head and H weighted heads, each side within gamma * magnitude; the
+    # head weights fp32(weights) * fp32(weights_scale) add two roundings, within the 8 spare.
     tol = 2 * gamma(q.shape[-1] + q.shape[-2] + 8) * magnitude
-    return (Compared("indices", 0, Selection(scores, tol)),)
+    return (Compared("indices", 0, Selection(scores, tol, a["offset"])),)
 
 
 def _indexer_topk_packed(a: Mapping[str, Any]) -> tuple[Compared, ...]:
@@ -725,9 +726,11 @@ RULES: dict[str, Rule] = {
         _kv_compress_store,
     ),
     "indexer_topk": Rule(
-        (("indices", "selection, tol 2·γ(d+H+8)·max_j Σ_h \\|w_h\\| Σ_c \\|q_hc K_jc\\|",
-          "fp32 scores (d products per head, H heads) on both sides; compared by selected scores "
-          "(recall), exact ties to the smaller entry, -1 beyond the visible entries"),),
+        (("indices", "selection, tol 2·γ(d+H+8)·max_j Σ_h \\|w_h\\| Σ_c \\|q_hc K_jc\\|, w = weights·weights_scale",
+          "fp32 scores (d products per head, H heads) on both sides; the head weights "
+          "w = fp32(weights)·weights_scale (the scale rounded to fp32 too) add two roundings, within the 8; "
+          "compared by selected scores (recall), exact ties to the smaller entry, entry j returned as "
+          "offset + j, -1 beyond the visible entries"),),
         _indexer_topk,
     ),
     "indexer_topk_packed": Rule(
