@@ -27,7 +27,9 @@ from seahal.backends.cpu.reference import indexer as ref_indexer
 from seahal.backends.cpu.reference import mhc as ref_mhc
 from seahal.backends.cpu.reference import moe as ref_moe
 from seahal.backends.cpu.reference import quant as ref_quant
-from seahal.hal.formats import E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, sylvester_hadamard
+from seahal.hal.formats import (
+    E8M0_DTYPE, FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, index_key_bytes, index_key_unpack, sylvester_hadamard,
+)
 from seahal.hal.ops.compressor import compressor_state, most_new_entries, new_entries
 from seahal.hal.ops.quant import kv_record_bytes
 from seahal.onnx import functions as F
@@ -187,6 +189,11 @@ def test_attribute_values_follow_the_convention():
     args = {"ratio": 4, "overlap": True, "start_pos": 7, "norm_eps": 1e-6, "out_dtype": None}
     assert kv_compress.attribute_values(args) == {"ratio": 4, "overlap": 1, "norm_eps": 1e-6, "out_dtype": TensorProto.BFLOAT16}
     assert kv_compress.attribute_values({"out_dtype": torch.float32}) == {"out_dtype": TensorProto.FLOAT}
+    indexer = F.FUNCTIONS["indexer_topk"]  # an int for a float attribute becomes a float: ONNX types attributes
+    assert indexer.attributes == ("ratio", "topk", "weights_scale", "offset") and indexer.float_attributes == ("weights_scale",)
+    values = indexer.attribute_values({"ratio": 4, "start_pos": 7, "topk": 8, "weights_scale": 1, "offset": 128})
+    assert values == {"ratio": 4, "topk": 8, "weights_scale": 1.0, "offset": 128}
+    assert isinstance(values["weights_scale"], float) and isinstance(values["offset"], int)
     with pytest.raises(ValueError, match="out_dtype must be one of"):
         kv_compress.attribute_values({"out_dtype": torch.int8})
 
@@ -248,6 +255,46 @@ def test_top_k_ties_go_to_the_smaller_index():
     np.testing.assert_array_equal(idx, want_idx.numpy())
     np.testing.assert_array_equal(idx[0], [0, 1, 2])
     np.testing.assert_allclose(w, want_w.numpy(), rtol=2**-22)  # three equal weights renormalised: 1/3 each
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("key_format", ["dense", "fp4", "fp8"])
+@pytest.mark.parametrize("weights_scale", [0.37, -0.0625])
+def test_indexer_scales_the_head_weights_and_offsets_the_entries(weights_scale, key_format, weights_dtype):
+    """indexer_topk and indexer_topk_packed (functions indexer_topk, indexer_topk_packed_fp4 and
+    _fp8, which the onnxruntime backend calls with weights_scale and offset as attributes) select
+    the reference's indices exactly: ``w = fp32(weights) * weights_scale``, entry j as 128 + j, and
+    -1 still in the slots past a query's visible entries (sequence 0's queries see 5 or 6 of 8).
+
+    Integer q and keys in [-4, 4] (exact in bf16, and packed with power-of-two scales: decoded
+    exactly) make every logit exact, and H = 2 heads make each score one rounding of the sum of two
+    products ``relu(l_h) * w_h``, the same in either order. A positive scale keeps the ranking; the
+    negative one reverses it, so a function that ignored the scale would fail."""
+    from seahal.backends.onnxruntime import kernels
+
+    g = torch.Generator().manual_seed(len(key_format) + weights_dtype.itemsize + (weights_scale < 0))
+    b, s, h, d, n, ratio, topk, offset = 2, 3, 2, 32, 12, 4, 8, 128
+    q = torch.randint(-4, 5, (b, s, h, d), generator=g).to(torch.bfloat16)
+    keys = torch.randint(-4, 5, (b, n, d), generator=g).to(torch.bfloat16)
+    weights = torch.randn(b, s, h, generator=g).to(weights_dtype)
+    start_pos = torch.tensor([20, 37])  # per sequence: queries at 20..22 and 37..39
+    if key_format == "dense":
+        args = (q, weights, keys, ratio, start_pos, topk)
+        run, reference = kernels.indexer_topk, ref_indexer.indexer_topk
+    else:
+        records = ref_quant.index_key_pack(keys, key_format)
+        assert torch.equal(index_key_unpack(records, d, key_format, q.dtype), keys)
+        args = (q, weights, records, key_format, ratio, start_pos, topk)
+        run, reference = kernels.indexer_topk_packed, ref_indexer.indexer_topk_packed
+        assert F.select("indexer_topk_packed", {"key_format": key_format}).attributes == (
+            "ratio", "topk", "weights_scale", "offset")
+
+    got = run(*args, weights_scale, offset)
+    want = reference(*args, weights_scale, offset)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert (want[0] == -1).any() and (want[want >= 0] >= offset).all()
+    if weights_scale < 0:  # the reversed ranking: not what an unscaled function selects
+        assert not torch.equal(want, reference(*args, 1.0, offset))
 
 
 def test_kv_record_bytes_of_special_values_match_the_reference():

@@ -12,6 +12,7 @@ from seahal import hal
 from seahal.backends import onnxruntime as ort_backend
 from seahal.backends.onnxruntime import kernels, session
 from seahal.cli import main as cli
+from seahal.hal.formats import index_key_pack
 from seahal.hal.ops.compressor import compressor_state
 from seahal.onnx.functions import select
 from seahal.testing.conformance import run_conformance
@@ -138,6 +139,35 @@ def test_hadamard_rotate_positions_are_inputs_so_decode_steps_share_a_session(mo
     info = session._session.cache_info()
     assert built.count("hadamard_rotate_fp4_roped") == 1 and built.count("rope") == 1
     assert info.misses == len(built) == 3 and info.hits == 3 * 8 - 3
+
+
+def test_indexer_scale_and_offset_are_attributes_so_decode_steps_share_a_session(monkeypatch):
+    """indexer_topk_packed (FP4 keys) through a plan for onnxruntime with the model's weights_scale
+    and offset, at successive decode positions: start_pos is an input, weights_scale and offset
+    attributes (constants of a layer at decode: W), so one session of indexer_topk_packed_fp4
+    serves every step; another offset (a prefill chunk's W + S) builds another. Each call selects
+    the cpu reference's indices exactly: integer q and keys make the logits exact, and with two
+    heads each score is one rounding of a two-term sum, in any order."""
+    built = []
+    real = session.node_model
+    monkeypatch.setattr(session, "node_model", lambda function, *args: built.append(function.name) or real(function, *args))
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-4, 5, (2, 1, 2, 32), generator=g).to(torch.bfloat16)
+    keys = index_key_pack(torch.randint(-4, 5, (2, 8, 32), generator=g).float(), "fp4")
+    weights = torch.randn(2, 1, 2, generator=g).to(torch.bfloat16)
+    ops = hal.plan("onnxruntime", ["indexer_topk_packed"], announce=False, environ={}).ops
+    reference = hal.plan(
+        "cpu", ["indexer_topk_packed"], announce=False, environ={"SEAHAL_OPS": "indexer_topk_packed=cpu.reference"}
+    ).ops
+    scale = 128**-0.5 * 64**-0.5  # the V4 indexer's head_dim^-0.5 * n_heads^-0.5
+    session._session.cache_clear()
+    for pos, offset in [*((pos, 16) for pos in range(8, 32)), (31, 16 + 5)]:
+        call = (q, weights, keys, "fp4", 4, pos, 4, scale, offset)
+        got, want = ops.indexer_topk_packed(*call), reference.indexer_topk_packed(*call)
+        assert torch.equal(got, want) and (got[got >= 0] >= offset).all(), (pos, offset)
+    assert built == ["indexer_topk_packed_fp4"] * 2
+    info = session._session.cache_info()
+    assert (info.misses, info.hits) == (2, 23)
 
 
 def test_hc_post_pre_runs_the_function_its_optional_tensors_pick(monkeypatch):

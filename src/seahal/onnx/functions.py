@@ -35,8 +35,9 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   (one position per sequence), not an attribute: decode steps advance it at run time, and a
   graph or session must not be rebuilt per position.
 * Node attributes: the other non-tensor arguments under their HAL names (``OpFunction.attributes``):
-  int, float and str as such, bool as int 0/1, ``ScalarType`` as the ONNX ``TensorProto`` data type
-  code (the contract's default, bf16, for None). :meth:`OpFunction.attribute_values` converts.
+  int, float and str as such (an int given for a float as a float), bool as int 0/1, ``ScalarType``
+  as the ONNX ``TensorProto`` data type code (the contract's default, bf16, for None).
+  :meth:`OpFunction.attribute_values` converts.
 * Outputs: the op's outputs in order, then the new values of the arguments the op mutates in place
   (kv_compress: ``entries, kv_state, score_state``; kv_cache_store and index_key_store, which
   have no output of their own: the new ``cache`` / ``store`` alone; kv_compress_store, none of its
@@ -490,11 +491,12 @@ def fp32_from_bytes(quads):
 
 
 @onnxscript.script(LIB, default_opset=op)
-def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float, offset: int):
     """The lightning-indexer top-k of :func:`indexer_topk` (its docstring has the math), keys given
     as floats [B, N, d]; start_pos a scalar or [B], one position per sequence."""
     logits = op.Einsum(op.Cast(q, to=FLOAT), op.Cast(keys, to=FLOAT), equation="bshd,bnd->bshn")
-    scores = op.ReduceSum(op.Relu(logits) * op.Unsqueeze(op.Cast(weights, to=FLOAT), [-1]), [2], keepdims=0)
+    w = op.Cast(weights, to=FLOAT) * op.Constant(value_float=weights_scale)  # one fp32 product a head weight
+    scores = op.ReduceSum(op.Relu(logits) * op.Unsqueeze(w, [-1]), [2], keepdims=0)
     m = op.Constant(value_int=ratio)
     k = op.Reshape(op.Constant(value_int=topk), [1])
     start = op.Reshape(op.Cast(start_pos, to=TensorProto.INT64), [-1, 1])  # [1 or B, 1]
@@ -506,7 +508,7 @@ def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
     padding = op.Expand(op.Constant(value_float=NEG_INF), op.Concat(op.Shape(q, end=2), k, axis=0))
     _, order = op.TopK(op.Concat(masked, padding, axis=-1), k, axis=-1)
     valid = op.And(order < entries, order < limit)
-    return op.Cast(op.Where(valid, order, -1), to=TensorProto.INT32)
+    return op.Cast(op.Where(valid, order + op.Constant(value_int=offset), -1), to=TensorProto.INT32)
 
 
 @onnxscript.script(LIB, default_opset=op)
@@ -1057,37 +1059,45 @@ def kv_compress(
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
-def indexer_topk(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+def indexer_topk(
+    q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float = 1.0, offset: int = 0,
+):
     """Lightning-indexer top-k: q [B, S, H, d], weights [B, S, H], keys [B, N, d] -> [B, S, topk] int32.
 
-    ``I(t, j) = sum_h w_h relu(q_h . K_j)`` in fp32 for query ``t = start_pos + s`` over the visible
-    entries ``j < min(N, floor((t+1)/m))``; top-k by score (ties to the smaller j) over the scores
-    padded with topk -inf columns, so fewer visible entries leave -1 slots.
+    ``I(t, j) = sum_h w_h relu(q_h . K_j)`` in fp32 with ``w = fp32(weights) * weights_scale`` (one
+    fp32 product each), for query ``t = start_pos + s`` over the visible entries
+    ``j < min(N, floor((t+1)/m))``; top-k by score (ties to the smaller j) over the scores padded
+    with topk -inf columns, so fewer visible entries leave -1 slots; entry j is returned as
+    ``offset + j``.
     """
-    return indexer_select(q, weights, keys, start_pos, ratio=ratio, topk=topk)
+    return indexer_select(q, weights, keys, start_pos, ratio=ratio, topk=topk, weights_scale=weights_scale, offset=offset)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
-def indexer_topk_packed_fp4(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+def indexer_topk_packed_fp4(
+    q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float = 1.0, offset: int = 0,
+):
     """indexer_topk over packed FP4 keys [B, N, d/2 + d/32] uint8 (d from q): ``K = e2m1(codes) *
     2^(e-127)`` per 32 elements (e = 255: NaN), rounded to q's dtype, then :func:`indexer_topk`."""
     d = op.Shape(q, start=-1)
     half = d / 2
     values = e2m1_decode(op.Slice(keys, [0], half, [-1]))
     exponents = op.Cast(op.Slice(keys, half, half + d / 32, [-1]), to=TensorProto.INT64)
-    dense = e8m0_scaled(values, exponents, tile=32)
-    return indexer_select(q, weights, op.CastLike(dense, q), start_pos, ratio=ratio, topk=topk)
+    dense = op.CastLike(e8m0_scaled(values, exponents, tile=32), q)
+    return indexer_select(q, weights, dense, start_pos, ratio=ratio, topk=topk, weights_scale=weights_scale, offset=offset)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
-def indexer_topk_packed_fp8(q, weights, keys, start_pos: INT64, ratio: int, topk: int):
+def indexer_topk_packed_fp8(
+    q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float = 1.0, offset: int = 0,
+):
     """indexer_topk over packed FP8 keys [B, N, d + 4] uint8 (d from q): ``K = e4m3(codes) * s``
     with s the key's little-endian fp32 scale, in fp32, rounded to q's dtype, then :func:`indexer_topk`."""
     d = op.Shape(q, start=-1)
     data = op.Cast(keys, to=TensorProto.INT64)
     values = op.Gather(op.Constant(value=_E4M3), op.Slice(data, [0], d, [-1]))
-    dense = values * op.Unsqueeze(fp32_from_bytes(op.Slice(data, d, d + 4, [-1])), [-1])
-    return indexer_select(q, weights, op.CastLike(dense, q), start_pos, ratio=ratio, topk=topk)
+    dense = op.CastLike(values * op.Unsqueeze(fp32_from_bytes(op.Slice(data, d, d + 4, [-1])), [-1]), q)
+    return indexer_select(q, weights, dense, start_pos, ratio=ratio, topk=topk, weights_scale=weights_scale, offset=offset)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
@@ -1327,7 +1337,8 @@ class OpFunction:
 
     ``inputs`` / ``attributes``: the HAL argument names the node takes as inputs / attributes, in
     order; ``n_outputs``: node outputs, the op's outputs then the new values of ``mutates``;
-    ``shared_batch``: inputs that may be given with batch 1 when the batch shares them.
+    ``shared_batch``: inputs that may be given with batch 1 when the batch shares them;
+    ``float_attributes``: the attributes the function types float.
     """
 
     op: str
@@ -1337,6 +1348,7 @@ class OpFunction:
     n_outputs: int
     mutates: tuple[str, ...]
     shared_batch: tuple[str, ...] = ()
+    float_attributes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -1344,8 +1356,12 @@ class OpFunction:
 
     def attribute_values(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """The node attributes of a call whose arguments are ``args`` (by HAL name; arguments left
-        out take the function's defaults): bool -> int, ScalarType / None -> ONNX dtype code."""
-        return {name: _attribute_value(args[name]) for name in self.attributes if name in args}
+        out take the function's defaults): bool -> int, ScalarType / None -> ONNX dtype code, an int
+        for a float attribute -> float (the contracts take ``1`` for ``1.0``; ONNX does not)."""
+        return {
+            name: float(args[name]) if name in self.float_attributes else _attribute_value(args[name])
+            for name in self.attributes if name in args
+        }
 
 
 def _op_function(op: str, function: onnxscript.OnnxFunction) -> OpFunction:
@@ -1360,7 +1376,8 @@ def _op_function(op: str, function: onnxscript.OnnxFunction) -> OpFunction:
     attributes = tuple(name for name, p in params.items() if p.annotation in _ATTRIBUTE_TYPES)
     inputs = tuple(name for name in params if name not in attributes)
     n_outputs = len(function.to_function_proto().output)
-    return OpFunction(op, function, inputs, attributes, n_outputs, spec.mutates, SHARED_BATCH.get(op, ()))
+    floats = tuple(name for name in attributes if params[name].annotation == "float")
+    return OpFunction(op, function, inputs, attributes, n_outputs, spec.mutates, SHARED_BATCH.get(op, ()), floats)
 
 
 def _functions() -> dict[str, OpFunction]:
