@@ -364,6 +364,36 @@ def test_fp4_keys_of_128_dims_score_in_lane_order(indexer, s, n, start_pos, alig
 
 
 @interpreted
+@pytest.mark.parametrize("fmt", ["dense", "fp4"])
+@pytest.mark.parametrize("s, n, start_pos", [(1, 100, 700), (9, 12, 30)])
+def test_head_weights_scaled_and_picks_offset_in_the_kernels(indexer, fmt, s, n, start_pos):
+    """bf16 head weights with ``weights_scale`` (V4's 128^-0.5 * 64^-0.5, as the model passes its
+    projection) rank bit for bit as their fp32 product made before the call (the model's former
+    separate kernel); ``offset`` shifts every pick and keeps each -1 gap. The indices equal the
+    reference's, at an int position and at per-sequence tensor positions."""
+    q, weights, packed = _packed_inputs("fp4", 2, s, 4, 64, n, seed=n + s, dtype=torch.bfloat16)
+    keys = index_key_unpack(packed, 64, "fp4", torch.bfloat16) if fmt == "dense" else packed
+    weights, scale, offset = weights.to(torch.bfloat16), 128**-0.5 * 64**-0.5, 144
+    visible = min(n, (start_pos + s) // 4)
+    config = indexer.indexer_config(s, 4, visible, 8, 2 * s, q.device, key_format=fmt)
+    ranked = indexer.ranking_keys(q, weights, keys, 4, start_pos, visible, config, fmt, 0, scale)
+    assert torch.equal(ranked, indexer.ranking_keys(q, weights.float() * scale, keys, 4, start_pos, visible, config, fmt))
+
+    def topk(position, *extra):
+        if fmt == "dense":
+            return indexer.indexer_topk(q, weights, keys, 4, position, 8, *extra), reference(
+                q, weights, keys, 4, position, 8, *extra)
+        return indexer.indexer_topk_packed(q, weights, keys, fmt, 4, position, 8, *extra), reference_packed(
+            q, weights, keys, fmt, 4, position, 8, *extra)
+
+    for position in (start_pos, torch.tensor([start_pos, start_pos - 3])):
+        plain, _ = topk(position, scale)
+        got, want = topk(position, scale, offset)
+        assert torch.equal(got, want) and torch.equal(got, torch.where(plain >= 0, plain + offset, -1))
+        assert (got >= offset).any() and ((got == -1).any() or s == 1)
+
+
+@interpreted
 def test_packed_strided_records(indexer):
     """Records as a column slice of wider rows (a paged layout's view) and a transposed q."""
     q, weights, packed = _packed_inputs("fp8", 2, 6, 4, 32, 10, seed=7, dtype=torch.bfloat16)

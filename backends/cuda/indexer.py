@@ -148,31 +148,33 @@ def indexer_config(
 
 
 def indexer_topk(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor, topk: int
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ratio: int, start_pos: int | torch.Tensor, topk: int,
+    weights_scale: float = 1.0, offset: int = 0,
 ) -> torch.Tensor:
     """Select, for every query token, the top-k visible compressed entries by indexer score.
 
-    q: [B, S, H, d] bf16/fp32, weights: [B, S, H] fp32, keys: [B, N, d] bf16/fp32
-    -> indices: [B, S, topk] int32, -1 in slots beyond the visible entries.
+    q: [B, S, H, d] bf16/fp32, weights: [B, S, H] bf16/fp32, keys: [B, N, d] bf16/fp32
+    -> indices: [B, S, topk] int32, ``offset + j`` for entry j, -1 in slots beyond the visible entries.
 
-    ``I(t, j) = sum_h weights[h] * relu(q_h . K_j)`` in fp32 for query ``t = start_pos + s`` and
-    the entries it sees, ``j < min(N, floor((t+1)/m))``; indices ordered by score descending,
-    ties to the smaller index. start_pos: an int, or an int32/int64 tensor on q's device that only
-    the kernel reads, 0-d or [B] (sequence b's queries at ``start_pos[b] + s``; module docstring:
-    the position as data).
+    ``I(t, j) = sum_h w_h * relu(q_h . K_j)`` in fp32, ``w_h = fp32(weights[h]) * weights_scale``
+    (as the scores kernel loads them), for query ``t = start_pos + s`` and the entries it sees,
+    ``j < min(N, floor((t+1)/m))``; indices ordered by score descending, ties to the smaller
+    index. start_pos: an int, or an int32/int64 tensor on q's device that only the kernel reads,
+    0-d or [B] (sequence b's queries at ``start_pos[b] + s``; module docstring: the position as
+    data).
     """
     _check_float("indexer_topk", "keys", keys)
-    return launch_indexer(q, weights, keys, "dense", ratio, start_pos, topk)
+    return launch_indexer(q, weights, keys, "dense", ratio, start_pos, topk, weights_scale, offset)
 
 
 def indexer_topk_packed(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int,
-    start_pos: int | torch.Tensor, topk: int,
+    start_pos: int | torch.Tensor, topk: int, weights_scale: float = 1.0, offset: int = 0,
 ) -> torch.Tensor:
     """:func:`indexer_topk` over packed keys [B, N, index_key_bytes(d, key_format)] uint8, decoded
     in registers to q's dtype: ``"fp4"`` e2m1 codes times one e8m0 scale per 32 elements, ``"fp8"``
     e4m3 codes times the key's fp32 scale (``seahal.hal.formats.index_key_unpack``)."""
-    return launch_indexer(q, weights, keys, key_format, ratio, start_pos, topk)
+    return launch_indexer(q, weights, keys, key_format, ratio, start_pos, topk, weights_scale, offset)
 
 
 def _check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -182,10 +184,12 @@ def _check_float(op: str, name: str, t: torch.Tensor) -> None:
 
 def launch_indexer(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_format: str, ratio: int,
-    start_pos: int | torch.Tensor, topk: int, **launch: int,
+    start_pos: int | torch.Tensor, topk: int, weights_scale: float = 1.0, offset: int = 0, **launch: int,
 ) -> torch.Tensor:
-    """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8".
-    ``launch``: keyword arguments of :func:`indexer_config` for every pass (benchmarks, tuning)."""
+    """Both ops: scores and top-k in passes of queries; ``key_format`` "dense", "fp4" or "fp8";
+    ``weights_scale`` and ``offset`` as the ops take them (the head weights' factor, entry 0's
+    index). ``launch``: keyword arguments of :func:`indexer_config` for every pass (benchmarks,
+    tuning)."""
     _check_float("indexer_topk" if key_format == "dense" else "indexer_topk_packed", "q", q)
     b, s, _, _ = q.shape
     out = torch.empty((b, s, topk), dtype=torch.int32, device=q.device)
@@ -208,9 +212,10 @@ def launch_indexer(
             last - first, q.shape[2], n_entries, topk, b * (last - first), q.device, key_format=key_format, **launch
         )
         ranking = ranking_keys(
-            q[:, first:last], weights[:, first:last], keys, ratio, start_pos, n_entries, config, key_format, first
+            q[:, first:last], weights[:, first:last], keys, ratio, start_pos, n_entries, config, key_format, first,
+            weights_scale,
         )
-        select_topk(ranking, topk, out[:, first:last], config)
+        select_topk(ranking, topk, out[:, first:last], config, offset)
     return out
 
 
@@ -224,13 +229,15 @@ def ranking_keys(
     config: IndexerConfig,
     key_format: str = "dense",
     offset: int = 0,
+    weights_scale: float = 1.0,
 ) -> torch.Tensor:
     """Ranking keys [B * S, n_entries] int32 of the first n_entries entries (rows b * S + s).
 
-    Key = the score's order-preserving fp32 bits, INT32_MIN where query s, at position ``start_pos
-    + offset + s``, does not see entry j. start_pos: an int, or an int32/int64 tensor on q's
-    device, 0-d or [B] (one a sequence), loaded by the kernel. ``key_format``: keys [B, N, d]
-    floats (``"dense"``) or packed records (``"fp4"``, ``"fp8"``) decoded to q's dtype.
+    Key = the score's order-preserving fp32 bits (head weights ``fp32(weights) * weights_scale``),
+    INT32_MIN where query s, at position ``start_pos + offset + s``, does not see entry j.
+    start_pos: an int, or an int32/int64 tensor on q's device, 0-d or [B] (one a sequence), loaded
+    by the kernel. ``key_format``: keys [B, N, d] floats (``"dense"``) or packed records
+    (``"fp4"``, ``"fp8"``) decoded to q's dtype.
     """
     b, s, h, d = q.shape
     key_dtype = keys.dtype if key_format == "dense" else q.dtype  # packed keys decode to q's dtype
@@ -243,6 +250,7 @@ def ranking_keys(
         pos_ptr, pos_stride, position = None, None, start_pos + offset
     _scores_kernel[grid](
         q, weights, keys, ranking, s, h, n_entries, pos_ptr, pos_stride, position, ratio, config.split_len,
+        weights_scale,
         *q.stride(), *weights.stride(), keys.stride(0), keys.stride(1), keys.stride(2),
         HEAD_DIM=d, D_PAD=max(16, next_power_of_2(d)), H_PAD=next_power_of_2(h),
         BLOCK_S=config.block_s, BLOCK_N=config.block_n, KEY_FORMAT=key_format, ROW_ALIGN=row_alignment(keys),
@@ -252,10 +260,12 @@ def ranking_keys(
     return ranking
 
 
-def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: IndexerConfig) -> None:
+def select_topk(
+    ranking: torch.Tensor, topk: int, out: torch.Tensor, config: IndexerConfig, offset: int = 0
+) -> None:
     """Write the entries of each row's ``topk`` largest ranking keys, by key descending and then
     entry ascending (-1 for INT32_MIN keys and past the row), into ``out`` [B, S, topk] int32 (row
-    b * S + s of ``ranking`` [B * S, L] int32).
+    b * S + s of ``ranking`` [B * S, L] int32), entry j as ``offset + j``.
 
     Rounds of per-chunk selection (``config.chunk``: a power of two >= 2 * topk) until a row fits
     one chunk, the last round's chunk the row's length rounded up to a power of two; then the
@@ -279,7 +289,7 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
         if last_round:
             break
     _rank_kernel[(rows, cdiv(topk, config.rank_block))](
-        candidates, out, topk, candidates.stride(0), out.shape[1], *out.stride(),
+        candidates, out, topk, offset, candidates.stride(0), out.shape[1], *out.stride(),
         BLOCK_R=config.rank_block, CHUNK=min(next_power_of_2(topk), config.rank_chunk), MAX_ENTRIES=MAX_ENTRIES,
         num_warps=1, **pdl_options(),
     )
@@ -287,7 +297,7 @@ def select_topk(ranking: torch.Tensor, topk: int, out: torch.Tensor, config: Ind
 
 @triton.jit(do_not_specialize=["stride_pos"])
 def _scores_kernel(
-    q_ptr, w_ptr, k_ptr, rank_ptr, S, H, n_entries, pos_ptr, stride_pos, start_pos, ratio, split_len,
+    q_ptr, w_ptr, k_ptr, rank_ptr, S, H, n_entries, pos_ptr, stride_pos, start_pos, ratio, split_len, weights_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn, stride_kd,
@@ -319,7 +329,7 @@ def _scores_kernel(
     order: tl.constexpr = "words" if words else ("lanes" if lanes else "stored")
     q = in_k_order(q, BLOCK_S * H_PAD, D_PAD, order)  # FP4 key tiles decode in (word) lane order: q's D alike
     w = tl.load(w_ptr + bat * stride_wb + seq * stride_ws + head * stride_wh, mask=row_ok, other=0.0)
-    w = w.to(tl.float32)
+    w = w.to(tl.float32) * weights_scale  # one fp32 product a head weight, as the op defines them
 
     queries = first + tl.arange(0, BLOCK_S)
     visible = tl.minimum((start_pos + queries + 1) // ratio, n_entries)  # entries each query sees
@@ -476,13 +486,14 @@ def _top_k_mask(key, topk):
     return (key > last) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset"])  # a prefill chunk's offset W + S: one compile for all S
 def _rank_kernel(
-    cand_ptr, out_ptr, topk, stride_c, S, stride_ob, stride_os, stride_ok,
+    cand_ptr, out_ptr, topk, offset, stride_c, S, stride_ob, stride_os, stride_ok,
     BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, MAX_ENTRIES: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Entries of BLOCK_R of a row's topk candidates into out[row // S, row % S, slot], the slot the
-    number of larger candidates in the row; the slots past the row's candidates get -1. One warp
+    """Entries of BLOCK_R of a row's topk candidates, plus ``offset``, into out[row // S, row % S,
+    slot], the slot the number of larger candidates in the row; the slots past the row's candidates
+    get -1. One warp
     compares them with CHUNK of the row's candidates a step (on a GPU 1024: V4's whole top-k), so
     the counts reduce within the warp, by shuffles: with 4 warps and 64 candidates each of the 8
     steps at V4-Flash's k = 512 waited on 8 barriers (sm_90 SASS), now 1 in all."""
@@ -499,7 +510,7 @@ def _rank_kernel(
         larger += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
         filled += tl.sum((other != NO_CANDIDATE).to(tl.int32), axis=0)
     out = out_ptr + (row // S) * stride_ob + (row % S) * stride_os
-    entry = (MAX_ENTRIES - 1 - (mine & 0xFFFFFFFF)).to(tl.int32)
+    entry = (MAX_ENTRIES - 1 - (mine & 0xFFFFFFFF)).to(tl.int32) + offset
     tl.store(out + larger * stride_ok, entry, mask=mine != NO_CANDIDATE)
     tl.store(out + slots * stride_ok, tl.full((BLOCK_R,), -1, tl.int32), mask=(slots < topk) & (slots >= filled))
 
