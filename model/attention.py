@@ -96,26 +96,19 @@ class Indexer(nn.Module):
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops)
         self.weights_proj = Linear(config.dim, self.n_heads, ops)
         self.compressor = Compressor(config.dim, self.head_dim, CSA_RATIO, True, ops, config.norm_eps)
-        self.register_buffer("weights_scale", None, persistent=False)
-        self.make_constants()
-
-    def make_constants(self, device: torch.device | None = None) -> None:
-        """The head weights' scale ``head_dim^-0.5 * n_heads^-0.5`` as a [1] fp32 tensor (on ``device``,
-        else the ambient one): a bf16 projection times it is the fp32 product of ``.float() * scale``
-        in one kernel (a 1-d tensor takes part in type promotion, a Python scalar does not)."""
-        device = device or torch.get_default_device()
-        scale = self.head_dim**-0.5 * self.n_heads**-0.5
-        self.weights_scale = torch.full((1,), scale, dtype=torch.float32, device=device)
+        self.weights_scale = self.head_dim**-0.5 * self.n_heads**-0.5
+        """The head weights' factor: the op forms ``weights_proj(x).float() * scale`` as it loads them."""
 
     def forward(
         self, x: torch.Tensor, q: torch.Tensor, cache: LayerCache, step: StepPositions, freqs: torch.Tensor,
-        projections: tuple[torch.Tensor, torch.Tensor] | None = None,
+        projections: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0,
     ) -> torch.Tensor:
-        """-> top-k compressed-entry indices [B, S, index_topk] with -1 gaps; this chunk's new keys
-        are stored in the cache as entries ``n_compressed, ...``. q: [B, S, H * d], this indexer's
-        ``wq_b`` product of the attention's qr, which the attention makes in one GEMM with its own
-        query projection (:class:`StackedLinears`); ``projections``: its compressor's, when the
-        attention made them with its own compressor's (see :meth:`Compressor.forward`)."""
+        """-> top-k compressed entries [B, S, index_topk] int32, entry j as ``offset + j`` (its row
+        among the keys the attention reads), -1 gaps; this chunk's new keys are stored in the cache
+        as entries ``n_compressed, ...``. q: [B, S, H * d], this indexer's ``wq_b`` product of the
+        attention's qr, which the attention makes in one GEMM with its own query projection
+        (:class:`StackedLinears`); ``projections``: its compressor's, when the attention made them
+        with its own compressor's (see :meth:`Compressor.forward`)."""
         b, s, _ = x.shape
         q = q.view(b, s, self.n_heads, self.head_dim)
         positions = step.positions.expand(b, s)
@@ -127,15 +120,13 @@ class Indexer(nn.Module):
             keys = self.ops.hadamard_rotate(keys, 0 if fp4_records else FP4_TILE)
         else:
             q = self.ops.rope(q, positions, freqs)
-        weights = self.weights_proj(x)  # the official weights_proj(x).float() * scale, in one kernel:
-        weights = (weights.float() if weights.dtype == torch.float64 else weights) * self.weights_scale
+        weights = self.weights_proj(x)  # the official weights_proj(x).float() * scale: the op scales them
+        weights = weights.float() if weights.dtype == torch.float64 else weights
         stored = cache.store_index_keys(keys, step.entries_after(CSA_RATIO), step.memo)  # dense keys or packed records
-        fmt, topk = self.config.index_key_format, self.config.index_topk
+        fmt, topk, scale = self.config.index_key_format, self.config.index_topk, self.weights_scale
         if fmt == "dense":
-            top = self.ops.indexer_topk(q, weights, stored, CSA_RATIO, step.start_pos, topk)
-        else:
-            top = self.ops.indexer_topk_packed(q, weights, stored, fmt, CSA_RATIO, step.start_pos, topk)
-        return top
+            return self.ops.indexer_topk(q, weights, stored, CSA_RATIO, step.start_pos, topk, scale, offset)
+        return self.ops.indexer_topk_packed(q, weights, stored, fmt, CSA_RATIO, step.start_pos, topk, scale, offset)
 
 
 class Attention(nn.Module):
@@ -239,7 +230,8 @@ class Attention(nn.Module):
             if self.config.simulate_fp8_kv and not packed:
                 entries = fp8_kv_precision(entries, self.ops, self.rope_dim)
             if self.indexer is not None:  # a CSA layer: its indexer keys complete with the entries
-                compressed_idx = self.indexer(x, q_index, cache, step, self.freqs, index)
+                offset = entry_row_base(cache.window, s)  # the picks as rows of the keys attended
+                compressed_idx = self.indexer(x, q_index, cache, step, self.freqs, index, offset)
             cache.append_compressed(entries, step.entries_after(self.ratio), packed, step.memo)
 
         if decode:  # stored first (encoded on the way): its ring slot held token p - W, which query p no longer sees
@@ -293,7 +285,7 @@ class Attention(nn.Module):
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
             return torch.where(p < first, p % w, w + p - first).masked_fill(p < 0, -1).expand(b, s, w)
 
-        base = w if decode else w + s  # the keys' row of compressed entry 0
+        base = entry_row_base(w, s)
 
         def window() -> torch.Tensor:  # the same for every layer
             return step.memo.once(("window rows", w, b), window_rows)
@@ -318,10 +310,10 @@ class Attention(nn.Module):
         if compressed_idx is None:  # the same rows for every layer of this ratio: made once a step
             return keys, step.memo.once(("indices", self.ratio, w, entries.shape[1], b), indices)
         # CSA: [window | the indexer's picks] in one buffer the step's CSA layers share, each writing
-        # its picks after the previous layer's attention has read them (stream order): entry j to row
-        # base + j, a -1 gap kept -1, in one add (base times the pick's validity)
+        # its picks after the previous layer's attention has read them (stream order); the indexer
+        # gave entry j as its row base + j, a gap as -1
         buffer = step.memo.once(("picked indices", w, b, s, compressed_idx.shape[-1]), picked_buffer)
-        torch.add(compressed_idx, compressed_idx >= 0, alpha=base, out=buffer[..., w:])
+        buffer[..., w:] = compressed_idx
         return keys, buffer
 
     def _attend(
@@ -403,6 +395,13 @@ class StepPositions:
         if self.decode_ring(window) is not None:
             return self.decode_slots
         return self.memo.once(("ring slots", window), lambda: self.positions % window)
+
+
+def entry_row_base(window: int, s: int) -> int:
+    """The row of compressed entry 0 among the keys a step of ``s`` tokens a sequence attends: W at
+    decode (the layer's store ``[ring | entries]`` itself), W + S for a chunk (``[ring | chunk |
+    entries]``; see :meth:`Attention._gather_keys`)."""
+    return window if s == 1 else window + s
 
 
 def entry_rows(

@@ -23,9 +23,9 @@ from collections import Counter
 
 from seahal.testing.triton_interpreter import require_triton
 
-DECODE_BUDGETS = {"decode": 93, "graph decode": 84}
+DECODE_BUDGETS = {"decode": 91, "graph decode": 82}
 """Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph replays
-(the position a device tensor: what ``seahal bench --ops model`` times). Now 88 and 79, 68 and 64
+(the position a device tensor: what ``seahal bench --ops model`` times). Now 86 and 77, 68 and 64
 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of 2026-11-26
 (eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the shared
 expert's routing filled per step), then 252 eager and 284 in the graph; then position arithmetic
@@ -65,11 +65,13 @@ stored at their cache rows by the op that makes them (``kv_compress_store``: 84)
 ratio's entry counts, before the step and after it, one floor division each by the ratios as a
 tensor (``PositionTables``: 82), and a decode step's HCA entry rows views of the cache's tables
 rather than an arange and an add (89 and 80), and a decode step's ring rows subtracted straight
-into int32 (88 and 79)."""
-PAIR_BUDGET = 43
+into int32 (88 and 79), and a CSA indexer's head weights scaled and its picks offset to the
+attention's rows by the indexer op (``weights_scale``, ``offset``: 86 and 77)."""
+PAIR_BUDGET = 41
 """Kernels each further pair of V4-Flash layers (a CSA and an HCA layer) may add to the graph decode
-step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 39, 35 of them HAL op
-calls (41 while each compressed layer's FP8 records were scattered into the cache by a kernel of their own, 42 while the CSA layer's indexer projected x for its compressor in an fp32_linear of its own, 46 while each sub-layer's hc_post was an op apart from the next hc_pre, 47 while the indexer's query took its RoPE in a launch of its own, 48 while the CSA layer's indexer key record was scattered by a kernel of its own, 50 while each KV vector was normalised and rotated before the op that stores it, 52 while
+step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 37, 35 of them HAL op
+calls (39 while the CSA layer scaled its indexer's head weights and offset its picks in aten kernels
+of their own, 41 while each compressed layer's FP8 records were scattered into the cache by a kernel of their own, 42 while the CSA layer's indexer projected x for its compressor in an fp32_linear of its own, 46 while each sub-layer's hc_post was an op apart from the next hc_pre, 47 while the indexer's query took its RoPE in a launch of its own, 48 while the CSA layer's indexer key record was scattered by a kernel of its own, 50 while each KV vector was normalised and rotated before the op that stores it, 52 while
 each KV vector's record was scattered into the ring by a kernel of its own, 54 while each MoE added its two outputs in a launch of its own, 56 while each attention's
 output took its inverse RoPE in a launch of its own, 60 while each sub-layer normalised hc_pre's
 collapse in a launch of its own, 61 while the indexer's head weights were widened and scaled in two

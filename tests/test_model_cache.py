@@ -469,10 +469,13 @@ def test_rows_and_truncated_views_write_into_the_cache(checkpoint):
         cache.truncated(65)
 
 
-def test_indexer_head_weights_are_the_official_fp32_product(checkpoint):
-    """The indexer scores with ``weights_proj(x).float() * head_dim^-0.5 * n_heads^-0.5`` (the
-    official code's fp32 product), formed in one kernel from the [1] fp32 scale constant: bit for
-    bit the two-step product, in the call the model makes."""
+def test_indexer_takes_the_projection_its_scale_and_the_picks_offset(checkpoint):
+    """The model hands the indexer op ``weights_proj(x)`` as the projection made it (bf16) with the
+    official factor ``head_dim^-0.5 * n_heads^-0.5``, which the op applies as the official
+    ``weights_proj(x).float() * scale`` (one fp32 product; the conformance cases check the ops),
+    and the row of entry 0 among the keys it attends (a 9-token chunk: ``[ring | chunk |
+    entries]``, W + 9), so that its picks are the attention's rows as they come: against the
+    op without the offset, each pick shifted and each gap kept."""
     from types import SimpleNamespace
 
     from seahal.model.attention import Indexer
@@ -487,12 +490,15 @@ def test_indexer_head_weights_are_the_official_fp32_product(checkpoint):
     indexer.weights_proj.register_forward_hook(keep_input)
     ops = indexer.ops
 
-    def indexer_topk_packed(q, weights, *args):
-        seen["weights"] = weights
-        return ops.indexer_topk_packed(q, weights, *args)
+    def indexer_topk_packed(q, weights, keys, fmt, ratio, start_pos, topk, scale, offset):
+        seen.update(weights=weights, scale=scale, offset=offset)
+        picks = ops.indexer_topk_packed(q, weights, keys, fmt, ratio, start_pos, topk, scale, offset)
+        plain = ops.indexer_topk_packed(q, weights, keys, fmt, ratio, start_pos, topk, scale)
+        seen["shifted"] = torch.equal(picks, torch.where(plain >= 0, plain + offset, -1)) and bool(plain.ge(0).any())
+        return picks
 
     indexer.ops = SimpleNamespace(**{**vars(ops), "indexer_topk_packed": indexer_topk_packed})
     model(torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(7)), cache=model.new_cache(2, 48))
-    scale = indexer.head_dim**-0.5 * indexer.n_heads**-0.5
-    expected = indexer.weights_proj(seen["x"]).float() * scale
-    assert seen["weights"].dtype == torch.float32 and torch.equal(seen["weights"], expected)
+    assert seen["weights"].dtype == torch.bfloat16 and torch.equal(seen["weights"], indexer.weights_proj(seen["x"]))
+    assert seen["scale"] == indexer.head_dim**-0.5 * indexer.n_heads**-0.5
+    assert seen["offset"] == model.config.window_size + 9 and seen["shifted"]
