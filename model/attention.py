@@ -268,22 +268,24 @@ class Attention(nn.Module):
         row W + j; nothing is copied. A chunk of S > 1 tokens: ``[ring | chunk | compressed
         entries]`` concatenated (its later tokens would overwrite ring slots its earlier queries
         see), token p in ring slot p mod W before the chunk and in row W + p - start_pos within it.
-        Indices are int32; at decode every part is made in int32 (no conversion).
-        """
+        Indices are int32; at decode every part is made in int32, a chunk's window rows are
+        converted once a step; a CSA layer's row is its window and the indexer's picks, which come
+        as rows of these keys (``offset``)."""
         b, s, _ = chunk.shape
         w = cache.window
         t = step.positions
         entries = cache.compressed_rows()
         keys = cache.kv.data if decode else torch.cat((cache.ring(), chunk, entries), dim=1)
 
-        def window_rows() -> torch.Tensor:  # [B, S, W]: each query's window in keys, -1 before the sequence
+        def window_rows() -> torch.Tensor:  # [B, S, W] int32: each query's window in keys, -1 before the sequence
             if decode:
                 ring = step.decode_ring(w)
                 ring = ring if ring is not None else ring_rows(t, self.window_offsets[:w])
                 return ring.expand(b, s, w)
             p = t[..., None] - self.window_offsets[:w]  # [(B,) S, W] key positions
             first = start_pos.reshape(-1, 1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
-            return torch.where(p < first, p % w, w + p - first).masked_fill(p < 0, -1).expand(b, s, w)
+            rows = torch.where(p < first, p % w, w + p - first).masked_fill(p < 0, -1)
+            return rows.to(torch.int32).expand(b, s, w)
 
         base = entry_row_base(w, s)
 
@@ -292,7 +294,7 @@ class Attention(nn.Module):
 
         def indices() -> torch.Tensor:  # SWA: the window; HCA: and every entry the query sees
             if not self.ratio:
-                return window().to(torch.int32)
+                return window()
             j, rows = entry_rows(entries.shape[1], base, step.tables if decode else None, self.ratio, chunk.device)
             if decode:  # query t sees entry j < floor((t+1)/m): one token, the entries the step leaves
                 seen = step.entries_after(self.ratio)
@@ -300,21 +302,12 @@ class Attention(nn.Module):
             else:
                 seen = ((t + 1) // self.ratio)[..., None]
             hidden = j >= seen
-            return torch.cat((window(), rows.masked_fill(hidden, -1).expand(b, s, -1)), dim=2).to(torch.int32)
-
-        def picked_buffer() -> torch.Tensor:  # [B, S, W + K] int32, the window part written once a step
-            buffer = torch.empty((b, s, w + compressed_idx.shape[-1]), dtype=torch.int32, device=chunk.device)
-            buffer[..., :w] = window()
-            return buffer
+            return torch.cat((window(), rows.masked_fill(hidden, -1).expand(b, s, -1)), dim=2)
 
         if compressed_idx is None:  # the same rows for every layer of this ratio: made once a step
             return keys, step.memo.once(("indices", self.ratio, w, entries.shape[1], b), indices)
-        # CSA: [window | the indexer's picks] in one buffer the step's CSA layers share, each writing
-        # its picks after the previous layer's attention has read them (stream order); the indexer
-        # gave entry j as its row base + j, a gap as -1
-        buffer = step.memo.once(("picked indices", w, b, s, compressed_idx.shape[-1]), picked_buffer)
-        buffer[..., w:] = compressed_idx
-        return keys, buffer
+        # CSA: [window | the indexer's picks], which it gave as rows already (entry j as base + j)
+        return keys, torch.cat((window(), compressed_idx), dim=2)
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, cache: LayerCache, positions: torch.Tensor

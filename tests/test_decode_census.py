@@ -23,9 +23,9 @@ from collections import Counter
 
 from seahal.testing.triton_interpreter import require_triton
 
-DECODE_BUDGETS = {"decode": 91, "graph decode": 82}
+DECODE_BUDGETS = {"decode": 90, "graph decode": 81}
 """Kernels a decode step may launch, eagerly at an int position and as the step a CUDA graph replays
-(the position a device tensor: what ``seahal bench --ops model`` times). Now 86 and 77, 68 and 64
+(the position a device tensor: what ``seahal bench --ops model`` times). Now 85 and 76, 68 and 64
 of them HAL op calls. History (backends/cuda/TUNING.md, "rms_norm"): 483 eager at the start of 2026-11-26
 (eager RMSNorm, the Hadamard matrix rebuilt per call, widened compressor weights, the shared
 expert's routing filled per step), then 252 eager and 284 in the graph; then position arithmetic
@@ -66,7 +66,9 @@ ratio's entry counts, before the step and after it, one floor division each by t
 tensor (``PositionTables``: 82), and a decode step's HCA entry rows views of the cache's tables
 rather than an arange and an add (89 and 80), and a decode step's ring rows subtracted straight
 into int32 (88 and 79), and a CSA indexer's head weights scaled and its picks offset to the
-attention's rows by the indexer op (``weights_scale``, ``offset``: 86 and 77)."""
+attention's rows by the indexer op (``weights_scale``, ``offset``: 86 and 77), and its index row
+then the window and those picks concatenated, where a buffer the step's CSA layers shared took the
+window once a step and each layer's picks by a copy (85 and 76)."""
 PAIR_BUDGET = 41
 """Kernels each further pair of V4-Flash layers (a CSA and an HCA layer) may add to the graph decode
 step: what a full-depth model pays per layer (V4-Flash has 20 such pairs). Now 37, 35 of them HAL op
