@@ -190,10 +190,10 @@ def test_attribute_values_follow_the_convention():
     assert kv_compress.attribute_values(args) == {"ratio": 4, "overlap": 1, "norm_eps": 1e-6, "out_dtype": TensorProto.BFLOAT16}
     assert kv_compress.attribute_values({"out_dtype": torch.float32}) == {"out_dtype": TensorProto.FLOAT}
     indexer = F.FUNCTIONS["indexer_topk"]  # an int for a float attribute becomes a float: ONNX types attributes
-    assert indexer.attributes == ("ratio", "topk", "weights_scale", "offset") and indexer.float_attributes == ("weights_scale",)
+    assert indexer.attributes == ("ratio", "topk", "weights_scale") and indexer.float_attributes == ("weights_scale",)
+    assert indexer.inputs[-2:] == ("start_pos", "offset")  # both int64 inputs: no session per position or chunk
     values = indexer.attribute_values({"ratio": 4, "start_pos": 7, "topk": 8, "weights_scale": 1, "offset": 128})
-    assert values == {"ratio": 4, "topk": 8, "weights_scale": 1.0, "offset": 128}
-    assert isinstance(values["weights_scale"], float) and isinstance(values["offset"], int)
+    assert values == {"ratio": 4, "topk": 8, "weights_scale": 1.0} and isinstance(values["weights_scale"], float)
     with pytest.raises(ValueError, match="out_dtype must be one of"):
         kv_compress.attribute_values({"out_dtype": torch.int8})
 
@@ -241,8 +241,8 @@ def test_top_k_ties_go_to_the_smaller_index():
     keys = np.ones((1, 10, 4), np.float32)
     weights = np.ones((1, 3, 2), np.float32)
     start = np.array(37, np.int64)  # queries at 37..39 see 9 or 10 of the 10 entries
-    (got,) = _run("indexer_topk", {"q": q, "weights": weights, "keys": keys, "start_pos": start},
-                  ratio=4, topk=6, out_types=[(TensorProto.INT32, 3)])
+    (got,) = _run("indexer_topk", {"q": q, "weights": weights, "keys": keys, "start_pos": start,
+                                   "offset": np.array(0, np.int64)}, ratio=4, topk=6, out_types=[(TensorProto.INT32, 3)])
     want = ref_indexer.indexer_topk(*(torch.from_numpy(a) for a in (q, weights, keys)), 4, 37, 6)
     np.testing.assert_array_equal(got, want.numpy())
     assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
@@ -262,7 +262,7 @@ def test_top_k_ties_go_to_the_smaller_index():
 @pytest.mark.parametrize("weights_scale", [0.37, -0.0625])
 def test_indexer_scales_the_head_weights_and_offsets_the_entries(weights_scale, key_format, weights_dtype):
     """indexer_topk and indexer_topk_packed (functions indexer_topk, indexer_topk_packed_fp4 and
-    _fp8, which the onnxruntime backend calls with weights_scale and offset as attributes) select
+    _fp8, which the onnxruntime backend calls with weights_scale an attribute, offset an input) select
     the reference's indices exactly: ``w = fp32(weights) * weights_scale``, entry j as 128 + j, and
     -1 still in the slots past a query's visible entries (sequence 0's queries see 5 or 6 of 8).
 
@@ -287,7 +287,7 @@ def test_indexer_scales_the_head_weights_and_offsets_the_entries(weights_scale, 
         args = (q, weights, records, key_format, ratio, start_pos, topk)
         run, reference = kernels.indexer_topk_packed, ref_indexer.indexer_topk_packed
         assert F.select("indexer_topk_packed", {"key_format": key_format}).attributes == (
-            "ratio", "topk", "weights_scale", "offset")
+            "ratio", "topk", "weights_scale")
 
     got = run(*args, weights_scale, offset)
     want = reference(*args, weights_scale, offset)

@@ -141,13 +141,13 @@ def test_hadamard_rotate_positions_are_inputs_so_decode_steps_share_a_session(mo
     assert info.misses == len(built) == 3 and info.hits == 3 * 8 - 3
 
 
-def test_indexer_scale_and_offset_are_attributes_so_decode_steps_share_a_session(monkeypatch):
+def test_indexer_position_and_offset_are_inputs_so_steps_and_chunks_share_a_session(monkeypatch):
     """indexer_topk_packed (FP4 keys) through a plan for onnxruntime with the model's weights_scale
-    and offset, at successive decode positions: start_pos is an input, weights_scale and offset
-    attributes (constants of a layer at decode: W), so one session of indexer_topk_packed_fp4
-    serves every step; another offset (a prefill chunk's W + S) builds another. Each call selects
-    the cpu reference's indices exactly: integer q and keys make the logits exact, and with two
-    heads each score is one rounding of a two-term sum, in any order."""
+    and offset, at successive decode positions, then at a prefill chunk's offset (W + S): start_pos
+    and offset are inputs, weights_scale an attribute (the model's constant), so one session of
+    indexer_topk_packed_fp4 serves every step and every chunk length. Each call selects the cpu
+    reference's indices exactly: integer q and keys make the logits exact, and with two heads each
+    score is one rounding of a two-term sum, in any order."""
     built = []
     real = session.node_model
     monkeypatch.setattr(session, "node_model", lambda function, *args: built.append(function.name) or real(function, *args))
@@ -165,9 +165,9 @@ def test_indexer_scale_and_offset_are_attributes_so_decode_steps_share_a_session
         call = (q, weights, keys, "fp4", 4, pos, 4, scale, offset)
         got, want = ops.indexer_topk_packed(*call), reference.indexer_topk_packed(*call)
         assert torch.equal(got, want) and (got[got >= 0] >= offset).all(), (pos, offset)
-    assert built == ["indexer_topk_packed_fp4"] * 2
+    assert built == ["indexer_topk_packed_fp4"]
     info = session._session.cache_info()
-    assert (info.misses, info.hits) == (2, 23)
+    assert (info.misses, info.hits) == (1, 24)
 
 
 def test_hc_post_pre_runs_the_function_its_optional_tensors_pick(monkeypatch):

@@ -33,7 +33,8 @@ Calling convention (stable: the ONNX exporter and the onnxruntime backend rely o
   function does not take (``OpFunction.inputs`` names them). ``start_pos`` (kv_compress,
   kv_compress_fp8, kv_compress_store and the indexer ops) is an input too, an int64 scalar or [B]
   (one position per sequence), not an attribute: decode steps advance it at run time, and a
-  graph or session must not be rebuilt per position.
+  graph or session must not be rebuilt per position. So is the indexer ops' ``offset`` (an int64
+  scalar): a prefill chunk's W + S, which would otherwise build a session per chunk length.
 * Node attributes: the other non-tensor arguments under their HAL names (``OpFunction.attributes``):
   int, float and str as such (an int given for a float as a float), bool as int 0/1, ``ScalarType``
   as the ONNX ``TensorProto`` data type code (the contract's default, bf16, for None).
@@ -491,9 +492,9 @@ def fp32_from_bytes(quads):
 
 
 @onnxscript.script(LIB, default_opset=op)
-def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float, offset: int):
+def indexer_select(q, weights, keys, start_pos: INT64, offset: INT64, ratio: int, topk: int, weights_scale: float):
     """The lightning-indexer top-k of :func:`indexer_topk` (its docstring has the math), keys given
-    as floats [B, N, d]; start_pos a scalar or [B], one position per sequence."""
+    as floats [B, N, d]; start_pos a scalar or [B], one position per sequence; offset a scalar."""
     logits = op.Einsum(op.Cast(q, to=FLOAT), op.Cast(keys, to=FLOAT), equation="bshd,bnd->bshn")
     w = op.Cast(weights, to=FLOAT) * op.Constant(value_float=weights_scale)  # one fp32 product a head weight
     scores = op.ReduceSum(op.Relu(logits) * op.Unsqueeze(w, [-1]), [2], keepdims=0)
@@ -508,7 +509,7 @@ def indexer_select(q, weights, keys, start_pos: INT64, ratio: int, topk: int, we
     padding = op.Expand(op.Constant(value_float=NEG_INF), op.Concat(op.Shape(q, end=2), k, axis=0))
     _, order = op.TopK(op.Concat(masked, padding, axis=-1), k, axis=-1)
     valid = op.And(order < entries, order < limit)
-    return op.Cast(op.Where(valid, order + op.Constant(value_int=offset), -1), to=TensorProto.INT32)
+    return op.Cast(op.Where(valid, order + op.Cast(offset, to=TensorProto.INT64), -1), to=TensorProto.INT32)
 
 
 @onnxscript.script(LIB, default_opset=op)
@@ -1059,9 +1060,7 @@ def kv_compress(
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
-def indexer_topk(
-    q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float = 1.0, offset: int = 0,
-):
+def indexer_topk(q, weights, keys, start_pos: INT64, offset: INT64, ratio: int, topk: int, weights_scale: float = 1.0):
     """Lightning-indexer top-k: q [B, S, H, d], weights [B, S, H], keys [B, N, d] -> [B, S, topk] int32.
 
     ``I(t, j) = sum_h w_h relu(q_h . K_j)`` in fp32 with ``w = fp32(weights) * weights_scale`` (one
@@ -1070,12 +1069,12 @@ def indexer_topk(
     with topk -inf columns, so fewer visible entries leave -1 slots; entry j is returned as
     ``offset + j``.
     """
-    return indexer_select(q, weights, keys, start_pos, ratio=ratio, topk=topk, weights_scale=weights_scale, offset=offset)
+    return indexer_select(q, weights, keys, start_pos, offset, ratio=ratio, topk=topk, weights_scale=weights_scale)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
 def indexer_topk_packed_fp4(
-    q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float = 1.0, offset: int = 0,
+    q, weights, keys, start_pos: INT64, offset: INT64, ratio: int, topk: int, weights_scale: float = 1.0,
 ):
     """indexer_topk over packed FP4 keys [B, N, d/2 + d/32] uint8 (d from q): ``K = e2m1(codes) *
     2^(e-127)`` per 32 elements (e = 255: NaN), rounded to q's dtype, then :func:`indexer_topk`."""
@@ -1084,12 +1083,12 @@ def indexer_topk_packed_fp4(
     values = e2m1_decode(op.Slice(keys, [0], half, [-1]))
     exponents = op.Cast(op.Slice(keys, half, half + d / 32, [-1]), to=TensorProto.INT64)
     dense = op.CastLike(e8m0_scaled(values, exponents, tile=32), q)
-    return indexer_select(q, weights, dense, start_pos, ratio=ratio, topk=topk, weights_scale=weights_scale, offset=offset)
+    return indexer_select(q, weights, dense, start_pos, offset, ratio=ratio, topk=topk, weights_scale=weights_scale)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
 def indexer_topk_packed_fp8(
-    q, weights, keys, start_pos: INT64, ratio: int, topk: int, weights_scale: float = 1.0, offset: int = 0,
+    q, weights, keys, start_pos: INT64, offset: INT64, ratio: int, topk: int, weights_scale: float = 1.0,
 ):
     """indexer_topk over packed FP8 keys [B, N, d + 4] uint8 (d from q): ``K = e4m3(codes) * s``
     with s the key's little-endian fp32 scale, in fp32, rounded to q's dtype, then :func:`indexer_topk`."""
@@ -1097,7 +1096,7 @@ def indexer_topk_packed_fp8(
     data = op.Cast(keys, to=TensorProto.INT64)
     values = op.Gather(op.Constant(value=_E4M3), op.Slice(data, [0], d, [-1]))
     dense = op.CastLike(values * op.Unsqueeze(fp32_from_bytes(op.Slice(data, d, d + 4, [-1])), [-1]), q)
-    return indexer_select(q, weights, dense, start_pos, ratio=ratio, topk=topk, weights_scale=weights_scale, offset=offset)
+    return indexer_select(q, weights, dense, start_pos, offset, ratio=ratio, topk=topk, weights_scale=weights_scale)
 
 
 @onnxscript.script(SEAHAL, default_opset=op)
