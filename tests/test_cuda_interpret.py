@@ -366,12 +366,13 @@ def test_interpreter_only_kernels_serve_gpu_plans_only_on_request(monkeypatch):
     # attention, whose store rotates the output back when given positions, and hc_post, which adds
     # the sub-layer output's two parts as it reads them, and kv_cache_store and index_key_store,
     # written since, and hadamard_rotate, which rotates the indexer query's RoPE dims first, and
-    # hc_post_pre and kv_compress_store, written since
+    # hc_post_pre and kv_compress_store, written since, and the indexers, which scale their head
+    # weights and offset their picks since
     assert {op for op, (_, _, verified) in cuda.KERNELS.items() if not verified} == {
         "grouped_linear", "moe_experts", "fp4_gemm", "indexer_topk_packed", "fp8_gemm", "kv_compress",
         "kv_compress_fp8", "hc_pre", "hc_head", "rms_norm_rope", "act_quant_gemm", "moe_gate",
         "sparse_attention", "sparse_attention_fp8", "hc_post", "kv_cache_store", "index_key_store",
-        "hadamard_rotate", "hc_post_pre", "kv_compress_store"}
+        "hadamard_rotate", "hc_post_pre", "kv_compress_store", "indexer_topk"}
     # a fused op's verified kernels in turn serve where its one pass is gated (not the reference)
     for op in cuda.UNFUSED_KERNELS:
         unfused = next(k for k in REGISTRY.kernels_for(op) if k.qualified_name == "cuda.triton_unfused")

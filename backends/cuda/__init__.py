@@ -58,6 +58,8 @@ _QUANT = {"chip": _SM90, "dtype": ("bfloat16", "float16", "float32", "float64"),
 # (POST); hc_pre being unverified too, it has no unfused form: GPU plans run the reference until
 # a GPU run passes both. New since: kv_compress_store, kv_compress_fp8's launch storing each record at
 # its slot's row (STORE); kv_compress_fp8 being unverified too, it has no unfused form either.
+# Changed since: indexer_topk and indexer_topk_packed's kernels scale the head weights as they load
+# them (weights_scale) and offset the picks as they store them (offset); no unfused form.
 KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
     "fp8_act_quant": ("quant:fp8_act_quant", _QUANT, True),
     "fp4_quant": ("quant:fp4_quant", _QUANT, True),
@@ -125,7 +127,7 @@ KERNELS: dict[str, tuple[str, dict[str, tuple], bool]] = {
         {"chip": _SM90, "dtype": _FLOAT, "weight_format": ("dense", "fp8", "fp4"), "scale_dtype": _SCALES},
         False,
     ),
-    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, True),
+    "indexer_topk": ("indexer:indexer_topk", {"chip": _SM90, "dtype": _FLOAT}, False),
     "indexer_topk_packed": (  # the same scores kernel, FP4 / FP8 key records decoded in registers
         "indexer:indexer_topk_packed", {"chip": _SM90, "dtype": _FLOAT, "key_format": ("fp4", "fp8")}, False
     ),
