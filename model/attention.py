@@ -295,7 +295,7 @@ class Attention(nn.Module):
         def indices() -> torch.Tensor:  # SWA: the window; HCA: and every entry the query sees
             if not self.ratio:
                 return window()
-            j, rows = entry_rows(entries.shape[1], base, step.tables if decode else None, self.ratio, chunk.device)
+            j, rows = entry_rows(entries.shape[1], base, step.tables, self.ratio, chunk.device)
             if decode:  # query t sees entry j < floor((t+1)/m): one token, the entries the step leaves
                 seen = step.entries_after(self.ratio)
                 seen = seen.reshape(-1, 1, 1) if isinstance(seen, torch.Tensor) else seen
@@ -401,11 +401,11 @@ def entry_rows(
     n: int, base: int, tables: PositionTables | None, ratio: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compressed entries ``j < n`` of ratio m and their rows ``base + j`` among the keys, [n] int32
-    each: views of the cache's tables where they hold them (a decode step's rows, ``base`` = W),
-    made otherwise (two kernels)."""
-    held = tables.entries.get(ratio) if tables is not None and base == tables.window else None
-    if held is not None and n <= held[0].shape[0]:
-        return held[0][:n], held[1][:n]
+    each: views of the cache's tables where they hold them (:meth:`PositionTables.entry_rows`: a
+    decode step's rows), made otherwise (two kernels)."""
+    held = tables.entry_rows(ratio, n, base) if tables is not None else None
+    if held is not None:
+        return held
     j = torch.arange(n, dtype=torch.int32, device=device)
     return j, j + base
 

@@ -182,6 +182,14 @@ class PositionTables:
         """The tables' tensors (the divisors, each ratio's entry numbers and rows)."""
         return [self.divisors, *(t for pair in self.entries.values() for t in pair)]
 
+    def entry_rows(self, ratio: int, n: int, base: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of entries ``j < n`` of ratio m and their rows ``base + j`` ([n] int32 each) where
+        the tables hold them (an HCA ratio, ``base`` = W: a decode step's keys), else None."""
+        held = self.entries.get(ratio) if base == self.window else None
+        if held is None or n > held[0].shape[0]:
+            return None
+        return held[0][:n], held[1][:n]
+
     def entry_counts(self, pos: int | torch.Tensor) -> dict[int, int | torch.Tensor]:
         """{m: pos // m} for every ratio; at a tensor position (on the tables' device) one kernel for
         all of them, each count shaped as ``pos``: a view of one [R, *pos.shape] result."""
