@@ -332,3 +332,36 @@ def test_a_vendor_backend_without_its_package_is_reported_not_crashed(capsys):
     out = capsys.readouterr().out
     assert out.startswith("seahal conformance: backend cambricon on mlu")
     assert "unsupported  (backend cambricon unavailable: torch_mlu is not installed" in out
+
+
+
+@pytest.mark.parametrize("op", ["fp8_gemm", "fp4_gemm"])
+def test_gemm_rule_bounds_the_sum_by_its_products_not_by_the_result(op):
+    """Products that cancel. K = 128 in four 32-wide groups: a = (v, -v, t, t'), b = (B, B, s, s),
+    with 64 <= |v| <= 448 and B = 6, t tiny e4m3 values and s = 2^-6: C is the small products'
+    sum (~1e-3, float64), while each large product is ~1e3. A kernel summing the same exact
+    products in fp32 in another order loses the small ones against partial sums of ~1e4: off by
+    more than gamma(n)*|C| (the rule's bound before, fuzzing's first find), within gamma(n) *
+    sum|A||B| (the error analysis' bound); an error well past that still fails."""
+    gen = torch.Generator().manual_seed(3)
+    big = (64 + 384 * torch.rand(32, generator=gen)) * torch.randn(32, generator=gen).sign()
+    big = big.to(torch.float8_e4m3fn).float()
+    tiny = (2.0**-6 * torch.rand(64, generator=gen)).to(torch.float8_e4m3fn).float()
+    a = torch.cat([big, -big, tiny]).view(1, 128).to(torch.float8_e4m3fn)
+    b_values = torch.cat([torch.full((64,), 6.0), torch.full((64,), 2.0**-6)])
+    if op == "fp8_gemm":  # e4m3 codes, one 128x128 block scale
+        b, b_scale = b_values.view(1, 128).to(torch.float8_e4m3fn), torch.ones(1, 1)
+    else:  # e2m1 codes 7 (6.0) then 2 (1.0) in both nibbles; 1x32 scales 1, 1, 2^-6, 2^-6
+        b = torch.tensor([0x77] * 32 + [0x22] * 32, dtype=torch.uint8).view(1, 64)
+        b_scale = torch.tensor([[1.0, 1.0, 2.0**-6, 2.0**-6]])
+    (compared,) = tolerances.checks_for(op, (a, torch.ones(1, 1), b, b_scale, torch.float32))
+    check = compared.check
+    products = a.float().view(-1) * b_values  # exact in fp32
+    want = products.double().sum().view(1, 1)
+    got = torch.zeros((), dtype=torch.float32)
+    for p in products[torch.randperm(128, generator=gen)]:
+        got = got + p  # fp32 partial sums in a shuffled order
+    error = abs(float(got) - float(want))
+    assert error > 1e-3 * abs(float(want))  # the order shows in the result
+    assert check.compare(got.view(1, 1), want).ok, check.describe()
+    assert not check.compare(want.float() + 1e3, want).ok
