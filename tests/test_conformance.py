@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seahal.backends.cpu.reference import attention, moe, quant, rope
+from seahal.backends.cpu.reference import attention, moe, norm, quant, rope
 from seahal.cli import main as cli_main
 from seahal.hal.registry import REGISTRY, Availability, register_backend, register_kernel
 from seahal.hal.spec import specs
@@ -109,6 +109,28 @@ def test_wrong_tie_order_fails_only_on_ties(isolated_registry):
     assert failed == TIED_GATE_CASES, report.summary()
     assert all("not broken to the smaller index" in r.detail for r in report.failures)
     assert all(r.op == "moe_gate" and r.kernel == f"{backend}.tieshigh" for r in report.failures)
+
+
+
+def _rms_norm_wrong_at_17(x, weight=None, eps=1e-6):
+    """The reference, but rows whose length is a multiple of 17 lose their weight: a kernel
+    broken on one rare width (the fixed cases' widths are 5 to 7168, none a multiple of 17)."""
+    out = norm.rms_norm(x, weight, eps)
+    return norm.rms_norm(x, None, eps) if x.shape[-1] % 17 == 0 and weight is not None else out
+
+
+def test_a_seeded_campaign_finds_a_rare_width_and_shrinks_it(isolated_registry, capsys):
+    backend = _fake_backend()
+    register_kernel("rms_norm", backend, "rare", _rms_norm_wrong_at_17)
+    assert cli_main(["conformance", "--backend", backend, "--ops", "rms_norm"]) == 0  # the CI sample misses it
+    capsys.readouterr()
+    campaign = ["conformance", "--backend", backend, "--ops", "rms_norm", "--examples", "300", "--seed", "5"]
+    assert cli_main(campaign) == 1
+    found = capsys.readouterr().out
+    assert "property-based (300 examples, seed 5)" in found and "out of tolerance" in found
+    assert ", 17] " in found  # shrunk: the smallest failing width
+    assert cli_main(campaign) == 1
+    assert capsys.readouterr().out == found  # the same sample, the same report
 
 
 def _aliasing_rope(x, positions, freqs, inverse=False):

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N processes: with --interpret the ops run in N processes; otherwise every Triton "
                         "kernel the run will launch on a CUDA GPU is first compiled in N processes (into "
                         "Triton's cache; a cold run otherwise compiles them one by one)")
+    p.add_argument("--examples", type=int, metavar="N",
+                   help="hypothesis-drawn cases per kernel beside the fixed ones (default 8; 0: none)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="another sample: the fixed cases' values and the drawn cases come from seed S, "
+                        "the same on every run, and a failing drawn case is shrunk to a small one (default "
+                        "0: the sample CI runs, failures reported as drawn)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every case")
     p.set_defaults(func=_conformance)
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .triton_compile import Launch
 
 PROPERTY_EXAMPLES = 8
-"""Hypothesis examples per (op, kernel) in CLI runs (derandomised, so reproducible)."""
+"""Hypothesis examples per (op, kernel) in CLI runs (``--examples``; reproducible for a seed)."""
 
 REFERENCE = ("cpu", "reference")
 STATUSES = ("pass", "fail", "unsupported")
@@ -455,15 +455,22 @@ class _CaseFailed(AssertionError):
 
 
 def run_property(
-    target: Target, examples: int = PROPERTY_EXAMPLES, run: Callable[[Target, Case], CaseResult] = run_case
+    target: Target,
+    examples: int = PROPERTY_EXAMPLES,
+    run: Callable[[Target, Case], CaseResult] = run_case,
+    seed: int = 0,
 ) -> CaseResult:
-    """Hypothesis-drawn cases on one target, derandomised (the same examples on every run, no
-    shrinking): pass, or fail with the first failing example's arguments and errors. ``run`` runs
-    one drawn case (:func:`launch_case` draws the same examples and only launches them)."""
+    """Hypothesis-drawn cases on one target: pass, or fail with a failing example's arguments and
+    errors. Seed 0 draws the same examples on every run and reports the first failure as drawn
+    (derandomised, no shrinking: what CI runs); any other seed draws its own examples, the same
+    for that seed on every run, and shrinks a failure to a small example (a campaign:
+    ``seahal conformance --examples 1000 --seed 7``). ``run`` runs one drawn case
+    (:func:`launch_case` draws the same examples and only launches them)."""
     from hypothesis import HealthCheck, Phase, Verbosity, assume, given, settings
+    from hypothesis import seed as hypothesis_seed
     from hypothesis.errors import Unsatisfiable
 
-    name = f"property-based ({examples} examples)"
+    name = f"property-based ({examples} examples" + (f", seed {seed})" if seed else ")")
     result = CaseResult(target.op, target.label, name, "unsupported")
     if target.unavailable is not None:
         result.detail = target.unavailable
@@ -471,9 +478,12 @@ def run_property(
     start = time.perf_counter()
     worst: list[float] = [0.0]
 
+    phases = (Phase.explicit, Phase.generate) + ((Phase.shrink,) if seed else ())
+
+    @hypothesis_seed(seed)
     @settings(
-        max_examples=examples, derandomize=True, database=None, deadline=None, verbosity=Verbosity.quiet,
-        phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck),
+        max_examples=examples, derandomize=not seed, database=None, deadline=None, verbosity=Verbosity.quiet,
+        phases=phases, suppress_health_check=list(HealthCheck),
     )
     @given(case=strategy(target.op))
     def check(case: Case) -> None:
@@ -540,7 +550,7 @@ def captured_launches(
         for target in found:
             results += [launch_case(target, case) for case in cases_for(target.op, seed)]
             if property_examples:
-                results.append(run_property(target, property_examples, run=launch_case))
+                results.append(run_property(target, property_examples, run=launch_case, seed=seed))
     return launches, results
 
 
@@ -624,7 +634,7 @@ def _run_target(
         cases = cases_by_op.setdefault(target.op, cases_for(target.op, seed))
         results = [run_case(target, case, reference) for case in cases]
         if property_examples:
-            results.append(run_property(target, property_examples))
+            results.append(run_property(target, property_examples, seed=seed))
     for r in results:
         report.results.append(r)
         if progress is not None:
@@ -636,14 +646,17 @@ def main(args: Any) -> int:
     if args.interpret:
         triton_interpreter.enable()
     ops = [op.strip() for op in args.ops.split(",") if op.strip()] if args.ops else None
+    examples = PROPERTY_EXAMPLES if args.examples is None else args.examples
     precompiled = args.jobs > 0 and not args.interpret
     try:
         if precompiled:
             from .triton_precompile import cache_entries, describe_entries, precompile_conformance
 
-            print(precompile_conformance(args.backend, ops, args.kernel, args.device, args.jobs), flush=True)
+            print(precompile_conformance(args.backend, ops, args.kernel, args.device, args.jobs, examples, args.seed),
+                  flush=True)
             entries = cache_entries()
         report = run_conformance(args.backend, ops, args.device, args.kernel, interpret=args.interpret,
+                                 property_examples=examples, seed=args.seed,
                                  jobs=args.jobs if args.interpret else 1)
     except (SeahalError, KeyError) as exc:
         print(f"seahal conformance: {exc}", file=sys.stderr)

@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .conformance import PROPERTY_EXAMPLES
 from .triton_compile import Launch
 
 CAPTURE_DEVICE = "precompile"
@@ -221,17 +222,19 @@ def describe_entries(entries: set[str]) -> str:
 
 
 def precompile_conformance(
-    backend: str, ops: list[str] | None, kernel: str | None, device: str | None, workers: int | None
+    backend: str, ops: list[str] | None, kernel: str | None, device: str | None, workers: int | None,
+    examples: int = PROPERTY_EXAMPLES, seed: int = 0,
 ) -> str:
-    """Compile what ``seahal conformance --backend backend`` will launch on ``device`` (default the
-    backend's device type; a CUDA GPU) with ``workers`` processes; the line to print.
+    """Compile what ``seahal conformance --backend backend`` (with ``examples`` property examples a
+    kernel drawn for ``seed``) will launch on ``device`` (default the backend's device type; a CUDA
+    GPU) with ``workers`` processes; the line to print.
 
     The capture runs in a child process (``python -m seahal.testing.triton_precompile``): wrappers
     cache per-device buffers and constant tables (arrival counters, e2m1 and Hadamard tables), and
     the meta tensors a capture leaves there would be handed to this process's real launches.
     """
     command = [sys.executable, "-m", __name__, "--jobs", str(workers or 0), *(["--device", device] if device else []),
-               "conformance", "--backend", backend]
+               "conformance", "--backend", backend, "--examples", str(examples), "--seed", str(seed)]
     for flag, value in (("--ops", ",".join(ops or ())), ("--kernel", kernel)):
         command += [flag, value] if value else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -247,7 +250,8 @@ def _conformance_launches(args: argparse.Namespace, sms: int, capability: tuple[
     from .conformance import captured_launches
 
     ops = [op for op in (args.ops or "").split(",") if op] or None
-    launches, results = captured_launches(args.backend, ops, args.kernel, sms=sms, capability=capability)
+    launches, results = captured_launches(args.backend, ops, args.kernel, sms=sms, capability=capability,
+                                          property_examples=args.examples, seed=args.seed)
     failed = [f"{r.op} {r.case}" for r in results if r.status == "fail"]
     return launches, [f"{len(failed)} cases not captured ({', '.join(failed[:3])})"] if failed else []
 
@@ -357,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     conformance.add_argument("--backend", required=True)
     conformance.add_argument("--ops", help="comma-separated ops (default: all)")
     conformance.add_argument("--kernel")
+    conformance.add_argument("--examples", type=int, default=PROPERTY_EXAMPLES, help="as `seahal conformance`'s")
+    conformance.add_argument("--seed", type=int, default=0, help="as `seahal conformance`'s")
     conformance.set_defaults(launches=_conformance_launches)
     model = runs.add_parser("model", help="what `seahal bench --ops model` launches")
     model.add_argument("--quick", action="store_true", help="as `seahal bench --quick`: the 1k context only")
