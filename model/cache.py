@@ -68,6 +68,12 @@ class RowStore:
         return self.data[:, :rows]
 
 
+def _packable(vectors: torch.Tensor) -> torch.Tensor:
+    """KV vectors as the FP8 record ops take them: a float64 model's rounded to fp32 (the records
+    hold e4m3 codes and bf16 RoPE dims, far coarser than either), others as they are."""
+    return vectors.float() if vectors.dtype == torch.float64 else vectors
+
+
 class VectorStore(RowStore):
     """KV vectors of size ``dim``: ``"dense"``: [B, rows, dim] in dtype; ``"fp8"``: [B, rows, 584]
     packed KV records. Attention reads the stored rows as they are (``sparse_attention`` /
@@ -89,7 +95,7 @@ class VectorStore(RowStore):
         ``kv_cache_pack``."""
         if self.fmt == "dense":
             return vectors.to(self.dtype)
-        return self.ops.kv_cache_pack(vectors, self.rope_dim, KV_TILE)
+        return self.ops.kv_cache_pack(_packable(vectors), self.rope_dim, KV_TILE)
 
     def write_rows(
         self, target: torch.Tensor, vectors: torch.Tensor, encoded: bool = False, first: int = 0,
@@ -100,7 +106,8 @@ class VectorStore(RowStore):
         ``rotation`` (FP8 stores): the vectors are the attention's KV projection, which that op
         normalises and rotates first (``rms_norm_rope``'s arguments after x)."""
         if self.fmt == "fp8" and not encoded:
-            self.ops.kv_cache_store(vectors, self.data[:, first:], target, self.rope_dim, KV_TILE, *(rotation or ()))
+            self.ops.kv_cache_store(_packable(vectors), self.data[:, first:], target, self.rope_dim, KV_TILE,
+                                    *(rotation or ()))
             return
         if rotation is not None:
             raise ValueError(f"a {self.fmt} store takes its KV normalised and rotated, not the projection")

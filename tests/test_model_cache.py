@@ -83,9 +83,11 @@ def test_packing_fp4_rounded_index_keys_stores_the_same_values(dtype):
     assert torch.equal(decoded, simulated.float())
 
 
-def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
-    dense = load(checkpoint, device="cpu", announce=False)
-    fp8 = load(checkpoint, device="cpu", announce=False, cache_format="fp8")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fp8_cache_decode_tracks_the_full_forward(checkpoint, dtype):
+    """Also for a float64 model, whose KV vectors the FP8 record ops take rounded to fp32."""
+    dense = load(checkpoint, device="cpu", announce=False, dtype=dtype)
+    fp8 = load(checkpoint, device="cpu", announce=False, cache_format="fp8", dtype=dtype)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     for model, bound in ((dense, 1e-5), (fp8, 1e-4)):
         full = model(ids)
@@ -97,9 +99,10 @@ def test_fp8_cache_decode_tracks_the_full_forward(checkpoint):
         # adds e4m3 rounding of activations and KV: an fp32 input a last bit apart at a rounding
         # boundary moves one element by a code step (2^-3 of it); observed 2.3e-5.
         assert error <= bound, (model.config.cache_format, error)
-    # head_dim 128 (64 RoPE), index_head_dim 128, ratios [0, 4, 16, 4]. dense fp32: KV 512 B and
-    # indexer key 512 B per entry; fp8: a 64 + 128 + 1 (+7 pad) = 200 B record and a 64 + 4 = 68 B key.
-    assert dense.new_cache(1, 64).bytes_per_token() == 2 * (512 + 512) / 4 + 512 / 16
+    # head_dim 128 (64 RoPE), index_head_dim 128, ratios [0, 4, 16, 4]. dense: KV and indexer key
+    # 128 elements each per entry; fp8: a 64 + 128 + 1 (+7 pad) = 200 B record and a 64 + 4 = 68 B key.
+    row = 128 * dtype.itemsize
+    assert dense.new_cache(1, 64).bytes_per_token() == 2 * (row + row) / 4 + row / 16
     assert fp8.new_cache(1, 64).bytes_per_token() == 2 * (200 + 68) / 4 + 200 / 16
 
 
