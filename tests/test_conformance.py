@@ -5,6 +5,7 @@ reason; the CLI report, the pytest plugin and the documented tolerance table are
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import os
@@ -143,6 +144,39 @@ def test_kernel_that_writes_its_input_fails(isolated_registry):
     report = run_conformance(backend, ["rope"], property_examples=0)
     assert report.results and all(r.status == "fail" for r in report.results)
     assert all("aliases an input" in r.detail for r in report.results)
+
+
+def _past_the_end(t: torch.Tensor) -> torch.Tensor:
+    """A one-element view of the memory right after ``t``'s last element."""
+    last = t.storage_offset() + sum((size - 1) * step for size, step in zip(t.shape, t.stride()))
+    return t.as_strided((1,), (1,), last + 1)
+
+
+def _rms_norm_reading_past_x(x, weight=None, eps=1e-6):
+    """The reference plus 0 times the element after x's last: a kernel that loads one too many."""
+    return norm.rms_norm(x, weight, eps) + 0 * _past_the_end(x).to(x.dtype)
+
+
+def test_kernel_reading_past_an_argument_fails_on_the_guard_poison(isolated_registry):
+    backend = _fake_backend()
+    register_kernel("rms_norm", backend, "overread", _rms_norm_reading_past_x)
+    report = run_conformance(backend, ["rms_norm"], property_examples=0)
+    assert report.results and all(r.status == "fail" for r in report.results), report.summary()
+    assert all("non-finite mismatch" in r.detail for r in report.results)
+
+
+def _store_then_one_byte_past(data, store, slots, *args):
+    quant.index_key_store(data, store, slots, *args)
+    _past_the_end(store).view(torch.uint8).zero_()
+
+
+def test_kernel_writing_past_an_argument_fails_naming_it(isolated_registry):
+    backend = _fake_backend()
+    register_kernel("index_key_store", backend, "overwrite", _store_then_one_byte_past)
+    report = run_conformance(backend, ["index_key_store"], property_examples=0)
+    store = list(inspect.signature(specs()["index_key_store"].contract).parameters)[1]
+    assert report.results and all(r.status == "fail" for r in report.results), report.summary()
+    assert all(f"wrote outside its arguments: 1 bytes after {store!r}" in r.detail for r in report.results)
 
 
 def _store_over_a_zeroed_store(op: str):

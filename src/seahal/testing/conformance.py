@@ -34,6 +34,7 @@ from seahal.hal.spec import OpSpec, Out, get_spec, specs
 from . import triton_interpreter
 from .cases import Case, cases_for, requirements, strategy
 from .compare import Verdict, bit_pattern
+from .guard_bands import GuardBands
 from .tolerances import checks_for, reference_in_float64
 
 if TYPE_CHECKING:
@@ -266,10 +267,13 @@ def float64_positions(op: str, args: tuple) -> frozenset[int]:
     return frozenset(chosen)
 
 
-def _materialise(calls: tuple[tuple, ...], device: torch.device, upcast: frozenset[int]) -> list[tuple]:
+def _materialise(
+    calls: tuple[tuple, ...], device: torch.device, upcast: frozenset[int], guards: GuardBands | None = None
+) -> list[tuple]:
     """The calls' arguments on ``device``, upcast positions as float64, strides kept (a dim of
     stride 0, e.g. a pool of cache rows expanded over the batch, stays an expansion of one copy),
-    and a tensor shared between calls (the state) still shared."""
+    and a tensor shared between calls (the state) still shared; with ``guards``, each inside
+    poisoned guard bands (:mod:`seahal.testing.guard_bands`)."""
     memo: dict[tuple[int, bool], torch.Tensor] = {}
 
     def place(i: int, value: Any) -> Any:
@@ -282,7 +286,11 @@ def _materialise(calls: tuple[tuple, ...], device: torch.device, upcast: frozens
             for dim, stride in enumerate(value.stride()):
                 if stride == 0:
                     source = source.narrow(dim, 0, min(1, value.shape[dim]))
-            copy = torch.empty_strided(source.shape, source.stride(), dtype=dtype, device=device).copy_(source)
+            if guards is None:
+                copy = torch.empty_strided(source.shape, source.stride(), dtype=dtype, device=device)
+            else:
+                copy = guards.empty_strided(i, source.shape, source.stride(), dtype, device)
+            copy.copy_(source)
             memo[key] = copy if source is value else copy.expand(value.shape)
         return memo[key]
 
@@ -324,12 +332,15 @@ def execute(
     """Run a case's calls through ``kernel`` (as its bound torch op) on ``device``.
 
     ``strict`` also holds the kernel to the calling convention: outputs shaped as the contract
-    says, fresh (no aliasing), and no input modified except the declared mutated ones.
+    says, fresh (no aliasing), no input modified except the declared mutated ones, and nothing
+    read or written past an argument (each lies between guard bands: reading them poisons the
+    output, writing them is reported here).
     """
     spec = get_spec(case.op)
     bound = BoundOp(spec, kernel)
     mutated = _mutated_positions(spec)
-    calls = _materialise(case.calls, device, upcast)
+    guards = GuardBands() if strict else None
+    calls = _materialise(case.calls, device, upcast, guards)
     outputs = []
     for args in calls:
         watched = [i for i, a in enumerate(args) if strict and isinstance(a, torch.Tensor) and i not in mutated]
@@ -340,6 +351,9 @@ def execute(
             changed = [i for i, before in inputs if not _bits_equal(before, args[i])]
             if changed:
                 raise KernelError(f"modified input(s) {[_parameters(spec)[i] for i in changed]} (not declared mutable)")
+            if outside := guards.overwritten():
+                where = ", ".join(f"{extent} {_parameters(spec)[i]!r}" for i, extent in outside)
+                raise KernelError(f"wrote outside its arguments: {where}")
         outputs.append(tuple(t.detach().cpu() for t in result))
     states = tuple(calls[-1][i].detach().cpu().clone() for i in sorted(mutated))
     return _Run(outputs, states)
