@@ -155,13 +155,26 @@ class DecodeGraph:
         return graph, logits
 
     def restart(self, positions: Sequence[int] | None = None) -> None:
-        """Take the sequences back to ``positions`` (default: every one at 0), to serve new prompts
-        from this cache and its captured graphs. Nothing is cleared: a step reads no key row,
-        compressed entry or compressor state at or past its sequence's position (each is masked by
-        position, or written before it is read)."""
+        """Serve new prompts from this cache and its captured graphs: each sequence's position is
+        0 (a new prompt in its rows) or where it stands (it goes on); default: every one at 0.
+        Nothing is cleared: a step reads no key row, compressed entry or compressor state at or past
+        its sequence's position (each is masked by position, or written before it is read).
+
+        Not a rewind: the window ring and the compressors' partial blocks hold only a sequence's
+        latest tokens, so a step from an earlier position of its own would read rows its later
+        tokens overwrote (and skipping ahead, rows never written); such positions are refused. To
+        go on from rows prefilled by other means (``model(prompt, cache=cache.rows(b, b + 1))``),
+        give their positions to a new :class:`DecodeGraph`."""
         positions = [0] * self.batch if positions is None else list(positions)
         if len(positions) != self.batch or min(positions) < 0 or max(positions) > self.cache.capacity:
             raise ValueError(f"positions must be {self.batch} ints in [0, {self.cache.capacity}], got {positions}")
+        moved = [i for i, (new, now) in enumerate(zip(positions, self.positions)) if new not in (0, now)]
+        if moved:
+            raise ValueError(
+                f"restart takes each sequence to 0 (a new prompt) or leaves it where it stands ({self.positions}), "
+                f"got {positions}: sequence(s) {moved} cannot go to another position, since its window ring and "
+                "compressor states hold only its latest tokens"
+            )
         self.positions = positions
         self.position.copy_(torch.tensor(positions, dtype=torch.long))
         self._publish()
