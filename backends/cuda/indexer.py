@@ -228,13 +228,13 @@ def ranking_keys(
     n_entries: int,
     config: IndexerConfig,
     key_format: str = "dense",
-    offset: int = 0,
+    first_query: int = 0,
     weights_scale: float = 1.0,
 ) -> torch.Tensor:
     """Ranking keys [B * S, n_entries] int32 of the first n_entries entries (rows b * S + s).
 
     Key = the score's order-preserving fp32 bits (head weights ``fp32(weights) * weights_scale``),
-    INT32_MIN where query s, at position ``start_pos + offset + s``, does not see entry j.
+    INT32_MIN where query s, at position ``start_pos + first_query + s``, does not see entry j.
     start_pos: an int, or an int32/int64 tensor on q's device, 0-d or [B] (one a sequence), loaded
     by the kernel. ``key_format``: keys [B, N, d] floats (``"dense"``) or packed records
     (``"fp4"``, ``"fp8"``) decoded to q's dtype.
@@ -245,9 +245,9 @@ def ranking_keys(
     grid = (b * cdiv(s, config.block_s), cdiv(n_entries, config.split_len))
     if isinstance(start_pos, torch.Tensor):
         op = "indexer_topk" if key_format == "dense" else "indexer_topk_packed"
-        pos_ptr, pos_stride, position = start_pos, position_stride(op, start_pos, b, q.device), offset
+        pos_ptr, pos_stride, position = start_pos, position_stride(op, start_pos, b, q.device), first_query
     else:
-        pos_ptr, pos_stride, position = None, None, start_pos + offset
+        pos_ptr, pos_stride, position = None, None, start_pos + first_query
     _scores_kernel[grid](
         q, weights, keys, ranking, s, h, n_entries, pos_ptr, pos_stride, position, ratio, config.split_len,
         weights_scale,
@@ -493,10 +493,10 @@ def _rank_kernel(
 ):
     """Entries of BLOCK_R of a row's topk candidates, plus ``offset``, into out[row // S, row % S,
     slot], the slot the number of larger candidates in the row; the slots past the row's candidates
-    get -1. One warp
-    compares them with CHUNK of the row's candidates a step (on a GPU 1024: V4's whole top-k), so
-    the counts reduce within the warp, by shuffles: with 4 warps and 64 candidates each of the 8
-    steps at V4-Flash's k = 512 waited on 8 barriers (sm_90 SASS), now 1 in all."""
+    get -1. One warp compares them with CHUNK of the row's candidates a step (on a GPU 1024: V4's
+    whole top-k), so the counts reduce within the warp, by shuffles: with 4 warps and 64
+    candidates each of the 8 steps at V4-Flash's k = 512 waited on 8 barriers (sm_90 SASS), now 1
+    in all."""
     wait_for_prior_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     cands = cand_ptr + row * stride_c

@@ -21,13 +21,10 @@ GUARD_BYTES = 4096
 so an argument keeps its allocation's alignment, which Triton specialises on."""
 
 
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill ``t`` with the guard poison of its dtype (in place); returns ``t``."""
-    if t.dtype.is_floating_point or t.dtype == torch.uint8:
-        t.view(torch.uint8).fill_(0xFF)
-    else:
-        t.zero_()
-    return t
+def poison_byte(dtype: torch.dtype) -> int:
+    """The byte every guard byte of a ``dtype`` buffer holds: 0xFF for floating-point and byte
+    tensors, 0 for the other integer ones."""
+    return 0xFF if dtype.is_floating_point or dtype == torch.uint8 else 0
 
 
 def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -48,9 +45,10 @@ class GuardBands:
         self, position: int, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """``torch.empty_strided(shape, stride)`` inside a poisoned buffer, for argument ``position``."""
-        guard = GUARD_BYTES // torch.empty((), dtype=dtype).element_size()
+        guard = GUARD_BYTES // dtype.itemsize
         extent = _extent(shape, stride)
-        buffer = poison_(torch.empty(2 * guard + extent, dtype=dtype, device=device))
+        buffer = torch.empty(2 * guard + extent, dtype=dtype, device=device)
+        buffer.view(torch.uint8).fill_(poison_byte(dtype))
         self.placed.append((position, buffer, guard, extent))
         return buffer.as_strided(shape, stride, guard)
 
@@ -58,9 +56,9 @@ class GuardBands:
         """(argument position, "N bytes before" / "N bytes after") for every band a kernel changed."""
         found = []
         for position, buffer, guard, extent in self.placed:
-            expected = poison_(torch.empty(guard, dtype=buffer.dtype, device=buffer.device)).view(torch.uint8)
+            poison = poison_byte(buffer.dtype)
             for where, band in (("before", buffer[:guard]), ("after", buffer[guard + extent:])):
-                changed = int((band.view(torch.uint8) != expected).sum())
+                changed = int((band.view(torch.uint8) != poison).sum())
                 if changed:
                     found.append((position, f"{changed} bytes {where}"))
         return found
