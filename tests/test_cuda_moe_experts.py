@@ -400,10 +400,15 @@ def test_k_splits(experts, fmt, split_k):
 def test_decode_splits():
     from seahal.backends.cuda.moe_experts import decode_splits
 
-    assert decode_splits(96, 32, 132) == 4  # one token's gate-up (6 experts x 16 column tiles, K 4096)
-    assert decode_splits(192, 16, 132) == 2  # its down GEMM (6 x 32 column tiles, K 2048)
-    assert decode_splits(1536, 32, 132) == 1  # 16 tokens: ~96 experts fill the chip
-    assert decode_splits(6, 8, 132) == 2 and decode_splits(6, 7, 132) == 1  # each split keeps >= 4 K blocks
+    assert decode_splits(6, 256, 16, 16, 32, 132) == 4  # one token's gate-up (6 experts x 16 column tiles, K 4096)
+    assert decode_splits(6, 256, 16, 32, 16, 132) == 2  # its down GEMM (6 x 32 column tiles, K 2048)
+    assert decode_splits(96, 256, 16, 16, 32, 132) == 1  # 16 tokens: ~96 experts fill the chip
+    assert decode_splits(6, 256, 16, 1, 8, 132) == 2 and decode_splits(6, 256, 16, 1, 7, 132) == 1  # >= 4 K blocks a split
+    # the shared expert (one expert, a row per token): split at decode, not where its row tiles fill the chip
+    assert decode_splits(1, 1, 16, 16, 32, 132) == 8
+    assert decode_splits(1024, 1, 64, 16, 32, 132) == 2  # 16 row tiles x 16 column tiles: 256 programs
+    assert decode_splits(4096, 1, 64, 16, 32, 132) == 1  # 64 x 16: the grid fills the chip unsplit
+    assert decode_splits(4096, 1, 64, 32, 16, 132) == 1  # its down GEMM
 
 
 @interpreted

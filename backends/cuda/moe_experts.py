@@ -884,7 +884,7 @@ def _grouped_gemm(
         split_k = 1
         if a.device.type == "cuda":
             sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-            split_k = decode_splits(min(w.shape[0], rows) * col_tiles, cdiv(k, block_k), sms)
+            split_k = decode_splits(rows, w.shape[0], config.block_m, col_tiles, cdiv(k, block_k), sms)
     split_k = max(1, min(split_k, cdiv(k, block_k)))
     if split_k > 1:  # fp32 partials of every sorted row, and one arrival counter per output tile
         partial = torch.empty((split_k, 1 + gate_up, rows, n), dtype=torch.float32, device=a.device)
@@ -943,13 +943,18 @@ def _gemv(
     )
 
 
-def decode_splits(programs: int, k_blocks: int, sm_count: int) -> int:
-    """K splits of a grouped GEMM whose (row tile, column tile) grid has ``programs`` programs with
-    work (bounded by min(E, T*k) tiles): doubling while the grid holds under two programs per SM
-    and each split keeps >= 4 of the ``k_blocks`` K blocks. Decode of one token on 132 SMs (6
-    experts): V4-Flash gate-up 96 programs of 32 K blocks -> 4 splits, down 192 of 16 -> 2; from
-    16 tokens (about 96 experts) none. FP4 decode is ALU-bound, so more programs decode at once."""
-    return k_splits(programs, k_blocks, 2 * sm_count)
+def decode_splits(rows: int, n_experts: int, block_m: int, col_tiles: int, k_blocks: int, sm_count: int) -> int:
+    """K splits of a grouped GEMM over ``rows`` routed rows of ``n_experts`` experts in BLOCK_M row
+    tiles and ``col_tiles`` column tiles, K in ``k_blocks`` blocks: doubling while the grid holds
+    under two programs per SM and each split keeps >= 4 K blocks. The grid's row tiles with work
+    are at least ``max(min(E, rows), ceil(rows / BLOCK_M))`` (every slot routed; the count itself
+    is on the device). Decode of one token on 132 SMs (6 experts): V4-Flash gate-up 96 programs of
+    32 K blocks -> 4 splits, down 192 of 16 -> 2; from 16 tokens (about 96 experts) none. FP4
+    decode is ALU-bound, so more programs decode at once. The shared expert (E = 1) splits at one
+    token (16 column tiles: 8 splits) but not at a prefill's 4096 (64 row tiles of 64), where
+    the bound min(E, rows) alone asked for 8 splits and [8, 2, T, I] fp32 partials at any T."""
+    tiles = max(min(n_experts, rows), cdiv(rows, block_m))
+    return k_splits(tiles * col_tiles, k_blocks, 2 * sm_count)
 
 
 def _check_dense_dtypes(**weights: torch.Tensor) -> None:
