@@ -162,9 +162,8 @@ class DecodeGraph:
 
         Not a rewind: the window ring and the compressors' partial blocks hold only a sequence's
         latest tokens, so a step from an earlier position of its own would read rows its later
-        tokens overwrote (and skipping ahead, rows never written); such positions are refused. To
-        go on from rows prefilled by other means (``model(prompt, cache=cache.rows(b, b + 1))``),
-        give their positions to a new :class:`DecodeGraph`."""
+        tokens overwrote (and skipping ahead, rows never written); such positions are refused. A
+        new prompt of its own length in one row: :meth:`prefill`."""
         positions = [0] * self.batch if positions is None else list(positions)
         if len(positions) != self.batch or min(positions) < 0 or max(positions) > self.cache.capacity:
             raise ValueError(f"positions must be {self.batch} ints in [0, {self.cache.capacity}], got {positions}")
@@ -178,6 +177,25 @@ class DecodeGraph:
         self.positions = positions
         self.position.copy_(torch.tensor(positions, dtype=torch.long))
         self._publish()
+
+    def prefill(self, row: int, tokens: torch.Tensor) -> torch.Tensor:
+        """A new prompt in sequence ``row``: ``tokens`` [1, n] run from position 0 by the model's
+        ordinary forward over that row's cache (:meth:`Cache.rows`, eager), after which the row
+        decodes from position n in the captured steps with the others, which keep their positions
+        and rows. Returns the prompt's last logits [1, 1, vocab] fp32.
+
+        What a server needs when a sequence ends and the next prompt has a length of its own:
+        :meth:`restart` to 0 and :meth:`step` would prefill every row by the same S tokens. As with
+        restart, nothing is cleared (a row's rows at or past its position are never read)."""
+        if not 0 <= row < self.batch:
+            raise ValueError(f"row must be in [0, {self.batch}), got {row}")
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or not 0 < tokens.shape[1] <= self.cache.capacity:
+            raise ValueError(f"tokens must be [1, n] with 1 <= n <= {self.cache.capacity}, got {list(tokens.shape)}")
+        logits = self.model(tokens.to(self.position.device), cache=self.cache.rows(row, row + 1), last_only=True)
+        self.positions[row] = tokens.shape[1]
+        self.position[row] = tokens.shape[1]
+        self._publish()
+        return logits
 
     def _advance(self, n: int) -> None:
         """The host's view after a step: every sequence ``n`` tokens further."""
