@@ -171,7 +171,13 @@ def test_sparse_attention_fp8_formula_and_goals():
     case = _case(attention_fp8_cases(GPU, quick=False), "V4-Pro CSA decode B=64 ctx=1048576 fp8")
     assert case.nbytes == 16_777_216 + 64 * 1152 * 584 + 4 * 64 * 1152 + 512 == 60_129_792
     assert case.params["goal_us"] == pytest.approx(19_327_352_832 / 300e6)
-    assert {c.params["context"] for c in attention_fp8_cases(GPU, quick=False)} == {4096, 65536, 262144, 1 << 20}
+    decode = [c for c in attention_fp8_cases(GPU, quick=False) if "context" in c.params]
+    assert {c.params["context"] for c in decode} == {4096, 65536, 262144, 1 << 20}
+    # the 4096-token CSA prefill over records: the dense row's FLOPs; q + o, 4096 + 1024 records of
+    # 584 bytes, 4096 x 640 indices, sinks
+    case = _case(attention_fp8_cases(GPU, quick=False), "V4-Flash CSA prefill S=4096 fp8")
+    assert case.flops == 4 * 64 * 512 * (8_256 + 3_968 * 128 + 4_096 * 512)
+    assert case.nbytes == 536_870_912 + 5_120 * 584 + 4 * 4_096 * 640 + 256
 
 
 def test_paged_sparse_attention_fp8_formula_and_goals():

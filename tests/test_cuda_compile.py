@@ -203,7 +203,7 @@ def _attention(t: int):
                 _empty(B, entries, record_bytes, dtype=torch.uint8), key_format, 4, start, INDEX_TOPK,
             )
         # decode (B * t = 1 query: 4 head blocks on 132 SMs) takes the split-K launch and its merge
-        # (attention_splits: 20 splits), prefill the unsplit one (HEADS64 tiles)
+        # (attention_splits: 20 splits), prefill the unsplit one (HEADS64_WIDE tiles)
         sparse_attention.sparse_attention(
             _empty(B, t, HEADS, HEAD_DIM, dtype=dtype), _empty(B, entries + 128, HEAD_DIM, dtype=dtype),
             torch.empty((B, t, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
@@ -217,11 +217,13 @@ def _attention(t: int):
             )
     if t == 1:
         # batched decode: 32 sequences, dense rows on the DECODE tiles and FP8 records on HEADS64,
-        # both split; 40 over dense rows on WIDE; 64 over FP8 records on HEADS64 in 2 splits
+        # both split; 40 over dense rows on WIDE; 64 over FP8 records and 66 over dense rows on
+        # HEADS64 in 2 splits
         for batch, attend, row in ((32, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16)),
                                    (32, sparse_attention.sparse_attention_fp8, (584, torch.uint8)),
                                    (40, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16)),
-                                   (64, sparse_attention.sparse_attention_fp8, (584, torch.uint8))):
+                                   (64, sparse_attention.sparse_attention_fp8, (584, torch.uint8)),
+                                   (66, sparse_attention.sparse_attention, (HEAD_DIM, torch.bfloat16))):
             attend(
                 _empty(batch, 1, HEADS, HEAD_DIM, dtype=torch.bfloat16), _empty(batch, entries + 128, row[0], dtype=row[1]),
                 torch.empty((batch, 1, INDEX_TOPK + 128), dtype=torch.int32, device="cuda"), _empty(HEADS), 0.04,
@@ -656,23 +658,25 @@ def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):
     """Each GPU tile config of sparse_attention (bf16 q, dense rows and FP8 records) compiles to
     registers and shared memory that let an SM hold at least ``config.resident`` programs, the
     number :func:`attention_splits` fills the chip with (more would make its grid run in two
-    waves), and spills at most a few words outside its loop. HEADS64 over FP8 records is the
-    exception kept in view: Triton 3.9 spills ~400 bytes there (88 local loads in a 1421-instruction
-    loop iteration, still 5.5 warp instructions per (row, head) against DECODE's 12.2), Triton 3.6,
-    the GPU image's, nothing; the 32-head tiles over FP8 records spilled 400+ bytes in both."""
-    from seahal.backends.cuda.sparse_attention import DECODE, HEADS64, WIDE
+    waves), and spills at most a few words outside its loop. The 64-head tiles are the exception
+    kept in view: Triton 3.9 spills ~400 bytes over FP8 records in HEADS64 (88 local loads in a
+    1421-instruction loop iteration, still 5.5 warp instructions per (row, head) against DECODE's
+    12.2) and 768 in HEADS64_WIDE, Triton 3.6, the GPU image's, 16 bytes at most; the 32-head tiles
+    over FP8 records spilled 400+ bytes in both."""
+    from seahal.backends.cuda.sparse_attention import DECODE, HEADS64, HEADS64_WIDE, WIDE
 
     seen = set()
     for r in compiled:
         if r["kernel"] != "_sparse_attention_kernel" or "LOW_PRECISION_DOT=True" not in r["launch"]:
             continue
         tiles = tuple(int(re.search(rf"{key}=(\d+)", r["launch"]).group(1)) for key in ("BLOCK_H", "BLOCK_N", "num_warps"))
-        (config,) = [c for c in (DECODE, WIDE, HEADS64) if (c.block_h, c.block_n, c.num_warps) == tiles]
+        (config,) = [c for c in (DECODE, WIDE, HEADS64, HEADS64_WIDE) if (c.block_h, c.block_n, c.num_warps) == tiles]
         fp8 = "KV_FP8=True" in r["launch"]
         seen.add((config, fp8))
         assert r["resident"] >= config.resident, (r["launch"], r["registers"], r["shared"])
-        assert r["stack"] <= (768 if config == HEADS64 else 64), (r["launch"], r["stack"])
-    assert seen == {(DECODE, False), (DECODE, True), (WIDE, False), (HEADS64, False), (HEADS64, True)}, seen
+        assert r["stack"] <= (768 if config.block_h == 64 else 64), (r["launch"], r["stack"])
+    assert seen == {(DECODE, False), (DECODE, True), (WIDE, False), (HEADS64, False), (HEADS64, True),
+                    (HEADS64_WIDE, False), (HEADS64_WIDE, True)}, seen
 
 
 def test_one_token_fp4_experts_fit_two_programs_an_sm(compiled):

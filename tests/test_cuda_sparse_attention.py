@@ -264,12 +264,13 @@ def test_split_k_fp8_records(attention, splits):
 
 
 @interpreted
-@pytest.mark.parametrize("name, splits", [("DECODE", 20), ("WIDE", 1), ("HEADS64", 2)])
+@pytest.mark.parametrize("name, splits", [("DECODE", 20), ("WIDE", 1), ("HEADS64", 2), ("HEADS64_WIDE", 1)])
 @pytest.mark.parametrize("kv_format", ["dense", "fp8"])
 def test_gpu_launches_decode_640_slots(attention, name, splits, kv_format):
     # The GPU's tiles on V4's decode row: DECODE (16 heads, 32 slots) in 20 one-block splits as at
     # batch 1, WIDE (32 heads, 64 slots) unsplit, HEADS64 (64 heads, 32 slots) in two splits as FP8
-    # records at batch 64; H = 40 ends in a partial head block (HEADS64: one, 24 heads empty).
+    # records at batch 64, HEADS64_WIDE (64 heads, 64 slots) unsplit as at prefill; H = 40 ends in a
+    # partial head block (HEADS64: one, 24 heads empty).
     gen = torch.Generator().manual_seed(40 + splits)
     q, kv, _, sink = _inputs(1, 3, 40, 128, 700, 1, torch.bfloat16, gen)
     indices, config = _decode_rows(700, gen), getattr(attention, name)
@@ -288,10 +289,11 @@ def test_launch_heuristic_decode_vs_prefill():
     # 7 queries, V4-Pro from 2), at batch 64 split to one wave (V4-Flash 64 programs x 2). Dense
     # rows take HEADS64 too once its unsplit grid fills half the SMs (V4-Pro at batch 64, every
     # 4096-query prefill; measured faster there on the H100), V4-Flash at batch 64 WIDE over CSA's
-    # 640 slots.
+    # 640 slots. Where HEADS64 runs unsplit (more than 66 programs), its 64-slot form HEADS64_WIDE.
     from seahal.backends.cuda.sparse_attention import (
         DECODE,
         HEADS64,
+        HEADS64_WIDE,
         WIDE,
         attention_config,
         attention_splits,
@@ -302,10 +304,13 @@ def test_launch_heuristic_decode_vs_prefill():
     assert attention_splits(1, 64, 640, DECODE, 132) == 20
     assert attention_splits(1, 128, 1152, DECODE, 132) == 33
     assert attention_splits(32, 64, 640, DECODE, 132) == 2  # 128 programs: a second one on each SM
-    for queries, heads, slots, dense in ((64, 64, 640, WIDE), (64, 128, 1152, HEADS64), (4096, 64, 640, HEADS64),
-                                         (4096, 128, 1152, HEADS64), (32, 64, 640, DECODE), (40, 64, 640, WIDE)):
+    for queries, heads, slots, dense, fp8 in (
+        (64, 64, 640, WIDE, HEADS64), (64, 128, 1152, HEADS64_WIDE, HEADS64_WIDE), (66, 64, 640, HEADS64, HEADS64),
+        (67, 64, 640, HEADS64_WIDE, HEADS64_WIDE), (4096, 64, 640, HEADS64_WIDE, HEADS64_WIDE),
+        (4096, 128, 1152, HEADS64_WIDE, HEADS64_WIDE), (32, 64, 640, DECODE, HEADS64), (40, 64, 640, WIDE, HEADS64),
+    ):
         assert attention_config(queries, heads, slots, bf16, cuda, 132) == dense, (queries, heads)
-        assert attention_config(queries, heads, slots, bf16, cuda, 132, fp8=True) == HEADS64
+        assert attention_config(queries, heads, slots, bf16, cuda, 132, fp8=True) == fp8, (queries, heads)
     # V4-Flash HCA rows at batch 64 from 256k context (2176 slots; 1M: 8320) take HEADS64 in two
     # splits (measured faster there), not at 4k (160 slots) nor at batch 32 or 1
     for queries, slots, dense in ((64, 2176, HEADS64), (64, 8320, HEADS64), (33, 1024, HEADS64), (64, 160, WIDE),

@@ -93,6 +93,16 @@ program an SM; 4.4 warp instructions per (row, head) in the loop against DECODE'
 3.6 (no spills), 5.5 against 12.2 with Triton 3.9 (which spills: 88 local loads an iteration).
 Chosen by :func:`attention_config` once its grid can fill the chip; not yet measured (the bench's
 FP8 rows time DECODE beside it)."""
+HEADS64_WIDE = AttentionConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, resident=1)
+""":data:`HEADS64` over 64 slots a step, where its grid runs unsplit (prefill; batches whose
+queries x head blocks exceed half the SMs): the two MMAs' instructions, the online softmax's
+rescale of the [64, 512] accumulator and the loop's bookkeeping are paid once per 64 rows, not
+32. sm_90 (offline compile, Triton 3.6, the GPU image's): a step's loop 1263 instructions a warp
+over dense rows against HEADS64's 836 for half the rows (2.47 against 3.27 warp instructions per
+(row, head), 25% fewer), 1764 against 1122 over FP8 records (3.45 against 4.38, 21% fewer); 255
+registers, no spill (16 bytes over FP8 records, as HEADS64), 197 / 174 KB of shared memory: one
+program an SM, as HEADS64. Triton 3.9 spills 128 / 768 bytes there (HEADS64: 136 / 408). Not yet
+measured: the bench's prefill rows time HEADS64 beside it."""
 FP32 = AttentionConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
 """fp32 q and rows (accuracy checks, not speed): IEEE fp32 dots, small tiles."""
 INTERPRETER = AttentionConfig(block_h=16, block_n=16)
@@ -126,8 +136,9 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
     HEADS64 against WIDE at prefill S=4096 2069 vs 2618 us (V4-Flash CSA), 6905 vs 8964 us (V4-Pro),
     at batch 64 V4-Pro CSA 134 vs 166 us (1e4356c); at batch 64 V4-Flash in two splits (567d97d)
     HCA over 2176 slots (256k) 134.5 vs 157.6 us, 8320 (1M) 453.2 vs 557.0, but 55.1 vs 55.7 over
-    640 (CSA) and 29.6 vs 23.0 over 160 (HCA at 4k). fp32 q takes :data:`FP32`, CPU tensors
-    :data:`INTERPRETER`.
+    640 (CSA) and 29.6 vs 23.0 over 160 (HCA at 4k). Where HEADS64 would run unsplit
+    (:func:`attention_splits` 1: its grid exceeds half the SMs), :data:`HEADS64_WIDE` (64 slots a
+    step) takes its place. fp32 q takes :data:`FP32`, CPU tensors :data:`INTERPRETER`.
     """
     if device.type != "cuda":
         return INTERPRETER
@@ -135,11 +146,15 @@ def attention_config(queries: int, h: int, k: int, dtype: torch.dtype, device: t
         return FP32
     if fp8:
         work_items = queries * cdiv(h, HEADS64.block_h) * cdiv(k, HEADS64.block_n)
-        return HEADS64 if h >= HEADS64.block_h and work_items >= sm_count else DECODE
-    heads64_programs = queries * cdiv(h, HEADS64.block_h)
-    if h >= HEADS64.block_h and (2 * heads64_programs >= sm_count
-                                 or (4 * heads64_programs >= sm_count and k >= HEADS64_MIN_SLOTS)):
-        return HEADS64
+        heads64 = h >= HEADS64.block_h and work_items >= sm_count
+    else:
+        programs = queries * cdiv(h, HEADS64.block_h)
+        heads64 = h >= HEADS64.block_h and (2 * programs >= sm_count
+                                            or (4 * programs >= sm_count and k >= HEADS64_MIN_SLOTS))
+    if heads64:
+        return HEADS64_WIDE if attention_splits(queries, h, k, HEADS64, sm_count) == 1 else HEADS64
+    if fp8:
+        return DECODE
     return WIDE if 2 * queries * cdiv(h, WIDE.block_h) >= sm_count else DECODE
 
 

@@ -131,7 +131,8 @@ def _decode_attention(dims: ModelDims, ratio: int, batch: int, ctx: int, device:
     args = (q, kv, indices, sink, dims.head_dim**-0.5)
     kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
     peers = {"reference, gathered": partial(_gathered_reference, *args)}
-    return Workload(partial(kernel, *args), peers, close(BF16_TOL), variants=_variants(args, device, "HEADS64"))
+    return Workload(partial(kernel, *args), peers, close(BF16_TOL),
+                    variants=_variants(args, device, "HEADS64", "HEADS64_WIDE"))
 
 
 RECORD_POOL = 4096
@@ -163,7 +164,7 @@ def _decode_attention_fp8(dims: ModelDims, batch: int, ctx: int, device: torch.d
         peers["output rotated back by rope's kernel after (two launches)"] = partial(
             sparse_attention.sparse_attention_fp8_then_rope, *args, *rotation)
     return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL),
-                    variants=_variants(args, device, "DECODE", "HEADS64", splits=True))
+                    variants=_variants(args, device, "DECODE", "HEADS64", "HEADS64_WIDE", splits=True))
 
 
 def _variants(args: tuple, device: torch.device, *configs: str, splits: bool = False) -> dict:
@@ -180,7 +181,7 @@ def _variants(args: tuple, device: torch.device, *configs: str, splits: bool = F
 def _triton_attention(q, kv, indices, sink, softmax_scale, rope_dim=64, tile=64, *, config: str | None = None,
                       splits: int | None = None):
     """The cuda kernel under a launch other than its own choice: the tiles named ``config`` (an
-    :class:`AttentionConfig` of the module: ``"DECODE"``, ``"WIDE"``, ``"HEADS64"``), ``splits``
+    :class:`AttentionConfig` of the module: ``"DECODE"``, ``"WIDE"``, ``"HEADS64"``, ...), ``splits``
     key splits (default: what ``attention_splits`` gives those tiles)."""
     from seahal.backends.cuda import sparse_attention as attention
 
@@ -223,9 +224,10 @@ def _prefill_valid(seq: int, window: int, topk: int) -> int:
     return sum(min(s + 1, window) for s in range(seq)) + seq * topk
 
 
-def _prefill_attention(dims: ModelDims, seq: int, device: torch.device) -> Workload:
+def _prefill_attention(dims: ModelDims, seq: int, device: torch.device, fp8: bool = False) -> Workload:
     """CSA prefill from an empty cache: kv = [seq raw rows | seq/4 entries]; query s sees raw rows
-    (s-window, s] and top-k random entries (causality ignored: the work per query is the same)."""
+    (s-window, s] and top-k random entries (causality ignored: the work per query is the same).
+    ``fp8``: the rows as the 584-byte FP8 records the model's cache holds (``sparse_attention_fp8``)."""
     torch.manual_seed(seq)
     entries = seq // CSA
     topk = min(dims.index_topk, entries)
@@ -234,7 +236,14 @@ def _prefill_attention(dims: ModelDims, seq: int, device: torch.device) -> Workl
     window = torch.arange(seq, device=device)[:, None] - torch.arange(dims.window, device=device)
     picked = torch.rand(seq, entries, device=device).argsort(dim=-1)[:, :topk] + seq
     indices = torch.cat((torch.where(window >= 0, window, -1), picked), dim=-1).int()[None]
-    args = (q, kv, indices, torch.randn(dims.heads, device=device), dims.head_dim**-0.5)
+    sink = torch.randn(dims.heads, device=device)
+    if fp8:
+        records = reference("kv_cache_pack", "quant")(kv, dims.rope_dim, dims.kv_tile)
+        args = (q, records, indices, sink, dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
+        peers = {"reference, records decoded": partial(_unpacked_reference, *args)}
+        return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL),
+                        variants=_variants(args, device, "HEADS64"))
+    args = (q, kv, indices, sink, dims.head_dim**-0.5)
     kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
     peers = {"reference": partial(reference("sparse_attention", "attention"), *args)}
     return Workload(partial(kernel, *args), peers, close(BF16_TOL), variants=_variants(args, device, "HEADS64"))
@@ -274,6 +283,13 @@ def attention_fp8_cases(device: torch.device, quick: bool) -> list[Case]:
                 params["goal_us"] = goal
             cases.append(Case("sparse_attention_fp8", f"{dims.name} CSA decode B={batch} ctx={ctx} fp8", flops, nbytes,
                               PEAK_BF16_TFLOPS, partial(_decode_attention_fp8, dims, batch, ctx), params))
+        seq = 4096 if device.type == "cuda" else 32
+        topk = min(dims.index_topk, seq // CSA)
+        flops, nbytes = attention_cost(1, seq, dims.heads, dims.head_dim, dims.window + topk,
+                                       _prefill_valid(seq, dims.window, topk), seq + seq // CSA, record)
+        cases.append(Case("sparse_attention_fp8", f"{dims.name} CSA prefill S={seq} fp8", flops, nbytes,
+                          PEAK_BF16_TFLOPS, partial(_prefill_attention, dims, seq, fp8=True),
+                          {"model": dims.name, "layer": "CSA", "batch": 1, "tokens": seq, "kv": f"fp8 {record} B"}))
     return cases
 
 
