@@ -128,8 +128,10 @@ def _moe(t: int):
         variants += [dataclasses.replace(default, quant_in_gemm=False), dataclasses.replace(default, fp4_words=False)]
     else:  # and its prefill rows' activations as bf16 values
         variants.append(dataclasses.replace(default, round_trip=True))
-        moe_experts.moe_experts(x, weights, top, *fp8_weights, config=dataclasses.replace(
-            moe_experts.experts_config(t * TOP_K, "fp8", x.device), quant_in_gemm=False))
+        fp8_default = moe_experts.experts_config(t * TOP_K, "fp8", x.device)
+        moe_experts.moe_experts(x, weights, top, *fp8_weights, config=dataclasses.replace(fp8_default, quant_in_gemm=False))
+        for config in tile_variants(fp8_default, "prefill"):  # and the FP8 prefill rows' other tiles
+            moe_experts.moe_experts(x, weights, top, *fp8_weights, config=config)
     for config in variants:
         moe_experts.moe_experts(x, weights, top, *fp4_weights(e8m0), config=config)
     tokens = min(t, moe_experts.ROUTE_KERNEL_MAX_ROWS // TOP_K)  # the one-launch routing, 256 experts
