@@ -665,7 +665,12 @@ def test_attention_tiles_fit_the_sm_as_their_config_says(compiled):
     1421-instruction loop iteration, still 5.5 warp instructions per (row, head) against DECODE's
     12.2) and 768 in HEADS64_WIDE, Triton 3.6, the GPU image's, 16 bytes at most; the 32-head tiles
     over FP8 records spilled 400+ bytes in both."""
-    from seahal.backends.cuda.sparse_attention import DECODE, HEADS64, HEADS64_WIDE, WIDE
+    from seahal.backends.cuda.sparse_attention import (
+        DECODE,
+        HEADS64,
+        HEADS64_WIDE,
+        WIDE,
+    )
 
     seen = set()
     for r in compiled:
