@@ -152,17 +152,18 @@ def test_restart_serves_a_new_prompt_in_one_row_and_refuses_a_rewind(checkpoint)
 
 @pytest.mark.parametrize("cache_format", ["dense", "fp8"])
 def test_prefill_puts_a_prompt_of_its_own_length_in_one_row(checkpoint, cache_format):
-    """A row takes a new 13-token prompt while the other stands at 20 and goes on: the prompt's
-    logits are the ordinary forward's over a fresh cache, bit for bit, and every later step of
-    each row is what the ordinary decode of its own tokens gives."""
+    """A row takes a new 37-token prompt (past the window of 16 twice, two HCA blocks of 16) while
+    the other stands at 20 and goes on: the prompt's logits are the ordinary forward's over a fresh
+    cache, bit for bit, and every later step of each row is what the ordinary decode of its own
+    tokens gives."""
     model = load(checkpoint, device="cpu", announce=False, cache_format=cache_format)
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(6))
     graph = DecodeGraph(model, model.new_cache(2, 64), capture=False, min_bucket=4)
     _graph_steps(graph, ids, (5, 5))
-    prompt = torch.randint(0, 512, (1, 13), generator=torch.Generator().manual_seed(7))
+    prompt = torch.randint(0, 512, (1, 37), generator=torch.Generator().manual_seed(7))
     fresh = model.new_cache(1, 64)
     assert torch.equal(graph.prefill(1, prompt), model(prompt, cache=fresh, last_only=True))
-    assert graph.positions == [20, 13] and graph.position.tolist() == [20, 13]
+    assert graph.positions == [20, 37] and graph.position.tolist() == [20, 37]
     follow = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(8))
     got = _graph_steps(graph, follow, ())
     before = model.new_cache(1, 64)
@@ -174,7 +175,7 @@ def test_prefill_puts_a_prompt_of_its_own_length_in_one_row(checkpoint, cache_fo
             assert error < TOLERANCE[cache_format], (row, step, error)
     with pytest.raises(ValueError, match=re.escape("row must be in [0, 2), got 2")):
         graph.prefill(2, prompt)
-    with pytest.raises(ValueError, match=re.escape("tokens must be [1, n] with 1 <= n <= 64, got [2, 13]")):
+    with pytest.raises(ValueError, match=re.escape("tokens must be [1, n] with 1 <= n <= 64, got [2, 37]")):
         graph.prefill(0, torch.cat([prompt, prompt]))
 
 
