@@ -7,6 +7,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
+# Before anything loads torch's OpenMP runtime, which reads this once: idle OpenMP threads sleep
+# instead of spinning. The session runs its tests beside the interpreter re-runs and the
+# conformance subprocesses, each with a thread pool, on CI's two cores, where spinning threads
+# took the cores the others needed (pytest on a 2-core machine, 2026-11-28: 950 s spinning, 747 s
+# passive, the same 1300 tests). A value the caller set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 from seahal.hal.registry import REGISTRY
