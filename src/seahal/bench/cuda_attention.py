@@ -240,13 +240,27 @@ def _prefill_attention(dims: ModelDims, seq: int, device: torch.device, fp8: boo
     if fp8:
         records = reference("kv_cache_pack", "quant")(kv, dims.rope_dim, dims.kv_tile)
         args = (q, records, indices, sink, dims.head_dim**-0.5, dims.rope_dim, dims.kv_tile)
-        peers = {"reference, records decoded": partial(_unpacked_reference, *args)}
-        return Workload(partial(_fp8_attention(device), *args), peers, close(BF16_TOL),
-                        variants=_variants(args, device, "HEADS64"))
-    args = (q, kv, indices, sink, dims.head_dim**-0.5)
-    kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
-    peers = {"reference": partial(reference("sparse_attention", "attention"), *args)}
+        kernel, peers = _fp8_attention(device), {"reference, records decoded": partial(_unpacked_reference, *args)}
+    else:
+        args = (q, kv, indices, sink, dims.head_dim**-0.5)
+        kernel = implementation("sparse_attention", "sparse_attention", "attention", device)
+        peers = {"reference": partial(reference("sparse_attention", "attention"), *args)}
     return Workload(partial(kernel, *args), peers, close(BF16_TOL), variants=_variants(args, device, "HEADS64"))
+
+
+def _prefill_case(dims: ModelDims, device: torch.device, record: int | None = None) -> Case:
+    """The 4096-token CSA prefill row (32 tokens in CPU smoke mode) over dense bf16 rows, or over
+    FP8 records of ``record`` bytes (op ``sparse_attention_fp8``)."""
+    seq = 4096 if device.type == "cuda" else 32
+    topk = min(dims.index_topk, seq // CSA)
+    flops, nbytes = attention_cost(1, seq, dims.heads, dims.head_dim, dims.window + topk,
+                                   _prefill_valid(seq, dims.window, topk), seq + seq // CSA, record)
+    params = {"model": dims.name, "layer": "CSA", "batch": 1, "tokens": seq}
+    if record is None:
+        return Case("sparse_attention", f"{dims.name} CSA prefill S={seq}", flops, nbytes, PEAK_BF16_TFLOPS,
+                    partial(_prefill_attention, dims, seq), params)
+    return Case("sparse_attention_fp8", f"{dims.name} CSA prefill S={seq} fp8", flops, nbytes, PEAK_BF16_TFLOPS,
+                partial(_prefill_attention, dims, seq, fp8=True), {**params, "kv": f"fp8 {record} B"})
 
 
 def attention_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -259,12 +273,7 @@ def attention_cases(device: torch.device, quick: bool) -> list[Case]:
                 cases.append(Case("sparse_attention", f"{dims.name} {layer} decode B={batch} ctx={ctx}", flops, nbytes,
                                   PEAK_BF16_TFLOPS, partial(_decode_attention, dims, ratio, batch, ctx),
                                   {"model": dims.name, "layer": layer, "batch": batch, "context": ctx}))
-        seq = 4096 if device.type == "cuda" else 32
-        topk = min(dims.index_topk, seq // CSA)
-        flops, nbytes = attention_cost(1, seq, dims.heads, dims.head_dim, dims.window + topk,
-                                       _prefill_valid(seq, dims.window, topk), seq + seq // CSA)
-        cases.append(Case("sparse_attention", f"{dims.name} CSA prefill S={seq}", flops, nbytes, PEAK_BF16_TFLOPS,
-                          partial(_prefill_attention, dims, seq), {"model": dims.name, "layer": "CSA", "batch": 1, "tokens": seq}))
+        cases.append(_prefill_case(dims, device))
     return cases
 
 
@@ -283,13 +292,7 @@ def attention_fp8_cases(device: torch.device, quick: bool) -> list[Case]:
                 params["goal_us"] = goal
             cases.append(Case("sparse_attention_fp8", f"{dims.name} CSA decode B={batch} ctx={ctx} fp8", flops, nbytes,
                               PEAK_BF16_TFLOPS, partial(_decode_attention_fp8, dims, batch, ctx), params))
-        seq = 4096 if device.type == "cuda" else 32
-        topk = min(dims.index_topk, seq // CSA)
-        flops, nbytes = attention_cost(1, seq, dims.heads, dims.head_dim, dims.window + topk,
-                                       _prefill_valid(seq, dims.window, topk), seq + seq // CSA, record)
-        cases.append(Case("sparse_attention_fp8", f"{dims.name} CSA prefill S={seq} fp8", flops, nbytes,
-                          PEAK_BF16_TFLOPS, partial(_prefill_attention, dims, seq, fp8=True),
-                          {"model": dims.name, "layer": "CSA", "batch": 1, "tokens": seq, "kv": f"fp8 {record} B"}))
+        cases.append(_prefill_case(dims, device, record))
     return cases
 
 
